@@ -1,0 +1,7 @@
+"""dsv4_compile: compile, tune and deploy DeepSeek-V4-style models.
+
+Importing this package registers the `torch.ops.dsv4.*` ops of the plain model.
+"""
+from .model import ConfigError, ModelConfig, ops, preset_names
+
+__all__ = ["ConfigError", "ModelConfig", "ops", "preset_names"]

@@ -1,0 +1,6 @@
+"""The plain eager DeepSeek-V4 reference: configs, layers, the op boundary, the KV cache and Muon.
+
+Knows nothing of Triton or compilation. Importing it registers the `torch.ops.dsv4.*` ops.
+"""
+from . import ops  # noqa: F401  (registers torch.ops.dsv4.*)
+from .config import ConfigError, ModelConfig, preset_names
