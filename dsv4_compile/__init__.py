@@ -2,6 +2,6 @@
 
 Importing this package registers the `torch.ops.dsv4.*` ops of the plain model.
 """
-from .model import ConfigError, ModelConfig, ops, preset_names
+from .model import ConfigError, KVCache, ModelConfig, Transformer, ops, preset_names
 
-__all__ = ["ConfigError", "ModelConfig", "ops", "preset_names"]
+__all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer", "ops", "preset_names"]

@@ -4,3 +4,5 @@ Knows nothing of Triton or compilation. Importing it registers the `torch.ops.ds
 """
 from . import ops  # noqa: F401  (registers torch.ops.dsv4.*)
 from .config import ConfigError, ModelConfig, preset_names
+from .kv_cache import KVCache
+from .transformer import Transformer

@@ -30,6 +30,7 @@ class LayerKVCache:
     ratio: int
     main: torch.Tensor
     index: torch.Tensor | None = None
+    index_format: str = "fp4"
     compressor: CompressorState | None = None
     index_compressor: CompressorState | None = None
 
@@ -64,6 +65,7 @@ class KVCache:
             if ratio:
                 layer.compressor = _compressor_state(batch_size, ratio, config.head_dim, device)
             if ratio == 4:
+                layer.index_format = self.indexer_format
                 layer.index = torch.zeros(batch_size, self.max_seq_len // 4, index_bytes, dtype=torch.uint8, device=device)
                 layer.index_compressor = _compressor_state(batch_size, ratio, config.index_head_dim, device)
             self.layers.append(layer)

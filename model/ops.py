@@ -86,7 +86,9 @@ def _block_scale(x: torch.Tensor, block_size: int, qmax: float, pow2_scale: bool
     blocks = x.float().unflatten(-1, (x.shape[-1] // block_size, block_size))
     scale = blocks.abs().amax(-1).clamp_min(AMAX_FLOOR) / qmax
     if pow2_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        pow2 = torch.exp2(torch.ceil(torch.log2(scale)))
+        # float32 log2 rounds to the integer k for scales just above 2^k: step those up (NaN/Inf stay).
+        scale = torch.where(pow2 < scale, 2 * pow2, pow2)
     return blocks, scale
 
 
@@ -102,7 +104,7 @@ def fp8_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool) -> tuple[to
     """
     blocks, scale = _block_scale(x, block_size, FP8_MAX, pow2_scale, "fp8_quantize")
     codes = (blocks / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return codes.flatten(-2), scale
+    return codes.flatten(-2).contiguous(), scale.contiguous()  # contiguous, as the fake says
 
 
 @fp8_quantize.register_fake
@@ -169,7 +171,7 @@ def fp4_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool = False) -> 
         raise ValueError(f"fp4_quantize: block_size {block_size} must be even (two codes per byte)")
     blocks, scale = _block_scale(x, block_size, FP4_MAX, pow2_scale, "fp4_quantize")
     code = fp4_codes(blocks / scale.unsqueeze(-1)).flatten(-2)
-    return code[..., 0::2] | (code[..., 1::2] << 4), scale
+    return (code[..., 0::2] | (code[..., 1::2] << 4)).contiguous(), scale.contiguous()
 
 
 @fp4_quantize.register_fake
@@ -240,7 +242,7 @@ def newton_schulz(G: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
 
 @newton_schulz.register_fake
 def _(G, coefficients):
-    return torch.empty_like(G)
+    return G.new_empty(G.shape)  # contiguous, as the real output (empty_like would keep G's strides)
 
 
 # ================================================================================================
@@ -362,7 +364,7 @@ def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor,
 
 @sparse_attention.register_fake
 def _(q, kv, attn_sink, topk_idxs, softmax_scale):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the real output (empty_like would keep q's strides)
 
 
 _plain_autograd(sparse_attention, _sparse_attention_plain, 5, (0, 1, 2))
@@ -384,7 +386,7 @@ def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: tor
 
 @sparse_attention_cached.register_fake
 def _(q, cache, attn_sink, topk_idxs, softmax_scale, rope_dim):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as the real output
 
 
 # ================================================================================================
@@ -444,8 +446,8 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_w
     """Compressor (ours): pool every full block of `ratio` tokens into one entry.
 
     kv, score [B, T, C] float32 projections of the tokens (C = 2d when `overlap`, else d); ape
-    [ratio, C] positional gate bias; norm_weight [d]; cos, sin [N, R/2] RoPE angles at each entry's
-    first token (N = T // ratio; the trailing T % ratio tokens are ignored).
+    [ratio, C] positional gate bias; norm_weight [d]; cos, sin [N, R/2] or [B, N, R/2]: RoPE angles at
+    each entry's first token (N = T // ratio; the trailing T % ratio tokens are ignored).
     entry = sum over the block's rows of softmax(score + ape) * kv per channel; with `overlap` channels
     [0, d) take the previous block's rows and [d, 2d) the current block's, in one softmax over 2*ratio
     rows (block 0 has no previous rows). Then RMSNorm(norm_eps) * norm_weight, RoPE on the last R dims,

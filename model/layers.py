@@ -1,0 +1,59 @@
+"""Small building blocks: RMSNorm, RoPE frequencies (with YaRN), the window index pattern."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * weight, computed in float32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+def rope_inv_freq(rope_dim: int, theta: float, yarn_original_len: int = 0, factor: float = 1.0,
+                  beta_fast: int = 32, beta_slow: int = 1) -> torch.Tensor:
+    """Inverse frequencies [rope_dim / 2] for interleaved-pair RoPE.
+
+    With `yarn_original_len` > 0 (compressed layers), YaRN blends interpolated (freq / factor) and
+    original frequencies with a linear ramp between the dims that turn beta_fast and beta_slow times
+    over the original length; no attention-scale correction (mscale) is applied.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
+    if yarn_original_len > 0:
+        def correction_dim(rotations: float) -> float:
+            return rope_dim * math.log(yarn_original_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(beta_fast)), 0)
+        high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    return inv_freq.float()
+
+
+def rope_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [...] int -> cos, sin [..., rope_dim / 2] float32."""
+    angles = positions.float().unsqueeze(-1) * inv_freq
+    return torch.cos(angles), torch.sin(angles)
+
+
+def window_indices(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """positions [B, S] -> [B, S, window] int64: the positions t - window + 1 .. t, -1 before 0."""
+    idx = positions.unsqueeze(-1) - (window - 1) + torch.arange(window, device=positions.device)
+    return torch.where(idx >= 0, idx, -1)
+
+
+def visible_block_indices(positions: torch.Tensor, n_blocks: int, ratio: int) -> torch.Tensor:
+    """positions [B, S] -> [B, S, n_blocks] int64: block i where i < (t + 1) // ratio, else -1."""
+    idx = torch.arange(n_blocks, device=positions.device).expand(*positions.shape, n_blocks)
+    visible = idx < torch.div(positions + 1, ratio, rounding_mode="floor").unsqueeze(-1)
+    return torch.where(visible, idx, -1)

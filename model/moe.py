@@ -1,0 +1,91 @@
+"""DeepSeek-MoE: sqrt-softplus scores, bias-based selection (or a fixed hash table in the first
+layers), weights from the unbiased scores, clamped SwiGLU experts and one shared expert.
+
+Written with static shapes for export: every expert runs on every token and the routing weights
+(zero for experts not picked) scale the results (dense masked compute: E / top-k times the FLOPs of a
+grouped implementation, fine at the sizes the plain reference runs at). DeepSeek's per-expert loop
+(`bincount().tolist()`) would split the graph per expert and break export.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, limit)) * clamp(up, -limit, limit) in float32."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, dim: int, inter_dim: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).to(x.dtype))
+
+
+class RoutedExperts(nn.Module):
+    """E experts stacked: w1, w3 [E, inter, dim], w2 [E, dim, inter] (Muon treats them as a batch)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def forward(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+        """x [T, dim], combine [T, E] routing weights (0 = not picked) -> [T, dim] float32."""
+        gate = torch.einsum("td,eid->eti", x, self.w1)                                   # [E, T, inter]
+        up = torch.einsum("td,eid->eti", x, self.w3)
+        act = swiglu(gate, up, self.limit) * combine.T.unsqueeze(-1).float()
+        return torch.einsum("eti,edi->td", act.to(x.dtype), self.w2).float()
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig, hashed: bool):
+        super().__init__()
+        self.topk, self.route_scale, self.hashed = config.n_activated_experts, config.route_scale, hashed
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.dim))
+        if hashed:  # token id -> its experts: a fixed table (part of the checkpoint, not trained)
+            self.register_buffer("tid2eid", torch.zeros(config.vocab_size, self.topk, dtype=torch.int32))
+        else:  # auxiliary-loss-free balancing: shifts the selection only
+            self.bias = nn.Parameter(torch.zeros(config.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, dim], token_ids [T] -> combine weights [T, E] float32 (zero for unpicked experts)."""
+        scores = torch.sqrt(F.softplus(x.float() @ self.weight.float().T))             # [T, E]
+        if self.hashed:
+            picked = self.tid2eid[token_ids].long()                                      # [T, k]
+        else:
+            picked = (scores + self.bias).topk(self.topk, dim=-1).indices
+        weights = scores.gather(-1, picked)
+        weights = weights / weights.sum(-1, keepdim=True) * self.route_scale
+        return torch.zeros_like(scores).scatter_add(-1, picked, weights)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        c = config
+        self.gate = Gate(c, hashed=layer_id < c.n_hash_layers)
+        self.experts = RoutedExperts(c.n_routed_experts, c.dim, c.moe_inter_dim, c.swiglu_limit)
+        self.shared = SharedExpert(c.dim, c.moe_inter_dim, c.swiglu_limit)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """x [B, S, dim], token_ids [B, S] -> [B, S, dim]."""
+        flat = x.flatten(0, 1)
+        combine = self.gate(flat, token_ids.flatten())
+        y = self.experts(flat, combine) + self.shared(flat).float()
+        return y.to(x.dtype).view_as(x)
