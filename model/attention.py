@@ -38,6 +38,9 @@ class Compressor(nn.Module):
     def __init__(self, config: ModelConfig, ratio: int, width: int, quant: str):
         super().__init__()
         self.ratio, self.width, self.quant = ratio, width, quant
+        # Prefill emits a static max_seq_len // ratio entries (those past the prompt are 0 and never
+        # visible), so that shapes do not depend on the sequence length (export with dynamic S).
+        self.n_entries = config.max_seq_len // ratio
         self.overlap = ratio == CSA_RATIO
         channels = width * (2 if self.overlap else 1)
         self.norm_eps = config.norm_eps
@@ -53,16 +56,16 @@ class Compressor(nn.Module):
         return self.wkv(xf), self.wgate(xf)
 
     def pool(self, kv, score, first_positions, inv_freq) -> torch.Tensor:
-        """kv, score [B, T, C]; first_positions [B, N] -> entries [B, N, width] float32."""
+        """kv, score [B, T, C]; first_positions [N] or [B, N] -> entries [B, N, width] float32."""
         cos, sin = rope_angles(first_positions, inv_freq)
         return torch.ops.dsv4.compress_kv(kv, score, self.ape, self.norm.weight, cos, sin, self.ratio,
                                           self.overlap, self.norm_eps, self.quant)
 
     def forward(self, x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        """Prefill: x [B, S, dim] -> entries [B, S // ratio, width] float32 for the full blocks."""
-        B, S, _ = x.shape
+        """Prefill: x [B, S, dim] -> entries [B, max_seq_len // ratio, width] float32; entry i is
+        complete (and visible) for queries at t >= (i + 1) * ratio - 1."""
         kv, score = self.project(x)
-        first = (torch.arange(S // self.ratio, device=x.device) * self.ratio).expand(B, -1)
+        first = torch.arange(self.n_entries, device=x.device) * self.ratio           # [N], all sequences
         return self.pool(kv, score, first, inv_freq)
 
     def decode(self, x: torch.Tensor, positions: torch.Tensor, state: CompressorState,
@@ -124,7 +127,7 @@ class Indexer(nn.Module):
         return q, self.weights_proj(x) * self.weight_scale
 
     def forward(self, x, qr, positions, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefill -> (selected entry indices [B, S, topk] int32 (-1 = none), keys [B, S // 4, di])."""
+        """Prefill -> (selected entry indices [B, S, topk] int32 (-1 = none), keys [B, N, di])."""
         q, weights = self.queries(x, qr, positions, inv_freq)
         keys = self.compressor(x, inv_freq)
         return torch.ops.dsv4.indexer_topk(q, weights, keys, positions, CSA_RATIO, self.topk), keys
@@ -223,10 +226,11 @@ class Attention(nn.Module):
         last = torch.arange(max(0, S - self.window), S, device=x.device)
         cache.main[:, last % self.window] = pack_main_entries(kv[:, last], self.rope_dim)
         if entries is not None:
-            cache.main[:, self.window:self.window + entries.shape[1]] = pack_main_entries(entries, self.rope_dim)
+            n_blocks = cache.main.shape[1] - self.window
+            cache.main[:, self.window:] = pack_main_entries(entries[:, :n_blocks], self.rope_dim)
             self.compressor.fill_state(x, cache.compressor)
         if keys is not None:
-            cache.index[:, :keys.shape[1]] = pack_indexer_keys(keys, cache.index_format)
+            cache.index[:] = pack_indexer_keys(keys[:, :cache.index.shape[1]], cache.index_format)
             self.indexer.compressor.fill_state(x, cache.index_compressor)
 
     # ---- decode -------------------------------------------------------------------------------

@@ -119,7 +119,7 @@ def _(x, block_size, pow2_scale):
 def fp8_dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
     """x_fp8 [..., D] float8_e4m3fn, scale [..., D/block_size] float32 -> float32 [..., D]."""
     blocks = x_fp8.float().unflatten(-1, (x_fp8.shape[-1] // block_size, block_size))
-    return (blocks * scale.unsqueeze(-1)).flatten(-2)
+    return (blocks * scale.unsqueeze(-1)).flatten(-2).contiguous()
 
 
 @fp8_dequantize.register_fake
@@ -421,16 +421,25 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 def _compress_kv_plain(kv, score, ape, norm_weight, cos, sin, ratio: int, overlap: bool, norm_eps: float, quant: str):
     B, T, C = kv.shape
     d = C // 2 if overlap else C
-    n_entries = T // ratio
-    kv = kv[:, :n_entries * ratio].float().unflatten(1, (n_entries, ratio))           # [B, N, r, C]
-    score = score[:, :n_entries * ratio].float().unflatten(1, (n_entries, ratio)) + ape.float()
+    n_entries = cos.shape[-2]
+    # Exactly n_entries * ratio rows: missing tokens are absent (score -inf), extra ones dropped.
+    # Pad-then-slice keeps the size static when T is symbolic.
+    rows = n_entries * ratio
+    kv = F.pad(kv.float(), (0, 0, 0, rows))[:, :rows].unflatten(1, (n_entries, ratio))          # [B, N, r, C]
+    score = F.pad(score.float(), (0, 0, 0, rows), value=float("-inf"))[:, :rows].unflatten(1, (n_entries, ratio))
+    score = score + ape.float()
     if overlap:
         # Channels [0, d) pool the previous block, [d, 2d) the current one: one softmax over 2r rows.
         prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
         prev_score = F.pad(score[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
         kv = torch.cat([prev_kv, kv[:, :, :, d:]], dim=2)                                # [B, N, 2r, d]
         score = torch.cat([prev_score, score[:, :, :, d:]], dim=2)
-    pooled = (kv * score.softmax(dim=2)).sum(dim=2)                                      # [B, N, d]
+    # Softmax over the rows, written out so that a block with no tokens pools to 0 instead of NaN.
+    row_max = score.amax(dim=2, keepdim=True)
+    weight = torch.exp(score - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
+    total = weight.sum(dim=2)
+    pooled = (kv * weight).sum(dim=2)                                                    # [B, N, d]
+    pooled = torch.where(total > 0, pooled / total, torch.zeros_like(pooled))
     pooled = pooled * torch.rsqrt(pooled.square().mean(-1, keepdim=True) + norm_eps) * norm_weight.float()
     rd = 2 * cos.shape[-1]
     pooled = torch.cat([pooled[..., :-rd], rope_rotate(pooled[..., -rd:], cos, sin)], dim=-1)
@@ -443,11 +452,14 @@ def _compress_kv_plain(kv, score, ape, norm_weight, cos, sin, ratio: int, overla
 def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, ratio: int, overlap: bool, norm_eps: float,
                 quant: str) -> torch.Tensor:
-    """Compressor (ours): pool every full block of `ratio` tokens into one entry.
+    """Compressor (ours): pool blocks of `ratio` tokens into N entries, N = cos.shape[-2].
 
     kv, score [B, T, C] float32 projections of the tokens (C = 2d when `overlap`, else d); ape
     [ratio, C] positional gate bias; norm_weight [d]; cos, sin [N, R/2] or [B, N, R/2]: RoPE angles at
-    each entry's first token (N = T // ratio; the trailing T % ratio tokens are ignored).
+    each entry's first token. Entry i pools tokens [i*ratio, (i+1)*ratio): tokens beyond T count as
+    absent (a partial block pools the tokens present, an empty one gives 0 before the norm, so 0), a
+    token with score -inf is absent too, and tokens beyond N*ratio are ignored. So N = T // ratio pools
+    the full blocks, and a static N (max_seq_len // ratio) keeps the shape independent of T.
     entry = sum over the block's rows of softmax(score + ape) * kv per channel; with `overlap` channels
     [0, d) take the previous block's rows and [d, 2d) the current block's, in one softmax over 2*ratio
     rows (block 0 has no previous rows). Then RMSNorm(norm_eps) * norm_weight, RoPE on the last R dims,
@@ -463,7 +475,7 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_w
 @compress_kv.register_fake
 def _(kv, score, ape, norm_weight, cos, sin, ratio, overlap, norm_eps, quant):
     B, T, C = kv.shape
-    return kv.new_empty((B, T // ratio, C // 2 if overlap else C), dtype=torch.float32)
+    return kv.new_empty((B, cos.shape[-2], C // 2 if overlap else C), dtype=torch.float32)
 
 
 _plain_autograd(compress_kv, _compress_kv_plain, 10, (0, 1, 2, 3))

@@ -143,6 +143,8 @@ class Transformer(nn.Module):
         """tokens [B, S] -> streams [B, S, n, dim]. With `positions` [B] (one token each): decode."""
         decode = positions is not None
         B, S = tokens.shape
+        if S > self.config.max_seq_len:
+            raise ValueError(f"tokens: sequence length {S} exceeds the config's max_seq_len {self.config.max_seq_len}")
         pos = positions.view(B, 1) if decode else torch.arange(S, device=tokens.device).expand(B, S)
         h = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
         for i, layer in enumerate(self.layers):
