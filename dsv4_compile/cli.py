@@ -1,0 +1,208 @@
+"""The command line: `python -m dsv4_compile <command> [options]`.
+
+Structure
+---------
+- `COMMANDS` is the dispatch table: command name -> module and one-line help. A command module
+  defines two functions and nothing else is required:
+
+      def add_arguments(parser: argparse.ArgumentParser) -> None   # the command's own options
+      def run(args: argparse.Namespace) -> int | None              # None means 0
+
+  Adding a command (build, tune, verify, bench, ...) = write that module and add one line to
+  `COMMANDS`. A command module is imported only when its command runs (or its --help is asked
+  for), so a command with heavy or missing optional dependencies cannot break the others.
+- Shared helpers for command modules: `parse_context_length` / `parse_context_lengths`
+  (`8k,32k,128k,1m`), `format_context`, `positive_int`, `add_config_argument`, `UsageError`.
+  Use them as argparse `type=` functions: a bad value becomes a one-line usage error that names
+  the option.
+
+Exit codes (`main` returns them; `python -m dsv4_compile` exits with them):
+    0  success
+    1  internal error (a bug or an environment failure): one line on stderr; the traceback only
+       with --debug
+    2  user mistake (bad option, unknown preset, bad YAML, bad context length: `UsageError`,
+       `ConfigError` or an argparse error): one line on stderr naming what was wrong and what is
+       accepted, no traceback (--debug adds the traceback for developers)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Sequence
+
+from .model.config import ConfigError
+
+PROG = "dsv4_compile"
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Command:
+    module: str  # importable module with add_arguments(parser) and run(args)
+    help: str    # one line, shown by `python -m dsv4_compile --help`
+
+
+# The dispatch table. Keep it sorted by name; one line per command.
+COMMANDS: dict[str, Command] = {
+    "kv-cache": Command("dsv4_compile.kv_report",
+                        "KV-cache bytes per context length from the real cache layout, beside the seed figures"),
+}
+
+
+class UsageError(Exception):
+    """The user asked for something invalid. Message: one line naming the value and what is accepted."""
+
+
+# ---- shared argument helpers ------------------------------------------------------------------
+
+_CONTEXT_SUFFIX = {"": 1, "k": 1024, "m": 1024 * 1024}
+_CONTEXT_RE = re.compile(r"(\d+)([km]?)", re.IGNORECASE)
+CONTEXT_ACCEPTED = "a positive integer with an optional suffix k (x1024) or m (x1048576), e.g. 8k,32k,128k,1m or 4096"
+
+
+def parse_context_length(text: str) -> int:
+    """'8k' -> 8192, '1m' -> 1048576, '4096' -> 4096 (suffix case-insensitive). Raises UsageError."""
+    match = _CONTEXT_RE.fullmatch(text.strip())
+    if not match:
+        raise UsageError(f"bad context length {text.strip()!r}: expected {CONTEXT_ACCEPTED}")
+    value = int(match.group(1)) * _CONTEXT_SUFFIX[match.group(2).lower()]
+    if value <= 0:
+        raise UsageError(f"bad context length {text.strip()!r}: must be > 0; expected {CONTEXT_ACCEPTED}")
+    return value
+
+
+def parse_context_lengths(text: str) -> list[int]:
+    """'8k,32k,128k,1m' -> [8192, 32768, 131072, 1048576], in the order given. Raises UsageError."""
+    items = text.split(",")
+    if not text.strip() or any(not item.strip() for item in items):
+        raise UsageError(f"bad context list {text!r}: expected comma-separated values, each {CONTEXT_ACCEPTED}")
+    return [parse_context_length(item) for item in items]
+
+
+def format_context(tokens: int) -> str:
+    """Inverse of parse_context_length where exact: 1048576 -> '1m', 8192 -> '8k', 1000 -> '1000'."""
+    for suffix in ("m", "k"):
+        unit = _CONTEXT_SUFFIX[suffix]
+        if tokens % unit == 0:
+            return f"{tokens // unit}{suffix}"
+    return str(tokens)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (batch sizes, trials): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"bad value {text!r}: expected an integer >= 1") from None
+    if value < 1:
+        raise UsageError(f"bad value {text!r}: expected an integer >= 1")
+    return value
+
+
+def add_config_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """`--config NAME|PATH`: a preset name or a YAML file; load it with `ModelConfig.load`."""
+    from .model.config import preset_names
+
+    parser.add_argument("--config", default=default, required=default is None, metavar="NAME|PATH",
+                        help=f"preset ({', '.join(preset_names())}) or path to a YAML config"
+                             + (f" (default: {default})" if default else ""))
+
+
+def _argparse_type(fn):
+    """Wrap a helper that raises UsageError so that argparse reports it as a bad option value."""
+
+    def wrapped(text: str):
+        try:
+            return fn(text)
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+# argparse `type=` versions of the helpers (argparse prefixes the option name to the message).
+context_lengths_arg = _argparse_type(parse_context_lengths)
+context_length_arg = _argparse_type(parse_context_length)
+positive_int_arg = _argparse_type(positive_int)
+
+
+# ---- parsers ----------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises UsageError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str):  # noqa: D401 (argparse API)
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
+def _top_parser() -> ArgumentParser:
+    width = max(len(name) for name in COMMANDS)
+    listing = "\n".join(f"  {name:<{width}}  {cmd.help}" for name, cmd in sorted(COMMANDS.items()))
+    parser = ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compile, tune and deploy DeepSeek-V4-style models.",
+        epilog=f"commands:\n{listing}\n\nRun `{PROG} <command> --help` for a command's options.\n"
+               "Exit codes: 0 success, 1 internal error, 2 usage or config error.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("command", nargs="?", metavar="<command>", choices=sorted(COMMANDS),
+                        help=f"one of: {', '.join(sorted(COMMANDS))}")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def _command_parser(name: str, command: Command):
+    module = importlib.import_module(command.module)
+    parser = ArgumentParser(prog=f"{PROG} {name}", description=command.help)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    module.add_arguments(parser)
+    return module, parser
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+# ---- entry point --------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return the exit code (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # known before parsing, so that parse failures honour it too
+    prog = PROG
+    try:
+        top = _top_parser().parse_args(argv)
+        debug = debug or top.debug
+        if top.command is None:
+            raise UsageError(f"missing command; accepted: {', '.join(sorted(COMMANDS))} (see: {PROG} --help)")
+        prog = f"{PROG} {top.command}"
+        module, parser = _command_parser(top.command, COMMANDS[top.command])
+        args = parser.parse_args(top.args)
+        args.debug = debug or getattr(args, "debug", False)
+        code = module.run(args)
+        sys.stdout.flush()
+        return EXIT_OK if code is None else int(code)
+    except (UsageError, ConfigError) as err:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exit_:  # argparse's --help, or a command that exits on its own
+        return exit_.code if isinstance(exit_.code, int) else (EXIT_OK if exit_.code is None else EXIT_INTERNAL)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except Exception as err:  # noqa: BLE001 (the one place that turns any failure into exit code 1)
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"{prog}: internal error: {type(err).__name__}: {_one_line(err)}{hint}", file=sys.stderr)
+        return EXIT_INTERNAL
