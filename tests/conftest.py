@@ -6,6 +6,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
+# Without a GPU, Triton kernels run on CPU tensors in its interpreter, which must be chosen before any
+# kernel module is imported (tests/kernels); set here, before pytest imports the test modules.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The CPU tests use small tensors, where one thread is as fast as two and is not stalled by
+    # OpenMP spin-waits when other processes share the machine (a 30x slowdown seen here).
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
