@@ -5,4 +5,5 @@ Knows nothing of Triton or compilation. Importing it registers the `torch.ops.ds
 from . import ops  # noqa: F401  (registers torch.ops.dsv4.*)
 from .config import ConfigError, ModelConfig, preset_names
 from .kv_cache import KVCache
+from .muon import DSV4_NS_COEFFICIENTS, HybridOptimizer, Muon, deepseek_v4_optimizer, split_params
 from .transformer import Transformer
