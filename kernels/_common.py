@@ -1,0 +1,207 @@
+"""Shared plumbing for the Triton kernels: interpreter detection, typed configs, input checks, launch
+and registration as torch ops in the `dsv4_triton` namespace.
+
+Registration scheme (one op name per kernel, two backends chosen once at import):
+- Compiled Triton (a CUDA machine, `TRITON_INTERPRET` unset): `torch.library.triton_op` whose body
+  launches the kernels through `wrap_triton`. Inductor and AOTInductor trace into the body and see
+  the Triton kernels themselves, so a .pt2 package carries them (no Python needed at run time).
+- Interpreter (`TRITON_INTERPRET=1`, e.g. the CPU machine): `torch.library.custom_op` around the same
+  body, launching the interpreted kernels directly. `triton_op` does not compile under the
+  interpreter (wrap_triton only takes compiled `JITFunction`s); an opaque custom op compiles and
+  exports on CPU. The body doubles as the fake (meta) implementation: under fake tensors `launch`
+  launches nothing, so shapes and dtypes come from the very code that allocates the real outputs.
+
+Every op keeps the argument order of its `torch.ops.dsv4.*` twin and adds a trailing `config: str = ""`
+(a `KernelConfig.to_str()` string; "" = the default config for the device), so a compile pass can
+substitute `dsv4.X(args)` -> `dsv4_triton.X(args, tuned_config)` node for node.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import torch
+
+NAMESPACE = "dsv4_triton"
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its interpreter (TRITON_INTERPRET set to a true value)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+# Fixed at import: kernels decorated with @triton.jit are interpreted or compiled from then on.
+INTERPRET = interpret_mode()
+USE_TRITON_OP = not INTERPRET
+
+
+# ================================================================================================
+# Device names and typed configs
+# ================================================================================================
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """'interpreter' under TRITON_INTERPRET, else the CUDA device name ('NVIDIA H100 80GB HBM3')."""
+    if INTERPRET:
+        return "interpreter"
+    device = torch.device("cuda" if device is None else device)
+    if device.type != "cuda":
+        return device.type
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Base of the per-kernel config dataclasses (block sizes, warps, stages: all ints or strs).
+
+    `to_str()` / `from_str()` give the compact 'field=value,...' form that the torch ops take, so a
+    tuned config can travel through a graph as a plain string argument.
+    """
+
+    # Fields that must be powers of two (Triton block shapes).
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ()
+    # Allowed values of str fields.
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, str)):
+                raise ValueError(f"{type(self).__name__}.{f.name} = {v!r}: must be an int or a str")
+            if isinstance(v, int) and v <= 0:
+                raise ValueError(f"{type(self).__name__}.{f.name} = {v}: must be positive")
+            if f.name in self.POW2_FIELDS and v & (v - 1):
+                raise ValueError(f"{type(self).__name__}.{f.name} = {v}: must be a power of two")
+            if f.name in self.CHOICES and v not in self.CHOICES[f.name]:
+                raise ValueError(f"{type(self).__name__}.{f.name} = {v!r}: choose one of {self.CHOICES[f.name]}")
+
+    def to_str(self) -> str:
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+    @classmethod
+    def from_str(cls, text: str, base: "KernelConfig | None" = None):
+        """Parse 'field=value,...'; fields not named keep `base`'s values (or the class defaults)."""
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = dataclasses.asdict(base) if base is not None else {}
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            key, sep, val = item.partition("=")
+            if not sep or key.strip() not in types:
+                raise ValueError(f"{cls.__name__}: cannot parse {item!r}; fields are {', '.join(types)}")
+            key = key.strip()
+            default = getattr(base, key) if base is not None else next(
+                f.default for f in dataclasses.fields(cls) if f.name == key)
+            values[key] = int(val) if isinstance(default, int) else val.strip()
+        return cls(**values)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+def pick_default(table: Mapping[str, KernelConfig], gpu_name: str | None) -> KernelConfig:
+    """The first entry of `table` whose key occurs in `gpu_name` (case-insensitive), else 'generic'.
+
+    gpu_name None means the current device ('interpreter' under TRITON_INTERPRET)."""
+    name = (device_name() if gpu_name is None else gpu_name).lower()
+    for key, cfg in table.items():
+        if key != "generic" and key.lower() in name:
+            return cfg
+    return table["generic"]
+
+
+def resolve_config(cls, config, default_config: Callable[[str | None], KernelConfig], device) -> KernelConfig:
+    """config None / '' -> the device's default; a str -> parsed over that default; a dict -> fields
+    over that default; a `cls` instance -> itself."""
+    if isinstance(config, cls):
+        return config
+    base = default_config(device_name(device))
+    if config is None or config == "":
+        return base
+    if isinstance(config, str):
+        return cls.from_str(config, base)
+    if isinstance(config, Mapping):
+        return dataclasses.replace(base, **config)
+    raise TypeError(f"config must be None, a str, a dict or a {cls.__name__}; got {type(config).__name__}")
+
+
+# ================================================================================================
+# Input checks (one-line errors)
+# ================================================================================================
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_tensor(op: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype] | None = None,
+                 ndim: int | None = None, min_ndim: int | None = None, shape: Sequence[int] | None = None,
+                 device: torch.device | None = None) -> None:
+    """dtype, rank, shape, contiguity and device of one input, each with a one-line error."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{op}: {name} is {t.dtype}; accepted: {', '.join(str(d) for d in dtypes)}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; need {ndim} dims")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; need at least {min_ndim} dims")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; need {tuple(shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} is not contiguous (strides {t.stride()}); call .contiguous() first")
+    if device is not None and t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, the other inputs on {device}")
+    if t.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"{op}: {name} is on {t.device}; Triton kernels need a CUDA tensor "
+                         f"(or TRITON_INTERPRET=1 set before import for the CPU interpreter)")
+
+
+# ================================================================================================
+# Launch and registration
+# ================================================================================================
+
+def _is_fake(args) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return any(isinstance(a, FakeTensor) for a in args)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Launch `kernel[grid](*args, **kwargs)`: through `wrap_triton` when ops are triton_ops (so that
+    tracing records the kernel), directly under the interpreter (skipped for fake tensors)."""
+    if USE_TRITON_OP:
+        from torch.library import wrap_triton
+        wrap_triton(kernel)[grid](*args, **kwargs)
+    elif not _is_fake(args):
+        kernel[grid](*args, **kwargs)
+
+
+_REGISTERED: dict[str, Any] = {}
+
+
+def kernel_op(name: str) -> Callable:
+    """Register the decorated function as `torch.ops.dsv4_triton.<name>` (see the module docstring)."""
+
+    def wrap(fn):
+        qualname = f"{NAMESPACE}::{name}"
+        if USE_TRITON_OP:
+            op = torch.library.triton_op(qualname, fn, mutates_args=())
+        else:
+            op = torch.library.custom_op(qualname, fn, mutates_args=())
+            op.register_fake(fn)
+        _REGISTERED[name] = op
+        return op
+
+    return wrap
+
+
+def registered_ops() -> dict[str, Any]:
+    """name -> the registered op object, for every kernel module imported so far."""
+    return dict(_REGISTERED)

@@ -1,0 +1,72 @@
+"""Small @triton.jit helpers shared by several kernels: exact bit-level roundings that behave the
+same compiled on a GPU and in the CPU interpreter (whose float8/bfloat16 casts do not round to
+nearest even), and the NaN-aware block scale of the FP8/FP4 quantizers."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def ceil_pow2(s):
+    """Smallest power of two >= s, for s > 0 (fp32, exact); +Inf and NaN pass through."""
+    bits = s.to(tl.int32, bitcast=True)
+    up = (bits & 0x7F800000) + tl.where((bits & 0x007FFFFF) != 0, 0x00800000, 0)
+    return tl.where(s != s, s, up.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def pow2_reciprocal(s):
+    """1 / s for s a power of two in [2^-126, 2^126] (exact), 0 for +Inf, NaN for NaN."""
+    bits = s.to(tl.int32, bitcast=True)
+    r = ((254 << 23) - (bits & 0x7F800000)).to(tl.float32, bitcast=True)
+    return tl.where(s != s, s, tl.where(s == float("inf"), 0.0, r))
+
+
+@triton.jit
+def block_scale(b_x, qmax, POW2: tl.constexpr):
+    """b_x [R, NB, BS] fp32 (padding = 0) -> scale [R, NB] = max(amax, 1e-4) / qmax, rounded up to a
+    power of two when POW2. A block holding a NaN gets NaN (tl.max drops NaN, so it is tracked
+    explicitly), one holding +-Inf gets +Inf. The division rounds to nearest (tl.div_rn), as torch's."""
+    amax = tl.max(tl.abs(b_x), axis=2)                                       # [R, NB]
+    has_nan = tl.max((b_x != b_x).to(tl.int32), axis=2) > 0
+    amax = tl.where(has_nan, float("nan"), amax)
+    amax = tl.where(amax < 1e-4, 1e-4, amax)                                 # NaN stays NaN
+    s = tl.div_rn(amax, tl.full(amax.shape, qmax, tl.float32))
+    if POW2:
+        s = ceil_pow2(s)
+    return s
+
+
+@triton.jit
+def divide_by_scale(b_x, s, POW2: tl.constexpr):
+    """b_x [R, NB, BS] / s [R, NB] exactly as torch's fp32 division rounds it."""
+    if POW2:
+        return b_x * pow2_reciprocal(s)[:, :, None]                         # exact for powers of two
+    else:
+        return tl.div_rn(b_x, tl.broadcast_to(s[:, :, None], b_x.shape))
+
+
+@triton.jit
+def e4m3_bits(y):
+    """fp32 y with |y| <= 448 or NaN -> float8_e4m3fn bit pattern (int32 0..255), round to nearest even.
+
+    Normal range (|y| >= 2^-6): round the fp32 mantissa to 3 bits on the raw bits, then rebias the
+    exponent (127 -> 7). Subnormals (step 2^-9): rint(|y| * 512) by the 2^23 magic-number trick. NaN
+    -> 0x7F with y's sign bit (as torch's cast keeps it)."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.where(y != y, 0, bits & 0x7FFFFFFF)                              # keep the adds below in range
+    normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+    t = a.to(tl.float32, bitcast=True) * 512.0                              # |y| (0 for NaN)
+    sub = ((t + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(a < 0x3C800000, sub, normal)                            # 0x3C800000 = 2^-6
+    code = tl.where(y != y, 0x7F, code)
+    return code | sign
+
+
+@triton.jit
+def round_bf16(x):
+    """fp32 -> fp32 holding x rounded to bfloat16 precision, to nearest even (so that a following
+    .to(tl.bfloat16) is exact everywhere; the interpreter's own cast truncates). NaN stays NaN."""
+    bits = x.to(tl.int32, bitcast=True)
+    r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return tl.where(x != x, x, r.to(tl.float32, bitcast=True))

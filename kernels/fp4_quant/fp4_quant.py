@@ -1,0 +1,180 @@
+"""Blockwise FP4 e2m1 quantize (packed two codes per byte, element 2i in the low nibble) / dequantize,
+one pass over memory (`torch.ops.dsv4.fp4_quantize` / `fp4_dequantize` semantics, see model/ops.py).
+
+Bit-exact against the plain op, NaN/Inf included, with the power-of-two scale exception of the FP8
+kernel (kernels/fp8_quant/fp8_quant.py): the kernel rounds the scale up exactly, the plain op's
+exp2(ceil(log2(s))) can round down for s a few ulps above a power of two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
+from .._jit_utils import block_scale, divide_by_scale
+from .config import Fp4QuantConfig, default_config
+
+FP4_MAX = 6.0
+
+
+# ================================================================================================
+# Kernels
+# ================================================================================================
+
+@triton.jit
+def _e2m1_code(y):
+    """fp32 y (already divided by its scale) -> e2m1 code 0..15 (int32): nearest of 0, .5, 1, 1.5,
+    2, 3, 4, 6, ties to the even code; | 8 when y < 0. NaN -> 0 (every comparison is false)."""
+    mag = tl.abs(y)
+    code = ((mag > 0.25).to(tl.int32) + (mag >= 0.75).to(tl.int32) + (mag > 1.25).to(tl.int32)
+            + (mag >= 1.75).to(tl.int32) + (mag > 2.5).to(tl.int32) + (mag >= 3.5).to(tl.int32)
+            + (mag > 5.0).to(tl.int32))
+    return code | tl.where(y < 0.0, 8, 0)
+
+
+@triton.jit
+def _e2m1_value(code):
+    """e2m1 code 0..15 (int32) -> fp32 value (code 8 is -0.0)."""
+    k = code & 7
+    e = k >> 1
+    m = (k & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.where(e == 3, 4.0, tl.where(e == 2, 2.0, 1.0)))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _fp4_quantize_kernel(p_x, p_q, p_s, R, D, NBLK,
+                         BS: tl.constexpr, POW2: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr):
+    # p_x [R, D] float; p_q [R, D/2] uint8; p_s [R, NBLK] float32; BLOCK_S = next_pow2(BS) (BS even)
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)                # [BR]
+    o_b = tl.program_id(1) * BLOCK_NB + tl.arange(0, BLOCK_NB)              # [NB]
+    o_j = tl.arange(0, BLOCK_S)                                             # [BS]
+    m_r = o_r < R
+    m_b = o_b < NBLK
+    offs = o_r[:, None, None].to(tl.int64) * D + (o_b[:, None] * BS + o_j[None, :])[None, :, :]
+    mask = m_r[:, None, None] & (m_b[:, None] & (o_j[None, :] < BS))[None, :, :]
+    b_x = tl.load(p_x + offs, mask=mask, other=0.0).to(tl.float32)         # [BR, NB, BS]
+    b_s = block_scale(b_x, 6.0, POW2)                                       # [BR, NB]
+    b_c = _e2m1_code(divide_by_scale(b_x, b_s, POW2))                       # [BR, NB, BS]
+    lo, hi = tl.split(tl.reshape(b_c, [BLOCK_R, BLOCK_NB, BLOCK_S // 2, 2]))
+    b_p = (lo | (hi << 4)).to(tl.uint8)                                     # [BR, NB, BS/2]
+    o_i = tl.arange(0, BLOCK_S // 2)
+    offs_p = o_r[:, None, None].to(tl.int64) * (D // 2) + (o_b[:, None] * (BS // 2) + o_i[None, :])[None, :, :]
+    mask_p = m_r[:, None, None] & (m_b[:, None] & (o_i[None, :] < BS // 2))[None, :, :]
+    tl.store(p_q + offs_p, b_p, mask=mask_p)
+    tl.store(p_s + o_r[:, None].to(tl.int64) * NBLK + o_b[None, :], b_s, mask=m_r[:, None] & m_b[None, :])
+
+
+@triton.jit
+def _fp4_dequantize_kernel(p_q, p_s, p_o, R, D, NBLK,
+                           BS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    # p_q [R, D/2] uint8; p_s [R, NBLK] float32; p_o [R, D] float32
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_b = tl.program_id(1) * BLOCK_NB + tl.arange(0, BLOCK_NB)
+    o_i = tl.arange(0, BLOCK_S // 2)
+    m_r = o_r < R
+    m_b = o_b < NBLK
+    offs_p = o_r[:, None, None].to(tl.int64) * (D // 2) + (o_b[:, None] * (BS // 2) + o_i[None, :])[None, :, :]
+    mask_p = m_r[:, None, None] & (m_b[:, None] & (o_i[None, :] < BS // 2))[None, :, :]
+    b_p = tl.load(p_q + offs_p, mask=mask_p, other=0).to(tl.int32)        # [BR, NB, BS/2]
+    b_v = tl.join(_e2m1_value(b_p & 15), _e2m1_value(b_p >> 4))            # [BR, NB, BS/2, 2]
+    b_v = tl.reshape(b_v, [BLOCK_R, BLOCK_NB, BLOCK_S])
+    b_s = tl.load(p_s + o_r[:, None].to(tl.int64) * NBLK + o_b[None, :], mask=m_r[:, None] & m_b[None, :], other=0.0)
+    o_j = tl.arange(0, BLOCK_S)
+    offs = o_r[:, None, None].to(tl.int64) * D + (o_b[:, None] * BS + o_j[None, :])[None, :, :]
+    mask = m_r[:, None, None] & (m_b[:, None] & (o_j[None, :] < BS))[None, :, :]
+    tl.store(p_o + offs, b_v * b_s[:, :, None], mask=mask)
+
+
+# ================================================================================================
+# Launchers (tensors go whole: [..., D] read as [R, D])
+# ================================================================================================
+
+def _grid_params(R: int, block_size: int, n_blocks: int, cfg: Fp4QuantConfig):
+    block_s = triton.next_power_of_2(block_size)
+    block_nb = max(1, cfg.block_cols // block_s)
+    grid = (triton.cdiv(R, cfg.block_rows), triton.cdiv(n_blocks, block_nb))
+    return grid, dict(BS=block_size, BLOCK_R=cfg.block_rows, BLOCK_NB=block_nb, BLOCK_S=block_s,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_quantize(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, block_size: int, pow2: bool,
+                     cfg: Fp4QuantConfig) -> None:
+    D = x.shape[-1]
+    R = x.numel() // D if D else 0
+    if R == 0:
+        return
+    grid, meta = _grid_params(R, block_size, D // block_size, cfg)
+    launch(_fp4_quantize_kernel, grid, x, packed, scale, R, D, D // block_size, POW2=pow2, **meta)
+
+
+def _launch_dequantize(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block_size: int,
+                       cfg: Fp4QuantConfig) -> None:
+    D = out.shape[-1]
+    R = out.numel() // D if D else 0
+    if R == 0:
+        return
+    grid, meta = _grid_params(R, block_size, D // block_size, cfg)
+    launch(_fp4_dequantize_kernel, grid, packed, scale, out, R, D, D // block_size, **meta)
+
+
+# ================================================================================================
+# Public functions
+# ================================================================================================
+
+def fp4_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool = False,
+                 config: Fp4QuantConfig | dict | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise FP4 e2m1 quantization along the last dim, packed two codes per byte, in one pass.
+
+    x [..., D] float32 / bfloat16 / float16, contiguous; block_size even, dividing D
+    -> packed [..., D/2] uint8 (element 2i in the low nibble, 2i+1 in the high nibble),
+       scale [..., D/block_size] float32 = max(amax, 1e-4) / 6 (rounded up to a power of two when
+       `pow2_scale`). x/scale goes to the nearest of 0, .5, 1, 1.5, 2, 3, 4, 6 (signed), ties to the
+       even code. NaN/Inf: a block holding a NaN gets scale NaN, one holding +-Inf scale +Inf; codes
+       follow the formula (NaN -> +0) and dequantize to NaN.
+    """
+    check_tensor("fp4_quantize", "x", x, FLOAT_DTYPES, min_ndim=1)
+    check(block_size >= 2 and block_size % 2 == 0,
+          f"fp4_quantize: block_size {block_size} must be even (two codes per byte)")
+    check(x.shape[-1] % block_size == 0,
+          f"fp4_quantize: last dim {x.shape[-1]} is not divisible by block_size {block_size}")
+    cfg = resolve_config(Fp4QuantConfig, config, default_config, x.device)
+    D = x.shape[-1]
+    packed = torch.empty((*x.shape[:-1], D // 2), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((*x.shape[:-1], D // block_size), dtype=torch.float32, device=x.device)
+    _launch_quantize(x, packed, scale, block_size, bool(pow2_scale), cfg)
+    return packed, scale
+
+
+def fp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, block_size: int,
+                   config: Fp4QuantConfig | dict | str | None = None) -> torch.Tensor:
+    """packed [..., D/2] uint8, scale [..., D/block_size] float32 (both contiguous)
+    -> float32 [..., D] = e2m1 value * scale of its block (NaN/Inf scales give NaN/Inf as the product)."""
+    check_tensor("fp4_dequantize", "packed", packed, (torch.uint8,), min_ndim=1)
+    D = packed.shape[-1] * 2
+    check(block_size >= 2 and block_size % 2 == 0 and D % block_size == 0,
+          f"fp4_dequantize: unpacked last dim {D} is not divisible by even block_size {block_size}")
+    check_tensor("fp4_dequantize", "scale", scale, (torch.float32,),
+                 shape=(*packed.shape[:-1], D // block_size), device=packed.device)
+    cfg = resolve_config(Fp4QuantConfig, config, default_config, packed.device)
+    out = torch.empty((*packed.shape[:-1], D), dtype=torch.float32, device=packed.device)
+    _launch_dequantize(packed, scale, out, block_size, cfg)
+    return out
+
+
+# ================================================================================================
+# Torch ops (torch.ops.dsv4_triton.*): the dsv4 signature plus a config string
+# ================================================================================================
+
+@kernel_op("fp4_quantize")
+def _fp4_quantize_op(x: torch.Tensor, block_size: int, pow2_scale: bool = False,
+                     config: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    return fp4_quantize(x, block_size, pow2_scale, config)
+
+
+@kernel_op("fp4_dequantize")
+def _fp4_dequantize_op(packed: torch.Tensor, scale: torch.Tensor, block_size: int, config: str = "") -> torch.Tensor:
+    return fp4_dequantize(packed, scale, block_size, config)

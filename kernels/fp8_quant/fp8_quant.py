@@ -1,0 +1,157 @@
+"""Blockwise FP8 e4m3 quantize / dequantize in one pass over memory (`torch.ops.dsv4.fp8_quantize` /
+`fp8_dequantize` semantics, see model/ops.py).
+
+Bit-exact against the plain op (codes, scales and dequantized values), NaN/Inf included, with one
+documented exception: with `pow2_scale` the kernel rounds the scale up to a power of two exactly (on
+the bits), while the plain op's exp2(ceil(log2(s))) can round DOWN when s lies a few ulps above a
+power of two (log2 rounds to the integer): there the plain scale is half the kernel's, its codes
+saturate at 448, and the kernel's are the correct "rounded up" ones. The sign of a NaN code is not
+specified (x86 and CUDA make NaNs of different signs); NaN codes are compared as NaN.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
+from .._jit_utils import block_scale, divide_by_scale, e4m3_bits
+from .config import Fp8QuantConfig, default_config
+
+FP8_MAX = 448.0
+
+
+# ================================================================================================
+# Kernels
+# ================================================================================================
+
+@triton.jit
+def _fp8_quantize_kernel(p_x, p_q, p_s, R, D, NBLK,
+                         BS: tl.constexpr, POW2: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr):
+    # p_x [R, D] float; p_q [R, D] float8_e4m3fn; p_s [R, NBLK] float32; BLOCK_S = next_pow2(BS)
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)                # [BR]
+    o_b = tl.program_id(1) * BLOCK_NB + tl.arange(0, BLOCK_NB)              # [NB]
+    o_j = tl.arange(0, BLOCK_S)                                             # [BS]
+    col = o_b[:, None] * BS + o_j[None, :]                                  # [NB, BS]
+    m_col = (o_b[:, None] < NBLK) & (o_j[None, :] < BS)
+    offs = o_r[:, None, None].to(tl.int64) * D + col[None, :, :]            # [BR, NB, BS]
+    mask = (o_r[:, None, None] < R) & m_col[None, :, :]
+    b_x = tl.load(p_x + offs, mask=mask, other=0.0).to(tl.float32)
+    b_s = block_scale(b_x, 448.0, POW2)                                     # [BR, NB]
+    b_y = divide_by_scale(b_x, b_s, POW2)
+    b_y = tl.where(b_y > 448.0, 448.0, tl.where(b_y < -448.0, -448.0, b_y))  # clamp, NaN kept
+    b_q = e4m3_bits(b_y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    tl.store(p_q + offs, b_q, mask=mask)
+    m_s = (o_r[:, None] < R) & (o_b[None, :] < NBLK)
+    tl.store(p_s + o_r[:, None].to(tl.int64) * NBLK + o_b[None, :], b_s, mask=m_s)
+
+
+@triton.jit
+def _fp8_dequantize_kernel(p_q, p_s, p_o, R, D, NBLK,
+                           BS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    # p_q [R, D] float8_e4m3fn; p_s [R, NBLK] float32; p_o [R, D] float32
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_b = tl.program_id(1) * BLOCK_NB + tl.arange(0, BLOCK_NB)
+    o_j = tl.arange(0, BLOCK_S)
+    col = o_b[:, None] * BS + o_j[None, :]
+    m_col = (o_b[:, None] < NBLK) & (o_j[None, :] < BS)
+    offs = o_r[:, None, None].to(tl.int64) * D + col[None, :, :]
+    mask = (o_r[:, None, None] < R) & m_col[None, :, :]
+    b_q = tl.load(p_q + offs, mask=mask, other=0.0).to(tl.float32)          # exact: every e4m3 value is an fp32
+    m_s = (o_r[:, None] < R) & (o_b[None, :] < NBLK)
+    b_s = tl.load(p_s + o_r[:, None].to(tl.int64) * NBLK + o_b[None, :], mask=m_s, other=0.0)
+    tl.store(p_o + offs, b_q * b_s[:, :, None], mask=mask)
+
+
+# ================================================================================================
+# Launchers
+# ================================================================================================
+
+def _grid_params(R: int, block_size: int, n_blocks: int, cfg: Fp8QuantConfig):
+    block_s = triton.next_power_of_2(block_size)
+    block_nb = max(1, cfg.block_cols // block_s)
+    grid = (triton.cdiv(R, cfg.block_rows), triton.cdiv(n_blocks, block_nb))
+    return grid, dict(BS=block_size, BLOCK_R=cfg.block_rows, BLOCK_NB=block_nb, BLOCK_S=block_s,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# Tensors go to the kernels whole (contiguous, [..., D] read as [R, D]): no views of outputs, which
+# keeps the triton_op body simple to functionalize.
+
+def _launch_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, block_size: int, pow2: bool,
+                     cfg: Fp8QuantConfig) -> None:
+    D = x.shape[-1]
+    R = x.numel() // D if D else 0
+    if R == 0:
+        return
+    grid, meta = _grid_params(R, block_size, D // block_size, cfg)
+    launch(_fp8_quantize_kernel, grid, x, codes, scale, R, D, D // block_size, POW2=pow2, **meta)
+
+
+def _launch_dequantize(codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block_size: int,
+                       cfg: Fp8QuantConfig) -> None:
+    D = codes.shape[-1]
+    R = codes.numel() // D if D else 0
+    if R == 0:
+        return
+    grid, meta = _grid_params(R, block_size, D // block_size, cfg)
+    launch(_fp8_dequantize_kernel, grid, codes, scale, out, R, D, D // block_size, **meta)
+
+
+# ================================================================================================
+# Public functions
+# ================================================================================================
+
+def fp8_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool,
+                 config: Fp8QuantConfig | dict | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise FP8 e4m3 quantization along the last dim, in one pass.
+
+    x [..., D] float32 / bfloat16 / float16, contiguous, D divisible by block_size (any block_size >= 1)
+    -> x_fp8 [..., D] float8_e4m3fn, scale [..., D / block_size] float32.
+    scale = max(amax, 1e-4) / 448 per block (rounded up to a power of two when `pow2_scale`);
+    x_fp8 = clamp(x / scale, +-448) rounded to nearest even.
+    NaN/Inf: a block holding a NaN gets scale NaN and all its codes NaN; a block holding +-Inf gets
+    scale +Inf, its infinite elements become NaN codes and its finite elements 0 (as the plain op).
+    """
+    check_tensor("fp8_quantize", "x", x, FLOAT_DTYPES, min_ndim=1)
+    check(block_size >= 1 and x.shape[-1] % block_size == 0,
+          f"fp8_quantize: last dim {x.shape[-1]} is not divisible by block_size {block_size}")
+    cfg = resolve_config(Fp8QuantConfig, config, default_config, x.device)
+    D = x.shape[-1]
+    codes = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((*x.shape[:-1], D // block_size), dtype=torch.float32, device=x.device)
+    _launch_quantize(x, codes, scale, block_size, bool(pow2_scale), cfg)
+    return codes, scale
+
+
+def fp8_dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block_size: int,
+                   config: Fp8QuantConfig | dict | str | None = None) -> torch.Tensor:
+    """x_fp8 [..., D] float8_e4m3fn, scale [..., D / block_size] float32 (both contiguous)
+    -> float32 [..., D] = code * scale of its block (exact; NaN codes or scales give NaN)."""
+    check_tensor("fp8_dequantize", "x_fp8", x_fp8, (torch.float8_e4m3fn,), min_ndim=1)
+    D = x_fp8.shape[-1]
+    check(block_size >= 1 and D % block_size == 0,
+          f"fp8_dequantize: last dim {D} is not divisible by block_size {block_size}")
+    check_tensor("fp8_dequantize", "scale", scale, (torch.float32,),
+                 shape=(*x_fp8.shape[:-1], D // block_size), device=x_fp8.device)
+    cfg = resolve_config(Fp8QuantConfig, config, default_config, x_fp8.device)
+    out = torch.empty(x_fp8.shape, dtype=torch.float32, device=x_fp8.device)
+    _launch_dequantize(x_fp8, scale, out, block_size, cfg)
+    return out
+
+
+# ================================================================================================
+# Torch ops (torch.ops.dsv4_triton.*): the dsv4 signature plus a config string
+# ================================================================================================
+
+@kernel_op("fp8_quantize")
+def _fp8_quantize_op(x: torch.Tensor, block_size: int, pow2_scale: bool,
+                     config: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8_quantize(x, block_size, pow2_scale, config)
+
+
+@kernel_op("fp8_dequantize")
+def _fp8_dequantize_op(x_fp8: torch.Tensor, scale: torch.Tensor, block_size: int, config: str = "") -> torch.Tensor:
+    return fp8_dequantize(x_fp8, scale, block_size, config)

@@ -1,0 +1,47 @@
+"""Tunable launch parameters of the mHC kernels (fused hc_pre, Sinkhorn alone), defaults per GPU."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Mapping
+
+from .._common import KernelConfig, pick_default
+
+
+@dataclasses.dataclass(frozen=True)
+class HcConfig(KernelConfig):
+    """hc_pre: one program per `block_t` tokens (>= 16, a tl.dot dimension); the mixes GEMV walks
+    n*D in `block_k` steps with `dot_precision` for its fp32 product ('ieee' = fp32 FMA, 'tf32x3' ~
+    fp32 on tensor cores, 'tf32' ~1e-3 relative); the stream sum walks D in `block_d` steps.
+    hc_sinkhorn: one program per `sinkhorn_block_t` matrices."""
+
+    block_t: int = 16
+    block_k: int = 256
+    block_d: int = 256
+    num_warps: int = 4
+    num_stages: int = 2
+    dot_precision: str = "ieee"
+    sinkhorn_block_t: int = 64
+    sinkhorn_num_warps: int = 4
+
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_t", "block_k", "block_d", "num_warps",
+                                              "sinkhorn_block_t", "sinkhorn_num_warps")
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"dot_precision": ("ieee", "tf32x3", "tf32")}
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("block_t", "block_k"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"HcConfig.{name} = {getattr(self, name)}: tl.dot needs >= 16")
+
+
+DEFAULT_CONFIGS: dict[str, HcConfig] = {
+    "interpreter": HcConfig(block_t=16, block_k=1024, block_d=1024, sinkhorn_block_t=256),
+    "H100": HcConfig(),
+    "H200": HcConfig(),
+    "generic": HcConfig(),
+}
+
+
+def default_config(gpu_name: str | None = None) -> HcConfig:
+    """Default config for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'); None = the current device."""
+    return pick_default(DEFAULT_CONFIGS, gpu_name)

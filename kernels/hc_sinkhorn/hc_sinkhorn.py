@@ -1,0 +1,220 @@
+"""mHC kernels: Sinkhorn-Knopp on small n x n matrices (`torch.ops.dsv4.hc_sinkhorn`) and the whole
+hc_pre step fused into one kernel, one program per block of tokens (`torch.ops.dsv4.hc_pre`).
+
+hc_pre per token block [BT tokens]: mixes = x_flat @ fn^T (a [BT, n*D] x [n*D, (2+n)n] product,
+fp32) together with sum(x^2) in one sweep over x; then rsqrt-normalise, scale, bias, the pre / post
+sigmoids, `iters` Sinkhorn rounds on the n x n comb matrices held in registers, and the weighted
+stream sum y = sum_i pre_i x_i in a second sweep over the block's x (hot in L2). HBM traffic: x read
+once (plus the L2-hit re-read), y written once, fn read once per program (from L2 after the first).
+
+Precision: fp32 throughout with round-to-nearest divisions; results agree with the plain op to fp32
+rounding (summation order, exp), relative RMS <= 1e-5 for comb/post, and y to its own dtype.
+NaN: a NaN in a token's streams makes that token's y, post and comb NaN; a NaN logit makes its
+Sinkhorn matrix NaN (as the plain op: tl.max drops NaN, but exp(NaN) re-introduces it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
+from .._jit_utils import round_bf16
+from .config import HcConfig, default_config
+
+
+# ================================================================================================
+# Kernels
+# ================================================================================================
+
+@triton.jit
+def _sinkhorn_tile(logits, valid, iters, eps):
+    """logits [BT, NP, NP] fp32, valid [.., NP, NP] (the real n x n corner) -> comb [BT, NP, NP]
+    (0 outside the corner): softmax over rows + eps, column-normalise, then iters - 1 rounds of
+    row- and column-normalisation, each dividing by (sum + eps)."""
+    x = tl.where(valid, logits, float("-inf"))
+    row_ok = tl.sum(valid.to(tl.int32), axis=2)[:, :, None] > 0             # padding rows: all False
+    mx = tl.where(row_ok, tl.max(x, axis=2)[:, :, None], 0.0)               # NaN dropped here...
+    e = tl.where(valid, tl.exp(x - mx), 0.0)                                # ...and back through exp(NaN)
+    c = tl.div_rn(e, tl.broadcast_to(tl.where(row_ok, tl.sum(e, axis=2)[:, :, None], 1.0), e.shape)) + eps
+    c = tl.where(valid, c, 0.0)
+    c = tl.div_rn(c, tl.broadcast_to((tl.sum(c, axis=1) + eps)[:, None, :], c.shape))
+    for _ in range(iters - 1):
+        c = tl.div_rn(c, tl.broadcast_to((tl.sum(c, axis=2) + eps)[:, :, None], c.shape))
+        c = tl.div_rn(c, tl.broadcast_to((tl.sum(c, axis=1) + eps)[:, None, :], c.shape))
+    return c
+
+
+@triton.jit
+def _sigmoid(z):
+    return tl.div_rn(tl.full(z.shape, 1.0, tl.float32), 1.0 + tl.exp(-z))   # torch: 1 / (1 + exp(-z))
+
+
+@triton.jit
+def _hc_sinkhorn_kernel(p_l, p_o, T, iters, eps, N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
+    # p_l [T, N, N] float; p_o [T, N, N] float32
+    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_i = tl.arange(0, NP)
+    valid = (o_i[None, :, None] < N) & (o_i[None, None, :] < N)             # [1, NP, NP]
+    offs = o_t[:, None, None].to(tl.int64) * (N * N) + o_i[None, :, None] * N + o_i[None, None, :]
+    mask = (o_t[:, None, None] < T) & valid
+    b_l = tl.load(p_l + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(p_o + offs, _sinkhorn_tile(b_l, valid, iters, eps), mask=mask)
+
+
+@triton.jit
+def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, T, D, iters, norm_eps, hc_eps,
+                   N: tl.constexpr, NP: tl.constexpr, NW: tl.constexpr, BLOCK_T: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    # p_x [T, N, D] float; p_fn [(2+N)N, N D] fp32; p_scale [3]; p_base [(2+N)N];
+    # p_y [T, D] (x's dtype); p_post [T, N] fp32; p_comb [T, N, N] fp32.
+    # Columns of the mixes tile [BT, NW]: c < NP*NP -> comb (i, j) = (c // NP, c % NP);
+    # then NP pre columns, NP post columns, then padding (NW = max(2 NP^2, 16)).
+    NN: tl.constexpr = NP * NP
+    K = N * D
+    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)                # [BT]
+    m_t = o_t < T
+    o_c = tl.arange(0, NW)
+    is_comb = o_c < NN
+    ci = o_c // NP
+    cj = o_c % NP
+    g = (o_c - NN) // NP                                                    # 0 pre, 1 post (non-comb)
+    kk = (o_c - NN) % NP
+    valid_c = tl.where(is_comb, (ci < N) & (cj < N), (o_c >= NN) & (g < 2) & (kk < N))
+    row = tl.where(valid_c, tl.where(is_comb, 2 * N + ci * N + cj, g * N + kk), 0)   # row of fn / base
+    b_sc = tl.load(p_scale + tl.where(valid_c, tl.where(is_comb, 2, g), 0), mask=valid_c, other=0.0)
+    b_bs = tl.load(p_base + row, mask=valid_c, other=0.0)
+
+    # Sweep 1: mixes = x_flat @ fn^T and sum of squares, over K = N * D.
+    acc = tl.zeros([BLOCK_T, NW], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+    o_k = tl.arange(0, BLOCK_K)
+    p_xt = p_x + o_t[:, None].to(tl.int64) * K
+    for k in range(0, K, BLOCK_K):
+        m_k = (k + o_k) < K
+        b_x = tl.load(p_xt + (k + o_k)[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+        b_w = tl.load(p_fn + row[None, :].to(tl.int64) * K + (k + o_k)[:, None],
+                      mask=valid_c[None, :] & m_k[:, None], other=0.0)     # [BK, NW]
+        acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
+        ss += tl.sum(b_x * b_x, axis=1)
+    mean_sq = tl.div_rn(ss, tl.zeros_like(ss) + K.to(tl.float32))         # torch's mean: sum / numel
+    rs = tl.div_rn(tl.full(ss.shape, 1.0, tl.float32), tl.sqrt_rn(mean_sq + norm_eps))
+    z = acc * rs[:, None] * b_sc[None, :] + b_bs[None, :]                   # [BT, NW] logits
+
+    # Split the columns: group 0 = comb [NP, NP], group 1 = rows (pre, post, padding) of NP.
+    z3 = tl.reshape(z, [BLOCK_T, NW // NN, NN])
+    h = tl.arange(0, NW // NN)[None, :, None]
+    comb_l = tl.reshape(tl.sum(tl.where(h == 0, z3, 0.0), axis=1), [BLOCK_T, NP, NP])
+    pp = tl.reshape(tl.sum(tl.where(h == 1, z3, 0.0), axis=1), [BLOCK_T, NP, NP])
+    o_i = tl.arange(0, NP)
+    pre = _sigmoid(tl.sum(tl.where(o_i[None, :, None] == 0, pp, 0.0), axis=1)) + hc_eps       # [BT, NP]
+    post = 2.0 * _sigmoid(tl.sum(tl.where(o_i[None, :, None] == 1, pp, 0.0), axis=1))        # [BT, NP]
+    valid = (o_i[None, :, None] < N) & (o_i[None, None, :] < N)
+    comb = _sinkhorn_tile(comb_l, valid, iters, hc_eps)                     # [BT, NP, NP]
+    m_s = m_t[:, None] & (o_i[None, :] < N)
+    tl.store(p_post + o_t[:, None].to(tl.int64) * N + o_i[None, :], post, mask=m_s)
+    offs_c = o_t[:, None, None].to(tl.int64) * (N * N) + o_i[None, :, None] * N + o_i[None, None, :]
+    tl.store(p_comb + offs_c, comb, mask=m_t[:, None, None] & valid)
+
+    # Sweep 2: y = sum_i pre_i x_i over D (this block's x again, from L2).
+    pre = tl.where(o_i[None, :] < N, pre, 0.0)
+    o_d = tl.arange(0, BLOCK_D)
+    for d in range(0, D, BLOCK_D):
+        m_d = (d + o_d) < D
+        b_x = tl.load(p_xt[:, :, None] + o_i[None, :, None] * D + (d + o_d)[None, None, :],
+                      mask=m_s[:, :, None] & m_d[None, None, :], other=0.0).to(tl.float32)   # [BT, NP, BD]
+        b_y = tl.sum(pre[:, :, None] * b_x, axis=1)                         # [BT, BD]
+        if p_y.dtype.element_ty == tl.bfloat16:
+            b_y = round_bf16(b_y)
+        tl.store(p_y + o_t[:, None].to(tl.int64) * D + (d + o_d)[None, :], b_y.to(p_y.dtype.element_ty),
+                 mask=m_t[:, None] & m_d[None, :])
+
+
+# ================================================================================================
+# Launchers
+# ================================================================================================
+
+def _np(n: int) -> int:
+    return max(2, triton.next_power_of_2(n))
+
+
+def _launch_sinkhorn(logits: torch.Tensor, out: torch.Tensor, T: int, n: int, iters: int, eps: float,
+                     cfg: HcConfig) -> None:
+    if T == 0:
+        return
+    launch(_hc_sinkhorn_kernel, (triton.cdiv(T, cfg.sinkhorn_block_t),), logits, out, T, int(iters), float(eps),
+           N=n, NP=_np(n), BLOCK_T=cfg.sinkhorn_block_t, num_warps=cfg.sinkhorn_num_warps)
+
+
+def _launch_hc_pre(x, fn, scale, base, y, post, comb, T: int, n: int, D: int, iters: int, norm_eps: float,
+                   hc_eps: float, cfg: HcConfig) -> None:
+    if T == 0:
+        return
+    NP = _np(n)
+    launch(_hc_pre_kernel, (triton.cdiv(T, cfg.block_t),), x, fn, scale, base, y, post, comb, T, D, int(iters),
+           float(norm_eps), float(hc_eps), N=n, NP=NP, NW=max(2 * NP * NP, 16), BLOCK_T=cfg.block_t,
+           BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, PRECISION=cfg.dot_precision,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# ================================================================================================
+# Public functions
+# ================================================================================================
+
+def hc_sinkhorn(logits: torch.Tensor, iters: int, eps: float,
+                config: HcConfig | dict | str | None = None) -> torch.Tensor:
+    """logits [..., n, n] (float32 / bfloat16 / float16, contiguous) -> comb [..., n, n] float32.
+
+    c = softmax(logits, -1) + eps; c /= (column sums + eps); then iters - 1 rounds of
+    c /= (row sums + eps); c /= (column sums + eps). NaN in a matrix makes that matrix NaN.
+    """
+    check_tensor("hc_sinkhorn", "logits", logits, FLOAT_DTYPES, min_ndim=2)
+    n = logits.shape[-1]
+    check(logits.shape[-2] == n, f"hc_sinkhorn: logits has shape {tuple(logits.shape)}; need [..., n, n]")
+    cfg = resolve_config(HcConfig, config, default_config, logits.device)
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    _launch_sinkhorn(logits, out, logits.numel() // max(1, n * n), n, iters, eps, cfg)
+    return out
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
+           norm_eps: float, hc_eps: float,
+           config: HcConfig | dict | str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC pre-mixing of n residual streams in one kernel.
+
+    x [..., n, D] (float32 / bfloat16 / float16); fn [(2+n)*n, n*D] float32; scale [3] float32;
+    base [(2+n)*n] float32; all contiguous, on one device.
+    mixes = (flat(x) @ fn^T) * rsqrt(mean(flat(x)^2) + norm_eps), split into n pre, n post, n*n comb:
+    pre = sigmoid(mixes*scale0 + base) + hc_eps, post = 2 sigmoid(mixes*scale1 + base),
+    comb = hc_sinkhorn(mixes*scale2 + base, iters, hc_eps).
+    Returns y = sum_i pre_i x_i [..., D] in x's dtype, post [..., n] and comb [..., n, n] float32.
+    """
+    check_tensor("hc_pre", "x", x, FLOAT_DTYPES, min_ndim=2)
+    *lead, n, D = x.shape
+    W = (2 + n) * n
+    check_tensor("hc_pre", "fn", fn, (torch.float32,), shape=(W, n * D), device=x.device)
+    check_tensor("hc_pre", "scale", scale, (torch.float32,), shape=(3,), device=x.device)
+    check_tensor("hc_pre", "base", base, (torch.float32,), shape=(W,), device=x.device)
+    cfg = resolve_config(HcConfig, config, default_config, x.device)
+    y = torch.empty((*lead, D), dtype=x.dtype, device=x.device)
+    post = torch.empty((*lead, n), dtype=torch.float32, device=x.device)
+    comb = torch.empty((*lead, n, n), dtype=torch.float32, device=x.device)
+    _launch_hc_pre(x, fn, scale, base, y, post, comb, math.prod(lead), n, D, iters, norm_eps, hc_eps, cfg)
+    return y, post, comb
+
+
+# ================================================================================================
+# Torch ops (torch.ops.dsv4_triton.*): the dsv4 signatures plus a config string
+# ================================================================================================
+
+@kernel_op("hc_sinkhorn")
+def _hc_sinkhorn_op(logits: torch.Tensor, iters: int, eps: float, config: str = "") -> torch.Tensor:
+    return hc_sinkhorn(logits, iters, eps, config)
+
+
+@kernel_op("hc_pre")
+def _hc_pre_op(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
+               norm_eps: float, hc_eps: float, config: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return hc_pre(x, fn, scale, base, iters, norm_eps, hc_eps, config)
