@@ -1,0 +1,77 @@
+"""mHC: Sinkhorn on 4x4 matrices (20 rounds) and the fused hc_pre step, our Triton kernels vs the
+plain ops eager and torch.compile'd, in tokens/s (and GB/s for hc_pre: x read + y written).
+
+    python bench/bench_hc.py               # writes bench/results/<GPU>/hc.csv
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _kernel_bench_util import DEVICE, bench_ms, out_dir, print_table, try_compile, write_csv  # noqa: E402
+
+
+def run_hc_bench(tokens=(16384, 131072), pre_shapes=((4096, 4096), (4096, 7168)), compile: bool = True) -> list[dict]:
+    from dsv4_compile.kernels.hc_sinkhorn import hc_pre, hc_sinkhorn
+    from dsv4_compile.model import ops
+
+    rows = []
+
+    def add(case, impl, ms, tokens, nbytes=None, cfg=""):
+        row = dict(case=case, impl=impl, ms=ms, mtok_s=tokens / ms / 1e3, config=cfg)
+        if nbytes:
+            row["gbs"] = nbytes / ms / 1e6
+        rows.append(row)
+        print(f"{case:40s} {impl:30s} {ms:9.4f} ms {tokens / ms / 1e3:9.2f} Mtok/s", flush=True)
+
+    sinkhorn = ops._sinkhorn_plain
+    compiled_sinkhorn = try_compile(sinkhorn, compile)
+    for T in tokens:
+        logits = torch.randn(T, 4, 4, device=DEVICE) * 3
+        case = f"hc_sinkhorn {T}x4x4 20 rounds"
+        add(case, "triton (default config)", bench_ms(lambda: hc_sinkhorn(logits, 20, 1e-6)), T)
+        add(case, "triton (block_t=128)", bench_ms(lambda: hc_sinkhorn(logits, 20, 1e-6, config={"sinkhorn_block_t": 128})), T,
+            cfg="sinkhorn_block_t=128")
+        add(case, "eager torch (plain op)", bench_ms(lambda: sinkhorn(logits, 20, 1e-6)), T)
+        if compiled_sinkhorn is not None:
+            add(case, "torch.compile (plain op)", bench_ms(lambda: compiled_sinkhorn(logits, 20, 1e-6)), T)
+
+    pre = ops._hc_pre_plain
+    compiled_pre = try_compile(pre, compile)
+    n = 4
+    for S, D in pre_shapes:
+        W = (2 + n) * n
+        x = torch.randn(1, S, n, D, device=DEVICE, dtype=torch.bfloat16)
+        fn = torch.randn(W, n * D, device=DEVICE) * (n * D) ** -0.5
+        scale = torch.tensor([0.5, 0.7, 1.3], device=DEVICE)
+        base = torch.randn(W, device=DEVICE) * 0.3
+        args = (x, fn, scale, base, 20, 1e-6, 1e-6)
+        nbytes = S * n * D * 2 + S * D * 2 + W * n * D * 4
+        case = f"hc_pre 1x{S}x{n}x{D} bf16"
+        add(case, "triton (default config)", bench_ms(lambda: hc_pre(*args)), S, nbytes)
+        for i, cfg in enumerate(({"dot_precision": "tf32x3"}, {"block_t": 32, "block_k": 128, "num_warps": 8},
+                                 {"block_t": 16, "block_k": 512, "block_d": 512, "num_warps": 8})):
+            try:
+                add(case, f"triton (alt config {i + 1})", bench_ms(lambda: hc_pre(*args, config=cfg)), S, nbytes, str(cfg))
+            except Exception as exc:
+                print(f"  config {cfg} failed: {type(exc).__name__}: {str(exc)[:120]}")
+        add(case, "eager torch (plain op)", bench_ms(lambda: pre(*args)), S, nbytes)
+        if compiled_pre is not None:
+            add(case, "torch.compile (plain op)", bench_ms(lambda: compiled_pre(*args)), S, nbytes)
+    return rows
+
+
+def main():
+    smoke = "--smoke" in sys.argv                       # tiny sizes, no compile: checks the script runs
+    rows = run_hc_bench((64,), ((32, 64),), compile=False) if smoke else run_hc_bench()
+    path = os.path.join(out_dir(), "hc.csv")
+    write_csv(path, rows)
+    print_table(rows, ["case", "impl", "ms", "mtok_s", "gbs", "config"])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
