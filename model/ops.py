@@ -329,6 +329,8 @@ def sparse_attention_chunk(q, kv, attn_sink, topk_idxs, softmax_scale):
     idx = topk_idxs.long().clamp_min(0)
     batch = torch.arange(B, device=q.device).view(B, 1, 1)
     entries = kv.float()[batch, idx]                                         # [B, S, K, D]
+    # Zero the padding's rows too: a NaN/Inf in row 0 would otherwise reach rows with holes (0 * NaN).
+    entries.masked_fill_(~valid.unsqueeze(-1), 0.0)
     logits = torch.einsum("bshd,bskd->bshk", q.float(), entries) * softmax_scale
     logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))          # [B, S, H, K]
     sink = attn_sink.float().view(1, 1, H)
@@ -336,6 +338,8 @@ def sparse_attention_chunk(q, kv, attn_sink, topk_idxs, softmax_scale):
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     p = torch.exp(logits - row_max.unsqueeze(-1))                            # [B, S, H, K]
     denom = p.sum(-1) + torch.exp(sink - row_max)                            # [B, S, H]
+    # 0 only for an empty row with sink -inf; a safe 1 there keeps the backward free of 0/0.
+    denom = torch.where(denom != 0, denom, torch.ones_like(denom))
     out = torch.einsum("bshk,bskd->bshd", p, entries) / denom.unsqueeze(-1)
     # A row with no entries gives zeros whatever the sink.
     out = torch.where(valid.any(-1).view(B, -1, 1, 1), out, torch.zeros_like(out))
@@ -435,8 +439,9 @@ def _compress_kv_plain(kv, score, ape, norm_weight, cos, sin, ratio: int, overla
     score = score + ape.float()
     if overlap:
         # Channels [0, d) pool the previous block, [d, 2d) the current one: one softmax over 2r rows.
-        prev_kv = F.pad(kv[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
-        prev_score = F.pad(score[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+        # Pad, then drop the last block (not the reverse): also right for N = 0.
+        prev_kv = F.pad(kv[..., :d], (0, 0, 0, 0, 1, 0))[:, :-1]
+        prev_score = F.pad(score[..., :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))[:, :-1]
         kv = torch.cat([prev_kv, kv[:, :, :, d:]], dim=2)                                # [B, N, 2r, d]
         score = torch.cat([prev_score, score[:, :, :, d:]], dim=2)
     # Softmax over the rows, written out so that a block with no tokens pools to 0 instead of NaN.
@@ -444,7 +449,9 @@ def _compress_kv_plain(kv, score, ape, norm_weight, cos, sin, ratio: int, overla
     weight = torch.exp(score - torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)))
     total = weight.sum(dim=2)
     pooled = (kv * weight).sum(dim=2)                                                    # [B, N, d]
-    pooled = torch.where(total > 0, pooled / total, torch.zeros_like(pooled))
+    # Safe denominator: pooled / 0 in the branch not taken would still make the backward NaN.
+    # (total != 0, not > 0: a NaN score must give NaN, not a silent 0.)
+    pooled = torch.where(total != 0, pooled / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(pooled))
     pooled = pooled * torch.rsqrt(pooled.square().mean(-1, keepdim=True) + norm_eps) * norm_weight.float()
     rd = 2 * cos.shape[-1]
     pooled = torch.cat([pooled[..., :-rd], rope_rotate(pooled[..., -rd:], cos, sin)], dim=-1)
