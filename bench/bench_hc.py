@@ -52,8 +52,9 @@ def run_hc_bench(tokens=(16384, 131072), pre_shapes=((4096, 4096), (4096, 7168))
         nbytes = S * n * D * 2 + S * D * 2 + W * n * D * 4
         case = f"hc_pre 1x{S}x{n}x{D} bf16"
         add(case, "triton (default config)", bench_ms(lambda: hc_pre(*args)), S, nbytes)
-        for i, cfg in enumerate(({"dot_precision": "tf32x3"}, {"block_t": 32, "block_k": 128, "num_warps": 8},
-                                 {"block_t": 16, "block_k": 512, "block_d": 512, "num_warps": 8})):
+        for i, cfg in enumerate(({"block_k": 128, "num_stages": 4}, {"block_k": 512, "num_stages": 3, "num_warps": 8},
+                                 {"block_t": 32, "num_stages": 3, "num_warps": 8}, {"dot_precision": "tf32"},
+                                 {"dot_precision": "ieee"})):
             try:
                 add(case, f"triton (alt config {i + 1})", bench_ms(lambda: hc_pre(*args, config=cfg)), S, nbytes, str(cfg))
             except Exception as exc:

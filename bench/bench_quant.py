@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _kernel_bench_util import DEVICE, bench_ms, copy_bandwidth_gbs, out_dir, print_table, try_compile, write_csv  # noqa: E402
 
 # Small sweep of launch configs: the best goes in the table (the tuner does this properly).
-QUANT_SWEEP = [dict(block_rows=r, block_cols=c, num_warps=w)
-               for r, c, w in ((1, 1024, 4), (2, 2048, 8), (8, 1024, 8), (8, 512, 4), (16, 512, 8))]
+QUANT_SWEEP = [dict(block_elems=e, num_warps=w)
+               for e, w in ((1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 8))]
 
 
 def _sweep(fn, configs):

@@ -23,11 +23,12 @@ def pow2_reciprocal(s):
 
 @triton.jit
 def block_scale(b_x, qmax, POW2: tl.constexpr):
-    """b_x [R, NB, BS] fp32 (padding = 0) -> scale [R, NB] = max(amax, 1e-4) / qmax, rounded up to a
-    power of two when POW2. A block holding a NaN gets NaN (tl.max drops NaN, so it is tracked
-    explicitly), one holding +-Inf gets +Inf. The division rounds to nearest (tl.div_rn), as torch's."""
-    amax = tl.max(tl.abs(b_x), axis=2)                                       # [R, NB]
-    has_nan = tl.max((b_x != b_x).to(tl.int32), axis=2) > 0
+    """b_x [BQ, BS] fp32, one quantization block per row (padding = 0) -> scale [BQ] =
+    max(amax, 1e-4) / qmax, rounded up to a power of two when POW2. A block holding a NaN gets NaN
+    (tl.max drops NaN, so it is tracked explicitly), one holding +-Inf gets +Inf. The division
+    rounds to nearest (tl.div_rn), as torch's does."""
+    amax = tl.max(tl.abs(b_x), axis=1)                                       # [BQ]
+    has_nan = tl.max((b_x != b_x).to(tl.int32), axis=1) > 0
     amax = tl.where(has_nan, float("nan"), amax)
     amax = tl.where(amax < 1e-4, 1e-4, amax)                                 # NaN stays NaN
     s = tl.div_rn(amax, tl.full(amax.shape, qmax, tl.float32))
@@ -38,11 +39,11 @@ def block_scale(b_x, qmax, POW2: tl.constexpr):
 
 @triton.jit
 def divide_by_scale(b_x, s, POW2: tl.constexpr):
-    """b_x [R, NB, BS] / s [R, NB] exactly as torch's fp32 division rounds it."""
+    """b_x [BQ, BS] / s [BQ] exactly as torch's fp32 division rounds it."""
     if POW2:
-        return b_x * pow2_reciprocal(s)[:, :, None]                         # exact for powers of two
+        return b_x * pow2_reciprocal(s)[:, None]                            # exact for powers of two
     else:
-        return tl.div_rn(b_x, tl.broadcast_to(s[:, :, None], b_x.shape))
+        return tl.div_rn(b_x, tl.broadcast_to(s[:, None], b_x.shape))
 
 
 @triton.jit

@@ -44,81 +44,66 @@ def _e2m1_value(code):
 
 
 @triton.jit
-def _fp4_quantize_kernel(p_x, p_q, p_s, R, D, NBLK,
-                         BS: tl.constexpr, POW2: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr):
-    # p_x [R, D] float; p_q [R, D/2] uint8; p_s [R, NBLK] float32; BLOCK_S = next_pow2(BS) (BS even)
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)                # [BR]
-    o_b = tl.program_id(1) * BLOCK_NB + tl.arange(0, BLOCK_NB)              # [NB]
-    o_j = tl.arange(0, BLOCK_S)                                             # [BS]
-    m_r = o_r < R
-    m_b = o_b < NBLK
-    offs = o_r[:, None, None].to(tl.int64) * D + (o_b[:, None] * BS + o_j[None, :])[None, :, :]
-    mask = m_r[:, None, None] & (m_b[:, None] & (o_j[None, :] < BS))[None, :, :]
-    b_x = tl.load(p_x + offs, mask=mask, other=0.0).to(tl.float32)         # [BR, NB, BS]
-    b_s = block_scale(b_x, 6.0, POW2)                                       # [BR, NB]
-    b_c = _e2m1_code(divide_by_scale(b_x, b_s, POW2))                       # [BR, NB, BS]
-    lo, hi = tl.split(tl.reshape(b_c, [BLOCK_R, BLOCK_NB, BLOCK_S // 2, 2]))
-    b_p = (lo | (hi << 4)).to(tl.uint8)                                     # [BR, NB, BS/2]
+def _fp4_quantize_kernel(p_x, p_q, p_s, Q,
+                         BS: tl.constexpr, POW2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+    # The [..., D] tensors read as Q = numel / BS quantization blocks:
+    # p_x [Q, BS] float; p_q [Q, BS/2] uint8; p_s [Q] float32; BLOCK_S = next_pow2(BS), BS even
+    o_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)                # [BQ]
+    o_j = tl.arange(0, BLOCK_S)
+    m_q = o_q < Q
+    b_x = tl.load(p_x + o_q[:, None].to(tl.int64) * BS + o_j[None, :],
+                  mask=m_q[:, None] & (o_j[None, :] < BS), other=0.0).to(tl.float32)   # [BQ, BS]
+    b_s = block_scale(b_x, 6.0, POW2)                                       # [BQ]
+    b_c = _e2m1_code(divide_by_scale(b_x, b_s, POW2))                       # [BQ, BS]
+    lo, hi = tl.split(tl.reshape(b_c, [BLOCK_Q, BLOCK_S // 2, 2]))         # elements 2i, 2i + 1
     o_i = tl.arange(0, BLOCK_S // 2)
-    offs_p = o_r[:, None, None].to(tl.int64) * (D // 2) + (o_b[:, None] * (BS // 2) + o_i[None, :])[None, :, :]
-    mask_p = m_r[:, None, None] & (m_b[:, None] & (o_i[None, :] < BS // 2))[None, :, :]
-    tl.store(p_q + offs_p, b_p, mask=mask_p)
-    tl.store(p_s + o_r[:, None].to(tl.int64) * NBLK + o_b[None, :], b_s, mask=m_r[:, None] & m_b[None, :])
+    tl.store(p_q + o_q[:, None].to(tl.int64) * (BS // 2) + o_i[None, :], (lo | (hi << 4)).to(tl.uint8),
+             mask=m_q[:, None] & (o_i[None, :] < BS // 2))
+    tl.store(p_s + o_q, b_s, mask=m_q)
 
 
 @triton.jit
-def _fp4_dequantize_kernel(p_q, p_s, p_o, R, D, NBLK,
-                           BS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    # p_q [R, D/2] uint8; p_s [R, NBLK] float32; p_o [R, D] float32
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_b = tl.program_id(1) * BLOCK_NB + tl.arange(0, BLOCK_NB)
+def _fp4_dequantize_kernel(p_q, p_s, p_o, Q, BS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+    # p_q [Q, BS/2] uint8; p_s [Q] float32; p_o [Q, BS] float32
+    o_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     o_i = tl.arange(0, BLOCK_S // 2)
-    m_r = o_r < R
-    m_b = o_b < NBLK
-    offs_p = o_r[:, None, None].to(tl.int64) * (D // 2) + (o_b[:, None] * (BS // 2) + o_i[None, :])[None, :, :]
-    mask_p = m_r[:, None, None] & (m_b[:, None] & (o_i[None, :] < BS // 2))[None, :, :]
-    b_p = tl.load(p_q + offs_p, mask=mask_p, other=0).to(tl.int32)        # [BR, NB, BS/2]
-    b_v = tl.join(_e2m1_value(b_p & 15), _e2m1_value(b_p >> 4))            # [BR, NB, BS/2, 2]
-    b_v = tl.reshape(b_v, [BLOCK_R, BLOCK_NB, BLOCK_S])
-    b_s = tl.load(p_s + o_r[:, None].to(tl.int64) * NBLK + o_b[None, :], mask=m_r[:, None] & m_b[None, :], other=0.0)
+    m_q = o_q < Q
+    b_p = tl.load(p_q + o_q[:, None].to(tl.int64) * (BS // 2) + o_i[None, :],
+                  mask=m_q[:, None] & (o_i[None, :] < BS // 2), other=0).to(tl.int32)   # [BQ, BS/2]
+    b_v = tl.reshape(tl.join(_e2m1_value(b_p & 15), _e2m1_value(b_p >> 4)), [BLOCK_Q, BLOCK_S])
+    b_s = tl.load(p_s + o_q, mask=m_q, other=0.0)
     o_j = tl.arange(0, BLOCK_S)
-    offs = o_r[:, None, None].to(tl.int64) * D + (o_b[:, None] * BS + o_j[None, :])[None, :, :]
-    mask = m_r[:, None, None] & (m_b[:, None] & (o_j[None, :] < BS))[None, :, :]
-    tl.store(p_o + offs, b_v * b_s[:, :, None], mask=mask)
+    tl.store(p_o + o_q[:, None].to(tl.int64) * BS + o_j[None, :], b_v * b_s[:, None],
+             mask=m_q[:, None] & (o_j[None, :] < BS))
 
 
 # ================================================================================================
-# Launchers (tensors go whole: [..., D] read as [R, D])
+# Launchers (tensors go whole: contiguous [..., D] read as [Q, block_size])
 # ================================================================================================
 
-def _grid_params(R: int, block_size: int, n_blocks: int, cfg: Fp4QuantConfig):
+def _grid_params(Q: int, block_size: int, cfg: Fp4QuantConfig):
     block_s = triton.next_power_of_2(block_size)
-    block_nb = max(1, cfg.block_cols // block_s)
-    grid = (triton.cdiv(R, cfg.block_rows), triton.cdiv(n_blocks, block_nb))
-    return grid, dict(BS=block_size, BLOCK_R=cfg.block_rows, BLOCK_NB=block_nb, BLOCK_S=block_s,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_q = max(1, cfg.block_elems // block_s)
+    return (triton.cdiv(Q, block_q),), dict(BS=block_size, BLOCK_Q=block_q, BLOCK_S=block_s,
+                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_quantize(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, block_size: int, pow2: bool,
                      cfg: Fp4QuantConfig) -> None:
-    D = x.shape[-1]
-    R = x.numel() // D if D else 0
-    if R == 0:
+    Q = x.numel() // block_size
+    if Q == 0:
         return
-    grid, meta = _grid_params(R, block_size, D // block_size, cfg)
-    launch(_fp4_quantize_kernel, grid, x, packed, scale, R, D, D // block_size, POW2=pow2, **meta)
+    grid, meta = _grid_params(Q, block_size, cfg)
+    launch(_fp4_quantize_kernel, grid, x, packed, scale, Q, POW2=pow2, **meta)
 
 
 def _launch_dequantize(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block_size: int,
                        cfg: Fp4QuantConfig) -> None:
-    D = out.shape[-1]
-    R = out.numel() // D if D else 0
-    if R == 0:
+    Q = out.numel() // block_size
+    if Q == 0:
         return
-    grid, meta = _grid_params(R, block_size, D // block_size, cfg)
-    launch(_fp4_dequantize_kernel, grid, packed, scale, out, R, D, D // block_size, **meta)
+    grid, meta = _grid_params(Q, block_size, cfg)
+    launch(_fp4_dequantize_kernel, grid, packed, scale, out, Q, **meta)
 
 
 # ================================================================================================

@@ -9,22 +9,21 @@ from .._common import KernelConfig, pick_default
 
 @dataclasses.dataclass(frozen=True)
 class Fp8QuantConfig(KernelConfig):
-    """One program handles `block_rows` rows x `block_cols` columns (whole quantization blocks: a
-    program takes max(1, block_cols // next_pow2(block_size)) blocks of a row)."""
+    """The tensor is read as a [R * D / block_size, block_size] matrix of quantization blocks; one
+    program handles max(1, block_elems // next_pow2(block_size)) consecutive blocks."""
 
-    block_rows: int = 4
-    block_cols: int = 1024
+    block_elems: int = 4096
     num_warps: int = 4
     num_stages: int = 1
 
-    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_rows", "block_cols", "num_warps")
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_elems", "num_warps")
 
 
 DEFAULT_CONFIGS: dict[str, Fp8QuantConfig] = {
     # The interpreter runs each program as numpy calls: few, large programs are fastest.
-    "interpreter": Fp8QuantConfig(block_rows=16, block_cols=512),
-    "H100": Fp8QuantConfig(block_rows=4, block_cols=1024, num_warps=4),
-    "H200": Fp8QuantConfig(block_rows=4, block_cols=1024, num_warps=4),
+    "interpreter": Fp8QuantConfig(block_elems=8192),
+    "H100": Fp8QuantConfig(block_elems=4096, num_warps=4),
+    "H200": Fp8QuantConfig(block_elems=4096, num_warps=4),
     "generic": Fp8QuantConfig(),
 }
 

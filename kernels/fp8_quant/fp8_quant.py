@@ -26,78 +26,63 @@ FP8_MAX = 448.0
 # ================================================================================================
 
 @triton.jit
-def _fp8_quantize_kernel(p_x, p_q, p_s, R, D, NBLK,
-                         BS: tl.constexpr, POW2: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr, BLOCK_S: tl.constexpr):
-    # p_x [R, D] float; p_q [R, D] float8_e4m3fn; p_s [R, NBLK] float32; BLOCK_S = next_pow2(BS)
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)                # [BR]
-    o_b = tl.program_id(1) * BLOCK_NB + tl.arange(0, BLOCK_NB)              # [NB]
+def _fp8_quantize_kernel(p_x, p_q, p_s, Q,
+                         BS: tl.constexpr, POW2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+    # The [..., D] tensors read as Q = numel / BS quantization blocks of BS elements:
+    # p_x [Q, BS] float; p_q [Q, BS] float8_e4m3fn; p_s [Q] float32; BLOCK_S = next_pow2(BS)
+    o_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)                # [BQ]
     o_j = tl.arange(0, BLOCK_S)                                             # [BS]
-    col = o_b[:, None] * BS + o_j[None, :]                                  # [NB, BS]
-    m_col = (o_b[:, None] < NBLK) & (o_j[None, :] < BS)
-    offs = o_r[:, None, None].to(tl.int64) * D + col[None, :, :]            # [BR, NB, BS]
-    mask = (o_r[:, None, None] < R) & m_col[None, :, :]
-    b_x = tl.load(p_x + offs, mask=mask, other=0.0).to(tl.float32)
-    b_s = block_scale(b_x, 448.0, POW2)                                     # [BR, NB]
+    offs = o_q[:, None].to(tl.int64) * BS + o_j[None, :]
+    mask = (o_q[:, None] < Q) & (o_j[None, :] < BS)
+    b_x = tl.load(p_x + offs, mask=mask, other=0.0).to(tl.float32)         # [BQ, BS]
+    b_s = block_scale(b_x, 448.0, POW2)                                     # [BQ]
     b_y = divide_by_scale(b_x, b_s, POW2)
     b_y = tl.where(b_y > 448.0, 448.0, tl.where(b_y < -448.0, -448.0, b_y))  # clamp, NaN kept
     b_q = e4m3_bits(b_y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     tl.store(p_q + offs, b_q, mask=mask)
-    m_s = (o_r[:, None] < R) & (o_b[None, :] < NBLK)
-    tl.store(p_s + o_r[:, None].to(tl.int64) * NBLK + o_b[None, :], b_s, mask=m_s)
+    tl.store(p_s + o_q, b_s, mask=o_q < Q)
 
 
 @triton.jit
-def _fp8_dequantize_kernel(p_q, p_s, p_o, R, D, NBLK,
-                           BS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_NB: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    # p_q [R, D] float8_e4m3fn; p_s [R, NBLK] float32; p_o [R, D] float32
-    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    o_b = tl.program_id(1) * BLOCK_NB + tl.arange(0, BLOCK_NB)
+def _fp8_dequantize_kernel(p_q, p_s, p_o, Q, BS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+    # p_q [Q, BS] float8_e4m3fn; p_s [Q] float32; p_o [Q, BS] float32
+    o_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     o_j = tl.arange(0, BLOCK_S)
-    col = o_b[:, None] * BS + o_j[None, :]
-    m_col = (o_b[:, None] < NBLK) & (o_j[None, :] < BS)
-    offs = o_r[:, None, None].to(tl.int64) * D + col[None, :, :]
-    mask = (o_r[:, None, None] < R) & m_col[None, :, :]
+    offs = o_q[:, None].to(tl.int64) * BS + o_j[None, :]
+    mask = (o_q[:, None] < Q) & (o_j[None, :] < BS)
     b_q = tl.load(p_q + offs, mask=mask, other=0.0).to(tl.float32)          # exact: every e4m3 value is an fp32
-    m_s = (o_r[:, None] < R) & (o_b[None, :] < NBLK)
-    b_s = tl.load(p_s + o_r[:, None].to(tl.int64) * NBLK + o_b[None, :], mask=m_s, other=0.0)
-    tl.store(p_o + offs, b_q * b_s[:, :, None], mask=mask)
+    b_s = tl.load(p_s + o_q, mask=o_q < Q, other=0.0)
+    tl.store(p_o + offs, b_q * b_s[:, None], mask=mask)
 
 
 # ================================================================================================
-# Launchers
+# Launchers (tensors go whole: contiguous [..., D] read as [Q, block_size]; no views of outputs,
+# which keeps the triton_op body simple to functionalize)
 # ================================================================================================
 
-def _grid_params(R: int, block_size: int, n_blocks: int, cfg: Fp8QuantConfig):
+def _grid_params(Q: int, block_size: int, cfg: Fp8QuantConfig):
     block_s = triton.next_power_of_2(block_size)
-    block_nb = max(1, cfg.block_cols // block_s)
-    grid = (triton.cdiv(R, cfg.block_rows), triton.cdiv(n_blocks, block_nb))
-    return grid, dict(BS=block_size, BLOCK_R=cfg.block_rows, BLOCK_NB=block_nb, BLOCK_S=block_s,
-                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_q = max(1, cfg.block_elems // block_s)
+    return (triton.cdiv(Q, block_q),), dict(BS=block_size, BLOCK_Q=block_q, BLOCK_S=block_s,
+                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-
-# Tensors go to the kernels whole (contiguous, [..., D] read as [R, D]): no views of outputs, which
-# keeps the triton_op body simple to functionalize.
 
 def _launch_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, block_size: int, pow2: bool,
                      cfg: Fp8QuantConfig) -> None:
-    D = x.shape[-1]
-    R = x.numel() // D if D else 0
-    if R == 0:
+    Q = x.numel() // block_size
+    if Q == 0:
         return
-    grid, meta = _grid_params(R, block_size, D // block_size, cfg)
-    launch(_fp8_quantize_kernel, grid, x, codes, scale, R, D, D // block_size, POW2=pow2, **meta)
+    grid, meta = _grid_params(Q, block_size, cfg)
+    launch(_fp8_quantize_kernel, grid, x, codes, scale, Q, POW2=pow2, **meta)
 
 
 def _launch_dequantize(codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block_size: int,
                        cfg: Fp8QuantConfig) -> None:
-    D = codes.shape[-1]
-    R = codes.numel() // D if D else 0
-    if R == 0:
+    Q = codes.numel() // block_size
+    if Q == 0:
         return
-    grid, meta = _grid_params(R, block_size, D // block_size, cfg)
-    launch(_fp8_dequantize_kernel, grid, codes, scale, out, R, D, D // block_size, **meta)
+    grid, meta = _grid_params(Q, block_size, cfg)
+    launch(_fp8_dequantize_kernel, grid, codes, scale, out, Q, **meta)
 
 
 # ================================================================================================

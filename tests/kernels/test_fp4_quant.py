@@ -122,6 +122,16 @@ def test_nan_inf_blocks(dtype, pow2):
     assert_bits_equal("scale vs naive", nv_scale, scale.cpu())
 
 
+def test_config_variants_agree():
+    x = make_input((5, 3, 96), torch.bfloat16, seed=3)
+    ref = fp4_quantize(x, 32, True)
+    for cfg in ({"block_elems": 32}, {"block_elems": 256, "num_warps": 8}, "block_elems=64"):
+        out = fp4_quantize(x, 32, True, config=cfg)
+        assert_bits_equal(f"packed {cfg}", ref[0], out[0])
+        assert_bits_equal(f"scale {cfg}", ref[1], out[1])
+        assert_bits_equal(f"dequant {cfg}", fp4_dequantize(*ref, 32), fp4_dequantize(*out, 32, config=cfg))
+
+
 def test_input_errors():
     x = make_input((4, 64), torch.float32)
     with pytest.raises(ValueError, match="even"):

@@ -147,7 +147,7 @@ def test_exact_powers_of_two_agree():
 def test_config_variants_agree():
     x = make_input((5, 3, 128), torch.bfloat16, seed=3)
     ref = fp8_quantize(x, 32, True)
-    for cfg in ({"block_rows": 1, "block_cols": 32}, {"block_rows": 2, "block_cols": 128}, "block_rows=8,block_cols=64"):
+    for cfg in ({"block_elems": 32}, {"block_elems": 256, "num_warps": 8}, "block_elems=64"):
         out = fp8_quantize(x, 32, True, config=cfg)
         assert_codes_equal(f"codes {cfg}", ref[0], out[0])
         assert_bits_equal(f"scale {cfg}", ref[1], out[1])
@@ -164,8 +164,8 @@ def test_input_errors():
     codes, scale = fp8_quantize(x, 32, False)
     with pytest.raises(ValueError, match="shape"):
         fp8_dequantize(codes, scale[:, :1], 32)
-    with pytest.raises(ValueError, match="block_rows"):
-        fp8_quantize(x, 32, False, config={"block_rows": 3})
+    with pytest.raises(ValueError, match="block_elems"):
+        fp8_quantize(x, 32, False, config={"block_elems": 3})
 
 
 def test_empty_input():

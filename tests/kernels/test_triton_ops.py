@@ -91,19 +91,19 @@ def test_opcheck(name):
 
 def test_config_string_reaches_the_kernel():
     x = example_args("fp8_quantize")[0]
-    cfg = Fp8QuantConfig(block_rows=1, block_cols=32)
+    cfg = Fp8QuantConfig(block_elems=32)
     assert Fp8QuantConfig.from_str(cfg.to_str()) == cfg
     a = torch.ops.dsv4_triton.fp8_quantize(x, 32, True, cfg.to_str())
     b = fp8_quantize(x, 32, True, cfg)
     assert torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="cannot parse"):
-        torch.ops.dsv4_triton.fp8_quantize(x, 32, True, "block_rowz=2")
+        torch.ops.dsv4_triton.fp8_quantize(x, 32, True, "block_elemz=2")
 
 
 def test_default_configs_by_gpu_name():
     assert default_config("NVIDIA H100 80GB HBM3") is default_config("h100")
     assert default_config("some other GPU") == Fp8QuantConfig()
-    assert default_config("interpreter").block_rows == 16
+    assert default_config("interpreter").block_elems == 8192
     assert NewtonSchulzConfig.from_str("block_m=64", NewtonSchulzConfig()).block_m == 64
 
 

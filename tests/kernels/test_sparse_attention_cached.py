@@ -1,0 +1,158 @@
+"""Sparse attention over the FP8 cache (dsv4_triton.sparse_attention_cached) against its naive twin
+(byte-level decoding of the entries) and the plain op (kv_layout.unpack_main_entries).
+
+The cache values are exact in q's dtype for bf16/fp32 (e4m3 code x power of two, bf16 rope values),
+so the tolerances are those of the unquantised kernel (see test_sparse_attention.py): fp32 1e-5
+(summation order), bf16 5e-3 and fp16 1e-3 (probabilities and output each rounded once). For fp16
+the dequantised values are rounded to fp16 first, as the plain op does; the reference gets the same.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import (conftest does it too)
+
+import pytest  # noqa: E402
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
+
+import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+from dsv4_compile.kernels.sparse_attention_cached import auto_config, auto_splits, entry_layout, naive, sparse_attention_cached  # noqa: E402
+from dsv4_compile.model.kv_layout import main_entry_bytes, pack_main_entries  # noqa: E402
+from dsv4_compile.model.ops import fp8_simulate  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 1e-3}
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
+
+# (B, S, H, D, R, N, K): D - R a multiple of 64; tiny-preset head (96 = 64 + 32 rope) included.
+SHAPES = [
+    pytest.param((3, 1, 4, 128, 64, 13, 37), id="B3-S1-H4-D128-R64-N13-K37"),
+    pytest.param((2, 2, 3, 96, 32, 9, 10), id="B2-S2-H3-D96-R32-N9-K10-tiny-preset"),
+    pytest.param((1, 3, 5, 192, 64, 20, 23), id="B1-S3-H5-D192-R64-N20-K23-two-scales"),
+]
+CONFIGS = [pytest.param(None, id="default"), pytest.param("block_k=16,num_splits=3", id="bk16-split3")]
+
+
+def make_cache(B, N, D, R, seed=0, scale_exp=None):
+    """Entries as the model writes them: FP8-simulated non-rope dims (pow2 scales, rows of very
+    different magnitudes), BF16 rope dims; packed into the production layout."""
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(B, N, D, generator=g)
+    kv = kv * torch.exp2(torch.randint(-6, 4, (B, N, 1), generator=g).float())
+    kv = torch.cat([fp8_simulate(kv[..., :D - R], 64), kv[..., D - R:].bfloat16().float()], dim=-1)
+    cache = pack_main_entries(kv, R)
+    assert cache.shape[-1] == main_entry_bytes(D, R) == entry_layout(D, R)[1]
+    return cache
+
+
+def make_inputs(B, S, H, D, R, N, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed + 100)
+    q = torch.randn(B, S, H, D, generator=g).to(dtype)
+    sink = torch.randn(H, generator=g)
+    idx = torch.randint(-1, N, (B, S, K), generator=g, dtype=torch.int32)
+    idx[0, 0, 1] = idx[0, 0, 0] = 2          # a repeated index
+    idx[-1, -1, K // 2:] = -1                # a shorter sequence in the batch
+    if B > 1:
+        idx[1, 0] = -1                       # an empty row
+    cache = make_cache(B, N, D, R, seed)
+    return [t.to(DEVICE) for t in (q, cache, sink, idx)]
+
+
+def reference(q, cache, sink, idx, scale, R):
+    """float64 naive twin on the values the op attends over (dequantised, then rounded to q's dtype)."""
+    kv = torch.stack([torch.tensor([naive.unpack_entry(row, q.shape[-1], R) for row in cache[b].tolist()])
+                      for b in range(cache.shape[0])]).to(q.dtype)
+    from dsv4_compile.kernels.sparse_attention import naive as attention_naive
+    return attention_naive.sparse_attention(q.cpu().double(), kv.double(), sink.cpu(), idx.cpu(), scale)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_naive_and_plain(shape, dtype, config):
+    B, S, H, D, R, N, K = shape
+    q, cache, sink, idx = make_inputs(*shape, dtype)
+    scale = D ** -0.5
+    out = sparse_attention_cached(q, cache, sink, idx, scale, R, config)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close("kernel vs naive (float64)", reference(q, cache, sink, idx, scale, R), out.cpu(), TOL[dtype])
+    plain = torch.ops.dsv4.sparse_attention_cached(q, cache, sink, idx, scale, R)
+    assert_close("kernel vs plain op", plain.cpu(), out.cpu(), TOL[dtype])
+    assert_close("naive vs plain op", plain.cpu(),
+                 naive.sparse_attention_cached(q.cpu(), cache.cpu(), sink.cpu(), idx.cpu(), scale, R), TOL[dtype])
+    if B > 1:
+        assert (out[1, 0] == 0).all()
+
+
+def test_dequantisation_is_exact():
+    """One-entry attention (sink -inf) returns the entry itself: checks every byte's decoding against
+    the plain unpacking, bit for bit in fp32 (p = 1 exactly, one product each)."""
+    B, N, D, R = 1, 6, 128, 64
+    cache = make_cache(B, N, D, R, seed=9).to(DEVICE)
+    idx = torch.arange(N, dtype=torch.int32, device=DEVICE).view(1, N, 1)
+    q = torch.zeros(1, N, 1, D, device=DEVICE)
+    sink = torch.full((1,), -math.inf, device=DEVICE)
+    out = sparse_attention_cached(q, cache, sink, idx, 1.0, R)
+    from dsv4_compile.model.kv_layout import unpack_main_entries
+    assert torch.equal(out[0, :, 0].cpu(), unpack_main_entries(cache.cpu(), D, R)[0])
+
+
+def test_auto_splits_and_checks():
+    assert auto_splits(n_programs=64, K=640, block_k=32, n_sm=132) == 5
+    assert auto_splits(n_programs=200, K=640, block_k=32, n_sm=132) == 1
+    assert auto_splits(n_programs=1, K=64, block_k=32, n_sm=132) == 1
+    from dsv4_compile.kernels.sparse_attention import SparseAttentionConfig
+    base = SparseAttentionConfig(block_h=64, block_k=32, num_warps=8)
+    # batch 64 x 64 heads: two head blocks of 32 per token fill 132 SMs (128 programs; no split)
+    assert auto_config(64, 1, 64, 640, base, 132) == base.replace(block_h=32, num_warps=4, num_splits=1)
+    assert auto_config(4, 1, 64, 640, base, 132) == base.replace(block_h=16, num_warps=4, num_splits=10)
+    assert auto_config(512, 1, 64, 640, base, 132) == base
+    q, cache, sink, idx = make_inputs(1, 1, 2, 128, 64, 5, 4, torch.float32)
+    with pytest.raises(ValueError, match="need \\[B, N, entry_bytes\\]"):
+        sparse_attention_cached(q, cache[..., :-8].contiguous(), sink, idx, 0.1, 64)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        sparse_attention_cached(q, cache, sink, idx, 0.1, 32)
+
+
+def test_substitution():
+    from dsv4_compile.kernels.sparse_attention_cached.substitution import SUBSTITUTION, interpreter_substitution
+    from dsv4_compile.passes import PassManager
+
+    q, cache, sink, idx = make_inputs(2, 1, 4, 128, 64, 7, 12, torch.float32, seed=3)
+
+    def fn(q, cache, sink, idx):
+        return torch.ops.dsv4.sparse_attention_cached(q, cache, sink, idx, 0.2, 64)
+
+    sub = SUBSTITUTION if DEVICE == "cuda" else interpreter_substitution()
+    gm = make_fx(fn, tracing_mode="fake")(q, cache, sink, idx)
+    manager = PassManager([sub], gpu="H100" if DEVICE == "cuda" else "cpu")
+    manager(gm.graph)
+    gm.recompile()
+    assert manager.report.replaced("dsv4.sparse_attention_cached") == 1
+    assert "dsv4.sparse_attention_cached.default" not in manager.graph_ops[0]["after"]
+    assert_close("substituted graph", fn(q, cache, sink, idx).cpu(), gm(q, cache, sink, idx).cpu(), TOL[torch.float32])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [64, 128], ids=["flash-H64", "pro-H128"])
+def test_gpu_decode_real_shapes(H):
+    """Batch 64 of sequences of different lengths over a V4 cache (584-byte entries), bf16 queries."""
+    B, D, R, N, K = 64, 512, 64, 128 + 2048, 640
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    kv = torch.randn(B, N, D, device=DEVICE, generator=g)
+    kv = torch.cat([fp8_simulate(kv[..., :D - R], 64), kv[..., D - R:].bfloat16().float()], dim=-1)
+    cache = pack_main_entries(kv, R)
+    lengths = torch.randint(1, K + 1, (B,), device=DEVICE, generator=g)
+    idx = torch.randint(0, N, (B, 1, K), device=DEVICE, generator=g, dtype=torch.int32)
+    idx = torch.where(torch.arange(K, device=DEVICE).view(1, 1, K) < lengths.view(B, 1, 1), idx, -1)
+    q = torch.randn(B, 1, H, D, device=DEVICE, generator=g).bfloat16()
+    sink = torch.randn(H, device=DEVICE, generator=g)
+    ref = torch.ops.dsv4.sparse_attention_cached(q.float(), cache, sink, idx, D ** -0.5, R)
+    for config in (None, "num_splits=1", "num_splits=4,block_k=64"):
+        out = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, config)
+        assert not torch.isnan(out).any()
+        assert_close(f"decode H{H} {config}", ref, out, TOL[torch.bfloat16])
