@@ -47,7 +47,7 @@ def example_args(name):
 
 def test_registration_mode_follows_the_interpreter():
     assert _common.INTERPRET == (os.environ.get("TRITON_INTERPRET") == "1")
-    assert sorted(_common.registered_ops()) == sorted(OPS)
+    assert set(OPS) <= set(_common.registered_ops())  # (other kernels register through _common too)
 
 
 @pytest.mark.parametrize("name", OPS)
