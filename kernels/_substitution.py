@@ -1,0 +1,35 @@
+"""Shared pieces of the pass-framework registrations of the quant / Newton-Schulz / mHC kernels
+(`kernels/<op>/substitution.py`): the device predicate, the tuned-table lookup, and the
+interpreter twin of a substitution.
+
+Tuned table format (what `target.table` holds for one substitution and GPU, written by tuning):
+{"default": "<KernelConfig.to_str()>"}; absent or untuned -> the kernel's per-GPU default config.
+The chosen config travels as the dsv4_triton op's trailing `config` string and shows in the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from ._common import INTERPRET
+
+
+def device_reason(t, allow_cpu: bool) -> str | None:
+    """None when the kernel can run on t's device: CUDA, or (allow_cpu) CPU under TRITON_INTERPRET."""
+    if t.device.type == "cuda" or (allow_cpu and INTERPRET):
+        return None
+    return f"needs CUDA tensors ({t.device.type})"
+
+
+def table_config(target, default_config, device_type: str) -> dict:
+    """{"config": str} from the tuned table's "default" entry, else the kernel's default for the GPU."""
+    table = target.table or {}
+    if table.get("default"):
+        return {"config": str(table["default"])}
+    gpu = target.gpu if device_type == "cuda" else "interpreter"
+    return {"config": default_config(gpu).to_str()}
+
+
+def interpreter_twin(sub, applies_cpu):
+    """The same substitution applying to CPU tensors under TRITON_INTERPRET (tests only; never
+    registered: the 'all' selection on a CPU target keeps decomposing)."""
+    return dataclasses.replace(sub, name=sub.name + "_interpret", applies=applies_cpu)

@@ -1,0 +1,75 @@
+"""Pass-framework registration: torch.ops.dsv4.fp4_quantize / fp4_dequantize ->
+torch.ops.dsv4_triton.fp4_quantize / fp4_dequantize ("fp4_quantize.triton", "fp4_dequantize.triton").
+
+Applies to CUDA tensors: quantize x float32 / bfloat16 / float16 with an even block_size dividing
+the last dim; dequantize uint8 packed codes with float32 scales of the matching shape. Otherwise the
+node is left to the decomposition, with the reason. `interpreter_substitutions()`: the same, on CPU
+tensors under TRITON_INTERPRET (tests only).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from dsv4_compile.passes import Substitution, register
+
+from .._substitution import device_reason, interpreter_twin, table_config
+from .config import default_config
+
+_kernel = importlib.import_module(".fp4_quant", __package__)  # registers torch.ops.dsv4_triton.fp4_*
+_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"),
+          os.path.join(os.path.dirname(__file__), "..", "_jit_utils.py"))
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _quantize_reason(x, block_size, pow2_scale=False, allow_cpu=False):
+    reason = device_reason(x, allow_cpu)
+    if reason:
+        return reason
+    if x.dtype not in _DTYPES:
+        return f"x is {x.dtype}; needs float32 / bfloat16 / float16"
+    D = x.shape[-1] if x.dim() else 0
+    if not isinstance(D, int) or block_size < 2 or block_size % 2 or D % block_size:
+        return f"last dim {D} is not a static multiple of an even block_size ({block_size})"
+    return None
+
+
+def _dequantize_reason(packed, scale, block_size, allow_cpu=False):
+    reason = device_reason(packed, allow_cpu)
+    if reason:
+        return reason
+    if packed.dtype != torch.uint8 or scale.dtype != torch.float32:
+        return f"packed {packed.dtype} / scale {scale.dtype}; needs uint8 / float32"
+    D = 2 * packed.shape[-1] if packed.dim() else 0
+    if not isinstance(D, int) or block_size < 2 or block_size % 2 or D % block_size \
+            or tuple(scale.shape) != (*packed.shape[:-1], D // block_size):
+        return f"packed {tuple(packed.shape)} / scale {tuple(scale.shape)} do not match block_size {block_size}"
+    return None
+
+
+def _quantize(x, block_size, pow2_scale=False, config: str = ""):
+    return torch.ops.dsv4_triton.fp4_quantize(x.contiguous(), block_size, pow2_scale, config)
+
+
+def _dequantize(packed, scale, block_size, config: str = ""):
+    return torch.ops.dsv4_triton.fp4_dequantize(packed.contiguous(), scale.contiguous(), block_size, config)
+
+
+QUANTIZE = register(Substitution(
+    name="fp4_quantize.triton", op=torch.ops.dsv4.fp4_quantize.default, replacement=_quantize,
+    applies=lambda target, *args: _quantize_reason(*args),
+    config=lambda target, x, *rest: table_config(target, default_config, x.device.type),
+    version="1", priority=10, source_files=_FILES))
+
+DEQUANTIZE = register(Substitution(
+    name="fp4_dequantize.triton", op=torch.ops.dsv4.fp4_dequantize.default, replacement=_dequantize,
+    applies=lambda target, *args: _dequantize_reason(*args),
+    config=lambda target, x, *rest: table_config(target, default_config, x.device.type),
+    version="1", priority=10, source_files=_FILES))
+
+
+def interpreter_substitutions() -> list[Substitution]:
+    return [interpreter_twin(QUANTIZE, lambda target, *args: _quantize_reason(*args, allow_cpu=True)),
+            interpreter_twin(DEQUANTIZE, lambda target, *args: _dequantize_reason(*args, allow_cpu=True))]

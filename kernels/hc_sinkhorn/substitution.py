@@ -1,0 +1,76 @@
+"""Pass-framework registration: torch.ops.dsv4.hc_sinkhorn / hc_pre -> torch.ops.dsv4_triton.hc_sinkhorn
+/ hc_pre ("hc_sinkhorn.triton", "hc_pre.triton").
+
+Applies to CUDA tensors: logits [..., n, n] float32 / bfloat16 / float16; hc_pre x [..., n, D] of
+those dtypes with float32 fn [(2+n) n, n D], scale [3], base [(2+n) n] and static n, D.
+`interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from dsv4_compile.passes import Substitution, register
+
+from .._substitution import device_reason, interpreter_twin, table_config
+from .config import default_config
+
+_kernel = importlib.import_module(".hc_sinkhorn", __package__)  # registers torch.ops.dsv4_triton.hc_*
+_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"),
+          os.path.join(os.path.dirname(__file__), "..", "_jit_utils.py"))
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _sinkhorn_reason(logits, iters, eps, allow_cpu=False):
+    reason = device_reason(logits, allow_cpu)
+    if reason:
+        return reason
+    if logits.dtype not in _DTYPES:
+        return f"logits are {logits.dtype}; needs float32 / bfloat16 / float16"
+    if logits.dim() < 2 or not isinstance(logits.shape[-1], int) or logits.shape[-1] != logits.shape[-2]:
+        return f"logits have shape {tuple(logits.shape)}; needs [..., n, n] with static n"
+    return None
+
+
+def _pre_reason(x, fn, scale, base, iters, norm_eps, hc_eps, allow_cpu=False):
+    reason = device_reason(x, allow_cpu)
+    if reason:
+        return reason
+    if x.dtype not in _DTYPES or any(t.dtype != torch.float32 for t in (fn, scale, base)):
+        return f"x {x.dtype}, fn/scale/base {fn.dtype}/{scale.dtype}/{base.dtype}; needs float x and float32 weights"
+    if x.dim() < 2 or not all(isinstance(s, int) for s in x.shape[-2:]):
+        return f"x has shape {tuple(x.shape)}; needs [..., n, D] with static n, D"
+    n, D = x.shape[-2:]
+    W = (2 + n) * n
+    if tuple(fn.shape) != (W, n * D) or tuple(scale.shape) != (3,) or tuple(base.shape) != (W,):
+        return f"fn {tuple(fn.shape)} / scale {tuple(scale.shape)} / base {tuple(base.shape)} do not match n={n}, D={D}"
+    return None
+
+
+def _sinkhorn(logits, iters, eps, config: str = ""):
+    return torch.ops.dsv4_triton.hc_sinkhorn(logits.contiguous(), iters, eps, config)
+
+
+def _pre(x, fn, scale, base, iters, norm_eps, hc_eps, config: str = ""):
+    return torch.ops.dsv4_triton.hc_pre(x.contiguous(), fn.contiguous(), scale.contiguous(), base.contiguous(),
+                                        iters, norm_eps, hc_eps, config)
+
+
+SINKHORN = register(Substitution(
+    name="hc_sinkhorn.triton", op=torch.ops.dsv4.hc_sinkhorn.default, replacement=_sinkhorn,
+    applies=lambda target, *args: _sinkhorn_reason(*args),
+    config=lambda target, logits, *rest: table_config(target, default_config, logits.device.type),
+    version="1", priority=10, source_files=_FILES))
+
+PRE = register(Substitution(
+    name="hc_pre.triton", op=torch.ops.dsv4.hc_pre.default, replacement=_pre,
+    applies=lambda target, *args: _pre_reason(*args),
+    config=lambda target, x, *rest: table_config(target, default_config, x.device.type),
+    version="1", priority=10, source_files=_FILES))
+
+
+def interpreter_substitutions() -> list[Substitution]:
+    return [interpreter_twin(SINKHORN, lambda target, *args: _sinkhorn_reason(*args, allow_cpu=True)),
+            interpreter_twin(PRE, lambda target, *args: _pre_reason(*args, allow_cpu=True))]
