@@ -3,5 +3,6 @@
 Importing this package registers the `torch.ops.dsv4.*` ops of the plain model.
 """
 from .model import ConfigError, KVCache, ModelConfig, Transformer, ops, preset_names
+from .compile import compile, resolve_gpu  # noqa: A004  (dsv4_compile.compile is the function)
 
-__all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer", "ops", "preset_names"]
+__all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer", "compile", "ops", "preset_names", "resolve_gpu"]

@@ -1,0 +1,35 @@
+"""Graph passes: substitute `torch.ops.dsv4.*` nodes for kernels or plain code inside torch.compile.
+
+- registry.py: `Substitution` (what replaces which op, where, with which config), `register`,
+  `select("all" | "none" | "a,b" | [...])`, the `ConfigSource` hook for tuned tables.
+- manager.py: `PassManager`, the post-grad `CustomGraphPass` that applies them, with a uuid().
+- report.py: `SubstitutionReport`, the JSON-serialisable record of every dsv4 node's fate.
+- decompose.py: the built-in "decompose.<op>" substitutions and `decomposition_table()` for export.
+
+`dsv4_compile.compile(model, gpu=..., passes=...)` wires these into torch.compile.
+"""
+from .registry import (ConfigSource, PassSelectionError, Substitution, Target, accepted_names, no_tables,
+                       register, select, substitutions, unregister)
+from .report import NodeRecord, SubstitutionReport
+
+
+def __getattr__(name: str):
+    # PassManager subclasses Inductor's CustomGraphPass: importing torch._inductor costs seconds, so
+    # `import dsv4_compile` (the CLI, the loader) does not pay for it until a compile needs it.
+    if name == "PassManager":
+        from .manager import PassManager
+
+        return PassManager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def decomposition_table():
+    """{torch.ops.dsv4.<op>.default: plain function}: for ExportedProgram.run_decompositions."""
+    from .decompose import decomposition_table as table
+
+    return table()
+
+
+__all__ = ["ConfigSource", "NodeRecord", "PassManager", "PassSelectionError", "Substitution", "SubstitutionReport",
+           "Target", "accepted_names", "decomposition_table", "no_tables", "register", "select", "substitutions",
+           "unregister"]

@@ -1,0 +1,170 @@
+"""Decompositions: each `torch.ops.dsv4.*` op written as its plain PyTorch implementation, traceable.
+
+Two users:
+- the pass manager: substitutions "decompose.<op>" replace an op node by its plain code traced
+  inline, so Inductor fuses it with its neighbours instead of calling the opaque Python op. They have
+  the lowest priority: a kernel substitution that applies wins, these take the rest.
+- export (AOTInductor, ONNX): a .pt2 cannot run Python custom ops (DESIGN.md, Traps), so the exported
+  program is decomposed first:
+
+      from dsv4_compile.passes import decomposition_table
+      ep = torch.export.export(model, args).run_decompositions(decomposition_table())
+
+  The plain functions call other dsv4 ops (compress_kv -> fp8_quantize); run_decompositions
+  decomposes those too, as they are in the same table.
+
+The chunked ops (sparse_attention, sparse_attention_cached, indexer_topk) loop over Python ranges of
+the query length S to bound memory; a trace of that loop would bake S in. Their decompositions call
+the per-chunk function on all queries at once (`ops.sparse_attention_chunk`, `ops.indexer_topk_chunk`),
+so a symbolic S traces, at the price of materialising the unchunked intermediates ([B, S, K, D] for
+attention, [B, S, H, N] for the indexer). The pass therefore leaves such a node alone when those
+would exceed `ops.CHUNK_BYTES` or when a size is symbolic (it cannot bound them); the export table
+decomposes unconditionally: exporting for 128K contexts needs a kernel substitution instead.
+
+fp4_dequantize decodes e2m1 arithmetically instead of through the op's lookup table: a tensor
+constant created inside a decomposition is refused by run_decompositions ("not in the constants
+dictionary"). The test checks all 256 byte values against the op. Every other op's decomposition is
+exactly its registered implementation (`CustomOpDef._init_fn`, the function the `@custom_op`
+decorator wrapped), so it cannot drift from eager.
+
+Export needs functional decompositions (they run below export's functionalization: an in-place op in
+the plain code, e.g. `masked_fill_` on a fresh tensor, fails "expected an entirely functional graph"),
+so `decomposition_table()` wraps each function in functionalization. The pass functionalises its own
+traces.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from ..model import kv_layout, ops
+from .registry import Substitution, Target, register
+
+DECOMPOSE_PRIORITY = -100  # below every kernel substitution: the fallback
+
+
+def _implementation(op_def) -> Callable:
+    """The plain function a torch.library.custom_op was made from."""
+    fn = getattr(op_def, "_init_fn", None)
+    if fn is None:  # torch moved the attribute: fail loudly rather than decompose wrongly
+        raise RuntimeError(f"cannot find the implementation of {op_def}: torch.library.CustomOpDef has no _init_fn")
+    return fn
+
+
+# ---- the chunked ops, unchunked ----------------------------------------------------------------
+
+def sparse_attention(q, kv, attn_sink, topk_idxs, softmax_scale):
+    """q [B, S, H, D], kv [B, N, D], attn_sink [H], topk_idxs [B, S, K] -> [B, S, H, D] (all S at once)."""
+    return ops.sparse_attention_chunk(q, kv, attn_sink, topk_idxs, softmax_scale)
+
+
+def sparse_attention_cached(q, cache, attn_sink, topk_idxs, softmax_scale, rope_dim):
+    """q [B, S, H, D], cache [B, N, entry_bytes] uint8 -> [B, S, H, D]: unpack the FP8 entries, then attend."""
+    kv = kv_layout.unpack_main_entries(cache, q.shape[-1], rope_dim).to(q.dtype)  # [B, N, D]
+    return ops.sparse_attention_chunk(q, kv, attn_sink, topk_idxs, softmax_scale)
+
+
+def indexer_topk(q, weights, keys, positions, ratio, topk):
+    """q [B, S, H, d], weights [B, S, H], keys [B, N, d], positions [B, S] -> [B, S, topk] int32."""
+    return ops.indexer_topk_chunk(q, weights, keys, positions, ratio, topk)
+
+
+def fp4_dequantize(packed, scale, block_size):
+    """packed [..., D/2] uint8, scale [..., D/block_size] float32 -> float32 [..., D], no lookup table.
+
+    e2m1 code = sign(1) exponent(2) mantissa(1): exponent 0 gives 0.5 * m (0, 0.5), otherwise
+    2^(e-1) * (1 + m/2) (1, 1.5, 2, 3, 4, 6); the sign bit negates (code 8 is -0).
+    """
+    code = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).to(torch.int32)    # [..., D]
+    exponent, mantissa = (code >> 1) & 3, (code & 1).float()
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, torch.exp2((exponent - 1).float()) * (1 + 0.5 * mantissa))
+    values = magnitude * (1 - 2 * (code >> 3)).float()
+    blocks = values.unflatten(-1, (values.shape[-1] // block_size, block_size))
+    return (blocks * scale.unsqueeze(-1)).flatten(-2)
+
+
+# ---- predicates: bound the unchunked intermediates -----------------------------------------------
+
+def _unchunked_reason(what: str, dims: tuple, bytes_per_element_product: int) -> str | None:
+    """None if prod(dims) * bytes fits the chunk budget, else why the node stays the chunked op."""
+    if not all(is_concrete_int(d) for d in dims):
+        return f"symbolic sizes {tuple(str(d) for d in dims)}: cannot bound the unchunked {what}; kept chunked"
+    total = math.prod(int(d) for d in dims) * bytes_per_element_product
+    if total > ops.CHUNK_BYTES:
+        return (f"unchunked {what} would take {total / 2**30:.2f} GiB > the {ops.CHUNK_BYTES / 2**30:.2f} GiB "
+                f"chunk budget; kept chunked")
+    return None
+
+
+def _attention_fits(target: Target, q, kv_or_cache, attn_sink, topk_idxs, *rest) -> str | None:
+    B, S, H, D = q.shape
+    K = topk_idxs.shape[-1]
+    # Same per-query estimate as the op's own chunking: gathered entries [K, D] + logits/probs [H, K], fp32.
+    return _unchunked_reason("[B, S, K, D + 2H] fp32 intermediates", (B, S, K, D + 2 * H), 4)
+
+
+def _indexer_fits(target: Target, q, weights, keys, positions, ratio, topk) -> str | None:
+    B, S, H, _ = q.shape
+    N = keys.shape[1]
+    return _unchunked_reason("[B, S, N, H + 2] fp32 scores", (B, S, N, H + 2), 4)
+
+
+def _always(target: Target, *args) -> str | None:
+    return None
+
+
+# ---- the table and the substitutions -----------------------------------------------------------
+
+# op overload -> (plain function, predicate used by the pass)
+_DECOMPOSITIONS = {
+    torch.ops.dsv4.fp8_quantize.default: (_implementation(ops.fp8_quantize), _always),
+    torch.ops.dsv4.fp8_dequantize.default: (_implementation(ops.fp8_dequantize), _always),
+    torch.ops.dsv4.fp4_quantize.default: (_implementation(ops.fp4_quantize), _always),
+    torch.ops.dsv4.fp4_dequantize.default: (fp4_dequantize, _always),
+    torch.ops.dsv4.newton_schulz.default: (_implementation(ops.newton_schulz), _always),
+    torch.ops.dsv4.hc_sinkhorn.default: (_implementation(ops.hc_sinkhorn), _always),
+    torch.ops.dsv4.hc_pre.default: (_implementation(ops.hc_pre), _always),
+    torch.ops.dsv4.compress_kv.default: (_implementation(ops.compress_kv), _always),
+    torch.ops.dsv4.sparse_attention.default: (sparse_attention, _attention_fits),
+    torch.ops.dsv4.sparse_attention_cached.default: (sparse_attention_cached, _attention_fits),
+    torch.ops.dsv4.indexer_topk.default: (indexer_topk, _indexer_fits),
+}
+
+
+def decomposition_table() -> dict[torch._ops.OpOverload, Callable]:
+    """{torch.ops.dsv4.<op>.default: plain function with the op's signature}, a fresh dict.
+
+    For `ExportedProgram.run_decompositions(decomposition_table())` (merge it into
+    `torch.export.default_decompositions()` to decompose aten ops too).
+    """
+    return {op: functional(fn) for op, (fn, _) in _DECOMPOSITIONS.items()}
+
+
+def functional(fn: Callable) -> Callable:
+    """fn run under (Python) functionalization: in-place ops on its own tensors become out-of-place,
+    as a decomposition applied by run_decompositions must be. (torch.func.functionalize's C++
+    wrappers do not mix with export's fake tensors; FunctionalTensorMode does.)"""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode, dispatch_functionalize
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return dispatch_functionalize(fn, FunctionalTensorMode())(*args)
+
+    return wrapper
+
+
+for _op, (_fn, _applies) in _DECOMPOSITIONS.items():
+    register(Substitution(
+        name="decompose." + _op._schema.name.split("::")[1],
+        op=_op,
+        replacement=_fn,
+        applies=_applies,
+        version="1",
+        priority=DECOMPOSE_PRIORITY,
+        # The plain code lives in these files (helpers included): their contents are the identity.
+        source_files=(ops.__file__, kv_layout.__file__, __file__),
+    ))
