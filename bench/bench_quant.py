@@ -65,6 +65,9 @@ def run_quant_bench(R: int = 16384, D: int = 7168, copy_gbs: float | None = None
             best = _sweep(lambda cfg: kernel(x, bs, pow2, config=cfg), QUANT_SWEEP)
             if best:
                 add(case, "triton (best of sweep)", best[0], nbytes, str(best[1]))
+        if kernel is fp8_quantize:  # the hardware conversion (not yet checked bit-exact on a GPU)
+            add(case, "triton (cast=native)", bench_ms(lambda: kernel(x, bs, pow2, config={"cast": "native"})), nbytes,
+                "cast=native")
         add(case, "eager torch (plain op)", bench_ms(lambda: plain(x, bs, pow2)), nbytes)
         compiled = try_compile(plain, compile)
         if compiled is not None:

@@ -22,16 +22,23 @@ def pow2_reciprocal(s):
 
 
 @triton.jit
-def block_scale(b_x, qmax, POW2: tl.constexpr):
+def block_scale(b_x, qmax, POW2: tl.constexpr, RECIP: tl.constexpr):
     """b_x [BQ, BS] fp32, one quantization block per row (padding = 0) -> scale [BQ] =
     max(amax, 1e-4) / qmax, rounded up to a power of two when POW2. A block holding a NaN gets NaN
-    (tl.max drops NaN, so it is tracked explicitly), one holding +-Inf gets +Inf. The division
-    rounds to nearest (tl.div_rn), as torch's does."""
+    (tl.max drops NaN, so it is tracked explicitly), one holding +-Inf gets +Inf.
+
+    "/ qmax" as torch computes it for the plain op's device: true division (tl.div_rn) on the CPU;
+    on CUDA torch divides by a Python scalar as a multiplication by its fp32 reciprocal
+    (BinaryDivTrueKernel.cu), so RECIP computes amax * fp32(1 / qmax) instead."""
     amax = tl.max(tl.abs(b_x), axis=1)                                       # [BQ]
     has_nan = tl.max((b_x != b_x).to(tl.int32), axis=1) > 0
     amax = tl.where(has_nan, float("nan"), amax)
     amax = tl.where(amax < 1e-4, 1e-4, amax)                                 # NaN stays NaN
-    s = tl.div_rn(amax, tl.full(amax.shape, qmax, tl.float32))
+    if RECIP:
+        inv = tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), tl.full(amax.shape, qmax, tl.float32))
+        s = amax * inv
+    else:
+        s = tl.div_rn(amax, tl.full(amax.shape, qmax, tl.float32))
     if POW2:
         s = ceil_pow2(s)
     return s

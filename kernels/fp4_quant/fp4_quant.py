@@ -1,9 +1,11 @@
 """Blockwise FP4 e2m1 quantize (packed two codes per byte, element 2i in the low nibble) / dequantize,
 one pass over memory (`torch.ops.dsv4.fp4_quantize` / `fp4_dequantize` semantics, see model/ops.py).
 
-Bit-exact against the plain op, NaN/Inf included, with the power-of-two scale exception of the FP8
-kernel (kernels/fp8_quant/fp8_quant.py): the kernel rounds the scale up exactly, the plain op's
-exp2(ceil(log2(s))) can round down for s a few ulps above a power of two.
+Bit-exact against the plain op on the same device, NaN/Inf included, with the FP8 kernel's notes
+(kernels/fp8_quant/fp8_quant.py): the scale's "/ 6" follows torch's per-device rule (true division on
+the CPU, fp32-reciprocal multiply on CUDA), and the power-of-two scale is rounded up exactly where the
+plain op's exp2(ceil(log2(s))) can round down for s a few ulps above a power of two. Dequantized
+code 8 is -0.0 (its sign set on the bits: a compiled `-x` is `0 - x`, which loses it).
 """
 from __future__ import annotations
 
@@ -40,12 +42,14 @@ def _e2m1_value(code):
     e = k >> 1
     m = (k & 1).to(tl.float32)
     mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.where(e == 3, 4.0, tl.where(e == 2, 2.0, 1.0)))
-    return tl.where((code & 8) != 0, -mag, mag)
+    # the sign on the bits: a compiled `-mag` is 0 - mag, which loses the sign of code 8 (-0.0)
+    return (mag.to(tl.int32, bitcast=True) | ((code & 8) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _fp4_quantize_kernel(p_x, p_q, p_s, Q,
-                         BS: tl.constexpr, POW2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BS: tl.constexpr, POW2: tl.constexpr, RECIP: tl.constexpr, BLOCK_Q: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
     # The [..., D] tensors read as Q = numel / BS quantization blocks:
     # p_x [Q, BS] float; p_q [Q, BS/2] uint8; p_s [Q] float32; BLOCK_S = next_pow2(BS), BS even
     o_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)                # [BQ]
@@ -53,7 +57,7 @@ def _fp4_quantize_kernel(p_x, p_q, p_s, Q,
     m_q = o_q < Q
     b_x = tl.load(p_x + o_q[:, None].to(tl.int64) * BS + o_j[None, :],
                   mask=m_q[:, None] & (o_j[None, :] < BS), other=0.0).to(tl.float32)   # [BQ, BS]
-    b_s = block_scale(b_x, 6.0, POW2)                                       # [BQ]
+    b_s = block_scale(b_x, 6.0, POW2, RECIP)                                       # [BQ]
     b_c = _e2m1_code(divide_by_scale(b_x, b_s, POW2))                       # [BQ, BS]
     lo, hi = tl.split(tl.reshape(b_c, [BLOCK_Q, BLOCK_S // 2, 2]))         # elements 2i, 2i + 1
     o_i = tl.arange(0, BLOCK_S // 2)
@@ -94,7 +98,7 @@ def _launch_quantize(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     if Q == 0:
         return
     grid, meta = _grid_params(Q, block_size, cfg)
-    launch(_fp4_quantize_kernel, grid, x, packed, scale, Q, POW2=pow2, **meta)
+    launch(_fp4_quantize_kernel, grid, x, packed, scale, Q, POW2=pow2, RECIP=x.device.type == "cuda", **meta)
 
 
 def _launch_dequantize(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block_size: int,

@@ -12,7 +12,7 @@ E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
 def fp4_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool = False, config=None):
-    """x [..., D] -> (packed [..., D/2] uint8, scale [..., D/block_size] float32); config ignored."""
+    """x [..., D] -> (packed [..., D/2] uint8, scale [..., D/block_size] float32) on the CPU; config ignored."""
     if block_size % 2:
         raise ValueError(f"block_size {block_size} must be even")
     blocks, scale = block_scales(x, block_size, FP4_MAX, pow2_scale)
@@ -32,7 +32,8 @@ def fp4_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool = False, con
 
 def fp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, block_size: int, config=None) -> torch.Tensor:
     """packed [..., D/2] uint8, scale [..., D/block_size] -> float32 [..., D]; config ignored."""
-    p = packed.long()
+    p = packed.cpu().long()
+    scale = scale.cpu()
     code = torch.stack([p % 16, p // 16], dim=-1).flatten(-2)
     value = E2M1[code % 8] * torch.where(code >= 8, -1.0, 1.0)
     return (value.unflatten(-1, (-1, block_size)) * scale.unsqueeze(-1)).flatten(-2)

@@ -1,8 +1,11 @@
 """Blockwise FP8 e4m3 quantize / dequantize in one pass over memory (`torch.ops.dsv4.fp8_quantize` /
 `fp8_dequantize` semantics, see model/ops.py).
 
-Bit-exact against the plain op (codes, scales and dequantized values), NaN/Inf included, with one
-documented exception: with `pow2_scale` the kernel rounds the scale up to a power of two exactly (on
+Bit-exact against the plain op on the same device (codes, scales and dequantized values), NaN/Inf
+included. The plain op's scale is itself device-dependent: torch computes `amax / 448` by true
+division on the CPU but as `amax * fp32(1/448)` on CUDA (a Python-scalar divisor becomes a reciprocal
+multiply), which differs in the last bit for ~half the blocks; the kernel follows the device of its
+input (RECIP), as does the naive twin. One documented exception: with `pow2_scale` the kernel rounds the scale up to a power of two exactly (on
 the bits), while the plain op's exp2(ceil(log2(s))) can round DOWN when s lies a few ulps above a
 power of two (log2 rounds to the integer): there the plain scale is half the kernel's, its codes
 saturate at 448, and the kernel's are the correct "rounded up" ones. The sign of a NaN code is not
@@ -14,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
+from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import block_scale, divide_by_scale, e4m3_bits
 from .config import Fp8QuantConfig, default_config
 
@@ -27,7 +30,8 @@ FP8_MAX = 448.0
 
 @triton.jit
 def _fp8_quantize_kernel(p_x, p_q, p_s, Q,
-                         BS: tl.constexpr, POW2: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+                         BS: tl.constexpr, POW2: tl.constexpr, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
     # The [..., D] tensors read as Q = numel / BS quantization blocks of BS elements:
     # p_x [Q, BS] float; p_q [Q, BS] float8_e4m3fn; p_s [Q] float32; BLOCK_S = next_pow2(BS)
     o_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)                # [BQ]
@@ -35,10 +39,13 @@ def _fp8_quantize_kernel(p_x, p_q, p_s, Q,
     offs = o_q[:, None].to(tl.int64) * BS + o_j[None, :]
     mask = (o_q[:, None] < Q) & (o_j[None, :] < BS)
     b_x = tl.load(p_x + offs, mask=mask, other=0.0).to(tl.float32)         # [BQ, BS]
-    b_s = block_scale(b_x, 448.0, POW2)                                     # [BQ]
+    b_s = block_scale(b_x, 448.0, POW2, RECIP)                                     # [BQ]
     b_y = divide_by_scale(b_x, b_s, POW2)
     b_y = tl.where(b_y > 448.0, 448.0, tl.where(b_y < -448.0, -448.0, b_y))  # clamp, NaN kept
-    b_q = e4m3_bits(b_y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    if NATIVE_CAST:
+        b_q = b_y.to(tl.float8e4nv)
+    else:
+        b_q = e4m3_bits(b_y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     tl.store(p_q + offs, b_q, mask=mask)
     tl.store(p_s + o_q, b_s, mask=o_q < Q)
 
@@ -73,7 +80,8 @@ def _launch_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
     if Q == 0:
         return
     grid, meta = _grid_params(Q, block_size, cfg)
-    launch(_fp8_quantize_kernel, grid, x, codes, scale, Q, POW2=pow2, **meta)
+    launch(_fp8_quantize_kernel, grid, x, codes, scale, Q, POW2=pow2, RECIP=x.device.type == "cuda",
+           NATIVE_CAST=cfg.cast == "native" and not INTERPRET, **meta)
 
 
 def _launch_dequantize(codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block_size: int,

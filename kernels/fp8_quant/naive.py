@@ -24,19 +24,26 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
 
 
 def block_scales(x: torch.Tensor, block_size: int, qmax: float, pow2_scale: bool):
-    """x [..., D] -> (blocks [R, NB, bs] float32, scale [R, NB] float32) with the documented NaN rule."""
+    """x [..., D] (any device) -> (blocks [R, NB, bs] float32, scale [R, NB] float32), on the CPU,
+    with the documented NaN rule. "/ qmax" follows torch's rule for x's device: true division for a
+    CPU tensor, multiplication by the fp32 reciprocal for a CUDA tensor (what torch does on CUDA)."""
     D = x.shape[-1]
     if block_size < 1 or D % block_size:
         raise ValueError(f"last dim {D} is not divisible by block_size {block_size}")
-    blocks = x.float().reshape(-1, D // block_size, block_size)
+    blocks = x.float().cpu().reshape(-1, D // block_size, block_size)
     amax = blocks.abs().max(dim=-1).values
     amax = torch.where(torch.isnan(blocks).any(-1), torch.full_like(amax, float("nan")), amax)
-    scale = torch.where(amax < 1e-4, torch.full_like(amax, 1e-4), amax) / qmax
+    amax = torch.where(amax < 1e-4, torch.full_like(amax, 1e-4), amax)
+    if x.is_cuda:
+        scale = amax * (torch.tensor(1.0) / torch.tensor(qmax))             # fp32 reciprocal, then one rounding
+    else:
+        scale = amax / qmax
     return blocks, (_pow2_ceil(scale) if pow2_scale else scale)
 
 
 def fp8_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool, config=None):
-    """x [..., D] -> (x_fp8 [..., D] float8_e4m3fn, scale [..., D/block_size] float32); config ignored."""
+    """x [..., D] -> (x_fp8 [..., D] float8_e4m3fn, scale [..., D/block_size] float32) on the CPU;
+    config ignored."""
     blocks, scale = block_scales(x, block_size, FP8_MAX, pow2_scale)
     y = (blocks / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
     table = e4m3_table()
@@ -48,13 +55,14 @@ def fp8_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool, config=None
     code = torch.where(pick_hi, hi, lo)
     code = torch.where(torch.isnan(y), torch.full_like(code, 0x7F), code)
     code = code | (torch.signbit(y).long() << 7)
-    codes = code.to(torch.uint8).view(torch.float8_e4m3fn).reshape(x.shape)
+    codes = code.to(torch.uint8).view(torch.float8_e4m3fn).reshape(x.shape)      # (CPU)
     return codes, scale.reshape(*x.shape[:-1], -1)
 
 
 def fp8_dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block_size: int, config=None) -> torch.Tensor:
     """x_fp8 [..., D] float8_e4m3fn, scale [..., D/block_size] -> float32 [..., D]; config ignored."""
-    bits = x_fp8.view(torch.uint8).long()
+    bits = x_fp8.cpu().view(torch.uint8).long()
+    scale = scale.cpu()
     table = torch.cat([e4m3_table(), torch.tensor([float("nan")])])
     value = table[bits & 0x7F] * torch.where(bits >= 0x80, -1.0, 1.0)
     return (value.unflatten(-1, (-1, block_size)) * scale.unsqueeze(-1)).flatten(-2)

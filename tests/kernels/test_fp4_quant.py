@@ -60,7 +60,7 @@ def test_quantize_matches_plain_and_naive(shape, block_size, dtype, pow2):
     x = make_input(shape, dtype)
     packed, scale = fp4_quantize(x, block_size, pow2)
     ref_packed, ref_scale = torch.ops.dsv4.fp4_quantize(x, block_size, pow2)
-    nv_packed, nv_scale = naive.fp4_quantize(x.cpu(), block_size, pow2)
+    nv_packed, nv_scale = naive.fp4_quantize(x, block_size, pow2)
     assert_bits_equal("scale vs plain", ref_scale, scale)
     assert_bits_equal("packed vs plain", ref_packed, packed)
     assert_bits_equal("scale vs naive", nv_scale, scale.cpu())
@@ -117,7 +117,7 @@ def test_nan_inf_blocks(dtype, pow2):
     ref_packed, ref_scale = torch.ops.dsv4.fp4_quantize(x, 16, pow2)
     assert_bits_equal("scale vs plain", ref_scale, scale)
     assert_bits_equal("packed vs plain", ref_packed, packed)
-    nv_packed, nv_scale = naive.fp4_quantize(x.cpu(), 16, pow2)
+    nv_packed, nv_scale = naive.fp4_quantize(x, 16, pow2)
     assert_bits_equal("packed vs naive", nv_packed, packed.cpu())
     assert_bits_equal("scale vs naive", nv_scale, scale.cpu())
 

@@ -82,7 +82,8 @@ def test_predicates_name_what_they_refuse():
     from dsv4_compile.kernels.hc_sinkhorn import substitution as hc
     from dsv4_compile.kernels.newton_schulz import substitution as ns
     target = passes.Target(gpu="H100")
-    assert "even block_size" in fp4._quantize_reason(torch.empty(4, 30), 3, True, allow_cpu=True)
-    assert "triple" in ns._reason(torch.empty(4, 4), [1.0, 2.0], allow_cpu=True)
-    assert "static n" in hc._sinkhorn_reason(torch.empty(4, 3, 4), 20, 1e-6, allow_cpu=True)
-    assert fp4.QUANTIZE.config(target, torch.empty(4, 32), 32, True)["config"]  # a default config string
+    e = lambda *shape: torch.empty(*shape, device=DEVICE)  # noqa: E731
+    assert "even block_size" in fp4._quantize_reason(e(4, 30), 3, True, allow_cpu=True)
+    assert "triple" in ns._reason(e(4, 4), [1.0, 2.0], allow_cpu=True)
+    assert "static n" in hc._sinkhorn_reason(e(4, 3, 4), 20, 1e-6, allow_cpu=True)
+    assert fp4.QUANTIZE.config(target, e(4, 32), 32, True)["config"]  # a default config string
