@@ -238,7 +238,9 @@ def newton_schulz(G: torch.Tensor, coefficients: list[float]) -> torch.Tensor:
     for step in range(len(coefficients) // 3):
         a, b, c = coefficients[3 * step: 3 * step + 3]
         A = X @ X.mT
-        X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)
+        # c = 0 skips A A: bf16 baddbmm with alpha=0 returns wrong values on CPU (torch 2.13, >= 17 rows).
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c) if c != 0 else b * A
+        X = torch.baddbmm(X, B, X, beta=a)
     X = X.reshape(*lead, *X.shape[-2:])
     if tall:
         X = X.mT
