@@ -61,8 +61,8 @@ def make_inputs(B, S, H, D, N, K, dtype, seed=0):
 
 
 def reference(q, kv, sink, idx, scale):
-    """float64 naive twin on the same input values."""
-    return naive.sparse_attention(q.double(), kv.double(), sink, idx, scale)
+    """float64 naive twin on the same input values (on the CPU)."""
+    return naive.sparse_attention(q.double(), kv.double(), sink, idx, scale).cpu()
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -177,7 +177,7 @@ def csa_indices(B, S, window, n_compressed_topk, ratio, seed=0, device=DEVICE):
     win = t[:, None] - window + 1 + torch.arange(window, device=device)[None, :]
     win = torch.where(win >= 0, win, -1)
     n_c = S // ratio
-    visible = (t[:, None] + 1) // ratio                                       # [S, 1]
+    visible = (t + 1) // ratio                                                # [S]
     score = torch.rand(S, max(n_c, 1), generator=g, device=device)
     score = torch.where(torch.arange(max(n_c, 1), device=device)[None, :] < visible[:, None], score, -1.0)
     top = score.topk(min(n_compressed_topk, max(n_c, 1)), dim=-1)
@@ -237,3 +237,15 @@ def test_gpu_compile_substitutes_the_kernel(tmp_path, monkeypatch):
     ref = torch.ops.dsv4.sparse_attention((q * 1.5).float(), kv.float(), sink, idx, 0.125)
     assert_close("compiled", ref, out, TOL[torch.bfloat16])
     torch._dynamo.reset()
+
+
+def test_op_schema_and_opcheck():
+    """torch.ops.dsv4_triton.sparse_attention mirrors dsv4.sparse_attention plus `config`, and passes
+    torch.library.opcheck (schema, fake tensor, dynamic-shape AOT dispatch)."""
+    ours = torch.ops.dsv4_triton.sparse_attention.default._schema
+    plain = torch.ops.dsv4.sparse_attention.default._schema
+    assert [a.name for a in ours.arguments] == [a.name for a in plain.arguments] + ["config"]
+    assert [str(a.type) for a in ours.arguments[:-1]] == [str(a.type) for a in plain.arguments]
+    q, kv, sink, idx = make_inputs(1, 3, 2, 16, 5, 4, torch.float32, seed=8)
+    torch.library.opcheck(torch.ops.dsv4_triton.sparse_attention.default, (q, kv, sink, idx, 0.25, ""),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

@@ -102,14 +102,15 @@ def test_dequantisation_is_exact():
 
 
 def test_auto_splits_and_checks():
-    assert auto_splits(n_programs=64, K=640, block_k=32, n_sm=132) == 5
+    assert auto_splits(n_programs=64, K=640, block_k=32, n_sm=132) == 4
     assert auto_splits(n_programs=200, K=640, block_k=32, n_sm=132) == 1
     assert auto_splits(n_programs=1, K=64, block_k=32, n_sm=132) == 1
     from dsv4_compile.kernels.sparse_attention import SparseAttentionConfig
     base = SparseAttentionConfig(block_h=64, block_k=32, num_warps=8)
-    # batch 64 x 64 heads: two head blocks of 32 per token fill 132 SMs (128 programs; no split)
-    assert auto_config(64, 1, 64, 640, base, 132) == base.replace(block_h=32, num_warps=4, num_splits=1)
-    assert auto_config(4, 1, 64, 640, base, 132) == base.replace(block_h=16, num_warps=4, num_splits=10)
+    # batch 64 x 64 heads: 64 programs -> 4 splits (256 programs, two waves on 132 SMs)
+    assert auto_config(64, 1, 64, 640, base, 132) == base.replace(num_splits=4)
+    assert auto_config(64, 1, 128, 640, base, 132) == base.replace(num_splits=1)   # 128 programs: enough
+    assert auto_config(1, 1, 64, 640, base, 132) == base.replace(num_splits=10)    # at most K / (2 block_k)
     assert auto_config(512, 1, 64, 640, base, 132) == base
     q, cache, sink, idx = make_inputs(1, 1, 2, 128, 64, 5, 4, torch.float32)
     with pytest.raises(ValueError, match="need \\[B, N, entry_bytes\\]"):
@@ -156,3 +157,13 @@ def test_gpu_decode_real_shapes(H):
         out = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, config)
         assert not torch.isnan(out).any()
         assert_close(f"decode H{H} {config}", ref, out, TOL[torch.bfloat16])
+
+
+def test_op_schema_and_opcheck():
+    ours = torch.ops.dsv4_triton.sparse_attention_cached.default._schema
+    plain = torch.ops.dsv4.sparse_attention_cached.default._schema
+    assert [a.name for a in ours.arguments] == [a.name for a in plain.arguments] + ["config"]
+    assert [str(a.type) for a in ours.arguments[:-1]] == [str(a.type) for a in plain.arguments]
+    q, cache, sink, idx = make_inputs(1, 1, 2, 128, 64, 5, 4, torch.float32, seed=8)
+    torch.library.opcheck(torch.ops.dsv4_triton.sparse_attention_cached.default, (q, cache, sink, idx, 0.25, 64, ""),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))

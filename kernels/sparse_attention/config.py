@@ -1,0 +1,89 @@
+"""Tunable launch parameters of the sparse attention kernels (prefill and cached decode), with
+defaults per GPU."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from .._common import KernelConfig, pick_default
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAttentionConfig(KernelConfig):
+    """One program handles one query token and `block_h` of its heads (the M dimension of both dots;
+    every head shares the gathered K=V rows, so each gathered tile is loaded once for `block_h` heads).
+
+    block_h:    heads per program (>= 16, the smallest tl.dot M); padded heads are masked.
+    block_k:    gathered entries per step of the online softmax (>= 16).
+    num_splits: split-K (flash-decoding): the K indices of a token are cut into `num_splits` ranges,
+                each a program writing a partial (m, l, acc) to an fp32 workspace, then one combine
+                kernel adds the sink and normalises. 1 = one kernel, no workspace (prefill).
+    num_warps / num_stages: Triton launch parameters of the main kernel (the combine kernel uses 4/1).
+    The head dim is not a field: the whole (power-of-two padded) head dim is one tile, so each gathered
+    row is read once and serves both dots (logits and output).
+    Defaults per GPU: DEFAULT_CONFIGS (prefill, head dim > 128), SMALL_HEAD_DEFAULT_CONFIGS (prefill,
+    head dim <= 128), DECODE_DEFAULT_CONFIGS (the FP8-cache op). A config string names only the fields
+    it changes: "block_k=128,num_stages=1" keeps the default's other values.
+    """
+
+    block_h: int = 64
+    block_k: int = 32
+    num_splits: int = 1
+    num_warps: int = 8
+    num_stages: int = 2
+
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_h", "block_k", "num_warps")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("block_h", "block_k"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"SparseAttentionConfig.{name} = {getattr(self, name)}: tl.dot needs >= 16")
+
+
+DEFAULT_CONFIGS: dict[str, SparseAttentionConfig] = {
+    # The interpreter runs each program as numpy calls: few heads of padding, large K steps.
+    "interpreter": SparseAttentionConfig(block_h=16, block_k=32, num_warps=4, num_stages=1),
+    # Hopper, 512-dim heads: acc [64, 512] fp32 over 8 warps = 128 registers a thread (255 used, a
+    # little spilled), q 64 KB + two stages of the gathered [64, 512] bf16 tile = 192 KB of shared
+    # memory, one program per SM. block_k=64 was the fastest of 5 configs on the H100 (2026-11-23,
+    # bench/results/H100): window 1.06 ms vs 1.15-1.62, csa 3.41 ms vs 3.95-6.0 at S=8K.
+    "H100": SparseAttentionConfig(block_h=64, block_k=64, num_warps=8, num_stages=2),
+    "H200": SparseAttentionConfig(block_h=64, block_k=64, num_warps=8, num_stages=2),
+    "generic": SparseAttentionConfig(block_h=32, block_k=32, num_warps=4, num_stages=2),
+}
+
+# Decode (the FP8 cache): few tokens; with config None / "" split-K fills the GPU (see
+# sparse_attention_cached.auto_config). Narrower head blocks (16/32, mma.sync instead of wgmma) were
+# slower on the H100 (2026-11-23): 0.45 / 0.28 ms against 0.15 ms for 64 heads with 2 splits.
+# block_k=16 with 4 splits was the fastest of 9 decode configs at B=64 (0.140 ms vs 0.151-0.206).
+DECODE_DEFAULT_CONFIGS: dict[str, SparseAttentionConfig] = {
+    "interpreter": SparseAttentionConfig(block_h=16, block_k=32, num_warps=4, num_stages=1),
+    "H100": SparseAttentionConfig(block_h=64, block_k=16, num_warps=8, num_stages=2),
+    "H200": SparseAttentionConfig(block_h=64, block_k=16, num_warps=8, num_stages=2),
+    "generic": SparseAttentionConfig(block_h=32, block_k=32, num_warps=4, num_stages=2),
+}
+
+
+# Heads of <= 128 dims (acc [32, 128] fp32 is small): one warpgroup, long K steps. Measured on the
+# H100 at 32 heads x 128 (csa index set, S=8K): 0.389 ms vs 0.558 ms with block_k=64.
+SMALL_HEAD_DEFAULT_CONFIGS: dict[str, SparseAttentionConfig] = {
+    "interpreter": DEFAULT_CONFIGS["interpreter"],
+    "H100": SparseAttentionConfig(block_h=32, block_k=128, num_warps=4, num_stages=2),
+    "H200": SparseAttentionConfig(block_h=32, block_k=128, num_warps=4, num_stages=2),
+    "generic": SparseAttentionConfig(block_h=32, block_k=64, num_warps=4, num_stages=2),
+}
+SMALL_HEAD_DIM = 128
+
+
+def default_config(gpu_name: str | None = None, head_dim: int | None = None) -> SparseAttentionConfig:
+    """Prefill default for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'; None = the current device) and
+    head dim (None or > 128: the 512-dim table)."""
+    if head_dim is not None and head_dim <= SMALL_HEAD_DIM:
+        return pick_default(SMALL_HEAD_DEFAULT_CONFIGS, gpu_name)
+    return pick_default(DEFAULT_CONFIGS, gpu_name)
+
+
+def decode_default_config(gpu_name: str | None = None) -> SparseAttentionConfig:
+    """Decode (cached) default for a GPU name; None = the current device."""
+    return pick_default(DECODE_DEFAULT_CONFIGS, gpu_name)

@@ -1,0 +1,287 @@
+"""Sparse attention over gathered entries of one shared K=V head, with an attention sink
+(`torch.ops.dsv4.sparse_attention` semantics, see model/ops.py), and the same over the FP8 cache
+(`kernels/sparse_attention_cached` launches the kernel below with KV_FP8=True).
+
+Structure (MQA: all H query heads share the single K=V head):
+- one program = one query token (b, s) x `block_h` of its heads x one split of its K indices;
+- the heads are the M dimension of both dots: b_s [BH, BK] = q [BH, D] @ kv^T, acc [BH, D] += p @ kv,
+  so each gathered tile kv [BK, D] is read from memory once for all `block_h` heads and serves both
+  dots (key and value are the same rows);
+- online softmax (base 2) over the K indices in steps of `block_k` gathered rows; -1 indices are
+  masked (their rows are not read: no wrap to row N-1, no NaN from row 0); the sink enters only the
+  denominator, added once after the loop; a token with no valid index gives zeros;
+- split-K (num_splits > 1, decode): each split writes (acc, m, l, count) in fp32 to a workspace and
+  `_sparse_attn_combine_kernel` merges the splits, adds the sink and normalises.
+Numerics: logits accumulate in fp32 (fp32 inputs: IEEE fp32 dot, not tf32); the probabilities are
+rounded to the K=V dtype for the second dot (as FlashAttention does: one extra bf16/fp16 rounding),
+fp32 accumulation, one final rounding to q's dtype. NaN in q or in a selected entry gives NaN in that
+row (tl.max drops NaN, but exp2(NaN - m) is NaN and reaches l and acc); a sink of -inf removes the sink.
+FLOPs: 4 * H * D per (token, valid index); bytes: q and out once, each gathered row once per program.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
+from .._jit_utils import round_bf16
+from .config import SparseAttentionConfig, default_config
+
+LOG2E = 1.4426950408889634
+
+
+# ================================================================================================
+# Kernels
+# ================================================================================================
+
+@triton.jit
+def _load_kv_plain(p_kv, rows, valid, o_d, D):
+    # p_kv [B*N, D]; rows [BK] int64 row numbers (0 for holes); -> [BK, BD] in kv's dtype, 0 for holes
+    return tl.load(p_kv + rows[:, None] * D + o_d[None, :], mask=valid[:, None] & (o_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _load_kv_fp8(p_cache, rows, valid, o_d, D, NOPE: tl.constexpr, ENTRY: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # p_cache [B*N, ENTRY] uint8 main entries: [NOPE e4m3 codes | (D-NOPE) bf16 | NOPE/64 e8m0 scales | pad]
+    # rows [BK] int64; -> [BK, BD] dequantised to OUT_DTYPE (0 for holes and padded dims).
+    # Three gathers: the codes (contiguous bytes), one scale byte per 64 dims ([BK, BD/64], broadcast
+    # by a reshape, not re-loaded per element), the rope dims as bf16 through a bf16 view of the row.
+    base = rows[:, None] * ENTRY                                             # [BK, 1] byte offsets
+    is_fp8 = o_d[None, :] < NOPE                                             # [1, BD]
+    b_code = tl.load(p_cache + base + o_d[None, :], mask=valid[:, None] & is_fp8, other=0)
+    b_val = b_code.to(tl.float8e4nv, bitcast=True).to(tl.float32)           # [BK, BD]
+    # e8m0 scale byte e -> 2^(e - 127) (the fp32 with exponent field e; byte 0 reads as 0)
+    o_b = tl.arange(0, BLOCK_D // 64)                                       # [NB]
+    b_e = tl.load(p_cache + base + (NOPE + 2 * (D - NOPE)) + o_b[None, :],
+                  mask=valid[:, None] & (o_b[None, :] < NOPE // 64), other=0)  # [BK, NB]
+    b_sc = (b_e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+    b_val = tl.reshape(tl.reshape(b_val, [BLOCK_K, BLOCK_D // 64, 64]) * b_sc[:, :, None], [BLOCK_K, BLOCK_D])
+    # BF16 rope dims: element (NOPE + 2 j) / 2 of the row read as bf16 (ENTRY and NOPE are even)
+    p16 = p_cache.to(tl.pointer_type(tl.bfloat16))
+    o_r = tl.where(o_d >= NOPE, o_d - NOPE, 0) + NOPE // 2
+    b_rope = tl.load(p16 + rows[:, None] * (ENTRY // 2) + o_r[None, :],
+                     mask=valid[:, None] & (o_d[None, :] >= NOPE) & (o_d[None, :] < D), other=0.0)
+    return tl.where(is_fp8, b_val, b_rope.to(tl.float32)).to(OUT_DTYPE)
+
+
+@triton.jit
+def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
+                            S, H, N, K, D, K_PER_SPLIT, qk_scale, N_HB,
+                            KV_FP8: tl.constexpr, NOPE: tl.constexpr, ENTRY: tl.constexpr,
+                            NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # p_q [B, S, H, D]; p_kv [B, N, D] (or [B, N, ENTRY] uint8 when KV_FP8); p_sink [H] fp32;
+    # p_idx [B, S, K] int32; p_o [B, S, H, D]; workspace (NUM_SPLITS > 1): p_wacc [B*S, NUM_SPLITS, H, D]
+    # fp32, p_wml [B*S, NUM_SPLITS, H, 3] fp32 (m, l, count). qk_scale = softmax_scale * log2(e).
+    # UPCAST (the interpreter, whose bf16 tl.dot is wrong and whose bf16 casts truncate): exact fp32
+    # copies of the operands, IEEE dots, and the roundings to bf16 done to nearest even on the bits.
+    # axis 0 = token x head block, head blocks fastest: the programs sharing a token's gathered rows
+    # (and neighbouring tokens, whose windows overlap) run together and hit L2
+    pid = tl.program_id(0)
+    pid_h = pid % N_HB
+    pid_t = (pid // N_HB).to(tl.int64)                                      # token b * S + s
+    pid_k = tl.program_id(1)
+    b = pid_t // S
+    o_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)                           # [BH]
+    o_d = tl.arange(0, BLOCK_D)                                             # [BD]
+    m_h = o_h < H
+    m_hd = m_h[:, None] & (o_d[None, :] < D)
+    p_qo = (pid_t * H + o_h[:, None]) * D + o_d[None, :]                    # [BH, BD]
+    b_q = tl.load(p_q + p_qo, mask=m_hd, other=0.0)                         # [BH, BD]
+    if UPCAST:
+        b_q = b_q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    n_valid = tl.zeros([BLOCK_K], dtype=tl.int32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)                                    # [BK]
+        b_idx = tl.load(p_idx + pid_t * K + o_k, mask=o_k < k_hi, other=-1)
+        valid = b_idx >= 0
+        rows = b * N + tl.where(valid, b_idx, 0).to(tl.int64)               # holes read nothing
+        if KV_FP8:
+            b_kv = _load_kv_fp8(p_kv, rows, valid, o_d, D, NOPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_D)
+        else:
+            b_kv = _load_kv_plain(p_kv, rows, valid, o_d, D)                # [BK, BD]
+        if UPCAST:
+            b_s = tl.dot(b_q, tl.trans(b_kv.to(tl.float32)), input_precision="ieee")
+        elif IEEE:
+            b_s = tl.dot(b_q, tl.trans(b_kv), input_precision="ieee")      # [BH, BK] fp32
+        else:
+            b_s = tl.dot(b_q, tl.trans(b_kv))
+        b_s = tl.where(valid[None, :], b_s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        b_p = tl.exp2(b_s - m_use[:, None])                                 # [BH, BK]
+        l_i = l_i * alpha + tl.sum(b_p, axis=1)
+        if UPCAST:
+            if b_kv.dtype == tl.bfloat16:
+                b_p = round_bf16(b_p)
+            else:
+                b_p = b_p.to(b_kv.dtype).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(b_p, b_kv.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_kv.dtype), b_kv, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_kv.dtype), b_kv)
+        m_i = m_new
+        n_valid += valid.to(tl.int32)
+    count = tl.sum(n_valid, axis=0)
+
+    if NUM_SPLITS == 1:
+        sink = tl.load(p_sink + o_h, mask=m_h, other=0.0) * 1.4426950408889634  # base 2
+        m_f = tl.maximum(m_i, sink)
+        m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
+        corr = tl.exp2(m_i - m_f)
+        denom = l_i * corr + tl.exp2(sink - m_f)
+        denom = tl.where(count > 0, denom, 1.0)                             # 0 only for empty rows
+        b_o = acc * (corr / denom)[:, None]
+        b_o = tl.where(count > 0, b_o, 0.0)                                 # no entries: zeros
+        if UPCAST:
+            if p_o.dtype.element_ty == tl.bfloat16:
+                b_o = round_bf16(b_o)
+        tl.store(p_o + p_qo, b_o.to(p_o.dtype.element_ty), mask=m_hd)
+    else:
+        p_w = ((pid_t * NUM_SPLITS + pid_k) * H + o_h)                      # [BH]
+        tl.store(p_wacc + p_w[:, None] * D + o_d[None, :], acc, mask=m_hd)
+        tl.store(p_wml + p_w * 3, m_i, mask=m_h)
+        tl.store(p_wml + p_w * 3 + 1, l_i, mask=m_h)
+        tl.store(p_wml + p_w * 3 + 2, tl.zeros([BLOCK_H], dtype=tl.float32) + count.to(tl.float32), mask=m_h)
+
+
+@triton.jit
+def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, UPCAST: tl.constexpr,
+                                NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # p_wacc [T, NUM_SPLITS, H, D] fp32; p_wml [T, NUM_SPLITS, H, 3]; p_sink [H]; p_o [T, H, D]
+    pid_t = tl.program_id(0).to(tl.int64)
+    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_d = tl.arange(0, BLOCK_D)
+    m_h = o_h < H
+    m_hd = m_h[:, None] & (o_d[None, :] < D)
+    sink = tl.load(p_sink + o_h, mask=m_h, other=0.0) * 1.4426950408889634
+    m_f = sink
+    count = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for sp in range(NUM_SPLITS):
+        p_w = (pid_t * NUM_SPLITS + sp) * H + o_h
+        m_f = tl.maximum(m_f, tl.load(p_wml + p_w * 3, mask=m_h, other=float("-inf")))
+        count += tl.load(p_wml + p_w * 3 + 2, mask=m_h, other=0.0)
+    m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
+    denom = tl.exp2(sink - m_f)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for sp in range(NUM_SPLITS):
+        p_w = (pid_t * NUM_SPLITS + sp) * H + o_h
+        corr = tl.exp2(tl.load(p_wml + p_w * 3, mask=m_h, other=float("-inf")) - m_f)
+        denom += tl.load(p_wml + p_w * 3 + 1, mask=m_h, other=0.0) * corr
+        acc += tl.load(p_wacc + p_w[:, None] * D + o_d[None, :], mask=m_hd, other=0.0) * corr[:, None]
+    denom = tl.where(count > 0, denom, 1.0)                                 # 0 only for empty rows
+    b_o = tl.where(count[:, None] > 0, acc / denom[:, None], 0.0)
+    if UPCAST:
+        if p_o.dtype.element_ty == tl.bfloat16:
+            b_o = round_bf16(b_o)
+    tl.store(p_o + (pid_t * H + o_h[:, None]) * D + o_d[None, :], b_o.to(p_o.dtype.element_ty), mask=m_hd)
+
+
+# ================================================================================================
+# Launcher (shared with the cached / FP8 variant)
+# ================================================================================================
+
+def block_sizes(H: int, D: int, cfg: SparseAttentionConfig) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_D): heads per program (no more than H needs, >= 16) and the padded head dim."""
+    block_h = max(16, min(cfg.block_h, triton.next_power_of_2(H)))
+    return block_h, max(16, triton.next_power_of_2(D))
+
+
+def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
+                            out: torch.Tensor, softmax_scale: float, cfg: SparseAttentionConfig, N: int,
+                            kv_fp8: bool = False, nope: int = 0, entry_bytes: int = 0) -> None:
+    """Launch the main kernel (and the combine kernel for num_splits > 1) into `out` [B, S, H, D].
+
+    kv: [B, N, D] in q's dtype, or with kv_fp8 the cache [B, N, entry_bytes] uint8 (`nope` FP8 dims)."""
+    B, S, H, D = q.shape
+    K = topk_idxs.shape[-1]
+    T = B * S  # a grid of 0 programs launches nothing (no branch on a possibly symbolic S)
+    if H == 0 or D == 0:
+        return
+    block_h, block_d = block_sizes(H, D, cfg)
+    n_h = triton.cdiv(H, block_h)
+    splits = max(1, min(cfg.num_splits, triton.cdiv(max(K, 1), cfg.block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), splits), cfg.block_k) * cfg.block_k
+    ieee = q.dtype == torch.float32
+    qk_scale = float(softmax_scale) * LOG2E
+    if splits == 1:
+        # unused (NUM_SPLITS == 1 never touches them); fresh, so no argument aliases another
+        wacc = torch.empty((1,), dtype=torch.float32, device=q.device)
+        wml = torch.empty((1,), dtype=torch.float32, device=q.device)
+    else:
+        wacc = torch.empty((T, splits, H, D), dtype=torch.float32, device=q.device)
+        wml = torch.empty((T, splits, H, 3), dtype=torch.float32, device=q.device)
+    launch(_sparse_attn_fwd_kernel, (T * n_h, splits), q, kv, attn_sink, topk_idxs, out, wacc, wml,
+           S, H, N, K, D, k_per_split, qk_scale, n_h,
+           KV_FP8=kv_fp8, NOPE=nope, ENTRY=entry_bytes, NUM_SPLITS=splits, IEEE=ieee, UPCAST=INTERPRET,
+           BLOCK_H=block_h, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits > 1:
+        comb_h = min(block_h, 16)
+        launch(_sparse_attn_combine_kernel, (T, triton.cdiv(H, comb_h)), wacc, wml, attn_sink, out, H, D, INTERPRET,
+               NUM_SPLITS=splits, BLOCK_H=comb_h, BLOCK_D=block_d, num_warps=4, num_stages=1)
+
+
+def check_common(op: str, q: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor) -> None:
+    """The checks shared by both attention ops (q, sink, indices)."""
+    check_tensor(op, "q", q, FLOAT_DTYPES, ndim=4)
+    B, S, H, D = q.shape
+    check_tensor(op, "attn_sink", attn_sink, (torch.float32,), shape=(H,), device=q.device)
+    check_tensor(op, "topk_idxs", topk_idxs, (torch.int32,), ndim=3, device=q.device)
+    check(tuple(topk_idxs.shape[:2]) == (B, S),
+          f"{op}: topk_idxs has shape {tuple(topk_idxs.shape)}; need [B, S, K] = [{B}, {S}, K]")
+
+
+# ================================================================================================
+# Public function
+# ================================================================================================
+
+def sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
+                     softmax_scale: float, config: SparseAttentionConfig | dict | str | None = None) -> torch.Tensor:
+    """Attention of every query over its own set of entries of one shared key=value head.
+
+    q [B, S, H, D]; kv [B, N, D] (key and value), same dtype as q (bf16 / fp16 / fp32); attn_sink [H]
+    fp32; topk_idxs [B, S, K] int32 in [-1, N) (-1 = no entry; a repeated index counts each time; an
+    index >= N is undefined behaviour, as in any gather kernel). All contiguous, on one device.
+    out [B, S, H, D] in q's dtype: out[b,s,h] = sum_j p_j kv[b, idx_j], p_j = exp(l_j) / (sum_i exp(l_i)
+    + exp(sink_h)), l_j = softmax_scale * q[b,s,h] . kv[b, idx_j]. A row with no valid index gives
+    zeros. config: SparseAttentionConfig / dict / 'field=value,...' (fields not named keep the default's
+    values) / None: the device's default for this head dim (config.default_config).
+    """
+    op = "sparse_attention"
+    check_common(op, q, attn_sink, topk_idxs)
+    check_tensor(op, "kv", kv, (q.dtype,), ndim=3, device=q.device)
+    B, S, H, D = q.shape
+    check(kv.shape[0] == B and kv.shape[2] == D,
+          f"{op}: kv has shape {tuple(kv.shape)}; need [B, N, D] = [{B}, N, {D}]")
+    cfg = resolve_config(SparseAttentionConfig, config, lambda gpu: default_config(gpu, D), q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    launch_sparse_attention(q, kv, attn_sink, topk_idxs, out, softmax_scale, cfg, N=kv.shape[1])
+    return out
+
+
+def flops(topk_idxs: torch.Tensor, H: int, D: int) -> int:
+    """Matmul FLOPs the op needs: 4 H D per valid (token, index) pair (logits and output)."""
+    return 4 * H * D * int((topk_idxs >= 0).sum())
+
+
+# ================================================================================================
+# Torch op (torch.ops.dsv4_triton.sparse_attention): the dsv4 signature plus a config string
+# ================================================================================================
+
+@kernel_op("sparse_attention")
+def _sparse_attention_op(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
+                         softmax_scale: float, config: str = "") -> torch.Tensor:
+    return sparse_attention(q, kv, attn_sink, topk_idxs, softmax_scale, config)

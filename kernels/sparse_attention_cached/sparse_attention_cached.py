@@ -1,0 +1,97 @@
+"""Sparse attention over the FP8 production KV cache (`torch.ops.dsv4.sparse_attention_cached`
+semantics, see model/ops.py): the decode path.
+
+The kernel is `kernels/sparse_attention`'s with KV_FP8=True: each gathered cache row (kv_layout: D - R
+FP8 e4m3 codes | R BF16 rope values | (D - R) / 64 e8m0 scale bytes | pad) is dequantised in registers
+(code * 2^(byte - 127), the BF16 bytes reassembled into an fp32) and rounded to q's dtype, exactly the
+values `unpack_main_entries(...).to(q.dtype)` gives, then used by both dots. The cache is read once per
+program; nothing is unpacked to memory. Batches of sequences of different lengths are expressed by -1
+in the indices (a hole reads nothing).
+
+Split-K (flash-decoding): a decode step has B * S tokens, often fewer programs than SMs; with
+num_splits > 1 each token's K indices are cut into ranges, each a program, merged by a combine kernel.
+The default config (config None / "") on a GPU picks the number of splits from the grid size
+(`auto_config`); an explicit config is used as given.
+Bytes: K * entry_bytes per token (584 for V4: 0.37 MB per token at K = 640) + q and out.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from .._common import check, check_tensor, device_name, kernel_op, resolve_config, INTERPRET
+from ..sparse_attention.config import SparseAttentionConfig, decode_default_config
+from ..sparse_attention.sparse_attention import block_sizes, check_common, launch_sparse_attention
+
+FP8_BLOCK = 64
+
+
+def entry_layout(head_dim: int, rope_dim: int) -> tuple[int, int]:
+    """(nope dims, entry bytes) of a main cache entry (same formula as model/kv_layout.py)."""
+    nope = head_dim - rope_dim
+    return nope, (nope + 2 * rope_dim + nope // FP8_BLOCK + 7) // 8 * 8
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def auto_splits(n_programs: int, K: int, block_k: int, n_sm: int) -> int:
+    """Under half a wave of programs: the largest power of two of splits that keeps the grid within
+    two waves of `n_sm` SMs, each split >= 2 steps of block_k. Otherwise 1. (H100, B=64, 64 heads:
+    4 splits of block_k=16 measured fastest, 2-8 within 25%.)"""
+    if 2 * n_programs > n_sm:
+        return 1
+    want = 1 << ((2 * n_sm) // max(n_programs, 1)).bit_length() - 1         # power of two <= 2 n_sm / n
+    return max(1, min(want, K // (2 * block_k)))
+
+
+def auto_config(B: int, S: int, H: int, K: int, cfg: SparseAttentionConfig, n_sm: int) -> SparseAttentionConfig:
+    """Fill the GPU at decode by split-K (each split costs a write and a read of an fp32 [H, D]
+    partial per token). Heads per program stay as configured: narrower head blocks lose wgmma (M < 64)
+    and were slower on the H100 (see config.py)."""
+    block_h = block_sizes(H, 16, cfg)[0]
+    return cfg.replace(num_splits=auto_splits(B * S * triton.cdiv(H, block_h), K, cfg.block_k, n_sm))
+
+
+def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
+                            softmax_scale: float, rope_dim: int,
+                            config: SparseAttentionConfig | dict | str | None = None) -> torch.Tensor:
+    """`sparse_attention` over the FP8 cache, dequantising in the kernel.
+
+    q [B, S, H, D] bf16 / fp16 / fp32; cache [B, N, entry_bytes] uint8 main entries (kv_layout, with
+    D - rope_dim a multiple of 64 and entry_bytes = main_entry_bytes(D, rope_dim)); attn_sink [H] fp32;
+    topk_idxs [B, S, K] int32 in [-1, N). out [B, S, H, D] in q's dtype; the entries are dequantised to
+    q's dtype before use (as the plain op does), the rest is `sparse_attention`'s contract.
+    A scale byte of 0 (2^-127) reads as 0. config: as `sparse_attention`'s; None/"" on a GPU picks
+    num_splits from the grid size (`auto_config`).
+    """
+    op = "sparse_attention_cached"
+    check_common(op, q, attn_sink, topk_idxs)
+    check_tensor(op, "cache", cache, (torch.uint8,), ndim=3, device=q.device)
+    B, S, H, D = q.shape
+    nope, entry = entry_layout(D, rope_dim)
+    check(0 <= rope_dim <= D and nope % FP8_BLOCK == 0,
+          f"{op}: head dim {D} - rope_dim {rope_dim} = {nope} FP8 dims; need a non-negative multiple of {FP8_BLOCK}")
+    check(cache.shape[0] == B and cache.shape[2] == entry,
+          f"{op}: cache has shape {tuple(cache.shape)}; need [B, N, entry_bytes] = [{B}, N, {entry}] for "
+          f"head_dim {D}, rope_dim {rope_dim}")
+    cfg = resolve_config(SparseAttentionConfig, config, decode_default_config, q.device)
+    if (config is None or config == "") and not INTERPRET and q.device.type == "cuda":
+        cfg = auto_config(B, S, H, topk_idxs.shape[-1], cfg, _sm_count(q.device))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    launch_sparse_attention(q, cache, attn_sink, topk_idxs, out, softmax_scale, cfg, N=cache.shape[1],
+                            kv_fp8=True, nope=nope, entry_bytes=entry)
+    return out
+
+
+def cache_bytes_read(topk_idxs: torch.Tensor, entry_bytes: int) -> int:
+    """Bytes of cache entries the op reads: entry_bytes per valid (token, index) pair."""
+    return entry_bytes * int((topk_idxs >= 0).sum())
+
+
+@kernel_op("sparse_attention_cached")
+def _sparse_attention_cached_op(q: torch.Tensor, cache: torch.Tensor, attn_sink: torch.Tensor,
+                                topk_idxs: torch.Tensor, softmax_scale: float, rope_dim: int,
+                                config: str = "") -> torch.Tensor:
+    return sparse_attention_cached(q, cache, attn_sink, topk_idxs, softmax_scale, rope_dim, config)
