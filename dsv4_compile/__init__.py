@@ -6,3 +6,6 @@ from .model import ConfigError, KVCache, ModelConfig, Transformer, ops, preset_n
 from .compile import compile, resolve_gpu  # noqa: A004  (dsv4_compile.compile is the function)
 
 __all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer", "compile", "ops", "preset_names", "resolve_gpu"]
+from .loader import ArtifactError, load  # noqa: E402  (build loader: dsv4_compile/loader.py)
+
+__all__ += ["ArtifactError", "load"]

@@ -49,8 +49,10 @@ class Command:
 
 # The dispatch table. Keep it sorted by name; one line per command.
 COMMANDS: dict[str, Command] = {
+    "build": Command("dsv4_compile.build", "compile, export (AOTInductor, ONNX, TensorRT) and verify a model into a build folder"),
     "kv-cache": Command("dsv4_compile.kv_report",
                         "KV-cache bytes per context length from the real cache layout, beside the seed figures"),
+    "verify": Command("dsv4_compile.verify", "compare every engine of a build with the eager model, in a fresh process"),
 }
 
 

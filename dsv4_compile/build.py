@@ -1,0 +1,488 @@
+"""`python -m dsv4_compile build`: validate -> model -> compile + check -> export per bucket -> verify -> manifest.
+
+    python -m dsv4_compile build                          # CPU machine: tiny preset, CPU, context 512, aoti+onnx
+    python -m dsv4_compile build --gpu H100 --config mini --context 8k,32k --format aoti,onnx,tensorrt
+
+Defaults: --config tiny without a GPU, mini with one (`--gpu auto` sees a CUDA device, or --gpu names
+one); --context the config's max_seq_len (tiny: 512); --format aoti,onnx; --passes all; --out
+artifacts/<config>-<device>-<8 hex of the build's identity>.
+
+Every user mistake is found before anything is written (exit 2, one line): bad YAML, unknown preset,
+unknown or absent GPU, unsupported context (must be a multiple of 128, at most 1m, and valid for
+the config), unknown format, TensorRT requested where it cannot build, unknown pass, a --weights file
+with a missing, extra or misshapen tensor, an output folder that cannot be written or that holds
+something other than a build.
+
+The build is written into a hidden temporary folder beside --out (`.<name>.partial-<pid>`) and renamed
+into place only when complete: a killed build leaves at most that folder, whose manifest (if any)
+says `build_complete: false`, which `load` refuses. A previous build at --out is replaced.
+
+Exit codes: 0 built and every engine verified; 1 a check failed (compile or an export vs eager) or
+an internal error (the folder is still written, with the failure in the manifest, when the export
+itself succeeded); 2 user mistake, nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any
+
+from .cli import UsageError, context_lengths_arg, format_context
+
+CONTEXT_MULTIPLE = 128
+CONTEXT_MAX = 1 << 20
+FORMATS = ("aoti", "onnx", "tensorrt")
+DEFAULT_FORMATS = "aoti,onnx"
+STEPS = ("validate", "model", "compile", "export", "verify", "manifest")
+# Relative RMS error of the torch.compile'd model against eager, fp32 (see verify.TOLERANCES).
+COMPILE_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .model.config import preset_names
+
+    parser.add_argument("--config", default=None, metavar="NAME|PATH",
+                        help=f"preset ({', '.join(preset_names())}) or YAML file (default: tiny without a GPU, mini with one)")
+    parser.add_argument("--gpu", default="auto", metavar="auto|cpu|H100|H200",
+                        help="target device; auto detects; a named GPU that is not present is an error (default: auto)")
+    parser.add_argument("--context", type=context_lengths_arg, default=None, metavar="LIST",
+                        help="context buckets, e.g. 512 or 8k,32k (multiples of 128, at most 1m; default: the config's max_seq_len)")
+    parser.add_argument("--format", default=DEFAULT_FORMATS, metavar="LIST",
+                        help=f"comma-separated engine formats among {', '.join(FORMATS)} (default: {DEFAULT_FORMATS})")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: artifacts/<config>-<device>-<short hash>)")
+    parser.add_argument("--weights", default=None, metavar="FILE",
+                        help="safetensors file with the model's own state_dict names (default: seeded weights)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights (default: 0)")
+    parser.add_argument("--passes", default="all", metavar="LIST",
+                        help="substitution passes: all, none, or comma-separated names/families (default: all)")
+    parser.add_argument("--json", action="store_true", help="print the build summary as JSON on stdout (progress on stderr)")
+
+
+# ---- validation (nothing written) ------------------------------------------------------------------
+
+def parse_formats(text: str) -> list[str]:
+    items = [t.strip().lower() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise UsageError(f"bad --format {text!r}: expected a comma-separated list among {', '.join(FORMATS)}")
+    for item in items:
+        if item not in FORMATS:
+            raise UsageError(f"unknown format {item!r} in --format {text!r}; accepted: {', '.join(FORMATS)}")
+    return [f for f in FORMATS if f in items]  # canonical order, duplicates dropped
+
+
+def check_contexts(contexts: list[int], config) -> list[int]:
+    from .model.config import ConfigError
+
+    accepted = f"multiples of {CONTEXT_MULTIPLE} from {CONTEXT_MULTIPLE} to 1m ({CONTEXT_MAX}), e.g. 512,8k,32k"
+    for c in contexts:
+        if c % CONTEXT_MULTIPLE or c > CONTEXT_MAX:
+            raise UsageError(f"unsupported context {format_context(c)} ({c} tokens); accepted: {accepted}")
+        try:
+            config.replace(max_seq_len=c)
+        except ConfigError as err:
+            raise UsageError(f"unsupported context {format_context(c)} for config {config.name!r}: {err}") from None
+    return sorted(set(contexts))
+
+
+def load_weights(path: str, config) -> dict:
+    """The safetensors file as a state_dict, checked name by name and shape by shape against the model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .model import Transformer
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights {path!r}: no such file")
+    try:
+        state = load_file(path)
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+        raise UsageError(f"--weights {path!r}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    with torch.device("meta"):
+        expected = {k: v for k, v in Transformer(config, seed=None).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UsageError(f"--weights {path!r}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UsageError(f"--weights {path!r}: unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                         + "; expected the model's own state_dict names")
+    for name in sorted(expected):
+        if tuple(state[name].shape) != tuple(expected[name].shape):
+            raise UsageError(f"--weights {path!r}: tensor {name!r} has shape {list(state[name].shape)}, "
+                             f"the model needs {list(expected[name].shape)}")
+        if state[name].dtype != expected[name].dtype:
+            raise UsageError(f"--weights {path!r}: tensor {name!r} is {state[name].dtype}, the model needs {expected[name].dtype}")
+    return state
+
+
+def _writable_ancestor(path: str) -> str:
+    """The nearest existing ancestor of `path`; UsageError if it is not a writable directory."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UsageError(f"--out {path!r}: cannot create it: {probe!r} is not a directory")
+    try:  # os.access says yes to root everywhere: try for real (leaves nothing behind)
+        tempfile.TemporaryDirectory(dir=probe, prefix=".dsv4-probe-").cleanup()
+    except OSError as err:
+        raise UsageError(f"--out {path!r}: not writable ({probe!r}: {err.strerror or err})") from None
+    return probe
+
+
+def check_out_dir(out: str) -> None:
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"--out {out!r}: exists and is not a directory")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, "manifest.json")):
+            raise UsageError(f"--out {out!r}: exists and is not a build folder (no manifest.json); "
+                             f"choose another --out or remove it")
+        try:
+            tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out)), prefix=".dsv4-probe-").cleanup()
+        except OSError as err:
+            raise UsageError(f"--out {out!r}: its folder is not writable ({err.strerror or err})") from None
+    else:
+        _writable_ancestor(out)
+
+
+def default_out(config, target: str, identity: dict) -> str:
+    short = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join("artifacts", f"{config.name}-{target.lower()}-{short}")
+
+
+class Plan:
+    """Everything `build` will do, decided and checked before anything is written."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .compile import GpuError, resolve_gpu
+        from .model.config import ModelConfig
+
+        try:
+            self.target = resolve_gpu(args.gpu)
+        except GpuError as err:
+            raise UsageError(str(err)) from None
+        self.config = ModelConfig.load(args.config or ("tiny" if self.target == "cpu" else "mini"))
+        self.buckets = check_contexts(args.context or [self.config.max_seq_len], self.config)
+        self.formats = parse_formats(args.format)
+        if "tensorrt" in self.formats:
+            from .export import tensorrt_unavailable
+
+            why = tensorrt_unavailable()
+            if why:
+                raise UsageError(why)
+        self.passes = args.passes
+        from .passes import select
+        try:
+            select(self.passes)
+        except Exception as err:  # PassSelectionError (one line)
+            raise UsageError(str(err)) from None
+        self.seed = args.seed
+        self.weights_path = os.path.abspath(args.weights) if args.weights else None
+        self.state = load_weights(self.weights_path, self.config) if self.weights_path else None
+        self.weights = ({"source": "file", "path": self.weights_path, "sha256": _sha256(self.weights_path)}
+                        if self.weights_path else {"source": "seed", "seed": self.seed})
+        identity = {"config": self.config.config_hash(), "buckets": self.buckets, "formats": self.formats,
+                    "passes": self.passes, "weights": self.weights, "target": self.target}
+        self.out = args.out or default_out(self.config, self.target, identity)
+        check_out_dir(self.out)
+
+    def model(self, bucket: int):
+        import torch
+
+        from .model import Transformer
+
+        config = self.config.replace(max_seq_len=bucket)
+        model = Transformer(config, seed=None if self.state is not None else self.seed)
+        if self.state is not None:
+            model.load_state_dict(self.state, strict=True, assign=True)
+        if self.target != "cpu":
+            model = model.cuda()
+        return model.eval().requires_grad_(False) if isinstance(model, torch.nn.Module) else model
+
+
+def _sha256(path: str) -> str:
+    from .manifest import sha256_file
+
+    return sha256_file(path)
+
+
+# ---- progress ----------------------------------------------------------------------------------------
+
+class Progress:
+    def __init__(self, stream):
+        self.stream = stream
+        self.timings: dict[str, float] = {}
+        self._t0 = 0.0
+        self._step = ""
+
+    def start(self, step: str, detail: str = "") -> None:
+        self._step, self._t0 = step, time.perf_counter()
+        n = STEPS.index(step) + 1
+        print(f"[{n}/{len(STEPS)}] {step}{': ' + detail if detail else ''} ...", file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"      {text}", file=self.stream, flush=True)
+
+    def done(self, detail: str = "") -> None:
+        elapsed = time.perf_counter() - self._t0
+        self.timings[self._step] = round(self.timings.get(self._step, 0.0) + elapsed, 2)
+        print(f"      {self._step} done in {elapsed:.1f} s{' (' + detail + ')' if detail else ''}", file=self.stream, flush=True)
+
+
+# ---- the steps -----------------------------------------------------------------------------------
+
+def _rel_rms(ref, out) -> float:
+    ref, out = ref.double(), out.double()
+    return float(((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item())
+
+
+def compile_check(plan: Plan, model, progress: Progress) -> dict:
+    """dsv4_compile.compile with the passes, on a sample prompt, against eager."""
+    import torch
+
+    from .compile import compile as dsv4_compile
+    from .export import example_tokens
+
+    from .export import INDUCTOR_CONFIGS
+
+    compiled = dsv4_compile(model, gpu=plan.target, passes=plan.passes, options=dict(INDUCTOR_CONFIGS))
+    seq = min(model.config.max_seq_len, 8)  # short: longer prompts flip FP8/FP4 codes (verify.py)
+    tokens = example_tokens(model.config, 1, seq, seed=plan.seed + 1).to(next(model.parameters()).device)
+    with torch.no_grad():
+        ref = model(tokens)
+        out = compiled(tokens)
+    err = _rel_rms(ref, out)
+    tol = COMPILE_TOLERANCE[plan.config.dtype]
+    report = compiled.dsv4_report.to_dict()
+    replaced = sum(op.get("replaced", 0) for op in report.get("ops", {}).values())
+    left = sum(op.get("left_alone", 0) for op in report.get("ops", {}).values())
+    progress.note(f"passes={plan.passes}: {replaced} dsv4 nodes substituted, {left} left; compiled vs eager "
+                  f"rel RMS {err:.2e} (tolerance {tol:.0e}) on tokens [1, {seq}]")
+    return {"rel_rms": err, "tolerance": tol, "ok": err <= tol, "tokens": [1, seq], "report": report}
+
+
+def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress) -> list[dict]:
+    from . import export as E
+
+    model = plan.model(bucket)
+    t0 = time.perf_counter()
+    result = E.export_prefill(model)
+    engines: list[dict] = []
+    base = {"bucket": bucket, "seq_range": list(result.seq_range), "batch_range": list(result.batch_range),
+            "dynamic": result.dynamic}
+    progress.note(f"context {format_context(bucket)}: torch.export {time.perf_counter() - t0:.1f} s "
+                  f"(S in {list(result.seq_range)}, B in {list(result.batch_range)}"
+                  + (f"; {result.note}" if result.note else "") + ")")
+    plan.export_timings.setdefault(bucket, {})["torch.export"] = round(time.perf_counter() - t0, 2)
+    onnx_rel = None
+    for fmt in plan.formats if "tensorrt" not in plan.formats or "onnx" in plan.formats else [*plan.formats, "onnx"]:
+        if fmt == "tensorrt":
+            continue
+        t0 = time.perf_counter()
+        os.makedirs(os.path.join(tmp, fmt), exist_ok=True)
+        if fmt == "aoti":
+            rel = f"aoti/prefill-{bucket}.pt2"
+            E.export_aoti(result, os.path.join(tmp, rel))
+            files = [rel]
+        else:
+            rel = f"onnx/prefill-{bucket}.onnx"
+            example = E.example_tokens(model.config, result.batch_range[1], max(result.seq_range[0], min(64, result.seq_range[1])))
+            written = E.export_onnx(result, os.path.join(tmp, rel), example)
+            files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
+            onnx_rel = rel
+        took = time.perf_counter() - t0
+        plan.export_timings[bucket][fmt] = round(took, 2)
+        progress.note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
+        engines.append({**base, "format": fmt, "files": files, "verified": {"status": "pending"}})
+    if "tensorrt" in plan.formats:
+        t0 = time.perf_counter()
+        os.makedirs(os.path.join(tmp, "tensorrt"), exist_ok=True)
+        rel = f"tensorrt/prefill-{bucket}.engine"
+        E.export_tensorrt(os.path.join(tmp, onnx_rel), os.path.join(tmp, rel), result.seq_range, result.batch_range)
+        plan.export_timings[bucket]["tensorrt"] = round(time.perf_counter() - t0, 2)
+        progress.note(f"context {format_context(bucket)}: tensorrt -> {rel} ({time.perf_counter() - t0:.1f} s)")
+        engines.append({**base, "format": "tensorrt", "files": [rel],
+                        "verified": {"status": "unverified", "ok": None,
+                                     "error": "unverified by our tests (no TensorRT on the project's machines)"}})
+    return engines
+
+
+def base_manifest(plan: Plan, engines: list[dict], compile_result: dict | None, timings: dict) -> dict:
+    from .manifest import SCHEMA_VERSION, device_info, now_utc, versions
+
+    config = plan.config
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "build_complete": False,
+        "created": now_utc(),
+        "device": device_info(plan.target),
+        "versions": versions(),
+        "config": config.to_dict(),
+        "config_hash": config.config_hash(),
+        "weights": plan.weights,
+        "context_buckets": plan.buckets,
+        "formats": plan.formats,
+        "interface": {"input": "tokens [B, S] int64", "output": "last-position logits [B, V] float32"},
+        "passes": plan.passes,
+        "pass_report": (compile_result or {}).get("report"),
+        "compile_check": {k: v for k, v in (compile_result or {}).items() if k != "report"},
+        "engines": engines,
+        "export_timings_s": {str(k): v for k, v in plan.export_timings.items()},
+        "timings_s": timings,
+        "files": {},
+    }
+
+
+def run_verify_worker(path: str, formats: list[str], seed: int | None = None,
+                      timeout: float | None = None) -> dict:
+    """`python -m dsv4_compile.verify --worker PATH` in a fresh process (libstdc++ preload where needed)."""
+    from .loader import libstdcxx_preload
+
+    env = dict(os.environ)
+    preload = libstdcxx_preload()
+    if preload:
+        env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="dsv4-verify-") as scratch:
+        result_path = os.path.join(scratch, "result.json")
+        cmd = [sys.executable, "-m", "dsv4_compile.verify", "--worker", path, "--result", result_path,
+               "--formats", ",".join(formats)]
+        if seed is not None:
+            cmd += ["--seed", str(seed)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not os.path.isfile(result_path):
+            tail = " | ".join(line for line in (proc.stderr or "").strip().splitlines()[-3:])
+            return {"worker_error": f"verification process exited with {proc.returncode}: {tail or 'no output'}",
+                    "preload": preload, "results": []}
+        with open(result_path) as f:
+            data = json.load(f)
+    data["preload"] = preload
+    return data
+
+
+def summary_table(manifest: dict) -> str:
+    rows = [("format", "context", "S range", "B range", "file", "MB", "verified", "short rel RMS", "tolerance", "max rel RMS")]
+    for e in manifest["engines"]:
+        v = e.get("verified", {})
+        size = sum(manifest["files"].get(f, {}).get("size", 0) for f in e["files"]) / 1e6
+        rows.append((e["format"], format_context(e["bucket"]), f"{e['seq_range'][0]}-{e['seq_range'][1]}",
+                     f"{e['batch_range'][0]}-{e['batch_range'][1]}", e["files"][0], f"{size:.1f}",
+                     v.get("status", "?"), "-" if v.get("rel_rms") is None else f"{v['rel_rms']:.1e}",
+                     "-" if v.get("tolerance") is None else f"{v['tolerance']:.0e}",
+                     "-" if v.get("max_rel_rms") is None else f"{v['max_rel_rms']:.1e}"))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _place(tmp: str, out: str) -> None:
+    """Rename the finished temporary folder to `out`, replacing a previous build there."""
+    old = None
+    if os.path.exists(out):
+        old = f"{os.path.join(os.path.dirname(os.path.abspath(out)), '.' + os.path.basename(os.path.abspath(out)))}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .manifest import file_table, write_json_atomic
+
+    stream = sys.stderr if args.json else sys.stdout
+    progress = Progress(stream)
+    progress.start("validate")
+    plan = Plan(args)  # UsageError / ConfigError -> exit 2, nothing written
+    plan.export_timings = {}
+    progress.done(f"config {plan.config.name} ({plan.config.config_hash()[:12]}), target {plan.target}, contexts "
+                  f"{','.join(format_context(b) for b in plan.buckets)}, formats {','.join(plan.formats)}, out {plan.out}")
+
+    import torch
+
+    out_abs = os.path.abspath(plan.out)
+    os.makedirs(os.path.dirname(out_abs), exist_ok=True)
+    tmp = f"{os.path.join(os.path.dirname(out_abs), '.' + os.path.basename(out_abs))}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        progress.start("model", "seeded weights" if plan.state is None else f"weights {plan.weights_path}")
+        model = plan.model(plan.buckets[0])
+        n_params = sum(p.numel() for p in model.parameters())
+        progress.done(f"{n_params / 1e6:.2f} M parameters, {plan.config.dtype}")
+
+        progress.start("compile", f"dsv4_compile.compile(passes={plan.passes!r}, gpu={plan.target!r}) vs eager")
+        compile_result = compile_check(plan, model, progress)
+        progress.done("ok" if compile_result["ok"] else "FAILED")
+        del model
+        torch._dynamo.reset()
+
+        progress.start("export", f"{', '.join(plan.formats)} x {len(plan.buckets)} context bucket(s)")
+        engines: list[dict] = []
+        for bucket in plan.buckets:
+            engines += export_bucket(plan, bucket, tmp, progress)
+        progress.done()
+
+        progress.start("verify", "every engine against eager, in a fresh process")
+        manifest = base_manifest(plan, engines, compile_result, progress.timings)
+        manifest["files"] = file_table(tmp)
+        write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
+        to_verify = sorted({e["format"] for e in engines if e["verified"]["status"] == "pending"})
+        outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000)
+        where = outcome.get("where", "fresh process")
+        by_key = {(r["format"], r["bucket"]): r for r in outcome.get("results", [])}
+        for e in engines:
+            if e["verified"]["status"] != "pending":
+                continue
+            r = by_key.get((e["format"], e["bucket"]))
+            if r is None:
+                e["verified"] = {"status": "failed", "ok": False, "where": where,
+                                 "error": outcome.get("worker_error") or "not verified (no result)"}
+            else:
+                e["verified"] = {"status": "verified" if r["ok"] else "failed", "ok": r["ok"], "where": where,
+                                 "rel_rms": r["rel_rms"], "tolerance": r["tolerance"], "max_rel_rms": r.get("max_rel_rms"),
+                                 "flip_bound": r.get("flip_bound"), "max_abs": r.get("max_abs"),
+                                 "cases": r.get("cases"), "error": r.get("error")}
+            v = e["verified"]
+            progress.note(f"{e['format']} context {format_context(e['bucket'])}: {v['status']}"
+                          + (f", short prompt rel RMS {v['rel_rms']:.2e} (tolerance {v['tolerance']:.0e}), all token "
+                             f"sets <= {v['max_rel_rms']:.2e} (flip bound {v['flip_bound']:.0e})"
+                             if v.get("rel_rms") is not None else "")
+                          + (f" ({e['verified']['error']})" if e["verified"].get("error") else ""))
+        progress.done(f"in {where}" + (f", LD_PRELOAD={outcome['preload']}" if outcome.get("preload") else ""))
+
+        progress.start("manifest")
+        manifest = base_manifest(plan, engines, compile_result, progress.timings)
+        manifest["build_complete"] = True
+        manifest["files"] = file_table(tmp)
+        write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
+        _place(tmp, plan.out)
+        progress.done(plan.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    failed = [e for e in engines if e["verified"]["status"] == "failed"]
+    ok = compile_result["ok"] and not failed
+    print(summary_table(manifest), file=stream)
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in progress.timings.items()), file=stream)
+    if args.json:
+        print(json.dumps({"ok": ok, "out": plan.out, "manifest": manifest}, indent=2, sort_keys=True))
+    if not ok:
+        what = [f"{e['format']} {format_context(e['bucket'])}" for e in failed]
+        if not compile_result["ok"]:
+            what.insert(0, "compile check")
+        print(f"dsv4_compile build: error: verification failed ({', '.join(what)}); the build at {plan.out} "
+              f"records it and load() refuses those engines", file=sys.stderr)
+        return 1
+    print(f"built {plan.out}: load with dsv4_compile.load({plan.out!r}), check with "
+          f"python -m dsv4_compile verify {plan.out}", file=stream)
+    return 0

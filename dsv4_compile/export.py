@@ -1,0 +1,328 @@
+"""Export the prefill interface (tokens [B, S] -> last-position logits [B, V]) as deployable engines.
+
+One `torch.export` per context bucket feeds every format:
+
+    ep = export_prefill(model)                    # dsv4 ops traced as their plain code (no custom op left)
+    export_aoti(ep, "aoti/prefill-512.pt2")       # AOTInductor package, loadable without our Python code
+    export_onnx(ep, "onnx/prefill-512.onnx")      # standard ONNX ops only, run by onnxruntime
+    export_tensorrt("onnx/...onnx", "...engine")  # TensorRT's ONNX parser + builder (where installed)
+
+Why the dsv4 ops disappear at trace time rather than with `ExportedProgram.run_decompositions`:
+a decomposition table given to run_decompositions must be functional by itself, and the plain op
+implementations are not all (fp4_codes adds in place, fp4_values builds a constant with
+torch.tensor, sparse_attention_chunk fills in place): run_decompositions fails with "expected an
+entirely functional graph". Tracing the plain functions inside torch.export instead (a
+TorchFunctionMode that routes each `torch.ops.dsv4.*` call to its plain function, `plain_ops()`)
+lets export functionalise them like any user code. The plain functions are the pass framework's
+export table (`dsv4_compile.passes.decomposition_table()`), so eager, compile and export share one
+definition, with two overrides that keep the graph standard-ONNX-clean:
+
+- fp4_quantize / fp4_dequantize: the nibble packing written with integer arithmetic (code_lo +
+  16 * code_hi, then // and %) instead of bitwise ops on uint8 (the ONNX exporter emits BitShift /
+  BitwiseOr with mismatched int8/uint8 types for those). Bit-identical codes and values.
+- indexer_topk keeps its stable descending sort (ties to the lowest index, the op's contract); for
+  ONNX, `aten.sort.stable` is translated to TopK with k = the axis length: ONNX TopK breaks ties by
+  the lower index, which is the stable order. (torch.topk is NOT used: on CPU vs CUDA it picks
+  different index sets among ties, DESIGN.md traps.) -1 padding is handled inside the plain code by
+  clamp, gather, mask, so no gather ever sees -1.
+
+Shapes: the model is built with max_seq_len = bucket, so every compressed-entry count is static;
+the batch is dynamic in [1, max_batch_size] and S in [2, bucket] (`seq_range`). If a dynamic export
+fails, `export_prefill` falls back to a static S = bucket and says so (the engine then takes exactly
+`bucket` tokens).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .model import ops
+
+MIN_SEQ = 2  # torch.export specialises sizes 0 and 1
+
+
+# ---- the plain functions used at export ------------------------------------------------------------
+
+def _fp4_codes_int(y: torch.Tensor) -> torch.Tensor:
+    """ops.fp4_codes without in-place or bitwise ops: int32 codes 0..15 (ties to the even code)."""
+    mag = y.abs()
+    code = torch.zeros_like(y, dtype=torch.int32)
+    for k, bound in enumerate(ops._FP4_BOUNDS):
+        tie_goes_up = (k + 1) % 2 == 0
+        code = code + (mag >= bound if tie_goes_up else mag > bound).to(torch.int32)
+    return code + 8 * (y < 0).to(torch.int32)
+
+
+def fp4_quantize_portable(x: torch.Tensor, block_size: int, pow2_scale: bool = False):
+    """Same contract and bits as ops.fp4_quantize; packing = lo + 16 * hi in int32, then uint8."""
+    if block_size % 2:
+        raise ValueError(f"fp4_quantize: block_size {block_size} must be even (two codes per byte)")
+    blocks, scale = ops._block_scale(x, block_size, ops.FP4_MAX, pow2_scale, "fp4_quantize")
+    code = _fp4_codes_int(blocks / scale.unsqueeze(-1)).flatten(-2)
+    packed = (code[..., 0::2] + 16 * code[..., 1::2]).to(torch.uint8)
+    return packed.contiguous(), scale.contiguous()
+
+
+def fp4_dequantize_portable(packed: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Same contract and values as ops.fp4_dequantize; unpacking with // and % in int32."""
+    p = packed.to(torch.int32)
+    code = torch.stack([p % 16, torch.div(p, 16, rounding_mode="floor")], dim=-1).flatten(-2)   # [..., D]
+    mag_code = code % 8
+    exponent = torch.div(mag_code, 2, rounding_mode="floor")
+    mantissa = (mag_code % 2).float()
+    # e2m1: code 0/1 -> 0 / 0.5 (subnormal); else 2^(e-1) * (1 + m/2): 1, 1.5, 2, 3, 4, 6.
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, torch.exp2((exponent - 1).float()) * (1 + 0.5 * mantissa))
+    values = torch.where(code >= 8, -magnitude, magnitude)
+    blocks = values.unflatten(-1, (values.shape[-1] // block_size, block_size))
+    return (blocks * scale.unsqueeze(-1)).flatten(-2)
+
+
+def _own_table() -> dict:
+    """Used only where the pass framework is absent: the plain implementations, unchunked."""
+    impl = lambda op_def: op_def._init_fn  # noqa: E731  (the function @custom_op wrapped)
+    dsv4 = torch.ops.dsv4
+    return {
+        dsv4.fp8_quantize.default: impl(ops.fp8_quantize),
+        dsv4.fp8_dequantize.default: impl(ops.fp8_dequantize),
+        dsv4.hc_sinkhorn.default: impl(ops.hc_sinkhorn),
+        dsv4.hc_pre.default: impl(ops.hc_pre),
+        dsv4.compress_kv.default: impl(ops.compress_kv),
+        dsv4.sparse_attention.default: ops.sparse_attention_chunk,
+        dsv4.indexer_topk.default: ops.indexer_topk_chunk,
+    }
+
+
+def export_table() -> dict:
+    """{torch.ops.dsv4.<op>.default: plain function} used while tracing for export."""
+    try:
+        from .passes import decomposition_table
+        # The raw plain functions: the table may wrap them for run_decompositions (functionalisation),
+        # which must not run inside torch.export's own tracing.
+        table = {op: getattr(fn, "__wrapped__", fn) for op, fn in decomposition_table().items()}
+    except ImportError:  # pragma: no cover (the pass framework ships with the package)
+        table = _own_table()
+    table[torch.ops.dsv4.fp4_quantize.default] = fp4_quantize_portable
+    table[torch.ops.dsv4.fp4_dequantize.default] = fp4_dequantize_portable
+    return table
+
+
+class plain_ops:
+    """While active, `torch.ops.dsv4.<op>` resolves to a plain function (traced by torch.export as
+    ordinary PyTorch code) instead of the custom op. The model and the plain functions look the ops up
+    on the `torch.ops.dsv4` namespace at call time, so nested calls (compress_kv -> fp8_quantize) are
+    routed too. (A TorchFunctionMode would be the textbook route, but under non-strict export the
+    mode sees the op below export's functionalisation and its re-dispatched tensor methods fail with
+    "Unable to cast NotImplemented to Tensor".) Not thread-safe: export one model at a time."""
+
+    def __init__(self, table: dict | None = None):
+        self.table = export_table() if table is None else table
+        self.routed: dict[str, int] = {}
+        self._saved: dict[str, object] = {}
+
+    def _wrap(self, name: str, fn: Callable) -> Callable:
+        def plain(*args, **kwargs):
+            self.routed[f"dsv4.{name}"] = self.routed.get(f"dsv4.{name}", 0) + 1
+            return fn(*args, **kwargs)
+
+        plain.__name__ = f"plain_{name}"
+        plain.default = plain  # torch.ops.dsv4.<op>.default(...) spelling
+        return plain
+
+    def __enter__(self):
+        namespace = torch.ops.dsv4
+        for overload, fn in self.table.items():
+            name = overload._schema.name.split("::")[1]
+            getattr(namespace, name)  # resolve the packet so that it can be restored
+            self._saved[name] = namespace.__dict__[name]
+            setattr(namespace, name, self._wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        namespace = torch.ops.dsv4
+        for name, packet in self._saved.items():
+            setattr(namespace, name, packet)
+        self._saved.clear()
+        return False
+
+
+# ---- torch.export -----------------------------------------------------------------------------------
+
+@dataclass
+class ExportResult:
+    program: torch.export.ExportedProgram
+    seq_range: tuple[int, int]     # accepted S, inclusive
+    batch_range: tuple[int, int]   # accepted B, inclusive
+    dynamic: bool
+    routed: dict                   # dsv4 op -> number of calls traced as plain code
+    note: str | None = None        # why the export fell back to static shapes
+
+
+def example_tokens(config, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, seq), generator=gen, dtype=torch.int64)
+
+
+def export_prefill(model, dynamic: bool = True) -> ExportResult:
+    """torch.export of model(tokens) for a model built with max_seq_len = its bucket; no dsv4 op left.
+
+    Dynamic: B in [1, max_batch_size] (static 1 when max_batch_size is 1), S in [2, bucket]; the
+    example uses B = 2 and S = bucket // 2 so that neither is specialised (0/1 specialisation).
+    """
+    from torch.export import Dim
+
+    config = model.config
+    bucket, max_b = config.max_seq_len, config.max_batch_size
+    note = None
+    if dynamic:
+        b = min(2, max_b)
+        example = example_tokens(config, b, max(MIN_SEQ + 1, bucket // 2))
+        spec = {1: Dim("S", min=MIN_SEQ, max=bucket)}
+        if max_b > 1:
+            spec[0] = Dim("B", min=1, max=max_b)
+        mode = plain_ops()
+        try:
+            with mode:
+                ep = torch.export.export(model, (example,), dynamic_shapes=(spec,))
+            return ExportResult(ep, (MIN_SEQ, bucket), (1 if max_b > 1 else b, max_b if max_b > 1 else b), True,
+                                mode.routed)
+        except Exception as err:  # noqa: BLE001 (fall back to static shapes, and say why)
+            note = f"dynamic export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); static S = {bucket}"
+    mode = plain_ops()
+    example = example_tokens(config, 1, bucket)
+    with mode:
+        ep = torch.export.export(model, (example,))
+    return ExportResult(ep, (bucket, bucket), (1, 1), False, mode.routed, note)
+
+
+def leftover_custom_ops(ep: torch.export.ExportedProgram) -> list[str]:
+    """Names of non-aten/prims call targets left in the graph (must be empty before packaging)."""
+    left = set()
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            ns = node.target.namespace
+            if ns not in ("aten", "prims"):
+                left.add(str(node.target))
+    return sorted(left)
+
+
+# ---- AOTInductor ----------------------------------------------------------------------------------
+
+# GPU builds: the Triton kernels (torch.library.triton_op) are to be compiled into the package. The
+# hook receives the export table before tracing and may replace entries by triton_op-backed ops for
+# the target GPU; None keeps the plain code (the only route on CPU today).
+KernelHook = Callable[[dict, str], dict]
+
+
+# emulate_precision_casts: Inductor otherwise drops float32 -> bf16 -> float32 round trips, and the
+# model's cache simulation (`.bfloat16().float()` on the rope dims) depends on them: without it the
+# packaged tiny model was 3e-3 to 3e-1 off eager (measured), with it ~1e-7.
+INDUCTOR_CONFIGS = {"emulate_precision_casts": True}
+
+
+def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None = None) -> str:
+    """AOTInductor-compile and package `result.program` into `path` (.pt2)."""
+    left = leftover_custom_ops(result.program)
+    if left:
+        raise RuntimeError(f"cannot package: custom ops left in the graph ({', '.join(left)}); a .pt2 cannot run Python ops")
+    configs = {**INDUCTOR_CONFIGS, **(inductor_configs or {})}
+    return torch._inductor.aoti_compile_and_package(result.program, package_path=path, inductor_configs=configs)
+
+
+# ---- ONNX -------------------------------------------------------------------------------------------
+
+def _onnx_sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+    """aten.sort.stable -> TopK over the whole axis (ONNX TopK: equal values keep the lower index first)."""
+    from onnxscript import opset21 as op
+
+    rank = len(self.shape) if getattr(self, "shape", None) is not None else None
+    if dim != -1 and (rank is None or dim != rank - 1):
+        raise NotImplementedError(f"sort over dim {dim} (only the last dim is translated)")
+    k = op.Shape(self, start=-1)
+    values, indices = op.TopK(self, k, axis=-1, largest=1 if descending else 0, sorted=1)
+    return values, indices
+
+
+ONNX_OPSET = 21
+# ONNX protobuf files cannot exceed 2 GiB: weights go to an external data file above this.
+ONNX_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def export_onnx(result: ExportResult, path: str, example: torch.Tensor) -> list[str]:
+    """Export to ONNX with standard ops only, check it; returns the files written (model [+ data])."""
+    import onnx
+
+    program = torch.onnx.export(result.program, (example,), dynamo=True, opset_version=ONNX_OPSET,
+                                input_names=["tokens"], output_names=["logits"],
+                                custom_translation_table={torch.ops.aten.sort.stable: _onnx_sort_stable},
+                                verbose=False)
+    weight_bytes = sum(p.numel() * p.element_size() for p in result.program.state_dict.values())
+    external = weight_bytes > ONNX_EXTERNAL_DATA_BYTES
+    program.save(path, external_data=external)
+    model = onnx.load(path, load_external_data=False)
+    onnx.checker.check_model(path if external else model, full_check=True)
+    domains = {node.domain for node in model.graph.node} - {"", "ai.onnx"}
+    if domains or model.functions:
+        raise RuntimeError(f"ONNX graph uses non-standard domains {sorted(domains)} or functions "
+                           f"{[f.name for f in model.functions]}")
+    files = [path]
+    if external:
+        files += sorted(os.path.join(os.path.dirname(path), t.location) for t in _external_tensors(model))
+    return sorted(set(files))
+
+
+def _external_tensors(model):
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    for tensor in _get_all_tensors(model):
+        if uses_external_data(tensor):
+            yield ExternalDataInfo(tensor)
+
+
+# ---- TensorRT -------------------------------------------------------------------------------------
+
+TENSORRT_INSTALL = ("TensorRT is not installed: `pip install 'dsv4_compile[tensorrt]'` on a machine with a CUDA "
+                    "GPU and access to NVIDIA's package index (pypi.nvidia.com)")
+
+
+def tensorrt_unavailable() -> str | None:
+    """None when TensorRT can build here (tensorrt imports and a CUDA GPU is visible), else why not."""
+    try:
+        import tensorrt  # noqa: F401
+    except Exception:  # noqa: BLE001 (ImportError, or the PyPI stub failing to fetch the real package)
+        return TENSORRT_INSTALL
+    if not torch.cuda.is_available():
+        return "TensorRT needs a CUDA GPU and none is visible; build the tensorrt format on a GPU machine"
+    return None
+
+
+def export_tensorrt(onnx_path: str, path: str, seq_range: tuple[int, int], batch_range: tuple[int, int]) -> str:
+    """Serialized TensorRT engine from the ONNX file (parser + builder), one optimisation profile
+    covering [batch_range] x [seq_range]. Not run by our tests (no TensorRT on our machines)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(onnx_path):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    (b0, b1), (s0, s1) = batch_range, seq_range
+    profile.set_shape(network.get_input(0).name, (b0, s0), (b1, s1), (b1, s1))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+    with open(path, "wb") as f:
+        f.write(serialized)
+    return path
+

@@ -1,0 +1,275 @@
+"""`dsv4_compile.load(path)`: a build folder -> a runnable prefill engine, after checks.
+
+    engine = dsv4_compile.load("artifacts/tiny-cpu-1a2b3c4d")
+    logits = engine(tokens)          # tokens [B, S] int64 -> last-position logits [B, V] float32
+
+Before any engine code is loaded (no .pt2 opened, no ONNX session made) `load` checks, and refuses
+with `ArtifactError` (one-line message):
+- the manifest: present, readable, our schema_version, its config valid and equal to its config_hash;
+- every file: listed, present, same size and sha256; no unlisted file;
+- the device: same CUDA name and compute capability, or a CPU of the same architecture with at least
+  the build's vector ISA (AOTInductor compiles CPU code for the build host's ISA);
+- the versions: torch and triton exactly the build's (`allow_version_skew=True` relaxes only this);
+- the engine: the requested (or best) format was built and passed verification;
+- for AOTInductor packages, the process's libstdc++: loading a .pt2 segfaults when an older
+  libstdc++ than the system's was loaded first (the lent GPU image); the error names the LD_PRELOAD
+  to set.
+
+Format choice: `format=None` takes the best verified one, aoti > onnx (> tensorrt, which our tests
+never verify: it is loaded only when asked for by name). Each call runs the smallest context bucket
+whose sequence range holds S; buckets load lazily, once.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+from typing import Any
+
+import torch
+
+from .manifest import ArtifactError, check_manifest, describe_device
+
+FORMATS = ("aoti", "onnx", "tensorrt")
+PREFERENCE = ("aoti", "onnx")  # what format=None may pick, best first
+
+
+# ---- libstdc++ -------------------------------------------------------------------------------------
+
+_GLIBCXX = re.compile(rb"GLIBCXX_3\.4(?:\.(\d+))?\b")
+
+
+def _glibcxx_level(path: str) -> int:
+    """Highest GLIBCXX_3.4.N symbol version a libstdc++ defines (-1 if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return -1
+    return max((int(m.group(1) or 0) for m in _GLIBCXX.finditer(data)), default=-1)
+
+
+def _mapped_libstdcxx() -> list[str]:
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if "libstdc++.so" in line and len(line.split(None, 5)) == 6}
+    except OSError:
+        return []
+    return sorted(p for p in paths if p.startswith("/"))
+
+
+def system_libstdcxx() -> str | None:
+    """The libstdc++.so.6 `ldconfig -p` lists for this architecture, or None."""
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        for ldconfig in ("/sbin/ldconfig", "/usr/sbin/ldconfig"):
+            try:
+                out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=10).stdout
+                break
+            except (OSError, subprocess.SubprocessError):
+                continue
+        else:
+            return None
+    arch = {"x86_64": "x86-64", "aarch64": "AArch64"}.get(platform.machine(), "")
+    found = []
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("libstdc++.so.6 ") and "=>" in line:
+            flags, path = line.split("(", 1)[1].split(")", 1)[0], line.rsplit("=>", 1)[1].strip()
+            found.append((arch in flags, path))
+    found.sort(key=lambda item: not item[0])
+    return found[0][1] if found else None
+
+
+def libstdcxx_problem() -> str | None:
+    """None when this process's libstdc++ is the system's (or newer), else the one-line fix.
+
+    The lent GPU image loads an older libstdc++ before the system's; an AOTInductor package's C++
+    wrapper then crashes inside std::regex. Compared: the mapped file's real path and, if different,
+    its highest GLIBCXX version against the system library's.
+    """
+    system = system_libstdcxx()
+    if system is None:
+        return None
+    system_real = os.path.realpath(system)
+    for mapped in _mapped_libstdcxx():
+        if os.path.realpath(mapped) == system_real:
+            continue
+        if _glibcxx_level(mapped) < _glibcxx_level(system_real):
+            return (f"this process loaded an older libstdc++ ({mapped}) than the system's ({system}); loading an "
+                    f"AOTInductor package would crash: start Python with LD_PRELOAD={system}")
+    return None
+
+
+def libstdcxx_preload() -> str | None:
+    """The LD_PRELOAD value a child Python process needs for .pt2 packages (None when not needed)."""
+    return system_libstdcxx() if libstdcxx_problem() else None
+
+
+# ---- runners -------------------------------------------------------------------------------------
+
+class _AotiRunner:
+    def __init__(self, path: str):
+        problem = libstdcxx_problem()
+        if problem:
+            raise ArtifactError(problem)
+        self.package = torch._inductor.aoti_load_package(path)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.package(tokens)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+class _OnnxRunner:
+    def __init__(self, path: str, device: dict):
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device.get("kind") == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(path, providers=providers)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {self.input: tokens.detach().cpu().numpy()})
+        return torch.from_numpy(out)
+
+
+class _TensorRTRunner:  # pragma: no cover (no TensorRT on our machines; "unverified by our tests")
+    def __init__(self, path: str):
+        import tensorrt as trt
+
+        self.trt = trt
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        with open(path, "rb") as f:
+            self.engine = self.runtime.deserialize_cuda_engine(f.read())
+        self.context = self.engine.create_execution_context()
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        trt = self.trt
+        tokens = tokens.cuda().contiguous()
+        inp = next(n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        outp = next(n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.context.set_input_shape(inp, tuple(tokens.shape))
+        out = torch.empty(tuple(self.context.get_tensor_shape(outp)), dtype=torch.float32, device="cuda")
+        self.context.set_tensor_address(inp, tokens.data_ptr())
+        self.context.set_tensor_address(outp, out.data_ptr())
+        self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        torch.cuda.current_stream().synchronize()
+        return out
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+
+class Engine:
+    """A checked build folder, one format: tokens [B, S] int64 -> last-position logits [B, V] float32.
+
+    Attributes: path, format, manifest, config (ModelConfig), buckets (sorted context lengths),
+    engines (the manifest entries of this format). `bucket_for(batch, seq)` says which bucket runs.
+    """
+
+    def __init__(self, path: str, manifest: dict, fmt: str, engines: list[dict]):
+        from .manifest import check_config
+
+        self.path, self.manifest, self.format = path, manifest, fmt
+        self.config = check_config(manifest)
+        self.engines = sorted(engines, key=lambda e: e["bucket"])
+        self.buckets = [e["bucket"] for e in self.engines]
+        self._runners: dict[int, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"Engine({self.path!r}, format={self.format!r}, buckets={self.buckets}, device={describe_device(self.manifest['device'])!r})"
+
+    def bucket_for(self, batch: int, seq: int) -> dict:
+        for entry in self.engines:
+            (s0, s1), (b0, b1) = entry["seq_range"], entry["batch_range"]
+            if s0 <= seq <= s1 and b0 <= batch <= b1:
+                return entry
+        accepted = ", ".join(f"S in [{e['seq_range'][0]}, {e['seq_range'][1]}] with B in [{e['batch_range'][0]}, {e['batch_range'][1]}]"
+                             for e in self.engines)
+        raise ValueError(f"tokens [B={batch}, S={seq}] fit no context bucket of this build; accepted: {accepted}")
+
+    def _runner(self, entry: dict):
+        bucket = entry["bucket"]
+        if bucket not in self._runners:
+            path = os.path.join(self.path, entry["files"][0])
+            if self.format == "aoti":
+                self._runners[bucket] = _AotiRunner(path)
+            elif self.format == "onnx":
+                self._runners[bucket] = _OnnxRunner(path, self.manifest["device"])
+            else:
+                self._runners[bucket] = _TensorRTRunner(path)
+        return self._runners[bucket]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S] int64 -> last-position logits [B, V] float32, on the smallest bucket that fits."""
+        return self.run(tokens)
+
+    def run(self, tokens: torch.Tensor, bucket: int | None = None) -> torch.Tensor:
+        """As calling the engine; `bucket` forces one context bucket (it must hold the shape)."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens: expected a [B, S] integer tensor, got {getattr(tokens, 'shape', type(tokens).__name__)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens: expected int64 token ids, got {tokens.dtype}")
+        tokens = tokens.to(torch.int64)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"tokens: ids must be in [0, {self.config.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+        if self.manifest["device"].get("kind") == "cuda" and self.format == "aoti":
+            tokens = tokens.cuda()
+        if bucket is None:
+            entry = self.bucket_for(*tokens.shape)
+        else:
+            entry = next((e for e in self.engines if e["bucket"] == bucket), None)
+            if entry is None:
+                raise ValueError(f"bucket {bucket}: not in this engine's buckets {self.buckets}")
+            (s0, s1), (b0, b1) = entry["seq_range"], entry["batch_range"]
+            if not (s0 <= tokens.shape[1] <= s1 and b0 <= tokens.shape[0] <= b1):
+                raise ValueError(f"tokens {list(tokens.shape)} do not fit bucket {bucket} (S in [{s0}, {s1}], B in [{b0}, {b1}])")
+        with torch.no_grad():
+            return self._runner(entry)(tokens.contiguous()).float()
+
+
+def _pick(manifest: dict, fmt: str | None, require_verified: bool) -> tuple[str, list[dict]]:
+    engines = manifest["engines"]
+    built = sorted({e["format"] for e in engines}, key=FORMATS.index)
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format {fmt!r}: accepted: {', '.join(FORMATS)}")
+        chosen = [e for e in engines if e["format"] == fmt]
+        if not chosen:
+            raise ArtifactError(f"no {fmt} engine in this build; built formats: {', '.join(built) or 'none'}")
+        if require_verified:
+            failed = [e for e in chosen if e.get("verified", {}).get("status") not in ("verified", "unverified")]
+            if failed:
+                v = failed[0].get("verified", {})
+                raise ArtifactError(f"the {fmt} engine for context {failed[0]['bucket']} failed verification at build "
+                                    f"time ({v.get('error') or v.get('status')}); refusing to load it")
+        return fmt, chosen
+    for candidate in PREFERENCE:
+        chosen = [e for e in engines if e["format"] == candidate]
+        if chosen and (not require_verified or all(e.get("verified", {}).get("status") == "verified" for e in chosen)):
+            return candidate, chosen
+    raise ArtifactError(f"no verified engine in this build (built formats: {', '.join(built) or 'none'}); "
+                        f"run `python -m dsv4_compile verify` for details, or pass format= explicitly")
+
+
+def load(path: str, format: str | None = None, allow_version_skew: bool = False, *,  # noqa: A002
+         _require_verified: bool = True) -> Engine:
+    """Check the build folder at `path` (see the module docstring), then return its runnable Engine.
+
+    format: None (best verified: aoti > onnx), "aoti", "onnx" or "tensorrt". Raises ArtifactError
+    (one line) when the folder must not be loaded; ValueError for a bad `format` argument.
+    """
+    path = os.fspath(path)
+    manifest = check_manifest(path, allow_version_skew=allow_version_skew)
+    if _require_verified and manifest.get("build_complete") is not True:
+        raise ArtifactError(f"{path}: incomplete build (build_complete is not true): an interrupted or failed build")
+    fmt, engines = _pick(manifest, format, _require_verified)
+    if fmt == "aoti":
+        problem = libstdcxx_problem()
+        if problem:
+            raise ArtifactError(problem)
+    return Engine(path, manifest, fmt, engines)

@@ -1,0 +1,255 @@
+"""The build manifest (`manifest.json`) and the checks made on it before any engine code is loaded.
+
+Format (schema_version 1), sorted-key JSON:
+
+    {
+      "schema_version": 1,
+      "created": "2026-11-23T18:00:00Z",
+      "device": {"kind": "cpu", "name": "cpu", "isa": "AVX512", "machine": "x86_64"}
+             or {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "gpu": "H100", "compute_capability": "9.0"},
+      "versions": {"torch": "2.13.0+cpu", "triton": "3.6.0" | null, "onnxruntime": ..., "onnx": ...,
+                   "python": "3.11.7", "dsv4_compile": "0.1.0", "tensorrt": null},
+      "config": {...ModelConfig.to_dict()...}, "config_hash": "<sha256 of its sorted-key JSON, name excluded>",
+      "weights": {"source": "seed", "seed": 0} or {"source": "file", "path": "/abs/w.safetensors", "sha256": ...},
+      "context_buckets": [512],
+      "formats": ["aoti", "onnx"],
+      "passes": "all", "pass_report": {...SubstitutionReport.to_dict()...},
+      "compile_check": {"rel_rms": ..., "tolerance": ...},
+      "engines": [{"format": "aoti", "bucket": 512, "files": ["aoti/prefill-512.pt2"],
+                   "seq_range": [2, 512], "batch_range": [1, 2], "dynamic": true,
+                   "verified": {"ok": true, "status": "verified", "where": "fresh process, cpu (AVX512)",
+                                "rel_rms": 1e-7, "tolerance": 1e-5, "error": null}}],
+      "files": {"aoti/prefill-512.pt2": {"sha256": "...", "size": 123}, ...},
+      "timings_s": {"validate": 0.1, ...}
+    }
+
+`verified.status` is "verified", "failed" (with `error`) or "unverified" (TensorRT: "unverified by
+our tests"). Every file of the build folder except manifest.json is listed in `files`; the loader
+refuses a folder with a missing, extra or changed file.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from typing import Any
+
+import torch
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+# x86 vector ISAs as torch.backends.cpu.get_cpu_capability() names them, weakest first: AOTInductor
+# compiles CPU code for the build host's ISA, so a package needs at least that ISA to run.
+_X86_ISA_ORDER = ("DEFAULT", "AVX2", "AVX512")
+
+
+class ArtifactError(Exception):
+    """A build folder that must not be loaded: missing/tampered files, another device, other versions,
+    no verified engine, or a process set-up that would crash. The message is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+# ---- facts about this machine --------------------------------------------------------------------
+
+def device_info(target: str = "cpu") -> dict[str, Any]:
+    """The device an engine is built for / runs on: target 'cpu' or a GPU name ('H100')."""
+    if target == "cpu":
+        return {"kind": "cpu", "name": "cpu", "isa": torch.backends.cpu.get_cpu_capability(),
+                "machine": platform.machine()}
+    major, minor = torch.cuda.get_device_capability(0)
+    return {"kind": "cuda", "name": torch.cuda.get_device_name(0), "gpu": target,
+            "compute_capability": f"{major}.{minor}"}
+
+
+def _version(module: str) -> str | None:
+    try:
+        mod = __import__(module)
+    except Exception:  # noqa: BLE001 (absent, or broken: either way not usable)
+        return None
+    return getattr(mod, "__version__", None)
+
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    try:
+        ours = metadata.version("dsv4_compile")
+    except metadata.PackageNotFoundError:
+        ours = None
+    return {"torch": torch.__version__, "triton": _version("triton"), "onnxruntime": _version("onnxruntime"),
+            "onnx": _version("onnx"), "python": platform.python_version(), "dsv4_compile": ours,
+            "tensorrt": _tensorrt_version()}
+
+
+def _tensorrt_version() -> str | None:
+    from importlib import util
+
+    if util.find_spec("tensorrt") is None:
+        return None
+    return _version("tensorrt")
+
+
+def describe_device(device: dict) -> str:
+    if device.get("kind") == "cuda":
+        return f"{device.get('name')} (compute capability {device.get('compute_capability')})"
+    return f"cpu ({device.get('machine')}, {device.get('isa')})"
+
+
+def current_device_for(built: dict) -> dict:
+    """This machine's description in the same terms as the manifest's device."""
+    if built.get("kind") == "cuda":
+        if not torch.cuda.is_available():
+            return {"kind": "cpu", "name": "cpu", "isa": torch.backends.cpu.get_cpu_capability(),
+                    "machine": platform.machine()}
+        return device_info(built.get("gpu") or "cuda")
+    return device_info("cpu")
+
+
+def device_mismatch(built: dict, here: dict | None = None) -> str | None:
+    """None when engines built for `built` can run here, else a one-line reason."""
+    here = here or current_device_for(built)
+    if built.get("kind") != here.get("kind"):
+        return f"built for {describe_device(built)}, this machine has {describe_device(here)}"
+    if built["kind"] == "cuda":
+        if built.get("name") != here.get("name") or built.get("compute_capability") != here.get("compute_capability"):
+            return f"built for {describe_device(built)}, this machine has {describe_device(here)}"
+        return None
+    if built.get("machine") != here.get("machine") or built.get("name") != "cpu":
+        return f"built for {describe_device(built)}, this machine has {describe_device(here)}"
+    isa_b, isa_h = built.get("isa"), here.get("isa")
+    if isa_b != isa_h:
+        if isa_b in _X86_ISA_ORDER and isa_h in _X86_ISA_ORDER and _X86_ISA_ORDER.index(isa_h) > _X86_ISA_ORDER.index(isa_b):
+            return None  # a stronger ISA runs code compiled for a weaker one
+        return f"built for {describe_device(built)}, this machine has {describe_device(here)} (AOTInductor code is compiled for the build host's vector ISA)"
+    return None
+
+
+def version_mismatch(built: dict, here: dict | None = None) -> str | None:
+    """torch and triton must be exactly the build's versions."""
+    here = here or versions()
+    diffs = [f"{name} {built.get(name)} at build, {here.get(name)} here"
+             for name in ("torch", "triton") if built.get(name) != here.get(name)]
+    return "; ".join(diffs) or None
+
+
+# ---- files ------------------------------------------------------------------------------------------
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_files(root: str) -> list[str]:
+    """Every regular file under root, relative, '/'-separated, sorted; manifest.json excluded."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def file_table(root: str) -> dict[str, dict]:
+    return {rel: {"sha256": sha256_file(os.path.join(root, rel)), "size": os.path.getsize(os.path.join(root, rel))}
+            for rel in list_files(root)}
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write to a temporary file beside `path`, fsync, rename: a reader sees the old or the new file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- reading and checking -----------------------------------------------------------------------
+
+def read_manifest(root: str) -> dict:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.isdir(root):
+        raise ArtifactError(f"{root}: not a build folder (no such directory)")
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{root}: no {MANIFEST}; not a complete build (an interrupted build leaves none)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ArtifactError(f"{path}: unreadable manifest ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+        got = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        raise ArtifactError(f"{path}: schema_version {got!r}, this loader reads {SCHEMA_VERSION}")
+    for key in ("device", "versions", "config", "config_hash", "files", "engines", "context_buckets"):
+        if key not in manifest:
+            raise ArtifactError(f"{path}: missing key {key!r}")
+    return manifest
+
+
+def check_files(root: str, manifest: dict) -> None:
+    """Every listed file present with its size and sha256, and no unlisted file."""
+    listed = manifest["files"]
+    present = set(list_files(root))
+    missing = sorted(set(listed) - present)
+    if missing:
+        raise ArtifactError(f"{root}: file {missing[0]} is listed in the manifest but missing")
+    extra = sorted(present - set(listed))
+    if extra:
+        raise ArtifactError(f"{root}: file {extra[0]} is not listed in the manifest")
+    for rel, entry in sorted(listed.items()):
+        full = os.path.join(root, rel)
+        size = os.path.getsize(full)
+        if size != entry.get("size"):
+            raise ArtifactError(f"{root}: {rel} has {size} bytes, the manifest says {entry.get('size')}; the file was changed")
+        digest = sha256_file(full)
+        if digest != entry.get("sha256"):
+            raise ArtifactError(f"{root}: checksum mismatch for {rel} (sha256 {digest[:12]}..., manifest {str(entry.get('sha256'))[:12]}...); the file was changed")
+
+
+def check_config(manifest: dict) -> Any:
+    from .model.config import ConfigError, ModelConfig
+
+    try:
+        config = ModelConfig.from_dict({k: v for k, v in manifest["config"].items() if k != "name"},
+                                       name=manifest["config"].get("name", "custom"))
+    except ConfigError as err:
+        raise ArtifactError(f"manifest config is invalid: {err}") from None
+    if config.config_hash() != manifest["config_hash"]:
+        raise ArtifactError(f"manifest config_hash {manifest['config_hash'][:12]}... does not match its config "
+                            f"({config.config_hash()[:12]}...); the manifest was edited")
+    return config
+
+
+def check_manifest(root: str, allow_version_skew: bool = False) -> dict:
+    """All checks that need no engine code: manifest, files, config, device, versions. Returns it."""
+    manifest = read_manifest(root)
+    check_files(root, manifest)
+    check_config(manifest)
+    reason = device_mismatch(manifest["device"])
+    if reason:
+        raise ArtifactError(f"{root}: device mismatch: {reason}")
+    if not allow_version_skew:
+        reason = version_mismatch(manifest["versions"])
+        if reason:
+            raise ArtifactError(f"{root}: version mismatch: {reason} (pass allow_version_skew=True to load anyway)")
+    return manifest
