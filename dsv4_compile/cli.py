@@ -52,6 +52,7 @@ COMMANDS: dict[str, Command] = {
     "build": Command("dsv4_compile.build", "compile, export (AOTInductor, ONNX, TensorRT) and verify a model into a build folder"),
     "kv-cache": Command("dsv4_compile.kv_report",
                         "KV-cache bytes per context length from the real cache layout, beside the seed figures"),
+    "tune": Command("dsv4_compile.tuning.cli", "Optuna sweeps of the Triton kernels per GPU and context length -> tuning/tables/<gpu>.yaml"),
     "verify": Command("dsv4_compile.verify", "compare every engine of a build with the eager model, in a fresh process"),
 }
 

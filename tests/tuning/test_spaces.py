@@ -1,0 +1,129 @@
+"""Search spaces: params are real config fields, defaults are candidates, rules prune per GPU and problem."""
+import dataclasses
+
+import pytest
+
+from dsv4_compile.model.config import ModelConfig
+from dsv4_compile.tuning.spaces import SPACES, canonical_gpu, get_space, gpu_spec
+
+FLASH = ModelConfig.load("flash")
+CONTEXTS = (8192, 32768, 131072)
+
+
+def problems(space, contexts=CONTEXTS):
+    for phase in space.phases:
+        for ctx in contexts:
+            yield space.make_problem(FLASH, ctx, 64 if phase == "decode" else 1, phase)
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_params_are_config_fields_and_defaults_are_candidates(name):
+    space = SPACES[name]
+    assert space.unavailable() is None, space.unavailable()
+    fields = {f.name for f in dataclasses.fields(space.config_cls())}
+    assert {p.name for p in space.params if not p.optional} <= fields
+    assert {p.name for p in space.active_params()} <= fields
+    for gpu in ("H100", "H200", "generic"):
+        spec = gpu_spec(gpu)
+        for problem in problems(space):
+            default = space.default_params(problem, spec)
+            choices = space.choices(problem, spec)
+            assert all(default[k] in choices[k] for k in default), (gpu, problem.bucket)
+            cfg = space.make_config(default, gpu, "decode" if problem.phase == "decode" else "prefill")
+            # The GPU's own default must never be rejected as impossible (it is the baseline).
+            assert space.check(cfg, problem, spec, baseline=True) is None, (gpu, problem.bucket)
+
+
+def test_buckets_and_shapes_follow_context_batch_and_phase():
+    fp8 = get_space("fp8_quantize")
+    p8, p32 = fp8.make_problem(FLASH, 8192), fp8.make_problem(FLASH, 32768)
+    assert (p8.bucket, p32.bucket) == ("8k", "32k")
+    assert p8.dim("rows") == 2048 and p32.dim("rows") == 8192 and p8.dim("cols") == 448
+    assert fp8.make_problem(FLASH, 8192, batch=4).bucket == "8k-b4"
+    dec = get_space("sparse_attention_cached").make_problem(FLASH, 32768, 64, "decode")
+    assert dec.bucket == "decode-32k-b64" and dec.dim("B") == 64 and dec.dim("N") == 128 + 8192
+    ns = get_space("newton_schulz")
+    assert ns.make_problem(FLASH, 8192).bucket == ns.make_problem(FLASH, 131072).bucket == "any"
+    with pytest.raises(ValueError, match="phase"):
+        fp8.make_problem(FLASH, 8192, phase="decode")
+
+
+def test_hard_rules_prune_before_running():
+    ns = get_space("newton_schulz")
+    problem = ns.make_problem(FLASH, 8192)
+    h100 = gpu_spec("H100")
+    base = ns.default_params(problem, h100)
+    # Accumulator 256x256 over 4 warps: 512 fp32 a thread.
+    kind, reason = ns.check(ns.make_config({**base, "block_m": 256, "block_n": 256, "num_warps": 4}, "H100"), problem, h100)
+    assert kind == "hard" and "accumulator" in reason
+    # Shared memory: 5 stages of (256x128 + 128x128) bf16 = 480 KB > 227 KB.
+    cfg = ns.make_config({**base, "block_m": 256, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 5}, "H100")
+    kind, reason = ns.check(cfg, problem, h100)
+    assert kind == "hard" and "shared memory" in reason
+
+
+def test_rules_are_keyed_by_gpu():
+    attn = get_space("sparse_attention")
+    problem = attn.make_problem(FLASH, 8192)
+    cfg = attn.make_config({"block_h": 64, "block_k": 64, "num_warps": 8, "num_stages": 2}, "H100")
+    # 2 stages of [64, 512] bf16 + [64, 64] probabilities = 136 KB: fits an H100 (227 KB), not 99 KB.
+    assert attn.check(cfg, problem, gpu_spec("H100")) is None
+    kind, reason = attn.check(cfg, problem, gpu_spec("RTX 4090"))
+    assert kind == "hard" and "shared memory" in reason
+    h100, generic = (attn.count_valid(problem, gpu_spec(g)) for g in ("H100", "some other GPU"))
+    assert h100[0] == generic[0] and h100[1] > generic[1]
+
+
+def test_redundant_rules_depend_on_the_problem_but_spare_the_baseline():
+    fp8 = get_space("fp8_quantize")
+    h100 = gpu_spec("H100")
+    tiny = fp8.make_problem(FLASH, 16)                        # 4 rows x 7 blocks of 64 = 28 blocks
+    wide = fp8.make_config({"block_elems": 4096, "num_warps": 4}, "H100")
+    kind, reason = fp8.check(wide, tiny, h100)
+    assert kind == "redundant" and "the tensor has 28" in reason
+    assert fp8.check(wide, tiny, h100, baseline=True) is None
+    assert fp8.check(wide, fp8.make_problem(FLASH, 8192), h100) is None
+    decode = get_space("sparse_attention_cached")
+    p = decode.make_problem(FLASH, 8192, 64, "decode")        # K = 640: 10 steps of 64
+    cfg = decode.make_config({"block_k": 64, "num_splits": 16, "num_warps": 8, "block_h": 16}, "H100", "decode")
+    assert decode.check(cfg, p, h100)[0] == "redundant"
+
+
+def test_a_space_out_of_date_with_its_kernel_is_reported_not_run():
+    import dataclasses as dc
+
+    from dsv4_compile.tuning.spaces import Param
+
+    fp8 = get_space("fp8_quantize")
+    stale = dc.replace(fp8, params=fp8.params + (Param("block_rows", (1, 2)),))
+    assert "out of date" in stale.unavailable() and "block_rows" in stale.unavailable()
+    tolerant = dc.replace(fp8, params=fp8.params + (Param("block_rows", (1, 2), optional=True),))
+    assert tolerant.unavailable() is None and "block_rows" not in {p.name for p in tolerant.active_params()}
+
+
+def test_invalid_values_are_refused_by_the_dataclass():
+    hc = get_space("hc_pre")
+    with pytest.raises(ValueError):
+        hc.make_config({"block_t": 8}, "H100")                # tl.dot needs >= 16
+    with pytest.raises(ValueError, match="no field"):
+        hc.make_config({"not_a_field": 1}, "H100")
+
+
+def test_code_version_is_stable_and_tracks_problem_and_choices():
+    sink = get_space("hc_sinkhorn")
+    h100 = gpu_spec("H100")
+    p8, p32 = sink.make_problem(FLASH, 8192), sink.make_problem(FLASH, 32768)
+    assert sink.code_version(p8, h100) == sink.code_version(p8, h100)
+    assert sink.code_version(p8, h100) != sink.code_version(p32, h100)
+    pro = ModelConfig.load("pro")
+    assert sink.code_version(sink.make_problem(pro, 8192), h100) == sink.code_version(p8, h100)  # same shapes
+    hc = get_space("hc_pre")
+    assert hc.code_version(hc.make_problem(pro, 8192), h100) != hc.code_version(hc.make_problem(FLASH, 8192), h100)
+    assert any(f.name == "hc_sinkhorn.py" for f in sink.source_files())
+
+
+def test_gpu_names():
+    assert canonical_gpu("NVIDIA H100 80GB HBM3") == "H100" and canonical_gpu("h200") == "H200"
+    assert canonical_gpu("cpu") == "cpu" and canonical_gpu("NVIDIA A100-SXM4-80GB") == "NVIDIA_A100-SXM4-80GB"
+    assert gpu_spec("H100").smem_per_block == 232448 and gpu_spec("weird").smem_per_block == gpu_spec("generic").smem_per_block
+    assert gpu_spec("weird").name == "weird"

@@ -1,0 +1,92 @@
+"""The sweep end to end through its Python API, on SQLite: stand-in cost, real spaces and storage."""
+import re
+
+import optuna
+import yaml
+
+import tuning_scenarios as sc
+from dsv4_compile.tuning import tuned_config
+from dsv4_compile.tuning.objective import STATUS_MEASURED
+from dsv4_compile.tuning.sweep import format_summary, plan_studies, tune
+
+TrialState = optuna.trial.TrialState
+
+
+def test_end_to_end_resume_table_and_plots(sqlite_url, tmp_path):
+    req = sc.request(sqlite_url, tmp_path, contexts=[8192, 32768], kernels=["fp8_quantize", "newton_schulz"],
+                     trials=6, plots=True)
+    result = tune(req)
+    assert result.ok and not result.notes
+    # Studies: fp8 per context, Newton-Schulz once (context-free); names carry kernel, GPU, bucket, version.
+    assert [(p.kernel, p.problem.bucket) for p in result.plans] == [
+        ("fp8_quantize", "8k"), ("fp8_quantize", "32k"), ("newton_schulz", "any")]
+    for plan in result.plans:
+        assert plan.study == f"{req.study_prefix}:{plan.kernel}:H100:{plan.problem.bucket}:{plan.code_version}"
+    for plan, s in zip(result.plans, result.summaries):
+        trials = sc.load(req, plan).get_trials(deepcopy=False)
+        measured = [t for t in trials if t.user_attrs.get("status") == STATUS_MEASURED]
+        assert s.measured == len(measured) == 6
+        assert s.best_ms == min(t.value for t in measured)
+        baseline = trials[0]                                   # the GPU's default, measured first
+        assert baseline.user_attrs["baseline"] and baseline.user_attrs["status"] == STATUS_MEASURED
+        assert s.default_ms == baseline.value and s.speedup >= 1.0
+    # The table holds every best config; the reader returns it.
+    table = yaml.safe_load(result.table_path.read_text())
+    assert result.table_path == tmp_path / "tables" / "H100.yaml"
+    for plan, s in zip(result.plans, result.summaries):
+        e = table["kernels"][plan.kernel][s.bucket]
+        assert e["config"] == s.best_params and e["latency_ms"] == round(s.best_ms, 6)
+        assert e["study"] == plan.study and e["code_version"] == plan.code_version and "stand-in" in e["device"]
+    cfg = tuned_config("fp8_quantize", "H100", 30000, tables_dir=req.tables_dir)
+    assert cfg.block_elems == result.summaries[1].best_params["block_elems"]
+    # Plots beside the table.
+    names = {p.name for p in result.plots}
+    assert {"fp8_quantize-8k-history.png", "fp8_quantize-8k-importance.png", "newton_schulz-any-history.png",
+            "fp8_quantize-latency-vs-context.png"} <= names
+    assert all(p.parent == tmp_path / "tables" / "H100" and p.stat().st_size > 1000 for p in result.plots)
+    assert re.search(r"^fp8_quantize\s+8k\s+6\s", format_summary(result.summaries), re.M)
+
+    # Re-running resumes: nothing left to do, no trial added, same answers.
+    counts = [len(sc.load(req, p).trials) for p in result.plans]
+    again = tune(sc.dataclass_replace(req, plots=False))
+    assert [len(sc.load(req, p).trials) for p in result.plans] == counts
+    assert [s.best_params for s in again.summaries] == [s.best_params for s in result.summaries]
+    # A larger budget continues the same studies.
+    more = tune(sc.dataclass_replace(req, trials=8, plots=False, kernels=["fp8_quantize"]))
+    assert [s.measured for s in more.summaries] == [8, 8]
+    assert [p.study for p in more.plans] == [p.study for p in result.plans[:2]]
+
+
+def test_small_space_stops_when_exhausted(sqlite_url, tmp_path):
+    req = sc.request(sqlite_url, tmp_path, kernels=["hc_sinkhorn"], trials=100, max_attempts=400)
+    (plan,), _ = plan_studies(req)
+    assert plan.valid is not None and plan.target == plan.valid < 100
+    (s,) = tune(req).summaries
+    assert s.measured == plan.valid
+
+
+def test_failures_and_wrong_configs_are_recorded_not_fatal(sqlite_url, tmp_path):
+    req = sc.request(sqlite_url, tmp_path, kernels=["hc_sinkhorn"], trials=10,
+                     runner_options={"fail": [{"sinkhorn_num_warps": 1}], "wrong": [{"sinkhorn_num_warps": 2}]})
+    result = tune(req)
+    (s,) = result.summaries
+    assert s.measured == 10 and not result.worker_errors
+    study = sc.load(req, result.plans[0])
+    for t in study.trials:
+        warps = t.params["sinkhorn_num_warps"]
+        if t.user_attrs.get("status") in ("constraint", "duplicate"):
+            continue
+        assert (warps, t.state) not in ((1, TrialState.COMPLETE), (2, TrialState.COMPLETE))
+        if warps == 1:
+            assert t.state == TrialState.FAIL and "out of resources" in t.user_attrs["reason"]
+        if warps == 2:
+            assert t.state == TrialState.PRUNED and t.user_attrs["status"] == "wrong"
+    assert s.best_params["sinkhorn_num_warps"] not in (1, 2)
+
+
+def test_kill_and_resume_sqlite(sqlite_url, tmp_path):
+    sc.kill_and_resume(sqlite_url, tmp_path)
+
+
+def test_three_workers_one_sqlite_study(sqlite_url, tmp_path):
+    sc.three_workers(sqlite_url, tmp_path)

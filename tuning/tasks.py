@@ -1,0 +1,267 @@
+"""What the correctness gate and the timer run for each kernel: inputs of a problem's shape, the plain
+op's output (`torch.ops.dsv4.*`, the reference), the kernel's output under a config, and the comparison.
+
+    task = TASKS["fp8_quantize"]
+    inputs = task.inputs(problem, device, seed=0)            # a tuple of tensors / scalars
+    ref = task.reference(inputs)                             # torch.ops.dsv4.fp8_quantize(...)
+    out = task.run(space, inputs, config)                    # the Triton kernel with `config`
+    error = task.compare(ref, out)                           # None, or one line saying what is wrong
+
+`small=True` shrinks a problem to a size the Triton CPU interpreter runs in well under a second (the
+gate on a CPU machine); the shapes keep their structure (ragged edges, padding, -1 indices).
+
+Tolerances (relative RMS against the plain op, NaN positions must match):
+- fp8/fp4 quantize: exact (the kernels round bit for bit as the plain op; kernels/_jit_utils.py).
+- newton_schulz: 1e-2 (bf16 operands, 10 compounded steps; the kernel tests' NS_TOL).
+- hc_pre: y 1e-2 in bf16 (one bf16 rounding, REL_RMS_TOL), post and comb 1e-3 in fp32 (fp32 dot
+  products give ~1e-6; tf32 mixes, ~5e-4 relative, pass or fail here on their merits).
+- hc_sinkhorn: 1e-5 (fp32, summation order only).
+- sparse attention: 1e-2 in bf16 (the probabilities are rounded to bf16 for the second dot, as
+  FlashAttention does), 1e-5 in fp32.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Relative RMS error of out against ref over the positions where ref is not NaN (fp64, chunked)."""
+    ref, out = ref.reshape(-1), out.reshape(-1)
+    num = den = 0.0
+    step = 1 << 24
+    for i in range(0, ref.numel(), step):
+        r, o = ref[i:i + step].double(), out[i:i + step].double()
+        keep = ~torch.isnan(r)
+        r, o = r[keep], o[keep]
+        num += float(((o - r) ** 2).sum())
+        den += float((r ** 2).sum())
+    return math.sqrt(num) / max(math.sqrt(den), 1e-300)
+
+
+def close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> str | None:
+    """None when shapes, dtypes and NaN positions match and the relative RMS error is within tol."""
+    if tuple(ref.shape) != tuple(out.shape):
+        return f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    if ref.dtype != out.dtype:
+        return f"{name}: dtype {out.dtype} != reference {ref.dtype}"
+    if ref.is_floating_point():
+        if not torch.equal(torch.isnan(ref), torch.isnan(out)):
+            return f"{name}: NaN positions differ ({int(torch.isnan(ref).sum())} vs {int(torch.isnan(out).sum())})"
+        if tol == 0.0:
+            bad = int(((ref != out) & ~torch.isnan(ref)).sum())
+            return None if bad == 0 else f"{name}: {bad} of {ref.numel()} values differ (exact match required)"
+        if not torch.equal(torch.isinf(ref), torch.isinf(out)):
+            return f"{name}: Inf positions differ"
+        finite = torch.isfinite(ref)
+        err = rel_rms(ref[finite], out[finite]) if bool(finite.any()) else 0.0
+        return None if err <= tol else f"{name}: relative RMS error {err:.3e} > {tol:.0e}"
+    bad = int((ref != out).sum())
+    return None if bad == 0 else f"{name}: {bad} of {ref.numel()} values differ (exact match required)"
+
+
+def _as_float(codes: torch.Tensor) -> torch.Tensor:
+    return codes.float() if codes.dtype == torch.float8_e4m3fn else codes
+
+
+@dataclass(frozen=True)
+class KernelTask:
+    """inputs(problem, device, seed, small) -> args; reference(args) -> outputs (the plain op);
+    call(fn, args, config) -> outputs (the kernel); compare(ref, out) -> None | reason."""
+
+    inputs: Callable[..., tuple]
+    reference: Callable[[tuple], Any]
+    call: Callable[[Callable, tuple, Any], Any]
+    compare: Callable[[Any, Any], "str | None"]
+
+    def run(self, space, args: tuple, config) -> Any:
+        return self.call(space.kernel_fn(), args, config)
+
+
+def _gen(device, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _randn(shape, device, seed, dtype=torch.float32, scale=1.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=_gen(device, seed), device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+# ---- quantization -------------------------------------------------------------------------------
+
+def _quant_inputs(problem, device, seed=0, small=False):
+    rows, cols = problem.dim("rows"), problem.dim("cols")
+    if small:
+        rows = min(rows, 37)                      # odd: ragged last row block
+    x = _randn((rows, cols), device, seed)
+    # Rows of very different magnitudes: scales that span many powers of two.
+    x = x * torch.exp2(torch.arange(rows, device=device, dtype=torch.float32) % 17 - 8).unsqueeze(-1)
+    return (x, problem.dim("block_size"), problem.dim("pow2_scale"))
+
+
+def _quant_compare(ref, out) -> str | None:
+    (rc, rs), (oc, os_) = ref, out
+    return close("scale", rs, os_, 0.0) or close("codes", _as_float(rc), _as_float(oc), 0.0)
+
+
+FP8_QUANTIZE = KernelTask(
+    inputs=_quant_inputs,
+    reference=lambda a: torch.ops.dsv4.fp8_quantize(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=_quant_compare)
+
+FP4_QUANTIZE = KernelTask(
+    inputs=_quant_inputs,
+    reference=lambda a: torch.ops.dsv4.fp4_quantize(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=_quant_compare)
+
+
+# ---- Newton-Schulz -------------------------------------------------------------------------------
+
+def _ns_inputs(problem, device, seed=0, small=False):
+    from dsv4_compile.model.muon import DSV4_NS_COEFFICIENTS
+
+    mats, rows, cols = problem.dim("mats"), problem.dim("rows"), problem.dim("cols")
+    if small:
+        mats, rows, cols = 2, min(rows, 48), min(cols, 80)
+    G = _randn((mats, rows, cols), device, seed, DTYPES[problem.dim("dtype")])
+    coefficients = [c for triple in DSV4_NS_COEFFICIENTS[:problem.dim("steps")] for c in triple]
+    return (G, coefficients)
+
+
+NEWTON_SCHULZ = KernelTask(
+    inputs=_ns_inputs,
+    reference=lambda a: torch.ops.dsv4.newton_schulz(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("X", ref, out, 1e-2))
+
+
+# ---- mHC ----------------------------------------------------------------------------------------
+
+def _hc_pre_inputs(problem, device, seed=0, small=False):
+    T, n, D = problem.dim("tokens"), problem.dim("n"), problem.dim("D")
+    if small:
+        T, D = min(T, 45), min(D, 96)
+    W = (2 + n) * n
+    x = _randn((T, n, D), device, seed, DTYPES[problem.dim("dtype")])
+    fn = _randn((W, n * D), device, seed + 1, scale=1.0 / math.sqrt(n * D))
+    scale = _randn((3,), device, seed + 2, scale=0.5)
+    base = _randn((W,), device, seed + 3, scale=0.5)
+    return (x, fn, scale, base, problem.dim("iters"), 1e-6, 1e-6)
+
+
+def _hc_pre_compare(ref, out) -> str | None:
+    y_tol = REL_TOL.get(ref[0].dtype, 1e-2)
+    return (close("y", ref[0], out[0], y_tol) or close("post", ref[1], out[1], 1e-3)
+            or close("comb", ref[2], out[2], 1e-3))
+
+
+HC_PRE = KernelTask(
+    inputs=_hc_pre_inputs,
+    reference=lambda a: torch.ops.dsv4.hc_pre(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=_hc_pre_compare)
+
+
+def _sinkhorn_inputs(problem, device, seed=0, small=False):
+    T, n = problem.dim("matrices"), problem.dim("n")
+    if small:
+        T = min(T, 77)
+    return (_randn((T, n, n), device, seed, scale=2.0), problem.dim("iters"), 1e-6)
+
+
+HC_SINKHORN = KernelTask(
+    inputs=_sinkhorn_inputs,
+    reference=lambda a: torch.ops.dsv4.hc_sinkhorn(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("comb", ref, out, 1e-5))
+
+
+# ---- sparse attention -----------------------------------------------------------------------------
+
+def _attention_indices(B, S, K, window, n_raw, n_entries, positions, device, seed) -> torch.Tensor:
+    """[B, S, K] int32: the causal window (raw rows t-window+1..t, -1 before 0), then random visible
+    compressed entries (entry i visible iff i < (t+1)//4, -1 where none), offset by n_raw."""
+    t = positions.view(B, S, 1)
+    win = t - torch.arange(window - 1, -1, -1, device=device).view(1, 1, window)
+    win = torch.where(win >= 0, win, -1)
+    k_c = K - window
+    visible = torch.div(t + 1, 4, rounding_mode="floor").clamp(max=n_entries)          # [B, S, 1]
+    u = torch.rand((B, S, k_c), generator=_gen(device, seed), device=device)
+    pick = (u * visible).long()
+    comp = torch.where(visible > 0, pick + n_raw, -1)
+    return torch.cat([win, comp], dim=-1).to(torch.int32)
+
+
+def _attn_prefill_inputs(problem, device, seed=0, small=False):
+    B, S, H, D, K, W = (problem.dim(k) for k in ("B", "S", "H", "D", "K", "window"))
+    if small:
+        B, S, H, D, K, W = 1, min(S, 40), min(H, 20), min(D, 64), min(K, 24), min(W, 8)
+    dtype = DTYPES[problem.dim("dtype")]
+    n_entries = math.ceil(S / 4)
+    q = _randn((B, S, H, D), device, seed, dtype)
+    kv = _randn((B, S + n_entries, D), device, seed + 1, dtype)
+    sink = _randn((H,), device, seed + 2)
+    pos = torch.arange(S, device=device).expand(B, S)
+    idx = _attention_indices(B, S, K, W, S, n_entries, pos, device, seed + 3)
+    return (q, kv, sink, idx, D ** -0.5)
+
+
+def _attn_decode_inputs(problem, device, seed=0, small=False):
+    from dsv4_compile.model.kv_layout import pack_main_entries
+
+    B, H, D, R, K, W, N = (problem.dim(k) for k in ("B", "H", "D", "rope_dim", "K", "window", "N"))
+    context = problem.context
+    if small:
+        B, H, D, R, K, W = min(B, 3), min(H, 20), 128, 64, min(K, 24), min(W, 8)
+        context = min(context, 64)
+        N = W + math.ceil(context / 4)
+    dtype = DTYPES[problem.dim("dtype")]
+    q = _randn((B, 1, H, D), device, seed, dtype)
+    values = _randn((B, N, D), device, seed + 1)
+    cache = pack_main_entries(values, R)
+    sink = _randn((H,), device, seed + 2)
+    # Sequences of different lengths (batches mix lengths): position t in [context/2, context).
+    pos = (context // 2 + (torch.arange(B, device=device) * 7919) % max(1, context - context // 2)).view(B, 1)
+    n_entries = N - W
+    # Window slots of the ring: (t - j) % W for j < W, -1 before 0.
+    t = pos.view(B, 1, 1)
+    win = t - torch.arange(W - 1, -1, -1, device=device).view(1, 1, W)
+    win = torch.where(win >= 0, win % W, -1)
+    visible = torch.div(t + 1, 4, rounding_mode="floor").clamp(max=n_entries)
+    u = torch.rand((B, 1, K - W), generator=_gen(device, seed + 3), device=device)
+    comp = torch.where(visible > 0, (u * visible).long() + W, -1)
+    idx = torch.cat([win, comp], dim=-1).to(torch.int32)
+    return (q, cache, sink, idx, D ** -0.5, R)
+
+
+SPARSE_ATTENTION = KernelTask(
+    inputs=_attn_prefill_inputs,
+    reference=lambda a: torch.ops.dsv4.sparse_attention(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("out", ref, out, REL_TOL.get(ref.dtype, 1e-2)))
+
+SPARSE_ATTENTION_CACHED = KernelTask(
+    inputs=_attn_decode_inputs,
+    reference=lambda a: torch.ops.dsv4.sparse_attention_cached(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("out", ref, out, REL_TOL.get(ref.dtype, 1e-2)))
+
+
+TASKS: dict[str, KernelTask] = {
+    "fp8_quantize": FP8_QUANTIZE, "fp4_quantize": FP4_QUANTIZE, "newton_schulz": NEWTON_SCHULZ,
+    "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
+    "sparse_attention_cached": SPARSE_ATTENTION_CACHED,
+}
+
+
+def tensors_nbytes(args: Sequence[Any]) -> int:
+    return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
