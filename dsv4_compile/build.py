@@ -297,7 +297,8 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress) -> list
             files = [rel]
         else:
             rel = f"onnx/prefill-{bucket}.onnx"
-            example = E.example_tokens(model.config, result.batch_range[1], max(result.seq_range[0], min(64, result.seq_range[1])))
+            example = E.example_tokens(model.config, result.batch_range[1], max(result.seq_range[0], min(64, result.seq_range[1])),
+                                       device=next(iter(model.parameters())).device)
             written = E.export_onnx(result, os.path.join(tmp, rel), example)
             files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
             onnx_rel = rel
@@ -345,12 +346,12 @@ def base_manifest(plan: Plan, engines: list[dict], compile_result: dict | None, 
 
 
 def run_verify_worker(path: str, formats: list[str], seed: int | None = None,
-                      timeout: float | None = None) -> dict:
+                      timeout: float | None = None, cuda: bool = False) -> dict:
     """`python -m dsv4_compile.verify --worker PATH` in a fresh process (libstdc++ preload where needed)."""
     from .loader import libstdcxx_preload
 
     env = dict(os.environ)
-    preload = libstdcxx_preload()
+    preload = libstdcxx_preload(cuda=cuda)
     if preload:
         env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
     with tempfile.TemporaryDirectory(prefix="dsv4-verify-") as scratch:
@@ -436,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
         manifest["files"] = file_table(tmp)
         write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
         to_verify = sorted({e["format"] for e in engines if e["verified"]["status"] == "pending"})
-        outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000)
+        outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000, cuda=plan.target != "cpu")
         where = outcome.get("where", "fresh process")
         by_key = {(r["format"], r["bucket"]): r for r in outcome.get("results", [])}
         for e in engines:

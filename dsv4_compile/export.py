@@ -161,9 +161,14 @@ class ExportResult:
     note: str | None = None        # why the export fell back to static shapes
 
 
-def example_tokens(config, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+def example_tokens(config, batch: int, seq: int, seed: int = 0, device=None) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, config.vocab_size, (batch, seq), generator=gen, dtype=torch.int64)
+    tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=gen, dtype=torch.int64)
+    return tokens if device is None else tokens.to(device)
+
+
+def _device_of(model) -> torch.device:
+    return next(iter(model.parameters())).device
 
 
 def export_prefill(model, dynamic: bool = True) -> ExportResult:
@@ -179,7 +184,7 @@ def export_prefill(model, dynamic: bool = True) -> ExportResult:
     note = None
     if dynamic:
         b = min(2, max_b)
-        example = example_tokens(config, b, max(MIN_SEQ + 1, bucket // 2))
+        example = example_tokens(config, b, max(MIN_SEQ + 1, bucket // 2), device=_device_of(model))
         spec = {1: Dim("S", min=MIN_SEQ, max=bucket)}
         if max_b > 1:
             spec[0] = Dim("B", min=1, max=max_b)
@@ -192,7 +197,7 @@ def export_prefill(model, dynamic: bool = True) -> ExportResult:
         except Exception as err:  # noqa: BLE001 (fall back to static shapes, and say why)
             note = f"dynamic export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); static S = {bucket}"
     mode = plain_ops()
-    example = example_tokens(config, 1, bucket)
+    example = example_tokens(config, 1, bucket, device=_device_of(model))
     with mode:
         ep = torch.export.export(model, (example,))
     return ExportResult(ep, (bucket, bucket), (1, 1), False, mode.routed, note)

@@ -11,9 +11,10 @@ with `ArtifactError` (one-line message):
   the build's vector ISA (AOTInductor compiles CPU code for the build host's ISA);
 - the versions: torch and triton exactly the build's (`allow_version_skew=True` relaxes only this);
 - the engine: the requested (or best) format was built and passed verification;
-- for AOTInductor packages, the process's libstdc++: loading a .pt2 segfaults when an older
-  libstdc++ than the system's was loaded first (the lent GPU image); the error names the LD_PRELOAD
-  to set.
+- for AOTInductor packages, the process's libstdc++: refused when an older libstdc++ than the
+  system's is mapped, and for CUDA packages unless the system libstdc++ is in LD_PRELOAD (on the lent
+  GPU image a CUDA .pt2 load without it never returns, although the mapped file is the system's);
+  the error names the LD_PRELOAD to set.
 
 Format choice: `format=None` takes the best verified one, aoti > onnx (> tensorrt, which our tests
 never verify: it is loaded only when asked for by name). Each call runs the smallest context bucket
@@ -86,9 +87,10 @@ def system_libstdcxx() -> str | None:
 def libstdcxx_problem() -> str | None:
     """None when this process's libstdc++ is the system's (or newer), else the one-line fix.
 
-    The lent GPU image loads an older libstdc++ before the system's; an AOTInductor package's C++
-    wrapper then crashes inside std::regex. Compared: the mapped file's real path and, if different,
-    its highest GLIBCXX version against the system library's.
+    Compares the mapped file's real path and, if different, its highest GLIBCXX version against the
+    system library's. NOTE (checked on the lent H100 image, 2026-11-23): there the mapped library IS
+    the system's and a .pt2 load still segfaults without LD_PRELOAD (other libraries' symbols come
+    first?), so this file check cannot see that case: `cuda_preload_problem` covers it.
     """
     system = system_libstdcxx()
     if system is None:
@@ -103,16 +105,40 @@ def libstdcxx_problem() -> str | None:
     return None
 
 
-def libstdcxx_preload() -> str | None:
-    """The LD_PRELOAD value a child Python process needs for .pt2 packages (None when not needed)."""
-    return system_libstdcxx() if libstdcxx_problem() else None
+def _preloaded(system: str) -> bool:
+    real = os.path.realpath(system)
+    return any(os.path.realpath(p) == real for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if p)
+
+
+def cuda_preload_problem() -> str | None:
+    """CUDA packages: None when the system libstdc++ is in LD_PRELOAD (or there is none), else the fix.
+
+    On the lent H100 image (torch 2.11.0+cu130, checked 2026-11-23) the mapped libstdc++ is the system's
+    file, yet loading a CUDA .pt2 without LD_PRELOAD never returns (the process died or hung past 60 s
+    in every try) and loads at once with it. No file check sees that, and a probe process would hang
+    too, so CUDA packages are loaded only with the system libstdc++ preloaded.
+    """
+    system = system_libstdcxx()
+    if system is None or _preloaded(system):
+        return None
+    return (f"loading a CUDA AOTInductor package needs the system libstdc++ preloaded (without it the lent GPU "
+            f"image crashes or hangs in the package's C++ wrapper): start Python with LD_PRELOAD={system}")
+
+
+def libstdcxx_preload(cuda: bool = False) -> str | None:
+    """The LD_PRELOAD value a child Python process needs for .pt2 packages (None when not needed).
+    CUDA builds always get the system libstdc++ preloaded (harmless, and needed on the lent GPU image)."""
+    system = system_libstdcxx()
+    if system is None or _preloaded(system):
+        return None
+    return system if (cuda or libstdcxx_problem()) else None
 
 
 # ---- runners -------------------------------------------------------------------------------------
 
 class _AotiRunner:
-    def __init__(self, path: str):
-        problem = libstdcxx_problem()
+    def __init__(self, path: str, cuda: bool = False):
+        problem = libstdcxx_problem() or (cuda_preload_problem() if cuda else None)
         if problem:
             raise ArtifactError(problem)
         self.package = torch._inductor.aoti_load_package(path)
@@ -197,7 +223,7 @@ class Engine:
         if bucket not in self._runners:
             path = os.path.join(self.path, entry["files"][0])
             if self.format == "aoti":
-                self._runners[bucket] = _AotiRunner(path)
+                self._runners[bucket] = _AotiRunner(path, cuda=self.manifest["device"].get("kind") == "cuda")
             elif self.format == "onnx":
                 self._runners[bucket] = _OnnxRunner(path, self.manifest["device"])
             else:
@@ -270,6 +296,8 @@ def load(path: str, format: str | None = None, allow_version_skew: bool = False,
     fmt, engines = _pick(manifest, format, _require_verified)
     if fmt == "aoti":
         problem = libstdcxx_problem()
+        if problem is None and manifest["device"].get("kind") == "cuda":
+            problem = cuda_preload_problem()
         if problem:
             raise ArtifactError(problem)
     return Engine(path, manifest, fmt, engines)

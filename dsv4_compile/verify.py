@@ -20,8 +20,9 @@ a short prompt ([1, 4]), the bucket's largest shape ([B_max, S_max]) and a rando
   Long prompts flip almost always, so no tight bound can hold for them.
 - So the tight tolerance (`TOLERANCES`) is applied to the short prompt, where a flip is rarer (about
   1 in 6 token sets at 8 tokens, measured; at 4 tokens fewer): up to 3 token sets are tried and the
-  best counts, so a real error fails all three and a chance flip almost never does: AOTInductor fp32 1e-5 (the same aten graph as eager's plain
-  ops, only summation order and fused exp/rsqrt differ: ~5e-7 measured); ONNX fp32 1e-4
+  best counts, so a real error fails all three and a chance flip almost never does.
+  AOTInductor fp32 1e-5 (the same aten graph as eager's plain ops, only summation order and fused
+  exp/rsqrt differ: ~5e-7 measured); ONNX fp32 1e-4
   (onnxruntime's own matmul blocking and Exp/Sqrt approximations; ~5e-7 measured, the decade of
   margin is for other CPUs); bf16 models 2e-2 (8 mantissa bits).
 - Every token set must also stay within `FLIP_BOUND` (fp32 5e-2: 3x the largest flip measured; a
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
         formats = [f for f in built if f != "tensorrt" or tensorrt_unavailable() is None]
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
-    outcome = run_verify_worker(path, formats, seed=seed)
+    outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest["device"].get("kind") == "cuda")
     results = outcome.get("results", [])
     ok = bool(results) and all(r["ok"] for r in results) and not outcome.get("worker_error")
     if args.json:

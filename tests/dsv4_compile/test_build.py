@@ -241,6 +241,20 @@ def test_libstdcxx_check_runs_here():
     assert system_libstdcxx() is None or libstdcxx_problem() is None
 
 
+def test_cuda_packages_need_the_libstdcxx_preload(monkeypatch):
+    from dsv4_compile.loader import cuda_preload_problem, libstdcxx_preload, system_libstdcxx
+
+    system = system_libstdcxx()
+    if system is None:
+        pytest.skip("ldconfig lists no libstdc++ here")
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    problem = cuda_preload_problem()
+    assert problem and f"LD_PRELOAD={system}" in problem and "\n" not in problem
+    assert libstdcxx_preload(cuda=True) == system and libstdcxx_preload(cuda=False) is None
+    monkeypatch.setenv("LD_PRELOAD", system)
+    assert cuda_preload_problem() is None and libstdcxx_preload(cuda=True) is None
+
+
 def test_killed_build_leaves_nothing_loadable(built, tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "dsv4_compile", "build", "--out", str(out)], cwd=tmp_path,
