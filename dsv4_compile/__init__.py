@@ -2,10 +2,11 @@
 
 Importing this package registers the `torch.ops.dsv4.*` ops of the plain model.
 """
-from .model import ConfigError, KVCache, ModelConfig, Transformer, ops, preset_names
+from .model import (DSV4_NS_COEFFICIENTS, ConfigError, HybridOptimizer, KVCache, ModelConfig, Muon, Transformer,
+                    deepseek_v4_optimizer, ops, preset_names, split_params)
 from .compile import compile, resolve_gpu  # noqa: A004  (dsv4_compile.compile is the function)
+from .loader import ArtifactError, load
 
-__all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer", "compile", "ops", "preset_names", "resolve_gpu"]
-from .loader import ArtifactError, load  # noqa: E402  (build loader: dsv4_compile/loader.py)
-
-__all__ += ["ArtifactError", "load"]
+__all__ = ["DSV4_NS_COEFFICIENTS", "ArtifactError", "ConfigError", "HybridOptimizer", "KVCache", "ModelConfig", "Muon",
+           "Transformer", "compile", "deepseek_v4_optimizer", "load", "ops", "preset_names", "resolve_gpu",
+           "split_params"]
