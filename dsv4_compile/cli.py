@@ -49,6 +49,7 @@ class Command:
 
 # The dispatch table. Keep it sorted by name; one line per command.
 COMMANDS: dict[str, Command] = {
+    "bench": Command("dsv4_compile.bench", "side-by-side GPU benchmarks of the Triton kernels against torch, flex_attention and SDPA"),
     "build": Command("dsv4_compile.build", "compile, export (AOTInductor, ONNX, TensorRT) and verify a model into a build folder"),
     "kv-cache": Command("dsv4_compile.kv_report",
                         "KV-cache bytes per context length from the real cache layout, beside the seed figures"),

@@ -1,0 +1,72 @@
+"""`python -m dsv4_compile bench --gpu H100 [--ops attention,...] [--context 8k,32k]`.
+
+Runs the side-by-side benchmark scripts of bench/ (one run, each writing CSV + PNG + a markdown with
+GPU, versions, date and ratios under bench/results/<gpu>/). `--ops` takes the substitution families
+that `--passes` and `tune --kernels` use; `attention` is short for both sparse-attention families.
+The scripts live in the source checkout, not in the installed package: bench needs the checkout.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from .cli import UsageError, context_lengths_arg, format_context
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+# family -> (bench module, the part of it that covers the family)
+FAMILIES = {
+    "sparse_attention": ("bench_attention", None),
+    "sparse_attention_cached": ("bench_attention", None),
+    "fp8_quantize": ("bench_kernels", "quant"),
+    "fp4_quantize": ("bench_kernels", "quant"),
+    "newton_schulz": ("bench_kernels", "ns"),
+    "hc_pre": ("bench_kernels", "hc"),
+    "hc_sinkhorn": ("bench_kernels", "hc"),
+}
+ALIASES = {"attention": ("sparse_attention", "sparse_attention_cached"), "quant": ("fp8_quantize", "fp4_quantize"),
+           "all": tuple(FAMILIES)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu", default="auto", help="auto, H100 or H200 (a named GPU that is absent is an error)")
+    parser.add_argument("--ops", default="all",
+                        help=f"comma-separated: {', '.join(sorted(set(FAMILIES) | set(ALIASES)))} (default all)")
+    parser.add_argument("--context", type=context_lengths_arg, default=[8192, 32768],
+                        help="attention context lengths, e.g. 8k,32k,128k (default 8k,32k)")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
+
+
+def _families(text: str) -> list[str]:
+    picked: list[str] = []
+    for name in (s.strip() for s in text.split(",") if s.strip()):
+        if name not in FAMILIES and name not in ALIASES:
+            raise UsageError(f"--ops: unknown {name!r}; accepted: {', '.join(sorted(set(FAMILIES) | set(ALIASES)))}")
+        picked += [f for f in ALIASES.get(name, (name,)) if f not in picked]
+    if not picked:
+        raise UsageError("--ops: empty; accepted: " + ", ".join(sorted(set(FAMILIES) | set(ALIASES))))
+    return picked
+
+
+def run(args: argparse.Namespace) -> int:
+    from .compile import GpuError, resolve_gpu
+
+    families = _families(args.ops)
+    try:
+        gpu = resolve_gpu(args.gpu)
+    except GpuError as err:
+        raise UsageError(str(err)) from None
+    if gpu == "cpu":
+        raise UsageError("bench: no CUDA GPU here; the benchmarks time kernels on H100/H200 (run them on the device)")
+    if not BENCH_DIR.is_dir():
+        raise UsageError(f"bench: {BENCH_DIR} not found; the benchmark scripts ship with the source checkout")
+    sys.path.insert(0, str(BENCH_DIR))
+    status = 0
+    if any(FAMILIES[f][0] == "bench_attention" for f in families):
+        argv = ["--contexts", ",".join(format_context(c) for c in args.context)] + (["--out", args.out] if args.out else [])
+        status = max(status, importlib.import_module("bench_attention").main(argv))
+    parts = sorted({FAMILIES[f][1] for f in families if FAMILIES[f][0] == "bench_kernels"})
+    if parts:
+        importlib.import_module("bench_kernels").run_all(tuple(parts), args.out, False)
+    return status
