@@ -9,17 +9,16 @@ One `torch.export` per context bucket feeds every format:
 
 Why the dsv4 ops disappear at trace time rather than with `ExportedProgram.run_decompositions`:
 a decomposition table given to run_decompositions must be functional by itself, and the plain op
-implementations are not all (fp4_codes adds in place, fp4_values builds a constant with
-torch.tensor, sparse_attention_chunk fills in place): run_decompositions fails with "expected an
-entirely functional graph". Tracing the plain functions inside torch.export instead (a
+implementations need not be (in-place updates are ordinary eager code): run_decompositions fails
+with "expected an entirely functional graph" on them. Tracing the plain functions inside torch.export instead (a
 TorchFunctionMode that routes each `torch.ops.dsv4.*` call to its plain function, `plain_ops()`)
 lets export functionalise them like any user code. The plain functions are the pass framework's
 export table (`dsv4_compile.passes.decomposition_table()`), so eager, compile and export share one
-definition, with two overrides that keep the graph standard-ONNX-clean:
+definition. Two points keep the graph standard-ONNX-clean:
 
-- fp4_quantize / fp4_dequantize: the nibble packing written with integer arithmetic (code_lo +
-  16 * code_hi, then // and %) instead of bitwise ops on uint8 (the ONNX exporter emits BitShift /
-  BitwiseOr with mismatched int8/uint8 types for those). Bit-identical codes and values.
+- fp4_quantize / fp4_dequantize pack nibbles with integer arithmetic (code_lo + 16 * code_hi, then
+  // and %) in model/ops.py itself: the ONNX exporter emits BitShift / BitwiseOr with mismatched
+  int8/uint8 types for bitwise ops on uint8.
 - indexer_topk keeps its stable descending sort (ties to the lowest index, the op's contract); for
   ONNX, `aten.sort.stable` is translated to TopK with k = the axis length: ONNX TopK breaks ties by
   the lower index, which is the stable order. (torch.topk is NOT used: on CPU vs CUDA it picks
@@ -38,76 +37,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-
-from .model import ops
 
 MIN_SEQ = 2  # torch.export specialises sizes 0 and 1
 
 
 # ---- the plain functions used at export ------------------------------------------------------------
 
-def _fp4_codes_int(y: torch.Tensor) -> torch.Tensor:
-    """ops.fp4_codes without in-place or bitwise ops: int32 codes 0..15 (ties to the even code)."""
-    mag = y.abs()
-    code = torch.zeros_like(y, dtype=torch.int32)
-    for k, bound in enumerate(ops._FP4_BOUNDS):
-        tie_goes_up = (k + 1) % 2 == 0
-        code = code + (mag >= bound if tie_goes_up else mag > bound).to(torch.int32)
-    return code + 8 * (y < 0).to(torch.int32)
-
-
-def fp4_quantize_portable(x: torch.Tensor, block_size: int, pow2_scale: bool = False):
-    """Same contract and bits as ops.fp4_quantize; packing = lo + 16 * hi in int32, then uint8."""
-    if block_size % 2:
-        raise ValueError(f"fp4_quantize: block_size {block_size} must be even (two codes per byte)")
-    blocks, scale = ops._block_scale(x, block_size, ops.FP4_MAX, pow2_scale, "fp4_quantize")
-    code = _fp4_codes_int(blocks / scale.unsqueeze(-1)).flatten(-2)
-    packed = (code[..., 0::2] + 16 * code[..., 1::2]).to(torch.uint8)
-    return packed.contiguous(), scale.contiguous()
-
-
-def fp4_dequantize_portable(packed: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Same contract and values as ops.fp4_dequantize; unpacking with // and % in int32."""
-    p = packed.to(torch.int32)
-    code = torch.stack([p % 16, torch.div(p, 16, rounding_mode="floor")], dim=-1).flatten(-2)   # [..., D]
-    mag_code = code % 8
-    exponent = torch.div(mag_code, 2, rounding_mode="floor")
-    mantissa = (mag_code % 2).float()
-    # e2m1: code 0/1 -> 0 / 0.5 (subnormal); else 2^(e-1) * (1 + m/2): 1, 1.5, 2, 3, 4, 6.
-    magnitude = torch.where(exponent == 0, 0.5 * mantissa, torch.exp2((exponent - 1).float()) * (1 + 0.5 * mantissa))
-    values = torch.where(code >= 8, -magnitude, magnitude)
-    blocks = values.unflatten(-1, (values.shape[-1] // block_size, block_size))
-    return (blocks * scale.unsqueeze(-1)).flatten(-2)
-
-
-def _own_table() -> dict:
-    """Used only where the pass framework is absent: the plain implementations, unchunked."""
-    impl = lambda op_def: op_def._init_fn  # noqa: E731  (the function @custom_op wrapped)
-    dsv4 = torch.ops.dsv4
-    return {
-        dsv4.fp8_quantize.default: impl(ops.fp8_quantize),
-        dsv4.fp8_dequantize.default: impl(ops.fp8_dequantize),
-        dsv4.hc_sinkhorn.default: impl(ops.hc_sinkhorn),
-        dsv4.hc_pre.default: impl(ops.hc_pre),
-        dsv4.compress_kv.default: impl(ops.compress_kv),
-        dsv4.sparse_attention.default: ops.sparse_attention_chunk,
-        dsv4.indexer_topk.default: ops.indexer_topk_chunk,
-    }
-
-
 def export_table() -> dict:
     """{torch.ops.dsv4.<op>.default: plain function} used while tracing for export."""
-    try:
-        from .passes import decomposition_table
-        # The raw plain functions: the table may wrap them for run_decompositions (functionalisation),
-        # which must not run inside torch.export's own tracing.
-        table = {op: getattr(fn, "__wrapped__", fn) for op, fn in decomposition_table().items()}
-    except ImportError:  # pragma: no cover (the pass framework ships with the package)
-        table = _own_table()
-    table[torch.ops.dsv4.fp4_quantize.default] = fp4_quantize_portable
-    table[torch.ops.dsv4.fp4_dequantize.default] = fp4_dequantize_portable
-    return table
+    from .passes import decomposition_table
+
+    # The raw plain functions: the table wraps them for run_decompositions (functionalisation),
+    # which must not run inside torch.export's own tracing.
+    return {op: getattr(fn, "__wrapped__", fn) for op, fn in decomposition_table().items()}
 
 
 class plain_ops:

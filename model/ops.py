@@ -131,29 +131,35 @@ def _(x_fp8, scale, block_size):
 # FP4 e2m1 blockwise quantization, two codes per byte
 # ================================================================================================
 
-# Code k (0..7) of |value|; code | 8 is the negative. Boundaries between code k and k+1, and whether a
+# Code k (0..7) of |value|; code + 8 is the negative. Boundaries between code k and k+1, and whether a
 # value exactly on the boundary goes up (the upper code is even: ties go to the even code).
+# Written with int32 arithmetic only (no in-place, bitwise or lookup-table ops), so that the same
+# code is what export traces into AOTInductor and standard ONNX.
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 _FP4_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
 def fp4_codes(y: torch.Tensor) -> torch.Tensor:
-    """Values already divided by their scale (float32) -> e2m1 codes (uint8 0..15), ties to even code.
+    """Values already divided by their scale (float32) -> e2m1 codes (int32 0..15), ties to even code.
 
     NaN gives code 0 (+0): every comparison with NaN is false.
     """
     mag = y.abs()
-    code = torch.zeros_like(y, dtype=torch.uint8)
+    code = torch.zeros_like(y, dtype=torch.int32)
     for k, bound in enumerate(_FP4_BOUNDS):
         tie_goes_up = (k + 1) % 2 == 0
-        code += (mag >= bound if tie_goes_up else mag > bound).to(torch.uint8)
-    return code | ((y < 0).to(torch.uint8) << 3)
+        code = code + (mag >= bound if tie_goes_up else mag > bound).to(torch.int32)
+    return code + 8 * (y < 0).to(torch.int32)
 
 
 def fp4_values(code: torch.Tensor) -> torch.Tensor:
-    """e2m1 codes (uint8 0..15) -> float32 values."""
-    table = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=torch.float32, device=code.device)
-    return table[code.long()]
+    """e2m1 codes (integers 0..15) -> float32 values: sign(1) exponent(2) mantissa(1); exponent 0
+    gives 0.5 * m (0, 0.5), otherwise 2^(e-1) * (1 + m/2) (1, 1.5, 2, 3, 4, 6); code 8 is -0."""
+    magnitude_code = code % 8
+    exponent = torch.div(magnitude_code, 2, rounding_mode="floor")
+    mantissa = (magnitude_code % 2).float()
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, torch.exp2((exponent - 1).float()) * (1 + 0.5 * mantissa))
+    return torch.where(code >= 8, -magnitude, magnitude)
 
 
 @torch.library.custom_op(f"{LIB}::fp4_quantize", mutates_args=())
@@ -171,7 +177,7 @@ def fp4_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool = False) -> 
         raise ValueError(f"fp4_quantize: block_size {block_size} must be even (two codes per byte)")
     blocks, scale = _block_scale(x, block_size, FP4_MAX, pow2_scale, "fp4_quantize")
     code = fp4_codes(blocks / scale.unsqueeze(-1)).flatten(-2)
-    return (code[..., 0::2] | (code[..., 1::2] << 4)).contiguous(), scale.contiguous()
+    return (code[..., 0::2] + 16 * code[..., 1::2]).to(torch.uint8).contiguous(), scale.contiguous()
 
 
 @fp4_quantize.register_fake
@@ -185,7 +191,8 @@ def _(x, block_size, pow2_scale=False):
 @torch.library.custom_op(f"{LIB}::fp4_dequantize", mutates_args=())
 def fp4_dequantize(packed: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
     """packed [..., D/2] uint8, scale [..., D/block_size] float32 -> float32 [..., D]."""
-    code = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
+    byte = packed.to(torch.int32)
+    code = torch.stack([byte % 16, torch.div(byte, 16, rounding_mode="floor")], dim=-1).flatten(-2)
     values = fp4_values(code)
     blocks = values.unflatten(-1, (values.shape[-1] // block_size, block_size))
     return (blocks * scale.unsqueeze(-1)).flatten(-2)
@@ -332,7 +339,7 @@ def sparse_attention_chunk(q, kv, attn_sink, topk_idxs, softmax_scale):
     batch = torch.arange(B, device=q.device).view(B, 1, 1)
     entries = kv.float()[batch, idx]                                         # [B, S, K, D]
     # Zero the padding's rows too: a NaN/Inf in row 0 would otherwise reach rows with holes (0 * NaN).
-    entries.masked_fill_(~valid.unsqueeze(-1), 0.0)
+    entries = entries.masked_fill(~valid.unsqueeze(-1), 0.0)
     logits = torch.einsum("bshd,bskd->bshk", q.float(), entries) * softmax_scale
     logits = logits.masked_fill(~valid.unsqueeze(2), float("-inf"))          # [B, S, H, K]
     sink = attn_sink.float().view(1, 1, H)

@@ -21,11 +21,10 @@ attention, [B, S, H, N] for the indexer). The pass therefore leaves such a node 
 would exceed `ops.CHUNK_BYTES` or when a size is symbolic (it cannot bound them); the export table
 decomposes unconditionally: exporting for 128K contexts needs a kernel substitution instead.
 
-fp4_dequantize decodes e2m1 arithmetically instead of through the op's lookup table: a tensor
-constant created inside a decomposition is refused by run_decompositions ("not in the constants
-dictionary"). The test checks all 256 byte values against the op. Every other op's decomposition is
-exactly its registered implementation (`CustomOpDef._init_fn`, the function the `@custom_op`
-decorator wrapped), so it cannot drift from eager.
+Every op's decomposition is exactly its registered implementation (`CustomOpDef._init_fn`, the
+function the `@custom_op` decorator wrapped) or, for the chunked ops, its per-chunk function, so it
+cannot drift from eager. (The plain code avoids tensor constants, which run_decompositions refuses:
+FP4 codes are decoded arithmetically.)
 
 Export needs functional decompositions (they run below export's functionalization: an in-place op in
 the plain code, e.g. `masked_fill_` on a fresh tensor, fails "expected an entirely functional graph"),
@@ -73,20 +72,6 @@ def indexer_topk(q, weights, keys, positions, ratio, topk):
     return ops.indexer_topk_chunk(q, weights, keys, positions, ratio, topk)
 
 
-def fp4_dequantize(packed, scale, block_size):
-    """packed [..., D/2] uint8, scale [..., D/block_size] float32 -> float32 [..., D], no lookup table.
-
-    e2m1 code = sign(1) exponent(2) mantissa(1): exponent 0 gives 0.5 * m (0, 0.5), otherwise
-    2^(e-1) * (1 + m/2) (1, 1.5, 2, 3, 4, 6); the sign bit negates (code 8 is -0).
-    """
-    code = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2).to(torch.int32)    # [..., D]
-    exponent, mantissa = (code >> 1) & 3, (code & 1).float()
-    magnitude = torch.where(exponent == 0, 0.5 * mantissa, torch.exp2((exponent - 1).float()) * (1 + 0.5 * mantissa))
-    values = magnitude * (1 - 2 * (code >> 3)).float()
-    blocks = values.unflatten(-1, (values.shape[-1] // block_size, block_size))
-    return (blocks * scale.unsqueeze(-1)).flatten(-2)
-
-
 # ---- predicates: bound the unchunked intermediates -----------------------------------------------
 
 def _unchunked_reason(what: str, dims: tuple, bytes_per_element_product: int) -> str | None:
@@ -124,7 +109,7 @@ _DECOMPOSITIONS = {
     torch.ops.dsv4.fp8_quantize.default: (_implementation(ops.fp8_quantize), _always),
     torch.ops.dsv4.fp8_dequantize.default: (_implementation(ops.fp8_dequantize), _always),
     torch.ops.dsv4.fp4_quantize.default: (_implementation(ops.fp4_quantize), _always),
-    torch.ops.dsv4.fp4_dequantize.default: (fp4_dequantize, _always),
+    torch.ops.dsv4.fp4_dequantize.default: (_implementation(ops.fp4_dequantize), _always),
     torch.ops.dsv4.newton_schulz.default: (_implementation(ops.newton_schulz), _always),
     torch.ops.dsv4.hc_sinkhorn.default: (_implementation(ops.hc_sinkhorn), _always),
     torch.ops.dsv4.hc_pre.default: (_implementation(ops.hc_pre), _always),
