@@ -34,6 +34,8 @@ import traceback
 
 import torch
 
+from dsv4_compile.metrics import rel_rms
+
 WINDOW, TOPK, CSA_RATIO, HCA_RATIO = 128, 512, 4, 128
 FLASH_H, HEAD_D, ROPE_D = 64, 512, 64
 SMALL_H, SMALL_D = 32, 128
@@ -176,11 +178,6 @@ class Recorder:
 
 def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:240]
-
-
-def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.float(), out.float()
-    return float((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30))
 
 
 # ================================================================================================

@@ -151,6 +151,7 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
 
     from .loader import load
     from .manifest import check_config, current_device_for, describe_device, read_manifest
+    from .metrics import rel_rms
 
     manifest = read_manifest(path)
     config = check_config(manifest)
@@ -189,7 +190,7 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
                         if out.shape != ref.shape:
                             raise RuntimeError(f"output shape {list(out.shape)}, eager {list(ref.shape)}")
                         nan_mismatch |= bool((torch.isnan(ref) != torch.isnan(out)).any())
-                        case = {"kind": kind, "batch": batch, "seq": seq, "rel_rms": _rel_rms(ref, out),
+                        case = {"kind": kind, "batch": batch, "seq": seq, "rel_rms": rel_rms(ref, out),
                                 "max_abs": float((ref - out).abs().nan_to_num(float("inf")).max())}
                         cases.append(case)
                         if kind != "short" or case["rel_rms"] <= tol:
@@ -208,21 +209,6 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
                                 "cases": cases, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
     here = describe_device(current_device_for(manifest["device"]))
     return {"where": f"fresh process on {here}", "seed": seed, "results": results}
-
-
-def _rel_rms(ref, out) -> float:
-    ref, out = ref.double(), out.double()
-    keep = ~torch_isnan(ref)
-    ref, out = ref[keep], out[keep]
-    if ref.numel() == 0:
-        return 0.0
-    return float(((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item())
-
-
-def torch_isnan(t):
-    import torch
-
-    return torch.isnan(t)
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -27,22 +27,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..metrics import rel_rms
+
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
-    """Relative RMS error of out against ref over the positions where ref is not NaN (fp64, chunked)."""
-    ref, out = ref.reshape(-1), out.reshape(-1)
-    num = den = 0.0
-    step = 1 << 24
-    for i in range(0, ref.numel(), step):
-        r, o = ref[i:i + step].double(), out[i:i + step].double()
-        keep = ~torch.isnan(r)
-        r, o = r[keep], o[keep]
-        num += float(((o - r) ** 2).sum())
-        den += float((r ** 2).sum())
-    return math.sqrt(num) / max(math.sqrt(den), 1e-300)
 
 
 def close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> str | None:
