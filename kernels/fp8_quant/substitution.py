@@ -13,9 +13,9 @@ import os
 
 import torch
 
-from dsv4_compile.passes import Substitution, register
+from dsv4_compile.passes import Substitution
 
-from .._substitution import device_reason, interpreter_twin, table_config
+from .._substitution import device_reason, interpreter_twin, register_kernel
 from .config import default_config
 
 _kernel = importlib.import_module(".fp8_quant", __package__)  # registers torch.ops.dsv4_triton.fp8_*
@@ -56,19 +56,12 @@ def _dequantize(x_fp8, scale, block_size, config: str = ""):
     return torch.ops.dsv4_triton.fp8_dequantize(x_fp8.contiguous(), scale.contiguous(), block_size, config)
 
 
-QUANTIZE = register(Substitution(
-    name="fp8_quantize.triton", op=torch.ops.dsv4.fp8_quantize.default, replacement=_quantize,
-    applies=lambda target, *args: _quantize_reason(*args),
-    config=lambda target, x, *rest: table_config(target, default_config, x.device.type),
-    version="1", priority=10, source_files=_FILES))
+QUANTIZE = register_kernel("fp8_quantize.triton", torch.ops.dsv4.fp8_quantize.default,
+                           _quantize, _quantize_reason, default_config, _FILES)
 
-DEQUANTIZE = register(Substitution(
-    name="fp8_dequantize.triton", op=torch.ops.dsv4.fp8_dequantize.default, replacement=_dequantize,
-    applies=lambda target, *args: _dequantize_reason(*args),
-    config=lambda target, x, *rest: table_config(target, default_config, x.device.type),
-    version="1", priority=10, source_files=_FILES))
+DEQUANTIZE = register_kernel("fp8_dequantize.triton", torch.ops.dsv4.fp8_dequantize.default,
+                             _dequantize, _dequantize_reason, default_config, _FILES)
 
 
 def interpreter_substitutions() -> list[Substitution]:
-    return [interpreter_twin(QUANTIZE, lambda target, *args: _quantize_reason(*args, allow_cpu=True)),
-            interpreter_twin(DEQUANTIZE, lambda target, *args: _dequantize_reason(*args, allow_cpu=True))]
+    return [interpreter_twin(QUANTIZE, _quantize_reason), interpreter_twin(DEQUANTIZE, _dequantize_reason)]

@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from dsv4_compile.passes import Substitution, register
+from dsv4_compile.passes import Substitution
 
-from .._substitution import device_reason, interpreter_twin, table_config
+from .._substitution import device_reason, interpreter_twin, register_kernel
 from .config import default_config
 
 _kernel = importlib.import_module(".hc_sinkhorn", __package__)  # registers torch.ops.dsv4_triton.hc_*
@@ -58,19 +58,12 @@ def _pre(x, fn, scale, base, iters, norm_eps, hc_eps, config: str = ""):
                                         iters, norm_eps, hc_eps, config)
 
 
-SINKHORN = register(Substitution(
-    name="hc_sinkhorn.triton", op=torch.ops.dsv4.hc_sinkhorn.default, replacement=_sinkhorn,
-    applies=lambda target, *args: _sinkhorn_reason(*args),
-    config=lambda target, logits, *rest: table_config(target, default_config, logits.device.type),
-    version="1", priority=10, source_files=_FILES))
+SINKHORN = register_kernel("hc_sinkhorn.triton", torch.ops.dsv4.hc_sinkhorn.default,
+                           _sinkhorn, _sinkhorn_reason, default_config, _FILES)
 
-PRE = register(Substitution(
-    name="hc_pre.triton", op=torch.ops.dsv4.hc_pre.default, replacement=_pre,
-    applies=lambda target, *args: _pre_reason(*args),
-    config=lambda target, x, *rest: table_config(target, default_config, x.device.type),
-    version="1", priority=10, source_files=_FILES))
+PRE = register_kernel("hc_pre.triton", torch.ops.dsv4.hc_pre.default,
+                      _pre, _pre_reason, default_config, _FILES)
 
 
 def interpreter_substitutions() -> list[Substitution]:
-    return [interpreter_twin(SINKHORN, lambda target, *args: _sinkhorn_reason(*args, allow_cpu=True)),
-            interpreter_twin(PRE, lambda target, *args: _pre_reason(*args, allow_cpu=True))]
+    return [interpreter_twin(SINKHORN, _sinkhorn_reason), interpreter_twin(PRE, _pre_reason)]

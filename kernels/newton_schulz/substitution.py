@@ -12,9 +12,9 @@ import os
 
 import torch
 
-from dsv4_compile.passes import Substitution, register
+from dsv4_compile.passes import Substitution
 
-from .._substitution import device_reason, interpreter_twin, table_config
+from .._substitution import device_reason, interpreter_twin, register_kernel
 from .config import default_config
 
 _kernel = importlib.import_module(".newton_schulz", __package__)  # registers torch.ops.dsv4_triton.newton_schulz
@@ -39,12 +39,9 @@ def _replacement(G, coefficients, config: str = ""):
     return torch.ops.dsv4_triton.newton_schulz(G.contiguous(), coefficients, config)
 
 
-SUBSTITUTION = register(Substitution(
-    name="newton_schulz.triton", op=torch.ops.dsv4.newton_schulz.default, replacement=_replacement,
-    applies=lambda target, *args: _reason(*args),
-    config=lambda target, G, *rest: table_config(target, default_config, G.device.type),
-    version="1", priority=10, source_files=_FILES))
+SUBSTITUTION = register_kernel("newton_schulz.triton", torch.ops.dsv4.newton_schulz.default,
+                               _replacement, _reason, default_config, _FILES)
 
 
 def interpreter_substitutions() -> list[Substitution]:
-    return [interpreter_twin(SUBSTITUTION, lambda target, *args: _reason(*args, allow_cpu=True))]
+    return [interpreter_twin(SUBSTITUTION, _reason)]
