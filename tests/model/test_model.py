@@ -195,3 +195,16 @@ def test_gradients_reach_every_trained_parameter(tiny, tokens):
                if (p.grad is None or p.grad.abs().sum() == 0) and ".indexer." not in n and not n.endswith("gate.bias")]
     assert not missing, f"no gradient for {missing[:5]}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("preset, low, high", [
+    pytest.param("flash", 283.5e9, 284.5e9, id="flash-284B"),   # published: 284B
+    pytest.param("pro", 1.55e12, 1.65e12, id="pro-1.6T"),       # published: 1.6T
+])
+def test_released_shapes_have_the_published_parameter_counts(preset, low, high):
+    """Built on the meta device: the main model (MTP block excluded) has the published size, a check
+    of every weight shape at once (observed: flash 284.3B, pro 1.573T)."""
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_preset(preset), seed=None)
+    main = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.mtp.parameters())
+    assert low <= main <= high, f"{preset}: {main / 1e9:.1f}B parameters"
