@@ -2,11 +2,10 @@
 one softmax with a per-head attention sink, over one shared 512-dim key=value head.
 
 Every layer has two paths:
-- prefill (`cache=None`): stateless, written for export (static index widths, -1 padding, no Python
-  branches on the sequence length);
-- decode (`cache=LayerKVCache`, one token per sequence at per-sequence positions): writes the token
-  into the FP8 production cache and attends over the cache; `fill_cache` stores a prefill's state so
-  that decode can continue after it.
+- prefill: written for export (static index widths, -1 padding, no Python branches on the sequence
+  length); given a `LayerKVCache` it also stores what decode needs to continue after the prompt;
+- decode (`decode=True`, one token per sequence at per-sequence positions): writes the token into
+  the FP8 production cache and attends over the cache.
 """
 from __future__ import annotations
 
