@@ -1,0 +1,293 @@
+"""Indexer top-k kernel (dsv4_triton.indexer_topk) against its naive twin and the plain op.
+
+CPU: the Triton interpreter on tiny odd shapes (S and N not multiples of the key tile, topk not a
+power of two and larger than the visible count, several ratios, batch rows with different positions,
+exact ties across tiles, -0.0 scores, NaN, topk 1024). GPU (marked): the compiled kernel at the real
+indexer shapes (64 heads x 128, topk 512 / 1024).
+
+Selections are compared exactly where the scores are exact: inputs are small dyadic numbers (k / 4,
+|k| <= 12), so every product and sum is exact in fp32, bf16 and float64 alike (up to 64 heads x 128
+dims: |score| < 2^18 on a 2^-6 grid, 24 bits), and ties are frequent. Gaussian inputs are compared by
+the float64 scores of the selected keys (1e-5 relative: fp32 vs float64 summation order), which
+tolerates two nearly equal scores swapping places.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import (conftest does it too)
+
+import pytest  # noqa: E402
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
+
+import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from dsv4_compile.kernels.indexer_topk import IndexerTopkConfig, indexer_topk, naive  # noqa: E402
+from dsv4_compile.kernels.indexer_topk.indexer_topk import _pack_keys  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+dsv4 = torch.ops.dsv4
+
+# (B, S, H, d, N, ratio, topk)
+CASES = [
+    pytest.param((2, 7, 3, 8, 37, 4, 13), id="B2-S7-H3-d8-N37-r4-k13"),
+    pytest.param((1, 5, 2, 20, 23, 1, 30), id="B1-S5-H2-d20-N23-r1-k30-pad"),
+    pytest.param((2, 4, 5, 16, 50, 3, 6), id="B2-S4-H5-d16-N50-r3-k6"),
+    pytest.param((1, 3, 17, 8, 19, 128, 3), id="B1-S3-H17-d8-N19-r128-k3"),
+]
+
+
+def dyadic(shape, g):
+    return torch.randint(-12, 13, shape, generator=g).float() / 4
+
+
+def make_inputs(B, S, H, d, N, ratio, topk, dtype=torch.float32, seed=0, gaussian=False):
+    """q, weights, keys and positions: each batch row starts elsewhere (some tokens see nothing, some
+    see every key), tokens strided by ratio // 2."""
+    g = torch.Generator().manual_seed(seed)
+    make = (lambda *s: torch.randn(s, generator=g)) if gaussian else (lambda *s: dyadic(s, g))  # noqa: E731
+    q, w, keys = make(B, S, H, d).to(dtype), make(B, S, H).to(dtype), make(B, N, d).to(dtype)
+    start = torch.randint(0, max(1, (N + 1) * ratio), (B, 1), generator=g)
+    positions = (start + torch.arange(S).view(1, S) * max(1, ratio // 2)).long()
+    positions[0, 0] = 0                       # nothing visible (ratio > 1) or one key
+    positions[-1, -1] = (N + 3) * ratio       # every key visible
+    return [t.to(DEVICE) for t in (q, w, keys, positions)]
+
+
+def scores64(q, w, keys):
+    return torch.einsum("bshd,bnd->bshn", q.double(), keys.double()).relu().mul(w.double().unsqueeze(-1)).sum(2)
+
+
+@pytest.mark.parametrize("dtype,config", [pytest.param(torch.float32, None, id="fp32-default"),
+                                          pytest.param(torch.bfloat16, "block_n=32", id="bf16-bn32")])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_naive_and_plain_exactly(case, dtype, config):
+    B, S, H, d, N, ratio, topk = case
+    q, w, keys, pos = make_inputs(*case, dtype=dtype)
+    out = indexer_topk(q, w, keys, pos, ratio, topk, config)
+    assert out.dtype == torch.int32 and out.shape == (B, S, topk)
+    assert torch.equal(out.cpu(), naive.indexer_topk(q, w, keys, pos, ratio, topk).cpu())
+    assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, ratio, topk))
+
+
+def test_mixed_dtypes_and_fp16():
+    q, w, keys, pos = make_inputs(1, 4, 3, 8, 21, 4, 5, seed=1)
+    ref = dsv4.indexer_topk(q, w, keys, pos, 4, 5)
+    assert torch.equal(indexer_topk(q.half(), w, keys.half(), pos, 4, 5), ref)
+    assert torch.equal(indexer_topk(q.bfloat16(), w.half(), keys, pos, 4, 5), ref)
+
+
+@pytest.mark.parametrize("case", CASES[:3])
+def test_gaussian_selected_scores_match(case):
+    B, S, H, d, N, ratio, topk = case
+    q, w, keys, pos = make_inputs(*case, seed=2, gaussian=True)
+    out = indexer_topk(q, w, keys, pos, ratio, topk).cpu()
+    ref = naive.indexer_topk(q, w, keys, pos, ratio, topk)
+    assert torch.equal(out < 0, ref < 0), "the -1 padding differs"
+    s = scores64(q.cpu(), w.cpu(), keys.cpu())
+    pick = lambda idx: torch.where(idx >= 0, s.gather(-1, idx.long().clamp_min(0)), 0.0)  # noqa: E731
+    a, b = pick(out), pick(ref)
+    assert ((a - b).abs() <= 1e-5 * b.abs().max()).all(), "selected scores differ"
+
+
+def test_ties_go_to_the_lowest_index_across_tiles():
+    """Tied scores spread over several key tiles (block_n 16): the lowest indices win, in order."""
+    B, S, H, d, N, ratio = 1, 3, 2, 8, 70, 4
+    g = torch.Generator().manual_seed(3)
+    keys = dyadic((B, N, d), g) / 8                     # small scores
+    best = torch.full((d,), 3.0)
+    for n in (66, 2, 35, 17, 50):                        # five exactly tied best keys, out of order
+        keys[0, n] = best
+    keys[0, 40] = keys[0, 8] = best / 2                  # two tied runners-up
+    q, w = torch.ones(B, S, H, d), torch.ones(B, S, H)
+    pos = torch.tensor([[N * ratio - 1, 10 ** 6, 36 * ratio - 1]])   # all, all, keys 0..35
+    args = [t.to(DEVICE) for t in (q, w, keys, pos)]
+    out = indexer_topk(*args, ratio, 7, "block_n=16").cpu()
+    assert out[0, 0].tolist() == [2, 17, 35, 50, 66, 8, 40] == out[0, 1].tolist()
+    assert out[0, 2, :4].tolist() == [2, 17, 35, 8]
+    assert torch.equal(out, naive.indexer_topk(q, w, keys, pos, ratio, 7))
+    # all keys equal: the first topk indices, in order
+    out = indexer_topk(args[0], args[1], torch.ones(B, N, d, device=DEVICE), args[3], ratio, 21, "block_n=16")
+    assert out[0, 0].tolist() == list(range(21))
+    # ReLU zeros times negative weights: -0.0 scores tie, lowest indices first (see also test_packed_keys_order)
+    w_neg = -torch.ones(B, S, H, device=DEVICE)
+    keys0 = dyadic((B, N, d), g).abs().to(DEVICE) * -1
+    keys0[0, 5] = -keys0[0, 5]                           # key 5: positive dots, a negative score
+    keys0[0, 3] = 0.0                                    # key 3: zero dots
+    out = indexer_topk(-args[0], w_neg, -keys0, args[3], ratio, 5, "block_n=16").cpu()
+    assert out[0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(out, dsv4.indexer_topk(-args[0], w_neg, -keys0, args[3], ratio, 5).cpu())
+
+
+@triton.jit
+def _pack_kernel(p_s, p_n, p_out, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    n = tl.load(p_n + o)
+    tl.store(p_out + o, _pack_keys(tl.load(p_s + o), n, n >= 0))
+
+
+def test_packed_keys_order():
+    """The int64 sort key: score order (NaN of either sign first, -0.0 == +0.0, -inf last among
+    valid), then the lower index; invalid slots below everything."""
+    nan = float("nan")
+    neg_nan = torch.tensor([nan]).neg().item()
+    scores = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), nan, neg_nan,
+                           1.0, -0.0, 0.0, 2.5, -3.0, nan, 7.0, 0.0], device=DEVICE)
+    scores[7] = -scores[7].abs()                          # a NaN with the sign bit set
+    assert math.copysign(1.0, scores[7].item()) == -1.0
+    n = torch.tensor([3, 0, 9, 4, 6, 5, 8, 1, 2, 7, 10, 11, 12, 13, 14, -1], dtype=torch.int32, device=DEVICE)
+    out = torch.empty(16, dtype=torch.int64, device=DEVICE)
+    _pack_kernel[(1,)](scores, n, out, BLOCK=16)
+    order = [int(n[i]) for i in torch.argsort(out.cpu(), descending=True, stable=True)]
+    # NaN: 1, 8, 13; inf: 6; 7.0: 14; 2.5: 11; 1.0: 2, 9; zeros: 0, 3, 7, 10; -1: 4; -3: 12; -inf: 5
+    assert order == [1, 8, 13, 6, 14, 11, 2, 9, 0, 3, 7, 10, 4, 12, 5, -1]
+
+
+@pytest.mark.parametrize("ratio", [1, 3, 4, 128])
+def test_visibility_rule_and_padding(ratio):
+    """Key n is visible at position t iff n < (t + 1) // ratio; fewer than topk visible -> -1 padding."""
+    N, topk = 20, 5
+    ts = sorted({0, ratio - 2, ratio - 1, ratio, 2 * ratio - 1, 3 * ratio - 2, 17 * ratio - 1, 100 * ratio} - {-1})
+    S = len(ts)
+    q = torch.ones(1, S, 1, 4, device=DEVICE)
+    # key n scores n + 1: the latest visible keys win
+    keys = torch.arange(1, N + 1, dtype=torch.float32, device=DEVICE).view(1, N, 1).expand(1, N, 4).contiguous()
+    out = indexer_topk(q, torch.ones(1, S, 1, device=DEVICE), keys, torch.tensor([ts], device=DEVICE), ratio, topk)
+    for s, t in enumerate(ts):
+        visible = min(N, (t + 1) // ratio)
+        want = list(range(visible - 1, max(-1, visible - 1 - topk), -1))
+        want += [-1] * (topk - len(want))
+        assert out[0, s].tolist() == want, f"t={t}, ratio={ratio}"
+
+
+def test_nan_scores_sort_first():
+    B, S, H, d, N, ratio = 1, 3, 2, 4, 40, 4
+    q, w, keys, _ = make_inputs(B, S, H, d, N, ratio, 3, seed=4)
+    q[0, 0, 1, 2] = math.nan   # every visible score of query 0 is NaN
+    keys[0, 33, 0] = math.nan  # key 33 scores NaN for every query that sees it (a later tile)
+    keys[0, 20, 1] = math.nan  # and key 20
+    pos = torch.tensor([[30 * ratio - 1, 40 * ratio - 1, 25 * ratio - 1]], device=DEVICE)
+    out = indexer_topk(q, w, keys, pos, ratio, 3).cpu()
+    assert out[0, 0].tolist() == [0, 1, 2]
+    assert out[0, 1, :2].tolist() == [20, 33] and out[0, 2, 0].item() == 20
+    assert torch.equal(out, naive.indexer_topk(q, w, keys, pos, ratio, 3))
+    assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, ratio, 3).cpu())
+
+
+def test_large_topk_1024():
+    """V4-Pro's topk: a 1024-key buffer, some queries see fewer keys, one sees more."""
+    B, S, H, d, N, ratio, topk = 1, 2, 2, 8, 1100, 1, 1024
+    q, w, keys, pos = make_inputs(B, S, H, d, N, ratio, topk, seed=5)
+    pos = torch.tensor([[300, 1099]], device=DEVICE)     # 301 keys (one tile), 1100 (three tiles)
+    out = indexer_topk(q, w, keys, pos, ratio, topk, "block_n=512")
+    assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, ratio, topk))
+    assert (out[0, 0, 301:] == -1).all() and (out[0, 0, :301] >= 0).all() and (out[0, 1] >= 0).all()
+
+
+def test_empty_inputs():
+    q, w, keys, pos = make_inputs(1, 3, 2, 8, 5, 4, 4)
+    out = indexer_topk(q, w, keys[:, :0].contiguous(), pos, 4, 4)
+    assert out.shape == (1, 3, 4) and (out == -1).all()
+    assert indexer_topk(q, w, keys, pos, 4, 0).shape == (1, 3, 0)
+    assert indexer_topk(q[:, :0], w[:, :0], keys, pos[:, :0], 4, 4).shape == (1, 0, 4)
+
+
+def test_config_api_and_input_checks():
+    cfg = IndexerTopkConfig.from_str("block_n=128,num_warps=4")
+    assert (cfg.block_n, cfg.num_warps) == (128, 4)
+    assert IndexerTopkConfig.from_str(cfg.to_str()) == cfg
+    with pytest.raises(ValueError, match="tl.dot needs >= 16"):
+        IndexerTopkConfig(block_n=8)
+    with pytest.raises(ValueError, match="power of two"):
+        IndexerTopkConfig(block_n=48)
+    q, w, keys, pos = make_inputs(1, 3, 2, 8, 5, 4, 4)
+    with pytest.raises(ValueError, match="positions is torch.int32"):
+        indexer_topk(q, w, keys, pos.int(), 4, 4)
+    with pytest.raises(ValueError, match="need \\[B, N, d\\]"):
+        indexer_topk(q, w, keys[..., :4].contiguous(), pos, 4, 4)
+    with pytest.raises(ValueError, match="weights has shape"):
+        indexer_topk(q, w[..., :1].contiguous(), keys, pos, 4, 4)
+    with pytest.raises(ValueError, match="ratio = 0"):
+        indexer_topk(q, w, keys, pos, 0, 4)
+    with pytest.raises(ValueError, match="not contiguous"):
+        indexer_topk(q.transpose(1, 2), w, keys, pos, 4, 4)
+    out = indexer_topk(q, w, keys, pos, 4, 4, {"block_n": 16})
+    assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, 4, 4))
+
+
+def test_torch_op_and_substitution():
+    """The dsv4_triton op, and the pass: equal selection vs eager, 1 node substituted, ops before/after."""
+    from dsv4_compile.kernels.indexer_topk.substitution import SUBSTITUTION, interpreter_substitution
+    from dsv4_compile.passes import PassManager
+
+    q, w, keys, pos = make_inputs(2, 5, 3, 8, 17, 4, 6, seed=6)
+    ref = dsv4.indexer_topk(q, w, keys, pos, 4, 6)
+    assert torch.equal(ref, torch.ops.dsv4_triton.indexer_topk(q, w, keys, pos, 4, 6, ""))
+
+    def fn(q, w, keys, pos):
+        return dsv4.indexer_topk(q * 2, w, keys, pos, 4, 6)
+
+    sub = SUBSTITUTION if DEVICE == "cuda" else interpreter_substitution()
+    gm = make_fx(fn, tracing_mode="fake")(q, w, keys, pos)
+    manager = PassManager([sub], gpu="H100" if DEVICE == "cuda" else "cpu")
+    manager(gm.graph)
+    gm.recompile()
+    before, after = manager.graph_ops[0]["before"], manager.graph_ops[0]["after"]
+    assert before["dsv4.indexer_topk.default"] == 1 and "dsv4.indexer_topk.default" not in after
+    assert manager.report.replaced("dsv4.indexer_topk") == 1
+    assert torch.equal(fn(q, w, keys, pos), gm(q, w, keys, pos))
+    if DEVICE == "cpu":  # the registered substitution declines CPU tensors, with its reason
+        gm = make_fx(fn, tracing_mode="fake")(q, w, keys, pos)
+        manager = PassManager([SUBSTITUTION], gpu="cpu")
+        manager(gm.graph)
+        assert "needs CUDA tensors" in manager.report.left_alone()[0].reason
+
+
+def test_op_schema_and_opcheck():
+    """torch.ops.dsv4_triton.indexer_topk mirrors dsv4.indexer_topk plus `config`, and passes
+    torch.library.opcheck (schema, fake tensor, dynamic-shape AOT dispatch)."""
+    ours = torch.ops.dsv4_triton.indexer_topk.default._schema
+    plain = torch.ops.dsv4.indexer_topk.default._schema
+    assert [a.name for a in ours.arguments] == [a.name for a in plain.arguments] + ["config"]
+    assert [str(a.type) for a in ours.arguments[:-1]] == [str(a.type) for a in plain.arguments]
+    q, w, keys, pos = make_inputs(1, 3, 2, 8, 9, 4, 4, seed=8)
+    torch.library.opcheck(torch.ops.dsv4_triton.indexer_topk.default, (q, w, keys, pos, 4, 4, ""),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ================================================================================================
+# GPU: the real indexer shapes (64 heads x 128 dims; topk 512 V4-Flash, 1024 V4-Pro)
+# ================================================================================================
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("topk,N", [(512, 2048), (1024, 4096)], ids=["flash-k512-N2048", "pro-k1024-N4096"])
+@pytest.mark.parametrize("config", [None, "block_n=64", "block_n=256,num_warps=4"])
+def test_gpu_real_shapes_exact_bf16(topk, N, config):
+    """Dyadic bf16 inputs (exact fp32 scores, many ties): the same selection as the plain op."""
+    B, S, H, d, ratio = 2, 300, 64, 128, 4
+    q, w, keys, _ = make_inputs(B, S, H, d, N, ratio, topk, dtype=torch.bfloat16, seed=9)
+    w = w.float()
+    pos = torch.stack([torch.arange(S) * (N * ratio // S), torch.arange(S) * 3 + 7]).long().to(DEVICE)
+    pos[0, -1] = N * ratio - 1
+    ref = dsv4.indexer_topk(q, w, keys, pos, ratio, topk)
+    out = indexer_topk(q, w, keys, pos, ratio, topk, config)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.gpu
+def test_gpu_real_shapes_gaussian_bf16():
+    B, S, H, d, N, ratio, topk = 1, 512, 64, 128, 2048, 4, 512
+    q, w, keys, _ = make_inputs(B, S, H, d, N, ratio, topk, dtype=torch.bfloat16, seed=10, gaussian=True)
+    w = w.float()
+    pos = (torch.arange(S) * 16 + 15).view(1, S).long().to(DEVICE)
+    out = indexer_topk(q, w, keys, pos, ratio, topk)
+    ref = dsv4.indexer_topk(q, w, keys, pos, ratio, topk)
+    assert torch.equal(out < 0, ref < 0), "the -1 padding differs"
+    s = scores64(q, w, keys)
+    pick = lambda idx: torch.where(idx >= 0, s.gather(-1, idx.long().clamp_min(0)), 0.0)  # noqa: E731
+    a, b = pick(out), pick(ref)
+    assert ((a - b).abs() <= 1e-4 * b.abs().max()).all(), "selected scores differ"
