@@ -198,17 +198,24 @@ class Plan:
         check_out_dir(self.out)
 
     def model(self, bucket: int):
-        import torch
+        return eager_model(self.config.replace(max_seq_len=bucket), seed=self.seed, state=self.state,
+                           cuda=self.target != "cpu")
 
-        from .model import Transformer
 
-        config = self.config.replace(max_seq_len=bucket)
-        model = Transformer(config, seed=None if self.state is not None else self.seed)
-        if self.state is not None:
-            model.load_state_dict(self.state, strict=True, assign=True)
-        if self.target != "cpu":
-            model = model.cuda()
-        return model.eval().requires_grad_(False) if isinstance(model, torch.nn.Module) else model
+def eager_model(config, *, seed: int, state: dict | None, cuda: bool):
+    """The reference model of a build: loaded weights (`state`), else seeded ones. A GPU build creates
+    its weights on the GPU (seconds instead of minutes for mini); seeded weights therefore depend on
+    the device, and build and verify both create them on the build's device."""
+    import torch
+
+    from .model import Transformer
+
+    with torch.device("cuda" if cuda else "cpu"):
+        model = Transformer(config, seed=None if state is not None else seed)
+    if state is not None:
+        model.load_state_dict(state, strict=True, assign=True)
+        model = model.cuda() if cuda else model
+    return model.eval().requires_grad_(False)
 
 
 def _sha256(path: str) -> str:
@@ -277,19 +284,32 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress) -> list
     from . import export as E
 
     model = plan.model(bucket)
-    t0 = time.perf_counter()
-    result = E.export_prefill(model)
+    # One torch.export per routing: the .pt2 of a GPU build takes the Triton kernels the passes pick
+    # (AOTInductor compiles them in); ONNX is always the plain code (standard ONNX ops only). On the
+    # CPU both routings are the plain code and one export serves every format.
+    routing = {"aoti": plan.target, "onnx": "cpu"}
+    programs: dict[str, E.ExportResult] = {}
+
+    def program(fmt: str) -> E.ExportResult:
+        gpu = routing[fmt]
+        if gpu not in programs:
+            t0 = time.perf_counter()
+            result = programs[gpu] = E.export_prefill(model, gpu=gpu, passes=plan.passes)
+            took = round(time.perf_counter() - t0, 2)
+            kernels = ", ".join(f"{k} x{v['calls']}" for k, v in result.kernels.items()) or "plain code"
+            progress.note(f"context {format_context(bucket)}: torch.export for {fmt} {took:.1f} s "
+                          f"(S in {list(result.seq_range)}, B in {list(result.batch_range)}; {kernels}"
+                          + (f"; {result.note}" if result.note else "") + ")")
+            key = "torch.export" if gpu == "cpu" else f"torch.export[{gpu}]"
+            plan.export_timings.setdefault(bucket, {})[key] = took
+        return programs[gpu]
+
     engines: list[dict] = []
-    base = {"bucket": bucket, "seq_range": list(result.seq_range), "batch_range": list(result.batch_range),
-            "dynamic": result.dynamic}
-    progress.note(f"context {format_context(bucket)}: torch.export {time.perf_counter() - t0:.1f} s "
-                  f"(S in {list(result.seq_range)}, B in {list(result.batch_range)}"
-                  + (f"; {result.note}" if result.note else "") + ")")
-    plan.export_timings.setdefault(bucket, {})["torch.export"] = round(time.perf_counter() - t0, 2)
-    onnx_rel = None
+    onnx_rel = onnx_result = None
     for fmt in plan.formats if "tensorrt" not in plan.formats or "onnx" in plan.formats else [*plan.formats, "onnx"]:
         if fmt == "tensorrt":
             continue
+        result = program(fmt)
         t0 = time.perf_counter()
         os.makedirs(os.path.join(tmp, fmt), exist_ok=True)
         if fmt == "aoti":
@@ -302,19 +322,24 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress) -> list
                                        device=next(iter(model.parameters())).device)
             written = E.export_onnx(result, os.path.join(tmp, rel), example)
             files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
-            onnx_rel = rel
+            onnx_rel, onnx_result = rel, result
         took = time.perf_counter() - t0
         plan.export_timings[bucket][fmt] = round(took, 2)
         progress.note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
-        engines.append({**base, "format": fmt, "files": files, "verified": {"status": "pending"}})
+        engines.append({"bucket": bucket, "seq_range": list(result.seq_range), "batch_range": list(result.batch_range),
+                        "dynamic": result.dynamic, "format": fmt, "files": files, "kernels": result.kernels,
+                        "verified": {"status": "pending"}})
     if "tensorrt" in plan.formats:
         t0 = time.perf_counter()
         os.makedirs(os.path.join(tmp, "tensorrt"), exist_ok=True)
         rel = f"tensorrt/prefill-{bucket}.engine"
-        E.export_tensorrt(os.path.join(tmp, onnx_rel), os.path.join(tmp, rel), result.seq_range, result.batch_range)
+        E.export_tensorrt(os.path.join(tmp, onnx_rel), os.path.join(tmp, rel), onnx_result.seq_range,
+                          onnx_result.batch_range)
         plan.export_timings[bucket]["tensorrt"] = round(time.perf_counter() - t0, 2)
         progress.note(f"context {format_context(bucket)}: tensorrt -> {rel} ({time.perf_counter() - t0:.1f} s)")
-        engines.append({**base, "format": "tensorrt", "files": [rel],
+        engines.append({"bucket": bucket, "seq_range": list(onnx_result.seq_range),
+                        "batch_range": list(onnx_result.batch_range), "dynamic": onnx_result.dynamic,
+                        "format": "tensorrt", "files": [rel], "kernels": {},
                         "verified": {"status": "unverified", "ok": None,
                                      "error": "unverified by our tests (no TensorRT on the project's machines)"}})
     return engines

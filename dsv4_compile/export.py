@@ -11,10 +11,11 @@ Why the dsv4 ops disappear at trace time rather than with `ExportedProgram.run_d
 a decomposition table given to run_decompositions must be functional by itself, and the plain op
 implementations need not be (in-place updates are ordinary eager code): run_decompositions fails
 with "expected an entirely functional graph" on them. Tracing the plain functions inside torch.export instead (a
-TorchFunctionMode that routes each `torch.ops.dsv4.*` call to its plain function, `plain_ops()`)
+namespace swap that routes each `torch.ops.dsv4.*` call to its plain function, `routed_ops()`)
 lets export functionalise them like any user code. The plain functions are the pass framework's
-export table (`dsv4_compile.passes.decomposition_table()`), so eager, compile and export share one
-definition. Two points keep the graph standard-ONNX-clean:
+decompositions (`dsv4_compile.passes.decomposition_table()`), so eager, compile and export share one
+definition. On a GPU target a call goes to the Triton kernel the passes would pick for it instead
+(`export_table`), and AOTInductor compiles that kernel into the package. Two points keep the graph standard-ONNX-clean:
 
 - fp4_quantize / fp4_dequantize pack nibbles with integer arithmetic (code_lo + 16 * code_hi, then
   // and %) in model/ops.py itself: the ONNX exporter emits BitShift / BitwiseOr with mismatched
@@ -43,36 +44,66 @@ MIN_SEQ = 2  # torch.export specialises sizes 0 and 1
 
 # ---- the plain functions used at export ------------------------------------------------------------
 
-def export_table() -> dict:
-    """{torch.ops.dsv4.<op>.default: plain function} used while tracing for export."""
-    from .passes import decomposition_table
+def export_table(gpu: str = "cpu", passes="all", config_source=None) -> dict:
+    """{torch.ops.dsv4.<op>.default: function} used while tracing for export.
 
-    # The raw plain functions: the table wraps them for run_decompositions (functionalisation),
-    # which must not run inside torch.export's own tracing.
-    return {op: getattr(fn, "__wrapped__", fn) for op, fn in decomposition_table().items()}
+    Each call goes where the pass manager would send a node with those arguments: on a GPU target a
+    Triton kernel substitution (a `torch.library.triton_op`, which AOTInductor traces into and
+    compiles into the package, so the .pt2 needs none of our Python code), else the op's plain code.
+    On the CPU every call takes the plain code.
+    """
+    from .passes import decomposition_table, select
+    from .passes.manager import PassManager, bind_arguments
+
+    if config_source is None:
+        from .tuning import config_source
+    manager = PassManager(select(passes), gpu=gpu, config_source=config_source)
+    table = {}
+    for op, fn in decomposition_table().items():
+        # The raw plain function: the table wraps it for run_decompositions (functionalisation),
+        # which must not run inside torch.export's own tracing.
+        table[op] = _router(manager, op, getattr(fn, "__wrapped__", fn))
+    return table
 
 
-class plain_ops:
-    """While active, `torch.ops.dsv4.<op>` resolves to a plain function (traced by torch.export as
-    ordinary PyTorch code) instead of the custom op. The model and the plain functions look the ops up
-    on the `torch.ops.dsv4` namespace at call time, so nested calls (compress_kv -> fp8_quantize) are
-    routed too. (A TorchFunctionMode would be the textbook route, but under non-strict export the
-    mode sees the op below export's functionalisation and its re-dispatched tensor methods fail with
-    "Unable to cast NotImplemented to Tensor".) Not thread-safe: export one model at a time."""
+def _router(manager, op, plain: Callable) -> Callable:
+    from .passes.manager import bind_arguments
 
-    def __init__(self, table: dict | None = None):
-        self.table = export_table() if table is None else table
-        self.routed: dict[str, int] = {}
+    def route(*args, **kwargs):
+        values = bind_arguments(op, args, kwargs)
+        sub, config, _ = manager.choose(op, values)
+        if sub is None or sub.family == "decompose":
+            return plain(*values)
+        used = route.kernels.setdefault(sub.name, {"calls": 0, "configs": []})
+        used["calls"] += 1
+        if config not in used["configs"]:
+            used["configs"].append(config)
+        return sub.replacement(*values, **config)
+
+    route.kernels = {}  # substitution name -> {"calls": n, "configs": [config dicts used]}
+    return route
+
+
+class routed_ops:
+    """While active, `torch.ops.dsv4.<op>` resolves to the export table's function (traced by
+    torch.export as ordinary PyTorch code, or as a triton_op call) instead of the custom op. The model
+    and the plain functions look the ops up on the `torch.ops.dsv4` namespace at call time, so nested
+    calls (compress_kv -> fp8_quantize) are routed too. (A TorchFunctionMode would be the textbook
+    route, but under non-strict export the mode sees the op below export's functionalisation and its
+    re-dispatched tensor methods fail with "Unable to cast NotImplemented to Tensor".) Not
+    thread-safe: export one model at a time."""
+
+    def __init__(self, table: dict):
+        self.table = table
         self._saved: dict[str, object] = {}
 
-    def _wrap(self, name: str, fn: Callable) -> Callable:
-        def plain(*args, **kwargs):
-            self.routed[f"dsv4.{name}"] = self.routed.get(f"dsv4.{name}", 0) + 1
-            return fn(*args, **kwargs)
-
-        plain.__name__ = f"plain_{name}"
-        plain.default = plain  # torch.ops.dsv4.<op>.default(...) spelling
-        return plain
+    @property
+    def kernels(self) -> dict[str, dict]:
+        """Kernel substitution name -> {"calls": n, "configs": [...]} traced into the program."""
+        used: dict[str, dict] = {}
+        for fn in self.table.values():
+            used.update(getattr(fn, "kernels", {}))
+        return dict(sorted(used.items()))
 
     def __enter__(self):
         namespace = torch.ops.dsv4
@@ -80,7 +111,8 @@ class plain_ops:
             name = overload._schema.name.split("::")[1]
             getattr(namespace, name)  # resolve the packet so that it can be restored
             self._saved[name] = namespace.__dict__[name]
-            setattr(namespace, name, self._wrap(name, fn))
+            fn.default = fn  # the torch.ops.dsv4.<op>.default(...) spelling
+            setattr(namespace, name, fn)
         return self
 
     def __exit__(self, *exc):
@@ -99,7 +131,7 @@ class ExportResult:
     seq_range: tuple[int, int]     # accepted S, inclusive
     batch_range: tuple[int, int]   # accepted B, inclusive
     dynamic: bool
-    routed: dict                   # dsv4 op -> number of calls traced as plain code
+    kernels: dict                  # Triton kernel substitution -> {"calls", "configs"} traced in
     note: str | None = None        # why the export fell back to static shapes
 
 
@@ -113,9 +145,11 @@ def _device_of(model) -> torch.device:
     return next(iter(model.parameters())).device
 
 
-def export_prefill(model, dynamic: bool = True) -> ExportResult:
-    """torch.export of model(tokens) for a model built with max_seq_len = its bucket; no dsv4 op left.
+def export_prefill(model, dynamic: bool = True, gpu: str = "cpu", passes="all") -> ExportResult:
+    """torch.export of model(tokens) for a model built with max_seq_len = its bucket.
 
+    Every dsv4 op call is traced as its plain code, or on a GPU target (gpu "H100", "H200") as the
+    Triton kernel the passes would substitute (see export_table): no torch.ops.dsv4 node is left.
     Dynamic: B in [1, max_batch_size] (static 1 when max_batch_size is 1), S in [2, bucket]; the
     example uses B = 2 and S = bucket // 2 so that neither is specialised (0/1 specialisation).
     """
@@ -130,39 +164,36 @@ def export_prefill(model, dynamic: bool = True) -> ExportResult:
         spec = {1: Dim("S", min=MIN_SEQ, max=bucket)}
         if max_b > 1:
             spec[0] = Dim("B", min=1, max=max_b)
-        mode = plain_ops()
+        mode = routed_ops(export_table(gpu, passes))
         try:
             with mode:
                 ep = torch.export.export(model, (example,), dynamic_shapes=(spec,))
             return ExportResult(ep, (MIN_SEQ, bucket), (1 if max_b > 1 else b, max_b if max_b > 1 else b), True,
-                                mode.routed)
+                                mode.kernels)
         except Exception as err:  # noqa: BLE001 (fall back to static shapes, and say why)
             note = f"dynamic export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); static S = {bucket}"
-    mode = plain_ops()
+    mode = routed_ops(export_table(gpu, passes))
     example = example_tokens(config, 1, bucket, device=_device_of(model))
     with mode:
         ep = torch.export.export(model, (example,))
-    return ExportResult(ep, (bucket, bucket), (1, 1), False, mode.routed, note)
+    return ExportResult(ep, (bucket, bucket), (1, 1), False, mode.kernels, note)
+
+
+# Custom-op namespaces a package may hold: triton_ops, which AOTInductor traces into and compiles.
+PACKAGEABLE_NAMESPACES = ("aten", "prims", "dsv4_triton")
 
 
 def leftover_custom_ops(ep: torch.export.ExportedProgram) -> list[str]:
-    """Names of non-aten/prims call targets left in the graph (must be empty before packaging)."""
+    """Names of call targets that a .pt2 could not run without Python (must be empty before packaging)."""
     left = set()
     for node in ep.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
-            ns = node.target.namespace
-            if ns not in ("aten", "prims"):
+            if node.target.namespace not in PACKAGEABLE_NAMESPACES:
                 left.add(str(node.target))
     return sorted(left)
 
 
 # ---- AOTInductor ----------------------------------------------------------------------------------
-
-# GPU builds: the Triton kernels (torch.library.triton_op) are to be compiled into the package. The
-# hook receives the export table before tracing and may replace entries by triton_op-backed ops for
-# the target GPU; None keeps the plain code (the only route on CPU today).
-KernelHook = Callable[[dict, str], dict]
-
 
 # emulate_precision_casts: Inductor otherwise drops float32 -> bf16 -> float32 round trips, and the
 # model's cache simulation (`.bfloat16().float()` on the rope dims) depends on them: without it the

@@ -128,22 +128,16 @@ def run(args: argparse.Namespace) -> int:
 # ---- the worker (runs in the fresh process) -------------------------------------------------------
 
 def _eager_model(manifest: dict, config, bucket: int):
-    import torch
-
-    from .model import Transformer
+    from .build import eager_model
 
     weights = manifest.get("weights") or {"source": "seed", "seed": 0}
-    cfg = config.replace(max_seq_len=bucket)
+    state = None
     if weights.get("source") == "file":
         from safetensors.torch import load_file
 
-        model = Transformer(cfg, seed=None)
-        model.load_state_dict(load_file(weights["path"]), strict=True, assign=True)
-    else:
-        model = Transformer(cfg, seed=int(weights.get("seed", 0)))
-    if manifest["device"].get("kind") == "cuda":
-        model = model.cuda()
-    return model.eval().requires_grad_(False)
+        state = load_file(weights["path"])
+    return eager_model(config.replace(max_seq_len=bucket), seed=int(weights.get("seed", 0)), state=state,
+                       cuda=manifest["device"].get("kind") == "cuda")
 
 
 def worker(path: str, formats: list[str], seed: int) -> dict:

@@ -26,7 +26,7 @@ import inspect
 import json
 import operator
 import os
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.fx as fx
@@ -91,14 +91,11 @@ class PassManager(CustomGraphPass):
         return node.op == "call_function" and isinstance(target, torch._ops.OpOverload) and (
             target.namespace == "dsv4" or target in self._by_op)
 
-    def _rewrite(self, graph: fx.Graph, index: int, node: fx.Node, lineage: dict) -> bool:
-        """Replace `node` by the first enabled substitution that applies; record what happened."""
-        op = node.target
-        args = _bind(op, node)
-        values = fx.map_arg(args, lambda n: n.meta["val"])       # fake tensors / SymInts / constants
-        ancestry = lineage.get(node, ())
-        record = NodeRecord(graph=index, node=node.name, op=op_key(op), args=_describe(values),
-                            via=ancestry[-1] if ancestry else None)
+    def choose(self, op: torch._ops.OpOverload, values: Sequence[Any], ancestry: Sequence[str] = ()
+               ) -> tuple[Substitution | None, dict, str]:
+        """The first enabled substitution (by priority) that applies to `values` (the op's arguments
+        in schema order, fake or real) and is not in `ancestry`, with its config; else (None, {}, the
+        reasons each one gave)."""
         reasons = []
         for sub in self._by_op.get(op, []):
             if sub.name in ancestry:
@@ -110,13 +107,25 @@ class PassManager(CustomGraphPass):
                 continue
             config = sub.config(target, *values)
             _check_config(sub, config)
+            return sub, config, ""
+        return None, {}, "; ".join(reasons)
+
+    def _rewrite(self, graph: fx.Graph, index: int, node: fx.Node, lineage: dict) -> bool:
+        """Replace `node` by the first enabled substitution that applies; record what happened."""
+        op = node.target
+        args = _bind(op, node)
+        values = fx.map_arg(args, lambda n: n.meta["val"])       # fake tensors / SymInts / constants
+        ancestry = lineage.get(node, ())
+        record = NodeRecord(graph=index, node=node.name, op=op_key(op), args=_describe(values),
+                            via=ancestry[-1] if ancestry else None)
+        sub, config, reason = self.choose(op, values, ancestry)
+        if sub is None:
+            record.reason = reason or f"no enabled substitution for {record.op}"
+        else:
             new_nodes = _replace(graph, node, args, values, sub, config)
             for n in new_nodes:
                 lineage[n] = (*ancestry, sub.name)
             record.substitution, record.version, record.config = sub.name, sub.version, config
-            break
-        else:
-            record.reason = "; ".join(reasons) or f"no enabled substitution for {record.op}"
         self.report.nodes.append(record)
         return record.replaced
 
@@ -127,16 +136,24 @@ class PassManager(CustomGraphPass):
 
 def _bind(op: torch._ops.OpOverload, node: fx.Node) -> list:
     """The node's arguments in schema order, defaults filled in (so replacements see every argument)."""
+    try:
+        return bind_arguments(op, node.args, node.kwargs)
+    except TypeError as err:
+        raise RuntimeError(f"{node.format_node()}: {err}") from None
+
+
+def bind_arguments(op: torch._ops.OpOverload, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list:
+    """A call's arguments in `op`'s schema order, defaults filled in."""
     out = []
     for i, arg in enumerate(op._schema.arguments):
-        if i < len(node.args):
-            out.append(node.args[i])
-        elif arg.name in node.kwargs:
-            out.append(node.kwargs[arg.name])
+        if i < len(args):
+            out.append(args[i])
+        elif arg.name in kwargs:
+            out.append(kwargs[arg.name])
         elif arg.has_default_value():
             out.append(arg.default_value)
         else:
-            raise RuntimeError(f"{node.format_node()}: argument {arg.name!r} of {op} is missing")
+            raise TypeError(f"argument {arg.name!r} of {op} is missing")
     return out
 
 

@@ -118,8 +118,8 @@ def _compress_kv_kernel(p_kv, p_score, p_ape, p_w, p_cos, p_sin, p_out,
         # then FP4 simulation (blocks of 32, pow2 scales). BLOCK_D == D here.
         h = y
         for s in tl.static_range(LOG_D):
-            H: tl.constexpr = 1 << s
-            t = tl.permute(tl.reshape(h, [BLOCK_D // (2 * H), 2, H]), [0, 2, 1])
+            # the half-width 1 << s is spelled inline: a constexpr name cannot be rebound per step
+            t = tl.permute(tl.reshape(h, [BLOCK_D // (2 << s), 2, 1 << s]), [0, 2, 1])
             a, c = tl.split(t)
             t = tl.permute(tl.join(a + c, a - c), [0, 2, 1])
             h = tl.reshape(t, [BLOCK_D])
