@@ -52,6 +52,9 @@ def _compress_kv_kernel(p_kv, p_score, p_ape, p_w, p_cos, p_sin, p_out,
     # p_kv, p_score [B, T, C]; p_ape [RATIO, C] fp32; p_w [D] fp32; p_cos, p_sin [(B,) N, R/2] fp32;
     # p_out [B, N, D] fp32. NPHASE = 2 with overlap (previous block on channels [0, D), then the
     # current block on [D, 2D)), else 1 (current block on [0, D)).
+    # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
+    norm_eps = tl.cast(norm_eps, tl.float32)
+    had_scale = tl.cast(had_scale, tl.float32)
     i = tl.program_id(0)
     b = tl.program_id(1)
     o_c = tl.arange(0, BLOCK_D)

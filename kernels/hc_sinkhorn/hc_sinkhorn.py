@@ -55,6 +55,8 @@ def _sigmoid(z):
 @triton.jit
 def _hc_sinkhorn_kernel(p_l, p_o, T, iters, eps, N: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr):
     # p_l [T, N, N] float; p_o [T, N, N] float32
+    # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
+    eps = tl.cast(eps, tl.float32)
     o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     o_i = tl.arange(0, NP)
     valid = (o_i[None, :, None] < N) & (o_i[None, None, :] < N)             # [1, NP, NP]
@@ -72,6 +74,9 @@ def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, T, D, iters,
     # p_y [T, D] (x's dtype); p_post [T, N] fp32; p_comb [T, N, N] fp32.
     # Columns of the mixes tile [BT, NW]: c < NP*NP -> comb (i, j) = (c // NP, c % NP);
     # then NP pre columns, NP post columns, then padding (NW = max(2 NP^2, 16)).
+    # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
+    norm_eps = tl.cast(norm_eps, tl.float32)
+    hc_eps = tl.cast(hc_eps, tl.float32)
     NN: tl.constexpr = NP * NP
     K = N * D
     o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)                # [BT]

@@ -81,6 +81,8 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
     # copies of the operands, IEEE dots, and the roundings to bf16 done to nearest even on the bits.
     # axis 0 = token x head block, head blocks fastest: the programs sharing a token's gathered rows
     # (and neighbouring tokens, whose windows overlap) run together and hit L2
+    # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
     pid_h = pid % N_HB
     pid_t = (pid // N_HB).to(tl.int64)                                      # token b * S + s

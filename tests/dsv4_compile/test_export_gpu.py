@@ -1,0 +1,56 @@
+"""GPU builds package the Triton kernels: the .pt2 of a CUDA export runs our triton_ops compiled in by
+AOTInductor, loads in a fresh process that imports nothing but torch, and matches eager.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dsv4_compile import ModelConfig
+from dsv4_compile.build import COMPILE_TOLERANCE, eager_model
+from dsv4_compile.compile import resolve_gpu
+from dsv4_compile.export import example_tokens, export_aoti, export_prefill, leftover_custom_ops
+from dsv4_compile.loader import libstdcxx_preload
+from dsv4_compile.metrics import rel_rms
+
+pytestmark = pytest.mark.gpu
+
+# The kernels every layer type of the tiny preset reaches (window, CSA with indexer, HCA).
+EXPECTED_KERNELS = {"sparse_attention.triton", "compress_kv.triton", "indexer_topk.triton", "hc_pre.triton"}
+
+
+def test_cuda_pt2_holds_the_triton_kernels_and_runs_without_our_code(tmp_path):
+    config = ModelConfig.load("tiny")
+    model = eager_model(config, seed=0, state=None, cuda=True)
+    result = export_prefill(model, gpu=resolve_gpu("auto"))
+    assert EXPECTED_KERNELS <= set(result.kernels), result.kernels
+    assert not [op for op in leftover_custom_ops(result.program) if op.startswith("dsv4.")]
+    path = export_aoti(result, str(tmp_path / "prefill.pt2"))
+
+    tokens = example_tokens(config, 2, 64, seed=3)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        package = torch._inductor.aoti_load_package({path!r})
+        out = package(torch.load({str(tmp_path / 'tokens.pt')!r}).cuda())
+        torch.save(out.cpu(), {str(tmp_path / 'out.pt')!r})
+        assert not any(name.startswith("dsv4_compile") for name in sys.modules), "model code was imported"
+    """)
+    env = None
+    preload = libstdcxx_preload(cuda=True)
+    if preload:
+        import os
+
+        env = {**os.environ, "LD_PRELOAD": preload}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        ref = model(tokens.cuda()).float().cpu()
+    err = rel_rms(ref, torch.load(tmp_path / "out.pt"))
+    # The kernels sum in another order than the plain code (fp32 here): the compile check's bound.
+    assert err <= COMPILE_TOLERANCE[config.dtype], f"packaged kernels vs eager: rel RMS {err:.2e}"
