@@ -61,13 +61,16 @@ def run_quant_bench(R: int = 16384, D: int = 7168, copy_gbs: float | None = None
     for case, bs, pow2, kernel, plain, nbytes in cases:
         case = f"{case} {R}x{D} bf16"
         add(case, "triton (default config)", bench_ms(lambda: kernel(x, bs, pow2)), nbytes)
-        if sweep:
+        if sweep and kernel is not fp8_quantize:
             best = _sweep(lambda cfg: kernel(x, bs, pow2, config=cfg), QUANT_SWEEP)
             if best:
                 add(case, "triton (best of sweep)", best[0], nbytes, str(best[1]))
-        if kernel is fp8_quantize:  # the hardware conversion (not yet checked bit-exact on a GPU)
-            add(case, "triton (cast=native)", bench_ms(lambda: kernel(x, bs, pow2, config={"cast": "native"})), nbytes,
-                "cast=native")
+        if kernel is fp8_quantize:  # each e4m3 conversion at its best sweep config (default: native)
+            for cast in ("native", "bits"):
+                best = _sweep(lambda cfg: kernel(x, bs, pow2, config={**cfg, "cast": cast}),
+                              QUANT_SWEEP if sweep else [{}])
+                if best:
+                    add(case, f"triton (cast={cast}, best)", best[0], nbytes, str({**best[1], "cast": cast}))
         add(case, "eager torch (plain op)", bench_ms(lambda: plain(x, bs, pow2)), nbytes)
         compiled = try_compile(plain, compile)
         if compiled is not None:

@@ -12,12 +12,14 @@ class Fp8QuantConfig(KernelConfig):
     """The tensor is read as a [R * D / block_size, block_size] matrix of quantization blocks; one
     program handles max(1, block_elems // next_pow2(block_size)) consecutive blocks.
 
-    cast: how fp32 becomes e4m3. "bits" (default): round to nearest even on the raw bits, ~20 integer
-    ops per element, bit-exact on the GPU and in the interpreter (checked on the H100). "native": the
-    hardware conversion (cvt.rn.satfinite.e4m3x2.f32 on sm_89+), one instruction per two elements;
-    expected bit-exact (round to nearest even; the input is already clamped to +-448, NaN stays NaN)
-    but NOT yet checked on a GPU: run tests/kernels/test_fp8_quant.py::test_gpu_native_cast_bit_exact
-    before making it a default. Ignored under the interpreter (its cast does not round to even).
+    cast: how fp32 becomes e4m3. "native" (the H100/H200 default): the hardware conversion
+    (cvt.rn.satfinite.e4m3x2.f32, sm_89+), one instruction per two elements, round to nearest even
+    with saturation to +-448 built in (NaN stays NaN): the same codes as the plain op's clamp + cast.
+    "bits": round to nearest even on the raw bits, ~20 integer ops per element (bit-exact everywhere;
+    the generic default, since before sm_89 Triton emulates the fp8 cast). The interpreter always uses
+    "bits": its own cast does not round to even. On the H100 the "bits" kernel was ALU-bound at 0.69x of
+    torch.compile (bench/results/H100/KERNELS.md); "native" cuts its PTX from ~29 to ~8 instructions
+    per element (plus the exact-scale division), which should make it memory-bound.
     """
 
     block_elems: int = 4096
@@ -32,8 +34,8 @@ class Fp8QuantConfig(KernelConfig):
 DEFAULT_CONFIGS: dict[str, Fp8QuantConfig] = {
     # The interpreter runs each program as numpy calls: few, large programs are fastest.
     "interpreter": Fp8QuantConfig(block_elems=8192),
-    "H100": Fp8QuantConfig(block_elems=4096, num_warps=4),
-    "H200": Fp8QuantConfig(block_elems=4096, num_warps=4),
+    "H100": Fp8QuantConfig(block_elems=4096, num_warps=4, cast="native"),
+    "H200": Fp8QuantConfig(block_elems=4096, num_warps=4, cast="native"),
     "generic": Fp8QuantConfig(),
 }
 

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
-from .._jit_utils import block_scale, divide_by_scale, e4m3_bits
+from .._jit_utils import ceil_pow2, divide_by_scale, e4m3_bits
 from .config import Fp8QuantConfig, default_config
 
 FP8_MAX = 448.0
@@ -27,6 +27,25 @@ FP8_MAX = 448.0
 # ================================================================================================
 # Kernels
 # ================================================================================================
+
+@triton.jit
+def _block_scale_bits(b_x, POW2: tl.constexpr, RECIP: tl.constexpr):
+    """b_x [BQ, BS] fp32, one block per row (padding = 0) -> scale [BQ], as `_jit_utils.block_scale`
+    (NaN block -> NaN, Inf block -> +Inf) with ONE integer max: the bits of |x| order as the values,
+    and every NaN's bits exceed +Inf's, so the max of the bits is NaN wherever a NaN is (tl.max on
+    floats drops NaN, which costs block_scale a second reduction)."""
+    b_abs = b_x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    amax = tl.max(b_abs, axis=1).to(tl.float32, bitcast=True)              # [BQ]
+    amax = tl.where(amax < 1e-4, 1e-4, amax)                                 # NaN stays NaN
+    if RECIP:
+        inv = tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), tl.full(amax.shape, 448.0, tl.float32))
+        s = amax * inv
+    else:
+        s = tl.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    if POW2:
+        s = ceil_pow2(s)
+    return s
+
 
 @triton.jit
 def _fp8_quantize_kernel(p_x, p_q, p_s, Q,
@@ -39,12 +58,14 @@ def _fp8_quantize_kernel(p_x, p_q, p_s, Q,
     offs = o_q[:, None].to(tl.int64) * BS + o_j[None, :]
     mask = (o_q[:, None] < Q) & (o_j[None, :] < BS)
     b_x = tl.load(p_x + offs, mask=mask, other=0.0).to(tl.float32)         # [BQ, BS]
-    b_s = block_scale(b_x, 448.0, POW2, RECIP)                                     # [BQ]
+    b_s = _block_scale_bits(b_x, POW2, RECIP)                               # [BQ]
     b_y = divide_by_scale(b_x, b_s, POW2)
-    b_y = tl.where(b_y > 448.0, 448.0, tl.where(b_y < -448.0, -448.0, b_y))  # clamp, NaN kept
     if NATIVE_CAST:
+        # cvt.rn.satfinite.e4m3x2.f32: round to nearest even, finite values beyond +-448 (and +-Inf,
+        # which a finite scale never leaves) saturate to +-448, NaN stays NaN: the clamp is built in.
         b_q = b_y.to(tl.float8e4nv)
     else:
+        b_y = tl.where(b_y > 448.0, 448.0, tl.where(b_y < -448.0, -448.0, b_y))  # clamp, NaN kept
         b_q = e4m3_bits(b_y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     tl.store(p_q + offs, b_q, mask=mask)
     tl.store(p_s + o_q, b_s, mask=o_q < Q)
