@@ -42,6 +42,10 @@ CONTEXT_MAX = 1 << 20
 FORMATS = ("aoti", "onnx", "tensorrt")
 DEFAULT_FORMATS = "aoti,onnx"
 STEPS = ("validate", "model", "compile", "export", "verify", "manifest")
+# The dtype ONNX engines compute in: onnxruntime's CPU provider (the one every machine has) has no
+# bf16 GEMM, so a bf16 model is exported as its float32 twin (the same weight values, `float32_twin`).
+ONNX_COMPUTE_DTYPE = "float32"
+
 # Relative RMS error of the torch.compile'd model against eager, fp32 (see verify.TOLERANCES).
 COMPILE_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
@@ -210,12 +214,24 @@ def eager_model(config, *, seed: int, state: dict | None, cuda: bool):
 
     from .model import Transformer
 
-    with torch.device("cuda" if cuda else "cpu"):
+    device = "cuda" if cuda else "cpu"
+    with torch.device(device):
         model = Transformer(config, seed=None if state is not None else seed)
     if state is not None:
-        model.load_state_dict(state, strict=True, assign=True)
-        model = model.cuda() if cuda else model
+        model.load_state_dict(state, strict=True, assign=True)  # keeps the state's tensors (and devices)
+        model = model.to(device)
     return model.eval().requires_grad_(False)
+
+
+def float32_twin(model, cuda: bool):
+    """`model` computing in float32 with exactly its weight values (bf16 upcast), on the GPU (`cuda`)
+    or the CPU; `model` itself when it already is float32 on that device."""
+    device = "cuda" if cuda else "cpu"
+    if model.config.dtype == "float32":
+        return model.to(device)
+    # load_state_dict(assign=True) keeps these tensors: they must already sit on the twin's device
+    state = {k: (v.float() if v.is_floating_point() else v).to(device) for k, v in model.state_dict().items()}
+    return eager_model(model.config.replace(dtype="float32"), seed=0, state=state, cuda=cuda)
 
 
 def _sha256(path: str) -> str:
@@ -287,22 +303,23 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress) -> list
     # One torch.export per routing: the .pt2 of a GPU build takes the Triton kernels the passes pick
     # (AOTInductor compiles them in); ONNX is always the plain code (standard ONNX ops only). On the
     # CPU both routings are the plain code and one export serves every format.
-    routing = {"aoti": plan.target, "onnx": "cpu"}
-    programs: dict[str, E.ExportResult] = {}
+    # ONNX computes in float32 (ONNX_COMPUTE_DTYPE): a bf16 model is exported as its float32 twin.
+    routing = {"aoti": (plan.target, model.config.dtype), "onnx": ("cpu", ONNX_COMPUTE_DTYPE)}
+    programs: dict[tuple, E.ExportResult] = {}
 
     def program(fmt: str) -> E.ExportResult:
-        gpu = routing[fmt]
-        if gpu not in programs:
+        gpu, dtype = key = routing[fmt]
+        if key not in programs:
             t0 = time.perf_counter()
-            result = programs[gpu] = E.export_prefill(model, gpu=gpu, passes=plan.passes)
+            source = model if dtype == model.config.dtype else float32_twin(model, cuda=False)
+            result = programs[key] = E.export_prefill(source, gpu=gpu, passes=plan.passes)
             took = round(time.perf_counter() - t0, 2)
             kernels = ", ".join(f"{k} x{v['calls']}" for k, v in result.kernels.items()) or "plain code"
             progress.note(f"context {format_context(bucket)}: torch.export for {fmt} {took:.1f} s "
-                          f"(S in {list(result.seq_range)}, B in {list(result.batch_range)}; {kernels}"
+                          f"(S in {list(result.seq_range)}, B in {list(result.batch_range)}; {dtype}; {kernels}"
                           + (f"; {result.note}" if result.note else "") + ")")
-            key = "torch.export" if gpu == "cpu" else f"torch.export[{gpu}]"
-            plan.export_timings.setdefault(bucket, {})[key] = took
-        return programs[gpu]
+            plan.export_timings.setdefault(bucket, {})[f"torch.export[{fmt}]"] = took
+        return programs[key]
 
     engines: list[dict] = []
     onnx_rel = onnx_result = None
@@ -318,8 +335,7 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress) -> list
             files = [rel]
         else:
             rel = f"onnx/prefill-{bucket}.onnx"
-            example = E.example_tokens(model.config, result.batch_range[1], max(result.seq_range[0], min(64, result.seq_range[1])),
-                                       device=next(iter(model.parameters())).device)
+            example = E.example_tokens(model.config, result.batch_range[1], max(result.seq_range[0], min(64, result.seq_range[1])))
             written = E.export_onnx(result, os.path.join(tmp, rel), example)
             files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
             onnx_rel, onnx_result = rel, result
@@ -328,6 +344,7 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress) -> list
         progress.note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
         engines.append({"bucket": bucket, "seq_range": list(result.seq_range), "batch_range": list(result.batch_range),
                         "dynamic": result.dynamic, "format": fmt, "files": files, "kernels": result.kernels,
+                        "compute_dtype": routing[fmt][1],
                         "verified": {"status": "pending"}})
     if "tensorrt" in plan.formats:
         t0 = time.perf_counter()
@@ -339,7 +356,7 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress) -> list
         progress.note(f"context {format_context(bucket)}: tensorrt -> {rel} ({time.perf_counter() - t0:.1f} s)")
         engines.append({"bucket": bucket, "seq_range": list(onnx_result.seq_range),
                         "batch_range": list(onnx_result.batch_range), "dynamic": onnx_result.dynamic,
-                        "format": "tensorrt", "files": [rel], "kernels": {},
+                        "format": "tensorrt", "files": [rel], "kernels": {}, "compute_dtype": ONNX_COMPUTE_DTYPE,
                         "verified": {"status": "unverified", "ok": None,
                                      "error": "unverified by our tests (no TensorRT on the project's machines)"}})
     return engines

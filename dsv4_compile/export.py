@@ -53,11 +53,14 @@ def export_table(gpu: str = "cpu", passes="all", config_source=None) -> dict:
     On the CPU every call takes the plain code.
     """
     from .passes import decomposition_table, select
-    from .passes.manager import PassManager, bind_arguments
+    from .passes.manager import PassManager
 
     if config_source is None:
         from .tuning import config_source
-    manager = PassManager(select(passes), gpu=gpu, config_source=config_source)
+    # The kernels' own predicates look at the tensors' device: a CPU-target export of a model that
+    # lives on the GPU must still take the plain code, so only the decompositions are offered there.
+    enabled = [s for s in select(passes) if gpu != "cpu" or s.family == "decompose"]
+    manager = PassManager(enabled, gpu=gpu, config_source=config_source)
     table = {}
     for op, fn in decomposition_table().items():
         # The raw plain function: the table wraps it for run_decompositions (functionalisation),

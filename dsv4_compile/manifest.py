@@ -19,12 +19,14 @@ Format (schema_version 1), sorted-key JSON:
       "compile_check": {"rel_rms": ..., "tolerance": ...},
       "engines": [{"format": "aoti", "bucket": 512, "files": ["aoti/prefill-512.pt2"],
                    "seq_range": [2, 512], "batch_range": [1, 2], "dynamic": true,
+                   "compute_dtype": "float32",                 # ONNX: always float32 (build.py)
+                   "kernels": {"sparse_attention.triton": {"calls": 4, "configs": [{"config": "..."}]}},
                    "verified": {"ok": true, "status": "verified", "where": "fresh process on cpu (x86_64, AVX512)",
                                 "rel_rms": 5e-7, "tolerance": 1e-5,          # short prompt (verify.py)
                                 "max_rel_rms": 8e-4, "flip_bound": 5e-2,     # every token set
                                 "cases": [...], "error": null}}],
       "files": {"aoti/prefill-512.pt2": {"sha256": "...", "size": 123}, ...},
-      "export_timings_s": {"512": {"torch.export": 14.0, "aoti": 95.0, "onnx": 75.0}},
+      "export_timings_s": {"512": {"torch.export[aoti]": 14.0, "aoti": 95.0, "onnx": 75.0}},
       "timings_s": {"validate": 0.1, ...}
     }
 

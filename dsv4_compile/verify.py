@@ -127,8 +127,11 @@ def run(args: argparse.Namespace) -> int:
 
 # ---- the worker (runs in the fresh process) -------------------------------------------------------
 
-def _eager_model(manifest: dict, config, bucket: int):
-    from .build import eager_model
+def _eager_model(manifest: dict, config, bucket: int, dtype: str):
+    """The reference of an engine: eager at the engine's compute dtype (an ONNX engine of a bf16 model
+    computes in float32: build.ONNX_COMPUTE_DTYPE), on the build's device (where seeded weights are
+    created: build.eager_model)."""
+    from .build import eager_model, float32_twin
 
     weights = manifest.get("weights") or {"source": "seed", "seed": 0}
     state = None
@@ -136,8 +139,9 @@ def _eager_model(manifest: dict, config, bucket: int):
         from safetensors.torch import load_file
 
         state = load_file(weights["path"])
-    return eager_model(config.replace(max_seq_len=bucket), seed=int(weights.get("seed", 0)), state=state,
-                       cuda=manifest["device"].get("kind") == "cuda")
+    cuda = manifest["device"].get("kind") == "cuda"
+    model = eager_model(config.replace(max_seq_len=bucket), seed=int(weights.get("seed", 0)), state=state, cuda=cuda)
+    return model if dtype == config.dtype else float32_twin(model, cuda=cuda)
 
 
 def worker(path: str, formats: list[str], seed: int) -> dict:
@@ -153,14 +157,14 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
     rng = random.Random(seed)
     device = "cuda" if manifest["device"].get("kind") == "cuda" else "cpu"
     results = []
-    eager_cache: dict[int, object] = {}
+    eager_cache: dict[tuple, object] = {}
     for fmt in formats:
-        tol = tolerance(fmt, config.dtype)
         try:
             engine = load(path, format=fmt, _require_verified=False)
         except Exception as err:  # noqa: BLE001 (reported per format)
             for bucket in manifest["context_buckets"]:
-                results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None, "tolerance": tol,
+                results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None,
+                                "tolerance": tolerance(fmt, config.dtype),
                                 "error": f"{type(err).__name__}: {' '.join(str(err).split())}"})
             continue
         for entry in engine.engines:
@@ -169,11 +173,14 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
             short = max(s0, min(SHORT_SEQ, s1))
             shapes = [("short", 1 if b0 <= 1 else b0, short), ("full", b1, s1), ("random", b0, rng.randint(s0, s1))]
             cases = []
-            bound = FLIP_BOUND[config.dtype]
+            # the reference: eager at the engine's compute dtype, on the build's device
+            dtype = entry.get("compute_dtype", config.dtype)
+            tol, bound = tolerance(fmt, dtype), FLIP_BOUND[dtype]
             try:
-                if bucket not in eager_cache:
-                    eager_cache[bucket] = _eager_model(manifest, config, bucket)
-                model = eager_cache[bucket]
+                if (bucket, dtype) not in eager_cache:
+                    eager_cache.clear()  # one reference model at a time (mini: 5.6 GB in bf16, 11 GB in fp32)
+                    eager_cache[bucket, dtype] = _eager_model(manifest, config, bucket, dtype)
+                model = eager_cache[bucket, dtype]
                 nan_mismatch = False
                 for kind, batch, seq in shapes:
                     for attempt in range(SHORT_ATTEMPTS if kind == "short" else 1):
