@@ -44,6 +44,15 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / ms / 1e6
 
 
+def matmul_peak_tflops(n: int = 8192) -> float:
+    """bf16 matmul rate (TFLOP/s) of an n x n x n torch.matmul: the peak the NS/Muon rates are compared with."""
+    n = n if DEVICE == "cuda" else 256
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    return 2.0 * n ** 3 / bench_ms(lambda: a @ b) / 1e9
+
+
 def try_compile(fn: Callable, enabled: bool = True, **kwargs) -> Callable | None:
     """torch.compile(fn), or None (and a printed reason) where compiling fails or is not wanted."""
     if not enabled:

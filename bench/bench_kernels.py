@@ -80,7 +80,8 @@ def run_all(only: tuple[str, ...] = ("quant", "ns", "hc"), out: str | None = Non
     rows: list[dict] = []
     if smoke:
         parts = {"quant": lambda: run_quant_bench(64, 256, copy_gbs=copy_gbs, sweep=False, compile=False),
-                 "ns": lambda: run_newton_schulz_bench(shapes=((64, 96), (96, 64)), batched=(2, 32, 64), compile=False),
+                 "ns": lambda: run_newton_schulz_bench(shapes=((64, 96), (96, 64)), batched=(2, 32, 64), compile=False,
+                                                       muon_layers=(("tiny MoE layer", "tiny", None),)),
                  "hc": lambda: run_hc_bench((64,), ((32, 64),), compile=False)}
     else:
         parts = {"quant": lambda: run_quant_bench(copy_gbs=copy_gbs), "ns": run_newton_schulz_bench, "hc": run_hc_bench}

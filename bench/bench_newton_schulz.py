@@ -1,12 +1,18 @@
 """Newton-Schulz (Muon): our batched Triton kernels vs torch.optim.Muon's NS, the plain op eager and
 torch.compile'd. One step at 4096x4096, 4096x14336, 14336x4096 (fp32 G, as Muon's fp32 params give);
 the 10-step DeepSeek-V4 schedule at 4096x4096; and a batch of 96 2048x4096 matrices (32 V4-Flash
-experts x 3), 5 steps.
+experts x 3), 5 steps. Then whole Muon steps over MoE experts (fp32 params, fp32 grads): our Muon
+(model/muon.py: each [E, rows, cols] stack is ONE newton_schulz call, the step compiled with the
+dsv4 passes so that call is the Triton kernel) vs a Python loop of torch.optim.Muon over the same
+matrices as 3E separate params, same arguments; for the mini preset's MoE layer (E = 8, w1/w3
+[2048, 4096], w2 [4096, 2048]) and V4-Flash's 32 experts x 3 (anchor: torch.optim.Muon 89.9 ms/step).
+Every rate is also given as % of the bf16 matmul peak measured in the same run.
 
 TFLOP/s use the dense count of a step, 4 m^2 n + 2 m^3 (m = min dim): our kernels do 3 m^2 n + m^3
 (symmetric halves), so their rate can exceed what the matmul units do.
 Anchors (DESIGN.md section 4, lent H100): plain bf16 10-step NS on 4096x4096 7.13 ms eager, 6.70 ms
-compiled; torch.optim.Muon step (5 NS steps, fp32 param) 4096x4096 3.46 ms, 4096x14336 9.51 ms.
+compiled; torch.optim.Muon step (5 NS steps, fp32 param) 4096x4096 3.46 ms, 4096x14336 9.51 ms;
+torch.optim.Muon over 32 V4-Flash experts x 3 (2048x4096) 89.9 ms per step.
 
     python bench/bench_newton_schulz.py    # writes bench/results/<GPU>/newton_schulz.csv
 """
@@ -18,7 +24,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _kernel_bench_util import DEVICE, bench_ms, out_dir, print_table, try_compile, write_csv  # noqa: E402
+from _kernel_bench_util import (DEVICE, bench_ms, matmul_peak_tflops, out_dir, print_table, try_compile,  # noqa: E402
+                                write_csv)
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
 DEEPSEEK_V4 = list(QUINTIC) * 8 + [2.0, -1.5, 0.5] * 2
@@ -29,8 +36,45 @@ def _flops(M: int, N: int, steps: int, batch: int = 1) -> float:
     return batch * steps * (4.0 * m * m * n + 2.0 * m ** 3)
 
 
+def _expert_stacks(E: int, dim: int, inter: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """An MoE layer's routed experts as model/moe.py stores them: w1, w3 [E, inter, dim], w2 [E, dim, inter]."""
+    shapes = ((E, inter, dim), (E, dim, inter), (E, inter, dim))
+    return [torch.randn(shape, generator=generator).to(DEVICE) * 0.02 for shape in shapes]
+
+
+def _muon_layer_rows(add, name: str, E: int, dim: int, inter: int, compile: bool, peak: float) -> None:
+    """One Muon step over an MoE layer's experts: ours (3 stacked params, compiled with the dsv4
+    passes) vs a loop of torch.optim.Muon over the 3E matrices (and ours eager, the plain op's bmm)."""
+    import dsv4_compile
+    from dsv4_compile.model.muon import Muon
+
+    args = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=QUINTIC, ns_steps=5)
+    g = torch.Generator().manual_seed(0)
+    stacks = [torch.nn.Parameter(w) for w in _expert_stacks(E, dim, inter, g)]
+    for p in stacks:
+        p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+    singles = [torch.nn.Parameter(w[i].clone()) for w in stacks for i in range(E)]
+    for p, (w, i) in zip(singles, [(w, i) for w in stacks for i in range(E)]):
+        p.grad = w.grad[i].clone()
+    flops = _flops(inter, dim, 5, 3 * E)
+    case = f"Muon step, {name}: {E} experts x 3 ({inter}x{dim}) fp32"
+    ms_rep = dict(warmup_ms=300, rep_ms=600)                      # ~90 ms steps: a few repeats each
+    ours = Muon(stacks, **args)
+    if compile:
+        step = dsv4_compile.compile(ours.step, gpu="auto", passes="newton_schulz.triton")
+        step()                                                    # compiles (and is one step)
+        used = step.dsv4_report.replaced(substitution="newton_schulz.triton")
+        add(case, "triton (our Muon, compiled with passes)", bench_ms(step, **ms_rep), flops,
+            f"newton_schulz.triton nodes: {used}", peak)
+    add(case, "our Muon eager (plain op, bmm)", bench_ms(ours.step, **ms_rep), flops, "", peak)
+    theirs = torch.optim.Muon(singles, **args)
+    add(case, "torch.optim.Muon loop", bench_ms(theirs.step, **ms_rep), flops, "", peak)
+
+
 def run_newton_schulz_bench(full: bool = True, shapes=((4096, 4096), (4096, 14336), (14336, 4096)),
-                            batched=(96, 2048, 4096), compile: bool = True) -> list[dict]:
+                            batched=(96, 2048, 4096), compile: bool = True,
+                            muon_layers=(("mini MoE layer", "mini", None), ("V4-Flash", "flash", 32))) -> list[dict]:
+    """muon_layers: (label, preset, experts or None for the preset's n_routed_experts) per Muon-step case."""
     from dsv4_compile.kernels.newton_schulz import newton_schulz
     from dsv4_compile.model import ops
 
@@ -40,9 +84,13 @@ def run_newton_schulz_bench(full: bool = True, shapes=((4096, 4096), (4096, 1433
     except ImportError:  # pragma: no cover
         muon_ns = None
     rows = []
+    peak = matmul_peak_tflops()
+    rows.append(dict(case="bf16 matmul peak", impl="torch.matmul 8192^3", ms=float("nan"), tflops=peak, pct_peak=100.0))
+    print(f"bf16 matmul peak {peak:.1f} TFLOP/s", flush=True)
 
-    def add(case, impl, ms, flops, cfg=""):
-        rows.append(dict(case=case, impl=impl, ms=ms, tflops=flops / ms / 1e9, config=cfg))
+    def add(case, impl, ms, flops, cfg="", peak=peak):
+        rows.append(dict(case=case, impl=impl, ms=ms, tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak,
+                         config=cfg))
         print(f"{case:40s} {impl:30s} {ms:9.4f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
 
     cases = [(shape, 1) for shape in shapes]
@@ -78,16 +126,24 @@ def run_newton_schulz_bench(full: bool = True, shapes=((4096, 4096), (4096, 1433
         if muon_ns is not None:
             add(case, "torch.optim.Muon NS (loop)",
                 bench_ms(lambda: [muon_ns(G[i], QUINTIC, steps, 1e-7) for i in range(batch)], rep_ms=300), flops)
+        del G
+    from dsv4_compile.model.config import ModelConfig
+    for label, preset, experts in muon_layers:
+        mc = ModelConfig.from_preset(preset)
+        _muon_layer_rows(add, label, experts or mc.n_routed_experts, mc.dim, mc.moe_inter_dim, compile, peak)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()                              # V4-Flash's case needs ~20 GB
     return rows
 
 
 def main():
     smoke = "--smoke" in sys.argv                       # tiny sizes, no compile: checks the script runs
-    rows = (run_newton_schulz_bench(shapes=((64, 96), (96, 64)), batched=(2, 32, 64), compile=False) if smoke
+    rows = (run_newton_schulz_bench(shapes=((64, 96), (96, 64)), batched=(2, 32, 64), compile=False,
+                                    muon_layers=(("tiny MoE layer", "tiny", None),)) if smoke
             else run_newton_schulz_bench())
     path = os.path.join(out_dir(), "newton_schulz.csv")
     write_csv(path, rows)
-    print_table(rows, ["case", "impl", "ms", "tflops", "config"])
+    print_table(rows, ["case", "impl", "ms", "tflops", "pct_peak", "config"])
     print(f"wrote {path}")
 
 
