@@ -2,7 +2,9 @@
 
 Runs the side-by-side benchmark scripts of bench/ (one run, each writing CSV + PNG + a markdown with
 GPU, versions, date and ratios under bench/results/<gpu>/). `--ops` takes the substitution families
-that `--passes` and `tune --kernels` use; `attention` is short for both sparse-attention families.
+that `--passes` and `tune --kernels` use; `attention` is short for both sparse-attention families;
+`layers` (bench_layers.py) and `decode_step` (bench_decode_step.py) time whole layers and a whole
+decode step, at the --context lengths (decode_step: those within the mini preset's max_seq_len).
 The scripts live in the source checkout, not in the installed package: bench needs the checkout.
 """
 from __future__ import annotations
@@ -24,6 +26,10 @@ FAMILIES = {
     "newton_schulz": ("bench_kernels", "ns"),
     "hc_pre": ("bench_kernels", "hc"),
     "hc_sinkhorn": ("bench_kernels", "hc"),
+    # Not substitution families: whole-layer attention (CSA, HCA vs dense FA2) and the mini preset's
+    # whole decode step (eager vs CUDA graph).
+    "layers": ("bench_layers", None),
+    "decode_step": ("bench_decode_step", None),
 }
 ALIASES = {"attention": ("sparse_attention", "sparse_attention_cached"), "quant": ("fp8_quantize", "fp4_quantize"),
            "all": tuple(FAMILIES)}
@@ -69,4 +75,8 @@ def run(args: argparse.Namespace) -> int:
     parts = sorted({FAMILIES[f][1] for f in families if FAMILIES[f][0] == "bench_kernels"})
     if parts:
         importlib.import_module("bench_kernels").run_all(tuple(parts), args.out, False)
+    for name in ("layers", "decode_step"):
+        if name in families:
+            argv = ["--contexts", ",".join(map(format_context, args.context))] + (["--out", args.out] if args.out else [])
+            status = max(status, importlib.import_module(FAMILIES[name][0]).main(argv))
     return status

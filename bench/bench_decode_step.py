@@ -1,0 +1,282 @@
+"""A whole decode step of the mini preset (model/presets/mini.yaml: V4-Flash's layer shapes, 4 layers),
+eager vs captured in a CUDA graph, per step, at long context.
+
+    python bench/bench_decode_step.py [--contexts 32k,128k] [--batches 64,1] [--out DIR] [--budget 420]
+    from bench_decode_step import main   # what `python -m dsv4_compile bench --ops decode_step` calls
+
+Per context C (at most the preset's max_seq_len): the model is built on the GPU with max_seq_len = C
+(seeded weights), a prompt of C - 1 random tokens is prefilled at batch 1 into a KVCache (eager, plain
+ops), and that cache is copied into every row of a batch-B cache. One step = `model.decode(tokens
+[B, 1], positions [B] = C - 1, cache)`: it writes the same cache slots every time, so a replay repeats
+the same work. Rows per (C, B):
+  eager                       the plain ops, launched from Python
+  eager, CUDA graph           the same step captured once (torch.cuda.CUDAGraph) and replayed
+  compiled (passes)           dsv4_compile.compile(passes="all"): the Triton kernels substituted
+  compiled (passes), CUDA graph   the compiled step captured and replayed
+ms per step (median), tokens/s = B / step, and the rel. RMS of each variant's logits against eager.
+The compiled rows cost a compile each (about a minute); they are skipped past the time budget.
+Outputs: decode_step.csv, decode_step.png (ms per step vs context), decode_step.md.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _kernel_bench_util import DEVICE, environment, fmt, out_dir, write_csv  # noqa: E402
+from bench_layers import _contexts, _err, _table, time_ms  # noqa: E402
+
+COMPILE_RESERVE_S = 120.0   # a compiled variant starts only with this much of the budget left
+GRAPH_REPLAYS = 20          # replays per timed batch of a CUDA graph
+
+
+class DecodeStep(nn.Module):
+    """model.decode over one cache, as a module with (tokens, positions) inputs to compile."""
+
+    def __init__(self, model: nn.Module, cache):
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(tokens, positions, self.cache)
+
+
+def replicate(src, dst) -> None:
+    """Copy a batch-1 KVCache into every row of `dst` (same config and max_seq_len)."""
+    for a, b in zip(src.layers, dst.layers):
+        pairs = [(a.main, b.main), (a.index, b.index)]
+        for sa, sb in ((a.compressor, b.compressor), (a.index_compressor, b.index_compressor)):
+            if sa is not None:
+                pairs += [(sa.kv, sb.kv), (sa.score, sb.score)]
+        for x, y in pairs:
+            if x is not None:
+                y.copy_(x.expand_as(y))
+
+
+def capture(fn):
+    """(graph, output): fn warmed on a side stream, then captured (its output tensor is static)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, out
+
+
+def graph_step_ms(graph, reps: int = 5) -> float:
+    """Median over `reps` of (GRAPH_REPLAYS back-to-back replays / GRAPH_REPLAYS)."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(GRAPH_REPLAYS):
+            graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / GRAPH_REPLAYS)
+    times.sort()
+    return times[len(times) // 2]
+
+
+@torch.no_grad()
+def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64, 1), compiled: bool = True,
+                    budget_s: float = 420.0, log=print) -> list[dict]:
+    """Every row: dict(config, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager, note)."""
+    import dsv4_compile
+    from dsv4_compile import KVCache, ModelConfig, Transformer
+    from dsv4_compile.metrics import rel_rms
+
+    t0 = time.time()
+    cuda = DEVICE == "cuda"
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+    base = ModelConfig.load(config)
+    rows: list[dict] = []
+
+    def add(C, B, impl, ms, check=float("nan"), note=""):
+        rows.append(dict(config=config, context=C, batch=B, impl=impl, ms_per_step=ms,
+                         tokens_per_s=B / ms * 1e3 if ms == ms else float("nan"), rel_rms_vs_eager=check, note=note))
+        log(f"  C={C:7d} B={B:3d} {impl:32s} {fmt(ms):>9s} ms/step  rel RMS {fmt(check)}  {note}")
+
+    for C in contexts:
+        if C > base.max_seq_len:
+            for B in batches:
+                add(C, B, "(none run)", float("nan"), note=f"skipped: {config}'s max_seq_len is {base.max_seq_len}")
+            continue
+        cfg = base.replace(max_seq_len=C)
+        model = cache1 = None
+        try:
+            with torch.device(DEVICE):
+                model = Transformer(cfg, seed=0).eval()
+            prompt = torch.randint(0, cfg.vocab_size, (1, C - 1), device=DEVICE,
+                                   generator=torch.Generator(DEVICE).manual_seed(0))
+            cache1 = KVCache(cfg, 1, C, device=DEVICE)
+            t = time.time()
+            model.prefill(prompt, cache1)
+            if cuda:
+                torch.cuda.synchronize()
+            log(f"context {C}: prefill of {C - 1} tokens (eager, batch 1) {time.time() - t:.1f} s")
+        except Exception as e:  # noqa: BLE001  (e.g. out of memory at 128K: report, go on)
+            for B in batches:
+                add(C, B, "(none run)", float("nan"), note=f"prefill FAILED: {_err(e)}")
+            del model, cache1
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
+        for B in batches:
+            cache = KVCache(cfg, B, C, device=DEVICE)
+            replicate(cache1, cache)
+            step = DecodeStep(model, cache)
+            tokens = torch.randint(0, cfg.vocab_size, (B, 1), device=DEVICE)
+            positions = torch.full((B,), C - 1, device=DEVICE)
+            eager = step(tokens, positions).clone()                                         # [B, V] fp32
+            variants = [("eager", lambda: step(tokens, positions), False)]
+            comp = None
+            if compiled and cuda:
+                if budget_s - (time.time() - t0) > COMPILE_RESERVE_S:
+                    comp = dsv4_compile.compile(step, gpu="auto", passes="all", dynamic=False)
+                    variants.append(("compiled (passes)", lambda: comp(tokens, positions), False))
+                else:
+                    add(C, B, "compiled (passes)", float("nan"), note="skipped: past the time budget")
+            for name, fn, _ in list(variants):
+                if cuda:
+                    variants.append((f"{name}, CUDA graph", fn, True))
+            for name, fn, graphed in variants:
+                try:
+                    if graphed:
+                        graph, out = capture(fn)
+                        ms = graph_step_ms(graph)
+                    else:
+                        ms, out = time_ms(fn), fn()
+                    add(C, B, name, ms, rel_rms(eager, out))
+                except Exception as e:  # noqa: BLE001
+                    add(C, B, name, float("nan"), note=f"FAILED: {_err(e)}")
+                graph = out = None
+            if not cuda:
+                add(C, B, "eager, CUDA graph", float("nan"), note="no CUDA here")
+            del step, cache, variants, comp
+            if cuda:
+                torch.cuda.empty_cache()
+        del model, cache1
+        if cuda:
+            torch.cuda.empty_cache()
+    log(f"decode_step: {time.time() - t0:.0f} s")
+    return rows
+
+
+# ================================================================================================
+# Outputs
+# ================================================================================================
+
+def speedup_rows(rows: list[dict]) -> list[dict]:
+    """Per (context, batch): each variant's ms per step and its speed-up over the eager step."""
+    out = []
+    for C, B in dict.fromkeys((r["context"], r["batch"]) for r in rows):
+        rs = [r for r in rows if (r["context"], r["batch"]) == (C, B)]
+        eager = next((r["ms_per_step"] for r in rs if r["impl"] == "eager"), float("nan"))
+        row = dict(context=C, batch=B)
+        for r in rs:
+            row[f"{r['impl']} ms"] = r["ms_per_step"]
+            if r["impl"] != "eager":
+                row[f"{r['impl']} x"] = eager / r["ms_per_step"]
+        out.append(row)
+    return out
+
+
+def markdown(env: dict, rows: list[dict]) -> str:
+    config = rows[0]["config"] if rows else "mini"
+    lines = [f"# Whole decode step, {config} preset, on {env['gpu']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
+             f"{env['date']}; one run. Produced by `bench/bench_decode_step.py`.", "",
+             "One step = model.decode of one token per sequence at position context - 1 over a cache "
+             "prefilled to that context (batch 1, copied into every row). x = eager ms / variant ms.", ""]
+    lines += _table(speedup_rows(rows))
+    lines += ["", "## All rows", ""] + _table(rows)
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, rows: list[dict], gpu: str) -> None:
+    """ms per step vs context, one line per (variant, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for impl, B in dict.fromkeys((r["impl"], r["batch"]) for r in rows):
+        pts = sorted((r["context"], r["ms_per_step"]) for r in rows
+                     if (r["impl"], r["batch"]) == (impl, B) and not math.isnan(r["ms_per_step"]))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if "graph" in impl else "--s",
+                    label=f"{impl}, B={B}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens in the cache)")
+    ax.set_ylabel("ms per decode step (median)")
+    ax.set_title(f"whole decode step, {rows[0]['config'] if rows else ''} preset ({gpu})", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], out: str) -> list[str]:
+    os.makedirs(out, exist_ok=True)
+    env = environment()
+    paths = [os.path.join(out, "decode_step.csv"), os.path.join(out, "decode_step.md"),
+             os.path.join(out, "decode_step.png")]
+    write_csv(paths[0], rows)
+    with open(paths[1], "w") as f:
+        f.write(markdown(env, rows))
+    try:
+        plot(paths[2], rows, env["gpu"])
+    except Exception as e:  # noqa: BLE001  (no matplotlib: the CSV and markdown still stand)
+        print(f"plot skipped: {_err(e)}")
+        paths.pop()
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="mini")
+    parser.add_argument("--contexts", default="32k,128k")
+    parser.add_argument("--batches", default="64,1")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results/<GPU>)")
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds; compiled variants start only "
+                        f"with {COMPILE_RESERVE_S:.0f} s of it left")
+    parser.add_argument("--no-compile", action="store_true", help="eager and eager + CUDA graph only")
+    args = parser.parse_args(argv)
+    if DEVICE != "cuda":
+        print("bench_decode_step: needs a CUDA GPU (the CPU test runs run_decode_step on the tiny preset)")
+        return 2
+    try:
+        rows = run_decode_step(args.config, _contexts(args.contexts), [int(b) for b in args.batches.split(",")],
+                               not args.no_compile, args.budget)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        return 1
+    out = args.out or out_dir()
+    for p in write_outputs(rows, out):
+        print("wrote", p)
+    print(open(os.path.join(out, "decode_step.md")).read().split("## All rows")[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

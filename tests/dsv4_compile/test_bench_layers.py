@@ -1,0 +1,67 @@
+"""bench_layers and bench_decode_step run end to end at tiny shapes (kernels in the Triton interpreter,
+no torch.compile, no CUDA graph) and write their CSV, markdown and plot: the code paths the GPU run
+takes, minus the timing loops and the compiled baselines."""
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the real benchmark")
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_layers_rows_and_outputs(tmp_path):
+    import bench_layers
+
+    # S = 32: 8 compressed CSA entries (top-4 of them), no complete HCA block (the -1 padded path).
+    rows = bench_layers.run_layers((32,), bench_layers.TINY, compile=False, log=lambda *_: None)
+    got = {(r["layer"], r["part"], r["impl"]) for r in rows if r["ms"] == r["ms"]}
+    assert {("csa", "layer", "triton"), ("csa", "indexer (scores+top-k)", "triton"),
+            ("csa", "compressor (main)", "triton"), ("csa", "compressor (index)", "triton"), ("hca", "layer", "triton"),
+            ("hca", "sparse_attention", "triton"), ("dense", "sdpa causal 4x32", "flash_attention_2")} <= got
+    paths = bench_layers.write_outputs(rows, str(tmp_path), bench_layers.TINY)
+    assert [Path(p).name for p in paths][:2] == ["layers.csv", "layers.md"]
+    assert len(_rows(tmp_path / "layers.csv")) == len(rows)
+    md = (tmp_path / "layers.md").read_text()
+    assert "Layer vs dense causal attention" in md and "Triton vs torch.compile of the plain op" in md
+
+
+def test_layers_matches_the_plain_ops():
+    """The benchmarked CSA layer computes what the plain dsv4 ops compute from the same inputs."""
+    import bench_layers
+    from dsv4_compile.metrics import rel_rms
+    from dsv4_compile.model import ops
+
+    sh = bench_layers.TINY
+    t = bench_layers.make_inputs(32, sh, "csa")
+    out = bench_layers.layer_fn(t, "csa", sh)()
+    c, ic = t["comp"], t["icomp"]
+    entries = ops.compress_kv._init_fn(c["kv"], c["score"], c["ape"], c["norm_weight"], c["cos"], c["sin"], 4, True,
+                                       sh.eps, "fp8")
+    keys = ops.compress_kv._init_fn(ic["kv"], ic["score"], ic["ape"], ic["norm_weight"], ic["cos"], ic["sin"], 4, True,
+                                    sh.eps, "hadamard_fp4")
+    picked = ops.indexer_topk._init_fn(t["iq"], t["iw"], keys, t["positions"], 4, sh.topk)
+    idx = bench_layers.attention_indices(t, "csa", sh, picked)
+    ref = ops.sparse_attention._init_fn(t["q"], torch.cat([t["kv"], entries.to(t["kv"].dtype)], 1), t["sink"], idx,
+                                        sh.D ** -0.5)
+    assert rel_rms(ref, out) < 1e-5
+
+
+def test_decode_step_rows_and_outputs(tmp_path):
+    import bench_decode_step
+
+    rows = bench_decode_step.run_decode_step("tiny", (128, 1024), (2,), compiled=False, log=lambda *_: None)
+    eager = [r for r in rows if r["impl"] == "eager"]
+    assert len(eager) == 1 and eager[0]["ms_per_step"] > 0 and eager[0]["rel_rms_vs_eager"] == 0
+    assert any("max_seq_len is 512" in r["note"] for r in rows if r["context"] == 1024)
+    bench_decode_step.write_outputs(rows, str(tmp_path))
+    assert len(_rows(tmp_path / "decode_step.csv")) == len(rows)
+    assert "Whole decode step, tiny preset" in (tmp_path / "decode_step.md").read_text()
