@@ -2,7 +2,7 @@
 dense causal SDPA at the same sequence length and head count, plus the compressor and the indexer
 against torch.compile of their plain ops.
 
-    python bench/bench_layers.py [--contexts 8k,32k,128k] [--out bench/results/H100] [--budget 240]
+    python bench/bench_layers.py [--contexts 8k,32k,128k] [--out bench/results/H100] [--budget 360]
     from bench_layers import main   # what `python -m dsv4_compile bench --ops layers` calls
 
 B = 1, prefill of S tokens, V4-Flash's attention shapes (model/presets/flash.yaml): 64 query heads x
@@ -261,7 +261,7 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
 
 
-def run_layers(contexts=(8192, 32768, 131072), sh: Shapes = FLASH, compile: bool = True, budget_s: float = 240.0,
+def run_layers(contexts=(8192, 32768, 131072), sh: Shapes = FLASH, compile: bool = True, budget_s: float = 360.0,
                log=print) -> list[dict]:
     """Every row of the benchmark: dict(layer, part, impl, S, ms, note)."""
     from torch.nn.attention import SDPBackend
@@ -471,7 +471,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="8k,32k,128k")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<GPU>)")
-    parser.add_argument("--budget", type=float, default=240.0,
+    parser.add_argument("--budget", type=float, default=360.0,
                         help="seconds; past it, a new context runs only the Triton rows and FA2")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     args = parser.parse_args(argv)
