@@ -5,6 +5,8 @@ GPU, versions, date and ratios under bench/results/<gpu>/). `--ops` takes the su
 that `--passes` and `tune --kernels` use; `attention` is short for both sparse-attention families;
 `layers` (bench_layers.py) and `decode_step` (bench_decode_step.py) time whole layers and a whole
 decode step, at the --context lengths (decode_step: those within the mini preset's max_seq_len).
+`tuning` (not part of `all`: about 8 minutes) compares tuned configs with the defaults, a typical
+@triton.autotune list and a full grid (bench/bench_tuning.py, tuning/compare.py).
 The scripts live in the source checkout, not in the installed package: bench needs the checkout.
 """
 from __future__ import annotations
@@ -33,12 +35,14 @@ FAMILIES = {
 }
 ALIASES = {"attention": ("sparse_attention", "sparse_attention_cached"), "quant": ("fp8_quantize", "fp4_quantize"),
            "all": tuple(FAMILIES)}
+# Benchmarks that are not a substitution family (and not part of `all`): name -> bench module.
+EXTRAS = {"tuning": "bench_tuning"}
+ACCEPTED = sorted(set(FAMILIES) | set(ALIASES) | set(EXTRAS))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", default="auto", help="auto, H100 or H200 (a named GPU that is absent is an error)")
-    parser.add_argument("--ops", default="all",
-                        help=f"comma-separated: {', '.join(sorted(set(FAMILIES) | set(ALIASES)))} (default all)")
+    parser.add_argument("--ops", default="all", help=f"comma-separated: {', '.join(ACCEPTED)} (default all)")
     parser.add_argument("--context", type=context_lengths_arg, default=[8192, 32768],
                         help="attention context lengths, e.g. 8k,32k,128k (default 8k,32k)")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
@@ -47,11 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _families(text: str) -> list[str]:
     picked: list[str] = []
     for name in (s.strip() for s in text.split(",") if s.strip()):
-        if name not in FAMILIES and name not in ALIASES:
-            raise UsageError(f"--ops: unknown {name!r}; accepted: {', '.join(sorted(set(FAMILIES) | set(ALIASES)))}")
+        if name not in ACCEPTED:
+            raise UsageError(f"--ops: unknown {name!r}; accepted: {', '.join(ACCEPTED)}")
         picked += [f for f in ALIASES.get(name, (name,)) if f not in picked]
     if not picked:
-        raise UsageError("--ops: empty; accepted: " + ", ".join(sorted(set(FAMILIES) | set(ALIASES))))
+        raise UsageError("--ops: empty; accepted: " + ", ".join(ACCEPTED))
     return picked
 
 
@@ -69,14 +73,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"bench: {BENCH_DIR} not found; the benchmark scripts ship with the source checkout")
     sys.path.insert(0, str(BENCH_DIR))
     status = 0
-    if any(FAMILIES[f][0] == "bench_attention" for f in families):
+    kernels = [f for f in families if f in FAMILIES]
+    if any(FAMILIES[f][0] == "bench_attention" for f in kernels):
         argv = ["--contexts", ",".join(format_context(c) for c in args.context)] + (["--out", args.out] if args.out else [])
         status = max(status, importlib.import_module("bench_attention").main(argv))
-    parts = sorted({FAMILIES[f][1] for f in families if FAMILIES[f][0] == "bench_kernels"})
+    parts = sorted({FAMILIES[f][1] for f in kernels if FAMILIES[f][0] == "bench_kernels"})
     if parts:
         importlib.import_module("bench_kernels").run_all(tuple(parts), args.out, False)
     for name in ("layers", "decode_step"):
         if name in families:
             argv = ["--contexts", ",".join(map(format_context, args.context))] + (["--out", args.out] if args.out else [])
             status = max(status, importlib.import_module(FAMILIES[name][0]).main(argv))
+    if "tuning" in families:
+        argv = ["--contexts", ",".join(format_context(c) for c in args.context)] + (["--out", args.out] if args.out else [])
+        status = max(status, importlib.import_module(EXTRAS["tuning"]).main(argv))
     return status

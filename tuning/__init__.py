@@ -8,6 +8,8 @@
 - tables.py:    tuning/tables/<gpu>.yaml: atomic writes, nearest-bucket lookup, `tuned_config`,
                 `table_hash`, `config_source` (the pass framework's ConfigSource)
 - plots.py:     history, importance and latency-vs-context PNGs beside the table
+- compare.py:   tuned vs default vs a typical @triton.autotune list vs a full grid, in one run
+                (`python -m dsv4_compile bench --ops tuning`)
 - cli.py:       `python -m dsv4_compile tune --gpu H100 --context 8k,32k,128k`
 
 Importing this package does not import Triton kernels (that would fix TRITON_INTERPRET): the kernel

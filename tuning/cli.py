@@ -1,13 +1,15 @@
 """`python -m dsv4_compile tune`: Optuna sweeps of the Triton kernels per GPU and context length.
 
     python -m dsv4_compile tune --gpu H100 --context 8k,32k,128k [--kernels fp8_quantize,hc_pre]
-        [--trials 50] [--storage URL] [--workers N] [--batch 1] [--decode-batch 64] [--config flash]
+        [--trials 50] [--timeout SECONDS] [--storage URL] [--tables-dir DIR] [--workers N] [--batch 1]
+        [--decode-batch 64] [--config flash]
 
 Each (kernel, context bucket) is one Optuna study in RDB storage (default: SQLite file
 tuning/studies.db; any SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db, to share a sweep
 between machines). Re-running the same command resumes; workers share studies; a killed worker's
 trial is retried. At the end: a summary table, the best configs in tuning/tables/<gpu>.yaml, and PNG
-plots in tuning/tables/<gpu>/.
+plots in tuning/tables/<gpu>/ (`--tables-dir` puts both elsewhere). `--timeout` bounds the sweep's
+wall clock: no trial starts after it, finished trials are kept, and the same command continues later.
 
 --cost: `cuda` times the kernels with CUDA events (needs the named GPU); `standin` exercises the
 whole machinery: the "latency" is a deterministic stand-in cost; with --gpu cpu the correctness gate
@@ -36,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated kernels (default: all available): {', '.join(SPACES)}")
     parser.add_argument("--trials", type=positive_int_arg, default=50, metavar="N",
                         help="configs measured per study (pruned and duplicate trials do not count; default: 50)")
+    parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                        help="start no trial after this many seconds (the one in flight finishes; every study "
+                             "gets a share; re-run to continue; default: no limit)")
     parser.add_argument("--storage", default=None, metavar="URL",
                         help="Optuna storage, any SQLAlchemy URL (default: sqlite file tuning/studies.db)")
     parser.add_argument("--workers", type=positive_int_arg, default=1, metavar="N",
@@ -56,6 +61,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"bad value {text!r}: expected a number of seconds > 0")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,13 +115,13 @@ def run(args: argparse.Namespace) -> int:
         gpu=gpu, contexts=contexts, kernels=kernels, trials=args.trials, storage=args.storage, workers=args.workers,
         batch=args.batch, decode_batch=args.decode_batch, model=args.config,
         runner=runner,
-        seed=args.seed, tables_dir=args.tables_dir, study_prefix=args.study_prefix,
+        seed=args.seed, tables_dir=args.tables_dir, study_prefix=args.study_prefix, timeout_s=args.timeout,
         heartbeat_interval=args.heartbeat, grace_period=6 * args.heartbeat,
         plots=not args.no_plots, progress=not args.no_progress and sys.stderr.isatty())
     storage = redact(request.storage_url())
     print(f"tune: gpu {gpu}, contexts {','.join(format_context(c) for c in contexts)}, "
-          f"{args.trials} measured configs per study, {args.workers} worker(s), cost {cost}, storage {storage}",
-          file=sys.stderr)
+          f"{args.trials} measured configs per study, {args.workers} worker(s), cost {cost}, storage {storage}"
+          + (f", timeout {args.timeout:g} s" if args.timeout else ""), file=sys.stderr)
     result = sweep.tune(request)
 
     if args.json:

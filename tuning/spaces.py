@@ -22,8 +22,9 @@ Vocabulary
   a config that passes here and still fails is recorded as a failed trial, never a crash).
 
 Kernels (`SPACES`, keyed by the `torch.ops.dsv4` op each one implements, which is also the table key):
-fp8_quantize, fp4_quantize, newton_schulz, hc_pre, hc_sinkhorn, sparse_attention (prefill) and
-sparse_attention_cached (decode over the FP8 cache). Each space names its kernel package; a package
+fp8_quantize, fp4_quantize, newton_schulz, hc_pre, hc_sinkhorn, sparse_attention (prefill),
+sparse_attention_cached (decode over the FP8 cache), compress_kv (the compressors of a CSA and an HCA
+layer) and indexer_topk (the lightning indexer's selection). Each space names its kernel package; a package
 that is not importable yet makes the space `unavailable()` (the sweep skips it with the reason).
 
 Nothing here imports a kernel module at import time: importing Triton kernels fixes TRITON_INTERPRET
@@ -656,8 +657,137 @@ SPARSE_ATTENTION_CACHED = KernelSpace(
         "baseline is the kernel's default with its automatic split count.")
 
 
+# ================================================================================================
+# Compressor (kernels/compress_kv)
+# ================================================================================================
+
+def _compress_block_d(d: int, quant: str) -> int:
+    """The launcher's row tile: the whole d-channel row, padded to a power of two (>= 64 for fp8)."""
+    return max(_p2(d), 64) if quant == "fp8" else d
+
+
+def _compress_variants(problem) -> list[tuple[str, int, int, str, bool]]:
+    """(name, d, ratio, quant, overlap) of each compressor call the problem times (see COMPRESS_KV)."""
+    d, di, hca = problem.dim("d"), problem.dim("index_d"), problem.dim("hca_ratio")
+    calls = [("csa", d, CSA_RATIO, "fp8", True), ("indexer", di, CSA_RATIO, "hadamard_fp4", True)]
+    return calls + ([("hca", d, hca, "fp8", False)] if hca else [])
+
+
+def compress_hard(cfg, problem, gpu) -> str | None:
+    threads = _threads(cfg.num_warps)
+    for name, d, ratio, quant, _ in _compress_variants(problem):
+        rows = min(cfg.block_r, _p2(ratio))                      # the launcher clamps block_r to the block
+        block_d = _compress_block_d(d, quant)
+        # Live [rows, block_d] fp32 tiles of score, kv and probabilities: each counted once (element-wise).
+        per = rows * block_d / threads
+        if per > ELEMS_PER_THREAD:
+            return f"{name}: tile {rows}x{block_d} over {cfg.num_warps} warps = {per:g} fp32 a thread > {ELEMS_PER_THREAD}"
+        elt = 2 if problem.dim("dtype") in ("bfloat16", "float16") else 4
+        reason = _smem(cfg.num_stages * rows * block_d * 2 * elt, gpu, f"{name}: {cfg.num_stages} stages of kv and score tiles")
+        if reason:
+            return reason
+    return None
+
+
+def compress_redundant(cfg, problem, gpu) -> str | None:
+    longest = max(ratio for _, _, ratio, _, _ in _compress_variants(problem))
+    if cfg.block_r > _p2(longest):
+        return f"block_r {cfg.block_r} > the longest block ({longest} rows): clamped by the launcher"
+    if cfg.num_stages > 1 and cfg.block_r >= longest:
+        return f"num_stages {cfg.num_stages} but block_r {cfg.block_r} covers every block in one step: nothing to pipeline"
+    return None
+
+
+def _compress_problem(mc, context, batch, phase):
+    # The compressors of one CSA layer (main entries: fp8, overlap; indexer keys: Hadamard + fp4,
+    # overlap) and one HCA layer (fp8, the model's other ratio): one config serves every call, so the
+    # objective is their sum. Inputs are the fp32 projections (Compressor.project); N = ceil(T / ratio).
+    hca = max((r for r in mc.compress_ratios if r > CSA_RATIO), default=0)
+    dims = {"B": batch, "T": context, "d": mc.head_dim, "index_d": mc.index_head_dim, "rope_dim": mc.rope_head_dim,
+            "hca_ratio": hca, "dtype": "float32"}
+    work = 0
+    for width, ratio, overlap in ((mc.head_dim, CSA_RATIO, True), (mc.index_head_dim, CSA_RATIO, True),
+                                  (mc.head_dim, hca, False)):
+        if ratio:
+            channels = width * (2 if overlap else 1)
+            work += batch * (2 * context * channels * 4 + math.ceil(context / ratio) * width * 4)
+    return dims, work
+
+
+COMPRESS_KV = KernelSpace(
+    name="compress_kv", package="compress_kv", config_class="CompressKVConfig", function="compress_kv:compress_kv",
+    params=(Param("block_r", tuple(1 << i for i in range(8))), Param("num_warps", (1, 2, 4, 8, 16)),
+            Param("num_stages", (1, 2, 3, 4))),
+    problem=_compress_problem, hard=(rule_threads, compress_hard), redundant=(compress_redundant,),
+    doc="The compressors of one CSA and one HCA layer, timed together (one config serves all three calls): "
+        "kv, score [batch, context, 2 head_dim] -> context/4 fp8 entries (overlap), [batch, context, 2 "
+        "index_head_dim] -> context/4 Hadamard+fp4 indexer keys (overlap), [batch, context, head_dim] -> "
+        "context/128 fp8 entries. block_r matters mostly for the HCA blocks of 128 rows.")
+
+
+# ================================================================================================
+# Lightning-indexer top-k (kernels/indexer_topk)
+# ================================================================================================
+
+def _indexer_tiles(cfg, problem) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_D, KB) as the launcher picks them."""
+    return (max(16, _p2(problem.dim("H"))), max(16, _p2(problem.dim("d"))),
+            max(_p2(problem.dim("topk")), cfg.block_n))
+
+
+def _indexer_upcast(problem) -> bool:
+    """The kernel upcasts q and keys to fp32 (IEEE dots) when their dtypes differ (as in the model)."""
+    return problem.dim("q_dtype") != problem.dim("k_dtype") or problem.dim("q_dtype") == "float32"
+
+
+def indexer_hard(cfg, problem, gpu) -> str | None:
+    bh, bd, kb = _indexer_tiles(cfg, problem)
+    threads = _threads(cfg.num_warps)
+    acc = bh * cfg.block_n / threads
+    if acc > ACC_PER_THREAD:
+        return f"score accumulator [{bh}, {cfg.block_n}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
+    upcast = _indexer_upcast(problem)
+    q_regs = bh * bd * (1.0 if upcast else 0.5) / threads      # q stays in registers for the whole loop
+    buf_regs = 2 * 2 * kb / threads                            # int64 top-k buffer and its merge operand
+    total = acc + q_regs + buf_regs
+    if total > 2 * ACC_PER_THREAD:
+        return f"accumulator + resident q tile + top-k buffer = {total:g} registers a thread > {2 * ACC_PER_THREAD}"
+    k_elt = 4 if upcast else 2
+    # Pipelined key tiles [block_n, BLOCK_D] and the merge's layout conversion (q is a register operand).
+    need = cfg.num_stages * cfg.block_n * bd * k_elt + kb * 8
+    return _smem(need, gpu, f"{cfg.num_stages} stages of [{cfg.block_n}, {bd}] key tiles")
+
+
+def indexer_redundant(cfg, problem, gpu) -> str | None:
+    if cfg.block_n > max(16, _p2(problem.dim("N"))):
+        return f"block_n {cfg.block_n} > the {problem.dim('N')} keys"
+    return None
+
+
+def _indexer_problem(mc, context, batch, phase):
+    # Prefill of one CSA layer: `context` queries at positions 0..context-1 over context/4 keys; query t
+    # sees the first (t+1)//4. Dtypes as in the model: q and weights in the model dtype, keys fp32
+    # (the compressor's output).
+    S, H, d = context, mc.index_n_heads, mc.index_head_dim
+    N = math.ceil(context / CSA_RATIO)
+    dims = {"B": batch, "S": S, "H": H, "d": d, "N": N, "ratio": CSA_RATIO, "topk": mc.index_topk,
+            "q_dtype": mc.dtype, "k_dtype": "float32"}
+    q_elt = 2 if mc.dtype in ("bfloat16", "float16") else 4
+    return dims, batch * (S * H * (d + 1) * q_elt + N * d * 4 + S * mc.index_topk * 4)
+
+
+INDEXER_TOPK = KernelSpace(
+    name="indexer_topk", package="indexer_topk", config_class="IndexerTopkConfig", function="indexer_topk:indexer_topk",
+    params=(Param("block_n", (16, 32, 64, 128, 256)), Param("num_warps", (2, 4, 8, 16)), Param("num_stages", (1, 2, 3, 4))),
+    problem=_indexer_problem, hard=(rule_threads, indexer_hard), redundant=(indexer_redundant,),
+    doc="Prefill selection of one CSA layer: q [batch, context, index_n_heads, index_head_dim] (model dtype), "
+        "weights [batch, context, index_n_heads], keys [batch, context/4, index_head_dim] fp32, positions "
+        "0..context-1, top index_topk. Compute-bound: each query scores its visible keys.")
+
+
 SPACES: dict[str, KernelSpace] = {s.name: s for s in (
-    FP8_QUANTIZE, FP4_QUANTIZE, NEWTON_SCHULZ, HC_PRE, HC_SINKHORN, SPARSE_ATTENTION, SPARSE_ATTENTION_CACHED)}
+    FP8_QUANTIZE, FP4_QUANTIZE, NEWTON_SCHULZ, HC_PRE, HC_SINKHORN, SPARSE_ATTENTION, SPARSE_ATTENTION_CACHED,
+    COMPRESS_KV, INDEXER_TOPK)}
 
 
 def get_space(name: str) -> KernelSpace:

@@ -17,6 +17,10 @@ rules, duplicates and failures do not count; a study stops at the target (counte
 workers, so a resumed study with enough measured trials does nothing), when every valid config of a
 small space has an outcome, or after `max_attempts` trials of one worker (TPE keeps proposing pruned
 or duplicate configs in a nearly exhausted space).
+Time budget: `timeout_s` (wall clock from the start of `tune`) stops starting new trials; the trial in
+flight finishes and every finished trial stays in the storage, so re-running continues. Each study
+gets an equal share of the time left when it starts (time a study does not use passes on), so every
+bucket gets its baseline and some trials rather than the first ones taking it all.
 
 Workers: `workers=1` runs in this process; `workers=N` starts N processes (multiprocessing, spawn)
 that share each study through the storage and start together (a barrier). With the CUDA runner each
@@ -73,6 +77,7 @@ class TuneRequest:
     grace_period: int = 60
     max_retry: int = 3
     max_attempts: int | None = None            # per worker and study; None: 10 * trials + 50
+    timeout_s: float | None = None             # no new trial after this many seconds of the sweep
     write_table: bool = True
     plots: bool = True
     progress: bool = False
@@ -197,12 +202,18 @@ def plan_studies(request: TuneRequest) -> tuple[list[Plan], list[str]]:
 # Studies
 # ================================================================================================
 
-def _sampler(request: TuneRequest, plan: Plan, worker: int) -> optuna.samplers.BaseSampler:
-    seed = (request.seed + zlib.crc32(plan.study.encode()) + 7919 * worker) % (2 ** 31)
+def tpe_sampler(seed: int, target: int, constant_liar: bool = False) -> optuna.samplers.TPESampler:
+    """The sweep's sampler (also what tuning/compare.py measures): multivariate TPE, a third of the
+    target (3 to 10) as random startup trials."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, plan.target // 3)),
-                                          multivariate=True, constant_liar=request.workers > 1)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(3, target // 3)),
+                                          multivariate=True, constant_liar=constant_liar)
+
+
+def _sampler(request: TuneRequest, plan: Plan, worker: int) -> optuna.samplers.BaseSampler:
+    seed = (request.seed + zlib.crc32(plan.study.encode()) + 7919 * worker) % (2 ** 31)
+    return tpe_sampler(seed, plan.target, constant_liar=request.workers > 1)
 
 
 def _storage(request: TuneRequest, heartbeat: bool = True):
@@ -264,8 +275,9 @@ class _Budget:
 
 
 def run_worker(request: TuneRequest, plans: Sequence[Plan], worker: int = 0, barrier=None,
-               on_trial: Callable[[Plan, Any], None] | None = None) -> dict[str, list[int]]:
+               on_trial: Callable[[Plan, Any], None] | None = None, deadline: float | None = None) -> dict[str, list[int]]:
     """Run every plan's study to its budget in this process. Returns {study: trial numbers run here}.
+    `deadline` (time.time() seconds): no trial starts after it (see the module docstring).
     Raises DeviceError when the device became unusable (the studies stay resumable)."""
     storage = _storage(request)
     ran: dict[str, list[int]] = {}
@@ -273,7 +285,7 @@ def run_worker(request: TuneRequest, plans: Sequence[Plan], worker: int = 0, bar
         with contextlib.suppress(Exception):
             barrier.wait(timeout=600)
     try:
-        for plan in plans:
+        for i, plan in enumerate(plans):
             space = get_space(plan.kernel)
             gpu = gpu_spec(plan.gpu)
             study = optuna.load_study(study_name=plan.study, storage=storage, sampler=_sampler(request, plan, worker))
@@ -284,11 +296,18 @@ def run_worker(request: TuneRequest, plans: Sequence[Plan], worker: int = 0, bar
             if budget.done(study):
                 ran[plan.study] = []
                 continue
+            timeout = None
+            if deadline is not None:
+                left = deadline - time.time()
+                if left <= 0:
+                    ran[plan.study] = []
+                    continue
+                timeout = left / (len(plans) - i)
             options = dict(request.runner_options)
             objective = Objective(space, plan.problem, gpu,
                                   lambda: make_runner(request.runner, space, plan.problem, gpu, **options))
             try:
-                study.optimize(objective, n_trials=plan.max_attempts, catch=(KernelFailure,), callbacks=[budget])
+                _optimize(study, objective, plan.max_attempts, timeout, budget)
             finally:
                 objective.close()
                 ran[plan.study] = budget.numbers
@@ -297,13 +316,34 @@ def run_worker(request: TuneRequest, plans: Sequence[Plan], worker: int = 0, bar
     return ran
 
 
-def _worker_entry(request_dict: dict, plans: list[Plan], worker: int, barrier, queue, cuda_device: str | None) -> None:
+def _optimize(study, objective, n_trials: int, timeout: float | None, budget: _Budget) -> None:
+    """study.optimize, going on where another worker finished this worker's trial first: two workers
+    popped the same WAITING trial (the baseline, a retry; Optuna's pop reads then writes, which SQLite
+    does not make atomic), or a trial outlived its heartbeat's grace period. The slower worker then fails
+    with 'Cannot tell a COMPLETE trial' or UpdateFinishedTrialError; the trial is the other worker's."""
+    start, lost = time.monotonic(), 0
+    while True:
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+        attempts = n_trials - len(budget.numbers) - lost
+        if attempts <= 0:
+            return
+        try:
+            study.optimize(objective, n_trials=attempts, timeout=left, catch=(KernelFailure,), callbacks=[budget])
+            return
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as err:
+            if isinstance(err, ValueError) and not str(err).startswith("Cannot tell a"):
+                raise
+            lost += 1
+
+
+def _worker_entry(request_dict: dict, plans: list[Plan], worker: int, barrier, queue, cuda_device: str | None,
+                  deadline: float | None) -> None:
     if cuda_device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_device
     request = TuneRequest(**request_dict)
     _quiet(request)
     try:
-        ran = run_worker(request, plans, worker, barrier)
+        ran = run_worker(request, plans, worker, barrier, deadline=deadline)
         queue.put((worker, ran, None))
     except BaseException as err:  # noqa: BLE001 (reported to the parent, which decides)
         queue.put((worker, {}, f"{type(err).__name__}: {' '.join(str(err).split())}"))
@@ -444,6 +484,7 @@ class _Progress:
 def tune(request: TuneRequest) -> TuneResult:
     """Plan, prepare, run (in-process or in worker processes), summarise, write the table, plot."""
     start = time.monotonic()
+    deadline = None if request.timeout_s is None else time.time() + request.timeout_s
     _quiet(request)
     request.gpu = canonical_gpu(request.gpu)
     if request.workers < 1:
@@ -460,14 +501,19 @@ def tune(request: TuneRequest) -> TuneResult:
             progress.set(plan, measured_count(optuna.load_study(study_name=plan.study, storage=storage)))
         if request.workers == 1:
             try:
-                worker_trials[0] = run_worker(request, plans, 0, on_trial=progress.trial)
+                worker_trials[0] = run_worker(request, plans, 0, on_trial=progress.trial, deadline=deadline)
             except DeviceError as err:
                 worker_errors[0] = f"DeviceError: {err}"
         else:
-            worker_trials, worker_errors = _run_processes(request, plans, devices, storage, progress)
+            worker_trials, worker_errors = _run_processes(request, plans, devices, storage, progress, deadline)
     finally:
         progress.close()
     summaries = [summarize(storage, plan) for plan in plans]
+    if deadline is not None and time.time() >= deadline:
+        short = [f"{p.kernel} {s.bucket} {s.measured}/{p.target}" for p, s in zip(plans, summaries) if s.measured < p.target]
+        if short:
+            notes.append(f"--timeout {request.timeout_s:g} s reached; measured/target: {', '.join(short)} "
+                         f"(re-run the same command with the same storage to continue)")
     dispose(storage)
 
     table_path = None
@@ -513,7 +559,8 @@ def _device_name(request: TuneRequest) -> str:
     return f"{request.gpu} ({request.runner} runner: costs are stand-ins, not measurements)"
 
 
-def _run_processes(request: TuneRequest, plans: list[Plan], devices: list[str] | None, storage, progress: _Progress):
+def _run_processes(request: TuneRequest, plans: list[Plan], devices: list[str] | None, storage, progress: _Progress,
+                   deadline: float | None):
     import multiprocessing as mp
     import queue as queue_mod
 
@@ -525,7 +572,7 @@ def _run_processes(request: TuneRequest, plans: list[Plan], devices: list[str] |
     procs = []
     for i in range(request.workers):
         device = devices[i] if devices else None
-        proc = ctx.Process(target=_worker_entry, args=(request_dict, plans, i, barrier, results, device),
+        proc = ctx.Process(target=_worker_entry, args=(request_dict, plans, i, barrier, results, device, deadline),
                            name=f"dsv4-tune-worker-{i}", daemon=False)
         proc.start()
         procs.append(proc)

@@ -18,6 +18,12 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
 - hc_sinkhorn: 1e-5 (fp32, summation order only).
 - sparse attention: 1e-2 in bf16 (the probabilities are rounded to bf16 for the second dot, as
   FlashAttention does), 1e-5 in fp32.
+- compress_kv: the outputs are FP8 / FP4 / BF16 codes, so a relative RMS says little: at most
+  max(4, 1%) of the values may differ, each by at most one code step (half the larger magnitude, or
+  between 0 and a nonzero code), NaN positions equal (the kernel tests' criterion: the pooling sums in
+  another order, so a value on a rounding boundary may flip).
+- indexer_topk: exact. The inputs are small dyadic numbers (k / 4, |k| <= 12), so every score is exact
+  in fp32 at the model's 64 heads x 128 dims and the selection, ties included, is fully determined.
 """
 from __future__ import annotations
 
@@ -244,12 +250,104 @@ SPARSE_ATTENTION_CACHED = KernelTask(
     compare=lambda ref, out: close("out", ref, out, REL_TOL.get(ref.dtype, 1e-2)))
 
 
+# ---- compressor ------------------------------------------------------------------------------------
+
+def _compress_inputs(problem, device, seed=0, small=False):
+    """One argument tuple per compressor call of spaces._compress_variants (a CSA and an HCA layer)."""
+    from .spaces import _compress_variants
+
+    B, T, R = problem.dim("B"), problem.dim("T"), problem.dim("rope_dim")
+    if small:
+        B, T = 1, min(T, 41)                          # odd: a partial last block
+    calls = []
+    for i, (_, d, ratio, quant, overlap) in enumerate(_compress_variants(problem)):
+        r = R
+        if small:
+            # Interpreter-sized rows that keep each call's constraints: fp8 needs (d - R) % 64 == 0,
+            # fp4 a power-of-two d; HCA blocks shortened so that T holds a few of them.
+            d, r, ratio = (32, 8, ratio) if quant == "hadamard_fp4" else (80, 16, min(ratio, 16))
+        C = 2 * d if overlap else d
+        n_entries = math.ceil(T / ratio)
+        s = seed + 10 * i
+        kv = _randn((B, T, C), device, s, scale=2.0)
+        score = _randn((B, T, C), device, s + 1)
+        ape = _randn((ratio, C), device, s + 2, scale=0.5)
+        weight = torch.rand(d, generator=_gen(device, s + 3), device=device) + 0.5
+        angles = torch.rand((n_entries, r // 2), generator=_gen(device, s + 4), device=device) * 6.3
+        calls.append((kv, score, ape, weight, angles.cos(), angles.sin(), ratio, overlap, 1e-6, quant))
+    return tuple(calls)
+
+
+def few_flips(name: str, ref: torch.Tensor, out: torch.Tensor, frac: float = 0.01, min_allowed: int = 4) -> str | None:
+    """None when shapes and NaN positions match and at most max(min_allowed, frac) of the values differ,
+    each by at most one code step (see the module docstring)."""
+    if tuple(ref.shape) != tuple(out.shape):
+        return f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    if not torch.equal(torch.isnan(ref), torch.isnan(out)):
+        return f"{name}: NaN positions differ"
+    differ = (ref != out) & ~torch.isnan(ref)
+    n = int(differ.sum())
+    if n > max(min_allowed, int(frac * ref.numel())):
+        return f"{name}: {n} of {ref.numel()} values differ (allowed {max(min_allowed, int(frac * ref.numel()))})"
+    big = ((ref - out).abs() > 0.5 * torch.maximum(ref.abs(), out.abs())) & (ref != 0) & (out != 0)
+    if bool((big & differ).any()):
+        return f"{name}: a value differs by more than one code step"
+    return None
+
+
+def _compress_compare(refs, outs) -> str | None:
+    for i, (ref, out) in enumerate(zip(refs, outs)):
+        reason = few_flips(f"call {i}", ref, out)
+        if reason:
+            return reason
+    return None
+
+
+COMPRESS_KV = KernelTask(
+    inputs=_compress_inputs,
+    reference=lambda calls: tuple(torch.ops.dsv4.compress_kv(*a) for a in calls),
+    call=lambda fn, calls, cfg: tuple(fn(*a, config=cfg) for a in calls),
+    compare=_compress_compare)
+
+
+# ---- lightning-indexer top-k ----------------------------------------------------------------------
+
+def _dyadic(shape, device, seed, dtype) -> torch.Tensor:
+    """k / 4 with |k| <= 12: exact in every float dtype, products and sums exact in fp32 (tasks docstring)."""
+    k = torch.randint(-12, 13, shape, generator=_gen(device, seed), device=device)
+    return (k.float() / 4).to(dtype)
+
+
+def _indexer_inputs(problem, device, seed=0, small=False):
+    B, S, H, d, N, ratio, topk = (problem.dim(k) for k in ("B", "S", "H", "d", "N", "ratio", "topk"))
+    if small:
+        # Fewer queries, spread over more keys than one tile, so that tiles merge and padding shows.
+        B, S, H, d, N, topk = 1, min(S, 9), min(H, 3), min(d, 16), min(N, 37), min(topk, 13)
+        positions = (torch.arange(S, device=device) * (N * ratio // S)).view(1, S)
+        positions[0, -1] = N * ratio - 1
+    else:
+        positions = torch.arange(S, device=device).expand(B, S)
+    q = _dyadic((B, S, H, d), device, seed, DTYPES[problem.dim("q_dtype")])
+    weights = _dyadic((B, S, H), device, seed + 1, DTYPES[problem.dim("q_dtype")])
+    keys = _dyadic((B, N, d), device, seed + 2, DTYPES[problem.dim("k_dtype")])
+    return (q, weights, keys, positions.to(torch.int64).contiguous(), ratio, topk)
+
+
+INDEXER_TOPK = KernelTask(
+    inputs=_indexer_inputs,
+    reference=lambda a: torch.ops.dsv4.indexer_topk(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("indices", ref, out, 0.0))
+
+
 TASKS: dict[str, KernelTask] = {
     "fp8_quantize": FP8_QUANTIZE, "fp4_quantize": FP4_QUANTIZE, "newton_schulz": NEWTON_SCHULZ,
     "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
-    "sparse_attention_cached": SPARSE_ATTENTION_CACHED,
+    "sparse_attention_cached": SPARSE_ATTENTION_CACHED, "compress_kv": COMPRESS_KV, "indexer_topk": INDEXER_TOPK,
 }
 
 
 def tensors_nbytes(args: Sequence[Any]) -> int:
-    return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+    """Bytes of the tensors in args (nested tuples of arguments included: compress_kv's calls)."""
+    return sum(a.numel() * a.element_size() if isinstance(a, torch.Tensor) else tensors_nbytes(a)
+               for a in args if isinstance(a, (torch.Tensor, tuple)))

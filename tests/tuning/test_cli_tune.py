@@ -57,3 +57,15 @@ def test_standin_run_on_cpu_writes_the_table(capsys, tmp_path):
     data = json.loads(out)
     assert code == 0 and [s["measured"] for s in data["studies"]] == [3, 3]
     assert [s["best_params"] for s in data["studies"]] == [e["config"] for e in table["kernels"]["fp8_quantize"].values()]
+
+
+def test_timeout_flag(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--gpu", "cpu", "--cost", "standin", "--timeout", "0")
+    assert code == 2 and "--timeout" in err and "seconds > 0" in err
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    code, out, err = run_cli(capsys, "--gpu", "cpu", "--cost", "standin", "--context", "8k", "--kernels", "hc_sinkhorn",
+                             "--trials", "1000", "--timeout", "1.5", "--storage", storage,
+                             "--tables-dir", str(tmp_path / "tables"), "--no-plots", "--no-progress")
+    assert "timeout 1.5 s" in err
+    assert code == 0, err
+    assert (tmp_path / "tables" / "cpu.yaml").exists() and (tmp_path / "studies.db").exists()

@@ -129,7 +129,7 @@ def test_real_gate_prunes_a_corrupted_kernel_output(sqlite_url):
 
 
 @pytest.mark.parametrize("kernel", ["fp4_quantize", "newton_schulz", "hc_pre", "hc_sinkhorn", "sparse_attention",
-                                    "sparse_attention_cached"])
+                                    "sparse_attention_cached", "compress_kv", "indexer_topk"])
 def test_real_gate_passes_the_default_config(kernel):
     space = get_space(kernel)
     phase = space.phases[0]
@@ -149,3 +149,29 @@ def test_tolerances_catch_small_errors():
     args = TASKS["hc_sinkhorn"].inputs(get_space("hc_sinkhorn").make_problem(FLASH, 8192), "cpu", small=True)
     out = TASKS["hc_sinkhorn"].reference(args)
     assert TASKS["hc_sinkhorn"].compare(out, out * (1 + 1e-4)) is not None
+
+
+def test_compress_kv_gate_allows_rare_flips_not_wrong_entries():
+    """The compressor's gate: a rounding flip of one code passes, a wrong entry (a block pooled from
+    the wrong rows) does not; every call of the layer pair is checked."""
+    task, space = TASKS["compress_kv"], get_space("compress_kv")
+    args = task.inputs(space.make_problem(FLASH, 8192), "cpu", small=True)
+    assert [a[-1] for a in args] == ["fp8", "hadamard_fp4", "fp8"] and [a[6] for a in args] == [4, 4, 16]
+    ref = task.reference(args)
+    assert task.compare(ref, tuple(r.clone() for r in ref)) is None
+    flipped = [r.clone() for r in ref]
+    flipped[0][0, 3, 5] *= 1.125                                    # one FP8 code step
+    assert task.compare(ref, tuple(flipped)) is None
+    wrong = [r.clone() for r in ref]
+    wrong[2][0, 1] = wrong[2][0, 0]                                 # HCA entry 1 = entry 0
+    assert "call 2" in task.compare(ref, tuple(wrong))
+
+
+def test_indexer_topk_gate_is_exact():
+    task, space = TASKS["indexer_topk"], get_space("indexer_topk")
+    args = task.inputs(space.make_problem(FLASH, 8192), "cpu", small=True)
+    ref = task.reference(args)
+    assert ref.shape == (1, 9, 13) and bool((ref == -1).any()) and bool((ref >= 16).any())   # padding; keys past one tile
+    swapped = ref.clone()
+    swapped[0, -1, [0, 1]] = swapped[0, -1, [1, 0]]                # the same set, another order
+    assert "values differ" in task.compare(ref, swapped)

@@ -127,3 +127,45 @@ def test_gpu_names():
     assert canonical_gpu("cpu") == "cpu" and canonical_gpu("NVIDIA A100-SXM4-80GB") == "NVIDIA_A100-SXM4-80GB"
     assert gpu_spec("H100").smem_per_block == 232448 and gpu_spec("weird").smem_per_block == gpu_spec("generic").smem_per_block
     assert gpu_spec("weird").name == "weird"
+
+
+def test_compress_kv_problem_and_rules():
+    space = get_space("compress_kv")
+    h100 = gpu_spec("H100")
+    p = space.make_problem(FLASH, 8192)
+    assert p.bucket == "8k" and (p.dim("T"), p.dim("d"), p.dim("index_d"), p.dim("hca_ratio")) == (8192, 512, 128, 128)
+    base = space.default_params(p, h100)
+    # [64, 512] fp32 tiles over 4 warps: 256 values a thread.
+    kind, reason = space.check(space.make_config({**base, "block_r": 64, "num_warps": 4}, "H100"), p, h100)
+    assert kind == "hard" and "csa: tile 4x512" not in reason and "hca: tile 64x512" in reason
+    # 4 stages of [32, 512] fp32 kv + score tiles = 512 KB.
+    kind, reason = space.check(space.make_config({**base, "block_r": 32, "num_warps": 16, "num_stages": 4}, "H100"), p, h100)
+    assert kind == "hard" and "shared memory" in reason
+    # A model without HCA layers: CSA blocks of 4 rows, so block_r 8 is clamped and stages idle.
+    csa_only = space.make_problem(dataclasses.replace(FLASH, compress_ratios=(0, 4, 4)), 8192)
+    assert csa_only.dim("hca_ratio") == 0
+    kind, reason = space.check(space.make_config({**base, "block_r": 8}, "H100"), csa_only, h100)
+    assert kind == "redundant" and "clamped" in reason
+    kind, reason = space.check(space.make_config({**base, "block_r": 4, "num_stages": 2}, "H100"), csa_only, h100)
+    assert kind == "redundant" and "nothing to pipeline" in reason
+    assert space.check(space.make_config({**base, "block_r": 2, "num_stages": 2}, "H100"), csa_only, h100) is None
+    valid = space.count_valid(p, h100)
+    assert valid[0] == 160 and 20 < valid[1] < 160
+
+
+def test_indexer_topk_problem_and_rules():
+    space = get_space("indexer_topk")
+    h100 = gpu_spec("H100")
+    p = space.make_problem(FLASH, 32768)
+    assert (p.dim("S"), p.dim("N"), p.dim("H"), p.dim("d"), p.dim("topk")) == (32768, 8192, 64, 128, 512)
+    assert (p.dim("q_dtype"), p.dim("k_dtype")) == ("bfloat16", "float32")
+    assert space.make_problem(ModelConfig.load("pro"), 32768).dim("topk") == 1024
+    base = space.default_params(p, h100)
+    kind, reason = space.check(space.make_config({**base, "block_n": 256, "num_warps": 2}, "H100"), p, h100)
+    assert kind == "hard" and "score accumulator" in reason
+    # 4 stages of [128, 128] fp32 key tiles = 256 KB.
+    kind, reason = space.check(space.make_config({**base, "block_n": 128, "num_stages": 4}, "H100"), p, h100)
+    assert kind == "hard" and "shared memory" in reason
+    tiny = space.make_problem(FLASH, 64)                      # 16 keys
+    kind, reason = space.check(space.make_config({**base, "block_n": 64}, "H100"), tiny, h100)
+    assert kind == "redundant" and "16 keys" in reason

@@ -90,3 +90,23 @@ def test_kill_and_resume_sqlite(sqlite_url, tmp_path):
 
 def test_three_workers_one_sqlite_study(sqlite_url, tmp_path):
     sc.three_workers(sqlite_url, tmp_path)
+
+
+def test_timeout_stops_new_trials_and_keeps_the_finished(sqlite_url, tmp_path):
+    """timeout_s: no trial starts after it; each study gets a share; the same request continues."""
+    import time
+
+    req = sc.request(sqlite_url, tmp_path, contexts=[8192, 32768], kernels=["hc_pre"], trials=200,
+                     runner_options={"delay": 0.2}, timeout_s=2.0)
+    start = time.monotonic()
+    result = tune(req)
+    assert time.monotonic() - start < 2.0 + 3.0          # the trial in flight and the summaries
+    assert [1 <= s.measured < 200 for s in result.summaries] == [True, True], [s.measured for s in result.summaries]
+    assert any("--timeout 2 s reached" in n and "hc_pre 8k" in n for n in result.notes), result.notes
+    before = [sc.load(req, p).get_trials(deepcopy=False) for p in result.plans]
+    assert all(t.state.is_finished() for trials in before for t in trials)
+    again = tune(sc.dataclass_replace(req, runner_options={"delay": 0.0}, timeout_s=None, trials=12))
+    assert [s.measured for s in again.summaries] == [max(12, s.measured) for s in result.summaries]
+    for plan, trials in zip(result.plans, before):
+        kept = {t.number: t.value for t in sc.load(req, plan).get_trials(deepcopy=False)}
+        assert all(kept[t.number] == t.value for t in trials)
