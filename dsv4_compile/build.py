@@ -24,6 +24,7 @@ itself succeeded); 2 user mistake, nothing written.
 from __future__ import annotations
 
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from .cli import UsageError, context_lengths_arg, format_context
 
@@ -388,9 +389,10 @@ def base_manifest(plan: Plan, engines: list[dict], compile_result: dict | None, 
     }
 
 
-def run_verify_worker(path: str, formats: list[str], seed: int | None = None,
-                      timeout: float | None = None, cuda: bool = False) -> dict:
-    """`python -m dsv4_compile.verify --worker PATH` in a fresh process (libstdc++ preload where needed)."""
+def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cuda: bool = False,
+                      progress: Callable[[str], None] | None = None) -> dict:
+    """`python -m dsv4_compile.verify --worker PATH` in a fresh process (libstdc++ preload where needed).
+    The worker's progress lines (stderr) go to `progress` as they come."""
     from .loader import libstdcxx_preload
 
     env = dict(os.environ)
@@ -403,15 +405,26 @@ def run_verify_worker(path: str, formats: list[str], seed: int | None = None,
                "--formats", ",".join(formats)]
         if seed is not None:
             cmd += ["--seed", str(seed)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        tail: collections.deque[str] = collections.deque(maxlen=3)
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+            for line in proc.stderr:
+                line = line.rstrip()
+                if line.startswith(WORKER_PROGRESS):
+                    if progress is not None:
+                        progress(line[len(WORKER_PROGRESS):])
+                elif line:
+                    tail.append(line)
         if proc.returncode != 0 or not os.path.isfile(result_path):
-            tail = " | ".join(line for line in (proc.stderr or "").strip().splitlines()[-3:])
-            return {"worker_error": f"verification process exited with {proc.returncode}: {tail or 'no output'}",
-                    "preload": preload, "results": []}
+            return {"worker_error": f"verification process exited with {proc.returncode}: "
+                                    f"{' | '.join(tail) or 'no output'}", "preload": preload, "results": []}
         with open(result_path) as f:
             data = json.load(f)
     data["preload"] = preload
     return data
+
+
+# The prefix of the verify worker's progress lines on its stderr.
+WORKER_PROGRESS = "dsv4-verify-progress: "
 
 
 def summary_table(manifest: dict) -> str:
@@ -480,7 +493,8 @@ def run(args: argparse.Namespace) -> int:
         manifest["files"] = file_table(tmp)
         write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
         to_verify = sorted({e["format"] for e in engines if e["verified"]["status"] == "pending"})
-        outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000, cuda=plan.target != "cpu")
+        outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000, cuda=plan.target != "cpu",
+                                    progress=progress.note)
         where = outcome.get("where", "fresh process")
         by_key = {(r["format"], r["bucket"]): r for r in outcome.get("results", [])}
         for e in engines:
@@ -494,7 +508,7 @@ def run(args: argparse.Namespace) -> int:
                 e["verified"] = {"status": "verified" if r["ok"] else "failed", "ok": r["ok"], "where": where,
                                  "rel_rms": r["rel_rms"], "tolerance": r["tolerance"], "max_rel_rms": r.get("max_rel_rms"),
                                  "flip_bound": r.get("flip_bound"), "max_abs": r.get("max_abs"),
-                                 "cases": r.get("cases"), "error": r.get("error")}
+                                 "cases": r.get("cases"), "error": r.get("error"), "seconds": r.get("seconds")}
             v = e["verified"]
             progress.note(f"{e['format']} context {format_context(e['bucket'])}: {v['status']}"
                           + (f", short prompt rel RMS {v['rel_rms']:.2e} (tolerance {v['tolerance']:.0e}), all token "

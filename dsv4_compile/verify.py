@@ -36,6 +36,7 @@ import json
 import os
 import random
 import sys
+import time
 
 TOLERANCES = {("aoti", "float32"): 1e-5, ("onnx", "float32"): 1e-4, ("tensorrt", "float32"): 1e-3,
               ("aoti", "bfloat16"): 2e-2, ("onnx", "bfloat16"): 2e-2, ("tensorrt", "bfloat16"): 2e-2}
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
         formats = [f for f in built if f != "tensorrt" or tensorrt_unavailable() is None]
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
-    outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest["device"].get("kind") == "cuda")
+    outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest["device"].get("kind") == "cuda",
+                                progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     results = outcome.get("results", [])
     ok = bool(results) and all(r["ok"] for r in results) and not outcome.get("worker_error")
     if args.json:
@@ -106,13 +108,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"verify {path}: {outcome.get('where', 'fresh process')}, token seed {seed}"
               + (f", LD_PRELOAD={outcome['preload']}" if outcome.get("preload") else ""))
-        rows = [("format", "context", "token sets [B,S]", "short rel RMS", "tolerance", "max rel RMS", "flip bound", "result")]
+        rows = [("format", "context", "token sets [B,S]", "short rel RMS", "tolerance", "max rel RMS", "flip bound",
+                 "s load/ref/engine/eager", "result")]
         for r in results:
             cases = " ".join(f"[{c['batch']},{c['seq']}]" for c in r.get("cases", []))
             rows.append((r["format"], str(r["bucket"]), cases or "-",
                          "-" if r.get("rel_rms") is None else f"{r['rel_rms']:.2e}", f"{r['tolerance']:.0e}",
                          "-" if r.get("max_rel_rms") is None else f"{r['max_rel_rms']:.2e}",
                          "-" if r.get("flip_bound") is None else f"{r['flip_bound']:.0e}",
+                         "/".join(f"{r['seconds'][k]:.1f}" for k in ("load", "reference", "engine", "eager"))
+                         if r.get("seconds") else "-",
                          "ok" if r["ok"] else f"FAILED{': ' + r['error'] if r.get('error') else ''}"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
@@ -159,7 +164,9 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
     results = []
     eager_cache: dict[tuple, object] = {}
     for fmt in formats:
+        t0 = time.perf_counter()
         try:
+            _progress(f"{fmt}: checking and loading ...")
             engine = load(path, format=fmt, _require_verified=False)
         except Exception as err:  # noqa: BLE001 (reported per format)
             for bucket in manifest["context_buckets"]:
@@ -167,6 +174,8 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
                                 "tolerance": tolerance(fmt, config.dtype),
                                 "error": f"{type(err).__name__}: {' '.join(str(err).split())}"})
             continue
+        loaded_s = time.perf_counter() - t0
+        _progress(f"{fmt}: loaded in {loaded_s:.1f} s")
         for entry in engine.engines:
             bucket = entry["bucket"]
             (s0, s1), (b0, b1) = entry["seq_range"], entry["batch_range"]
@@ -177,17 +186,26 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
             dtype = entry.get("compute_dtype", config.dtype)
             tol, bound = tolerance(fmt, dtype), FLIP_BOUND[dtype]
             try:
+                seconds = {"load": round(loaded_s, 2), "reference": 0.0, "engine": 0.0, "eager": 0.0}
+                t0 = time.perf_counter()
                 if (bucket, dtype) not in eager_cache:
                     eager_cache.clear()  # one reference model at a time (mini: 5.6 GB in bf16, 11 GB in fp32)
                     eager_cache[bucket, dtype] = _eager_model(manifest, config, bucket, dtype)
                 model = eager_cache[bucket, dtype]
+                seconds["reference"] = round(time.perf_counter() - t0, 2)
                 nan_mismatch = False
                 for kind, batch, seq in shapes:
                     for attempt in range(SHORT_ATTEMPTS if kind == "short" else 1):
                         tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=gen, dtype=torch.int64)
+                        t0 = time.perf_counter()
                         with torch.no_grad():
                             ref = model(tokens.to(device)).float().cpu()
+                        t1 = time.perf_counter()
                         out = engine.run(tokens, bucket=bucket).float().cpu()
+                        t2 = time.perf_counter()
+                        seconds["eager"] += t1 - t0
+                        seconds["engine"] += t2 - t1
+                        _progress(f"{fmt} {bucket}: [{batch},{seq}] engine {t2 - t1:.1f} s, eager {t1 - t0:.1f} s")
                         if out.shape != ref.shape:
                             raise RuntimeError(f"output shape {list(out.shape)}, eager {list(ref.shape)}")
                         nan_mismatch |= bool((torch.isnan(ref) != torch.isnan(out)).any())
@@ -204,12 +222,20 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
                          else f"rel RMS {worst:.2e} > {bound:.0e} (beyond quantization flips)" if worst > bound else None)
                 results.append({"format": fmt, "bucket": bucket, "ok": error is None, "rel_rms": short_err,
                                 "max_rel_rms": worst, "max_abs": max_abs, "tolerance": tol, "flip_bound": bound,
-                                "cases": cases, "error": error})
+                                "cases": cases, "error": error,
+                                "seconds": {k: round(v, 2) for k, v in seconds.items()}})
             except Exception as exc:  # noqa: BLE001
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None, "tolerance": tol,
                                 "cases": cases, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
     here = describe_device(current_device_for(manifest["device"]))
     return {"where": f"fresh process on {here}", "seed": seed, "results": results}
+
+
+def _progress(text: str) -> None:
+    """One progress line for the parent (build / verify relays it as it comes)."""
+    from .build import WORKER_PROGRESS
+
+    print(WORKER_PROGRESS + text, file=sys.stderr, flush=True)
 
 
 def _worker_main(argv: list[str]) -> int:
