@@ -82,6 +82,9 @@ def _ns_sym_kernel(p_x, p_c, p_o, alpha, beta, m, K,
     # p_x [Bt, m, K] bf16; p_c, p_o [Bt, m, m] bf16 (p_c symmetric).
     # O = alpha * C + beta * X X^T (HAS_C) or X X^T, on the upper-triangle tile (ti <= tj) of this
     # program, stored at (ti, tj) and mirrored at (tj, ti).
+    # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
+    alpha = tl.cast(alpha, tl.float32)
+    beta = tl.cast(beta, tl.float32)
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     # pid = r (r + 1) / 2 + c with c <= r; the fp32 sqrt is corrected by exact integer checks
@@ -121,6 +124,8 @@ def _ns_gemm_kernel(p_b, p_x, p_o, a, m, n, so_i, so_j, so_b,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_b [Bt, m, m] bf16; p_x [Bt, m, n] bf16; O = a X + B X written at p_o + b so_b + i so_i + j so_j
     # (so the last step can write G's layout and dtype directly)
+    # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
+    a = tl.cast(a, tl.float32)
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     n_pid_m = tl.cdiv(m, BLOCK_M)
