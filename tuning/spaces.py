@@ -729,38 +729,47 @@ COMPRESS_KV = KernelSpace(
 # Lightning-indexer top-k (kernels/indexer_topk)
 # ================================================================================================
 
-def _indexer_tiles(cfg, problem) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_D, KB) as the launcher picks them."""
-    return (max(16, _p2(problem.dim("H"))), max(16, _p2(problem.dim("d"))),
-            max(_p2(problem.dim("topk")), cfg.block_n))
+def _indexer_tiles(cfg, problem) -> tuple[int, int, int, int]:
+    """(BLOCK_S, BLOCK_H, BLOCK_D, KB) as the launcher picks them (block_s only on the 16-bit paths)."""
+    return (cfg.block_s if _indexer_mma16(problem) else 1, max(16, _p2(problem.dim("H"))),
+            max(16, _p2(problem.dim("d"))), max(_p2(problem.dim("topk")), cfg.block_n))
 
 
-def _indexer_upcast(problem) -> bool:
-    """The kernel upcasts q and keys to fp32 (IEEE dots) when their dtypes differ (as in the model)."""
-    return problem.dim("q_dtype") != problem.dim("k_dtype") or problem.dim("q_dtype") == "float32"
+def _indexer_mma16(problem) -> bool:
+    """The kernel's 16-bit MMA paths (kernels/indexer_topk `_plan`): q bf16 (keys of any dtype, fp32
+    keys rounded to bf16 by the launcher) or q and keys fp16. Otherwise (fp32 q, as in fp32 models)
+    the exact path: fp32 copies, IEEE dots, one query a program."""
+    q, k = problem.dim("q_dtype"), problem.dim("k_dtype")
+    return q == "bfloat16" or (q == "float16" and k == "float16")
 
 
 def indexer_hard(cfg, problem, gpu) -> str | None:
-    bh, bd, kb = _indexer_tiles(cfg, problem)
+    bs, bh, bd, kb = _indexer_tiles(cfg, problem)
+    mma16 = _indexer_mma16(problem)
     threads = _threads(cfg.num_warps)
-    acc = bh * cfg.block_n / threads
+    m = bs * bh                                                # queries x heads: the dot's M
+    acc = m * cfg.block_n / threads
     if acc > ACC_PER_THREAD:
-        return f"score accumulator [{bh}, {cfg.block_n}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
-    upcast = _indexer_upcast(problem)
-    q_regs = bh * bd * (1.0 if upcast else 0.5) / threads      # q stays in registers for the whole loop
-    buf_regs = 2 * 2 * kb / threads                            # int64 top-k buffer and its merge operand
+        return f"score accumulator [{m}, {cfg.block_n}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
+    q_regs = m * bd * (0.5 if mma16 else 1.0) / threads        # q stays resident for the whole loop
+    buf_regs = 2 * 2 * kb * bs / threads                       # int64 top-k buffers and their merge operands
     total = acc + q_regs + buf_regs
     if total > 2 * ACC_PER_THREAD:
-        return f"accumulator + resident q tile + top-k buffer = {total:g} registers a thread > {2 * ACC_PER_THREAD}"
-    k_elt = 4 if upcast else 2
-    # Pipelined key tiles [block_n, BLOCK_D] and the merge's layout conversion (q is a register operand).
-    need = cfg.num_stages * cfg.block_n * bd * k_elt + kb * 8
-    return _smem(need, gpu, f"{cfg.num_stages} stages of [{cfg.block_n}, {bd}] key tiles")
+        return f"accumulator + resident q tile + top-k buffers = {total:g} registers a thread > {2 * ACC_PER_THREAD}"
+    k_elt = 4 if not mma16 and problem.dim("k_dtype") == "float32" else 2
+    # Pipelined key tiles [block_n, BLOCK_D] (bf16 on the 16-bit paths: the launcher rounds fp32 keys),
+    # the q tile where the MMA reads it from shared memory, and the merge's layout conversion.
+    need = cfg.num_stages * cfg.block_n * bd * k_elt + (m * bd * 2 if mma16 else 0) + kb * 8 * bs
+    return _smem(need, gpu, f"{cfg.num_stages} stages of [{cfg.block_n}, {bd}] key tiles + q [{m}, {bd}]")
 
 
 def indexer_redundant(cfg, problem, gpu) -> str | None:
     if cfg.block_n > max(16, _p2(problem.dim("N"))):
         return f"block_n {cfg.block_n} > the {problem.dim('N')} keys"
+    if cfg.block_s > 1 and not _indexer_mma16(problem):
+        return f"block_s {cfg.block_s} is ignored on the exact (fp32) path: one query a program"
+    if cfg.block_s > _p2(problem.dim("S")):
+        return f"block_s {cfg.block_s} > the {problem.dim('S')} queries"
     return None
 
 
@@ -778,11 +787,13 @@ def _indexer_problem(mc, context, batch, phase):
 
 INDEXER_TOPK = KernelSpace(
     name="indexer_topk", package="indexer_topk", config_class="IndexerTopkConfig", function="indexer_topk:indexer_topk",
-    params=(Param("block_n", (16, 32, 64, 128, 256)), Param("num_warps", (2, 4, 8, 16)), Param("num_stages", (1, 2, 3, 4))),
+    params=(Param("block_s", (1, 2, 4, 8)), Param("block_n", (16, 32, 64, 128, 256)), Param("num_warps", (2, 4, 8, 16)),
+            Param("num_stages", (1, 2, 3, 4))),
     problem=_indexer_problem, hard=(rule_threads, indexer_hard), redundant=(indexer_redundant,),
     doc="Prefill selection of one CSA layer: q [batch, context, index_n_heads, index_head_dim] (model dtype), "
         "weights [batch, context, index_n_heads], keys [batch, context/4, index_head_dim] fp32, positions "
-        "0..context-1, top index_topk. Compute-bound: each query scores its visible keys.")
+        "0..context-1, top index_topk. Compute-bound: each query scores its visible keys (bf16 MMA of "
+        "block_s queries x heads by block_n keys for bf16 models) and merges them into its top-k.")
 
 
 SPACES: dict[str, KernelSpace] = {s.name: s for s in (

@@ -3,27 +3,70 @@ the visible compressed keys with the highest weighted-ReLU scores, best first, t
 index, NaN first, -1 padding.
 
 Structure:
-- one program = one query token (b, s); it reads its position t and scores only the visible keys
-  n < min(N, (t + 1) // ratio), in tiles of `block_n` keys: b_s [BH, BN] = q [BH, BD] @ keys^T
-  (all heads in one tl.dot), relu, times the head weights, summed over heads -> [BN] fp32 scores.
+- one program = `block_s` consecutive query tokens of one batch row (one on the exact path), the
+  last blocks (most visible keys, under the causal rule) first; it reads their positions and scores
+  the keys visible to any of them, n < max_s min(N, (t_s + 1) // ratio), in tiles of `block_n` keys:
+  b_s [M, BN] = q [M, BD] @ keys^T with M = block_s x BLOCK_H (queries x heads flattened: all heads
+  of all the block's queries in one tl.dot, a 128 x 128 x 128 MMA at the V4 shapes with block_s 2),
+  relu, times the head weights, reshaped [block_s, BLOCK_H, BN] and summed over heads -> [block_s,
+  BN] fp32 scores; keys a query cannot see are masked out of its selection. The relu between the dot
+  and the head sum is what prevents folding the weighted sum over heads into the dot.
   No [S, N] score matrix is written anywhere: the only output is [B, S, topk] int32.
-- running top-k in registers: a buffer of KB = max(next_pow2(topk), block_n) int64 keys, sorted
-  descending. Each (score, index) pair is packed into one int64 whose signed order is the selection
-  order: high 32 bits = the fp32 score bits mapped to a monotone int32 (x ^ ((x >> 31) & 0x7fffffff);
-  -0.0 made +0.0 first, every NaN made INT32_MAX so NaN sorts first), low 32 bits = 2^31 - 1 - index
-  (so among equal scores the lower index is larger: ties go to the lowest index). Empty slots hold
-  INT64_MIN, below every real key.
-- merge (a bitonic merge step): a tile whose best key beats the buffer's worst is sorted ascending
-  (block_n keys) and placed at the end of a KB vector of empty slots; the elementwise max of that
-  ascending vector and the descending buffer holds exactly the KB best keys of both, as a bitonic
-  sequence, which one `tl.bitonic_merge` (log2 KB compare-and-swap rounds) sorts descending. Tiles
-  that cannot enter the top-k skip the merge.
+- running top-k in registers, one row per query: a buffer of KB = max(next_pow2(topk), block_n)
+  int64 keys, sorted descending. Each (score, index) pair is packed into one int64 whose signed order
+  is the selection order: high 32 bits = the fp32 score bits mapped to a monotone int32 (x ^ ((x >>
+  31) & 0x7fffffff); -0.0 made +0.0 first, every NaN made INT32_MAX so NaN sorts first), low 32 bits =
+  2^31 - 1 - index (so among equal scores the lower index is larger: ties go to the lowest index).
+  Empty slots hold INT64_MIN, below every real key.
+- merge (a bitonic merge step): a tile whose best key beats some query's buffer worst is sorted
+  ascending per query (block_n keys) and placed at the end of a KB vector of empty slots; the
+  elementwise max of that ascending vector and the descending buffer holds exactly the KB best keys
+  of both, as a bitonic sequence, which one `tl.bitonic_merge` (log2 KB compare-and-swap rounds) sorts
+  descending (a query whose tile could not enter comes out unchanged). Tiles that no query of the
+  block can use skip the merge.
 - output: the first topk keys unpacked to indices; INT64_MIN slots become -1.
-Numerics: fp32 scores (fp32 inputs: IEEE fp32 dot, not tf32; bf16/fp16: products exact, fp32
-accumulation); the head sum is a tree reduction, so scores can differ from the plain op's in the last
-bits and near-ties may resolve differently (exact scores select exactly the same keys).
-Cost: 2 H d FLOPs per (query, visible key); each query re-reads its visible keys (L2-resident for
-neighbouring queries); per merged tile one sort of block_n keys and one bitonic merge of KB.
+
+Paths (chosen by the launcher from the dtypes; `_plan`):
+- bf16 (q bf16, keys bf16) and fp16 (q and keys fp16): 16-bit tensor-core MMA, fp32 accumulation,
+  block_s queries a program. Every product of two bf16 (or two fp16) values is exact in fp32.
+- bf16_fix (q bf16, keys fp32 or fp16: the model's case, q in the model dtype and keys the
+  compressor's fp32 output): the MMA operand is the keys rounded to bf16 (one elementwise pass in the
+  launcher, which halves the key reads). Caller contract, for speed only: the keys are bf16-exact.
+  The model's indexer keys are: in prefill and with the default "fp4" index cache they come from its
+  FP4 simulation (compress_kv with quant="hadamard_fp4", or fp4_dequantize of the cache: e2m1 values,
+  at most 2 significant bits, times power-of-two block scales >= 2^-15 as the scale is max(amax,
+  1e-4) / 6 rounded up to a power of two); bf16 keeps fp32's exponent range and 8 significant bits,
+  so such values are exact in bf16 (finite ones; inf / NaN stay inf / NaN). FP8 e4m3 values (4
+  significant bits) with power-of-two scales would be too; the optional "fp8" index cache format
+  (decode) uses one plain fp32 scale per key, so its keys generally are not, and take the residual
+  dots below (exact, 3x the MMA work). The
+  launcher checks the contract on the device (flag = any key != its bf16 rounding; no host sync, so
+  CUDA graphs and export are unaffected); when it fails every tile adds two more MMAs with the bf16
+  residuals mid = bf16(k - hi), lo = bf16(k - hi - mid), which represent every fp32 key exactly
+  (8 + 8 + 8 significant bits; only residuals below bf16's subnormal range, keys under ~2^-110, can
+  lose bits). Then every product is exact and the result is as accurate as the exact path, just
+  three times the MMA work.
+- exact (fp32 q, or fp16 q with keys of another dtype): fp32 copies and IEEE fp32 dots (not tf32),
+  one query a program (a [block_s x 64, 128] fp32 q tile would not fit in registers). Slow (no
+  tensor cores): fp32 models only.
+- the interpreter (TRITON_INTERPRET) runs the same paths with fp32 copies and IEEE dots (its bf16
+  tl.dot is wrong): products are exact either way, so it tests the tiling, the residual split and the
+  selection; only the summation order differs from the GPU's MMA.
+Numerics and tolerance: scores are fp32 sums of exact products; only the summation order differs from
+the plain op's fp32 matmul (the MMA's K-order over head dims, a tree over heads), so scores can differ
+in the last bits and two near-tied keys can swap places or trade the last top-k slot. Where every
+partial sum is exact (the tests' dyadic inputs: small multiples of 1/4) the selection is exactly the
+plain op's, ties included; otherwise the picks agree up to keys whose scores are within a few fp32
+ulps of the k-th best (tests/kernels/test_indexer_topk.py checks both).
+Cost: 2 H d FLOPs per (query, visible key), on tensor cores on the 16-bit paths; each key tile is
+read once for block_s queries (L2-resident for neighbouring programs); per merged tile and query one
+sort of block_n keys and one bitonic merge of KB.
+Expected speed (UNMEASURED, an estimate to check with `python -m dsv4_compile bench --gpu H100 --ops
+layers --context 8k,32k`): the previous kernel (fp32 IEEE dots, one query a program) took 12.7 ms at
+S = 8K and 190.7 ms at 32K on an H100 (V4-Flash: 64 heads x 128, top-512, B = 1). The causal score work
+at 32K is ~2.2 TFLOP (~4 ms at 550 TFLOP/s bf16), and the per-tile sort + merge on CUDA cores is
+estimated at a few ms more, so roughly 8-15 ms at 32K and ~1-2 ms at 8K: about 10-20x faster, if the
+MMA and the merges do not serialise worse than estimated.
 """
 from __future__ import annotations
 
@@ -55,56 +98,103 @@ def _pack_keys(b_score, o_n, valid):
 
 
 @triton.jit
-def _indexer_topk_kernel(p_q, p_w, p_k, p_pos, p_out, S, H, N, D, ratio, topk,
-                         UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr):
-    # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D]; p_pos [B, S] int64; p_out [B, S, topk] int32.
-    # UPCAST: fp32 copies of q and keys and IEEE dots (fp32 inputs, mixed dtypes, the interpreter).
-    pid_t = tl.program_id(0).to(tl.int64)                                   # token b * S + s
-    b = pid_t // S
-    o_h = tl.arange(0, BLOCK_H)
+def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_out, S, H, N, D, ratio, topk, N_SB,
+                         UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr):
+    # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, or their bf16 rounding
+    # when FIX); p_kf [B, N, D] the keys as given and p_fix an int32 flag (only read when FIX);
+    # p_pos [B, S] int64; p_out [B, S, topk] int32.
+    # UPCAST: fp32 copies of q and keys and IEEE dots (fp32 inputs, mixed dtypes, the interpreter,
+    # whose bf16 tl.dot is wrong). IEEE: fp32 q (the exact path). FIX: q bf16 with keys given in
+    # another dtype; p_fix != 0 when some key is not exact in bf16: then each tile adds the dots of the
+    # two bf16 residual terms (keys = hi + mid + lo exactly), see the module doc.
+    # axis 0 = (batch row, block of BLOCK_S consecutive queries), the last (longest) blocks first.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // N_SB
+    s0 = (N_SB - 1 - pid % N_SB) * BLOCK_S
+    M: tl.constexpr = BLOCK_S * BLOCK_H
+    o_m = tl.arange(0, M)                                                   # row = query (s0 + m // BH) x head (m % BH)
+    o_hm = o_m % BLOCK_H
+    o_sm = s0 + o_m // BLOCK_H
+    m_m = (o_hm < H) & (o_sm < S)
     o_d = tl.arange(0, BLOCK_D)
-    m_h = o_h < H
     m_d = o_d < D
-    b_q = tl.load(p_q + (pid_t * H + o_h[:, None]) * D + o_d[None, :], mask=m_h[:, None] & m_d[None, :], other=0.0)
+    t_m = b * S + o_sm                                                      # [M] token b * S + s
+    b_q = tl.load(p_q + (t_m[:, None] * H + o_hm[:, None]) * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
     if UPCAST:
         b_q = b_q.to(tl.float32)
-    b_w = tl.load(p_w + pid_t * H + o_h, mask=m_h, other=0.0).to(tl.float32)   # [BH]
-    t = tl.load(p_pos + pid_t)
+    b_w = tl.load(p_w + t_m * H + o_hm, mask=m_m, other=0.0).to(tl.float32)  # [M]
+    o_s = s0 + tl.arange(0, BLOCK_S)                                        # [BS] queries
+    m_s = o_s < S
+    t = tl.load(p_pos + b * S + o_s, mask=m_s, other=-1)
     n_vis = tl.where(t + 1 > 0, (t + 1) // ratio, 0)
-    n_vis = tl.minimum(n_vis, N).to(tl.int32)
+    n_vis = tl.minimum(n_vis, N).to(tl.int32)                               # [BS]
+    n_max = tl.max(n_vis, axis=0)
+    if FIX:
+        fix = tl.load(p_fix) != 0
 
     EMPTY: tl.constexpr = -9223372036854775808
     R: tl.constexpr = KB // BLOCK_N
-    buf = tl.full([KB], EMPTY, tl.int64)
+    buf = tl.full([BLOCK_S, KB], EMPTY, tl.int64)                           # per query, descending
     o_r = tl.arange(0, R)
-    for n0 in range(0, n_vis, BLOCK_N):
+    for n0 in range(0, n_max, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)                                    # [BN] int32
-        valid = o_n < n_vis
-        b_k = tl.load(p_k + (b * N + o_n[:, None]) * D + o_d[None, :], mask=valid[:, None] & m_d[None, :], other=0.0)
+        m_kd = (o_n < n_max)[:, None] & m_d[None, :]
+        p_kt = (b * N + o_n[:, None]) * D + o_d[None, :]
+        b_k = tl.load(p_k + p_kt, mask=m_kd, other=0.0)                     # [BN, BD]
         if UPCAST:
             b_s = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")
         elif IEEE:
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
         else:
-            b_s = tl.dot(b_q, tl.trans(b_k))                                 # [BH, BN] fp32
+            b_s = tl.dot(b_q, tl.trans(b_k))                                 # [M, BN] fp32 (bf16/fp16 MMA)
+        if FIX:
+            if fix:
+                # keys = hi + mid + lo exactly (hi = b_k; Inf/NaN-free residuals; see the module doc)
+                b_kf = tl.load(p_kf + p_kt, mask=m_kd, other=0.0).to(tl.float32)
+                b_hi = b_k.to(tl.float32)
+                r1 = tl.where(b_hi == b_kf, 0.0, b_kf - b_hi)
+                b_mid = r1.to(tl.bfloat16)
+                b_lo = (r1 - b_mid.to(tl.float32)).to(tl.bfloat16)
+                if UPCAST:
+                    b_s += tl.dot(b_q, tl.trans(b_mid.to(tl.float32)), input_precision="ieee")
+                    b_s += tl.dot(b_q, tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
+                else:
+                    b_s = tl.dot(b_q, tl.trans(b_mid), b_s)
+                    b_s = tl.dot(b_q, tl.trans(b_lo), b_s)
         b_s = tl.where(b_s < 0, 0.0, b_s)                                    # relu, NaN kept
-        score = tl.sum(b_s * b_w[:, None], axis=0)                          # [BN]
-        key = _pack_keys(score, o_n, valid)
-        if tl.max(key, axis=0) > tl.min(buf, axis=0):
-            # the tile ascending, at the end of a KB vector of EMPTY: max with the descending buffer
-            # keeps the KB best of both as a bitonic sequence, which one bitonic merge sorts
-            srt = tl.sort(key, descending=False)                             # [BN]
-            pad = tl.reshape(tl.where(o_r[:, None] == R - 1, srt[None, :], EMPTY), [KB])  # [KB] ascending
+        b_s = b_s * b_w[:, None]
+        score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
+        valid = o_n[None, :] < n_vis[:, None]
+        key = _pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
+        enters = tl.max(key, axis=1) > tl.min(buf, axis=1)                 # [BS]
+        if tl.max(enters.to(tl.int32), axis=0) > 0:
+            # each tile row ascending, at the end of a KB vector of EMPTY: max with the descending
+            # buffer row keeps the KB best of both as a bitonic sequence, which one bitonic merge
+            # sorts (rows whose tile cannot enter come out unchanged)
+            srt = tl.sort(key, descending=False)                             # [BS, BN]
+            pad = tl.reshape(tl.where(o_r[None, :, None] == R - 1, srt[:, None, :], EMPTY), [BLOCK_S, KB])
             buf = tl.bitonic_merge(tl.maximum(buf, pad), descending=True)
     o_k = tl.arange(0, KB)
     idx = tl.where(buf == EMPTY, -1, 2147483647 - (buf & 0xFFFFFFFF)).to(tl.int32)
-    tl.store(p_out + pid_t * topk + o_k, idx, mask=o_k < topk)
+    tl.store(p_out + (b * S + o_s[:, None]) * topk + o_k[None, :], idx, mask=m_s[:, None] & (o_k[None, :] < topk))
 
 
 # ================================================================================================
 # Launcher and public function
 # ================================================================================================
+
+def _plan(q_dtype: torch.dtype, k_dtype: torch.dtype) -> str:
+    """Which path the launcher takes (module doc): 'bf16' (q bf16, keys bf16: 16-bit MMA), 'bf16_fix'
+    (q bf16, keys fp32/fp16: their bf16 rounding as the MMA operand, residual dots if any key is not
+    bf16-exact), 'fp16' (q and keys fp16: 16-bit MMA) or 'exact' (fp32 q, or fp16 q with other keys:
+    fp32 IEEE dots, one query a program)."""
+    if q_dtype == torch.bfloat16:
+        return "bf16" if k_dtype == torch.bfloat16 else "bf16_fix"
+    if q_dtype == torch.float16 and k_dtype == torch.float16:
+        return "fp16"
+    return "exact"
+
 
 def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int, cfg: IndexerTopkConfig) -> None:
     B, S, H, D = q.shape
@@ -114,13 +204,23 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     if N == 0 or topk == 0:
         out.fill_(-1) if topk else None
         return
-    upcast = INTERPRET or q.dtype != keys.dtype
-    ieee = q.dtype == torch.float32
+    plan = _plan(q.dtype, keys.dtype)
+    fast = plan != "exact"
+    fix = plan == "bf16_fix"
+    k_op, k_full, flag = keys, keys, positions                 # p_kf / p_fix unused unless FIX
+    if fix:
+        # The MMA operand: the keys rounded to bf16 (equal to them for the model's FP4/FP8-simulated
+        # keys). flag = some key is not bf16-exact: a device value, no host sync (CUDA graphs, export).
+        k_op = keys.to(torch.bfloat16)
+        flag = (k_op != keys).any().to(torch.int32)
+    block_s = cfg.block_s if fast else 1
+    BLOCK_H = max(16, triton.next_power_of_2(H))
+    n_sb = triton.cdiv(S, block_s)
     KB = max(triton.next_power_of_2(topk), cfg.block_n)
-    launch(_indexer_topk_kernel, (B * S,), q, weights, keys, positions, out, S, H, N, D, ratio, topk,
-           UPCAST=upcast, IEEE=ieee, BLOCK_H=max(16, triton.next_power_of_2(H)),
-           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n, KB=KB,
-           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(_indexer_topk_kernel, (B * n_sb,), q, weights, k_op, k_full, flag, positions, out, S, H, N, D, ratio, topk,
+           n_sb, UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype), IEEE=q.dtype == torch.float32, FIX=fix,
+           BLOCK_S=block_s, BLOCK_H=BLOCK_H, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n,
+           KB=KB, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,

@@ -10,6 +10,13 @@ Selections are compared exactly where the scores are exact: inputs are small dya
 dims: |score| < 2^18 on a 2^-6 grid, 24 bits), and ties are frequent. Gaussian inputs are compared by
 the float64 scores of the selected keys (1e-5 relative: fp32 vs float64 summation order), which
 tolerates two nearly equal scores swapping places.
+
+The model's dtypes (q bf16, keys fp32) take the bf16 MMA path: the keys are rounded to bf16, which is
+exact for the model's FP4-simulated keys (test_model_keys_are_bf16_exact), and keys that are not
+bf16-exact add two residual dots (test_keys_not_bf16_exact_take_the_residual_dots). Every product is
+exact on that path; only the summation order differs from the plain op, so on the dyadic inputs the
+selection is exact, and on Gaussian inputs a near-tie at the top-k boundary may go either way: those
+compare by the score gap (test_bf16_path_gaussian_recall_and_score_gap).
 """
 import math
 import os
@@ -92,6 +99,96 @@ def test_gaussian_selected_scores_match(case):
     pick = lambda idx: torch.where(idx >= 0, s.gather(-1, idx.long().clamp_min(0)), 0.0)  # noqa: E731
     a, b = pick(out), pick(ref)
     assert ((a - b).abs() <= 1e-5 * b.abs().max()).all(), "selected scores differ"
+
+
+@pytest.mark.parametrize("config", [None, "block_s=1", "block_s=4,block_n=32"])
+@pytest.mark.parametrize("case", CASES)
+def test_model_dtypes_bf16_q_fp32_keys_exact(case, config):
+    """q (and weights) bf16, keys fp32 (bf16-exact): the bf16 MMA path with several queries a program
+    (block_s 2 by default under the interpreter; S not a multiple of it). Dyadic inputs: every partial
+    sum is exact in any order, so the selection equals the naive twin's and the plain op's, ties included."""
+    q, w, keys, pos = make_inputs(*case, seed=11)
+    q, w = q.bfloat16(), w.bfloat16()
+    out = indexer_topk(q, w, keys, pos, case[5], case[6], config)
+    assert torch.equal(out.cpu(), naive.indexer_topk(q, w, keys, pos, case[5], case[6]).cpu())
+    assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, case[5], case[6]))
+
+
+@pytest.mark.parametrize("config", [None, "block_s=4,block_n=32"])
+def test_keys_not_bf16_exact_take_the_residual_dots(config):
+    """fp32 keys with 12 significant bits (k / 4 + j / 1024, the k / 4 part repeating so that the j
+    part decides): not bf16-exact, so rounding them to bf16 alone would change the selection; the launcher's flag adds the residual dots (keys = hi + mid + lo
+    exactly) and the selection is exact again. The scores stay exact in fp32 at this shape (checked)."""
+    B, S, H, d, N, ratio, topk = 2, 7, 3, 8, 37, 4, 13
+    q, w, keys, pos = make_inputs(B, S, H, d, N, ratio, topk, seed=12)
+    g = torch.Generator().manual_seed(13)
+    keys = keys[:, torch.arange(N) % 5]                                       # 5 distinct rows: tied coarse scores,
+    keys = keys + (dyadic(keys.shape, g) / 256).to(keys.device)              # broken by j / 1024, |j| <= 12
+    q, w = q.bfloat16(), w.bfloat16()
+    assert not torch.equal(keys.bfloat16().float(), keys)
+    s32 = torch.einsum("bshd,bnd->bshn", q.float(), keys).relu().mul(w.float().unsqueeze(-1)).sum(2)
+    assert torch.equal(s32.double().cpu(), scores64(q.cpu(), w.cpu(), keys.cpu())), "scores not exact in fp32"
+    ref = naive.indexer_topk(q, w, keys, pos, ratio, topk).cpu()
+    assert not torch.equal(naive.indexer_topk(q, w, keys.bfloat16(), pos, ratio, topk).cpu(), ref)
+    out = indexer_topk(q, w, keys, pos, ratio, topk, config)
+    assert torch.equal(out.cpu(), ref)
+    assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, ratio, topk))
+    # fp16 keys (exact in fp32, not in bf16) with bf16 q: the same path
+    keys16 = keys.half()                                                     # 11 significant bits
+    assert not torch.equal(keys16.bfloat16().float(), keys16.float())
+    out = indexer_topk(q, w, keys16, pos, ratio, topk, config)
+    assert torch.equal(out.cpu(), naive.indexer_topk(q, w, keys16, pos, ratio, topk).cpu())
+
+
+def test_model_keys_are_bf16_exact():
+    """The bf16 path's caller contract holds for the model's indexer keys: FP4-simulated (Hadamard,
+    e2m1, power-of-two block scales, as compress_kv's "hadamard_fp4" and the fp4 cache produce) over
+    60 decades of magnitude, and FP8 e4m3 with power-of-two scales, are all exact in bf16."""
+    from dsv4_compile.model.ops import fp4_simulate, fp8_simulate, hadamard
+
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(64, 128, generator=g) * torch.logspace(-30, 30, 64).unsqueeze(1)
+    for k in (fp4_simulate(hadamard(x), 32), fp8_simulate(x, 64), fp8_simulate(x, 128)):
+        assert torch.isfinite(k).all() and torch.equal(k.bfloat16().float(), k)
+
+
+@pytest.mark.parametrize("config", [None, "block_s=4,block_n=32"])
+def test_bf16_path_gaussian_recall_and_score_gap(config):
+    """Gaussian q (bf16) and FP4-simulated fp32 keys (the model's operands): the products are exact,
+    the sums are fp32 in another order than the plain op's, so scores agree to ~1e-6 relative and only
+    keys whose float64 score is within that of the k-th best may differ. Checked per query: every key
+    scoring clearly above the k-th best (float64) is picked, every pick scores at least about the k-th
+    best, and the picks are in descending order up to that tolerance."""
+    from dsv4_compile.model.ops import fp4_simulate, hadamard
+
+    B, S, H, d, N, ratio, topk = 2, 9, 8, 32, 70, 2, 20
+    q, w, keys, pos = make_inputs(B, S, H, d, N, ratio, topk, seed=15, gaussian=True)
+    q = fp4_simulate(hadamard(q.cpu()), 32).bfloat16().to(DEVICE)
+    keys = fp4_simulate(hadamard(keys.cpu()), 32).to(DEVICE)
+    out = indexer_topk(q, w, keys, pos, ratio, topk, config).cpu()
+    ref = dsv4.indexer_topk(q, w, keys, pos, ratio, topk).cpu()
+    assert torch.equal(out < 0, ref < 0), "the -1 padding differs"
+    s = scores64(q.cpu(), w.cpu(), keys.cpu())                                 # [B, S, N]
+    # fp32 summation error bound of one score: ~ (d + H) * 2^-24 * sum_h |w| |q|.|k| (generous: x4)
+    bound = 4 * (d + H) * 2.0 ** -24 * torch.einsum("bshd,bnd->bshn", q.double().abs().cpu(),
+                                                      keys.double().abs().cpu()).mul(w.double().abs().cpu().unsqueeze(-1)).sum(2)
+    tol = bound.amax(-1)                                                       # [B, S]
+    for b in range(B):
+        for i in range(S):
+            n_vis = min(N, max(0, (int(pos[b, i]) + 1) // ratio))
+            k = min(topk, n_vis)
+            if k == 0:
+                continue
+            sv = s[b, i, :n_vis]
+            kth = sv.sort(descending=True).values[k - 1]
+            picks = out[b, i, :k].long()
+            assert len(set(picks.tolist())) == k and (picks >= 0).all()
+            must = set(torch.nonzero(sv > kth + tol[b, i]).flatten().tolist())
+            assert must <= set(picks.tolist()), (b, i)
+            assert (sv[picks] >= kth - tol[b, i]).all(), (b, i)
+            assert (sv[picks][1:] <= sv[picks][:-1] + tol[b, i]).all(), (b, i)
+    recall = (out.unsqueeze(-1) == ref.unsqueeze(-2)).any(-1).float().mean()
+    assert recall >= 0.95
 
 
 def test_ties_go_to_the_lowest_index_across_tiles():
@@ -265,12 +362,14 @@ def test_op_schema_and_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("topk,N", [(512, 2048), (1024, 4096)], ids=["flash-k512-N2048", "pro-k1024-N4096"])
-@pytest.mark.parametrize("config", [None, "block_n=64", "block_n=256,num_warps=4"])
-def test_gpu_real_shapes_exact_bf16(topk, N, config):
-    """Dyadic bf16 inputs (exact fp32 scores, many ties): the same selection as the plain op."""
+@pytest.mark.parametrize("config", [None, "block_n=64", "block_n=256,num_warps=4", "block_s=1", "block_s=4,block_n=64"])
+@pytest.mark.parametrize("k_dtype", [torch.bfloat16, torch.float32], ids=["bf16-keys", "fp32-keys"])
+def test_gpu_real_shapes_exact_bf16(topk, N, config, k_dtype):
+    """Dyadic bf16 q (exact fp32 scores, many ties), keys bf16 or fp32 (the model's: rounded to bf16
+    by the launcher, exactly): the same selection as the plain op, whatever the MMA's summation order."""
     B, S, H, d, ratio = 2, 300, 64, 128, 4
     q, w, keys, _ = make_inputs(B, S, H, d, N, ratio, topk, dtype=torch.bfloat16, seed=9)
-    w = w.float()
+    w, keys = w.float(), keys.to(k_dtype)
     pos = torch.stack([torch.arange(S) * (N * ratio // S), torch.arange(S) * 3 + 7]).long().to(DEVICE)
     pos[0, -1] = N * ratio - 1
     ref = dsv4.indexer_topk(q, w, keys, pos, ratio, topk)
@@ -279,10 +378,18 @@ def test_gpu_real_shapes_exact_bf16(topk, N, config):
 
 
 @pytest.mark.gpu
-def test_gpu_real_shapes_gaussian_bf16():
+@pytest.mark.parametrize("keys_kind", ["bf16", "fp4-fp32", "fp32"])
+def test_gpu_real_shapes_gaussian_bf16(keys_kind):
+    """Gaussian bf16 q; keys bf16, FP4-simulated fp32 (the model's) or raw fp32 Gaussians (not
+    bf16-exact: the residual dots): selected scores within 1e-4 of the plain op's (summation order)."""
+    from dsv4_compile.model.ops import fp4_simulate, hadamard
+
     B, S, H, d, N, ratio, topk = 1, 512, 64, 128, 2048, 4, 512
     q, w, keys, _ = make_inputs(B, S, H, d, N, ratio, topk, dtype=torch.bfloat16, seed=10, gaussian=True)
     w = w.float()
+    if keys_kind != "bf16":
+        keys = torch.randn(keys.shape, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+        keys = fp4_simulate(hadamard(keys), 32) if keys_kind == "fp4-fp32" else keys
     pos = (torch.arange(S) * 16 + 15).view(1, S).long().to(DEVICE)
     out = indexer_topk(q, w, keys, pos, ratio, topk)
     ref = dsv4.indexer_topk(q, w, keys, pos, ratio, topk)

@@ -161,11 +161,24 @@ def test_indexer_topk_problem_and_rules():
     assert (p.dim("q_dtype"), p.dim("k_dtype")) == ("bfloat16", "float32")
     assert space.make_problem(ModelConfig.load("pro"), 32768).dim("topk") == 1024
     base = space.default_params(p, h100)
+    assert base["block_s"] == 2                               # bf16 q: 2 queries x 64 heads = M 128
     kind, reason = space.check(space.make_config({**base, "block_n": 256, "num_warps": 2}, "H100"), p, h100)
-    assert kind == "hard" and "score accumulator" in reason
-    # 4 stages of [128, 128] fp32 key tiles = 256 KB.
-    kind, reason = space.check(space.make_config({**base, "block_n": 128, "num_stages": 4}, "H100"), p, h100)
+    assert kind == "hard" and "score accumulator [128, 256]" in reason
+    # block_s 4 x 64 heads x block_n 64 over 8 warps: 64 fp32 a thread + 64 for q + 32 for the buffers.
+    assert space.check(space.make_config({**base, "block_s": 4, "block_n": 64, "num_warps": 8}, "H100"), p, h100) is None
+    # block_s 8: the resident bf16 q tile [512, 128] alone is 128 registers a thread.
+    kind, reason = space.check(space.make_config({**base, "block_s": 8, "block_n": 64, "num_warps": 8}, "H100"), p, h100)
+    assert kind == "hard" and "resident q tile" in reason
+    # 4 stages of [256, 128] bf16 key tiles (the launcher rounds the fp32 keys) = 256 KB.
+    kind, reason = space.check(space.make_config({**base, "block_n": 256, "num_warps": 16, "num_stages": 4}, "H100"),
+                               p, h100)
     assert kind == "hard" and "shared memory" in reason
     tiny = space.make_problem(FLASH, 64)                      # 16 keys
     kind, reason = space.check(space.make_config({**base, "block_n": 64}, "H100"), tiny, h100)
     assert kind == "redundant" and "16 keys" in reason
+    # fp32 models take the exact path: one query a program, fp32 key tiles.
+    p32 = space.make_problem(dataclasses.replace(FLASH, dtype="float32"), 32768)
+    kind, reason = space.check(space.make_config({**base, "block_s": 4}, "H100"), p32, h100)
+    assert kind == "redundant" and "exact" in reason
+    kind, reason = space.check(space.make_config({**base, "block_s": 1, "block_n": 128, "num_stages": 4}, "H100"), p32, h100)
+    assert kind == "hard" and "shared memory" in reason       # 4 stages of [128, 128] fp32 = 256 KB
