@@ -661,9 +661,11 @@ SPARSE_ATTENTION_CACHED = KernelSpace(
 # Compressor (kernels/compress_kv)
 # ================================================================================================
 
-def _compress_block_d(d: int, quant: str) -> int:
-    """The launcher's row tile: the whole d-channel row, padded to a power of two (>= 64 for fp8)."""
-    return max(_p2(d), 64) if quant == "fp8" else d
+def _compress_tiles(cfg, d: int, ratio: int, n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_R, BLOCK_C) of the pooling kernel as the launcher picks them
+    (kernels/compress_kv `tiles`): block_r rows a step split into entries, block_c channels."""
+    rows = min(cfg.block_r, _p2(ratio))
+    return min(max(cfg.block_r // rows, 1), _p2(max(n, 1))), rows, min(cfg.block_c, _p2(d))
 
 
 def _compress_variants(problem) -> list[tuple[str, int, int, str, bool]]:
@@ -676,23 +678,25 @@ def _compress_variants(problem) -> list[tuple[str, int, int, str, bool]]:
 def compress_hard(cfg, problem, gpu) -> str | None:
     threads = _threads(cfg.num_warps)
     for name, d, ratio, quant, _ in _compress_variants(problem):
-        rows = min(cfg.block_r, _p2(ratio))                      # the launcher clamps block_r to the block
-        block_d = _compress_block_d(d, quant)
-        # Live [rows, block_d] fp32 tiles of score, kv and probabilities: each counted once (element-wise).
-        per = rows * block_d / threads
+        bn, br, bc = _compress_tiles(cfg, d, ratio, math.ceil(problem.dim("T") / ratio))
+        # Live [bn, br, bc] fp32 tiles of score, kv and probabilities: each counted once (element-wise).
+        per = bn * br * bc / threads
         if per > ELEMS_PER_THREAD:
-            return f"{name}: tile {rows}x{block_d} over {cfg.num_warps} warps = {per:g} fp32 a thread > {ELEMS_PER_THREAD}"
+            return (f"{name}: tile {bn}x{br}x{bc} (entries x rows x channels) over {cfg.num_warps} warps "
+                    f"= {per:g} fp32 a thread > {ELEMS_PER_THREAD}")
         elt = 2 if problem.dim("dtype") in ("bfloat16", "float16") else 4
-        reason = _smem(cfg.num_stages * rows * block_d * 2 * elt, gpu, f"{name}: {cfg.num_stages} stages of kv and score tiles")
+        reason = _smem(cfg.num_stages * bn * br * bc * 2 * elt, gpu, f"{name}: {cfg.num_stages} stages of kv and score tiles")
         if reason:
             return reason
     return None
 
 
 def compress_redundant(cfg, problem, gpu) -> str | None:
-    longest = max(ratio for _, _, ratio, _, _ in _compress_variants(problem))
-    if cfg.block_r > _p2(longest):
-        return f"block_r {cfg.block_r} > the longest block ({longest} rows): clamped by the launcher"
+    variants = _compress_variants(problem)
+    widest = max(d for _, d, _, _, _ in variants)
+    if cfg.block_c > _p2(widest):
+        return f"block_c {cfg.block_c} > the widest row ({widest} channels): clamped by the launcher"
+    longest = max(ratio for _, _, ratio, _, _ in variants)
     if cfg.num_stages > 1 and cfg.block_r >= longest:
         return f"num_stages {cfg.num_stages} but block_r {cfg.block_r} covers every block in one step: nothing to pipeline"
     return None
@@ -716,13 +720,15 @@ def _compress_problem(mc, context, batch, phase):
 
 COMPRESS_KV = KernelSpace(
     name="compress_kv", package="compress_kv", config_class="CompressKVConfig", function="compress_kv:compress_kv",
-    params=(Param("block_r", tuple(1 << i for i in range(8))), Param("num_warps", (1, 2, 4, 8, 16)),
-            Param("num_stages", (1, 2, 3, 4))),
+    params=(Param("block_r", tuple(1 << i for i in range(8))), Param("block_c", tuple(1 << i for i in range(4, 10))),
+            Param("num_warps", (1, 2, 4, 8, 16)), Param("num_stages", (1, 2, 3, 4))),
     problem=_compress_problem, hard=(rule_threads, compress_hard), redundant=(compress_redundant,),
     doc="The compressors of one CSA and one HCA layer, timed together (one config serves all three calls): "
         "kv, score [batch, context, 2 head_dim] -> context/4 fp8 entries (overlap), [batch, context, 2 "
         "index_head_dim] -> context/4 Hadamard+fp4 indexer keys (overlap), [batch, context, head_dim] -> "
-        "context/128 fp8 entries. block_r matters mostly for the HCA blocks of 128 rows.")
+        "context/128 fp8 entries. Pooling programs own (block_r // ratio entries or one entry's block_r-row "
+        "steps, block_c channels): block_c sets the parallelism of the HCA call (context/128 entries), "
+        "block_r the entries a program of the CSA calls holds.")
 
 
 # ================================================================================================

@@ -1,22 +1,35 @@
-"""Compressor (`torch.ops.dsv4.compress_kv` semantics, see model/ops.py) in one kernel: gated softmax
-pooling of blocks of `ratio` tokens, then RMSNorm, RoPE and the FP8 or Hadamard+FP4 simulation fused
-into the epilogue. One program per (entry, batch) holds the whole d-channel row of its entry; the
-block's rows stream through in [block_r, d] tiles with an online (running max) softmax per channel.
+"""Compressor (`torch.ops.dsv4.compress_kv` semantics, see model/ops.py) in two kernels:
+
+1. `_pool_kernel`, the gated softmax pooling of blocks of `ratio` tokens. The softmax runs over the
+   block's rows independently per channel, so a program owns (BLOCK_N entries, BLOCK_C channels):
+   grid (N / BLOCK_N, d / BLOCK_C, B), enough programs for the GPU both with few long blocks (HCA:
+   N = T/128 entries of 128 rows; the channels give the parallelism) and with many short ones (CSA:
+   N = T/4 entries of 4 (+4 overlapping) rows; several entries a program, so that each step reads
+   [BLOCK_N * BLOCK_R consecutive rows, BLOCK_C contiguous channels] of kv and score). The rows stream
+   through in steps of BLOCK_R with an online (running max) softmax per channel; the pooled rows go
+   to the output tensor, in fp32.
+2. `_epilogue_kernel`, in place on the output: one program per entry reads its whole pooled row
+   (RMSNorm and the FP8 blocks / Hadamard need all d channels) and applies RMSNorm, RoPE and the FP8
+   or Hadamard+FP4 simulation. It moves B*N*d*4 bytes twice more, small beside the B*T*C inputs.
 
 Precision: the pooling sums in another order than the plain op (tiles, online rescaling), and
 compiled on a GPU `tl.exp` / fused multiply-adds differ in the last bits; the epilogue follows the plain
 op's operations (true division and sqrt, the same RoPE products, the same butterfly Hadamard, the
 exact FP8/FP4 roundings of kernels/_jit_utils.py), so the quantized values equal the plain op's except
 for a rare code flip (a value on a rounding boundary, or a block amax crossing a power of two) caused
-by those last-bit differences before quantization.
+by those last-bit differences before quantization. Per (entry, channel) the pooling does the same
+operations in the same order as the former one-program-per-entry kernel for the same block_r (the
+channel split and the entries a program holds do not enter the arithmetic).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
+from .._common import FLOAT_DTYPES, USE_TRITON_OP, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import block_scale, divide_by_scale, e4m3_bits, round_bf16
 from ..fp4_quant.fp4_quant import _e2m1_code, _e2m1_value
 from .config import CompressKVConfig, default_config
@@ -44,14 +57,66 @@ def _e4m3_value(code):
 
 
 @triton.jit
-def _compress_kv_kernel(p_kv, p_score, p_ape, p_w, p_cos, p_sin, p_out,
-                        T, N, cos_stride_b, norm_eps, had_scale,
-                        C: tl.constexpr, D: tl.constexpr, R: tl.constexpr, RATIO: tl.constexpr,
-                        NPHASE: tl.constexpr, QUANT_FP8: tl.constexpr, RECIP: tl.constexpr,
-                        LOG_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    # p_kv, p_score [B, T, C]; p_ape [RATIO, C] fp32; p_w [D] fp32; p_cos, p_sin [(B,) N, R/2] fp32;
-    # p_out [B, N, D] fp32. NPHASE = 2 with overlap (previous block on channels [0, D), then the
-    # current block on [D, 2D)), else 1 (current block on [0, D)).
+def _pool_kernel(p_kv, p_score, p_ape, p_out, T, N,
+                 C: tl.constexpr, D: tl.constexpr, RATIO: tl.constexpr, NPHASE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Stage 1, the gated softmax pooling: one program per (BLOCK_N entries, BLOCK_C channels, batch).
+    # p_kv, p_score [B, T, C]; p_ape [RATIO, C] fp32; p_out [B, N, D] fp32 (the pooled rows, before
+    # the epilogue). NPHASE = 2 with overlap (previous block on channels [0, D), then the current
+    # block on [D, 2D)), else 1 (current block on [0, D)). Each step reads a [BLOCK_N, BLOCK_R,
+    # BLOCK_C] tile: BLOCK_R rows of each of BLOCK_N consecutive entries (consecutive tokens when
+    # BLOCK_R covers the block), BLOCK_C contiguous channels of each row. The softmax is per channel,
+    # so splitting the channels over programs changes nothing in the arithmetic: per (entry, channel)
+    # it is the same online softmax over the same BLOCK_R-row steps as one program per entry does.
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    o_r = tl.arange(0, BLOCK_R)
+    m_n = o_n < N
+    m_c = o_c < D
+    m_i = tl.full([BLOCK_N, BLOCK_C], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    base = b.to(tl.int64) * T * C
+    for phase in tl.static_range(NPHASE):
+        blk = o_n - (NPHASE - 1) + phase                                      # [BLOCK_N]
+        ch = phase * D
+        for r0 in range(0, RATIO, BLOCK_R):
+            rows = r0 + o_r                                                   # [BLOCK_R]
+            m_rows = rows < RATIO
+            tok = blk[:, None] * RATIO + rows[None, :]                        # [BLOCK_N, BLOCK_R]
+            m_r = m_n[:, None] & m_rows[None, :] & (tok < T) & (tok >= 0)
+            mask = m_r[:, :, None] & m_c[None, None, :]
+            offs = base + tok[:, :, None].to(tl.int64) * C + ch + o_c[None, None, :]
+            b_s = tl.load(p_score + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            b_a = tl.load(p_ape + rows[:, None] * C + ch + o_c[None, :], mask=m_rows[:, None] & m_c[None, :],
+                          other=0.0)                                          # [BLOCK_R, BLOCK_C]
+            # an absent row stays exactly -inf (as if its ape were 0 too)
+            b_s = tl.where(mask, b_s + b_a[None, :, :], float("-inf"))
+            b_x = tl.load(p_kv + offs, mask=mask, other=0.0).to(tl.float32)
+            m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                # an all-absent tile
+            alpha = tl.exp(m_i - m_safe)
+            b_p = tl.exp(b_s - m_safe[:, None, :])
+            l_i = l_i * alpha + tl.sum(b_p, axis=1)
+            acc = acc * alpha + tl.sum(b_x * b_p, axis=1)
+            m_i = m_new
+    # an empty block (no token present) pools to 0; NaN totals stay NaN
+    pooled = tl.where(l_i != 0, tl.div_rn(acc, tl.where(l_i != 0, l_i, 1.0)), 0.0)
+    out_off = (b.to(tl.int64) * N + o_n[:, None]) * D + o_c[None, :]
+    tl.store(p_out + out_off, pooled, mask=m_n[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _epilogue_kernel(p_out, p_w, p_cos, p_sin, N, cos_stride_b, norm_eps, had_scale,
+                     D: tl.constexpr, R: tl.constexpr, QUANT_FP8: tl.constexpr, RECIP: tl.constexpr,
+                     LOG_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Stage 2, in place on p_out [B, N, D] fp32: one program per (entry, batch) reads its pooled row,
+    # then RMSNorm, RoPE and the quantization simulation (they need the whole row). Every value
+    # stored depends on the row's norm (a reduction over all the values loaded), so no store can
+    # overtake a load of the same row.
     # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
     norm_eps = tl.cast(norm_eps, tl.float32)
     had_scale = tl.cast(had_scale, tl.float32)
@@ -59,33 +124,8 @@ def _compress_kv_kernel(p_kv, p_score, p_ape, p_w, p_cos, p_sin, p_out,
     b = tl.program_id(1)
     o_c = tl.arange(0, BLOCK_D)
     m_c = o_c < D
-    o_r = tl.arange(0, BLOCK_R)
-    m_i = tl.full([BLOCK_D], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_D], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    base = b.to(tl.int64) * T * C
-    for phase in tl.static_range(NPHASE):
-        blk = i - (NPHASE - 1) + phase
-        ch = phase * D
-        for r0 in range(0, RATIO, BLOCK_R):
-            rows = r0 + o_r
-            tok = blk * RATIO + rows
-            m_r = (rows < RATIO) & (tok < T) & (tok >= 0)
-            mask = m_r[:, None] & m_c[None, :]
-            offs = base + tok[:, None].to(tl.int64) * C + ch + o_c[None, :]
-            b_s = tl.load(p_score + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            b_s = b_s + tl.load(p_ape + rows[:, None] * C + ch + o_c[None, :], mask=mask, other=0.0)
-            b_x = tl.load(p_kv + offs, mask=mask, other=0.0).to(tl.float32)
-            m_new = tl.maximum(m_i, tl.max(b_s, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)                # an all-absent tile
-            alpha = tl.exp(m_i - m_safe)
-            b_p = tl.exp(b_s - m_safe[None, :])
-            l_i = l_i * alpha + tl.sum(b_p, axis=0)
-            acc = acc * alpha + tl.sum(b_x * b_p, axis=0)
-            m_i = m_new
-    # an empty block (no token present) pools to 0; NaN totals stay NaN
-    pooled = tl.where(l_i != 0, tl.div_rn(acc, tl.where(l_i != 0, l_i, 1.0)), 0.0)
-    pooled = tl.where(m_c, pooled, 0.0)
+    row = (b.to(tl.int64) * N + i) * D
+    pooled = tl.load(p_out + row + o_c, mask=m_c, other=0.0)
 
     # RMSNorm * weight (the plain op's order: x * rsqrt(mean(x^2) + eps) * w)
     ms = tl.div_rn(tl.sum(pooled * pooled, axis=0), D * 1.0)
@@ -132,12 +172,26 @@ def _compress_kv_kernel(p_kv, p_score, p_ape, p_w, p_cos, p_sin, p_out,
         s4 = block_scale(hb, 6.0, True, RECIP)
         v = _e2m1_value(_e2m1_code(divide_by_scale(hb, s4, True))) * s4[:, None]
         out = tl.reshape(v, [BLOCK_D])
-    tl.store(p_out + (b.to(tl.int64) * N + i) * D + o_c, out, mask=m_c)
+    tl.store(p_out + row + o_c, out, mask=m_c)
 
 
 # ================================================================================================
 # Launcher and public function
 # ================================================================================================
+
+def tiles(cfg: CompressKVConfig, d: int, ratio: int, n_entries: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_R, BLOCK_C) of the pooling stage: block_r token rows a step, as
+    min(block_r, next_pow2(ratio)) rows of each of block_r // that entries (at most next_pow2(N));
+    block_c channels (at most next_pow2(d)). tuning/spaces.py mirrors this."""
+    block_r = min(cfg.block_r, triton.next_power_of_2(ratio))
+    block_n = min(max(cfg.block_r // block_r, 1), triton.next_power_of_2(max(n_entries, 1)))
+    return block_n, block_r, min(cfg.block_c, triton.next_power_of_2(d))
+
+
+def epilogue_warps(d: int) -> int:
+    """Warps of the per-entry epilogue: 4 fp32 values a thread (1 warp for d <= 128, 8 for d = 1024)."""
+    return max(1, min(8, triton.next_power_of_2(d) // 128))
+
 
 def _launch(kv, score, ape, norm_weight, cos, sin, out, ratio: int, overlap: bool, norm_eps: float,
             quant: str, cfg: CompressKVConfig) -> None:
@@ -146,19 +200,33 @@ def _launch(kv, score, ape, norm_weight, cos, sin, out, ratio: int, overlap: boo
     if B == 0 or N == 0:
         return
     R = 2 * cos.shape[-1]
+    block_n, block_r, block_c = tiles(cfg, d, ratio, N)
+    launch(_pool_kernel, (triton.cdiv(N, block_n), triton.cdiv(d, block_c), B), kv, score, ape, out, T, N,
+           C=C, D=d, RATIO=ratio, NPHASE=2 if overlap else 1, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_C=block_c,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     block_d = max(triton.next_power_of_2(d), FP8_BLOCK) if quant == "fp8" else d
     cos_stride_b = N * (R // 2) if cos.dim() == 3 else 0
-    launch(_compress_kv_kernel, (N, B), kv, score, ape, norm_weight, cos, sin, out,
-           T, N, cos_stride_b, float(norm_eps), float(d ** -0.5),
-           C=C, D=d, R=R, RATIO=ratio, NPHASE=2 if overlap else 1, QUANT_FP8=quant == "fp8",
-           RECIP=kv.device.type == "cuda", LOG_D=max(d.bit_length() - 1, 0),
-           BLOCK_R=min(cfg.block_r, triton.next_power_of_2(ratio)), BLOCK_D=block_d,
-           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(_epilogue_kernel, (N, B), out, norm_weight, cos, sin, N, cos_stride_b, float(norm_eps), float(d ** -0.5),
+           D=d, R=R, QUANT_FP8=quant == "fp8", RECIP=kv.device.type == "cuda", LOG_D=max(d.bit_length() - 1, 0),
+           BLOCK_D=block_d, num_warps=epilogue_warps(d), num_stages=1)
+
+
+def _direct_launches(tensors) -> contextlib.AbstractContextManager:
+    """For a direct eager call of `compress_kv` on plain tensors: launch the kernels straight, not through
+    wrap_triton's HOP dispatch, whose Python costs up to ~1 ms a launch in eager (torch/_library/triton.py
+    `set_wrap_triton_enabled`; the op's own eager backend skips it the same way). Anything traced
+    (torch.compile, a dispatch mode such as make_fx's, fake or functional tensors) keeps the HOP."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+    if (not USE_TRITON_OP or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            or any(type(t) is not torch.Tensor for t in tensors)):
+        return contextlib.nullcontext()
+    from torch._library.triton import set_wrap_triton_enabled
+    return set_wrap_triton_enabled(False)
 
 
 def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, ratio: int, overlap: bool, norm_eps: float, quant: str,
-                config: CompressKVConfig | dict | str | None = None) -> torch.Tensor:
+                config: CompressKVConfig | dict | str | None = None, *, _direct: bool = True) -> torch.Tensor:
     """Pool blocks of `ratio` tokens into N = cos.shape[-2] entries, then RMSNorm, RoPE, quant sim.
 
     kv, score [B, T, C] float32 / bfloat16 / float16 (C = 2d with `overlap`, else d); ape [ratio, C]
@@ -191,7 +259,8 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_w
               f"{op}: hadamard_fp4 needs d = {d} to be a power of two and a multiple of {FP4_BLOCK}")
     cfg = resolve_config(CompressKVConfig, config, default_config, dev)
     out = torch.empty((B, N, d), dtype=torch.float32, device=dev)
-    _launch(kv, score, ape, norm_weight, cos, sin, out, ratio, bool(overlap), norm_eps, quant, cfg)
+    with _direct_launches((kv, score, ape, norm_weight, cos, sin)) if _direct else contextlib.nullcontext():
+        _launch(kv, score, ape, norm_weight, cos, sin, out, ratio, bool(overlap), norm_eps, quant, cfg)
     return out
 
 
@@ -199,4 +268,5 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_w
 def _compress_kv_op(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, ratio: int, overlap: bool, norm_eps: float,
                     quant: str, config: str = "") -> torch.Tensor:
-    return compress_kv(kv, score, ape, norm_weight, cos, sin, ratio, overlap, norm_eps, quant, config)
+    # the op's body (traced by torch.compile / export, or run by its eager backend): wrap_triton as set
+    return compress_kv(kv, score, ape, norm_weight, cos, sin, ratio, overlap, norm_eps, quant, config, _direct=False)

@@ -2,8 +2,8 @@
 
 CPU: the Triton interpreter on small odd shapes; GPU (marked): the kernel compiled, at real shapes.
 Tolerance (`assert_few_flips`): the kernel pools in another summation order (online softmax over
-row tiles) than the plain op and the float64 naive twin, so a value lying on a quantization boundary
-may round to the neighbouring code: at most max(4, 1%) of the values may differ, each by at most half
+row tiles, split over programs by entries and channels) than the plain op and the float64 naive
+twin, so a value lying on a quantization boundary may round to the neighbouring code: at most max(4, 1%) of the values may differ, each by at most half
 of the larger magnitude (one FP8 / FP4 / BF16 code step) or between 0 and a nonzero code, NaN positions
 equal. On the CPU the kernel has so far matched both the plain op and the naive twin bit for bit at every test shape (0 flips;
 asserted with the tolerance all the same, as compiled GPU code may differ).
@@ -92,14 +92,17 @@ def test_bf16_inputs_and_all_absent_block():
 
 
 def test_config_api_and_input_checks():
-    cfg = CompressKVConfig.from_str("block_r=4,num_warps=2")
-    assert (cfg.block_r, cfg.num_warps) == (4, 2) and CompressKVConfig.from_str(cfg.to_str()) == cfg
+    cfg = CompressKVConfig.from_str("block_r=4,block_c=64,num_warps=2")
+    assert (cfg.block_r, cfg.block_c, cfg.num_warps) == (4, 64, 2) and CompressKVConfig.from_str(cfg.to_str()) == cfg
     with pytest.raises(ValueError, match="power of two"):
         CompressKVConfig(block_r=3)
+    with pytest.raises(ValueError, match="power of two"):
+        CompressKVConfig(block_c=48)
     args = make_inputs(1, 7, 80, 16, 3, 3, False, seed=5)
     ref = torch.ops.dsv4.compress_kv(*args, 3, False, EPS, "fp8")
-    for config in ("block_r=1", {"block_r": 2}, "block_r=64"):
+    for config in ("block_r=1", {"block_r": 2}, "block_r=64", "block_r=8,block_c=16", "block_c=2048"):
         assert_few_flips(f"config {config}", ref, compress_kv(*args, 3, False, EPS, "fp8", config))
+
     kv, score, ape, w, cos, sin = args
     with pytest.raises(ValueError, match="quant 'fp6'"):
         compress_kv(*args, 3, False, EPS, "fp6")
@@ -115,6 +118,62 @@ def test_config_api_and_input_checks():
         compress_kv(kv[..., :79].contiguous(), score[..., :79].contiguous(), ape[:, :79].contiguous(), w, cos, sin,
                     3, True, EPS, "fp8")
 
+
+def test_tiles_follow_the_config():
+    from dsv4_compile.kernels.compress_kv.compress_kv import tiles
+    cfg = CompressKVConfig(block_r=32, block_c=32)
+    assert tiles(cfg, 512, 4, 2048) == (8, 4, 32)       # CSA: 8 entries of 4 rows a program
+    assert tiles(cfg, 512, 128, 64) == (1, 32, 32)      # HCA: one entry, 4 steps of 32 rows
+    assert tiles(cfg, 128, 4, 3) == (4, 4, 32)          # entries clamped to next_pow2(N)
+    assert tiles(CompressKVConfig(block_r=2, block_c=1024), 80, 3, 9) == (1, 2, 128)
+
+
+@pytest.mark.parametrize("d,R,quant,overlap,ratio,T,N", [
+    pytest.param(80, 16, "fp8", True, 3, 20, 7, id="fp8-overlap-r3"),
+    pytest.param(80, 16, "fp8", False, 16, 45, 4, id="fp8-r16"),
+    pytest.param(64, 16, "hadamard_fp4", True, 4, 21, 6, id="fp4-overlap-r4"),
+])
+def test_channel_and_entry_split(d, R, quant, overlap, ratio, T, N):
+    """Programs that own several entries (a partial last group) and part of the channels (a partial
+    last block): the pooling is per (entry, channel), so on the CPU the output equals that of one
+    program per entry holding every channel bit for bit, for the same block_r (the row steps)."""
+    args = make_inputs(2, T, d, R, ratio, N, overlap, seed=T, n_inf=6)
+    plain = torch.ops.dsv4.compress_kv(*args, ratio, overlap, EPS, quant)
+    for block_r in (4, 16):
+        whole = compress_kv(*args, ratio, overlap, EPS, quant, f"block_r={block_r},block_c=1024")
+        for block_c in (16, 32):
+            out = compress_kv(*args, ratio, overlap, EPS, quant, f"block_r={block_r},block_c={block_c}")
+            assert_few_flips(f"block_r={block_r},block_c={block_c}", plain, out)
+            if DEVICE == "cpu":
+                assert torch.equal(out, whole), f"block_r={block_r},block_c={block_c}"
+
+
+def test_direct_launches_only_for_plain_eager_tensors(monkeypatch):
+    """A direct eager call launches the kernels straight (wrap_triton off: its HOP dispatch costs up to
+    ~1 ms a launch); fake tensors and a tracing mode keep wrap_triton, so traces still see the kernels."""
+    import importlib
+
+    from torch._library.triton import is_wrap_triton_enabled
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mod = importlib.import_module("dsv4_compile.kernels.compress_kv.compress_kv")
+    monkeypatch.setattr(mod, "USE_TRITON_OP", True)         # as on a CUDA machine
+    before = is_wrap_triton_enabled()
+    x = torch.ones(2)
+    with mod._direct_launches((x, x)):
+        assert not is_wrap_triton_enabled()
+    assert is_wrap_triton_enabled() == before
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    with mod._direct_launches((x, fake)):
+        assert is_wrap_triton_enabled() == before
+
+    def traced(t):
+        with mod._direct_launches((t,)):
+            assert is_wrap_triton_enabled() == before
+        return t + 1
+
+    make_fx(traced)(x)
 
 def test_torch_op_and_substitution():
     """The dsv4_triton op, and the pass: 1 node substituted, numbers vs eager."""
@@ -170,7 +229,8 @@ def test_gpu_real_shapes(d, R, quant, overlap, ratio):
     N = T // ratio + 2  # a partial block and an empty one
     args = make_inputs(B, T, d, R, ratio, N, overlap, cos_batched=False, seed=ratio, n_inf=50)
     ref = torch.ops.dsv4.compress_kv(*args, ratio, overlap, EPS, quant)
-    for config in (None, "block_r=4", "block_r=16,num_warps=8"):
+    for config in (None, "block_r=4", "block_r=16,num_warps=8", "block_r=128,block_c=16,num_warps=8",
+                   "block_r=8,block_c=512,num_stages=1"):
         out = compress_kv(*args, ratio, overlap, EPS, quant, config)
         assert not torch.isnan(out).any(), f"{config}: NaN outputs"
         assert_few_flips(f"{d} {quant} r{ratio} {config}", ref, out)

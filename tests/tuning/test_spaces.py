@@ -135,22 +135,32 @@ def test_compress_kv_problem_and_rules():
     p = space.make_problem(FLASH, 8192)
     assert p.bucket == "8k" and (p.dim("T"), p.dim("d"), p.dim("index_d"), p.dim("hca_ratio")) == (8192, 512, 128, 128)
     base = space.default_params(p, h100)
-    # [64, 512] fp32 tiles over 4 warps: 256 values a thread.
-    kind, reason = space.check(space.make_config({**base, "block_r": 64, "num_warps": 4}, "H100"), p, h100)
-    assert kind == "hard" and "csa: tile 4x512" not in reason and "hca: tile 64x512" in reason
-    # 4 stages of [32, 512] fp32 kv + score tiles = 512 KB.
-    kind, reason = space.check(space.make_config({**base, "block_r": 32, "num_warps": 16, "num_stages": 4}, "H100"), p, h100)
+    assert (base["block_r"], base["block_c"]) == (32, 32)
+    # block_r = 64 rows a step: 16 CSA entries of 4 rows, x 512 channels over 4 warps = 256 values a thread.
+    kind, reason = space.check(space.make_config({**base, "block_r": 64, "block_c": 512, "num_warps": 4}, "H100"), p, h100)
+    assert kind == "hard" and "csa: tile 16x4x512" in reason
+    # The indexer's 128-channel rows clamp block_c; the HCA call takes one entry of 128 rows at most.
+    kind, reason = space.check(space.make_config({**base, "block_r": 128, "block_c": 512, "num_warps": 8,
+                                                  "num_stages": 1}, "H100"), p, h100)
+    assert kind == "hard" and "csa: tile 32x4x512" in reason
+    assert space.check(space.make_config({**base, "block_r": 128, "block_c": 128, "num_warps": 8, "num_stages": 1},
+                                         "H100"), p, h100) is None
+    # 4 stages of [32 rows, 512 channels] fp32 kv + score tiles = 512 KB.
+    kind, reason = space.check(space.make_config({**base, "block_r": 32, "block_c": 512, "num_warps": 16,
+                                                  "num_stages": 4}, "H100"), p, h100)
     assert kind == "hard" and "shared memory" in reason
-    # A model without HCA layers: CSA blocks of 4 rows, so block_r 8 is clamped and stages idle.
+    # block_c beyond the widest row (512 channels) is clamped by the launcher.
+    kind, reason = space.check(space.make_config({**base, "block_c": 1024, "num_warps": 16, "num_stages": 1}, "H100"), p, h100)
+    assert kind == "redundant" and "clamped" in reason
+    # A model without HCA layers: CSA blocks of 4 rows, so block_r >= 4 takes whole blocks and stages idle.
     csa_only = space.make_problem(dataclasses.replace(FLASH, compress_ratios=(0, 4, 4)), 8192)
     assert csa_only.dim("hca_ratio") == 0
-    kind, reason = space.check(space.make_config({**base, "block_r": 8}, "H100"), csa_only, h100)
-    assert kind == "redundant" and "clamped" in reason
     kind, reason = space.check(space.make_config({**base, "block_r": 4, "num_stages": 2}, "H100"), csa_only, h100)
     assert kind == "redundant" and "nothing to pipeline" in reason
     assert space.check(space.make_config({**base, "block_r": 2, "num_stages": 2}, "H100"), csa_only, h100) is None
+    assert space.check(space.make_config({**base, "block_r": 128, "num_stages": 1}, "H100"), csa_only, h100) is None
     valid = space.count_valid(p, h100)
-    assert valid[0] == 160 and 20 < valid[1] < 160
+    assert valid[0] == 960 and 100 < valid[1] < 960
 
 
 def test_indexer_topk_problem_and_rules():
