@@ -173,10 +173,22 @@ def _is_fake(args) -> bool:
     return any(isinstance(a, FakeTensor) for a in args)
 
 
+def is_traced(args) -> bool:
+    """True while something traces the launch: torch.compile, a dispatch mode (make_fx, export,
+    functionalization), or a tensor subclass among the arguments (fake or functional tensors)."""
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+    return (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+            or any(isinstance(a, torch.Tensor) and type(a) is not torch.Tensor for a in args))
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Launch `kernel[grid](*args, **kwargs)`: through `wrap_triton` when ops are triton_ops (so that
-    tracing records the kernel), directly under the interpreter (skipped for fake tensors)."""
-    if USE_TRITON_OP:
+    """Launch `kernel[grid](*args, **kwargs)`: through `wrap_triton` when ops are triton_ops and
+    something traces the call (so that the trace records the kernel), else straight: wrap_triton's
+    eager HOP dispatch costs Python time per launch, comparable to a sub-millisecond kernel (a direct
+    eager call, as the benchmarks make; the op's own eager backend already bypasses it). Fake tensors
+    under the interpreter launch nothing."""
+    if USE_TRITON_OP and is_traced((*args, *kwargs.values())):
         from torch.library import wrap_triton
         wrap_triton(kernel)[grid](*args, **kwargs)
     elif not _is_fake(args):

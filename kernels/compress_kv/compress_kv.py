@@ -23,13 +23,12 @@ channel split and the entries a program holds do not enter the arithmetic).
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, USE_TRITON_OP, check, check_tensor, kernel_op, launch, resolve_config
+from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import block_scale, divide_by_scale, e4m3_bits, round_bf16
 from ..fp4_quant.fp4_quant import _e2m1_code, _e2m1_value
 from .config import CompressKVConfig, default_config
@@ -211,22 +210,9 @@ def _launch(kv, score, ape, norm_weight, cos, sin, out, ratio: int, overlap: boo
            BLOCK_D=block_d, num_warps=epilogue_warps(d), num_stages=1)
 
 
-def _direct_launches(tensors) -> contextlib.AbstractContextManager:
-    """For a direct eager call of `compress_kv` on plain tensors: launch the kernels straight, not through
-    wrap_triton's HOP dispatch, whose Python costs up to ~1 ms a launch in eager (torch/_library/triton.py
-    `set_wrap_triton_enabled`; the op's own eager backend skips it the same way). Anything traced
-    (torch.compile, a dispatch mode such as make_fx's, fake or functional tensors) keeps the HOP."""
-    from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-    if (not USE_TRITON_OP or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-            or any(type(t) is not torch.Tensor for t in tensors)):
-        return contextlib.nullcontext()
-    from torch._library.triton import set_wrap_triton_enabled
-    return set_wrap_triton_enabled(False)
-
-
 def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
                 cos: torch.Tensor, sin: torch.Tensor, ratio: int, overlap: bool, norm_eps: float, quant: str,
-                config: CompressKVConfig | dict | str | None = None, *, _direct: bool = True) -> torch.Tensor:
+                config: CompressKVConfig | dict | str | None = None) -> torch.Tensor:
     """Pool blocks of `ratio` tokens into N = cos.shape[-2] entries, then RMSNorm, RoPE, quant sim.
 
     kv, score [B, T, C] float32 / bfloat16 / float16 (C = 2d with `overlap`, else d); ape [ratio, C]
@@ -259,8 +245,7 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_w
               f"{op}: hadamard_fp4 needs d = {d} to be a power of two and a multiple of {FP4_BLOCK}")
     cfg = resolve_config(CompressKVConfig, config, default_config, dev)
     out = torch.empty((B, N, d), dtype=torch.float32, device=dev)
-    with _direct_launches((kv, score, ape, norm_weight, cos, sin)) if _direct else contextlib.nullcontext():
-        _launch(kv, score, ape, norm_weight, cos, sin, out, ratio, bool(overlap), norm_eps, quant, cfg)
+    _launch(kv, score, ape, norm_weight, cos, sin, out, ratio, bool(overlap), norm_eps, quant, cfg)
     return out
 
 
@@ -268,5 +253,4 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_w
 def _compress_kv_op(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor,
                     cos: torch.Tensor, sin: torch.Tensor, ratio: int, overlap: bool, norm_eps: float,
                     quant: str, config: str = "") -> torch.Tensor:
-    # the op's body (traced by torch.compile / export, or run by its eager backend): wrap_triton as set
-    return compress_kv(kv, score, ape, norm_weight, cos, sin, ratio, overlap, norm_eps, quant, config, _direct=False)
+    return compress_kv(kv, score, ape, norm_weight, cos, sin, ratio, overlap, norm_eps, quant, config)

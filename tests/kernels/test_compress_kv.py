@@ -148,33 +148,6 @@ def test_channel_and_entry_split(d, R, quant, overlap, ratio, T, N):
                 assert torch.equal(out, whole), f"block_r={block_r},block_c={block_c}"
 
 
-def test_direct_launches_only_for_plain_eager_tensors(monkeypatch):
-    """A direct eager call launches the kernels straight (wrap_triton off: its HOP dispatch costs up to
-    ~1 ms a launch); fake tensors and a tracing mode keep wrap_triton, so traces still see the kernels."""
-    import importlib
-
-    from torch._library.triton import is_wrap_triton_enabled
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    mod = importlib.import_module("dsv4_compile.kernels.compress_kv.compress_kv")
-    monkeypatch.setattr(mod, "USE_TRITON_OP", True)         # as on a CUDA machine
-    before = is_wrap_triton_enabled()
-    x = torch.ones(2)
-    with mod._direct_launches((x, x)):
-        assert not is_wrap_triton_enabled()
-    assert is_wrap_triton_enabled() == before
-    with FakeTensorMode() as mode:
-        fake = mode.from_tensor(x)
-    with mod._direct_launches((x, fake)):
-        assert is_wrap_triton_enabled() == before
-
-    def traced(t):
-        with mod._direct_launches((t,)):
-            assert is_wrap_triton_enabled() == before
-        return t + 1
-
-    make_fx(traced)(x)
-
 def test_torch_op_and_substitution():
     """The dsv4_triton op, and the pass: 1 node substituted, numbers vs eager."""
     from dsv4_compile.kernels.compress_kv.substitution import SUBSTITUTION, interpreter_substitution

@@ -140,3 +140,37 @@ def test_gpu_inductor_sees_the_triton_kernels():
     out, codes = run_and_get_code(torch.compile(f), x)
     assert torch.equal(out, f(x))
     assert any("_fp8_quantize_kernel" in c for c in codes) and any("_fp8_dequantize_kernel" in c for c in codes)
+
+
+def test_launch_goes_through_wrap_triton_only_when_traced(monkeypatch):
+    """Traces (fake tensors, make_fx) must record the kernel through wrap_triton; a direct eager call
+    launches straight (wrap_triton's eager HOP dispatch costs Python time per launch)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    routes = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: routes.append("direct")
+
+    def wrap_triton(kernel):
+        class Wrapped:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: routes.append("wrap_triton")
+        return Wrapped()
+
+    monkeypatch.setattr(_common, "USE_TRITON_OP", True)  # as on a CUDA machine
+    monkeypatch.setattr(torch.library, "wrap_triton", wrap_triton)
+    x = torch.ones(2)
+    _common.launch(Kernel(), (1,), x, 3, block=x)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    _common.launch(Kernel(), (1,), x, fake)
+
+    def traced(t):
+        _common.launch(Kernel(), (1,), t)
+        return t + 1
+
+    make_fx(traced)(x)
+    assert routes == ["direct", "wrap_triton", "wrap_triton"]
