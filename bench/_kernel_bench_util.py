@@ -6,7 +6,6 @@ repeats). Inputs are larger than L2 where the benchmark is about bandwidth.
 """
 from __future__ import annotations
 
-import csv
 import datetime
 import math
 import os
@@ -85,15 +84,10 @@ def gpu_dir_name() -> str:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+    if rows:
+        from dsv4_compile.tuning.tables import write_csv as write_rows
+
+        write_rows(path, rows)
 
 
 def fmt(v) -> str:
@@ -141,6 +135,29 @@ def plot_rows(path: str, rows: list[dict]) -> None:
         ax.tick_params(labelsize=7)
         ax.invert_yaxis()
     axes[-1].set_xlabel("speed vs eager torch (x)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def log_log_plot(path: str, series: list[tuple], xlabel: str, ylabel: str, title: str,
+                 size=(8, 5), legend: dict | None = None) -> None:
+    """Lines on log2 x / log y axes; series: (label, xs, ys, style, linewidth) each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    for label, xs, ys, style, width in series:
+        ax.plot(xs, ys, style, label=label, linewidth=width)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(**(legend or {"fontsize": 7}))
+    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

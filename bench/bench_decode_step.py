@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _kernel_bench_util import DEVICE, environment, fmt, out_dir, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, environment, fmt, log_log_plot, out_dir, write_csv  # noqa: E402
 from bench_layers import _contexts, _err, _table, time_ms  # noqa: E402
 
 COMPILE_RESERVE_S = 120.0   # a compiled variant starts only with this much of the budget left
@@ -212,28 +212,15 @@ def markdown(env: dict, rows: list[dict]) -> str:
 
 def plot(path: str, rows: list[dict], gpu: str) -> None:
     """ms per step vs context, one line per (variant, batch)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
+    series = []
     for impl, B in dict.fromkeys((r["impl"], r["batch"]) for r in rows):
         pts = sorted((r["context"], r["ms_per_step"]) for r in rows
                      if (r["impl"], r["batch"]) == (impl, B) and not math.isnan(r["ms_per_step"]))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if "graph" in impl else "--s",
-                    label=f"{impl}, B={B}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context (tokens in the cache)")
-    ax.set_ylabel("ms per decode step (median)")
-    ax.set_title(f"whole decode step, {rows[0]['config'] if rows else ''} preset ({gpu})", fontsize=10)
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            series.append((f"{impl}, B={B}", [p[0] for p in pts], [p[1] for p in pts],
+                           "-o" if "graph" in impl else "--s", 1.5))
+    log_log_plot(path, series, "context (tokens in the cache)", "ms per decode step (median)",
+                 f"whole decode step, {rows[0]['config'] if rows else ''} preset ({gpu})")
 
 
 def write_outputs(rows: list[dict], out: str) -> list[str]:

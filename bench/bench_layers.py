@@ -36,7 +36,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _kernel_bench_util import DEVICE, bench_ms, environment, fmt, out_dir, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, bench_ms, environment, fmt, log_log_plot, out_dir, write_csv  # noqa: E402
 
 GIB = 1 << 30
 MAX_BYTES = 78 * GIB      # the H100's usable memory; the free memory bounds it further
@@ -420,31 +420,17 @@ def markdown(env: dict, rows: list[dict], sh: Shapes = FLASH) -> str:
 
 def plot(path: str, rows: list[dict], gpu: str) -> None:
     """ms vs context (log-log): the two layers, their parts, the dense baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    series = list(dict.fromkeys((r["layer"], r["part"], r["impl"]) for r in rows))
-    for layer, part, impl in series:
+    series = []
+    for layer, part, impl in dict.fromkeys((r["layer"], r["part"], r["impl"]) for r in rows):
         pts = sorted((r["S"], r["ms"]) for r in rows
                      if (r["layer"], r["part"], r["impl"]) == (layer, part, impl) and r["ms"] == r["ms"])
-        if not pts:
-            continue
-        style = "-o" if part == "layer" else ("-s" if layer == "dense" else ":.")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{layer} {part} [{impl}]",
-                linewidth=2.2 if part == "layer" else 1.0)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context S (tokens)")
-    ax.set_ylabel("ms (median)")
-    ax.set_title(f"whole-layer attention vs dense causal SDPA, B=1 ({gpu})", fontsize=10)
-    ax.legend(fontsize=6, loc="upper left")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        if pts:
+            style = "-o" if part == "layer" else ("-s" if layer == "dense" else ":.")
+            series.append((f"{layer} {part} [{impl}]", [p[0] for p in pts], [p[1] for p in pts], style,
+                           2.2 if part == "layer" else 1.0))
+    log_log_plot(path, series, "context S (tokens)", "ms (median)",
+                 f"whole-layer attention vs dense causal SDPA, B=1 ({gpu})", size=(9, 5.5),
+                 legend={"fontsize": 6, "loc": "upper left"})
 
 
 def write_outputs(rows: list[dict], out: str, sh: Shapes = FLASH) -> list[str]:

@@ -28,7 +28,6 @@ whole budget.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import datetime
 import itertools
@@ -47,6 +46,7 @@ import optuna
 from .objective import (_STICKY, RUNNERS, STATUS_ERROR, STATUS_MEASURED, STATUS_WRONG, DeviceError, KernelFailure,
                         Objective, Runner, make_runner, one_line)
 from .spaces import GpuSpec, KernelSpace, Param, Problem, canonical_gpu, get_space, gpu_spec
+from .tables import write_csv
 from .sweep import tpe_sampler
 
 WITHIN = 0.02
@@ -478,26 +478,15 @@ def write_outputs(result: CompareResult, out_dir: str | Path, stem: str = "tunin
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [p.row() for p in result.problems]
-    paths = [_write_csv(out / f"{stem}.csv", rows)]
+    paths = [write_csv(out / f"{stem}.csv", rows)]
     configs = [{"kernel": p.kernel, "bucket": p.bucket, "config": m.config, "status": m.status, "ms": _r(m.ms),
                 "seconds": round(m.seconds, 2), "sources": "+".join(m.sources), "reason": m.reason}
                for p in result.problems for m in p.measurements]
-    paths.append(_write_csv(out / f"{stem}_configs.csv", configs))
+    paths.append(write_csv(out / f"{stem}_configs.csv", configs))
     paths.append(_write_markdown(out / f"{stem}.md", result, rows, stem))
     if result.problems:
         paths.append(_plot(out / f"{stem}.png", result))
     return paths
-
-
-def _write_csv(path: Path, rows: list[dict]) -> Path:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def summary_lines(result: CompareResult) -> list[str]:

@@ -281,6 +281,22 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def write_csv(path, rows: list[dict]) -> Path:
+    """`rows` as CSV (columns: every key, in order of first appearance), written atomically."""
+    import csv
+    import io
+
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(Path(path), text.getvalue())
+    return Path(path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` atomically (temporary file in the same folder, fsync, os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
