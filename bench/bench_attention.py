@@ -311,6 +311,14 @@ def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, fle
                     ref, sparse_attention_cached(q0, cache0, sink, idx0, HEAD_D ** -0.5, ROPE_D, best_dec[1]))
             except Exception as e:  # noqa: BLE001
                 rec.fail("decode", "csa", "plain_op_eager", S, FLASH_H, HEAD_D, K, _err(e))
+            try:  # torch.compile of the plain op: its code traced in (passes="decompose") for Inductor to fuse
+                import dsv4_compile
+
+                compiled = dsv4_compile.compile(_decode_plain_op, gpu="auto", passes="decompose", dynamic=False)
+                ms = _bench(lambda: compiled(q0, cache0, sink, idx0))
+                rec.add("decode", "csa", "plain_op_compiled", S, FLASH_H, HEAD_D, K, ms, flops, nbytes)
+            except Exception as e:  # noqa: BLE001
+                rec.fail("decode", "csa", "plain_op_compiled", S, FLASH_H, HEAD_D, K, _err(e))
             del sets
             torch.cuda.empty_cache()
 
@@ -472,6 +480,9 @@ def summary_lines(result: dict) -> list[str]:
                     f"{o['useful_TFLOPs']:.0f} TFLOP/s ({o['config']})")
             if p:
                 line += f"; plain op eager {p['ms']:.3f} ms: **{p['ms'] / o['ms']:.0f}x**"
+            c = _best(rows, section="decode", method="plain_op_compiled", S=S)
+            if c:
+                line += f"; torch.compile of the plain op {c['ms']:.3f} ms: **{c['ms'] / o['ms']:.1f}x**"
             out.append(line)
     if result["checks"]:
         out += ["", "## Agreement checks (this run)", ""]
@@ -555,6 +566,10 @@ def _contexts(text: str) -> list[int]:
         mult = 1024 if item.endswith("k") else 1
         out.append(int(item.rstrip("k")) * mult)
     return out
+
+
+def _decode_plain_op(q, cache, sink, idx):
+    return torch.ops.dsv4.sparse_attention_cached(q, cache, sink, idx, HEAD_D ** -0.5, ROPE_D)
 
 
 def main(argv=None) -> int:

@@ -481,6 +481,8 @@ def run(args: argparse.Namespace) -> int:
         progress.done("ok" if compile_result["ok"] else "FAILED")
         del model
         torch._dynamo.reset()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the verify process loads the engines and its own eager reference
 
         progress.start("export", f"{', '.join(plan.formats)} x {len(plan.buckets)} context bucket(s)")
         engines: list[dict] = []

@@ -218,6 +218,14 @@ class Engine:
                              for e in self.engines)
         raise ValueError(f"tokens [B={batch}, S={seq}] fit no context bucket of this build; accepted: {accepted}")
 
+    def open(self, bucket: int) -> None:
+        """Load the runner of context `bucket` now (a package into memory, an onnxruntime session);
+        otherwise the first call for that bucket does."""
+        entry = next((e for e in self.engines if e["bucket"] == bucket), None)
+        if entry is None:
+            raise ValueError(f"bucket {bucket}: not in this engine's buckets {self.buckets}")
+        self._runner(entry)
+
     def _runner(self, entry: dict):
         bucket = entry["bucket"]
         if bucket not in self._runners:

@@ -8,14 +8,16 @@ import torch
 _CHUNK = 1 << 24  # elements per float64 slice: a 128K-context output is not copied whole
 
 
-def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
+def rel_rms(ref: torch.Tensor, out: torch.Tensor, finite_only: bool = False) -> float:
     """Relative RMS error of `out` against `ref`, in float64, over the positions where ref is not NaN
-    (NaN placement is for the caller to compare); 0 when nothing is left."""
+    (NaN placement is for the caller to compare), or with `finite_only` where ref is finite (Inf
+    placement compared by the caller too); 0 when nothing is left. Masks slice by slice: a boolean
+    index of a whole 2^32-element output would build a 128 GiB index tensor."""
     ref, out = ref.reshape(-1), out.reshape(-1)
     num = den = 0.0
     for i in range(0, ref.numel(), _CHUNK):
         r, o = ref[i:i + _CHUNK].double(), out[i:i + _CHUNK].double()
-        keep = ~torch.isnan(r)
+        keep = torch.isfinite(r) if finite_only else ~torch.isnan(r)
         r, o = r[keep], o[keep]
         num += float(((o - r) ** 2).sum())
         den += float((r ** 2).sum())

@@ -13,6 +13,8 @@ Optuna needed to come within 2% of the grid's best, against the grid's size.
     edits. Unlike triton.autotune, a config that the gate finds wrong cannot win here (reported).
 (c) the sweep's own objective and sampler (`Objective`, `sweep.tpe_sampler`, the default enqueued
     as the first trial) over the grid's space, until N configs have run (default: a third of the grid).
+    `tune` also enqueues (b)'s list after the default (warm start); (c) leaves it out, to measure the
+    search alone.
 (d) `GRIDS`: a few choices per param (the GPU's default value always among them); the grid is their
     product less what the space's rules prune, and Optuna searches exactly that space. Fields not in
     the grid keep the default. The full space's size is reported beside it.
@@ -45,7 +47,7 @@ import optuna
 
 from .objective import (_STICKY, RUNNERS, STATUS_ERROR, STATUS_MEASURED, STATUS_WRONG, DeviceError, KernelFailure,
                         Objective, Runner, make_runner, one_line)
-from .spaces import GpuSpec, KernelSpace, Param, Problem, canonical_gpu, get_space, gpu_spec
+from .spaces import TYPICAL, GpuSpec, KernelSpace, Param, Problem, canonical_gpu, get_space, gpu_spec
 from .tables import write_csv
 from .sweep import tpe_sampler
 
@@ -54,22 +56,6 @@ TARGET_SPEEDUP = 1.1          # tuned vs default (the issue's compass)
 TARGET_FRACTION = 1 / 3       # of the grid's configs
 RAN = (STATUS_MEASURED, STATUS_WRONG, STATUS_ERROR)
 
-
-def _ns_typical(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
-    # The sym kernel (A = X X^T, square tiles) gets the same shape as the GEMM, as one list would.
-    return {"block_m": bm, "block_n": bn, "block_k": bk, "group_m": 8, "num_warps": warps, "num_stages": stages,
-            "sym_block": min(bm, bn), "sym_block_k": bk, "sym_num_warps": warps, "sym_num_stages": stages}
-
-
-TYPICAL: dict[str, list[dict]] = {
-    # The fused-attention tutorial's pattern: all 64 heads as BLOCK_M, BLOCK_N 32/64 x warps 4/8 x stages 2/3.
-    "sparse_attention": [{"block_h": 64, "block_k": k, "num_warps": w, "num_stages": s}
-                         for k in (32, 64) for w in (4, 8) for s in (2, 3)],
-    # The matmul tutorial's CUDA list (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), GROUP_M 8.
-    "newton_schulz": [_ns_typical(*c) for c in ((128, 256, 64, 8, 3), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4),
-                                                (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4),
-                                                (64, 32, 32, 2, 5), (32, 64, 32, 2, 5))],
-}
 
 # Sized so that 2 kernels x 2 contexts fit in about 8 minutes on an H100 (compiles dominate).
 GRIDS: dict[str, dict[str, tuple]] = {

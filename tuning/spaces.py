@@ -105,6 +105,25 @@ def format_tokens(n: int) -> str:
     return str(n)
 
 
+def _ns_typical(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    # The sym kernel (A = X X^T, square tiles) gets the same shape as the GEMM, as one list would.
+    return {"block_m": bm, "block_n": bn, "block_k": bk, "group_m": 8, "num_warps": warps, "num_stages": stages,
+            "sym_block": min(bm, bn), "sym_block_k": bk, "sym_num_warps": warps, "sym_num_stages": stages}
+
+
+# The configs people hand-write for @triton.autotune (the Triton tutorials' lists), per kernel: `tune`
+# enqueues them after the default (warm start, so a tuned table is never worse than the list's best),
+# and tuning/compare.py times them as the "@triton.autotune" baseline.
+TYPICAL: dict[str, list[dict]] = {
+    # The fused-attention tutorial's pattern: all 64 heads as BLOCK_M, BLOCK_N 32/64 x warps 4/8 x stages 2/3.
+    "sparse_attention": [{"block_h": 64, "block_k": k, "num_warps": w, "num_stages": s}
+                         for k in (32, 64) for w in (4, 8) for s in (2, 3)],
+    # The matmul tutorial's CUDA list (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), GROUP_M 8.
+    "newton_schulz": [_ns_typical(*c) for c in ((128, 256, 64, 8, 3), (64, 256, 32, 4, 4), (128, 128, 32, 4, 4),
+                                                (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 32, 32, 4, 4),
+                                                (64, 32, 32, 2, 5), (32, 64, 32, 2, 5))],
+}
+
 @dataclass(frozen=True)
 class Problem:
     """One tuning case. `dims`: the shapes it implies (name -> int/str/float), see each space's docs.
@@ -265,6 +284,18 @@ class KernelSpace:
         cfg = self.default_config(gpu.name, _phase(problem))
         params = {p.name: getattr(cfg, p.name) for p in self.active_params()}
         return self.baseline(params, problem, gpu) if self.baseline else params
+
+    def warm_start_params(self, problem: Problem, gpu: GpuSpec) -> list[dict]:
+        """TYPICAL's configs for this kernel as trial params: the default's values for the params a
+        config leaves out; configs with a value outside this problem's choices are left out."""
+        choices = self.choices(problem, gpu)
+        default = self.default_params(problem, gpu)
+        out = []
+        for typical in TYPICAL.get(self.name, ()):
+            params = {**default, **{k: v for k, v in typical.items() if k in choices}}
+            if all(params[k] in values for k, values in choices.items()) and params not in out:
+                out.append(params)
+        return out
 
     def suggest(self, trial, problem: Problem, gpu: GpuSpec) -> dict:
         """Ask an Optuna trial for one value per param (categorical: block sizes are few and discrete)."""

@@ -222,7 +222,8 @@ def _storage(request: TuneRequest, heartbeat: bool = True):
 
 
 def prepare_studies(request: TuneRequest, plans: Sequence[Plan], storage=None) -> None:
-    """Create (or load) every study and enqueue the GPU's default config as the baseline trial."""
+    """Create (or load) every study; enqueue the GPU's default config as the baseline trial, then the
+    kernel's typical @triton.autotune configs (spaces.TYPICAL) as a warm start."""
     storage = storage or _storage(request)
     for plan in plans:
         space = get_space(plan.kernel)
@@ -237,6 +238,8 @@ def prepare_studies(request: TuneRequest, plans: Sequence[Plan], storage=None) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             study.enqueue_trial(default, user_attrs={"baseline": True}, skip_if_exists=True)
+            for params in space.warm_start_params(plan.problem, gpu_spec(plan.gpu)):
+                study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
 
 
 def _outcome_trials(study) -> list:

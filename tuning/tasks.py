@@ -53,8 +53,7 @@ def close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> str | 
             return None if bad == 0 else f"{name}: {bad} of {ref.numel()} values differ (exact match required)"
         if not torch.equal(torch.isinf(ref), torch.isinf(out)):
             return f"{name}: Inf positions differ"
-        finite = torch.isfinite(ref)
-        err = rel_rms(ref[finite], out[finite]) if bool(finite.any()) else 0.0
+        err = rel_rms(ref, out, finite_only=True)
         return None if err <= tol else f"{name}: relative RMS error {err:.3e} > {tol:.0e}"
     bad = int((ref != out).sum())
     return None if bad == 0 else f"{name}: {bad} of {ref.numel()} values differ (exact match required)"

@@ -110,3 +110,26 @@ def test_timeout_stops_new_trials_and_keeps_the_finished(sqlite_url, tmp_path):
     for plan, trials in zip(result.plans, before):
         kept = {t.number: t.value for t in sc.load(req, plan).get_trials(deepcopy=False)}
         assert all(kept[t.number] == t.value for t in trials)
+
+
+def test_warm_start_measures_the_typical_autotune_list_after_the_default(sqlite_url, tmp_path):
+    from dsv4_compile.tuning.spaces import TYPICAL, get_space, gpu_spec
+
+    req = sc.request(sqlite_url, tmp_path, contexts=[8192], kernels=["sparse_attention"], trials=12, plots=False)
+    result = tune(req)
+    (plan,) = result.plans
+    space, gpu = get_space("sparse_attention"), gpu_spec("H100")
+    warm = space.warm_start_params(plan.problem, gpu)
+    # Every typical config fits the H100's choices here; the default's num_splits fills the field they leave out.
+    assert len(warm) == len(TYPICAL["sparse_attention"])
+    assert all(p["num_splits"] == space.default_params(plan.problem, gpu)["num_splits"] for p in warm)
+    # The default is one of the list here: enqueued once, as the baseline.
+    default = space.default_params(plan.problem, gpu)
+    warm = [p for p in warm if p != default]
+    trials = sc.load(req, plan).get_trials(deepcopy=False)
+    assert trials[0].user_attrs["baseline"] and trials[0].params == default
+    started = trials[1:1 + len(warm)]
+    assert [t.params for t in started] == warm and all(t.user_attrs.get("warm_start") for t in started)
+    # The tuned best is never worse than the list's best (both measured under the same protocol).
+    listed = [t.value for t in started if t.user_attrs.get("status") == STATUS_MEASURED]
+    assert result.summaries[0].best_ms <= min(listed)
