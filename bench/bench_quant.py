@@ -77,15 +77,19 @@ def run_quant_bench(R: int = 16384, D: int = 7168, copy_gbs: float | None = None
             add(case, "torch.compile (plain op)", bench_ms(lambda: compiled(x, bs, pow2)), nbytes)
 
     codes, scale = fp8_quantize(x, 128, False)
-    nbytes = R * D + R * (D // 128) * 4 + R * D * 4
-    case = f"fp8 dequant b128 {R}x{D} -> fp32"
-    add(case, "triton (default config)", bench_ms(lambda: fp8_dequantize(codes, scale, 128)), nbytes)
-    add(case, "eager torch (plain op)", bench_ms(lambda: plain_fp8_dq(codes, scale, 128)), nbytes)
     packed, scale4 = fp4_quantize(x, 32, True)
-    nbytes = R * D // 2 + R * (D // 32) * 4 + R * D * 4
-    case = f"fp4 dequant b32 {R}x{D} -> fp32"
-    add(case, "triton (default config)", bench_ms(lambda: fp4_dequantize(packed, scale4, 32)), nbytes)
-    add(case, "eager torch (plain op)", bench_ms(lambda: ops.fp4_dequantize._init_fn(packed, scale4, 32)), nbytes)
+    dequant_cases = [
+        (f"fp8 dequant b128 {R}x{D} -> fp32", fp8_dequantize, plain_fp8_dq, (codes, scale, 128),
+         R * D + R * (D // 128) * 4 + R * D * 4),
+        (f"fp4 dequant b32 {R}x{D} -> fp32", fp4_dequantize, ops.fp4_dequantize._init_fn, (packed, scale4, 32),
+         R * D // 2 + R * (D // 32) * 4 + R * D * 4),
+    ]
+    for case, kernel, plain, args, nbytes in dequant_cases:
+        add(case, "triton (default config)", bench_ms(lambda: kernel(*args)), nbytes)
+        add(case, "eager torch (plain op)", bench_ms(lambda: plain(*args)), nbytes)
+        compiled = try_compile(plain, compile)
+        if compiled is not None:
+            add(case, "torch.compile (plain op)", bench_ms(lambda: compiled(*args)), nbytes)
     return rows
 
 

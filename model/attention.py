@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .kv_cache import CompressorState, LayerKVCache
 from .kv_layout import pack_indexer_keys, pack_main_entries, unpack_indexer_keys
 from .layers import RMSNorm, rope_angles, rope_inv_freq, visible_block_indices, window_indices
-from .ops import fp4_simulate, fp8_simulate, hadamard, rope_rotate
+from .ops import fp4_simulate, fp8_round, hadamard, rope_rotate
 
 CSA_RATIO = 4
 
@@ -176,10 +176,11 @@ class Attention(nn.Module):
         return self._rope(q, positions), qr
 
     def _window_kv(self, x, positions):
-        """-> kv [B, S, D]: the cache's values (FP8-simulated non-rope dims, BF16-exact rope dims)."""
+        """-> kv [B, S, D]: the cache's values (FP8-rounded non-rope dims, BF16-exact rope dims). The FP8
+        rounding is plain code (fp8_round), fused by the compiler into this producer."""
         kv = self._rope(self.kv_norm(self.wkv(x)), positions)
         rd = self.rope_dim
-        return torch.cat([fp8_simulate(kv[..., :-rd], 64), kv[..., -rd:].to(torch.bfloat16).to(kv.dtype)], dim=-1)
+        return torch.cat([fp8_round(kv[..., :-rd], 64), kv[..., -rd:].to(torch.bfloat16).to(kv.dtype)], dim=-1)
 
     def _output(self, o, positions):
         """o [B, S, H, D] -> [B, S, dim]: inverse RoPE, grouped low-rank projection."""

@@ -102,9 +102,14 @@ def fp8_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool) -> tuple[to
     NaN/Inf: a block holding a NaN gets scale NaN and all its codes NaN; a block holding +-Inf gets
     scale +Inf, its infinite elements become NaN codes and its finite elements 0.
     """
-    blocks, scale = _block_scale(x, block_size, FP8_MAX, pow2_scale, "fp8_quantize")
-    codes = (blocks / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    codes, scale = _fp8_code_blocks(x, block_size, pow2_scale, "fp8_quantize")
     return codes.flatten(-2).contiguous(), scale.contiguous()  # contiguous, as the fake says
+
+
+def _fp8_code_blocks(x: torch.Tensor, block_size: int, pow2_scale: bool, name: str):
+    """x [..., D] -> (codes [..., D/bs, bs] float8_e4m3fn, scale [..., D/bs] float32): fp8_quantize's math."""
+    blocks, scale = _block_scale(x, block_size, FP8_MAX, pow2_scale, name)
+    return (blocks / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 @fp8_quantize.register_fake
@@ -118,8 +123,13 @@ def _(x, block_size, pow2_scale):
 @torch.library.custom_op(f"{LIB}::fp8_dequantize", mutates_args=())
 def fp8_dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block_size: int) -> torch.Tensor:
     """x_fp8 [..., D] float8_e4m3fn, scale [..., D/block_size] float32 -> float32 [..., D]."""
-    blocks = x_fp8.float().unflatten(-1, (x_fp8.shape[-1] // block_size, block_size))
-    return (blocks * scale.unsqueeze(-1)).flatten(-2).contiguous()
+    blocks = x_fp8.unflatten(-1, (x_fp8.shape[-1] // block_size, block_size))
+    return _fp8_values(blocks, scale).contiguous()
+
+
+def _fp8_values(code_blocks: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """codes [..., D/bs, bs] float8_e4m3fn, scale [..., D/bs] -> float32 [..., D]: fp8_dequantize's math."""
+    return (code_blocks.float() * scale.unsqueeze(-1)).flatten(-2)
 
 
 @fp8_dequantize.register_fake
@@ -207,6 +217,15 @@ def fp8_simulate(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Quantize-dequantize with power-of-two scales (QAT): forward sees FP8 values, backward is identity."""
     codes, scale = torch.ops.dsv4.fp8_quantize(x, block_size, True)
     sim = torch.ops.dsv4.fp8_dequantize(codes, scale, block_size).to(x.dtype)
+    return x + (sim - x).detach()
+
+
+def fp8_round(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """`fp8_simulate`'s numbers written as plain tensor code, with no dsv4 op: for the KV cache's window
+    rows, so that a compiler fuses the rounding into the kernel that produces them (RMSNorm, RoPE)
+    instead of running a standalone quantization pass over the cache (DESIGN.md section 4, anchors)."""
+    codes, scale = _fp8_code_blocks(x, block_size, True, "fp8_round")
+    sim = _fp8_values(codes, scale).to(x.dtype)
     return x + (sim - x).detach()
 
 

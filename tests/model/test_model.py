@@ -174,6 +174,17 @@ def test_export_with_dynamic_sequence_length(model, tiny):
             assert_close(f"exported S={n}", model(probe), program.module()(probe))
 
 
+def test_prefill_graph_quantizes_the_cache_inside_its_producers(model, tiny):
+    """No standalone FP8 pass over the cache: compressed entries are rounded inside compress_kv, the
+    window rows by plain code (fp8_round) that a compiler fuses into their RMSNorm/RoPE. The only
+    top-level quantization ops left are the indexer queries' FP4 round trip."""
+    tokens = torch.randint(0, tiny.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(model, (tokens,), strict=False)
+    ops = {str(n.target).split(".")[1] for n in program.graph.nodes
+           if n.op == "call_function" and str(n.target).startswith("dsv4.")}
+    assert ops == {"hc_pre", "sparse_attention", "compress_kv", "indexer_topk", "fp4_quantize", "fp4_dequantize"}
+
+
 def test_sequence_longer_than_max_seq_len_is_refused(model, tiny):
     with pytest.raises(ValueError, match="exceeds the config's max_seq_len 512"):
         model(torch.zeros(1, tiny.max_seq_len + 1, dtype=torch.long))

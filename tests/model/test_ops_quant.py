@@ -282,11 +282,12 @@ def test_bad_block_size_raises(fake):
             mode.__exit__(None, None, None)
 
 
-@pytest.mark.parametrize("kind", ["fp8", "fp4"])
+@pytest.mark.parametrize("kind", ["fp8", "fp8_round", "fp4"])
 def test_simulate_forward_and_straight_through_grad(kind):
+    """fp8_round (plain code, for the window rows) gives fp8_simulate's (the ops') numbers bit for bit."""
     x = spread_input((3, 128), 64, torch.float32).requires_grad_()
-    sim = ops.fp8_simulate(x, 64) if kind == "fp8" else ops.fp4_simulate(x, 32)
-    ref = naive.fp8_simulate(x.detach(), 64) if kind == "fp8" else naive.fp4_simulate(x.detach(), 32)
+    sim = {"fp8": ops.fp8_simulate, "fp8_round": ops.fp8_round}[kind](x, 64) if kind != "fp4" else ops.fp4_simulate(x, 32)
+    ref = naive.fp8_simulate(x.detach(), 64) if kind != "fp4" else naive.fp4_simulate(x.detach(), 32)
     assert sim.dtype == x.dtype and torch.equal(sim.detach(), ref.float())
     g = torch.randn_like(x)
     sim.backward(g)
