@@ -34,6 +34,35 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     return sorted(times)[1]
 
 
+def graph_time_ms(fns, reps: int = 20) -> float:
+    """Median per-call ms of a CUDA graph that calls each of `fns` once (rotating input sets): GPU time
+    only. do_bench times each Python call, launch cost included, which is comparable to a kernel of
+    0.1 ms; compare implementations of sub-millisecond work this way (all of them, for fairness).
+    Nothing is flushed between the calls of one replay: the L2 keeps what fits of the inputs."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / len(fns))
+    times.sort()
+    return times[len(times) // 2]
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second, GB/s) on nbytes buffers."""
     nbytes = nbytes if DEVICE == "cuda" else 1 << 20

@@ -162,7 +162,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                         graph, out = capture(fn)
                         ms = graph_step_ms(graph)
                     else:
-                        ms, out = time_ms(fn), fn()
+                        (ms, _), out = time_ms(fn, graph=False), fn()
                     add(C, B, name, ms, rel_rms(eager, out))
                 except Exception as e:  # noqa: BLE001
                     add(C, B, name, float("nan"), note=f"FAILED: {_err(e)}")
