@@ -124,6 +124,7 @@ TYPICAL: dict[str, list[dict]] = {
                                                 (64, 32, 32, 2, 5), (32, 64, 32, 2, 5))],
 }
 
+
 @dataclass(frozen=True)
 class Problem:
     """One tuning case. `dims`: the shapes it implies (name -> int/str/float), see each space's docs.
