@@ -24,14 +24,13 @@ import math
 import os
 import sys
 import time
-import traceback
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _kernel_bench_util import DEVICE, environment, fmt, log_log_plot, out_dir, write_csv  # noqa: E402
-from bench_layers import _contexts, _err, _table, time_ms  # noqa: E402
+from _kernel_bench_util import DEVICE, environment, fmt, log_log_plot, write_csv  # noqa: E402
+from bench_layers import _contexts, _err, _table, run_and_write, time_ms  # noqa: E402
 
 COMPILE_RESERVE_S = 120.0   # a compiled variant starts only with this much of the budget left
 GRAPH_REPLAYS = 20          # replays per timed batch of a CUDA graph
@@ -252,17 +251,9 @@ def main(argv=None) -> int:
     if DEVICE != "cuda":
         print("bench_decode_step: needs a CUDA GPU (the CPU test runs run_decode_step on the tiny preset)")
         return 2
-    try:
-        rows = run_decode_step(args.config, _contexts(args.contexts), [int(b) for b in args.batches.split(",")],
-                               not args.no_compile, args.budget)
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
-        return 1
-    out = args.out or out_dir()
-    for p in write_outputs(rows, out):
-        print("wrote", p)
-    print(open(os.path.join(out, "decode_step.md")).read().split("## All rows")[0])
-    return 0
+    batches = [int(b) for b in args.batches.split(",")]
+    return run_and_write(lambda: run_decode_step(args.config, _contexts(args.contexts), batches, not args.no_compile,
+                                                 args.budget), write_outputs, args.out, "decode_step.md")
 
 
 if __name__ == "__main__":

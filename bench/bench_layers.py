@@ -476,15 +476,23 @@ def main(argv=None) -> int:
     if DEVICE != "cuda":
         print("bench_layers: needs a CUDA GPU (the CPU test runs run_layers at tiny shapes)")
         return 2
+    return run_and_write(lambda: run_layers(_contexts(args.contexts), FLASH, not args.no_compile, args.budget),
+                         write_outputs, args.out, "layers.md")
+
+
+def run_and_write(run, write, out: str | None, summary_md: str) -> int:
+    """A bench's main(): rows = run(); write(rows, out) the CSV / PNG / markdown (out defaults to
+    bench/results/<GPU>); print the markdown's summary (up to "## All rows"). 1 with the traceback
+    when the run fails."""
     try:
-        rows = run_layers(_contexts(args.contexts), FLASH, not args.no_compile, args.budget)
+        rows = run()
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         return 1
-    out = args.out or out_dir()
-    for p in write_outputs(rows, out):
+    out = out or out_dir()
+    for p in write(rows, out):
         print("wrote", p)
-    print(open(os.path.join(out, "layers.md")).read().split("## All rows")[0])
+    print(open(os.path.join(out, summary_md)).read().split("## All rows")[0])
     return 0
 
 

@@ -65,3 +65,17 @@ def test_decode_step_rows_and_outputs(tmp_path):
     bench_decode_step.write_outputs(rows, str(tmp_path))
     assert len(_rows(tmp_path / "decode_step.csv")) == len(rows)
     assert "Whole decode step, tiny preset" in (tmp_path / "decode_step.md").read_text()
+
+
+def test_run_and_write_prints_the_summary_and_reports_a_failed_run(tmp_path, capsys):
+    import bench_layers
+
+    def write(rows, out):
+        (Path(out) / "x.md").write_text(f"# summary {len(rows)}\n## All rows\n| detail |\n")
+        return [str(Path(out) / "x.md")]
+
+    assert bench_layers.run_and_write(lambda: [{}, {}], write, str(tmp_path), "x.md") == 0
+    printed = capsys.readouterr().out
+    assert "# summary 2" in printed and "| detail |" not in printed
+    assert bench_layers.run_and_write(lambda: 1 / 0, write, str(tmp_path), "x.md") == 1
+    assert "ZeroDivisionError" in capsys.readouterr().err
