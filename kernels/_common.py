@@ -56,6 +56,11 @@ def _cuda_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def sm_count(device: torch.device | str) -> int:
+    """Streaming multiprocessors of a CUDA device (for persistent or split-K grids)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """Base of the per-kernel config dataclasses (block sizes, warps, stages: all ints or strs).

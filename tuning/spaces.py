@@ -768,9 +768,10 @@ COMPRESS_KV = KernelSpace(
 # ================================================================================================
 
 def _indexer_tiles(cfg, problem) -> tuple[int, int, int, int]:
-    """(BLOCK_S, BLOCK_H, BLOCK_D, KB) as the launcher picks them (block_s only on the 16-bit paths)."""
+    """(BLOCK_S, BLOCK_H, BLOCK_D, C) as the launcher picks them (block_s only on the 16-bit paths;
+    C = buffer_factor x KB candidate slots a query, KB = max(next_pow2(topk), block_n))."""
     return (cfg.block_s if _indexer_mma16(problem) else 1, max(16, _p2(problem.dim("H"))),
-            max(16, _p2(problem.dim("d"))), max(_p2(problem.dim("topk")), cfg.block_n))
+            max(16, _p2(problem.dim("d"))), cfg.buffer_factor * max(_p2(problem.dim("topk")), cfg.block_n))
 
 
 def _indexer_mma16(problem) -> bool:
@@ -782,22 +783,27 @@ def _indexer_mma16(problem) -> bool:
 
 
 def indexer_hard(cfg, problem, gpu) -> str | None:
-    bs, bh, bd, kb = _indexer_tiles(cfg, problem)
+    bs, bh, bd, c = _indexer_tiles(cfg, problem)
     mma16 = _indexer_mma16(problem)
     threads = _threads(cfg.num_warps)
     m = bs * bh                                                # queries x heads: the dot's M
     acc = m * cfg.block_n / threads
     if acc > ACC_PER_THREAD:
         return f"score accumulator [{m}, {cfg.block_n}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
+    sort_regs = 2 * 2 * c * bs / threads                       # compaction: [bs, C] int64 rows and their swap partners
+    if sort_regs > ACC_PER_THREAD:
+        return f"compaction sort [{bs}, {c}] int64 over {cfg.num_warps} warps = {sort_regs:g} registers a thread > {ACC_PER_THREAD}"
     q_regs = m * bd * (0.5 if mma16 else 1.0) / threads        # q stays resident for the whole loop
-    buf_regs = 2 * 2 * kb * bs / threads                       # int64 top-k buffers and their merge operands
-    total = acc + q_regs + buf_regs
+    key_regs = 2 * bs * cfg.block_n / threads                  # the tile's int64 keys, live across a compaction
+    # The candidates live in global memory: the accumulator and the sort are never live together.
+    total = q_regs + max(acc, sort_regs) + key_regs
     if total > 2 * ACC_PER_THREAD:
-        return f"accumulator + resident q tile + top-k buffers = {total:g} registers a thread > {2 * ACC_PER_THREAD}"
+        return (f"resident q tile + max(accumulator, compaction sort) + tile keys = {total:g} registers a thread "
+                f"> {2 * ACC_PER_THREAD}")
     k_elt = 4 if not mma16 and problem.dim("k_dtype") == "float32" else 2
     # Pipelined key tiles [block_n, BLOCK_D] (bf16 on the 16-bit paths: the launcher rounds fp32 keys),
-    # the q tile where the MMA reads it from shared memory, and the merge's layout conversion.
-    need = cfg.num_stages * cfg.block_n * bd * k_elt + (m * bd * 2 if mma16 else 0) + kb * 8 * bs
+    # the q tile where the MMA reads it from shared memory, and the compaction sort's layout conversion.
+    need = cfg.num_stages * cfg.block_n * bd * k_elt + (m * bd * 2 if mma16 else 0) + c * 8 * bs
     return _smem(need, gpu, f"{cfg.num_stages} stages of [{cfg.block_n}, {bd}] key tiles + q [{m}, {bd}]")
 
 
@@ -808,6 +814,10 @@ def indexer_redundant(cfg, problem, gpu) -> str | None:
         return f"block_s {cfg.block_s} is ignored on the exact (fp32) path: one query a program"
     if cfg.block_s > _p2(problem.dim("S")):
         return f"block_s {cfg.block_s} > the {problem.dim('S')} queries"
+    kb = max(_p2(problem.dim("topk")), cfg.block_n)
+    if cfg.buffer_factor > 2 and problem.dim("N") <= 2 * kb:
+        return (f"buffer_factor {cfg.buffer_factor}: the {problem.dim('N')} keys fit in {2 * kb} slots (buffer_factor 2) "
+                f"without a compaction; a larger buffer only makes the final sort longer")
     return None
 
 
@@ -825,13 +835,14 @@ def _indexer_problem(mc, context, batch, phase):
 
 INDEXER_TOPK = KernelSpace(
     name="indexer_topk", package="indexer_topk", config_class="IndexerTopkConfig", function="indexer_topk:indexer_topk",
-    params=(Param("block_s", (1, 2, 4, 8)), Param("block_n", (16, 32, 64, 128, 256)), Param("num_warps", (2, 4, 8, 16)),
-            Param("num_stages", (1, 2, 3, 4))),
+    params=(Param("block_s", (1, 2, 4, 8)), Param("block_n", (16, 32, 64, 128, 256)), Param("buffer_factor", (2, 4)),
+            Param("num_warps", (2, 4, 8, 16)), Param("num_stages", (1, 2, 3, 4))),
     problem=_indexer_problem, hard=(rule_threads, indexer_hard), redundant=(indexer_redundant,),
     doc="Prefill selection of one CSA layer: q [batch, context, index_n_heads, index_head_dim] (model dtype), "
         "weights [batch, context, index_n_heads], keys [batch, context/4, index_head_dim] fp32, positions "
         "0..context-1, top index_topk. Compute-bound: each query scores its visible keys (bf16 MMA of "
-        "block_s queries x heads by block_n keys for bf16 models) and merges them into its top-k.")
+        "block_s queries x heads by block_n keys for bf16 models) and appends those above its running "
+        "threshold to a candidate row of buffer_factor x KB slots, sorted back to top-k when it could overflow.")
 
 
 SPACES: dict[str, KernelSpace] = {s.name: s for s in (

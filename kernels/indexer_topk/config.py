@@ -9,48 +9,65 @@ from .._common import KernelConfig, pick_default
 
 @dataclasses.dataclass(frozen=True)
 class IndexerTopkConfig(KernelConfig):
-    """One program handles `block_s` consecutive query tokens of one batch row (one on the exact path):
-    it loops over their visible keys in tiles of `block_n`, scores a tile with one tl.dot of M =
-    block_s x heads rows (queries x heads flattened) by K = head dim by N = block_n keys, and merges it
-    into each query's running top-k buffer.
+    """A persistent program takes blocks of `block_s` consecutive query tokens of one batch row (one on
+    the exact path), one after the other: for each it loops over the visible keys in tiles of
+    `block_n`, scores a tile with one tl.dot of M = block_s x heads rows (queries x heads flattened) by
+    K = head dim by N = block_n keys, and appends each query's keys that beat its running threshold to
+    its candidate row (C = buffer_factor x KB int64 slots, KB = max(next_pow2(topk), block_n)), which
+    is sorted and cut back to topk when the next tile might not fit (see the kernel's module doc).
 
     block_s:   queries a program on the 16-bit MMA paths (q bf16, or q and keys fp16); the exact path
                (fp32 q, mixed fp16) takes one (its fp32 q tile would not fit in registers). The tile is
                a [block_s * 64, block_n, 128] MMA at the V4 indexer's 64 heads x 128 dims, and each key
-               tile is read once for block_s queries (the key reads from L2 shrink by block_s); the
-               merge work per query does not shrink, and a tile merges when any of the block's
-               queries needs it.
-    block_n:   keys per tile (>= 16, the smallest tl.dot N). Each tile that can enter the top-k costs
-               a sort of its block_n keys and a bitonic merge of KB = max(next_pow2(topk), block_n)
-               int64 keys per query, so larger tiles amortise the merge; the tile's scores are
-               [block_s * heads, block_n] fp32 in registers.
+               tile is read once for block_s queries (the key reads from L2 shrink by block_s); a
+               compaction sorts all block_s rows when any of them could overflow.
+    block_n:   keys per tile (>= 16, the smallest tl.dot N); the tile's scores are [block_s * heads,
+               block_n] fp32 in registers. Each tile costs a threshold compare, a prefix sum and a masked
+               store of block_n keys per query.
+    buffer_factor: C / KB (a power of two >= 2, so C >= topk + block_n). A compaction (one sort of
+               [block_s, C] int64) frees about C - topk slots, so a larger factor means fewer, larger
+               sorts; with scores in random key order the entries above the topk-th best among n keys
+               grow like topk ln n, so a query over n keys compacts about 1 + ln(n / C) topk /
+               (C - topk - block_n) times (~6 at topk 512, C 1024, n 32K; ~2 at C 2048); scores
+               ascending along the keys (every key enters) compact every (C - topk) / block_n tiles.
+               It also sets the pipelined stretch of key tiles between checks, (C - count) / block_n
+               tiles (the kernel's segments): ~3 at C 1024, top-512, block_n 128; ~11 at C 2048.
     num_warps / num_stages: Triton launch parameters.
-    The head count and head dim are not fields: each is one (power-of-two padded) tile.
+    The head count and head dim are not fields: each is one (power-of-two padded) tile. The number of
+    persistent programs is not a field either (kernels/indexer_topk: PROGRAMS_PER_SM a SM).
     Defaults are untuned guesses (no GPU measurement yet): on H100/H200 block_s 2 x 64 heads = a
     128 x 128 x 128 bf16 MMA a key tile (two warpgroups of 64 rows), a 64-register fp32 accumulator a
-    thread at 8 warps, 2 stages of [128, 128] bf16 key tiles (64 KB) plus the resident q tile (32 KB).
+    thread at 8 warps, 2 stages of [128, 128] bf16 key tiles (64 KB) plus the resident q tile (32 KB),
+    buffer_factor 4 (top-512: C 2048, long pipelined segments; V4-Pro's top-1024 gets C 4096, for the
+    tuner to weigh against 2).
     """
 
     block_s: int = 1
     block_n: int = 64
+    buffer_factor: int = 2
     num_warps: int = 8
     num_stages: int = 2
 
-    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_s", "block_n", "num_warps")
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_s", "block_n", "buffer_factor", "num_warps")
 
     def __post_init__(self):
         super().__post_init__()
         if self.block_n < 16:
             raise ValueError(f"IndexerTopkConfig.block_n = {self.block_n}: tl.dot needs >= 16")
+        if self.buffer_factor < 2:
+            raise ValueError(f"IndexerTopkConfig.buffer_factor = {self.buffer_factor}: need >= 2 "
+                             f"(a compacted row of topk plus one tile of block_n keys)")
 
 
 DEFAULT_CONFIGS: dict[str, IndexerTopkConfig] = {
     # The interpreter runs each program as numpy calls: small tiles keep the sorts short; block_s 2
-    # keeps the multi-query tiling under test.
-    "interpreter": IndexerTopkConfig(block_s=2, block_n=16, num_warps=4, num_stages=1),
-    "H100": IndexerTopkConfig(block_s=2, block_n=128, num_warps=8, num_stages=2),
-    "H200": IndexerTopkConfig(block_s=2, block_n=128, num_warps=8, num_stages=2),
-    "generic": IndexerTopkConfig(block_s=1, block_n=64, num_warps=4, num_stages=2),
+    # keeps the multi-query tiling under test, buffer_factor 2 the most compactions.
+    "interpreter": IndexerTopkConfig(block_s=2, block_n=16, buffer_factor=2, num_warps=4, num_stages=1),
+    # buffer_factor 4: at top-512 C = 2048, segments of ~11 pipelined key tiles between compactions
+    # (~3 at C = 1024); compiled offline for sm_90, 200 registers either way (bf16 keys).
+    "H100": IndexerTopkConfig(block_s=2, block_n=128, buffer_factor=4, num_warps=8, num_stages=2),
+    "H200": IndexerTopkConfig(block_s=2, block_n=128, buffer_factor=4, num_warps=8, num_stages=2),
+    "generic": IndexerTopkConfig(block_s=1, block_n=64, buffer_factor=2, num_warps=4, num_stages=2),
 }
 
 

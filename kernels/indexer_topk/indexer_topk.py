@@ -3,28 +3,47 @@ the visible compressed keys with the highest weighted-ReLU scores, best first, t
 index, NaN first, -1 padding.
 
 Structure:
-- one program = `block_s` consecutive query tokens of one batch row (one on the exact path), the
-  last blocks (most visible keys, under the causal rule) first; it reads their positions and scores
-  the keys visible to any of them, n < max_s min(N, (t_s + 1) // ratio), in tiles of `block_n` keys:
-  b_s [M, BN] = q [M, BD] @ keys^T with M = block_s x BLOCK_H (queries x heads flattened: all heads
-  of all the block's queries in one tl.dot, a 128 x 128 x 128 MMA at the V4 shapes with block_s 2),
-  relu, times the head weights, reshaped [block_s, BLOCK_H, BN] and summed over heads -> [block_s,
-  BN] fp32 scores; keys a query cannot see are masked out of its selection. The relu between the dot
-  and the head sum is what prevents folding the weighted sum over heads into the dot.
-  No [S, N] score matrix is written anywhere: the only output is [B, S, topk] int32.
-- running top-k in registers, one row per query: a buffer of KB = max(next_pow2(topk), block_n)
-  int64 keys, sorted descending. Each (score, index) pair is packed into one int64 whose signed order
-  is the selection order: high 32 bits = the fp32 score bits mapped to a monotone int32 (x ^ ((x >>
-  31) & 0x7fffffff); -0.0 made +0.0 first, every NaN made INT32_MAX so NaN sorts first), low 32 bits =
-  2^31 - 1 - index (so among equal scores the lower index is larger: ties go to the lowest index).
-  Empty slots hold INT64_MIN, below every real key.
-- merge (a bitonic merge step): a tile whose best key beats some query's buffer worst is sorted
-  ascending per query (block_n keys) and placed at the end of a KB vector of empty slots; the
-  elementwise max of that ascending vector and the descending buffer holds exactly the KB best keys
-  of both, as a bitonic sequence, which one `tl.bitonic_merge` (log2 KB compare-and-swap rounds) sorts
-  descending (a query whose tile could not enter comes out unchanged). Tiles that no query of the
-  block can use skip the merge.
-- output: the first topk keys unpacked to indices; INT64_MIN slots become -1.
+- persistent programs: grid = min(query blocks, PROGRAMS_PER_SM x SMs) (INTERPRET_PROGRAMS under
+  the interpreter); program pid takes blocks pid, pid + programs, ... of `block_s` consecutive query
+  tokens of one batch row (one on the exact path), the last blocks (most visible keys, under the
+  causal rule) first. For a block it reads the positions and scores the keys visible to any of its
+  queries, n < max_s min(N, (t_s + 1) // ratio), in tiles of `block_n` keys: b_s [M, BN] = q [M, BD] @
+  keys^T with M = block_s x BLOCK_H (queries x heads flattened: all heads of all the block's queries
+  in one tl.dot, a 128 x 128 x 128 MMA at the V4 shapes with block_s 2), relu, times the head weights,
+  reshaped [block_s, BLOCK_H, BN] and summed over heads -> [block_s, BN] fp32 scores; keys a query
+  cannot see are masked out of its selection. The relu between the dot and the head sum is what
+  prevents folding the weighted sum over heads into the dot.
+  No [S, N] score matrix is written anywhere: the output is [B, S, topk] int32, plus a small int64
+  workspace (below).
+- sort keys: each (score, index) pair is packed into one int64 whose signed order is the selection
+  order: high 32 bits = the fp32 score bits mapped to a monotone int32 (x ^ ((x >> 31) & 0x7fffffff);
+  -0.0 made +0.0 first, every NaN made INT32_MAX so NaN sorts first), low 32 bits = 2^31 - 1 - index
+  (so among equal scores the lower index is larger: ties go to the lowest index). Keys are unique;
+  EMPTY = INT64_MIN (invalid keys, empty slots) is below every real key.
+- running top-k as threshold-filtered candidates: each query has a workspace row of C =
+  buffer_factor x KB int64 slots in global memory (KB = max(next_pow2(topk), block_n), so C >= topk
+  + block_n), a count `cnt` of filled slots (unordered) and a threshold `thr` = its topk-th best key
+  at the last compaction (EMPTY before it, or while it had fewer): a key <= thr can never make the
+  top-k. A tile's keys > thr are appended (slots cnt + exclusive prefix sum of the selection, a masked
+  store; skipped when no query of the block has one).
+- segments: the key loop is a while loop over segments of (C - max cnt) // block_n tiles, the most
+  that fit whatever enters (<= block_n keys a row a tile), each an inner for loop with no check and
+  no barrier, so Triton can software-pipeline its key loads (a barrier inside the loop stops its
+  pipeliner: checked by compiling for sm_90 offline with Triton 3.9). Before a segment, if a row could
+  not take one more tile (max cnt > C - block_n), the block compacts: each row is loaded [block_s, C],
+  sorted descending, its first min(cnt, topk) stored back, cnt = min(cnt, topk), thr = the topk-th
+  key (EMPTY if fewer); the next segment then has >= (C - topk) // block_n tiles.
+  A program's workspace rows [pid * block_s, (pid + 1) * block_s) are reused for each of its blocks
+  (cnt and thr reset): programs x block_s x C x 8 bytes in all (~17 MB at 132 SMs x 4, block_s 2, C
+  2048), small enough to stay in L2.
+- memory ordering: the appends of one thread are read back by others (the compaction and the final
+  sort load whole rows), so tl.debug_barrier() (bar.sync: the block's prior global writes become
+  visible to the block) precedes every workspace load, and another separates each load from the
+  next stores to the same rows (the compaction's write-back, the next block's appends). The
+  compaction writes only slots < the new cnt and the appends only slots >= cnt, so those two never
+  race. The branch conditions are block-wide reductions, so every thread reaches every barrier.
+- output: after a block's last tile, its rows are loaded, sorted descending and the first topk keys
+  unpacked to indices; EMPTY slots become -1.
 
 Paths (chosen by the launcher from the dtypes; `_plan`):
 - bf16 (q bf16, keys bf16) and fp16 (q and keys fp16): 16-bit tensor-core MMA, fp32 accumulation,
@@ -59,14 +78,28 @@ partial sum is exact (the tests' dyadic inputs: small multiples of 1/4) the sele
 plain op's, ties included; otherwise the picks agree up to keys whose scores are within a few fp32
 ulps of the k-th best (tests/kernels/test_indexer_topk.py checks both).
 Cost: 2 H d FLOPs per (query, visible key), on tensor cores on the 16-bit paths; each key tile is
-read once for block_s queries (L2-resident for neighbouring programs); per merged tile and query one
-sort of block_n keys and one bitonic merge of KB.
-Expected speed (UNMEASURED, an estimate to check with `python -m dsv4_compile bench --gpu H100 --ops
-layers --context 8k,32k`): the previous kernel (fp32 IEEE dots, one query a program) took 12.7 ms at
-S = 8K and 190.7 ms at 32K on an H100 (V4-Flash: 64 heads x 128, top-512, B = 1). The causal score work
-at 32K is ~2.2 TFLOP (~4 ms at 550 TFLOP/s bf16), and the per-tile sort + merge on CUDA cores is
-estimated at a few ms more, so roughly 8-15 ms at 32K and ~1-2 ms at 8K: about 10-20x faster, if the
-MMA and the merges do not serialise worse than estimated.
+read once for block_s queries (L2-resident for neighbouring programs). Selection per tile and query:
+one compare, a block_n prefix sum and a masked store of the entering keys; per compaction one sort of
+[block_s, C] int64. How many keys enter depends on the score order: in random order the keys that
+beat the running topk-th best among n keys number about topk (1 + ln(n / topk)); a compaction leaves
+topk and the next comes after about C - topk - block_n more entries, i.e. once n has grown
+e^((C - topk - block_n) / topk)-fold, so a query over n keys compacts about 1 + ln(n / C) topk /
+(C - topk - block_n) times (V4-Flash at S = 128K, topk 512, block_n 128: n up to 32K keys, ~6 sorts
+of [2, 1024] at C 1024, ~2 of [2, 2048] at C 2048, plus the final one) instead of the former sort +
+512-slot bitonic merge per entering tile (~256 tiles of 128 at 32K keys, nearly all entering).
+Adversarial order (scores ascending along the key axis) lets every key enter: a compaction every
+(C - topk) / block_n tiles, about the former design's cost. Each segment restarts the key pipeline
+(its first load is not overlapped): segments are ~(C - topk) / block_n tiles long at long context.
+Measured before this design (H100, V4-Flash 64 heads x 128, top-512, keys S/4, B = 1): 1467 ms at S =
+128K (~24 TFLOP/s), the per-tile sort + merge dominating (the MMAs alone would take ~50-70 ms).
+This design is UNMEASURED on a GPU (only the interpreter has run it; an offline sm_90 compile with the
+local Triton 3.9 gives pipelined key loads and, at block_s 2 x block_n 128 x 8 warps, ~200 registers
+with bf16 keys, 255 plus a 96-byte spill on the bf16_fix path). Estimate, to check with
+`python -m dsv4_compile bench --gpu H100 --ops layers --context 32k,128k`: at 128K, 64K blocks x ~3
+sorts of [2, 2048] int64, ~1500 sorts a SM; at ~10-20k cycles a sort that is ~10-20 ms of CUDA-core
+work, so roughly 70-100 ms in all, near the MMA time, if the segment restarts, branches and
+global-memory appends cost the MMA pipeline no more than estimated. PROGRAMS_PER_SM and
+buffer_factor are untuned.
 """
 from __future__ import annotations
 
@@ -74,10 +107,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
+from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config, sm_count
 from .config import IndexerTopkConfig, default_config
 
-MAX_TOPK = 4096       # the buffer and its merge sort live in registers
+MAX_TOPK = 4096       # the [block_s, C] compaction sort lives in registers
+PROGRAMS_PER_SM = 4   # persistent programs a CUDA SM (untuned; ~1-2 resident at the V4 tiles, the rest queue)
+INTERPRET_PROGRAMS = 4
 MAX_HEADS = 128
 MAX_HEAD_DIM = 256
 
@@ -98,86 +133,120 @@ def _pack_keys(b_score, o_n, valid):
 
 
 @triton.jit
-def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_out, S, H, N, D, ratio, topk, N_SB,
+def _compact(p_row, cnt, topk, C: tl.constexpr):
+    # p_row [BS] pointers to the program's workspace rows, cnt [BS] int32 filled slots each.
+    # Keeps each row's topk best keys (sorted descending) in its first slots; returns (cnt, thr) with
+    # thr [BS] = the row's topk-th best key (EMPTY while it holds fewer).
+    EMPTY: tl.constexpr = -9223372036854775808
+    o_c = tl.arange(0, C)
+    p_rows = p_row[:, None] + o_c[None, :]                                  # [BS, C]
+    tl.debug_barrier()                                                      # every thread's appends are visible
+    buf = tl.load(p_rows, mask=o_c[None, :] < cnt[:, None], other=EMPTY)    # [BS, C]
+    buf = tl.sort(buf, descending=True)
+    cnt = tl.minimum(cnt, topk)
+    tl.debug_barrier()                                                      # every thread has read before any store
+    tl.store(p_rows, buf, mask=o_c[None, :] < cnt[:, None])                 # slots < cnt; appends go to >= cnt
+    thr = tl.max(tl.where(o_c[None, :] == topk - 1, buf, EMPTY), axis=1)    # [BS]
+    return cnt, thr
+
+
+@triton.jit
+def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N, D, ratio, topk, N_SB, n_blocks,
                          UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KB: tl.constexpr):
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr):
     # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, or their bf16 rounding
     # when FIX); p_kf [B, N, D] the keys as given and p_fix an int32 flag (only read when FIX);
-    # p_pos [B, S] int64; p_out [B, S, topk] int32.
+    # p_pos [B, S] int64; p_ws [programs * BLOCK_S, C] int64 candidate workspace (program pid owns rows
+    # pid * BLOCK_S ..); p_out [B, S, topk] int32.
     # UPCAST: fp32 copies of q and keys and IEEE dots (fp32 inputs, mixed dtypes, the interpreter,
     # whose bf16 tl.dot is wrong). IEEE: fp32 q (the exact path). FIX: q bf16 with keys given in
     # another dtype; p_fix != 0 when some key is not exact in bf16: then each tile adds the dots of the
     # two bf16 residual terms (keys = hi + mid + lo exactly), see the module doc.
-    # axis 0 = (batch row, block of BLOCK_S consecutive queries), the last (longest) blocks first.
+    # Persistent: program pid takes blocks pid, pid + programs, ... of the n_blocks = B * N_SB (batch
+    # row, block of BLOCK_S consecutive queries), the last (longest) blocks first.
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // N_SB
-    s0 = (N_SB - 1 - pid % N_SB) * BLOCK_S
+    n_prog = tl.num_programs(0)
     M: tl.constexpr = BLOCK_S * BLOCK_H
+    EMPTY: tl.constexpr = -9223372036854775808
     o_m = tl.arange(0, M)                                                   # row = query (s0 + m // BH) x head (m % BH)
     o_hm = o_m % BLOCK_H
-    o_sm = s0 + o_m // BLOCK_H
-    m_m = (o_hm < H) & (o_sm < S)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    t_m = b * S + o_sm                                                      # [M] token b * S + s
-    b_q = tl.load(p_q + (t_m[:, None] * H + o_hm[:, None]) * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-    if UPCAST:
-        b_q = b_q.to(tl.float32)
-    b_w = tl.load(p_w + t_m * H + o_hm, mask=m_m, other=0.0).to(tl.float32)  # [M]
-    o_s = s0 + tl.arange(0, BLOCK_S)                                        # [BS] queries
-    m_s = o_s < S
-    t = tl.load(p_pos + b * S + o_s, mask=m_s, other=-1)
-    n_vis = tl.where(t + 1 > 0, (t + 1) // ratio, 0)
-    n_vis = tl.minimum(n_vis, N).to(tl.int32)                               # [BS]
-    n_max = tl.max(n_vis, axis=0)
+    o_c = tl.arange(0, C)
+    p_row = p_ws + (pid * BLOCK_S + tl.arange(0, BLOCK_S)) * C              # [BS] workspace rows
     if FIX:
         fix = tl.load(p_fix) != 0
-
-    EMPTY: tl.constexpr = -9223372036854775808
-    R: tl.constexpr = KB // BLOCK_N
-    buf = tl.full([BLOCK_S, KB], EMPTY, tl.int64)                           # per query, descending
-    o_r = tl.arange(0, R)
-    for n0 in range(0, n_max, BLOCK_N):
-        o_n = n0 + tl.arange(0, BLOCK_N)                                    # [BN] int32
-        m_kd = (o_n < n_max)[:, None] & m_d[None, :]
-        p_kt = (b * N + o_n[:, None]) * D + o_d[None, :]
-        b_k = tl.load(p_k + p_kt, mask=m_kd, other=0.0)                     # [BN, BD]
+    for blk in range(pid, n_blocks, n_prog):
+        b = blk // N_SB
+        s0 = (N_SB - 1 - blk % N_SB) * BLOCK_S
+        o_sm = s0 + o_m // BLOCK_H
+        m_m = (o_hm < H) & (o_sm < S)
+        t_m = b * S + o_sm                                                  # [M] token b * S + s
+        b_q = tl.load(p_q + (t_m[:, None] * H + o_hm[:, None]) * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
+                      other=0.0)
         if UPCAST:
-            b_s = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-        else:
-            b_s = tl.dot(b_q, tl.trans(b_k))                                 # [M, BN] fp32 (bf16/fp16 MMA)
-        if FIX:
-            if fix:
-                # keys = hi + mid + lo exactly (hi = b_k; Inf/NaN-free residuals; see the module doc)
-                b_kf = tl.load(p_kf + p_kt, mask=m_kd, other=0.0).to(tl.float32)
-                b_hi = b_k.to(tl.float32)
-                r1 = tl.where(b_hi == b_kf, 0.0, b_kf - b_hi)
-                b_mid = r1.to(tl.bfloat16)
-                b_lo = (r1 - b_mid.to(tl.float32)).to(tl.bfloat16)
+            b_q = b_q.to(tl.float32)
+        b_w = tl.load(p_w + t_m * H + o_hm, mask=m_m, other=0.0).to(tl.float32)  # [M]
+        o_s = s0 + tl.arange(0, BLOCK_S)                                    # [BS] queries
+        m_s = o_s < S
+        t = tl.load(p_pos + b * S + o_s, mask=m_s, other=-1)
+        n_vis = tl.where(t + 1 > 0, (t + 1) // ratio, 0)
+        n_vis = tl.minimum(n_vis, N).to(tl.int32)                           # [BS]
+        n_max = tl.max(n_vis, axis=0)
+        # per query: cnt candidates in its workspace row (unordered), thr <= its current topk-th best
+        cnt = tl.zeros([BLOCK_S], tl.int32)
+        thr = tl.full([BLOCK_S], EMPTY, tl.int64)
+        n0 = n_max * 0
+        while n0 < n_max:
+            if tl.max(cnt, axis=0) > C - BLOCK_N:
+                # the next tile might overflow some row: keep each row's topk best (C - topk >= BLOCK_N)
+                cnt, thr = _compact(p_row, cnt, topk, C)
+            # a segment of tiles that fit whatever enters (<= BLOCK_N keys a row each): no check and no
+            # barrier inside, so the key loads of this loop can be software-pipelined
+            n1 = tl.minimum(n_max, n0 + (C - tl.max(cnt, axis=0)) // BLOCK_N * BLOCK_N)
+            for n in range(n0, n1, BLOCK_N):
+                o_n = n + tl.arange(0, BLOCK_N)                                # [BN] int32
+                m_kd = (o_n < n_max)[:, None] & m_d[None, :]
+                p_kt = (b * N + o_n[:, None]) * D + o_d[None, :]
+                b_k = tl.load(p_k + p_kt, mask=m_kd, other=0.0)                 # [BN, BD]
                 if UPCAST:
-                    b_s += tl.dot(b_q, tl.trans(b_mid.to(tl.float32)), input_precision="ieee")
-                    b_s += tl.dot(b_q, tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
+                    b_s = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")
+                elif IEEE:
+                    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
                 else:
-                    b_s = tl.dot(b_q, tl.trans(b_mid), b_s)
-                    b_s = tl.dot(b_q, tl.trans(b_lo), b_s)
-        b_s = tl.where(b_s < 0, 0.0, b_s)                                    # relu, NaN kept
-        b_s = b_s * b_w[:, None]
-        score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
-        valid = o_n[None, :] < n_vis[:, None]
-        key = _pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
-        enters = tl.max(key, axis=1) > tl.min(buf, axis=1)                 # [BS]
-        if tl.max(enters.to(tl.int32), axis=0) > 0:
-            # each tile row ascending, at the end of a KB vector of EMPTY: max with the descending
-            # buffer row keeps the KB best of both as a bitonic sequence, which one bitonic merge
-            # sorts (rows whose tile cannot enter come out unchanged)
-            srt = tl.sort(key, descending=False)                             # [BS, BN]
-            pad = tl.reshape(tl.where(o_r[None, :, None] == R - 1, srt[:, None, :], EMPTY), [BLOCK_S, KB])
-            buf = tl.bitonic_merge(tl.maximum(buf, pad), descending=True)
-    o_k = tl.arange(0, KB)
-    idx = tl.where(buf == EMPTY, -1, 2147483647 - (buf & 0xFFFFFFFF)).to(tl.int32)
-    tl.store(p_out + (b * S + o_s[:, None]) * topk + o_k[None, :], idx, mask=m_s[:, None] & (o_k[None, :] < topk))
+                    b_s = tl.dot(b_q, tl.trans(b_k))                             # [M, BN] fp32 (bf16/fp16 MMA)
+                if FIX:
+                    if fix:
+                        # keys = hi + mid + lo exactly (hi = b_k; Inf/NaN-free residuals; see the module doc)
+                        b_kf = tl.load(p_kf + p_kt, mask=m_kd, other=0.0).to(tl.float32)
+                        b_hi = b_k.to(tl.float32)
+                        r1 = tl.where(b_hi == b_kf, 0.0, b_kf - b_hi)
+                        b_mid = r1.to(tl.bfloat16)
+                        b_lo = (r1 - b_mid.to(tl.float32)).to(tl.bfloat16)
+                        if UPCAST:
+                            b_s += tl.dot(b_q, tl.trans(b_mid.to(tl.float32)), input_precision="ieee")
+                            b_s += tl.dot(b_q, tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
+                        else:
+                            b_s = tl.dot(b_q, tl.trans(b_mid), b_s)
+                            b_s = tl.dot(b_q, tl.trans(b_lo), b_s)
+                b_s = tl.where(b_s < 0, 0.0, b_s)                                # relu, NaN kept
+                b_s = b_s * b_w[:, None]
+                score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
+                valid = o_n[None, :] < n_vis[:, None]
+                key = _pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
+                sel = key > thr[:, None]                                       # [BS, BN]; EMPTY never
+                n_sel = tl.sum(sel.to(tl.int32), axis=1)                       # [BS]
+                if tl.max(n_sel, axis=0) > 0:
+                    slot = cnt[:, None] + tl.cumsum(sel.to(tl.int32), axis=1) - 1  # [BS, BN]
+                    tl.store(p_row[:, None] + slot, key, mask=sel)
+                    cnt += n_sel
+            n0 = n1
+        tl.debug_barrier()                                                  # every thread's appends are visible
+        buf = tl.load(p_row[:, None] + o_c[None, :], mask=o_c[None, :] < cnt[:, None], other=EMPTY)  # [BS, C]
+        buf = tl.sort(buf, descending=True)
+        tl.debug_barrier()                                                  # read before the next block's appends
+        idx = tl.where(buf == EMPTY, -1, 2147483647 - (buf & 0xFFFFFFFF)).to(tl.int32)
+        tl.store(p_out + (b * S + o_s[:, None]) * topk + o_c[None, :], idx, mask=m_s[:, None] & (o_c[None, :] < topk))
 
 
 # ================================================================================================
@@ -194,6 +263,20 @@ def _plan(q_dtype: torch.dtype, k_dtype: torch.dtype) -> str:
     if q_dtype == torch.float16 and k_dtype == torch.float16:
         return "fp16"
     return "exact"
+
+
+def workspace_width(topk: int, cfg: IndexerTopkConfig) -> int:
+    """C, the candidate slots a query: buffer_factor x KB, KB = max(next_pow2(topk), block_n), so
+    C >= topk + block_n (a compacted row of topk plus one whole tile always fits)."""
+    return cfg.buffer_factor * max(triton.next_power_of_2(topk), cfg.block_n)
+
+
+def persistent_programs(device: torch.device) -> int:
+    """The persistent grid's size (capped at the number of query blocks): PROGRAMS_PER_SM a CUDA SM,
+    INTERPRET_PROGRAMS under the interpreter."""
+    if INTERPRET or device.type != "cuda":
+        return INTERPRET_PROGRAMS
+    return PROGRAMS_PER_SM * sm_count(device)
 
 
 def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int, cfg: IndexerTopkConfig) -> None:
@@ -216,11 +299,17 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     block_s = cfg.block_s if fast else 1
     BLOCK_H = max(16, triton.next_power_of_2(H))
     n_sb = triton.cdiv(S, block_s)
-    KB = max(triton.next_power_of_2(topk), cfg.block_n)
-    launch(_indexer_topk_kernel, (B * n_sb,), q, weights, k_op, k_full, flag, positions, out, S, H, N, D, ratio, topk,
-           n_sb, UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype), IEEE=q.dtype == torch.float32, FIX=fix,
-           BLOCK_S=block_s, BLOCK_H=BLOCK_H, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n,
-           KB=KB, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    n_blocks = B * n_sb
+    C = workspace_width(topk, cfg)
+    programs = persistent_programs(q.device)
+    # [programs * block_s, C] int64 candidate rows (each program reuses its rows for all its blocks);
+    # sized by the fixed program count, so no shape depends on the inputs beyond block_s and C.
+    ws = torch.empty((programs * block_s, C), dtype=torch.int64, device=q.device)
+    launch(_indexer_topk_kernel, (torch.sym_min(n_blocks, programs),), q, weights, k_op, k_full, flag, positions, ws,
+           out, S, H, N, D, ratio, topk, n_sb, n_blocks, UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype),
+           IEEE=q.dtype == torch.float32, FIX=fix, BLOCK_S=block_s, BLOCK_H=BLOCK_H,
+           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n, C=C, num_warps=cfg.num_warps,
+           num_stages=cfg.num_stages)
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,

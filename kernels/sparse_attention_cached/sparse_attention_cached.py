@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from .._common import check, check_tensor, device_name, kernel_op, resolve_config, INTERPRET
+from .._common import check, check_tensor, device_name, kernel_op, resolve_config, sm_count, INTERPRET
 from ..sparse_attention.config import SparseAttentionConfig, decode_default_config
 from ..sparse_attention.sparse_attention import block_sizes, check_common, launch_sparse_attention
 
@@ -30,10 +30,6 @@ def entry_layout(head_dim: int, rope_dim: int) -> tuple[int, int]:
     """(nope dims, entry bytes) of a main cache entry (same formula as model/kv_layout.py)."""
     nope = head_dim - rope_dim
     return nope, (nope + 2 * rope_dim + nope // FP8_BLOCK + 7) // 8 * 8
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def auto_splits(n_programs: int, K: int, block_k: int, n_sm: int) -> int:
@@ -78,7 +74,7 @@ def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: tor
           f"head_dim {D}, rope_dim {rope_dim}")
     cfg = resolve_config(SparseAttentionConfig, config, decode_default_config, q.device)
     if (config is None or config == "") and not INTERPRET and q.device.type == "cuda":
-        cfg = auto_config(B, S, H, topk_idxs.shape[-1], cfg, _sm_count(q.device))
+        cfg = auto_config(B, S, H, topk_idxs.shape[-1], cfg, sm_count(q.device))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     launch_sparse_attention(q, cache, attn_sink, topk_idxs, out, softmax_scale, cfg, N=cache.shape[1],
                             kv_fp8=True, nope=nope, entry_bytes=entry)

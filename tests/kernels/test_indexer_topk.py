@@ -18,6 +18,7 @@ exact on that path; only the summation order differs from the plain op, so on th
 selection is exact, and on Gaussian inputs a near-tie at the top-k boundary may go either way: those
 compare by the score gap (test_bf16_path_gaussian_recall_and_score_gap).
 """
+import importlib
 import math
 import os
 
@@ -35,6 +36,9 @@ import triton.language as tl  # noqa: E402
 
 from dsv4_compile.kernels.indexer_topk import IndexerTopkConfig, indexer_topk, naive  # noqa: E402
 from dsv4_compile.kernels.indexer_topk.indexer_topk import _pack_keys  # noqa: E402
+
+KERNEL_MODULE = importlib.import_module("dsv4_compile.kernels.indexer_topk.indexer_topk")  # the package's
+# `indexer_topk` attribute is the function
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 dsv4 = torch.ops.dsv4
@@ -285,6 +289,82 @@ def test_large_topk_1024():
     assert (out[0, 0, 301:] == -1).all() and (out[0, 0, :301] >= 0).all() and (out[0, 1] >= 0).all()
 
 
+# ---- the candidate buffer: threshold-filtered appends, compactions, persistent programs -----------
+
+def ordered_inputs(order, B=2, S=5, N=160, ratio=4, seed=20, topk=5):
+    """q picks channel 0 of the keys (score = H x relu(keys[n, 0]) x w > 0, exact in fp32) whose values
+    follow `order` along the key axis: ascending (every key beats the running top-k, so every tile
+    appends all its keys and the row compacts every few tiles), descending (only the first tiles
+    enter), random, ties (7 distinct values repeating: ties to the lowest index across compactions),
+    late_kth (ascending over 8 tiles of 16, then 2 tiles of keys tied between the topk-th and the
+    (topk-1)-th best so far: a compaction runs just before them and they must beat its threshold,
+    the topk-th best exactly; the first of them takes the last slot), nan (random with 40 NaN scores
+    scattered: NaN first, then the lowest indices among them).
+    Positions of row 0 (ratio 4): none visible, 3 keys (fewer than topk), 37, all, all; row 1 random."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.arange(N, dtype=torch.float32)
+    if order == "ascending":
+        v = n / 4
+    elif order == "descending":
+        v = (N - n) / 4
+    elif order == "ties":
+        v = (n % 7) / 4
+    elif order == "late_kth":
+        v = torch.where(n < 128, n, 128 - topk + 0.5) / 4
+    else:
+        v = torch.randperm(N, generator=g).float() / 4
+        if order == "nan":
+            v[torch.randperm(N, generator=g)[:40]] = math.nan
+    keys = dyadic((B, N, 4), g)                                     # channels 1.. carry noise q ignores
+    keys[:, :, 0] = v
+    q = torch.zeros(B, S, 2, 4)
+    q[..., 0] = 1.0
+    w = torch.randint(1, 5, (B, S, 2), generator=g).float() / 4     # per query, positive: the same order
+    pos = torch.tensor([[0, 13, 150, N * ratio - 1, 10 ** 6]] * B)[:, :S].clone()
+    pos[1:] = torch.randint(0, (N + 20) * ratio, (B - 1, S), generator=g)
+    return [t.to(DEVICE) for t in (q, w, keys, pos)]
+
+
+@pytest.mark.parametrize("order,topk", [("ascending", 24), ("descending", 24), ("random", 5),
+                                        ("random", 24), ("ties", 24), ("late_kth", 5), ("late_kth", 24),
+                                        ("nan", 5), ("nan", 24)])
+def test_candidate_buffer_compactions_exact(order, topk, monkeypatch):
+    """block_n 16, buffer_factor 2: C = 32 (topk 5) or 64 (topk 24) slots a query, so ascending scores
+    compact before every tile (topk 5) or every second (topk 24), random ones a few times. bf16 q (block_s 2,
+    S = 5: a partial last block) over fp32 keys that are not bf16-exact (the residual dots); 2 x 3 =
+    6 query blocks over 4 persistent programs (two reuse their workspace rows for a second block)."""
+    monkeypatch.setattr(KERNEL_MODULE, "INTERPRET_PROGRAMS", 4)
+    q, w, keys, pos = ordered_inputs(order, topk=topk)
+    q, w = q.bfloat16(), w.bfloat16()
+    ratio = 4
+    ref = naive.indexer_topk(q, w, keys, pos, ratio, topk).cpu()
+    assert (ref[0, 0] == -1).all() and (ref[0, 1, 3:] == -1).all() and (ref[0, 2:] >= 0).all()
+    out = indexer_topk(q, w, keys, pos, ratio, topk, "block_s=2,block_n=16,buffer_factor=2")
+    assert torch.equal(out.cpu(), ref)
+    assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, ratio, topk))
+    if order == "ascending":                                       # the last keys, best first
+        assert out[0, -1].tolist() == list(range(159, 159 - topk, -1))
+    if order == "late_kth":
+        assert out[0, -1].tolist() == list(range(127, 128 - topk, -1)) + [128]
+
+
+@pytest.mark.parametrize("order,config,programs", [
+    pytest.param("ascending", "block_n=16,buffer_factor=2", 1, id="exact-ascending-1prog"),
+    pytest.param("nan", "block_n=32,buffer_factor=4", 3, id="exact-nan-bn32-f4"),
+    pytest.param("ties", "block_s=4,block_n=16,buffer_factor=4", 2, id="bf16-ties-bs4-f4"),
+    pytest.param("random", "block_s=4,block_n=32,buffer_factor=2", 1, id="bf16-random-bs4-bn32"),
+])
+def test_candidate_buffer_paths_and_programs(order, config, programs, monkeypatch):
+    """The exact path (fp32 q: one query a program, 5 blocks) and block_s 4 (2 blocks, the second
+    partial), buffer_factor 4, one to three persistent programs, topk 13 (not a power of two)."""
+    monkeypatch.setattr(KERNEL_MODULE, "INTERPRET_PROGRAMS", programs)
+    q, w, keys, pos = ordered_inputs(order, B=1, seed=21)
+    if config.startswith("block_s"):
+        q, w = q.bfloat16(), w.bfloat16()
+    out = indexer_topk(q, w, keys, pos, 4, 13, config)
+    assert torch.equal(out.cpu(), naive.indexer_topk(q, w, keys, pos, 4, 13).cpu())
+
+
 def test_empty_inputs():
     q, w, keys, pos = make_inputs(1, 3, 2, 8, 5, 4, 4)
     out = indexer_topk(q, w, keys[:, :0].contiguous(), pos, 4, 4)
@@ -301,6 +381,11 @@ def test_config_api_and_input_checks():
         IndexerTopkConfig(block_n=8)
     with pytest.raises(ValueError, match="power of two"):
         IndexerTopkConfig(block_n=48)
+    with pytest.raises(ValueError, match="buffer_factor = 1: need >= 2"):
+        IndexerTopkConfig(buffer_factor=1)
+    with pytest.raises(ValueError, match="power of two"):
+        IndexerTopkConfig(buffer_factor=3)
+    assert IndexerTopkConfig.from_str("block_n=32").buffer_factor == 2     # tables without the field load
     q, w, keys, pos = make_inputs(1, 3, 2, 8, 5, 4, 4)
     with pytest.raises(ValueError, match="positions is torch.int32"):
         indexer_topk(q, w, keys, pos.int(), 4, 4)

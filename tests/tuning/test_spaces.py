@@ -174,10 +174,18 @@ def test_indexer_topk_problem_and_rules():
     assert base["block_s"] == 2                               # bf16 q: 2 queries x 64 heads = M 128
     kind, reason = space.check(space.make_config({**base, "block_n": 256, "num_warps": 2}, "H100"), p, h100)
     assert kind == "hard" and "score accumulator [128, 256]" in reason
-    # block_s 4 x 64 heads x block_n 64 over 8 warps: 64 fp32 a thread + 64 for q + 32 for the buffers.
-    assert space.check(space.make_config({**base, "block_s": 4, "block_n": 64, "num_warps": 8}, "H100"), p, h100) is None
+    # block_s 4 x 64 heads x block_n 64 over 8 warps, buffer_factor 2: 64 for q + max(64 fp32
+    # accumulator, 64 for the [4, 1024] int64 compaction sort) + 2 for the tile's keys.
+    cfg = space.make_config({**base, "block_s": 4, "block_n": 64, "num_warps": 8, "buffer_factor": 2}, "H100")
+    assert space.check(cfg, p, h100) is None
+    # buffer_factor 4 (the H100 default): a [4, 2048] sort, 128 registers a thread: at the limit, still fits.
+    assert base["buffer_factor"] == 4
+    assert space.check(space.make_config({**base, "block_s": 4, "block_n": 64, "buffer_factor": 4}, "H100"), p, h100) is None
+    kind, reason = space.check(space.make_config({**base, "block_s": 4, "block_n": 64, "buffer_factor": 8}, "H100"), p, h100)
+    assert kind == "hard" and "compaction sort [4, 4096]" in reason
     # block_s 8: the resident bf16 q tile [512, 128] alone is 128 registers a thread.
-    kind, reason = space.check(space.make_config({**base, "block_s": 8, "block_n": 64, "num_warps": 8}, "H100"), p, h100)
+    cfg = space.make_config({**base, "block_s": 8, "block_n": 64, "num_warps": 8, "buffer_factor": 2}, "H100")
+    kind, reason = space.check(cfg, p, h100)
     assert kind == "hard" and "resident q tile" in reason
     # 4 stages of [256, 128] bf16 key tiles (the launcher rounds the fp32 keys) = 256 KB.
     kind, reason = space.check(space.make_config({**base, "block_n": 256, "num_warps": 16, "num_stages": 4}, "H100"),
@@ -186,6 +194,10 @@ def test_indexer_topk_problem_and_rules():
     tiny = space.make_problem(FLASH, 64)                      # 16 keys
     kind, reason = space.check(space.make_config({**base, "block_n": 64}, "H100"), tiny, h100)
     assert kind == "redundant" and "16 keys" in reason
+    # 1024 keys fit in buffer_factor 2's 1024 slots: no compaction, so 4 only lengthens the final sort.
+    kind, reason = space.check(space.make_config({**base, "buffer_factor": 4}, "H100"), space.make_problem(FLASH, 4096), h100)
+    assert kind == "redundant" and "without a compaction" in reason
+    assert space.check(space.make_config({**base, "buffer_factor": 4}, "H100"), p, h100) is None
     # fp32 models take the exact path: one query a program, fp32 key tiles.
     p32 = space.make_problem(dataclasses.replace(FLASH, dtype="float32"), 32768)
     kind, reason = space.check(space.make_config({**base, "block_s": 4}, "H100"), p32, h100)
