@@ -836,7 +836,7 @@ def _indexer_problem(mc, context, batch, phase):
 INDEXER_TOPK = KernelSpace(
     name="indexer_topk", package="indexer_topk", config_class="IndexerTopkConfig", function="indexer_topk:indexer_topk",
     params=(Param("block_s", (1, 2, 4, 8)), Param("block_n", (16, 32, 64, 128, 256)), Param("buffer_factor", (2, 4)),
-            Param("num_warps", (2, 4, 8, 16)), Param("num_stages", (1, 2, 3, 4))),
+            Param("score_rows", ("keys", "heads")), Param("num_warps", (2, 4, 8, 16)), Param("num_stages", (1, 2, 3, 4))),
     problem=_indexer_problem, hard=(rule_threads, indexer_hard), redundant=(indexer_redundant,),
     doc="Prefill selection of one CSA layer: q [batch, context, index_n_heads, index_head_dim] (model dtype), "
         "weights [batch, context, index_n_heads], keys [batch, context/4, index_head_dim] fp32, positions "

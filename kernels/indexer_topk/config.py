@@ -32,6 +32,11 @@ class IndexerTopkConfig(KernelConfig):
                ascending along the keys (every key enters) compact every (C - topk) / block_n tiles.
                It also sets the pipelined stretch of key tiles between checks, (C - count) / block_n
                tiles (the kernel's segments): ~3 at C 1024, top-512, block_n 128; ~11 at C 2048.
+    score_rows: which side of the score MMA the keys are. "keys": scores^T [block_n, M] = keys @ q^T,
+               so the weighted sum over heads runs along each thread's own columns (a few shuffles); "heads":
+               scores [M, block_n] = q @ keys^T, whose head sum crosses the warps that hold the M rows
+               (a shared-memory reduction a tile). Both give the same products; only the summation order
+               of the fp32 head sum can differ.
     num_warps / num_stages: Triton launch parameters.
     The head count and head dim are not fields: each is one (power-of-two padded) tile. The number of
     persistent programs is not a field either (kernels/indexer_topk: PROGRAMS_PER_SM a SM).
@@ -45,10 +50,12 @@ class IndexerTopkConfig(KernelConfig):
     block_s: int = 1
     block_n: int = 64
     buffer_factor: int = 2
+    score_rows: str = "keys"
     num_warps: int = 8
     num_stages: int = 2
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_s", "block_n", "buffer_factor", "num_warps")
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"score_rows": ("keys", "heads")}
 
     def __post_init__(self):
         super().__post_init__()

@@ -12,7 +12,11 @@ Structure:
   in one tl.dot, a 128 x 128 x 128 MMA at the V4 shapes with block_s 2), relu, times the head weights,
   reshaped [block_s, BLOCK_H, BN] and summed over heads -> [block_s, BN] fp32 scores; keys a query
   cannot see are masked out of its selection. The relu between the dot and the head sum is what
-  prevents folding the weighted sum over heads into the dot.
+  prevents folding the weighted sum over heads into the dot. With config score_rows="keys" (the
+  default) the same dot is issued transposed, keys [BN, BD] @ q^T -> [BN, M]: the MMA's rows are keys
+  and its columns queries x heads, so the head sum runs along columns, which the MMA layout keeps
+  within a thread and its quad (shuffles), not across the warps holding the rows (a shared-memory
+  reduction each tile with score_rows="heads").
   No [S, N] score matrix is written anywhere: the output is [B, S, topk] int32, plus a small int64
   workspace (below).
 - sort keys: each (score, index) pair is packed into one int64 whose signed order is the selection
@@ -133,6 +137,42 @@ def _pack_keys(b_score, o_n, valid):
 
 
 @triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # a @ b (+ acc): IEEE fp32 dots on fp32 copies (UPCAST) or fp32 operands (IEEE), else the MMA.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _tile_scores(b_q, b_k, p_kf, m_kd, fix, UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr,
+                 KEY_ROWS: tl.constexpr):
+    # b_q [M, BD] queries x heads, b_k [BN, BD] the key tile (dot operand) -> the per-head dots, fp32:
+    # [BN, M] when KEY_ROWS (keys as the MMA's rows), else [M, BN]. FIX: when the flag `fix` is set,
+    # add the dots of the keys' two bf16 residual terms (keys = hi + mid + lo exactly, hi = b_k; the
+    # keys as given at p_kf [BN, BD], masked by m_kd; Inf/NaN-free residuals; see the module doc).
+    if KEY_ROWS:
+        b_s = _dot(b_k, tl.trans(b_q), None, UPCAST, IEEE)
+    else:
+        b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, IEEE)
+    if FIX:
+        if fix:
+            b_kf = tl.load(p_kf, mask=m_kd, other=0.0).to(tl.float32)
+            b_hi = b_k.to(tl.float32)
+            r1 = tl.where(b_hi == b_kf, 0.0, b_kf - b_hi)
+            b_mid = r1.to(tl.bfloat16)
+            b_lo = (r1 - b_mid.to(tl.float32)).to(tl.bfloat16)
+            if KEY_ROWS:
+                b_s = _dot(b_lo, tl.trans(b_q), _dot(b_mid, tl.trans(b_q), b_s, UPCAST, IEEE), UPCAST, IEEE)
+            else:
+                b_s = _dot(b_q, tl.trans(b_lo), _dot(b_q, tl.trans(b_mid), b_s, UPCAST, IEEE), UPCAST, IEEE)
+    return b_s
+
+
+@triton.jit
 def _compact(p_row, cnt, topk, C: tl.constexpr):
     # p_row [BS] pointers to the program's workspace rows, cnt [BS] int32 filled slots each.
     # Keeps each row's topk best keys (sorted descending) in its first slots; returns (cnt, thr) with
@@ -153,7 +193,8 @@ def _compact(p_row, cnt, topk, C: tl.constexpr):
 @triton.jit
 def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N, D, ratio, topk, N_SB, n_blocks,
                          UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr):
+                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr,
+                         KEY_ROWS: tl.constexpr):
     # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, or their bf16 rounding
     # when FIX); p_kf [B, N, D] the keys as given and p_fix an int32 flag (only read when FIX);
     # p_pos [B, S] int64; p_ws [programs * BLOCK_S, C] int64 candidate workspace (program pid owns rows
@@ -174,8 +215,7 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
     m_d = o_d < D
     o_c = tl.arange(0, C)
     p_row = p_ws + (pid * BLOCK_S + tl.arange(0, BLOCK_S)) * C              # [BS] workspace rows
-    if FIX:
-        fix = tl.load(p_fix) != 0
+    fix = tl.load(p_fix) != 0                                               # read only when FIX (else p_fix = p_pos)
     for blk in range(pid, n_blocks, n_prog):
         b = blk // N_SB
         s0 = (N_SB - 1 - blk % N_SB) * BLOCK_S
@@ -209,29 +249,14 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
                 m_kd = (o_n < n_max)[:, None] & m_d[None, :]
                 p_kt = (b * N + o_n[:, None]) * D + o_d[None, :]
                 b_k = tl.load(p_k + p_kt, mask=m_kd, other=0.0)                 # [BN, BD]
-                if UPCAST:
-                    b_s = tl.dot(b_q, tl.trans(b_k.to(tl.float32)), input_precision="ieee")
-                elif IEEE:
-                    b_s = tl.dot(b_q, tl.trans(b_k), input_precision="ieee")
-                else:
-                    b_s = tl.dot(b_q, tl.trans(b_k))                             # [M, BN] fp32 (bf16/fp16 MMA)
-                if FIX:
-                    if fix:
-                        # keys = hi + mid + lo exactly (hi = b_k; Inf/NaN-free residuals; see the module doc)
-                        b_kf = tl.load(p_kf + p_kt, mask=m_kd, other=0.0).to(tl.float32)
-                        b_hi = b_k.to(tl.float32)
-                        r1 = tl.where(b_hi == b_kf, 0.0, b_kf - b_hi)
-                        b_mid = r1.to(tl.bfloat16)
-                        b_lo = (r1 - b_mid.to(tl.float32)).to(tl.bfloat16)
-                        if UPCAST:
-                            b_s += tl.dot(b_q, tl.trans(b_mid.to(tl.float32)), input_precision="ieee")
-                            b_s += tl.dot(b_q, tl.trans(b_lo.to(tl.float32)), input_precision="ieee")
-                        else:
-                            b_s = tl.dot(b_q, tl.trans(b_mid), b_s)
-                            b_s = tl.dot(b_q, tl.trans(b_lo), b_s)
+                b_s = _tile_scores(b_q, b_k, p_kf + p_kt, m_kd, fix, UPCAST, IEEE, FIX, KEY_ROWS)
                 b_s = tl.where(b_s < 0, 0.0, b_s)                                # relu, NaN kept
-                b_s = b_s * b_w[:, None]
-                score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
+                if KEY_ROWS:                                                     # b_s [BN, M]
+                    b_s = b_s * b_w[None, :]
+                    score = tl.trans(tl.sum(tl.reshape(b_s, [BLOCK_N, BLOCK_S, BLOCK_H]), axis=2))  # [BS, BN]
+                else:                                                            # b_s [M, BN]
+                    b_s = b_s * b_w[:, None]
+                    score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
                 valid = o_n[None, :] < n_vis[:, None]
                 key = _pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
                 sel = key > thr[:, None]                                       # [BS, BN]; EMPTY never
@@ -308,7 +333,7 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     launch(_indexer_topk_kernel, (torch.sym_min(n_blocks, programs),), q, weights, k_op, k_full, flag, positions, ws,
            out, S, H, N, D, ratio, topk, n_sb, n_blocks, UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype),
            IEEE=q.dtype == torch.float32, FIX=fix, BLOCK_S=block_s, BLOCK_H=BLOCK_H,
-           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n, C=C, num_warps=cfg.num_warps,
+           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n, C=C, KEY_ROWS=cfg.score_rows == "keys", num_warps=cfg.num_warps,
            num_stages=cfg.num_stages)
 
 

@@ -105,7 +105,7 @@ def test_gaussian_selected_scores_match(case):
     assert ((a - b).abs() <= 1e-5 * b.abs().max()).all(), "selected scores differ"
 
 
-@pytest.mark.parametrize("config", [None, "block_s=1", "block_s=4,block_n=32"])
+@pytest.mark.parametrize("config", [None, "block_s=1", "block_s=4,block_n=32", "block_s=4,block_n=32,score_rows=heads"])
 @pytest.mark.parametrize("case", CASES)
 def test_model_dtypes_bf16_q_fp32_keys_exact(case, config):
     """q (and weights) bf16, keys fp32 (bf16-exact): the bf16 MMA path with several queries a program
@@ -118,7 +118,7 @@ def test_model_dtypes_bf16_q_fp32_keys_exact(case, config):
     assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, case[5], case[6]))
 
 
-@pytest.mark.parametrize("config", [None, "block_s=4,block_n=32"])
+@pytest.mark.parametrize("config", [None, "block_s=4,block_n=32", "score_rows=heads"])
 def test_keys_not_bf16_exact_take_the_residual_dots(config):
     """fp32 keys with 12 significant bits (k / 4 + j / 1024, the k / 4 part repeating so that the j
     part decides): not bf16-exact, so rounding them to bf16 alone would change the selection; the launcher's flag adds the residual dots (keys = hi + mid + lo
@@ -156,7 +156,7 @@ def test_model_keys_are_bf16_exact():
         assert torch.isfinite(k).all() and torch.equal(k.bfloat16().float(), k)
 
 
-@pytest.mark.parametrize("config", [None, "block_s=4,block_n=32"])
+@pytest.mark.parametrize("config", [None, "block_s=4,block_n=32", "score_rows=heads"])
 def test_bf16_path_gaussian_recall_and_score_gap(config):
     """Gaussian q (bf16) and FP4-simulated fp32 keys (the model's operands): the products are exact,
     the sums are fp32 in another order than the plain op's, so scores agree to ~1e-6 relative and only
@@ -447,7 +447,8 @@ def test_op_schema_and_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("topk,N", [(512, 2048), (1024, 4096)], ids=["flash-k512-N2048", "pro-k1024-N4096"])
-@pytest.mark.parametrize("config", [None, "block_n=64", "block_n=256,num_warps=4", "block_s=1", "block_s=4,block_n=64"])
+@pytest.mark.parametrize("config", [None, "block_n=64", "block_n=256,num_warps=4", "block_s=1", "block_s=4,block_n=64",
+                                    "score_rows=heads"])
 @pytest.mark.parametrize("k_dtype", [torch.bfloat16, torch.float32], ids=["bf16-keys", "fp32-keys"])
 def test_gpu_real_shapes_exact_bf16(topk, N, config, k_dtype):
     """Dyadic bf16 q (exact fp32 scores, many ties), keys bf16 or fp32 (the model's: rounded to bf16
