@@ -784,6 +784,10 @@ def _indexer_mma16(problem) -> bool:
 
 def indexer_hard(cfg, problem, gpu) -> str | None:
     bs, bh, bd, c = _indexer_tiles(cfg, problem)
+    # the kernel refuses these (wrong results measured): its own rule, imported with the config class
+    refusal = importlib.import_module(INDEXER_TOPK.config_module).key_rows_refusal(dataclasses.replace(cfg, block_s=bs), bh)
+    if refusal:
+        return refusal
     mma16 = _indexer_mma16(problem)
     threads = _threads(cfg.num_warps)
     m = bs * bh                                                # queries x heads: the dot's M

@@ -78,6 +78,24 @@ DEFAULT_CONFIGS: dict[str, IndexerTopkConfig] = {
 }
 
 
+# score_rows="keys" selected wrong keys on an H100 (triton 3.6.0) at block_s 8 x 64 heads (an MMA of
+# N = 512 columns) with 16 warps, while "heads" was exact at the same config and "keys" was exact at
+# every config with <= 256 columns and <= 8 warps that ran (GPU tests, bench/results/H100/
+# LAYERS_notes.md). Which of the two triggers it is not isolated, so both are refused.
+KEY_ROWS_MAX_COLUMNS = 256
+KEY_ROWS_MAX_WARPS = 8
+
+
+def key_rows_refusal(cfg: IndexerTopkConfig, block_h: int) -> str | None:
+    """Why `cfg` cannot take score_rows="keys" with `block_h` (padded) heads a query, or None."""
+    columns = cfg.block_s * block_h
+    if cfg.score_rows != "keys" or (columns <= KEY_ROWS_MAX_COLUMNS and cfg.num_warps <= KEY_ROWS_MAX_WARPS):
+        return None
+    return (f"score_rows=keys with block_s {cfg.block_s} x {block_h} heads = {columns} columns and {cfg.num_warps} "
+            f"warps: needs <= {KEY_ROWS_MAX_COLUMNS} columns and <= {KEY_ROWS_MAX_WARPS} warps (wrong results "
+            f"measured beyond); use score_rows=heads or smaller tiles")
+
+
 def default_config(gpu_name: str | None = None) -> IndexerTopkConfig:
     """The default for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'); None = the current device."""
     return pick_default(DEFAULT_CONFIGS, gpu_name)

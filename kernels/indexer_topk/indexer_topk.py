@@ -107,12 +107,14 @@ buffer_factor are untuned.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config, sm_count
-from .config import IndexerTopkConfig, default_config
+from .config import IndexerTopkConfig, default_config, key_rows_refusal
 
 MAX_TOPK = 4096       # the [block_s, C] compaction sort lives in registers
 PROGRAMS_PER_SM = 4   # persistent programs a CUDA SM (untuned; ~1-2 resident at the V4 tiles, the rest queue)
@@ -323,6 +325,8 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
         flag = (k_op != keys).any().to(torch.int32)
     block_s = cfg.block_s if fast else 1
     BLOCK_H = max(16, triton.next_power_of_2(H))
+    refusal = key_rows_refusal(dataclasses.replace(cfg, block_s=block_s), BLOCK_H)
+    check(refusal is None, f"indexer_topk: {refusal}")
     n_sb = triton.cdiv(S, block_s)
     n_blocks = B * n_sb
     C = workspace_width(topk, cfg)

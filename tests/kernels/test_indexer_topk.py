@@ -484,3 +484,16 @@ def test_gpu_real_shapes_gaussian_bf16(keys_kind):
     pick = lambda idx: torch.where(idx >= 0, s.gather(-1, idx.long().clamp_min(0)), 0.0)  # noqa: E731
     a, b = pick(out), pick(ref)
     assert ((a - b).abs() <= 1e-4 * b.abs().max()).all(), "selected scores differ"
+
+
+def test_key_rows_refused_beyond_the_measured_range():
+    """score_rows=keys beyond 256 MMA columns (block_s x padded heads) or 8 warps gave wrong
+    selections on an H100: the launcher refuses it with a one-line error naming the values, and
+    score_rows=heads takes the same tiles."""
+    q, w, keys, pos = make_inputs(1, 9, 64, 16, 20, 2, 5, seed=21)
+    q = q.bfloat16()
+    for config in ("block_s=8,block_n=16,score_rows=keys", "block_s=2,block_n=16,num_warps=16,score_rows=keys"):
+        with pytest.raises(ValueError, match=r"score_rows=keys with block_s \d+ x 64 heads = \d+ columns and \d+ warps"):
+            indexer_topk(q, w, keys, pos, 2, 5, config)
+    out = indexer_topk(q, w, keys, pos, 2, 5, "block_s=8,block_n=16,score_rows=heads")
+    assert torch.equal(out.cpu(), naive.indexer_topk(q, w, keys, pos, 2, 5).cpu())

@@ -184,12 +184,19 @@ def test_indexer_topk_problem_and_rules():
     kind, reason = space.check(space.make_config({**base, "block_s": 4, "block_n": 64, "buffer_factor": 8}, "H100"), p, h100)
     assert kind == "hard" and "compaction sort [4, 4096]" in reason
     # block_s 8: the resident bf16 q tile [512, 128] alone is 128 registers a thread.
-    cfg = space.make_config({**base, "block_s": 8, "block_n": 64, "num_warps": 8, "buffer_factor": 2}, "H100")
+    cfg = space.make_config({**base, "block_s": 8, "block_n": 64, "num_warps": 8, "buffer_factor": 2,
+                             "score_rows": "heads"}, "H100")
     kind, reason = space.check(cfg, p, h100)
     assert kind == "hard" and "resident q tile" in reason
+    # score_rows=keys beyond 256 columns or 8 warps: refused by the kernel (wrong results measured), pruned.
+    assert base["score_rows"] == "keys"
+    for bad in ({"block_s": 8, "block_n": 64, "num_warps": 16, "num_stages": 1}, {"num_warps": 16}):
+        kind, reason = space.check(space.make_config({**base, **bad}, "H100"), p, h100)
+        assert kind == "hard" and "score_rows=keys" in reason and "wrong results" in reason
+    assert space.check(space.make_config({**base, "num_warps": 16, "score_rows": "heads"}, "H100"), p, h100) is None
     # 4 stages of [256, 128] bf16 key tiles (the launcher rounds the fp32 keys) = 256 KB.
-    kind, reason = space.check(space.make_config({**base, "block_n": 256, "num_warps": 16, "num_stages": 4}, "H100"),
-                               p, h100)
+    kind, reason = space.check(space.make_config({**base, "block_n": 256, "num_warps": 16, "num_stages": 4,
+                                                  "score_rows": "heads"}, "H100"), p, h100)
     assert kind == "hard" and "shared memory" in reason
     tiny = space.make_problem(FLASH, 64)                      # 16 keys
     kind, reason = space.check(space.make_config({**base, "block_n": 64}, "H100"), tiny, h100)
