@@ -40,7 +40,8 @@ class IndexerTopkConfig(KernelConfig):
     num_warps / num_stages: Triton launch parameters.
     The head count and head dim are not fields: each is one (power-of-two padded) tile. The number of
     persistent programs is not a field either (kernels/indexer_topk: PROGRAMS_PER_SM a SM).
-    Defaults are untuned guesses (no GPU measurement yet): on H100/H200 block_s 2 x 64 heads = a
+    Defaults (H100/H200; a short gated sweep on the H100, 5 configs at 32K and 3 at 128K, found none
+    faster, bench/results/H100/TUNING.md): block_s 2 x 64 heads = a
     128 x 128 x 128 bf16 MMA a key tile (two warpgroups of 64 rows), a 64-register fp32 accumulator a
     thread at 8 warps, 2 stages of [128, 128] bf16 key tiles (64 KB) plus the resident q tile (32 KB),
     buffer_factor 4 (top-512: C 2048, long pipelined segments; V4-Pro's top-1024 gets C 4096, for the

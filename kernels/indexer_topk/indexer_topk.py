@@ -96,14 +96,12 @@ Adversarial order (scores ascending along the key axis) lets every key enter: a 
 (its first load is not overlapped): segments are ~(C - topk) / block_n tiles long at long context.
 Measured before this design (H100, V4-Flash 64 heads x 128, top-512, keys S/4, B = 1): 1467 ms at S =
 128K (~24 TFLOP/s), the per-tile sort + merge dominating (the MMAs alone would take ~50-70 ms).
-This design is UNMEASURED on a GPU (only the interpreter has run it; an offline sm_90 compile with the
-local Triton 3.9 gives pipelined key loads and, at block_s 2 x block_n 128 x 8 warps, ~200 registers
-with bf16 keys, 255 plus a 96-byte spill on the bf16_fix path). Estimate, to check with
-`python -m dsv4_compile bench --gpu H100 --ops layers --context 32k,128k`: at 128K, 64K blocks x ~3
-sorts of [2, 2048] int64, ~1500 sorts a SM; at ~10-20k cycles a sort that is ~10-20 ms of CUDA-core
-work, so roughly 70-100 ms in all, near the MMA time, if the segment restarts, branches and
-global-memory appends cost the MMA pipeline no more than estimated. PROGRAMS_PER_SM and
-buffer_factor are untuned.
+Measured with this design (H100, torch 2.11, triton 3.6; bench/results/H100/LAYERS_notes.md): 216-226
+ms at 128K and 22.5-23.4 ms at 32K with the default score_rows="keys" (479 / 38.5 ms with "heads"),
+~160 TFLOP/s, 21% of the bf16 peak: 6.5x faster than before, still ~4x the MMA time. What bounds it
+is not profiled (candidates: the per-tile epilogue on CUDA cores between MMAs, the 128-column MMA,
+the segment restarts). A short gated sweep found nothing faster than the H100 default;
+PROGRAMS_PER_SM is untuned.
 """
 from __future__ import annotations
 
