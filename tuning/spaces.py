@@ -796,7 +796,8 @@ def indexer_hard(cfg, problem, gpu) -> str | None:
         return f"score accumulator [{m}, {cfg.block_n}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
     sort_regs = 2 * 2 * c * bs / threads                       # compaction: [bs, C] int64 rows and their swap partners
     if sort_regs > ACC_PER_THREAD:
-        return f"compaction sort [{bs}, {c}] int64 over {cfg.num_warps} warps = {sort_regs:g} registers a thread > {ACC_PER_THREAD}"
+        return (f"compaction sort [{bs}, {c}] int64 over {cfg.num_warps} warps = {sort_regs:g} registers a thread "
+                f"> {ACC_PER_THREAD}")
     q_regs = m * bd * (0.5 if mma16 else 1.0) / threads        # q stays resident for the whole loop
     key_regs = 2 * bs * cfg.block_n / threads                  # the tile's int64 keys, live across a compaction
     # The candidates live in global memory: the accumulator and the sort are never live together.

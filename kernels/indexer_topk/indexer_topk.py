@@ -173,6 +173,18 @@ def _tile_scores(b_q, b_k, p_kf, m_kd, fix, UPCAST: tl.constexpr, IEEE: tl.const
 
 
 @triton.jit
+def _sorted_rows(p_rows, cnt, C: tl.constexpr):
+    # p_rows [BS, C] workspace slots, cnt [BS] int32 filled slots each -> [BS, C] int64 keys, each row
+    # sorted descending (EMPTY past cnt). Ends with a barrier: every thread has read before any store.
+    EMPTY: tl.constexpr = -9223372036854775808
+    o_c = tl.arange(0, C)
+    tl.debug_barrier()                                                      # every thread's appends are visible
+    buf = tl.sort(tl.load(p_rows, mask=o_c[None, :] < cnt[:, None], other=EMPTY), descending=True)
+    tl.debug_barrier()
+    return buf
+
+
+@triton.jit
 def _compact(p_row, cnt, topk, C: tl.constexpr):
     # p_row [BS] pointers to the program's workspace rows, cnt [BS] int32 filled slots each.
     # Keeps each row's topk best keys (sorted descending) in its first slots; returns (cnt, thr) with
@@ -180,11 +192,8 @@ def _compact(p_row, cnt, topk, C: tl.constexpr):
     EMPTY: tl.constexpr = -9223372036854775808
     o_c = tl.arange(0, C)
     p_rows = p_row[:, None] + o_c[None, :]                                  # [BS, C]
-    tl.debug_barrier()                                                      # every thread's appends are visible
-    buf = tl.load(p_rows, mask=o_c[None, :] < cnt[:, None], other=EMPTY)    # [BS, C]
-    buf = tl.sort(buf, descending=True)
+    buf = _sorted_rows(p_rows, cnt, C)
     cnt = tl.minimum(cnt, topk)
-    tl.debug_barrier()                                                      # every thread has read before any store
     tl.store(p_rows, buf, mask=o_c[None, :] < cnt[:, None])                 # slots < cnt; appends go to >= cnt
     thr = tl.max(tl.where(o_c[None, :] == topk - 1, buf, EMPTY), axis=1)    # [BS]
     return cnt, thr
@@ -196,7 +205,8 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
                          BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr,
                          KEY_ROWS: tl.constexpr):
     # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, or their bf16 rounding
-    # when FIX); p_kf [B, N, D] the keys as given and p_fix an int32 flag (only read when FIX);
+    # when FIX); p_kf [B, N, D] the keys as given and p_fix an int32 flag (used only when FIX;
+    # otherwise any valid address, p_pos);
     # p_pos [B, S] int64; p_ws [programs * BLOCK_S, C] int64 candidate workspace (program pid owns rows
     # pid * BLOCK_S ..); p_out [B, S, topk] int32.
     # UPCAST: fp32 copies of q and keys and IEEE dots (fp32 inputs, mixed dtypes, the interpreter,
@@ -266,10 +276,7 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
                     tl.store(p_row[:, None] + slot, key, mask=sel)
                     cnt += n_sel
             n0 = n1
-        tl.debug_barrier()                                                  # every thread's appends are visible
-        buf = tl.load(p_row[:, None] + o_c[None, :], mask=o_c[None, :] < cnt[:, None], other=EMPTY)  # [BS, C]
-        buf = tl.sort(buf, descending=True)
-        tl.debug_barrier()                                                  # read before the next block's appends
+        buf = _sorted_rows(p_row[:, None] + o_c[None, :], cnt, C)           # [BS, C]
         idx = tl.where(buf == EMPTY, -1, 2147483647 - (buf & 0xFFFFFFFF)).to(tl.int32)
         tl.store(p_out + (b * S + o_s[:, None]) * topk + o_c[None, :], idx, mask=m_s[:, None] & (o_c[None, :] < topk))
 
@@ -335,8 +342,8 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     launch(_indexer_topk_kernel, (torch.sym_min(n_blocks, programs),), q, weights, k_op, k_full, flag, positions, ws,
            out, S, H, N, D, ratio, topk, n_sb, n_blocks, UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype),
            IEEE=q.dtype == torch.float32, FIX=fix, BLOCK_S=block_s, BLOCK_H=BLOCK_H,
-           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n, C=C, KEY_ROWS=cfg.score_rows == "keys", num_warps=cfg.num_warps,
-           num_stages=cfg.num_stages)
+           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n, C=C, KEY_ROWS=cfg.score_rows == "keys",
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
