@@ -28,6 +28,7 @@ LIB = "dsv4"
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 AMAX_FLOOR = 1e-4
+FP4_AMAX_FLOOR = FP4_MAX * 2.0 ** -126  # DeepSeek's FP4 floor (its FP8 floor is AMAX_FLOOR)
 # Bytes of float32 intermediates one chunk of a chunked op may hold (about 1 GiB).
 CHUNK_BYTES = 1 << 30
 
