@@ -22,9 +22,10 @@ def pow2_reciprocal(s):
 
 
 @triton.jit
-def block_scale(b_x, qmax, POW2: tl.constexpr, RECIP: tl.constexpr):
+def block_scale(b_x, qmax, floor, POW2: tl.constexpr, RECIP: tl.constexpr):
     """b_x [BQ, BS] fp32, one quantization block per row (padding = 0) -> scale [BQ] =
-    max(amax, 1e-4) / qmax, rounded up to a power of two when POW2. A block holding a NaN gets NaN
+    max(amax, floor) / qmax, rounded up to a power of two when POW2 (floor: 1e-4 for FP8,
+    6 * 2^-126 for FP4, as model/ops.py). A block holding a NaN gets NaN
     (tl.max drops NaN, so it is tracked explicitly), one holding +-Inf gets +Inf.
 
     "/ qmax" as torch computes it for the plain op's device: true division (tl.div_rn) on the CPU;
@@ -33,7 +34,7 @@ def block_scale(b_x, qmax, POW2: tl.constexpr, RECIP: tl.constexpr):
     amax = tl.max(tl.abs(b_x), axis=1)                                       # [BQ]
     has_nan = tl.max((b_x != b_x).to(tl.int32), axis=1) > 0
     amax = tl.where(has_nan, float("nan"), amax)
-    amax = tl.where(amax < 1e-4, 1e-4, amax)                                 # NaN stays NaN
+    amax = tl.where(amax < floor, floor, amax)                               # NaN stays NaN
     if RECIP:
         inv = tl.div_rn(tl.full(amax.shape, 1.0, tl.float32), tl.full(amax.shape, qmax, tl.float32))
         s = amax * inv

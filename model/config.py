@@ -15,14 +15,13 @@ from pathlib import Path
 
 import yaml
 
+from .errors import ConfigError
+from .release_config import read_release_file, release_fields
+
 PRESET_DIR = Path(__file__).parent / "presets"
 COMPRESS_RATIOS = (0, 4, 128)  # 0 = sliding window only, 4 = CSA, 128 = HCA
 DTYPES = ("float32", "bfloat16")
 INDEXER_CACHE_FORMATS = ("fp4", "fp8")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, mistyped or inconsistent; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +107,14 @@ class ModelConfig:
         if not path.is_file():
             raise ConfigError(f"preset {name!r}: unknown; accepted presets: {', '.join(preset_names())}")
         return cls.from_yaml(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> "ModelConfig":
+        """The config of a released checkpoint: `path` is its folder (or its config.json), in the Hugging
+        Face or DeepSeek inference key vocabulary (see `release_config`); `overrides` set fields after
+        reading (runtime ones such as max_seq_len, or shapes for a test)."""
+        data, name = read_release_file(path)
+        return cls.from_dict({**release_fields(data).values, **overrides}, name=name)
 
     @classmethod
     def load(cls, preset_or_path: str) -> "ModelConfig":

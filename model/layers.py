@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, RoPE frequencies (with YaRN), the window index pattern."""
+"""Small building blocks: RMSNorm, the FP8 linear, RoPE frequencies (with YaRN), the window index pattern."""
 from __future__ import annotations
 
 import math
@@ -18,6 +18,25 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)
+
+
+class FP8Linear(nn.Module):
+    """A bias-free linear whose weight stays as shipped: FP8 e4m3 [out, in] with one float32 (power-of-
+    two) scale per 128 x 128 tile [ceil(out/128), in/128]; forward is `torch.ops.dsv4.fp8_linear`.
+    Buffers, not parameters: these weights are for inference."""
+
+    def __init__(self, in_features: int, out_features: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
+        self.register_buffer("scale", torch.empty(-(-out_features // 128), -(-in_features // 128),
+                                                  dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.dsv4.fp8_linear(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight=float8_e4m3fn"
 
 
 def rope_inv_freq(rope_dim: int, theta: float, yarn_original_len: int = 0, factor: float = 1.0,

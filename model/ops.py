@@ -8,7 +8,7 @@ passes swap them for Triton kernels, which are separate ops this module knows no
 Public contract (names, argument order, semantics): `sparse_attention`, `fp8_quantize`,
 `fp8_dequantize`, `fp4_quantize`, `fp4_dequantize`, `newton_schulz`, `hc_sinkhorn`.
 Ours (documented below, stable within the project): `compress_kv`, `indexer_topk`, `hc_pre`,
-`sparse_attention_cached`.
+`sparse_attention_cached`, `fp8_linear`.
 
 Long-context memory: `sparse_attention`, `sparse_attention_cached` and `indexer_topk` work in chunks of
 queries so that a 128K prefill never materialises [S, K, D] or [S, H, N] at once. Each exposes its
@@ -80,12 +80,16 @@ def _query_chunk(n_queries: int, bytes_per_query: int) -> int:
 # ================================================================================================
 
 def _block_scale(x: torch.Tensor, block_size: int, qmax: float, pow2_scale: bool, name: str):
-    """x [..., D] -> (blocks [..., D/bs, bs] float32, scale [..., D/bs] float32)."""
+    """x [..., D] -> (blocks [..., D/bs, bs] float32, scale [..., D/bs] float32).
+
+    The amax floor is DeepSeek's per format: 1e-4 for FP8, 6 * 2^-126 for FP4 (so a block of tiny
+    values still gets a scale that represents them, down to float32's smallest normal)."""
     if block_size <= 0 or x.shape[-1] % block_size != 0:
         raise ValueError(f"{name}: last dim {x.shape[-1]} is not divisible by block_size {block_size}; "
                          f"pass a block_size that divides it")
     blocks = x.float().unflatten(-1, (x.shape[-1] // block_size, block_size))
-    scale = blocks.abs().amax(-1).clamp_min(AMAX_FLOOR) / qmax
+    floor = FP4_AMAX_FLOOR if qmax == FP4_MAX else AMAX_FLOOR
+    scale = blocks.abs().amax(-1).clamp_min(floor) / qmax
     if pow2_scale:
         pow2 = torch.exp2(torch.ceil(torch.log2(scale)))
         # float32 log2 rounds to the integer k for scales just above 2^k: step those up (NaN/Inf stay).
@@ -178,7 +182,7 @@ def fp4_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool = False) -> 
     """Blockwise FP4 e2m1 quantization along the last dim, packed two codes per byte.
 
     x [..., D] -> packed [..., D/2] uint8 (element 2i in the low nibble, 2i+1 in the high nibble),
-    scale [..., D/block_size] float32 = max(amax, 1e-4) / 6, rounded up to a power of two when
+    scale [..., D/block_size] float32 = max(amax, 6 * 2^-126) / 6, rounded up to a power of two when
     `pow2_scale`. Each x/scale goes to the nearest of 0, 0.5, 1, 1.5, 2, 3, 4, 6 (signed), a tie to the
     even code (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4). D must be divisible by block_size, and
     block_size even. NaN/Inf: a block holding a NaN gets scale NaN, one holding +-Inf scale +Inf; the
@@ -235,6 +239,51 @@ def fp4_simulate(x: torch.Tensor, block_size: int) -> torch.Tensor:
     packed, scale = torch.ops.dsv4.fp4_quantize(x, block_size, True)
     sim = torch.ops.dsv4.fp4_dequantize(packed, scale, block_size).to(x.dtype)
     return x + (sim - x).detach()
+
+
+# ================================================================================================
+# FP8 linear (W8A8 with block scales), DeepSeek's inference semantics for FP8-shipped weights
+# ================================================================================================
+
+FP8_LINEAR_BLOCK = 128  # activation block along K, and the weight's tile edge
+
+
+@torch.library.custom_op(f"{LIB}::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T with W shipped as FP8, as DeepSeek's inference computes it (act_quant + fp8_gemm).
+
+    x [..., K] float; weight [N, K] float8_e4m3fn; scale [ceil(N/128), K/128] float32, one (power-of-
+    two) scale per 128 x 128 tile of W -> y [..., N] in x's dtype.
+    The input is quantized to FP8 first, exactly as `fp8_quantize(x, 128, pow2_scale=True)` (blocks of
+    128 along K, scale = pow2_ceil(max(amax, 1e-4) / 448)); then y = (x_fp8 * x_scale) @ (W * W_scale)^T
+    accumulated in float32 and cast once. K not a multiple of 128 is a ValueError (DeepSeek asserts
+    the same); the Triton kernel refuses it too.
+    """
+    _check_fp8_linear(x, weight, scale)
+    codes, x_scale = _fp8_code_blocks(x, FP8_LINEAR_BLOCK, True, "fp8_linear")
+    x_deq = _fp8_values(codes, x_scale)                                                   # [..., K] fp32
+    n, k = weight.shape
+    w_scale = scale.float().repeat_interleave(FP8_LINEAR_BLOCK, 0)[:n].repeat_interleave(FP8_LINEAR_BLOCK, 1)[:, :k]
+    w_deq = weight.float() * w_scale                                                      # [N, K] fp32
+    return (x_deq @ w_deq.T).to(x.dtype)
+
+
+def _check_fp8_linear(x, weight, scale) -> None:
+    n, k = weight.shape
+    if weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8_linear: weight dtype {weight.dtype}; expected torch.float8_e4m3fn")
+    if x.shape[-1] != k or k % FP8_LINEAR_BLOCK:
+        raise ValueError(f"fp8_linear: x [..., {x.shape[-1]}] against weight [{n}, {k}]: K must match and be a "
+                         f"multiple of {FP8_LINEAR_BLOCK} (the activation block)")
+    tiles = (-(-n // FP8_LINEAR_BLOCK), k // FP8_LINEAR_BLOCK)
+    if tuple(scale.shape) != tiles:
+        raise ValueError(f"fp8_linear: scale shape {list(scale.shape)}; expected {list(tiles)} (one per 128x128 tile)")
+
+
+@fp8_linear.register_fake
+def _(x, weight, scale):
+    _check_fp8_linear(x, weight, scale)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # ================================================================================================

@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import block_scale, divide_by_scale, e4m3_bits, round_bf16
-from ..fp4_quant.fp4_quant import _e2m1_code, _e2m1_value
+from ..fp4_quant.fp4_quant import FP4_AMAX_FLOOR, _e2m1_code, _e2m1_value
 from .config import CompressKVConfig, default_config
 
 QUANTS = ("fp8", "hadamard_fp4")
@@ -150,7 +150,7 @@ def _epilogue_kernel(p_out, p_w, p_cos, p_sin, N, cos_stride_b, norm_eps, had_sc
         NB: tl.constexpr = BLOCK_D // 64
         nope = o_c < D - R
         yb = tl.reshape(tl.where(nope, y, 0.0), [NB, 64])
-        s8 = block_scale(yb, 448.0, True, RECIP)                               # [NB]
+        s8 = block_scale(yb, 448.0, 1e-4, True, RECIP)                         # [NB]
         q = divide_by_scale(yb, s8, True)
         q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))
         v = tl.reshape(_e4m3_value(e4m3_bits(q)) * s8[:, None], [BLOCK_D])
@@ -168,7 +168,7 @@ def _epilogue_kernel(p_out, p_w, p_cos, p_sin, N, cos_stride_b, norm_eps, had_sc
         h = h * had_scale
         NB4: tl.constexpr = BLOCK_D // 32
         hb = tl.reshape(h, [NB4, 32])
-        s4 = block_scale(hb, 6.0, True, RECIP)
+        s4 = block_scale(hb, 6.0, FP4_AMAX_FLOOR, True, RECIP)
         v = _e2m1_value(_e2m1_code(divide_by_scale(hb, s4, True))) * s4[:, None]
         out = tl.reshape(v, [BLOCK_D])
     tl.store(p_out + row + o_c, out, mask=m_c)

@@ -23,8 +23,10 @@ _E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float
 
 
 def _pow2_scale(amax: float, qmax: float) -> float:
-    """2^ceil(log2(max(amax, 1e-4) / qmax)) in float32 arithmetic, computed with frexp."""
-    s = float(torch.tensor(max(amax, 1e-4), dtype=torch.float32) / torch.tensor(qmax, dtype=torch.float32))
+    """2^ceil(log2(max(amax, floor) / qmax)) in float32 arithmetic, computed with frexp; the floor is
+    DeepSeek's: 1e-4 for FP8 (qmax 448), 6 * 2^-126 for FP4 (qmax 6)."""
+    floor = 6.0 * 2.0 ** -126 if qmax == 6.0 else 1e-4
+    s = float(torch.tensor(max(amax, floor), dtype=torch.float32) / torch.tensor(qmax, dtype=torch.float32))
     m, e = math.frexp(s)  # s = m * 2^e, m in [0.5, 1)
     return 2.0 ** (e - 1) if m == 0.5 else 2.0 ** e
 

@@ -18,6 +18,7 @@ from .._jit_utils import block_scale, divide_by_scale
 from .config import Fp4QuantConfig, default_config
 
 FP4_MAX = 6.0
+FP4_AMAX_FLOOR = 6.0 * 2.0 ** -126  # DeepSeek's FP4 floor, as model/ops.py
 
 
 # ================================================================================================
@@ -57,7 +58,7 @@ def _fp4_quantize_kernel(p_x, p_q, p_s, Q,
     m_q = o_q < Q
     b_x = tl.load(p_x + o_q[:, None].to(tl.int64) * BS + o_j[None, :],
                   mask=m_q[:, None] & (o_j[None, :] < BS), other=0.0).to(tl.float32)   # [BQ, BS]
-    b_s = block_scale(b_x, 6.0, POW2, RECIP)                                       # [BQ]
+    b_s = block_scale(b_x, 6.0, FP4_AMAX_FLOOR, POW2, RECIP)                       # [BQ]
     b_c = _e2m1_code(divide_by_scale(b_x, b_s, POW2))                       # [BQ, BS]
     lo, hi = tl.split(tl.reshape(b_c, [BLOCK_Q, BLOCK_S // 2, 2]))         # elements 2i, 2i + 1
     o_i = tl.arange(0, BLOCK_S // 2)
@@ -120,7 +121,7 @@ def fp4_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool = False,
 
     x [..., D] float32 / bfloat16 / float16, contiguous; block_size even, dividing D
     -> packed [..., D/2] uint8 (element 2i in the low nibble, 2i+1 in the high nibble),
-       scale [..., D/block_size] float32 = max(amax, 1e-4) / 6 (rounded up to a power of two when
+       scale [..., D/block_size] float32 = max(amax, 6 * 2^-126) / 6 (rounded up to a power of two when
        `pow2_scale`). x/scale goes to the nearest of 0, .5, 1, 1.5, 2, 3, 4, 6 (signed), ties to the
        even code. NaN/Inf: a block holding a NaN gets scale NaN, one holding +-Inf scale +Inf; codes
        follow the formula (NaN -> +0) and dequantize to NaN.

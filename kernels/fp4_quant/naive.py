@@ -8,6 +8,7 @@ import torch
 from ..fp8_quant.naive import block_scales
 
 FP4_MAX = 6.0
+FP4_AMAX_FLOOR = 6.0 * 2.0 ** -126
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
@@ -15,7 +16,7 @@ def fp4_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool = False, con
     """x [..., D] -> (packed [..., D/2] uint8, scale [..., D/block_size] float32) on the CPU; config ignored."""
     if block_size % 2:
         raise ValueError(f"block_size {block_size} must be even")
-    blocks, scale = block_scales(x, block_size, FP4_MAX, pow2_scale)
+    blocks, scale = block_scales(x, block_size, FP4_MAX, pow2_scale, FP4_AMAX_FLOOR)
     y = blocks / scale.unsqueeze(-1)
     dist = (y.abs().unsqueeze(-1) - E2M1).abs()                            # [R, NB, bs, 8]
     best = dist.min(-1, keepdim=True).values

@@ -23,9 +23,9 @@ def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(s), up, s)
 
 
-def block_scales(x: torch.Tensor, block_size: int, qmax: float, pow2_scale: bool):
+def block_scales(x: torch.Tensor, block_size: int, qmax: float, pow2_scale: bool, floor: float = 1e-4):
     """x [..., D] (any device) -> (blocks [R, NB, bs] float32, scale [R, NB] float32), on the CPU,
-    with the documented NaN rule. "/ qmax" follows torch's rule for x's device: true division for a
+    with the documented NaN rule; amax floored at `floor` (FP8 1e-4, FP4 6 * 2^-126). "/ qmax" follows torch's rule for x's device: true division for a
     CPU tensor, multiplication by the fp32 reciprocal for a CUDA tensor (what torch does on CUDA)."""
     D = x.shape[-1]
     if block_size < 1 or D % block_size:
@@ -33,7 +33,7 @@ def block_scales(x: torch.Tensor, block_size: int, qmax: float, pow2_scale: bool
     blocks = x.float().cpu().reshape(-1, D // block_size, block_size)
     amax = blocks.abs().max(dim=-1).values
     amax = torch.where(torch.isnan(blocks).any(-1), torch.full_like(amax, float("nan")), amax)
-    amax = torch.where(amax < 1e-4, torch.full_like(amax, 1e-4), amax)
+    amax = torch.where(amax < floor, torch.full_like(amax, floor), amax)
     if x.is_cuda:
         scale = amax * (torch.tensor(1.0) / torch.tensor(qmax))             # fp32 reciprocal, then one rounding
     else:

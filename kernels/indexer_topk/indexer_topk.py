@@ -57,9 +57,9 @@ Paths (chosen by the launcher from the dtypes; `_plan`):
   launcher, which halves the key reads). Caller contract, for speed only: the keys are bf16-exact.
   The model's indexer keys are: in prefill and with the default "fp4" index cache they come from its
   FP4 simulation (compress_kv with quant="hadamard_fp4", or fp4_dequantize of the cache: e2m1 values,
-  at most 2 significant bits, times power-of-two block scales >= 2^-15 as the scale is max(amax,
-  1e-4) / 6 rounded up to a power of two); bf16 keeps fp32's exponent range and 8 significant bits,
-  so such values are exact in bf16 (finite ones; inf / NaN stay inf / NaN). FP8 e4m3 values (4
+  at most 2 significant bits, times power-of-two block scales >= 2^-126 as the scale is max(amax,
+  6 * 2^-126) / 6 rounded up to a power of two, so nonzero values >= 2^-127); bf16 keeps fp32's
+  exponent range (subnormals included) and 8 significant bits, so such values are exact in bf16 (finite ones; inf / NaN stay inf / NaN). FP8 e4m3 values (4
   significant bits) with power-of-two scales would be too; the optional "fp8" index cache format
   (decode) uses one plain fp32 scale per key, so its keys generally are not, and take the residual
   dots below (exact, 3x the MMA work). The

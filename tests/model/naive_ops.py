@@ -26,7 +26,8 @@ import torch
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
-AMAX_FLOOR = 1e-4
+AMAX_FLOOR = 1e-4                   # FP8
+FP4_AMAX_FLOOR = 6.0 * 2.0 ** -126  # FP4 (DeepSeek's)
 
 
 def f32(v: float) -> float:
@@ -96,7 +97,8 @@ def block_scale(block: list[float], qmax: float, pow2: bool) -> float:
     amax = max(abs(v) for v in block)
     if math.isinf(amax):
         return math.inf
-    scale = f32(max(amax, f32(AMAX_FLOOR)) / qmax)  # a float32 division, as the op's contract says
+    floor = FP4_AMAX_FLOOR if qmax == FP4_MAX else AMAX_FLOOR
+    scale = f32(max(amax, f32(floor)) / qmax)  # a float32 division, as the op's contract says
     return ceil_pow2(scale) if pow2 else scale
 
 

@@ -8,7 +8,7 @@ fake output's strides with the real one's: Inductor trusts the fake layout of an
 
 Two restrictions, for reasons outside the ops' correctness:
 - `test_schema` cannot take a float8 input on CPU (SchemaCheckMode compares inputs before and after
-  with torch.allclose, which has no float8 kernel), so fp8_dequantize skips it and the same property
+  with torch.allclose, which has no float8 kernel), so fp8_dequantize and fp8_linear skip it; the property
   (no mutation of the inputs, no aliasing of the output) is checked by hand below.
 - compress_kv in "hadamard_fp4" mode runs `test_aot_dispatch_static` instead of `_dynamic`: with every
   dim symbolic, including the head dim, tracing the Hadamard butterfly (log2(d) unflatten/stack/flatten
@@ -101,6 +101,9 @@ def cases(noncontig: bool):
         ("indexer_topk", dsv4.indexer_topk.default,
          (torch.randn(2, 3, 5, 8, generator=_g(21)).transpose(1, 2) if nc else torch.randn(2, 5, 3, 8, generator=_g(21)),
           t(2, 5, 3, seed=22), t(2, 6, 8, seed=23), torch.arange(5).view(1, 5).expand(2, 5) * 4 + 3, 4, 3)),
+        ("fp8_linear", dsv4.fp8_linear.default,  # inference only: no autograd by design
+         (t(2, 3, 256, seed=24), torch.randn(130, 256, generator=_g(25)).to(torch.float8_e4m3fn),
+          torch.rand(2, 2, generator=_g(26)))),
     ]
 
 
@@ -111,7 +114,7 @@ NONCONTIG = cases(noncontig=True)
 @pytest.mark.parametrize("name,op,args", CONTIG, ids=[c[0] for c in CONTIG])
 def test_opcheck(name, op, args):
     utils = ALL_UTILS
-    if name == "fp8_dequantize":
+    if name in ("fp8_dequantize", "fp8_linear"):  # float8 inputs
         utils = tuple(u for u in ALL_UTILS if u != "test_schema")  # see the module docstring
     if name == "compress_kv-fp4":
         utils = tuple(u if u != "test_aot_dispatch_dynamic" else "test_aot_dispatch_static" for u in ALL_UTILS)  # ditto
@@ -130,3 +133,11 @@ def test_fp8_dequantize_does_not_mutate_or_alias():
     out = dsv4.fp8_dequantize(codes, scale, 32)
     assert torch.equal(codes.view(torch.uint8), before[0]) and torch.equal(scale, before[1])
     assert out.untyped_storage().data_ptr() not in (codes.untyped_storage().data_ptr(), scale.untyped_storage().data_ptr())
+
+
+def test_fp8_linear_does_not_mutate_or_alias():
+    x, weight, scale = torch.randn(3, 256, generator=_g(31)), torch.randn(5, 256, generator=_g(32)).to(torch.float8_e4m3fn), torch.rand(1, 2)
+    before = x.clone(), weight.view(torch.uint8).clone(), scale.clone()
+    out = dsv4.fp8_linear(x, weight, scale)
+    assert torch.equal(x, before[0]) and torch.equal(weight.view(torch.uint8), before[1]) and torch.equal(scale, before[2])
+    assert out.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in (x, weight, scale)}

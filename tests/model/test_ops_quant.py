@@ -2,7 +2,7 @@
 twins in naive_ops.py, the grid, the tie rules and the documented NaN/Inf behaviour.
 
 Tolerances: codes and scales are compared bit for bit (the contract fixes every rounding: scale =
-float32 max(amax, 1e-4) / qmax, exact power-of-two ceiling, float32 quotient, nearest code with ties to
+float32 max(amax, floor) / qmax (floor 1e-4 for FP8, 6 * 2^-126 for FP4, as DeepSeek), exact power-of-two ceiling, float32 quotient, nearest code with ties to
 even). Dequantized values are code * scale rounded once to float32, so they are compared exactly too.
 Quantization error itself is judged by SQNR on Gaussian data: e4m3 keeps 3 mantissa bits (about 31 dB
 with block scales), e2m1 one (about 18-19 dB); the bars are 28 and 15 dB.
@@ -193,6 +193,26 @@ def test_fp8_ties_to_even():
     codes, scale = dsv4.fp8_quantize(x, x.numel(), False)
     assert scale.item() == 1.0
     assert codes.float()[1:].tolist() == [w for _, w in FP8_TIES]
+
+
+def test_amax_floor_is_deepseeks_per_format():
+    """DeepSeek floors the amax at 6 * 2^-126 for FP4 (fp4_act_quant) and at 1e-4 for FP8 (act_quant):
+    blocks with amax below 1e-4 keep their own scale in FP4 (so they survive), not in FP8."""
+    x = torch.zeros(4, 32)
+    x[1, 0], x[2, :] = 3e-30, 1e-6
+    x[3, 5] = 2e-5
+    _, s4 = dsv4.fp4_quantize(x, 32, True)
+    _, s8 = dsv4.fp8_quantize(x, 32, True)
+    def deepseek(amax: float, qmax: float, floor: float) -> float:
+        return 2.0 ** math.ceil(math.log2(max(amax, floor) / qmax))
+    amaxes = [0.0, 3e-30, 1e-6, 2e-5]
+    assert s4.squeeze(-1).tolist() == [deepseek(torch.tensor(a).item(), 6.0, 6 * 2.0 ** -126) for a in amaxes]
+    assert s8.squeeze(-1).tolist() == [deepseek(torch.tensor(a).item(), 448.0, 1e-4) for a in amaxes]
+    assert s4[0].item() == 2.0 ** -126 and s8[0].item() == 2.0 ** -22
+    # the tiny FP4 blocks dequantize to nonzero values; under the FP8 floor (2^-22 scale) 3e-30 rounds to 0
+    sim4 = dsv4.fp4_dequantize(*dsv4.fp4_quantize(x, 32, True), 32)
+    assert sim4[1, 0] > 0 and (sim4[2] > 0).all()
+    assert (dsv4.fp8_dequantize(*dsv4.fp8_quantize(x, 32, True), 32)[1] == 0).all()
 
 
 @pytest.mark.parametrize("qmax,quant", [(448.0, "fp8"), (6.0, "fp4")])
