@@ -5,8 +5,9 @@ Importing this package registers the `torch.ops.dsv4.*` ops of the plain model.
 from .model import (DSV4_NS_COEFFICIENTS, ConfigError, HybridOptimizer, KVCache, ModelConfig, Muon, Transformer,
                     deepseek_v4_optimizer, ops, preset_names, split_params)
 from .compile import compile, resolve_gpu  # noqa: A004  (dsv4_compile.compile is the function)
+from .checkpoint import CheckpointError, from_pretrained
 from .loader import ArtifactError, load
 
-__all__ = ["DSV4_NS_COEFFICIENTS", "ArtifactError", "ConfigError", "HybridOptimizer", "KVCache", "ModelConfig", "Muon",
-           "Transformer", "compile", "deepseek_v4_optimizer", "load", "ops", "preset_names", "resolve_gpu",
+__all__ = ["DSV4_NS_COEFFICIENTS", "ArtifactError", "CheckpointError", "ConfigError", "HybridOptimizer", "KVCache", "ModelConfig", "Muon",
+           "Transformer", "compile", "deepseek_v4_optimizer", "from_pretrained", "load", "ops", "preset_names", "resolve_gpu",
            "split_params"]

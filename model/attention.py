@@ -132,6 +132,14 @@ class Indexer(nn.Module):
         return torch.ops.dsv4.indexer_topk(q, weights, keys, positions, CSA_RATIO, self.topk), keys
 
 
+def layer_inv_freq(c: ModelConfig, ratio: int) -> torch.Tensor:
+    """RoPE inverse frequencies [rope_head_dim / 2] of a layer: YaRN-extended for compressed layers."""
+    if ratio:
+        return rope_inv_freq(c.rope_head_dim, c.compress_rope_theta, c.original_seq_len, c.rope_factor,
+                             c.beta_fast, c.beta_slow)
+    return rope_inv_freq(c.rope_head_dim, c.rope_theta)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, ratio: int):
         super().__init__()
@@ -152,12 +160,7 @@ class Attention(nn.Module):
         self.wo_b = nn.Linear(c.o_groups * c.o_lora_rank, c.dim, bias=False)
         self.compressor = Compressor(c, ratio, c.head_dim, "fp8") if ratio else None
         self.indexer = Indexer(c) if ratio == CSA_RATIO else None
-        if ratio:  # compressed layers: YaRN-extended RoPE
-            inv_freq = rope_inv_freq(c.rope_head_dim, c.compress_rope_theta, c.original_seq_len, c.rope_factor,
-                                     c.beta_fast, c.beta_slow)
-        else:
-            inv_freq = rope_inv_freq(c.rope_head_dim, c.rope_theta)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", layer_inv_freq(c, ratio), persistent=False)
 
     # ---- shared pieces ----------------------------------------------------------------------
     def _rope(self, x: torch.Tensor, positions: torch.Tensor, inverse: bool = False) -> torch.Tensor:

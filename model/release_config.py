@@ -267,3 +267,35 @@ def _scale_format(value) -> str:
     if value == "ue8m0":
         return "ue8m0"
     raise ConfigError(f"config.json key 'scale_fmt': value {value!r} is not supported; accepted: ue8m0 (or absent: float32)")
+
+
+def release_config_dict(config, weight_format: str = "fp8", expert_format: str = "fp4") -> dict:
+    """A ModelConfig -> the release's config.json mapping (Hugging Face vocabulary, as V4-Flash ships it),
+    for writing checkpoints; `release_fields` of it gives the same fields back (max_batch_size aside)."""
+    data = {
+        "architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": 1, "head_dim": config.head_dim,
+        "qk_rope_head_dim": config.rope_head_dim, "q_lora_rank": config.q_lora_rank, "o_groups": config.o_groups,
+        "o_lora_rank": config.o_lora_rank, "rms_norm_eps": config.norm_eps, "sliding_window": config.window_size,
+        "compress_ratios": list(config.compress_ratios) + [0] * config.n_mtp_layers,
+        "rope_theta": config.rope_theta, "compress_rope_theta": config.compress_rope_theta,
+        "rope_scaling": {"type": "yarn", "factor": config.rope_factor,
+                         "original_max_position_embeddings": config.original_seq_len,
+                         "beta_fast": config.beta_fast, "beta_slow": config.beta_slow},
+        "index_n_heads": config.index_n_heads, "index_head_dim": config.index_head_dim,
+        "index_topk": config.index_topk, "n_routed_experts": config.n_routed_experts,
+        "n_shared_experts": config.n_shared_experts, "num_experts_per_tok": config.n_activated_experts,
+        "moe_intermediate_size": config.moe_inter_dim, "routed_scaling_factor": config.route_scale,
+        "swiglu_limit": config.swiglu_limit, "num_hash_layers": config.n_hash_layers, "scoring_func": "sqrtsoftplus",
+        "norm_topk_prob": True, "topk_method": "noaux_tc", "hc_mult": config.hc_mult,
+        "hc_sinkhorn_iters": config.hc_sinkhorn_iters, "hc_eps": config.hc_eps,
+        "num_nextn_predict_layers": config.n_mtp_layers, "max_position_embeddings": config.max_seq_len,
+        "torch_dtype": config.dtype, "hidden_act": "silu", "tie_word_embeddings": False,
+    }
+    if weight_format == "fp8":
+        data["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                       "scale_fmt": "ue8m0", "weight_block_size": [128, 128]}
+    if expert_format == "fp4":
+        data["expert_dtype"] = "fp4"
+    return data

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, layer_inv_freq
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import RMSNorm
@@ -110,6 +110,15 @@ class Transformer(nn.Module):
         self.head = nn.Linear(c.dim, c.vocab_size, bias=False, dtype=torch.float32)  # logits in fp32
         if seed is not None:
             self.init_weights(seed)
+
+    @torch.no_grad()
+    def materialize(self, device: torch.device | str) -> "Transformer":
+        """A model built on the meta device -> uninitialised storage on `device` (to be filled from a
+        checkpoint), with the buffers that are computed rather than loaded (RoPE frequencies) filled."""
+        self.to_empty(device=device)
+        for block in [*self.layers, *(m.block for m in self.mtp)]:
+            block.attn.inv_freq = layer_inv_freq(self.config, block.attn.ratio).to(device)
+        return self
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

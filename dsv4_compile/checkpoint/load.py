@@ -1,0 +1,300 @@
+"""`dsv4_compile.from_pretrained(path)`: a DeepSeek-V4 checkpoint folder -> a `Transformer`.
+
+Order of work, so that nothing runs on a bad checkpoint:
+1. config.json -> ModelConfig (`ModelConfig.from_pretrained`; or `config=` for an inference-layout
+   folder, which DeepSeek's convert.py writes without one);
+2. every shard's header read (no tensor data): layout, missing or truncated shards;
+3. every tensor the model needs checked against the headers: names, shapes, dtypes, scales. All
+   problems are reported together, one line each, in one CheckpointError;
+4. the model built on the meta device, then given storage on the target device and filled tensor by
+   tensor from the memory-mapped shards (host memory stays near the largest tensor, not the model).
+
+weights="bf16" dequantizes every FP8 / MXFP4 weight once at load into the model's dtype (what the
+plain model computes with). weights="as-shipped" keeps the linears DeepSeek's inference runs as FP8
+GEMMs in FP8 with their 128x128 scales (`FP8Linear`, `torch.ops.dsv4.fp8_linear`); `attn.wo_a`
+(which DeepSeek multiplies in BF16) and the routed experts (until the grouped-MoE op takes MXFP4)
+are dequantized.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..model import ModelConfig, Transformer
+from ..model.layers import FP8Linear
+from ..model.ops import FP8_LINEAR_BLOCK
+from ..model.release_config import read_release_file, release_fields
+from ..model.weight_formats import (MXFP4_BLOCK, dequantize_fp8_weight, dequantize_mxfp4, e8m0_to_float,
+                                    fp8_weight_scale_shape)
+from . import names
+from .files import CheckpointError, CheckpointFiles, TensorEntry, TensorReader, discover
+
+WEIGHT_MODES = ("as-shipped", "bf16")
+FLOAT_CODES = ("F32", "BF16", "F16")
+SCALE_CODES = ("F8_E8M0", "U8", "F32", "BF16")
+MAX_LISTED = 40  # problems listed one per line before "... and N more"
+
+
+@dataclass
+class CheckpointInfo:
+    """What was loaded, attached to the model as `model.checkpoint`."""
+    path: str
+    layout: str
+    weights: str
+    fp8_linears: int = 0                     # linears kept FP8 (as-shipped)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Source:
+    """Where one expected release tensor comes from: its entries (one per MP rank when split) and scale."""
+    release: str
+    entries: list[TensorEntry]
+    split_dim: int | None
+    scale: list[TensorEntry] | None = None
+
+    @property
+    def code(self) -> str:
+        return self.entries[0].dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return _merged_shape(self.entries, self.split_dim)
+
+
+def _merged_shape(entries: list[TensorEntry], dim: int | None) -> tuple[int, ...]:
+    shape = list(entries[0].shape)
+    if dim is not None and len(entries) > 1:
+        shape[dim] = sum(e.shape[dim] for e in entries)
+    return tuple(shape)
+
+
+def load_config(path: Path, config: ModelConfig | str | Path | None) -> ModelConfig:
+    if isinstance(config, ModelConfig):
+        return config
+    source = Path(config) if config is not None else path
+    if config is None and not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json (DeepSeek's convert.py does not copy it); pass config= the "
+                              f"release's config.json or a ModelConfig")
+    data, name = read_release_file(source)
+    return ModelConfig.from_dict(release_fields(data).values, name=name)
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                    weights: str = "as-shipped", config: ModelConfig | str | Path | None = None,
+                    progress: Callable[[str], None] | None = None) -> Transformer:
+    """A checkpoint folder in the Hugging Face or the inference layout -> Transformer, in eval mode.
+
+    dtype: the model's compute dtype (default: the config's, bfloat16 for the releases); device: where
+    the weights go (default cpu); weights: "as-shipped" or "bf16" (module docstring); config: the
+    ModelConfig or a config.json to use instead of the folder's. Without MTP tensors in the
+    checkpoint the model is built with MTP off (n_mtp_layers 0) and a warning says so.
+    Raises CheckpointError (a bad checkpoint: every problem, one line each) or ConfigError.
+    """
+    path = Path(path)
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights={weights!r}: accepted: {', '.join(WEIGHT_MODES)}")
+    files = discover(path)
+    cfg = load_config(path, config)
+    if dtype is not None:
+        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        cfg = cfg.replace(dtype=name)
+    info = CheckpointInfo(str(path), files.layout, weights)
+    stored = _canonical_names(files)
+    if cfg.n_mtp_layers and not any(n.startswith("mtp.") for n in stored):
+        cfg = cfg.replace(n_mtp_layers=0)
+        info.notes.append(f"{path}: the checkpoint has no MTP tensors (mtp.*; transformers' save_pretrained drops them): "
+                          f"loaded with MTP off")
+        warnings.warn(info.notes[-1], stacklevel=2)
+    with torch.device("meta"):
+        model = Transformer(cfg, seed=None)
+    plan = _plan(model, files, stored)
+    keep_fp8 = _swap_fp8_linears(model, plan) if weights == "as-shipped" else set()
+    info.fp8_linears = len(keep_fp8)
+    model.materialize(device or "cpu")
+    _fill(model, plan, keep_fp8, progress)
+    model.eval()
+    model.checkpoint = info
+    return model
+
+
+def _canonical_names(files: CheckpointFiles) -> dict[str, list[TensorEntry]]:
+    stored: dict[str, list[TensorEntry]] = {}
+    for name, entries in files.tensors.items():
+        canon = names.canonical(name)
+        if canon in stored:
+            raise CheckpointError(f"{files.path}: tensors {stored[canon][0].name!r} and {name!r} are the same tensor "
+                                  f"({canon}); keep one")
+        stored[canon] = entries
+    return stored
+
+
+# ---- the plan: every expected tensor checked against the headers --------------------------------
+
+@dataclass
+class _Plan:
+    params: dict[str, list[_Source]]         # our state_dict name -> its sources (one, or one per expert)
+
+
+def _plan(model: Transformer, files: CheckpointFiles, stored: dict[str, list[TensorEntry]]) -> _Plan:
+    c = model.config
+    problems: list[str] = []
+    used: set[str] = set()
+    params: dict[str, list[_Source]] = {}
+    for ours, tensor in model.state_dict().items():
+        if names.is_stacked_experts(ours):
+            releases = names.expert_release_names(ours, c.n_routed_experts)
+            want = tuple(tensor.shape[1:])
+        else:
+            releases, want = [names.release_name(ours)], tuple(tensor.shape)
+        sources = []
+        for rel in releases:
+            src = _source(rel, stored, files, problems)
+            if src is None:
+                continue
+            used.add(rel)
+            if src.scale is not None:
+                used.add(_scale_name(rel))
+            _check(src, want, tensor.dtype, ours, problems)
+            sources.append(src)
+        params[ours] = sources
+    for extra in sorted(set(stored) - used):
+        entry = stored[extra][0]
+        problems.append(f"unexpected tensor {entry.name} {entry.dtype} {list(entry.shape)} in {entry.file.name}: "
+                        f"not part of this config's model")
+    if problems:
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
+        raise CheckpointError(f"{files.path}: {len(problems)} problem(s), nothing was loaded:\n" + "\n".join(shown))
+    return _Plan(params)
+
+
+def _scale_name(release_weight: str) -> str:
+    return release_weight[: -len(".weight")] + ".scale"
+
+
+def _source(rel: str, stored, files: CheckpointFiles, problems: list[str]) -> _Source | None:
+    entries = stored.get(rel)
+    if entries is None:
+        problems.append(f"missing tensor {rel}")
+        return None
+    split = names.mp_split_dim(rel) if files.mp > 1 else None
+    if files.mp > 1 and split is not None and len(entries) != files.mp:
+        problems.append(f"tensor {rel}: split across ranks but found in {len(entries)} of {files.mp} shards")
+        return None
+    if split is None:
+        entries = entries[:1]  # replicated across ranks (or one shard): any copy
+    src = _Source(rel, entries, split)
+    if rel.endswith(".weight") and _scale_name(rel) in stored:
+        scale = stored[_scale_name(rel)]
+        src.scale = scale if split is not None else scale[:1]
+    return src
+
+
+def _check(src: _Source, want: tuple[int, ...], param_dtype: torch.dtype, ours: str, problems: list[str]) -> None:
+    """One line per problem: dtype, shape, scale presence and shape, for the shipped formats."""
+    rel, code, shape = src.release, src.code, src.shape
+    if param_dtype in (torch.int32, torch.int64):  # tid2eid
+        if code not in ("I32", "I64"):
+            problems.append(f"tensor {rel}: dtype {code}; expected I32 or I64 (expert ids)")
+        elif shape != want:
+            problems.append(f"tensor {rel}: shape {list(shape)}; the config needs {list(want)}")
+        return
+    expert = ".ffn.experts." in rel
+    if code == "F8_E4M3":
+        if names.linear_kind(rel) is None and not expert:
+            problems.append(f"tensor {rel}: dtype F8_E4M3, but this tensor ships in {'/'.join(FLOAT_CODES)}")
+            return
+        want_scale = fp8_weight_scale_shape(*want)
+    elif code in ("I8", "U8") and expert:
+        want_scale = (want[0], want[1] // MXFP4_BLOCK)
+        if shape != (want[0], want[1] // 2):
+            problems.append(f"tensor {rel}: MXFP4 shape {list(shape)}; the config needs {[want[0], want[1] // 2]} "
+                            f"(two e2m1 values per byte)")
+            return
+        shape = want
+    elif code in FLOAT_CODES:
+        want_scale = None
+    else:
+        accepted = FLOAT_CODES + (("F8_E4M3",) if names.linear_kind(rel) or expert else ()) + (("I8",) if expert else ())
+        problems.append(f"tensor {rel}: dtype {code}; expected {' or '.join(accepted)}")
+        return
+    if shape != want:
+        problems.append(f"tensor {rel}: shape {list(shape)}; the config needs {list(want)}")
+        return
+    if want_scale is None:
+        if src.scale is not None:
+            problems.append(f"tensor {_scale_name(rel)}: a scale beside the unquantized {code} weight {rel}")
+        return
+    if src.scale is None:
+        problems.append(f"missing tensor {_scale_name(rel)} (the scales of the {code} weight {rel})")
+        return
+    scale_shape = _merged_shape(src.scale, src.split_dim)
+    if src.scale[0].dtype not in SCALE_CODES:
+        problems.append(f"tensor {_scale_name(rel)}: dtype {src.scale[0].dtype}; expected F8_E8M0 or F32")
+    elif scale_shape != tuple(want_scale):
+        problems.append(f"tensor {_scale_name(rel)}: shape {list(scale_shape)}; expected {list(want_scale)} for {rel}")
+
+
+# ---- building and filling -----------------------------------------------------------------------
+
+def _swap_fp8_linears(model: Transformer, plan: _Plan) -> set[str]:
+    """as-shipped: nn.Linear -> FP8Linear (on meta) where the checkpoint ships the weight FP8 and
+    DeepSeek runs it as an FP8 GEMM, with K a multiple of the 128-wide activation block (always so in
+    the releases; smaller test models keep such linears dequantized). Returns the swapped weights' names."""
+    swapped = set()
+    for ours, sources in plan.params.items():
+        if len(sources) != 1 or sources[0].code != "F8_E4M3" or names.linear_kind(sources[0].release) != "gemm":
+            continue
+        module_name = ours[: -len(".weight")]
+        parent_name, _, child = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if old.in_features % FP8_LINEAR_BLOCK:
+            continue
+        setattr(parent, child, FP8Linear(old.in_features, old.out_features, device="meta"))
+        swapped.add(ours)
+    return swapped
+
+
+def _read(reader: TensorReader, entries: list[TensorEntry], dim: int | None) -> torch.Tensor:
+    parts = [reader.read(e) for e in entries]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+@torch.no_grad()
+def _fill(model: Transformer, plan: _Plan, keep_fp8: set[str], progress) -> None:
+    state = model.state_dict(keep_vars=True)
+    reader = TensorReader()
+    try:
+        for i, (ours, sources) in enumerate(plan.params.items()):
+            target = state[ours]
+            if ours in keep_fp8:
+                src = sources[0]
+                target.copy_(_read(reader, src.entries, src.split_dim))
+                state[ours[: -len(".weight")] + ".scale"].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
+                continue
+            for e, src in enumerate(sources):
+                value = _decoded(reader, src, target.dtype, target.device)
+                (target[e] if names.is_stacked_experts(ours) else target).copy_(value)
+            if progress is not None and (i + 1) % 200 == 0:
+                progress(f"loaded {i + 1}/{len(plan.params)} tensors")
+    finally:
+        reader.close()
+
+
+def _decoded(reader: TensorReader, src: _Source, dtype: torch.dtype, device) -> torch.Tensor:
+    """The source tensor in the model's dtype on `device`: FP8 and MXFP4 dequantized there."""
+    raw = _read(reader, src.entries, src.split_dim).to(device)
+    if src.code == "F8_E4M3":
+        scale = _read(reader, src.scale, src.split_dim).to(device)
+        return dequantize_fp8_weight(raw, scale, dtype=dtype)
+    if src.code in ("I8", "U8"):
+        scale = _read(reader, src.scale, src.split_dim).to(device)
+        return dequantize_mxfp4(raw, scale, dtype=dtype)
+    return raw.to(dtype)
+
+

@@ -1,0 +1,208 @@
+"""Checkpoints in the release's layouts and shipped dtypes: write (synthetic), read, check.
+
+The writer turns a seeded model into the shipped formats (FP8 + e8m0 tile scales, MXFP4 experts,
+bf16 / fp32 / int64 elsewhere); loading must give back exactly the dequantized shipped values, the
+same model from either layout, and refuse a bad checkpoint with every problem named before building.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsv4_compile as d
+from dsv4_compile.checkpoint import CheckpointError, write_checkpoint
+from dsv4_compile.checkpoint import names
+from dsv4_compile.checkpoint.write import shipped_tensors
+from dsv4_compile.model.layers import FP8Linear
+from dsv4_compile.model.weight_formats import dequantize_fp8_weight, dequantize_mxfp4
+
+# Small, but with K multiples of 128 (FP8 GEMM linears) and splits that keep whole 128-wide FP8 tiles
+# per rank for mp=2: wq_b 4x128 rows, wo_a 2x128 rows, wo_b 256 columns, indexer wq_b 4x64 rows.
+CONFIG = d.ModelConfig.from_preset("tiny").replace(dim=128, q_lora_rank=128, head_dim=128, rope_head_dim=64,
+                                                   o_lora_rank=128, index_head_dim=64, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return d.Transformer(CONFIG, seed=3)
+
+
+@pytest.fixture(scope="module")
+def written(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {"hf": write_checkpoint(model, root / "hf", shards=3),
+            "inference": write_checkpoint(model, root / "inference", layout="inference", mp=2)}
+
+
+def dequantized_release(shipped: dict[str, torch.Tensor], rel: str) -> torch.Tensor:
+    t = shipped[rel]
+    scale = shipped.get(rel[: -len(".weight")] + ".scale") if rel.endswith(".weight") else None
+    if t.dtype == torch.float8_e4m3fn:
+        return dequantize_fp8_weight(t, scale)
+    if t.dtype == torch.int8:
+        return dequantize_mxfp4(t, scale)
+    return t
+
+
+def test_round_trip_is_exact(model, written):
+    """model -> shipped formats -> files -> loader: every weight equals its dequantized shipped value,
+    bit for bit, and writing the loaded model again reproduces the same values (a fixed point)."""
+    shipped = shipped_tensors(model)
+    loaded = d.from_pretrained(written["hf"], dtype="float32", weights="bf16")
+    for ours, value in loaded.state_dict().items():
+        if names.is_stacked_experts(ours):
+            want = torch.stack([dequantized_release(shipped, r) for r in names.expert_release_names(ours, CONFIG.n_routed_experts)])
+        else:
+            want = dequantized_release(shipped, names.release_name(ours))
+        assert torch.equal(value, want.to(value.dtype)), ours
+    again = shipped_tensors(loaded)
+    assert set(again) == set(shipped)
+    for rel in shipped:
+        if not rel.endswith(".scale"):
+            assert torch.equal(dequantized_release(again, rel), dequantized_release(shipped, rel)), rel
+
+
+def test_both_layouts_give_the_same_model(written):
+    hf = d.from_pretrained(written["hf"], dtype="float32", weights="bf16")
+    inf = d.from_pretrained(written["inference"], dtype="float32", weights="bf16")
+    assert (hf.checkpoint.layout, inf.checkpoint.layout) == ("huggingface", "inference")
+    a, b = hf.state_dict(), inf.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(hf(tokens), inf(tokens))
+
+
+def test_as_shipped_keeps_fp8_linears(written):
+    shipped = load_file(str(next(Path(written["hf"]).glob("*.safetensors"))))
+    fp8 = d.from_pretrained(written["hf"], dtype="float32", weights="as-shipped")
+    plain = d.from_pretrained(written["hf"], dtype="float32", weights="bf16")
+    kept = {n for n, m in fp8.named_modules() if isinstance(m, FP8Linear)}
+    # wq_a, wq_b, wkv, wo_b (K = 128 or 512) in 4 layers + MTP block, indexer wq_b (2 CSA layers), shared
+    # w1/w3 (K = dim) in 5 blocks, e_proj/h_proj; wo_a stays BF16 (DeepSeek multiplies it in BF16)
+    assert "layers.1.attn.wq_a" in kept and "mtp.0.e_proj" in kept and "layers.1.attn.indexer.wq_b" in kept
+    assert not any(k.endswith("wo_a") or k.endswith("shared.w2") for k in kept)
+    assert fp8.checkpoint.fp8_linears == len(kept) == 5 * 4 + 2 + 5 * 2 + 2
+    for name in kept:
+        rel = names.release_name(name + ".weight")
+        if rel in shipped:
+            got = fp8.get_submodule(name).weight
+            assert torch.equal(got.view(torch.uint8), shipped[rel].view(torch.uint8)), name
+    tokens = torch.randint(0, CONFIG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y8, y = fp8(tokens), plain(tokens)
+    # the same weights; only the FP8 rounding of the linears' inputs differs (3 mantissa bits)
+    rel = ((y8 - y).norm() / y.norm()).item()
+    assert 0 < rel < 0.1
+
+
+def test_release_name_variants_load_the_same(model, written, tmp_path):
+    """transformers' save_pretrained spellings: model. prefix, embed_tokens, hc_head.hc_fn, attn.norm."""
+    src = Path(written["hf"])
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for file in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(src / file))
+        out = {}
+        for k, v in tensors.items():
+            k2 = k.replace("embed.weight", "embed_tokens.weight").replace("hc_head_fn", "hc_head.hc_fn")
+            k2 = k2.replace("attn.kv_norm.weight", "attn.norm.weight")
+            out["model." + k2 if not k2.startswith("head.") else k2] = v
+        save_file(out, str(tmp_path / file))
+        renamed.update({k: file for k in out})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": renamed}))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    a = d.from_pretrained(tmp_path, dtype="float32", weights="bf16").state_dict()
+    b = d.from_pretrained(src, dtype="float32", weights="bf16").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_without_mtp_tensors_mtp_is_off_and_said(written, tmp_path):
+    src = Path(written["hf"])
+    for file in src.glob("*.safetensors"):
+        save_file({k: v for k, v in load_file(str(file)).items() if not k.startswith("mtp.")}, str(tmp_path / file.name))
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("mtp.")}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    with pytest.warns(UserWarning, match="no MTP tensors .* loaded with MTP off"):
+        m = d.from_pretrained(tmp_path, dtype="float32")
+    assert m.config.n_mtp_layers == 0 and len(m.mtp) == 0 and m.checkpoint.notes
+
+
+def test_inference_layout_needs_a_config(written, tmp_path):
+    src = Path(written["inference"])
+    for file in src.glob("model*-mp2.safetensors"):
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    with pytest.raises(CheckpointError, match="no config.json .* pass config="):
+        d.from_pretrained(tmp_path)
+    m = d.from_pretrained(tmp_path, config=src / "config.json", dtype="float32", weights="bf16")
+    assert m.config.n_layers == CONFIG.n_layers
+
+
+# ---- bad checkpoints: each refused with what is wrong, nothing built ------------------------------
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _edit_shard(path: Path, edit) -> None:
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    for file in files:
+        tensors = load_file(str(path / file))
+        new = edit(dict(tensors))
+        if set(new) != set(tensors) or any(new[k] is not tensors[k] for k in new):
+            save_file(new, str(path / file))
+            index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k in new or v != file}
+            index["weight_map"].update({k: file for k in new})
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def _drop(name):
+    return lambda t: {k: v for k, v in t.items() if k != name}
+
+
+def _set(name, value):
+    return lambda t: {**t, name: value} if name in t else t
+
+
+BAD = {
+    "missing shard": (lambda p: (p / "model-00002-of-00003.safetensors").unlink(),
+                      r"missing shard model-00002-of-00003.safetensors"),
+    "truncated file": (lambda p: (p / "model-00003-of-00003.safetensors").write_bytes(
+        (p / "model-00003-of-00003.safetensors").read_bytes()[:-1000]), r"model-00003-of-00003.safetensors: truncated"),
+    "wrong dtype": (lambda p: _edit_shard(p, _set("norm.weight", torch.ones(128, dtype=torch.int32))),
+                    r"tensor norm.weight: dtype I32; expected F32 or BF16 or F16"),
+    "missing scale": (lambda p: _edit_shard(p, _drop("layers.1.attn.wq_a.scale")),
+                      r"missing tensor layers.1.attn.wq_a.scale \(the scales of the F8_E4M3 weight"),
+    "extra tensor": (lambda p: _edit_shard(p, lambda t: {**t, "layers.1.attn.wq_c.weight": torch.ones(2)}
+                                           if "norm.weight" in t else t),
+                     r"unexpected tensor layers.1.attn.wq_c.weight F32 \[2\]"),
+    "changed head count": (lambda p: (p / "config.json").write_text(json.dumps(
+        dict(json.loads((p / "config.json").read_text()), num_attention_heads=2))),
+        r"tensor layers.0.attn.wq_b.weight: shape \[512, 128\]; the config needs \[256, 128\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_checkpoints_are_refused(case, written, tmp_path):
+    path = _copy(Path(written["hf"]), tmp_path / "ckpt")
+    damage, match = BAD[case]
+    damage(path)
+    with pytest.raises(CheckpointError, match=match) as err:
+        d.from_pretrained(path)
+    lines = str(err.value).splitlines()
+    assert all(len(line) < 300 for line in lines)
+    if case in ("missing shard", "truncated file"):
+        assert len(lines) == 1
+    if case == "changed head count":  # every wrongly shaped tensor, one line each, before anything is built
+        assert lines[0].endswith("nothing was loaded:") and len(lines) > 5
