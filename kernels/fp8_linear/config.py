@@ -1,0 +1,57 @@
+"""Tunable launch parameters of the block-scaled FP8 linear kernel, with defaults per GPU and size."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Mapping
+
+from .._common import KernelConfig, pick_default
+
+SCALE_BLOCK = 128  # K block of the activation scales and edge of the weight's scale tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8LinearConfig(KernelConfig):
+    """y [M, N] = x [M, K] @ W [N, K]^T, one program per [block_m, block_n] output tile, walking K in
+    steps of 128 (one activation scale per row and one weight scale per 128 columns per step: each
+    step's FP8 product is promoted to fp32 and scaled there, as DeepSeek's DeepGEMM does).
+
+    quant: "fused" quantizes x's [block_m, 128] tiles inside the GEMM (one launch: what decode needs;
+    every N tile re-quantizes its rows, fine while M is small); "separate" quantizes x once in its own
+    pass and the GEMM reads FP8 codes + scales (large M: the re-quantization would cost CUDA-core time
+    comparable to the tensor-core work).
+    cast: fp32 -> e4m3 by the hardware conversion ("native", sm_89+, round to nearest even) or on the
+    bits ("bits": exact everywhere; the interpreter's own cast does not round to even).
+    """
+
+    block_m: int = 64
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    group_m: int = 8
+    quant: str = "separate"
+    cast: str = "bits"
+
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "num_warps")
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"quant": ("fused", "separate"), "cast": ("bits", "native")}
+
+
+DEFAULT_CONFIGS: dict[str, Fp8LinearConfig] = {
+    "interpreter": Fp8LinearConfig(block_m=16, block_n=32, num_stages=1, quant="fused"),
+    "H100": Fp8LinearConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, cast="native"),
+    "H200": Fp8LinearConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, cast="native"),
+    "generic": Fp8LinearConfig(),
+}
+# Few rows (decode, small batches): reading W dominates; small M tiles, more N tiles, fused quantization.
+SMALL_M = 64
+SMALL_M_CONFIGS: dict[str, Fp8LinearConfig] = {
+    "interpreter": Fp8LinearConfig(block_m=16, block_n=32, num_stages=1, quant="fused"),
+    "H100": Fp8LinearConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, quant="fused", cast="native"),
+    "H200": Fp8LinearConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, quant="fused", cast="native"),
+    "generic": Fp8LinearConfig(block_m=16, block_n=64, quant="fused"),
+}
+
+
+def default_config(gpu_name: str | None = None, m: int | None = None) -> Fp8LinearConfig:
+    """Default config for a GPU name (None = the current device) and, when known, the row count M."""
+    table = SMALL_M_CONFIGS if m is not None and m <= SMALL_M else DEFAULT_CONFIGS
+    return pick_default(table, gpu_name)

@@ -1,0 +1,92 @@
+"""Block-scaled FP8 linear kernel against the plain op (torch.ops.dsv4.fp8_linear) and its naive twin.
+
+CPU: the Triton interpreter at small odd shapes (M, N not multiples of the tiles; K several 128-steps),
+both quantization modes, every input dtype. GPU (marked): compiled, at V4-Flash's linear shapes.
+
+Tolerances (relative RMS against the plain op, which dequantizes and then sums in another order):
+float32 output 1e-5 on the CPU (only the summation order differs); on the GPU 1e-3, since Hopper's FP8
+MMA keeps about 14 significant bits while it accumulates inside each 128-step (DeepGEMM's reason to
+promote every 128 to fp32, as the kernel does); bfloat16 / float16 outputs: tests/helpers.py's 1e-2 /
+2e-3 (one output rounding). The FP8 codes and scales themselves are the plain op's exactly.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import (conftest does it too)
+
+import pytest  # noqa: E402
+
+import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+from dsv4_compile.kernels.fp8_linear import fp8_linear, naive  # noqa: E402
+from dsv4_compile.model.weight_formats import e8m0_to_float, quantize_fp8_weight  # noqa: E402
+from helpers import REL_RMS_TOL, assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
+
+
+def tol(dtype: torch.dtype) -> float:
+    if dtype == torch.float32:
+        return 1e-3 if DEVICE == "cuda" else 1e-5
+    return REL_RMS_TOL[dtype]
+
+
+def make(m_shape, k, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # columns spanning 1e-3 .. 10 (so that blocks get different scales) and one tiny block (the 1e-4 floor)
+    x = torch.randn(*m_shape, k, generator=g) * torch.logspace(-3, 1, k)
+    x[..., :128] *= 1e-6
+    codes, scale = quantize_fp8_weight(torch.randn(n, k, generator=g) * torch.logspace(-2, 0, n).unsqueeze(1))
+    return x.to(dtype).to(DEVICE), codes.to(DEVICE), e8m0_to_float(scale).to(DEVICE)
+
+
+@pytest.mark.parametrize("quant", ["fused", "separate"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m_shape,k,n", [((5,), 256, 200), ((2, 17), 384, 130), ((1,), 128, 33)],
+                         ids=["5x256x200", "2x17x384x130", "1x128x33"])
+def test_matches_plain_and_naive(m_shape, k, n, dtype, quant):
+    x, w, s = make(m_shape, k, n, dtype)
+    y = fp8_linear(x, w, s, {"quant": quant, "block_m": 16, "block_n": 32})
+    ref = torch.ops.dsv4.fp8_linear(x, w, s)
+    assert y.shape == (*m_shape, n) and y.dtype == dtype
+    assert_close("kernel vs plain", ref.float(), y.float(), tol(dtype))
+    assert_close("naive vs plain", naive.fp8_linear(x, w, s).float(), ref.float().cpu(), tol(dtype))
+
+
+def test_config_variants_agree():
+    x, w, s = make((6,), 256, 96, torch.float32, seed=1)
+    ref = torch.ops.dsv4.fp8_linear(x, w, s)
+    for cfg in ({"quant": "fused", "block_m": 16, "block_n": 64}, {"quant": "separate", "block_m": 32, "block_n": 32},
+                "quant=fused,block_m=16,block_n=16,group_m=1"):
+        assert_close(f"kernel {cfg}", ref, fp8_linear(x, w, s, cfg), tol(torch.float32))
+
+
+def test_input_errors():
+    x, w, s = make((2,), 256, 64, torch.float32)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8_linear(x[:, :200].contiguous(), w[:, :200].contiguous(), s)
+    with pytest.raises(ValueError, match="scale"):
+        fp8_linear(x, w, s[:, :1].contiguous())
+    with pytest.raises(ValueError, match="weight is torch.bfloat16"):
+        fp8_linear(x, w.to(torch.bfloat16), s)
+    with pytest.raises(ValueError, match="quant"):
+        fp8_linear(x, w, s, {"quant": "later"})
+    with pytest.raises(ValueError, match="not contiguous"):
+        fp8_linear(torch.zeros(2, 512, device=DEVICE)[:, :256], w, s)
+
+
+# V4-Flash linears (N, K): wq_a, wq_b, wkv, wo_b, indexer wq_b, shared w1/w3, shared w2
+FLASH_LINEARS = [(1024, 4096), (32768, 1024), (512, 4096), (4096, 8192), (8192, 1024), (2048, 4096), (4096, 2048)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 64, 4096])
+@pytest.mark.parametrize("n,k", FLASH_LINEARS, ids=[f"{n}x{k}" for n, k in FLASH_LINEARS])
+def test_gpu_flash_shapes(n, k, m):
+    x, w, s = make((m,), k, n, torch.bfloat16, seed=n + k + m)
+    y = fp8_linear(x, w, s)
+    ref = torch.ops.dsv4.fp8_linear(x.float(), w, s)
+    assert_close(f"FP8 linear [{m}, {k}] x [{n}, {k}]", ref, y.float(), REL_RMS_TOL[torch.bfloat16])
