@@ -36,8 +36,8 @@ def _sweep(fn, configs):
 
 def run_quant_bench(R: int = 16384, D: int = 7168, copy_gbs: float | None = None, sweep: bool = True,
                     compile: bool = True) -> list[dict]:
-    from dsv4_compile.kernels.fp4_quant import fp4_dequantize, fp4_quantize
-    from dsv4_compile.kernels.fp8_quant import fp8_dequantize, fp8_quantize
+    from dsv4_compile.kernels.fp4_quantize import fp4_dequantize, fp4_quantize
+    from dsv4_compile.kernels.fp8_quantize import fp8_dequantize, fp8_quantize
     from dsv4_compile.model import ops
 
     copy_gbs = copy_gbs or copy_bandwidth_gbs()

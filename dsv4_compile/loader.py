@@ -88,9 +88,9 @@ def libstdcxx_problem() -> str | None:
     """None when this process's libstdc++ is the system's (or newer), else the one-line fix.
 
     Compares the mapped file's real path and, if different, its highest GLIBCXX version against the
-    system library's. NOTE (checked on the lent H100 image, 2026-11-23): there the mapped library IS
-    the system's and a .pt2 load still segfaults without LD_PRELOAD (other libraries' symbols come
-    first?), so this file check cannot see that case: `cuda_preload_problem` covers it.
+    system library's. A CUDA .pt2 can crash even when the mapped library IS the system's (seen on a GPU
+    machine, bench/results/H100/BUILD.md), which this file check cannot see: `cuda_preload_problem`
+    covers that case.
     """
     system = system_libstdcxx()
     if system is None:
@@ -113,10 +113,9 @@ def _preloaded(system: str) -> bool:
 def cuda_preload_problem() -> str | None:
     """CUDA packages: None when the system libstdc++ is in LD_PRELOAD (or there is none), else the fix.
 
-    On the lent H100 image (torch 2.11.0+cu130, checked 2026-11-23) the mapped libstdc++ is the system's
-    file, yet loading a CUDA .pt2 without LD_PRELOAD never returns (the process died or hung past 60 s
-    in every try) and loads at once with it. No file check sees that, and a probe process would hang
-    too, so CUDA packages are loaded only with the system libstdc++ preloaded.
+    A CUDA .pt2 load can hang or crash without LD_PRELOAD even when the mapped libstdc++ is the system's
+    file (bench/results/H100/BUILD.md); no file check sees that, and a probe process would hang too, so
+    CUDA packages are loaded only with the system libstdc++ preloaded.
     """
     system = system_libstdcxx()
     if system is None or _preloaded(system):

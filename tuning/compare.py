@@ -1,4 +1,4 @@
-"""The recorded comparison of issue 7: for each kernel and problem, in one run,
+"""The recorded tuning comparison: for each kernel and problem, in one run,
 (a) the kernel's per-GPU default config, (b) the best of a typical @triton.autotune config list,
 (c) the Optuna-tuned best after N configs, (d) a full grid over the tuned space; and how many configs
 Optuna needed to come within 2% of the grid's best, against the grid's size.
@@ -52,7 +52,7 @@ from .tables import write_csv
 from .sweep import tpe_sampler
 
 WITHIN = 0.02
-TARGET_SPEEDUP = 1.1          # tuned vs default (the issue's compass)
+TARGET_SPEEDUP = 1.1          # tuned vs default: what makes tuning worth its time
 TARGET_FRACTION = 1 / 3       # of the grid's configs
 RAN = (STATUS_MEASURED, STATUS_WRONG, STATUS_ERROR)
 
@@ -505,7 +505,7 @@ def _write_markdown(path: Path, result: CompareResult, rows: list[dict], stem: s
            "allow; 'full space' = the valid configs of the whole tuned space, for scale.",
            f"- **to 2%**: configs run until the best so far is within {WITHIN:.0%} of the grid's best (live run; "
            "median over Optuna seeds replayed on the measured grid; median over random orders of the grid).",
-           f"- target (issue 7): tuned/default >= {TARGET_SPEEDUP}x and Optuna within 2% in <= 1/3 of the grid's configs.",
+           f"- target: tuned/default >= {TARGET_SPEEDUP}x and Optuna within 2% in <= 1/3 of the grid's configs.",
            "", "| kernel | bucket | default ms | autotune best ms | optuna best ms (N) | grid best ms | grid valid/raw "
            "(full space) | tuned/default | tuned/autotune | grid/default | to 2%: optuna live / median / random median "
            "| target met |", "|" + "---|" * 12]

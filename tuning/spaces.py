@@ -406,7 +406,7 @@ def _smem(need: int, gpu: GpuSpec, what: str) -> str | None:
 
 
 # ================================================================================================
-# FP8 / FP4 blockwise quantization (kernels/fp8_quant, kernels/fp4_quant)
+# FP8 / FP4 blockwise quantization (kernels/fp8_quantize, kernels/fp4_quantize)
 # ================================================================================================
 
 def _quant_tile(cfg, problem) -> tuple[int, int]:
@@ -453,7 +453,7 @@ def _quant_problem(cols_of: Callable[[Any], int], block: int):
 _WARPS = Param("num_warps", (1, 2, 4, 8, 16))
 
 FP8_QUANTIZE = KernelSpace(
-    name="fp8_quantize", package="fp8_quant", config_class="Fp8QuantConfig", function="fp8_quant:fp8_quantize",
+    name="fp8_quantize", package="fp8_quantize", config_class="Fp8QuantConfig", function="fp8_quantize:fp8_quantize",
     params=(Param("block_elems", tuple(1 << i for i in range(6, 16))), _WARPS,
             Param("cast", ("bits", "native"), optional=True)),
     problem=_quant_problem(lambda mc: mc.head_dim - mc.rope_head_dim, 64),
@@ -464,7 +464,7 @@ FP8_QUANTIZE = KernelSpace(
         "the gate requires a bit-exact match, so 'native' wins only where it is exact.")
 
 FP4_QUANTIZE = KernelSpace(
-    name="fp4_quantize", package="fp4_quant", config_class="Fp4QuantConfig", function="fp4_quant:fp4_quantize",
+    name="fp4_quantize", package="fp4_quantize", config_class="Fp4QuantConfig", function="fp4_quantize:fp4_quantize",
     params=(Param("block_elems", tuple(1 << i for i in range(5, 15))), _WARPS),
     problem=_quant_problem(lambda mc: mc.index_head_dim, 32),
     hard=(rule_threads, quant_hard), redundant=(quant_redundant,),

@@ -198,7 +198,7 @@ def kernel_for(name: str) -> str | None:
 def config_source(name: str, gpu: str, tables_dir: str | os.PathLike | None = None) -> dict | None:
     """A `dsv4_compile.passes.ConfigSource`: the tuned table of the kernel behind substitution `name`
     ('fp8_quantize.triton' -> fp8_quantize) on `gpu`, in the form the kernels' substitutions read
-    (kernels/_substitution.py, kernels/sparse_attention/substitution.py), or None when untuned:
+    (dsv4_compile/passes/kernel_substitutions/_common.py), or None when untuned:
 
         {"default": "<full config string>",              # the entry of the longest context (decode:
                                                          #   of the longest context, batch nearest 64)

@@ -33,30 +33,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..metrics import rel_rms
+from ..metrics import REL_RMS_TOL, few_flips, mismatch
 
-REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> str | None:
-    """None when shapes, dtypes and NaN positions match and the relative RMS error is within tol."""
-    if tuple(ref.shape) != tuple(out.shape):
-        return f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    if ref.dtype != out.dtype:
-        return f"{name}: dtype {out.dtype} != reference {ref.dtype}"
-    if ref.is_floating_point():
-        if not torch.equal(torch.isnan(ref), torch.isnan(out)):
-            return f"{name}: NaN positions differ ({int(torch.isnan(ref).sum())} vs {int(torch.isnan(out).sum())})"
-        if tol == 0.0:
-            bad = int(((ref != out) & ~torch.isnan(ref)).sum())
-            return None if bad == 0 else f"{name}: {bad} of {ref.numel()} values differ (exact match required)"
-        if not torch.equal(torch.isinf(ref), torch.isinf(out)):
-            return f"{name}: Inf positions differ"
-        err = rel_rms(ref, out, finite_only=True)
-        return None if err <= tol else f"{name}: relative RMS error {err:.3e} > {tol:.0e}"
-    bad = int((ref != out).sum())
-    return None if bad == 0 else f"{name}: {bad} of {ref.numel()} values differ (exact match required)"
+    """None when shapes, dtypes and NaN / Inf positions match and the relative RMS error is within tol
+    (0: exact); the package's one comparison rule (dsv4_compile.metrics.mismatch)."""
+    return mismatch(name, ref, out, tol, same_dtype=True)
 
 
 def _as_float(codes: torch.Tensor) -> torch.Tensor:
@@ -152,7 +137,7 @@ def _hc_pre_inputs(problem, device, seed=0, small=False):
 
 
 def _hc_pre_compare(ref, out) -> str | None:
-    y_tol = REL_TOL.get(ref[0].dtype, 1e-2)
+    y_tol = REL_RMS_TOL.get(ref[0].dtype, 1e-2)
     return (close("y", ref[0], out[0], y_tol) or close("post", ref[1], out[1], 1e-3)
             or close("comb", ref[2], out[2], 1e-3))
 
@@ -240,13 +225,13 @@ SPARSE_ATTENTION = KernelTask(
     inputs=_attn_prefill_inputs,
     reference=lambda a: torch.ops.dsv4.sparse_attention(*a),
     call=lambda fn, a, cfg: fn(*a, config=cfg),
-    compare=lambda ref, out: close("out", ref, out, REL_TOL.get(ref.dtype, 1e-2)))
+    compare=lambda ref, out: close("out", ref, out, REL_RMS_TOL.get(ref.dtype, 1e-2)))
 
 SPARSE_ATTENTION_CACHED = KernelTask(
     inputs=_attn_decode_inputs,
     reference=lambda a: torch.ops.dsv4.sparse_attention_cached(*a),
     call=lambda fn, a, cfg: fn(*a, config=cfg),
-    compare=lambda ref, out: close("out", ref, out, REL_TOL.get(ref.dtype, 1e-2)))
+    compare=lambda ref, out: close("out", ref, out, REL_RMS_TOL.get(ref.dtype, 1e-2)))
 
 
 # ---- compressor ------------------------------------------------------------------------------------
@@ -275,23 +260,6 @@ def _compress_inputs(problem, device, seed=0, small=False):
         angles = torch.rand((n_entries, r // 2), generator=_gen(device, s + 4), device=device) * 6.3
         calls.append((kv, score, ape, weight, angles.cos(), angles.sin(), ratio, overlap, 1e-6, quant))
     return tuple(calls)
-
-
-def few_flips(name: str, ref: torch.Tensor, out: torch.Tensor, frac: float = 0.01, min_allowed: int = 4) -> str | None:
-    """None when shapes and NaN positions match and at most max(min_allowed, frac) of the values differ,
-    each by at most one code step (see the module docstring)."""
-    if tuple(ref.shape) != tuple(out.shape):
-        return f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
-    if not torch.equal(torch.isnan(ref), torch.isnan(out)):
-        return f"{name}: NaN positions differ"
-    differ = (ref != out) & ~torch.isnan(ref)
-    n = int(differ.sum())
-    if n > max(min_allowed, int(frac * ref.numel())):
-        return f"{name}: {n} of {ref.numel()} values differ (allowed {max(min_allowed, int(frac * ref.numel()))})"
-    big = ((ref - out).abs() > 0.5 * torch.maximum(ref.abs(), out.abs())) & (ref != 0) & (out != 0)
-    if bool((big & differ).any()):
-        return f"{name}: a value differs by more than one code step"
-    return None
 
 
 def _compress_compare(refs, outs) -> str | None:

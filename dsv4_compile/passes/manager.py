@@ -14,7 +14,8 @@ uuid(): Inductor puts it in the FX graph cache key, and a post-grad pass does NO
 So the uuid hashes everything that decides the rewritten graph: this package's own source, the target
 GPU, and for each enabled substitution its name, version, priority, op, the source of its
 replacement/predicate/config functions, the contents of the files defining them (helpers included)
-plus its `source_files`, and its tuned table. The tables are read once, when the manager is built,
+plus its `source_files`, and its tuned table. File contents, never paths: every checkout of the same
+source gets the same uuid. The tables are read once, when the manager is built,
 so the uuid and the pass always agree.
 """
 from __future__ import annotations
@@ -332,10 +333,12 @@ def _hash_identity(gpu: str, subs: Sequence[Substitution], tables: dict[str, Any
         h.update(text.encode())
         h.update(b"\0")
 
-    def put_file(path: str) -> None:
-        put(path)
+    def file_digest(path: str) -> bytes:
         with open(path, "rb") as f:
-            h.update(hashlib.sha256(f.read()).digest())
+            return hashlib.sha256(f.read()).digest()
+
+    def put_file(path: str) -> None:
+        h.update(file_digest(path))
 
     put(f"dsv4 passes, report format {REPORT_FORMAT}, gpu {gpu}")
     for path in _FRAMEWORK_FILES:
@@ -347,7 +350,8 @@ def _hash_identity(gpu: str, subs: Sequence[Substitution], tables: dict[str, Any
             text, fn_files = callable_identity(fn)
             put(text)
             files.update(fn_files)
-        for path in sorted(files):
-            put_file(path)
+        # Contents only, in content order: two checkouts (or installs) of one source share cache keys.
+        for digest in sorted(file_digest(path) for path in files):
+            h.update(digest)
         put(json.dumps(tables.get(sub.name), sort_keys=True, default=repr))
     return h.hexdigest()

@@ -5,7 +5,7 @@ inline, when `applies(target, *args)` returns None". `args` are the op's argumen
 (defaults filled in); during the pass every tensor among them is a fake tensor (shape, dtype, device,
 no data), so predicates and config functions look at metadata only.
 
-Registering (a kernel engineer, in `kernels/<op>/substitution.py`, discovered on first use):
+Registering (a kernel engineer, in `dsv4_compile/passes/kernel_substitutions/<op>.py`, discovered on first use):
 
     from dsv4_compile.passes import Substitution, register
 
@@ -136,7 +136,7 @@ def unregister(name: str) -> None:
 
 
 def discover() -> None:
-    """Import the built-in decompositions and every `dsv4_compile.kernels.<op>.substitution` module
+    """Import the built-in decompositions and every `dsv4_compile.passes.kernel_substitutions.<op>` module
     (each registers its substitutions on import). Runs once; later calls do nothing.
 
     Kernel modules are imported only here, at compile time, because importing Triton kernels fixes
@@ -147,17 +147,11 @@ def discover() -> None:
         return
     _discovered = True
     from . import decompose  # noqa: F401  (registers decompose.*)
+    from . import kernel_substitutions as package
 
-    kernels = importlib.import_module("dsv4_compile.kernels")
-    for info in pkgutil.iter_modules(getattr(kernels, "__path__", [])):
-        if not info.ispkg:
-            continue
-        name = f"dsv4_compile.kernels.{info.name}.substitution"
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # the module exists but one of its own imports failed: say so
-                raise
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def substitutions() -> dict[str, Substitution]:

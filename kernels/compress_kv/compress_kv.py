@@ -30,7 +30,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import block_scale, divide_by_scale, e4m3_bits, round_bf16
-from ..fp4_quant.fp4_quant import FP4_AMAX_FLOOR, _e2m1_code, _e2m1_value
+from ..fp4_quantize.fp4_quantize import FP4_AMAX_FLOOR, _e2m1_code, _e2m1_value
 from .config import CompressKVConfig, default_config
 
 QUANTS = ("fp8", "hadamard_fp4")

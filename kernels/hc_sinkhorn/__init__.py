@@ -1,4 +1,6 @@
-"""mHC kernels (Triton): Sinkhorn-Knopp on n x n matrices and the fused hc_pre step; naive twins."""
+"""mHC kernels (Triton) and their naive twins. This folder serves two ops: `hc_sinkhorn` (Sinkhorn-Knopp
+on n x n matrices) and `hc_pre` (the fused pre-mix, which runs the same Sinkhorn code); one config
+class, HcConfig, with fields for each."""
 from .config import DEFAULT_CONFIGS, HcConfig, default_config
 from .hc_sinkhorn import hc_pre, hc_sinkhorn
 

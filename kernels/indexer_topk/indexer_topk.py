@@ -2,106 +2,14 @@
 the visible compressed keys with the highest weighted-ReLU scores, best first, ties to the lowest
 index, NaN first, -1 padding.
 
-Structure:
-- persistent programs: grid = min(query blocks, PROGRAMS_PER_SM x SMs) (INTERPRET_PROGRAMS under
-  the interpreter); program pid takes blocks pid, pid + programs, ... of `block_s` consecutive query
-  tokens of one batch row (one on the exact path), the last blocks (most visible keys, under the
-  causal rule) first. For a block it reads the positions and scores the keys visible to any of its
-  queries, n < max_s min(N, (t_s + 1) // ratio), in tiles of `block_n` keys: b_s [M, BN] = q [M, BD] @
-  keys^T with M = block_s x BLOCK_H (queries x heads flattened: all heads of all the block's queries
-  in one tl.dot, a 128 x 128 x 128 MMA at the V4 shapes with block_s 2), relu, times the head weights,
-  reshaped [block_s, BLOCK_H, BN] and summed over heads -> [block_s, BN] fp32 scores; keys a query
-  cannot see are masked out of its selection. The relu between the dot and the head sum is what
-  prevents folding the weighted sum over heads into the dot. With config score_rows="keys" (the
-  default) the same dot is issued transposed, keys [BN, BD] @ q^T -> [BN, M]: the MMA's rows are keys
-  and its columns queries x heads, so the head sum runs along columns, which the MMA layout keeps
-  within a thread and its quad (shuffles), not across the warps holding the rows (a shared-memory
-  reduction each tile with score_rows="heads").
-  No [S, N] score matrix is written anywhere: the output is [B, S, topk] int32, plus a small int64
-  workspace (below).
-- sort keys: each (score, index) pair is packed into one int64 whose signed order is the selection
-  order: high 32 bits = the fp32 score bits mapped to a monotone int32 (x ^ ((x >> 31) & 0x7fffffff);
-  -0.0 made +0.0 first, every NaN made INT32_MAX so NaN sorts first), low 32 bits = 2^31 - 1 - index
-  (so among equal scores the lower index is larger: ties go to the lowest index). Keys are unique;
-  EMPTY = INT64_MIN (invalid keys, empty slots) is below every real key.
-- running top-k as threshold-filtered candidates: each query has a workspace row of C =
-  buffer_factor x KB int64 slots in global memory (KB = max(next_pow2(topk), block_n), so C >= topk
-  + block_n), a count `cnt` of filled slots (unordered) and a threshold `thr` = its topk-th best key
-  at the last compaction (EMPTY before it, or while it had fewer): a key <= thr can never make the
-  top-k. A tile's keys > thr are appended (slots cnt + exclusive prefix sum of the selection, a masked
-  store; skipped when no query of the block has one).
-- segments: the key loop is a while loop over segments of (C - max cnt) // block_n tiles, the most
-  that fit whatever enters (<= block_n keys a row a tile), each an inner for loop with no check and
-  no barrier, so Triton can software-pipeline its key loads (a barrier inside the loop stops its
-  pipeliner: checked by compiling for sm_90 offline with Triton 3.9). Before a segment, if a row could
-  not take one more tile (max cnt > C - block_n), the block compacts: each row is loaded [block_s, C],
-  sorted descending, its first min(cnt, topk) stored back, cnt = min(cnt, topk), thr = the topk-th
-  key (EMPTY if fewer); the next segment then has >= (C - topk) // block_n tiles.
-  A program's workspace rows [pid * block_s, (pid + 1) * block_s) are reused for each of its blocks
-  (cnt and thr reset): programs x block_s x C x 8 bytes in all (~17 MB at 132 SMs x 4, block_s 2, C
-  2048), small enough to stay in L2.
-- memory ordering: the appends of one thread are read back by others (the compaction and the final
-  sort load whole rows), so tl.debug_barrier() (bar.sync: the block's prior global writes become
-  visible to the block) precedes every workspace load, and another separates each load from the
-  next stores to the same rows (the compaction's write-back, the next block's appends). The
-  compaction writes only slots < the new cnt and the appends only slots >= cnt, so those two never
-  race. The branch conditions are block-wide reductions, so every thread reaches every barrier.
-- output: after a block's last tile, its rows are loaded, sorted descending and the first topk keys
-  unpacked to indices; EMPTY slots become -1.
-
-Paths (chosen by the launcher from the dtypes; `_plan`):
-- bf16 (q bf16, keys bf16) and fp16 (q and keys fp16): 16-bit tensor-core MMA, fp32 accumulation,
-  block_s queries a program. Every product of two bf16 (or two fp16) values is exact in fp32.
-- bf16_fix (q bf16, keys fp32 or fp16: the model's case, q in the model dtype and keys the
-  compressor's fp32 output): the MMA operand is the keys rounded to bf16 (one elementwise pass in the
-  launcher, which halves the key reads). Caller contract, for speed only: the keys are bf16-exact.
-  The model's indexer keys are: in prefill and with the default "fp4" index cache they come from its
-  FP4 simulation (compress_kv with quant="hadamard_fp4", or fp4_dequantize of the cache: e2m1 values,
-  at most 2 significant bits, times power-of-two block scales >= 2^-126 as the scale is max(amax,
-  6 * 2^-126) / 6 rounded up to a power of two, so nonzero values >= 2^-127); bf16 keeps fp32's
-  exponent range (subnormals included) and 8 significant bits, so such values are exact in bf16 (finite ones; inf / NaN stay inf / NaN). FP8 e4m3 values (4
-  significant bits) with power-of-two scales would be too; the optional "fp8" index cache format
-  (decode) uses one plain fp32 scale per key, so its keys generally are not, and take the residual
-  dots below (exact, 3x the MMA work). The
-  launcher checks the contract on the device (flag = any key != its bf16 rounding; no host sync, so
-  CUDA graphs and export are unaffected); when it fails every tile adds two more MMAs with the bf16
-  residuals mid = bf16(k - hi), lo = bf16(k - hi - mid), which represent every fp32 key exactly
-  (8 + 8 + 8 significant bits; only residuals below bf16's subnormal range, keys under ~2^-110, can
-  lose bits). Then every product is exact and the result is as accurate as the exact path, just
-  three times the MMA work.
-- exact (fp32 q, or fp16 q with keys of another dtype): fp32 copies and IEEE fp32 dots (not tf32),
-  one query a program (a [block_s x 64, 128] fp32 q tile would not fit in registers). Slow (no
-  tensor cores): fp32 models only.
-- the interpreter (TRITON_INTERPRET) runs the same paths with fp32 copies and IEEE dots (its bf16
-  tl.dot is wrong): products are exact either way, so it tests the tiling, the residual split and the
-  selection; only the summation order differs from the GPU's MMA.
-Numerics and tolerance: scores are fp32 sums of exact products; only the summation order differs from
-the plain op's fp32 matmul (the MMA's K-order over head dims, a tree over heads), so scores can differ
-in the last bits and two near-tied keys can swap places or trade the last top-k slot. Where every
-partial sum is exact (the tests' dyadic inputs: small multiples of 1/4) the selection is exactly the
-plain op's, ties included; otherwise the picks agree up to keys whose scores are within a few fp32
-ulps of the k-th best (tests/kernels/test_indexer_topk.py checks both).
-Cost: 2 H d FLOPs per (query, visible key), on tensor cores on the 16-bit paths; each key tile is
-read once for block_s queries (L2-resident for neighbouring programs). Selection per tile and query:
-one compare, a block_n prefix sum and a masked store of the entering keys; per compaction one sort of
-[block_s, C] int64. How many keys enter depends on the score order: in random order the keys that
-beat the running topk-th best among n keys number about topk (1 + ln(n / topk)); a compaction leaves
-topk and the next comes after about C - topk - block_n more entries, i.e. once n has grown
-e^((C - topk - block_n) / topk)-fold, so a query over n keys compacts about 1 + ln(n / C) topk /
-(C - topk - block_n) times (V4-Flash at S = 128K, topk 512, block_n 128: n up to 32K keys, ~6 sorts
-of [2, 1024] at C 1024, ~2 of [2, 2048] at C 2048, plus the final one) instead of the former sort +
-512-slot bitonic merge per entering tile (~256 tiles of 128 at 32K keys, nearly all entering).
-Adversarial order (scores ascending along the key axis) lets every key enter: a compaction every
-(C - topk) / block_n tiles, about the former design's cost. Each segment restarts the key pipeline
-(its first load is not overlapped): segments are ~(C - topk) / block_n tiles long at long context.
-Measured before this design (H100, V4-Flash 64 heads x 128, top-512, keys S/4, B = 1): 1467 ms at S =
-128K (~24 TFLOP/s), the per-tile sort + merge dominating (the MMAs alone would take ~50-70 ms).
-Measured with this design (H100, torch 2.11, triton 3.6; bench/results/H100/LAYERS_notes.md): 216-226
-ms at 128K and 22.5-23.4 ms at 32K with the default score_rows="keys" (479 / 38.5 ms with "heads"),
-~160 TFLOP/s, 21% of the bf16 peak: 6.5x faster than before, still ~4x the MMA time. What bounds it
-is not profiled (candidates: the per-tile epilogue on CUDA cores between MMAs, the 128-column MMA,
-the segment restarts). A short gated sweep found nothing faster than the H100 default;
-PROGRAMS_PER_SM is untuned.
+Persistent programs score tiles of keys with one tensor-core MMA for `block_s` queries x all heads
+(no [S, N] score matrix is ever written), keep each query's running top-k as threshold-filtered
+candidates packed into sortable int64 keys in a small global workspace, and compact them with a sort
+only when a row could overflow. Paths by dtype (`_plan`): 16-bit MMA (bf16 / fp16), bf16 MMA with
+exact fp32 residuals (bf16 q, fp32 keys: the model's case), exact fp32 (fp32 models). The selection is
+exactly the plain op's where every partial sum is exact; otherwise near-tied keys can trade places.
+Design, ordering rules and cost model: kernels/indexer_topk/DESIGN.md; measurements:
+bench/results/H100/indexer_notes.md.
 """
 from __future__ import annotations
 

@@ -326,6 +326,32 @@ def test_uuid_tracks_source_file_contents(tmp_path):
     assert PassManager([sub]).uuid() != before
 
 
+def _checkout_substitution(root, name: str, block: int = 64) -> Substitution:
+    """A substitution whose replacement and source file live under `root` (a stand-in checkout)."""
+    import importlib.util
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "kernel_config.py").write_text(f"BLOCK = {block}\n")
+    (root / "kernel_sub.py").write_text(
+        "import torch\n\n\ndef replacement(logits, iters, eps):\n"
+        "    return torch.ops.dsv4.hc_sinkhorn(logits, iters, eps)\n")
+    spec = importlib.util.spec_from_file_location(name, root / "kernel_sub.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return Substitution(name="checkout.hc_sinkhorn", op=torch.ops.dsv4.hc_sinkhorn.default,
+                        replacement=module.replacement, source_files=(str(root / "kernel_config.py"),))
+
+
+def test_uuid_hashes_contents_not_paths(tmp_path):
+    """Two checkouts of the same source (different absolute paths) share FX-cache keys; a change in
+    one of the hashed files changes the key."""
+    first = PassManager([_checkout_substitution(tmp_path / "a" / "repo", "checkout_a")]).uuid()
+    second = PassManager([_checkout_substitution(tmp_path / "elsewhere" / "b", "checkout_b")]).uuid()
+    assert first == second
+    edited = PassManager([_checkout_substitution(tmp_path / "c", "checkout_c", block=128)]).uuid()
+    assert edited != first
+
+
 # ================================================================================================
 # The decomposition table: every op, eager numbers, and torch.export's run_decompositions
 # ================================================================================================

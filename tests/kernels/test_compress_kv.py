@@ -20,6 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.compress_kv import CompressKVConfig, compress_kv, naive  # noqa: E402
+from helpers import assert_few_flips  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 EPS = 1e-6
@@ -40,18 +41,6 @@ def make_inputs(B, T, d, R, ratio, N, overlap, cos_batched=False, dtype=torch.fl
     ang = torch.rand(shape, generator=g) * 6.3
     return (kv.to(dtype).to(DEVICE), score.to(dtype).to(DEVICE), ape.to(DEVICE), w.to(DEVICE),
             ang.cos().to(DEVICE), ang.sin().to(DEVICE))
-
-
-def assert_few_flips(name, ref, out, frac=0.01, min_allowed=4):
-    assert ref.shape == out.shape and out.dtype == torch.float32, f"{name}: {ref.shape} vs {out.shape}/{out.dtype}"
-    ref, out = ref.cpu(), out.cpu()
-    assert torch.equal(torch.isnan(ref), torch.isnan(out)), f"{name}: NaN positions differ"
-    ok = ~torch.isnan(ref)
-    differ = (ref != out) & ok
-    n = int(differ.sum())
-    assert n <= max(min_allowed, int(frac * ref.numel())), f"{name}: {n} of {ref.numel()} values differ"
-    big = ((ref - out).abs() > 0.5 * torch.maximum(ref.abs(), out.abs())) & (ref != 0) & (out != 0)
-    assert not (big & differ).any(), f"{name}: a value differs by more than one code step"
 
 
 CASES = [  # (d, R, quant, overlap, ratio, T, N, cos_batched)
@@ -150,7 +139,7 @@ def test_channel_and_entry_split(d, R, quant, overlap, ratio, T, N):
 
 def test_torch_op_and_substitution():
     """The dsv4_triton op, and the pass: 1 node substituted, numbers vs eager."""
-    from dsv4_compile.kernels.compress_kv.substitution import SUBSTITUTION, interpreter_substitution
+    from dsv4_compile.passes.kernel_substitutions.compress_kv import SUBSTITUTION, interpreter_substitution
     from dsv4_compile.passes import PassManager
 
     args = make_inputs(1, 8, 32, 8, 4, 2, True, seed=9)

@@ -403,7 +403,7 @@ def test_config_api_and_input_checks():
 
 def test_torch_op_and_substitution():
     """The dsv4_triton op, and the pass: equal selection vs eager, 1 node substituted, ops before/after."""
-    from dsv4_compile.kernels.indexer_topk.substitution import SUBSTITUTION, interpreter_substitution
+    from dsv4_compile.passes.kernel_substitutions.indexer_topk import SUBSTITUTION, interpreter_substitution
     from dsv4_compile.passes import PassManager
 
     q, w, keys, pos = make_inputs(2, 5, 3, 8, 17, 4, 6, seed=6)

@@ -138,7 +138,7 @@ def test_config_api_and_input_checks():
 
 def test_torch_op_and_substitution():
     """The dsv4_triton op, and the pass: numbers vs eager, 1 node substituted, ops before/after."""
-    from dsv4_compile.kernels.sparse_attention.substitution import SUBSTITUTION, interpreter_substitution
+    from dsv4_compile.passes.kernel_substitutions.sparse_attention import SUBSTITUTION, interpreter_substitution
     from dsv4_compile.passes import PassManager
 
     q, kv, sink, idx = make_inputs(1, 5, 4, 32, 9, 7, torch.float32, seed=6)

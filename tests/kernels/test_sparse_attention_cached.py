@@ -120,7 +120,7 @@ def test_auto_splits_and_checks():
 
 
 def test_substitution():
-    from dsv4_compile.kernels.sparse_attention_cached.substitution import SUBSTITUTION, interpreter_substitution
+    from dsv4_compile.passes.kernel_substitutions.sparse_attention_cached import SUBSTITUTION, interpreter_substitution
     from dsv4_compile.passes import PassManager
 
     q, cache, sink, idx = make_inputs(2, 1, 4, 128, 64, 7, 12, torch.float32, seed=3)

@@ -23,10 +23,10 @@ QUINTIC = [1.875, -1.25, 0.375] * 2
 
 
 def _subs(interpret: bool):
-    from dsv4_compile.kernels.fp4_quant import substitution as fp4
-    from dsv4_compile.kernels.fp8_quant import substitution as fp8
-    from dsv4_compile.kernels.hc_sinkhorn import substitution as hc
-    from dsv4_compile.kernels.newton_schulz import substitution as ns
+    from dsv4_compile.passes.kernel_substitutions import fp4_quantize as fp4
+    from dsv4_compile.passes.kernel_substitutions import fp8_quantize as fp8
+    from dsv4_compile.passes.kernel_substitutions import hc_sinkhorn as hc
+    from dsv4_compile.passes.kernel_substitutions import newton_schulz as ns
     if interpret:
         return [*fp8.interpreter_substitutions(), *fp4.interpreter_substitutions(),
                 *ns.interpreter_substitutions(), *hc.interpreter_substitutions()]
@@ -78,9 +78,9 @@ def test_registered_substitutions_decline_cpu_tensors():
 
 
 def test_predicates_name_what_they_refuse():
-    from dsv4_compile.kernels.fp4_quant import substitution as fp4
-    from dsv4_compile.kernels.hc_sinkhorn import substitution as hc
-    from dsv4_compile.kernels.newton_schulz import substitution as ns
+    from dsv4_compile.passes.kernel_substitutions import fp4_quantize as fp4
+    from dsv4_compile.passes.kernel_substitutions import hc_sinkhorn as hc
+    from dsv4_compile.passes.kernel_substitutions import newton_schulz as ns
     target = passes.Target(gpu="H100")
     e = lambda *shape: torch.empty(*shape, device=DEVICE)  # noqa: E731
     assert "even block_size" in fp4._quantize_reason(e(4, 30), 3, True, allow_cpu=True)

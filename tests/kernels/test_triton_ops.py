@@ -13,8 +13,8 @@ import pytest  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels import _common  # noqa: E402
-from dsv4_compile.kernels.fp4_quant import fp4_quantize  # noqa: E402
-from dsv4_compile.kernels.fp8_quant import Fp8QuantConfig, default_config, fp8_quantize  # noqa: E402
+from dsv4_compile.kernels.fp4_quantize import fp4_quantize  # noqa: E402
+from dsv4_compile.kernels.fp8_quantize import Fp8QuantConfig, default_config, fp8_quantize  # noqa: E402
 from dsv4_compile.kernels.hc_sinkhorn import hc_pre  # noqa: E402
 from dsv4_compile.kernels.newton_schulz import NewtonSchulzConfig, newton_schulz  # noqa: E402
 

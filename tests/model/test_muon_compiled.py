@@ -70,7 +70,7 @@ def check(model, eager, compiled, muon_tol, adamw_tol):
 def test_compiled_step_matches_eager_tiny_cpu_interpreter(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("the CPU variant (interpreter twin); the GPU test covers CUDA")
-    from dsv4_compile.kernels.newton_schulz import substitution as ns
+    from dsv4_compile.passes.kernel_substitutions import newton_schulz as ns
     from dsv4_compile.passes.manager import PassManager
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cache hit would skip the pass

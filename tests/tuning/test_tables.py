@@ -110,7 +110,7 @@ def test_hash_and_config_source(tdir):
     source = tables.tables_source(tdir)
     table = source("fp8_quantize.triton", "H100")
     full = get_space("fp8_quantize").default_config("H100")
-    # The form kernels/_substitution.py and the sparse attention substitutions read.
+    # The form the kernel substitutions read (dsv4_compile/passes/kernel_substitutions/_common.py).
     assert table["default"] == full.replace(block_elems=8192, num_warps=8).to_str()           # longest context
     assert table["by_context"] == {"8192": full.replace(block_elems=1024, num_warps=2).to_str(),
                                    "131072": full.replace(block_elems=8192, num_warps=8).to_str()}
@@ -129,18 +129,17 @@ def test_hash_and_config_source(tdir):
 def test_the_kernels_substitutions_read_what_config_source_gives(tdir):
     from types import SimpleNamespace
 
-    from dsv4_compile.kernels._substitution import table_config
-    from dsv4_compile.kernels.fp8_quant.config import default_config
+    from dsv4_compile.kernels.fp8_quantize.config import default_config
     from dsv4_compile.kernels.sparse_attention.config import default_config as attn_default
-    from dsv4_compile.kernels.sparse_attention.substitution import config_for
+    from dsv4_compile.passes.kernel_substitutions._common import config_string, table_config
 
     target = SimpleNamespace(gpu="H100", table=tables.config_source("fp8_quantize.triton", "H100", tdir))
     assert table_config(target, default_config, "cuda") == {"config": target.table["default"]}
     tables.write_entries("H100", [("sparse_attention", "8k", entry(8192, {"block_k": 64, "num_stages": 3})),
                                   ("sparse_attention", "32k", entry(32768, {"block_k": 16}))], tdir)
     table = tables.config_source("sparse_attention.triton", "H100", tdir)
-    assert "block_k=64" in config_for(table, 5000, attn_default("H100"))
-    assert "block_k=16" in config_for(table, 20000, attn_default("H100"))
+    assert "block_k=64" in config_string(table, 5000, attn_default("H100"))
+    assert "block_k=16" in config_string(table, 20000, attn_default("H100"))
 
 
 def test_pass_manager_uuid_follows_the_table(tdir):

@@ -6,37 +6,24 @@ decomposition takes those nodes. `interpreter_substitution()` is the same substi
 CPU tensors under TRITON_INTERPRET=1: for tests, never registered (the "all" selection on a CPU
 target keeps decomposing).
 
-Config: `config_for(target, S)`: the tuned table (if any) maps context lengths to config strings,
-{"by_context": {"8192": "block_k=32,...", "32768": ...}, "default": "..."}: the entry of the smallest
-context >= S (else the largest), else "default", else the kernel's per-GPU default. The chosen config
-travels as the op's trailing `config` string and shows in the substitution report.
+Config: `config_string(target.table, S, default)` (see `_common`): the tuned entry of the smallest
+context >= S (else the largest), else the table's "default", else the kernel's per-GPU default for
+the head dim.
 """
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
-from .._common import INTERPRET
-from .config import SparseAttentionConfig, default_config
-# The module (the package re-exports a function of the same name): registers torch.ops.dsv4_triton.*
-_kernel = importlib.import_module(".sparse_attention", __package__)
+from ...kernels.sparse_attention.config import default_config
+from ..registry import Substitution, register
+from ._common import INTERPRET, KERNEL_PRIORITY, config_string, interpreter_twin, kernel_files, target_gpu
 
-from dsv4_compile.passes import Substitution, register
+# The module (the package re-exports a function of the same name): registers torch.ops.dsv4_triton.*
+_kernel = importlib.import_module("...kernels.sparse_attention.sparse_attention", __package__)
 
 MAX_HEAD_DIM = 1024  # acc [block_h, D] fp32 must fit in registers
-
-
-def config_for(table, S, default: SparseAttentionConfig) -> str:
-    """The config string for a context of S queries from a tuned table (see the module docstring)."""
-    table = table or {}
-    by_context = table.get("by_context") or {}
-    if by_context and isinstance(S, int):
-        sizes = sorted(int(k) for k in by_context)
-        fit = [n for n in sizes if n >= S]
-        return str(by_context[str(fit[0] if fit else sizes[-1])])
-    return str(table.get("default") or default.to_str())
 
 
 def check_args(q, kv_dtype_ok: bool, attn_sink, topk_idxs, allow_cpu: bool) -> str | None:
@@ -58,31 +45,25 @@ def _replacement(q, kv, attn_sink, topk_idxs, softmax_scale, config: str = ""):
                                                   topk_idxs.contiguous(), softmax_scale, config)
 
 
-def _applies(target, q, kv, attn_sink, topk_idxs, softmax_scale, allow_cpu: bool = False):
+def _reason(q, kv, attn_sink, topk_idxs, softmax_scale, allow_cpu: bool = False):
     return check_args(q, kv.dtype == q.dtype, attn_sink, topk_idxs, allow_cpu)
 
 
 def _config(target, q, kv, attn_sink, topk_idxs, softmax_scale):
-    gpu = "interpreter" if q.device.type != "cuda" else target.gpu
     D = q.shape[-1]
-    return {"config": config_for(target.table, q.shape[1], default_config(gpu, D if isinstance(D, int) else None))}
+    default = default_config(target_gpu(target, q.device.type), D if isinstance(D, int) else None)
+    return {"config": config_string(target.table, q.shape[1], default)}
 
 
-def _applies_cpu(target, *args):
-    return _applies(target, *args, allow_cpu=True)
-
-
-_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"))
+_FILES = kernel_files("sparse_attention/sparse_attention.py", "sparse_attention/config.py")
 
 SUBSTITUTION = register(Substitution(
     name="sparse_attention.triton",
     op=torch.ops.dsv4.sparse_attention.default,
-    replacement=_replacement, applies=_applies, config=_config,
-    version="1", priority=10, source_files=_FILES))
+    replacement=_replacement, applies=lambda target, *args: _reason(*args), config=_config,
+    version="1", priority=KERNEL_PRIORITY, source_files=_FILES))
 
 
 def interpreter_substitution() -> Substitution:
     """The same substitution, also applying to CPU tensors under TRITON_INTERPRET (tests only)."""
-    import dataclasses
-
-    return dataclasses.replace(SUBSTITUTION, name="sparse_attention.triton_interpret", applies=_applies_cpu)
+    return interpreter_twin(SUBSTITUTION, _reason)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..fp8_quant.naive import block_scales
+from ..fp8_quantize.naive import block_scales
 
 FP4_MAX = 6.0
 FP4_AMAX_FLOOR = 6.0 * 2.0 ** -126

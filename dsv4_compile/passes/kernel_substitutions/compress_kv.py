@@ -9,19 +9,16 @@ the same, on CPU tensors under TRITON_INTERPRET (tests only, never registered).
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
-from dsv4_compile.passes import Substitution
+from ...kernels.compress_kv.config import default_config
+from ..registry import Substitution
+from ._common import device_reason, interpreter_twin, kernel_files, register_kernel
 
-from .._substitution import device_reason, interpreter_twin, register_kernel
-from .config import default_config
-
-_kernel = importlib.import_module(".compress_kv", __package__)  # registers torch.ops.dsv4_triton.compress_kv
-_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"),
-          os.path.join(os.path.dirname(__file__), "..", "_jit_utils.py"),
-          os.path.join(os.path.dirname(__file__), "..", "fp4_quant", "fp4_quant.py"))
+# registers torch.ops.dsv4_triton.compress_kv
+_kernel = importlib.import_module("...kernels.compress_kv.compress_kv", __package__)
+_FILES = kernel_files("compress_kv/compress_kv.py", "compress_kv/config.py", "_jit_utils.py", "fp4_quantize/fp4_quantize.py")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

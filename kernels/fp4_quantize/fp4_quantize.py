@@ -2,7 +2,7 @@
 one pass over memory (`torch.ops.dsv4.fp4_quantize` / `fp4_dequantize` semantics, see model/ops.py).
 
 Bit-exact against the plain op on the same device, NaN/Inf included, with the FP8 kernel's notes
-(kernels/fp8_quant/fp8_quant.py): the scale's "/ 6" follows torch's per-device rule (true division on
+(kernels/fp8_quantize/fp8_quantize.py): the scale's "/ 6" follows torch's per-device rule (true division on
 the CPU, fp32-reciprocal multiply on CUDA), and the power-of-two scale is rounded up exactly where the
 plain op's exp2(ceil(log2(s))) can round down for s a few ulps above a power of two. Dequantized
 code 8 is -0.0 (its sign set on the bits: a compiled `-x` is `0 - x`, which loses it).

@@ -9,18 +9,16 @@ under TRITON_INTERPRET (tests only).
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
-from dsv4_compile.passes import Substitution
+from ...kernels.fp8_quantize.config import default_config
+from ..registry import Substitution
+from ._common import device_reason, interpreter_twin, kernel_files, register_kernel
 
-from .._substitution import device_reason, interpreter_twin, register_kernel
-from .config import default_config
-
-_kernel = importlib.import_module(".fp8_quant", __package__)  # registers torch.ops.dsv4_triton.fp8_*
-_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"),
-          os.path.join(os.path.dirname(__file__), "..", "_jit_utils.py"))
+# registers torch.ops.dsv4_triton.fp8_*
+_kernel = importlib.import_module("...kernels.fp8_quantize.fp8_quantize", __package__)
+_FILES = kernel_files("fp8_quantize/fp8_quantize.py", "fp8_quantize/config.py", "_jit_utils.py")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

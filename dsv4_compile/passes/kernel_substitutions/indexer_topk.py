@@ -9,17 +9,16 @@ TRITON_INTERPRET (tests only; never registered).
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
-from dsv4_compile.passes import Substitution
+from ...kernels.indexer_topk.config import default_config
+from ..registry import Substitution
+from ._common import device_reason, interpreter_twin, kernel_files, register_kernel
 
-from .._substitution import device_reason, interpreter_twin, register_kernel
-from .config import default_config
-
-_kernel = importlib.import_module(".indexer_topk", __package__)  # registers torch.ops.dsv4_triton.indexer_topk
-_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"))
+# registers torch.ops.dsv4_triton.indexer_topk
+_kernel = importlib.import_module("...kernels.indexer_topk.indexer_topk", __package__)
+_FILES = kernel_files("indexer_topk/indexer_topk.py", "indexer_topk/config.py")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

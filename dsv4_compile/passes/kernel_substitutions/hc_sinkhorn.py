@@ -8,18 +8,16 @@ those dtypes with float32 fn [(2+n) n, n D], scale [3], base [(2+n) n] and stati
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
-from dsv4_compile.passes import Substitution
+from ...kernels.hc_sinkhorn.config import default_config
+from ..registry import Substitution
+from ._common import device_reason, interpreter_twin, kernel_files, register_kernel
 
-from .._substitution import device_reason, interpreter_twin, register_kernel
-from .config import default_config
-
-_kernel = importlib.import_module(".hc_sinkhorn", __package__)  # registers torch.ops.dsv4_triton.hc_*
-_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"),
-          os.path.join(os.path.dirname(__file__), "..", "_jit_utils.py"))
+# registers torch.ops.dsv4_triton.hc_*
+_kernel = importlib.import_module("...kernels.hc_sinkhorn.hc_sinkhorn", __package__)
+_FILES = kernel_files("hc_sinkhorn/hc_sinkhorn.py", "hc_sinkhorn/config.py", "_jit_utils.py")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -9,18 +9,16 @@ tensors under TRITON_INTERPRET (tests only).
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
-from dsv4_compile.passes import Substitution
+from ...kernels.fp4_quantize.config import default_config
+from ..registry import Substitution
+from ._common import device_reason, interpreter_twin, kernel_files, register_kernel
 
-from .._substitution import device_reason, interpreter_twin, register_kernel
-from .config import default_config
-
-_kernel = importlib.import_module(".fp4_quant", __package__)  # registers torch.ops.dsv4_triton.fp4_*
-_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"),
-          os.path.join(os.path.dirname(__file__), "..", "_jit_utils.py"))
+# registers torch.ops.dsv4_triton.fp4_*
+_kernel = importlib.import_module("...kernels.fp4_quantize.fp4_quantize", __package__)
+_FILES = kernel_files("fp4_quantize/fp4_quantize.py", "fp4_quantize/config.py", "_jit_utils.py")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

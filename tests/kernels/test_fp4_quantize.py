@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
-from dsv4_compile.kernels.fp4_quant import fp4_dequantize, fp4_quantize, naive  # noqa: E402
+from dsv4_compile.kernels.fp4_quantize import fp4_dequantize, fp4_quantize, naive  # noqa: E402
 from helpers import sqnr_db  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,18 +8,16 @@ bit. `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERP
 from __future__ import annotations
 
 import importlib
-import os
 
 import torch
 
-from dsv4_compile.passes import Substitution
+from ...kernels.newton_schulz.config import default_config
+from ..registry import Substitution
+from ._common import device_reason, interpreter_twin, kernel_files, register_kernel
 
-from .._substitution import device_reason, interpreter_twin, register_kernel
-from .config import default_config
-
-_kernel = importlib.import_module(".newton_schulz", __package__)  # registers torch.ops.dsv4_triton.newton_schulz
-_FILES = (__file__, _kernel.__file__, os.path.join(os.path.dirname(__file__), "config.py"),
-          os.path.join(os.path.dirname(__file__), "..", "_jit_utils.py"))
+# registers torch.ops.dsv4_triton.newton_schulz
+_kernel = importlib.import_module("...kernels.newton_schulz.newton_schulz", __package__)
+_FILES = kernel_files("newton_schulz/newton_schulz.py", "newton_schulz/config.py", "_jit_utils.py")
 
 
 def _reason(G, coefficients, allow_cpu=False):

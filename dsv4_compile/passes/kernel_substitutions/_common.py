@@ -1,0 +1,83 @@
+"""Shared pieces of the kernel substitutions (`passes/kernel_substitutions/<op>.py`): the device predicate,
+the tuned-table lookup, the registration of a kernel substitution and its interpreter twin.
+
+Tuned table (what `target.table` holds for one substitution and GPU: `tuning.config_source`), one
+shape for every kernel:
+
+    {"default": "<KernelConfig.to_str()>",                 # the config without a context
+     "by_context": {"8192": "<config string>", ...},      # optional: per prefill context
+     "entries": {...}}                                    # the raw entries (tuning.tables.pick)
+
+`config_string` reads it: the entry of the smallest context >= the node's context (else the largest)
+when the substitution passes a context and the table has "by_context"; else "default"; else the
+kernel's per-GPU default. The chosen config travels as the dsv4_triton op's trailing `config` string
+and shows in the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from ...kernels import _common as kernel_common
+from ...kernels._common import INTERPRET
+from ..registry import Substitution, register
+
+KERNEL_PRIORITY = 10  # above the decompositions (-100): where a kernel applies, it wins
+KERNELS_DIR = os.path.dirname(os.path.abspath(kernel_common.__file__))
+
+
+def kernel_files(*relative: str) -> tuple[str, ...]:
+    """Paths of kernel source files ('fp8_quantize/config.py', '_jit_utils.py'): part of a
+    substitution's identity (the pass manager's uuid hashes their contents)."""
+    return tuple(os.path.join(KERNELS_DIR, path) for path in relative)
+
+
+def device_reason(t, allow_cpu: bool) -> str | None:
+    """None when the kernel can run on t's device: CUDA, or (allow_cpu) CPU under TRITON_INTERPRET."""
+    if t.device.type == "cuda" or (allow_cpu and INTERPRET):
+        return None
+    return f"needs CUDA tensors ({t.device.type})"
+
+
+def config_string(table, context, default) -> str:
+    """The config string for a node from a tuned table (see the module docstring): `context` is the
+    node's query count (None: context-free), `default` the kernel's config for the GPU."""
+    table = table or {}
+    by_context = table.get("by_context") or {}
+    if by_context and isinstance(context, int):
+        sizes = sorted(int(k) for k in by_context)
+        fit = [n for n in sizes if n >= context]
+        return str(by_context[str(fit[0] if fit else sizes[-1])])
+    return str(table.get("default") or default.to_str())
+
+
+def target_gpu(target, device_type: str) -> str:
+    """The GPU whose default config applies: the target's on CUDA, 'interpreter' otherwise."""
+    return target.gpu if device_type == "cuda" else "interpreter"
+
+
+def table_config(target, default_config, device_type: str) -> dict:
+    """{"config": str} for a context-free kernel: the tuned "default", else the kernel's default."""
+    return {"config": config_string(target.table, None, default_config(target_gpu(target, device_type)))}
+
+
+def register_kernel(name: str, op, replacement, reason, default_config, source_files) -> Substitution:
+    """Register `replacement` (a dsv4_triton op call taking the dsv4 op's arguments + config) for `op`.
+
+    `reason(*op_args, allow_cpu=False)` is None where the kernel applies, else why the node is left
+    alone; the config is the tuned table's, else `default_config(gpu)`, keyed on the first argument's
+    device.
+    """
+    return register(Substitution(
+        name=name, op=op, replacement=replacement,
+        applies=lambda target, *args: reason(*args),
+        config=lambda target, first, *rest: table_config(target, default_config, first.device.type),
+        version="1", priority=KERNEL_PRIORITY, source_files=source_files))
+
+
+def interpreter_twin(sub: Substitution, applies) -> Substitution:
+    """The same substitution applying to CPU tensors under TRITON_INTERPRET (tests only; never
+    registered: the 'all' selection on a CPU target keeps decomposing). `applies(*op_args,
+    allow_cpu=True)` is the substitution's reason function."""
+    return dataclasses.replace(sub, name=sub.name + "_interpret",
+                               applies=lambda target, *args: applies(*args, allow_cpu=True))
