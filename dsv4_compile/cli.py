@@ -51,6 +51,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "bench": Command("dsv4_compile.bench", "side-by-side GPU benchmarks of the Triton kernels against torch, flex_attention and SDPA"),
     "build": Command("dsv4_compile.build", "compile, export (AOTInductor, ONNX, TensorRT) and verify a model into a build folder"),
+    "inspect": Command("dsv4_compile.checkpoint.summary",
+                       "describe a checkpoint folder (layout, config, dtypes, bytes, hash layers) without loading weights"),
     "kv-cache": Command("dsv4_compile.kv_report",
                         "KV-cache bytes per context length from the real cache layout, beside the seed figures"),
     "tune": Command("dsv4_compile.tuning.cli", "Optuna sweeps of the Triton kernels per GPU and context length -> tuning/tables/<gpu>.yaml"),

@@ -206,3 +206,43 @@ def test_bad_checkpoints_are_refused(case, written, tmp_path):
         assert len(lines) == 1
     if case == "changed head count":  # every wrongly shaped tensor, one line each, before anything is built
         assert lines[0].endswith("nothing was loaded:") and len(lines) > 5
+
+
+# ---- the CLI: inspect, and exit 2 for a bad checkpoint ----------------------------------------------
+
+def test_inspect_reads_headers_only(written, tmp_path, capsys):
+    from dsv4_compile.checkpoint.summary import describe
+    from dsv4_compile.cli import main
+
+    hf = describe(written["hf"])
+    inf = describe(written["inference"])
+    assert (hf["layout"], hf["shards"], inf["layout"], inf["model_parallel"]) == ("huggingface", 3, "inference", 2)
+    assert hf["hash_routed_layers"] == list(range(CONFIG.n_hash_layers)) and hf["mtp_weights"]
+    assert set(hf["dtypes"]) == {"BF16", "F32", "F8_E4M3", "F8_E8M0", "I64", "I8"}
+    assert hf["config"]["attention"] == {"window": 1, "CSA": 2, "HCA": 1}
+    assert hf["bytes"] == sum(f.stat().st_size for f in Path(written["hf"]).glob("*.safetensors")) - sum(
+        8 + int.from_bytes(f.read_bytes()[:8], "little") for f in Path(written["hf"]).glob("*.safetensors"))
+    # headers only: scrambling every tensor's bytes changes nothing in the summary
+    path = _copy(Path(written["hf"]), tmp_path / "scrambled")
+    for f in path.glob("*.safetensors"):
+        raw = bytearray(f.read_bytes())
+        start = 8 + int.from_bytes(raw[:8], "little")
+        raw[start:] = bytes(len(raw) - start)
+        f.write_bytes(bytes(raw))
+    def same(s):
+        return {k: v for k, v in s.items() if k != "path"} | {"config": dict(s["config"], name=None)}
+    assert same(describe(path)) == same(hf)
+    assert main(["inspect", str(written["inference"])]) == 0
+    out = capsys.readouterr().out
+    assert "inference layout" in out and "hash-routed layers (tid2eid): 0, 1" in out and "experts fp4" in out
+
+
+@pytest.mark.parametrize("case", ["missing shard", "truncated file"])
+def test_cli_refuses_bad_checkpoints_with_exit_2(case, written, tmp_path, capsys):
+    from dsv4_compile.cli import main
+
+    path = _copy(Path(written["hf"]), tmp_path / "ckpt")
+    BAD[case][0](path)
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err
