@@ -1,10 +1,9 @@
 """DeepSeek-MoE: sqrt-softplus scores, bias-based selection (or a fixed hash table in the first
 layers), weights from the unbiased scores, clamped SwiGLU experts and one shared expert.
 
-Written with static shapes for export: every expert runs on every token and the routing weights
-(zero for experts not picked) scale the results (dense masked compute: E / top-k times the FLOPs of a
-grouped implementation, fine at the sizes the plain reference runs at). DeepSeek's per-expert loop
-(`bincount().tolist()`) would split the graph per expert and break export.
+The routed experts are one op, `torch.ops.dsv4.moe_experts` (model/ops.py): tokens grouped by expert
+with static shapes, so it exports; DeepSeek's per-expert loop (`bincount().tolist()`) would split the
+graph per expert on data-dependent sizes.
 """
 from __future__ import annotations
 
@@ -13,14 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """silu(min(gate, limit)) * clamp(up, -limit, limit) in float32."""
-    gate, up = gate.float(), up.float()
-    if limit > 0:
-        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    return F.silu(gate) * up
+from .ops import swiglu
 
 
 class SharedExpert(nn.Module):
@@ -45,12 +37,9 @@ class RoutedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
 
-    def forward(self, x: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
-        """x [T, dim], combine [T, E] routing weights (0 = not picked) -> [T, dim] float32."""
-        gate = torch.einsum("td,eid->eti", x, self.w1)                                   # [E, T, inter]
-        up = torch.einsum("td,eid->eti", x, self.w3)
-        act = swiglu(gate, up, self.limit) * combine.T.unsqueeze(-1).float()
-        return torch.einsum("eti,edi->td", act.to(x.dtype), self.w2).float()
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, dim], topk_ids [T, k] int32, topk_weights [T, k] float32 -> [T, dim] float32."""
+        return torch.ops.dsv4.moe_experts(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.limit)
 
 
 class Gate(nn.Module):
@@ -63,8 +52,8 @@ class Gate(nn.Module):
         else:  # auxiliary-loss-free balancing: shifts the selection only
             self.bias = nn.Parameter(torch.zeros(config.n_routed_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """x [T, dim], token_ids [T] -> combine weights [T, E] float32 (zero for unpicked experts)."""
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, dim], token_ids [T] -> (picked experts [T, k] int32, their weights [T, k] float32)."""
         scores = torch.sqrt(F.softplus(x.float() @ self.weight.float().T))             # [T, E]
         if self.hashed:
             picked = self.tid2eid[token_ids].long()                                      # [T, k]
@@ -72,7 +61,7 @@ class Gate(nn.Module):
             picked = (scores + self.bias).topk(self.topk, dim=-1).indices
         weights = scores.gather(-1, picked)
         weights = weights / weights.sum(-1, keepdim=True) * self.route_scale
-        return torch.zeros_like(scores).scatter_add(-1, picked, weights)
+        return picked.to(torch.int32), weights
 
 
 class MoE(nn.Module):
@@ -86,6 +75,6 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """x [B, S, dim], token_ids [B, S] -> [B, S, dim]."""
         flat = x.flatten(0, 1)
-        combine = self.gate(flat, token_ids.flatten())
-        y = self.experts(flat, combine) + self.shared(flat).float()
+        topk_ids, topk_weights = self.gate(flat, token_ids.flatten())
+        y = self.experts(flat, topk_ids, topk_weights) + self.shared(flat).float()
         return y.to(x.dtype).view_as(x)

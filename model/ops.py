@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from .kv_layout import unpack_main_entries
 
@@ -613,3 +614,160 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pos
 def _(q, weights, keys, positions, ratio, topk):
     B, S = q.shape[:2]
     return q.new_empty((B, S, topk), dtype=torch.int32)
+
+
+# ================================================================================================
+# Routed experts (MoE): the assignments grouped by expert, padded to blocks
+# ================================================================================================
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """silu(min(gate, limit)) * clamp(up, -limit, limit) in float32 (no clamp when limit <= 0)."""
+    gate, up = gate.float(), up.float()
+    if limit > 0:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
+def max_expert_blocks(n_assignments, n_experts: int, block: int):
+    """Blocks of `block` rows that any routing of n_assignments over n_experts fills at most: every
+    expert in use leaves fewer than `block` rows of its last block empty, and at most
+    min(n_experts, n_assignments) experts are in use. A function of the sizes only (static shapes)."""
+    return (n_assignments + torch.sym_min(n_experts, n_assignments) * (block - 1)) // block
+
+
+def expert_blocks(topk_ids: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout of a grouped-expert GEMM: the N = T*k assignments (token t, slot j) sorted by expert,
+    each expert's run padded to a multiple of `block` rows.
+
+    topk_ids [T, k] integer; an id outside [0, n_experts) (-1) is no assignment.
+    Returns slot [n_blocks, block] int64: the assignment t*k + j in each row (N in padding rows), an
+    expert's assignments in their original order; block_expert [n_blocks] int64: the expert of each
+    block, n_experts for the blocks after the last one in use. n_blocks = max_expert_blocks(N, E, block).
+    Built with gathers over static shapes only (no data-dependent sizes, no reshape of a symbolic
+    length), so it traces for export.
+    """
+    T, k = topk_ids.shape
+    N, E = T * k, n_experts
+    n_blocks = max_expert_blocks(N, E, block)
+    dev = topk_ids.device
+    ids = topk_ids.reshape(-1).long()
+    ids = torch.where((ids >= 0) & (ids < E), ids, E)                                    # [N], E = none
+    order = torch.sort(ids, stable=True).indices                                         # [N] by expert
+    count = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add(0, ids, torch.ones_like(ids))[:E]
+    padded = (count + block - 1) // block * block                                        # [E]
+    padded_end = torch.cumsum(padded, 0)
+    start = torch.cumsum(count, 0) - count                                               # [E] first sorted position
+    block_start = torch.arange(n_blocks, device=dev) * block                             # [n_blocks]
+    block_expert = (padded_end.unsqueeze(0) <= block_start.unsqueeze(1)).sum(-1)         # [n_blocks] in [0, E]
+    e = block_expert.clamp(max=E - 1)
+    rank = (block_start - (padded_end - padded)[e]).unsqueeze(1) + torch.arange(block, device=dev)  # [n_blocks, block]
+    used = (block_expert < E).unsqueeze(1) & (rank < count[e].unsqueeze(1))
+    pos = torch.where(used, start[e].unsqueeze(1) + rank, 0)                             # 0: any valid index
+    return torch.where(used, order[pos], N), block_expert
+
+
+def _moe_dense(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit: float):
+    """Every expert on every token, scaled by its routing weight (0 where not picked): [T, D] float32."""
+    T, E = x.shape[0], w1.shape[0]
+    ids = topk_ids.long()
+    valid = (ids >= 0) & (ids < E)
+    combine = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_add(
+        1, ids.clamp(0, E - 1), torch.where(valid, topk_weights.float(), 0.0))            # [T, E]
+    gate = torch.einsum("td,eid->eti", x, w1)                                            # [E, T, I]
+    up = torch.einsum("td,eid->eti", x, w3)
+    act = swiglu(gate, up, swiglu_limit) * combine.T.unsqueeze(-1)
+    return torch.einsum("eti,edi->td", act.to(x.dtype), w2).float()
+
+
+def _moe_grouped(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit: float, block: int):
+    """The assignments sorted by expert in blocks of `block` rows (expert_blocks), one batched matmul
+    per weight over the blocks (each block multiplies its expert's weights, gathered), the routing
+    weight on the activation, a scatter-add back to the tokens: [T, D] float32.
+
+    With concrete sizes the blocks run in chunks whose gathered weights and fp32 activations fit
+    CHUNK_BYTES; with symbolic sizes (export) all at once.
+    """
+    T, D = x.shape
+    k = topk_ids.shape[1]
+    E, I, _ = w1.shape
+    slot, block_expert = expert_blocks(topk_ids, E, block)                               # [nb, block], [nb]
+    token = slot // k                                                                    # T in padding rows
+    weight = F.pad(topk_weights.reshape(-1).float(), (0, 1))[slot]                       # [nb, block], 0 in padding
+    x_pad = F.pad(x, (0, 0, 0, 1))                                                       # row T = 0
+    expert = block_expert.clamp(max=E - 1)                                               # spare blocks: padding only
+    out = torch.zeros(T + 1, D, dtype=torch.float32, device=x.device)
+    n_blocks = slot.shape[0]
+    chunks = [slice(None)]
+    if is_concrete_int(n_blocks):
+        per_block = 3 * I * D * w1.element_size() + block * (2 * D + 3 * I) * 4
+        step = max(1, CHUNK_BYTES // per_block)
+        chunks = [slice(b0, b0 + step) for b0 in range(0, n_blocks, step)]
+    for blocks in chunks:
+        e, tok = expert[blocks], token[blocks]
+        xs = x_pad[tok]                                                                  # [nb, block, D]
+        gate = torch.bmm(xs, w1[e].transpose(1, 2))                                      # [nb, block, I]
+        up = torch.bmm(xs, w3[e].transpose(1, 2))
+        act = swiglu(gate, up, swiglu_limit) * weight[blocks].unsqueeze(-1)
+        y = torch.bmm(act.to(x.dtype), w2[e].transpose(1, 2)).float()                    # [nb, block, D]
+        out = out.index_put((tok,), y, accumulate=True)
+    return out[:T]
+
+
+def moe_block_rows(n_tokens, top_k: int, n_experts: int):
+    """The plain op's block size: ceil(N / E) for concrete sizes (at most 2N rows and 2E blocks, so
+    the gathered weights stay within twice the experts'), else E // top_k (static for export: a
+    symbolic block size would specialise; N + min(E, N)(E/k - 1) rows, never more than the dense
+    form's T*E)."""
+    n = n_tokens * top_k
+    if is_concrete_int(n):
+        return max(1, -(-int(n) // n_experts))
+    return max(1, n_experts // top_k)
+
+
+def _moe_experts_plain(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit: float):
+    T, k = topk_ids.shape
+    E = w1.shape[0]
+    block = moe_block_rows(T, k, E)
+    if is_concrete_int(T) and T * E <= max_expert_blocks(T * k, E, block) * block:
+        # The dense form computes no more expert rows than the padded groups (E close to k): no sort,
+        # no gather.
+        return _moe_dense(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit)
+    return _moe_grouped(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, block)
+
+
+def _check_moe(name: str, x, topk_ids, topk_weights, w1, w2, w3) -> None:
+    T, D = x.shape
+    E, I = w1.shape[:2]
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: topk_ids is {topk_ids.dtype} {tuple(topk_ids.shape)}; need int32 [T={T}, k]")
+    if tuple(topk_weights.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"{name}: topk_weights has shape {tuple(topk_weights.shape)}; need topk_ids' {tuple(topk_ids.shape)}")
+    if tuple(w2.shape) != (E, D, I) or tuple(w3.shape) != (E, I, D) or w1.shape[2] != D:
+        raise ValueError(f"{name}: w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}, w3 {tuple(w3.shape)}; need "
+                         f"w1, w3 [E, I, D={D}] and w2 [E, D, I]")
+
+
+@torch.library.custom_op(f"{LIB}::moe_experts", mutates_args=())
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                w2: torch.Tensor, w3: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
+    """The routed experts of a DeepSeek MoE layer (ours).
+
+    x [T, D]; topk_ids [T, k] int32; topk_weights [T, k] float32; w1, w3 [E, I, D], w2 [E, D, I] in
+    x's dtype. out[t] = sum_j topk_weights[t, j] * w2[e] @ swiglu(w1[e] @ x[t], w3[e] @ x[t],
+    swiglu_limit) with e = topk_ids[t, j]: an id outside [0, E) (-1) contributes nothing, the same
+    expert picked twice counts twice. The activation is computed in float32, scaled by the routing
+    weight, rounded to x's dtype before w2. Returns [T, D] float32.
+    Plain form: grouped by expert (expert_blocks), or dense (every expert on every token, masked)
+    where that computes no more rows; the dense form also turns an Inf in an unpicked expert's
+    output into NaN (0 * Inf), the grouped one never evaluates unpicked experts.
+    """
+    _check_moe("moe_experts", x, topk_ids, topk_weights, w1, w2, w3)
+    return _moe_experts_plain(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit)
+
+
+@moe_experts.register_fake
+def _(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+_plain_autograd(moe_experts, _moe_experts_plain, 7, (0, 2, 3, 4, 5))

@@ -117,6 +117,8 @@ _DECOMPOSITIONS = {
     torch.ops.dsv4.sparse_attention.default: (sparse_attention, _attention_fits),
     torch.ops.dsv4.sparse_attention_cached.default: (sparse_attention_cached, _attention_fits),
     torch.ops.dsv4.indexer_topk.default: (indexer_topk, _indexer_fits),
+    # Grouped by expert with static shapes (chunked over blocks when the sizes are concrete).
+    torch.ops.dsv4.moe_experts.default: (_implementation(ops.moe_experts), _always),
 }
 
 

@@ -386,6 +386,8 @@ def _op_cases():
         "sparse_attention": (toy[1], toy[2], toy[3], torch.randint(-1, N, (B, S, K), generator=g, dtype=torch.int32), 0.125),
         "sparse_attention_cached": _cached_attention_inputs(),
         "indexer_topk": (*toy[4:8], 4, TOPK),
+        "moe_experts": (r(9, 16), torch.randint(-1, 5, (9, 3), generator=g, dtype=torch.int32), r(9, 3).abs(),
+                        r(5, 8, 16), r(5, 16, 8), r(5, 8, 16), 10.0),
     }
 
 

@@ -80,6 +80,11 @@ def test_window_layer_covering_the_sequence_is_dense_causal_attention(tiny):
         assert_close("window layer vs dense causal", attn._output(dense, pos), out)
 
 
+def _combine(topk_ids, topk_weights, n_experts):
+    """The gate's (ids [T, k], weights [T, k]) as dense routing weights [T, E] (0 = not picked)."""
+    return torch.zeros(topk_ids.shape[0], n_experts).scatter_add(-1, topk_ids.long(), topk_weights)
+
+
 def test_gate_weights_and_hash_routing(tiny):
     torch.manual_seed(0)
     for hashed in (False, True):
@@ -88,7 +93,7 @@ def test_gate_weights_and_hash_routing(tiny):
         if hashed:
             gate.tid2eid.copy_(torch.randperm(tiny.n_routed_experts)[:tiny.n_activated_experts].expand(tiny.vocab_size, -1))
         x, ids = torch.randn(10, tiny.dim), torch.randint(0, tiny.vocab_size, (10,))
-        combine = gate(x, ids)
+        combine = _combine(*gate(x, ids), tiny.n_routed_experts)
         assert ((combine > 0).sum(-1) == tiny.n_activated_experts).all()
         torch.testing.assert_close(combine.sum(-1), torch.full((10,), tiny.route_scale))
         if hashed:  # the table, not the scores, picks the experts
@@ -97,10 +102,10 @@ def test_gate_weights_and_hash_routing(tiny):
             scores = torch.sqrt(F.softplus(x @ gate.weight.T))
             with torch.no_grad():
                 gate.bias.copy_(torch.arange(tiny.n_routed_experts, dtype=torch.float32) * 100)
-            picked = gate(x, ids) > 0
+            picked = _combine(*gate(x, ids), tiny.n_routed_experts) > 0
             assert picked[:, -tiny.n_activated_experts:].all()
             weights = torch.where(picked, scores, 0)
-            torch.testing.assert_close(gate(x, ids), weights / weights.sum(-1, keepdim=True) * tiny.route_scale)
+            torch.testing.assert_close(_combine(*gate(x, ids), tiny.n_routed_experts), weights / weights.sum(-1, keepdim=True) * tiny.route_scale)
 
 
 def _relative_errors(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
