@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .ops import swiglu
+from .moe_ops import swiglu
 
 
 class SharedExpert(nn.Module):

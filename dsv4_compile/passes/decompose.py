@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ..model import kv_layout, ops
+from ..model import kv_layout, moe_ops, ops, weight_formats
 from .registry import Substitution, Target, register
 
 DECOMPOSE_PRIORITY = -100  # below every kernel substitution: the fallback
@@ -118,7 +118,9 @@ _DECOMPOSITIONS = {
     torch.ops.dsv4.sparse_attention_cached.default: (sparse_attention_cached, _attention_fits),
     torch.ops.dsv4.indexer_topk.default: (indexer_topk, _indexer_fits),
     # Grouped by expert with static shapes (chunked over blocks when the sizes are concrete).
-    torch.ops.dsv4.moe_experts.default: (_implementation(ops.moe_experts), _always),
+    torch.ops.dsv4.moe_experts.default: (_implementation(moe_ops.moe_experts), _always),
+    torch.ops.dsv4.moe_experts_fp8.default: (_implementation(moe_ops.moe_experts_fp8), _always),
+    torch.ops.dsv4.moe_experts_mxfp4.default: (_implementation(moe_ops.moe_experts_mxfp4), _always),
 }
 
 
@@ -153,5 +155,5 @@ for _op, (_fn, _applies) in _DECOMPOSITIONS.items():
         version="1",
         priority=DECOMPOSE_PRIORITY,
         # The plain code lives in these files (helpers included): their contents are the identity.
-        source_files=(ops.__file__, kv_layout.__file__, __file__),
+        source_files=(ops.__file__, moe_ops.__file__, weight_formats.__file__, kv_layout.__file__, __file__),
     ))

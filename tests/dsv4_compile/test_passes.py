@@ -21,12 +21,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import dsv4_compile
 from dsv4_compile.compile import GpuError, KNOWN_GPUS, detect_gpu, resolve_gpu
-from dsv4_compile.model import ops
+from dsv4_compile.model import moe_ops, ops, weight_formats
 from dsv4_compile.passes import (PassManager, PassSelectionError, Substitution, accepted_names,
                                  decomposition_table, select, substitutions)
 from helpers import assert_close
 
-DSV4_OPS = sorted(f"dsv4.{name}.default" for name, v in vars(ops).items()
+DSV4_OPS = sorted(f"dsv4.{name}.default" for module in (ops, moe_ops) for name, v in vars(module).items()
                   if isinstance(v, torch._library.custom_ops.CustomOpDef))
 
 # ================================================================================================
@@ -376,6 +376,9 @@ def _op_cases():
     codes, scale = ops.fp8_quantize(x, 32, True)
     packed, scale4 = ops.fp4_quantize(x, 32, True)
     toy = toy_inputs(1)
+    moe_ids = torch.randint(-1, 5, (9, 3), generator=g, dtype=torch.int32)
+    fp8 = [t for shape in ((5, 32, 64), (5, 64, 32), (5, 32, 64)) for t in weight_formats.quantize_fp8_weight(r(*shape))]
+    fp4 = [t for shape in ((5, 32, 64), (5, 64, 32), (5, 32, 64)) for t in weight_formats.quantize_mxfp4(r(*shape))]
     return {
         "fp8_quantize": (x, 32, True), "fp8_dequantize": (codes, scale, 32),
         "fp4_quantize": (x, 32, False), "fp4_dequantize": (packed, scale4, 32),
@@ -386,8 +389,9 @@ def _op_cases():
         "sparse_attention": (toy[1], toy[2], toy[3], torch.randint(-1, N, (B, S, K), generator=g, dtype=torch.int32), 0.125),
         "sparse_attention_cached": _cached_attention_inputs(),
         "indexer_topk": (*toy[4:8], 4, TOPK),
-        "moe_experts": (r(9, 16), torch.randint(-1, 5, (9, 3), generator=g, dtype=torch.int32), r(9, 3).abs(),
-                        r(5, 8, 16), r(5, 16, 8), r(5, 8, 16), 10.0),
+        "moe_experts": (r(9, 16), moe_ids, r(9, 3).abs(), r(5, 8, 16), r(5, 16, 8), r(5, 8, 16), 10.0),
+        "moe_experts_fp8": (r(9, 64), moe_ids, r(9, 3).abs(), *fp8[::2], *fp8[1::2], 10.0),
+        "moe_experts_mxfp4": (r(9, 64), moe_ids, r(9, 3).abs(), *fp4[::2], *fp4[1::2], 10.0),
     }
 
 

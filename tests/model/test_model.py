@@ -187,7 +187,8 @@ def test_prefill_graph_quantizes_the_cache_inside_its_producers(model, tiny):
     program = torch.export.export(model, (tokens,), strict=False)
     ops = {str(n.target).split(".")[1] for n in program.graph.nodes
            if n.op == "call_function" and str(n.target).startswith("dsv4.")}
-    assert ops == {"hc_pre", "sparse_attention", "compress_kv", "indexer_topk", "fp4_quantize", "fp4_dequantize"}
+    assert ops == {"hc_pre", "sparse_attention", "compress_kv", "indexer_topk", "fp4_quantize", "fp4_dequantize",
+                   "moe_experts"}
 
 
 def test_sequence_longer_than_max_seq_len_is_refused(model, tiny):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import dsv4_compile.model.ops  # noqa: F401  (registers torch.ops.dsv4.*)
-from dsv4_compile.model import ModelConfig, ops
+from dsv4_compile.model import ModelConfig, moe_ops, weight_formats
 from dsv4_compile.model.moe import MoE
 from helpers import assert_close
 
@@ -75,20 +75,29 @@ def test_op_matches_the_float64_loop(T, k, E, kind, dtype):
     w1, w2, w3 = weights(E, I, D, dtype, seed=E)
     out = torch.ops.dsv4.moe_experts(x, ids, w, w1, w2, w3, LIMIT)
     assert out.dtype == torch.float32 and out.shape == (T, D)
-    assert_close("moe_experts vs float64 loop", reference(x, ids, w, w1, w2, w3, LIMIT).float(), out,
-                 1e-5 if dtype == torch.float32 else 1e-2)
+    ref = reference(x, ids, w, w1, w2, w3, LIMIT).float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert_close("moe_experts vs float64 loop", ref, out, tol)
+    # Both forms, whichever the op picked: the grouped one at its block size.
+    grouped = moe_ops._moe_grouped(x, ids, w, lambda e: (w1[e], w2[e], w3[e]), E, LIMIT,
+                                   moe_ops.moe_block_rows(k, E), I, 3 * I * D * x.element_size())
+    assert_close("grouped form vs float64 loop", ref, grouped, tol)
 
 
 @pytest.mark.parametrize("block", [1, 3, 16])
 @pytest.mark.parametrize("kind", ["random", "holes", "one-expert"])
-def test_grouped_and_dense_forms_agree(block, kind):
-    """Every block size gives the dense form's numbers (fp32 noise); the clamp is active (limit 0.5)."""
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "block-per-chunk"])
+def test_grouped_and_dense_forms_agree(block, kind, chunked, monkeypatch):
+    """Every block size, in one chunk or one block per chunk, gives the dense form's numbers (fp32
+    noise); the clamp is active (limit 0.5)."""
+    if chunked:
+        monkeypatch.setattr(moe_ops, "CHUNK_BYTES", 1)
     T, k, E, D, I = 37, 3, 7, 16, 12
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
     ids, w = routing(T, k, E, kind, seed=2)
     w1, w2, w3 = weights(E, I, D, torch.float32, seed=3)
-    dense = ops._moe_dense(x, ids, w, w1, w2, w3, 0.5)
-    assert_close(f"grouped (block {block}) vs dense", dense, ops._moe_grouped(x, ids, w, w1, w2, w3, 0.5, block))
+    dense = moe_ops._moe_dense(x, ids, w, lambda e: (w1[e], w2[e], w3[e]), E, 0.5)
+    assert_close(f"grouped (block {block}) vs dense", dense, moe_ops._moe_grouped(x, ids, w, lambda e: (w1[e], w2[e], w3[e]), E, 0.5, block, I, 1 << 20))
 
 
 @pytest.mark.parametrize("T,k,E,block", [(1, 6, 256, 1), (5, 2, 3, 4), (64, 6, 9, 16), (0, 2, 3, 2)])
@@ -98,8 +107,8 @@ def test_expert_blocks_layout(T, k, E, block):
     ids, _ = routing(max(T, 1), k, E, "holes" if E > 2 else "random", seed=4)
     ids = ids[:T]
     N = T * k
-    slot, block_expert = ops.expert_blocks(ids, E, block)
-    assert slot.shape == (ops.max_expert_blocks(N, E, block), block) and block_expert.shape == slot.shape[:1]
+    slot, block_expert = moe_ops.expert_blocks(ids, E, block)
+    assert slot.shape == (moe_ops.max_expert_blocks(N, E, block), block) and block_expert.shape == slot.shape[:1]
     flat_ids = ids.reshape(-1).long()
     real = slot[slot < N]
     valid = torch.nonzero((flat_ids >= 0) & (flat_ids < E)).flatten()
@@ -112,13 +121,11 @@ def test_expert_blocks_layout(T, k, E, block):
     assert (block_expert[1:] >= block_expert[:-1]).all() and (block_expert <= E).all()
 
 
-def test_dense_form_is_chosen_only_where_it_computes_no_more_rows():
-    """E = 8, k = 6 (the mini preset): dense from T = 4 on; E = 256, k = 6: never (grouped always fewer)."""
-    def dense(T, k, E):
-        block = ops.moe_block_rows(T, k, E)
-        return T * E <= ops.max_expert_blocks(T * k, E, block) * block
-    assert [dense(T, 6, 8) for T in (1, 4, 64, 4096)] == [False, True, True, True]
-    assert not any(dense(T, 6, 256) for T in (1, 8, 64, 4096, 32768))
+def test_dense_form_is_chosen_only_where_it_costs_less():
+    """Dense for 8 experts (tiny: k = 2, mini: k = 6) and E = 7, k = 3 below; grouped for V4's 256 / 6,
+    for E = 32, k = 2 and for E = 12, k = 1."""
+    assert all(moe_ops.dense_is_cheaper(k, E) for k, E in ((2, 8), (6, 8), (3, 7), (6, 12)))
+    assert not any(moe_ops.dense_is_cheaper(k, E) for k, E in ((6, 256), (6, 384), (2, 32), (1, 12)))
 
 
 def test_opcheck_and_export_with_a_symbolic_token_count():
@@ -135,7 +142,7 @@ def test_opcheck_and_export_with_a_symbolic_token_count():
 
     class Experts(torch.nn.Module):
         def forward(self, x, ids, w):
-            return ops._moe_experts_plain(x, ids, w, w1, w2, w3, LIMIT)
+            return moe_ops._moe_experts_plain(x, ids, w, w1, w2, w3, LIMIT)
 
     T = torch.export.Dim("T", min=2, max=512)
     ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
@@ -153,6 +160,38 @@ def test_bad_input_is_one_line():
         torch.ops.dsv4.moe_experts(torch.randn(2, 8), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1), w1, w3, w3, LIMIT)
 
 
+QUANT = {"fp8": (torch.ops.dsv4.moe_experts_fp8, weight_formats.quantize_fp8_weight, weight_formats.dequantize_fp8_weight),
+         "mxfp4": (torch.ops.dsv4.moe_experts_mxfp4, weight_formats.quantize_mxfp4, weight_formats.dequantize_mxfp4)}
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("scale_dtype", [torch.float8_e8m0fnu, torch.float32], ids=["e8m0", "f32-scales"])
+@pytest.mark.parametrize("T,k,E,kind", [(1, 6, 12, "random"), (300, 6, 5, "holes")], ids=["T1-k6-E12", "T300-k6-E5-holes"])
+def test_quantized_ops_equal_moe_experts_on_the_dequantized_weights(fmt, scale_dtype, T, k, E, kind):
+    """Shipped formats: the op equals moe_experts on weight_formats' dequantization, exactly in fp32
+    (the same float weights reach the same code), and the float64 loop to fp32 noise. D = 160 and
+    I = 96: FP8 tiles partial along both (ceil(160 / 128) = 2 tile columns)."""
+    op, quantize, dequantize = QUANT[fmt]
+    D, I = 160, 96
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(8))
+    ids, w = routing(T, k, E, kind, seed=9)
+    packed = [quantize(t, scale_dtype=scale_dtype) for t in weights(E, I, D, torch.float32, seed=10)]
+    deq = [dequantize(q, s) for q, s in packed]
+    out = op(x, ids, w, *(q for q, _ in packed), *(s for _, s in packed), LIMIT)
+    assert torch.equal(out, torch.ops.dsv4.moe_experts(x, ids, w, *deq, LIMIT))
+    assert_close(f"moe_experts_{fmt} vs float64 loop", reference(x, ids, w, *deq, LIMIT).float(), out)
+
+
+def test_quantized_ops_refuse_mismatched_weights():
+    q, s = weight_formats.quantize_mxfp4(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match="w1"):  # w2 given unpacked width
+        torch.ops.dsv4.moe_experts_mxfp4(torch.randn(2, 64), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1),
+                                         q, torch.zeros(3, 64, 64, dtype=torch.int8), q, s, s, s, LIMIT)
+    with pytest.raises(ValueError, match="multiple of the MXFP4 block"):
+        torch.ops.dsv4.moe_experts_mxfp4(torch.randn(2, 48), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1),
+                                         q, q, q, s, s, s, LIMIT)
+
+
 def _dense_masked_moe(moe: MoE, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """The MoE as the model computed it before the op: combine weights [T, E] (0 = not picked) on every
     expert's output, x [B, S, D] -> [B, S, D]."""
@@ -162,20 +201,22 @@ def _dense_masked_moe(moe: MoE, x: torch.Tensor, token_ids: torch.Tensor) -> tor
     ex = moe.experts
     gate = torch.einsum("td,eid->eti", flat, ex.w1)
     up = torch.einsum("td,eid->eti", flat, ex.w3)
-    act = ops.swiglu(gate, up, ex.limit) * combine.T.unsqueeze(-1)
+    act = moe_ops.swiglu(gate, up, ex.limit) * combine.T.unsqueeze(-1)
     y = torch.einsum("eti,edi->td", act.to(flat.dtype), ex.w2).float() + moe.shared(flat).float()
     return y.to(x.dtype).view_as(x)
 
 
 @pytest.mark.parametrize("layer_id", [0, 3], ids=["hash-routed", "score-routed"])
 def test_moe_layer_with_the_op_equals_the_dense_masked_moe(layer_id):
-    config = ModelConfig.from_preset("tiny").replace(n_routed_experts=7, n_activated_experts=3)
+    """32 experts, top 2: the op takes its grouped form (dense_is_cheaper is False)."""
+    config = ModelConfig.from_preset("tiny").replace(n_routed_experts=32, n_activated_experts=2)
+    assert not moe_ops.dense_is_cheaper(2, 32)
     torch.manual_seed(0)
     moe = MoE(config, layer_id)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1)
     if moe.gate.hashed:
-        moe.gate.tid2eid.copy_(torch.randint(0, 7, moe.gate.tid2eid.shape))  # duplicates included
+        moe.gate.tid2eid.copy_(torch.randint(0, 32, moe.gate.tid2eid.shape))  # duplicates included
     x = torch.randn(2, 45, config.dim)
     tokens = torch.randint(0, config.vocab_size, (2, 45))
     with torch.no_grad():

@@ -1,0 +1,7 @@
+"""Routed MoE experts as two grouped GEMM launches over tokens sorted by expert (float, FP8 and MXFP4
+expert weights), and its naive twin. One kernel serves the three ops moe_experts, moe_experts_fp8 and
+moe_experts_mxfp4 (the weight format is a launch constant)."""
+from .config import DEFAULT_CONFIGS, MoeExpertsConfig, default_config
+from .moe_experts import WEIGHT_FORMATS, moe_experts
+
+__all__ = ["DEFAULT_CONFIGS", "MoeExpertsConfig", "WEIGHT_FORMATS", "default_config", "moe_experts"]

@@ -1,0 +1,80 @@
+"""Tunable launch parameters of the grouped-expert MoE kernels, with defaults per GPU and per regime
+(decode-sized token counts, where reading the experts' weights bounds the time, and prefill, where
+the tensor cores do)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from .._common import KernelConfig, pick_default
+
+# T * top_k at or below this is the decode regime: few rows per expert, so the smallest row block
+# (16, tl.dot's minimum) wastes the least padding.
+DECODE_MAX_ASSIGNMENTS = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeExpertsConfig(KernelConfig):
+    """block_m: rows (assignments of one expert) per block, the padding unit of the routing layout,
+    shared by both launches. gate_up launch (x @ w1^T, x @ w3^T, SwiGLU): block_n output columns of
+    the intermediate dim, block_k deep along D, group_m blocks of rows per column sweep (L2 reuse of
+    the weight tiles), num_warps / num_stages. down launch (act @ w2^T, routing weight, scatter-add):
+    down_block_n output columns of D, down_block_k deep along I, down_num_warps / down_num_stages.
+    Dequantizing launches read FP8 / MXFP4 tiles; block_k and down_block_k must divide 128 for FP8
+    (one scale per 128 x 128 tile) and be multiples of 32 for MXFP4 (one scale per 32 along K).
+    """
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+    down_block_n: int = 64
+    down_block_k: int = 64
+    down_num_warps: int = 4
+    down_num_stages: int = 3
+
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "block_k", "num_warps", "down_block_n",
+                                              "down_block_k", "down_num_warps")
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("block_m", "block_n", "block_k", "down_block_n", "down_block_k"):
+            if getattr(self, name) < 16:
+                raise ValueError(f"MoeExpertsConfig.{name} = {getattr(self, name)}: tl.dot needs >= 16")
+        for name in ("block_k", "down_block_k"):
+            if not 32 <= getattr(self, name) <= 128:
+                raise ValueError(f"MoeExpertsConfig.{name} = {getattr(self, name)}: must be 32, 64 or 128 "
+                                 f"(a divisor of the FP8 tile 128 and a multiple of the MXFP4 block 32)")
+
+
+def regime(n_assignments: int) -> str:
+    """'decode' for T * top_k <= DECODE_MAX_ASSIGNMENTS, else 'prefill'."""
+    return "decode" if n_assignments <= DECODE_MAX_ASSIGNMENTS else "prefill"
+
+
+DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
+    # Large tiles: fewer interpreted programs (each program costs Python time, not FLOPs).
+    "interpreter": {"decode": MoeExpertsConfig(block_m=16, block_n=64, block_k=64, down_block_n=64, down_block_k=64),
+                    "prefill": MoeExpertsConfig(block_m=32, block_n=64, block_k=64, down_block_n=64, down_block_k=64)},
+    # Decode: 16-row blocks, narrow column tiles so that the few experts in use still spread their
+    # weight reads over every SM. Prefill: 128 x 128 tensor-core tiles.
+    "H200": {"decode": MoeExpertsConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4,
+                                        down_block_n=32, down_block_k=128, down_num_warps=4, down_num_stages=4),
+             "prefill": MoeExpertsConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
+                                         down_block_n=128, down_block_k=64, down_num_warps=8, down_num_stages=3)},
+    "H100": {"decode": MoeExpertsConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4,
+                                        down_block_n=32, down_block_k=128, down_num_warps=4, down_num_stages=4),
+             "prefill": MoeExpertsConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
+                                         down_block_n=128, down_block_k=64, down_num_warps=8, down_num_stages=3)},
+    "generic": {"decode": MoeExpertsConfig(block_m=16, block_n=32, block_k=64, num_stages=2, down_block_n=32,
+                                           down_block_k=64, down_num_stages=2),
+                "prefill": MoeExpertsConfig(num_stages=2, down_num_stages=2)},
+}
+
+
+def default_config(gpu_name: str | None = None, n_assignments: int = 1) -> MoeExpertsConfig:
+    """Default config for a GPU name (e.g. 'NVIDIA H200') and T * top_k; None = the current device."""
+    return pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
+

@@ -1,0 +1,313 @@
+"""Routed experts of a MoE layer as two grouped GEMM launches over tokens sorted by expert
+(`torch.ops.dsv4.moe_experts`, `moe_experts_fp8`, `moe_experts_mxfp4` semantics, see model/moe_ops.py).
+
+Layout (model.moe_ops.expert_blocks, plain torch ops on the device, no host sync): the T*k assignments
+sorted by expert, each expert's run padded to a multiple of block_m rows; slot [n_blocks, block_m]
+holds the assignment t*k + j of each row (N = T*k in padding), block_expert [n_blocks] the expert of
+each block (E past the last used block: those programs return at once). n_blocks is the static bound
+max_expert_blocks(N, E, block_m), so the grids depend on the sizes only (CUDA graphs, export).
+
+  1. `_gate_up_kernel`, one program per (block of rows, block_n columns of I): the rows' tokens of x
+     gathered, times w1[e]^T and w3[e]^T in one K loop (two accumulators), SwiGLU with the clamps in
+     the epilogue; act [n_blocks * block_m, I] in x's dtype.
+  2. `_down_kernel`, one program per (block of rows, down_block_n columns of D): act @ w2[e]^T, the
+     routing weight of each row in the epilogue, atomically added (fp32) into out[token].
+Both sweep the column tiles of group_m row blocks before the next rows (L2 reuse of weight tiles).
+Weights: float (bf16/fp16/fp32, as x), FP8 e4m3 codes with one scale per 128 x 128 tile, or MXFP4
+(two e2m1 codes per byte, low nibble first, one scale per 1 x 32 along the reduction dim); scales
+e8m0 bytes or float32. Quantized tiles are decoded from their bits in registers (exact: every code
+times a power-of-two scale is a bf16 value) and multiplied in x's dtype with fp32 accumulation:
+W8A16 / W4A16.
+Numbers: against the plain op, the routing weight multiplies the fp32 product of w2 instead of the
+activation before its rounding to x's dtype (bf16: within the bf16 tolerance; fp32: equal up to
+summation order), and the k contributions of a token are summed by atomics in no fixed order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...model.moe_ops import expert_blocks
+from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, launch
+from .._jit_utils import round_bf16
+from .config import MoeExpertsConfig, default_config
+
+WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
+_FMT = {"float": 0, "fp8": 1, "mxfp4": 2}
+_SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8, torch.float32)
+
+# ================================================================================================
+# Weight decoding (bit-exact, the same compiled and interpreted)
+# ================================================================================================
+
+
+@triton.jit
+def _e8m0(u):
+    """e8m0 bytes (int32 0..255) -> fp32 2^(u - 127); 0 -> 2^-127 (subnormal), 255 -> NaN."""
+    v = (u << 23).to(tl.float32, bitcast=True)
+    v = tl.where(u == 0, 5.877471754111438e-39, v)
+    return tl.where(u == 255, float("nan"), v)
+
+
+@triton.jit
+def _e4m3(c):
+    """float8_e4m3fn codes (int32 0..255) -> fp32; 0x7F / 0xFF -> NaN."""
+    sign = (c & 0x80) << 24
+    e = (c >> 3) & 0xF
+    m = c & 7
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125                                    # m * 2^-9
+    sub = tl.where(sign != 0, -sub, sub)
+    v = tl.where(e == 0, sub, normal)
+    return tl.where((c & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
+def _e2m1(c):
+    """e2m1 codes (int32 0..15) -> fp32 (0, 0.5, 1, 1.5, 2, 3, 4, 6, signed by bit 3)."""
+    sign = (c & 8) << 28
+    e = (c >> 1) & 3
+    m = c & 1
+    normal = (sign | ((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.5
+    sub = tl.where(sign != 0, -sub, sub)
+    return tl.where(e == 0, sub, normal)
+
+
+@triton.jit
+def _scale(p_s, offs, mask, SCALE_F32: tl.constexpr):
+    if SCALE_F32:
+        return tl.load(p_s + offs, mask=mask, other=1.0)
+    else:
+        return _e8m0(tl.load(p_s + offs, mask=mask, other=127).to(tl.int32))
+
+
+@triton.jit
+def _weight_tile(p_w, p_s, e, offs_n, offs_k, R, C, FMT: tl.constexpr, SCALE_F32: tl.constexpr):
+    """W[e][offs_n, offs_k]^T as a [BLOCK_K, BLOCK_N] tile (fp32 for quantized formats, the stored
+    dtype for float) of W [E, R, C] (R output rows, C the reduction dim; 0 outside)."""
+    mask = (offs_k[:, None] < C) & (offs_n[None, :] < R)
+    e = e.to(tl.int64)
+    if FMT == 0:
+        w = tl.load(p_w + e * R * C + offs_n[None, :] * C + offs_k[:, None], mask=mask, other=0.0)
+    elif FMT == 1:  # FP8 codes [E, R, C], scales [E, ceil(R/128), ceil(C/128)]
+        code = tl.load(p_w + e * R * C + offs_n[None, :] * C + offs_k[:, None], mask=mask, other=0).to(tl.int32)
+        s_rows = tl.cdiv(R, 128)
+        s_cols = tl.cdiv(C, 128)
+        s = _scale(p_s, e * s_rows * s_cols + (offs_n[None, :] // 128) * s_cols + offs_k[:, None] // 128, mask, SCALE_F32)
+        w = _e4m3(code) * s
+    else:  # MXFP4 bytes [E, R, C/2], element 2i in the low nibble; scales [E, R, C/32]
+        byte = tl.load(p_w + e * R * (C // 2) + offs_n[None, :] * (C // 2) + offs_k[:, None] // 2,
+                       mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((offs_k[:, None] % 2) * 4)) & 0xF
+        s = _scale(p_s, e * R * (C // 32) + offs_n[None, :] * (C // 32) + offs_k[:, None] // 32, mask, SCALE_F32)
+        w = _e2m1(code) * s
+    return w
+
+
+@triton.jit
+def _tile_ids(n_blocks, n_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column tile): group_m row blocks sweep all column tiles together."""
+    pid = tl.program_id(0)
+    n_pid_n = tl.cdiv(n_cols, BLOCK_N)
+    group = GROUP_M * n_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(n_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST (interpreter): exact fp32 copies (its bf16 tl.dot is
+    wrong); IEEE: fp32 operands without tf32; else a and b in a's dtype (tensor cores)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b.to(a.dtype), acc)
+
+
+# ================================================================================================
+# Kernels
+# ================================================================================================
+
+@triton.jit
+def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, limit,
+                    N, TOPK, D, I, E, n_blocks,
+                    FMT: tl.constexpr, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                    ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
+    # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype
+    limit = tl.cast(limit, tl.float32)  # float arguments are fp64 in AOTInductor's launch signature
+    pid_m, pid_n = _tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
+    e = tl.load(p_block_expert + pid_m)
+    if e >= E:  # a spare block past the last expert in use
+        return
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(p_slot + offs_m)
+    row_ok = slot < N
+    token = tl.where(row_ok, slot // TOPK, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
+        acc_gate = _dot(a, _weight_tile(p_w1, p_s1, e, offs_n, offs_k, I, D, FMT, SCALE_F32), acc_gate, UPCAST, IEEE)
+        acc_up = _dot(a, _weight_tile(p_w3, p_s3, e, offs_n, offs_k, I, D, FMT, SCALE_F32), acc_up, UPCAST, IEEE)
+    if limit > 0:
+        acc_gate = tl.minimum(acc_gate, limit)
+        acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+    act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up                    # silu(gate) * up
+    if ROUND_BF16:  # the interpreter's bf16 cast truncates: round to nearest even first
+        act = round_bf16(act)
+    mask = offs_n[None, :] < I
+    tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], act.to(p_act.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
+                 N, TOPK, D, I, E, n_blocks,
+                 FMT: tl.constexpr, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # p_act [n_blocks * BLOCK_M, I]; p_w2 [E, D, I] (or packed); p_weights [T * TOPK] float32;
+    # p_out [T, D] float32, zeroed, accumulated atomically
+    pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
+    e = tl.load(p_block_expert + pid_m)
+    if e >= E:
+        return
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(p_slot + offs_m)
+    row_ok = slot < N
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, I, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
+        acc = _dot(a, _weight_tile(p_w2, p_s2, e, offs_n, offs_k, D, I, FMT, SCALE_F32), acc, UPCAST, IEEE)
+    weight = tl.load(p_weights + slot, mask=row_ok, other=0.0)
+    token = tl.where(row_ok, slot // TOPK, 0)
+    tl.atomic_add(p_out + token[:, None] * D + offs_n[None, :], acc * weight[:, None],
+                  mask=row_ok[:, None] & (offs_n[None, :] < D))
+
+
+# ================================================================================================
+# Launcher
+# ================================================================================================
+
+def _fit(block: int, dim: int) -> int:
+    """A column tile no wider than the dimension needs (>= 16 for tl.dot)."""
+    return min(block, max(16, triton.next_power_of_2(dim)))
+
+
+def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str) -> tuple[int, int, int]:
+    """-> (E, I, D) after the dtype/shape/device checks of one call."""
+    op = "moe_experts" if weight_format == "float" else f"moe_experts_{weight_format}"
+    check(weight_format in WEIGHT_FORMATS, f"{op}: weight_format {weight_format!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
+    check_tensor(op, "x", x, FLOAT_DTYPES, ndim=2)
+    T, D = x.shape
+    check_tensor(op, "topk_ids", topk_ids, (torch.int32, torch.int64), ndim=2, device=x.device)
+    k = topk_ids.shape[1]
+    check(topk_ids.shape[0] == T, f"{op}: topk_ids has shape {tuple(topk_ids.shape)}; need [T={T}, k]")
+    check_tensor(op, "topk_weights", topk_weights, (torch.float32,), shape=(T, k), device=x.device)
+    E, I = w1.shape[:2] if w1.dim() == 3 else (0, 0)
+    if weight_format == "float":
+        dtypes, d_cols, i_cols = (x.dtype,), D, I
+    elif weight_format == "fp8":
+        dtypes, d_cols, i_cols = (torch.float8_e4m3fn,), D, I
+    else:
+        check(D % 32 == 0 and I % 32 == 0, f"{op}: D = {D}, I = {I}; MXFP4 needs multiples of 32")
+        dtypes, d_cols, i_cols = (torch.int8, torch.uint8), D // 2, I // 2
+    for name, w, shape in (("w1", w1, (E, I, d_cols)), ("w2", w2, (E, D, i_cols)), ("w3", w3, (E, I, d_cols))):
+        check_tensor(op, name, w, dtypes, shape=shape, device=x.device)
+    if weight_format != "float":
+        for name, s, w, rows, cols in (("w1_scale", scales[0], w1, I, D), ("w2_scale", scales[1], w2, D, I),
+                                       ("w3_scale", scales[2], w3, I, D)):
+            want = (E, -(-rows // 128), -(-cols // 128)) if weight_format == "fp8" else (E, rows, cols // 32)
+            check_tensor(op, name, s, _SCALE_DTYPES, shape=want, device=x.device)
+        check(len({s.dtype for s in scales}) == 1, f"{op}: scales have dtypes {[s.dtype for s in scales]}; need one")
+    return E, I, D
+
+
+def resolve(config, device, n_assignments: int) -> MoeExpertsConfig:
+    """None / '' -> the device's default for T * k; a str -> fields over that default; a config -> itself."""
+    if isinstance(config, MoeExpertsConfig):
+        return config
+    base = default_config(device_name(device), n_assignments)
+    if not config:
+        return base
+    if isinstance(config, str):
+        return MoeExpertsConfig.from_str(config, base)
+    return base.replace(**config)
+
+
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                w2: torch.Tensor, w3: torch.Tensor, swiglu_limit: float,
+                config: MoeExpertsConfig | dict | str | None = None, weight_format: str = "float",
+                scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """x [T, D] (bf16/fp16/fp32, contiguous), topk_ids [T, k] int32, topk_weights [T, k] fp32, expert
+    weights in `weight_format` ("float": [E, I, D], [E, D, I], [E, I, D] in x's dtype; "fp8": the same
+    shapes in float8_e4m3fn with `scales` (w1, w2, w3) [E, ceil(rows/128), ceil(cols/128)]; "mxfp4":
+    [E, I, D/2], [E, D, I/2], [E, I, D/2] int8 with scales [E, rows, cols/32]; scales e8m0 or fp32)
+    -> [T, D] float32. Workspace: act [n_blocks * block_m, I] in x's dtype, the routing layout."""
+    E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format)
+    T, k = topk_ids.shape
+    out = torch.zeros((T, D), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return out
+    cfg = resolve(config, x.device, T * k)
+    bm = cfg.block_m
+    slot, block_expert = expert_blocks(topk_ids, E, bm)                    # [n_blocks, bm], [n_blocks]
+    n_blocks = block_expert.shape[0]
+    act = torch.empty((n_blocks * bm, I), dtype=x.dtype, device=x.device)
+    fmt = _FMT[weight_format]
+    if fmt:
+        scale_f32 = scales[0].dtype == torch.float32
+        s1, s2, s3 = (s if scale_f32 else s.view(torch.uint8) for s in scales)
+        w1, w2, w3 = (w.view(torch.uint8) for w in (w1, w2, w3))
+    else:
+        scale_f32 = False
+        s1 = s2 = s3 = x                                                    # unused
+    upcast = INTERPRET
+    ieee = x.dtype == torch.float32
+    bn, bn2 = _fit(cfg.block_n, I), _fit(cfg.down_block_n, D)
+    launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), x, slot, block_expert, w1, s1, w3, s3, act,
+           float(swiglu_limit), T * k, k, D, I, E, n_blocks,
+           FMT=fmt, SCALE_F32=scale_f32, UPCAST=upcast, IEEE=ieee, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, slot, block_expert, w2, s2, topk_weights, out,
+           T * k, k, D, I, E, n_blocks,
+           FMT=fmt, SCALE_F32=scale_f32, UPCAST=upcast, IEEE=ieee,
+           BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
+           num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
+    return out
+
+
+# ================================================================================================
+# Torch ops (torch.ops.dsv4_triton.moe_experts / _fp8 / _mxfp4): the dsv4 signatures plus a config string
+# ================================================================================================
+
+@kernel_op("moe_experts")
+def _moe_experts_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                    w2: torch.Tensor, w3: torch.Tensor, swiglu_limit: float, config: str = "") -> torch.Tensor:
+    return moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config)
+
+
+@kernel_op("moe_experts_fp8")
+def _moe_experts_fp8_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                        w2: torch.Tensor, w3: torch.Tensor, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
+                        w3_scale: torch.Tensor, swiglu_limit: float, config: str = "") -> torch.Tensor:
+    return moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config, "fp8", (w1_scale, w2_scale, w3_scale))
+
+
+@kernel_op("moe_experts_mxfp4")
+def _moe_experts_mxfp4_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                          w2: torch.Tensor, w3: torch.Tensor, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
+                          w3_scale: torch.Tensor, swiglu_limit: float, config: str = "") -> torch.Tensor:
+    return moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config, "mxfp4", (w1_scale, w2_scale, w3_scale))

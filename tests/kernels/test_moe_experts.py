@@ -1,0 +1,133 @@
+"""Grouped-expert MoE kernel against its naive twin and the plain ops (interpreter on the CPU).
+
+Tolerances (relative RMS over the output):
+- fp32 activations: 1e-5 (helpers' fp32): the same products summed in another order (K tiles, fp32
+  atomics across a token's k slots); the quantized weights decode exactly, so FP8 and MXFP4 keep it.
+- bf16 activations: 1e-2 (helpers' bf16): operands bf16, fp32 accumulation; the SwiGLU activation is
+  rounded to bf16 once (kernel and naive at the same point, plain op after the routing weight), so
+  sums in another order can land one bf16 ulp (2^-8 relative) apart on a few elements.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import (conftest does it too)
+
+import pytest  # noqa: E402
+
+import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
+from dsv4_compile.model import weight_formats  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LIMIT = 10.0
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+PLAIN = {"float": torch.ops.dsv4.moe_experts, "fp8": torch.ops.dsv4.moe_experts_fp8,
+         "mxfp4": torch.ops.dsv4.moe_experts_mxfp4}
+
+
+def routing(T, k, E, kind, seed):
+    """topk_ids [T, k] int32, weights [T, k] float32 (positive)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":  # distinct experts per token where k <= E
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if k <= E else \
+            torch.randint(0, E, (T, k), generator=g)
+    elif kind == "one-expert":  # every assignment to the last expert, duplicates included
+        ids = torch.full((T, k), E - 1)
+    elif kind == "holes":  # -1 ids, duplicates, experts 0 and 1 with zero tokens
+        ids = torch.randint(2, E, (T, k), generator=g)
+        ids[torch.rand(T, k, generator=g) < 0.3] = -1
+    else:
+        raise ValueError(kind)
+    return ids.to(torch.int32), torch.rand(T, k, generator=g) + 0.1
+
+
+def experts(E, I, D, dtype, fmt, scale_dtype=torch.float8_e8m0fnu, seed=0):
+    """(w1, w2, w3, scales or None) in the format the kernel takes."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(E, I, D, generator=g) * D ** -0.5, torch.randn(E, D, I, generator=g) * I ** -0.5,
+          torch.randn(E, I, D, generator=g) * D ** -0.5]
+    if fmt == "float":
+        return (*(w.to(dtype) for w in ws), None)
+    quantize = weight_formats.quantize_fp8_weight if fmt == "fp8" else weight_formats.quantize_mxfp4
+    packed = [quantize(w, scale_dtype=scale_dtype) for w in ws]
+    return (*(q for q, _ in packed), tuple(s for _, s in packed))
+
+
+def run_all(T, k, E, D, I, dtype, fmt, kind, scale_dtype=torch.float8_e8m0fnu, config=None):
+    x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * 2).to(dtype)
+    ids, w = routing(T, k, E, kind, seed=T * k + E)
+    w1, w2, w3, scales = experts(E, I, D, dtype, fmt, scale_dtype, seed=E)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    dev_scales = None if scales is None else tuple(map(dev, scales))
+    out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, fmt, dev_scales).cpu()
+    assert out.shape == (T, D) and out.dtype == torch.float32
+    assert_close("kernel vs naive", naive.moe_experts(x, ids, w, w1, w2, w3, LIMIT, None, fmt, scales), out, TOL[dtype])
+    plain = PLAIN[fmt](x, ids, w, w1, w2, w3, *(scales or ()), LIMIT)
+    assert_close("kernel vs plain op", plain, out, TOL[dtype])
+    return out
+
+
+# T = 1, 7, 300; E = 5, 12 (not powers of two); k = 1 and 6 (6 > 5 forces duplicates).
+SHAPES = [(1, 6, 12, "random"), (7, 1, 5, "random"), (7, 6, 5, "one-expert"), (300, 6, 12, "holes"),
+          (300, 1, 5, "random")]
+
+
+@pytest.mark.parametrize("T,k,E,kind", SHAPES, ids=[f"T{s[0]}-k{s[1]}-E{s[2]}-{s[3]}" for s in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_float_weights(T, k, E, kind, dtype):
+    run_all(T, k, E, 48, 40, dtype, "float", kind)
+
+
+# T = 300 in bf16 only: the interpreter decodes every weight element in Python-speed numpy (~20 s).
+QUANT = [(7, 6, 5, "holes", torch.float32), (7, 6, 5, "holes", torch.bfloat16), (1, 1, 5, "random", torch.float32),
+         (1, 1, 5, "random", torch.bfloat16), (300, 6, 12, "random", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("T,k,E,kind,dtype", QUANT,
+                         ids=[f"T{s[0]}-k{s[1]}-E{s[2]}-{s[3]}-{str(s[4])[6:]}" for s in QUANT])
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_quantized_weights(T, k, E, kind, dtype, fmt):
+    """FP8 at D = 160, I = 96: partial 128 x 128 tiles along both dims (T = 300: D = 64); MXFP4 at
+    D = 64, I = 96."""
+    D = 160 if fmt == "fp8" and T < 300 else 64
+    run_all(T, k, E, D, 96, dtype, fmt, kind)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"])
+def test_float32_scales(fmt):
+    """Base models ship float32 scales (power-of-two values): same numbers as e8m0."""
+    run_all(7, 2, 5, 64, 64, torch.float32, fmt, "holes", scale_dtype=torch.float32)
+
+
+def test_small_tiles_and_group_swizzle():
+    """16-row blocks, 16-wide column tiles and group_m 2 over many blocks and column tiles, 32-deep K."""
+    cfg = MoeExpertsConfig(block_m=16, block_n=16, block_k=32, group_m=2, down_block_n=16, down_block_k=32)
+    run_all(40, 3, 7, 72, 40, torch.float32, "float", "holes", config=cfg)
+
+
+def test_no_clamp_and_no_tokens():
+    """swiglu_limit 0 turns the clamps off (large activations pass); all ids -1 give zeros."""
+    x = torch.randn(5, 32) * 20
+    ids, w = routing(5, 2, 3, "random", seed=1)
+    w1, w2, w3, _ = experts(3, 32, 32, torch.float32, "float")
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), 0.0).cpu()
+    assert_close("limit 0", torch.ops.dsv4.moe_experts(x, ids, w, w1, w2, w3, 0.0), out)
+    none = torch.full_like(ids, -1).to(DEVICE)
+    assert torch.equal(moe_experts(dev(x), none, dev(w), dev(w1), dev(w2), dev(w3), LIMIT).cpu(), torch.zeros(5, 32))
+
+
+def test_bad_input_is_one_line():
+    w1, w2, w3, _ = experts(3, 32, 64, torch.float32, "float")
+    x = torch.randn(4, 64, device=DEVICE)
+    ids, w = (t.to(DEVICE) for t in routing(4, 2, 3, "random", seed=0))
+    with pytest.raises(ValueError, match="w2 has shape"):
+        moe_experts(x, ids, w, w1.to(DEVICE), w1.to(DEVICE), w3.to(DEVICE), LIMIT)
+    with pytest.raises(ValueError, match="MXFP4 needs multiples of 32"):
+        moe_experts(torch.randn(4, 48, device=DEVICE), ids, w, w1.to(DEVICE), w2.to(DEVICE), w3.to(DEVICE), LIMIT,
+                    weight_format="mxfp4", scales=(w1, w1, w1))
+    with pytest.raises(ValueError, match="tl.dot needs >= 16"):
+        MoeExpertsConfig(block_m=8)
