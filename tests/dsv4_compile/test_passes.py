@@ -392,6 +392,7 @@ def _op_cases():
         "moe_experts": (r(9, 16), moe_ids, r(9, 3).abs(), r(5, 8, 16), r(5, 16, 8), r(5, 8, 16), 10.0),
         "moe_experts_fp8": (r(9, 64), moe_ids, r(9, 3).abs(), *fp8[::2], *fp8[1::2], 10.0),
         "moe_experts_mxfp4": (r(9, 64), moe_ids, r(9, 3).abs(), *fp4[::2], *fp4[1::2], 10.0),
+        "fp8_linear": (r(2, 3, 256), r(40, 256).to(torch.float8_e4m3fn), torch.rand(1, 2, generator=g)),
     }
 
 

@@ -1,0 +1,64 @@
+"""Pass-framework registration: torch.ops.dsv4.fp8_linear -> torch.ops.dsv4_triton.fp8_linear
+("fp8_linear.triton"), the block-scaled FP8 GEMM of kernels/fp8_linear/.
+
+Applies to CUDA tensors: x float32 / bfloat16 / float16 with a static K that is a multiple of 128,
+weight float8_e4m3fn [N, K], scale float32 [cdiv(N, 128), K/128]. Otherwise the node is left to the
+plain op, with the reason. The config follows the row count M (x's leading dims, when static): few
+rows take the small-M defaults (fused input quantization); a tuned table keyed by M ("by_context")
+is read like the other kernels' context tables. `interpreter_substitutions()`: the same on CPU tensors
+under TRITON_INTERPRET (tests only).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from ...kernels.fp8_linear.config import SCALE_BLOCK, default_config
+from ..registry import Substitution, register
+from ._common import KERNEL_PRIORITY, config_string, device_reason, interpreter_twin, kernel_files, target_gpu
+
+# registers torch.ops.dsv4_triton.fp8_linear
+_kernel = importlib.import_module("...kernels.fp8_linear.fp8_linear", __package__)
+_FILES = kernel_files("fp8_linear/fp8_linear.py", "fp8_linear/config.py", "_jit_utils.py")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _reason(x, weight, scale, allow_cpu=False):
+    reason = device_reason(x, allow_cpu)
+    if reason:
+        return reason
+    if x.dtype not in _DTYPES:
+        return f"x is {x.dtype}; needs float32 / bfloat16 / float16"
+    if weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32:
+        return f"weight {weight.dtype} / scale {scale.dtype}; needs float8_e4m3fn / float32"
+    k = x.shape[-1] if x.dim() else 0
+    if not isinstance(k, int) or k % SCALE_BLOCK:
+        return f"K = {k} is not a static multiple of {SCALE_BLOCK}"
+    return None
+
+
+def _rows(x) -> int | None:
+    """M = the product of x's leading dims, None when one is symbolic."""
+    dims = x.shape[:-1]
+    return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
+
+
+def _config(target, x, weight, scale) -> dict:
+    m = _rows(x)
+    return {"config": config_string(target.table, m, default_config(target_gpu(target, x.device.type), m))}
+
+
+def _replacement(x, weight, scale, config: str = ""):
+    return torch.ops.dsv4_triton.fp8_linear(x.contiguous(), weight.contiguous(), scale.contiguous(), config)
+
+
+SUBSTITUTION = register(Substitution(
+    name="fp8_linear.triton", op=torch.ops.dsv4.fp8_linear.default, replacement=_replacement,
+    applies=lambda target, *args: _reason(*args), config=_config, version="1", priority=KERNEL_PRIORITY,
+    source_files=_FILES))
+
+
+def interpreter_substitutions() -> list[Substitution]:
+    return [interpreter_twin(SUBSTITUTION, _reason)]

@@ -1,0 +1,62 @@
+"""The fp8_linear substitution: the node replaced by the Triton kernel (interpreter on the CPU),
+numbers as eager, ops before and after, the config chosen by M, and what it refuses (with why).
+Tolerance: as tests/kernels/test_fp8_linear.py (float32 output, summation order only: 1e-5 on the CPU)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import (conftest does it too)
+
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
+
+import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+from dsv4_compile import passes  # noqa: E402
+from dsv4_compile.kernels.fp8_linear.config import SMALL_M_CONFIGS, DEFAULT_CONFIGS  # noqa: E402
+from dsv4_compile.model.weight_formats import e8m0_to_float, quantize_fp8_weight  # noqa: E402
+from dsv4_compile.passes.kernel_substitutions import fp8_linear as sub  # noqa: E402
+from helpers import assert_close  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def two_linears(x, w1, s1, w2, s2):
+    h = torch.relu(torch.ops.dsv4.fp8_linear(x, w1, s1))
+    return torch.ops.dsv4.fp8_linear(h, w2, s2)
+
+
+def inputs(m=3):
+    g = torch.Generator().manual_seed(0)
+    w1, s1 = quantize_fp8_weight(torch.randn(256, 128, generator=g) * 0.1)
+    w2, s2 = quantize_fp8_weight(torch.randn(70, 256, generator=g) * 0.1)
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return (to(torch.randn(m, 5, 128, generator=g)), to(w1), to(e8m0_to_float(s1)), to(w2), to(e8m0_to_float(s2)))
+
+
+def test_nodes_replaced_and_numbers_as_eager():
+    args = inputs()
+    gm = make_fx(two_linears, tracing_mode="fake")(*args)
+    subs = sub.interpreter_substitutions() if DEVICE == "cpu" else [sub.SUBSTITUTION]
+    manager = passes.PassManager(subs, gpu="H200" if DEVICE == "cuda" else "cpu")
+    manager(gm.graph)
+    gm.recompile()
+    ops = manager.graph_ops[0]
+    assert ops["before"]["dsv4.fp8_linear.default"] == 2
+    assert "dsv4.fp8_linear.default" not in ops["after"] and ops["after"]["dsv4_triton.fp8_linear.default"] == 2
+    assert manager.report.replaced("dsv4.fp8_linear") == 2
+    assert_close("substituted vs eager", two_linears(*args), gm(*args), 1e-3 if DEVICE == "cuda" else 1e-5)
+
+
+def test_config_follows_rows_and_refusals_say_why():
+    target = passes.Target(gpu="H200")
+    e = lambda *shape, dtype=torch.float32: torch.empty(*shape, device=DEVICE, dtype=dtype)  # noqa: E731
+    w, s = e(64, 256, dtype=torch.float8_e4m3fn), e(1, 2)
+    small = sub.SUBSTITUTION.config(target, e(1, 256), w, s)["config"]
+    large = sub.SUBSTITUTION.config(target, e(64, 128, 256), w, s)["config"]
+    gpu = "H200" if DEVICE == "cuda" else "interpreter"
+    assert small == SMALL_M_CONFIGS[gpu].to_str() and large == DEFAULT_CONFIGS[gpu].to_str()
+    assert "multiple of 128" in sub._reason(e(4, 200), e(64, 200, dtype=torch.float8_e4m3fn), s, allow_cpu=True)
+    assert "float8_e4m3fn" in sub._reason(e(4, 256), e(64, 256), s, allow_cpu=True)
+    assert "int32" in sub._reason(e(4, 256, dtype=torch.int32), w, s, allow_cpu=True)
+    if DEVICE == "cpu":
+        assert "needs CUDA tensors" in sub._reason(e(4, 256), w, s)
