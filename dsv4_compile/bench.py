@@ -7,7 +7,8 @@ that `--passes` and `tune --kernels` use; `attention` is short for both sparse-a
 decode step, at the --context lengths (decode_step: those within the mini preset's max_seq_len).
 `tuning` (not part of `all`: about 8 minutes) compares tuned configs with the defaults, a typical
 @triton.autotune list and a full grid (bench/bench_tuning.py, tuning/compare.py).
-The scripts live in the source checkout, not in the installed package: bench needs the checkout.
+The scripts live in the source checkout, not in the installed package: from an installed package
+(`pip install .`) bench says so in one line (exit 2); a checkout or an editable install runs them.
 """
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     if gpu == "cpu":
         raise UsageError("bench: no CUDA GPU here; the benchmarks time kernels on H100/H200 (run them on the device)")
-    if not BENCH_DIR.is_dir():
-        raise UsageError(f"bench: {BENCH_DIR} not found; the benchmark scripts ship with the source checkout")
+    if not (BENCH_DIR / "bench_attention.py").is_file():
+        raise UsageError(f"bench: the benchmark scripts ship with the source checkout, not the installed package "
+                         f"({BENCH_DIR} is missing); run it in a checkout (pip install -e .)")
     sys.path.insert(0, str(BENCH_DIR))
     status = 0
     kernels = [f for f in families if f in FAMILIES]

@@ -5,6 +5,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+# The tests exercise the installed package (CI installs the wheel, developers an editable install):
+# `python -m pytest` puts the checkout's root on sys.path, where dsv4_compile/ would shadow it.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO]
 
 # Without a GPU, Triton kernels run on CPU tensors in its interpreter, which must be chosen before any
 # kernel module is imported (tests/kernels); set here, before pytest imports the test modules.

@@ -25,3 +25,14 @@ def test_refusals_exit_2_with_one_line(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_installed_package_without_checkout_says_so_in_one_line(monkeypatch, capsys, tmp_path):
+    """Installed from a wheel there is no bench/ beside the package: exit 2, one line, nothing run."""
+    import dsv4_compile.bench as bench
+
+    monkeypatch.setattr(bench, "BENCH_DIR", tmp_path / "bench")
+    monkeypatch.setattr("dsv4_compile.compile.resolve_gpu", lambda gpu: "H100")
+    assert main(["bench", "--ops", "attention"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "ship with the source checkout" in err and "pip install -e ." in err and "\n" not in err
