@@ -4,11 +4,10 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+_TESTS = os.path.dirname(os.path.abspath(__file__))
 # The tests exercise the installed package (CI installs the wheel, developers an editable install):
 # `python -m pytest` puts the checkout's root on sys.path, where dsv4_compile/ would shadow it.
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO]
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(_TESTS)]
 
 # Without a GPU, Triton kernels run on CPU tensors in its interpreter, which must be chosen before any
 # kernel module is imported (tests/kernels); set here, before pytest imports the test modules.
@@ -17,6 +16,15 @@ if not torch.cuda.is_available():
     # The CPU tests use small tensors, where one thread is as fast as two and is not stalled by
     # OpenMP spin-waits when other processes share the machine (a 30x slowdown seen here).
     torch.set_num_threads(1)
+
+# Import the package now, with tests/ off sys.path: there tests/dsv4_compile/ would pass for a namespace
+# package `dsv4_compile`, found before an editable install's finder is asked.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _TESTS]
+import dsv4_compile  # noqa: E402
+
+if getattr(dsv4_compile, "__file__", None) is None:
+    raise ImportError("dsv4_compile is not installed: pip install torch==2.13.0 '.[test]' (README, Set up)")
+sys.path.insert(0, _TESTS)  # tests/helpers.py
 
 
 def pytest_collection_modifyitems(config, items):
