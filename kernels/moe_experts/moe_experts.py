@@ -234,11 +234,12 @@ def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str) ->
     return E, I, D
 
 
-def resolve(config, device, n_assignments: int) -> MoeExpertsConfig:
-    """None / '' -> the device's default for T * k; a str -> fields over that default; a config -> itself."""
+def resolve(config, device, n_assignments) -> MoeExpertsConfig:
+    """None / '' -> the device's default for T * k (the prefill regime's when T is symbolic, as under
+    export); a str -> fields over that default; a config -> itself."""
     if isinstance(config, MoeExpertsConfig):
         return config
-    base = default_config(device_name(device), n_assignments)
+    base = default_config(device_name(device), n_assignments if isinstance(n_assignments, int) else 1 << 30)
     if not config:
         return base
     if isinstance(config, str):
@@ -258,7 +259,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format)
     T, k = topk_ids.shape
     out = torch.zeros((T, D), dtype=torch.float32, device=x.device)
-    if T == 0:
+    if isinstance(T, int) and T == 0:
         return out
     cfg = resolve(config, x.device, T * k)
     bm = cfg.block_m

@@ -131,3 +131,52 @@ def test_bad_input_is_one_line():
                     weight_format="mxfp4", scales=(w1, w1, w1))
     with pytest.raises(ValueError, match="tl.dot needs >= 16"):
         MoeExpertsConfig(block_m=8)
+
+
+# ---- the substitution ------------------------------------------------------------------------------
+
+def _three_ops(x, ids, w, f1, f2, f3, q1, q2, q3, s1, s2, s3, p1, p2, p3, t1, t2, t3):
+    return (torch.ops.dsv4.moe_experts(x, ids, w, f1, f2, f3, LIMIT),
+            torch.ops.dsv4.moe_experts_fp8(x, ids, w, q1, q2, q3, s1, s2, s3, LIMIT),
+            torch.ops.dsv4.moe_experts_mxfp4(x, ids, w, p1, p2, p3, t1, t2, t3, LIMIT))
+
+
+def _three_inputs():
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
+    ids, w = routing(9, 3, 5, "holes", seed=4)
+    f = experts(5, 32, 64, torch.float32, "float")[:3]
+    q1, q2, q3, (s1, s2, s3) = experts(5, 32, 64, torch.float32, "fp8")
+    p1, p2, p3, (t1, t2, t3) = experts(5, 32, 64, torch.float32, "mxfp4")
+    return tuple(t.to(DEVICE) for t in (x, ids, w, *f, q1, q2, q3, s1, s2, s3, p1, p2, p3, t1, t2, t3))
+
+
+def test_substitution_replaces_every_moe_op():
+    """On a fake-traced graph the pass replaces the three ops (counts before/after, report), the
+    numbers hold (fp32), the config is a string the kernel parses, and the registered substitutions
+    decline CPU tensors with their reason."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dsv4_compile.passes import PassManager, Target
+    from dsv4_compile.passes.kernel_substitutions import moe_experts as sub
+
+    args = _three_inputs()
+    gm = make_fx(_three_ops, tracing_mode="fake")(*args)
+    subs = sub.interpreter_substitutions() if DEVICE == "cpu" else [sub.FLOAT, sub.FP8, sub.MXFP4]
+    manager = PassManager(subs, gpu="H200" if DEVICE == "cuda" else "cpu")
+    manager(gm.graph)
+    gm.recompile()
+    before, after = manager.graph_ops[0]["before"], manager.graph_ops[0]["after"]
+    for op in ("moe_experts", "moe_experts_fp8", "moe_experts_mxfp4"):
+        assert before[f"dsv4.{op}.default"] == 1 and f"dsv4.{op}.default" not in after, op
+        assert after[f"dsv4_triton.{op}.default"] == 1 and manager.report.replaced(f"dsv4.{op}") == 1, op
+    for name, ref, out in zip(("float", "fp8", "mxfp4"), _three_ops(*args), gm(*args)):
+        assert_close(f"substituted {name}", ref.cpu(), out.cpu())
+    config = sub.FLOAT.config(Target(gpu="H200"), *args[:6], LIMIT)["config"]
+    assert MoeExpertsConfig.from_str(config).block_m == 16                   # 9 tokens: the decode regime
+    if DEVICE == "cpu":
+        manager = PassManager([sub.FLOAT, sub.FP8, sub.MXFP4], gpu="cpu")
+        gm = make_fx(_three_ops, tracing_mode="fake")(*args)
+        manager(gm.graph)
+        left = manager.report.left_alone()
+        assert len(left) == 3 and all("needs CUDA tensors" in rec.reason for rec in left)
+    assert "multiples of 32" in sub._mxfp4_reason(torch.empty(2, 48), *args[1:3], *args[12:], LIMIT, allow_cpu=True)

@@ -1,0 +1,106 @@
+"""Pass-framework registration: torch.ops.dsv4.moe_experts / moe_experts_fp8 / moe_experts_mxfp4 ->
+torch.ops.dsv4_triton.moe_experts / _fp8 / _mxfp4 ("moe_experts.triton", "moe_experts_fp8.triton",
+"moe_experts_mxfp4.triton"): one grouped-expert kernel, the weight format a launch constant.
+
+Applies to CUDA tensors: x [T, D] float32 / bfloat16 / float16 with static D; topk_ids [T, k] int32 /
+int64; topk_weights [T, k] float32; expert weights in x's dtype, FP8 e4m3 or MXFP4 (int8/uint8) with
+e8m0 (or float32) scales; MXFP4 needs D and I multiples of 32.
+Config: `config_string(target.table, T, default)` (see `_common`): the tuned entry of the smallest
+token count >= T (else the largest), else the table's "default", else the kernel's per-GPU default for
+T's regime (decode / prefill). A symbolic T takes the table's "default" or "" (the launcher's default
+for the prefill regime).
+`interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from ...kernels.moe_experts.config import default_config
+from ..registry import Substitution, register
+from ._common import KERNEL_PRIORITY, config_string, device_reason, interpreter_twin, kernel_files, target_gpu
+
+# registers torch.ops.dsv4_triton.moe_experts*
+_kernel = importlib.import_module("...kernels.moe_experts.moe_experts", __package__)
+_FILES = kernel_files("moe_experts/moe_experts.py", "moe_experts/config.py")
+_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8, torch.float32)
+
+
+def _common_reason(x, topk_ids, topk_weights, allow_cpu):
+    reason = device_reason(x, allow_cpu)
+    if reason:
+        return reason
+    if x.dtype not in _X_DTYPES or x.dim() != 2 or not isinstance(x.shape[1], int):
+        return f"x is {x.dtype} {tuple(x.shape)}; needs [T, D] float32 / bfloat16 / float16 with static D"
+    if topk_ids.dtype not in (torch.int32, torch.int64) or topk_weights.dtype != torch.float32:
+        return f"topk_ids {topk_ids.dtype}, topk_weights {topk_weights.dtype}; needs int32/int64 and float32"
+    return None
+
+
+def _float_reason(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, allow_cpu=False):
+    reason = _common_reason(x, topk_ids, topk_weights, allow_cpu)
+    if reason is None and any(w.dtype != x.dtype for w in (w1, w2, w3)):
+        return f"expert weights {w1.dtype}/{w2.dtype}/{w3.dtype}; needs x's dtype {x.dtype}"
+    return reason
+
+
+def _fp8_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, allow_cpu=False):
+    reason = _common_reason(x, topk_ids, topk_weights, allow_cpu)
+    if reason is None and any(w.dtype != torch.float8_e4m3fn for w in (w1, w2, w3)):
+        return f"expert weights {w1.dtype}; needs float8_e4m3fn"
+    if reason is None and (s1.dtype not in _SCALE_DTYPES or len({s1.dtype, s2.dtype, s3.dtype}) != 1):
+        return f"scales {s1.dtype}/{s2.dtype}/{s3.dtype}; needs one of float8_e8m0fnu, uint8, float32"
+    return reason
+
+
+def _mxfp4_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, allow_cpu=False):
+    reason = _common_reason(x, topk_ids, topk_weights, allow_cpu)
+    if reason is None and any(w.dtype not in (torch.int8, torch.uint8) for w in (w1, w2, w3)):
+        return f"expert weights {w1.dtype}; needs int8 / uint8 (two e2m1 codes per byte)"
+    if reason is None and (s1.dtype not in _SCALE_DTYPES or len({s1.dtype, s2.dtype, s3.dtype}) != 1):
+        return f"scales {s1.dtype}/{s2.dtype}/{s3.dtype}; needs one of float8_e8m0fnu, uint8, float32"
+    if reason is None and (x.shape[1] % 32 or w1.shape[1] % 32):
+        return f"D = {x.shape[1]}, I = {w1.shape[1]}; MXFP4 needs multiples of 32"
+    return reason
+
+
+def _config(target, x, topk_ids, *rest):
+    T, k = topk_ids.shape
+    if not is_concrete_int(T):
+        return {"config": str((target.table or {}).get("default") or "")}
+    default = default_config(target_gpu(target, x.device.type), int(T) * int(k))
+    return {"config": config_string(target.table, int(T), default)}
+
+
+def _float(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config: str = ""):
+    c = [t.contiguous() for t in (x, topk_ids, topk_weights, w1, w2, w3)]
+    return torch.ops.dsv4_triton.moe_experts(*c, swiglu_limit, config)
+
+
+def _fp8(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, config: str = ""):
+    c = [t.contiguous() for t in (x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3)]
+    return torch.ops.dsv4_triton.moe_experts_fp8(*c, swiglu_limit, config)
+
+
+def _mxfp4(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, config: str = ""):
+    c = [t.contiguous() for t in (x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3)]
+    return torch.ops.dsv4_triton.moe_experts_mxfp4(*c, swiglu_limit, config)
+
+
+def _register(name, op, replacement, reason) -> Substitution:
+    return register(Substitution(
+        name=name, op=op, replacement=replacement, applies=lambda target, *args: reason(*args), config=_config,
+        version="1", priority=KERNEL_PRIORITY, source_files=_FILES))
+
+
+FLOAT = _register("moe_experts.triton", torch.ops.dsv4.moe_experts.default, _float, _float_reason)
+FP8 = _register("moe_experts_fp8.triton", torch.ops.dsv4.moe_experts_fp8.default, _fp8, _fp8_reason)
+MXFP4 = _register("moe_experts_mxfp4.triton", torch.ops.dsv4.moe_experts_mxfp4.default, _mxfp4, _mxfp4_reason)
+
+
+def interpreter_substitutions() -> list[Substitution]:
+    return [interpreter_twin(FLOAT, _float_reason), interpreter_twin(FP8, _fp8_reason),
+            interpreter_twin(MXFP4, _mxfp4_reason)]
