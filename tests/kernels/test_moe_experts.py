@@ -180,3 +180,37 @@ def test_substitution_replaces_every_moe_op():
         left = manager.report.left_alone()
         assert len(left) == 3 and all("needs CUDA tensors" in rec.reason for rec in left)
     assert "multiples of 32" in sub._mxfp4_reason(torch.empty(2, 48), *args[1:3], *args[12:], LIMIT, allow_cpu=True)
+
+
+# ---- GPU: V4-Flash shapes -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def flash_experts():
+    """V4-Flash's routed experts (E 256, I 2048, D 4096) in bf16, FP8 and MXFP4, on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, I, D = 256, 2048, 4096
+    ws = [torch.randn(E, I, D, device="cuda", generator=g, dtype=torch.bfloat16) * D ** -0.5,
+          torch.randn(E, D, I, device="cuda", generator=g, dtype=torch.bfloat16) * I ** -0.5,
+          torch.randn(E, I, D, device="cuda", generator=g, dtype=torch.bfloat16) * D ** -0.5]
+    fp8 = [weight_formats.quantize_fp8_weight(w) for w in ws]
+    fp4 = [weight_formats.quantize_mxfp4(w) for w in ws]
+    return {"float": (ws, None), "fp8": ([q for q, _ in fp8], tuple(s for _, s in fp8)),
+            "mxfp4": ([q for q, _ in fp4], tuple(s for _, s in fp4))}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64, 4096, 32768])
+@pytest.mark.parametrize("fmt", ["float", "fp8", "mxfp4"])
+def test_flash_shapes_against_the_plain_op(flash_experts, fmt, T):
+    """k = 6 of 256 experts, bf16 activations, the kernel's per-GPU default config for T: bf16
+    tolerance against the plain op (grouped form) on the same weights."""
+    if fmt != "float" and T == 32768:
+        pytest.skip("the quantized plain op dequantizes ~T/7 gathered experts per call: minutes at 32K")
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
+    w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
+    ws, scales = flash_experts[fmt]
+    out = moe_experts(x, ids, w, *ws, LIMIT, None, fmt, scales)
+    ref = PLAIN[fmt](x, ids, w, *ws, *(scales or ()), LIMIT)
+    assert_close(f"{fmt} T={T}", ref, out, TOL[torch.bfloat16])

@@ -1,0 +1,209 @@
+"""One MoE layer's routed experts at V4-Flash shapes (D 4096, I 2048, E 256, top 6): our grouped-expert
+Triton kernel (bf16, FP8 and MXFP4 weights) vs the dense-masked plain MoE, a loop over experts of
+F.linear (DeepSeek's reference), torch._grouped_mm where this torch has it, and the plain op's own
+grouped form; random and skewed routing; TFLOP/s of the useful work (6 D I FLOPs per assignment) and
+GB/s over the bytes of the experts actually touched (weights + scales as stored, x and the fp32
+output), against the bf16 matmul peak and the copy bandwidth measured in the same run.
+
+Timing: calls up to 512 tokens as CUDA-graph replays (GPU time only, what a graphed decode step
+sees; the loop baseline syncs, so it is timed per call), larger ones with do_bench.
+
+    python bench/bench_moe.py               # writes bench/results/<GPU>/moe.{csv,md} and moe-*.png
+    python bench/bench_moe.py --smoke       # tiny shapes on the CPU interpreter: checks the script runs
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _kernel_bench_util import (DEVICE, bench_ms, copy_bandwidth_gbs, environment, graph_time_ms, log_log_plot,  # noqa: E402
+                                matmul_peak_tflops, out_dir, print_table, write_csv)
+
+TOKENS = (1, 8, 64, 512, 4096, 32768)
+DENSE_MAX_T = 4096        # the dense form's [E, T, I] fp32 intermediates: 8.6 GB at 4096, 69 GB at 32768
+PLAIN_MAX_T = 4096        # the plain grouped form gathers ~T/7 experts' weights: seconds beyond
+SWEEP = [dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4, down_block_n=32, down_block_k=128),
+         dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, down_block_n=64, down_block_k=128),
+         dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, down_block_n=128, down_block_k=64),
+         dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, down_block_n=128, down_block_k=64),
+         dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3, down_block_n=256, down_block_k=64)]
+
+
+def routing(T: int, k: int, E: int, kind: str, seed: int = 0):
+    """topk_ids [T, k] int32 (distinct per token), weights [T, k] fp32 summing to 1.5 per token.
+    'skewed': expert e drawn with probability ~ 1 / (e + 1): the first few experts are hot."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    if kind == "random":
+        probs = torch.ones(T, E, device=DEVICE)
+    else:
+        probs = (1.0 / torch.arange(1, E + 1, device=DEVICE, dtype=torch.float32)).expand(T, E)
+    ids = torch.multinomial(probs, k, replacement=False, generator=g).to(torch.int32)
+    w = torch.rand(T, k, device=DEVICE, generator=g) + 0.1
+    return ids, w / w.sum(-1, keepdim=True) * 1.5
+
+
+def timed(fn, T: int, capturable: bool = True) -> float:
+    if DEVICE == "cuda" and T <= 512 and capturable:
+        return graph_time_ms([fn])
+    return bench_ms(fn)
+
+
+def loop_over_experts(x, ids, w, w1, w2, w3, limit):
+    """DeepSeek's reference: tokens of each expert found on the host (one sync), F.linear per expert."""
+    from dsv4_compile.model.moe_ops import swiglu
+
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    counts = torch.bincount(ids.flatten().long(), minlength=w1.shape[0]).tolist()
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        t, j = torch.where(ids == e)
+        h = swiglu(F.linear(x[t], w1[e]), F.linear(x[t], w3[e]), limit) * w[t, j, None]
+        out.index_add_(0, t, F.linear(h.to(x.dtype), w2[e]).float())
+    return out
+
+
+def grouped_mm(x, ids, w, w1_t, w2_t, w3_t, limit):
+    """torch._grouped_mm over tokens sorted by expert (w*_t: [E, in, out] views of the weights)."""
+    from dsv4_compile.model.moe_ops import swiglu
+
+    T, k = ids.shape
+    flat = ids.flatten().long()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(w1_t.shape[0], dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)                      # no host sync: graph-capturable
+    xs = x[order // k]
+    h = swiglu(torch._grouped_mm(xs, w1_t, offs=offs), torch._grouped_mm(xs, w3_t, offs=offs), limit)
+    y = torch._grouped_mm((h * w.flatten()[order, None]).to(x.dtype), w2_t, offs=offs)
+    return torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, order // k, y.float())
+
+
+def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tuple[list[dict], dict]:
+    from dsv4_compile.kernels.moe_experts import moe_experts
+    from dsv4_compile.model import moe_ops, weight_formats
+
+    peak = matmul_peak_tflops()
+    copy = copy_bandwidth_gbs()
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    bf16 = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    ws = [(torch.randn(E, I, D, device=DEVICE, generator=g) * D ** -0.5).to(bf16),
+          (torch.randn(E, D, I, device=DEVICE, generator=g) * I ** -0.5).to(bf16),
+          (torch.randn(E, I, D, device=DEVICE, generator=g) * D ** -0.5).to(bf16)]
+    fp8 = [weight_formats.quantize_fp8_weight(w) for w in ws]
+    fp4 = [weight_formats.quantize_mxfp4(w) for w in ws]
+    formats = {"bf16": (ws, "float", None, 2.0), "fp8": ([q for q, _ in fp8], "fp8", tuple(s for _, s in fp8), 1 + 1 / 128 ** 2),
+               "mxfp4": ([q for q, _ in fp4], "mxfp4", tuple(s for _, s in fp4), 0.5 + 1 / 32)}
+    has_grouped_mm = DEVICE == "cuda" and hasattr(torch, "_grouped_mm")
+    w_t = [w.transpose(1, 2) for w in ws] if has_grouped_mm else None
+    rows = []
+    for kind in ("random", "skewed"):
+        for T in tokens:
+            ids, w = routing(T, k, E, kind)
+            x = torch.randn(T, D, device=DEVICE, generator=g).to(bf16)
+            n_used = int(torch.unique(ids).numel())
+            flops = 6.0 * T * k * D * I
+            ref = moe_experts(x, ids, w, *ws, limit)
+
+            def add(impl, fn, fmt="bf16", config="", capturable=True):
+                try:
+                    ms = timed(fn, T, capturable)
+                except Exception as exc:  # noqa: BLE001 (a baseline this torch cannot run: recorded)
+                    print(f"{kind:7s} T={T:6d} {impl:24s} failed: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
+                    return
+                nbytes = n_used * 3 * I * D * formats[fmt][3] + T * D * (2 + 4)
+                rows.append(dict(routing=kind, tokens=T, impl=impl, format=fmt, ms=ms, tflops=flops / ms / 1e9,
+                                 pct_peak=100 * flops / ms / 1e9 / peak, gbs=nbytes / ms / 1e6,
+                                 pct_copy=100 * nbytes / ms / 1e6 / copy, experts_used=n_used, config=config))
+                r = rows[-1]
+                print(f"{kind:7s} T={T:6d} {impl:24s} {fmt:5s} {ms:9.4f} ms {r['tflops']:7.1f} TFLOP/s "
+                      f"({r['pct_peak']:5.1f}%) {r['gbs']:7.0f} GB/s ({r['pct_copy']:5.1f}%)", flush=True)
+
+            for fmt, (wq, wf, scales, _) in formats.items():
+                add("ours", lambda wq=wq, wf=wf, scales=scales: moe_experts(x, ids, w, *wq, limit, None, wf, scales), fmt)
+                if fmt != "bf16":  # the quantized kernels against the bf16 one on the same (dequantized) weights
+                    deq = moe_experts(x, ids, w, *wq, limit, None, wf, scales)
+                    err = float((deq - ref).norm() / ref.norm())
+                    print(f"        {fmt} vs bf16 weights: relative error {err:.3e} (quantization)")
+            if sweep and kind == "random":
+                for cfg in SWEEP:
+                    add("ours (sweep)", lambda cfg=cfg: moe_experts(x, ids, w, *ws, limit, cfg), "bf16",
+                        ",".join(f"{a}={b}" for a, b in cfg.items()))
+            if T <= DENSE_MAX_T:
+                add("dense masked (plain)", lambda: moe_ops._moe_dense(x, ids, w, lambda e: (ws[0][e], ws[1][e], ws[2][e]), E, limit))
+            if T <= PLAIN_MAX_T:
+                add("grouped (plain op)", lambda: moe_ops._moe_experts_plain(x, ids, w, *ws, limit))
+            add("loop F.linear", lambda: loop_over_experts(x, ids, w, *ws, limit), capturable=False)
+            if has_grouped_mm:
+                add("torch._grouped_mm", lambda: grouped_mm(x, ids, w, *w_t, limit))
+    return rows, dict(peak_tflops=peak, copy_gbs=copy)
+
+
+def write_md(path: str, rows: list[dict], anchors: dict) -> None:
+    env = environment()
+    best = {}
+    for r in rows:
+        key = (r["routing"], r["tokens"], r["impl"].split(" (")[0] if r["impl"].startswith("ours") else r["impl"], r["format"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = r
+    lines = [f"# MoE experts (D 4096, I 2048, E 256, k 6): {env['gpu']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
+             f"bf16 matmul peak {anchors['peak_tflops']:.0f} TFLOP/s, copy {anchors['copy_gbs']:.0f} GB/s (this run).", "",
+             "Ratios of one run; 'ours' = the best of the default and the sweep for bf16.", "",
+             "routing | T | ours bf16 ms | TFLOP/s (% peak) | GB/s (% copy) | fp8 / bf16 | mxfp4 / bf16 | dense / ours | "
+             "loop / ours | grouped_mm / ours", "--- | " * 9 + "---"]
+    for kind in ("random", "skewed"):
+        for T in sorted({r["tokens"] for r in rows}):
+            ours = best.get((kind, T, "ours", "bf16"))
+            if not ours:
+                continue
+
+            def ratio(impl, fmt="bf16", inverse=False):
+                r = best.get((kind, T, impl, fmt))
+                if not r:
+                    return "-"
+                return f"{ours['ms'] / r['ms']:.2f}x" if inverse else f"{r['ms'] / ours['ms']:.2f}x"
+            lines.append(f"{kind} | {T} | {ours['ms']:.4f} | {ours['tflops']:.1f} ({ours['pct_peak']:.0f}%) | "
+                         f"{ours['gbs']:.0f} ({ours['pct_copy']:.0f}%) | {ratio('ours', 'fp8', True)} | "
+                         f"{ratio('ours', 'mxfp4', True)} | {ratio('dense masked (plain)')} | {ratio('loop F.linear')} | "
+                         f"{ratio('torch._grouped_mm')}")
+    lines += ["", "fp8 / bf16 and mxfp4 / bf16: speed-up of the quantized weights (higher is faster); the others: "
+              "their time over ours (higher: ours faster). Every row is in moe.csv."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(path_prefix: str, rows: list[dict]) -> None:
+    for kind in ("random", "skewed"):
+        series = []
+        for impl, fmt, style in (("ours", "bf16", "o-"), ("ours", "fp8", "s-"), ("ours", "mxfp4", "^-"),
+                                 ("dense masked (plain)", "bf16", "x--"), ("loop F.linear", "bf16", "d--"),
+                                 ("torch._grouped_mm", "bf16", "v--"), ("grouped (plain op)", "bf16", "+:")):
+            pts = sorted((r["tokens"], r["tflops"]) for r in rows
+                         if r["routing"] == kind and r["impl"] == impl and r["format"] == fmt)
+            if pts:
+                series.append((f"{impl} {fmt}", [p[0] for p in pts], [p[1] for p in pts], style, 1.5))
+        if series:
+            log_log_plot(f"{path_prefix}-{kind}.png", series, "tokens T", "TFLOP/s (useful)",
+                         f"MoE experts, V4-Flash shapes, {kind} routing")
+
+
+def main():
+    smoke = "--smoke" in sys.argv
+    if smoke:
+        rows, anchors = run(D=64, I=64, E=9, k=3, tokens=(1, 20), sweep=False)
+    else:
+        rows, anchors = run()
+    out = out_dir()
+    write_csv(os.path.join(out, "moe.csv"), rows)
+    write_md(os.path.join(out, "moe.md"), rows, anchors)
+    plot(os.path.join(out, "moe"), rows)
+    print_table(rows, ["routing", "tokens", "impl", "format", "ms", "tflops", "pct_peak", "gbs", "pct_copy", "config"])
+    print(f"wrote {out}/moe.csv, moe.md, moe-*.png")
+
+
+if __name__ == "__main__":
+    main()
