@@ -14,6 +14,7 @@ unless `with_config=False`). Every file is written to a temporary name and renam
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 
 from ..model import Transformer
 from ..model.release_config import release_config_dict
-from ..model.weight_formats import quantize_fp8_weight, quantize_mxfp4
+from ..model.weight_formats import MXFP4_BLOCK, fp8_weight_scale_shape, quantize_fp8_weight, quantize_mxfp4
 from . import names
 from .files import INDEX_FILE
 
@@ -33,23 +34,97 @@ FLOAT32_LEAVES = ("attn_sink", "ape", "bias")
 def shipped_tensors(model: Transformer, expert_format: str = "fp4") -> dict[str, torch.Tensor]:
     """Our model's weights -> {release name: tensor in the shipped dtype} (CPU), scales included."""
     out: dict[str, torch.Tensor] = {}
-    c = model.config
     for ours, t in model.state_dict().items():
-        t = t.detach().cpu()
-        if names.is_stacked_experts(ours):
-            for rel, w in zip(names.expert_release_names(ours, c.n_routed_experts), t):
-                out.update(_quantized(rel, w, "mxfp4" if expert_format == "fp4" else expert_format))
-            continue
-        rel = names.release_name(ours)
-        if names.linear_kind(rel) is not None:
-            out.update(_quantized(rel, t, "fp8"))
-        elif ours.endswith("tid2eid"):
-            out[rel] = t.to(torch.int64)
-        elif rel.split(".")[-1] in FLOAT32_LEAVES or "hc_" in rel:
-            out[rel] = t.float()
-        else:
-            out[rel] = t.to(torch.bfloat16)
+        out.update(_shipped(ours, t.detach().cpu(), model.config.n_routed_experts, expert_format))
     return out
+
+
+def _shipped(ours: str, t: torch.Tensor, n_experts: int, expert_format: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    if names.is_stacked_experts(ours):
+        for rel, w in zip(names.expert_release_names(ours, n_experts), t):
+            out.update(_quantized(rel, w, "mxfp4" if expert_format == "fp4" else expert_format))
+        return out
+    rel = names.release_name(ours)
+    if names.linear_kind(rel) is not None:
+        out.update(_quantized(rel, t, "fp8"))
+    elif ours.endswith("tid2eid"):
+        out[rel] = t.to(torch.int64)
+    elif rel.split(".")[-1] in FLOAT32_LEAVES or "hc_" in rel:
+        out[rel] = t.float()
+    else:
+        out[rel] = t.to(torch.bfloat16)
+    return out
+
+
+def write_random_checkpoint(config, path: str | Path, shard_bytes: int = 4 << 30, seed: int = 0) -> Path:
+    """A checkpoint of `config`'s shapes in the shipped formats with random codes, written without
+    building the model or quantizing anything (for load benchmarks at real sizes): Hugging Face layout,
+    shards of about `shard_bytes`, one shard in host memory at a time. FP8 / MXFP4 codes are slices of
+    one random byte pool (FP8 NaN codes cleared), scales 2^-8 (FP8) / 2^-2 (MXFP4); other tensors as
+    `shipped_tensors` writes them, from N(0, 1/fan_in) values."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        shapes = Transformer(config, seed=None).state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randint(-128, 128, (1 << 26,), generator=gen, dtype=torch.int8)
+    pool_fp8 = torch.where((pool & 0x7F) == 0x7F, torch.zeros_like(pool), pool).view(torch.float8_e4m3fn)
+    cursor = [0]
+
+    def codes(shape, fp8: bool) -> torch.Tensor:
+        n = math.prod(shape)
+        src = pool_fp8 if fp8 else pool
+        start = cursor[0] = (cursor[0] + 4099) % (len(pool) - 1)
+        reps = -(-(start + n) // len(src))
+        return src.repeat(reps)[start:start + n].reshape(shape) if reps > 1 else src[start:start + n].reshape(shape).clone()
+
+    def scales(shape, exponent: int) -> torch.Tensor:
+        return torch.full(shape, exponent + 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)
+
+    weight_map, shard, shard_size, files, total = {}, {}, 0, [], 0
+
+    def flush():
+        nonlocal shard, shard_size
+        if shard:
+            file = f"model-{len(files) + 1:05d}.safetensors"
+            _save(path / file, shard)
+            files.append(file)
+            weight_map.update({k: file for k in shard})
+            shard, shard_size = {}, 0
+
+    for ours, meta in shapes.items():
+        out: dict[str, torch.Tensor] = {}
+        if names.is_stacked_experts(ours):
+            n, k = meta.shape[1:]
+            for rel in names.expert_release_names(ours, config.n_routed_experts):
+                out[rel] = codes((n, k // 2), fp8=False)
+                out[rel[: -len(".weight")] + ".scale"] = scales((n, k // MXFP4_BLOCK), -2)
+        elif names.linear_kind(names.release_name(ours)) is not None:
+            rel = names.release_name(ours)
+            out[rel] = codes(tuple(meta.shape), fp8=True)
+            out[rel[: -len(".weight")] + ".scale"] = scales(fp8_weight_scale_shape(*meta.shape), -8)
+        elif ours.endswith("tid2eid"):
+            t = torch.rand(config.vocab_size, config.n_routed_experts, generator=gen).argsort(-1)
+            out = _shipped(ours, t[:, :config.n_activated_experts].contiguous(), config.n_routed_experts, "fp4")
+        else:
+            t = torch.randn(meta.shape, generator=gen) * (meta.shape[-1] ** -0.5 if meta.dim() > 1 else 0.1)
+            out = _shipped(ours, t, config.n_routed_experts, "fp4")
+        for rel, value in out.items():
+            shard[rel] = value
+            shard_size += value.numel() * value.element_size()
+            total += value.numel() * value.element_size()
+        if shard_size >= shard_bytes:
+            flush()
+    flush()
+    n = len(files)
+    renamed = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(files)}
+    for old, new in renamed.items():
+        os.replace(path / old, path / new)
+    weight_map = {k: renamed[f] for k, f in weight_map.items()}
+    _write_text(path / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _write_text(path / "config.json", json.dumps(release_config_dict(config, "fp8", "fp4"), indent=2))
+    return path
 
 
 def _quantized(rel: str, w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
