@@ -42,6 +42,25 @@ class RoutedExperts(nn.Module):
         return torch.ops.dsv4.moe_experts(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.limit)
 
 
+class MXFP4Experts(nn.Module):
+    """The routed experts as the releases ship them (MXFP4, for inference): w1, w3 [E, inter, dim/2],
+    w2 [E, dim, inter/2] int8 (two e2m1 codes per byte) with float32 (power-of-two) scales per 1 x 32
+    along the reduction dim; forward is `torch.ops.dsv4.moe_experts_mxfp4`. Buffers, not parameters."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float, device=None):
+        super().__init__()
+        self.limit = limit
+        for name, rows, cols in (("w1", inter_dim, dim), ("w2", dim, inter_dim), ("w3", inter_dim, dim)):
+            self.register_buffer(name, torch.empty(n_experts, rows, cols // 2, dtype=torch.int8, device=device))
+            self.register_buffer(name + "_scale", torch.empty(n_experts, rows, cols // 32, dtype=torch.float32,
+                                                              device=device))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, dim], topk_ids [T, k] int32, topk_weights [T, k] float32 -> [T, dim] float32."""
+        return torch.ops.dsv4.moe_experts_mxfp4(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.w1_scale,
+                                                self.w2_scale, self.w3_scale, self.limit)
+
+
 class Gate(nn.Module):
     def __init__(self, config: ModelConfig, hashed: bool):
         super().__init__()

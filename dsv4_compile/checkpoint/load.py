@@ -11,9 +11,9 @@ Order of work, so that nothing runs on a bad checkpoint:
 
 weights="bf16" dequantizes every FP8 / MXFP4 weight once at load into the model's dtype (what the
 plain model computes with). weights="as-shipped" keeps the linears DeepSeek's inference runs as FP8
-GEMMs in FP8 with their 128x128 scales (`FP8Linear`, `torch.ops.dsv4.fp8_linear`); `attn.wo_a`
-(which DeepSeek multiplies in BF16) and the routed experts (until the grouped-MoE op takes MXFP4)
-are dequantized.
+GEMMs in FP8 with their 128x128 scales (`FP8Linear`, `torch.ops.dsv4.fp8_linear`) and MXFP4 routed
+experts in MXFP4 (`MXFP4Experts`, `torch.ops.dsv4.moe_experts_mxfp4`); `attn.wo_a` (which DeepSeek
+multiplies in BF16) and FP8-shipped routed experts are dequantized.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 
 from ..model import ModelConfig, Transformer
 from ..model.layers import FP8Linear
+from ..model.moe import MXFP4Experts
 from ..model.ops import FP8_LINEAR_BLOCK
 from ..model.release_config import read_release_file, release_fields
 from ..model.weight_formats import (MXFP4_BLOCK, dequantize_fp8_weight, dequantize_mxfp4, e8m0_to_float,
@@ -46,6 +47,7 @@ class CheckpointInfo:
     layout: str
     weights: str
     fp8_linears: int = 0                     # linears kept FP8 (as-shipped)
+    mxfp4_experts: int = 0                   # MoE layers whose routed experts stay MXFP4 (as-shipped)
     notes: list[str] = field(default_factory=list)
 
 
@@ -114,7 +116,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
         model = Transformer(cfg, seed=None)
     plan = _plan(model, files, stored)
     keep_fp8 = _swap_fp8_linears(model, plan) if weights == "as-shipped" else set()
-    info.fp8_linears = len(keep_fp8)
+    keep_fp8 |= _swap_mxfp4_experts(model, plan) if weights == "as-shipped" else set()
+    info.fp8_linears = sum(1 for name in keep_fp8 if not names.is_stacked_experts(name))
+    info.mxfp4_experts = sum(1 for name in keep_fp8 if name.endswith("experts.w1"))
     model.materialize(device or "cpu")
     _fill(model, plan, keep_fp8, progress)
     model.eval()
@@ -260,6 +264,26 @@ def _swap_fp8_linears(model: Transformer, plan: _Plan) -> set[str]:
     return swapped
 
 
+def _swap_mxfp4_experts(model: Transformer, plan: _Plan) -> set[str]:
+    """as-shipped: RoutedExperts -> MXFP4Experts (on meta) where every expert weight ships MXFP4.
+    Returns the kept weights' names (`...ffn.experts.w1`, ...)."""
+    kept = set()
+    for ours, sources in plan.params.items():
+        if not ours.endswith("ffn.experts.w1"):
+            continue
+        prefix = ours[: -len(".w1")]
+        group = [f"{prefix}.{w}" for w in names.EXPERT_WEIGHTS]
+        if not all(plan.params[g] and all(src.code in ("I8", "U8") for src in plan.params[g]) for g in group):
+            continue
+        parent_name, _, child = prefix.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        e, inter, dim = old.w1.shape
+        setattr(parent, child, MXFP4Experts(e, dim, inter, old.limit, device="meta"))
+        kept.update(group)
+    return kept
+
+
 def _read(reader: TensorReader, entries: list[TensorEntry], dim: int | None) -> torch.Tensor:
     parts = [reader.read(e) for e in entries]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
@@ -272,6 +296,11 @@ def _fill(model: Transformer, plan: _Plan, keep_fp8: set[str], progress) -> None
     try:
         for i, (ours, sources) in enumerate(plan.params.items()):
             target = state[ours]
+            if ours in keep_fp8 and names.is_stacked_experts(ours):  # MXFP4 codes and scales, expert by expert
+                for e, src in enumerate(sources):
+                    target[e].copy_(_read(reader, src.entries, src.split_dim).view(torch.int8))
+                    state[ours + "_scale"][e].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
+                continue
             if ours in keep_fp8:
                 src = sources[0]
                 target.copy_(_read(reader, src.entries, src.split_dim))

@@ -19,6 +19,7 @@ from dsv4_compile.checkpoint import CheckpointError, write_checkpoint
 from dsv4_compile.checkpoint import names
 from dsv4_compile.checkpoint.write import shipped_tensors
 from dsv4_compile.model.layers import FP8Linear
+from dsv4_compile.model.moe import MXFP4Experts
 from dsv4_compile.model.weight_formats import dequantize_fp8_weight, dequantize_mxfp4
 
 # Small, but with K multiples of 128 (FP8 GEMM linears) and splits that keep whole 128-wide FP8 tiles
@@ -79,7 +80,7 @@ def test_both_layouts_give_the_same_model(written):
 
 
 def test_as_shipped_keeps_fp8_linears(written):
-    shipped = load_file(str(next(Path(written["hf"]).glob("*.safetensors"))))
+    shipped = {k: v for f in Path(written["hf"]).glob("*.safetensors") for k, v in load_file(str(f)).items()}
     fp8 = d.from_pretrained(written["hf"], dtype="float32", weights="as-shipped")
     plain = d.from_pretrained(written["hf"], dtype="float32", weights="bf16")
     kept = {n for n, m in fp8.named_modules() if isinstance(m, FP8Linear)}
@@ -89,10 +90,18 @@ def test_as_shipped_keeps_fp8_linears(written):
     assert not any(k.endswith("wo_a") or k.endswith("shared.w2") for k in kept)
     assert fp8.checkpoint.fp8_linears == len(kept) == 5 * 4 + 2 + 5 * 2 + 2
     for name in kept:
-        rel = names.release_name(name + ".weight")
-        if rel in shipped:
-            got = fp8.get_submodule(name).weight
-            assert torch.equal(got.view(torch.uint8), shipped[rel].view(torch.uint8)), name
+        got = fp8.get_submodule(name).weight
+        assert torch.equal(got.view(torch.uint8), shipped[names.release_name(name + ".weight")].view(torch.uint8)), name
+    # the routed experts stay MXFP4 (codes as in the file), computing what the dequantized ones do
+    assert fp8.checkpoint.mxfp4_experts == CONFIG.n_layers + CONFIG.n_mtp_layers
+    experts = fp8.layers[2].ffn.experts
+    assert isinstance(experts, MXFP4Experts) and experts.w1.dtype == torch.int8
+    assert torch.equal(experts.w2[5], shipped["layers.2.ffn.experts.5.w2.weight"])
+    g = torch.Generator().manual_seed(2)
+    x, ids = torch.randn(7, CONFIG.dim, generator=g), torch.randint(0, CONFIG.n_routed_experts, (7, 2), generator=g)
+    w = torch.rand(7, 2, generator=g)
+    with torch.no_grad():
+        assert torch.equal(experts(x, ids.int(), w), plain.layers[2].ffn.experts(x, ids.int(), w))
     tokens = torch.randint(0, CONFIG.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         y8, y = fp8(tokens), plain(tokens)
