@@ -10,7 +10,8 @@ artifacts/<config>-<device>-<8 hex of the build's identity>.
 Every user mistake is found before anything is written (exit 2, one line): bad YAML, unknown preset,
 unknown or absent GPU, unsupported context (must be a multiple of 128, at most 1m, and valid for
 the config), unknown format, TensorRT requested where it cannot build, unknown pass, a --weights file
-with a missing, extra or misshapen tensor, an output folder that cannot be written or that holds
+with a missing, extra or misshapen tensor, a --weights checkpoint folder that `from_pretrained`
+refuses (every bad tensor named), an output folder that cannot be written or that holds
 something other than a build.
 
 The build is written into a hidden temporary folder beside --out (`.<name>.partial-<pid>`) and renamed
@@ -64,8 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated engine formats among {', '.join(FORMATS)} (default: {DEFAULT_FORMATS})")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: artifacts/<config>-<device>-<short hash>)")
-    parser.add_argument("--weights", default=None, metavar="FILE",
-                        help="safetensors file with the model's own state_dict names (default: seeded weights)")
+    parser.add_argument("--weights", default=None, metavar="FILE|DIR",
+                        help="a released checkpoint folder (Hugging Face or DeepSeek inference layout; its config.json "
+                             "is the config unless --config is given; FP8/MXFP4 weights dequantized to the config's "
+                             "dtype), or a safetensors file with the model's own state_dict names (default: seeded weights)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights (default: 0)")
     parser.add_argument("--passes", default="all", metavar="LIST",
                         help="substitution passes: all, none, or comma-separated names/families (default: all)")
@@ -129,6 +132,41 @@ def load_weights(path: str, config) -> dict:
     return state
 
 
+def checkpoint_state(path: str, config, strict_mtp: bool = True) -> tuple[dict, Any]:
+    """A released checkpoint folder -> (the state_dict of `config`'s model, FP8 / MXFP4 dequantized to
+    its dtype, on the CPU; the config loaded: MTP off when the checkpoint has no MTP tensors, an error
+    instead with `strict_mtp`). CheckpointError (every bad tensor, one line each) as a UsageError."""
+    import warnings
+
+    from .checkpoint import CheckpointError, from_pretrained
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the MTP note: handled below
+            model = from_pretrained(path, config=config, weights="bf16", device="cpu")
+    except CheckpointError as err:
+        raise UsageError(f"--weights {path!r}: {err}") from None
+    if strict_mtp and model.config.n_mtp_layers != config.n_mtp_layers:
+        raise UsageError(f"--weights {path!r}: no MTP tensors, but config {config.name!r} has {config.n_mtp_layers} "
+                         f"MTP layer(s); pass a config with n_mtp_layers: 0")
+    return model.state_dict(), model.config
+
+
+def checkpoint_identity(path: str) -> str:
+    """sha256 over config.json and every shard's name, size and header (not the tensor bytes: a
+    multi-GB checkpoint is identified without reading it)."""
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.suffix == ".safetensors" or file.name in ("config.json", "model.safetensors.index.json"):
+            with open(file, "rb") as f:
+                head = f.read(8)
+                body = f.read(int.from_bytes(head, "little")) if file.suffix == ".safetensors" and len(head) == 8 else f.read()
+            digest.update(f"{file.name}:{file.stat().st_size}:".encode() + head + body)
+    return digest.hexdigest()
+
+
 def _writable_ancestor(path: str) -> str:
     """The nearest existing ancestor of `path`; UsageError if it is not a writable directory."""
     probe = os.path.abspath(path)
@@ -177,7 +215,11 @@ class Plan:
             self.target = resolve_gpu(args.gpu)
         except GpuError as err:
             raise UsageError(str(err)) from None
-        self.config = ModelConfig.load(args.config or ("tiny" if self.target == "cpu" else "mini"))
+        checkpoint = args.weights if args.weights and os.path.isdir(args.weights) else None
+        if checkpoint and not args.config:
+            self.config = ModelConfig.from_pretrained(checkpoint)
+        else:
+            self.config = ModelConfig.load(args.config or ("tiny" if self.target == "cpu" else "mini"))
         self.buckets = check_contexts(args.context or [self.config.max_seq_len], self.config)
         self.formats = parse_formats(args.format)
         if "tensorrt" in self.formats:
@@ -194,9 +236,13 @@ class Plan:
             raise UsageError(str(err)) from None
         self.seed = args.seed
         self.weights_path = os.path.abspath(args.weights) if args.weights else None
-        self.state = load_weights(self.weights_path, self.config) if self.weights_path else None
-        self.weights = ({"source": "file", "path": self.weights_path, "sha256": _sha256(self.weights_path)}
-                        if self.weights_path else {"source": "seed", "seed": self.seed})
+        if checkpoint:
+            self.state, self.config = checkpoint_state(self.weights_path, self.config, strict_mtp=bool(args.config))
+            self.weights = {"source": "checkpoint", "path": self.weights_path, "sha256": checkpoint_identity(self.weights_path)}
+        else:
+            self.state = load_weights(self.weights_path, self.config) if self.weights_path else None
+            self.weights = ({"source": "file", "path": self.weights_path, "sha256": _sha256(self.weights_path)}
+                            if self.weights_path else {"source": "seed", "seed": self.seed})
         identity = {"config": self.config.config_hash(), "buckets": self.buckets, "formats": self.formats,
                     "passes": self.passes, "weights": self.weights, "target": self.target}
         self.out = args.out or default_out(self.config, self.target, identity)

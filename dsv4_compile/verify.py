@@ -144,6 +144,10 @@ def _eager_model(manifest: dict, config, bucket: int, dtype: str):
         from safetensors.torch import load_file
 
         state = load_file(weights["path"])
+    elif weights.get("source") == "checkpoint":
+        from .build import checkpoint_state
+
+        state, _ = checkpoint_state(weights["path"], config)
     cuda = manifest["device"].get("kind") == "cuda"
     model = eager_model(config.replace(max_seq_len=bucket), seed=int(weights.get("seed", 0)), state=state, cuda=cuda)
     return model if dtype == config.dtype else float32_twin(model, cuda=cuda)

@@ -255,3 +255,43 @@ def test_cli_refuses_bad_checkpoints_with_exit_2(case, written, tmp_path, capsys
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error:" in err
+
+
+# ---- build --weights DIR --------------------------------------------------------------------------
+
+def _build_plan(argv, cwd, monkeypatch):
+    import argparse
+
+    from dsv4_compile.build import Plan, add_arguments
+
+    monkeypatch.chdir(cwd)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return Plan(parser.parse_args(["--gpu", "cpu", "--context", "128", *argv]))
+
+
+def test_build_plan_takes_config_and_weights_from_a_checkpoint(written, tmp_path, monkeypatch):
+    plan = _build_plan(["--weights", str(written["inference"])], tmp_path, monkeypatch)
+    assert plan.config == CONFIG.replace(max_batch_size=1)  # the release's config.json has no batch size
+    assert plan.weights["source"] == "checkpoint"
+    ref = d.from_pretrained(written["inference"], weights="bf16", dtype=plan.config.dtype).state_dict()
+    assert plan.state.keys() == ref.keys() and all(torch.equal(plan.state[k], ref[k]) for k in ref)
+    model = plan.model(128)
+    assert torch.equal(model.head.weight, ref["head.weight"])
+    # the identity changes with the checkpoint's headers, not with a re-read
+    again = _build_plan(["--weights", str(written["inference"])], tmp_path, monkeypatch)
+    assert again.weights == plan.weights
+
+
+@pytest.mark.parametrize("case", ["missing scale", "changed head count"])
+def test_build_refuses_a_bad_checkpoint_with_exit_2(case, written, tmp_path, monkeypatch, capsys):
+    from dsv4_compile.cli import main
+
+    path = _copy(Path(written["hf"]), tmp_path / "ckpt")
+    BAD[case][0](path)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["build", "--gpu", "cpu", "--context", "128", "--weights", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "dsv4_compile build: error: --weights" in err and BAD[case][1].split("\\")[0] in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
