@@ -30,7 +30,9 @@ SWEEP = [dict(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4, do
          dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3, down_block_n=64, down_block_k=128),
          dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, down_block_n=128, down_block_k=64),
          dict(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3, down_block_n=128, down_block_k=64),
-         dict(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3, down_block_n=256, down_block_k=64)]
+         dict(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=4, down_block_n=128, down_block_k=64),
+         dict(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4, down_block_n=128, down_block_k=64,
+              down_num_warps=4, down_num_stages=4)]
 
 
 def routing(T: int, k: int, E: int, kind: str, seed: int = 0):

@@ -8,9 +8,11 @@ from typing import ClassVar
 
 from .._common import KernelConfig, pick_default
 
-# T * top_k at or below this is the decode regime: few rows per expert, so the smallest row block
-# (16, tl.dot's minimum) wastes the least padding.
-DECODE_MAX_ASSIGNMENTS = 512
+# T * top_k at or below this is the decode regime: few rows per expert (<= 16 on average over 256
+# experts), so the smallest row block (16, tl.dot's minimum) wastes the least padding and the weight
+# reads bound the time. (H200, bench/results/H200/moe.md: 16-row blocks beat 128-row ones at T = 512
+# with k = 6, 128-row ones win from T = 4096.)
+DECODE_MAX_ASSIGNMENTS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +62,8 @@ DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
                     "prefill": MoeExpertsConfig(block_m=32, block_n=64, block_k=64, down_block_n=64, down_block_k=64)},
     # Decode: 16-row blocks, narrow column tiles so that the few experts in use still spread their
     # weight reads over every SM. Prefill: 128 x 128 tensor-core tiles.
-    "H200": {"decode": MoeExpertsConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4,
-                                        down_block_n=32, down_block_k=128, down_num_warps=4, down_num_stages=4),
+    "H200": {"decode": MoeExpertsConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=3,
+                                        down_block_n=64, down_block_k=128, down_num_warps=4, down_num_stages=4),
              "prefill": MoeExpertsConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
                                          down_block_n=128, down_block_k=64, down_num_warps=8, down_num_stages=3)},
     "H100": {"decode": MoeExpertsConfig(block_m=16, block_n=32, block_k=128, num_warps=4, num_stages=4,

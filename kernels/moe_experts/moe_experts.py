@@ -84,26 +84,47 @@ def _scale(p_s, offs, mask, SCALE_F32: tl.constexpr):
 
 
 @triton.jit
-def _weight_tile(p_w, p_s, e, offs_n, offs_k, R, C, FMT: tl.constexpr, SCALE_F32: tl.constexpr):
-    """W[e][offs_n, offs_k]^T as a [BLOCK_K, BLOCK_N] tile (fp32 for quantized formats, the stored
-    dtype for float) of W [E, R, C] (R output rows, C the reduction dim; 0 outside)."""
+def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
+                 NATIVE_FP8: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W[e][offs_n, k0 : k0 + BLOCK_K]^T as a [BLOCK_K, BLOCK_N] tile of W [E, R, C] (R output rows, C
+    the reduction dim; 0 outside): the stored dtype for float weights, fp32 for FP8 (codes times
+    their tile's scale: one scale per column here, as BLOCK_K divides 128 and k0 is a multiple of it)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_k[:, None] < C) & (offs_n[None, :] < R)
     e = e.to(tl.int64)
+    ptrs = p_w + e * R * C + offs_n[None, :] * C + offs_k[:, None]
     if FMT == 0:
-        w = tl.load(p_w + e * R * C + offs_n[None, :] * C + offs_k[:, None], mask=mask, other=0.0)
-    elif FMT == 1:  # FP8 codes [E, R, C], scales [E, ceil(R/128), ceil(C/128)]
-        code = tl.load(p_w + e * R * C + offs_n[None, :] * C + offs_k[:, None], mask=mask, other=0).to(tl.int32)
+        w = tl.load(ptrs, mask=mask, other=0.0)
+    else:  # FP8 codes [E, R, C], scales [E, ceil(R/128), ceil(C/128)]
+        if NATIVE_FP8:  # float8_e4m3fn loads converted by the hardware
+            w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        else:  # the interpreter: uint8 codes decoded from their bits
+            w = _e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32))
         s_rows = tl.cdiv(R, 128)
         s_cols = tl.cdiv(C, 128)
-        s = _scale(p_s, e * s_rows * s_cols + (offs_n[None, :] // 128) * s_cols + offs_k[:, None] // 128, mask, SCALE_F32)
-        w = _e4m3(code) * s
-    else:  # MXFP4 bytes [E, R, C/2], element 2i in the low nibble; scales [E, R, C/32]
-        byte = tl.load(p_w + e * R * (C // 2) + offs_n[None, :] * (C // 2) + offs_k[:, None] // 2,
-                       mask=mask, other=0).to(tl.int32)
-        code = (byte >> ((offs_k[:, None] % 2) * 4)) & 0xF
-        s = _scale(p_s, e * R * (C // 32) + offs_n[None, :] * (C // 32) + offs_k[:, None] // 32, mask, SCALE_F32)
-        w = _e2m1(code) * s
+        s = _scale(p_s, e * s_rows * s_cols + (offs_n // 128) * s_cols + k0 // 128, offs_n < R, SCALE_F32)
+        w = w * s[None, :]
     return w
+
+
+@triton.jit
+def _mxfp4_halves(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The even and the odd columns k0 + 2i, k0 + 2i + 1 (i < BLOCK_K / 2) of W[e][offs_n]^T, each a
+    [BLOCK_K / 2, BLOCK_N] fp32 tile, for MXFP4 W: bytes [E, R, C/2] (the low nibble the even
+    element), scales [E, R, C/32]. One byte load per two weights; the caller splits the activations
+    the same way instead of interleaving the weights."""
+    e = e.to(tl.int64)
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    mask = (offs_b[:, None] < C // 2) & (offs_n[None, :] < R)
+    byte = tl.load(p_w + e * R * (C // 2) + offs_n[None, :] * (C // 2) + offs_b[:, None], mask=mask, other=0)
+    byte = byte.to(tl.int32)
+    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    s = _scale(p_s, e * R * (C // 32) + offs_n[None, :] * (C // 32) + offs_g[:, None],
+               (offs_g[:, None] < C // 32) & (offs_n[None, :] < R), SCALE_F32)          # [BK/32, BN]
+    lo = tl.reshape(tl.reshape(_e2m1(byte & 0xF), [BLOCK_K // 32, 16, BLOCK_N]) * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
+    hi = tl.reshape(tl.reshape(_e2m1(byte >> 4), [BLOCK_K // 32, 16, BLOCK_N]) * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
+    return lo, hi
 
 
 @triton.jit
@@ -138,8 +159,8 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, limit,
                     N, TOPK, D, I, E, n_blocks,
-                    FMT: tl.constexpr, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                    ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
     # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype
@@ -158,8 +179,17 @@ def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, 
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
-        acc_gate = _dot(a, _weight_tile(p_w1, p_s1, e, offs_n, offs_k, I, D, FMT, SCALE_F32), acc_gate, UPCAST, IEEE)
-        acc_up = _dot(a, _weight_tile(p_w3, p_s3, e, offs_n, offs_k, I, D, FMT, SCALE_F32), acc_up, UPCAST, IEEE)
+        if FMT == 2:
+            a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
+            lo, hi = _mxfp4_halves(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, BLOCK_K, BLOCK_N)
+            acc_gate = _dot(a_odd, hi, _dot(a_even, lo, acc_gate, UPCAST, IEEE), UPCAST, IEEE)
+            lo, hi = _mxfp4_halves(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, BLOCK_K, BLOCK_N)
+            acc_up = _dot(a_odd, hi, _dot(a_even, lo, acc_up, UPCAST, IEEE), UPCAST, IEEE)
+        else:
+            b1 = _weight_tile(p_w1, p_s1, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
+            acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
+            b3 = _weight_tile(p_w3, p_s3, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
+            acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
     if limit > 0:
         acc_gate = tl.minimum(acc_gate, limit)
         acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
@@ -173,8 +203,8 @@ def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, 
 @triton.jit
 def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
                  N, TOPK, D, I, E, n_blocks,
-                 FMT: tl.constexpr, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
+                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_act [n_blocks * BLOCK_M, I]; p_w2 [E, D, I] (or packed); p_weights [T * TOPK] float32;
     # p_out [T, D] float32, zeroed, accumulated atomically
     pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
@@ -189,7 +219,13 @@ def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
-        acc = _dot(a, _weight_tile(p_w2, p_s2, e, offs_n, offs_k, D, I, FMT, SCALE_F32), acc, UPCAST, IEEE)
+        if FMT == 2:
+            a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
+            lo, hi = _mxfp4_halves(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, BLOCK_K, BLOCK_N)
+            acc = _dot(a_odd, hi, _dot(a_even, lo, acc, UPCAST, IEEE), UPCAST, IEEE)
+        else:
+            b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
+            acc = _dot(a, b, acc, UPCAST, IEEE)
     weight = tl.load(p_weights + slot, mask=row_ok, other=0.0)
     token = tl.where(row_ok, slot // TOPK, 0)
     tl.atomic_add(p_out + token[:, None] * D + offs_n[None, :], acc * weight[:, None],
@@ -270,7 +306,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     if fmt:
         scale_f32 = scales[0].dtype == torch.float32
         s1, s2, s3 = (s if scale_f32 else s.view(torch.uint8) for s in scales)
-        w1, w2, w3 = (w.view(torch.uint8) for w in (w1, w2, w3))
+        if weight_format == "mxfp4" or INTERPRET:  # raw bytes (the interpreter decodes FP8 from its bits)
+            w1, w2, w3 = (w.view(torch.uint8) for w in (w1, w2, w3))
     else:
         scale_f32 = False
         s1 = s2 = s3 = x                                                    # unused
@@ -279,12 +316,12 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     bn, bn2 = _fit(cfg.block_n, I), _fit(cfg.down_block_n, D)
     launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), x, slot, block_expert, w1, s1, w3, s3, act,
            float(swiglu_limit), T * k, k, D, I, E, n_blocks,
-           FMT=fmt, SCALE_F32=scale_f32, UPCAST=upcast, IEEE=ieee, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
+           FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, slot, block_expert, w2, s2, topk_weights, out,
            T * k, k, D, I, E, n_blocks,
-           FMT=fmt, SCALE_F32=scale_f32, UPCAST=upcast, IEEE=ieee,
+           FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
            BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
            num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
     return out
