@@ -7,13 +7,12 @@ Layouts:
   i = 0..n-1 (tensors split across ranks; see names.MP_SPLIT_DIM).
 
 Headers are parsed here (8-byte little-endian length, then JSON) without reading any tensor data, so
-`inspect` and the checks before loading cost a few KB per shard. Tensor data is read through a
-memory map, one tensor at a time.
+`inspect` and the checks before loading cost a few KB per shard. Tensor data is read one tensor at a
+time (`TensorReader`).
 """
 from __future__ import annotations
 
 import json
-import mmap
 import re
 import struct
 from dataclasses import dataclass
@@ -147,30 +146,32 @@ def discover(path: str | Path) -> CheckpointFiles:
 
 
 class TensorReader:
-    """Reads tensors from memory-mapped shards, one at a time (host memory: the pages touched)."""
+    """Reads tensors from the shards one at a time, each into a fresh host buffer (plain reads, not a
+    memory map: mapped pages would stay in the process's resident set until the map is closed, so a
+    map per shard would hold up to the whole checkpoint; read this way the host holds about the
+    largest tensor being loaded, and the kernel's page cache, which it can drop, the rest)."""
 
     def __init__(self):
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, object] = {}
 
     def read(self, entry: TensorEntry) -> torch.Tensor:
-        """-> a CPU tensor viewing the mapped file (copy it before the reader is closed)."""
+        """-> a CPU tensor holding the entry's bytes in its dtype and shape."""
         if entry.dtype not in DTYPES:
             raise CheckpointError(f"{entry.file.name}: tensor {entry.name!r} has dtype {entry.dtype}, which we cannot "
                                   f"read; accepted: {', '.join(DTYPES)}")
-        mm = self._maps.get(entry.file)
-        if mm is None:
-            with open(entry.file, "rb") as f:
-                mm = self._maps[entry.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        f = self._files.get(entry.file)
+        if f is None:
+            f = self._files[entry.file] = open(entry.file, "rb")
         dtype = DTYPES[entry.dtype]
         if entry.nbytes == 0:
             return torch.empty(entry.shape, dtype=dtype)
-        raw = torch.frombuffer(mm, dtype=torch.uint8, count=entry.nbytes, offset=entry.begin)
-        return raw.view(dtype).reshape(entry.shape)
+        buffer = bytearray(entry.nbytes)
+        f.seek(entry.begin)
+        if f.readinto(buffer) != entry.nbytes:
+            raise CheckpointError(f"{entry.file}: truncated while reading {entry.name!r}; download it again")
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(entry.shape)
 
     def close(self) -> None:
-        maps, self._maps = self._maps, {}
-        for mm in maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a tensor still views it: the map closes when that tensor goes
-                pass
+        files, self._files = self._files, {}
+        for f in files.values():
+            f.close()

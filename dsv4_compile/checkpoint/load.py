@@ -7,7 +7,8 @@ Order of work, so that nothing runs on a bad checkpoint:
 3. every tensor the model needs checked against the headers: names, shapes, dtypes, scales. All
    problems are reported together, one line each, in one CheckpointError;
 4. the model built on the meta device, then given storage on the target device and filled tensor by
-   tensor from the memory-mapped shards (host memory stays near the largest tensor, not the model).
+   tensor, each read into a host buffer and dropped after its copy (host memory beyond the model's own
+   storage stays near the largest tensor, not the checkpoint).
 
 weights="bf16" dequantizes every FP8 / MXFP4 weight once at load into the model's dtype (what the
 plain model computes with). weights="as-shipped" keeps the linears DeepSeek's inference runs as FP8
