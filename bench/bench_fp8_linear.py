@@ -3,9 +3,12 @@ torch._scaled_mm, at V4-Flash's linear shapes and 1, 64, 4096, 16384 tokens, one
 
 bf16: x_bf16 @ W_bf16^T (the dequantized weight). _scaled_mm: FP8 x FP8 with the scaling it offers on
 this torch (1x128 / 128x128 blockwise where available, else rowwise; named in the table), the
-activation quantization not included, M padded to 16 where it needs it. Times: triton.testing.do_bench
-medians (L2 flushed). Also a small config sweep of ours per shape (the best is reported beside the
-default). Writes bench/results/<GPU>/fp8_linear.{csv,md} (or $BENCH_OUT).
+activation quantization not included, M padded to 16 where it needs it. Times: GPU time per call from
+CUDA-graph replays (graph_time_ms), the same for all three: do_bench would time each Python call, and
+our launcher's Python (checks, config lookup) costs tens of microseconds, more than the small-M GEMMs
+themselves (the first H200 run, timed with do_bench, showed exactly that). Also a small config sweep
+of ours per shape (the best is reported beside the default). Writes bench/results/<GPU>/
+fp8_linear.{csv,md} (or $BENCH_OUT).
 
     python bench/bench_fp8_linear.py [--tokens 1,64,4096,16384]
 """
@@ -18,7 +21,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _kernel_bench_util import DEVICE, bench_ms, environment, out_dir, print_table, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, bench_ms, environment, graph_time_ms, out_dir, print_table, write_csv  # noqa: E402
+
+
+def gpu_ms(fn) -> float:
+    """GPU milliseconds per call (CUDA-graph replays on the GPU; wall-clock runs on a CPU smoke test)."""
+    return graph_time_ms([fn]) if DEVICE == "cuda" else bench_ms(fn)
 
 # V4-Flash linears (name, N, K)
 SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_b", 4096, 8192),
@@ -77,21 +85,21 @@ def main(argv=None) -> int:
         w16 = (w8.float() * ws.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]).bfloat16()
         for m in tokens:
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-            bf16_ms = bench_ms(lambda: x @ w16.t())
-            ours_ms = bench_ms(lambda: fp8_linear(x, w8, ws))
+            bf16_ms = gpu_ms(lambda: x @ w16.t())
+            ours_ms = gpu_ms(lambda: fp8_linear(x, w8, ws))
             default = default_config(None, m).to_str()
             best_ms, best = ours_ms, default
             if DEVICE == "cuda" and not args.no_sweep:
                 for cfg in SWEEP_SMALL if m <= 64 else SWEEP_LARGE:
                     try:
-                        t = bench_ms(lambda: fp8_linear(x, w8, ws, cfg))
+                        t = gpu_ms(lambda: fp8_linear(x, w8, ws, cfg))
                     except Exception as exc:  # noqa: BLE001 (a config this GPU rejects)
                         print(f"  {name} M={m} {cfg}: {type(exc).__name__}")
                         continue
                     if t < best_ms:
                         best_ms, best = t, cfg
             sm_fn, sm_kind = scaled_mm_fn(x, w8, ws) if DEVICE == "cuda" else (None, None)
-            sm_ms = bench_ms(sm_fn) if sm_fn else float("nan")
+            sm_ms = gpu_ms(sm_fn) if sm_fn else float("nan")
             flops = 2.0 * m * n * k
             rows.append({"linear": name, "N": n, "K": k, "tokens": m, "bf16_mm_ms": bf16_ms, "triton_fp8_ms": ours_ms,
                          "triton_best_ms": best_ms, "scaled_mm_ms": sm_ms, "scaled_mm_scaling": sm_kind or "-",
