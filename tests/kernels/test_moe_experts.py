@@ -179,7 +179,7 @@ def test_substitution_replaces_every_moe_op():
         manager(gm.graph)
         left = manager.report.left_alone()
         assert len(left) == 3 and all("needs CUDA tensors" in rec.reason for rec in left)
-    assert "multiples of 32" in sub._mxfp4_reason(torch.empty(2, 48), *args[1:3], *args[12:], LIMIT, allow_cpu=True)
+    assert "multiples of 32" in sub._mxfp4_reason(torch.empty(2, 48, device=DEVICE), *args[1:3], *args[12:], LIMIT, allow_cpu=True)
 
 
 # ---- GPU: V4-Flash shapes -------------------------------------------------------------------------
