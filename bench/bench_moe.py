@@ -193,19 +193,26 @@ def plot(path_prefix: str, rows: list[dict]) -> None:
                          f"MoE experts, V4-Flash shapes, {kind} routing")
 
 
-def main():
-    smoke = "--smoke" in sys.argv
-    if smoke:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results/<GPU>, or $BENCH_OUT)")
+    args = parser.parse_args(argv)
+    if args.smoke:
         rows, anchors = run(D=64, I=64, E=9, k=3, tokens=(1, 20), sweep=False)
     else:
         rows, anchors = run()
-    out = out_dir()
+    out = args.out or out_dir()
+    os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "moe.csv"), rows)
     write_md(os.path.join(out, "moe.md"), rows, anchors)
     plot(os.path.join(out, "moe"), rows)
     print_table(rows, ["routing", "tokens", "impl", "format", "ms", "tflops", "pct_peak", "gbs", "pct_copy", "config"])
     print(f"wrote {out}/moe.csv, moe.md, moe-*.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

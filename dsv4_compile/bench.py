@@ -3,7 +3,8 @@
 Runs the side-by-side benchmark scripts of bench/ (one run, each writing CSV + PNG + a markdown with
 GPU, versions, date and ratios under bench/results/<gpu>/). `--ops` takes the substitution families
 that `--passes` and `tune --kernels` use; `attention` is short for both sparse-attention families;
-`layers` (bench_layers.py) and `decode_step` (bench_decode_step.py) time whole layers and a whole
+`moe` (the three moe_experts families: one bench_moe.py run, V4-Flash's 256 experts) times the
+grouped-expert kernel; `layers` (bench_layers.py) and `decode_step` (bench_decode_step.py) time whole layers and a whole
 decode step, at the --context lengths (decode_step: those within the mini preset's max_seq_len).
 `tuning` (not part of `all`: about 8 minutes) compares tuned configs with the defaults, a typical
 @triton.autotune list and a full grid (bench/bench_tuning.py, tuning/compare.py).
@@ -29,12 +30,16 @@ FAMILIES = {
     "newton_schulz": ("bench_kernels", "ns"),
     "hc_pre": ("bench_kernels", "hc"),
     "hc_sinkhorn": ("bench_kernels", "hc"),
+    "moe_experts": ("bench_moe", None),
+    "moe_experts_fp8": ("bench_moe", None),
+    "moe_experts_mxfp4": ("bench_moe", None),
     # Not substitution families: whole-layer attention (CSA, HCA vs dense FA2) and the mini preset's
     # whole decode step (eager vs CUDA graph).
     "layers": ("bench_layers", None),
     "decode_step": ("bench_decode_step", None),
 }
 ALIASES = {"attention": ("sparse_attention", "sparse_attention_cached"), "quant": ("fp8_quantize", "fp4_quantize"),
+           "moe": ("moe_experts", "moe_experts_fp8", "moe_experts_mxfp4"),
            "all": tuple(FAMILIES)}
 # Benchmarks that are not a substitution family (and not part of `all`): name -> bench module.
 EXTRAS = {"tuning": "bench_tuning"}
@@ -82,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     parts = sorted({FAMILIES[f][1] for f in kernels if FAMILIES[f][0] == "bench_kernels"})
     if parts:
         importlib.import_module("bench_kernels").run_all(tuple(parts), args.out, False)
+    if any(FAMILIES[f][0] == "bench_moe" for f in kernels):  # one run covers the three weight formats
+        status = max(status, importlib.import_module("bench_moe").main(["--out", args.out] if args.out else []))
     for name in ("layers", "decode_step"):
         if name in families:
             argv = ["--contexts", ",".join(map(format_context, args.context))] + (["--out", args.out] if args.out else [])
