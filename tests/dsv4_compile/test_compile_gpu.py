@@ -1,5 +1,6 @@
-"""The whole mini preset (4 layers + MTP, bf16, ~2.8B parameters) compiled with every pass on the GPU
-matches eager, and the substitution report shows our Triton kernels in place of every dsv4 op.
+"""The whole mini preset (4 layers + MTP, bf16, ~2.8B parameters) and the flash-slice preset (the same
+layer kinds with V4-Flash's 256 experts, ~34B parameters, ~68 GB) compiled with every pass on the GPU
+match eager, and the substitution report shows our Triton kernels in place of every dsv4 op.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ pytestmark = pytest.mark.gpu
 
 # Every layer type of mini (window, CSA with indexer, HCA) and the mHC mixing reach these kernels.
 EXPECTED = {"dsv4.sparse_attention": "sparse_attention.triton", "dsv4.compress_kv": "compress_kv.triton",
-            "dsv4.indexer_topk": "indexer_topk.triton", "dsv4.hc_pre": "hc_pre.triton"}
+            "dsv4.indexer_topk": "indexer_topk.triton", "dsv4.hc_pre": "hc_pre.triton",
+            "dsv4.moe_experts": "moe_experts.triton"}
 
 
-def test_mini_compiled_with_the_kernels_matches_eager():
-    config = ModelConfig.load("mini")
+@pytest.mark.parametrize("preset", ["mini", "flash-slice"])
+def test_preset_compiled_with_the_kernels_matches_eager(preset):
+    config = ModelConfig.load(preset)
     model = eager_model(config, seed=0, state=None, cuda=True)
     compiled = dsv4_compile.compile(model, gpu="auto", passes="all")
     tol = COMPILE_TOLERANCE[config.dtype]
