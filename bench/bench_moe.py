@@ -135,7 +135,7 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
                     add("ours (sweep)", lambda cfg=cfg: moe_experts(x, ids, w, *ws, limit, cfg), "bf16",
                         ",".join(f"{a}={b}" for a, b in cfg.items()))
             if T <= DENSE_MAX_T:
-                add("dense masked (plain)", lambda: moe_ops._moe_dense(x, ids, w, lambda e: (ws[0][e], ws[1][e], ws[2][e]), E, limit))
+                add("dense masked (plain)", lambda: moe_ops._moe_dense(x, ids, w, lambda e: tuple(ws), E, limit))
             if T <= PLAIN_MAX_T:
                 add("grouped (plain op)", lambda: moe_ops._moe_experts_plain(x, ids, w, *ws, limit))
             add("loop F.linear", lambda: loop_over_experts(x, ids, w, *ws, limit), capturable=False)

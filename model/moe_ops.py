@@ -67,7 +67,8 @@ def expert_blocks(topk_ids: torch.Tensor, n_experts: int, block: int) -> tuple[t
 
 
 # Expert weights as the plain forms see them: `take(e)` -> (w1[e], w2[e], w3[e]) in the activation
-# dtype for a [n] tensor of expert ids (a gather, then a dequantization of the gathered experts only).
+# dtype for a [n] tensor of expert ids (a gather, then a dequantization of the gathered experts only);
+# `take(None)` -> every expert (no gather).
 ExpertWeights = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -78,7 +79,7 @@ def _moe_dense(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int, s
     valid = (ids >= 0) & (ids < E)
     combine = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_add(
         1, ids.clamp(0, E - 1), torch.where(valid, topk_weights.float(), 0.0))            # [T, E]
-    w1, w2, w3 = take(torch.arange(E, device=x.device))
+    w1, w2, w3 = take(None)
     gate = torch.einsum("td,eid->eti", x, w1)                                            # [E, T, I]
     up = torch.einsum("td,eid->eti", x, w3)
     act = swiglu(gate, up, swiglu_limit) * combine.T.unsqueeze(-1)
@@ -173,7 +174,8 @@ def _check_shapes(name: str, w1, w2, w3, D: int, d_packed: int, i_packed: int) -
 
 def _moe_experts_plain(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit: float):
     E = w1.shape[0]
-    return _moe_plain(x, topk_ids, topk_weights, lambda e: (w1[e], w2[e], w3[e]), E, w1.shape[1],
+    take = lambda e: (w1, w2, w3) if e is None else (w1[e], w2[e], w3[e])  # noqa: E731
+    return _moe_plain(x, topk_ids, topk_weights, take, E, w1.shape[1],
                       3 * w1[0].numel() * w1.element_size(), swiglu_limit)
 
 
@@ -210,7 +212,8 @@ _plain_autograd(moe_experts, _moe_experts_plain, 7, (0, 2, 3, 4, 5))
 
 def _moe_experts_fp8_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit: float):
     pairs = ((w1, w1_scale), (w2, w2_scale), (w3, w3_scale))
-    take = lambda e: tuple(dequantize_fp8_weight(w[e], s[e], dtype=x.dtype) for w, s in pairs)  # noqa: E731
+    take = lambda e: tuple(dequantize_fp8_weight(w if e is None else w[e], s if e is None else s[e], dtype=x.dtype)  # noqa: E731
+                           for w, s in pairs)
     return _moe_plain(x, topk_ids, topk_weights, take, w1.shape[0], w1.shape[1],
                       3 * w1[0].numel() * (1 + x.element_size()), swiglu_limit)
 
@@ -238,7 +241,8 @@ _plain_autograd(moe_experts_fp8, _moe_experts_fp8_plain, 10, (0, 2))
 
 def _moe_experts_mxfp4_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit: float):
     pairs = ((w1, w1_scale), (w2, w2_scale), (w3, w3_scale))
-    take = lambda e: tuple(dequantize_mxfp4(w[e], s[e], dtype=x.dtype) for w, s in pairs)  # noqa: E731
+    take = lambda e: tuple(dequantize_mxfp4(w if e is None else w[e], s if e is None else s[e], dtype=x.dtype)  # noqa: E731
+                           for w, s in pairs)
     return _moe_plain(x, topk_ids, topk_weights, take, w1.shape[0], w1.shape[1],
                       3 * w1[0].numel() * (1 + 2 * x.element_size()), swiglu_limit)
 

@@ -80,3 +80,18 @@ def default_config(gpu_name: str | None = None, n_assignments: int = 1) -> MoeEx
     """Default config for a GPU name (e.g. 'NVIDIA H200') and T * top_k; None = the current device."""
     return pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
 
+
+def decode_config(gpu_name: str | None = None) -> MoeExpertsConfig:
+    """The decode regime's default for a GPU (the tuning space's 'decode' phase)."""
+    return default_config(gpu_name, 1)
+
+
+def prefill_config(gpu_name: str | None = None) -> MoeExpertsConfig:
+    """The prefill regime's default for a GPU (the tuning space's 'prefill' phase)."""
+    return default_config(gpu_name, DECODE_MAX_ASSIGNMENTS + 1)
+
+
+def fit_block(block: int, dim: int) -> int:
+    """The column tile the launcher uses: no wider than the dimension needs, >= 16 for tl.dot."""
+    return min(block, max(16, 1 << max(0, dim - 1).bit_length()))
+

@@ -31,7 +31,7 @@ import triton.language as tl
 from ...model.moe_ops import expert_blocks
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, launch
 from .._jit_utils import round_bf16
-from .config import MoeExpertsConfig, default_config
+from .config import MoeExpertsConfig, default_config, fit_block
 
 WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
 _FMT = {"float": 0, "fp8": 1, "mxfp4": 2}
@@ -236,11 +236,6 @@ def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
 # Launcher
 # ================================================================================================
 
-def _fit(block: int, dim: int) -> int:
-    """A column tile no wider than the dimension needs (>= 16 for tl.dot)."""
-    return min(block, max(16, triton.next_power_of_2(dim)))
-
-
 def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str) -> tuple[int, int, int]:
     """-> (E, I, D) after the dtype/shape/device checks of one call."""
     op = "moe_experts" if weight_format == "float" else f"moe_experts_{weight_format}"
@@ -313,7 +308,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         s1 = s2 = s3 = x                                                    # unused
     upcast = INTERPRET
     ieee = x.dtype == torch.float32
-    bn, bn2 = _fit(cfg.block_n, I), _fit(cfg.down_block_n, D)
+    bn, bn2 = fit_block(cfg.block_n, I), fit_block(cfg.down_block_n, D)
     launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), x, slot, block_expert, w1, s1, w3, s3, act,
            float(swiglu_limit), T * k, k, D, I, E, n_blocks,
            FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,

@@ -96,7 +96,7 @@ def test_grouped_and_dense_forms_agree(block, kind, chunked, monkeypatch):
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1))
     ids, w = routing(T, k, E, kind, seed=2)
     w1, w2, w3 = weights(E, I, D, torch.float32, seed=3)
-    dense = moe_ops._moe_dense(x, ids, w, lambda e: (w1[e], w2[e], w3[e]), E, 0.5)
+    dense = moe_ops._moe_dense(x, ids, w, lambda e: (w1, w2, w3), E, 0.5)
     assert_close(f"grouped (block {block}) vs dense", dense, moe_ops._moe_grouped(x, ids, w, lambda e: (w1[e], w2[e], w3[e]), E, 0.5, block, I, 1 << 20))
 
 
@@ -221,3 +221,34 @@ def test_moe_layer_with_the_op_equals_the_dense_masked_moe(layer_id):
     tokens = torch.randint(0, config.vocab_size, (2, 45))
     with torch.no_grad():
         assert_close("MoE with moe_experts vs dense masked", _dense_masked_moe(moe, x, tokens), moe(x, tokens))
+
+
+@pytest.mark.slow
+def test_grouped_form_exports_to_onnx_with_a_dynamic_token_count(tmp_path):
+    """The plain op's grouped form (32 experts, top 2: not dense) through torch.export with T dynamic
+    and the project's ONNX exporter (standard ops only), run by onnxruntime at two other T."""
+    import onnxruntime as ort
+
+    from dsv4_compile.export import ExportResult, export_onnx
+
+    E, k, D, I = 32, 2, 16, 8
+    assert not moe_ops.dense_is_cheaper(k, E)
+    w1, w2, w3 = weights(E, I, D, torch.float32, seed=11)
+    router = torch.randn(E, D, generator=torch.Generator().manual_seed(12))
+
+    class Routed(torch.nn.Module):
+        def forward(self, x):
+            scores = (x @ router.T).softmax(-1)
+            w, ids = scores.topk(k, dim=-1)
+            ids = torch.where(ids == 3, -1, ids).to(torch.int32)  # expert 3 switched off: -1 ids
+            return moe_ops._moe_experts_plain(x, ids, w, w1, w2, w3, LIMIT)
+
+    x = torch.randn(9, D)
+    program = torch.export.export(Routed(), (x,), dynamic_shapes=({0: torch.export.Dim("T", min=2, max=256)},))
+    path = str(tmp_path / "moe.onnx")
+    export_onnx(ExportResult(program, (2, 256), (1, 1), True, {}), path, x)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for n in (5, 130):
+        xn = torch.randn(n, D, generator=torch.Generator().manual_seed(n))
+        out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xn.numpy()})[0])
+        assert_close(f"onnxruntime at T={n}", Routed()(xn), out)
