@@ -73,8 +73,8 @@ _YARN_KEYS = {"type", "rope_type", "factor", "original_max_position_embeddings",
 class ReleaseFields:
     """What a released config.json says: the model's ModelConfig fields, and how its weights are stored.
 
-    values: ModelConfig field -> value (not yet validated: ModelConfig.from_dict does that); weight_format: "fp8" (linears FP8 e4m3 with 128x128 tile scales) or "bf16";
-    expert_format: "fp4" (routed experts MXFP4), "fp8" or "bf16";
+    values: ModelConfig field -> value (not yet validated: ModelConfig.from_dict does that); weight_format: "fp8" (linears FP8 e4m3 with 128x128 tile scales) or "float" (not quantized);
+    expert_format: "fp4" (routed experts MXFP4), "fp8" or "float";
     scale_format: "ue8m0" (e8m0 scales) or "float32"; ignored: keys read and known to be harmless.
     """
     values: dict
@@ -236,7 +236,7 @@ def _rotary_factor(factor, values: dict, put, key: str) -> None:
 def _formats(data: dict) -> tuple[str, str, str]:
     """(weight_format, expert_format, scale_format) from quantization_config / expert_dtype / dtype."""
     quant = data.get("quantization_config")
-    weight_format, scale_format = "bf16", "float32"
+    weight_format, scale_format = "float", "float32"
     if quant is not None:
         fmt = quant.get("fmt", "e4m3")
         block = quant.get("weight_block_size", [128, 128])
