@@ -64,15 +64,15 @@ def _e4m3(c):
 
 
 @triton.jit
-def _e2m1(c):
-    """e2m1 codes (int32 0..15) -> fp32 (0, 0.5, 1, 1.5, 2, 3, 4, 6, signed by bit 3)."""
-    sign = (c & 8) << 28
-    e = (c >> 1) & 3
-    m = c & 1
-    normal = (sign | ((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.5
-    sub = tl.where(sign != 0, -sub, sub)
-    return tl.where(e == 0, sub, normal)
+def _e2m1_pair(byte):
+    """Packed bytes (int32 0..255) -> (low nibble, high nibble) as fp32 e2m1 values: each nibble's
+    sign, exponent and mantissa bits moved into an fp16's sign, lowest two exponent bits and top
+    mantissa bit, which is the value times 2^(1 - 15) (the subnormal 0.5 included), then times 2^14
+    (exact). Four integer operations a value instead of a decode."""
+    lo = ((byte & 0x8) << 12) | ((byte & 0x7) << 9)
+    hi = ((byte & 0x80) << 8) | ((byte & 0x70) << 5)
+    return (lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0,
+            hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0)
 
 
 @triton.jit
@@ -121,9 +121,10 @@ def _mxfp4_halves(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, BLOCK_
     byte = byte.to(tl.int32)
     offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     s = _scale(p_s, e * R * (C // 32) + offs_n[None, :] * (C // 32) + offs_g[:, None],
-               (offs_g[:, None] < C // 32) & (offs_n[None, :] < R), SCALE_F32)          # [BK/32, BN]
-    lo = tl.reshape(tl.reshape(_e2m1(byte & 0xF), [BLOCK_K // 32, 16, BLOCK_N]) * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
-    hi = tl.reshape(tl.reshape(_e2m1(byte >> 4), [BLOCK_K // 32, 16, BLOCK_N]) * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
+               (offs_g[:, None] < C // 32) & (offs_n[None, :] < R), SCALE_F32)  # [BK/32, BN]
+    lo, hi = _e2m1_pair(byte)
+    lo = tl.reshape(tl.reshape(lo, [BLOCK_K // 32, 16, BLOCK_N]) * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
+    hi = tl.reshape(tl.reshape(hi, [BLOCK_K // 32, 16, BLOCK_N]) * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
     return lo, hi
 
 

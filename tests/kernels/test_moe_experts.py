@@ -15,9 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import (conftest does it too)
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
+from dsv4_compile.kernels.moe_experts.moe_experts import _e2m1_pair, _e4m3, _e8m0  # noqa: E402
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
@@ -100,6 +103,33 @@ def test_quantized_weights(T, k, E, kind, dtype, fmt):
 def test_float32_scales(fmt):
     """Base models ship float32 scales (power-of-two values): same numbers as e8m0."""
     run_all(7, 2, 5, 64, 64, torch.float32, fmt, "holes", scale_dtype=torch.float32)
+
+
+@triton.jit
+def _decode_every_byte(p_in, p_e4m3, p_lo, p_hi, p_e8m0):
+    o = tl.arange(0, 256)
+    b = tl.load(p_in + o).to(tl.int32)
+    lo, hi = _e2m1_pair(b)
+    tl.store(p_e4m3 + o, _e4m3(b))
+    tl.store(p_lo + o, lo)
+    tl.store(p_hi + o, hi)
+    tl.store(p_e8m0 + o, _e8m0(b))
+
+
+def test_decoders_match_weight_formats_on_every_byte():
+    """The kernel's in-register decoders against model/weight_formats: all 256 e4m3 codes, all 256
+    MXFP4 bytes (both nibbles, -0 included) and all 256 e8m0 scale bytes, bit for bit."""
+    from dsv4_compile.model.ops import fp4_values
+
+    b = torch.arange(256, dtype=torch.uint8)
+    outs = [torch.empty(256, device=DEVICE) for _ in range(4)]
+    _decode_every_byte[(1,)](b.to(DEVICE), *outs)
+    e4m3, lo, hi, e8m0 = (o.cpu() for o in outs)
+    pairs = fp4_values(weight_formats.unpack_fp4_codes(b.view(256, 1)))
+    expected = (b.view(torch.float8_e4m3fn).float(), pairs[:, 0], pairs[:, 1], weight_formats.e8m0_to_float(b))
+    for name, ref, out in zip(("e4m3", "e2m1 low", "e2m1 high", "e8m0"), expected, (e4m3, lo, hi, e8m0)):
+        same = (ref == out) | (ref.isnan() & out.isnan())
+        assert same.all() and torch.equal(ref.signbit()[~ref.isnan()], out.signbit()[~ref.isnan()]), name
 
 
 def test_small_tiles_and_group_swizzle():
