@@ -2,20 +2,18 @@
 
 One `torch.export` per context bucket feeds every format:
 
-    ep = export_prefill(model)                    # dsv4 ops traced as their plain code (no custom op left)
+    ep = export_prefill(model)                    # dsv4 ops decomposed (plain code or kernels): none left
     export_aoti(ep, "aoti/prefill-512.pt2")       # AOTInductor package, loadable without our Python code
     export_onnx(ep, "onnx/prefill-512.onnx")      # standard ONNX ops only, run by onnxruntime
     export_tensorrt("onnx/...onnx", "...engine")  # TensorRT's ONNX parser + builder (where installed)
 
-Why the dsv4 ops disappear at trace time rather than with `ExportedProgram.run_decompositions`:
-a decomposition table given to run_decompositions must be functional by itself, and the plain op
-implementations need not be (in-place updates are ordinary eager code): run_decompositions fails
-with "expected an entirely functional graph" on them. Tracing the plain functions inside torch.export instead (a
-namespace swap that routes each `torch.ops.dsv4.*` call to its plain function, `routed_ops()`)
-lets export functionalise them like any user code. The plain functions are the pass framework's
-decompositions (`dsv4_compile.passes.decomposition_table()`), so eager, compile and export share one
-definition. On a GPU target a call goes to the Triton kernel the passes would pick for it instead
-(`export_table`), and AOTInductor compiles that kernel into the package. Two points keep the graph standard-ONNX-clean:
+How the dsv4 ops disappear: torch.export keeps each `torch.ops.dsv4.*` call as one node, then
+`ExportedProgram.run_decompositions` replaces every node with what the pass manager picks for its
+arguments (`PassManager.decomposition_table`, the same choice `dsv4_compile.compile` makes in its
+graph pass): on a GPU target the Triton kernel substitution (a `torch.library.triton_op`, which the
+program keeps as a dsv4_triton node and AOTInductor compiles into the package, so the .pt2 needs none
+of our Python code), else the op's plain code, which is also the ONNX route (standard ONNX ops only).
+No process-global state changes. Two points keep the graph standard-ONNX-clean:
 
 - fp4_quantize / fp4_dequantize pack nibbles with integer arithmetic (code_lo + 16 * code_hi, then
   // and %) in model/ops.py itself: the ONNX exporter emits BitShift / BitwiseOr with mismatched
@@ -35,95 +33,31 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 MIN_SEQ = 2  # torch.export specialises sizes 0 and 1
 
 
-# ---- the plain functions used at export ------------------------------------------------------------
+# ---- the pass manager's choice, per dsv4 node ----------------------------------------------------------
 
-def export_table(gpu: str = "cpu", passes="all", config_source=None) -> dict:
-    """{torch.ops.dsv4.<op>.default: function} used while tracing for export.
+def export_manager(gpu: str = "cpu", passes="all", config_source=None):
+    """The PassManager whose `decomposition_table()` decides each dsv4 node of an exported program.
 
-    Each call goes where the pass manager would send a node with those arguments: on a GPU target a
-    Triton kernel substitution (a `torch.library.triton_op`, which AOTInductor traces into and
-    compiles into the package, so the .pt2 needs none of our Python code), else the op's plain code.
-    On the CPU every call takes the plain code.
-    """
-    from .passes import decomposition_table, select
+    The kernels' own predicates look at the tensors' device: a CPU-target export of a model that lives
+    on the GPU must still take the plain code, so only the decompositions are offered there."""
+    from .passes import select
     from .passes.manager import PassManager
 
     if config_source is None:
         from .tuning import config_source
-    # The kernels' own predicates look at the tensors' device: a CPU-target export of a model that
-    # lives on the GPU must still take the plain code, so only the decompositions are offered there.
     enabled = [s for s in select(passes) if gpu != "cpu" or s.family == "decompose"]
-    manager = PassManager(enabled, gpu=gpu, config_source=config_source)
-    table = {}
-    for op, fn in decomposition_table().items():
-        # The raw plain function: the table wraps it for run_decompositions (functionalisation),
-        # which must not run inside torch.export's own tracing.
-        table[op] = _router(manager, op, getattr(fn, "__wrapped__", fn))
-    return table
+    return PassManager(enabled, gpu=gpu, config_source=config_source)
 
 
-def _router(manager, op, plain: Callable) -> Callable:
-    from .passes.manager import bind_arguments
-
-    def route(*args, **kwargs):
-        values = bind_arguments(op, args, kwargs)
-        sub, config, _ = manager.choose(op, values)
-        if sub is None or sub.family == "decompose":
-            return plain(*values)
-        used = route.kernels.setdefault(sub.name, {"calls": 0, "configs": []})
-        used["calls"] += 1
-        if config not in used["configs"]:
-            used["configs"].append(config)
-        return sub.replacement(*values, **config)
-
-    route.kernels = {}  # substitution name -> {"calls": n, "configs": [config dicts used]}
-    return route
-
-
-class routed_ops:
-    """While active, `torch.ops.dsv4.<op>` resolves to the export table's function (traced by
-    torch.export as ordinary PyTorch code, or as a triton_op call) instead of the custom op. The model
-    and the plain functions look the ops up on the `torch.ops.dsv4` namespace at call time, so nested
-    calls (compress_kv -> fp8_quantize) are routed too. (A TorchFunctionMode would be the textbook
-    route, but under non-strict export the mode sees the op below export's functionalisation and its
-    re-dispatched tensor methods fail with "Unable to cast NotImplemented to Tensor".) Not
-    thread-safe: export one model at a time."""
-
-    def __init__(self, table: dict):
-        self.table = table
-        self._saved: dict[str, object] = {}
-
-    @property
-    def kernels(self) -> dict[str, dict]:
-        """Kernel substitution name -> {"calls": n, "configs": [...]} traced into the program."""
-        used: dict[str, dict] = {}
-        for fn in self.table.values():
-            used.update(getattr(fn, "kernels", {}))
-        return dict(sorted(used.items()))
-
-    def __enter__(self):
-        namespace = torch.ops.dsv4
-        for overload, fn in self.table.items():
-            name = overload._schema.name.split("::")[1]
-            getattr(namespace, name)  # resolve the packet so that it can be restored
-            self._saved[name] = namespace.__dict__[name]
-            fn.default = fn  # the torch.ops.dsv4.<op>.default(...) spelling
-            setattr(namespace, name, fn)
-        return self
-
-    def __exit__(self, *exc):
-        namespace = torch.ops.dsv4
-        for name, packet in self._saved.items():
-            setattr(namespace, name, packet)
-        self._saved.clear()
-        return False
+def _export(model, example, dynamic_shapes, manager) -> torch.export.ExportedProgram:
+    ep = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
+    return ep.run_decompositions(manager.decomposition_table())
 
 
 # ---- torch.export -----------------------------------------------------------------------------------
@@ -151,8 +85,8 @@ def _device_of(model) -> torch.device:
 def export_prefill(model, dynamic: bool = True, gpu: str = "cpu", passes="all") -> ExportResult:
     """torch.export of model(tokens) for a model built with max_seq_len = its bucket.
 
-    Every dsv4 op call is traced as its plain code, or on a GPU target (gpu "H100", "H200") as the
-    Triton kernel the passes would substitute (see export_table): no torch.ops.dsv4 node is left.
+    Every dsv4 op node becomes its plain code, or on a GPU target (gpu "H100", "H200") the Triton
+    kernel the passes pick (see export_manager): no torch.ops.dsv4 node is left.
     Dynamic: B in [1, max_batch_size] (static 1 when max_batch_size is 1), S in [2, bucket]; the
     example uses B = 2 and S = bucket // 2 so that neither is specialised (0/1 specialisation).
     """
@@ -167,19 +101,17 @@ def export_prefill(model, dynamic: bool = True, gpu: str = "cpu", passes="all") 
         spec = {1: Dim("S", min=MIN_SEQ, max=bucket)}
         if max_b > 1:
             spec[0] = Dim("B", min=1, max=max_b)
-        mode = routed_ops(export_table(gpu, passes))
+        manager = export_manager(gpu, passes)
         try:
-            with mode:
-                ep = torch.export.export(model, (example,), dynamic_shapes=(spec,))
+            ep = _export(model, example, (spec,), manager)
             return ExportResult(ep, (MIN_SEQ, bucket), (1 if max_b > 1 else b, max_b if max_b > 1 else b), True,
-                                mode.kernels)
+                                dict(sorted(manager.exported_kernels.items())))
         except Exception as err:  # noqa: BLE001 (fall back to static shapes, and say why)
             note = f"dynamic export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); static S = {bucket}"
-    mode = routed_ops(export_table(gpu, passes))
+    manager = export_manager(gpu, passes)
     example = example_tokens(config, 1, bucket, device=_device_of(model))
-    with mode:
-        ep = torch.export.export(model, (example,))
-    return ExportResult(ep, (bucket, bucket), (1, 1), False, mode.kernels, note)
+    ep = _export(model, example, None, manager)
+    return ExportResult(ep, (bucket, bucket), (1, 1), False, dict(sorted(manager.exported_kernels.items())), note)
 
 
 # Custom-op namespaces a package may hold: triton_ops, which AOTInductor traces into and compiles.

@@ -108,6 +108,16 @@ class KernelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): triton.next_power_of_2 without importing triton,
+    for the configs' tile arithmetic that the tuning spaces share."""
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def pick_default(table: Mapping[str, KernelConfig], gpu_name: str | None) -> KernelConfig:
     """The first entry of `table` whose key occurs in `gpu_name` (case-insensitive), else 'generic'.
 

@@ -1,6 +1,7 @@
 """Optuna autotuning of the Triton kernels per GPU and context length; tuned tables as data.
 
-- spaces.py:    search spaces per kernel (params, rules that prune before running), GPU limits, problems
+- spaces/:      search spaces, one file per kernel (params, rules that prune before running), and the
+                framework (GPU limits, problems)
 - tasks.py:     inputs, plain-op reference, kernel call and tolerance per kernel (the correctness gate)
 - objective.py: the Optuna objective (rules -> dedupe -> gate -> timing) and its runners
 - storage.py:   RDB storage (SQLite default with busy timeout, PostgreSQL), heartbeats and retries

@@ -223,7 +223,7 @@ def _storage(request: TuneRequest, heartbeat: bool = True):
 
 def prepare_studies(request: TuneRequest, plans: Sequence[Plan], storage=None) -> None:
     """Create (or load) every study; enqueue the GPU's default config as the baseline trial, then the
-    kernel's typical @triton.autotune configs (spaces.TYPICAL) as a warm start."""
+    kernel's typical @triton.autotune configs (KernelSpace.typical) as a warm start."""
     storage = storage or _storage(request)
     for plan in plans:
         space = get_space(plan.kernel)

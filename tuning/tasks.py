@@ -237,14 +237,14 @@ SPARSE_ATTENTION_CACHED = KernelTask(
 # ---- compressor ------------------------------------------------------------------------------------
 
 def _compress_inputs(problem, device, seed=0, small=False):
-    """One argument tuple per compressor call of spaces._compress_variants (a CSA and an HCA layer)."""
-    from .spaces import _compress_variants
+    """One argument tuple per compressor call of spaces.compress_kv.compress_variants (a CSA and an HCA layer)."""
+    from .spaces.compress_kv import compress_variants
 
     B, T, R = problem.dim("B"), problem.dim("T"), problem.dim("rope_dim")
     if small:
         B, T = 1, min(T, 41)                          # odd: a partial last block
     calls = []
-    for i, (_, d, ratio, quant, overlap) in enumerate(_compress_variants(problem)):
+    for i, (_, d, ratio, quant, overlap) in enumerate(compress_variants(problem)):
         r = R
         if small:
             # Interpreter-sized rows that keep each call's constraints: fp8 needs (d - R) % 64 == 0,

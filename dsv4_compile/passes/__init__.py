@@ -4,7 +4,10 @@
   `select("all" | "none" | "a,b" | [...])`, the `ConfigSource` hook for tuned tables.
 - manager.py: `PassManager`, the post-grad `CustomGraphPass` that applies them, with a uuid().
 - report.py: `SubstitutionReport`, the JSON-serialisable record of every dsv4 node's fate.
-- decompose.py: the built-in "decompose.<op>" substitutions and `decomposition_table()` for export.
+- decompose.py: the built-in "decompose.<op>" substitutions and `decomposition_table()`, their plain code.
+- kernel_substitutions/: one module per op family registering "<op>.triton" (kernels/<op>/).
+
+Export takes the same choices per call: `PassManager.decomposition_table()` for run_decompositions.
 
 `dsv4_compile.compile(model, gpu=..., passes=...)` wires these into torch.compile.
 """

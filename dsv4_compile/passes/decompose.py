@@ -5,10 +5,10 @@ Two users:
   inline, so Inductor fuses it with its neighbours instead of calling the opaque Python op. They have
   the lowest priority: a kernel substitution that applies wins, these take the rest.
 - export (AOTInductor, ONNX): a .pt2 cannot run Python custom ops (DESIGN.md, Traps), so the exported
-  program is decomposed first:
+  program is decomposed by the pass manager's per-call choice, whose plain fallback is this table
+  (`PassManager.decomposition_table`, used by dsv4_compile/export.py):
 
-      from dsv4_compile.passes import decomposition_table
-      ep = torch.export.export(model, args).run_decompositions(decomposition_table())
+      ep = torch.export.export(model, args).run_decompositions(manager.decomposition_table())
 
   The plain functions call other dsv4 ops (compress_kv -> fp8_quantize); run_decompositions
   decomposes those too, as they are in the same table.

@@ -62,6 +62,7 @@ class PassManager(CustomGraphPass):
         self._uuid = _hash_identity(self.gpu, self.substitutions, self.tables)
         self.report = SubstitutionReport(gpu=gpu, enabled=[s.name for s in self.substitutions], uuid=self._uuid)
         self.graph_ops: list[dict[str, collections.Counter]] = []
+        self.exported_kernels: dict[str, dict] = {}
 
     def uuid(self) -> str:
         return self._uuid
@@ -110,6 +111,32 @@ class PassManager(CustomGraphPass):
             _check_config(sub, config)
             return sub, config, ""
         return None, {}, "; ".join(reasons)
+
+    def decomposition_table(self) -> dict[torch._ops.OpOverload, Callable]:
+        """{torch.ops.dsv4.<op>.default: function} for `ExportedProgram.run_decompositions`: the same
+        choice as the graph pass, made per call. Each call takes the enabled substitution `choose`
+        picks for its arguments: a kernel's replacement (a `torch.library.triton_op`, which the
+        program keeps as a dsv4_triton node and AOTInductor compiles in), else the op's plain code
+        (its decomposition, functionalised as run_decompositions needs). Plain code calling other dsv4
+        ops (compress_kv -> fp8_quantize) is decomposed by the same table. Kernel calls are counted in
+        `exported_kernels`: substitution name -> {"calls": n, "configs": [config dicts used]}."""
+        from .decompose import decomposition_table as plain_table
+
+        return {op: self._route(op, plain) for op, plain in plain_table().items()}
+
+    def _route(self, op: torch._ops.OpOverload, plain: Callable) -> Callable:
+        def route(*args, **kwargs):
+            values = bind_arguments(op, args, kwargs)
+            sub, config, _ = self.choose(op, values)
+            if sub is None or sub.family == "decompose":
+                return plain(*values)
+            used = self.exported_kernels.setdefault(sub.name, {"calls": 0, "configs": []})
+            used["calls"] += 1
+            if config not in used["configs"]:
+                used["configs"].append(config)
+            return sub.replacement(*values, **config)
+
+        return route
 
     def _rewrite(self, graph: fx.Graph, index: int, node: fx.Node, lineage: dict) -> bool:
         """Replace `node` by the first enabled substitution that applies; record what happened."""

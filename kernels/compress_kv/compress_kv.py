@@ -31,7 +31,7 @@ import triton.language as tl
 from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import block_scale, divide_by_scale, e4m3_bits, round_bf16
 from ..fp4_quantize.fp4_quantize import FP4_AMAX_FLOOR, _e2m1_code, _e2m1_value
-from .config import CompressKVConfig, default_config
+from .config import CompressKVConfig, default_config, tiles
 
 QUANTS = ("fp8", "hadamard_fp4")
 MAX_DIM = 1024  # the whole row lives in registers
@@ -177,15 +177,6 @@ def _epilogue_kernel(p_out, p_w, p_cos, p_sin, N, cos_stride_b, norm_eps, had_sc
 # ================================================================================================
 # Launcher and public function
 # ================================================================================================
-
-def tiles(cfg: CompressKVConfig, d: int, ratio: int, n_entries: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_R, BLOCK_C) of the pooling stage: block_r token rows a step, as
-    min(block_r, next_pow2(ratio)) rows of each of block_r // that entries (at most next_pow2(N));
-    block_c channels (at most next_pow2(d)). tuning/spaces.py mirrors this."""
-    block_r = min(cfg.block_r, triton.next_power_of_2(ratio))
-    block_n = min(max(cfg.block_r // block_r, 1), triton.next_power_of_2(max(n_entries, 1)))
-    return block_n, block_r, min(cfg.block_c, triton.next_power_of_2(d))
-
 
 def epilogue_warps(d: int) -> int:
     """Warps of the per-entry epilogue: 4 fp32 values a thread (1 warp for d <= 128, 8 for d = 1024)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from .._common import KernelConfig, pick_default
+from .._common import KernelConfig, next_pow2, pick_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,15 @@ DEFAULT_CONFIGS: dict[str, CompressKVConfig] = {
     "H200": CompressKVConfig(block_r=32, block_c=32, num_warps=4, num_stages=2),
     "generic": CompressKVConfig(block_r=32, block_c=32, num_warps=4, num_stages=2),
 }
+
+
+def tiles(cfg: CompressKVConfig, d: int, ratio: int, n_entries: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_R, BLOCK_C) of the pooling stage: block_r token rows a step, as
+    min(block_r, next_pow2(ratio)) rows of each of block_r // that entries (at most next_pow2(N));
+    block_c channels (at most next_pow2(d)). The launcher and the tuning space's rules use it."""
+    block_r = min(cfg.block_r, next_pow2(ratio))
+    block_n = min(max(cfg.block_r // block_r, 1), next_pow2(max(n_entries, 1)))
+    return block_n, block_r, min(cfg.block_c, next_pow2(d))
 
 
 def default_config(gpu_name: str | None = None) -> CompressKVConfig:

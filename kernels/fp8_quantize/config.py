@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
-from .._common import KernelConfig, pick_default
+from .._common import KernelConfig, next_pow2, pick_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,13 @@ DEFAULT_CONFIGS: dict[str, Fp8QuantConfig] = {
     "H200": Fp8QuantConfig(block_elems=4096, num_warps=8, cast="native"),
     "generic": Fp8QuantConfig(),
 }
+
+
+def quant_tile(block_elems: int, block_size: int) -> tuple[int, int]:
+    """(quantization blocks a program, padded block width): the FP8 and FP4 launchers read the tensor
+    as [Q, block_size] blocks and give each program max(1, block_elems // next_pow2(block_size))."""
+    block_s = next_pow2(block_size)
+    return max(1, block_elems // block_s), block_s
 
 
 def default_config(gpu_name: str | None = None) -> Fp8QuantConfig:

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import ceil_pow2, divide_by_scale, e4m3_bits
-from .config import Fp8QuantConfig, default_config
+from .config import Fp8QuantConfig, default_config, quant_tile
 
 FP8_MAX = 448.0
 
@@ -89,8 +89,7 @@ def _fp8_dequantize_kernel(p_q, p_s, p_o, Q, BS: tl.constexpr, BLOCK_Q: tl.const
 # ================================================================================================
 
 def _grid_params(Q: int, block_size: int, cfg: Fp8QuantConfig):
-    block_s = triton.next_power_of_2(block_size)
-    block_q = max(1, cfg.block_elems // block_s)
+    block_q, block_s = quant_tile(cfg.block_elems, block_size)
     return (triton.cdiv(Q, block_q),), dict(BS=block_size, BLOCK_Q=block_q, BLOCK_S=block_s,
                                             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
-from .._common import KernelConfig, pick_default
+from .._common import KernelConfig, next_pow2, pick_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,11 @@ DEFAULT_CONFIGS: dict[str, HcConfig] = {
     "H200": HcConfig(dot_precision="tf32x3"),
     "generic": HcConfig(),
 }
+
+
+def padded_n(n: int) -> int:
+    """The n x n matrices' padded side in the kernels' tiles (a power of two >= 2)."""
+    return max(2, next_pow2(n))
 
 
 def default_config(gpu_name: str | None = None) -> HcConfig:

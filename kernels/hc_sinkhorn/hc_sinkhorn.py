@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import round_bf16
-from .config import HcConfig, default_config
+from .config import HcConfig, default_config, padded_n
 
 
 # ================================================================================================
@@ -141,23 +141,19 @@ def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, T, D, iters,
 # Launchers
 # ================================================================================================
 
-def _np(n: int) -> int:
-    return max(2, triton.next_power_of_2(n))
-
-
 def _launch_sinkhorn(logits: torch.Tensor, out: torch.Tensor, T: int, n: int, iters: int, eps: float,
                      cfg: HcConfig) -> None:
     if T == 0:
         return
     launch(_hc_sinkhorn_kernel, (triton.cdiv(T, cfg.sinkhorn_block_t),), logits, out, T, int(iters), float(eps),
-           N=n, NP=_np(n), BLOCK_T=cfg.sinkhorn_block_t, num_warps=cfg.sinkhorn_num_warps)
+           N=n, NP=padded_n(n), BLOCK_T=cfg.sinkhorn_block_t, num_warps=cfg.sinkhorn_num_warps)
 
 
 def _launch_hc_pre(x, fn, scale, base, y, post, comb, T: int, n: int, D: int, iters: int, norm_eps: float,
                    hc_eps: float, cfg: HcConfig) -> None:
     if T == 0:
         return
-    NP = _np(n)
+    NP = padded_n(n)
     launch(_hc_pre_kernel, (triton.cdiv(T, cfg.block_t),), x, fn, scale, base, y, post, comb, T, D, int(iters),
            float(norm_eps), float(hc_eps), N=n, NP=NP, NW=max(2 * NP * NP, 16), BLOCK_T=cfg.block_t,
            BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, PRECISION=cfg.dot_precision,

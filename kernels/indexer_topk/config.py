@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from .._common import KernelConfig, pick_default
+from .._common import KernelConfig, next_pow2, pick_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +95,30 @@ def key_rows_refusal(cfg: IndexerTopkConfig, block_h: int) -> str | None:
     return (f"score_rows=keys with block_s {cfg.block_s} x {block_h} heads = {columns} columns and {cfg.num_warps} "
             f"warps: needs <= {KEY_ROWS_MAX_COLUMNS} columns and <= {KEY_ROWS_MAX_WARPS} warps (wrong results "
             f"measured beyond); use score_rows=heads or smaller tiles")
+
+
+def launch_plan(q_dtype, k_dtype) -> str:
+    """Which path the launcher takes (DESIGN.md), from the dtypes (torch dtypes or their names):
+    'bf16' (q bf16, keys bf16: 16-bit MMA), 'bf16_fix' (q bf16, keys fp32/fp16: their bf16 rounding as
+    the MMA operand, residual dots if any key is not bf16-exact), 'fp16' (q and keys fp16: 16-bit MMA)
+    or 'exact' (fp32 q, or fp16 q with other keys: fp32 IEEE dots, one query a program)."""
+    q, k = (str(t).removeprefix("torch.") for t in (q_dtype, k_dtype))
+    if q == "bfloat16":
+        return "bf16" if k == "bfloat16" else "bf16_fix"
+    if q == "float16" and k == "float16":
+        return "fp16"
+    return "exact"
+
+
+def padded_heads_dims(H: int, D: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_D): all heads and the whole head dim, each one power-of-two tile (>= 16)."""
+    return max(16, next_pow2(H)), max(16, next_pow2(D))
+
+
+def workspace_width(topk: int, cfg: IndexerTopkConfig) -> int:
+    """C, the candidate slots a query: buffer_factor x KB, KB = max(next_pow2(topk), block_n), so
+    C >= topk + block_n (a compacted row of topk plus one whole tile always fits)."""
+    return cfg.buffer_factor * max(next_pow2(topk), cfg.block_n)
 
 
 def default_config(gpu_name: str | None = None) -> IndexerTopkConfig:

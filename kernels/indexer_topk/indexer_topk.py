@@ -5,9 +5,10 @@ index, NaN first, -1 padding.
 Persistent programs score tiles of keys with one tensor-core MMA for `block_s` queries x all heads
 (no [S, N] score matrix is ever written), keep each query's running top-k as threshold-filtered
 candidates packed into sortable int64 keys in a small global workspace, and compact them with a sort
-only when a row could overflow. Paths by dtype (`_plan`): 16-bit MMA (bf16 / fp16), bf16 MMA with
-exact fp32 residuals (bf16 q, fp32 keys: the model's case), exact fp32 (fp32 models). The selection is
-exactly the plain op's where every partial sum is exact; otherwise near-tied keys can trade places.
+only when a row could overflow. Paths by dtype (`config.launch_plan`): 16-bit MMA (bf16 / fp16),
+bf16 MMA with exact fp32 residuals (bf16 q, fp32 keys: the model's case), exact fp32 (fp32 models).
+The selection is exactly the plain op's where every partial sum is exact; otherwise near-tied keys
+can trade places.
 Design, ordering rules and cost model: kernels/indexer_topk/DESIGN.md; measurements:
 bench/results/H100/indexer_notes.md.
 """
@@ -20,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config, sm_count
-from .config import IndexerTopkConfig, default_config, key_rows_refusal
+from .config import (IndexerTopkConfig, default_config, key_rows_refusal, launch_plan, padded_heads_dims,
+                     workspace_width)
 
 MAX_TOPK = 4096       # the [block_s, C] compaction sort lives in registers
 PROGRAMS_PER_SM = 4   # persistent programs a CUDA SM (untuned; ~1-2 resident at the V4 tiles, the rest queue)
@@ -193,24 +195,6 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
 # Launcher and public function
 # ================================================================================================
 
-def _plan(q_dtype: torch.dtype, k_dtype: torch.dtype) -> str:
-    """Which path the launcher takes (module doc): 'bf16' (q bf16, keys bf16: 16-bit MMA), 'bf16_fix'
-    (q bf16, keys fp32/fp16: their bf16 rounding as the MMA operand, residual dots if any key is not
-    bf16-exact), 'fp16' (q and keys fp16: 16-bit MMA) or 'exact' (fp32 q, or fp16 q with other keys:
-    fp32 IEEE dots, one query a program)."""
-    if q_dtype == torch.bfloat16:
-        return "bf16" if k_dtype == torch.bfloat16 else "bf16_fix"
-    if q_dtype == torch.float16 and k_dtype == torch.float16:
-        return "fp16"
-    return "exact"
-
-
-def workspace_width(topk: int, cfg: IndexerTopkConfig) -> int:
-    """C, the candidate slots a query: buffer_factor x KB, KB = max(next_pow2(topk), block_n), so
-    C >= topk + block_n (a compacted row of topk plus one whole tile always fits)."""
-    return cfg.buffer_factor * max(triton.next_power_of_2(topk), cfg.block_n)
-
-
 def persistent_programs(device: torch.device) -> int:
     """The persistent grid's size (capped at the number of query blocks): PROGRAMS_PER_SM a CUDA SM,
     INTERPRET_PROGRAMS under the interpreter."""
@@ -227,7 +211,7 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     if N == 0 or topk == 0:
         out.fill_(-1)  # no key visible anywhere (a no-op on an empty [B, S, 0] output)
         return
-    plan = _plan(q.dtype, keys.dtype)
+    plan = launch_plan(q.dtype, keys.dtype)
     fast = plan != "exact"
     fix = plan == "bf16_fix"
     k_op, k_full, flag = keys, keys, positions                 # p_kf / p_fix unused unless FIX
@@ -237,7 +221,7 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
         k_op = keys.to(torch.bfloat16)
         flag = (k_op != keys).any().to(torch.int32)
     block_s = cfg.block_s if fast else 1
-    BLOCK_H = max(16, triton.next_power_of_2(H))
+    BLOCK_H, BLOCK_D = padded_heads_dims(H, D)
     refusal = key_rows_refusal(dataclasses.replace(cfg, block_s=block_s), BLOCK_H)
     check(refusal is None, f"indexer_topk: {refusal}")
     n_sb = triton.cdiv(S, block_s)
@@ -250,7 +234,7 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     launch(_indexer_topk_kernel, (torch.sym_min(n_blocks, programs),), q, weights, k_op, k_full, flag, positions, ws,
            out, S, H, N, D, ratio, topk, n_sb, n_blocks, UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype),
            IEEE=q.dtype == torch.float32, FIX=fix, BLOCK_S=block_s, BLOCK_H=BLOCK_H,
-           BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=cfg.block_n, C=C, KEY_ROWS=cfg.score_rows == "keys",
+           BLOCK_D=BLOCK_D, BLOCK_N=cfg.block_n, C=C, KEY_ROWS=cfg.score_rows == "keys",
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import round_bf16
-from .config import NewtonSchulzConfig, default_config
+from .config import NewtonSchulzConfig, default_config, fit_block
 
 # ================================================================================================
 # Kernels
@@ -159,11 +159,6 @@ def _ns_gemm_kernel(p_b, p_x, p_o, a, m, n, so_i, so_j, so_b,
 # Launchers
 # ================================================================================================
 
-def _fit(block: int, dim: int) -> int:
-    """A block no larger than the dimension needs (>= 16 for tl.dot): small matrices get small tiles."""
-    return min(block, max(16, triton.next_power_of_2(dim)))
-
-
 def _launch_normalize(G: torch.Tensor, X: torch.Tensor, Bt: int, M: int, N: int, cfg: NewtonSchulzConfig) -> None:
     # Three launches: one norm_block of partial sums per program (full parallelism even for one
     # matrix: the first version, 256 partials per matrix, spent 0.3 ms on one 4096 x 4096 matrix on
@@ -183,20 +178,20 @@ def _launch_normalize(G: torch.Tensor, X: torch.Tensor, Bt: int, M: int, N: int,
 
 def _launch_sym(X: torch.Tensor, C: torch.Tensor | None, out: torch.Tensor, alpha: float, beta: float,
                 Bt: int, m: int, K: int, cfg: NewtonSchulzConfig) -> None:
-    block = _fit(cfg.sym_block, m)
+    block = fit_block(cfg.sym_block, m)
     nt = triton.cdiv(m, block)
     launch(_ns_sym_kernel, (nt * (nt + 1) // 2, Bt), X, C if C is not None else out, out, float(alpha), float(beta),
-           m, K, HAS_C=C is not None, UPCAST=INTERPRET, BLOCK=block, BLOCK_K=_fit(cfg.sym_block_k, K),
+           m, K, HAS_C=C is not None, UPCAST=INTERPRET, BLOCK=block, BLOCK_K=fit_block(cfg.sym_block_k, K),
            num_warps=cfg.sym_num_warps, num_stages=cfg.sym_num_stages)
 
 
 def _launch_gemm(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, Bt: int, m: int, n: int,
                  out_strides: tuple[int, int, int], cfg: NewtonSchulzConfig) -> None:
-    block_m, block_n = _fit(cfg.block_m, m), _fit(cfg.block_n, n)
+    block_m, block_n = fit_block(cfg.block_m, m), fit_block(cfg.block_n, n)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), Bt)
     so_i, so_j, so_b = out_strides
     launch(_ns_gemm_kernel, grid, B, X, out, float(a), m, n, so_i, so_j, so_b,
-           UPCAST=INTERPRET, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_fit(cfg.block_k, m), GROUP_M=cfg.group_m,
+           UPCAST=INTERPRET, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit_block(cfg.block_k, m), GROUP_M=cfg.group_m,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from .._common import KernelConfig, pick_default
+from .._common import KernelConfig, next_pow2, pick_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +74,12 @@ SMALL_HEAD_DEFAULT_CONFIGS: dict[str, SparseAttentionConfig] = {
     "generic": SparseAttentionConfig(block_h=32, block_k=64, num_warps=4, num_stages=2),
 }
 SMALL_HEAD_DIM = 128
+
+
+def block_sizes(H: int, D: int, cfg: SparseAttentionConfig) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_D): heads per program (no more than H needs, >= 16) and the padded head dim."""
+    block_h = max(16, min(cfg.block_h, next_pow2(H)))
+    return block_h, max(16, next_pow2(D))
 
 
 def default_config(gpu_name: str | None = None, head_dim: int | None = None) -> SparseAttentionConfig:

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import round_bf16
-from .config import SparseAttentionConfig, default_config
+from .config import SparseAttentionConfig, block_sizes, default_config
 
 LOG2E = 1.4426950408889634
 
@@ -194,12 +194,6 @@ def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, UPCAST: tl.con
 # ================================================================================================
 # Launcher (shared with the cached / FP8 variant)
 # ================================================================================================
-
-def block_sizes(H: int, D: int, cfg: SparseAttentionConfig) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_D): heads per program (no more than H needs, >= 16) and the padded head dim."""
-    block_h = max(16, min(cfg.block_h, triton.next_power_of_2(H)))
-    return block_h, max(16, triton.next_power_of_2(D))
-
 
 def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
                             out: torch.Tensor, softmax_scale: float, cfg: SparseAttentionConfig, N: int,

@@ -17,37 +17,11 @@ Bytes: K * entry_bytes per token (584 for V4: 0.37 MB per token at K = 640) + q 
 from __future__ import annotations
 
 import torch
-import triton
 
-from .._common import check, check_tensor, device_name, kernel_op, resolve_config, sm_count, INTERPRET
+from .._common import INTERPRET, check, check_tensor, kernel_op, resolve_config, sm_count
 from ..sparse_attention.config import SparseAttentionConfig, decode_default_config
-from ..sparse_attention.sparse_attention import block_sizes, check_common, launch_sparse_attention
-
-FP8_BLOCK = 64
-
-
-def entry_layout(head_dim: int, rope_dim: int) -> tuple[int, int]:
-    """(nope dims, entry bytes) of a main cache entry (same formula as model/kv_layout.py)."""
-    nope = head_dim - rope_dim
-    return nope, (nope + 2 * rope_dim + nope // FP8_BLOCK + 7) // 8 * 8
-
-
-def auto_splits(n_programs: int, K: int, block_k: int, n_sm: int) -> int:
-    """Under half a wave of programs: the largest power of two of splits that keeps the grid within
-    two waves of `n_sm` SMs, each split >= 2 steps of block_k. Otherwise 1. (H100, B=64, 64 heads:
-    4 splits of block_k=16 measured fastest, 2-8 within 25%.)"""
-    if 2 * n_programs > n_sm:
-        return 1
-    want = 1 << ((2 * n_sm) // max(n_programs, 1)).bit_length() - 1         # power of two <= 2 n_sm / n
-    return max(1, min(want, K // (2 * block_k)))
-
-
-def auto_config(B: int, S: int, H: int, K: int, cfg: SparseAttentionConfig, n_sm: int) -> SparseAttentionConfig:
-    """Fill the GPU at decode by split-K (each split costs a write and a read of an fp32 [H, D]
-    partial per token). Heads per program stay as configured: narrower head blocks lose wgmma (M < 64)
-    and were slower on the H100 (see config.py)."""
-    block_h = block_sizes(H, 16, cfg)[0]
-    return cfg.replace(num_splits=auto_splits(B * S * triton.cdiv(H, block_h), K, cfg.block_k, n_sm))
+from ..sparse_attention.sparse_attention import check_common, launch_sparse_attention
+from .config import FP8_BLOCK, auto_config, entry_layout
 
 
 def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,

@@ -473,6 +473,27 @@ def test_export_run_decompositions_with_symbolic_length():
     assert_outputs_match(Toy()(*shorter), ep.module()(*shorter))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter twin takes CPU tensors; GPU: test_export_gpu.py")
+def test_export_decomposes_each_node_as_the_pass_manager_chooses():
+    """Export's route (dsv4_compile/export.py): run_decompositions(manager.decomposition_table()) replaces
+    each dsv4 node by the pass manager's choice for its arguments: here the hc_sinkhorn kernel (its
+    interpreter twin) and the plain code for the rest. No dsv4 node survives, the kernel is counted
+    with its config, the torch.ops.dsv4 namespace is untouched, and the program matches eager."""
+    from dsv4_compile.passes.kernel_substitutions import hc_sinkhorn as hc
+
+    args = toy_inputs()
+    packet = torch.ops.dsv4.hc_sinkhorn
+    manager = PassManager([*select("decompose"), hc.interpreter_substitutions()[0]], gpu="cpu")
+    ep = torch.export.export(Toy(), args).run_decompositions(manager.decomposition_table())
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert not [t for t in targets if t.startswith("dsv4.")]
+    assert targets.count("dsv4_triton.hc_sinkhorn.default") == 1
+    assert list(manager.exported_kernels) == ["hc_sinkhorn.triton_interpret"]
+    assert manager.exported_kernels["hc_sinkhorn.triton_interpret"]["calls"] == 1
+    assert torch.ops.dsv4.hc_sinkhorn is packet
+    assert_outputs_match(Toy()(*args), ep.module()(*args))
+
+
 # ================================================================================================
 # dsv4_compile.compile end to end (slow: each compile is ~20-40 s on 2 CPU cores)
 # ================================================================================================

@@ -109,7 +109,7 @@ def test_config_api_and_input_checks():
 
 
 def test_tiles_follow_the_config():
-    from dsv4_compile.kernels.compress_kv.compress_kv import tiles
+    from dsv4_compile.kernels.compress_kv.config import tiles
     cfg = CompressKVConfig(block_r=32, block_c=32)
     assert tiles(cfg, 512, 4, 2048) == (8, 4, 32)       # CSA: 8 entries of 4 rows a program
     assert tiles(cfg, 512, 128, 64) == (1, 32, 32)      # HCA: one entry, 4 steps of 32 rows
