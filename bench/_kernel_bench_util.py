@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from dsv4_compile.kernels.gpus import canonical_gpu
+
 # Benchmarks run on the GPU; on a CPU machine (TRITON_INTERPRET=1) only as a smoke test of the script.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -105,11 +107,7 @@ def environment() -> dict:
 
 
 def gpu_dir_name() -> str:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    for key in ("H100", "H200", "A100", "B200", "L40S"):
-        if key in name:
-            return key
-    return name.replace(" ", "_")
+    return canonical_gpu(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

@@ -18,7 +18,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from .cli import UsageError, context_lengths_arg, format_context
+from .arguments import UsageError, contexts_arg
+from .model.context import format_context
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 # family -> (bench module, the part of it that covers the family)
@@ -49,7 +50,7 @@ ACCEPTED = sorted(set(FAMILIES) | set(ALIASES) | set(EXTRAS))
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", default="auto", help="auto, H100 or H200 (a named GPU that is absent is an error)")
     parser.add_argument("--ops", default="all", help=f"comma-separated: {', '.join(ACCEPTED)} (default all)")
-    parser.add_argument("--context", type=context_lengths_arg, default=[8192, 32768],
+    parser.add_argument("--context", type=contexts_arg, default=[8192, 32768],
                         help="attention context lengths, e.g. 8k,32k,128k (default 8k,32k)")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<gpu>)")
 

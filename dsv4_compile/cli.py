@@ -11,17 +11,16 @@ Structure
   Adding a command (build, tune, verify, bench, ...) = write that module and add one line to
   `COMMANDS`. A command module is imported only when its command runs (or its --help is asked
   for), so a command with heavy or missing optional dependencies cannot break the others.
-- Shared helpers for command modules: `parse_context_length` / `parse_context_lengths`
-  (`8k,32k,128k,1m`), `format_context`, `positive_int`, `add_config_argument`, `UsageError`.
-  Use them as argparse `type=` functions: a bad value becomes a one-line usage error that names
-  the option.
+- Shared helpers for command modules live in `arguments.py` (`UsageError`, `contexts_arg`,
+  `positive_int_arg`, `add_config_argument`), so that a command module never imports this one: the
+  CLI imports the commands, never the reverse. Context lengths follow one rule, `model/context.py`.
 
 Exit codes (`main` returns them; `python -m dsv4_compile` exits with them):
     0  success
     1  internal error (a bug or an environment failure): one line on stderr; the traceback only
        with --debug
     2  user mistake (bad option, unknown preset, bad YAML, bad context length: `UsageError`,
-       `ConfigError` or an argparse error): one line on stderr naming what was wrong and what is
+       `ConfigError`, `ContextError` or an argparse error): one line on stderr naming what was wrong and what is
        accepted, no traceback (--debug adds the traceback for developers)
 """
 from __future__ import annotations
@@ -29,13 +28,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
 import sys
 import traceback
 from dataclasses import dataclass
 from typing import Sequence
 
+from .arguments import UsageError
 from .model.config import ConfigError
+from .model.context import ContextError
 
 PROG = "dsv4_compile"
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -55,87 +55,9 @@ COMMANDS: dict[str, Command] = {
                        "describe a checkpoint folder (layout, config, dtypes, bytes, hash layers) without loading weights"),
     "kv-cache": Command("dsv4_compile.kv_report",
                         "KV-cache bytes per context length from the real cache layout, beside the seed figures"),
-    "tune": Command("dsv4_compile.tuning.cli", "Optuna sweeps of the Triton kernels per GPU and context length -> tuning/tables/<gpu>.yaml"),
+    "tune": Command("dsv4_compile.tune", "Optuna sweeps of the Triton kernels per GPU and context length -> tuning/tables/<gpu>.yaml"),
     "verify": Command("dsv4_compile.verify", "compare every engine of a build with the eager model, in a fresh process"),
 }
-
-
-class UsageError(Exception):
-    """The user asked for something invalid. Message: one line naming the value and what is accepted."""
-
-
-# ---- shared argument helpers ------------------------------------------------------------------
-
-_CONTEXT_SUFFIX = {"": 1, "k": 1024, "m": 1024 * 1024}
-_CONTEXT_RE = re.compile(r"(\d+)([km]?)", re.IGNORECASE)
-CONTEXT_ACCEPTED = "a positive integer with an optional suffix k (x1024) or m (x1048576), e.g. 8k,32k,128k,1m or 4096"
-
-
-def parse_context_length(text: str) -> int:
-    """'8k' -> 8192, '1m' -> 1048576, '4096' -> 4096 (suffix case-insensitive). Raises UsageError."""
-    match = _CONTEXT_RE.fullmatch(text.strip())
-    if not match:
-        raise UsageError(f"bad context length {text.strip()!r}: expected {CONTEXT_ACCEPTED}")
-    value = int(match.group(1)) * _CONTEXT_SUFFIX[match.group(2).lower()]
-    if value <= 0:
-        raise UsageError(f"bad context length {text.strip()!r}: must be > 0; expected {CONTEXT_ACCEPTED}")
-    return value
-
-
-def parse_context_lengths(text: str) -> list[int]:
-    """'8k,32k,128k,1m' -> [8192, 32768, 131072, 1048576], in the order given. Raises UsageError."""
-    items = text.split(",")
-    if not text.strip() or any(not item.strip() for item in items):
-        raise UsageError(f"bad context list {text!r}: expected comma-separated values, each {CONTEXT_ACCEPTED}")
-    return [parse_context_length(item) for item in items]
-
-
-def format_context(tokens: int) -> str:
-    """Inverse of parse_context_length where exact: 1048576 -> '1m', 8192 -> '8k', 1000 -> '1000'."""
-    for suffix in ("m", "k"):
-        unit = _CONTEXT_SUFFIX[suffix]
-        if tokens % unit == 0:
-            return f"{tokens // unit}{suffix}"
-    return str(tokens)
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts (batch sizes, trials): an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise UsageError(f"bad value {text!r}: expected an integer >= 1") from None
-    if value < 1:
-        raise UsageError(f"bad value {text!r}: expected an integer >= 1")
-    return value
-
-
-def add_config_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """`--config NAME|PATH`: a preset name or a YAML file; load it with `ModelConfig.load`."""
-    from .model.config import preset_names
-
-    parser.add_argument("--config", default=default, required=default is None, metavar="NAME|PATH",
-                        help=f"preset ({', '.join(preset_names())}) or path to a YAML config"
-                             + (f" (default: {default})" if default else ""))
-
-
-def _argparse_type(fn):
-    """Wrap a helper that raises UsageError so that argparse reports it as a bad option value."""
-
-    def wrapped(text: str):
-        try:
-            return fn(text)
-        except UsageError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    wrapped.__name__ = fn.__name__
-    return wrapped
-
-
-# argparse `type=` versions of the helpers (argparse prefixes the option name to the message).
-context_lengths_arg = _argparse_type(parse_context_lengths)
-context_length_arg = _argparse_type(parse_context_length)
-positive_int_arg = _argparse_type(positive_int)
 
 
 # ---- parsers ----------------------------------------------------------------------------------
@@ -193,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = module.run(args)
         sys.stdout.flush()
         return EXIT_OK if code is None else int(code)
-    except (UsageError, ConfigError) as err:
+    except (UsageError, ConfigError, ContextError) as err:
         if debug:
             traceback.print_exc()
         print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)

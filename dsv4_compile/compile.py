@@ -27,10 +27,10 @@ from typing import Any, Sequence
 import torch
 
 from .passes import select
+from .kernels.gpus import KNOWN_GPUS, canonical_gpu
 from .passes.registry import ConfigSource
 from .passes.report import NodeRecord, SubstitutionReport
 
-KNOWN_GPUS = ("H100", "H200")
 GPU_CHOICES = ("auto", "cpu", *KNOWN_GPUS)
 
 
@@ -44,7 +44,7 @@ def detect_gpu() -> str:
     if not torch.cuda.is_available():
         return "cpu"
     name = torch.cuda.get_device_name(0)
-    return next((gpu for gpu in KNOWN_GPUS if gpu in name.upper()), name)
+    return canonical_gpu(name) if canonical_gpu(name) in KNOWN_GPUS else name
 
 
 def resolve_gpu(gpu: str = "auto") -> str:

@@ -4,9 +4,8 @@ Every byte counted here is the size of a buffer of `model.kv_cache.KVCache`, bui
 device (nothing is allocated) with max_seq_len = the context length. Nothing is re-derived from a
 formula: the layout lives in `model/kv_layout.py` and the buffers in `model/kv_cache.py`.
 
-Context lengths: the cache needs max_seq_len to be a multiple of every compress ratio (V4: 4 and
-128), so a context that is not is ROUNDED UP to the next multiple (the cache must hold at least the
-requested tokens) and the report says so. 8k, 32k, 128k and 1m need no rounding.
+Context lengths follow the one rule of `model/context.py` (multiples of 128 up to 1m, as for `build`
+and `tune`); any other is refused (exit 2).
 
 Seed figures (DESIGN.md section 2): the seed article's V4-Pro and V3.2 KV-cache sizes, labelled MB,
 shown only for the V4-Pro cache shape at batch 1 and at the contexts the article gives. The V3.2
@@ -17,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass, field
 
-from .cli import add_config_argument, context_lengths_arg, format_context, positive_int_arg
+from .arguments import add_config_argument, contexts_arg, positive_int_arg
 from .model.config import INDEXER_CACHE_FORMATS, ModelConfig
+from .model.context import check_context, format_context
 from .model.kv_cache import KVCache
 from .model.kv_layout import FP8_BLOCK
 
@@ -40,17 +39,6 @@ SEED_V3_2 = {8192: 368, 32768: 1472, 131072: 5887, 1048576: 47092}
 _CACHE_FIELDS = ("head_dim", "rope_head_dim", "window_size", "compress_ratios", "n_mtp_layers", "index_head_dim")
 
 
-def context_multiple(config: ModelConfig) -> int:
-    """max_seq_len must be a multiple of this: the lcm of the compress ratios (V4: 128)."""
-    return math.lcm(*(r for r in config.compress_ratios if r), 1)
-
-
-def round_context(config: ModelConfig, tokens: int) -> int:
-    """Round a context length up to the next multiple of `context_multiple`."""
-    m = context_multiple(config)
-    return -(-tokens // m) * m
-
-
 def has_seed_shape(config: ModelConfig) -> bool:
     pro = ModelConfig.from_preset("pro")
     return all(getattr(config, f) == getattr(pro, f) for f in _CACHE_FIELDS)
@@ -61,8 +49,7 @@ class ContextReport:
     """Bytes of one cache (all layers, `batch` sequences) for one context length."""
 
     config_name: str
-    requested: int                     # tokens asked for
-    tokens: int                        # max_seq_len of the cache (requested, rounded up)
+    tokens: int                        # max_seq_len of the cache
     batch: int
     indexer_format: str
     window: int                        # raw tokens per layer's window ring
@@ -109,8 +96,7 @@ class ContextReport:
 
     def to_dict(self) -> dict:
         return {
-            "context": format_context(self.requested), "requested_tokens": self.requested,
-            "max_seq_len": self.tokens, "rounded_up": self.tokens != self.requested,
+            "context": format_context(self.tokens), "max_seq_len": self.tokens,
             "layers": dict(self.layers),
             "bytes": {kind: dict(parts) | {"total": self.kind_bytes(kind)} for kind, parts in self.parts.items()},
             "bytes_by_part": {part: self.part_bytes(part) for part in PARTS},
@@ -125,12 +111,10 @@ class ContextReport:
 
 
 def context_report(config: ModelConfig, tokens: int, batch: int = 1, indexer_format: str | None = None) -> ContextReport:
-    """Build the cache on the meta device with max_seq_len = `tokens` (rounded up) and count it."""
+    """Build the cache on the meta device with max_seq_len = `tokens` (a context bucket: ContextError
+    otherwise) and count it."""
     notes = []
-    max_seq_len = round_context(config, tokens)
-    if max_seq_len != tokens:
-        notes.append(f"context {tokens} rounded up to {max_seq_len} (the cache length must be a multiple of "
-                     f"every compress ratio; {context_multiple(config)} here)")
+    max_seq_len = check_context(tokens)
     if max_seq_len > config.max_seq_len:
         notes.append(f"context {format_context(tokens)}: cache length {max_seq_len} exceeds the config's max_seq_len "
                      f"{config.max_seq_len} (counted anyway)")
@@ -145,7 +129,7 @@ def context_report(config: ModelConfig, tokens: int, batch: int = 1, indexer_for
     index_entry_bytes = next((l.index.shape[-1] for l in cache.layers if l.index is not None), 0)
     seeded = batch == 1 and tokens in SEED_V4_PRO and has_seed_shape(config)
     return ContextReport(
-        config_name=config.name, requested=tokens, tokens=max_seq_len, batch=batch,
+        config_name=config.name, tokens=max_seq_len, batch=batch,
         indexer_format=cache.indexer_format, window=config.window_size, entry_bytes=entry_bytes,
         payload_bytes=config.nope_head_dim + 2 * config.rope_head_dim, index_entry_bytes=index_entry_bytes,
         layers=layers, parts=parts,
@@ -189,7 +173,7 @@ def format_text(config: ModelConfig, reports: list[ContextReport]) -> str:
     ]
     rows = []
     for r in reports:
-        ctx = format_context(r.requested)
+        ctx = format_context(r.tokens)
         for kind in r.parts:
             rows.append([ctx, KIND_LABELS[kind], str(r.layers[kind]),
                          *(_mib(r.parts[kind][p]) if r.parts[kind][p] else "-" for p in PARTS), _mib(r.kind_bytes(kind))])
@@ -203,7 +187,7 @@ def format_text(config: ModelConfig, reports: list[ContextReport]) -> str:
         header += ["seed V4-Pro", "ours/seed", "seed V3.2"]
     rows = []
     for r in reports:
-        row = [format_context(r.requested), str(r.tokens), f"{r.total_bytes:,}", f"{r.total_bytes / MB:.1f}",
+        row = [format_context(r.tokens), str(r.tokens), f"{r.total_bytes:,}", f"{r.total_bytes / MB:.1f}",
                f"{r.total_bytes / MIB:.1f}"]
         if seeded:
             row += ["-", "-", "-"] if r.seed_v4_pro is None else [
@@ -221,7 +205,7 @@ def format_text(config: ModelConfig, reports: list[ContextReport]) -> str:
         rows = []
         for r in seeded_reports:
             values = [b for _, b in r.reconciliation()]
-            rows.append([format_context(r.requested), *(_mib(v) for v in values), _mib(r.total_bytes),
+            rows.append([format_context(r.tokens), *(_mib(v) for v in values), _mib(r.total_bytes),
                          str(r.seed_v4_pro), f"{r.seed_v4_pro - values[0] / MIB:+.1f}"])
         short = [f"entries x {r0.payload_bytes} B", "+ scale/pad", "+ window", "+ indexer", "+ compressor", "= ours",
                  "seed", f"seed - entries x {r0.payload_bytes} B"]
@@ -251,9 +235,9 @@ def to_json(config: ModelConfig, reports: list[ContextReport]) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser, default="pro")
-    parser.add_argument("--context", type=context_lengths_arg, default="8k,32k,128k,1m", metavar="LIST",
-                        help="comma-separated context lengths, suffix k = 1024, m = 1048576; rounded up to a "
-                             "multiple of the largest compress ratio (default: 8k,32k,128k,1m)")
+    parser.add_argument("--context", type=contexts_arg, default="8k,32k,128k,1m", metavar="LIST",
+                        help="comma-separated context lengths, suffix k = 1024, m = 1048576: multiples of 128 "
+                             "up to 1m (default: 8k,32k,128k,1m)")
     parser.add_argument("--batch", type=positive_int_arg, default=1, metavar="N", help="sequences (default: 1)")
     parser.add_argument("--indexer-format", choices=INDEXER_CACHE_FORMATS, default=None,
                         help="indexer key format (default: the config's indexer_cache_format)")

@@ -30,9 +30,8 @@ from typing import Any
 
 import torch
 
-from .manifest import ArtifactError, check_manifest, describe_device
+from .manifest import FORMATS, ArtifactError, EngineRecord, Manifest, check_manifest, describe_device
 
-FORMATS = ("aoti", "onnx", "tensorrt")
 PREFERENCE = ("aoti", "onnx")  # what format=None may pick, best first
 
 
@@ -192,47 +191,49 @@ class _TensorRTRunner:  # pragma: no cover (no TensorRT on our machines; "unveri
 class Engine:
     """A checked build folder, one format: tokens [B, S] int64 -> last-position logits [B, V] float32.
 
-    Attributes: path, format, manifest, config (ModelConfig), buckets (sorted context lengths),
-    engines (the manifest entries of this format). `bucket_for(batch, seq)` says which bucket runs.
+    Attributes: path, format, manifest (`Manifest`), config (ModelConfig), buckets (sorted context
+    lengths), engines (the manifest's `EngineRecord`s of this format). `bucket_for(batch, seq)` says
+    which bucket runs.
     """
 
-    def __init__(self, path: str, manifest: dict, fmt: str, engines: list[dict]):
+    def __init__(self, path: str, manifest: Manifest, fmt: str, engines: list[EngineRecord]):
         from .manifest import check_config
 
         self.path, self.manifest, self.format = path, manifest, fmt
         self.config = check_config(manifest)
-        self.engines = sorted(engines, key=lambda e: e["bucket"])
-        self.buckets = [e["bucket"] for e in self.engines]
+        self.engines = sorted(engines, key=lambda e: e.bucket)
+        self.buckets = [e.bucket for e in self.engines]
         self._runners: dict[int, Any] = {}
 
     def __repr__(self) -> str:
-        return f"Engine({self.path!r}, format={self.format!r}, buckets={self.buckets}, device={describe_device(self.manifest['device'])!r})"
+        return f"Engine({self.path!r}, format={self.format!r}, buckets={self.buckets}, device={describe_device(self.manifest.device)!r})"
 
-    def bucket_for(self, batch: int, seq: int) -> dict:
+    def bucket_for(self, batch: int, seq: int) -> EngineRecord:
         for entry in self.engines:
-            (s0, s1), (b0, b1) = entry["seq_range"], entry["batch_range"]
-            if s0 <= seq <= s1 and b0 <= batch <= b1:
+            if entry.fits(batch, seq):
                 return entry
-        accepted = ", ".join(f"S in [{e['seq_range'][0]}, {e['seq_range'][1]}] with B in [{e['batch_range'][0]}, {e['batch_range'][1]}]"
-                             for e in self.engines)
+        accepted = ", ".join(e.bounds() for e in self.engines)
         raise ValueError(f"tokens [B={batch}, S={seq}] fit no context bucket of this build; accepted: {accepted}")
+
+    def _entry(self, bucket: int) -> EngineRecord:
+        entry = next((e for e in self.engines if e.bucket == bucket), None)
+        if entry is None:
+            raise ValueError(f"bucket {bucket}: not in this engine's buckets {self.buckets}")
+        return entry
 
     def open(self, bucket: int) -> None:
         """Load the runner of context `bucket` now (a package into memory, an onnxruntime session);
         otherwise the first call for that bucket does."""
-        entry = next((e for e in self.engines if e["bucket"] == bucket), None)
-        if entry is None:
-            raise ValueError(f"bucket {bucket}: not in this engine's buckets {self.buckets}")
-        self._runner(entry)
+        self._runner(self._entry(bucket))
 
-    def _runner(self, entry: dict):
-        bucket = entry["bucket"]
+    def _runner(self, entry: EngineRecord):
+        bucket = entry.bucket
         if bucket not in self._runners:
-            path = os.path.join(self.path, entry["files"][0])
+            path = os.path.join(self.path, entry.files[0])
             if self.format == "aoti":
-                self._runners[bucket] = _AotiRunner(path, cuda=self.manifest["device"].get("kind") == "cuda")
+                self._runners[bucket] = _AotiRunner(path, cuda=self.manifest.device.get("kind") == "cuda")
             elif self.format == "onnx":
-                self._runners[bucket] = _OnnxRunner(path, self.manifest["device"])
+                self._runners[bucket] = _OnnxRunner(path, self.manifest.device)
             else:
                 self._runners[bucket] = _TensorRTRunner(path)
         return self._runners[bucket]
@@ -250,40 +251,37 @@ class Engine:
         tokens = tokens.to(torch.int64)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"tokens: ids must be in [0, {self.config.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
-        if self.manifest["device"].get("kind") == "cuda" and self.format == "aoti":
+        if self.manifest.device.get("kind") == "cuda" and self.format == "aoti":
             tokens = tokens.cuda()
         if bucket is None:
             entry = self.bucket_for(*tokens.shape)
         else:
-            entry = next((e for e in self.engines if e["bucket"] == bucket), None)
-            if entry is None:
-                raise ValueError(f"bucket {bucket}: not in this engine's buckets {self.buckets}")
-            (s0, s1), (b0, b1) = entry["seq_range"], entry["batch_range"]
-            if not (s0 <= tokens.shape[1] <= s1 and b0 <= tokens.shape[0] <= b1):
-                raise ValueError(f"tokens {list(tokens.shape)} do not fit bucket {bucket} (S in [{s0}, {s1}], B in [{b0}, {b1}])")
+            entry = self._entry(bucket)
+            if not entry.fits(*tokens.shape):
+                raise ValueError(f"tokens {list(tokens.shape)} do not fit bucket {bucket} ({entry.bounds()})")
         with torch.no_grad():
             return self._runner(entry)(tokens.contiguous()).float()
 
 
-def _pick(manifest: dict, fmt: str | None, require_verified: bool) -> tuple[str, list[dict]]:
-    engines = manifest["engines"]
-    built = sorted({e["format"] for e in engines}, key=FORMATS.index)
+def _pick(manifest: Manifest, fmt: str | None, require_verified: bool) -> tuple[str, list[EngineRecord]]:
+    engines = manifest.engines
+    built = sorted({e.format for e in engines}, key=FORMATS.index)
     if fmt is not None:
         if fmt not in FORMATS:
             raise ValueError(f"format {fmt!r}: accepted: {', '.join(FORMATS)}")
-        chosen = [e for e in engines if e["format"] == fmt]
+        chosen = [e for e in engines if e.format == fmt]
         if not chosen:
             raise ArtifactError(f"no {fmt} engine in this build; built formats: {', '.join(built) or 'none'}")
         if require_verified:
-            failed = [e for e in chosen if e.get("verified", {}).get("status") not in ("verified", "unverified")]
+            failed = [e for e in chosen if e.verified.status not in ("verified", "unverified")]
             if failed:
-                v = failed[0].get("verified", {})
-                raise ArtifactError(f"the {fmt} engine for context {failed[0]['bucket']} failed verification at build "
-                                    f"time ({v.get('error') or v.get('status')}); refusing to load it")
+                v = failed[0].verified
+                raise ArtifactError(f"the {fmt} engine for context {failed[0].bucket} failed verification at build "
+                                    f"time ({v.error or v.status}); refusing to load it")
         return fmt, chosen
     for candidate in PREFERENCE:
-        chosen = [e for e in engines if e["format"] == candidate]
-        if chosen and (not require_verified or all(e.get("verified", {}).get("status") == "verified" for e in chosen)):
+        chosen = [e for e in engines if e.format == candidate]
+        if chosen and (not require_verified or all(e.verified.status == "verified" for e in chosen)):
             return candidate, chosen
     raise ArtifactError(f"no verified engine in this build (built formats: {', '.join(built) or 'none'}); "
                         f"run `python -m dsv4_compile verify` for details, or pass format= explicitly")
@@ -298,12 +296,12 @@ def load(path: str, format: str | None = None, allow_version_skew: bool = False,
     """
     path = os.fspath(path)
     manifest = check_manifest(path, allow_version_skew=allow_version_skew)
-    if _require_verified and manifest.get("build_complete") is not True:
+    if _require_verified and manifest.build_complete is not True:
         raise ArtifactError(f"{path}: incomplete build (build_complete is not true): an interrupted or failed build")
     fmt, engines = _pick(manifest, format, _require_verified)
     if fmt == "aoti":
         problem = libstdcxx_problem()
-        if problem is None and manifest["device"].get("kind") == "cuda":
+        if problem is None and manifest.device.get("kind") == "cuda":
             problem = cuda_preload_problem()
         if problem:
             raise ArtifactError(problem)

@@ -19,7 +19,7 @@ Format (schema_version 1), sorted-key JSON:
       "compile_check": {"rel_rms": ..., "tolerance": ...},
       "engines": [{"format": "aoti", "bucket": 512, "files": ["aoti/prefill-512.pt2"],
                    "seq_range": [2, 512], "batch_range": [1, 2], "dynamic": true,
-                   "compute_dtype": "float32",                 # ONNX: always float32 (build.py)
+                   "compute_dtype": "float32",                 # ONNX: always float32 (steps.py)
                    "kernels": {"sparse_attention.triton": {"calls": 4, "configs": [{"config": "..."}]}},
                    "verified": {"ok": true, "status": "verified", "where": "fresh process on cpu (x86_64, AVX512)",
                                 "rel_rms": 5e-7, "tolerance": 1e-5,          # short prompt (verify.py)
@@ -31,24 +31,34 @@ Format (schema_version 1), sorted-key JSON:
       "timings_s": {"validate": 0.1, ...}
     }
 
-`verified.status` is "verified", "failed" (with `error`) or "unverified" (TensorRT: "unverified by
-our tests"). Every file of the build folder except manifest.json is listed in `files`; the loader
+`verified.status` is "pending" (the provisional manifest), "verified", "failed" (with `error`) or
+"unverified" (TensorRT: "unverified by our tests"); every `verified` has all the keys above, null where
+they do not apply. Every file of the build folder except manifest.json is listed in `files`; the loader
 refuses a folder with a missing, extra or changed file.
+
+In code the manifest is `Manifest` (frozen dataclasses: `Manifest.from_json` / `to_json`), assembled
+by `new_manifest` only. A manifest of another schema_version, or one without it (none was written
+before version 1), is refused in one line.
 """
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import hashlib
 import json
 import os
 import platform
-import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .files import now_utc, write_text_atomic
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# The engine formats a build can hold, in the loader's order of preference.
+FORMATS = ("aoti", "onnx", "tensorrt")
+INTERFACE = {"input": "tokens [B, S] int64", "output": "last-position logits [B, V] float32"}
 # x86 vector ISAs as torch.backends.cpu.get_cpu_capability() names them, weakest first: AOTInductor
 # compiles CPU code for the build host's ISA, so a package needs at least that ISA to run.
 _X86_ISA_ORDER = ("DEFAULT", "AVX2", "AVX512")
@@ -60,6 +70,131 @@ class ArtifactError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+# ---- the manifest as data --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verification:
+    """How an engine fared against eager (verify.py): `status` pending | verified | failed | unverified."""
+
+    status: str
+    ok: bool | None = None
+    where: str | None = None
+    rel_rms: float | None = None       # the short prompt's error
+    tolerance: float | None = None     # ... and its bound
+    max_rel_rms: float | None = None   # the largest error of every token set
+    flip_bound: float | None = None    # ... and its bound
+    max_abs: float | None = None
+    cases: list | None = None          # [{kind, batch, seq, rel_rms, max_abs}, ...]
+    error: str | None = None
+    seconds: dict | None = None        # {load, reference, engine, eager}
+
+    @classmethod
+    def from_worker(cls, result: dict | None, where: str, worker_error: str | None = None) -> "Verification":
+        """The verdict of one engine from a verify worker's result row (None: the worker gave none)."""
+        if result is None:
+            return cls("failed", ok=False, where=where, error=worker_error or "not verified (no result)")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"status", "ok", "where"}
+        return cls("verified" if result["ok"] else "failed", ok=bool(result["ok"]), where=where,
+                   **{k: v for k, v in result.items() if k in fields})
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """One engine file of the build: a format at a context bucket, its input bounds and its verdict."""
+
+    format: str
+    bucket: int
+    files: tuple[str, ...]            # relative paths; the first is the engine
+    seq_range: tuple[int, int]        # S in [lo, hi]
+    batch_range: tuple[int, int]      # B in [lo, hi]
+    dynamic: bool
+    compute_dtype: str                # ONNX: always float32 (steps.ONNX_COMPUTE_DTYPE)
+    kernels: dict                     # kernel -> {calls, configs}: what the engine runs
+    verified: Verification
+
+    def fits(self, batch: int, seq: int) -> bool:
+        return self.seq_range[0] <= seq <= self.seq_range[1] and self.batch_range[0] <= batch <= self.batch_range[1]
+
+    def bounds(self) -> str:
+        return f"S in [{self.seq_range[0]}, {self.seq_range[1]}], B in [{self.batch_range[0]}, {self.batch_range[1]}]"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json (see the module docstring for each field)."""
+
+    build_complete: bool
+    created: str
+    device: dict
+    versions: dict
+    config: dict
+    config_hash: str
+    weights: dict
+    context_buckets: tuple[int, ...]
+    formats: tuple[str, ...]
+    passes: str
+    pass_report: dict | None
+    compile_check: dict
+    engines: tuple[EngineRecord, ...]
+    export_timings_s: dict
+    timings_s: dict
+    files: dict
+    interface: dict = field(default_factory=lambda: dict(INTERFACE))
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        """The JSON object of manifest.json (tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = MANIFEST) -> "Manifest":
+        """Parse manifest.json's object; ArtifactError (one line) for another schema or a malformed one."""
+        if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
+            got = data.get("schema_version") if isinstance(data, dict) else None
+            raise ArtifactError(f"{where}: schema_version {got!r}, this loader reads {SCHEMA_VERSION}"
+                                + (" (a manifest from before versioned manifests: rebuild it)" if got is None else ""))
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data and n != "interface"]
+        if missing:
+            raise ArtifactError(f"{where}: missing key {missing[0]!r}")
+        try:
+            engines = tuple(_engine_from_json(e) for e in data["engines"])
+        except (TypeError, KeyError, ValueError) as err:
+            raise ArtifactError(f"{where}: malformed engine entry ({type(err).__name__}: {err})") from None
+        values = {n: data[n] for n in names if n in data}
+        values.update(engines=engines, context_buckets=tuple(data["context_buckets"]), formats=tuple(data["formats"]))
+        return cls(**values)
+
+
+def _engine_from_json(entry: dict) -> EngineRecord:
+    verified = Verification(**entry["verified"])
+    values = {f.name: entry[f.name] for f in dataclasses.fields(EngineRecord) if f.name != "verified"}
+    lo_s, hi_s = (int(v) for v in values["seq_range"])
+    lo_b, hi_b = (int(v) for v in values["batch_range"])
+    return EngineRecord(**{**values, "files": tuple(values["files"]), "seq_range": (lo_s, hi_s),
+                           "batch_range": (lo_b, hi_b), "bucket": int(values["bucket"])}, verified=verified)
+
+
+def new_manifest(*, target: str, config, weights: dict, buckets: list[int], formats: list[str], passes: str,
+                 compile_check: dict | None, engines: list[EngineRecord], export_timings: dict, timings: dict,
+                 root: str, complete: bool) -> Manifest:
+    """The manifest of the build folder `root` as it is now: this machine's device and versions, the
+    build's facts, and every file of `root` with its size and sha256. The one place a manifest is made."""
+    check = dict(compile_check or {})
+    return Manifest(
+        build_complete=complete, created=now_utc(), device=device_info(target), versions=versions(),
+        config=config.to_dict(), config_hash=config.config_hash(), weights=dict(weights),
+        context_buckets=tuple(buckets), formats=tuple(formats), passes=passes, pass_report=check.pop("report", None),
+        compile_check=check, engines=tuple(engines),
+        export_timings_s={str(k): v for k, v in export_timings.items()}, timings_s=dict(timings),
+        files=file_table(root))
+
+
+def write_manifest(root: str, manifest: Manifest) -> None:
+    """manifest.json of `root`, written atomically (sorted keys)."""
+    write_text_atomic(os.path.join(root, MANIFEST), json.dumps(manifest.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 # ---- facts about this machine --------------------------------------------------------------------
@@ -171,30 +306,9 @@ def file_table(root: str) -> dict[str, dict]:
             for rel in list_files(root)}
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write to a temporary file beside `path`, fsync, rename: a reader sees the old or the new file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 # ---- reading and checking -----------------------------------------------------------------------
 
-def read_manifest(root: str) -> dict:
+def read_manifest(root: str) -> Manifest:
     path = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
         raise ArtifactError(f"{root}: not a build folder (no such directory)")
@@ -202,21 +316,15 @@ def read_manifest(root: str) -> dict:
         raise ArtifactError(f"{root}: no {MANIFEST}; not a complete build (an interrupted build leaves none)")
     try:
         with open(path) as f:
-            manifest = json.load(f)
+            data = json.load(f)
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{path}: unreadable manifest ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        got = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        raise ArtifactError(f"{path}: schema_version {got!r}, this loader reads {SCHEMA_VERSION}")
-    for key in ("device", "versions", "config", "config_hash", "files", "engines", "context_buckets"):
-        if key not in manifest:
-            raise ArtifactError(f"{path}: missing key {key!r}")
-    return manifest
+    return Manifest.from_json(data, where=path)
 
 
-def check_files(root: str, manifest: dict) -> None:
+def check_files(root: str, manifest: Manifest) -> None:
     """Every listed file present with its size and sha256, and no unlisted file."""
-    listed = manifest["files"]
+    listed = manifest.files
     present = set(list_files(root))
     missing = sorted(set(listed) - present)
     if missing:
@@ -234,30 +342,31 @@ def check_files(root: str, manifest: dict) -> None:
             raise ArtifactError(f"{root}: checksum mismatch for {rel} (sha256 {digest[:12]}..., manifest {str(entry.get('sha256'))[:12]}...); the file was changed")
 
 
-def check_config(manifest: dict) -> Any:
+def check_config(manifest: Manifest) -> Any:
+    """The build's ModelConfig, checked against its config_hash."""
     from .model.config import ConfigError, ModelConfig
 
     try:
-        config = ModelConfig.from_dict({k: v for k, v in manifest["config"].items() if k != "name"},
-                                       name=manifest["config"].get("name", "custom"))
+        config = ModelConfig.from_dict({k: v for k, v in manifest.config.items() if k != "name"},
+                                       name=manifest.config.get("name", "custom"))
     except ConfigError as err:
         raise ArtifactError(f"manifest config is invalid: {err}") from None
-    if config.config_hash() != manifest["config_hash"]:
-        raise ArtifactError(f"manifest config_hash {manifest['config_hash'][:12]}... does not match its config "
+    if config.config_hash() != manifest.config_hash:
+        raise ArtifactError(f"manifest config_hash {manifest.config_hash[:12]}... does not match its config "
                             f"({config.config_hash()[:12]}...); the manifest was edited")
     return config
 
 
-def check_manifest(root: str, allow_version_skew: bool = False) -> dict:
+def check_manifest(root: str, allow_version_skew: bool = False) -> Manifest:
     """All checks that need no engine code: manifest, files, config, device, versions. Returns it."""
     manifest = read_manifest(root)
     check_files(root, manifest)
     check_config(manifest)
-    reason = device_mismatch(manifest["device"])
+    reason = device_mismatch(manifest.device)
     if reason:
         raise ArtifactError(f"{root}: device mismatch: {reason}")
     if not allow_version_skew:
-        reason = version_mismatch(manifest["versions"])
+        reason = version_mismatch(manifest.versions)
         if reason:
             raise ArtifactError(f"{root}: version mismatch: {reason} (pass allow_version_skew=True to load anyway)")
     return manifest

@@ -32,11 +32,15 @@ a short prompt ([1, 4]), the bucket's largest shape ([B_max, S_max]) and a rando
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
+from typing import Callable
 
 TOLERANCES = {("aoti", "float32"): 1e-5, ("onnx", "float32"): 1e-4, ("tensorrt", "float32"): 1e-3,
               ("aoti", "bfloat16"): 2e-2, ("onnx", "bfloat16"): 2e-2, ("tensorrt", "bfloat16"): 2e-2}
@@ -62,10 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
-def check_weights(manifest: dict) -> None:
+def check_weights(manifest) -> None:
     from .manifest import ArtifactError, sha256_file
 
-    weights = manifest.get("weights") or {"source": "seed", "seed": 0}
+    weights = manifest.weights or {"source": "seed", "seed": 0}
     if weights.get("source") == "file":
         path = weights.get("path", "")
         if not os.path.isfile(path):
@@ -75,19 +79,18 @@ def check_weights(manifest: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .build import run_verify_worker
     from .manifest import ArtifactError, check_manifest
 
     path = args.path
     try:
         manifest = check_manifest(path, allow_version_skew=args.allow_version_skew)
-        if not manifest.get("build_complete"):
+        if not manifest.build_complete:
             raise ArtifactError(f"{path}: incomplete build (build_complete is false)")
         check_weights(manifest)
     except ArtifactError as err:
         print(f"dsv4_compile verify: error: {err}", file=sys.stderr)
         return 2
-    built = sorted({e["format"] for e in manifest["engines"]})
+    built = sorted({e.format for e in manifest.engines})
     if args.format:
         formats = [f.strip() for f in args.format.split(",") if f.strip()]
         unknown = [f for f in formats if f not in built]
@@ -99,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
 
         formats = [f for f in built if f != "tensorrt" or tensorrt_unavailable() is None]
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
-    outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest["device"].get("kind") == "cuda",
+    outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest.device.get("kind") == "cuda",
+                                allow_version_skew=args.allow_version_skew,
                                 progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     results = outcome.get("results", [])
     ok = bool(results) and all(r["ok"] for r in results) and not outcome.get("worker_error")
@@ -132,48 +136,68 @@ def run(args: argparse.Namespace) -> int:
 
 # ---- the worker (runs in the fresh process) -------------------------------------------------------
 
-def _eager_model(manifest: dict, config, bucket: int, dtype: str):
-    """The reference of an engine: eager at the engine's compute dtype (an ONNX engine of a bf16 model
-    computes in float32: build.ONNX_COMPUTE_DTYPE), on the build's device (where seeded weights are
-    created: build.eager_model)."""
-    from .build import eager_model, float32_twin
-
-    weights = manifest.get("weights") or {"source": "seed", "seed": 0}
-    state = None
-    if weights.get("source") == "file":
-        from safetensors.torch import load_file
-
-        state = load_file(weights["path"])
-    elif weights.get("source") == "checkpoint":
-        from .build import checkpoint_state
-
-        state, _ = checkpoint_state(weights["path"], config)
-    cuda = manifest["device"].get("kind") == "cuda"
-    model = eager_model(config.replace(max_seq_len=bucket), seed=int(weights.get("seed", 0)), state=state, cuda=cuda)
-    return model if dtype == config.dtype else float32_twin(model, cuda=cuda)
+# The prefix of the worker's progress lines on its stderr (the parent relays them as they come).
+WORKER_PROGRESS = "dsv4-verify-progress: "
 
 
-def worker(path: str, formats: list[str], seed: int) -> dict:
+def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cuda: bool = False,
+                      allow_version_skew: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+    """`python -m dsv4_compile.verify --worker PATH` in a fresh process (libstdc++ preload where needed).
+    The worker's progress lines (stderr) go to `progress` as they come."""
+    from .loader import libstdcxx_preload
+
+    env = dict(os.environ)
+    preload = libstdcxx_preload(cuda=cuda)
+    if preload:
+        env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
+    with tempfile.TemporaryDirectory(prefix="dsv4-verify-") as scratch:
+        result_path = os.path.join(scratch, "result.json")
+        cmd = [sys.executable, "-m", "dsv4_compile.verify", "--worker", os.path.abspath(path), "--result", result_path,
+               "--formats", ",".join(formats)]
+        if seed is not None:
+            cmd += ["--seed", str(seed)]
+        if allow_version_skew:
+            cmd.append("--allow-version-skew")
+        tail: collections.deque[str] = collections.deque(maxlen=3)
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+            for line in proc.stderr:
+                line = line.rstrip()
+                if line.startswith(WORKER_PROGRESS):
+                    if progress is not None:
+                        progress(line[len(WORKER_PROGRESS):])
+                elif line:
+                    tail.append(line)
+        if proc.returncode != 0 or not os.path.isfile(result_path):
+            return {"worker_error": f"verification process exited with {proc.returncode}: "
+                                    f"{' | '.join(tail) or 'no output'}", "preload": preload, "results": []}
+        with open(result_path) as f:
+            data = json.load(f)
+    data["preload"] = preload
+    return data
+
+
+def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = False) -> dict:
     import torch
 
     from .loader import load
     from .manifest import check_config, current_device_for, describe_device, read_manifest
     from .metrics import rel_rms
+    from .reference import build_reference
 
     manifest = read_manifest(path)
     config = check_config(manifest)
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    device = "cuda" if manifest["device"].get("kind") == "cuda" else "cpu"
+    device = "cuda" if manifest.device.get("kind") == "cuda" else "cpu"
     results = []
     eager_cache: dict[tuple, object] = {}
     for fmt in formats:
         t0 = time.perf_counter()
         try:
             _progress(f"{fmt}: checking the manifest and checksums ...")
-            engine = load(path, format=fmt, _require_verified=False)
+            engine = load(path, format=fmt, allow_version_skew=allow_version_skew, _require_verified=False)
         except Exception as err:  # noqa: BLE001 (reported per format)
-            for bucket in manifest["context_buckets"]:
+            for bucket in manifest.context_buckets:
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None,
                                 "tolerance": tolerance(fmt, config.dtype),
                                 "error": f"{type(err).__name__}: {' '.join(str(err).split())}"})
@@ -181,13 +205,13 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
         loaded_s = time.perf_counter() - t0
         _progress(f"{fmt}: checked in {loaded_s:.1f} s")
         for entry in engine.engines:
-            bucket = entry["bucket"]
-            (s0, s1), (b0, b1) = entry["seq_range"], entry["batch_range"]
+            bucket = entry.bucket
+            (s0, s1), (b0, b1) = entry.seq_range, entry.batch_range
             short = max(s0, min(SHORT_SEQ, s1))
             shapes = [("short", 1 if b0 <= 1 else b0, short), ("full", b1, s1), ("random", b0, rng.randint(s0, s1))]
             cases = []
             # the reference: eager at the engine's compute dtype, on the build's device
-            dtype = entry.get("compute_dtype", config.dtype)
+            dtype = entry.compute_dtype
             tol, bound = tolerance(fmt, dtype), FLIP_BOUND[dtype]
             try:
                 t0 = time.perf_counter()
@@ -198,7 +222,7 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
                 t0 = time.perf_counter()
                 if (bucket, dtype) not in eager_cache:
                     eager_cache.clear()  # one reference model at a time (mini: 5.6 GB in bf16, 11 GB in fp32)
-                    eager_cache[bucket, dtype] = _eager_model(manifest, config, bucket, dtype)
+                    eager_cache[bucket, dtype] = build_reference(manifest, config, bucket, dtype)
                 model = eager_cache[bucket, dtype]
                 seconds["reference"] = round(time.perf_counter() - t0, 2)
                 _progress(f"{fmt} {bucket}: eager reference ({dtype}) built in {seconds['reference']:.1f} s")
@@ -236,14 +260,12 @@ def worker(path: str, formats: list[str], seed: int) -> dict:
             except Exception as exc:  # noqa: BLE001
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None, "tolerance": tol,
                                 "cases": cases, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
-    here = describe_device(current_device_for(manifest["device"]))
+    here = describe_device(current_device_for(manifest.device))
     return {"where": f"fresh process on {here}", "seed": seed, "results": results}
 
 
 def _progress(text: str) -> None:
     """One progress line for the parent (build / verify relays it as it comes)."""
-    from .build import WORKER_PROGRESS
-
     print(WORKER_PROGRESS + text, file=sys.stderr, flush=True)
 
 
@@ -253,8 +275,9 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--result", required=True)
     parser.add_argument("--formats", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--allow-version-skew", action="store_true")
     args = parser.parse_args(argv)
-    data = worker(args.worker, [f for f in args.formats.split(",") if f], args.seed)
+    data = worker(args.worker, [f for f in args.formats.split(",") if f], args.seed, args.allow_version_skew)
     with open(args.result, "w") as f:
         json.dump(data, f)
     return 0

@@ -24,6 +24,8 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
 
+from .gpus import canonical_gpu
+
 NAMESPACE = "dsv4_triton"
 
 
@@ -119,14 +121,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 def pick_default(table: Mapping[str, KernelConfig], gpu_name: str | None) -> KernelConfig:
-    """The first entry of `table` whose key occurs in `gpu_name` (case-insensitive), else 'generic'.
-
-    gpu_name None means the current device ('interpreter' under TRITON_INTERPRET)."""
-    name = (device_name() if gpu_name is None else gpu_name).lower()
-    for key, cfg in table.items():
-        if key != "generic" and key.lower() in name:
-            return cfg
-    return table["generic"]
+    """The entry of `table` for `gpu_name` (gpus.canonical_gpu: 'NVIDIA H100 80GB HBM3' -> 'H100'), else
+    'generic'. gpu_name None means the current device ('interpreter' under TRITON_INTERPRET)."""
+    return table.get(canonical_gpu(device_name() if gpu_name is None else gpu_name), table["generic"])
 
 
 def resolve_config(cls, config, default_config: Callable[[str | None], KernelConfig], device) -> KernelConfig:

@@ -10,8 +10,10 @@
                 `table_hash`, `config_source` (the pass framework's ConfigSource)
 - plots.py:     history, importance and latency-vs-context PNGs beside the table
 - compare.py:   tuned vs default vs a typical @triton.autotune list vs a full grid, in one run
-                (`python -m dsv4_compile bench --ops tuning`)
-- cli.py:       `python -m dsv4_compile tune --gpu H100 --context 8k,32k,128k`
+                (`python -m dsv4_compile bench --ops tuning`, bench/bench_tuning.py)
+
+The command `python -m dsv4_compile tune --gpu H100 --context 8k,32k,128k` is dsv4_compile/tune.py: the
+pipeline imports this package, never the reverse.
 
 Importing this package does not import Triton kernels (that would fix TRITON_INTERPRET): the kernel
 modules load when a space's config or kernel is first needed.

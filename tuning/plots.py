@@ -47,16 +47,15 @@ def _title(ax, text: str, note: str) -> None:
     ax.set_title(text + (f"\n[{note}]" if note else ""), fontsize=10)
 
 
-def plot_sweep(request, plans: Sequence, summaries: Sequence) -> list[Path]:
-    from .sweep import _storage
-
-    plt = _mpl()
-    out = plot_dir(request)
-    out.mkdir(parents=True, exist_ok=True)
-    storage = _storage(request, heartbeat=False)
+def plot_sweep(request, plans: Sequence, summaries: Sequence, storage) -> list[Path]:
+    """PNGs of the sweep's studies, read from `storage` (an Optuna storage; disposed here)."""
     paths: list[Path] = []
     note = _runner_note(request)
+    plt = None
     try:
+        plt = _mpl()
+        out = plot_dir(request)
+        out.mkdir(parents=True, exist_ok=True)
         for plan, summary in zip(plans, summaries):
             if summary.measured == 0:
                 continue
@@ -84,7 +83,8 @@ def plot_sweep(request, plans: Sequence, summaries: Sequence) -> list[Path]:
         paths += _latency_vs_context(plt, request, plans, summaries, out, note)
     finally:
         dispose(storage)
-        plt.close("all")
+        if plt is not None:
+            plt.close("all")
     return paths
 
 
@@ -135,11 +135,11 @@ def _latency_vs_context(plt, request, plans, summaries, out: Path, note: str) ->
                 ax.plot(*zip(*pairs), "s--", alpha=0.7, label=f"default ({label})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        from .spaces import format_tokens
+        from ..model.context import format_context
 
         ticks = sorted({s.context for s in rows})
         ax.set_xticks(ticks)
-        ax.set_xticklabels([format_tokens(t) for t in ticks])
+        ax.set_xticklabels([format_context(t) for t in ticks])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("latency (ms)")
         _title(ax, f"{kernel} on {request.gpu}: best config vs context", note)

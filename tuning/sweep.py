@@ -49,7 +49,8 @@ import optuna
 
 from .objective import (STATUS_CONSTRAINT, STATUS_DUPLICATE, STATUS_ERROR, STATUS_INVALID, STATUS_MEASURED,
                         STATUS_WRONG, DeviceError, KernelFailure, Objective, make_runner)
-from .spaces import SPACES, KernelSpace, Problem, canonical_gpu, format_tokens, get_space, gpu_spec
+from ..model.context import format_context
+from .spaces import SPACES, KernelSpace, Problem, canonical_gpu, get_space, gpu_spec
 from .storage import DEFAULT_STORAGE, dispose, make_storage, redact, study_name
 
 TrialState = optuna.trial.TrialState
@@ -409,7 +410,7 @@ def table_entry(summary: StudySummary, plan: Plan, device: str) -> dict:
         import triton
 
         versions["triton"] = triton.__version__
-    from .tables import now_utc
+    from ..files import now_utc
 
     return {"phase": summary.phase, "context": summary.context, "batch": summary.batch,
             "config": dict(summary.best_params or {}), "latency_ms": round(summary.best_ms, 6),
@@ -532,7 +533,7 @@ def tune(request: TuneRequest) -> TuneResult:
         from .plots import plot_sweep
 
         try:
-            plots = plot_sweep(request, plans, summaries)
+            plots = plot_sweep(request, plans, summaries, _storage(request, heartbeat=False))
         except Exception as err:  # noqa: BLE001 (plots are a by-product: say so, keep the results)
             notes.append(f"plots failed: {type(err).__name__}: {err}")
     return TuneResult(request, plans, summaries, notes, table_path, plots, worker_trials, worker_errors,

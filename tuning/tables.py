@@ -45,17 +45,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime
 import hashlib
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
 
+from ..files import now_utc, write_text_atomic
+from ..model.context import ContextError, parse_context
 from .spaces import SPACES, canonical_gpu
 
 TABLES_DIR = Path(__file__).resolve().parent / "tables"
@@ -69,10 +69,6 @@ class TableError(ValueError):
 
 def table_path(gpu: str, tables_dir: str | os.PathLike | None = None) -> Path:
     return Path(tables_dir or TABLES_DIR) / f"{canonical_gpu(gpu)}.yaml"
-
-
-def now_utc() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ================================================================================================
@@ -136,9 +132,20 @@ def _default_phase(kernel: str) -> str:
     return space.phases[0] if space else "prefill"
 
 
-def lookup(kernel: str, gpu: str, context: int, batch: int = 1, phase: str | None = None,
+def context_tokens(context: int | str) -> int:
+    """A sequence length in tokens (any positive int), or a context bucket written as the CLI takes it
+    ('8k'; model/context.py's rule). ContextError (one line) otherwise."""
+    if isinstance(context, str):
+        return parse_context(context)
+    if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
+        raise ContextError(f"bad context {context!r}: expected a positive number of tokens or a context like '8k'")
+    return context
+
+
+def lookup(kernel: str, gpu: str, context: int | str, batch: int = 1, phase: str | None = None,
            tables_dir: str | os.PathLike | None = None) -> dict | None:
     """The nearest tuned entry (with 'bucket' added), or None. See the module docstring."""
+    context = context_tokens(context)
     try:
         table = load_table(gpu, tables_dir)
     except TableError as err:
@@ -148,15 +155,17 @@ def lookup(kernel: str, gpu: str, context: int, batch: int = 1, phase: str | Non
     return {**hit[1], "bucket": hit[0]} if hit else None
 
 
-def tuned_config(kernel: str, gpu: str, context: int, batch: int = 1, phase: str | None = None,
+def tuned_config(kernel: str, gpu: str, context: int | str, batch: int = 1, phase: str | None = None,
                  tables_dir: str | os.PathLike | None = None):
-    """The config dataclass to launch `kernel` with on `gpu` at `context` (and decode `batch`).
+    """The config dataclass to launch `kernel` with on `gpu` at `context` (tokens, or '8k' as the CLI
+    takes it: `context_tokens`) and decode `batch`.
 
     The GPU's default with the nearest tuned entry's fields; the default alone when there is no usable
     entry. Never raises for an unknown GPU, kernel bucket or a stale table (it warns instead)."""
     space = SPACES.get(kernel)
     if space is None:
         raise KeyError(f"unknown kernel {kernel!r}; accepted: {', '.join(SPACES)}")
+    context = context_tokens(context)
     phase = phase or space.phases[0]
     default = space.default_config(gpu, phase)
     entry = lookup(kernel, gpu, context, batch, phase, tables_dir)
@@ -293,25 +302,8 @@ def write_csv(path, rows: list[dict]) -> Path:
     writer = csv.DictWriter(text, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(Path(path), text.getvalue())
+    write_text_atomic(Path(path), text.getvalue())
     return Path(path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically (temporary file in the same folder, fsync, os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def dump_table(table: Mapping) -> str:
@@ -355,7 +347,7 @@ def write_entries(gpu: str, entries: Iterable[tuple[str, str, Mapping]], tables_
             section[bucket] = dict(entry)
             table["kernels"][kernel] = dict(sorted(section.items(), key=lambda kv: _bucket_order(kv[1])))
         table["kernels"] = dict(sorted(table["kernels"].items()))
-        atomic_write_text(path, dump_table(table))
+        write_text_atomic(path, dump_table(table))
     return path
 
 

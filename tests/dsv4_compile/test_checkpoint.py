@@ -262,7 +262,8 @@ def test_cli_refuses_bad_checkpoints_with_exit_2(case, written, tmp_path, capsys
 def _build_plan(argv, cwd, monkeypatch):
     import argparse
 
-    from dsv4_compile.build import Plan, add_arguments
+    from dsv4_compile.build import add_arguments
+    from dsv4_compile.plan import Plan
 
     monkeypatch.chdir(cwd)
     parser = argparse.ArgumentParser()

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from dsv4_compile import cli
-from dsv4_compile.cli import UsageError, format_context, main, parse_context_length, parse_context_lengths
+from dsv4_compile.cli import main
+from dsv4_compile.model.context import ContextError, format_context, parse_context_length, parse_context_lengths
 from dsv4_compile.kv_report import SEED_V3_2, SEED_V4_PRO, context_report
 from dsv4_compile.model.config import ModelConfig
 
@@ -48,7 +49,7 @@ def test_parse_context_length_good(text, tokens):
 @pytest.mark.parametrize("text", ["", "k", "8q", "1.5k", "-8k", "0", "0k", "8kb", "1g", "8 k", "8k8", "1e6"],
                          ids=repr)
 def test_parse_context_length_bad(text):
-    with pytest.raises(UsageError, match="bad context length.*suffix k \\(x1024\\) or m \\(x1048576\\)"):
+    with pytest.raises(ContextError, match="bad context length.*suffix k \\(x1024\\) or m \\(x1048576\\)"):
         parse_context_length(text)
 
 
@@ -59,7 +60,7 @@ def test_parse_context_lengths():
 
 @pytest.mark.parametrize("text", ["", ",", "8k,", "8k,,1m", " "], ids=repr)
 def test_parse_context_lengths_bad(text):
-    with pytest.raises(UsageError, match="bad context list"):
+    with pytest.raises(ContextError, match="bad context list"):
         parse_context_lengths(text)
 
 
@@ -216,11 +217,13 @@ def test_seed_only_for_pro_at_seed_contexts(pro, capsys):
     assert code == 0 and "seed" not in out
 
 
-def test_context_rounded_up_and_said(capsys):
-    r = context_report(ModelConfig.from_preset("tiny"), 1000)  # tiny's ratios 4 and 128
-    assert (r.requested, r.tokens) == (1000, 1024) and "rounded up to 1024" in r.notes[0]
-    code, out, _ = run_cli(capsys, "kv-cache", "--config", "tiny", "--context", "1000")
-    assert code == 0 and "rounded up to 1024" in out
+def test_context_that_is_not_a_bucket_is_refused(capsys):
+    """One rule for --context in build, kv-cache and tune (model/context.py): 1000 and 5m are refused."""
+    with pytest.raises(ContextError, match="unsupported context 1000 .*multiples of 128"):
+        context_report(ModelConfig.from_preset("tiny"), 1000)
+    for context in ("1000", "5m"):
+        code, _, err = run_cli(capsys, "kv-cache", "--config", "tiny", "--context", context)
+        assert_usage_error(code, err, "--context", "multiples of 128")
 
 
 def test_seed_v3_2_is_mib_of_772_bytes_per_token_and_layer():
@@ -248,3 +251,11 @@ def test_python_m_kv_cache_subprocess():
     bad = subprocess.run([sys.executable, "-m", "dsv4_compile", "kv-cache", "--context", "8q"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("context, message", [("100", "unsupported context 100 (100 tokens); accepted: multiples of 128"),
+                                              ("5m", "unsupported context 5m"), ("8q", "bad context length '8q'")])
+@pytest.mark.parametrize("command", [["build"], ["kv-cache"], ["tune", "--gpu", "cpu", "--cost", "standin"], ["bench"]])
+def test_one_meaning_of_context_in_every_command(capsys, command, context, message):
+    code, _, err = run_cli(capsys, *command, "--context", context)
+    assert_usage_error(code, err, "--context", message)

@@ -9,7 +9,8 @@ import torch
 
 import dsv4_compile
 from dsv4_compile import ModelConfig
-from dsv4_compile.build import COMPILE_TOLERANCE, eager_model
+from dsv4_compile.reference import eager_model
+from dsv4_compile.steps import COMPILE_TOLERANCE
 from dsv4_compile.export import example_tokens
 from dsv4_compile.metrics import rel_rms
 from dsv4_compile.verify import FLIP_BOUND, SHORT_ATTEMPTS, SHORT_SEQ

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dsv4_compile import ModelConfig
-from dsv4_compile.build import COMPILE_TOLERANCE, eager_model
+from dsv4_compile.reference import eager_model
+from dsv4_compile.steps import COMPILE_TOLERANCE
 from dsv4_compile.compile import resolve_gpu
 from dsv4_compile.export import example_tokens, export_aoti, export_prefill, leftover_custom_ops
 from dsv4_compile.loader import libstdcxx_preload

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsv4_compile import ModelConfig
-from dsv4_compile.build import eager_model, float32_twin
+from dsv4_compile.reference import eager_model, float32_twin
 from dsv4_compile.export import example_tokens
 from dsv4_compile.verify import FLIP_BOUND
 from helpers import assert_close

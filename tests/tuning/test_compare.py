@@ -2,13 +2,18 @@
 autotune list vs Optuna vs grid, every config run once, the time budget, the outputs."""
 import csv
 import math
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from dsv4_compile.tuning import compare as cmp
 from dsv4_compile.tuning import objective
 from dsv4_compile.tuning.objective import StandInRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import bench_tuning  # noqa: E402 (the bench entry, a script of the checkout's bench/)
 
 
 @pytest.fixture
@@ -81,7 +86,7 @@ def test_wrong_configs_never_win_and_the_budget_bounds_the_grid(tmp_path):
 
 
 def test_bench_entry_on_cpu(tmp_path, capsys):
-    code = cmp.main(["--cost", "standin", "--gpu", "H100", "--kernels", "newton_schulz", "--contexts", "8k",
+    code = bench_tuning.main(["--cost", "standin", "--gpu", "H100", "--kernels", "newton_schulz", "--contexts", "8k",
                      "--replays", "1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0 and "newton_schulz any: default" in out and "tuned/default" in out

@@ -159,3 +159,18 @@ def test_pass_manager_uuid_follows_the_table(tdir):
     assert PassManager([sub], gpu="H100", config_source=source).uuid() != first.uuid()
     untuned = PassManager([sub], gpu="H200", config_source=source)
     assert untuned.tables["fp8_quantize.tuning_test"] is None
+
+
+def test_context_as_the_cli_writes_it(tdir):
+    """tuned_config takes '8k' like --context does (model/context.py), and refuses in one line what
+    --context refuses."""
+    from dsv4_compile.model.context import ContextError
+
+    assert tables.tuned_config("fp8_quantize", "H100", "128k", tables_dir=tdir) == \
+        tables.tuned_config("fp8_quantize", "H100", 131072, tables_dir=tdir)
+    assert tables.tuned_config("sparse_attention", "cpu", "8k") == get_space("sparse_attention").default_config("cpu")
+    for bad, why in (("8q", "bad context length '8q'"), ("100", "unsupported context 100"),
+                     ("5m", "unsupported context 5m"), (1.5, "bad context 1.5"), (None, "bad context None")):
+        with pytest.raises(ContextError, match=why) as err:
+            tables.tuned_config("sparse_attention", "cpu", bad)
+        assert "\n" not in str(err.value)

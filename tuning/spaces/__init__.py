@@ -14,8 +14,7 @@ import inspect
 from .compress_kv import COMPRESS_KV
 from .fp4_quantize import FP4_QUANTIZE
 from .fp8_quantize import FP8_QUANTIZE
-from .framework import (GPUS, KERNELS_DIR, PHASES, GpuSpec, KernelSpace, Param, Problem, Rule, canonical_gpu,
-                        format_tokens, gpu_spec)
+from .framework import GPUS, KERNELS_DIR, PHASES, GpuSpec, KernelSpace, Param, Problem, Rule, canonical_gpu, gpu_spec
 from .hc_pre import HC_PRE
 from .hc_sinkhorn import HC_SINKHORN
 from .indexer_topk import INDEXER_TOPK
@@ -45,4 +44,4 @@ def rule_sources() -> str:
 
 
 __all__ = ["GPUS", "KERNELS_DIR", "PHASES", "SPACES", "TYPICAL", "GpuSpec", "KernelSpace", "Param", "Problem", "Rule",
-           "canonical_gpu", "format_tokens", "get_space", "gpu_spec", "rule_sources"]
+           "canonical_gpu", "get_space", "gpu_spec", "rule_sources"]

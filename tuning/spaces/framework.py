@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ... import kernels
+from ...kernels.gpus import canonical_gpu
+from ...model.context import format_context
 
 KERNELS_DIR = Path(kernels.__file__).resolve().parent   # its __init__ is empty: nothing is registered
 PHASES = ("prefill", "decode")
@@ -69,18 +71,6 @@ GPUS: dict[str, GpuSpec] = {
 }
 
 
-def canonical_gpu(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' / 'h100' -> 'H100'; 'cpu' and 'interpreter' stay; others: spaces -> '_'."""
-    text = str(name).strip()
-    upper = text.upper()
-    for key in GPUS:
-        if key != "generic" and key in upper:
-            return key
-    if text.lower() in ("cpu", "interpreter", "generic"):
-        return text.lower()
-    return text.replace(" ", "_").replace("/", "_")
-
-
 def gpu_spec(name: str) -> GpuSpec:
     """The limits for a GPU name; unknown GPUs and 'cpu' get the 'generic' limits under their own name."""
     key = canonical_gpu(name)
@@ -91,14 +81,6 @@ def gpu_spec(name: str) -> GpuSpec:
 # ================================================================================================
 # Problems
 # ================================================================================================
-
-
-def format_tokens(n: int) -> str:
-    """8192 -> '8k', 1048576 -> '1m', 1000 -> '1000' (the CLI's context spelling)."""
-    for suffix, unit in (("m", 1 << 20), ("k", 1 << 10)):
-        if n and n % unit == 0:
-            return f"{n // unit}{suffix}"
-    return str(n)
 
 
 @dataclass(frozen=True)
@@ -118,7 +100,7 @@ class Problem:
     def bucket(self) -> str:
         if self.phase == "any":
             return "any"
-        ctx = format_tokens(self.context)
+        ctx = format_context(self.context)
         if self.phase == "decode":
             return f"decode-{ctx}-b{self.batch}"
         return ctx if self.batch == 1 else f"{ctx}-b{self.batch}"

@@ -1,0 +1,181 @@
+"""What `build` will do, decided and checked before anything is written (every user mistake: exit 2).
+
+Bad YAML, unknown preset, unknown or absent GPU, unsupported context (model/context.py's rule, and
+valid for the config), unknown format, TensorRT requested where it cannot build, unknown pass, a
+--weights file with a missing, extra or misshapen tensor, a --weights checkpoint folder that
+`from_pretrained` refuses (every bad tensor named), an output folder that cannot be written or that
+holds something other than a build.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import tempfile
+
+from .arguments import UsageError
+from .manifest import FORMATS, sha256_file
+from .model.context import format_context
+from .reference import checkpoint_state, eager_model
+
+DEFAULT_FORMATS = "aoti,onnx"
+
+
+def parse_formats(text: str) -> list[str]:
+    items = [t.strip().lower() for t in text.split(",")]
+    if not text.strip() or any(not t for t in items):
+        raise UsageError(f"bad --format {text!r}: expected a comma-separated list among {', '.join(FORMATS)}")
+    for item in items:
+        if item not in FORMATS:
+            raise UsageError(f"unknown format {item!r} in --format {text!r}; accepted: {', '.join(FORMATS)}")
+    return [f for f in FORMATS if f in items]  # canonical order, duplicates dropped
+
+
+def check_contexts(contexts: list[int], config) -> list[int]:
+    """The buckets (already valid context lengths, model/context.py) that `config` can take, sorted."""
+    from .model.config import ConfigError
+
+    for c in contexts:
+        try:
+            config.replace(max_seq_len=c)
+        except ConfigError as err:
+            raise UsageError(f"unsupported context {format_context(c)} for config {config.name!r}: {err}") from None
+    return sorted(set(contexts))
+
+
+def load_weights(path: str, config) -> dict:
+    """The safetensors file as a state_dict, checked name by name and shape by shape against the model."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .model import Transformer
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--weights {path!r}: no such file")
+    try:
+        state = load_file(path)
+    except Exception as err:  # noqa: BLE001 (safetensors raises its own error types)
+        raise UsageError(f"--weights {path!r}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    with torch.device("meta"):
+        expected = {k: v for k, v in Transformer(config, seed=None).state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UsageError(f"--weights {path!r}: missing tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UsageError(f"--weights {path!r}: unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+                         + "; expected the model's own state_dict names")
+    for name in sorted(expected):
+        if tuple(state[name].shape) != tuple(expected[name].shape):
+            raise UsageError(f"--weights {path!r}: tensor {name!r} has shape {list(state[name].shape)}, "
+                             f"the model needs {list(expected[name].shape)}")
+        if state[name].dtype != expected[name].dtype:
+            raise UsageError(f"--weights {path!r}: tensor {name!r} is {state[name].dtype}, the model needs {expected[name].dtype}")
+    return state
+
+
+def checkpoint_identity(path: str) -> str:
+    """sha256 over config.json and every shard's name, size and header (not the tensor bytes: a
+    multi-GB checkpoint is identified without reading it)."""
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).iterdir()):
+        if file.suffix == ".safetensors" or file.name in ("config.json", "model.safetensors.index.json"):
+            with open(file, "rb") as f:
+                head = f.read(8)
+                body = f.read(int.from_bytes(head, "little")) if file.suffix == ".safetensors" and len(head) == 8 else f.read()
+            digest.update(f"{file.name}:{file.stat().st_size}:".encode() + head + body)
+    return digest.hexdigest()
+
+
+def _writable_ancestor(path: str) -> str:
+    """The nearest existing ancestor of `path`; UsageError if it is not a writable directory."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise UsageError(f"--out {path!r}: cannot create it: {probe!r} is not a directory")
+    try:  # os.access says yes to root everywhere: try for real (leaves nothing behind)
+        tempfile.TemporaryDirectory(dir=probe, prefix=".dsv4-probe-").cleanup()
+    except OSError as err:
+        raise UsageError(f"--out {path!r}: not writable ({probe!r}: {err.strerror or err})") from None
+    return probe
+
+
+def check_out_dir(out: str) -> None:
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"--out {out!r}: exists and is not a directory")
+        if os.listdir(out) and not os.path.isfile(os.path.join(out, "manifest.json")):
+            raise UsageError(f"--out {out!r}: exists and is not a build folder (no manifest.json); "
+                             f"choose another --out or remove it")
+        try:
+            tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out)), prefix=".dsv4-probe-").cleanup()
+        except OSError as err:
+            raise UsageError(f"--out {out!r}: its folder is not writable ({err.strerror or err})") from None
+    else:
+        _writable_ancestor(out)
+
+
+def default_out(config, target: str, identity: dict) -> str:
+    short = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join("artifacts", f"{config.name}-{target.lower()}-{short}")
+
+
+class Plan:
+    """Everything `build` will do, decided and checked before anything is written."""
+
+    def __init__(self, args: argparse.Namespace):
+        from .compile import GpuError, resolve_gpu
+        from .model.config import ModelConfig
+        from .passes import select
+
+        try:
+            self.target = resolve_gpu(args.gpu)
+        except GpuError as err:
+            raise UsageError(str(err)) from None
+        checkpoint = args.weights if args.weights and os.path.isdir(args.weights) else None
+        if checkpoint and not args.config:
+            self.config = ModelConfig.from_pretrained(checkpoint)
+        else:
+            self.config = ModelConfig.load(args.config or ("tiny" if self.target == "cpu" else "mini"))
+        self.buckets = check_contexts(args.context or [self.config.max_seq_len], self.config)
+        self.formats = parse_formats(args.format)
+        if "tensorrt" in self.formats:
+            from .export import tensorrt_unavailable
+
+            why = tensorrt_unavailable()
+            if why:
+                raise UsageError(why)
+        self.passes = args.passes
+        try:
+            select(self.passes)
+        except Exception as err:  # PassSelectionError (one line)
+            raise UsageError(str(err)) from None
+        self.seed = args.seed
+        self.weights_path = os.path.abspath(args.weights) if args.weights else None
+        if checkpoint:
+            self.state, self.config = checkpoint_state(self.weights_path, self.config, strict_mtp=bool(args.config))
+            self.weights = {"source": "checkpoint", "path": self.weights_path,
+                            "sha256": checkpoint_identity(self.weights_path)}
+        else:
+            self.state = load_weights(self.weights_path, self.config) if self.weights_path else None
+            self.weights = ({"source": "file", "path": self.weights_path, "sha256": sha256_file(self.weights_path)}
+                            if self.weights_path else {"source": "seed", "seed": self.seed})
+        identity = {"config": self.config.config_hash(), "buckets": self.buckets, "formats": self.formats,
+                    "passes": self.passes, "weights": self.weights, "target": self.target}
+        self.out = args.out or default_out(self.config, self.target, identity)
+        check_out_dir(self.out)
+
+    @property
+    def cuda(self) -> bool:
+        return self.target != "cpu"
+
+    def model(self, bucket: int):
+        """The reference model at context `bucket`."""
+        return eager_model(self.config.replace(max_seq_len=bucket), seed=self.seed, state=self.state, cuda=self.cuda)

@@ -1,0 +1,69 @@
+"""The reference (eager) model of a build, made the same way by `build` and by `verify`'s worker.
+
+Seeded weights are created on the build's device (a GPU build creates them on the GPU: seconds instead
+of minutes for mini), so they depend on the device, and build and verify both create them there.
+"""
+from __future__ import annotations
+
+
+def eager_model(config, *, seed: int, state: dict | None, cuda: bool):
+    """The reference model: loaded weights (`state`, kept as given), else seeded ones; eval, no grad."""
+    import torch
+
+    from .model import Transformer
+
+    device = "cuda" if cuda else "cpu"
+    with torch.device(device):
+        model = Transformer(config, seed=None if state is not None else seed)
+    if state is not None:
+        model.load_state_dict(state, strict=True, assign=True)  # keeps the state's tensors (and devices)
+        model = model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def float32_twin(model, cuda: bool):
+    """`model` computing in float32 with exactly its weight values (bf16 upcast), on the GPU (`cuda`)
+    or the CPU; `model` itself when it already is float32 on that device."""
+    device = "cuda" if cuda else "cpu"
+    if model.config.dtype == "float32":
+        return model.to(device)
+    # load_state_dict(assign=True) keeps these tensors: they must already sit on the twin's device
+    state = {k: (v.float() if v.is_floating_point() else v).to(device) for k, v in model.state_dict().items()}
+    return eager_model(model.config.replace(dtype="float32"), seed=0, state=state, cuda=cuda)
+
+
+def checkpoint_state(path: str, config, strict_mtp: bool = True) -> tuple[dict, object]:
+    """A released checkpoint folder -> (the state_dict of `config`'s model, FP8 / MXFP4 dequantized to
+    its dtype, on the CPU; the config loaded: MTP off when the checkpoint has no MTP tensors, an error
+    instead with `strict_mtp`). CheckpointError (every bad tensor, one line each) as a UsageError."""
+    import warnings
+
+    from .arguments import UsageError
+    from .checkpoint import CheckpointError, from_pretrained
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the MTP note: handled below
+            model = from_pretrained(path, config=config, weights="bf16", device="cpu")
+    except CheckpointError as err:
+        raise UsageError(f"--weights {path!r}: {err}") from None
+    if strict_mtp and model.config.n_mtp_layers != config.n_mtp_layers:
+        raise UsageError(f"--weights {path!r}: no MTP tensors, but config {config.name!r} has {config.n_mtp_layers} "
+                         f"MTP layer(s); pass a config with n_mtp_layers: 0")
+    return model.state_dict(), model.config
+
+
+def build_reference(manifest, config, bucket: int, dtype: str):
+    """The eager reference of one engine of a build (`manifest`): the build's weights (its seed, its
+    weights file or its checkpoint folder), at the engine's context `bucket` and compute `dtype`, on the build's device."""
+    weights = manifest.weights or {"source": "seed", "seed": 0}
+    state = None
+    if weights.get("source") == "file":
+        from safetensors.torch import load_file
+
+        state = load_file(weights["path"])
+    elif weights.get("source") == "checkpoint":
+        state, _ = checkpoint_state(weights["path"], config)
+    cuda = manifest.device.get("kind") == "cuda"
+    model = eager_model(config.replace(max_seq_len=bucket), seed=int(weights.get("seed", 0)), state=state, cuda=cuda)
+    return model if dtype == config.dtype else float32_twin(model, cuda=cuda)

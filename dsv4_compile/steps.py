@@ -1,0 +1,159 @@
+"""The steps of `build` after validation: compile + check, export per bucket, verify; and their progress lines."""
+from __future__ import annotations
+
+import os
+import time
+
+from .manifest import EngineRecord, Verification
+from .model.context import format_context
+from .plan import Plan
+from .reference import float32_twin
+
+STEPS = ("validate", "model", "compile", "export", "verify", "manifest")
+# The dtype ONNX engines compute in: onnxruntime's CPU provider (the one every machine has) has no
+# bf16 GEMM, so a bf16 model is exported as its float32 twin (the same weight values, `float32_twin`).
+ONNX_COMPUTE_DTYPE = "float32"
+# Relative RMS error of the torch.compile'd model against eager, fp32 (see verify.TOLERANCES).
+COMPILE_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
+
+
+class Progress:
+    """One line per step start and end (with its time) and notes between, on `stream`."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.timings: dict[str, float] = {}
+        self._t0 = 0.0
+        self._step = ""
+
+    def start(self, step: str, detail: str = "") -> None:
+        self._step, self._t0 = step, time.perf_counter()
+        n = STEPS.index(step) + 1
+        print(f"[{n}/{len(STEPS)}] {step}{': ' + detail if detail else ''} ...", file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"      {text}", file=self.stream, flush=True)
+
+    def done(self, detail: str = "") -> None:
+        elapsed = time.perf_counter() - self._t0
+        self.timings[self._step] = round(self.timings.get(self._step, 0.0) + elapsed, 2)
+        print(f"      {self._step} done in {elapsed:.1f} s{' (' + detail + ')' if detail else ''}", file=self.stream, flush=True)
+
+
+def compile_check(plan: Plan, model, progress: Progress) -> dict:
+    """dsv4_compile.compile with the passes, on a sample prompt, against eager."""
+    import torch
+
+    from .compile import compile as dsv4_compile
+    from .export import INDUCTOR_CONFIGS, example_tokens
+    from .metrics import rel_rms
+    from .verify import SHORT_ATTEMPTS, SHORT_SEQ
+
+    compiled = dsv4_compile(model, gpu=plan.target, passes=plan.passes, options=dict(INDUCTOR_CONFIGS))
+    # Short prompts, best of a few: a reordered sum flips an FP8/FP4 code now and then, and one flip
+    # moves the logits by up to 1e-2 (verify.py); a real error fails every attempt.
+    seq = min(model.config.max_seq_len, SHORT_SEQ)
+    tol = COMPILE_TOLERANCE[plan.config.dtype]
+    device = next(model.parameters()).device
+    errors = []
+    with torch.no_grad():
+        for attempt in range(SHORT_ATTEMPTS):
+            tokens = example_tokens(model.config, 1, seq, seed=plan.seed + 1 + attempt).to(device)
+            errors.append(rel_rms(model(tokens), compiled(tokens)))
+            if errors[-1] <= tol:
+                break
+    err = min(errors)
+    report = compiled.dsv4_report.to_dict()
+    replaced = sum(op.get("replaced", 0) for op in report.get("ops", {}).values())
+    left = sum(op.get("left_alone", 0) for op in report.get("ops", {}).values())
+    progress.note(f"passes={plan.passes}: {replaced} dsv4 nodes substituted, {left} left; compiled vs eager "
+                  f"rel RMS {err:.2e} (tolerance {tol:.0e}; best of {len(errors)} prompts of [1, {seq}])")
+    return {"rel_rms": err, "tolerance": tol, "ok": err <= tol, "tokens": [1, seq], "report": report}
+
+
+def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress, timings: dict) -> list[EngineRecord]:
+    """Every format of `plan` at context `bucket`, written under `tmp`; seconds of each part into `timings`."""
+    from . import export as E
+
+    model = plan.model(bucket)
+    # One torch.export per routing: the .pt2 of a GPU build takes the Triton kernels the passes pick
+    # (AOTInductor compiles them in); ONNX is always the plain code (standard ONNX ops only). On the
+    # CPU both routings are the plain code and one export serves every format.
+    # ONNX computes in float32 (ONNX_COMPUTE_DTYPE): a bf16 model is exported as its float32 twin.
+    routing = {"aoti": (plan.target, model.config.dtype), "onnx": ("cpu", ONNX_COMPUTE_DTYPE)}
+    programs: dict[tuple, E.ExportResult] = {}
+
+    def program(fmt: str) -> E.ExportResult:
+        gpu, dtype = key = routing[fmt]
+        if key not in programs:
+            t0 = time.perf_counter()
+            source = model if dtype == model.config.dtype else float32_twin(model, cuda=False)
+            result = programs[key] = E.export_prefill(source, gpu=gpu, passes=plan.passes)
+            took = round(time.perf_counter() - t0, 2)
+            kernels = ", ".join(f"{k} x{v['calls']}" for k, v in result.kernels.items()) or "plain code"
+            progress.note(f"context {format_context(bucket)}: torch.export for {fmt} {took:.1f} s "
+                          f"(S in {list(result.seq_range)}, B in {list(result.batch_range)}; {dtype}; {kernels}"
+                          + (f"; {result.note}" if result.note else "") + ")")
+            timings[f"torch.export[{fmt}]"] = took
+        return programs[key]
+
+    def record(fmt: str, files: list[str], result: E.ExportResult, verified: Verification) -> EngineRecord:
+        return EngineRecord(format=fmt, bucket=bucket, files=tuple(files), seq_range=tuple(result.seq_range),
+                            batch_range=tuple(result.batch_range), dynamic=result.dynamic,
+                            compute_dtype=routing.get(fmt, (None, ONNX_COMPUTE_DTYPE))[1],
+                            kernels=dict(result.kernels) if fmt != "tensorrt" else {}, verified=verified)
+
+    engines: list[EngineRecord] = []
+    onnx_rel = onnx_result = None
+    for fmt in plan.formats if "tensorrt" not in plan.formats or "onnx" in plan.formats else [*plan.formats, "onnx"]:
+        if fmt == "tensorrt":
+            continue
+        result = program(fmt)
+        t0 = time.perf_counter()
+        os.makedirs(os.path.join(tmp, fmt), exist_ok=True)
+        if fmt == "aoti":
+            rel = f"aoti/prefill-{bucket}.pt2"
+            E.export_aoti(result, os.path.join(tmp, rel))
+            files = [rel]
+        else:
+            rel = f"onnx/prefill-{bucket}.onnx"
+            example = E.example_tokens(model.config, result.batch_range[1], max(result.seq_range[0], min(64, result.seq_range[1])))
+            written = E.export_onnx(result, os.path.join(tmp, rel), example)
+            files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
+            onnx_rel, onnx_result = rel, result
+        took = time.perf_counter() - t0
+        timings[fmt] = round(took, 2)
+        progress.note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
+        engines.append(record(fmt, files, result, Verification("pending")))
+    if "tensorrt" in plan.formats:
+        t0 = time.perf_counter()
+        os.makedirs(os.path.join(tmp, "tensorrt"), exist_ok=True)
+        rel = f"tensorrt/prefill-{bucket}.engine"
+        E.export_tensorrt(os.path.join(tmp, onnx_rel), os.path.join(tmp, rel), onnx_result.seq_range,
+                          onnx_result.batch_range)
+        timings["tensorrt"] = round(time.perf_counter() - t0, 2)
+        progress.note(f"context {format_context(bucket)}: tensorrt -> {rel} ({time.perf_counter() - t0:.1f} s)")
+        engines.append(record("tensorrt", [rel], onnx_result, Verification(
+            "unverified", error="unverified by our tests (no TensorRT on the project's machines)")))
+    return engines
+
+
+def verify_engines(engines: list[EngineRecord], outcome: dict, progress: Progress) -> list[EngineRecord]:
+    """`engines` with the verify worker's verdict (`outcome`, verify.run_verify_worker) on each pending one."""
+    import dataclasses
+
+    where = outcome.get("where", "fresh process")
+    by_key = {(r["format"], r["bucket"]): r for r in outcome.get("results", [])}
+    done = []
+    for e in engines:
+        if e.verified.status == "pending":
+            e = dataclasses.replace(e, verified=Verification.from_worker(by_key.get((e.format, e.bucket)), where,
+                                                                         outcome.get("worker_error")))
+            v = e.verified
+            progress.note(f"{e.format} context {format_context(e.bucket)}: {v.status}"
+                          + (f", short prompt rel RMS {v.rel_rms:.2e} (tolerance {v.tolerance:.0e}), all token "
+                             f"sets <= {v.max_rel_rms:.2e} (flip bound {v.flip_bound:.0e})"
+                             if v.rel_rms is not None else "")
+                          + (f" ({v.error})" if v.error else ""))
+        done.append(e)
+    return done
