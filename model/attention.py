@@ -114,7 +114,11 @@ class Indexer(nn.Module):
         self.rope_dim = config.rope_head_dim
         self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
         self.weights_proj = nn.Linear(config.dim, self.n_heads, bias=False)
-        self.compressor = Compressor(config, CSA_RATIO, self.head_dim, "hadamard_fp4")
+        # Without quantization simulation neither keys nor queries are Hadamard-rotated: the rotation is
+        # orthogonal, so it leaves the scores unchanged up to rounding; it exists for the FP4 codes.
+        self.simulate_quantization = config.simulate_quantization
+        self.compressor = Compressor(config, CSA_RATIO, self.head_dim,
+                                     "hadamard_fp4" if config.simulate_quantization else "none")
         self.weight_scale = self.head_dim ** -0.5 * self.n_heads ** -0.5
 
     def queries(self, x, qr, positions, inv_freq):
@@ -122,7 +126,8 @@ class Indexer(nn.Module):
         q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))
         cos, sin = rope_angles(positions.unsqueeze(-1), inv_freq)                    # [B, S, 1, R/2]
         q = torch.cat([q[..., :-self.rope_dim], rope_rotate(q[..., -self.rope_dim:], cos, sin)], dim=-1)
-        q = fp4_simulate(hadamard(q), 32)
+        if self.simulate_quantization:
+            q = fp4_simulate(hadamard(q), 32)
         return q, self.weights_proj(x) * self.weight_scale
 
     def forward(self, x, qr, positions, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +163,8 @@ class Attention(nn.Module):
         # Grouped low-rank output: each group of heads -> o_lora_rank, then all groups -> dim.
         self.wo_a = nn.Linear(c.n_heads * c.head_dim // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)
         self.wo_b = nn.Linear(c.o_groups * c.o_lora_rank, c.dim, bias=False)
-        self.compressor = Compressor(c, ratio, c.head_dim, "fp8") if ratio else None
+        self.simulate_quantization = c.simulate_quantization
+        self.compressor = Compressor(c, ratio, c.head_dim, "fp8" if c.simulate_quantization else "none") if ratio else None
         self.indexer = Indexer(c) if ratio == CSA_RATIO else None
         self.register_buffer("inv_freq", layer_inv_freq(c, ratio), persistent=False)
 
@@ -182,6 +188,8 @@ class Attention(nn.Module):
         """-> kv [B, S, D]: the cache's values (FP8-rounded non-rope dims, BF16-exact rope dims). The FP8
         rounding is plain code (fp8_round), fused by the compiler into this producer."""
         kv = self._rope(self.kv_norm(self.wkv(x)), positions)
+        if not self.simulate_quantization:
+            return kv
         rd = self.rope_dim
         return torch.cat([fp8_round(kv[..., :-rd], 64), kv[..., -rd:].to(torch.bfloat16).to(kv.dtype)], dim=-1)
 

@@ -70,6 +70,11 @@ class ModelConfig:
     max_seq_len: int = 512
     max_batch_size: int = 2
     dtype: str = "float32"
+    # False: the plain model skips its FP8/FP4 activation simulation (KV entries, indexer keys and
+    # queries, the window rows' FP8/BF16 rounding): a diagnostic switch for comparisons that must be
+    # exact up to fp32 rounding (compiled vs eager, parity with unquantized references). The KV cache's
+    # byte layout stays FP8, so decoding from a cache is quantized either way.
+    simulate_quantization: bool = True
     name: str = field(default="custom", compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -212,5 +217,7 @@ def _coerce(key: str, value, hint):
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str) and isinstance(value, hint) and not isinstance(value, bool):
+        return value
+    if hint is bool and isinstance(value, bool):
         return value
     raise ConfigError(f"config key {key!r}: value {value!r} has the wrong type; expected {hint.__name__}")

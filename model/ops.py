@@ -480,7 +480,7 @@ def _(q, cache, attn_sink, topk_idxs, softmax_scale, rope_dim):
 # Compressor: gated softmax pooling of blocks of tokens -> RMSNorm -> RoPE -> FP8 or Hadamard + FP4
 # ================================================================================================
 
-COMPRESS_QUANT = ("fp8", "hadamard_fp4")
+COMPRESS_QUANT = ("fp8", "hadamard_fp4", "none")
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -535,7 +535,9 @@ def _compress_kv_plain(kv, score, ape, norm_weight, cos, sin, ratio: int, overla
     pooled = torch.cat([pooled[..., :-rd], rope_rotate(pooled[..., -rd:], cos, sin)], dim=-1)
     if quant == "fp8":  # FP8 on the non-rope dims, BF16 on the rope dims: the cache's layout
         return torch.cat([fp8_simulate(pooled[..., :-rd], 64), pooled[..., -rd:].bfloat16().float()], dim=-1)
-    return fp4_simulate(hadamard(pooled), 32)
+    if quant == "hadamard_fp4":
+        return fp4_simulate(hadamard(pooled), 32)
+    return pooled
 
 
 @torch.library.custom_op(f"{LIB}::compress_kv", mutates_args=())
@@ -554,8 +556,8 @@ def compress_kv(kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_w
     [0, d) take the previous block's rows and [d, 2d) the current block's, in one softmax over 2*ratio
     rows (block 0 has no previous rows). Then RMSNorm(norm_eps) * norm_weight, RoPE on the last R dims,
     and `quant`: "fp8" = FP8-simulate the first d-R dims (block 64, pow2 scales) and round the rope dims
-    to BF16; "hadamard_fp4" = Hadamard-rotate all d dims, then FP4-simulate (block 32, pow2 scales).
-    Returns [B, N, d] float32 (the values the cache holds).
+    to BF16; "hadamard_fp4" = Hadamard-rotate all d dims, then FP4-simulate (block 32, pow2 scales);
+    "none" = no rounding (the model with `simulate_quantization=False`). Returns [B, N, d] float32 (the values the cache holds).
     """
     if quant not in COMPRESS_QUANT:
         raise ValueError(f"compress_kv: quant {quant!r}; accepted: {', '.join(COMPRESS_QUANT)}")

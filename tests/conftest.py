@@ -1,8 +1,23 @@
 import os
 import sys
 
-import pytest
-import torch
+# DSV4_TEST_CPU_ISA=avx2|avx512 runs the suite with eager's ATen kernels and Inductor's generated CPU
+# code both forced to that vector ISA (the tests must hold on every x86 CPU). ATEN_CPU_CAPABILITY is
+# read when torch loads, so it is set before the import.
+CPU_ISAS = {"avx2": 256, "avx512": 512}
+_isa = os.environ.get("DSV4_TEST_CPU_ISA")
+if _isa is not None:
+    if _isa not in CPU_ISAS:
+        raise SystemExit(f"DSV4_TEST_CPU_ISA={_isa!r}: accepted: {', '.join(CPU_ISAS)}")
+    os.environ["ATEN_CPU_CAPABILITY"] = _isa
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _isa is not None:
+    import torch._inductor.config
+
+    torch._inductor.config.cpp.simdlen = CPU_ISAS[_isa]
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 # The tests exercise the installed package (CI installs the wheel, developers an editable install):
