@@ -30,7 +30,7 @@ from .arguments import contexts_arg
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
 from .model.context import format_context
 from .plan import DEFAULT_FORMATS, Plan
-from .steps import Progress, compile_check, export_bucket, verify_engines
+from .steps import Progress, compile_check, export_bucket, known_export_warnings_silenced, verify_engines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
         progress.start("export", f"{', '.join(plan.formats)} x {len(plan.buckets)} context bucket(s)")
         engines: list[EngineRecord] = []
-        for bucket in plan.buckets:
-            engines += export_bucket(plan, bucket, tmp, progress, export_timings.setdefault(bucket, {}))
+        with known_export_warnings_silenced():
+            for bucket in plan.buckets:
+                engines += export_bucket(plan, bucket, tmp, progress, export_timings.setdefault(bucket, {}))
         progress.done()
 
         progress.start("verify", "every engine against eager, in a fresh process")
@@ -138,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         _place(tmp, plan.out)
         progress.done(plan.out)
     except BaseException:
+        progress.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

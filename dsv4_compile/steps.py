@@ -1,8 +1,11 @@
 """The steps of `build` after validation: compile + check, export per bucket, verify; and their progress lines."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
+import warnings
 
 from .manifest import EngineRecord, Verification
 from .model.context import format_context
@@ -18,26 +21,84 @@ COMPILE_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
 class Progress:
-    """One line per step start and end (with its time) and notes between, on `stream`."""
+    """One line per step start and end (with its time) and notes between, on `stream`.
 
-    def __init__(self, stream):
+    While a step runs, a ticker shows it is alive: on a terminal a spinner with the elapsed seconds,
+    rewritten in place (`live`, default: `stream` is a TTY); otherwise a plain line every
+    `heartbeat_s` seconds, so logs and CI output show progress without control characters.
+    """
+
+    SPINNER = "|/-\\"
+
+    def __init__(self, stream, live: bool | None = None, heartbeat_s: float = 30.0):
         self.stream = stream
+        self.live = stream.isatty() if live is None else live
+        self.heartbeat_s = heartbeat_s
         self.timings: dict[str, float] = {}
         self._t0 = 0.0
         self._step = ""
+        self._lock = threading.Lock()
+        self._stop: threading.Event | None = None
+        self._spinner_shown = False
 
     def start(self, step: str, detail: str = "") -> None:
+        self._stop_ticker()
         self._step, self._t0 = step, time.perf_counter()
         n = STEPS.index(step) + 1
-        print(f"[{n}/{len(STEPS)}] {step}{': ' + detail if detail else ''} ...", file=self.stream, flush=True)
+        self._write(f"[{n}/{len(STEPS)}] {step}{': ' + detail if detail else ''} ...")
+        self._stop = threading.Event()
+        threading.Thread(target=self._tick, args=(self._stop,), daemon=True).start()
 
     def note(self, text: str) -> None:
-        print(f"      {text}", file=self.stream, flush=True)
+        self._write(f"      {text}")
 
     def done(self, detail: str = "") -> None:
+        self._stop_ticker()
         elapsed = time.perf_counter() - self._t0
         self.timings[self._step] = round(self.timings.get(self._step, 0.0) + elapsed, 2)
-        print(f"      {self._step} done in {elapsed:.1f} s{' (' + detail + ')' if detail else ''}", file=self.stream, flush=True)
+        self._write(f"      {self._step} done in {elapsed:.1f} s{' (' + detail + ')' if detail else ''}")
+
+    def _write(self, line: str) -> None:
+        with self._lock:
+            if self._spinner_shown:  # clear the spinner line before a real one
+                self.stream.write("\r\033[K")
+                self._spinner_shown = False
+            print(line, file=self.stream, flush=True)
+
+    def _tick(self, stop: threading.Event) -> None:
+        period = 0.2 if self.live else self.heartbeat_s
+        turn = 0
+        while not stop.wait(period):
+            elapsed = time.perf_counter() - self._t0
+            with self._lock:
+                if stop.is_set():
+                    return
+                if self.live:
+                    self.stream.write(f"\r      {self.SPINNER[turn % 4]} {self._step} {elapsed:.0f} s")
+                    self._spinner_shown = True
+                else:
+                    self.stream.write(f"      ... {self._step} still running ({elapsed:.0f} s)\n")
+                self.stream.flush()
+            turn += 1
+
+    def stop(self) -> None:
+        """End the ticker without a `done` line (a step that failed)."""
+        self._stop_ticker()
+
+    def _stop_ticker(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+
+
+@contextlib.contextmanager
+def known_export_warnings_silenced():
+    """Hide the third-party warnings every export prints and nobody can act on: torch.export's own
+    pytree `LeafSpec` deprecation (raised inside torch) and torchvision's `nms` registration lines."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*torchvision::nms.*")
+        yield
 
 
 def compile_check(plan: Plan, model, progress: Progress) -> dict:
