@@ -1,0 +1,46 @@
+"""Build progress: a ticker while a step runs (spinner on a terminal, plain heartbeat lines otherwise)."""
+from __future__ import annotations
+
+import io
+import time
+import warnings
+
+from dsv4_compile.steps import Progress, known_export_warnings_silenced
+
+
+def test_plain_heartbeat_lines_when_not_a_terminal():
+    out = io.StringIO()
+    progress = Progress(out, heartbeat_s=0.05)
+    progress.start("compile", "detail")
+    time.sleep(0.3)
+    progress.done("ok")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[3/6] compile: detail ..."
+    beats = [line for line in lines if "still running" in line]
+    assert len(beats) >= 2 and "\r" not in out.getvalue() and "\033" not in out.getvalue()
+    assert lines[-1].startswith("      compile done in ") and lines[-1].endswith(" s (ok)")
+    time.sleep(0.15)
+    assert out.getvalue().splitlines()[-1] == lines[-1], "the ticker went on after done()"
+
+
+def test_spinner_on_a_terminal_is_cleared_before_real_lines():
+    out = io.StringIO()
+    progress = Progress(out, live=True)
+    progress.start("export")
+    time.sleep(0.5)
+    progress.note("a note")
+    progress.stop()
+    text = out.getvalue()
+    assert "\r      | export 0 s" in text or "\r      / export 0 s" in text
+    assert "\r\033[K      a note\n" in text
+    time.sleep(0.3)
+    assert out.getvalue() == text, "the ticker went on after stop()"
+
+
+def test_known_export_warnings_are_silenced_and_others_kept():
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with known_export_warnings_silenced():
+            warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)
+            warnings.warn("something else", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else"]
