@@ -4,7 +4,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from .weight_formats import dequantize_fp8_weight
 
 
 class RMSNorm(nn.Module):
@@ -22,17 +25,21 @@ class RMSNorm(nn.Module):
 
 class FP8Linear(nn.Module):
     """A bias-free linear whose weight stays as shipped: FP8 e4m3 [out, in] with one float32 (power-of-
-    two) scale per 128 x 128 tile [ceil(out/128), in/128]; forward is `torch.ops.dsv4.fp8_linear`.
-    Buffers, not parameters: these weights are for inference."""
+    two) scale per 128 x 128 tile [ceil(out/128), in/128]; forward is `torch.ops.dsv4.fp8_linear` (the
+    input quantized to FP8, as DeepSeek's inference does). `quantize_input=False` (a model with
+    `simulate_quantization=False`) multiplies by the dequantized weight instead, with no FP8 rounding of
+    the input. Buffers, not parameters: these weights are for inference."""
 
-    def __init__(self, in_features: int, out_features: int, device=None):
+    def __init__(self, in_features: int, out_features: int, device=None, quantize_input: bool = True):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.quantize_input = in_features, out_features, quantize_input
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("scale", torch.empty(-(-out_features // 128), -(-in_features // 128),
                                                   dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.quantize_input:
+            return F.linear(x, dequantize_fp8_weight(self.weight, self.scale, dtype=x.dtype))
         return torch.ops.dsv4.fp8_linear(x, self.weight, self.scale)
 
     def extra_repr(self) -> str:

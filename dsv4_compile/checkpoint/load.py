@@ -260,7 +260,8 @@ def _swap_fp8_linears(model: Transformer, plan: _Plan) -> set[str]:
         old = getattr(parent, child)
         if old.in_features % FP8_LINEAR_BLOCK:
             continue
-        setattr(parent, child, FP8Linear(old.in_features, old.out_features, device="meta"))
+        setattr(parent, child, FP8Linear(old.in_features, old.out_features, device="meta",
+                                         quantize_input=model.config.simulate_quantization))
         swapped.add(ours)
     return swapped
 

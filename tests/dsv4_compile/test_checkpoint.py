@@ -110,6 +110,18 @@ def test_as_shipped_keeps_fp8_linears(written):
     assert 0 < rel < 0.1
 
 
+def test_as_shipped_without_simulation_is_the_dequantized_model(written):
+    """simulate_quantization=False: the FP8 linears skip the input's FP8 rounding, so the as-shipped model
+    computes exactly what the dequantized one does (same weight values, same float32 products)."""
+    config = d.ModelConfig.from_pretrained(written["hf"], simulate_quantization=False, dtype="float32")
+    fp8 = d.from_pretrained(written["hf"], config=config, weights="as-shipped")
+    plain = d.from_pretrained(written["hf"], config=config, weights="bf16")
+    assert fp8.checkpoint.fp8_linears > 0 and fp8.checkpoint.mxfp4_experts > 0
+    tokens = torch.randint(0, CONFIG.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(fp8(tokens), plain(tokens))
+
+
 def test_release_name_variants_load_the_same(model, written, tmp_path):
     """transformers' save_pretrained spellings: model. prefix, embed_tokens, hc_head.hc_fn, attn.norm."""
     src = Path(written["hf"])
