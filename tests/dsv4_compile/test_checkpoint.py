@@ -7,6 +7,7 @@ same model from either layout, and refuse a bad checkpoint with every problem na
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -296,7 +297,7 @@ def test_build_plan_takes_config_and_weights_from_a_checkpoint(written, tmp_path
     assert again.weights == plan.weights
 
 
-@pytest.mark.parametrize("case", ["missing scale", "changed head count"])
+@pytest.mark.parametrize("case", list(BAD))
 def test_build_refuses_a_bad_checkpoint_with_exit_2(case, written, tmp_path, monkeypatch, capsys):
     from dsv4_compile.cli import main
 
@@ -306,5 +307,5 @@ def test_build_refuses_a_bad_checkpoint_with_exit_2(case, written, tmp_path, mon
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(["build", "--gpu", "cpu", "--context", "128", "--weights", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "dsv4_compile build: error: --weights" in err and BAD[case][1].split("\\")[0] in err
+    assert err.count("\n") == 1 and "dsv4_compile build: error:" in err and re.search(BAD[case][1], err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
