@@ -29,7 +29,6 @@ from ..model import ModelConfig, Transformer
 from ..model.layers import FP8Linear
 from ..model.moe import MXFP4Experts
 from ..model.ops import FP8_LINEAR_BLOCK
-from ..model.release_config import read_release_file, release_fields
 from ..model.weight_formats import (MXFP4_BLOCK, dequantize_fp8_weight, dequantize_mxfp4, e8m0_to_float,
                                     fp8_weight_scale_shape)
 from . import names
@@ -83,8 +82,7 @@ def load_config(path: Path, config: ModelConfig | str | Path | None) -> ModelCon
     if config is None and not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json (DeepSeek's convert.py does not copy it); pass config= the "
                               f"release's config.json or a ModelConfig")
-    data, name = read_release_file(source)
-    return ModelConfig.from_dict(release_fields(data).values, name=name)
+    return ModelConfig.from_pretrained(source)
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
@@ -116,12 +114,11 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     with torch.device("meta"):
         model = Transformer(cfg, seed=None)
     plan = _plan(model, files, stored)
-    keep_fp8 = _swap_fp8_linears(model, plan) if weights == "as-shipped" else set()
-    keep_fp8 |= _swap_mxfp4_experts(model, plan) if weights == "as-shipped" else set()
-    info.fp8_linears = sum(1 for name in keep_fp8 if not names.is_stacked_experts(name))
-    info.mxfp4_experts = sum(1 for name in keep_fp8 if name.endswith("experts.w1"))
+    as_shipped = (_swap_fp8_linears(model, plan) | _swap_mxfp4_experts(model, plan)) if weights == "as-shipped" else set()
+    info.fp8_linears = sum(1 for name in as_shipped if not names.is_stacked_experts(name))
+    info.mxfp4_experts = sum(1 for name in as_shipped if name.endswith("experts.w1"))
     model.materialize(device or "cpu")
-    _fill(model, plan, keep_fp8, progress)
+    _fill(model, plan, as_shipped, progress)
     model.eval()
     model.checkpoint = info
     return model
@@ -292,18 +289,20 @@ def _read(reader: TensorReader, entries: list[TensorEntry], dim: int | None) -> 
 
 
 @torch.no_grad()
-def _fill(model: Transformer, plan: _Plan, keep_fp8: set[str], progress) -> None:
+def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], progress) -> None:
+    """Copy every planned tensor into the materialized model: `as_shipped` weights (FP8Linear,
+    MXFP4Experts buffers) as codes + float32 scales, the rest decoded into the parameter's dtype."""
     state = model.state_dict(keep_vars=True)
     reader = TensorReader()
     try:
         for i, (ours, sources) in enumerate(plan.params.items()):
             target = state[ours]
-            if ours in keep_fp8 and names.is_stacked_experts(ours):  # MXFP4 codes and scales, expert by expert
+            if ours in as_shipped and names.is_stacked_experts(ours):  # MXFP4 codes and scales, expert by expert
                 for e, src in enumerate(sources):
                     target[e].copy_(_read(reader, src.entries, src.split_dim).view(torch.int8))
                     state[ours + "_scale"][e].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
                 continue
-            if ours in keep_fp8:
+            if ours in as_shipped:
                 src = sources[0]
                 target.copy_(_read(reader, src.entries, src.split_dim))
                 state[ours[: -len(".weight")] + ".scale"].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
