@@ -55,8 +55,8 @@ def export_manager(gpu: str = "cpu", passes="all", config_source=None):
     return PassManager(enabled, gpu=gpu, config_source=config_source)
 
 
-def _export(model, example, dynamic_shapes, manager) -> torch.export.ExportedProgram:
-    ep = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
+def _export(model, args: tuple, dynamic_shapes, manager) -> torch.export.ExportedProgram:
+    ep = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
     return ep.run_decompositions(manager.decomposition_table())
 
 
@@ -103,15 +103,23 @@ def export_prefill(model, dynamic: bool = True, gpu: str = "cpu", passes="all") 
             spec[0] = Dim("B", min=1, max=max_b)
         manager = export_manager(gpu, passes)
         try:
-            ep = _export(model, example, (spec,), manager)
+            ep = _export(model, (example,), (spec,), manager)
             return ExportResult(ep, (MIN_SEQ, bucket), (1 if max_b > 1 else b, max_b if max_b > 1 else b), True,
                                 dict(sorted(manager.exported_kernels.items())))
         except Exception as err:  # noqa: BLE001 (fall back to static shapes, and say why)
             note = f"dynamic export failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); static S = {bucket}"
     manager = export_manager(gpu, passes)
     example = example_tokens(config, 1, bucket, device=_device_of(model))
-    ep = _export(model, example, None, manager)
+    ep = _export(model, (example,), None, manager)
     return ExportResult(ep, (bucket, bucket), (1, 1), False, dict(sorted(manager.exported_kernels.items())), note)
+
+
+def export_program(module, args: tuple, dynamic_shapes, gpu: str = "cpu", passes="all"):
+    """torch.export of `module(*args)`, every dsv4 node decided by the pass manager as in
+    export_prefill -> (ExportedProgram, {kernel substitution: {"calls", "configs"}} traced in)."""
+    manager = export_manager(gpu, passes)
+    ep = _export(module, args, dynamic_shapes, manager)
+    return ep, dict(sorted(manager.exported_kernels.items()))
 
 
 # Custom-op namespaces a package may hold: triton_ops, which AOTInductor traces into and compiles.
@@ -164,14 +172,22 @@ ONNX_OPSET = 21
 ONNX_EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def export_onnx(result: ExportResult, path: str, example: torch.Tensor) -> list[str]:
-    """Export to ONNX with standard ops only, check it; returns the files written (model [+ data])."""
+def export_onnx(result: ExportResult, path: str, example: torch.Tensor | tuple,
+                input_names: list[str] = ("tokens",), output_names: list[str] = ("logits",),
+                optimize: bool = True) -> list[str]:
+    """Export to ONNX with standard ops only, check it; returns the files written (model [+ data]).
+    `example`: the tokens, or the tuple of every input (engines with explicit state). `optimize`:
+    run onnxscript's graph optimizer (onnxruntime optimizes the graph again when it loads it)."""
     import onnx
 
-    program = torch.onnx.export(result.program, (example,), dynamo=True, opset_version=ONNX_OPSET,
-                                input_names=["tokens"], output_names=["logits"],
-                                custom_translation_table={torch.ops.aten.sort.stable: _onnx_sort_stable},
-                                verbose=False)
+    from .onnx_bitcast import onnx_view_dtype
+
+    example = example if isinstance(example, tuple) else (example,)
+    program = torch.onnx.export(result.program, example, dynamo=True, opset_version=ONNX_OPSET,
+                                input_names=list(input_names), output_names=list(output_names),
+                                custom_translation_table={torch.ops.aten.sort.stable: _onnx_sort_stable,
+                                                          torch.ops.aten.view.dtype: onnx_view_dtype},
+                                optimize=optimize, verbose=False)
     weight_bytes = sum(p.numel() * p.element_size() for p in result.program.state_dict.values())
     external = weight_bytes > ONNX_EXTERNAL_DATA_BYTES
     program.save(path, external_data=external)

@@ -26,6 +26,13 @@ def _batch_rows(batch: int, device) -> torch.Tensor:
     return torch.arange(batch, device=device)
 
 
+def ring_positions(lengths: torch.Tensor, rows: int) -> torch.Tensor:
+    """lengths [B] -> [B, rows] int64: the position a ring of `rows` slots (slot = position % rows)
+    holds after positions 0..lengths[b]-1 were written, -1 where none was."""
+    last = lengths.long().unsqueeze(1) - 1
+    return last - (last - torch.arange(rows, device=lengths.device)) % rows
+
+
 class Compressor(nn.Module):
     """Pools every `ratio` tokens into one entry (torch.ops.dsv4.compress_kv).
 
@@ -96,13 +103,14 @@ class Compressor(nn.Module):
         first = (row_block[:, ::r] * r).clamp_min(0)                                  # [B, n_blocks]
         return self.pool(kv_rows, score_rows, first, inv_freq)[:, -1]
 
-    def fill_state(self, x: torch.Tensor, state: CompressorState) -> None:
-        """After a prefill of x [B, S, dim]: keep the projections of the last `rows` tokens."""
-        S, rows = x.shape[1], state.kv.shape[1]
-        kv, score = self.project(x[:, max(0, S - rows):])
-        slots = torch.arange(max(0, S - rows), S, device=x.device) % rows
-        state.kv[:, slots] = kv
-        state.score[:, slots] = score
+    def fill_state(self, x: torch.Tensor, state: CompressorState, lengths: torch.Tensor) -> None:
+        """After a prefill of x [B, S, dim] whose sequence b holds lengths[b] real tokens: keep the
+        projections of each sequence's last `rows` real tokens (rows not reached keep their value)."""
+        pos = ring_positions(lengths, state.kv.shape[1])                              # [B, rows]
+        kv, score = self.project(x.gather(1, pos.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1])))
+        written = (pos >= 0).unsqueeze(-1)
+        state.kv.copy_(torch.where(written, kv, state.kv))
+        state.score.copy_(torch.where(written, score, state.score))
 
 
 class Indexer(nn.Module):
@@ -204,10 +212,12 @@ class Attention(nn.Module):
 
     # ---- prefill ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache | None = None,
-                decode: bool = False) -> torch.Tensor:
+                decode: bool = False, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, S, dim], positions [B, S] -> [B, S, dim].
 
-        Prefill (positions 0..S-1); with a cache it also stores what decode needs to continue at S.
+        Prefill (positions 0..S-1); with a cache it also stores what decode needs to continue at S,
+        or at lengths[b] for a right-padded batch (lengths [B]: real tokens per sequence; attention
+        is causal, so the padding never reaches a real position).
         `decode=True`: one token per sequence (S = 1) attending over the cache.
         """
         if decode:
@@ -228,21 +238,31 @@ class Attention(nn.Module):
             attended = torch.cat([kv, entries.to(kv.dtype)], dim=1)
         o = torch.ops.dsv4.sparse_attention(q, attended, self.attn_sink, idx.to(torch.int32), self.softmax_scale)
         if cache is not None:
-            self._fill_cache(cache, x, kv, entries if self.ratio else None, keys if self.indexer is not None else None)
+            if lengths is None:
+                lengths = torch.full((B,), S, dtype=torch.int64, device=x.device)
+            self._fill_cache(cache, x, kv, entries if self.ratio else None, keys if self.indexer is not None else None,
+                             lengths)
         return self._output(o, positions)
 
-    def _fill_cache(self, cache: LayerKVCache, x, kv, entries, keys) -> None:
-        """Store a prefill (positions 0..S-1) so that decode continues at S."""
-        S = x.shape[1]
-        last = torch.arange(max(0, S - self.window), S, device=x.device)
-        cache.main[:, last % self.window] = pack_main_entries(kv[:, last], self.rope_dim)
+    def _fill_cache(self, cache: LayerKVCache, x, kv, entries, keys, lengths: torch.Tensor) -> None:
+        """Store a prefill so that decode continues at lengths[b] (positions 0..lengths[b]-1 real).
+
+        Window ring: each sequence's last `window` real rows (slots no real token reached keep their
+        bytes). Compressed entries and indexer keys: all of them; those of blocks holding padding are
+        not visible before decode has rewritten them from the compressor state (a block's entry is
+        visible once its last position is decoded, and decode rewrites the entry of its own block).
+        """
+        pos = ring_positions(lengths, self.window)                                      # [B, win]
+        rows = kv.gather(1, pos.clamp_min(0).unsqueeze(-1).expand(-1, -1, kv.shape[-1]))
+        window = cache.main[:, :self.window]
+        window.copy_(torch.where((pos >= 0).unsqueeze(-1), pack_main_entries(rows, self.rope_dim), window))
         if entries is not None:
             n_blocks = cache.main.shape[1] - self.window
             cache.main[:, self.window:] = pack_main_entries(entries[:, :n_blocks], self.rope_dim)
-            self.compressor.fill_state(x, cache.compressor)
+            self.compressor.fill_state(x, cache.compressor, lengths)
         if keys is not None:
             cache.index[:] = pack_indexer_keys(keys[:, :cache.index.shape[1]], cache.index_format)
-            self.indexer.compressor.fill_state(x, cache.index_compressor)
+            self.indexer.compressor.fill_state(x, cache.index_compressor, lengths)
 
     # ---- decode -------------------------------------------------------------------------------
     def decode(self, x: torch.Tensor, positions: torch.Tensor, cache: LayerKVCache) -> torch.Tensor:

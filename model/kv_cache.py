@@ -11,7 +11,8 @@ Built on the meta device it allocates nothing and serves the accounting (`nbytes
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -69,6 +70,38 @@ class KVCache:
                 layer.index = torch.zeros(batch_size, self.max_seq_len // 4, index_bytes, dtype=torch.uint8, device=device)
                 layer.index_compressor = _compressor_state(batch_size, ratio, config.index_head_dim, device)
             self.layers.append(layer)
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every buffer, named, in a fixed order (layer by layer: main, compressor kv/score, index,
+        index compressor kv/score): the explicit state of the exported engines."""
+        out = []
+        for i, layer in enumerate(self.layers):
+            out.append((f"layers.{i}.main", layer.main))
+            for part, state in (("compressor", layer.compressor), ("index_compressor", layer.index_compressor)):
+                if part == "index_compressor" and layer.index is not None:
+                    out.append((f"layers.{i}.index", layer.index))
+                if state is not None:
+                    out += [(f"layers.{i}.{part}.kv", state.kv), (f"layers.{i}.{part}.score", state.score)]
+        return out
+
+    def with_tensors(self, tensors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> "KVCache":
+        """A cache of this one's layout holding `tensors` (in `named_tensors` order; not copied)."""
+        names = [name for name, _ in self.named_tensors()]
+        if len(tensors) != len(names):
+            raise ValueError(f"KVCache.with_tensors: {len(tensors)} tensors, the layout has {len(names)}")
+        by_name = dict(zip(names, tensors))
+        cache = copy.copy(self)
+        cache.batch_size = tensors[0].shape[0]
+        cache.layers = []
+        for i, layer in enumerate(self.layers):
+            def state(part: str, old: CompressorState | None) -> CompressorState | None:
+                return None if old is None else CompressorState(by_name[f"layers.{i}.{part}.kv"],
+                                                                by_name[f"layers.{i}.{part}.score"])
+
+            cache.layers.append(replace(layer, main=by_name[f"layers.{i}.main"], index=by_name.get(f"layers.{i}.index"),
+                                        compressor=state("compressor", layer.compressor),
+                                        index_compressor=state("index_compressor", layer.index_compressor)))
+        return cache
 
     def nbytes_by_kind(self) -> dict[str, int]:
         """Bytes of every buffer, split by what it holds and the layer type."""

@@ -4,8 +4,9 @@ attention and MoE) -> stream merge -> norm -> head; plus the MTP block.
 Interfaces:
 - `model(tokens [B, S])` -> last position's logits [B, V] (DeepSeek's prefill interface);
   `all_logits=True` -> [B, S, V].
-- `model.prefill(tokens, cache)` also fills a `KVCache`; `model.decode(tokens [B, 1], positions [B],
-  cache)` -> [B, V] continues each sequence at its own position.
+- `model.prefill(tokens, cache)` also fills a `KVCache` (`lengths` [B]: a right-padded batch of
+  prompts, logits of each one's last real token); `model.decode(tokens [B, 1], positions [B], cache)`
+  -> [B, V] continues each sequence at its own position.
 - `model.mtp_logits(hidden, next_tokens)`: the MTP block's logits for the token after next.
 """
 from __future__ import annotations
@@ -54,10 +55,10 @@ class Block(nn.Module):
         self.hc_attn = HyperConnection(config)
         self.hc_ffn = HyperConnection(config)
 
-    def forward(self, h, positions, tokens, cache=None, decode=False):
+    def forward(self, h, positions, tokens, cache=None, decode=False, lengths=None):
         """h [B, S, n, dim] streams -> [B, S, n, dim]."""
         x, post, comb = self.hc_attn.pre(h)
-        h = self.hc_attn.post(self.attn(self.attn_norm(x), positions, cache, decode), h, post, comb)
+        h = self.hc_attn.post(self.attn(self.attn_norm(x), positions, cache, decode, lengths), h, post, comb)
         x, post, comb = self.hc_ffn.pre(h)
         return self.hc_ffn.post(self.ffn(self.ffn_norm(x), tokens), h, post, comb)
 
@@ -148,8 +149,9 @@ class Transformer(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def hidden_states(self, tokens: torch.Tensor, cache: KVCache | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] -> streams [B, S, n, dim]. With `positions` [B] (one token each): decode."""
+                      positions: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> streams [B, S, n, dim]. With `positions` [B] (one token each): decode.
+        `lengths` [B]: real tokens per sequence of a right-padded prefill (what the cache keeps)."""
         decode = positions is not None
         B, S = tokens.shape
         if S > self.config.max_seq_len:
@@ -157,7 +159,7 @@ class Transformer(nn.Module):
         pos = positions.view(B, 1) if decode else torch.arange(S, device=tokens.device).expand(B, S)
         h = self.embed(tokens).unsqueeze(2).repeat(1, 1, self.config.hc_mult, 1)
         for i, layer in enumerate(self.layers):
-            h = layer(h, pos, tokens, cache.layers[i] if cache is not None else None, decode)
+            h = layer(h, pos, tokens, cache.layers[i] if cache is not None else None, decode, lengths)
         return h
 
     def logits(self, h: torch.Tensor, all_logits: bool = False, merge: HeadMerge | None = None,
@@ -172,9 +174,18 @@ class Transformer(nn.Module):
         """tokens [B, S] int64 -> logits [B, V] of the last position ([B, S, V] with all_logits)."""
         return self.logits(self.hidden_states(tokens), all_logits)
 
-    def prefill(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
-        """Like forward, from position 0, and fills `cache` so that decode continues at S."""
-        return self.logits(self.hidden_states(tokens, cache), all_logits)
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, all_logits: bool = False,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Like forward, from position 0, and fills `cache` so that decode continues at S.
+
+        lengths [B] (int, each in [1, S]): right-padded prompts; sequence b's decode continues at
+        lengths[b], and the logits [B, V] are those of its last real token (position lengths[b] - 1).
+        """
+        h = self.hidden_states(tokens, cache, lengths=lengths)
+        if lengths is not None and not all_logits:
+            last = (lengths.long() - 1).view(-1, 1, 1, 1).expand(-1, 1, *h.shape[2:])
+            h = h.gather(1, last)                                                       # [B, 1, n, dim]
+        return self.logits(h, all_logits)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens [B, 1] at positions [B] (per sequence) -> logits [B, V]; updates `cache`."""

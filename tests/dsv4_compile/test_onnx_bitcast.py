@@ -1,0 +1,41 @@
+"""The ONNX translation of aten.view.dtype (dsv4_compile/onnx_bitcast.py): bit-exact against torch for
+every value kind the KV cache stores (FP8 e4m3, BF16, float32 <-> uint8), run by onnxruntime."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dsv4_compile.export import ONNX_OPSET
+from dsv4_compile.onnx_bitcast import onnx_view_dtype
+
+
+class _Bitcasts(torch.nn.Module):
+    def forward(self, x):
+        f8 = x.clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)  # e4m3fn: no infinity
+        bf = x.to(torch.bfloat16).view(torch.uint8)
+        f32 = x.view(torch.uint8)
+        return (f8, bf, f32, f8.view(torch.float8_e4m3fn).float(), bf.view(torch.bfloat16).float(),
+                f32.view(torch.float32))
+
+
+def test_bitcasts_are_bit_exact_in_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(0)
+    # magnitudes across every binade of e4m3 and far beyond (BF16, float32), both signs, and the edges:
+    # zeros of both signs, e4m3 max and subnormals, float32 subnormals
+    x = torch.randn(3, 700, generator=g) * torch.exp2(torch.randint(-20, 12, (3, 700), generator=g).float())
+    x[0, :7] = torch.tensor([0.0, -0.0, 448.0, -448.0, 2.0 ** -9, -(2.0 ** -7), 2.0 ** -6])
+    x[1, :4] = torch.tensor([1e-40, -3e-39, 1.0, 2.0 ** -126])
+    program = torch.export.export(_Bitcasts(), (x,), dynamic_shapes=({0: torch.export.Dim("B", min=1, max=9)},))
+    onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=ONNX_OPSET,
+                                     custom_translation_table={torch.ops.aten.view.dtype: onnx_view_dtype})
+    onnx_program.save(str(tmp_path / "bitcasts.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "bitcasts.onnx"), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    for name, out, ref in zip(("fp8 bytes", "bf16 bytes", "f32 bytes", "fp8 values", "bf16 values", "f32 values"),
+                              outputs, _Bitcasts()(x)):
+        ref = ref.numpy()
+        assert out.dtype == ref.dtype and out.shape == ref.shape, name
+        assert np.array_equal(out.view(np.uint8), ref.view(np.uint8)), f"{name}: {int((out != ref).sum())} differ"
+

@@ -1,0 +1,57 @@
+"""Verification by tokens (dsv4_compile/token_check.py): passes for the eager model against itself and
+fails for engines with the faults a user would notice (other weights, an off-by-one position, a
+dropped FP8 rounding, a cache that forgets the prompt)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4_compile import ModelConfig, Transformer
+from dsv4_compile.runtime import EagerSteps
+from dsv4_compile.token_check import check_engine_pair
+
+BUCKET = 128
+TOL, BOUND = 1e-5, 5e-2  # verify.TOLERANCES["aoti", "float32"], verify.FLIP_BOUND["float32"]
+
+
+def _model(**changes):
+    return Transformer(ModelConfig.load("tiny").replace(max_seq_len=BUCKET, **changes), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return EagerSteps(_model(), max_batch=3)
+
+
+def test_the_model_against_itself_passes_with_every_token(eager):
+    result = check_engine_pair(EagerSteps(_model(), 3), eager, BUCKET, TOL, BOUND, seed=0, tokens=12)
+    assert result["ok"], result
+    assert result["tokens_matched"] == result["tokens_compared"] == 3 * 12
+    assert result["rel_rms"] == 0.0 and result["decode_vs_prefill_rel_rms"] < 1e-3
+
+
+class _OffByOne(EagerSteps):
+    def _decode(self, tokens, positions, cache):
+        return super()._decode(tokens, positions + 1, cache)
+
+
+class _ForgetfulPrefill(EagerSteps):
+    """Prefill fills only the window ring: the compressed entries of the prompt are lost."""
+
+    def _prefill(self, tokens, lengths, cache):
+        logits = super()._prefill(tokens, lengths, cache)
+        for layer in self._layout.with_tensors(cache.tensors).layers:
+            layer.main[:, layer.main.shape[1] - (BUCKET // layer.ratio if layer.ratio else 0):].zero_()
+        return logits
+
+
+@pytest.mark.parametrize("make, what", [
+    (lambda: EagerSteps(Transformer(ModelConfig.load("tiny").replace(max_seq_len=BUCKET), seed=1).eval(), 3), "other weights"),
+    (lambda: _OffByOne(_model(), 3), "decode one position late"),
+    (lambda: _ForgetfulPrefill(_model(), 3), "prefill loses the compressed entries"),
+    (lambda: EagerSteps(_model(route_scale=1.6), 3), "a 7% change of one routing constant"),
+])
+def test_faulty_engines_fail(eager, make, what):
+    """One attempt (a fault fails every attempt; the retries are for rounding flips) of 6 tokens."""
+    result = check_engine_pair(make(), eager, BUCKET, TOL, BOUND, seed=0, attempts=1, tokens=6)
+    assert not result["ok"], f"{what}: passed ({result})"
