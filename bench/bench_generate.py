@@ -19,8 +19,8 @@ import time
 import torch
 
 from dsv4_compile import ModelConfig
-from dsv4_compile.build import eager_model
-from dsv4_compile.cli import parse_context_length
+from dsv4_compile.reference import eager_model
+from dsv4_compile.model.context import parse_context
 from dsv4_compile.runtime import EagerSteps
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_generate: needs a CUDA GPU", file=sys.stderr)
         return 2
-    context = parse_context_length(args.context)
+    context = parse_context(args.context)
     config = ModelConfig.load(args.config).replace(max_seq_len=context)
     model = eager_model(config, seed=0, state=None, cuda=True)
     batches = [int(b) for b in args.batches.split(",")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsv4_compile import ModelConfig
-from dsv4_compile.build import eager_model
+from dsv4_compile.reference import eager_model
 from dsv4_compile.compile import resolve_gpu
 from dsv4_compile.engines import export_engine
 from dsv4_compile.export import export_aoti
