@@ -55,6 +55,10 @@ def test_config_follows_rows_and_refusals_say_why():
     large = sub.SUBSTITUTION.config(target, e(64, 128, 256), w, s)["config"]
     gpu = "H200" if DEVICE == "cuda" else "interpreter"
     assert small == SMALL_M_CONFIGS[gpu].to_str() and large == DEFAULT_CONFIGS[gpu].to_str()
+    # a tuned table (prefill contexts) serves large M only; few rows keep the small-M default
+    tuned = passes.Target(gpu="H200", table={"by_context": {"8192": "block_m=32,block_n=32"}})
+    assert sub.SUBSTITUTION.config(tuned, e(64, 128, 256), w, s)["config"] == "block_m=32,block_n=32"
+    assert sub.SUBSTITUTION.config(tuned, e(1, 256), w, s)["config"] == small
     assert "multiple of 128" in sub._reason(e(4, 200), e(64, 200, dtype=torch.float8_e4m3fn), s, allow_cpu=True)
     assert "float8_e4m3fn" in sub._reason(e(4, 256), e(64, 256), s, allow_cpu=True)
     assert "int32" in sub._reason(e(4, 256, dtype=torch.int32), w, s, allow_cpu=True)
