@@ -34,7 +34,9 @@ SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_
 SWEEP_SMALL = ["block_m=16,block_n=32,num_warps=4,num_stages=4,quant=fused",
                "block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused",
                "block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused",
-               "block_m=64,block_n=64,num_warps=4,num_stages=4,quant=fused"]
+               "block_m=64,block_n=64,num_warps=4,num_stages=4,quant=fused",
+               "block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused,split_k=4",
+               "block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8"]
 SWEEP_LARGE = ["block_m=128,block_n=128,num_warps=8,num_stages=4,quant=separate",
                "block_m=128,block_n=256,num_warps=8,num_stages=3,quant=separate",
                "block_m=64,block_n=128,num_warps=4,num_stages=4,quant=separate",

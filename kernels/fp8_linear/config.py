@@ -21,6 +21,9 @@ class Fp8LinearConfig(KernelConfig):
     comparable to the tensor-core work).
     cast: fp32 -> e4m3 by the hardware conversion ("native", sm_89+, round to nearest even) or on the
     bits ("bits": exact everywhere; the interpreter's own cast does not round to even).
+    split_k: programs sharing one output tile, each over a contiguous part of K, adding into an fp32
+    result with atomics (then cast): more programs for few rows and few output tiles (decode); the
+    fp32 sums' order then varies between runs (last-bit differences before the cast).
     """
 
     block_m: int = 64
@@ -28,6 +31,7 @@ class Fp8LinearConfig(KernelConfig):
     num_warps: int = 4
     num_stages: int = 3
     group_m: int = 8
+    split_k: int = 1
     quant: str = "separate"
     cast: str = "bits"
 

@@ -51,10 +51,11 @@ def _quantize_kernel(p_x, p_q, p_s, M, K, stride_xm,
 @triton.jit
 def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am,
                        FUSED: tl.constexpr, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr):
     # FUSED: p_a [M, K] float x (row stride stride_am), p_as unused; else p_a [M, K] float8 codes
     # (row stride stride_am) and p_as [M, K/128] float32 scales. p_w [N, K] float8; p_ws
-    # [cdiv(N, 128), K/128] float32; p_y [M, N] (x's dtype), contiguous.
+    # [cdiv(N, 128), K/128] float32; p_y [M, N] (x's dtype; float32 added into when SPLIT_K > 1),
+    # contiguous. Program axis 1: the part of K (of SPLIT_K) this program sums.
     pid = tl.program_id(0)
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
@@ -73,7 +74,9 @@ def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am,
     p_w_rows = p_w + o_n[:, None].to(tl.int64) * K + o_k[None, :]
     p_ws_cols = p_ws + (o_n // 128).to(tl.int64) * KB
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, KB):
+    kb_per = tl.cdiv(KB, SPLIT_K)
+    kb_start = tl.program_id(1) * kb_per
+    for kb in range(kb_start, tl.minimum(KB, kb_start + kb_per)):
         if FUSED:
             b_x = tl.load(p_a_rows + kb * 128, mask=m_m[:, None], other=0.0).to(tl.float32)
             a, s_a = _quantize_rows(b_x, RECIP, NATIVE_CAST)
@@ -84,8 +87,11 @@ def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am,
         s_w = tl.load(p_ws_cols + kb, mask=m_n, other=0.0)
         part = tl.dot(a, tl.trans(w))                                             # [BM, BN] fp32
         acc += part * s_a[:, None] * s_w[None, :]
-    tl.store(p_y + o_m[:, None].to(tl.int64) * N + o_n[None, :], acc.to(p_y.dtype.element_ty),
-             mask=m_m[:, None] & m_n[None, :])
+    p_out = p_y + o_m[:, None].to(tl.int64) * N + o_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(p_out, acc.to(p_y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+    else:
+        tl.atomic_add(p_out, acc, mask=m_m[:, None] & m_n[None, :])
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -117,11 +123,13 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         launch(_quantize_kernel, (triton.cdiv(m, 32), k // SCALE_BLOCK), x2, a, a_scale, m, k, x2.stride(0),
                RECIP=recip, NATIVE_CAST=native, BLOCK_M=32, num_warps=4)
         stride = k
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    launch(_fp8_linear_kernel, grid, a, a_scale, weight, scale, y, m, n, k, stride,
+    split_k = min(cfg.split_k, k // SCALE_BLOCK)
+    out = y if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
+    launch(_fp8_linear_kernel, grid, a, a_scale, weight, scale, out, m, n, k, stride,
            FUSED=fused, RECIP=recip, NATIVE_CAST=native, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return y.reshape(*lead, n)
+           GROUP_M=cfg.group_m, SPLIT_K=split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (y if split_k == 1 else out.to(x.dtype)).reshape(*lead, n)
 
 
 @kernel_op("fp8_linear")

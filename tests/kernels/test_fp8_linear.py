@@ -60,8 +60,12 @@ def test_config_variants_agree():
     x, w, s = make((6,), 256, 96, torch.float32, seed=1)
     ref = torch.ops.dsv4.fp8_linear(x, w, s)
     for cfg in ({"quant": "fused", "block_m": 16, "block_n": 64}, {"quant": "separate", "block_m": 32, "block_n": 32},
-                "quant=fused,block_m=16,block_n=16,group_m=1"):
+                "quant=fused,block_m=16,block_n=16,group_m=1", "quant=fused,block_m=16,block_n=32,split_k=2",
+                "quant=separate,block_m=16,block_n=32,split_k=4"):  # split_k 2 of K/128 = 2 steps; 4 > 2 is clamped
         assert_close(f"kernel {cfg}", ref, fp8_linear(x, w, s, cfg), tol(torch.float32))
+    x, w, s = make((3,), 384, 40, torch.bfloat16, seed=2)  # 3 K-steps over 2 splits: parts of 2 and 1
+    assert_close("split_k=2, uneven", torch.ops.dsv4.fp8_linear(x, w, s).float(),
+                 fp8_linear(x, w, s, "quant=fused,block_m=16,block_n=32,split_k=2").float(), tol(torch.bfloat16))
 
 
 def test_input_errors():
