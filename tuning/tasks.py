@@ -22,6 +22,8 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
   max(4, 1%) of the values may differ, each by at most one code step (half the larger magnitude, or
   between 0 and a nonzero code), NaN positions equal (the kernel tests' criterion: the pooling sums in
   another order, so a value on a rounding boundary may flip).
+- moe_experts: 1e-2 in bf16 (bf16 operands, the SwiGLU activation rounded to bf16 once, the routing
+  weight applied before that rounding in the plain op and after w2 in the kernel).
 - indexer_topk: exact. The inputs are small dyadic numbers (k / 4, |k| <= 12), so every score is exact
   in fp32 at the model's 64 heads x 128 dims and the selection, ties included, is fully determined.
 """
@@ -307,10 +309,34 @@ INDEXER_TOPK = KernelTask(
     compare=lambda ref, out: close("indices", ref, out, 0.0))
 
 
+# ---- MoE experts --------------------------------------------------------------------------------
+
+def _moe_inputs(problem, device, seed=0, small=False):
+    T, k, E, D, I = (problem.dim(n) for n in ("T", "k", "E", "D", "I"))
+    if small:
+        T, E, D, I = min(T, 37), min(E, 9), min(D, 64), min(I, 48)
+        k = min(k, E)
+    dtype = DTYPES[problem.dim("dtype")]
+    x = _randn((T, D), device, seed, dtype)
+    ids = torch.rand((T, E), generator=_gen(device, seed + 1), device=device).argsort(-1)[:, :k].to(torch.int32)
+    weights = torch.rand((T, k), generator=_gen(device, seed + 2), device=device) + 0.1
+    w1 = _randn((E, I, D), device, seed + 3, dtype, D ** -0.5)
+    w2 = _randn((E, D, I), device, seed + 4, dtype, I ** -0.5)
+    w3 = _randn((E, I, D), device, seed + 5, dtype, D ** -0.5)
+    return (x, ids, weights, w1, w2, w3, 10.0)
+
+
+MOE_EXPERTS = KernelTask(
+    inputs=_moe_inputs,
+    reference=lambda a: torch.ops.dsv4.moe_experts(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("out", ref, out, 1e-2))
+
 TASKS: dict[str, KernelTask] = {
     "fp8_quantize": FP8_QUANTIZE, "fp4_quantize": FP4_QUANTIZE, "newton_schulz": NEWTON_SCHULZ,
     "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
     "sparse_attention_cached": SPARSE_ATTENTION_CACHED, "compress_kv": COMPRESS_KV, "indexer_topk": INDEXER_TOPK,
+    "moe_experts": MOE_EXPERTS,
 }
 
 

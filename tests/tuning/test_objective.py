@@ -129,7 +129,7 @@ def test_real_gate_prunes_a_corrupted_kernel_output(sqlite_url):
 
 
 @pytest.mark.parametrize("kernel", ["fp4_quantize", "newton_schulz", "hc_pre", "hc_sinkhorn", "sparse_attention",
-                                    "sparse_attention_cached", "compress_kv", "indexer_topk"])
+                                    "sparse_attention_cached", "compress_kv", "indexer_topk", "moe_experts"])
 def test_real_gate_passes_the_default_config(kernel):
     space = get_space(kernel)
     phase = space.phases[0]

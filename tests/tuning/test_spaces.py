@@ -211,3 +211,25 @@ def test_indexer_topk_problem_and_rules():
     assert kind == "redundant" and "exact" in reason
     kind, reason = space.check(space.make_config({**base, "block_s": 1, "block_n": 128, "num_stages": 4}, "H100"), p32, h100)
     assert kind == "hard" and "shared memory" in reason       # 4 stages of [128, 128] fp32 = 256 KB
+
+
+def test_moe_experts_problem_and_rules():
+    """Decode: T = the batch; prefill: context x batch tokens; the two launches' accumulators and
+    shared memory are checked separately; a column tile wider than the matrix and 32-row blocks when
+    each expert gets at most one row are redundant."""
+    space = get_space("moe_experts")
+    h200 = gpu_spec("H200")
+    dec = space.make_problem(FLASH, 32768, 64, "decode")
+    pre = space.make_problem(FLASH, 8192, 1, "prefill")
+    assert (dec.dim("T"), pre.dim("T"), pre.dim("E"), pre.dim("k"), pre.dim("I")) == (64, 8192, 256, 6, 2048)
+    assert dec.work_bytes < pre.work_bytes
+    base = space.default_params(pre, h200)
+    kind, reason = space.check(space.make_config({**base, "block_m": 128, "block_n": 256, "num_warps": 4}, "H200"), pre, h200)
+    assert kind == "hard" and "gate/up accumulators" in reason
+    cfg = space.make_config({**base, "block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 5}, "H200")
+    kind, reason = space.check(cfg, pre, h200)
+    assert kind == "hard" and "shared memory" in reason
+    one_row = space.make_problem(FLASH, 8192, 8, "decode")                  # 48 assignments over 256 experts
+    cfg = space.make_config({**space.default_params(one_row, h200), "block_m": 32}, "H200", "decode")
+    kind, reason = space.check(cfg, one_row, h200)
+    assert kind == "redundant" and "one row per expert" in reason

@@ -1,0 +1,71 @@
+"""Search space of the grouped-expert MoE kernel (kernels/moe_experts): the row block (the routing
+layout's padding unit, shared by both launches), the gate/up launch's and the down launch's column
+and K tiles, warps and pipeline stages; column tiles clamped by the launcher's own `fit_block`.
+Tuned on V4-Flash's experts (D 4096, I 2048, E 256, top 6, bf16) with random routing: decode = one
+token per sequence of the batch, prefill = context x batch tokens. The tuned table is keyed by the
+token count (the substitution picks the entry of the smallest count >= T)."""
+from __future__ import annotations
+
+from .framework import ACC_PER_THREAD, KernelSpace, Param, rule_threads, smem_reason, threads
+
+
+def _fit(block: int, dim: int) -> int:
+    return MOE_EXPERTS.kernel_config().fit_block(block, dim)
+
+
+def moe_hard(cfg, problem, gpu) -> str | None:
+    D, I = problem.dim("D"), problem.dim("I")
+    bm, bn, bk = cfg.block_m, _fit(cfg.block_n, I), cfg.block_k
+    dbn, dbk = _fit(cfg.down_block_n, D), cfg.down_block_k
+    acc = 2 * bm * bn / threads(cfg.num_warps)                       # gate and up accumulators
+    if acc > ACC_PER_THREAD:
+        return f"gate/up accumulators 2 x {bm}x{bn} over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
+    acc = bm * dbn / threads(cfg.down_num_warps)
+    if acc > ACC_PER_THREAD:
+        return f"down accumulator {bm}x{dbn} over {cfg.down_num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
+    # bf16 tiles per pipeline stage: x [bm, bk] and w1, w3 [bk, bn]; act [bm, dbk] and w2 [dbk, dbn].
+    reason = smem_reason(cfg.num_stages * (bm * bk + 2 * bk * bn) * 2, gpu, f"gate/up {cfg.num_stages} stages")
+    if reason:
+        return reason
+    return smem_reason(cfg.down_num_stages * (bm * dbk + dbk * dbn) * 2, gpu, f"down {cfg.down_num_stages} stages")
+
+
+def moe_redundant(cfg, problem, gpu) -> str | None:
+    for name, dim in (("block_n", problem.dim("I")), ("down_block_n", problem.dim("D"))):
+        if getattr(cfg, name) > _fit(getattr(cfg, name), dim):
+            return f"{name} {getattr(cfg, name)} > the matrix needs ({_fit(getattr(cfg, name), dim)}): clamped by the launcher"
+    if cfg.block_m > 16 and problem.dim("T") * problem.dim("k") <= problem.dim("E"):
+        return f"block_m {cfg.block_m}: at most one row per expert in use, 16 rows pad the least"
+    return None
+
+
+def _moe_problem(mc, context, batch, phase):
+    T = batch if phase == "decode" else context * batch
+    E, k, D, I = mc.n_routed_experts, mc.n_activated_experts, mc.dim, mc.moe_inter_dim
+    used = E * (1 - (1 - k / E) ** T)                                  # experts a random routing touches
+    dims = {"T": T, "k": k, "E": E, "D": D, "I": I, "dtype": "bfloat16"}
+    return dims, int(used * 3 * I * D * 2 + T * D * (2 + 4))
+
+
+def _typical(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    # One shape for both launches, as a single @triton.autotune list would (vLLM's fused_moe style).
+    return {"block_m": bm, "block_n": bn, "block_k": bk, "group_m": 8, "num_warps": warps, "num_stages": stages,
+            "down_block_n": bn, "down_block_k": bk, "down_num_warps": warps, "down_num_stages": stages}
+
+
+MOE_EXPERTS = KernelSpace(
+    name="moe_experts", package="moe_experts", config_class="MoeExpertsConfig", function="moe_experts:moe_experts",
+    params=(Param("block_m", (16, 32, 64, 128)), Param("block_n", (32, 64, 128, 256)), Param("block_k", (32, 64, 128)),
+            Param("group_m", (1, 4, 8, 16)), Param("num_warps", (4, 8)), Param("num_stages", (2, 3, 4, 5)),
+            Param("down_block_n", (32, 64, 128, 256)), Param("down_block_k", (32, 64, 128)),
+            Param("down_num_warps", (4, 8)), Param("down_num_stages", (2, 3, 4, 5))),
+    problem=_moe_problem, phases=("prefill", "decode"),
+    defaults={"prefill": "prefill_config", "decode": "decode_config"},
+    hard=(rule_threads, moe_hard), redundant=(moe_redundant,),
+    # vLLM's fused_moe starting points (small-M and large-M) and the matmul tutorial's common shapes.
+    typical=tuple(_typical(*c) for c in ((16, 32, 64, 4, 4), (16, 64, 128, 4, 3), (32, 64, 64, 4, 4),
+                                         (64, 64, 32, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+                                         (128, 64, 64, 4, 4))),
+    doc="x [T, 4096] bf16, ids [T, 6] of 256 experts (random), w1/w3 [256, 2048, 4096], w2 [256, 4096, 2048] "
+        "bf16. Decode: T = batch; prefill: T = context x batch. Weight formats FP8 / MXFP4 share the "
+        "config (their tile decode is in the same K loop).")
