@@ -203,6 +203,17 @@ def test_substitution_replaces_every_moe_op():
         assert_close(f"substituted {name}", ref.cpu(), out.cpu())
     config = sub.FLOAT.config(Target(gpu="H200"), *args[:6], LIMIT)["config"]
     assert MoeExpertsConfig.from_str(config).block_m == 16                   # 9 tokens: the decode regime
+    # A tuned table: decode entries by batch, prefill entries by token count; neither leaks into the other.
+    table = {"by_context": {"8192": "block_m=64,block_n=256"},
+             "entries": {"decode-8k-b64": {"phase": "decode", "context": 8192, "batch": 64, "config": {"block_n": 128}},
+                         "8k": {"phase": "prefill", "context": 8192, "batch": 1, "config": {"block_m": 64}}}}
+    tuned = Target(gpu="H200", table=table)
+    cfg = MoeExpertsConfig.from_str(sub.FLOAT.config(tuned, *args[:6], LIMIT)["config"])
+    assert (cfg.block_m, cfg.block_n) == (16, 128)                           # the decode entry over the decode default
+    big = torch.zeros(1000, 3, dtype=torch.int32)                              # 3000 assignments: still decode
+    assert MoeExpertsConfig.from_str(sub.FLOAT.config(tuned, args[0], big, *args[2:6], LIMIT)["config"]).block_n == 128
+    huge = torch.zeros(5000, 3, dtype=torch.int32)                             # prefill: the 8192-token entry
+    assert MoeExpertsConfig.from_str(sub.FLOAT.config(tuned, args[0], huge, *args[2:6], LIMIT)["config"]).block_m == 64
     if DEVICE == "cpu":
         manager = PassManager([sub.FLOAT, sub.FP8, sub.MXFP4], gpu="cpu")
         gm = make_fx(_three_ops, tracing_mode="fake")(*args)

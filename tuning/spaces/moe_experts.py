@@ -2,8 +2,9 @@
 layout's padding unit, shared by both launches), the gate/up launch's and the down launch's column
 and K tiles, warps and pipeline stages; column tiles clamped by the launcher's own `fit_block`.
 Tuned on V4-Flash's experts (D 4096, I 2048, E 256, top 6, bf16) with random routing: decode = one
-token per sequence of the batch, prefill = context x batch tokens. The tuned table is keyed by the
-token count (the substitution picks the entry of the smallest count >= T)."""
+token per sequence of the batch, prefill = context x batch tokens. The substitution reads prefill
+entries by token count and decode entries by batch (passes/kernel_substitutions/moe_experts.py); the
+decode problems of different contexts are the same problem (the experts do not see the cache)."""
 from __future__ import annotations
 
 from .framework import ACC_PER_THREAD, KernelSpace, Param, rule_threads, smem_reason, threads

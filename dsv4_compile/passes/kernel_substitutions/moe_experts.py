@@ -5,10 +5,11 @@ torch.ops.dsv4_triton.moe_experts / _fp8 / _mxfp4 ("moe_experts.triton", "moe_ex
 Applies to CUDA tensors: x [T, D] float32 / bfloat16 / float16 with static D; topk_ids [T, k] int32 /
 int64; topk_weights [T, k] float32; expert weights in x's dtype, FP8 e4m3 or MXFP4 (int8/uint8) with
 e8m0 (or float32) scales; MXFP4 needs D and I multiples of 32.
-Config: `config_string(target.table, T, default)` (see `_common`): the tuned entry of the smallest
-token count >= T (else the largest), else the table's "default", else the kernel's per-GPU default for
-T's regime (decode / prefill). A symbolic T takes the table's "default" or "" (the launcher's default
-for the prefill regime).
+Config by T's regime (kernels/moe_experts/config.py): prefill, the tuned entry of the smallest token
+count >= T (else the largest, `config_string` over the table's "by_context"); decode, the decode entry
+of the smallest batch >= T (tuned at T = batch), else the largest; untuned, the kernel's per-GPU
+default for the regime. A symbolic T takes the table's "default" or "" (the launcher's default for the
+prefill regime).
 `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import importlib
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ...kernels.moe_experts.config import default_config
+from ...kernels.moe_experts.config import default_config, regime
 from ..registry import Substitution, register
 from ._common import KERNEL_PRIORITY, config_string, device_reason, interpreter_twin, kernel_files, target_gpu
 
@@ -69,10 +70,21 @@ def _mxfp4_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limi
 
 def _config(target, x, topk_ids, *rest):
     T, k = topk_ids.shape
+    table = target.table or {}
     if not is_concrete_int(T):
-        return {"config": str((target.table or {}).get("default") or "")}
-    default = default_config(target_gpu(target, x.device.type), int(T) * int(k))
-    return {"config": config_string(target.table, int(T), default)}
+        return {"config": str(table.get("default") or "")}
+    T, k = int(T), int(k)
+    default = default_config(target_gpu(target, x.device.type), T * k)
+    if regime(T * k) == "prefill":  # prefill entries are keyed by their token count (context x batch 1)
+        return {"config": config_string({"by_context": table.get("by_context")}, T, default)}
+    # Decode entries were tuned at T = their batch (one token per sequence): the smallest batch >= T,
+    # else the largest; a table with none keeps the decode default (never a prefill entry).
+    decode = sorted((e["batch"], e["config"]) for e in (table.get("entries") or {}).values() if e["phase"] == "decode")
+    fit = [c for b, c in decode if b >= T] or [c for _, c in decode[-1:]]
+    try:
+        return {"config": (default.replace(**fit[0]) if fit else default).to_str()}
+    except (TypeError, ValueError):  # a table from another version of the config: the default
+        return {"config": default.to_str()}
 
 
 def _float(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config: str = ""):
