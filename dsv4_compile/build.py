@@ -11,8 +11,10 @@ Every user mistake is found before anything is written (exit 2, one line): plan.
 steps.py, the reference model (shared with verify) in reference.py, the manifest in manifest.py.
 
 The build is written into a hidden temporary folder beside --out (`.<name>.partial-<pid>`) and renamed
-into place only when complete: a killed build leaves at most that folder, whose manifest (if any)
-says `build_complete: false`, which `load` refuses. A previous build at --out is replaced.
+into place only when complete. Interrupted (SIGINT, SIGTERM) it removes that folder and exits 130 / 143;
+killed (SIGKILL) it leaves it, with a manifest (if any) that says `build_complete: false`, which `load`
+refuses, and the next build of the same --out removes the folders of dead builds (with a note). A
+previous build at --out is replaced.
 
 Exit codes: 0 built and every engine verified; 1 a check failed (compile or an export vs eager) or
 an internal error (the folder is still written, with the failure in the manifest, when the export
@@ -21,10 +23,14 @@ itself succeeded); 2 user mistake, nothing written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import sys
+import threading
 
 from .arguments import contexts_arg
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
@@ -80,7 +86,53 @@ def _place(tmp: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(out: str) -> list[str]:
+    """Remove the temporary folders (`.<name>.partial-<pid>`, `.<name>.old-<pid>`) that builds of `out`
+    whose process is gone left beside it. Returns their paths."""
+    parent, name = os.path.split(os.path.abspath(out))
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:partial|old)-(\d+)")
+    removed = []
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = pattern.fullmatch(entry)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            removed.append(os.path.join(parent, entry))
+    return removed
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM raises SystemExit(143) (like SIGINT's KeyboardInterrupt), so that cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace) -> int:
+    with _sigterm_exits():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .verify import run_verify_worker
 
     stream = sys.stderr if args.json else sys.stdout
@@ -94,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
 
     out_abs = os.path.abspath(plan.out)
     os.makedirs(os.path.dirname(out_abs), exist_ok=True)
+    for stale in remove_stale_partials(out_abs):
+        progress.note(f"removed {stale}: left by an earlier build of {plan.out} that was killed")
     tmp = f"{os.path.join(os.path.dirname(out_abs), '.' + os.path.basename(out_abs))}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -28,7 +28,8 @@ Format (schema_version 1), sorted-key JSON:
                                 "seconds": {"load": 3.1, "reference": 0.4, "engine": 1.2, "eager": 0.9}}}],
       "files": {"aoti/prefill-512.pt2": {"sha256": "...", "size": 123}, ...},
       "export_timings_s": {"512": {"torch.export[aoti]": 14.0, "aoti": 95.0, "onnx": 75.0}},
-      "timings_s": {"validate": 0.1, ...}
+      "timings_s": {"validate": 0.1, ...},
+      "digest": "<sha256 of the canonical JSON of every other key but versions>"
     }
 
 `verified.status` is "pending" (the provisional manifest), "verified", "failed" (with `error`) or
@@ -39,6 +40,13 @@ refuses a folder with a missing, extra or changed file.
 In code the manifest is `Manifest` (frozen dataclasses: `Manifest.from_json` / `to_json`), assembled
 by `new_manifest` only. A manifest of another schema_version, or one without it (none was written
 before version 1), is refused in one line.
+
+The manifest is a trust boundary: `digest` is the sha256 of its canonical JSON (sorted keys, no spaces)
+without `digest` and `versions`, so an edit of any fact that guards execution (device and ISA, buckets
+and input ranges, verification verdicts, files) is refused in one line by `load` and `verify` alike.
+`versions` is left out because `allow_version_skew` already lets a caller run other versions: editing
+them grants nothing the flag does not. A manifest without a digest (written before it existed) is
+refused: rebuild it.
 """
 from __future__ import annotations
 
@@ -145,8 +153,9 @@ class Manifest:
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
-        """The JSON object of manifest.json (tuples as lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The JSON object of manifest.json (tuples as lists), with its `digest`."""
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        return {**data, "digest": manifest_digest(data)}
 
     @classmethod
     def from_json(cls, data: Any, where: str = MANIFEST) -> "Manifest":
@@ -166,6 +175,21 @@ class Manifest:
         values = {n: data[n] for n in names if n in data}
         values.update(engines=engines, context_buckets=tuple(data["context_buckets"]), formats=tuple(data["formats"]))
         return cls(**values)
+
+
+def manifest_digest(data: dict) -> str:
+    """sha256 of the canonical JSON of a manifest object without its `digest` and `versions` keys."""
+    covered = {k: v for k, v in data.items() if k not in ("digest", "versions")}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_digest(root: str, data: dict) -> None:
+    """ArtifactError (one line) unless manifest.json's `digest` is that of its content."""
+    if "digest" not in data:
+        raise ArtifactError(f"{root}: {MANIFEST} has no digest (written before manifests carried one); rebuild it")
+    if data["digest"] != manifest_digest(data):
+        raise ArtifactError(f"{root}: {MANIFEST} was edited after the build (its digest does not match its content); "
+                            f"rebuild instead of editing it")
 
 
 def _engine_from_json(entry: dict) -> EngineRecord:
@@ -309,6 +333,10 @@ def file_table(root: str) -> dict[str, dict]:
 # ---- reading and checking -----------------------------------------------------------------------
 
 def read_manifest(root: str) -> Manifest:
+    return Manifest.from_json(_read_json(root), where=os.path.join(root, MANIFEST))
+
+
+def _read_json(root: str) -> Any:
     path = os.path.join(root, MANIFEST)
     if not os.path.isdir(root):
         raise ArtifactError(f"{root}: not a build folder (no such directory)")
@@ -319,7 +347,7 @@ def read_manifest(root: str) -> Manifest:
             data = json.load(f)
     except (OSError, ValueError) as err:
         raise ArtifactError(f"{path}: unreadable manifest ({type(err).__name__}: {str(err).splitlines()[0]})") from None
-    return Manifest.from_json(data, where=path)
+    return data
 
 
 def check_files(root: str, manifest: Manifest) -> None:
@@ -358,8 +386,10 @@ def check_config(manifest: Manifest) -> Any:
 
 
 def check_manifest(root: str, allow_version_skew: bool = False) -> Manifest:
-    """All checks that need no engine code: manifest, files, config, device, versions. Returns it."""
-    manifest = read_manifest(root)
+    """All checks that need no engine code: manifest, files, config, device, versions, and last the
+    digest (so that a mismatch of device or versions is named as such). Returns the manifest."""
+    data = _read_json(root)
+    manifest = Manifest.from_json(data, where=os.path.join(root, MANIFEST))
     check_files(root, manifest)
     check_config(manifest)
     reason = device_mismatch(manifest.device)
@@ -369,4 +399,5 @@ def check_manifest(root: str, allow_version_skew: bool = False) -> Manifest:
         reason = version_mismatch(manifest.versions)
         if reason:
             raise ArtifactError(f"{root}: version mismatch: {reason} (pass allow_version_skew=True to load anyway)")
+    check_digest(root, data)
     return manifest

@@ -13,7 +13,9 @@ wall clock: no trial starts after it, finished trials are kept, and the same com
 
 --cost: `cuda` times the kernels with CUDA events (needs the named GPU); `standin` exercises the
 whole machinery: the "latency" is a deterministic stand-in cost; with --gpu cpu the correctness gate
-still runs the real kernels (Triton interpreter, small shapes), on a GPU nothing runs. Stand-in tables say so in their `device` field; do not commit them as tuned results.
+still runs the real kernels (Triton interpreter, small shapes), on a GPU nothing runs. Stand-in tables
+say so in their `device` field, and by default go to ./standin-tables/ (table, plots and studies) in the
+current folder: never into the package's tuned tables or studies.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from .arguments import UsageError, add_config_argument, contexts_arg, positive_i
 from .model.context import format_context
 
 DEFAULT_CONTEXTS = "8k,32k,128k"
+# Where stand-in runs write by default (relative to the current folder): their costs are not measurements.
+STANDIN_DIR = "standin-tables"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cuda: CUDA-event timing; standin: deterministic stand-in cost, for testing the "
                              "machinery (default auto: cuda on a GPU, else an error)")
     parser.add_argument("--tables-dir", default=None, metavar="DIR",
-                        help="where <gpu>.yaml and the plots go (default: tuning/tables)")
+                        help=f"where <gpu>.yaml and the plots go (default: tuning/tables; with --cost standin "
+                             f"./{STANDIN_DIR}, with the studies too)")
     parser.add_argument("--study-prefix", default="dsv4", metavar="NAME", help="study name prefix (default: dsv4)")
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (default: 0)")
     parser.add_argument("--heartbeat", type=positive_int_arg, default=10, metavar="S",
@@ -112,16 +117,21 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--workers {args.workers} but {visible} GPU(s) visible: concurrent timings on one GPU "
                              f"disturb each other; use at most {visible} per machine (more machines can share "
                              f"one --storage)")
+    tables_dir, storage = args.tables_dir, args.storage
+    if cost == "standin":
+        tables_dir = tables_dir or STANDIN_DIR
+        storage = storage or f"sqlite:///{os.path.abspath(os.path.join(tables_dir, 'studies.db'))}"
     request = sweep.TuneRequest(
-        gpu=gpu, contexts=contexts, kernels=kernels, trials=args.trials, storage=args.storage, workers=args.workers,
+        gpu=gpu, contexts=contexts, kernels=kernels, trials=args.trials, storage=storage, workers=args.workers,
         batch=args.batch, decode_batch=args.decode_batch, model=args.config,
         runner=runner,
-        seed=args.seed, tables_dir=args.tables_dir, study_prefix=args.study_prefix, timeout_s=args.timeout,
+        seed=args.seed, tables_dir=tables_dir, study_prefix=args.study_prefix, timeout_s=args.timeout,
         heartbeat_interval=args.heartbeat, grace_period=6 * args.heartbeat,
         plots=not args.no_plots, progress=not args.no_progress and sys.stderr.isatty())
     storage = redact(request.storage_url())
     print(f"tune: gpu {gpu}, contexts {','.join(format_context(c) for c in contexts)}, "
-          f"{args.trials} measured configs per study, {args.workers} worker(s), cost {cost}, storage {storage}"
+          f"{args.trials} measured configs per study, {args.workers} worker(s), cost {cost}, storage {storage}, "
+          f"tables {tables_dir or 'tuning/tables'}"
           + (f", timeout {args.timeout:g} s" if args.timeout else ""), file=sys.stderr)
     result = sweep.tune(request)
 

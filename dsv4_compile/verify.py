@@ -106,9 +106,13 @@ def run(args: argparse.Namespace) -> int:
                                 allow_version_skew=args.allow_version_skew,
                                 progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     results = outcome.get("results", [])
-    ok = bool(results) and all(r["ok"] for r in results) and not outcome.get("worker_error")
+    # What load() refuses fails here too: an engine the build itself recorded as failed.
+    recorded = [e for e in manifest.engines if e.format in formats and e.verified.status == "failed"]
+    ok = bool(results) and all(r["ok"] for r in results) and not outcome.get("worker_error") and not recorded
     if args.json:
-        print(json.dumps({"ok": ok, "seed": seed, **outcome}, indent=2, sort_keys=True))
+        print(json.dumps({"ok": ok, "seed": seed, **outcome,
+                          "recorded_failed": [{"format": e.format, "bucket": e.bucket} for e in recorded]},
+                         indent=2, sort_keys=True))
     else:
         print(f"verify {path}: {outcome.get('where', 'fresh process')}, token seed {seed}"
               + (f", LD_PRELOAD={outcome['preload']}" if outcome.get("preload") else ""))
@@ -128,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         if outcome.get("worker_error"):
             print(f"dsv4_compile verify: error: {outcome['worker_error']}", file=sys.stderr)
+        for e in recorded:
+            print(f"dsv4_compile verify: error: the build recorded {e.format} context {e.bucket} as failed "
+                  f"({e.verified.error or 'failed'}); load() refuses it", file=sys.stderr)
         skipped = sorted(set(built) - set(formats))
         if skipped:
             print(f"not checked here: {', '.join(skipped)} (TensorRT is not installed)")
@@ -160,13 +167,17 @@ def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cu
             cmd.append("--allow-version-skew")
         tail: collections.deque[str] = collections.deque(maxlen=3)
         with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
-            for line in proc.stderr:
-                line = line.rstrip()
-                if line.startswith(WORKER_PROGRESS):
-                    if progress is not None:
-                        progress(line[len(WORKER_PROGRESS):])
-                elif line:
-                    tail.append(line)
+            try:
+                for line in proc.stderr:
+                    line = line.rstrip()
+                    if line.startswith(WORKER_PROGRESS):
+                        if progress is not None:
+                            progress(line[len(WORKER_PROGRESS):])
+                    elif line:
+                        tail.append(line)
+            except BaseException:  # interrupted (SIGINT, SIGTERM): the worker goes too
+                proc.kill()
+                raise
         if proc.returncode != 0 or not os.path.isfile(result_path):
             return {"worker_error": f"verification process exited with {proc.returncode}: "
                                     f"{' | '.join(tail) or 'no output'}", "preload": preload, "results": []}

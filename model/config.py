@@ -24,57 +24,64 @@ DTYPES = ("float32", "bfloat16")
 INDEXER_CACHE_FORMATS = ("fp4", "fp8")
 
 
+def _key(default, doc: str):
+    """A config key: its default and its meaning (`keys_reference` prints them; docs/CONFIG.md)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
+    """The model's shape and runtime limits. Every key of a YAML config is a field here; the defaults
+    make a small valid model (an empty YAML file loads). See `keys_reference()` for each key's meaning."""
+
     # sizes
-    vocab_size: int = 512
-    dim: int = 64
-    n_layers: int = 4
-    n_heads: int = 4
-    head_dim: int = 64
-    rope_head_dim: int = 16
-    q_lora_rank: int = 32
-    o_groups: int = 2
-    o_lora_rank: int = 32
-    norm_eps: float = 1e-6
+    vocab_size: int = _key(512, "vocabulary size: token ids are 0 .. vocab_size - 1")
+    dim: int = _key(64, "hidden size of the residual streams")
+    n_layers: int = _key(4, "main transformer blocks (the MTP blocks come on top)")
+    n_heads: int = _key(4, "query heads of the attention")
+    head_dim: int = _key(80, "width of each query head and of the shared key/value head: FP8 dims + rope dims; "
+                             "head_dim - rope_head_dim must be a multiple of 64")
+    rope_head_dim: int = _key(16, "the last dims of each head that get RoPE (even, < head_dim)")
+    q_lora_rank: int = _key(32, "rank of the low-rank query projection (wq_a -> norm -> wq_b)")
+    o_groups: int = _key(2, "groups of the grouped low-rank output projection (divides n_heads)")
+    o_lora_rank: int = _key(32, "rank of each output-projection group")
+    norm_eps: float = _key(1e-6, "RMSNorm epsilon")
     # attention: one entry per main layer, the MTP block is window-only (its ratio 0 is implied)
-    window_size: int = 8
-    compress_ratios: tuple[int, ...] = (0, 4, 128, 4)
+    window_size: int = _key(8, "tokens of each layer's causal sliding window (V4: 128)")
+    compress_ratios: tuple[int, ...] = _key((0, 4, 128, 4), "per main layer: 0 window only, 4 CSA (indexer "
+                                            "top-k of 4x-compressed entries), 128 HCA (all 128x-compressed entries)")
     # RoPE: window-only layers use rope_theta without YaRN; compressed layers compress_rope_theta + YaRN
-    rope_theta: float = 10000.0
-    compress_rope_theta: float = 160000.0
-    rope_factor: float = 16.0
-    original_seq_len: int = 65536
-    beta_fast: int = 32
-    beta_slow: int = 1
+    rope_theta: float = _key(10000.0, "RoPE base of window-only layers (no YaRN)")
+    compress_rope_theta: float = _key(160000.0, "RoPE base of compressed layers (with YaRN)")
+    rope_factor: float = _key(16.0, "YaRN scaling factor")
+    original_seq_len: int = _key(65536, "YaRN's original context length")
+    beta_fast: int = _key(32, "YaRN beta_fast")
+    beta_slow: int = _key(1, "YaRN beta_slow")
     # lightning indexer (CSA layers)
-    index_n_heads: int = 4
-    index_head_dim: int = 32
-    index_topk: int = 4
-    indexer_cache_format: str = "fp4"
+    index_n_heads: int = _key(4, "heads of the lightning indexer (CSA layers)")
+    index_head_dim: int = _key(32, "indexer head width: a power of two, a multiple of 32, >= rope_head_dim")
+    index_topk: int = _key(4, "compressed entries each query attends to in CSA layers")
+    indexer_cache_format: str = _key("fp4", "indexer keys in the KV cache: fp4 or fp8")
     # MoE
-    n_routed_experts: int = 8
-    n_shared_experts: int = 1
-    n_activated_experts: int = 2
-    moe_inter_dim: int = 32
-    route_scale: float = 1.5
-    swiglu_limit: float = 10.0
-    n_hash_layers: int = 3
+    n_routed_experts: int = _key(8, "routed experts per MoE layer")
+    n_shared_experts: int = _key(1, "shared experts per MoE layer (DeepSeek-V4: exactly 1)")
+    n_activated_experts: int = _key(2, "routed experts each token uses (top-k)")
+    moe_inter_dim: int = _key(32, "hidden size of each expert's SwiGLU")
+    route_scale: float = _key(1.5, "routed scaling of the expert weights")
+    swiglu_limit: float = _key(10.0, "SwiGLU clamp (up to +-limit, gate to <= limit)")
+    n_hash_layers: int = _key(3, "first layers that route by a fixed token-id hash table instead of scores")
     # mHC
-    hc_mult: int = 4
-    hc_sinkhorn_iters: int = 20
-    hc_eps: float = 1e-6
+    hc_mult: int = _key(4, "residual streams of the hyper-connections (mHC)")
+    hc_sinkhorn_iters: int = _key(20, "Sinkhorn-Knopp rounds of the mHC mixing matrix")
+    hc_eps: float = _key(1e-6, "epsilon added to mHC's pre weights")
     # MTP
-    n_mtp_layers: int = 1
+    n_mtp_layers: int = _key(1, "multi-token-prediction blocks (window-only), 0 for none")
     # runtime
-    max_seq_len: int = 512
-    max_batch_size: int = 2
-    dtype: str = "float32"
-    # False: the plain model skips its FP8/FP4 activation simulation (KV entries, indexer keys and
-    # queries, the window rows' FP8/BF16 rounding): a diagnostic switch for comparisons that must be
-    # exact up to fp32 rounding (compiled vs eager, parity with unquantized references). The KV cache's
-    # byte layout stays FP8, so decoding from a cache is quantized either way.
-    simulate_quantization: bool = True
+    max_seq_len: int = _key(512, "longest sequence: a multiple of every compress ratio (the context bucket of a build)")
+    max_batch_size: int = _key(2, "largest batch a model, its KV cache and its engines take")
+    dtype: str = _key("float32", "parameter and activation dtype: float32 or bfloat16")
+    simulate_quantization: bool = _key(True, "False skips the plain model's FP8/FP4 activation simulation (a diagnostic for "
+                                            "comparisons exact up to fp32 rounding); the KV cache's byte layout stays FP8")
     name: str = field(default="custom", compare=False)
 
     # ---- construction -------------------------------------------------------------------
@@ -96,7 +103,9 @@ class ModelConfig:
         return config
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ModelConfig":
+    def from_yaml(cls, path: str | Path, _chain: tuple[Path, ...] = ()) -> "ModelConfig":
+        """A YAML file of config keys (`keys_reference()`); `base: <preset or YAML file>` starts from that
+        config (a relative path is relative to this file's folder) and the file's other keys override it."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r}: not found")
@@ -104,7 +113,29 @@ class ModelConfig:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r}: not valid YAML ({str(err).splitlines()[0]})") from None
-        return cls.from_dict(data or {}, name=path.stem)
+        data = {} if data is None else data
+        if isinstance(data, dict) and "base" in data:
+            data = {**cls._base_values(data.pop("base"), path, _chain), **data}
+        return cls.from_dict(data, name=path.stem)
+
+    @classmethod
+    def _base_values(cls, base, path: Path, chain: tuple[Path, ...]) -> dict:
+        """The keys of config `base` named in the YAML file `path` (preset name or YAML path)."""
+        chain = (*chain, path.resolve())
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"config key 'base' in {str(path)!r}: {base!r} is not a preset name or a YAML file")
+        if base in preset_names():
+            target = PRESET_DIR / f"{base}.yaml"
+        else:
+            target = Path(base) if Path(base).is_absolute() else path.parent / base
+            if not target.is_file():
+                raise ConfigError(f"config key 'base' in {str(path)!r}: {base!r} is neither a preset "
+                                  f"({', '.join(preset_names())}) nor a YAML file")
+        if target.resolve() in chain:
+            raise ConfigError(f"config key 'base' in {str(path)!r}: {base!r} is part of a cycle of bases")
+        values = cls.from_yaml(target, chain).to_dict()
+        values.pop("name")
+        return values
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelConfig":
@@ -201,6 +232,19 @@ class ModelConfig:
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def keys_reference() -> str:
+    """Every key of a YAML config, from the dataclass: name, type, default and meaning (docs/CONFIG.md)."""
+    hints = typing.get_type_hints(ModelConfig)
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |",
+            "| base | str | - | a preset or a YAML file to start from; the file's other keys override it |"]
+    for f in dataclasses.fields(ModelConfig):
+        if "doc" in f.metadata:
+            kind = "list of int" if typing.get_origin(hints[f.name]) is tuple else hints[f.name].__name__
+            default = list(f.default) if isinstance(f.default, tuple) else f.default
+            rows.append(f"| {f.name} | {kind} | {default} | {f.metadata['doc']} |")
+    return "\n".join(rows) + "\n"
 
 
 def _is_pow2(n: int) -> bool:

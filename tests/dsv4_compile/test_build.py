@@ -234,6 +234,61 @@ def test_edited_config_is_refused(copy_of):
         dsv4_compile.load(path)
 
 
+def test_manifest_has_the_engines_file_mode(built):
+    path = built[0]
+    modes = {rel: os.stat(path / rel).st_mode & 0o777 for rel in ("manifest.json", *_files(built))}
+    assert len(set(modes.values())) == 1, modes
+
+
+@pytest.mark.parametrize("what, edit", [
+    ("seq_range", lambda m: m["engines"][0].update(seq_range=[2, 4096])),
+    ("context_buckets", lambda m: m.update(context_buckets=[512, 1024])),
+    ("verdict", lambda m: [e["verified"].update(status="failed", ok=False) for e in m["engines"]]),
+    ("compile_check", lambda m: m["compile_check"].update(rel_rms=0.0)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_edited_guard_is_refused_by_load_and_verify(copy_of, what, edit):
+    """Every fact that guards execution is covered by the manifest's digest: load and verify refuse alike."""
+    path = copy_of()
+    _edit_manifest(path, edit)
+    with pytest.raises(ArtifactError, match="manifest.json was edited after the build"):
+        dsv4_compile.load(path)
+    proc = _run(["verify", path], cwd=path)
+    assert proc.returncode == 2 and "manifest.json was edited" in _one_line(proc.stderr)
+
+
+def test_manifest_without_digest_is_refused(copy_of):
+    path = copy_of()
+    _edit_manifest(path, lambda m: m.pop("digest"))
+    with pytest.raises(ArtifactError, match="has no digest"):
+        dsv4_compile.load(path)
+
+
+def test_verify_and_load_agree_on_an_engine_the_build_recorded_as_failed(copy_of):
+    from dsv4_compile.manifest import manifest_digest
+
+    path = copy_of()
+
+    def fail_onnx(m):  # as a build whose ONNX check failed would write it
+        for e in m["engines"]:
+            if e["format"] == "onnx":
+                e["verified"].update(status="failed", ok=False, error="rel RMS 1.0e+00 > 5e-02")
+        m["digest"] = manifest_digest(m)
+
+    _edit_manifest(path, fail_onnx)
+    with pytest.raises(ArtifactError, match="onnx engine for context 512 failed verification"):
+        dsv4_compile.load(path, format="onnx")
+    proc = _run(["verify", path, "--format", "onnx"], cwd=path)
+    assert proc.returncode == 1 and "recorded onnx context 512 as failed" in proc.stderr
+
+
+def test_allow_version_skew_reaches_the_verify_worker(copy_of):
+    path = copy_of()
+    _edit_manifest(path, lambda m: m["versions"].update(torch="2.12.0"))
+    proc = _run(["verify", path, "--allow-version-skew", "--format", "aoti"], cwd=path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "version mismatch" not in proc.stdout + proc.stderr
+
+
 def test_libstdcxx_check_runs_here():
     from dsv4_compile.loader import libstdcxx_problem, system_libstdcxx
 
@@ -278,6 +333,39 @@ def test_killed_build_leaves_nothing_loadable(built, tmp_path):
             dsv4_compile.load(str(candidate))
     for leftover in leftovers:
         shutil.rmtree(leftover)
+
+
+def test_sigterm_removes_the_partial_folder(tmp_path):
+    """SIGTERM is handled like SIGINT: the temporary folder goes, the exit code is 128 + 15."""
+    out = tmp_path / "terminated"
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4_compile", "build", "--out", str(out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("[3/6] compile"):
+                break
+        assert any(p.name.startswith(".terminated.partial-") for p in tmp_path.iterdir())
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_stale_partial_folders_of_dead_builds_are_removed(tmp_path):
+    from dsv4_compile.build import remove_stale_partials
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "b1"
+    for name in (f".b1.partial-{dead.pid}", f".b1.old-{dead.pid}", f".b1.partial-{os.getpid()}",
+                 f".b2.partial-{dead.pid}", "b1"):
+        (tmp_path / name).mkdir()
+    removed = remove_stale_partials(str(out))
+    assert sorted(os.path.basename(p) for p in removed) == [f".b1.old-{dead.pid}", f".b1.partial-{dead.pid}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".b1.partial-{os.getpid()}", f".b2.partial-{dead.pid}", "b1"])
 
 
 # ---- exit code 2: one line, nothing written --------------------------------------------------------

@@ -59,6 +59,26 @@ def test_standin_run_on_cpu_writes_the_table(capsys, tmp_path):
     assert [s["best_params"] for s in data["studies"]] == [e["config"] for e in table["kernels"]["fp8_quantize"].values()]
 
 
+def test_standin_output_stays_out_of_the_package(capsys, tmp_path, monkeypatch):
+    """A stand-in run without --tables-dir/--storage writes ./standin-tables/ (table, studies, plots),
+    never the package's tuned tables or studies (issue 19: nothing for a wheel to pack)."""
+    from dsv4_compile.tuning.storage import DEFAULT_DB
+    from dsv4_compile.tuning.tables import TABLES_DIR
+
+    def package_state():
+        return sorted((p.name, p.stat().st_mtime_ns) for p in TABLES_DIR.rglob("*")), \
+            DEFAULT_DB.exists() and DEFAULT_DB.stat().st_mtime_ns
+
+    before = package_state()
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "--gpu", "cpu", "--cost", "standin", "--context", "8k", "--kernels",
+                             "fp8_quantize", "--trials", "1", "--no-progress")
+    assert code == 0, err
+    assert "tables standin-tables" in err
+    assert (tmp_path / "standin-tables" / "cpu.yaml").is_file() and (tmp_path / "standin-tables" / "studies.db").is_file()
+    assert package_state() == before
+
+
 def test_timeout_flag(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--gpu", "cpu", "--cost", "standin", "--timeout", "0")
     assert code == 2 and "--timeout" in err and "seconds > 0" in err
