@@ -36,6 +36,7 @@ import torch
 
 from _kernel_bench_util import graph_time_ms  # noqa: E402  (bench/ is on sys.path: script or `bench` CLI)
 from dsv4_compile.metrics import rel_rms
+from dsv4_compile.model.context import parse_contexts
 
 WINDOW, TOPK, CSA_RATIO, HCA_RATIO = 128, 512, 4, 128
 FLASH_H, HEAD_D, ROPE_D = 64, 512, 64
@@ -546,15 +547,6 @@ def _plot(result: dict, path: str) -> str:
     return path
 
 
-def _contexts(text: str) -> list[int]:
-    out = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        mult = 1024 if item.endswith("k") else 1
-        out.append(int(item.rstrip("k")) * mult)
-    return out
-
-
 def _decode_plain_op(q, cache, sink, idx):
     return torch.ops.dsv4.sparse_attention_cached(q, cache, sink, idx, HEAD_D ** -0.5, ROPE_D)
 
@@ -576,7 +568,7 @@ def main(argv=None) -> int:
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", short)
     result = {"rows": []}
     try:
-        result = run(_contexts(args.contexts), args.budget, not args.no_sweep, not args.no_flex, not args.no_decode)
+        result = run(parse_contexts(args.contexts), args.budget, not args.no_sweep, not args.no_flex, not args.no_decode)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         return 1

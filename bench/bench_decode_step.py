@@ -28,9 +28,11 @@ import time
 import torch
 from torch import nn
 
+from dsv4_compile.model.context import parse_contexts
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _kernel_bench_util import DEVICE, environment, fmt, log_log_plot, write_csv  # noqa: E402
-from bench_layers import _contexts, _err, _table, run_and_write, time_ms  # noqa: E402
+from bench_layers import _err, _table, run_and_write, time_ms  # noqa: E402
 
 COMPILE_RESERVE_S = 120.0   # a compiled variant starts only with this much of the budget left
 GRAPH_REPLAYS = 20          # replays per timed batch of a CUDA graph
@@ -252,7 +254,7 @@ def main(argv=None) -> int:
         print("bench_decode_step: needs a CUDA GPU (the CPU test runs run_decode_step on the tiny preset)")
         return 2
     batches = [int(b) for b in args.batches.split(",")]
-    return run_and_write(lambda: run_decode_step(args.config, _contexts(args.contexts), batches, not args.no_compile,
+    return run_and_write(lambda: run_decode_step(args.config, parse_contexts(args.contexts), batches, not args.no_compile,
                                                  args.budget), write_outputs, args.out, "decode_step.md")
 
 

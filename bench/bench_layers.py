@@ -37,6 +37,8 @@ import traceback
 
 import torch
 
+from dsv4_compile.model.context import parse_contexts
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _kernel_bench_util import (DEVICE, bench_ms, environment, fmt, graph_time_ms, log_log_plot, out_dir,  # noqa: E402
                                 write_csv)
@@ -460,11 +462,6 @@ def write_outputs(rows: list[dict], out: str, sh: Shapes = FLASH) -> list[str]:
     return paths
 
 
-def _contexts(text: str) -> list[int]:
-    return [int(s.strip().lower().rstrip("k")) * (1024 if s.strip().lower().endswith("k") else 1)
-            for s in text.split(",") if s.strip()]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--contexts", default="8k,32k,128k")
@@ -476,7 +473,7 @@ def main(argv=None) -> int:
     if DEVICE != "cuda":
         print("bench_layers: needs a CUDA GPU (the CPU test runs run_layers at tiny shapes)")
         return 2
-    return run_and_write(lambda: run_layers(_contexts(args.contexts), FLASH, not args.no_compile, args.budget),
+    return run_and_write(lambda: run_layers(parse_contexts(args.contexts), FLASH, not args.no_compile, args.budget),
                          write_outputs, args.out, "layers.md")
 
 
