@@ -186,6 +186,13 @@ def _edit_manifest(path: str, edit) -> None:
         json.dump(manifest, f)
 
 
+def _refused_by_load_and_verify(path: str, message: str) -> None:
+    with pytest.raises(ArtifactError, match=message):
+        dsv4_compile.load(path)
+    proc = _run(["verify", path], cwd=path)
+    assert proc.returncode == 2 and message in _one_line(proc.stderr)
+
+
 def test_edited_device_is_refused(copy_of):
     path = copy_of()
 
@@ -193,10 +200,7 @@ def test_edited_device_is_refused(copy_of):
         m["device"] = {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "gpu": "H100", "compute_capability": "9.0"}
 
     _edit_manifest(path, edit)
-    with pytest.raises(ArtifactError, match="device mismatch: built for NVIDIA H100"):
-        dsv4_compile.load(path)
-    proc = _run(["verify", path], cwd=path)
-    assert proc.returncode == 2 and "device mismatch" in _one_line(proc.stderr)
+    _refused_by_load_and_verify(path, "device mismatch: built for NVIDIA H100")
 
 
 def test_edited_isa_is_refused(copy_of):
@@ -250,10 +254,7 @@ def test_edited_guard_is_refused_by_load_and_verify(copy_of, what, edit):
     """Every fact that guards execution is covered by the manifest's digest: load and verify refuse alike."""
     path = copy_of()
     _edit_manifest(path, edit)
-    with pytest.raises(ArtifactError, match="manifest.json was edited after the build"):
-        dsv4_compile.load(path)
-    proc = _run(["verify", path], cwd=path)
-    assert proc.returncode == 2 and "manifest.json was edited" in _one_line(proc.stderr)
+    _refused_by_load_and_verify(path, "manifest.json was edited after the build")
 
 
 def test_manifest_without_digest_is_refused(copy_of):
@@ -310,22 +311,30 @@ def test_cuda_packages_need_the_libstdcxx_preload(monkeypatch):
     assert cuda_preload_problem() is None and libstdcxx_preload(cuda=True) is None
 
 
-def test_killed_build_leaves_nothing_loadable(built, tmp_path):
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4_compile", "build", "--out", str(out)], cwd=tmp_path,
+def _interrupt_build(cwd, name: str, step: str, sig: int, settle_s: float = 0.0) -> tuple[int, list[str]]:
+    """Run `python -m dsv4_compile build --out <cwd>/<name>`, send `sig` once step `step` has started
+    (and `settle_s` more seconds); (exit status, what `cwd` held just before the signal)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4_compile", "build", "--out", str(cwd / name)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 900
     try:
         for line in proc.stdout:
-            if line.startswith("[4/6] export") or time.time() > deadline:
+            if line.startswith(step) or time.time() > deadline:
                 break
-        time.sleep(3)  # inside torch.export / AOTInductor
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        time.sleep(settle_s)
+        before = sorted(p.name for p in cwd.iterdir())
+        proc.send_signal(sig)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, before
+
+
+def test_killed_build_leaves_nothing_loadable(built, tmp_path):
+    out = tmp_path / "killed"
+    code, _ = _interrupt_build(tmp_path, "killed", "[4/6] export", signal.SIGKILL, settle_s=3)  # inside AOTInductor
+    assert code == -signal.SIGKILL
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.partial-")]
     for candidate in [out, *leftovers]:
@@ -337,20 +346,9 @@ def test_killed_build_leaves_nothing_loadable(built, tmp_path):
 
 def test_sigterm_removes_the_partial_folder(tmp_path):
     """SIGTERM is handled like SIGINT: the temporary folder goes, the exit code is 128 + 15."""
-    out = tmp_path / "terminated"
-    proc = subprocess.Popen([sys.executable, "-m", "dsv4_compile", "build", "--out", str(out)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("[3/6] compile"):
-                break
-        assert any(p.name.startswith(".terminated.partial-") for p in tmp_path.iterdir())
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM
+    code, before = _interrupt_build(tmp_path, "terminated", "[3/6] compile", signal.SIGTERM)
+    assert [name for name in before if name.startswith(".terminated.partial-")], before
+    assert code == 128 + signal.SIGTERM
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
