@@ -24,6 +24,8 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
   another order, so a value on a rounding boundary may flip).
 - moe_experts: 1e-2 in bf16 (bf16 operands, the SwiGLU activation rounded to bf16 once, the routing
   weight applied before that rounding in the plain op and after w2 in the kernel).
+- fp8_linear: 1e-2 (bf16 output, REL_RMS_TOL; the kernel and the plain op sum the same FP8 products
+  in another order, in fp32).
 - indexer_topk: exact. The inputs are small dyadic numbers (k / 4, |k| <= 12), so every score is exact
   in fp32 at the model's 64 heads x 128 dims and the selection, ties included, is fully determined.
 """
@@ -332,11 +334,33 @@ MOE_EXPERTS = KernelTask(
     call=lambda fn, a, cfg: fn(*a, config=cfg),
     compare=lambda ref, out: close("out", ref, out, 1e-2))
 
+
+# ---- FP8 linear ----------------------------------------------------------------------------------
+
+def _fp8_linear_inputs(problem, device, seed=0, small=False):
+    from ..model.weight_formats import e8m0_to_float, quantize_fp8_weight
+
+    m, n, k = problem.dim("m"), problem.dim("n"), problem.dim("k")
+    if small:
+        m, n, k = min(m, 37), min(n, 96), min(k, 256)  # odd rows, a partial weight tile
+    x = _randn((m, k), device, seed, torch.bfloat16)
+    codes, scale = quantize_fp8_weight(_randn((n, k), device, seed + 1, scale=k ** -0.5))
+    return (x, codes, e8m0_to_float(scale))
+
+
+FP8_LINEAR = KernelTask(
+    inputs=_fp8_linear_inputs,
+    reference=lambda a: torch.ops.dsv4.fp8_linear(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("y", ref, out, REL_RMS_TOL[torch.bfloat16]))
+
+
 TASKS: dict[str, KernelTask] = {
     "fp8_quantize": FP8_QUANTIZE, "fp4_quantize": FP4_QUANTIZE, "newton_schulz": NEWTON_SCHULZ,
     "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
     "sparse_attention_cached": SPARSE_ATTENTION_CACHED, "compress_kv": COMPRESS_KV, "indexer_topk": INDEXER_TOPK,
     "moe_experts": MOE_EXPERTS,
+    "fp8_linear": FP8_LINEAR,
 }
 
 

@@ -60,3 +60,8 @@ def default_config(gpu_name: str | None = None, m: int | None = None) -> Fp8Line
     """Default config for a GPU name (None = the current device) and, when known, the row count M."""
     table = SMALL_M_CONFIGS if m is not None and m <= SMALL_M else DEFAULT_CONFIGS
     return pick_default(table, gpu_name)
+
+
+def decode_config(gpu_name: str | None = None) -> Fp8LinearConfig:
+    """The few-rows default (a decode step's batch), for the tuning space's decode phase."""
+    return pick_default(SMALL_M_CONFIGS, gpu_name)
