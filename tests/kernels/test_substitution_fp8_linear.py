@@ -55,10 +55,16 @@ def test_config_follows_rows_and_refusals_say_why():
     large = sub.SUBSTITUTION.config(target, e(64, 128, 256), w, s)["config"]
     gpu = "H200" if DEVICE == "cuda" else "interpreter"
     assert small == SMALL_M_CONFIGS[gpu].to_str() and large == DEFAULT_CONFIGS[gpu].to_str()
-    # a tuned table (prefill contexts) serves large M only; few rows keep the small-M default
+    # prefill entries serve large M only; few rows take the decode entry of the smallest batch >= M
     tuned = passes.Target(gpu="H200", table={"by_context": {"8192": "block_m=32,block_n=32"}})
     assert sub.SUBSTITUTION.config(tuned, e(64, 128, 256), w, s)["config"] == "block_m=32,block_n=32"
     assert sub.SUBSTITUTION.config(tuned, e(1, 256), w, s)["config"] == small
+    entries = {"a": {"phase": "decode", "batch": 8, "config": {"block_n": 32, "split_k": 4}},
+               "b": {"phase": "decode", "batch": 64, "config": {"block_n": 128}}}
+    decode = passes.Target(gpu="H200", table={"entries": entries})
+    got = sub.SUBSTITUTION.config(decode, e(2, 256), w, s)["config"]
+    assert got == SMALL_M_CONFIGS[gpu].replace(block_n=32, split_k=4).to_str()
+    assert "block_n=128" in sub.SUBSTITUTION.config(decode, e(40, 256), w, s)["config"]
     assert "multiple of 128" in sub._reason(e(4, 200), e(64, 200, dtype=torch.float8_e4m3fn), s, allow_cpu=True)
     assert "float8_e4m3fn" in sub._reason(e(4, 256), e(64, 256), s, allow_cpu=True)
     assert "int32" in sub._reason(e(4, 256, dtype=torch.int32), w, s, allow_cpu=True)

@@ -51,6 +51,19 @@ def config_string(table, context, default) -> str:
     return str(table.get("default") or default.to_str())
 
 
+def decode_entry_config(table, rows: int, default) -> str:
+    """The config string for a decode-sized call of `rows` rows: the tuned decode entry of the smallest
+    batch >= rows, else the largest (decode entries are tuned at rows = their batch); a table with none
+    keeps `default` (never a prefill entry); an entry from another version of the config, `default`."""
+    decode = sorted((e["batch"], e["config"]) for e in ((table or {}).get("entries") or {}).values()
+                    if e.get("phase") == "decode")
+    fit = [c for b, c in decode if b >= rows] or [c for _, c in decode[-1:]]
+    try:
+        return (default.replace(**fit[0]) if fit else default).to_str()
+    except (TypeError, ValueError):
+        return default.to_str()
+
+
 def target_gpu(target, device_type: str) -> str:
     """The GPU whose default config applies: the target's on CUDA, 'interpreter' otherwise."""
     return target.gpu if device_type == "cuda" else "interpreter"

@@ -4,10 +4,9 @@
 Applies to CUDA tensors: x float32 / bfloat16 / float16 with a static K that is a multiple of 128,
 weight float8_e4m3fn [N, K], scale float32 [cdiv(N, 128), K/128]. Otherwise the node is left to the
 plain op, with the reason. The config follows the row count M (x's leading dims, when static): up to
-SMALL_M rows (decode, small batches) the small-M defaults (fused input quantization); more rows (or a
-symbolic M) a tuned table keyed by M ("by_context", read like the other kernels' context tables:
-prefill tokens), else the large-M default. No table entry is used for small M: prefill contexts start
-at 128 tokens and their configs would be the large-M ones. `interpreter_substitutions()`: the same on CPU tensors
+SMALL_M rows (decode, small batches) the tuned decode entry by batch, else the small-M default (fused
+input quantization), never a prefill entry; more rows (or a symbolic M) the tuned prefill table by
+token count ("by_context", as the other kernels' context tables), else the large-M default. `interpreter_substitutions()`: the same on CPU tensors
 under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
@@ -19,7 +18,8 @@ import torch
 
 from ...kernels.fp8_linear.config import SCALE_BLOCK, SMALL_M, default_config
 from ..registry import Substitution, register
-from ._common import KERNEL_PRIORITY, config_string, device_reason, interpreter_twin, kernel_files, target_gpu
+from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
+                      kernel_files, target_gpu)
 
 # registers torch.ops.dsv4_triton.fp8_linear
 _kernel = importlib.import_module("...kernels.fp8_linear.fp8_linear", __package__)
@@ -51,7 +51,7 @@ def _config(target, x, weight, scale) -> dict:
     m = _rows(x)
     default = default_config(target_gpu(target, x.device.type), m)
     if m is not None and m <= SMALL_M:
-        return {"config": default.to_str()}
+        return {"config": decode_entry_config(target.table, m, default)}
     return {"config": config_string(target.table, m, default)}
 
 

@@ -21,7 +21,8 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ...kernels.moe_experts.config import default_config, regime
 from ..registry import Substitution, register
-from ._common import KERNEL_PRIORITY, config_string, device_reason, interpreter_twin, kernel_files, target_gpu
+from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
+                      kernel_files, target_gpu)
 
 # registers torch.ops.dsv4_triton.moe_experts*
 _kernel = importlib.import_module("...kernels.moe_experts.moe_experts", __package__)
@@ -77,14 +78,8 @@ def _config(target, x, topk_ids, *rest):
     default = default_config(target_gpu(target, x.device.type), T * k)
     if regime(T * k) == "prefill":  # prefill entries are keyed by their token count (context x batch 1)
         return {"config": config_string({"by_context": table.get("by_context")}, T, default)}
-    # Decode entries were tuned at T = their batch (one token per sequence): the smallest batch >= T,
-    # else the largest; a table with none keeps the decode default (never a prefill entry).
-    decode = sorted((e["batch"], e["config"]) for e in (table.get("entries") or {}).values() if e["phase"] == "decode")
-    fit = [c for b, c in decode if b >= T] or [c for _, c in decode[-1:]]
-    try:
-        return {"config": (default.replace(**fit[0]) if fit else default).to_str()}
-    except (TypeError, ValueError):  # a table from another version of the config: the default
-        return {"config": default.to_str()}
+    # Decode entries were tuned at T = their batch (one token per sequence).
+    return {"config": decode_entry_config(table, T, default)}
 
 
 def _float(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config: str = ""):
