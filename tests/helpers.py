@@ -14,8 +14,21 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float | N
     assert reason is None, reason
 
 
-def assert_few_flips(name: str, ref: torch.Tensor, out: torch.Tensor, frac: float = 0.01, min_allowed: int = 4) -> None:
+def assert_few_flips(name: str, ref: torch.Tensor, out: torch.Tensor, frac: float = 0.01, min_allowed: int = 4,
+                     step: float = 0.5) -> None:
     """Assert `out` (float32 values of codes) equals `ref` but for a few one-code-step flips (metrics.few_flips)."""
     assert out.dtype == torch.float32, f"{name}: {out.dtype}; expected float32 code values"
-    reason = few_flips(name, ref.cpu(), out.cpu(), frac, min_allowed)
+    reason = few_flips(name, ref.cpu(), out.cpu(), frac, min_allowed, step)
     assert reason is None, reason
+
+
+def assert_bits_equal(name: str, ref: torch.Tensor, out: torch.Tensor) -> None:
+    """Bit-exact tensors: equal values and signs (NaN matched by position), or equal integers."""
+    assert ref.shape == out.shape and ref.dtype == out.dtype, f"{name}: {ref.shape}/{ref.dtype} vs {out.shape}/{out.dtype}"
+    if ref.is_floating_point():
+        ref_nan, out_nan = torch.isnan(ref), torch.isnan(out)
+        assert torch.equal(ref_nan, out_nan), f"{name}: NaN positions differ"
+        differ = ((ref != out) | (torch.signbit(ref) != torch.signbit(out))) & ~ref_nan
+    else:
+        differ = ref != out
+    assert not differ.any(), f"{name}: {int(differ.sum())} of {ref.numel()} values differ"

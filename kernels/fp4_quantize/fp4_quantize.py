@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import block_scale, divide_by_scale
-from ..fp8_quantize.config import quant_tile
+from ..fp8_quantize.config import launch_grid
 from .config import Fp4QuantConfig, default_config
 
 FP4_MAX = 6.0
@@ -87,18 +87,12 @@ def _fp4_dequantize_kernel(p_q, p_s, p_o, Q, BS: tl.constexpr, BLOCK_Q: tl.const
 # Launchers (tensors go whole: contiguous [..., D] read as [Q, block_size])
 # ================================================================================================
 
-def _grid_params(Q: int, block_size: int, cfg: Fp4QuantConfig):
-    block_q, block_s = quant_tile(cfg.block_elems, block_size)
-    return (triton.cdiv(Q, block_q),), dict(BS=block_size, BLOCK_Q=block_q, BLOCK_S=block_s,
-                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def _launch_quantize(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, block_size: int, pow2: bool,
                      cfg: Fp4QuantConfig) -> None:
     Q = x.numel() // block_size
     if Q == 0:
         return
-    grid, meta = _grid_params(Q, block_size, cfg)
+    grid, meta = launch_grid(Q, block_size, cfg)
     launch(_fp4_quantize_kernel, grid, x, packed, scale, Q, POW2=pow2, RECIP=x.device.type == "cuda", **meta)
 
 
@@ -107,7 +101,7 @@ def _launch_dequantize(packed: torch.Tensor, scale: torch.Tensor, out: torch.Ten
     Q = out.numel() // block_size
     if Q == 0:
         return
-    grid, meta = _grid_params(Q, block_size, cfg)
+    grid, meta = launch_grid(Q, block_size, cfg)
     launch(_fp4_dequantize_kernel, grid, packed, scale, out, Q, **meta)
 
 

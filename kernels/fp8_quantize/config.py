@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
-from .._common import KernelConfig, next_pow2, pick_default
+from .._common import KernelConfig, cdiv, next_pow2, pick_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +49,13 @@ def quant_tile(block_elems: int, block_size: int) -> tuple[int, int]:
     as [Q, block_size] blocks and give each program max(1, block_elems // next_pow2(block_size))."""
     block_s = next_pow2(block_size)
     return max(1, block_elems // block_s), block_s
+
+
+def launch_grid(Q: int, block_size: int, cfg) -> tuple[tuple[int], dict]:
+    """(grid, meta-parameters) of the FP8 and FP4 kernels over Q blocks of block_size (either config class)."""
+    block_q, block_s = quant_tile(cfg.block_elems, block_size)
+    return (cdiv(Q, block_q),), dict(BS=block_size, BLOCK_Q=block_q, BLOCK_S=block_s,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def default_config(gpu_name: str | None = None) -> Fp8QuantConfig:

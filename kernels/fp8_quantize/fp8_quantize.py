@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import ceil_pow2, divide_by_scale, e4m3_bits
-from .config import Fp8QuantConfig, default_config, quant_tile
+from .config import Fp8QuantConfig, default_config, launch_grid
 
 FP8_MAX = 448.0
 
@@ -88,18 +88,12 @@ def _fp8_dequantize_kernel(p_q, p_s, p_o, Q, BS: tl.constexpr, BLOCK_Q: tl.const
 # which keeps the triton_op body simple to functionalize)
 # ================================================================================================
 
-def _grid_params(Q: int, block_size: int, cfg: Fp8QuantConfig):
-    block_q, block_s = quant_tile(cfg.block_elems, block_size)
-    return (triton.cdiv(Q, block_q),), dict(BS=block_size, BLOCK_Q=block_q, BLOCK_S=block_s,
-                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def _launch_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, block_size: int, pow2: bool,
                      cfg: Fp8QuantConfig) -> None:
     Q = x.numel() // block_size
     if Q == 0:
         return
-    grid, meta = _grid_params(Q, block_size, cfg)
+    grid, meta = launch_grid(Q, block_size, cfg)
     launch(_fp8_quantize_kernel, grid, x, codes, scale, Q, POW2=pow2, RECIP=x.device.type == "cuda",
            NATIVE_CAST=cfg.cast == "native" and not INTERPRET, **meta)
 
@@ -109,7 +103,7 @@ def _launch_dequantize(codes: torch.Tensor, scale: torch.Tensor, out: torch.Tens
     Q = codes.numel() // block_size
     if Q == 0:
         return
-    grid, meta = _grid_params(Q, block_size, cfg)
+    grid, meta = launch_grid(Q, block_size, cfg)
     launch(_fp8_dequantize_kernel, grid, codes, scale, out, Q, **meta)
 
 

@@ -3,18 +3,28 @@ model/ops.py (nearest entry of the table of all e4m3 values, found by binary sea
 code; power-of-two scales from frexp). Same signatures as the kernels' public functions."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 FP8_MAX = 448.0
 
 
+def e4m3_value(code: int) -> float:
+    """Decode one float8_e4m3fn byte: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits,
+    no infinities, S.1111.111 = NaN."""
+    sign = -1.0 if code & 0x80 else 1.0
+    e, m = (code >> 3) & 0xF, code & 0x7
+    if e == 0xF and m == 0x7:
+        return math.nan
+    if e == 0:
+        return sign * m / 8 * 2.0 ** -6  # subnormal
+    return sign * (1 + m / 8) * 2.0 ** (e - 7)
+
+
 def e4m3_table() -> torch.Tensor:
     """The 127 finite non-negative e4m3fn values, index = code (0x00..0x7E), ascending."""
-    vals = []
-    for code in range(0x7F):
-        exp, mant = code >> 3, code & 7
-        vals.append(mant / 8 * 2.0 ** -6 if exp == 0 else (1 + mant / 8) * 2.0 ** (exp - 7))
-    return torch.tensor(vals, dtype=torch.float32)
+    return torch.tensor([e4m3_value(code) for code in range(0x7F)], dtype=torch.float32)
 
 
 def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:

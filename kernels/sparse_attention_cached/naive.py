@@ -8,17 +8,8 @@ import struct
 
 import torch
 
+from ..fp8_quantize.naive import e4m3_value
 from ..sparse_attention import naive as attention_naive
-
-
-def e4m3_value(code: int) -> float:
-    sign = -1.0 if code & 0x80 else 1.0
-    exp, mant = (code >> 3) & 0xF, code & 7
-    if exp == 0xF and mant == 7:
-        return math.nan
-    if exp == 0:
-        return sign * mant / 8 * 2.0 ** -6
-    return sign * (1 + mant / 8) * 2.0 ** (exp - 7)
 
 
 def unpack_entry(entry: list[int], head_dim: int, rope_dim: int) -> list[float]:

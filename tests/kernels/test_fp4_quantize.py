@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.fp4_quantize import fp4_dequantize, fp4_quantize, naive  # noqa: E402
-from helpers import sqnr_db  # noqa: E402
+from helpers import assert_bits_equal, sqnr_db  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,17 +40,6 @@ def make_input(shape, dtype, seed=0):
         flat[0] = 0.1
         flat[0, :10] = torch.tensor([6.0, 0.25, -0.75, 1.25, -1.75, 2.5, -3.5, 5.0, -5.0, 0.75])
     return flat.reshape(shape).to(dtype).to(DEVICE)
-
-
-def assert_bits_equal(name, ref, out):
-    assert ref.shape == out.shape and ref.dtype == out.dtype, f"{name}: {ref.shape}/{ref.dtype} vs {out.shape}/{out.dtype}"
-    if ref.is_floating_point():
-        ref_nan, out_nan = torch.isnan(ref), torch.isnan(out)
-        assert torch.equal(ref_nan, out_nan), f"{name}: NaN positions differ"
-        differ = ((ref != out) | (torch.signbit(ref) != torch.signbit(out))) & ~ref_nan
-    else:
-        differ = ref != out
-    assert not differ.any(), f"{name}: {int(differ.sum())} of {ref.numel()} values differ"
 
 
 @pytest.mark.parametrize("pow2", SCALES)

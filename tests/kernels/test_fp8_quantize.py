@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.fp8_quantize import fp8_dequantize, fp8_quantize, naive  # noqa: E402
-from helpers import sqnr_db  # noqa: E402
+from helpers import assert_bits_equal, sqnr_db  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -47,16 +47,6 @@ def assert_codes_equal(name, ref, out):
     assert torch.equal(ref_nan, out_nan), f"{name}: NaN codes differ ({int(ref_nan.sum())} vs {int(out_nan.sum())})"
     differ = (ref.view(torch.uint8) != out.view(torch.uint8)) & ~ref_nan
     assert not differ.any(), f"{name}: {int(differ.sum())} of {ref.numel()} codes differ"
-
-
-def assert_bits_equal(name, ref, out):
-    """Bit-exact float tensors (NaN matched by position)."""
-    assert ref.shape == out.shape and ref.dtype == out.dtype, f"{name}: {ref.shape}/{ref.dtype} vs {out.shape}/{out.dtype}"
-    ref_nan, out_nan = torch.isnan(ref), torch.isnan(out)
-    assert torch.equal(ref_nan, out_nan), f"{name}: NaN positions differ"
-    differ = (ref != out) & ~ref_nan
-    differ |= (torch.signbit(ref) != torch.signbit(out)) & ~ref_nan
-    assert not differ.any(), f"{name}: {int(differ.sum())} of {ref.numel()} values differ"
 
 
 @pytest.mark.parametrize("pow2", SCALES)
@@ -153,7 +143,7 @@ def test_cuda_scale_rule_path():
     x = make_input((4, 3, 128), torch.float32, seed=5)
     codes = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=DEVICE)
     scale = torch.empty((4, 3, 4), device=DEVICE)
-    grid, meta = k._grid_params(x.numel() // 32, 32, k.default_config(None))
+    grid, meta = k.launch_grid(x.numel() // 32, 32, k.default_config(None))
     k.launch(k._fp8_quantize_kernel, grid, x, codes, scale, x.numel() // 32, POW2=False, RECIP=True,
              NATIVE_CAST=False, **meta)
     blocks = x.float().cpu().reshape(4, 3, 4, 32)

@@ -24,6 +24,8 @@ import struct
 
 import torch
 
+from dsv4_compile.kernels.fp8_quantize.naive import e4m3_value  # decodes a byte from its bit fields
+
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 AMAX_FLOOR = 1e-4                   # FP8
@@ -48,18 +50,6 @@ def ceil_pow2(v: float) -> float:
 # ------------------------------------------------------------------------------------------------
 # FP8 e4m3fn: decode all 256 codes from their bits, round by nearest-grid search
 # ------------------------------------------------------------------------------------------------
-
-def e4m3_value(code: int) -> float:
-    """Decode one float8_e4m3fn byte: 1 sign bit, 4 exponent bits (bias 7), 3 mantissa bits,
-    no infinities, S.1111.111 = NaN."""
-    sign = -1.0 if code & 0x80 else 1.0
-    e, m = (code >> 3) & 0xF, code & 0x7
-    if e == 0xF and m == 0x7:
-        return math.nan
-    if e == 0:
-        return sign * m / 8 * 2.0 ** -6  # subnormal
-    return sign * (1 + m / 8) * 2.0 ** (e - 7)
-
 
 _E4M3_POS = [e4m3_value(c) for c in range(0x7F)]  # codes 0..126: 0 .. 448, increasing
 assert all(a < b for a, b in zip(_E4M3_POS, _E4M3_POS[1:])) and _E4M3_POS[-1] == 448.0
