@@ -9,7 +9,7 @@ float64 (Python floats or float64 tensors), with a different algorithm from ops.
 - Hadamard: the matrix itself, built by Sylvester's construction, instead of the butterfly.
 - Sparse attention: a Python loop over (b, s, h) with an explicit softmax whose denominator holds the sink.
 - Sinkhorn: explicit loops over the n x n entries (vectorised only over the batch of matrices).
-- Indexer: a Python loop over queries, sorting candidates by the key (-score, index).
+- Indexer: kernels/indexer_topk/naive.py's (a loop over queries, sorting by (NaN first, -score, index)).
 - Compressor: explicit loops over blocks and over the rows of each block's softmax.
 
 Where the op's contract fixes an intermediate precision (the FP8/FP4 quotient x / scale and the scale
@@ -25,6 +25,7 @@ import struct
 import torch
 
 from dsv4_compile.kernels.fp8_quantize.naive import e4m3_value  # decodes a byte from its bit fields
+from dsv4_compile.kernels.indexer_topk.naive import indexer_topk  # noqa: F401  (the one slow reference)
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
@@ -378,32 +379,6 @@ def compress_kv(kv, score, ape, norm_weight, cos, sin, ratio: int, overlap: bool
         nope = fp8_simulate(out32[..., :d - rd], 64)
         return torch.cat([nope, out32[..., d - rd:].bfloat16().double()], dim=-1)
     return fp4_simulate(hadamard(out32).float(), 32)
-
-
-# ------------------------------------------------------------------------------------------------
-# Indexer
-# ------------------------------------------------------------------------------------------------
-
-def indexer_topk(q, weights, keys, positions, ratio: int, topk: int) -> torch.Tensor:
-    """Loop over queries; score every visible key in float64; sort by (NaN first, -score, index)."""
-    B, S, H, _ = q.shape
-    N = keys.shape[1]
-    out = torch.full((B, S, topk), -1, dtype=torch.int32)
-    for b in range(B):
-        for s in range(S):
-            t = int(positions[b, s])
-            n_visible = min(N, max(0, (t + 1) // ratio))
-            cand = []
-            for n in range(n_visible):
-                score = 0.0
-                for h in range(H):
-                    dot = float(torch.dot(q[b, s, h].double(), keys[b, n].double()))
-                    score += float(weights[b, s, h]) * max(dot, 0.0) if not math.isnan(dot) else math.nan
-                cand.append((0 if math.isnan(score) else 1, 0.0 if math.isnan(score) else -score, n))
-            cand.sort()
-            for k, (_, _, n) in enumerate(cand[:topk]):
-                out[b, s, k] = n
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
