@@ -116,6 +116,12 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def fit_block(block: int, dim: int) -> int:
+    """A tl.dot tile along a dimension: no larger than the dimension needs (>= 16 for tl.dot), so
+    small matrices get small tiles (the tuning spaces prune larger blocks as clamped)."""
+    return min(block, max(16, next_pow2(dim)))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from .._common import KernelConfig, pick_default
+from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_block: the launcher's tiles)
 
 # T * top_k at or below this is the decode regime: few rows per expert (<= 16 on average over 256
 # experts), so the smallest row block (16, tl.dot's minimum) wastes the least padding and the weight
@@ -89,9 +89,3 @@ def decode_config(gpu_name: str | None = None) -> MoeExpertsConfig:
 def prefill_config(gpu_name: str | None = None) -> MoeExpertsConfig:
     """The prefill regime's default for a GPU (the tuning space's 'prefill' phase)."""
     return default_config(gpu_name, DECODE_MAX_ASSIGNMENTS + 1)
-
-
-def fit_block(block: int, dim: int) -> int:
-    """The column tile the launcher uses: no wider than the dimension needs, >= 16 for tl.dot."""
-    return min(block, max(16, 1 << max(0, dim - 1).bit_length()))
-

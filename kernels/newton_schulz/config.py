@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from .._common import KernelConfig, next_pow2, pick_default
+from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_block: the launchers' tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +50,6 @@ DEFAULT_CONFIGS: dict[str, NewtonSchulzConfig] = {
     "generic": NewtonSchulzConfig(block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2,
                                   sym_block=64, sym_block_k=32, sym_num_warps=4, sym_num_stages=2),
 }
-
-
-def fit_block(block: int, dim: int) -> int:
-    """The block the launchers use for a dimension: no larger than it needs (>= 16 for tl.dot), so
-    small matrices get small tiles (the tuning space prunes larger blocks as clamped)."""
-    return min(block, max(16, next_pow2(dim)))
 
 
 def default_config(gpu_name: str | None = None) -> NewtonSchulzConfig:
