@@ -1,7 +1,8 @@
 """Graph passes: substitute `torch.ops.dsv4.*` nodes for kernels or plain code inside torch.compile.
 
-- registry.py: `Substitution` (what replaces which op, where, with which config), `register`,
-  `select("all" | "none" | "a,b" | [...])`, the `ConfigSource` hook for tuned tables.
+- registry.py: `Substitution` (what replaces which op, where, with which config), `register`, the
+  `ConfigSource` hook for tuned tables.
+- selection.py: discovery of the built-in substitutions, `select("all" | "none" | "a,b" | [...])`.
 - manager.py: `PassManager`, the post-grad `CustomGraphPass` that applies them, with a uuid().
 - report.py: `SubstitutionReport`, the JSON-serialisable record of every dsv4 node's fate.
 - decompose.py: the built-in "decompose.<op>" substitutions and `decomposition_table()`, their plain code.
@@ -11,8 +12,8 @@ Export takes the same choices per call: `PassManager.decomposition_table()` for 
 
 `dsv4_compile.compile(model, gpu=..., passes=...)` wires these into torch.compile.
 """
-from .registry import (ConfigSource, PassSelectionError, Substitution, Target, accepted_names, no_tables,
-                       register, select, substitutions, unregister)
+from .registry import ConfigSource, Substitution, Target, no_tables, register, unregister
+from .selection import PassSelectionError, accepted_names, select, substitutions
 from .report import NodeRecord, SubstitutionReport
 
 

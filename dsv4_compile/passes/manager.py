@@ -44,7 +44,7 @@ _FRAMEWORK_FILES = tuple(os.path.join(_HERE, f) for f in ("manager.py", "registr
 class PassManager(CustomGraphPass):
     """Rewrites dsv4 nodes with `substitutions` for `gpu` and records a SubstitutionReport.
 
-    substitutions: the enabled ones (registry.select(...)); gpu: "cpu", "H100", "H200";
+    substitutions: the enabled ones (selection.select(...)); gpu: "cpu", "H100", "H200";
     config_source: (name, gpu) -> tuned table or None, read once here.
     After each graph, `graph_ops` gets {"before": Counter, "after": Counter} of every call_function
     target (str) in that graph: what the tests compare, not part of the report.

@@ -5,7 +5,8 @@ inline, when `applies(target, *args)` returns None". `args` are the op's argumen
 (defaults filled in); during the pass every tensor among them is a fake tensor (shape, dtype, device,
 no data), so predicates and config functions look at metadata only.
 
-Registering (a kernel engineer, in `dsv4_compile/passes/kernel_substitutions/<op>.py`, discovered on first use):
+Registering (a kernel engineer, in `dsv4_compile/passes/kernel_substitutions/<op>.py`, which
+selection.discover() imports on first use):
 
     from dsv4_compile.passes import Substitution, register
 
@@ -31,10 +32,8 @@ are the fallback for nodes no kernel takes.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -110,11 +109,6 @@ def op_key(op: torch._ops.OpOverload) -> str:
 
 
 _REGISTRY: dict[str, Substitution] = {}
-_discovered = False
-
-
-class PassSelectionError(ValueError):
-    """A bad `passes` value. Message: one line naming the bad value and the accepted names."""
 
 
 def register(sub: Substitution, *, replace: bool = False) -> Substitution:
@@ -135,58 +129,6 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def discover() -> None:
-    """Import the built-in decompositions and every `dsv4_compile.passes.kernel_substitutions.<op>` module
-    (each registers its substitutions on import). Runs once; later calls do nothing.
-
-    Kernel modules are imported only here, at compile time, because importing Triton kernels fixes
-    TRITON_INTERPRET for the process (DESIGN.md, Traps).
-    """
-    global _discovered
-    if _discovered:
-        return
-    _discovered = True
-    from . import decompose  # noqa: F401  (registers decompose.*)
-    from . import kernel_substitutions as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
-
-
-def substitutions() -> dict[str, Substitution]:
-    """Every registered substitution by name (after discovery), sorted by name."""
-    discover()
-    return dict(sorted(_REGISTRY.items()))
-
-
-def accepted_names() -> list[str]:
-    """What `passes` accepts: all, none, each family, each full name."""
-    subs = substitutions()
-    families = sorted({s.family for s in subs.values()} - set(subs))
-    return ["all", "none", *families, *subs]
-
-
-def select(passes: str | Sequence[str] | None) -> list[Substitution]:
-    """'all' | 'none' | 'a,b' | ['a', 'b'] -> the enabled substitutions, sorted by name.
-
-    Each token is a full name or a family. Unknown tokens raise PassSelectionError (one line).
-    """
-    subs = substitutions()
-    if passes is None:
-        return []
-    tokens = [t.strip() for t in passes.split(",")] if isinstance(passes, str) else [str(t).strip() for t in passes]
-    tokens = [t for t in tokens if t]
-    if tokens == ["none"] or not tokens:
-        return []
-    if tokens == ["all"]:
-        return list(subs.values())
-    chosen: dict[str, Substitution] = {}
-    for token in tokens:
-        hits = [s for s in subs.values() if token in (s.name, s.family)]
-        if not hits:
-            bad = f"'all' and 'none' cannot be combined with other names" if token in ("all", "none") \
-                else f"unknown pass {token!r}"
-            raise PassSelectionError(f"{bad} in passes={passes!r}; accepted: {', '.join(accepted_names())}")
-        chosen.update((s.name, s) for s in hits)
-    return [chosen[name] for name in sorted(chosen)]
+def registered() -> dict[str, Substitution]:
+    """Every substitution registered so far, by name (no discovery: see selection.substitutions)."""
+    return dict(_REGISTRY)
