@@ -15,9 +15,11 @@ max_expert_blocks(N, E, block_m), so the grids depend on the sizes only (CUDA gr
 Both sweep the column tiles of group_m row blocks before the next rows (L2 reuse of weight tiles).
 Weights: float (bf16/fp16/fp32, as x), FP8 e4m3 codes with one scale per 128 x 128 tile, or MXFP4
 (two e2m1 codes per byte, low nibble first, one scale per 1 x 32 along the reduction dim); scales
-e8m0 bytes or float32. Quantized tiles are decoded from their bits in registers (exact: every code
-times a power-of-two scale is a bf16 value) and multiplied in x's dtype with fp32 accumulation:
-W8A16 / W4A16.
+e8m0 bytes or float32. Quantized tiles are dequantized in registers and multiplied in x's dtype with
+fp32 accumulation (W8A16 / W4A16; exact: every code times a power-of-two scale is a bf16 value):
+FP8 codes converted by the hardware (the interpreter decodes their bits), MXFP4 bytes loaded once for
+two weights, their nibbles' bits placed into fp16s, the activations split into even and odd columns
+to match instead of interleaving the weights.
 Numbers: against the plain op, the routing weight multiplies the fp32 product of w2 instead of the
 activation before its rounding to x's dtype (bf16: within the bf16 tolerance; fp32: equal up to
 summation order), and the k contributions of a token are summed by atomics in no fixed order.
