@@ -32,10 +32,10 @@ import signal
 import sys
 import threading
 
-from .arguments import contexts_arg
+from .arguments import contexts_arg, positive_int_arg
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
 from .model.context import format_context
-from .plan import DEFAULT_FORMATS, Plan
+from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, Plan
 from .steps import Progress, compile_check, export_bucket, known_export_warnings_silenced, verify_engines
 
 
@@ -59,15 +59,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights (default: 0)")
     parser.add_argument("--passes", default="all", metavar="LIST",
                         help="substitution passes: all, none, or comma-separated names/families (default: all)")
+    parser.add_argument("--max-batch", type=positive_int_arg, default=None, metavar="N",
+                        help=f"largest batch of the prefill-cache and decode engines (default: {DEFAULT_MAX_BATCH['gpu']} "
+                             f"with a GPU, {DEFAULT_MAX_BATCH['cpu']} on the CPU)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON on stdout (progress on stderr)")
 
 
 def summary_table(manifest: Manifest) -> str:
-    rows = [("format", "context", "S range", "B range", "file", "MB", "verified", "short rel RMS", "tolerance", "max rel RMS")]
+    rows = [("format", "engine", "context", "S range", "B range", "file", "MB", "verified", "short rel RMS", "tolerance",
+             "max rel RMS")]
     for e in manifest.engines:
         v = e.verified
         size = sum(manifest.files.get(f, {}).get("size", 0) for f in e.files) / 1e6
-        rows.append((e.format, format_context(e.bucket), f"{e.seq_range[0]}-{e.seq_range[1]}",
+        rows.append((e.format, e.kind, format_context(e.bucket), f"{e.seq_range[0]}-{e.seq_range[1]}",
                      f"{e.batch_range[0]}-{e.batch_range[1]}", e.files[0], f"{size:.1f}", v.status,
                      "-" if v.rel_rms is None else f"{v.rel_rms:.1e}", "-" if v.tolerance is None else f"{v.tolerance:.0e}",
                      "-" if v.max_rel_rms is None else f"{v.max_rel_rms:.1e}"))
@@ -156,7 +160,8 @@ def _run(args: argparse.Namespace) -> int:
     def manifest_now(engines: list[EngineRecord], complete: bool) -> Manifest:
         return new_manifest(target=plan.target, config=plan.config, weights=plan.weights, buckets=plan.buckets,
                             formats=plan.formats, passes=plan.passes, compile_check=compile_result, engines=engines,
-                            export_timings=export_timings, timings=progress.timings, root=tmp, complete=complete)
+                            export_timings=export_timings, timings=progress.timings, root=tmp, complete=complete,
+                            max_batch=plan.max_batch)
 
     try:
         progress.start("model", "seeded weights" if plan.state is None else f"weights {plan.weights_path}")
@@ -204,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": ok, "out": plan.out, "manifest": manifest.to_json()}, indent=2, sort_keys=True))
     if not ok:
-        what = [f"{e.format} {format_context(e.bucket)}" for e in failed]
+        what = [f"{e.format} {e.kind} {format_context(e.bucket)}" for e in failed]
         if not compile_result["ok"]:
             what.insert(0, "compile check")
         print(f"dsv4_compile build: error: verification failed ({', '.join(what)}); the build at {plan.out} "

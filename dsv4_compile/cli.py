@@ -51,6 +51,7 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "bench": Command("dsv4_compile.bench", "side-by-side GPU benchmarks of the Triton kernels against torch, flex_attention and SDPA"),
     "build": Command("dsv4_compile.build", "compile, export (AOTInductor, ONNX, TensorRT) and verify a model into a build folder"),
+    "generate": Command("dsv4_compile.generate", "generate tokens with a build's prefill-cache and decode engines"),
     "inspect": Command("dsv4_compile.checkpoint.summary",
                        "describe a checkpoint folder (layout, config, dtypes, bytes, hash layers) without loading weights"),
     "kv-cache": Command("dsv4_compile.kv_report",

@@ -198,12 +198,16 @@ class Engine:
 
     def __init__(self, path: str, manifest: Manifest, fmt: str, engines: list[EngineRecord]):
         from .manifest import check_config
+        from .runtime import EngineSteps
 
         self.path, self.manifest, self.format = path, manifest, fmt
         self.config = check_config(manifest)
-        self.engines = sorted(engines, key=lambda e: e.bucket)
+        self.engines = sorted((e for e in engines if e.kind == "prefill"), key=lambda e: e.bucket)
         self.buckets = [e.bucket for e in self.engines]
         self._runners: dict[int, Any] = {}
+        stateful = [e for e in engines if e.kind != "prefill"]
+        # the prefill-cache + decode engines (runtime.py); None for a build without them
+        self.steps = EngineSteps(path, manifest, fmt, self.config, stateful) if stateful else None
 
     def __repr__(self) -> str:
         return f"Engine({self.path!r}, format={self.format!r}, buckets={self.buckets}, device={describe_device(self.manifest.device)!r})"
@@ -261,6 +265,34 @@ class Engine:
                 raise ValueError(f"tokens {list(tokens.shape)} do not fit bucket {bucket} ({entry.bounds()})")
         with torch.no_grad():
             return self._runner(entry)(tokens.contiguous()).float()
+
+
+    # ---- generation (runtime.py): the prefill-cache and decode engines --------------------------------
+    def generation_steps(self):
+        """The prefill-cache and decode engines of this format (runtime.EngineSteps); ArtifactError if none."""
+        if self.steps is None:
+            raise ArtifactError(f"{self.path}: this build has no {self.format} prefill-cache/decode engines "
+                                f"(built before they existed, or a format without them); rebuild it")
+        return self.steps
+
+    def new_cache(self, batch: int, bucket: int | None = None):
+        """An empty KV cache for `batch` sequences in context `bucket` (default: the largest)."""
+        return self.generation_steps().new_cache(batch, bucket)
+
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cache) -> torch.Tensor:
+        """tokens [B, S] right-padded, lengths [B] -> logits [B, V] of each last real token; fills `cache`."""
+        return self.generation_steps().prefill(tokens, lengths, cache)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """tokens [B, 1] at positions [B] -> logits [B, V]; writes them into `cache`."""
+        return self.generation_steps().decode(tokens, positions, cache)
+
+    def generate(self, prompts, max_new_tokens, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, stop_tokens=()) -> list[list[int]]:
+        """New tokens for each prompt (ragged, one batch; greedy at temperature 0; a sequence stops after
+        a stop token or max_new_tokens): see dsv4_compile.runtime."""
+        return self.generation_steps().generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                                top_p=top_p, seed=seed, stop_tokens=stop_tokens)
 
 
 def _pick(manifest: Manifest, fmt: str | None, require_verified: bool) -> tuple[str, list[EngineRecord]]:

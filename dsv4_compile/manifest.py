@@ -66,7 +66,11 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 # The engine formats a build can hold, in the loader's order of preference.
 FORMATS = ("aoti", "onnx", "tensorrt")
-INTERFACE = {"input": "tokens [B, S] int64", "output": "last-position logits [B, V] float32"}
+INTERFACE = {"input": "tokens [B, S] int64", "output": "last-position logits [B, V] float32",
+             "prefill-cache": "tokens [B, S] int64 (right-padded), lengths [B] int64, *cache -> logits [B, V] float32 "
+                              "of each last real token (+ the updated cache when cache_io is 'returned')",
+             "decode": "tokens [B, 1] int64, positions [B] int64, *cache -> logits [B, V] float32 "
+                       "(+ the updated cache when cache_io is 'returned')"}
 # x86 vector ISAs as torch.backends.cpu.get_cpu_capability() names them, weakest first: AOTInductor
 # compiles CPU code for the build host's ISA, so a package needs at least that ISA to run.
 _X86_ISA_ORDER = ("DEFAULT", "AVX2", "AVX512")
@@ -97,6 +101,7 @@ class Verification:
     cases: list | None = None          # [{kind, batch, seq, rel_rms, max_abs}, ...]
     error: str | None = None
     seconds: dict | None = None        # {load, reference, engine, eager}
+    tokens: dict | None = None         # prefill-cache + decode, by tokens (token_check.py): matched, ...
 
     @classmethod
     def from_worker(cls, result: dict | None, where: str, worker_error: str | None = None) -> "Verification":
@@ -121,6 +126,8 @@ class EngineRecord:
     compute_dtype: str                # ONNX: always float32 (steps.ONNX_COMPUTE_DTYPE)
     kernels: dict                     # kernel -> {calls, configs}: what the engine runs
     verified: Verification
+    kind: str = "prefill"             # "prefill" (tokens -> logits), "prefill-cache" or "decode" (engines.py)
+    cache_io: str | None = None       # prefill-cache/decode: "in-place" (AOTI on a GPU) or "returned"
 
     def fits(self, batch: int, seq: int) -> bool:
         return self.seq_range[0] <= seq <= self.seq_range[1] and self.batch_range[0] <= batch <= self.batch_range[1]
@@ -150,6 +157,8 @@ class Manifest:
     timings_s: dict
     files: dict
     interface: dict = field(default_factory=lambda: dict(INTERFACE))
+    max_batch: int | None = None      # the prefill-cache and decode engines' largest batch
+    kv_cache: dict | None = None      # bucket -> the cache layout (engines.cache_manifest)
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
@@ -165,7 +174,7 @@ class Manifest:
             raise ArtifactError(f"{where}: schema_version {got!r}, this loader reads {SCHEMA_VERSION}"
                                 + (" (a manifest from before versioned manifests: rebuild it)" if got is None else ""))
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data and n != "interface"]
+        missing = [n for n in names if n not in data and n not in ("interface", "max_batch", "kv_cache")]
         if missing:
             raise ArtifactError(f"{where}: missing key {missing[0]!r}")
         try:
@@ -194,7 +203,8 @@ def check_digest(root: str, data: dict) -> None:
 
 def _engine_from_json(entry: dict) -> EngineRecord:
     verified = Verification(**entry["verified"])
-    values = {f.name: entry[f.name] for f in dataclasses.fields(EngineRecord) if f.name != "verified"}
+    values = {f.name: entry[f.name] for f in dataclasses.fields(EngineRecord)
+              if f.name != "verified" and (f.name in entry or f.default is dataclasses.MISSING)}
     lo_s, hi_s = (int(v) for v in values["seq_range"])
     lo_b, hi_b = (int(v) for v in values["batch_range"])
     return EngineRecord(**{**values, "files": tuple(values["files"]), "seq_range": (lo_s, hi_s),
@@ -203,9 +213,11 @@ def _engine_from_json(entry: dict) -> EngineRecord:
 
 def new_manifest(*, target: str, config, weights: dict, buckets: list[int], formats: list[str], passes: str,
                  compile_check: dict | None, engines: list[EngineRecord], export_timings: dict, timings: dict,
-                 root: str, complete: bool) -> Manifest:
+                 root: str, complete: bool, max_batch: int | None = None) -> Manifest:
     """The manifest of the build folder `root` as it is now: this machine's device and versions, the
     build's facts, and every file of `root` with its size and sha256. The one place a manifest is made."""
+    from .engines import cache_manifest
+
     check = dict(compile_check or {})
     return Manifest(
         build_complete=complete, created=now_utc(), device=device_info(target), versions=versions(),
@@ -213,7 +225,8 @@ def new_manifest(*, target: str, config, weights: dict, buckets: list[int], form
         context_buckets=tuple(buckets), formats=tuple(formats), passes=passes, pass_report=check.pop("report", None),
         compile_check=check, engines=tuple(engines),
         export_timings_s={str(k): v for k, v in export_timings.items()}, timings_s=dict(timings),
-        files=file_table(root))
+        files=file_table(root), max_batch=max_batch,
+        kv_cache={str(b): cache_manifest(config, b) for b in buckets} if max_batch else None)
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:

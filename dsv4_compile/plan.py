@@ -20,6 +20,8 @@ from .model.context import format_context
 from .reference import checkpoint_state, eager_model
 
 DEFAULT_FORMATS = "aoti,onnx"
+# --max-batch defaults: the batch of the prefill-cache and decode engines is dynamic up to it.
+DEFAULT_MAX_BATCH = {"gpu": 8, "cpu": 2}
 
 
 def parse_formats(text: str) -> list[str]:
@@ -158,6 +160,7 @@ class Plan:
         except Exception as err:  # PassSelectionError (one line)
             raise UsageError(str(err)) from None
         self.seed = args.seed
+        self.max_batch = getattr(args, "max_batch", None) or DEFAULT_MAX_BATCH["cpu" if self.target == "cpu" else "gpu"]
         self.weights_path = os.path.abspath(args.weights) if args.weights else None
         if checkpoint:
             self.state, self.config = checkpoint_state(self.weights_path, self.config, strict_mtp=bool(args.config))
@@ -168,7 +171,7 @@ class Plan:
             self.weights = ({"source": "file", "path": self.weights_path, "sha256": sha256_file(self.weights_path)}
                             if self.weights_path else {"source": "seed", "seed": self.seed})
         identity = {"config": self.config.config_hash(), "buckets": self.buckets, "formats": self.formats,
-                    "passes": self.passes, "weights": self.weights, "target": self.target}
+                    "passes": self.passes, "weights": self.weights, "target": self.target, "max_batch": self.max_batch}
         self.out = args.out or default_out(self.config, self.target, identity)
         check_out_dir(self.out)
 

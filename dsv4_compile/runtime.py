@@ -1,10 +1,10 @@
 """Generation over the prefill-into-cache and decode-step engines: caches, sampling, the decode loop.
 
-    steps = EngineSteps(...)   # a build's engines of one format (or EagerSteps(model, max_batch))
-    cache = steps.new_cache(batch=2)                                    # one context bucket's cache
-    logits = steps.prefill(tokens, lengths, cache)                      # [B, S] right-padded -> [B, V]
-    logits = steps.decode(next_tokens, positions, cache)                # [B, 1] at positions [B] -> [B, V]
-    steps.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)              # -> new tokens per prompt
+    engine = dsv4_compile.load("artifacts/tiny-cpu-...")               # its EngineSteps: engine.steps
+    cache = engine.new_cache(batch=2)                                   # one context bucket's cache
+    logits = engine.prefill(tokens, lengths, cache)                     # [B, S] right-padded -> [B, V]
+    logits = engine.decode(next_tokens, positions, cache)               # [B, 1] at positions [B] -> [B, V]
+    engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)             # -> new tokens per prompt
 
 `generate` runs the prompts as one right-padded batch: one prefill, then one decode step per new token
 for every sequence at its own position. Greedy at temperature 0; otherwise softmax(logits / T)
@@ -209,26 +209,28 @@ class _GraphedDecode:
 class EngineSteps(Steps):
     """The prefill-cache and decode engines of one format of a build (loader.Engine holds one)."""
 
-    def __init__(self, path: str, manifest: dict, fmt: str, config, entries: list[dict]):
+    def __init__(self, path: str, manifest, fmt: str, config, records: list):
+        """manifest: the build's `manifest.Manifest`; records: its `EngineRecord`s of kind
+        prefill-cache and decode in format `fmt`."""
         self.path, self.manifest, self.format, self.config = path, manifest, fmt, config
-        self.entries = {(e["kind"], e["bucket"]): e for e in entries}
-        self.buckets = sorted({e["bucket"] for e in entries})
-        self.max_batch = int(manifest.get("max_batch") or max(e["batch_range"][1] for e in entries))
-        cuda = manifest["device"].get("kind") == "cuda"
+        self.records = {(e.kind, e.bucket): e for e in records}
+        self.buckets = sorted({e.bucket for e in records})
+        self.max_batch = int(manifest.max_batch or max(e.batch_range[1] for e in records))
+        cuda = manifest.device.get("kind") == "cuda"
         self.device = torch.device("cuda" if cuda and fmt == "aoti" else "cpu")
-        self.graphs = cuda and fmt == "aoti" and all(e.get("cache_io") == "in-place" for e in entries)
-        self.owner = build_identity(manifest)
+        self.graphs = cuda and fmt == "aoti" and all(e.cache_io == "in-place" for e in records)
+        self.owner = build_identity(manifest.files)
         self._runners: dict[tuple[str, int], object] = {}
 
     def runner(self, kind: str, bucket: int):
         key = (kind, bucket)
         if key not in self._runners:
-            entry = self.entries.get(key)
-            if entry is None:
+            record = self.records.get(key)
+            if record is None:
                 raise ValueError(f"no {kind} engine for context {bucket} in this build")
-            path = os.path.join(self.path, entry["files"][0])
+            path = os.path.join(self.path, record.files[0])
             if self.format == "aoti":
-                self._runners[key] = _AotiStateRunner(path, entry.get("cache_io") == "in-place")
+                self._runners[key] = _AotiStateRunner(path, record.cache_io == "in-place")
             else:
                 self._runners[key] = _OnnxStateRunner(path)
         return self._runners[key]
@@ -240,9 +242,9 @@ class EngineSteps(Steps):
         return self.runner("decode", cache.bucket)(tokens, positions, cache)
 
 
-def build_identity(manifest: dict) -> str:
-    """A build's identity: the sha256 of its file table (every engine file's checksum)."""
-    return hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode()).hexdigest()
+def build_identity(files: dict) -> str:
+    """A build's identity: the sha256 of its file table (the manifest's `files`: every file's checksum)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
 
 class _AotiStateRunner:

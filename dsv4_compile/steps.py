@@ -186,6 +186,7 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress, timings
         timings[fmt] = round(took, 2)
         progress.note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
         engines.append(record(fmt, files, result, Verification("pending")))
+    engines += export_state_engines(plan, model, bucket, tmp, progress, timings)
     if "tensorrt" in plan.formats:
         t0 = time.perf_counter()
         os.makedirs(os.path.join(tmp, "tensorrt"), exist_ok=True)
@@ -199,19 +200,64 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress, timings
     return engines
 
 
+def export_state_engines(plan: Plan, model, bucket: int, tmp: str, progress: Progress,
+                         timings: dict) -> list[EngineRecord]:
+    """The prefill-cache and decode engines of one bucket (engines.py), every format but TensorRT.
+    AOTInductor on a GPU updates the cache in place; ONNX returns it (ONNX has no in-place update), and
+    on the CPU the AOTInductor package shares ONNX's program (one export per engine)."""
+    from . import engines as S
+    from . import export as E
+
+    out = []
+    for kind in S.KINDS:
+        programs: dict[tuple, S.EngineExport] = {}
+        for fmt in [f for f in plan.formats if f in ("aoti", "onnx")]:
+            gpu, dtype = (plan.target, model.config.dtype) if fmt == "aoti" else ("cpu", ONNX_COMPUTE_DTYPE)
+            in_place = fmt == "aoti" and plan.cuda
+            key = (gpu, dtype, in_place)
+            if key not in programs:
+                t0 = time.perf_counter()
+                source = model if dtype == model.config.dtype else float32_twin(model, cuda=False)
+                programs[key] = S.export_engine(source, kind, plan.max_batch, functional=not in_place, gpu=gpu,
+                                                passes=plan.passes)
+                timings[f"torch.export[{kind}, {fmt}]"] = took = round(time.perf_counter() - t0, 2)
+                progress.note(f"context {format_context(bucket)}: torch.export of {kind} for {fmt} {took:.1f} s")
+            exported = programs[key]
+            t0 = time.perf_counter()
+            os.makedirs(os.path.join(tmp, fmt), exist_ok=True)
+            if fmt == "aoti":
+                files = [f"aoti/{kind}-{bucket}.pt2"]
+                E.export_aoti(exported.result, os.path.join(tmp, files[0]))
+            else:
+                # onnxscript's optimizer took 2.5x the translation itself on these graphs (tiny decode:
+                # 544 s vs 212 s on the 2-core CI machine, 10k -> 4k nodes); onnxruntime optimizes the
+                # graph again when it loads it, so it is left out here.
+                written = E.export_onnx(exported.result, os.path.join(tmp, f"onnx/{kind}-{bucket}.onnx"),
+                                        exported.example, exported.input_names, exported.output_names, optimize=False)
+                files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
+            timings[f"{fmt}[{kind}]"] = took = round(time.perf_counter() - t0, 2)
+            progress.note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
+            result = exported.result
+            out.append(EngineRecord(format=fmt, bucket=bucket, files=tuple(files), seq_range=tuple(result.seq_range),
+                                    batch_range=tuple(result.batch_range), dynamic=result.dynamic, compute_dtype=dtype,
+                                    kernels=dict(result.kernels), verified=Verification("pending"), kind=kind,
+                                    cache_io="in-place" if in_place else "returned"))
+    return out
+
+
 def verify_engines(engines: list[EngineRecord], outcome: dict, progress: Progress) -> list[EngineRecord]:
     """`engines` with the verify worker's verdict (`outcome`, verify.run_verify_worker) on each pending one."""
     import dataclasses
 
     where = outcome.get("where", "fresh process")
-    by_key = {(r["format"], r["bucket"]): r for r in outcome.get("results", [])}
+    by_key = {(r["format"], r["bucket"], r.get("kind", "prefill")): r for r in outcome.get("results", [])}
     done = []
     for e in engines:
         if e.verified.status == "pending":
-            e = dataclasses.replace(e, verified=Verification.from_worker(by_key.get((e.format, e.bucket)), where,
+            e = dataclasses.replace(e, verified=Verification.from_worker(by_key.get((e.format, e.bucket, e.kind)), where,
                                                                          outcome.get("worker_error")))
             v = e.verified
-            progress.note(f"{e.format} context {format_context(e.bucket)}: {v.status}"
+            progress.note(f"{e.format} {e.kind} context {format_context(e.bucket)}: {v.status}"
                           + (f", short prompt rel RMS {v.rel_rms:.2e} (tolerance {v.tolerance:.0e}), all token "
                              f"sets <= {v.max_rel_rms:.2e} (flip bound {v.flip_bound:.0e})"
                              if v.rel_rms is not None else "")

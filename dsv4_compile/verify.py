@@ -6,7 +6,8 @@ LD_PRELOAD=<system libstdc++> where this interpreter loads an older one: the len
 loads each format with `dsv4_compile.load(path, format=...)`, rebuilds the eager model from the
 manifest's config and seed (or its weights file, whose sha256 must match), and compares them on
 fresh random tokens: for every context bucket, [B_max, S_max] and [1, random S in the bucket's range].
-Exit 0 only if every format is within its tolerance; the error of each is printed.
+The prefill-cache and decode engines are checked by tokens against the eager model's prefill + decode
+(token_check.py). Exit 0 only if every engine is within its tolerance; the error of each is printed.
 
 Tolerances (relative RMS of the last-position logits against eager). Three token sets per bucket:
 a short prompt ([1, 4]), the bucket's largest shape ([B_max, S_max]) and a random one.
@@ -116,16 +117,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"verify {path}: {outcome.get('where', 'fresh process')}, token seed {seed}"
               + (f", LD_PRELOAD={outcome['preload']}" if outcome.get("preload") else ""))
-        rows = [("format", "context", "token sets [B,S]", "short rel RMS", "tolerance", "max rel RMS", "flip bound",
-                 "s load/ref/engine/eager", "result")]
+        rows = [("format", "engine", "context", "token sets [B,S]", "short rel RMS", "tolerance", "max rel RMS",
+                 "flip bound", "s load/ref/engine/eager", "result")]
         for r in results:
-            cases = " ".join(f"[{c['batch']},{c['seq']}]" for c in r.get("cases", []))
-            rows.append((r["format"], str(r["bucket"]), cases or "-",
+            cases = " ".join(f"[{c['batch']},{c['seq']}]" for c in r.get("cases") or [])
+            if r.get("tokens"):  # prefill-cache + decode, by tokens (token_check.py)
+                cases = (f"prompts {r['tokens']['prompts']}, {r['tokens']['tokens_matched']}/"
+                         f"{r['tokens']['tokens_compared']} greedy tokens as eager")
+            rows.append((r["format"], r.get("kind", "prefill"), str(r["bucket"]), cases or "-",
                          "-" if r.get("rel_rms") is None else f"{r['rel_rms']:.2e}", f"{r['tolerance']:.0e}",
                          "-" if r.get("max_rel_rms") is None else f"{r['max_rel_rms']:.2e}",
                          "-" if r.get("flip_bound") is None else f"{r['flip_bound']:.0e}",
                          "/".join(f"{r['seconds'][k]:.1f}" for k in ("load", "reference", "engine", "eager"))
-                         if r.get("seconds") else "-",
+                         if r.get("seconds") and "load" in r["seconds"] else "-",
                          "ok" if r["ok"] else f"FAILED{': ' + r['error'] if r.get('error') else ''}"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
@@ -271,8 +275,44 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
             except Exception as exc:  # noqa: BLE001
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None, "tolerance": tol,
                                 "cases": cases, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+        if engine.steps is not None:
+            results += _check_state_engines(engine, manifest, config, eager_cache, seed)
     here = describe_device(current_device_for(manifest.device))
     return {"where": f"fresh process on {here}", "seed": seed, "results": results}
+
+
+def _check_state_engines(engine, manifest, config, eager_cache: dict, seed: int) -> list[dict]:
+    """The prefill-cache + decode pair of every bucket, by tokens (token_check.py); one result per
+    engine of the pair."""
+    from .reference import build_reference
+    from .runtime import EagerSteps
+    from .token_check import check_engine_pair
+
+    steps, fmt = engine.steps, engine.format
+    results = []
+    for bucket in steps.buckets:
+        dtype = steps.records["decode", bucket].compute_dtype
+        tol, bound = tolerance(fmt, dtype), FLIP_BOUND[dtype]
+        t0 = time.perf_counter()
+        try:
+            if (bucket, dtype) not in eager_cache:
+                eager_cache.clear()
+                eager_cache[bucket, dtype] = build_reference(manifest, config, bucket, dtype)
+            result = check_engine_pair(steps, EagerSteps(eager_cache[bucket, dtype], steps.max_batch), bucket, tol,
+                                       bound, seed)
+            result["tokens"] = {k: result[k] for k in ("tokens_matched", "tokens_compared", "prompts", "steps",
+                                                       "attempts", "decode_vs_prefill_rel_rms")}
+        except Exception as exc:  # noqa: BLE001 (reported per engine)
+            result = {"ok": False, "rel_rms": None, "tolerance": tol,
+                      "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+        result["seconds"] = {"check": round(time.perf_counter() - t0, 2)}
+        tokens = result.get("tokens")
+        _progress(f"{fmt} {bucket}: prefill-cache + decode by tokens: "
+                  + (f"{tokens['tokens_matched']}/{tokens['tokens_compared']} greedy tokens as eager, teacher-forced "
+                     f"short {result['rel_rms']:.2e} (tolerance {tol:.0e}), max {result['max_rel_rms']:.2e}"
+                     if tokens else "") + (f"; {result['error']}" if result.get("error") else ""))
+        results += [{"format": fmt, "bucket": bucket, "kind": kind, **result} for kind in ("prefill-cache", "decode")]
+    return results
 
 
 def _progress(text: str) -> None:

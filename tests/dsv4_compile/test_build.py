@@ -1,8 +1,8 @@
 """The build pipeline: `python -m dsv4_compile build`, `verify`, `dsv4_compile.load`, and their refusals.
 
 One real build (tiny preset, CPU, context 512, aoti + onnx) is made once per session by running
-`python -m dsv4_compile build` with no arguments in an empty folder (`built`); every other test works on
-it or on a copy of it. Exit-code-2 cases call the CLI in-process (no compile happens before they fail).
+`python -m dsv4_compile build` with no arguments in an empty folder (`built`, tests/dsv4_compile/conftest.py,
+shared with test_generate.py); every other test works on it or on a copy of it. Exit-code-2 cases call the CLI in-process (no compile happens before they fail).
 """
 from __future__ import annotations
 
@@ -38,17 +38,6 @@ def _run(args, cwd, timeout=1800, env=None):
                           timeout=timeout, env=env)
 
 
-@pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    """(build folder, completed process) of `python -m dsv4_compile build` run with no arguments."""
-    cwd = tmp_path_factory.mktemp("build")
-    proc = _run(["build"], cwd)
-    assert proc.returncode == 0, f"build failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    folders = sorted((cwd / "artifacts").iterdir())
-    assert len(folders) == 1, folders
-    return folders[0], proc
-
-
 @pytest.fixture
 def copy_of(built, tmp_path):
     def make() -> str:
@@ -80,11 +69,15 @@ def test_build_with_no_arguments_builds_tiny_for_cpu(built):
     assert manifest["versions"]["torch"] == torch.__version__
     assert manifest["config_hash"] == ModelConfig.load("tiny").config_hash()
     assert manifest["context_buckets"] == [512]
-    assert {(e["format"], e["bucket"]) for e in manifest["engines"]} == {("aoti", 512), ("onnx", 512)}
+    kinds = ("prefill", "prefill-cache", "decode")
+    assert sorted((e["format"], e["kind"], e["bucket"]) for e in manifest["engines"]) == sorted(
+        (fmt, kind, 512) for fmt in ("aoti", "onnx") for kind in kinds)
     for engine in manifest["engines"]:
         assert engine["verified"]["status"] == "verified", engine
-        assert engine["seq_range"] == [2, 512] and engine["batch_range"] == [1, 2]
-    assert set(manifest["files"]) == {"aoti/prefill-512.pt2", "onnx/prefill-512.onnx"}
+        assert engine["seq_range"] == ([1, 1] if engine["kind"] == "decode" else [2, 512]), engine
+        assert engine["batch_range"] == [1, 2]
+    assert set(manifest["files"]) == {f"{fmt}/{kind}-512.{ext}" for fmt, ext in (("aoti", "pt2"), ("onnx", "onnx"))
+                                      for kind in kinds}
     assert manifest["compile_check"]["ok"] and manifest["pass_report"]["ops"]
     # nothing but the build (no temporary folder left beside it)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]

@@ -2,6 +2,8 @@
 replayed as a CUDA graph per batch bucket, against the same engine launched normally and eager."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from dsv4_compile.reference import eager_model
 from dsv4_compile.compile import resolve_gpu
 from dsv4_compile.engines import export_engine
 from dsv4_compile.export import export_aoti
+from dsv4_compile.manifest import EngineRecord, Verification
 from dsv4_compile.runtime import EagerSteps, EngineSteps
 from helpers import assert_close
 
@@ -24,9 +27,10 @@ def test_graphed_aoti_decode_equals_launched_and_eager(tmp_path):
     exported = export_engine(model, "decode", 4, functional=False, gpu=resolve_gpu("auto"))
     assert "sparse_attention_cached.triton" in exported.result.kernels, exported.result.kernels
     export_aoti(exported.result, str(tmp_path / "decode-128.pt2"))
-    entry = {"kind": "decode", "bucket": BUCKET, "files": ["decode-128.pt2"], "batch_range": [1, 4],
-             "cache_io": "in-place", "compute_dtype": config.dtype}
-    manifest = {"device": {"kind": "cuda"}, "max_batch": 4, "files": {}}
+    entry = EngineRecord(format="aoti", bucket=BUCKET, files=("decode-128.pt2",), seq_range=(1, 1), batch_range=(1, 4),
+                         dynamic=True, compute_dtype=config.dtype, kernels={}, verified=Verification("pending"),
+                         kind="decode", cache_io="in-place")
+    manifest = SimpleNamespace(device={"kind": "cuda"}, max_batch=4, files={})  # what EngineSteps reads
     graphed = EngineSteps(str(tmp_path), manifest, "aoti", config, [entry])
     launched = EngineSteps(str(tmp_path), manifest, "aoti", config, [entry])
     launched.graphs = False
