@@ -26,6 +26,12 @@ Format (schema_version 1), sorted-key JSON:
                                 "max_rel_rms": 8e-4, "flip_bound": 5e-2,     # every token set
                                 "cases": [...], "error": null,
                                 "seconds": {"load": 3.1, "reference": 0.4, "engine": 1.2, "eager": 0.9}}}],
+                  # + "kind": "prefill" (tokens -> logits; the default for older manifests), "prefill-cache" or
+                  #   "decode" (engines.py: aoti/prefill-cache-512.pt2, ...), "cache_io": "in-place" | "returned"
+                  #   | null, and for those two "verified.tokens": {tokens_matched, tokens_compared, ...}
+      "max_batch": 2,                  # the prefill-cache and decode engines' largest batch
+      "kv_cache": {"512": {"tensors": [{"name": "layers.0.main", "shape": ["B", 8, 136], "dtype": "uint8"}, ...],
+                           "bytes_per_sequence": 123456, "indexer_format": "fp4"}},
       "files": {"aoti/prefill-512.pt2": {"sha256": "...", "size": 123}, ...},
       "export_timings_s": {"512": {"torch.export[aoti]": 14.0, "aoti": 95.0, "onnx": 75.0}},
       "timings_s": {"validate": 0.1, ...},
