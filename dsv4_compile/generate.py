@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from .arguments import UsageError, positive_int_arg
 
@@ -96,8 +95,6 @@ def _prompts(args, tokenizer) -> list[list[int]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from .loader import ArtifactError, load
     from .runtime import plan_batch
 
@@ -107,31 +104,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         engine = load(args.path, format=args.format)
         steps = engine.generation_steps()
-        # timed as two phases: the prefill alone, then the whole generation
-        t0 = time.perf_counter()
-        _sync(steps.device)
-        prompts, _, bucket = plan_batch(steps, prompts, args.max_new_tokens)
-        cache = steps.new_cache(len(prompts), bucket)
-        seq = max(2, max(len(p) for p in prompts))
-        tokens = torch.zeros(len(prompts), seq, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            tokens[i, :len(p)] = torch.tensor(p)
-        steps.prefill(tokens, torch.tensor([len(p) for p in prompts]), cache)
-        _sync(steps.device)
-        prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop_tokens=stops)
-        _sync(steps.device)
-        total_s = time.perf_counter() - t0
+        prompts, _, _ = plan_batch(steps, prompts, args.max_new_tokens)  # bad input: before any engine runs
+        sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        stop_tokens=stops)
+        steps.generate(prompts, min(2, args.max_new_tokens), **sampling)  # warm: engine files loaded, graphs captured
+        timings: dict = {}
+        out = steps.generate(prompts, args.max_new_tokens, timings=timings, **sampling)
     except (ArtifactError, ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
     prompt_tokens = sum(len(p) for p in prompts)
     new_tokens = sum(len(o) for o in out)
-    decode_s = max(total_s - prefill_s, 1e-9)
+    decoded = max(new_tokens - len(prompts), 0)  # the first new token of each comes from the prefill
     report = {"format": engine.format, "prompts": [len(p) for p in prompts], "new_tokens": out,
-              "prefill_tokens_per_s": prompt_tokens / max(prefill_s, 1e-9),
-              "decode_tokens_per_s": max(new_tokens - len(prompts), 0) / decode_s}
+              "prefill_tokens_per_s": prompt_tokens / timings["prefill_s"],
+              "decode_tokens_per_s": decoded / timings["decode_s"] if decoded else None}
     if tokenizer is not None:
         report["text"] = [tokenizer.decode(o) for o in out]
     if args.json:
@@ -140,13 +126,9 @@ def run(args: argparse.Namespace) -> int:
     for i, o in enumerate(out):
         line = ",".join(str(t) for t in o)
         print(f"[{i}] {line}" + (f"  {report['text'][i]!r}" if tokenizer is not None else ""))
+    rate = report["decode_tokens_per_s"]
     print(f"{engine.format}: prefill {prompt_tokens} tokens at {report['prefill_tokens_per_s']:.1f} tokens/s, "
-          f"decode {new_tokens} tokens at {report['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+          f"decode {decoded} tokens at " + (f"{rate:.1f} tokens/s" if rate else "- (too few to time)"), file=sys.stderr)
     return 0
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()

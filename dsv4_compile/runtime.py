@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from typing import Sequence
 
 import torch
@@ -105,10 +106,11 @@ class Steps:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop_tokens: Sequence[int] = ()) -> list[list[int]]:
-        """New tokens for each prompt (ragged, one batch); see the module docstring."""
+                 stop_tokens: Sequence[int] = (), timings: dict | None = None) -> list[list[int]]:
+        """New tokens for each prompt (ragged, one batch); see the module docstring. `timings`: a dict
+        that receives the seconds of the prefill and of the decode steps (synchronising after each)."""
         return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        seed=seed, stop_tokens=stop_tokens)
+                        seed=seed, stop_tokens=stop_tokens, timings=timings)
 
     # -- checks (host values only: no device synchronisation)
     def _check_cache(self, cache) -> None:
@@ -336,7 +338,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 
 def generate(steps: Steps, prompts, max_new_tokens, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int | None = None, stop_tokens: Sequence[int] = ()) -> list[list[int]]:
+             seed: int | None = None, stop_tokens: Sequence[int] = (), timings: dict | None = None) -> list[list[int]]:
     prompts, budgets, bucket = plan_batch(steps, prompts, max_new_tokens)
     _check_sampling(temperature, top_k, top_p)
     stops = list(stop_tokens)
@@ -360,7 +362,9 @@ def generate(steps: Steps, prompts, max_new_tokens, *, temperature: float = 0.0,
     stop = torch.tensor(stops, dtype=torch.int64, device=device)
     most = max(budgets)
     out = torch.zeros(batch, most, dtype=torch.int64, device=device)
+    clock = _Clock(device if timings is not None else None)
     logits = steps._prefill(tokens.to(device), lengths.to(device), cache)
+    clock.lap(timings, "prefill_s")
     positions = lengths.to(device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for i in range(most):
@@ -373,6 +377,7 @@ def generate(steps: Steps, prompts, max_new_tokens, *, temperature: float = 0.0,
         # masked): the step's shape stays that of the captured graph
         logits = steps._step(nxt.view(batch, 1), positions.clamp(max=bucket - 1), cache)
         positions = positions + 1
+    clock.lap(timings, "decode_s")
     produced = out.cpu().tolist()
     result = []
     for i in range(n):
@@ -380,6 +385,22 @@ def generate(steps: Steps, prompts, max_new_tokens, *, temperature: float = 0.0,
         cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
         result.append(row[:cut])
     return result
+
+
+class _Clock:
+    """Wall time between laps, the device synchronised first; does nothing without a device."""
+
+    def __init__(self, device):
+        self.device, self.t0 = device, time.perf_counter()
+
+    def lap(self, timings: dict | None, key: str) -> None:
+        if self.device is None or timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        timings[key] = now - self.t0
+        self.t0 = now
 
 
 def _pooled_cache(steps: Steps, batch: int, bucket: int) -> Cache:
