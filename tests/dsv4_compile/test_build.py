@@ -21,16 +21,28 @@ import torch
 import dsv4_compile
 from dsv4_compile import ArtifactError, ModelConfig, Transformer
 from dsv4_compile.cli import main as cli_main
-from helpers import assert_close
+from helpers import assert_close, rel_rms
 
 pytestmark = pytest.mark.slow
 
 # Tolerances: dsv4_compile/verify.py explains them (fp32 tiny on CPU). The model simulates FP8/FP4
-# quantization, so a reordered sum flips a code now and then: the tight bounds hold for short prompts
-# (fixed seeds here, so deterministic on one machine), longer prompts are held to the flip bound.
+# quantization, so a reordered sum flips a code now and then, on some CPUs and not others
+# (bench/results/cpu/compile_flips.md): as verify does, the tight bound must hold for one of
+# SHORT_SEEDS' short prompts (a real error fails all of them, a chance flip rarely hits every one),
+# and every prompt is held to the flip bound.
 AOTI_TOL = 1e-5
 ONNX_TOL = 1e-4
 FLIP_BOUND = 5e-2
+SHORT_SEEDS = (5, 6, 7)
+
+
+def assert_close_on_one_short_prompt(name, pairs, tol):
+    """pairs: (eager, engine) logits of the SHORT_SEEDS prompts: the best within `tol`, all within
+    FLIP_BOUND."""
+    errors = [rel_rms(ref, out) for ref, out in pairs]
+    assert min(errors) <= tol, f"{name}: relative RMS {', '.join(f'{e:.2e}' for e in errors)}: none <= {tol:.0e}"
+    for ref, out in pairs:
+        assert_close(name, ref, out, FLIP_BOUND)
 
 
 def _run(args, cwd, timeout=1800, env=None):
@@ -91,20 +103,21 @@ def test_verify_exits_0_in_a_fresh_process(built):
 
 def test_pt2_loads_in_a_fresh_process_without_our_code(built, tmp_path):
     """Only torch is imported: the package holds the whole model (no dsv4 custom op, no Python model code)."""
-    tokens = _tokens(2, 4, seed=5)
-    torch.save(tokens, tmp_path / "tokens.pt")
+    prompts = [_tokens(2, 4, seed=seed) for seed in SHORT_SEEDS]
+    torch.save(prompts, tmp_path / "tokens.pt")
     script = textwrap.dedent(f"""
         import sys, torch
         package = torch._inductor.aoti_load_package({str(built[0] / 'aoti' / 'prefill-512.pt2')!r})
-        out = package(torch.load({str(tmp_path / 'tokens.pt')!r}))
-        torch.save(out, {str(tmp_path / 'out.pt')!r})
+        outs = [package(tokens) for tokens in torch.load({str(tmp_path / 'tokens.pt')!r})]
+        torch.save(outs, {str(tmp_path / 'out.pt')!r})
         assert not any(name.startswith("dsv4_compile") for name in sys.modules), "model code was imported"
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    eager = _eager()
     with torch.no_grad():
-        ref = _eager()(tokens)
-    assert_close("aoti fresh process", ref, torch.load(tmp_path / "out.pt"), AOTI_TOL)
+        refs = [eager(tokens) for tokens in prompts]
+    assert_close_on_one_short_prompt("aoti fresh process", list(zip(refs, torch.load(tmp_path / "out.pt"))), AOTI_TOL)
 
 
 def test_onnxruntime_matches_eager(built):
@@ -117,28 +130,34 @@ def test_onnxruntime_matches_eager(built):
     assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, "non-standard ONNX ops"
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     eager = _eager()
-    for batch, seq, tol in ((1, 2, ONNX_TOL), (2, 4, ONNX_TOL), (2, 129, FLIP_BOUND), (1, 512, FLIP_BOUND)):
-        tokens = _tokens(batch, seq, seed=seq)
+
+    def run(tokens):
         with torch.no_grad():
-            ref = eager(tokens)
-        out = torch.from_numpy(session.run(None, {"tokens": tokens.numpy()})[0])
-        assert_close(f"onnx [{batch},{seq}]", ref, out, tol)
+            return eager(tokens), torch.from_numpy(session.run(None, {"tokens": tokens.numpy()})[0])
+
+    for batch, seq in ((1, 2), (2, 4)):
+        assert_close_on_one_short_prompt(f"onnx [{batch},{seq}]",
+                                         [run(_tokens(batch, seq, seed)) for seed in SHORT_SEEDS], ONNX_TOL)
+    for batch, seq in ((2, 129), (1, 512)):
+        assert_close(f"onnx [{batch},{seq}]", *run(_tokens(batch, seq, seed=seq)), FLIP_BOUND)
 
 
 def test_load_picks_aoti_and_checks_shapes(built):
     engine = dsv4_compile.load(str(built[0]))
     assert engine.format == "aoti" and engine.buckets == [512]
-    tokens = _tokens(1, 4, seed=9)
+    prompts = [_tokens(1, 4, seed) for seed in SHORT_SEEDS]
+    eager = _eager()
     with torch.no_grad():
-        ref = _eager()(tokens)
-    assert_close("load() aoti", ref, engine(tokens), AOTI_TOL)
+        refs = [eager(tokens) for tokens in prompts]
+    assert_close_on_one_short_prompt("load() aoti", [(ref, engine(t)) for ref, t in zip(refs, prompts)], AOTI_TOL)
     long_tokens = _tokens(2, 512, seed=9)
     with torch.no_grad():
         assert_close("load() aoti [2, 512]", _eager()(long_tokens), engine(long_tokens), FLIP_BOUND)
     with pytest.raises(ValueError, match="fit no context bucket"):
         engine(_tokens(1, 513, seed=0))
     onnx_engine = dsv4_compile.load(str(built[0]), format="onnx")
-    assert_close("load(format=onnx)", ref, onnx_engine(tokens), ONNX_TOL)
+    assert_close_on_one_short_prompt("load(format=onnx)", [(ref, onnx_engine(t)) for ref, t in zip(refs, prompts)],
+                                     ONNX_TOL)
 
 
 # ---- refusals on copies of the build ------------------------------------------------------------
