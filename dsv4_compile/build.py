@@ -36,7 +36,7 @@ from .arguments import contexts_arg, positive_int_arg
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
 from .model.context import format_context
 from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, Plan
-from .steps import Progress, compile_check, export_bucket, known_export_warnings_silenced, verify_engines
+from .steps import Progress, compile_check, export_all, verify_engines
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=positive_int_arg, default=None, metavar="N",
                         help=f"largest batch of the prefill-cache and decode engines (default: {DEFAULT_MAX_BATCH['gpu']} "
                              f"with a GPU, {DEFAULT_MAX_BATCH['cpu']} on the CPU)")
+    parser.add_argument("--jobs", type=positive_int_arg, default=None, metavar="N",
+                        help="engines exported in parallel processes, one (context, engine kind) each (default: up to "
+                             "the CPU count on a CPU build of seeded weights, else 1: each process holds a model copy)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON on stdout (progress on stderr)")
 
 
@@ -178,10 +181,8 @@ def _run(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()  # the verify process loads the engines and its own eager reference
 
         progress.start("export", f"{', '.join(plan.formats)} x {len(plan.buckets)} context bucket(s)")
-        engines: list[EngineRecord] = []
-        with known_export_warnings_silenced():
-            for bucket in plan.buckets:
-                engines += export_bucket(plan, bucket, tmp, progress, export_timings.setdefault(bucket, {}))
+        engines, timings = export_all(plan, tmp, progress)
+        export_timings.update(timings)
         progress.done()
 
         progress.start("verify", "every engine against eager, in a fresh process")

@@ -174,10 +174,12 @@ ONNX_EXTERNAL_DATA_BYTES = 1 << 30
 
 def export_onnx(result: ExportResult, path: str, example: torch.Tensor | tuple,
                 input_names: list[str] = ("tokens",), output_names: list[str] = ("logits",),
-                optimize: bool = True) -> list[str]:
+                optimize: bool = False) -> list[str]:
     """Export to ONNX with standard ops only, check it; returns the files written (model [+ data]).
     `example`: the tokens, or the tuple of every input (engines with explicit state). `optimize`:
-    run onnxscript's graph optimizer (onnxruntime optimizes the graph again when it loads it)."""
+    run onnxscript's graph optimizer. Off by default: onnxruntime (and TensorRT's parser) optimize the
+    graph again when they load it, and on these graphs the optimizer took 1-2.5x the translation's
+    time (tiny decode: 544 s vs 212 s on a 2-core machine)."""
     import onnx
 
     from .onnx_bitcast import onnx_view_dtype

@@ -22,6 +22,13 @@ from .reference import checkpoint_state, eager_model
 DEFAULT_FORMATS = "aoti,onnx"
 # --max-batch defaults: the batch of the prefill-cache and decode engines is dynamic up to it.
 DEFAULT_MAX_BATCH = {"gpu": 8, "cpu": 2}
+# The engine kinds exported per context bucket, each its own program (one export task each).
+EXPORT_KINDS = ("prefill", "prefill-cache", "decode")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parse_formats(text: str) -> list[str]:
@@ -174,6 +181,19 @@ class Plan:
                     "passes": self.passes, "weights": self.weights, "target": self.target, "max_batch": self.max_batch}
         self.out = args.out or default_out(self.config, self.target, identity)
         check_out_dir(self.out)
+        self.jobs = getattr(args, "jobs", None) or self.default_jobs()
+
+    def export_tasks(self) -> list[tuple[int, str]]:
+        """(context bucket, engine kind) of every export, in manifest order."""
+        return [(bucket, kind) for bucket in self.buckets for kind in EXPORT_KINDS]
+
+    def default_jobs(self) -> int:
+        """Export processes when --jobs is not given: one per task on a CPU build of seeded weights (up
+        to the CPU count); one on a GPU build or with weights from a file, where each process would
+        hold its own copy of the model."""
+        if self.cuda or self.state is not None:
+            return 1
+        return max(1, min(len(self.export_tasks()), usable_cpus()))
 
     @property
     def cuda(self) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -9,7 +10,7 @@ import warnings
 
 from .manifest import EngineRecord, Verification
 from .model.context import format_context
-from .plan import Plan
+from .plan import Plan, usable_cpus
 from .reference import float32_twin
 
 STEPS = ("validate", "model", "compile", "export", "verify", "manifest")
@@ -94,11 +95,20 @@ class Progress:
 @contextlib.contextmanager
 def known_export_warnings_silenced():
     """Hide the third-party warnings every export prints and nobody can act on: torch.export's own
-    pytree `LeafSpec` deprecation (raised inside torch) and torchvision's `nms` registration lines."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r".*torchvision::nms.*")
-        yield
+    pytree `LeafSpec` deprecation (raised inside torch) and the ONNX exporter's log lines about
+    torchvision's ops (`torchvision is not installed. Skipping torchvision::nms`, one per op)."""
+    import logging
+
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*torchvision::nms.*")
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def compile_check(plan: Plan, model, progress: Progress) -> dict:
@@ -132,15 +142,118 @@ def compile_check(plan: Plan, model, progress: Progress) -> dict:
     return {"rel_rms": err, "tolerance": tol, "ok": err <= tol, "tokens": [1, seq], "report": report}
 
 
-def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress, timings: dict) -> list[EngineRecord]:
-    """Every format of `plan` at context `bucket`, written under `tmp`; seconds of each part into `timings`."""
+@dataclasses.dataclass
+class ExportTaskResult:
+    bucket: int
+    kind: str
+    engines: list[EngineRecord]
+    timings: dict[str, float]     # seconds of each part ("torch.export[aoti]", "onnx[decode]", ...)
+
+
+def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRecord], dict[int, dict]]:
+    """Every engine of `plan` written under `tmp`, one task per (bucket, engine kind) in `plan.jobs`
+    processes (1: in this process) -> (engine records in bucket, kind, format order; {bucket: {part: seconds}}).
+    The tasks are independent programs: torch.export, AOTInductor's lowering and the ONNX translation
+    are single-threaded Python, so one process would keep one core busy for minutes."""
+    jobs = plan.jobs
+    tasks = plan.export_tasks()
+    results: list[ExportTaskResult] = []
+    if jobs <= 1 or len(tasks) == 1:
+        models: dict[int, object] = {}
+        for bucket, kind in tasks:
+            if bucket not in models:
+                models.clear()  # one bucket's model at a time
+                models[bucket] = plan.model(bucket)
+            results.append(export_task(plan, bucket, kind, tmp, progress.note, models[bucket]))
+    else:
+        import multiprocessing
+
+        jobs = min(jobs, len(tasks))
+        progress.note(f"{len(tasks)} export tasks in {jobs} processes")
+        threads = max(1, usable_cpus() // jobs)
+        pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_export_worker_init,
+                                                          initargs=(plan, tmp, threads))
+        try:
+            for result, notes in pool.imap_unordered(_export_worker_run, tasks):
+                for line in notes:
+                    progress.note(line)
+                results.append(result)
+        finally:  # also on SIGINT / SIGTERM: no worker outlives the build (or writes into a removed folder)
+            pool.terminate()
+            pool.join()
+    order = {task: i for i, task in enumerate(tasks)}
+    results.sort(key=lambda r: order[(r.bucket, r.kind)])
+    timings: dict[int, dict] = {}
+    for r in results:
+        timings.setdefault(r.bucket, {}).update(r.timings)
+    return [e for r in results for e in r.engines], timings
+
+
+_WORKER: dict = {}
+
+
+def _export_worker_init(plan: Plan, tmp: str, threads: int) -> None:
+    import signal
+
+    import torch
+    import torch._inductor.config
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the build process handles Ctrl-C and ends the pool
+    _die_with_parent()
+    os.dup2(2, 1)  # stdout is the build's (clean with --json): third-party prints go to stderr
+    # The workers share the cores: each takes its share for ATen and for Inductor's compile pool
+    # (left at their defaults, every worker would spin up all cores' worth of both).
+    torch.set_num_threads(threads)
+    torch._inductor.config.compile_threads = threads
+    _WORKER.update(plan=plan, tmp=tmp)
+
+
+def _die_with_parent() -> None:
+    """A killed build (SIGKILL: no cleanup runs) takes its export workers with it (Linux), instead of
+    leaving them to finish minutes of work into a folder nobody will use."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the pool's own shutdown still ends them with the build
+        return
+    if os.getppid() == 1:  # the build died before prctl took effect
+        os._exit(1)
+
+
+def _export_worker_run(task: tuple[int, str]) -> tuple[ExportTaskResult, list[str]]:
+    notes: list[str] = []
+    bucket, kind = task
+    plan = _WORKER["plan"]
+    return export_task(plan, bucket, kind, _WORKER["tmp"], notes.append, plan.model(bucket)), notes
+
+
+def export_task(plan: Plan, bucket: int, kind: str, tmp: str, note, model) -> ExportTaskResult:
+    """The engines of one kind at context `bucket` in every format of `plan`, written under `tmp`.
+
+    One torch.export per routing: the .pt2 of a GPU build takes the Triton kernels the passes pick
+    (AOTInductor compiles them in); ONNX is always the plain code (standard ONNX ops only) computing
+    in float32 (ONNX_COMPUTE_DTYPE: a bf16 model is exported as its float32 twin). On the CPU both
+    routings are the same and one export serves every format. TensorRT (prefill only) is built from
+    the ONNX file."""
+    timings: dict[str, float] = {}
+    with known_export_warnings_silenced():
+        if kind == "prefill":
+            engines = _export_prefill_engines(plan, model, bucket, tmp, note, timings)
+        else:
+            engines = _export_state_engine(plan, model, bucket, kind, tmp, note, timings)
+    return ExportTaskResult(bucket, kind, engines, timings)
+
+
+def _source(model, dtype: str):
+    return model if dtype == model.config.dtype else float32_twin(model, cuda=False)
+
+
+def _export_prefill_engines(plan: Plan, model, bucket: int, tmp: str, note, timings: dict) -> list[EngineRecord]:
     from . import export as E
 
-    model = plan.model(bucket)
-    # One torch.export per routing: the .pt2 of a GPU build takes the Triton kernels the passes pick
-    # (AOTInductor compiles them in); ONNX is always the plain code (standard ONNX ops only). On the
-    # CPU both routings are the plain code and one export serves every format.
-    # ONNX computes in float32 (ONNX_COMPUTE_DTYPE): a bf16 model is exported as its float32 twin.
     routing = {"aoti": (plan.target, model.config.dtype), "onnx": ("cpu", ONNX_COMPUTE_DTYPE)}
     programs: dict[tuple, E.ExportResult] = {}
 
@@ -148,13 +261,12 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress, timings
         gpu, dtype = key = routing[fmt]
         if key not in programs:
             t0 = time.perf_counter()
-            source = model if dtype == model.config.dtype else float32_twin(model, cuda=False)
-            result = programs[key] = E.export_prefill(source, gpu=gpu, passes=plan.passes)
+            result = programs[key] = E.export_prefill(_source(model, dtype), gpu=gpu, passes=plan.passes)
             took = round(time.perf_counter() - t0, 2)
             kernels = ", ".join(f"{k} x{v['calls']}" for k, v in result.kernels.items()) or "plain code"
-            progress.note(f"context {format_context(bucket)}: torch.export for {fmt} {took:.1f} s "
-                          f"(S in {list(result.seq_range)}, B in {list(result.batch_range)}; {dtype}; {kernels}"
-                          + (f"; {result.note}" if result.note else "") + ")")
+            note(f"context {format_context(bucket)}: torch.export of prefill for {fmt} {took:.1f} s "
+                 f"(S in {list(result.seq_range)}, B in {list(result.batch_range)}; {dtype}; {kernels}"
+                 + (f"; {result.note}" if result.note else "") + ")")
             timings[f"torch.export[{fmt}]"] = took
         return programs[key]
 
@@ -184,9 +296,8 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress, timings
             onnx_rel, onnx_result = rel, result
         took = time.perf_counter() - t0
         timings[fmt] = round(took, 2)
-        progress.note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
+        note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
         engines.append(record(fmt, files, result, Verification("pending")))
-    engines += export_state_engines(plan, model, bucket, tmp, progress, timings)
     if "tensorrt" in plan.formats:
         t0 = time.perf_counter()
         os.makedirs(os.path.join(tmp, "tensorrt"), exist_ok=True)
@@ -194,61 +305,53 @@ def export_bucket(plan: Plan, bucket: int, tmp: str, progress: Progress, timings
         E.export_tensorrt(os.path.join(tmp, onnx_rel), os.path.join(tmp, rel), onnx_result.seq_range,
                           onnx_result.batch_range)
         timings["tensorrt"] = round(time.perf_counter() - t0, 2)
-        progress.note(f"context {format_context(bucket)}: tensorrt -> {rel} ({time.perf_counter() - t0:.1f} s)")
+        note(f"context {format_context(bucket)}: tensorrt -> {rel} ({time.perf_counter() - t0:.1f} s)")
         engines.append(record("tensorrt", [rel], onnx_result, Verification(
             "unverified", error="unverified by our tests (no TensorRT on the project's machines)")))
     return engines
 
 
-def export_state_engines(plan: Plan, model, bucket: int, tmp: str, progress: Progress,
-                         timings: dict) -> list[EngineRecord]:
-    """The prefill-cache and decode engines of one bucket (engines.py), every format but TensorRT.
+def _export_state_engine(plan: Plan, model, bucket: int, kind: str, tmp: str, note, timings: dict) -> list[EngineRecord]:
+    """The prefill-cache or decode engine of one bucket (engines.py), every format but TensorRT.
     AOTInductor on a GPU updates the cache in place; ONNX returns it (ONNX has no in-place update), and
     on the CPU the AOTInductor package shares ONNX's program (one export per engine)."""
     from . import engines as S
     from . import export as E
 
     out = []
-    for kind in S.KINDS:
-        programs: dict[tuple, S.EngineExport] = {}
-        for fmt in [f for f in plan.formats if f in ("aoti", "onnx")]:
-            gpu, dtype = (plan.target, model.config.dtype) if fmt == "aoti" else ("cpu", ONNX_COMPUTE_DTYPE)
-            in_place = fmt == "aoti" and plan.cuda
-            key = (gpu, dtype, in_place)
-            if key not in programs:
-                t0 = time.perf_counter()
-                source = model if dtype == model.config.dtype else float32_twin(model, cuda=False)
-                programs[key] = S.export_engine(source, kind, plan.max_batch, functional=not in_place, gpu=gpu,
-                                                passes=plan.passes)
-                timings[f"torch.export[{kind}, {fmt}]"] = took = round(time.perf_counter() - t0, 2)
-                progress.note(f"context {format_context(bucket)}: torch.export of {kind} for {fmt} {took:.1f} s")
-            exported = programs[key]
+    programs: dict[tuple, S.EngineExport] = {}
+    for fmt in [f for f in plan.formats if f in ("aoti", "onnx")]:
+        gpu, dtype = (plan.target, model.config.dtype) if fmt == "aoti" else ("cpu", ONNX_COMPUTE_DTYPE)
+        in_place = fmt == "aoti" and plan.cuda
+        key = (gpu, dtype, in_place)
+        if key not in programs:
             t0 = time.perf_counter()
-            os.makedirs(os.path.join(tmp, fmt), exist_ok=True)
-            if fmt == "aoti":
-                files = [f"aoti/{kind}-{bucket}.pt2"]
-                E.export_aoti(exported.result, os.path.join(tmp, files[0]))
-            else:
-                # onnxscript's optimizer took 2.5x the translation itself on these graphs (tiny decode:
-                # 544 s vs 212 s on the 2-core CI machine, 10k -> 4k nodes); onnxruntime optimizes the
-                # graph again when it loads it, so it is left out here.
-                written = E.export_onnx(exported.result, os.path.join(tmp, f"onnx/{kind}-{bucket}.onnx"),
-                                        exported.example, exported.input_names, exported.output_names, optimize=False)
-                files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
-            timings[f"{fmt}[{kind}]"] = took = round(time.perf_counter() - t0, 2)
-            progress.note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
-            result = exported.result
-            out.append(EngineRecord(format=fmt, bucket=bucket, files=tuple(files), seq_range=tuple(result.seq_range),
-                                    batch_range=tuple(result.batch_range), dynamic=result.dynamic, compute_dtype=dtype,
-                                    kernels=dict(result.kernels), verified=Verification("pending"), kind=kind,
-                                    cache_io="in-place" if in_place else "returned"))
+            programs[key] = S.export_engine(_source(model, dtype), kind, plan.max_batch, functional=not in_place,
+                                            gpu=gpu, passes=plan.passes)
+            timings[f"torch.export[{kind}, {fmt}]"] = took = round(time.perf_counter() - t0, 2)
+            note(f"context {format_context(bucket)}: torch.export of {kind} for {fmt} {took:.1f} s")
+        exported = programs[key]
+        t0 = time.perf_counter()
+        os.makedirs(os.path.join(tmp, fmt), exist_ok=True)
+        if fmt == "aoti":
+            files = [f"aoti/{kind}-{bucket}.pt2"]
+            E.export_aoti(exported.result, os.path.join(tmp, files[0]))
+        else:
+            written = E.export_onnx(exported.result, os.path.join(tmp, f"onnx/{kind}-{bucket}.onnx"),
+                                    exported.example, exported.input_names, exported.output_names)
+            files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
+        timings[f"{fmt}[{kind}]"] = took = round(time.perf_counter() - t0, 2)
+        note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
+        result = exported.result
+        out.append(EngineRecord(format=fmt, bucket=bucket, files=tuple(files), seq_range=tuple(result.seq_range),
+                                batch_range=tuple(result.batch_range), dynamic=result.dynamic, compute_dtype=dtype,
+                                kernels=dict(result.kernels), verified=Verification("pending"), kind=kind,
+                                cache_io="in-place" if in_place else "returned"))
     return out
 
 
 def verify_engines(engines: list[EngineRecord], outcome: dict, progress: Progress) -> list[EngineRecord]:
     """`engines` with the verify worker's verdict (`outcome`, verify.run_verify_worker) on each pending one."""
-    import dataclasses
-
     where = outcome.get("where", "fresh process")
     by_key = {(r["format"], r["bucket"], r.get("kind", "prefill")): r for r in outcome.get("results", [])}
     done = []

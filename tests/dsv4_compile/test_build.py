@@ -23,7 +23,8 @@ from dsv4_compile import ArtifactError, ModelConfig, Transformer
 from dsv4_compile.cli import main as cli_main
 from helpers import assert_close, rel_rms
 
-pytestmark = pytest.mark.slow
+# One xdist group: the tests of both files share the `built` fixture, built once per process.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("build")]
 
 # Tolerances: dsv4_compile/verify.py explains them (fp32 tiny on CPU). The model simulates FP8/FP4
 # quantization, so a reordered sum flips a code now and then, on some CPUs and not others
@@ -323,9 +324,27 @@ def test_cuda_packages_need_the_libstdcxx_preload(monkeypatch):
     assert cuda_preload_problem() is None and libstdcxx_preload(cuda=True) is None
 
 
-def _interrupt_build(cwd, name: str, step: str, sig: int, settle_s: float = 0.0) -> tuple[int, list[str]]:
+def _children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc; [] where the kernel does not list them)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie nobody reaped is gone too
+    except OSError:
+        return True
+
+
+def _interrupt_build(cwd, name: str, step: str, sig: int, settle_s: float = 0.0) -> tuple[int, list[str], list[int]]:
     """Run `python -m dsv4_compile build --out <cwd>/<name>`, send `sig` once step `step` has started
-    (and `settle_s` more seconds); (exit status, what `cwd` held just before the signal)."""
+    (and `settle_s` more seconds); (exit status, what `cwd` held just before the signal, the build's
+    child processes then)."""
     proc = subprocess.Popen([sys.executable, "-m", "dsv4_compile", "build", "--out", str(cwd / name)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 900
@@ -335,18 +354,30 @@ def _interrupt_build(cwd, name: str, step: str, sig: int, settle_s: float = 0.0)
                 break
         time.sleep(settle_s)
         before = sorted(p.name for p in cwd.iterdir())
+        children = _children(proc.pid)
         proc.send_signal(sig)
         proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, before
+    return proc.returncode, before, children
+
+
+def _assert_all_gone(pids: list[int], within_s: float = 20.0) -> None:
+    deadline = time.time() + within_s
+    while time.time() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.2)
+    assert all(_gone(p) for p in pids), f"processes left running after the build ended: {[p for p in pids if not _gone(p)]}"
 
 
 def test_killed_build_leaves_nothing_loadable(built, tmp_path):
+    """SIGKILL inside the export step (its worker processes started): nothing loadable is left, and the
+    export workers die with the build (they would otherwise go on writing into the partial folder)."""
     out = tmp_path / "killed"
-    code, _ = _interrupt_build(tmp_path, "killed", "[4/6] export", signal.SIGKILL, settle_s=3)  # inside AOTInductor
+    code, _, children = _interrupt_build(tmp_path, "killed", "[4/6] export", signal.SIGKILL, settle_s=5)
     assert code == -signal.SIGKILL
+    assert children, "no export worker processes were running"
+    _assert_all_gone(children)
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.partial-")]
     for candidate in [out, *leftovers]:
@@ -356,11 +387,14 @@ def test_killed_build_leaves_nothing_loadable(built, tmp_path):
         shutil.rmtree(leftover)
 
 
-def test_sigterm_removes_the_partial_folder(tmp_path):
-    """SIGTERM is handled like SIGINT: the temporary folder goes, the exit code is 128 + 15."""
-    code, before = _interrupt_build(tmp_path, "terminated", "[3/6] compile", signal.SIGTERM)
+def test_sigterm_removes_the_partial_folder(built, tmp_path):
+    """SIGTERM is handled like SIGINT, here inside the export step: the workers are ended, the
+    temporary folder goes, the exit code is 128 + 15."""
+    code, before, children = _interrupt_build(tmp_path, "terminated", "[4/6] export", signal.SIGTERM, settle_s=5)
     assert [name for name in before if name.startswith(".terminated.partial-")], before
     assert code == 128 + signal.SIGTERM
+    assert children, "no export worker processes were running"
+    _assert_all_gone(children)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -18,7 +18,8 @@ from dsv4_compile.token_check import teacher_forced
 from dsv4_compile.verify import FLIP_BOUND, TOLERANCES
 from helpers import assert_close
 
-pytestmark = pytest.mark.slow
+# One xdist group: the tests of both files share the `built` fixture, built once per process.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("build")]
 
 BUCKET = 512
 FORMATS = ("aoti", "onnx")

@@ -44,3 +44,24 @@ def test_known_export_warnings_are_silenced_and_others_kept():
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning)
             warnings.warn("something else", FutureWarning)
     assert [str(w.message) for w in seen] == ["something else"]
+
+
+def test_onnx_exporter_torchvision_lines_are_silenced(caplog):
+    """The ONNX exporter logs one `torchvision is not installed. Skipping torchvision::<op>` line per op
+    on every export without torchvision: logged outside the context (when torchvision is absent), not inside."""
+    import importlib.util
+    import logging
+
+    import torch
+
+    def export() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            torch.onnx.export(torch.export.export(torch.nn.Linear(3, 2), (torch.ones(1, 3),)), (torch.ones(1, 3),),
+                              dynamo=True, optimize=False, verbose=False)
+        return [r.getMessage() for r in caplog.records if "torchvision" in r.getMessage()]
+
+    with known_export_warnings_silenced():
+        assert export() == []
+    if importlib.util.find_spec("torchvision") is None:
+        assert any("Skipping torchvision::nms" in m for m in export()), "the exporter no longer logs it: drop the filter"

@@ -1,5 +1,5 @@
 """The DeepSeek-V4 optimizer (Muon + AdamW, model/muon.py) stepped compiled with the dsv4 passes vs
-eager: same start, same random gradients, several steps; the compiled step's newton_schulz nodes must
+eager: same start, same random gradients, two steps; the compiled step's newton_schulz nodes must
 be the Triton kernel (the substitution report says so).
 
 GPU: the mini preset whole (4 layers + MTP, bf16, ~2.8B parameters: ~35 GB with the optimizer state
@@ -34,7 +34,9 @@ from dsv4_compile import ModelConfig, Transformer  # noqa: E402
 from dsv4_compile.model.muon import deepseek_v4_optimizer, split_params  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
-STEPS = 3
+# Two steps: the first creates the optimizer state (one compiled graph), the second runs the
+# steady-state graph with momentum carried over; more steps rerun that same graph.
+STEPS = 2
 LR = 0.02
 
 

@@ -1,0 +1,62 @@
+"""How `build` schedules its exports: one task per (context bucket, engine kind), how many processes by
+default, and the order and timings it hands to the manifest. (The real parallel build, with its
+workers, is the shared `built` fixture of test_build.py / test_generate.py.)"""
+from __future__ import annotations
+
+import argparse
+import io
+
+import pytest
+
+from dsv4_compile import build, steps
+from dsv4_compile.manifest import EngineRecord, Verification
+from dsv4_compile.plan import Plan, usable_cpus
+
+
+def _plan(tmp_path, *argv) -> Plan:
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    return Plan(parser.parse_args(["--gpu", "cpu", "--out", str(tmp_path / "out"), *argv]))
+
+
+def test_one_task_per_bucket_and_engine_kind(tmp_path):
+    plan = _plan(tmp_path, "--context", "256,512")
+    assert plan.export_tasks() == [(256, "prefill"), (256, "prefill-cache"), (256, "decode"),
+                                   (512, "prefill"), (512, "prefill-cache"), (512, "decode")]
+
+
+def test_default_jobs(tmp_path):
+    assert _plan(tmp_path).jobs == min(3, usable_cpus())  # CPU, seeded weights: a process per task
+    assert _plan(tmp_path, "--context", "256,512").jobs == min(6, usable_cpus())
+    assert _plan(tmp_path, "--jobs", "5").jobs == 5
+
+
+def test_jobs_must_be_positive(tmp_path):
+    parser = argparse.ArgumentParser()
+    build.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--jobs", "0"])
+
+
+def test_one_process_export_keeps_manifest_order_and_merges_timings(tmp_path, monkeypatch):
+    """jobs = 1 (GPU builds): the tasks run here, one model per bucket; engines come back in bucket,
+    kind order and each bucket's timings hold every task's parts."""
+    plan = _plan(tmp_path, "--context", "256,512", "--jobs", "1")
+    built_models: list[int] = []
+    monkeypatch.setattr(plan, "model", lambda bucket: built_models.append(bucket) or f"model-{bucket}")
+
+    def fake_task(plan, bucket, kind, tmp, note, model):
+        assert model == f"model-{bucket}"
+        note(f"{kind} {bucket}")
+        record = EngineRecord(format="aoti", bucket=bucket, files=(f"aoti/{kind}-{bucket}.pt2",), seq_range=(2, bucket),
+                              batch_range=(1, 2), dynamic=True, compute_dtype="float32", kernels={},
+                              verified=Verification("pending"), kind=kind)
+        return steps.ExportTaskResult(bucket, kind, [record], {f"aoti[{kind}]": 1.0})
+
+    monkeypatch.setattr(steps, "export_task", fake_task)
+    out = io.StringIO()
+    engines, timings = steps.export_all(plan, str(tmp_path), steps.Progress(out, live=False))
+    assert [(e.bucket, e.kind) for e in engines] == plan.export_tasks()
+    assert built_models == [256, 512]
+    assert timings == {b: {"aoti[prefill]": 1.0, "aoti[prefill-cache]": 1.0, "aoti[decode]": 1.0} for b in (256, 512)}
+    assert "decode 512" in out.getvalue()
