@@ -1,124 +1,196 @@
 """Block-scaled FP8 linear (kernels/fp8_linear, activation quantization included) vs bf16 torch.mm and
 torch._scaled_mm, at V4-Flash's linear shapes and 1, 64, 4096, 16384 tokens, one run.
 
-bf16: x_bf16 @ W_bf16^T (the dequantized weight). _scaled_mm: FP8 x FP8 with the scaling it offers on
-this torch (1x128 / 128x128 blockwise where available, else rowwise; named in the table), the
-activation quantization not included, M padded to 16 where it needs it. Times: GPU time per call from
-CUDA-graph replays (graph_time_ms), the same for all three: do_bench would time each Python call, and
-our launcher's Python (checks, config lookup) costs tens of microseconds, more than the small-M GEMMs
-themselves (the first H200 run, timed with do_bench, showed exactly that). Also a small config sweep
-of ours per shape (the best is reported beside the default). Writes bench/results/<GPU>/
-fp8_linear.{csv,md} (or $BENCH_OUT).
+bf16: x_bf16 @ W_bf16^T (the dequantized weight). _scaled_mm: FP8 x FP8, the activation quantization
+not included, M padded to 16: rowwise scaling (one scale per row / column: not the op's semantics, a
+speed reference), and blockwise 1x128 / 128x128 (the op's semantics) where this torch offers it.
+Ours: the default config for the row count (what the substitution picks), and a small sweep of
+configs per shape (Triton tiles and gemm=cublas; each in the CSV). Times: GPU time per call from
+CUDA-graph replays (graph_time_ms), the same for all: do_bench would time each Python call, and our
+launcher's Python costs tens of microseconds, more than the small-M GEMMs themselves. For few tokens
+the weights rotate over copies that together exceed the L2 (as a decode step's many layers do), so
+the weight is read from HBM, not from an L2 that kept it from the previous replay. Writes
+bench/results/<GPU>/fp8_linear.{csv,md,png} (or $BENCH_OUT).
 
-    python bench/bench_fp8_linear.py [--tokens 1,64,4096,16384]
+    python bench/bench_fp8_linear.py [--tokens 1,64,4096,16384] [--no-sweep] [--budget-s 240]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _kernel_bench_util import DEVICE, bench_ms, environment, graph_time_ms, out_dir, print_table, write_csv  # noqa: E402
 
-
-def gpu_ms(fn) -> float:
-    """GPU milliseconds per call (CUDA-graph replays on the GPU; wall-clock runs on a CPU smoke test)."""
-    return graph_time_ms([fn]) if DEVICE == "cuda" else bench_ms(fn)
-
 # V4-Flash linears (name, N, K)
 SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_b", 4096, 8192),
           ("indexer.wq_b", 8192, 1024), ("shared.w1", 2048, 4096), ("shared.w2", 4096, 2048)]
-SWEEP_SMALL = ["block_m=16,block_n=32,num_warps=4,num_stages=4,quant=fused",
-               "block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused",
-               "block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused",
+SWEEP_SMALL = ["block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused",
+               "swap_ab=yes,block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused",
+               "swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused",
+               "swap_ab=yes,block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused,split_k=4",
+               "swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8",
+               "swap_ab=yes,block_m=16,block_n=32,num_warps=4,num_stages=5,quant=fused,split_k=2",
+               "swap_ab=yes,block_m=64,block_n=64,num_warps=4,num_stages=4,quant=fused",
                "block_m=64,block_n=64,num_warps=4,num_stages=4,quant=fused",
-               "block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused,split_k=4",
-               "block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8"]
+               "gemm=cublas"]
 SWEEP_LARGE = ["block_m=128,block_n=128,num_warps=8,num_stages=4,quant=separate",
+               "block_m=128,block_n=128,num_warps=8,num_stages=3,quant=separate",
+               "block_m=128,block_n=128,num_warps=8,num_stages=5,quant=separate",
+               "block_m=128,block_n=128,num_warps=4,num_stages=4,quant=separate",
                "block_m=128,block_n=256,num_warps=8,num_stages=3,quant=separate",
+               "block_m=256,block_n=128,num_warps=8,num_stages=3,quant=separate",
                "block_m=64,block_n=128,num_warps=4,num_stages=4,quant=separate",
-               "block_m=128,block_n=128,num_warps=8,num_stages=4,quant=fused"]
+               "gemm=cublas"]
+SMALL_TOKENS = 64
+ROTATE_BYTES = 128 << 20  # > 2x the H200's 50 MB L2
 
 
-def scaled_mm_fn(x, w8, w_scale):
-    """A callable timing torch._scaled_mm on this shape, and the scaling it uses (None if unusable)."""
+def gpu_ms(fns) -> float:
+    """GPU milliseconds per call (CUDA-graph replays on the GPU; wall-clock runs on a CPU smoke test)."""
+    return graph_time_ms(fns) if DEVICE == "cuda" else bench_ms(fns[0])
+
+
+def scaled_mm_fns(x, weights):
+    """Callables timing torch._scaled_mm per weight copy, by scaling: {'rowwise': [...], 'blockwise': [...]}
+    (a scaling this torch rejects is left out)."""
     m, k = x.shape
-    n = w8.shape[0]
     mp = max(16, -(-m // 16) * 16)
     a = torch.zeros(mp, k, device=x.device, dtype=torch.float8_e4m3fn)
-    a[:m] = x.to(torch.float8_e4m3fn)
-    b = w8.t()  # column-major [K, N], as _scaled_mm wants
-    tries = [("blockwise 1x128 / 128x128", torch.ones(mp, k // 128, device=x.device),
-              w_scale.t().contiguous()),  # experimental scaling modes differ by torch version
-             ("rowwise", torch.ones(mp, 1, device=x.device), torch.ones(1, n, device=x.device))]
-    for name, sa, sb in tries:
+    a[:m] = x.clamp(-448, 448).to(torch.float8_e4m3fn)
+    a_block = torch.ones(k // 128, mp, device=x.device).t()  # 1x128: [M, K/128], M-major
+    out = {}
+    for kind in ("rowwise", "blockwise"):
+        fns = []
+        for w8, ws in weights:
+            n = w8.shape[0]
+            sa, sb = ((torch.ones(mp, 1, device=x.device), torch.ones(1, n, device=x.device)) if kind == "rowwise"
+                      else (a_block, ws.t()))
+            fns.append(lambda w8=w8, sa=sa, sb=sb: torch._scaled_mm(a, w8.t(), scale_a=sa, scale_b=sb,
+                                                                    out_dtype=torch.bfloat16))
         try:
-            fn = lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)  # noqa: E731
-            fn()
+            fns[0]()
             torch.cuda.synchronize()
-            return fn, name
-        except Exception:  # noqa: BLE001 (this torch does not offer that scaling here)
+        except Exception as exc:  # noqa: BLE001 (this torch does not offer that scaling here)
+            print(f"  _scaled_mm {kind}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
-    return None, None
+        out[kind] = fns
+    return out
+
+
+def plot(path: str, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001
+        print(f"no plot: {exc}")
+        return
+    tokens = sorted({r["tokens"] for r in rows})
+    fig, axes = plt.subplots(1, len(tokens), figsize=(4 * len(tokens), 4), sharey=True)
+    for ax, m in zip(axes if len(tokens) > 1 else [axes], tokens):
+        rs = [r for r in rows if r["tokens"] == m]
+        names = [r["linear"] for r in rs]
+        xs = range(len(rs))
+        for off, key, label in ((-0.27, "x_vs_bf16", "ours (default)"), (0.0, "best_x_vs_bf16", "ours (best of sweep)"),
+                                (0.27, "scaled_mm_block_x_vs_bf16", "_scaled_mm blockwise, no quant")):
+            ax.bar([x + off for x in xs], [r[key] for r in rs], width=0.27, label=label)
+        ax.axhline(1.7 if m <= SMALL_TOKENS else 1.6, color="k", linestyle="--", linewidth=1)
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.set_xticks(list(xs), names, rotation=60, fontsize=7)
+        ax.set_title(f"{m} tokens", fontsize=9)
+    axes[0].set_ylabel("speed vs bf16 torch.mm (x)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
     from dsv4_compile.kernels.fp8_linear import default_config, fp8_linear
+    from dsv4_compile.kernels.fp8_linear.fp8_linear import cublas_blockwise_ready
     from dsv4_compile.model.weight_formats import e8m0_to_float, quantize_fp8_weight
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,64,4096,16384")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop sweeping after this many seconds")
     args = parser.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
     if DEVICE != "cuda":
-        tokens, shapes = [1, 32], [(n, 256, 256) for n, _, _ in SHAPES[:2]]
+        tokens, shapes = [1, 32], [(name, n, 256) for name, n, _ in SHAPES[:2]]
     else:
         shapes = SHAPES
     env = environment()
-    rows = []
+    start = time.monotonic()
+    rows, sweep_rows = [], []
     g = torch.Generator().manual_seed(0)
     for name, n, k in shapes:
         w8, ws = quantize_fp8_weight(torch.randn(n, k, generator=g) * k ** -0.5)
         w8, ws = w8.to(DEVICE), e8m0_to_float(ws).to(DEVICE)
-        w16 = (w8.float() * ws.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]).bfloat16()
         for m in tokens:
+            copies = max(1, math.ceil(ROTATE_BYTES / w8.numel())) if m <= SMALL_TOKENS and DEVICE == "cuda" else 1
+            weights = [(w8.clone(), ws.clone()) for _ in range(copies)]
+            w16s = [(w.float() * s.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]).bfloat16()
+                    for w, s in weights]
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
-            bf16_ms = gpu_ms(lambda: x @ w16.t())
-            ours_ms = gpu_ms(lambda: fp8_linear(x, w8, ws))
+            bf16_ms = gpu_ms([lambda w16=w16: x @ w16.t() for w16 in w16s])
+            del w16s
+
+            def ours(cfg=None):
+                return gpu_ms([lambda w=w, s=s: fp8_linear(x, w, s, cfg) for w, s in weights])
+
+            ours_ms = ours()
             default = default_config(None, m).to_str()
             best_ms, best = ours_ms, default
-            if DEVICE == "cuda" and not args.no_sweep:
-                for cfg in SWEEP_SMALL if m <= 64 else SWEEP_LARGE:
-                    try:
-                        t = gpu_ms(lambda: fp8_linear(x, w8, ws, cfg))
-                    except Exception as exc:  # noqa: BLE001 (a config this GPU rejects)
-                        print(f"  {name} M={m} {cfg}: {type(exc).__name__}")
-                        continue
-                    if t < best_ms:
-                        best_ms, best = t, cfg
-            sm_fn, sm_kind = scaled_mm_fn(x, w8, ws) if DEVICE == "cuda" else (None, None)
-            sm_ms = gpu_ms(sm_fn) if sm_fn else float("nan")
+            swept = DEVICE == "cuda" and not args.no_sweep and time.monotonic() - start < args.budget_s
+            for cfg in (SWEEP_SMALL if m <= SMALL_TOKENS else SWEEP_LARGE) if swept else []:
+                try:
+                    t = ours(cfg)
+                except Exception as exc:  # noqa: BLE001 (a config this GPU rejects)
+                    print(f"  {name} M={m} {cfg}: {type(exc).__name__}")
+                    continue
+                sweep_rows.append({"linear": name, "N": n, "K": k, "tokens": m, "config": cfg, "ms": t,
+                                   "x_vs_bf16": bf16_ms / t})
+                if t < best_ms:
+                    best_ms, best = t, cfg
+            sm = scaled_mm_fns(x, weights) if DEVICE == "cuda" else {}
+            row_ms = gpu_ms(sm["rowwise"]) if "rowwise" in sm else float("nan")
+            block_ms = gpu_ms(sm["blockwise"]) if "blockwise" in sm else float("nan")
             flops = 2.0 * m * n * k
-            rows.append({"linear": name, "N": n, "K": k, "tokens": m, "bf16_mm_ms": bf16_ms, "triton_fp8_ms": ours_ms,
-                         "triton_best_ms": best_ms, "scaled_mm_ms": sm_ms, "scaled_mm_scaling": sm_kind or "-",
-                         "x_vs_bf16": bf16_ms / ours_ms, "best_x_vs_bf16": bf16_ms / best_ms,
-                         "x_vs_scaled_mm": sm_ms / ours_ms if sm_fn else float("nan"),
-                         "triton_tflops": flops / ours_ms / 1e9, "best_config": best})
-            print(f"{name} M={m}: bf16 {bf16_ms:.4f} ms, ours {ours_ms:.4f} (best {best_ms:.4f}), _scaled_mm {sm_ms:.4f} ms")
+            rows.append({"linear": name, "N": n, "K": k, "tokens": m, "bf16_mm_ms": bf16_ms, "ours_ms": ours_ms,
+                         "x_vs_bf16": bf16_ms / ours_ms, "best_ms": best_ms, "best_x_vs_bf16": bf16_ms / best_ms,
+                         "scaled_mm_row_ms": row_ms, "scaled_mm_row_x_vs_bf16": bf16_ms / row_ms,
+                         "scaled_mm_block_ms": block_ms, "scaled_mm_block_x_vs_bf16": bf16_ms / block_ms,
+                         "ours_tflops": flops / ours_ms / 1e9, "ours_weight_tbs": w8.numel() / ours_ms / 1e9,
+                         "weight_copies": copies, "default_config": default, "best_config": best})
+            print(f"{name} M={m}: bf16 {bf16_ms:.4f} ms, ours {ours_ms:.4f} ({bf16_ms / ours_ms:.2f}x; best "
+                  f"{best_ms:.4f} = {bf16_ms / best_ms:.2f}x {best}), _scaled_mm row {row_ms:.4f} block {block_ms:.4f}",
+                  flush=True)
+            del weights
     path = out_dir()
     write_csv(os.path.join(path, "fp8_linear.csv"), rows)
-    keys = ["linear", "N", "K", "tokens", "bf16_mm_ms", "triton_fp8_ms", "scaled_mm_ms", "x_vs_bf16", "best_x_vs_bf16",
-            "x_vs_scaled_mm", "triton_tflops", "scaled_mm_scaling"]
+    write_csv(os.path.join(path, "fp8_linear_sweep.csv"), sweep_rows)
+    keys = ["linear", "N", "K", "tokens", "bf16_mm_ms", "ours_ms", "x_vs_bf16", "best_x_vs_bf16",
+            "scaled_mm_row_x_vs_bf16", "scaled_mm_block_x_vs_bf16", "ours_tflops", "ours_weight_tbs"]
     table = print_table(rows, keys)
+    env["cublas_blockwise_bf16"] = (cublas_blockwise_ready(torch.empty(1, 512, device=DEVICE, dtype=torch.bfloat16),
+                                                           1024, 512) if DEVICE == "cuda" else False)
     header = "\n".join(f"- {k}: {v}" for k, v in env.items())
     with open(os.path.join(path, "fp8_linear.md"), "w") as f:
         f.write(f"# FP8 block-scaled linear vs bf16 torch.mm and torch._scaled_mm (one run)\n\n{header}\n\n"
-                f"x_vs_*: their time / ours (> 1: ours faster). Ours includes the activation quantization; "
-                f"_scaled_mm does not. best_*: the best of a small config sweep (configs in the CSV).\n\n{table}\n")
+                f"x_vs_bf16: bf16 time / ours (> 1: ours faster); ours includes the activation quantization, "
+                f"_scaled_mm (scaled_mm_row: rowwise scales; scaled_mm_block: 1x128 / 128x128, the op's "
+                f"semantics) does not. best_*: the best of the config sweep (fp8_linear_sweep.csv). "
+                f"ours_weight_tbs: FP8 weight bytes per second (the bound for few tokens). Configs in "
+                f"fp8_linear.csv.\n\n{table}\n")
+    if DEVICE == "cuda":
+        plot(os.path.join(path, "fp8_linear.png"), rows)
     return 0
 
 

@@ -24,6 +24,11 @@ class Fp8LinearConfig(KernelConfig):
     split_k: programs sharing one output tile, each over a contiguous part of K, adding into an fp32
     result with atomics (then cast): more programs for few rows and few output tiles (decode); the
     fp32 sums' order then varies between runs (last-bit differences before the cast).
+    swap_ab: "yes" computes each tile transposed (W_tile @ x_tile^T), so the weight rows fill the MMA's
+    M side: for few rows of x, where a [block_m < 64, ...] tile wastes most of Hopper's wgmma.
+    gemm: "triton" (this kernel) or "cublas": x quantized by our kernel, the FP8 product by cuBLAS's
+    blockwise-scaled GEMM (torch._scaled_mm, 1x128 x 128x128 scales) where a probe shows this torch and
+    GPU offer it with the op's numbers; elsewhere the Triton GEMM with the other fields.
     """
 
     block_m: int = 64
@@ -34,9 +39,12 @@ class Fp8LinearConfig(KernelConfig):
     split_k: int = 1
     quant: str = "separate"
     cast: str = "bits"
+    swap_ab: str = "no"
+    gemm: str = "triton"
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "num_warps")
-    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"quant": ("fused", "separate"), "cast": ("bits", "native")}
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"quant": ("fused", "separate"), "cast": ("bits", "native"),
+                                                        "swap_ab": ("no", "yes"), "gemm": ("triton", "cublas")}
 
 
 DEFAULT_CONFIGS: dict[str, Fp8LinearConfig] = {

@@ -68,6 +68,19 @@ def test_config_variants_agree():
                  fp8_linear(x, w, s, "quant=fused,block_m=16,block_n=32,split_k=2").float(), tol(torch.bfloat16))
 
 
+@pytest.mark.parametrize("cfg", ["swap_ab=yes,quant=fused,block_m=16,block_n=32",
+                                 "swap_ab=yes,quant=separate,block_m=16,block_n=16,split_k=2",
+                                 "swap_ab=yes,quant=fused,block_m=16,block_n=256,split_k=3",
+                                 "swap_ab=no,quant=fused,block_m=16,block_n=256",
+                                 "gemm=cublas,quant=fused,block_m=16,block_n=32"])
+def test_swapped_wide_and_cublas_configs(cfg):
+    """The transposed tile (few rows: weight rows on the MMA's M side), split K at odd shapes (5 K-steps
+    over 2 or 3 parts; N = 300: partial tiles, with block_n 256 spanning two weight-scale tiles), and
+    gemm=cublas, which on the CPU / interpreter (no cuBLAS) must fall back to the Triton GEMM."""
+    x, w, s = make((7,), 640, 300, torch.float32, seed=3)
+    assert_close(f"kernel {cfg}", torch.ops.dsv4.fp8_linear(x, w, s), fp8_linear(x, w, s, cfg), tol(torch.float32))
+
+
 def test_input_errors():
     x, w, s = make((2,), 256, 64, torch.float32)
     with pytest.raises(ValueError, match="multiple of 128"):
@@ -94,3 +107,18 @@ def test_gpu_flash_shapes(n, k, m):
     y = fp8_linear(x, w, s)
     ref = torch.ops.dsv4.fp8_linear(x.float(), w, s)
     assert_close(f"FP8 linear [{m}, {k}] x [{n}, {k}]", ref, y.float(), REL_RMS_TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 37, 4096])
+@pytest.mark.parametrize("cfg", ["gemm=cublas", "gemm=triton,swap_ab=yes,block_m=16,block_n=64,split_k=4,quant=fused"])
+def test_gpu_cublas_and_small_m_paths(cfg, m, dtype):
+    """cuBLAS's blockwise GEMM (where the probe admits it; the Triton GEMM otherwise) and the swapped
+    split-K Triton tile, against the plain op at a V4-Flash shape (wq_a: N 1024, K 4096)."""
+    from dsv4_compile.kernels.fp8_linear.fp8_linear import cublas_blockwise_ready
+    x, w, s = make((m,), 4096, 1024, dtype, seed=m)
+    y = fp8_linear(x, w, s, cfg)
+    ref = torch.ops.dsv4.fp8_linear(x.float(), w, s)
+    print(f"cublas blockwise ready for {dtype}: {cublas_blockwise_ready(x, 1024, 4096)}")
+    assert_close(f"FP8 linear {cfg} [{m}, 4096] x [1024, 4096]", ref, y.float(), tol(dtype))
