@@ -49,17 +49,21 @@ class Fp8LinearConfig(KernelConfig):
 
 DEFAULT_CONFIGS: dict[str, Fp8LinearConfig] = {
     "interpreter": Fp8LinearConfig(block_m=16, block_n=32, num_stages=1, quant="fused"),
-    # the config that won most 4096 / 16384-token cases of the first H200 sweep (bench/results/H200/fp8_linear.md)
-    "H100": Fp8LinearConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, cast="native"),
-    "H200": Fp8LinearConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, cast="native"),
+    # cuBLAS's blockwise GEMM where the probe admits it; else the Triton tile that won most 4096 / 16384-token
+    # cases of the first H200 sweep (bench/results/H200/fp8_linear.md)
+    "H100": Fp8LinearConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, cast="native", gemm="cublas"),
+    "H200": Fp8LinearConfig(block_m=64, block_n=128, num_warps=4, num_stages=4, cast="native", gemm="cublas"),
     "generic": Fp8LinearConfig(),
 }
-# Few rows (decode, small batches): reading W dominates; small M tiles, more N tiles, fused quantization.
+# Few rows (decode, small batches): reading W dominates; the tile transposed (weight rows on the MMA's M
+# side), fused quantization (one launch).
 SMALL_M = 64
 SMALL_M_CONFIGS: dict[str, Fp8LinearConfig] = {
     "interpreter": Fp8LinearConfig(block_m=16, block_n=32, num_stages=1, quant="fused"),
-    "H100": Fp8LinearConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, quant="fused", cast="native"),
-    "H200": Fp8LinearConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, quant="fused", cast="native"),
+    "H100": Fp8LinearConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, quant="fused", cast="native",
+                            swap_ab="yes"),
+    "H200": Fp8LinearConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, quant="fused", cast="native",
+                            swap_ab="yes"),
     "generic": Fp8LinearConfig(block_m=16, block_n=64, quant="fused"),
 }
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 from .framework import ACC_PER_THREAD, KernelSpace, Param, next_pow2, rule_threads, smem_reason, threads
 
 STEP = 128  # the kernel's K step (the scale block)
+# gemm=cublas leaves the Triton tile fields unused: one trial per cast, with each of them at its first choice
+CUBLAS_TRIAL = {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1, "group_m": 1, "split_k": 1,
+                "quant": "fused", "swap_ab": "no"}
 
 
 def fp8_linear_hard(cfg, problem, gpu) -> str | None:
@@ -20,6 +23,8 @@ def fp8_linear_hard(cfg, problem, gpu) -> str | None:
 
 def fp8_linear_redundant(cfg, problem, gpu) -> str | None:
     m, n, k = problem.dim("m"), problem.dim("n"), problem.dim("k")
+    if cfg.gemm == "cublas" and any(getattr(cfg, f) != v for f, v in CUBLAS_TRIAL.items()):
+        return "gemm=cublas ignores the Triton tile fields (tried once, with each at its first choice)"
     if cfg.block_m > max(16, next_pow2(m)):
         return f"block_m {cfg.block_m} > the {m} rows need (tl.dot's minimum 16 aside)"
     if cfg.block_n > next_pow2(n):
@@ -40,7 +45,8 @@ FP8_LINEAR = KernelSpace(
     name="fp8_linear", package="fp8_linear", config_class="Fp8LinearConfig", function="fp8_linear:fp8_linear",
     params=(Param("block_m", (16, 32, 64, 128)), Param("block_n", (32, 64, 128, 256)), Param("num_warps", (4, 8)),
             Param("num_stages", (1, 2, 3, 4, 5)), Param("group_m", (1, 8)), Param("split_k", (1, 2, 4, 8)),
-            Param("quant", ("fused", "separate")), Param("cast", ("bits", "native"))),
+            Param("quant", ("fused", "separate")), Param("cast", ("bits", "native")),
+            Param("swap_ab", ("no", "yes")), Param("gemm", ("triton", "cublas"))),
     problem=_problem, phases=("prefill", "decode"),
     defaults={"prefill": "default_config", "decode": "decode_config"},
     hard=(rule_threads, fp8_linear_hard), redundant=(fp8_linear_redundant,),
