@@ -6,7 +6,11 @@ weight float8_e4m3fn [N, K], scale float32 [cdiv(N, 128), K/128]. Otherwise the 
 plain op, with the reason. The config follows the row count M (x's leading dims, when static): up to
 SMALL_M rows (decode, small batches) the tuned decode entry by batch, else the small-M default (fused
 input quantization), never a prefill entry; more rows (or a symbolic M) the tuned prefill table by
-token count ("by_context", as the other kernels' context tables), else the large-M default. `interpreter_substitutions()`: the same on CPU tensors
+token count ("by_context", as the other kernels' context tables), else the large-M default. On the
+H100 / H200 the large-M default routes the product to cuBLAS's blockwise-scaled FP8 GEMM (gemm=cublas:
+our quantization kernel, then torch._scaled_mm with 1x128 / 128x128 scales) where the kernel's probe
+admits it, the Triton GEMM otherwise (kernels/fp8_linear; bench/results/H200/fp8_linear.md says why).
+`interpreter_substitutions()`: the same on CPU tensors
 under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
