@@ -30,22 +30,17 @@ from _kernel_bench_util import DEVICE, bench_ms, environment, graph_time_ms, out
 # V4-Flash linears (name, N, K)
 SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_b", 4096, 8192),
           ("indexer.wq_b", 8192, 1024), ("shared.w1", 2048, 4096), ("shared.w2", 4096, 2048)]
-SWEEP_SMALL = ["block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused",
-               "swap_ab=yes,block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused",
-               "swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused",
-               "swap_ab=yes,block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused,split_k=4",
-               "swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8",
-               "swap_ab=yes,block_m=16,block_n=32,num_warps=4,num_stages=5,quant=fused,split_k=2",
-               "swap_ab=yes,block_m=64,block_n=64,num_warps=4,num_stages=4,quant=fused",
-               "block_m=64,block_n=64,num_warps=4,num_stages=4,quant=fused",
+# each names gemm: a string is read over the default config, whose gemm varies with the shape
+SWEEP_SMALL = ["gemm=triton,swap_ab=yes,block_m=16,block_n=64,num_warps=4,num_stages=4,quant=fused",
+               "gemm=triton,swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused",
+               "gemm=triton,swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=4",
+               "gemm=triton,swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8",
+               "gemm=triton,swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=16",
+               "gemm=triton,swap_ab=yes,block_m=32,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8",
                "gemm=cublas"]
-SWEEP_LARGE = ["block_m=128,block_n=128,num_warps=8,num_stages=4,quant=separate",
-               "block_m=128,block_n=128,num_warps=8,num_stages=3,quant=separate",
-               "block_m=128,block_n=128,num_warps=8,num_stages=5,quant=separate",
-               "block_m=128,block_n=128,num_warps=4,num_stages=4,quant=separate",
-               "block_m=128,block_n=256,num_warps=8,num_stages=3,quant=separate",
-               "block_m=256,block_n=128,num_warps=8,num_stages=3,quant=separate",
-               "block_m=64,block_n=128,num_warps=4,num_stages=4,quant=separate",
+SWEEP_LARGE = ["gemm=triton,block_m=128,block_n=128,num_warps=8,num_stages=4,quant=separate",
+               "gemm=triton,block_m=128,block_n=256,num_warps=8,num_stages=3,quant=separate",
+               "gemm=triton,block_m=64,block_n=128,num_warps=4,num_stages=4,quant=separate",
                "gemm=cublas"]
 SMALL_TOKENS = 64
 ROTATE_BYTES = 128 << 20  # > 2x the H200's 50 MB L2
@@ -146,7 +141,7 @@ def main(argv=None) -> int:
                 return gpu_ms([lambda w=w, s=s: fp8_linear(x, w, s, cfg) for w, s in weights])
 
             ours_ms = ours()
-            default = default_config(None, m).to_str()
+            default = default_config(None, m, n, k).to_str()
             best_ms, best = ours_ms, default
             swept = DEVICE == "cuda" and not args.no_sweep and time.monotonic() - start < args.budget_s
             for cfg in (SWEEP_SMALL if m <= SMALL_TOKENS else SWEEP_LARGE) if swept else []:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
-from .._common import KernelConfig, pick_default
+from .._common import KernelConfig, cdiv, device_name, pick_default
+from ..gpus import canonical_gpu
 
 SCALE_BLOCK = 128  # K block of the activation scales and edge of the weight's scale tiles
 
@@ -60,18 +61,40 @@ DEFAULT_CONFIGS: dict[str, Fp8LinearConfig] = {
 SMALL_M = 64
 SMALL_M_CONFIGS: dict[str, Fp8LinearConfig] = {
     "interpreter": Fp8LinearConfig(block_m=16, block_n=32, num_stages=1, quant="fused"),
-    "H100": Fp8LinearConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, quant="fused", cast="native",
+    "H100": Fp8LinearConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, quant="fused", cast="native",
                             swap_ab="yes"),
-    "H200": Fp8LinearConfig(block_m=16, block_n=64, num_warps=4, num_stages=4, quant="fused", cast="native",
+    "H200": Fp8LinearConfig(block_m=16, block_n=128, num_warps=4, num_stages=3, quant="fused", cast="native",
                             swap_ab="yes"),
     "generic": Fp8LinearConfig(block_m=16, block_n=64, quant="fused"),
 }
 
 
-def default_config(gpu_name: str | None = None, m: int | None = None) -> Fp8LinearConfig:
-    """Default config for a GPU name (None = the current device) and, when known, the row count M."""
-    table = SMALL_M_CONFIGS if m is not None and m <= SMALL_M else DEFAULT_CONFIGS
-    return pick_default(table, gpu_name)
+# Shape rules for few rows on the H100 / H200 (bench/results/H200/fp8_linear.md, the sweep of 2026-12-03):
+# 17..64 rows with N >= CUBLAS_MIN_N go to cuBLAS's blockwise GEMM (its wide tiles read W once); else
+# the swapped Triton tile, K split until about SPLIT_PROGRAMS programs stream W (at most MAX_SPLIT_K
+# parts, each of at least two K steps).
+SHAPE_RULE_GPUS = ("H100", "H200")
+FEW_M = 16
+CUBLAS_MIN_N = 2048
+SPLIT_PROGRAMS = 256
+MAX_SPLIT_K = 8
+
+
+def default_config(gpu_name: str | None = None, m: int | None = None, n: int | None = None,
+                   k: int | None = None) -> Fp8LinearConfig:
+    """Default config for a GPU name (None = the current device) and, when known, the row count M and
+    the weight's N, K (the few-rows shape rules above)."""
+    if m is None or m > SMALL_M:
+        return pick_default(DEFAULT_CONFIGS, gpu_name)
+    cfg = pick_default(SMALL_M_CONFIGS, gpu_name)
+    if n is None or k is None or canonical_gpu(device_name() if gpu_name is None else gpu_name) not in SHAPE_RULE_GPUS:
+        return cfg
+    if m > FEW_M and n >= CUBLAS_MIN_N:
+        return cfg.replace(gemm="cublas")
+    split = 1
+    while split < MAX_SPLIT_K and cdiv(n, cfg.block_n) * split < SPLIT_PROGRAMS and 4 * split <= k // SCALE_BLOCK:
+        split *= 2
+    return cfg.replace(split_k=split)
 
 
 def decode_config(gpu_name: str | None = None) -> Fp8LinearConfig:

@@ -141,7 +141,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    cfg = resolve_config(Fp8LinearConfig, config, lambda gpu: default_config(gpu, m), x.device)
+    cfg = resolve_config(Fp8LinearConfig, config, lambda gpu: default_config(gpu, m, n, k), x.device)
     if m == 0 or n == 0:
         return x.new_empty((*lead, n))
     recip = x.device.type == "cuda"

@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile import passes  # noqa: E402
-from dsv4_compile.kernels.fp8_linear.config import SMALL_M_CONFIGS, DEFAULT_CONFIGS  # noqa: E402
+from dsv4_compile.kernels.fp8_linear.config import DEFAULT_CONFIGS, default_config  # noqa: E402
 from dsv4_compile.model.weight_formats import e8m0_to_float, quantize_fp8_weight  # noqa: E402
 from dsv4_compile.passes.kernel_substitutions import fp8_linear as sub  # noqa: E402
 from helpers import assert_close  # noqa: E402
@@ -44,7 +44,11 @@ def test_nodes_replaced_and_numbers_as_eager():
     assert ops["before"]["dsv4.fp8_linear.default"] == 2
     assert "dsv4.fp8_linear.default" not in ops["after"] and ops["after"]["dsv4_triton.fp8_linear.default"] == 2
     assert manager.report.replaced("dsv4.fp8_linear") == 2
-    assert_close("substituted vs eager", two_linears(*args), gm(*args), 1e-3 if DEVICE == "cuda" else 1e-5)
+    # GPU: the second linear re-quantizes the first's output, and the FP8 MMA's rounding (relative RMS
+    # <= 1e-3 a linear, test_fp8_linear.py) can move an element of it across an e4m3 rounding boundary: a
+    # code one step away (2^-4 relative to that element). A few such flips among the 15 x 256 inputs give
+    # some 1e-3 each, so 1e-2 bounds the chain; the CPU differs in summation order only.
+    assert_close("substituted vs eager", two_linears(*args), gm(*args), 1e-2 if DEVICE == "cuda" else 1e-5)
 
 
 def test_config_follows_rows_and_refusals_say_why():
@@ -54,7 +58,7 @@ def test_config_follows_rows_and_refusals_say_why():
     small = sub.SUBSTITUTION.config(target, e(1, 256), w, s)["config"]
     large = sub.SUBSTITUTION.config(target, e(64, 128, 256), w, s)["config"]
     gpu = "H200" if DEVICE == "cuda" else "interpreter"
-    assert small == SMALL_M_CONFIGS[gpu].to_str() and large == DEFAULT_CONFIGS[gpu].to_str()
+    assert small == default_config(gpu, 1, 64, 256).to_str() and large == DEFAULT_CONFIGS[gpu].to_str()
     # prefill entries serve large M only; few rows take the decode entry of the smallest batch >= M
     tuned = passes.Target(gpu="H200", table={"by_context": {"8192": "block_m=32,block_n=32"}})
     assert sub.SUBSTITUTION.config(tuned, e(64, 128, 256), w, s)["config"] == "block_m=32,block_n=32"
@@ -63,7 +67,7 @@ def test_config_follows_rows_and_refusals_say_why():
                "b": {"phase": "decode", "batch": 64, "config": {"block_n": 128}}}
     decode = passes.Target(gpu="H200", table={"entries": entries})
     got = sub.SUBSTITUTION.config(decode, e(2, 256), w, s)["config"]
-    assert got == SMALL_M_CONFIGS[gpu].replace(block_n=32, split_k=4).to_str()
+    assert got == default_config(gpu, 2, 64, 256).replace(block_n=32, split_k=4).to_str()
     assert "block_n=128" in sub.SUBSTITUTION.config(decode, e(40, 256), w, s)["config"]
     assert "multiple of 128" in sub._reason(e(4, 200), e(64, 200, dtype=torch.float8_e4m3fn), s, allow_cpu=True)
     assert "float8_e4m3fn" in sub._reason(e(4, 256), e(64, 256), s, allow_cpu=True)

@@ -53,7 +53,8 @@ def _rows(x) -> int | None:
 
 def _config(target, x, weight, scale) -> dict:
     m = _rows(x)
-    default = default_config(target_gpu(target, x.device.type), m)
+    n, k = weight.shape
+    default = default_config(target_gpu(target, x.device.type), m, n if isinstance(n, int) else None, k)
     if m is not None and m <= SMALL_M:
         return {"config": decode_entry_config(target.table, m, default)}
     return {"config": config_string(target.table, m, default)}
