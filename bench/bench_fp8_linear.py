@@ -93,7 +93,7 @@ def plot(path: str, rows: list[dict]) -> None:
         names = [r["linear"] for r in rs]
         xs = range(len(rs))
         for off, key, label in ((-0.27, "x_vs_bf16", "ours (default)"), (0.0, "best_x_vs_bf16", "ours (best of sweep)"),
-                                (0.27, "scaled_mm_block_x_vs_bf16", "_scaled_mm blockwise, no quant")):
+                                (0.27, "scaled_mm_block_x_vs_bf16", "torch._scaled_mm blockwise, no quant")):
             ax.bar([x + off for x in xs], [r[key] for r in rs], width=0.27, label=label)
         ax.axhline(1.7 if m <= SMALL_TOKENS else 1.6, color="k", linestyle="--", linewidth=1)
         ax.axhline(1.0, color="gray", linewidth=0.8)
