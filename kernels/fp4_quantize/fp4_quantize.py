@@ -13,13 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ...model import ops as plain
 from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import block_scale, divide_by_scale
 from ..fp8_quantize.config import launch_grid
 from .config import Fp4QuantConfig, default_config
 
-FP4_MAX = 6.0
-FP4_AMAX_FLOOR = 6.0 * 2.0 ** -126  # DeepSeek's FP4 floor, as model/ops.py
+# DeepSeek's FP4 amax floor; a constexpr, since @triton.jit code may read no other kind of global.
+FP4_AMAX_FLOOR = tl.constexpr(plain.FP4_AMAX_FLOOR)
 
 
 # ================================================================================================

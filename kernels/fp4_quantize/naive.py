@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ...model.ops import FP4_AMAX_FLOOR, FP4_MAX
 from ..fp8_quantize.naive import block_scales
 
-FP4_MAX = 6.0
-FP4_AMAX_FLOOR = 6.0 * 2.0 ** -126
 E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
