@@ -172,7 +172,7 @@ def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRec
         progress.note(f"{len(tasks)} export tasks in {jobs} processes")
         threads = max(1, usable_cpus() // jobs)
         pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_export_worker_init,
-                                                          initargs=(plan, tmp, threads))
+                                                          initargs=(plan, tmp, threads, os.getpid()))
         try:
             for result, notes in pool.imap_unordered(_export_worker_run, tasks):
                 for line in notes:
@@ -192,14 +192,14 @@ def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRec
 _WORKER: dict = {}
 
 
-def _export_worker_init(plan: Plan, tmp: str, threads: int) -> None:
+def _export_worker_init(plan: Plan, tmp: str, threads: int, build_pid: int) -> None:
     import signal
 
     import torch
     import torch._inductor.config
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the build process handles Ctrl-C and ends the pool
-    _die_with_parent()
+    _die_with_parent(build_pid)
     os.dup2(2, 1)  # stdout is the build's (clean with --json): third-party prints go to stderr
     # The workers share the cores: each takes its share for ATen and for Inductor's compile pool
     # (left at their defaults, every worker would spin up all cores' worth of both).
@@ -208,7 +208,7 @@ def _export_worker_init(plan: Plan, tmp: str, threads: int) -> None:
     _WORKER.update(plan=plan, tmp=tmp)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(build_pid: int) -> None:
     """A killed build (SIGKILL: no cleanup runs) takes its export workers with it (Linux), instead of
     leaving them to finish minutes of work into a folder nobody will use."""
     import ctypes
@@ -219,7 +219,7 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the pool's own shutdown still ends them with the build
         return
-    if os.getppid() == 1:  # the build died before prctl took effect
+    if os.getppid() != build_pid:  # the build died before prctl took effect
         os._exit(1)
 
 
