@@ -23,123 +23,21 @@ whose sequence range holds S; buckets load lazily, once.
 from __future__ import annotations
 
 import os
-import platform
-import re
-import subprocess
 from typing import Any
 
 import torch
 
+from .libstdcxx import aoti_load_problem, load_aoti_package
 from .manifest import FORMATS, ArtifactError, EngineRecord, Manifest, check_manifest, describe_device
 
 PREFERENCE = ("aoti", "onnx")  # what format=None may pick, best first
-
-
-# ---- libstdc++ -------------------------------------------------------------------------------------
-
-_GLIBCXX = re.compile(rb"GLIBCXX_3\.4(?:\.(\d+))?\b")
-
-
-def _glibcxx_level(path: str) -> int:
-    """Highest GLIBCXX_3.4.N symbol version a libstdc++ defines (-1 if unreadable)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        return -1
-    return max((int(m.group(1) or 0) for m in _GLIBCXX.finditer(data)), default=-1)
-
-
-def _mapped_libstdcxx() -> list[str]:
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split(None, 5)[5].strip() for line in f if "libstdc++.so" in line and len(line.split(None, 5)) == 6}
-    except OSError:
-        return []
-    return sorted(p for p in paths if p.startswith("/"))
-
-
-def system_libstdcxx() -> str | None:
-    """The libstdc++.so.6 `ldconfig -p` lists for this architecture, or None."""
-    try:
-        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        for ldconfig in ("/sbin/ldconfig", "/usr/sbin/ldconfig"):
-            try:
-                out = subprocess.run([ldconfig, "-p"], capture_output=True, text=True, timeout=10).stdout
-                break
-            except (OSError, subprocess.SubprocessError):
-                continue
-        else:
-            return None
-    arch = {"x86_64": "x86-64", "aarch64": "AArch64"}.get(platform.machine(), "")
-    found = []
-    for line in out.splitlines():
-        line = line.strip()
-        if line.startswith("libstdc++.so.6 ") and "=>" in line:
-            flags, path = line.split("(", 1)[1].split(")", 1)[0], line.rsplit("=>", 1)[1].strip()
-            found.append((arch in flags, path))
-    found.sort(key=lambda item: not item[0])
-    return found[0][1] if found else None
-
-
-def libstdcxx_problem() -> str | None:
-    """None when this process's libstdc++ is the system's (or newer), else the one-line fix.
-
-    Compares the mapped file's real path and, if different, its highest GLIBCXX version against the
-    system library's. A CUDA .pt2 can crash even when the mapped library IS the system's (seen on a GPU
-    machine, bench/results/H100/BUILD.md), which this file check cannot see: `cuda_preload_problem`
-    covers that case.
-    """
-    system = system_libstdcxx()
-    if system is None:
-        return None
-    system_real = os.path.realpath(system)
-    for mapped in _mapped_libstdcxx():
-        if os.path.realpath(mapped) == system_real:
-            continue
-        if _glibcxx_level(mapped) < _glibcxx_level(system_real):
-            return (f"this process loaded an older libstdc++ ({mapped}) than the system's ({system}); loading an "
-                    f"AOTInductor package would crash: start Python with LD_PRELOAD={system}")
-    return None
-
-
-def _preloaded(system: str) -> bool:
-    real = os.path.realpath(system)
-    return any(os.path.realpath(p) == real for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split() if p)
-
-
-def cuda_preload_problem() -> str | None:
-    """CUDA packages: None when the system libstdc++ is in LD_PRELOAD (or there is none), else the fix.
-
-    A CUDA .pt2 load can hang or crash without LD_PRELOAD even when the mapped libstdc++ is the system's
-    file (bench/results/H100/BUILD.md); no file check sees that, and a probe process would hang too, so
-    CUDA packages are loaded only with the system libstdc++ preloaded.
-    """
-    system = system_libstdcxx()
-    if system is None or _preloaded(system):
-        return None
-    return (f"loading a CUDA AOTInductor package needs the system libstdc++ preloaded (without it the lent GPU "
-            f"image crashes or hangs in the package's C++ wrapper): start Python with LD_PRELOAD={system}")
-
-
-def libstdcxx_preload(cuda: bool = False) -> str | None:
-    """The LD_PRELOAD value a child Python process needs for .pt2 packages (None when not needed).
-    CUDA builds always get the system libstdc++ preloaded (harmless, and needed on the lent GPU image)."""
-    system = system_libstdcxx()
-    if system is None or _preloaded(system):
-        return None
-    return system if (cuda or libstdcxx_problem()) else None
 
 
 # ---- runners -------------------------------------------------------------------------------------
 
 class _AotiRunner:
     def __init__(self, path: str, cuda: bool = False):
-        problem = libstdcxx_problem() or (cuda_preload_problem() if cuda else None)
-        if problem:
-            raise ArtifactError(problem)
-        self.package = torch._inductor.aoti_load_package(path)
+        self.package = load_aoti_package(path, cuda)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.package(tokens)
@@ -332,9 +230,7 @@ def load(path: str, format: str | None = None, allow_version_skew: bool = False,
         raise ArtifactError(f"{path}: incomplete build (build_complete is not true): an interrupted or failed build")
     fmt, engines = _pick(manifest, format, _require_verified)
     if fmt == "aoti":
-        problem = libstdcxx_problem()
-        if problem is None and manifest.device.get("kind") == "cuda":
-            problem = cuda_preload_problem()
+        problem = aoti_load_problem(cuda=manifest.device.get("kind") == "cuda")
         if problem:
             raise ArtifactError(problem)
     return Engine(path, manifest, fmt, engines)

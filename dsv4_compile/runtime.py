@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from .libstdcxx import load_aoti_package
+
 SYNC_EVERY = 8
 
 
@@ -232,7 +234,7 @@ class EngineSteps(Steps):
                 raise ValueError(f"no {kind} engine for context {bucket} in this build")
             path = os.path.join(self.path, record.files[0])
             if self.format == "aoti":
-                self._runners[key] = _AotiStateRunner(path, record.cache_io == "in-place")
+                self._runners[key] = _AotiStateRunner(path, record.cache_io == "in-place", self.device.type == "cuda")
             else:
                 self._runners[key] = _OnnxStateRunner(path)
         return self._runners[key]
@@ -250,8 +252,8 @@ def build_identity(files: dict) -> str:
 
 
 class _AotiStateRunner:
-    def __init__(self, path: str, in_place: bool):
-        self.package = torch._inductor.aoti_load_package(path)
+    def __init__(self, path: str, in_place: bool, cuda: bool):
+        self.package = load_aoti_package(path, cuda)
         self.in_place = in_place
 
     def __call__(self, first: torch.Tensor, second: torch.Tensor, cache: Cache) -> torch.Tensor:

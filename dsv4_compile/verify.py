@@ -155,7 +155,7 @@ def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cu
                       allow_version_skew: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """`python -m dsv4_compile.verify --worker PATH` in a fresh process (libstdc++ preload where needed).
     The worker's progress lines (stderr) go to `progress` as they come."""
-    from .loader import libstdcxx_preload
+    from .libstdcxx import libstdcxx_preload
 
     env = dict(os.environ)
     preload = libstdcxx_preload(cuda=cuda)

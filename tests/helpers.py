@@ -32,3 +32,23 @@ def assert_bits_equal(name: str, ref: torch.Tensor, out: torch.Tensor) -> None:
     else:
         differ = ref != out
     assert not differ.any(), f"{name}: {int(differ.sum())} of {ref.numel()} values differ"
+
+
+def rerun_with_libstdcxx_preload(request) -> bool:
+    """A test that loads a CUDA .pt2 in its own process: where this process cannot (the lent GPU image
+    wants the system libstdc++ in LD_PRELOAD: dsv4_compile.libstdcxx), run the test alone in a child
+    pytest with it preloaded and assert the child passed. Returns True when it did (the caller returns)."""
+    import os
+    import subprocess
+    import sys
+
+    from dsv4_compile.libstdcxx import cuda_preload_problem, libstdcxx_preload
+
+    if cuda_preload_problem() is None:
+        return False
+    env = {**os.environ, "LD_PRELOAD": " ".join(p for p in (libstdcxx_preload(cuda=True), os.environ.get("LD_PRELOAD")) if p)}
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-m", "gpu",
+                           request.node.nodeid], capture_output=True, text=True, cwd=str(request.config.rootpath), env=env)
+    assert proc.returncode == 0, f"the test under LD_PRELOAD={env['LD_PRELOAD']}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+    return True

@@ -304,14 +304,14 @@ def test_allow_version_skew_reaches_the_verify_worker(copy_of):
 
 
 def test_libstdcxx_check_runs_here():
-    from dsv4_compile.loader import libstdcxx_problem, system_libstdcxx
+    from dsv4_compile.libstdcxx import libstdcxx_problem, system_libstdcxx
 
     # On this CPU image Python loads the system libstdc++: no problem reported, no preload needed.
     assert system_libstdcxx() is None or libstdcxx_problem() is None
 
 
 def test_cuda_packages_need_the_libstdcxx_preload(monkeypatch):
-    from dsv4_compile.loader import cuda_preload_problem, libstdcxx_preload, system_libstdcxx
+    from dsv4_compile.libstdcxx import cuda_preload_problem, libstdcxx_preload, system_libstdcxx
 
     system = system_libstdcxx()
     if system is None:

@@ -15,7 +15,7 @@ from dsv4_compile.reference import eager_model
 from dsv4_compile.steps import COMPILE_TOLERANCE
 from dsv4_compile.compile import resolve_gpu
 from dsv4_compile.export import example_tokens, export_aoti, export_prefill, leftover_custom_ops
-from dsv4_compile.loader import libstdcxx_preload
+from dsv4_compile.libstdcxx import libstdcxx_preload
 from dsv4_compile.metrics import rel_rms
 
 pytestmark = pytest.mark.gpu

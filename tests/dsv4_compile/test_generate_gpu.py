@@ -14,14 +14,16 @@ from dsv4_compile.engines import export_engine
 from dsv4_compile.export import export_aoti
 from dsv4_compile.manifest import EngineRecord, Verification
 from dsv4_compile.runtime import EagerSteps, EngineSteps
-from helpers import assert_close
+from helpers import assert_close, rerun_with_libstdcxx_preload
 
 pytestmark = pytest.mark.gpu
 
 BUCKET = 128
 
 
-def test_graphed_aoti_decode_equals_launched_and_eager(tmp_path):
+def test_graphed_aoti_decode_equals_launched_and_eager(tmp_path, request):
+    if rerun_with_libstdcxx_preload(request):
+        return
     config = ModelConfig.load("tiny").replace(max_seq_len=BUCKET)
     model = eager_model(config, seed=0, state=None, cuda=True)
     exported = export_engine(model, "decode", 4, functional=False, gpu=resolve_gpu("auto"))

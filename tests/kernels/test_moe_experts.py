@@ -227,7 +227,8 @@ def test_substitution_replaces_every_moe_op():
 
 @pytest.fixture(scope="module")
 def flash_experts():
-    """V4-Flash's routed experts (E 256, I 2048, D 4096) in bf16, FP8 and MXFP4, on the GPU."""
+    """V4-Flash's routed experts (E 256, I 2048, D 4096) in bf16, FP8 and MXFP4, on the GPU: 21 GiB, built
+    once (the tests using it share one xdist worker: one copy per worker filled the GPU under -n 4)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     E, I, D = 256, 2048, 4096
     ws = [torch.randn(E, I, D, device="cuda", generator=g, dtype=torch.bfloat16) * D ** -0.5,
@@ -240,6 +241,7 @@ def flash_experts():
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("moe-flash-experts")
 @pytest.mark.parametrize("T", [1, 64, 4096, 32768])
 @pytest.mark.parametrize("fmt", ["float", "fp8", "mxfp4"])
 def test_flash_shapes_against_the_plain_op(flash_experts, fmt, T):
