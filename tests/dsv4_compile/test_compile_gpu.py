@@ -23,6 +23,7 @@ EXPECTED = {"dsv4.sparse_attention": "sparse_attention.triton", "dsv4.compress_k
             "dsv4.moe_experts": "moe_experts.triton"}
 
 
+@pytest.mark.xdist_group("gpu-large")  # one worker: tests of tens of GiB must not overlap
 @pytest.mark.parametrize("preset", ["mini", "flash-slice"])
 def test_preset_compiled_with_the_kernels_matches_eager(preset):
     config = ModelConfig.load(preset)
