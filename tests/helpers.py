@@ -48,7 +48,8 @@ def rerun_with_libstdcxx_preload(request) -> bool:
         return False
     env = {**os.environ, "LD_PRELOAD": " ".join(p for p in (libstdcxx_preload(cuda=True), os.environ.get("LD_PRELOAD")) if p)}
     env.pop("PYTEST_XDIST_WORKER", None)
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-m", "gpu",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "--show-capture=no",
+                           "-p", "no:cacheprovider", "-p", "no:xdist",
                            request.node.nodeid], capture_output=True, text=True, cwd=str(request.config.rootpath), env=env)
     assert proc.returncode == 0, f"the test under LD_PRELOAD={env['LD_PRELOAD']}:\n{(proc.stdout + proc.stderr)[-4000:]}"
     return True
