@@ -1,11 +1,12 @@
 """Newton-Schulz (Muon): our batched Triton kernels vs torch.optim.Muon's NS, the plain op eager and
 torch.compile'd. One step at 4096x4096, 4096x14336, 14336x4096 (fp32 G, as Muon's fp32 params give);
 the 10-step DeepSeek-V4 schedule at 4096x4096; and a batch of 96 2048x4096 matrices (32 V4-Flash
-experts x 3), 5 steps. Then whole Muon steps over MoE experts (fp32 params, fp32 grads): our Muon
-(model/muon.py: each [E, rows, cols] stack is ONE newton_schulz call, the step compiled with the
-dsv4 passes so that call is the Triton kernel) vs a Python loop of torch.optim.Muon over the same
-matrices as 3E separate params, same arguments; for the mini preset's MoE layer (E = 8, w1/w3
-[2048, 4096], w2 [4096, 2048]) and V4-Flash's 32 experts x 3 (anchor: torch.optim.Muon 89.9 ms/step).
+experts x 3), 5 steps. Then whole Muon steps (fp32 params, fp32 grads): one 4096x4096 matrix,
+dsv4_compile.Muon called eagerly (the Triton Newton-Schulz on CUDA) vs torch.optim.Muon; and MoE
+experts, ours (each [E, rows, cols] stack is ONE newton_schulz call) eager, compiled with the dsv4
+passes, and the plain model Muon eager, vs a Python loop of torch.optim.Muon over the same matrices as
+3E separate params, same arguments; for the mini preset's MoE layer (E = 8, w1/w3 [2048, 4096], w2
+[4096, 2048]) and V4-Flash's 32 experts x 3 (anchor: torch.optim.Muon 89.9 ms/step).
 Every rate is also given as % of the bf16 matmul peak measured in the same run.
 
 TFLOP/s use the dense count of a step, 4 m^2 n + 2 m^3 (m = min dim): our kernels do 3 m^2 n + m^3
@@ -43,10 +44,11 @@ def _expert_stacks(E: int, dim: int, inter: int, generator: torch.Generator) -> 
 
 
 def _muon_layer_rows(add, name: str, E: int, dim: int, inter: int, compile: bool, peak: float) -> None:
-    """One Muon step over an MoE layer's experts: ours (3 stacked params, compiled with the dsv4
-    passes) vs a loop of torch.optim.Muon over the 3E matrices (and ours eager, the plain op's bmm)."""
+    """One Muon step over an MoE layer's experts: ours (3 stacked params) called eagerly (the Triton
+    Newton-Schulz on CUDA), compiled with the dsv4 passes, and the plain Muon eager (the op's bmm) vs a
+    loop of torch.optim.Muon over the 3E matrices."""
     import dsv4_compile
-    from dsv4_compile.model.muon import Muon
+    from dsv4_compile.model.muon import Muon as PlainMuon
 
     args = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=QUINTIC, ns_steps=5)
     g = torch.Generator().manual_seed(0)
@@ -59,16 +61,32 @@ def _muon_layer_rows(add, name: str, E: int, dim: int, inter: int, compile: bool
     flops = _flops(inter, dim, 5, 3 * E)
     case = f"Muon step, {name}: {E} experts x 3 ({inter}x{dim}) fp32"
     ms_rep = dict(warmup_ms=300, rep_ms=600)                      # ~90 ms steps: a few repeats each
-    ours = Muon(stacks, **args)
+    ours = PlainMuon(stacks, **args)
+    add(case, "dsv4_compile.Muon eager", bench_ms(dsv4_compile.Muon(stacks, **args).step, **ms_rep), flops, "", peak)
     if compile:
         step = dsv4_compile.compile(ours.step, gpu="auto", passes="newton_schulz.triton")
         step()                                                    # compiles (and is one step)
         used = step.dsv4_report.replaced(substitution="newton_schulz.triton")
         add(case, "triton (our Muon, compiled with passes)", bench_ms(step, **ms_rep), flops,
             f"newton_schulz.triton nodes: {used}", peak)
-    add(case, "our Muon eager (plain op, bmm)", bench_ms(ours.step, **ms_rep), flops, "", peak)
+    add(case, "plain Muon eager (op's bmm)", bench_ms(ours.step, **ms_rep), flops, "", peak)
     theirs = torch.optim.Muon(singles, **args)
     add(case, "torch.optim.Muon loop", bench_ms(theirs.step, **ms_rep), flops, "", peak)
+
+
+def _muon_matrix_rows(add, rows: int, cols: int, peak: float) -> None:
+    """One Muon step over one fp32 matrix: dsv4_compile.Muon eager vs torch.optim.Muon."""
+    import dsv4_compile
+
+    args = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=QUINTIC, ns_steps=5)
+    g = torch.Generator().manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(rows, cols, generator=g).to(DEVICE))
+    ours.grad = torch.randn(rows, cols, generator=g).to(DEVICE)
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    theirs.grad = ours.grad.clone()
+    case, flops = f"Muon step, one {rows}x{cols} fp32 matrix", _flops(rows, cols, 5)
+    add(case, "dsv4_compile.Muon eager", bench_ms(dsv4_compile.Muon([ours], **args).step), flops, "", peak)
+    add(case, "torch.optim.Muon", bench_ms(torch.optim.Muon([theirs], **args).step), flops, "", peak)
 
 
 def run_newton_schulz_bench(full: bool = True, shapes=((4096, 4096), (4096, 14336), (14336, 4096)),
@@ -128,6 +146,7 @@ def run_newton_schulz_bench(full: bool = True, shapes=((4096, 4096), (4096, 1433
                 bench_ms(lambda: [muon_ns(G[i], QUINTIC, steps, 1e-7) for i in range(batch)], rep_ms=300), flops)
         del G
     from dsv4_compile.model.config import ModelConfig
+    _muon_matrix_rows(add, *shapes[0], peak)
     for label, preset, experts in muon_layers:
         mc = ModelConfig.from_preset(preset)
         _muon_layer_rows(add, label, experts or mc.n_routed_experts, mc.dim, mc.moe_inter_dim, compile, peak)

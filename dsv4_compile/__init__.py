@@ -11,9 +11,10 @@ _CHECKOUT = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if not _os.path.isdir(_os.path.join(__path__[0], "model")) and _os.path.isfile(_os.path.join(_CHECKOUT, "setup.py")):
     __path__.append(_CHECKOUT)
 
-from .model import (DSV4_NS_COEFFICIENTS, ConfigError, HybridOptimizer, KVCache, ModelConfig, Muon, Transformer,
-                    deepseek_v4_optimizer, ops, preset_names, split_params)
+from .model import (DSV4_NS_COEFFICIENTS, ConfigError, HybridOptimizer, KVCache, ModelConfig, Transformer, ops,
+                    preset_names, split_params)
 from .compile import compile, resolve_gpu  # noqa: A004  (dsv4_compile.compile is the function)
+from .optim import Muon, deepseek_v4_optimizer
 from .checkpoint import CheckpointError, from_pretrained
 from .loader import ArtifactError, load
 

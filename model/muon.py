@@ -88,27 +88,29 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | float | None, shape: Sequence[int
 
 
 def muon_update(grad: Tensor, momentum_buffer: Tensor, *, momentum: float, nesterov: bool,
-                coefficients: list[float]) -> Tensor:
+                coefficients: list[float], newton_schulz: Callable[[Tensor, list[float]], Tensor] | None = None) -> Tensor:
     """Momentum, then Newton-Schulz: the direction Muon moves a parameter along (before lr).
 
     grad, momentum_buffer [..., rows, cols] (one matrix, or a stack orthogonalised matrix by matrix in
     one `newton_schulz` call); the buffer is updated in place: buf <- momentum buf + (1 - momentum) grad.
     The input to Newton-Schulz is grad + momentum (buf - grad) with Nesterov, else buf.
-    coefficients: flat a0, b0, c0, a1, ... (see `flat_ns_coefficients`). Returns grad's dtype and shape.
+    coefficients: flat a0, b0, c0, a1, ... (see `flat_ns_coefficients`). newton_schulz: what runs the
+    op's maths (default: `torch.ops.dsv4.newton_schulz`). Returns grad's dtype and shape.
     """
     momentum_buffer.lerp_(grad, 1 - momentum)
     direction = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
-    return torch.ops.dsv4.newton_schulz(direction, coefficients)
+    return (newton_schulz or torch.ops.dsv4.newton_schulz)(direction, coefficients)
 
 
 def muon_step(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
               weight_decay: float, momentum: float, nesterov: bool, ns_coefficients, ns_steps: int,
-              adjust_lr_fn: str | float | None) -> None:
+              adjust_lr_fn: str | float | None, newton_schulz: Callable[[Tensor, list[float]], Tensor] | None = None) -> None:
     """One Muon step over parameters [..., rows, cols] in place: p <- p (1 - lr wd) - lr' O, where O is
-    `muon_update` and lr' = `adjusted_lr(lr, adjust_lr_fn, p.shape)`."""
+    `muon_update` (with `newton_schulz`) and lr' = `adjusted_lr(lr, adjust_lr_fn, p.shape)`."""
     coefficients = flat_ns_coefficients(ns_coefficients, ns_steps)
     for param, grad, buf in zip(params, grads, momentum_buffers, strict=True):
-        update = muon_update(grad, buf, momentum=momentum, nesterov=nesterov, coefficients=coefficients)
+        update = muon_update(grad, buf, momentum=momentum, nesterov=nesterov, coefficients=coefficients,
+                             newton_schulz=newton_schulz)
         param.mul_(1 - lr * weight_decay)
         param.add_(update, alpha=-adjusted_lr(lr, adjust_lr_fn, param.shape))
 
@@ -217,8 +219,13 @@ class Muon(torch.optim.Optimizer):
             muon_step(params, grads, bufs, lr=float(lr) if isinstance(lr, Tensor) else lr,
                       weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
                       ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
-                      adjust_lr_fn=group["adjust_lr_fn"])
+                      adjust_lr_fn=group["adjust_lr_fn"], newton_schulz=self._newton_schulz)
         return loss
+
+    def _newton_schulz(self, direction: Tensor, coefficients: list[float]) -> Tensor:
+        """The Newton-Schulz of one update [..., rows, cols]: the plain op here (dsv4_compile.Muon
+        routes CUDA updates to the Triton kernel)."""
+        return torch.ops.dsv4.newton_schulz(direction, coefficients)
 
 
 # ================================================================================================
@@ -331,7 +338,8 @@ def deepseek_v4_optimizer(model: nn.Module, lr: float, *, weight_decay: float = 
                           adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.95),
                           adamw_eps: float = 1e-8, adamw_weight_decay: float = 0.1,
                           ns_coefficients=DSV4_NS_COEFFICIENTS,
-                          adjust_lr_fn: str | float | None = DSV4_ADJUST_LR) -> HybridOptimizer:
+                          adjust_lr_fn: str | float | None = DSV4_ADJUST_LR,
+                          muon_class: type[Muon] = Muon) -> HybridOptimizer:
     """The DeepSeek-V4 optimizer for `model`: a `HybridOptimizer` with children "muon" and "adamw".
 
     Muon (Nesterov, `momentum`, `weight_decay`, the 10-step `DSV4_NS_COEFFICIENTS`, update RMS matched
@@ -340,12 +348,13 @@ def deepseek_v4_optimizer(model: nn.Module, lr: float, *, weight_decay: float = 
     RMS match; `adamw_betas`, `adamw_eps`, `adamw_weight_decay`) for the rest: embeddings, output head,
     mHC parameters, norms, biases, the compressor's `ape`, attention sinks. Parameters with
     requires_grad=False are left out; a child with no parameters is left out. Groups are built from
-    (name, parameter) pairs, so each group carries `param_names`.
+    (name, parameter) pairs, so each group carries `param_names`. `muon_class`: Muon or a subclass
+    (dsv4_compile.Muon runs the Triton Newton-Schulz on CUDA).
     """
     muon, adamw = ([(n, p) for n, p in part if p.requires_grad] for part in split_params(model))
     optimizers = {}
     if muon:
-        optimizers["muon"] = Muon(muon, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
+        optimizers["muon"] = muon_class(muon, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
                                   ns_coefficients=ns_coefficients, adjust_lr_fn=adjust_lr_fn)
     if adamw:
         optimizers["adamw"] = torch.optim.AdamW(adamw, lr=lr if adamw_lr is None else adamw_lr, betas=adamw_betas,
