@@ -146,6 +146,8 @@ class TuneResult:
     notes: list[str]
     table_path: Path | None
     plots: list[Path]
+    # {worker: {study: numbers of the trials it told}}; an enqueued trial two workers popped at once
+    # (SQLite: see _optimize) can be under both
     worker_trials: dict[int, dict[str, list[int]]]
     worker_errors: dict[int, str]
     elapsed_s: float

@@ -153,9 +153,9 @@ def dataclass_replace(req: TuneRequest, **changes) -> TuneRequest:
 
 
 def three_workers(storage: str, tmp_path) -> None:
-    """Three worker processes on one study: every trial accounted for by exactly one worker, none left
-    unfinished, numbers contiguous, the target reached (at most two in-flight trials over it), and
-    the work shared."""
+    """Three worker processes on one study: every trial accounted for by a worker (by exactly one, but
+    for an enqueued trial two workers popped together), none left unfinished, numbers contiguous, the
+    target reached (at most two in-flight trials over it), and the work shared."""
     req = request(storage, tmp_path, trials=12, workers=3, runner_options={"delay": 0.1})
     try:
         _three_workers(req)
@@ -173,8 +173,12 @@ def _three_workers(req: TuneRequest) -> None:
     assert sorted(numbers) == list(range(len(trials)))
     assert all(t.state.is_finished() for t in trials), [(t.number, t.state) for t in trials if not t.state.is_finished()]
     ran = [set(result.worker_trials[w][plan.study]) for w in range(3)]
-    assert sum(len(r) for r in ran) == len(trials), "a trial was run twice or by no known worker"
     assert set().union(*ran) == set(numbers), "a trial in the storage is missing from the workers' reports"
+    # Only an enqueued (WAITING) trial can be run by two workers: SQLite lets two workers pop it at once
+    # (Optuna's pop reads, then writes) and, finishing together, both tell it (sweep._optimize).
+    twice = {n for n in numbers if sum(n in r for r in ran) > 1}
+    enqueued = {t.number for t in trials if "fixed_params" in t.system_attrs}
+    assert twice <= enqueued, f"trials {sorted(twice - enqueued)} were run by two workers though never enqueued"
     measured = [t for t in trials if t.user_attrs.get("status") == STATUS_MEASURED]
     assert req.trials <= len(measured) <= req.trials + 2
     by_worker = [sum(1 for t in measured if t.number in r) for r in ran]
