@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .kv_cache import CompressorState, LayerKVCache
 from .kv_layout import pack_indexer_keys, pack_main_entries, unpack_indexer_keys
 from .layers import RMSNorm, rope_angles, rope_inv_freq, visible_block_indices, window_indices
-from .ops import fp4_simulate, fp8_round, hadamard, rope_rotate
+from .ops import bf16_round, fp4_simulate, fp8_round, hadamard, rope_rotate
 
 CSA_RATIO = 4
 
@@ -199,7 +199,7 @@ class Attention(nn.Module):
         if not self.simulate_quantization:
             return kv
         rd = self.rope_dim
-        return torch.cat([fp8_round(kv[..., :-rd], 64), kv[..., -rd:].to(torch.bfloat16).to(kv.dtype)], dim=-1)
+        return torch.cat([fp8_round(kv[..., :-rd], 64), bf16_round(kv[..., -rd:].float()).to(kv.dtype)], dim=-1)
 
     def _output(self, o, positions):
         """o [B, S, H, D] -> [B, S, dim]: inverse RoPE, grouped low-rank projection."""

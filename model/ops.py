@@ -234,6 +234,20 @@ def fp8_round(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x + (sim - x).detach()
 
 
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """float32 x -> x rounded to bfloat16 values (nearest, ties to even: `x.bfloat16().float()`), kept in
+    float32; backward is identity (where x requires grad the result is x + (rounded - x).detach(), which
+    differs from the cast only in giving +0.0 for -0.0 and NaN for inf). Written as integer arithmetic on the bits because Inductor before
+    torch 2.13 drops a float32 -> bf16 -> float32 round trip even with emulate_precision_casts, so a
+    compiled model kept fp32 rope dims where eager rounds them (bench/results/H200/session7_gpu_runs.md)."""
+    bits = x.contiguous().view(torch.int32)
+    # + 0x7FFF and the kept part's lowest bit, then clear the 16 dropped bits: round to nearest even
+    # (a carry into the exponent is the right result; past the largest finite value it gives inf).
+    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000).view(torch.float32)
+    rounded = torch.where(torch.isnan(x), x, rounded)
+    return x + (rounded - x).detach() if x.requires_grad else rounded
+
+
 def fp4_simulate(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """FP4 twin of `fp8_simulate` (power-of-two scales, as the indexer cache stores them)."""
     packed, scale = torch.ops.dsv4.fp4_quantize(x, block_size, True)
@@ -534,7 +548,7 @@ def _compress_kv_plain(kv, score, ape, norm_weight, cos, sin, ratio: int, overla
     rd = 2 * cos.shape[-1]
     pooled = torch.cat([pooled[..., :-rd], rope_rotate(pooled[..., -rd:], cos, sin)], dim=-1)
     if quant == "fp8":  # FP8 on the non-rope dims, BF16 on the rope dims: the cache's layout
-        return torch.cat([fp8_simulate(pooled[..., :-rd], 64), pooled[..., -rd:].bfloat16().float()], dim=-1)
+        return torch.cat([fp8_simulate(pooled[..., :-rd], 64), bf16_round(pooled[..., -rd:])], dim=-1)
     if quant == "hadamard_fp4":
         return fp4_simulate(hadamard(pooled), 32)
     return pooled

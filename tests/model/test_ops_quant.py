@@ -312,3 +312,39 @@ def test_simulate_forward_and_straight_through_grad(kind):
     g = torch.randn_like(x)
     sim.backward(g)
     assert torch.equal(x.grad, g), "the simulation's backward is the identity"
+
+
+def _bf16_cases() -> torch.Tensor:
+    """Random bits over every exponent (subnormals included), the exact ties of each rounding direction,
+    the largest finite float (rounds to inf in bf16), infinities and zeros of both signs."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (1 << 16,), generator=g, dtype=torch.int64).to(torch.int32)
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x00008000, 0x00018000, 0x7F7F8000], dtype=torch.int32)
+    x = torch.cat([bits.view(torch.float32), ties.view(torch.float32), -ties.view(torch.float32),
+                   torch.tensor([3.4028235e38, -3.4028235e38, float("inf"), float("-inf"), 0.0, -0.0])])
+    return x[~torch.isnan(x)]
+
+
+def test_bf16_round_is_the_cast():
+    """ops.bf16_round (integer bit arithmetic, so no compiler can drop it) equals the cast round trip bit
+    for bit: nearest, ties to even, subnormals, overflow to inf, signed zeros; NaN stays NaN."""
+    x = _bf16_cases()
+    assert torch.equal(ops.bf16_round(x).view(torch.int32), x.bfloat16().float().view(torch.int32))
+    assert torch.isnan(ops.bf16_round(torch.tensor([float("nan")]))).all()
+
+
+def test_bf16_round_survives_inductor():
+    """Compiled, the rounding stays (Inductor before torch 2.13 dropped x.bfloat16().float())."""
+    x = _bf16_cases()
+    compiled = torch.compile(lambda t: ops.bf16_round(t * 1.0))
+    assert torch.equal(compiled(x).view(torch.int32), x.bfloat16().float().view(torch.int32))
+
+
+def test_bf16_round_backward_is_identity():
+    """Straight-through, as the cast: the compressor's backward (ops._plain_autograd) and training through
+    the window rows differentiate it."""
+    x = torch.randn(64, requires_grad=True)
+    y = ops.bf16_round(x)
+    assert torch.equal(y.detach(), x.detach().bfloat16().float())
+    y.backward(torch.arange(64.0))
+    assert torch.equal(x.grad, torch.arange(64.0))
