@@ -236,8 +236,9 @@ def fp8_round(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def bf16_round(x: torch.Tensor) -> torch.Tensor:
     """float32 x -> x rounded to bfloat16 values (nearest, ties to even: `x.bfloat16().float()`), kept in
-    float32; backward is identity (where x requires grad the result is x + (rounded - x).detach(), which
-    differs from the cast only in giving +0.0 for -0.0 and NaN for inf). Written as integer arithmetic on the bits because Inductor before
+    float32. Backward is the cast's (the gradient rounded to bfloat16): where x requires grad the result
+    is rounded + (c - c.detach()) with c the cast, which differs from the cast only in giving +0.0 for
+    -0.0 and NaN for inf. Written as integer arithmetic on the bits because Inductor before
     torch 2.13 drops a float32 -> bf16 -> float32 round trip even with emulate_precision_casts, so a
     compiled model kept fp32 rope dims where eager rounds them (bench/results/H200/session7_gpu_runs.md)."""
     bits = x.contiguous().view(torch.int32)
@@ -245,7 +246,10 @@ def bf16_round(x: torch.Tensor) -> torch.Tensor:
     # (a carry into the exponent is the right result; past the largest finite value it gives inf).
     rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000).view(torch.float32)
     rounded = torch.where(torch.isnan(x), x, rounded)
-    return x + (rounded - x).detach() if x.requires_grad else rounded
+    if not x.requires_grad:
+        return rounded
+    cast = x.bfloat16().float()
+    return rounded + (cast - cast.detach())
 
 
 def fp4_simulate(x: torch.Tensor, block_size: int) -> torch.Tensor:
