@@ -227,7 +227,17 @@ def _export_worker_run(task: tuple[int, str]) -> tuple[ExportTaskResult, list[st
     notes: list[str] = []
     bucket, kind = task
     plan = _WORKER["plan"]
-    return export_task(plan, bucket, kind, _WORKER["tmp"], notes.append, plan.model(bucket)), notes
+    try:
+        return export_task(plan, bucket, kind, _WORKER["tmp"], notes.append, plan.model(bucket)), notes
+    except Exception as err:
+        # What reaches the build must pickle (an exception holding frames, e.g. torch.export's, does not:
+        # the pool would report only "cannot pickle 'frame' object"): the traceback goes to stderr here.
+        import traceback
+
+        traceback.print_exc()
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise RuntimeError(f"export of the {kind} engine for context {bucket} failed: {type(err).__name__}: {first} "
+                           "(the worker's traceback is above)") from None
 
 
 def export_task(plan: Plan, bucket: int, kind: str, tmp: str, note, model) -> ExportTaskResult:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import sys
 
 import pytest
 
@@ -60,3 +61,33 @@ def test_one_process_export_keeps_manifest_order_and_merges_timings(tmp_path, mo
     assert built_models == [256, 512]
     assert timings == {b: {"aoti[prefill]": 1.0, "aoti[prefill-cache]": 1.0, "aoti[decode]": 1.0} for b in (256, 512)}
     assert "decode 512" in out.getvalue()
+
+
+class HoldsAFrame(Exception):
+    def __init__(self):
+        super().__init__("lowering failed\nsecond line")
+        self.frame = sys._getframe()
+
+
+def test_a_failed_worker_task_reaches_the_build_as_one_picklable_line(tmp_path, monkeypatch, capsys):
+    """An export error that holds frames (torch.export's do) cannot cross the pool's pipe: the worker
+    prints its traceback and raises one line naming the task, which pickles."""
+    import pickle
+
+    def failing_task(*args):
+        raise HoldsAFrame()
+
+    plan = _plan(tmp_path)
+    monkeypatch.setattr(plan, "model", lambda bucket: None)
+    monkeypatch.setattr(steps, "export_task", failing_task)
+    monkeypatch.setitem(steps._WORKER, "plan", plan)
+    monkeypatch.setitem(steps._WORKER, "tmp", str(tmp_path))
+    with pytest.raises(HoldsAFrame) as raw:
+        failing_task()
+    with pytest.raises(TypeError):
+        pickle.dumps(raw.value)
+    with pytest.raises(RuntimeError) as err:
+        steps._export_worker_run((512, "decode"))
+    message = str(pickle.loads(pickle.dumps(err.value)))
+    assert message.startswith("export of the decode engine for context 512 failed: HoldsAFrame: lowering failed")
+    assert "\n" not in message and "HoldsAFrame" in capsys.readouterr().err
