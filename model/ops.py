@@ -235,21 +235,30 @@ def fp8_round(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def bf16_round(x: torch.Tensor) -> torch.Tensor:
-    """float32 x -> x rounded to bfloat16 values (nearest, ties to even: `x.bfloat16().float()`), kept in
-    float32. Backward is the cast's (the gradient rounded to bfloat16): where x requires grad the result
-    is rounded + (c - c.detach()) with c the cast, which differs from the cast only in giving +0.0 for
-    -0.0 and NaN for inf. Written as integer arithmetic on the bits because Inductor before
-    torch 2.13 drops a float32 -> bf16 -> float32 round trip even with emulate_precision_casts, so a
-    compiled model kept fp32 rope dims where eager rounds them (bench/results/H200/session7_gpu_runs.md)."""
-    bits = x.contiguous().view(torch.int32)
-    # + 0x7FFF and the kept part's lowest bit, then clear the 16 dropped bits: round to nearest even
-    # (a carry into the exponent is the right result; past the largest finite value it gives inf).
-    rounded = ((bits + (0x7FFF + ((bits >> 16) & 1))) & -0x10000).view(torch.float32)
-    rounded = torch.where(torch.isnan(x), x, rounded)
+    """float32 x -> x rounded to bfloat16 values (nearest, ties to even), kept in float32: bit for bit
+    `x.bfloat16().float()`, written in float arithmetic no compiler drops. (Inductor before torch 2.13
+    drops a float32 -> bf16 -> float32 round trip even with emulate_precision_casts, so a compiled model
+    kept fp32 rope dims where eager rounds them: bench/results/H200/session7_gpu_runs.md; a bitcast to
+    int32 has no ONNX translation at our opset.) Backward is the cast's (the gradient rounded to bf16):
+    where x requires grad the result is rounded.detach() + (c - c.detach()) with c the cast, which differs from
+    the cast only in giving +0.0 for -0.0."""
+    # Normal x: Veltkamp's split, c - (c - x) with c = x (2^16 + 1), keeps the top 24 - 16 = 8 significant
+    # bits, rounded to nearest even. Large x is split at 2^-32 scale (c would overflow), subnormal x rounded
+    # on bf16's subnormal grid 2^-133 (Veltkamp would keep 8 bits of a number that has fewer); power-of-two
+    # scalings are exact.
+    a = x.abs()
+    big = a >= 2.0 ** 100
+    scaled = torch.where(big, x * 2.0 ** -32, x)
+    c = scaled * 65537.0
+    rounded = c - (c - scaled)
+    rounded = torch.where(big, rounded * 2.0 ** 32, rounded)
+    subnormal = torch.round(x * 2.0 ** 67 * 2.0 ** 66) * 2.0 ** -67 * 2.0 ** -66
+    rounded = torch.where(a < 2.0 ** -126, subnormal, rounded)
+    rounded = torch.where(torch.isfinite(x), rounded, x)
     if not x.requires_grad:
         return rounded
     cast = x.bfloat16().float()
-    return rounded + (cast - cast.detach())
+    return rounded.detach() + (cast - cast.detach())
 
 
 def fp4_simulate(x: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -326,8 +326,8 @@ def _bf16_cases() -> torch.Tensor:
 
 
 def test_bf16_round_is_the_cast():
-    """ops.bf16_round (integer bit arithmetic, so no compiler can drop it) equals the cast round trip bit
-    for bit: nearest, ties to even, subnormals, overflow to inf, signed zeros; NaN stays NaN."""
+    """ops.bf16_round (float arithmetic no compiler drops) equals the cast round trip bit for bit:
+    nearest, ties to even, subnormals, overflow to inf, infinities, signed zeros; NaN stays NaN."""
     x = _bf16_cases()
     assert torch.equal(ops.bf16_round(x).view(torch.int32), x.bfloat16().float().view(torch.int32))
     assert torch.isnan(ops.bf16_round(torch.tensor([float("nan")]))).all()
