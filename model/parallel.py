@@ -26,6 +26,10 @@ dims ("ep", "tp"): rank = ep_rank * T + tp_rank, so a tensor-parallel group is T
   shared expert is replicated. With T > 1 the T ranks of a tensor-parallel group hold the same experts.
 - Replicated, not split here: the embedding and the head (vocab parallelism), the mHC maps and norms.
 
+The model may be on the meta device: sharding it there and giving it storage afterwards allocates only
+this rank's shards, which a checkpoint loader fills from `local_parts` (what each sharded tensor is of
+the plain model's).
+
 Inference only: the all-reduce has no backward here. Float weights only (nn.Linear, RoutedExperts): a
 model whose projections are FP8Linear or whose experts are MXFP4Experts is refused.
 """
@@ -41,6 +45,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .attention import Attention
+from .config import ModelConfig
 from .moe import MoE, RoutedExperts
 from .transformer import Transformer
 
@@ -72,6 +77,15 @@ class ParallelLayout:
     @property
     def world_size(self) -> int:
         return self.tp * self.ep
+
+    def check_config(self, config: ModelConfig) -> None:
+        """ValueError (one line) unless tp divides the heads and output groups and ep the routed experts."""
+        if config.n_heads % self.tp or config.o_groups % self.tp:
+            raise ValueError(f"parallel layout {self}: tp = {self.tp} must divide n_heads ({config.n_heads}) and "
+                             f"o_groups ({config.o_groups})")
+        if config.n_routed_experts % self.ep:
+            raise ValueError(f"parallel layout {self}: ep = {self.ep} must divide n_routed_experts "
+                             f"({config.n_routed_experts})")
 
     def check_world_size(self, world_size: int) -> None:
         if world_size != self.world_size:
@@ -119,6 +133,15 @@ class ExpertShard(RoutedExperts):
         return all_reduce_sum(super().forward(x, local, topk_weights), self.group_name)
 
 
+# A part of a tensor along one dimension: (dim, start, stop).
+Part = tuple[int, int, int]
+
+
+def _narrow(t: torch.Tensor, part: Part) -> torch.Tensor:
+    dim, start, stop = part
+    return t.narrow(dim, start, stop - start)
+
+
 def _linear(weight: torch.Tensor) -> nn.Linear:
     """A bias-free nn.Linear holding (a copy of) weight [out, in]."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -134,17 +157,34 @@ def _need_linear(module: nn.Module, name: str) -> nn.Linear:
     return linear
 
 
+def attention_parts(attn: Attention, rank: int, ranks: int) -> dict[str, Part]:
+    """What `shard_attention` keeps of the unsharded `attn`'s tensors (names relative to it): query heads
+    [rank H/ranks, (rank+1) H/ranks), i.e. their rows of wq_b and sinks, and their output groups' rows
+    of wo_a and columns of wo_b."""
+    heads, groups = attn.n_heads // ranks, attn.o_groups // ranks
+    q, o = heads * attn.head_dim, groups * attn.o_lora_rank
+    return {"wq_b.weight": (0, rank * q, (rank + 1) * q),               # [H*D, q_lora_rank]
+            "attn_sink": (0, rank * heads, (rank + 1) * heads),         # [H]
+            "wo_a.weight": (0, rank * o, (rank + 1) * o),               # [G*r, H/G*D]
+            "wo_b.weight": (1, rank * o, (rank + 1) * o)}               # [dim, G*r]
+
+
+def expert_part(moe: MoE, rank: int, ranks: int) -> Part:
+    """The routed experts [first, first + E/ranks) that `shard_experts` keeps, along dim 0 of w1, w2, w3."""
+    n = moe.experts.w1.shape[0] // ranks
+    return 0, rank * n, (rank + 1) * n
+
+
 def shard_attention(attn: Attention, rank: int, ranks: int, group_name: str) -> None:
     """Keep query heads [rank H/ranks, (rank+1) H/ranks) of `attn` (in place); see the module docstring."""
-    heads, groups = attn.n_heads // ranks, attn.o_groups // ranks
-    D, r = attn.head_dim, attn.o_lora_rank
+    parts = attention_parts(attn, rank, ranks)
     wq_b, wo_a, wo_b = (_need_linear(attn, name) for name in ("wq_b", "wo_a", "wo_b"))
     with torch.no_grad():
-        attn.wq_b = _linear(wq_b.weight[rank * heads * D:(rank + 1) * heads * D])      # [heads*D, q_lora_rank]
-        attn.attn_sink = nn.Parameter(attn.attn_sink[rank * heads:(rank + 1) * heads].clone())
-        attn.wo_a = _linear(wo_a.weight[rank * groups * r:(rank + 1) * groups * r])    # [groups*r, H/G*D]
-        attn.wo_b = RowParallelLinear(wo_b.weight[:, rank * groups * r:(rank + 1) * groups * r], group_name)
-    attn.n_heads, attn.o_groups = heads, groups
+        attn.wq_b = _linear(_narrow(wq_b.weight, parts["wq_b.weight"]))
+        attn.attn_sink = nn.Parameter(_narrow(attn.attn_sink, parts["attn_sink"]).clone())
+        attn.wo_a = _linear(_narrow(wo_a.weight, parts["wo_a.weight"]))
+        attn.wo_b = RowParallelLinear(_narrow(wo_b.weight, parts["wo_b.weight"]), group_name)
+    attn.n_heads, attn.o_groups = attn.n_heads // ranks, attn.o_groups // ranks
 
 
 def shard_experts(moe: MoE, rank: int, ranks: int, group_name: str) -> None:
@@ -152,9 +192,41 @@ def shard_experts(moe: MoE, rank: int, ranks: int, group_name: str) -> None:
     if type(moe.experts) is not RoutedExperts:
         raise TypeError(f"parallelize: the routed experts are {type(moe.experts).__name__}; expert parallelism "
                         f"takes RoutedExperts (float weights) only")
-    n = moe.experts.w1.shape[0] // ranks
+    _, first, stop = expert_part(moe, rank, ranks)
     with torch.no_grad():
-        moe.experts = ExpertShard(moe.experts, rank * n, n, group_name)
+        moe.experts = ExpertShard(moe.experts, first, stop - first, group_name)
+
+
+def _blocks(model: Transformer) -> list[tuple[str, nn.Module]]:
+    """(state_dict prefix, block) of every transformer block, the MTP blocks' included."""
+    return [*((f"layers.{i}", block) for i, block in enumerate(model.layers)),
+            *((f"mtp.{m}.block", mtp.block) for m, mtp in enumerate(model.mtp))]
+
+
+def _checked_mesh(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | None) -> DeviceMesh:
+    layout.check_config(model.config)
+    if mesh is None:
+        return layout.device_mesh(model.head.weight.device.type)
+    if mesh.mesh_dim_names != MESH_DIMS or tuple(mesh.shape) != (layout.ep, layout.tp):
+        raise ValueError(f"parallel layout {layout}: mesh has dims {mesh.mesh_dim_names} of shape {tuple(mesh.shape)}; "
+                         f"need {MESH_DIMS} of shape ({layout.ep}, {layout.tp})")
+    return mesh
+
+
+def local_parts(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | None = None) -> dict[str, Part]:
+    """The plain (not yet sharded) `model`'s state_dict names of the tensors `parallelize` splits -> the
+    part of each that this rank keeps, (dim, start, stop); the tensors not named are kept whole. The
+    sharded model's state_dict has the same names, each holding its part. mesh: as for `parallelize`."""
+    mesh = _checked_mesh(model, layout, mesh)
+    parts: dict[str, Part] = {}
+    for prefix, block in _blocks(model):
+        if layout.tp > 1:
+            for name, part in attention_parts(block.attn, mesh.get_local_rank("tp"), layout.tp).items():
+                parts[f"{prefix}.attn.{name}"] = part
+        if layout.ep > 1:
+            part = expert_part(block.ffn, mesh.get_local_rank("ep"), layout.ep)
+            parts.update({f"{prefix}.ffn.experts.{w}": part for w in ("w1", "w2", "w3")})
+    return parts
 
 
 def parallelize(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | None = None) -> Transformer:
@@ -162,27 +234,16 @@ def parallelize(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | N
 
     mesh: a DeviceMesh of shape (ep, tp) with dims ("ep", "tp"); by default layout.device_mesh() on the
     model's device type (the default process group must be initialised, of world size tp * ep). Every
-    rank must hold the same model (same config and seed, or checkpoint) before the call.
+    rank must hold the same model (same config and seed, or checkpoint) before the call, or the model
+    on the meta device (pass a mesh then), to be given storage and filled afterwards (`local_parts`).
     """
-    c = model.config
-    if c.n_heads % layout.tp or c.o_groups % layout.tp:
-        raise ValueError(f"parallel layout {layout}: tp = {layout.tp} must divide n_heads ({c.n_heads}) and "
-                         f"o_groups ({c.o_groups})")
-    if c.n_routed_experts % layout.ep:
-        raise ValueError(f"parallel layout {layout}: ep = {layout.ep} must divide n_routed_experts "
-                         f"({c.n_routed_experts})")
-    if mesh is None:
-        mesh = layout.device_mesh(model.head.weight.device.type)
-    elif mesh.mesh_dim_names != MESH_DIMS or tuple(mesh.shape) != (layout.ep, layout.tp):
-        raise ValueError(f"parallel layout {layout}: mesh has dims {mesh.mesh_dim_names} of shape {tuple(mesh.shape)}; "
-                         f"need {MESH_DIMS} of shape ({layout.ep}, {layout.tp})")
-    blocks = [*model.layers, *(m.block for m in model.mtp)]
+    mesh = _checked_mesh(model, layout, mesh)
     if layout.tp > 1:
         rank, group_name = mesh.get_local_rank("tp"), mesh.get_group("tp").group_name
-        for block in blocks:
+        for _, block in _blocks(model):
             shard_attention(block.attn, rank, layout.tp, group_name)
     if layout.ep > 1:
         rank, group_name = mesh.get_local_rank("ep"), mesh.get_group("ep").group_name
-        for block in blocks:
+        for _, block in _blocks(model):
             shard_experts(block.ffn, rank, layout.ep, group_name)
     return model

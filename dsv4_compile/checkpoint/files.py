@@ -8,11 +8,12 @@ Layouts:
 
 Headers are parsed here (8-byte little-endian length, then JSON) without reading any tensor data, so
 `inspect` and the checks before loading cost a few KB per shard. Tensor data is read one tensor at a
-time (`TensorReader`).
+time (`TensorReader`), or a slice of one (a rank's shard).
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -154,22 +155,34 @@ class TensorReader:
     def __init__(self):
         self._files: dict[Path, object] = {}
 
-    def read(self, entry: TensorEntry) -> torch.Tensor:
-        """-> a CPU tensor holding the entry's bytes in its dtype and shape."""
+    def read(self, entry: TensorEntry, part: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """-> a CPU tensor holding the entry's bytes in its dtype and shape; with part = (dim, start,
+        stop) only that slice along dim, read alone: one contiguous run of bytes along dim 0, one run
+        per index of the dimensions before dim otherwise."""
         if entry.dtype not in DTYPES:
             raise CheckpointError(f"{entry.file.name}: tensor {entry.name!r} has dtype {entry.dtype}, which we cannot "
                                   f"read; accepted: {', '.join(DTYPES)}")
         f = self._files.get(entry.file)
         if f is None:
             f = self._files[entry.file] = open(entry.file, "rb")
-        dtype = DTYPES[entry.dtype]
-        if entry.nbytes == 0:
-            return torch.empty(entry.shape, dtype=dtype)
-        buffer = bytearray(entry.nbytes)
-        f.seek(entry.begin)
-        if f.readinto(buffer) != entry.nbytes:
-            raise CheckpointError(f"{entry.file}: truncated while reading {entry.name!r}; download it again")
-        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(entry.shape)
+        dtype, shape = DTYPES[entry.dtype], list(entry.shape)
+        runs, run_bytes, stride, first = 1, entry.nbytes, 0, entry.begin
+        if part is not None:
+            dim, start, stop = part
+            if not (0 <= dim < len(shape) and 0 <= start <= stop <= shape[dim]):
+                raise ValueError(f"{entry.name}: part {part} outside its shape {shape}")
+            inner = math.prod(shape[dim + 1:]) * dtype.itemsize    # bytes per index along dim
+            runs, run_bytes, stride = math.prod(shape[:dim]), (stop - start) * inner, shape[dim] * inner
+            first, shape[dim] = entry.begin + start * inner, stop - start
+        buffer = bytearray(runs * run_bytes)
+        view = memoryview(buffer)
+        for i in range(runs if run_bytes else 0):
+            f.seek(first + i * stride)
+            if f.readinto(view[i * run_bytes:(i + 1) * run_bytes]) != run_bytes:
+                raise CheckpointError(f"{entry.file}: truncated while reading {entry.name!r}; download it again")
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
 
     def close(self) -> None:
         files, self._files = self._files, {}

@@ -15,6 +15,14 @@ plain model computes with). weights="as-shipped" keeps the linears DeepSeek's in
 GEMMs in FP8 with their 128x128 scales (`FP8Linear`, `torch.ops.dsv4.fp8_linear`) and MXFP4 routed
 experts in MXFP4 (`MXFP4Experts`, `torch.ops.dsv4.moe_experts_mxfp4`); `attn.wo_a` (which DeepSeek
 multiplies in BF16) and FP8-shipped routed experts are dequantized.
+
+parallel="tp=T,ep=E" (model/parallel.py) loads this rank's shard in a process group of T * E ranks:
+the meta model is sharded before it gets storage (only the rank's shards are allocated), the checks
+of step 3 still cover the whole checkpoint (headers only), and each sharded tensor is read as its part
+alone (`TensorReader.read(entry, part)`: the rows or columns the rank keeps, widened to whole 128x128
+scale tiles for FP8 weights, which are dequantized and cut to the part). Of the routed experts, which
+both layouts ship one tensor per expert, a rank reads only its own. Float weights only ("bf16"): the
+parallel model takes no FP8Linear / MXFP4Experts yet.
 """
 from __future__ import annotations
 
@@ -24,13 +32,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from ..model import ModelConfig, Transformer
 from ..model.layers import FP8Linear
 from ..model.moe import MXFP4Experts
 from ..model.ops import FP8_LINEAR_BLOCK
-from ..model.weight_formats import (MXFP4_BLOCK, dequantize_fp8_weight, dequantize_mxfp4, e8m0_to_float,
-                                    fp8_weight_scale_shape)
+from ..model.parallel import ParallelLayout, Part, local_parts, parallelize
+from ..model.weight_formats import (FP8_WEIGHT_BLOCK, MXFP4_BLOCK, dequantize_fp8_weight, dequantize_mxfp4,
+                                    e8m0_to_float, fp8_weight_scale_shape)
 from . import names
 from .files import CheckpointError, CheckpointFiles, TensorEntry, TensorReader, discover
 
@@ -48,6 +58,7 @@ class CheckpointInfo:
     weights: str
     fp8_linears: int = 0                     # linears kept FP8 (as-shipped)
     mxfp4_experts: int = 0                   # MoE layers whose routed experts stay MXFP4 (as-shipped)
+    parallel: str | None = None              # the layout this rank's shard was loaded for, "tp=T,ep=E"
     notes: list[str] = field(default_factory=list)
 
 
@@ -87,24 +98,38 @@ def load_config(path: Path, config: ModelConfig | str | Path | None) -> ModelCon
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                     weights: str = "as-shipped", config: ModelConfig | str | Path | None = None,
-                    progress: Callable[[str], None] | None = None) -> Transformer:
+                    progress: Callable[[str], None] | None = None,
+                    parallel: ParallelLayout | str | None = None) -> Transformer:
     """A checkpoint folder in the Hugging Face or the inference layout -> Transformer, in eval mode.
 
     dtype: the model's compute dtype (default: the config's, bfloat16 for the releases); device: where
     the weights go (default cpu); weights: "as-shipped" or "bf16" (module docstring); config: the
     ModelConfig or a config.json to use instead of the folder's. Without MTP tensors in the
-    checkpoint the model is built with MTP off (n_mtp_layers 0) and a warning says so.
-    Raises CheckpointError (a bad checkpoint: every problem, one line each) or ConfigError.
+    checkpoint the model is built with MTP off (n_mtp_layers 0) and a warning says so. parallel: a
+    ParallelLayout or "tp=T,ep=E": this rank's shard (module docstring), with weights="bf16", in an
+    initialised default process group of world size T * E (every rank calls this).
+    Raises CheckpointError (a bad checkpoint: every problem, one line each), ConfigError, or
+    ValueError (a bad weights mode or parallel layout).
     """
     path = Path(path)
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights={weights!r}: accepted: {', '.join(WEIGHT_MODES)}")
+    layout = ParallelLayout.parse(parallel) if isinstance(parallel, str) else parallel
+    if layout is not None and weights != "bf16":
+        raise ValueError(f"weights={weights!r} with parallel={str(layout)!r}: a sharded load takes weights='bf16' "
+                         f"only (FP8 / MXFP4 shards are not done yet)")
     files = discover(path)
     cfg = load_config(path, config)
     if dtype is not None:
         name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
         cfg = cfg.replace(dtype=name)
-    info = CheckpointInfo(str(path), files.layout, weights)
+    if layout is not None:
+        layout.check_config(cfg)
+        if not dist.is_initialized():
+            raise ValueError(f"parallel={str(layout)!r}: needs an initialised torch.distributed process group of "
+                             f"world size tp * ep = {layout.world_size} (init_process_group on every rank)")
+        mesh = layout.device_mesh(torch.device(device or "cpu").type)
+    info = CheckpointInfo(str(path), files.layout, weights, parallel=None if layout is None else str(layout))
     stored = _canonical_names(files)
     if cfg.n_mtp_layers and not any(n.startswith("mtp.") for n in stored):
         cfg = cfg.replace(n_mtp_layers=0)
@@ -117,8 +142,12 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     as_shipped = (_swap_fp8_linears(model, plan) | _swap_mxfp4_experts(model, plan)) if weights == "as-shipped" else set()
     info.fp8_linears = sum(1 for name in as_shipped if not names.is_stacked_experts(name))
     info.mxfp4_experts = sum(1 for name in as_shipped if name.endswith("experts.w1"))
+    parts: dict[str, Part] = {}
+    if layout is not None:  # on meta: only this rank's shards get storage below
+        parts = local_parts(model, layout, mesh)
+        parallelize(model, layout, mesh)
     model.materialize(device or "cpu")
-    _fill(model, plan, as_shipped, progress)
+    _fill(model, plan, as_shipped, parts, progress)
     model.eval()
     model.checkpoint = info
     return model
@@ -283,20 +312,34 @@ def _swap_mxfp4_experts(model: Transformer, plan: _Plan) -> set[str]:
     return kept
 
 
-def _read(reader: TensorReader, entries: list[TensorEntry], dim: int | None) -> torch.Tensor:
-    parts = [reader.read(e) for e in entries]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+def _read(reader: TensorReader, entries: list[TensorEntry], dim: int | None, part: Part | None = None) -> torch.Tensor:
+    """The tensor stored as `entries` (one, or one per MP rank cut along dim), or only its part
+    (dim, start, stop) of the whole, reading no other bytes."""
+    if part is None or len(entries) == 1 or part[0] != dim:
+        pieces = [reader.read(e, part) for e in entries]
+    else:  # a part along the MP cut: only the shards it overlaps, each for its overlap
+        _, start, stop = part
+        pieces, offset = [], 0
+        for e in entries:
+            lo, hi = max(start, offset), min(stop, offset + e.shape[dim])
+            if lo < hi:
+                pieces.append(reader.read(e, (dim, lo - offset, hi - offset)))
+            offset += e.shape[dim]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
 
 
 @torch.no_grad()
-def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], progress) -> None:
+def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], parts: dict[str, Part], progress) -> None:
     """Copy every planned tensor into the materialized model: `as_shipped` weights (FP8Linear,
-    MXFP4Experts buffers) as codes + float32 scales, the rest decoded into the parameter's dtype."""
+    MXFP4Experts buffers) as codes + float32 scales, the rest decoded into the parameter's dtype; of
+    a tensor in `parts` (a sharded model) only its part."""
     state = model.state_dict(keep_vars=True)
     reader = TensorReader()
     try:
         for i, (ours, sources) in enumerate(plan.params.items()):
-            target = state[ours]
+            target, part = state[ours], parts.get(ours)
+            if part is not None and names.is_stacked_experts(ours):  # this rank's experts; the others are not read
+                sources, part = sources[part[1]:part[2]], None
             if ours in as_shipped and names.is_stacked_experts(ours):  # MXFP4 codes and scales, expert by expert
                 for e, src in enumerate(sources):
                     target[e].copy_(_read(reader, src.entries, src.split_dim).view(torch.int8))
@@ -308,7 +351,7 @@ def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], progress) -> No
                 state[ours[: -len(".weight")] + ".scale"].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
                 continue
             for e, src in enumerate(sources):
-                value = _decoded(reader, src, target.dtype, target.device)
+                value = _decoded(reader, src, target.dtype, target.device, part)
                 (target[e] if names.is_stacked_experts(ours) else target).copy_(value)
             if progress is not None and (i + 1) % 200 == 0:
                 progress(f"loaded {i + 1}/{len(plan.params)} tensors")
@@ -316,12 +359,17 @@ def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], progress) -> No
         reader.close()
 
 
-def _decoded(reader: TensorReader, src: _Source, dtype: torch.dtype, device) -> torch.Tensor:
-    """The source tensor in the model's dtype on `device`: FP8 and MXFP4 dequantized there."""
-    raw = _read(reader, src.entries, src.split_dim).to(device)
-    if src.code == "F8_E4M3":
-        scale = _read(reader, src.scale, src.split_dim).to(device)
-        return dequantize_fp8_weight(raw, scale, dtype=dtype)
+def _decoded(reader: TensorReader, src: _Source, dtype: torch.dtype, device, part: Part | None = None) -> torch.Tensor:
+    """The source tensor, or its part (dim, start, stop), in the model's dtype on `device`: FP8 and
+    MXFP4 dequantized there. (A part is never of an MXFP4 tensor: only routed experts ship MXFP4, and a
+    rank takes or leaves each whole.)"""
+    if src.code == "F8_E4M3":  # the whole B x B tiles around the part, [lo, hi) (scales [lo/B, hi/B)), cut to the part
+        B, (dim, start, stop) = FP8_WEIGHT_BLOCK, part or (0, 0, src.shape[0])
+        lo, hi = start // B * B, min(-(-stop // B) * B, src.shape[dim])
+        raw = _read(reader, src.entries, src.split_dim, (dim, lo, hi)).to(device)
+        scale = _read(reader, src.scale, src.split_dim, (dim, lo // B, -(-hi // B))).to(device)
+        return dequantize_fp8_weight(raw, scale, dtype=dtype).narrow(dim, start - lo, stop - start)
+    raw = _read(reader, src.entries, src.split_dim, part).to(device)
     if src.code in ("I8", "U8"):
         scale = _read(reader, src.scale, src.split_dim).to(device)
         return dequantize_mxfp4(raw, scale, dtype=dtype)
