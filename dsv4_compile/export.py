@@ -150,7 +150,15 @@ def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None =
     if left:
         raise RuntimeError(f"cannot package: custom ops left in the graph ({', '.join(left)}); a .pt2 cannot run Python ops")
     configs = {**INDUCTOR_CONFIGS, **(inductor_configs or {})}
-    return torch._inductor.aoti_compile_and_package(result.program, package_path=path, inductor_configs=configs)
+    try:
+        return torch._inductor.aoti_compile_and_package(result.program, package_path=path, inductor_configs=configs)
+    except Exception as err:
+        # Seen with torch 2.11 on the CPU (the FP8 KV cache engines); torch 2.13 compiles them.
+        if "Float8_e4m3fn" in str(err) and "not been declared" in str(err):
+            raise RuntimeError(f"AOTInductor of torch {torch.__version__} cannot compile this CPU program: its C++ "
+                               "wrapper does not declare at::Float8_e4m3fn (the FP8 KV cache); build with "
+                               "--format onnx, or with torch 2.13") from None
+        raise
 
 
 # ---- ONNX -------------------------------------------------------------------------------------------

@@ -91,3 +91,22 @@ def test_a_failed_worker_task_reaches_the_build_as_one_picklable_line(tmp_path, 
     message = str(pickle.loads(pickle.dumps(err.value)))
     assert message.startswith("export of the decode engine for context 512 failed: HoldsAFrame: lowering failed")
     assert "\n" not in message and "HoldsAFrame" in capsys.readouterr().err
+
+
+def test_torch_211_fp8_wrapper_fault_is_named(tmp_path, monkeypatch):
+    """torch 2.11's AOTInductor cannot compile CPU programs holding float8 tensors (its C++ wrapper does
+    not declare at::Float8_e4m3fn): the build says so in one line, with what to do, instead of a page
+    of g++ output."""
+    import torch
+
+    from dsv4_compile import export
+
+    program = torch.export.export(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("C++ compile error; wrapper.cpp:12: error: 'at::Float8_e4m3fn' has not been declared\n...")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fails)
+    with pytest.raises(RuntimeError) as err:
+        export.export_aoti(export.ExportResult(program, (2, 2), (2, 2), False, {}), str(tmp_path / "x.pt2"))
+    assert "Float8_e4m3fn" in str(err.value) and "--format onnx" in str(err.value) and "\n" not in str(err.value)
