@@ -112,6 +112,16 @@ def libstdcxx_preload(cuda: bool = False) -> str | None:
     return system if (cuda or libstdcxx_problem()) else None
 
 
+
+def child_env(cuda: bool = False) -> dict[str, str]:
+    """This process's environment for a child Python that loads .pt2 packages: `libstdcxx_preload` put
+    in front of any LD_PRELOAD already set."""
+    env = dict(os.environ)
+    preload = libstdcxx_preload(cuda=cuda)
+    if preload:
+        env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
+    return env
+
 def aoti_load_problem(cuda: bool) -> str | None:
     """None when this process can load a (CUDA if `cuda`) .pt2, else the one-line fix."""
     return libstdcxx_problem() or (cuda_preload_problem() if cuda else None)

@@ -157,12 +157,9 @@ def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cu
                       allow_version_skew: bool = False, progress: Callable[[str], None] | None = None) -> dict:
     """`python -m dsv4_compile.verify --worker PATH` in a fresh process (libstdc++ preload where needed).
     The worker's progress lines (stderr) go to `progress` as they come."""
-    from .libstdcxx import libstdcxx_preload
+    from .libstdcxx import child_env
 
-    env = dict(os.environ)
-    preload = libstdcxx_preload(cuda=cuda)
-    if preload:
-        env["LD_PRELOAD"] = " ".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
+    env = child_env(cuda=cuda)
     with tempfile.TemporaryDirectory(prefix="dsv4-verify-") as scratch:
         result_path = os.path.join(scratch, "result.json")
         cmd = [sys.executable, "-m", "dsv4_compile.verify", "--worker", os.path.abspath(path), "--result", result_path,

@@ -38,15 +38,14 @@ def rerun_with_libstdcxx_preload(request) -> bool:
     """A test that loads a CUDA .pt2 in its own process: where this process cannot (the lent GPU image
     wants the system libstdc++ in LD_PRELOAD: dsv4_compile.libstdcxx), run the test alone in a child
     pytest with it preloaded and assert the child passed. Returns True when it did (the caller returns)."""
-    import os
     import subprocess
     import sys
 
-    from dsv4_compile.libstdcxx import cuda_preload_problem, libstdcxx_preload
+    from dsv4_compile.libstdcxx import child_env, cuda_preload_problem
 
     if cuda_preload_problem() is None:
         return False
-    env = {**os.environ, "LD_PRELOAD": " ".join(p for p in (libstdcxx_preload(cuda=True), os.environ.get("LD_PRELOAD")) if p)}
+    env = child_env(cuda=True)
     env.pop("PYTEST_XDIST_WORKER", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "--tb=short", "--show-capture=no",
                            "-p", "no:cacheprovider", "-p", "no:xdist",

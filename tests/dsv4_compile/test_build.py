@@ -311,7 +311,7 @@ def test_libstdcxx_check_runs_here():
 
 
 def test_cuda_packages_need_the_libstdcxx_preload(monkeypatch):
-    from dsv4_compile.libstdcxx import cuda_preload_problem, libstdcxx_preload, system_libstdcxx
+    from dsv4_compile.libstdcxx import child_env, cuda_preload_problem, libstdcxx_preload, system_libstdcxx
 
     system = system_libstdcxx()
     if system is None:
@@ -320,6 +320,7 @@ def test_cuda_packages_need_the_libstdcxx_preload(monkeypatch):
     problem = cuda_preload_problem()
     assert problem and f"LD_PRELOAD={system}" in problem and "\n" not in problem
     assert libstdcxx_preload(cuda=True) == system and libstdcxx_preload(cuda=False) is None
+    assert child_env(cuda=True)["LD_PRELOAD"] == system and "LD_PRELOAD" not in child_env(cuda=False)
     monkeypatch.setenv("LD_PRELOAD", system)
     assert cuda_preload_problem() is None and libstdcxx_preload(cuda=True) is None
 

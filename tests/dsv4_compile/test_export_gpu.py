@@ -15,7 +15,7 @@ from dsv4_compile.reference import eager_model
 from dsv4_compile.steps import COMPILE_TOLERANCE
 from dsv4_compile.compile import resolve_gpu
 from dsv4_compile.export import example_tokens, export_aoti, export_prefill, leftover_custom_ops
-from dsv4_compile.libstdcxx import libstdcxx_preload
+from dsv4_compile.libstdcxx import child_env
 from dsv4_compile.metrics import rel_rms
 
 pytestmark = pytest.mark.gpu
@@ -41,14 +41,8 @@ def test_cuda_pt2_holds_the_triton_kernels_and_runs_without_our_code(tmp_path):
         torch.save(out.cpu(), {str(tmp_path / 'out.pt')!r})
         assert not any(name.startswith("dsv4_compile") for name in sys.modules), "model code was imported"
     """)
-    env = None
-    preload = libstdcxx_preload(cuda=True)
-    if preload:
-        import os
-
-        env = {**os.environ, "LD_PRELOAD": preload}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env=env)
+                          cwd=tmp_path, env=child_env(cuda=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with torch.no_grad():
         ref = model(tokens.cuda()).float().cpu()
