@@ -160,6 +160,7 @@ def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cu
     from .libstdcxx import child_env
 
     env = child_env(cuda=cuda)
+    preload = env.get("LD_PRELOAD")  # reported beside the results: what the worker ran with
     with tempfile.TemporaryDirectory(prefix="dsv4-verify-") as scratch:
         result_path = os.path.join(scratch, "result.json")
         cmd = [sys.executable, "-m", "dsv4_compile.verify", "--worker", os.path.abspath(path), "--result", result_path,
