@@ -191,6 +191,32 @@ def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cu
     return data
 
 
+def token_sets(compare: Callable[[], dict], limit: float, attempts: int = SHORT_ATTEMPTS) -> list[dict]:
+    """Cases of one prompt shape: `compare()` (a fresh token set each call -> a case with "rel_rms") until
+    one is within `limit`, at most `attempts` (a chance flip passes one set; a fault none)."""
+    cases = []
+    for _ in range(attempts):
+        cases.append(compare())
+        if cases[-1]["rel_rms"] <= limit:
+            break
+    return cases
+
+
+def judge(cases: list[dict], tol: float, bound: float) -> dict:
+    """One bucket's verdict from its cases (kinds "short", "full", "random"): the best set of each kind
+    counts; the short prompt is held to `tol`, every kind to `bound`; NaNs must sit where eager's do.
+    -> ok, rel_rms (the short prompt's), max_rel_rms, max_abs, error (None or one line)."""
+    best: dict[str, float] = {}
+    for case in cases:
+        best[case["kind"]] = min(best.get(case["kind"], float("inf")), case["rel_rms"])
+    short_err, worst = best["short"], max(best.values())
+    error = ("NaN positions differ" if any(c.get("nan_mismatch") for c in cases)
+             else f"short prompt rel RMS {short_err:.2e} > {tol:.0e}" if short_err > tol
+             else f"rel RMS {worst:.2e} > {bound:.0e} (beyond quantization flips)" if worst > bound else None)
+    return {"ok": error is None, "rel_rms": short_err, "max_rel_rms": worst,
+            "max_abs": max(c["max_abs"] for c in cases), "error": error}
+
+
 def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = False) -> dict:
     import torch
 
@@ -241,38 +267,28 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
                 model = eager_cache[bucket, dtype]
                 seconds["reference"] = round(time.perf_counter() - t0, 2)
                 _progress(f"{fmt} {bucket}: eager reference ({dtype}) built in {seconds['reference']:.1f} s")
-                nan_mismatch = False
+
+                def compare(kind: str, batch: int, seq: int) -> dict:
+                    tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=gen, dtype=torch.int64)
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        ref = model(tokens.to(device)).float().cpu()
+                    t1 = time.perf_counter()
+                    out = engine.run(tokens, bucket=bucket).float().cpu()
+                    t2 = time.perf_counter()
+                    seconds["eager"] += t1 - t0
+                    seconds["engine"] += t2 - t1
+                    _progress(f"{fmt} {bucket}: [{batch},{seq}] engine {t2 - t1:.1f} s, eager {t1 - t0:.1f} s")
+                    if out.shape != ref.shape:
+                        raise RuntimeError(f"output shape {list(out.shape)}, eager {list(ref.shape)}")
+                    return {"kind": kind, "batch": batch, "seq": seq, "rel_rms": rel_rms(ref, out),
+                            "max_abs": float((ref - out).abs().nan_to_num(float("inf")).max()),
+                            "nan_mismatch": bool((torch.isnan(ref) != torch.isnan(out)).any())}
+
                 for kind, batch, seq in shapes:
-                    limit = tol if kind == "short" else bound
-                    for attempt in range(SHORT_ATTEMPTS):
-                        tokens = torch.randint(0, config.vocab_size, (batch, seq), generator=gen, dtype=torch.int64)
-                        t0 = time.perf_counter()
-                        with torch.no_grad():
-                            ref = model(tokens.to(device)).float().cpu()
-                        t1 = time.perf_counter()
-                        out = engine.run(tokens, bucket=bucket).float().cpu()
-                        t2 = time.perf_counter()
-                        seconds["eager"] += t1 - t0
-                        seconds["engine"] += t2 - t1
-                        _progress(f"{fmt} {bucket}: [{batch},{seq}] engine {t2 - t1:.1f} s, eager {t1 - t0:.1f} s")
-                        if out.shape != ref.shape:
-                            raise RuntimeError(f"output shape {list(out.shape)}, eager {list(ref.shape)}")
-                        nan_mismatch |= bool((torch.isnan(ref) != torch.isnan(out)).any())
-                        case = {"kind": kind, "batch": batch, "seq": seq, "rel_rms": rel_rms(ref, out),
-                                "max_abs": float((ref - out).abs().nan_to_num(float("inf")).max())}
-                        cases.append(case)
-                        if case["rel_rms"] <= limit:
-                            break  # over its bound: another token set (a chance flip passes one; a fault none)
-                best = {kind: min(c["rel_rms"] for c in cases if c["kind"] == kind) for kind, _, _ in shapes}
-                short_err = best["short"]
-                worst = max(best.values())
-                max_abs = max(c["max_abs"] for c in cases)
-                error = ("NaN positions differ" if nan_mismatch
-                         else f"short prompt rel RMS {short_err:.2e} > {tol:.0e}" if short_err > tol
-                         else f"rel RMS {worst:.2e} > {bound:.0e} (beyond quantization flips)" if worst > bound else None)
-                results.append({"format": fmt, "bucket": bucket, "ok": error is None, "rel_rms": short_err,
-                                "max_rel_rms": worst, "max_abs": max_abs, "tolerance": tol, "flip_bound": bound,
-                                "cases": cases, "error": error,
+                    cases += token_sets(lambda: compare(kind, batch, seq), tol if kind == "short" else bound)
+                results.append({"format": fmt, "bucket": bucket, **judge(cases, tol, bound), "tolerance": tol,
+                                "flip_bound": bound, "cases": cases,
                                 "seconds": {k: round(v, 2) for k, v in seconds.items()}})
             except Exception as exc:  # noqa: BLE001
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None, "tolerance": tol,
