@@ -228,7 +228,7 @@ def fp8_simulate(x: torch.Tensor, block_size: int) -> torch.Tensor:
 def fp8_round(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """`fp8_simulate`'s numbers written as plain tensor code, with no dsv4 op: for the KV cache's window
     rows, so that a compiler fuses the rounding into the kernel that produces them (RMSNorm, RoPE)
-    instead of running a standalone quantization pass over the cache (DESIGN.md section 4, anchors)."""
+    instead of running a standalone quantization pass over the cache."""
     codes, scale = _fp8_code_blocks(x, block_size, True, "fp8_round")
     sim = _fp8_values(codes, scale).to(x.dtype)
     return x + (sim - x).detach()

@@ -1,6 +1,6 @@
 """KVCache buffers: shapes, the meta device, and byte counts against a hand-written formula.
 
-The formula is written out from DESIGN.md section 2 (584 B main entries, 68 B FP4 / 132 B FP8
+The formula is written out from the release's cache layout (584 B main entries, 68 B FP4 / 132 B FP8
 indexer keys, a 128-token window per layer) and the compressor state documented in kv_cache.py,
 so it checks the buffers independently of kv_layout's helpers.
 """
