@@ -138,11 +138,16 @@ class Indexer(nn.Module):
             q = fp4_simulate(hadamard(q), 32)
         return q, self.weights_proj(x) * self.weight_scale
 
+    def select(self, q, weights, keys, positions) -> torch.Tensor:
+        """q [B, S, Hi, di], weights [B, S, Hi], keys [B, N, di], positions [B, S] -> the entries picked
+        [B, S, topk] int32 (-1 = none). (A tensor-parallel shard completes its heads' scores here.)"""
+        return torch.ops.dsv4.indexer_topk(q, weights, keys, positions, CSA_RATIO, self.topk)
+
     def forward(self, x, qr, positions, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill -> (selected entry indices [B, S, topk] int32 (-1 = none), keys [B, N, di])."""
         q, weights = self.queries(x, qr, positions, inv_freq)
         keys = self.compressor(x, inv_freq)
-        return torch.ops.dsv4.indexer_topk(q, weights, keys, positions, CSA_RATIO, self.topk), keys
+        return self.select(q, weights, keys, positions), keys
 
 
 def layer_inv_freq(c: ModelConfig, ratio: int) -> torch.Tensor:
@@ -287,7 +292,7 @@ class Attention(nn.Module):
                 cache.index[batch, block] = pack_indexer_keys(key, fmt)
                 keys = unpack_indexer_keys(cache.index, self.indexer.head_dim, fmt)
                 iq, weights = self.indexer.queries(x, qr, pos2, self.inv_freq)
-                picked = torch.ops.dsv4.indexer_topk(iq, weights, keys, pos2, CSA_RATIO, self.indexer.topk)
+                picked = self.indexer.select(iq, weights, keys, pos2)
             else:
                 picked = visible_block_indices(pos2, n_blocks, self.ratio)
             idx = torch.cat([idx, torch.where(picked >= 0, picked + self.window, -1)], dim=-1)

@@ -604,13 +604,19 @@ _plain_autograd(compress_kv, _compress_kv_plain, 10, (0, 1, 2, 3))
 # Lightning indexer: weighted ReLU scores and top-k with ties to the lowest index
 # ================================================================================================
 
-def indexer_topk_chunk(q, weights, keys, positions, ratio: int, topk: int):
-    """The whole of `indexer_topk` for one chunk of queries (no chunking)."""
-    N = keys.shape[1]
+def indexer_scores(q, weights, keys):
+    """q [B, S, H, d], weights [B, S, H], keys [B, N, d] -> I [B, S, N] float32, the weighted ReLU
+    scores summed over the heads given (over a tensor-parallel rank's heads: its partial sum)."""
     scores = torch.einsum("bshd,bnd->bshn", q.float(), keys.float()).relu()           # [B, S, H, N]
-    scores = (scores * weights.float().unsqueeze(-1)).sum(2)                           # [B, S, N]
+    return (scores * weights.float().unsqueeze(-1)).sum(2)                             # [B, S, N]
+
+
+def indexer_select(scores, positions, ratio: int, topk: int):
+    """scores [B, S, N] (all heads summed), positions [B, S] -> [B, S, topk] int32: `indexer_topk`'s
+    selection (visible keys only, best first, ties to the lowest index, -1 padding)."""
+    N = scores.shape[-1]
     n_visible = torch.div(positions + 1, ratio, rounding_mode="floor").unsqueeze(-1)  # [B, S, 1]
-    visible = torch.arange(N, device=q.device) < n_visible                            # [B, S, N]
+    visible = torch.arange(N, device=scores.device) < n_visible                       # [B, S, N]
     scores = scores.masked_fill(~visible, float("-inf"))
     # Stable descending sort: among tied scores the lowest index comes first.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
@@ -618,6 +624,17 @@ def indexer_topk_chunk(q, weights, keys, positions, ratio: int, topk: int):
         order = F.pad(order, (0, topk - order.shape[-1]), value=-1)
     picked_visible = (order >= 0) & (order < n_visible)
     return torch.where(picked_visible, order, -1).to(torch.int32)
+
+
+def indexer_topk_chunk(q, weights, keys, positions, ratio: int, topk: int):
+    """The whole of `indexer_topk` for one chunk of queries (no chunking)."""
+    return indexer_select(indexer_scores(q, weights, keys), positions, ratio, topk)
+
+
+def indexer_query_chunk(q: torch.Tensor, keys: torch.Tensor) -> int:
+    """Queries per chunk of `indexer_topk` for q [B, S, H, d] and keys [B, N, d]."""
+    B, S, H, _ = q.shape
+    return _query_chunk(S, B * keys.shape[1] * (H + 2) * 4)
 
 
 @torch.library.custom_op(f"{LIB}::indexer_topk", mutates_args=())
@@ -631,9 +648,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pos
     keys[n]). Returns [B, S, topk] int32: the visible keys with the highest scores, best first, ties to
     the lowest index, padded with -1 where fewer than topk are visible. NaN scores sort first.
     """
-    B, S, H, _ = q.shape
-    N = keys.shape[1]
-    chunk = _query_chunk(S, B * N * (H + 2) * 4)
+    S, chunk = q.shape[1], indexer_query_chunk(q, keys)
     return torch.cat([indexer_topk_chunk(q[:, s:s + chunk], weights[:, s:s + chunk], keys, positions[:, s:s + chunk], ratio, topk)
                       for s in range(0, S, chunk)], dim=1)
 

@@ -3,7 +3,8 @@
 The parallel form is the plain `Transformer`, built as usual on every rank (same config, same seed or
 checkpoint), then sharded in place for this rank by `parallelize(model, layout)`: each rank keeps its
 slice of the weights and the modules that hold a slice finish their sums with a functional all-reduce
-(torch.distributed._functional_collectives, which torch.compile and export trace). There is no second
+(the head: an all-gather; torch.distributed._functional_collectives, which torch.compile and export
+trace). There is no second
 model: what is not named below runs as in the plain model, replicated on every rank.
 
 Layout `tp=T,ep=E` (ParallelLayout) over a world of T * E ranks, as a DeviceMesh of shape (E, T) with
@@ -13,25 +14,38 @@ dims ("ep", "tp"): rank = ep_rank * T + tp_rank, so a tensor-parallel group is T
   [r H/T, (r+1) H/T): its rows of wq_b, its attention sinks, the rows of wo_a of its output groups (T
   must divide o_groups, so that the grouped low-rank output splits by whole groups) and the matching
   columns of wo_b, whose partial products are all-reduced over the "tp" group (RowParallelLinear).
-  Replicated: wq_a and q_norm (the low-rank query), the shared key=value head (wkv, kv_norm), the
-  compressors, and the lightning indexer: its heads' scores are summed inside
-  `torch.ops.dsv4.indexer_topk` before the top-k, so splitting them needs an op that returns partial
-  scores for a collective to complete before the selection (not done here). The KV cache holds the
-  one shared head, so every rank keeps the whole cache.
+  The lightning indexer of a CSA layer is split by head too (IndexerShard): rank r keeps indexer heads
+  [r Hi/T, (r+1) Hi/T), its rows of the indexer's wq_b and weights_proj; its heads' weighted ReLU
+  scores (ops.indexer_scores) are all-reduced over "tp" and the sum goes through the same selection as
+  `torch.ops.dsv4.indexer_topk` (ops.indexer_select: ties to the lowest index), so every rank picks
+  the same entries. Replicated: wq_a and q_norm (the low-rank query), the shared key=value head (wkv,
+  kv_norm), the compressors, the indexer's compressor (its keys serve every head). The KV cache holds
+  the one shared head and the indexer keys, so every rank keeps the whole cache.
+- Vocab parallelism over the same "tp" group: rank r keeps vocabulary rows [r V/T, (r+1) V/T) of the
+  embedding (VocabParallelEmbedding: ids outside them give zeros, all-reduced over "tp": exact) and of
+  the head (VocabParallelHead: its logits all-gathered over "tp" into the whole [..., V] on every
+  rank). The MTP blocks use these two; they have none of their own.
 - Expert parallelism (MoE, every block): rank r of the "ep" group keeps routed experts
   [r E'/E, (r+1) E'/E) of E' (ExpertShard). Every rank routes all its tokens (the gate is replicated),
   runs the plain `torch.ops.dsv4.moe_experts` over its own experts with the other experts' ids mapped
   to -1 (no contribution), and the partial outputs are all-reduced over the "ep" group: the simplest
   correct dispatch/combine, with no all-to-all (that is for large token counts, not done here). The
   shared expert is replicated. With T > 1 the T ranks of a tensor-parallel group hold the same experts.
-- Replicated, not split here: the embedding and the head (vocab parallelism), the mHC maps and norms.
+- Replicated, not split here: the mHC maps and norms, the final norm, the MTP blocks' projections
+  (e_proj, h_proj) and norms, the MoE gate and shared expert.
+
+T must divide n_heads, o_groups, index_n_heads and vocab_size; E must divide n_routed_experts
+(`ParallelLayout.check_config`, one line otherwise).
 
 The model may be on the meta device: sharding it there and giving it storage afterwards allocates only
 this rank's shards, which a checkpoint loader fills from `local_parts` (what each sharded tensor is of
 the plain model's).
 
-Inference only: the all-reduce has no backward here. Float weights only (nn.Linear, RoutedExperts): a
-model whose projections are FP8Linear or whose experts are MXFP4Experts is refused.
+Inference only: the collectives have no backward here. Float weights only (nn.Linear, RoutedExperts): a
+model whose projections are FP8Linear or whose experts are MXFP4Experts is refused. Not done: FP8 /
+MXFP4 (as-shipped) shards, all-to-all expert dispatch, splitting the compressors by channel. The
+sharded indexer loops over the op's query chunks in plain Python (the op hides its loop from export,
+the decompose pass traces a chunk-free version): exporting it with a symbolic length is not tried.
 """
 from __future__ import annotations
 
@@ -41,12 +55,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from .attention import Attention
+from .attention import CSA_RATIO, Attention, Indexer
 from .config import ModelConfig
 from .moe import MoE, RoutedExperts
+from .ops import indexer_query_chunk, indexer_scores, indexer_select
 from .transformer import Transformer
 
 MESH_DIMS = ("ep", "tp")
@@ -56,7 +72,8 @@ _ACCEPTED = "accepted: 'tp=T,ep=E' with positive integers (either part may be le
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """tp: tensor-parallel ranks (attention heads); ep: expert-parallel ranks (routed experts)."""
+    """tp: tensor-parallel ranks (attention and indexer heads, vocabulary); ep: expert-parallel ranks
+    (routed experts)."""
     tp: int = 1
     ep: int = 1
 
@@ -79,10 +96,12 @@ class ParallelLayout:
         return self.tp * self.ep
 
     def check_config(self, config: ModelConfig) -> None:
-        """ValueError (one line) unless tp divides the heads and output groups and ep the routed experts."""
-        if config.n_heads % self.tp or config.o_groups % self.tp:
-            raise ValueError(f"parallel layout {self}: tp = {self.tp} must divide n_heads ({config.n_heads}) and "
-                             f"o_groups ({config.o_groups})")
+        """ValueError (one line) unless tp divides the heads, output groups, indexer heads and vocabulary,
+        and ep the routed experts."""
+        c = config
+        if any(n % self.tp for n in (c.n_heads, c.o_groups, c.index_n_heads, c.vocab_size)):
+            raise ValueError(f"parallel layout {self}: tp = {self.tp} must divide n_heads ({c.n_heads}), o_groups "
+                             f"({c.o_groups}), index_n_heads ({c.index_n_heads}) and vocab_size ({c.vocab_size})")
         if config.n_routed_experts % self.ep:
             raise ValueError(f"parallel layout {self}: ep = {self.ep} must divide n_routed_experts "
                              f"({config.n_routed_experts})")
@@ -101,6 +120,44 @@ class ParallelLayout:
 def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """The sum of x over the ranks of a process group, on every rank (functional: x is unchanged)."""
     return funcol.wait_tensor(funcol.all_reduce(x, "sum", group_name))
+
+
+def all_gather_last(x: torch.Tensor, ranks: int, group_name: str) -> torch.Tensor:
+    """x [..., n] on each of the `ranks` ranks of a process group -> [..., ranks * n], the ranks' x
+    side by side in rank order, on every rank."""
+    gathered = funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), 0, group_name))  # [ranks * x.shape[0], ...]
+    return torch.cat(gathered.chunk(ranks, dim=0), dim=-1)
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [first, first + n) of an embedding (this rank's share of the vocabulary), [n, dim]: a rank
+    looks up the ids it holds, zeros for the others, and the all-reduce over the tensor-parallel group
+    adds each id's one row to zeros (exact)."""
+
+    def __init__(self, weight: torch.Tensor, first: int, group_name: str):
+        super().__init__(weight.shape[0], weight.shape[1], device="meta", dtype=weight.dtype)
+        self.weight = nn.Parameter(weight.clone())
+        self.first, self.group_name = first, group_name
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [...] (global ids) -> [..., dim]."""
+        local = tokens - self.first
+        mine = (local >= 0) & (local < self.num_embeddings)
+        rows = F.embedding(torch.where(mine, local, 0), self.weight)
+        return all_reduce_sum(torch.where(mine.unsqueeze(-1), rows, 0), self.group_name)
+
+
+class VocabParallelHead(nn.Linear):
+    """The output head's rows of this rank's vocabulary, [V / ranks, dim]: the local logits [..., V /
+    ranks] are all-gathered over the tensor-parallel group into the whole [..., V] on every rank."""
+
+    def __init__(self, weight: torch.Tensor, ranks: int, group_name: str):
+        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+        self.weight = nn.Parameter(weight.clone())
+        self.ranks, self.group_name = ranks, group_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_gather_last(super().forward(x), self.ranks, self.group_name)
 
 
 class RowParallelLinear(nn.Linear):
@@ -149,24 +206,70 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-def _need_linear(module: nn.Module, name: str) -> nn.Linear:
+def _need_linear(module: nn.Module, name: str, where: str = "attention") -> nn.Linear:
     linear = getattr(module, name)
     if type(linear) is not nn.Linear:
-        raise TypeError(f"parallelize: attention.{name} is {type(linear).__name__}; tensor parallelism takes "
+        raise TypeError(f"parallelize: {where}.{name} is {type(linear).__name__}; tensor parallelism takes "
                         f"float nn.Linear projections only")
     return linear
+
+
+class IndexerShard(Indexer):
+    """This rank's heads of a lightning indexer: its rows of wq_b and weights_proj (the per-head weight
+    scale stays that of all heads); the compressor, whose keys every head shares, is the plain one
+    (replicated). `select` sums this rank's heads' scores (ops.indexer_scores), all-reduces the partial
+    sums over the tensor-parallel group and selects as `indexer_topk` does (ops.indexer_select: ties to
+    the lowest index), in the op's query chunks."""
+
+    def __init__(self, indexer: Indexer, parts: dict[str, Part], ranks: int, group_name: str):
+        nn.Module.__init__(self)  # not Indexer's: it would build a second compressor
+        self.head_dim, self.topk, self.rope_dim = indexer.head_dim, indexer.topk, indexer.rope_dim
+        self.simulate_quantization, self.weight_scale = indexer.simulate_quantization, indexer.weight_scale
+        self.n_heads, self.group_name = indexer.n_heads // ranks, group_name
+        self.wq_b = _linear(_narrow(_need_linear(indexer, "wq_b", "attention.indexer").weight, parts["wq_b.weight"]))
+        self.weights_proj = _linear(_narrow(_need_linear(indexer, "weights_proj", "attention.indexer").weight,
+                                            parts["weights_proj.weight"]))
+        self.compressor = indexer.compressor
+
+    def select(self, q, weights, keys, positions) -> torch.Tensor:
+        """q [B, S, Hi / ranks, di], weights [B, S, Hi / ranks] (this rank's heads), keys [B, N, di],
+        positions [B, S] -> [B, S, topk] int32, the plain indexer's selection over all heads."""
+        S, chunk = q.shape[1], indexer_query_chunk(q, keys)
+        return torch.cat([indexer_select(all_reduce_sum(indexer_scores(q[:, s:s + chunk], weights[:, s:s + chunk], keys),
+                                                        self.group_name),
+                                         positions[:, s:s + chunk], CSA_RATIO, self.topk)
+                          for s in range(0, S, chunk)], dim=1)
+
+
+def indexer_parts(indexer: Indexer, rank: int, ranks: int) -> dict[str, Part]:
+    """What `IndexerShard` keeps of the unsharded `indexer`'s tensors (names relative to it): indexer
+    heads [rank Hi/ranks, (rank+1) Hi/ranks), their rows of wq_b and of weights_proj."""
+    heads = indexer.n_heads // ranks
+    q = heads * indexer.head_dim
+    return {"wq_b.weight": (0, rank * q, (rank + 1) * q),               # [Hi*di, q_lora_rank]
+            "weights_proj.weight": (0, rank * heads, (rank + 1) * heads)}  # [Hi, dim]
 
 
 def attention_parts(attn: Attention, rank: int, ranks: int) -> dict[str, Part]:
     """What `shard_attention` keeps of the unsharded `attn`'s tensors (names relative to it): query heads
     [rank H/ranks, (rank+1) H/ranks), i.e. their rows of wq_b and sinks, and their output groups' rows
-    of wo_a and columns of wo_b."""
+    of wo_a and columns of wo_b; and of a CSA layer's indexer, `indexer_parts`."""
     heads, groups = attn.n_heads // ranks, attn.o_groups // ranks
     q, o = heads * attn.head_dim, groups * attn.o_lora_rank
-    return {"wq_b.weight": (0, rank * q, (rank + 1) * q),               # [H*D, q_lora_rank]
-            "attn_sink": (0, rank * heads, (rank + 1) * heads),         # [H]
-            "wo_a.weight": (0, rank * o, (rank + 1) * o),               # [G*r, H/G*D]
-            "wo_b.weight": (1, rank * o, (rank + 1) * o)}               # [dim, G*r]
+    parts = {"wq_b.weight": (0, rank * q, (rank + 1) * q),              # [H*D, q_lora_rank]
+             "attn_sink": (0, rank * heads, (rank + 1) * heads),        # [H]
+             "wo_a.weight": (0, rank * o, (rank + 1) * o),              # [G*r, H/G*D]
+             "wo_b.weight": (1, rank * o, (rank + 1) * o)}              # [dim, G*r]
+    if attn.indexer is not None:
+        parts.update({f"indexer.{name}": part for name, part in indexer_parts(attn.indexer, rank, ranks).items()})
+    return parts
+
+
+def vocab_parts(model: Transformer, rank: int, ranks: int) -> dict[str, Part]:
+    """The vocabulary rows [rank V/ranks, (rank+1) V/ranks) of the embedding and the head, [V, dim] each,
+    that `shard_vocab` keeps (the MTP blocks use these two too)."""
+    n = model.config.vocab_size // ranks
+    return {name: (0, rank * n, (rank + 1) * n) for name in ("embed.weight", "head.weight")}
 
 
 def expert_part(moe: MoE, rank: int, ranks: int) -> Part:
@@ -184,7 +287,21 @@ def shard_attention(attn: Attention, rank: int, ranks: int, group_name: str) -> 
         attn.attn_sink = nn.Parameter(_narrow(attn.attn_sink, parts["attn_sink"]).clone())
         attn.wo_a = _linear(_narrow(wo_a.weight, parts["wo_a.weight"]))
         attn.wo_b = RowParallelLinear(_narrow(wo_b.weight, parts["wo_b.weight"]), group_name)
+        if attn.indexer is not None:
+            attn.indexer = IndexerShard(attn.indexer, indexer_parts(attn.indexer, rank, ranks), ranks, group_name)
     attn.n_heads, attn.o_groups = attn.n_heads // ranks, attn.o_groups // ranks
+
+
+def shard_vocab(model: Transformer, rank: int, ranks: int, group_name: str) -> None:
+    """Keep this rank's vocabulary rows of the embedding and the head (in place); see the module docstring."""
+    parts = vocab_parts(model, rank, ranks)
+    if type(model.head) is not nn.Linear or type(model.embed) is not nn.Embedding:
+        raise TypeError(f"parallelize: the embedding and head are {type(model.embed).__name__} and "
+                        f"{type(model.head).__name__}; vocab parallelism takes nn.Embedding and nn.Linear")
+    with torch.no_grad():
+        model.embed = VocabParallelEmbedding(_narrow(model.embed.weight, parts["embed.weight"]),
+                                             parts["embed.weight"][1], group_name)
+        model.head = VocabParallelHead(_narrow(model.head.weight, parts["head.weight"]), ranks, group_name)
 
 
 def shard_experts(moe: MoE, rank: int, ranks: int, group_name: str) -> None:
@@ -219,6 +336,8 @@ def local_parts(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | N
     sharded model's state_dict has the same names, each holding its part. mesh: as for `parallelize`."""
     mesh = _checked_mesh(model, layout, mesh)
     parts: dict[str, Part] = {}
+    if layout.tp > 1:
+        parts.update(vocab_parts(model, mesh.get_local_rank("tp"), layout.tp))
     for prefix, block in _blocks(model):
         if layout.tp > 1:
             for name, part in attention_parts(block.attn, mesh.get_local_rank("tp"), layout.tp).items():
@@ -242,6 +361,7 @@ def parallelize(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | N
         rank, group_name = mesh.get_local_rank("tp"), mesh.get_group("tp").group_name
         for _, block in _blocks(model):
             shard_attention(block.attn, rank, layout.tp, group_name)
+        shard_vocab(model, rank, layout.tp, group_name)
     if layout.ep > 1:
         rank, group_name = mesh.get_local_rank("ep"), mesh.get_group("ep").group_name
         for _, block in _blocks(model):

@@ -12,7 +12,6 @@ Interfaces:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention, layer_inv_freq
@@ -168,7 +167,7 @@ class Transformer(nn.Module):
         x = (norm or self.norm)((merge or self.hc_head)(h))
         if not all_logits:
             x = x[:, -1]
-        return F.linear(x.float(), self.head.weight)
+        return self.head(x.float())
 
     def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, S] int64 -> logits [B, V] of the last position ([B, S, V] with all_logits)."""

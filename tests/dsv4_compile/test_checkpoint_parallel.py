@@ -125,7 +125,9 @@ def test_a_rank_reads_only_its_experts(world2, checkpoints, name):
             assert experts == {(block, e): 6 for block in blocks for e in mine}, f"{name} {layout} rank {rank}"
 
 
-SPLIT = re.compile(r".*\.attn\.(wq_b|wo_a|wo_b)\.(weight|scale)|.*\.attn\.attn_sink")  # cut by tp
+# cut by tp: the attention's and the indexer's heads, the vocabulary
+SPLIT = re.compile(r".*\.attn\.(wq_b|wo_a|wo_b|indexer\.wq_b|indexer\.weights_proj)\.(weight|scale)|.*\.attn\.attn_sink"
+                   r"|(embed|head)\.weight")
 
 
 @pytest.mark.parametrize("name", ["hf", "inference", "inference mp=2"])
@@ -155,7 +157,8 @@ def test_world_size_mismatch_is_refused_in_one_line(world2):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"parallel": "tp=4"}, r"^parallel layout tp=4,ep=1: tp = 4 must divide n_heads \(4\) and o_groups \(2\)$"),
+    ({"parallel": "tp=4"}, r"^parallel layout tp=4,ep=1: tp = 4 must divide n_heads \(4\), o_groups \(2\), "
+                           r"index_n_heads \(4\) and vocab_size \(256\)$"),
     ({"parallel": "ep=3"}, r"^parallel layout tp=1,ep=3: ep = 3 must divide n_routed_experts \(8\)$"),
     ({"parallel": "tp=2;ep=2"}, r"^parallel layout 'tp=2;ep=2': bad part 'tp=2;ep=2'; accepted: 'tp=T,ep=E'"),
     ({"parallel": "tp=2"}, r"^parallel='tp=2,ep=1': needs an initialised torch.distributed process group of world "

@@ -2,8 +2,9 @@
 over gloo. Every rank builds the tiny model with the same seed, shards it, and runs a prefill (all
 positions' logits), decode steps through the KV cache and the MTP block; the parent compares each
 rank's logits with the single-process model's, by tests/parallel_worlds.py's criteria, in both modes
-(`exact`: observed 5.6e-7 relative RMS for tp=2, 0 for ep=2: the other rank's experts add exact
-zeros; `quantized`, the preset's default: observed for tp=2 median 9.2e-6, 97.1% within 1e-3, one
+(`exact`: observed 5.6e-7 relative RMS for tp=2 (attention heads, indexer heads and vocabulary split;
+the same as with the heads alone: the indexer's reassociated score sums pick the same entries here,
+and dropping its all-reduce fails by 0.28), 0 for ep=2: the other rank's experts add exact zeros; `quantized`, the preset's default: observed for tp=2 median 9.2e-6, 97.1% within 1e-3, one
 flip at position 36 of sequence 0 lasting 8 positions, every predicted token equal).
 """
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from dsv4_compile.model import ModelConfig, Transformer
 from dsv4_compile.model.moe import RoutedExperts
-from dsv4_compile.model.parallel import ExpertShard, ParallelLayout, RowParallelLinear, parallelize
+from dsv4_compile.model.parallel import (ExpertShard, IndexerShard, ParallelLayout, RowParallelLinear, VocabParallelEmbedding,
+                                         VocabParallelHead, parallelize)
 from parallel_worlds import assert_parallel_logits, prompt_tokens, run_logits, spawn_world
 
 # One worker: the spawned worlds are module fixtures, which each xdist worker would start again.
@@ -27,11 +29,17 @@ def _config(mode: str = "quantized") -> ModelConfig:
 
 
 def _shapes(model: Transformer) -> dict[str, object]:
-    """What this rank holds of the first block: its query rows, sinks, output columns, experts."""
-    attn, experts = model.layers[0].attn, model.layers[0].ffn.experts
+    """What this rank holds of the first block: its query rows, sinks, output columns, experts; of the
+    first CSA layer's indexer (layer 1): its query rows and head weights; of the vocabulary: its rows of
+    the embedding and the head."""
+    attn, experts, indexer = model.layers[0].attn, model.layers[0].ffn.experts, model.layers[1].attn.indexer
     return {"wq_b": attn.wq_b.weight.shape[0], "attn_sink": attn.attn_sink.shape[0], "wo_a": attn.wo_a.weight.shape[0],
             "wo_b": attn.wo_b.weight.shape[1], "experts": experts.w1.shape[0], "first_expert": getattr(experts, "first", 0),
-            "wo_b_type": type(attn.wo_b).__name__, "experts_type": type(experts).__name__}
+            "wo_b_type": type(attn.wo_b).__name__, "experts_type": type(experts).__name__,
+            "indexer_wq_b": indexer.wq_b.weight.shape[0], "indexer_heads": indexer.weights_proj.weight.shape[0],
+            "embed": model.embed.weight.shape[0], "first_token": getattr(model.embed, "first", 0),
+            "head": model.head.weight.shape[0], "indexer_type": type(indexer).__name__,
+            "embed_type": type(model.embed).__name__, "head_type": type(model.head).__name__}
 
 
 def _worker(rank: int, world: int, layouts: list[str]) -> dict:
@@ -82,13 +90,21 @@ def _held(ranks: list[dict], layout: str) -> list[dict]:
     return [results[layout, "exact"]["shapes"] for results in ranks]
 
 
+def _tensor_parallel_2(c: ModelConfig, rank: int) -> dict[str, object]:
+    """What tp rank `rank` of 2 holds (_shapes): half of the heads, indexer heads and vocabulary."""
+    heads, groups, index_heads, vocab = c.n_heads // 2, c.o_groups // 2, c.index_n_heads // 2, c.vocab_size // 2
+    return {"wq_b": heads * c.head_dim, "attn_sink": heads, "wo_a": groups * c.o_lora_rank, "wo_b": groups * c.o_lora_rank,
+            "indexer_wq_b": index_heads * c.index_head_dim, "indexer_heads": index_heads, "embed": vocab,
+            "first_token": rank * vocab, "head": vocab, "wo_b_type": RowParallelLinear.__name__,
+            "indexer_type": IndexerShard.__name__, "embed_type": VocabParallelEmbedding.__name__,
+            "head_type": VocabParallelHead.__name__}
+
+
 def test_tensor_parallel_2_equals_one_process(world2, reference):
     c = _config()
-    heads, groups = c.n_heads // 2, c.o_groups // 2
-    for shapes in _held(world2, "tp=2"):
-        assert shapes == {"wq_b": heads * c.head_dim, "attn_sink": heads, "wo_a": groups * c.o_lora_rank,
-                          "wo_b": groups * c.o_lora_rank, "experts": c.n_routed_experts, "first_expert": 0,
-                          "wo_b_type": RowParallelLinear.__name__, "experts_type": RoutedExperts.__name__}
+    for rank, shapes in enumerate(_held(world2, "tp=2")):
+        assert shapes == {**_tensor_parallel_2(c, rank), "experts": c.n_routed_experts, "first_expert": 0,
+                          "experts_type": RoutedExperts.__name__}
     _check_logits("tp=2", world2, reference)
 
 
@@ -99,6 +115,8 @@ def test_expert_parallel_2_equals_one_process(world2, reference):
     for shapes in held:
         assert shapes["experts"] == c.n_routed_experts // 2 and shapes["experts_type"] == ExpertShard.__name__
         assert shapes["wq_b"] == c.n_heads * c.head_dim and shapes["wo_b_type"] == "Linear"
+        assert (shapes["indexer_heads"], shapes["embed"], shapes["head"]) == (c.index_n_heads, c.vocab_size, c.vocab_size)
+        assert (shapes["indexer_type"], shapes["embed_type"], shapes["head_type"]) == ("Indexer", "Embedding", "Linear")
     _check_logits("ep=2", world2, reference)
 
 
@@ -107,8 +125,9 @@ def test_tensor_and_expert_parallel_2x2_equals_one_process(world4, reference):
     c = _config()
     held = _held(world4, "tp=2,ep=2")
     assert [shapes["first_expert"] for shapes in held] == [0, 0, 4, 4]
-    assert all(shapes["experts"] == c.n_routed_experts // 2 and shapes["attn_sink"] == c.n_heads // 2
-               for shapes in held)
+    for rank, shapes in enumerate(held):
+        assert shapes == {**_tensor_parallel_2(c, rank % 2), "experts": c.n_routed_experts // 2,
+                          "first_expert": shapes["first_expert"], "experts_type": ExpertShard.__name__}
     _check_logits("tp=2,ep=2", world4, reference)
 
 
@@ -134,9 +153,12 @@ def test_layout_parsing():
 
 
 def test_indivisible_layouts_are_refused_before_any_collective():
-    c = _config()  # 4 heads in 2 output groups, 8 experts
+    c = _config()  # 4 heads in 2 output groups, 4 indexer heads, 256 tokens, 8 experts
     model = Transformer(c, seed=0)
-    with pytest.raises(ValueError, match=r"^parallel layout tp=4,ep=1: tp = 4 must divide n_heads \(4\) and o_groups \(2\)$"):
+    divide = r"must divide n_heads \(4\), o_groups \(2\), index_n_heads \(4\) and vocab_size \(256\)$"
+    with pytest.raises(ValueError, match=r"^parallel layout tp=4,ep=1: tp = 4 " + divide):
         parallelize(model, ParallelLayout(tp=4))
+    with pytest.raises(ValueError, match=r"^parallel layout tp=2,ep=1: tp = 2 must divide .* vocab_size \(255\)$"):
+        parallelize(Transformer(c.replace(vocab_size=255), seed=0), ParallelLayout(tp=2))
     with pytest.raises(ValueError, match=r"^parallel layout tp=1,ep=3: ep = 3 must divide n_routed_experts \(8\)$"):
         parallelize(model, ParallelLayout(ep=3))
