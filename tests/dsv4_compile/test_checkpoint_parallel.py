@@ -3,7 +3,7 @@ spawned processes over gloo (tests/parallel_worlds.py) loads synthetic checkpoin
 models (write_checkpoint) for tp=2 and for ep=2:
 - "hf": the tiny preset in the Hugging Face layout (3 files); its FP8 weights' tensor-parallel parts
   cut 128x128 scale tiles (wq_b: 384 rows, 192 a rank), so a rank dequantizes whole tiles and keeps
-  its rows;
+  its rows (tp splits the attention's and the indexer's heads and the vocabulary: embed, head);
 - "inference": the same model in the inference layout, mp=1;
 - "inference mp=2": a wider tiny model (FP8 splits into whole tiles, as convert.py needs) in the
   inference layout over 2 MP shards, so parts are gathered across shards (ep=2) or lie in one (tp=2).
@@ -135,7 +135,8 @@ def test_tensor_parallel_reads_only_the_parts(world2, checkpoints, name):
     """Every tensor outside SPLIT is read whole (ep=2: every tensor); under tp=2 the SPLIT tensors are
     read as parts: the rank's half when its rows/columns are whole FP8 tiles (inference mp=2: from its
     own MP shard alone), else widened to whole tiles (the tiny preset: wq_b's 192 rows of 384 take 2 of
-    its 3 row tiles; wo_a, 64 rows, and wo_b, 64 columns, are one tile: read whole)."""
+    its 3 row tiles; wo_a, 64 rows, wo_b, 64 columns, and the indexer's wq_b, 128 rows, are one tile:
+    read whole; the float embedding, head, sinks and indexer weights_proj: the rank's half)."""
     path, config = checkpoints[name]
     stored = sum(e.nbytes for f in Path(path).glob("*.safetensors") for e in read_header(f).values()
                  if SPLIT.fullmatch(e.name))
