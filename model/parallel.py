@@ -41,9 +41,15 @@ The model may be on the meta device: sharding it there and giving it storage aft
 this rank's shards, which a checkpoint loader fills from `local_parts` (what each sharded tensor is of
 the plain model's).
 
-Inference only: the collectives have no backward here. Float weights only (nn.Linear, RoutedExperts): a
-model whose projections are FP8Linear or whose experts are MXFP4Experts is refused. Not done: FP8 /
-MXFP4 (as-shipped) shards, all-to-all expert dispatch, splitting the compressors by channel. The
+Weights as shipped (checkpoint/load.py's weights="as-shipped"): a split FP8Linear (wq_b, wo_b, the
+indexer's wq_b) keeps its part's FP8 codes and 128 x 128 scale tiles (RowParallelFP8Linear for wo_b);
+a part that does not fall on whole tiles is refused in one line before anything is sharded
+(`_weight_parts`). MXFP4Experts split by whole experts (MXFP4ExpertShard). The other modules of the
+vocabulary and attention splits take float weights only (wo_a is always float: DeepSeek multiplies
+it in BF16; nn.Embedding, the head, the indexer's weights_proj).
+
+Inference only: the collectives have no backward here. Not done: all-to-all expert dispatch,
+splitting the compressors by channel. The
 sharded indexer loops over the op's query chunks in plain Python (the op hides its loop from export,
 the decompose pass traces a chunk-free version): exporting it with a symbolic length is not tried.
 """
@@ -61,11 +67,16 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .attention import CSA_RATIO, Attention, Indexer
 from .config import ModelConfig
-from .moe import MoE, RoutedExperts
+from .layers import FP8Linear
+from .moe import MoE, MXFP4Experts, RoutedExperts
 from .ops import indexer_query_chunk, indexer_scores, indexer_select
 from .transformer import Transformer
+from .weight_formats import FP8_WEIGHT_BLOCK
 
 MESH_DIMS = ("ep", "tp")
+MXFP4_EXPERT_BUFFERS = ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale")
+# A part of a tensor along one dimension: (dim, start, stop).
+Part = tuple[int, int, int]
 _LAYOUT_PART = re.compile(r"(tp|ep)=([0-9]+)")
 _ACCEPTED = "accepted: 'tp=T,ep=E' with positive integers (either part may be left out, meaning 1)"
 
@@ -173,7 +184,32 @@ class RowParallelLinear(nn.Linear):
         return all_reduce_sum(super().forward(x), self.group_name)
 
 
-class ExpertShard(RoutedExperts):
+class RowParallelFP8Linear(FP8Linear):
+    """RowParallelLinear of an as-shipped FP8 weight: (a copy of) this rank's columns [out, in / ranks]
+    and their scale tiles (whole 128-column tiles, so the activation's 128-wide quantization blocks
+    are the plain model's)."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, quantize_input: bool, group_name: str):
+        super().__init__(weight.shape[1], weight.shape[0], device="meta", quantize_input=quantize_input)
+        self.weight, self.scale = weight.clone(), scale.clone()
+        self.group_name = group_name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(super().forward(x), self.group_name)
+
+
+class _LocalExperts:
+    """The forward of an expert shard (`first`, `group_name`, `w1` [n, ...]): the other ranks' experts'
+    ids become -1 (no contribution) and the partial outputs are summed over the expert-parallel group."""
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, dim], topk_ids [T, k] int32 (global ids), topk_weights [T, k] float32 -> [T, dim] float32."""
+        local = topk_ids - self.first
+        local = torch.where((local >= 0) & (local < self.w1.shape[0]), local, -1)   # -1: not on this rank
+        return all_reduce_sum(super().forward(x, local, topk_weights), self.group_name)
+
+
+class ExpertShard(_LocalExperts, RoutedExperts):
     """This rank's routed experts [first, first + n) of a MoE layer: w1, w3 [n, inter, dim], w2 [n, dim,
     inter]. Takes the global expert ids; the output (float32) is summed over the expert-parallel group."""
 
@@ -183,15 +219,18 @@ class ExpertShard(RoutedExperts):
         for name in ("w1", "w2", "w3"):
             setattr(self, name, nn.Parameter(getattr(experts, name)[first:first + n].clone()))
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, dim], topk_ids [T, k] int32 (global ids), topk_weights [T, k] float32 -> [T, dim] float32."""
-        local = topk_ids - self.first
-        local = torch.where((local >= 0) & (local < self.w1.shape[0]), local, -1)   # -1: not on this rank
-        return all_reduce_sum(super().forward(x, local, topk_weights), self.group_name)
+
+class MXFP4ExpertShard(_LocalExperts, MXFP4Experts):
+    """ExpertShard of as-shipped MXFP4 experts: this rank's experts' codes and scales (MXFP4Experts'
+    buffers [n, ...]; a scale block never spans two experts)."""
+
+    def __init__(self, experts: MXFP4Experts, first: int, n: int, group_name: str):
+        nn.Module.__init__(self)
+        self.limit, self.first, self.group_name = experts.limit, first, group_name
+        for name in MXFP4_EXPERT_BUFFERS:
+            self.register_buffer(name, getattr(experts, name)[first:first + n].clone())
 
 
-# A part of a tensor along one dimension: (dim, start, stop).
-Part = tuple[int, int, int]
 
 
 def _narrow(t: torch.Tensor, part: Part) -> torch.Tensor:
@@ -206,12 +245,51 @@ def _linear(weight: torch.Tensor) -> nn.Linear:
     return linear
 
 
-def _need_linear(module: nn.Module, name: str, where: str = "attention") -> nn.Linear:
+def _need_linear(module: nn.Module, name: str, where: str = "attention", fp8: bool = False) -> nn.Linear | FP8Linear:
+    """module.name, an nn.Linear (or, with fp8, an FP8Linear); TypeError for anything else."""
     linear = getattr(module, name)
-    if type(linear) is not nn.Linear:
+    if type(linear) is not nn.Linear and not (fp8 and type(linear) is FP8Linear):
         raise TypeError(f"parallelize: {where}.{name} is {type(linear).__name__}; tensor parallelism takes "
-                        f"float nn.Linear projections only")
+                        f"nn.Linear{' or FP8Linear' if fp8 else ''} here")
     return linear
+
+
+def _fp8_narrow(linear: FP8Linear, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+    """An FP8Linear's part of its weight and the matching scale tiles (views; `_weight_parts` checks
+    that the part falls on whole tiles)."""
+    return _narrow(linear.weight, part), _narrow(linear.scale, _tile_part(part))
+
+
+def _split(linear: nn.Linear | FP8Linear, part: Part) -> nn.Linear | FP8Linear:
+    """A linear holding (a copy of) `linear`'s part, of its kind (float nn.Linear or as-shipped FP8Linear)."""
+    if type(linear) is nn.Linear:
+        return _linear(_narrow(linear.weight, part))
+    weight, scale = _fp8_narrow(linear, part)
+    split = FP8Linear(weight.shape[1], weight.shape[0], device="meta", quantize_input=linear.quantize_input)
+    split.weight, split.scale = weight.clone(), scale.clone()
+    return split
+
+
+def _tile_part(part: Part) -> Part:
+    """The scale tiles [start / B, ceil(stop / B)) of a part (dim, start, stop) of an FP8 weight
+    (B = FP8_WEIGHT_BLOCK)."""
+    dim, start, stop = part
+    return dim, start // FP8_WEIGHT_BLOCK, -(-stop // FP8_WEIGHT_BLOCK)
+
+
+def _weight_parts(linear: nn.Module, name: str, part: Part, ranks: int, owner: str = "") -> dict[str, Part]:
+    """{name.weight: part} of a linear, and {name.scale: its tiles} when it is an as-shipped FP8Linear,
+    whose part must fall on whole FP8_WEIGHT_BLOCK-wide tiles (ValueError, one line, naming owner +
+    name, otherwise)."""
+    if type(linear) is not FP8Linear:
+        return {f"{name}.weight": part}
+    dim, start, stop = part
+    size, B = linear.weight.shape[dim], FP8_WEIGHT_BLOCK
+    if start % B or (stop % B and stop != size):
+        side = ("rows", "row") if dim == 0 else ("columns", "column")
+        raise ValueError(f"parallelize: {owner}{name} (FP8, {list(linear.weight.shape)}) split {ranks} ways gives {side[0]} "
+                         f"[{start}, {stop}), not whole {B}-{side[1]} scale tiles; an FP8 weight splits on its tiles only")
+    return {f"{name}.weight": part, f"{name}.scale": _tile_part(part)}
 
 
 class IndexerShard(Indexer):
@@ -226,7 +304,7 @@ class IndexerShard(Indexer):
         self.head_dim, self.topk, self.rope_dim = indexer.head_dim, indexer.topk, indexer.rope_dim
         self.simulate_quantization, self.weight_scale = indexer.simulate_quantization, indexer.weight_scale
         self.n_heads, self.group_name = indexer.n_heads // ranks, group_name
-        self.wq_b = _linear(_narrow(_need_linear(indexer, "wq_b", "attention.indexer").weight, parts["wq_b.weight"]))
+        self.wq_b = _split(_need_linear(indexer, "wq_b", "attention.indexer", fp8=True), parts["wq_b.weight"])
         self.weights_proj = _linear(_narrow(_need_linear(indexer, "weights_proj", "attention.indexer").weight,
                                             parts["weights_proj.weight"]))
         self.compressor = indexer.compressor
@@ -246,8 +324,8 @@ def indexer_parts(indexer: Indexer, rank: int, ranks: int) -> dict[str, Part]:
     heads [rank Hi/ranks, (rank+1) Hi/ranks), their rows of wq_b and of weights_proj."""
     heads = indexer.n_heads // ranks
     q = heads * indexer.head_dim
-    return {"wq_b.weight": (0, rank * q, (rank + 1) * q),               # [Hi*di, q_lora_rank]
-            "weights_proj.weight": (0, rank * heads, (rank + 1) * heads)}  # [Hi, dim]
+    return {**_weight_parts(indexer.wq_b, "wq_b", (0, rank * q, (rank + 1) * q), ranks, "indexer."),  # [Hi*di, q_lora_rank]
+            "weights_proj.weight": (0, rank * heads, (rank + 1) * heads)}              # [Hi, dim]
 
 
 def attention_parts(attn: Attention, rank: int, ranks: int) -> dict[str, Part]:
@@ -256,10 +334,10 @@ def attention_parts(attn: Attention, rank: int, ranks: int) -> dict[str, Part]:
     of wo_a and columns of wo_b; and of a CSA layer's indexer, `indexer_parts`."""
     heads, groups = attn.n_heads // ranks, attn.o_groups // ranks
     q, o = heads * attn.head_dim, groups * attn.o_lora_rank
-    parts = {"wq_b.weight": (0, rank * q, (rank + 1) * q),              # [H*D, q_lora_rank]
-             "attn_sink": (0, rank * heads, (rank + 1) * heads),        # [H]
-             "wo_a.weight": (0, rank * o, (rank + 1) * o),              # [G*r, H/G*D]
-             "wo_b.weight": (1, rank * o, (rank + 1) * o)}              # [dim, G*r]
+    parts = {**_weight_parts(attn.wq_b, "wq_b", (0, rank * q, (rank + 1) * q), ranks),  # [H*D, q_lora_rank]
+             "attn_sink": (0, rank * heads, (rank + 1) * heads),                      # [H]
+             "wo_a.weight": (0, rank * o, (rank + 1) * o),                            # [G*r, H/G*D]
+             **_weight_parts(attn.wo_b, "wo_b", (1, rank * o, (rank + 1) * o), ranks)}  # [dim, G*r]
     if attn.indexer is not None:
         parts.update({f"indexer.{name}": part for name, part in indexer_parts(attn.indexer, rank, ranks).items()})
     return parts
@@ -281,12 +359,13 @@ def expert_part(moe: MoE, rank: int, ranks: int) -> Part:
 def shard_attention(attn: Attention, rank: int, ranks: int, group_name: str) -> None:
     """Keep query heads [rank H/ranks, (rank+1) H/ranks) of `attn` (in place); see the module docstring."""
     parts = attention_parts(attn, rank, ranks)
-    wq_b, wo_a, wo_b = (_need_linear(attn, name) for name in ("wq_b", "wo_a", "wo_b"))
+    wq_b, wo_a, wo_b = (_need_linear(attn, name, fp8=name != "wo_a") for name in ("wq_b", "wo_a", "wo_b"))
     with torch.no_grad():
-        attn.wq_b = _linear(_narrow(wq_b.weight, parts["wq_b.weight"]))
+        attn.wq_b = _split(wq_b, parts["wq_b.weight"])
         attn.attn_sink = nn.Parameter(_narrow(attn.attn_sink, parts["attn_sink"]).clone())
         attn.wo_a = _linear(_narrow(wo_a.weight, parts["wo_a.weight"]))
-        attn.wo_b = RowParallelLinear(_narrow(wo_b.weight, parts["wo_b.weight"]), group_name)
+        attn.wo_b = (RowParallelLinear(_narrow(wo_b.weight, parts["wo_b.weight"]), group_name) if type(wo_b) is nn.Linear
+                     else RowParallelFP8Linear(*_fp8_narrow(wo_b, parts["wo_b.weight"]), wo_b.quantize_input, group_name))
         if attn.indexer is not None:
             attn.indexer = IndexerShard(attn.indexer, indexer_parts(attn.indexer, rank, ranks), ranks, group_name)
     attn.n_heads, attn.o_groups = attn.n_heads // ranks, attn.o_groups // ranks
@@ -306,12 +385,13 @@ def shard_vocab(model: Transformer, rank: int, ranks: int, group_name: str) -> N
 
 def shard_experts(moe: MoE, rank: int, ranks: int, group_name: str) -> None:
     """Keep this rank's share of `moe`'s routed experts (in place); see the module docstring."""
-    if type(moe.experts) is not RoutedExperts:
+    shard = {RoutedExperts: ExpertShard, MXFP4Experts: MXFP4ExpertShard}.get(type(moe.experts))
+    if shard is None:
         raise TypeError(f"parallelize: the routed experts are {type(moe.experts).__name__}; expert parallelism "
-                        f"takes RoutedExperts (float weights) only")
+                        f"takes RoutedExperts or MXFP4Experts")
     _, first, stop = expert_part(moe, rank, ranks)
     with torch.no_grad():
-        moe.experts = ExpertShard(moe.experts, first, stop - first, group_name)
+        moe.experts = shard(moe.experts, first, stop - first, group_name)
 
 
 def _blocks(model: Transformer) -> list[tuple[str, nn.Module]]:
@@ -344,7 +424,8 @@ def local_parts(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | N
                 parts[f"{prefix}.attn.{name}"] = part
         if layout.ep > 1:
             part = expert_part(block.ffn, mesh.get_local_rank("ep"), layout.ep)
-            parts.update({f"{prefix}.ffn.experts.{w}": part for w in ("w1", "w2", "w3")})
+            weights = MXFP4_EXPERT_BUFFERS if type(block.ffn.experts) is MXFP4Experts else ("w1", "w2", "w3")
+            parts.update({f"{prefix}.ffn.experts.{w}": part for w in weights})
     return parts
 
 
@@ -357,6 +438,7 @@ def parallelize(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | N
     on the meta device (pass a mesh then), to be given storage and filled afterwards (`local_parts`).
     """
     mesh = _checked_mesh(model, layout, mesh)
+    local_parts(model, layout, mesh)  # its checks (FP8 splits on whole tiles) before anything is sharded
     if layout.tp > 1:
         rank, group_name = mesh.get_local_rank("tp"), mesh.get_group("tp").group_name
         for _, block in _blocks(model):

@@ -58,9 +58,11 @@ def run_logits(model: Transformer, tokens: torch.Tensor) -> dict[str, torch.Tens
     return {"prefill": prefill, "decode": decode, "mtp": mtp}
 
 
-def assert_parallel_logits(name: str, ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor], flips: bool) -> None:
+def assert_parallel_logits(name: str, ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor], flips: bool,
+                           within_share: float = 0.9) -> None:
     """A rank's `run_logits` against the single process's, by the criteria of the module docstring:
-    flips=False: `exact`'s; True: the one allowing a few flipped roundings or top-k choices."""
+    flips=False: `exact`'s; True: the one allowing a few flipped roundings or top-k choices, with
+    `within_share` of the positions within 1e-3 (a caller that lowers it says why)."""
     if not flips:
         for key in ref:
             assert_close(f"{name} exact {key}", ref[key], out[key])
@@ -69,5 +71,5 @@ def assert_parallel_logits(name: str, ref: dict[str, torch.Tensor], out: dict[st
     errors = (out - ref).norm(dim=-1) / ref.norm(dim=-1)                                # [B, positions]
     median, within, agree = float(errors.median()), float((errors < 1e-3).float().mean()), \
         float((out.argmax(-1) == ref.argmax(-1)).float().mean())
-    assert median <= 1e-4 and within >= 0.9 and agree >= 0.97, \
+    assert median <= 1e-4 and within >= within_share and agree >= 0.97, \
         f"{name} with flips: median {median:.2e}, {within:.1%} within 1e-3, {agree:.1%} tokens agree"

@@ -21,8 +21,9 @@ the meta model is sharded before it gets storage (only the rank's shards are all
 of step 3 still cover the whole checkpoint (headers only), and each sharded tensor is read as its part
 alone (`TensorReader.read(entry, part)`: the rows or columns the rank keeps, widened to whole 128x128
 scale tiles for FP8 weights, which are dequantized and cut to the part). Of the routed experts, which
-both layouts ship one tensor per expert, a rank reads only its own. Float weights only ("bf16"): the
-parallel model takes no FP8Linear / MXFP4Experts yet.
+both layouts ship one tensor per expert, a rank reads only its own. With weights="as-shipped" a split
+FP8Linear's part must fall on whole 128x128 tiles (its codes and scales are read as they are; a split
+that does not is refused in one line), and MXFP4 experts are split by whole experts.
 """
 from __future__ import annotations
 
@@ -106,8 +107,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     the weights go (default cpu); weights: "as-shipped" or "bf16" (module docstring); config: the
     ModelConfig or a config.json to use instead of the folder's. Without MTP tensors in the
     checkpoint the model is built with MTP off (n_mtp_layers 0) and a warning says so. parallel: a
-    ParallelLayout or "tp=T,ep=E": this rank's shard (module docstring), with weights="bf16", in an
-    initialised default process group of world size T * E (every rank calls this).
+    ParallelLayout or "tp=T,ep=E": this rank's shard (module docstring), in an initialised default
+    process group of world size T * E (every rank calls this).
     Raises CheckpointError (a bad checkpoint: every problem, one line each), ConfigError, or
     ValueError (a bad weights mode or parallel layout).
     """
@@ -115,9 +116,6 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights={weights!r}: accepted: {', '.join(WEIGHT_MODES)}")
     layout = ParallelLayout.parse(parallel) if isinstance(parallel, str) else parallel
-    if layout is not None and weights != "bf16":
-        raise ValueError(f"weights={weights!r} with parallel={str(layout)!r}: a sharded load takes weights='bf16' "
-                         f"only (FP8 / MXFP4 shards are not done yet)")
     files = discover(path)
     cfg = load_config(path, config)
     if dtype is not None:
@@ -345,10 +343,10 @@ def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], parts: dict[str
                     target[e].copy_(_read(reader, src.entries, src.split_dim).view(torch.int8))
                     state[ours + "_scale"][e].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
                 continue
-            if ours in as_shipped:
-                src = sources[0]
-                target.copy_(_read(reader, src.entries, src.split_dim))
-                state[ours[: -len(".weight")] + ".scale"].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
+            if ours in as_shipped:  # FP8 codes and scales, of a split linear its part's (whole tiles)
+                src, scale = sources[0], ours[: -len(".weight")] + ".scale"
+                target.copy_(_read(reader, src.entries, src.split_dim, part))
+                state[scale].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim, parts.get(scale))))
                 continue
             for e, src in enumerate(sources):
                 value = _decoded(reader, src, target.dtype, target.device, part)

@@ -1,4 +1,4 @@
-"""Sharded loading, `from_pretrained(path, weights="bf16", parallel="tp=T,ep=E")`, on CPU: a world of 2
+"""Sharded loading, `from_pretrained(path, weights="bf16" or "as-shipped", parallel="tp=T,ep=E")`, on CPU: a world of 2
 spawned processes over gloo (tests/parallel_worlds.py) loads synthetic checkpoints of seeded tiny
 models (write_checkpoint) for tp=2 and for ep=2:
 - "hf": the tiny preset in the Hugging Face layout (3 files); its FP8 weights' tensor-parallel parts
@@ -7,13 +7,17 @@ models (write_checkpoint) for tp=2 and for ep=2:
 - "inference": the same model in the inference layout, mp=1;
 - "inference mp=2": a wider tiny model (FP8 splits into whole tiles, as convert.py needs) in the
   inference layout over 2 MP shards, so parts are gathered across shards (ep=2) or lie in one (tp=2).
-Each rank's load must equal, bit for bit, the full single-process load sharded in memory by
-`parallelize` (the same dequantized values, cut the same way), and its logits (exact mode, no FP8/FP4
-activation simulation) the full load's by parallel_worlds' criteria: within fp32's 1e-5 for the tiny
-preset (observed 6.7e-7 for tp=2, 0 for ep=2 but decode 3e-7); with flips for the wider model, where
-reassociating tp's sums flips a near-tie of a top-k choice in the decode of sequence 1 (relative RMS
-6.9e-5 and 2.3e-5 at 2 of 4 decode positions, 1.1e-6 at most elsewhere). The quantized mode needs no
-run here: the sharded load is the in-memory sharded model, whose logits test_parallel.py checks in both.
+In both weights modes (as-shipped: the wider model keeps wq_b, wo_b and the indexer's wq_b in FP8,
+split on whole tiles, and every model its experts in MXFP4, split by expert) each rank's load must
+equal, bit for bit, the full single-process load of that mode sharded in memory by `parallelize` (the
+same values, cut the same way), and its logits (exact mode, no FP8/FP4 activation simulation) the
+full load's by parallel_worlds' criteria: within fp32's 1e-5 for the tiny preset (observed, either
+mode: prefill 5.6e-7 for tp=2, 0 for ep=2; decode 8.1e-6 for both); with flips for the wider model,
+where reassociating tp's sums flips a near-tie of a top-k choice in the decode of sequence 1 (3.9e-5
+relative RMS over the decode steps, 1.1e-6 at most elsewhere). In exact mode the as-shipped logits
+equal the bf16 ones (FP8Linear multiplies by its dequantized weight), so the activation simulation
+runs once here, as shipped, for tp=2 (test_as_shipped_tensor_parallel_with_activation_quantization);
+the float model's quantized mode is test_parallel.py's.
 Every tensor read is counted (TensorReader.read wrapped in the workers): a rank reads its own routed
 experts and no other's, every tensor it keeps whole once and whole, and of a split tensor its part's
 bytes (widened to whole FP8 tiles).
@@ -41,7 +45,9 @@ pytestmark = pytest.mark.xdist_group("parallel")  # as test_parallel.py: one xdi
 
 TINY = ModelConfig.load("tiny").replace(simulate_quantization=False)
 WIDE = TINY.replace(dim=128, q_lora_rank=128, head_dim=128, rope_head_dim=64, o_lora_rank=128, index_head_dim=64)
+QUANTIZED = WIDE.replace(simulate_quantization=True)  # FP8Linear quantizes its input (torch.ops.dsv4.fp8_linear)
 LAYOUTS = ("tp=2", "ep=2")
+WEIGHTS = ("bf16", "as-shipped")
 EXPERT = re.compile(r"(layers\.\d+|mtp\.\d+)\.ffn\.experts\.(\d+)\.")
 
 
@@ -54,8 +60,8 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[str, ModelConfig]]:
             "inference mp=2": (str(write_checkpoint(wide, root / "inf2", layout="inference", mp=2)), WIDE)}
 
 
-def _load(path: str, config: ModelConfig, **kwargs) -> Transformer:
-    return from_pretrained(path, config=config, weights="bf16", **kwargs)
+def _load(path: str, config: ModelConfig, weights: str = "bf16", **kwargs) -> Transformer:
+    return from_pretrained(path, config=config, weights=weights, **kwargs)
 
 
 def _worker(rank: int, world: int, checkpoints: dict) -> dict:
@@ -71,11 +77,17 @@ def _worker(rank: int, world: int, checkpoints: dict) -> dict:
     results = {}
     for name, (path, config) in checkpoints.items():
         for text in LAYOUTS:
-            reads.clear()
-            sharded = _load(path, config, parallel=text)
-            results[name, text] = {"state": sharded.state_dict(), "reads": list(reads), "info": sharded.checkpoint.parallel,
-                                   "logits": run_logits(sharded, prompt_tokens(config)),
-                                   "in memory": parallelize(_load(path, config), ParallelLayout.parse(text)).state_dict()}
+            for weights in WEIGHTS:
+                reads.clear()
+                sharded = _load(path, config, weights, parallel=text)
+                results[name, text, weights] = {"state": sharded.state_dict(), "reads": list(reads),
+                                                "info": sharded.checkpoint.parallel, "kinds": _kinds(sharded),
+                                                "logits": run_logits(sharded, prompt_tokens(config))}
+                in_memory = parallelize(_load(path, config, weights), ParallelLayout.parse(text))
+                results[name, text, weights]["in memory"] = in_memory.state_dict()
+    quantized = _load(checkpoints["inference mp=2"][0], QUANTIZED, "as-shipped", parallel="tp=2")
+    results["quantized"] = {"logits": run_logits(quantized, prompt_tokens(QUANTIZED)), "kinds": _kinds(quantized),
+                            "quantize_input": quantized.layers[1].attn.wo_b.quantize_input}
     try:
         _load(*checkpoints["hf"], parallel="tp=2,ep=2")
     except ValueError as error:
@@ -83,11 +95,19 @@ def _worker(rank: int, world: int, checkpoints: dict) -> dict:
     return results
 
 
+def _kinds(model: Transformer) -> dict[str, str]:
+    """The module types of the first CSA layer's split projections and routed experts."""
+    attn = model.layers[1].attn
+    return {"wq_b": type(attn.wq_b).__name__, "wo_b": type(attn.wo_b).__name__,
+            "indexer.wq_b": type(attn.indexer.wq_b).__name__, "experts": type(model.layers[1].ffn.experts).__name__}
+
+
 @pytest.fixture(scope="module")
-def full(checkpoints) -> dict[str, tuple[dict, dict]]:
-    """Per checkpoint: the single-process load's state_dict and logits."""
-    loads = {name: _load(path, config) for name, (path, config) in checkpoints.items()}
-    return {name: (model.state_dict(), run_logits(model, prompt_tokens(model.config))) for name, model in loads.items()}
+def full(checkpoints) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """Per checkpoint and weights mode: the single-process load's state_dict and logits."""
+    loads = {(name, weights): _load(path, config, weights) for name, (path, config) in checkpoints.items()
+             for weights in WEIGHTS}
+    return {key: (model.state_dict(), run_logits(model, prompt_tokens(model.config))) for key, model in loads.items()}
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +115,25 @@ def world2(checkpoints, tmp_path_factory) -> list[dict]:
     return spawn_world(_worker, 2, tmp_path_factory.mktemp("world2"), checkpoints)
 
 
+# What the sharded model holds as-shipped (weights="as-shipped"): the tiny preset's projections have K < 128
+# (kept dequantized, nn.Linear); the wider model's wq_b, wo_b and indexer wq_b stay FP8 (whole tiles a rank).
+AS_SHIPPED = {("tiny", "tp=2"): {"wq_b": "Linear", "wo_b": "RowParallelLinear", "indexer.wq_b": "Linear", "experts": "MXFP4Experts"},
+              ("tiny", "ep=2"): {"wq_b": "Linear", "wo_b": "Linear", "indexer.wq_b": "Linear", "experts": "MXFP4ExpertShard"},
+              ("wide", "tp=2"): {"wq_b": "FP8Linear", "wo_b": "RowParallelFP8Linear", "indexer.wq_b": "FP8Linear",
+                                 "experts": "MXFP4Experts"},
+              ("wide", "ep=2"): {"wq_b": "FP8Linear", "wo_b": "FP8Linear", "indexer.wq_b": "FP8Linear",
+                                 "experts": "MXFP4ExpertShard"}}
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("name", ["hf", "inference", "inference mp=2"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_sharded_load_is_the_full_load_sharded(world2, full, name, layout):
-    whole, reference = full[name]
+def test_sharded_load_is_the_full_load_sharded(world2, full, name, layout, weights):
+    whole, reference = full[name, weights]
     for rank, results in enumerate(world2):
-        got = results[name, layout]
+        got = results[name, layout, weights]
+        if weights == "as-shipped":
+            assert got["kinds"] == AS_SHIPPED["wide" if name == "inference mp=2" else "tiny", layout]
         assert got["info"] == str(ParallelLayout.parse(layout))
         assert got["state"].keys() == got["in memory"].keys() == whole.keys()
         for key, value in got["state"].items():
@@ -116,13 +149,13 @@ def test_a_rank_reads_only_its_experts(world2, checkpoints, name):
     per_rank = config.n_routed_experts // 2
     blocks = {f"layers.{i}" for i in range(config.n_layers)} | {f"mtp.{m}" for m in range(config.n_mtp_layers)}
     for rank, results in enumerate(world2):
-        for layout in LAYOUTS:
-            reads = results[name, layout]["reads"]
+        for layout, weights in ((layout, weights) for layout in LAYOUTS for weights in WEIGHTS):
+            reads = results[name, layout, weights]["reads"]
             assert max(Counter((f, t) for f, t, _, _ in reads).values()) == 1, "a tensor read twice"
             experts = Counter((m[1], int(m[2])) for _, tensor, _, _ in reads if (m := EXPERT.match(tensor)))
             mine = range(rank * per_rank, (rank + 1) * per_rank) if layout == "ep=2" else range(config.n_routed_experts)
             # w1, w2, w3 with their MXFP4 scales: 6 reads per expert of a block
-            assert experts == {(block, e): 6 for block in blocks for e in mine}, f"{name} {layout} rank {rank}"
+            assert experts == {(block, e): 6 for block in blocks for e in mine}, f"{name} {layout} {weights} rank {rank}"
 
 
 # cut by tp: the attention's and the indexer's heads, the vocabulary
@@ -141,15 +174,35 @@ def test_tensor_parallel_reads_only_the_parts(world2, checkpoints, name):
     stored = sum(e.nbytes for f in Path(path).glob("*.safetensors") for e in read_header(f).values()
                  if SPLIT.fullmatch(e.name))
     for rank, results in enumerate(world2):
-        for layout in LAYOUTS:
-            reads = results[name, layout]["reads"]
-            assert all(got == whole for _, tensor, got, whole in reads if layout == "ep=2" or not SPLIT.fullmatch(tensor))
-        split = [(file, got) for file, tensor, got, _ in results[name, "tp=2"]["reads"] if SPLIT.fullmatch(tensor)]
-        got = sum(n for _, n in split)
-        if name == "inference mp=2":
-            assert got == stored // 2 and {file for file, _ in split} == {f"model{rank}-mp2.safetensors"}
-        else:
-            assert stored // 2 < got < stored, f"{name} rank {rank}: read {got} of {stored} bytes of the split tensors"
+        for weights in WEIGHTS:
+            for layout in LAYOUTS:
+                reads = results[name, layout, weights]["reads"]
+                assert all(got == whole for _, tensor, got, whole in reads if layout == "ep=2" or not SPLIT.fullmatch(tensor))
+            split = [(file, got) for file, tensor, got, _ in results[name, "tp=2", weights]["reads"] if SPLIT.fullmatch(tensor)]
+            got = sum(n for _, n in split)
+            if name == "inference mp=2":
+                assert got == stored // 2 and {file for file, _ in split} == {f"model{rank}-mp2.safetensors"}
+            else:
+                assert stored // 2 < got < stored, f"{name} {weights} rank {rank}: read {got} of {stored} bytes of the split tensors"
+
+
+def test_as_shipped_tensor_parallel_with_activation_quantization(world2, checkpoints):
+    """The wider model as shipped with the FP8/FP4 activation simulation: its FP8 wo_b's partial products
+    quantize their input in the plain model's 128-wide blocks (the split falls on them), so tp=2 stays
+    within the flip-aware criteria of the full load, but for the share of positions within 1e-3: 85%,
+    not 90%. Observed: sequence 0, the MTP logits and ep=2 exact (the next FP8Linear's input
+    quantization absorbs the reassociated sums' ulps); in sequence 1 one FP8 rounding flips at
+    position 23 and its compressed CSA entry, visible to every later query that picks it, moves later
+    positions by up to 1e-2: 33 of the 308 positions over 1e-3, all in sequence 1 after it (median 0,
+    89.3% within 1e-3, every token equal). Dropping wo_b's all-reduce fails test_sharded_load_is_the_
+    full_load_sharded by far (median 0.67, 0% within 1e-3, 25% of tokens equal)."""
+    path = checkpoints["inference mp=2"][0]
+    reference = run_logits(_load(path, QUANTIZED, "as-shipped"), prompt_tokens(QUANTIZED))
+    for rank, results in enumerate(world2):
+        got = results["quantized"]
+        assert got["kinds"] == AS_SHIPPED["wide", "tp=2"] and got["quantize_input"]
+        assert_parallel_logits(f"inference mp=2 tp=2 as-shipped quantized rank {rank}", reference, got["logits"], flips=True,
+                               within_share=0.85)
 
 
 def test_world_size_mismatch_is_refused_in_one_line(world2):
@@ -164,8 +217,6 @@ def test_world_size_mismatch_is_refused_in_one_line(world2):
     ({"parallel": "tp=2;ep=2"}, r"^parallel layout 'tp=2;ep=2': bad part 'tp=2;ep=2'; accepted: 'tp=T,ep=E'"),
     ({"parallel": "tp=2"}, r"^parallel='tp=2,ep=1': needs an initialised torch.distributed process group of world "
                            r"size tp \* ep = 2 \(init_process_group on every rank\)$"),
-    ({"parallel": "ep=2", "weights": "as-shipped"}, r"^weights='as-shipped' with parallel='tp=1,ep=2': a sharded "
-                                                    r"load takes weights='bf16' only \(FP8 / MXFP4 shards are not done yet\)$"),
 ])
 def test_bad_layouts_are_refused_in_one_line(checkpoints, kwargs, message):
     path, config = checkpoints["hf"]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from dsv4_compile.model import ModelConfig, Transformer
+from dsv4_compile.model.layers import FP8Linear
 from dsv4_compile.model.moe import RoutedExperts
 from dsv4_compile.model.parallel import (ExpertShard, IndexerShard, ParallelLayout, RowParallelLinear, VocabParallelEmbedding,
-                                         VocabParallelHead, parallelize)
+                                         VocabParallelHead, attention_parts, parallelize)
 from parallel_worlds import assert_parallel_logits, prompt_tokens, run_logits, spawn_world
 
 # One worker: the spawned worlds are module fixtures, which each xdist worker would start again.
@@ -162,3 +164,24 @@ def test_indivisible_layouts_are_refused_before_any_collective():
         parallelize(Transformer(c.replace(vocab_size=255), seed=0), ParallelLayout(tp=2))
     with pytest.raises(ValueError, match=r"^parallel layout tp=1,ep=3: ep = 3 must divide n_routed_experts \(8\)$"):
         parallelize(model, ParallelLayout(ep=3))
+
+
+def test_fp8_splits_off_the_scale_tiles_are_refused_in_one_line():
+    """An as-shipped FP8Linear splits on whole 128 x 128 scale tiles only: the tiny preset's wq_b (4 heads
+    of 96 rows) and wo_b (2 groups of 32 columns) split 2 ways do not; the check is `attention_parts`',
+    which `parallelize` and `local_parts` run before anything is sharded."""
+    with torch.device("meta"):
+        attn = Transformer(_config(), seed=None).layers[1].attn
+    attn.wq_b = FP8Linear(32, 384, device="meta")
+    with pytest.raises(ValueError, match=r"^parallelize: wq_b \(FP8, \[384, 32\]\) split 2 ways gives rows \[192, 384\), "
+                                         r"not whole 128-row scale tiles; an FP8 weight splits on its tiles only$"):
+        attention_parts(attn, 1, 2)
+    attn.wq_b, attn.wo_b = nn.Linear(32, 384, device="meta"), FP8Linear(64, 64, device="meta")
+    with pytest.raises(ValueError, match=r"^parallelize: wo_b \(FP8, \[64, 64\]\) split 2 ways gives columns \[0, 32\), "
+                                         r"not whole 128-column"):
+        attention_parts(attn, 0, 2)
+    attn.wo_b, attn.indexer.wq_b = nn.Linear(64, 64, device="meta"), FP8Linear(32, 128, device="meta")
+    with pytest.raises(ValueError, match=r"^parallelize: indexer.wq_b \(FP8, \[128, 32\]\) split 2 ways gives rows \[0, 64\)"):
+        attention_parts(attn, 0, 2)
+    attn.indexer.wq_b = nn.Linear(32, 128, device="meta")
+    assert attention_parts(attn, 1, 2)["indexer.wq_b.weight"] == (0, 64, 128)
