@@ -66,6 +66,27 @@ def resolve_gpu(gpu: str = "auto") -> str:
     return canon
 
 
+def inductor_options() -> dict[str, Any]:
+    """The Inductor options every compile and AOTInductor package of ours starts from.
+
+    - emulate_precision_casts: keep every downcast-upcast the plain code writes. The model simulates
+      its cache formats (FP8/FP4 round trips, bf16 rope dims), and by default Inductor drops a bf16
+      round trip inside a fused fp32 kernel, so decomposed ops would stop matching eager.
+    - cpp.simdlen: the vector width Inductor would pick here anyway, pinned. Left unset, Inductor
+      picks it from ATEN_CPU_CAPABILITY, which its FX graph cache key does not hold: a process with
+      ATEN_CPU_CAPABILITY=avx2 on an AVX512 machine then reuses a graph cached at AVX512, recompiles
+      its AVX512-strided C++ with AVX2 flags and computes garbage (NaN logits on tiny; 4.7e14 off on a
+      one-line function; torch 2.13). Pinned, the width is part of the key.
+    """
+    from torch._inductor import config
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    options: dict[str, Any] = {"emulate_precision_casts": True}
+    if config.cpp.simdlen is None and pick_vec_isa().bit_width():
+        options["cpp.simdlen"] = pick_vec_isa().bit_width()
+    return options
+
+
 def compile(model, gpu: str = "auto", passes: str | Sequence[str] | None = "all", *,
             config_source: ConfigSource | None = None, mode: str | None = None,
             options: dict[str, Any] | None = None, **compile_kwargs):
@@ -75,8 +96,8 @@ def compile(model, gpu: str = "auto", passes: str | Sequence[str] | None = "all"
     (see dsv4_compile.passes.accepted_names()); bad names raise PassSelectionError (one line).
     config_source: (substitution name, gpu) -> tuned table or None; default: the tuned tables
     (tuning/tables/<gpu>.yaml via dsv4_compile.tuning.config_source); passes.no_tables for none.
-    mode / options: as torch.compile's (Inductor options; both may be given). emulate_precision_casts
-    defaults to True (see below). Other keyword arguments (fullgraph, dynamic, ...) go to
+    mode / options: as torch.compile's (Inductor options; both may be given), over
+    `inductor_options()`. Other keyword arguments (fullgraph, dynamic, ...) go to
     torch.compile unchanged.
     Returns torch.compile's result with `.dsv4_report` and `.dsv4_pass_manager` attached.
     """
@@ -86,10 +107,7 @@ def compile(model, gpu: str = "auto", passes: str | Sequence[str] | None = "all"
     if config_source is None:
         from .tuning import config_source
     manager = PassManager(select(passes), gpu=target, config_source=config_source)
-    # Keep every downcast-upcast that the plain code writes: the model simulates its cache formats
-    # (`.bfloat16().float()` on the rope dims, FP8/FP4 round trips), and by default Inductor drops a
-    # bf16 round trip inside a fused fp32 kernel, so decomposed ops would stop matching eager.
-    patches: dict[str, Any] = {"emulate_precision_casts": True}
+    patches = inductor_options()
     if mode not in (None, "default"):
         from torch._inductor import list_mode_options
 

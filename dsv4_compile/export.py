@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .compile import inductor_options
+
 MIN_SEQ = 2  # torch.export specialises sizes 0 and 1
 
 
@@ -138,18 +140,12 @@ def leftover_custom_ops(ep: torch.export.ExportedProgram) -> list[str]:
 
 # ---- AOTInductor ----------------------------------------------------------------------------------
 
-# emulate_precision_casts: Inductor otherwise drops float32 -> bf16 -> float32 round trips, and the
-# model's cache simulation (`.bfloat16().float()` on the rope dims) depends on them: without it the
-# packaged tiny model was 3e-3 to 3e-1 off eager (measured), with it ~1e-7.
-INDUCTOR_CONFIGS = {"emulate_precision_casts": True}
-
-
 def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None = None) -> str:
     """AOTInductor-compile and package `result.program` into `path` (.pt2)."""
     left = leftover_custom_ops(result.program)
     if left:
         raise RuntimeError(f"cannot package: custom ops left in the graph ({', '.join(left)}); a .pt2 cannot run Python ops")
-    configs = {**INDUCTOR_CONFIGS, **(inductor_configs or {})}
+    configs = {**inductor_options(), **(inductor_configs or {})}  # without emulated casts: 3e-3 to 3e-1 off eager on tiny
     try:
         return torch._inductor.aoti_compile_and_package(result.program, package_path=path, inductor_configs=configs)
     except Exception as err:
