@@ -2,6 +2,7 @@
 
     python -m dsv4_compile build                          # CPU machine: tiny preset, CPU, context 512, aoti+onnx
     python -m dsv4_compile build --gpu H100 --config mini --context 8k,32k --format aoti,onnx,tensorrt
+    torchrun --nproc-per-node 2 -m dsv4_compile build --parallel tp=2 --context 128   # one engine per rank
 
 Defaults: --config tiny without a GPU, mini with one (`--gpu auto` sees a CUDA device, or --gpu names
 one); --context the config's max_seq_len (tiny: 512); --format aoti,onnx; --passes all; --out
@@ -16,6 +17,13 @@ killed (SIGKILL) it leaves it, with a manifest (if any) that says `build_complet
 refuses, and the next build of the same --out removes the folders of dead builds (with a note). A
 previous build at --out is replaced.
 
+With `--parallel tp=T,ep=E` (model/parallel.py's layout) the build runs as T * E processes under
+torchrun (anything else is refused in one line with the torchrun command): every rank builds the model
+and keeps its shard, checks compile, exports its own AOTInductor engines (the only format: they call
+torch.distributed's functional collectives) into rank<r>/ of the build folder, and verifies them in
+its own process against its sharded eager model, all ranks together; rank 0 writes the manifest with
+the mesh (distributed.py) and prints.
+
 Exit codes: 0 built and every engine verified; 1 a check failed (compile or an export vs eager) or
 an internal error (the folder is still written, with the failure in the manifest, when the export
 itself succeeded); 2 user mistake, nothing written.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -35,7 +44,7 @@ import threading
 from .arguments import contexts_arg, positive_int_arg
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
 from .model.context import format_context
-from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, Plan
+from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
 from .steps import Progress, compile_check, export_all, verify_engines
 
 
@@ -48,8 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target device; auto detects; a named GPU that is not present is an error (default: auto)")
     parser.add_argument("--context", type=contexts_arg, default=None, metavar="LIST",
                         help="context buckets, e.g. 512 or 8k,32k (multiples of 128, at most 1m; default: the config's max_seq_len)")
-    parser.add_argument("--format", default=DEFAULT_FORMATS, metavar="LIST",
-                        help=f"comma-separated engine formats among {', '.join(FORMATS)} (default: {DEFAULT_FORMATS})")
+    parser.add_argument("--format", default=None, metavar="LIST",
+                        help=f"comma-separated engine formats among {', '.join(FORMATS)} (default: {DEFAULT_FORMATS}; "
+                             f"with --parallel {PARALLEL_FORMATS}, the only one)")
+    parser.add_argument("--parallel", default=None, metavar="tp=T,ep=E",
+                        help="tensor-parallel attention heads x expert-parallel routed experts over T * E ranks: run "
+                             "under `torchrun --nproc-per-node T*E -m dsv4_compile build --parallel ...`; one engine "
+                             "per rank (default: one process, no parallelism)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: artifacts/<config>-<device>-<short hash>)")
     parser.add_argument("--weights", default=None, metavar="FILE|DIR",
@@ -71,9 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def summary_table(manifest: Manifest) -> str:
     rows = [("format", "engine", "context", "S range", "B range", "file", "MB", "verified", "short rel RMS", "tolerance",
              "max rel RMS")]
+    root = manifest.engine_root(0)  # a parallel build: rank 0's files (every rank's are alike)
     for e in manifest.engines:
         v = e.verified
-        size = sum(manifest.files.get(f, {}).get("size", 0) for f in e.files) / 1e6
+        size = sum(manifest.files.get(f"{root}/{f}" if root else f, {}).get("size", 0) for f in e.files) / 1e6
         rows.append((e.format, e.kind, format_context(e.bucket), f"{e.seq_range[0]}-{e.seq_range[1]}",
                      f"{e.batch_range[0]}-{e.batch_range[1]}", e.files[0], f"{size:.1f}", v.status,
                      "-" if v.rel_rms is None else f"{v.rel_rms:.1e}", "-" if v.tolerance is None else f"{v.tolerance:.0e}",
@@ -140,37 +155,53 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .verify import run_verify_worker
+    from .distributed import barrier, collective_groups, from_rank0, gathered, mesh_record, rank_root, world_from_env
+    from .verify import run_verify_worker, verify_ranks
 
     stream = sys.stderr if args.json else sys.stdout
+    if getattr(args, "parallel", None) and (world_from_env() or (0, 1))[0] != 0:
+        stream = open(os.devnull, "w")  # noqa: SIM115 (rank 0 reports for every rank)
     progress = Progress(stream)
     progress.start("validate")
     plan = Plan(args)  # UsageError / ConfigError -> exit 2, nothing written
+    parallel, main = plan.layout is not None, plan.rank in (None, 0)
     progress.done(f"config {plan.config.name} ({plan.config.config_hash()[:12]}), target {plan.target}, contexts "
-                  f"{','.join(format_context(b) for b in plan.buckets)}, formats {','.join(plan.formats)}, out {plan.out}")
+                  f"{','.join(format_context(b) for b in plan.buckets)}, formats {','.join(plan.formats)}, out {plan.out}"
+                  + (f", parallel {plan.layout} over {plan.layout.world_size} ranks" if parallel else ""))
 
     import torch
 
-    out_abs = os.path.abspath(plan.out)
-    os.makedirs(os.path.dirname(out_abs), exist_ok=True)
-    for stale in remove_stale_partials(out_abs):
-        progress.note(f"removed {stale}: left by an earlier build of {plan.out} that was killed")
-    tmp = f"{os.path.join(os.path.dirname(out_abs), '.' + os.path.basename(out_abs))}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = None
+    if main:
+        out_abs = os.path.abspath(plan.out)
+        os.makedirs(os.path.dirname(out_abs), exist_ok=True)
+        for stale in remove_stale_partials(out_abs):
+            progress.note(f"removed {stale}: left by an earlier build of {plan.out} that was killed")
+        tmp = f"{os.path.join(os.path.dirname(out_abs), '.' + os.path.basename(out_abs))}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    tmp = from_rank0(tmp)  # one build folder, each rank's engines in its own rank<r>/
+    export_root = os.path.join(tmp, rank_root(plan.rank)) if parallel else tmp
     export_timings: dict[int, dict] = {}
+    groups_by_rank: list[dict] = []
 
     def manifest_now(engines: list[EngineRecord], complete: bool) -> Manifest:
-        return new_manifest(target=plan.target, config=plan.config, weights=plan.weights, buckets=plan.buckets,
-                            formats=plan.formats, passes=plan.passes, compile_check=compile_result, engines=engines,
-                            export_timings=export_timings, timings=progress.timings, root=tmp, complete=complete,
-                            max_batch=plan.max_batch)
+        manifest = new_manifest(target=plan.target, config=plan.config, weights=plan.weights, buckets=plan.buckets,
+                                formats=plan.formats, passes=plan.passes, compile_check=compile_result,
+                                engines=engines, export_timings=export_timings, timings=progress.timings, root=tmp,
+                                complete=complete, max_batch=plan.max_batch)
+        if not parallel:
+            return manifest
+        mesh = mesh_record(plan.layout, "cuda" if plan.cuda else "cpu", groups_by_rank, manifest.files)
+        return dataclasses.replace(manifest, mesh=mesh)
 
     try:
         progress.start("model", "seeded weights" if plan.state is None else f"weights {plan.weights_path}")
         model = plan.model(plan.buckets[0])
         n_params = sum(p.numel() for p in model.parameters())
-        progress.done(f"{n_params / 1e6:.2f} M parameters, {plan.config.dtype}")
+        if parallel:
+            groups_by_rank = gathered(collective_groups(model))
+        progress.done(f"{n_params / 1e6:.2f} M parameters{' on rank 0' if parallel else ''}, {plan.config.dtype}")
 
         progress.start("compile", f"dsv4_compile.compile(passes={plan.passes!r}, gpu={plan.target!r}) vs eager")
         compile_result = compile_check(plan, model, progress)
@@ -180,23 +211,34 @@ def _run(args: argparse.Namespace) -> int:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the verify process loads the engines and its own eager reference
 
-        progress.start("export", f"{', '.join(plan.formats)} x {len(plan.buckets)} context bucket(s)")
-        engines, timings = export_all(plan, tmp, progress)
+        progress.start("export", f"{', '.join(plan.formats)} x {len(plan.buckets)} context bucket(s)"
+                       + (f", rank 0 of {plan.layout.world_size} (each rank its own)" if parallel else ""))
+        os.makedirs(export_root, exist_ok=True)
+        engines, timings = export_all(plan, export_root, progress)
         export_timings.update(timings)
+        barrier()  # every rank's engines are written
         progress.done()
 
-        progress.start("verify", "every engine against eager, in a fresh process")
-        write_manifest(tmp, manifest_now(engines, complete=False))  # what the worker loads and checks
+        progress.start("verify", "every rank's engines against its eager shard, in the rank processes" if parallel
+                       else "every engine against eager, in a fresh process")
+        if main:
+            write_manifest(tmp, manifest_now(engines, complete=False))  # what the worker loads and checks
+        barrier()
         to_verify = sorted({e.format for e in engines if e.verified.status == "pending"})
-        outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000, cuda=plan.cuda, progress=progress.note)
+        if parallel:
+            outcome = verify_ranks(tmp, to_verify, seed=plan.seed + 1000)
+        else:
+            outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000, cuda=plan.cuda, progress=progress.note)
         engines = verify_engines(engines, outcome, progress)
         progress.done(f"in {outcome.get('where', 'fresh process')}"
                       + (f", LD_PRELOAD={outcome['preload']}" if outcome.get("preload") else ""))
 
         progress.start("manifest")
-        manifest = manifest_now(engines, complete=True)
-        write_manifest(tmp, manifest)
-        _place(tmp, plan.out)
+        manifest = manifest_now(engines, complete=True) if main else None
+        if main:
+            write_manifest(tmp, manifest)
+            _place(tmp, plan.out)
+        manifest = from_rank0(manifest)
         progress.done(plan.out)
     except BaseException:
         progress.stop()
@@ -207,15 +249,19 @@ def _run(args: argparse.Namespace) -> int:
     ok = compile_result["ok"] and not failed
     print(summary_table(manifest), file=stream)
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in progress.timings.items()), file=stream)
-    if args.json:
+    if args.json and main:
         print(json.dumps({"ok": ok, "out": plan.out, "manifest": manifest.to_json()}, indent=2, sort_keys=True))
     if not ok:
         what = [f"{e.format} {e.kind} {format_context(e.bucket)}" for e in failed]
         if not compile_result["ok"]:
             what.insert(0, "compile check")
-        print(f"dsv4_compile build: error: verification failed ({', '.join(what)}); the build at {plan.out} "
-              f"records it and load() refuses those engines", file=sys.stderr)
+        if main:
+            print(f"dsv4_compile build: error: verification failed ({', '.join(what)}); the build at {plan.out} "
+                  f"records it and load() refuses those engines", file=sys.stderr)
         return 1
-    print(f"built {plan.out}: load with dsv4_compile.load({plan.out!r}), check with "
-          f"python -m dsv4_compile verify {plan.out}", file=stream)
+    run_it = f"torchrun --nproc-per-node {plan.layout.world_size} -m dsv4_compile generate {plan.out} --tokens 1,2,3" \
+        if parallel else f"dsv4_compile.load({plan.out!r})"
+    print(f"built {plan.out}: {'run' if parallel else 'load'} with {run_it}, check with "
+          f"{'torchrun --nproc-per-node ' + str(plan.layout.world_size) + ' -m' if parallel else 'python -m'} "
+          f"dsv4_compile verify {plan.out}", file=stream)
     return 0

@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module, parser = _command_parser(top.command, COMMANDS[top.command])
         args = parser.parse_args(top.args)
         args.debug = debug or getattr(args, "debug", False)
+        args.command_line = [top.command, *top.args]  # what a command's error may tell the user to rerun
         code = module.run(args)
         sys.stdout.flush()
         return EXIT_OK if code is None else int(code)

@@ -124,8 +124,10 @@ def export_program(module, args: tuple, dynamic_shapes, gpu: str = "cpu", passes
     return ep, dict(sorted(manager.exported_kernels.items()))
 
 
-# Custom-op namespaces a package may hold: triton_ops, which AOTInductor traces into and compiles.
-PACKAGEABLE_NAMESPACES = ("aten", "prims", "dsv4_triton")
+# Custom-op namespaces a package may hold: triton_ops, which AOTInductor traces into and compiles, and
+# torch.distributed's functional collectives (a parallel build's all-reduce), which AOTInductor of
+# torch 2.13 packages and runs over the process's groups (gloo, CPU: distributed.py).
+PACKAGEABLE_NAMESPACES = ("aten", "prims", "dsv4_triton", "_c10d_functional")
 
 
 def leftover_custom_ops(ep: torch.export.ExportedProgram) -> list[str]:

@@ -9,6 +9,13 @@ release's tokenizer.json, read by the `tokenizers` library) or `--batch-file` (J
 {"tokens": [...]} or {"prompt": "..."}; all prompts run as one batch). Prints the new tokens (and
 their text with a tokenizer) and the prefill and decode tokens/s; `--json` prints one JSON object.
 Exit 2 with one line for a bad build folder or bad input (token ids, lengths, batch size).
+
+A parallel build (`build --parallel tp=T,ep=E`) generates as T * E processes, each rank running its
+own engines in step with the others; rank 0 prints:
+
+    torchrun --nproc-per-node 2 -m dsv4_compile generate BUILD --tokens 1,2,3
+
+Run otherwise (no torchrun, another world size) it is refused in one line naming that command.
 """
 from __future__ import annotations
 
@@ -94,6 +101,25 @@ def _prompts(args, tokenizer) -> list[list[int]]:
     return prompts
 
 
+def _join_build_world(args: argparse.Namespace) -> None:
+    """A parallel build: join its torchrun world (UsageError, with the command, in any other), print on
+    rank 0 only, and sample with one seed on every rank (each rank samples the same tokens)."""
+    from .distributed import from_rank0, join_world, silence_other_ranks
+    from .manifest import read_manifest
+    from .model.parallel import ParallelLayout
+
+    mesh = read_manifest(args.path).mesh
+    if mesh is None:
+        return
+    join_world(ParallelLayout.parse(mesh["layout"]), mesh["device_kind"] == "cuda",
+               getattr(args, "command_line", None) or ["generate", args.path], what=f"{args.path} (built for {mesh['layout']})")
+    silence_other_ranks()
+    if args.seed is None:
+        import random
+
+        args.seed = from_rank0(random.SystemRandom().randrange(1 << 62))
+
+
 def run(args: argparse.Namespace) -> int:
     from .loader import ArtifactError, load
     from .runtime import plan_batch
@@ -102,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args, tokenizer)
     stops = _ids(args.stop, "--stop") if args.stop.strip() else []
     try:
+        _join_build_world(args)
         engine = load(args.path, format=args.format)
         steps = engine.generation_steps()
         prompts, _, _ = plan_batch(steps, prompts, args.max_new_tokens)  # bad input: before any engine runs
@@ -127,8 +154,11 @@ def run(args: argparse.Namespace) -> int:
         line = ",".join(str(t) for t in o)
         print(f"[{i}] {line}" + (f"  {report['text'][i]!r}" if tokenizer is not None else ""))
     rate = report["decode_tokens_per_s"]
-    print(f"{engine.format}: prefill {prompt_tokens} tokens at {report['prefill_tokens_per_s']:.1f} tokens/s, "
-          f"decode {decoded} tokens at " + (f"{rate:.1f} tokens/s" if rate else "- (too few to time)"), file=sys.stderr)
+    from .distributed import main_rank
+
+    if main_rank():
+        print(f"{engine.format}: prefill {prompt_tokens} tokens at {report['prefill_tokens_per_s']:.1f} tokens/s, "
+              f"decode {decoded} tokens at " + (f"{rate:.1f} tokens/s" if rate else "- (too few to time)"), file=sys.stderr)
     return 0
 
 

@@ -90,22 +90,24 @@ class Engine:
     """A checked build folder, one format: tokens [B, S] int64 -> last-position logits [B, V] float32.
 
     Attributes: path, format, manifest (`Manifest`), config (ModelConfig), buckets (sorted context
-    lengths), engines (the manifest's `EngineRecord`s of this format). `bucket_for(batch, seq)` says
-    which bucket runs.
+    lengths), engines (the manifest's `EngineRecord`s of this format), rank (this process's rank of a
+    parallel build, else None) and root (the folder its engine files are in). `bucket_for(batch, seq)`
+    says which bucket runs.
     """
 
-    def __init__(self, path: str, manifest: Manifest, fmt: str, engines: list[EngineRecord]):
+    def __init__(self, path: str, manifest: Manifest, fmt: str, engines: list[EngineRecord], rank: int | None = None):
         from .manifest import check_config
         from .runtime import EngineSteps
 
-        self.path, self.manifest, self.format = path, manifest, fmt
+        self.path, self.manifest, self.format, self.rank = path, manifest, fmt, rank
+        self.root = os.path.join(path, manifest.engine_root(rank))
         self.config = check_config(manifest)
         self.engines = sorted((e for e in engines if e.kind == "prefill"), key=lambda e: e.bucket)
         self.buckets = [e.bucket for e in self.engines]
         self._runners: dict[int, Any] = {}
         stateful = [e for e in engines if e.kind != "prefill"]
         # the prefill-cache + decode engines (runtime.py); None for a build without them
-        self.steps = EngineSteps(path, manifest, fmt, self.config, stateful) if stateful else None
+        self.steps = EngineSteps(self.root, manifest, fmt, self.config, stateful) if stateful else None
 
     def __repr__(self) -> str:
         return f"Engine({self.path!r}, format={self.format!r}, buckets={self.buckets}, device={describe_device(self.manifest.device)!r})"
@@ -131,7 +133,7 @@ class Engine:
     def _runner(self, entry: EngineRecord):
         bucket = entry.bucket
         if bucket not in self._runners:
-            path = os.path.join(self.path, entry.files[0])
+            path = os.path.join(self.root, entry.files[0])
             if self.format == "aoti":
                 self._runners[bucket] = _AotiRunner(path, cuda=self.manifest.device.get("kind") == "cuda")
             elif self.format == "onnx":
@@ -223,6 +225,10 @@ def load(path: str, format: str | None = None, allow_version_skew: bool = False,
 
     format: None (best verified: aoti > onnx), "aoti", "onnx" or "tensorrt". Raises ArtifactError
     (one line) when the folder must not be loaded; ValueError for a bad `format` argument.
+
+    A parallel build (its manifest has a `mesh`) loads on every rank of a process group of its world
+    size (torchrun), each rank its own engines; another world size, no process group, or (GPU) too few
+    visible GPUs is refused (distributed.join_build_mesh).
     """
     path = os.fspath(path)
     manifest = check_manifest(path, allow_version_skew=allow_version_skew)
@@ -233,4 +239,9 @@ def load(path: str, format: str | None = None, allow_version_skew: bool = False,
         problem = aoti_load_problem(cuda=manifest.device.get("kind") == "cuda")
         if problem:
             raise ArtifactError(problem)
-    return Engine(path, manifest, fmt, engines)
+    rank = None
+    if manifest.mesh is not None:
+        from .distributed import join_build_mesh
+
+        rank = join_build_mesh(path, manifest.mesh)
+    return Engine(path, manifest, fmt, engines, rank)

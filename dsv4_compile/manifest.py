@@ -38,6 +38,14 @@ Format (schema_version 1), sorted-key JSON:
       "digest": "<sha256 of the canonical JSON of every other key but versions>"
     }
 
+A parallel build (`build --parallel tp=T,ep=E` under torchrun) adds one key, `mesh` (distributed.py):
+    "mesh": {"layout": "tp=2,ep=1", "tp": 2, "ep": 1, "world_size": 2, "dims": ["ep", "tp"],
+             "backend": "gloo", "device_kind": "cpu", "engine": "<what each rank's engine is>",
+             "ranks": [{"rank": 0, "root": "rank0", "groups": {"0": [0, 1]},
+                        "files": {"rank0/aoti/decode-128.pt2": "<sha256>", ...}}, ...]}
+Its engine records' `files` are relative to each rank's `root` (every rank has the same engines);
+`files` lists every rank's files. A single-process build has no `mesh` key.
+
 `verified.status` is "pending" (the provisional manifest), "verified", "failed" (with `error`) or
 "unverified" (TensorRT: "unverified by our tests"); every `verified` has all the keys above, null where
 they do not apply. Every file of the build folder except manifest.json is listed in `files`; the loader
@@ -166,11 +174,20 @@ class Manifest:
     max_batch: int | None = None      # the prefill-cache and decode engines' largest batch
     kv_cache: dict | None = None      # bucket -> the cache layout (engines.cache_manifest)
     schema_version: int = SCHEMA_VERSION
+    mesh: dict | None = None          # a parallel build's ranks (distributed.mesh_record); absent otherwise
 
     def to_json(self) -> dict:
-        """The JSON object of manifest.json (tuples as lists), with its `digest`."""
+        """The JSON object of manifest.json (tuples as lists), with its `digest`. A single-process build
+        has no `mesh` key: its manifest is what it was before parallel builds existed."""
         data = json.loads(json.dumps(dataclasses.asdict(self)))
+        if data["mesh"] is None:
+            del data["mesh"]
         return {**data, "digest": manifest_digest(data)}
+
+    def engine_root(self, rank: int | None) -> str:
+        """The folder, relative to the build's, that engine records' `files` are in: the build's own, or
+        rank `rank`'s of a parallel build."""
+        return "" if self.mesh is None else self.mesh["ranks"][rank or 0]["root"]
 
     @classmethod
     def from_json(cls, data: Any, where: str = MANIFEST) -> "Manifest":
@@ -180,7 +197,7 @@ class Manifest:
             raise ArtifactError(f"{where}: schema_version {got!r}, this loader reads {SCHEMA_VERSION}"
                                 + (" (a manifest from before versioned manifests: rebuild it)" if got is None else ""))
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data and n not in ("interface", "max_batch", "kv_cache")]
+        missing = [n for n in names if n not in data and n not in ("interface", "max_batch", "kv_cache", "mesh")]
         if missing:
             raise ArtifactError(f"{where}: missing key {missing[0]!r}")
         try:
@@ -219,7 +236,7 @@ def _engine_from_json(entry: dict) -> EngineRecord:
 
 def new_manifest(*, target: str, config, weights: dict, buckets: list[int], formats: list[str], passes: str,
                  compile_check: dict | None, engines: list[EngineRecord], export_timings: dict, timings: dict,
-                 root: str, complete: bool, max_batch: int | None = None) -> Manifest:
+                 root: str, complete: bool, max_batch: int | None = None, mesh: dict | None = None) -> Manifest:
     """The manifest of the build folder `root` as it is now: this machine's device and versions, the
     build's facts, and every file of `root` with its size and sha256. The one place a manifest is made."""
     from .engines import cache_manifest
@@ -232,7 +249,7 @@ def new_manifest(*, target: str, config, weights: dict, buckets: list[int], form
         compile_check=check, engines=tuple(engines),
         export_timings_s={str(k): v for k, v in export_timings.items()}, timings_s=dict(timings),
         files=file_table(root), max_batch=max_batch,
-        kv_cache={str(b): cache_manifest(config, b) for b in buckets} if max_batch else None)
+        kv_cache={str(b): cache_manifest(config, b) for b in buckets} if max_batch else None, mesh=mesh)
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:

@@ -4,7 +4,9 @@ Bad YAML, unknown preset, unknown or absent GPU, unsupported context (model/cont
 valid for the config), unknown format, TensorRT requested where it cannot build, unknown pass, a
 --weights file with a missing, extra or misshapen tensor, a --weights checkpoint folder that
 `from_pretrained` refuses (every bad tensor named), an output folder that cannot be written or that
-holds something other than a build.
+holds something other than a build; with --parallel: a bad layout, one the config cannot split, a
+format other than aoti (ONNX has no collectives), or a world that is not T * E torchrun processes
+(the line gives the torchrun command).
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from .model.context import format_context
 from .reference import checkpoint_state, eager_model
 
 DEFAULT_FORMATS = "aoti,onnx"
+# A parallel build's only format: AOTInductor packages the functional collectives, ONNX has none.
+PARALLEL_FORMATS = "aoti"
 # --max-batch defaults: the batch of the prefill-cache and decode engines is dynamic up to it.
 DEFAULT_MAX_BATCH = {"gpu": 8, "cpu": 2}
 # The engine kinds exported per context bucket, each its own program (one export task each).
@@ -154,7 +158,11 @@ class Plan:
         else:
             self.config = ModelConfig.load(args.config or ("tiny" if self.target == "cpu" else "mini"))
         self.buckets = check_contexts(args.context or [self.config.max_seq_len], self.config)
-        self.formats = parse_formats(args.format)
+        self.layout = self._layout(getattr(args, "parallel", None))
+        self.formats = parse_formats(args.format or (PARALLEL_FORMATS if self.layout else DEFAULT_FORMATS))
+        if self.layout and self.formats != [PARALLEL_FORMATS]:
+            raise UsageError(f"--format {args.format} with --parallel {self.layout}: a parallel build exports "
+                             f"{PARALLEL_FORMATS} only (one AOTInductor package per rank; ONNX has no collectives)")
         if "tensorrt" in self.formats:
             from .export import tensorrt_unavailable
 
@@ -179,9 +187,30 @@ class Plan:
                             if self.weights_path else {"source": "seed", "seed": self.seed})
         identity = {"config": self.config.config_hash(), "buckets": self.buckets, "formats": self.formats,
                     "passes": self.passes, "weights": self.weights, "target": self.target, "max_batch": self.max_batch}
+        if self.layout:
+            identity["parallel"] = str(self.layout)
         self.out = args.out or default_out(self.config, self.target, identity)
         check_out_dir(self.out)
-        self.jobs = getattr(args, "jobs", None) or self.default_jobs()
+        # a parallel build's ranks are its processes: each exports its own engines in itself
+        self.jobs = 1 if self.layout else getattr(args, "jobs", None) or self.default_jobs()
+        self.rank = None
+        if self.layout:  # last: every check above refuses the same way on every rank, before any collective
+            from .distributed import join_world
+
+            self.rank = join_world(self.layout, self.cuda, getattr(args, "command_line", None) or ["build"])
+
+    def _layout(self, text: str | None):
+        """--parallel's ParallelLayout (None without it), checked against the config."""
+        if text is None:
+            return None
+        from .model.parallel import ParallelLayout
+
+        try:
+            layout = ParallelLayout.parse(text)
+            layout.check_config(self.config)
+        except ValueError as err:
+            raise UsageError(f"--parallel: {err}") from None
+        return layout
 
     def export_tasks(self) -> list[tuple[int, str]]:
         """(context bucket, engine kind) of every export, in manifest order."""
@@ -200,5 +229,11 @@ class Plan:
         return self.target != "cpu"
 
     def model(self, bucket: int):
-        """The reference model at context `bucket`."""
-        return eager_model(self.config.replace(max_seq_len=bucket), seed=self.seed, state=self.state, cuda=self.cuda)
+        """The reference model at context `bucket`; with --parallel, this rank's shard of it (every rank
+        builds the whole model, then keeps its shard: a checkpoint is read whole on every rank here)."""
+        model = eager_model(self.config.replace(max_seq_len=bucket), seed=self.seed, state=self.state, cuda=self.cuda)
+        if self.layout:
+            from .distributed import sharded_model
+
+            model = sharded_model(model, self.layout, "cuda" if self.cuda else "cpu")
+        return model

@@ -55,7 +55,9 @@ def checkpoint_state(path: str, config, strict_mtp: bool = True) -> tuple[dict, 
 
 def build_reference(manifest, config, bucket: int, dtype: str):
     """The eager reference of one engine of a build (`manifest`): the build's weights (its seed, its
-    weights file or its checkpoint folder), at the engine's context `bucket` and compute `dtype`, on the build's device."""
+    weights file or its checkpoint folder), at the engine's context `bucket` and compute `dtype`, on the build's device.
+    A parallel build's (its manifest has a `mesh`): this rank's shard of it, as the build made its engines
+    (every rank of the build's world calls this together)."""
     weights = manifest.weights or {"source": "seed", "seed": 0}
     state = None
     if weights.get("source") == "file":
@@ -66,4 +68,11 @@ def build_reference(manifest, config, bucket: int, dtype: str):
         state, _ = checkpoint_state(weights["path"], config)
     cuda = manifest.device.get("kind") == "cuda"
     model = eager_model(config.replace(max_seq_len=bucket), seed=int(weights.get("seed", 0)), state=state, cuda=cuda)
-    return model if dtype == config.dtype else float32_twin(model, cuda=cuda)
+    model = model if dtype == config.dtype else float32_twin(model, cuda=cuda)
+    if manifest.mesh is not None:
+        from .distributed import sharded_model
+        from .model.parallel import ParallelLayout
+
+        model = sharded_model(model, ParallelLayout.parse(manifest.mesh["layout"]), "cuda" if cuda else "cpu",
+                              role="reference")
+    return model

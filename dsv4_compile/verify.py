@@ -105,9 +105,19 @@ def run(args: argparse.Namespace) -> int:
 
         formats = [f for f in built if f != "tensorrt" or tensorrt_unavailable() is None]
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
-    outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest.device.get("kind") == "cuda",
-                                allow_version_skew=args.allow_version_skew,
-                                progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    if manifest.mesh is not None:  # a parallel build: every rank checks its own engines, in its process
+        from .distributed import from_rank0, join_world, silence_other_ranks
+        from .model.parallel import ParallelLayout
+
+        layout = manifest.mesh["layout"]
+        join_world(ParallelLayout.parse(layout), manifest.mesh["device_kind"] == "cuda",
+                   getattr(args, "command_line", None) or ["verify", path], what=f"{path} (built for {layout})")
+        silence_other_ranks()
+        outcome = verify_ranks(path, formats, seed=from_rank0(seed), allow_version_skew=args.allow_version_skew)
+    else:
+        outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest.device.get("kind") == "cuda",
+                                    allow_version_skew=args.allow_version_skew,
+                                    progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     results = outcome.get("results", [])
     # What load() refuses fails here too: an engine the build itself recorded as failed.
     recorded = [e for e in manifest.engines if e.format in formats and e.verified.status == "failed"]
@@ -215,6 +225,32 @@ def judge(cases: list[dict], tol: float, bound: float) -> dict:
              else f"rel RMS {worst:.2e} > {bound:.0e} (beyond quantization flips)" if worst > bound else None)
     return {"ok": error is None, "rel_rms": short_err, "max_rel_rms": worst,
             "max_abs": max(c["max_abs"] for c in cases), "error": error}
+
+
+def verify_ranks(path: str, formats: list[str], seed: int, allow_version_skew: bool = False) -> dict:
+    """A parallel build's check (all ranks of its world call this together, with the same seed): each
+    rank runs `worker` in its own process on its own engines, against its shard of the eager model
+    (the same token sets on every rank, so the collectives line up) -> the outcome of every rank, on
+    every rank: a result fails when it fails on any rank (named in its error)."""
+    from .distributed import gathered
+    from .manifest import current_device_for, describe_device, read_manifest
+
+    mesh = read_manifest(path).mesh
+    try:
+        mine = worker(path, formats, seed, allow_version_skew)
+    except Exception as err:  # noqa: BLE001 (reported with the rank)
+        mine = {"worker_error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}", "results": []}
+    outcomes = gathered(mine)
+    where = (f"the build's {len(outcomes)} rank processes ({mesh['layout']}), each its own engines against its "
+             f"eager shard, on {describe_device(current_device_for(read_manifest(path).device))}")
+    errors = [f"rank {rank}: {o['worker_error']}" for rank, o in enumerate(outcomes) if o.get("worker_error")]
+    if errors:
+        return {"where": where, "seed": seed, "worker_error": "; ".join(errors), "results": []}
+    results = []
+    for rows in zip(*(o["results"] for o in outcomes)):
+        bad = next(((rank, row) for rank, row in enumerate(rows) if not row["ok"]), None)
+        results.append(rows[0] if bad is None else {**bad[1], "error": f"rank {bad[0]}: {bad[1].get('error')}"})
+    return {"where": where, "seed": seed, "results": results}
 
 
 def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = False) -> dict:
