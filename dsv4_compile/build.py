@@ -2,7 +2,7 @@
 
     python -m dsv4_compile build                          # CPU machine: tiny preset, CPU, context 512, aoti+onnx
     python -m dsv4_compile build --gpu H100 --config mini --context 8k,32k --format aoti,onnx,tensorrt
-    torchrun --nproc-per-node 2 -m dsv4_compile build --parallel tp=2 --context 128   # one engine per rank
+    torchrun --nproc-per-node 2 -m dsv4_compile build --parallel ep=2 --context 128   # one engine per rank
 
 Defaults: --config tiny without a GPU, mini with one (`--gpu auto` sees a CUDA device, or --gpu names
 one); --context the config's max_seq_len (tiny: 512); --format aoti,onnx; --passes all; --out

@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .arguments import UsageError
 from .manifest import ArtifactError
-from .model.parallel import MESH_DIMS, ExpertShard, ParallelLayout, RowParallelLinear, parallelize
+from .model.parallel import MESH_DIMS, ParallelLayout, parallelize
 
 # How the manifest's mesh record describes what each rank's engine is.
 ENGINE_NOTE = ("one AOTInductor package per rank and engine (rank r's files under rank<r>/), each calling "
@@ -105,7 +105,7 @@ def collective_groups(model) -> dict[str, list[int]]:
     """The process groups `model`'s collectives run over (what its engines name): group name -> ranks."""
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    names = {m.group_name for m in model.modules() if isinstance(m, (RowParallelLinear, ExpertShard))}
+    names = {m.group_name for m in model.modules() if isinstance(getattr(m, "group_name", None), str)}  # parallel.py's shards
     return {name: dist.get_process_group_ranks(_resolve_process_group(name)) for name in sorted(names)}
 
 

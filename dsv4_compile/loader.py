@@ -190,7 +190,11 @@ class Engine:
     def generate(self, prompts, max_new_tokens, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, stop_tokens=()) -> list[list[int]]:
         """New tokens for each prompt (ragged, one batch; greedy at temperature 0; a sequence stops after
-        a stop token or max_new_tokens): see dsv4_compile.runtime."""
+        a stop token or max_new_tokens): see dsv4_compile.runtime. A parallel build's ranks sample each
+        for itself, so sampling there needs one `seed`, the same on every rank."""
+        if self.rank is not None and temperature > 0 and seed is None:
+            raise ValueError(f"temperature {temperature} on rank {self.rank} of a parallel build: pass seed= (the "
+                             f"same on every rank), or the ranks sample different tokens")
         return self.generation_steps().generate(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                                 top_p=top_p, seed=seed, stop_tokens=stop_tokens)
 
