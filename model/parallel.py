@@ -49,9 +49,9 @@ vocabulary and attention splits take float weights only (wo_a is always float: D
 it in BF16; nn.Embedding, the head, the indexer's weights_proj).
 
 Inference only: the collectives have no backward here. Not done: all-to-all expert dispatch,
-splitting the compressors by channel. The
-sharded indexer loops over the op's query chunks in plain Python (the op hides its loop from export,
-the decompose pass traces a chunk-free version): exporting it with a symbolic length is not tried.
+splitting the compressors by channel. The sharded indexer loops over the op's query chunks in plain
+Python when the length is a number; a symbolic length (torch.export) takes all queries at once, as
+the decompose pass does for the op (tests/dsv4_compile/test_parallel_export.py).
 """
 from __future__ import annotations
 
@@ -297,7 +297,7 @@ class IndexerShard(Indexer):
     scale stays that of all heads); the compressor, whose keys every head shares, is the plain one
     (replicated). `select` sums this rank's heads' scores (ops.indexer_scores), all-reduces the partial
     sums over the tensor-parallel group and selects as `indexer_topk` does (ops.indexer_select: ties to
-    the lowest index), in the op's query chunks."""
+    the lowest index), in the op's query chunks (eager) or in one (export)."""
 
     def __init__(self, indexer: Indexer, parts: dict[str, Part], ranks: int, group_name: str):
         nn.Module.__init__(self)  # not Indexer's: it would build a second compressor
@@ -312,11 +312,15 @@ class IndexerShard(Indexer):
     def select(self, q, weights, keys, positions) -> torch.Tensor:
         """q [B, S, Hi / ranks, di], weights [B, S, Hi / ranks] (this rank's heads), keys [B, N, di],
         positions [B, S] -> [B, S, topk] int32, the plain indexer's selection over all heads."""
-        S, chunk = q.shape[1], indexer_query_chunk(q, keys)
-        return torch.cat([indexer_select(all_reduce_sum(indexer_scores(q[:, s:s + chunk], weights[:, s:s + chunk], keys),
-                                                        self.group_name),
-                                         positions[:, s:s + chunk], CSA_RATIO, self.topk)
-                          for s in range(0, S, chunk)], dim=1)
+        def chunk(rows: slice) -> torch.Tensor:
+            scores = all_reduce_sum(indexer_scores(q[:, rows], weights[:, rows], keys), self.group_name)
+            return indexer_select(scores, positions[:, rows], CSA_RATIO, self.topk)
+
+        S = q.shape[1]
+        if not isinstance(S, int):  # symbolic (torch.export): all queries at once, as the decompose pass
+            return chunk(slice(None))  # runs the plain op; a Python loop over S cannot be traced
+        step = indexer_query_chunk(q, keys)
+        return torch.cat([chunk(slice(s, s + step)) for s in range(0, S, step)], dim=1)
 
 
 def indexer_parts(indexer: Indexer, rank: int, ranks: int) -> dict[str, Part]:
