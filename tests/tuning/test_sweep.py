@@ -100,15 +100,18 @@ def test_timeout_stops_new_trials_and_keeps_the_finished(sqlite_url, tmp_path):
     # the gate) on a slow CI core; with 2 s the first study's first trial could use both shares.
     req = sc.request(sqlite_url, tmp_path, contexts=[8192, 32768], kernels=["hc_pre"], trials=200,
                      runner_options={"delay": 0.2}, timeout_s=6.0)
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=6.0)  # tune's own starts a little later
     result = tune(req)
     assert [1 <= s.measured < 200 for s in result.summaries] == [True, True], [s.measured for s in result.summaries]
     assert any("--timeout 6 s reached" in n and "hc_pre 8k" in n for n in result.notes), result.notes
     before = [sc.load(req, p).get_trials(deepcopy=False) for p in result.plans]
     assert all(t.state.is_finished() for trials in before for t in trials)
     # What the timeout promises (not a wall-clock bound, which a loaded CI core can break: the trial in
-    # flight, the summaries and the plots come after it): no trial started after it. Optuna stamps a
-    # trial's start with the local naive time when it is created.
+    # flight, the summaries and the plots come after it): no trial started after it. tune's clock starts
+    # before its first trial and after this test's own `now()` (imports, the gate: seconds on a loaded CI
+    # core, where a deadline taken here flagged a trial tune had rightly started), so the first trial's
+    # start + 6 s bounds tune's deadline from above. Optuna stamps a trial's start (local naive time)
+    # when it is created; without the timeout, trials would go on for 200 x 0.2 s.
+    deadline = min(t.datetime_start for trials in before for t in trials) + datetime.timedelta(seconds=6.0)
     late = [t.number for trials in before for t in trials if t.datetime_start > deadline]
     assert not late, f"trials {late} started after the timeout"
     again = tune(sc.dataclass_replace(req, runner_options={"delay": 0.0}, timeout_s=None, trials=12))
