@@ -82,8 +82,9 @@ def inductor_options() -> dict[str, Any]:
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     options: dict[str, Any] = {"emulate_precision_casts": True}
-    if config.cpp.simdlen is None and pick_vec_isa().bit_width():
-        options["cpp.simdlen"] = pick_vec_isa().bit_width()
+    width = pick_vec_isa().bit_width() if config.cpp.simdlen is None else 0
+    if width:
+        options["cpp.simdlen"] = width
     return options
 
 
