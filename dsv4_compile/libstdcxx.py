@@ -127,10 +127,12 @@ def aoti_load_problem(cuda: bool) -> str | None:
     return libstdcxx_problem() or (cuda_preload_problem() if cuda else None)
 
 
-def load_aoti_package(path: str, cuda: bool):
+def load_aoti_package(path: str, cuda: bool, single_threaded: bool = False):
     """torch._inductor.aoti_load_package(path), or ArtifactError naming the LD_PRELOAD to set where the
-    load would crash this process."""
+    load would crash this process. `single_threaded`: without the package's own run bookkeeping (a pool
+    of runners behind CUDA events), which a caller driving it from one thread under CUDA graph capture
+    needs: its cudaEventQuery is illegal while a stream captures and invalidates the capture."""
     problem = aoti_load_problem(cuda)
     if problem:
         raise ArtifactError(problem)
-    return torch._inductor.aoti_load_package(path)
+    return torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded)

@@ -253,7 +253,8 @@ def build_identity(files: dict) -> str:
 
 class _AotiStateRunner:
     def __init__(self, path: str, in_place: bool, cuda: bool):
-        self.package = load_aoti_package(path, cuda)
+        # one Steps drives its runners from one thread, and its decode step is captured as a CUDA graph
+        self.package = load_aoti_package(path, cuda, single_threaded=True)
         self.in_place = in_place
 
     def __call__(self, first: torch.Tensor, second: torch.Tensor, cache: Cache) -> torch.Tensor:
