@@ -46,6 +46,7 @@ from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manif
 from .model.context import format_context
 from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
 from .steps import Progress, compile_check, export_all, verify_engines
+from .verify import CPU_CHECK_SEQ
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=positive_int_arg, default=None, metavar="N",
                         help="engines exported in parallel processes, one (context, engine kind) each (default: up to "
                              "the CPU count on a CPU build of seeded weights, else 1: each process holds a model copy)")
+    parser.add_argument("--thorough", action="store_true",
+                        help="verify the engines that run on this CPU for a GPU build (ONNX) at the bucket's longest "
+                             f"prompt too (default: prompts up to {CPU_CHECK_SEQ} tokens there)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON on stdout (progress on stderr)")
 
 
@@ -228,7 +232,8 @@ def _run(args: argparse.Namespace) -> int:
         if parallel:
             outcome = verify_ranks(tmp, to_verify, seed=plan.seed + 1000)
         else:
-            outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000, cuda=plan.cuda, progress=progress.note)
+            outcome = run_verify_worker(tmp, to_verify, seed=plan.seed + 1000, cuda=plan.cuda, progress=progress.note,
+                                        thorough=plan.thorough)
         engines = verify_engines(engines, outcome, progress)
         progress.done(f"in {outcome.get('where', 'fresh process')}"
                       + (f", LD_PRELOAD={outcome['preload']}" if outcome.get("preload") else ""))

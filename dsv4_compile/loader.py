@@ -44,14 +44,21 @@ class _AotiRunner:
         return out[0] if isinstance(out, (list, tuple)) else out
 
 
+def onnx_providers(device: dict) -> list[str]:
+    """onnxruntime's execution providers for an engine of a build made for `device`, best first: CUDA where
+    the build is a GPU build and this onnxruntime has it, else the CPU."""
+    import onnxruntime as ort
+
+    if device.get("kind") == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
 class _OnnxRunner:
     def __init__(self, path: str, device: dict):
         import onnxruntime as ort
 
-        providers = ["CPUExecutionProvider"]
-        if device.get("kind") == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(path, providers=providers)
+        self.session = ort.InferenceSession(path, providers=onnx_providers(device))
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:

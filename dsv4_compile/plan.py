@@ -175,6 +175,7 @@ class Plan:
         except Exception as err:  # PassSelectionError (one line)
             raise UsageError(str(err)) from None
         self.seed = args.seed
+        self.thorough = getattr(args, "thorough", False)
         self.max_batch = getattr(args, "max_batch", None) or DEFAULT_MAX_BATCH["cpu" if self.target == "cpu" else "gpu"]
         self.weights_path = os.path.abspath(args.weights) if args.weights else None
         if checkpoint:

@@ -31,6 +31,10 @@ a short prompt ([1, 4]), the bucket's largest shape ([B_max, S_max]) and a rando
   Flip cascades can still exceed it now and then (8.0e-2 once on a [2, 512] set, AVX512, 2026-12-04),
   so a shape over it also gets up to 3 token sets and the best counts: a fault fails every set.
 - TensorRT: never verified here (no TensorRT on our machines): reported as unverified.
+
+A GPU build's engines that run on this machine's CPU (ONNX where onnxruntime has no CUDA provider) are
+checked on prompts of at most `CPU_CHECK_SEQ` tokens; `--thorough` (verify and build) checks the
+bucket's longest prompt there too.
 """
 from __future__ import annotations
 
@@ -54,6 +58,30 @@ TOLERANCES = {("aoti", "float32"): 1e-5, ("onnx", "float32"): 1e-4, ("tensorrt",
 FLIP_BOUND = {"float32": 5e-2, "bfloat16": 1e-1}
 SHORT_SEQ = 4
 SHORT_ATTEMPTS = 3
+# One [1, 8192] prompt of mini through onnxruntime on the CPU took over 136 s (H200 host, 2026-12-03):
+# with it, a GPU build's verify alone broke the 10-minute budget of `build --gpu H200 --config mini
+# --context 8k`. At 512 tokens the CPU engine still runs every op on a multi-tile prompt.
+CPU_CHECK_SEQ = 512
+
+
+def longest_checked_prompt(fmt: str, device: dict, thorough: bool) -> int | None:
+    """The longest prompt verify gives an engine of `fmt` from a build made for `device`: `CPU_CHECK_SEQ`
+    where a GPU build's engine would run on this machine's CPU (unless `thorough`), else None (the bucket's)."""
+    if thorough or device.get("kind") != "cuda" or fmt != "onnx":
+        return None
+    from .loader import onnx_providers
+
+    return CPU_CHECK_SEQ if onnx_providers(device)[0] == "CPUExecutionProvider" else None
+
+
+def token_set_shapes(seq_range: tuple[int, int], batch_range: tuple[int, int], rng: random.Random,
+                     longest: int | None = None) -> list[tuple[str, int, int]]:
+    """(kind, batch, seq) of a prefill engine's token sets: a short prompt, the largest shape and a random
+    one, prompts of at most `longest` tokens where given (never below the engine's shortest)."""
+    (s0, s1), (b0, b1) = seq_range, batch_range
+    top = s1 if longest is None else max(s0, min(s1, longest))
+    short = max(s0, min(SHORT_SEQ, s1))
+    return [("short", 1 if b0 <= 1 else b0, short), ("full", b1, top), ("random", b0, rng.randint(s0, top))]
 
 
 def tolerance(fmt: str, dtype: str) -> float:
@@ -67,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the random tokens (default: fresh)")
     parser.add_argument("--allow-version-skew", action="store_true", help="accept other torch/triton versions")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--thorough", action="store_true",
+                        help=f"a GPU build's engines that run on this CPU get the bucket's longest prompt too "
+                             f"(default: prompts up to {CPU_CHECK_SEQ} tokens there)")
 
 
 def check_weights(manifest) -> None:
@@ -116,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         outcome = verify_ranks(path, formats, seed=from_rank0(seed), allow_version_skew=args.allow_version_skew)
     else:
         outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest.device.get("kind") == "cuda",
-                                    allow_version_skew=args.allow_version_skew,
+                                    allow_version_skew=args.allow_version_skew, thorough=args.thorough,
                                     progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
     results = outcome.get("results", [])
     # What load() refuses fails here too: an engine the build itself recorded as failed.
@@ -164,7 +195,8 @@ WORKER_PROGRESS = "dsv4-verify-progress: "
 
 
 def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cuda: bool = False,
-                      allow_version_skew: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+                      allow_version_skew: bool = False, progress: Callable[[str], None] | None = None,
+                      thorough: bool = False) -> dict:
     """`python -m dsv4_compile.verify --worker PATH` in a fresh process (libstdc++ preload where needed).
     The worker's progress lines (stderr) go to `progress` as they come."""
     from .libstdcxx import child_env
@@ -179,6 +211,8 @@ def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cu
             cmd += ["--seed", str(seed)]
         if allow_version_skew:
             cmd.append("--allow-version-skew")
+        if thorough:
+            cmd.append("--thorough")
         tail: collections.deque[str] = collections.deque(maxlen=3)
         with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
             try:
@@ -253,7 +287,7 @@ def verify_ranks(path: str, formats: list[str], seed: int, allow_version_skew: b
     return {"where": where, "seed": seed, "results": results}
 
 
-def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = False) -> dict:
+def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = False, thorough: bool = False) -> dict:
     import torch
 
     from .loader import load
@@ -281,11 +315,13 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
             continue
         loaded_s = time.perf_counter() - t0
         _progress(f"{fmt}: checked in {loaded_s:.1f} s")
+        longest = longest_checked_prompt(fmt, manifest.device, thorough)
+        if longest is not None:
+            _progress(f"{fmt}: runs on this CPU for a GPU build: prompts up to {longest} tokens (--thorough: "
+                      f"the bucket's longest)")
         for entry in engine.engines:
             bucket = entry.bucket
-            (s0, s1), (b0, b1) = entry.seq_range, entry.batch_range
-            short = max(s0, min(SHORT_SEQ, s1))
-            shapes = [("short", 1 if b0 <= 1 else b0, short), ("full", b1, s1), ("random", b0, rng.randint(s0, s1))]
+            shapes = token_set_shapes(entry.seq_range, entry.batch_range, rng, longest)
             cases = []
             # the reference: eager at the engine's compute dtype, on the build's device
             dtype = entry.compute_dtype
@@ -324,7 +360,7 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
                 for kind, batch, seq in shapes:
                     cases += token_sets(lambda: compare(kind, batch, seq), tol if kind == "short" else bound)
                 results.append({"format": fmt, "bucket": bucket, **judge(cases, tol, bound), "tolerance": tol,
-                                "flip_bound": bound, "cases": cases,
+                                "flip_bound": bound, "cases": cases, "longest_prompt": shapes[1][2],
                                 "seconds": {k: round(v, 2) for k, v in seconds.items()}})
             except Exception as exc:  # noqa: BLE001
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None, "tolerance": tol,
@@ -381,8 +417,10 @@ def _worker_main(argv: list[str]) -> int:
     parser.add_argument("--formats", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--allow-version-skew", action="store_true")
+    parser.add_argument("--thorough", action="store_true")
     args = parser.parse_args(argv)
-    data = worker(args.worker, [f for f in args.formats.split(",") if f], args.seed, args.allow_version_skew)
+    data = worker(args.worker, [f for f in args.formats.split(",") if f], args.seed, args.allow_version_skew,
+                  args.thorough)
     with open(args.result, "w") as f:
         json.dump(data, f)
     return 0

@@ -1,10 +1,14 @@
 """verify's per-bucket judgement without a build: the token-set retry (a chance flip passes on another
-set, a fault fails every set) and the verdict from the best set of each prompt shape."""
+set, a fault fails every set), the verdict from the best set of each prompt shape, and the token sets
+it plans for each engine."""
 from __future__ import annotations
+
+import random
 
 import pytest
 
-from dsv4_compile.verify import FLIP_BOUND, SHORT_ATTEMPTS, TOLERANCES, judge, token_sets
+from dsv4_compile.verify import (CPU_CHECK_SEQ, FLIP_BOUND, SHORT_ATTEMPTS, TOLERANCES, judge, longest_checked_prompt,
+                                 token_set_shapes, token_sets)
 
 TOL, BOUND = TOLERANCES["aoti", "float32"], FLIP_BOUND["float32"]
 
@@ -56,3 +60,47 @@ def test_nan_positions_that_differ_fail_whatever_the_error():
     cases[1]["nan_mismatch"] = True
     verdict = judge(cases, TOL, BOUND)
     assert not verdict["ok"] and verdict["error"] == "NaN positions differ"
+
+
+# ---- the token sets a build's verify plans (issue: a GPU build within its time budget) ----------------
+
+def _cpu_only_onnxruntime(monkeypatch, providers=("CPUExecutionProvider",)):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(providers))
+
+
+def test_a_gpu_builds_onnx_on_this_cpu_gets_prompts_up_to_the_cpu_cap(monkeypatch):
+    _cpu_only_onnxruntime(monkeypatch)
+    cuda = {"kind": "cuda", "name": "NVIDIA H200"}
+    assert longest_checked_prompt("onnx", cuda, thorough=False) == CPU_CHECK_SEQ
+    assert longest_checked_prompt("onnx", cuda, thorough=True) is None       # --thorough: the bucket's longest
+    assert longest_checked_prompt("aoti", cuda, thorough=False) is None      # runs on the GPU
+    assert longest_checked_prompt("onnx", {"kind": "cpu"}, thorough=False) is None  # a CPU build: its own device
+
+
+def test_onnx_with_a_cuda_provider_gets_the_buckets_longest_prompt(monkeypatch):
+    _cpu_only_onnxruntime(monkeypatch, ("CUDAExecutionProvider", "CPUExecutionProvider"))
+    assert longest_checked_prompt("onnx", {"kind": "cuda"}, thorough=False) is None
+
+
+def test_the_mini_8k_gpu_build_plans_no_long_prompt_on_the_cpu(monkeypatch):
+    """`build --gpu H200 --config mini --context 8k`: its prefill engines take [1..8, 2..8192]. What its
+    verify gives the CPU-run ONNX engine is bounded by the plan (every set retried up to SHORT_ATTEMPTS
+    times), whatever the clock: the long prompt that took over 2 minutes there is gone."""
+    _cpu_only_onnxruntime(monkeypatch)
+    seq_range, batch_range = (2, 8192), (1, 8)
+    longest = longest_checked_prompt("onnx", {"kind": "cuda"}, thorough=False)
+    planned = token_set_shapes(seq_range, batch_range, random.Random(0), longest)
+    assert [kind for kind, _, _ in planned] == ["short", "full", "random"]
+    assert max(seq for _, _, seq in planned) <= CPU_CHECK_SEQ
+    assert planned[1] == ("full", 8, CPU_CHECK_SEQ)                          # the largest batch still runs
+    cpu_tokens = SHORT_ATTEMPTS * sum(batch * seq for _, batch, seq in planned)
+    assert cpu_tokens <= SHORT_ATTEMPTS * 10 * CPU_CHECK_SEQ                 # vs 8 x 8192 in one set before
+    aoti = token_set_shapes(seq_range, batch_range, random.Random(0), longest_checked_prompt("aoti", {"kind": "cuda"}, False))
+    assert aoti[1] == ("full", 8, 8192) and all(2 <= seq <= 8192 for _, _, seq in aoti)
+
+
+def test_a_cap_never_goes_below_the_engines_shortest_prompt():
+    planned = token_set_shapes((600, 1024), (1, 2), random.Random(1), longest=CPU_CHECK_SEQ)
+    assert all(seq == 600 for _, _, seq in planned[1:]) and planned[0] == ("short", 1, 600)
