@@ -13,7 +13,12 @@ the same work. Rows per (C, B):
   eager, CUDA graph           the same step captured once (torch.cuda.CUDAGraph) and replayed
   compiled (passes)           dsv4_compile.compile(passes="all"): the Triton kernels substituted
   compiled (passes), CUDA graph   the compiled step captured and replayed
+  AOTI decode engine, CUDA graph  the build's decode engine (torch.export + AOTInductor with the Triton
+                              kernels, the cache updated in place), loaded and captured as the runtime
+                              does (`--aoti`: one export + AOTInductor compile per context, minutes)
 ms per step (median), tokens/s = B / step, and the rel. RMS of each variant's logits against eager.
+The roofline of a step (`decode_step_bytes`: the weights it must read and every sequence's cache
+entries attention reads, over the copy bandwidth measured in the same run) gives each row's % of it.
 The compiled rows cost a compile each (about a minute); they are skipped past the time budget.
 Outputs: decode_step.csv, decode_step.png (ms per step vs context), decode_step.md.
 """
@@ -31,7 +36,7 @@ from torch import nn
 from dsv4_compile.model.context import parse_contexts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _kernel_bench_util import DEVICE, environment, fmt, log_log_plot, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, copy_bandwidth_gbs, environment, fmt, log_log_plot, write_csv  # noqa: E402
 from bench_layers import _err, _table, run_and_write, time_ms  # noqa: E402
 
 COMPILE_RESERVE_S = 120.0   # a compiled variant starts only with this much of the budget left
@@ -48,6 +53,42 @@ class DecodeStep(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model.decode(tokens, positions, self.cache)
+
+
+def decode_step_bytes(model: nn.Module, cache, context: int, batch: int) -> dict[str, float]:
+    """The bytes one decode step at position context - 1 must read (a lower bound, the roofline's numerator).
+    Weights: every parameter and buffer of the main layers, the final norm, mHC head and LM head once; of the
+    embedding the batch's rows; of each layer's routed experts the share that batch x top-k uniform picks
+    hit in expectation, 1 - (1 - k / E)^B (the MTP blocks do not run in a decode step). Cache, per
+    sequence and main layer: the visible window entries, and by the layer's compress ratio: CSA its
+    top-k compressed entries and every indexer key (the indexer scores them all), HCA every compressed
+    entry. The compressor states (rewritten one slot a step, read in full once per ratio steps) are left
+    out."""
+    from dsv4_compile.model.moe import MXFP4Experts, RoutedExperts
+
+    config = model.config
+    k, n_experts = config.n_activated_experts, config.n_routed_experts
+    hit = 1.0 - (1.0 - k / n_experts) ** batch
+
+    def nbytes(module: nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+    experts = [m for m in model.layers.modules() if isinstance(m, (RoutedExperts, MXFP4Experts))]
+    expert_bytes = sum(nbytes(m) for m in experts)
+    embed = model.embed.weight
+    weights = (nbytes(model) - nbytes(model.mtp) - nbytes(model.embed) - expert_bytes
+               + batch * embed.shape[1] * embed.element_size() + hit * expert_bytes)
+    visible = context  # positions 0 .. context - 1
+    cache_bytes = 0
+    for ratio, layer in zip(config.compress_ratios, cache.layers):
+        entry = layer.main.shape[-1]
+        cache_bytes += min(visible, config.window_size) * entry
+        if ratio == 4:
+            n = visible // ratio
+            cache_bytes += min(config.index_topk, n) * entry + n * layer.index.shape[-1]
+        elif ratio > 0:
+            cache_bytes += visible // ratio * entry
+    return {"weights": float(weights), "cache": float(batch * cache_bytes), "experts_hit": hit * n_experts}
 
 
 def replicate(src, dst) -> None:
@@ -93,10 +134,26 @@ def graph_step_ms(graph, reps: int = 5) -> float:
     return times[len(times) // 2]
 
 
+def aoti_decode_engine(model: nn.Module, max_batch: int, folder: str):
+    """The build's decode engine of `model` (its max_seq_len the bucket): torch.export with the Triton
+    kernels, AOTInductor-packaged into `folder`, loaded as the runtime loads it."""
+    from dsv4_compile.compile import resolve_gpu
+    from dsv4_compile.engines import export_engine
+    from dsv4_compile.export import export_aoti
+    from dsv4_compile.libstdcxx import load_aoti_package
+
+    exported = export_engine(model, "decode", max_batch, functional=False, gpu=resolve_gpu("auto"))
+    path = export_aoti(exported.result, os.path.join(folder, f"decode-{model.config.max_seq_len}.pt2"))
+    return load_aoti_package(path, cuda=True, single_threaded=True)
+
+
 @torch.no_grad()
 def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64, 1), compiled: bool = True,
-                    budget_s: float = 420.0, log=print) -> list[dict]:
-    """Every row: dict(config, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager, note)."""
+                    budget_s: float = 420.0, log=print, aoti: bool = False) -> list[dict]:
+    """Every row: dict(config, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
+    bytes_per_step, roofline_ms, roofline_pct, note)."""
+    import tempfile
+
     import dsv4_compile
     from dsv4_compile import KVCache, ModelConfig, Transformer
     from dsv4_compile.metrics import rel_rms
@@ -108,11 +165,17 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
     base = ModelConfig.load(config)
     rows: list[dict] = []
+    bandwidth_gbs = copy_bandwidth_gbs()
+    log(f"copy bandwidth {bandwidth_gbs:.0f} GB/s (bytes read + written)")
+    roofline = {}  # (C, B) -> (bytes, ms)
 
     def add(C, B, impl, ms, check=float("nan"), note=""):
+        nbytes, floor_ms = roofline.get((C, B), (float("nan"), float("nan")))
         rows.append(dict(config=config, context=C, batch=B, impl=impl, ms_per_step=ms,
-                         tokens_per_s=B / ms * 1e3 if ms == ms else float("nan"), rel_rms_vs_eager=check, note=note))
-        log(f"  C={C:7d} B={B:3d} {impl:32s} {fmt(ms):>9s} ms/step  rel RMS {fmt(check)}  {note}")
+                         tokens_per_s=B / ms * 1e3 if ms == ms else float("nan"), rel_rms_vs_eager=check,
+                         bytes_per_step=nbytes, roofline_ms=floor_ms, roofline_pct=100 * floor_ms / ms, note=note))
+        log(f"  C={C:7d} B={B:3d} {impl:32s} {fmt(ms):>9s} ms/step  rel RMS {fmt(check)}  "
+            f"{fmt(100 * floor_ms / ms)} % of roofline  {note}")
 
     for C in contexts:
         if C > base.max_seq_len:
@@ -139,9 +202,29 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
             if cuda:
                 torch.cuda.empty_cache()
             continue
+        engine = None
+        if aoti and cuda:
+            if budget_s - (time.time() - t0) > COMPILE_RESERVE_S:
+                folder = tempfile.mkdtemp(prefix="dsv4-decode-engine-")
+                t = time.time()
+                try:
+                    engine = aoti_decode_engine(model, max(batches), folder)
+                    log(f"context {C}: AOTI decode engine exported and compiled in {time.time() - t:.0f} s")
+                except Exception as e:  # noqa: BLE001
+                    for B in batches:
+                        add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note=f"export FAILED: {_err(e)}")
+            else:
+                for B in batches:
+                    add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note="skipped: past the time budget")
         for B in batches:
             cache = KVCache(cfg, B, C, device=DEVICE)
             replicate(cache1, cache)
+            nbytes = decode_step_bytes(model, cache, C, B)
+            total = nbytes["weights"] + nbytes["cache"]
+            roofline[C, B] = (total, total / (bandwidth_gbs * 1e9) * 1e3)
+            log(f"context {C}, batch {B}: a step reads >= {nbytes['weights'] / 1e9:.2f} GB of weights "
+                f"({nbytes['experts_hit']:.1f} experts a MoE layer) + {nbytes['cache'] / 1e9:.3f} GB of cache: "
+                f"roofline {roofline[C, B][1]:.3f} ms")
             step = DecodeStep(model, cache)
             tokens = torch.randint(0, cfg.vocab_size, (B, 1), device=DEVICE)
             positions = torch.full((B,), C - 1, device=DEVICE)
@@ -157,6 +240,12 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
             for name, fn, _ in list(variants):
                 if cuda:
                     variants.append((f"{name}, CUDA graph", fn, True))
+            if engine is not None:
+                engine_cache = KVCache(cfg, B, C, device=DEVICE)  # its own copy: the engine updates it in place
+                replicate(cache1, engine_cache)
+                cache_tensors = [t for _, t in engine_cache.named_tensors()]
+                variants.append(("AOTI decode engine, CUDA graph",
+                                 lambda: engine(tokens, positions, *cache_tensors)[0], True))
             for name, fn, graphed in variants:
                 try:
                     if graphed:
@@ -173,7 +262,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
             del step, cache, variants, comp
             if cuda:
                 torch.cuda.empty_cache()
-        del model, cache1
+        del model, cache1, engine
         if cuda:
             torch.cuda.empty_cache()
     log(f"decode_step: {time.time() - t0:.0f} s")
@@ -190,11 +279,12 @@ def speedup_rows(rows: list[dict]) -> list[dict]:
     for C, B in dict.fromkeys((r["context"], r["batch"]) for r in rows):
         rs = [r for r in rows if (r["context"], r["batch"]) == (C, B)]
         eager = next((r["ms_per_step"] for r in rs if r["impl"] == "eager"), float("nan"))
-        row = dict(context=C, batch=B)
+        row = dict(context=C, batch=B, **{"roofline ms": rs[0]["roofline_ms"]})
         for r in rs:
             row[f"{r['impl']} ms"] = r["ms_per_step"]
             if r["impl"] != "eager":
                 row[f"{r['impl']} x"] = eager / r["ms_per_step"]
+            row[f"{r['impl']} % roofline"] = r["roofline_pct"]
         out.append(row)
     return out
 
@@ -205,7 +295,9 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
              f"{env['date']}; one run. Produced by `bench/bench_decode_step.py`.", "",
              "One step = model.decode of one token per sequence at position context - 1 over a cache "
-             "prefilled to that context (batch 1, copied into every row). x = eager ms / variant ms.", ""]
+             "prefilled to that context (batch 1, copied into every row). x = eager ms / variant ms; "
+             "roofline = the bytes a step must read (weights, the experts batch x top-k picks hit, the cache "
+             "entries attention reads: `decode_step_bytes`) over the copy bandwidth measured in this run.", ""]
     lines += _table(speedup_rows(rows))
     lines += ["", "## All rows", ""] + _table(rows)
     return "\n".join(lines) + "\n"
@@ -249,13 +341,15 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; compiled variants start only "
                         f"with {COMPILE_RESERVE_S:.0f} s of it left")
     parser.add_argument("--no-compile", action="store_true", help="eager and eager + CUDA graph only")
+    parser.add_argument("--aoti", action="store_true", help="also the AOTInductor decode engine (one export + "
+                        "AOTInductor compile per context; needs the LD_PRELOAD `dsv4_compile.load` names on the lent image)")
     args = parser.parse_args(argv)
     if DEVICE != "cuda":
         print("bench_decode_step: needs a CUDA GPU (the CPU test runs run_decode_step on the tiny preset)")
         return 2
     batches = [int(b) for b in args.batches.split(",")]
     return run_and_write(lambda: run_decode_step(args.config, parse_contexts(args.contexts), batches, not args.no_compile,
-                                                 args.budget), write_outputs, args.out, "decode_step.md")
+                                                 args.budget, aoti=args.aoti), write_outputs, args.out, "decode_step.md")
 
 
 if __name__ == "__main__":

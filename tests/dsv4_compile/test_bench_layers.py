@@ -61,10 +61,31 @@ def test_decode_step_rows_and_outputs(tmp_path):
     rows = bench_decode_step.run_decode_step("tiny", (128, 1024), (2,), compiled=False, log=lambda *_: None)
     eager = [r for r in rows if r["impl"] == "eager"]
     assert len(eager) == 1 and eager[0]["ms_per_step"] > 0 and eager[0]["rel_rms_vs_eager"] == 0
+    assert eager[0]["bytes_per_step"] > 0 and 0 < eager[0]["roofline_pct"] == eager[0]["roofline_pct"]
     assert any("max_seq_len is 512" in r["note"] for r in rows if r["context"] == 1024)
     bench_decode_step.write_outputs(rows, str(tmp_path))
     assert len(_rows(tmp_path / "decode_step.csv")) == len(rows)
     assert "Whole decode step, tiny preset" in (tmp_path / "decode_step.md").read_text()
+
+
+def test_decode_step_bytes_counts_what_a_step_must_read():
+    """The roofline's bytes on tiny at context 128, batch 2, counted here by parameter names and by hand
+    from the cache layout (window 8, ratios 0/4/128/4, top-4, 136-byte entries, 17-byte FP4 indexer keys)."""
+    import bench_decode_step
+    from dsv4_compile import KVCache, ModelConfig, Transformer
+
+    config = ModelConfig.load("tiny").replace(max_seq_len=128)
+    model = Transformer(config, seed=0)
+    cache = KVCache(config, 2, 128)
+    got = bench_decode_step.decode_step_bytes(model, cache, 128, 2)
+    sizes = {name: t.numel() * t.element_size() for name, t in (*model.named_parameters(), *model.named_buffers())}
+    experts = sum(n for name, n in sizes.items() if ".ffn.experts." in name and not name.startswith("mtp."))
+    rest = sum(n for name, n in sizes.items() if not name.startswith(("mtp.", "embed.")) and ".ffn.experts." not in name)
+    hit = 1 - (1 - 2 / 8) ** 2                                  # top-2 of 8 experts, 2 tokens
+    assert got["weights"] == pytest.approx(rest + 2 * config.dim * 4 + hit * experts)
+    window, csa, hca = 8 * 136, 8 * 136 + 4 * 136 + 32 * 17, 8 * 136 + 1 * 136
+    assert got["cache"] == 2 * (window + csa + hca + csa)
+    assert got["experts_hit"] == pytest.approx(8 * hit)
 
 
 def test_run_and_write_prints_the_summary_and_reports_a_failed_run(tmp_path, capsys):
