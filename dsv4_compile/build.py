@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"with a GPU, {DEFAULT_MAX_BATCH['cpu']} on the CPU)")
     parser.add_argument("--jobs", type=positive_int_arg, default=None, metavar="N",
                         help="engines exported in parallel processes, one (context, engine kind) each (default: up to "
-                             "the CPU count on a CPU build of seeded weights, else 1: each process holds a model copy)")
+                             "the CPU count; on a GPU build also as many model copies as its free memory holds, one "
+                             "per 4 cores; 1 with weights from a file)")
     parser.add_argument("--thorough", action="store_true",
                         help="verify the engines that run on this CPU for a GPU build (ONNX) at the bucket's longest "
                              f"prompt too (default: prompts up to {CPU_CHECK_SEQ} tokens there)")

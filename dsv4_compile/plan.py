@@ -30,6 +30,34 @@ DEFAULT_MAX_BATCH = {"gpu": 8, "cpu": 2}
 EXPORT_KINDS = ("prefill", "prefill-cache", "decode")
 
 
+# A GPU build's export process holds its own model on the GPU plus torch.export's and Inductor's working
+# memory: counted as twice the weights and this margin. Each keeps about CPUS_PER_GPU_EXPORT cores busy
+# (AOTInductor's C++ compile, Triton's kernel compiles).
+GPU_EXPORT_MARGIN = 4 << 30
+CPUS_PER_GPU_EXPORT = 4
+
+
+def export_jobs(tasks: int, cpus: int, model_bytes: int | None = None, gpu_free_bytes: int | None = None) -> int:
+    """Export processes when --jobs is not given: one per task up to the CPU count; on a GPU build (model
+    and free GPU bytes given) also no more than the free GPU memory holds (each process its own model:
+    2 x weights + GPU_EXPORT_MARGIN) and one per CPUS_PER_GPU_EXPORT cores."""
+    jobs = min(tasks, cpus)
+    if model_bytes is not None:
+        jobs = min(jobs, cpus // CPUS_PER_GPU_EXPORT, gpu_free_bytes // (2 * model_bytes + GPU_EXPORT_MARGIN))
+    return max(1, jobs)
+
+
+def model_bytes(config) -> int:
+    """Bytes of the parameters and buffers of `config`'s model (built on the meta device: nothing allocated)."""
+    import torch
+
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config, seed=0)
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask: a container's share, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -218,12 +246,17 @@ class Plan:
         return [(bucket, kind) for bucket in self.buckets for kind in EXPORT_KINDS]
 
     def default_jobs(self) -> int:
-        """Export processes when --jobs is not given: one per task on a CPU build of seeded weights (up
-        to the CPU count); one on a GPU build or with weights from a file, where each process would
-        hold its own copy of the model."""
-        if self.cuda or self.state is not None:
+        """Export processes when --jobs is not given (`export_jobs`): by tasks and CPUs, on a GPU build
+        by its free memory too; one with weights from a file (each process would get its own copy of
+        the loaded weights)."""
+        if self.state is not None:
             return 1
-        return max(1, min(len(self.export_tasks()), usable_cpus()))
+        if not self.cuda:
+            return export_jobs(len(self.export_tasks()), usable_cpus())
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return export_jobs(len(self.export_tasks()), usable_cpus(), model_bytes(self.config), free)
 
     @property
     def cuda(self) -> bool:

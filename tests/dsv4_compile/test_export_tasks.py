@@ -11,7 +11,8 @@ import pytest
 
 from dsv4_compile import build, steps
 from dsv4_compile.manifest import EngineRecord, Verification
-from dsv4_compile.plan import Plan, usable_cpus
+from dsv4_compile import ModelConfig
+from dsv4_compile.plan import Plan, export_jobs, model_bytes, usable_cpus
 
 
 def _plan(tmp_path, *argv) -> Plan:
@@ -30,6 +31,41 @@ def test_default_jobs(tmp_path):
     assert _plan(tmp_path).jobs == min(3, usable_cpus())  # CPU, seeded weights: a process per task
     assert _plan(tmp_path, "--context", "256,512").jobs == min(6, usable_cpus())
     assert _plan(tmp_path, "--jobs", "5").jobs == 5
+
+
+GIB = 1 << 30
+
+
+def test_gpu_build_export_jobs_by_memory_and_cores():
+    """A GPU build exports in parallel where the GPU holds a model copy per process (2 x weights + margin)
+    and the host has the cores; never fewer than one process."""
+    assert export_jobs(3, 16, 6 * GIB, 139 * GIB) == 3     # mini on an H200 host: its 3 engines at once
+    assert export_jobs(6, 16, 6 * GIB, 139 * GIB) == 4     # 2 buckets: 4 by the host's 16 cores
+    assert export_jobs(3, 16, 30 * GIB, 79 * GIB) == 1     # a 30 GiB model on an 80 GB H100: one copy
+    assert export_jobs(3, 8, 6 * GIB, 139 * GIB) == 2      # 8 cores
+    assert export_jobs(3, 16, 200 * GIB, 79 * GIB) == 1    # does not fit twice: still one process
+    assert export_jobs(6, 2) == 2                          # a CPU build: by tasks and cores only
+
+
+def test_gpu_default_jobs_reads_the_free_gpu_memory_and_the_models_size(monkeypatch):
+    import types
+
+    import torch
+
+    from dsv4_compile import plan as plan_module
+
+    config = ModelConfig.load("mini")
+    size = model_bytes(config)
+    assert 4 * GIB < size < 8 * GIB                         # mini: about 5.6 GB in bf16 (its head in fp32)
+    fake = types.SimpleNamespace(state=None, cuda=True, config=config, export_tasks=lambda: [(8192, k) for k in "abc"])
+    monkeypatch.setattr(plan_module, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (139 * GIB, 141 * GIB))
+    assert Plan.default_jobs(fake) == 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (2 * size, 141 * GIB))   # a busy GPU
+    assert Plan.default_jobs(fake) == 1
+    fake.state = {"weights": "loaded"}                                                 # weights from a file
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (139 * GIB, 141 * GIB))
+    assert Plan.default_jobs(fake) == 1
 
 
 def test_jobs_must_be_positive(tmp_path):
