@@ -171,9 +171,22 @@ class VocabParallelHead(nn.Linear):
         return all_gather_last(super().forward(x), self.ranks, self.group_name)
 
 
+def sum_partials(partial: torch.Tensor, dtype: torch.dtype, group_name: str) -> torch.Tensor:
+    """The sum over a process group of each rank's float32 partial product, rounded once to `dtype`.
+
+    Why float32: the plain model's one GEMM accumulates in float32 and rounds its output once; rounding
+    each rank's partial product to bf16 before the sum adds a rounding per partial (tp=2 bf16, tiny:
+    9.0e-2 relative RMS off the one-process bf16 logits with bf16 partials, 1.6e-2 with float32 ones,
+    against 7.9e-2 between one-process bf16 and float32; bench/results/cpu/parallel_notes.md). The
+    cost: the all-reduce carries float32 [..., out] (twice bf16's bytes) and the rank's weight is
+    read as float32 (a no-op in a float32 model)."""
+    return all_reduce_sum(partial.float(), group_name).to(dtype)
+
+
 class RowParallelLinear(nn.Linear):
     """A bias-free linear holding (a copy of) this rank's columns of a weight, [out, in / ranks]: the
-    ranks' partial products are summed by an all-reduce, so every rank gets the whole output."""
+    ranks' float32 partial products are summed by an all-reduce and rounded once to x's dtype
+    (`sum_partials`), so every rank gets the whole output."""
 
     def __init__(self, weight: torch.Tensor, group_name: str):
         super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -181,13 +194,14 @@ class RowParallelLinear(nn.Linear):
         self.group_name = group_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(super().forward(x), self.group_name)
+        return sum_partials(F.linear(x.float(), self.weight.float()), x.dtype, self.group_name)
 
 
 class RowParallelFP8Linear(FP8Linear):
     """RowParallelLinear of an as-shipped FP8 weight: (a copy of) this rank's columns [out, in / ranks]
     and their scale tiles (whole 128-column tiles, so the activation's 128-wide quantization blocks
-    are the plain model's)."""
+    are the plain model's); float32 partial products (`sum_partials`: FP8Linear's output is its
+    input's dtype, and a bf16 input quantizes to the same FP8 codes as float32)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, quantize_input: bool, group_name: str):
         super().__init__(weight.shape[1], weight.shape[0], device="meta", quantize_input=quantize_input)
@@ -195,7 +209,7 @@ class RowParallelFP8Linear(FP8Linear):
         self.group_name = group_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce_sum(super().forward(x), self.group_name)
+        return sum_partials(super().forward(x.float()), x.dtype, self.group_name)
 
 
 class _LocalExperts:
