@@ -19,7 +19,7 @@ previous build at --out is replaced.
 
 With `--parallel tp=T,ep=E` (model/parallel.py's layout) the build runs as T * E processes under
 torchrun (anything else is refused in one line with the torchrun command): every rank builds the model
-and keeps its shard, checks compile, exports its own AOTInductor engines (the only format: they call
+and keeps its shard (of a --weights checkpoint folder it reads its shard alone), checks compile, exports its own AOTInductor engines (the only format: they call
 torch.distributed's functional collectives) into rank<r>/ of the build folder, and verifies them in
 its own process against its sharded eager model, all ranks together; rank 0 writes the manifest with
 the mesh (distributed.py) and prints.
@@ -201,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
         return dataclasses.replace(manifest, mesh=mesh)
 
     try:
-        progress.start("model", "seeded weights" if plan.state is None else f"weights {plan.weights_path}")
+        progress.start("model", "seeded weights" if plan.weights["source"] == "seed" else f"weights {plan.weights_path}")
         model = plan.model(plan.buckets[0])
         n_params = sum(p.numel() for p in model.parameters())
         if parallel:

@@ -19,7 +19,7 @@ import tempfile
 from .arguments import UsageError
 from .manifest import FORMATS, sha256_file
 from .model.context import format_context
-from .reference import checkpoint_state, eager_model
+from .reference import checkpoint_config, checkpoint_shard, checkpoint_state, eager_model
 
 DEFAULT_FORMATS = "aoti,onnx"
 # A parallel build's only format: AOTInductor packages the functional collectives, ONNX has none.
@@ -207,7 +207,10 @@ class Plan:
         self.max_batch = getattr(args, "max_batch", None) or DEFAULT_MAX_BATCH["cpu" if self.target == "cpu" else "gpu"]
         self.weights_path = os.path.abspath(args.weights) if args.weights else None
         if checkpoint:
-            self.state, self.config = checkpoint_state(self.weights_path, self.config, strict_mtp=bool(args.config))
+            if self.layout:  # headers checked here; each rank reads its own shard in model()
+                self.state, self.config = None, checkpoint_config(self.weights_path, self.config, strict_mtp=bool(args.config))
+            else:
+                self.state, self.config = checkpoint_state(self.weights_path, self.config, strict_mtp=bool(args.config))
             self.weights = {"source": "checkpoint", "path": self.weights_path,
                             "sha256": checkpoint_identity(self.weights_path)}
         else:
@@ -263,8 +266,11 @@ class Plan:
         return self.target != "cpu"
 
     def model(self, bucket: int):
-        """The reference model at context `bucket`; with --parallel, this rank's shard of it (every rank
-        builds the whole model, then keeps its shard: a checkpoint is read whole on every rank here)."""
+        """The reference model at context `bucket`; with --parallel, this rank's shard of it over the
+        engines' process groups (seeded weights or a weights file: every rank builds the whole model,
+        then keeps its shard; a checkpoint folder: every rank reads its shard alone)."""
+        if self.layout and self.weights["source"] == "checkpoint":
+            return checkpoint_shard(self.weights_path, self.config.replace(max_seq_len=bucket), self.layout, self.cuda)
         model = eager_model(self.config.replace(max_seq_len=bucket), seed=self.seed, state=self.state, cuda=self.cuda)
         if self.layout:
             from .distributed import sharded_model

@@ -36,37 +36,75 @@ def checkpoint_state(path: str, config, strict_mtp: bool = True) -> tuple[dict, 
     """A released checkpoint folder -> (the state_dict of `config`'s model, FP8 / MXFP4 dequantized to
     its dtype, on the CPU; the config loaded: MTP off when the checkpoint has no MTP tensors, an error
     instead with `strict_mtp`). CheckpointError (every bad tensor, one line each) as a UsageError."""
+    from .checkpoint import from_pretrained
+
+    model = _checked_checkpoint(path, config, strict_mtp,
+                                lambda: from_pretrained(path, config=config, weights="bf16", device="cpu"))
+    return model.state_dict(), model.config
+
+
+def checkpoint_config(path: str, config, strict_mtp: bool = True):
+    """checkpoint_state's checks and config from the checkpoint's headers alone, no tensor read: for a
+    parallel build, whose ranks each read their own shard (`checkpoint_shard`)."""
+    from .checkpoint import check_checkpoint
+
+    return _checked_checkpoint(path, config, strict_mtp, lambda: check_checkpoint(path, config=config)).config
+
+
+def _checked_checkpoint(path: str, config, strict_mtp: bool, load):
+    """load() (a Transformer of the checkpoint at `path`), its CheckpointError and, with `strict_mtp`, a
+    checkpoint without the MTP tensors `config` has, as a UsageError (one line)."""
     import warnings
 
     from .arguments import UsageError
-    from .checkpoint import CheckpointError, from_pretrained
+    from .checkpoint import CheckpointError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the MTP note: handled below
-            model = from_pretrained(path, config=config, weights="bf16", device="cpu")
+            model = load()
     except CheckpointError as err:
         raise UsageError(f"--weights {path!r}: {err}") from None
     if strict_mtp and model.config.n_mtp_layers != config.n_mtp_layers:
         raise UsageError(f"--weights {path!r}: no MTP tensors, but config {config.name!r} has {config.n_mtp_layers} "
                          f"MTP layer(s); pass a config with n_mtp_layers: 0")
-    return model.state_dict(), model.config
+    return model
+
+
+def checkpoint_shard(path: str, config, layout, cuda: bool, role: str = "engines"):
+    """This rank's shard of the checkpoint at `path` (`config`, from checkpoint_config), FP8 / MXFP4
+    dequantized to its dtype on the build's device, each sharded tensor read as its part alone
+    (from_pretrained's parallel loading), over this process's mesh for `role` (distributed.process_mesh:
+    the engines' own groups, not the default group's); eval, no grad. Every rank calls this together."""
+    from .checkpoint import from_pretrained
+    from .distributed import process_mesh
+
+    device = "cuda" if cuda else "cpu"
+    model = from_pretrained(path, config=config, weights="bf16", device=device, parallel=layout,
+                            mesh=process_mesh(layout, device, role))
+    return model.requires_grad_(False)
 
 
 def build_reference(manifest, config, bucket: int, dtype: str):
     """The eager reference of one engine of a build (`manifest`): the build's weights (its seed, its
     weights file or its checkpoint folder), at the engine's context `bucket` and compute `dtype`, on the build's device.
     A parallel build's (its manifest has a `mesh`): this rank's shard of it, as the build made its engines
-    (every rank of the build's world calls this together)."""
+    (every rank of the build's world calls this together); of a checkpoint in its own dtype, read as
+    the shard alone (checkpoint_shard)."""
     weights = manifest.weights or {"source": "seed", "seed": 0}
+    cuda = manifest.device.get("kind") == "cuda"
+    if manifest.mesh is not None and weights.get("source") == "checkpoint" and dtype == config.dtype:
+        from .model.parallel import ParallelLayout
+
+        return checkpoint_shard(weights["path"], config.replace(max_seq_len=bucket),
+                                ParallelLayout.parse(manifest.mesh["layout"]), cuda, role="reference")
     state = None
     if weights.get("source") == "file":
         from safetensors.torch import load_file
 
         state = load_file(weights["path"])
     elif weights.get("source") == "checkpoint":
-        state, _ = checkpoint_state(weights["path"], config)
-    cuda = manifest.device.get("kind") == "cuda"
+        state, _ = checkpoint_state(weights["path"], config)  # a parallel build's float32 twin: read whole, then sharded
     model = eager_model(config.replace(max_seq_len=bucket), seed=int(weights.get("seed", 0)), state=state, cuda=cuda)
     model = model if dtype == config.dtype else float32_twin(model, cuda=cuda)
     if manifest.mesh is not None:

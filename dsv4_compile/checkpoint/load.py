@@ -100,7 +100,7 @@ def load_config(path: Path, config: ModelConfig | str | Path | None) -> ModelCon
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
                     weights: str = "as-shipped", config: ModelConfig | str | Path | None = None,
                     progress: Callable[[str], None] | None = None,
-                    parallel: ParallelLayout | str | None = None) -> Transformer:
+                    parallel: ParallelLayout | str | None = None, mesh: DeviceMesh | None = None) -> Transformer:
     """A checkpoint folder in the Hugging Face or the inference layout -> Transformer, in eval mode.
 
     dtype: the model's compute dtype (default: the config's, bfloat16 for the releases); device: where
@@ -108,7 +108,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     ModelConfig or a config.json to use instead of the folder's. Without MTP tensors in the
     checkpoint the model is built with MTP off (n_mtp_layers 0) and a warning says so. parallel: a
     ParallelLayout or "tp=T,ep=E": this rank's shard (module docstring), in an initialised default
-    process group of world size T * E (every rank calls this).
+    process group of world size T * E (every rank calls this); mesh: the (ep, tp) DeviceMesh its
+    collectives run over (default: `layout.device_mesh`, over the default group; a parallel build
+    passes its engines' own, distributed.process_mesh).
     Raises CheckpointError (a bad checkpoint: every problem, one line each), ConfigError, or
     ValueError (a bad weights mode or parallel layout).
     """
@@ -116,27 +118,14 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights={weights!r}: accepted: {', '.join(WEIGHT_MODES)}")
     layout = ParallelLayout.parse(parallel) if isinstance(parallel, str) else parallel
-    files = discover(path)
-    cfg = load_config(path, config)
-    if dtype is not None:
-        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-        cfg = cfg.replace(dtype=name)
+    model, files, plan, notes = _checked(path, config, dtype)
     if layout is not None:
-        layout.check_config(cfg)
+        layout.check_config(model.config)
         if not dist.is_initialized():
             raise ValueError(f"parallel={str(layout)!r}: needs an initialised torch.distributed process group of "
                              f"world size tp * ep = {layout.world_size} (init_process_group on every rank)")
-        mesh = layout.device_mesh(torch.device(device or "cpu").type)
-    info = CheckpointInfo(str(path), files.layout, weights, parallel=None if layout is None else str(layout))
-    stored = _canonical_names(files)
-    if cfg.n_mtp_layers and not any(n.startswith("mtp.") for n in stored):
-        cfg = cfg.replace(n_mtp_layers=0)
-        info.notes.append(f"{path}: the checkpoint has no MTP tensors (mtp.*; transformers' save_pretrained drops them): "
-                          f"loaded with MTP off")
-        warnings.warn(info.notes[-1], stacklevel=2)
-    with torch.device("meta"):
-        model = Transformer(cfg, seed=None)
-    plan = _plan(model, files, stored)
+        mesh = mesh or layout.device_mesh(torch.device(device or "cpu").type)
+    info = CheckpointInfo(str(path), files.layout, weights, parallel=None if layout is None else str(layout), notes=notes)
     as_shipped = (_swap_fp8_linears(model, plan) | _swap_mxfp4_experts(model, plan)) if weights == "as-shipped" else set()
     info.fp8_linears = sum(1 for name in as_shipped if not names.is_stacked_experts(name))
     info.mxfp4_experts = sum(1 for name in as_shipped if name.endswith("experts.w1"))
@@ -149,6 +138,32 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
     model.eval()
     model.checkpoint = info
     return model
+
+
+def check_checkpoint(path: str | Path, config: ModelConfig | str | Path | None = None,
+                     dtype: torch.dtype | str | None = None) -> Transformer:
+    """Steps 1-3 of the module docstring alone, reading headers and no tensor data: the model the
+    checkpoint at `path` loads as, on the meta device (MTP off, with from_pretrained's warning, when it
+    has no MTP tensors). Arguments and errors: from_pretrained's."""
+    return _checked(Path(path), config, dtype)[0]
+
+
+def _checked(path: Path, config, dtype) -> tuple[Transformer, CheckpointFiles, _Plan, list[str]]:
+    """Steps 1-3: (the model on the meta device, the files, the plan, notes for CheckpointInfo)."""
+    files = discover(path)
+    cfg = load_config(path, config)
+    if dtype is not None:
+        name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+        cfg = cfg.replace(dtype=name)
+    stored, notes = _canonical_names(files), []
+    if cfg.n_mtp_layers and not any(n.startswith("mtp.") for n in stored):
+        cfg = cfg.replace(n_mtp_layers=0)
+        notes.append(f"{path}: the checkpoint has no MTP tensors (mtp.*; transformers' save_pretrained drops them): "
+                     f"loaded with MTP off")
+        warnings.warn(notes[-1], stacklevel=3)  # the caller of from_pretrained or check_checkpoint
+    with torch.device("meta"):
+        model = Transformer(cfg, seed=None)
+    return model, files, _plan(model, files, stored), notes
 
 
 def _canonical_names(files: CheckpointFiles) -> dict[str, list[TensorEntry]]:

@@ -25,6 +25,7 @@ bytes (widened to whole FP8 tiles).
 from __future__ import annotations
 
 import re
+import weakref
 from collections import Counter
 from pathlib import Path
 
@@ -66,11 +67,19 @@ def _load(path: str, config: ModelConfig, weights: str = "bf16", **kwargs) -> Tr
 
 def _worker(rank: int, world: int, checkpoints: dict) -> dict:
     reads: list[tuple[str, str, int, int]] = []   # (file, tensor, bytes read, bytes stored) of every read
+    in_flight = {"now": 0, "peak": 0}              # bytes of the tensors read and not yet freed
     read = TensorReader.read
+
+    def freed(n: int) -> None:
+        in_flight["now"] -= n
 
     def counted(self, entry, part=None):
         value = read(self, entry, part)
         reads.append((entry.file.name, entry.name, value.numel() * value.element_size(), entry.nbytes))
+        n = value.untyped_storage().nbytes()
+        in_flight["now"] += n
+        in_flight["peak"] = max(in_flight["peak"], in_flight["now"])
+        weakref.finalize(value, freed, n)
         return value
 
     TensorReader.read = counted
@@ -79,8 +88,10 @@ def _worker(rank: int, world: int, checkpoints: dict) -> dict:
         for text in LAYOUTS:
             for weights in WEIGHTS:
                 reads.clear()
+                before = in_flight["peak"] = in_flight["now"]
                 sharded = _load(path, config, weights, parallel=text)
                 results[name, text, weights] = {"state": sharded.state_dict(), "reads": list(reads),
+                                                "peak in flight": in_flight["peak"] - before,
                                                 "info": sharded.checkpoint.parallel, "kinds": _kinds(sharded),
                                                 "logits": run_logits(sharded, prompt_tokens(config))}
                 in_memory = parallelize(_load(path, config, weights), ParallelLayout.parse(text))
@@ -88,11 +99,38 @@ def _worker(rank: int, world: int, checkpoints: dict) -> dict:
     quantized = _load(checkpoints["inference mp=2"][0], QUANTIZED, "as-shipped", parallel="tp=2")
     results["quantized"] = {"logits": run_logits(quantized, prompt_tokens(QUANTIZED)), "kinds": _kinds(quantized),
                             "quantize_input": quantized.layers[1].attn.wo_b.quantize_input}
+    results["build"] = _build_shard(checkpoints["hf"][0], reads)
     try:
         _load(*checkpoints["hf"], parallel="tp=2,ep=2")
     except ValueError as error:
         results["world size"] = str(error)
     return results
+
+
+def _build_shard(path: str, reads: list) -> dict:
+    """`build --parallel tp=2 --weights <checkpoint folder>`'s plan on this rank: its model (Plan.model),
+    the tensors read for it, the process groups its collectives call and the build's engine groups; and
+    the same of from_pretrained(parallel="tp=2") over the default group's mesh, for comparison."""
+    import argparse
+    import tempfile
+
+    from dsv4_compile.build import add_arguments
+    from dsv4_compile.distributed import collective_groups, process_mesh
+    from dsv4_compile.plan import Plan
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = str(Path(tempfile.mkdtemp()) / "out")
+    plan = Plan(parser.parse_args(["--gpu", "cpu", "--context", "128", "--parallel", "tp=2", "--weights", path, "--out", out]))
+    got = {"state before model()": plan.state}
+    reads.clear()
+    model = plan.model(128)
+    got.update(state=model.state_dict(), reads=list(reads), groups=set(collective_groups(model)),
+               engine_groups={group.group_name for group in process_mesh(plan.layout, "cpu").get_all_groups()})
+    reads.clear()
+    loaded = _load(path, plan.config.replace(max_seq_len=128), parallel="tp=2")
+    got["loader"] = {"state": loaded.state_dict(), "reads": list(reads), "groups": set(collective_groups(loaded))}
+    return got
 
 
 def _kinds(model: Transformer) -> dict[str, str]:
@@ -158,6 +196,27 @@ def test_a_rank_reads_only_its_experts(world2, checkpoints, name):
             assert experts == {(block, e): 6 for block in blocks for e in mine}, f"{name} {layout} {weights} rank {rank}"
 
 
+@pytest.mark.parametrize("name", ["hf", "inference", "inference mp=2"])
+def test_a_rank_holds_its_share_and_one_tensor_in_flight(world2, full, name):
+    """Host memory of a sharded load: the model's own storage is the rank's share (its state_dict is
+    the full load's cut, test_sharded_load_is_the_full_load_sharded), and what is read beside it is
+    freed tensor by tensor: the bytes read and not yet freed never exceed twice the largest single read
+    (an FP8 weight's codes and its scale tiles are alive together, or two MP pieces being joined).
+    Observed, every layout and mode: 1.25x the largest read (the tiny preset), 1.5x (inference mp=2:
+    a part joined from two MP shards' pieces beside a previous tensor's). A loader that kept what it
+    read (or read everything before copying) holds the checkpoint, many times the largest tensor.
+    Measured RSS of a larger synthetic checkpoint: bench/results/cpu/parallel_notes.md."""
+    whole = sum(t.numel() * t.element_size() for t in full[name, "bf16"][0].values())
+    for rank, results in enumerate(world2):
+        for layout, weights in ((layout, weights) for layout in LAYOUTS for weights in WEIGHTS):
+            got = results[name, layout, weights]
+            largest = max(n for _, _, n, _ in got["reads"])
+            held = sum(t.numel() * t.element_size() for t in got["state"].values())
+            assert largest <= got["peak in flight"] <= 2 * largest, \
+                f"{name} {layout} {weights} rank {rank}: {got['peak in flight']} bytes in flight, largest read {largest}"
+            assert held + got["peak in flight"] < whole, f"{name} {layout} {weights} rank {rank}"
+
+
 # cut by tp: the attention's and the indexer's heads, the vocabulary
 SPLIT = re.compile(r".*\.attn\.(wq_b|wo_a|wo_b|indexer\.wq_b|indexer\.weights_proj)\.(weight|scale)|.*\.attn\.attn_sink"
                    r"|(embed|head)\.weight")
@@ -203,6 +262,24 @@ def test_as_shipped_tensor_parallel_with_activation_quantization(world2, checkpo
         assert got["kinds"] == AS_SHIPPED["wide", "tp=2"] and got["quantize_input"]
         assert_parallel_logits(f"inference mp=2 tp=2 as-shipped quantized rank {rank}", reference, got["logits"], flips=True,
                                within_share=0.85)
+
+
+def test_a_parallel_build_reads_only_its_shard_over_its_engine_groups(world2, checkpoints):
+    """`build --parallel tp=2 --weights DIR`: Plan checks the checkpoint's headers and keeps no state; its
+    model is each rank's shard read as from_pretrained(parallel=...) reads it (the same tensors and
+    bytes: its parts alone, far less than the checkpoint), equal bit for bit, but its collectives call
+    the build's engine groups (distributed.process_mesh), not the default group's mesh."""
+    path = checkpoints["hf"][0]
+    stored = sum(e.nbytes for f in Path(path).glob("*.safetensors") for e in read_header(f).values())
+    for rank, results in enumerate(world2):
+        got = results["build"]
+        assert got["state before model()"] is None
+        assert got["reads"] == got["loader"]["reads"] and sum(n for _, _, n, _ in got["reads"]) < stored
+        assert got["state"].keys() == got["loader"]["state"].keys()
+        for key, value in got["state"].items():
+            assert_bits_equal(f"build shard rank {rank} {key}", got["loader"]["state"][key], value)
+        assert got["groups"] and got["groups"] <= got["engine_groups"], (got["groups"], got["engine_groups"])
+        assert not got["groups"] & got["loader"]["groups"]
 
 
 def test_world_size_mismatch_is_refused_in_one_line(world2):
