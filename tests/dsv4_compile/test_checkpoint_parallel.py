@@ -28,6 +28,7 @@ import re
 import weakref
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import safetensors.torch
@@ -109,14 +110,16 @@ def _worker(rank: int, world: int, checkpoints: dict) -> dict:
 
 def _build_shard(path: str, reads: list) -> dict:
     """`build --parallel tp=2 --weights <checkpoint folder>`'s plan on this rank: its model (Plan.model),
-    the tensors read for it, the process groups its collectives call and the build's engine groups; and
-    the same of from_pretrained(parallel="tp=2") over the default group's mesh, for comparison."""
+    the tensors read for it, the process groups its collectives call and the build's engine groups; the
+    same of verify's reference of that build (reference.build_reference) and its groups; and of
+    from_pretrained(parallel="tp=2") over the default group's mesh, for comparison."""
     import argparse
     import tempfile
 
     from dsv4_compile.build import add_arguments
     from dsv4_compile.distributed import collective_groups, process_mesh
     from dsv4_compile.plan import Plan
+    from dsv4_compile.reference import build_reference
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -127,6 +130,12 @@ def _build_shard(path: str, reads: list) -> dict:
     model = plan.model(128)
     got.update(state=model.state_dict(), reads=list(reads), groups=set(collective_groups(model)),
                engine_groups={group.group_name for group in process_mesh(plan.layout, "cpu").get_all_groups()})
+    reads.clear()  # verify's eager reference of such a build (a manifest's weights, device and mesh)
+    build = SimpleNamespace(weights=plan.weights, device={"kind": "cpu"}, mesh={"layout": str(plan.layout)})
+    reference = build_reference(build, plan.config, 128, plan.config.dtype)
+    got["reference"] = {"state": reference.state_dict(), "reads": list(reads), "groups": set(collective_groups(reference)),
+                        "reference_groups": {group.group_name for group in
+                                             process_mesh(plan.layout, "cpu", "reference").get_all_groups()}}
     reads.clear()
     loaded = _load(path, plan.config.replace(max_seq_len=128), parallel="tp=2")
     got["loader"] = {"state": loaded.state_dict(), "reads": list(reads), "groups": set(collective_groups(loaded))}
@@ -268,7 +277,8 @@ def test_a_parallel_build_reads_only_its_shard_over_its_engine_groups(world2, ch
     """`build --parallel tp=2 --weights DIR`: Plan checks the checkpoint's headers and keeps no state; its
     model is each rank's shard read as from_pretrained(parallel=...) reads it (the same tensors and
     bytes: its parts alone, far less than the checkpoint), equal bit for bit, but its collectives call
-    the build's engine groups (distributed.process_mesh), not the default group's mesh."""
+    the build's engine groups (distributed.process_mesh), not the default group's mesh; verify's eager
+    reference of the build reads and holds the same, over the "reference" groups."""
     path = checkpoints["hf"][0]
     stored = sum(e.nbytes for f in Path(path).glob("*.safetensors") for e in read_header(f).values())
     for rank, results in enumerate(world2):
@@ -280,6 +290,12 @@ def test_a_parallel_build_reads_only_its_shard_over_its_engine_groups(world2, ch
             assert_bits_equal(f"build shard rank {rank} {key}", got["loader"]["state"][key], value)
         assert got["groups"] and got["groups"] <= got["engine_groups"], (got["groups"], got["engine_groups"])
         assert not got["groups"] & got["loader"]["groups"]
+        reference = got["reference"]
+        assert reference["reads"] == got["reads"] and reference["state"].keys() == got["state"].keys()
+        for key, value in reference["state"].items():
+            assert_bits_equal(f"verify's reference rank {rank} {key}", got["state"][key], value)
+        assert reference["groups"] and reference["groups"] <= reference["reference_groups"]
+        assert not reference["groups"] & (got["engine_groups"] | got["loader"]["groups"])
 
 
 def test_world_size_mismatch_is_refused_in_one_line(world2):
