@@ -161,8 +161,9 @@ def check(cond: bool, message: str) -> None:
 
 def check_tensor(op: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dtype] | None = None,
                  ndim: int | None = None, min_ndim: int | None = None, shape: Sequence[int] | None = None,
-                 device: torch.device | None = None) -> None:
-    """dtype, rank, shape, contiguity and device of one input, each with a one-line error."""
+                 device: torch.device | None = None, rows: bool = False) -> None:
+    """dtype, rank, shape, contiguity and device of one input, each with a one-line error. rows: only
+    the last dimension need be contiguous (unit stride; the rows may be strided)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -173,7 +174,9 @@ def check_tensor(op: str, name: str, t: torch.Tensor, dtypes: Sequence[torch.dty
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; need at least {min_ndim} dims")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; need {tuple(shape)}")
-    if not t.is_contiguous():
+    if rows and t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{op}: {name} has strides {t.stride()}; need unit stride in the last dimension")
+    if not rows and not t.is_contiguous():
         raise ValueError(f"{op}: {name} is not contiguous (strides {t.stride()}); call .contiguous() first")
     if device is not None and t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, the other inputs on {device}")

@@ -124,3 +124,49 @@ def workspace_width(topk: int, cfg: IndexerTopkConfig) -> int:
 def default_config(gpu_name: str | None = None) -> IndexerTopkConfig:
     """The default for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'); None = the current device."""
     return pick_default(DEFAULT_CONFIGS, gpu_name)
+
+
+# ---- the radix select (radix_topk.py) ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class RadixTopkConfig(KernelConfig):
+    """One program a row of scores: digit passes over the row in tiles of `block_n` keys, each a
+    tl.histogram of the next `digit_bits` bits of the keys still in the running (see DESIGN.md, Radix
+    select).
+
+    block_n:    keys a tile (block_n / (32 x num_warps) a thread); each tile's histogram ends with its
+                bins read back from shared memory, so larger tiles amortise that.
+    digit_bits: 8 (4 histogram passes of 256 bins) or 11 (3 passes, 11 + 11 + 10 bits, of 2048 bins).
+                tl.histogram (Triton 3.9, sm_90) is one shared-memory atomic add a key, plus zeroing the bins
+                and reading them back into registers each tile (bins / (32 x num_warps) a thread): 11 bits
+                saves a pass over the row (an L2 read) for 8x the per-tile bin traffic. 8 by default,
+                unmeasured: the tuner's to weigh.
+    num_warps:  Triton launch parameter.
+    """
+
+    block_n: int = 1024
+    digit_bits: int = 8
+    num_warps: int = 4
+
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_n", "num_warps")
+    DIGIT_BITS: ClassVar[tuple[int, ...]] = (8, 11)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.digit_bits not in self.DIGIT_BITS:
+            raise ValueError(f"RadixTopkConfig.digit_bits = {self.digit_bits}: choose one of {self.DIGIT_BITS}")
+
+
+RADIX_DEFAULT_CONFIGS: dict[str, RadixTopkConfig] = {
+    # the interpreter's cost is per tile: rows of ~1000 keys span two tiles (tests pick smaller ones)
+    "interpreter": RadixTopkConfig(block_n=512, digit_bits=8, num_warps=4),
+    # untuned: 8 keys a thread a tile at 8 warps (no GPU measurement yet)
+    "H100": RadixTopkConfig(block_n=2048, digit_bits=8, num_warps=8),
+    "H200": RadixTopkConfig(block_n=2048, digit_bits=8, num_warps=8),
+    "generic": RadixTopkConfig(block_n=1024, digit_bits=8, num_warps=4),
+}
+
+
+def radix_default_config(gpu_name: str | None = None) -> RadixTopkConfig:
+    """The radix select's default for a GPU name; None = the current device."""
+    return pick_default(RADIX_DEFAULT_CONFIGS, gpu_name)

@@ -23,6 +23,7 @@ import triton.language as tl
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config, sm_count
 from .config import (IndexerTopkConfig, default_config, key_rows_refusal, launch_plan, padded_heads_dims,
                      workspace_width)
+from .sort_keys import EMPTY, pack_keys, unpack_index
 
 MAX_TOPK = 4096       # the [block_s, C] compaction sort lives in registers
 PROGRAMS_PER_SM = 4   # persistent programs a CUDA SM (untuned; ~1-2 resident at the V4 tiles, the rest queue)
@@ -34,17 +35,6 @@ MAX_HEAD_DIM = 256
 # ================================================================================================
 # Kernel
 # ================================================================================================
-
-@triton.jit
-def _pack_keys(b_score, o_n, valid):
-    # b_score [BN] fp32, o_n [BN] int32 key indices, valid [BN] -> [BN] int64 sort keys (see module doc)
-    bits = b_score.to(tl.int32, bitcast=True)
-    bits = tl.where(bits == -2147483648, 0, bits)                            # -0.0 -> +0.0
-    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)                                # signed order = float order
-    mono = tl.where(b_score != b_score, 2147483647, mono)                    # every NaN first
-    key = (mono.to(tl.int64) << 32) | (2147483647 - o_n).to(tl.int64)
-    return tl.where(valid, key, -9223372036854775808)
-
 
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -86,7 +76,6 @@ def _tile_scores(b_q, b_k, p_kf, m_kd, fix, UPCAST: tl.constexpr, IEEE: tl.const
 def _sorted_rows(p_rows, cnt, C: tl.constexpr):
     # p_rows [BS, C] workspace slots, cnt [BS] int32 filled slots each -> [BS, C] int64 keys, each row
     # sorted descending (EMPTY past cnt). Ends with a barrier: every thread has read before any store.
-    EMPTY: tl.constexpr = -9223372036854775808
     o_c = tl.arange(0, C)
     tl.debug_barrier()                                                      # every thread's appends are visible
     buf = tl.sort(tl.load(p_rows, mask=o_c[None, :] < cnt[:, None], other=EMPTY), descending=True)
@@ -99,7 +88,6 @@ def _compact(p_row, cnt, topk, C: tl.constexpr):
     # p_row [BS] pointers to the program's workspace rows, cnt [BS] int32 filled slots each.
     # Keeps each row's topk best keys (sorted descending) in its first slots; returns (cnt, thr) with
     # thr [BS] = the row's topk-th best key (EMPTY while it holds fewer).
-    EMPTY: tl.constexpr = -9223372036854775808
     o_c = tl.arange(0, C)
     p_rows = p_row[:, None] + o_c[None, :]                                  # [BS, C]
     buf = _sorted_rows(p_rows, cnt, C)
@@ -128,7 +116,6 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
     pid = tl.program_id(0).to(tl.int64)
     n_prog = tl.num_programs(0)
     M: tl.constexpr = BLOCK_S * BLOCK_H
-    EMPTY: tl.constexpr = -9223372036854775808
     o_m = tl.arange(0, M)                                                   # row = query (s0 + m // BH) x head (m % BH)
     o_hm = o_m % BLOCK_H
     o_d = tl.arange(0, BLOCK_D)
@@ -178,7 +165,7 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
                     b_s = b_s * b_w[:, None]
                     score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
                 valid = o_n[None, :] < n_vis[:, None]
-                key = _pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
+                key = pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
                 sel = key > thr[:, None]                                       # [BS, BN]; EMPTY never
                 n_sel = tl.sum(sel.to(tl.int32), axis=1)                       # [BS]
                 if tl.max(n_sel, axis=0) > 0:
@@ -187,7 +174,7 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
                     cnt += n_sel
             n0 = n1
         buf = _sorted_rows(p_row[:, None] + o_c[None, :], cnt, C)           # [BS, C]
-        idx = tl.where(buf == EMPTY, -1, 2147483647 - (buf & 0xFFFFFFFF)).to(tl.int32)
+        idx = unpack_index(buf)
         tl.store(p_out + (b * S + o_s[:, None]) * topk + o_c[None, :], idx, mask=m_s[:, None] & (o_c[None, :] < topk))
 
 

@@ -35,7 +35,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from dsv4_compile.kernels.indexer_topk import IndexerTopkConfig, indexer_topk, naive  # noqa: E402
-from dsv4_compile.kernels.indexer_topk.indexer_topk import _pack_keys  # noqa: E402
+from dsv4_compile.kernels.indexer_topk.sort_keys import pack_keys  # noqa: E402
 
 KERNEL_MODULE = importlib.import_module("dsv4_compile.kernels.indexer_topk.indexer_topk")  # the package's
 # `indexer_topk` attribute is the function
@@ -228,7 +228,7 @@ def test_ties_go_to_the_lowest_index_across_tiles():
 def _pack_kernel(p_s, p_n, p_out, BLOCK: tl.constexpr):
     o = tl.arange(0, BLOCK)
     n = tl.load(p_n + o)
-    tl.store(p_out + o, _pack_keys(tl.load(p_s + o), n, n >= 0))
+    tl.store(p_out + o, pack_keys(tl.load(p_s + o), n, n >= 0))
 
 
 def test_packed_keys_order():
