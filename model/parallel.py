@@ -178,9 +178,19 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype, group_name: str) -> 
     each rank's partial product to bf16 before the sum adds a rounding per partial (tp=2 bf16, tiny:
     9.0e-2 relative RMS off the one-process bf16 logits with bf16 partials, 1.6e-2 with float32 ones,
     against 7.9e-2 between one-process bf16 and float32; bench/results/cpu/parallel_notes.md). The
-    cost: the all-reduce carries float32 [..., out] (twice bf16's bytes) and the rank's weight is
-    read as float32 (a no-op in a float32 model)."""
+    cost: the all-reduce carries float32 [..., out] (twice bf16's bytes); the product itself comes from
+    `float32_product`."""
     return all_reduce_sum(partial.float(), group_name).to(dtype)
+
+
+def float32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T as float32 [..., out]: on CUDA the 16-bit GEMM writing its fp32
+    accumulator (aten::mm.dtype; no float32 copy of the weight per call, which at V4's shapes would
+    triple a decode step's weight traffic), elsewhere (the CPU has no such kernel, and its bf16 GEMMs
+    are slower than fp32 ones anyway) on float32 operands."""
+    if x.is_cuda and x.dtype == weight.dtype and x.dtype != torch.float32 and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.ops.aten.mm.dtype(x.reshape(-1, x.shape[-1]), weight.t(), torch.float32).reshape(*x.shape[:-1], -1)
+    return F.linear(x.float(), weight.float())
 
 
 class RowParallelLinear(nn.Linear):
@@ -194,7 +204,7 @@ class RowParallelLinear(nn.Linear):
         self.group_name = group_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sum_partials(F.linear(x.float(), self.weight.float()), x.dtype, self.group_name)
+        return sum_partials(float32_product(x, self.weight), x.dtype, self.group_name)
 
 
 class RowParallelFP8Linear(FP8Linear):
