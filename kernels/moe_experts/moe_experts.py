@@ -11,7 +11,12 @@ max_expert_blocks(N, E, block_m), so the grids depend on the sizes only (CUDA gr
      gathered, times w1[e]^T and w3[e]^T in one K loop (two accumulators), SwiGLU with the clamps in
      the epilogue; act [n_blocks * block_m, I] in x's dtype.
   2. `_down_kernel`, one program per (block of rows, down_block_n columns of D): act @ w2[e]^T, the
-     routing weight of each row in the epilogue, atomically added (fp32) into out[token].
+     routing weight of each row in the epilogue, stored (fp32) into its assignment's row of
+     slots [T * k, D] (each row written once: no atomics).
+  3. `_sum_slots_kernel`: out[t] = sum over j = 0 .. k-1 of slots[t * k + j] (ids of -1 skipped), in
+     that order, in fp32: the result does not depend on which program finished first (atomics into
+     out[t] summed the k contributions in arrival order, so two runs could differ in the last bit
+     and a greedy token at a near tie with them), and it is the naive twin's order.
 Both sweep the column tiles of group_m row blocks before the next rows (L2 reuse of weight tiles).
 Weights: float (bf16/fp16/fp32, as x), FP8 e4m3 codes with one scale per 128 x 128 tile, or MXFP4
 (two e2m1 codes per byte, low nibble first, one scale per 1 x 32 along the reduction dim); scales
@@ -22,7 +27,8 @@ two weights, their nibbles' bits placed into fp16s, the activations split into e
 to match instead of interleaving the weights.
 Numbers: against the plain op, the routing weight multiplies the fp32 product of w2 instead of the
 activation before its rounding to x's dtype (bf16: within the bf16 tolerance; fp32: equal up to
-summation order), and the k contributions of a token are summed by atomics in no fixed order.
+summation order).
+Workspace: act [n_blocks * block_m, I] in x's dtype, slots [T * k, D] float32, the routing layout.
 """
 from __future__ import annotations
 
@@ -36,6 +42,7 @@ from .._jit_utils import round_bf16
 from .config import MoeExpertsConfig, default_config, fit_block
 
 WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
+SUM_BLOCK_T, SUM_BLOCK_D = 8, 256   # the slot sum reads T * k * D * 4 bytes once: any tile near 2K elements
 _FMT = {"float": 0, "fp8": 1, "mxfp4": 2}
 _SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8, torch.float32)
 
@@ -209,7 +216,7 @@ def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
                  FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_act [n_blocks * BLOCK_M, I]; p_w2 [E, D, I] (or packed); p_weights [T * TOPK] float32;
-    # p_out [T, D] float32, zeroed, accumulated atomically
+    # p_out [T * TOPK, D] float32: row t * TOPK + j of assignment (t, j), written once
     pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
     if e >= E:
@@ -230,9 +237,23 @@ def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
             b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc = _dot(a, b, acc, UPCAST, IEEE)
     weight = tl.load(p_weights + slot, mask=row_ok, other=0.0)
-    token = tl.where(row_ok, slot // TOPK, 0)
-    tl.atomic_add(p_out + token[:, None] * D + offs_n[None, :], acc * weight[:, None],
-                  mask=row_ok[:, None] & (offs_n[None, :] < D))
+    row = tl.where(row_ok, slot, 0).to(tl.int64)
+    tl.store(p_out + row[:, None] * D + offs_n[None, :], acc * weight[:, None],
+             mask=row_ok[:, None] & (offs_n[None, :] < D))
+
+
+@triton.jit
+def _sum_slots_kernel(p_slots, p_ids, p_out, T, TOPK, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    # p_slots [T * TOPK, D] float32 (rows of -1 ids never written), p_ids [T, TOPK] -> p_out [T, D] float32
+    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok, d_ok = offs_t < T, offs_d < D
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for j in range(TOPK):
+        used = t_ok & (tl.load(p_ids + offs_t * TOPK + j, mask=t_ok, other=-1) >= 0)
+        acc += tl.load(p_slots + (offs_t * TOPK + j)[:, None] * D + offs_d[None, :],
+                       mask=used[:, None] & d_ok[None, :], other=0.0)
+    tl.store(p_out + offs_t[:, None] * D + offs_d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
 
 
 # ================================================================================================
@@ -289,10 +310,11 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     weights in `weight_format` ("float": [E, I, D], [E, D, I], [E, I, D] in x's dtype; "fp8": the same
     shapes in float8_e4m3fn with `scales` (w1, w2, w3) [E, ceil(rows/128), ceil(cols/128)]; "mxfp4":
     [E, I, D/2], [E, D, I/2], [E, I, D/2] int8 with scales [E, rows, cols/32]; scales e8m0 or fp32)
-    -> [T, D] float32. Workspace: act [n_blocks * block_m, I] in x's dtype, the routing layout."""
+    -> [T, D] float32. Workspace: act [n_blocks * block_m, I] in x's dtype, slots [T * k, D] float32, the
+    routing layout."""
     E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format)
     T, k = topk_ids.shape
-    out = torch.zeros((T, D), dtype=torch.float32, device=x.device)
+    out = torch.empty((T, D), dtype=torch.float32, device=x.device)
     if isinstance(T, int) and T == 0:
         return out
     cfg = resolve(config, x.device, T * k)
@@ -317,12 +339,23 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
            FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, slot, block_expert, w2, s2, topk_weights, out,
+    slots = torch.empty((T * k, D), dtype=torch.float32, device=x.device)
+    launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, slot, block_expert, w2, s2, topk_weights, slots,
            T * k, k, D, I, E, n_blocks,
            FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
            BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
            num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
+    sum_slots(slots, topk_ids, out)
     return out
+
+
+def sum_slots(slots: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """out [T, D] float32 = for each token the sum of its assignments' rows of slots [T * k, D] float32,
+    j = 0 .. k-1 in order, ids of -1 skipped (their rows are not read)."""
+    T, k = topk_ids.shape
+    D = out.shape[1]
+    launch(_sum_slots_kernel, (triton.cdiv(T, SUM_BLOCK_T), triton.cdiv(D, SUM_BLOCK_D)), slots, topk_ids, out,
+           T, k, D, BLOCK_T=SUM_BLOCK_T, BLOCK_D=SUM_BLOCK_D)
 
 
 # ================================================================================================

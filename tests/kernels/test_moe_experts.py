@@ -20,7 +20,7 @@ import triton.language as tl  # noqa: E402
 
 import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
-from dsv4_compile.kernels.moe_experts.moe_experts import _e2m1_pair, _e4m3, _e8m0  # noqa: E402
+from dsv4_compile.kernels.moe_experts.moe_experts import _e2m1_pair, _e4m3, _e8m0, sum_slots  # noqa: E402
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
@@ -136,6 +136,17 @@ def test_small_tiles_and_group_swizzle():
     """16-row blocks, 16-wide column tiles and group_m 2 over many blocks and column tiles, 32-deep K."""
     cfg = MoeExpertsConfig(block_m=16, block_n=16, block_k=32, group_m=2, down_block_n=16, down_block_k=32)
     run_all(40, 3, 7, 72, 40, torch.float32, "float", "holes", config=cfg)
+
+
+def test_slot_sum_adds_a_tokens_assignments_in_order():
+    """out[t] = slots[t*k] + slots[t*k + 1] + ... in j order (fp32), -1 ids skipped unread. 1 + 2^24 - 2^24
+    is 0 in that order and 1 in the experts' order (2, 1, 0: how atomics landing by expert would add);
+    300 columns: two column tiles."""
+    ids = torch.tensor([[2, 1, 0], [0, -1, 1]], dtype=torch.int32)
+    slots = torch.tensor([1.0, 2.0 ** 24, -2.0 ** 24, 3.0, float("nan"), 0.5]).unsqueeze(1).repeat(1, 300)
+    out = torch.full((2, 300), 7.0)
+    sum_slots(slots.to(DEVICE), ids.to(DEVICE), out := out.to(DEVICE))
+    assert torch.equal(out.cpu(), torch.tensor([[0.0], [3.5]]).expand(2, 300))
 
 
 def test_no_clamp_and_no_tokens():
@@ -262,3 +273,17 @@ def test_flash_shapes_against_the_plain_op(flash_experts, fmt, T):
     out = moe_experts(x, ids, w, *ws, LIMIT, None, fmt, scales)
     ref = PLAIN[fmt](x, ids, w, *ws, *(scales or ()), LIMIT)
     assert_close(f"{fmt} T={T}", ref, out, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("gpu-large")
+def test_flash_shapes_are_bit_reproducible(flash_experts):
+    """Two calls on the same inputs give the same bits (the k contributions of a token summed in a fixed
+    order, not by atomics in arrival order), at a prefill size where many programs write each token."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(4096, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    ids = torch.multinomial(torch.ones(4096, 256, device="cuda"), 6, generator=g).to(torch.int32)
+    w = torch.rand(4096, 6, device="cuda", generator=g) + 0.1
+    ws, _ = flash_experts["float"]
+    first = moe_experts(x, ids, w, *ws, LIMIT)
+    assert all(torch.equal(first, moe_experts(x, ids, w, *ws, LIMIT)) for _ in range(3))
