@@ -22,6 +22,7 @@ import os
 import shlex
 import sys
 from datetime import timedelta
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -85,7 +86,11 @@ def process_mesh(layout: ParallelLayout, device_type: str, role: str = "engines"
     must differ: an AOTInductor package runs holding the GIL, and gloo's worker thread, freeing a
     finished collective whose tensor Python made, takes that group's lock and then waits for the GIL:
     an eager all-reduce just before a package's all-reduce on the same group deadlocks (seen in a
-    build's verification, torch 2.13, gloo)."""
+    build's verification, torch 2.13, gloo). Packages alone can meet it too: a tp=2 build's engines
+    called twice in a row deadlock that way (rank 0's worker thread frees the first call's last
+    collective, an all-gather or all-reduce with a tensor Python knows, while the second call holds
+    the GIL; 2026-12-04); with 20 ms of GIL released between calls they did not (1000 calls). Not
+    solved: tests/dsv4_compile/test_parallel_build.py builds ep=2."""
     key = (str(layout), device_type, role)
     if key not in _MESHES:
         ranks = torch.arange(layout.world_size).view(layout.ep, layout.tp)  # [ep, tp]
@@ -187,6 +192,36 @@ def gathered(value) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+def everywhere(flag: bool) -> bool:
+    """True when `flag` is true on every rank (`flag` itself outside a process group). For a decision
+    that sets how many engine calls follow: an engine call is a collective, so a rank deciding alone
+    runs one the others never join, and both wait forever."""
+    return all(gathered(bool(flag)))
+
+
+class RankFailed(RuntimeError):
+    """A step of a collective sequence raised on some rank (`collectively`): raised on every rank."""
+
+
+T = TypeVar("T")
+
+
+def collectively(step: Callable[[], T]) -> T:
+    """`step()` on this rank, then a check with every rank: when it raised on any rank, every rank
+    raises RankFailed ("rank r: <error>", the first such rank), so that no rank goes on alone to an
+    engine call (a collective) the others will not join. Outside a process group: `step()`."""
+    if not dist.is_initialized():
+        return step()
+    try:
+        value, error = step(), None
+    except Exception as err:  # noqa: BLE001 (every rank raises it below)
+        value, error = None, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    failed = [(rank, e) for rank, e in enumerate(gathered(error)) if e is not None]
+    if failed:
+        raise RankFailed(f"rank {failed[0][0]}: {failed[0][1]}")
+    return value
 
 
 def barrier() -> None:

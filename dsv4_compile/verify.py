@@ -43,6 +43,7 @@ import collections
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -237,11 +238,18 @@ def run_verify_worker(path: str, formats: list[str], seed: int | None = None, cu
 
 def token_sets(compare: Callable[[], dict], limit: float, attempts: int = SHORT_ATTEMPTS) -> list[dict]:
     """Cases of one prompt shape: `compare()` (a fresh token set each call -> a case with "rel_rms") until
-    one is within `limit`, at most `attempts` (a chance flip passes one set; a fault none)."""
+    one is within `limit`, at most `attempts` (a chance flip passes one set; a fault none).
+
+    In a parallel build's world every rank calls this together and each `compare()` runs engines,
+    whose collectives every rank must join: whether to draw another set is decided by all ranks
+    together (the set is within `limit` on every rank), and a `compare()` that raised on one rank
+    raises on every rank (distributed.collectively)."""
+    from .distributed import collectively, everywhere
+
     cases = []
     for _ in range(attempts):
-        cases.append(compare())
-        if cases[-1]["rel_rms"] <= limit:
+        cases.append(collectively(compare))
+        if everywhere(cases[-1]["rel_rms"] <= limit):
             break
     return cases
 
@@ -264,32 +272,47 @@ def judge(cases: list[dict], tol: float, bound: float) -> dict:
 def verify_ranks(path: str, formats: list[str], seed: int, allow_version_skew: bool = False) -> dict:
     """A parallel build's check (all ranks of its world call this together, with the same seed): each
     rank runs `worker` in its own process on its own engines, against its shard of the eager model
-    (the same token sets on every rank, so the collectives line up) -> the outcome of every rank, on
-    every rank: a result fails when it fails on any rank (named in its error)."""
+    (the same token sets on every rank, so the collectives line up: `worker` takes every decision that
+    changes its engine calls with all ranks) -> the outcome of every rank, on every rank: a result
+    fails when it fails on any rank (named in its error)."""
     from .distributed import gathered
     from .manifest import current_device_for, describe_device, read_manifest
 
-    mesh = read_manifest(path).mesh
+    manifest = read_manifest(path)
     try:
         mine = worker(path, formats, seed, allow_version_skew)
     except Exception as err:  # noqa: BLE001 (reported with the rank)
-        mine = {"worker_error": f"{type(err).__name__}: {' '.join(str(err).split())[:300]}", "results": []}
+        mine = {"worker_error": _one_line(err), "results": []}
     outcomes = gathered(mine)
-    where = (f"the build's {len(outcomes)} rank processes ({mesh['layout']}), each its own engines against its "
-             f"eager shard, on {describe_device(current_device_for(read_manifest(path).device))}")
-    errors = [f"rank {rank}: {o['worker_error']}" for rank, o in enumerate(outcomes) if o.get("worker_error")]
+    where = (f"the build's {len(outcomes)} rank processes ({manifest.mesh['layout']}), each its own engines against "
+             f"its eager shard, on {describe_device(current_device_for(manifest.device))}")
+    errors = [_on_rank(rank, o["worker_error"]) for rank, o in enumerate(outcomes) if o.get("worker_error")]
     if errors:
         return {"where": where, "seed": seed, "worker_error": "; ".join(errors), "results": []}
     results = []
     for rows in zip(*(o["results"] for o in outcomes)):
         bad = next(((rank, row) for rank, row in enumerate(rows) if not row["ok"]), None)
-        results.append(rows[0] if bad is None else {**bad[1], "error": f"rank {bad[0]}: {bad[1].get('error')}"})
+        results.append(rows[0] if bad is None else {**bad[1], "error": _on_rank(bad[0], bad[1].get("error"))})
     return {"where": where, "seed": seed, "results": results}
+
+
+def _one_line(err: Exception) -> str:
+    """An error of the worker in one line (a RankFailed names its rank and error already)."""
+    from .distributed import RankFailed
+
+    text = " ".join(str(err).split())[:300]
+    return text if isinstance(err, RankFailed) else f"{type(err).__name__}: {text}"
+
+
+def _on_rank(rank: int, error: str | None) -> str:
+    """`error` of rank `rank`, naming it (unless it names the rank it came from: distributed.RankFailed)."""
+    return error if error is not None and re.match(r"rank \d+: ", error) else f"rank {rank}: {error}"
 
 
 def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = False, thorough: bool = False) -> dict:
     import torch
 
+    from .distributed import collectively
     from .loader import load
     from .manifest import check_config, current_device_for, describe_device, read_manifest
     from .metrics import rel_rms
@@ -306,12 +329,14 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
         t0 = time.perf_counter()
         try:
             _progress(f"{fmt}: checking the manifest and checksums ...")
-            engine = load(path, format=fmt, allow_version_skew=allow_version_skew, _require_verified=False)
+            # every rank skips the format when it fails to load on any (as below: parallel builds' ranks
+            # make every engine call together, so they take every step that decides one together)
+            engine = collectively(lambda: load(path, format=fmt, allow_version_skew=allow_version_skew,
+                                               _require_verified=False))
         except Exception as err:  # noqa: BLE001 (reported per format)
             for bucket in manifest.context_buckets:
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None,
-                                "tolerance": tolerance(fmt, config.dtype),
-                                "error": f"{type(err).__name__}: {' '.join(str(err).split())}"})
+                                "tolerance": tolerance(fmt, config.dtype), "error": _one_line(err)})
             continue
         loaded_s = time.perf_counter() - t0
         _progress(f"{fmt}: checked in {loaded_s:.1f} s")
@@ -328,14 +353,14 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
             tol, bound = tolerance(fmt, dtype), FLIP_BOUND[dtype]
             try:
                 t0 = time.perf_counter()
-                engine.open(bucket)
+                collectively(lambda: engine.open(bucket))
                 opened_s = time.perf_counter() - t0
                 _progress(f"{fmt} {bucket}: engine file loaded in {opened_s:.1f} s")
                 seconds = {"load": round(loaded_s + opened_s, 2), "reference": 0.0, "engine": 0.0, "eager": 0.0}
                 t0 = time.perf_counter()
                 if (bucket, dtype) not in eager_cache:
                     eager_cache.clear()  # one reference model at a time (mini: 5.6 GB in bf16, 11 GB in fp32)
-                    eager_cache[bucket, dtype] = build_reference(manifest, config, bucket, dtype)
+                    eager_cache[bucket, dtype] = collectively(lambda: build_reference(manifest, config, bucket, dtype))
                 model = eager_cache[bucket, dtype]
                 seconds["reference"] = round(time.perf_counter() - t0, 2)
                 _progress(f"{fmt} {bucket}: eager reference ({dtype}) built in {seconds['reference']:.1f} s")
@@ -364,7 +389,7 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
                                 "seconds": {k: round(v, 2) for k, v in seconds.items()}})
             except Exception as exc:  # noqa: BLE001
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None, "tolerance": tol,
-                                "cases": cases, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"})
+                                "cases": cases, "error": _one_line(exc)})
         if engine.steps is not None:
             results += _check_state_engines(engine, manifest, config, eager_cache, seed)
     here = describe_device(current_device_for(manifest.device))
@@ -374,6 +399,7 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
 def _check_state_engines(engine, manifest, config, eager_cache: dict, seed: int) -> list[dict]:
     """The prefill-cache + decode pair of every bucket, by tokens (token_check.py); one result per
     engine of the pair."""
+    from .distributed import collectively
     from .reference import build_reference
     from .runtime import EagerSteps
     from .token_check import check_engine_pair
@@ -387,14 +413,13 @@ def _check_state_engines(engine, manifest, config, eager_cache: dict, seed: int)
         try:
             if (bucket, dtype) not in eager_cache:
                 eager_cache.clear()
-                eager_cache[bucket, dtype] = build_reference(manifest, config, bucket, dtype)
-            result = check_engine_pair(steps, EagerSteps(eager_cache[bucket, dtype], steps.max_batch), bucket, tol,
-                                       bound, seed)
+                eager_cache[bucket, dtype] = collectively(lambda: build_reference(manifest, config, bucket, dtype))
+            eager = EagerSteps(eager_cache[bucket, dtype], steps.max_batch)
+            result = collectively(lambda: check_engine_pair(steps, eager, bucket, tol, bound, seed))
             result["tokens"] = {k: result[k] for k in ("tokens_matched", "tokens_compared", "prompts", "steps",
                                                        "attempts", "decode_vs_prefill_rel_rms")}
         except Exception as exc:  # noqa: BLE001 (reported per engine)
-            result = {"ok": False, "rel_rms": None, "tolerance": tol,
-                      "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+            result = {"ok": False, "rel_rms": None, "tolerance": tol, "error": _one_line(exc)}
         result["seconds"] = {"check": round(time.perf_counter() - t0, 2)}
         tokens = result.get("tokens")
         _progress(f"{fmt} {bucket}: prefill-cache + decode by tokens: "
