@@ -1,22 +1,28 @@
 """A parallel build on CPU: `torchrun --nproc-per-node 2 -m dsv4_compile build --parallel ep=2` (gloo), then
-`generate` across the 2 ranks, against the single-process (unsharded) model; the refusals.
+`verify` and `generate` across the 2 ranks, against the single-process (unsharded) model; the refusals.
 
 The model is the tiny preset cut to one CSA layer (its compressor and indexer), no MTP, context 128
-(`CUT`): each rank packages 3 AOTInductor engines, and that C++ compile is the cost
-of this file. Expert parallelism: tensor parallelism's indexer split (model/parallel.py's IndexerShard)
-loops over the query length in Python, which torch.export cannot keep dynamic (the prefill-cache
-engine fails to export), so tp > 1 builds wait for that. Generation across ranks is compared with the plain model's own greedy generation
-(EagerSteps, one process): the expert-parallel sums are reassociated, so a token may differ only at
-a near tie of the plain model's top-2 logits (token_check's criterion, with the bound fixed here:
-`NEAR_TIE`); observed: every token equal.
+(`CUT`), and the build exports the two engines `generate` runs (prefill-cache and decode;
+`BUILD_SCRIPT` leaves out the logits engine, which only `Engine.run` uses: each engine is an
+AOTInductor C++ compile per rank, the cost of this file).
+Expert parallelism, not tensor parallelism: a tp=2 build's engines deadlock in gloo (2026-12-04,
+torch 2.13): both ranks wait in an engine's `wait_tensor` while rank 0's gloo worker thread, freeing
+the engine's previous collective (a tensor of it known to Python), holds that group's lock and waits
+for the GIL, which the running engine holds. Two engine calls in a row are enough; not solved yet.
+Generation across ranks is compared with the plain model's own greedy generation (EagerSteps, one
+process): the expert-parallel sums are reassociated, so a token may differ only at a near tie of the
+plain model's top-2 logits (token_check's criterion, with the bound fixed here: `NEAR_TIE`);
+observed: every token equal.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -39,11 +45,56 @@ NEW_TOKENS = 12
 NEAR_TIE = 5e-2
 
 
+# `build` with the prefill-cache and decode engines only (see the module docstring).
+BUILD_SCRIPT = """
+import sys
+from dsv4_compile import plan
+from dsv4_compile.cli import main
+
+plan.EXPORT_KINDS = ("prefill-cache", "decode")
+sys.exit(main(["build", *sys.argv[1:]]))
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _torchrun(args: list[str], cwd, timeout: int = 900, script: str | None = None) -> subprocess.CompletedProcess:
-    """2 ranks of `python -m dsv4_compile <args>` (or of `script <args>`) under torchrun, on this machine."""
+    """2 ranks of `python -m dsv4_compile <args>` (or of `script <args>`) under torchrun, on this machine.
+    Past `timeout` seconds torchrun and every process under it are killed (SIGKILL: a rank hung in an
+    AOTInductor engine ignores SIGTERM, and torchrun starts each rank in a session of its own) and the
+    test fails with the output so far."""
     target = [script] if script else ["-m", "dsv4_compile"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target, *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [proc.pid, *_descendants(proc.pid)]:  # all found before any dies (no reparenting)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            out, err = proc.communicate()
+            pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s: killed with its ranks\n"
+                        f"{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +107,10 @@ def config_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def parallel_build(tmp_path_factory, config_file):
     out = tmp_path_factory.mktemp("parallel") / "small-ep2"
-    proc = _torchrun(["build", "--parallel", "ep=2", "--config", str(config_file), "--out", str(out)], out.parent)
+    script = out.parent / "build_two_engines.py"
+    script.write_text(BUILD_SCRIPT)
+    proc = _torchrun(["--parallel", "ep=2", "--config", str(config_file), "--out", str(out)], out.parent,
+                     script=str(script))
     assert proc.returncode == 0, f"parallel build failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out, proc
 
@@ -110,7 +164,7 @@ def test_parallel_build_has_one_engine_per_rank_and_the_mesh(parallel_build):
     assert "AOTInductor package per rank" in mesh["engine"] and "collectives" in mesh["engine"]
     assert manifest["formats"] == ["aoti"] and manifest["device"]["kind"] == "cpu"
     kinds = sorted(f"{e['kind']}-{e['bucket']}" for e in manifest["engines"])
-    assert kinds == ["decode-128", "prefill-128", "prefill-cache-128"]
+    assert kinds == ["decode-128", "prefill-cache-128"]
     assert all(e["verified"]["status"] == "verified" for e in manifest["engines"]), manifest["engines"]
     engines = sorted(f"aoti/{k}.pt2" for k in kinds)
     # the engines' one group (ep spans the world), the same on both ranks, not the default group "0"
@@ -158,7 +212,37 @@ def test_verify_across_2_ranks(parallel_build, tmp_path):
     proc = _torchrun(["verify", str(parallel_build[0]), "--seed", "3"], tmp_path, timeout=600)
     assert proc.returncode == 0, f"verify failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count(f"verify {parallel_build[0]}: the build's 2 rank processes (tp=1,ep=2)") == 1  # rank 0
-    assert proc.stdout.count(" ok") == 3, proc.stdout  # prefill, prefill-cache, decode
+    assert proc.stdout.count(" ok") == 2, proc.stdout  # prefill-cache, decode
+
+
+# A rank that hangs as one stuck in an AOTInductor engine does: SIGTERM does not end it.
+HANGING_RANK = """
+import os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print(os.getpid(), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_torchrun_past_its_timeout_is_killed_with_its_ranks(tmp_path):
+    script = tmp_path / "hang.py"
+    script.write_text(HANGING_RANK)
+    with pytest.raises(pytest.fail.Exception, match="still running after 15 s") as failed:
+        _torchrun([], tmp_path, timeout=15, script=str(script))
+    ranks = [int(line) for line in str(failed.value).splitlines() if line.strip().isdigit()]
+    assert len(ranks) == 2, str(failed.value)
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in ranks), f"ranks {ranks} outlived their torchrun"
 
 
 def _one_line_exit_2(proc: subprocess.CompletedProcess) -> str:
