@@ -137,8 +137,12 @@ def compile_check(plan: Plan, model, progress: Progress) -> dict:
     report = compiled.dsv4_report.to_dict()
     replaced = sum(op.get("replaced", 0) for op in report.get("ops", {}).values())
     left = sum(op.get("left_alone", 0) for op in report.get("ops", {}).values())
-    progress.note(f"passes={plan.passes}: {replaced} dsv4 nodes substituted, {left} left; compiled vs eager "
-                  f"rel RMS {err:.2e} (tolerance {tol:.0e}; best of {len(errors)} prompts of [1, {seq}])")
+    unrecorded = report.get("unrecorded_graphs", 0)
+    progress.note(f"passes={plan.passes}: {replaced} dsv4 nodes substituted, {left} left"
+                  + (f" (in the graphs with a record; {unrecorded} came from Inductor's FX graph cache without one)"
+                     if unrecorded else "")
+                  + f"; compiled vs eager rel RMS {err:.2e} (tolerance {tol:.0e}; best of {len(errors)} prompts of "
+                    f"[1, {seq}])")
     return {"rel_rms": err, "tolerance": tol, "ok": err <= tol, "tokens": [1, seq], "report": report}
 
 

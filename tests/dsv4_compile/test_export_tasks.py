@@ -146,3 +146,28 @@ def test_torch_211_fp8_wrapper_fault_is_named(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError) as err:
         export.export_aoti(export.ExportResult(program, (2, 2), (2, 2), False, {}), str(tmp_path / "x.pt2"))
     assert "Float8_e4m3fn" in str(err.value) and "--format onnx" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_compile_check_says_when_the_substitution_count_misses_cached_graphs(monkeypatch):
+    """A graph served by Inductor's FX graph cache without its substitution record is not counted: the
+    build's line says so instead of reporting fewer (or 0) substituted nodes as if complete."""
+    import types
+
+    import torch
+
+    from dsv4_compile.passes.report import SubstitutionReport
+
+    compile_module = sys.modules["dsv4_compile.compile"]  # the package re-exports the function under this name
+
+    model = torch.nn.Identity()
+    model.config = types.SimpleNamespace(max_seq_len=8, vocab_size=16)
+    model.parameters = lambda: iter([torch.zeros(1)])
+    compiled = lambda tokens: model(tokens)  # noqa: E731
+    compiled.dsv4_report = SubstitutionReport(gpu="cpu", enabled=["decompose"], unrecorded_graphs=1)
+    monkeypatch.setattr(compile_module, "compile", lambda *a, **k: compiled)
+    plan = types.SimpleNamespace(target="cpu", passes="all", seed=0, config=types.SimpleNamespace(dtype="float32"))
+    out = io.StringIO()
+    result = steps.compile_check(plan, model, steps.Progress(out, live=False))
+    assert result["report"]["unrecorded_graphs"] == 1
+    assert "0 dsv4 nodes substituted, 0 left (in the graphs with a record; 1 came from Inductor's FX graph cache" \
+        in out.getvalue()
