@@ -155,18 +155,30 @@ def _sigterm_exits():
 
 
 def run(args: argparse.Namespace) -> int:
-    with _sigterm_exits():
-        return _run(args)
+    with _sigterm_exits(), _progress(args) as progress:
+        return _run(args, progress)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .distributed import barrier, collective_groups, from_rank0, gathered, mesh_record, rank_root, world_from_env
-    from .verify import run_verify_worker, verify_ranks
+@contextlib.contextmanager
+def _progress(args: argparse.Namespace):
+    """The build's Progress (stdout, stderr with --json, nowhere on ranks other than 0); its ticker ends
+    with the build however it ends (a refusal in the middle of a step too)."""
+    from .distributed import world_from_env
 
     stream = sys.stderr if args.json else sys.stdout
     if getattr(args, "parallel", None) and (world_from_env() or (0, 1))[0] != 0:
         stream = open(os.devnull, "w")  # noqa: SIM115 (rank 0 reports for every rank)
     progress = Progress(stream)
+    try:
+        yield progress
+    finally:
+        progress.stop()
+
+
+def _run(args: argparse.Namespace, progress: Progress) -> int:
+    from .distributed import barrier, collective_groups, from_rank0, gathered, mesh_record, rank_root
+    from .verify import run_verify_worker, verify_ranks
+
     progress.start("validate")
     plan = Plan(args)  # UsageError / ConfigError -> exit 2, nothing written
     parallel, main = plan.layout is not None, plan.rank in (None, 0)
@@ -253,8 +265,8 @@ def _run(args: argparse.Namespace) -> int:
 
     failed = [e for e in engines if e.verified.status == "failed"]
     ok = compile_result["ok"] and not failed
-    print(summary_table(manifest), file=stream)
-    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in progress.timings.items()), file=stream)
+    print(summary_table(manifest), file=progress.stream)
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in progress.timings.items()), file=progress.stream)
     if args.json and main:
         print(json.dumps({"ok": ok, "out": plan.out, "manifest": manifest.to_json()}, indent=2, sort_keys=True))
     if not ok:
@@ -269,5 +281,5 @@ def _run(args: argparse.Namespace) -> int:
         if parallel else f"dsv4_compile.load({plan.out!r})"
     print(f"built {plan.out}: {'run' if parallel else 'load'} with {run_it}, check with "
           f"{'torchrun --nproc-per-node ' + str(plan.layout.world_size) + ' -m' if parallel else 'python -m'} "
-          f"dsv4_compile verify {plan.out}", file=stream)
+          f"dsv4_compile verify {plan.out}", file=progress.stream)
     return 0

@@ -65,3 +65,22 @@ def test_onnx_exporter_torchvision_lines_are_silenced(caplog):
         assert export() == []
     if importlib.util.find_spec("torchvision") is None:
         assert any("Skipping torchvision::nms" in m for m in export()), "the exporter no longer logs it: drop the filter"
+
+
+def test_a_build_refused_in_the_middle_of_a_step_stops_its_ticker(monkeypatch, tmp_path, capsys):
+    """`build --format bogus` is refused while its validate step runs (exit 2): the step's ticker must not
+    outlive the command (it would print "still running" into whatever the stream has become)."""
+    from dsv4_compile import build
+    from dsv4_compile.cli import main as cli_main
+
+    made = []
+
+    class Recorded(Progress):
+        def __init__(self, stream, **kwargs):
+            super().__init__(stream, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(build, "Progress", Recorded)
+    assert cli_main(["build", "--format", "bogus", "--out", str(tmp_path / "out")]) == 2
+    assert len(made) == 1 and made[0]._step == "validate" and made[0]._stop is None
+    assert "bogus" in capsys.readouterr().err
