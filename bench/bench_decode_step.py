@@ -152,6 +152,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                     budget_s: float = 420.0, log=print, aoti: bool = False) -> list[dict]:
     """Every row: dict(config, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
     bytes_per_step, roofline_ms, roofline_pct, note)."""
+    import shutil
     import tempfile
 
     import dsv4_compile
@@ -202,7 +203,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
             if cuda:
                 torch.cuda.empty_cache()
             continue
-        engine = None
+        engine = folder = None
         if aoti and cuda:
             if budget_s - (time.time() - t0) > COMPILE_RESERVE_S:
                 folder = tempfile.mkdtemp(prefix="dsv4-decode-engine-")
@@ -263,6 +264,8 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
             if cuda:
                 torch.cuda.empty_cache()
         del model, cache1, engine
+        if folder is not None:  # the package (hundreds of MB at mini's shapes)
+            shutil.rmtree(folder, ignore_errors=True)
         if cuda:
             torch.cuda.empty_cache()
     log(f"decode_step: {time.time() - t0:.0f} s")

@@ -83,14 +83,8 @@ def process_mesh(layout: ParallelLayout, device_type: str, role: str = "engines"
 
     Roles: "engines", the groups a build's engines call (made first, so that a loading process makes
     the same ones, `join_build_mesh`); "reference", the eager reference's groups in verification. They
-    must differ: an AOTInductor package runs holding the GIL, and gloo's worker thread, freeing a
-    finished collective whose tensor Python made, takes that group's lock and then waits for the GIL:
-    an eager all-reduce just before a package's all-reduce on the same group deadlocks (seen in a
-    build's verification, torch 2.13, gloo). Packages alone can meet it too: a tp=2 build's engines
-    called twice in a row deadlock that way (rank 0's worker thread frees the first call's last
-    collective, an all-gather or all-reduce with a tensor Python knows, while the second call holds
-    the GIL; 2026-12-04); with 20 ms of GIL released between calls they did not (1000 calls). Not
-    solved: tests/dsv4_compile/test_parallel_build.py builds ep=2."""
+    must differ: an eager collective next to a package's on one gloo group deadlocks (docs/DESIGN.md,
+    traps, with the tp=2 case this does not solve)."""
     key = (str(layout), device_type, role)
     if key not in _MESHES:
         ranks = torch.arange(layout.world_size).view(layout.ep, layout.tp)  # [ep, tp]
@@ -205,6 +199,12 @@ class RankFailed(RuntimeError):
     """A step of a collective sequence raised on some rank (`collectively`): raised on every rank."""
 
 
+def error_line(err: Exception) -> str:
+    """`err` in one line of at most 300 characters, its type first (a RankFailed names its rank instead)."""
+    text = " ".join(str(err).split())[:300]
+    return text if isinstance(err, RankFailed) else f"{type(err).__name__}: {text}"
+
+
 T = TypeVar("T")
 
 
@@ -217,7 +217,7 @@ def collectively(step: Callable[[], T]) -> T:
     try:
         value, error = step(), None
     except Exception as err:  # noqa: BLE001 (every rank raises it below)
-        value, error = None, f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        value, error = None, error_line(err)
     failed = [(rank, e) for rank, e in enumerate(gathered(error)) if e is not None]
     if failed:
         raise RankFailed(f"rank {failed[0][0]}: {failed[0][1]}")

@@ -297,11 +297,9 @@ def verify_ranks(path: str, formats: list[str], seed: int, allow_version_skew: b
 
 
 def _one_line(err: Exception) -> str:
-    """An error of the worker in one line (a RankFailed names its rank and error already)."""
-    from .distributed import RankFailed
+    from .distributed import error_line  # lazily: build imports this module for CPU_CHECK_SEQ
 
-    text = " ".join(str(err).split())[:300]
-    return text if isinstance(err, RankFailed) else f"{type(err).__name__}: {text}"
+    return error_line(err)
 
 
 def _on_rank(rank: int, error: str | None) -> str:

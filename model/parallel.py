@@ -175,11 +175,10 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype, group_name: str) -> 
     """The sum over a process group of each rank's float32 partial product, rounded once to `dtype`.
 
     Why float32: the plain model's one GEMM accumulates in float32 and rounds its output once; rounding
-    each rank's partial product to bf16 before the sum adds a rounding per partial (tp=2 bf16, tiny:
-    9.0e-2 relative RMS off the one-process bf16 logits with bf16 partials, 1.6e-2 with float32 ones,
-    against 7.9e-2 between one-process bf16 and float32; bench/results/cpu/parallel_notes.md). The
-    cost: the all-reduce carries float32 [..., out] (twice bf16's bytes); the product itself comes from
-    `float32_product`."""
+    each rank's partial product to bf16 before the sum adds a rounding per partial, and tp bf16 then
+    drifts from one-process bf16 by as much as bf16 is from float32 (bench/results/cpu/parallel_notes.md).
+    The cost: the all-reduce carries float32 [..., out] (twice bf16's bytes); the product itself comes
+    from `float32_product`."""
     return all_reduce_sum(partial.float(), group_name).to(dtype)
 
 
