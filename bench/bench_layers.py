@@ -17,7 +17,9 @@ dims 128 and 256 (FA2 takes no larger head), and SDPA at the real 512-dim head w
 full heads (the shared head expanded; efficient / cuDNN backends), skipped where one call would take
 too long (projected from a shorter context by S^2).
 Components: compressor and indexer, Triton vs torch.compile of the plain op (model/ops.py), the
-acceptance bar of issue 5 (Triton at least as fast). Anything that would not fit in the GPU's free
+acceptance bar of issue 5 (Triton at least as fast); the indexer twice, its default config and
+"triton fp8" (score_mma=fp8: the score MMA on FP8 e4m3 operands; its queries are FP4-simulated as the
+model's, so both paths see the model's operands). Anything that would not fit in the GPU's free
 memory (at most 78 GiB) is skipped with a row saying so.
 Timing: below GRAPH_MS per call, the median replay of a CUDA graph of a few calls (GPU time only: at
 ~0.1 ms do_bench's per-call Python launch cost is comparable to the kernel, and differs between a
@@ -94,6 +96,8 @@ def _compressor_inputs(S, ratio, width, overlap, sh: Shapes, g):
 
 def make_inputs(S: int, sh: Shapes, kind: str, seed: int = 0) -> dict:
     """The layer's inputs at S tokens: kind 'csa' or 'hca'."""
+    from dsv4_compile.model.ops import fp4_simulate, hadamard
+
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     t = dict(q=torch.randn(1, S, sh.H, sh.D, device=DEVICE, generator=g, dtype=sh.dtype),  # [1, S, H, D]
              kv=torch.randn(1, S, sh.D, device=DEVICE, generator=g, dtype=sh.dtype),        # [1, S, D] window entries
@@ -102,7 +106,10 @@ def make_inputs(S: int, sh: Shapes, kind: str, seed: int = 0) -> dict:
     if kind == "csa":
         t["comp"] = _compressor_inputs(S, CSA_RATIO, sh.D, True, sh, g)
         t["icomp"] = _compressor_inputs(S, CSA_RATIO, sh.di, True, sh, g)
-        t["iq"] = torch.randn(1, S, sh.hi, sh.di, device=DEVICE, generator=g, dtype=sh.dtype)  # [1, S, Hi, di]
+        # the model's indexer queries: Hadamard-rotated, FP4-simulated (Indexer.queries), in the model dtype
+        iq = torch.randn(1, S, sh.hi, sh.di, device=DEVICE, generator=g)
+        t["iq"] = fp4_simulate(hadamard(iq), 32).to(sh.dtype)                                  # [1, S, Hi, di]
+        del iq
         t["iw"] = (torch.randn(1, S, sh.hi, device=DEVICE, generator=g) * (sh.di * sh.hi) ** -0.5).to(sh.dtype)
     else:
         t["comp"] = _compressor_inputs(S, HCA_RATIO, sh.D, False, sh, g)
@@ -139,9 +146,10 @@ def indexer_fn(t: dict, keys: torch.Tensor, sh: Shapes, impl: str):
     """A no-argument callable: indexer scores + top-k. The compiled plain op compiles one query chunk
     of the plain op and loops over the chunks as the op does (compiling the whole op would unroll
     hundreds of chunks at 128K)."""
-    if impl == "triton":
+    if impl.startswith("triton"):
         from dsv4_compile.kernels.indexer_topk import indexer_topk
-        return lambda: indexer_topk(t["iq"], t["iw"], keys, t["positions"], CSA_RATIO, sh.topk)
+        config = "score_mma=fp8" if impl == "triton fp8" else ""
+        return lambda: indexer_topk(t["iq"], t["iw"], keys, t["positions"], CSA_RATIO, sh.topk, config)
     from dsv4_compile.model import ops
     chunk_fn = torch.compile(ops.indexer_topk_chunk, dynamic=False)
     q, w, pos = t["iq"], t["iw"], t["positions"]
@@ -338,6 +346,7 @@ def run_layers(contexts=(8192, 32768, 131072), sh: Shapes = FLASH, compile: bool
                 keys = compress_kv(ic["kv"], ic["score"], ic["ape"], ic["norm_weight"], ic["cos"], ic["sin"],
                                    CSA_RATIO, True, sh.eps, "hadamard_fp4")
                 measure(kind, "indexer (scores+top-k)", "triton", S, lambda: indexer_fn(t, keys, sh, "triton"))
+                measure(kind, "indexer (scores+top-k)", "triton fp8", S, lambda: indexer_fn(t, keys, sh, "triton fp8"))
                 if compile:
                     baseline(kind, "indexer (scores+top-k)", S, lambda: indexer_fn(t, keys, sh, "compile"), 4 * GIB)
                 picked = indexer_topk(t["iq"], t["iw"], keys, t["positions"], CSA_RATIO, sh.topk)

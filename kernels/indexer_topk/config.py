@@ -37,6 +37,13 @@ class IndexerTopkConfig(KernelConfig):
                scores [M, block_n] = q @ keys^T, whose head sum crosses the warps that hold the M rows
                (a shared-memory reduction a tile). Both give the same products; only the summation order
                of the fp32 head sum can differ.
+    score_mma: the score MMA's operand type on the bf16-q paths (q bf16, keys any float dtype; ignored
+               otherwise). "bf16": bf16 operands (fp32 keys rounded, residual dots where that is not
+               exact). "fp8": FP8 e4m3 operands, each q and key row times a power-of-two row scale, on
+               Hopper's FP8 tensor cores (2x the bf16 MMA rate), the same scores as "bf16" wherever
+               the rows are FP4-like (the model's FP4-simulated queries and keys; DESIGN.md, FP8 path);
+               keys from the first tile holding a row that is not, and query blocks holding one, take
+               the bf16 dots.
     num_warps / num_stages: Triton launch parameters.
     The head count and head dim are not fields: each is one (power-of-two padded) tile. The number of
     persistent programs is not a field either (kernels/indexer_topk: PROGRAMS_PER_SM a SM).
@@ -52,11 +59,12 @@ class IndexerTopkConfig(KernelConfig):
     block_n: int = 64
     buffer_factor: int = 2
     score_rows: str = "keys"
+    score_mma: str = "bf16"
     num_warps: int = 8
     num_stages: int = 2
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_s", "block_n", "buffer_factor", "num_warps")
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"score_rows": ("keys", "heads")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"score_rows": ("keys", "heads"), "score_mma": ("bf16", "fp8")}
 
     def __post_init__(self):
         super().__post_init__()
@@ -97,22 +105,30 @@ def key_rows_refusal(cfg: IndexerTopkConfig, block_h: int) -> str | None:
             f"measured beyond); use score_rows=heads or smaller tiles")
 
 
-def launch_plan(q_dtype, k_dtype) -> str:
-    """Which path the launcher takes (DESIGN.md), from the dtypes (torch dtypes or their names):
-    'bf16' (q bf16, keys bf16: 16-bit MMA), 'bf16_fix' (q bf16, keys fp32/fp16: their bf16 rounding as
-    the MMA operand, residual dots if any key is not bf16-exact), 'fp16' (q and keys fp16: 16-bit MMA)
-    or 'exact' (fp32 q, or fp16 q with other keys: fp32 IEEE dots, one query a program)."""
+def launch_plan(q_dtype, k_dtype, score_mma: str = "bf16") -> str:
+    """Which path the launcher takes (DESIGN.md), from the dtypes (torch dtypes or their names) and the
+    config's score_mma: 'fp8' (q bf16, keys any float dtype, score_mma "fp8": FP8 operands with
+    power-of-two row scales, bf16 dots for rows that are not FP4-like), 'bf16' (q bf16, keys bf16:
+    16-bit MMA), 'bf16_fix' (q bf16, keys fp32/fp16: their bf16 rounding as the MMA operand, residual
+    dots if any key is not bf16-exact), 'fp16' (q and keys fp16: 16-bit MMA) or 'exact' (fp32 q, or
+    fp16 q with other keys: fp32 IEEE dots, one query a program)."""
     q, k = (str(t).removeprefix("torch.") for t in (q_dtype, k_dtype))
     if q == "bfloat16":
+        if score_mma == "fp8":
+            return "fp8"
         return "bf16" if k == "bfloat16" else "bf16_fix"
     if q == "float16" and k == "float16":
         return "fp16"
     return "exact"
 
 
-def padded_heads_dims(H: int, D: int) -> tuple[int, int]:
-    """(BLOCK_H, BLOCK_D): all heads and the whole head dim, each one power-of-two tile (>= 16)."""
-    return max(16, next_pow2(H)), max(16, next_pow2(D))
+FP8_K_STEP = 32   # the FP8 MMA's K step (Hopper's wgmma k32) = the model's FP4 block (DESIGN.md, FP8 path)
+
+
+def padded_heads_dims(H: int, D: int, plan: str = "bf16") -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_D): all heads and the whole head dim, each one power-of-two tile (>= 16; the
+    head dim >= FP8_K_STEP on the fp8 path)."""
+    return max(16, next_pow2(H)), max(FP8_K_STEP if plan == "fp8" else 16, next_pow2(D))
 
 
 def workspace_width(topk: int, cfg: IndexerTopkConfig) -> int:

@@ -5,8 +5,10 @@ index, NaN first, -1 padding.
 Persistent programs score tiles of keys with one tensor-core MMA for `block_s` queries x all heads
 (no [S, N] score matrix is ever written), keep each query's running top-k as threshold-filtered
 candidates packed into sortable int64 keys in a small global workspace, and compact them with a sort
-only when a row could overflow. Paths by dtype (`config.launch_plan`): 16-bit MMA (bf16 / fp16),
-bf16 MMA with exact fp32 residuals (bf16 q, fp32 keys: the model's case), exact fp32 (fp32 models).
+only when a row could overflow. Paths by dtype and config (`config.launch_plan`): 16-bit MMA (bf16 /
+fp16), bf16 MMA with exact fp32 residuals (bf16 q, fp32 keys: the model's case), FP8 MMA on
+power-of-two row-scaled operands (config score_mma="fp8": the model's FP4-simulated q and keys are
+exact in e4m3; other rows fall back to the bf16 dots), exact fp32 (fp32 models).
 The selection is exactly the plain op's where every partial sum is exact; otherwise near-tied keys
 can trade places.
 Design, ordering rules and cost model: kernels/indexer_topk/DESIGN.md; measurements:
@@ -21,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config, sm_count
-from .config import (IndexerTopkConfig, default_config, key_rows_refusal, launch_plan, padded_heads_dims,
-                     workspace_width)
+from .config import (FP8_K_STEP, IndexerTopkConfig, default_config, key_rows_refusal, launch_plan,
+                     padded_heads_dims, workspace_width)
 from .sort_keys import EMPTY, pack_keys, unpack_index
 
 MAX_TOPK = 4096       # the [block_s, C] compaction sort lives in registers
@@ -30,11 +32,50 @@ PROGRAMS_PER_SM = 4   # persistent programs a CUDA SM (untuned; ~1-2 resident at
 INTERPRET_PROGRAMS = 4
 MAX_HEADS = 128
 MAX_HEAD_DIM = 256
+FP8_ROWS_BLOCK = 32   # rows a program of the fp8 operand conversion
 
 
 # ================================================================================================
 # Kernel
 # ================================================================================================
+
+@triton.jit
+def _fp8_rows_kernel(p_x, p_x8, p_scale, p_first_bad, R, N_GROUP, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                     STEP: tl.constexpr, FIRST_BAD: tl.constexpr):
+    # p_x [R, D] rows (any float dtype) -> p_x8 [R, D] = x * 2^-r (float8e4nv) and p_scale [R] fp32 = 2^r,
+    # or 0 where the row is not "FP4-like" (then p_x8 is unused). FP4-like: in each K step of STEP
+    # dims (the FP8 MMA's, = the model's FP4 block) every value is an integer multiple, at most 15,
+    # of the unit 2^(E - 3) (E = the exponent of the step's amax: 4 significant bits on one grid a
+    # step; e2m1 values times one power-of-two block scale are), with E in fp32's normal range and at
+    # most 13 below the row's largest, or the step is all zeros. r = (the row's largest E) - 7 puts
+    # the row's values below 2^8 <= 448 and every unit at >= 2^-9 (e4m3's subnormal step): exact in
+    # e4m3. Rows of zeros get scale 1. FIRST_BAD: p_first_bad [R / N_GROUP] int32 (set to N_GROUP
+    # before) takes the lowest index within its group of N_GROUP rows of a row that is not FP4-like.
+    NS: tl.constexpr = BLOCK_D // STEP
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    m_r = o_r < R
+    o_d = tl.arange(0, BLOCK_D)
+    p_rd = o_r[:, None].to(tl.int64) * D + o_d[None, :]
+    m_rd = m_r[:, None] & (o_d < D)[None, :]
+    b_x = tl.reshape(tl.load(p_x + p_rd, mask=m_rd, other=0.0).to(tl.float32), [BLOCK_R, NS, STEP])
+    a_step = tl.max(tl.abs(b_x), axis=2)                                    # [BR, NS]; drops NaN (off the grid below)
+    e_step = a_step.to(tl.int32, bitcast=True) >> 23                        # biased exponent; 255 = Inf
+    e_max = tl.max(e_step, axis=1)                                          # [BR]
+    normal = (e_step >= 8) & (e_step <= 254)                                # unit 2^(E - 130) and 2^r normal
+    inv_unit = tl.where(normal, (257 - e_step) << 23, 127 << 23).to(tl.float32, bitcast=True)  # 2^(130 - E)
+    units = b_x * inv_unit[:, :, None]                                      # exact (a power of two)
+    on_grid = tl.min((units == tl.floor(units)).to(tl.int32), axis=2) == 1  # NaN: off the grid
+    step_ok = (a_step == 0) | (normal & on_grid & (e_step >= e_max[:, None] - 13))
+    row_ok = tl.min(step_ok.to(tl.int32), axis=1) == 1                      # [BR]
+    scaled = e_max >= 8                                                     # else zeros (or bad): scale 1
+    scale = tl.where(scaled, (e_max - 7) << 23, 127 << 23).to(tl.float32, bitcast=True)
+    inv_scale = tl.where(scaled & (e_max <= 254), (261 - e_max) << 23, 127 << 23).to(tl.float32, bitcast=True)
+    b_x8 = tl.reshape(b_x, [BLOCK_R, BLOCK_D]) * inv_scale[:, None]
+    tl.store(p_x8 + p_rd, b_x8.to(p_x8.dtype.element_ty), mask=m_rd)
+    tl.store(p_scale + o_r, tl.where(row_ok, scale, 0.0), mask=m_r)
+    if FIRST_BAD:
+        tl.atomic_min(p_first_bad + o_r // N_GROUP, o_r % N_GROUP, mask=m_r & ~row_ok)
+
 
 @triton.jit
 def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -98,15 +139,64 @@ def _compact(p_row, cnt, topk, C: tl.constexpr):
 
 
 @triton.jit
-def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N, D, ratio, topk, N_SB, n_blocks,
-                         UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr, BLOCK_S: tl.constexpr,
-                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr,
-                         KEY_ROWS: tl.constexpr):
-    # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, or their bf16 rounding
-    # when FIX); p_kf [B, N, D] the keys as given and p_fix an int32 flag (used only when FIX;
-    # otherwise any valid address, p_pos);
+def _fp8_tile_dots(b_q8, b_k8, UPCAST: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr):
+    # b_q8 [M, BD], b_k8 [BN, BD] row-scaled e4m3 operands -> their dots, fp32 ([BN, M] when KEY_ROWS,
+    # else [M, BN]). Hopper's FP8 MMA sums in a ~14-bit fixed-point window: max_num_imprecise_acc=STEP
+    # adds each K step's sum (exact for FP4-like rows: DESIGN.md) into the fp32 accumulator.
+    # UPCAST (the interpreter): fp32 copies and IEEE dots.
+    if KEY_ROWS:
+        a, b = b_k8, b_q8
+    else:
+        a, b = b_q8, b_k8
+    if UPCAST:
+        b_s = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    else:
+        b_s = tl.dot(a, tl.trans(b), max_num_imprecise_acc=STEP)
+    return b_s
+
+
+@triton.jit
+def _enter_tile(b_s, b_w, ks, o_n, n_vis, thr, cnt, p_row, KSCALE: tl.constexpr, KEY_ROWS: tl.constexpr,
+                BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One key tile's scores into the running selection: b_s the per-head dots ([BN, M] when KEY_ROWS,
+    # else [M, BN]), b_w [M] head weights, KSCALE: times ks [BN] after the head sum (the fp8 path's key
+    # row scales); o_n [BN] the tile's key indices, n_vis [BS], thr [BS] and cnt [BS] the block's
+    # visibility, thresholds and filled slots. Appends each query's keys above its threshold to its
+    # workspace row; returns the new cnt.
+    b_s = tl.where(b_s < 0, 0.0, b_s)                                        # relu, NaN kept
+    if KEY_ROWS:                                                             # b_s [BN, M]
+        b_s = b_s * b_w[None, :]
+        score = tl.trans(tl.sum(tl.reshape(b_s, [BLOCK_N, BLOCK_S, BLOCK_H]), axis=2))  # [BS, BN]
+    else:                                                                    # b_s [M, BN]
+        b_s = b_s * b_w[:, None]
+        score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
+    if KSCALE:
+        score = score * ks[None, :]
+    valid = o_n[None, :] < n_vis[:, None]
+    key = pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
+    sel = key > thr[:, None]                                                 # [BS, BN]; EMPTY never
+    n_sel = tl.sum(sel.to(tl.int32), axis=1)                                 # [BS]
+    if tl.max(n_sel, axis=0) > 0:
+        slot = cnt[:, None] + tl.cumsum(sel.to(tl.int32), axis=1) - 1        # [BS, BN]
+        tl.store(p_row[:, None] + slot, key, mask=sel)
+        cnt += n_sel
+    return cnt
+
+
+@triton.jit
+def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p_qs, p_ks, p_kbad, S, H, N, D, ratio,
+                         topk, N_SB, n_blocks, UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr,
+                         FP8: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, C: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr):
+    # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, their bf16 rounding
+    # when FIX, their row-scaled e4m3 form when FP8); p_kf [B, N, D] the keys as given and p_fix an
+    # int32 flag (used only when FIX and not FP8; otherwise any valid address, p_pos);
     # p_pos [B, S] int64; p_ws [programs * BLOCK_S, C] int64 candidate workspace (program pid owns rows
     # pid * BLOCK_S ..); p_out [B, S, topk] int32.
+    # FP8 (else unused, any valid address): p_q8 [B, S, H, D] q's row-scaled e4m3 form, p_qs [B, S, H]
+    # and p_ks [B, N] fp32 row scales (0: the row is not FP4-like), p_kbad [B] int32 the first key
+    # of each batch row that is not (N if none): keys from its tile on, and query blocks holding a
+    # row that is not, take the bf16 dots (with FIX the residual dots too), see DESIGN.md.
     # UPCAST: fp32 copies of q and keys and IEEE dots (fp32 inputs, mixed dtypes, the interpreter,
     # whose bf16 tl.dot is wrong). IEEE: fp32 q (the exact path). FIX: q bf16 with keys given in
     # another dtype; p_fix != 0 when some key is not exact in bf16: then each tile adds the dots of the
@@ -122,18 +212,30 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
     m_d = o_d < D
     o_c = tl.arange(0, C)
     p_row = p_ws + (pid * BLOCK_S + tl.arange(0, BLOCK_S)) * C              # [BS] workspace rows
-    fix = tl.load(p_fix) != 0                                               # read only when FIX (else p_fix = p_pos)
+    if FP8:
+        fix = True                                                          # the fallback dots: residuals whenever FIX
+    else:
+        fix = tl.load(p_fix) != 0                                           # read only when FIX (else p_fix = p_pos)
     for blk in range(pid, n_blocks, n_prog):
         b = blk // N_SB
         s0 = (N_SB - 1 - blk % N_SB) * BLOCK_S
         o_sm = s0 + o_m // BLOCK_H
         m_m = (o_hm < H) & (o_sm < S)
         t_m = b * S + o_sm                                                  # [M] token b * S + s
-        b_q = tl.load(p_q + (t_m[:, None] * H + o_hm[:, None]) * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
-                      other=0.0)
-        if UPCAST:
-            b_q = b_q.to(tl.float32)
+        o_qt = (t_m[:, None] * H + o_hm[:, None]) * D + o_d[None, :]          # [M, BD]
+        m_qt = m_m[:, None] & m_d[None, :]
         b_w = tl.load(p_w + t_m * H + o_hm, mask=m_m, other=0.0).to(tl.float32)  # [M]
+        if FP8:
+            b_q8 = tl.load(p_q8 + o_qt, mask=m_qt, other=0.0)
+            qs = tl.load(p_qs + t_m * H + o_hm, mask=m_m, other=1.0)         # [M]
+            b_w8 = b_w * qs                                                  # exact: qs a power of two
+            # keys [0, n_fp8) take the FP8 dots: none if a query row is not FP4-like, else those
+            # before the tile of the batch row's first key that is not
+            n_fp8 = tl.where(tl.min(qs, axis=0) == 0, 0, tl.load(p_kbad + b) // BLOCK_N * BLOCK_N)
+        else:
+            b_q = tl.load(p_q + o_qt, mask=m_qt, other=0.0)
+            if UPCAST:
+                b_q = b_q.to(tl.float32)
         o_s = s0 + tl.arange(0, BLOCK_S)                                    # [BS] queries
         m_s = o_s < S
         t = tl.load(p_pos + b * S + o_s, mask=m_s, other=-1)
@@ -149,29 +251,34 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, S, H, N
                 # the next tile might overflow some row: keep each row's topk best (C - topk >= BLOCK_N)
                 cnt, thr = _compact(p_row, cnt, topk, C)
             # a segment of tiles that fit whatever enters (<= BLOCK_N keys a row each): no check and no
-            # barrier inside, so the key loads of this loop can be software-pipelined
+            # barrier inside, so the key loads of these loops can be software-pipelined
             n1 = tl.minimum(n_max, n0 + (C - tl.max(cnt, axis=0)) // BLOCK_N * BLOCK_N)
-            for n in range(n0, n1, BLOCK_N):
-                o_n = n + tl.arange(0, BLOCK_N)                                # [BN] int32
+            n_mid = n0
+            if FP8:
+                n_mid = tl.maximum(n0, tl.minimum(n1, n_fp8))
+                for n in range(n0, n_mid, BLOCK_N):                          # the FP8 tiles
+                    o_n = n + tl.arange(0, BLOCK_N)                          # [BN] int32
+                    m_n = o_n < n_max
+                    b_k8 = tl.load(p_k + (b * N + o_n[:, None]) * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                                   other=0.0)                                # [BN, BD]
+                    ks = tl.load(p_ks + b * N + o_n, mask=m_n, other=1.0)    # [BN]
+                    b_s = _fp8_tile_dots(b_q8, b_k8, UPCAST, KEY_ROWS, STEP)
+                    cnt = _enter_tile(b_s, b_w8, ks, o_n, n_vis, thr, cnt, p_row, True, KEY_ROWS, BLOCK_S, BLOCK_H,
+                                      BLOCK_N)
+            for n in range(n_mid, n1, BLOCK_N):                              # 16-bit / exact tiles
+                o_n = n + tl.arange(0, BLOCK_N)                              # [BN] int32
                 m_kd = (o_n < n_max)[:, None] & m_d[None, :]
                 p_kt = (b * N + o_n[:, None]) * D + o_d[None, :]
-                b_k = tl.load(p_k + p_kt, mask=m_kd, other=0.0)                 # [BN, BD]
+                if FP8:                                                      # the fallback: bf16 dots
+                    b_q = tl.load(p_q + o_qt, mask=m_qt, other=0.0)
+                    if UPCAST:
+                        b_q = b_q.to(tl.float32)
+                    b_k = tl.load(p_kf + p_kt, mask=m_kd, other=0.0).to(tl.bfloat16)
+                else:
+                    b_k = tl.load(p_k + p_kt, mask=m_kd, other=0.0)          # [BN, BD]
                 b_s = _tile_scores(b_q, b_k, p_kf + p_kt, m_kd, fix, UPCAST, IEEE, FIX, KEY_ROWS)
-                b_s = tl.where(b_s < 0, 0.0, b_s)                                # relu, NaN kept
-                if KEY_ROWS:                                                     # b_s [BN, M]
-                    b_s = b_s * b_w[None, :]
-                    score = tl.trans(tl.sum(tl.reshape(b_s, [BLOCK_N, BLOCK_S, BLOCK_H]), axis=2))  # [BS, BN]
-                else:                                                            # b_s [M, BN]
-                    b_s = b_s * b_w[:, None]
-                    score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
-                valid = o_n[None, :] < n_vis[:, None]
-                key = pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
-                sel = key > thr[:, None]                                       # [BS, BN]; EMPTY never
-                n_sel = tl.sum(sel.to(tl.int32), axis=1)                       # [BS]
-                if tl.max(n_sel, axis=0) > 0:
-                    slot = cnt[:, None] + tl.cumsum(sel.to(tl.int32), axis=1) - 1  # [BS, BN]
-                    tl.store(p_row[:, None] + slot, key, mask=sel)
-                    cnt += n_sel
+                cnt = _enter_tile(b_s, b_w, b_w, o_n, n_vis, thr, cnt, p_row, False, KEY_ROWS, BLOCK_S, BLOCK_H,
+                                  BLOCK_N)
             n0 = n1
         buf = _sorted_rows(p_row[:, None] + o_c[None, :], cnt, C)           # [BS, C]
         idx = unpack_index(buf)
@@ -190,6 +297,22 @@ def persistent_programs(device: torch.device) -> int:
     return PROGRAMS_PER_SM * sm_count(device)
 
 
+def fp8_rows(x: torch.Tensor, group: int = 0):
+    """x [R, D] float rows -> (x8 [R, D] float8_e4m3fn, scale [R] fp32, first_bad [R / group] int32 or
+    None): x = x8 * scale exactly where scale != 0 (the row is FP4-like: _fp8_rows_kernel), and with
+    group > 0 the lowest index (within each group of `group` rows) of a row that is not (group if
+    none). One elementwise pass; everything stays on the device."""
+    R, D = x.shape
+    x8 = torch.empty((R, D), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((R,), dtype=torch.float32, device=x.device)
+    first_bad = torch.full((R // group,), group, dtype=torch.int32, device=x.device) if group else None
+    BLOCK_D = max(FP8_K_STEP, triton.next_power_of_2(D))
+    launch(_fp8_rows_kernel, (triton.cdiv(R, FP8_ROWS_BLOCK),), x, x8, scale, scale if first_bad is None else first_bad,
+           R, max(group, 1), D, BLOCK_R=FP8_ROWS_BLOCK, BLOCK_D=BLOCK_D, STEP=FP8_K_STEP, FIRST_BAD=bool(group),
+           num_warps=4)
+    return x8, scale, first_bad
+
+
 def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int, cfg: IndexerTopkConfig) -> None:
     B, S, H, D = q.shape
     N = keys.shape[1]
@@ -198,17 +321,24 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     if N == 0 or topk == 0:
         out.fill_(-1)  # no key visible anywhere (a no-op on an empty [B, S, 0] output)
         return
-    plan = launch_plan(q.dtype, keys.dtype)
+    plan = launch_plan(q.dtype, keys.dtype, cfg.score_mma)
     fast = plan != "exact"
-    fix = plan == "bf16_fix"
+    fp8 = plan == "fp8"
+    fix = plan == "bf16_fix" or (fp8 and keys.dtype != torch.bfloat16)
     k_op, k_full, flag = keys, keys, positions                 # p_kf / p_fix unused unless FIX
-    if fix:
+    q8, q_scale, k_scale, k_bad = q, positions, positions, positions   # unused unless FP8
+    if fp8:
+        # The MMA operands: q and keys times power-of-two row scales, in e4m3; rows that are not
+        # FP4-like get scale 0, and the kernel gives them (and the keys after them) the bf16 dots.
+        q8, q_scale, _ = fp8_rows(q.view(B * S * H, D))
+        k_op, k_scale, k_bad = fp8_rows(keys.view(B * N, D), group=N)
+    elif fix:
         # The MMA operand: the keys rounded to bf16 (equal to them for the model's FP4/FP8-simulated
         # keys). flag = some key is not bf16-exact: a device value, no host sync (CUDA graphs, export).
         k_op = keys.to(torch.bfloat16)
         flag = (k_op != keys).any().to(torch.int32)
     block_s = cfg.block_s if fast else 1
-    BLOCK_H, BLOCK_D = padded_heads_dims(H, D)
+    BLOCK_H, BLOCK_D = padded_heads_dims(H, D, plan)
     refusal = key_rows_refusal(dataclasses.replace(cfg, block_s=block_s), BLOCK_H)
     check(refusal is None, f"indexer_topk: {refusal}")
     n_sb = triton.cdiv(S, block_s)
@@ -219,10 +349,10 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     # sized by the fixed program count, so no shape depends on the inputs beyond block_s and C.
     ws = torch.empty((programs * block_s, C), dtype=torch.int64, device=q.device)
     launch(_indexer_topk_kernel, (torch.sym_min(n_blocks, programs),), q, weights, k_op, k_full, flag, positions, ws,
-           out, S, H, N, D, ratio, topk, n_sb, n_blocks, UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype),
-           IEEE=q.dtype == torch.float32, FIX=fix, BLOCK_S=block_s, BLOCK_H=BLOCK_H,
-           BLOCK_D=BLOCK_D, BLOCK_N=cfg.block_n, C=C, KEY_ROWS=cfg.score_rows == "keys",
-           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+           out, q8, q_scale, k_scale, k_bad, S, H, N, D, ratio, topk, n_sb, n_blocks,
+           UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype), IEEE=q.dtype == torch.float32, FIX=fix, FP8=fp8,
+           BLOCK_S=block_s, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=cfg.block_n, C=C,
+           KEY_ROWS=cfg.score_rows == "keys", STEP=FP8_K_STEP, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,

@@ -198,6 +198,10 @@ def test_indexer_topk_problem_and_rules():
     kind, reason = space.check(space.make_config({**base, "block_n": 256, "num_warps": 16, "num_stages": 4,
                                                   "score_rows": "heads"}, "H100"), p, h100)
     assert kind == "hard" and "shared memory" in reason
+    # score_mma=fp8: e4m3 key tiles (the launcher converts q and keys), half the bytes: 128 KB fits.
+    assert base["score_mma"] == "bf16"
+    assert space.check(space.make_config({**base, "block_n": 256, "num_warps": 16, "num_stages": 4,
+                                          "score_rows": "heads", "score_mma": "fp8"}, "H100"), p, h100) is None
     tiny = space.make_problem(FLASH, 64)                      # 16 keys
     kind, reason = space.check(space.make_config({**base, "block_n": 64}, "H100"), tiny, h100)
     assert kind == "redundant" and "16 keys" in reason
