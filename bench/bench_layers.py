@@ -17,9 +17,9 @@ dims 128 and 256 (FA2 takes no larger head), and SDPA at the real 512-dim head w
 full heads (the shared head expanded; efficient / cuDNN backends), skipped where one call would take
 too long (projected from a shorter context by S^2).
 Components: compressor and indexer, Triton vs torch.compile of the plain op (model/ops.py), the
-acceptance bar of issue 5 (Triton at least as fast); the indexer twice, its default config and
-"triton fp8" (score_mma=fp8: the score MMA on FP8 e4m3 operands; its queries are FP4-simulated as the
-model's, so both paths see the model's operands). Anything that would not fit in the GPU's free
+acceptance bar of issue 5 (Triton at least as fast); the indexer also with the FP8 score MMA
+(INDEXER_CONFIGS: "triton fp8*" rows, score_mma=fp8; its queries are FP4-simulated as the model's,
+so every path sees the model's operands). Anything that would not fit in the GPU's free
 memory (at most 78 GiB) is skipped with a row saying so.
 Timing: below GRAPH_MS per call, the median replay of a CUDA graph of a few calls (GPU time only: at
 ~0.1 ms do_bench's per-call Python launch cost is comparable to the kernel, and differs between a
@@ -142,13 +142,18 @@ def _compress_kv_op(*args):
     return torch.ops.dsv4.compress_kv(*args)
 
 
+# The indexer's Triton rows: the default config (the bf16 score MMA) and the FP8 score MMA at the
+# default tiles and at block_n 64 (where its key loop compiles without spills: kernels/indexer_topk/DESIGN.md).
+INDEXER_CONFIGS = {"triton": "", "triton fp8": "score_mma=fp8", "triton fp8 block_n=64": "score_mma=fp8,block_n=64"}
+
+
 def indexer_fn(t: dict, keys: torch.Tensor, sh: Shapes, impl: str):
     """A no-argument callable: indexer scores + top-k. The compiled plain op compiles one query chunk
     of the plain op and loops over the chunks as the op does (compiling the whole op would unroll
     hundreds of chunks at 128K)."""
-    if impl.startswith("triton"):
+    if impl in INDEXER_CONFIGS:
         from dsv4_compile.kernels.indexer_topk import indexer_topk
-        config = "score_mma=fp8" if impl == "triton fp8" else ""
+        config = INDEXER_CONFIGS[impl]
         return lambda: indexer_topk(t["iq"], t["iw"], keys, t["positions"], CSA_RATIO, sh.topk, config)
     from dsv4_compile.model import ops
     chunk_fn = torch.compile(ops.indexer_topk_chunk, dynamic=False)
@@ -345,8 +350,8 @@ def run_layers(contexts=(8192, 32768, 131072), sh: Shapes = FLASH, compile: bool
                 ic = t["icomp"]
                 keys = compress_kv(ic["kv"], ic["score"], ic["ape"], ic["norm_weight"], ic["cos"], ic["sin"],
                                    CSA_RATIO, True, sh.eps, "hadamard_fp4")
-                measure(kind, "indexer (scores+top-k)", "triton", S, lambda: indexer_fn(t, keys, sh, "triton"))
-                measure(kind, "indexer (scores+top-k)", "triton fp8", S, lambda: indexer_fn(t, keys, sh, "triton fp8"))
+                for impl in INDEXER_CONFIGS:
+                    measure(kind, "indexer (scores+top-k)", impl, S, lambda impl=impl: indexer_fn(t, keys, sh, impl))
                 if compile:
                     baseline(kind, "indexer (scores+top-k)", S, lambda: indexer_fn(t, keys, sh, "compile"), 4 * GIB)
                 picked = indexer_topk(t["iq"], t["iw"], keys, t["positions"], CSA_RATIO, sh.topk)

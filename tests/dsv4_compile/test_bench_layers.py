@@ -25,7 +25,7 @@ def test_layers_rows_and_outputs(tmp_path):
     rows = bench_layers.run_layers((32,), bench_layers.TINY, compile=False, log=lambda *_: None)
     got = {(r["layer"], r["part"], r["impl"]) for r in rows if r["ms"] == r["ms"]}
     assert {("csa", "layer", "triton"), ("csa", "indexer (scores+top-k)", "triton"),
-            ("csa", "indexer (scores+top-k)", "triton fp8"),
+            ("csa", "indexer (scores+top-k)", "triton fp8"), ("csa", "indexer (scores+top-k)", "triton fp8 block_n=64"),
             ("csa", "compressor (main)", "triton"), ("csa", "compressor (index)", "triton"), ("hca", "layer", "triton"),
             ("hca", "sparse_attention", "triton"), ("dense", "sdpa causal 4x32", "flash_attention_2")} <= got
     paths = bench_layers.write_outputs(rows, str(tmp_path), bench_layers.TINY)
