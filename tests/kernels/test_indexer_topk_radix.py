@@ -125,13 +125,16 @@ def test_strided_rows_and_inputs():
 @pytest.mark.parametrize("R,N,k", [(64, 32768, 512), (16, 131072, 1024), (300, 5000, 512)])
 @pytest.mark.parametrize("kind", ["gauss", "ties", "special"])
 def test_gpu_matches_stable_sort(R, N, k, kind):
-    """The compiled kernel at the indexer's sizes against torch's stable descending sort (NaN first
-    as torch sorts it, -0.0 == +0.0, ties to the lowest index: the plain op's rule), random lengths."""
+    """The compiled kernel at the indexer's sizes against torch's stable descending sort (every NaN
+    first, -0.0 == +0.0, ties to the lowest index: the plain op's rule), random lengths."""
     scores = make_scores(R, N, kind, seed=3).to(DEVICE)
     lengths = torch.randint(0, N + 1, (R,), generator=torch.Generator().manual_seed(4)).int().to(DEVICE)
     lengths[0] = N
     out = radix_topk(scores, lengths, k)
-    masked = scores.masked_fill(torch.arange(N, device=DEVICE) >= lengths[:, None].long(), float("-inf"))
+    # every NaN counts as the best score; torch's CUDA sort orders a NaN with its sign bit set last
+    # (it sorts the bits), so the reference sorts sign-cleared NaNs
+    canonical = torch.where(scores.isnan(), float("nan"), scores)
+    masked = canonical.masked_fill(torch.arange(N, device=DEVICE) >= lengths[:, None].long(), float("-inf"))
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :k]
     ref = torch.where(order < lengths[:, None].long(), order, -1).int()
     if ref.shape[1] < k:
