@@ -46,23 +46,38 @@ def expert_blocks(topk_ids: torch.Tensor, n_experts: int, block: int) -> tuple[t
     Built with gathers over static shapes only (no data-dependent sizes, no reshape of a symbolic
     length), so it traces for export.
     """
+    slot, block_expert = chunked_expert_blocks(topk_ids, n_experts, block, topk_ids.shape[0], 1)
+    return slot[0], block_expert[0]
+
+
+def chunked_expert_blocks(topk_ids: torch.Tensor, n_experts: int, block: int, chunk_tokens, n_chunks: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """expert_blocks of each run of `chunk_tokens` tokens (chunk c: tokens c * chunk_tokens onwards) on
+    its own, from one sort: slot [n_chunks, n_blocks, block] (global assignment numbers t*k + j, N in
+    padding rows), block_expert [n_chunks, n_blocks], n_blocks = max_expert_blocks(min(chunk_tokens, T)
+    * k, E, block). n_chunks must cover T (n_chunks * chunk_tokens >= T); chunks past T hold padding
+    only. A chunk's rows are those expert_blocks gives its tokens alone (same order, same padding)."""
     T, k = topk_ids.shape
     N, E = T * k, n_experts
-    n_blocks = max_expert_blocks(N, E, block)
+    n_blocks = max_expert_blocks(torch.sym_min(chunk_tokens, T) * k, E, block)
     dev = topk_ids.device
-    ids = topk_ids.reshape(-1).long()
-    ids = torch.where((ids >= 0) & (ids < E), ids, E)                                    # [N], E = none
-    order = torch.sort(ids, stable=True).indices                                         # [N] by expert
-    count = torch.zeros(E + 1, dtype=torch.long, device=dev).scatter_add(0, ids, torch.ones_like(ids))[:E]
-    padded = (count + block - 1) // block * block                                        # [E]
-    padded_end = torch.cumsum(padded, 0)
-    start = torch.cumsum(count, 0) - count                                               # [E] first sorted position
+    ids = topk_ids.long()
+    ids = torch.where((ids >= 0) & (ids < E), ids, E)                                    # [T, k], E = none
+    if n_chunks > 1:  # key chunk * (E + 1) + expert: one sort orders by chunk, then by expert
+        ids = ids + (torch.arange(T, device=dev) // chunk_tokens * (E + 1)).unsqueeze(1)
+    ids = ids.reshape(-1)                                                                # [N]
+    order = torch.sort(ids, stable=True).indices                                         # [N] by (chunk, expert)
+    count = torch.zeros(n_chunks * (E + 1), dtype=torch.long, device=dev).scatter_add(0, ids, torch.ones_like(ids))
+    start = (torch.cumsum(count, 0) - count).view(n_chunks, E + 1)[:, :E]               # [C, E] first sorted position
+    count = count.view(n_chunks, E + 1)[:, :E]                                           # [C, E]
+    padded = (count + block - 1) // block * block
+    padded_end = torch.cumsum(padded, 1)                                                 # [C, E]
     block_start = torch.arange(n_blocks, device=dev) * block                             # [n_blocks]
-    block_expert = (padded_end.unsqueeze(0) <= block_start.unsqueeze(1)).sum(-1)         # [n_blocks] in [0, E]
+    block_expert = (padded_end.unsqueeze(1) <= block_start.view(1, -1, 1)).sum(-1)      # [C, n_blocks] in [0, E]
     e = block_expert.clamp(max=E - 1)
-    rank = (block_start - (padded_end - padded)[e]).unsqueeze(1) + torch.arange(block, device=dev)  # [n_blocks, block]
-    used = (block_expert < E).unsqueeze(1) & (rank < count[e].unsqueeze(1))
-    pos = torch.where(used, start[e].unsqueeze(1) + rank, 0)                             # 0: any valid index
+    rank = (block_start - (padded_end - padded).gather(1, e)).unsqueeze(-1) + torch.arange(block, device=dev)
+    used = (block_expert < E).unsqueeze(-1) & (rank < count.gather(1, e).unsqueeze(-1))  # [C, n_blocks, block]
+    pos = torch.where(used, start.gather(1, e).unsqueeze(-1) + rank, 0)                  # 0: any valid index
     return torch.where(used, order[pos], N), block_expert
 
 
@@ -93,7 +108,10 @@ def _moe_grouped(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int,
     weight on the activation, a scatter-add back to the tokens: [T, D] float32.
 
     With concrete sizes the blocks run in chunks whose gathered weights (`bytes_per_expert` each) and
-    fp32 activations fit CHUNK_BYTES; with symbolic sizes (export) all at once.
+    fp32 activations fit CHUNK_BYTES; with symbolic sizes (export) all at once. Beyond a chunk and the
+    output, only the routing layout (tens of bytes an assignment): no padded copy of x, and the scatter-add
+    accumulates into the output in place (out of place, each chunk copied the [T, D] float32 output:
+    2 GiB at 128K tokens x D 4096).
     """
     T, D = x.shape
     k = topk_ids.shape[1]
@@ -101,7 +119,6 @@ def _moe_grouped(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int,
     slot, block_expert = expert_blocks(topk_ids, E, block)                               # [nb, block], [nb]
     token = slot // k                                                                    # T in padding rows
     weight = F.pad(topk_weights.reshape(-1).float(), (0, 1))[slot]                       # [nb, block], 0 in padding
-    x_pad = F.pad(x, (0, 0, 0, 1))                                                       # row T = 0
     expert = block_expert.clamp(max=E - 1)                                               # spare blocks: padding only
     out = torch.zeros(T + 1, D, dtype=torch.float32, device=x.device)
     n_blocks = slot.shape[0]
@@ -112,12 +129,12 @@ def _moe_grouped(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int,
     for blocks in chunks:
         tok = token[blocks]
         w1, w2, w3 = take(expert[blocks])
-        xs = x_pad[tok]                                                                  # [nb, block, D]
+        xs = torch.where((tok < T).unsqueeze(-1), x[tok.clamp(max=T - 1)], 0)            # [nb, block, D], 0 in padding
         gate = torch.bmm(xs, w1.transpose(1, 2))                                         # [nb, block, I]
         up = torch.bmm(xs, w3.transpose(1, 2))
         act = swiglu(gate, up, swiglu_limit) * weight[blocks].unsqueeze(-1)
         y = torch.bmm(act.to(x.dtype), w2.transpose(1, 2)).float()                       # [nb, block, D]
-        out = out.index_put((tok,), y, accumulate=True)
+        out.index_put_((tok,), y, accumulate=True)                                      # row T: padding
     return out[:T]
 
 

@@ -17,7 +17,15 @@ max_expert_blocks(N, E, block_m), so the grids depend on the sizes only (CUDA gr
      that order, in fp32: the result does not depend on which program finished first (atomics into
      out[t] summed the k contributions in arrival order, so two runs could differ in the last bit
      and a greedy token at a near tie with them), and it is the naive twin's order.
-Both sweep the column tiles of group_m row blocks before the next rows (L2 reuse of weight tiles).
+The GEMMs sweep the column tiles of group_m row blocks before the next rows (L2 reuse of weight tiles).
+Chunks: slots alone take T * k * D * 4 bytes (12 GiB at 128K tokens, D 4096, k 6) and act T * k * I
+more, so the three launches run once per chunk of tokens (chunk_plan: all T in one chunk where they fit
+WORKSPACE_BYTES, as at decode), act and slots sized for one chunk and reused, the layout of every
+chunk from one sort (model.moe_ops.chunked_expert_blocks: chunk c's rows are the layout of its tokens
+alone). A row's products depend on its own token, expert and the config only (chosen once, from all
+T * k assignments), and a token's k rows are summed in j order within its chunk: the chunked result
+is the unchunked one bit for bit. A symbolic T (export) takes the chunk count of its upper bound, so
+the launches stay static; a chunk past the actual T finds only padding blocks and returns at once.
 Weights: float (bf16/fp16/fp32, as x), FP8 e4m3 codes with one scale per 128 x 128 tile, or MXFP4
 (two e2m1 codes per byte, low nibble first, one scale per 1 x 32 along the reduction dim); scales
 e8m0 bytes or float32. Quantized tiles are dequantized in registers and multiplied in x's dtype with
@@ -28,7 +36,8 @@ to match instead of interleaving the weights.
 Numbers: against the plain op, the routing weight multiplies the fp32 product of w2 instead of the
 activation before its rounding to x's dtype (bf16: within the bf16 tolerance; fp32: equal up to
 summation order).
-Workspace: act [n_blocks * block_m, I] in x's dtype, slots [T * k, D] float32, the routing layout.
+Workspace: act [n_blocks * block_m, I] in x's dtype and slots [chunk * k, D] float32 for one chunk of
+tokens (within WORKSPACE_BYTES), the routing layout of all T * k assignments (about 40 bytes each).
 """
 from __future__ import annotations
 
@@ -36,13 +45,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ...model.moe_ops import expert_blocks
-from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, launch
+from ...model.moe_ops import chunked_expert_blocks
+from .._common import FLOAT_DTYPES, INTERPRET, cdiv, check, check_tensor, device_name, kernel_op, launch
 from .._jit_utils import round_bf16
 from .config import MoeExpertsConfig, default_config, fit_block
 
 WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
 SUM_BLOCK_T, SUM_BLOCK_D = 8, 256   # the slot sum reads T * k * D * 4 bytes once: any tile near 2K elements
+# The workspace of a call (act and slots of one chunk of tokens) stays within this many bytes: see chunk_plan.
+WORKSPACE_BYTES = 2 << 30
 _FMT = {"float": 0, "fp8": 1, "mxfp4": 2}
 _SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8, torch.float32)
 
@@ -212,11 +223,11 @@ def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, 
 
 @triton.jit
 def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
-                 N, TOPK, D, I, E, n_blocks,
+                 N, first_slot, TOPK, D, I, E, n_blocks,
                  FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_act [n_blocks * BLOCK_M, I]; p_w2 [E, D, I] (or packed); p_weights [T * TOPK] float32;
-    # p_out [T * TOPK, D] float32: row t * TOPK + j of assignment (t, j), written once
+    # p_out [chunk tokens * TOPK, D] float32: row t * TOPK + j - first_slot of assignment (t, j), written once
     pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
     if e >= E:
@@ -237,21 +248,23 @@ def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
             b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc = _dot(a, b, acc, UPCAST, IEEE)
     weight = tl.load(p_weights + slot, mask=row_ok, other=0.0)
-    row = tl.where(row_ok, slot, 0).to(tl.int64)
+    row = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
     tl.store(p_out + row[:, None] * D + offs_n[None, :], acc * weight[:, None],
              mask=row_ok[:, None] & (offs_n[None, :] < D))
 
 
 @triton.jit
-def _sum_slots_kernel(p_slots, p_ids, p_out, T, TOPK, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # p_slots [T * TOPK, D] float32 (rows of -1 ids never written), p_ids [T, TOPK] -> p_out [T, D] float32
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _sum_slots_kernel(p_slots, p_ids, p_out, first_token, end_token, TOPK, D,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    # p_slots [chunk tokens * TOPK, D] float32: tokens first_token .. end_token - 1 (rows of -1 ids never
+    # written); p_ids [T, TOPK]; p_out [T, D] float32, those tokens' rows written
+    offs_t = first_token + tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t_ok, d_ok = offs_t < T, offs_d < D
+    t_ok, d_ok = offs_t < end_token, offs_d < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for j in range(TOPK):
         used = t_ok & (tl.load(p_ids + offs_t * TOPK + j, mask=t_ok, other=-1) >= 0)
-        acc += tl.load(p_slots + (offs_t * TOPK + j)[:, None] * D + offs_d[None, :],
+        acc += tl.load(p_slots + ((offs_t - first_token) * TOPK + j)[:, None] * D + offs_d[None, :],
                        mask=used[:, None] & d_ok[None, :], other=0.0)
     tl.store(p_out + offs_t[:, None] * D + offs_d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
 
@@ -302,6 +315,34 @@ def resolve(config, device, n_assignments) -> MoeExpertsConfig:
     return base.replace(**config)
 
 
+def chunk_tokens(k: int, D: int, I: int, E: int, block_m: int, act_bytes: int) -> int:
+    """Tokens per chunk: the most whose workspace fits WORKSPACE_BYTES (at least 1). A chunk of n tokens
+    holds slots [n * k, D] float32 and act [max_expert_blocks(n * k, E, block_m) * block_m, I] of
+    act_bytes each, whose rows are at most n * k plus block_m - 1 padding rows for each expert."""
+    padding = E * (block_m - 1) * I * act_bytes
+    return max(1, (WORKSPACE_BYTES - padding) // (k * (D * 4 + I * act_bytes)))
+
+
+def _largest_value(n) -> int | None:
+    """n for an int; a symbolic size's upper bound (an export Dim's max), None when unbounded."""
+    if isinstance(n, int):
+        return n
+    bound = n.node.shape_env.bound_sympy(n.node.expr).upper
+    return int(bound) if bound.is_integer and bound.is_finite else None
+
+
+def chunk_plan(T, k: int, D: int, I: int, E: int, block_m: int, act_bytes: int) -> tuple:
+    """(tokens per chunk, number of chunks) for T tokens: one chunk of all T where they fit the workspace
+    (decode, small prefills: the unchunked launches), else chunk_tokens(...)-token chunks. A symbolic T
+    (export) takes the count its upper bound needs, so the launches are static (chunks past the actual T
+    return at once); an unbounded one, one chunk."""
+    chunk = chunk_tokens(k, D, I, E, block_m, act_bytes)
+    largest = _largest_value(T)
+    if largest is None or largest <= chunk:
+        return T, 1
+    return chunk, cdiv(largest, chunk)
+
+
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
                 w2: torch.Tensor, w3: torch.Tensor, swiglu_limit: float,
                 config: MoeExpertsConfig | dict | str | None = None, weight_format: str = "float",
@@ -310,8 +351,9 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     weights in `weight_format` ("float": [E, I, D], [E, D, I], [E, I, D] in x's dtype; "fp8": the same
     shapes in float8_e4m3fn with `scales` (w1, w2, w3) [E, ceil(rows/128), ceil(cols/128)]; "mxfp4":
     [E, I, D/2], [E, D, I/2], [E, I, D/2] int8 with scales [E, rows, cols/32]; scales e8m0 or fp32)
-    -> [T, D] float32. Workspace: act [n_blocks * block_m, I] in x's dtype, slots [T * k, D] float32, the
-    routing layout."""
+    -> [T, D] float32. Tokens go through in chunks (chunk_plan) with one config (that of all T * k
+    assignments), so the result is the same bits whatever the chunking. Workspace: act and slots of one
+    chunk (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment)."""
     E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format)
     T, k = topk_ids.shape
     out = torch.empty((T, D), dtype=torch.float32, device=x.device)
@@ -319,9 +361,11 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         return out
     cfg = resolve(config, x.device, T * k)
     bm = cfg.block_m
-    slot, block_expert = expert_blocks(topk_ids, E, bm)                    # [n_blocks, bm], [n_blocks]
-    n_blocks = block_expert.shape[0]
+    chunk, n_chunks = chunk_plan(T, k, D, I, E, bm, x.element_size())
+    slot, block_expert = chunked_expert_blocks(topk_ids, E, bm, chunk, n_chunks)  # [C, n_blocks, bm], [C, n_blocks]
+    n_blocks = block_expert.shape[1]
     act = torch.empty((n_blocks * bm, I), dtype=x.dtype, device=x.device)
+    slots = torch.empty((torch.sym_min(chunk, T) * k, D), dtype=torch.float32, device=x.device)
     fmt = _FMT[weight_format]
     if fmt:
         scale_f32 = scales[0].dtype == torch.float32
@@ -334,28 +378,32 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     upcast = INTERPRET
     ieee = x.dtype == torch.float32
     bn, bn2 = fit_block(cfg.block_n, I), fit_block(cfg.down_block_n, D)
-    launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), x, slot, block_expert, w1, s1, w3, s3, act,
-           float(swiglu_limit), T * k, k, D, I, E, n_blocks,
-           FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    slots = torch.empty((T * k, D), dtype=torch.float32, device=x.device)
-    launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, slot, block_expert, w2, s2, topk_weights, slots,
-           T * k, k, D, I, E, n_blocks,
-           FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
-           BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
-           num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
-    sum_slots(slots, topk_ids, out)
+    for c in range(n_chunks):  # act and slots reused: each launch reads what the one before wrote
+        first = c * chunk
+        launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), x, slot[c], block_expert[c], w1, s1, w3, s3, act,
+               float(swiglu_limit), T * k, k, D, I, E, n_blocks,
+               FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
+               ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, slot[c], block_expert[c], w2, s2, topk_weights,
+               slots, T * k, first * k, k, D, I, E, n_blocks,
+               FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
+               BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
+               num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
+        sum_slots(slots, topk_ids, out, first, torch.sym_min(first + chunk, T))
     return out
 
 
-def sum_slots(slots: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor) -> None:
-    """out [T, D] float32 = for each token the sum of its assignments' rows of slots [T * k, D] float32,
-    j = 0 .. k-1 in order, ids of -1 skipped (their rows are not read)."""
-    T, k = topk_ids.shape
-    D = out.shape[1]
-    launch(_sum_slots_kernel, (triton.cdiv(T, SUM_BLOCK_T), triton.cdiv(D, SUM_BLOCK_D)), slots, topk_ids, out,
-           T, k, D, BLOCK_T=SUM_BLOCK_T, BLOCK_D=SUM_BLOCK_D)
+def sum_slots(slots: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, first_token=0, end_token=None) -> None:
+    """out[t] [D] float32 = the sum of token t's assignments' rows of slots [n * k, D] float32 (row
+    (t - first_token) * k + j), j = 0 .. k-1 in order, ids of -1 skipped (their rows are not read), for
+    t in first_token .. end_token - 1 (default: the n tokens from first_token); out [T, D]."""
+    k = topk_ids.shape[1]
+    n, D = slots.shape[0] // k, out.shape[1]
+    end_token = first_token + n if end_token is None else end_token
+    launch(_sum_slots_kernel, (triton.cdiv(n, SUM_BLOCK_T), triton.cdiv(D, SUM_BLOCK_D)), slots, topk_ids, out,
+           first_token, end_token, k, D, BLOCK_T=SUM_BLOCK_T, BLOCK_D=SUM_BLOCK_D)
 
 
 # ================================================================================================

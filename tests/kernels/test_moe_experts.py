@@ -7,6 +7,7 @@ Tolerances (relative RMS over the output):
   rounded to bf16 once (kernel and naive at the same point, plain op after the routing weight), so
   sums in another order can land one bf16 ulp (2^-8 relative) apart on a few elements.
 """
+import importlib
 import os
 
 import torch
@@ -20,11 +21,12 @@ import triton.language as tl  # noqa: E402
 
 import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
-from dsv4_compile.kernels.moe_experts.moe_experts import _e2m1_pair, _e4m3, _e8m0, sum_slots  # noqa: E402
+from dsv4_compile.kernels.moe_experts.moe_experts import _e2m1_pair, _e4m3, _e8m0, launch, sum_slots  # noqa: E402
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")  # the module (the package's moe_experts is the function)
 LIMIT = 10.0
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 PLAIN = {"float": torch.ops.dsv4.moe_experts, "fp8": torch.ops.dsv4.moe_experts_fp8,
@@ -287,3 +289,118 @@ def test_flash_shapes_are_bit_reproducible(flash_experts):
     ws, _ = flash_experts["float"]
     first = moe_experts(x, ids, w, *ws, LIMIT)
     assert all(torch.equal(first, moe_experts(x, ids, w, *ws, LIMIT)) for _ in range(3))
+
+
+# ---- chunks of tokens: a bounded workspace, the same bits --------------------------------------------
+
+def _bound_for(tokens, k, D, I, E, block_m, act_bytes):
+    """The WORKSPACE_BYTES at which chunk_tokens plans chunks of `tokens` tokens."""
+    return E * (block_m - 1) * I * act_bytes + tokens * k * (4 * D + I * act_bytes)
+
+
+def _run_recording(monkeypatch, bound, x, ids, w, w1, w2, w3, config=None):
+    """moe_experts with WORKSPACE_BYTES = bound -> (out, kernels launched, bytes of the float tensors the
+    launches wrote or read other than the inputs and the output: act and slots)."""
+    launched, storages = [], {}
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        launched.append(kernel)
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.is_floating_point():
+                storages[a.untyped_storage().data_ptr()] = a.untyped_storage().nbytes()
+        launch(kernel, grid, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(KERNEL, "WORKSPACE_BYTES", bound)
+        patch.setattr(KERNEL, "launch", recording_launch)
+        out = moe_experts(x, ids, w, w1, w2, w3, LIMIT, config)
+    for t in (x, w, w1, w2, w3, out):
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return out, launched, sum(storages.values())
+
+
+# (T, k, E, routing, tokens per chunk): T = 1, 7, 300; -1 ids and repeated experts ("holes",
+# "one-expert"); chunks of 1 token, of 2 (the last one short), 64 and 7.
+CHUNKS = [(1, 6, 5, "holes", 1), (7, 6, 5, "one-expert", 2), (7, 3, 12, "holes", 1), (300, 6, 12, "holes", 64),
+          (300, 1, 5, "random", 7)]
+
+
+@pytest.mark.parametrize("T,k,E,kind,tokens", CHUNKS, ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-chunk{c[4]}" for c in CHUNKS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunks_give_the_unchunked_bits_within_the_workspace_bound(T, k, E, kind, tokens, dtype, monkeypatch):
+    """WORKSPACE_BYTES lowered to `tokens`-token chunks: the same bits as one chunk (a token's k rows summed
+    in j order either way, one config for all chunks), three launches a chunk (T = 1: the three of the
+    unchunked path), and the workspace the launches touched within the bound where one chunk's exceeds it."""
+    D, I = 48, 40
+    x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T)) * 2).to(dtype).to(DEVICE)
+    ids, w = (t.to(DEVICE) for t in routing(T, k, E, kind, seed=T + k))
+    w1, w2, w3 = (t.to(DEVICE) for t in experts(E, I, D, dtype, "float")[:3])
+    block_m = KERNEL.resolve(None, x.device, T * k).block_m
+    bound = _bound_for(tokens, k, D, I, E, block_m, x.element_size())
+    assert KERNEL.chunk_plan(T, k, D, I, E, block_m, x.element_size()) == (T, 1)    # the default bound: one chunk
+    whole, launched, whole_bytes = _run_recording(monkeypatch, 1 << 40, x, ids, w, w1, w2, w3)
+    assert len(launched) == 3
+    chunked, launched, chunked_bytes = _run_recording(monkeypatch, bound, x, ids, w, w1, w2, w3)
+    assert torch.equal(chunked, whole)
+    n_chunks = -(-T // tokens)
+    assert len(launched) == 3 * n_chunks
+    assert chunked_bytes <= bound
+    if n_chunks > 1:
+        assert whole_bytes > bound, "the unchunked workspace fits the bound: the test could not fail"
+    assert_close("chunked kernel vs naive", naive.moe_experts(x.cpu(), ids.cpu(), w.cpu(), w1.cpu(), w2.cpu(), w3.cpu(),
+                                                              LIMIT), chunked.cpu(), TOL[dtype])
+
+
+def test_export_with_a_symbolic_token_count_plans_static_chunks(monkeypatch):
+    """torch.export with T dynamic (up to 64) traces the launcher with a symbolic T: as many chunks as T's
+    upper bound needs (static launches), the chunked layout traced without specialising T; the exported
+    program then runs the op at other T (one chunk at T = 3, three at T = 50), equal to eager bit for bit."""
+    k, E, D, I = 2, 5, 32, 32
+    w1, w2, w3 = (t.to(DEVICE) for t in experts(E, I, D, torch.float32, "float")[:3])
+    monkeypatch.setattr(KERNEL, "WORKSPACE_BYTES", _bound_for(20, k, D, I, E, 16, 4))   # 20-token chunks
+    launched = []
+    monkeypatch.setattr(KERNEL, "launch", lambda kernel, grid, *a, **kw: (launched.append(kernel), launch(kernel, grid, *a, **kw)))
+
+    class Experts(torch.nn.Module):
+        def forward(self, x, ids, w):
+            return torch.ops.dsv4_triton.moe_experts(x, ids, w, w1, w2, w3, LIMIT, "block_m=16")
+
+    x = torch.randn(9, D, device=DEVICE)
+    ids, w = (t.to(DEVICE) for t in routing(9, k, E, "holes", seed=9))
+    T = torch.export.Dim("T", min=2, max=64)
+    ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
+    if DEVICE == "cpu":  # the interpreter's op is opaque to export: its fake (the launcher) ran at symbolic T
+        assert len(launched) == 3 * 4, "T <= 64 in 20-token chunks: 4 chunks of 3 launches"
+    for n in (3, 50):
+        xn = torch.randn(n, D, device=DEVICE)
+        idn, wn = (t.to(DEVICE) for t in routing(n, k, E, "holes", seed=n))
+        launched.clear()
+        out = ep.module()(xn, idn, wn)
+        assert torch.equal(out, Experts()(xn, idn, wn))
+        assert torch.equal(out, moe_experts(xn, idn, wn, w1, w2, w3, LIMIT, "block_m=16"))
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("gpu-large")
+def test_flash_shapes_chunked_equal_unchunked_within_the_bound(flash_experts, monkeypatch):
+    """T = 32768 (k 6 of 256, D 4096, I 2048, bf16) with WORKSPACE_BYTES at 1 GiB (five chunks at the
+    prefill default's 128-row blocks): the unchunked bits, and the memory the call allocated beyond its
+    output within the bound plus the routing layout (80 bytes an assignment covers the sort's
+    temporaries), where unchunked it takes 4 GiB."""
+    T = 32768
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
+    w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
+    ws, _ = flash_experts["float"]
+    whole = moe_experts(x, ids, w, *ws, LIMIT)
+    monkeypatch.setattr(KERNEL, "WORKSPACE_BYTES", 1 << 30)
+    assert KERNEL.chunk_plan(T, 6, 4096, 2048, 256, 128, 2)[1] == 5
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    chunked = moe_experts(x, ids, w, *ws, LIMIT)
+    torch.cuda.synchronize()
+    assert torch.equal(chunked, whole)
+    extra = torch.cuda.max_memory_allocated() - before - chunked.numel() * 4
+    assert extra <= (1 << 30) + 80 * T * 6, f"{extra / 2**30:.2f} GiB"

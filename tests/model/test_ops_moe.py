@@ -121,6 +121,25 @@ def test_expert_blocks_layout(T, k, E, block):
     assert (block_expert[1:] >= block_expert[:-1]).all() and (block_expert <= E).all()
 
 
+@pytest.mark.parametrize("T,k,E,block,chunk", [(7, 3, 5, 4, 2), (64, 6, 9, 16, 10), (5, 2, 3, 4, 5), (1, 6, 256, 1, 1)])
+def test_chunked_expert_blocks_are_each_chunks_own_layout(T, k, E, block, chunk):
+    """Chunk c of chunked_expert_blocks is expert_blocks of its tokens alone (assignment numbers offset by
+    the chunk's first, N = T*k in padding rows), then padding blocks up to the static count; a chunk
+    past T holds padding only."""
+    ids, _ = routing(T, k, E, "holes" if T > 1 else "random", seed=5)
+    n_chunks = -(-T // chunk) + 1
+    slot, block_expert = moe_ops.chunked_expert_blocks(ids, E, block, chunk, n_chunks)
+    N = T * k
+    assert slot.shape == (n_chunks, moe_ops.max_expert_blocks(min(chunk, T) * k, E, block), block)
+    for c in range(n_chunks):
+        own = ids[c * chunk:(c + 1) * chunk]
+        own_slot, own_expert = moe_ops.expert_blocks(own, E, block)
+        n = own_slot.shape[0]
+        assert torch.equal(slot[c, :n], torch.where(own_slot < own.numel(), own_slot + c * chunk * k, N))
+        assert torch.equal(block_expert[c, :n], own_expert)
+        assert (slot[c, n:] == N).all() and (block_expert[c, n:] == E).all()
+
+
 def test_dense_form_is_chosen_only_where_it_costs_less():
     """Dense for 8 experts (tiny: k = 2, mini: k = 6) and E = 7, k = 3 below; grouped for V4's 256 / 6,
     for E = 32, k = 2 and for E = 12, k = 1."""
