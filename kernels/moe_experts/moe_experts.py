@@ -328,7 +328,7 @@ def _largest_value(n) -> int | None:
     if isinstance(n, int):
         return n
     bound = n.node.shape_env.bound_sympy(n.node.expr).upper
-    return int(bound) if bound.is_integer and bound.is_finite else None
+    return int(bound) if bound.is_Integer else None                     # not int_oo (its is_finite is True)
 
 
 def chunk_plan(T, k: int, D: int, I: int, E: int, block_m: int, act_bytes: int) -> tuple:

@@ -353,8 +353,9 @@ def test_chunks_give_the_unchunked_bits_within_the_workspace_bound(T, k, E, kind
 
 def test_export_with_a_symbolic_token_count_plans_static_chunks(monkeypatch):
     """torch.export with T dynamic (up to 64) traces the launcher with a symbolic T: as many chunks as T's
-    upper bound needs (static launches), the chunked layout traced without specialising T; the exported
-    program then runs the op at other T (one chunk at T = 3, three at T = 50), equal to eager bit for bit."""
+    upper bound needs (static launches), the chunked layout traced without specialising T (an unbounded T:
+    one chunk); the exported program then runs the op at other T (one chunk at T = 3, three at T = 50),
+    equal to eager bit for bit."""
     k, E, D, I = 2, 5, 32, 32
     w1, w2, w3 = (t.to(DEVICE) for t in experts(E, I, D, torch.float32, "float")[:3])
     monkeypatch.setattr(KERNEL, "WORKSPACE_BYTES", _bound_for(20, k, D, I, E, 16, 4))   # 20-token chunks
@@ -371,6 +372,9 @@ def test_export_with_a_symbolic_token_count_plans_static_chunks(monkeypatch):
     ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
     if DEVICE == "cpu":  # the interpreter's op is opaque to export: its fake (the launcher) ran at symbolic T
         assert len(launched) == 3 * 4, "T <= 64 in 20-token chunks: 4 chunks of 3 launches"
+        launched.clear()
+        torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: torch.export.Dim("T", min=2)},) * 3)
+        assert len(launched) == 3, "an unbounded T: one chunk"
     for n in (3, 50):
         xn = torch.randn(n, D, device=DEVICE)
         idn, wn = (t.to(DEVICE) for t in routing(n, k, E, "holes", seed=n))
