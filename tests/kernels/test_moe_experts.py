@@ -319,14 +319,17 @@ def _run_recording(monkeypatch, bound, x, ids, w, w1, w2, w3, config=None):
     return out, launched, sum(storages.values())
 
 
-# (T, k, E, routing, tokens per chunk): T = 1, 7, 300; -1 ids and repeated experts ("holes",
-# "one-expert"); chunks of 1 token, of 2 (the last one short), 64 and 7.
-CHUNKS = [(1, 6, 5, "holes", 1), (7, 6, 5, "one-expert", 2), (7, 3, 12, "holes", 1), (300, 6, 12, "holes", 64),
-          (300, 1, 5, "random", 7)]
+# (T, k, E, routing, tokens per chunk, dtype): T = 1, 7, 300; -1 ids and repeated experts ("holes",
+# "one-expert"); chunks of 1 token, of 2 (the last one short), 64 and 7. T = 300 in one dtype each
+# (two interpreted runs of ~4 s).
+_F32, _BF16 = torch.float32, torch.bfloat16
+CHUNKS = [(1, 6, 5, "holes", 1, _F32), (1, 6, 5, "holes", 1, _BF16), (7, 6, 5, "one-expert", 2, _F32),
+          (7, 6, 5, "one-expert", 2, _BF16), (7, 3, 12, "holes", 1, _BF16), (300, 6, 12, "holes", 64, _BF16),
+          (300, 1, 5, "random", 7, _F32)]
 
 
-@pytest.mark.parametrize("T,k,E,kind,tokens", CHUNKS, ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-chunk{c[4]}" for c in CHUNKS])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,k,E,kind,tokens,dtype", CHUNKS,
+                         ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-chunk{c[4]}-{str(c[5])[6:]}" for c in CHUNKS])
 def test_chunks_give_the_unchunked_bits_within_the_workspace_bound(T, k, E, kind, tokens, dtype, monkeypatch):
     """WORKSPACE_BYTES lowered to `tokens`-token chunks: the same bits as one chunk (a token's k rows summed
     in j order either way, one config for all chunks), three launches a chunk (T = 1: the three of the
@@ -390,7 +393,7 @@ def test_flash_shapes_chunked_equal_unchunked_within_the_bound(flash_experts, mo
     """T = 32768 (k 6 of 256, D 4096, I 2048, bf16) with WORKSPACE_BYTES at 1 GiB (five chunks at the
     prefill default's 128-row blocks): the unchunked bits, and the memory the call allocated beyond its
     output within the bound plus the routing layout (80 bytes an assignment covers the sort's
-    temporaries), where unchunked it takes 4 GiB."""
+    temporaries), where unchunked it takes about 4 GiB."""
     T = 32768
     g = torch.Generator(device="cuda").manual_seed(2)
     x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
