@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
-from .._common import KernelConfig, next_pow2, pick_default
+from .._common import KernelConfig, cdiv, next_pow2, pick_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,6 +12,9 @@ class HcConfig(KernelConfig):
     """hc_pre: one program per `block_t` tokens (>= 16, a tl.dot dimension); the mixes GEMV walks
     n*D in `block_k` steps with `dot_precision` for its fp32 product ('ieee' = fp32 FMA, 'tf32x3' ~
     fp32 on tensor cores, 'tf32' ~1e-3 relative); the stream sum walks D in `block_d` steps.
+    `num_splits` > 1 (decode: a few tokens, one program per token block would leave all but a few
+    SMs idle) cuts both sweeps in that many ranges, each a program: a first launch writes fp32 partial
+    mixes per range, the second adds them in range order and makes y's columns of its range.
     hc_sinkhorn: one program per `sinkhorn_block_t` matrices."""
 
     block_t: int = 16
@@ -20,6 +23,7 @@ class HcConfig(KernelConfig):
     num_warps: int = 4
     num_stages: int = 2
     dot_precision: str = "ieee"
+    num_splits: int = 1
     sinkhorn_block_t: int = 64
     sinkhorn_num_warps: int = 4
 
@@ -32,6 +36,8 @@ class HcConfig(KernelConfig):
         for name in ("block_t", "block_k"):
             if getattr(self, name) < 16:
                 raise ValueError(f"HcConfig.{name} = {getattr(self, name)}: tl.dot needs >= 16")
+        if self.num_splits < 1:
+            raise ValueError(f"HcConfig.num_splits = {self.num_splits}: need >= 1")
 
 
 DEFAULT_CONFIGS: dict[str, HcConfig] = {
@@ -44,6 +50,13 @@ DEFAULT_CONFIGS: dict[str, HcConfig] = {
 }
 
 
+# A decode step's hc_pre (tokens = batch <= a few block_t): split so that the first sweep, n D fp32
+# weights of fn (1.5 MB at V4's n 4, D 4096) plus x, spreads over most SMs (132 on the H100/H200:
+# 32 ranges x 1-4 token blocks), each range still >= 2 steps of block_k at D 4096. CPU interpreter:
+# 2, so the tests run the split path.
+DECODE_SPLITS: dict[str, int] = {"interpreter": 2, "H100": 32, "H200": 32, "generic": 16}
+
+
 def padded_n(n: int) -> int:
     """The n x n matrices' padded side in the kernels' tiles (a power of two >= 2)."""
     return max(2, next_pow2(n))
@@ -52,3 +65,13 @@ def padded_n(n: int) -> int:
 def default_config(gpu_name: str | None = None) -> HcConfig:
     """Default config for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'); None = the current device."""
     return pick_default(DEFAULT_CONFIGS, gpu_name)
+
+
+def decode_config(gpu_name: str | None = None) -> HcConfig:
+    """The default for a decode step's hc_pre (one token per sequence): the GPU's default, split."""
+    return default_config(gpu_name).replace(num_splits=pick_default(DECODE_SPLITS, gpu_name))
+
+
+def hc_pre_splits(cfg: HcConfig, K: int) -> int:
+    """Ranges the launch cuts K = n D into: cfg.num_splits, at most one per block_k step."""
+    return max(1, min(cfg.num_splits, cdiv(K, cfg.block_k)))

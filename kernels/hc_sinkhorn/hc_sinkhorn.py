@@ -6,6 +6,9 @@ fp32) together with sum(x^2) in one sweep over x; then rsqrt-normalise, scale, b
 sigmoids, `iters` Sinkhorn rounds on the n x n comb matrices held in registers, and the weighted
 stream sum y = sum_i pre_i x_i in a second sweep over the block's x (hot in L2). HBM traffic: x read
 once (plus the L2-hit re-read), y written once, fn read once per program (from L2 after the first).
+Decode (a few tokens: one program would stream all of fn alone) uses config num_splits > 1: a first
+launch sweeps ranges of K = n*D in parallel and writes fp32 partials, the second adds them in range
+order (so results do not depend on timing) and writes y by ranges of D.
 
 Precision: fp32 throughout with round-to-nearest divisions; results agree with the plain op to fp32
 rounding (summation order, exp), relative RMS <= 1e-5 for comb/post, and y to its own dtype.
@@ -22,7 +25,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import round_bf16
-from .config import HcConfig, default_config, padded_n
+from .config import HcConfig, default_config, hc_pre_splits, padded_n
 
 
 # ================================================================================================
@@ -67,20 +70,11 @@ def _hc_sinkhorn_kernel(p_l, p_o, T, iters, eps, N: tl.constexpr, NP: tl.constex
 
 
 @triton.jit
-def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, T, D, iters, norm_eps, hc_eps,
-                   N: tl.constexpr, NP: tl.constexpr, NW: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    # p_x [T, N, D] float; p_fn [(2+N)N, N D] fp32; p_scale [3]; p_base [(2+N)N];
-    # p_y [T, D] (x's dtype); p_post [T, N] fp32; p_comb [T, N, N] fp32.
-    # Columns of the mixes tile [BT, NW]: c < NP*NP -> comb (i, j) = (c // NP, c % NP);
-    # then NP pre columns, NP post columns, then padding (NW = max(2 NP^2, 16)).
-    # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
-    norm_eps = tl.cast(norm_eps, tl.float32)
-    hc_eps = tl.cast(hc_eps, tl.float32)
+def _mix_columns(N: tl.constexpr, NP: tl.constexpr, NW: tl.constexpr):
+    """The columns of a mixes tile [BT, NW]: c < NP*NP -> comb (i, j) = (c // NP, c % NP); then NP pre
+    columns, NP post columns, then padding (NW = max(2 NP^2, 16)). -> (row of fn / base, valid,
+    index into scale)."""
     NN: tl.constexpr = NP * NP
-    K = N * D
-    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)                # [BT]
-    m_t = o_t < T
     o_c = tl.arange(0, NW)
     is_comb = o_c < NN
     ci = o_c // NP
@@ -88,22 +82,82 @@ def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, T, D, iters,
     g = (o_c - NN) // NP                                                    # 0 pre, 1 post (non-comb)
     kk = (o_c - NN) % NP
     valid_c = tl.where(is_comb, (ci < N) & (cj < N), (o_c >= NN) & (g < 2) & (kk < N))
-    row = tl.where(valid_c, tl.where(is_comb, 2 * N + ci * N + cj, g * N + kk), 0)   # row of fn / base
-    b_sc = tl.load(p_scale + tl.where(valid_c, tl.where(is_comb, 2, g), 0), mask=valid_c, other=0.0)
-    b_bs = tl.load(p_base + row, mask=valid_c, other=0.0)
+    row = tl.where(valid_c, tl.where(is_comb, 2 * N + ci * N + cj, g * N + kk), 0)
+    return row, valid_c, tl.where(valid_c, tl.where(is_comb, 2, g), 0)
 
-    # Sweep 1: mixes = x_flat @ fn^T and sum of squares, over K = N * D.
+
+@triton.jit
+def _mixes_sweep(p_xt, p_fn, row, valid_c, m_t, k_lo, k_hi, K, BLOCK_T: tl.constexpr, NW: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """x_flat[:, k_lo:k_hi] @ fn[row, k_lo:k_hi]^T [BT, NW] and the sum of squares of x over the same
+    range [BT], fp32 (p_xt: the block's token rows of x, K = N * D apart)."""
     acc = tl.zeros([BLOCK_T, NW], dtype=tl.float32)
     ss = tl.zeros([BLOCK_T], dtype=tl.float32)
     o_k = tl.arange(0, BLOCK_K)
-    p_xt = p_x + o_t[:, None].to(tl.int64) * K
-    for k in range(0, K, BLOCK_K):
-        m_k = (k + o_k) < K
+    for k in range(k_lo, k_hi, BLOCK_K):
+        m_k = (k + o_k) < k_hi
         b_x = tl.load(p_xt + (k + o_k)[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_w = tl.load(p_fn + row[None, :].to(tl.int64) * K + (k + o_k)[:, None],
                       mask=valid_c[None, :] & m_k[:, None], other=0.0)     # [BK, NW]
         acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
         ss += tl.sum(b_x * b_x, axis=1)
+    return acc, ss
+
+
+@triton.jit
+def _hc_mixes_split_kernel(p_x, p_fn, p_part, p_ss, T, D, k_split, N: tl.constexpr, NP: tl.constexpr,
+                           NW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    # Split-K of hc_pre's first sweep (decode: a few tokens cannot fill the GPU with one program per
+    # token block). Program (t, s) -> p_part[s, t-block, :] [BT, NW] and p_ss[s, t-block] [BT], the
+    # partial mixes and sum of squares over K range [s k_split, (s + 1) k_split) of K = N * D.
+    K = N * D
+    split = tl.program_id(1)
+    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    row, valid_c, _ = _mix_columns(N, NP, NW)
+    k_lo = split * k_split
+    acc, ss = _mixes_sweep(p_x + o_t[:, None].to(tl.int64) * K, p_fn, row, valid_c, m_t, k_lo,
+                           tl.minimum(k_lo + k_split, K), K, BLOCK_T, NW, BLOCK_K, PRECISION)
+    at = (split * T + o_t).to(tl.int64)
+    tl.store(p_part + at[:, None] * NW + tl.arange(0, NW)[None, :], acc, mask=m_t[:, None])
+    tl.store(p_ss + at, ss, mask=m_t)
+
+
+@triton.jit
+def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, p_part, p_ss, T, D, d_split, iters,
+                   norm_eps, hc_eps, N: tl.constexpr, NP: tl.constexpr, NW: tl.constexpr,
+                   SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    # p_x [T, N, D] float; p_fn [(2+N)N, N D] fp32; p_scale [3]; p_base [(2+N)N];
+    # p_y [T, D] (x's dtype); p_post [T, N] fp32; p_comb [T, N, N] fp32.
+    # SPLITS == 1: program (t, 0) sweeps all of K itself. SPLITS > 1: p_part [SPLITS, T, NW] and
+    # p_ss [SPLITS, T] hold _hc_mixes_split_kernel's partials, added here in split order (the same
+    # sums on every run); program (t, s) then makes y's columns [s d_split, (s + 1) d_split) and
+    # program (t, 0) stores post and comb (the epilogue is a few hundred flops: each program redoes it).
+    # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
+    norm_eps = tl.cast(norm_eps, tl.float32)
+    hc_eps = tl.cast(hc_eps, tl.float32)
+    NN: tl.constexpr = NP * NP
+    K = N * D
+    split = tl.program_id(1)
+    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)                # [BT]
+    m_t = o_t < T
+    row, valid_c, sc_idx = _mix_columns(N, NP, NW)
+    b_sc = tl.load(p_scale + sc_idx, mask=valid_c, other=0.0)
+    b_bs = tl.load(p_base + row, mask=valid_c, other=0.0)
+    p_xt = p_x + o_t[:, None].to(tl.int64) * K
+
+    # Sweep 1: mixes = x_flat @ fn^T and sum of squares, over K = N * D.
+    if SPLITS == 1:
+        acc, ss = _mixes_sweep(p_xt, p_fn, row, valid_c, m_t, 0, K, K, BLOCK_T, NW, BLOCK_K, PRECISION)
+    else:
+        acc = tl.zeros([BLOCK_T, NW], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for s in range(SPLITS):
+            at = (s * T + o_t).to(tl.int64)
+            acc += tl.load(p_part + at[:, None] * NW + tl.arange(0, NW)[None, :], mask=m_t[:, None], other=0.0)
+            ss += tl.load(p_ss + at, mask=m_t, other=0.0)
     mean_sq = tl.div_rn(ss, tl.zeros_like(ss) + K.to(tl.float32))         # torch's mean: sum / numel
     rs = tl.div_rn(tl.full(ss.shape, 1.0, tl.float32), tl.sqrt_rn(mean_sq + norm_eps))
     z = acc * rs[:, None] * b_sc[None, :] + b_bs[None, :]                   # [BT, NW] logits
@@ -115,19 +169,21 @@ def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, T, D, iters,
     pp = tl.reshape(tl.sum(tl.where(h == 1, z3, 0.0), axis=1), [BLOCK_T, NP, NP])
     o_i = tl.arange(0, NP)
     pre = _sigmoid(tl.sum(tl.where(o_i[None, :, None] == 0, pp, 0.0), axis=1)) + hc_eps       # [BT, NP]
-    post = 2.0 * _sigmoid(tl.sum(tl.where(o_i[None, :, None] == 1, pp, 0.0), axis=1))        # [BT, NP]
-    valid = (o_i[None, :, None] < N) & (o_i[None, None, :] < N)
-    comb = _sinkhorn_tile(comb_l, valid, iters, hc_eps)                     # [BT, NP, NP]
     m_s = m_t[:, None] & (o_i[None, :] < N)
-    tl.store(p_post + o_t[:, None].to(tl.int64) * N + o_i[None, :], post, mask=m_s)
-    offs_c = o_t[:, None, None].to(tl.int64) * (N * N) + o_i[None, :, None] * N + o_i[None, None, :]
-    tl.store(p_comb + offs_c, comb, mask=m_t[:, None, None] & valid)
+    if split == 0:
+        post = 2.0 * _sigmoid(tl.sum(tl.where(o_i[None, :, None] == 1, pp, 0.0), axis=1))    # [BT, NP]
+        valid = (o_i[None, :, None] < N) & (o_i[None, None, :] < N)
+        comb = _sinkhorn_tile(comb_l, valid, iters, hc_eps)                 # [BT, NP, NP]
+        tl.store(p_post + o_t[:, None].to(tl.int64) * N + o_i[None, :], post, mask=m_s)
+        offs_c = o_t[:, None, None].to(tl.int64) * (N * N) + o_i[None, :, None] * N + o_i[None, None, :]
+        tl.store(p_comb + offs_c, comb, mask=m_t[:, None, None] & valid)
 
-    # Sweep 2: y = sum_i pre_i x_i over D (this block's x again, from L2).
+    # Sweep 2: y = sum_i pre_i x_i over this program's columns of D (this block's x again, from L2).
     pre = tl.where(o_i[None, :] < N, pre, 0.0)
     o_d = tl.arange(0, BLOCK_D)
-    for d in range(0, D, BLOCK_D):
-        m_d = (d + o_d) < D
+    d_hi = tl.minimum(split * d_split + d_split, D)
+    for d in range(split * d_split, d_hi, BLOCK_D):
+        m_d = (d + o_d) < d_hi
         b_x = tl.load(p_xt[:, :, None] + o_i[None, :, None] * D + (d + o_d)[None, None, :],
                       mask=m_s[:, :, None] & m_d[None, None, :], other=0.0).to(tl.float32)   # [BT, NP, BD]
         b_y = tl.sum(pre[:, :, None] * b_x, axis=1)                         # [BT, BD]
@@ -154,8 +210,20 @@ def _launch_hc_pre(x, fn, scale, base, y, post, comb, T: int, n: int, D: int, it
     if T == 0:
         return
     NP = padded_n(n)
-    launch(_hc_pre_kernel, (triton.cdiv(T, cfg.block_t),), x, fn, scale, base, y, post, comb, T, D, int(iters),
-           float(norm_eps), float(hc_eps), N=n, NP=NP, NW=max(2 * NP * NP, 16), BLOCK_T=cfg.block_t,
+    NW = max(2 * NP * NP, 16)
+    splits = hc_pre_splits(cfg, n * D)
+    grid_t = triton.cdiv(T, cfg.block_t)
+    part = ss = x                                                           # unused by the one-sweep kernel
+    if splits > 1:
+        k_split = triton.cdiv(triton.cdiv(n * D, splits), cfg.block_k) * cfg.block_k
+        part = torch.empty((splits, T, NW), dtype=torch.float32, device=x.device)
+        ss = torch.empty((splits, T), dtype=torch.float32, device=x.device)
+        launch(_hc_mixes_split_kernel, (grid_t, splits), x, fn, part, ss, T, D, k_split, N=n, NP=NP, NW=NW,
+               BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, PRECISION=cfg.dot_precision,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    d_split = triton.cdiv(triton.cdiv(D, splits), cfg.block_d) * cfg.block_d
+    launch(_hc_pre_kernel, (grid_t, splits), x, fn, scale, base, y, post, comb, part, ss, T, D, d_split,
+           int(iters), float(norm_eps), float(hc_eps), N=n, NP=NP, NW=NW, SPLITS=splits, BLOCK_T=cfg.block_t,
            BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, PRECISION=cfg.dot_precision,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

@@ -115,6 +115,46 @@ def test_hc_pre_config_variants():
             assert_close(f"config {cfg}", r, o)
 
 
+SPLIT_SHAPES = [
+    pytest.param((1, 1), 4, 96, 3, id="B1-n4-D96-3splits"),
+    pytest.param((5, 1), 3, 40, 4, id="B5-n3-D40-4splits"),
+    pytest.param((2, 17), 4, 72, 2, id="B2xS17-n4-D72-2splits-two-token-blocks"),
+    pytest.param((3, 1), 4, 24, 8, id="B3-n4-D24-splits-clamped-to-K-steps"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,n,D,splits", SPLIT_SHAPES)
+def test_hc_pre_split_matches_plain_and_naive(lead, n, D, splits, dtype):
+    """num_splits > 1 (the decode config): partial mixes per K range, added in range order, y made by
+    ranges of D; block_k / block_d 16 so that every range spans several steps and D is cut unevenly."""
+    args = make_hc_inputs(lead, n, D, dtype, seed=5)
+    cfg = {"num_splits": splits, "block_k": 16, "block_d": 16}
+    y, post, comb = hc_pre(*args, 20, 1e-6, 1e-6, config=cfg)
+    for name, ref in (("plain", torch.ops.dsv4.hc_pre(*args, 20, 1e-6, 1e-6)),
+                      ("naive", naive.hc_pre(*[a.cpu() for a in args], 20, 1e-6, 1e-6))):
+        assert_close(f"y vs {name}", ref[0].float(), y.float().cpu() if name == "naive" else y.float(),
+                     {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype])
+        assert_close(f"post vs {name}", ref[1], post.cpu() if name == "naive" else post)
+        assert_close(f"comb vs {name}", ref[2], comb.cpu() if name == "naive" else comb)
+    again = hc_pre(*args, 20, 1e-6, 1e-6, config=cfg)
+    assert all(torch.equal(a, b) for a, b in zip((y, post, comb), again)), "split sums must not depend on timing"
+
+
+def test_hc_pre_split_count():
+    """The launch cuts K into num_splits ranges, at most one per block_k step; the decode default is
+    split on every GPU entry (the one-program-per-token-block grid is what it exists to avoid)."""
+    from dsv4_compile.kernels.hc_sinkhorn.config import DECODE_SPLITS, HcConfig, decode_config, hc_pre_splits
+
+    assert hc_pre_splits(HcConfig(num_splits=32, block_k=256), 4 * 4096) == 32
+    assert hc_pre_splits(HcConfig(num_splits=32, block_k=256), 4 * 1024) == 16
+    assert hc_pre_splits(HcConfig(), 4 * 4096) == 1
+    for gpu, splits in DECODE_SPLITS.items():
+        assert splits > 1 and decode_config(gpu).num_splits == splits
+    with pytest.raises(ValueError, match="num_splits = 0"):
+        HcConfig(num_splits=0)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on NaN rows
 def test_hc_pre_nan_token():
     """A NaN in one token's streams makes that token's y, post and comb NaN, and only that token's."""
@@ -154,3 +194,19 @@ def test_gpu_real_shapes(D):
     assert_close("comb", ref[2], out[2])
     logits = randn(16384, 4, 4, scale=3.0)
     assert_close("sinkhorn", torch.ops.dsv4.hc_sinkhorn(logits, 20, 1e-6), hc_sinkhorn(logits, 20, 1e-6))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 64])
+def test_gpu_decode_split(B):
+    """A decode step's shapes with the GPU's decode config (split) against the plain op and the unsplit
+    kernel."""
+    from dsv4_compile.kernels.hc_sinkhorn.config import decode_config
+
+    args = make_hc_inputs((B, 1), 4, 4096, torch.bfloat16, seed=6)
+    out = hc_pre(*args, 20, 1e-6, 1e-6, config=decode_config())
+    assert decode_config().num_splits > 1
+    for name, ref in (("plain", torch.ops.dsv4.hc_pre(*args, 20, 1e-6, 1e-6)), ("unsplit", hc_pre(*args, 20, 1e-6, 1e-6))):
+        assert_close(f"y vs {name}", ref[0].float(), out[0].float(), 1e-2)
+        assert_close(f"post vs {name}", ref[1], out[1])
+        assert_close(f"comb vs {name}", ref[2], out[2])

@@ -87,3 +87,21 @@ def test_predicates_name_what_they_refuse():
     assert "triple" in ns._reason(e(4, 4), [1.0, 2.0], allow_cpu=True)
     assert "static n" in hc._sinkhorn_reason(e(4, 3, 4), 20, 1e-6, allow_cpu=True)
     assert fp4.QUANTIZE.config(target, e(4, 32), 32, True)["config"]  # a default config string
+
+
+def test_hc_pre_config_by_phase():
+    """A decode step's hc_pre ([B, 1, n, D]) gets the split decode config (the tuned decode entry of the
+    smallest batch >= B when the table has one); a prefill call keeps the unsplit default."""
+    from dsv4_compile.kernels.hc_sinkhorn.config import HcConfig, decode_config, default_config
+    from dsv4_compile.passes.kernel_substitutions import hc_sinkhorn as hc
+    e = lambda *shape: torch.empty(*shape, device=DEVICE)  # noqa: E731
+    gpu = "H100" if DEVICE == "cuda" else "interpreter"
+    target = passes.Target(gpu="H100")
+    config = lambda x, t=target: HcConfig.from_str(hc.PRE.config(t, x)["config"], default_config(gpu))  # noqa: E731
+    assert config(e(3, 1, 4, 16)).num_splits == decode_config(gpu).num_splits > 1
+    assert config(e(3, 7, 4, 16)).num_splits == 1
+    tuned = {"entries": {"b4": {"phase": "decode", "batch": 4, "config": {"num_splits": 8, "block_k": 64}},
+                         "b64": {"phase": "decode", "batch": 64, "config": {"num_splits": 4}}}}
+    tuned_target = passes.Target(gpu="H100", table=tuned)
+    assert (config(e(3, 1, 4, 16), tuned_target).num_splits, config(e(3, 1, 4, 16), tuned_target).block_k) == (8, 64)
+    assert config(e(9, 1, 4, 16), tuned_target).num_splits == 4

@@ -98,11 +98,11 @@ def test_timeout_stops_new_trials_and_keeps_the_finished(sqlite_url, tmp_path):
 
     # 6 s: each of the two studies gets a 3 s share, several times one trial's first-call cost (imports,
     # the gate) on a slow CI core; with 2 s the first study's first trial could use both shares.
-    req = sc.request(sqlite_url, tmp_path, contexts=[8192, 32768], kernels=["hc_pre"], trials=200,
+    req = sc.request(sqlite_url, tmp_path, contexts=[8192, 32768], kernels=["fp8_quantize"], trials=200,
                      runner_options={"delay": 0.2}, timeout_s=6.0)
     result = tune(req)
     assert [1 <= s.measured < 200 for s in result.summaries] == [True, True], [s.measured for s in result.summaries]
-    assert any("--timeout 6 s reached" in n and "hc_pre 8k" in n for n in result.notes), result.notes
+    assert any("--timeout 6 s reached" in n and "fp8_quantize 8k" in n for n in result.notes), result.notes
     before = [sc.load(req, p).get_trials(deepcopy=False) for p in result.plans]
     assert all(t.state.is_finished() for trials in before for t in trials)
     # What the timeout promises (not a wall-clock bound, which a loaded CI core can break: the trial in

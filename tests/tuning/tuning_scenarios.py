@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def request(storage: str, tmp_path, **changes) -> TuneRequest:
-    base = dict(gpu="H100", contexts=[8192], kernels=["hc_pre"], trials=8, storage=storage, runner="standin",
+    base = dict(gpu="H100", contexts=[8192], kernels=["fp8_quantize"], trials=8, storage=storage, runner="standin",
                 tables_dir=str(tmp_path / "tables"), study_prefix=f"test-{uuid.uuid4().hex[:8]}", plots=False,
                 heartbeat_interval=2, grace_period=20)
     base.update(changes)

@@ -22,6 +22,11 @@ def hc_pre_hard(cfg, problem, gpu) -> str | None:
 
 def hc_pre_redundant(cfg, problem, gpu) -> str | None:
     T, n, D = problem.dim("tokens"), problem.dim("n"), problem.dim("D")
+    splits = HC_PRE.kernel_config().hc_pre_splits(cfg, n * D)
+    if splits < cfg.num_splits:
+        return f"num_splits {cfg.num_splits} > {splits} steps of block_k over n*D = {n * D}: clamped by the launcher"
+    if cfg.num_splits > 1 and 2 * -(-T // cfg.block_t) > gpu.n_sms:
+        return f"num_splits {cfg.num_splits} with {-(-T // cfg.block_t)} token blocks: the grid fills the GPU unsplit"
     if cfg.block_t > max(16, next_pow2(T)):
         return f"block_t {cfg.block_t} > tokens {T}"
     if cfg.block_k > next_pow2(n * D):
@@ -32,7 +37,8 @@ def hc_pre_redundant(cfg, problem, gpu) -> str | None:
 
 
 def _hc_pre_problem(mc, context, batch, phase):
-    T, n, D = batch * context, mc.hc_mult, mc.dim
+    T = batch if phase == "decode" else batch * context
+    n, D = mc.hc_mult, mc.dim
     dims = {"tokens": T, "n": n, "D": D, "iters": mc.hc_sinkhorn_iters, "dtype": mc.dtype}
     elt = 2 if mc.dtype == "bfloat16" else 4
     return dims, T * n * D * elt + T * D * elt + (2 + n) * n * n * D * 4
@@ -42,8 +48,11 @@ HC_PRE = KernelSpace(
     name="hc_pre", package="hc_sinkhorn", config_class="HcConfig", function="hc_sinkhorn:hc_pre",
     params=(Param("block_t", (16, 32, 64, 128)), Param("block_k", (32, 64, 128, 256, 512, 1024)),
             Param("block_d", (64, 128, 256, 512, 1024)), Param("num_warps", (2, 4, 8)),
-            Param("num_stages", (1, 2, 3, 4)), Param("dot_precision", ("ieee", "tf32x3", "tf32"))),
-    problem=_hc_pre_problem, hard=(rule_threads, hc_pre_hard), redundant=(hc_pre_redundant,),
-    doc="x [batch * context, hc_mult, dim] in the model dtype, fn [(2+n) n, n dim] fp32: the mHC pre-mix "
-        "of one layer. dot_precision is tuned too: the correctness gate decides whether tf32 is "
+            Param("num_stages", (1, 2, 3, 4)), Param("dot_precision", ("ieee", "tf32x3", "tf32")),
+            Param("num_splits", (1, 2, 4, 8, 16, 32, 64))),
+    problem=_hc_pre_problem, phases=("prefill", "decode"),
+    defaults={"prefill": "default_config", "decode": "decode_config"},
+    hard=(rule_threads, hc_pre_hard), redundant=(hc_pre_redundant,),
+    doc="x [batch * context (decode: batch), hc_mult, dim] in the model dtype, fn [(2+n) n, n dim] fp32: the "
+        "mHC pre-mix of one layer. num_splits cuts n dim into ranges (decode's few tokens). dot_precision is tuned too: the correctness gate decides whether tf32 is "
         "accurate enough (it prunes the configs that are not).")

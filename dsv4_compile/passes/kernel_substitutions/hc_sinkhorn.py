@@ -3,6 +3,10 @@
 
 Applies to CUDA tensors: logits [..., n, n] float32 / bfloat16 / float16; hc_pre x [..., n, D] of
 those dtypes with float32 fn [(2+n) n, n D], scale [3], base [(2+n) n] and static n, D.
+Config: a decode step's hc_pre (x [B, 1, n, D]: one token per sequence) takes the tuned decode entry of
+the smallest batch >= B (else the largest; a symbolic B the largest), untuned the split decode default
+(kernels/hc_sinkhorn/config.py: decode_config); every other call the tuned table's default, else the
+kernel's per-GPU default.
 `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
@@ -11,9 +15,12 @@ import importlib
 
 import torch
 
-from ...kernels.hc_sinkhorn.config import default_config
-from ..registry import Substitution
-from ._common import device_reason, interpreter_twin, kernel_files, register_kernel
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from ...kernels.hc_sinkhorn.config import decode_config, default_config
+from ..registry import Substitution, register
+from ._common import (KERNEL_PRIORITY, decode_entry_config, device_reason, interpreter_twin, kernel_files,
+                      register_kernel, table_config, target_gpu)
 
 # registers torch.ops.dsv4_triton.hc_*
 _kernel = importlib.import_module("...kernels.hc_sinkhorn.hc_sinkhorn", __package__)
@@ -59,8 +66,18 @@ def _pre(x, fn, scale, base, iters, norm_eps, hc_eps, config: str = ""):
 SINKHORN = register_kernel("hc_sinkhorn.triton", torch.ops.dsv4.hc_sinkhorn.default,
                            _sinkhorn, _sinkhorn_reason, default_config, _FILES)
 
-PRE = register_kernel("hc_pre.triton", torch.ops.dsv4.hc_pre.default,
-                      _pre, _pre_reason, default_config, _FILES)
+def _pre_config(target, x, *rest):
+    if x.dim() == 4 and is_concrete_int(x.shape[1]) and int(x.shape[1]) == 1:      # [B, 1, n, D]: decode
+        rows = int(x.shape[0]) if is_concrete_int(x.shape[0]) else float("inf")
+        default = decode_config(target_gpu(target, x.device.type))
+        return {"config": decode_entry_config(target.table, rows, default)}
+    return table_config(target, default_config, x.device.type)
+
+
+PRE = register(Substitution(
+    name="hc_pre.triton", op=torch.ops.dsv4.hc_pre.default, replacement=_pre,
+    applies=lambda target, *args: _pre_reason(*args), config=_pre_config,
+    version="1", priority=KERNEL_PRIORITY, source_files=_FILES))
 
 
 def interpreter_substitutions() -> list[Substitution]:
