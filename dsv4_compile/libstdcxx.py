@@ -4,7 +4,8 @@ AOTInductor compiles a package's C++ wrapper against the system libstdc++. A Pyt
 mapped an older one first (a bundled runtime) crashes in that wrapper, and on the lent GPU image a
 CUDA .pt2 load hangs or segfaults even when the mapped file is the system's unless it is in
 LD_PRELOAD (bench/results/H100/BUILD.md, bench/results/H200/session7_gpu_runs.md). Every loader of a
-.pt2 goes through `load_aoti_package`, which refuses with the one-line fix instead.
+.pt2 goes through `load_aoti_package`, which refuses with the one-line fix instead, and returns the
+package as an `InferencePackage`, called under torch.inference_mode.
 """
 from __future__ import annotations
 
@@ -127,12 +128,28 @@ def aoti_load_problem(cuda: bool) -> str | None:
     return libstdcxx_problem() or (cuda_preload_problem() if cuda else None)
 
 
-def load_aoti_package(path: str, cuda: bool, single_threaded: bool = False):
-    """torch._inductor.aoti_load_package(path), or ArtifactError naming the LD_PRELOAD to set where the
-    load would crash this process. `single_threaded`: without the package's own run bookkeeping (a pool
-    of runners behind CUDA events), which a caller driving it from one thread under CUDA graph capture
-    needs: its cudaEventQuery is illegal while a stream captures and invalidates the capture."""
+class InferencePackage:
+    """A loaded AOTInductor package whose every call runs under torch.inference_mode, so its outputs
+    are inference tensors. Why: torch registers Python autograd kernels on the functional collectives,
+    and a package calls them through the dispatcher; outside inference mode each collective hands its
+    tensors to Python, and a gloo worker thread freeing such a tensor with its Work waits for the GIL
+    the next engine call holds: a deadlock (docs/DESIGN.md, traps)."""
+
+    def __init__(self, package):
+        self.package = package
+
+    def __call__(self, *args):
+        with torch.inference_mode():
+            return self.package(*args)
+
+
+def load_aoti_package(path: str, cuda: bool, single_threaded: bool = False) -> InferencePackage:
+    """torch._inductor.aoti_load_package(path) as an InferencePackage, or ArtifactError naming the
+    LD_PRELOAD to set where the load would crash this process. `single_threaded`: without the package's
+    own run bookkeeping (a pool of runners behind CUDA events), which a caller driving it from one thread
+    under CUDA graph capture needs: its cudaEventQuery is illegal while a stream captures and
+    invalidates the capture."""
     problem = aoti_load_problem(cuda)
     if problem:
         raise ArtifactError(problem)
-    return torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded)
+    return InferencePackage(torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded))
