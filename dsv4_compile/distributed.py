@@ -84,7 +84,7 @@ def process_mesh(layout: ParallelLayout, device_type: str, role: str = "engines"
     Roles: "engines", the groups a build's engines call (made first, so that a loading process makes
     the same ones, `join_build_mesh`); "reference", the eager reference's groups in verification. They
     must differ: an eager collective next to a package's on one gloo group deadlocks (docs/DESIGN.md,
-    traps, with the tp=2 case this does not solve)."""
+    traps)."""
     key = (str(layout), device_type, role)
     if key not in _MESHES:
         ranks = torch.arange(layout.world_size).view(layout.ep, layout.tp)  # [ep, tp]

@@ -1,16 +1,15 @@
-"""A parallel build on CPU: `torchrun --nproc-per-node 2 -m dsv4_compile build --parallel ep=2` (gloo), then
+"""A parallel build on CPU: `torchrun --nproc-per-node 2 -m dsv4_compile build --parallel tp=2` (gloo), then
 `verify` and `generate` across the 2 ranks, against the single-process (unsharded) model; the refusals.
 
 The model is the tiny preset cut to one CSA layer (its compressor and indexer), no MTP, context 128
 (`CUT`), and the build exports the two engines `generate` runs (prefill-cache and decode;
 `BUILD_SCRIPT` leaves out the logits engine, which only `Engine.run` uses: each engine is an
 AOTInductor C++ compile per rank, the cost of this file).
-Expert parallelism, not tensor parallelism: a tp=2 build's engines deadlock in gloo (2026-12-04,
-torch 2.13): both ranks wait in an engine's `wait_tensor` while rank 0's gloo worker thread, freeing
-the engine's previous collective (a tensor of it known to Python), holds that group's lock and waits
-for the GIL, which the running engine holds. Two engine calls in a row are enough; not solved yet.
+Tensor parallelism, whose engines run an all-reduce per sublayer and the vocabulary's all-gather:
+`generate` calls them NEW_TOKENS times in a row on each rank, as fast as they return (outside
+torch.inference_mode these calls deadlocked in gloo: docs/DESIGN.md, traps).
 Generation across ranks is compared with the plain model's own greedy generation (EagerSteps, one
-process): the expert-parallel sums are reassociated, so a token may differ only at a near tie of the
+process): the tensor-parallel sums are reassociated, so a token may differ only at a near tie of the
 plain model's top-2 logits (token_check's criterion, with the bound fixed here: `NEAR_TIE`);
 observed: every token equal.
 """
@@ -18,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,10 +106,10 @@ def config_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parallel_build(tmp_path_factory, config_file):
-    out = tmp_path_factory.mktemp("parallel") / "small-ep2"
+    out = tmp_path_factory.mktemp("parallel") / "small-tp2"
     script = out.parent / "build_two_engines.py"
     script.write_text(BUILD_SCRIPT)
-    proc = _torchrun(["--parallel", "ep=2", "--config", str(config_file), "--out", str(out)], out.parent,
+    proc = _torchrun(["--parallel", "tp=2", "--config", str(config_file), "--out", str(out)], out.parent,
                      script=str(script))
     assert proc.returncode == 0, f"parallel build failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out, proc
@@ -159,7 +159,7 @@ def test_parallel_build_has_one_engine_per_rank_and_the_mesh(parallel_build):
     manifest = json.loads((out / "manifest.json").read_text())
     mesh = manifest["mesh"]
     assert {k: mesh[k] for k in ("layout", "tp", "ep", "world_size", "dims", "backend", "device_kind")} == \
-        {"layout": "tp=1,ep=2", "tp": 1, "ep": 2, "world_size": 2, "dims": ["ep", "tp"], "backend": "gloo",
+        {"layout": "tp=2,ep=1", "tp": 2, "ep": 1, "world_size": 2, "dims": ["ep", "tp"], "backend": "gloo",
          "device_kind": "cpu"}
     assert "AOTInductor package per rank" in mesh["engine"] and "collectives" in mesh["engine"]
     assert manifest["formats"] == ["aoti"] and manifest["device"]["kind"] == "cpu"
@@ -167,7 +167,7 @@ def test_parallel_build_has_one_engine_per_rank_and_the_mesh(parallel_build):
     assert kinds == ["decode-128", "prefill-cache-128"]
     assert all(e["verified"]["status"] == "verified" for e in manifest["engines"]), manifest["engines"]
     engines = sorted(f"aoti/{k}.pt2" for k in kinds)
-    # the engines' one group (ep spans the world), the same on both ranks, not the default group "0"
+    # the engines' one group (tp spans the world), the same on both ranks, not the default group "0"
     (group,) = mesh["ranks"][0]["groups"]
     assert group != "0"
     for rank, entry in enumerate(mesh["ranks"]):
@@ -191,8 +191,8 @@ def test_generation_across_2_ranks_equals_the_single_process(parallel_build, sin
 
 
 def test_a_rank_running_the_other_ranks_engine_is_caught(parallel_build, single_process_tokens, tmp_path):
-    """Planted bug: rank 1 loads rank 0's engines (both then run experts 0-3, none runs 4-7): the
-    generated tokens fail the criterion above."""
+    """Planted bug: rank 1 loads rank 0's engines (both then run query heads 0-1 and the first half of
+    the vocabulary, none the rest): the generated tokens fail the criterion above."""
     script = tmp_path / "wrong_rank.py"
     script.write_text(textwrap.dedent("""
         import sys
@@ -211,15 +211,16 @@ def test_a_rank_running_the_other_ranks_engine_is_caught(parallel_build, single_
 def test_verify_across_2_ranks(parallel_build, tmp_path):
     proc = _torchrun(["verify", str(parallel_build[0]), "--seed", "3"], tmp_path, timeout=600)
     assert proc.returncode == 0, f"verify failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert proc.stdout.count(f"verify {parallel_build[0]}: the build's 2 rank processes (tp=1,ep=2)") == 1  # rank 0
+    assert proc.stdout.count(f"verify {parallel_build[0]}: the build's 2 rank processes (tp=2,ep=1)") == 1  # rank 0
     assert proc.stdout.count(" ok") == 2, proc.stdout  # prefill-cache, decode
 
 
-# A rank that hangs as one stuck in an AOTInductor engine does: SIGTERM does not end it.
+# A rank that hangs as one stuck in an AOTInductor engine does: SIGTERM does not end it. It names its
+# pid in words: the two ranks share torchrun's stdout, and their lines came back run together once.
 HANGING_RANK = """
 import os, signal, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-print(os.getpid(), flush=True)
+print(f"rank pid {os.getpid()};", flush=True)
 time.sleep(600)
 """
 
@@ -229,7 +230,7 @@ def test_a_torchrun_past_its_timeout_is_killed_with_its_ranks(tmp_path):
     script.write_text(HANGING_RANK)
     with pytest.raises(pytest.fail.Exception, match="still running after 15 s") as failed:
         _torchrun([], tmp_path, timeout=15, script=str(script))
-    ranks = [int(line) for line in str(failed.value).splitlines() if line.strip().isdigit()]
+    ranks = [int(pid) for pid in re.findall(r"rank pid (\d+);", str(failed.value))]
     assert len(ranks) == 2, str(failed.value)
 
     def alive(pid: int) -> bool:
@@ -255,7 +256,7 @@ def test_generate_outside_torchrun_or_in_another_world_size_is_refused(parallel_
     build = str(parallel_build[0])
     cmd = [sys.executable, "-m", "dsv4_compile", "generate", build, "--tokens", "1,2,3"]
     line = _one_line_exit_2(subprocess.run(cmd, capture_output=True, text=True, timeout=120))
-    assert line == (f"dsv4_compile generate: error: {build} (built for tp=1,ep=2) needs 2 processes, one per rank; "
+    assert line == (f"dsv4_compile generate: error: {build} (built for tp=2,ep=1) needs 2 processes, one per rank; "
                     f"this is one process, no torchrun: run `torchrun --nproc-per-node 2 -m dsv4_compile generate "
                     f"{build} --tokens 1,2,3`")
     world1 = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
@@ -280,9 +281,9 @@ def test_load_refuses_another_world_size(parallel_build, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     build = str(parallel_build[0])
     assert proc.stdout.splitlines() == [
-        f"{build}: built for 2 ranks (tp=1,ep=2); this process is in no torch.distributed process group: run it as "
+        f"{build}: built for 2 ranks (tp=2,ep=1); this process is in no torch.distributed process group: run it as "
         f"2 processes: torchrun --nproc-per-node 2 ...",
-        f"{build}: built for 2 ranks (tp=1,ep=2); this process group has 1: run it as 2 processes: torchrun "
+        f"{build}: built for 2 ranks (tp=2,ep=1); this process group has 1: run it as 2 processes: torchrun "
         f"--nproc-per-node 2 ..."], proc.stderr[-2000:]
 
 
