@@ -3,7 +3,7 @@ spawned ranks, as `dsv4_compile.load` runs a parallel build's engines (`libstdcx
 
 The package is a one-line model of a tensor-parallel engine: an all-reduce of partial products, then an
 all-gather (which AOTInductor runs through its proxy executor, as the vocabulary-parallel head's).
-Called outside torch.inference_mode, the second or third call deadlocked (docs/DESIGN.md, traps): a
+Called outside torch.inference_mode, it deadlocked within a few calls (docs/DESIGN.md, traps): a
 collective's tensor got a Python object from torch's Python autograd kernel of the op, and gloo's
 worker thread, freeing it with its Work, waited for the GIL that the next call held. Here each rank
 calls it CALLS times at changing [B, S], no pause; a rank still calling after HANG_S seconds exits
