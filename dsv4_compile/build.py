@@ -45,6 +45,7 @@ from .arguments import contexts_arg, positive_int_arg
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
 from .model.context import format_context
 from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
+from .shared_weights import share_weights
 from .steps import Progress, compile_check, export_all, verify_engines
 from .verify import CPU_CHECK_SEQ
 
@@ -177,6 +178,7 @@ def _progress(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace, progress: Progress) -> int:
     from .distributed import barrier, collective_groups, from_rank0, gathered, mesh_record, rank_root
+    from .engines import MODEL_PREFIX
     from .verify import run_verify_worker, verify_ranks
 
     progress.start("validate")
@@ -200,13 +202,14 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     tmp = from_rank0(tmp)  # one build folder, each rank's engines in its own rank<r>/
     export_root = os.path.join(tmp, rank_root(plan.rank)) if parallel else tmp
     export_timings: dict[int, dict] = {}
+    shared: dict[str, str] = {}
     groups_by_rank: list[dict] = []
 
     def manifest_now(engines: list[EngineRecord], complete: bool) -> Manifest:
         manifest = new_manifest(target=plan.target, config=plan.config, weights=plan.weights, buckets=plan.buckets,
                                 formats=plan.formats, passes=plan.passes, compile_check=compile_result,
                                 engines=engines, export_timings=export_timings, timings=progress.timings, root=tmp,
-                                complete=complete, max_batch=plan.max_batch)
+                                complete=complete, max_batch=plan.max_batch, shared_weights=shared)
         if not parallel:
             return manifest
         mesh = mesh_record(plan.layout, "cuda" if plan.cuda else "cpu", groups_by_rank, manifest.files)
@@ -233,6 +236,11 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         os.makedirs(export_root, exist_ok=True)
         engines, timings = export_all(plan, export_root, progress)
         export_timings.update(timings)
+        shared.update(share_weights(export_root, {fmt: {e.files[0]: "" if e.kind == "prefill" else MODEL_PREFIX
+                                                        for e in engines if e.format == fmt} for fmt in plan.formats}))
+        progress.note("weights: one copy per format in " + (", ".join(
+            f"{path} ({os.path.getsize(os.path.join(export_root, path)) / 1e6:.1f} MB)" for path in shared.values())
+            or "none (no format exports them apart)"))
         barrier()  # every rank's engines are written
         progress.done()
 

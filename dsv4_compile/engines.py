@@ -24,6 +24,8 @@ from .export import MIN_SEQ, ExportResult, example_tokens, export_program
 from .model import KVCache
 
 KINDS = ("prefill-cache", "decode")
+# The FQN prefix of the model's tensors in the engine modules below (their `model` attribute).
+MODEL_PREFIX = "model."
 
 
 def cache_layout(config, batch: int = 1, bucket: int | None = None, device="meta") -> KVCache:

@@ -142,12 +142,17 @@ def leftover_custom_ops(ep: torch.export.ExportedProgram) -> list[str]:
 
 # ---- AOTInductor ----------------------------------------------------------------------------------
 
-def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None = None) -> str:
-    """AOTInductor-compile and package `result.program` into `path` (.pt2)."""
+def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None = None,
+                with_constants: bool = True) -> str:
+    """AOTInductor-compile and package `result.program` into `path` (.pt2). `with_constants=False`:
+    the package holds code only (a build's engines share one weights file, shared_weights.py); it must
+    get its constants (`load_constants`) before it runs."""
     left = leftover_custom_ops(result.program)
     if left:
         raise RuntimeError(f"cannot package: custom ops left in the graph ({', '.join(left)}); a .pt2 cannot run Python ops")
     configs = {**inductor_options(), **(inductor_configs or {})}  # without emulated casts: 3e-3 to 3e-1 off eager on tiny
+    if not with_constants:
+        configs["aot_inductor.package_constants_in_so"] = False
     try:
         return torch._inductor.aoti_compile_and_package(result.program, package_path=path, inductor_configs=configs)
     except Exception as err:
@@ -180,9 +185,10 @@ ONNX_EXTERNAL_DATA_BYTES = 1 << 30
 
 def export_onnx(result: ExportResult, path: str, example: torch.Tensor | tuple,
                 input_names: list[str] = ("tokens",), output_names: list[str] = ("logits",),
-                optimize: bool = False) -> list[str]:
+                optimize: bool = False, external_data: bool | None = None) -> list[str]:
     """Export to ONNX with standard ops only, check it; returns the files written (model [+ data]).
-    `example`: the tokens, or the tuple of every input (engines with explicit state). `optimize`:
+    `external_data`: initializers in a data file beside the model (None: when they exceed
+    ONNX_EXTERNAL_DATA_BYTES). `example`: the tokens, or the tuple of every input (engines with explicit state). `optimize`:
     run onnxscript's graph optimizer. Off by default: onnxruntime (and TensorRT's parser) optimize the
     graph again when they load it, and on these graphs the optimizer took 1-2.5x the translation's
     time (tiny decode: 544 s vs 212 s on a 2-core machine)."""
@@ -197,7 +203,7 @@ def export_onnx(result: ExportResult, path: str, example: torch.Tensor | tuple,
                                                           torch.ops.aten.view.dtype: onnx_view_dtype},
                                 optimize=optimize, verbose=False)
     weight_bytes = sum(p.numel() * p.element_size() for p in result.program.state_dict.values())
-    external = weight_bytes > ONNX_EXTERNAL_DATA_BYTES
+    external = weight_bytes > ONNX_EXTERNAL_DATA_BYTES if external_data is None else external_data
     program.save(path, external_data=external)
     model = onnx.load(path, load_external_data=False)
     onnx.checker.check_model(path if external else model, full_check=True)

@@ -38,6 +38,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def written_atomically(path: str | os.PathLike):
+    """A temporary path beside `path` for a writer that takes a path (safetensors, onnx): when the block
+    ends without error, the file is fsynced, given write_text_atomic's mode and renamed over `path`."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        yield str(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def now_utc() -> str:
     """'2026-11-23T18:00:00Z'."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

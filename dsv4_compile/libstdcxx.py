@@ -143,13 +143,17 @@ class InferencePackage:
             return self.package(*args)
 
 
-def load_aoti_package(path: str, cuda: bool, single_threaded: bool = False) -> InferencePackage:
+def load_aoti_package(path: str, cuda: bool, single_threaded: bool = False, weights=None) -> InferencePackage:
     """torch._inductor.aoti_load_package(path) as an InferencePackage, or ArtifactError naming the
     LD_PRELOAD to set where the load would crash this process. `single_threaded`: without the package's
     own run bookkeeping (a pool of runners behind CUDA events), which a caller driving it from one thread
     under CUDA graph capture needs: its cudaEventQuery is illegal while a stream captures and
-    invalidates the capture."""
+    invalidates the capture. `weights`: the build's shared_weights.AotiWeights, for a package compiled
+    without its constants (they are loaded before it can run)."""
     problem = aoti_load_problem(cuda)
     if problem:
         raise ArtifactError(problem)
-    return InferencePackage(torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded))
+    package = torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded)
+    if weights is not None:
+        weights.load_into(package, path)
+    return InferencePackage(package)

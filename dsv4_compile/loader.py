@@ -36,8 +36,8 @@ PREFERENCE = ("aoti", "onnx")  # what format=None may pick, best first
 # ---- runners -------------------------------------------------------------------------------------
 
 class _AotiRunner:
-    def __init__(self, path: str, cuda: bool = False):
-        self.package = load_aoti_package(path, cuda)
+    def __init__(self, path: str, cuda: bool = False, weights=None):
+        self.package = load_aoti_package(path, cuda, weights=weights)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.package(tokens)
@@ -98,8 +98,9 @@ class Engine:
 
     Attributes: path, format, manifest (`Manifest`), config (ModelConfig), buckets (sorted context
     lengths), engines (the manifest's `EngineRecord`s of this format), rank (this process's rank of a
-    parallel build, else None) and root (the folder its engine files are in). `bucket_for(batch, seq)`
-    says which bucket runs.
+    parallel build, else None), root (the folder its engine files are in) and weights (AOTInductor:
+    the build's one copy of the weights that every package gets, shared_weights.AotiWeights; None for
+    other formats and older builds). `bucket_for(batch, seq)` says which bucket runs.
     """
 
     def __init__(self, path: str, manifest: Manifest, fmt: str, engines: list[EngineRecord], rank: int | None = None):
@@ -112,9 +113,15 @@ class Engine:
         self.engines = sorted((e for e in engines if e.kind == "prefill"), key=lambda e: e.bucket)
         self.buckets = [e.bucket for e in self.engines]
         self._runners: dict[int, Any] = {}
+        cuda = manifest.device.get("kind") == "cuda"
+        self.weights = None
+        if fmt == "aoti" and (manifest.shared_weights or {}).get("aoti"):
+            from .shared_weights import AotiWeights
+
+            self.weights = AotiWeights(self.root, torch.device("cuda" if cuda else "cpu"))
         stateful = [e for e in engines if e.kind != "prefill"]
         # the prefill-cache + decode engines (runtime.py); None for a build without them
-        self.steps = EngineSteps(self.root, manifest, fmt, self.config, stateful) if stateful else None
+        self.steps = EngineSteps(self.root, manifest, fmt, self.config, stateful, self.weights) if stateful else None
 
     def __repr__(self) -> str:
         return f"Engine({self.path!r}, format={self.format!r}, buckets={self.buckets}, device={describe_device(self.manifest.device)!r})"
@@ -142,7 +149,8 @@ class Engine:
         if bucket not in self._runners:
             path = os.path.join(self.root, entry.files[0])
             if self.format == "aoti":
-                self._runners[bucket] = _AotiRunner(path, cuda=self.manifest.device.get("kind") == "cuda")
+                self._runners[bucket] = _AotiRunner(path, cuda=self.manifest.device.get("kind") == "cuda",
+                                                    weights=self.weights)
             elif self.format == "onnx":
                 self._runners[bucket] = _OnnxRunner(path, self.manifest.device)
             else:

@@ -29,6 +29,11 @@ Format (schema_version 1), sorted-key JSON:
                   # + "kind": "prefill" (tokens -> logits; the default for older manifests), "prefill-cache" or
                   #   "decode" (engines.py: aoti/prefill-cache-512.pt2, ...), "cache_io": "in-place" | "returned"
                   #   | null, and for those two "verified.tokens": {tokens_matched, tokens_compared, ...}
+      "shared_weights": {"aoti": "aoti/weights.safetensors", "onnx": "onnx/weights.data"},
+                                       # each format's one copy of the weights, which all its engines use
+                                       # (shared_weights.py; relative to the engine root; listed once in
+                                       # `files`, not in the engines' `files`); absent in older builds,
+                                       # whose engines each hold their own copy
       "max_batch": 2,                  # the prefill-cache and decode engines' largest batch
       "kv_cache": {"512": {"tensors": [{"name": "layers.0.main", "shape": ["B", 8, 136], "dtype": "uint8"}, ...],
                            "bytes_per_sequence": 123456, "indexer_format": "fp4"}},
@@ -175,13 +180,15 @@ class Manifest:
     kv_cache: dict | None = None      # bucket -> the cache layout (engines.cache_manifest)
     schema_version: int = SCHEMA_VERSION
     mesh: dict | None = None          # a parallel build's ranks (distributed.mesh_record); absent otherwise
+    shared_weights: dict | None = None  # format -> its shared weights file (shared_weights.py); absent in older builds
 
     def to_json(self) -> dict:
         """The JSON object of manifest.json (tuples as lists), with its `digest`. A single-process build
         has no `mesh` key: its manifest is what it was before parallel builds existed."""
         data = json.loads(json.dumps(dataclasses.asdict(self)))
-        if data["mesh"] is None:
-            del data["mesh"]
+        for optional in ("mesh", "shared_weights"):
+            if data[optional] is None:
+                del data[optional]
         return {**data, "digest": manifest_digest(data)}
 
     def engine_root(self, rank: int | None) -> str:
@@ -197,7 +204,7 @@ class Manifest:
             raise ArtifactError(f"{where}: schema_version {got!r}, this loader reads {SCHEMA_VERSION}"
                                 + (" (a manifest from before versioned manifests: rebuild it)" if got is None else ""))
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data and n not in ("interface", "max_batch", "kv_cache", "mesh")]
+        missing = [n for n in names if n not in data and n not in ("interface", "max_batch", "kv_cache", "mesh", "shared_weights")]
         if missing:
             raise ArtifactError(f"{where}: missing key {missing[0]!r}")
         try:
@@ -236,7 +243,8 @@ def _engine_from_json(entry: dict) -> EngineRecord:
 
 def new_manifest(*, target: str, config, weights: dict, buckets: list[int], formats: list[str], passes: str,
                  compile_check: dict | None, engines: list[EngineRecord], export_timings: dict, timings: dict,
-                 root: str, complete: bool, max_batch: int | None = None, mesh: dict | None = None) -> Manifest:
+                 root: str, complete: bool, max_batch: int | None = None, mesh: dict | None = None,
+                 shared_weights: dict | None = None) -> Manifest:
     """The manifest of the build folder `root` as it is now: this machine's device and versions, the
     build's facts, and every file of `root` with its size and sha256. The one place a manifest is made."""
     from .engines import cache_manifest
@@ -249,7 +257,8 @@ def new_manifest(*, target: str, config, weights: dict, buckets: list[int], form
         compile_check=check, engines=tuple(engines),
         export_timings_s={str(k): v for k, v in export_timings.items()}, timings_s=dict(timings),
         files=file_table(root), max_batch=max_batch,
-        kv_cache={str(b): cache_manifest(config, b) for b in buckets} if max_batch else None, mesh=mesh)
+        kv_cache={str(b): cache_manifest(config, b) for b in buckets} if max_batch else None, mesh=mesh,
+        shared_weights=dict(shared_weights) if shared_weights else None)
 
 
 def write_manifest(root: str, manifest: Manifest) -> None:

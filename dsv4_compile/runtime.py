@@ -213,10 +213,12 @@ class _GraphedDecode:
 class EngineSteps(Steps):
     """The prefill-cache and decode engines of one format of a build (loader.Engine holds one)."""
 
-    def __init__(self, path: str, manifest, fmt: str, config, records: list):
+    def __init__(self, path: str, manifest, fmt: str, config, records: list, weights=None):
         """manifest: the build's `manifest.Manifest`; records: its `EngineRecord`s of kind
-        prefill-cache and decode in format `fmt`."""
+        prefill-cache and decode in format `fmt`; weights: the build's shared_weights.AotiWeights
+        (AOTInductor packages compiled without their constants), else None."""
         self.path, self.manifest, self.format, self.config = path, manifest, fmt, config
+        self.weights = weights
         self.records = {(e.kind, e.bucket): e for e in records}
         self.buckets = sorted({e.bucket for e in records})
         self.max_batch = int(manifest.max_batch or max(e.batch_range[1] for e in records))
@@ -234,7 +236,8 @@ class EngineSteps(Steps):
                 raise ValueError(f"no {kind} engine for context {bucket} in this build")
             path = os.path.join(self.path, record.files[0])
             if self.format == "aoti":
-                self._runners[key] = _AotiStateRunner(path, record.cache_io == "in-place", self.device.type == "cuda")
+                self._runners[key] = _AotiStateRunner(path, record.cache_io == "in-place", self.device.type == "cuda",
+                                                      self.weights)
             else:
                 self._runners[key] = _OnnxStateRunner(path)
         return self._runners[key]
@@ -252,9 +255,9 @@ def build_identity(files: dict) -> str:
 
 
 class _AotiStateRunner:
-    def __init__(self, path: str, in_place: bool, cuda: bool):
+    def __init__(self, path: str, in_place: bool, cuda: bool, weights=None):
         # one Steps drives its runners from one thread, and its decode step is captured as a CUDA graph
-        self.package = load_aoti_package(path, cuda, single_threaded=True)
+        self.package = load_aoti_package(path, cuda, single_threaded=True, weights=weights)
         self.in_place = in_place
 
     def __call__(self, first: torch.Tensor, second: torch.Tensor, cache: Cache) -> torch.Tensor:

@@ -12,6 +12,7 @@ from .manifest import EngineRecord, Verification
 from .model.context import format_context
 from .plan import Plan, usable_cpus
 from .reference import float32_twin
+from .shared_weights import write_aoti_sidecar
 
 STEPS = ("validate", "model", "compile", "export", "verify", "manifest")
 # The dtype ONNX engines compute in: onnxruntime's CPU provider (the one every machine has) has no
@@ -300,13 +301,14 @@ def _export_prefill_engines(plan: Plan, model, bucket: int, tmp: str, note, timi
         os.makedirs(os.path.join(tmp, fmt), exist_ok=True)
         if fmt == "aoti":
             rel = f"aoti/prefill-{bucket}.pt2"
-            E.export_aoti(result, os.path.join(tmp, rel))
+            E.export_aoti(result, os.path.join(tmp, rel), with_constants=False)
+            write_aoti_sidecar(result.program, os.path.join(tmp, rel))
             files = [rel]
         else:
             rel = f"onnx/prefill-{bucket}.onnx"
             example = E.example_tokens(model.config, result.batch_range[1], max(result.seq_range[0], min(64, result.seq_range[1])))
-            written = E.export_onnx(result, os.path.join(tmp, rel), example)
-            files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
+            E.export_onnx(result, os.path.join(tmp, rel), example, external_data=True)
+            files = [rel]  # its data: the format's shared weights file (build.py merges it)
             onnx_rel, onnx_result = rel, result
         took = time.perf_counter() - t0
         timings[fmt] = round(took, 2)
@@ -349,11 +351,12 @@ def _export_state_engine(plan: Plan, model, bucket: int, kind: str, tmp: str, no
         os.makedirs(os.path.join(tmp, fmt), exist_ok=True)
         if fmt == "aoti":
             files = [f"aoti/{kind}-{bucket}.pt2"]
-            E.export_aoti(exported.result, os.path.join(tmp, files[0]))
+            E.export_aoti(exported.result, os.path.join(tmp, files[0]), with_constants=False)
+            write_aoti_sidecar(exported.result.program, os.path.join(tmp, files[0]))
         else:
-            written = E.export_onnx(exported.result, os.path.join(tmp, f"onnx/{kind}-{bucket}.onnx"),
-                                    exported.example, exported.input_names, exported.output_names)
-            files = sorted(os.path.relpath(p, tmp).replace(os.sep, "/") for p in written)
+            files = [f"onnx/{kind}-{bucket}.onnx"]  # its data: the format's shared weights file (build.py merges it)
+            E.export_onnx(exported.result, os.path.join(tmp, files[0]), exported.example, exported.input_names,
+                          exported.output_names, external_data=True)
         timings[f"{fmt}[{kind}]"] = took = round(time.perf_counter() - t0, 2)
         note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
         result = exported.result

@@ -89,8 +89,12 @@ def test_build_with_no_arguments_builds_tiny_for_cpu(built):
         assert engine["verified"]["status"] == "verified", engine
         assert engine["seq_range"] == ([1, 1] if engine["kind"] == "decode" else [2, 512]), engine
         assert engine["batch_range"] == [1, 2]
+    shared = {"aoti": "aoti/weights.safetensors", "onnx": "onnx/weights.data"}
+    assert manifest["shared_weights"] == shared
     assert set(manifest["files"]) == {f"{fmt}/{kind}-512.{ext}" for fmt, ext in (("aoti", "pt2"), ("onnx", "onnx"))
-                                      for kind in kinds}
+                                      for kind in kinds} | set(shared.values())
+    assert all(engine["files"] == [f"{engine['format']}/{engine['kind']}-512.{'pt2' if engine['format'] == 'aoti' else 'onnx'}"]
+               for engine in manifest["engines"])
     assert manifest["compile_check"]["ok"] and manifest["pass_report"]["ops"]
     # nothing but the build (no temporary folder left beside it)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
@@ -103,12 +107,21 @@ def test_verify_exits_0_in_a_fresh_process(built):
 
 
 def test_pt2_loads_in_a_fresh_process_without_our_code(built, tmp_path):
-    """Only torch is imported: the package holds the whole model (no dsv4 custom op, no Python model code)."""
+    """Only torch and safetensors are imported: the package holds the whole program (no dsv4 custom op,
+    no Python model code), the build's shared weights file its constants (mapped by its metadata)."""
     prompts = [_tokens(2, 4, seed=seed) for seed in SHORT_SEEDS]
     torch.save(prompts, tmp_path / "tokens.pt")
     script = textwrap.dedent(f"""
-        import sys, torch
+        import json, sys, torch
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        weights = {str(built[0] / 'aoti' / 'weights.safetensors')!r}
+        with safe_open(weights, "pt") as f:
+            mapping = json.loads(f.metadata()["engines"])["aoti/prefill-512.pt2"]
+        tensors = load_file(weights)
         package = torch._inductor.aoti_load_package({str(built[0] / 'aoti' / 'prefill-512.pt2')!r})
+        package.load_constants({{fqn: tensors[mapping[fqn]] for fqn in package.get_constant_fqns()}},
+                               check_full_update=True, user_managed=True)
         outs = [package(tokens) for tokens in torch.load({str(tmp_path / 'tokens.pt')!r})]
         torch.save(outs, {str(tmp_path / 'out.pt')!r})
         assert not any(name.startswith("dsv4_compile") for name in sys.modules), "model code was imported"
@@ -159,6 +172,54 @@ def test_load_picks_aoti_and_checks_shapes(built):
     onnx_engine = dsv4_compile.load(str(built[0]), format="onnx")
     assert_close_on_one_short_prompt("load(format=onnx)", [(ref, onnx_engine(t)) for ref, t in zip(refs, prompts)],
                                      ONNX_TOL)
+
+
+# ---- one copy of the weights per format (shared_weights.py) ---------------------------------------
+
+def test_each_format_holds_the_weights_once(built):
+    """The weights' bytes are in one file per format (before: in every engine file), and that file
+    holds about one copy: the state_dict in the format's dtype (tiny: float32 for both; ONNX keeps only
+    the initializers its graphs read), plus the engines' few lifted constants and the buffers that
+    differ per engine. (Tiny's ONNX graphs themselves are 9-12 MB each, mostly the exporter's node
+    metadata: larger than tiny's weights, so only the data file is held to the bound.)"""
+    state = _eager().state_dict()
+    one_copy = sum(t.numel() * t.element_size() for t in state.values())
+    largest = max(state.values(), key=lambda t: t.numel())
+    needle = largest.contiguous().view(torch.uint8).reshape(-1)[largest.numel() * 2:][:64].numpy().tobytes()
+    holding = [rel for rel in _files(built) if needle in (built[0] / rel).read_bytes()]
+    assert holding == ["aoti/weights.safetensors", "onnx/weights.data"], holding
+    for rel in holding:
+        assert os.path.getsize(built[0] / rel) < 1.5 * one_copy, (rel, one_copy)
+
+
+def test_aoti_engines_of_a_build_share_one_copy_in_memory(built):
+    engine = dsv4_compile.load(str(built[0]))
+    engine(_tokens(1, 4, seed=0))
+    engine.generate([[1, 2, 3]], max_new_tokens=2)  # loads the prefill-cache and decode packages
+    given = engine.weights.given
+    assert sorted(given) == ["aoti/decode-512.pt2", "aoti/prefill-512.pt2", "aoti/prefill-cache-512.pt2"]
+    pointers = {t.data_ptr() for t in engine.weights.tensors.values()}
+    for rel, constants in given.items():
+        assert {t.data_ptr() for t in constants.values()} <= pointers, rel
+    embed = {given["aoti/prefill-512.pt2"]["embed.weight"].data_ptr()} | {
+        given[rel]["model.embed.weight"].data_ptr() for rel in ("aoti/decode-512.pt2", "aoti/prefill-cache-512.pt2")}
+    assert embed == {engine.weights.tensors["embed.weight"].data_ptr()}
+
+
+def test_a_changed_or_missing_shared_weights_file_is_refused(copy_of):
+    path = copy_of()
+    target = os.path.join(path, "aoti", "weights.safetensors")
+    with open(target, "r+b") as f:
+        f.seek(os.path.getsize(target) // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(ArtifactError, match="checksum mismatch for aoti/weights.safetensors") as err:
+        dsv4_compile.load(path)
+    assert "\n" not in str(err.value)
+    os.unlink(os.path.join(path, "onnx", "weights.data"))
+    with pytest.raises(ArtifactError, match="file onnx/weights.data is listed in the manifest but missing"):
+        dsv4_compile.load(path, format="onnx")
 
 
 # ---- refusals on copies of the build ------------------------------------------------------------

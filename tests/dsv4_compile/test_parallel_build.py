@@ -173,7 +173,8 @@ def test_parallel_build_has_one_engine_per_rank_and_the_mesh(parallel_build):
     for rank, entry in enumerate(mesh["ranks"]):
         assert entry["rank"] == rank and entry["root"] == f"rank{rank}"
         assert entry["groups"] == {group: [0, 1]}
-        assert sorted(entry["files"]) == [f"rank{rank}/{e}" for e in engines]
+        # each rank's engines share its shard's one weights file (shared_weights.py)
+        assert sorted(entry["files"]) == [f"rank{rank}/{e}" for e in [*engines, "aoti/weights.safetensors"]]
         for rel, sha in entry["files"].items():
             assert manifest["files"][rel]["sha256"] == sha == dsv4_compile.manifest.sha256_file(out / rel)
     assert sorted(manifest["files"]) == sorted(f for entry in mesh["ranks"] for f in entry["files"])
