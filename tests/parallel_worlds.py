@@ -3,9 +3,14 @@ against the single-process model's (tests/model/test_parallel.py, tests/dsv4_com
 
 Summation order is all that differs: each rank sums its heads' (its experts') share of the output
 projection (of the MoE) and the all-reduce adds the partials, where the plain model sums all at once.
-- Without the FP8/FP4 activation simulation (`exact`) the model is continuous but for its top-k
-  selections (router, indexer), so reassociated fp32 sums (unit roundoff 6e-8, a few ulp per sum) stay
-  within metrics.py's fp32 tolerance of 1e-5 relative RMS through 4 layers unless a near-tie flips.
+- Without the FP8/FP4 activation simulation (`exact`) the prefill and the MTP block are continuous but
+  for their top-k selections (router, indexer), so reassociated fp32 sums (unit roundoff 6e-8, a few ulp
+  per sum) stay within metrics.py's fp32 tolerance of 1e-5 relative RMS through 4 layers unless a
+  near-tie flips. The decode steps are not: they read the KV cache, whose entries are FP8 in every mode
+  (the production layout), so an ulp moves an entry across an FP8 rounding boundary now and then. The
+  single-process tiny model's decode logits move by up to 3.7e-5 relative RMS (prefill 9e-7) when its
+  weights are scaled by 1 + 1.2e-7 N(0, 1) (3 of 4 seeds above 1e-5): the decode steps take the
+  criteria below, in both modes.
 - With it (`quantized`) a perturbation of an ulp moves a value across an FP8 rounding boundary now and
   then, and a flipped window row of the cache stays for `window` positions (as a flipped top-k choice
   does): as test_model's decode-vs-prefill check, the median position within 1e-4, 90% of positions
@@ -61,12 +66,12 @@ def run_logits(model: Transformer, tokens: torch.Tensor) -> dict[str, torch.Tens
 def assert_parallel_logits(name: str, ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor], flips: bool,
                            within_share: float = 0.9) -> None:
     """A rank's `run_logits` against the single process's, by the criteria of the module docstring:
-    flips=False: `exact`'s; True: the one allowing a few flipped roundings or top-k choices, with
-    `within_share` of the positions within 1e-3 (a caller that lowers it says why)."""
+    flips=False: `exact`'s (the decode steps excepted); True: the one allowing a few flipped roundings or
+    top-k choices, with `within_share` of the positions within 1e-3 (a caller that lowers it says why)."""
     if not flips:
-        for key in ref:
+        for key in ref.keys() - {"decode"}:
             assert_close(f"{name} exact {key}", ref[key], out[key])
-        return
+        ref, out = ({"decode": logits["decode"]} for logits in (ref, out))
     out, ref = (torch.cat([logits[key] for key in ref], dim=1) for logits in (out, ref))  # [B, positions, V]
     errors = (out - ref).norm(dim=-1) / ref.norm(dim=-1)                                # [B, positions]
     median, within, agree = float(errors.median()), float((errors < 1e-3).float().mean()), \

@@ -12,7 +12,8 @@ split on whole tiles, and every model its experts in MXFP4, split by expert) eac
 equal, bit for bit, the full single-process load of that mode sharded in memory by `parallelize` (the
 same values, cut the same way), and its logits (exact mode, no FP8/FP4 activation simulation) the
 full load's by parallel_worlds' criteria: within fp32's 1e-5 for the tiny preset (observed, either
-mode: prefill 5.6e-7 for tp=2, 0 for ep=2; decode 8.1e-6 for both); with flips for the wider model,
+mode: prefill 5.6e-7 for tp=2, 0 for ep=2), the decode steps over the FP8 cache within 1e-3 (observed
+8.1e-6 for both: sequence 1's steps 8.5e-6 and 1.4e-5, an FP8 rounding of the cache moved); with flips for the wider model,
 where reassociating tp's sums flips a near-tie of a top-k choice in the decode of sequence 1 (3.9e-5
 relative RMS over the decode steps, 1.1e-6 at most elsewhere). In exact mode the as-shipped logits
 equal the bf16 ones (FP8Linear multiplies by its dequantized weight), so the activation simulation
