@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, the FP8 linear, RoPE frequencies (with YaRN), the window index pattern."""
+"""Small building blocks: RMSNorm, the FP8 linear, the output head (float32 logits), RoPE frequencies (with YaRN), the window index pattern."""
 from __future__ import annotations
 
 import math
@@ -44,6 +44,33 @@ class FP8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=float8_e4m3fn"
+
+
+def float32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T as float32 [..., out]: on CUDA the 16-bit GEMM writing its fp32
+    accumulator (aten::mm.dtype; no float32 copy of the weight per call, which at V4's shapes would
+    triple a decode step's weight traffic), elsewhere (the CPU has no such kernel, and its bf16 GEMMs
+    are slower than fp32 ones anyway) and where autograd records (mm.dtype has no derivative) on
+    float32 operands."""
+    records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if x.is_cuda and x.dtype == weight.dtype and x.dtype != torch.float32 and not records \
+            and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.ops.aten.mm.dtype(x.reshape(-1, x.shape[-1]), weight.t(), torch.float32).reshape(*x.shape[:-1], -1)
+    return F.linear(x.float(), weight.float())
+
+
+class Head(nn.Linear):
+    """The output head: a bias-free [vocab, dim] weight in the model's dtype (bf16 as the release ships
+    it), logits in float32 (`float32_product`). DeepSeek's inference upcasts the weight to float32 "for
+    easier computation"; a bf16 input's products are exact in float32 either way, so the logits are the
+    same up to the float32 sum's order, without a float32 GEMM at CUDA-core speed or a float32 copy."""
+
+    def __init__(self, dim: int, vocab_size: int, device=None, dtype=None):
+        super().__init__(dim, vocab_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., dim] -> logits [..., vocab] float32."""
+        return float32_product(x, self.weight)
 
 
 def rope_inv_freq(rope_dim: int, theta: float, yarn_original_len: int = 0, factor: float = 1.0,

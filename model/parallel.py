@@ -67,7 +67,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .attention import CSA_RATIO, Attention, Indexer
 from .config import ModelConfig
-from .layers import FP8Linear
+from .layers import FP8Linear, Head, float32_product
 from .moe import MoE, MXFP4Experts, RoutedExperts
 from .ops import indexer_query_chunk, indexer_scores, indexer_select
 from .transformer import Transformer
@@ -158,12 +158,12 @@ class VocabParallelEmbedding(nn.Embedding):
         return all_reduce_sum(torch.where(mine.unsqueeze(-1), rows, 0), self.group_name)
 
 
-class VocabParallelHead(nn.Linear):
-    """The output head's rows of this rank's vocabulary, [V / ranks, dim]: the local logits [..., V /
-    ranks] are all-gathered over the tensor-parallel group into the whole [..., V] on every rank."""
+class VocabParallelHead(Head):
+    """The output head's rows of this rank's vocabulary, [V / ranks, dim]: the local float32 logits
+    [..., V / ranks] are all-gathered over the tensor-parallel group into the whole [..., V] on every rank."""
 
     def __init__(self, weight: torch.Tensor, ranks: int, group_name: str):
-        super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+        super().__init__(weight.shape[1], weight.shape[0], device="meta", dtype=weight.dtype)
         self.weight = nn.Parameter(weight.clone())
         self.ranks, self.group_name = ranks, group_name
 
@@ -180,16 +180,6 @@ def sum_partials(partial: torch.Tensor, dtype: torch.dtype, group_name: str) -> 
     The cost: the all-reduce carries float32 [..., out] (twice bf16's bytes); the product itself comes
     from `float32_product`."""
     return all_reduce_sum(partial.float(), group_name).to(dtype)
-
-
-def float32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight [out, in]^T as float32 [..., out]: on CUDA the 16-bit GEMM writing its fp32
-    accumulator (aten::mm.dtype; no float32 copy of the weight per call, which at V4's shapes would
-    triple a decode step's weight traffic), elsewhere (the CPU has no such kernel, and its bf16 GEMMs
-    are slower than fp32 ones anyway) on float32 operands."""
-    if x.is_cuda and x.dtype == weight.dtype and x.dtype != torch.float32 and hasattr(torch.ops.aten.mm, "dtype"):
-        return torch.ops.aten.mm.dtype(x.reshape(-1, x.shape[-1]), weight.t(), torch.float32).reshape(*x.shape[:-1], -1)
-    return F.linear(x.float(), weight.float())
 
 
 class RowParallelLinear(nn.Linear):
@@ -401,9 +391,9 @@ def shard_attention(attn: Attention, rank: int, ranks: int, group_name: str) -> 
 def shard_vocab(model: Transformer, rank: int, ranks: int, group_name: str) -> None:
     """Keep this rank's vocabulary rows of the embedding and the head (in place); see the module docstring."""
     parts = vocab_parts(model, rank, ranks)
-    if type(model.head) is not nn.Linear or type(model.embed) is not nn.Embedding:
+    if type(model.head) is not Head or type(model.embed) is not nn.Embedding:
         raise TypeError(f"parallelize: the embedding and head are {type(model.embed).__name__} and "
-                        f"{type(model.head).__name__}; vocab parallelism takes nn.Embedding and nn.Linear")
+                        f"{type(model.head).__name__}; vocab parallelism takes nn.Embedding and Head")
     with torch.no_grad():
         model.embed = VocabParallelEmbedding(_narrow(model.embed.weight, parts["embed.weight"]),
                                              parts["embed.weight"][1], group_name)

@@ -17,7 +17,7 @@ from torch import nn
 from .attention import Attention, layer_inv_freq
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import RMSNorm
+from .layers import Head, RMSNorm
 from .moe import MoE
 
 
@@ -107,7 +107,7 @@ class Transformer(nn.Module):
             self.mtp = nn.ModuleList(MTPBlock(c, c.n_layers + i) for i in range(c.n_mtp_layers))
         self.hc_head = HeadMerge(c)
         self.norm = RMSNorm(c.dim, c.norm_eps)
-        self.head = nn.Linear(c.dim, c.vocab_size, bias=False, dtype=torch.float32)  # logits in fp32
+        self.head = Head(c.dim, c.vocab_size, dtype=dtype)
         if seed is not None:
             self.init_weights(seed)
 
@@ -167,7 +167,7 @@ class Transformer(nn.Module):
         x = (norm or self.norm)((merge or self.hc_head)(h))
         if not all_logits:
             x = x[:, -1]
-        return self.head(x.float())
+        return self.head(x)
 
     def forward(self, tokens: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, S] int64 -> logits [B, V] of the last position ([B, S, V] with all_logits)."""

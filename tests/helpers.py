@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv4_compile.metrics import REL_RMS_TOL, few_flips, mismatch, rel_rms, sqnr_db  # noqa: F401  (re-exported)
 
@@ -55,3 +56,15 @@ def rerun_with_libstdcxx_preload(request) -> bool:
                            request.node.nodeid], capture_output=True, text=True, cwd=str(request.config.rootpath), env=env)
     assert proc.returncode == 0, f"the test under LD_PRELOAD={env['LD_PRELOAD']}:\n{(proc.stdout + proc.stderr)[-4000:]}"
     return True
+
+
+class CountOp(TorchDispatchMode):
+    """Counts calls of one op."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.calls = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is self.op
+        return func(*args, **(kwargs or {}))

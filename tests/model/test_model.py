@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from dsv4_compile import KVCache, ModelConfig, Transformer
 from dsv4_compile.model.attention import Attention
+from dsv4_compile.model.layers import Head
 from dsv4_compile.model.kv_layout import unpack_indexer_keys, unpack_main_entries
 from dsv4_compile.model.moe import Gate
-from helpers import assert_close
+from helpers import CountOp, assert_close
 
 SEQ = 300  # > window (8), 75 CSA blocks, 2 HCA blocks
 
@@ -232,6 +233,36 @@ def test_gradients_reach_every_trained_parameter(tiny, tokens):
                if (p.grad is None or p.grad.abs().sum() == 0) and ".indexer." not in n and not n.endswith("gate.bias")]
     assert not missing, f"no gradient for {missing[:5]}"
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_head_keeps_the_model_dtype_and_gives_float32_logits(tiny):
+    """The head's weight is in the model's dtype (bf16 as the release ships it) and its logits are float32:
+    on the CPU exactly the float32 product of the bf16 values (bf16 x bf16 products are exact in float32)."""
+    model = Transformer(tiny.replace(dtype="bfloat16"), seed=0)
+    assert model.head.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 3, tiny.dim).bfloat16()
+    logits = model.head(x)
+    assert logits.dtype == torch.float32
+    assert torch.equal(logits, F.linear(x.float(), model.head.weight.float()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad", [False, True])
+def test_head_on_cuda_is_the_16bit_gemm_writing_float32(grad):
+    """On CUDA, bf16 logits come from aten::mm.dtype (no float32 copy of the weight, tensor cores), within
+    float32 summation noise of the float32 product; where autograd records (no derivative for mm.dtype)
+    the float32 product runs and gradients reach the weight."""
+    head = Head(4096, 32000, device="cuda", dtype=torch.bfloat16).requires_grad_(grad)
+    x = torch.randn(5, 4096, device="cuda").bfloat16()
+    with torch.no_grad():
+        reference = F.linear(x.double(), head.weight.double()).float()
+    with torch.set_grad_enabled(grad), CountOp(torch.ops.aten.mm.dtype) as count:
+        logits = head(x)
+    assert logits.dtype == torch.float32 and count.calls == (0 if grad else 1)
+    assert_close("bf16 head on CUDA", reference, logits.detach())
+    if grad:
+        logits.sum().backward()
+        assert head.weight.grad is not None and head.weight.grad.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("preset, low, high", [

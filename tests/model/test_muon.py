@@ -20,11 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv4_compile.model.muon import (DSV4_ADJUST_LR, DSV4_NS_COEFFICIENTS, HybridOptimizer, Muon,
                                      deepseek_v4_optimizer, flat_ns_coefficients, muon_param_names, split_params)
-from helpers import assert_close
+from helpers import CountOp, assert_close
 
 TORCH_TOL = 1e-2
 F32_TOL = 1e-5
@@ -56,18 +55,6 @@ def _run(make_opt, init: torch.Tensor, grads: list[torch.Tensor]) -> list[torch.
         opt.step()
         deltas.append(p.detach() - before)
     return deltas
-
-
-class CountOp(TorchDispatchMode):
-    """Counts calls of one op."""
-
-    def __init__(self, op):
-        super().__init__()
-        self.op, self.calls = op, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is self.op
-        return func(*args, **(kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_expert_parallel_2_equals_one_process(world2, reference):
         assert shapes["experts"] == c.n_routed_experts // 2 and shapes["experts_type"] == ExpertShard.__name__
         assert shapes["wq_b"] == c.n_heads * c.head_dim and shapes["wo_b_type"] == "Linear"
         assert (shapes["indexer_heads"], shapes["embed"], shapes["head"]) == (c.index_n_heads, c.vocab_size, c.vocab_size)
-        assert (shapes["indexer_type"], shapes["embed_type"], shapes["head_type"]) == ("Indexer", "Embedding", "Linear")
+        assert (shapes["indexer_type"], shapes["embed_type"], shapes["head_type"]) == ("Indexer", "Embedding", "Head")
     _check_logits("ep=2", world2, reference)
 
 
