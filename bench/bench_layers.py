@@ -19,7 +19,8 @@ too long (projected from a shorter context by S^2).
 Components: compressor and indexer, Triton vs torch.compile of the plain op (model/ops.py), the
 acceptance bar of issue 5 (Triton at least as fast); the indexer also with the FP8 score MMA
 (INDEXER_CONFIGS: "triton fp8*" rows, score_mma=fp8; its queries are FP4-simulated as the model's,
-so every path sees the model's operands). Anything that would not fit in the GPU's free
+so every path sees the model's operands) and with the radix selection ("triton *radix" rows,
+selection=radix: chunks of scores to a workspace, then the radix select). Anything that would not fit in the GPU's free
 memory (at most 78 GiB) is skipped with a row saying so.
 Timing: below GRAPH_MS per call, the median replay of a CUDA graph of a few calls (GPU time only: at
 ~0.1 ms do_bench's per-call Python launch cost is comparable to the kernel, and differs between a
@@ -143,8 +144,10 @@ def _compress_kv_op(*args):
 
 
 # The indexer's Triton rows: the default config (the bf16 score MMA) and the FP8 score MMA at the
-# default tiles and at block_n 64 (where its key loop compiles without spills: kernels/indexer_topk/DESIGN.md).
-INDEXER_CONFIGS = {"triton": "", "triton fp8": "score_mma=fp8", "triton fp8 block_n=64": "score_mma=fp8,block_n=64"}
+# default tiles and at block_n 64 (where its key loop compiles without spills: kernels/indexer_topk/DESIGN.md),
+# each selection (the fused threshold selection by default; radix: score chunks + the radix select).
+INDEXER_CONFIGS = {"triton": "", "triton fp8": "score_mma=fp8", "triton fp8 block_n=64": "score_mma=fp8,block_n=64",
+                   "triton radix": "selection=radix", "triton fp8 radix": "score_mma=fp8,selection=radix"}
 
 
 def indexer_fn(t: dict, keys: torch.Tensor, sh: Shapes, impl: str):

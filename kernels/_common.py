@@ -126,6 +126,26 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def largest_value(n) -> int | None:
+    """n for an int; a symbolic size's upper bound (an export Dim's max), None when unbounded."""
+    if isinstance(n, int):
+        return n
+    bound = n.node.shape_env.bound_sympy(n.node.expr).upper
+    return int(bound) if bound.is_Integer else None                     # not int_oo (its is_finite is True)
+
+
+def split_chunks(total, chunk: int | None) -> tuple:
+    """(items per chunk, number of chunks) to go through `total` items (an int or a symbolic size) at
+    most `chunk` at a time (None: no bound): one chunk of all of them where they fit (the unchunked
+    launches), else chunks of `chunk`. A symbolic total (export) takes the count its upper bound needs,
+    so the launches are static (chunks past the actual total find nothing to do); an unbounded one,
+    one chunk."""
+    largest = largest_value(total)
+    if chunk is None or largest is None or largest <= chunk:
+        return total, 1
+    return chunk, cdiv(largest, chunk)
+
+
 def pick_default(table: Mapping[str, KernelConfig], gpu_name: str | None) -> KernelConfig:
     """The entry of `table` for `gpu_name` (gpus.canonical_gpu: 'NVIDIA H100 80GB HBM3' -> 'H100'), else
     'generic'. gpu_name None means the current device ('interpreter' under TRITON_INTERPRET)."""

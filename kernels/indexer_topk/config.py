@@ -6,6 +6,8 @@ from typing import ClassVar
 
 from .._common import KernelConfig, next_pow2, pick_default
 
+MAX_TOPK = 4096       # the fused kernel's [block_s, C] compaction sort and the radix select's k-sort live in registers
+
 
 @dataclasses.dataclass(frozen=True)
 class IndexerTopkConfig(KernelConfig):
@@ -44,6 +46,12 @@ class IndexerTopkConfig(KernelConfig):
                the rows are FP4-like (the model's FP4-simulated queries and keys; DESIGN.md, FP8 path);
                keys from the first tile holding a row that is not, and query blocks holding one, take
                the bf16 dots.
+    selection: how each query's top-k is chosen from its scores. "threshold": in the fused kernel
+               above (running threshold, candidate rows, compactions). "radix": a score kernel with the
+               same tiles and score code writes the scores of a chunk of queries to an fp32 workspace
+               [queries, keys] (within WORKSPACE_BYTES, kernels/indexer_topk/indexer_topk.py), then the
+               radix select (radix_topk.py, its device default RadixTopkConfig) picks each row's top-k
+               (buffer_factor unused). The same scores and order rule: the same picks, bit for bit.
     num_warps / num_stages: Triton launch parameters.
     The head count and head dim are not fields: each is one (power-of-two padded) tile. The number of
     persistent programs is not a field either (kernels/indexer_topk: PROGRAMS_PER_SM a SM).
@@ -60,11 +68,13 @@ class IndexerTopkConfig(KernelConfig):
     buffer_factor: int = 2
     score_rows: str = "keys"
     score_mma: str = "bf16"
+    selection: str = "threshold"
     num_warps: int = 8
     num_stages: int = 2
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_s", "block_n", "buffer_factor", "num_warps")
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"score_rows": ("keys", "heads"), "score_mma": ("bf16", "fp8")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"score_rows": ("keys", "heads"), "score_mma": ("bf16", "fp8"),
+                                                     "selection": ("threshold", "radix")}
 
     def __post_init__(self):
         super().__post_init__()
@@ -75,6 +85,7 @@ class IndexerTopkConfig(KernelConfig):
                              f"(a compacted row of topk plus one tile of block_n keys)")
 
 
+# selection stays "threshold" everywhere until a GPU run measures the radix selection against it.
 DEFAULT_CONFIGS: dict[str, IndexerTopkConfig] = {
     # The interpreter runs each program as numpy calls: small tiles keep the sorts short; block_s 2
     # keeps the multi-query tiling under test, buffer_factor 2 the most compactions.

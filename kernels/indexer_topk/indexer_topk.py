@@ -11,6 +11,10 @@ power-of-two row-scaled operands (config score_mma="fp8": the model's FP4-simula
 exact in e4m3; other rows fall back to the bf16 dots), exact fp32 (fp32 models).
 The selection is exactly the plain op's where every partial sum is exact; otherwise near-tied keys
 can trade places.
+config selection="radix" (default "threshold", the above) splits the work in two: a score kernel
+(the same query blocks, key tiles and score code) writes the scores of a chunk of queries to an fp32
+workspace [rows, keys] (within WORKSPACE_BYTES), then the radix select (radix_topk.py) picks each
+row's top-k into its output row: the same scores and order rule, so the same picks.
 Design, ordering rules and cost model: kernels/indexer_topk/DESIGN.md; measurements:
 bench/results/H100/indexer_notes.md.
 """
@@ -22,17 +26,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config, sm_count
-from .config import (FP8_K_STEP, IndexerTopkConfig, default_config, key_rows_refusal, launch_plan,
-                     padded_heads_dims, workspace_width)
+from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, largest_value, launch,
+                       resolve_config, sm_count, split_chunks)
+from .config import (FP8_K_STEP, MAX_TOPK, IndexerTopkConfig, default_config, key_rows_refusal, launch_plan,
+                     padded_heads_dims, radix_default_config, workspace_width)
+from .radix_topk import launch_radix_topk
 from .sort_keys import EMPTY, pack_keys, unpack_index
 
-MAX_TOPK = 4096       # the [block_s, C] compaction sort lives in registers
 PROGRAMS_PER_SM = 4   # persistent programs a CUDA SM (untuned; ~1-2 resident at the V4 tiles, the rest queue)
 INTERPRET_PROGRAMS = 4
 MAX_HEADS = 128
 MAX_HEAD_DIM = 256
 FP8_ROWS_BLOCK = 32   # rows a program of the fp8 operand conversion
+# selection="radix": the fp32 score workspace of one chunk of queries stays within this many bytes.
+# Unchunked, a 128K-token prefill over 32K keys would take 16 GiB. 512 MiB is 4096 rows of 32K keys: 32
+# chunks at 128K (64 launches, well under a millisecond of launch gaps against the indexer's tens),
+# 4096 radix programs a chunk (many waves of 132 SMs, so the last wave's idle SMs cost little), and
+# small beside the H200's 141 GB. The workspace round trip through HBM (each visible score written
+# once and read once by the radix select's first pass) is the same at any chunk size; chunks that fit
+# the 50 MB L2 (~400 rows at 32K keys) could keep it on chip at 10x the launches: for the GPU to weigh.
+WORKSPACE_BYTES = 512 << 20
 
 
 # ================================================================================================
@@ -89,7 +102,7 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _tile_scores(b_q, b_k, p_kf, m_kd, fix, UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr,
+def _tile_dots(b_q, b_k, p_kf, m_kd, fix, UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr,
                  KEY_ROWS: tl.constexpr):
     # b_q [M, BD] queries x heads, b_k [BN, BD] the key tile (dot operand) -> the per-head dots, fp32:
     # [BN, M] when KEY_ROWS (keys as the MMA's rows), else [M, BN]. FIX: when the flag `fix` is set,
@@ -156,13 +169,10 @@ def _fp8_tile_dots(b_q8, b_k8, UPCAST: tl.constexpr, KEY_ROWS: tl.constexpr, STE
 
 
 @triton.jit
-def _enter_tile(b_s, b_w, ks, o_n, n_vis, thr, cnt, p_row, KSCALE: tl.constexpr, KEY_ROWS: tl.constexpr,
-                BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One key tile's scores into the running selection: b_s the per-head dots ([BN, M] when KEY_ROWS,
-    # else [M, BN]), b_w [M] head weights, KSCALE: times ks [BN] after the head sum (the fp8 path's key
-    # row scales); o_n [BN] the tile's key indices, n_vis [BS], thr [BS] and cnt [BS] the block's
-    # visibility, thresholds and filled slots. Appends each query's keys above its threshold to its
-    # workspace row; returns the new cnt.
+def _head_sum(b_s, b_w, ks, KSCALE: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+              BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr):
+    # b_s the per-head dots ([BN, M] when KEY_ROWS, else [M, BN]), b_w [M] head weights, KSCALE: times
+    # ks [BN] after the head sum (the fp8 path's key row scales) -> [BS, BN] fp32 scores.
     b_s = tl.where(b_s < 0, 0.0, b_s)                                        # relu, NaN kept
     if KEY_ROWS:                                                             # b_s [BN, M]
         b_s = b_s * b_w[None, :]
@@ -172,6 +182,94 @@ def _enter_tile(b_s, b_w, ks, o_n, n_vis, thr, cnt, p_row, KSCALE: tl.constexpr,
         score = tl.sum(tl.reshape(b_s, [BLOCK_S, BLOCK_H, BLOCK_N]), axis=1)  # [BS, BN]: sum over heads
     if KSCALE:
         score = score * ks[None, :]
+    return score
+
+
+@triton.jit
+def _query_block(p_q, p_w, p_pos, p_q8, p_qs, p_kbad, b, s0, s_end, S, H, N, D, ratio, UPCAST: tl.constexpr,
+                 FP8: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    # The block of queries s0 .. s0 + BLOCK_S - 1 (those < s_end <= S) of batch row b (pointers as in
+    # _indexer_topk_kernel) -> (o_qt, m_qt) [M, BD] offsets and mask of its q rows (M = BLOCK_S x
+    # BLOCK_H: query s0 + m // BH x head m % BH), b_q [M, BD] the dot operand (fp32 when UPCAST; the
+    # row-scaled e4m3 form when FP8), b_w [M] fp32 head weights, b_w8 [M] the weights times the q row
+    # scales (FP8; else b_w), n_fp8 the keys [0, n_fp8) that take the FP8 dots (FP8; else 0), o_s [BS]
+    # the queries, m_s [BS] those < s_end, n_vis [BS] int32 each one's visible keys (0 outside m_s).
+    M: tl.constexpr = BLOCK_S * BLOCK_H
+    o_m = tl.arange(0, M)
+    o_hm = o_m % BLOCK_H
+    o_d = tl.arange(0, BLOCK_D)
+    o_sm = s0 + o_m // BLOCK_H
+    m_m = (o_hm < H) & (o_sm < s_end)
+    t_m = b * S + o_sm                                                       # [M] token b * S + s
+    o_qt = (t_m[:, None] * H + o_hm[:, None]) * D + o_d[None, :]              # [M, BD]
+    m_qt = m_m[:, None] & (o_d < D)[None, :]
+    b_w = tl.load(p_w + t_m * H + o_hm, mask=m_m, other=0.0).to(tl.float32)  # [M]
+    if FP8:
+        b_q = tl.load(p_q8 + o_qt, mask=m_qt, other=0.0)
+        qs = tl.load(p_qs + t_m * H + o_hm, mask=m_m, other=1.0)             # [M]
+        b_w8 = b_w * qs                                                      # exact: qs a power of two
+        # keys [0, n_fp8) take the FP8 dots: none if a query row is not FP4-like, else those before
+        # the tile of the batch row's first key that is not
+        n_fp8 = tl.where(tl.min(qs, axis=0) == 0, 0, tl.load(p_kbad + b) // BLOCK_N * BLOCK_N)
+    else:
+        b_q = tl.load(p_q + o_qt, mask=m_qt, other=0.0)
+        if UPCAST:
+            b_q = b_q.to(tl.float32)
+        b_w8 = b_w
+        n_fp8 = 0
+    o_s = s0 + tl.arange(0, BLOCK_S)                                         # [BS] queries
+    m_s = o_s < s_end
+    t = tl.load(p_pos + b * S + o_s, mask=m_s, other=-1)
+    n_vis = tl.where(t + 1 > 0, (t + 1) // ratio, 0)
+    n_vis = tl.minimum(n_vis, N).to(tl.int32)                                # [BS]
+    return o_qt, m_qt, b_q, b_w, b_w8, n_fp8, o_s, m_s, n_vis
+
+
+@triton.jit
+def _fp8_tile_scores(p_k, p_ks, b_q8, b_w8, b, n, n_max, N, D, UPCAST: tl.constexpr, KEY_ROWS: tl.constexpr,
+                     STEP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    # The FP8 dots of keys n .. n + BN - 1 (those < n_max) of batch row b with the block's q8 [M, BD],
+    # head-summed with the scaled weights b_w8 [M] and times the key row scales -> [BS, BN] fp32 scores.
+    o_n = n + tl.arange(0, BLOCK_N)                                          # [BN] int32
+    m_n = o_n < n_max
+    o_d = tl.arange(0, BLOCK_D)
+    b_k8 = tl.load(p_k + (b * N + o_n[:, None]) * D + o_d[None, :], mask=m_n[:, None] & (o_d < D)[None, :],
+                   other=0.0)                                                # [BN, BD]
+    ks = tl.load(p_ks + b * N + o_n, mask=m_n, other=1.0)                    # [BN]
+    b_s = _fp8_tile_dots(b_q8, b_k8, UPCAST, KEY_ROWS, STEP)
+    return _head_sum(b_s, b_w8, ks, True, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_N)
+
+
+@triton.jit
+def _mma_tile_scores(p_q, p_k, p_kf, o_qt, m_qt, b_q, b_w, fix, b, n, n_max, N, D, UPCAST: tl.constexpr,
+                     IEEE: tl.constexpr, FIX: tl.constexpr, FP8: tl.constexpr, KEY_ROWS: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The 16-bit / exact dots of keys n .. n + BN - 1 (those < n_max) of batch row b with the block's
+    # b_q [M, BD] (with FP8, the fallback: q reloaded as given from o_qt / m_qt, keys as given rounded
+    # to bf16), head-summed with b_w [M] -> [BS, BN] fp32 scores.
+    o_n = n + tl.arange(0, BLOCK_N)                                          # [BN] int32
+    o_d = tl.arange(0, BLOCK_D)
+    m_kd = (o_n < n_max)[:, None] & (o_d < D)[None, :]
+    p_kt = (b * N + o_n[:, None]) * D + o_d[None, :]
+    if FP8:                                                                  # the fallback: bf16 dots
+        b_q = tl.load(p_q + o_qt, mask=m_qt, other=0.0)
+        if UPCAST:
+            b_q = b_q.to(tl.float32)
+        b_k = tl.load(p_kf + p_kt, mask=m_kd, other=0.0).to(tl.bfloat16)
+    else:
+        b_k = tl.load(p_k + p_kt, mask=m_kd, other=0.0)                      # [BN, BD]
+    b_s = _tile_dots(b_q, b_k, p_kf + p_kt, m_kd, fix, UPCAST, IEEE, FIX, KEY_ROWS)
+    return _head_sum(b_s, b_w, b_w, False, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_N)
+
+
+@triton.jit
+def _enter_tile(score, n, n_vis, thr, cnt, p_row, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One key tile's scores [BS, BN] (keys n .. n + BN - 1) into the running selection: n_vis [BS],
+    # thr [BS] and cnt [BS] the block's visibility, thresholds and filled slots. Appends each query's
+    # keys above its threshold to its workspace row; returns the new cnt.
+    o_n = n + tl.arange(0, BLOCK_N)                                          # [BN] int32
     valid = o_n[None, :] < n_vis[:, None]
     key = pack_keys(score, tl.broadcast_to(o_n[None, :], [BLOCK_S, BLOCK_N]), valid)  # [BS, BN]
     sel = key > thr[:, None]                                                 # [BS, BN]; EMPTY never
@@ -205,11 +303,6 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
     # row, block of BLOCK_S consecutive queries), the last (longest) blocks first.
     pid = tl.program_id(0).to(tl.int64)
     n_prog = tl.num_programs(0)
-    M: tl.constexpr = BLOCK_S * BLOCK_H
-    o_m = tl.arange(0, M)                                                   # row = query (s0 + m // BH) x head (m % BH)
-    o_hm = o_m % BLOCK_H
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
     o_c = tl.arange(0, C)
     p_row = p_ws + (pid * BLOCK_S + tl.arange(0, BLOCK_S)) * C              # [BS] workspace rows
     if FP8:
@@ -219,28 +312,9 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
     for blk in range(pid, n_blocks, n_prog):
         b = blk // N_SB
         s0 = (N_SB - 1 - blk % N_SB) * BLOCK_S
-        o_sm = s0 + o_m // BLOCK_H
-        m_m = (o_hm < H) & (o_sm < S)
-        t_m = b * S + o_sm                                                  # [M] token b * S + s
-        o_qt = (t_m[:, None] * H + o_hm[:, None]) * D + o_d[None, :]          # [M, BD]
-        m_qt = m_m[:, None] & m_d[None, :]
-        b_w = tl.load(p_w + t_m * H + o_hm, mask=m_m, other=0.0).to(tl.float32)  # [M]
-        if FP8:
-            b_q8 = tl.load(p_q8 + o_qt, mask=m_qt, other=0.0)
-            qs = tl.load(p_qs + t_m * H + o_hm, mask=m_m, other=1.0)         # [M]
-            b_w8 = b_w * qs                                                  # exact: qs a power of two
-            # keys [0, n_fp8) take the FP8 dots: none if a query row is not FP4-like, else those
-            # before the tile of the batch row's first key that is not
-            n_fp8 = tl.where(tl.min(qs, axis=0) == 0, 0, tl.load(p_kbad + b) // BLOCK_N * BLOCK_N)
-        else:
-            b_q = tl.load(p_q + o_qt, mask=m_qt, other=0.0)
-            if UPCAST:
-                b_q = b_q.to(tl.float32)
-        o_s = s0 + tl.arange(0, BLOCK_S)                                    # [BS] queries
-        m_s = o_s < S
-        t = tl.load(p_pos + b * S + o_s, mask=m_s, other=-1)
-        n_vis = tl.where(t + 1 > 0, (t + 1) // ratio, 0)
-        n_vis = tl.minimum(n_vis, N).to(tl.int32)                           # [BS]
+        o_qt, m_qt, b_q, b_w, b_w8, n_fp8, o_s, m_s, n_vis = _query_block(
+            p_q, p_w, p_pos, p_q8, p_qs, p_kbad, b, s0, S, S, H, N, D, ratio, UPCAST, FP8, BLOCK_S, BLOCK_H, BLOCK_D,
+            BLOCK_N)
         n_max = tl.max(n_vis, axis=0)
         # per query: cnt candidates in its workspace row (unordered), thr <= its current topk-th best
         cnt = tl.zeros([BLOCK_S], tl.int32)
@@ -257,32 +331,66 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
             if FP8:
                 n_mid = tl.maximum(n0, tl.minimum(n1, n_fp8))
                 for n in range(n0, n_mid, BLOCK_N):                          # the FP8 tiles
-                    o_n = n + tl.arange(0, BLOCK_N)                          # [BN] int32
-                    m_n = o_n < n_max
-                    b_k8 = tl.load(p_k + (b * N + o_n[:, None]) * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                                   other=0.0)                                # [BN, BD]
-                    ks = tl.load(p_ks + b * N + o_n, mask=m_n, other=1.0)    # [BN]
-                    b_s = _fp8_tile_dots(b_q8, b_k8, UPCAST, KEY_ROWS, STEP)
-                    cnt = _enter_tile(b_s, b_w8, ks, o_n, n_vis, thr, cnt, p_row, True, KEY_ROWS, BLOCK_S, BLOCK_H,
-                                      BLOCK_N)
+                    score = _fp8_tile_scores(p_k, p_ks, b_q, b_w8, b, n, n_max, N, D, UPCAST, KEY_ROWS, STEP, BLOCK_S,
+                                             BLOCK_H, BLOCK_D, BLOCK_N)
+                    cnt = _enter_tile(score, n, n_vis, thr, cnt, p_row, BLOCK_S, BLOCK_N)
             for n in range(n_mid, n1, BLOCK_N):                              # 16-bit / exact tiles
-                o_n = n + tl.arange(0, BLOCK_N)                              # [BN] int32
-                m_kd = (o_n < n_max)[:, None] & m_d[None, :]
-                p_kt = (b * N + o_n[:, None]) * D + o_d[None, :]
-                if FP8:                                                      # the fallback: bf16 dots
-                    b_q = tl.load(p_q + o_qt, mask=m_qt, other=0.0)
-                    if UPCAST:
-                        b_q = b_q.to(tl.float32)
-                    b_k = tl.load(p_kf + p_kt, mask=m_kd, other=0.0).to(tl.bfloat16)
-                else:
-                    b_k = tl.load(p_k + p_kt, mask=m_kd, other=0.0)          # [BN, BD]
-                b_s = _tile_scores(b_q, b_k, p_kf + p_kt, m_kd, fix, UPCAST, IEEE, FIX, KEY_ROWS)
-                cnt = _enter_tile(b_s, b_w, b_w, o_n, n_vis, thr, cnt, p_row, False, KEY_ROWS, BLOCK_S, BLOCK_H,
-                                  BLOCK_N)
+                score = _mma_tile_scores(p_q, p_k, p_kf, o_qt, m_qt, b_q, b_w, fix, b, n, n_max, N, D, UPCAST, IEEE,
+                                         FIX, FP8, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
+                cnt = _enter_tile(score, n, n_vis, thr, cnt, p_row, BLOCK_S, BLOCK_N)
             n0 = n1
         buf = _sorted_rows(p_row[:, None] + o_c[None, :], cnt, C)           # [BS, C]
         idx = unpack_index(buf)
         tl.store(p_out + (b * S + o_s[:, None]) * topk + o_c[None, :], idx, mask=m_s[:, None] & (o_c[None, :] < topk))
+
+
+@triton.jit
+def _indexer_scores_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_len, p_rows, p_q8, p_qs, p_ks, p_kbad, S, H,
+                           N, D, ratio, N_SB, blk0, n_blocks, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                           FIX: tl.constexpr, FP8: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr):
+    # The first half of selection="radix": the scores of one chunk of query blocks into a workspace.
+    # Inputs as in _indexer_topk_kernel; p_ws [chunk * BLOCK_S, N] fp32, p_len [chunk * BLOCK_S] int32,
+    # p_rows [chunk * BLOCK_S] int32. Program (j, split) takes query block blk = blk0 + j of the n_blocks
+    # = B * N_SB (batch row blk // N_SB, queries (blk % N_SB) * BLOCK_S ..), workspace rows j * BLOCK_S
+    # .. (one a query), and its visible key tiles split, split + splits, ... (splits = the grid's
+    # second dimension: a few query blocks still fill the GPU, as at decode). Row of query s: the
+    # scores of its visible keys [0, n_vis) in columns [0, n_vis) (the rest is not written), p_len =
+    # n_vis, p_rows = b * S + s, its output row (-1 for the rows of queries >= S and of blocks past
+    # n_blocks: no output; their lengths 0). Scores by the fused kernel's own code (_query_block and
+    # the tile helpers): the same values, so the same picks.
+    j = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    blk = blk0 + j.to(tl.int64)
+    b = blk // N_SB
+    s0 = blk % N_SB * BLOCK_S
+    s_end = tl.where(blk < n_blocks, S, 0)                                   # blocks past the end: no queries
+    o_qt, m_qt, b_q, b_w, b_w8, n_fp8, o_s, m_s, n_vis = _query_block(
+        p_q, p_w, p_pos, p_q8, p_qs, p_kbad, b, s0, s_end, S, H, N, D, ratio, UPCAST, FP8, BLOCK_S, BLOCK_H, BLOCK_D,
+        BLOCK_N)
+    o_r = j.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)                   # [BS] workspace rows
+    if split == 0:
+        tl.store(p_len + o_r, n_vis)
+        tl.store(p_rows + o_r, tl.where(m_s, b * S + o_s, -1).to(tl.int32))
+    n_max = tl.max(n_vis, axis=0)
+    o_t = tl.arange(0, BLOCK_N)
+    p_row = p_ws + o_r[:, None] * N                                          # [BS, 1]
+    first = split * BLOCK_N
+    if FP8:
+        fix = True
+        n_mid = tl.minimum(n_max, n_fp8)
+        for n in range(first, n_mid, splits * BLOCK_N):                      # the FP8 tiles
+            score = _fp8_tile_scores(p_k, p_ks, b_q, b_w8, b, n, n_max, N, D, UPCAST, KEY_ROWS, STEP, BLOCK_S,
+                                     BLOCK_H, BLOCK_D, BLOCK_N)
+            tl.store(p_row + n + o_t[None, :], score, mask=(n + o_t)[None, :] < n_vis[:, None])
+        first = n_fp8 + split * BLOCK_N                                      # the tiles from n_fp8 on, split again
+    else:
+        fix = tl.load(p_fix) != 0
+    for n in range(first, n_max, splits * BLOCK_N):                          # 16-bit / exact tiles
+        score = _mma_tile_scores(p_q, p_k, p_kf, o_qt, m_qt, b_q, b_w, fix, b, n, n_max, N, D, UPCAST, IEEE, FIX,
+                                 FP8, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
+        tl.store(p_row + n + o_t[None, :], score, mask=(n + o_t)[None, :] < n_vis[:, None])
 
 
 # ================================================================================================
@@ -343,16 +451,53 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     check(refusal is None, f"indexer_topk: {refusal}")
     n_sb = triton.cdiv(S, block_s)
     n_blocks = B * n_sb
-    C = workspace_width(topk, cfg)
     programs = persistent_programs(q.device)
+    operands = (q, weights, k_op, k_full, flag, positions)
+    fp8_operands = (q8, q_scale, k_scale, k_bad)
+    consts = dict(UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype), IEEE=q.dtype == torch.float32, FIX=fix,
+                  FP8=fp8, BLOCK_S=block_s, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=cfg.block_n,
+                  KEY_ROWS=cfg.score_rows == "keys", STEP=FP8_K_STEP, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if cfg.selection == "radix":
+        _launch_radix_selection(operands, fp8_operands, out, S, H, N, D, ratio, topk, n_sb, n_blocks, programs, consts)
+        return
+    C = workspace_width(topk, cfg)
     # [programs * block_s, C] int64 candidate rows (each program reuses its rows for all its blocks);
     # sized by the fixed program count, so no shape depends on the inputs beyond block_s and C.
     ws = torch.empty((programs * block_s, C), dtype=torch.int64, device=q.device)
-    launch(_indexer_topk_kernel, (torch.sym_min(n_blocks, programs),), q, weights, k_op, k_full, flag, positions, ws,
-           out, q8, q_scale, k_scale, k_bad, S, H, N, D, ratio, topk, n_sb, n_blocks,
-           UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype), IEEE=q.dtype == torch.float32, FIX=fix, FP8=fp8,
-           BLOCK_S=block_s, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=cfg.block_n, C=C,
-           KEY_ROWS=cfg.score_rows == "keys", STEP=FP8_K_STEP, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch(_indexer_topk_kernel, (torch.sym_min(n_blocks, programs),), *operands, ws, out,
+           *fp8_operands, S, H, N, D, ratio, topk, n_sb, n_blocks, C=C, **consts)
+
+
+def score_chunk_blocks(N, block_s: int) -> int | None:
+    """Query blocks (of block_s queries) a chunk of selection="radix": the most whose fp32 score rows
+    [block_s, N] fit WORKSPACE_BYTES (at least one); a symbolic N takes its upper bound, an unbounded
+    one gives None (no bound: one chunk)."""
+    n = largest_value(N)
+    return None if n is None else max(1, WORKSPACE_BYTES // (block_s * max(n, 1) * 4))
+
+
+def _launch_radix_selection(operands, fp8_operands, out, S, H, N, D, ratio, topk, n_sb, n_blocks, programs, consts):
+    """selection="radix": per chunk of query blocks, _indexer_scores_kernel writes their scores [chunk
+    x block_s, N] fp32 (and each row's visible keys and output row) to a workspace, then the radix
+    select writes each row's top-k into its row of out [B, S, topk]. The chunk's workspace is reused."""
+    q = operands[0]
+    block_s = consts["BLOCK_S"]
+    chunk, n_chunks = split_chunks(n_blocks, score_chunk_blocks(N, block_s))
+    rows = chunk * block_s
+    ws = torch.empty((rows, N), dtype=torch.float32, device=q.device)            # [rows, N] scores
+    lengths = torch.empty((rows,), dtype=torch.int32, device=q.device)           # visible keys a row
+    out_rows = torch.empty((rows,), dtype=torch.int32, device=q.device)          # its row of out (-1: none)
+    # key splits: enough programs to fill the GPU when the chunk has few query blocks (decode), no more
+    # than the key tiles
+    chunk_bound = largest_value(chunk) or programs
+    tiles = triton.cdiv(largest_value(N) or consts["BLOCK_N"], consts["BLOCK_N"])
+    splits = max(1, min(tiles, triton.cdiv(programs, chunk_bound)))
+    select_cfg = radix_default_config(device_name(q.device))
+    for c in range(n_chunks):
+        launch(_indexer_scores_kernel, (chunk, splits), *operands, ws, lengths, out_rows, *fp8_operands, S, H, N, D,
+               ratio, n_sb, c * chunk, n_blocks, **consts)
+        launch_radix_topk(ws, lengths, out_rows, out.view(-1, topk), topk, select_cfg)
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,

@@ -1,8 +1,9 @@
 """Radix-select top-k over rows of scores: per row, the indices of the k largest scores, best first,
 ties to the lowest index, NaN first (lowest index first among NaNs), -0.0 == +0.0, -1 padding: the
-order of the indexer's int64 sort keys (sort_keys.py). The selection half of the indexer's planned
-two-kernel design (a score kernel writes a chunk of scores [rows, N], this selects); not yet wired
-into the op. Design and cost: kernels/indexer_topk/DESIGN.md, Radix select.
+order of the indexer's int64 sort keys (sort_keys.py). The selection half of the indexer's
+two-kernel path (config selection="radix": a score kernel writes a chunk of scores [rows, N], this
+selects, writing each row's picks to its query's output row). Design and cost:
+kernels/indexer_topk/DESIGN.md, Radix select.
 
 One program a row. Each key's score is mapped to the int32 `order_bits` (signed order = selection
 order); the k-th best key's bits are found digit by digit, most significant first: each pass streams
@@ -19,19 +20,24 @@ import triton
 import triton.language as tl
 
 from .._common import check, check_tensor, launch, resolve_config
-from .config import RadixTopkConfig, radix_default_config
-from .indexer_topk import MAX_TOPK
+from .config import MAX_TOPK, RadixTopkConfig, radix_default_config
 from .sort_keys import order_bits, pack_keys, unpack_index
 
 
 @triton.jit
-def _radix_topk_kernel(p_scores, stride_r, p_len, p_out, N, k, HAS_LEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BITS: tl.constexpr, KB: tl.constexpr):
+def _radix_topk_kernel(p_scores, stride_r, p_len, p_rows, p_out, N, k, HAS_LEN: tl.constexpr,
+                       HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, KB: tl.constexpr):
     # p_scores [R, N] fp32 rows (row stride stride_r, unit column stride); p_len [R] int32 keys a row
-    # (clamped to [0, N]; used when HAS_LEN); p_out [R, k] int32. KB = next_pow2(k).
+    # (clamped to [0, N]; used when HAS_LEN); p_out [R, k] int32, or with HAS_ROWS [*, k] int32 whose
+    # row p_rows[r] (int32; < 0: none, the row is skipped) takes row r's picks. KB = next_pow2(k).
     r = tl.program_id(0).to(tl.int64)
     p_row = p_scores + r * stride_r
-    p_out_row = p_out + r * k
+    out_row = r
+    if HAS_ROWS:
+        out_row = tl.load(p_rows + r).to(tl.int64)
+        if out_row < 0:
+            return
+    p_out_row = p_out + out_row * k
     n = N
     if HAS_LEN:
         n = tl.minimum(tl.maximum(tl.load(p_len + r), 0), N)
@@ -113,8 +119,17 @@ def radix_topk(scores: torch.Tensor, lengths: torch.Tensor | None, k: int, confi
         return out
     if N == 0:
         return out.fill_(-1)
-    launch(_radix_topk_kernel, (R,), scores, scores.stride(0), scores if lengths is None else lengths, out, N, k,
-           HAS_LEN=lengths is not None, BLOCK_N=cfg.block_n, BITS=cfg.digit_bits, KB=triton.next_power_of_2(k),
-           num_warps=cfg.num_warps)
+    launch_radix_topk(scores, lengths, None, out, k, cfg)
     return out
+
+
+def launch_radix_topk(scores, lengths, out_rows, out, k: int, cfg: RadixTopkConfig) -> None:
+    """One program a row of scores [R, N] fp32 (N >= 1, k >= 1): its picks into out [R, k] int32, or with
+    out_rows [R] int32 into out row out_rows[r] (rows < 0 skipped) of out [*, k]; lengths [R] int32 or
+    None as in radix_topk."""
+    R, N = scores.shape
+    launch(_radix_topk_kernel, (R,), scores, scores.stride(0), scores if lengths is None else lengths,
+           scores if out_rows is None else out_rows, out, N, k, HAS_LEN=lengths is not None,
+           HAS_ROWS=out_rows is not None, BLOCK_N=cfg.block_n, BITS=cfg.digit_bits, KB=triton.next_power_of_2(k),
+           num_warps=cfg.num_warps)
 

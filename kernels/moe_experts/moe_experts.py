@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 from ...model.moe_ops import chunked_expert_blocks
-from .._common import FLOAT_DTYPES, INTERPRET, cdiv, check, check_tensor, device_name, kernel_op, launch
+from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, launch,
+                       split_chunks)
 from .._jit_utils import round_bf16
 from .config import MoeExpertsConfig, default_config, fit_block
 
@@ -327,24 +328,11 @@ def chunk_tokens(k: int, D: int, I: int, E: int, block_m: int, act_bytes: int) -
     return max(1, (WORKSPACE_BYTES - padding) // (k * (D * 4 + I * act_bytes)))
 
 
-def _largest_value(n) -> int | None:
-    """n for an int; a symbolic size's upper bound (an export Dim's max), None when unbounded."""
-    if isinstance(n, int):
-        return n
-    bound = n.node.shape_env.bound_sympy(n.node.expr).upper
-    return int(bound) if bound.is_Integer else None                     # not int_oo (its is_finite is True)
-
-
 def chunk_plan(T, k: int, D: int, I: int, E: int, block_m: int, act_bytes: int) -> tuple:
-    """(tokens per chunk, number of chunks) for T tokens: one chunk of all T where they fit the workspace
-    (decode, small prefills: the unchunked launches), else chunk_tokens(...)-token chunks. A symbolic T
-    (export) takes the count its upper bound needs, so the launches are static (chunks past the actual T
-    return at once); an unbounded one, one chunk."""
-    chunk = chunk_tokens(k, D, I, E, block_m, act_bytes)
-    largest = _largest_value(T)
-    if largest is None or largest <= chunk:
-        return T, 1
-    return chunk, cdiv(largest, chunk)
+    """(tokens per chunk, number of chunks) for T tokens (_common.split_chunks): one chunk of all T where
+    they fit the workspace (decode, small prefills: the unchunked launches), else chunk_tokens(...)-token
+    chunks; a symbolic T (export) takes the count its upper bound needs."""
+    return split_chunks(T, chunk_tokens(k, D, I, E, block_m, act_bytes))
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,

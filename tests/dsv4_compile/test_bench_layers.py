@@ -26,6 +26,7 @@ def test_layers_rows_and_outputs(tmp_path):
     got = {(r["layer"], r["part"], r["impl"]) for r in rows if r["ms"] == r["ms"]}
     assert {("csa", "layer", "triton"), ("csa", "indexer (scores+top-k)", "triton"),
             ("csa", "indexer (scores+top-k)", "triton fp8"), ("csa", "indexer (scores+top-k)", "triton fp8 block_n=64"),
+            ("csa", "indexer (scores+top-k)", "triton radix"), ("csa", "indexer (scores+top-k)", "triton fp8 radix"),
             ("csa", "compressor (main)", "triton"), ("csa", "compressor (index)", "triton"), ("hca", "layer", "triton"),
             ("hca", "sparse_attention", "triton"), ("dense", "sdpa causal 4x32", "flash_attention_2")} <= got
     paths = bench_layers.write_outputs(rows, str(tmp_path), bench_layers.TINY)

@@ -209,6 +209,13 @@ def test_indexer_topk_problem_and_rules():
     kind, reason = space.check(space.make_config({**base, "buffer_factor": 4}, "H100"), space.make_problem(FLASH, 4096), h100)
     assert kind == "redundant" and "without a compaction" in reason
     assert space.check(space.make_config({**base, "buffer_factor": 4}, "H100"), p, h100) is None
+    # selection=radix (default threshold): no candidate rows, so no compaction sort ([4, 4096] is refused
+    # above only for it) and buffer_factor is ignored (pruned as redundant beyond 2)
+    assert base["selection"] == "threshold"
+    radix = {**base, "block_s": 4, "block_n": 64, "selection": "radix"}
+    assert space.check(space.make_config({**radix, "buffer_factor": 2}, "H100"), p, h100) is None
+    kind, reason = space.check(space.make_config({**radix, "buffer_factor": 8}, "H100"), p, h100)
+    assert kind == "redundant" and "ignored by selection=radix" in reason
     # fp32 models take the exact path: one query a program, fp32 key tiles.
     p32 = space.make_problem(dataclasses.replace(FLASH, dtype="float32"), 32768)
     kind, reason = space.check(space.make_config({**base, "block_s": 4}, "H100"), p32, h100)

@@ -38,12 +38,16 @@ def indexer_hard(cfg, problem, gpu) -> str | None:
         return refusal
     mma16 = _indexer_mma16(problem)
     fp8 = _indexer_plan(cfg, problem) == "fp8"
+    # selection="radix": the score kernel keeps no candidate rows (its scores go to a global workspace,
+    # the radix select is a kernel of its own with its default tiles): no compaction sort, no sort
+    # layout in shared memory
+    radix = cfg.selection == "radix"
     n_threads = threads(cfg.num_warps)
     m = bs * bh                                                # queries x heads: the dot's M
     acc = m * cfg.block_n / n_threads
     if acc > ACC_PER_THREAD:
         return f"score accumulator [{m}, {cfg.block_n}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
-    sort_regs = 2 * 2 * c * bs / n_threads                       # compaction: [bs, C] int64 rows and their swap partners
+    sort_regs = 0 if radix else 2 * 2 * c * bs / n_threads      # compaction: [bs, C] int64 rows and their swap partners
     if sort_regs > ACC_PER_THREAD:
         return (f"compaction sort [{bs}, {c}] int64 over {cfg.num_warps} warps = {sort_regs:g} registers a thread "
                 f"> {ACC_PER_THREAD}")
@@ -58,7 +62,8 @@ def indexer_hard(cfg, problem, gpu) -> str | None:
     # Pipelined key tiles [block_n, BLOCK_D] (bf16 on the 16-bit paths: the launcher rounds fp32 keys;
     # e4m3 on the fp8 path), the q tile where the MMA reads it from shared memory, and the compaction
     # sort's layout conversion. (The fp8 path's bf16 fallback tiles are not counted: rare, unpipelined.)
-    need = cfg.num_stages * cfg.block_n * bd * k_elt + (m * bd * (1 if fp8 else 2) if mma16 else 0) + c * 8 * bs
+    need = (cfg.num_stages * cfg.block_n * bd * k_elt + (m * bd * (1 if fp8 else 2) if mma16 else 0)
+            + (0 if radix else c * 8 * bs))
     return smem_reason(need, gpu, f"{cfg.num_stages} stages of [{cfg.block_n}, {bd}] key tiles + q [{m}, {bd}]")
 
 
@@ -71,6 +76,8 @@ def indexer_redundant(cfg, problem, gpu) -> str | None:
         return f"block_s {cfg.block_s} is ignored on the exact (fp32) path: one query a program"
     if cfg.block_s > next_pow2(problem.dim("S")):
         return f"block_s {cfg.block_s} > the {problem.dim('S')} queries"
+    if cfg.buffer_factor > 2 and cfg.selection == "radix":
+        return f"buffer_factor {cfg.buffer_factor} is ignored by selection=radix (no candidate rows)"
     kb = max(next_pow2(problem.dim("topk")), cfg.block_n)
     if cfg.buffer_factor > 2 and problem.dim("N") <= 2 * kb:
         return (f"buffer_factor {cfg.buffer_factor}: the {problem.dim('N')} keys fit in {2 * kb} slots (buffer_factor 2) "
@@ -93,11 +100,14 @@ def _indexer_problem(mc, context, batch, phase):
 INDEXER_TOPK = KernelSpace(
     name="indexer_topk", package="indexer_topk", config_class="IndexerTopkConfig", function="indexer_topk:indexer_topk",
     params=(Param("block_s", (1, 2, 4, 8)), Param("block_n", (16, 32, 64, 128, 256)), Param("buffer_factor", (2, 4)),
-            Param("score_rows", ("keys", "heads")), Param("score_mma", ("bf16", "fp8")), Param("num_warps", (2, 4, 8, 16)),
+            Param("score_rows", ("keys", "heads")), Param("score_mma", ("bf16", "fp8")),
+            Param("selection", ("threshold", "radix")), Param("num_warps", (2, 4, 8, 16)),
             Param("num_stages", (1, 2, 3, 4))),
     problem=_indexer_problem, hard=(rule_threads, indexer_hard), redundant=(indexer_redundant,),
     doc="Prefill selection of one CSA layer: q [batch, context, index_n_heads, index_head_dim] (model dtype), "
         "weights [batch, context, index_n_heads], keys [batch, context/4, index_head_dim] fp32, positions "
         "0..context-1, top index_topk. Compute-bound: each query scores its visible keys (bf16 MMA of "
-        "block_s queries x heads by block_n keys for bf16 models, bf16 or FP8 e4m3 operands: score_mma) and appends those above its running "
-        "threshold to a candidate row of buffer_factor x KB slots, sorted back to top-k when it could overflow.")
+        "block_s queries x heads by block_n keys for bf16 models, bf16 or FP8 e4m3 operands: score_mma) and, with "
+        "selection=threshold, appends those above its running threshold to a candidate row of buffer_factor x KB "
+        "slots, sorted back to top-k when it could overflow; with selection=radix, writes chunks of scores to a "
+        "workspace for the radix select (histogram passes over the score bits).")

@@ -18,7 +18,8 @@ from ._common import device_reason, interpreter_twin, kernel_files, register_ker
 
 # registers torch.ops.dsv4_triton.indexer_topk
 _kernel = importlib.import_module("...kernels.indexer_topk.indexer_topk", __package__)
-_FILES = kernel_files("indexer_topk/indexer_topk.py", "indexer_topk/config.py", "indexer_topk/sort_keys.py")
+_FILES = kernel_files("indexer_topk/indexer_topk.py", "indexer_topk/config.py", "indexer_topk/sort_keys.py",
+                      "indexer_topk/radix_topk.py")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
