@@ -506,7 +506,9 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pos
     -> [B, S, topk] int32: the visible keys (n < (t + 1) // ratio) with the highest scores
     sum_h w[h] relu(q[h] . key[n]), best first, ties to the lowest index, NaN first, -1 padding.
     q and keys: float32 / bfloat16 / float16 (may differ); weights any of those. All contiguous.
-    config: None / "" (the device's default), a 'field=value,...' string, a dict or an IndexerTopkConfig."""
+    config: None / "" (the device's default), a 'field=value,...' string, a dict or an IndexerTopkConfig;
+    its selection ("threshold": the fused kernel; "radix": score chunks + the radix select) changes the
+    speed, not the picks."""
     op = "indexer_topk"
     check_tensor(op, "q", q, FLOAT_DTYPES, ndim=4)
     B, S, H, D = q.shape
