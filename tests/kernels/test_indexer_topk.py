@@ -18,7 +18,6 @@ exact on that path; only the summation order differs from the plain op, so on th
 selection is exact, and on Gaussian inputs a near-tie at the top-k boundary may go either way: those
 compare by the score gap (test_bf16_path_gaussian_recall_and_score_gap).
 """
-import importlib
 import math
 import os
 
@@ -36,11 +35,8 @@ import triton.language as tl  # noqa: E402
 
 from dsv4_compile.kernels.indexer_topk import IndexerTopkConfig, indexer_topk, naive  # noqa: E402
 from dsv4_compile.kernels.indexer_topk.sort_keys import pack_keys  # noqa: E402
+from indexer_inputs import DEVICE, KERNEL_MODULE, dyadic, make_inputs, ordered_inputs  # noqa: E402
 
-KERNEL_MODULE = importlib.import_module("dsv4_compile.kernels.indexer_topk.indexer_topk")  # the package's
-# `indexer_topk` attribute is the function
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 dsv4 = torch.ops.dsv4
 
 # (B, S, H, d, N, ratio, topk)
@@ -50,23 +46,6 @@ CASES = [
     pytest.param((2, 4, 5, 16, 50, 3, 6), id="B2-S4-H5-d16-N50-r3-k6"),
     pytest.param((1, 3, 17, 8, 19, 128, 3), id="B1-S3-H17-d8-N19-r128-k3"),
 ]
-
-
-def dyadic(shape, g):
-    return torch.randint(-12, 13, shape, generator=g).float() / 4
-
-
-def make_inputs(B, S, H, d, N, ratio, topk, dtype=torch.float32, seed=0, gaussian=False):
-    """q, weights, keys and positions: each batch row starts elsewhere (some tokens see nothing, some
-    see every key), tokens strided by ratio // 2."""
-    g = torch.Generator().manual_seed(seed)
-    make = (lambda *s: torch.randn(s, generator=g)) if gaussian else (lambda *s: dyadic(s, g))  # noqa: E731
-    q, w, keys = make(B, S, H, d).to(dtype), make(B, S, H).to(dtype), make(B, N, d).to(dtype)
-    start = torch.randint(0, max(1, (N + 1) * ratio), (B, 1), generator=g)
-    positions = (start + torch.arange(S).view(1, S) * max(1, ratio // 2)).long()
-    positions[0, 0] = 0                       # nothing visible (ratio > 1) or one key
-    positions[-1, -1] = (N + 3) * ratio       # every key visible
-    return [t.to(DEVICE) for t in (q, w, keys, positions)]
 
 
 def scores64(q, w, keys):
@@ -290,40 +269,6 @@ def test_large_topk_1024():
 
 
 # ---- the candidate buffer: threshold-filtered appends, compactions, persistent programs -----------
-
-def ordered_inputs(order, B=2, S=5, N=160, ratio=4, seed=20, topk=5):
-    """q picks channel 0 of the keys (score = H x relu(keys[n, 0]) x w > 0, exact in fp32) whose values
-    follow `order` along the key axis: ascending (every key beats the running top-k, so every tile
-    appends all its keys and the row compacts every few tiles), descending (only the first tiles
-    enter), random, ties (7 distinct values repeating: ties to the lowest index across compactions),
-    late_kth (ascending over 8 tiles of 16, then 2 tiles of keys tied between the topk-th and the
-    (topk-1)-th best so far: a compaction runs just before them and they must beat its threshold,
-    the topk-th best exactly; the first of them takes the last slot), nan (random with 40 NaN scores
-    scattered: NaN first, then the lowest indices among them).
-    Positions of row 0 (ratio 4): none visible, 3 keys (fewer than topk), 37, all, all; row 1 random."""
-    g = torch.Generator().manual_seed(seed)
-    n = torch.arange(N, dtype=torch.float32)
-    if order == "ascending":
-        v = n / 4
-    elif order == "descending":
-        v = (N - n) / 4
-    elif order == "ties":
-        v = (n % 7) / 4
-    elif order == "late_kth":
-        v = torch.where(n < 128, n, 128 - topk + 0.5) / 4
-    else:
-        v = torch.randperm(N, generator=g).float() / 4
-        if order == "nan":
-            v[torch.randperm(N, generator=g)[:40]] = math.nan
-    keys = dyadic((B, N, 4), g)                                     # channels 1.. carry noise q ignores
-    keys[:, :, 0] = v
-    q = torch.zeros(B, S, 2, 4)
-    q[..., 0] = 1.0
-    w = torch.randint(1, 5, (B, S, 2), generator=g).float() / 4     # per query, positive: the same order
-    pos = torch.tensor([[0, 13, 150, N * ratio - 1, 10 ** 6]] * B)[:, :S].clone()
-    pos[1:] = torch.randint(0, (N + 20) * ratio, (B - 1, S), generator=g)
-    return [t.to(DEVICE) for t in (q, w, keys, pos)]
-
 
 @pytest.mark.parametrize("order,topk", [("ascending", 24), ("descending", 24), ("random", 5),
                                         ("random", 24), ("ties", 24), ("late_kth", 5), ("late_kth", 24),

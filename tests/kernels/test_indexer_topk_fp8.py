@@ -28,24 +28,10 @@ from dsv4_compile.kernels.indexer_topk import indexer_topk, naive  # noqa: E402
 from dsv4_compile.kernels.indexer_topk.config import launch_plan  # noqa: E402
 from dsv4_compile.kernels.indexer_topk.indexer_topk import fp8_rows  # noqa: E402
 from dsv4_compile.model.ops import fp4_simulate, hadamard  # noqa: E402
+from indexer_inputs import DEVICE, dyadic, fp4_gauss  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 dsv4 = torch.ops.dsv4
 FP8 = "score_mma=fp8"
-
-
-def dyadic(shape, g):
-    return torch.randint(-12, 13, shape, generator=g).float() / 4
-
-
-def fp4_gauss(shape, g, spread=0):
-    """FP4-simulated (Hadamard, e2m1, power-of-two scales per 32 dims) Gaussian rows, as the model's
-    indexer q and keys; spread > 0 multiplies each 32-dim block by 2^-U{0..spread} first."""
-    x = torch.randn(shape, generator=g)
-    if spread:
-        blocks = x.unflatten(-1, (-1, 32))
-        x = (blocks * 2.0 ** -torch.randint(0, spread + 1, blocks.shape[:-1] + (1,), generator=g)).flatten(-2)
-    return fp4_simulate(hadamard(x), 32)
 
 
 def positions(B, S, N, ratio, g):

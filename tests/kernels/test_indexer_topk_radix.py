@@ -31,10 +31,8 @@ import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels._common import split_chunks  # noqa: E402
 from dsv4_compile.kernels.indexer_topk import (IndexerTopkConfig, RadixTopkConfig, indexer_topk, naive,  # noqa: E402
                                               radix_topk)
-from test_indexer_topk import KERNEL_MODULE, make_inputs, ordered_inputs  # noqa: E402
-from test_indexer_topk_fp8 import fp4_gauss  # noqa: E402
+from indexer_inputs import DEVICE, KERNEL_MODULE, fp4_gauss, make_inputs, ordered_inputs  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_scores(R, N, kind, seed=0):
