@@ -18,9 +18,17 @@ class SparseAttentionConfig(KernelConfig):
     num_splits: split-K (flash-decoding): the K indices of a token are cut into `num_splits` ranges,
                 each a program writing a partial (m, l, acc) to an fp32 workspace, then one combine
                 kernel adds the sink and normalises. 1 = one kernel, no workspace (prefill).
+    split_d:    head-dim split of the output: each program owns BLOCK_D / split_d output columns (acc
+                [block_h, BLOCK_D / split_d]) and computes the full-width logits (q and the gathered rows
+                at full width for the first dot) but the second dot and the output only for its
+                columns; the softmax statistics are recomputed by each of the split_d programs (the
+                same values). It cuts the accumulator's registers by split_d at the cost of split_d x
+                the logits FLOPs and gathers (the value columns are read a second time, from L1/L2).
+                1 = the whole head dim in one program. Clamped by the launcher so each part keeps >= 16
+                columns (>= 64 over the FP8 cache: one scale block), see value_split.
     num_warps / num_stages: Triton launch parameters of the main kernel (the combine kernel uses 4/1).
-    The head dim is not a field: the whole (power-of-two padded) head dim is one tile, so each gathered
-    row is read once and serves both dots (logits and output).
+    The head dim is not a block field: the whole (power-of-two padded) head dim is one tile for the
+    logits, so each gathered row serves both dots (logits and output) when split_d = 1.
     Defaults per GPU: DEFAULT_CONFIGS (prefill, head dim > 128), SMALL_HEAD_DEFAULT_CONFIGS (prefill,
     head dim <= 128), DECODE_DEFAULT_CONFIGS (the FP8-cache op). A config string names only the fields
     it changes: "block_k=128,num_stages=1" keeps the default's other values.
@@ -31,8 +39,9 @@ class SparseAttentionConfig(KernelConfig):
     num_splits: int = 1
     num_warps: int = 8
     num_stages: int = 2
+    split_d: int = 1
 
-    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_h", "block_k", "num_warps")
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_h", "block_k", "num_warps", "split_d")
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,6 +89,14 @@ def block_sizes(H: int, D: int, cfg: SparseAttentionConfig) -> tuple[int, int]:
     """(BLOCK_H, BLOCK_D): heads per program (no more than H needs, >= 16) and the padded head dim."""
     block_h = max(16, min(cfg.block_h, next_pow2(H)))
     return block_h, max(16, next_pow2(D))
+
+
+def value_split(D: int, cfg: SparseAttentionConfig, kv_fp8: bool = False) -> int:
+    """The split_d the launcher uses: cfg.split_d, reduced so each part of the padded head dim keeps
+    >= 16 columns (the smallest tl.dot N), >= 64 over the FP8 cache (its loader reads one e8m0 scale
+    per 64 columns)."""
+    block_d = block_sizes(cfg.block_h, D, cfg)[1]
+    return max(1, min(cfg.split_d, block_d // (64 if kv_fp8 else 16)))
 
 
 def default_config(gpu_name: str | None = None, head_dim: int | None = None) -> SparseAttentionConfig:

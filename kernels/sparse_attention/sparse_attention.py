@@ -11,7 +11,15 @@ Structure (MQA: all H query heads share the single K=V head):
   masked (their rows are not read: no wrap to row N-1, no NaN from row 0); the sink enters only the
   denominator, added once after the loop; a token with no valid index gives zeros;
 - split-K (num_splits > 1, decode): each split writes (acc, m, l, count) in fp32 to a workspace and
-  `_sparse_attn_combine_kernel` merges the splits, adds the sink and normalises.
+  `_sparse_attn_combine_kernel` merges the splits, adds the sink and normalises;
+- head-dim split (split_d > 1): split_d programs per (token, head block, K split), adjacent in the
+  grid, each owning BLOCK_D / split_d output columns: each computes the same full-width logits and
+  softmax statistics, then the second dot over its columns only (a second gather of those columns of
+  the same rows, expected to hit L1/L2), so acc is [BH, BD / split_d]. Each output column is the
+  same reduction over the same rounded probabilities as with split_d = 1 (the column split leaves
+  the dot's reduction dimension alone): the outputs are identical where the dot sums each column in
+  the same order whatever the tile's width (the interpreter's does; tests/kernels check it bit for
+  bit, on the CPU and, at the real shapes, on a GPU).
 Numerics: logits accumulate in fp32 (fp32 inputs: IEEE fp32 dot, not tf32); the probabilities are
 rounded to the K=V dtype for the second dot (as FlashAttention does: one extra bf16/fp16 rounding),
 fp32 accumulation, one final rounding to q's dtype. NaN in q or in a selected entry gives NaN in that
@@ -28,7 +36,7 @@ import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
 from .._jit_utils import round_bf16
-from .config import SparseAttentionConfig, block_sizes, default_config
+from .config import SparseAttentionConfig, block_sizes, default_config, value_split
 
 LOG2E = 1.4426950408889634
 
@@ -44,18 +52,20 @@ def _load_kv_plain(p_kv, rows, valid, o_d, D):
 
 
 @triton.jit
-def _load_kv_fp8(p_cache, rows, valid, o_d, D, NOPE: tl.constexpr, ENTRY: tl.constexpr, OUT_DTYPE: tl.constexpr,
+def _load_kv_fp8(p_cache, rows, valid, d0, D, NOPE: tl.constexpr, ENTRY: tl.constexpr, OUT_DTYPE: tl.constexpr,
                  BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     # p_cache [B*N, ENTRY] uint8 main entries: [NOPE e4m3 codes | (D-NOPE) bf16 | NOPE/64 e8m0 scales | pad]
-    # rows [BK] int64; -> [BK, BD] dequantised to OUT_DTYPE (0 for holes and padded dims).
+    # rows [BK] int64; columns d0 .. d0 + BD (d0 a multiple of 64) -> [BK, BD] dequantised to OUT_DTYPE
+    # (0 for holes and padded dims).
     # Three gathers: the codes (contiguous bytes), one scale byte per 64 dims ([BK, BD/64], broadcast
     # by a reshape, not re-loaded per element), the rope dims as bf16 through a bf16 view of the row.
+    o_d = d0 + tl.arange(0, BLOCK_D)                                        # [BD]
     base = rows[:, None] * ENTRY                                             # [BK, 1] byte offsets
     is_fp8 = o_d[None, :] < NOPE                                             # [1, BD]
     b_code = tl.load(p_cache + base + o_d[None, :], mask=valid[:, None] & is_fp8, other=0)
     b_val = b_code.to(tl.float8e4nv, bitcast=True).to(tl.float32)           # [BK, BD]
     # e8m0 scale byte e -> 2^(e - 127) (the fp32 with exponent field e; byte 0 reads as 0)
-    o_b = tl.arange(0, BLOCK_D // 64)                                       # [NB]
+    o_b = d0 // 64 + tl.arange(0, BLOCK_D // 64)                            # [NB] scale blocks
     b_e = tl.load(p_cache + base + (NOPE + 2 * (D - NOPE)) + o_b[None, :],
                   mask=valid[:, None] & (o_b[None, :] < NOPE // 64), other=0)  # [BK, NB]
     b_sc = (b_e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
@@ -73,33 +83,45 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
                             S, H, N, K, D, K_PER_SPLIT, qk_scale, N_HB,
                             KV_FP8: tl.constexpr, NOPE: tl.constexpr, ENTRY: tl.constexpr,
                             NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                            SPLIT_D: tl.constexpr):
     # p_q [B, S, H, D]; p_kv [B, N, D] (or [B, N, ENTRY] uint8 when KV_FP8); p_sink [H] fp32;
     # p_idx [B, S, K] int32; p_o [B, S, H, D]; workspace (NUM_SPLITS > 1): p_wacc [B*S, NUM_SPLITS, H, D]
     # fp32, p_wml [B*S, NUM_SPLITS, H, 3] fp32 (m, l, count). qk_scale = softmax_scale * log2(e).
     # UPCAST (the interpreter, whose bf16 tl.dot is wrong and whose bf16 casts truncate): exact fp32
     # copies of the operands, IEEE dots, and the roundings to bf16 done to nearest even on the bits.
-    # axis 0 = token x head block, head blocks fastest: the programs sharing a token's gathered rows
-    # (and neighbouring tokens, whose windows overlap) run together and hit L2
+    # SPLIT_D programs own BLOCK_DV = BLOCK_D / SPLIT_D output columns each (d0 = their first column).
+    # axis 0 = token x head block x column part, column parts then head blocks fastest: the programs
+    # sharing a token's gathered rows (and neighbouring tokens, whose windows overlap) run together
+    # and hit L2
     # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
+    BLOCK_DV: tl.constexpr = BLOCK_D // SPLIT_D
     qk_scale = tl.cast(qk_scale, tl.float32)
     pid = tl.program_id(0)
-    pid_h = pid % N_HB
-    pid_t = (pid // N_HB).to(tl.int64)                                      # token b * S + s
+    if SPLIT_D == 1:
+        pid_hd = pid
+        d0 = 0
+    else:
+        pid_hd = pid // SPLIT_D
+        d0 = (pid % SPLIT_D) * BLOCK_DV
+    pid_h = pid_hd % N_HB
+    pid_t = (pid_hd // N_HB).to(tl.int64)                                   # token b * S + s
     pid_k = tl.program_id(1)
     b = pid_t // S
     o_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)                           # [BH]
     o_d = tl.arange(0, BLOCK_D)                                             # [BD]
+    o_v = d0 + tl.arange(0, BLOCK_DV)                                       # [BV] this program's columns
     m_h = o_h < H
     m_hd = m_h[:, None] & (o_d[None, :] < D)
-    p_qo = (pid_t * H + o_h[:, None]) * D + o_d[None, :]                    # [BH, BD]
-    b_q = tl.load(p_q + p_qo, mask=m_hd, other=0.0)                         # [BH, BD]
+    m_hv = m_h[:, None] & (o_v[None, :] < D)
+    p_row = (pid_t * H + o_h[:, None]) * D                                  # [BH, 1]
+    b_q = tl.load(p_q + p_row + o_d[None, :], mask=m_hd, other=0.0)         # [BH, BD]
     if UPCAST:
         b_q = b_q.to(tl.float32)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], dtype=tl.float32)
     n_valid = tl.zeros([BLOCK_K], dtype=tl.int32)
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
@@ -109,9 +131,15 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
         valid = b_idx >= 0
         rows = b * N + tl.where(valid, b_idx, 0).to(tl.int64)               # holes read nothing
         if KV_FP8:
-            b_kv = _load_kv_fp8(p_kv, rows, valid, o_d, D, NOPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_D)
+            b_kv = _load_kv_fp8(p_kv, rows, valid, 0, D, NOPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_D)
         else:
             b_kv = _load_kv_plain(p_kv, rows, valid, o_d, D)                # [BK, BD]
+        if SPLIT_D == 1:
+            b_v = b_kv                                                      # [BK, BV] the values: the same rows
+        elif KV_FP8:
+            b_v = _load_kv_fp8(p_kv, rows, valid, d0, D, NOPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_DV)
+        else:
+            b_v = _load_kv_plain(p_kv, rows, valid, o_v, D)
         if UPCAST:
             b_s = tl.dot(b_q, tl.trans(b_kv.to(tl.float32)), input_precision="ieee")
         elif IEEE:
@@ -125,15 +153,15 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
         b_p = tl.exp2(b_s - m_use[:, None])                                 # [BH, BK]
         l_i = l_i * alpha + tl.sum(b_p, axis=1)
         if UPCAST:
-            if b_kv.dtype == tl.bfloat16:
+            if b_v.dtype == tl.bfloat16:
                 b_p = round_bf16(b_p)
             else:
-                b_p = b_p.to(b_kv.dtype).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(b_p, b_kv.to(tl.float32), input_precision="ieee")
+                b_p = b_p.to(b_v.dtype).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(b_p, b_v.to(tl.float32), input_precision="ieee")
         elif IEEE:
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_kv.dtype), b_kv, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_kv.dtype), b_kv)
+            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         m_i = m_new
         n_valid += valid.to(tl.int32)
     count = tl.sum(n_valid, axis=0)
@@ -150,13 +178,18 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
         if UPCAST:
             if p_o.dtype.element_ty == tl.bfloat16:
                 b_o = round_bf16(b_o)
-        tl.store(p_o + p_qo, b_o.to(p_o.dtype.element_ty), mask=m_hd)
+        tl.store(p_o + p_row + o_v[None, :], b_o.to(p_o.dtype.element_ty), mask=m_hv)
     else:
         p_w = ((pid_t * NUM_SPLITS + pid_k) * H + o_h)                      # [BH]
-        tl.store(p_wacc + p_w[:, None] * D + o_d[None, :], acc, mask=m_hd)
-        tl.store(p_wml + p_w * 3, m_i, mask=m_h)
-        tl.store(p_wml + p_w * 3 + 1, l_i, mask=m_h)
-        tl.store(p_wml + p_w * 3 + 2, tl.zeros([BLOCK_H], dtype=tl.float32) + count.to(tl.float32), mask=m_h)
+        tl.store(p_wacc + p_w[:, None] * D + o_v[None, :], acc, mask=m_hv)
+        # (m, l, count) are the same in every column part: the first one writes them
+        if SPLIT_D == 1:
+            m_ml = m_h
+        else:
+            m_ml = m_h & (o_h * 0 + d0 == 0)                                # [BH]
+        tl.store(p_wml + p_w * 3, m_i, mask=m_ml)
+        tl.store(p_wml + p_w * 3 + 1, l_i, mask=m_ml)
+        tl.store(p_wml + p_w * 3 + 2, tl.zeros([BLOCK_H], dtype=tl.float32) + count.to(tl.float32), mask=m_ml)
 
 
 @triton.jit
@@ -207,6 +240,7 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
     if H == 0 or D == 0:
         return
     block_h, block_d = block_sizes(H, D, cfg)
+    split_d = value_split(D, cfg, kv_fp8)
     n_h = triton.cdiv(H, block_h)
     splits = max(1, min(cfg.num_splits, triton.cdiv(max(K, 1), cfg.block_k)))
     k_per_split = triton.cdiv(triton.cdiv(max(K, 1), splits), cfg.block_k) * cfg.block_k
@@ -219,10 +253,10 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
     else:
         wacc = torch.empty((T, splits, H, D), dtype=torch.float32, device=q.device)
         wml = torch.empty((T, splits, H, 3), dtype=torch.float32, device=q.device)
-    launch(_sparse_attn_fwd_kernel, (T * n_h, splits), q, kv, attn_sink, topk_idxs, out, wacc, wml,
+    launch(_sparse_attn_fwd_kernel, (T * n_h * split_d, splits), q, kv, attn_sink, topk_idxs, out, wacc, wml,
            S, H, N, K, D, k_per_split, qk_scale, n_h,
            KV_FP8=kv_fp8, NOPE=nope, ENTRY=entry_bytes, NUM_SPLITS=splits, IEEE=ieee, UPCAST=INTERPRET,
-           BLOCK_H=block_h, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
+           BLOCK_H=block_h, BLOCK_K=cfg.block_k, BLOCK_D=block_d, SPLIT_D=split_d,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         comb_h = min(block_h, 16)

@@ -88,6 +88,23 @@ def test_matches_naive_and_plain(shape, dtype, config):
         assert (out[1, 0] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_d_is_exact(dtype):
+    """split_d > 1 over the FP8 cache: each part dequantises its own columns (codes, the scale blocks
+    from d0 / 64 on, the rope dims), and the output equals split_d = 1's bit for bit. D = 192 with 64
+    rope dims, padded to 256: split_d = 2 gives parts [0, 128) (two scale blocks) and [128, 256) (rope,
+    then padding); split_d = 4 gives one scale block, the second, rope, padding. Also vs the naive twin."""
+    B, S, H, D, R, N, K = 2, 1, 5, 192, 64, 20, 23
+    q, cache, sink, idx = make_inputs(B, S, H, D, R, N, K, dtype, seed=4)
+    scale = D ** -0.5
+    for base in ("block_k=16", "block_k=16,num_splits=2"):
+        whole = sparse_attention_cached(q, cache, sink, idx, scale, R, base)
+        for split_d in (2, 4):
+            out = sparse_attention_cached(q, cache, sink, idx, scale, R, f"{base},split_d={split_d}")
+            assert torch.equal(out, whole), f"{base},split_d={split_d}: differs from split_d=1"
+    assert_close("split_d=4 vs naive (float64)", reference(q, cache, sink, idx, scale, R), out.cpu(), TOL[dtype])
+
+
 def test_dequantisation_is_exact():
     """One-entry attention (sink -inf) returns the entry itself: checks every byte's decoding against
     the plain unpacking, bit for bit in fp32 (p = 1 exactly, one product each)."""
@@ -157,6 +174,33 @@ def test_gpu_decode_real_shapes(H):
         out = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, config)
         assert not torch.isnan(out).any()
         assert_close(f"decode H{H} {config}", ref, out, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_decode_split_d_real_shapes():
+    """Batch 64 over a V4 cache (584-byte entries), 64 x 512 bf16 heads: split_d = 2 against split_d = 1
+    with the same other fields, bit for bit (see test_sparse_attention.py's GPU split_d test), and the
+    4-warp split_d = 2 build (acc [64, 256] a warpgroup, 2 CTAs/SM by registers on sm_90a) against the
+    fp32 plain op."""
+    B, H, D, R, N, K = 64, 64, 512, 64, 128 + 2048, 640
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    kv = torch.randn(B, N, D, device=DEVICE, generator=g)
+    kv = torch.cat([fp8_simulate(kv[..., :D - R], 64), kv[..., D - R:].bfloat16().float()], dim=-1)
+    cache = pack_main_entries(kv, R)
+    idx = torch.randint(0, N, (B, 1, K), device=DEVICE, generator=g, dtype=torch.int32)
+    idx[B // 2:, :, K // 3:] = -1                                            # shorter sequences
+    q = torch.randn(B, 1, H, D, device=DEVICE, generator=g).bfloat16()
+    sink = torch.randn(H, device=DEVICE, generator=g)
+    ref = torch.ops.dsv4.sparse_attention_cached(q.float(), cache, sink, idx, D ** -0.5, R)
+    for base in ("block_k=16,num_splits=4", "block_k=32,num_splits=2"):
+        whole = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, base)
+        split = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, f"{base},split_d=2")
+        assert not torch.isnan(split).any()
+        assert torch.equal(split, whole), f"{base}: max |diff| {(split.float() - whole.float()).abs().max().item():.3g}"
+        assert_close(f"decode {base},split_d=2", ref, split, TOL[torch.bfloat16])
+    narrow = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R,
+                                     "block_k=16,num_splits=4,num_warps=4,num_stages=1,split_d=2")
+    assert_close("decode 4 warps split_d=2", ref, narrow, TOL[torch.bfloat16])
 
 
 def test_op_schema_and_opcheck():

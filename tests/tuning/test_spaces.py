@@ -74,6 +74,25 @@ def test_rules_are_keyed_by_gpu():
     assert h100[0] == generic[0] and h100[1] > generic[1]
 
 
+def test_attention_split_d_halves_the_accumulator():
+    """split_d = 2 at V4's 64 x 512 heads: acc [64, 256] over 4 warps is 128 fp32 a thread (allowed),
+    split_d = 1 over 4 warps is 256 (pruned); the shared memory rule counts the value columns' tiles."""
+    h100 = gpu_spec("H100")
+    for name, phase, batch in (("sparse_attention", "prefill", 1), ("sparse_attention_cached", "decode", 64)):
+        space = get_space(name)
+        problem = space.make_problem(FLASH, 8192, batch, phase)
+        base = {"block_h": 64, "block_k": 16, "num_warps": 4, "num_stages": 2, "num_splits": 1}
+        kind, reason = space.check(space.make_config({**base, "split_d": 1}, "H100", phase), problem, h100)
+        assert kind == "hard" and "[64, 512] over 4 warps" in reason
+        assert space.check(space.make_config({**base, "split_d": 2}, "H100", phase), problem, h100) is None
+        # 3 stages of [64, 512] bf16 + [64, 64] = 200 KB fit the H100's 227 KB; the value columns'
+        # 3 x [64, 256] more (296 KB) do not
+        deep = {**base, "block_k": 64, "num_stages": 3, "num_warps": 8}
+        assert space.check(space.make_config({**deep, "split_d": 1}, "H100", phase), problem, h100) is None
+        kind, reason = space.check(space.make_config({**deep, "split_d": 2}, "H100", phase), problem, h100)
+        assert kind == "hard" and "shared memory ~296 KB" in reason
+
+
 def test_redundant_rules_depend_on_the_problem_but_spare_the_baseline():
     fp8 = get_space("fp8_quantize")
     h100 = gpu_spec("H100")

@@ -7,15 +7,27 @@ import math
 from .framework import ACC_PER_THREAD, CSA_RATIO, KernelSpace, Param, next_pow2, rule_threads, smem_reason, threads
 
 
+def _is_fp8(problem) -> bool:
+    """The decode problems read the FP8 cache (they carry its entry size)."""
+    return "entry_bytes" in problem.dims
+
+
 def attn_hard(cfg, problem, gpu) -> str | None:
-    block_h, block_d = SPARSE_ATTENTION.kernel_config().block_sizes(problem.dim("H"), problem.dim("D"), cfg)
-    acc = block_h * block_d / threads(cfg.num_warps)
+    config = SPARSE_ATTENTION.kernel_config()
+    block_h, block_d = config.block_sizes(problem.dim("H"), problem.dim("D"), cfg)
+    block_v = block_d // config.value_split(problem.dim("D"), cfg, _is_fp8(problem))   # this program's output columns
+    acc = block_h * block_v / threads(cfg.num_warps)
     if acc > ACC_PER_THREAD:
-        return f"accumulator [{block_h}, {block_d}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
+        return f"accumulator [{block_h}, {block_v}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
     elt = 4 if problem.dim("dtype") == "float32" else 2
     # Pipelined gathered kv tiles [block_k, D] (the FP8 cache is dequantised into the same dtype),
-    # plus the probabilities [block_h, block_k] staged for the second dot.
-    need = cfg.num_stages * cfg.block_k * block_d * elt + block_h * cfg.block_k * elt
+    # the value columns [block_k, block_v] when the head dim is split, plus the probabilities
+    # [block_h, block_k] staged for the second dot. q [block_h, D] is left out: with it, block_k 64 x 3
+    # stages would be pruned, yet triton 3.9 builds that kernel with two kv buffers, 192 KB; so a few
+    # configs pass this rule and fail at launch (e.g. block_k 64, 2 stages, split_d 2: 256 KB,
+    # bench/results/H200/attention_compile_report.md).
+    need = (cfg.num_stages * cfg.block_k * (block_d + (block_v if block_v < block_d else 0))
+            + block_h * cfg.block_k) * elt
     return smem_reason(need, gpu, f"{cfg.num_stages} stages of [{cfg.block_k}, {block_d}] kv tiles")
 
 
@@ -28,6 +40,9 @@ def attn_redundant(cfg, problem, gpu) -> str | None:
         return f"num_splits {cfg.num_splits} > {steps} steps of block_k over K = {K}: clamped by the launcher"
     if cfg.block_k > next_pow2(K):
         return f"block_k {cfg.block_k} > K = {K}"
+    split_d = SPARSE_ATTENTION.kernel_config().value_split(problem.dim("D"), cfg, _is_fp8(problem))
+    if split_d < cfg.split_d:
+        return f"split_d {cfg.split_d} > {split_d} parts of head dim {problem.dim('D')}: clamped by the launcher"
     return None
 
 
@@ -52,8 +67,10 @@ def attn_problem(mc, context, batch, phase):
     return dims, batch * (2 * S * H * D * elt + (S + n_entries) * D * elt + S * K * 4)
 
 
+# split_d 2: acc [64, 256] over 8 warps (64 fp32 a thread) instead of 128, for 2x the logits work
+# (not measured yet: compile data in bench/results/H200/attention_compile_report.md).
 ATTN_PARAMS = (Param("block_h", (16, 32, 64)), Param("block_k", (16, 32, 64, 128)),
-               Param("num_warps", (4, 8, 16)), Param("num_stages", (1, 2, 3, 4)))
+               Param("num_warps", (4, 8, 16)), Param("num_stages", (1, 2, 3, 4)), Param("split_d", (1, 2)))
 
 SPARSE_ATTENTION = KernelSpace(
     name="sparse_attention", package="sparse_attention", config_class="SparseAttentionConfig",
