@@ -43,14 +43,21 @@ FLASH_H, HEAD_D, ROPE_D = 64, 512, 64
 SMALL_H, SMALL_D = 32, 128
 DECODE_B = 64
 
+# split_d=2 (each program half the output columns), unmeasured: from the sm_90a compile report
+# (bench/results/H200/attention_compile_report.md) block_k 32 (no spill), block_k 64 with 1 stage (the
+# least spill of the 64-row steps that fit shared memory), block_k 16 over 4 warps (no spill, 2 CTAs/SM).
 SWEEP_512 = ["block_h=64,block_k=64,num_warps=8,num_stages=2",
              "block_h=64,block_k=32,num_warps=8,num_stages=2",
              "block_h=64,block_k=128,num_warps=8,num_stages=1",
-             "block_h=32,block_k=32,num_warps=4,num_stages=2"]
+             "block_h=32,block_k=32,num_warps=4,num_stages=2",
+             "block_h=64,block_k=32,num_warps=8,num_stages=2,split_d=2",
+             "block_h=64,block_k=64,num_warps=8,num_stages=1,split_d=2",
+             "block_h=64,block_k=16,num_warps=4,num_stages=2,split_d=2"]
 SWEEP_128 = ["block_h=32,block_k=64,num_warps=4,num_stages=2",
              "block_h=32,block_k=128,num_warps=4,num_stages=2"]
 DECODE_CONFIGS = ["", "block_k=32,num_splits=2", "block_k=32,num_splits=4", "block_k=16,num_splits=4",
-                  "block_k=16,num_splits=8"]
+                  "block_k=16,num_splits=8", "block_k=16,num_splits=4,split_d=2", "block_k=16,num_splits=2,split_d=2",
+                  "block_k=16,num_splits=4,num_warps=4,num_stages=1,split_d=2"]
 
 
 # ================================================================================================

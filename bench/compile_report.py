@@ -1,0 +1,213 @@
+"""Offline compile report of the sparse attention kernels for Hopper: registers, spills, shared memory.
+
+    python bench/compile_report.py --kernel sparse_attention [--configs "block_k=64;block_k=64,split_d=2"]
+    python bench/compile_report.py --kernel sparse_attention_cached --context 32k --batch 64 [--csv out.csv]
+
+No GPU needed, and no timings: compile data only. Each config goes through the kernel's own launcher
+(`launch_sparse_attention`, its `launch` call intercepted), so the constexprs, grid arithmetic and
+clamps (block_h, num_splits, split_d) are the ones a real launch uses; Triton's binder specialises the
+arguments as a launch would (ints equal to 1 become constants, divisibility by 16), then
+`triton.compile` builds the kernel for sm_90a (GPUTarget("cuda", 90, 32)) with the ptxas that ships
+in the triton wheel. ptxas runs with -v in every Triton compile: its log (TRITON_DUMP_PTXAS_LOG) gives
+registers a thread and spill bytes; the kernel's metadata gives its (dynamic) shared memory. The
+problem shapes are the tuning spaces' (tuning/spaces/sparse_attention.py: the model's heads and head
+dim, K = window + index_topk, prefill N = S + S/4, decode over the FP8 cache), from the preset given.
+
+CTAs/SM: resident programs a Hopper SM can hold, min over registers (65536 a SM, allocated per warp
+in units of 256), shared memory (228 KB a SM, 1 KB reserved per CTA, 227 KB per CTA at most) and warps
+(64 a SM). Uses Triton's binder and `_pack_args` (triton 3.9 internals, as the launch path calls them).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import importlib
+import io
+import re
+import sys
+from unittest import mock
+
+import torch
+
+# Hopper (compute capability 9.0) per-SM limits, as in the CUDA occupancy calculator.
+REGS_PER_SM = 65536
+REG_ALLOC_UNIT = 256          # registers, per warp
+SMEM_PER_SM = 228 * 1024
+SMEM_PER_CTA_MAX = 227 * 1024
+SMEM_RESERVED_PER_CTA = 1024
+WARPS_PER_SM = 64
+CTAS_PER_SM = 32
+
+KERNELS = ("sparse_attention", "sparse_attention_cached")
+
+
+@dataclasses.dataclass
+class Row:
+    kernel: str               # the op
+    function: str             # the Triton kernel compiled
+    config: str               # the config as given (to_str of the resolved one)
+    grid: str                 # the launch grid at the problem's shape
+    warps: int
+    regs: int                 # registers a thread
+    spill_stores: int         # bytes
+    spill_loads: int          # bytes
+    smem: int                 # shared memory bytes (dynamic)
+    ctas_per_sm: int
+    limit: str                # what bounds ctas_per_sm
+
+
+def ctas_per_sm(regs: int, warps: int, smem: int) -> tuple[int, str]:
+    """Resident CTAs a Hopper SM holds for this kernel, and the resource that bounds it."""
+    regs_per_warp = -(-regs * 32 // REG_ALLOC_UNIT) * REG_ALLOC_UNIT
+    by = {"registers": REGS_PER_SM // (regs_per_warp * warps) if regs else CTAS_PER_SM,
+          "shared memory": SMEM_PER_SM // (smem + SMEM_RESERVED_PER_CTA) if smem <= SMEM_PER_CTA_MAX else 0,
+          "warps": WARPS_PER_SM // warps}
+    limit = min(by, key=by.get)
+    return min(by[limit], CTAS_PER_SM), limit
+
+
+def parse_ptxas(log: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from a `ptxas -v` log of one entry function."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None:
+        raise RuntimeError(f"no register count in the ptxas log:\n{log}")
+    return int(regs.group(1)), int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0
+
+
+def compile_for_hopper(kernel, args: tuple, kwargs: dict):
+    """triton.compile `kernel` bound to (args, kwargs) as a launch would, for sm_90a, without a GPU.
+    Returns (compiled kernel, ptxas log)."""
+    if not hasattr(kernel, "params"):
+        raise RuntimeError(f"{kernel.fn.__name__} is an interpreted function: run with TRITON_INTERPRET unset "
+                           f"(it was set when the kernels were imported)")
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    log = io.StringIO()
+    with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.compilation.always_compile = True     # a cache hit would skip ptxas and its log
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+    return compiled, log.getvalue()
+
+
+def _stand_in(shape, dtype) -> torch.Tensor:
+    """A tensor of `shape` over one element (the launcher reads shapes, the binder dtypes and the
+    pointer's alignment; nothing is read or written)."""
+    return torch.empty(1, dtype=dtype).expand(*shape)
+
+
+def launches(kernel_name: str, dims: dict, cfg) -> list[tuple]:
+    """The (kernel, grid, args, kwargs) launches the op's launcher makes for this problem and config."""
+    from dsv4_compile.kernels.sparse_attention_cached.config import entry_layout
+
+    # the launcher's module (the package's name `sparse_attention` is the public function)
+    module = importlib.import_module("dsv4_compile.kernels.sparse_attention.sparse_attention")
+
+    B, S, H, D, N, K = (dims[k] for k in ("B", "S", "H", "D", "N", "K"))
+    dtype = getattr(torch, dims["dtype"])
+    q, out = _stand_in((B, S, H, D), dtype), _stand_in((B, S, H, D), dtype)
+    idx, sink = _stand_in((B, S, K), torch.int32), _stand_in((H,), torch.float32)
+    calls = []
+    with mock.patch.object(module, "launch", lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))):
+        if kernel_name == "sparse_attention_cached":
+            nope, entry = entry_layout(D, dims["rope_dim"])
+            cache = _stand_in((B, N, entry), torch.uint8)
+            module.launch_sparse_attention(q, cache, sink, idx, out, D ** -0.5, cfg, N=N, kv_fp8=True, nope=nope,
+                                           entry_bytes=entry)
+        else:
+            module.launch_sparse_attention(q, _stand_in((B, N, D), dtype), sink, idx, out, D ** -0.5, cfg, N=N)
+    return calls
+
+
+def report(kernel_name: str, configs: list[str], preset: str = "flash", context: int = 8192, batch: int | None = None,
+           gpu: str = "H200", combine: bool = False, log=print) -> list[Row]:
+    """Compile each config of `kernel_name` at the preset's shapes; one Row per compiled kernel (the
+    main kernel; with `combine`, the split-K combine kernel too)."""
+    from dsv4_compile.kernels.sparse_attention.config import SparseAttentionConfig, decode_default_config, default_config
+    from dsv4_compile.model.config import ModelConfig
+    from dsv4_compile.tuning.spaces import get_space
+
+    if kernel_name not in KERNELS:
+        raise ValueError(f"kernel {kernel_name!r}; accepted: {', '.join(KERNELS)}")
+    decode = kernel_name == "sparse_attention_cached"
+    phase = "decode" if decode else "prefill"
+    batch = batch if batch is not None else (64 if decode else 1)
+    dims = get_space(kernel_name).make_problem(ModelConfig.load(preset), context, batch, phase).dims
+    base = decode_default_config(gpu) if decode else default_config(gpu, dims["D"])
+    rows = []
+    for text in configs:
+        cfg = SparseAttentionConfig.from_str(text, base)
+        for kernel, grid, args, kwargs in launches(kernel_name, dims, cfg):
+            name = kernel.fn.__name__
+            if "combine" in name and not combine:
+                continue
+            try:
+                compiled, ptxas_log = compile_for_hopper(kernel, args, kwargs)
+            except Exception as err:  # noqa: BLE001 (a config that does not compile is a result too)
+                log(f"{text or 'default'} {name}: does not compile: {str(err).splitlines()[0]}")
+                continue
+            regs, spill_st, spill_ld = parse_ptxas(ptxas_log)
+            warps, smem = compiled.metadata.num_warps, compiled.metadata.shared
+            n_cta, limit = ctas_per_sm(regs, warps, smem)
+            rows.append(Row(kernel_name, name, cfg.to_str(), "x".join(map(str, grid)), warps, regs, spill_st, spill_ld,
+                            smem, n_cta, limit))
+            log(format_row(rows[-1]))
+    return rows
+
+
+HEADER = ("| config | kernel | grid | warps | regs/thread | spill st / ld (B) | shared (KB) | CTAs/SM (bound) |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def format_row(r: Row) -> str:
+    return (f"| {r.config} | {r.function} | {r.grid} | {r.warps} | {r.regs} | {r.spill_stores} / {r.spill_loads} | "
+            f"{r.smem / 1024:.1f} | {r.ctas_per_sm} ({r.limit}) |")
+
+
+def write_csv(rows: list[Row], path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[fl.name for fl in dataclasses.fields(Row)])
+        w.writeheader()
+        for r in rows:
+            w.writerow(dataclasses.asdict(r))
+
+
+def main(argv=None) -> int:
+    from dsv4_compile.model.context import parse_contexts
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", default="sparse_attention", choices=KERNELS)
+    parser.add_argument("--configs", default="",
+                        help="';'-separated config strings over the GPU's default (e.g. 'block_k=64;split_d=2'); "
+                             "'' = the default")
+    parser.add_argument("--preset", default="flash", help="model preset whose heads / head dim are compiled for")
+    parser.add_argument("--context", default="8k", help="context length (sets N and, for prefill, S)")
+    parser.add_argument("--batch", type=int, default=None, help="default: 1 prefill, 64 decode")
+    parser.add_argument("--gpu", default="H200", help="whose default config the config strings change")
+    parser.add_argument("--combine", action="store_true", help="also report the split-K combine kernel")
+    parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    args = parser.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(";")] if args.configs else [""]
+    print(HEADER)
+    rows = report(args.kernel, configs, args.preset, parse_contexts(args.context)[0], args.batch, args.gpu,
+                  args.combine)
+    if args.csv:
+        write_csv(rows, args.csv)
+    return 0 if len(rows) >= len(configs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""bench/compile_report.py: the occupancy arithmetic and the ptxas log parsing, and one offline sm_90a
+compile (no GPU: the kernels compiled, not interpreted, in a subprocess with TRITON_INTERPRET=0) of the
+prefill and the FP8 decode kernel at the tiny preset's shapes, split_d 1 and 2."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import compile_report  # noqa: E402
+
+PTXAS_LOG = """ptxas info    : Compiling entry function '_sparse_attn_fwd_kernel' for 'sm_90a'
+ptxas info    : Function properties for _sparse_attn_fwd_kernel
+    216 bytes stack frame, 216 bytes spill stores, 212 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 216 bytes cumulative stack size, 0 bytes smem
+"""
+
+
+def test_ctas_per_sm_and_ptxas_log():
+    assert compile_report.parse_ptxas(PTXAS_LOG) == (255, 216, 212)
+    assert compile_report.parse_ptxas(PTXAS_LOG.replace(PTXAS_LOG.splitlines()[2], "    0 bytes stack frame")) == (255, 0, 0)
+    # 255 registers x 8 warps = the whole register file (8192 a warp after the 256-register unit)
+    assert compile_report.ctas_per_sm(255, 8, 192 * 1024) == (1, "registers")
+    assert compile_report.ctas_per_sm(168, 8, 112 * 1024) == (1, "registers")        # 43008 of 65536
+    assert compile_report.ctas_per_sm(128, 8, 64 * 1024) == (2, "registers")
+    assert compile_report.ctas_per_sm(255, 4, 88 * 1024) == (2, "registers")
+    assert compile_report.ctas_per_sm(96, 4, 100 * 1024) == (2, "shared memory")     # 228 KB / 101 KB
+    assert compile_report.ctas_per_sm(100, 4, 256 * 1024) == (0, "shared memory")    # over 227 KB: no launch
+    assert compile_report.ctas_per_sm(24, 4, 0) == (16, "warps")                     # 64 warps a SM
+
+
+def test_offline_sm90_compile(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    for kernel in ("sparse_attention", "sparse_attention_cached"):
+        out = tmp_path / f"{kernel}.csv"
+        subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", kernel, "--preset", "tiny",
+                        "--context", "256", "--configs", "block_h=16,block_k=16,num_warps=4,num_stages=1;"
+                        "block_h=16,block_k=16,num_warps=4,num_stages=1,split_d=2", "--csv", str(out)],
+                       check=True, env=env, capture_output=True, timeout=300)
+        rows = list(csv.DictReader(open(out)))
+        assert [r["config"].split(",")[-1] for r in rows] == ["split_d=1", "split_d=2"]
+        whole, split = rows
+        assert 0 < int(whole["regs"]) <= 255 and int(whole["warps"]) == 4 and int(whole["smem"]) > 0
+        n_whole, n_split = (int(r["grid"].split("x")[0]) for r in rows)
+        assert n_split == 2 * n_whole                       # the launcher's grid: two column parts a program
