@@ -45,7 +45,7 @@ from .arguments import contexts_arg, positive_int_arg
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
 from .model.context import format_context
 from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
-from .shared_weights import share_weights
+from .shared_weights import finish_shared_weights
 from .steps import Progress, compile_check, export_all, verify_engines
 from .verify import CPU_CHECK_SEQ
 
@@ -178,7 +178,6 @@ def _progress(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace, progress: Progress) -> int:
     from .distributed import barrier, collective_groups, from_rank0, gathered, mesh_record, rank_root
-    from .engines import MODEL_PREFIX
     from .verify import run_verify_worker, verify_ranks
 
     progress.start("validate")
@@ -236,8 +235,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         os.makedirs(export_root, exist_ok=True)
         engines, timings = export_all(plan, export_root, progress)
         export_timings.update(timings)
-        shared.update(share_weights(export_root, {fmt: {e.files[0]: "" if e.kind == "prefill" else MODEL_PREFIX
-                                                        for e in engines if e.format == fmt} for fmt in plan.formats}))
+        shared.update(finish_shared_weights(export_root))
         progress.note("weights: one copy per format in " + (", ".join(
             f"{path} ({os.path.getsize(os.path.join(export_root, path)) / 1e6:.1f} MB)" for path in shared.values())
             or "none (no format exports them apart)"))

@@ -179,21 +179,23 @@ def _onnx_sort_stable(self, stable=None, dim: int = -1, descending: bool = False
 
 
 ONNX_OPSET = 21
-# ONNX protobuf files cannot exceed 2 GiB: weights go to an external data file above this.
-ONNX_EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def export_onnx(result: ExportResult, path: str, example: torch.Tensor | tuple,
                 input_names: list[str] = ("tokens",), output_names: list[str] = ("logits",),
-                optimize: bool = False, external_data: bool | None = None) -> list[str]:
+                optimize: bool = False, weights=None, engine: str | None = None, prefix: str = "") -> list[str]:
     """Export to ONNX with standard ops only, check it; returns the files written (model [+ data]).
-    `external_data`: initializers in a data file beside the model (None: when they exceed
-    ONNX_EXTERNAL_DATA_BYTES). `example`: the tokens, or the tuple of every input (engines with explicit state). `optimize`:
-    run onnxscript's graph optimizer. Off by default: onnxruntime (and TensorRT's parser) optimize the
-    graph again when they load it, and on these graphs the optimizer took 1-2.5x the translation's
-    time (tiny decode: 544 s vs 212 s on a 2-core machine)."""
+    `weights`: a shared_weights.WeightStore that gets the initializers (only those it does not hold
+    yet; the model, engine `engine` of the store, points at offsets in its file; `prefix`: the
+    model's FQN prefix in the exported module); None: they stay in the model, or in a data file
+    beside it above 2 GB (torch.onnx's choice). `example`: the tokens, or the tuple of every input
+    (engines with explicit state). `optimize`: run onnxscript's graph optimizer. Off by default:
+    onnxruntime (and TensorRT's parser) optimize the graph again when they load it, and on these
+    graphs the optimizer took 1-2.5x the translation's time (tiny decode: 544 s vs 212 s on a 2-core
+    machine)."""
     import onnx
 
+    from .files import written_atomically
     from .onnx_bitcast import onnx_view_dtype
 
     example = example if isinstance(example, tuple) else (example,)
@@ -202,19 +204,22 @@ def export_onnx(result: ExportResult, path: str, example: torch.Tensor | tuple,
                                 custom_translation_table={torch.ops.aten.sort.stable: _onnx_sort_stable,
                                                           torch.ops.aten.view.dtype: onnx_view_dtype},
                                 optimize=optimize, verbose=False)
-    weight_bytes = sum(p.numel() * p.element_size() for p in result.program.state_dict.values())
-    external = weight_bytes > ONNX_EXTERNAL_DATA_BYTES if external_data is None else external_data
-    program.save(path, external_data=external)
+    if weights is None:
+        program.save(path)
+    else:
+        import onnx_ir as ir
+
+        weights.add_onnx_model(program.model, path, engine or os.path.basename(path), prefix)
+        with written_atomically(path) as tmp:
+            ir.save(program.model, tmp)  # its external tensors keep their location (the store's file)
     model = onnx.load(path, load_external_data=False)
+    external = sorted({t.location for t in _external_tensors(model)})
     onnx.checker.check_model(path if external else model, full_check=True)
     domains = {node.domain for node in model.graph.node} - {"", "ai.onnx"}
     if domains or model.functions:
         raise RuntimeError(f"ONNX graph uses non-standard domains {sorted(domains)} or functions "
                            f"{[f.name for f in model.functions]}")
-    files = [path]
-    if external:
-        files += sorted(os.path.join(os.path.dirname(path), t.location) for t in _external_tensors(model))
-    return sorted(set(files))
+    return sorted({path, *(os.path.join(os.path.dirname(path), location) for location in external)})
 
 
 def _external_tensors(model):

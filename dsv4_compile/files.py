@@ -46,13 +46,18 @@ def written_atomically(path: str | os.PathLike):
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     try:
         yield str(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """The finished file `tmp` (beside `path`) fsynced, given write_text_atomic's mode and renamed over `path`."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, _umask_mode())
+    os.replace(tmp, path)
 
 
 def now_utc() -> str:

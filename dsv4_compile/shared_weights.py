@@ -10,13 +10,48 @@ of ONNX data (issue 16 item 5). Instead:
     onnx/weights.data          every ONNX model's external initializers, each tensor once; the models
                                point at offsets in it (onnx.external_data_helper's location/offset/length).
 
-How a build gets there: each export task writes its engine's constants beside it (a `.weights`
-sidecar: `<engine>.pt2.weights.safetensors`, the ONNX exporter's `<model>.onnx.data`), then the build
-process merges every sidecar of one format into the shared file (`share_weights`, once per engine
-root: a parallel build's ranks each merge their own shard) and removes the sidecars, before the
-manifest lists the files. Tensors are merged by name (an engine's FQN less its wrapper's `model.`
-prefix) AND bytes: a tensor of the same name but other content (a buffer that depends on the
-context bucket) gets a key of its own.
+How a build gets there: every export task adds its engine's tensors to its format's `WeightStore`
+(under the engine root: a parallel build's ranks each have their own) as soon as the program exists,
+and writes ONLY the tensors that are not in it yet. Tensors are matched by name (an engine's FQN less
+its wrapper's `model.` prefix) AND bytes: a tensor of the same name but other content (a buffer that
+depends on the context bucket) gets a key of its own; the bytes are compared against the file, a
+chunk at a time, so memory holds one tensor. Tasks run in parallel processes: one adds at a time
+(an flock on `.<file>.lock`), and a hidden index beside the file (`.<file>.index.json`, replaced
+atomically after each task's tensors are written and flushed) says what the file holds. After the
+tasks, `finish_shared_weights` (the build process, once per engine root) completes each file and
+removes the index and the lock, before the manifest lists the files.
+
+    onnx/weights.data is raw bytes (tensors at ONNX_ALIGN offsets) and has its final name from the
+    start: every model is written (atomically) after its tensors are in the file, and onnx.checker,
+    which each export runs on the saved model, opens the file its tensors name.
+    aoti/weights.safetensors starts with its header, which lists every tensor, so it is written as
+    `.weights.safetensors.partial` with room for the header reserved in front (`aoti_header_reserve`:
+    the header of the first engine's tensors as if every engine of the build added all of them anew,
+    twice over) and renamed once the header is in (safetensors allows spaces after the header's JSON).
+    A header larger than its room (engines with far more tensors than the first) is written into a
+    new file followed by a copy of the data: correct, and the one case with two copies on disk.
+    safetensors requires the tensors to fill the data without gaps: where an offset would not be a
+    multiple of the next tensor's element size, a "__padding__.<offset>" U8 tensor fills the gap.
+    Both are in the partial build folder until the build renames it into place; any exit removes it.
+
+Disk written by the export of mini at one context (3 engines; AOTI bf16 5.6 GB of state, ONNX the
+float32 twin, 11.2 GB; what differs between the engines is a few MB of buffers):
+    before (sidecars merged after the tasks): 3 x 5.6 (.pt2.weights.safetensors) + 3 x 11.2
+        (.onnx.data) = 50.4 GB of sidecars, then the merge writes 5.6 + 11.2 more beside them:
+        peak ~67 GB, 16.8 GB left in the build.
+    after: 5.6 GB (aoti) + 5.6 GB (onnx, bf16 initializers, below) + the few differing buffers:
+        peak = what stays in the build, ~11.2 GB.
+
+ONNX initializers in bf16. The ONNX engines compute in float32 (steps.ONNX_COMPUTE_DTYPE): onnxruntime's
+CPU provider (1.32) has no bf16 kernel for MatMul, Gemm, Add or Mul (a session over them fails with
+NOT_IMPLEMENTED), so a bf16 model is exported as its float32 twin and its initializers came out float32:
+twice the bytes of values that are bf16 values. A float32 initializer
+whose every value is a bf16 value (the low 16 bits of each float are zero: exact, whatever the model's
+dtype says) is stored as bf16 (its high 16 bits) and the graph reads it through
+Cast(to=FLOAT): exact, so the engines compute the same numbers. onnxruntime's CPU provider implements
+Cast from bfloat16 and constant-folds Cast of an initializer when it creates the session, so the
+session holds the float32 tensor (as before) and runs no Cast per call. Initializers of at most
+ONNX_INLINE_BYTES stay in the model file, as onnx_ir's save leaves them.
 
 Loading (`AotiWeights`): the file is read once onto the engine device and every package of the build
 gets the same tensors through `load_constants(..., user_managed=True)`, so memory holds one copy.
@@ -25,149 +60,289 @@ crashes the process: DESIGN.md trap).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import json
 import os
+import struct
+from collections.abc import Callable
 
 import torch
 
-from .files import written_atomically
+from .files import publish, write_text_atomic
 from .manifest import ArtifactError
 
 SHARED_WEIGHTS = {"aoti": "aoti/weights.safetensors", "onnx": "onnx/weights.data"}
-AOTI_SIDECAR = ".weights.safetensors"  # appended to an engine's .pt2 path
 # Offsets of tensors in the shared ONNX data file are multiples of this (aligned loads / memory maps).
 ONNX_ALIGN = 64
+# ONNX initializers of at most this many bytes stay in the model (onnx_ir's save: size_threshold_bytes).
+ONNX_INLINE_BYTES = 256
+# Bytes compared (or copied) at a time: memory holds one tensor plus this.
+CHUNK_BYTES = 64 << 20
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2"}
 
 
-# ---- build side: per-engine sidecars ----------------------------------------------------------------------
-
-def aoti_sidecar(pt2_path: str) -> str:
-    return pt2_path + AOTI_SIDECAR
-
-
-def write_aoti_sidecar(program: torch.export.ExportedProgram, pt2_path: str) -> str:
-    """The constants an AOTInductor package compiled without them needs (the program's state_dict and
-    lifted constants, by FQN), into its sidecar."""
-    from safetensors.torch import save_file
-
-    tensors, seen = {}, set()
-    for fqn, value in {**program.state_dict, **program.constants}.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        value = value.detach().contiguous()
-        if value.data_ptr() in seen and value.numel():  # tied tensors: safetensors stores no shared memory
-            value = value.clone()
-        seen.add(value.data_ptr())
-        tensors[fqn] = value.cpu()
-    path = aoti_sidecar(pt2_path)
-    save_file(tensors, path)
-    return path
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One tensor an engine needs: its name in the engine (FQN), dtype (the format's spelling), shape,
+    element size and its bytes (little endian, row-major), made on demand."""
+    fqn: str
+    dtype: str
+    shape: tuple[int, ...]
+    itemsize: int
+    data: Callable[[], bytes | memoryview]
 
 
-# ---- build side: the merge -------------------------------------------------------------------------------------
+# ---- build side: the store each export task adds to ---------------------------------------------------
 
-def share_weights(root: str, engine_files: dict[str, dict[str, str]]) -> dict[str, str]:
-    """Merge the sidecars of `engine_files` ({format: {engine path relative to root: the FQN prefix of
-    the model in that engine's module}}, in manifest order) into each format's shared file under
-    `root`, written atomically; the sidecars are removed. Returns {format: shared file relative to
-    root} for the formats that had sidecars. The prefix ("model." for engines.py's wrappers, "" for
-    the model itself) makes one tensor's names in the engines one name."""
-    shared = {}
-    for fmt, files in engine_files.items():
-        merge = {"aoti": _merge_aoti, "onnx": _merge_onnx}.get(fmt)
-        if merge is not None and files and merge(root, dict(files)):
-            shared[fmt] = SHARED_WEIGHTS[fmt]
-    return shared
+class WeightStore:
+    """The shared weights file of format `fmt` under the engine root `root` while a build exports
+    (module docstring). `engines`: how many engines of this format the build makes (AOTInductor: the
+    header's room is reserved for them)."""
+
+    def __init__(self, root: str, fmt: str, engines: int = 1):
+        if fmt not in SHARED_WEIGHTS:
+            raise ValueError(f"no shared weights for format {fmt!r}; formats with them: {', '.join(SHARED_WEIGHTS)}")
+        self.root, self.fmt, self.engines = root, fmt, engines
+        self.path = os.path.join(root, SHARED_WEIGHTS[fmt])
+        folder, name = os.path.split(self.path)
+        self.data_path = os.path.join(folder, f".{name}.partial") if fmt == "aoti" else self.path
+        self.index_path = os.path.join(folder, f".{name}.index.json")
+        self.lock_path = os.path.join(folder, f".{name}.lock")
+
+    @contextlib.contextmanager
+    def _locked(self):
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
+            yield
+
+    def _index(self) -> dict | None:
+        if not os.path.exists(self.index_path):
+            return None
+        with open(self.index_path) as f:
+            return json.load(f)
+
+    def add(self, engine: str, tensors: list[StoredTensor], prefix: str = "") -> dict[str, dict]:
+        """Put the tensors of `engine` (its file relative to the root) in the file, writing those that
+        are not there yet. `prefix`: the model's FQN prefix in that engine's module ("model." for
+        engines.py's wrappers, "" for the model itself). Returns {fqn: {"offset", "length", ...}}
+        (offsets in the file)."""
+        with self._locked():
+            index = self._index()
+            if index is None:
+                start = 8 + aoti_header_reserve(tensors, self.engines) if self.fmt == "aoti" else 0
+                index = {"data_start": start, "end": start, "tensors": {}, "engines": {}}
+            with open(self.data_path, "r+b" if os.path.exists(self.data_path) else "w+b") as f:
+                f.truncate(index["end"])  # a task that died after writing, before the index: its bytes go
+                mapping = index["engines"][engine] = {}
+                placed = {}
+                for tensor in tensors:
+                    key = _place(f, index, tensor, tensor.fqn.removeprefix(prefix), self.fmt)
+                    mapping[tensor.fqn] = key
+                    placed[tensor.fqn] = index["tensors"][key]
+                f.flush()
+                os.fsync(f.fileno())
+            write_text_atomic(self.index_path, json.dumps(index, sort_keys=True))
+        return placed
+
+    def add_onnx_model(self, model, model_path: str, engine: str, prefix: str = "") -> None:
+        """Point the initializers of `model` (an onnx_ir Model to be saved at `model_path`) above
+        ONNX_INLINE_BYTES at their bytes in this (ONNX) store, added as engine `engine`; float32 ones
+        whose values are all bf16 values stored as bf16 and read through Cast(to=FLOAT) (module
+        docstring)."""
+        import onnx_ir as ir
+
+        graph = model.graph
+        planned = []
+        for value in list(graph.initializers.values()):
+            tensor = value.const_value
+            if tensor is None or tensor.nbytes <= ONNX_INLINE_BYTES:
+                continue
+            as_bf16 = tensor.dtype == ir.DataType.FLOAT and _bf16_valued(tensor.numpy())
+            dtype = ir.DataType.BFLOAT16 if as_bf16 else tensor.dtype
+            planned.append((value, dtype, StoredTensor(value.name, dtype.name, tuple(tensor.shape.numpy()),
+                                                       max(1, int(dtype.itemsize)),
+                                                       functools.partial(_onnx_bytes, tensor, as_bf16))))
+        placed = self.add(engine, [stored for *_, stored in planned], prefix)
+        model_dir = os.path.dirname(os.path.abspath(model_path))
+        location = os.path.relpath(self.path, model_dir)
+        casts = []
+        for value, dtype, stored in planned:
+            where = placed[stored.fqn]
+            external = ir.ExternalTensor(location, where["offset"], where["length"], dtype,
+                                         shape=value.const_value.shape, name=value.name, base_dir=model_dir)
+            if dtype == value.const_value.dtype:
+                value.const_value = external
+                continue
+            # the bf16 initializer keeps the name; the float32 value the graph reads becomes Cast's output
+            name = value.name
+            graph.initializers.pop(name)
+            value.const_value = None
+            value.name = f"{name}.float32"
+            stored_value = ir.Value(name=name, shape=external.shape, type=ir.TensorType(dtype), const_value=external)
+            graph.register_initializer(stored_value)
+            casts.append(ir.Node("", "Cast", [stored_value], [ir.AttrInt64("to", ir.DataType.FLOAT)], outputs=[value]))
+        if casts:
+            graph.insert_before(graph[0], casts)
+
+    def finish(self) -> str:
+        """Complete the file (AOTInductor: its header) and remove the index and the lock. Returns the
+        file relative to the root."""
+        with self._locked():
+            index = self._index()
+            if index is None:
+                raise FileNotFoundError(f"{self.index_path}: no engine added weights to {self.path}")
+            if self.fmt == "aoti":
+                _finish_safetensors(self.data_path, self.path, index)
+            else:
+                with open(self.path, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.unlink(self.index_path)
+        os.unlink(self.lock_path)
+        return SHARED_WEIGHTS[self.fmt]
 
 
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
-                                                                      b.reshape(-1).view(torch.uint8))
+def finish_shared_weights(root: str) -> dict[str, str]:
+    """Every format's store under `root` completed: {format: shared file relative to root} for the
+    formats whose engines added tensors."""
+    stores = [WeightStore(root, fmt) for fmt in SHARED_WEIGHTS]
+    return {store.fmt: store.finish() for store in stores if os.path.exists(store.index_path)}
 
 
-def _merge_aoti(root: str, files: dict[str, str]) -> bool:
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+def _place(f, index: dict, tensor: StoredTensor, name: str, fmt: str) -> str:
+    """The key of `tensor` (called `name`) in the store: an existing one of that name and bytes, else a
+    new one, its bytes appended."""
+    data = memoryview(tensor.data()).cast("B")
+    keys = [k for k, e in index["tensors"].items() if e["name"] == name]
+    for key in keys:
+        entry = index["tensors"][key]
+        if ((entry["dtype"], tuple(entry["shape"]), entry["length"]) == (tensor.dtype, tensor.shape, len(data))
+                and _equal_at(f, entry["offset"], data)):
+            return key
+    if fmt == "aoti":  # safetensors: no gaps; a padding tensor keeps the next offset a multiple of its itemsize
+        gap = -(index["end"] - index["data_start"]) % tensor.itemsize
+        if gap:
+            index["tensors"][f"__padding__.{index['end']}"] = {"name": "__padding__", "dtype": "U8", "shape": [gap],
+                                                               "offset": index["end"], "length": gap}
+            f.seek(index["end"])
+            f.write(bytes(gap))
+            index["end"] += gap
+        offset = index["end"]
+    else:
+        offset = -(-index["end"] // ONNX_ALIGN) * ONNX_ALIGN
+    key = name if not keys else f"{name}#{len(keys)}"
+    f.seek(offset)
+    f.write(data)
+    index["end"] = offset + len(data)
+    index["tensors"][key] = {"name": name, "dtype": tensor.dtype, "shape": list(tensor.shape), "offset": offset,
+                             "length": len(data)}
+    return key
 
-    sidecars = [(rel, aoti_sidecar(os.path.join(root, rel))) for rel in files]
-    if not all(os.path.exists(path) for _, path in sidecars):
-        return False  # packages with their constants inside
-    merged: dict[str, torch.Tensor] = {}
-    keys_by_name: dict[str, list[str]] = {}
-    engines: dict[str, dict[str, str]] = {}
-    for rel, path in sidecars:
-        with safe_open(path, "pt") as f:
-            mapping = engines[rel] = {}
-            for fqn in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                tensor = f.get_tensor(fqn)
-                name = fqn.removeprefix(files[rel])
-                keys = keys_by_name.setdefault(name, [])
-                key = next((k for k in keys if _same_bytes(merged[k], tensor)), None)
-                if key is None:
-                    key = name if not keys else f"{name}#{len(keys)}"
-                    keys.append(key)
-                    merged[key] = tensor
-                mapping[fqn] = key
-    target = os.path.join(root, SHARED_WEIGHTS["aoti"])
-    with written_atomically(target) as tmp:
-        save_file(merged, tmp, metadata={"engines": json.dumps(engines, sort_keys=True)})
-    for _, path in sidecars:
-        os.remove(path)
+
+def _equal_at(f, offset: int, data: memoryview) -> bool:
+    f.flush()  # what this task wrote so far is read back through the descriptor
+    for start in range(0, len(data), CHUNK_BYTES):
+        chunk = data[start:start + CHUNK_BYTES]
+        if os.pread(f.fileno(), len(chunk), offset + start) != chunk:
+            return False
     return True
 
 
-def _merge_onnx(root: str, files: dict[str, str]) -> bool:
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+# ---- AOTInductor: the program's constants, the safetensors header ------------------------------------------
 
-    target = os.path.join(root, SHARED_WEIGHTS["onnx"])
-    folder = os.path.dirname(target)
-    models = {rel: onnx.load(os.path.join(root, rel), load_external_data=False) for rel in files}
-    if not any(uses_external_data(t) for m in models.values() for t in _get_all_tensors(m)):
-        return False
-    sources: set[str] = set()
-    offsets_by_name: dict[str, list[tuple[int, int]]] = {}  # name -> [(offset, length)] in the shared file
-    with written_atomically(target) as tmp, open(tmp, "w+b") as out:
-        for rel, model in models.items():
-            model_dir = os.path.dirname(os.path.join(root, rel))
-            for tensor in _get_all_tensors(model):
-                if not uses_external_data(tensor):
-                    continue
-                info = ExternalDataInfo(tensor)
-                source = os.path.join(model_dir, info.location)
-                sources.add(os.path.abspath(source))
-                with open(source, "rb") as f:
-                    f.seek(info.offset or 0)
-                    data = f.read(info.length) if info.length is not None else f.read()
-                name, place = tensor.name.removeprefix(files[rel]), None
-                for offset, length in offsets_by_name.get(name, []):
-                    if length == len(data):
-                        out.seek(offset)
-                        if out.read(length) == data:
-                            place = offset
-                            break
-                if place is None:
-                    out.seek(0, os.SEEK_END)
-                    place = -(-out.tell() // ONNX_ALIGN) * ONNX_ALIGN
-                    out.seek(place)
-                    out.write(data)
-                    offsets_by_name.setdefault(name, []).append((place, len(data)))
-                _point_at(tensor, os.path.relpath(target, model_dir), place, len(data))
-    for rel, model in models.items():
-        with written_atomically(os.path.join(root, rel)) as tmp:
-            onnx.save(model, tmp)
-    for source in sources - {os.path.abspath(target)}:
-        os.remove(source)
-    return True
+def aoti_tensors(program: torch.export.ExportedProgram) -> list[StoredTensor]:
+    """The constants an AOTInductor package compiled without them needs: the program's state_dict and
+    lifted constants, by FQN."""
+    return torch_tensors({fqn: value for fqn, value in {**program.state_dict, **program.constants}.items()
+                          if isinstance(value, torch.Tensor)})
 
 
-def _point_at(tensor, location: str, offset: int, length: int) -> None:
-    """An external ONNX tensor's data at `offset` in `location` (onnx's set_external_data wants the
-    tensor's raw data loaded; these are not)."""
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, value
+def torch_tensors(named: dict[str, torch.Tensor]) -> list[StoredTensor]:
+    """{name: tensor} as StoredTensors with safetensors' dtype names (each copied to the CPU when stored)."""
+    tensors = []
+    for fqn, value in named.items():
+        if value.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {fqn} has dtype {value.dtype}, which the shared weights file does not "
+                             f"store; stored: {', '.join(str(d) for d in SAFETENSORS_DTYPES)}")
+        tensors.append(StoredTensor(fqn, SAFETENSORS_DTYPES[value.dtype], tuple(value.shape), value.element_size(),
+                                    functools.partial(_tensor_bytes, value)))
+    return tensors
+
+
+def _tensor_bytes(value: torch.Tensor) -> memoryview:
+    return memoryview(value.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+
+
+def aoti_header_reserve(tensors: list[StoredTensor], engines: int) -> int:
+    """Bytes reserved for the safetensors header when the first engine's `tensors` open the file:
+    their header as if each of `engines` engines added every one of them anew (keys "#99", 13-digit
+    offsets), twice over, plus 4 KiB; a multiple of 8."""
+    entries = {f"{t.fqn}#99": {"dtype": t.dtype, "shape": list(t.shape), "offset": 10 ** 13, "length": 10 ** 13}
+               for t in tensors}
+    mapping = {"x" * 64: {t.fqn: f"{t.fqn}#99" for t in tensors}}
+    size = len(_safetensors_header(entries, mapping, 0)) * engines * 2 + 4096
+    return -(-size // 8) * 8
+
+
+def _safetensors_header(tensors: dict, engines: dict, data_start: int) -> bytes:
+    header = {"__metadata__": {"engines": json.dumps(engines, sort_keys=True)}}
+    for key, e in tensors.items():
+        header[key] = {"dtype": e["dtype"], "shape": e["shape"],
+                       "data_offsets": [e["offset"] - data_start, e["offset"] + e["length"] - data_start]}
+    return json.dumps(header, sort_keys=True).encode()
+
+
+def _finish_safetensors(data_path: str, path: str, index: dict) -> None:
+    """The header (8-byte length, JSON padded with spaces to the reserved room) in front of the data,
+    and the file renamed to `path`; a header larger than its room: a new file, the data copied."""
+    start = index["data_start"]
+    header = _safetensors_header(index["tensors"], index["engines"], start)
+    if len(header) <= start - 8:
+        with open(data_path, "r+b") as f:
+            f.write(struct.pack("<Q", start - 8) + header + b" " * (start - 8 - len(header)))
+        publish(data_path, path)
+        return
+    room = -(-len(header) // 8) * 8
+    tmp = f"{data_path}.grown"
+    try:
+        with open(data_path, "rb") as src, open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+            src.seek(start)
+            while chunk := src.read(CHUNK_BYTES):
+                out.write(chunk)
+        publish(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    os.unlink(data_path)
+
+
+# ---- ONNX: float32 initializers holding bf16 values ----------------------------------------------------------
+
+def _bf16_valued(array) -> bool:
+    """Every float32 of `array` is a bf16 value (its low 16 bits are zero); checked a chunk at a time."""
+    import numpy as np
+
+    bits = np.ascontiguousarray(array).reshape(-1).view(np.uint32)
+    step = CHUNK_BYTES // 4
+    return all(not (bits[i:i + step] & 0xFFFF).any() for i in range(0, bits.size, step))
+
+
+def _onnx_bytes(tensor, as_bf16: bool):
+    """The bytes an ONNX initializer stores: as is, or float32 -> bf16 (the high half of each float, little endian)."""
+    import numpy as np
+
+    if not as_bf16:
+        return tensor.tobytes()
+    halves = np.ascontiguousarray(tensor.numpy()).reshape(-1).view("<u2")
+    return memoryview(np.ascontiguousarray(halves[1::2]))
 
 
 # ---- load side -------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from .manifest import EngineRecord, Verification
 from .model.context import format_context
 from .plan import Plan, usable_cpus
 from .reference import float32_twin
-from .shared_weights import write_aoti_sidecar
+from .shared_weights import WeightStore, aoti_tensors
 
 STEPS = ("validate", "model", "compile", "export", "verify", "manifest")
 # The dtype ONNX engines compute in: onnxruntime's CPU provider (the one every machine has) has no
@@ -262,6 +262,20 @@ def export_task(plan: Plan, bucket: int, kind: str, tmp: str, note, model) -> Ex
     return ExportTaskResult(bucket, kind, engines, timings)
 
 
+def engine_prefix(kind: str) -> str:
+    """The model's FQN prefix in the exported module of an engine of `kind`: engines.py's wrappers hold
+    it as `model`; the prefill engine is the model itself."""
+    from .engines import MODEL_PREFIX
+
+    return "" if kind == "prefill" else MODEL_PREFIX
+
+
+def _store(plan: Plan, tmp: str, fmt: str) -> WeightStore:
+    """The shared weights of format `fmt` under the engine root `tmp`, which each task adds its engines'
+    tensors to (shared_weights.py): one engine per task of the plan."""
+    return WeightStore(tmp, fmt, engines=len(plan.export_tasks()))
+
+
 def _source(model, dtype: str):
     return model if dtype == model.config.dtype else float32_twin(model, cuda=False)
 
@@ -302,13 +316,14 @@ def _export_prefill_engines(plan: Plan, model, bucket: int, tmp: str, note, timi
         if fmt == "aoti":
             rel = f"aoti/prefill-{bucket}.pt2"
             E.export_aoti(result, os.path.join(tmp, rel), with_constants=False)
-            write_aoti_sidecar(result.program, os.path.join(tmp, rel))
+            _store(plan, tmp, fmt).add(rel, aoti_tensors(result.program), engine_prefix("prefill"))
             files = [rel]
         else:
             rel = f"onnx/prefill-{bucket}.onnx"
             example = E.example_tokens(model.config, result.batch_range[1], max(result.seq_range[0], min(64, result.seq_range[1])))
-            E.export_onnx(result, os.path.join(tmp, rel), example, external_data=True)
-            files = [rel]  # its data: the format's shared weights file (build.py merges it)
+            E.export_onnx(result, os.path.join(tmp, rel), example, weights=_store(plan, tmp, fmt), engine=rel,
+                          prefix=engine_prefix("prefill"))
+            files = [rel]  # its data: the format's shared weights file (shared_weights.py)
             onnx_rel, onnx_result = rel, result
         took = time.perf_counter() - t0
         timings[fmt] = round(took, 2)
@@ -352,11 +367,12 @@ def _export_state_engine(plan: Plan, model, bucket: int, kind: str, tmp: str, no
         if fmt == "aoti":
             files = [f"aoti/{kind}-{bucket}.pt2"]
             E.export_aoti(exported.result, os.path.join(tmp, files[0]), with_constants=False)
-            write_aoti_sidecar(exported.result.program, os.path.join(tmp, files[0]))
+            _store(plan, tmp, fmt).add(files[0], aoti_tensors(exported.result.program), engine_prefix(kind))
         else:
-            files = [f"onnx/{kind}-{bucket}.onnx"]  # its data: the format's shared weights file (build.py merges it)
+            files = [f"onnx/{kind}-{bucket}.onnx"]  # its data: the format's shared weights file (shared_weights.py)
             E.export_onnx(exported.result, os.path.join(tmp, files[0]), exported.example, exported.input_names,
-                          exported.output_names, external_data=True)
+                          exported.output_names, weights=_store(plan, tmp, fmt), engine=files[0],
+                          prefix=engine_prefix(kind))
         timings[f"{fmt}[{kind}]"] = took = round(time.perf_counter() - t0, 2)
         note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
         result = exported.result

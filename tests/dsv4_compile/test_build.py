@@ -192,6 +192,17 @@ def test_each_format_holds_the_weights_once(built):
         assert os.path.getsize(built[0] / rel) < 1.5 * one_copy, (rel, one_copy)
 
 
+def test_the_export_never_holds_a_second_copy_of_the_weights(built, export_disk_peak):
+    """Sampled every 20 ms while the build ran (conftest.py): the weight files of each format's folder
+    (everything but the engine graphs) never held much more than the finished shared file, that is one
+    copy (before shared_weights.WeightStore, each export task wrote its own full copy and the build
+    merged them afterwards: 4 copies at once at the merge)."""
+    manifest = json.loads((built[0] / "manifest.json").read_text())
+    for fmt, rel in manifest["shared_weights"].items():
+        final = os.path.getsize(built[0] / rel)
+        assert final <= export_disk_peak[fmt] <= 1.2 * final, (fmt, export_disk_peak[fmt], final)
+
+
 def test_aoti_engines_of_a_build_share_one_copy_in_memory(built):
     engine = dsv4_compile.load(str(built[0]))
     engine(_tokens(1, 4, seed=0))
