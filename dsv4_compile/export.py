@@ -204,6 +204,10 @@ def export_onnx(result: ExportResult, path: str, example: torch.Tensor | tuple,
                                 custom_translation_table={torch.ops.aten.sort.stable: _onnx_sort_stable,
                                                           torch.ops.aten.view.dtype: onnx_view_dtype},
                                 optimize=optimize, verbose=False)
+    for node in program.model.graph.all_nodes():
+        # The exporter's per-node stack traces, FX nodes and module paths: ~90% of a graph file's bytes
+        # (tiny decode engine 11.7 -> 0.9 MB), read by nothing that runs the engine.
+        node.metadata_props.clear()
     if weights is None:
         program.save(path)
     else:

@@ -89,6 +89,7 @@ def test_onnx_engines_write_only_new_tensors_and_compute_as_before(tmp_path):
         dtypes = {t.name.removeprefix(prefixes[rel]): t.data_type for t in model.graph.initializer if t.external_data}
         assert dtypes == {"lin.weight": onnx.TensorProto.BFLOAT16, "table": onnx.TensorProto.FLOAT}, rel
         assert {e.key: e.value for e in model.graph.initializer[0].external_data}["location"] == "weights.data"
+        assert not [n.name for n in model.graph.node if n.metadata_props]  # the exporter's stack traces dropped
         inline = tmp_path / "inline" / rel
         os.makedirs(inline.parent, exist_ok=True)
         assert _export_onnx(module, inline, x) == [str(inline)]  # float32 initializers in the model
