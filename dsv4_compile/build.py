@@ -24,6 +24,12 @@ torch.distributed's functional collectives) into rank<r>/ of the build folder, a
 its own process against its sharded eager model, all ranks together; rank 0 writes the manifest with
 the mesh (distributed.py) and prints.
 
+`--weights-format as-shipped` builds the engines over the weights as a release ships them (FP8 e4m3
+linears with 128x128 scales, MXFP4 routed experts: checkpoint/shipped.py; a checkpoint's kept as
+loaded), about a quarter to a half of the bytes; the model step prints the weights' bytes in both forms
+before anything is exported. The default, bf16, keeps every weight in the config's dtype, as builds
+always did; the manifest's weights["format"] says which.
+
 Exit codes: 0 built and every engine verified; 1 a check failed (compile or an export vs eager) or
 an internal error (the folder is still written, with the failure in the manifest, when the export
 itself succeeded); 2 user mistake, nothing written.
@@ -42,9 +48,11 @@ import sys
 import threading
 
 from .arguments import contexts_arg, positive_int_arg
+from .checkpoint.shipped import weight_sizes
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
 from .model.context import format_context
 from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
+from .reference import WEIGHT_FORMATS
 from .shared_weights import finish_shared_weights
 from .steps import Progress, compile_check, export_all, verify_engines
 from .verify import CPU_CHECK_SEQ
@@ -71,7 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", default=None, metavar="FILE|DIR",
                         help="a released checkpoint folder (Hugging Face or DeepSeek inference layout; its config.json "
                              "is the config unless --config is given; FP8/MXFP4 weights dequantized to the config's "
-                             "dtype), or a safetensors file with the model's own state_dict names (default: seeded weights)")
+                             "dtype unless --weights-format as-shipped), or a safetensors file with the model's own "
+                             "state_dict names (default: seeded weights)")
+    parser.add_argument("--weights-format", default="bf16", choices=WEIGHT_FORMATS,
+                        help="the engines' weights: bf16, every weight in the config's dtype (bf16 for the releases; "
+                             "a checkpoint's FP8/MXFP4 dequantized); as-shipped, the linears DeepSeek runs as FP8 GEMMs "
+                             "in FP8 e4m3 with 128x128 scales and the routed experts in MXFP4, as a release ships them "
+                             "(a checkpoint's kept; seeded weights or a weights file quantized so): about a quarter "
+                             "to a half of the bytes (V4-Flash ~155 GB instead of ~568 GB) (default: bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights (default: 0)")
     parser.add_argument("--passes", default="all", metavar="LIST",
                         help="substitution passes: all, none, or comma-separated names/families (default: all)")
@@ -101,6 +116,10 @@ def summary_table(manifest: Manifest) -> str:
                      "-" if v.max_rel_rms is None else f"{v.max_rel_rms:.1e}"))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _place(tmp: str, out: str) -> None:
@@ -217,10 +236,13 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     try:
         progress.start("model", "seeded weights" if plan.weights["source"] == "seed" else f"weights {plan.weights_path}")
         model = plan.model(plan.buckets[0])
-        n_params = sum(p.numel() for p in model.parameters())
+        n_weights, held, dequantized = weight_sizes(model)
         if parallel:
             groups_by_rank = gathered(collective_groups(model))
-        progress.done(f"{n_params / 1e6:.2f} M parameters{' on rank 0' if parallel else ''}, {plan.config.dtype}")
+        # the engines' weights file holds about `held` bytes per format: said before the export fills a disk
+        progress.done(f"{n_weights / 1e6:.2f} M parameters{' on rank 0' if parallel else ''}, {plan.config.dtype}, "
+                      f"weights {plan.weights_format}: {_bytes(held)}"
+                      + (f" ({_bytes(dequantized)} in {plan.config.dtype})" if held != dequantized else ""))
 
         progress.start("compile", f"dsv4_compile.compile(passes={plan.passes!r}, gpu={plan.target!r}) vs eager")
         compile_result = compile_check(plan, model, progress)

@@ -1,4 +1,5 @@
-"""ONNX translation of `aten.view.dtype` (a bitcast) for the KV cache's byte layout, in opset-21 arithmetic.
+"""ONNX translation of `aten.view.dtype` (a bitcast) for the KV cache's byte layout and the MXFP4
+experts' packed codes (int8 read as uint8), in opset-21 arithmetic.
 
 ONNX has no bitcast before opset 26 (`BitCast`), and the engines keep the project's opset. The cache
 stores FP8 e4m3 codes, BF16 rope dims and (indexer "fp8") float32 scales as bytes
@@ -77,7 +78,8 @@ def _decode(bits, name: str):
 
 
 def onnx_view_dtype(self, dtype):
-    """aten.view.dtype for FP8 e4m3 / BF16 / float32 <-> uint8: the bytes of the values, little endian."""
+    """aten.view.dtype for FP8 e4m3 / BF16 / float32 <-> uint8 (the bytes of the values, little endian)
+    and int8 <-> uint8 (two's complement: the same byte)."""
     from onnxscript import opset21 as op
 
     source, target = self.dtype.name, dtype.name
@@ -98,4 +100,10 @@ def onnx_view_dtype(self, dtype):
             weights = _const([256 ** k for k in range(nbytes)], "int64")
             data = op.ReduceSum(op.Mul(op.Reshape(data, shape), weights), _const([-1], "int64"), keepdims=0)
         return op.Cast(_decode(data, target), to=dtype)
-    raise NotImplementedError(f"view.dtype {source} -> {target}: only FP8 e4m3, BF16 and float32 <-> uint8 are translated")
+    if {source, target} == {"INT8", "UINT8"}:  # MXFP4 experts' packed codes: the same byte, read the other way
+        data = op.Cast(self, to=7)                                                # int64
+        return op.Cast(op.Mod(data, _const(256, "int64")) if target == "UINT8" else
+                       op.Sub(data, op.Mul(op.Cast(op.GreaterOrEqual(data, _const(128, "int64")), to=7),
+                                           _const(256, "int64"))), to=dtype)
+    raise NotImplementedError(f"view.dtype {source} -> {target}: only FP8 e4m3, BF16 and float32 <-> uint8 and int8 <-> "
+                              f"uint8 are translated")

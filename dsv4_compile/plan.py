@@ -1,12 +1,12 @@
 """What `build` will do, decided and checked before anything is written (every user mistake: exit 2).
 
 Bad YAML, unknown preset, unknown or absent GPU, unsupported context (model/context.py's rule, and
-valid for the config), unknown format, TensorRT requested where it cannot build, unknown pass, a
---weights file with a missing, extra or misshapen tensor, a --weights checkpoint folder that
-`from_pretrained` refuses (every bad tensor named), an output folder that cannot be written or that
-holds something other than a build; with --parallel: a bad layout, one the config cannot split, a
-format other than aoti (ONNX has no collectives), or a world that is not T * E torchrun processes
-(the line gives the torchrun command).
+valid for the config), unknown format, TensorRT requested where it cannot build or with
+--weights-format as-shipped, unknown pass, a --weights file with a missing, extra or misshapen
+tensor, a --weights checkpoint folder that `from_pretrained` refuses (every bad tensor named), an
+output folder that cannot be written or that holds something other than a build; with --parallel: a
+bad layout, one the config cannot split, a format other than aoti (ONNX has no collectives), or a
+world that is not T * E torchrun processes (the line gives the torchrun command).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import tempfile
 from .arguments import UsageError
 from .manifest import FORMATS, sha256_file
 from .model.context import format_context
-from .reference import checkpoint_config, checkpoint_shard, checkpoint_state, eager_model
+from .reference import WEIGHT_FORMATS, checkpoint_config, checkpoint_shard, checkpoint_state, eager_model
 
 DEFAULT_FORMATS = "aoti,onnx"
 # A parallel build's only format: AOTInductor packages the functional collectives, ONNX has none.
@@ -191,6 +191,14 @@ class Plan:
         if self.layout and self.formats != [PARALLEL_FORMATS]:
             raise UsageError(f"--format {args.format} with --parallel {self.layout}: a parallel build exports "
                              f"{PARALLEL_FORMATS} only (one AOTInductor package per rank; ONNX has no collectives)")
+        self.weights_format = getattr(args, "weights_format", None) or WEIGHT_FORMATS[0]
+        if self.weights_format not in WEIGHT_FORMATS:
+            raise UsageError(f"--weights-format {self.weights_format!r}: accepted: {', '.join(WEIGHT_FORMATS)}")
+        if "tensorrt" in self.formats and self.weights_format == "as-shipped":
+            raise UsageError("--format tensorrt with --weights-format as-shipped: not supported (TensorRT takes FP8 "
+                             "weights only in explicit Q/DQ quantization; its parse of these engines' FP8/int8 "
+                             "initializers is unchecked); accepted: tensorrt with --weights-format bf16, as-shipped "
+                             "with aoti,onnx")
         if "tensorrt" in self.formats:
             from .export import tensorrt_unavailable
 
@@ -210,13 +218,15 @@ class Plan:
             if self.layout:  # headers checked here; each rank reads its own shard in model()
                 self.state, self.config = None, checkpoint_config(self.weights_path, self.config, strict_mtp=bool(args.config))
             else:
-                self.state, self.config = checkpoint_state(self.weights_path, self.config, strict_mtp=bool(args.config))
+                self.state, self.config = checkpoint_state(self.weights_path, self.config, strict_mtp=bool(args.config),
+                                                           weights=self.weights_format)
             self.weights = {"source": "checkpoint", "path": self.weights_path,
                             "sha256": checkpoint_identity(self.weights_path)}
         else:
             self.state = load_weights(self.weights_path, self.config) if self.weights_path else None
             self.weights = ({"source": "file", "path": self.weights_path, "sha256": sha256_file(self.weights_path)}
                             if self.weights_path else {"source": "seed", "seed": self.seed})
+        self.weights["format"] = self.weights_format
         identity = {"config": self.config.config_hash(), "buckets": self.buckets, "formats": self.formats,
                     "passes": self.passes, "weights": self.weights, "target": self.target, "max_batch": self.max_batch}
         if self.layout:
@@ -266,12 +276,16 @@ class Plan:
         return self.target != "cpu"
 
     def model(self, bucket: int):
-        """The reference model at context `bucket`; with --parallel, this rank's shard of it over the
-        engines' process groups (seeded weights or a weights file: every rank builds the whole model,
-        then keeps its shard; a checkpoint folder: every rank reads its shard alone)."""
-        if self.layout and self.weights["source"] == "checkpoint":
-            return checkpoint_shard(self.weights_path, self.config.replace(max_seq_len=bucket), self.layout, self.cuda)
-        model = eager_model(self.config.replace(max_seq_len=bucket), seed=self.seed, state=self.state, cuda=self.cuda)
+        """The reference model at context `bucket`, its weights in --weights-format; with --parallel,
+        this rank's shard of it over the engines' process groups (seeded weights or a weights file:
+        every rank builds the whole model, then keeps its shard; a checkpoint folder: every rank reads
+        its shard alone)."""
+        checkpoint = self.weights["source"] == "checkpoint"
+        if self.layout and checkpoint:
+            return checkpoint_shard(self.weights_path, self.config.replace(max_seq_len=bucket), self.layout, self.cuda,
+                                    weights=self.weights_format)
+        model = eager_model(self.config.replace(max_seq_len=bucket), seed=self.seed, state=self.state, cuda=self.cuda,
+                            as_shipped=self.weights_format == "as-shipped" and not checkpoint)
         if self.layout:
             from .distributed import sharded_model
 
