@@ -12,7 +12,8 @@ quantizers, `write._shipped`; the loader's choice of modules):
 - every other tensor is rounded to its shipped dtype (bf16, or fp32 for mHC, sinks, biases) and kept
   in the model's own.
 The bytes of the linears are halved (bf16 -> FP8) and those of the experts cut to 0.625 B/weight (the
-float32 scales the modules hold included), which is what makes V4-Flash ~155 GB instead of ~568 GB.
+float32 scales the modules hold included): V4-Flash ~188 GB instead of ~583 GB in bf16 (the release,
+with 1-byte e8m0 scales, ~160 GB).
 
 `shipped_modules(model, state)` gives a plain model the modules of an as-shipped state_dict (one of
 the above, or of from_pretrained(weights="as-shipped")), on the meta device, so that

@@ -3,13 +3,16 @@ with 128x128 scales, MXFP4 routed experts), from seeded weights (checkpoint/ship
 
 The tiny preset's linears have K < 128 and stay nn.Linear (only its experts go MXFP4), so the model
 here is WIDE (tiny with 128-wide projections, tests/dsv4_compile/test_checkpoint_parallel.py's): its
-wq_a, wq_b, wkv, wo_b, indexer wq_b and shared experts are FP8Linear. One real build of it (CPU,
-context 128, aoti + onnx) is made once per module; the rest is in-process and cheap.
+wq_a, wq_b, wkv, wo_b, indexer wq_b and shared experts are FP8Linear. The in-process tests are cheap
+(~10 s). The real build of it (CPU, context 128, aoti + onnx; module fixture) takes ~10 minutes on a
+2-core machine (compile 95 s, export 470 s, verify 18 s; then load + generate), more than CI's budget
+for new tests: its tests run when DSV4_AS_SHIPPED_BUILD=1 is set, and are skipped otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -31,6 +34,7 @@ from dsv4_compile.plan import Plan
 from dsv4_compile.reference import build_reference, eager_model, float32_twin
 from dsv4_compile.runtime import EagerSteps
 from dsv4_compile.token_check import teacher_forced
+from dsv4_compile.verify import FLIP_BOUND, FLIP_BOUND_AS_SHIPPED, flip_bound
 
 TINY = ModelConfig.load("tiny")
 WIDE = TINY.replace(dim=128, q_lora_rank=128, head_dim=128, rope_head_dim=64, o_lora_rank=128, index_head_dim=64,
@@ -134,7 +138,16 @@ def test_tensorrt_as_shipped_is_refused_before_anything_is_written(monkeypatch, 
     assert not (tmp_path / "artifacts").exists()
 
 
+def test_verify_holds_as_shipped_engines_to_their_own_flip_bound():
+    assert flip_bound("float32", {"source": "seed", "seed": 0, "format": "as-shipped"}) == FLIP_BOUND_AS_SHIPPED
+    for older in ({"source": "seed", "seed": 0}, {"source": "seed", "seed": 0, "format": "bf16"}, None):
+        assert flip_bound("bfloat16", older) == FLIP_BOUND["bfloat16"] < FLIP_BOUND_AS_SHIPPED
+
+
 # ---- one real build: WIDE as shipped, CPU, context 128, aoti + onnx --------------------------------
+
+real_build = pytest.mark.skipif(os.environ.get("DSV4_AS_SHIPPED_BUILD") != "1",
+                                reason="a real as-shipped build (~10 min on 2 cores): set DSV4_AS_SHIPPED_BUILD=1")
 
 @pytest.fixture(scope="module")
 def shipped_build(tmp_path_factory):
@@ -153,6 +166,7 @@ def shipped_eager():
     return eager_model(WIDE, seed=0, state=None, cuda=False, as_shipped=True)
 
 
+@real_build
 @pytest.mark.slow
 @pytest.mark.xdist_group("as-shipped build")
 def test_the_engines_hold_the_shipped_formats_and_verify(shipped_build, shipped_eager):
@@ -173,11 +187,14 @@ def test_the_engines_hold_the_shipped_formats_and_verify(shipped_build, shipped_
     types = {t.name: t.data_type for t in onnx_model.graph.initializer}
     assert types["layers.1.attn.wq_a.weight"] == onnx.TensorProto.FLOAT8E4M3FN
     assert types["layers.1.ffn.experts.w1"] == onnx.TensorProto.INT8
-    for file in ("aoti/weights.safetensors", "onnx/weights.data"):
-        size = (path / file).stat().st_size
-        assert held <= size < held * 1.1 and size < 0.55 * dequantized, (file, size, held, dequantized)
+    # AOTInductor keeps every weight of the model (4.37 of 4.31 MB held), ONNX the ones its graphs use
+    # (3.68 MB: not the MTP block's); float32 tiny dequantized: 8.35 MB
+    aoti, onnx_data = ((path / file).stat().st_size for file in ("aoti/weights.safetensors", "onnx/weights.data"))
+    assert held <= aoti < held * 1.1 and 0.8 * held < onnx_data <= held, (aoti, onnx_data, held)
+    assert max(aoti, onnx_data) < 0.55 * dequantized, (aoti, onnx_data, dequantized)
 
 
+@real_build
 @pytest.mark.slow
 @pytest.mark.xdist_group("as-shipped build")
 @pytest.mark.parametrize("fmt", ["aoti", "onnx"])

@@ -1,5 +1,6 @@
 """The ONNX translation of aten.view.dtype (dsv4_compile/onnx_bitcast.py): bit-exact against torch for
-every value kind the KV cache stores (FP8 e4m3, BF16, float32 <-> uint8), run by onnxruntime."""
+every value kind the KV cache stores (FP8 e4m3, BF16, float32 <-> uint8) and the MXFP4 experts' bytes
+(int8 <-> uint8), run by onnxruntime."""
 from __future__ import annotations
 
 import numpy as np
@@ -39,3 +40,23 @@ def test_bitcasts_are_bit_exact_in_onnxruntime(tmp_path):
         assert out.dtype == ref.dtype and out.shape == ref.shape, name
         assert np.array_equal(out.view(np.uint8), ref.view(np.uint8)), f"{name}: {int((out != ref).sum())} differ"
 
+
+
+class _ByteViews(torch.nn.Module):
+    def forward(self, packed):
+        unsigned = packed.view(torch.uint8)  # MXFP4 experts' packed codes, read as bytes (weight_formats.py)
+        return unsigned, unsigned.view(torch.int8)
+
+
+def test_int8_uint8_views_are_the_same_bytes_in_onnxruntime(tmp_path):
+    import onnxruntime as ort
+
+    packed = torch.arange(-128, 128, dtype=torch.int8).reshape(2, 128)  # every byte
+    program = torch.export.export(_ByteViews(), (packed,))
+    onnx_program = torch.onnx.export(program, (packed,), dynamo=True, opset_version=ONNX_OPSET,
+                                     custom_translation_table={torch.ops.aten.view.dtype: onnx_view_dtype})
+    onnx_program.save(str(tmp_path / "bytes.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "bytes.onnx"), providers=["CPUExecutionProvider"])
+    for name, out, ref in zip(("uint8", "int8"), session.run(None, {session.get_inputs()[0].name: packed.numpy()}),
+                              _ByteViews()(packed)):
+        assert out.dtype == ref.numpy().dtype and np.array_equal(out, ref.numpy()), name
