@@ -52,7 +52,7 @@ from .checkpoint.shipped import weight_sizes
 from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
 from .model.context import format_context
 from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
-from .reference import WEIGHT_FORMATS
+from .reference import DEFAULT_WEIGHTS_FORMAT, WEIGHT_MODES
 from .shared_weights import finish_shared_weights
 from .steps import Progress, compile_check, export_all, verify_engines
 from .verify import CPU_CHECK_SEQ
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is the config unless --config is given; FP8/MXFP4 weights dequantized to the config's "
                              "dtype unless --weights-format as-shipped), or a safetensors file with the model's own "
                              "state_dict names (default: seeded weights)")
-    parser.add_argument("--weights-format", default="bf16", choices=WEIGHT_FORMATS,
+    parser.add_argument("--weights-format", default=DEFAULT_WEIGHTS_FORMAT, choices=WEIGHT_MODES,
                         help="the engines' weights: bf16, every weight in the config's dtype (bf16 for the releases; "
                              "a checkpoint's FP8/MXFP4 dequantized); as-shipped, the linears DeepSeek runs as FP8 GEMMs "
                              "in FP8 e4m3 with 128x128 scales and the routed experts in MXFP4, as a release ships them "

@@ -14,7 +14,7 @@ Format (schema_version 1), sorted-key JSON:
       "config": {...ModelConfig.to_dict()...}, "config_hash": "<sha256 of its sorted-key JSON, name excluded>",
       "weights": {"source": "seed", "seed": 0} or {"source": "file", "path": "/abs/w.safetensors", "sha256": ...},
                                        # + "format": "bf16" | "as-shipped" (build --weights-format,
-                                       # reference.WEIGHT_FORMATS); absent in older builds: bf16
+                                       # checkpoint.load.WEIGHT_MODES); absent in older builds: bf16
       "context_buckets": [512],
       "formats": ["aoti", "onnx"],
       "passes": "all", "pass_report": {...SubstitutionReport.to_dict()...},

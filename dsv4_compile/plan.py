@@ -19,7 +19,7 @@ import tempfile
 from .arguments import UsageError
 from .manifest import FORMATS, sha256_file
 from .model.context import format_context
-from .reference import WEIGHT_FORMATS, checkpoint_config, checkpoint_shard, checkpoint_state, eager_model
+from .reference import DEFAULT_WEIGHTS_FORMAT, WEIGHT_MODES, checkpoint_config, checkpoint_shard, checkpoint_state, eager_model
 
 DEFAULT_FORMATS = "aoti,onnx"
 # A parallel build's only format: AOTInductor packages the functional collectives, ONNX has none.
@@ -191,9 +191,9 @@ class Plan:
         if self.layout and self.formats != [PARALLEL_FORMATS]:
             raise UsageError(f"--format {args.format} with --parallel {self.layout}: a parallel build exports "
                              f"{PARALLEL_FORMATS} only (one AOTInductor package per rank; ONNX has no collectives)")
-        self.weights_format = getattr(args, "weights_format", None) or WEIGHT_FORMATS[0]
-        if self.weights_format not in WEIGHT_FORMATS:
-            raise UsageError(f"--weights-format {self.weights_format!r}: accepted: {', '.join(WEIGHT_FORMATS)}")
+        self.weights_format = getattr(args, "weights_format", None) or DEFAULT_WEIGHTS_FORMAT
+        if self.weights_format not in WEIGHT_MODES:
+            raise UsageError(f"--weights-format {self.weights_format!r}: accepted: {', '.join(WEIGHT_MODES)}")
         if "tensorrt" in self.formats and self.weights_format == "as-shipped":
             raise UsageError("--format tensorrt with --weights-format as-shipped: not supported (TensorRT takes FP8 "
                              "weights only in explicit Q/DQ quantization; its parse of these engines' FP8/int8 "

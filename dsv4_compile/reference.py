@@ -5,16 +5,18 @@ of minutes for mini), so they depend on the device, and build and verify both cr
 """
 from __future__ import annotations
 
+from .checkpoint.load import WEIGHT_MODES  # noqa: F401  (re-exported: the engines' weight formats)
 
-# The engines' weight formats (`build --weights-format`, recorded as the manifest's weights["format"]):
-# "bf16", every weight in the config's dtype (what builds made before the key existed, the default), or
-# "as-shipped", FP8 linears and MXFP4 routed experts as a release ships them (checkpoint/shipped.py).
-WEIGHT_FORMATS = ("bf16", "as-shipped")
+# The engines' weight formats are from_pretrained's weight modes (`build --weights-format`, recorded as
+# the manifest's weights["format"]): "as-shipped", FP8 linears and MXFP4 routed experts as a release
+# ships them (checkpoint/shipped.py), or "bf16", every weight in the config's dtype: the default, and
+# what builds made before the key existed.
+DEFAULT_WEIGHTS_FORMAT = "bf16"
 
 
 def weights_format(weights: dict) -> str:
-    """The weight format of a manifest's `weights` record ("bf16" when it has none: an older build)."""
-    return weights.get("format", "bf16")
+    """The weight format of a manifest's `weights` record (the default when it has none: an older build)."""
+    return weights.get("format", DEFAULT_WEIGHTS_FORMAT)
 
 
 def eager_model(config, *, seed: int, state: dict | None, cuda: bool, as_shipped: bool = False):
