@@ -18,6 +18,7 @@ created before the load).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import shlex
 import sys
@@ -65,7 +66,17 @@ def join_world(layout: ParallelLayout, cuda: bool, argv: list[str], what: str | 
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", world[0])))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+        # Ended while the interpreter still lives: a gloo group left to interpreter teardown can abort
+        # the process after its work is done ("terminate called without an active exception").
+        atexit.register(leave_world)
     return dist.get_rank()
+
+
+def leave_world() -> None:
+    """Destroy this process's process groups and forget its meshes (nothing when there are none)."""
+    if dist.is_initialized():
+        _MESHES.clear()
+        dist.destroy_process_group()
 
 
 def sharded_model(model, layout: ParallelLayout, device_type: str, role: str = "engines"):
