@@ -35,6 +35,9 @@ AOTI_TOL = 1e-5
 ONNX_TOL = 1e-4
 FLIP_BOUND = 5e-2
 SHORT_SEEDS = (5, 6, 7)
+# verify draws its token sets from a fresh seed unless given one: the tests that expect a pass give one
+# (seeds 1-8 all pass on a fresh tiny build), so that CI runs the same sets every time.
+VERIFY_SEED = 3
 
 
 def assert_close_on_one_short_prompt(name, pairs, tol):
@@ -101,7 +104,7 @@ def test_build_with_no_arguments_builds_tiny_for_cpu(built):
 
 
 def test_verify_exits_0_in_a_fresh_process(built):
-    proc = _run(["verify", str(built[0])], cwd=built[0].parent)
+    proc = _run(["verify", str(built[0]), "--seed", str(VERIFY_SEED)], cwd=built[0].parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "aoti" in proc.stdout and "onnx" in proc.stdout and "fresh process" in proc.stdout
 
@@ -370,7 +373,7 @@ def test_verify_and_load_agree_on_an_engine_the_build_recorded_as_failed(copy_of
 def test_allow_version_skew_reaches_the_verify_worker(copy_of):
     path = copy_of()
     _edit_manifest(path, lambda m: m["versions"].update(torch="2.12.0"))
-    proc = _run(["verify", path, "--allow-version-skew", "--format", "aoti"], cwd=path)
+    proc = _run(["verify", path, "--allow-version-skew", "--format", "aoti", "--seed", str(VERIFY_SEED)], cwd=path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "version mismatch" not in proc.stdout + proc.stderr
 
