@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import torch
@@ -126,12 +127,18 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# torch's own "no upper bound" for a size (besides int_oo): a dynamic size under torch.compile can be
+# given [2, sys.maxsize - 1], and a product of such sizes bounds far above it.
+UNBOUNDED = sys.maxsize - 1
+
+
 def largest_value(n) -> int | None:
     """n for an int; a symbolic size's upper bound (an export Dim's max), None when unbounded."""
     if isinstance(n, int):
         return n
     bound = n.node.shape_env.bound_sympy(n.node.expr).upper
-    return int(bound) if bound.is_Integer else None                     # not int_oo (its is_finite is True)
+    # not int_oo (its is_finite is True)
+    return int(bound) if bound.is_Integer and int(bound) < UNBOUNDED else None
 
 
 def split_chunks(total, chunk: int | None) -> tuple:

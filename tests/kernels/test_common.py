@@ -1,0 +1,35 @@
+"""kernels/_common.py's size bounds: what a launcher sees of a symbolic size (export, torch.compile)."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch.utils._sympy.value_ranges import ValueRanges
+
+from dsv4_compile.kernels._common import largest_value, split_chunks
+
+
+def _size(env: ShapeEnv, name: str, hint: int, upper=None):
+    symbol = env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+    if upper is not None:
+        env.var_to_range[symbol] = ValueRanges(2, upper)
+    return env.create_symintnode(symbol, hint=hint)
+
+
+@pytest.mark.parametrize("upper", [None, sys.maxsize - 1], ids=["int_oo", "maxsize-1"])
+def test_an_unbounded_size_and_products_of_them_have_no_largest_value(upper):
+    """torch bounds a dynamic size by int_oo or by sys.maxsize - 1 (torch.compile's sizes on torch 2.11:
+    their product B * S once sized a chunk count past int64, and torch.zeros overflowed)."""
+    env = ShapeEnv()
+    b, s = _size(env, "b", 8, upper), _size(env, "s", 500, upper)
+    assert largest_value(b) is None and largest_value(b * s) is None and largest_value(6 * b * s) is None
+    assert split_chunks(b * s, 1000) == (b * s, 1)  # one chunk, sized at run time
+
+
+def test_a_bounded_size_gives_its_bound():
+    env = ShapeEnv()
+    b, s = _size(env, "b", 2, 8), _size(env, "s", 500, 8192)
+    assert largest_value(7) == 7 and largest_value(s) == 8192 and largest_value(b * s) == 65536
+    assert split_chunks(b * s, 30000) == (30000, 3) and split_chunks(s, 30000) == (s, 1)
