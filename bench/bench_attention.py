@@ -1,6 +1,7 @@
 """Side-by-side benchmark of the hybrid sparse attention kernels (prefill and FP8-cache decode).
 
     python bench/bench_attention.py [--contexts 8k,32k] [--out bench/results/H100] [--budget 300]
+    python bench/bench_attention.py --no-prefill --decode-configs "block_k=16,num_splits=4;..."  # decode rows only
     from bench_attention import run, write_outputs   # what `python -m dsv4_compile bench --ops attention` calls
 
 Prefill, B = 1, bf16, V4-Flash heads (64 query heads x 512, one shared K=V head), per context S:
@@ -57,7 +58,12 @@ SWEEP_128 = ["block_h=32,block_k=64,num_warps=4,num_stages=2",
              "block_h=32,block_k=128,num_warps=4,num_stages=2"]
 DECODE_CONFIGS = ["", "block_k=32,num_splits=2", "block_k=32,num_splits=4", "block_k=16,num_splits=4",
                   "block_k=16,num_splits=8", "block_k=16,num_splits=4,split_d=2", "block_k=16,num_splits=2,split_d=2",
-                  "block_k=16,num_splits=4,num_warps=4,num_stages=1,split_d=2"]
+                  "block_k=16,num_splits=4,num_warps=4,num_stages=1,split_d=2",
+                  # dequant=chunks: no spill on sm_90a (the compile report), unmeasured; the last two
+                  # 2 CTAs/SM by registers
+                  "block_k=32,num_splits=4,dequant=chunks", "block_k=64,num_splits=4,dequant=chunks",
+                  "block_k=16,num_splits=4,num_warps=4,split_d=2,dequant=chunks",
+                  "block_k=32,num_splits=4,num_warps=4,split_d=2,dequant=chunks"]
 
 
 # ================================================================================================
@@ -178,8 +184,9 @@ def _err(e: BaseException) -> str:
 # ================================================================================================
 
 def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, flex: bool = True,
-        decode: bool = True, log=print) -> dict:
-    """Run everything that fits in `budget_s` seconds; returns {"meta", "ceilings", "rows", "checks"}."""
+        decode: bool = True, log=print, prefill: bool = True, decode_configs=DECODE_CONFIGS) -> dict:
+    """Run everything that fits in `budget_s` seconds; returns {"meta", "ceilings", "rows", "checks"}.
+    prefill False: the decode rows only (the prefill and 128-dim sections skipped)."""
     import triton
 
     from dsv4_compile.kernels.sparse_attention import sparse_attention
@@ -284,7 +291,7 @@ def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, fle
             flops = 4 * FLASH_H * HEAD_D * DECODE_B * K
             nbytes = DECODE_B * K * entry + 2 * q0.numel() * 2 + idx0.numel() * 4
             best_dec = (float("inf"), "")
-            for cfg in DECODE_CONFIGS:
+            for cfg in decode_configs:
                 if left() < 15:
                     break
                 try:
@@ -318,7 +325,7 @@ def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, fle
             torch.cuda.empty_cache()
 
     # ---- prefill at the real heads (64 x 512) ---------------------------------------------------
-    for ci, S in enumerate(contexts):
+    for ci, S in enumerate(contexts if prefill else ()):
         if left() < 30:
             log(f"budget: skipping prefill at S={S}")
             break
@@ -354,7 +361,7 @@ def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, fle
     # ---- 128-dim heads: ours vs flex (same csa index set) vs SDPA dense causal (FA2) ------------
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for ci, S in enumerate(contexts):
+    for ci, S in enumerate(contexts if prefill else ()):
         if left() < 30:
             log(f"budget: skipping the 128-dim comparison at S={S}")
             break
@@ -566,6 +573,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--no-flex", action="store_true")
     parser.add_argument("--no-decode", action="store_true")
+    parser.add_argument("--no-prefill", action="store_true", help="the decode rows only")
+    parser.add_argument("--decode-configs", default=None,
+                        help="';'-separated decode config strings ('' = the default, auto splits); "
+                             "default: DECODE_CONFIGS")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU")
@@ -575,7 +586,10 @@ def main(argv=None) -> int:
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", short)
     result = {"rows": []}
     try:
-        result = run(parse_contexts(args.contexts), args.budget, not args.no_sweep, not args.no_flex, not args.no_decode)
+        decode_configs = (DECODE_CONFIGS if args.decode_configs is None
+                          else [c.strip() for c in args.decode_configs.split(";")])
+        result = run(parse_contexts(args.contexts), args.budget, not args.no_sweep, not args.no_flex,
+                     not args.no_decode, prefill=not args.no_prefill, decode_configs=decode_configs)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         return 1

@@ -3,6 +3,7 @@ defaults per GPU."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar
 
 from .._common import KernelConfig, next_pow2, pick_default
@@ -26,6 +27,14 @@ class SparseAttentionConfig(KernelConfig):
                 the logits FLOPs and gathers (the value columns are read a second time, from L1/L2).
                 1 = the whole head dim in one program. Clamped by the launcher so each part keeps >= 16
                 columns (>= 64 over the FP8 cache: one scale block), see value_split.
+    dequant:    FP8 cache only. "tile": each step gathers and dequantises the whole [block_k, BLOCK_D]
+                tile, which serves both dots. "chunks": 64-column chunks (one e8m0 scale block) in a loop,
+                the logits summed over them in column order, the accumulator kept as 64-column chunks, the
+                value chunks gathered a second time (L1/L2): no [block_k, BLOCK_D] tile and fewer live
+                registers (no spills at V4's 64 x 512 decode, sm_90a, bench/results/H200/
+                attention_compile_report.md). Same dequantised values; the logits' fp32 sum is cut at
+                the chunk boundaries, so they can differ from "tile"'s in the last fp32 bits (the
+                interpreter's do; on a GPU unmeasured).
     num_warps / num_stages: Triton launch parameters of the main kernel (the combine kernel uses 4/1).
     The head dim is not a block field: the whole (power-of-two padded) head dim is one tile for the
     logits, so each gathered row serves both dots (logits and output) when split_d = 1.
@@ -40,8 +49,10 @@ class SparseAttentionConfig(KernelConfig):
     num_warps: int = 8
     num_stages: int = 2
     split_d: int = 1
+    dequant: str = "tile"
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_h", "block_k", "num_warps", "split_d")
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"dequant": ("tile", "chunks")}
 
     def __post_init__(self):
         super().__post_init__()

@@ -12,6 +12,11 @@ Structure (MQA: all H query heads share the single K=V head):
   denominator, added once after the loop; a token with no valid index gives zeros;
 - split-K (num_splits > 1, decode): each split writes (acc, m, l, count) in fp32 to a workspace and
   `_sparse_attn_combine_kernel` merges the splits, adds the sink and normalises;
+- FP8 cache, dequant="chunks" (`_sparse_attn_fp8_chunks_kernel`, config field `dequant`): the same
+  programs, with the head dim in 64-column chunks: logits summed over q and kv chunks in a loop,
+  the accumulator kept as 64-column chunks, the value chunks gathered a second time (L1/L2); no
+  [block_k, D] tile is live, so it does not spill at V4's decode shape (the tile kernel does). Same
+  values in both dots; the logits' fp32 sum is cut at the chunk boundaries (last fp32 bits);
 - head-dim split (split_d > 1): split_d programs per (token, head block, K split), adjacent in the
   grid, each owning BLOCK_D / split_d output columns: each computes the same full-width logits and
   softmax statistics, then the second dot over its columns only (a second gather of those columns of
@@ -79,6 +84,108 @@ def _load_kv_fp8(p_cache, rows, valid, d0, D, NOPE: tl.constexpr, ENTRY: tl.cons
 
 
 @triton.jit
+def _program_coords(N_HB, SPLIT_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # axis 0 = token x head block x column part, column parts then head blocks fastest: the programs
+    # sharing a token's gathered rows (and neighbouring tokens, whose windows overlap) run together
+    # and hit L2; axis 1 = K split -> (token b * S + s (int64), head block, K split, first column d0
+    # of the program's BLOCK_DV output columns)
+    pid = tl.program_id(0)
+    if SPLIT_D == 1:
+        pid_hd = pid
+        d0 = 0
+    else:
+        pid_hd = pid // SPLIT_D
+        d0 = (pid % SPLIT_D) * BLOCK_DV
+    return (pid_hd // N_HB).to(tl.int64), pid_hd % N_HB, tl.program_id(1), d0
+
+
+@triton.jit
+def _gather_rows(p_idx, pid_t, K, k0, k_hi, b, N, BLOCK_K: tl.constexpr):
+    # The step's indices k0 .. k0 + BK of token pid_t (p_idx [B*S, K] int32, -1 = hole, k_hi the
+    # split's end) -> (valid [BK], rows [BK] int64 row numbers of p_kv / the cache, 0 for holes: a
+    # hole reads nothing)
+    o_k = k0 + tl.arange(0, BLOCK_K)                                        # [BK]
+    b_idx = tl.load(p_idx + pid_t * K + o_k, mask=o_k < k_hi, other=-1)
+    valid = b_idx >= 0
+    return valid, b * N + tl.where(valid, b_idx, 0).to(tl.int64)
+
+
+@triton.jit
+def _key_dot(b_s, b_q, b_k, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # b_s [BH, BK] fp32 + b_q [BH, BD] @ b_k [BK, BD]^T: the logits, accumulated in fp32 (q is fp32
+    # already under UPCAST)
+    if UPCAST:
+        return tl.dot(b_q, tl.trans(b_k.to(tl.float32)), b_s, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(b_q, tl.trans(b_k), b_s, input_precision="ieee")
+    else:
+        return tl.dot(b_q, tl.trans(b_k), b_s)
+
+
+@triton.jit
+def _softmax_step(b_s, valid, m_i, l_i, qk_scale):
+    # One step of the online softmax (base 2): b_s [BH, BK] fp32 logits, valid [BK], m_i / l_i [BH]
+    # the running max and denominator -> (b_p [BH, BK] fp32 probabilities, alpha [BH] the factor of
+    # the earlier steps, the new m_i, the new l_i). Masked entries get p = 0.
+    b_s = tl.where(valid[None, :], b_s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    b_p = tl.exp2(b_s - m_use[:, None])                                     # [BH, BK]
+    l_i = l_i * alpha + tl.sum(b_p, axis=1)
+    return b_p, alpha, m_new, l_i
+
+
+@triton.jit
+def _value_dot(acc, alpha, b_p, b_v, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    # acc [BH, BV] fp32 rescaled by alpha [BH] plus the probabilities b_p [BH, BK] (rounded to b_v's
+    # dtype) @ b_v [BK, BV]
+    if UPCAST:
+        if b_v.dtype == tl.bfloat16:
+            b_p = round_bf16(b_p)
+        else:
+            b_p = b_p.to(b_v.dtype).to(tl.float32)
+        return acc * alpha[:, None] + tl.dot(b_p, b_v.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
+    else:
+        return acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+
+
+@triton.jit
+def _out_scale(p_sink, o_h, m_h, m_i, l_i, count):
+    # The factor [BH] that turns a finished accumulator into the output: the sink joins the
+    # denominator (base 2); count = the valid entries seen (0: the factor does not matter)
+    sink = tl.load(p_sink + o_h, mask=m_h, other=0.0) * 1.4426950408889634  # base 2
+    m_f = tl.maximum(m_i, sink)
+    m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
+    corr = tl.exp2(m_i - m_f)
+    denom = l_i * corr + tl.exp2(sink - m_f)
+    denom = tl.where(count > 0, denom, 1.0)                                 # 0 only for empty rows
+    return corr / denom
+
+
+@triton.jit
+def _store_out(p_o, p_row, o_v, m_hv, acc, scale, count, UPCAST: tl.constexpr):
+    # out[rows p_row [BH, 1], columns o_v [BV]] = acc [BH, BV] * scale [BH], zeros for a token with
+    # no valid entry, rounded to the output's dtype
+    b_o = acc * scale[:, None]
+    b_o = tl.where(count > 0, b_o, 0.0)                                     # no entries: zeros
+    if UPCAST:
+        if p_o.dtype.element_ty == tl.bfloat16:
+            b_o = round_bf16(b_o)
+    tl.store(p_o + p_row + o_v[None, :], b_o.to(p_o.dtype.element_ty), mask=m_hv)
+
+
+@triton.jit
+def _store_stats(p_wml, p_w, m_ml, m_i, l_i, count, BLOCK_H: tl.constexpr):
+    # split-K workspace p_wml [.., 3] at rows p_w [BH] where m_ml [BH]: (m, l, count)
+    tl.store(p_wml + p_w * 3, m_i, mask=m_ml)
+    tl.store(p_wml + p_w * 3 + 1, l_i, mask=m_ml)
+    tl.store(p_wml + p_w * 3 + 2, tl.zeros([BLOCK_H], dtype=tl.float32) + count.to(tl.float32), mask=m_ml)
+
+
+@triton.jit
 def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
                             S, H, N, K, D, K_PER_SPLIT, qk_scale, N_HB,
                             KV_FP8: tl.constexpr, NOPE: tl.constexpr, ENTRY: tl.constexpr,
@@ -90,10 +197,11 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
     # fp32, p_wml [B*S, NUM_SPLITS, H, 3] fp32 (m, l, count). qk_scale = softmax_scale * log2(e).
     # UPCAST (the interpreter, whose bf16 tl.dot is wrong and whose bf16 casts truncate): exact fp32
     # copies of the operands, IEEE dots, and the roundings to bf16 done to nearest even on the bits.
-    # SPLIT_D programs own BLOCK_DV = BLOCK_D / SPLIT_D output columns each (d0 = their first column).
-    # axis 0 = token x head block x column part, column parts then head blocks fastest: the programs
-    # sharing a token's gathered rows (and neighbouring tokens, whose windows overlap) run together
-    # and hit L2
+    # SPLIT_D programs own BLOCK_DV = BLOCK_D / SPLIT_D output columns each (d0 = their first column,
+    # grid order: _program_coords).
+    # The program coordinates, the gathered rows and the split-K statistics are written out here as
+    # _program_coords, _gather_rows and _store_stats compute them: as calls they shift this kernel's
+    # register allocation (triton 3.9, sm_90a: up to 54 B more spill in the compile report's configs).
     # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
     BLOCK_DV: tl.constexpr = BLOCK_D // SPLIT_D
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -140,45 +248,14 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
             b_v = _load_kv_fp8(p_kv, rows, valid, d0, D, NOPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_DV)
         else:
             b_v = _load_kv_plain(p_kv, rows, valid, o_v, D)
-        if UPCAST:
-            b_s = tl.dot(b_q, tl.trans(b_kv.to(tl.float32)), input_precision="ieee")
-        elif IEEE:
-            b_s = tl.dot(b_q, tl.trans(b_kv), input_precision="ieee")      # [BH, BK] fp32
-        else:
-            b_s = tl.dot(b_q, tl.trans(b_kv))
-        b_s = tl.where(valid[None, :], b_s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        b_p = tl.exp2(b_s - m_use[:, None])                                 # [BH, BK]
-        l_i = l_i * alpha + tl.sum(b_p, axis=1)
-        if UPCAST:
-            if b_v.dtype == tl.bfloat16:
-                b_p = round_bf16(b_p)
-            else:
-                b_p = b_p.to(b_v.dtype).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(b_p, b_v.to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        m_i = m_new
+        b_s = _key_dot(tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32), b_q, b_kv, IEEE, UPCAST)  # [BH, BK]
+        b_p, alpha, m_i, l_i = _softmax_step(b_s, valid, m_i, l_i, qk_scale)
+        acc = _value_dot(acc, alpha, b_p, b_v, IEEE, UPCAST)
         n_valid += valid.to(tl.int32)
     count = tl.sum(n_valid, axis=0)
 
     if NUM_SPLITS == 1:
-        sink = tl.load(p_sink + o_h, mask=m_h, other=0.0) * 1.4426950408889634  # base 2
-        m_f = tl.maximum(m_i, sink)
-        m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
-        corr = tl.exp2(m_i - m_f)
-        denom = l_i * corr + tl.exp2(sink - m_f)
-        denom = tl.where(count > 0, denom, 1.0)                             # 0 only for empty rows
-        b_o = acc * (corr / denom)[:, None]
-        b_o = tl.where(count > 0, b_o, 0.0)                                 # no entries: zeros
-        if UPCAST:
-            if p_o.dtype.element_ty == tl.bfloat16:
-                b_o = round_bf16(b_o)
-        tl.store(p_o + p_row + o_v[None, :], b_o.to(p_o.dtype.element_ty), mask=m_hv)
+        _store_out(p_o, p_row, o_v, m_hv, acc, _out_scale(p_sink, o_h, m_h, m_i, l_i, count), count, UPCAST)
     else:
         p_w = ((pid_t * NUM_SPLITS + pid_k) * H + o_h)                      # [BH]
         tl.store(p_wacc + p_w[:, None] * D + o_v[None, :], acc, mask=m_hv)
@@ -190,6 +267,79 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
         tl.store(p_wml + p_w * 3, m_i, mask=m_ml)
         tl.store(p_wml + p_w * 3 + 1, l_i, mask=m_ml)
         tl.store(p_wml + p_w * 3 + 2, tl.zeros([BLOCK_H], dtype=tl.float32) + count.to(tl.float32), mask=m_ml)
+
+
+@triton.jit
+def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_wml,
+                                   S, H, N, K, D, K_PER_SPLIT, qk_scale, N_HB,
+                                   NOPE: tl.constexpr, ENTRY: tl.constexpr,
+                                   NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   SPLIT_D: tl.constexpr):
+    # dequant="chunks" over the FP8 cache: _sparse_attn_fwd_kernel's arguments (as KV_FP8), grid and
+    # results, the head dim taken in chunks of CH = 64 columns (one e8m0 scale block), so that no
+    # [BK, BD] tile is ever live:
+    # - logits: b_s [BH, BK] = the sum over the chunks, in column order, of q[:, chunk] @ kv[:, chunk]^T
+    #   (one fp32 accumulator through the chunk dots), in a loop that is not unrolled, so one q chunk
+    #   and one kv chunk buffer serve every chunk. (Unrolled, ptxas keeps a wgmma operand descriptor
+    #   per 16-wide k step of q and of kv, 2 x BD / 16, live across the K loop, and they spill next to
+    #   the accumulator: 204-428 B at V4's decode shape.)
+    # - values: the accumulator as BV / CH chunks acc[c] [BH, CH] (a tuple), acc[c] += p @ kv[:, chunk c],
+    #   each chunk gathered and dequantised again (its rows were just read: L1/L2 hits).
+    # q is read again at every step, one chunk at a time (L1/L2). The kv chunks are _load_kv_fp8's
+    # values, as in the tile kernel; a split_d part (d0) gathers only its own value chunks.
+    CH: tl.constexpr = 64
+    BLOCK_DV: tl.constexpr = BLOCK_D // SPLIT_D
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    pid_t, pid_h, pid_k, d0 = _program_coords(N_HB, SPLIT_D, BLOCK_DV)
+    b = pid_t // S
+    o_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)                           # [BH]
+    o_c = tl.arange(0, CH)                                                  # [CH]
+    m_h = o_h < H
+    p_row = (pid_t * H + o_h[:, None]) * D                                  # [BH, 1]
+    dtype: tl.constexpr = p_q.dtype.element_ty
+
+    accs = ()
+    for c in tl.static_range(BLOCK_DV // CH):
+        accs = accs + (tl.zeros([BLOCK_H, CH], dtype=tl.float32),)         # [BH, CH] each
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    n_valid = tl.zeros([BLOCK_K], dtype=tl.int32)
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        valid, rows = _gather_rows(p_idx, pid_t, K, k0, k_hi, b, N, BLOCK_K)
+        b_s = tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32)
+        for c0 in range(0, BLOCK_D, CH):
+            b_q = tl.load(p_q + p_row + c0 + o_c[None, :], mask=m_h[:, None] & (c0 + o_c[None, :] < D), other=0.0)
+            if UPCAST:
+                b_q = b_q.to(tl.float32)
+            b_k = _load_kv_fp8(p_cache, rows, valid, c0, D, NOPE, ENTRY, dtype, BLOCK_K, CH)   # [BK, CH]
+            b_s = _key_dot(b_s, b_q, b_k, IEEE, UPCAST)
+        b_p, alpha, m_i, l_i = _softmax_step(b_s, valid, m_i, l_i, qk_scale)
+        new_accs = ()
+        for c in tl.static_range(BLOCK_DV // CH):
+            b_v = _load_kv_fp8(p_cache, rows, valid, d0 + c * CH, D, NOPE, ENTRY, dtype, BLOCK_K, CH)
+            new_accs = new_accs + (_value_dot(accs[c], alpha, b_p, b_v, IEEE, UPCAST),)
+        accs = new_accs
+        n_valid += valid.to(tl.int32)
+    count = tl.sum(n_valid, axis=0)
+
+    if NUM_SPLITS == 1:
+        scale = _out_scale(p_sink, o_h, m_h, m_i, l_i, count)
+        for c in tl.static_range(BLOCK_DV // CH):
+            o_v = d0 + c * CH + o_c                                         # [CH] the chunk's columns
+            _store_out(p_o, p_row, o_v, m_h[:, None] & (o_v[None, :] < D), accs[c], scale, count, UPCAST)
+    else:
+        p_w = ((pid_t * NUM_SPLITS + pid_k) * H + o_h)                      # [BH]
+        for c in tl.static_range(BLOCK_DV // CH):
+            o_v = d0 + c * CH + o_c
+            tl.store(p_wacc + p_w[:, None] * D + o_v[None, :], accs[c], mask=m_h[:, None] & (o_v[None, :] < D))
+        if SPLIT_D == 1:
+            m_ml = m_h
+        else:
+            m_ml = m_h & (o_h * 0 + d0 == 0)                                # [BH] the first part writes them
+        _store_stats(p_wml, p_w, m_ml, m_i, l_i, count, BLOCK_H)
 
 
 @triton.jit
@@ -237,6 +387,8 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
     B, S, H, D = q.shape
     K = topk_idxs.shape[-1]
     T = B * S  # a grid of 0 programs launches nothing (no branch on a possibly symbolic S)
+    check(kv_fp8 or cfg.dequant == "tile",
+          f"dequant={cfg.dequant!r} is for the FP8 cache (sparse_attention_cached); sparse_attention takes 'tile'")
     if H == 0 or D == 0:
         return
     block_h, block_d = block_sizes(H, D, cfg)
@@ -253,9 +405,13 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
     else:
         wacc = torch.empty((T, splits, H, D), dtype=torch.float32, device=q.device)
         wml = torch.empty((T, splits, H, 3), dtype=torch.float32, device=q.device)
-    launch(_sparse_attn_fwd_kernel, (T * n_h * split_d, splits), q, kv, attn_sink, topk_idxs, out, wacc, wml,
-           S, H, N, K, D, k_per_split, qk_scale, n_h,
-           KV_FP8=kv_fp8, NOPE=nope, ENTRY=entry_bytes, NUM_SPLITS=splits, IEEE=ieee, UPCAST=INTERPRET,
+    if cfg.dequant == "chunks":
+        kernel, variant = _sparse_attn_fp8_chunks_kernel, {}
+    else:
+        kernel, variant = _sparse_attn_fwd_kernel, {"KV_FP8": kv_fp8}
+    launch(kernel, (T * n_h * split_d, splits), q, kv, attn_sink, topk_idxs, out, wacc, wml,
+           S, H, N, K, D, k_per_split, qk_scale, n_h, **variant,
+           NOPE=nope, ENTRY=entry_bytes, NUM_SPLITS=splits, IEEE=ieee, UPCAST=INTERPRET,
            BLOCK_H=block_h, BLOCK_K=cfg.block_k, BLOCK_D=block_d, SPLIT_D=split_d,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:

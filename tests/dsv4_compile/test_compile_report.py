@@ -1,6 +1,7 @@
 """bench/compile_report.py: the occupancy arithmetic and the ptxas log parsing, and one offline sm_90a
 compile (no GPU: the kernels compiled, not interpreted, in a subprocess with TRITON_INTERPRET=0) of the
-prefill and the FP8 decode kernel at the tiny preset's shapes, split_d 1 and 2."""
+prefill and the FP8 decode kernel at the tiny preset's shapes, split_d 1 and 2 (and the decode kernel's
+dequant="chunks" variant)."""
 import csv
 import os
 import subprocess
@@ -34,15 +35,20 @@ def test_ctas_per_sm_and_ptxas_log():
 
 def test_offline_sm90_compile(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    base = "block_h=16,block_k=16,num_warps=4,num_stages=1"
     for kernel in ("sparse_attention", "sparse_attention_cached"):
+        configs = [base, f"{base},split_d=2"] + ([f"{base},split_d=2,dequant=chunks"] if "cached" in kernel else [])
         out = tmp_path / f"{kernel}.csv"
         subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", kernel, "--preset", "tiny",
-                        "--context", "256", "--configs", "block_h=16,block_k=16,num_warps=4,num_stages=1;"
-                        "block_h=16,block_k=16,num_warps=4,num_stages=1,split_d=2", "--csv", str(out)],
+                        "--context", "256", "--configs", ";".join(configs), "--csv", str(out)],
                        check=True, env=env, capture_output=True, timeout=300)
         rows = list(csv.DictReader(open(out)))
-        assert [r["config"].split(",")[-1] for r in rows] == ["split_d=1", "split_d=2"]
-        whole, split = rows
+        fields = [dict(item.split("=") for item in r["config"].split(",")) for r in rows]
+        expected = [("1", "tile"), ("2", "tile"), ("2", "chunks")][:len(configs)]
+        assert [(f["split_d"], f["dequant"]) for f in fields] == expected
+        whole, split = rows[:2]
         assert 0 < int(whole["regs"]) <= 255 and int(whole["warps"]) == 4 and int(whole["smem"]) > 0
-        n_whole, n_split = (int(r["grid"].split("x")[0]) for r in rows)
+        n_whole, n_split = (int(r["grid"].split("x")[0]) for r in rows[:2])
         assert n_split == 2 * n_whole                       # the launcher's grid: two column parts a program
+        assert [r["function"] for r in rows[2:]] == ["_sparse_attn_fp8_chunks_kernel"] * (len(rows) - 2)
+        assert all(r["grid"] == split["grid"] for r in rows[2:])          # dequant changes the kernel, not the grid

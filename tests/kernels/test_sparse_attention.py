@@ -156,7 +156,11 @@ def test_config_api_and_input_checks():
     assert value_split(16, SparseAttentionConfig(split_d=2)) == 1
     assert value_split(512, SparseAttentionConfig(split_d=2), kv_fp8=True) == 2
     assert value_split(96, SparseAttentionConfig(split_d=4), kv_fp8=True) == 2   # padded 128 = 2 x 64
+    with pytest.raises(ValueError, match="dequant = 'rows': choose one of"):
+        SparseAttentionConfig(dequant="rows")
     q, kv, sink, idx = make_inputs(1, 3, 2, 16, 5, 4, torch.float32)
+    with pytest.raises(ValueError, match="dequant='chunks' is for the FP8 cache"):
+        sparse_attention(q, kv, sink, idx, 0.1, "dequant=chunks")
     with pytest.raises(ValueError, match="topk_idxs is torch.int64"):
         sparse_attention(q, kv, sink, idx.long(), 0.1)
     with pytest.raises(ValueError, match="kv is torch.bfloat16"):

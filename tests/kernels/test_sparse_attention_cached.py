@@ -34,7 +34,8 @@ SHAPES = [
     pytest.param((2, 2, 3, 96, 32, 9, 10), id="B2-S2-H3-D96-R32-N9-K10-tiny-preset"),
     pytest.param((1, 3, 5, 192, 64, 20, 23), id="B1-S3-H5-D192-R64-N20-K23-two-scales"),
 ]
-CONFIGS = [pytest.param(None, id="default"), pytest.param("block_k=16,num_splits=3", id="bk16-split3")]
+CONFIGS = [pytest.param(None, id="default"), pytest.param("block_k=16,num_splits=3", id="bk16-split3"),
+           pytest.param("block_k=16,num_splits=3,dequant=chunks", id="chunks-bk16-split3")]
 
 
 def make_cache(B, N, D, R, seed=0, scale_exp=None):
@@ -105,17 +106,46 @@ def test_split_d_is_exact(dtype):
     assert_close("split_d=4 vs naive (float64)", reference(q, cache, sink, idx, scale, R), out.cpu(), TOL[dtype])
 
 
-def test_dequantisation_is_exact():
+@pytest.mark.parametrize("config", [None, "dequant=chunks"], ids=["tile", "chunks"])
+def test_dequantisation_is_exact(config):
     """One-entry attention (sink -inf) returns the entry itself: checks every byte's decoding against
-    the plain unpacking, bit for bit in fp32 (p = 1 exactly, one product each)."""
-    B, N, D, R = 1, 6, 128, 64
+    the plain unpacking, bit for bit in fp32 (p = 1 exactly, one product each); D = 192 pads to 256:
+    the chunks are two FP8 scale blocks, the rope dims, padding."""
+    B, N, D, R = 1, 6, 192, 64
     cache = make_cache(B, N, D, R, seed=9).to(DEVICE)
     idx = torch.arange(N, dtype=torch.int32, device=DEVICE).view(1, N, 1)
     q = torch.zeros(1, N, 1, D, device=DEVICE)
     sink = torch.full((1,), -math.inf, device=DEVICE)
-    out = sparse_attention_cached(q, cache, sink, idx, 1.0, R)
+    out = sparse_attention_cached(q, cache, sink, idx, 1.0, R, config)
     from dsv4_compile.model.kv_layout import unpack_main_entries
     assert torch.equal(out[0, :, 0].cpu(), unpack_main_entries(cache.cpu(), D, R)[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequant_chunks_is_exact(dtype):
+    """dequant="chunks" (64-column chunks: logits summed over the chunks, accumulator in chunks):
+    - one chunk (D = 64, all FP8 or all rope): the same operations as the tile kernel, bit for bit,
+      holes, an empty row and split-K included;
+    - D = 192 (two scale blocks, rope, padding to 256): split_d 2 and 4 (each part its own value
+      chunks of the same probabilities) equal split_d 1 bit for bit, with and without split-K; the
+      tile kernel sums the logits in one dot, so only within the tolerances (fp32: last bits)."""
+    for R in (0, 64):
+        q, cache, sink, idx = make_inputs(3, 2, 5, 64, R, 11, 29, dtype, seed=6)
+        for base in ("block_k=16", "block_k=16,num_splits=3"):
+            tile = sparse_attention_cached(q, cache, sink, idx, 0.125, R, base)
+            chunks = sparse_attention_cached(q, cache, sink, idx, 0.125, R, f"{base},dequant=chunks")
+            assert torch.equal(chunks, tile), f"D=64 R={R} {base}: chunks differ from tile"
+    B, S, H, D, R, N, K = 2, 1, 5, 192, 64, 20, 23
+    q, cache, sink, idx = make_inputs(B, S, H, D, R, N, K, dtype, seed=7)
+    for base in ("block_k=16,dequant=chunks", "block_k=16,num_splits=2,dequant=chunks"):
+        whole = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, base)
+        for split_d in (2, 4):
+            out = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, f"{base},split_d={split_d}")
+            assert torch.equal(out, whole), f"{base},split_d={split_d}: differs from split_d=1"
+    tile = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, "block_k=16,num_splits=2")
+    assert_close("chunks vs tile", tile.cpu(), whole.cpu(), TOL[dtype])
+    assert_close("chunks split_d=4 vs naive (float64)", reference(q, cache, sink, idx, D ** -0.5, R), out.cpu(),
+                 TOL[dtype])
 
 
 def test_auto_splits_and_checks():
@@ -201,6 +231,32 @@ def test_gpu_decode_split_d_real_shapes():
     narrow = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R,
                                      "block_k=16,num_splits=4,num_warps=4,num_stages=1,split_d=2")
     assert_close("decode 4 warps split_d=2", ref, narrow, TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_gpu_decode_chunks_real_shapes():
+    """dequant="chunks" at V4's decode shape (batch 64, 64 x 512 bf16 heads, 584-byte entries, holes):
+    the spill-free builds of the compile report against the fp32 plain op, and split_d 2 against 1
+    bit for bit (the same chunk dots; only the value chunks a program owns differ)."""
+    B, H, D, R, N, K = 64, 64, 512, 64, 128 + 2048, 640
+    g = torch.Generator(device=DEVICE).manual_seed(11)
+    kv = torch.randn(B, N, D, device=DEVICE, generator=g)
+    kv = torch.cat([fp8_simulate(kv[..., :D - R], 64), kv[..., D - R:].bfloat16().float()], dim=-1)
+    cache = pack_main_entries(kv, R)
+    idx = torch.randint(0, N, (B, 1, K), device=DEVICE, generator=g, dtype=torch.int32)
+    idx[B // 2:, :, K // 3:] = -1                                            # shorter sequences
+    q = torch.randn(B, 1, H, D, device=DEVICE, generator=g).bfloat16()
+    sink = torch.randn(H, device=DEVICE, generator=g)
+    ref = torch.ops.dsv4.sparse_attention_cached(q.float(), cache, sink, idx, D ** -0.5, R)
+    for config in ("block_k=32,num_splits=4,dequant=chunks", "block_k=64,num_splits=4,dequant=chunks",
+                   "block_k=32,num_splits=4,num_warps=4,split_d=2,dequant=chunks"):
+        out = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, config)
+        assert not torch.isnan(out).any()
+        assert_close(f"decode {config}", ref, out, TOL[torch.bfloat16])
+    base = "block_k=16,num_splits=4,dequant=chunks"
+    whole = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, base)
+    split = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, f"{base},split_d=2")
+    assert torch.equal(split, whole), f"max |diff| {(split.float() - whole.float()).abs().max().item():.3g}"
 
 
 def test_op_schema_and_opcheck():

@@ -93,6 +93,21 @@ def test_attention_split_d_halves_the_accumulator():
         assert kind == "hard" and "shared memory ~296 KB" in reason
 
 
+def test_attention_dequant_chunks_is_a_decode_choice_with_small_tiles():
+    """The decode space tunes dequant ("tile" / "chunks", the prefill space does not: its kernel has
+    no FP8 cache); a "chunks" config stages 64-column chunks only, so 3 stages of block_k 64 with
+    split_d 2 pass the shared memory rule that prunes the same "tile" config."""
+    decode, prefill = get_space("sparse_attention_cached"), get_space("sparse_attention")
+    h100 = gpu_spec("H100")
+    problem = decode.make_problem(FLASH, 8192, 64, "decode")
+    assert set(decode.choices(problem, h100)["dequant"]) == {"tile", "chunks"}
+    assert "dequant" not in prefill.choices(prefill.make_problem(FLASH, 8192, 1, "prefill"), h100)
+    deep = {"block_h": 64, "block_k": 64, "num_warps": 8, "num_stages": 3, "num_splits": 4, "split_d": 2}
+    assert decode.check(decode.make_config({**deep, "dequant": "chunks"}, "H100", "decode"), problem, h100) is None
+    kind, reason = decode.check(decode.make_config({**deep, "dequant": "tile"}, "H100", "decode"), problem, h100)
+    assert kind == "hard" and "shared memory" in reason
+
+
 def test_redundant_rules_depend_on_the_problem_but_spare_the_baseline():
     fp8 = get_space("fp8_quantize")
     h100 = gpu_spec("H100")

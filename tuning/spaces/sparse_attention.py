@@ -20,6 +20,11 @@ def attn_hard(cfg, problem, gpu) -> str | None:
     if acc > ACC_PER_THREAD:
         return f"accumulator [{block_h}, {block_v}] over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
     elt = 4 if problem.dim("dtype") == "float32" else 2
+    if cfg.dequant == "chunks":
+        # Pipelined 64-column chunks of q [block_h, 64] and of the kv tile [block_k, 64], plus the
+        # probabilities [block_h, block_k] staged for the second dot (16-28 KB on sm_90a at V4's decode).
+        need = (cfg.num_stages * (block_h + cfg.block_k) * 64 + block_h * cfg.block_k) * elt
+        return smem_reason(need, gpu, f"{cfg.num_stages} stages of 64-column q and kv chunks")
     # Pipelined gathered kv tiles [block_k, D] (the FP8 cache is dequantised into the same dtype),
     # the value columns [block_k, block_v] when the head dim is split, plus the probabilities
     # [block_h, block_k] staged for the second dot. q [block_h, D] is left out: with it, block_k 64 x 3

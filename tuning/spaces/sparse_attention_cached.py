@@ -18,7 +18,9 @@ def _decode_baseline(params: dict, problem: Problem, gpu: GpuSpec) -> dict:
 SPARSE_ATTENTION_CACHED = KernelSpace(
     name="sparse_attention_cached", package="sparse_attention_cached", config_package="sparse_attention",
     config_class="SparseAttentionConfig", function="sparse_attention_cached:sparse_attention_cached",
-    params=ATTN_PARAMS + (Param("num_splits", (1, 2, 4, 8, 16)),),
+    # dequant "chunks": no spill at V4's decode shape on sm_90a, block_k 16-64 (split_d 2 over 4 warps:
+    # 2 CTAs/SM), not timed yet (bench/results/H200/attention_compile_report.md)
+    params=ATTN_PARAMS + (Param("num_splits", (1, 2, 4, 8, 16)), Param("dequant", ("tile", "chunks"))),
     problem=attn_problem, phases=("decode",), hard=(rule_threads, attn_hard), redundant=(attn_redundant,),
     defaults={"decode": "decode_default_config"}, baseline=_decode_baseline,
     doc="Decode of one CSA layer over the FP8 cache: q [batch, 1, n_heads, head_dim], cache [batch, window "
