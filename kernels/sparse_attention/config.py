@@ -31,13 +31,13 @@ class SparseAttentionConfig(KernelConfig):
                 tile, which serves both dots. "chunks": 64-column chunks (one e8m0 scale block) in a loop,
                 the logits summed over them in column order, the accumulator kept as 64-column chunks, the
                 value chunks gathered a second time (L1/L2): no [block_k, BLOCK_D] tile and fewer live
-                registers (no spills at V4's 64 x 512 decode, sm_90a, bench/results/H200/
-                attention_compile_report.md). Same dequantised values; the logits' fp32 sum is cut at
-                the chunk boundaries, so they can differ from "tile"'s in the last fp32 bits (the
-                interpreter's do; on a GPU unmeasured).
+                registers (no spills at V4's 64 x 512 decode up to block_k 64, sm_90a, bench/results/
+                H200/attention_compile_report.md). Same dequantised values; the logits' fp32 sum is cut
+                at the chunk boundaries, so the logits can differ from "tile"'s in the last fp32 bits
+                (the interpreter's do; on a GPU unmeasured).
     num_warps / num_stages: Triton launch parameters of the main kernel (the combine kernel uses 4/1).
-    The head dim is not a block field: the whole (power-of-two padded) head dim is one tile for the
-    logits, so each gathered row serves both dots (logits and output) when split_d = 1.
+    The head dim is not a block field: with dequant "tile" the whole (power-of-two padded) head dim is
+    one tile for the logits, so each gathered row serves both dots (logits and output) when split_d = 1.
     Defaults per GPU: DEFAULT_CONFIGS (prefill, head dim > 128), SMALL_HEAD_DEFAULT_CONFIGS (prefill,
     head dim <= 128), DECODE_DEFAULT_CONFIGS (the FP8-cache op). A config string names only the fields
     it changes: "block_k=128,num_stages=1" keeps the default's other values.

@@ -1,5 +1,5 @@
 """Search space of the decode sparse attention kernel over the FP8 cache (kernels/sparse_attention_cached,
-whose config class and defaults are sparse_attention's): the split factor is tuned too."""
+whose config class and defaults are sparse_attention's): the split factor and `dequant` are tuned too."""
 from __future__ import annotations
 
 from .framework import GpuSpec, KernelSpace, Param, Problem, rule_threads
@@ -24,5 +24,5 @@ SPARSE_ATTENTION_CACHED = KernelSpace(
     problem=attn_problem, phases=("decode",), hard=(rule_threads, attn_hard), redundant=(attn_redundant,),
     defaults={"decode": "decode_default_config"}, baseline=_decode_baseline,
     doc="Decode of one CSA layer over the FP8 cache: q [batch, 1, n_heads, head_dim], cache [batch, window "
-        "+ context/4, 584 B], K = window + index_topk. The split factor (flash-decoding) is tuned; the "
-        "baseline is the kernel's default with its automatic split count.")
+        "+ context/4, 584 B], K = window + index_topk. The split factor (flash-decoding) and the dequantisation "
+        "(whole tile / 64-column chunks) are tuned; the baseline is the kernel's default with its automatic split count.")
