@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
+from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, placeholder,
+                       resolve_config)
 from .._jit_utils import block_scale, divide_by_scale, e4m3_bits
 from .config import SCALE_BLOCK, Fp8LinearConfig, default_config
 
@@ -150,7 +151,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         return _cublas_fp8_linear(x2, weight, scale, native).reshape(*lead, n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     fused = cfg.quant == "fused"
-    a, a_scale, stride = x2, y, x2.stride(0)
+    a, a_scale, stride = x2, placeholder(x.device, torch.float32), x2.stride(0)  # p_as unused when fused
     if not fused:
         a, a_scale = _quantize(x2, native, m, row_major_scales=True)
         stride = k

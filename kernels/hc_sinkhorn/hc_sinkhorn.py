@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
+from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, placeholder, resolve_config
 from .._jit_utils import round_bf16
 from .config import HcConfig, default_config, hc_pre_splits, padded_n
 
@@ -213,7 +213,8 @@ def _launch_hc_pre(x, fn, scale, base, y, post, comb, T: int, n: int, D: int, it
     NW = max(2 * NP * NP, 16)
     splits = hc_pre_splits(cfg, n * D)
     grid_t = triton.cdiv(T, cfg.block_t)
-    part = ss = x                                                           # unused by the one-sweep kernel
+    # unused by the one-sweep kernel
+    part, ss = placeholder(x.device, torch.float32), placeholder(x.device, torch.float32)
     if splits > 1:
         k_split = triton.cdiv(triton.cdiv(n * D, splits), cfg.block_k) * cfg.block_k
         part = torch.empty((splits, T, NW), dtype=torch.float32, device=x.device)

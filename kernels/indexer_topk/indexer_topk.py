@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, largest_value, launch,
-                       resolve_config, sm_count, split_chunks)
+                       placeholder, resolve_config, sm_count, split_chunks)
 from .config import (FP8_K_STEP, MAX_TOPK, IndexerTopkConfig, default_config, key_rows_refusal, launch_plan,
                      padded_heads_dims, radix_default_config, workspace_width)
 from .radix_topk import launch_radix_topk
@@ -287,11 +287,11 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
                          FP8: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr, C: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr):
     # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, their bf16 rounding
-    # when FIX, their row-scaled e4m3 form when FP8); p_kf [B, N, D] the keys as given and p_fix an
-    # int32 flag (used only when FIX and not FP8; otherwise any valid address, p_pos);
-    # p_pos [B, S] int64; p_ws [programs * BLOCK_S, C] int64 candidate workspace (program pid owns rows
+    # when FIX, their row-scaled e4m3 form when FP8); p_kf [B, N, D] the keys as given (used when FIX
+    # or FP8) and p_fix an int32 flag (used only when FIX and not FP8; otherwise a placeholder);
+    # p_pos [B * S] int64; p_ws [programs * BLOCK_S, C] int64 candidate workspace (program pid owns rows
     # pid * BLOCK_S ..); p_out [B, S, topk] int32.
-    # FP8 (else unused, any valid address): p_q8 [B, S, H, D] q's row-scaled e4m3 form, p_qs [B, S, H]
+    # FP8 (else unused placeholders): p_q8 [B, S, H, D] q's row-scaled e4m3 form, p_qs [B, S, H]
     # and p_ks [B, N] fp32 row scales (0: the row is not FP4-like), p_kbad [B] int32 the first key
     # of each batch row that is not (N if none): keys from its tile on, and query blocks holding a
     # row that is not, take the bf16 dots (with FIX the residual dots too), see DESIGN.md.
@@ -308,7 +308,7 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
     if FP8:
         fix = True                                                          # the fallback dots: residuals whenever FIX
     else:
-        fix = tl.load(p_fix) != 0                                           # read only when FIX (else p_fix = p_pos)
+        fix = tl.load(p_fix) != 0                                           # used only when FIX
     for blk in range(pid, n_blocks, n_prog):
         b = blk // N_SB
         s0 = (N_SB - 1 - blk % N_SB) * BLOCK_S
@@ -415,7 +415,7 @@ def fp8_rows(x: torch.Tensor, group: int = 0):
     scale = torch.empty((R,), dtype=torch.float32, device=x.device)
     first_bad = torch.full((R // group,), group, dtype=torch.int32, device=x.device) if group else None
     BLOCK_D = max(FP8_K_STEP, triton.next_power_of_2(D))
-    launch(_fp8_rows_kernel, (triton.cdiv(R, FP8_ROWS_BLOCK),), x, x8, scale, scale if first_bad is None else first_bad,
+    launch(_fp8_rows_kernel, (triton.cdiv(R, FP8_ROWS_BLOCK),), x, x8, scale, placeholder(x.device) if first_bad is None else first_bad,
            R, max(group, 1), D, BLOCK_R=FP8_ROWS_BLOCK, BLOCK_D=BLOCK_D, STEP=FP8_K_STEP, FIRST_BAD=bool(group),
            num_warps=4)
     return x8, scale, first_bad
@@ -433,8 +433,13 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     fast = plan != "exact"
     fp8 = plan == "fp8"
     fix = plan == "bf16_fix" or (fp8 and keys.dtype != torch.bfloat16)
-    k_op, k_full, flag = keys, keys, positions                 # p_kf / p_fix unused unless FIX
-    q8, q_scale, k_scale, k_bad = q, positions, positions, positions   # unused unless FP8
+    # [B * S]: flat as the kernels index it (no [1, S] view for export to clone: placeholder())
+    positions = positions.view(-1)
+    dev = q.device
+    k_op, flag = keys, placeholder(dev)                                     # p_fix unused unless FIX
+    k_full = keys if fp8 or fix else placeholder(dev, keys.dtype)           # p_kf: the fallback / residual dots
+    q8, q_scale = placeholder(dev, torch.float8_e4m3fn), placeholder(dev, torch.float32)  # unused unless FP8
+    k_scale, k_bad = placeholder(dev, torch.float32), placeholder(dev)
     if fp8:
         # The MMA operands: q and keys times power-of-two row scales, in e4m3; rows that are not
         # FP4-like get scale 0, and the kernel gives them (and the keys after them) the bf16 dots.

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import check, check_tensor, launch, resolve_config
+from .._common import check, check_tensor, launch, placeholder, resolve_config
 from .config import MAX_TOPK, RadixTopkConfig, radix_default_config
 from .sort_keys import order_bits, pack_keys, unpack_index
 
@@ -128,8 +128,8 @@ def launch_radix_topk(scores, lengths, out_rows, out, k: int, cfg: RadixTopkConf
     out_rows [R] int32 into out row out_rows[r] (rows < 0 skipped) of out [*, k]; lengths [R] int32 or
     None as in radix_topk."""
     R, N = scores.shape
-    launch(_radix_topk_kernel, (R,), scores, scores.stride(0), scores if lengths is None else lengths,
-           scores if out_rows is None else out_rows, out, N, k, HAS_LEN=lengths is not None,
+    launch(_radix_topk_kernel, (R,), scores, scores.stride(0), placeholder(scores.device) if lengths is None else lengths,
+           placeholder(scores.device) if out_rows is None else out_rows, out, N, k, HAS_LEN=lengths is not None,
            HAS_ROWS=out_rows is not None, BLOCK_N=cfg.block_n, BITS=cfg.digit_bits, KB=triton.next_power_of_2(k),
            num_warps=cfg.num_warps)
 

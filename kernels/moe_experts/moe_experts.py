@@ -47,7 +47,7 @@ import triton.language as tl
 
 from ...model.moe_ops import chunked_expert_blocks
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, launch,
-                       split_chunks)
+                       placeholder, split_chunks)
 from .._jit_utils import round_bf16
 from .config import MoeExpertsConfig, default_config, fit_block
 
@@ -366,7 +366,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
             w1, w2, w3 = (w.view(torch.uint8) for w in (w1, w2, w3))
     else:
         scale_f32 = False
-        s1 = s2 = s3 = x                                                    # unused
+        s1, s2, s3 = (placeholder(x.device, torch.float32) for _ in range(3))  # unused
     upcast = INTERPRET
     ieee = x.dtype == torch.float32
     bn, bn2 = fit_block(cfg.block_n, I), fit_block(cfg.down_block_n, D)

@@ -77,11 +77,12 @@ def _ns_normalize_kernel(p_g, p_den, p_x, m, n, s_i, s_j, TILE: tl.constexpr):
 
 
 @triton.jit
-def _ns_sym_kernel(p_x, p_c, p_o, alpha, beta, m, K,
-                   HAS_C: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
-    # p_x [Bt, m, K] bf16; p_c, p_o [Bt, m, m] bf16 (p_c symmetric).
-    # O = alpha * C + beta * X X^T (HAS_C) or X X^T, on the upper-triangle tile (ti <= tj) of this
-    # program, stored at (ti, tj) and mirrored at (tj, ti).
+def _ns_sym_kernel(p_x, p_o, alpha, beta, m, K, ADD_X: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    # p_x [Bt, m, K] bf16 (symmetric and K = m when ADD_X); p_o [Bt, m, m] bf16.
+    # O = alpha * X + beta * X X^T (ADD_X) or X X^T, on the upper-triangle tile (ti <= tj) of this
+    # program, stored at (ti, tj) and mirrored at (tj, ti). X is read through the one pointer for both
+    # terms (no second argument aliasing it: kernels/_common.placeholder says why).
     # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
     alpha = tl.cast(alpha, tl.float32)
     beta = tl.cast(beta, tl.float32)
@@ -108,8 +109,8 @@ def _ns_sym_kernel(p_x, p_c, p_o, alpha, beta, m, K,
         acc = tl.dot(b_a, tl.trans(b_b), acc)
     mask = (o_i[:, None] < m) & (o_j[None, :] < m)
     offs = pid_b * m * m + o_i[:, None] * m + o_j[None, :]
-    if HAS_C:
-        b_c = tl.load(p_c + offs, mask=mask, other=0.0).to(tl.float32)
+    if ADD_X:
+        b_c = tl.load(p_x + offs, mask=mask, other=0.0).to(tl.float32)
         acc = alpha * b_c + beta * acc
     out = round_bf16(acc).to(tl.bfloat16)
     tl.store(p_o + offs, out, mask=mask)
@@ -176,12 +177,12 @@ def _launch_normalize(G: torch.Tensor, X: torch.Tensor, Bt: int, M: int, N: int,
     launch(_ns_normalize_kernel, grid, G, den, X, m, n, s_i, s_j, TILE=tile, num_warps=4)
 
 
-def _launch_sym(X: torch.Tensor, C: torch.Tensor | None, out: torch.Tensor, alpha: float, beta: float,
-                Bt: int, m: int, K: int, cfg: NewtonSchulzConfig) -> None:
+def _launch_sym(X: torch.Tensor, out: torch.Tensor, alpha: float, beta: float, Bt: int, m: int, K: int,
+                cfg: NewtonSchulzConfig, add_x: bool) -> None:
     block = fit_block(cfg.sym_block, m)
     nt = triton.cdiv(m, block)
-    launch(_ns_sym_kernel, (nt * (nt + 1) // 2, Bt), X, C if C is not None else out, out, float(alpha), float(beta),
-           m, K, HAS_C=C is not None, UPCAST=INTERPRET, BLOCK=block, BLOCK_K=fit_block(cfg.sym_block_k, K),
+    launch(_ns_sym_kernel, (nt * (nt + 1) // 2, Bt), X, out, float(alpha), float(beta),
+           m, K, ADD_X=add_x, UPCAST=INTERPRET, BLOCK=block, BLOCK_K=fit_block(cfg.sym_block_k, K),
            num_warps=cfg.sym_num_warps, num_stages=cfg.sym_num_stages)
 
 
@@ -229,8 +230,8 @@ def newton_schulz(G: torch.Tensor, coefficients: list[float],
     n_steps = len(coefficients) // 3
     for step in range(n_steps):
         a, b, c = coefficients[3 * step: 3 * step + 3]
-        _launch_sym(X, None, A, 0.0, 1.0, Bt, m, n, cfg)                    # A = X X^T
-        _launch_sym(A, A, B, b, c, Bt, m, m, cfg)                           # B = b A + c A A
+        _launch_sym(X, A, 0.0, 1.0, Bt, m, n, cfg, add_x=False)             # A = X X^T
+        _launch_sym(A, B, b, c, Bt, m, m, cfg, add_x=True)                  # B = b A + c A A
         if step == n_steps - 1:
             strides = (1, m, M * N) if M > N else (n, 1, M * N)             # G's layout: X^T when tall
             _launch_gemm(B, X, out, a, Bt, m, n, strides, cfg)

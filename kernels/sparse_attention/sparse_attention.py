@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
+from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, placeholder,
+                       resolve_config)
 from .._jit_utils import round_bf16
 from .config import SparseAttentionConfig, block_sizes, default_config, value_split
 
@@ -399,9 +400,8 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
     ieee = q.dtype == torch.float32
     qk_scale = float(softmax_scale) * LOG2E
     if splits == 1:
-        # unused (NUM_SPLITS == 1 never touches them); fresh, so no argument aliases another
-        wacc = torch.empty((1,), dtype=torch.float32, device=q.device)
-        wml = torch.empty((1,), dtype=torch.float32, device=q.device)
+        # unused (NUM_SPLITS == 1 never touches them)
+        wacc, wml = placeholder(q.device, torch.float32), placeholder(q.device, torch.float32)
     else:
         wacc = torch.empty((T, splits, H, D), dtype=torch.float32, device=q.device)
         wml = torch.empty((T, splits, H, 3), dtype=torch.float32, device=q.device)
