@@ -49,3 +49,18 @@ def test_cuda_pt2_holds_the_triton_kernels_and_runs_without_our_code(tmp_path):
     err = rel_rms(ref, torch.load(tmp_path / "out.pt"))
     # The kernels sum in another order than the plain code (fp32 here): the compile check's bound.
     assert err <= COMPILE_TOLERANCE[config.dtype], f"packaged kernels vs eager: rel RMS {err:.2e}"
+
+
+def test_static_batch_prefill_packages(tmp_path):
+    """mini's prefill engine has B = 1 (max_batch_size 1): its [1, S] operands once made AOTInductor's
+    decompose_triton_kernel_wrapper_functional assert (pytorch#181735, through the indexer's shared
+    positions: kernels/_common.placeholder). The same engine shape on the tiny preset packages and runs."""
+    config = ModelConfig.load("tiny").replace(max_batch_size=1, max_seq_len=512)
+    model = eager_model(config, seed=0, state=None, cuda=True)
+    result = export_prefill(model, gpu=resolve_gpu("auto"))
+    assert result.batch_range == (1, 1) and "indexer_topk.triton" in result.kernels, (result.batch_range, result.kernels)
+    package = torch._inductor.aoti_load_package(export_aoti(result, str(tmp_path / "prefill.pt2")))
+    tokens = example_tokens(config, 1, 300, seed=3).cuda()
+    with torch.no_grad():
+        err = rel_rms(model(tokens).float(), package(tokens).float())
+    assert err <= COMPILE_TOLERANCE[config.dtype], f"packaged kernels vs eager: rel RMS {err:.2e}"
