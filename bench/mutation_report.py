@@ -1,0 +1,136 @@
+"""Which arguments of each kernel launch torch's Triton mutation analysis counts as written (offline).
+
+    python bench/mutation_report.py [--out bench/results/H200/mutation_report.md]
+
+No GPU needed. When export or torch.compile traces a kernel (`wrap_triton`), torch reads the kernel's
+TTIR and marks every argument a store's address can be traced back to as written; functionalization
+then clones each such argument that it cannot let the kernel write in place (an input the graph still
+uses afterwards: the shared positions, a KV cache, a weight). An argument the kernel only reads but
+that is counted as written costs a copy per call in the exported engines (and, with torch 2.11, the
+clone of some dynamic views fails outright: pytorch issue 181735, kernels/_common.placeholder).
+
+The analysis walks a store's address back through every op except loads; a `@triton.jit` helper
+call is one op, so a store address computed from a helper's result marks every argument of that
+call as written (the helper only loaded them). This report runs each op's own launcher on small CPU
+tensors with `launch` intercepted, asks torch's analysis (`identify_accessed_tensors`) about each
+launch for a Hopper target (TTIR only: no GPU, no ptxas), and lists per kernel the arguments counted
+as written that are the op's inputs (false positives: the op never writes its inputs) and those it
+writes (its outputs and scratch).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import sys
+from unittest import mock
+
+os.environ.pop("TRITON_INTERPRET", None)  # the kernels' real (GPU) code paths, not the interpreter's
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from dsv4_compile.kernels import _common  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+RUN_ON = "H200"  # the launchers' defaults are the H200's (configs given explicitly where they differ)
+
+
+def _cases() -> dict:
+    """op name -> (function, args): small inputs that reach each launch of the op's GPU path."""
+    from dsv4_compile.kernels.fp8_linear import fp8_linear
+    from dsv4_compile.kernels.hc_sinkhorn import hc_pre
+    from dsv4_compile.kernels.indexer_topk import indexer_topk
+    from dsv4_compile.kernels.moe_experts import moe_experts
+    from dsv4_compile.kernels.sparse_attention import sparse_attention
+    from dsv4_compile.kernels.sparse_attention_cached import sparse_attention_cached
+    from dsv4_compile.kernels.sparse_attention_cached.config import entry_layout
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape, dtype=torch.bfloat16):
+        return torch.randn(shape, generator=g).to(dtype)
+
+    B, S, H, D, N = 1, 64, 8, 128, 16
+    q, w, keys = r(B, S, H, D), r(B, S, H, dtype=torch.float32), r(B, N, D)
+    pos = torch.arange(S).view(1, S)
+    idx = torch.randint(-1, 32, (B, S, 24), generator=g, dtype=torch.int32)
+    E, T, k = 8, 16, 2
+    ids = torch.randint(0, E, (T, k), generator=g, dtype=torch.int32)
+    w8 = r(256, 256, dtype=torch.float32).to(torch.float8_e4m3fn)
+    cache = torch.randint(0, 255, (B, 32, entry_layout(128, 64)[1]), generator=g, dtype=torch.uint8)
+    decode = (r(B, 1, 16, 128), cache, r(16, dtype=torch.float32), idx[:, :1], 0.1, 64)
+    cases = {
+        "indexer_topk (threshold)": (indexer_topk, (q, w, keys, pos, 4, 8, "block_s=4,block_n=64")),
+        "indexer_topk (radix)": (indexer_topk, (q, w, keys, pos, 4, 8, "block_s=4,block_n=64,selection=radix")),
+        "indexer_topk (fp8 scores)": (indexer_topk, (q, w, keys, pos, 4, 8, "block_s=4,block_n=64,score_mma=fp8")),
+        "sparse_attention": (sparse_attention, (r(B, S, 16, 128), r(B, 32, 128), r(16, dtype=torch.float32), idx, 0.1,
+                                                "block_h=16,block_k=16")),
+        "sparse_attention_cached (tile, split-K)": (sparse_attention_cached, (*decode, "block_h=16,block_k=16,num_splits=2")),
+        "sparse_attention_cached (chunks)": (sparse_attention_cached, (*decode, "block_h=16,block_k=16,dequant=chunks")),
+        "hc_pre (decode split)": (hc_pre, (r(B, 1, 4, 128), r(24, 512, dtype=torch.float32), r(3, dtype=torch.float32),
+                                           r(24, dtype=torch.float32), 20, 1e-6, 1e-6, "num_splits=4")),
+        "hc_pre": (hc_pre, (r(B, S, 4, 128), r(24, 512, dtype=torch.float32), r(3, dtype=torch.float32),
+                            r(24, dtype=torch.float32), 20, 1e-6, 1e-6)),
+        "moe_experts": (moe_experts, (r(T, 128), ids, r(T, k, dtype=torch.float32), r(E, 64, 128), r(E, 128, 64),
+                                      r(E, 64, 128), 10.0, "block_m=16")),
+        "fp8_linear": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2), "gemm=triton,quant=fused")),
+    }
+    return cases
+
+
+def _written(kernel, kwargs: dict) -> list[str]:
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+
+    accesses = identify_accessed_tensors(kernel, kwargs, {})
+    return sorted(d.name for d in accesses.read_writes.writes if isinstance(kwargs.get(d.name), torch.Tensor))
+
+
+def report() -> list[tuple[str, str, list[str], list[str]]]:
+    """(op, kernel, inputs counted as written, other arguments counted as written) per launch."""
+    rows = []
+    triton.runtime.driver.set_active(mock.MagicMock(get_current_target=lambda: HOPPER))
+    for op, (fn, args) in _cases().items():
+        launches = []
+        stand_ins = {"launch": lambda kernel, grid, *a, **kw: launches.append((kernel, a, kw)),
+                     "device_name": lambda device=None: RUN_ON, "sm_count": lambda device=None: 132}
+        with contextlib.ExitStack() as stack:
+            for name, module in list(sys.modules.items()):
+                if name.startswith("dsv4_compile.kernels.") and module is not _common:
+                    for attr, stand_in in stand_ins.items():
+                        if getattr(module, attr, None) is getattr(_common, attr):
+                            stack.enter_context(mock.patch.object(module, attr, stand_in))
+            # _common's own checks and config lookups: CPU tensors allowed, the H200's defaults
+            stack.enter_context(mock.patch.object(_common, "INTERPRET", True))
+            stack.enter_context(mock.patch.object(_common, "device_name", stand_ins["device_name"]))
+            fn(*args)
+        inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor) and t.numel()}
+        for kernel, a, kw in launches:
+            names = list(inspect.signature(kernel.fn).parameters)
+            kwargs = {**dict(zip(names, a)), **{n: v for n, v in kw.items() if n not in ("num_warps", "num_stages")}}
+            written = _written(kernel, kwargs)
+            own = [n for n in written if kwargs[n].untyped_storage().data_ptr() in inputs]
+            rows.append((op, kernel.fn.__name__, own, [n for n in written if n not in own]))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="write the table as markdown here (atomically)")
+    args = parser.parse_args()
+    rows = report()
+    lines = ["| op | kernel | op inputs counted as written (false) | written arguments (outputs, scratch) |",
+             "|---|---|---|---|"]
+    lines += [f"| {op} | `{k}` | {', '.join(own) or '-'} | {', '.join(rest) or '-'} |" for op, k, own, rest in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        from dsv4_compile.files import write_text_atomic
+        write_text_atomic(args.out, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
