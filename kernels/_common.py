@@ -137,7 +137,7 @@ def largest_value(n) -> int | None:
     if isinstance(n, int):
         return n
     bound = n.node.shape_env.bound_sympy(n.node.expr).upper
-    # not int_oo (its is_finite is True)
+    # is_Integer, not is_finite: int_oo counts as finite
     return int(bound) if bound.is_Integer and int(bound) < UNBOUNDED else None
 
 

@@ -433,10 +433,11 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     fast = plan != "exact"
     fp8 = plan == "fp8"
     fix = plan == "bf16_fix" or (fp8 and keys.dtype != torch.bfloat16)
-    # [B * S], flat as the kernels index it, and a copy of its own: torch 2.11's mutation analysis counts
-    # this argument as written (it reaches a @triton.jit helper), and export's clone of the shared
-    # positions (every CSA layer reads them) trips pytorch#181735 (see _common.placeholder); a copy
-    # no one else reads is written in place instead. B * S int64s: nothing beside the indexer's work.
+    # [B * S], flat as the kernels index it, and a copy of its own: torch's mutation analysis counts this
+    # argument of _indexer_topk_kernel as written (a store address comes from a helper that loaded it:
+    # bench/mutation_report.py), and export's clone of the shared positions (every CSA layer reads
+    # them) trips pytorch#181735 on torch 2.11 (_common.placeholder); a copy no one else reads is
+    # written in place instead. B * S int64s: nothing beside the indexer's work.
     positions = positions.reshape(-1).clone()
     dev = q.device
     k_op, flag = keys, placeholder(dev)                                     # p_fix unused unless FIX
