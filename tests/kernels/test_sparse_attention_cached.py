@@ -206,14 +206,15 @@ def test_gpu_decode_real_shapes(H):
         assert_close(f"decode H{H} {config}", ref, out, TOL[torch.bfloat16])
 
 
-@pytest.mark.gpu
-def test_gpu_decode_split_d_real_shapes():
-    """Batch 64 over a V4 cache (584-byte entries), 64 x 512 bf16 heads: split_d = 2 against split_d = 1
-    with the same other fields, bit for bit (see test_sparse_attention.py's GPU split_d test), and the
-    4-warp split_d = 2 build (acc [64, 256] a warpgroup, 2 CTAs/SM by registers on sm_90a) against the
-    fp32 plain op."""
-    B, H, D, R, N, K = 64, 64, 512, 64, 128 + 2048, 640
-    g = torch.Generator(device=DEVICE).manual_seed(5)
+# V4-Flash's decode shape: batch 64, 64 x 512 bf16 heads over 584-byte entries (64 rope dims), K = 640.
+REAL_DECODE = dict(B=64, H=64, D=512, R=64, N=128 + 2048, K=640)
+
+
+def _real_decode_case(seed: int):
+    """(q, cache, sink, idx, ref): REAL_DECODE's inputs on the GPU, the second half of the batch with
+    holes (shorter sequences), and the fp32 plain op's output."""
+    B, H, D, R, N, K = REAL_DECODE.values()
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     kv = torch.randn(B, N, D, device=DEVICE, generator=g)
     kv = torch.cat([fp8_simulate(kv[..., :D - R], 64), kv[..., D - R:].bfloat16().float()], dim=-1)
     cache = pack_main_entries(kv, R)
@@ -221,7 +222,17 @@ def test_gpu_decode_split_d_real_shapes():
     idx[B // 2:, :, K // 3:] = -1                                            # shorter sequences
     q = torch.randn(B, 1, H, D, device=DEVICE, generator=g).bfloat16()
     sink = torch.randn(H, device=DEVICE, generator=g)
-    ref = torch.ops.dsv4.sparse_attention_cached(q.float(), cache, sink, idx, D ** -0.5, R)
+    return q, cache, sink, idx, torch.ops.dsv4.sparse_attention_cached(q.float(), cache, sink, idx, D ** -0.5, R)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_split_d_real_shapes():
+    """Batch 64 over a V4 cache (584-byte entries), 64 x 512 bf16 heads: split_d = 2 against split_d = 1
+    with the same other fields, bit for bit (see test_sparse_attention.py's GPU split_d test), and the
+    4-warp split_d = 2 build (acc [64, 256] a warpgroup, 2 CTAs/SM by registers on sm_90a) against the
+    fp32 plain op."""
+    D, R = REAL_DECODE["D"], REAL_DECODE["R"]
+    q, cache, sink, idx, ref = _real_decode_case(5)
     for base in ("block_k=16,num_splits=4", "block_k=32,num_splits=2"):
         whole = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, base)
         split = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, f"{base},split_d=2")
@@ -238,16 +249,8 @@ def test_gpu_decode_chunks_real_shapes():
     """dequant="chunks" at V4's decode shape (batch 64, 64 x 512 bf16 heads, 584-byte entries, holes):
     the spill-free builds of the compile report against the fp32 plain op, and split_d 2 against 1
     bit for bit (the same chunk dots; only the value chunks a program owns differ)."""
-    B, H, D, R, N, K = 64, 64, 512, 64, 128 + 2048, 640
-    g = torch.Generator(device=DEVICE).manual_seed(11)
-    kv = torch.randn(B, N, D, device=DEVICE, generator=g)
-    kv = torch.cat([fp8_simulate(kv[..., :D - R], 64), kv[..., D - R:].bfloat16().float()], dim=-1)
-    cache = pack_main_entries(kv, R)
-    idx = torch.randint(0, N, (B, 1, K), device=DEVICE, generator=g, dtype=torch.int32)
-    idx[B // 2:, :, K // 3:] = -1                                            # shorter sequences
-    q = torch.randn(B, 1, H, D, device=DEVICE, generator=g).bfloat16()
-    sink = torch.randn(H, device=DEVICE, generator=g)
-    ref = torch.ops.dsv4.sparse_attention_cached(q.float(), cache, sink, idx, D ** -0.5, R)
+    D, R = REAL_DECODE["D"], REAL_DECODE["R"]
+    q, cache, sink, idx, ref = _real_decode_case(11)
     for config in ("block_k=32,num_splits=4,dequant=chunks", "block_k=64,num_splits=4,dequant=chunks",
                    "block_k=32,num_splits=4,num_warps=4,split_d=2,dequant=chunks"):
         out = sparse_attention_cached(q, cache, sink, idx, D ** -0.5, R, config)
