@@ -231,12 +231,13 @@ def is_traced(args) -> bool:
 
 
 def placeholder(device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """A fresh one-element tensor (a zero) for a pointer argument the launch does not read. Never another
-    operand in its place: torch's Triton mutation analysis may count an argument as written, and
-    export then clones it where it cannot be written in place (an operand passed twice, a graph input),
-    and torch 2.11 fails to clone a [1, s] view of a dynamic size (pytorch issue 181735: AOTInductor's
-    decompose_triton_kernel_wrapper_functional asserts; seen on the mini prefill engine)."""
-    return torch.zeros((1,), dtype=dtype, device=device)
+    """A fresh one-element tensor for a pointer argument whose value the launch never uses (allocated,
+    not filled: no kernel launch on the hot path). Never another operand in its place: torch's Triton
+    mutation analysis may count an argument as written, and export then clones it where it cannot be
+    written in place (an operand passed twice, a graph input), and torch 2.11 fails to clone a [1, s]
+    view of a dynamic size (pytorch issue 181735: AOTInductor's decompose_triton_kernel_wrapper_functional
+    asserts; seen on the mini prefill engine)."""
+    return torch.empty((1,), dtype=dtype, device=device)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:

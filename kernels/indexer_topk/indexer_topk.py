@@ -442,8 +442,7 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     dev = q.device
     k_op, flag = keys, placeholder(dev)                                     # p_fix unused unless FIX
     k_full = keys if fp8 or fix else placeholder(dev, keys.dtype)           # p_kf: the fallback / residual dots
-    # unused unless FP8 (q8 as bytes: no float8 fill for Inductor to lower)
-    q8, q_scale = placeholder(dev, torch.uint8), placeholder(dev, torch.float32)
+    q8, q_scale = placeholder(dev, torch.float8_e4m3fn), placeholder(dev, torch.float32)  # unused unless FP8
     k_scale, k_bad = placeholder(dev, torch.float32), placeholder(dev)
     if fp8:
         # The MMA operands: q and keys times power-of-two row scales, in e4m3; rows that are not
