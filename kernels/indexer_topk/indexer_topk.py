@@ -186,15 +186,25 @@ def _head_sum(b_s, b_w, ks, KSCALE: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _query_block(p_q, p_w, p_pos, p_q8, p_qs, p_kbad, b, s0, s_end, S, H, N, D, ratio, UPCAST: tl.constexpr,
+def _visible_keys(t, ratio, N):
+    # t [BS] the queries' positions (-1: no query) -> [BS] int32 each one's visible keys (0 for none).
+    # Each kernel loads the positions itself and passes them here: a store address (the output row,
+    # the candidate slots) derives from these, and torch's mutation analysis counts every argument of
+    # a helper call whose result reaches a store address as written (it does not look inside), which
+    # would make export copy the positions every CSA layer shares (bench/mutation_report.py).
+    n_vis = tl.where(t + 1 > 0, (t + 1) // ratio, 0)
+    return tl.minimum(n_vis, N).to(tl.int32)
+
+
+@triton.jit
+def _query_block(p_q, p_w, p_q8, p_qs, p_kbad, b, s0, s_end, S, H, N, D, UPCAST: tl.constexpr,
                  FP8: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_N: tl.constexpr):
     # The block of queries s0 .. s0 + BLOCK_S - 1 (those < s_end <= S) of batch row b (pointers as in
     # _indexer_topk_kernel) -> (o_qt, m_qt) [M, BD] offsets and mask of its q rows (M = BLOCK_S x
     # BLOCK_H: query s0 + m // BH x head m % BH), b_q [M, BD] the dot operand (fp32 when UPCAST; the
     # row-scaled e4m3 form when FP8), b_w [M] fp32 head weights, b_w8 [M] the weights times the q row
-    # scales (FP8; else b_w), n_fp8 the keys [0, n_fp8) that take the FP8 dots (FP8; else 0), o_s [BS]
-    # the queries, m_s [BS] those < s_end, n_vis [BS] int32 each one's visible keys (0 outside m_s).
+    # scales (FP8; else b_w), n_fp8 the keys [0, n_fp8) that take the FP8 dots (FP8; else 0).
     M: tl.constexpr = BLOCK_S * BLOCK_H
     o_m = tl.arange(0, M)
     o_hm = o_m % BLOCK_H
@@ -218,12 +228,7 @@ def _query_block(p_q, p_w, p_pos, p_q8, p_qs, p_kbad, b, s0, s_end, S, H, N, D, 
             b_q = b_q.to(tl.float32)
         b_w8 = b_w
         n_fp8 = 0
-    o_s = s0 + tl.arange(0, BLOCK_S)                                         # [BS] queries
-    m_s = o_s < s_end
-    t = tl.load(p_pos + b * S + o_s, mask=m_s, other=-1)
-    n_vis = tl.where(t + 1 > 0, (t + 1) // ratio, 0)
-    n_vis = tl.minimum(n_vis, N).to(tl.int32)                                # [BS]
-    return o_qt, m_qt, b_q, b_w, b_w8, n_fp8, o_s, m_s, n_vis
+    return o_qt, m_qt, b_q, b_w, b_w8, n_fp8
 
 
 @triton.jit
@@ -289,7 +294,7 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
     # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, their bf16 rounding
     # when FIX, their row-scaled e4m3 form when FP8); p_kf [B, N, D] the keys as given (used when FIX
     # or FP8) and p_fix an int32 flag (used only when FIX and not FP8; otherwise a placeholder);
-    # p_pos [B * S] int64; p_ws [programs * BLOCK_S, C] int64 candidate workspace (program pid owns rows
+    # p_pos [B, S] int64; p_ws [programs * BLOCK_S, C] int64 candidate workspace (program pid owns rows
     # pid * BLOCK_S ..); p_out [B, S, topk] int32.
     # FP8 (else unused placeholders): p_q8 [B, S, H, D] q's row-scaled e4m3 form, p_qs [B, S, H]
     # and p_ks [B, N] fp32 row scales (0: the row is not FP4-like), p_kbad [B] int32 the first key
@@ -312,9 +317,11 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
     for blk in range(pid, n_blocks, n_prog):
         b = blk // N_SB
         s0 = (N_SB - 1 - blk % N_SB) * BLOCK_S
-        o_qt, m_qt, b_q, b_w, b_w8, n_fp8, o_s, m_s, n_vis = _query_block(
-            p_q, p_w, p_pos, p_q8, p_qs, p_kbad, b, s0, S, S, H, N, D, ratio, UPCAST, FP8, BLOCK_S, BLOCK_H, BLOCK_D,
-            BLOCK_N)
+        o_qt, m_qt, b_q, b_w, b_w8, n_fp8 = _query_block(
+            p_q, p_w, p_q8, p_qs, p_kbad, b, s0, S, S, H, N, D, UPCAST, FP8, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
+        o_s = s0 + tl.arange(0, BLOCK_S)                                     # [BS] the block's queries
+        m_s = o_s < S
+        n_vis = _visible_keys(tl.load(p_pos + b * S + o_s, mask=m_s, other=-1), ratio, N)  # [BS]
         n_max = tl.max(n_vis, axis=0)
         # per query: cnt candidates in its workspace row (unordered), thr <= its current topk-th best
         cnt = tl.zeros([BLOCK_S], tl.int32)
@@ -366,9 +373,11 @@ def _indexer_scores_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_len, p_row
     b = blk // N_SB
     s0 = blk % N_SB * BLOCK_S
     s_end = tl.where(blk < n_blocks, S, 0)                                   # blocks past the end: no queries
-    o_qt, m_qt, b_q, b_w, b_w8, n_fp8, o_s, m_s, n_vis = _query_block(
-        p_q, p_w, p_pos, p_q8, p_qs, p_kbad, b, s0, s_end, S, H, N, D, ratio, UPCAST, FP8, BLOCK_S, BLOCK_H, BLOCK_D,
-        BLOCK_N)
+    o_qt, m_qt, b_q, b_w, b_w8, n_fp8 = _query_block(
+        p_q, p_w, p_q8, p_qs, p_kbad, b, s0, s_end, S, H, N, D, UPCAST, FP8, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
+    o_s = s0 + tl.arange(0, BLOCK_S)                                         # [BS] the block's queries
+    m_s = o_s < s_end
+    n_vis = _visible_keys(tl.load(p_pos + b * S + o_s, mask=m_s, other=-1), ratio, N)  # [BS]
     o_r = j.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)                   # [BS] workspace rows
     if split == 0:
         tl.store(p_len + o_r, n_vis)
@@ -433,12 +442,6 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     fast = plan != "exact"
     fp8 = plan == "fp8"
     fix = plan == "bf16_fix" or (fp8 and keys.dtype != torch.bfloat16)
-    # [B * S], flat as the kernels index it, and a copy of its own: torch's mutation analysis counts this
-    # argument of _indexer_topk_kernel as written (a store address comes from a helper that loaded it:
-    # bench/mutation_report.py), and export's clone of the shared positions (every CSA layer reads
-    # them) trips pytorch#181735 on torch 2.11 (_common.placeholder); a copy no one else reads is
-    # written in place instead. B * S int64s: nothing beside the indexer's work.
-    positions = positions.reshape(-1).clone()
     dev = q.device
     k_op, flag = keys, placeholder(dev)                                     # p_fix unused unless FIX
     k_full = keys if fp8 or fix else placeholder(dev, keys.dtype)           # p_kf: the fallback / residual dots
