@@ -142,6 +142,27 @@ def leftover_custom_ops(ep: torch.export.ExportedProgram) -> list[str]:
 
 # ---- AOTInductor ----------------------------------------------------------------------------------
 
+def runs_on_cuda(program: torch.export.ExportedProgram) -> bool:
+    """Whether the program's weights or example inputs live on a CUDA device."""
+    tensors = [*program.state_dict.values(), *program.constants.values(),
+               *torch.utils._pytree.tree_leaves(program.example_inputs)]
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+
+
+def aoti_options(cuda: bool) -> dict:
+    """Inductor options of our AOTInductor packages: inductor_options() (without its emulated casts a
+    package is 3e-3 to 3e-1 off eager on tiny), and on CUDA the two-pass compile: Inductor's default
+    for AOTInductor tunes and compiles every Triton kernel by launching it alone on made-up inputs
+    (random floats, zero integers), and a kernel that indexes memory through values computed from
+    those inputs faults (pytorch issue 194018; seen as an illegal memory access in the mini prefill-
+    cache engine with torch 2.11). Two passes run the graph once on the export's real example inputs
+    instead, every kernel on the values it will see."""
+    options = inductor_options()
+    if cuda:
+        options["triton.autotune_at_compile_time"] = False
+    return options
+
+
 def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None = None,
                 with_constants: bool = True) -> str:
     """AOTInductor-compile and package `result.program` into `path` (.pt2). `with_constants=False`:
@@ -150,7 +171,7 @@ def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None =
     left = leftover_custom_ops(result.program)
     if left:
         raise RuntimeError(f"cannot package: custom ops left in the graph ({', '.join(left)}); a .pt2 cannot run Python ops")
-    configs = {**inductor_options(), **(inductor_configs or {})}  # without emulated casts: 3e-3 to 3e-1 off eager on tiny
+    configs = {**aoti_options(runs_on_cuda(result.program)), **(inductor_configs or {})}
     if not with_constants:
         configs["aot_inductor.package_constants_in_so"] = False
     try:

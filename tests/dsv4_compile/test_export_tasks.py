@@ -171,3 +171,16 @@ def test_compile_check_says_when_the_substitution_count_misses_cached_graphs(mon
     assert result["report"]["unrecorded_graphs"] == 1
     assert "0 dsv4 nodes substituted, 0 left (in the graphs with a record; 1 came from Inductor's FX graph cache" \
         in out.getvalue()
+
+
+def test_aoti_packages_of_cuda_programs_compile_in_two_passes():
+    """On CUDA, AOTInductor's default tunes every kernel on made-up inputs, which faults where indices come
+    from them (pytorch issue 194018): our CUDA packages run the graph on the real example inputs instead."""
+    import torch
+
+    from dsv4_compile import export
+
+    assert export.aoti_options(cuda=True)["triton.autotune_at_compile_time"] is False
+    assert "triton.autotune_at_compile_time" not in export.aoti_options(cuda=False)
+    program = torch.export.export(torch.nn.Linear(3, 2), (torch.ones(1, 3),))
+    assert not export.runs_on_cuda(program)
