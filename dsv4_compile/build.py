@@ -49,7 +49,7 @@ import threading
 
 from .arguments import contexts_arg, positive_int_arg
 from .checkpoint.shipped import weight_sizes
-from .manifest import FORMATS, EngineRecord, Manifest, new_manifest, write_manifest
+from .manifest import FORMATS, EngineRecord, FolderDigests, Manifest, new_manifest, write_manifest
 from .model.context import format_context
 from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
 from .reference import DEFAULT_WEIGHTS_FORMAT, WEIGHT_MODES
@@ -222,12 +222,13 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     export_timings: dict[int, dict] = {}
     shared: dict[str, str] = {}
     groups_by_rank: list[dict] = []
+    digests = FolderDigests(tmp)  # the folder's files hashed once for both manifests
 
     def manifest_now(engines: list[EngineRecord], complete: bool) -> Manifest:
         manifest = new_manifest(target=plan.target, config=plan.config, weights=plan.weights, buckets=plan.buckets,
                                 formats=plan.formats, passes=plan.passes, compile_check=compile_result,
                                 engines=engines, export_timings=export_timings, timings=progress.timings, root=tmp,
-                                complete=complete, max_batch=plan.max_batch, shared_weights=shared)
+                                complete=complete, max_batch=plan.max_batch, shared_weights=shared, files=digests)
         if not parallel:
             return manifest
         mesh = mesh_record(plan.layout, "cuda" if plan.cuda else "cpu", groups_by_rank, manifest.files)

@@ -239,7 +239,7 @@ def _pick(manifest: Manifest, fmt: str | None, require_verified: bool) -> tuple[
 
 
 def load(path: str, format: str | None = None, allow_version_skew: bool = False, *,  # noqa: A002
-         _require_verified: bool = True) -> Engine:
+         _require_verified: bool = True, _checked: Manifest | None = None) -> Engine:
     """Check the build folder at `path` (see the module docstring), then return its runnable Engine.
 
     format: None (best verified: aoti > onnx), "aoti", "onnx" or "tensorrt". Raises ArtifactError
@@ -250,7 +250,8 @@ def load(path: str, format: str | None = None, allow_version_skew: bool = False,
     visible GPUs is refused (distributed.join_build_mesh).
     """
     path = os.fspath(path)
-    manifest = check_manifest(path, allow_version_skew=allow_version_skew)
+    # _checked: the manifest this process has just checked (verify loads every format of one build)
+    manifest = _checked or check_manifest(path, allow_version_skew=allow_version_skew)
     if _require_verified and manifest.build_complete is not True:
         raise ArtifactError(f"{path}: incomplete build (build_complete is not true): an interrupted or failed build")
     fmt, engines = _pick(manifest, format, _require_verified)

@@ -76,6 +76,7 @@ import hashlib
 import json
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -246,9 +247,10 @@ def _engine_from_json(entry: dict) -> EngineRecord:
 def new_manifest(*, target: str, config, weights: dict, buckets: list[int], formats: list[str], passes: str,
                  compile_check: dict | None, engines: list[EngineRecord], export_timings: dict, timings: dict,
                  root: str, complete: bool, max_batch: int | None = None, mesh: dict | None = None,
-                 shared_weights: dict | None = None) -> Manifest:
+                 shared_weights: dict | None = None, files: FolderDigests | None = None) -> Manifest:
     """The manifest of the build folder `root` as it is now: this machine's device and versions, the
-    build's facts, and every file of `root` with its size and sha256. The one place a manifest is made."""
+    build's facts, and every file of `root` with its size and sha256 (`files`: the digests kept of
+    `root` between calls). The one place a manifest is made."""
     from .engines import cache_manifest
 
     check = dict(compile_check or {})
@@ -258,7 +260,7 @@ def new_manifest(*, target: str, config, weights: dict, buckets: list[int], form
         context_buckets=tuple(buckets), formats=tuple(formats), passes=passes, pass_report=check.pop("report", None),
         compile_check=check, engines=tuple(engines),
         export_timings_s={str(k): v for k, v in export_timings.items()}, timings_s=dict(timings),
-        files=file_table(root), max_batch=max_batch,
+        files=(files or FolderDigests(root)).table(), max_batch=max_batch,
         kv_cache={str(b): cache_manifest(config, b) for b in buckets} if max_batch else None, mesh=mesh,
         shared_weights=dict(shared_weights) if shared_weights else None)
 
@@ -353,12 +355,26 @@ def version_mismatch(built: dict, here: dict | None = None) -> str | None:
 
 # ---- files ------------------------------------------------------------------------------------------
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+HASH_THREADS = 8  # files hashed side by side (hashlib lets go of the GIL on large blocks)
+
+
+def sha256_file(path: str, chunk: int = 8 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def sha256_files(root: str, rels: list[str]) -> dict[str, str]:
+    """{rel: sha256} of files under root, hashed in threads: a build's weights files (one per format,
+    gigabytes each) take the time of the largest rather than of their sum."""
+    if len(rels) <= 1:
+        return {rel: sha256_file(os.path.join(root, rel)) for rel in rels}
+    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(rels))) as pool:
+        return dict(zip(rels, pool.map(lambda rel: sha256_file(os.path.join(root, rel)), rels)))
 
 
 def list_files(root: str) -> list[str]:
@@ -373,8 +389,29 @@ def list_files(root: str) -> list[str]:
 
 
 def file_table(root: str) -> dict[str, dict]:
-    return {rel: {"sha256": sha256_file(os.path.join(root, rel)), "size": os.path.getsize(os.path.join(root, rel))}
-            for rel in list_files(root)}
+    """{rel: {"sha256", "size"}} of every file of root (the manifest's `files`)."""
+    return FolderDigests(root).table()
+
+
+class FolderDigests:
+    """The manifest's `files` of one folder, kept between calls: a file is hashed again only when its
+    size, mtime or inode changed since the last call (a build writes its manifest before and after
+    verifying, and verifying writes nothing there: the second table costs a stat per file, not
+    another read of gigabytes of weights)."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self._known: dict[str, tuple[tuple, str]] = {}  # rel -> ((size, mtime_ns, inode), sha256)
+
+    def table(self) -> dict[str, dict]:
+        stamps = {}
+        for rel in list_files(self.root):
+            st = os.stat(os.path.join(self.root, rel))
+            stamps[rel] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        stale = [rel for rel, stamp in stamps.items() if self._known.get(rel, (None,))[0] != stamp]
+        fresh = sha256_files(self.root, stale)
+        self._known = {rel: (stamp, fresh[rel] if rel in fresh else self._known[rel][1]) for rel, stamp in stamps.items()}
+        return {rel: {"sha256": digest, "size": stamp[0]} for rel, (stamp, digest) in self._known.items()}
 
 
 # ---- reading and checking -----------------------------------------------------------------------
@@ -408,11 +445,12 @@ def check_files(root: str, manifest: Manifest) -> None:
     if extra:
         raise ArtifactError(f"{root}: file {extra[0]} is not listed in the manifest")
     for rel, entry in sorted(listed.items()):
-        full = os.path.join(root, rel)
-        size = os.path.getsize(full)
+        size = os.path.getsize(os.path.join(root, rel))
         if size != entry.get("size"):
             raise ArtifactError(f"{root}: {rel} has {size} bytes, the manifest says {entry.get('size')}; the file was changed")
-        digest = sha256_file(full)
+    digests = sha256_files(root, sorted(listed))
+    for rel, entry in sorted(listed.items()):
+        digest = digests[rel]
         if digest != entry.get("sha256"):
             raise ArtifactError(f"{root}: checksum mismatch for {rel} (sha256 {digest[:12]}..., manifest {str(entry.get('sha256'))[:12]}...); the file was changed")
 

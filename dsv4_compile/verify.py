@@ -328,7 +328,7 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
 
     from .distributed import collectively
     from .loader import load
-    from .manifest import check_config, current_device_for, describe_device, read_manifest
+    from .manifest import check_config, check_manifest, current_device_for, describe_device, read_manifest
     from .metrics import rel_rms
     from .reference import build_reference
 
@@ -339,21 +339,31 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
     device = "cuda" if manifest.device.get("kind") == "cuda" else "cpu"
     results = []
     eager_cache: dict[tuple, object] = {}
+    # The folder's checks (manifest, every file's checksum: gigabytes of weights) once for all formats.
+    t0 = time.perf_counter()
+    _progress("checking the manifest and checksums ...")
+    try:
+        checked, unchecked = collectively(lambda: check_manifest(path, allow_version_skew=allow_version_skew)), None
+        _progress(f"checked in {time.perf_counter() - t0:.1f} s")
+    except Exception as err:  # noqa: BLE001 (every format fails with it, below)
+        checked, unchecked = None, err
     for fmt in formats:
         t0 = time.perf_counter()
         try:
-            _progress(f"{fmt}: checking the manifest and checksums ...")
+            if unchecked is not None:
+                raise unchecked
+            _progress(f"{fmt}: loading ...")
             # every rank skips the format when it fails to load on any (as below: parallel builds' ranks
             # make every engine call together, so they take every step that decides one together)
             engine = collectively(lambda: load(path, format=fmt, allow_version_skew=allow_version_skew,
-                                               _require_verified=False))
+                                               _require_verified=False, _checked=checked))
         except Exception as err:  # noqa: BLE001 (reported per format)
             for bucket in manifest.context_buckets:
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None,
                                 "tolerance": tolerance(fmt, config.dtype), "error": _one_line(err)})
             continue
         loaded_s = time.perf_counter() - t0
-        _progress(f"{fmt}: checked in {loaded_s:.1f} s")
+        _progress(f"{fmt}: loaded in {loaded_s:.1f} s")
         longest = longest_checked_prompt(fmt, manifest.device, thorough)
         if longest is not None:
             _progress(f"{fmt}: runs on this CPU for a GPU build: prompts up to {longest} tokens (--thorough: "

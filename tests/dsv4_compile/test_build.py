@@ -576,3 +576,25 @@ def test_exit2_weights_missing_extra_or_misshapen(monkeypatch, capsys, tmp_path)
 def test_exit2_verify_not_a_build(tmp_path, capsys):
     code = cli_main(["verify", str(tmp_path)])
     assert code == 2 and "no manifest.json" in _one_line(capsys.readouterr().err)
+
+
+def test_verify_checks_the_folder_once_for_every_format(copy_of, monkeypatch):
+    """The checksums (gigabytes of weights at real sizes) are read once per verify run, not once per
+    format, and each format's load gets the manifest that check returned."""
+    from dsv4_compile import loader, manifest, verify
+
+    path = copy_of()
+    hashed, loads = [], []
+    real_hashes = manifest.sha256_files
+    monkeypatch.setattr(manifest, "sha256_files", lambda root, rels: hashed.append(len(rels)) or real_hashes(root, rels))
+
+    def load(path, format=None, allow_version_skew=False, *, _require_verified=True, _checked=None):  # noqa: A002
+        loads.append((format, _checked))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(loader, "load", load)
+    results = verify.worker(path, ["aoti", "onnx"], seed=VERIFY_SEED)["results"]
+    assert len(hashed) == 1 and hashed[0] == len(manifest.read_manifest(path).files)
+    assert [fmt for fmt, _ in loads] == ["aoti", "onnx"]
+    assert all(checked == manifest.read_manifest(path) for _, checked in loads)
+    assert {r["format"] for r in results} == {"aoti", "onnx"} and not any(r["ok"] for r in results)
