@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import CompressorState, LayerKVCache
-from .kv_layout import pack_indexer_keys, pack_main_entries, unpack_indexer_keys
+from .kv_layout import pack_indexer_keys, pack_main_entries
 from .layers import RMSNorm, rope_angles, rope_inv_freq, visible_block_indices, window_indices
 from .ops import bf16_round, fp4_simulate, fp8_round, hadamard, rope_rotate
 
@@ -142,6 +142,12 @@ class Indexer(nn.Module):
         """q [B, S, Hi, di], weights [B, S, Hi], keys [B, N, di], positions [B, S] -> the entries picked
         [B, S, topk] int32 (-1 = none). (A tensor-parallel shard completes its heads' scores here.)"""
         return torch.ops.dsv4.indexer_topk(q, weights, keys, positions, CSA_RATIO, self.topk)
+
+    def select_cached(self, q, weights, index_cache, positions, fmt: str) -> torch.Tensor:
+        """`select` over the packed key cache index_cache [B, N, entry_bytes] uint8 (decode): the same
+        picks as `select(q, weights, unpack_indexer_keys(index_cache, di, fmt), positions)`, without
+        unpacking the whole cache to float32 every step."""
+        return torch.ops.dsv4.indexer_topk_cached(q, weights, index_cache, positions, CSA_RATIO, self.topk, fmt)
 
     def forward(self, x, qr, positions, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill -> (selected entry indices [B, S, topk] int32 (-1 = none), keys [B, N, di])."""
@@ -290,9 +296,8 @@ class Attention(nn.Module):
                 fmt = cache.index_format
                 key = self.indexer.compressor.decode(x, positions, cache.index_compressor, self.inv_freq)
                 cache.index[batch, block] = pack_indexer_keys(key, fmt)
-                keys = unpack_indexer_keys(cache.index, self.indexer.head_dim, fmt)
                 iq, weights = self.indexer.queries(x, qr, pos2, self.inv_freq)
-                picked = self.indexer.select(iq, weights, keys, pos2)
+                picked = self.indexer.select_cached(iq, weights, cache.index, pos2, fmt)
             else:
                 picked = visible_block_indices(pos2, n_blocks, self.ratio)
             idx = torch.cat([idx, torch.where(picked >= 0, picked + self.window, -1)], dim=-1)

@@ -8,11 +8,13 @@ passes swap them for Triton kernels, which are separate ops this module knows no
 Public contract (names, argument order, semantics): `sparse_attention`, `fp8_quantize`,
 `fp8_dequantize`, `fp4_quantize`, `fp4_dequantize`, `newton_schulz`, `hc_sinkhorn`.
 Ours (documented below, stable within the project): `compress_kv`, `indexer_topk`, `hc_pre`,
-`sparse_attention_cached`, `fp8_linear`.
+`sparse_attention_cached`, `indexer_topk_cached`, `fp8_linear`.
 
-Long-context memory: `sparse_attention`, `sparse_attention_cached` and `indexer_topk` work in chunks of
-queries so that a 128K prefill never materialises [S, K, D] or [S, H, N] at once. Each exposes its
-per-chunk function (`*_chunk`) so that export can trace a chunk-free version for symbolic lengths.
+Long-context memory: `sparse_attention`, `sparse_attention_cached`, `indexer_topk` and
+`indexer_topk_cached` work in chunks of queries so that a 128K prefill never materialises [S, K, D] or
+[S, H, N] at once (`indexer_topk_cached` also unpacks its keys chunk by chunk: never the whole cache
+as float32). Each exposes its per-chunk function (`*_chunk`) so that export can trace a chunk-free
+version for symbolic lengths.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .kv_layout import unpack_main_entries
+from .kv_layout import indexer_entry_bytes, unpack_indexer_keys, unpack_main_entries
 
 LIB = "dsv4"
 FP8_MAX = 448.0
@@ -658,3 +660,52 @@ def _(q, weights, keys, positions, ratio, topk):
     B, S = q.shape[:2]
     return q.new_empty((B, S, topk), dtype=torch.int32)
 
+
+
+def indexer_topk_cached_chunk(q, weights, index_cache, positions, ratio: int, topk: int, fmt: str):
+    """The whole of `indexer_topk_cached` for one chunk of queries, every key unpacked at once (no chunking)."""
+    keys = unpack_indexer_keys(index_cache, q.shape[-1], fmt)                         # [B, N, d] float32
+    return indexer_topk_chunk(q, weights, keys, positions, ratio, topk)
+
+
+def _check_index_cache(q: torch.Tensor, index_cache: torch.Tensor, fmt: str) -> None:
+    d = q.shape[-1]
+    entry = indexer_entry_bytes(d, fmt)  # ValueError naming fmt and the formats accepted
+    if index_cache.dtype != torch.uint8 or index_cache.dim() != 3 or index_cache.shape[-1] != entry:
+        raise ValueError(f"indexer_topk_cached: index_cache is {index_cache.dtype} {tuple(index_cache.shape)}; need "
+                         f"uint8 [B, N, {entry}] ({fmt} keys of head dim {d})")
+
+
+@torch.library.custom_op(f"{LIB}::indexer_topk_cached", mutates_args=())
+def indexer_topk_cached(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, positions: torch.Tensor,
+                        ratio: int, topk: int, fmt: str) -> torch.Tensor:
+    """`indexer_topk` over the packed indexer key cache (ours; the decode path).
+
+    index_cache [B, N, entry_bytes] uint8 indexer keys in the layout of `fmt` (kv_layout: "fp4" = d/2
+    bytes of e2m1 codes and one e8m0 scale byte per 32 values, "fp8" = d e4m3 codes and one float32
+    scale); the rest is `indexer_topk`'s contract. Exactly `indexer_topk(q, weights,
+    unpack_indexer_keys(index_cache, d, fmt), positions, ratio, topk)`. The keys are unpacked to
+    float32 a chunk of keys at a time (the scores of a chunk of queries are [B, S_chunk, N], far
+    smaller than [B, N, d] float32 keys at decode), never the whole cache at once.
+    """
+    _check_index_cache(q, index_cache, fmt)
+    B, S, H, d = q.shape
+    N = index_cache.shape[1]
+    # Queries a chunk: their scores [B, s, N] fp32 and the selection's sort of them (a few copies).
+    q_chunk = _query_chunk(S, B * N * 4 * 4)
+    # Keys a chunk: their float32 values [B, n, d] and the per-head scores [B, s, H, n] of a query chunk.
+    key_chunk = max(1, CHUNK_BYTES // (B * (d + q_chunk * (H + 2)) * 4))
+    picked = []
+    for s in range(0, S, q_chunk):
+        q_s, w_s = q[:, s:s + q_chunk], weights[:, s:s + q_chunk]
+        scores = torch.cat([indexer_scores(q_s, w_s, unpack_indexer_keys(index_cache[:, n:n + key_chunk], d, fmt))
+                            for n in range(0, max(N, 1), key_chunk)], dim=-1)                 # [B, s, N]
+        picked.append(indexer_select(scores, positions[:, s:s + q_chunk], ratio, topk))
+    return torch.cat(picked, dim=1) if picked else q.new_empty((B, 0, topk), dtype=torch.int32)
+
+
+@indexer_topk_cached.register_fake
+def _(q, weights, index_cache, positions, ratio, topk, fmt):
+    _check_index_cache(q, index_cache, fmt)
+    B, S = q.shape[:2]
+    return q.new_empty((B, S, topk), dtype=torch.int32)

@@ -67,6 +67,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .attention import CSA_RATIO, Attention, Indexer
 from .config import ModelConfig
+from .kv_layout import unpack_indexer_keys
 from .layers import FP8Linear, Head, float32_product
 from .moe import MoE, MXFP4Experts, RoutedExperts
 from .ops import indexer_query_chunk, indexer_scores, indexer_select
@@ -334,6 +335,11 @@ class IndexerShard(Indexer):
             return chunk(slice(None))  # runs the plain op; a Python loop over S cannot be traced
         step = indexer_query_chunk(q, keys)
         return torch.cat([chunk(slice(s, s + step)) for s in range(0, S, step)], dim=1)
+
+    def select_cached(self, q, weights, index_cache, positions, fmt: str) -> torch.Tensor:
+        """`select` over the unpacked cache: the partial scores must be all-reduced before the
+        selection, which the fused op `indexer_topk_cached` cannot do."""
+        return self.select(q, weights, unpack_indexer_keys(index_cache, self.head_dim, fmt), positions)
 
 
 def indexer_parts(indexer: Indexer, rank: int, ranks: int) -> dict[str, Part]:

@@ -13,11 +13,12 @@ Two users:
   The plain functions call other dsv4 ops (compress_kv -> fp8_quantize); run_decompositions
   decomposes those too, as they are in the same table.
 
-The chunked ops (sparse_attention, sparse_attention_cached, indexer_topk) loop over Python ranges of
-the query length S to bound memory; a trace of that loop would bake S in. Their decompositions call
-the per-chunk function on all queries at once (`ops.sparse_attention_chunk`, `ops.indexer_topk_chunk`),
-so a symbolic S traces, at the price of materialising the unchunked intermediates ([B, S, K, D] for
-attention, [B, S, H, N] for the indexer). The pass therefore leaves such a node alone when those
+The chunked ops (sparse_attention, sparse_attention_cached, indexer_topk, indexer_topk_cached) loop
+over Python ranges of the query length S to bound memory; a trace of that loop would bake S in. Their
+decompositions call the per-chunk function on all queries at once (`ops.sparse_attention_chunk`,
+`ops.indexer_topk_chunk`, `ops.indexer_topk_cached_chunk`), so a symbolic S traces, at the price of
+materialising the unchunked intermediates ([B, S, K, D] for attention, [B, S, H, N] for the indexer,
+plus the unpacked keys [B, N, d] for the cached one). The pass therefore leaves such a node alone when those
 would exceed `ops.CHUNK_BYTES` or when a size is symbolic (it cannot bound them); the export table
 decomposes unconditionally: exporting for 128K contexts needs a kernel substitution instead.
 
@@ -72,6 +73,12 @@ def indexer_topk(q, weights, keys, positions, ratio, topk):
     return ops.indexer_topk_chunk(q, weights, keys, positions, ratio, topk)
 
 
+def indexer_topk_cached(q, weights, index_cache, positions, ratio, topk, fmt):
+    """q [B, S, H, d], weights [B, S, H], index_cache [B, N, entry_bytes] uint8, positions [B, S] ->
+    [B, S, topk] int32: unpack every key, then select."""
+    return ops.indexer_topk_cached_chunk(q, weights, index_cache, positions, ratio, topk, fmt)
+
+
 # ---- predicates: bound the unchunked intermediates -----------------------------------------------
 
 def _unchunked_reason(what: str, dims: tuple, bytes_per_element_product: int) -> str | None:
@@ -98,6 +105,13 @@ def _indexer_fits(target: Target, q, weights, keys, positions, ratio, topk) -> s
     return _unchunked_reason("[B, S, N, H + 2] fp32 scores", (B, S, N, H + 2), 4)
 
 
+def _indexer_cached_fits(target: Target, q, weights, index_cache, positions, ratio, topk, fmt) -> str | None:
+    B, S, H, d = q.shape
+    N = index_cache.shape[1]
+    # the per-head scores [B, S, H, N] (+ 2 for the summed scores and their sort) and the unpacked keys [B, N, d]
+    return _unchunked_reason("[B, N, S (H + 2) + d] fp32 scores and keys", (B, N, S * (H + 2) + d), 4)
+
+
 def _always(target: Target, *args) -> str | None:
     return None
 
@@ -118,6 +132,7 @@ _DECOMPOSITIONS = {
     torch.ops.dsv4.sparse_attention.default: (sparse_attention, _attention_fits),
     torch.ops.dsv4.sparse_attention_cached.default: (sparse_attention_cached, _attention_fits),
     torch.ops.dsv4.indexer_topk.default: (indexer_topk, _indexer_fits),
+    torch.ops.dsv4.indexer_topk_cached.default: (indexer_topk_cached, _indexer_cached_fits),
     # Grouped by expert with static shapes (chunked over blocks when the sizes are concrete).
     torch.ops.dsv4.moe_experts.default: (_implementation(moe_ops.moe_experts), _always),
     torch.ops.dsv4.moe_experts_fp8.default: (_implementation(moe_ops.moe_experts_fp8), _always),

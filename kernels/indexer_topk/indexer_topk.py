@@ -102,27 +102,40 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _key_dots(b_q, b_k, UPCAST: tl.constexpr, IEEE: tl.constexpr, KEY_ROWS: tl.constexpr):
+    # b_q [M, BD] queries x heads, b_k [BN, BD] the key tile (dot operand) -> the per-head dots, fp32:
+    # [BN, M] when KEY_ROWS (keys as the MMA's rows), else [M, BN].
+    if KEY_ROWS:
+        return _dot(b_k, tl.trans(b_q), None, UPCAST, IEEE)
+    else:
+        return _dot(b_q, tl.trans(b_k), None, UPCAST, IEEE)
+
+
+@triton.jit
+def _residual_dots(b_s, b_q, b_k, b_kf, UPCAST: tl.constexpr, IEEE: tl.constexpr, KEY_ROWS: tl.constexpr):
+    # b_s (the dots of b_q with b_k = the bf16 rounding of the fp32 keys b_kf [BN, BD]) plus the dots of
+    # the keys' two bf16 residual terms (b_kf = hi + mid + lo exactly, hi = b_k; Inf/NaN-free
+    # residuals; see the module doc).
+    b_hi = b_k.to(tl.float32)
+    r1 = tl.where(b_hi == b_kf, 0.0, b_kf - b_hi)
+    b_mid = r1.to(tl.bfloat16)
+    b_lo = (r1 - b_mid.to(tl.float32)).to(tl.bfloat16)
+    if KEY_ROWS:
+        return _dot(b_lo, tl.trans(b_q), _dot(b_mid, tl.trans(b_q), b_s, UPCAST, IEEE), UPCAST, IEEE)
+    else:
+        return _dot(b_q, tl.trans(b_lo), _dot(b_q, tl.trans(b_mid), b_s, UPCAST, IEEE), UPCAST, IEEE)
+
+
+@triton.jit
 def _tile_dots(b_q, b_k, p_kf, m_kd, fix, UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr,
                  KEY_ROWS: tl.constexpr):
-    # b_q [M, BD] queries x heads, b_k [BN, BD] the key tile (dot operand) -> the per-head dots, fp32:
-    # [BN, M] when KEY_ROWS (keys as the MMA's rows), else [M, BN]. FIX: when the flag `fix` is set,
-    # add the dots of the keys' two bf16 residual terms (keys = hi + mid + lo exactly, hi = b_k; the
-    # keys as given at p_kf [BN, BD], masked by m_kd; Inf/NaN-free residuals; see the module doc).
-    if KEY_ROWS:
-        b_s = _dot(b_k, tl.trans(b_q), None, UPCAST, IEEE)
-    else:
-        b_s = _dot(b_q, tl.trans(b_k), None, UPCAST, IEEE)
+    # _key_dots; FIX: when the flag `fix` is set, plus the residual dots of the keys as given at p_kf
+    # [BN, BD] (masked by m_kd).
+    b_s = _key_dots(b_q, b_k, UPCAST, IEEE, KEY_ROWS)
     if FIX:
         if fix:
-            b_kf = tl.load(p_kf, mask=m_kd, other=0.0).to(tl.float32)
-            b_hi = b_k.to(tl.float32)
-            r1 = tl.where(b_hi == b_kf, 0.0, b_kf - b_hi)
-            b_mid = r1.to(tl.bfloat16)
-            b_lo = (r1 - b_mid.to(tl.float32)).to(tl.bfloat16)
-            if KEY_ROWS:
-                b_s = _dot(b_lo, tl.trans(b_q), _dot(b_mid, tl.trans(b_q), b_s, UPCAST, IEEE), UPCAST, IEEE)
-            else:
-                b_s = _dot(b_q, tl.trans(b_lo), _dot(b_q, tl.trans(b_mid), b_s, UPCAST, IEEE), UPCAST, IEEE)
+            b_s = _residual_dots(b_s, b_q, b_k, tl.load(p_kf, mask=m_kd, other=0.0).to(tl.float32), UPCAST, IEEE,
+                                 KEY_ROWS)
     return b_s
 
 
@@ -269,6 +282,89 @@ def _mma_tile_scores(p_q, p_k, p_kf, o_qt, m_qt, b_q, b_w, fix, b, n, n_max, N, 
     return _head_sum(b_s, b_w, b_w, False, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_N)
 
 
+# KEY_FORMAT of the kernels: the keys as float rows [B, N, D], or the packed indexer cache [B, N, ENTRY]
+# uint8 (model/kv_layout.py): "fp4" = D/2 bytes of e2m1 codes (element 2i in the low nibble) and one
+# e8m0 scale byte per 32 values; "fp8" = D e4m3 codes and one little-endian float32 scale.
+KEY_FLOAT = tl.constexpr(0)
+KEY_FP4 = tl.constexpr(1)
+KEY_FP8 = tl.constexpr(2)
+PACKED_KEY_FORMATS = {"fp4": KEY_FP4.value, "fp8": KEY_FP8.value}   # the cache formats (kv_layout) -> KEY_FORMAT
+
+
+@triton.jit
+def _packed_key_offsets(b, n, n_max, N, D, KEY_FORMAT: tl.constexpr, ENTRY: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    # The byte offsets into the packed cache [B, N, ENTRY] of keys n .. n + BN - 1 (those < n_max) of
+    # batch row b -> (o_code [BN, BD] and its mask: the code byte of each value (fp4: the byte holding
+    # its nibble), o_scale and its mask: fp4 [BN, BD] the scale byte of each value, fp8 [BN, 4] the
+    # scale's bytes). Pointer-free: the kernels load the cache in their own body (the module doc of
+    # _visible_keys says why).
+    o_n = n + tl.arange(0, BLOCK_N)                                          # [BN] int32
+    o_d = tl.arange(0, BLOCK_D)
+    m_n = o_n < n_max
+    row = (b * N + o_n).to(tl.int64) * ENTRY                                 # [BN] first byte of each key
+    m_kd = m_n[:, None] & (o_d < D)[None, :]
+    if KEY_FORMAT == KEY_FP4:
+        o_code = row[:, None] + (o_d // 2)[None, :]
+        o_scale = row[:, None] + (D // 2 + o_d // 32)[None, :]
+        m_scale = m_kd
+    else:
+        o_b = tl.arange(0, 4)
+        o_code = row[:, None] + o_d[None, :]
+        o_scale = row[:, None] + (D + o_b)[None, :]
+        m_scale = m_n[:, None] & (o_b < 4)[None, :]
+    return o_code, m_kd, o_scale, m_scale
+
+
+@triton.jit
+def _packed_key_values(b_code, b_scale, KEY_FORMAT: tl.constexpr, BLOCK_D: tl.constexpr):
+    # The bytes at _packed_key_offsets' offsets -> the keys [BN, BD] fp32, bit for bit
+    # model/kv_layout.unpack_indexer_keys' values (0 where masked).
+    if KEY_FORMAT == KEY_FP4:
+        odd = (tl.arange(0, BLOCK_D) % 2)[None, :] == 1
+        code = b_code.to(tl.int32)
+        code = tl.where(odd, code >> 4, code & 15)                           # [BN, BD] e2m1 codes 0..15
+        e = (code & 7) >> 1
+        m = code & 1
+        # exponent 0: 0.5 m (0, 0.5); else 2^(e-1) (1 + m/2), the fp32 of exponent field e + 126
+        mag = tl.where(e == 0, 0.5 * m.to(tl.float32), (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True))
+        value = tl.where(code >= 8, -mag, mag)                               # code 8: -0.0
+        sb = b_scale.to(tl.int32)
+        # e8m0 byte s -> 2^(s - 127): the fp32 of exponent field s (255: inf), 2^-127 (subnormal) for 0
+        scale = tl.where(sb == 0, 1 << 22, sb << 23).to(tl.float32, bitcast=True)
+        return value * scale                                                 # exact: a power of two
+    else:
+        value = b_code.to(tl.float8e4nv, bitcast=True).to(tl.float32)        # [BN, BD]
+        bits = tl.sum(b_scale.to(tl.int32) << (8 * tl.arange(0, 4))[None, :], axis=1)  # [BN] little-endian
+        scale = bits.to(tl.float32, bitcast=True)[:, None]
+        # The product rounded once, as torch's code * scale: the scale split into 20 + 4 significant
+        # bits makes both partial products exact (codes have 4), so their sum rounds to the same
+        # float32 whether or not the compiler contracts it into an FMA (a contracted code * scale
+        # would feed the residual split below the unrounded product).
+        hi = (bits & -16).to(tl.float32, bitcast=True)[:, None]
+        split = value * hi + value * (scale - hi)
+        return tl.where(((bits & 0x7F800000) == 0x7F800000)[:, None], value * scale, split)  # Inf / NaN scales
+
+
+@triton.jit
+def _packed_tile_scores(b_code, b_scale, b_q, b_w, UPCAST: tl.constexpr, IEEE: tl.constexpr, KEY_FORMAT: tl.constexpr,
+                        KEY_BF16: tl.constexpr, KEY_ROWS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One packed key tile's bytes (b_code, b_scale: _packed_key_offsets) with the block's b_q [M, BD]
+    # -> [BS, BN] fp32 scores, head-summed with b_w [M]. KEY_BF16 (q bf16): bf16 keys as the MMA
+    # operand, exact for FP4 keys (e2m1 x a power of two); FP8 keys (code x a float32 scale) add the
+    # residual dots (the bf16_fix path's split). Else the fp32 keys (the exact path).
+    b_kf = _packed_key_values(b_code, b_scale, KEY_FORMAT, BLOCK_D)         # [BN, BD] fp32
+    if KEY_BF16:
+        b_k = b_kf.to(tl.bfloat16)
+    else:
+        b_k = b_kf
+    b_s = _key_dots(b_q, b_k, UPCAST, IEEE, KEY_ROWS)
+    if KEY_BF16 and KEY_FORMAT == KEY_FP8:
+        b_s = _residual_dots(b_s, b_q, b_k, b_kf, UPCAST, IEEE, KEY_ROWS)
+    return _head_sum(b_s, b_w, b_w, False, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_N)
+
+
 @triton.jit
 def _enter_tile(score, n, n_vis, thr, cnt, p_row, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
     # One key tile's scores [BS, BN] (keys n .. n + BN - 1) into the running selection: n_vis [BS],
@@ -290,7 +386,8 @@ def _enter_tile(score, n, n_vis, thr, cnt, p_row, BLOCK_S: tl.constexpr, BLOCK_N
 def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p_qs, p_ks, p_kbad, S, H, N, D, ratio,
                          topk, N_SB, n_blocks, UPCAST: tl.constexpr, IEEE: tl.constexpr, FIX: tl.constexpr,
                          FP8: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, C: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr):
+                         BLOCK_N: tl.constexpr, C: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr,
+                         KEY_FORMAT: tl.constexpr, KEY_BF16: tl.constexpr, ENTRY: tl.constexpr):
     # p_q [B, S, H, D]; p_w [B, S, H]; p_k [B, N, D] (the dot operand: the keys, their bf16 rounding
     # when FIX, their row-scaled e4m3 form when FP8); p_kf [B, N, D] the keys as given (used when FIX
     # or FP8) and p_fix an int32 flag (used only when FIX and not FP8; otherwise a placeholder);
@@ -304,6 +401,9 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
     # whose bf16 tl.dot is wrong). IEEE: fp32 q (the exact path). FIX: q bf16 with keys given in
     # another dtype; p_fix != 0 when some key is not exact in bf16: then each tile adds the dots of the
     # two bf16 residual terms (keys = hi + mid + lo exactly), see the module doc.
+    # KEY_FORMAT (KEY_FP4 / KEY_FP8; else KEY_FLOAT): p_k is the packed indexer cache [B, N, ENTRY]
+    # uint8, read and decoded a key tile at a time (_packed_tile_scores; KEY_BF16: q bf16, the 16-bit
+    # MMA), and p_kf, p_fix and the FP8 operands are unused.
     # Persistent: program pid takes blocks pid, pid + programs, ... of the n_blocks = B * N_SB (batch
     # row, block of BLOCK_S consecutive queries), the last (longest) blocks first.
     pid = tl.program_id(0).to(tl.int64)
@@ -342,8 +442,18 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
                                              BLOCK_H, BLOCK_D, BLOCK_N)
                     cnt = _enter_tile(score, n, n_vis, thr, cnt, p_row, BLOCK_S, BLOCK_N)
             for n in range(n_mid, n1, BLOCK_N):                              # 16-bit / exact tiles
-                score = _mma_tile_scores(p_q, p_k, p_kf, o_qt, m_qt, b_q, b_w, fix, b, n, n_max, N, D, UPCAST, IEEE,
-                                         FIX, FP8, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
+                if KEY_FORMAT == KEY_FLOAT:
+                    score = _mma_tile_scores(p_q, p_k, p_kf, o_qt, m_qt, b_q, b_w, fix, b, n, n_max, N, D, UPCAST,
+                                             IEEE, FIX, FP8, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
+                else:
+                    # the cache is loaded here, in the body: a helper that took its pointer would have
+                    # torch's mutation analysis count it as written (the candidate slots derive from
+                    # the scores), and export would copy the whole cache every step
+                    o_code, m_code, o_scale, m_scale = _packed_key_offsets(b, n, n_max, N, D, KEY_FORMAT, ENTRY,
+                                                                           BLOCK_N, BLOCK_D)
+                    score = _packed_tile_scores(tl.load(p_k + o_code, mask=m_code, other=0),
+                                                tl.load(p_k + o_scale, mask=m_scale, other=0), b_q, b_w, UPCAST, IEEE,
+                                                KEY_FORMAT, KEY_BF16, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
                 cnt = _enter_tile(score, n, n_vis, thr, cnt, p_row, BLOCK_S, BLOCK_N)
             n0 = n1
         buf = _sorted_rows(p_row[:, None] + o_c[None, :], cnt, C)           # [BS, C]
@@ -355,9 +465,10 @@ def _indexer_topk_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_out, p_q8, p
 def _indexer_scores_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_len, p_rows, p_q8, p_qs, p_ks, p_kbad, S, H,
                            N, D, ratio, N_SB, blk0, n_blocks, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                            FIX: tl.constexpr, FP8: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr):
+                           BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr,
+                           KEY_FORMAT: tl.constexpr, KEY_BF16: tl.constexpr, ENTRY: tl.constexpr):
     # The first half of selection="radix": the scores of one chunk of query blocks into a workspace.
-    # Inputs as in _indexer_topk_kernel; p_ws [chunk * BLOCK_S, N] fp32, p_len [chunk * BLOCK_S] int32,
+    # Inputs (KEY_FORMAT included) as in _indexer_topk_kernel; p_ws [chunk * BLOCK_S, N] fp32, p_len [chunk * BLOCK_S] int32,
     # p_rows [chunk * BLOCK_S] int32. Program (j, split) takes query block blk = blk0 + j of the n_blocks
     # = B * N_SB (batch row blk // N_SB, queries (blk % N_SB) * BLOCK_S ..), workspace rows j * BLOCK_S
     # .. (one a query), and its visible key tiles split, split + splits, ... (splits = the grid's
@@ -397,8 +508,15 @@ def _indexer_scores_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_len, p_row
     else:
         fix = tl.load(p_fix) != 0
     for n in range(first, n_max, splits * BLOCK_N):                          # 16-bit / exact tiles
-        score = _mma_tile_scores(p_q, p_k, p_kf, o_qt, m_qt, b_q, b_w, fix, b, n, n_max, N, D, UPCAST, IEEE, FIX,
-                                 FP8, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
+        if KEY_FORMAT == KEY_FLOAT:
+            score = _mma_tile_scores(p_q, p_k, p_kf, o_qt, m_qt, b_q, b_w, fix, b, n, n_max, N, D, UPCAST, IEEE, FIX,
+                                     FP8, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
+        else:                                                                # the packed cache, as in the fused kernel
+            o_code, m_code, o_scale, m_scale = _packed_key_offsets(b, n, n_max, N, D, KEY_FORMAT, ENTRY, BLOCK_N,
+                                                                   BLOCK_D)
+            score = _packed_tile_scores(tl.load(p_k + o_code, mask=m_code, other=0),
+                                        tl.load(p_k + o_scale, mask=m_scale, other=0), b_q, b_w, UPCAST, IEEE,
+                                        KEY_FORMAT, KEY_BF16, KEY_ROWS, BLOCK_S, BLOCK_H, BLOCK_D, BLOCK_N)
         tl.store(p_row + n + o_t[None, :], score, mask=(n + o_t)[None, :] < n_vis[:, None])
 
 
@@ -430,7 +548,12 @@ def fp8_rows(x: torch.Tensor, group: int = 0):
     return x8, scale, first_bad
 
 
-def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int, cfg: IndexerTopkConfig) -> None:
+def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int, cfg: IndexerTopkConfig,
+                        key_format: str | None = None) -> None:
+    """Fill out [B, S, topk] int32 with the selection. keys [B, N, d] float rows, or with key_format
+    ("fp4" / "fp8") the packed indexer cache [B, N, entry_bytes] uint8 (indexer_topk_cached), which the
+    kernels decode a key tile at a time: FP4 keys are exact in bf16 (the 'bf16' plan for bf16 q), FP8
+    keys (a float32 scale) take the residual dots ('bf16_fix'); the FP8 score MMA is not offered."""
     B, S, H, D = q.shape
     N = keys.shape[1]
     if B * S == 0:
@@ -438,10 +561,15 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     if N == 0 or topk == 0:
         out.fill_(-1)  # no key visible anywhere (a no-op on an empty [B, S, 0] output)
         return
-    plan = launch_plan(q.dtype, keys.dtype, cfg.score_mma)
+    packed = key_format is not None
+    check(not packed or cfg.score_mma == "bf16",
+          f"indexer_topk_cached: score_mma={cfg.score_mma!r}; the packed cache takes score_mma=bf16")
+    # the dtype the packed keys decode to exactly: bf16 for FP4 (e2m1 x a power of two), fp32 for FP8
+    key_dtype = {None: keys.dtype, "fp4": torch.bfloat16, "fp8": torch.float32}[key_format]
+    plan = launch_plan(q.dtype, key_dtype, cfg.score_mma)
     fast = plan != "exact"
     fp8 = plan == "fp8"
-    fix = plan == "bf16_fix" or (fp8 and keys.dtype != torch.bfloat16)
+    fix = not packed and (plan == "bf16_fix" or (fp8 and keys.dtype != torch.bfloat16))
     dev = q.device
     k_op, flag = keys, placeholder(dev)                                     # p_fix unused unless FIX
     k_full = keys if fp8 or fix else placeholder(dev, keys.dtype)           # p_kf: the fallback / residual dots
@@ -466,10 +594,11 @@ def launch_indexer_topk(q, weights, keys, positions, out, ratio: int, topk: int,
     programs = persistent_programs(q.device)
     operands = (q, weights, k_op, k_full, flag, positions)
     fp8_operands = (q8, q_scale, k_scale, k_bad)
-    consts = dict(UPCAST=INTERPRET or (not fast and q.dtype != keys.dtype), IEEE=q.dtype == torch.float32, FIX=fix,
-                  FP8=fp8, BLOCK_S=block_s, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D, BLOCK_N=cfg.block_n,
-                  KEY_ROWS=cfg.score_rows == "keys", STEP=FP8_K_STEP, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+    consts = dict(UPCAST=INTERPRET or (not fast and q.dtype != (torch.float32 if packed else keys.dtype)),
+                  IEEE=q.dtype == torch.float32, FIX=fix, FP8=fp8, BLOCK_S=block_s, BLOCK_H=BLOCK_H, BLOCK_D=BLOCK_D,
+                  BLOCK_N=cfg.block_n, KEY_ROWS=cfg.score_rows == "keys", STEP=FP8_K_STEP,
+                  KEY_FORMAT=PACKED_KEY_FORMATS.get(key_format, 0), KEY_BF16=plan in ("bf16", "bf16_fix"),
+                  ENTRY=keys.shape[2] if packed else 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.selection == "radix":
         _launch_radix_selection(operands, fp8_operands, out, S, H, N, D, ratio, topk, n_sb, n_blocks, programs, consts)
         return
@@ -512,6 +641,19 @@ def _launch_radix_selection(operands, fp8_operands, out, S, H, N, D, ratio, topk
         launch_radix_topk(ws, lengths, out_rows, out.view(-1, topk), topk, select_cfg)
 
 
+def check_common(op: str, q, weights, positions, ratio, topk) -> None:
+    """The checks of q [B, S, H, d], weights [B, S, H], positions [B, S] int64, ratio and topk that
+    indexer_topk and indexer_topk_cached share (one-line ValueErrors)."""
+    check_tensor(op, "q", q, FLOAT_DTYPES, ndim=4)
+    B, S, H, D = q.shape
+    check_tensor(op, "weights", weights, FLOAT_DTYPES, shape=(B, S, H), device=q.device)
+    check_tensor(op, "positions", positions, (torch.int64,), shape=(B, S), device=q.device)
+    check(isinstance(ratio, int) and ratio >= 1, f"{op}: ratio = {ratio!r}; need an int >= 1")
+    check(isinstance(topk, int) and 0 <= topk <= MAX_TOPK, f"{op}: topk = {topk!r}; need an int in [0, {MAX_TOPK}]")
+    check(H <= MAX_HEADS and D <= MAX_HEAD_DIM,
+          f"{op}: {H} heads x {D} dims; the kernel takes <= {MAX_HEADS} heads x <= {MAX_HEAD_DIM} dims")
+
+
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, positions: torch.Tensor,
                  ratio: int, topk: int, config=None) -> torch.Tensor:
     """q [B, S, H, d] indexer queries, weights [B, S, H], keys [B, N, d], positions [B, S] int64
@@ -522,17 +664,11 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, pos
     its selection ("threshold": the fused kernel; "radix": score chunks + the radix select) changes the
     speed, not the picks."""
     op = "indexer_topk"
-    check_tensor(op, "q", q, FLOAT_DTYPES, ndim=4)
+    check_common(op, q, weights, positions, ratio, topk)
     B, S, H, D = q.shape
-    check_tensor(op, "weights", weights, FLOAT_DTYPES, shape=(B, S, H), device=q.device)
     check_tensor(op, "keys", keys, FLOAT_DTYPES, ndim=3, device=q.device)
     check(keys.shape[0] == B and keys.shape[2] == D,
           f"{op}: keys has shape {tuple(keys.shape)}; need [B, N, d] = [{B}, N, {D}]")
-    check_tensor(op, "positions", positions, (torch.int64,), shape=(B, S), device=q.device)
-    check(isinstance(ratio, int) and ratio >= 1, f"{op}: ratio = {ratio!r}; need an int >= 1")
-    check(isinstance(topk, int) and 0 <= topk <= MAX_TOPK, f"{op}: topk = {topk!r}; need an int in [0, {MAX_TOPK}]")
-    check(H <= MAX_HEADS and D <= MAX_HEAD_DIM,
-          f"{op}: {H} heads x {D} dims; the kernel takes <= {MAX_HEADS} heads x <= {MAX_HEAD_DIM} dims")
     check(keys.shape[1] < 2 ** 31, f"{op}: {keys.shape[1]} keys; need < 2^31")
     cfg = resolve_config(IndexerTopkConfig, config, default_config, q.device)
     out = torch.empty((B, S, topk), dtype=torch.int32, device=q.device)

@@ -21,7 +21,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import dsv4_compile
 from dsv4_compile.compile import GpuError, KNOWN_GPUS, detect_gpu, resolve_gpu
-from dsv4_compile.model import moe_ops, ops, weight_formats
+from dsv4_compile.model import kv_layout, moe_ops, ops, weight_formats
 from dsv4_compile.passes import (PassManager, PassSelectionError, Substitution, accepted_names,
                                  decomposition_table, select, substitutions)
 from helpers import assert_close, assert_few_flips
@@ -386,6 +386,8 @@ def _op_cases():
         "sparse_attention": (toy[1], toy[2], toy[3], torch.randint(-1, N, (B, S, K), generator=g, dtype=torch.int32), 0.125),
         "sparse_attention_cached": _cached_attention_inputs(),
         "indexer_topk": (*toy[4:8], 4, TOPK),
+        "indexer_topk_cached": (*toy[4:6], kv_layout.pack_indexer_keys(ops.fp4_simulate(toy[6], 32), "fp4"), toy[7], 4,
+                                TOPK, "fp4"),
         "moe_experts": (r(9, 16), moe_ids, r(9, 3).abs(), r(5, 8, 16), r(5, 16, 8), r(5, 8, 16), 10.0),
         "moe_experts_fp8": (r(9, 64), moe_ids, r(9, 3).abs(), *fp8[::2], *fp8[1::2], 10.0),
         "moe_experts_mxfp4": (r(9, 64), moe_ids, r(9, 3).abs(), *fp4[::2], *fp4[1::2], 10.0),

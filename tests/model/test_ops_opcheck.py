@@ -25,7 +25,7 @@ import torch
 from torch.library import opcheck
 
 import dsv4_compile.model.ops  # noqa: F401  (registers torch.ops.dsv4.*)
-from dsv4_compile.model.kv_layout import pack_main_entries
+from dsv4_compile.model.kv_layout import pack_indexer_keys, pack_main_entries
 
 dsv4 = torch.ops.dsv4
 ALL_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -101,6 +101,10 @@ def cases(noncontig: bool):
         ("indexer_topk", dsv4.indexer_topk.default,
          (torch.randn(2, 3, 5, 8, generator=_g(21)).transpose(1, 2) if nc else torch.randn(2, 5, 3, 8, generator=_g(21)),
           t(2, 5, 3, seed=22), t(2, 6, 8, seed=23), torch.arange(5).view(1, 5).expand(2, 5) * 4 + 3, 4, 3)),
+        ("indexer_topk_cached", dsv4.indexer_topk_cached.default,  # decode path: integer picks, no autograd
+         (torch.randn(2, 3, 5, 32, generator=_g(27)).transpose(1, 2) if nc else torch.randn(2, 5, 3, 32, generator=_g(27)),
+          t(2, 5, 3, seed=28), pack_indexer_keys(torch.randn(2, 6, 32, generator=_g(29)), "fp8"),
+          torch.arange(5).view(1, 5).expand(2, 5) * 4 + 3, 4, 3, "fp8")),
         ("fp8_linear", dsv4.fp8_linear.default,  # inference only: no autograd by design
          (t(2, 3, 256, seed=24), torch.randn(130, 256, generator=_g(25)).to(torch.float8_e4m3fn),
           torch.rand(2, 2, generator=_g(26)))),
