@@ -28,6 +28,7 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
   in another order, in fp32).
 - indexer_topk: exact. The inputs are small dyadic numbers (k / 4, |k| <= 12), so every score is exact
   in fp32 at the model's 64 heads x 128 dims and the selection, ties included, is fully determined.
+- indexer_topk_cached: exact, likewise (FP4 keys e2m1 x 1/2 against dyadic q and weights).
 """
 from __future__ import annotations
 
@@ -311,6 +312,34 @@ INDEXER_TOPK = KernelTask(
     compare=lambda ref, out: close("indices", ref, out, 0.0))
 
 
+def _indexer_cached_inputs(problem, device, seed=0, small=False):
+    """Decode over an FP4 cache: dyadic q and weights (k / 4) and keys e2m1 x 1/2 (each 32-value block
+    holding a +-6 code, so that packing keeps the scale 1/2 and the values exactly): every score is a
+    multiple of 2^-6 below 2^18 at the model's 64 heads x 128 dims, exact in fp32, so the selection, ties
+    included, is determined. Sequences at different positions (some see fewer than topk keys)."""
+    from ..model.kv_layout import FP4_BLOCK, pack_indexer_keys
+    from ..model.ops import fp4_values
+
+    B, H, d, N, ratio, topk = (problem.dim(k) for k in ("B", "H", "d", "N", "ratio", "topk"))
+    if small:
+        B, H, d, N, topk = min(B, 3), min(H, 3), min(d, 32), min(N, 37), min(topk, 13)
+    q = _dyadic((B, 1, H, d), device, seed, DTYPES[problem.dim("q_dtype")])
+    weights = _dyadic((B, 1, H), device, seed + 1, DTYPES[problem.dim("q_dtype")])
+    codes = torch.randint(0, 16, (B, N, d), generator=_gen(device, seed + 2), device=device)
+    codes[..., ::FP4_BLOCK] = 7 + 8 * (codes[..., ::FP4_BLOCK] % 2)                    # +-6
+    cache = pack_indexer_keys(fp4_values(codes) / 2, problem.dim("fmt"))
+    # sequence b sees (b + 1) / B of the keys: the last all of them, the first ones fewer than topk
+    positions = ((torch.arange(B, device=device) + 1) * N * ratio // B - 1).view(B, 1)
+    return (q, weights, cache, positions.to(torch.int64).contiguous(), ratio, topk, problem.dim("fmt"))
+
+
+INDEXER_TOPK_CACHED = KernelTask(
+    inputs=_indexer_cached_inputs,
+    reference=lambda a: torch.ops.dsv4.indexer_topk_cached(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("indices", ref, out, 0.0))
+
+
 # ---- MoE experts --------------------------------------------------------------------------------
 
 def _moe_inputs(problem, device, seed=0, small=False):
@@ -359,7 +388,7 @@ TASKS: dict[str, KernelTask] = {
     "fp8_quantize": FP8_QUANTIZE, "fp4_quantize": FP4_QUANTIZE, "newton_schulz": NEWTON_SCHULZ,
     "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
     "sparse_attention_cached": SPARSE_ATTENTION_CACHED, "compress_kv": COMPRESS_KV, "indexer_topk": INDEXER_TOPK,
-    "moe_experts": MOE_EXPERTS,
+    "indexer_topk_cached": INDEXER_TOPK_CACHED, "moe_experts": MOE_EXPERTS,
     "fp8_linear": FP8_LINEAR,
 }
 

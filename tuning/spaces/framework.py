@@ -162,6 +162,8 @@ class KernelSpace:
                    `tune` enqueues them after the default (warm start, so a tuned table is never worse
                    than the list's best), and tuning/compare.py times them as the "@triton.autotune"
                    baseline.
+    uses:          other kernel folders whose kernels this one launches (their sources are hashed into
+                   the study name too): indexer_topk_cached runs indexer_topk's kernels.
     """
 
     name: str
@@ -178,6 +180,7 @@ class KernelSpace:
     defaults: Mapping[str, str] = field(default_factory=lambda: {"prefill": "default_config"})
     baseline: Callable[[dict, Problem, GpuSpec], dict] | None = None
     typical: tuple[Mapping[str, Any], ...] = ()
+    uses: tuple[str, ...] = ()
     version: str = "1"
     doc: str = ""
 
@@ -296,7 +299,8 @@ class KernelSpace:
     # ---- identity -------------------------------------------------------------------------------
     def source_files(self) -> list[Path]:
         files = [KERNELS_DIR / "_common.py", KERNELS_DIR / "_jit_utils.py"]
-        for pkg in dict.fromkeys([self.package, self.config_package or self.package, self.function.split(".")[0]]):
+        for pkg in dict.fromkeys([self.package, self.config_package or self.package, self.function.split(".")[0],
+                                  *self.uses]):
             files += sorted((KERNELS_DIR / pkg).glob("*.py"))
         return [f for f in files if f.is_file()]
 

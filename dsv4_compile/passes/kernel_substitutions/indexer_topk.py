@@ -24,11 +24,19 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _reason(q, weights, keys, positions, ratio, topk, allow_cpu=False):
+    if keys.dtype not in _DTYPES:
+        return f"keys {keys.dtype}; need float32 / bfloat16 / float16"
+    return query_reason(q, weights, positions, ratio, topk, allow_cpu)
+
+
+def query_reason(q, weights, positions, ratio, topk, allow_cpu=False) -> str | None:
+    """Why the indexer kernels cannot take these queries, weights, positions, ratio and topk (the
+    predicate indexer_topk and indexer_topk_cached share), or None."""
     reason = device_reason(q, allow_cpu)
     if reason:
         return reason
-    if q.dtype not in _DTYPES or keys.dtype not in _DTYPES or weights.dtype not in _DTYPES:
-        return f"q {q.dtype} / keys {keys.dtype} / weights {weights.dtype}; need float32 / bfloat16 / float16"
+    if q.dtype not in _DTYPES or weights.dtype not in _DTYPES:
+        return f"q {q.dtype} / weights {weights.dtype}; need float32 / bfloat16 / float16"
     if positions.dtype != torch.int64:
         return f"positions is {positions.dtype}; needs int64"
     H, D = q.shape[-2], q.shape[-1]

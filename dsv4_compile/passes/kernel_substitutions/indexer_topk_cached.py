@@ -1,0 +1,67 @@
+"""Pass-framework registration: torch.ops.dsv4.indexer_topk_cached ->
+torch.ops.dsv4_triton.indexer_topk_cached ("indexer_topk_cached.triton", the decode indexer over the
+packed key cache).
+
+Applies to CUDA tensors: q float32 / bfloat16 / float16, weights a float dtype, positions int64, a
+uint8 index cache whose last dim is the entry size of `fmt` ("fp4" / "fp8") for q's head dim (fp4: a
+multiple of 32), at most 128 heads x 256 dims, topk <= 4096. Otherwise (CPU tensors included) the
+node is left to the decomposition, with the reason. Config: the tuned decode entry of the smallest
+batch >= the node's B x S query rows (tuning/spaces/indexer_topk_cached.py), else the kernel's decode
+default for the GPU (kernels/indexer_topk_cached/config.py). `interpreter_substitution()`: the same,
+on CPU tensors under TRITON_INTERPRET (tests only; never registered).
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+from ...kernels.indexer_topk_cached.config import default_config
+from ...model.kv_layout import indexer_entry_bytes
+from ..registry import Substitution, register
+from ._common import KERNEL_PRIORITY, decode_entry_config, interpreter_twin, kernel_files, target_gpu
+from .indexer_topk import query_reason
+
+# registers torch.ops.dsv4_triton.indexer_topk_cached
+_kernel = importlib.import_module("...kernels.indexer_topk_cached.indexer_topk_cached", __package__)
+_FILES = kernel_files("indexer_topk_cached/indexer_topk_cached.py", "indexer_topk_cached/config.py",
+                      "indexer_topk/indexer_topk.py", "indexer_topk/config.py", "indexer_topk/sort_keys.py",
+                      "indexer_topk/radix_topk.py")
+
+
+def _reason(q, weights, index_cache, positions, ratio, topk, fmt, allow_cpu=False):
+    if fmt not in ("fp4", "fp8"):
+        return f"fmt {fmt!r}; the kernel reads fp4 / fp8 caches"
+    reason = query_reason(q, weights, positions, ratio, topk, allow_cpu)
+    if reason:
+        return reason
+    D = q.shape[-1]
+    if fmt == "fp4" and D % 32:
+        return f"head dim {D} with fmt fp4; needs a multiple of 32"
+    entry = indexer_entry_bytes(D, fmt)
+    if index_cache.dtype != torch.uint8 or index_cache.dim() != 3 or index_cache.shape[-1] != entry:
+        return f"index cache {index_cache.dtype} {tuple(index_cache.shape)}; needs uint8 [B, N, {entry}] ({fmt}, d {D})"
+    return None
+
+
+def _replacement(q, weights, index_cache, positions, ratio, topk, fmt, config: str = ""):
+    return torch.ops.dsv4_triton.indexer_topk_cached(q.contiguous(), weights.contiguous(), index_cache.contiguous(),
+                                                     positions.contiguous(), ratio, topk, fmt, config)
+
+
+def _config(target, q, *rest):
+    B, S = q.shape[:2]
+    rows = int(B) * int(S) if is_concrete_int(B) and is_concrete_int(S) else float("inf")
+    return {"config": decode_entry_config(target.table, rows, default_config(target_gpu(target, q.device.type)))}
+
+
+SUBSTITUTION = register(Substitution(
+    name="indexer_topk_cached.triton", op=torch.ops.dsv4.indexer_topk_cached.default, replacement=_replacement,
+    applies=lambda target, *args: _reason(*args), config=_config,
+    version="1", priority=KERNEL_PRIORITY, source_files=_FILES))
+
+
+def interpreter_substitution() -> Substitution:
+    """The same substitution, also applying to CPU tensors under TRITON_INTERPRET (tests only)."""
+    return interpreter_twin(SUBSTITUTION, _reason)
