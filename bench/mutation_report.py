@@ -43,6 +43,8 @@ def _cases() -> dict:
     from dsv4_compile.kernels.fp8_linear import fp8_linear
     from dsv4_compile.kernels.hc_sinkhorn import hc_pre
     from dsv4_compile.kernels.indexer_topk import indexer_topk
+    from dsv4_compile.kernels.indexer_topk_cached import indexer_topk_cached
+    from dsv4_compile.model.kv_layout import indexer_entry_bytes
     from dsv4_compile.kernels.moe_experts import moe_experts
     from dsv4_compile.kernels.sparse_attention import sparse_attention
     from dsv4_compile.kernels.sparse_attention_cached import sparse_attention_cached
@@ -62,10 +64,17 @@ def _cases() -> dict:
     w8 = r(256, 256, dtype=torch.float32).to(torch.float8_e4m3fn)
     cache = torch.randint(0, 255, (B, 32, entry_layout(128, 64)[1]), generator=g, dtype=torch.uint8)
     decode = (r(B, 1, 16, 128), cache, r(16, dtype=torch.float32), idx[:, :1], 0.1, 64)
+    index_cache = {fmt: torch.randint(0, 255, (B, N, indexer_entry_bytes(D, fmt)), generator=g, dtype=torch.uint8)
+                   for fmt in ("fp4", "fp8")}
+    index_decode = (q[:, :1].contiguous(), w[:, :1].contiguous())
     cases = {
         "indexer_topk (threshold)": (indexer_topk, (q, w, keys, pos, 4, 8, "block_s=4,block_n=64")),
         "indexer_topk (radix)": (indexer_topk, (q, w, keys, pos, 4, 8, "block_s=4,block_n=64,selection=radix")),
         "indexer_topk (fp8 scores)": (indexer_topk, (q, w, keys, pos, 4, 8, "block_s=4,block_n=64,score_mma=fp8")),
+        "indexer_topk_cached (threshold, fp4)": (indexer_topk_cached, (*index_decode, index_cache["fp4"], pos[:, -1:], 4,
+                                                                       8, "fp4", "selection=threshold,block_n=64")),
+        "indexer_topk_cached (radix, fp8)": (indexer_topk_cached, (*index_decode, index_cache["fp8"], pos[:, -1:], 4, 8,
+                                                                   "fp8", "block_n=64")),
         "sparse_attention": (sparse_attention, (r(B, S, 16, 128), r(B, 32, 128), r(16, dtype=torch.float32), idx, 0.1,
                                                 "block_h=16,block_k=16")),
         "sparse_attention_cached (tile, split-K)": (sparse_attention_cached, (*decode, "block_h=16,block_k=16,num_splits=2")),
