@@ -16,6 +16,12 @@ Prefill, B = 1, bf16, V4-Flash heads (64 query heads x 512, one shared K=V head)
 Decode, batch 64, one token per sequence over the FP8 cache (584-byte entries, 128 window slots + S/4
   compressed entries per sequence), K = 640 valid indices: GB/s of cache entries read (+ q and out),
   timed as a CUDA graph of calls over rotating input sets (so neither launch gaps nor L2 hits count).
+Indexer decode (--indexer-batches, default 1 and 64): one CSA layer's top-512 selection for one token a
+  sequence over the packed FP4 indexer cache (68-byte keys, S/4 of them, every one visible), 64 index
+  heads x 128, bf16 FP4-simulated queries: ours (dsv4_triton.indexer_topk_cached, reading the packed
+  keys; a few configs) against what decode did before it (unpack_indexer_keys of the whole cache to
+  float32, then the indexer_topk kernel, eager and under dsv4_compile.compile), and the plain op; GB/s
+  of packed keys read, timed as CUDA graphs over rotating input sets.
 Ceilings measured in the same run: device copy bandwidth (bytes read + written) and a bf16 matmul.
 Per row: ms (median), useful TFLOP/s (4 H D per valid (query, index) pair: the work the op needs, the
 same count for every method), the roofline floor max(FLOPs / matmul peak, bytes / copy bandwidth) with
@@ -64,6 +70,12 @@ DECODE_CONFIGS = ["", "block_k=32,num_splits=2", "block_k=32,num_splits=4", "blo
                   "block_k=32,num_splits=4,dequant=chunks", "block_k=64,num_splits=4,dequant=chunks",
                   "block_k=16,num_splits=4,num_warps=4,split_d=2,dequant=chunks",
                   "block_k=32,num_splits=4,num_warps=4,split_d=2,dequant=chunks"]
+# indexer_topk_cached at decode: the default (radix, block_n 64), the fused threshold kernel (one program a
+# sequence), and the other key tiles the sm_90a compile allows without spills (kernels/indexer_topk_cached/config.py)
+INDEXER_DECODE_CONFIGS = ["", "selection=threshold", "selection=threshold,block_n=128", "block_n=128",
+                          "block_n=64,num_warps=4", "block_n=64,score_rows=heads"]
+INDEX_H, INDEX_D = 64, 128
+INDEXER_BATCHES = (1, 64)
 
 
 # ================================================================================================
@@ -184,9 +196,11 @@ def _err(e: BaseException) -> str:
 # ================================================================================================
 
 def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, flex: bool = True,
-        decode: bool = True, log=print, prefill: bool = True, decode_configs=DECODE_CONFIGS) -> dict:
+        decode: bool = True, log=print, prefill: bool = True, decode_configs=DECODE_CONFIGS,
+        indexer_batches=INDEXER_BATCHES, indexer_configs=INDEXER_DECODE_CONFIGS) -> dict:
     """Run everything that fits in `budget_s` seconds; returns {"meta", "ceilings", "rows", "checks"}.
-    prefill False: the decode rows only (the prefill and 128-dim sections skipped)."""
+    prefill False: the decode rows only (the prefill and 128-dim sections skipped). indexer_batches:
+    the batch sizes of the indexer decode section (() skips it)."""
     import triton
 
     from dsv4_compile.kernels.sparse_attention import sparse_attention
@@ -324,6 +338,15 @@ def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, fle
             del sets
             torch.cuda.empty_cache()
 
+    # ---- indexer decode over the packed FP4 key cache ---------------------------------------------
+    for S in contexts if indexer_batches else ():
+        for B in indexer_batches:
+            if left() < 25:
+                log(f"budget: skipping the indexer decode at S={S}, B={B}")
+                break
+            indexer_decode(rec, checks, S, B, indexer_configs, device, left, log)
+            torch.cuda.empty_cache()
+
     # ---- prefill at the real heads (64 x 512) ---------------------------------------------------
     for ci, S in enumerate(contexts if prefill else ()):
         if left() < 30:
@@ -401,6 +424,83 @@ def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, fle
     meta["elapsed_s"] = round(time.time() - t_start, 1)
     meta["best_configs"] = best
     return {"meta": meta, "ceilings": ceil, "rows": rec.rows, "checks": checks}
+
+
+def _indexer_decode_sets(S: int, B: int, n_rot: int, device) -> list[tuple]:
+    """n_rot input sets (q [B, 1, 64, 128] bf16, weights [B, 1, 64] bf16, FP4 cache [B, S/4, 68] uint8,
+    positions [B, 1] = S - 1: every key visible), FP4-simulated as the model's indexer makes them."""
+    from dsv4_compile.model.kv_layout import pack_indexer_keys
+    from dsv4_compile.model.ops import fp4_simulate, hadamard
+
+    N = S // CSA_RATIO
+    sets = []
+    for _ in range(n_rot):
+        cache = torch.cat([pack_indexer_keys(fp4_simulate(hadamard(torch.randn(1, N, INDEX_D, device=device)), 32), "fp4")
+                           for _ in range(B)])                                  # a row at a time: 1/B of the fp32
+        q = fp4_simulate(hadamard(torch.randn(B, 1, INDEX_H, INDEX_D, device=device)), 32).bfloat16()
+        w = (torch.randn(B, 1, INDEX_H, device=device) * INDEX_H ** -0.5).bfloat16()
+        sets.append((q, w, cache, torch.full((B, 1), S - 1, device=device, dtype=torch.int64)))
+    return sets
+
+
+def _unpack_then_indexer_topk(q, w, cache, pos):
+    """What decode ran before indexer_topk_cached: the whole cache unpacked to float32, then indexer_topk."""
+    from dsv4_compile.model.kv_layout import unpack_indexer_keys
+
+    return torch.ops.dsv4.indexer_topk(q, w, unpack_indexer_keys(cache, q.shape[-1], "fp4"), pos, CSA_RATIO, TOPK)
+
+
+def indexer_decode(rec: Recorder, checks: dict, S: int, B: int, configs, device, left, log) -> None:
+    """The indexer decode rows at context S, batch B (see the module docstring)."""
+    import dsv4_compile
+    from dsv4_compile.kernels.indexer_topk import indexer_topk
+    from dsv4_compile.kernels.indexer_topk_cached import indexer_topk_cached
+    from dsv4_compile.model.kv_layout import unpack_indexer_keys
+
+    N = S // CSA_RATIO
+    log(f"indexer decode S={S} (N={N} keys), B={B}")
+    sets = _indexer_decode_sets(S, B, 4, device)
+    q0, w0, cache0, pos0 = sets[0]
+    flops = 2 * INDEX_H * INDEX_D * B * N
+    nbytes = cache0.numel() + q0.numel() * 2 + w0.numel() * 2 + B * TOPK * 4     # packed keys read once
+    workload = f"fp4-B{B}"
+    best = (float("inf"), "")
+    for cfg in configs:
+        if left() < 15:
+            break
+        try:
+            fns = [lambda q=q, w=w, c=c, p=p: indexer_topk_cached(q, w, c, p, CSA_RATIO, TOPK, "fp4", cfg)
+                   for q, w, c, p in sets]
+            ms = graph_time_ms(fns)
+            rec.add("idx_dec", workload, "ours", S, INDEX_H, INDEX_D, TOPK, ms, flops, nbytes, cfg or "default",
+                    f"B={B}, CUDA graph over {len(sets)} input sets")
+            best = min(best, (ms, cfg))
+        except Exception as e:  # noqa: BLE001
+            rec.fail("idx_dec", workload, "ours", S, INDEX_H, INDEX_D, TOPK, _err(e), cfg)
+    before = {"unpack+indexer_topk": lambda q, w, c, p: indexer_topk(q, w, unpack_indexer_keys(c, INDEX_D, "fp4"), p,
+                                                                       CSA_RATIO, TOPK),
+              "plain_op_eager": lambda q, w, c, p: torch.ops.dsv4.indexer_topk_cached(q, w, c, p, CSA_RATIO, TOPK, "fp4")}
+    try:  # the former decode path compiled as the model is: Inductor's unpack, the indexer kernel substituted
+        before["unpack+indexer_topk_compiled"] = dsv4_compile.compile(_unpack_then_indexer_topk, gpu="auto",
+                                                                      passes="all", dynamic=False)
+    except Exception as e:  # noqa: BLE001
+        rec.fail("idx_dec", workload, "unpack+indexer_topk_compiled", S, INDEX_H, INDEX_D, TOPK, _err(e))
+    for method, fn in before.items():
+        if left() < 10:
+            break
+        try:
+            ms, how = _graph_or_bench([lambda q=q, w=w, c=c, p=p, fn=fn: fn(q, w, c, p) for q, w, c, p in sets])
+            rec.add("idx_dec", workload, method, S, INDEX_H, INDEX_D, TOPK, ms, flops, nbytes, note=how)
+        except Exception as e:  # noqa: BLE001
+            rec.fail("idx_dec", workload, method, S, INDEX_H, INDEX_D, TOPK, _err(e))
+    try:  # picks against the plain op's (FP4 q and keys: exact products; a near-tie may go either way)
+        ours = indexer_topk_cached(q0, w0, cache0, pos0, CSA_RATIO, TOPK, "fp4", best[1])
+        ref = torch.ops.dsv4.indexer_topk_cached(q0, w0, cache0, pos0, CSA_RATIO, TOPK, "fp4")
+        checks[f"indexer decode S={S} B={B}: picks not in the plain op's set (fraction)"] = float(
+            (~(ours.unsqueeze(-1) == ref.unsqueeze(-2)).any(-1)).float().mean())
+    except Exception as e:  # noqa: BLE001
+        log(f"  indexer decode check failed: {_err(e)}")
+    del sets
 
 
 # ================================================================================================
@@ -485,6 +585,18 @@ def summary_lines(result: dict) -> list[str]:
             c = _best(rows, section="decode", method="plain_op_compiled", S=S)
             if c:
                 line += f"; torch.compile of the plain op {c['ms']:.3f} ms: **{c['ms'] / o['ms']:.1f}x**"
+            out.append(line)
+    for S in sorted({r["S"] for r in rows if r["section"] == "idx_dec"}):
+        for workload in sorted({r["workload"] for r in rows if r["section"] == "idx_dec" and r["S"] == S}):
+            o = _best(rows, section="idx_dec", workload=workload, method="ours", S=S)
+            if not o:
+                continue
+            line = (f"- indexer decode {workload}, top-{TOPK} of {S // CSA_RATIO} packed FP4 keys (context {S}): ours "
+                    f"{o['ms'] * 1e3:.1f} us, {o['GBps']:.0f} GB/s of packed keys ({o['config']})")
+            for method in ("unpack+indexer_topk", "unpack+indexer_topk_compiled", "plain_op_eager"):
+                p = _best(rows, section="idx_dec", workload=workload, method=method, S=S)
+                if p:
+                    line += f"; {method} {p['ms'] * 1e3:.1f} us: **{p['ms'] / o['ms']:.1f}x**"
             out.append(line)
     if result["checks"]:
         out += ["", "## Agreement checks (this run)", ""]
@@ -577,6 +689,11 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-configs", default=None,
                         help="';'-separated decode config strings ('' = the default, auto splits); "
                              "default: DECODE_CONFIGS")
+    parser.add_argument("--indexer-batches", default=",".join(map(str, INDEXER_BATCHES)),
+                        help="batch sizes of the indexer decode rows ('' skips them)")
+    parser.add_argument("--indexer-configs", default=None,
+                        help="';'-separated indexer_topk_cached config strings ('' = its default); "
+                             "default: INDEXER_DECODE_CONFIGS")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU")
@@ -588,8 +705,12 @@ def main(argv=None) -> int:
     try:
         decode_configs = (DECODE_CONFIGS if args.decode_configs is None
                           else [c.strip() for c in args.decode_configs.split(";")])
+        indexer_configs = (INDEXER_DECODE_CONFIGS if args.indexer_configs is None
+                           else [c.strip() for c in args.indexer_configs.split(";")])
         result = run(parse_contexts(args.contexts), args.budget, not args.no_sweep, not args.no_flex,
-                     not args.no_decode, prefill=not args.no_prefill, decode_configs=decode_configs)
+                     not args.no_decode, prefill=not args.no_prefill, decode_configs=decode_configs,
+                     indexer_batches=tuple(int(b) for b in args.indexer_batches.split(",") if b.strip()),
+                     indexer_configs=indexer_configs)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         return 1

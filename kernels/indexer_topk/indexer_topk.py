@@ -335,6 +335,8 @@ def _packed_key_values(b_code, b_scale, KEY_FORMAT: tl.constexpr, BLOCK_D: tl.co
         return value * scale                                                 # exact: a power of two
     else:
         value = b_code.to(tl.float8e4nv, bitcast=True).to(tl.float32)        # [BN, BD]
+        # e4m3fn's NaN codes (S.1111.111) explicitly: the interpreter's conversion does not give NaN
+        value = tl.where((b_code & 0x7F) == 0x7F, float("nan"), value)
         bits = tl.sum(b_scale.to(tl.int32) << (8 * tl.arange(0, 4))[None, :], axis=1)  # [BN] little-endian
         scale = bits.to(tl.float32, bitcast=True)[:, None]
         # The product rounded once, as torch's code * scale: the scale split into 20 + 4 significant

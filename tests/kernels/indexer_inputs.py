@@ -1,5 +1,6 @@
-"""Inputs of the indexer top-k tests (test_indexer_topk.py, _fp8.py, _radix.py): dyadic score operands
-(every product and sum exact), the ordered candidate-buffer cases and the model's FP4-simulated rows."""
+"""Inputs of the indexer top-k tests (test_indexer_topk.py, _fp8.py, _radix.py, _cached.py): dyadic score
+operands (every product and sum exact), the ordered candidate-buffer cases, the model's FP4-simulated
+rows and packed index caches (FP4, and FP8 with float32 scales) whose scores are exact."""
 import importlib
 import math
 
@@ -71,3 +72,40 @@ def fp4_gauss(shape, g, spread=0):
         blocks = x.unflatten(-1, (-1, 32))
         x = (blocks * 2.0 ** -torch.randint(0, spread + 1, blocks.shape[:-1] + (1,), generator=g)).flatten(-2)
     return fp4_simulate(hadamard(x), 32)
+
+
+def fp4_cache_inputs(B, S, H, d, N, ratio, topk, dtype=torch.float32, seed=0):
+    """q, weights (dyadic, k / 4), an FP4 index cache [B, N, d/2 + d/32] uint8 and positions (as
+    make_inputs: each batch row elsewhere, one query seeing nothing, one every key). The keys are e2m1
+    codes x 1/2, each 32-value block holding a +-6 code (packing keeps its scale 1/2 exactly): every
+    product and sum of the scores is exact in fp32 at these shapes, so the selection is determined."""
+    from dsv4_compile.model.kv_layout import pack_indexer_keys
+    from dsv4_compile.model.ops import fp4_values
+
+    q, w, _, positions = make_inputs(B, S, H, d, N, ratio, topk, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    codes = torch.randint(0, 16, (B, N, d), generator=g)
+    codes[..., ::32] = 7 + 8 * (codes[..., ::32] % 2)                       # +-6: the block's amax
+    return q, w, pack_indexer_keys(fp4_values(codes) / 2, "fp4").to(DEVICE), positions
+
+
+def fp8_cache(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """codes [B, N, d] (values exact in e4m3), scales [B, N] float32 -> the FP8 index cache [B, N, d + 4]
+    uint8 written byte for byte (kv_layout's "fp8" layout with a scale of our choosing)."""
+    return torch.cat([codes.to(torch.float8_e4m3fn).view(torch.uint8),
+                      scales.float().contiguous().view(torch.uint8).view(*scales.shape, 4)], dim=-1)
+
+
+def fp8_cache_inputs(B, S, H, d, N, ratio, topk, dtype=torch.float32, seed=0):
+    """q, weights (integers in [-2, 2]), an FP8 index cache and positions (as make_inputs). Key n is
+    codes[n % 5] x 2^-2 (1 + j_n 2^-9), j_n in [-8, 8]: 5 distinct code rows (tied coarse scores)
+    whose per-key float32 scales break the ties by less than bf16 resolves, so the keys are not
+    bf16-exact and only the residual dots select right. Every score is a multiple of 2^-11 below 2^12
+    at these shapes (d <= 64, H <= 17): exact in fp32 (tests check it)."""
+    _, _, _, positions = make_inputs(B, S, H, d, N, ratio, topk, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    q = torch.randint(-2, 3, (B, S, H, d), generator=g).to(dtype)
+    w = torch.randint(-2, 3, (B, S, H), generator=g).to(dtype)
+    codes = torch.randint(-6, 7, (B, 5, d), generator=g).float()[:, torch.arange(N) % 5]
+    scales = 0.25 * (1 + torch.randint(-8, 9, (B, N), generator=g) * 2.0 ** -9)
+    return [t.to(DEVICE) for t in (q, w, fp8_cache(codes, scales), positions)]
