@@ -146,6 +146,39 @@ def test_right_padded_prefill_continues_each_sequence_as_alone(model, tokens, ti
             assert errors.max() < 1e-3, f"sequence {i}: max relative error {errors.max():.2e}"
 
 
+def _greedy_decode(model, tiny, tokens, fmt, steps=24, prompt=203):
+    """Prefill `prompt` tokens into a cache with `fmt` indexer keys, then `steps` greedy decode steps:
+    (logits [B, steps, V], tokens [B, steps])."""
+    cache = KVCache(tiny, batch_size=2, indexer_format=fmt)
+    with torch.no_grad():
+        logits = [model.prefill(tokens[:, :prompt], cache)]
+        for t in range(steps):
+            logits.append(model.decode(logits[-1].argmax(-1, keepdim=True), torch.full((2,), prompt + t), cache))
+    logits = torch.stack(logits[1:], dim=1)
+    return logits, logits.argmax(-1)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+def test_decode_over_the_packed_index_cache_equals_the_unpacked_path(model, tokens, tiny, fmt, monkeypatch):
+    """Decode's indexer reads the packed key cache (dsv4.indexer_topk_cached, one call a CSA layer and
+    step); the former path (unpack_indexer_keys of the whole cache, then Indexer.select) gives the same
+    greedy tokens and logits, bit for bit."""
+    from dsv4_compile.model.attention import Indexer
+
+    count = CountOp(torch.ops.dsv4.indexer_topk_cached.default)
+    with count:
+        logits, picked = _greedy_decode(model, tiny, tokens, fmt)
+    assert count.calls == 24 * sum(r == 4 for r in tiny.compress_ratios[:tiny.n_layers])
+    monkeypatch.setattr(Indexer, "select_cached", lambda self, q, w, index_cache, pos, fmt:
+                        self.select(q, w, unpack_indexer_keys(index_cache, self.head_dim, fmt), pos))
+    count = CountOp(torch.ops.dsv4.indexer_topk_cached.default)
+    with count:
+        ref_logits, ref_picked = _greedy_decode(model, tiny, tokens, fmt)
+    assert count.calls == 0
+    assert torch.equal(picked, ref_picked)
+    assert torch.equal(logits, ref_logits)
+
+
 @pytest.fixture(scope="module")
 def decoded(model, tokens, tiny):
     """Token-by-token decode of the whole sequence from an empty cache: (logits [B, S, V], cache)."""

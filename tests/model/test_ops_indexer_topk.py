@@ -129,3 +129,53 @@ def test_indexer_chunking_is_exact(monkeypatch, per_chunk):
     chunked = dsv4.indexer_topk(q, w, keys, pos, ratio, topk)
     assert len(calls) == math.ceil(S / per_chunk), "the monkeypatched CHUNK_BYTES did not split the queries"
     assert torch.equal(whole, chunked)
+
+
+# ---- indexer_topk_cached: the same selection over the packed key cache ----------------------------
+
+def cached_inputs(B, S, H, d, N, ratio, topk, fmt, seed=0):
+    """indexer_inputs with the keys FP4-simulated (what the cache holds exactly in "fp4"; "fp8"
+    re-quantizes them) and packed: (q, weights, index cache, positions, the unpacked keys)."""
+    from dsv4_compile.model.kv_layout import pack_indexer_keys, unpack_indexer_keys
+
+    q, w, keys, pos = indexer_inputs(B, S, H, d, max(N, 1), ratio, topk, seed=seed, gaussian=True)
+    cache = pack_indexer_keys(ops.fp4_simulate(keys, 32), fmt)[:, :N]       # (packing refuses N = 0 in fp8)
+    return q, w, cache, pos, unpack_indexer_keys(cache, d, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "fp8"])
+@pytest.mark.parametrize("case", [pytest.param((2, 1, 3, 32, 37, 4, 40), id="decode-B2-N37-k40-pad"),
+                                  pytest.param((1, 7, 2, 64, 20, 2, 5), id="S7-N20-r2"),
+                                  pytest.param((1, 3, 2, 32, 0, 4, 2), id="no-keys")])
+def test_cached_equals_indexer_topk_over_the_unpacked_keys(case, fmt):
+    B, S, H, d, N, ratio, topk = case
+    q, w, cache, pos, keys = cached_inputs(*case, fmt, seed=5)
+    out = dsv4.indexer_topk_cached(q, w, cache, pos, ratio, topk, fmt)
+    assert out.dtype == torch.int32 and out.shape == (B, S, topk)
+    assert torch.equal(out, dsv4.indexer_topk(q, w, keys, pos, ratio, topk))
+
+
+@pytest.mark.parametrize("budget_keys,budget_queries", [(5, 1), (8, 3), (1, 7)])
+def test_cached_unpacks_chunk_by_chunk(monkeypatch, budget_keys, budget_queries):
+    """A small CHUNK_BYTES splits the keys (never the whole cache unpacked at once) and the queries:
+    the picks do not change."""
+    from dsv4_compile.model import kv_layout
+
+    B, S, H, d, N, ratio, topk = 2, 7, 3, 32, 37, 4, 6
+    q, w, cache, pos, keys = cached_inputs(B, S, H, d, N, ratio, topk, "fp4", seed=6)
+    whole = dsv4.indexer_topk(q, w, keys, pos, ratio, topk)
+    q_chunk = budget_queries
+    # the op's own budget arithmetic: q_chunk queries (scores [B, s, N] x 4), key_chunk keys a chunk
+    monkeypatch.setattr(ops, "CHUNK_BYTES", max(B * N * 4 * 4 * q_chunk, B * (d + q_chunk * (H + 2)) * 4 * budget_keys))
+    unpacked = []
+    monkeypatch.setattr(ops, "unpack_indexer_keys", lambda c, *a, f=kv_layout.unpack_indexer_keys: unpacked.append(c.shape[1]) or f(c, *a))
+    assert torch.equal(dsv4.indexer_topk_cached(q, w, cache, pos, ratio, topk, "fp4"), whole)
+    assert max(unpacked) < N and sum(unpacked) == N * math.ceil(S / q_chunk), unpacked
+
+
+def test_cached_refuses_bad_caches():
+    q, w, cache, pos, _ = cached_inputs(1, 2, 2, 32, 5, 4, 3, "fp4")
+    with pytest.raises(ValueError, match="indexer cache format 'fp6'; accepted: fp4, fp8"):
+        dsv4.indexer_topk_cached(q, w, cache, pos, 4, 3, "fp6")
+    with pytest.raises(ValueError, match=r"need uint8 \[B, N, 36\] \(fp8 keys of head dim 32\)"):
+        dsv4.indexer_topk_cached(q, w, cache, pos, 4, 3, "fp8")
