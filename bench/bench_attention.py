@@ -435,8 +435,8 @@ def _indexer_decode_sets(S: int, B: int, n_rot: int, device) -> list[tuple]:
     N = S // CSA_RATIO
     sets = []
     for _ in range(n_rot):
-        cache = torch.cat([pack_indexer_keys(fp4_simulate(hadamard(torch.randn(1, N, INDEX_D, device=device)), 32), "fp4")
-                           for _ in range(B)])                                  # a row at a time: 1/B of the fp32
+        rows = [fp4_simulate(hadamard(torch.randn(1, N, INDEX_D, device=device)), 32) for _ in range(B)]
+        cache = torch.cat([pack_indexer_keys(keys, "fp4") for keys in rows])
         q = fp4_simulate(hadamard(torch.randn(B, 1, INDEX_H, INDEX_D, device=device)), 32).bfloat16()
         w = (torch.randn(B, 1, INDEX_H, device=device) * INDEX_H ** -0.5).bfloat16()
         sets.append((q, w, cache, torch.full((B, 1), S - 1, device=device, dtype=torch.int64)))
@@ -479,7 +479,8 @@ def indexer_decode(rec: Recorder, checks: dict, S: int, B: int, configs, device,
             rec.fail("idx_dec", workload, "ours", S, INDEX_H, INDEX_D, TOPK, _err(e), cfg)
     before = {"unpack+indexer_topk": lambda q, w, c, p: indexer_topk(q, w, unpack_indexer_keys(c, INDEX_D, "fp4"), p,
                                                                        CSA_RATIO, TOPK),
-              "plain_op_eager": lambda q, w, c, p: torch.ops.dsv4.indexer_topk_cached(q, w, c, p, CSA_RATIO, TOPK, "fp4")}
+              "plain_op_eager": lambda q, w, c, p: torch.ops.dsv4.indexer_topk_cached(q, w, c, p, CSA_RATIO, TOPK,
+                                                                                       "fp4")}
     try:  # the former decode path compiled as the model is: Inductor's unpack, the indexer kernel substituted
         before["unpack+indexer_topk_compiled"] = dsv4_compile.compile(_unpack_then_indexer_topk, gpu="auto",
                                                                       passes="all", dynamic=False)

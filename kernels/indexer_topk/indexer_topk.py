@@ -15,6 +15,9 @@ config selection="radix" (default "threshold", the above) splits the work in two
 (the same query blocks, key tiles and score code) writes the scores of a chunk of queries to an fp32
 workspace [rows, keys] (within WORKSPACE_BYTES), then the radix select (radix_topk.py) picks each
 row's top-k into its output row: the same scores and order rule, so the same picks.
+Packed keys (indexer_topk_cached, kernels/indexer_topk_cached): with KEY_FORMAT set both kernels read
+the uint8 index cache and decode each key tile in registers (FP4 e2m1 x e8m0, FP8 e4m3 x a float32
+scale) into the same dots; DESIGN.md, Packed keys.
 Design, ordering rules and cost model: kernels/indexer_topk/DESIGN.md; measurements:
 bench/results/H100/indexer_notes.md.
 """
@@ -297,8 +300,8 @@ def _packed_key_offsets(b, n, n_max, N, D, KEY_FORMAT: tl.constexpr, ENTRY: tl.c
     # The byte offsets into the packed cache [B, N, ENTRY] of keys n .. n + BN - 1 (those < n_max) of
     # batch row b -> (o_code [BN, BD] and its mask: the code byte of each value (fp4: the byte holding
     # its nibble), o_scale and its mask: fp4 [BN, BD] the scale byte of each value, fp8 [BN, 4] the
-    # scale's bytes). Pointer-free: the kernels load the cache in their own body (the module doc of
-    # _visible_keys says why).
+    # scale's bytes). Pointer-free: the kernels load the cache in their own body (_visible_keys' comment
+    # says why).
     o_n = n + tl.arange(0, BLOCK_N)                                          # [BN] int32
     o_d = tl.arange(0, BLOCK_D)
     m_n = o_n < n_max
@@ -470,11 +473,12 @@ def _indexer_scores_kernel(p_q, p_w, p_k, p_kf, p_fix, p_pos, p_ws, p_len, p_row
                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KEY_ROWS: tl.constexpr, STEP: tl.constexpr,
                            KEY_FORMAT: tl.constexpr, KEY_BF16: tl.constexpr, ENTRY: tl.constexpr):
     # The first half of selection="radix": the scores of one chunk of query blocks into a workspace.
-    # Inputs (KEY_FORMAT included) as in _indexer_topk_kernel; p_ws [chunk * BLOCK_S, N] fp32, p_len [chunk * BLOCK_S] int32,
-    # p_rows [chunk * BLOCK_S] int32. Program (j, split) takes query block blk = blk0 + j of the n_blocks
-    # = B * N_SB (batch row blk // N_SB, queries (blk % N_SB) * BLOCK_S ..), workspace rows j * BLOCK_S
-    # .. (one a query), and its visible key tiles split, split + splits, ... (splits = the grid's
-    # second dimension: a few query blocks still fill the GPU, as at decode). Row of query s: the
+    # Inputs (KEY_FORMAT included) as in _indexer_topk_kernel; p_ws [chunk * BLOCK_S, N] fp32, p_len
+    # [chunk * BLOCK_S] int32, p_rows [chunk * BLOCK_S] int32. Program (j, split) takes query block
+    # blk = blk0 + j of the n_blocks = B * N_SB (batch row blk // N_SB, queries (blk % N_SB) * BLOCK_S
+    # ..), workspace rows j * BLOCK_S .. (one a query), and its visible key tiles split, split +
+    # splits, ... (splits = the grid's second dimension: a few query blocks still fill the GPU, as at
+    # decode). Row of query s: the
     # scores of its visible keys [0, n_vis) in columns [0, n_vis) (the rest is not written), p_len =
     # n_vis, p_rows = b * S + s, its output row (-1 for the rows of queries >= S and of blocks past
     # n_blocks: no output; their lengths 0). Scores by the fused kernel's own code (_query_block and

@@ -211,7 +211,9 @@ def test_substitution_predicate_and_decode_config():
     assert "multiple of 32" in sub._reason(q[..., :16], w, cache, pos, 4, 6, "fp4", allow_cpu=True)
     assert "int64" in sub._reason(q, w, cache, pos.int(), 4, 6, "fp4", allow_cpu=True)
     gpu = "H100" if DEVICE == "cuda" else "interpreter"
-    config = lambda t: IndexerTopkConfig.from_str(sub.SUBSTITUTION.config(t, q, w, cache, pos, 4, 6, "fp4")["config"])  # noqa: E731
+    def config(target):
+        return IndexerTopkConfig.from_str(sub.SUBSTITUTION.config(target, q, w, cache, pos, 4, 6, "fp4")["config"])
+
     assert config(Target(gpu="H100")) == default_config(gpu)
     tuned = {"entries": {"b2": {"phase": "decode", "batch": 2, "config": {"block_n": 32}},
                          "b64": {"phase": "decode", "batch": 64, "config": {"block_n": 128, "selection": "threshold"}}}}

@@ -168,7 +168,8 @@ def test_cached_unpacks_chunk_by_chunk(monkeypatch, budget_keys, budget_queries)
     # the op's own budget arithmetic: q_chunk queries (scores [B, s, N] x 4), key_chunk keys a chunk
     monkeypatch.setattr(ops, "CHUNK_BYTES", max(B * N * 4 * 4 * q_chunk, B * (d + q_chunk * (H + 2)) * 4 * budget_keys))
     unpacked = []
-    monkeypatch.setattr(ops, "unpack_indexer_keys", lambda c, *a, f=kv_layout.unpack_indexer_keys: unpacked.append(c.shape[1]) or f(c, *a))
+    monkeypatch.setattr(ops, "unpack_indexer_keys",
+                        lambda c, *a, f=kv_layout.unpack_indexer_keys: unpacked.append(c.shape[1]) or f(c, *a))
     assert torch.equal(dsv4.indexer_topk_cached(q, w, cache, pos, ratio, topk, "fp4"), whole)
     assert max(unpacked) < N and sum(unpacked) == N * math.ceil(S / q_chunk), unpacked
 

@@ -102,7 +102,8 @@ def cases(noncontig: bool):
          (torch.randn(2, 3, 5, 8, generator=_g(21)).transpose(1, 2) if nc else torch.randn(2, 5, 3, 8, generator=_g(21)),
           t(2, 5, 3, seed=22), t(2, 6, 8, seed=23), torch.arange(5).view(1, 5).expand(2, 5) * 4 + 3, 4, 3)),
         ("indexer_topk_cached", dsv4.indexer_topk_cached.default,  # decode path: integer picks, no autograd
-         (torch.randn(2, 3, 5, 32, generator=_g(27)).transpose(1, 2) if nc else torch.randn(2, 5, 3, 32, generator=_g(27)),
+         (torch.randn(2, 3, 5, 32, generator=_g(27)).transpose(1, 2) if nc
+          else torch.randn(2, 5, 3, 32, generator=_g(27)),
           t(2, 5, 3, seed=28), pack_indexer_keys(torch.randn(2, 6, 32, generator=_g(29)), "fp8"),
           torch.arange(5).view(1, 5).expand(2, 5) * 4 + 3, 4, 3, "fp8")),
         ("fp8_linear", dsv4.fp8_linear.default,  # inference only: no autograd by design
