@@ -109,3 +109,28 @@ def fp8_cache_inputs(B, S, H, d, N, ratio, topk, dtype=torch.float32, seed=0):
     codes = torch.randint(-6, 7, (B, 5, d), generator=g).float()[:, torch.arange(N) % 5]
     scales = 0.25 * (1 + torch.randint(-8, 9, (B, N), generator=g) * 2.0 ** -9)
     return [t.to(DEVICE) for t in (q, w, fp8_cache(codes, scales), positions)]
+
+
+def assert_substituted(fn, args, registered, interpreter_twin, op: str) -> None:
+    """The pass on fn's fake-traced graph (one dsv4 `op` node): the kernel substitution (`registered` on
+    a GPU, its interpreter twin on the CPU) replaces the node (ops before and after, the report), the
+    graph picks what eager fn picks, and on the CPU the registered substitution declines, with its reason."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dsv4_compile.passes import PassManager
+
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    on_gpu = DEVICE == "cuda"
+    manager = PassManager([registered if on_gpu else interpreter_twin], gpu="H100" if on_gpu else "cpu")
+    manager(gm.graph)
+    gm.recompile()
+    before, after = manager.graph_ops[0]["before"], manager.graph_ops[0]["after"]
+    assert before[f"dsv4.{op}.default"] == 1 and f"dsv4.{op}.default" not in after
+    assert after[f"dsv4_triton.{op}.default"] == 1
+    assert manager.report.replaced(f"dsv4.{op}") == 1
+    assert torch.equal(fn(*args), gm(*args))
+    if DEVICE == "cpu":
+        gm = make_fx(fn, tracing_mode="fake")(*args)
+        manager = PassManager([registered], gpu="cpu")
+        manager(gm.graph)
+        assert "needs CUDA tensors" in manager.report.left_alone()[0].reason

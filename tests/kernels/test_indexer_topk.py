@@ -27,7 +27,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import (conftest does it too)
 
 import pytest  # noqa: E402
-from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 import triton  # noqa: E402
@@ -35,7 +34,8 @@ import triton.language as tl  # noqa: E402
 
 from dsv4_compile.kernels.indexer_topk import IndexerTopkConfig, indexer_topk, naive  # noqa: E402
 from dsv4_compile.kernels.indexer_topk.sort_keys import pack_keys  # noqa: E402
-from indexer_inputs import DEVICE, KERNEL_MODULE, dyadic, make_inputs, ordered_inputs  # noqa: E402
+from indexer_inputs import (DEVICE, KERNEL_MODULE, assert_substituted, dyadic, make_inputs,  # noqa: E402
+                            ordered_inputs)
 
 dsv4 = torch.ops.dsv4
 
@@ -349,7 +349,6 @@ def test_config_api_and_input_checks():
 def test_torch_op_and_substitution():
     """The dsv4_triton op, and the pass: equal selection vs eager, 1 node substituted, ops before/after."""
     from dsv4_compile.passes.kernel_substitutions.indexer_topk import SUBSTITUTION, interpreter_substitution
-    from dsv4_compile.passes import PassManager
 
     q, w, keys, pos = make_inputs(2, 5, 3, 8, 17, 4, 6, seed=6)
     ref = dsv4.indexer_topk(q, w, keys, pos, 4, 6)
@@ -358,20 +357,7 @@ def test_torch_op_and_substitution():
     def fn(q, w, keys, pos):
         return dsv4.indexer_topk(q * 2, w, keys, pos, 4, 6)
 
-    sub = SUBSTITUTION if DEVICE == "cuda" else interpreter_substitution()
-    gm = make_fx(fn, tracing_mode="fake")(q, w, keys, pos)
-    manager = PassManager([sub], gpu="H100" if DEVICE == "cuda" else "cpu")
-    manager(gm.graph)
-    gm.recompile()
-    before, after = manager.graph_ops[0]["before"], manager.graph_ops[0]["after"]
-    assert before["dsv4.indexer_topk.default"] == 1 and "dsv4.indexer_topk.default" not in after
-    assert manager.report.replaced("dsv4.indexer_topk") == 1
-    assert torch.equal(fn(q, w, keys, pos), gm(q, w, keys, pos))
-    if DEVICE == "cpu":  # the registered substitution declines CPU tensors, with its reason
-        gm = make_fx(fn, tracing_mode="fake")(q, w, keys, pos)
-        manager = PassManager([SUBSTITUTION], gpu="cpu")
-        manager(gm.graph)
-        assert "needs CUDA tensors" in manager.report.left_alone()[0].reason
+    assert_substituted(fn, (q, w, keys, pos), SUBSTITUTION, interpreter_substitution(), "indexer_topk")
 
 
 def test_op_schema_and_opcheck():

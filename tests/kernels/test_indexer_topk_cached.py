@@ -23,12 +23,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel import (conftest does it too)
 
 import pytest  # noqa: E402
-from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
-
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.indexer_topk_cached import indexer_topk_cached, naive  # noqa: E402
 from dsv4_compile.model.kv_layout import pack_indexer_keys, unpack_indexer_keys  # noqa: E402
-from indexer_inputs import DEVICE, fp4_cache_inputs, fp4_gauss, fp8_cache, fp8_cache_inputs  # noqa: E402
+from indexer_inputs import (DEVICE, assert_substituted, fp4_cache_inputs, fp4_gauss, fp8_cache,  # noqa: E402
+                            fp8_cache_inputs)
 
 dsv4 = torch.ops.dsv4
 INPUTS = {"fp4": fp4_cache_inputs, "fp8": fp8_cache_inputs}
@@ -169,7 +168,6 @@ def test_decode_key_splits(monkeypatch):
 
 def test_torch_op_and_substitution():
     """The dsv4_triton op, and the pass: the same picks as eager, 1 node substituted, ops before/after."""
-    from dsv4_compile.passes import PassManager
     from dsv4_compile.passes.kernel_substitutions.indexer_topk_cached import SUBSTITUTION, interpreter_substitution
 
     q, w, cache, pos = fp4_cache_inputs(3, 1, 3, 32, 17, 4, 6, seed=6)
@@ -179,21 +177,7 @@ def test_torch_op_and_substitution():
     def fn(q, w, cache, pos):
         return dsv4.indexer_topk_cached(q * 2, w, cache, pos, 4, 6, "fp4")
 
-    sub = SUBSTITUTION if DEVICE == "cuda" else interpreter_substitution()
-    gm = make_fx(fn, tracing_mode="fake")(q, w, cache, pos)
-    manager = PassManager([sub], gpu="H100" if DEVICE == "cuda" else "cpu")
-    manager(gm.graph)
-    gm.recompile()
-    before, after = manager.graph_ops[0]["before"], manager.graph_ops[0]["after"]
-    assert before["dsv4.indexer_topk_cached.default"] == 1 and "dsv4.indexer_topk_cached.default" not in after
-    assert after["dsv4_triton.indexer_topk_cached.default"] == 1
-    assert manager.report.replaced("dsv4.indexer_topk_cached") == 1
-    assert torch.equal(fn(q, w, cache, pos), gm(q, w, cache, pos))
-    if DEVICE == "cpu":  # the registered substitution declines CPU tensors, with its reason
-        gm = make_fx(fn, tracing_mode="fake")(q, w, cache, pos)
-        manager = PassManager([SUBSTITUTION], gpu="cpu")
-        manager(gm.graph)
-        assert "needs CUDA tensors" in manager.report.left_alone()[0].reason
+    assert_substituted(fn, (q, w, cache, pos), SUBSTITUTION, interpreter_substitution(), "indexer_topk_cached")
 
 
 def test_substitution_predicate_and_decode_config():
