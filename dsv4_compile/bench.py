@@ -26,6 +26,7 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 FAMILIES = {
     "sparse_attention": ("bench_attention", None),
     "sparse_attention_cached": ("bench_attention", None),
+    "indexer_topk_cached": ("bench_attention", None),    # its decode rows (idx_dec) against unpack + indexer_topk
     "fp8_quantize": ("bench_kernels", "quant"),
     "fp4_quantize": ("bench_kernels", "quant"),
     "newton_schulz": ("bench_kernels", "ns"),
