@@ -28,6 +28,7 @@ def test_graphed_aoti_decode_equals_launched_and_eager(tmp_path, request):
     model = eager_model(config, seed=0, state=None, cuda=True)
     exported = export_engine(model, "decode", 4, functional=False, gpu=resolve_gpu("auto"))
     assert "sparse_attention_cached.triton" in exported.result.kernels, exported.result.kernels
+    assert "indexer_topk_cached.triton" in exported.result.kernels, exported.result.kernels  # reads the packed keys
     export_aoti(exported.result, str(tmp_path / "decode-128.pt2"))
     entry = EngineRecord(format="aoti", bucket=BUCKET, files=("decode-128.pt2",), seq_range=(1, 1), batch_range=(1, 4),
                          dynamic=True, compute_dtype=config.dtype, kernels={}, verified=Verification("pending"),
