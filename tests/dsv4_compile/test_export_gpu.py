@@ -64,3 +64,30 @@ def test_static_batch_prefill_packages(tmp_path):
     with torch.no_grad():
         err = rel_rms(model(tokens).float(), package(tokens).float())
     assert err <= COMPILE_TOLERANCE[config.dtype], f"packaged kernels vs eager: rel RMS {err:.2e}"
+
+
+class _Lookup(torch.nn.Module):
+    """Rows of a table picked by indices computed from a float input inside one fused kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(1000, 8))
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:                               # u [T] in [0, 1)
+        return self.table[(u * self.table.shape[0]).long()] * 2.0
+
+
+def test_cuda_packages_compile_on_the_real_example_inputs(tmp_path):
+    """AOTInductor's default for CUDA tunes each kernel alone on made-up inputs (random floats): the
+    lookup's indices then fall outside the table and the compile faults (pytorch issue 194018, the
+    mini prefill-cache engine's illegal memory access). export.aoti_options compiles in two passes,
+    the kernels on the export's example inputs."""
+    from dsv4_compile.export import ExportResult
+
+    model = _Lookup().cuda()
+    u = torch.rand(4096, device="cuda")
+    program = torch.export.export(model, (u,))
+    package = torch._inductor.aoti_load_package(export_aoti(ExportResult(program, (1, 1), (1, 1), False, {}),
+                                                            str(tmp_path / "lookup.pt2")))
+    v = torch.rand(4096, device="cuda")
+    assert torch.equal(package(v), model(v))
