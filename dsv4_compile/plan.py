@@ -58,6 +58,46 @@ def model_bytes(config) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+# Formats whose files hold a copy of the weights (ONNX's as stored: bf16 values in bf16, FP8/MXFP4 codes
+# as they are; TensorRT's engine its own besides its ONNX source).
+WEIGHT_COPIES = {"aoti": 1, "onnx": 1, "tensorrt": 2}
+# The weights a format's files must hold, at least, as a share of the model's held bytes: what the
+# export may leave out (unused buffers) stays well under a tenth.
+DISK_LOWER_BOUND = 0.9
+
+
+def weights_bytes(config, weights_format: str) -> int:
+    """Bytes of `config`'s parameters and buffers as held in `weights_format` (as-shipped: FP8 linears,
+    MXFP4 experts), from a model on the meta device (nothing allocated)."""
+    import torch
+
+    from .checkpoint.shipped import quantize_as_shipped, weight_sizes
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(config, seed=0)
+    if weights_format == "as-shipped":
+        quantize_as_shipped(model)
+    return weight_sizes(model)[1]
+
+
+def check_disk(out: str, formats: list[str], weights: int, weights_format: str) -> None:
+    """UsageError when the disk of `out` cannot hold even the weights the formats' files must hold (a
+    lower bound: a build that fits is never refused), before anything is written."""
+    import shutil
+
+    where = _writable_ancestor(out)
+    need = int(DISK_LOWER_BOUND * weights * sum(WEIGHT_COPIES[f] for f in formats))
+    free = shutil.disk_usage(where).free
+    if need > free:
+        cheaper = ["free space", "fewer formats (--format aoti)"]
+        if weights_format != "as-shipped":
+            cheaper.append("--weights-format as-shipped")
+        raise UsageError(f"--out {out!r}: its disk has {free / 1e9:.1f} GB free; the engines' weights need at least "
+                         f"{need / 1e9:.1f} GB ({', '.join(formats)} x {weights / 1e9:.1f} GB {weights_format}); "
+                         f"accepted: {', '.join(cheaper)}")
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask: a container's share, not the host's count)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -233,6 +273,8 @@ class Plan:
             identity["parallel"] = str(self.layout)
         self.out = args.out or default_out(self.config, self.target, identity)
         check_out_dir(self.out)
+        if not self.layout:  # a parallel build's ranks each hold their shard (not estimated)
+            check_disk(self.out, self.formats, weights_bytes(self.config, self.weights_format), self.weights_format)
         # a parallel build's ranks are its processes: each exports its own engines in itself
         self.jobs = 1 if self.layout else getattr(args, "jobs", None) or self.default_jobs()
         self.rank = None

@@ -184,3 +184,43 @@ def test_aoti_packages_of_cuda_programs_compile_in_two_passes():
     assert "triton.autotune_at_compile_time" not in export.aoti_options(cuda=False)
     program = torch.export.export(torch.nn.Linear(3, 2), (torch.ones(1, 3),))
     assert not export.runs_on_cuda(program)
+
+
+def test_shipped_layout_on_the_meta_device_holds_what_the_quantized_model_holds():
+    """plan.weights_bytes sizes the as-shipped weights on the meta device: the same bytes as the tiny
+    model really quantized."""
+    import torch
+
+    from dsv4_compile.checkpoint.shipped import quantize_as_shipped, weight_sizes
+    from dsv4_compile.model import Transformer
+    from dsv4_compile.plan import weights_bytes
+
+    config = ModelConfig.load("tiny")
+    real = quantize_as_shipped(Transformer(config, seed=0))
+    assert weights_bytes(config, "as-shipped") == weight_sizes(real)[1] < weights_bytes(config, "bf16")
+    with torch.device("meta"):
+        assert weight_sizes(Transformer(config, seed=0))[1] == weights_bytes(config, "bf16")
+
+
+@pytest.mark.parametrize("formats, free_share, refused", [("aoti", 0.95, False), ("aoti", 0.85, True),
+                                                            ("aoti,onnx", 1.9, False), ("aoti,onnx", 1.7, True)])
+def test_a_build_its_disk_cannot_hold_is_refused_before_anything_is_written(tmp_path, monkeypatch, formats, free_share,
+                                                                          refused):
+    """The weights each format's files must hold (DISK_LOWER_BOUND of them, per copy) against the free
+    space of --out's disk: refused in one line naming both and what would fit, before the build starts."""
+    import collections
+    import shutil
+
+    from dsv4_compile.arguments import UsageError
+    from dsv4_compile.plan import weights_bytes
+
+    weights = weights_bytes(ModelConfig.load("tiny"), "bf16")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, int(free_share * weights)))
+    if not refused:
+        _plan(tmp_path, "--format", formats)
+        return
+    with pytest.raises(UsageError, match=r"its disk has .* GB free; the engines' weights need at least .*"
+                                         r"accepted: free space, fewer formats \(--format aoti\), --weights-format as-shipped"):
+        _plan(tmp_path, "--format", formats)
+    assert not (tmp_path / "out").exists()
