@@ -1,0 +1,55 @@
+#!/bin/bash
+# One step of a session on a lent GPU machine (no network): `bash bench/gpu_session.sh STEP [STEP ...]`,
+# each step sized to fit one 10-minute device call; outputs under $OUT (or /tmp/gpu-out).
+# Wheels the image lacks (Optuna and its needs, pytest-xdist, execnet) are read from .whl/ when present.
+# The image's Python loads an older libstdc++ than torch's AOTInductor packages need: LD_PRELOAD below.
+set -o pipefail
+OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
+export LD_PRELOAD=${LD_PRELOAD:-/lib/x86_64-linux-gnu/libstdc++.so.6} PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[12]00' | head -1)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+PYTEST="python3 -m pytest -q -p no:cacheprovider -rs"
+for step in "$@"; do
+  echo "== $step $(date -u +%H:%M:%S)"
+  case $step in
+    build-mini)       # issue 16: the user's main job, verify included, within 10 minutes
+      /usr/bin/time -v python3 -m dsv4_compile build --gpu "$GPU" --config mini --context 8k --out /tmp/mini8k 2>&1 \
+        | grep -v "UserWarning\|warnings.warn" | tee "$OUT/build_mini_8k.log"
+      cp /tmp/mini8k/manifest.json "$OUT/manifest_mini_8k.json" 2>/dev/null; du -sh /tmp/mini8k 2>/dev/null ;;
+    build-flash-slice) # V4-Flash's shapes, 256 experts, as shipped (bf16 does not fit a 64 GiB disk)
+      /usr/bin/time -v python3 -m dsv4_compile build --gpu "$GPU" --config flash-slice --context 8k --format aoti \
+        --weights-format as-shipped --out /tmp/fs8k 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$OUT/build_flash_slice_8k.log" ;;
+    tests-export)     # compile / export / generate on the GPU
+      $PYTEST -m gpu -n 3 --dist loadgroup tests/dsv4_compile/test_compile_gpu.py tests/dsv4_compile/test_export_gpu.py \
+        tests/dsv4_compile/test_generate_gpu.py 2>&1 | tee "$OUT/tests_export.log" | tail -30 ;;
+    tests-kernels)    # every kernel, model, runtime and optimizer GPU test
+      $PYTEST -m gpu -n 4 tests/kernels tests/model tests/dsv4_compile/test_runtime.py tests/dsv4_compile/test_optim.py \
+        2>&1 | tee "$OUT/tests_kernels.log" | tail -30 ;;
+    indexer-cached)   # decode's indexer over the packed key cache vs unpack + indexer_topk
+      $PYTEST tests/kernels/test_indexer_topk_cached.py tests/kernels/test_indexer_topk.py \
+        tests/kernels/test_indexer_topk_fp8.py tests/kernels/test_indexer_topk_radix.py 2>&1 | tail -5
+      python3 bench/bench_attention.py --contexts 32k,128k --no-prefill --no-decode --indexer-batches 1,64 \
+        --budget 400 --out "$OUT" 2>&1 | tail -30 ;;
+    decode-attention) # FP8-cache decode attention: the tile kernel vs dequant=chunks
+      $PYTEST -m gpu tests/kernels/test_sparse_attention_cached.py -n 4 2>&1 | tail -5
+      python3 bench/bench_attention.py --contexts 8k,32k,128k --no-prefill --out "$OUT" --decode-configs \
+        ";block_k=16,num_splits=4;block_k=32,num_splits=4,dequant=chunks;block_k=64,num_splits=4,dequant=chunks;block_k=32,num_splits=4,num_warps=4,split_d=2,dequant=chunks" \
+        2>&1 | tail -30 ;;
+    decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES override)
+      python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
+        --batches "${BATCHES:-64,8,1}" --aoti --budget 500 --out "$OUT" 2>&1 | tail -40 ;;
+    moe)              python3 bench/bench_moe.py --out "$OUT" 2>&1 | tail -30 ;;
+    muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
+    layers)           python3 bench/bench_layers.py --contexts "${CONTEXTS:-32k,128k}" --out "$OUT" 2>&1 | tail -30 ;;
+    *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
+            "decode-attention decode-step moe muon layers"; exit 2 ;;
+  esac
+done
+echo "== done $(date -u +%H:%M:%S)"
