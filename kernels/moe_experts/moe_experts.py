@@ -30,9 +30,11 @@ Weights: float (bf16/fp16/fp32, as x), FP8 e4m3 codes with one scale per 128 x 1
 (two e2m1 codes per byte, low nibble first, one scale per 1 x 32 along the reduction dim); scales
 e8m0 bytes or float32. Quantized tiles are dequantized in registers and multiplied in x's dtype with
 fp32 accumulation (W8A16 / W4A16; exact: every code times a power-of-two scale is a bf16 value):
-FP8 codes converted by the hardware (the interpreter decodes their bits), MXFP4 bytes loaded once for
-two weights, their nibbles' bits placed into fp16s, the activations split into even and odd columns
-to match instead of interleaving the weights.
+FP8 codes converted by the hardware (the interpreter decodes their bits); MXFP4 loaded as 32-bit words
+of eight codes, each code's bits shifted into a bf16 (each integer operation on two codes: _e2m1_bf16x2),
+times 2^126 and the scale as bf16 pairs, the K positions in the order the words decode into (a
+permutation within each run of 8) and the activations loaded in the same order (_mxfp4_order), so
+no weight moves between registers (bench/results/H200/moe_mxfp4_offline.md: the SASS per weight).
 Numbers: against the plain op, the routing weight multiplies the fp32 product of w2 instead of the
 activation before its rounding to x's dtype (bf16: within the bf16 tolerance; fp32: equal up to
 summation order).
@@ -89,15 +91,55 @@ def _e4m3(c):
 
 
 @triton.jit
-def _e2m1_pair(byte):
-    """Packed bytes (int32 0..255) -> (low nibble, high nibble) as fp32 e2m1 values: each nibble's
-    sign, exponent and mantissa bits moved into an fp16's sign, lowest two exponent bits and top
-    mantissa bit, which is the value times 2^(1 - 15) (the subnormal 0.5 included), then times 2^14
-    (exact). Four integer operations a value instead of a decode."""
-    lo = ((byte & 0x8) << 12) | ((byte & 0x7) << 9)
-    hi = ((byte & 0x80) << 8) | ((byte & 0x70) << 5)
-    return (lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0,
-            hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0)
+def _e8m0_bf16(u):
+    """e8m0 bytes (int32 0..255) -> bf16 2^(u - 127) (the same values as _e8m0: 0 -> 2^-127, a bf16
+    subnormal; 255 -> NaN), from the byte's bits: u in the exponent field."""
+    bits = tl.where(u == 0, 0x0040, tl.where(u == 255, 0x7FC0, u << 7))
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _e2m1_bf16x2(word):
+    """uint32 words of four packed bytes (eight e2m1 codes: byte j holds positions 2j, low nibble, and
+    2j + 1) -> four uint32 words of two bf16 bit patterns each (low half, high half): positions (0, 4),
+    (1, 5), (2, 6), (3, 7). Each code's sign, exponent and mantissa bits move into a bf16's sign, two
+    lowest exponent bits and top mantissa bit: the bf16 is the code's value times 2^-126 (the code 0.5
+    a bf16 subnormal). The two codes of an output word sit 16 bits apart in the input, so one pair of
+    shifts and masks places both: two integer operations a value, no conversion."""
+    mag, sign = 0x01C001C0, 0x80008000          # bf16 bits 6..8 and 15 of both halves
+    return (((word << 6) & mag) | ((word << 12) & sign), ((word << 2) & mag) | ((word << 8) & sign),
+            ((word >> 2) & mag) | ((word << 4) & sign), ((word >> 6) & mag) | (word & sign))
+
+
+@triton.jit
+def _halves(pair):
+    """uint32 words -> [..., 2] uint16 (low half, high half)."""
+    return tl.join((pair & 0xFFFF).to(tl.uint16), (pair >> 16).to(tl.uint16))
+
+
+@triton.jit
+def _e2m1_scaled(bits, u, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr):
+    """bf16 bit patterns of _e2m1_bf16x2 (uint16: codes' values times 2^-126) times 2^126 and their
+    block's scale u (broadcast against bits: e8m0 bytes as int32, or float32 values) -> the weights.
+    e8m0 scales: two bf16 multiplies (two values an instruction), exact: a code times 2^(u - 127) has at
+    most two significant bits and lies within bf16's range (subnormals included) or overflows, as in
+    fp32. Float32 scales (any value, as the plain op multiplies them in fp32) and UPCAST (the
+    interpreter, whose bf16 arithmetic works on the raw bits): the bits as the upper half of an fp32
+    (the same value), multiplied in fp32. bf16 or fp32 out, the same values."""
+    if UPCAST or SCALE_F32:
+        w = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True) * 8.507059173023462e+37     # 2^126
+        w = w * (u if SCALE_F32 else _e8m0(u))
+    else:
+        w = bits.to(tl.bfloat16, bitcast=True) * 8.507059173023462e+37 * _e8m0_bf16(u)
+    return w
+
+
+@triton.jit
+def _mxfp4_order(a, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Columns of a [BLOCK_M, BLOCK_K] tile in the order _mxfp4_tile's rows hold K: column 8r + 2p + h
+    holds position 8r + p + 4h (p < 4, h < 2; a permutation within each run of 8)."""
+    a = tl.reshape(a, [BLOCK_M, BLOCK_K // 8, 2, 2, 2])         # [m, r, h, p // 2, p % 2]
+    return tl.reshape(tl.permute(a, (0, 1, 3, 4, 2)), [BLOCK_M, BLOCK_K])
 
 
 @triton.jit
@@ -133,24 +175,31 @@ def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl
 
 
 @triton.jit
-def _mxfp4_halves(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """The even and the odd columns k0 + 2i, k0 + 2i + 1 (i < BLOCK_K / 2) of W[e][offs_n]^T, each a
-    [BLOCK_K / 2, BLOCK_N] fp32 tile, for MXFP4 W: bytes [E, R, C/2] (the low nibble the even
-    element), scales [E, R, C/32]. One byte load per two weights; the caller splits the activations
-    the same way instead of interleaving the weights."""
+def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr,
+                BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W[e][offs_n, k0 : k0 + BLOCK_K]^T as a [BLOCK_K, BLOCK_N] tile with its rows in _mxfp4_order
+    (row 8r + 2p + h holds position k0 + 8r + p + 4h; 0 outside), for MXFP4 W: bytes [E, R, C/2] (the
+    low nibble the even element), scales [E, R, C/32]. Loaded as uint32 words (eight codes each; C/2 is a
+    multiple of 16, so words never straddle rows), decoded by _e2m1_bf16x2 in that order so that no
+    value moves between registers (the caller loads the activations in the same order), scaled by
+    _e2m1_scaled: bf16 (e8m0 scales, compiled) or fp32, the same values."""
     e = e.to(tl.int64)
-    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    mask = (offs_b[:, None] < C // 2) & (offs_n[None, :] < R)
-    byte = tl.load(p_w + e * R * (C // 2) + offs_n[None, :] * (C // 2) + offs_b[:, None], mask=mask, other=0)
-    byte = byte.to(tl.int32)
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    p_words = p_w.to(tl.pointer_type(tl.uint32)) + e * R * (C // 8)
+    word = tl.load(p_words + offs_n[None, :] * (C // 8) + offs_w[:, None],
+                   mask=(offs_w[:, None] < C // 8) & (offs_n[None, :] < R), other=0)      # [BK/8, BN]
+    p0, p1, p2, p3 = _e2m1_bf16x2(word)
+    bits = tl.join(tl.join(_halves(p0), _halves(p1)), tl.join(_halves(p2), _halves(p3)))   # [r, n, h, p % 2, p // 2]
+    bits = tl.reshape(tl.permute(bits, (0, 4, 3, 2, 1)), [BLOCK_K // 32, 32, BLOCK_N])  # [r, p // 2, p % 2, h, n]
     offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    s = _scale(p_s, e * R * (C // 32) + offs_n[None, :] * (C // 32) + offs_g[:, None],
-               (offs_g[:, None] < C // 32) & (offs_n[None, :] < R), SCALE_F32)  # [BK/32, BN]
-    lo, hi = _e2m1_pair(byte)
-    lo = tl.reshape(tl.reshape(lo, [BLOCK_K // 32, 16, BLOCK_N]) * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
-    hi = tl.reshape(tl.reshape(hi, [BLOCK_K // 32, 16, BLOCK_N]) * s[:, None, :], [BLOCK_K // 2, BLOCK_N])
-    return lo, hi
+    ps = p_s + e * R * (C // 32) + offs_n[None, :] * (C // 32) + offs_g[:, None]
+    s_mask = (offs_g[:, None] < C // 32) & (offs_n[None, :] < R)
+    if SCALE_F32:
+        u = tl.load(ps, mask=s_mask, other=1.0)
+    else:
+        u = tl.load(ps, mask=s_mask, other=127).to(tl.int32)
+    w = _e2m1_scaled(bits, u[:, None, :], SCALE_F32, UPCAST)
+    return tl.reshape(w, [BLOCK_K, BLOCK_N])
 
 
 @triton.jit
@@ -206,11 +255,11 @@ def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, 
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
         if FMT == 2:
-            a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
-            lo, hi = _mxfp4_halves(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, BLOCK_K, BLOCK_N)
-            acc_gate = _dot(a_odd, hi, _dot(a_even, lo, acc_gate, UPCAST, IEEE), UPCAST, IEEE)
-            lo, hi = _mxfp4_halves(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, BLOCK_K, BLOCK_N)
-            acc_up = _dot(a_odd, hi, _dot(a_even, lo, acc_up, UPCAST, IEEE), UPCAST, IEEE)
+            a = _mxfp4_order(a, BLOCK_M, BLOCK_K)
+            b1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
+            acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
+            b3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
+            acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
         else:
             b1 = _weight_tile(p_w1, p_s1, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
@@ -246,9 +295,8 @@ def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
         if FMT == 2:
-            a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
-            lo, hi = _mxfp4_halves(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, BLOCK_K, BLOCK_N)
-            acc = _dot(a_odd, hi, _dot(a_even, lo, acc, UPCAST, IEEE), UPCAST, IEEE)
+            b = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
+            acc = _dot(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
         else:
             b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc = _dot(a, b, acc, UPCAST, IEEE)
@@ -298,6 +346,9 @@ def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str) ->
         dtypes, d_cols, i_cols = (torch.int8, torch.uint8), D // 2, I // 2
     for name, w, shape in (("w1", w1, (E, I, d_cols)), ("w2", w2, (E, D, i_cols)), ("w3", w3, (E, I, d_cols))):
         check_tensor(op, name, w, dtypes, shape=shape, device=x.device)
+        check(weight_format != "mxfp4" or w.storage_offset() % 4 == 0,
+              f"{op}: {name} starts at byte {w.storage_offset()} of its storage; MXFP4 weights are read as 32-bit "
+              f"words: need a multiple of 4 (pass a copy)")
     if weight_format != "float":
         for name, s, w, rows, cols in (("w1_scale", scales[0], w1, I, D), ("w2_scale", scales[1], w2, D, I),
                                        ("w3_scale", scales[2], w3, I, D)):
@@ -342,7 +393,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     """x [T, D] (bf16/fp16/fp32, contiguous), topk_ids [T, k] int32, topk_weights [T, k] fp32, expert
     weights in `weight_format` ("float": [E, I, D], [E, D, I], [E, I, D] in x's dtype; "fp8": the same
     shapes in float8_e4m3fn with `scales` (w1, w2, w3) [E, ceil(rows/128), ceil(cols/128)]; "mxfp4":
-    [E, I, D/2], [E, D, I/2], [E, I, D/2] int8 with scales [E, rows, cols/32]; scales e8m0 or fp32)
+    [E, I, D/2], [E, D, I/2], [E, I, D/2] int8, each starting at a multiple of 4 bytes (read as 32-bit
+    words), with scales [E, rows, cols/32]; scales e8m0 or fp32)
     -> [T, D] float32. Tokens go through in chunks (chunk_plan) with one config (that of all T * k
     assignments), so the result is the same bits whatever the chunking. Workspace: act and slots of one
     chunk (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment)."""

@@ -21,7 +21,8 @@ import triton.language as tl  # noqa: E402
 
 import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
-from dsv4_compile.kernels.moe_experts.moe_experts import _e2m1_pair, _e4m3, _e8m0, launch, sum_slots  # noqa: E402
+from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
+    _e4m3, _e8m0, _e8m0_bf16, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
@@ -108,30 +109,72 @@ def test_float32_scales(fmt):
 
 
 @triton.jit
-def _decode_every_byte(p_in, p_e4m3, p_lo, p_hi, p_e8m0):
+def _decode_every_byte(p_in, p_e4m3, p_e8m0, p_e8m0_bf16):
     o = tl.arange(0, 256)
     b = tl.load(p_in + o).to(tl.int32)
-    lo, hi = _e2m1_pair(b)
     tl.store(p_e4m3 + o, _e4m3(b))
-    tl.store(p_lo + o, lo)
-    tl.store(p_hi + o, hi)
     tl.store(p_e8m0 + o, _e8m0(b))
+    tl.store(p_e8m0_bf16 + o, _e8m0_bf16(b).to(tl.int16, bitcast=True))
 
 
 def test_decoders_match_weight_formats_on_every_byte():
-    """The kernel's in-register decoders against model/weight_formats: all 256 e4m3 codes, all 256
-    MXFP4 bytes (both nibbles, -0 included) and all 256 e8m0 scale bytes, bit for bit."""
-    from dsv4_compile.model.ops import fp4_values
-
+    """The kernel's in-register decoders against model/weight_formats: all 256 e4m3 codes and all 256
+    e8m0 scale bytes (as fp32, and as bf16 bit patterns: 0 the subnormal 2^-127, 255 NaN), bit for bit
+    (e2m1: test_mxfp4_tile_is_dequantize_mxfp4_on_every_code)."""
     b = torch.arange(256, dtype=torch.uint8)
-    outs = [torch.empty(256, device=DEVICE) for _ in range(4)]
-    _decode_every_byte[(1,)](b.to(DEVICE), *outs)
-    e4m3, lo, hi, e8m0 = (o.cpu() for o in outs)
-    pairs = fp4_values(weight_formats.unpack_fp4_codes(b.view(256, 1)))
-    expected = (b.view(torch.float8_e4m3fn).float(), pairs[:, 0], pairs[:, 1], weight_formats.e8m0_to_float(b))
-    for name, ref, out in zip(("e4m3", "e2m1 low", "e2m1 high", "e8m0"), expected, (e4m3, lo, hi, e8m0)):
+    e4m3, e8m0 = (torch.empty(256, device=DEVICE) for _ in range(2))
+    e8m0_bf16 = torch.empty(256, dtype=torch.int16, device=DEVICE)
+    _decode_every_byte[(1,)](b.to(DEVICE), e4m3, e8m0, e8m0_bf16)
+    scales = weight_formats.e8m0_to_float(b)
+    for name, ref, out in (("e4m3", b.view(torch.float8_e4m3fn).float(), e4m3.cpu()), ("e8m0", scales, e8m0.cpu())):
         same = (ref == out) | (ref.isnan() & out.isnan())
         assert same.all() and torch.equal(ref.signbit()[~ref.isnan()], out.signbit()[~ref.isnan()]), name
+    as_bf16 = e8m0_bf16.cpu().view(torch.bfloat16).float()     # bf16 -> fp32 on the CPU: exact, subnormals kept
+    assert torch.equal(as_bf16[:255], scales[:255]) and as_bf16[255].isnan(), "e8m0 as bf16"
+
+
+@triton.jit
+def _mxfp4_tile_in_k_order(p_w, p_s, p_e, p_out, R, C, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr,
+                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    # p_out [R, C] float32: the tile's rows stored at the positions _mxfp4_order gives the activations
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.load(p_e)
+    for k0 in range(0, C, BLOCK_K):
+        w = _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)   # [BK, BN]
+        k = tl.reshape(_mxfp4_order((k0 + tl.arange(0, BLOCK_K))[None, :], 1, BLOCK_K), [BLOCK_K])
+        tl.store(p_out + offs_n[None, :] * C + k[:, None], w.to(tl.float32), mask=offs_n[None, :] < R)
+
+
+UPCASTS = [True] if DEVICE == "cpu" else [False, True]
+EXTREME_SCALES = [0, 1, 2, 126, 127, 128, 129, 200, 253, 254, 255]
+
+
+@pytest.mark.parametrize("upcast", UPCASTS, ids=lambda u: "fp32" if u else "bf16")
+@pytest.mark.parametrize("scale_f32", [False, True], ids=["e8m0", "f32"])
+def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32):
+    """_mxfp4_tile (uint32 word loads, _e2m1_bf16x2's bit placement, _e2m1_scaled) with its rows put back
+    at the positions _mxfp4_order gives the activations, against model/weight_formats bit for bit: every
+    byte (both nibbles, -0 included) in every row, e8m0 scale bytes 0 (2^-127, subnormal products), 254
+    (overflow to inf), 255 (NaN) and between, on expert 1 of 2; 9 rows (a partial column tile), 256
+    columns (four K tiles of 64). Compiled (a GPU run) the e8m0 path multiplies in bf16, the interpreter
+    in fp32 (its bf16 arithmetic works on raw bits)."""
+    R, C = 9, 512
+    g = torch.Generator().manual_seed(0)
+    packed = torch.stack([torch.randperm(256, generator=g) for _ in range(2 * R)]).to(torch.uint8).view(2, R, C // 2)
+    pick = torch.randint(0, len(EXTREME_SCALES), (2, R, C // 32), generator=g)
+    raw = torch.tensor(EXTREME_SCALES, dtype=torch.uint8)[pick]
+    scales = weight_formats.e8m0_to_float(raw) if scale_f32 else raw
+    expected = weight_formats.dequantize_mxfp4(packed[1], scales[1])
+    out = torch.full((R, C), 7.0, device=DEVICE)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    expert = torch.ones(1, dtype=torch.int64)
+    _mxfp4_tile_in_k_order[(triton.cdiv(R, 16),)](dev(packed), dev(scales), dev(expert), out, R, C, SCALE_F32=scale_f32,
+                                                  UPCAST=upcast, BLOCK_K=64, BLOCK_N=16)
+    out = out.cpu()
+    same = (out == expected) | (out.isnan() & expected.isnan())
+    assert same.all(), f"{(~same).sum().item()} of {same.numel()} differ, first at {(~same).nonzero()[0].tolist()}"
+    assert torch.equal(out.signbit()[~out.isnan()], expected.signbit()[~out.isnan()])
+    assert expected.isnan().any() and expected.isinf().any() and (expected.abs() == 2.0 ** -128).any()
 
 
 def test_small_tiles_and_group_swizzle():
@@ -172,6 +215,11 @@ def test_bad_input_is_one_line():
     with pytest.raises(ValueError, match="MXFP4 needs multiples of 32"):
         moe_experts(torch.randn(4, 48, device=DEVICE), ids, w, w1.to(DEVICE), w2.to(DEVICE), w3.to(DEVICE), LIMIT,
                     weight_format="mxfp4", scales=(w1, w1, w1))
+    p1, p2, p3, scales = experts(3, 32, 64, torch.float32, "mxfp4")
+    shifted = torch.cat([torch.zeros(2, dtype=torch.int8), p1.flatten()]).to(DEVICE)[2:].view(p1.shape)  # at byte 2
+    with pytest.raises(ValueError, match="w1 starts at byte 2 of its storage"):
+        moe_experts(x, ids, w, shifted, p2.to(DEVICE), p3.to(DEVICE), LIMIT, weight_format="mxfp4",
+                    scales=tuple(s.to(DEVICE) for s in scales))
     with pytest.raises(ValueError, match="tl.dot needs >= 16"):
         MoeExpertsConfig(block_m=8)
 
