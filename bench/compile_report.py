@@ -1,7 +1,9 @@
-"""Offline compile report of the sparse attention kernels for Hopper: registers, spills, shared memory.
+"""Offline compile report of the sparse attention and MoE kernels for Hopper: registers, spills, shared
+memory, and the main loop's SASS.
 
     python bench/compile_report.py --kernel sparse_attention [--configs "block_k=64;block_k=64,split_d=2"]
     python bench/compile_report.py --kernel sparse_attention_cached --context 32k --batch 64 [--csv out.csv]
+    python bench/compile_report.py --kernel moe_experts --weight-format mxfp4 --batch 64 [--configs "block_n=128"]
 
 No GPU needed, and no timings: compile data only. Each config goes through the kernel's own launcher
 (`launch_sparse_attention`, its `launch` call intercepted), so the constexprs, grid arithmetic and
@@ -11,7 +13,16 @@ arguments as a launch would (ints equal to 1 become constants, divisibility by 1
 in the triton wheel. ptxas runs with -v in every Triton compile: its log (TRITON_DUMP_PTXAS_LOG) gives
 registers a thread and spill bytes; the kernel's metadata gives its (dynamic) shared memory. The
 problem shapes are the tuning spaces' (tuning/spaces/sparse_attention.py: the model's heads and head
-dim, K = window + index_topk, prefill N = S + S/4, decode over the FP8 cache), from the preset given.
+dim, K = window + index_topk, prefill N = S + S/4, decode over the FP8 cache; moe_experts: the decode
+regime, T = batch tokens over the preset's routed experts, routing random), from the preset given.
+
+Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the longest
+backward branch whose body holds a tensor-core instruction (HMMA / HGMMA), one iteration of the K loop
+after Triton's software pipelining. loop_instr counts its SASS instructions; for moe_experts,
+instr_per_weight divides them by the weight elements a thread takes in one iteration (block_k x block_n
+over the threads, twice for the gate/up launch: w1 and w3), the proxy of the dequantization's ALU cost
+when no GPU is at hand (it is not a timing). convert_layouts counts ttg.convert_layout ops in the TTGIR
+(each a shuffle, through shared memory unless within a warp).
 
 CTAs/SM: resident programs a Hopper SM can hold, min over registers (65536 a SM, allocated per warp
 in units of 256), shared memory (228 KB a SM, 1 KB reserved per CTA, 227 KB per CTA at most) and warps
@@ -26,6 +37,7 @@ import dataclasses
 import importlib
 import io
 import re
+import subprocess
 import sys
 from unittest import mock
 
@@ -40,7 +52,8 @@ SMEM_RESERVED_PER_CTA = 1024
 WARPS_PER_SM = 64
 CTAS_PER_SM = 32
 
-KERNELS = ("sparse_attention", "sparse_attention_cached")
+KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts")
+WEIGHT_FORMATS = ("float", "fp8", "mxfp4")    # moe_experts' (kernels/moe_experts: WEIGHT_FORMATS)
 
 
 @dataclasses.dataclass
@@ -56,6 +69,9 @@ class Row:
     smem: int                 # shared memory bytes (dynamic)
     ctas_per_sm: int
     limit: str                # what bounds ctas_per_sm
+    loop_instr: int = 0       # SASS instructions of one main-loop iteration (main_loop)
+    instr_per_weight: float = 0.0   # moe_experts: loop_instr over the weight elements a thread takes an iteration
+    convert_layouts: int = 0  # ttg.convert_layout ops in the TTGIR
 
 
 def ctas_per_sm(regs: int, warps: int, smem: int) -> tuple[int, str]:
@@ -75,6 +91,40 @@ def parse_ptxas(log: str) -> tuple[int, int, int]:
     if regs is None:
         raise RuntimeError(f"no register count in the ptxas log:\n{log}")
     return int(regs.group(1)), int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0
+
+
+def main_loop(sass: str) -> list[str]:
+    """Opcodes (without modifiers) of the longest backward-branch loop of nvdisasm output whose body
+    holds a tensor-core instruction (HMMA / HGMMA); [] if there is none."""
+    labels, ops, best = {}, [], []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(ops)
+            continue
+        ins = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);", line)
+        if not ins:
+            continue
+        ops.append(ins.group(1).split(".")[0])
+        target = re.search(r"`\((\.L_x_\d+)\)", ins.group(2)) if ops[-1] == "BRA" else None
+        if target and labels.get(target.group(1), len(ops)) < len(ops):
+            body = ops[labels[target.group(1)]:]
+            if any(op in ("HMMA", "HGMMA") for op in body) and len(body) > len(best):
+                best = body
+    return best
+
+
+def disassemble(cubin: bytes) -> str:
+    """nvdisasm (from the triton wheel) of a cubin."""
+    import tempfile
+
+    from triton import knobs
+
+    nvdisasm = knobs.nvidia.nvdisasm.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([nvdisasm, "-c", f.name], check=True, capture_output=True, text=True).stdout
 
 
 def compile_for_hopper(kernel, args: tuple, kwargs: dict):
@@ -132,25 +182,61 @@ def launches(kernel_name: str, dims: dict, cfg) -> list[tuple]:
     return calls
 
 
+def moe_launches(dims: dict, cfg, weight_format: str) -> list[tuple]:
+    """The (kernel, grid, args, kwargs) launches of torch.ops.dsv4.moe_experts' kernels (gate/up and down;
+    the slot sum has no loop worth reporting) for T = dims["T"] tokens routed at random (a fixed seed)."""
+    module = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")
+    T, k, E, D, I = (dims[n] for n in ("T", "k", "E", "D", "I"))
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight format {weight_format!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
+    x = _stand_in((T, D), getattr(torch, dims["dtype"]))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)  # the layout is real
+    shapes = ((E, I, D), (E, D, I), (E, I, D))                                                 # w1, w2, w3
+    if weight_format == "float":
+        ws, scales = [_stand_in(s, x.dtype) for s in shapes], None
+    elif weight_format == "fp8":
+        ws = [_stand_in(s, torch.float8_e4m3fn) for s in shapes]
+        scales = tuple(_stand_in((e, -(-r // 128), -(-c // 128)), torch.float8_e8m0fnu) for e, r, c in shapes)
+    else:
+        ws = [_stand_in((e, r, c // 2), torch.uint8) for e, r, c in shapes]
+        scales = tuple(_stand_in((e, r, c // 32), torch.float8_e8m0fnu) for e, r, c in shapes)
+    calls = []
+    # _check skipped: the stand-ins are one element expanded (not contiguous), their shapes right by construction
+    with mock.patch.object(module, "launch", lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))), \
+            mock.patch.object(module, "_check", lambda *_: (E, I, D)):
+        module.moe_experts(x, ids, torch.ones(T, k), *ws, 10.0, cfg, weight_format, scales)
+    return [c for c in calls if c[0].fn.__name__ != "_sum_slots_kernel"]
+
+
 def report(kernel_name: str, configs: list[str], preset: str = "flash", context: int = 8192, batch: int | None = None,
-           gpu: str = "H200", combine: bool = False, log=print) -> list[Row]:
+           gpu: str = "H200", combine: bool = False, weight_format: str = "mxfp4", log=print) -> list[Row]:
     """Compile each config of `kernel_name` at the preset's shapes; one Row per compiled kernel (the
-    main kernel; with `combine`, the split-K combine kernel too)."""
-    from dsv4_compile.kernels.sparse_attention.config import SparseAttentionConfig, decode_default_config, default_config
+    main kernel; with `combine`, the split-K combine kernel too; moe_experts: its gate/up and down
+    kernels in `weight_format`, at the decode regime's T = batch tokens)."""
     from dsv4_compile.model.config import ModelConfig
     from dsv4_compile.tuning.spaces import get_space
 
     if kernel_name not in KERNELS:
         raise ValueError(f"kernel {kernel_name!r}; accepted: {', '.join(KERNELS)}")
-    decode = kernel_name == "sparse_attention_cached"
+    decode = kernel_name != "sparse_attention"
     phase = "decode" if decode else "prefill"
     batch = batch if batch is not None else (64 if decode else 1)
     dims = get_space(kernel_name).make_problem(ModelConfig.load(preset), context, batch, phase).dims
-    base = decode_default_config(gpu) if decode else default_config(gpu, dims["D"])
+    if kernel_name == "moe_experts":
+        from dsv4_compile.kernels.moe_experts.config import MoeExpertsConfig, decode_config
+        config_class, base = MoeExpertsConfig, decode_config(gpu)
+    else:
+        from dsv4_compile.kernels.sparse_attention.config import (SparseAttentionConfig, decode_default_config,
+                                                                  default_config)
+        config_class = SparseAttentionConfig
+        base = decode_default_config(gpu) if decode else default_config(gpu, dims["D"])
     rows = []
     for text in configs:
-        cfg = SparseAttentionConfig.from_str(text, base)
-        for kernel, grid, args, kwargs in launches(kernel_name, dims, cfg):
+        cfg = config_class.from_str(text, base)
+        moe = kernel_name == "moe_experts"
+        calls = moe_launches(dims, cfg, weight_format) if moe else launches(kernel_name, dims, cfg)
+        for kernel, grid, args, kwargs in calls:
             name = kernel.fn.__name__
             if "combine" in name and not combine:
                 continue
@@ -162,19 +248,26 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             regs, spill_st, spill_ld = parse_ptxas(ptxas_log)
             warps, smem = compiled.metadata.num_warps, compiled.metadata.shared
             n_cta, limit = ctas_per_sm(regs, warps, smem)
+            loop = len(main_loop(disassemble(compiled.asm["cubin"])))
+            per_weight = 0.0
+            if moe:  # BLOCK_K x BLOCK_N weights an iteration (w1 and w3 for gate/up)
+                weights = kwargs["BLOCK_K"] * kwargs["BLOCK_N"] * (2 if name == "_gate_up_kernel" else 1)
+                per_weight = loop / (weights / (32 * warps))
+            converts = compiled.asm["ttgir"].count("ttg.convert_layout")
             rows.append(Row(kernel_name, name, cfg.to_str(), "x".join(map(str, grid)), warps, regs, spill_st, spill_ld,
-                            smem, n_cta, limit))
+                            smem, n_cta, limit, loop, round(per_weight, 2), converts))
             log(format_row(rows[-1]))
     return rows
 
 
-HEADER = ("| config | kernel | grid | warps | regs/thread | spill st / ld (B) | shared (KB) | CTAs/SM (bound) |\n"
-          "|---|---|---|---|---|---|---|---|")
+HEADER = ("| config | kernel | grid | warps | regs/thread | spill st / ld (B) | shared (KB) | CTAs/SM (bound) "
+          "| loop instr | instr / weight | convert_layout |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: Row) -> str:
     return (f"| {r.config} | {r.function} | {r.grid} | {r.warps} | {r.regs} | {r.spill_stores} / {r.spill_loads} | "
-            f"{r.smem / 1024:.1f} | {r.ctas_per_sm} ({r.limit}) |")
+            f"{r.smem / 1024:.1f} | {r.ctas_per_sm} ({r.limit}) | {r.loop_instr} | {r.instr_per_weight or '-'} | "
+            f"{r.convert_layouts} |")
 
 
 def write_csv(rows: list[Row], path: str) -> None:
@@ -198,12 +291,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="default: 1 prefill, 64 decode")
     parser.add_argument("--gpu", default="H200", help="whose default config the config strings change")
     parser.add_argument("--combine", action="store_true", help="also report the split-K combine kernel")
+    parser.add_argument("--weight-format", default="mxfp4", choices=WEIGHT_FORMATS, help="moe_experts' weights")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(";")] if args.configs else [""]
     print(HEADER)
     rows = report(args.kernel, configs, args.preset, parse_contexts(args.context)[0], args.batch, args.gpu,
-                  args.combine)
+                  args.combine, args.weight_format)
     if args.csv:
         write_csv(rows, args.csv)
     return 0 if len(rows) >= len(configs) else 1
