@@ -371,9 +371,7 @@ def sha256_file(path: str, chunk: int = 8 << 20) -> str:
 def sha256_files(root: str, rels: list[str]) -> dict[str, str]:
     """{rel: sha256} of files under root, hashed in threads: a build's weights files (one per format,
     gigabytes each) take the time of the largest rather than of their sum."""
-    if len(rels) <= 1:
-        return {rel: sha256_file(os.path.join(root, rel)) for rel in rels}
-    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(rels))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, len(rels)))) as pool:
         return dict(zip(rels, pool.map(lambda rel: sha256_file(os.path.join(root, rel)), rels)))
 
 
@@ -386,11 +384,6 @@ def list_files(root: str) -> list[str]:
             if rel != MANIFEST:
                 out.append(rel)
     return sorted(out)
-
-
-def file_table(root: str) -> dict[str, dict]:
-    """{rel: {"sha256", "size"}} of every file of root (the manifest's `files`)."""
-    return FolderDigests(root).table()
 
 
 class FolderDigests:

@@ -47,17 +47,6 @@ def export_jobs(tasks: int, cpus: int, model_bytes: int | None = None, gpu_free_
     return max(1, jobs)
 
 
-def model_bytes(config) -> int:
-    """Bytes of the parameters and buffers of `config`'s model (built on the meta device: nothing allocated)."""
-    import torch
-
-    from .model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(config, seed=0)
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-
-
 # Formats whose files hold a copy of the weights (ONNX's as stored: bf16 values in bf16, FP8/MXFP4 codes
 # as they are; TensorRT's engine its own besides its ONNX source).
 WEIGHT_COPIES = {"aoti": 1, "onnx": 1, "tensorrt": 2}
@@ -66,9 +55,9 @@ WEIGHT_COPIES = {"aoti": 1, "onnx": 1, "tensorrt": 2}
 DISK_LOWER_BOUND = 0.9
 
 
-def weights_bytes(config, weights_format: str) -> int:
-    """Bytes of `config`'s parameters and buffers as held in `weights_format` (as-shipped: FP8 linears,
-    MXFP4 experts), from a model on the meta device (nothing allocated)."""
+def weights_bytes(config, weights_format: str = "bf16") -> int:
+    """Bytes of `config`'s parameters and buffers as held in `weights_format` ("bf16": the config's
+    dtype; as-shipped: FP8 linears, MXFP4 experts), from a model on the meta device (nothing allocated)."""
     import torch
 
     from .checkpoint.shipped import quantize_as_shipped, weight_sizes
@@ -311,7 +300,8 @@ class Plan:
         import torch
 
         free, _ = torch.cuda.mem_get_info()
-        return export_jobs(len(self.export_tasks()), usable_cpus(), model_bytes(self.config), free)
+        # each export process builds the model in the config's dtype (then quantizes it, as-shipped)
+        return export_jobs(len(self.export_tasks()), usable_cpus(), weights_bytes(self.config), free)
 
     @property
     def cuda(self) -> bool:

@@ -40,22 +40,21 @@ def quantize_as_shipped(model: Transformer) -> Transformer:
     one tensor's float32 copy. On the meta device the modules are swapped and nothing is computed (the
     shipped layout's shapes and bytes: `weight_sizes`)."""
     c = model.config
-    meta = next(iter(model.parameters())).is_meta
     for ours in list(model.state_dict()):
         owner_name, _, leaf = ours.rpartition(".")
         owner = model.get_submodule(owner_name)
         if isinstance(owner, (FP8Linear, MXFP4Experts)):  # as shipped already (or swapped with their w1: w2, w3)
             continue
         if isinstance(owner, RoutedExperts):
-            _swap(model, owner_name, _mxfp4_experts(owner, meta))
+            _swap(model, owner_name, _mxfp4_experts(owner))
             continue
         tensor = getattr(owner, leaf)
         if not tensor.is_floating_point():  # tid2eid: expert ids, shipped as they are
             continue
         kind = names.linear_kind(names.release_name(ours))
         if kind == "gemm" and type(owner) is nn.Linear and owner.in_features % FP8_LINEAR_BLOCK == 0:
-            _swap(model, owner_name, _fp8_linear(owner, c.simulate_quantization, meta))
-        elif meta:  # the values below change, not their bytes
+            _swap(model, owner_name, _fp8_linear(owner, c.simulate_quantization))
+        elif tensor.is_meta:  # the values below change, not their bytes
             continue
         elif kind is not None:  # shipped FP8, run dequantized
             tensor.copy_(dequantize_fp8_weight(*quantize_fp8_weight(tensor), dtype=tensor.dtype))
@@ -70,11 +69,11 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def _fp8_linear(linear: nn.Linear, quantize_input: bool, meta: bool = False) -> FP8Linear:
+def _fp8_linear(linear: nn.Linear, quantize_input: bool) -> FP8Linear:
     """linear's weight [N, K] as FP8 e4m3 codes + float32 scales per 128 x 128 tile (meta: the module only)."""
     w = linear.weight
     fp8 = FP8Linear(linear.in_features, linear.out_features, device=w.device, quantize_input=quantize_input)
-    if meta:
+    if w.is_meta:
         return fp8
     codes, scale = quantize_fp8_weight(w)
     fp8.weight.copy_(codes)
@@ -82,13 +81,13 @@ def _fp8_linear(linear: nn.Linear, quantize_input: bool, meta: bool = False) -> 
     return fp8
 
 
-def _mxfp4_experts(experts: RoutedExperts, meta: bool = False) -> MXFP4Experts:
+def _mxfp4_experts(experts: RoutedExperts) -> MXFP4Experts:
     """experts' w1, w2, w3 [E, rows, cols] as MXFP4, quantized one expert at a time (a float32 copy of
     one expert's weight at a time: V4-Flash's 256 x 3 x 2048 x 4096 would take 25 GB at once; meta: the
     module only)."""
     e, inter, dim = experts.w1.shape
     out = MXFP4Experts(e, dim, inter, experts.limit, device=experts.w1.device)
-    if meta:
+    if experts.w1.is_meta:
         return out
     for name in ("w1", "w2", "w3"):
         w, codes, scales = getattr(experts, name), getattr(out, name), getattr(out, name + "_scale")

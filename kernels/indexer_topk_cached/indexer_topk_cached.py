@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from ...model.kv_layout import indexer_entry_bytes
+from ...model.kv_layout import FP4_BLOCK, indexer_entry_bytes
 from .._common import check, check_tensor, kernel_op, resolve_config
 from ..indexer_topk.config import IndexerTopkConfig
 from ..indexer_topk.indexer_topk import PACKED_KEY_FORMATS, check_common, launch_indexer_topk
 from .config import default_config
-
-FP4_BLOCK = 32   # kv_layout's: one e8m0 scale a block of 32 values
 
 
 def indexer_topk_cached(q: torch.Tensor, weights: torch.Tensor, index_cache: torch.Tensor, positions: torch.Tensor,

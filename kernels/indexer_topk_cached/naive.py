@@ -9,10 +9,9 @@ import struct
 
 import torch
 
+from ...model.kv_layout import FP4_BLOCK
 from ..fp8_quantize.naive import e4m3_value
 from ..indexer_topk import naive as indexer_naive
-
-FP4_BLOCK = 32
 
 
 def e2m1_value(code: int) -> float:

@@ -12,7 +12,7 @@ import pytest
 from dsv4_compile import build, steps
 from dsv4_compile.manifest import EngineRecord, Verification
 from dsv4_compile import ModelConfig
-from dsv4_compile.plan import Plan, export_jobs, model_bytes, usable_cpus
+from dsv4_compile.plan import Plan, export_jobs, usable_cpus, weights_bytes
 
 
 def _plan(tmp_path, *argv) -> Plan:
@@ -55,7 +55,7 @@ def test_gpu_default_jobs_reads_the_free_gpu_memory_and_the_models_size(monkeypa
     from dsv4_compile import plan as plan_module
 
     config = ModelConfig.load("mini")
-    size = model_bytes(config)
+    size = weights_bytes(config)
     assert 4 * GIB < size < 8 * GIB                         # mini: about 5.6 GB in bf16 (its head in fp32)
     fake = types.SimpleNamespace(state=None, cuda=True, config=config, export_tasks=lambda: [(8192, k) for k in "abc"])
     monkeypatch.setattr(plan_module, "usable_cpus", lambda: 16)
@@ -193,7 +193,6 @@ def test_shipped_layout_on_the_meta_device_holds_what_the_quantized_model_holds(
 
     from dsv4_compile.checkpoint.shipped import quantize_as_shipped, weight_sizes
     from dsv4_compile.model import Transformer
-    from dsv4_compile.plan import weights_bytes
 
     config = ModelConfig.load("tiny")
     real = quantize_as_shipped(Transformer(config, seed=0))
@@ -212,7 +211,6 @@ def test_a_build_its_disk_cannot_hold_is_refused_before_anything_is_written(tmp_
     import shutil
 
     from dsv4_compile.arguments import UsageError
-    from dsv4_compile.plan import weights_bytes
 
     weights = weights_bytes(ModelConfig.load("tiny"), "bf16")
     usage = collections.namedtuple("usage", "total used free")

@@ -1,4 +1,4 @@
-"""The manifest's file table: sha256 in large blocks and threads, and FolderDigests reading a file again
+"""The manifest's file table (FolderDigests): sha256 in large blocks and threads, a file read again
 only when it changed (the build writes its manifest twice around verify)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import pytest
 
 from dsv4_compile import manifest
-from dsv4_compile.manifest import ArtifactError, FolderDigests, file_table, sha256_file, sha256_files
+from dsv4_compile.manifest import ArtifactError, FolderDigests, sha256_file, sha256_files
 
 
 def _write(path, data: bytes) -> None:
@@ -47,7 +47,7 @@ def test_folder_digests_hash_again_only_what_changed(tmp_path, monkeypatch):
     _write(tmp_path / "new", b"n")
     third = digests.table()
     assert sorted(hashed[2]) == ["a", "new", "w/weights"]
-    assert third == file_table(str(tmp_path)) != first
+    assert third == FolderDigests(str(tmp_path)).table() != first
     os.remove(tmp_path / "new")
     before = len(hashed)
     assert set(digests.table()) == {"a", "w/weights"} and hashed[before:] == [[]]
@@ -56,7 +56,7 @@ def test_folder_digests_hash_again_only_what_changed(tmp_path, monkeypatch):
 def test_check_files_names_the_first_changed_file(tmp_path):
     for rel in ("a", "b", "c"):
         _write(tmp_path / rel, rel.encode() * 10)
-    table = file_table(str(tmp_path))
+    table = FolderDigests(str(tmp_path)).table()
     _write(tmp_path / "c", b"z" * 10)
     _write(tmp_path / "b", b"y" * 10)
     fake = type("M", (), {"files": table})()
