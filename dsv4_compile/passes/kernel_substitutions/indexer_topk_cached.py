@@ -18,7 +18,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ...kernels.indexer_topk_cached.config import default_config
-from ...model.kv_layout import indexer_entry_bytes
+from ...kernels.indexer_topk.indexer_topk import PACKED_KEY_FORMATS
+from ...model.kv_layout import FP4_BLOCK, indexer_entry_bytes
 from ..registry import Substitution, register
 from ._common import KERNEL_PRIORITY, decode_entry_config, interpreter_twin, kernel_files, target_gpu
 from .indexer_topk import query_reason
@@ -31,14 +32,14 @@ _FILES = kernel_files("indexer_topk_cached/indexer_topk_cached.py", "indexer_top
 
 
 def _reason(q, weights, index_cache, positions, ratio, topk, fmt, allow_cpu=False):
-    if fmt not in ("fp4", "fp8"):
-        return f"fmt {fmt!r}; the kernel reads fp4 / fp8 caches"
+    if fmt not in PACKED_KEY_FORMATS:
+        return f"fmt {fmt!r}; the kernel reads {' / '.join(PACKED_KEY_FORMATS)} caches"
     reason = query_reason(q, weights, positions, ratio, topk, allow_cpu)
     if reason:
         return reason
     D = q.shape[-1]
-    if fmt == "fp4" and D % 32:
-        return f"head dim {D} with fmt fp4; needs a multiple of 32"
+    if fmt == "fp4" and D % FP4_BLOCK:
+        return f"head dim {D} with fmt fp4; needs a multiple of {FP4_BLOCK}"
     entry = indexer_entry_bytes(D, fmt)
     if index_cache.dtype != torch.uint8 or index_cache.dim() != 3 or index_cache.shape[-1] != entry:
         return f"index cache {index_cache.dtype} {tuple(index_cache.shape)}; needs uint8 [B, N, {entry}] ({fmt}, d {D})"
