@@ -53,7 +53,6 @@ WARPS_PER_SM = 64
 CTAS_PER_SM = 32
 
 KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts")
-WEIGHT_FORMATS = ("float", "fp8", "mxfp4")    # moe_experts' (kernels/moe_experts: WEIGHT_FORMATS)
 
 
 @dataclasses.dataclass
@@ -187,8 +186,8 @@ def moe_launches(dims: dict, cfg, weight_format: str) -> list[tuple]:
     the slot sum has no loop worth reporting) for T = dims["T"] tokens routed at random (a fixed seed)."""
     module = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")
     T, k, E, D, I = (dims[n] for n in ("T", "k", "E", "D", "I"))
-    if weight_format not in WEIGHT_FORMATS:
-        raise ValueError(f"weight format {weight_format!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
+    if weight_format not in module.WEIGHT_FORMATS:
+        raise ValueError(f"weight format {weight_format!r}; accepted: {', '.join(module.WEIGHT_FORMATS)}")
     x = _stand_in((T, D), getattr(torch, dims["dtype"]))
     g = torch.Generator().manual_seed(0)
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)  # the layout is real
@@ -279,6 +278,7 @@ def write_csv(rows: list[Row], path: str) -> None:
 
 
 def main(argv=None) -> int:
+    from dsv4_compile.kernels.moe_experts.moe_experts import WEIGHT_FORMATS
     from dsv4_compile.model.context import parse_contexts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
