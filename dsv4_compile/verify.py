@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
 
     path = args.path
     try:
-        manifest = check_manifest(path, allow_version_skew=args.allow_version_skew)
+        # the checksums are read once, by the worker (its check_error below), not here as well
+        manifest = check_manifest(path, allow_version_skew=args.allow_version_skew, checksums=False)
         if not manifest.build_complete:
             raise ArtifactError(f"{path}: incomplete build (build_complete is false)")
         check_weights(manifest)
@@ -166,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
         outcome = run_verify_worker(path, formats, seed=seed, cuda=manifest.device.get("kind") == "cuda",
                                     allow_version_skew=args.allow_version_skew, thorough=args.thorough,
                                     progress=lambda line: print(f"  {line}", file=sys.stderr, flush=True))
+    if outcome.get("check_error"):  # what load() refuses before any engine runs: exit 2, as above
+        print(f"dsv4_compile verify: error: {outcome['check_error']}", file=sys.stderr)
+        return 2
     results = outcome.get("results", [])
     # What load() refuses fails here too: an engine the build itself recorded as failed.
     recorded = [e for e in manifest.engines if e.format in formats and e.verified.status == "failed"]
@@ -302,6 +306,9 @@ def verify_ranks(path: str, formats: list[str], seed: int, allow_version_skew: b
     outcomes = gathered(mine)
     where = (f"the build's {len(outcomes)} rank processes ({manifest.mesh['layout']}), each its own engines against "
              f"its eager shard, on {describe_device(current_device_for(manifest.device))}")
+    refused = [_on_rank(rank, o["check_error"]) for rank, o in enumerate(outcomes) if o.get("check_error")]
+    if refused:
+        return {"where": where, "seed": seed, "check_error": "; ".join(refused), "results": []}
     errors = [_on_rank(rank, o["worker_error"]) for rank, o in enumerate(outcomes) if o.get("worker_error")]
     if errors:
         return {"where": where, "seed": seed, "worker_error": "; ".join(errors), "results": []}
@@ -326,9 +333,10 @@ def _on_rank(rank: int, error: str | None) -> str:
 def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = False, thorough: bool = False) -> dict:
     import torch
 
-    from .distributed import collectively
+    from .distributed import RankFailed, collectively
     from .loader import load
-    from .manifest import check_config, check_manifest, current_device_for, describe_device, read_manifest
+    from .manifest import (ArtifactError, check_config, check_manifest, current_device_for, describe_device,
+                           read_manifest)
     from .metrics import rel_rms
     from .reference import build_reference
 
@@ -345,6 +353,9 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
     try:
         checked, unchecked = collectively(lambda: check_manifest(path, allow_version_skew=allow_version_skew)), None
         _progress(f"checked in {time.perf_counter() - t0:.1f} s")
+    except (ArtifactError, RankFailed) as err:  # the folder is refused (on some rank): no format runs, exit 2
+        line = _one_line(err) if isinstance(err, RankFailed) else " ".join(str(err).split())  # as load() words it
+        return {"where": "fresh process", "seed": seed, "check_error": line, "results": []}
     except Exception as err:  # noqa: BLE001 (every format fails with it, below)
         checked, unchecked = None, err
     for fmt in formats:

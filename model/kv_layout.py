@@ -37,6 +37,16 @@ def indexer_entry_bytes(index_head_dim: int, fmt: str) -> int:
     raise ValueError(f"indexer cache format {fmt!r}; accepted: fp4, fp8")
 
 
+def index_cache_mismatch(index_cache: torch.Tensor, index_head_dim: int, fmt: str) -> str | None:
+    """None when index_cache is uint8 [B, N, entry_bytes] holding `fmt` keys of index_head_dim, else what it
+    is and what is needed (the plain op raises it, the kernel's pass declines with it)."""
+    entry = indexer_entry_bytes(index_head_dim, fmt)
+    if index_cache.dtype == torch.uint8 and index_cache.dim() == 3 and index_cache.shape[-1] == entry:
+        return None
+    return (f"index_cache is {index_cache.dtype} {tuple(index_cache.shape)}; need uint8 [B, N, {entry}] "
+            f"({fmt} keys of head dim {index_head_dim})")
+
+
 def _pow2_to_e8m0(scale: torch.Tensor) -> torch.Tensor:
     return (torch.log2(scale).round() + 127).clamp(0, 255).to(torch.uint8)
 

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .kv_layout import indexer_entry_bytes, unpack_indexer_keys, unpack_main_entries
+from .kv_layout import index_cache_mismatch, unpack_indexer_keys, unpack_main_entries
 
 LIB = "dsv4"
 FP8_MAX = 448.0
@@ -669,11 +669,9 @@ def indexer_topk_cached_chunk(q, weights, index_cache, positions, ratio: int, to
 
 
 def _check_index_cache(q: torch.Tensor, index_cache: torch.Tensor, fmt: str) -> None:
-    d = q.shape[-1]
-    entry = indexer_entry_bytes(d, fmt)  # ValueError naming fmt and the formats accepted
-    if index_cache.dtype != torch.uint8 or index_cache.dim() != 3 or index_cache.shape[-1] != entry:
-        raise ValueError(f"indexer_topk_cached: index_cache is {index_cache.dtype} {tuple(index_cache.shape)}; need "
-                         f"uint8 [B, N, {entry}] ({fmt} keys of head dim {d})")
+    mismatch = index_cache_mismatch(index_cache, q.shape[-1], fmt)  # a ValueError naming fmt if unknown
+    if mismatch:
+        raise ValueError(f"indexer_topk_cached: {mismatch}")
 
 
 @torch.library.custom_op(f"{LIB}::indexer_topk_cached", mutates_args=())

@@ -239,7 +239,8 @@ def test_a_changed_or_missing_shared_weights_file_is_refused(copy_of):
 # ---- refusals on copies of the build ------------------------------------------------------------
 
 def _one_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
+    # the verify worker's progress lines, relayed indented (checking the checksums takes a while), aside
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("  ")]
     assert len(lines) == 1, f"expected one line, got:\n{text}"
     return lines[0]
 
@@ -598,3 +599,27 @@ def test_verify_checks_the_folder_once_for_every_format(copy_of, monkeypatch):
     assert [fmt for fmt, _ in loads] == ["aoti", "onnx"]
     assert all(checked == manifest.read_manifest(path) for _, checked in loads)
     assert {r["format"] for r in results} == {"aoti", "onnx"} and not any(r["ok"] for r in results)
+
+
+def test_verify_command_leaves_the_checksums_to_its_worker(copy_of, monkeypatch, capsys):
+    """`verify PATH` checks the manifest itself (exit 2 before any process starts) but reads the files'
+    contents once, in its worker; a checksum the worker refuses is still exit 2 with its one line."""
+    from dsv4_compile import loader, manifest, verify
+
+    path = copy_of()
+    hashed = []
+    real_hashes = manifest.sha256_files
+    monkeypatch.setattr(manifest, "sha256_files", lambda root, rels: hashed.append(len(rels)) or real_hashes(root, rels))
+    monkeypatch.setattr(loader, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr(verify, "run_verify_worker",
+                        lambda path, formats, seed=None, **_: verify.worker(path, formats, seed))
+    assert cli_main(["verify", path, "--format", "aoti"]) == 1  # the stub load fails the format
+    assert hashed == [len(manifest.read_manifest(path).files)]
+    capsys.readouterr()
+    rel = sorted(manifest.read_manifest(path).files)[0]
+    with open(os.path.join(path, rel), "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0x01]))
+    assert cli_main(["verify", path, "--format", "aoti"]) == 2
+    assert f"checksum mismatch for {rel}" in capsys.readouterr().err

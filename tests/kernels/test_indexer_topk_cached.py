@@ -194,7 +194,7 @@ def test_substitution_predicate_and_decode_config():
     q, w, cache, pos = fp4_cache_inputs(3, 1, 3, 32, 17, 4, 6, seed=6)
     assert sub._reason(q, w, cache, pos, 4, 6, "fp4", allow_cpu=True) is None
     assert "fp6" in sub._reason(q, w, cache, pos, 4, 6, "fp6", allow_cpu=True)
-    assert "needs uint8 [B, N, 36]" in sub._reason(q, w, cache, pos, 4, 6, "fp8", allow_cpu=True)
+    assert "need uint8 [B, N, 36]" in sub._reason(q, w, cache, pos, 4, 6, "fp8", allow_cpu=True)
     assert "multiple of 32" in sub._reason(q[..., :16], w, cache, pos, 4, 6, "fp4", allow_cpu=True)
     assert "int64" in sub._reason(q, w, cache, pos.int(), 4, 6, "fp4", allow_cpu=True)
     gpu = "H100" if DEVICE == "cuda" else "interpreter"

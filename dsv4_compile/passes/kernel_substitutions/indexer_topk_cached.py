@@ -19,7 +19,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ...kernels.indexer_topk_cached.config import default_config
 from ...kernels.indexer_topk.indexer_topk import PACKED_KEY_FORMATS
-from ...model.kv_layout import FP4_BLOCK, indexer_entry_bytes
+from ...model.kv_layout import FP4_BLOCK, index_cache_mismatch
 from ..registry import Substitution, register
 from ._common import KERNEL_PRIORITY, decode_entry_config, interpreter_twin, kernel_files, target_gpu
 from .indexer_topk import query_reason
@@ -40,10 +40,7 @@ def _reason(q, weights, index_cache, positions, ratio, topk, fmt, allow_cpu=Fals
     D = q.shape[-1]
     if fmt == "fp4" and D % FP4_BLOCK:
         return f"head dim {D} with fmt fp4; needs a multiple of {FP4_BLOCK}"
-    entry = indexer_entry_bytes(D, fmt)
-    if index_cache.dtype != torch.uint8 or index_cache.dim() != 3 or index_cache.shape[-1] != entry:
-        return f"index cache {index_cache.dtype} {tuple(index_cache.shape)}; needs uint8 [B, N, {entry}] ({fmt}, d {D})"
-    return None
+    return index_cache_mismatch(index_cache, D, fmt)
 
 
 def _replacement(q, weights, index_cache, positions, ratio, topk, fmt, config: str = ""):
