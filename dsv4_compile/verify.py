@@ -307,8 +307,8 @@ def verify_ranks(path: str, formats: list[str], seed: int, allow_version_skew: b
     where = (f"the build's {len(outcomes)} rank processes ({manifest.mesh['layout']}), each its own engines against "
              f"its eager shard, on {describe_device(current_device_for(manifest.device))}")
     refused = [_on_rank(rank, o["check_error"]) for rank, o in enumerate(outcomes) if o.get("check_error")]
-    if refused:
-        return {"where": where, "seed": seed, "check_error": "; ".join(refused), "results": []}
+    if refused:  # (a RankFailed names the same rank on every rank: said once)
+        return {"where": where, "seed": seed, "check_error": "; ".join(dict.fromkeys(refused)), "results": []}
     errors = [_on_rank(rank, o["worker_error"]) for rank, o in enumerate(outcomes) if o.get("worker_error")]
     if errors:
         return {"where": where, "seed": seed, "worker_error": "; ".join(errors), "results": []}

@@ -88,7 +88,6 @@ class Compressor(nn.Module):
         state.kv[batch, positions % rows] = kv[:, 0]
         state.score[batch, positions % rows] = score[:, 0]
         block = torch.div(positions, r, rounding_mode="floor")                       # [B]
-        offset = positions % r                                                        # [B]
         # Rows in block order (previous block first for CSA); rows of the current block that are
         # not written yet, and the previous block of block 0, are masked out.
         n_blocks = rows // r

@@ -30,7 +30,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,9 @@ from ..model.weight_formats import (FP8_WEIGHT_BLOCK, MXFP4_BLOCK, dequantize_fp
                                     e8m0_to_float, fp8_weight_scale_shape)
 from . import names
 from .files import CheckpointError, CheckpointFiles, TensorEntry, TensorReader, discover
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 WEIGHT_MODES = ("as-shipped", "bf16")
 FLOAT_CODES = ("F32", "BF16", "F16")

@@ -98,11 +98,6 @@ def _mxfp4_experts(experts: RoutedExperts) -> MXFP4Experts:
     return out
 
 
-def holds_shipped(state: dict[str, torch.Tensor]) -> bool:
-    """Whether `state` (a state_dict) holds weights in a shipped format (FP8 codes or MXFP4 experts)."""
-    return any(t.dtype == torch.float8_e4m3fn or name.endswith("experts.w1_scale") for name, t in state.items())
-
-
 def shipped_modules(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
     """`model` (plain), in place, with FP8Linear where `state` holds `X.weight` FP8 codes and `X.scale`,
     and MXFP4Experts where it holds `...experts.w1_scale`: empty modules on the meta device, for

@@ -96,11 +96,6 @@ class Substitution:
     def family(self) -> str:
         return self.name.split(".", 1)[0]
 
-    @property
-    def op_name(self) -> str:
-        """'dsv4.fp8_quantize' for torch.ops.dsv4.fp8_quantize.default (the report's key)."""
-        return op_key(self.op)
-
 
 def op_key(op: torch._ops.OpOverload) -> str:
     """'dsv4.fp8_quantize' for the default overload, 'dsv4.x.overload' otherwise."""

@@ -68,7 +68,7 @@ def select(passes: str | Sequence[str] | None) -> list[Substitution]:
     for token in tokens:
         hits = [s for s in subs.values() if token in (s.name, s.family)]
         if not hits:
-            bad = f"'all' and 'none' cannot be combined with other names" if token in ("all", "none") \
+            bad = "'all' and 'none' cannot be combined with other names" if token in ("all", "none") \
                 else f"unknown pass {token!r}"
             raise PassSelectionError(f"{bad} in passes={passes!r}; accepted: {', '.join(accepted_names())}")
         chosen.update((s.name, s) for s in hits)

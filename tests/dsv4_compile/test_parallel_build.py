@@ -216,6 +216,25 @@ def test_verify_across_2_ranks(parallel_build, tmp_path):
     assert proc.stdout.count(" ok") == 2, proc.stdout  # prefill-cache, decode
 
 
+def test_verify_across_2_ranks_refuses_a_changed_file_of_one_rank(parallel_build, tmp_path):
+    """Each rank's worker reads the checksums (the command itself does not): a byte changed in a file of
+    rank 1 is refused on every rank, each exits 2 (torchrun itself exits 1 when a rank fails), each
+    rank's error line naming the file once."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(parallel_build[0], copy)
+    rel = sorted(r for r in json.loads((copy / "manifest.json").read_text())["files"] if "rank1" in r)[0]
+    with open(copy / rel, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0x01]))
+    proc = _torchrun(["verify", str(copy), "--seed", "3"], tmp_path, timeout=600)
+    assert proc.returncode == 1 and "(exitcode: 2)" in proc.stderr, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("dsv4_compile verify: error: ")]
+    assert refusals and all(line.count(f"checksum mismatch for {rel}") == 1 for line in refusals), proc.stderr
+
+
 # A rank that hangs as one stuck in an AOTInductor engine does: SIGTERM does not end it. It names its
 # pid in words: the two ranks share torchrun's stdout, and their lines came back run together once.
 HANGING_RANK = """
