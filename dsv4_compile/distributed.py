@@ -241,6 +241,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def process_rank() -> int | None:
+    """This process's rank in its torch.distributed process group; None outside one."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else None
+
+
 def main_rank() -> bool:
     """True outside a process group and on its rank 0: the process that prints."""
     return not dist.is_initialized() or dist.get_rank() == 0

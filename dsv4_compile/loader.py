@@ -249,9 +249,11 @@ def load(path: str, format: str | None = None, allow_version_skew: bool = False,
     size (torchrun), each rank its own engines; another world size, no process group, or (GPU) too few
     visible GPUs is refused (distributed.join_build_mesh).
     """
+    from .distributed import join_build_mesh, process_rank
+
     path = os.fspath(path)
     # _checked: the manifest this process has just checked (verify loads every format of one build)
-    manifest = _checked or check_manifest(path, allow_version_skew=allow_version_skew)
+    manifest = _checked or check_manifest(path, allow_version_skew=allow_version_skew, rank=process_rank())
     if _require_verified and manifest.build_complete is not True:
         raise ArtifactError(f"{path}: incomplete build (build_complete is not true): an interrupted or failed build")
     fmt, engines = _pick(manifest, format, _require_verified)
@@ -261,7 +263,5 @@ def load(path: str, format: str | None = None, allow_version_skew: bool = False,
             raise ArtifactError(problem)
     rank = None
     if manifest.mesh is not None:
-        from .distributed import join_build_mesh
-
         rank = join_build_mesh(path, manifest.mesh)
     return Engine(path, manifest, fmt, engines, rank)

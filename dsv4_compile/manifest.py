@@ -194,6 +194,17 @@ class Manifest:
                 del data[optional]
         return {**data, "digest": manifest_digest(data)}
 
+    def files_checked_by(self, rank: int | None) -> list[str]:
+        """The files whose contents process `rank` of a parallel build reads to check them: all but the
+        other ranks' engine folders (each rank checks its own, which it loads: V4-Flash's 8 ranks would
+        otherwise each read all 8 shards). A single-process build, rank None or a rank the build does not
+        have (join_build_mesh refuses it): every file."""
+        ranks = (self.mesh or {}).get("ranks", [])
+        if rank is None or not 0 <= rank < len(ranks):
+            return sorted(self.files)
+        others = tuple(r["root"] + "/" for i, r in enumerate(ranks) if i != rank)
+        return sorted(rel for rel in self.files if not rel.startswith(others))
+
     def engine_root(self, rank: int | None) -> str:
         """The folder, relative to the build's, that engine records' `files` are in: the build's own, or
         rank `rank`'s of a parallel build."""
@@ -427,9 +438,10 @@ def _read_json(root: str) -> Any:
     return data
 
 
-def check_files(root: str, manifest: Manifest, checksums: bool = True) -> None:
-    """Every listed file present with its size (and its sha256 unless checksums is False), and no
-    unlisted file."""
+def check_files(root: str, manifest: Manifest, checksums: bool = True, rank: int | None = None) -> None:
+    """Every listed file present with its size, and no unlisted file; the sha256 of the files rank
+    `rank` checks (Manifest.files_checked_by: all but the other ranks' of a parallel build) unless
+    checksums is False."""
     listed = manifest.files
     present = set(list_files(root))
     missing = sorted(set(listed) - present)
@@ -444,9 +456,9 @@ def check_files(root: str, manifest: Manifest, checksums: bool = True) -> None:
             raise ArtifactError(f"{root}: {rel} has {size} bytes, the manifest says {entry.get('size')}; the file was changed")
     if not checksums:
         return
-    digests = sha256_files(root, sorted(listed))
-    for rel, entry in sorted(listed.items()):
-        digest = digests[rel]
+    digests = sha256_files(root, manifest.files_checked_by(rank))
+    for rel, digest in sorted(digests.items()):
+        entry = listed[rel]
         if digest != entry.get("sha256"):
             raise ArtifactError(f"{root}: checksum mismatch for {rel} (sha256 {digest[:12]}..., manifest {str(entry.get('sha256'))[:12]}...); the file was changed")
 
@@ -466,14 +478,16 @@ def check_config(manifest: Manifest) -> Any:
     return config
 
 
-def check_manifest(root: str, allow_version_skew: bool = False, checksums: bool = True) -> Manifest:
+def check_manifest(root: str, allow_version_skew: bool = False, checksums: bool = True,
+                   rank: int | None = None) -> Manifest:
     """All checks that need no engine code: manifest, files, config, device, versions, and last the
     digest (so that a mismatch of device or versions is named as such). Returns the manifest.
     checksums=False leaves out reading the files' contents (gigabytes at real sizes): for a caller
-    whose worker process checks them anyway (`verify`)."""
+    whose worker process checks them anyway (`verify`); rank: this process's rank of a parallel
+    build's process group, which reads the contents of its own engine folder and the shared files only."""
     data = _read_json(root)
     manifest = Manifest.from_json(data, where=os.path.join(root, MANIFEST))
-    check_files(root, manifest, checksums)
+    check_files(root, manifest, checksums, rank)
     check_config(manifest)
     reason = device_mismatch(manifest.device)
     if reason:

@@ -333,7 +333,7 @@ def _on_rank(rank: int, error: str | None) -> str:
 def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = False, thorough: bool = False) -> dict:
     import torch
 
-    from .distributed import RankFailed, collectively
+    from .distributed import RankFailed, collectively, process_rank
     from .loader import load
     from .manifest import (ArtifactError, check_config, check_manifest, current_device_for, describe_device,
                            read_manifest)
@@ -351,7 +351,8 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
     t0 = time.perf_counter()
     _progress("checking the manifest and checksums ...")
     try:
-        checked, unchecked = collectively(lambda: check_manifest(path, allow_version_skew=allow_version_skew)), None
+        checked = collectively(lambda: check_manifest(path, allow_version_skew=allow_version_skew, rank=process_rank()))
+        unchecked = None
         _progress(f"checked in {time.perf_counter() - t0:.1f} s")
     except (ArtifactError, RankFailed) as err:  # the folder is refused (on some rank): no format runs, exit 2
         line = _one_line(err) if isinstance(err, RankFailed) else " ".join(str(err).split())  # as load() words it

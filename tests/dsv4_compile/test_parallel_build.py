@@ -235,6 +235,50 @@ def test_verify_across_2_ranks_refuses_a_changed_file_of_one_rank(parallel_build
     assert refusals and all(line.count(f"checksum mismatch for {rel}") == 1 for line in refusals), proc.stderr
 
 
+def test_each_rank_reads_the_contents_of_its_own_files_and_the_shared_ones(parallel_build, tmp_path, monkeypatch):
+    """check_manifest(rank=r) hashes the shared files and rank r's folder, never another rank's (every
+    rank's presence and sizes are still checked): together the ranks read every file once (this build
+    has no file outside the rank folders; one there would be read by every rank)."""
+    import dataclasses
+    import shutil
+
+    from dsv4_compile import manifest as manifest_module
+
+    copy = tmp_path / "copy"
+    shutil.copytree(parallel_build[0], copy)
+    files = sorted(json.loads((copy / "manifest.json").read_text())["files"])
+    hashed: dict[int, list[str]] = {}
+    real_hashes = manifest_module.sha256_files
+    for rank in (0, 1):
+        monkeypatch.setattr(manifest_module, "sha256_files",
+                            lambda root, rels, rank=rank: hashed.setdefault(rank, list(rels)) and real_hashes(root, rels))
+        manifest_module.check_manifest(str(copy), rank=rank)
+    shared = [rel for rel in files if not rel.startswith(("rank0/", "rank1/"))]
+    for rank in (0, 1):
+        assert hashed[rank] == sorted(shared + [rel for rel in files if rel.startswith(f"rank{rank}/")])
+    assert {rel for rels in hashed.values() for rel in rels} == set(files)
+    built = manifest_module.read_manifest(str(copy))
+    with_shared = dataclasses.replace(built, files={**built.files, "tokenizer.json": {"sha256": "0", "size": 1}})
+    for rank in (0, 1):
+        assert "tokenizer.json" in with_shared.files_checked_by(rank)
+    assert with_shared.files_checked_by(2) == with_shared.files_checked_by(None) == sorted(with_shared.files)
+    rel = next(r for r in files if r.startswith("rank1/"))
+    with open(copy / rel, "r+b") as f:
+        byte = f.read(1)
+        f.seek(0)
+        f.write(bytes([byte[0] ^ 0x01]))
+    monkeypatch.setattr(manifest_module, "sha256_files", real_hashes)
+    manifest_module.check_manifest(str(copy), rank=0)  # rank 1's change is rank 1's to find
+    with pytest.raises(dsv4_compile.ArtifactError, match=f"checksum mismatch for {rel}"):
+        manifest_module.check_manifest(str(copy), rank=1)
+    with pytest.raises(dsv4_compile.ArtifactError, match=f"checksum mismatch for {rel}"):
+        manifest_module.check_manifest(str(copy))  # outside a process group: every file
+    with open(copy / rel, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(dsv4_compile.ArtifactError, match=f"{rel} has .* bytes"):
+        manifest_module.check_manifest(str(copy), rank=0)  # sizes: every rank checks every file
+
+
 # A rank that hangs as one stuck in an AOTInductor engine does: SIGTERM does not end it. It names its
 # pid in words: the two ranks share torchrun's stdout, and their lines came back run together once.
 HANGING_RANK = """
