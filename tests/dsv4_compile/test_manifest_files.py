@@ -59,6 +59,6 @@ def test_check_files_names_the_first_changed_file(tmp_path):
     table = FolderDigests(str(tmp_path)).table()
     _write(tmp_path / "c", b"z" * 10)
     _write(tmp_path / "b", b"y" * 10)
-    fake = type("M", (), {"files": table})()
+    fake = type("M", (), {"files": table, "mesh": None, "files_checked_by": manifest.Manifest.files_checked_by})()
     with pytest.raises(ArtifactError, match=r"checksum mismatch for b \("):
         manifest.check_files(str(tmp_path), fake)
