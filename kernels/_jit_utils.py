@@ -79,3 +79,18 @@ def round_bf16(x):
     bits = x.to(tl.int32, bitcast=True)
     r = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def quantize_rows_e4m3(b_x, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr):
+    """b_x [BM, 128] fp32 -> (codes [BM, 128] float8e4nv, scale [BM]): fp8_quantize(x, 128, pow2=True),
+    DeepSeek's act_quant (the activations of the W8A8 GEMMs: fp8_linear, moe_experts' act="fp8").
+    NATIVE_CAST: the hardware's e4m3 conversion (sm_89+), else e4m3_bits (the interpreter)."""
+    s = block_scale(b_x, 448.0, 1e-4, True, RECIP)                               # [BM]
+    q = divide_by_scale(b_x, s, True)
+    q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))
+    if NATIVE_CAST:
+        codes = q.to(tl.float8e4nv)
+    else:
+        codes = e4m3_bits(q).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+    return codes, s

@@ -22,23 +22,10 @@ import triton.language as tl
 
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, placeholder,
                        resolve_config)
-from .._jit_utils import block_scale, divide_by_scale, e4m3_bits
+from .._jit_utils import quantize_rows_e4m3
 from .config import SCALE_BLOCK, Fp8LinearConfig, default_config
 
 FP8_MAX = 448.0
-
-
-@triton.jit
-def _quantize_rows(b_x, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr):
-    """b_x [BM, 128] fp32 -> (codes [BM, 128] float8e4nv, scale [BM]): fp8_quantize(x, 128, pow2=True)."""
-    s = block_scale(b_x, 448.0, 1e-4, True, RECIP)                               # [BM]
-    q = divide_by_scale(b_x, s, True)
-    q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))
-    if NATIVE_CAST:
-        codes = q.to(tl.float8e4nv)
-    else:
-        codes = e4m3_bits(q).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    return codes, s
 
 
 @triton.jit
@@ -51,7 +38,7 @@ def _quantize_kernel(p_x, p_q, p_s, M, K, stride_xm, stride_sm, stride_sk,
     o_k = kb * 128 + tl.arange(0, 128)
     m_m = o_m < M
     b_x = tl.load(p_x + o_m[:, None].to(tl.int64) * stride_xm + o_k[None, :], mask=m_m[:, None], other=0.0)
-    codes, s = _quantize_rows(b_x.to(tl.float32), RECIP, NATIVE_CAST)
+    codes, s = quantize_rows_e4m3(b_x.to(tl.float32), RECIP, NATIVE_CAST)
     tl.store(p_q + o_m[:, None].to(tl.int64) * K + o_k[None, :], codes, mask=m_m[:, None])
     tl.store(p_s + o_m.to(tl.int64) * stride_sm + kb * stride_sk, s, mask=m_m)
 
@@ -98,7 +85,7 @@ def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am,
     for kb in range(kb_start, tl.minimum(KB, kb_start + kb_per)):
         if FUSED:
             b_x = tl.load(p_a_rows + kb * 128, mask=m_m[:, None], other=0.0).to(tl.float32)
-            a, s_a = _quantize_rows(b_x, RECIP, NATIVE_CAST)
+            a, s_a = quantize_rows_e4m3(b_x, RECIP, NATIVE_CAST)
         else:
             a = tl.load(p_a_rows + kb * 128, mask=m_m[:, None], other=0.0)
             s_a = tl.load(p_as + o_m.to(tl.int64) * KB + kb, mask=m_m, other=0.0)

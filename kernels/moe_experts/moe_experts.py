@@ -50,8 +50,9 @@ import triton.language as tl
 from ...model.moe_ops import chunked_expert_blocks
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, launch,
                        placeholder, split_chunks)
-from .._jit_utils import round_bf16
-from .config import MoeExpertsConfig, default_config, fit_block
+from .._jit_utils import quantize_rows_e4m3, round_bf16
+from ..fp8_quantize import fp8_quantize
+from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block
 
 WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
 SUM_BLOCK_T, SUM_BLOCK_D = 8, 256   # the slot sum reads T * k * D * 4 bytes once: any tile near 2K elements
@@ -151,6 +152,13 @@ def _scale(p_s, offs, mask, SCALE_F32: tl.constexpr):
 
 
 @triton.jit
+def _fp8_scale_index(e, n, k0, R, C):
+    """Index of the scale of W[e][n, k0] in FP8 scales [E, ceil(R/128), ceil(C/128)] (n: a row or rows)."""
+    s_cols = tl.cdiv(C, 128)
+    return e.to(tl.int64) * tl.cdiv(R, 128) * s_cols + (n // 128) * s_cols + k0 // 128
+
+
+@triton.jit
 def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
                  NATIVE_FP8: tl.constexpr, BLOCK_K: tl.constexpr):
     """W[e][offs_n, k0 : k0 + BLOCK_K]^T as a [BLOCK_K, BLOCK_N] tile of W [E, R, C] (R output rows, C
@@ -158,8 +166,7 @@ def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl
     their tile's scale: one scale per column here, as BLOCK_K divides 128 and k0 is a multiple of it)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_k[:, None] < C) & (offs_n[None, :] < R)
-    e = e.to(tl.int64)
-    ptrs = p_w + e * R * C + offs_n[None, :] * C + offs_k[:, None]
+    ptrs = p_w + e.to(tl.int64) * R * C + offs_n[None, :] * C + offs_k[:, None]
     if FMT == 0:
         w = tl.load(ptrs, mask=mask, other=0.0)
     else:  # FP8 codes [E, R, C], scales [E, ceil(R/128), ceil(C/128)]
@@ -167,11 +174,31 @@ def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl
             w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         else:  # the interpreter: uint8 codes decoded from their bits
             w = _e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32))
-        s_rows = tl.cdiv(R, 128)
-        s_cols = tl.cdiv(C, 128)
-        s = _scale(p_s, e * s_rows * s_cols + (offs_n // 128) * s_cols + k0 // 128, offs_n < R, SCALE_F32)
+        s = _scale(p_s, _fp8_scale_index(e, offs_n, k0, R, C), offs_n < R, SCALE_F32)
         w = w * s[None, :]
     return w
+
+
+@triton.jit
+def _fp8_dot(a, s_a, p_w, p_s, e, n0, k0, R, C, acc, SCALE_F32: tl.constexpr, BLOCK_K: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """W8A8 step: acc [BM, BN] + (a @ W[e][n0 : n0 + BLOCK_N, k0 : k0 + BLOCK_K]^T) * s_a * the weight
+    tile's scale, for a [BM, BLOCK_K] e4m3 activation codes with row scales s_a [BM] and FP8 W [E, R, C]
+    (scales as _weight_tile's; C a multiple of 128). The FP8 product is exact per term (e4m3 x e4m3 has
+    at most 8 significant bits) and summed in fp32 by the FP8 tensor cores (tl.dot of two e4m3
+    operands: wgmma ... e4m3.e4m3 on sm_90; the interpreter multiplies the decoded values), then
+    promoted to the fp32 accumulator with both power-of-two scales (exact), per K tile within one scale
+    block (BLOCK_K divides 128), as fp8_linear and DeepSeek's DeepGEMM do."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w = tl.load(p_w + e.to(tl.int64) * R * C + offs_n[None, :] * C + offs_k[:, None],
+                mask=offs_n[None, :] < R, other=0.0)                                   # [BK, BN] e4m3
+    if BLOCK_N <= 128:  # a power-of-two tile inside one 128-row weight tile: one scale, one FFMA a value
+        s_w = _scale(p_s, _fp8_scale_index(e, n0, k0, R, C), n0 < R, SCALE_F32)
+        return acc + tl.dot(a, w) * (s_a * s_w)[:, None]
+    else:
+        s_w = _scale(p_s, _fp8_scale_index(e, offs_n, k0, R, C), offs_n < R, SCALE_F32)  # [BN]
+        return acc + tl.dot(a, w) * s_a[:, None] * s_w[None, :]
 
 
 @triton.jit
@@ -232,13 +259,15 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 # ================================================================================================
 
 @triton.jit
-def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, limit,
+def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, p_act_s, limit,
                     N, TOPK, D, I, E, n_blocks,
                     FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, RECIP: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
-    # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype
+    # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype.
+    # ACT_FP8 (W8A8): p_x [T, D] e4m3 codes with p_xs [T, D/128] float32 scales; p_act e4m3 codes with
+    # p_act_s [n_blocks * BLOCK_M, I/128] float32 scales (p_xs, p_act_s unused otherwise)
     limit = tl.cast(limit, tl.float32)  # float arguments are fp64 in AOTInductor's launch signature
     pid_m, pid_n = _tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
@@ -254,7 +283,11 @@ def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, 
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
-        if FMT == 2:
+        if ACT_FP8:  # D a multiple of 128: no K mask needed, one x scale per row and K tile
+            s_a = tl.load(p_xs + token * (D // 128) + k0 // 128, mask=row_ok, other=0.0)          # [BM]
+            acc_gate = _fp8_dot(a, s_a, p_w1, p_s1, e, pid_n * BLOCK_N, k0, I, D, acc_gate, SCALE_F32, BLOCK_K, BLOCK_N)
+            acc_up = _fp8_dot(a, s_a, p_w3, p_s3, e, pid_n * BLOCK_N, k0, I, D, acc_up, SCALE_F32, BLOCK_K, BLOCK_N)
+        elif FMT == 2:
             a = _mxfp4_order(a, BLOCK_M, BLOCK_K)
             b1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
             acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
@@ -269,18 +302,28 @@ def _gate_up_kernel(p_x, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, 
         acc_gate = tl.minimum(acc_gate, limit)
         acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
     act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up                    # silu(gate) * up
-    if ROUND_BF16:  # the interpreter's bf16 cast truncates: round to nearest even first
-        act = round_bf16(act)
     mask = offs_n[None, :] < I
-    tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], act.to(p_act.dtype.element_ty), mask=mask)
+    if ACT_FP8:  # quantized here, once per value (BLOCK_N a multiple of 128): the fp32 act, not x's dtype's
+        codes, s = quantize_rows_e4m3(tl.reshape(act, [BLOCK_M * (BLOCK_N // 128), 128]), RECIP, NATIVE_FP8)
+        tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], tl.reshape(codes, [BLOCK_M, BLOCK_N]), mask=mask)
+        offs_b = pid_n * (BLOCK_N // 128) + tl.arange(0, BLOCK_N // 128)
+        tl.store(p_act_s + offs_m[:, None] * (I // 128) + offs_b[None, :], tl.reshape(s, [BLOCK_M, BLOCK_N // 128]),
+                 mask=offs_b[None, :] < I // 128)
+    else:
+        if ROUND_BF16:  # the interpreter's bf16 cast truncates: round to nearest even first
+            act = round_bf16(act)
+        tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], act.to(p_act.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
+def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
                  N, first_slot, TOPK, D, I, E, n_blocks,
                  FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # p_act [n_blocks * BLOCK_M, I]; p_w2 [E, D, I] (or packed); p_weights [T * TOPK] float32;
+                 IEEE: tl.constexpr, ACT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # p_act [n_blocks * BLOCK_M, I] (ACT_FP8: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
+    # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
+    # p_weights [T * TOPK] float32;
     # p_out [chunk tokens * TOPK, D] float32: row t * TOPK + j - first_slot of assignment (t, j), written once
     pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
@@ -294,7 +337,10 @@ def _down_kernel(p_act, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
-        if FMT == 2:
+        if ACT_FP8:
+            s_a = tl.load(p_act_s + offs_m * (I // 128) + k0 // 128)                               # [BM]
+            acc = _fp8_dot(a, s_a, p_w2, p_s2, e, pid_n * BLOCK_N, k0, D, I, acc, SCALE_F32, BLOCK_K, BLOCK_N)
+        elif FMT == 2:
             b = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
             acc = _dot(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
         else:
@@ -326,9 +372,13 @@ def _sum_slots_kernel(p_slots, p_ids, p_out, first_token, end_token, TOPK, D,
 # Launcher
 # ================================================================================================
 
+def _op_name(weight_format: str) -> str:
+    return "moe_experts" if weight_format == "float" else f"moe_experts_{weight_format}"
+
+
 def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str) -> tuple[int, int, int]:
     """-> (E, I, D) after the dtype/shape/device checks of one call."""
-    op = "moe_experts" if weight_format == "float" else f"moe_experts_{weight_format}"
+    op = _op_name(weight_format)
     check(weight_format in WEIGHT_FORMATS, f"{op}: weight_format {weight_format!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
     check_tensor(op, "x", x, FLOAT_DTYPES, ndim=2)
     T, D = x.shape
@@ -358,6 +408,16 @@ def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str) ->
     return E, I, D
 
 
+def _check_fp8_act(weight_format: str, D: int, I: int) -> None:
+    """Config act="fp8" (W8A8): FP8 weights, D and I whole activation scale blocks (as fp8_linear's K;
+    a partial block would need the masked amax DeepSeek's act_quant does not define)."""
+    op = _op_name(weight_format)
+    check(weight_format == "fp8", f"{op}: config act='fp8' (W8A8) needs FP8 expert weights; with {weight_format} "
+                                  f"weights accepted: act='x'")
+    check(D % ACT_BLOCK == 0 and I % ACT_BLOCK == 0,
+          f"{op}: D = {D}, I = {I} with config act='fp8': need multiples of {ACT_BLOCK} (the activation's scale block)")
+
+
 def resolve(config, device, n_assignments) -> MoeExpertsConfig:
     """None / '' -> the device's default for T * k (the prefill regime's when T is symbolic, as under
     export); a str -> fields over that default; a config -> itself."""
@@ -371,15 +431,16 @@ def resolve(config, device, n_assignments) -> MoeExpertsConfig:
     return base.replace(**config)
 
 
-def chunk_tokens(k: int, D: int, I: int, E: int, block_m: int, act_bytes: int) -> int:
+def chunk_tokens(k: int, D: int, I: int, E: int, block_m: int, act_bytes: float) -> int:
     """Tokens per chunk: the most whose workspace fits WORKSPACE_BYTES (at least 1). A chunk of n tokens
     holds slots [n * k, D] float32 and act [max_expert_blocks(n * k, E, block_m) * block_m, I] of
-    act_bytes each, whose rows are at most n * k plus block_m - 1 padding rows for each expert."""
+    act_bytes each (W8A8: 1 + 4 / 128, a code and its share of the block's fp32 scale), whose rows are
+    at most n * k plus block_m - 1 padding rows for each expert."""
     padding = E * (block_m - 1) * I * act_bytes
-    return max(1, (WORKSPACE_BYTES - padding) // (k * (D * 4 + I * act_bytes)))
+    return max(1, int((WORKSPACE_BYTES - padding) // (k * (D * 4 + I * act_bytes))))
 
 
-def chunk_plan(T, k: int, D: int, I: int, E: int, block_m: int, act_bytes: int) -> tuple:
+def chunk_plan(T, k: int, D: int, I: int, E: int, block_m: int, act_bytes: float) -> tuple:
     """(tokens per chunk, number of chunks) for T tokens (_common.split_chunks): one chunk of all T where
     they fit the workspace (decode, small prefills: the unchunked launches), else chunk_tokens(...)-token
     chunks; a symbolic T (export) takes the count its upper bound needs."""
@@ -397,25 +458,44 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     words), with scales [E, rows, cols/32]; scales e8m0 or fp32)
     -> [T, D] float32. Tokens go through in chunks (chunk_plan) with one config (that of all T * k
     assignments), so the result is the same bits whatever the chunking. Workspace: act and slots of one
-    chunk (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment)."""
+    chunk (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment); W8A8 (config act="fp8",
+    FP8 weights, D and I multiples of 128): x's codes and scales too (T * D * 33/32 bytes)."""
     E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format)
     T, k = topk_ids.shape
+    cfg = resolve(config, x.device, T * k)
+    act_fp8 = cfg.act == "fp8"
+    if act_fp8:
+        _check_fp8_act(weight_format, D, I)
     out = torch.empty((T, D), dtype=torch.float32, device=x.device)
     if isinstance(T, int) and T == 0:
         return out
-    cfg = resolve(config, x.device, T * k)
     bm = cfg.block_m
-    chunk, n_chunks = chunk_plan(T, k, D, I, E, bm, x.element_size())
+    act_bytes = 1 + 4 / ACT_BLOCK if act_fp8 else x.element_size()
+    chunk, n_chunks = chunk_plan(T, k, D, I, E, bm, act_bytes)
     slot, block_expert = chunked_expert_blocks(topk_ids, E, bm, chunk, n_chunks)  # [C, n_blocks, bm], [C, n_blocks]
     n_blocks = block_expert.shape[1]
-    act = torch.empty((n_blocks * bm, I), dtype=x.dtype, device=x.device)
     slots = torch.empty((torch.sym_min(chunk, T) * k, D), dtype=torch.float32, device=x.device)
+    if act_fp8:
+        # x quantized once, in its own pass, rather than in every gate/up program: there each of the
+        # I / block_n column tiles of a row block would quantize its rows again (16 times at I 2048,
+        # block_n 128), CUDA-core work of the order of the FP8 MMAs' (fp8_linear's "separate" for many
+        # rows); and the gathered rows are then read as 1-byte codes. The SwiGLU output is quantized in
+        # the gate/up epilogue instead, where each value is made once: act codes [rows, I] + scales
+        # [rows, I/128], half the bf16 workspace and its traffic (quantizing in the down launch would
+        # repeat it for each of its D / down_block_n column tiles).
+        xq, xs = fp8_quantize(x, ACT_BLOCK, True)                                     # [T, D] e4m3, [T, D/128]
+        act = torch.empty((n_blocks * bm, I), dtype=torch.float8_e4m3fn, device=x.device)
+        act_scale = torch.empty((n_blocks * bm, I // ACT_BLOCK), dtype=torch.float32, device=x.device)
+    else:
+        xq, xs = x, placeholder(x.device, torch.float32)                               # xs unused
+        act = torch.empty((n_blocks * bm, I), dtype=x.dtype, device=x.device)
+        act_scale = placeholder(x.device, torch.float32)                               # unused
     fmt = _FMT[weight_format]
     if fmt:
         scale_f32 = scales[0].dtype == torch.float32
         s1, s2, s3 = (s if scale_f32 else s.view(torch.uint8) for s in scales)
-        if weight_format == "mxfp4" or INTERPRET:  # raw bytes (the interpreter decodes FP8 from its bits)
-            w1, w2, w3 = (w.view(torch.uint8) for w in (w1, w2, w3))
+        if weight_format == "mxfp4" or (INTERPRET and not act_fp8):  # raw bytes (the interpreter decodes FP8
+            w1, w2, w3 = (w.view(torch.uint8) for w in (w1, w2, w3))       # from its bits; W8A8 multiplies codes)
     else:
         scale_f32 = False
         s1, s2, s3 = (placeholder(x.device, torch.float32) for _ in range(3))  # unused
@@ -424,15 +504,15 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     bn, bn2 = fit_block(cfg.block_n, I), fit_block(cfg.down_block_n, D)
     for c in range(n_chunks):  # act and slots reused: each launch reads what the one before wrote
         first = c * chunk
-        launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), x, slot[c], block_expert[c], w1, s1, w3, s3, act,
-               float(swiglu_limit), T * k, k, D, I, E, n_blocks,
+        launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), xq, xs, slot[c], block_expert[c], w1, s1, w3, s3,
+               act, act_scale, float(swiglu_limit), T * k, k, D, I, E, n_blocks,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
-               ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16,
+               ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, ACT_FP8=act_fp8, RECIP=x.device.type == "cuda",
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, slot[c], block_expert[c], w2, s2, topk_weights,
-               slots, T * k, first * k, k, D, I, E, n_blocks,
-               FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
+        launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, act_scale, slot[c], block_expert[c], w2, s2,
+               topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks,
+               FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,
                BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
         sum_slots(slots, topk_ids, out, first, torch.sym_min(first + chunk, T))

@@ -6,6 +6,15 @@ Tolerances (relative RMS over the output):
 - bf16 activations: 1e-2 (helpers' bf16): operands bf16, fp32 accumulation; the SwiGLU activation is
   rounded to bf16 once (kernel and naive at the same point, plain op after the routing weight), so
   sums in another order can land one bf16 ulp (2^-8 relative) apart on a few elements.
+- W8A8 (config act="fp8") against its naive twin: 1e-3 for either x dtype (both quantize the same x
+  to the same codes): the FP8 products are exact, the fp32 sums differ in order (~1e-7 relative, as
+  measured here), and where an fp32 activation lands within that of an e4m3 rounding midpoint the two
+  may pick neighbouring codes (2^-3 of that value: ~5e-4 relative RMS over a T = 300 output per flip);
+  the output is fp32 (no bf16 rounding). A wrong scale (index or operand) moves the output by > 0.3.
+- W8A8 against the plain W8A16 op: W8A8_VS_W8A16 = 8e-2, the activation quantization itself: e4m3
+  with power-of-two scales per 128 keeps 2^-4 relative per element at worst and 2.65e-2 relative RMS
+  on Gaussian data; x's error passes through gate and up into the SwiGLU product, which is
+  quantized again: 4.6e-2 to 5.7e-2 over these tests' outputs.
 """
 import importlib
 import os
@@ -21,15 +30,17 @@ import triton.language as tl  # noqa: E402
 
 import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
+from dsv4_compile.kernels.moe_experts.config import default_config, fp8_act_config  # noqa: E402
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
     _e4m3, _e8m0, _e8m0_bf16, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, rel_rms  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")  # the module (the package's moe_experts is the function)
 LIMIT = 10.0
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+W8A8_TOL, W8A8_VS_W8A16 = 1e-3, 8e-2
 PLAIN = {"float": torch.ops.dsv4.moe_experts, "fp8": torch.ops.dsv4.moe_experts_fp8,
          "mxfp4": torch.ops.dsv4.moe_experts_mxfp4}
 
@@ -226,6 +237,83 @@ def test_bad_input_is_one_line():
         MoeExpertsConfig(block_m=8)
 
 
+# ---- W8A8: FP8 activations on FP8 tensor cores (config act="fp8") ---------------------------------
+
+# Scale indexing covered: A, K tiles of 64 and 32 within a 128-block (two and four promotions per
+# scale), 64-wide down tiles (one weight scale a step); B, 256-wide tiles in both launches (two
+# activation blocks quantized per gate/up tile, a weight scale per column), a partial last tile at
+# I = D = 384.
+W8A8_CONFIGS = {"A": MoeExpertsConfig(block_m=16, block_n=128, block_k=64, down_block_n=64, down_block_k=32, act="fp8"),
+                "B": MoeExpertsConfig(block_m=32, block_n=256, block_k=128, down_block_n=256, down_block_k=128, act="fp8")}
+W8A8_CASES = [(1, 6, 12, "random", "A"), (7, 1, 5, "random", "B"), (7, 6, 5, "one-expert", "A"),
+              (300, 6, 12, "holes", "B"), (300, 1, 5, "random", "A")]
+
+
+def run_w8a8(T, k, E, kind, dtype, config, D, I, scale_dtype=torch.float8_e8m0fnu):
+    """W8A8 kernel against its naive twin (W8A8_TOL) and the plain W8A16 op (W8A8_VS_W8A16) -> (out, the
+    latter's relative RMS)."""
+    x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * 2).to(dtype)
+    ids, w = routing(T, k, E, kind, seed=T * k + E)
+    w1, w2, w3, scales = experts(E, I, D, dtype, "fp8", scale_dtype, seed=E)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "fp8",
+                      tuple(map(dev, scales))).cpu()
+    assert out.shape == (T, D) and out.dtype == torch.float32
+    assert_close("W8A8 kernel vs W8A8 naive", naive.moe_experts(x, ids, w, w1, w2, w3, LIMIT, config, "fp8", scales),
+                 out, W8A8_TOL)
+    w8a16 = PLAIN["fp8"](x, ids, w, w1, w2, w3, *scales, LIMIT)
+    assert_close("W8A8 kernel vs plain W8A16 op", w8a16, out, W8A8_VS_W8A16)
+    return out, rel_rms(w8a16, out)
+
+
+@pytest.mark.parametrize("T,k,E,kind,cfg", W8A8_CASES, ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-{c[4]}" for c in W8A8_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_w8a8_against_its_naive_twin_and_w8a16(T, k, E, kind, cfg, dtype):
+    """T = 1, 7, 300; E = 5, 12; k = 1 and 6 (duplicates where 6 > 5); experts 0 and 1 without tokens and -1
+    ids ("holes"); every assignment to one expert; D = I = 256 (A) or 384 (B). The W8A8 result is really
+    quantized: it differs from W8A16 by more than the bf16 tolerance (a launch that ignored act would not)."""
+    D = I = 256 if cfg == "A" else 384
+    _, vs_w8a16 = run_w8a8(T, k, E, kind, dtype, W8A8_CONFIGS[cfg], D, I)
+    assert vs_w8a16 > 2e-2, f"W8A8 within {vs_w8a16:.1e} of W8A16: the activations were not quantized"
+
+
+def test_w8a8_float32_scales_and_chunks(monkeypatch):
+    """float32 weight scales (as base models ship) give the e8m0 numbers; a workspace bound of 3 tokens
+    (chunks, act_bytes 1 + 4/128) gives the unchunked bits."""
+    cfg = W8A8_CONFIGS["A"]
+    e8m0, _ = run_w8a8(7, 6, 5, "holes", torch.bfloat16, cfg, 256, 256)
+    f32, _ = run_w8a8(7, 6, 5, "holes", torch.bfloat16, cfg, 256, 256, scale_dtype=torch.float32)
+    assert torch.equal(e8m0, f32)
+    monkeypatch.setattr(KERNEL, "WORKSPACE_BYTES", _bound_for(3, 6, 256, 256, 5, cfg.block_m, 1 + 4 / 128))
+    assert KERNEL.chunk_plan(7, 6, 256, 256, 5, cfg.block_m, 1 + 4 / 128) == (3, 3)
+    chunked, _ = run_w8a8(7, 6, 5, "holes", torch.bfloat16, cfg, 256, 256)
+    assert torch.equal(chunked, e8m0)
+
+
+def test_w8a8_config_is_refused_where_it_cannot_run():
+    """act="fp8" needs FP8 weights (float and MXFP4 refused, one line naming the value and what is
+    accepted), D and I multiples of 128 (partial activation blocks are not DeepSeek's act_quant) and
+    gate/up column tiles of whole 128-blocks; act takes "x" or "fp8"."""
+    ids, w = (t.to(DEVICE) for t in routing(4, 2, 3, "random", seed=0))
+    cfg = "act=fp8,block_n=128"
+    for fmt in ("float", "mxfp4"):
+        w1, w2, w3, scales = experts(3, 128, 128, torch.float32, fmt)
+        dev_scales = None if scales is None else tuple(s.to(DEVICE) for s in scales)
+        with pytest.raises(ValueError, match=f"act='fp8' \\(W8A8\\) needs FP8 expert weights; with {fmt} weights "
+                                             f"accepted: act='x'"):
+            moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, w1.to(DEVICE), w2.to(DEVICE), w3.to(DEVICE), LIMIT,
+                        cfg, fmt, dev_scales)
+    w1, w2, w3, scales = experts(3, 128, 160, torch.float32, "fp8")
+    with pytest.raises(ValueError, match="D = 160, I = 128 with config act='fp8': need multiples of 128"):
+        moe_experts(torch.randn(4, 160, device=DEVICE), ids, w, w1.to(DEVICE), w2.to(DEVICE), w3.to(DEVICE), LIMIT,
+                    cfg, "fp8", tuple(s.to(DEVICE) for s in scales))
+    with pytest.raises(ValueError, match="block_n = 64 with act='fp8': must be a multiple of 128"):
+        MoeExpertsConfig(block_n=64, act="fp8")
+    with pytest.raises(ValueError, match="act = 'int8': choose one of"):
+        MoeExpertsConfig(act="int8")
+    assert fp8_act_config(default_config("H200", 1)).block_n == 128            # the decode default widened
+
+
 # ---- the substitution ------------------------------------------------------------------------------
 
 def _three_ops(x, ids, w, f1, f2, f3, q1, q2, q3, s1, s2, s3, p1, p2, p3, t1, t2, t3):
@@ -339,6 +427,27 @@ def test_flash_shapes_are_bit_reproducible(flash_experts):
     ws, _ = flash_experts["float"]
     first = moe_experts(x, ids, w, *ws, LIMIT)
     assert all(torch.equal(first, moe_experts(x, ids, w, *ws, LIMIT)) for _ in range(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("gpu-large")
+def test_flash_shapes_w8a8_against_its_twin_and_w8a16(flash_experts):
+    """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x, FP8 weights), the W8A8 config of the prefill default
+    (fp8_act_config, what bench_moe's W8A8 column runs): against the naive W8A8 twin on the GPU
+    (W8A8_TOL: on Hopper each 128-step's FP8 MMA keeps ~14 bits of its fp32 sum before the promotion,
+    ~1e-4 relative) and against the W8A16 kernel (W8A8_VS_W8A16; the measured value is printed)."""
+    T = 4096
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
+    w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
+    ws, scales = flash_experts["fp8"]
+    cfg = fp8_act_config(default_config(None, T * 6))
+    out = moe_experts(x, ids, w, *ws, LIMIT, cfg, "fp8", scales)
+    assert_close("W8A8 vs naive W8A8", naive.moe_experts(x, ids, w, *ws, LIMIT, cfg, "fp8", scales), out, W8A8_TOL)
+    w8a16 = moe_experts(x, ids, w, *ws, LIMIT, None, "fp8", scales)
+    print(f"W8A8 vs W8A16 at T = {T}: relative RMS {rel_rms(w8a16, out):.3e}")
+    assert_close("W8A8 vs W8A16", w8a16, out, W8A8_VS_W8A16)
 
 
 # ---- chunks of tokens: a bounded workspace, the same bits --------------------------------------------
