@@ -10,11 +10,13 @@ Tolerances (relative RMS over the output):
   to the same codes): the FP8 products are exact, the fp32 sums differ in order (~1e-7 relative, as
   measured here), and where an fp32 activation lands within that of an e4m3 rounding midpoint the two
   may pick neighbouring codes (2^-3 of that value: ~5e-4 relative RMS over a T = 300 output per flip);
-  the output is fp32 (no bf16 rounding). A wrong scale (index or operand) moves the output by > 0.3.
+  the output is fp32 (no bf16 rounding). Measured 7e-8 to 9e-6. A scale read from the wrong K block
+  or weight tile moves the output by 0.2 to 2 (mutation checks of the x, act and both weight scale
+  paths, with run_w8a8's spread scales).
 - W8A8 against the plain W8A16 op: W8A8_VS_W8A16 = 8e-2, the activation quantization itself: e4m3
   with power-of-two scales per 128 keeps 2^-4 relative per element at worst and 2.65e-2 relative RMS
   on Gaussian data; x's error passes through gate and up into the SwiGLU product, which is
-  quantized again: 4.6e-2 to 5.7e-2 over these tests' outputs.
+  quantized again: 4.1e-2 to 5.7e-2 over these tests' outputs.
 """
 import importlib
 import os
@@ -61,11 +63,16 @@ def routing(T, k, E, kind, seed):
     return ids.to(torch.int32), torch.rand(T, k, generator=g) + 0.1
 
 
-def experts(E, I, D, dtype, fmt, scale_dtype=torch.float8_e8m0fnu, seed=0):
-    """(w1, w2, w3, scales or None) in the format the kernel takes."""
+def experts(E, I, D, dtype, fmt, scale_dtype=torch.float8_e8m0fnu, seed=0, tile_spread=False):
+    """(w1, w2, w3, scales or None) in the format the kernel takes. tile_spread: each 128 x 128 tile
+    times its own power of two in 2^-3 .. 2^3, so that the FP8 tiles' scales differ (a scale read from
+    the wrong tile shows)."""
     g = torch.Generator().manual_seed(seed)
     ws = [torch.randn(E, I, D, generator=g) * D ** -0.5, torch.randn(E, D, I, generator=g) * I ** -0.5,
           torch.randn(E, I, D, generator=g) * D ** -0.5]
+    if tile_spread:
+        ws = [w * 2.0 ** torch.randint(-3, 4, (E, -(-w.shape[1] // 128), -(-w.shape[2] // 128)), generator=g)
+              .repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :w.shape[1], :w.shape[2]] for w in ws]
     if fmt == "float":
         return (*(w.to(dtype) for w in ws), None)
     quantize = weight_formats.quantize_fp8_weight if fmt == "fp8" else weight_formats.quantize_mxfp4
@@ -251,10 +258,12 @@ W8A8_CASES = [(1, 6, 12, "random", "A"), (7, 1, 5, "random", "B"), (7, 6, 5, "on
 
 def run_w8a8(T, k, E, kind, dtype, config, D, I, scale_dtype=torch.float8_e8m0fnu):
     """W8A8 kernel against its naive twin (W8A8_TOL) and the plain W8A16 op (W8A8_VS_W8A16) -> (out, the
-    latter's relative RMS)."""
-    x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * 2).to(dtype)
+    latter's relative RMS). x's columns span 2^-3 .. 2^3 (each 128-block of a row gets its own scale)
+    and the weight tiles' scales differ (tile_spread): with uniform scales, a scale read from the wrong
+    K block or tile would go unnoticed (a mutation check found so)."""
+    x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * torch.logspace(-3, 3, D, base=2)).to(dtype)
     ids, w = routing(T, k, E, kind, seed=T * k + E)
-    w1, w2, w3, scales = experts(E, I, D, dtype, "fp8", scale_dtype, seed=E)
+    w1, w2, w3, scales = experts(E, I, D, dtype, "fp8", scale_dtype, seed=E, tile_spread=True)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "fp8",
                       tuple(map(dev, scales))).cpu()
