@@ -4,6 +4,7 @@ memory, and the main loop's SASS.
     python bench/compile_report.py --kernel sparse_attention [--configs "block_k=64;block_k=64,split_d=2"]
     python bench/compile_report.py --kernel sparse_attention_cached --context 32k --batch 64 [--csv out.csv]
     python bench/compile_report.py --kernel moe_experts --weight-format mxfp4 --batch 64 [--configs "block_n=128"]
+    python bench/compile_report.py --kernel moe_experts --weight-format fp8 --batch 4096 --configs ";act=fp8,block_k=128,down_block_k=128"
 
 No GPU needed, and no timings: compile data only. Each config goes through the kernel's own launcher
 (`launch_sparse_attention`, its `launch` call intercepted), so the constexprs, grid arithmetic and
@@ -13,16 +14,20 @@ arguments as a launch would (ints equal to 1 become constants, divisibility by 1
 in the triton wheel. ptxas runs with -v in every Triton compile: its log (TRITON_DUMP_PTXAS_LOG) gives
 registers a thread and spill bytes; the kernel's metadata gives its (dynamic) shared memory. The
 problem shapes are the tuning spaces' (tuning/spaces/sparse_attention.py: the model's heads and head
-dim, K = window + index_topk, prefill N = S + S/4, decode over the FP8 cache; moe_experts: the decode
-regime, T = batch tokens over the preset's routed experts, routing random), from the preset given.
+dim, K = window + index_topk, prefill N = S + S/4, decode over the FP8 cache; moe_experts: T = batch
+tokens over the preset's routed experts, routing random, configs over the default of T's regime:
+decode up to 4096 / k tokens, prefill beyond), from the preset given. moe_experts' W8A8 (act=fp8)
+quantizes x in kernels/fp8_quantize's pass first: not reported here (a memory-bound pass).
 
 Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the longest
-backward branch whose body holds a tensor-core instruction (HMMA / HGMMA), one iteration of the K loop
+backward branch whose body holds a tensor-core instruction (HMMA / HGMMA / QGMMA), one iteration of the K loop
 after Triton's software pipelining. loop_instr counts its SASS instructions; for moe_experts,
 instr_per_weight divides them by the weight elements a thread takes in one iteration (block_k x block_n
 over the threads, twice for the gate/up launch: w1 and w3), the proxy of the dequantization's ALU cost
-when no GPU is at hand (it is not a timing). convert_layouts counts ttg.convert_layout ops in the TTGIR
-(each a shuffle, through shared memory unless within a warp).
+when no GPU is at hand (it is not a timing). mma names the loop's tensor-core instructions with their
+count (e.g. HGMMA.64x128x32.F32.E4M3.E4M3 x 16: FP8 wgmma; .BF16: bf16), loop_instr_per_mma divides
+the loop by their number. convert_layouts counts ttg.convert_layout ops in the TTGIR (each a shuffle,
+through shared memory unless within a warp).
 
 CTAs/SM: resident programs a Hopper SM can hold, min over registers (65536 a SM, allocated per warp
 in units of 256), shared memory (228 KB a SM, 1 KB reserved per CTA, 227 KB per CTA at most) and warps
@@ -31,6 +36,7 @@ in units of 256), shared memory (228 KB a SM, 1 KB reserved per CTA, 227 KB per 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -71,6 +77,8 @@ class Row:
     loop_instr: int = 0       # SASS instructions of one main-loop iteration (main_loop)
     instr_per_weight: float = 0.0   # moe_experts: loop_instr over the weight elements a thread takes an iteration
     convert_layouts: int = 0  # ttg.convert_layout ops in the TTGIR
+    mma: str = ""             # the main loop's tensor-core instructions, with modifiers, and their counts
+    instr_per_mma: float = 0.0      # loop_instr over the number of tensor-core instructions in the loop
 
 
 def ctas_per_sm(regs: int, warps: int, smem: int) -> tuple[int, str]:
@@ -92,25 +100,35 @@ def parse_ptxas(log: str) -> tuple[int, int, int]:
     return int(regs.group(1)), int(spill.group(1)) if spill else 0, int(spill.group(2)) if spill else 0
 
 
-def main_loop(sass: str) -> list[str]:
-    """Opcodes (without modifiers) of the longest backward-branch loop of nvdisasm output whose body
-    holds a tensor-core instruction (HMMA / HGMMA); [] if there is none."""
+MMA_OPCODES = ("HMMA", "HGMMA", "QGMMA")   # QGMMA: Hopper's FP8 wgmma (E4M3 / E5M2 operands)
+
+
+def main_loop(sass: str, modifiers: bool = False) -> list[str]:
+    """Opcodes of the longest backward-branch loop of nvdisasm output whose body holds a tensor-core
+    instruction (MMA_OPCODES); [] if there is none. Without modifiers ('HGMMA'), or with them
+    ('HGMMA.64x128x32.F32.E4M3.E4M3')."""
     labels, ops, best = {}, [], []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
         if label:
             labels[label.group(1)] = len(ops)
             continue
-        ins = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)(.*?);", line)
+        ins = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*?);", line)
         if not ins:
             continue
-        ops.append(ins.group(1).split(".")[0])
+        ops.append(ins.group(1))
         target = re.search(r"`\((\.L_x_\d+)\)", ins.group(2)) if ops[-1] == "BRA" else None
         if target and labels.get(target.group(1), len(ops)) < len(ops):
             body = ops[labels[target.group(1)]:]
-            if any(op in ("HMMA", "HGMMA") for op in body) and len(body) > len(best):
+            if any(op.split(".")[0] in MMA_OPCODES for op in body) and len(body) > len(best):
                 best = body
-    return best
+    return best if modifiers else [op.split(".")[0] for op in best]
+
+
+def mma_summary(loop: list[str]) -> tuple[str, int]:
+    """('HGMMA.64x128x32.F32.E4M3.E4M3 x 8, ...', total) of a main_loop(..., modifiers=True)."""
+    counts = collections.Counter(op for op in loop if op.split(".")[0] in MMA_OPCODES)
+    return ", ".join(f"{op} x {n}" for op, n in sorted(counts.items())), sum(counts.values())
 
 
 def disassemble(cubin: bytes) -> str:
@@ -201,9 +219,12 @@ def moe_launches(dims: dict, cfg, weight_format: str) -> list[tuple]:
         ws = [_stand_in((e, r, c // 2), torch.uint8) for e, r, c in shapes]
         scales = tuple(_stand_in((e, r, c // 32), torch.float8_e8m0fnu) for e, r, c in shapes)
     calls = []
-    # _check skipped: the stand-ins are one element expanded (not contiguous), their shapes right by construction
+    # _check skipped: the stand-ins are one element expanded (not contiguous), their shapes right by construction;
+    # W8A8's x quantization (kernels/fp8_quantize) stood in by its outputs' shapes
+    quantized_x = (_stand_in((T, D), torch.float8_e4m3fn), _stand_in((T, D // 128), torch.float32))
     with mock.patch.object(module, "launch", lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))), \
-            mock.patch.object(module, "_check", lambda *_: (E, I, D)):
+            mock.patch.object(module, "_check", lambda *_: (E, I, D)), \
+            mock.patch.object(module, "fp8_quantize", lambda *_: quantized_x):
         module.moe_experts(x, ids, torch.ones(T, k), *ws, 10.0, cfg, weight_format, scales)
     return [c for c in calls if c[0].fn.__name__ != "_sum_slots_kernel"]
 
@@ -223,8 +244,8 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     batch = batch if batch is not None else (64 if decode else 1)
     dims = get_space(kernel_name).make_problem(ModelConfig.load(preset), context, batch, phase).dims
     if kernel_name == "moe_experts":
-        from dsv4_compile.kernels.moe_experts.config import MoeExpertsConfig, decode_config
-        config_class, base = MoeExpertsConfig, decode_config(gpu)
+        from dsv4_compile.kernels.moe_experts.config import MoeExpertsConfig, default_config as moe_default
+        config_class, base = MoeExpertsConfig, moe_default(gpu, dims["T"] * dims["k"])
     else:
         from dsv4_compile.kernels.sparse_attention.config import (SparseAttentionConfig, decode_default_config,
                                                                   default_config)
@@ -247,26 +268,30 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             regs, spill_st, spill_ld = parse_ptxas(ptxas_log)
             warps, smem = compiled.metadata.num_warps, compiled.metadata.shared
             n_cta, limit = ctas_per_sm(regs, warps, smem)
-            loop = len(main_loop(disassemble(compiled.asm["cubin"])))
+            body = main_loop(disassemble(compiled.asm["cubin"]), modifiers=True)
+            loop = len(body)
+            mma, n_mma = mma_summary(body)
             per_weight = 0.0
             if moe:  # BLOCK_K x BLOCK_N weights an iteration (w1 and w3 for gate/up)
                 weights = kwargs["BLOCK_K"] * kwargs["BLOCK_N"] * (2 if name == "_gate_up_kernel" else 1)
                 per_weight = loop / (weights / (32 * warps))
             converts = compiled.asm["ttgir"].count("ttg.convert_layout")
             rows.append(Row(kernel_name, name, cfg.to_str(), "x".join(map(str, grid)), warps, regs, spill_st, spill_ld,
-                            smem, n_cta, limit, loop, round(per_weight, 2), converts))
+                            smem, n_cta, limit, loop, round(per_weight, 2), converts, mma,
+                            round(loop / n_mma, 2) if n_mma else 0.0))
             log(format_row(rows[-1]))
     return rows
 
 
 HEADER = ("| config | kernel | grid | warps | regs/thread | spill st / ld (B) | shared (KB) | CTAs/SM (bound) "
-          "| loop instr | instr / weight | convert_layout |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| loop instr | instr / weight | convert_layout | loop MMAs | instr / MMA |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: Row) -> str:
     return (f"| {r.config} | {r.function} | {r.grid} | {r.warps} | {r.regs} | {r.spill_stores} / {r.spill_loads} | "
             f"{r.smem / 1024:.1f} | {r.ctas_per_sm} ({r.limit}) | {r.loop_instr} | {r.instr_per_weight or '-'} | "
-            f"{r.convert_layouts} |")
+            f"{r.convert_layouts} | {r.mma or '-'} | {r.instr_per_mma or '-'} |")
 
 
 def write_csv(rows: list[Row], path: str) -> None:

@@ -180,25 +180,30 @@ def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl
 
 
 @triton.jit
-def _fp8_dot(a, s_a, p_w, p_s, e, n0, k0, R, C, acc, SCALE_F32: tl.constexpr, BLOCK_K: tl.constexpr,
-             BLOCK_N: tl.constexpr):
-    """W8A8 step: acc [BM, BN] + (a @ W[e][n0 : n0 + BLOCK_N, k0 : k0 + BLOCK_K]^T) * s_a * the weight
-    tile's scale, for a [BM, BLOCK_K] e4m3 activation codes with row scales s_a [BM] and FP8 W [E, R, C]
-    (scales as _weight_tile's; C a multiple of 128). The FP8 product is exact per term (e4m3 x e4m3 has
-    at most 8 significant bits) and summed in fp32 by the FP8 tensor cores (tl.dot of two e4m3
-    operands: wgmma ... e4m3.e4m3 on sm_90; the interpreter multiplies the decoded values), then
-    promoted to the fp32 accumulator with both power-of-two scales (exact), per K tile within one scale
-    block (BLOCK_K divides 128), as fp8_linear and DeepSeek's DeepGEMM do."""
+def _fp8_gemm(p_a, p_as, rows, row_ok, p_w, p_s, e, n0, R, C, SCALE_F32: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W8A8: [BLOCK_M, BLOCK_N] fp32 = A[rows] @ W[e][n0 : n0 + BLOCK_N]^T for activations A [*, C] e4m3
+    codes with scales [*, C/128] float32 (rows [BM] int64; rows not row_ok read as 0) and FP8 W [E, R, C]
+    (scales as _weight_tile's; C a multiple of 128). Per K tile (BLOCK_K divides 128: one activation
+    scale per row and one weight scale per column), the FP8 product (exact per term: e4m3 x e4m3 has
+    at most 8 significant bits) summed by the FP8 tensor cores (tl.dot of two e4m3 operands: QGMMA
+    ... E4M3.E4M3 on sm_90; the interpreter multiplies the decoded values) is promoted to the fp32
+    accumulator times both power-of-two scales (exact), as fp8_linear and DeepSeek's DeepGEMM do."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    w = tl.load(p_w + e.to(tl.int64) * R * C + offs_n[None, :] * C + offs_k[:, None],
-                mask=offs_n[None, :] < R, other=0.0)                                   # [BK, BN] e4m3
-    if BLOCK_N <= 128:  # a power-of-two tile inside one 128-row weight tile: one scale, one FFMA a value
-        s_w = _scale(p_s, _fp8_scale_index(e, n0, k0, R, C), n0 < R, SCALE_F32)
-        return acc + tl.dot(a, w) * (s_a * s_w)[:, None]
-    else:
-        s_w = _scale(p_s, _fp8_scale_index(e, offs_n, k0, R, C), offs_n < R, SCALE_F32)  # [BN]
-        return acc + tl.dot(a, w) * s_a[:, None] * s_w[None, :]
+    p_w_tile = p_w + e.to(tl.int64) * R * C + offs_n[None, :] * C
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(p_a + rows[:, None] * C + offs_k[None, :], mask=row_ok[:, None], other=0.0)  # [BM, BK] e4m3
+        s_a = tl.load(p_as + rows * (C // 128) + k0 // 128, mask=row_ok, other=0.0)            # [BM]
+        w = tl.load(p_w_tile + offs_k[:, None], mask=offs_n[None, :] < R, other=0.0)            # [BK, BN] e4m3
+        if BLOCK_N <= 128:  # a power-of-two tile inside one 128-row weight tile: one scale, one FFMA a value
+            s_w = _scale(p_s, _fp8_scale_index(e, n0, k0, R, C), n0 < R, SCALE_F32)
+            acc += tl.dot(a, w) * (s_a * s_w)[:, None]
+        else:
+            s_w = _scale(p_s, _fp8_scale_index(e, offs_n, k0, R, C), offs_n < R, SCALE_F32)  # [BN]
+            acc += tl.dot(a, w) * s_a[:, None] * s_w[None, :]
+    return acc
 
 
 @triton.jit
@@ -278,26 +283,32 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
     row_ok = slot < N
     token = tl.where(row_ok, slot // TOPK, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
-        if ACT_FP8:  # D a multiple of 128: no K mask needed, one x scale per row and K tile
-            s_a = tl.load(p_xs + token * (D // 128) + k0 // 128, mask=row_ok, other=0.0)          # [BM]
-            acc_gate = _fp8_dot(a, s_a, p_w1, p_s1, e, pid_n * BLOCK_N, k0, I, D, acc_gate, SCALE_F32, BLOCK_K, BLOCK_N)
-            acc_up = _fp8_dot(a, s_a, p_w3, p_s3, e, pid_n * BLOCK_N, k0, I, D, acc_up, SCALE_F32, BLOCK_K, BLOCK_N)
-        elif FMT == 2:
-            a = _mxfp4_order(a, BLOCK_M, BLOCK_K)
-            b1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
-            acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
-            b3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
-            acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
-        else:
-            b1 = _weight_tile(p_w1, p_s1, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
-            acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
-            b3 = _weight_tile(p_w3, p_s3, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
-            acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
+    if ACT_FP8:
+        # One K loop per weight: in one loop both FP8 products of a step wait in registers for their
+        # promotion beside the two accumulators, and 128 x 128 tiles over 8 warps spilled (sm_90 compile,
+        # bench/results/H200/moe_w8a8_offline.md); x's codes are read twice instead (1 byte a value).
+        acc_gate = _fp8_gemm(p_x, p_xs, token, row_ok, p_w1, p_s1, e, pid_n * BLOCK_N, I, D, SCALE_F32,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_up = _fp8_gemm(p_x, p_xs, token, row_ok, p_w3, p_s3, e, pid_n * BLOCK_N, I, D, SCALE_F32,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D),
+                        other=0.0)
+            if FMT == 2:
+                a = _mxfp4_order(a, BLOCK_M, BLOCK_K)
+                b1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
+                acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
+                b3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
+                acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
+            else:
+                b1 = _weight_tile(p_w1, p_s1, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
+                acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
+                b3 = _weight_tile(p_w3, p_s3, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
+                acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
     if limit > 0:
         acc_gate = tl.minimum(acc_gate, limit)
         acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
@@ -333,19 +344,20 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
     slot = tl.load(p_slot + offs_m)
     row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
-        if ACT_FP8:
-            s_a = tl.load(p_act_s + offs_m * (I // 128) + k0 // 128)                               # [BM]
-            acc = _fp8_dot(a, s_a, p_w2, p_s2, e, pid_n * BLOCK_N, k0, D, I, acc, SCALE_F32, BLOCK_K, BLOCK_N)
-        elif FMT == 2:
-            b = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
-            acc = _dot(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
-        else:
-            b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
-            acc = _dot(a, b, acc, UPCAST, IEEE)
+    if ACT_FP8:
+        acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, SCALE_F32,
+                        BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
+            if FMT == 2:
+                b = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)
+                acc = _dot(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
+            else:
+                b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
+                acc = _dot(a, b, acc, UPCAST, IEEE)
     weight = tl.load(p_weights + slot, mask=row_ok, other=0.0)
     row = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
     tl.store(p_out + row[:, None] * D + offs_n[None, :], acc * weight[:, None],
