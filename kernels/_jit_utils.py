@@ -1,6 +1,7 @@
 """Small @triton.jit helpers shared by several kernels: exact bit-level roundings that behave the
 same compiled on a GPU and in the CPU interpreter (whose float8/bfloat16 casts do not round to
-nearest even), and the NaN-aware block scale of the FP8/FP4 quantizers."""
+nearest even), the NaN-aware block scale of the FP8/FP4 quantizers, and the per-row FP8 quantization
+of the W8A8 GEMMs' activations (fp8_linear, moe_experts)."""
 import triton
 import triton.language as tl
 

@@ -8,8 +8,8 @@ each block (E past the last used block: those programs return at once). n_blocks
 max_expert_blocks(N, E, block_m), so the grids depend on the sizes only (CUDA graphs, export).
 
   1. `_gate_up_kernel`, one program per (block of rows, block_n columns of I): the rows' tokens of x
-     gathered, times w1[e]^T and w3[e]^T in one K loop (two accumulators), SwiGLU with the clamps in
-     the epilogue; act [n_blocks * block_m, I] in x's dtype.
+     gathered, times w1[e]^T and w3[e]^T in one K loop (two accumulators; W8A8: a loop each), SwiGLU
+     with the clamps in the epilogue; act [n_blocks * block_m, I] in x's dtype (W8A8: FP8, below).
   2. `_down_kernel`, one program per (block of rows, down_block_n columns of D): act @ w2[e]^T, the
      routing weight of each row in the epilogue, stored (fp32) into its assignment's row of
      slots [T * k, D] (each row written once: no atomics).
@@ -35,11 +35,19 @@ of eight codes, each code's bits shifted into a bf16 (each integer operation on 
 times 2^126 and the scale as bf16 pairs, the K positions in the order the words decode into (a
 permutation within each run of 8) and the activations loaded in the same order (_mxfp4_order), so
 no weight moves between registers (bench/results/H200/moe_mxfp4_offline.md: the SASS per weight).
+W8A8 (config act="fp8", FP8 weights only, D and I multiples of 128): x quantized to e4m3 per row and
+128-block with power-of-two scales (DeepSeek's act_quant) once, by kernels/fp8_quantize, before the
+chunks; the gate/up launch runs one K loop per weight (_fp8_gemm) over the gathered codes, and its
+epilogue quantizes the fp32 SwiGLU output the same way (act: e4m3 codes + [rows, I/128] fp32 scales);
+the down launch reads those. Each K tile's FP8 product (QGMMA on sm_90) is promoted to the fp32
+accumulator times the row's activation scale and the weight tile's scale, as fp8_linear does.
 Numbers: against the plain op, the routing weight multiplies the fp32 product of w2 instead of the
 activation before its rounding to x's dtype (bf16: within the bf16 tolerance; fp32: equal up to
-summation order).
-Workspace: act [n_blocks * block_m, I] in x's dtype and slots [chunk * k, D] float32 for one chunk of
-tokens (within WORKSPACE_BYTES), the routing layout of all T * k assignments (about 40 bytes each).
+summation order). W8A8 is its own semantics (naive.py's W8A8 form): ~5e-2 relative RMS from the W8A16
+plain op on Gaussian data (the activation quantization; tests/kernels/test_moe_experts.py).
+Workspace: act [n_blocks * block_m, I] in x's dtype (W8A8: 1 + 4/128 bytes a value) and slots
+[chunk * k, D] float32 for one chunk of tokens (within WORKSPACE_BYTES), the routing layout of all
+T * k assignments (about 40 bytes each); W8A8 also x's codes and scales (T * D * 33/32 bytes).
 """
 from __future__ import annotations
 

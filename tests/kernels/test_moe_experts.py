@@ -11,7 +11,7 @@ Tolerances (relative RMS over the output):
   measured here), and where an fp32 activation lands within that of an e4m3 rounding midpoint the two
   may pick neighbouring codes (2^-3 of that value: ~5e-4 relative RMS over a T = 300 output per flip);
   the output is fp32 (no bf16 rounding). Measured 7e-8 to 9e-6. A scale read from the wrong K block
-  or weight tile moves the output by 0.2 to 2 (mutation checks of the x, act and both weight scale
+  or weight tile moves the output by 0.9 to 2 (mutation checks of the activation, stored act and both weight scale
   paths, with run_w8a8's spread scales).
 - W8A8 against the plain W8A16 op: W8A8_VS_W8A16 = 8e-2, the activation quantization itself: e4m3
   with power-of-two scales per 128 keeps 2^-4 relative per element at worst and 2.65e-2 relative RMS
