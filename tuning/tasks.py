@@ -24,6 +24,12 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
   another order, so a value on a rounding boundary may flip).
 - moe_experts: 1e-2 in bf16 (bf16 operands, the SwiGLU activation rounded to bf16 once, the routing
   weight applied before that rounding in the plain op and after w2 in the kernel).
+- moe_experts_fp8: a W8A16 config (act "x") as moe_experts, against the plain FP8 op. A W8A8 config
+  (act "fp8") against the W8A8 naive twin (kernels/moe_experts/naive.py), at 1e-3: the same FP8 codes
+  and exact products summed in another order, and rarely a neighbouring code where an activation sits
+  on an e4m3 rounding midpoint (the kernel tests' W8A8_TOL). Not against the plain op with a tolerance
+  that admits the activation quantization: that error is ~5e-2 (test_moe_experts.py), so a tolerance
+  above it would pass a kernel with a wrong scale on part of the tiles.
 - fp8_linear: 1e-2 (bf16 output, REL_RMS_TOL; the kernel and the plain op sum the same FP8 products
   in another order, in fp32).
 - indexer_topk: exact. The inputs are small dyadic numbers (k / 4, |k| <= 12), so every score is exact
@@ -342,10 +348,12 @@ INDEXER_TOPK_CACHED = KernelTask(
 
 # ---- MoE experts --------------------------------------------------------------------------------
 
-def _moe_inputs(problem, device, seed=0, small=False):
+def _moe_inputs(problem, device, seed=0, small=False, small_dims=(64, 48)):
+    """(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit) in the problem's dtype; small: 37 tokens,
+    9 experts, D, I = small_dims."""
     T, k, E, D, I = (problem.dim(n) for n in ("T", "k", "E", "D", "I"))
     if small:
-        T, E, D, I = min(T, 37), min(E, 9), min(D, 64), min(I, 48)
+        T, E, D, I = min(T, 37), min(E, 9), min(D, small_dims[0]), min(I, small_dims[1])
         k = min(k, E)
     dtype = DTYPES[problem.dim("dtype")]
     x = _randn((T, D), device, seed, dtype)
@@ -362,6 +370,42 @@ MOE_EXPERTS = KernelTask(
     reference=lambda a: torch.ops.dsv4.moe_experts(*a),
     call=lambda fn, a, cfg: fn(*a, config=cfg),
     compare=lambda ref, out: close("out", ref, out, 1e-2))
+
+
+def _moe_fp8_inputs(problem, device, seed=0, small=False):
+    """_moe_inputs with the experts' weights as FP8 (e4m3, one e8m0 scale per 128 x 128 tile; quantized
+    32 experts at a time: whole-tensor quantization's temporaries are tens of GiB at V4-Flash's 256)
+    -> (x, ids, weights, w1, w2, w3, limit, (s1, s2, s3)); small: D = I = 128 (W8A8's whole blocks)."""
+    from ..model.weight_formats import quantize_fp8_weight
+
+    x, ids, weights, *ws, limit = _moe_inputs(problem, device, seed, small, small_dims=(128, 128))
+    quantized = []
+    for w in ws:
+        parts = [quantize_fp8_weight(w[e:e + 32]) for e in range(0, w.shape[0], 32)]
+        quantized.append(tuple(torch.cat([p[i].view(torch.uint8) for p in parts]).view(parts[0][i].dtype)
+                               for i in (0, 1)))
+    return (x, ids, weights, *(q for q, _ in quantized), limit, tuple(s for _, s in quantized))
+
+
+def _moe_fp8_reference(a):
+    """(the plain FP8 op: W8A16, the naive W8A8 twin) for the two kinds of config."""
+    from ..kernels.moe_experts import naive
+
+    return (torch.ops.dsv4.moe_experts_fp8(*a[:6], *a[7], a[6]), naive.moe_experts(*a[:7], {"act": "fp8"}, "fp8", a[7]))
+
+
+def _moe_fp8_compare(refs, out_act) -> str | None:
+    out, act = out_act
+    if act == "fp8":
+        return close("out (W8A8, against the naive W8A8 twin)", refs[1], out, 1e-3)
+    return close("out", refs[0], out, 1e-2)
+
+
+MOE_EXPERTS_FP8 = KernelTask(
+    inputs=_moe_fp8_inputs,
+    reference=_moe_fp8_reference,
+    call=lambda fn, a, cfg: (fn(*a[:7], config=cfg, weight_format="fp8", scales=a[7]), getattr(cfg, "act", "x")),
+    compare=_moe_fp8_compare)
 
 
 # ---- FP8 linear ----------------------------------------------------------------------------------
@@ -389,7 +433,7 @@ TASKS: dict[str, KernelTask] = {
     "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
     "sparse_attention_cached": SPARSE_ATTENTION_CACHED, "compress_kv": COMPRESS_KV, "indexer_topk": INDEXER_TOPK,
     "indexer_topk_cached": INDEXER_TOPK_CACHED, "moe_experts": MOE_EXPERTS,
-    "fp8_linear": FP8_LINEAR,
+    "moe_experts_fp8": MOE_EXPERTS_FP8, "fp8_linear": FP8_LINEAR,
 }
 
 

@@ -1,11 +1,11 @@
-"""Naive twin of the grouped-expert kernel: a Python loop over experts, each taking its rows with a
-boolean mask, float32 matmuls, the weights dequantized by model/weight_formats. It rounds where the
-kernel rounds (the SwiGLU activation to x's dtype, before w2; the routing weight on w2's fp32 product)
-and sums a token's k contributions in slot order. W8A8 (config act="fp8", FP8 weights): x and the fp32
-SwiGLU activation quantized to e4m3 per row and 128-block with power-of-two scales and dequantized by
-kernels/fp8_quantize's naive twin (a table search, not the kernels' bit arithmetic), the rest in float32
-as above. Same signature as the kernel's public function (of config, only act is read); runs on x's
-device."""
+"""Naive twin of the grouped-expert kernel: a Python loop over experts, each taking its (token, slot)
+pairs, float32 matmuls, the weights dequantized by model/weight_formats one expert at a time. It
+rounds where the kernel rounds (the SwiGLU activation to x's dtype, before w2; the routing weight on
+w2's fp32 product) and sums a token's k contributions in slot order. W8A8 (config act="fp8", FP8
+weights): x and the fp32 SwiGLU activation quantized to e4m3 per row and 128-block with power-of-two
+scales and dequantized by kernels/fp8_quantize's naive twin (a table search, not the kernels' bit
+arithmetic), the rest in float32 as above. Same signature as the kernel's public function (of config,
+only act is read); runs on x's device."""
 from __future__ import annotations
 
 import torch
@@ -35,20 +35,25 @@ def moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config=None
     w8a8 = _act(config) == "fp8"
     if w8a8 and weight_format != "fp8":
         raise ValueError(f"act='fp8' needs FP8 expert weights; got {weight_format!r}")
-    if weight_format == "fp8":
-        w1, w2, w3 = (dequantize_fp8_weight(w, s) for w, s in zip((w1, w2, w3), scales))
-    elif weight_format == "mxfp4":
-        w1, w2, w3 = (dequantize_mxfp4(w, s) for w, s in zip((w1, w2, w3), scales))
+    decode = {"fp8": dequantize_fp8_weight, "mxfp4": dequantize_mxfp4}.get(weight_format)
+
+    def expert(e):  # one expert's weights in float32, dequantized when used (V4-Flash's 256 at once: 26 GB)
+        if decode is None:
+            return tuple(w[e].float() for w in (w1, w2, w3))
+        return tuple(decode(w[e], s[e]).float() for w, s in zip((w1, w2, w3), scales))
+
     T, k = topk_ids.shape
-    E = w1.shape[0]
     xf = fp8_act(x) if w8a8 else x.float()
+    slots = torch.zeros(T, k, x.shape[1], dtype=torch.float32, device=x.device)   # [T, k, D]; -1 ids stay 0
+    for e in range(w1.shape[0]):
+        t, j = (topk_ids == e).nonzero(as_tuple=True)
+        if not t.numel():
+            continue
+        e1, e2, e3 = expert(e)
+        act = swiglu(xf[t] @ e1.T, xf[t] @ e3.T, swiglu_limit)
+        act = fp8_act(act) if w8a8 else act.to(x.dtype).float()
+        slots[t, j] = (act @ e2.T) * topk_weights[t, j].unsqueeze(-1)
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-    for j in range(k):
-        for e in range(E):
-            rows = topk_ids[:, j] == e
-            if not rows.any():
-                continue
-            act = swiglu(xf[rows] @ w1[e].float().T, xf[rows] @ w3[e].float().T, swiglu_limit)
-            act = fp8_act(act) if w8a8 else act.to(x.dtype).float()
-            out[rows] += (act @ w2[e].float().T) * topk_weights[rows, j].unsqueeze(-1)
+    for j in range(k):  # a token's contributions in slot order
+        out += slots[:, j]
     return out

@@ -4,8 +4,12 @@ and K tiles, warps and pipeline stages; column tiles clamped by the launcher's o
 Tuned on V4-Flash's experts (D 4096, I 2048, E 256, top 6, bf16) with random routing: decode = one
 token per sequence of the batch, prefill = context x batch tokens. The substitution reads prefill
 entries by token count and decode entries by batch (passes/kernel_substitutions/moe_experts.py); the
-decode problems of different contexts are the same problem (the experts do not see the cache)."""
+decode problems of different contexts are the same problem (the experts do not see the cache).
+moe_experts_fp8: the same kernel over FP8 expert weights (its own op, table and problems), with the
+activations' format as one more choice: act "x" (W8A16) or "fp8" (W8A8, FP8 tensor cores)."""
 from __future__ import annotations
+
+import dataclasses
 
 from .framework import ACC_PER_THREAD, KernelSpace, Param, rule_threads, smem_reason, threads
 
@@ -18,17 +22,24 @@ def moe_hard(cfg, problem, gpu) -> str | None:
     D, I = problem.dim("D"), problem.dim("I")
     bm, bn, bk = cfg.block_m, _fit(cfg.block_n, I), cfg.block_k
     dbn, dbk = _fit(cfg.down_block_n, D), cfg.down_block_k
+    w8a8 = cfg.act == "fp8"
+    if w8a8 and problem.dims.get("weights") != "fp8":
+        return "act fp8 (W8A8) needs FP8 expert weights"
     acc = 2 * bm * bn / threads(cfg.num_warps)                       # gate and up accumulators
     if acc > ACC_PER_THREAD:
         return f"gate/up accumulators 2 x {bm}x{bn} over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
     acc = bm * dbn / threads(cfg.down_num_warps)
     if acc > ACC_PER_THREAD:
         return f"down accumulator {bm}x{dbn} over {cfg.down_num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
-    # bf16 tiles per pipeline stage: x [bm, bk] and w1, w3 [bk, bn]; act [bm, dbk] and w2 [dbk, dbn].
-    reason = smem_reason(cfg.num_stages * (bm * bk + 2 * bk * bn) * 2, gpu, f"gate/up {cfg.num_stages} stages")
+    # Tiles per pipeline stage: bf16 x [bm, bk] and w1, w3 [bk, bn]; act [bm, dbk] and w2 [dbk, dbn].
+    # W8A8: FP8 tiles (1 byte), one weight per gate/up K loop (the sm_90a compile's shared memory exactly,
+    # bench/results/H200/moe_w8a8_offline.md).
+    size, gate_up_weights = (1, 1) if w8a8 else (2, 2)
+    reason = smem_reason(cfg.num_stages * (bm * bk + gate_up_weights * bk * bn) * size, gpu,
+                         f"gate/up {cfg.num_stages} stages")
     if reason:
         return reason
-    return smem_reason(cfg.down_num_stages * (bm * dbk + dbk * dbn) * 2, gpu, f"down {cfg.down_num_stages} stages")
+    return smem_reason(cfg.down_num_stages * (bm * dbk + dbk * dbn) * size, gpu, f"down {cfg.down_num_stages} stages")
 
 
 def moe_redundant(cfg, problem, gpu) -> str | None:
@@ -40,12 +51,17 @@ def moe_redundant(cfg, problem, gpu) -> str | None:
     return None
 
 
-def _moe_problem(mc, context, batch, phase):
+def _moe_problem(mc, context, batch, phase, weight_bytes: float = 2):
     T = batch if phase == "decode" else context * batch
     E, k, D, I = mc.n_routed_experts, mc.n_activated_experts, mc.dim, mc.moe_inter_dim
     used = E * (1 - (1 - k / E) ** T)                                  # experts a random routing touches
     dims = {"T": T, "k": k, "E": E, "D": D, "I": I, "dtype": "bfloat16"}
-    return dims, int(used * 3 * I * D * 2 + T * D * (2 + 4))
+    return dims, int(used * 3 * I * D * weight_bytes + T * D * (2 + 4))
+
+
+def _moe_fp8_problem(mc, context, batch, phase):
+    dims, work = _moe_problem(mc, context, batch, phase, weight_bytes=1 + 1 / 128 ** 2)
+    return {**dims, "weights": "fp8"}, work
 
 
 def _typical(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
@@ -70,3 +86,12 @@ MOE_EXPERTS = KernelSpace(
     doc="x [T, 4096] bf16, ids [T, 6] of 256 experts (random), w1/w3 [256, 2048, 4096], w2 [256, 4096, 2048] "
         "bf16. Decode: T = batch; prefill: T = context x batch. Weight formats FP8 / MXFP4 share the "
         "config (their tile decode is in the same K loop).")
+
+
+# The FP8 op's space: the same params plus the activations' format. A W8A8 trial's gate compares with the
+# W8A8 naive twin, a W8A16 trial's with the plain op (tuning/tasks.py: MOE_EXPERTS_FP8).
+MOE_EXPERTS_FP8 = dataclasses.replace(
+    MOE_EXPERTS, name="moe_experts_fp8", params=MOE_EXPERTS.params + (Param("act", ("x", "fp8")),),
+    problem=_moe_fp8_problem,
+    doc="moe_experts' problems with w1/w3 [256, 2048, 4096], w2 [256, 4096, 2048] FP8 e4m3 (one e8m0 scale per "
+        "128 x 128 tile); act: x (W8A16) or fp8 (W8A8: block_n >= 128, the config class refuses less).")
