@@ -129,7 +129,8 @@ def test_real_gate_prunes_a_corrupted_kernel_output(sqlite_url):
 
 
 @pytest.mark.parametrize("kernel", ["fp4_quantize", "newton_schulz", "hc_pre", "hc_sinkhorn", "sparse_attention",
-                                    "sparse_attention_cached", "compress_kv", "indexer_topk", "moe_experts"])
+                                    "sparse_attention_cached", "compress_kv", "indexer_topk", "moe_experts",
+                                    "moe_experts_fp8"])
 def test_real_gate_passes_the_default_config(kernel):
     space = get_space(kernel)
     phase = space.phases[0]
@@ -137,6 +138,20 @@ def test_real_gate_passes_the_default_config(kernel):
     runner = CpuRunner(space, problem, H100)
     cfg = space.make_config(space.default_params(problem, H100), "H100", phase)
     assert runner.check(cfg) is None
+
+
+def test_moe_experts_fp8_gate_holds_each_act_to_its_reference():
+    """The FP8 op's gate: a W8A8 config (act fp8) passes against the naive W8A8 twin, and each kind of
+    output fails against the other kind's reference (they differ by the activation quantization, ~5e-2:
+    neither tolerance admits it)."""
+    space, task = get_space("moe_experts_fp8"), TASKS["moe_experts_fp8"]
+    problem = space.make_problem(FLASH, 8192)
+    runner = CpuRunner(space, problem, H100)
+    base = space.default_params(problem, H100)
+    assert runner.check(space.make_config({**base, "act": "fp8", "block_n": 128, "block_k": 128}, "H100")) is None
+    w8a16, w8a8 = runner.ref
+    assert "W8A8" in task.compare(runner.ref, (w8a16, "fp8"))
+    assert task.compare(runner.ref, (w8a8, "x")) is not None
 
 
 def test_tolerances_catch_small_errors():
