@@ -1,5 +1,6 @@
 """One MoE layer's routed experts at V4-Flash shapes (D 4096, I 2048, E 256, top 6): our grouped-expert
-Triton kernel (bf16, FP8 and MXFP4 weights) vs the dense-masked plain MoE, a loop over experts of
+Triton kernel (bf16, FP8 and MXFP4 weights; FP8 also W8A8, "fp8-w8a8": config act=fp8 over the default
+of T's regime, kernels/moe_experts/config.py: fp8_act_config) vs the dense-masked plain MoE, a loop over experts of
 F.linear (DeepSeek's reference), torch._grouped_mm where this torch has it, and the plain op's own
 grouped form; random and skewed routing; TFLOP/s of the useful work (6 D I FLOPs per assignment) and
 GB/s over the bytes of the experts actually touched (weights + scales as stored, x and the fp32
@@ -85,7 +86,8 @@ def grouped_mm(x, ids, w, w1_t, w2_t, w3_t, limit):
 
 
 def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tuple[list[dict], dict]:
-    from dsv4_compile.kernels.moe_experts import moe_experts
+    from dsv4_compile.kernels.moe_experts import default_config, moe_experts
+    from dsv4_compile.kernels.moe_experts.config import fp8_act_config
     from dsv4_compile.model import moe_ops, weight_formats
 
     peak = matmul_peak_tflops()
@@ -97,7 +99,8 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
           (torch.randn(E, I, D, device=DEVICE, generator=g) * D ** -0.5).to(bf16)]
     fp8 = [weight_formats.quantize_fp8_weight(w) for w in ws]
     fp4 = [weight_formats.quantize_mxfp4(w) for w in ws]
-    formats = {"bf16": (ws, "float", None, 2.0), "fp8": ([q for q, _ in fp8], "fp8", tuple(s for _, s in fp8), 1 + 1 / 128 ** 2),
+    fp8_weights = ([q for q, _ in fp8], "fp8", tuple(s for _, s in fp8), 1 + 1 / 128 ** 2)
+    formats = {"bf16": (ws, "float", None, 2.0), "fp8": fp8_weights, "fp8-w8a8": fp8_weights,
                "mxfp4": ([q for q, _ in fp4], "mxfp4", tuple(s for _, s in fp4), 0.5 + 1 / 32)}
     has_grouped_mm = DEVICE == "cuda" and hasattr(torch, "_grouped_mm")
     w_t = [w.transpose(1, 2) for w in ws] if has_grouped_mm else None
@@ -121,13 +124,15 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
                                  pct_peak=100 * flops / ms / 1e9 / peak, gbs=nbytes / ms / 1e6,
                                  pct_copy=100 * nbytes / ms / 1e6 / copy, experts_used=n_used, config=config))
                 r = rows[-1]
-                print(f"{kind:7s} T={T:6d} {impl:24s} {fmt:5s} {ms:9.4f} ms {r['tflops']:7.1f} TFLOP/s "
+                print(f"{kind:7s} T={T:6d} {impl:24s} {fmt:8s} {ms:9.4f} ms {r['tflops']:7.1f} TFLOP/s "
                       f"({r['pct_peak']:5.1f}%) {r['gbs']:7.0f} GB/s ({r['pct_copy']:5.1f}%)", flush=True)
 
             for fmt, (wq, wf, scales, _) in formats.items():
-                add("ours", lambda wq=wq, wf=wf, scales=scales: moe_experts(x, ids, w, *wq, limit, None, wf, scales), fmt)
+                cfg = fp8_act_config(default_config(None, T * k)) if fmt == "fp8-w8a8" else None
+                add("ours", lambda wq=wq, wf=wf, scales=scales, cfg=cfg: moe_experts(x, ids, w, *wq, limit, cfg, wf, scales),
+                    fmt, cfg.to_str() if cfg else "")
                 if fmt != "bf16":  # the quantized kernels against the bf16 one on the same (dequantized) weights
-                    deq = moe_experts(x, ids, w, *wq, limit, None, wf, scales)
+                    deq = moe_experts(x, ids, w, *wq, limit, cfg, wf, scales)
                     err = float((deq - ref).norm() / ref.norm())
                     print(f"        {fmt} vs bf16 weights: relative error {err:.3e} (quantization)")
             if sweep and kind == "random":
@@ -155,8 +160,8 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
              f"bf16 matmul peak {anchors['peak_tflops']:.0f} TFLOP/s, copy {anchors['copy_gbs']:.0f} GB/s (this run).", "",
              "Ratios of one run; 'ours' = the best of the default and the sweep for bf16.", "",
-             "routing | T | ours bf16 ms | TFLOP/s (% peak) | GB/s (% copy) | fp8 / bf16 | mxfp4 / bf16 | dense / ours | "
-             "loop / ours | grouped_mm / ours", "--- | " * 9 + "---"]
+             "routing | T | ours bf16 ms | TFLOP/s (% peak) | GB/s (% copy) | fp8 / bf16 | fp8 w8a8 / bf16 | mxfp4 / bf16 | "
+             "dense / ours | loop / ours | grouped_mm / ours", "--- | " * 10 + "---"]
     for kind in ("random", "skewed"):
         for T in sorted({r["tokens"] for r in rows}):
             ours = best.get((kind, T, "ours", "bf16"))
@@ -170,10 +175,11 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
                 return f"{ours['ms'] / r['ms']:.2f}x" if inverse else f"{r['ms'] / ours['ms']:.2f}x"
             lines.append(f"{kind} | {T} | {ours['ms']:.4f} | {ours['tflops']:.1f} ({ours['pct_peak']:.0f}%) | "
                          f"{ours['gbs']:.0f} ({ours['pct_copy']:.0f}%) | {ratio('ours', 'fp8', True)} | "
-                         f"{ratio('ours', 'mxfp4', True)} | {ratio('dense masked (plain)')} | {ratio('loop F.linear')} | "
+                         f"{ratio('ours', 'fp8-w8a8', True)} | {ratio('ours', 'mxfp4', True)} | {ratio('dense masked (plain)')} | {ratio('loop F.linear')} | "
                          f"{ratio('torch._grouped_mm')}")
-    lines += ["", "fp8 / bf16 and mxfp4 / bf16: speed-up of the quantized weights (higher is faster); the others: "
-              "their time over ours (higher: ours faster). Every row is in moe.csv."]
+    lines += ["", "fp8 / bf16, fp8 w8a8 / bf16 and mxfp4 / bf16: speed-up of the quantized weights (higher is faster; "
+              "fp8: W8A16, w8a8: the activations in FP8 too, on FP8 tensor cores); the others: their time over ours "
+              "(higher: ours faster). Every row is in moe.csv."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -181,7 +187,8 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
 def plot(path_prefix: str, rows: list[dict]) -> None:
     for kind in ("random", "skewed"):
         series = []
-        for impl, fmt, style in (("ours", "bf16", "o-"), ("ours", "fp8", "s-"), ("ours", "mxfp4", "^-"),
+        for impl, fmt, style in (("ours", "bf16", "o-"), ("ours", "fp8", "s-"), ("ours", "fp8-w8a8", "D-"),
+                                 ("ours", "mxfp4", "^-"),
                                  ("dense masked (plain)", "bf16", "x--"), ("loop F.linear", "bf16", "d--"),
                                  ("torch._grouped_mm", "bf16", "v--"), ("grouped (plain op)", "bf16", "+:")):
             pts = sorted((r["tokens"], r["tflops"]) for r in rows
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<GPU>, or $BENCH_OUT)")
     args = parser.parse_args(argv)
     if args.smoke:
-        rows, anchors = run(D=64, I=64, E=9, k=3, tokens=(1, 20), sweep=False)
+        rows, anchors = run(D=128, I=128, E=9, k=3, tokens=(1, 20), sweep=False)   # 128: W8A8's whole blocks
     else:
         rows, anchors = run()
     out = args.out or out_dir()
