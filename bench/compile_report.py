@@ -79,6 +79,7 @@ class Row:
     convert_layouts: int = 0  # ttg.convert_layout ops in the TTGIR
     mma: str = ""             # the main loop's tensor-core instructions, with modifiers, and their counts
     instr_per_mma: float = 0.0      # loop_instr over the number of tensor-core instructions in the loop
+    opcodes: str = ""         # the loop's most frequent opcodes (without modifiers) and their counts
 
 
 def ctas_per_sm(regs: int, warps: int, smem: int) -> tuple[int, str]:
@@ -129,6 +130,12 @@ def mma_summary(loop: list[str]) -> tuple[str, int]:
     """('HGMMA.64x128x32.F32.E4M3.E4M3 x 8, ...', total) of a main_loop(..., modifiers=True)."""
     counts = collections.Counter(op for op in loop if op.split(".")[0] in MMA_OPCODES)
     return ", ".join(f"{op} x {n}" for op, n in sorted(counts.items())), sum(counts.values())
+
+
+def opcode_mix(loop: list[str], top: int = 12) -> str:
+    """'FFMA 64, LDGSTS 12, ...': the `top` most frequent opcodes of a loop (modifiers dropped)."""
+    counts = collections.Counter(op.split(".")[0] for op in loop)
+    return ", ".join(f"{op} {n}" for op, n in counts.most_common(top))
 
 
 def disassemble(cubin: bytes) -> str:
@@ -272,13 +279,14 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             loop = len(body)
             mma, n_mma = mma_summary(body)
             per_weight = 0.0
-            if moe:  # BLOCK_K x BLOCK_N weights an iteration (w1 and w3 for gate/up)
-                weights = kwargs["BLOCK_K"] * kwargs["BLOCK_N"] * (2 if name == "_gate_up_kernel" else 1)
+            if moe:  # BLOCK_K x BLOCK_N weights an iteration (w1 and w3 for gate/up, but a loop each in W8A8)
+                both = name == "_gate_up_kernel" and not kwargs.get("ACT_FP8")
+                weights = kwargs["BLOCK_K"] * kwargs["BLOCK_N"] * (2 if both else 1)
                 per_weight = loop / (weights / (32 * warps))
             converts = compiled.asm["ttgir"].count("ttg.convert_layout")
             rows.append(Row(kernel_name, name, cfg.to_str(), "x".join(map(str, grid)), warps, regs, spill_st, spill_ld,
                             smem, n_cta, limit, loop, round(per_weight, 2), converts, mma,
-                            round(loop / n_mma, 2) if n_mma else 0.0))
+                            round(loop / n_mma, 2) if n_mma else 0.0, opcode_mix(body)))
             log(format_row(rows[-1]))
     return rows
 
