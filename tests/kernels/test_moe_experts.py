@@ -383,6 +383,22 @@ def test_substitution_replaces_every_moe_op():
     assert "multiples of 32" in sub._mxfp4_reason(torch.empty(2, 48, device=DEVICE), *args[1:3], *args[12:], LIMIT, allow_cpu=True)
 
 
+def test_fp8_substitution_runs_a_tuned_w8a8_entry_as_w8a16_where_blocks_are_partial():
+    """A moe_experts_fp8 table entry with act=fp8 reaches the FP8 op where D and I are multiples of 128,
+    and turns into act=x (its other fields kept) where they are not (the kernel would refuse W8A8)."""
+    from dsv4_compile.passes import Target
+    from dsv4_compile.passes.kernel_substitutions import moe_experts as sub
+
+    table = {"entries": {"decode-8k-b64": {"phase": "decode", "context": 8192, "batch": 64,
+                                           "config": {"act": "fp8", "block_n": 128, "block_m": 32}}}}
+    ids, w = routing(9, 3, 5, "holes", seed=4)
+    for D, I, act in ((128, 256, "fp8"), (64, 256, "x"), (128, 96, "x")):
+        w1, w2, w3, (s1, s2, s3) = experts(5, I, D, torch.float32, "fp8")
+        args = (torch.randn(9, D), ids, w, w1, w2, w3, s1, s2, s3, LIMIT)
+        cfg = MoeExpertsConfig.from_str(sub.FP8.config(Target(gpu="H200", table=table), *args)["config"])
+        assert (cfg.act, cfg.block_m, cfg.block_n) == (act, 32, 128), (D, I)
+
+
 # ---- GPU: V4-Flash shapes -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ Config by T's regime (kernels/moe_experts/config.py): prefill, the tuned entry o
 count >= T (else the largest, `config_string` over the table's "by_context"); decode, the decode entry
 of the smallest batch >= T (tuned at T = batch), else the largest; untuned, the kernel's per-GPU
 default for the regime. A symbolic T takes the table's "default" or "" (the launcher's default for the
-prefill regime).
+prefill regime). The FP8 op's table (the moe_experts_fp8 space) may pick W8A8 (act=fp8); where D or I is
+not a multiple of 128 (W8A8's activation block) the entry runs as W8A16 (act=x) instead.
 `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import importlib
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ...kernels.moe_experts.config import default_config, regime
+from ...kernels.moe_experts.config import ACT_BLOCK, MoeExpertsConfig, default_config, regime
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
                       kernel_files, target_gpu)
@@ -82,6 +83,15 @@ def _config(target, x, topk_ids, *rest):
     return {"config": decode_entry_config(table, T, default)}
 
 
+def _fp8_config(target, x, topk_ids, topk_weights, w1, *rest):
+    chosen = _config(target, x, topk_ids, topk_weights, w1, *rest)
+    if chosen["config"] and (x.shape[1] % ACT_BLOCK or w1.shape[1] % ACT_BLOCK):
+        cfg = MoeExpertsConfig.from_str(chosen["config"])
+        if cfg.act == "fp8":
+            return {"config": cfg.replace(act="x").to_str()}
+    return chosen
+
+
 def _float(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config: str = ""):
     c = [t.contiguous() for t in (x, topk_ids, topk_weights, w1, w2, w3)]
     return torch.ops.dsv4_triton.moe_experts(*c, swiglu_limit, config)
@@ -97,14 +107,14 @@ def _mxfp4(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, conf
     return torch.ops.dsv4_triton.moe_experts_mxfp4(*c, swiglu_limit, config)
 
 
-def _register(name, op, replacement, reason) -> Substitution:
+def _register(name, op, replacement, reason, config=_config) -> Substitution:
     return register(Substitution(
-        name=name, op=op, replacement=replacement, applies=lambda target, *args: reason(*args), config=_config,
+        name=name, op=op, replacement=replacement, applies=lambda target, *args: reason(*args), config=config,
         version="1", priority=KERNEL_PRIORITY, source_files=_FILES))
 
 
 FLOAT = _register("moe_experts.triton", torch.ops.dsv4.moe_experts.default, _float, _float_reason)
-FP8 = _register("moe_experts_fp8.triton", torch.ops.dsv4.moe_experts_fp8.default, _fp8, _fp8_reason)
+FP8 = _register("moe_experts_fp8.triton", torch.ops.dsv4.moe_experts_fp8.default, _fp8, _fp8_reason, _fp8_config)
 MXFP4 = _register("moe_experts_mxfp4.triton", torch.ops.dsv4.moe_experts_mxfp4.default, _mxfp4, _mxfp4_reason)
 
 
