@@ -25,11 +25,12 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
 - moe_experts: 1e-2 in bf16 (bf16 operands, the SwiGLU activation rounded to bf16 once, the routing
   weight applied before that rounding in the plain op and after w2 in the kernel).
 - moe_experts_fp8: a W8A16 config (act "x") as moe_experts, against the plain FP8 op. A W8A8 config
-  (act "fp8") against the W8A8 naive twin (kernels/moe_experts/naive.py), at 1e-3: the same FP8 codes
-  and exact products summed in another order, and rarely a neighbouring code where an activation sits
-  on an e4m3 rounding midpoint (the kernel tests' W8A8_TOL). Not against the plain op with a tolerance
-  that admits the activation quantization: that error is ~5e-2 (test_moe_experts.py), so a tolerance
-  above it would pass a kernel with a wrong scale on part of the tiles.
+  (act "fp8") against the W8A8 naive twin (kernels/moe_experts/naive.py), at 1e-2: the same FP8 codes
+  and exact products, summed in another order (on Hopper's FP8 MMA with ~14 bits per 128-step sum),
+  and a neighbouring code where an activation sits near an e4m3 rounding midpoint (the kernel tests'
+  W8A8_HOPPER_TOL; the interpreter's fp32 sums stay under 1e-5). Not against the plain op with a
+  tolerance that admits the activation quantization: that error is ~5e-2 (test_moe_experts.py), so a
+  tolerance above it would pass a kernel with a wrong scale on part of the tiles.
 - fp8_linear: 1e-2 (bf16 output, REL_RMS_TOL; the kernel and the plain op sum the same FP8 products
   in another order, in fp32).
 - indexer_topk: exact. The inputs are small dyadic numbers (k / 4, |k| <= 12), so every score is exact
@@ -397,7 +398,7 @@ def _moe_fp8_reference(a):
 def _moe_fp8_compare(refs, out_act) -> str | None:
     out, act = out_act
     if act == "fp8":
-        return close("out (W8A8, against the naive W8A8 twin)", refs[1], out, 1e-3)
+        return close("out (W8A8, against the naive W8A8 twin)", refs[1], out, 1e-2)
     return close("out", refs[0], out, 1e-2)
 
 

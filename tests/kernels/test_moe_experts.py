@@ -13,6 +13,11 @@ Tolerances (relative RMS over the output):
   the output is fp32 (no bf16 rounding). Measured 7e-8 to 9e-6. A scale read from the wrong K block
   or weight tile moves the output by 0.9 to 2 (mutation checks of the activation, stored act and both weight scale
   paths, with run_w8a8's spread scales).
+- W8A8 against its naive twin on Hopper's FP8 wgmma (block_m >= 64): W8A8_HOPPER_TOL = 1e-2. The
+  FP8 MMA keeps ~14 bits of each 128-step's sum before the promotion (DeepSeek-V3 report, 3.3.2), so
+  gate/up differ from the fp32 twin by up to ~1e-4..1e-3 relative, and activations near an e4m3
+  midpoint (~1% of them at that distance) take the neighbouring code: a few 1e-3 expected; a wrong
+  scale still moves the output by ~1.
 - W8A8 against the plain W8A16 op: W8A8_VS_W8A16 = 8e-2, the activation quantization itself: e4m3
   with power-of-two scales per 128 keeps 2^-4 relative per element at worst and 2.65e-2 relative RMS
   on Gaussian data; x's error passes through gate and up into the SwiGLU product, which is
@@ -42,7 +47,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")  # the module (the package's moe_experts is the function)
 LIMIT = 10.0
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-W8A8_TOL, W8A8_VS_W8A16 = 1e-3, 8e-2
+W8A8_TOL, W8A8_VS_W8A16, W8A8_HOPPER_TOL = 1e-3, 8e-2, 1e-2
 PLAIN = {"float": torch.ops.dsv4.moe_experts, "fp8": torch.ops.dsv4.moe_experts_fp8,
          "mxfp4": torch.ops.dsv4.moe_experts_mxfp4}
 
@@ -265,11 +270,12 @@ def run_w8a8(T, k, E, kind, dtype, config, D, I, scale_dtype=torch.float8_e8m0fn
     ids, w = routing(T, k, E, kind, seed=T * k + E)
     w1, w2, w3, scales = experts(E, I, D, dtype, "fp8", scale_dtype, seed=E, tile_spread=True)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "fp8",
-                      tuple(map(dev, scales))).cpu()
+    args = (dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "fp8", tuple(map(dev, scales)))
+    out = moe_experts(*args).cpu()
     assert out.shape == (T, D) and out.dtype == torch.float32
-    assert_close("W8A8 kernel vs W8A8 naive", naive.moe_experts(x, ids, w, w1, w2, w3, LIMIT, config, "fp8", scales),
-                 out, W8A8_TOL)
+    # the twin on the kernel's device: "/ 448" in the activation scale is a reciprocal multiply on CUDA
+    # (as the kernels do there), a division on the CPU; a power-of-two ceiling can land apart at a tie
+    assert_close("W8A8 kernel vs W8A8 naive", naive.moe_experts(*args).cpu(), out, W8A8_TOL)
     w8a16 = PLAIN["fp8"](x, ids, w, w1, w2, w3, *scales, LIMIT)
     assert_close("W8A8 kernel vs plain W8A16 op", w8a16, out, W8A8_VS_W8A16)
     return out, rel_rms(w8a16, out)
@@ -458,9 +464,8 @@ def test_flash_shapes_are_bit_reproducible(flash_experts):
 @pytest.mark.xdist_group("gpu-large")
 def test_flash_shapes_w8a8_against_its_twin_and_w8a16(flash_experts):
     """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x, FP8 weights), the W8A8 config of the prefill default
-    (fp8_act_config, what bench_moe's W8A8 column runs): against the naive W8A8 twin on the GPU
-    (W8A8_TOL: on Hopper each 128-step's FP8 MMA keeps ~14 bits of its fp32 sum before the promotion,
-    ~1e-4 relative) and against the W8A16 kernel (W8A8_VS_W8A16; the measured value is printed)."""
+    (fp8_act_config, what bench_moe's W8A8 column runs: FP8 wgmma): against the naive W8A8 twin on the
+    GPU (W8A8_HOPPER_TOL) and the W8A16 kernel (W8A8_VS_W8A16); both distances are printed."""
     T = 4096
     g = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -469,9 +474,10 @@ def test_flash_shapes_w8a8_against_its_twin_and_w8a16(flash_experts):
     ws, scales = flash_experts["fp8"]
     cfg = fp8_act_config(default_config(None, T * 6))
     out = moe_experts(x, ids, w, *ws, LIMIT, cfg, "fp8", scales)
-    assert_close("W8A8 vs naive W8A8", naive.moe_experts(x, ids, w, *ws, LIMIT, cfg, "fp8", scales), out, W8A8_TOL)
+    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, cfg, "fp8", scales)
     w8a16 = moe_experts(x, ids, w, *ws, LIMIT, None, "fp8", scales)
-    print(f"W8A8 vs W8A16 at T = {T}: relative RMS {rel_rms(w8a16, out):.3e}")
+    print(f"T = {T}: W8A8 vs its naive twin {rel_rms(twin, out):.3e}, vs W8A16 {rel_rms(w8a16, out):.3e} (relative RMS)")
+    assert_close("W8A8 vs naive W8A8", twin, out, W8A8_HOPPER_TOL)
     assert_close("W8A8 vs W8A16", w8a16, out, W8A8_VS_W8A16)
 
 
