@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 
 from .ops import AMAX_FLOOR as FP8_AMAX_FLOOR
-from .ops import FP4_AMAX_FLOOR, FP4_MAX, FP8_MAX, fp4_codes, fp4_values
+from .ops import FP4_AMAX_FLOOR, FP4_MAX, FP8_LINEAR_BLOCK, FP8_MAX, fp4_codes, fp4_values
 
-FP8_WEIGHT_BLOCK = 128   # rows and columns of one FP8 weight tile
+FP8_WEIGHT_BLOCK = FP8_LINEAR_BLOCK   # rows and columns of one FP8 weight tile (the activation block too)
 MXFP4_BLOCK = 32         # elements along K sharing one e8m0 scale
 E8M0_BIAS = 127
 SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8, torch.int8, torch.float32, torch.bfloat16)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
+from ...model.ops import FP8_LINEAR_BLOCK
 from .._common import KernelConfig, cdiv, device_name, pick_default
 from ..gpus import canonical_gpu
 
-SCALE_BLOCK = 128  # K block of the activation scales and edge of the weight's scale tiles
+SCALE_BLOCK = FP8_LINEAR_BLOCK  # K block of the activation scales and edge of the weight's scale tiles
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
+from ...model.ops import FP8_LINEAR_BLOCK
 from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_block: the launcher's tiles)
 
 # T * top_k at or below this is the decode regime: few rows per expert (<= 16 on average over 256
@@ -15,7 +16,7 @@ from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_
 DECODE_MAX_ASSIGNMENTS = 4096
 # W8A8 (act="fp8"): one activation scale per row and ACT_BLOCK elements along the reduction dim (the
 # FP8 weight tile's edge), as DeepSeek's act_quant and kernels/fp8_linear.
-ACT_BLOCK = 128
+ACT_BLOCK = FP8_LINEAR_BLOCK
 
 
 @dataclasses.dataclass(frozen=True)
