@@ -45,6 +45,7 @@ from typing import Callable, Sequence
 
 import optuna
 
+from ..files import write_text_atomic
 from .objective import (_STICKY, RUNNERS, STATUS_ERROR, STATUS_MEASURED, STATUS_WRONG, DeviceError, KernelFailure,
                         Objective, Runner, make_runner, one_line)
 from .spaces import TYPICAL, GpuSpec, KernelSpace, Param, Problem, canonical_gpu, get_space, gpu_spec
@@ -531,8 +532,7 @@ def _write_markdown(path: Path, result: CompareResult, rows: list[dict], stem: s
     if result.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in result.notes]
     out += ["", f"Every config run: `{stem}_configs.csv`. Plot: `{stem}.png`.", ""]
-    path.write_text("\n".join(out))
-    return path
+    return write_text_atomic(path, "\n".join(out))
 
 
 def _plot(path: Path, result: CompareResult) -> Path:
