@@ -121,12 +121,20 @@ def check_weights(manifest) -> None:
     from .manifest import ArtifactError, sha256_file
 
     weights = manifest.weights or {"source": "seed", "seed": 0}
+    path = weights.get("path", "")
     if weights.get("source") == "file":
-        path = weights.get("path", "")
         if not os.path.isfile(path):
             raise ArtifactError(f"the weights file this build was made from is gone: {path}")
         if sha256_file(path) != weights.get("sha256"):
             raise ArtifactError(f"the weights file {path} changed since the build (sha256 differs)")
+    elif weights.get("source") == "checkpoint":  # its identity: config, shard names, sizes, headers (no tensor bytes)
+        from .plan import checkpoint_identity
+
+        if not os.path.isdir(path):
+            raise ArtifactError(f"the checkpoint this build was made from is gone: {path}")
+        if checkpoint_identity(path) != weights.get("sha256"):
+            raise ArtifactError(f"the checkpoint {path} changed since the build (its config.json, shard names, "
+                                f"sizes or headers differ)")
 
 
 def run(args: argparse.Namespace) -> int:

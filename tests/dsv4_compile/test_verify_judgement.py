@@ -104,3 +104,34 @@ def test_the_mini_8k_gpu_build_plans_no_long_prompt_on_the_cpu(monkeypatch):
 def test_a_cap_never_goes_below_the_engines_shortest_prompt():
     planned = token_set_shapes((600, 1024), (1, 2), random.Random(1), longest=CPU_CHECK_SEQ)
     assert all(seq == 600 for _, _, seq in planned[1:]) and planned[0] == ("short", 1, 600)
+
+
+def test_the_build_checkpoint_must_be_unchanged(tmp_path):
+    """verify checks the checkpoint a build was made from by its identity (config.json, shard names,
+    sizes and headers), as the build recorded it: gone, or a shard changed, is a one-line refusal."""
+    import json
+    import shutil
+    import types
+
+    from dsv4_compile import ArtifactError, ModelConfig, Transformer
+    from dsv4_compile.checkpoint import write_checkpoint
+    from dsv4_compile.plan import checkpoint_identity
+    from dsv4_compile.verify import check_weights
+
+    path = write_checkpoint(Transformer(ModelConfig.load("tiny"), seed=0), tmp_path / "ckpt")
+    build = types.SimpleNamespace(weights={"source": "checkpoint", "path": str(path), "sha256": checkpoint_identity(path)})
+    check_weights(build)
+    text = (path / "config.json").read_text()
+    config = json.loads(text)
+    (path / "config.json").write_text(json.dumps({**config, "num_attention_heads": config["num_attention_heads"] * 2}))
+    with pytest.raises(ArtifactError, match=f"the checkpoint {path} changed since the build"):
+        check_weights(build)
+    (path / "config.json").write_text(text)
+    check_weights(build)
+    shard = sorted(path.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-8])  # truncated
+    with pytest.raises(ArtifactError, match="changed since the build"):
+        check_weights(build)
+    shutil.rmtree(path)
+    with pytest.raises(ArtifactError, match=f"the checkpoint this build was made from is gone: {path}"):
+        check_weights(build)
