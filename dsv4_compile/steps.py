@@ -390,8 +390,9 @@ def verify_engines(engines: list[EngineRecord], outcome: dict, progress: Progres
     done = []
     for e in engines:
         if e.verified.status == "pending":
+            failed = outcome.get("worker_error") or outcome.get("check_error")  # the worker, or the folder it refused
             e = dataclasses.replace(e, verified=Verification.from_worker(by_key.get((e.format, e.bucket, e.kind)), where,
-                                                                         outcome.get("worker_error")))
+                                                                         failed))
             v = e.verified
             progress.note(f"{e.format} {e.kind} context {format_context(e.bucket)}: {v.status}"
                           + (f", short prompt rel RMS {v.rel_rms:.2e} (tolerance {v.tolerance:.0e}), all token "

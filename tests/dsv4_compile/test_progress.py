@@ -84,3 +84,19 @@ def test_a_build_refused_in_the_middle_of_a_step_stops_its_ticker(monkeypatch, t
     assert cli_main(["build", "--format", "bogus", "--out", str(tmp_path / "out")]) == 2
     assert len(made) == 1 and made[0]._step == "validate" and made[0]._stop is None
     assert "bogus" in capsys.readouterr().err
+
+
+def test_a_refused_build_folder_fails_every_pending_engine_with_the_reason():
+    """The build's verify step: the worker refused the folder before any engine ran (verify's
+    check_error): each pending engine's verdict says why, not 'no result'; a decided one is kept."""
+    from dsv4_compile.manifest import EngineRecord, Verification
+    from dsv4_compile.steps import verify_engines
+
+    def engine(fmt: str, status: str) -> EngineRecord:
+        return EngineRecord(fmt, 512, (f"{fmt}/prefill-512",), (2, 512), (1, 2), True, "float32", {},
+                            Verification(status))
+
+    outcome = {"where": "fresh process", "check_error": "checksum mismatch for aoti/weights.safetensors", "results": []}
+    done = verify_engines([engine("aoti", "pending"), engine("onnx", "unverified")], outcome, Progress(io.StringIO()))
+    assert done[0].verified.status == "failed" and done[0].verified.error == outcome["check_error"]
+    assert done[1].verified == Verification("unverified")
