@@ -219,7 +219,7 @@ def test_verify_across_2_ranks(parallel_build, tmp_path):
 def test_verify_across_2_ranks_refuses_a_changed_file_of_one_rank(parallel_build, tmp_path):
     """Each rank's worker reads the checksums (the command itself does not): a byte changed in a file of
     rank 1 is refused on every rank, each exits 2 (torchrun itself exits 1 when a rank fails), each
-    rank's error line naming the file once."""
+    rank's error naming the file once."""
     import shutil
 
     copy = tmp_path / "copy"
@@ -231,8 +231,9 @@ def test_verify_across_2_ranks_refuses_a_changed_file_of_one_rank(parallel_build
         f.write(bytes([byte[0] ^ 0x01]))
     proc = _torchrun(["verify", str(copy), "--seed", "3"], tmp_path, timeout=600)
     assert proc.returncode == 1 and "(exitcode: 2)" in proc.stderr, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    refusals = [line for line in proc.stderr.splitlines() if line.startswith("dsv4_compile verify: error: ")]
-    assert refusals and all(line.count(f"checksum mismatch for {rel}") == 1 for line in refusals), proc.stderr
+    # each rank that prints names the file once (the ranks share stderr: their lines may run together)
+    refusals = proc.stderr.count("dsv4_compile verify: error: ")
+    assert refusals >= 1 and proc.stderr.count(f"checksum mismatch for {rel}") == refusals, proc.stderr
 
 
 def test_each_rank_reads_the_contents_of_its_own_files_and_the_shared_ones(parallel_build, tmp_path, monkeypatch):
