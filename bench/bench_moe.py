@@ -97,8 +97,8 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
     ws = [(torch.randn(E, I, D, device=DEVICE, generator=g) * D ** -0.5).to(bf16),
           (torch.randn(E, D, I, device=DEVICE, generator=g) * I ** -0.5).to(bf16),
           (torch.randn(E, I, D, device=DEVICE, generator=g) * D ** -0.5).to(bf16)]
-    fp8 = [weight_formats.quantize_fp8_weight(w) for w in ws]
-    fp4 = [weight_formats.quantize_mxfp4(w) for w in ws]
+    fp8 = [weight_formats.quantize_experts(weight_formats.quantize_fp8_weight, w) for w in ws]
+    fp4 = [weight_formats.quantize_experts(weight_formats.quantize_mxfp4, w) for w in ws]
     fp8_weights = ([q for q, _ in fp8], "fp8", tuple(s for _, s in fp8), 1 + 1 / 128 ** 2)
     formats = {"bf16": (ws, "float", None, 2.0), "fp8": fp8_weights, "fp8-w8a8": fp8_weights,
                "mxfp4": ([q for q, _ in fp4], "mxfp4", tuple(s for _, s in fp4), 0.5 + 1 / 32)}

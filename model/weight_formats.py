@@ -170,3 +170,11 @@ def quantize_mxfp4(weight: torch.Tensor, block: int = MXFP4_BLOCK, scale_dtype: 
     scale = pow2_ceil(blocks.abs().amax(-1).clamp_min(FP4_AMAX_FLOOR) / FP4_MAX)
     codes = fp4_codes(blocks / scale.unsqueeze(-1)).flatten(-2)
     return pack_fp4_codes(codes), _scale_as(scale, scale_dtype)
+
+
+def quantize_experts(quantize, weights: torch.Tensor, experts_at_once: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize(weights)` (quantize_fp8_weight or quantize_mxfp4) of stacked experts [E, N, K], computed
+    `experts_at_once` experts at a time: whole-tensor quantization's float temporaries take tens of GiB
+    at V4-Flash's 256 experts."""
+    parts = [quantize(weights[e:e + experts_at_once]) for e in range(0, weights.shape[0], experts_at_once)]
+    return tuple(torch.cat([p[i].view(torch.uint8) for p in parts]).view(parts[0][i].dtype) for i in (0, 1))

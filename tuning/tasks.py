@@ -377,14 +377,10 @@ def _moe_fp8_inputs(problem, device, seed=0, small=False):
     """_moe_inputs with the experts' weights as FP8 (e4m3, one e8m0 scale per 128 x 128 tile; quantized
     32 experts at a time: whole-tensor quantization's temporaries are tens of GiB at V4-Flash's 256)
     -> (x, ids, weights, w1, w2, w3, limit, (s1, s2, s3)); small: D = I = 128 (W8A8's whole blocks)."""
-    from ..model.weight_formats import quantize_fp8_weight
+    from ..model.weight_formats import quantize_experts, quantize_fp8_weight
 
     x, ids, weights, *ws, limit = _moe_inputs(problem, device, seed, small, small_dims=(128, 128))
-    quantized = []
-    for w in ws:
-        parts = [quantize_fp8_weight(w[e:e + 32]) for e in range(0, w.shape[0], 32)]
-        quantized.append(tuple(torch.cat([p[i].view(torch.uint8) for p in parts]).view(parts[0][i].dtype)
-                               for i in (0, 1)))
+    quantized = [quantize_experts(quantize_fp8_weight, w) for w in ws]
     return (x, ids, weights, *(q for q, _ in quantized), limit, tuple(s for _, s in quantized))
 
 

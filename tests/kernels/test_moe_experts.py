@@ -416,13 +416,8 @@ def flash_experts():
     ws = [torch.randn(E, I, D, device="cuda", generator=g, dtype=torch.bfloat16) * D ** -0.5,
           torch.randn(E, D, I, device="cuda", generator=g, dtype=torch.bfloat16) * I ** -0.5,
           torch.randn(E, I, D, device="cuda", generator=g, dtype=torch.bfloat16) * D ** -0.5]
-
-    def by_slices(quantize, w):
-        parts = [quantize(w[e:e + 32]) for e in range(0, E, 32)]
-        return tuple(torch.cat([p[i].view(torch.uint8) for p in parts]).view(parts[0][i].dtype) for i in (0, 1))
-
-    fp8 = [by_slices(weight_formats.quantize_fp8_weight, w) for w in ws]
-    fp4 = [by_slices(weight_formats.quantize_mxfp4, w) for w in ws]
+    fp8 = [weight_formats.quantize_experts(weight_formats.quantize_fp8_weight, w) for w in ws]
+    fp4 = [weight_formats.quantize_experts(weight_formats.quantize_mxfp4, w) for w in ws]
     return {"float": (ws, None), "fp8": ([q for q, _ in fp8], tuple(s for _, s in fp8)),
             "mxfp4": ([q for q, _ in fp4], tuple(s for _, s in fp4))}
 

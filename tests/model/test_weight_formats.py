@@ -179,3 +179,16 @@ def test_quantize_mxfp4_floor_scale_and_nearest_code():
     deq = dequantize_mxfp4(packed, scale)
     assert float(deq[0, :32].abs().max()) > 0  # the tiny block survives
     assert torch.equal(dequantize_mxfp4(*quantize_mxfp4(deq)), deq)
+
+
+@pytest.mark.parametrize("quantize", ["quantize_fp8_weight", "quantize_mxfp4"])
+def test_experts_quantized_a_few_at_a_time_equal_all_at_once(quantize):
+    from dsv4_compile.model import weight_formats
+
+    fn = getattr(weight_formats, quantize)
+    w = torch.randn(5, 130, 256, generator=torch.Generator().manual_seed(0))
+    codes, scales = weight_formats.quantize_experts(fn, w, experts_at_once=2)
+    want_codes, want_scales = fn(w)
+    assert codes.dtype == want_codes.dtype and scales.dtype == want_scales.dtype
+    assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+    assert torch.equal(scales.view(torch.uint8), want_scales.view(torch.uint8))
