@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.testing import rand_strided
 
 from dsv4_compile.kernels import _common
 from dsv4_compile.model.config import ModelConfig
@@ -26,15 +27,12 @@ GPU = "H200"  # its default configs (the H100's and the generic ones pass as wel
 
 
 def made_up(value):
-    """What AOTInductor's compile-time tuning gives a kernel for `value` (torch._dynamo.testing.rand_strided)."""
+    """What AOTInductor's compile-time tuning gives a kernel for `value`: Inductor's own rand_strided."""
     if not isinstance(value, torch.Tensor):
         return value
-    size = 1 + sum((n - 1) * s for n, s in zip(value.shape, value.stride())) if value.numel() else 0
-    if value.dtype.is_floating_point:
-        flat = torch.randn(size, generator=torch.Generator().manual_seed(0)).to(value.dtype)
-    else:
-        flat = torch.zeros(size, dtype=value.dtype)
-    return torch.as_strided(flat, value.shape, value.stride())
+    with torch.random.fork_rng(devices=[]):  # the same values every run, the test's RNG untouched
+        torch.manual_seed(0)
+        return rand_strided(value.shape, value.stride(), value.dtype, value.device)
 
 
 @pytest.mark.parametrize("name,phase", [(name, phase) for name, space in SPACES.items() for phase in space.phases])
