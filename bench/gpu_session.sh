@@ -8,10 +8,12 @@ OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
 export LD_PRELOAD=${LD_PRELOAD:-/lib/x86_64-linux-gnu/libstdc++.so.6} PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
 fi
+# The tests import the installed package (tests/conftest.py takes the checkout off sys.path): install this
+# tree's copy beside the wheels; the checkout stays on the path for the bench scripts' own imports.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site . >/dev/null || exit 1
+export PYTHONPATH=/tmp/site:$PWD
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[12]00' | head -1)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -21,11 +23,11 @@ for step in "$@"; do
   case $step in
     build-mini)       # issue 16: the user's main job, verify included, within 10 minutes
       /usr/bin/time -v python3 -m dsv4_compile build --gpu "$GPU" --config mini --context 8k --out /tmp/mini8k 2>&1 \
-        | grep -v "UserWarning\|warnings.warn" | tee "$OUT/build_mini_8k.log"
+        | grep --line-buffered -v "UserWarning\|warnings.warn" | tee "$OUT/build_mini_8k.log"
       cp /tmp/mini8k/manifest.json "$OUT/manifest_mini_8k.json" 2>/dev/null; du -sh /tmp/mini8k 2>/dev/null ;;
     build-flash-slice) # V4-Flash's shapes, 256 experts, as shipped (bf16 does not fit a 64 GiB disk)
       /usr/bin/time -v python3 -m dsv4_compile build --gpu "$GPU" --config flash-slice --context 8k --format aoti \
-        --weights-format as-shipped --out /tmp/fs8k 2>&1 | grep -v "UserWarning\|warnings.warn" | tee "$OUT/build_flash_slice_8k.log" ;;
+        --weights-format as-shipped --out /tmp/fs8k 2>&1 | grep --line-buffered -v "UserWarning\|warnings.warn" | tee "$OUT/build_flash_slice_8k.log" ;;
     tests-export)     # compile / export / generate on the GPU
       $PYTEST -m gpu -n 3 --dist loadgroup tests/dsv4_compile/test_compile_gpu.py tests/dsv4_compile/test_export_gpu.py \
         tests/dsv4_compile/test_generate_gpu.py 2>&1 | tee "$OUT/tests_export.log" | tail -30 ;;
