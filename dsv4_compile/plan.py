@@ -31,20 +31,36 @@ EXPORT_KINDS = ("prefill", "prefill-cache", "decode")
 
 
 # A GPU build's export process holds its own model on the GPU plus torch.export's and Inductor's working
-# memory: counted as twice the weights and this margin. Each keeps about CPUS_PER_GPU_EXPORT cores busy
-# (AOTInductor's C++ compile, Triton's kernel compiles).
+# memory: counted as twice the weights and this margin. An AOTInductor task keeps about
+# CPUS_PER_GPU_EXPORT cores busy (its C++ compile, Triton's kernel compiles); an ONNX task, single-
+# threaded Python, one.
 GPU_EXPORT_MARGIN = 4 << 30
 CPUS_PER_GPU_EXPORT = 4
 
 
-def export_jobs(tasks: int, cpus: int, model_bytes: int | None = None, gpu_free_bytes: int | None = None) -> int:
+def export_jobs(tasks: int, cpus: int, model_bytes: int | None = None, gpu_free_bytes: int | None = None,
+                one_core_tasks: int = 0) -> int:
     """Export processes when --jobs is not given: one per task up to the CPU count; on a GPU build (model
     and free GPU bytes given) also no more than the free GPU memory holds (each process its own model:
-    2 x weights + GPU_EXPORT_MARGIN) and one per CPUS_PER_GPU_EXPORT cores."""
+    2 x weights + GPU_EXPORT_MARGIN) and the cores: one each for the `one_core_tasks` (ONNX), the rest
+    one per CPUS_PER_GPU_EXPORT."""
     jobs = min(tasks, cpus)
     if model_bytes is not None:
-        jobs = min(jobs, cpus // CPUS_PER_GPU_EXPORT, gpu_free_bytes // (2 * model_bytes + GPU_EXPORT_MARGIN))
+        one_core = min(one_core_tasks, cpus - 1)
+        by_cores = one_core + max(1, (cpus - one_core) // CPUS_PER_GPU_EXPORT)
+        jobs = min(jobs, by_cores, gpu_free_bytes // (2 * model_bytes + GPU_EXPORT_MARGIN))
     return max(1, jobs)
+
+
+def format_groups(formats: list[str], cuda: bool) -> list[tuple[str, ...]]:
+    """The formats that one export task makes together. On the CPU all of them: one program per engine
+    serves every format. On a GPU AOTInductor's program (the model's dtype, the Triton kernels) and
+    ONNX's (the float32 plain code, on the CPU) share no work, so each is a task of its own and they run
+    side by side; TensorRT goes with ONNX, from whose file it is built."""
+    if not cuda:
+        return [tuple(formats)]
+    rest = tuple(f for f in formats if f != "aoti")
+    return [group for group in (("aoti",) if "aoti" in formats else (), rest) if group]
 
 
 # Formats whose files hold a copy of the weights (ONNX's as stored: bf16 values in bf16, FP8/MXFP4 codes
@@ -285,9 +301,11 @@ class Plan:
             raise UsageError(f"--parallel: {err}") from None
         return layout
 
-    def export_tasks(self) -> list[tuple[int, str]]:
-        """(context bucket, engine kind) of every export, in manifest order."""
-        return [(bucket, kind) for bucket in self.buckets for kind in EXPORT_KINDS]
+    def export_tasks(self) -> list[tuple[int, str, tuple[str, ...]]]:
+        """(context bucket, engine kind, formats) of every export task (format_groups), in manifest order.
+        TensorRT makes prefill engines only: a group of it alone has no other kind."""
+        return [(bucket, kind, group) for bucket in self.buckets for kind in EXPORT_KINDS
+                for group in format_groups(self.formats, self.cuda) if kind == "prefill" or group != ("tensorrt",)]
 
     def default_jobs(self) -> int:
         """Export processes when --jobs is not given (`export_jobs`): by tasks and CPUs, on a GPU build
@@ -301,7 +319,9 @@ class Plan:
 
         free, _ = torch.cuda.mem_get_info()
         # each export process builds the model in the config's dtype (then quantizes it, as-shipped)
-        return export_jobs(len(self.export_tasks()), usable_cpus(), weights_bytes(self.config), free)
+        tasks = self.export_tasks()
+        return export_jobs(len(tasks), usable_cpus(), weights_bytes(self.config), free,
+                           one_core_tasks=sum("aoti" not in formats for _, _, formats in tasks))
 
     @property
     def cuda(self) -> bool:

@@ -10,7 +10,7 @@ import warnings
 
 from .manifest import EngineRecord, Verification
 from .model.context import format_context
-from .plan import Plan, usable_cpus
+from .plan import EXPORT_KINDS, Plan, usable_cpus
 from .reference import float32_twin
 from .shared_weights import WeightStore, aoti_tensors
 
@@ -151,25 +151,27 @@ def compile_check(plan: Plan, model, progress: Progress) -> dict:
 class ExportTaskResult:
     bucket: int
     kind: str
+    formats: tuple[str, ...]
     engines: list[EngineRecord]
     timings: dict[str, float]     # seconds of each part ("torch.export[aoti]", "onnx[decode]", ...)
 
 
 def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRecord], dict[int, dict]]:
-    """Every engine of `plan` written under `tmp`, one task per (bucket, engine kind) in `plan.jobs`
-    processes (1: in this process) -> (engine records in bucket, kind, format order; {bucket: {part: seconds}}).
-    The tasks are independent programs: torch.export, AOTInductor's lowering and the ONNX translation
-    are single-threaded Python, so one process would keep one core busy for minutes."""
+    """Every engine of `plan` written under `tmp`, one task per (bucket, engine kind, formats)
+    (Plan.export_tasks) in `plan.jobs` processes (1: in this process) -> (engine records in bucket, kind,
+    format order; {bucket: {part: seconds}}). The tasks are independent programs: torch.export,
+    AOTInductor's lowering and the ONNX translation are single-threaded Python, so one process would
+    keep one core busy for minutes. The processes take the AOTInductor tasks first (the longest)."""
     jobs = plan.jobs
     tasks = plan.export_tasks()
     results: list[ExportTaskResult] = []
     if jobs <= 1 or len(tasks) == 1:
         models: dict[int, object] = {}
-        for bucket, kind in tasks:
+        for bucket, kind, formats in tasks:
             if bucket not in models:
                 models.clear()  # one bucket's model at a time
                 models[bucket] = plan.model(bucket)
-            results.append(export_task(plan, bucket, kind, tmp, progress.note, models[bucket]))
+            results.append(export_task(plan, bucket, kind, formats, tmp, progress.note, models[bucket]))
     else:
         import multiprocessing
 
@@ -179,7 +181,8 @@ def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRec
         pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_export_worker_init,
                                                           initargs=(plan, tmp, threads, os.getpid()))
         try:
-            for result, notes in pool.imap_unordered(_export_worker_run, tasks):
+            longest_first = sorted(tasks, key=lambda task: "aoti" not in task[2])
+            for result, notes in pool.imap_unordered(_export_worker_run, longest_first):
                 for line in notes:
                     progress.note(line)
                 results.append(result)
@@ -187,7 +190,7 @@ def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRec
             pool.terminate()
             pool.join()
     order = {task: i for i, task in enumerate(tasks)}
-    results.sort(key=lambda r: order[(r.bucket, r.kind)])
+    results.sort(key=lambda r: order[(r.bucket, r.kind, r.formats)])
     timings: dict[int, dict] = {}
     for r in results:
         timings.setdefault(r.bucket, {}).update(r.timings)
@@ -228,12 +231,12 @@ def _die_with_parent(build_pid: int) -> None:
         os._exit(1)
 
 
-def _export_worker_run(task: tuple[int, str]) -> tuple[ExportTaskResult, list[str]]:
+def _export_worker_run(task: tuple[int, str, tuple[str, ...]]) -> tuple[ExportTaskResult, list[str]]:
     notes: list[str] = []
-    bucket, kind = task
+    bucket, kind, formats = task
     plan = _WORKER["plan"]
     try:
-        return export_task(plan, bucket, kind, _WORKER["tmp"], notes.append, plan.model(bucket)), notes
+        return export_task(plan, bucket, kind, formats, _WORKER["tmp"], notes.append, plan.model(bucket)), notes
     except Exception as err:
         # What reaches the build must pickle (an exception holding frames, e.g. torch.export's, does not:
         # the pool would report only "cannot pickle 'frame' object"): the traceback goes to stderr here.
@@ -241,12 +244,13 @@ def _export_worker_run(task: tuple[int, str]) -> tuple[ExportTaskResult, list[st
 
         traceback.print_exc()
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        raise RuntimeError(f"export of the {kind} engine for context {bucket} failed: {type(err).__name__}: {first} "
+        raise RuntimeError(f"export of the {kind} engine ({', '.join(formats)}) for context {bucket} failed: "
+                           f"{type(err).__name__}: {first} "
                            "(the worker's traceback is above)") from None
 
 
-def export_task(plan: Plan, bucket: int, kind: str, tmp: str, note, model) -> ExportTaskResult:
-    """The engines of one kind at context `bucket` in every format of `plan`, written under `tmp`.
+def export_task(plan: Plan, bucket: int, kind: str, formats: tuple[str, ...], tmp: str, note, model) -> ExportTaskResult:
+    """The engines of one kind at context `bucket` in `formats` (a group of plan.formats), written under `tmp`.
 
     One torch.export per routing: the .pt2 of a GPU build takes the Triton kernels the passes pick
     (AOTInductor compiles them in); ONNX is always the plain code (standard ONNX ops only) computing
@@ -256,10 +260,10 @@ def export_task(plan: Plan, bucket: int, kind: str, tmp: str, note, model) -> Ex
     timings: dict[str, float] = {}
     with known_export_warnings_silenced():
         if kind == "prefill":
-            engines = _export_prefill_engines(plan, model, bucket, tmp, note, timings)
+            engines = _export_prefill_engines(plan, model, bucket, formats, tmp, note, timings)
         else:
-            engines = _export_state_engine(plan, model, bucket, kind, tmp, note, timings)
-    return ExportTaskResult(bucket, kind, engines, timings)
+            engines = _export_state_engine(plan, model, bucket, kind, formats, tmp, note, timings)
+    return ExportTaskResult(bucket, kind, formats, engines, timings)
 
 
 def engine_prefix(kind: str) -> str:
@@ -272,15 +276,16 @@ def engine_prefix(kind: str) -> str:
 
 def _store(plan: Plan, tmp: str, fmt: str) -> WeightStore:
     """The shared weights of format `fmt` under the engine root `tmp`, which each task adds its engines'
-    tensors to (shared_weights.py): one engine per task of the plan."""
-    return WeightStore(tmp, fmt, engines=len(plan.export_tasks()))
+    tensors to (shared_weights.py): one engine per context bucket and engine kind."""
+    return WeightStore(tmp, fmt, engines=len(plan.buckets) * len(EXPORT_KINDS))
 
 
 def _source(model, dtype: str):
     return model if dtype == model.config.dtype else float32_twin(model, cuda=False)
 
 
-def _export_prefill_engines(plan: Plan, model, bucket: int, tmp: str, note, timings: dict) -> list[EngineRecord]:
+def _export_prefill_engines(plan: Plan, model, bucket: int, formats: tuple[str, ...], tmp: str, note,
+                            timings: dict) -> list[EngineRecord]:
     from . import export as E
 
     routing = {"aoti": (plan.target, model.config.dtype), "onnx": ("cpu", ONNX_COMPUTE_DTYPE)}
@@ -307,7 +312,7 @@ def _export_prefill_engines(plan: Plan, model, bucket: int, tmp: str, note, timi
 
     engines: list[EngineRecord] = []
     onnx_rel = onnx_result = None
-    for fmt in plan.formats if "tensorrt" not in plan.formats or "onnx" in plan.formats else [*plan.formats, "onnx"]:
+    for fmt in formats if "tensorrt" not in formats or "onnx" in formats else [*formats, "onnx"]:
         if fmt == "tensorrt":
             continue
         result = program(fmt)
@@ -329,7 +334,7 @@ def _export_prefill_engines(plan: Plan, model, bucket: int, tmp: str, note, timi
         timings[fmt] = round(took, 2)
         note(f"context {format_context(bucket)}: {fmt} -> {files[0]} ({took:.1f} s)")
         engines.append(record(fmt, files, result, Verification("pending")))
-    if "tensorrt" in plan.formats:
+    if "tensorrt" in formats:
         t0 = time.perf_counter()
         os.makedirs(os.path.join(tmp, "tensorrt"), exist_ok=True)
         rel = f"tensorrt/prefill-{bucket}.engine"
@@ -342,7 +347,8 @@ def _export_prefill_engines(plan: Plan, model, bucket: int, tmp: str, note, timi
     return engines
 
 
-def _export_state_engine(plan: Plan, model, bucket: int, kind: str, tmp: str, note, timings: dict) -> list[EngineRecord]:
+def _export_state_engine(plan: Plan, model, bucket: int, kind: str, formats: tuple[str, ...], tmp: str, note,
+                         timings: dict) -> list[EngineRecord]:
     """The prefill-cache or decode engine of one bucket (engines.py), every format but TensorRT.
     AOTInductor on a GPU updates the cache in place; ONNX returns it (ONNX has no in-place update), and
     on the CPU the AOTInductor package shares ONNX's program (one export per engine)."""
@@ -351,7 +357,7 @@ def _export_state_engine(plan: Plan, model, bucket: int, kind: str, tmp: str, no
 
     out = []
     programs: dict[tuple, S.EngineExport] = {}
-    for fmt in [f for f in plan.formats if f in ("aoti", "onnx")]:
+    for fmt in [f for f in formats if f in ("aoti", "onnx")]:
         gpu, dtype = (plan.target, model.config.dtype) if fmt == "aoti" else ("cpu", ONNX_COMPUTE_DTYPE)
         in_place = fmt == "aoti" and plan.cuda
         key = (gpu, dtype, in_place)

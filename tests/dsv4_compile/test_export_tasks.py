@@ -1,18 +1,19 @@
-"""How `build` schedules its exports: one task per (context bucket, engine kind), how many processes by
-default, and the order and timings it hands to the manifest. (The real parallel build, with its
+"""How `build` schedules its exports: one task per (context bucket, engine kind, format group), how many
+processes by default, and the order and timings it hands to the manifest. (The real parallel build, with its
 workers, is the shared `built` fixture of test_build.py / test_generate.py.)"""
 from __future__ import annotations
 
 import argparse
 import io
 import sys
+import types
 
 import pytest
 
 from dsv4_compile import build, steps
 from dsv4_compile.manifest import EngineRecord, Verification
 from dsv4_compile import ModelConfig
-from dsv4_compile.plan import Plan, export_jobs, usable_cpus, weights_bytes
+from dsv4_compile.plan import Plan, export_jobs, format_groups, usable_cpus, weights_bytes
 
 
 def _plan(tmp_path, *argv) -> Plan:
@@ -21,10 +22,24 @@ def _plan(tmp_path, *argv) -> Plan:
     return Plan(parser.parse_args(["--gpu", "cpu", "--out", str(tmp_path / "out"), *argv]))
 
 
-def test_one_task_per_bucket_and_engine_kind(tmp_path):
+def test_one_task_per_bucket_and_engine_kind_on_the_cpu(tmp_path):
+    """On the CPU one program per engine serves every format: one task makes them all."""
     plan = _plan(tmp_path, "--context", "256,512")
-    assert plan.export_tasks() == [(256, "prefill"), (256, "prefill-cache"), (256, "decode"),
-                                   (512, "prefill"), (512, "prefill-cache"), (512, "decode")]
+    both = ("aoti", "onnx")
+    assert plan.export_tasks() == [(256, "prefill", both), (256, "prefill-cache", both), (256, "decode", both),
+                                   (512, "prefill", both), (512, "prefill-cache", both), (512, "decode", both)]
+
+
+def test_a_gpu_build_exports_each_format_on_its_own():
+    """On a GPU AOTInductor's and ONNX's programs share nothing: a task each, side by side (the build's
+    longest chain was AOTInductor then ONNX, one after the other); TensorRT with ONNX, prefill only."""
+    assert format_groups(["aoti", "onnx"], cuda=True) == [("aoti",), ("onnx",)]
+    assert format_groups(["aoti", "onnx", "tensorrt"], cuda=True) == [("aoti",), ("onnx", "tensorrt")]
+    assert format_groups(["onnx"], cuda=True) == [("onnx",)]
+    assert format_groups(["aoti", "onnx"], cuda=False) == [("aoti", "onnx")]
+    plan = types.SimpleNamespace(buckets=[256], formats=["aoti", "tensorrt"], cuda=True)  # no TensorRT here
+    assert Plan.export_tasks(plan) == [(256, "prefill", ("aoti",)), (256, "prefill", ("tensorrt",)),
+                                   (256, "prefill-cache", ("aoti",)), (256, "decode", ("aoti",))]
 
 
 def test_default_jobs(tmp_path):
@@ -45,11 +60,13 @@ def test_gpu_build_export_jobs_by_memory_and_cores():
     assert export_jobs(3, 8, 6 * GIB, 139 * GIB) == 2      # 8 cores
     assert export_jobs(3, 16, 200 * GIB, 79 * GIB) == 1    # does not fit twice: still one process
     assert export_jobs(6, 2) == 2                          # a CPU build: by tasks and cores only
+    # mini's 3 AOTInductor and 3 ONNX tasks: an ONNX task (single-threaded Python) takes one core
+    assert export_jobs(6, 16, 6 * GIB, 139 * GIB, one_core_tasks=3) == 6
+    assert export_jobs(6, 8, 6 * GIB, 139 * GIB, one_core_tasks=3) == 4
+    assert export_jobs(6, 16, 6 * GIB, 79 * GIB, one_core_tasks=3) == 4  # 80 GB: 4 copies of 2 x 6 + 4 GiB
 
 
 def test_gpu_default_jobs_reads_the_free_gpu_memory_and_the_models_size(monkeypatch):
-    import types
-
     import torch
 
     from dsv4_compile import plan as plan_module
@@ -57,7 +74,8 @@ def test_gpu_default_jobs_reads_the_free_gpu_memory_and_the_models_size(monkeypa
     config = ModelConfig.load("mini")
     size = weights_bytes(config)
     assert 4 * GIB < size < 8 * GIB                         # mini: about 5.6 GB in bf16 (its head in fp32)
-    fake = types.SimpleNamespace(state=None, cuda=True, config=config, export_tasks=lambda: [(8192, k) for k in "abc"])
+    fake = types.SimpleNamespace(state=None, cuda=True, config=config,
+                                 export_tasks=lambda: [(8192, k, ("aoti",)) for k in "abc"])
     monkeypatch.setattr(plan_module, "usable_cpus", lambda: 16)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (139 * GIB, 141 * GIB))
     assert Plan.default_jobs(fake) == 3
@@ -76,24 +94,24 @@ def test_jobs_must_be_positive(tmp_path):
 
 
 def test_one_process_export_keeps_manifest_order_and_merges_timings(tmp_path, monkeypatch):
-    """jobs = 1 (GPU builds): the tasks run here, one model per bucket; engines come back in bucket,
-    kind order and each bucket's timings hold every task's parts."""
+    """jobs = 1: the tasks run here, one model per bucket; engines come back in bucket, kind order and
+    each bucket's timings hold every task's parts."""
     plan = _plan(tmp_path, "--context", "256,512", "--jobs", "1")
     built_models: list[int] = []
     monkeypatch.setattr(plan, "model", lambda bucket: built_models.append(bucket) or f"model-{bucket}")
 
-    def fake_task(plan, bucket, kind, tmp, note, model):
+    def fake_task(plan, bucket, kind, formats, tmp, note, model):
         assert model == f"model-{bucket}"
         note(f"{kind} {bucket}")
         record = EngineRecord(format="aoti", bucket=bucket, files=(f"aoti/{kind}-{bucket}.pt2",), seq_range=(2, bucket),
                               batch_range=(1, 2), dynamic=True, compute_dtype="float32", kernels={},
                               verified=Verification("pending"), kind=kind)
-        return steps.ExportTaskResult(bucket, kind, [record], {f"aoti[{kind}]": 1.0})
+        return steps.ExportTaskResult(bucket, kind, formats, [record], {f"aoti[{kind}]": 1.0})
 
     monkeypatch.setattr(steps, "export_task", fake_task)
     out = io.StringIO()
     engines, timings = steps.export_all(plan, str(tmp_path), steps.Progress(out, live=False))
-    assert [(e.bucket, e.kind) for e in engines] == plan.export_tasks()
+    assert [(e.bucket, e.kind) for e in engines] == [(bucket, kind) for bucket, kind, _ in plan.export_tasks()]
     assert built_models == [256, 512]
     assert timings == {b: {"aoti[prefill]": 1.0, "aoti[prefill-cache]": 1.0, "aoti[decode]": 1.0} for b in (256, 512)}
     assert "decode 512" in out.getvalue()
@@ -123,9 +141,9 @@ def test_a_failed_worker_task_reaches_the_build_as_one_picklable_line(tmp_path, 
     with pytest.raises(TypeError):
         pickle.dumps(raw.value)
     with pytest.raises(RuntimeError) as err:
-        steps._export_worker_run((512, "decode"))
+        steps._export_worker_run((512, "decode", ("aoti",)))
     message = str(pickle.loads(pickle.dumps(err.value)))
-    assert message.startswith("export of the decode engine for context 512 failed: HoldsAFrame: lowering failed")
+    assert message.startswith("export of the decode engine (aoti) for context 512 failed: HoldsAFrame: lowering failed")
     assert "\n" not in message and "HoldsAFrame" in capsys.readouterr().err
 
 
