@@ -177,18 +177,21 @@ def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRec
 
         jobs = min(jobs, len(tasks))
         progress.note(f"{len(tasks)} export tasks in {jobs} processes")
-        threads = max(1, usable_cpus() // jobs)
-        pool = multiprocessing.get_context("spawn").Pool(jobs, initializer=_export_worker_init,
-                                                          initargs=(plan, tmp, threads, os.getpid()))
+        context = multiprocessing.get_context("spawn")
+        notes = context.SimpleQueue()  # the workers' notes, shown as they come (a task runs for minutes)
+        pool = context.Pool(jobs, initializer=_export_worker_init,
+                            initargs=(plan, tmp, task_threads(tasks, jobs, usable_cpus()), os.getpid(), notes))
+        relayed = threading.Event()
+        relay = threading.Thread(target=_relay_notes, args=(notes, progress, relayed), daemon=True)
+        relay.start()
         try:
             longest_first = sorted(tasks, key=lambda task: "aoti" not in task[2])
-            for result, notes in pool.imap_unordered(_export_worker_run, longest_first):
-                for line in notes:
-                    progress.note(line)
-                results.append(result)
+            results.extend(pool.imap_unordered(_export_worker_run, longest_first))
         finally:  # also on SIGINT / SIGTERM: no worker outlives the build (or writes into a removed folder)
             pool.terminate()
             pool.join()
+            relayed.set()
+            relay.join(timeout=2.0)  # a worker killed inside a put leaves a message that never completes
     order = {task: i for i, task in enumerate(tasks)}
     results.sort(key=lambda r: order[(r.bucket, r.kind, r.formats)])
     timings: dict[int, dict] = {}
@@ -197,23 +200,34 @@ def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRec
     return [e for r in results for e in r.engines], timings
 
 
+def task_threads(tasks: list[tuple[int, str, tuple[str, ...]]], jobs: int, cpus: int) -> dict[bool, int]:
+    """Cores for ATen and Inductor's compile pool of a running task, keyed by whether it makes an
+    AOTInductor package: a task without one (ONNX beside it on a GPU build: single-threaded Python)
+    takes one; the AOTInductor tasks, which the processes take first, share the rest. Left at their
+    defaults, every worker would spin up all cores' worth of both."""
+    compiling = min(jobs, sum("aoti" in formats for _, _, formats in tasks))
+    return {True: max(1, (cpus - (jobs - compiling)) // max(1, compiling)), False: 1}
+
+
+def _relay_notes(notes, progress: Progress, relayed: threading.Event) -> None:
+    """The workers' notes onto the build's progress until `relayed` is set and none is left."""
+    while True:
+        if not notes.empty():
+            progress.note(notes.get())
+        elif relayed.wait(0.1) and notes.empty():
+            return
+
+
 _WORKER: dict = {}
 
 
-def _export_worker_init(plan: Plan, tmp: str, threads: int, build_pid: int) -> None:
+def _export_worker_init(plan: Plan, tmp: str, threads: dict[bool, int], build_pid: int, notes) -> None:
     import signal
-
-    import torch
-    import torch._inductor.config
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the build process handles Ctrl-C and ends the pool
     _die_with_parent(build_pid)
     os.dup2(2, 1)  # stdout is the build's (clean with --json): third-party prints go to stderr
-    # The workers share the cores: each takes its share for ATen and for Inductor's compile pool
-    # (left at their defaults, every worker would spin up all cores' worth of both).
-    torch.set_num_threads(threads)
-    torch._inductor.config.compile_threads = threads
-    _WORKER.update(plan=plan, tmp=tmp)
+    _WORKER.update(plan=plan, tmp=tmp, threads=threads, notes=notes)
 
 
 def _die_with_parent(build_pid: int) -> None:
@@ -231,12 +245,17 @@ def _die_with_parent(build_pid: int) -> None:
         os._exit(1)
 
 
-def _export_worker_run(task: tuple[int, str, tuple[str, ...]]) -> tuple[ExportTaskResult, list[str]]:
-    notes: list[str] = []
+def _export_worker_run(task: tuple[int, str, tuple[str, ...]]) -> ExportTaskResult:
+    import torch
+    import torch._inductor.config
+
     bucket, kind, formats = task
     plan = _WORKER["plan"]
+    threads = _WORKER["threads"]["aoti" in formats]
+    torch.set_num_threads(threads)
+    torch._inductor.config.compile_threads = threads
     try:
-        return export_task(plan, bucket, kind, formats, _WORKER["tmp"], notes.append, plan.model(bucket)), notes
+        return export_task(plan, bucket, kind, formats, _WORKER["tmp"], _WORKER["notes"].put, plan.model(bucket))
     except Exception as err:
         # What reaches the build must pickle (an exception holding frames, e.g. torch.export's, does not:
         # the pool would report only "cannot pickle 'frame' object"): the traceback goes to stderr here.

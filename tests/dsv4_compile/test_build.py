@@ -79,6 +79,8 @@ def test_build_with_no_arguments_builds_tiny_for_cpu(built):
     assert path.name.startswith("tiny-cpu-")
     for step in ("[1/6] validate", "[2/6] model", "[3/6] compile", "[4/6] export", "[5/6] verify", "[6/6] manifest"):
         assert step in proc.stdout, step
+    for kind in ("prefill", "prefill-cache", "decode"):  # each export's notes, from the worker that made it
+        assert f"-> aoti/{kind}-512.pt2" in proc.stdout and f"-> onnx/{kind}-512.onnx" in proc.stdout, kind
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["schema_version"] == 1 and manifest["build_complete"] is True
     assert manifest["device"]["kind"] == "cpu" and manifest["device"]["isa"] == torch.backends.cpu.get_cpu_capability()

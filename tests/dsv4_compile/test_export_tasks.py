@@ -86,6 +86,18 @@ def test_gpu_default_jobs_reads_the_free_gpu_memory_and_the_models_size(monkeypa
     assert Plan.default_jobs(fake) == 1
 
 
+def test_running_tasks_share_the_cores():
+    """An ONNX task beside AOTInductor ones (a GPU build) takes one core, the AOTInductor tasks the rest;
+    on the CPU every task compiles and they share the cores evenly."""
+    kinds = ("prefill", "prefill-cache", "decode")
+    gpu = [(8192, k, (fmt,)) for k in kinds for fmt in ("aoti", "onnx")]
+    assert steps.task_threads(gpu, 6, 16) == {True: 4, False: 1}     # 3 x 4 + 3 x 1 of 16 cores
+    assert steps.task_threads(gpu, 4, 8) == {True: 2, False: 1}      # 3 compile first, 1 ONNX
+    assert steps.task_threads(gpu, 2, 16)[True] == 8                  # the first two tasks both compile
+    cpu = [(512, k, ("aoti", "onnx")) for k in kinds]
+    assert steps.task_threads(cpu, 2, 2)[True] == 1 and steps.task_threads(cpu, 3, 16)[True] == 5
+
+
 def test_jobs_must_be_positive(tmp_path):
     parser = argparse.ArgumentParser()
     build.add_arguments(parser)
@@ -136,6 +148,8 @@ def test_a_failed_worker_task_reaches_the_build_as_one_picklable_line(tmp_path, 
     monkeypatch.setattr(steps, "export_task", failing_task)
     monkeypatch.setitem(steps._WORKER, "plan", plan)
     monkeypatch.setitem(steps._WORKER, "tmp", str(tmp_path))
+    monkeypatch.setitem(steps._WORKER, "threads", {True: 1, False: 1})
+    monkeypatch.setitem(steps._WORKER, "notes", types.SimpleNamespace(put=print))
     with pytest.raises(HoldsAFrame) as raw:
         failing_task()
     with pytest.raises(TypeError):
