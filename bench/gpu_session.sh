@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/site:$PWD
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[12]00' | head -1)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-PYTEST="python3 -m pytest -q -p no:cacheprovider -rs"
+PYTEST="python3 -m pytest -v -p no:cacheprovider -rs"  # -v: a run the call cuts short still names what passed
 for step in "$@"; do
   echo "== $step $(date -u +%H:%M:%S)"
   case $step in
