@@ -52,6 +52,15 @@ def export_jobs(tasks: int, cpus: int, model_bytes: int | None = None, gpu_free_
     return max(1, jobs)
 
 
+def task_threads(tasks: list[tuple[int, str, tuple[str, ...]]], jobs: int, cpus: int) -> dict[bool, int]:
+    """Cores for ATen and Inductor's compile pool of a running task, keyed by whether it makes an
+    AOTInductor package: a task without one (ONNX beside it on a GPU build: single-threaded Python)
+    takes one; the AOTInductor tasks, which the processes take first, share the rest. Left at their
+    defaults, every worker would spin up all cores' worth of both."""
+    compiling = min(jobs, sum("aoti" in formats for _, _, formats in tasks))
+    return {True: max(1, (cpus - (jobs - compiling)) // max(1, compiling)), False: 1}
+
+
 def format_groups(formats: list[str], cuda: bool) -> list[tuple[str, ...]]:
     """The formats that one export task makes together. On the CPU all of them: one program per engine
     serves every format. On a GPU AOTInductor's program (the model's dtype, the Triton kernels) and

@@ -10,7 +10,7 @@ import warnings
 
 from .manifest import EngineRecord, Verification
 from .model.context import format_context
-from .plan import EXPORT_KINDS, Plan, usable_cpus
+from .plan import EXPORT_KINDS, Plan, task_threads, usable_cpus
 from .reference import float32_twin
 from .shared_weights import WeightStore, aoti_tensors
 
@@ -198,15 +198,6 @@ def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRec
     for r in results:
         timings.setdefault(r.bucket, {}).update(r.timings)
     return [e for r in results for e in r.engines], timings
-
-
-def task_threads(tasks: list[tuple[int, str, tuple[str, ...]]], jobs: int, cpus: int) -> dict[bool, int]:
-    """Cores for ATen and Inductor's compile pool of a running task, keyed by whether it makes an
-    AOTInductor package: a task without one (ONNX beside it on a GPU build: single-threaded Python)
-    takes one; the AOTInductor tasks, which the processes take first, share the rest. Left at their
-    defaults, every worker would spin up all cores' worth of both."""
-    compiling = min(jobs, sum("aoti" in formats for _, _, formats in tasks))
-    return {True: max(1, (cpus - (jobs - compiling)) // max(1, compiling)), False: 1}
 
 
 def _relay_notes(notes, progress: Progress, relayed: threading.Event) -> None:

@@ -13,7 +13,7 @@ import pytest
 from dsv4_compile import build, steps
 from dsv4_compile.manifest import EngineRecord, Verification
 from dsv4_compile import ModelConfig
-from dsv4_compile.plan import Plan, export_jobs, format_groups, usable_cpus, weights_bytes
+from dsv4_compile.plan import Plan, export_jobs, format_groups, task_threads, usable_cpus, weights_bytes
 
 
 def _plan(tmp_path, *argv) -> Plan:
@@ -91,11 +91,11 @@ def test_running_tasks_share_the_cores():
     on the CPU every task compiles and they share the cores evenly."""
     kinds = ("prefill", "prefill-cache", "decode")
     gpu = [(8192, k, (fmt,)) for k in kinds for fmt in ("aoti", "onnx")]
-    assert steps.task_threads(gpu, 6, 16) == {True: 4, False: 1}     # 3 x 4 + 3 x 1 of 16 cores
-    assert steps.task_threads(gpu, 4, 8) == {True: 2, False: 1}      # 3 compile first, 1 ONNX
-    assert steps.task_threads(gpu, 2, 16)[True] == 8                  # the first two tasks both compile
+    assert task_threads(gpu, 6, 16) == {True: 4, False: 1}     # 3 x 4 + 3 x 1 of 16 cores
+    assert task_threads(gpu, 4, 8) == {True: 2, False: 1}      # 3 compile first, 1 ONNX
+    assert task_threads(gpu, 2, 16)[True] == 8                  # the first two tasks both compile
     cpu = [(512, k, ("aoti", "onnx")) for k in kinds]
-    assert steps.task_threads(cpu, 2, 2)[True] == 1 and steps.task_threads(cpu, 3, 16)[True] == 5
+    assert task_threads(cpu, 2, 2)[True] == 1 and task_threads(cpu, 3, 16)[True] == 5
 
 
 def test_jobs_must_be_positive(tmp_path):
