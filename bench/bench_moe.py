@@ -1,6 +1,6 @@
 """One MoE layer's routed experts at V4-Flash shapes (D 4096, I 2048, E 256, top 6): our grouped-expert
-Triton kernel (bf16, FP8 and MXFP4 weights; FP8 also W8A8, "fp8-w8a8": config act=fp8 over the default
-of T's regime, kernels/moe_experts/config.py: fp8_act_config) vs the dense-masked plain MoE, a loop over experts of
+Triton kernel (bf16, FP8 and MXFP4 weights; FP8 also W8A8, "fp8-w8a8": the moe_experts_fp8_w8a8 op's
+launch, act="fp8", at its default config for T) vs the dense-masked plain MoE, a loop over experts of
 F.linear (DeepSeek's reference), torch._grouped_mm where this torch has it, and the plain op's own
 grouped form; random and skewed routing; TFLOP/s of the useful work (6 D I FLOPs per assignment) and
 GB/s over the bytes of the experts actually touched (weights + scales as stored, x and the fp32
@@ -87,7 +87,6 @@ def grouped_mm(x, ids, w, w1_t, w2_t, w3_t, limit):
 
 def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tuple[list[dict], dict]:
     from dsv4_compile.kernels.moe_experts import default_config, moe_experts
-    from dsv4_compile.kernels.moe_experts.config import fp8_act_config
     from dsv4_compile.model import moe_ops, weight_formats
 
     peak = matmul_peak_tflops()
@@ -100,8 +99,9 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
     fp8 = [weight_formats.quantize_experts(weight_formats.quantize_fp8_weight, w) for w in ws]
     fp4 = [weight_formats.quantize_experts(weight_formats.quantize_mxfp4, w) for w in ws]
     fp8_weights = ([q for q, _ in fp8], "fp8", tuple(s for _, s in fp8), 1 + 1 / 128 ** 2)
-    formats = {"bf16": (ws, "float", None, 2.0), "fp8": fp8_weights, "fp8-w8a8": fp8_weights,
-               "mxfp4": ([q for q, _ in fp4], "mxfp4", tuple(s for _, s in fp4), 0.5 + 1 / 32)}
+    # format -> (weights, weight format, scales, bytes a weight, the launcher's act)
+    formats = {"bf16": (ws, "float", None, 2.0, "x"), "fp8": (*fp8_weights, "x"), "fp8-w8a8": (*fp8_weights, "fp8"),
+               "mxfp4": ([q for q, _ in fp4], "mxfp4", tuple(s for _, s in fp4), 0.5 + 1 / 32, "x")}
     has_grouped_mm = DEVICE == "cuda" and hasattr(torch, "_grouped_mm")
     w_t = [w.transpose(1, 2) for w in ws] if has_grouped_mm else None
     rows = []
@@ -127,12 +127,11 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
                 print(f"{kind:7s} T={T:6d} {impl:24s} {fmt:8s} {ms:9.4f} ms {r['tflops']:7.1f} TFLOP/s "
                       f"({r['pct_peak']:5.1f}%) {r['gbs']:7.0f} GB/s ({r['pct_copy']:5.1f}%)", flush=True)
 
-            for fmt, (wq, wf, scales, _) in formats.items():
-                cfg = fp8_act_config(default_config(None, T * k)) if fmt == "fp8-w8a8" else None
-                add("ours", lambda wq=wq, wf=wf, scales=scales, cfg=cfg: moe_experts(x, ids, w, *wq, limit, cfg, wf, scales),
-                    fmt, cfg.to_str() if cfg else "")
+            for fmt, (wq, wf, scales, _, act) in formats.items():
+                add("ours", lambda wq=wq, wf=wf, scales=scales, act=act: moe_experts(x, ids, w, *wq, limit, None, wf, scales, act),
+                    fmt, default_config(None, T * k, w8a8=True).to_str() if act == "fp8" else "")
                 if fmt != "bf16":  # the quantized kernels against the bf16 one on the same (dequantized) weights
-                    deq = moe_experts(x, ids, w, *wq, limit, cfg, wf, scales)
+                    deq = moe_experts(x, ids, w, *wq, limit, None, wf, scales, act)
                     err = float((deq - ref).norm() / ref.norm())
                     print(f"        {fmt} vs bf16 weights: relative error {err:.3e} (quantization)")
             if sweep and kind == "random":

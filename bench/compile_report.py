@@ -4,7 +4,7 @@ memory, and the main loop's SASS.
     python bench/compile_report.py --kernel sparse_attention [--configs "block_k=64;block_k=64,split_d=2"]
     python bench/compile_report.py --kernel sparse_attention_cached --context 32k --batch 64 [--csv out.csv]
     python bench/compile_report.py --kernel moe_experts --weight-format mxfp4 --batch 64 [--configs "block_n=128"]
-    python bench/compile_report.py --kernel moe_experts --weight-format fp8 --batch 4096 --configs ";act=fp8,block_k=128,down_block_k=128"
+    python bench/compile_report.py --kernel moe_experts --weight-format fp8 --act fp8 --batch 4096 --configs "block_k=128,down_block_k=128"
 
 No GPU needed, and no timings: compile data only. Each config goes through the kernel's own launcher
 (`launch_sparse_attention`, its `launch` call intercepted), so the constexprs, grid arithmetic and
@@ -16,8 +16,9 @@ registers a thread and spill bytes; the kernel's metadata gives its (dynamic) sh
 problem shapes are the tuning spaces' (tuning/spaces/sparse_attention.py: the model's heads and head
 dim, K = window + index_topk, prefill N = S + S/4, decode over the FP8 cache; moe_experts: T = batch
 tokens over the preset's routed experts, routing random, configs over the default of T's regime:
-decode up to 4096 / k tokens, prefill beyond), from the preset given. moe_experts' W8A8 (act=fp8)
-quantizes x in kernels/fp8_quantize's pass first: not reported here (a memory-bound pass).
+decode up to 4096 / k tokens, prefill beyond), from the preset given. moe_experts' W8A8 (--act fp8, the
+moe_experts_fp8_w8a8 op; configs over its default) quantizes x in kernels/fp8_quantize's pass first:
+not reported here (a memory-bound pass).
 
 Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the longest
 backward branch whose body holds a tensor-core instruction (HMMA / HGMMA / QGMMA), one iteration of the K loop
@@ -206,7 +207,7 @@ def launches(kernel_name: str, dims: dict, cfg) -> list[tuple]:
     return calls
 
 
-def moe_launches(dims: dict, cfg, weight_format: str) -> list[tuple]:
+def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x") -> list[tuple]:
     """The (kernel, grid, args, kwargs) launches of torch.ops.dsv4.moe_experts' kernels (gate/up and down;
     the slot sum has no loop worth reporting) for T = dims["T"] tokens routed at random (a fixed seed)."""
     module = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")
@@ -232,15 +233,15 @@ def moe_launches(dims: dict, cfg, weight_format: str) -> list[tuple]:
     with mock.patch.object(module, "launch", lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))), \
             mock.patch.object(module, "_check", lambda *_: (E, I, D)), \
             mock.patch.object(module, "fp8_quantize", lambda *_: quantized_x):
-        module.moe_experts(x, ids, torch.ones(T, k), *ws, 10.0, cfg, weight_format, scales)
+        module.moe_experts(x, ids, torch.ones(T, k), *ws, 10.0, cfg, weight_format, scales, act)
     return [c for c in calls if c[0].fn.__name__ != "_sum_slots_kernel"]
 
 
 def report(kernel_name: str, configs: list[str], preset: str = "flash", context: int = 8192, batch: int | None = None,
-           gpu: str = "H200", combine: bool = False, weight_format: str = "mxfp4", log=print) -> list[Row]:
+           gpu: str = "H200", combine: bool = False, weight_format: str = "mxfp4", act: str = "x", log=print) -> list[Row]:
     """Compile each config of `kernel_name` at the preset's shapes; one Row per compiled kernel (the
     main kernel; with `combine`, the split-K combine kernel too; moe_experts: its gate/up and down
-    kernels in `weight_format`, at the decode regime's T = batch tokens)."""
+    kernels in `weight_format` and `act` ("fp8": W8A8), at the decode regime's T = batch tokens)."""
     from dsv4_compile.model.config import ModelConfig
     from dsv4_compile.tuning.spaces import get_space
 
@@ -252,7 +253,7 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     dims = get_space(kernel_name).make_problem(ModelConfig.load(preset), context, batch, phase).dims
     if kernel_name == "moe_experts":
         from dsv4_compile.kernels.moe_experts.config import MoeExpertsConfig, default_config as moe_default
-        config_class, base = MoeExpertsConfig, moe_default(gpu, dims["T"] * dims["k"])
+        config_class, base = MoeExpertsConfig, moe_default(gpu, dims["T"] * dims["k"], act == "fp8")
     else:
         from dsv4_compile.kernels.sparse_attention.config import (SparseAttentionConfig, decode_default_config,
                                                                   default_config)
@@ -262,7 +263,7 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     for text in configs:
         cfg = config_class.from_str(text, base)
         moe = kernel_name == "moe_experts"
-        calls = moe_launches(dims, cfg, weight_format) if moe else launches(kernel_name, dims, cfg)
+        calls = moe_launches(dims, cfg, weight_format, act) if moe else launches(kernel_name, dims, cfg)
         for kernel, grid, args, kwargs in calls:
             name = kernel.fn.__name__
             if "combine" in name and not combine:
@@ -311,7 +312,7 @@ def write_csv(rows: list[Row], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from dsv4_compile.kernels.moe_experts.moe_experts import WEIGHT_FORMATS
+    from dsv4_compile.kernels.moe_experts.moe_experts import ACTS, WEIGHT_FORMATS
     from dsv4_compile.model.context import parse_contexts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -325,12 +326,14 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu", default="H200", help="whose default config the config strings change")
     parser.add_argument("--combine", action="store_true", help="also report the split-K combine kernel")
     parser.add_argument("--weight-format", default="mxfp4", choices=WEIGHT_FORMATS, help="moe_experts' weights")
+    parser.add_argument("--act", default="x", choices=ACTS,
+                        help="moe_experts' activations: x (in x's dtype) or fp8 (W8A8: the moe_experts_fp8_w8a8 op)")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(";")] if args.configs else [""]
     print(HEADER)
     rows = report(args.kernel, configs, args.preset, parse_contexts(args.context)[0], args.batch, args.gpu,
-                  args.combine, args.weight_format)
+                  args.combine, args.weight_format, args.act)
     if args.csv:
         write_csv(rows, args.csv)
     return 0 if len(rows) >= len(configs) else 1

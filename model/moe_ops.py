@@ -1,7 +1,9 @@
 """The routed experts of a MoE layer as `torch.ops.dsv4.*` ops (ours): `moe_experts` over float
 expert weights, `moe_experts_fp8` and `moe_experts_mxfp4` over the weights as DeepSeek ships them
-(model/weight_formats.py). Part of the op boundary (model/ops.py); a module of its own because the
-quantized ops decode through weight_formats, which builds on ops.
+(model/weight_formats.py), the activations in x's dtype (W8A16, W4A16), and `moe_experts_fp8_w8a8`, FP8
+weights with the activations quantized to FP8 as DeepSeek's inference does (W8A8). Part of the op
+boundary (model/ops.py); a module of its own because the quantized ops decode through weight_formats,
+which builds on ops.
 
 Plain form: the T*k assignments sorted by expert and padded to blocks of rows (`expert_blocks`), a
 batched matmul over the blocks (each block with its expert's weights, gathered, dequantized after the
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from .ops import CHUNK_BYTES, LIB, _plain_autograd
+from .ops import CHUNK_BYTES, FP8_LINEAR_BLOCK, LIB, _fp8_code_blocks, _fp8_values, _plain_autograd
 from .weight_formats import dequantize_fp8_weight, dequantize_mxfp4
 
 
@@ -85,24 +87,46 @@ def chunked_expert_blocks(topk_ids: torch.Tensor, n_experts: int, block: int, ch
 # dtype for a [n] tensor of expert ids (a gather, then a dequantization of the gathered experts only);
 # `take(None)` -> every expert (no gather).
 ExpertWeights = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# How the plain forms round the weighted SwiGLU output (float32) into w2's operand: None, to x's dtype
+# (moe_experts, _fp8, _mxfp4); the W8A8 op's `fp8_act`.
+RoundAct = Callable[[torch.Tensor], torch.Tensor] | None
 
 
-def _moe_dense(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int, swiglu_limit: float):
-    """Every expert on every token, scaled by its routing weight (0 where not picked): [T, D] float32."""
-    T, E = x.shape[0], n_experts
+def fp8_act(a: torch.Tensor) -> torch.Tensor:
+    """a [..., K] -> float32 [..., K]: fp8_quantize(a, 128, pow2_scale=True) dequantized (DeepSeek's
+    act_quant: per row and block of 128 along K, power-of-two scales), the W8A8 op's activations."""
+    return _fp8_values(*_fp8_code_blocks(a, FP8_LINEAR_BLOCK, True, "moe_experts_fp8_w8a8"))
+
+
+def _combine(topk_ids, topk_weights, n_experts: int) -> torch.Tensor:
+    """[T, k'] ids and weights -> [E, T, 1] float32: each expert's routing weights summed per token (0 where
+    not picked; ids outside [0, E) dropped)."""
+    E = n_experts
     ids = topk_ids.long()
     valid = (ids >= 0) & (ids < E)
-    combine = torch.zeros(T, E, dtype=torch.float32, device=x.device).scatter_add(
+    combine = torch.zeros(ids.shape[0], E, dtype=torch.float32, device=ids.device).scatter_add(
         1, ids.clamp(0, E - 1), torch.where(valid, topk_weights.float(), 0.0))            # [T, E]
+    return combine.T.unsqueeze(-1)
+
+
+def _moe_dense(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int, swiglu_limit: float,
+               round_act: RoundAct = None):
+    """Every expert on every token, scaled by its routing weight (0 where not picked): [T, D] float32."""
     w1, w2, w3 = take(None)
     gate = torch.einsum("td,eid->eti", x, w1)                                            # [E, T, I]
     up = torch.einsum("td,eid->eti", x, w3)
-    act = swiglu(gate, up, swiglu_limit) * combine.T.unsqueeze(-1)
-    return torch.einsum("eti,edi->td", act.to(x.dtype), w2).float()
+    act = swiglu(gate, up, swiglu_limit)
+    if round_act is None:  # one w2 product per expert: a token's weights for it summed before the rounding
+        return torch.einsum("eti,edi->td", (act * _combine(topk_ids, topk_weights, n_experts)).to(x.dtype), w2).float()
+    # Rounded per assignment (W8A8 quantizes the weighted activation): one w2 product per slot j, so that
+    # an expert picked twice by a token is rounded twice, as the grouped form and the kernel do.
+    return sum(torch.einsum("eti,edi->td", round_act(act * _combine(topk_ids[:, j:j + 1], topk_weights[:, j:j + 1],
+                                                                    n_experts)), w2)
+               for j in range(topk_ids.shape[1])).float()
 
 
 def _moe_grouped(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int, swiglu_limit: float,
-                 block: int, inter_dim: int, bytes_per_expert: int):
+                 block: int, inter_dim: int, bytes_per_expert: int, round_act: RoundAct = None):
     """The assignments sorted by expert in blocks of `block` rows (expert_blocks), one batched matmul
     per weight over the blocks (each block multiplies its expert's weights, gathered), the routing
     weight on the activation, a scatter-add back to the tokens: [T, D] float32.
@@ -133,7 +157,8 @@ def _moe_grouped(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int,
         gate = torch.bmm(xs, w1.transpose(1, 2))                                         # [nb, block, I]
         up = torch.bmm(xs, w3.transpose(1, 2))
         act = swiglu(gate, up, swiglu_limit) * weight[blocks].unsqueeze(-1)
-        y = torch.bmm(act.to(x.dtype), w2.transpose(1, 2)).float()                       # [nb, block, D]
+        act = act.to(x.dtype) if round_act is None else round_act(act)
+        y = torch.bmm(act, w2.transpose(1, 2)).float()                                   # [nb, block, D]
         out.index_put_((tok,), y, accumulate=True)                                      # row T: padding
     return out[:T]
 
@@ -160,12 +185,12 @@ def dense_is_cheaper(top_k: int, n_experts: int) -> bool:
 
 
 def _moe_plain(x, topk_ids, topk_weights, take: ExpertWeights, n_experts: int, inter_dim: int,
-               bytes_per_expert: int, swiglu_limit: float):
+               bytes_per_expert: int, swiglu_limit: float, round_act: RoundAct = None):
     T, k = topk_ids.shape
     if dense_is_cheaper(k, n_experts):
-        return _moe_dense(x, topk_ids, topk_weights, take, n_experts, swiglu_limit)
+        return _moe_dense(x, topk_ids, topk_weights, take, n_experts, swiglu_limit, round_act)
     return _moe_grouped(x, topk_ids, topk_weights, take, n_experts, swiglu_limit,
-                        moe_block_rows(k, n_experts), inter_dim, bytes_per_expert)
+                        moe_block_rows(k, n_experts), inter_dim, bytes_per_expert, round_act)
 
 
 def _check_moe(name: str, x, topk_ids, topk_weights) -> None:
@@ -227,10 +252,14 @@ _plain_autograd(moe_experts, _moe_experts_plain, 7, (0, 2, 3, 4, 5))
 # fake, its decomposition and its kernel's predicate need no case analysis over which scales are None.
 # No backward through the weights (they are inference formats); x and topk_weights get gradients.
 
-def _moe_experts_fp8_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit: float):
+def _shipped_take(decode, w1, w2, w3, w1_scale, w2_scale, w3_scale, dtype: torch.dtype) -> ExpertWeights:
+    """ExpertWeights of shipped codes and scales, decoded by `decode` (weight_formats) into dtype."""
     pairs = ((w1, w1_scale), (w2, w2_scale), (w3, w3_scale))
-    take = lambda e: tuple(dequantize_fp8_weight(w if e is None else w[e], s if e is None else s[e], dtype=x.dtype)  # noqa: E731
-                           for w, s in pairs)
+    return lambda e: tuple(decode(w if e is None else w[e], s if e is None else s[e], dtype=dtype) for w, s in pairs)
+
+
+def _moe_experts_fp8_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit: float):
+    take = _shipped_take(dequantize_fp8_weight, w1, w2, w3, w1_scale, w2_scale, w3_scale, x.dtype)
     return _moe_plain(x, topk_ids, topk_weights, take, w1.shape[0], w1.shape[1],
                       3 * w1[0].numel() * (1 + x.element_size()), swiglu_limit)
 
@@ -256,10 +285,58 @@ def _(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swigl
 _plain_autograd(moe_experts_fp8, _moe_experts_fp8_plain, 10, (0, 2))
 
 
+def _moe_experts_fp8_w8a8_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale,
+                                swiglu_limit: float):
+    take = _shipped_take(dequantize_fp8_weight, w1, w2, w3, w1_scale, w2_scale, w3_scale, torch.float32)
+    return _moe_plain(fp8_act(x), topk_ids, topk_weights, take, w1.shape[0], w1.shape[1], 3 * w1[0].numel() * (1 + 4),
+                      swiglu_limit, fp8_act)
+
+
+def _check_w8a8(name: str, D: int, I: int) -> None:
+    if D % FP8_LINEAR_BLOCK or I % FP8_LINEAR_BLOCK:
+        raise ValueError(f"{name}: D = {D}, I = {I}; W8A8 needs multiples of {FP8_LINEAR_BLOCK} (the activation block)")
+
+
+@torch.library.custom_op(f"{LIB}::moe_experts_fp8_w8a8", mutates_args=())
+def moe_experts_fp8_w8a8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                         w2: torch.Tensor, w3: torch.Tensor, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
+                         w3_scale: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
+    """The routed experts over FP8 weights with FP8 activations (W8A8, ours), as DeepSeek's inference
+    runs FP8-shipped linears (act_quant before each FP8 GEMM; `fp8_linear`'s semantics per GEMM).
+
+    x [T, D] float; topk_ids [T, k] int32; topk_weights [T, k] float32; w1, w3 [E, I, D], w2 [E, D, I]
+    float8_e4m3fn with scales [E, ceil(rows/128), ceil(cols/128)] (e8m0 or float32), W = code * tile
+    scale, as moe_experts_fp8. D and I multiples of 128 (ValueError otherwise).
+    With q(v) = fp8_quantize(v, 128, pow2_scale=True) dequantized (per row, blocks of 128 along the
+    last dim; `fp8_act`), for each assignment (t, j) with e = topk_ids[t, j] in [0, E):
+        h = topk_weights[t, j] * swiglu(W1[e] @ q(x[t]), W3[e] @ q(x[t]), swiglu_limit)
+        out[t] += W2[e] @ q(h)
+    every product one of dequantized values (exact in float32), summed in float32; the SwiGLU (and
+    its clamps) in float32; h quantized with its routing weight in it, as DeepSeek's Expert does
+    (`x = weights * x` before w2). An id outside [0, E) (-1) contributes nothing, the same expert
+    picked twice counts twice. Returns [T, D] float32. Unlike DeepSeek's inference, nothing is rounded
+    to x's dtype in between (DeepSeek's GEMMs return bf16 gate, up and w2 outputs, and h is cast to
+    bf16 before its act_quant): a bf16 rounding each, small beside the FP8 ones.
+    The dense form (few experts) also turns an Inf in an unpicked expert's output into NaN (0 * Inf).
+    """
+    _check_moe("moe_experts_fp8_w8a8", x, topk_ids, topk_weights)
+    _check_shapes("moe_experts_fp8_w8a8", w1, w2, w3, x.shape[1], x.shape[1], lambda i: i)
+    _check_w8a8("moe_experts_fp8_w8a8", x.shape[1], w1.shape[1])
+    return _moe_experts_fp8_w8a8_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale,
+                                       swiglu_limit)
+
+
+@moe_experts_fp8_w8a8.register_fake
+def _(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit):
+    _check_w8a8("moe_experts_fp8_w8a8", x.shape[1], w1.shape[1])
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+_plain_autograd(moe_experts_fp8_w8a8, _moe_experts_fp8_w8a8_plain, 10, (0, 2))
+
+
 def _moe_experts_mxfp4_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit: float):
-    pairs = ((w1, w1_scale), (w2, w2_scale), (w3, w3_scale))
-    take = lambda e: tuple(dequantize_mxfp4(w if e is None else w[e], s if e is None else s[e], dtype=x.dtype)  # noqa: E731
-                           for w, s in pairs)
+    take = _shipped_take(dequantize_mxfp4, w1, w2, w3, w1_scale, w2_scale, w3_scale, x.dtype)
     return _moe_plain(x, topk_ids, topk_weights, take, w1.shape[0], w1.shape[1],
                       3 * w1[0].numel() * (1 + 2 * x.element_size()), swiglu_limit)
 

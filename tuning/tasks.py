@@ -24,12 +24,14 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
   another order, so a value on a rounding boundary may flip).
 - moe_experts: 1e-2 in bf16 (bf16 operands, the SwiGLU activation rounded to bf16 once, the routing
   weight applied before that rounding in the plain op and after w2 in the kernel).
-- moe_experts_fp8: a W8A16 config (act "x") as moe_experts, against the plain FP8 op. A W8A8 config
-  (act "fp8") against the W8A8 naive twin (kernels/moe_experts/naive.py), at 1e-2: the same FP8 codes
-  and exact products, summed in another order (on Hopper's FP8 MMA with ~14 bits per 128-step sum),
-  and a neighbouring code where an activation sits near an e4m3 rounding midpoint (the kernel tests'
-  W8A8_HOPPER_TOL; the interpreter's fp32 sums stay under 1e-5). Not against the plain op with a
-  tolerance that admits the activation quantization: that error is ~5e-2 (test_moe_experts.py), so a
+- moe_experts_fp8 (W8A16): as moe_experts, against the plain FP8 op.
+- moe_experts_fp8_w8a8 (W8A8): against the kernel's W8A8 naive twin (kernels/moe_experts/naive.py, the
+  plain W8A8 op's numbers: a loop over experts, one expert dequantized at a time, where the plain op's
+  grouped form gathers ~T/7 experts' weights per call: minutes at 32K tokens), at 1e-2: the same FP8
+  codes and exact products, summed in another order (on Hopper's FP8 MMA with ~14 bits per 128-step
+  sum), and a neighbouring code where an activation sits near an e4m3 rounding midpoint (the kernel
+  tests' W8A8_HOPPER_TOL; the interpreter's fp32 sums stay under 1e-5). Never against the W8A16 op with
+  a tolerance that admits the activation quantization: that error is ~5e-2 (test_moe_experts.py), so a
   tolerance above it would pass a kernel with a wrong scale on part of the tiles.
 - fp8_linear: 1e-2 (bf16 output, REL_RMS_TOL; the kernel and the plain op sum the same FP8 products
   in another order, in fp32).
@@ -384,25 +386,23 @@ def _moe_fp8_inputs(problem, device, seed=0, small=False):
     return (x, ids, weights, *(q for q, _ in quantized), limit, tuple(s for _, s in quantized))
 
 
-def _moe_fp8_reference(a):
-    """(the plain FP8 op: W8A16, the naive W8A8 twin) for the two kinds of config."""
+def _moe_w8a8_reference(a):
     from ..kernels.moe_experts import naive
 
-    return (torch.ops.dsv4.moe_experts_fp8(*a[:6], *a[7], a[6]), naive.moe_experts(*a[:7], {"act": "fp8"}, "fp8", a[7]))
-
-
-def _moe_fp8_compare(refs, out_act) -> str | None:
-    out, act = out_act
-    if act == "fp8":
-        return close("out (W8A8, against the naive W8A8 twin)", refs[1], out, 1e-2)
-    return close("out", refs[0], out, 1e-2)
+    return naive.moe_experts(*a[:7], None, "fp8", a[7], act="fp8")
 
 
 MOE_EXPERTS_FP8 = KernelTask(
     inputs=_moe_fp8_inputs,
-    reference=_moe_fp8_reference,
-    call=lambda fn, a, cfg: (fn(*a[:7], config=cfg, weight_format="fp8", scales=a[7]), getattr(cfg, "act", "x")),
-    compare=_moe_fp8_compare)
+    reference=lambda a: torch.ops.dsv4.moe_experts_fp8(*a[:6], *a[7], a[6]),
+    call=lambda fn, a, cfg: fn(*a[:7], config=cfg, weight_format="fp8", scales=a[7]),
+    compare=lambda ref, out: close("out", ref, out, 1e-2))
+
+MOE_EXPERTS_FP8_W8A8 = KernelTask(
+    inputs=_moe_fp8_inputs,
+    reference=_moe_w8a8_reference,
+    call=lambda fn, a, cfg: fn(*a[:7], config=cfg, weight_format="fp8", scales=a[7], act="fp8"),
+    compare=lambda ref, out: close("out (W8A8, against the naive W8A8 twin)", ref, out, 1e-2))
 
 
 # ---- FP8 linear ----------------------------------------------------------------------------------
@@ -430,7 +430,7 @@ TASKS: dict[str, KernelTask] = {
     "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
     "sparse_attention_cached": SPARSE_ATTENTION_CACHED, "compress_kv": COMPRESS_KV, "indexer_topk": INDEXER_TOPK,
     "indexer_topk_cached": INDEXER_TOPK_CACHED, "moe_experts": MOE_EXPERTS,
-    "moe_experts_fp8": MOE_EXPERTS_FP8, "fp8_linear": FP8_LINEAR,
+    "moe_experts_fp8": MOE_EXPERTS_FP8, "moe_experts_fp8_w8a8": MOE_EXPERTS_FP8_W8A8, "fp8_linear": FP8_LINEAR,
 }
 
 

@@ -136,6 +136,7 @@ _DECOMPOSITIONS = {
     # Grouped by expert with static shapes (chunked over blocks when the sizes are concrete).
     torch.ops.dsv4.moe_experts.default: (_implementation(moe_ops.moe_experts), _always),
     torch.ops.dsv4.moe_experts_fp8.default: (_implementation(moe_ops.moe_experts_fp8), _always),
+    torch.ops.dsv4.moe_experts_fp8_w8a8.default: (_implementation(moe_ops.moe_experts_fp8_w8a8), _always),
     torch.ops.dsv4.moe_experts_mxfp4.default: (_implementation(moe_ops.moe_experts_mxfp4), _always),
 }
 

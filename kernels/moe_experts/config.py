@@ -4,7 +4,7 @@ the tensor cores do)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Mapping
+from typing import ClassVar
 
 from ...model.ops import FP8_LINEAR_BLOCK
 from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_block: the launcher's tiles)
@@ -14,8 +14,8 @@ from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_
 # reads bound the time. (H200, bench/results/H200/moe.md: 16-row blocks beat 128-row ones at T = 512
 # with k = 6, 128-row ones win from T = 4096.)
 DECODE_MAX_ASSIGNMENTS = 4096
-# W8A8 (act="fp8"): one activation scale per row and ACT_BLOCK elements along the reduction dim (the
-# FP8 weight tile's edge), as DeepSeek's act_quant and kernels/fp8_linear.
+# W8A8 (the moe_experts_fp8_w8a8 op): one activation scale per row and ACT_BLOCK elements along the
+# reduction dim (the FP8 weight tile's edge), as DeepSeek's act_quant and kernels/fp8_linear.
 ACT_BLOCK = FP8_LINEAR_BLOCK
 
 
@@ -28,11 +28,10 @@ class MoeExpertsConfig(KernelConfig):
     down_block_n output columns of D, down_block_k deep along I, down_num_warps / down_num_stages.
     Dequantizing launches read FP8 / MXFP4 tiles; block_k and down_block_k must divide 128 for FP8
     (one scale per 128 x 128 tile) and be multiples of 32 for MXFP4 (one scale per 32 along K).
-    act: how the activations meet FP8 expert weights. "x": in x's dtype, the weight tiles decoded to
-    it (W8A16); "fp8": x and the SwiGLU output quantized to e4m3 per row and 128-block (power-of-two
-    scales, DeepSeek's act_quant) and multiplied on FP8 tensor cores (W8A8). "fp8" needs FP8 weights
-    (the launcher refuses it otherwise) and block_n a multiple of 128 (the gate/up epilogue quantizes
-    whole 128-blocks of the activation).
+    Tiles only: whether the activations are quantized (W8A8) is the op's semantics, not a config's
+    choice (the launcher's `act`, set by which op runs). W8A8 needs block_n a multiple of 128 (the
+    gate/up epilogue quantizes whole 128-blocks of the activation): `w8a8_config`, and the launcher
+    refuses less.
     """
 
     block_m: int = 64
@@ -45,11 +44,9 @@ class MoeExpertsConfig(KernelConfig):
     down_block_k: int = 64
     down_num_warps: int = 4
     down_num_stages: int = 3
-    act: str = "x"
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "block_k", "num_warps", "down_block_n",
                                               "down_block_k", "down_num_warps")
-    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"act": ("x", "fp8")}
 
     def __post_init__(self):
         super().__post_init__()
@@ -60,16 +57,13 @@ class MoeExpertsConfig(KernelConfig):
             if not 32 <= getattr(self, name) <= 128:
                 raise ValueError(f"MoeExpertsConfig.{name} = {getattr(self, name)}: must be 32, 64 or 128 "
                                  f"(a divisor of the FP8 tile 128 and a multiple of the MXFP4 block 32)")
-        if self.act == "fp8" and self.block_n < ACT_BLOCK:
-            raise ValueError(f"MoeExpertsConfig.block_n = {self.block_n} with act='fp8': must be a multiple of "
-                             f"{ACT_BLOCK} (the activation's scale block)")
 
 
-def fp8_act_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:
-    """cfg switched to W8A8 (act="fp8"): the gate/up column tile widened to an activation scale block
-    where narrower (decode defaults), K tiles of 128 (one activation and one weight scale per FP8 MMA
-    step of 128: the fewest fp32 promotions). The W8A8 column of bench_moe and its GPU test run it."""
-    return cfg.replace(act="fp8", block_n=max(cfg.block_n, ACT_BLOCK), block_k=ACT_BLOCK, down_block_k=ACT_BLOCK)
+def w8a8_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:
+    """cfg's tiles made the W8A8 op's: the gate/up column tile widened to an activation scale block where
+    narrower (decode defaults), K tiles of 128 (one activation and one weight scale per FP8 MMA step of
+    128: the fewest fp32 promotions). The W8A8 op's defaults (default_config(..., w8a8=True))."""
+    return cfg.replace(block_n=max(cfg.block_n, ACT_BLOCK), block_k=ACT_BLOCK, down_block_k=ACT_BLOCK)
 
 
 def regime(n_assignments: int) -> str:
@@ -97,16 +91,28 @@ DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
 }
 
 
-def default_config(gpu_name: str | None = None, n_assignments: int = 1) -> MoeExpertsConfig:
-    """Default config for a GPU name (e.g. 'NVIDIA H200') and T * top_k; None = the current device."""
-    return pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
+def default_config(gpu_name: str | None = None, n_assignments: int = 1, w8a8: bool = False) -> MoeExpertsConfig:
+    """Default config for a GPU name (e.g. 'NVIDIA H200') and T * top_k; None = the current device.
+    w8a8: the W8A8 op's (w8a8_config of the regime's default)."""
+    cfg = pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
+    return w8a8_config(cfg) if w8a8 else cfg
 
 
-def decode_config(gpu_name: str | None = None) -> MoeExpertsConfig:
+def decode_config(gpu_name: str | None = None, w8a8: bool = False) -> MoeExpertsConfig:
     """The decode regime's default for a GPU (the tuning space's 'decode' phase)."""
-    return default_config(gpu_name, 1)
+    return default_config(gpu_name, 1, w8a8)
 
 
-def prefill_config(gpu_name: str | None = None) -> MoeExpertsConfig:
+def prefill_config(gpu_name: str | None = None, w8a8: bool = False) -> MoeExpertsConfig:
     """The prefill regime's default for a GPU (the tuning space's 'prefill' phase)."""
-    return default_config(gpu_name, DECODE_MAX_ASSIGNMENTS + 1)
+    return default_config(gpu_name, DECODE_MAX_ASSIGNMENTS + 1, w8a8)
+
+
+def w8a8_decode_config(gpu_name: str | None = None) -> MoeExpertsConfig:
+    """decode_config of the W8A8 op (the moe_experts_fp8_w8a8 space's 'decode' phase)."""
+    return decode_config(gpu_name, True)
+
+
+def w8a8_prefill_config(gpu_name: str | None = None) -> MoeExpertsConfig:
+    """prefill_config of the W8A8 op (the moe_experts_fp8_w8a8 space's 'prefill' phase)."""
+    return prefill_config(gpu_name, True)

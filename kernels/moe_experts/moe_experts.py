@@ -1,5 +1,6 @@
 """Routed experts of a MoE layer as two grouped GEMM launches over tokens sorted by expert
-(`torch.ops.dsv4.moe_experts`, `moe_experts_fp8`, `moe_experts_mxfp4` semantics, see model/moe_ops.py).
+(`torch.ops.dsv4.moe_experts`, `moe_experts_fp8`, `moe_experts_fp8_w8a8`, `moe_experts_mxfp4` semantics,
+see model/moe_ops.py).
 
 Layout (model.moe_ops.expert_blocks, plain torch ops on the device, no host sync): the T*k assignments
 sorted by expert, each expert's run padded to a multiple of block_m rows; slot [n_blocks, block_m]
@@ -11,8 +12,8 @@ max_expert_blocks(N, E, block_m), so the grids depend on the sizes only (CUDA gr
      gathered, times w1[e]^T and w3[e]^T in one K loop (two accumulators; W8A8: a loop each), SwiGLU
      with the clamps in the epilogue; act [n_blocks * block_m, I] in x's dtype (W8A8: FP8, below).
   2. `_down_kernel`, one program per (block of rows, down_block_n columns of D): act @ w2[e]^T, the
-     routing weight of each row in the epilogue, stored (fp32) into its assignment's row of
-     slots [T * k, D] (each row written once: no atomics).
+     routing weight of each row in the epilogue (W8A8: already in act), stored (fp32) into its
+     assignment's row of slots [T * k, D] (each row written once: no atomics).
   3. `_sum_slots_kernel`: out[t] = sum over j = 0 .. k-1 of slots[t * k + j] (ids of -1 skipped), in
      that order, in fp32: the result does not depend on which program finished first (atomics into
      out[t] summed the k contributions in arrival order, so two runs could differ in the last bit
@@ -35,16 +36,18 @@ of eight codes, each code's bits shifted into a bf16 (each integer operation on 
 times 2^126 and the scale as bf16 pairs, the K positions in the order the words decode into (a
 permutation within each run of 8) and the activations loaded in the same order (_mxfp4_order), so
 no weight moves between registers (bench/results/H200/moe_mxfp4_offline.md: the SASS per weight).
-W8A8 (config act="fp8", FP8 weights only, D and I multiples of 128): x quantized to e4m3 per row and
-128-block with power-of-two scales (DeepSeek's act_quant) once, by kernels/fp8_quantize, before the
-chunks; the gate/up launch runs one K loop per weight (_fp8_gemm) over the gathered codes, and its
-epilogue quantizes the fp32 SwiGLU output the same way (act: e4m3 codes + [rows, I/128] fp32 scales);
-the down launch reads those. Each K tile's FP8 product (QGMMA on sm_90) is promoted to the fp32
-accumulator times the row's activation scale and the weight tile's scale, as fp8_linear does.
-Numbers: against the plain op, the routing weight multiplies the fp32 product of w2 instead of the
-activation before its rounding to x's dtype (bf16: within the bf16 tolerance; fp32: equal up to
-summation order). W8A8 is its own semantics (naive.py's W8A8 form): ~5e-2 relative RMS from the W8A16
-plain op on Gaussian data (the activation quantization; tests/kernels/test_moe_experts.py).
+W8A8 (`act="fp8"`: the moe_experts_fp8_w8a8 op, FP8 weights only, D and I multiples of 128): x
+quantized to e4m3 per row and 128-block with power-of-two scales (DeepSeek's act_quant) once, by
+kernels/fp8_quantize, before the chunks; the gate/up launch runs one K loop per weight (_fp8_gemm) over
+the gathered codes, and its epilogue multiplies the fp32 SwiGLU output by the row's routing weight and
+quantizes it the same way (act: e4m3 codes + [rows, I/128] fp32 scales; DeepSeek's Expert weights the
+activation before w2's act_quant too); the down launch reads those. Each K tile's FP8 product (QGMMA on
+sm_90) is promoted to the fp32 accumulator times the row's activation scale and the weight tile's
+scale, as fp8_linear does. Which of W8A16 and W8A8 runs is the op's (the launcher's `act`), never a
+config's: they are different numbers (~5e-2 relative RMS apart on Gaussian data).
+Numbers: W8A16 and the float ops, against the plain op, multiply the routing weight into the fp32
+product of w2 instead of the activation before its rounding to x's dtype (bf16: within the bf16
+tolerance; fp32: equal up to summation order); W8A8 weights the activation where the plain op does.
 Workspace: act [n_blocks * block_m, I] in x's dtype (W8A8: 1 + 4/128 bytes a value) and slots
 [chunk * k, D] float32 for one chunk of tokens (within WORKSPACE_BYTES), the routing layout of all
 T * k assignments (about 40 bytes each); W8A8 also x's codes and scales (T * D * 33/32 bytes).
@@ -63,6 +66,9 @@ from ..fp8_quantize import fp8_quantize
 from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block
 
 WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
+# How the activations meet the weights, a semantic of the op (not a tunable): "x" in x's dtype (the
+# quantized weights decoded to it: W8A16 / W4A16); "fp8" quantized to FP8 (W8A8, FP8 weights only).
+ACTS = ("x", "fp8")
 SUM_BLOCK_T, SUM_BLOCK_D = 8, 256   # the slot sum reads T * k * D * 4 bytes once: any tile near 2K elements
 # The workspace of a call (act and slots of one chunk of tokens) stays within this many bytes (chunk_plan).
 # Each chunk reads every expert in use again (~2.7 ms for V4-Flash's 256 bf16 experts on an H200), so
@@ -272,15 +278,16 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 # ================================================================================================
 
 @triton.jit
-def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_act, p_act_s, limit,
+def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_weights, p_act, p_act_s, limit,
                     N, TOPK, D, I, E, n_blocks,
                     FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, RECIP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
     # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype.
-    # ACT_FP8 (W8A8): p_x [T, D] e4m3 codes with p_xs [T, D/128] float32 scales; p_act e4m3 codes with
-    # p_act_s [n_blocks * BLOCK_M, I/128] float32 scales (p_xs, p_act_s unused otherwise)
+    # ACT_FP8 (W8A8): p_x [T, D] e4m3 codes with p_xs [T, D/128] float32 scales; p_weights [T * TOPK]
+    # float32; p_act e4m3 codes of the weighted activation with p_act_s [n_blocks * BLOCK_M, I/128]
+    # float32 scales (p_xs, p_weights, p_act_s unused otherwise)
     limit = tl.cast(limit, tl.float32)  # float arguments are fp64 in AOTInductor's launch signature
     pid_m, pid_n = _tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
@@ -322,7 +329,8 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
     act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up                    # silu(gate) * up
     mask = offs_n[None, :] < I
-    if ACT_FP8:  # quantized here, once per value (BLOCK_N a multiple of 128): the fp32 act, not x's dtype's
+    if ACT_FP8:  # weighted and quantized here, once per value (BLOCK_N a multiple of 128): the fp32 act
+        act = act * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
         codes, s = quantize_rows_e4m3(tl.reshape(act, [BLOCK_M * (BLOCK_N // 128), 128]), RECIP, NATIVE_FP8)
         tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], tl.reshape(codes, [BLOCK_M, BLOCK_N]), mask=mask)
         offs_b = pid_n * (BLOCK_N // 128) + tl.arange(0, BLOCK_N // 128)
@@ -342,7 +350,7 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_act [n_blocks * BLOCK_M, I] (ACT_FP8: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
     # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
-    # p_weights [T * TOPK] float32;
+    # p_weights [T * TOPK] float32 (unused with ACT_FP8: act holds it);
     # p_out [chunk tokens * TOPK, D] float32: row t * TOPK + j - first_slot of assignment (t, j), written once
     pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
@@ -366,10 +374,10 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
             else:
                 b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
                 acc = _dot(a, b, acc, UPCAST, IEEE)
-    weight = tl.load(p_weights + slot, mask=row_ok, other=0.0)
+    if not ACT_FP8:  # W8A8's act holds its routing weight already
+        acc = acc * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
     row = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
-    tl.store(p_out + row[:, None] * D + offs_n[None, :], acc * weight[:, None],
-             mask=row_ok[:, None] & (offs_n[None, :] < D))
+    tl.store(p_out + row[:, None] * D + offs_n[None, :], acc, mask=row_ok[:, None] & (offs_n[None, :] < D))
 
 
 @triton.jit
@@ -392,14 +400,18 @@ def _sum_slots_kernel(p_slots, p_ids, p_out, first_token, end_token, TOPK, D,
 # Launcher
 # ================================================================================================
 
-def _op_name(weight_format: str) -> str:
-    return "moe_experts" if weight_format == "float" else f"moe_experts_{weight_format}"
+def _op_name(weight_format: str, act: str = "x") -> str:
+    name = "moe_experts" if weight_format == "float" else f"moe_experts_{weight_format}"
+    return name + "_w8a8" if act == "fp8" else name
 
 
-def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str) -> tuple[int, int, int]:
+def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str, act: str = "x") -> tuple[int, int, int]:
     """-> (E, I, D) after the dtype/shape/device checks of one call."""
-    op = _op_name(weight_format)
+    op = _op_name(weight_format, act)
     check(weight_format in WEIGHT_FORMATS, f"{op}: weight_format {weight_format!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
+    check(act in ACTS, f"{op}: act {act!r}; accepted: {', '.join(ACTS)}")
+    check(act == "x" or weight_format == "fp8",
+          f"{op}: act='fp8' (W8A8) needs FP8 expert weights; with {weight_format} weights accepted: act='x'")
     check_tensor(op, "x", x, FLOAT_DTYPES, ndim=2)
     T, D = x.shape
     check_tensor(op, "topk_ids", topk_ids, (torch.int32, torch.int64), ndim=2, device=x.device)
@@ -425,25 +437,18 @@ def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str) ->
             want = (E, -(-rows // 128), -(-cols // 128)) if weight_format == "fp8" else (E, rows, cols // 32)
             check_tensor(op, name, s, _SCALE_DTYPES, shape=want, device=x.device)
         check(len({s.dtype for s in scales}) == 1, f"{op}: scales have dtypes {[s.dtype for s in scales]}; need one")
+    if act == "fp8":  # as fp8_linear's K: a partial block would need the masked amax DeepSeek's act_quant does not define
+        check(D % ACT_BLOCK == 0 and I % ACT_BLOCK == 0,
+              f"{op}: D = {D}, I = {I}; W8A8 needs multiples of {ACT_BLOCK} (the activation's scale block)")
     return E, I, D
 
 
-def _check_fp8_act(weight_format: str, D: int, I: int) -> None:
-    """Config act="fp8" (W8A8): FP8 weights, D and I whole activation scale blocks (as fp8_linear's K;
-    a partial block would need the masked amax DeepSeek's act_quant does not define)."""
-    op = _op_name(weight_format)
-    check(weight_format == "fp8", f"{op}: config act='fp8' (W8A8) needs FP8 expert weights; with {weight_format} "
-                                  f"weights accepted: act='x'")
-    check(D % ACT_BLOCK == 0 and I % ACT_BLOCK == 0,
-          f"{op}: D = {D}, I = {I} with config act='fp8': need multiples of {ACT_BLOCK} (the activation's scale block)")
-
-
-def resolve(config, device, n_assignments) -> MoeExpertsConfig:
+def resolve(config, device, n_assignments, w8a8: bool = False) -> MoeExpertsConfig:
     """None / '' -> the device's default for T * k (the prefill regime's when T is symbolic, as under
-    export); a str -> fields over that default; a config -> itself."""
+    export; w8a8: the W8A8 op's); a str -> fields over that default; a config -> itself."""
     if isinstance(config, MoeExpertsConfig):
         return config
-    base = default_config(device_name(device), n_assignments if isinstance(n_assignments, int) else 1 << 30)
+    base = default_config(device_name(device), n_assignments if isinstance(n_assignments, int) else 1 << 30, w8a8)
     if not config:
         return base
     if isinstance(config, str):
@@ -470,22 +475,25 @@ def chunk_plan(T, k: int, D: int, I: int, E: int, block_m: int, act_bytes: float
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
                 w2: torch.Tensor, w3: torch.Tensor, swiglu_limit: float,
                 config: MoeExpertsConfig | dict | str | None = None, weight_format: str = "float",
-                scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, act: str = "x") -> torch.Tensor:
     """x [T, D] (bf16/fp16/fp32, contiguous), topk_ids [T, k] int32, topk_weights [T, k] fp32, expert
     weights in `weight_format` ("float": [E, I, D], [E, D, I], [E, I, D] in x's dtype; "fp8": the same
     shapes in float8_e4m3fn with `scales` (w1, w2, w3) [E, ceil(rows/128), ceil(cols/128)]; "mxfp4":
     [E, I, D/2], [E, D, I/2], [E, I, D/2] int8, each starting at a multiple of 4 bytes (read as 32-bit
     words), with scales [E, rows, cols/32]; scales e8m0 or fp32)
-    -> [T, D] float32. Tokens go through in chunks (chunk_plan) with one config (that of all T * k
-    assignments), so the result is the same bits whatever the chunking. Workspace: act and slots of one
-    chunk (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment); W8A8 (config act="fp8",
-    FP8 weights, D and I multiples of 128): x's codes and scales too (T * D * 33/32 bytes)."""
-    E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format)
+    -> [T, D] float32. act (ACTS): "x", the semantics of moe_experts / _fp8 / _mxfp4; "fp8" (FP8
+    weights, D and I multiples of 128, config block_n a multiple of 128), moe_experts_fp8_w8a8's.
+    Tokens go through in chunks (chunk_plan) with one config (that of all T * k assignments), so the
+    result is the same bits whatever the chunking. Workspace: act and slots of one chunk
+    (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment); W8A8: x's codes and scales
+    too (T * D * 33/32 bytes)."""
+    E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format, act)
     T, k = topk_ids.shape
-    cfg = resolve(config, x.device, T * k)
-    act_fp8 = cfg.act == "fp8"
-    if act_fp8:
-        _check_fp8_act(weight_format, D, I)
+    act_fp8 = act == "fp8"
+    cfg = resolve(config, x.device, T * k, act_fp8)
+    check(not act_fp8 or cfg.block_n % ACT_BLOCK == 0,
+          f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; W8A8 needs a multiple of {ACT_BLOCK} "
+          f"(the gate/up epilogue quantizes whole activation blocks)")
     out = torch.empty((T, D), dtype=torch.float32, device=x.device)
     if isinstance(T, int) and T == 0:
         return out
@@ -504,12 +512,12 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         # [rows, I/128], half the bf16 workspace and its traffic (quantizing in the down launch would
         # repeat it for each of its D / down_block_n column tiles).
         xq, xs = fp8_quantize(x, ACT_BLOCK, True)                                     # [T, D] e4m3, [T, D/128]
-        act = torch.empty((n_blocks * bm, I), dtype=torch.float8_e4m3fn, device=x.device)
-        act_scale = torch.empty((n_blocks * bm, I // ACT_BLOCK), dtype=torch.float32, device=x.device)
+        hidden = torch.empty((n_blocks * bm, I), dtype=torch.float8_e4m3fn, device=x.device)
+        hidden_scale = torch.empty((n_blocks * bm, I // ACT_BLOCK), dtype=torch.float32, device=x.device)
     else:
         xq, xs = x, placeholder(x.device, torch.float32)                               # xs unused
-        act = torch.empty((n_blocks * bm, I), dtype=x.dtype, device=x.device)
-        act_scale = placeholder(x.device, torch.float32)                               # unused
+        hidden = torch.empty((n_blocks * bm, I), dtype=x.dtype, device=x.device)
+        hidden_scale = placeholder(x.device, torch.float32)                            # unused
     fmt = _FMT[weight_format]
     if fmt:
         scale_f32 = scales[0].dtype == torch.float32
@@ -522,15 +530,15 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     upcast = INTERPRET
     ieee = x.dtype == torch.float32
     bn, bn2 = fit_block(cfg.block_n, I), fit_block(cfg.down_block_n, D)
-    for c in range(n_chunks):  # act and slots reused: each launch reads what the one before wrote
+    for c in range(n_chunks):  # hidden and slots reused: each launch reads what the one before wrote
         first = c * chunk
         launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), xq, xs, slot[c], block_expert[c], w1, s1, w3, s3,
-               act, act_scale, float(swiglu_limit), T * k, k, D, I, E, n_blocks,
+               topk_weights, hidden, hidden_scale, float(swiglu_limit), T * k, k, D, I, E, n_blocks,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
                ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, ACT_FP8=act_fp8, RECIP=x.device.type == "cuda",
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), act, act_scale, slot[c], block_expert[c], w2, s2,
+        launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), hidden, hidden_scale, slot[c], block_expert[c], w2, s2,
                topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,
                BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
@@ -551,7 +559,7 @@ def sum_slots(slots: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, fi
 
 
 # ================================================================================================
-# Torch ops (torch.ops.dsv4_triton.moe_experts / _fp8 / _mxfp4): the dsv4 signatures plus a config string
+# Torch ops (torch.ops.dsv4_triton.moe_experts / _fp8 / _fp8_w8a8 / _mxfp4): the dsv4 signatures plus a config string
 # ================================================================================================
 
 @kernel_op("moe_experts")
@@ -565,6 +573,14 @@ def _moe_experts_fp8_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
                         w2: torch.Tensor, w3: torch.Tensor, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
                         w3_scale: torch.Tensor, swiglu_limit: float, config: str = "") -> torch.Tensor:
     return moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config, "fp8", (w1_scale, w2_scale, w3_scale))
+
+
+@kernel_op("moe_experts_fp8_w8a8")
+def _moe_experts_fp8_w8a8_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                             w2: torch.Tensor, w3: torch.Tensor, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
+                             w3_scale: torch.Tensor, swiglu_limit: float, config: str = "") -> torch.Tensor:
+    return moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config, "fp8", (w1_scale, w2_scale, w3_scale),
+                       act="fp8")
 
 
 @kernel_op("moe_experts_mxfp4")

@@ -93,16 +93,18 @@ def test_offline_sm90_compile_of_the_moe_kernels(tmp_path):
 
 
 def test_offline_sm90_compile_of_the_moe_w8a8_kernels(tmp_path):
-    """W8A8 (act=fp8) at V4-Flash's prefill (T 4096, the H200 prefill default's 128 x 128 tiles over 8
-    warps, K tiles of 128): both kernels' main loops multiply on FP8 wgmma (QGMMA ... E4M3.E4M3) without
-    spills and convert no weight (no F2FP); W8A16 on the same tiles multiplies in bf16 (HGMMA ... BF16)
-    after converting every weight (bench/results/H200/moe_w8a8_offline.md)."""
+    """W8A8 (--act fp8: the moe_experts_fp8_w8a8 op) at V4-Flash's prefill (T 4096, the H200 prefill
+    default's 128 x 128 tiles over 8 warps, K tiles of 128): both kernels' main loops multiply on FP8
+    wgmma (QGMMA ... E4M3.E4M3) without spills and convert no weight (no F2FP); W8A16 on the same tiles
+    multiplies in bf16 (HGMMA ... BF16) after converting every weight (bench/results/H200/moe_w8a8_offline.md)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
-    out = tmp_path / "moe_w8a8.csv"
-    subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", "moe_experts", "--batch", "4096",
-                    "--weight-format", "fp8", "--configs", "act=fp8,block_k=128,down_block_k=128;block_k=128,down_block_k=128",
-                    "--csv", str(out)], check=True, env=env, capture_output=True, timeout=300)
-    rows = list(csv.DictReader(open(out)))
+    rows = []
+    for act in ("fp8", "x"):
+        out = tmp_path / f"moe_{act}.csv"
+        subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", "moe_experts", "--batch", "4096",
+                        "--weight-format", "fp8", "--act", act, "--configs", "block_k=128,down_block_k=128",
+                        "--csv", str(out)], check=True, env=env, capture_output=True, timeout=300)
+        rows += list(csv.DictReader(open(out)))
     assert [r["function"] for r in rows] == ["_gate_up_kernel", "_down_kernel"] * 2
     for r in rows[:2]:
         assert r["mma"].startswith("QGMMA.64x128x32.F32.E4M3.E4M3 x ") and int(r["spill_stores"]) == 0, r

@@ -6,11 +6,12 @@ Tolerances (relative RMS over the output):
 - bf16 activations: 1e-2 (helpers' bf16): operands bf16, fp32 accumulation; the SwiGLU activation is
   rounded to bf16 once (kernel and naive at the same point, plain op after the routing weight), so
   sums in another order can land one bf16 ulp (2^-8 relative) apart on a few elements.
-- W8A8 (config act="fp8") against its naive twin: 1e-3 for either x dtype (both quantize the same x
-  to the same codes): the FP8 products are exact, the fp32 sums differ in order (~1e-7 relative, as
-  measured here), and where an fp32 activation lands within that of an e4m3 rounding midpoint the two
-  may pick neighbouring codes (2^-3 of that value: ~5e-4 relative RMS over a T = 300 output per flip);
-  the output is fp32 (no bf16 rounding). Measured 7e-8 to 9e-6. A scale read from the wrong K block
+- W8A8 (act="fp8", the moe_experts_fp8_w8a8 op) against its naive twin and against the plain op: 1e-3
+  for either x dtype (all three quantize the same x to the same codes): the FP8 products are exact,
+  the fp32 sums differ in order (~1e-7 relative, as measured here), and where an fp32 activation
+  lands within that of an e4m3 rounding midpoint two of them may pick neighbouring codes (2^-3 of that
+  value: ~5e-4 relative RMS over a T = 300 output per flip); the output is fp32 (no bf16 rounding).
+  Measured 7e-8 to 9e-6. A scale read from the wrong K block
   or weight tile moves the output by 0.9 to 2 (mutation checks of the activation, stored act and both weight scale
   paths, with run_w8a8's spread scales).
 - W8A8 against its naive twin on Hopper's FP8 wgmma (block_m >= 64): W8A8_HOPPER_TOL = 1e-2. The
@@ -37,7 +38,7 @@ import triton.language as tl  # noqa: E402
 
 import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
-from dsv4_compile.kernels.moe_experts.config import default_config, fp8_act_config  # noqa: E402
+from dsv4_compile.kernels.moe_experts.config import default_config  # noqa: E402
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
     _e4m3, _e8m0, _e8m0_bf16, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
@@ -249,21 +250,22 @@ def test_bad_input_is_one_line():
         MoeExpertsConfig(block_m=8)
 
 
-# ---- W8A8: FP8 activations on FP8 tensor cores (config act="fp8") ---------------------------------
+# ---- W8A8: FP8 activations on FP8 tensor cores (act="fp8", the moe_experts_fp8_w8a8 op) -----------
 
 # Scale indexing covered: A, K tiles of 64 and 32 within a 128-block (two and four promotions per
 # scale), 64-wide down tiles (one weight scale a step); B, 256-wide tiles in both launches (two
 # activation blocks quantized per gate/up tile, a weight scale per column), a partial last tile at
 # I = D = 384.
-W8A8_CONFIGS = {"A": MoeExpertsConfig(block_m=16, block_n=128, block_k=64, down_block_n=64, down_block_k=32, act="fp8"),
-                "B": MoeExpertsConfig(block_m=32, block_n=256, block_k=128, down_block_n=256, down_block_k=128, act="fp8")}
+W8A8_CONFIGS = {"A": MoeExpertsConfig(block_m=16, block_n=128, block_k=64, down_block_n=64, down_block_k=32),
+                "B": MoeExpertsConfig(block_m=32, block_n=256, block_k=128, down_block_n=256, down_block_k=128)}
 W8A8_CASES = [(1, 6, 12, "random", "A"), (7, 1, 5, "random", "B"), (7, 6, 5, "one-expert", "A"),
               (300, 6, 12, "holes", "B"), (300, 1, 5, "random", "A")]
 
 
 def run_w8a8(T, k, E, kind, dtype, config, D, I, scale_dtype=torch.float8_e8m0fnu):
-    """W8A8 kernel against its naive twin (W8A8_TOL) and the plain W8A16 op (W8A8_VS_W8A16) -> (out, the
-    latter's relative RMS). x's columns span 2^-3 .. 2^3 (each 128-block of a row gets its own scale)
+    """W8A8 kernel against its naive twin and the plain W8A8 op (W8A8_TOL), the plain op against the twin
+    (W8A8_TOL), and the kernel against the plain W8A16 op (W8A8_VS_W8A16) -> (out, the latter's
+    relative RMS). x's columns span 2^-3 .. 2^3 (each 128-block of a row gets its own scale)
     and the weight tiles' scales differ (tile_spread): with uniform scales, a scale read from the wrong
     K block or tile would go unnoticed (a mutation check found so)."""
     x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * torch.logspace(-3, 3, D, base=2)).to(dtype)
@@ -271,11 +273,15 @@ def run_w8a8(T, k, E, kind, dtype, config, D, I, scale_dtype=torch.float8_e8m0fn
     w1, w2, w3, scales = experts(E, I, D, dtype, "fp8", scale_dtype, seed=E, tile_spread=True)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     args = (dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "fp8", tuple(map(dev, scales)))
-    out = moe_experts(*args).cpu()
+    out = moe_experts(*args, act="fp8").cpu()
     assert out.shape == (T, D) and out.dtype == torch.float32
     # the twin on the kernel's device: "/ 448" in the activation scale is a reciprocal multiply on CUDA
     # (as the kernels do there), a division on the CPU; a power-of-two ceiling can land apart at a tie
-    assert_close("W8A8 kernel vs W8A8 naive", naive.moe_experts(*args).cpu(), out, W8A8_TOL)
+    twin = naive.moe_experts(*args, act="fp8").cpu()
+    assert_close("W8A8 kernel vs W8A8 naive", twin, out, W8A8_TOL)
+    plain = torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, w1, w2, w3, *scales, LIMIT)
+    assert_close("plain W8A8 op vs W8A8 naive", twin, plain, W8A8_TOL)
+    assert_close("W8A8 kernel vs plain W8A8 op", plain, out, W8A8_TOL)
     w8a16 = PLAIN["fp8"](x, ids, w, w1, w2, w3, *scales, LIMIT)
     assert_close("W8A8 kernel vs plain W8A16 op", w8a16, out, W8A8_VS_W8A16)
     return out, rel_rms(w8a16, out)
@@ -286,7 +292,8 @@ def run_w8a8(T, k, E, kind, dtype, config, D, I, scale_dtype=torch.float8_e8m0fn
 def test_w8a8_against_its_naive_twin_and_w8a16(T, k, E, kind, cfg, dtype):
     """T = 1, 7, 300; E = 5, 12; k = 1 and 6 (duplicates where 6 > 5); experts 0 and 1 without tokens and -1
     ids ("holes"); every assignment to one expert; D = I = 256 (A) or 384 (B). The W8A8 result is really
-    quantized: it differs from W8A16 by more than the bf16 tolerance (a launch that ignored act would not)."""
+    quantized: it differs from W8A16 by more than the bf16 tolerance (a launch that ignored act would not),
+    and so does the plain W8A8 op (run_w8a8 holds it to the twin)."""
     D = I = 256 if cfg == "A" else 384
     _, vs_w8a16 = run_w8a8(T, k, E, kind, dtype, W8A8_CONFIGS[cfg], D, I)
     assert vs_w8a16 > 2e-2, f"W8A8 within {vs_w8a16:.1e} of W8A16: the activations were not quantized"
@@ -305,68 +312,87 @@ def test_w8a8_float32_scales_and_chunks(monkeypatch):
     assert torch.equal(chunked, e8m0)
 
 
-def test_w8a8_config_is_refused_where_it_cannot_run():
+def test_w8a8_is_refused_where_it_cannot_run():
     """act="fp8" needs FP8 weights (float and MXFP4 refused, one line naming the value and what is
     accepted), D and I multiples of 128 (partial activation blocks are not DeepSeek's act_quant) and
-    gate/up column tiles of whole 128-blocks; act takes "x" or "fp8"."""
+    gate/up column tiles of whole 128-blocks (the W8A8 defaults widen the decode ones); act takes "x"
+    or "fp8", and a config has no say in it."""
     ids, w = (t.to(DEVICE) for t in routing(4, 2, 3, "random", seed=0))
-    cfg = "act=fp8,block_n=128"
+    dev = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
     for fmt in ("float", "mxfp4"):
         w1, w2, w3, scales = experts(3, 128, 128, torch.float32, fmt)
-        dev_scales = None if scales is None else tuple(s.to(DEVICE) for s in scales)
-        with pytest.raises(ValueError, match=f"act='fp8' \\(W8A8\\) needs FP8 expert weights; with {fmt} weights "
-                                             f"accepted: act='x'"):
-            moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, w1.to(DEVICE), w2.to(DEVICE), w3.to(DEVICE), LIMIT,
-                        cfg, fmt, dev_scales)
+        with pytest.raises(ValueError, match=f"moe_experts(_mxfp4)?_w8a8: act='fp8' \\(W8A8\\) needs FP8 expert weights; "
+                                             f"with {fmt} weights accepted: act='x'"):
+            moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, fmt,
+                        None if scales is None else dev(*scales), act="fp8")
     w1, w2, w3, scales = experts(3, 128, 160, torch.float32, "fp8")
-    with pytest.raises(ValueError, match="D = 160, I = 128 with config act='fp8': need multiples of 128"):
-        moe_experts(torch.randn(4, 160, device=DEVICE), ids, w, w1.to(DEVICE), w2.to(DEVICE), w3.to(DEVICE), LIMIT,
-                    cfg, "fp8", tuple(s.to(DEVICE) for s in scales))
-    with pytest.raises(ValueError, match="block_n = 64 with act='fp8': must be a multiple of 128"):
-        MoeExpertsConfig(block_n=64, act="fp8")
-    with pytest.raises(ValueError, match="act = 'int8': choose one of"):
-        MoeExpertsConfig(act="int8")
-    assert fp8_act_config(default_config("H200", 1)).block_n == 128            # the decode default widened
+    with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: D = 160, I = 128; W8A8 needs multiples of 128"):
+        moe_experts(torch.randn(4, 160, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, "fp8", dev(*scales),
+                    act="fp8")
+    w1, w2, w3, scales = experts(3, 128, 128, torch.float32, "fp8")
+    with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: config block_n = 64; W8A8 needs a multiple of 128"):
+        moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, "block_n=64", "fp8",
+                    dev(*scales), act="fp8")
+    with pytest.raises(ValueError, match="act 'int8'; accepted: x, fp8"):
+        moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, "fp8", dev(*scales),
+                    act="int8")
+    with pytest.raises(ValueError, match="act"):
+        MoeExpertsConfig.from_str("act=fp8")                                    # not a config field
+    assert (default_config("H200", 1).block_n, default_config("H200", 1, w8a8=True).block_n) == (64, 128)
+    q1, q2, q3, q_scales = experts(3, 96, 128, torch.float32, "fp8")                 # the plain op refuses I = 96
+    with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: D = 128, I = 96; W8A8 needs multiples of 128"):
+        torch.ops.dsv4.moe_experts_fp8_w8a8(torch.randn(4, 128), *routing(4, 2, 3, "random", seed=0), q1, q2, q3,
+                                            *q_scales, LIMIT)
 
 
 # ---- the substitution ------------------------------------------------------------------------------
 
-def _three_ops(x, ids, w, f1, f2, f3, q1, q2, q3, s1, s2, s3, p1, p2, p3, t1, t2, t3):
+def _four_ops(x, ids, w, f1, f2, f3, q1, q2, q3, s1, s2, s3, p1, p2, p3, t1, t2, t3, x128, r1, r2, r3, u1, u2, u3):
     return (torch.ops.dsv4.moe_experts(x, ids, w, f1, f2, f3, LIMIT),
             torch.ops.dsv4.moe_experts_fp8(x, ids, w, q1, q2, q3, s1, s2, s3, LIMIT),
-            torch.ops.dsv4.moe_experts_mxfp4(x, ids, w, p1, p2, p3, t1, t2, t3, LIMIT))
+            torch.ops.dsv4.moe_experts_mxfp4(x, ids, w, p1, p2, p3, t1, t2, t3, LIMIT),
+            torch.ops.dsv4.moe_experts_fp8_w8a8(x128, ids, w, r1, r2, r3, u1, u2, u3, LIMIT))
 
 
-def _three_inputs():
-    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(3))
+FOUR_OPS = ("moe_experts", "moe_experts_fp8", "moe_experts_mxfp4", "moe_experts_fp8_w8a8")
+
+
+def _four_inputs():
+    """x [9, 64] and the experts (D 64, I 32) of the first three ops, then x [9, 128] and the W8A8 op's FP8
+    experts (D = I = 128: whole activation blocks)."""
+    g = torch.Generator().manual_seed(3)
+    x, x128 = torch.randn(9, 64, generator=g), torch.randn(9, 128, generator=g)
     ids, w = routing(9, 3, 5, "holes", seed=4)
     f = experts(5, 32, 64, torch.float32, "float")[:3]
     q1, q2, q3, (s1, s2, s3) = experts(5, 32, 64, torch.float32, "fp8")
     p1, p2, p3, (t1, t2, t3) = experts(5, 32, 64, torch.float32, "mxfp4")
-    return tuple(t.to(DEVICE) for t in (x, ids, w, *f, q1, q2, q3, s1, s2, s3, p1, p2, p3, t1, t2, t3))
+    r1, r2, r3, (u1, u2, u3) = experts(5, 128, 128, torch.float32, "fp8", tile_spread=True)
+    return tuple(t.to(DEVICE) for t in (x, ids, w, *f, q1, q2, q3, s1, s2, s3, p1, p2, p3, t1, t2, t3,
+                                         x128, r1, r2, r3, u1, u2, u3))
 
 
 def test_substitution_replaces_every_moe_op():
-    """On a fake-traced graph the pass replaces the three ops (counts before/after, report), the
-    numbers hold (fp32), the config is a string the kernel parses, and the registered substitutions
-    decline CPU tensors with their reason."""
+    """On a fake-traced graph the pass replaces the four ops, each by its own kernel op (counts
+    before/after, report: the FP8 op by the W8A16 launch, the W8A8 op by the W8A8 one), the numbers
+    hold (fp32; W8A8 to W8A8_TOL), the config is a string the kernel parses, and the registered
+    substitutions decline CPU tensors with their reason."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from dsv4_compile.passes import PassManager, Target
     from dsv4_compile.passes.kernel_substitutions import moe_experts as sub
 
-    args = _three_inputs()
-    gm = make_fx(_three_ops, tracing_mode="fake")(*args)
-    subs = sub.interpreter_substitutions() if DEVICE == "cpu" else [sub.FLOAT, sub.FP8, sub.MXFP4]
+    args = _four_inputs()
+    gm = make_fx(_four_ops, tracing_mode="fake")(*args)
+    subs = sub.interpreter_substitutions() if DEVICE == "cpu" else [sub.FLOAT, sub.FP8, sub.MXFP4, sub.FP8_W8A8]
     manager = PassManager(subs, gpu="H200" if DEVICE == "cuda" else "cpu")
     manager(gm.graph)
     gm.recompile()
     before, after = manager.graph_ops[0]["before"], manager.graph_ops[0]["after"]
-    for op in ("moe_experts", "moe_experts_fp8", "moe_experts_mxfp4"):
+    for op in FOUR_OPS:
         assert before[f"dsv4.{op}.default"] == 1 and f"dsv4.{op}.default" not in after, op
         assert after[f"dsv4_triton.{op}.default"] == 1 and manager.report.replaced(f"dsv4.{op}") == 1, op
-    for name, ref, out in zip(("float", "fp8", "mxfp4"), _three_ops(*args), gm(*args)):
-        assert_close(f"substituted {name}", ref.cpu(), out.cpu())
+    for name, ref, out in zip(FOUR_OPS, _four_ops(*args), gm(*args)):
+        assert_close(f"substituted {name}", ref.cpu(), out.cpu(), W8A8_TOL if name.endswith("w8a8") else None)
     config = sub.FLOAT.config(Target(gpu="H200"), *args[:6], LIMIT)["config"]
     assert MoeExpertsConfig.from_str(config).block_m == 16                   # 9 tokens: the decode regime
     # A tuned table: decode entries by batch, prefill entries by token count; neither leaks into the other.
@@ -380,29 +406,20 @@ def test_substitution_replaces_every_moe_op():
     assert MoeExpertsConfig.from_str(sub.FLOAT.config(tuned, args[0], big, *args[2:6], LIMIT)["config"]).block_n == 128
     huge = torch.zeros(5000, 3, dtype=torch.int32)                             # prefill: the 8192-token entry
     assert MoeExpertsConfig.from_str(sub.FLOAT.config(tuned, args[0], huge, *args[2:6], LIMIT)["config"]).block_m == 64
+    # The W8A8 op's untuned config: the decode default widened to whole activation blocks (H200: 64 -> 128).
+    w8a8_args = (args[18], *args[1:3], *args[19:], LIMIT)
+    assert MoeExpertsConfig.from_str(sub.FP8_W8A8.config(Target(gpu="H200"), *w8a8_args)["config"]).block_n == 128
     if DEVICE == "cpu":
-        manager = PassManager([sub.FLOAT, sub.FP8, sub.MXFP4], gpu="cpu")
-        gm = make_fx(_three_ops, tracing_mode="fake")(*args)
+        manager = PassManager([sub.FLOAT, sub.FP8, sub.MXFP4, sub.FP8_W8A8], gpu="cpu")
+        gm = make_fx(_four_ops, tracing_mode="fake")(*args)
         manager(gm.graph)
         left = manager.report.left_alone()
-        assert len(left) == 3 and all("needs CUDA tensors" in rec.reason for rec in left)
-    assert "multiples of 32" in sub._mxfp4_reason(torch.empty(2, 48, device=DEVICE), *args[1:3], *args[12:], LIMIT, allow_cpu=True)
-
-
-def test_fp8_substitution_runs_a_tuned_w8a8_entry_as_w8a16_where_blocks_are_partial():
-    """A moe_experts_fp8 table entry with act=fp8 reaches the FP8 op where D and I are multiples of 128,
-    and turns into act=x (its other fields kept) where they are not (the kernel would refuse W8A8)."""
-    from dsv4_compile.passes import Target
-    from dsv4_compile.passes.kernel_substitutions import moe_experts as sub
-
-    table = {"entries": {"decode-8k-b64": {"phase": "decode", "context": 8192, "batch": 64,
-                                           "config": {"act": "fp8", "block_n": 128, "block_m": 32}}}}
-    ids, w = routing(9, 3, 5, "holes", seed=4)
-    for D, I, act in ((128, 256, "fp8"), (64, 256, "x"), (128, 96, "x")):
-        w1, w2, w3, (s1, s2, s3) = experts(5, I, D, torch.float32, "fp8")
-        args = (torch.randn(9, D), ids, w, w1, w2, w3, s1, s2, s3, LIMIT)
-        cfg = MoeExpertsConfig.from_str(sub.FP8.config(Target(gpu="H200", table=table), *args)["config"])
-        assert (cfg.act, cfg.block_m, cfg.block_n) == (act, 32, 128), (D, I)
+        assert len(left) == 4 and all("needs CUDA tensors" in rec.reason for rec in left)
+    assert "multiples of 32" in sub._mxfp4_reason(torch.empty(2, 48, device=DEVICE), *args[1:3], *args[12:18], LIMIT,
+                                                  allow_cpu=True)
+    # W8A8 on D = 64, I = 32 (the FP8 op's experts): declined with the reason, left to the plain op.
+    assert "W8A8 needs multiples of 128" in sub._fp8_w8a8_reason(*args[:3], *args[6:12], LIMIT, allow_cpu=True)
+    assert sub._fp8_w8a8_reason(*w8a8_args, allow_cpu=True) is None
 
 
 # ---- GPU: V4-Flash shapes -------------------------------------------------------------------------
@@ -458,21 +475,25 @@ def test_flash_shapes_are_bit_reproducible(flash_experts):
 @pytest.mark.gpu
 @pytest.mark.xdist_group("gpu-large")
 def test_flash_shapes_w8a8_against_its_twin_and_w8a16(flash_experts):
-    """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x, FP8 weights), the W8A8 config of the prefill default
-    (fp8_act_config, what bench_moe's W8A8 column runs: FP8 wgmma): against the naive W8A8 twin on the
-    GPU (W8A8_HOPPER_TOL) and the W8A16 kernel (W8A8_VS_W8A16); both distances are printed."""
+    """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x, FP8 weights), the W8A8 launch (act="fp8", the
+    moe_experts_fp8_w8a8 op) at its prefill default (what bench_moe's W8A8 column runs: FP8 wgmma):
+    against the naive W8A8 twin on the GPU and the plain W8A8 op (W8A8_HOPPER_TOL), the plain op against
+    the twin (W8A8_TOL: both fp32), and the W8A16 kernel (W8A8_VS_W8A16); the distances are printed."""
     T = 4096
     g = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
     ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
     w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
     ws, scales = flash_experts["fp8"]
-    cfg = fp8_act_config(default_config(None, T * 6))
-    out = moe_experts(x, ids, w, *ws, LIMIT, cfg, "fp8", scales)
-    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, cfg, "fp8", scales)
+    out = moe_experts(x, ids, w, *ws, LIMIT, None, "fp8", scales, act="fp8")
+    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, None, "fp8", scales, act="fp8")
+    plain = torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, *ws, *scales, LIMIT)
     w8a16 = moe_experts(x, ids, w, *ws, LIMIT, None, "fp8", scales)
-    print(f"T = {T}: W8A8 vs its naive twin {rel_rms(twin, out):.3e}, vs W8A16 {rel_rms(w8a16, out):.3e} (relative RMS)")
+    print(f"T = {T}: W8A8 vs its naive twin {rel_rms(twin, out):.3e}, vs the plain W8A8 op {rel_rms(plain, out):.3e}, "
+          f"plain vs twin {rel_rms(twin, plain):.3e}, W8A8 vs W8A16 {rel_rms(w8a16, out):.3e} (relative RMS)")
     assert_close("W8A8 vs naive W8A8", twin, out, W8A8_HOPPER_TOL)
+    assert_close("W8A8 vs plain W8A8 op", plain, out, W8A8_HOPPER_TOL)
+    assert_close("plain W8A8 op vs naive W8A8", twin, plain, W8A8_TOL)
     assert_close("W8A8 vs W8A16", w8a16, out, W8A8_VS_W8A16)
 
 

@@ -4,7 +4,11 @@ against the dense-masked MoE it replaced.
 
 Tolerances: float32 inputs against the float64 loop 1e-5 relative RMS (helpers' fp32: summation order
 only); bf16 inputs against the float64 loop of the same bf16 values 1e-2 (the activation is rounded to
-bf16 before w2 and the matmuls take bf16 operands: a few bf16 roundings).
+bf16 before w2 and the matmuls take bf16 operands: a few bf16 roundings). moe_experts_fp8_w8a8 against
+its float64 loop (the contract's quantization by the fp8_quantize op): W8A8_TOL = 1e-3, the same FP8
+codes and exact products summed in another order, but where the float64 activation and the op's
+float32 one straddle an e4m3 rounding midpoint they take neighbouring codes (~5e-4 relative RMS over a
+T = 300 output per flip); the activation quantization itself is ~4e-2 (W8A8_VS_W8A16's floor).
 """
 from __future__ import annotations
 
@@ -209,6 +213,87 @@ def test_quantized_ops_refuse_mismatched_weights():
     with pytest.raises(ValueError, match="multiple of the MXFP4 block"):
         torch.ops.dsv4.moe_experts_mxfp4(torch.randn(2, 48), torch.zeros(2, 1, dtype=torch.int32), torch.ones(2, 1),
                                          q, q, q, s, s, s, LIMIT)
+
+
+W8A8_TOL = 1e-3
+
+
+def fp8_act_reference(v: torch.Tensor) -> torch.Tensor:
+    """The contract's q(v): fp8_quantize(v, 128, pow2_scale=True) dequantized, in float64."""
+    return torch.ops.dsv4.fp8_dequantize(*torch.ops.dsv4.fp8_quantize(v.float(), 128, True), 128).double()
+
+
+def w8a8_reference(x, topk_ids, topk_weights, w1, w2, w3, limit):
+    """out[t] = sum_j W2[e] @ q(w[t, j] swiglu(W1[e] q(x[t]), W3[e] q(x[t]))), e = ids[t, j] in [0, E), in
+    float64 from the float (dequantized) weights."""
+    T, D = x.shape
+    xq = fp8_act_reference(x)
+    out = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            if not 0 <= e < w1.shape[0]:
+                continue
+            gate, up = w1[e].double() @ xq[t], w3[e].double() @ xq[t]
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+            h = float(topk_weights[t, j]) * F.silu(gate) * up
+            out[t] += w2[e].double() @ fp8_act_reference(h.unsqueeze(0))[0]
+    return out
+
+
+# Dense form (k = 1 of 5, 6 of 5 with duplicates) and grouped form (1 of 12, 3 of 32 with duplicates).
+W8A8_CASES = [(1, 1, 5, "random"), (7, 6, 5, "one-expert"), (300, 6, 5, "holes"), (7, 1, 12, "holes"),
+              (37, 3, 32, "holes")]
+
+
+@pytest.mark.parametrize("T,k,E,kind", W8A8_CASES, ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}" for c in W8A8_CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_w8a8_op_matches_its_float64_loop(T, k, E, kind, dtype):
+    """moe_experts_fp8_w8a8 against the loop written from its contract (x and the weighted SwiGLU output
+    quantized per 128, an expert picked twice quantized twice), in both forms, D = 256, I = 128; it is
+    really quantized: the W8A16 op on the same weights differs by more than 1e-2."""
+    D, I = 256, 128
+    assert moe_ops.dense_is_cheaper(k, E) == (E == 5)
+    x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * 2).to(dtype)
+    ids, w = routing(T, k, E, kind, seed=T * k)
+    packed = [weight_formats.quantize_fp8_weight(t) for t in weights(E, I, D, torch.float32, seed=E)]
+    codes, scales = [q for q, _ in packed], [sc for _, sc in packed]
+    out = torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, *codes, *scales, LIMIT)
+    assert out.dtype == torch.float32 and out.shape == (T, D)
+    deq = [weight_formats.dequantize_fp8_weight(q, sc) for q, sc in packed]
+    assert_close("moe_experts_fp8_w8a8 vs float64 loop", w8a8_reference(x, ids, w, *deq, LIMIT).float(), out, W8A8_TOL)
+    w8a16 = torch.ops.dsv4.moe_experts_fp8(x.float(), ids, w, *codes, *scales, LIMIT)
+    assert ((w8a16 - out).norm() / w8a16.norm()).item() > 1e-2
+
+
+def test_w8a8_opcheck_export_and_bad_shapes():
+    """Fake / autograd registration (x and the routing weights get gradients; the schema test compares
+    float8 inputs, which torch cannot on the CPU); torch.export of the grouped form with T dynamic
+    matches eager at other T; D or I not a multiple of 128 is a one-line ValueError."""
+    from torch.library import opcheck
+
+    E, k, D, I = 12, 1, 128, 128
+    packed = [weight_formats.quantize_fp8_weight(t) for t in weights(E, I, D, torch.float32, seed=5)]
+    codes, scales = [q for q, _ in packed], [sc for _, sc in packed]
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(6))
+    ids, w = routing(9, k, E, "holes", seed=7)
+    opcheck(torch.ops.dsv4.moe_experts_fp8_w8a8.default,
+            (x.clone().requires_grad_(), ids, w.clone().requires_grad_(), *codes, *scales, LIMIT),
+            test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+    class Experts(torch.nn.Module):
+        def forward(self, x, ids, w):
+            return moe_ops._moe_experts_fp8_w8a8_plain(x, ids, w, *codes, *scales, LIMIT)
+
+    T = torch.export.Dim("T", min=2, max=512)
+    ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
+    for n in (2, 33):
+        xn = torch.randn(n, D)
+        idn, wn = routing(n, k, E, "holes", seed=n)
+        assert torch.equal(ep.module()(xn, idn, wn), torch.ops.dsv4.moe_experts_fp8_w8a8(xn, idn, wn, *codes, *scales, LIMIT))
+    narrow = [weight_formats.quantize_fp8_weight(t) for t in weights(E, 96, D, torch.float32, seed=5)]
+    with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: D = 128, I = 96; W8A8 needs multiples of 128"):
+        torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, *(q for q, _ in narrow), *(sc for _, sc in narrow), LIMIT)
 
 
 def _dense_masked_moe(moe: MoE, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -280,26 +280,26 @@ def test_moe_experts_problem_and_rules():
     assert kind == "redundant" and "one row per expert" in reason
 
 
-def test_moe_experts_fp8_space_offers_w8a8_over_fp8_weights():
-    """The FP8 op's space: the bf16 space's problems with FP8 weights (fewer bytes of work), act x / fp8
-    among the choices (the default x), W8A8's FP8 tiles counted at one byte (128 x 128 x 128 over 3
-    stages: 96 KB, as the sm_90a compile), block_n under 128 refused by the config; act fp8 over bf16
-    weights is a hard reject."""
-    space, bf16 = get_space("moe_experts_fp8"), get_space("moe_experts")
+def test_moe_experts_fp8_spaces_tile_each_op():
+    """The FP8 ops' spaces: the bf16 space's problems with FP8 weights (fewer bytes of work) and no act
+    among the choices (the op decides, not a config); the W8A8 space's problems say act fp8, its block_n
+    takes whole activation blocks (128, 256) and its default the prefill default's W8A8 tiles (K tiles of
+    128); W8A8's FP8 tiles counted at one byte (128 x 128 x 128 over 3 stages: 96 KB, as the sm_90a
+    compile), W8A16's at two."""
+    w8a16, w8a8, bf16 = get_space("moe_experts_fp8"), get_space("moe_experts_fp8_w8a8"), get_space("moe_experts")
     h200 = gpu_spec("H200")
-    pre, pre16 = space.make_problem(FLASH, 8192, 1, "prefill"), bf16.make_problem(FLASH, 8192, 1, "prefill")
+    pre, pre8, pre16 = (s.make_problem(FLASH, 8192, 1, "prefill") for s in (w8a16, w8a8, bf16))
     assert pre.dim("weights") == "fp8" and pre.work_bytes < pre16.work_bytes and pre.bucket == pre16.bucket
-    assert space.choices(pre, h200)["act"] == ("fp8", "x") and space.default_params(pre, h200)["act"] == "x"
-    base = space.default_params(pre, h200)
-    w8a8 = {**base, "act": "fp8", "block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
-    assert space.check(space.make_config(w8a8, "H200"), pre, h200) is None
-    assert space.check(space.make_config({**w8a8, "num_stages": 5}, "H200"), pre, h200) is None  # 160 KB fits
-    kind, reason = space.check(space.make_config({**w8a8, "act": "x", "num_stages": 5}, "H200"), pre, h200)
+    assert pre8.dim("act") == "fp8" and "act" not in pre.dims
+    assert "act" not in w8a16.choices(pre, h200) and w8a8.choices(pre8, h200)["block_n"] == (128, 256)
+    base = w8a8.default_params(pre8, h200)
+    assert (base["block_n"], base["block_k"], base["down_block_k"]) == (128, 128, 128)
+    tiles = {**base, "block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
+    assert w8a8.check(w8a8.make_config(tiles, "H200"), pre8, h200) is None
+    assert w8a8.check(w8a8.make_config({**tiles, "num_stages": 5}, "H200"), pre8, h200) is None  # 160 KB fits
+    kind, reason = w8a16.check(w8a16.make_config({**tiles, "num_stages": 5}, "H200"), pre, h200)
     assert kind == "hard" and "shared memory" in reason                         # bf16 tiles: 480 KB
-    with pytest.raises(ValueError, match="block_n = 64 with act='fp8'"):
-        space.make_config({**base, "act": "fp8", "block_n": 64}, "H200")
-    kind, reason = bf16.check(bf16.make_config({**bf16.default_params(pre16, h200)}, "H200").replace(act="fp8"), pre16, h200)
-    assert kind == "hard" and "needs FP8 expert weights" in reason
+    assert all(c["block_n"] >= 128 for c in w8a8.typical)
 
 
 def test_decode_baseline_is_the_launchers_own_default():

@@ -5,12 +5,14 @@ Tuned on V4-Flash's experts (D 4096, I 2048, E 256, top 6, bf16) with random rou
 token per sequence of the batch, prefill = context x batch tokens. The substitution reads prefill
 entries by token count and decode entries by batch (passes/kernel_substitutions/moe_experts.py); the
 decode problems of different contexts are the same problem (the experts do not see the cache).
-moe_experts_fp8: the same kernel over FP8 expert weights (its own op, table and problems), with the
-activations' format as one more choice: act "x" (W8A16) or "fp8" (W8A8, FP8 tensor cores)."""
+moe_experts_fp8 (W8A16) and moe_experts_fp8_w8a8 (W8A8, FP8 tensor cores): the same kernel over FP8
+expert weights, each op with its own space, table and problems; their tiles only (which activations
+the kernel multiplies is the op's semantics, not a choice here)."""
 from __future__ import annotations
 
 import dataclasses
 
+from ...model.ops import FP8_LINEAR_BLOCK as ACT_BLOCK  # W8A8's activation block (the kernel config's ACT_BLOCK)
 from .framework import ACC_PER_THREAD, KernelSpace, Param, rule_threads, smem_reason, threads
 
 
@@ -22,9 +24,9 @@ def moe_hard(cfg, problem, gpu) -> str | None:
     D, I = problem.dim("D"), problem.dim("I")
     bm, bn, bk = cfg.block_m, _fit(cfg.block_n, I), cfg.block_k
     dbn, dbk = _fit(cfg.down_block_n, D), cfg.down_block_k
-    w8a8 = cfg.act == "fp8"
-    if w8a8 and problem.dims.get("weights") != "fp8":
-        return "act fp8 (W8A8) needs FP8 expert weights"
+    w8a8 = problem.dims.get("act") == "fp8"
+    if w8a8 and bn % ACT_BLOCK:
+        return f"block_n {bn}: W8A8 quantizes whole {ACT_BLOCK}-blocks of the activation in the gate/up epilogue"
     acc = 2 * bm * bn / threads(cfg.num_warps)                       # gate and up accumulators
     if acc > ACC_PER_THREAD:
         return f"gate/up accumulators 2 x {bm}x{bn} over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
@@ -64,6 +66,11 @@ def _moe_fp8_problem(mc, context, batch, phase):
     return {**dims, "weights": "fp8"}, work
 
 
+def _moe_fp8_w8a8_problem(mc, context, batch, phase):
+    dims, work = _moe_fp8_problem(mc, context, batch, phase)
+    return {**dims, "act": "fp8"}, work
+
+
 def _typical(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
     # One shape for both launches, as a single @triton.autotune list would (vLLM's fused_moe style).
     return {"block_m": bm, "block_n": bn, "block_k": bk, "group_m": 8, "num_warps": warps, "num_stages": stages,
@@ -88,10 +95,17 @@ MOE_EXPERTS = KernelSpace(
         "config (their tile decode is in the same K loop).")
 
 
-# The FP8 op's space: the same params plus the activations' format. A W8A8 trial's gate compares with the
-# W8A8 naive twin, a W8A16 trial's with the plain op (tuning/tasks.py: MOE_EXPERTS_FP8).
+# The FP8 ops' spaces: moe_experts' params over FP8 weights; W8A8's gate/up column tiles of whole activation
+# blocks (block_n 128 or 256), its defaults the regime's widened (config.w8a8_config). Each trial's gate
+# compares with its op's reference (tuning/tasks.py: the plain W8A16 op, the W8A8 naive twin).
 MOE_EXPERTS_FP8 = dataclasses.replace(
-    MOE_EXPERTS, name="moe_experts_fp8", params=MOE_EXPERTS.params + (Param("act", ("x", "fp8")),),
-    problem=_moe_fp8_problem,
+    MOE_EXPERTS, name="moe_experts_fp8", problem=_moe_fp8_problem,
     doc="moe_experts' problems with w1/w3 [256, 2048, 4096], w2 [256, 4096, 2048] FP8 e4m3 (one e8m0 scale per "
-        "128 x 128 tile); act: x (W8A16) or fp8 (W8A8: block_n >= 128, the config class refuses less).")
+        "128 x 128 tile), multiplied in x's dtype (W8A16).")
+MOE_EXPERTS_FP8_W8A8 = dataclasses.replace(
+    MOE_EXPERTS_FP8, name="moe_experts_fp8_w8a8",
+    params=tuple(Param("block_n", (128, 256)) if p.name == "block_n" else p for p in MOE_EXPERTS.params),
+    problem=_moe_fp8_w8a8_problem, defaults={"prefill": "w8a8_prefill_config", "decode": "w8a8_decode_config"},
+    typical=tuple({**c, "block_n": max(c["block_n"], ACT_BLOCK)} for c in MOE_EXPERTS.typical),
+    doc="moe_experts_fp8's problems with x and the SwiGLU output quantized to FP8 per 128-block (W8A8, FP8 tensor "
+        "cores): block_n 128 or 256 (whole activation blocks).")

@@ -1,16 +1,17 @@
-"""Pass-framework registration: torch.ops.dsv4.moe_experts / moe_experts_fp8 / moe_experts_mxfp4 ->
-torch.ops.dsv4_triton.moe_experts / _fp8 / _mxfp4 ("moe_experts.triton", "moe_experts_fp8.triton",
-"moe_experts_mxfp4.triton"): one grouped-expert kernel, the weight format a launch constant.
+"""Pass-framework registration: torch.ops.dsv4.moe_experts / moe_experts_fp8 / moe_experts_fp8_w8a8 /
+moe_experts_mxfp4 -> torch.ops.dsv4_triton.moe_experts / _fp8 / _fp8_w8a8 / _mxfp4 ("moe_experts.triton",
+"moe_experts_fp8.triton", "moe_experts_fp8_w8a8.triton", "moe_experts_mxfp4.triton"): one grouped-expert
+kernel, the weight format a launch constant, W8A16 or W8A8 decided by the op (never by a table).
 
 Applies to CUDA tensors: x [T, D] float32 / bfloat16 / float16 with static D; topk_ids [T, k] int32 /
 int64; topk_weights [T, k] float32; expert weights in x's dtype, FP8 e4m3 or MXFP4 (int8/uint8) with
-e8m0 (or float32) scales; MXFP4 needs D and I multiples of 32.
+e8m0 (or float32) scales; MXFP4 needs D and I multiples of 32, W8A8 multiples of 128.
 Config by T's regime (kernels/moe_experts/config.py): prefill, the tuned entry of the smallest token
 count >= T (else the largest, `config_string` over the table's "by_context"); decode, the decode entry
 of the smallest batch >= T (tuned at T = batch), else the largest; untuned, the kernel's per-GPU
-default for the regime. A symbolic T takes the table's "default" or "" (the launcher's default for the
-prefill regime). The FP8 op's table (the moe_experts_fp8 space) may pick W8A8 (act=fp8); where D or I is
-not a multiple of 128 (W8A8's activation block) the entry runs as W8A16 (act=x) instead.
+default for the regime (the W8A8 op's: kernels/moe_experts/config.py, w8a8_config). A symbolic T takes
+the table's "default" or "" (the launcher's default for the prefill regime). Each op reads its own
+space's table (moe_experts_fp8, moe_experts_fp8_w8a8): tiles only.
 `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import importlib
 import torch
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
-from ...kernels.moe_experts.config import ACT_BLOCK, MoeExpertsConfig, default_config, regime
+from ...kernels.moe_experts.config import ACT_BLOCK, default_config, regime
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
                       kernel_files, target_gpu)
@@ -59,6 +60,13 @@ def _fp8_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit,
     return reason
 
 
+def _fp8_w8a8_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, allow_cpu=False):
+    reason = _fp8_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, allow_cpu)
+    if reason is None and (x.shape[1] % ACT_BLOCK or w1.shape[1] % ACT_BLOCK):
+        return f"D = {x.shape[1]}, I = {w1.shape[1]}; W8A8 needs multiples of {ACT_BLOCK}"
+    return reason
+
+
 def _mxfp4_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, allow_cpu=False):
     reason = _common_reason(x, topk_ids, topk_weights, allow_cpu)
     if reason is None and any(w.dtype not in (torch.int8, torch.uint8) for w in (w1, w2, w3)):
@@ -70,26 +78,21 @@ def _mxfp4_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limi
     return reason
 
 
-def _config(target, x, topk_ids, *rest):
+def _config(target, x, topk_ids, *rest, w8a8: bool = False):
     T, k = topk_ids.shape
     table = target.table or {}
     if not is_concrete_int(T):
         return {"config": str(table.get("default") or "")}
     T, k = int(T), int(k)
-    default = default_config(target_gpu(target, x.device.type), T * k)
+    default = default_config(target_gpu(target, x.device.type), T * k, w8a8)
     if regime(T * k) == "prefill":  # prefill entries are keyed by their token count (context x batch 1)
         return {"config": config_string({"by_context": table.get("by_context")}, T, default)}
     # Decode entries were tuned at T = their batch (one token per sequence).
     return {"config": decode_entry_config(table, T, default)}
 
 
-def _fp8_config(target, x, topk_ids, topk_weights, w1, *rest):
-    chosen = _config(target, x, topk_ids, topk_weights, w1, *rest)
-    if chosen["config"] and (x.shape[1] % ACT_BLOCK or w1.shape[1] % ACT_BLOCK):
-        cfg = MoeExpertsConfig.from_str(chosen["config"])
-        if cfg.act == "fp8":
-            return {"config": cfg.replace(act="x").to_str()}
-    return chosen
+def _fp8_w8a8_config(target, *args):
+    return _config(target, *args, w8a8=True)
 
 
 def _float(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config: str = ""):
@@ -100,6 +103,11 @@ def _float(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config: str = ""
 def _fp8(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, config: str = ""):
     c = [t.contiguous() for t in (x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3)]
     return torch.ops.dsv4_triton.moe_experts_fp8(*c, swiglu_limit, config)
+
+
+def _fp8_w8a8(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, config: str = ""):
+    c = [t.contiguous() for t in (x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3)]
+    return torch.ops.dsv4_triton.moe_experts_fp8_w8a8(*c, swiglu_limit, config)
 
 
 def _mxfp4(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, config: str = ""):
@@ -114,10 +122,12 @@ def _register(name, op, replacement, reason, config=_config) -> Substitution:
 
 
 FLOAT = _register("moe_experts.triton", torch.ops.dsv4.moe_experts.default, _float, _float_reason)
-FP8 = _register("moe_experts_fp8.triton", torch.ops.dsv4.moe_experts_fp8.default, _fp8, _fp8_reason, _fp8_config)
+FP8 = _register("moe_experts_fp8.triton", torch.ops.dsv4.moe_experts_fp8.default, _fp8, _fp8_reason)
+FP8_W8A8 = _register("moe_experts_fp8_w8a8.triton", torch.ops.dsv4.moe_experts_fp8_w8a8.default, _fp8_w8a8,
+                     _fp8_w8a8_reason, _fp8_w8a8_config)
 MXFP4 = _register("moe_experts_mxfp4.triton", torch.ops.dsv4.moe_experts_mxfp4.default, _mxfp4, _mxfp4_reason)
 
 
 def interpreter_substitutions() -> list[Substitution]:
     return [interpreter_twin(FLOAT, _float_reason), interpreter_twin(FP8, _fp8_reason),
-            interpreter_twin(MXFP4, _mxfp4_reason)]
+            interpreter_twin(FP8_W8A8, _fp8_w8a8_reason), interpreter_twin(MXFP4, _mxfp4_reason)]
