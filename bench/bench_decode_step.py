@@ -64,7 +64,7 @@ def decode_step_bytes(model: nn.Module, cache, context: int, batch: int) -> dict
     top-k compressed entries and every indexer key (the indexer scores them all), HCA every compressed
     entry. The compressor states (rewritten one slot a step, read in full once per ratio steps) are left
     out."""
-    from dsv4_compile.model.moe import MXFP4Experts, RoutedExperts
+    from dsv4_compile.model.moe import FP8Experts, MXFP4Experts, RoutedExperts
 
     config = model.config
     k, n_experts = config.n_activated_experts, config.n_routed_experts
@@ -73,7 +73,7 @@ def decode_step_bytes(model: nn.Module, cache, context: int, batch: int) -> dict
     def nbytes(module: nn.Module) -> int:
         return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
-    experts = [m for m in model.layers.modules() if isinstance(m, (RoutedExperts, MXFP4Experts))]
+    experts = [m for m in model.layers.modules() if isinstance(m, (RoutedExperts, MXFP4Experts, FP8Experts))]
     expert_bytes = sum(nbytes(m) for m in experts)
     embed = model.embed.weight
     weights = (nbytes(model) - nbytes(model.mtp) - nbytes(model.embed) - expert_bytes

@@ -1,9 +1,10 @@
 """DeepSeek-MoE: sqrt-softplus scores, bias-based selection (or a fixed hash table in the first
 layers), weights from the unbiased scores, clamped SwiGLU experts and one shared expert.
 
-The routed experts are one op, `torch.ops.dsv4.moe_experts` (model/ops.py): tokens grouped by expert
-with static shapes, so it exports; DeepSeek's per-expert loop (`bincount().tolist()`) would split the
-graph per expert on data-dependent sizes.
+The routed experts are one op, `torch.ops.dsv4.moe_experts` (model/moe_ops.py; `_fp8`, `_fp8_w8a8`,
+`_mxfp4` for the weights as shipped: FP8Experts, MXFP4Experts): tokens grouped by expert with static
+shapes, so it exports; DeepSeek's per-expert loop (`bincount().tolist()`) would split the graph per
+expert on data-dependent sizes.
 """
 from __future__ import annotations
 
@@ -59,6 +60,33 @@ class MXFP4Experts(nn.Module):
         """x [T, dim], topk_ids [T, k] int32, topk_weights [T, k] float32 -> [T, dim] float32."""
         return torch.ops.dsv4.moe_experts_mxfp4(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.w1_scale,
                                                 self.w2_scale, self.w3_scale, self.limit)
+
+
+class FP8Experts(nn.Module):
+    """The routed experts with FP8 weights as base models ship them (for inference): w1, w3 [E, inter, dim],
+    w2 [E, dim, inter] float8_e4m3fn with float32 (power-of-two) scales [E, ceil(rows/128), ceil(cols/128)],
+    one per 128 x 128 tile. forward is `torch.ops.dsv4.moe_experts_fp8_w8a8` (the activations quantized
+    to FP8 per 128, as DeepSeek's inference runs FP8 weights; dim and inter multiples of 128), or with
+    `quantize_input=False` (a model with `simulate_quantization=False`) `moe_experts_fp8`, which
+    multiplies by the dequantized weights with no FP8 rounding of the activations. Buffers, not
+    parameters (FP8Linear's counterpart)."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float, device=None, quantize_input: bool = True):
+        super().__init__()
+        self.limit, self.quantize_input = limit, quantize_input
+        for name, rows, cols in (("w1", inter_dim, dim), ("w2", dim, inter_dim), ("w3", inter_dim, dim)):
+            self.register_buffer(name, torch.empty(n_experts, rows, cols, dtype=torch.float8_e4m3fn, device=device))
+            self.register_buffer(name + "_scale", torch.empty(n_experts, -(-rows // 128), -(-cols // 128),
+                                                              dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, dim], topk_ids [T, k] int32, topk_weights [T, k] float32 -> [T, dim] float32."""
+        op = torch.ops.dsv4.moe_experts_fp8_w8a8 if self.quantize_input else torch.ops.dsv4.moe_experts_fp8
+        return op(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale, self.w3_scale,
+                  self.limit)
+
+    def extra_repr(self) -> str:
+        return f"weights=float8_e4m3fn, quantize_input={self.quantize_input}"
 
 
 class Gate(nn.Module):

@@ -44,7 +44,7 @@ the plain model's).
 Weights as shipped (checkpoint/load.py's weights="as-shipped"): a split FP8Linear (wq_b, wo_b, the
 indexer's wq_b) keeps its part's FP8 codes and 128 x 128 scale tiles (RowParallelFP8Linear for wo_b);
 a part that does not fall on whole tiles is refused in one line before anything is sharded
-(`_weight_parts`). MXFP4Experts split by whole experts (MXFP4ExpertShard). The other modules of the
+(`_weight_parts`). MXFP4Experts and FP8Experts split by whole experts (MXFP4ExpertShard, FP8ExpertShard). The other modules of the
 vocabulary and attention splits take float weights only (wo_a is always float: DeepSeek multiplies
 it in BF16; nn.Embedding, the head, the indexer's weights_proj).
 
@@ -69,13 +69,14 @@ from .attention import CSA_RATIO, Attention, Indexer
 from .config import ModelConfig
 from .kv_layout import unpack_indexer_keys
 from .layers import FP8Linear, Head, float32_product
-from .moe import MoE, MXFP4Experts, RoutedExperts
+from .moe import FP8Experts, MoE, MXFP4Experts, RoutedExperts
 from .ops import indexer_query_chunk, indexer_scores, indexer_select
 from .transformer import Transformer
 from .weight_formats import FP8_WEIGHT_BLOCK
 
 MESH_DIMS = ("ep", "tp")
-MXFP4_EXPERT_BUFFERS = ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale")
+SHIPPED_EXPERT_BUFFERS = ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale")  # MXFP4Experts', FP8Experts'
+SHIPPED_EXPERTS = (MXFP4Experts, FP8Experts)
 # A part of a tensor along one dimension: (dim, start, stop).
 Part = tuple[int, int, int]
 _LAYOUT_PART = re.compile(r"(tp|ep)=([0-9]+)")
@@ -234,15 +235,30 @@ class ExpertShard(_LocalExperts, RoutedExperts):
             setattr(self, name, nn.Parameter(getattr(experts, name)[first:first + n].clone()))
 
 
+def _keep_shipped_experts(shard: nn.Module, experts: nn.Module, first: int, n: int, group_name: str) -> None:
+    """shard (an nn.Module just initialised) gets experts' limit and its experts [first, first + n)'s codes
+    and scales (SHIPPED_EXPERT_BUFFERS [n, ...]; a scale block or tile never spans two experts)."""
+    shard.limit, shard.first, shard.group_name = experts.limit, first, group_name
+    for name in SHIPPED_EXPERT_BUFFERS:
+        shard.register_buffer(name, getattr(experts, name)[first:first + n].clone())
+
+
 class MXFP4ExpertShard(_LocalExperts, MXFP4Experts):
-    """ExpertShard of as-shipped MXFP4 experts: this rank's experts' codes and scales (MXFP4Experts'
-    buffers [n, ...]; a scale block never spans two experts)."""
+    """ExpertShard of as-shipped MXFP4 experts: this rank's experts' codes and scales."""
 
     def __init__(self, experts: MXFP4Experts, first: int, n: int, group_name: str):
         nn.Module.__init__(self)
-        self.limit, self.first, self.group_name = experts.limit, first, group_name
-        for name in MXFP4_EXPERT_BUFFERS:
-            self.register_buffer(name, getattr(experts, name)[first:first + n].clone())
+        _keep_shipped_experts(self, experts, first, n, group_name)
+
+
+class FP8ExpertShard(_LocalExperts, FP8Experts):
+    """ExpertShard of as-shipped FP8 experts: this rank's experts' codes and scale tiles, and whether the
+    activations are quantized (FP8Experts.quantize_input)."""
+
+    def __init__(self, experts: FP8Experts, first: int, n: int, group_name: str):
+        nn.Module.__init__(self)
+        _keep_shipped_experts(self, experts, first, n, group_name)
+        self.quantize_input = experts.quantize_input
 
 
 
@@ -408,10 +424,10 @@ def shard_vocab(model: Transformer, rank: int, ranks: int, group_name: str) -> N
 
 def shard_experts(moe: MoE, rank: int, ranks: int, group_name: str) -> None:
     """Keep this rank's share of `moe`'s routed experts (in place); see the module docstring."""
-    shard = {RoutedExperts: ExpertShard, MXFP4Experts: MXFP4ExpertShard}.get(type(moe.experts))
+    shard = {RoutedExperts: ExpertShard, MXFP4Experts: MXFP4ExpertShard, FP8Experts: FP8ExpertShard}.get(type(moe.experts))
     if shard is None:
         raise TypeError(f"parallelize: the routed experts are {type(moe.experts).__name__}; expert parallelism "
-                        f"takes RoutedExperts or MXFP4Experts")
+                        f"takes RoutedExperts, MXFP4Experts or FP8Experts")
     _, first, stop = expert_part(moe, rank, ranks)
     with torch.no_grad():
         moe.experts = shard(moe.experts, first, stop - first, group_name)
@@ -447,7 +463,7 @@ def local_parts(model: Transformer, layout: ParallelLayout, mesh: DeviceMesh | N
                 parts[f"{prefix}.attn.{name}"] = part
         if layout.ep > 1:
             part = expert_part(block.ffn, mesh.get_local_rank("ep"), layout.ep)
-            weights = MXFP4_EXPERT_BUFFERS if type(block.ffn.experts) is MXFP4Experts else ("w1", "w2", "w3")
+            weights = SHIPPED_EXPERT_BUFFERS if type(block.ffn.experts) in SHIPPED_EXPERTS else ("w1", "w2", "w3")
             parts.update({f"{prefix}.ffn.experts.{w}": part for w in weights})
     return parts
 

@@ -12,9 +12,12 @@ Order of work, so that nothing runs on a bad checkpoint:
 
 weights="bf16" dequantizes every FP8 / MXFP4 weight once at load into the model's dtype (what the
 plain model computes with). weights="as-shipped" keeps the linears DeepSeek's inference runs as FP8
-GEMMs in FP8 with their 128x128 scales (`FP8Linear`, `torch.ops.dsv4.fp8_linear`) and MXFP4 routed
-experts in MXFP4 (`MXFP4Experts`, `torch.ops.dsv4.moe_experts_mxfp4`); `attn.wo_a` (which DeepSeek
-multiplies in BF16) and FP8-shipped routed experts are dequantized.
+GEMMs in FP8 with their 128x128 scales (`FP8Linear`, `torch.ops.dsv4.fp8_linear`), MXFP4 routed
+experts in MXFP4 (`MXFP4Experts`, `torch.ops.dsv4.moe_experts_mxfp4`) and FP8 routed experts (base
+models) in FP8 (`FP8Experts`: `torch.ops.dsv4.moe_experts_fp8_w8a8`, the activations quantized as
+DeepSeek's inference does, or `moe_experts_fp8` with `simulate_quantization=False`); `attn.wo_a`
+(which DeepSeek multiplies in BF16) is dequantized, and so are FP8 linears and experts whose dims are
+not multiples of the 128-wide activation block (small test models).
 
 parallel="tp=T,ep=E" (model/parallel.py) loads this rank's shard in a process group of T * E ranks:
 the meta model is sharded before it gets storage (only the rank's shards are allocated), the checks
@@ -23,7 +26,7 @@ alone (`TensorReader.read(entry, part)`: the rows or columns the rank keeps, wid
 scale tiles for FP8 weights, which are dequantized and cut to the part). Of the routed experts, which
 both layouts ship one tensor per expert, a rank reads only its own. With weights="as-shipped" a split
 FP8Linear's part must fall on whole 128x128 tiles (its codes and scales are read as they are; a split
-that does not is refused in one line), and MXFP4 experts are split by whole experts.
+that does not is refused in one line), and MXFP4 and FP8 experts are split by whole experts.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import torch.distributed as dist
 
 from ..model import ModelConfig, Transformer
 from ..model.layers import FP8Linear
-from ..model.moe import MXFP4Experts
+from ..model.moe import FP8Experts, MXFP4Experts
 from ..model.ops import FP8_LINEAR_BLOCK
 from ..model.parallel import ParallelLayout, Part, local_parts, parallelize
 from ..model.weight_formats import (FP8_WEIGHT_BLOCK, MXFP4_BLOCK, dequantize_fp8_weight, dequantize_mxfp4,
@@ -62,6 +65,7 @@ class CheckpointInfo:
     weights: str
     fp8_linears: int = 0                     # linears kept FP8 (as-shipped)
     mxfp4_experts: int = 0                   # MoE layers whose routed experts stay MXFP4 (as-shipped)
+    fp8_experts: int = 0                     # MoE layers whose routed experts stay FP8 (as-shipped)
     parallel: str | None = None              # the layout this rank's shard was loaded for, "tp=T,ep=E"
     notes: list[str] = field(default_factory=list)
 
@@ -129,9 +133,10 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None, de
                              f"world size tp * ep = {layout.world_size} (init_process_group on every rank)")
         mesh = mesh or layout.device_mesh(torch.device(device or "cpu").type)
     info = CheckpointInfo(str(path), files.layout, weights, parallel=None if layout is None else str(layout), notes=notes)
-    as_shipped = (_swap_fp8_linears(model, plan) | _swap_mxfp4_experts(model, plan)) if weights == "as-shipped" else set()
+    as_shipped = (_swap_fp8_linears(model, plan) | _swap_shipped_experts(model, plan)) if weights == "as-shipped" else set()
     info.fp8_linears = sum(1 for name in as_shipped if not names.is_stacked_experts(name))
-    info.mxfp4_experts = sum(1 for name in as_shipped if name.endswith("experts.w1"))
+    info.mxfp4_experts = sum(isinstance(m, MXFP4Experts) for m in model.modules())
+    info.fp8_experts = sum(isinstance(m, FP8Experts) for m in model.modules())
     parts: dict[str, Part] = {}
     if layout is not None:  # on meta: only this rank's shards get storage below
         parts = local_parts(model, layout, mesh)
@@ -308,22 +313,30 @@ def _swap_fp8_linears(model: Transformer, plan: _Plan) -> set[str]:
     return swapped
 
 
-def _swap_mxfp4_experts(model: Transformer, plan: _Plan) -> set[str]:
-    """as-shipped: RoutedExperts -> MXFP4Experts (on meta) where every expert weight ships MXFP4.
-    Returns the kept weights' names (`...ffn.experts.w1`, ...)."""
+def _swap_shipped_experts(model: Transformer, plan: _Plan) -> set[str]:
+    """as-shipped: RoutedExperts -> MXFP4Experts (on meta) where every expert weight ships MXFP4, and ->
+    FP8Experts where every one ships FP8 with dim and inter multiples of the 128-wide activation block
+    (as `_swap_fp8_linears`). Returns the kept weights' names (`...ffn.experts.w1`, ...)."""
     kept = set()
     for ours, sources in plan.params.items():
         if not ours.endswith("ffn.experts.w1"):
             continue
         prefix = ours[: -len(".w1")]
         group = [f"{prefix}.{w}" for w in names.EXPERT_WEIGHTS]
-        if not all(plan.params[g] and all(src.code in ("I8", "U8") for src in plan.params[g]) for g in group):
+        if not all(plan.params[g] for g in group):
             continue
+        codes = {src.code for g in group for src in plan.params[g]}
         parent_name, _, child = prefix.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         e, inter, dim = old.w1.shape
-        setattr(parent, child, MXFP4Experts(e, dim, inter, old.limit, device="meta"))
+        if codes <= {"I8", "U8"}:
+            setattr(parent, child, MXFP4Experts(e, dim, inter, old.limit, device="meta"))
+        elif codes == {"F8_E4M3"} and dim % FP8_LINEAR_BLOCK == 0 and inter % FP8_LINEAR_BLOCK == 0:
+            setattr(parent, child, FP8Experts(e, dim, inter, old.limit, device="meta",
+                                              quantize_input=model.config.simulate_quantization))
+        else:
+            continue
         kept.update(group)
     return kept
 
@@ -347,8 +360,8 @@ def _read(reader: TensorReader, entries: list[TensorEntry], dim: int | None, par
 @torch.no_grad()
 def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], parts: dict[str, Part], progress) -> None:
     """Copy every planned tensor into the materialized model: `as_shipped` weights (FP8Linear,
-    MXFP4Experts buffers) as codes + float32 scales, the rest decoded into the parameter's dtype; of
-    a tensor in `parts` (a sharded model) only its part."""
+    MXFP4Experts, FP8Experts buffers) as codes + float32 scales, the rest decoded into the parameter's
+    dtype; of a tensor in `parts` (a sharded model) only its part."""
     state = model.state_dict(keep_vars=True)
     reader = TensorReader()
     try:
@@ -356,9 +369,9 @@ def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], parts: dict[str
             target, part = state[ours], parts.get(ours)
             if part is not None and names.is_stacked_experts(ours):  # this rank's experts; the others are not read
                 sources, part = sources[part[1]:part[2]], None
-            if ours in as_shipped and names.is_stacked_experts(ours):  # MXFP4 codes and scales, expert by expert
+            if ours in as_shipped and names.is_stacked_experts(ours):  # MXFP4 / FP8 codes and scales, expert by expert
                 for e, src in enumerate(sources):
-                    target[e].copy_(_read(reader, src.entries, src.split_dim).view(torch.int8))
+                    target[e].copy_(_read(reader, src.entries, src.split_dim).view(target.dtype))
                     state[ours + "_scale"][e].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
                 continue
             if ours in as_shipped:  # FP8 codes and scales, of a split linear its part's (whole tiles)

@@ -16,8 +16,8 @@ float32 scales the modules hold included): V4-Flash ~188 GB instead of ~583 GB i
 with 1-byte e8m0 scales, ~160 GB).
 
 `shipped_modules(model, state)` gives a plain model the modules of an as-shipped state_dict (one of
-the above, or of from_pretrained(weights="as-shipped")), on the meta device, so that
-`model.load_state_dict(state, assign=True)` takes it.
+the above, or of from_pretrained(weights="as-shipped"), whose FP8-shipped experts are `FP8Experts`), on
+the meta device, so that `model.load_state_dict(state, assign=True)` takes it.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from ..model import Transformer
 from ..model.layers import FP8Linear
-from ..model.moe import MXFP4Experts, RoutedExperts
+from ..model.moe import FP8Experts, MXFP4Experts, RoutedExperts
 from ..model.ops import FP8_LINEAR_BLOCK
 from ..model.weight_formats import dequantize_fp8_weight, e8m0_to_float, quantize_fp8_weight, quantize_mxfp4
 from . import names
@@ -43,7 +43,7 @@ def quantize_as_shipped(model: Transformer) -> Transformer:
     for ours in list(model.state_dict()):
         owner_name, _, leaf = ours.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if isinstance(owner, (FP8Linear, MXFP4Experts)):  # as shipped already (or swapped with their w1: w2, w3)
+        if isinstance(owner, (FP8Linear, MXFP4Experts, FP8Experts)):  # as shipped already (or swapped with their w1)
             continue
         if isinstance(owner, RoutedExperts):
             _swap(model, owner_name, _mxfp4_experts(owner))
@@ -100,8 +100,8 @@ def _mxfp4_experts(experts: RoutedExperts) -> MXFP4Experts:
 
 def shipped_modules(model: Transformer, state: dict[str, torch.Tensor]) -> Transformer:
     """`model` (plain), in place, with FP8Linear where `state` holds `X.weight` FP8 codes and `X.scale`,
-    and MXFP4Experts where it holds `...experts.w1_scale`: empty modules on the meta device, for
-    `load_state_dict(state, assign=True)`. Returns it."""
+    and MXFP4Experts (FP8Experts) where it holds `...experts.w1_scale` beside int8 (FP8) `...experts.w1`:
+    empty modules on the meta device, for `load_state_dict(state, assign=True)`. Returns it."""
     for name, t in state.items():
         if name.endswith(".weight") and t.dtype == torch.float8_e4m3fn:
             linear = model.get_submodule(name[: -len(".weight")])
@@ -112,7 +112,11 @@ def shipped_modules(model: Transformer, state: dict[str, torch.Tensor]) -> Trans
             experts = model.get_submodule(name[: -len(".w1_scale")])
             if isinstance(experts, RoutedExperts):
                 e, inter, dim = experts.w1.shape
-                _swap(model, name[: -len(".w1_scale")], MXFP4Experts(e, dim, inter, experts.limit, device="meta"))
+                shipped = (FP8Experts(e, dim, inter, experts.limit, device="meta",
+                                      quantize_input=model.config.simulate_quantization)
+                           if state[name[: -len("_scale")]].dtype == torch.float8_e4m3fn
+                           else MXFP4Experts(e, dim, inter, experts.limit, device="meta"))
+                _swap(model, name[: -len(".w1_scale")], shipped)
     return model
 
 
@@ -124,7 +128,7 @@ def weight_sizes(model: Transformer) -> tuple[int, int, int]:
     width = model.config.torch_dtype.itemsize
     weights = held = dequantized = 0
     for module in model.modules():
-        shipped = 1 if isinstance(module, FP8Linear) else 2 if isinstance(module, MXFP4Experts) else 0
+        shipped = 1 if isinstance(module, (FP8Linear, FP8Experts)) else 2 if isinstance(module, MXFP4Experts) else 0
         for t in module.parameters(recurse=False):
             weights, held, dequantized = weights + t.numel(), held + t.nbytes, dequantized + t.nbytes
         for name, t in module.named_buffers(recurse=False):

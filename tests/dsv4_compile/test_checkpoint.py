@@ -20,13 +20,16 @@ from dsv4_compile.checkpoint import CheckpointError, write_checkpoint
 from dsv4_compile.checkpoint import names
 from dsv4_compile.checkpoint.write import shipped_tensors
 from dsv4_compile.model.layers import FP8Linear
-from dsv4_compile.model.moe import MXFP4Experts
-from dsv4_compile.model.weight_formats import dequantize_fp8_weight, dequantize_mxfp4
+from dsv4_compile.model.moe import FP8Experts, MXFP4Experts, RoutedExperts
+from dsv4_compile.model.weight_formats import dequantize_fp8_weight, dequantize_mxfp4, e8m0_to_float, quantize_fp8_weight
 
 # Small, but with K multiples of 128 (FP8 GEMM linears) and splits that keep whole 128-wide FP8 tiles
 # per rank for mp=2: wq_b 4x128 rows, wo_a 2x128 rows, wo_b 256 columns, indexer wq_b 4x64 rows.
 CONFIG = d.ModelConfig.from_preset("tiny").replace(dim=128, q_lora_rank=128, head_dim=128, rope_head_dim=64,
                                                    o_lora_rank=128, index_head_dim=64, max_seq_len=128)
+# Base models' FP8 routed experts need dim and inter multiples of 128 to stay FP8 (W8A8's activation
+# block); inter 256 keeps the shared expert's FP8 splits on whole tiles for mp=2.
+FP8_EXPERTS = CONFIG.replace(moe_inter_dim=256)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +122,74 @@ def test_as_shipped_without_simulation_is_the_dequantized_model(written):
     plain = d.from_pretrained(written["hf"], config=config, weights="bf16")
     assert fp8.checkpoint.fp8_linears > 0 and fp8.checkpoint.mxfp4_experts > 0
     tokens = torch.randint(0, CONFIG.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(fp8(tokens), plain(tokens))
+
+
+@pytest.fixture(scope="module")
+def fp8_written(tmp_path_factory):
+    model, root = d.Transformer(FP8_EXPERTS, seed=4), tmp_path_factory.mktemp("fp8_experts")
+    return {"hf": write_checkpoint(model, root / "hf", expert_format="fp8"),
+            "inference": write_checkpoint(model, root / "inference", layout="inference", mp=2, expert_format="fp8")}
+
+
+def _as_fp8_experts(model, plain, quantize_input: bool):
+    """`model` with each FP8Experts replaced by one made from `plain`'s (the dequantized load's) experts of
+    the same name, quantized again (the same values: power-of-two scales), running with quantize_input."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FP8Experts):
+            experts = plain.get_submodule(name)
+            assert type(experts) is RoutedExperts
+            e, inter, dim = experts.w1.shape
+            fresh = FP8Experts(e, dim, inter, experts.limit, quantize_input=quantize_input)
+            for w in ("w1", "w2", "w3"):
+                codes, scale = quantize_fp8_weight(getattr(experts, w).detach())
+                getattr(fresh, w).copy_(codes)
+                getattr(fresh, w + "_scale").copy_(e8m0_to_float(scale))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, fresh)
+    return model
+
+
+def test_as_shipped_keeps_fp8_experts(fp8_written):
+    """A base model's FP8 routed experts (e4m3 + e8m0 128x128 scales), either layout, as shipped: every MoE
+    layer's experts are FP8Experts holding the file's codes and scales, quantizing their activations
+    (W8A8, `moe_experts_fp8_w8a8`: simulate_quantization is on); the logits equal, bit for bit, those of
+    the same model whose experts are the dequantized load's quantized again (the plain reference) and
+    differ from it with W8A16 experts (the W8A8 op really runs); both layouts load the same model."""
+    shipped = {k: v for f in Path(fp8_written["hf"]).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    fp8 = d.from_pretrained(fp8_written["hf"], dtype="float32", weights="as-shipped")
+    n_moe = FP8_EXPERTS.n_layers + FP8_EXPERTS.n_mtp_layers
+    assert (fp8.checkpoint.fp8_experts, fp8.checkpoint.mxfp4_experts) == (n_moe, 0)
+    experts = fp8.layers[2].ffn.experts
+    assert isinstance(experts, FP8Experts) and experts.quantize_input and experts.w2.dtype == torch.float8_e4m3fn
+    assert torch.equal(experts.w2[5].view(torch.uint8), shipped["layers.2.ffn.experts.5.w2.weight"].view(torch.uint8))
+    assert torch.equal(experts.w3_scale[1], e8m0_to_float(shipped["layers.2.ffn.experts.1.w3.scale"]))
+    plain = d.from_pretrained(fp8_written["hf"], dtype="float32", weights="bf16")
+    reference = _as_fp8_experts(d.from_pretrained(fp8_written["hf"], dtype="float32", weights="as-shipped"), plain, True)
+    w8a16 = _as_fp8_experts(d.from_pretrained(fp8_written["hf"], dtype="float32", weights="as-shipped"), plain, False)
+    inference = d.from_pretrained(fp8_written["inference"], dtype="float32", weights="as-shipped")
+    a, b = fp8.state_dict(), inference.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
+                                                    b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k])
+                                        for k in a)
+    tokens = torch.randint(0, FP8_EXPERTS.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y = fp8(tokens)
+        assert torch.equal(y, reference(tokens)) and torch.equal(y, inference(tokens))
+        assert not torch.equal(y, w8a16(tokens))
+
+
+def test_fp8_experts_without_simulation_are_the_dequantized_experts(fp8_written):
+    """simulate_quantization=False: FP8Experts run moe_experts_fp8 (no FP8 rounding of the activations),
+    so the as-shipped model computes exactly what the dequantized one does; weights="bf16" still
+    dequantizes the experts into RoutedExperts."""
+    config = d.ModelConfig.from_pretrained(fp8_written["hf"], simulate_quantization=False, dtype="float32")
+    fp8 = d.from_pretrained(fp8_written["hf"], config=config, weights="as-shipped")
+    plain = d.from_pretrained(fp8_written["hf"], config=config, weights="bf16")
+    assert fp8.checkpoint.fp8_experts > 0 and not fp8.layers[1].ffn.experts.quantize_input
+    assert type(plain.layers[1].ffn.experts) is RoutedExperts and plain.checkpoint.fp8_experts == 0
+    tokens = torch.randint(0, FP8_EXPERTS.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(fp8(tokens), plain(tokens))
 

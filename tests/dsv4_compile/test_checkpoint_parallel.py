@@ -21,7 +21,9 @@ runs once here, as shipped, for tp=2 (test_as_shipped_tensor_parallel_with_activ
 the float model's quantized mode is test_parallel.py's.
 Every tensor read is counted (TensorReader.read wrapped in the workers): a rank reads its own routed
 experts and no other's, every tensor it keeps whole once and whole, and of a split tensor its part's
-bytes (widened to whole FP8 tiles).
+bytes (widened to whole FP8 tiles). A base model's FP8 routed experts (the wider model with inter 128,
+FP8-shipped experts, the activation simulation on) load as shipped with ep=2 as FP8ExpertShard, W8A8
+(test_fp8_experts_split_by_whole_experts).
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ pytestmark = pytest.mark.xdist_group("parallel")  # as test_parallel.py: one xdi
 TINY = ModelConfig.load("tiny").replace(simulate_quantization=False)
 WIDE = TINY.replace(dim=128, q_lora_rank=128, head_dim=128, rope_head_dim=64, o_lora_rank=128, index_head_dim=64)
 QUANTIZED = WIDE.replace(simulate_quantization=True)  # FP8Linear quantizes its input (torch.ops.dsv4.fp8_linear)
+FP8_EXPERTS = QUANTIZED.replace(moe_inter_dim=128)   # FP8Experts (W8A8: dim and inter whole 128-blocks)
 LAYOUTS = ("tp=2", "ep=2")
 WEIGHTS = ("bf16", "as-shipped")
 EXPERT = re.compile(r"(layers\.\d+|mtp\.\d+)\.ffn\.experts\.(\d+)\.")
@@ -67,7 +70,7 @@ def _load(path: str, config: ModelConfig, weights: str = "bf16", **kwargs) -> Tr
     return from_pretrained(path, config=config, weights=weights, **kwargs)
 
 
-def _worker(rank: int, world: int, checkpoints: dict) -> dict:
+def _worker(rank: int, world: int, checkpoints: dict, fp8_experts: str) -> dict:
     reads: list[tuple[str, str, int, int]] = []   # (file, tensor, bytes read, bytes stored) of every read
     in_flight = {"now": 0, "peak": 0}              # bytes of the tensors read and not yet freed
     read = TensorReader.read
@@ -101,6 +104,13 @@ def _worker(rank: int, world: int, checkpoints: dict) -> dict:
     quantized = _load(checkpoints["inference mp=2"][0], QUANTIZED, "as-shipped", parallel="tp=2")
     results["quantized"] = {"logits": run_logits(quantized, prompt_tokens(QUANTIZED)), "kinds": _kinds(quantized),
                             "quantize_input": quantized.layers[1].attn.wo_b.quantize_input}
+    reads.clear()
+    sharded = _load(fp8_experts, FP8_EXPERTS, "as-shipped", parallel="ep=2")
+    results["fp8 experts"] = {
+        "state": sharded.state_dict(), "reads": list(reads), "kinds": _kinds(sharded),
+        "quantize_input": sharded.layers[1].ffn.experts.quantize_input,
+        "in memory": parallelize(_load(fp8_experts, FP8_EXPERTS, "as-shipped"), ParallelLayout.parse("ep=2")).state_dict(),
+        "logits": run_logits(sharded, prompt_tokens(FP8_EXPERTS))}
     results["build"] = _build_shard(checkpoints["hf"][0], reads)
     try:
         _load(*checkpoints["hf"], parallel="tp=2,ep=2")
@@ -159,8 +169,15 @@ def full(checkpoints) -> dict[tuple[str, str], tuple[dict, dict]]:
 
 
 @pytest.fixture(scope="module")
-def world2(checkpoints, tmp_path_factory) -> list[dict]:
-    return spawn_world(_worker, 2, tmp_path_factory.mktemp("world2"), checkpoints)
+def fp8_experts(tmp_path_factory) -> str:
+    """A checkpoint of the FP8_EXPERTS model with its routed experts shipped FP8 (as base models)."""
+    return str(write_checkpoint(Transformer(FP8_EXPERTS, seed=0), tmp_path_factory.mktemp("fp8_experts") / "hf",
+                                expert_format="fp8"))
+
+
+@pytest.fixture(scope="module")
+def world2(checkpoints, fp8_experts, tmp_path_factory) -> list[dict]:
+    return spawn_world(_worker, 2, tmp_path_factory.mktemp("world2"), checkpoints, fp8_experts)
 
 
 # What the sharded model holds as-shipped (weights="as-shipped"): the tiny preset's projections have K < 128
@@ -272,6 +289,26 @@ def test_as_shipped_tensor_parallel_with_activation_quantization(world2, checkpo
         assert got["kinds"] == AS_SHIPPED["wide", "tp=2"] and got["quantize_input"]
         assert_parallel_logits(f"inference mp=2 tp=2 as-shipped quantized rank {rank}", reference, got["logits"], flips=True,
                                within_share=0.85)
+
+
+def test_fp8_experts_split_by_whole_experts(world2, fp8_experts):
+    """FP8-shipped routed experts as shipped with ep=2: each rank holds FP8ExpertShard (its experts' codes
+    and 128x128 scale tiles, the full load's cut bit for bit) quantizing its activations (W8A8), reads
+    its own experts' weights and scales and no other's, and its logits are the full load's by the
+    flip-aware criteria (each assignment's numbers are the full model's; the ranks' partial sums
+    reassociate in the all-reduce)."""
+    reference = run_logits(_load(fp8_experts, FP8_EXPERTS, "as-shipped"), prompt_tokens(FP8_EXPERTS))
+    per_rank = FP8_EXPERTS.n_routed_experts // 2
+    for rank, results in enumerate(world2):
+        got = results["fp8 experts"]
+        assert got["kinds"]["experts"] == "FP8ExpertShard" and got["quantize_input"]
+        assert got["state"].keys() == got["in memory"].keys()
+        for key, value in got["state"].items():
+            assert_bits_equal(f"fp8 experts ep=2 rank {rank} {key}", got["in memory"][key], value)
+        experts = Counter(int(m[2]) for _, tensor, _, _ in got["reads"] if (m := EXPERT.match(tensor)))
+        n_moe = FP8_EXPERTS.n_layers + FP8_EXPERTS.n_mtp_layers
+        assert experts == {e: 6 * n_moe for e in range(rank * per_rank, (rank + 1) * per_rank)}, f"rank {rank}"
+        assert_parallel_logits(f"fp8 experts ep=2 rank {rank}", reference, got["logits"], flips=True)
 
 
 def test_a_parallel_build_reads_only_its_shard_over_its_engine_groups(world2, checkpoints):
