@@ -85,6 +85,10 @@ def _cases() -> dict:
                             r(24, dtype=torch.float32), 20, 1e-6, 1e-6)),
         "moe_experts": (moe_experts, (r(T, 128), ids, r(T, k, dtype=torch.float32), r(E, 64, 128), r(E, 128, 64),
                                       r(E, 64, 128), 10.0, "block_m=16")),
+        "moe_experts (W8A8)": (moe_experts, (r(T, 128), ids, r(T, k, dtype=torch.float32),
+                                             *(r(E, 128, 128, dtype=torch.float32).to(torch.float8_e4m3fn) for _ in range(3)),
+                                             10.0, "block_m=16,block_n=128", "fp8",
+                                             tuple(torch.ones(E, 1, 1) for _ in range(3)), "fp8")),
         "fp8_linear": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2), "gemm=triton,quant=fused")),
     }
     return cases
