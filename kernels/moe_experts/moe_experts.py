@@ -402,7 +402,7 @@ def _sum_slots_kernel(p_slots, p_ids, p_out, first_token, end_token, TOPK, D,
 
 def _op_name(weight_format: str, act: str = "x") -> str:
     name = "moe_experts" if weight_format == "float" else f"moe_experts_{weight_format}"
-    return name + "_w8a8" if act == "fp8" else name
+    return name + "_w8a8" if weight_format == "fp8" and act == "fp8" else name
 
 
 def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str, act: str = "x") -> tuple[int, int, int]:

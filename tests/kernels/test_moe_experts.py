@@ -321,7 +321,7 @@ def test_w8a8_is_refused_where_it_cannot_run():
     dev = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
     for fmt in ("float", "mxfp4"):
         w1, w2, w3, scales = experts(3, 128, 128, torch.float32, fmt)
-        with pytest.raises(ValueError, match=f"moe_experts(_mxfp4)?_w8a8: act='fp8' \\(W8A8\\) needs FP8 expert weights; "
+        with pytest.raises(ValueError, match=f"moe_experts(_mxfp4)?: act='fp8' \\(W8A8\\) needs FP8 expert weights; "
                                              f"with {fmt} weights accepted: act='x'"):
             moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, fmt,
                         None if scales is None else dev(*scales), act="fp8")

@@ -24,21 +24,23 @@ from helpers import assert_close
 LIMIT = 10.0
 
 
-def reference(x, topk_ids, topk_weights, w1, w2, w3, limit):
-    """out[t] = sum_j w[t, j] w2[e] @ swiglu(w1[e] x[t], w3[e] x[t]), e = ids[t, j] in [0, E), in float64."""
+def reference(x, topk_ids, topk_weights, w1, w2, w3, limit, act=None):
+    """out[t] = sum_j w2[e] @ act(w[t, j] swiglu(w1[e] act(x[t]), w3[e] act(x[t]))), e = ids[t, j] in [0, E),
+    in float64; act: the identity, or the W8A8 op's quantization (fp8_act_reference)."""
     T, D = x.shape
     E = w1.shape[0]
+    act = act or (lambda v: v.double())
+    xs = act(x)
     out = torch.zeros(T, D, dtype=torch.float64)
     for t in range(T):
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
             if not 0 <= e < E:
                 continue
-            xt = x[t].double()
-            gate, up = w1[e].double() @ xt, w3[e].double() @ xt
+            gate, up = w1[e].double() @ xs[t], w3[e].double() @ xs[t]
             if limit > 0:
                 gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-            out[t] += float(topk_weights[t, j]) * (w2[e].double() @ (F.silu(gate) * up))
+            out[t] += w2[e].double() @ act(float(topk_weights[t, j]) * F.silu(gate) * up)
     return out
 
 
@@ -223,24 +225,6 @@ def fp8_act_reference(v: torch.Tensor) -> torch.Tensor:
     return torch.ops.dsv4.fp8_dequantize(*torch.ops.dsv4.fp8_quantize(v.float(), 128, True), 128).double()
 
 
-def w8a8_reference(x, topk_ids, topk_weights, w1, w2, w3, limit):
-    """out[t] = sum_j W2[e] @ q(w[t, j] swiglu(W1[e] q(x[t]), W3[e] q(x[t]))), e = ids[t, j] in [0, E), in
-    float64 from the float (dequantized) weights."""
-    T, D = x.shape
-    xq = fp8_act_reference(x)
-    out = torch.zeros(T, D, dtype=torch.float64)
-    for t in range(T):
-        for j in range(topk_ids.shape[1]):
-            e = int(topk_ids[t, j])
-            if not 0 <= e < w1.shape[0]:
-                continue
-            gate, up = w1[e].double() @ xq[t], w3[e].double() @ xq[t]
-            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-            h = float(topk_weights[t, j]) * F.silu(gate) * up
-            out[t] += w2[e].double() @ fp8_act_reference(h.unsqueeze(0))[0]
-    return out
-
-
 # Dense form (k = 1 of 5, 6 of 5 with duplicates) and grouped form (1 of 12, 3 of 32 with duplicates).
 W8A8_CASES = [(1, 1, 5, "random"), (7, 6, 5, "one-expert"), (300, 6, 5, "holes"), (7, 1, 12, "holes"),
               (37, 3, 32, "holes")]
@@ -261,7 +245,8 @@ def test_w8a8_op_matches_its_float64_loop(T, k, E, kind, dtype):
     out = torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, *codes, *scales, LIMIT)
     assert out.dtype == torch.float32 and out.shape == (T, D)
     deq = [weight_formats.dequantize_fp8_weight(q, sc) for q, sc in packed]
-    assert_close("moe_experts_fp8_w8a8 vs float64 loop", w8a8_reference(x, ids, w, *deq, LIMIT).float(), out, W8A8_TOL)
+    assert_close("moe_experts_fp8_w8a8 vs float64 loop", reference(x, ids, w, *deq, LIMIT, fp8_act_reference).float(), out,
+                 W8A8_TOL)
     w8a16 = torch.ops.dsv4.moe_experts_fp8(x.float(), ids, w, *codes, *scales, LIMIT)
     assert ((w8a16 - out).norm() / w8a16.norm()).item() > 1e-2
 
