@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...model.ops import FP8_LINEAR_BLOCK as ACT_BLOCK  # W8A8's activation block (the kernel config's ACT_BLOCK)
+from ...kernels.moe_experts.config import ACT_BLOCK
 from .framework import ACC_PER_THREAD, KernelSpace, Param, rule_threads, smem_reason, threads
 
 
