@@ -54,7 +54,7 @@ from .model.context import format_context
 from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
 from .reference import DEFAULT_WEIGHTS_FORMAT, WEIGHT_MODES
 from .shared_weights import finish_shared_weights
-from .steps import Progress, compile_check, export_all, verify_engines
+from .steps import ExportRun, Progress, compile_check, verify_engines
 from .verify import CPU_CHECK_SEQ
 
 
@@ -222,6 +222,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
     export_timings: dict[int, dict] = {}
     shared: dict[str, str] = {}
     groups_by_rank: list[dict] = []
+    exports = None
     digests = FolderDigests(tmp)  # the folder's files hashed once for both manifests
 
     def manifest_now(engines: list[EngineRecord], complete: bool) -> Manifest:
@@ -246,6 +247,8 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
                       + (f" ({_bytes(dequantized)} in {plan.config.dtype})" if held != dequantized else ""))
 
         progress.start("compile", f"dsv4_compile.compile(passes={plan.passes!r}, gpu={plan.target!r}) vs eager")
+        os.makedirs(export_root, exist_ok=True)
+        exports = ExportRun(plan, export_root, progress)  # its processes export while the check runs here
         compile_result = compile_check(plan, model, progress)
         progress.done("ok" if compile_result["ok"] else "FAILED")
         del model
@@ -255,8 +258,7 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
 
         progress.start("export", f"{', '.join(plan.formats)} x {len(plan.buckets)} context bucket(s)"
                        + (f", rank 0 of {plan.layout.world_size} (each rank its own)" if parallel else ""))
-        os.makedirs(export_root, exist_ok=True)
-        engines, timings = export_all(plan, export_root, progress)
+        engines, timings = exports.wait()
         export_timings.update(timings)
         shared.update(finish_shared_weights(export_root))
         progress.note("weights: one copy per format in " + (", ".join(
@@ -288,6 +290,8 @@ def _run(args: argparse.Namespace, progress: Progress) -> int:
         manifest = from_rank0(manifest)
         progress.done(plan.out)
     except BaseException:
+        if exports is not None:
+            exports.close()
         progress.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         raise

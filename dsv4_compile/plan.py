@@ -327,9 +327,10 @@ class Plan:
         import torch
 
         free, _ = torch.cuda.mem_get_info()
-        # each export process builds the model in the config's dtype (then quantizes it, as-shipped)
-        tasks = self.export_tasks()
-        return export_jobs(len(tasks), usable_cpus(), weights_bytes(self.config), free,
+        # each export process builds the model in the config's dtype (then quantizes it, as-shipped); the
+        # build's own model and its compile check hold one copy beside them (steps.ExportRun)
+        tasks, model_bytes = self.export_tasks(), weights_bytes(self.config)
+        return export_jobs(len(tasks), usable_cpus(), model_bytes, max(0, free - model_bytes - GPU_EXPORT_MARGIN),
                            one_core_tasks=sum("aoti" not in formats for _, _, formats in tasks))
 
     @property

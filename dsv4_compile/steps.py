@@ -156,48 +156,67 @@ class ExportTaskResult:
     timings: dict[str, float]     # seconds of each part ("torch.export[aoti]", "onnx[decode]", ...)
 
 
-def export_all(plan: Plan, tmp: str, progress: Progress) -> tuple[list[EngineRecord], dict[int, dict]]:
+class ExportRun:
     """Every engine of `plan` written under `tmp`, one task per (bucket, engine kind, formats)
-    (Plan.export_tasks) in `plan.jobs` processes (1: in this process) -> (engine records in bucket, kind,
-    format order; {bucket: {part: seconds}}). The tasks are independent programs: torch.export,
-    AOTInductor's lowering and the ONNX translation are single-threaded Python, so one process would
-    keep one core busy for minutes. The processes take the AOTInductor tasks first (the longest)."""
-    jobs = plan.jobs
-    tasks = plan.export_tasks()
-    results: list[ExportTaskResult] = []
-    if jobs <= 1 or len(tasks) == 1:
-        models: dict[int, object] = {}
-        for bucket, kind, formats in tasks:
-            if bucket not in models:
-                models.clear()  # one bucket's model at a time
-                models[bucket] = plan.model(bucket)
-            results.append(export_task(plan, bucket, kind, formats, tmp, progress.note, models[bucket]))
-    else:
+    (Plan.export_tasks) in `plan.jobs` processes, started when this is made: the tasks are independent
+    programs, and torch.export, AOTInductor's lowering and the ONNX translation are single-threaded
+    Python, so one process would keep one core busy for minutes; the build's compile check runs in its
+    own process meanwhile. The processes take the AOTInductor tasks first (the longest). With one
+    process the tasks run in this one, in `wait`.
+
+    wait() -> (engine records in bucket, kind, format order; {bucket: {part: seconds}}); close() ends the
+    processes (also on an error or SIGTERM: no worker outlives the build or writes into a removed folder)."""
+
+    def __init__(self, plan: Plan, tmp: str, progress: Progress):
+        self.plan, self.tmp, self.progress = plan, tmp, progress
+        self.tasks = plan.export_tasks()
+        self.pool = self.results = None
+        self.relayed = threading.Event()
+        if plan.jobs <= 1 or len(self.tasks) == 1:
+            return
         import multiprocessing
 
-        jobs = min(jobs, len(tasks))
-        progress.note(f"{len(tasks)} export tasks in {jobs} processes")
+        jobs = min(plan.jobs, len(self.tasks))
+        progress.note(f"{len(self.tasks)} export tasks started in {jobs} processes (they run while this step does)")
         context = multiprocessing.get_context("spawn")
         notes = context.SimpleQueue()  # the workers' notes, shown as they come (a task runs for minutes)
-        pool = context.Pool(jobs, initializer=_export_worker_init,
-                            initargs=(plan, tmp, task_threads(tasks, jobs, usable_cpus()), os.getpid(), notes))
-        relayed = threading.Event()
-        relay = threading.Thread(target=_relay_notes, args=(notes, progress, relayed), daemon=True)
-        relay.start()
+        self.pool = context.Pool(jobs, initializer=_export_worker_init,
+                                 initargs=(plan, tmp, task_threads(self.tasks, jobs, usable_cpus()), os.getpid(), notes))
+        self.relay = threading.Thread(target=_relay_notes, args=(notes, progress, self.relayed), daemon=True)
+        self.relay.start()
+        longest_first = sorted(self.tasks, key=lambda task: "aoti" not in task[2])
+        self.results = self.pool.imap_unordered(_export_worker_run, longest_first)
+
+    def wait(self) -> tuple[list[EngineRecord], dict[int, dict]]:
+        results: list[ExportTaskResult] = []
         try:
-            longest_first = sorted(tasks, key=lambda task: "aoti" not in task[2])
-            results.extend(pool.imap_unordered(_export_worker_run, longest_first))
-        finally:  # also on SIGINT / SIGTERM: no worker outlives the build (or writes into a removed folder)
-            pool.terminate()
-            pool.join()
-            relayed.set()
-            relay.join(timeout=2.0)  # a worker killed inside a put leaves a message that never completes
-    order = {task: i for i, task in enumerate(tasks)}
-    results.sort(key=lambda r: order[(r.bucket, r.kind, r.formats)])
-    timings: dict[int, dict] = {}
-    for r in results:
-        timings.setdefault(r.bucket, {}).update(r.timings)
-    return [e for r in results for e in r.engines], timings
+            if self.pool is None:
+                models: dict[int, object] = {}
+                for bucket, kind, formats in self.tasks:
+                    if bucket not in models:
+                        models.clear()  # one bucket's model at a time
+                        models[bucket] = self.plan.model(bucket)
+                    results.append(export_task(self.plan, bucket, kind, formats, self.tmp, self.progress.note,
+                                               models[bucket]))
+            else:
+                results.extend(self.results)
+        finally:
+            self.close()
+        order = {task: i for i, task in enumerate(self.tasks)}
+        results.sort(key=lambda r: order[(r.bucket, r.kind, r.formats)])
+        timings: dict[int, dict] = {}
+        for r in results:
+            timings.setdefault(r.bucket, {}).update(r.timings)
+        return [e for r in results for e in r.engines], timings
+
+    def close(self) -> None:
+        if self.pool is None:
+            return
+        pool, self.pool = self.pool, None
+        pool.terminate()
+        pool.join()
+        self.relayed.set()
+        self.relay.join(timeout=2.0)  # a worker killed inside a put leaves a message that never completes
 
 
 def _relay_notes(notes, progress: Progress, relayed: threading.Event) -> None:

@@ -467,9 +467,10 @@ def test_killed_build_leaves_nothing_loadable(built, tmp_path):
 
 
 def test_sigterm_removes_the_partial_folder(built, tmp_path):
-    """SIGTERM is handled like SIGINT, here inside the export step: the workers are ended, the
-    temporary folder goes, the exit code is 128 + 15."""
-    code, before, children = _interrupt_build(tmp_path, "terminated", "[4/6] export", signal.SIGTERM, settle_s=5)
+    """SIGTERM is handled like SIGINT, here inside the compile step, while the export workers already
+    run beside the check (steps.ExportRun): the workers are ended, the temporary folder goes, the exit
+    code is 128 + 15."""
+    code, before, children = _interrupt_build(tmp_path, "terminated", "[3/6] compile", signal.SIGTERM, settle_s=5)
     assert [name for name in before if name.startswith(".terminated.partial-")], before
     assert code == 128 + signal.SIGTERM
     assert children, "no export worker processes were running"

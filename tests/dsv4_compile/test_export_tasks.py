@@ -13,7 +13,7 @@ import pytest
 from dsv4_compile import build, steps
 from dsv4_compile.manifest import EngineRecord, Verification
 from dsv4_compile import ModelConfig
-from dsv4_compile.plan import Plan, export_jobs, format_groups, task_threads, usable_cpus, weights_bytes
+from dsv4_compile.plan import GPU_EXPORT_MARGIN, Plan, export_jobs, format_groups, task_threads, usable_cpus, weights_bytes
 
 
 def _plan(tmp_path, *argv) -> Plan:
@@ -81,6 +81,10 @@ def test_gpu_default_jobs_reads_the_free_gpu_memory_and_the_models_size(monkeypa
     assert Plan.default_jobs(fake) == 3
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (2 * size, 141 * GIB))   # a busy GPU
     assert Plan.default_jobs(fake) == 1
+    # room for three export processes, but the build's own model (its compile check runs beside them)
+    # takes one copy and its margin
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (3 * (2 * size + GPU_EXPORT_MARGIN), 141 * GIB))
+    assert Plan.default_jobs(fake) == 2
     fake.state = {"weights": "loaded"}                                                 # weights from a file
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (139 * GIB, 141 * GIB))
     assert Plan.default_jobs(fake) == 1
@@ -122,7 +126,7 @@ def test_one_process_export_keeps_manifest_order_and_merges_timings(tmp_path, mo
 
     monkeypatch.setattr(steps, "export_task", fake_task)
     out = io.StringIO()
-    engines, timings = steps.export_all(plan, str(tmp_path), steps.Progress(out, live=False))
+    engines, timings = steps.ExportRun(plan, str(tmp_path), steps.Progress(out, live=False)).wait()
     assert [(e.bucket, e.kind) for e in engines] == [(bucket, kind) for bucket, kind, _ in plan.export_tasks()]
     assert built_models == [256, 512]
     assert timings == {b: {"aoti[prefill]": 1.0, "aoti[prefill-cache]": 1.0, "aoti[decode]": 1.0} for b in (256, 512)}
