@@ -1,7 +1,8 @@
 """The routed experts of a MoE layer as `torch.ops.dsv4.*` ops (ours): `moe_experts` over float
 expert weights, `moe_experts_fp8` and `moe_experts_mxfp4` over the weights as DeepSeek ships them
-(model/weight_formats.py), the activations in x's dtype (W8A16, W4A16), and `moe_experts_fp8_w8a8`, FP8
-weights with the activations quantized to FP8 as DeepSeek's inference does (W8A8). Part of the op
+(model/weight_formats.py), the activations in x's dtype (W8A16, W4A16), and `moe_experts_fp8_w8a8` /
+`moe_experts_mxfp4_w4a8`, FP8 / MXFP4 weights with the activations quantized to FP8 as DeepSeek's
+inference does (W8A8, W4A8). Part of the op
 boundary (model/ops.py); a module of its own because the quantized ops decode through weight_formats,
 which builds on ops.
 
@@ -88,14 +89,15 @@ def chunked_expert_blocks(topk_ids: torch.Tensor, n_experts: int, block: int, ch
 # `take(None)` -> every expert (no gather).
 ExpertWeights = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 # How the plain forms round the weighted SwiGLU output (float32) into w2's operand: None, to x's dtype
-# (moe_experts, _fp8, _mxfp4); the W8A8 op's `fp8_act`.
+# (moe_experts, _fp8, _mxfp4); the W8A8 and W4A8 ops' `fp8_act`.
 RoundAct = Callable[[torch.Tensor], torch.Tensor] | None
 
 
 def fp8_act(a: torch.Tensor) -> torch.Tensor:
     """a [..., K] -> float32 [..., K]: fp8_quantize(a, 128, pow2_scale=True) dequantized (DeepSeek's
-    act_quant: per row and block of 128 along K, power-of-two scales), the W8A8 op's activations."""
-    return _fp8_values(*_fp8_code_blocks(a, FP8_LINEAR_BLOCK, True, "moe_experts_fp8_w8a8"))
+    act_quant: per row and block of 128 along K, power-of-two scales), the W8A8 and W4A8 ops' activations
+    (their ops check K first: _check_w8a8)."""
+    return _fp8_values(*_fp8_code_blocks(a, FP8_LINEAR_BLOCK, True, "fp8_act"))
 
 
 def _combine(topk_ids, topk_weights, n_experts: int) -> torch.Tensor:
@@ -292,9 +294,10 @@ def _moe_experts_fp8_w8a8_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale,
                       swiglu_limit, fp8_act)
 
 
-def _check_w8a8(name: str, D: int, I: int) -> None:
+def _check_w8a8(name: str, D: int, I: int, kind: str = "W8A8") -> None:
+    """The FP8-activation ops (kind W8A8, W4A8): whole activation blocks along both reductions."""
     if D % FP8_LINEAR_BLOCK or I % FP8_LINEAR_BLOCK:
-        raise ValueError(f"{name}: D = {D}, I = {I}; W8A8 needs multiples of {FP8_LINEAR_BLOCK} (the activation block)")
+        raise ValueError(f"{name}: D = {D}, I = {I}; {kind} needs multiples of {FP8_LINEAR_BLOCK} (the activation block)")
 
 
 @torch.library.custom_op(f"{LIB}::moe_experts_fp8_w8a8", mutates_args=())
@@ -364,3 +367,49 @@ def _(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swigl
 
 
 _plain_autograd(moe_experts_mxfp4, _moe_experts_mxfp4_plain, 10, (0, 2))
+
+
+def _moe_experts_mxfp4_w4a8_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale,
+                                  swiglu_limit: float):
+    take = _shipped_take(dequantize_mxfp4, w1, w2, w3, w1_scale, w2_scale, w3_scale, torch.float32)
+    return _moe_plain(fp8_act(x), topk_ids, topk_weights, take, w1.shape[0], w1.shape[1], 3 * w1[0].numel() * (1 + 2 * 4),
+                      swiglu_limit, fp8_act)
+
+
+@torch.library.custom_op(f"{LIB}::moe_experts_mxfp4_w4a8", mutates_args=())
+def moe_experts_mxfp4_w4a8(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                           w2: torch.Tensor, w3: torch.Tensor, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
+                           w3_scale: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
+    """The routed experts over MXFP4 weights with FP8 activations (W4A8, ours), as DeepSeek's inference
+    runs the V4 releases' MXFP4 experts (act_quant before each `fp4_gemm`).
+
+    x [T, D] float; topk_ids [T, k] int32; topk_weights [T, k] float32; w1, w3 [E, I, D/2], w2 [E, D, I/2]
+    int8 (or uint8), two e2m1 codes per byte (element 2i in the low nibble) with scales [E, I, D/32],
+    [E, D, I/32] (float8_e8m0fnu, or float32), W = code * its 1 x 32 run's scale, as moe_experts_mxfp4.
+    D and I multiples of 128 (ValueError otherwise). With q = fp8_act (DeepSeek's act_quant: per row and
+    128-block, power-of-two scales), for each assignment (t, j) with e = topk_ids[t, j] in [0, E):
+        h = topk_weights[t, j] * swiglu(W1[e] @ q(x[t]), W3[e] @ q(x[t]), swiglu_limit)
+        out[t] += W2[e] @ q(h)
+    every product one of dequantized values (an e4m3 code times an e2m1 code times two powers of two:
+    exact in float32), summed in float32: DeepSeek's fp4_gemm multiplies the FP8 codes per 32 along K
+    and adds each partial sum times the row's activation scale and the column's weight scale into an
+    fp32 accumulator, the same products in another order. The routing weight is in h before its
+    quantization (DeepSeek's Expert: `x = weights * x` before w2). The rest (ids outside [0, E), a
+    repeated expert, no bf16 rounding in between, float32 out, the dense form's 0 * Inf) is
+    moe_experts_fp8_w8a8's contract.
+    """
+    _check_moe("moe_experts_mxfp4_w4a8", x, topk_ids, topk_weights)
+    D = x.shape[1]
+    _check_w8a8("moe_experts_mxfp4_w4a8", D, w1.shape[1], "W4A8")
+    _check_shapes("moe_experts_mxfp4_w4a8", w1, w2, w3, D, D // 2, lambda i: i // 2)
+    return _moe_experts_mxfp4_w4a8_plain(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale,
+                                         swiglu_limit)
+
+
+@moe_experts_mxfp4_w4a8.register_fake
+def _(x, topk_ids, topk_weights, w1, w2, w3, w1_scale, w2_scale, w3_scale, swiglu_limit):
+    _check_w8a8("moe_experts_mxfp4_w4a8", x.shape[1], w1.shape[1], "W4A8")
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+_plain_autograd(moe_experts_mxfp4_w4a8, _moe_experts_mxfp4_w4a8_plain, 10, (0, 2))

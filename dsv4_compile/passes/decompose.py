@@ -138,6 +138,7 @@ _DECOMPOSITIONS = {
     torch.ops.dsv4.moe_experts_fp8.default: (_implementation(moe_ops.moe_experts_fp8), _always),
     torch.ops.dsv4.moe_experts_fp8_w8a8.default: (_implementation(moe_ops.moe_experts_fp8_w8a8), _always),
     torch.ops.dsv4.moe_experts_mxfp4.default: (_implementation(moe_ops.moe_experts_mxfp4), _always),
+    torch.ops.dsv4.moe_experts_mxfp4_w4a8.default: (_implementation(moe_ops.moe_experts_mxfp4_w4a8), _always),
 }
 
 

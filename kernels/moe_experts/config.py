@@ -14,8 +14,9 @@ from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_
 # reads bound the time. (H200, bench/results/H200/moe.md: 16-row blocks beat 128-row ones at T = 512
 # with k = 6, 128-row ones win from T = 4096.)
 DECODE_MAX_ASSIGNMENTS = 4096
-# W8A8 (the moe_experts_fp8_w8a8 op): one activation scale per row and ACT_BLOCK elements along the
-# reduction dim (the FP8 weight tile's edge), as DeepSeek's act_quant and kernels/fp8_linear.
+# W8A8 and W4A8 (the moe_experts_fp8_w8a8 and moe_experts_mxfp4_w4a8 ops): one activation scale per row
+# and ACT_BLOCK elements along the reduction dim (the FP8 weight tile's edge), as DeepSeek's act_quant
+# and kernels/fp8_linear.
 ACT_BLOCK = FP8_LINEAR_BLOCK
 
 
@@ -29,9 +30,9 @@ class MoeExpertsConfig(KernelConfig):
     Dequantizing launches read FP8 / MXFP4 tiles; block_k and down_block_k must divide 128 for FP8
     (one scale per 128 x 128 tile) and be multiples of 32 for MXFP4 (one scale per 32 along K).
     Tiles only: whether the activations are quantized (W8A8) is the op's semantics, not a config's
-    choice (the launcher's `act`, set by which op runs). W8A8 needs block_n a multiple of 128 (the
-    gate/up epilogue quantizes whole 128-blocks of the activation): `w8a8_config`, and the launcher
-    refuses less.
+    choice (the launcher's `act`, set by which op runs). W8A8 and W4A8 need block_n a multiple of 128
+    (the gate/up epilogue quantizes whole 128-blocks of the activation): `w8a8_config`, and the
+    launcher refuses less.
     """
 
     block_m: int = 64
@@ -62,7 +63,8 @@ class MoeExpertsConfig(KernelConfig):
 def w8a8_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:
     """cfg's tiles made the W8A8 op's: the gate/up column tile widened to an activation scale block where
     narrower (decode defaults), K tiles of 128 (one activation and one weight scale per FP8 MMA step of
-    128: the fewest fp32 promotions). The W8A8 op's defaults (default_config(..., w8a8=True))."""
+    128: the fewest fp32 promotions). The W8A8 and W4A8 ops' defaults (default_config(..., w8a8=True)):
+    W4A8's MXFP4 tiles fold their four 1 x 32 scales into one promotion per 128 too (moe_experts.py)."""
     return cfg.replace(block_n=max(cfg.block_n, ACT_BLOCK), block_k=ACT_BLOCK, down_block_k=ACT_BLOCK)
 
 
@@ -109,10 +111,10 @@ def prefill_config(gpu_name: str | None = None, w8a8: bool = False) -> MoeExpert
 
 
 def w8a8_decode_config(gpu_name: str | None = None) -> MoeExpertsConfig:
-    """decode_config of the W8A8 op (the moe_experts_fp8_w8a8 space's 'decode' phase)."""
+    """decode_config of the W8A8 and W4A8 ops (the moe_experts_fp8_w8a8 and _mxfp4_w4a8 spaces' 'decode' phase)."""
     return decode_config(gpu_name, True)
 
 
 def w8a8_prefill_config(gpu_name: str | None = None) -> MoeExpertsConfig:
-    """prefill_config of the W8A8 op (the moe_experts_fp8_w8a8 space's 'prefill' phase)."""
+    """prefill_config of the W8A8 and W4A8 ops (the moe_experts_fp8_w8a8 and _mxfp4_w4a8 spaces' 'prefill' phase)."""
     return prefill_config(gpu_name, True)

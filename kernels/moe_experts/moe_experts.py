@@ -1,6 +1,6 @@
 """Routed experts of a MoE layer as two grouped GEMM launches over tokens sorted by expert
-(`torch.ops.dsv4.moe_experts`, `moe_experts_fp8`, `moe_experts_fp8_w8a8`, `moe_experts_mxfp4` semantics,
-see model/moe_ops.py).
+(`torch.ops.dsv4.moe_experts`, `moe_experts_fp8`, `moe_experts_fp8_w8a8`, `moe_experts_mxfp4`,
+`moe_experts_mxfp4_w4a8` semantics, see model/moe_ops.py).
 
 Layout (model.moe_ops.expert_blocks, plain torch ops on the device, no host sync): the T*k assignments
 sorted by expert, each expert's run padded to a multiple of block_m rows; slot [n_blocks, block_m]
@@ -36,15 +36,19 @@ of eight codes, each code's bits shifted into a bf16 (each integer operation on 
 times 2^126 and the scale as bf16 pairs, the K positions in the order the words decode into (a
 permutation within each run of 8) and the activations loaded in the same order (_mxfp4_order), so
 no weight moves between registers (bench/results/H200/moe_mxfp4_offline.md: the SASS per weight).
-W8A8 (`act="fp8"`: the moe_experts_fp8_w8a8 op, FP8 weights only, D and I multiples of 128): x
+W8A8 (`act="fp8"` with FP8 weights: the moe_experts_fp8_w8a8 op, D and I multiples of 128): x
 quantized to e4m3 per row and 128-block with power-of-two scales (DeepSeek's act_quant) once, by
 kernels/fp8_quantize, before the chunks; the gate/up launch runs one K loop per weight (_fp8_gemm) over
 the gathered codes, and its epilogue multiplies the fp32 SwiGLU output by the row's routing weight and
 quantizes it the same way (act: e4m3 codes + [rows, I/128] fp32 scales; DeepSeek's Expert weights the
 activation before w2's act_quant too); the down launch reads those. Each K tile's FP8 product (QGMMA on
 sm_90) is promoted to the fp32 accumulator times the row's activation scale and the weight tile's
-scale, as fp8_linear does. Which of W8A16 and W8A8 runs is the op's (the launcher's `act`), never a
-config's: they are different numbers (~5e-2 relative RMS apart on Gaussian data).
+scale, as fp8_linear does. W4A8 (`act="fp8"` with MXFP4 weights: the moe_experts_mxfp4_w4a8 op, as
+DeepSeek runs the releases' MXFP4 experts): the same launches and activation quantization, the weight
+tiles decoded from e2m1 to e4m3 (exact) for the same FP8 MMAs, their 1 x 32 scales folded into the
+values or applied per 32-run (_mxfp4_e4m3_dot; the W4A8 note below). Which of W8A16 / W4A16 and W8A8 /
+W4A8 runs is the op's (the launcher's `act`), never a config's: they are different numbers (~5e-2
+relative RMS apart on Gaussian data).
 Numbers: W8A16 and the float ops, against the plain op, multiply the routing weight into the fp32
 product of w2 instead of the activation before its rounding to x's dtype (bf16: within the bf16
 tolerance; fp32: equal up to summation order); W8A8 weights the activation where the plain op does.
@@ -61,13 +65,13 @@ import triton.language as tl
 from ...model.moe_ops import chunked_expert_blocks
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, launch,
                        placeholder, split_chunks)
-from .._jit_utils import quantize_rows_e4m3, round_bf16
+from .._jit_utils import e4m3_bits, quantize_rows_e4m3, round_bf16
 from ..fp8_quantize import fp8_quantize
 from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block
 
 WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
 # How the activations meet the weights, a semantic of the op (not a tunable): "x" in x's dtype (the
-# quantized weights decoded to it: W8A16 / W4A16); "fp8" quantized to FP8 (W8A8, FP8 weights only).
+# quantized weights decoded to it: W8A16 / W4A16); "fp8" quantized to FP8 (W8A8 / W4A8, FP8 or MXFP4 weights).
 ACTS = ("x", "fp8")
 SUM_BLOCK_T, SUM_BLOCK_D = 8, 256   # the slot sum reads T * k * D * 4 bytes once: any tile near 2K elements
 # The workspace of a call (act and slots of one chunk of tokens) stays within this many bytes (chunk_plan).
@@ -77,6 +81,8 @@ SUM_BLOCK_T, SUM_BLOCK_D = 8, 256   # the slot sum reads T * k * D * 4 bytes onc
 # tokens a chunk at those shapes, so the benchmarks' sizes up to 32K and every decode run unchunked.
 WORKSPACE_BYTES = 4 << 30
 _FMT = {"float": 0, "fp8": 1, "mxfp4": 2}
+# The ops of act="fp8", by weight format: moe_experts_fp8_w8a8 (W8A8), moe_experts_mxfp4_w4a8 (W4A8).
+_FP8_ACT_SUFFIX = {"fp8": "_w8a8", "mxfp4": "_w4a8"}
 _SCALE_DTYPES = (torch.float8_e8m0fnu, torch.uint8, torch.float32)
 
 # ================================================================================================
@@ -194,30 +200,61 @@ def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl
 
 
 @triton.jit
-def _fp8_gemm(p_a, p_as, rows, row_ok, p_w, p_s, e, n0, R, C, SCALE_F32: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W8A8: [BLOCK_M, BLOCK_N] fp32 = A[rows] @ W[e][n0 : n0 + BLOCK_N]^T for activations A [*, C] e4m3
-    codes with scales [*, C/128] float32 (rows [BM] int64; rows not row_ok read as 0) and FP8 W [E, R, C]
-    (scales as _weight_tile's; C a multiple of 128). Per K tile (BLOCK_K divides 128: one activation
-    scale per row and one weight scale per column), the FP8 product (exact per term: e4m3 x e4m3 has
-    at most 8 significant bits) summed by the FP8 tensor cores (tl.dot of two e4m3 operands: QGMMA
-    ... E4M3.E4M3 on sm_90; the interpreter multiplies the decoded values) is promoted to the fp32
-    accumulator times both power-of-two scales (exact), as fp8_linear and DeepSeek's DeepGEMM do."""
+def _fp8_gemm(p_a, p_as, rows, row_ok, p_w, p_s, e, n0, R, C, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
+              NATIVE_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W8A8 / W4A8: [BLOCK_M, BLOCK_N] fp32 = A[rows] @ W[e][n0 : n0 + BLOCK_N]^T for activations A [*, C]
+    e4m3 codes with scales [*, C/128] float32 (rows [BM] int64; rows not row_ok read as 0) and W [E, R, C]
+    FP8 (FMT 1, scales as _weight_tile's) or MXFP4 (FMT 2: _mxfp4_e4m3_dot); C a multiple of 128.
+    Per K tile (BLOCK_K divides 128: one activation scale per row and, for FP8, one weight scale per
+    column), the FP8 product (exact per term: e4m3 x e4m3 has at most 8 significant bits) summed by the
+    FP8 tensor cores (tl.dot of two e4m3 operands: QGMMA ... E4M3.E4M3 on sm_90; the interpreter
+    multiplies the decoded values) is promoted to the fp32 accumulator times both power-of-two scales
+    (exact), as fp8_linear and DeepSeek's DeepGEMM do."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     p_w_tile = p_w + e.to(tl.int64) * R * C + offs_n[None, :] * C
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if FMT == 2:
+        fold = _mxfp4_foldable(p_s, e, offs_n, R, C, SCALE_F32, BLOCK_K, BLOCK_N)
     for k0 in range(0, C, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_a + rows[:, None] * C + offs_k[None, :], mask=row_ok[:, None], other=0.0)  # [BM, BK] e4m3
         s_a = tl.load(p_as + rows * (C // 128) + k0 // 128, mask=row_ok, other=0.0)            # [BM]
-        w = tl.load(p_w_tile + offs_k[:, None], mask=offs_n[None, :] < R, other=0.0)            # [BK, BN] e4m3
-        if BLOCK_N <= 128:  # a power-of-two tile inside one 128-row weight tile: one scale, one FFMA a value
-            s_w = _scale(p_s, _fp8_scale_index(e, n0, k0, R, C), n0 < R, SCALE_F32)
-            acc += tl.dot(a, w) * (s_a * s_w)[:, None]
+        if FMT == 2:
+            acc = _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, fold, SCALE_F32, NATIVE_FP8,
+                                  BLOCK_K, BLOCK_N)
         else:
-            s_w = _scale(p_s, _fp8_scale_index(e, offs_n, k0, R, C), offs_n < R, SCALE_F32)  # [BN]
-            acc += tl.dot(a, w) * s_a[:, None] * s_w[None, :]
+            w = tl.load(p_w_tile + offs_k[:, None], mask=offs_n[None, :] < R, other=0.0)        # [BK, BN] e4m3
+            if BLOCK_N <= 128:  # a power-of-two tile inside one 128-row weight tile: one scale, one FFMA a value
+                s_w = _scale(p_s, _fp8_scale_index(e, n0, k0, R, C), n0 < R, SCALE_F32)
+                acc += tl.dot(a, w) * (s_a * s_w)[:, None]
+            else:
+                s_w = _scale(p_s, _fp8_scale_index(e, offs_n, k0, R, C), offs_n < R, SCALE_F32)  # [BN]
+                acc += tl.dot(a, w) * s_a[:, None] * s_w[None, :]
     return acc
+
+
+@triton.jit
+def _mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K: tl.constexpr):
+    """MXFP4 W[e][offs_n, k0 : k0 + BLOCK_K] as uint32 words [BLOCK_K/8, BLOCK_N] (eight codes each, byte j
+    the positions 8r + 2j (low nibble) and 8r + 2j + 1; 0 outside) of bytes [E, R, C/2]: C/2 is a multiple
+    of 16, so words never straddle rows."""
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    p_words = p_w.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * (C // 8)
+    return tl.load(p_words + offs_n[None, :] * (C // 8) + offs_w[:, None],
+                   mask=(offs_w[:, None] < C // 8) & (offs_n[None, :] < R), other=0)
+
+
+@triton.jit
+def _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The scales of W[e][offs_n, k0 : k0 + BLOCK_K] as [BLOCK_K/32, BLOCK_N] (scales [E, R, C/32]): e8m0
+    bytes as int32 (127, i.e. 1, outside) or float32 values (1.0 outside)."""
+    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    ps = p_s + e.to(tl.int64) * R * (C // 32) + offs_n[None, :] * (C // 32) + offs_g[:, None]
+    mask = (offs_g[:, None] < C // 32) & (offs_n[None, :] < R)
+    if SCALE_F32:
+        return tl.load(ps, mask=mask, other=1.0)
+    else:
+        return tl.load(ps, mask=mask, other=127).to(tl.int32)
 
 
 @triton.jit
@@ -225,27 +262,108 @@ def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, UPCAST: 
                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """W[e][offs_n, k0 : k0 + BLOCK_K]^T as a [BLOCK_K, BLOCK_N] tile with its rows in _mxfp4_order
     (row 8r + 2p + h holds position k0 + 8r + p + 4h; 0 outside), for MXFP4 W: bytes [E, R, C/2] (the
-    low nibble the even element), scales [E, R, C/32]. Loaded as uint32 words (eight codes each; C/2 is a
-    multiple of 16, so words never straddle rows), decoded by _e2m1_bf16x2 in that order so that no
-    value moves between registers (the caller loads the activations in the same order), scaled by
-    _e2m1_scaled: bf16 (e8m0 scales, compiled) or fp32, the same values."""
-    e = e.to(tl.int64)
-    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    p_words = p_w.to(tl.pointer_type(tl.uint32)) + e * R * (C // 8)
-    word = tl.load(p_words + offs_n[None, :] * (C // 8) + offs_w[:, None],
-                   mask=(offs_w[:, None] < C // 8) & (offs_n[None, :] < R), other=0)      # [BK/8, BN]
-    p0, p1, p2, p3 = _e2m1_bf16x2(word)
+    low nibble the even element), scales [E, R, C/32]. Loaded as uint32 words (_mxfp4_words), decoded by
+    _e2m1_bf16x2 in that order so that no value moves between registers (the caller loads the
+    activations in the same order), scaled by _e2m1_scaled: bf16 (e8m0 scales, compiled) or fp32, the
+    same values."""
+    p0, p1, p2, p3 = _e2m1_bf16x2(_mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K))         # [BK/8, BN] each
     bits = tl.join(tl.join(_halves(p0), _halves(p1)), tl.join(_halves(p2), _halves(p3)))   # [r, n, h, p % 2, p // 2]
     bits = tl.reshape(tl.permute(bits, (0, 4, 3, 2, 1)), [BLOCK_K // 32, 32, BLOCK_N])  # [r, p // 2, p % 2, h, n]
-    offs_g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    ps = p_s + e * R * (C // 32) + offs_n[None, :] * (C // 32) + offs_g[:, None]
-    s_mask = (offs_g[:, None] < C // 32) & (offs_n[None, :] < R)
-    if SCALE_F32:
-        u = tl.load(ps, mask=s_mask, other=1.0)
-    else:
-        u = tl.load(ps, mask=s_mask, other=127).to(tl.int32)
+    u = _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32, BLOCK_K)                      # [BK/32, BN]
     w = _e2m1_scaled(bits, u[:, None, :], SCALE_F32, UPCAST)
     return tl.reshape(w, [BLOCK_K, BLOCK_N])
+
+
+# ---- W4A8: MXFP4 weights on the FP8 tensor cores ------------------------------------------------------
+# An e2m1 value v times 2^-6 is an e4m3 value (its exponent and mantissa bits placed in the e4m3 ones:
+# _e2m1_e4m3x4), so MXFP4 tiles decode to e4m3 with no rounding. The four 1 x 32 weight scales of a
+# 128-deep K tile still differ per run, while an FP8 MMA step sums its whole depth before the fp32
+# promotion. Two ways to apply them: (a) one MMA per 32-run, each promoted times its own scale
+# (DeepSeek's fp4_gemm: block_K 32), four times the promotions (CUDA-core FFMAs) and MMA steps of a
+# quarter depth; (b) fold the runs' scales relative to the tile column's largest, 2^-shift, into the
+# e4m3 values (v * 2^(6 - shift)), one MMA and one promotion per 128 as W8A8. (b) is exact only while
+# every v * 2^(6 - shift) is an e4m3 value: shift <= FOLD_MAX_SHIFT (0.5 * 2^(6 - 14) = 2^-9 is e4m3's
+# smallest subnormal; 6 * 2^6 = 384 < 448), and the scales powers of two (float32 scales may be any
+# value). We fold, and run (a) where a program's weight columns break that anywhere along K (a run
+# 2^15 below its neighbours, e.g. an all-zero run's 2^-126 scale; non-power-of-two float32 scales):
+# the same products either way (exact), summed in another order. The check reads the program's scales
+# once before the K loop (one reduction a program, not one per K tile).
+FOLD_MAX_SHIFT = tl.constexpr(14)
+
+
+@triton.jit
+def _e2m1_e4m3x4(word):
+    """uint32 words of four packed bytes (byte j: positions 2j, low nibble, and 2j + 1) -> two uint32
+    words of four e4m3 bit patterns each, (positions 0, 2, 4, 6), (1, 3, 5, 7), each the code's value
+    times 2^-6: its exponent and mantissa bits become the e4m3's two lowest exponent bits and top
+    mantissa bit (e2m1's subnormal 0.5 an e4m3 subnormal), its sign the sign."""
+    lo = ((word & 0x07070707) << 2) | ((word & 0x08080808) << 4)
+    hi = ((word >> 2) & 0x1C1C1C1C) | (word & 0x80808080)
+    return lo, hi
+
+
+@triton.jit
+def _bytes(word):
+    """uint32 words [...] -> [..., 2, 2] uint8, byte 2i + c at index [i, c]."""
+    b0, b1 = (word & 0xFF).to(tl.uint8), ((word >> 8) & 0xFF).to(tl.uint8)
+    b2, b3 = ((word >> 16) & 0xFF).to(tl.uint8), (word >> 24).to(tl.uint8)
+    return tl.join(tl.join(b0, b2), tl.join(b1, b3))
+
+
+@triton.jit
+def _scale_exponent(u, SCALE_F32: tl.constexpr):
+    """_mxfp4_scales' [G, BN] -> (biased exponent int32, whether the scale is 2^(that - 127) exactly):
+    e8m0 bytes all are but 255 (NaN); float32 values the positive normal powers of two."""
+    if SCALE_F32:
+        bits = u.to(tl.int32, bitcast=True)
+        exp = (bits >> 23) & 0xFF
+        return exp, (bits >= 0) & ((bits & 0x7FFFFF) == 0) & (exp > 0) & (exp < 255)   # positive, normal
+    else:
+        return u, u < 255
+
+
+@triton.jit
+def _mxfp4_foldable(p_s, e, offs_n, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Whether every K tile of W[e][offs_n, :] folds exactly (the W4A8 note above): scalar bool."""
+    bad = tl.zeros([BLOCK_K // 32, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, C, BLOCK_K):
+        exp, exact = _scale_exponent(_mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32, BLOCK_K), SCALE_F32)
+        shift = tl.max(exp, axis=0)[None, :] - exp
+        bad |= tl.where(exact & (shift <= FOLD_MAX_SHIFT), 0, 1)
+    return tl.max(tl.max(bad, axis=1), axis=0) == 0
+
+
+@triton.jit
+def _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, fold, SCALE_F32: tl.constexpr,
+                    NATIVE_FP8: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc [BM, BN] + (A * s_a) @ W[e][offs_n, k0 : k0 + BLOCK_K]^T for a [BM, BLOCK_K] e4m3 tile and its
+    rows' scales s_a [BM], MXFP4 W (_mxfp4_words, _mxfp4_scales), on the FP8 tensor cores: folded
+    (`fold`, one MMA) or one MMA per 32-run (the W4A8 note above)."""
+    G: tl.constexpr = BLOCK_K // 32
+    lo, hi = _e2m1_e4m3x4(_mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K))                 # [BK/8, BN] each
+    codes = tl.join(_bytes(lo), _bytes(hi))                                 # [r, n, i, c, h]: position 8r + 4i + 2c + h
+    codes = tl.reshape(tl.permute(codes, (0, 2, 3, 4, 1)), [G, 32, BLOCK_N])               # K in order, by 32-run
+    u = _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32, BLOCK_K)                       # [G, BN]
+    if fold:
+        exp, _ = _scale_exponent(u, SCALE_F32)
+        top = tl.max(exp, axis=0)                                                         # [BN]
+        # v * 2^-6 times 2^(12 - shift): v * 2^(6 - shift), exact in fp32 and (shift <= 14) in e4m3
+        mult = ((139 - (top[None, :] - exp)) << 23).to(tl.float32, bitcast=True)          # [G, BN] 2^(12 - shift)
+        y = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * mult[:, None, :]
+        if NATIVE_FP8:
+            w = y.to(tl.float8e4nv)
+        else:  # the interpreter's cast truncates (exact here, but its subnormals are not relied on)
+            w = e4m3_bits(y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        s_w = _e8m0(top) * 0.015625                                                       # [BN] 2^(top - 127) * 2^-6
+        acc += tl.dot(a, tl.reshape(w, [BLOCK_K, BLOCK_N])) * s_a[:, None] * s_w[None, :]
+    else:
+        s = u.to(tl.float32) if SCALE_F32 else _e8m0(u)                                   # [G, BN]
+        run = tl.arange(0, G)
+        for g in tl.static_range(G):
+            w = tl.where((run == g)[:, None, None], codes, tl.zeros_like(codes)).to(tl.float8e4nv, bitcast=True)
+            s_g = tl.sum(tl.where((run == g)[:, None], s, 0.0), axis=0) * 64.0              # [BN] its scale * 2^6
+            acc += tl.dot(a, tl.reshape(w, [BLOCK_K, BLOCK_N])) * s_a[:, None] * s_g[None, :]
+    return acc
 
 
 @triton.jit
@@ -302,10 +420,10 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         # One K loop per weight: in one loop both FP8 products of a step wait in registers for their
         # promotion beside the two accumulators, and 128 x 128 tiles over 8 warps spilled (sm_90 compile,
         # bench/results/H200/moe_w8a8_offline.md); x's codes are read twice instead (1 byte a value).
-        acc_gate = _fp8_gemm(p_x, p_xs, token, row_ok, p_w1, p_s1, e, pid_n * BLOCK_N, I, D, SCALE_F32,
-                             BLOCK_M, BLOCK_N, BLOCK_K)
-        acc_up = _fp8_gemm(p_x, p_xs, token, row_ok, p_w3, p_s3, e, pid_n * BLOCK_N, I, D, SCALE_F32,
-                           BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_gate = _fp8_gemm(p_x, p_xs, token, row_ok, p_w1, p_s1, e, pid_n * BLOCK_N, I, D, FMT, SCALE_F32,
+                             NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_up = _fp8_gemm(p_x, p_xs, token, row_ok, p_w3, p_s3, e, pid_n * BLOCK_N, I, D, FMT, SCALE_F32,
+                           NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -361,8 +479,8 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
     row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if ACT_FP8:
-        acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, SCALE_F32,
-                        BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, FMT, SCALE_F32,
+                        NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, I, BLOCK_K):
@@ -402,7 +520,12 @@ def _sum_slots_kernel(p_slots, p_ids, p_out, first_token, end_token, TOPK, D,
 
 def _op_name(weight_format: str, act: str = "x") -> str:
     name = "moe_experts" if weight_format == "float" else f"moe_experts_{weight_format}"
-    return name + "_w8a8" if weight_format == "fp8" and act == "fp8" else name
+    return name + _FP8_ACT_SUFFIX.get(weight_format, "") if act == "fp8" else name
+
+
+def _act_kind(weight_format: str) -> str:
+    """The name of act="fp8" with these weights, for messages."""
+    return "W4A8" if weight_format == "mxfp4" else "W8A8"
 
 
 def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str, act: str = "x") -> tuple[int, int, int]:
@@ -410,8 +533,8 @@ def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str, ac
     op = _op_name(weight_format, act)
     check(weight_format in WEIGHT_FORMATS, f"{op}: weight_format {weight_format!r}; accepted: {', '.join(WEIGHT_FORMATS)}")
     check(act in ACTS, f"{op}: act {act!r}; accepted: {', '.join(ACTS)}")
-    check(act == "x" or weight_format == "fp8",
-          f"{op}: act='fp8' (W8A8) needs FP8 expert weights; with {weight_format} weights accepted: act='x'")
+    check(act == "x" or weight_format in _FP8_ACT_SUFFIX,
+          f"{op}: act='fp8' (W8A8 / W4A8) needs FP8 or MXFP4 expert weights; with {weight_format} weights accepted: act='x'")
     check_tensor(op, "x", x, FLOAT_DTYPES, ndim=2)
     T, D = x.shape
     check_tensor(op, "topk_ids", topk_ids, (torch.int32, torch.int64), ndim=2, device=x.device)
@@ -439,7 +562,7 @@ def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str, ac
         check(len({s.dtype for s in scales}) == 1, f"{op}: scales have dtypes {[s.dtype for s in scales]}; need one")
     if act == "fp8":  # as fp8_linear's K: a partial block would need the masked amax DeepSeek's act_quant does not define
         check(D % ACT_BLOCK == 0 and I % ACT_BLOCK == 0,
-              f"{op}: D = {D}, I = {I}; W8A8 needs multiples of {ACT_BLOCK} (the activation's scale block)")
+              f"{op}: D = {D}, I = {I}; {_act_kind(weight_format)} needs multiples of {ACT_BLOCK} (the activation's scale block)")
     return E, I, D
 
 
@@ -492,7 +615,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     act_fp8 = act == "fp8"
     cfg = resolve(config, x.device, T * k, act_fp8)
     check(not act_fp8 or cfg.block_n % ACT_BLOCK == 0,
-          f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; W8A8 needs a multiple of {ACT_BLOCK} "
+          f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; {_act_kind(weight_format)} needs a multiple of {ACT_BLOCK} "
           f"(the gate/up epilogue quantizes whole activation blocks)")
     out = torch.empty((T, D), dtype=torch.float32, device=x.device)
     if isinstance(T, int) and T == 0:
@@ -559,7 +682,8 @@ def sum_slots(slots: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, fi
 
 
 # ================================================================================================
-# Torch ops (torch.ops.dsv4_triton.moe_experts / _fp8 / _fp8_w8a8 / _mxfp4): the dsv4 signatures plus a config string
+# Torch ops (torch.ops.dsv4_triton.moe_experts / _fp8 / _fp8_w8a8 / _mxfp4 / _mxfp4_w4a8): the dsv4 signatures plus a
+# config string
 # ================================================================================================
 
 @kernel_op("moe_experts")
@@ -588,3 +712,11 @@ def _moe_experts_mxfp4_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights:
                           w2: torch.Tensor, w3: torch.Tensor, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
                           w3_scale: torch.Tensor, swiglu_limit: float, config: str = "") -> torch.Tensor:
     return moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config, "mxfp4", (w1_scale, w2_scale, w3_scale))
+
+
+@kernel_op("moe_experts_mxfp4_w4a8")
+def _moe_experts_mxfp4_w4a8_op(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w1: torch.Tensor,
+                               w2: torch.Tensor, w3: torch.Tensor, w1_scale: torch.Tensor, w2_scale: torch.Tensor,
+                               w3_scale: torch.Tensor, swiglu_limit: float, config: str = "") -> torch.Tensor:
+    return moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config, "mxfp4",
+                       (w1_scale, w2_scale, w3_scale), act="fp8")

@@ -1,8 +1,8 @@
 """Naive twin of the grouped-expert kernel: a Python loop over experts, each taking its (token, slot)
 pairs, float32 matmuls, the weights dequantized by model/weight_formats one expert at a time. It
 rounds where the kernel rounds (the SwiGLU activation to x's dtype, before w2; the routing weight on
-w2's fp32 product) and sums a token's k contributions in slot order. W8A8 (act="fp8", the
-moe_experts_fp8_w8a8 op, FP8 weights): x and the fp32 SwiGLU activation times its routing weight
+w2's fp32 product) and sums a token's k contributions in slot order. W8A8 / W4A8 (act="fp8", the
+moe_experts_fp8_w8a8 / moe_experts_mxfp4_w4a8 ops, FP8 / MXFP4 weights): x and the fp32 SwiGLU activation times its routing weight
 quantized to e4m3 per row and 128-block with power-of-two scales and dequantized by kernels/fp8_quantize's
 naive twin (a table search, not the kernels' bit arithmetic), the rest in float32 as above. Same
 signature as the kernel's public function (config is not read); runs on x's device."""
@@ -26,8 +26,8 @@ def moe_experts(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config=None
                 act="x"):
     """x [T, D], topk_ids [T, k], topk_weights [T, k], expert weights as the kernel takes them -> [T, D] float32."""
     w8a8 = act == "fp8"
-    if w8a8 and weight_format != "fp8":
-        raise ValueError(f"act='fp8' needs FP8 expert weights; got {weight_format!r}")
+    if w8a8 and weight_format not in ("fp8", "mxfp4"):
+        raise ValueError(f"act='fp8' needs FP8 or MXFP4 expert weights; got {weight_format!r}")
     decode = {"fp8": dequantize_fp8_weight, "mxfp4": dequantize_mxfp4}.get(weight_format)
 
     def expert(e):  # one expert's weights in float32, dequantized when used (V4-Flash's 256 at once: 26 GB)

@@ -19,6 +19,10 @@ Tolerances (relative RMS over the output):
   gate/up differ from the fp32 twin by up to ~1e-4..1e-3 relative, and activations near an e4m3
   midpoint (~1% of them at that distance) take the neighbouring code: a few 1e-3 expected; a wrong
   scale still moves the output by ~1.
+- W4A8 (act="fp8" with MXFP4 weights, the moe_experts_mxfp4_w4a8 op): the W8A8 tolerances for the same
+  reasons (e2m1 decodes to e4m3 exactly; the 1 x 32 runs' scales folded into the e4m3 values or one MMA
+  per run, exact either way; W4A16 for W8A16); measured 0 to 1e-7 in the interpreter. A wrong fold
+  (past the limit, or a run's scale off by one power) moves the output by ~1 (mutation checks).
 - W8A8 against the plain W8A16 op: W8A8_VS_W8A16 = 8e-2, the activation quantization itself: e4m3
   with power-of-two scales per 128 keeps 2^-4 relative per element at worst and 2.65e-2 relative RMS
   on Gaussian data; x's error passes through gate and up into the SwiGLU product, which is
@@ -40,7 +44,7 @@ import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
 from dsv4_compile.kernels.moe_experts.config import default_config  # noqa: E402
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
-    _e4m3, _e8m0, _e8m0_bf16, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
+    FOLD_MAX_SHIFT, _e4m3, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close, rel_rms  # noqa: E402
 
@@ -313,22 +317,21 @@ def test_w8a8_float32_scales_and_chunks(monkeypatch):
 
 
 def test_w8a8_is_refused_where_it_cannot_run():
-    """act="fp8" needs FP8 weights (float and MXFP4 refused, one line naming the value and what is
+    """act="fp8" needs FP8 or MXFP4 weights (float refused, one line naming the value and what is
     accepted), D and I multiples of 128 (partial activation blocks are not DeepSeek's act_quant) and
     gate/up column tiles of whole 128-blocks (the W8A8 defaults widen the decode ones); act takes "x"
     or "fp8", and a config has no say in it."""
     ids, w = (t.to(DEVICE) for t in routing(4, 2, 3, "random", seed=0))
     dev = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
-    for fmt in ("float", "mxfp4"):
-        w1, w2, w3, scales = experts(3, 128, 128, torch.float32, fmt)
-        with pytest.raises(ValueError, match=f"moe_experts(_mxfp4)?: act='fp8' \\(W8A8\\) needs FP8 expert weights; "
-                                             f"with {fmt} weights accepted: act='x'"):
-            moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, fmt,
-                        None if scales is None else dev(*scales), act="fp8")
-    w1, w2, w3, scales = experts(3, 128, 160, torch.float32, "fp8")
-    with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: D = 160, I = 128; W8A8 needs multiples of 128"):
-        moe_experts(torch.randn(4, 160, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, "fp8", dev(*scales),
-                    act="fp8")
+    w1, w2, w3, _ = experts(3, 128, 128, torch.float32, "float")
+    with pytest.raises(ValueError, match="moe_experts: act='fp8' \\(W8A8 / W4A8\\) needs FP8 or MXFP4 expert weights; "
+                                         "with float weights accepted: act='x'"):
+        moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, "float", act="fp8")
+    for fmt, op, kind in (("fp8", "moe_experts_fp8_w8a8", "W8A8"), ("mxfp4", "moe_experts_mxfp4_w4a8", "W4A8")):
+        w1, w2, w3, scales = experts(3, 128, 160, torch.float32, fmt)
+        with pytest.raises(ValueError, match=f"{op}: D = 160, I = 128; {kind} needs multiples of 128"):
+            moe_experts(torch.randn(4, 160, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, fmt, dev(*scales),
+                        act="fp8")
     w1, w2, w3, scales = experts(3, 128, 128, torch.float32, "fp8")
     with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: config block_n = 64; W8A8 needs a multiple of 128"):
         moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, "block_n=64", "fp8",
@@ -343,6 +346,112 @@ def test_w8a8_is_refused_where_it_cannot_run():
     with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: D = 128, I = 96; W8A8 needs multiples of 128"):
         torch.ops.dsv4.moe_experts_fp8_w8a8(torch.randn(4, 128), *routing(4, 2, 3, "random", seed=0), q1, q2, q3,
                                             *q_scales, LIMIT)
+    p1, p2, p3, p_scales = experts(3, 96, 128, torch.float32, "mxfp4")
+    with pytest.raises(ValueError, match="moe_experts_mxfp4_w4a8: D = 128, I = 96; W4A8 needs multiples of 128"):
+        torch.ops.dsv4.moe_experts_mxfp4_w4a8(torch.randn(4, 128), *routing(4, 2, 3, "random", seed=0), p1, p2, p3,
+                                              *p_scales, LIMIT)
+
+
+# ---- W4A8: MXFP4 weights on FP8 tensor cores (act="fp8", the moe_experts_mxfp4_w4a8 op) ----------
+
+def _run_spread(w, g):
+    """w [E, N, K] times a power of two in 2^-3 .. 2^3 per 1 x 32 run: MXFP4 scales that differ within a
+    128-block (shifts up to 6: the fold), so that a scale read from the wrong run or column shows."""
+    spread = 2.0 ** torch.randint(-3, 4, (*w.shape[:-1], w.shape[-1] // 32), generator=g)
+    return w * spread.repeat_interleave(32, -1)
+
+
+def run_w4a8(T, k, E, kind, dtype, config, D, I, scales_as=None):
+    """W4A8 kernel against its naive twin and the plain W4A8 op, the plain op against the twin (W8A8_TOL:
+    the same e4m3 and e2m1 codes, exact products, fp32 sums in another order) and the kernel against the
+    plain W4A16 op (W8A8_VS_W8A16) -> (out, the latter's relative RMS). x's columns span 2^-3 .. 2^3 and
+    the weights' 1 x 32 runs too (_run_spread). scales_as(scale) -> the scales passed (default e8m0)."""
+    g = torch.Generator().manual_seed(E)
+    x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * torch.logspace(-3, 3, D, base=2)).to(dtype)
+    ids, w = routing(T, k, E, kind, seed=T * k + E)
+    ws = [_run_spread(torch.randn(E, n, c, generator=g) * c ** -0.5, g) for n, c in ((I, D), (D, I), (I, D))]
+    packed = [weight_formats.quantize_mxfp4(t) for t in ws]
+    (w1, s1), (w2, s2), (w3, s3) = ((q, s if scales_as is None else scales_as(s)) for q, s in packed)
+    scales = (s1, s2, s3)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    args = (dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "mxfp4", tuple(map(dev, scales)))
+    out = moe_experts(*args, act="fp8").cpu()
+    assert out.shape == (T, D) and out.dtype == torch.float32
+    twin = naive.moe_experts(*args, act="fp8").cpu()
+    assert_close("W4A8 kernel vs W4A8 naive", twin, out, W8A8_TOL)
+    plain = torch.ops.dsv4.moe_experts_mxfp4_w4a8(x, ids, w, w1, w2, w3, *scales, LIMIT)
+    assert_close("plain W4A8 op vs W4A8 naive", twin, plain, W8A8_TOL)
+    assert_close("W4A8 kernel vs plain W4A8 op", plain, out, W8A8_TOL)
+    w4a16 = PLAIN["mxfp4"](x, ids, w, w1, w2, w3, *scales, LIMIT)
+    assert_close("W4A8 kernel vs plain W4A16 op", w4a16, out, W8A8_VS_W8A16)
+    return out, rel_rms(w4a16, out)
+
+
+# T = 1, 7, 300; E = 5, 12; k = 1 and 6; -1 ids and experts without tokens ("holes"); configs A and B
+# (K tiles of 64 and 32 in a 128-block: two and one runs folded a step; 256-wide tiles, 128-deep);
+# D = I = 128 but for one case at 384 (three K tiles, a partial last column tile of B): the interpreter
+# decodes every weight in numpy, so the cases stay small (~1 s each, T = 300 ~4 s).
+W4A8_CASES = [(1, 6, 12, "random", "A", torch.bfloat16, 128), (7, 6, 5, "holes", "B", torch.float32, 384),
+              (7, 1, 5, "one-expert", "A", torch.float32, 128), (300, 1, 5, "holes", "B", torch.bfloat16, 128)]
+
+
+@pytest.mark.parametrize("T,k,E,kind,cfg,dtype,D", W4A8_CASES,
+                         ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-{c[4]}-{str(c[5])[6:]}-D{c[6]}" for c in W4A8_CASES])
+def test_w4a8_against_its_naive_twin_and_w4a16(T, k, E, kind, cfg, dtype, D):
+    """The W4A8 result is really quantized: it differs from W4A16 by more than the bf16 tolerance."""
+    _, vs_w4a16 = run_w4a8(T, k, E, kind, dtype, W8A8_CONFIGS[cfg], D, D)
+    assert vs_w4a16 > 2e-2, f"W4A8 within {vs_w4a16:.1e} of W4A16: the activations were not quantized"
+
+
+def test_w4a8_float32_scales_fold_or_not():
+    """float32 scales: powers of two (the model's buffers) fold as e8m0 do, the same bits; scales times 3/2
+    (no power of two) cannot fold: the per-run MMAs, against the twin (which multiplies the same values)."""
+    cfg = W8A8_CONFIGS["A"]
+    e8m0, _ = run_w4a8(7, 6, 5, "holes", torch.float32, cfg, 128, 128)
+    f32, _ = run_w4a8(7, 6, 5, "holes", torch.float32, cfg, 128, 128, scales_as=weight_formats.e8m0_to_float)
+    assert torch.equal(e8m0, f32)
+    run_w4a8(7, 6, 5, "holes", torch.float32, cfg, 128, 128, scales_as=lambda s: weight_formats.e8m0_to_float(s) * 1.5)
+
+
+@triton.jit
+def _foldable(p_s, p_out, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.program_id(1)                                                          # expert 0 (grid [n, 1])
+    tl.store(p_out + tl.program_id(0), _mxfp4_foldable(p_s, e, offs_n, R, C, SCALE_F32, BLOCK_K, BLOCK_N).to(tl.int32))
+
+
+@pytest.mark.parametrize("shift", [FOLD_MAX_SHIFT.value, FOLD_MAX_SHIFT.value + 1])
+def test_w4a8_runs_far_below_their_neighbours(shift):
+    """Where a weight column's 1 x 32 runs lie `shift` powers of two apart within a K tile: at the fold's
+    limit (14) the small runs' values fold into e4m3 exactly (0.5 * 2^-8 is e4m3's smallest subnormal);
+    one past it they would not (0.5 * 2^-9), and the kernel takes the per-run MMAs. In rows [16, 32) of
+    w2 (I = 128: one K tile) the first run holds zero codes under the large scale, so those output
+    columns come from the small runs alone: a fold past the limit would lose or round them (the twin
+    has them). _mxfp4_foldable decides per program (16 columns): only the second program's differ."""
+    T, k, E, D, I = 5, 2, 3, 128, 128
+    ids, w = routing(T, k, E, "random", seed=5)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(6)
+    packed = [weight_formats.quantize_mxfp4(torch.randn(E, n, c, generator=g)) for n, c in ((I, D), (D, I), (I, D))]
+    (w1, s1), (w2, s2), (w3, s3) = packed
+    codes = weight_formats.unpack_fp4_codes(w2)                                   # [E, D, I]: one K tile of 4 runs
+    codes[:, 16:32, :32] = 0
+    w2 = weight_formats.pack_fp4_codes(codes)
+    s2 = s2.view(torch.uint8).clone()                                             # [E, D, 4] e8m0 bytes
+    s2[:, 16:32, 0] = 127 + 7                                                     # the zero run: 2^7
+    s2[:, 16:32, 1:] = 127 + 7 - shift                                            # the others: 2^(7 - shift)
+    scales = (s1, s2.view(torch.float8_e8m0fnu), s3)
+    folds = torch.zeros(D // 16, dtype=torch.int32, device=DEVICE)
+    _foldable[(D // 16, 1)](s2[1].to(DEVICE), folds, D, I, SCALE_F32=False, BLOCK_K=128, BLOCK_N=16)
+    assert folds.cpu().tolist() == [1] + [int(shift <= FOLD_MAX_SHIFT.value)] + [1] * (D // 16 - 2)
+    cfg = MoeExpertsConfig(block_m=16, block_n=128, block_k=128, down_block_n=16, down_block_k=128)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    args = (dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, cfg, "mxfp4", tuple(map(dev, scales)))
+    out = moe_experts(*args, act="fp8").cpu()
+    twin = naive.moe_experts(*args, act="fp8").cpu()
+    assert twin[:, 16:32].abs().amax() > 0
+    assert_close("W4A8 kernel vs W4A8 naive", twin, out, W8A8_TOL)
+    assert_close("W4A8 kernel vs W4A8 naive, the spread columns", twin[:, 16:32], out[:, 16:32], W8A8_TOL)
 
 
 # ---- the substitution ------------------------------------------------------------------------------
@@ -422,6 +531,44 @@ def test_substitution_replaces_every_moe_op():
     assert sub._fp8_w8a8_reason(*w8a8_args, allow_cpu=True) is None
 
 
+def _w4a8_op(x, ids, w, p1, p2, p3, t1, t2, t3):
+    return torch.ops.dsv4.moe_experts_mxfp4_w4a8(x, ids, w, p1, p2, p3, t1, t2, t3, LIMIT)
+
+
+def test_substitution_replaces_the_w4a8_op():
+    """The W4A8 op (D = I = 128) on a fake-traced graph: replaced by its own kernel op (counts before/after,
+    the report), the numbers within W8A8_TOL of eager (the plain op), its untuned config the W8A8
+    defaults (H200 decode: block_n 64 widened to 128), and declined with the reason where D or I is not
+    a multiple of 128 or the tensors are on the CPU."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from dsv4_compile.passes import PassManager, Target
+    from dsv4_compile.passes.kernel_substitutions import moe_experts as sub
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(9, 128, generator=g)
+    ids, w = routing(9, 3, 5, "holes", seed=8)
+    p1, p2, p3, scales = experts(5, 128, 128, torch.float32, "mxfp4")
+    args = tuple(t.to(DEVICE) for t in (x, ids, w, p1, p2, p3, *scales))
+    gm = make_fx(_w4a8_op, tracing_mode="fake")(*args)
+    subs = sub.interpreter_substitutions() if DEVICE == "cpu" else [sub.MXFP4_W4A8]
+    manager = PassManager(subs, gpu="H200" if DEVICE == "cuda" else "cpu")
+    manager(gm.graph)
+    gm.recompile()
+    before, after = manager.graph_ops[0]["before"], manager.graph_ops[0]["after"]
+    assert before["dsv4.moe_experts_mxfp4_w4a8.default"] == 1 and "dsv4.moe_experts_mxfp4_w4a8.default" not in after
+    assert after["dsv4_triton.moe_experts_mxfp4_w4a8.default"] == 1
+    assert manager.report.replaced("dsv4.moe_experts_mxfp4_w4a8") == 1
+    assert_close("substituted moe_experts_mxfp4_w4a8", _w4a8_op(*args).cpu(), gm(*args).cpu(), W8A8_TOL)
+    assert MoeExpertsConfig.from_str(sub.MXFP4_W4A8.config(Target(gpu="H200"), *args, LIMIT)["config"]).block_n == 128
+    q1, q2, q3, q_scales = experts(5, 96, 128, torch.float32, "mxfp4")
+    assert "W4A8 needs multiples of 128" in sub._mxfp4_w4a8_reason(*args[:3], q1, q2, q3, *q_scales, LIMIT,
+                                                                    allow_cpu=True)
+    assert sub._mxfp4_w4a8_reason(*args, LIMIT, allow_cpu=True) is None
+    if DEVICE == "cpu":
+        assert "needs CUDA tensors" in sub._mxfp4_w4a8_reason(*args, LIMIT)
+
+
 # ---- GPU: V4-Flash shapes -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -495,6 +642,35 @@ def test_flash_shapes_w8a8_against_its_twin_and_w8a16(flash_experts):
     assert_close("W8A8 vs plain W8A8 op", plain, out, W8A8_HOPPER_TOL)
     assert_close("plain W8A8 op vs naive W8A8", twin, plain, W8A8_TOL)
     assert_close("W8A8 vs W8A16", w8a16, out, W8A8_VS_W8A16)
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("gpu-large")
+def test_flash_shapes_w4a8_against_its_twin_and_w4a16(flash_experts):
+    """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x, MXFP4 weights), the W4A8 launch (act="fp8", the
+    moe_experts_mxfp4_w4a8 op) at its prefill default (FP8 wgmma over e2m1 decoded to e4m3, the runs'
+    scales folded): against the naive W4A8 twin on the GPU and the plain W4A8 op (W8A8_HOPPER_TOL), the
+    plain op against the twin (W8A8_TOL), the W4A16 kernel (W8A8_VS_W8A16); float32 scales (the model's
+    buffers) give the e8m0 bits. The distances are printed."""
+    T = 4096
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
+    w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
+    ws, scales = flash_experts["mxfp4"]
+    out = moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales, act="fp8")
+    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales, act="fp8")
+    plain = torch.ops.dsv4.moe_experts_mxfp4_w4a8(x, ids, w, *ws, *scales, LIMIT)
+    w4a16 = moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales)
+    f32 = moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", tuple(map(weight_formats.e8m0_to_float, scales)), act="fp8")
+    print(f"T = {T}: W4A8 vs its naive twin {rel_rms(twin, out):.3e}, vs the plain W4A8 op {rel_rms(plain, out):.3e}, "
+          f"plain vs twin {rel_rms(twin, plain):.3e}, W4A8 vs W4A16 {rel_rms(w4a16, out):.3e} (relative RMS)")
+    assert_close("W4A8 vs naive W4A8", twin, out, W8A8_HOPPER_TOL)
+    assert_close("W4A8 vs plain W4A8 op", plain, out, W8A8_HOPPER_TOL)
+    assert_close("plain W4A8 op vs naive W4A8", twin, plain, W8A8_TOL)
+    assert_close("W4A8 vs W4A16", w4a16, out, W8A8_VS_W8A16)
+    assert rel_rms(w4a16, out) > 2e-2, "W4A8 within the bf16 tolerance of W4A16: the activations were not quantized"
+    assert torch.equal(out, f32)
 
 
 # ---- chunks of tokens: a bounded workspace, the same bits --------------------------------------------

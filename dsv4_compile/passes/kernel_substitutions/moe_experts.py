@@ -1,17 +1,19 @@
 """Pass-framework registration: torch.ops.dsv4.moe_experts / moe_experts_fp8 / moe_experts_fp8_w8a8 /
-moe_experts_mxfp4 -> torch.ops.dsv4_triton.moe_experts / _fp8 / _fp8_w8a8 / _mxfp4 ("moe_experts.triton",
-"moe_experts_fp8.triton", "moe_experts_fp8_w8a8.triton", "moe_experts_mxfp4.triton"): one grouped-expert
-kernel, the weight format a launch constant, W8A16 or W8A8 decided by the op (never by a table).
+moe_experts_mxfp4 / moe_experts_mxfp4_w4a8 -> torch.ops.dsv4_triton.moe_experts / _fp8 / _fp8_w8a8 /
+_mxfp4 / _mxfp4_w4a8 ("moe_experts.triton", "moe_experts_fp8.triton", "moe_experts_fp8_w8a8.triton",
+"moe_experts_mxfp4.triton", "moe_experts_mxfp4_w4a8.triton"): one grouped-expert kernel, the weight
+format a launch constant, whether the activations are quantized to FP8 (W8A8, W4A8) decided by the op
+(never by a table).
 
 Applies to CUDA tensors: x [T, D] float32 / bfloat16 / float16 with static D; topk_ids [T, k] int32 /
 int64; topk_weights [T, k] float32; expert weights in x's dtype, FP8 e4m3 or MXFP4 (int8/uint8) with
-e8m0 (or float32) scales; MXFP4 needs D and I multiples of 32, W8A8 multiples of 128.
+e8m0 (or float32) scales; MXFP4 needs D and I multiples of 32, W8A8 and W4A8 multiples of 128.
 Config by T's regime (kernels/moe_experts/config.py): prefill, the tuned entry of the smallest token
 count >= T (else the largest, `config_string` over the table's "by_context"); decode, the decode entry
 of the smallest batch >= T (tuned at T = batch), else the largest; untuned, the kernel's per-GPU
-default for the regime (the W8A8 op's: kernels/moe_experts/config.py, w8a8_config). A symbolic T takes
-the table's "default" or "" (the launcher's default for the prefill regime). Each op reads its own
-space's table (moe_experts_fp8, moe_experts_fp8_w8a8): tiles only.
+default for the regime (the W8A8 and W4A8 ops': kernels/moe_experts/config.py, w8a8_config). A symbolic
+T takes the table's "default" or "" (the launcher's default for the prefill regime). Each op reads its
+own space's table (moe_experts_fp8, moe_experts_fp8_w8a8, moe_experts_mxfp4_w4a8): tiles only.
 `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
@@ -78,6 +80,13 @@ def _mxfp4_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limi
     return reason
 
 
+def _mxfp4_w4a8_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, allow_cpu=False):
+    reason = _mxfp4_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, allow_cpu)
+    if reason is None and (x.shape[1] % ACT_BLOCK or w1.shape[1] % ACT_BLOCK):
+        return f"D = {x.shape[1]}, I = {w1.shape[1]}; W4A8 needs multiples of {ACT_BLOCK}"
+    return reason
+
+
 def _config(target, x, topk_ids, *rest, w8a8: bool = False):
     T, k = topk_ids.shape
     table = target.table or {}
@@ -91,7 +100,8 @@ def _config(target, x, topk_ids, *rest, w8a8: bool = False):
     return {"config": decode_entry_config(table, T, default)}
 
 
-def _fp8_w8a8_config(target, *args):
+def _fp8_act_config(target, *args):
+    """The W8A8 and W4A8 ops' config: their defaults (w8a8_config) under their own tables."""
     return _config(target, *args, w8a8=True)
 
 
@@ -115,6 +125,11 @@ def _mxfp4(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, conf
     return torch.ops.dsv4_triton.moe_experts_mxfp4(*c, swiglu_limit, config)
 
 
+def _mxfp4_w4a8(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu_limit, config: str = ""):
+    c = [t.contiguous() for t in (x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3)]
+    return torch.ops.dsv4_triton.moe_experts_mxfp4_w4a8(*c, swiglu_limit, config)
+
+
 def _register(name, op, replacement, reason, config=_config) -> Substitution:
     return register(Substitution(
         name=name, op=op, replacement=replacement, applies=lambda target, *args: reason(*args), config=config,
@@ -124,10 +139,13 @@ def _register(name, op, replacement, reason, config=_config) -> Substitution:
 FLOAT = _register("moe_experts.triton", torch.ops.dsv4.moe_experts.default, _float, _float_reason)
 FP8 = _register("moe_experts_fp8.triton", torch.ops.dsv4.moe_experts_fp8.default, _fp8, _fp8_reason)
 FP8_W8A8 = _register("moe_experts_fp8_w8a8.triton", torch.ops.dsv4.moe_experts_fp8_w8a8.default, _fp8_w8a8,
-                     _fp8_w8a8_reason, _fp8_w8a8_config)
+                     _fp8_w8a8_reason, _fp8_act_config)
 MXFP4 = _register("moe_experts_mxfp4.triton", torch.ops.dsv4.moe_experts_mxfp4.default, _mxfp4, _mxfp4_reason)
+MXFP4_W4A8 = _register("moe_experts_mxfp4_w4a8.triton", torch.ops.dsv4.moe_experts_mxfp4_w4a8.default, _mxfp4_w4a8,
+                       _mxfp4_w4a8_reason, _fp8_act_config)
 
 
 def interpreter_substitutions() -> list[Substitution]:
     return [interpreter_twin(FLOAT, _float_reason), interpreter_twin(FP8, _fp8_reason),
-            interpreter_twin(FP8_W8A8, _fp8_w8a8_reason), interpreter_twin(MXFP4, _mxfp4_reason)]
+            interpreter_twin(FP8_W8A8, _fp8_w8a8_reason), interpreter_twin(MXFP4, _mxfp4_reason),
+            interpreter_twin(MXFP4_W4A8, _mxfp4_w4a8_reason)]
