@@ -9,6 +9,8 @@ its float64 loop (the contract's quantization by the fp8_quantize op): W8A8_TOL 
 codes and exact products summed in another order, but where the float64 activation and the op's
 float32 one straddle an e4m3 rounding midpoint they take neighbouring codes (~5e-4 relative RMS over a
 T = 300 output per flip); the activation quantization itself is ~4e-2 (W8A8_VS_W8A16's floor).
+moe_experts_mxfp4_w4a8 against a transcription of DeepSeek's act_quant / fp4_gemm / Expert: W8A8_TOL
+for the same reasons (its "* (1/448)" scale against our division may also differ at a tie).
 """
 from __future__ import annotations
 
@@ -279,6 +281,121 @@ def test_w8a8_opcheck_export_and_bad_shapes():
     narrow = [weight_formats.quantize_fp8_weight(t) for t in weights(E, 96, D, torch.float32, seed=5)]
     with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: D = 128, I = 96; W8A8 needs multiples of 128"):
         torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, *(q for q, _ in narrow), *(sc for _, sc in narrow), LIMIT)
+
+
+# ---- W4A8: moe_experts_mxfp4_w4a8 against DeepSeek's own arithmetic ------------------------------
+
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def deepseek_act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek V4's act_quant(x, 128, scale_fmt="ue8m0") (inference/kernel.py: act_quant_kernel with
+    round_scale), transcribed: per row and 128-block amax = max(|x|, 1e-4), scale = 2^ceil(log2(amax *
+    (1/448))), codes = clamp(x / scale, -448, 448) cast to e4m3 -> (codes [n, K], scale [n, K/128])."""
+    blocks = x.float().unflatten(-1, (-1, 128))
+    amax = blocks.abs().amax(-1).clamp_min(1e-4)
+    scale = 2.0 ** torch.ceil(torch.log2(amax * (1.0 / 448.0)))
+    codes = (blocks / scale.unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return codes.flatten(-2), scale
+
+
+def deepseek_fp4_gemm(a, a_scale, b, b_scale) -> torch.Tensor:
+    """DeepSeek V4's fp4_gemm (inference/kernel.py: fp4_gemm_kernel), transcribed: C [M, N] = A_e4m3 [M, K]
+    @ B_e2m1 [N, K]^T, B packed two codes per byte along K (low nibble first), a scale per 1 x 32 of B
+    and per 1 x 128 of A; per K step of 32 the FP8 x FP8 partial sum is added to the fp32 accumulator
+    times the row's activation scale and the column's weight scale. Not rounded to bf16 at the end
+    (DeepSeek returns bf16; the op's contract keeps fp32)."""
+    byte = b.view(torch.uint8).long()
+    nibbles = torch.stack([byte & 0xF, byte >> 4], -1).flatten(-2)                      # [N, K], low nibble first
+    values = torch.where(nibbles >= 8, -1.0, 1.0) * _E2M1[nibbles & 7]
+    out = torch.zeros(a.shape[0], b.shape[0])
+    for k in range(a.shape[1] // 32):
+        part = a[:, 32 * k:32 * k + 32].float() @ values[:, 32 * k:32 * k + 32].T
+        out += part * a_scale[:, k // 4, None] * b_scale.float()[None, :, k]
+    return out
+
+
+def deepseek_moe(x, ids, w, w1, w2, w3, s1, s2, s3, limit) -> torch.Tensor:
+    """DeepSeek V4's MoE over its experts (inference/model.py: Expert.forward with linear's FP4 branch:
+    act_quant + fp4_gemm for w1, w3, then w2 on `weights * silu(gate) * up`)."""
+    out = torch.zeros(x.shape)
+    for e in range(w1.shape[0]):
+        t, j = (ids == e).nonzero(as_tuple=True)
+        if not t.numel():
+            continue
+        xq = deepseek_act_quant(x[t])
+        gate, up = deepseek_fp4_gemm(*xq, w1[e], s1[e]), deepseek_fp4_gemm(*xq, w3[e], s3[e])
+        if limit > 0:
+            up, gate = up.clamp(-limit, limit), gate.clamp(max=limit)
+        h = w[t, j].unsqueeze(-1) * (F.silu(gate) * up)
+        out.index_add_(0, t, deepseek_fp4_gemm(*deepseek_act_quant(h), w2[e], s2[e]))
+    return out
+
+
+# Dense form (k 2 and 6 of 5: duplicates) and grouped (1 of 12, 3 of 32 with -1 ids); D = 256 (two activation
+# blocks), I = 128.
+W4A8_CASES = [(7, 2, 5, "random"), (5, 6, 5, "one-expert"), (9, 3, 32, "holes"), (1, 1, 12, "random")]
+
+
+@pytest.mark.parametrize("T,k,E,kind", W4A8_CASES, ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}" for c in W4A8_CASES])
+def test_w4a8_op_is_deepseeks_expert_arithmetic(T, k, E, kind):
+    """moe_experts_mxfp4_w4a8 against a transcription of DeepSeek's act_quant, fp4_gemm and Expert
+    (written from their code, none of ours: its own nibble decode, log2 scales, per-32 promotions) at
+    W8A8_TOL (the same codes and exact products summed in another order; "* (1/448)" against our
+    division may put a scale a power of two apart at a tie). Weights with e8m0 scales whose 1 x 32 runs
+    differ (x 2^-3 .. 2^3); it is really quantized: the W4A16 op differs by more than 1e-2."""
+    D, I = 256, 128
+    assert moe_ops.dense_is_cheaper(k, E) == (E == 5)
+    g = torch.Generator().manual_seed(T + E)
+    x = torch.randn(T, D, generator=g) * 2
+    ids, w = routing(T, k, E, kind, seed=T * k)
+    packed = []
+    for t in weights(E, I, D, torch.float32, seed=E):
+        runs = 2.0 ** torch.randint(-3, 4, (*t.shape[:-1], t.shape[-1] // 32), generator=g)
+        packed.append(weight_formats.quantize_mxfp4(t * runs.repeat_interleave(32, -1)))
+    codes, scales = [q for q, _ in packed], [sc for _, sc in packed]
+    out = torch.ops.dsv4.moe_experts_mxfp4_w4a8(x, ids, w, *codes, *scales, LIMIT)
+    assert out.dtype == torch.float32 and out.shape == (T, D)
+    assert_close("moe_experts_mxfp4_w4a8 vs DeepSeek's arithmetic", deepseek_moe(x, ids, w, *codes, *scales, LIMIT), out,
+                 W8A8_TOL)
+    w4a16 = torch.ops.dsv4.moe_experts_mxfp4(x, ids, w, *codes, *scales, LIMIT)
+    assert ((w4a16 - out).norm() / w4a16.norm()).item() > 1e-2
+
+
+def test_w4a8_opcheck_export_and_bad_shapes():
+    """Fake / autograd registration (x and the routing weights get gradients; the schema test compares
+    e8m0 inputs, which torch cannot on the CPU; AOT dispatch: W8A8's test covers the shared plain form
+    and registration, at ~6 s); torch.export of the grouped form with T dynamic
+    matches eager at other T; D or I not a multiple of 128 is a one-line ValueError, from the op and
+    from its fake."""
+    from torch.library import opcheck
+
+    E, k, D, I = 12, 1, 128, 128
+    packed = [weight_formats.quantize_mxfp4(t) for t in weights(E, I, D, torch.float32, seed=5)]
+    codes, scales = [q for q, _ in packed], [sc for _, sc in packed]
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(6))
+    ids, w = routing(9, k, E, "holes", seed=7)
+    opcheck(torch.ops.dsv4.moe_experts_mxfp4_w4a8.default,
+            (x.clone().requires_grad_(), ids, w.clone().requires_grad_(), *codes, *scales, LIMIT),
+            test_utils=("test_autograd_registration", "test_faketensor"))
+
+    class Experts(torch.nn.Module):
+        def forward(self, x, ids, w):
+            return moe_ops._moe_experts_mxfp4_w4a8_plain(x, ids, w, *codes, *scales, LIMIT)
+
+    T = torch.export.Dim("T", min=2, max=512)
+    ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
+    for n in (2, 33):
+        xn = torch.randn(n, D)
+        idn, wn = routing(n, k, E, "holes", seed=n)
+        assert torch.equal(ep.module()(xn, idn, wn), torch.ops.dsv4.moe_experts_mxfp4_w4a8(xn, idn, wn, *codes, *scales, LIMIT))
+    narrow = [weight_formats.quantize_mxfp4(t) for t in weights(E, 96, D, torch.float32, seed=5)]
+    args = (x, ids, w, *(q for q, _ in narrow), *(sc for _, sc in narrow), LIMIT)
+    with pytest.raises(ValueError, match="moe_experts_mxfp4_w4a8: D = 128, I = 96; W4A8 needs multiples of 128"):
+        torch.ops.dsv4.moe_experts_mxfp4_w4a8(*args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="W4A8 needs multiples of 128"):
+        torch.ops.dsv4.moe_experts_mxfp4_w4a8(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
 
 
 def _dense_masked_moe(moe: MoE, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
