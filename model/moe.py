@@ -2,7 +2,7 @@
 layers), weights from the unbiased scores, clamped SwiGLU experts and one shared expert.
 
 The routed experts are one op, `torch.ops.dsv4.moe_experts` (model/moe_ops.py; `_fp8`, `_fp8_w8a8`,
-`_mxfp4` for the weights as shipped: FP8Experts, MXFP4Experts): tokens grouped by expert with static
+`_mxfp4`, `_mxfp4_w4a8` for the weights as shipped: FP8Experts, MXFP4Experts): tokens grouped by expert with static
 shapes, so it exports; DeepSeek's per-expert loop (`bincount().tolist()`) would split the graph per
 expert on data-dependent sizes.
 """
@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .moe_ops import swiglu
+from .ops import FP8_LINEAR_BLOCK
 
 
 class SharedExpert(nn.Module):
@@ -46,11 +47,16 @@ class RoutedExperts(nn.Module):
 class MXFP4Experts(nn.Module):
     """The routed experts as the releases ship them (MXFP4, for inference): w1, w3 [E, inter, dim/2],
     w2 [E, dim, inter/2] int8 (two e2m1 codes per byte) with float32 (power-of-two) scales per 1 x 32
-    along the reduction dim; forward is `torch.ops.dsv4.moe_experts_mxfp4`. Buffers, not parameters."""
+    along the reduction dim. forward is `torch.ops.dsv4.moe_experts_mxfp4_w4a8` (the activations
+    quantized to FP8 per 128, as DeepSeek's inference runs the MXFP4 experts: W4A8), or
+    `moe_experts_mxfp4` (W4A16: multiplied in x's dtype) with `quantize_input=False` (a model with
+    `simulate_quantization=False`) and where dim or inter is not a multiple of 128 (small test models:
+    W4A8 quantizes whole 128-blocks); `self.quantize_input` says which runs. Buffers, not parameters."""
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float, device=None):
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float, device=None, quantize_input: bool = True):
         super().__init__()
         self.limit = limit
+        self.quantize_input = quantize_input and dim % FP8_LINEAR_BLOCK == 0 and inter_dim % FP8_LINEAR_BLOCK == 0
         for name, rows, cols in (("w1", inter_dim, dim), ("w2", dim, inter_dim), ("w3", inter_dim, dim)):
             self.register_buffer(name, torch.empty(n_experts, rows, cols // 2, dtype=torch.int8, device=device))
             self.register_buffer(name + "_scale", torch.empty(n_experts, rows, cols // 32, dtype=torch.float32,
@@ -58,8 +64,12 @@ class MXFP4Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """x [T, dim], topk_ids [T, k] int32, topk_weights [T, k] float32 -> [T, dim] float32."""
-        return torch.ops.dsv4.moe_experts_mxfp4(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.w1_scale,
-                                                self.w2_scale, self.w3_scale, self.limit)
+        op = torch.ops.dsv4.moe_experts_mxfp4_w4a8 if self.quantize_input else torch.ops.dsv4.moe_experts_mxfp4
+        return op(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale, self.w3_scale,
+                  self.limit)
+
+    def extra_repr(self) -> str:
+        return f"weights=mxfp4, quantize_input={self.quantize_input}"
 
 
 class FP8Experts(nn.Module):

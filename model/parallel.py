@@ -236,15 +236,18 @@ class ExpertShard(_LocalExperts, RoutedExperts):
 
 
 def _keep_shipped_experts(shard: nn.Module, experts: nn.Module, first: int, n: int, group_name: str) -> None:
-    """shard (an nn.Module just initialised) gets experts' limit and its experts [first, first + n)'s codes
-    and scales (SHIPPED_EXPERT_BUFFERS [n, ...]; a scale block or tile never spans two experts)."""
+    """shard (an nn.Module just initialised) gets experts' limit, whether the activations are quantized
+    (quantize_input) and its experts [first, first + n)'s codes and scales (SHIPPED_EXPERT_BUFFERS [n, ...];
+    a scale block or tile never spans two experts)."""
     shard.limit, shard.first, shard.group_name = experts.limit, first, group_name
+    shard.quantize_input = experts.quantize_input
     for name in SHIPPED_EXPERT_BUFFERS:
         shard.register_buffer(name, getattr(experts, name)[first:first + n].clone())
 
 
 class MXFP4ExpertShard(_LocalExperts, MXFP4Experts):
-    """ExpertShard of as-shipped MXFP4 experts: this rank's experts' codes and scales."""
+    """ExpertShard of as-shipped MXFP4 experts: this rank's experts' codes and scales, and whether the
+    activations are quantized (MXFP4Experts.quantize_input)."""
 
     def __init__(self, experts: MXFP4Experts, first: int, n: int, group_name: str):
         nn.Module.__init__(self)
@@ -258,7 +261,6 @@ class FP8ExpertShard(_LocalExperts, FP8Experts):
     def __init__(self, experts: FP8Experts, first: int, n: int, group_name: str):
         nn.Module.__init__(self)
         _keep_shipped_experts(self, experts, first, n, group_name)
-        self.quantize_input = experts.quantize_input
 
 
 

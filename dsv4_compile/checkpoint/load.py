@@ -13,9 +13,10 @@ Order of work, so that nothing runs on a bad checkpoint:
 weights="bf16" dequantizes every FP8 / MXFP4 weight once at load into the model's dtype (what the
 plain model computes with). weights="as-shipped" keeps the linears DeepSeek's inference runs as FP8
 GEMMs in FP8 with their 128x128 scales (`FP8Linear`, `torch.ops.dsv4.fp8_linear`), MXFP4 routed
-experts in MXFP4 (`MXFP4Experts`, `torch.ops.dsv4.moe_experts_mxfp4`) and FP8 routed experts (base
-models) in FP8 (`FP8Experts`: `torch.ops.dsv4.moe_experts_fp8_w8a8`, the activations quantized as
-DeepSeek's inference does, or `moe_experts_fp8` with `simulate_quantization=False`); `attn.wo_a`
+experts in MXFP4 (`MXFP4Experts`: `torch.ops.dsv4.moe_experts_mxfp4_w4a8`, the activations quantized
+as DeepSeek's inference does, or `moe_experts_mxfp4` with `simulate_quantization=False` or dims not
+multiples of 128) and FP8 routed experts (base models) in FP8 (`FP8Experts`:
+`torch.ops.dsv4.moe_experts_fp8_w8a8`, or `moe_experts_fp8` with `simulate_quantization=False`); `attn.wo_a`
 (which DeepSeek multiplies in BF16) is dequantized, and so are FP8 linears and experts whose dims are
 not multiples of the 128-wide activation block (small test models).
 
@@ -331,7 +332,8 @@ def _swap_shipped_experts(model: Transformer, plan: _Plan) -> set[str]:
         old = getattr(parent, child)
         e, inter, dim = old.w1.shape
         if codes <= {"I8", "U8"}:
-            setattr(parent, child, MXFP4Experts(e, dim, inter, old.limit, device="meta"))
+            setattr(parent, child, MXFP4Experts(e, dim, inter, old.limit, device="meta",
+                                                quantize_input=model.config.simulate_quantization))
         elif codes == {"F8_E4M3"} and dim % FP8_LINEAR_BLOCK == 0 and inter % FP8_LINEAR_BLOCK == 0:
             setattr(parent, child, FP8Experts(e, dim, inter, old.limit, device="meta",
                                               quantize_input=model.config.simulate_quantization))

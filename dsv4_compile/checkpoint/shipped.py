@@ -46,7 +46,7 @@ def quantize_as_shipped(model: Transformer) -> Transformer:
         if isinstance(owner, (FP8Linear, MXFP4Experts, FP8Experts)):  # as shipped already (or swapped with their w1)
             continue
         if isinstance(owner, RoutedExperts):
-            _swap(model, owner_name, _mxfp4_experts(owner))
+            _swap(model, owner_name, _mxfp4_experts(owner, c.simulate_quantization))
             continue
         tensor = getattr(owner, leaf)
         if not tensor.is_floating_point():  # tid2eid: expert ids, shipped as they are
@@ -81,12 +81,12 @@ def _fp8_linear(linear: nn.Linear, quantize_input: bool) -> FP8Linear:
     return fp8
 
 
-def _mxfp4_experts(experts: RoutedExperts) -> MXFP4Experts:
+def _mxfp4_experts(experts: RoutedExperts, quantize_input: bool) -> MXFP4Experts:
     """experts' w1, w2, w3 [E, rows, cols] as MXFP4, quantized one expert at a time (a float32 copy of
     one expert's weight at a time: V4-Flash's 256 x 3 x 2048 x 4096 would take 25 GB at once; meta: the
-    module only)."""
+    module only), running W4A8 with quantize_input (MXFP4Experts)."""
     e, inter, dim = experts.w1.shape
-    out = MXFP4Experts(e, dim, inter, experts.limit, device=experts.w1.device)
+    out = MXFP4Experts(e, dim, inter, experts.limit, device=experts.w1.device, quantize_input=quantize_input)
     if experts.w1.is_meta:
         return out
     for name in ("w1", "w2", "w3"):
@@ -115,7 +115,8 @@ def shipped_modules(model: Transformer, state: dict[str, torch.Tensor]) -> Trans
                 shipped = (FP8Experts(e, dim, inter, experts.limit, device="meta",
                                       quantize_input=model.config.simulate_quantization)
                            if state[name[: -len("_scale")]].dtype == torch.float8_e4m3fn
-                           else MXFP4Experts(e, dim, inter, experts.limit, device="meta"))
+                           else MXFP4Experts(e, dim, inter, experts.limit, device="meta",
+                                             quantize_input=model.config.simulate_quantization))
                 _swap(model, name[: -len(".w1_scale")], shipped)
     return model
 

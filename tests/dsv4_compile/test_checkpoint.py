@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import dsv4_compile as d
 from dsv4_compile.checkpoint import CheckpointError, write_checkpoint
 from dsv4_compile.checkpoint import names
+from dsv4_compile.checkpoint.shipped import quantize_as_shipped
 from dsv4_compile.checkpoint.write import shipped_tensors
 from dsv4_compile.model.layers import FP8Linear
 from dsv4_compile.model.moe import FP8Experts, MXFP4Experts, RoutedExperts
@@ -100,6 +101,7 @@ def test_as_shipped_keeps_fp8_linears(written):
     assert fp8.checkpoint.mxfp4_experts == CONFIG.n_layers + CONFIG.n_mtp_layers
     experts = fp8.layers[2].ffn.experts
     assert isinstance(experts, MXFP4Experts) and experts.w1.dtype == torch.int8
+    assert not experts.quantize_input  # inter 32: no whole 128-blocks for W4A8, so W4A16
     assert torch.equal(experts.w2[5], shipped["layers.2.ffn.experts.5.w2.weight"])
     g = torch.Generator().manual_seed(2)
     x, ids = torch.randn(7, CONFIG.dim, generator=g), torch.randint(0, CONFIG.n_routed_experts, (7, 2), generator=g)
@@ -192,6 +194,34 @@ def test_fp8_experts_without_simulation_are_the_dequantized_experts(fp8_written)
     tokens = torch.randint(0, FP8_EXPERTS.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(fp8(tokens), plain(tokens))
+
+
+def test_as_shipped_mxfp4_experts_run_w4a8(tmp_path):
+    """The instruct releases' MXFP4 experts with dim and inter multiples of 128, as shipped: MXFP4Experts
+    quantizing their activations (W4A8, `moe_experts_mxfp4_w4a8`, as DeepSeek's inference runs them),
+    as quantize_as_shipped makes them too; with simulate_quantization=False W4A16 (`moe_experts_mxfp4`),
+    whose logits are the dequantized model's; the W4A8 logits differ from those (the op really runs)."""
+    path = write_checkpoint(d.Transformer(FP8_EXPERTS, seed=5), tmp_path / "hf")
+    w4a8 = d.from_pretrained(path, dtype="float32", weights="as-shipped")
+    experts = w4a8.layers[2].ffn.experts
+    assert isinstance(experts, MXFP4Experts) and experts.quantize_input and w4a8.checkpoint.mxfp4_experts > 0
+    assert quantize_as_shipped(d.Transformer(FP8_EXPERTS, seed=5)).layers[2].ffn.experts.quantize_input
+    g = torch.Generator().manual_seed(2)
+    x, ids = torch.randn(7, FP8_EXPERTS.dim, generator=g), torch.randint(0, FP8_EXPERTS.n_routed_experts, (7, 2), generator=g)
+    w = torch.rand(7, 2, generator=g)
+    buffers = [getattr(experts, n) for n in ("w1", "w2", "w3", "w1_scale", "w2_scale", "w3_scale")]
+    with torch.no_grad():
+        assert torch.equal(experts(x, ids.int(), w),
+                           torch.ops.dsv4.moe_experts_mxfp4_w4a8(x, ids.int(), w, *buffers, experts.limit))
+    config = d.ModelConfig.from_pretrained(path, simulate_quantization=False, dtype="float32")
+    w4a16 = d.from_pretrained(path, config=config, weights="as-shipped")
+    plain = d.from_pretrained(path, config=config, weights="bf16")
+    assert not w4a16.layers[2].ffn.experts.quantize_input
+    tokens = torch.randint(0, FP8_EXPERTS.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        y16 = w4a16(tokens)
+        assert torch.equal(y16, plain(tokens))
+        assert not torch.equal(w4a8(tokens), y16)
 
 
 def test_release_name_variants_load_the_same(model, written, tmp_path):
