@@ -211,18 +211,23 @@ def _fp8_gemm(p_a, p_as, rows, row_ok, p_w, p_s, e, n0, R, C, FMT: tl.constexpr,
     multiplies the decoded values) is promoted to the fp32 accumulator times both power-of-two scales
     (exact), as fp8_linear and DeepSeek's DeepGEMM do."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    p_w_tile = p_w + e.to(tl.int64) * R * C + offs_n[None, :] * C
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if FMT == 2:
-        fold = _mxfp4_foldable(p_s, e, offs_n, R, C, SCALE_F32, BLOCK_K, BLOCK_N)
-    for k0 in range(0, C, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(p_a + rows[:, None] * C + offs_k[None, :], mask=row_ok[:, None], other=0.0)  # [BM, BK] e4m3
-        s_a = tl.load(p_as + rows * (C // 128) + k0 // 128, mask=row_ok, other=0.0)            # [BM]
-        if FMT == 2:
-            acc = _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, fold, SCALE_F32, NATIVE_FP8,
-                                  BLOCK_K, BLOCK_N)
+    if FMT == 2:  # one K loop per way of applying the runs' scales, so that each compiles lean
+        if _mxfp4_foldable(p_s, e, offs_n, R, C, SCALE_F32, BLOCK_K, BLOCK_N):
+            for k0 in range(0, C, BLOCK_K):
+                a, s_a = _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K)
+                acc = _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, True, SCALE_F32, NATIVE_FP8,
+                                      BLOCK_K, BLOCK_N)
         else:
+            for k0 in range(0, C, BLOCK_K):
+                a, s_a = _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K)
+                acc = _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, False, SCALE_F32, NATIVE_FP8,
+                                      BLOCK_K, BLOCK_N)
+    else:
+        p_w_tile = p_w + e.to(tl.int64) * R * C + offs_n[None, :] * C
+        for k0 in range(0, C, BLOCK_K):
+            a, s_a = _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(p_w_tile + offs_k[:, None], mask=offs_n[None, :] < R, other=0.0)        # [BK, BN] e4m3
             if BLOCK_N <= 128:  # a power-of-two tile inside one 128-row weight tile: one scale, one FFMA a value
                 s_w = _scale(p_s, _fp8_scale_index(e, n0, k0, R, C), n0 < R, SCALE_F32)
@@ -231,6 +236,15 @@ def _fp8_gemm(p_a, p_as, rows, row_ok, p_w, p_s, e, n0, R, C, FMT: tl.constexpr,
                 s_w = _scale(p_s, _fp8_scale_index(e, offs_n, k0, R, C), offs_n < R, SCALE_F32)  # [BN]
                 acc += tl.dot(a, w) * s_a[:, None] * s_w[None, :]
     return acc
+
+
+@triton.jit
+def _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K: tl.constexpr):
+    """A[rows, k0 : k0 + BLOCK_K] e4m3 codes [BM, BK] and their scales [BM] (rows not row_ok: 0) of
+    activations A [*, C] with scales [*, C/128] float32 (BLOCK_K divides 128)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    a = tl.load(p_a + rows[:, None] * C + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+    return a, tl.load(p_as + rows * (C // 128) + k0 // 128, mask=row_ok, other=0.0)
 
 
 @triton.jit
@@ -334,26 +348,27 @@ def _mxfp4_foldable(p_s, e, offs_n, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, fold, SCALE_F32: tl.constexpr,
+def _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, FOLD: tl.constexpr, SCALE_F32: tl.constexpr,
                     NATIVE_FP8: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """acc [BM, BN] + (A * s_a) @ W[e][offs_n, k0 : k0 + BLOCK_K]^T for a [BM, BLOCK_K] e4m3 tile and its
     rows' scales s_a [BM], MXFP4 W (_mxfp4_words, _mxfp4_scales), on the FP8 tensor cores: folded
-    (`fold`, one MMA) or one MMA per 32-run (the W4A8 note above)."""
+    (FOLD, one MMA; the caller checked _mxfp4_foldable) or one MMA per 32-run (the W4A8 note above)."""
     G: tl.constexpr = BLOCK_K // 32
     lo, hi = _e2m1_e4m3x4(_mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K))                 # [BK/8, BN] each
     codes = tl.join(_bytes(lo), _bytes(hi))                                 # [r, n, i, c, h]: position 8r + 4i + 2c + h
     codes = tl.reshape(tl.permute(codes, (0, 2, 3, 4, 1)), [G, 32, BLOCK_N])               # K in order, by 32-run
     u = _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32, BLOCK_K)                       # [G, BN]
-    if fold:
+    if FOLD:
         exp, _ = _scale_exponent(u, SCALE_F32)
         top = tl.max(exp, axis=0)                                                         # [BN]
-        # v * 2^-6 times 2^(12 - shift): v * 2^(6 - shift), exact in fp32 and (shift <= 14) in e4m3
-        mult = ((139 - (top[None, :] - exp)) << 23).to(tl.float32, bitcast=True)          # [G, BN] 2^(12 - shift)
-        y = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32) * mult[:, None, :]
+        # v * 2^-6 times 2^(12 - shift): v * 2^(6 - shift), in fp16 (two values an instruction; exact: at
+        # most 2 significant bits, 2^-9 .. 384) and (shift <= 14) in e4m3
+        mult = ((27 - (top[None, :] - exp)) << 10).to(tl.int16).to(tl.float16, bitcast=True)   # [G, BN] 2^(12 - shift)
+        y = codes.to(tl.float8e4nv, bitcast=True).to(tl.float16) * mult[:, None, :]
         if NATIVE_FP8:
             w = y.to(tl.float8e4nv)
         else:  # the interpreter's cast truncates (exact here, but its subnormals are not relied on)
-            w = e4m3_bits(y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+            w = e4m3_bits(y.to(tl.float32)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
         s_w = _e8m0(top) * 0.015625                                                       # [BN] 2^(top - 127) * 2^-6
         acc += tl.dot(a, tl.reshape(w, [BLOCK_K, BLOCK_N])) * s_a[:, None] * s_w[None, :]
     else:
