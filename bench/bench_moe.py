@@ -1,6 +1,7 @@
 """One MoE layer's routed experts at V4-Flash shapes (D 4096, I 2048, E 256, top 6): our grouped-expert
 Triton kernel (bf16, FP8 and MXFP4 weights; FP8 also W8A8, "fp8-w8a8": the moe_experts_fp8_w8a8 op's
-launch, act="fp8", at its default config for T) vs the dense-masked plain MoE, a loop over experts of
+launch, act="fp8", at its default config for T; MXFP4 also W4A8, "mxfp4-w4a8": the moe_experts_mxfp4_w4a8
+op's, as DeepSeek runs the releases' experts) vs the dense-masked plain MoE, a loop over experts of
 F.linear (DeepSeek's reference), torch._grouped_mm where this torch has it, and the plain op's own
 grouped form; random and skewed routing; TFLOP/s of the useful work (6 D I FLOPs per assignment) and
 GB/s over the bytes of the experts actually touched (weights + scales as stored, x and the fp32
@@ -99,9 +100,10 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
     fp8 = [weight_formats.quantize_experts(weight_formats.quantize_fp8_weight, w) for w in ws]
     fp4 = [weight_formats.quantize_experts(weight_formats.quantize_mxfp4, w) for w in ws]
     fp8_weights = ([q for q, _ in fp8], "fp8", tuple(s for _, s in fp8), 1 + 1 / 128 ** 2)
+    fp4_weights = ([q for q, _ in fp4], "mxfp4", tuple(s for _, s in fp4), 0.5 + 1 / 32)
     # format -> (weights, weight format, scales, bytes a weight, the launcher's act)
     formats = {"bf16": (ws, "float", None, 2.0, "x"), "fp8": (*fp8_weights, "x"), "fp8-w8a8": (*fp8_weights, "fp8"),
-               "mxfp4": ([q for q, _ in fp4], "mxfp4", tuple(s for _, s in fp4), 0.5 + 1 / 32, "x")}
+               "mxfp4": (*fp4_weights, "x"), "mxfp4-w4a8": (*fp4_weights, "fp8")}
     has_grouped_mm = DEVICE == "cuda" and hasattr(torch, "_grouped_mm")
     w_t = [w.transpose(1, 2) for w in ws] if has_grouped_mm else None
     rows = []
@@ -160,7 +162,7 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
              f"bf16 matmul peak {anchors['peak_tflops']:.0f} TFLOP/s, copy {anchors['copy_gbs']:.0f} GB/s (this run).", "",
              "Ratios of one run; 'ours' = the best of the default and the sweep for bf16.", "",
              "routing | T | ours bf16 ms | TFLOP/s (% peak) | GB/s (% copy) | fp8 / bf16 | fp8 w8a8 / bf16 | mxfp4 / bf16 | "
-             "dense / ours | loop / ours | grouped_mm / ours", "--- | " * 10 + "---"]
+             "mxfp4 w4a8 / bf16 | dense / ours | loop / ours | grouped_mm / ours", "--- | " * 11 + "---"]
     for kind in ("random", "skewed"):
         for T in sorted({r["tokens"] for r in rows}):
             ours = best.get((kind, T, "ours", "bf16"))
@@ -174,11 +176,12 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
                 return f"{ours['ms'] / r['ms']:.2f}x" if inverse else f"{r['ms'] / ours['ms']:.2f}x"
             lines.append(f"{kind} | {T} | {ours['ms']:.4f} | {ours['tflops']:.1f} ({ours['pct_peak']:.0f}%) | "
                          f"{ours['gbs']:.0f} ({ours['pct_copy']:.0f}%) | {ratio('ours', 'fp8', True)} | "
-                         f"{ratio('ours', 'fp8-w8a8', True)} | {ratio('ours', 'mxfp4', True)} | {ratio('dense masked (plain)')} | {ratio('loop F.linear')} | "
+                         f"{ratio('ours', 'fp8-w8a8', True)} | {ratio('ours', 'mxfp4', True)} | {ratio('ours', 'mxfp4-w4a8', True)} | "
+                         f"{ratio('dense masked (plain)')} | {ratio('loop F.linear')} | "
                          f"{ratio('torch._grouped_mm')}")
-    lines += ["", "fp8 / bf16, fp8 w8a8 / bf16 and mxfp4 / bf16: speed-up of the quantized weights (higher is faster; "
-              "fp8: W8A16, w8a8: the activations in FP8 too, on FP8 tensor cores); the others: their time over ours "
-              "(higher: ours faster). Every row is in moe.csv."]
+    lines += ["", "fp8 / bf16, fp8 w8a8 / bf16, mxfp4 / bf16 and mxfp4 w4a8 / bf16: speed-up of the quantized weights "
+              "(higher is faster; fp8: W8A16, mxfp4: W4A16, w8a8 / w4a8: the activations in FP8 too, on FP8 tensor "
+              "cores); the others: their time over ours (higher: ours faster). Every row is in moe.csv."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -187,7 +190,7 @@ def plot(path_prefix: str, rows: list[dict]) -> None:
     for kind in ("random", "skewed"):
         series = []
         for impl, fmt, style in (("ours", "bf16", "o-"), ("ours", "fp8", "s-"), ("ours", "fp8-w8a8", "D-"),
-                                 ("ours", "mxfp4", "^-"),
+                                 ("ours", "mxfp4", "^-"), ("ours", "mxfp4-w4a8", "v-"),
                                  ("dense masked (plain)", "bf16", "x--"), ("loop F.linear", "bf16", "d--"),
                                  ("torch._grouped_mm", "bf16", "v--"), ("grouped (plain op)", "bf16", "+:")):
             pts = sorted((r["tokens"], r["tflops"]) for r in rows
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<GPU>, or $BENCH_OUT)")
     args = parser.parse_args(argv)
     if args.smoke:
-        rows, anchors = run(D=128, I=128, E=9, k=3, tokens=(1, 20), sweep=False)   # 128: W8A8's whole blocks
+        rows, anchors = run(D=128, I=128, E=9, k=3, tokens=(1, 20), sweep=False)   # 128: W8A8's / W4A8's whole blocks
     else:
         rows, anchors = run()
     out = args.out or out_dir()

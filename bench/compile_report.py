@@ -327,7 +327,7 @@ def main(argv=None) -> int:
     parser.add_argument("--combine", action="store_true", help="also report the split-K combine kernel")
     parser.add_argument("--weight-format", default="mxfp4", choices=WEIGHT_FORMATS, help="moe_experts' weights")
     parser.add_argument("--act", default="x", choices=ACTS,
-                        help="moe_experts' activations: x (in x's dtype) or fp8 (W8A8: the moe_experts_fp8_w8a8 op)")
+                        help="moe_experts' activations: x (in x's dtype) or fp8 (W8A8 / W4A8: the moe_experts_fp8_w8a8 / _mxfp4_w4a8 op)")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(";")] if args.configs else [""]

@@ -47,10 +47,14 @@ for step in "$@"; do
     decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES override)
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --aoti --budget 500 --out "$OUT" 2>&1 | tail -40 ;;
-    moe)              python3 bench/bench_moe.py --out "$OUT" 2>&1 | tail -30 ;;   # its "fp8 w8a8 / bf16" column: issue 15
+    moe)              python3 bench/bench_moe.py --out "$OUT" 2>&1 | tail -30 ;;   # its "fp8 w8a8 / bf16", "mxfp4 w4a8 / bf16" columns: issue 15
     moe-w8a8)         # issue 15: the moe_experts_fp8_w8a8 op's kernel compiled: the odd shapes and the substitution, and at
       # T 4096 vs its naive twin, the plain W8A8 op and the W8A16 kernel (prints their distances)
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w8a8 or substitution" 2>&1 | tee "$OUT/tests_moe_w8a8.log" | tail -8 ;;
+    moe-w4a8)         # issue 15: the moe_experts_mxfp4_w4a8 op's kernel compiled (FP8 wgmma over e2m1 decoded to e4m3): the
+      # odd shapes, the fold limit and the substitution, and at T 4096 vs its naive twin, the plain W4A8 op and
+      # the W4A16 kernel (prints their distances); its timings: the moe step's "mxfp4 w4a8 / bf16" column
+      $PYTEST -s tests/kernels/test_moe_experts.py -k "w4a8" 2>&1 | tee "$OUT/tests_moe_w4a8.log" | tail -8 ;;
     tune-moe)         # issue 15's table entries: the grouped-expert kernels (bf16 and W8A8) tuned at prefill sizes and
       # decode batch 64, merged into a copy of tuning/tables (copy $OUT/tables/<GPU>.yaml back to commit it)
       cp -r tuning/tables "$OUT/tables"
@@ -60,7 +64,7 @@ for step in "$@"; do
     muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
     layers)           python3 bench/bench_layers.py --contexts "${CONTEXTS:-32k,128k}" --out "$OUT" 2>&1 | tail -30 ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention decode-step moe moe-w8a8 tune-moe muon layers"; exit 2 ;;
+            "decode-attention decode-step moe moe-w8a8 moe-w4a8 tune-moe muon layers"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"

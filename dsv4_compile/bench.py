@@ -36,13 +36,15 @@ FAMILIES = {
     "moe_experts_fp8": ("bench_moe", None),
     "moe_experts_fp8_w8a8": ("bench_moe", None),
     "moe_experts_mxfp4": ("bench_moe", None),
+    "moe_experts_mxfp4_w4a8": ("bench_moe", None),
     # Not substitution families: whole-layer attention (CSA, HCA vs dense FA2) and the mini preset's
     # whole decode step (eager vs CUDA graph).
     "layers": ("bench_layers", None),
     "decode_step": ("bench_decode_step", None),
 }
 ALIASES = {"attention": ("sparse_attention", "sparse_attention_cached"), "quant": ("fp8_quantize", "fp4_quantize"),
-           "moe": ("moe_experts", "moe_experts_fp8", "moe_experts_fp8_w8a8", "moe_experts_mxfp4"),
+           "moe": ("moe_experts", "moe_experts_fp8", "moe_experts_fp8_w8a8", "moe_experts_mxfp4",
+                   "moe_experts_mxfp4_w4a8"),
            "all": tuple(FAMILIES)}
 # Benchmarks that are not a substitution family (and not part of `all`): name -> bench module.
 EXTRAS = {"tuning": "bench_tuning"}

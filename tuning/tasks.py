@@ -33,6 +33,8 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
   tests' W8A8_HOPPER_TOL; the interpreter's fp32 sums stay under 1e-5). Never against the W8A16 op with
   a tolerance that admits the activation quantization: that error is ~5e-2 (test_moe_experts.py), so a
   tolerance above it would pass a kernel with a wrong scale on part of the tiles.
+- moe_experts_mxfp4_w4a8 (W4A8): as W8A8, against its naive twin (the plain W4A8 op's numbers) at 1e-2:
+  the e2m1 codes decode to e4m3 exactly and the 1 x 32 scales fold exactly, so the same reasons hold.
 - fp8_linear: 1e-2 (bf16 output, REL_RMS_TOL; the kernel and the plain op sum the same FP8 products
   in another order, in fp32).
 - indexer_topk: exact. The inputs are small dyadic numbers (k / 4, |k| <= 12), so every score is exact
@@ -386,10 +388,20 @@ def _moe_fp8_inputs(problem, device, seed=0, small=False):
     return (x, ids, weights, *(q for q, _ in quantized), limit, tuple(s for _, s in quantized))
 
 
-def _moe_w8a8_reference(a):
+def _moe_mxfp4_inputs(problem, device, seed=0, small=False):
+    """_moe_fp8_inputs with the experts' weights as MXFP4 (two e2m1 codes a byte, an e8m0 scale per 1 x 32)."""
+    from ..model.weight_formats import quantize_experts, quantize_mxfp4
+
+    x, ids, weights, *ws, limit = _moe_inputs(problem, device, seed, small, small_dims=(128, 128))
+    quantized = [quantize_experts(quantize_mxfp4, w) for w in ws]
+    return (x, ids, weights, *(q for q, _ in quantized), limit, tuple(s for _, s in quantized))
+
+
+def _fp8_act_reference(weight_format: str):
+    """The naive twin of the kernel's act="fp8" (W8A8 / W4A8) over `weight_format` weights."""
     from ..kernels.moe_experts import naive
 
-    return naive.moe_experts(*a[:7], None, "fp8", a[7], act="fp8")
+    return lambda a: naive.moe_experts(*a[:7], None, weight_format, a[7], act="fp8")
 
 
 MOE_EXPERTS_FP8 = KernelTask(
@@ -400,9 +412,15 @@ MOE_EXPERTS_FP8 = KernelTask(
 
 MOE_EXPERTS_FP8_W8A8 = KernelTask(
     inputs=_moe_fp8_inputs,
-    reference=_moe_w8a8_reference,
+    reference=_fp8_act_reference("fp8"),
     call=lambda fn, a, cfg: fn(*a[:7], config=cfg, weight_format="fp8", scales=a[7], act="fp8"),
     compare=lambda ref, out: close("out (W8A8, against the naive W8A8 twin)", ref, out, 1e-2))
+
+MOE_EXPERTS_MXFP4_W4A8 = KernelTask(
+    inputs=_moe_mxfp4_inputs,
+    reference=_fp8_act_reference("mxfp4"),
+    call=lambda fn, a, cfg: fn(*a[:7], config=cfg, weight_format="mxfp4", scales=a[7], act="fp8"),
+    compare=lambda ref, out: close("out (W4A8, against the naive W4A8 twin)", ref, out, 1e-2))
 
 
 # ---- FP8 linear ----------------------------------------------------------------------------------
@@ -430,7 +448,8 @@ TASKS: dict[str, KernelTask] = {
     "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
     "sparse_attention_cached": SPARSE_ATTENTION_CACHED, "compress_kv": COMPRESS_KV, "indexer_topk": INDEXER_TOPK,
     "indexer_topk_cached": INDEXER_TOPK_CACHED, "moe_experts": MOE_EXPERTS,
-    "moe_experts_fp8": MOE_EXPERTS_FP8, "moe_experts_fp8_w8a8": MOE_EXPERTS_FP8_W8A8, "fp8_linear": FP8_LINEAR,
+    "moe_experts_fp8": MOE_EXPERTS_FP8, "moe_experts_fp8_w8a8": MOE_EXPERTS_FP8_W8A8,
+    "moe_experts_mxfp4_w4a8": MOE_EXPERTS_MXFP4_W4A8, "fp8_linear": FP8_LINEAR,
 }
 
 

@@ -10,7 +10,8 @@ def test_ops_aliases_expand_to_substitution_families():
     assert _families("attention") == ["sparse_attention", "sparse_attention_cached"]
     assert _families("quant,newton_schulz,fp8_quantize") == ["fp8_quantize", "fp4_quantize", "newton_schulz"]
     assert set(_families("all")) == set(FAMILIES)
-    assert _families("moe") == ["moe_experts", "moe_experts_fp8", "moe_experts_fp8_w8a8", "moe_experts_mxfp4"]
+    assert _families("moe") == ["moe_experts", "moe_experts_fp8", "moe_experts_fp8_w8a8", "moe_experts_mxfp4",
+                                "moe_experts_mxfp4_w4a8"]
     with pytest.raises(UsageError, match="unknown 'flash'; accepted: all, attention"):
         _families("flash")
 

@@ -377,6 +377,7 @@ def _op_cases():
     fp8 = [t for shape in ((5, 32, 64), (5, 64, 32), (5, 32, 64)) for t in weight_formats.quantize_fp8_weight(r(*shape))]
     fp4 = [t for shape in ((5, 32, 64), (5, 64, 32), (5, 32, 64)) for t in weight_formats.quantize_mxfp4(r(*shape))]
     fp8_128 = [t for _ in range(3) for t in weight_formats.quantize_fp8_weight(r(5, 128, 128))]  # W8A8: whole blocks
+    fp4_128 = [t for _ in range(3) for t in weight_formats.quantize_mxfp4(r(5, 128, 128))]       # W4A8 too
     return {
         "fp8_quantize": (x, 32, True), "fp8_dequantize": (codes, scale, 32),
         "fp4_quantize": (x, 32, False), "fp4_dequantize": (packed, scale4, 32),
@@ -393,6 +394,7 @@ def _op_cases():
         "moe_experts_fp8": (r(9, 64), moe_ids, r(9, 3).abs(), *fp8[::2], *fp8[1::2], 10.0),
         "moe_experts_mxfp4": (r(9, 64), moe_ids, r(9, 3).abs(), *fp4[::2], *fp4[1::2], 10.0),
         "moe_experts_fp8_w8a8": (r(9, 128), moe_ids, r(9, 3).abs(), *fp8_128[::2], *fp8_128[1::2], 10.0),
+        "moe_experts_mxfp4_w4a8": (r(9, 128), moe_ids, r(9, 3).abs(), *fp4_128[::2], *fp4_128[1::2], 10.0),
         "fp8_linear": (r(2, 3, 256), r(40, 256).to(torch.float8_e4m3fn), torch.rand(1, 2, generator=g)),
     }
 

@@ -130,7 +130,7 @@ def test_real_gate_prunes_a_corrupted_kernel_output(sqlite_url):
 
 @pytest.mark.parametrize("kernel", ["fp4_quantize", "newton_schulz", "hc_pre", "hc_sinkhorn", "sparse_attention",
                                     "sparse_attention_cached", "compress_kv", "indexer_topk", "moe_experts",
-                                    "moe_experts_fp8", "moe_experts_fp8_w8a8"])
+                                    "moe_experts_fp8", "moe_experts_fp8_w8a8", "moe_experts_mxfp4_w4a8"])
 def test_real_gate_passes_the_default_config(kernel):
     space = get_space(kernel)
     phase = space.phases[0]
@@ -151,6 +151,11 @@ def test_moe_experts_fp8_gates_hold_each_op_to_its_reference():
     w8a16, w8a8 = runners["moe_experts_fp8"].ref, runners["moe_experts_fp8_w8a8"].ref
     assert "W8A8" in TASKS["moe_experts_fp8_w8a8"].compare(w8a8, w8a16)
     assert TASKS["moe_experts_fp8"].compare(w8a16, w8a8) is not None
+    # W4A8's gate against the W4A16 op on the same MXFP4 weights: refused (the activation quantization)
+    task = TASKS["moe_experts_mxfp4_w4a8"]
+    args = task.inputs(get_space("moe_experts_mxfp4_w4a8").make_problem(FLASH, 8192), "cpu", small=True)
+    w4a16 = torch.ops.dsv4.moe_experts_mxfp4(*args[:6], *args[7], args[6])
+    assert "W4A8" in task.compare(task.reference(args), w4a16)
 
 
 def test_tolerances_catch_small_errors():

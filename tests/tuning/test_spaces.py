@@ -302,6 +302,20 @@ def test_moe_experts_fp8_spaces_tile_each_op():
     assert all(c["block_n"] >= 128 for c in w8a8.typical)
 
 
+def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
+    """The W4A8 op's space: W8A8's params, rules and defaults (block_n of whole activation blocks, K tiles
+    of 128), its problems MXFP4 weights (half a byte a weight and a scale per 32: fewer bytes of work than
+    FP8) with act fp8."""
+    w4a8, w8a8 = get_space("moe_experts_mxfp4_w4a8"), get_space("moe_experts_fp8_w8a8")
+    h200 = gpu_spec("H200")
+    pre4, pre8 = (s.make_problem(FLASH, 8192, 1, "prefill") for s in (w4a8, w8a8))
+    assert (pre4.dim("weights"), pre4.dim("act")) == ("mxfp4", "fp8") and pre4.work_bytes < pre8.work_bytes
+    assert w4a8.choices(pre4, h200)["block_n"] == (128, 256)
+    assert w4a8.default_params(pre4, h200) == w8a8.default_params(pre8, h200)
+    kind, reason = w4a8.check(w4a8.make_config({**w4a8.default_params(pre4, h200), "block_n": 64}, "H200"), pre4, h200)
+    assert kind == "hard" and "128-blocks" in reason
+
+
 def test_decode_baseline_is_the_launchers_own_default():
     """The baseline trial of the decode space is what the kernel runs with config "": the decode
     default with the launcher's automatic split count (kernels/sparse_attention_cached/config.py),

@@ -6,8 +6,9 @@ token per sequence of the batch, prefill = context x batch tokens. The substitut
 entries by token count and decode entries by batch (passes/kernel_substitutions/moe_experts.py); the
 decode problems of different contexts are the same problem (the experts do not see the cache).
 moe_experts_fp8 (W8A16) and moe_experts_fp8_w8a8 (W8A8, FP8 tensor cores): the same kernel over FP8
-expert weights, each op with its own space, table and problems; their tiles only (which activations
-the kernel multiplies is the op's semantics, not a choice here)."""
+expert weights, and moe_experts_mxfp4_w4a8 (W4A8, FP8 tensor cores) over MXFP4 ones, each op with its
+own space, table and problems; their tiles only (which activations the kernel multiplies is the op's
+semantics, not a choice here)."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,7 +36,8 @@ def moe_hard(cfg, problem, gpu) -> str | None:
         return f"down accumulator {bm}x{dbn} over {cfg.down_num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
     # Tiles per pipeline stage: bf16 x [bm, bk] and w1, w3 [bk, bn]; act [bm, dbk] and w2 [dbk, dbn].
     # W8A8: FP8 tiles (1 byte), one weight per gate/up K loop (the sm_90a compile's shared memory exactly,
-    # bench/results/H200/moe_w8a8_offline.md).
+    # bench/results/H200/moe_w8a8_offline.md). W4A8 counted the same: its MXFP4 words (half a byte a
+    # weight) pipelined, decoded to an e4m3 operand tile (unmeasured: no sm_90a compile of it yet).
     size, gate_up_weights = (1, 1) if w8a8 else (2, 2)
     reason = smem_reason(cfg.num_stages * (bm * bk + gate_up_weights * bk * bn) * size, gpu,
                          f"gate/up {cfg.num_stages} stages")
@@ -69,6 +71,11 @@ def _moe_fp8_problem(mc, context, batch, phase):
 def _moe_fp8_w8a8_problem(mc, context, batch, phase):
     dims, work = _moe_fp8_problem(mc, context, batch, phase)
     return {**dims, "act": "fp8"}, work
+
+
+def _moe_mxfp4_w4a8_problem(mc, context, batch, phase):
+    dims, work = _moe_problem(mc, context, batch, phase, weight_bytes=0.5 + 1 / 32)   # e2m1 + an e8m0 scale per 32
+    return {**dims, "weights": "mxfp4", "act": "fp8"}, work
 
 
 def _typical(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
@@ -109,3 +116,8 @@ MOE_EXPERTS_FP8_W8A8 = dataclasses.replace(
     typical=tuple({**c, "block_n": max(c["block_n"], ACT_BLOCK)} for c in MOE_EXPERTS.typical),
     doc="moe_experts_fp8's problems with x and the SwiGLU output quantized to FP8 per 128-block (W8A8, FP8 tensor "
         "cores): block_n 128 or 256 (whole activation blocks).")
+MOE_EXPERTS_MXFP4_W4A8 = dataclasses.replace(
+    MOE_EXPERTS_FP8_W8A8, name="moe_experts_mxfp4_w4a8", problem=_moe_mxfp4_w4a8_problem,
+    doc="moe_experts' problems with w1/w3 [256, 2048, 2048], w2 [256, 4096, 1024] MXFP4 (two e2m1 a byte, an e8m0 "
+        "scale per 1 x 32), x and the SwiGLU output quantized to FP8 per 128-block (W4A8, FP8 tensor cores): "
+        "moe_experts_fp8_w8a8's params and defaults (block_n 128 or 256).")
