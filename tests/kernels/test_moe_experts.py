@@ -267,28 +267,40 @@ W8A8_CASES = [(1, 6, 12, "random", "A"), (7, 1, 5, "random", "B"), (7, 6, 5, "on
 
 
 def run_w8a8(T, k, E, kind, dtype, config, D, I, scale_dtype=torch.float8_e8m0fnu):
-    """W8A8 kernel against its naive twin and the plain W8A8 op (W8A8_TOL), the plain op against the twin
-    (W8A8_TOL), and the kernel against the plain W8A16 op (W8A8_VS_W8A16) -> (out, the latter's
-    relative RMS). x's columns span 2^-3 .. 2^3 (each 128-block of a row gets its own scale)
-    and the weight tiles' scales differ (tile_spread): with uniform scales, a scale read from the wrong
-    K block or tile would go unnoticed (a mutation check found so)."""
+    """check_fp8_act over FP8 weights (W8A8) whose tiles' scales differ (tile_spread): with uniform scales,
+    a scale read from the wrong K block or tile would go unnoticed (a mutation check found so)."""
+    w1, w2, w3, scales = experts(E, I, D, dtype, "fp8", scale_dtype, seed=E, tile_spread=True)
+    return check_fp8_act(T, k, E, kind, dtype, config, "fp8", w1, w2, w3, scales)
+
+
+# act="fp8" by weight format: (the op, its name in messages, the same weights' op without FP8 activations)
+FP8_ACT = {"fp8": (torch.ops.dsv4.moe_experts_fp8_w8a8, "W8A8", "W8A16"),
+           "mxfp4": (torch.ops.dsv4.moe_experts_mxfp4_w4a8, "W4A8", "W4A16")}
+
+
+def check_fp8_act(T, k, E, kind, dtype, config, fmt, w1, w2, w3, scales):
+    """The act="fp8" kernel over these `fmt` weights against its naive twin and its plain op (W8A8_TOL), the
+    plain op against the twin (W8A8_TOL), and the kernel against the plain op without FP8 activations
+    (W8A8_VS_W8A16) -> (out, the latter's relative RMS); x [T, D] with columns spanning 2^-3 .. 2^3 (each
+    128-block of a row gets its own scale)."""
+    op, name, unquantized = FP8_ACT[fmt]
+    D = w2.shape[1]
     x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * torch.logspace(-3, 3, D, base=2)).to(dtype)
     ids, w = routing(T, k, E, kind, seed=T * k + E)
-    w1, w2, w3, scales = experts(E, I, D, dtype, "fp8", scale_dtype, seed=E, tile_spread=True)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    args = (dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "fp8", tuple(map(dev, scales)))
+    args = (dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, fmt, tuple(map(dev, scales)))
     out = moe_experts(*args, act="fp8").cpu()
     assert out.shape == (T, D) and out.dtype == torch.float32
     # the twin on the kernel's device: "/ 448" in the activation scale is a reciprocal multiply on CUDA
     # (as the kernels do there), a division on the CPU; a power-of-two ceiling can land apart at a tie
     twin = naive.moe_experts(*args, act="fp8").cpu()
-    assert_close("W8A8 kernel vs W8A8 naive", twin, out, W8A8_TOL)
-    plain = torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, w1, w2, w3, *scales, LIMIT)
-    assert_close("plain W8A8 op vs W8A8 naive", twin, plain, W8A8_TOL)
-    assert_close("W8A8 kernel vs plain W8A8 op", plain, out, W8A8_TOL)
-    w8a16 = PLAIN["fp8"](x, ids, w, w1, w2, w3, *scales, LIMIT)
-    assert_close("W8A8 kernel vs plain W8A16 op", w8a16, out, W8A8_VS_W8A16)
-    return out, rel_rms(w8a16, out)
+    assert_close(f"{name} kernel vs {name} naive", twin, out, W8A8_TOL)
+    plain = op(x, ids, w, w1, w2, w3, *scales, LIMIT)
+    assert_close(f"plain {name} op vs {name} naive", twin, plain, W8A8_TOL)
+    assert_close(f"{name} kernel vs plain {name} op", plain, out, W8A8_TOL)
+    other = PLAIN[fmt](x, ids, w, w1, w2, w3, *scales, LIMIT)
+    assert_close(f"{name} kernel vs plain {unquantized} op", other, out, W8A8_VS_W8A16)
+    return out, rel_rms(other, out)
 
 
 @pytest.mark.parametrize("T,k,E,kind,cfg", W8A8_CASES, ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-{c[4]}" for c in W8A8_CASES])
@@ -362,29 +374,14 @@ def _run_spread(w, g):
 
 
 def run_w4a8(T, k, E, kind, dtype, config, D, I, scales_as=None):
-    """W4A8 kernel against its naive twin and the plain W4A8 op, the plain op against the twin (W8A8_TOL:
-    the same e4m3 and e2m1 codes, exact products, fp32 sums in another order) and the kernel against the
-    plain W4A16 op (W8A8_VS_W8A16) -> (out, the latter's relative RMS). x's columns span 2^-3 .. 2^3 and
-    the weights' 1 x 32 runs too (_run_spread). scales_as(scale) -> the scales passed (default e8m0)."""
+    """check_fp8_act over MXFP4 weights (W4A8; W8A8_TOL: the same e4m3 and e2m1 codes, exact products,
+    fp32 sums in another order) whose 1 x 32 runs' scales differ (_run_spread); scales_as(scale) -> the
+    scales passed (default e8m0)."""
     g = torch.Generator().manual_seed(E)
-    x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * torch.logspace(-3, 3, D, base=2)).to(dtype)
-    ids, w = routing(T, k, E, kind, seed=T * k + E)
     ws = [_run_spread(torch.randn(E, n, c, generator=g) * c ** -0.5, g) for n, c in ((I, D), (D, I), (I, D))]
     packed = [weight_formats.quantize_mxfp4(t) for t in ws]
     (w1, s1), (w2, s2), (w3, s3) = ((q, s if scales_as is None else scales_as(s)) for q, s in packed)
-    scales = (s1, s2, s3)
-    dev = lambda t: t.to(DEVICE)  # noqa: E731
-    args = (dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "mxfp4", tuple(map(dev, scales)))
-    out = moe_experts(*args, act="fp8").cpu()
-    assert out.shape == (T, D) and out.dtype == torch.float32
-    twin = naive.moe_experts(*args, act="fp8").cpu()
-    assert_close("W4A8 kernel vs W4A8 naive", twin, out, W8A8_TOL)
-    plain = torch.ops.dsv4.moe_experts_mxfp4_w4a8(x, ids, w, w1, w2, w3, *scales, LIMIT)
-    assert_close("plain W4A8 op vs W4A8 naive", twin, plain, W8A8_TOL)
-    assert_close("W4A8 kernel vs plain W4A8 op", plain, out, W8A8_TOL)
-    w4a16 = PLAIN["mxfp4"](x, ids, w, w1, w2, w3, *scales, LIMIT)
-    assert_close("W4A8 kernel vs plain W4A16 op", w4a16, out, W8A8_VS_W8A16)
-    return out, rel_rms(w4a16, out)
+    return check_fp8_act(T, k, E, kind, dtype, config, "mxfp4", w1, w2, w3, (s1, s2, s3))
 
 
 # T = 1, 7, 300; E = 5, 12; k = 1 and 6; -1 ids and experts without tokens ("holes"); configs A and B
@@ -621,55 +618,34 @@ def test_flash_shapes_are_bit_reproducible(flash_experts):
 
 @pytest.mark.gpu
 @pytest.mark.xdist_group("gpu-large")
-def test_flash_shapes_w8a8_against_its_twin_and_w8a16(flash_experts):
-    """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x, FP8 weights), the W8A8 launch (act="fp8", the
-    moe_experts_fp8_w8a8 op) at its prefill default (what bench_moe's W8A8 column runs: FP8 wgmma):
-    against the naive W8A8 twin on the GPU and the plain W8A8 op (W8A8_HOPPER_TOL), the plain op against
-    the twin (W8A8_TOL: both fp32), and the W8A16 kernel (W8A8_VS_W8A16); the distances are printed."""
+@pytest.mark.parametrize("fmt", ["fp8", "mxfp4"], ids=["w8a8", "w4a8"])
+def test_flash_shapes_fp8_activations(flash_experts, fmt):
+    """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x), the act="fp8" launch over FP8 weights (W8A8, the
+    moe_experts_fp8_w8a8 op) and MXFP4 ones (W4A8, moe_experts_mxfp4_w4a8: e2m1 decoded to e4m3, the runs'
+    scales folded) at its prefill default (what bench_moe's "fp8 w8a8" and "mxfp4 w4a8" columns run: FP8
+    wgmma): against its naive twin on the GPU and its plain op (W8A8_HOPPER_TOL), the plain op against the
+    twin (W8A8_TOL: both fp32), the same weights' kernel without FP8 activations (W8A8_VS_W8A16, and
+    beyond the bf16 tolerance: really quantized); float32 scales (the model's buffers) give the e8m0
+    bits. The distances are printed."""
     T = 4096
+    op, name, unquantized = FP8_ACT[fmt]
     g = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
     ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
     w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
-    ws, scales = flash_experts["fp8"]
-    out = moe_experts(x, ids, w, *ws, LIMIT, None, "fp8", scales, act="fp8")
-    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, None, "fp8", scales, act="fp8")
-    plain = torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, *ws, *scales, LIMIT)
-    w8a16 = moe_experts(x, ids, w, *ws, LIMIT, None, "fp8", scales)
-    print(f"T = {T}: W8A8 vs its naive twin {rel_rms(twin, out):.3e}, vs the plain W8A8 op {rel_rms(plain, out):.3e}, "
-          f"plain vs twin {rel_rms(twin, plain):.3e}, W8A8 vs W8A16 {rel_rms(w8a16, out):.3e} (relative RMS)")
-    assert_close("W8A8 vs naive W8A8", twin, out, W8A8_HOPPER_TOL)
-    assert_close("W8A8 vs plain W8A8 op", plain, out, W8A8_HOPPER_TOL)
-    assert_close("plain W8A8 op vs naive W8A8", twin, plain, W8A8_TOL)
-    assert_close("W8A8 vs W8A16", w8a16, out, W8A8_VS_W8A16)
-
-
-@pytest.mark.gpu
-@pytest.mark.xdist_group("gpu-large")
-def test_flash_shapes_w4a8_against_its_twin_and_w4a16(flash_experts):
-    """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x, MXFP4 weights), the W4A8 launch (act="fp8", the
-    moe_experts_mxfp4_w4a8 op) at its prefill default (FP8 wgmma over e2m1 decoded to e4m3, the runs'
-    scales folded): against the naive W4A8 twin on the GPU and the plain W4A8 op (W8A8_HOPPER_TOL), the
-    plain op against the twin (W8A8_TOL), the W4A16 kernel (W8A8_VS_W8A16); float32 scales (the model's
-    buffers) give the e8m0 bits. The distances are printed."""
-    T = 4096
-    g = torch.Generator(device="cuda").manual_seed(T)
-    x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
-    ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
-    w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
-    ws, scales = flash_experts["mxfp4"]
-    out = moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales, act="fp8")
-    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales, act="fp8")
-    plain = torch.ops.dsv4.moe_experts_mxfp4_w4a8(x, ids, w, *ws, *scales, LIMIT)
-    w4a16 = moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales)
-    f32 = moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", tuple(map(weight_formats.e8m0_to_float, scales)), act="fp8")
-    print(f"T = {T}: W4A8 vs its naive twin {rel_rms(twin, out):.3e}, vs the plain W4A8 op {rel_rms(plain, out):.3e}, "
-          f"plain vs twin {rel_rms(twin, plain):.3e}, W4A8 vs W4A16 {rel_rms(w4a16, out):.3e} (relative RMS)")
-    assert_close("W4A8 vs naive W4A8", twin, out, W8A8_HOPPER_TOL)
-    assert_close("W4A8 vs plain W4A8 op", plain, out, W8A8_HOPPER_TOL)
-    assert_close("plain W4A8 op vs naive W4A8", twin, plain, W8A8_TOL)
-    assert_close("W4A8 vs W4A16", w4a16, out, W8A8_VS_W8A16)
-    assert rel_rms(w4a16, out) > 2e-2, "W4A8 within the bf16 tolerance of W4A16: the activations were not quantized"
+    ws, scales = flash_experts[fmt]
+    out = moe_experts(x, ids, w, *ws, LIMIT, None, fmt, scales, act="fp8")
+    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, None, fmt, scales, act="fp8")
+    plain = op(x, ids, w, *ws, *scales, LIMIT)
+    other = moe_experts(x, ids, w, *ws, LIMIT, None, fmt, scales)
+    f32 = moe_experts(x, ids, w, *ws, LIMIT, None, fmt, tuple(map(weight_formats.e8m0_to_float, scales)), act="fp8")
+    print(f"T = {T}: {name} vs its naive twin {rel_rms(twin, out):.3e}, vs the plain {name} op {rel_rms(plain, out):.3e}, "
+          f"plain vs twin {rel_rms(twin, plain):.3e}, {name} vs {unquantized} {rel_rms(other, out):.3e} (relative RMS)")
+    assert_close(f"{name} vs naive {name}", twin, out, W8A8_HOPPER_TOL)
+    assert_close(f"{name} vs plain {name} op", plain, out, W8A8_HOPPER_TOL)
+    assert_close(f"plain {name} op vs naive {name}", twin, plain, W8A8_TOL)
+    assert_close(f"{name} vs {unquantized}", other, out, W8A8_VS_W8A16)
+    assert rel_rms(other, out) > 2e-2, f"{name} within the bf16 tolerance of {unquantized}: the activations were not quantized"
     assert torch.equal(out, f32)
 
 

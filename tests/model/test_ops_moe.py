@@ -253,32 +253,39 @@ def test_w8a8_op_matches_its_float64_loop(T, k, E, kind, dtype):
     assert ((w8a16 - out).norm() / w8a16.norm()).item() > 1e-2
 
 
-def test_w8a8_opcheck_export_and_bad_shapes():
-    """Fake / autograd registration (x and the routing weights get gradients; the schema test compares
-    float8 inputs, which torch cannot on the CPU); torch.export of the grouped form with T dynamic
-    matches eager at other T; D or I not a multiple of 128 is a one-line ValueError."""
+def check_registration_and_export(op, plain, codes, scales, test_utils):
+    """opcheck of `op` (x and the routing weights get gradients) with these utils, and torch.export of
+    its plain form `plain` with T dynamic equal to the op at other T (E 12, k 1, D 128)."""
     from torch.library import opcheck
 
-    E, k, D, I = 12, 1, 128, 128
-    packed = [weight_formats.quantize_fp8_weight(t) for t in weights(E, I, D, torch.float32, seed=5)]
-    codes, scales = [q for q, _ in packed], [sc for _, sc in packed]
+    E, k, D = 12, 1, 128
     x = torch.randn(9, D, generator=torch.Generator().manual_seed(6))
     ids, w = routing(9, k, E, "holes", seed=7)
-    opcheck(torch.ops.dsv4.moe_experts_fp8_w8a8.default,
-            (x.clone().requires_grad_(), ids, w.clone().requires_grad_(), *codes, *scales, LIMIT),
-            test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    opcheck(op.default, (x.clone().requires_grad_(), ids, w.clone().requires_grad_(), *codes, *scales, LIMIT),
+            test_utils=test_utils)
 
     class Experts(torch.nn.Module):
         def forward(self, x, ids, w):
-            return moe_ops._moe_experts_fp8_w8a8_plain(x, ids, w, *codes, *scales, LIMIT)
+            return plain(x, ids, w, *codes, *scales, LIMIT)
 
     T = torch.export.Dim("T", min=2, max=512)
     ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
     for n in (2, 33):
         xn = torch.randn(n, D)
         idn, wn = routing(n, k, E, "holes", seed=n)
-        assert torch.equal(ep.module()(xn, idn, wn), torch.ops.dsv4.moe_experts_fp8_w8a8(xn, idn, wn, *codes, *scales, LIMIT))
-    narrow = [weight_formats.quantize_fp8_weight(t) for t in weights(E, 96, D, torch.float32, seed=5)]
+        assert torch.equal(ep.module()(xn, idn, wn), op(xn, idn, wn, *codes, *scales, LIMIT))
+    return x, ids, w
+
+
+def test_w8a8_opcheck_export_and_bad_shapes():
+    """Fake / autograd registration (the schema test compares float8 inputs, which torch cannot on the
+    CPU), AOT dispatch; torch.export of the grouped form with T dynamic matches eager at other T; D or I
+    not a multiple of 128 is a one-line ValueError."""
+    packed = [weight_formats.quantize_fp8_weight(t) for t in weights(12, 128, 128, torch.float32, seed=5)]
+    x, ids, w = check_registration_and_export(
+        torch.ops.dsv4.moe_experts_fp8_w8a8, moe_ops._moe_experts_fp8_w8a8_plain, [q for q, _ in packed],
+        [sc for _, sc in packed], ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    narrow = [weight_formats.quantize_fp8_weight(t) for t in weights(12, 96, 128, torch.float32, seed=5)]
     with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: D = 128, I = 96; W8A8 needs multiples of 128"):
         torch.ops.dsv4.moe_experts_fp8_w8a8(x, ids, w, *(q for q, _ in narrow), *(sc for _, sc in narrow), LIMIT)
 
@@ -363,37 +370,20 @@ def test_w4a8_op_is_deepseeks_expert_arithmetic(T, k, E, kind):
 
 
 def test_w4a8_opcheck_export_and_bad_shapes():
-    """Fake / autograd registration (x and the routing weights get gradients; the schema test compares
-    e8m0 inputs, which torch cannot on the CPU; AOT dispatch: W8A8's test covers the shared plain form
-    and registration, at ~6 s); torch.export of the grouped form with T dynamic
-    matches eager at other T; D or I not a multiple of 128 is a one-line ValueError, from the op and
-    from its fake."""
-    from torch.library import opcheck
+    """Fake / autograd registration (the schema test compares e8m0 inputs, which torch cannot on the CPU;
+    AOT dispatch: W8A8's test covers the shared plain form, at ~6 s); torch.export of the grouped form
+    with T dynamic matches eager at other T; D or I not a multiple of 128 is a one-line ValueError, from
+    the op and from its fake."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    E, k, D, I = 12, 1, 128, 128
-    packed = [weight_formats.quantize_mxfp4(t) for t in weights(E, I, D, torch.float32, seed=5)]
-    codes, scales = [q for q, _ in packed], [sc for _, sc in packed]
-    x = torch.randn(9, D, generator=torch.Generator().manual_seed(6))
-    ids, w = routing(9, k, E, "holes", seed=7)
-    opcheck(torch.ops.dsv4.moe_experts_mxfp4_w4a8.default,
-            (x.clone().requires_grad_(), ids, w.clone().requires_grad_(), *codes, *scales, LIMIT),
-            test_utils=("test_autograd_registration", "test_faketensor"))
-
-    class Experts(torch.nn.Module):
-        def forward(self, x, ids, w):
-            return moe_ops._moe_experts_mxfp4_w4a8_plain(x, ids, w, *codes, *scales, LIMIT)
-
-    T = torch.export.Dim("T", min=2, max=512)
-    ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
-    for n in (2, 33):
-        xn = torch.randn(n, D)
-        idn, wn = routing(n, k, E, "holes", seed=n)
-        assert torch.equal(ep.module()(xn, idn, wn), torch.ops.dsv4.moe_experts_mxfp4_w4a8(xn, idn, wn, *codes, *scales, LIMIT))
-    narrow = [weight_formats.quantize_mxfp4(t) for t in weights(E, 96, D, torch.float32, seed=5)]
+    packed = [weight_formats.quantize_mxfp4(t) for t in weights(12, 128, 128, torch.float32, seed=5)]
+    x, ids, w = check_registration_and_export(
+        torch.ops.dsv4.moe_experts_mxfp4_w4a8, moe_ops._moe_experts_mxfp4_w4a8_plain, [q for q, _ in packed],
+        [sc for _, sc in packed], ("test_autograd_registration", "test_faketensor"))
+    narrow = [weight_formats.quantize_mxfp4(t) for t in weights(12, 96, 128, torch.float32, seed=5)]
     args = (x, ids, w, *(q for q, _ in narrow), *(sc for _, sc in narrow), LIMIT)
     with pytest.raises(ValueError, match="moe_experts_mxfp4_w4a8: D = 128, I = 96; W4A8 needs multiples of 128"):
         torch.ops.dsv4.moe_experts_mxfp4_w4a8(*args)
-    from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode, pytest.raises(ValueError, match="W4A8 needs multiples of 128"):
         torch.ops.dsv4.moe_experts_mxfp4_w4a8(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
 
