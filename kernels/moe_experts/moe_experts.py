@@ -51,10 +51,10 @@ W4A8 runs is the op's (the launcher's `act`), never a config's: they are differe
 relative RMS apart on Gaussian data).
 Numbers: W8A16 and the float ops, against the plain op, multiply the routing weight into the fp32
 product of w2 instead of the activation before its rounding to x's dtype (bf16: within the bf16
-tolerance; fp32: equal up to summation order); W8A8 weights the activation where the plain op does.
-Workspace: act [n_blocks * block_m, I] in x's dtype (W8A8: 1 + 4/128 bytes a value) and slots
+tolerance; fp32: equal up to summation order); W8A8 and W4A8 weight the activation where the plain op
+does. Workspace: act [n_blocks * block_m, I] in x's dtype (W8A8, W4A8: 1 + 4/128 bytes a value) and slots
 [chunk * k, D] float32 for one chunk of tokens (within WORKSPACE_BYTES), the routing layout of all
-T * k assignments (about 40 bytes each); W8A8 also x's codes and scales (T * D * 33/32 bytes).
+T * k assignments (about 40 bytes each); W8A8 and W4A8 also x's codes and scales (T * D * 33/32 bytes).
 """
 from __future__ import annotations
 
@@ -539,8 +539,8 @@ def _op_name(weight_format: str, act: str = "x") -> str:
 
 
 def _act_kind(weight_format: str) -> str:
-    """The name of act="fp8" with these weights, for messages."""
-    return "W4A8" if weight_format == "mxfp4" else "W8A8"
+    """The name of act="fp8" with these weights, for messages: W8A8, W4A8."""
+    return _FP8_ACT_SUFFIX[weight_format][1:].upper()
 
 
 def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str, act: str = "x") -> tuple[int, int, int]:
@@ -619,8 +619,9 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     shapes in float8_e4m3fn with `scales` (w1, w2, w3) [E, ceil(rows/128), ceil(cols/128)]; "mxfp4":
     [E, I, D/2], [E, D, I/2], [E, I, D/2] int8, each starting at a multiple of 4 bytes (read as 32-bit
     words), with scales [E, rows, cols/32]; scales e8m0 or fp32)
-    -> [T, D] float32. act (ACTS): "x", the semantics of moe_experts / _fp8 / _mxfp4; "fp8" (FP8
-    weights, D and I multiples of 128, config block_n a multiple of 128), moe_experts_fp8_w8a8's.
+    -> [T, D] float32. act (ACTS): "x", the semantics of moe_experts / _fp8 / _mxfp4; "fp8" (FP8 or MXFP4
+    weights, D and I multiples of 128, config block_n a multiple of 128), moe_experts_fp8_w8a8's /
+    moe_experts_mxfp4_w4a8's.
     Tokens go through in chunks (chunk_plan) with one config (that of all T * k assignments), so the
     result is the same bits whatever the chunking. Workspace: act and slots of one chunk
     (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment); W8A8: x's codes and scales
@@ -629,9 +630,10 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     T, k = topk_ids.shape
     act_fp8 = act == "fp8"
     cfg = resolve(config, x.device, T * k, act_fp8)
-    check(not act_fp8 or cfg.block_n % ACT_BLOCK == 0,
-          f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; {_act_kind(weight_format)} needs a multiple of {ACT_BLOCK} "
-          f"(the gate/up epilogue quantizes whole activation blocks)")
+    if act_fp8:
+        check(cfg.block_n % ACT_BLOCK == 0,
+              f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; {_act_kind(weight_format)} needs a "
+              f"multiple of {ACT_BLOCK} (the gate/up epilogue quantizes whole activation blocks)")
     out = torch.empty((T, D), dtype=torch.float32, device=x.device)
     if isinstance(T, int) and T == 0:
         return out
