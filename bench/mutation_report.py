@@ -89,6 +89,11 @@ def _cases() -> dict:
                                              *(r(E, 128, 128, dtype=torch.float32).to(torch.float8_e4m3fn) for _ in range(3)),
                                              10.0, "block_m=16,block_n=128", "fp8",
                                              tuple(torch.ones(E, 1, 1) for _ in range(3)), "fp8")),
+        "moe_experts (W4A8)": (moe_experts, (r(T, 128), ids, r(T, k, dtype=torch.float32),
+                                             *(torch.randint(-128, 128, (E, 128, 64), generator=g, dtype=torch.int8)
+                                               for _ in range(3)),
+                                             10.0, "block_m=16,block_n=128", "mxfp4",
+                                             tuple(torch.ones(E, 128, 4) for _ in range(3)), "fp8")),
         "fp8_linear": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2), "gemm=triton,quant=fused")),
     }
     return cases
