@@ -122,9 +122,14 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
                     print(f"{kind:7s} T={T:6d} {impl:24s} failed: {type(exc).__name__}: {str(exc)[:150]}", flush=True)
                     return
                 nbytes = n_used * 3 * I * D * formats[fmt][3] + T * D * (2 + 4)
+                # the roofline: the longer of the MMAs at peak (FP8 activations: Hopper's FP8 rate, twice
+                # bf16's) and the bytes at the copy bandwidth
+                mma_peak = peak * (2 if formats[fmt][4] == "fp8" else 1)
+                roofline_ms = max(flops / mma_peak / 1e9, nbytes / copy / 1e6)
                 rows.append(dict(routing=kind, tokens=T, impl=impl, format=fmt, ms=ms, tflops=flops / ms / 1e9,
                                  pct_peak=100 * flops / ms / 1e9 / peak, gbs=nbytes / ms / 1e6,
-                                 pct_copy=100 * nbytes / ms / 1e6 / copy, experts_used=n_used, config=config))
+                                 pct_copy=100 * nbytes / ms / 1e6 / copy, pct_roofline=100 * roofline_ms / ms,
+                                 experts_used=n_used, config=config))
                 r = rows[-1]
                 print(f"{kind:7s} T={T:6d} {impl:24s} {fmt:8s} {ms:9.4f} ms {r['tflops']:7.1f} TFLOP/s "
                       f"({r['pct_peak']:5.1f}%) {r['gbs']:7.0f} GB/s ({r['pct_copy']:5.1f}%)", flush=True)
@@ -161,8 +166,8 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}; "
              f"bf16 matmul peak {anchors['peak_tflops']:.0f} TFLOP/s, copy {anchors['copy_gbs']:.0f} GB/s (this run).", "",
              "Ratios of one run; 'ours' = the best of the default and the sweep for bf16.", "",
-             "routing | T | ours bf16 ms | TFLOP/s (% peak) | GB/s (% copy) | fp8 / bf16 | fp8 w8a8 / bf16 | mxfp4 / bf16 | "
-             "mxfp4 w4a8 / bf16 | dense / ours | loop / ours | grouped_mm / ours", "--- | " * 11 + "---"]
+             "routing | T | ours bf16 ms | TFLOP/s (% peak) | GB/s (% copy) | % roofline | fp8 / bf16 | fp8 w8a8 / bf16 | mxfp4 / bf16 | "
+             "mxfp4 w4a8 / bf16 | dense / ours | loop / ours | grouped_mm / ours", "--- | " * 12 + "---"]
     for kind in ("random", "skewed"):
         for T in sorted({r["tokens"] for r in rows}):
             ours = best.get((kind, T, "ours", "bf16"))
@@ -175,11 +180,12 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
                     return "-"
                 return f"{ours['ms'] / r['ms']:.2f}x" if inverse else f"{r['ms'] / ours['ms']:.2f}x"
             lines.append(f"{kind} | {T} | {ours['ms']:.4f} | {ours['tflops']:.1f} ({ours['pct_peak']:.0f}%) | "
-                         f"{ours['gbs']:.0f} ({ours['pct_copy']:.0f}%) | {ratio('ours', 'fp8', True)} | "
+                         f"{ours['gbs']:.0f} ({ours['pct_copy']:.0f}%) | {ours['pct_roofline']:.0f}% | {ratio('ours', 'fp8', True)} | "
                          f"{ratio('ours', 'fp8-w8a8', True)} | {ratio('ours', 'mxfp4', True)} | {ratio('ours', 'mxfp4-w4a8', True)} | "
                          f"{ratio('dense masked (plain)')} | {ratio('loop F.linear')} | "
                          f"{ratio('torch._grouped_mm')}")
-    lines += ["", "fp8 / bf16, fp8 w8a8 / bf16, mxfp4 / bf16 and mxfp4 w4a8 / bf16: speed-up of the quantized weights "
+    lines += ["", "% roofline: the longer of the FLOPs at the bf16 peak and the bytes at the copy bandwidth, over the time.",
+              "", "fp8 / bf16, fp8 w8a8 / bf16, mxfp4 / bf16 and mxfp4 w4a8 / bf16: speed-up of the quantized weights "
               "(higher is faster; fp8: W8A16, mxfp4: W4A16, w8a8 / w4a8: the activations in FP8 too, on FP8 tensor "
               "cores); the others: their time over ours (higher: ours faster). Every row is in moe.csv."]
     with open(path, "w") as f:
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(os.path.join(out, "moe.csv"), rows)
     write_md(os.path.join(out, "moe.md"), rows, anchors)
     plot(os.path.join(out, "moe"), rows)
-    print_table(rows, ["routing", "tokens", "impl", "format", "ms", "tflops", "pct_peak", "gbs", "pct_copy", "config"])
+    print_table(rows, ["routing", "tokens", "impl", "format", "ms", "tflops", "pct_peak", "gbs", "pct_copy", "pct_roofline",
+                       "config"])
     print(f"wrote {out}/moe.csv, moe.md, moe-*.png")
     return 0
 
