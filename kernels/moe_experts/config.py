@@ -4,6 +4,7 @@ the tensor cores do)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import ClassVar
 
 from ...model.ops import FP8_LINEAR_BLOCK
@@ -32,7 +33,11 @@ class MoeExpertsConfig(KernelConfig):
     Tiles only: whether the activations are quantized (W8A8) is the op's semantics, not a config's
     choice (the launcher's `act`, set by which op runs). W8A8 and W4A8 need block_n a multiple of 128
     (the gate/up epilogue quantizes whole 128-blocks of the activation): `w8a8_config`, and the
-    launcher refuses less.
+    launcher refuses less. w4a8_mma (W4A8 only): the tensor cores that multiply its FP8-rounded
+    activations with the MXFP4 weights, the same exact products either way: "bf16" (the activations
+    held as their bf16 values, the weights decoded to bf16 as W4A16 does) or "fp8" (e4m3 codes on the
+    FP8 tensor cores, the weights decoded to e4m3). bf16 is the default: on the H200 the e4m3 decode's
+    integer work bound the FP8 route below W4A16's speed at every T (bench/results/H200/moe.md).
     """
 
     block_m: int = 64
@@ -45,9 +50,11 @@ class MoeExpertsConfig(KernelConfig):
     down_block_k: int = 64
     down_num_warps: int = 4
     down_num_stages: int = 3
+    w4a8_mma: str = "bf16"
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "block_k", "num_warps", "down_block_n",
                                               "down_block_k", "down_num_warps")
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"w4a8_mma": ("bf16", "fp8")}
 
     def __post_init__(self):
         super().__post_init__()

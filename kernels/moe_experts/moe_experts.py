@@ -414,13 +414,16 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_weights, p_act, p_act_s, limit,
                     N, TOPK, D, I, E, n_blocks,
                     FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, RECIP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr,
+                    RECIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
     # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
     # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype.
-    # ACT_FP8 (W8A8): p_x [T, D] e4m3 codes with p_xs [T, D/128] float32 scales; p_weights [T * TOPK]
-    # float32; p_act e4m3 codes of the weighted activation with p_act_s [n_blocks * BLOCK_M, I/128]
-    # float32 scales (p_xs, p_weights, p_act_s unused otherwise)
+    # ACT_FP8 (W8A8, W4A8): the weighted activation FP8-rounded here; p_weights [T * TOPK] float32. With
+    # FP8_MMA, p_x [T, D] e4m3 codes with p_xs [T, D/128] float32 scales, p_act e4m3 codes with p_act_s
+    # [n_blocks * BLOCK_M, I/128] float32 scales; without (W4A8 on bf16 tensor cores), p_x holds x's
+    # FP8-rounded values and p_act the activation's, in x's dtype (exact: 4 significant bits). p_xs,
+    # p_weights, p_act_s unused where not named.
     limit = tl.cast(limit, tl.float32)  # float arguments are fp64 in AOTInductor's launch signature
     pid_m, pid_n = _tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
@@ -431,7 +434,7 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
     row_ok = slot < N
     token = tl.where(row_ok, slot // TOPK, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if ACT_FP8:
+    if ACT_FP8 and FP8_MMA:
         # One K loop per weight: in one loop both FP8 products of a step wait in registers for their
         # promotion beside the two accumulators, and 128 x 128 tiles over 8 warps spilled (sm_90 compile,
         # bench/results/H200/moe_w8a8_offline.md); x's codes are read twice instead (1 byte a value).
@@ -465,10 +468,18 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
     if ACT_FP8:  # weighted and quantized here, once per value (BLOCK_N a multiple of 128): the fp32 act
         act = act * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
         codes, s = quantize_rows_e4m3(tl.reshape(act, [BLOCK_M * (BLOCK_N // 128), 128]), RECIP, NATIVE_FP8)
-        tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], tl.reshape(codes, [BLOCK_M, BLOCK_N]), mask=mask)
-        offs_b = pid_n * (BLOCK_N // 128) + tl.arange(0, BLOCK_N // 128)
-        tl.store(p_act_s + offs_m[:, None] * (I // 128) + offs_b[None, :], tl.reshape(s, [BLOCK_M, BLOCK_N // 128]),
-                 mask=offs_b[None, :] < I // 128)
+        if FP8_MMA:
+            tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], tl.reshape(codes, [BLOCK_M, BLOCK_N]), mask=mask)
+            offs_b = pid_n * (BLOCK_N // 128) + tl.arange(0, BLOCK_N // 128)
+            tl.store(p_act_s + offs_m[:, None] * (I // 128) + offs_b[None, :],
+                     tl.reshape(s, [BLOCK_M, BLOCK_N // 128]), mask=offs_b[None, :] < I // 128)
+        else:  # the rounded values themselves
+            if NATIVE_FP8:
+                q = codes.to(tl.float32)
+            else:  # the interpreter: decoded from the codes' bits
+                q = _e4m3(codes.to(tl.uint8, bitcast=True).to(tl.int32))
+            q = tl.reshape(q * s[:, None], [BLOCK_M, BLOCK_N])
+            tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], q.to(p_act.dtype.element_ty), mask=mask)
     else:
         if ROUND_BF16:  # the interpreter's bf16 cast truncates: round to nearest even first
             act = round_bf16(act)
@@ -479,9 +490,9 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
 def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
                  N, first_slot, TOPK, D, I, E, n_blocks,
                  FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr, ACT_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # p_act [n_blocks * BLOCK_M, I] (ACT_FP8: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
+                 IEEE: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # p_act [n_blocks * BLOCK_M, I] (FP8_MMA: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
     # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
     # p_weights [T * TOPK] float32 (unused with ACT_FP8: act holds it);
     # p_out [chunk tokens * TOPK, D] float32: row t * TOPK + j - first_slot of assignment (t, j), written once
@@ -493,7 +504,7 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
     slot = tl.load(p_slot + offs_m)
     row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if ACT_FP8:
+    if ACT_FP8 and FP8_MMA:
         acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, FMT, SCALE_F32,
                         NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
@@ -507,7 +518,7 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
             else:
                 b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
                 acc = _dot(a, b, acc, UPCAST, IEEE)
-    if not ACT_FP8:  # W8A8's act holds its routing weight already
+    if not ACT_FP8:  # W8A8's and W4A8's act holds its routing weight already
         acc = acc * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
     row = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
     tl.store(p_out + row[:, None] * D + offs_n[None, :], acc, mask=row_ok[:, None] & (offs_n[None, :] < D))
@@ -638,12 +649,15 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     if isinstance(T, int) and T == 0:
         return out
     bm = cfg.block_m
-    act_bytes = 1 + 4 / ACT_BLOCK if act_fp8 else x.element_size()
+    # W4A8's FP8-rounded values on bf16 tensor cores (config.w4a8_mma), but in fp16, whose range does not
+    # hold every one (an fp16 x near 65504 rounds up past it)
+    fp8_mma = act_fp8 and (weight_format == "fp8" or cfg.w4a8_mma == "fp8" or x.dtype == torch.float16)
+    act_bytes = 1 + 4 / ACT_BLOCK if fp8_mma else x.element_size()
     chunk, n_chunks = chunk_plan(T, k, D, I, E, bm, act_bytes)
     slot, block_expert = chunked_expert_blocks(topk_ids, E, bm, chunk, n_chunks)  # [C, n_blocks, bm], [C, n_blocks]
     n_blocks = block_expert.shape[1]
     slots = torch.empty((torch.sym_min(chunk, T) * k, D), dtype=torch.float32, device=x.device)
-    if act_fp8:
+    if fp8_mma:
         # x quantized once, in its own pass, rather than in every gate/up program: there each of the
         # I / block_n column tiles of a row block would quantize its rows again (16 times at I 2048,
         # block_n 128), CUDA-core work of the order of the FP8 MMAs' (fp8_linear's "separate" for many
@@ -656,6 +670,9 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         hidden_scale = torch.empty((n_blocks * bm, I // ACT_BLOCK), dtype=torch.float32, device=x.device)
     else:
         xq, xs = x, placeholder(x.device, torch.float32)                               # xs unused
+        if act_fp8:  # W4A8 on bf16 tensor cores: x's FP8-rounded values, in x's dtype (exact)
+            codes, scales_x = fp8_quantize(x, ACT_BLOCK, True)                        # [T, D] e4m3, [T, D/128]
+            xq = (codes.float().view(T, D // ACT_BLOCK, ACT_BLOCK) * scales_x[..., None]).view(T, D).to(x.dtype)
         hidden = torch.empty((n_blocks * bm, I), dtype=x.dtype, device=x.device)
         hidden_scale = placeholder(x.device, torch.float32)                            # unused
     fmt = _FMT[weight_format]
@@ -675,13 +692,14 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), xq, xs, slot[c], block_expert[c], w1, s1, w3, s3,
                topk_weights, hidden, hidden_scale, float(swiglu_limit), T * k, k, D, I, E, n_blocks,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
-               ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, ACT_FP8=act_fp8, RECIP=x.device.type == "cuda",
+               ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, ACT_FP8=act_fp8, FP8_MMA=fp8_mma,
+               RECIP=x.device.type == "cuda",
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), hidden, hidden_scale, slot[c], block_expert[c], w2, s2,
                topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,
-               BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
+               FP8_MMA=fp8_mma, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
         sum_slots(slots, topk_ids, out, first, torch.sym_min(first + chunk, T))
     return out

@@ -20,8 +20,10 @@ Tolerances (relative RMS over the output):
   midpoint (~1% of them at that distance) take the neighbouring code: a few 1e-3 expected; a wrong
   scale still moves the output by ~1.
 - W4A8 (act="fp8" with MXFP4 weights, the moe_experts_mxfp4_w4a8 op): the W8A8 tolerances for the same
-  reasons (e2m1 decodes to e4m3 exactly; the 1 x 32 runs' scales folded into the e4m3 values or one MMA
-  per run, exact either way; W4A16 for W8A16); measured 0 to 1e-7 in the interpreter. A wrong fold
+  reasons (on FP8 tensor cores, config w4a8_mma="fp8": e2m1 decodes to e4m3 exactly, the 1 x 32 runs'
+  scales folded into the e4m3 values or one MMA per run, exact either way; on bf16 ones, the default:
+  the FP8-rounded activations held in bf16, exact, times the W4A16 decode; W4A16 for W8A16); measured 0
+  to 1e-7 in the interpreter. A wrong fold
   (past the limit, or a run's scale off by one power) moves the output by ~1 (mutation checks).
 - W8A8 against the plain W8A16 op: W8A8_VS_W8A16 = 8e-2, the activation quantization itself: e4m3
   with power-of-two scales per 128 keeps 2^-4 relative per element at worst and 2.65e-2 relative RMS
@@ -386,24 +388,26 @@ def run_w4a8(T, k, E, kind, dtype, config, D, I, scales_as=None):
 
 # T = 1, 7, 300; E = 5, 12; k = 1 and 6; -1 ids and experts without tokens ("holes"); configs A and B
 # (K tiles of 64 and 32 in a 128-block: two and one runs folded a step; 256-wide tiles, 128-deep);
-# D = I = 128 but for one case at 384 (three K tiles, a partial last column tile of B): the interpreter
-# decodes every weight in numpy, so the cases stay small (~1 s each, T = 300 ~4 s).
-W4A8_CASES = [(1, 6, 12, "random", "A", torch.bfloat16, 128), (7, 6, 5, "holes", "B", torch.float32, 384),
-              (7, 1, 5, "one-expert", "A", torch.float32, 128), (300, 1, 5, "holes", "B", torch.bfloat16, 128)]
+# D = I = 128 but for one case at 384 (three K tiles, a partial last column tile of B); each tensor-core
+# route (config w4a8_mma) with both dtypes: the interpreter decodes every weight in numpy, so the cases
+# stay small (~1 s each, T = 300 ~4 s).
+W4A8_CASES = [(1, 6, 12, "random", "A", torch.bfloat16, 128, "fp8"), (7, 6, 5, "holes", "B", torch.float32, 384, "fp8"),
+              (7, 1, 5, "one-expert", "A", torch.float32, 128, "bf16"), (300, 1, 5, "holes", "B", torch.bfloat16, 128, "bf16"),
+              (7, 6, 5, "holes", "B", torch.bfloat16, 384, "bf16")]
 
 
-@pytest.mark.parametrize("T,k,E,kind,cfg,dtype,D", W4A8_CASES,
-                         ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-{c[4]}-{str(c[5])[6:]}-D{c[6]}" for c in W4A8_CASES])
-def test_w4a8_against_its_naive_twin_and_w4a16(T, k, E, kind, cfg, dtype, D):
+@pytest.mark.parametrize("T,k,E,kind,cfg,dtype,D,mma", W4A8_CASES,
+                         ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-{c[4]}-{str(c[5])[6:]}-D{c[6]}-{c[7]}" for c in W4A8_CASES])
+def test_w4a8_against_its_naive_twin_and_w4a16(T, k, E, kind, cfg, dtype, D, mma):
     """The W4A8 result is really quantized: it differs from W4A16 by more than the bf16 tolerance."""
-    _, vs_w4a16 = run_w4a8(T, k, E, kind, dtype, W8A8_CONFIGS[cfg], D, D)
+    _, vs_w4a16 = run_w4a8(T, k, E, kind, dtype, W8A8_CONFIGS[cfg].replace(w4a8_mma=mma), D, D)
     assert vs_w4a16 > 2e-2, f"W4A8 within {vs_w4a16:.1e} of W4A16: the activations were not quantized"
 
 
 def test_w4a8_float32_scales_fold_or_not():
     """float32 scales: powers of two (the model's buffers) fold as e8m0 do, the same bits; scales times 3/2
     (no power of two) cannot fold: the per-run MMAs, against the twin (which multiplies the same values)."""
-    cfg = W8A8_CONFIGS["A"]
+    cfg = W8A8_CONFIGS["A"].replace(w4a8_mma="fp8")
     e8m0, _ = run_w4a8(7, 6, 5, "holes", torch.float32, cfg, 128, 128)
     f32, _ = run_w4a8(7, 6, 5, "holes", torch.float32, cfg, 128, 128, scales_as=weight_formats.e8m0_to_float)
     assert torch.equal(e8m0, f32)
@@ -441,7 +445,7 @@ def test_w4a8_runs_far_below_their_neighbours(shift):
     folds = torch.zeros(D // 16, dtype=torch.int32, device=DEVICE)
     _foldable[(D // 16, 1)](s2[1].to(DEVICE), folds, D, I, SCALE_F32=False, BLOCK_K=128, BLOCK_N=16)
     assert folds.cpu().tolist() == [1] + [int(shift <= FOLD_MAX_SHIFT.value)] + [1] * (D // 16 - 2)
-    cfg = MoeExpertsConfig(block_m=16, block_n=128, block_k=128, down_block_n=16, down_block_k=128)
+    cfg = MoeExpertsConfig(block_m=16, block_n=128, block_k=128, down_block_n=16, down_block_k=128, w4a8_mma="fp8")
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     args = (dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, cfg, "mxfp4", tuple(map(dev, scales)))
     out = moe_experts(*args, act="fp8").cpu()
@@ -621,9 +625,10 @@ def test_flash_shapes_are_bit_reproducible(flash_experts):
 @pytest.mark.parametrize("fmt", ["fp8", "mxfp4"], ids=["w8a8", "w4a8"])
 def test_flash_shapes_fp8_activations(flash_experts, fmt):
     """T = 4096 (k 6 of 256, D 4096, I 2048, bf16 x), the act="fp8" launch over FP8 weights (W8A8, the
-    moe_experts_fp8_w8a8 op) and MXFP4 ones (W4A8, moe_experts_mxfp4_w4a8: e2m1 decoded to e4m3, the runs'
-    scales folded) at its prefill default (what bench_moe's "fp8 w8a8" and "mxfp4 w4a8" columns run: FP8
-    wgmma): against its naive twin on the GPU and its plain op (W8A8_HOPPER_TOL), the plain op against the
+    moe_experts_fp8_w8a8 op) and MXFP4 ones (W4A8, moe_experts_mxfp4_w4a8: its default on bf16 tensor
+    cores, and on FP8 ones, e2m1 decoded to e4m3, the runs' scales folded) at its prefill default (what
+    bench_moe's "fp8 w8a8" and "mxfp4 w4a8" columns run): against its naive twin on the GPU and its plain
+    op (W8A8_HOPPER_TOL), the plain op against the
     twin (W8A8_TOL: both fp32), the same weights' kernel without FP8 activations (W8A8_VS_W8A16, and
     beyond the bf16 tolerance: really quantized); float32 scales (the model's buffers) give the e8m0
     bits. The distances are printed."""
@@ -647,6 +652,11 @@ def test_flash_shapes_fp8_activations(flash_experts, fmt):
     assert_close(f"{name} vs {unquantized}", other, out, W8A8_VS_W8A16)
     assert rel_rms(other, out) > 2e-2, f"{name} within the bf16 tolerance of {unquantized}: the activations were not quantized"
     assert torch.equal(out, f32)
+    if fmt == "mxfp4":
+        fp8_route = moe_experts(x, ids, w, *ws, LIMIT, default_config(None, T * 6, w8a8=True).replace(w4a8_mma="fp8"),
+                                fmt, scales, act="fp8")
+        print(f"W4A8 on FP8 tensor cores vs its naive twin {rel_rms(twin, fp8_route):.3e}")
+        assert_close("W4A8 on FP8 tensor cores vs naive W4A8", twin, fp8_route, W8A8_HOPPER_TOL)
 
 
 # ---- chunks of tokens: a bounded workspace, the same bits --------------------------------------------

@@ -34,16 +34,21 @@ def moe_hard(cfg, problem, gpu) -> str | None:
     acc = bm * dbn / threads(cfg.down_num_warps)
     if acc > ACC_PER_THREAD:
         return f"down accumulator {bm}x{dbn} over {cfg.down_num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
-    # Tiles per pipeline stage: bf16 x [bm, bk] and w1, w3 [bk, bn]; act [bm, dbk] and w2 [dbk, dbn].
-    # W8A8: FP8 tiles (1 byte), one weight per gate/up K loop (the sm_90a compile's shared memory exactly,
-    # bench/results/H200/moe_w8a8_offline.md). W4A8 counted the same: its MXFP4 words (half a byte a
-    # weight) pipelined, decoded to an e4m3 operand tile (unmeasured: no sm_90a compile of it yet).
-    size, gate_up_weights = (1, 1) if w8a8 else (2, 2)
-    reason = smem_reason(cfg.num_stages * (bm * bk + gate_up_weights * bk * bn) * size, gpu,
+    # Tiles per pipeline stage: x [bm, bk] and w1, w3 [bk, bn]; act [bm, dbk] and w2 [dbk, dbn], as loaded:
+    # activations bf16, or FP8 codes (1 byte) where FP8 tensor cores multiply them (W8A8; W4A8 with
+    # w4a8_mma fp8), which also take one weight per gate/up K loop (the sm_90a compile's shared memory
+    # exactly, bench/results/H200/moe_w8a8_offline.md); weights bf16, FP8 codes or MXFP4 words (half a
+    # byte a weight, decoded in registers).
+    fp8_tiles = w8a8 and (problem.dims.get("weights") == "fp8" or cfg.w4a8_mma == "fp8")
+    act_size = 1 if fp8_tiles else 2
+    weight_size = {"fp8": 1, "mxfp4": 0.5}.get(problem.dims.get("weights"), 2)
+    gate_up_weights = 1 if fp8_tiles else 2
+    reason = smem_reason(int(cfg.num_stages * (bm * bk * act_size + gate_up_weights * bk * bn * weight_size)), gpu,
                          f"gate/up {cfg.num_stages} stages")
     if reason:
         return reason
-    return smem_reason(cfg.down_num_stages * (bm * dbk + dbk * dbn) * size, gpu, f"down {cfg.down_num_stages} stages")
+    return smem_reason(int(cfg.down_num_stages * (bm * dbk * act_size + dbk * dbn * weight_size)), gpu,
+                       f"down {cfg.down_num_stages} stages")
 
 
 def moe_redundant(cfg, problem, gpu) -> str | None:
@@ -118,6 +123,7 @@ MOE_EXPERTS_FP8_W8A8 = dataclasses.replace(
         "cores): block_n 128 or 256 (whole activation blocks).")
 MOE_EXPERTS_MXFP4_W4A8 = dataclasses.replace(
     MOE_EXPERTS_FP8_W8A8, name="moe_experts_mxfp4_w4a8", problem=_moe_mxfp4_w4a8_problem,
+    params=(*MOE_EXPERTS_FP8_W8A8.params, Param("w4a8_mma", ("bf16", "fp8"))),
     doc="moe_experts' problems with w1/w3 [256, 2048, 2048], w2 [256, 4096, 1024] MXFP4 (two e2m1 a byte, an e8m0 "
-        "scale per 1 x 32), x and the SwiGLU output quantized to FP8 per 128-block (W4A8, FP8 tensor cores): "
-        "moe_experts_fp8_w8a8's params and defaults (block_n 128 or 256).")
+        "scale per 1 x 32), x and the SwiGLU output quantized to FP8 per 128-block (W4A8): moe_experts_fp8_w8a8's "
+        "params and defaults (block_n 128 or 256), and which tensor cores multiply (w4a8_mma: bf16 or FP8).")
