@@ -55,11 +55,12 @@ from .plan import DEFAULT_FORMATS, DEFAULT_MAX_BATCH, PARALLEL_FORMATS, Plan
 from .reference import DEFAULT_WEIGHTS_FORMAT, WEIGHT_MODES
 from .shared_weights import finish_shared_weights
 from .steps import ExportRun, Progress, compile_check, verify_engines
-from .verify import CPU_CHECK_SEQ
+from .verify import CPU_CHECK_SEQ, CPU_CHECK_TOKENS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .model.config import preset_names
+    from .token_check import GENERATE_TOKENS
 
     parser.add_argument("--config", default=None, metavar="NAME|PATH",
                         help=f"preset ({', '.join(preset_names())}) or YAML file (default: tiny without a GPU, mini with one)")
@@ -99,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "per 4 cores; 1 with weights from a file)")
     parser.add_argument("--thorough", action="store_true",
                         help="verify the engines that run on this CPU for a GPU build (ONNX) at the bucket's longest "
-                             f"prompt too (default: prompts up to {CPU_CHECK_SEQ} tokens there)")
+                             f"prompt and with {GENERATE_TOKENS} greedy tokens too (default: prompts up to {CPU_CHECK_SEQ} "
+                             f"tokens and {CPU_CHECK_TOKENS} greedy tokens there)")
     parser.add_argument("--json", action="store_true", help="print the build summary as JSON on stdout (progress on stderr)")
 
 

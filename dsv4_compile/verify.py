@@ -79,6 +79,11 @@ SHORT_ATTEMPTS = 3
 # with it, a GPU build's verify alone broke the 10-minute budget of `build --gpu H200 --config mini
 # --context 8k`. At 512 tokens the CPU engine still runs every op on a multi-tile prompt.
 CPU_CHECK_SEQ = 512
+# Its prefill-cache + decode pair's token check (token_check.py) on the CPU: each onnxruntime call of mini
+# took ~5 s there (H200 host, 2026-12-05), and 32 greedy tokens (a teacher-forced and a free run, 64
+# decode calls) kept verify running past 5 minutes. 4 tokens still take the short prompt through its
+# tightly held decode steps (token_check.TIGHT_STEPS), a free greedy run and decode after prefill.
+CPU_CHECK_TOKENS = 4
 
 
 def longest_checked_prompt(fmt: str, device: dict, thorough: bool) -> int | None:
@@ -89,6 +94,14 @@ def longest_checked_prompt(fmt: str, device: dict, thorough: bool) -> int | None
     from .loader import onnx_providers
 
     return CPU_CHECK_SEQ if onnx_providers(device)[0] == "CPUExecutionProvider" else None
+
+
+def checked_tokens(longest: int | None) -> int:
+    """Greedy tokens per prompt of the token check for an engine given prompts up to `longest`
+    (longest_checked_prompt: a number for a GPU build's engine on this CPU)."""
+    from .token_check import GENERATE_TOKENS
+
+    return GENERATE_TOKENS if longest is None else CPU_CHECK_TOKENS
 
 
 def token_set_shapes(seq_range: tuple[int, int], batch_range: tuple[int, int], rng: random.Random,
@@ -106,6 +119,8 @@ def tolerance(fmt: str, dtype: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .token_check import GENERATE_TOKENS
+
     parser.add_argument("path", metavar="PATH", help="a build folder (artifacts/<build>)")
     parser.add_argument("--format", default=None, metavar="LIST",
                         help="formats to check (default: every built format that can run here)")
@@ -113,8 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-version-skew", action="store_true", help="accept other torch/triton versions")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--thorough", action="store_true",
-                        help=f"a GPU build's engines that run on this CPU get the bucket's longest prompt too "
-                             f"(default: prompts up to {CPU_CHECK_SEQ} tokens there)")
+                        help=f"a GPU build's engines that run on this CPU get the bucket's longest prompt and "
+                             f"{GENERATE_TOKENS} greedy tokens too (default: prompts up to {CPU_CHECK_SEQ} tokens and "
+                             f"{CPU_CHECK_TOKENS} greedy tokens there)")
 
 
 def check_weights(manifest) -> None:
@@ -435,14 +451,14 @@ def worker(path: str, formats: list[str], seed: int, allow_version_skew: bool = 
                 results.append({"format": fmt, "bucket": bucket, "ok": False, "rel_rms": None, "tolerance": tol,
                                 "cases": cases, "error": _one_line(exc)})
         if engine.steps is not None:
-            results += _check_state_engines(engine, manifest, config, eager_cache, seed)
+            results += _check_state_engines(engine, manifest, config, eager_cache, seed, checked_tokens(longest))
     here = describe_device(current_device_for(manifest.device))
     return {"where": f"fresh process on {here}", "seed": seed, "results": results}
 
 
-def _check_state_engines(engine, manifest, config, eager_cache: dict, seed: int) -> list[dict]:
-    """The prefill-cache + decode pair of every bucket, by tokens (token_check.py); one result per
-    engine of the pair."""
+def _check_state_engines(engine, manifest, config, eager_cache: dict, seed: int, tokens: int) -> list[dict]:
+    """The prefill-cache + decode pair of every bucket, by tokens (token_check.py, `tokens` generated per
+    prompt); one result per engine of the pair."""
     from .distributed import collectively
     from .reference import build_reference
     from .runtime import EagerSteps
@@ -459,7 +475,7 @@ def _check_state_engines(engine, manifest, config, eager_cache: dict, seed: int)
                 eager_cache.clear()
                 eager_cache[bucket, dtype] = collectively(lambda: build_reference(manifest, config, bucket, dtype))
             eager = EagerSteps(eager_cache[bucket, dtype], steps.max_batch)
-            result = collectively(lambda: check_engine_pair(steps, eager, bucket, tol, bound, seed))
+            result = collectively(lambda: check_engine_pair(steps, eager, bucket, tol, bound, seed, tokens=tokens))
             result["tokens"] = {k: result[k] for k in ("tokens_matched", "tokens_compared", "prompts", "steps",
                                                        "attempts", "decode_vs_prefill_rel_rms")}
         except Exception as exc:  # noqa: BLE001 (reported per engine)

@@ -7,8 +7,9 @@ import random
 
 import pytest
 
-from dsv4_compile.verify import (CPU_CHECK_SEQ, FLIP_BOUND, SHORT_ATTEMPTS, TOLERANCES, judge, longest_checked_prompt,
-                                 token_set_shapes, token_sets)
+from dsv4_compile.token_check import GENERATE_TOKENS, TIGHT_STEPS
+from dsv4_compile.verify import (CPU_CHECK_SEQ, CPU_CHECK_TOKENS, FLIP_BOUND, SHORT_ATTEMPTS, TOLERANCES, checked_tokens,
+                                 judge, longest_checked_prompt, token_set_shapes, token_sets)
 
 TOL, BOUND = TOLERANCES["aoti", "float32"], FLIP_BOUND["float32"]
 
@@ -77,6 +78,18 @@ def test_a_gpu_builds_onnx_on_this_cpu_gets_prompts_up_to_the_cpu_cap(monkeypatc
     assert longest_checked_prompt("onnx", cuda, thorough=True) is None       # --thorough: the bucket's longest
     assert longest_checked_prompt("aoti", cuda, thorough=False) is None      # runs on the GPU
     assert longest_checked_prompt("onnx", {"kind": "cpu"}, thorough=False) is None  # a CPU build: its own device
+
+
+def test_a_gpu_builds_onnx_on_this_cpu_generates_fewer_tokens_in_its_token_check(monkeypatch):
+    """The prefill-cache + decode pair's token check: the CPU-run ONNX engine of a GPU build generates
+    CPU_CHECK_TOKENS a prompt (each onnxruntime call of mini ~5 s), still past the tightly held steps;
+    --thorough and the engines on their own device the full GENERATE_TOKENS."""
+    _cpu_only_onnxruntime(monkeypatch)
+    cuda = {"kind": "cuda", "name": "NVIDIA H200"}
+    assert checked_tokens(longest_checked_prompt("onnx", cuda, thorough=False)) == CPU_CHECK_TOKENS
+    assert TIGHT_STEPS < CPU_CHECK_TOKENS < GENERATE_TOKENS
+    assert checked_tokens(longest_checked_prompt("onnx", cuda, thorough=True)) == GENERATE_TOKENS
+    assert checked_tokens(longest_checked_prompt("aoti", cuda, thorough=False)) == GENERATE_TOKENS
 
 
 def test_onnx_with_a_cuda_provider_gets_the_buckets_longest_prompt(monkeypatch):
