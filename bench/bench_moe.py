@@ -136,7 +136,7 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
 
             for fmt, (wq, wf, scales, _, act) in formats.items():
                 add("ours", lambda wq=wq, wf=wf, scales=scales, act=act: moe_experts(x, ids, w, *wq, limit, None, wf, scales, act),
-                    fmt, default_config(None, T * k, w8a8=True).to_str() if act == "fp8" else "")
+                    fmt, default_config(None, T * k, wf, act).to_str() if act == "fp8" else "")
                 if fmt != "bf16":  # the quantized kernels against the bf16 one on the same (dequantized) weights
                     deq = moe_experts(x, ids, w, *wq, limit, None, wf, scales, act)
                     err = float((deq - ref).norm() / ref.norm())

@@ -253,7 +253,7 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     dims = get_space(kernel_name).make_problem(ModelConfig.load(preset), context, batch, phase).dims
     if kernel_name == "moe_experts":
         from dsv4_compile.kernels.moe_experts.config import MoeExpertsConfig, default_config as moe_default
-        config_class, base = MoeExpertsConfig, moe_default(gpu, dims["T"] * dims["k"], act == "fp8")
+        config_class, base = MoeExpertsConfig, moe_default(gpu, dims["T"] * dims["k"], weight_format, act)
     else:
         from dsv4_compile.kernels.sparse_attention.config import (SparseAttentionConfig, decode_default_config,
                                                                   default_config)

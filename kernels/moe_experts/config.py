@@ -70,9 +70,17 @@ class MoeExpertsConfig(KernelConfig):
 def w8a8_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:
     """cfg's tiles made the W8A8 op's: the gate/up column tile widened to an activation scale block where
     narrower (decode defaults), K tiles of 128 (one activation and one weight scale per FP8 MMA step of
-    128: the fewest fp32 promotions). The W8A8 and W4A8 ops' defaults (default_config(..., w8a8=True)):
-    W4A8's MXFP4 tiles fold their four 1 x 32 scales into one promotion per 128 too (moe_experts.py)."""
+    128: the fewest fp32 promotions). The W8A8 op's defaults (default_config(..., "fp8", "fp8"))."""
     return cfg.replace(block_n=max(cfg.block_n, ACT_BLOCK), block_k=ACT_BLOCK, down_block_k=ACT_BLOCK)
+
+
+def w4a8_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:
+    """cfg's tiles made the W4A8 op's on bf16 tensor cores (w4a8_mma's default): the gate/up column tile
+    widened to an activation scale block where narrower; K tiles as W4A16's (its K loop is W4A16's: the
+    activations are FP8-rounded values in bf16, no per-128 promotions to save; 128-deep tiles spilled in
+    the sm_90a compile where W4A16's 64-deep ones do not). The W4A8 op's defaults (default_config(...,
+    "mxfp4", "fp8"))."""
+    return cfg.replace(block_n=max(cfg.block_n, ACT_BLOCK))
 
 
 def regime(n_assignments: int) -> str:
@@ -100,28 +108,42 @@ DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
 }
 
 
-def default_config(gpu_name: str | None = None, n_assignments: int = 1, w8a8: bool = False) -> MoeExpertsConfig:
-    """Default config for a GPU name (e.g. 'NVIDIA H200') and T * top_k; None = the current device.
-    w8a8: the W8A8 op's (w8a8_config of the regime's default)."""
+def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_format: str = "float",
+                   act: str = "x") -> MoeExpertsConfig:
+    """Default config for a GPU name (e.g. 'NVIDIA H200') and T * top_k; None = the current device. With
+    act "fp8" (the launcher's weight_format and act): the W8A8 op's (FP8 weights: w8a8_config of the
+    regime's default) or the W4A8 op's (MXFP4: w4a8_config)."""
     cfg = pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
-    return w8a8_config(cfg) if w8a8 else cfg
+    if act != "fp8":
+        return cfg
+    return w4a8_config(cfg) if weight_format == "mxfp4" else w8a8_config(cfg)
 
 
-def decode_config(gpu_name: str | None = None, w8a8: bool = False) -> MoeExpertsConfig:
+def decode_config(gpu_name: str | None = None, weight_format: str = "float", act: str = "x") -> MoeExpertsConfig:
     """The decode regime's default for a GPU (the tuning space's 'decode' phase)."""
-    return default_config(gpu_name, 1, w8a8)
+    return default_config(gpu_name, 1, weight_format, act)
 
 
-def prefill_config(gpu_name: str | None = None, w8a8: bool = False) -> MoeExpertsConfig:
+def prefill_config(gpu_name: str | None = None, weight_format: str = "float", act: str = "x") -> MoeExpertsConfig:
     """The prefill regime's default for a GPU (the tuning space's 'prefill' phase)."""
-    return default_config(gpu_name, DECODE_MAX_ASSIGNMENTS + 1, w8a8)
+    return default_config(gpu_name, DECODE_MAX_ASSIGNMENTS + 1, weight_format, act)
 
 
 def w8a8_decode_config(gpu_name: str | None = None) -> MoeExpertsConfig:
-    """decode_config of the W8A8 and W4A8 ops (the moe_experts_fp8_w8a8 and _mxfp4_w4a8 spaces' 'decode' phase)."""
-    return decode_config(gpu_name, True)
+    """decode_config of the W8A8 op (the moe_experts_fp8_w8a8 space's 'decode' phase)."""
+    return decode_config(gpu_name, "fp8", "fp8")
 
 
 def w8a8_prefill_config(gpu_name: str | None = None) -> MoeExpertsConfig:
-    """prefill_config of the W8A8 and W4A8 ops (the moe_experts_fp8_w8a8 and _mxfp4_w4a8 spaces' 'prefill' phase)."""
-    return prefill_config(gpu_name, True)
+    """prefill_config of the W8A8 op (the moe_experts_fp8_w8a8 space's 'prefill' phase)."""
+    return prefill_config(gpu_name, "fp8", "fp8")
+
+
+def w4a8_decode_config(gpu_name: str | None = None) -> MoeExpertsConfig:
+    """decode_config of the W4A8 op (the moe_experts_mxfp4_w4a8 space's 'decode' phase)."""
+    return decode_config(gpu_name, "mxfp4", "fp8")
+
+
+def w4a8_prefill_config(gpu_name: str | None = None) -> MoeExpertsConfig:
+    """prefill_config of the W4A8 op (the moe_experts_mxfp4_w4a8 space's 'prefill' phase)."""
+    return prefill_config(gpu_name, "mxfp4", "fp8")

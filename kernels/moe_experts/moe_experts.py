@@ -592,12 +592,14 @@ def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str, ac
     return E, I, D
 
 
-def resolve(config, device, n_assignments, w8a8: bool = False) -> MoeExpertsConfig:
+def resolve(config, device, n_assignments, weight_format: str = "float", act: str = "x") -> MoeExpertsConfig:
     """None / '' -> the device's default for T * k (the prefill regime's when T is symbolic, as under
-    export; w8a8: the W8A8 op's); a str -> fields over that default; a config -> itself."""
+    export) and the op (default_config's weight_format and act); a str -> fields over that default; a
+    config -> itself."""
     if isinstance(config, MoeExpertsConfig):
         return config
-    base = default_config(device_name(device), n_assignments if isinstance(n_assignments, int) else 1 << 30, w8a8)
+    base = default_config(device_name(device), n_assignments if isinstance(n_assignments, int) else 1 << 30,
+                          weight_format, act)
     if not config:
         return base
     if isinstance(config, str):
@@ -640,7 +642,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format, act)
     T, k = topk_ids.shape
     act_fp8 = act == "fp8"
-    cfg = resolve(config, x.device, T * k, act_fp8)
+    cfg = resolve(config, x.device, T * k, weight_format, act)
     if act_fp8:
         check(cfg.block_n % ACT_BLOCK == 0,
               f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; {_act_kind(weight_format)} needs a "

@@ -44,7 +44,7 @@ import triton.language as tl  # noqa: E402
 
 import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
-from dsv4_compile.kernels.moe_experts.config import default_config  # noqa: E402
+from dsv4_compile.kernels.moe_experts.config import default_config, w8a8_config  # noqa: E402
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
     FOLD_MAX_SHIFT, _e4m3, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
@@ -355,7 +355,7 @@ def test_w8a8_is_refused_where_it_cannot_run():
                     act="int8")
     with pytest.raises(ValueError, match="act"):
         MoeExpertsConfig.from_str("act=fp8")                                    # not a config field
-    assert (default_config("H200", 1).block_n, default_config("H200", 1, w8a8=True).block_n) == (64, 128)
+    assert (default_config("H200", 1).block_n, default_config("H200", 1, "fp8", "fp8").block_n) == (64, 128)
     q1, q2, q3, q_scales = experts(3, 96, 128, torch.float32, "fp8")                 # the plain op refuses I = 96
     with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: D = 128, I = 96; W8A8 needs multiples of 128"):
         torch.ops.dsv4.moe_experts_fp8_w8a8(torch.randn(4, 128), *routing(4, 2, 3, "random", seed=0), q1, q2, q3,
@@ -653,7 +653,7 @@ def test_flash_shapes_fp8_activations(flash_experts, fmt):
     assert rel_rms(other, out) > 2e-2, f"{name} within the bf16 tolerance of {unquantized}: the activations were not quantized"
     assert torch.equal(out, f32)
     if fmt == "mxfp4":
-        fp8_route = moe_experts(x, ids, w, *ws, LIMIT, default_config(None, T * 6, w8a8=True).replace(w4a8_mma="fp8"),
+        fp8_route = moe_experts(x, ids, w, *ws, LIMIT, w8a8_config(default_config(None, T * 6)).replace(w4a8_mma="fp8"),
                                 fmt, scales, act="fp8")
         print(f"W4A8 on FP8 tensor cores vs its naive twin {rel_rms(twin, fp8_route):.3e}")
         assert_close("W4A8 on FP8 tensor cores vs naive W4A8", twin, fp8_route, W8A8_HOPPER_TOL)

@@ -303,21 +303,25 @@ def test_moe_experts_fp8_spaces_tile_each_op():
 
 
 def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
-    """The W4A8 op's space: W8A8's params, rules and defaults (block_n of whole activation blocks, K tiles
-    of 128) and which tensor cores multiply (w4a8_mma, bf16 by default), its problems MXFP4 weights (half a
-    byte a weight and a scale per 32: fewer bytes of work than FP8) with act fp8. Shared memory counts the
-    MXFP4 words and, on bf16 tensor cores, bf16 activation tiles: the 128 x 128 x 128 default in 3
-    stages, 3 x (32 + 2 x 8) KB, fits an H100."""
+    """The W4A8 op's space: W8A8's params and rules (block_n of whole activation blocks) and which tensor
+    cores multiply (w4a8_mma, bf16 by default), its problems MXFP4 weights (half a byte a weight and a
+    scale per 32: fewer bytes of work than FP8) with act fp8. Shared memory counts the MXFP4 words and,
+    on bf16 tensor cores, bf16 activation tiles: 128 x 128 x 128 tiles in 3 stages, 3 x (32 + 2 x 8) KB,
+    fit an H100, in 5 stages not."""
     w4a8, w8a8 = get_space("moe_experts_mxfp4_w4a8"), get_space("moe_experts_fp8_w8a8")
     h200 = gpu_spec("H200")
     pre4, pre8 = (s.make_problem(FLASH, 8192, 1, "prefill") for s in (w4a8, w8a8))
     assert (pre4.dim("weights"), pre4.dim("act")) == ("mxfp4", "fp8") and pre4.work_bytes < pre8.work_bytes
     assert w4a8.choices(pre4, h200)["block_n"] == (128, 256)
-    assert w4a8.default_params(pre4, h200) == {**w8a8.default_params(pre8, h200), "w4a8_mma": "bf16"}
+    # its defaults: W8A8's but K tiles as the regime's (W4A16's loop on bf16 tensor cores: no promotions)
+    assert w4a8.default_params(pre4, h200) == {**w8a8.default_params(pre8, h200), "block_k": 64, "down_block_k": 64,
+                                               "w4a8_mma": "bf16"}
     assert w4a8.choices(pre4, h200)["w4a8_mma"] == ("bf16", "fp8")
     default = w4a8.make_config(w4a8.default_params(pre4, h200), "H100")
     assert w4a8.check(default, pre4, gpu_spec("H100"), baseline=True) is None
-    kind, reason = w4a8.check(default.replace(num_stages=5), pre4, gpu_spec("H100"))
+    deep = default.replace(block_k=128, down_block_k=128)
+    assert w4a8.check(deep, pre4, gpu_spec("H100")) is None
+    kind, reason = w4a8.check(deep.replace(num_stages=5), pre4, gpu_spec("H100"))
     assert kind == "hard" and "shared memory" in reason                # 5 x 48 KB
     kind, reason = w4a8.check(w4a8.make_config({**w4a8.default_params(pre4, h200), "block_n": 64}, "H200"), pre4, h200)
     assert kind == "hard" and "128-blocks" in reason

@@ -124,6 +124,7 @@ MOE_EXPERTS_FP8_W8A8 = dataclasses.replace(
 MOE_EXPERTS_MXFP4_W4A8 = dataclasses.replace(
     MOE_EXPERTS_FP8_W8A8, name="moe_experts_mxfp4_w4a8", problem=_moe_mxfp4_w4a8_problem,
     params=(*MOE_EXPERTS_FP8_W8A8.params, Param("w4a8_mma", ("bf16", "fp8"))),
+    defaults={"prefill": "w4a8_prefill_config", "decode": "w4a8_decode_config"},
     doc="moe_experts' problems with w1/w3 [256, 2048, 2048], w2 [256, 4096, 1024] MXFP4 (two e2m1 a byte, an e8m0 "
         "scale per 1 x 32), x and the SwiGLU output quantized to FP8 per 128-block (W4A8): moe_experts_fp8_w8a8's "
         "params and defaults (block_n 128 or 256), and which tensor cores multiply (w4a8_mma: bf16 or FP8).")

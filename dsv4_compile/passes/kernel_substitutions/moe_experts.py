@@ -11,9 +11,10 @@ e8m0 (or float32) scales; MXFP4 needs D and I multiples of 32, W8A8 and W4A8 mul
 Config by T's regime (kernels/moe_experts/config.py): prefill, the tuned entry of the smallest token
 count >= T (else the largest, `config_string` over the table's "by_context"); decode, the decode entry
 of the smallest batch >= T (tuned at T = batch), else the largest; untuned, the kernel's per-GPU
-default for the regime (the W8A8 and W4A8 ops': kernels/moe_experts/config.py, w8a8_config). A symbolic
-T takes the table's "default" or "" (the launcher's default for the prefill regime). Each op reads its
-own space's table (moe_experts_fp8, moe_experts_fp8_w8a8, moe_experts_mxfp4_w4a8): tiles only.
+default for the regime (the W8A8 and W4A8 ops': kernels/moe_experts/config.py, w8a8_config and
+w4a8_config). A symbolic T takes the table's "default" or "" (the launcher's default for the prefill
+regime). Each op reads its own space's table (moe_experts_fp8, moe_experts_fp8_w8a8,
+moe_experts_mxfp4_w4a8): tiles only.
 `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
@@ -87,22 +88,27 @@ def _mxfp4_w4a8_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu
     return reason
 
 
-def _config(target, x, topk_ids, *rest, w8a8: bool = False):
+def _config(target, x, topk_ids, *rest, weight_format: str = "float", act: str = "x"):
     T, k = topk_ids.shape
     table = target.table or {}
     if not is_concrete_int(T):
         return {"config": str(table.get("default") or "")}
     T, k = int(T), int(k)
-    default = default_config(target_gpu(target, x.device.type), T * k, w8a8)
+    default = default_config(target_gpu(target, x.device.type), T * k, weight_format, act)
     if regime(T * k) == "prefill":  # prefill entries are keyed by their token count (context x batch 1)
         return {"config": config_string({"by_context": table.get("by_context")}, T, default)}
     # Decode entries were tuned at T = their batch (one token per sequence).
     return {"config": decode_entry_config(table, T, default)}
 
 
-def _fp8_act_config(target, *args):
-    """The W8A8 and W4A8 ops' config: their defaults (w8a8_config) under their own tables."""
-    return _config(target, *args, w8a8=True)
+def _w8a8_config(target, *args):
+    """The W8A8 op's config: its defaults (w8a8_config) under its own table."""
+    return _config(target, *args, weight_format="fp8", act="fp8")
+
+
+def _w4a8_config(target, *args):
+    """The W4A8 op's config: its defaults (w4a8_config) under its own table."""
+    return _config(target, *args, weight_format="mxfp4", act="fp8")
 
 
 def _float(x, topk_ids, topk_weights, w1, w2, w3, swiglu_limit, config: str = ""):
@@ -139,10 +145,10 @@ def _register(name, op, replacement, reason, config=_config) -> Substitution:
 FLOAT = _register("moe_experts.triton", torch.ops.dsv4.moe_experts.default, _float, _float_reason)
 FP8 = _register("moe_experts_fp8.triton", torch.ops.dsv4.moe_experts_fp8.default, _fp8, _fp8_reason)
 FP8_W8A8 = _register("moe_experts_fp8_w8a8.triton", torch.ops.dsv4.moe_experts_fp8_w8a8.default, _fp8_w8a8,
-                     _fp8_w8a8_reason, _fp8_act_config)
+                     _fp8_w8a8_reason, _w8a8_config)
 MXFP4 = _register("moe_experts_mxfp4.triton", torch.ops.dsv4.moe_experts_mxfp4.default, _mxfp4, _mxfp4_reason)
 MXFP4_W4A8 = _register("moe_experts_mxfp4_w4a8.triton", torch.ops.dsv4.moe_experts_mxfp4_w4a8.default, _mxfp4_w4a8,
-                       _mxfp4_w4a8_reason, _fp8_act_config)
+                       _mxfp4_w4a8_reason, _w4a8_config)
 
 
 def interpreter_substitutions() -> list[Substitution]:
