@@ -32,8 +32,8 @@ class MoeExpertsConfig(KernelConfig):
     (one scale per 128 x 128 tile) and be multiples of 32 for MXFP4 (one scale per 32 along K).
     Tiles only: whether the activations are quantized (W8A8) is the op's semantics, not a config's
     choice (the launcher's `act`, set by which op runs). W8A8 and W4A8 need block_n a multiple of 128
-    (the gate/up epilogue quantizes whole 128-blocks of the activation): `w8a8_config`, and the
-    launcher refuses less. w4a8_mma (W4A8 only): the tensor cores that multiply its FP8-rounded
+    (the gate/up epilogue quantizes whole 128-blocks of the activation): `w8a8_config`, `w4a8_config`,
+    and the launcher refuses less. w4a8_mma (W4A8 only): the tensor cores that multiply its FP8-rounded
     activations with the MXFP4 weights, the same exact products either way: "bf16" (the activations
     held as their bf16 values, the weights decoded to bf16 as W4A16 does) or "fp8" (e4m3 codes on the
     FP8 tensor cores, the weights decoded to e4m3). bf16 is the default: on the H200 the e4m3 decode's

@@ -52,9 +52,10 @@ relative RMS apart on Gaussian data).
 Numbers: W8A16 and the float ops, against the plain op, multiply the routing weight into the fp32
 product of w2 instead of the activation before its rounding to x's dtype (bf16: within the bf16
 tolerance; fp32: equal up to summation order); W8A8 and W4A8 weight the activation where the plain op
-does. Workspace: act [n_blocks * block_m, I] in x's dtype (W8A8, W4A8: 1 + 4/128 bytes a value) and slots
-[chunk * k, D] float32 for one chunk of tokens (within WORKSPACE_BYTES), the routing layout of all
-T * k assignments (about 40 bytes each); W8A8 and W4A8 also x's codes and scales (T * D * 33/32 bytes).
+does. Workspace: act [n_blocks * block_m, I] in x's dtype (on FP8 tensor cores, W8A8 and W4A8 with
+w4a8_mma "fp8": 1 + 4/128 bytes a value) and slots [chunk * k, D] float32 for one chunk of tokens (within
+WORKSPACE_BYTES), the routing layout of all T * k assignments (about 40 bytes each); W8A8 and W4A8 also
+x's codes and scales (T * D * 33/32 bytes), W4A8 on bf16 tensor cores x's rounded values too.
 """
 from __future__ import annotations
 
@@ -288,7 +289,7 @@ def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, UPCAST: 
     return tl.reshape(w, [BLOCK_K, BLOCK_N])
 
 
-# ---- W4A8: MXFP4 weights on the FP8 tensor cores ------------------------------------------------------
+# ---- W4A8 with w4a8_mma "fp8": MXFP4 weights on the FP8 tensor cores -----------------------------------
 # An e2m1 value v times 2^-6 is an e4m3 value (its exponent and mantissa bits placed in the e4m3 ones:
 # _e2m1_e4m3x4), so MXFP4 tiles decode to e4m3 with no rounding. The four 1 x 32 weight scales of a
 # 128-deep K tile still differ per run, while an FP8 MMA step sums its whole depth before the fp32
@@ -637,8 +638,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     moe_experts_mxfp4_w4a8's.
     Tokens go through in chunks (chunk_plan) with one config (that of all T * k assignments), so the
     result is the same bits whatever the chunking. Workspace: act and slots of one chunk
-    (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment); W8A8: x's codes and scales
-    too (T * D * 33/32 bytes)."""
+    (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment); W8A8 and W4A8: x's codes
+    and scales too (T * D * 33/32 bytes; W4A8 on bf16 tensor cores, x's rounded values as well)."""
     E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format, act)
     T, k = topk_ids.shape
     act_fp8 = act == "fp8"
