@@ -188,9 +188,10 @@ def plan_studies(request: TuneRequest) -> tuple[list[Plan], list[str]]:
             batch = request.decode_batch if phase == "decode" else request.batch
             for context in request.contexts:
                 problem = space.make_problem(model_config, int(context), batch, phase)
-                if problem.bucket in seen:
-                    continue                       # context-free kernels: one study
-                seen.add(problem.bucket)
+                same = (phase, tuple(sorted(problem.dims.items())))
+                if problem.bucket in seen or same in seen:
+                    continue  # context-free kernels, and problems the context does not change (the MoE decode): one study
+                seen.update((problem.bucket, same))
                 version = space.code_version(problem, gpu)
                 counted = space.count_valid(problem, gpu, limit=20000)
                 combos, valid = counted if counted else (None, None)

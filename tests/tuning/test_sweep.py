@@ -57,6 +57,14 @@ def test_end_to_end_resume_table_and_plots(sqlite_url, tmp_path):
     assert [p.study for p in more.plans] == [p.study for p in result.plans[:2]]
 
 
+def test_a_problem_the_context_does_not_change_is_one_study(sqlite_url, tmp_path):
+    """The MoE experts' decode problem (a batch of tokens: the experts do not see the cache) is the same
+    at every context: one study (its bucket the first context's), the prefill problems one per context."""
+    req = sc.request(sqlite_url, tmp_path, contexts=[4096, 32768], kernels=["moe_experts"], trials=1)
+    plans, _ = plan_studies(req)
+    assert [p.problem.bucket for p in plans] == ["4k", "32k", "decode-4k-b64"]
+
+
 def test_small_space_stops_when_exhausted(sqlite_url, tmp_path):
     req = sc.request(sqlite_url, tmp_path, kernels=["hc_sinkhorn"], trials=100, max_attempts=400)
     (plan,), _ = plan_studies(req)
