@@ -414,6 +414,31 @@ def test_w4a8_float32_scales_fold_or_not():
     run_w4a8(7, 6, 5, "holes", torch.float32, cfg, 128, 128, scales_as=lambda s: weight_formats.e8m0_to_float(s) * 1.5)
 
 
+def test_w4a8_runs_on_bf16_tensor_cores_unless_told(monkeypatch):
+    """W4A8's default route (w4a8_mma "bf16": the FP8-rounded activations in x's dtype, W4A16's K loop);
+    "fp8" in the config, or fp16 x (whose range does not hold every rounded value), the FP8 tensor cores.
+    Both give the same numbers, so the launches' FP8_MMA is what shows the route."""
+    routes = []
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        if "FP8_MMA" in kwargs:  # the gate/up and down launches (not x's quantization, not the slot sum)
+            routes.append(kwargs["FP8_MMA"])
+        launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(KERNEL, "launch", recording_launch)
+    g = torch.Generator().manual_seed(3)
+    (w1, s1), (w2, s2), (w3, s3) = (weight_formats.quantize_mxfp4(torch.randn(3, 128, 128, generator=g)) for _ in range(3))
+    ids, w = routing(2, 2, 3, "random", seed=3)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    for dtype, config, fp8_mma in ((torch.bfloat16, None, False), (torch.bfloat16, "w4a8_mma=fp8", True),
+                                   (torch.float16, None, True)):
+        routes.clear()
+        x = torch.randn(2, 128, generator=g).to(dtype)
+        moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "mxfp4",
+                    (dev(s1), dev(s2), dev(s3)), act="fp8")
+        assert routes == [fp8_mma, fp8_mma], (dtype, config)
+
+
 @triton.jit
 def _foldable(p_s, p_out, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
