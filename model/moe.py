@@ -2,11 +2,13 @@
 layers), weights from the unbiased scores, clamped SwiGLU experts and one shared expert.
 
 The routed experts are one op, `torch.ops.dsv4.moe_experts` (model/moe_ops.py; `_fp8`, `_fp8_w8a8`,
-`_mxfp4`, `_mxfp4_w4a8` for the weights as shipped: FP8Experts, MXFP4Experts): tokens grouped by expert with static
-shapes, so it exports; DeepSeek's per-expert loop (`bincount().tolist()`) would split the graph per
+`_mxfp4`, `_mxfp4_w4a8` for the weights as shipped: FP8Experts, MXFP4Experts, both ShippedExperts):
+tokens grouped by expert with static shapes, so it exports; DeepSeek's per-expert loop (`bincount().tolist()`) would split the graph per
 expert on data-dependent sizes.
 """
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,26 @@ class RoutedExperts(nn.Module):
         return torch.ops.dsv4.moe_experts(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.limit)
 
 
-class MXFP4Experts(nn.Module):
+class ShippedExperts(nn.Module):
+    """The routed experts' weights as a release ships them (buffers w1, w2, w3 and their *_scale, set up
+    by the subclass), run by QUANTIZED_OP (the activations quantized to FP8 per 128, as DeepSeek's
+    inference runs them) where `self.quantize_input`, else by PLAIN_OP (multiplied in x's dtype)."""
+
+    WEIGHTS: ClassVar[str]
+    QUANTIZED_OP: ClassVar[Any]
+    PLAIN_OP: ClassVar[Any]
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """x [T, dim], topk_ids [T, k] int32, topk_weights [T, k] float32 -> [T, dim] float32."""
+        op = self.QUANTIZED_OP if self.quantize_input else self.PLAIN_OP
+        return op(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale, self.w3_scale,
+                  self.limit)
+
+    def extra_repr(self) -> str:
+        return f"weights={self.WEIGHTS}, quantize_input={self.quantize_input}"
+
+
+class MXFP4Experts(ShippedExperts):
     """The routed experts as the releases ship them (MXFP4, for inference): w1, w3 [E, inter, dim/2],
     w2 [E, dim, inter/2] int8 (two e2m1 codes per byte) with float32 (power-of-two) scales per 1 x 32
     along the reduction dim. forward is `torch.ops.dsv4.moe_experts_mxfp4_w4a8` (the activations
@@ -52,6 +73,8 @@ class MXFP4Experts(nn.Module):
     `moe_experts_mxfp4` (W4A16: multiplied in x's dtype) with `quantize_input=False` (a model with
     `simulate_quantization=False`) and where dim or inter is not a multiple of 128 (small test models:
     W4A8 quantizes whole 128-blocks); `self.quantize_input` says which runs. Buffers, not parameters."""
+
+    WEIGHTS, QUANTIZED_OP, PLAIN_OP = "mxfp4", torch.ops.dsv4.moe_experts_mxfp4_w4a8, torch.ops.dsv4.moe_experts_mxfp4
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float, device=None, quantize_input: bool = True):
         super().__init__()
@@ -62,17 +85,9 @@ class MXFP4Experts(nn.Module):
             self.register_buffer(name + "_scale", torch.empty(n_experts, rows, cols // 32, dtype=torch.float32,
                                                               device=device))
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, dim], topk_ids [T, k] int32, topk_weights [T, k] float32 -> [T, dim] float32."""
-        op = torch.ops.dsv4.moe_experts_mxfp4_w4a8 if self.quantize_input else torch.ops.dsv4.moe_experts_mxfp4
-        return op(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale, self.w3_scale,
-                  self.limit)
-
-    def extra_repr(self) -> str:
-        return f"weights=mxfp4, quantize_input={self.quantize_input}"
 
 
-class FP8Experts(nn.Module):
+class FP8Experts(ShippedExperts):
     """The routed experts with FP8 weights as base models ship them (for inference): w1, w3 [E, inter, dim],
     w2 [E, dim, inter] float8_e4m3fn with float32 (power-of-two) scales [E, ceil(rows/128), ceil(cols/128)],
     one per 128 x 128 tile. forward is `torch.ops.dsv4.moe_experts_fp8_w8a8` (the activations quantized
@@ -80,6 +95,8 @@ class FP8Experts(nn.Module):
     `quantize_input=False` (a model with `simulate_quantization=False`) `moe_experts_fp8`, which
     multiplies by the dequantized weights with no FP8 rounding of the activations. Buffers, not
     parameters (FP8Linear's counterpart)."""
+
+    WEIGHTS, QUANTIZED_OP, PLAIN_OP = "float8_e4m3fn", torch.ops.dsv4.moe_experts_fp8_w8a8, torch.ops.dsv4.moe_experts_fp8
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int, limit: float, device=None, quantize_input: bool = True):
         super().__init__()
@@ -89,14 +106,6 @@ class FP8Experts(nn.Module):
             self.register_buffer(name + "_scale", torch.empty(n_experts, -(-rows // 128), -(-cols // 128),
                                                               dtype=torch.float32, device=device))
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        """x [T, dim], topk_ids [T, k] int32, topk_weights [T, k] float32 -> [T, dim] float32."""
-        op = torch.ops.dsv4.moe_experts_fp8_w8a8 if self.quantize_input else torch.ops.dsv4.moe_experts_fp8
-        return op(x, topk_ids, topk_weights, self.w1, self.w2, self.w3, self.w1_scale, self.w2_scale, self.w3_scale,
-                  self.limit)
-
-    def extra_repr(self) -> str:
-        return f"weights=float8_e4m3fn, quantize_input={self.quantize_input}"
 
 
 class Gate(nn.Module):
