@@ -18,7 +18,9 @@ cached, every later step of that sequence (verify.py's docstring has the measure
     that step, and (a) bounds that error). A difference anywhere else is the generation loop's
     fault (positions, cache, sampling), not rounding. The report says how many tokens matched.
 (c) decode after prefill equals the prefill of the longer prompt (the engines' two paths agree
-    with each other): within `PATH_TOLERANCE`.
+    with each other): their gap is at most eager's own gap (at least `PATH_TOLERANCE`) plus twice the
+    format's tolerance, the triangle inequality over (a)'s bound on each path. The short prompt and
+    its first greedy token: the prefill and decode step (a) holds to the tolerance.
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ TIGHT_STEPS = 2
 GENERATE_TOKENS = 32
 # Prefill and decode reach the same cached values through different GEMM shapes (a batch of rows vs
 # one row): fp32 summation order only, but the FP8/FP4 roundings downstream amplify it; the model's
-# own prefill-vs-decode test holds it to 1e-3 (observed 1e-4).
+# own prefill-vs-decode test holds it to 1e-3 (observed 1e-4). The floor of (c)'s eager gap: an
+# engine's sums flip other roundings than eager's. In bf16 each path also rounds its own way (5.2e-3
+# between an H100 mini engine's two paths): the format's tolerance covers that, twice.
 PATH_TOLERANCE = 1e-3
 
 
@@ -95,23 +99,29 @@ def check_engine_pair(engine_steps, eager_steps, bucket: int, tol: float, flip_b
             gap = float(top2[0] - top2[1])
             err = float((ref[i][k] - out[i][k]).abs().max())
             legit &= gap <= 2 * err
-    # (c): the engine's decode after its prefill vs its prefill of the longer prompt
-    prompt = prompts[0]
-    longer = prompt + [greedy[0][0]]
-    cache = engine_steps.new_cache(1, bucket)
-    engine_steps.prefill(torch.tensor([prompt]), torch.tensor([len(prompt)]), cache)
-    decoded = engine_steps.decode(torch.tensor([[greedy[0][0]]]), torch.tensor([len(prompt)]), cache).float().cpu()
-    cache = engine_steps.new_cache(1, bucket)
-    prefilled = engine_steps.prefill(torch.tensor([longer]), torch.tensor([len(longer)]), cache).float().cpu()
-    path = rel_rms(prefilled, decoded)
+    # (c): the engine's decode after its prefill vs its prefill of the longer prompt, bounded by eager's
+    path = decode_vs_prefill(engine_steps, prompts[0], greedy[0][0], bucket)
+    path_bound = max(PATH_TOLERANCE, decode_vs_prefill(eager_steps, prompts[0], greedy[0][0], bucket)) + 2 * tol
     error = (f"short prompt: teacher-forced rel RMS {short:.2e} > {tol:.0e} over its prefill and first "
              f"{TIGHT_STEPS} decode steps" if short > tol
              else f"teacher-forced rel RMS {worst:.2e} > {flip_bound:.0e} (beyond quantization flips)" if worst > flip_bound
              else "greedy generation differs from eager where eager's top-2 logits are not a near tie" if not legit
-             else f"decode after prefill vs prefill of the longer prompt: rel RMS {path:.2e} > {PATH_TOLERANCE:.0e}"
-             if path > PATH_TOLERANCE else None)
+             else f"decode after prefill vs prefill of the longer prompt: rel RMS {path:.2e} > {path_bound:.1e}"
+             if path > path_bound else None)
     return {"ok": error is None, "error": error, "rel_rms": short, "tolerance": tol, "max_rel_rms": worst,
             "flip_bound": flip_bound, "attempts": attempt + 1,
             "prompts": [len(p) for p in prompts], "steps": steps,
             "tokens_matched": sum(matched), "tokens_compared": sum(len(e) for e in greedy),
-            "decode_vs_prefill_rel_rms": path}
+            "decode_vs_prefill_rel_rms": path, "decode_vs_prefill_bound": path_bound}
+
+
+def decode_vs_prefill(steps, prompt: list[int], token: int, bucket: int) -> float:
+    """Relative RMS between `steps`' logits [1, V] of `token` decoded after the prefill of `prompt` and
+    of the prefill of `prompt + [token]` (batch 1, fresh caches)."""
+    cache = steps.new_cache(1, bucket)
+    steps.prefill(torch.tensor([prompt]), torch.tensor([len(prompt)]), cache)
+    decoded = steps.decode(torch.tensor([[token]]), torch.tensor([len(prompt)]), cache).float().cpu()
+    longer = prompt + [token]
+    cache = steps.new_cache(1, bucket)
+    prefilled = steps.prefill(torch.tensor([longer]), torch.tensor([len(longer)]), cache).float().cpu()
+    return rel_rms(prefilled, decoded)

@@ -9,6 +9,7 @@ import torch
 from dsv4_compile import ModelConfig, Transformer
 from dsv4_compile.runtime import EagerSteps
 from dsv4_compile.token_check import check_engine_pair
+from dsv4_compile.verify import FLIP_BOUND, TOLERANCES
 
 BUCKET = 128
 TOL, BOUND = 1e-5, 5e-2  # verify.TOLERANCES["aoti", "float32"], verify.FLIP_BOUND["float32"]
@@ -55,3 +56,35 @@ def test_faulty_engines_fail(eager, make, what):
     """One attempt (a fault fails every attempt; the retries are for rounding flips) of 6 tokens."""
     result = check_engine_pair(make(), eager, BUCKET, TOL, BOUND, seed=0, attempts=1, tokens=6)
     assert not result["ok"], f"{what}: passed ({result})"
+
+
+class _RoundsItsOwnWay(EagerSteps):
+    """Each call's logits carry their own relative error of about `noise` (as a bf16 engine's prefill and
+    decode GEMMs round differently from eager's and from each other): within (a)'s tolerance per path."""
+
+    def __init__(self, model, max_batch, noise):
+        super().__init__(model, max_batch)
+        self._noise, self._gen = noise, torch.Generator().manual_seed(0)
+
+    def _perturbed(self, logits):
+        return logits * (1 + self._noise * torch.randn(logits.shape, generator=self._gen))
+
+    def _prefill(self, tokens, lengths, cache):
+        return self._perturbed(super()._prefill(tokens, lengths, cache))
+
+    def _decode(self, tokens, positions, cache):
+        return self._perturbed(super()._decode(tokens, positions, cache))
+
+
+def test_paths_that_each_round_within_the_tolerance_pass_c(eager):
+    """(c) bounds the gap between the engine's two paths by eager's gap plus twice the tolerance: an engine
+    whose prefill and decode are each within the bf16 tolerance of eager passes with a gap far above
+    PATH_TOLERANCE, and the same engine fails at the fp32 tolerance."""
+    bf16_tol, bf16_bound = TOLERANCES["aoti", "bfloat16"], FLIP_BOUND["bfloat16"]
+    result = check_engine_pair(_RoundsItsOwnWay(_model(), 3, 5e-3), eager, BUCKET, bf16_tol, bf16_bound, seed=0,
+                               attempts=1, tokens=6)
+    assert result["ok"], result
+    assert 1e-3 < result["decode_vs_prefill_rel_rms"] <= result["decode_vs_prefill_bound"] <= 1e-3 + 2 * bf16_tol
+    strict = check_engine_pair(_RoundsItsOwnWay(_model(), 3, 5e-3), eager, BUCKET, TOL, BOUND, seed=0, attempts=1,
+                               tokens=6)
+    assert not strict["ok"], strict
