@@ -136,15 +136,19 @@ def graph_step_ms(graph, reps: int = 5) -> float:
 
 def aoti_decode_engine(model: nn.Module, max_batch: int, folder: str):
     """The build's decode engine of `model` (its max_seq_len the bucket): torch.export with the Triton
-    kernels, AOTInductor-packaged into `folder`, loaded as the runtime loads it."""
+    kernels, AOTInductor-packaged into `folder` as code only (a build's engines get their weights from
+    its shared file: here the model's own tensors on the GPU, as flash-slice's weights would not fit
+    the device's disk a second time), loaded as the runtime loads it."""
     from dsv4_compile.compile import resolve_gpu
     from dsv4_compile.engines import export_engine
     from dsv4_compile.export import export_aoti
     from dsv4_compile.libstdcxx import load_aoti_package
+    from dsv4_compile.shared_weights import ProgramConstants
 
     exported = export_engine(model, "decode", max_batch, functional=False, gpu=resolve_gpu("auto"))
-    path = export_aoti(exported.result, os.path.join(folder, f"decode-{model.config.max_seq_len}.pt2"))
-    return load_aoti_package(path, cuda=True, single_threaded=True)
+    path = export_aoti(exported.result, os.path.join(folder, f"decode-{model.config.max_seq_len}.pt2"),
+                       with_constants=False)
+    return load_aoti_package(path, cuda=True, single_threaded=True, weights=ProgramConstants(exported.result.program))
 
 
 @torch.no_grad()

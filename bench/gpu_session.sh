@@ -24,10 +24,12 @@ for step in "$@"; do
     build-mini)       # issue 16: the user's main job, verify included, within 10 minutes
       /usr/bin/time -v python3 -m dsv4_compile build --gpu "$GPU" --config mini --context 8k --out /tmp/mini8k 2>&1 \
         | grep --line-buffered -v "UserWarning\|warnings.warn" | tee "$OUT/build_mini_8k.log"
-      cp /tmp/mini8k/manifest.json "$OUT/manifest_mini_8k.json" 2>/dev/null; du -sh /tmp/mini8k 2>/dev/null ;;
+      cp /tmp/mini8k/manifest.json "$OUT/manifest_mini_8k.json" 2>/dev/null; du -sh /tmp/mini8k 2>/dev/null
+      rm -rf /tmp/mini8k ;;  # 10 GB of a 64 GiB disk the next steps need
     build-flash-slice) # V4-Flash's shapes, 256 experts, as shipped (bf16 does not fit a 64 GiB disk)
       /usr/bin/time -v python3 -m dsv4_compile build --gpu "$GPU" --config flash-slice --context 8k --format aoti \
-        --weights-format as-shipped --out /tmp/fs8k 2>&1 | grep --line-buffered -v "UserWarning\|warnings.warn" | tee "$OUT/build_flash_slice_8k.log" ;;
+        --weights-format as-shipped --out /tmp/fs8k 2>&1 | grep --line-buffered -v "UserWarning\|warnings.warn" | tee "$OUT/build_flash_slice_8k.log"
+      rm -rf /tmp/fs8k ;;
     tests-export)     # compile / export / generate on the GPU
       $PYTEST -m gpu -n 3 --dist loadgroup tests/dsv4_compile/test_compile_gpu.py tests/dsv4_compile/test_export_gpu.py \
         tests/dsv4_compile/test_generate_gpu.py 2>&1 | tee "$OUT/tests_export.log" | tail -30 ;;

@@ -391,3 +391,19 @@ class AotiWeights:
         constants = {fqn: tensors[mapping[fqn]] for fqn in package.get_constant_fqns()}
         package.load_constants(constants, check_full_update=True, user_managed=True)
         self.given[rel] = constants
+
+
+class ProgramConstants:
+    """The constants of a code-only package taken from its exported program's own tensors (no file, no
+    copy): for a package compiled and run in one process (a benchmark over weights that would not fit
+    a second time on disk). `load_aoti_package(..., weights=ProgramConstants(program))`."""
+
+    def __init__(self, program: torch.export.ExportedProgram):
+        self.tensors = {**program.state_dict, **program.constants}
+
+    def load_into(self, package, pt2_path: str) -> None:
+        missing = [fqn for fqn in package.get_constant_fqns() if fqn not in self.tensors]
+        if missing:
+            raise ArtifactError(f"{pt2_path}: constant {missing[0]!r} is not a tensor of the exported program")
+        package.load_constants({fqn: self.tensors[fqn] for fqn in package.get_constant_fqns()},
+                               check_full_update=True, user_managed=True)

@@ -2,7 +2,7 @@
 adds only the tensors the file does not hold yet (same name and bytes stored once, a same-named tensor
 with other bytes kept apart), bf16-valued float32 ONNX initializers stored as bf16 and the models' outputs
 unchanged (onnxruntime), the safetensors file valid and aligned, engines adding at once, and an
-unreadable shared file refused in one line. The real build's files and its disk peak are checked in
+unreadable shared file refused in one line; a code-only package run over its program's own tensors. The real build's files and its disk peak are checked in
 test_build.py (`built` fixture)."""
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dsv4_compile.export import ExportResult, export_onnx
+from dsv4_compile.export import ExportResult, export_aoti, export_onnx
+from dsv4_compile.libstdcxx import load_aoti_package
 from dsv4_compile.manifest import ArtifactError
-from dsv4_compile.shared_weights import (SHARED_WEIGHTS, AotiWeights, WeightStore, finish_shared_weights,
-                                         torch_tensors)
+from dsv4_compile.shared_weights import (SHARED_WEIGHTS, AotiWeights, ProgramConstants, WeightStore,
+                                         finish_shared_weights, torch_tensors)
+from helpers import assert_close
 
 
 class _Engine(torch.nn.Module):
@@ -209,3 +211,18 @@ def test_an_unreadable_shared_aoti_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(ArtifactError, match=r"aoti/weights\.safetensors: unreadable shared AOTInductor weights") as err:
         AotiWeights(str(tmp_path), torch.device("cpu")).tensors
     assert "\n" not in str(err.value)
+
+
+def test_a_code_only_package_runs_over_its_programs_own_tensors(tmp_path):
+    """ProgramConstants (bench_decode_step's AOTInductor engine): no weights on disk, the package computes
+    as the module, and a program that lacks one of the package's constants is refused in one line."""
+    module, x = _Wrapper(_Engine(0.5)), torch.randn(2, 64)
+    program = torch.export.export(module, (x,))
+    path = export_aoti(ExportResult(program, (2, 2), (2, 2), False, {}), str(tmp_path / "engine.pt2"),
+                       with_constants=False)
+    package = load_aoti_package(path, cuda=False, weights=ProgramConstants(program))
+    # the compiled code may fuse the add into the GEMM (another summation order): fp32's tolerance
+    assert_close("code-only package vs module", module(x).detach(), package(x))
+    other = torch.export.export(_Wrapper(torch.nn.Linear(64, 64)), (x,))
+    with pytest.raises(ArtifactError, match="model.table.*not a tensor of the exported program"):
+        load_aoti_package(path, cuda=False, weights=ProgramConstants(other))
