@@ -71,6 +71,7 @@ import functools
 import json
 import os
 import struct
+import time
 from collections.abc import Callable
 
 import torch
@@ -354,12 +355,14 @@ def _onnx_bytes(tensor, as_bf16: bool):
 class AotiWeights:
     """The shared AOTInductor weights of one build's engine root (`aoti/weights.safetensors`), read
     once onto `device` on first use; `load_into` hands every package the same tensors.
-    `given`: {engine file: {FQN: tensor}} as passed to each package (what tests check for sharing)."""
+    `given`: {engine file: {FQN: tensor}} as passed to each package (what tests check for sharing);
+    `read_s`: seconds the read took (None before it), part of the first package's load time."""
 
     def __init__(self, root: str, device: torch.device):
         self.root, self.device = root, device
         self.path = os.path.join(root, SHARED_WEIGHTS["aoti"])
         self._tensors: dict[str, torch.Tensor] | None = None
+        self.read_s: float | None = None
         self._engines: dict[str, dict[str, str]] = {}
         self.given: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -369,6 +372,7 @@ class AotiWeights:
             from safetensors import safe_open
             from safetensors.torch import load_file
 
+            t0 = time.perf_counter()
             try:
                 with safe_open(self.path, "pt") as f:
                     self._engines = json.loads((f.metadata() or {})["engines"])
@@ -376,6 +380,7 @@ class AotiWeights:
             except Exception as err:  # noqa: BLE001 (any unreadable file: one line naming it)
                 raise ArtifactError(f"{self.path}: unreadable shared AOTInductor weights ({type(err).__name__}: "
                                     f"{(str(err).splitlines() or [''])[0][:200]}); rebuild") from None
+            self.read_s = time.perf_counter() - t0
         return self._tensors
 
     def load_into(self, package, pt2_path: str) -> None:

@@ -81,6 +81,10 @@ def test_build_with_no_arguments_builds_tiny_for_cpu(built):
         assert step in proc.stdout, step
     for kind in ("prefill", "prefill-cache", "decode"):  # each export's notes, from the worker that made it
         assert f"-> aoti/{kind}-512.pt2" in proc.stdout and f"-> onnx/{kind}-512.onnx" in proc.stdout, kind
+    # verify's phases: the shared AOTInductor weights read once (by the first engine opened), and each
+    # format's engine pair checked by tokens with its decode-vs-prefill gap and bound
+    assert proc.stdout.count("of which reading the shared weights onto cpu") == 1, proc.stdout
+    assert proc.stdout.count("greedy tokens as eager") == proc.stdout.count("decode vs prefill") == 2, proc.stdout
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["schema_version"] == 1 and manifest["build_complete"] is True
     assert manifest["device"]["kind"] == "cpu" and manifest["device"]["isa"] == torch.backends.cpu.get_cpu_capability()
@@ -92,6 +96,9 @@ def test_build_with_no_arguments_builds_tiny_for_cpu(built):
         (fmt, kind, 512) for fmt in ("aoti", "onnx") for kind in kinds)
     for engine in manifest["engines"]:
         assert engine["verified"]["status"] == "verified", engine
+        if engine["kind"] != "prefill":
+            tokens = engine["verified"]["tokens"]
+            assert tokens["decode_vs_prefill_rel_rms"] <= tokens["decode_vs_prefill_bound"], engine
         assert engine["seq_range"] == ([1, 1] if engine["kind"] == "decode" else [2, 512]), engine
         assert engine["batch_range"] == [1, 2]
     shared = {"aoti": "aoti/weights.safetensors", "onnx": "onnx/weights.data"}
