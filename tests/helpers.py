@@ -68,3 +68,16 @@ class CountOp(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls += func is self.op
         return func(*args, **(kwargs or {}))
+
+
+def exported_op_args(fn, args: tuple, dynamic_shapes, op) -> list:
+    """The arguments `op` (an OpOverload) is called with in torch.export of `fn(*args)` under
+    `dynamic_shapes` (one spec per argument): fake tensors whose sizes are the export's symbols (with their Dim ranges), as a
+    pass sees them. One call of `op` expected."""
+    class _Module(torch.nn.Module):
+        def forward(self, *inputs):
+            return fn(*inputs)
+
+    program = torch.export.export(_Module(), args, dynamic_shapes=(tuple(dynamic_shapes),))  # one spec a *input
+    node, = (n for n in program.graph.nodes if n.target is op)
+    return [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in node.args]

@@ -64,8 +64,8 @@ import triton
 import triton.language as tl
 
 from ...model.moe_ops import chunked_expert_blocks
-from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, launch,
-                       placeholder, split_chunks)
+from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, largest_value,
+                       launch, placeholder, split_chunks)
 from .._jit_utils import e4m3_bits, quantize_rows_e4m3, round_bf16
 from ..fp8_quantize import fp8_quantize
 from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block
@@ -594,13 +594,12 @@ def _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format: str, ac
 
 
 def resolve(config, device, n_assignments, weight_format: str = "float", act: str = "x") -> MoeExpertsConfig:
-    """None / '' -> the device's default for T * k (the prefill regime's when T is symbolic, as under
-    export) and the op (default_config's weight_format and act); a str -> fields over that default; a
-    config -> itself."""
+    """None / '' -> the device's default for T * k (a symbolic T * k, as under export: that of its upper
+    bound, the prefill regime's when unbounded) and the op (default_config's weight_format and act); a
+    str -> fields over that default; a config -> itself."""
     if isinstance(config, MoeExpertsConfig):
         return config
-    base = default_config(device_name(device), n_assignments if isinstance(n_assignments, int) else 1 << 30,
-                          weight_format, act)
+    base = default_config(device_name(device), largest_value(n_assignments) or 1 << 30, weight_format, act)
     if not config:
         return base
     if isinstance(config, str):

@@ -48,7 +48,7 @@ from dsv4_compile.kernels.moe_experts.config import default_config, w8a8_config 
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
     FOLD_MAX_SHIFT, _e4m3, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
-from helpers import assert_close, rel_rms  # noqa: E402
+from helpers import assert_close, exported_op_args, rel_rms  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")  # the module (the package's moe_experts is the function)
@@ -555,6 +555,39 @@ def test_substitution_replaces_every_moe_op():
     # W8A8 on D = 64, I = 32 (the FP8 op's experts): declined with the reason, left to the plain op.
     assert "W8A8 needs multiples of 128" in sub._fp8_w8a8_reason(*args[:3], *args[6:12], LIMIT, allow_cpu=True)
     assert sub._fp8_w8a8_reason(*w8a8_args, allow_cpu=True) is None
+
+
+def test_a_symbolic_token_count_bounded_within_decode_gets_the_decode_config():
+    """An exported decode engine's T (= B <= max_batch) is symbolic, and every value it can take is
+    decode-sized: the substitution configures it by its bound (the decode regime's 16-row blocks, a tuned
+    decode entry by batch), as does the launcher's own default, not by the prefill regime's; a symbolic T
+    that reaches the prefill regime keeps the table's default or the launcher's ("")."""
+    from dsv4_compile.passes import Target
+    from dsv4_compile.passes.kernel_substitutions import moe_experts as sub
+
+    k, E, D, I = 6, 12, 64, 32
+    w1, w2, w3 = (t.to(DEVICE) for t in experts(E, I, D, torch.float32, "float")[:3])
+    x = torch.randn(3, D, device=DEVICE)
+    ids, w = (t.to(DEVICE) for t in routing(3, k, E, "random", seed=3))
+
+    def op_args(max_tokens):
+        T = torch.export.Dim("T", min=2, max=max_tokens)
+        return exported_op_args(lambda *a: torch.ops.dsv4.moe_experts(*a, w1, w2, w3, LIMIT), (x, ids, w),
+                                ({0: T},) * 3, torch.ops.dsv4.moe_experts.default)
+
+    gpu = "H200" if DEVICE == "cuda" else "interpreter"
+    decode_sized, prefill_sized = op_args(64), op_args(8192)
+    assert not isinstance(decode_sized[0].shape[0], int), "the export did not keep T symbolic"
+    got = MoeExpertsConfig.from_str(sub.FLOAT.config(Target(gpu="H200"), *decode_sized)["config"])
+    assert got == default_config(gpu, 64 * k) and got.block_m == 16 != default_config(gpu, 8192 * k).block_m
+    entries = {"b8": {"phase": "decode", "batch": 8, "config": {"block_n": 32}},
+               "b64": {"phase": "decode", "batch": 64, "config": {"block_n": 128}}}
+    tuned = Target(gpu="H200", table={"entries": entries, "default": "block_m=64"})
+    assert MoeExpertsConfig.from_str(sub.FLOAT.config(tuned, *decode_sized)["config"]).block_n == 128
+    assert sub.FLOAT.config(Target(gpu="H200"), *prefill_sized)["config"] == ""
+    assert sub.FLOAT.config(tuned, *prefill_sized)["config"] == "block_m=64"
+    assert KERNEL.resolve(None, x.device, decode_sized[1].shape[0] * k).block_m == 16
+    assert KERNEL.resolve(None, x.device, prefill_sized[1].shape[0] * k) == default_config(gpu, 8192 * k)
 
 
 def _w4a8_op(x, ids, w, p1, p2, p3, t1, t2, t3):

@@ -15,7 +15,7 @@ from dsv4_compile import passes  # noqa: E402
 from dsv4_compile.kernels.fp8_linear.config import DEFAULT_CONFIGS, default_config  # noqa: E402
 from dsv4_compile.model.weight_formats import e8m0_to_float, quantize_fp8_weight  # noqa: E402
 from dsv4_compile.passes.kernel_substitutions import fp8_linear as sub  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, exported_op_args  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -74,3 +74,30 @@ def test_config_follows_rows_and_refusals_say_why():
     assert "int32" in sub._reason(e(4, 256, dtype=torch.int32), w, s, allow_cpu=True)
     if DEVICE == "cpu":
         assert "needs CUDA tensors" in sub._reason(e(4, 256), w, s)
+
+
+def test_a_decode_engines_symbolic_rows_get_the_small_m_config():
+    """An exported decode engine's x [B, 1, K] has a symbolic B <= max_batch: M's every value is at most
+    SMALL_M, so the config is the small-M one of its bound (a tuned decode entry by batch), not the
+    large-M default a symbolic M got before; a bound past SMALL_M keeps the large-M route."""
+    e = lambda *shape, dtype=torch.float32: torch.randn(*shape).to(device=DEVICE, dtype=dtype)  # noqa: E731
+    w, s = e(64, 256, dtype=torch.float8_e4m3fn), e(1, 2).abs()
+
+    def op_args(max_batch):
+        B = torch.export.Dim("B", min=2, max=max_batch)
+        return exported_op_args(lambda x: torch.ops.dsv4.fp8_linear(x, w, s), (e(3, 1, 256),), ({0: B},),
+                                torch.ops.dsv4.fp8_linear.default)
+
+    gpu = "H200" if DEVICE == "cuda" else "interpreter"
+    decode_sized, large = op_args(8), op_args(1024)
+    assert not isinstance(decode_sized[0].shape[0], int), "the export did not keep B symbolic"
+    target = passes.Target(gpu="H200")
+    assert sub.SUBSTITUTION.config(target, *decode_sized)["config"] == default_config(gpu, 8, 64, 256).to_str()
+    assert sub.SUBSTITUTION.config(target, *large)["config"] == DEFAULT_CONFIGS[gpu].to_str()
+    # a tuned table (the interpreter's small- and large-M defaults are one config): the decode entry of
+    # batch 8 for B <= 8, the table's default for B <= 1024
+    entries = {"a": {"phase": "decode", "batch": 8, "config": {"block_n": 32, "split_k": 4}}}
+    tuned = passes.Target(gpu="H200", table={"entries": entries, "default": "block_m=32,block_n=64"})
+    assert sub.SUBSTITUTION.config(tuned, *decode_sized)["config"] == default_config(gpu, 8, 64, 256).replace(
+        block_n=32, split_k=4).to_str()
+    assert sub.SUBSTITUTION.config(tuned, *large)["config"] == "block_m=32,block_n=64"

@@ -16,10 +16,11 @@ and shows in the report.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 from ...kernels import _common as kernel_common
-from ...kernels._common import INTERPRET
+from ...kernels._common import INTERPRET, largest_value
 from ..registry import Substitution, register
 
 KERNEL_PRIORITY = 10  # above the decompositions (-100): where a kernel applies, it wins
@@ -37,6 +38,13 @@ def device_reason(t, allow_cpu: bool) -> str | None:
     if t.device.type == "cuda" or (allow_cpu and INTERPRET):
         return None
     return f"needs CUDA tensors ({t.device.type})"
+
+
+def most_rows(*sizes) -> int | None:
+    """The product of `sizes` (ints or symbolic sizes) if static, else its upper bound (an exported
+    engine's Dim maxima: a decode engine's rows B <= max_batch), None when unbounded. What picks a
+    decode-sized config for a node whose every possible size is decode-sized."""
+    return largest_value(math.prod(sizes))
 
 
 def config_string(table, context, default) -> str:

@@ -3,15 +3,15 @@
 
 Applies to CUDA tensors: x float32 / bfloat16 / float16 with a static K that is a multiple of 128,
 weight float8_e4m3fn [N, K], scale float32 [cdiv(N, 128), K/128]. Otherwise the node is left to the
-plain op, with the reason. The config follows the row count M (x's leading dims, when static): up to
-SMALL_M rows (decode, small batches) the tuned decode entry by batch, else the small-M default (fused
-input quantization), never a prefill entry; more rows (or a symbolic M) the tuned prefill table by
-token count ("by_context", as the other kernels' context tables), else the large-M default. On the
-H100 / H200 the large-M default routes the product to cuBLAS's blockwise-scaled FP8 GEMM (gemm=cublas:
-our quantization kernel, then torch._scaled_mm with 1x128 / 128x128 scales) where the kernel's probe
+plain op, with the reason. The config follows the row count M (x's leading dims): up to SMALL_M rows
+(decode, small batches; a symbolic M by its bound, as an exported decode engine's B <= max_batch) the
+tuned decode entry by batch, else the small-M default (fused input quantization), never a prefill
+entry; more rows (or a symbolic M without such a bound) the tuned prefill table by token count
+("by_context", as the other kernels' context tables), else the large-M default. On the H100 / H200
+the large-M default routes the product to cuBLAS's blockwise-scaled FP8 GEMM (gemm=cublas: our
+quantization kernel, then torch._scaled_mm with 1x128 / 128x128 scales) where the kernel's probe
 admits it, the Triton GEMM otherwise (kernels/fp8_linear; bench/results/H200/fp8_linear.md says why).
-`interpreter_substitutions()`: the same on CPU tensors
-under TRITON_INTERPRET (tests only).
+`interpreter_substitutions()`: the same on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from ...kernels.fp8_linear.config import SCALE_BLOCK, SMALL_M, default_config
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
-                      kernel_files, target_gpu)
+                      kernel_files, most_rows, target_gpu)
 
 # registers torch.ops.dsv4_triton.fp8_linear
 _kernel = importlib.import_module("...kernels.fp8_linear.fp8_linear", __package__)
@@ -52,12 +52,14 @@ def _rows(x) -> int | None:
 
 
 def _config(target, x, weight, scale) -> dict:
-    m = _rows(x)
     n, k = weight.shape
-    default = default_config(target_gpu(target, x.device.type), m, n if isinstance(n, int) else None, k)
-    if m is not None and m <= SMALL_M:
-        return {"config": decode_entry_config(target.table, m, default)}
-    return {"config": config_string(target.table, m, default)}
+    n = n if isinstance(n, int) else None
+    gpu = target_gpu(target, x.device.type)
+    most = most_rows(*x.shape[:-1])   # a symbolic M's bound: an exported decode engine's B <= max_batch
+    if most is not None and most <= SMALL_M:
+        return {"config": decode_entry_config(target.table, most, default_config(gpu, most, n, k))}
+    m = _rows(x)
+    return {"config": config_string(target.table, m, default_config(gpu, m, n, k))}
 
 
 def _replacement(x, weight, scale, config: str = ""):

@@ -20,7 +20,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from ...kernels.hc_sinkhorn.config import decode_config, default_config
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, decode_entry_config, device_reason, interpreter_twin, kernel_files,
-                      register_kernel, table_config, target_gpu)
+                      most_rows, register_kernel, table_config, target_gpu)
 
 # registers torch.ops.dsv4_triton.hc_*
 _kernel = importlib.import_module("...kernels.hc_sinkhorn.hc_sinkhorn", __package__)
@@ -68,7 +68,7 @@ SINKHORN = register_kernel("hc_sinkhorn.triton", torch.ops.dsv4.hc_sinkhorn.defa
 
 def _pre_config(target, x, *rest):
     if x.dim() == 4 and is_concrete_int(x.shape[1]) and int(x.shape[1]) == 1:      # [B, 1, n, D]: decode
-        rows = int(x.shape[0]) if is_concrete_int(x.shape[0]) else float("inf")
+        rows = most_rows(x.shape[0]) or float("inf")                            # symbolic B: by its bound
         default = decode_config(target_gpu(target, x.device.type))
         return {"config": decode_entry_config(target.table, rows, default)}
     return table_config(target, default_config, x.device.type)

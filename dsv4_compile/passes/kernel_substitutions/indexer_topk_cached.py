@@ -15,13 +15,12 @@ from __future__ import annotations
 import importlib
 
 import torch
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ...kernels.indexer_topk_cached.config import default_config
 from ...kernels.indexer_topk.indexer_topk import PACKED_KEY_FORMATS
 from ...model.kv_layout import FP4_BLOCK, index_cache_mismatch
 from ..registry import Substitution, register
-from ._common import KERNEL_PRIORITY, decode_entry_config, interpreter_twin, kernel_files, target_gpu
+from ._common import KERNEL_PRIORITY, decode_entry_config, interpreter_twin, kernel_files, most_rows, target_gpu
 from .indexer_topk import query_reason
 
 # registers torch.ops.dsv4_triton.indexer_topk_cached
@@ -50,7 +49,7 @@ def _replacement(q, weights, index_cache, positions, ratio, topk, fmt, config: s
 
 def _config(target, q, *rest):
     B, S = q.shape[:2]
-    rows = int(B) * int(S) if is_concrete_int(B) and is_concrete_int(S) else float("inf")
+    rows = most_rows(B, S) or float("inf")                                      # symbolic: by its bound
     return {"config": decode_entry_config(target.table, rows, default_config(target_gpu(target, q.device.type)))}
 
 

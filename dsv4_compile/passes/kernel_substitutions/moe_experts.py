@@ -12,9 +12,10 @@ Config by T's regime (kernels/moe_experts/config.py): prefill, the tuned entry o
 count >= T (else the largest, `config_string` over the table's "by_context"); decode, the decode entry
 of the smallest batch >= T (tuned at T = batch), else the largest; untuned, the kernel's per-GPU
 default for the regime (the W8A8 and W4A8 ops': kernels/moe_experts/config.py, w8a8_config and
-w4a8_config). A symbolic T takes the table's "default" or "" (the launcher's default for the prefill
-regime). Each op reads its own space's table (moe_experts_fp8, moe_experts_fp8_w8a8,
-moe_experts_mxfp4_w4a8): tiles only.
+w4a8_config). A symbolic T bounded within the decode regime (an exported decode engine's T = B <=
+max_batch) is configured as its bound; any other symbolic T takes the table's "default" or "" (the
+launcher's default for the prefill regime). Each op reads its own space's table (moe_experts_fp8,
+moe_experts_fp8_w8a8, moe_experts_mxfp4_w4a8): tiles only.
 `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from ...kernels.moe_experts.config import ACT_BLOCK, default_config, regime
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
-                      kernel_files, target_gpu)
+                      kernel_files, most_rows, target_gpu)
 
 # registers torch.ops.dsv4_triton.moe_experts*
 _kernel = importlib.import_module("...kernels.moe_experts.moe_experts", __package__)
@@ -90,15 +91,18 @@ def _mxfp4_w4a8_reason(x, topk_ids, topk_weights, w1, w2, w3, s1, s2, s3, swiglu
 
 def _config(target, x, topk_ids, *rest, weight_format: str = "float", act: str = "x"):
     T, k = topk_ids.shape
+    k = int(k)
     table = target.table or {}
-    if not is_concrete_int(T):
+    # A symbolic T whose every value is decode-sized (an exported decode engine: T = B <= max_batch) takes
+    # the decode config of its largest value; any other symbolic T the table's default or the launcher's.
+    rows = most_rows(T)
+    if rows is None or (not is_concrete_int(T) and regime(rows * k) == "prefill"):
         return {"config": str(table.get("default") or "")}
-    T, k = int(T), int(k)
-    default = default_config(target_gpu(target, x.device.type), T * k, weight_format, act)
-    if regime(T * k) == "prefill":  # prefill entries are keyed by their token count (context x batch 1)
-        return {"config": config_string({"by_context": table.get("by_context")}, T, default)}
+    default = default_config(target_gpu(target, x.device.type), rows * k, weight_format, act)
+    if regime(rows * k) == "prefill":  # prefill entries are keyed by their token count (context x batch 1)
+        return {"config": config_string({"by_context": table.get("by_context")}, rows, default)}
     # Decode entries were tuned at T = their batch (one token per sequence).
-    return {"config": decode_entry_config(table, T, default)}
+    return {"config": decode_entry_config(table, rows, default)}
 
 
 def _w8a8_config(target, *args):
