@@ -2,8 +2,9 @@
 (`torch.ops.dsv4.moe_experts`, `moe_experts_fp8`, `moe_experts_fp8_w8a8`, `moe_experts_mxfp4`,
 `moe_experts_mxfp4_w4a8` semantics, see model/moe_ops.py).
 
-Layout (model.moe_ops.expert_blocks, plain torch ops on the device, no host sync): the T*k assignments
-sorted by expert, each expert's run padded to a multiple of block_m rows; slot [n_blocks, block_m]
+Layout (model.moe_ops.expert_blocks, plain torch ops on the device, no host sync; for decode sizes the
+same integers from one Triton program, expert_blocks.py): the T*k assignments sorted by expert, each
+expert's run padded to a multiple of block_m rows; slot [n_blocks, block_m]
 holds the assignment t*k + j of each row (N = T*k in padding), block_expert [n_blocks] the expert of
 each block (E past the last used block: those programs return at once). n_blocks is the static bound
 max_expert_blocks(N, E, block_m), so the grids depend on the sizes only (CUDA graphs, export).
@@ -68,6 +69,7 @@ from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name
                        launch, placeholder, split_chunks)
 from .._jit_utils import e4m3_bits, quantize_rows_e4m3, round_bf16
 from ..fp8_quantize import fp8_quantize
+from . import expert_blocks as one_program_layout
 from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block
 
 WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
@@ -656,7 +658,10 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     fp8_mma = act_fp8 and (weight_format == "fp8" or cfg.w4a8_mma == "fp8" or x.dtype == torch.float16)
     act_bytes = 1 + 4 / ACT_BLOCK if fp8_mma else x.element_size()
     chunk, n_chunks = chunk_plan(T, k, D, I, E, bm, act_bytes)
-    slot, block_expert = chunked_expert_blocks(topk_ids, E, bm, chunk, n_chunks)  # [C, n_blocks, bm], [C, n_blocks]
+    if n_chunks == 1 and one_program_layout.fits(T * k, E):  # decode sizes: one launch, not ~30 small ones
+        slot, block_expert = one_program_layout.expert_blocks(topk_ids, E, bm)     # [1, n_blocks, bm], [1, n_blocks]
+    else:
+        slot, block_expert = chunked_expert_blocks(topk_ids, E, bm, chunk, n_chunks)  # [C, n_blocks, bm], [C, n_blocks]
     n_blocks = block_expert.shape[1]
     slots = torch.empty((torch.sym_min(chunk, T) * k, D), dtype=torch.float32, device=x.device)
     if fp8_mma:

@@ -92,6 +92,37 @@ def experts(E, I, D, dtype, fmt, scale_dtype=torch.float8_e8m0fnu, seed=0, tile_
     return (*(q for q, _ in packed), tuple(s for _, s in packed))
 
 
+# (T, k, E, routing, block): T = 1, 7, 300, one more than the sort's power of two (T 3 x k 3 = 9);
+# E not a power of two and E = 256 (V4-Flash); -1 ids, duplicates, experts with zero tokens; int64 ids.
+LAYOUTS = [(1, 6, 256, "random", 16), (1, 1, 5, "holes", 16), (3, 3, 7, "one-expert", 4), (7, 6, 5, "holes", 16),
+           (7, 6, 12, "random", 32), (300, 6, 256, "random", 16), (300, 1, 5, "one-expert", 128),
+           (682, 6, 256, "holes", 16)]
+
+
+@pytest.mark.parametrize("T,k,E,kind,block", LAYOUTS, ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-b{c[4]}" for c in LAYOUTS])
+def test_one_program_layout_is_expert_blocks(T, k, E, kind, block):
+    """The decode-sized routing layout in one Triton program equals model.moe_ops.expert_blocks (the
+    launcher's reference layout) integer for integer, int32 and int64 ids."""
+    from dsv4_compile.kernels.moe_experts import expert_blocks as one_program
+    from dsv4_compile.model.moe_ops import expert_blocks
+
+    ids, _ = routing(T, k, E, kind, seed=T + k + E)
+    assert one_program.fits(T * k, E)
+    ref_slot, ref_expert = expert_blocks(ids, E, block)
+    for dtype in (torch.int32, torch.int64):
+        slot, block_expert = one_program.expert_blocks(ids.to(dtype).to(DEVICE), E, block)
+        assert torch.equal(slot[0].cpu(), ref_slot) and torch.equal(block_expert[0].cpu(), ref_expert), dtype
+
+
+def test_one_program_layout_limits():
+    """Past MAX_ASSIGNMENTS, an unbounded symbolic size or sort keys past int32, the launcher keeps the plain
+    layout."""
+    from dsv4_compile.kernels.moe_experts import expert_blocks as one_program
+
+    assert one_program.fits(one_program.MAX_ASSIGNMENTS, 256) and not one_program.fits(one_program.MAX_ASSIGNMENTS + 1, 256)
+    assert not one_program.fits(4096, 2 ** 20)
+
+
 def run_all(T, k, E, D, I, dtype, fmt, kind, scale_dtype=torch.float8_e8m0fnu, config=None):
     x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T + E)) * 2).to(dtype)
     ids, w = routing(T, k, E, kind, seed=T * k + E)
@@ -739,6 +770,7 @@ def _run_recording(monkeypatch, bound, x, ids, w, w1, w2, w3, config=None):
     with monkeypatch.context() as patch:
         patch.setattr(KERNEL, "WORKSPACE_BYTES", bound)
         patch.setattr(KERNEL, "launch", recording_launch)
+        patch.setattr(KERNEL.one_program_layout, "launch", recording_launch)
         out = moe_experts(x, ids, w, w1, w2, w3, LIMIT, config)
     for t in (x, w, w1, w2, w3, out):
         storages.pop(t.untyped_storage().data_ptr(), None)
@@ -759,7 +791,8 @@ CHUNKS = [(1, 6, 5, "holes", 1, _F32), (1, 6, 5, "holes", 1, _BF16), (7, 6, 5, "
 def test_chunks_give_the_unchunked_bits_within_the_workspace_bound(T, k, E, kind, tokens, dtype, monkeypatch):
     """WORKSPACE_BYTES lowered to `tokens`-token chunks: the same bits as one chunk (a token's k rows summed
     in j order either way, one config for all chunks), three launches a chunk (T = 1: the three of the
-    unchunked path), and the workspace the launches touched within the bound where one chunk's exceeds it."""
+    unchunked path, whose layout is one more: the one-program layout of decode sizes; chunks take the plain
+    layout), and the workspace the launches touched within the bound where one chunk's exceeds it."""
     D, I = 48, 40
     x = (torch.randn(T, D, generator=torch.Generator().manual_seed(T)) * 2).to(dtype).to(DEVICE)
     ids, w = (t.to(DEVICE) for t in routing(T, k, E, kind, seed=T + k))
@@ -768,11 +801,11 @@ def test_chunks_give_the_unchunked_bits_within_the_workspace_bound(T, k, E, kind
     bound = _bound_for(tokens, k, D, I, E, block_m, x.element_size())
     assert KERNEL.chunk_plan(T, k, D, I, E, block_m, x.element_size()) == (T, 1)    # the default bound: one chunk
     whole, launched, whole_bytes = _run_recording(monkeypatch, 1 << 40, x, ids, w, w1, w2, w3)
-    assert len(launched) == 3
+    assert launched[0] is KERNEL.one_program_layout._expert_blocks_kernel and len(launched) == 4
     chunked, launched, chunked_bytes = _run_recording(monkeypatch, bound, x, ids, w, w1, w2, w3)
     assert torch.equal(chunked, whole)
     n_chunks = -(-T // tokens)
-    assert len(launched) == 3 * n_chunks
+    assert len(launched) == (3 * n_chunks if n_chunks > 1 else 4)   # one chunk: the one-program layout too
     assert chunked_bytes <= bound
     if n_chunks > 1:
         assert whole_bytes > bound, "the unchunked workspace fits the bound: the test could not fail"
@@ -784,7 +817,7 @@ def test_export_with_a_symbolic_token_count_plans_static_chunks(monkeypatch):
     """torch.export with T dynamic (up to 64) traces the launcher with a symbolic T: as many chunks as T's
     upper bound needs (static launches), the chunked layout traced without specialising T (an unbounded T:
     one chunk); the exported program then runs the op at other T (one chunk at T = 3, three at T = 50),
-    equal to eager bit for bit."""
+    equal to eager bit for bit. With one chunk, the one-program layout traced at T's bound."""
     k, E, D, I = 2, 5, 32, 32
     w1, w2, w3 = (t.to(DEVICE) for t in experts(E, I, D, torch.float32, "float")[:3])
     monkeypatch.setattr(KERNEL, "WORKSPACE_BYTES", _bound_for(20, k, D, I, E, 16, 4))   # 20-token chunks
@@ -811,6 +844,17 @@ def test_export_with_a_symbolic_token_count_plans_static_chunks(monkeypatch):
         out = ep.module()(xn, idn, wn)
         assert torch.equal(out, Experts()(xn, idn, wn))
         assert torch.equal(out, moe_experts(xn, idn, wn, w1, w2, w3, LIMIT, "block_m=16"))
+    # One chunk (the default workspace): the one-program layout, traced at T's bound (NP 128 for 64 x 2)
+    monkeypatch.undo()
+    layouts = []
+    monkeypatch.setattr(KERNEL.one_program_layout, "launch",
+                        lambda kernel, grid, *a, **kw: (layouts.append(kw["NP"]), launch(kernel, grid, *a, **kw)))
+    ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
+    if DEVICE == "cpu":
+        assert layouts == [128]
+    xn = torch.randn(50, D, device=DEVICE)
+    idn, wn = (t.to(DEVICE) for t in routing(50, k, E, "holes", seed=50))
+    assert torch.equal(ep.module()(xn, idn, wn), moe_experts(xn, idn, wn, w1, w2, w3, LIMIT, "block_m=16"))
 
 
 @pytest.mark.gpu
