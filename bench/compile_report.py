@@ -208,8 +208,9 @@ def launches(kernel_name: str, dims: dict, cfg) -> list[tuple]:
 
 
 def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x") -> list[tuple]:
-    """The (kernel, grid, args, kwargs) launches of torch.ops.dsv4.moe_experts' kernels (gate/up and down;
-    the slot sum has no loop worth reporting) for T = dims["T"] tokens routed at random (a fixed seed)."""
+    """The (kernel, grid, args, kwargs) launches of torch.ops.dsv4.moe_experts' kernels (at decode sizes the
+    one-program routing layout, then gate/up and down; the slot sum has no loop worth reporting) for T =
+    dims["T"] tokens routed at random (a fixed seed)."""
     module = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")
     T, k, E, D, I = (dims[n] for n in ("T", "k", "E", "D", "I"))
     if weight_format not in module.WEIGHT_FORMATS:
@@ -230,7 +231,8 @@ def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x") -> list[tu
     # _check skipped: the stand-ins are one element expanded (not contiguous), their shapes right by construction;
     # W8A8's x quantization (kernels/fp8_quantize) stood in by its outputs' shapes
     quantized_x = (_stand_in((T, D), torch.float8_e4m3fn), _stand_in((T, D // 128), torch.float32))
-    with mock.patch.object(module, "launch", lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))), \
+    record = lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))  # noqa: E731
+    with mock.patch.object(module, "launch", record), mock.patch.object(module.one_program_layout, "launch", record), \
             mock.patch.object(module, "_check", lambda *_: (E, I, D)), \
             mock.patch.object(module, "fp8_quantize", lambda *_: quantized_x):
         module.moe_experts(x, ids, torch.ones(T, k), *ws, 10.0, cfg, weight_format, scales, act)
@@ -280,7 +282,8 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             loop = len(body)
             mma, n_mma = mma_summary(body)
             per_weight = 0.0
-            if moe:  # BLOCK_K x BLOCK_N weights an iteration (w1 and w3 for gate/up, but a loop each in W8A8)
+            if name in ("_gate_up_kernel", "_down_kernel"):  # BLOCK_K x BLOCK_N weights an iteration (w1 and w3
+                # for gate/up, but a loop each in W8A8)
                 both = name == "_gate_up_kernel" and not kwargs.get("ACT_FP8")
                 weights = kwargs["BLOCK_K"] * kwargs["BLOCK_N"] * (2 if both else 1)
                 per_weight = loop / (weights / (32 * warps))
