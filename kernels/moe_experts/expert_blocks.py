@@ -4,7 +4,7 @@ Triton program, for decode-sized calls.
 The plain layout is some thirty small torch launches (a sort, a scatter-add, cumsums, gathers); at
 decode sizes each costs more than its work, and together they are a fixed cost beside the expert
 GEMMs of a one-token call (bench_moe's "layout / ours"). Here one program of the N = T * k assignments
-(N <= MAX_ASSIGNMENTS, one chunk) does it all:
+(N <= config.DECODE_MAX_ASSIGNMENTS, one chunk) does it all:
   1. keys expert * NP + index, sorted (tl.sort): the assignments by expert, each expert's in their
      original order (an id outside [0, E) sorts last as expert E);
   2. the count of each expert (tl.histogram), its first sorted position and its first padded row
@@ -23,10 +23,8 @@ import triton.language as tl
 
 from ...model.moe_ops import max_expert_blocks
 from .._common import largest_value, launch
+from .config import DECODE_MAX_ASSIGNMENTS
 
-# The most assignments one program lays out: the decode regime's (config.DECODE_MAX_ASSIGNMENTS), the
-# sort's keys in registers (4096 over 8 warps: 16 a thread).
-MAX_ASSIGNMENTS = 4096
 _BLOCKS_PER_STEP = 32      # block_expert rows compared with every expert's padded end per step
 
 
@@ -66,9 +64,11 @@ def _expert_blocks_kernel(p_ids, p_slot, p_block_expert, p_scratch, N, E, n_bloc
 
 def fits(n_assignments, n_experts: int) -> bool:
     """Whether one program lays out n_assignments (an int or a symbolic size: its upper bound) over
-    n_experts: at most MAX_ASSIGNMENTS, and the sort keys within int32."""
+    n_experts: at most the decode regime's DECODE_MAX_ASSIGNMENTS (the sort's keys in registers: 4096
+    over 8 warps, 16 a thread), and the sort keys within int32."""
     most = largest_value(n_assignments)
-    return most is not None and most <= MAX_ASSIGNMENTS and (n_experts + 1) * triton.next_power_of_2(most) < 2 ** 31
+    return (most is not None and most <= DECODE_MAX_ASSIGNMENTS
+            and (n_experts + 1) * triton.next_power_of_2(most) < 2 ** 31)
 
 
 def expert_blocks(topk_ids: torch.Tensor, n_experts: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -115,11 +115,12 @@ def test_one_program_layout_is_expert_blocks(T, k, E, kind, block):
 
 
 def test_one_program_layout_limits():
-    """Past MAX_ASSIGNMENTS, an unbounded symbolic size or sort keys past int32, the launcher keeps the plain
-    layout."""
+    """Past the decode regime's assignments or with sort keys past int32, the launcher keeps the plain layout
+    (an unbounded symbolic T: test_export_with_a_symbolic_token_count_plans_static_chunks)."""
     from dsv4_compile.kernels.moe_experts import expert_blocks as one_program
+    from dsv4_compile.kernels.moe_experts.config import DECODE_MAX_ASSIGNMENTS
 
-    assert one_program.fits(one_program.MAX_ASSIGNMENTS, 256) and not one_program.fits(one_program.MAX_ASSIGNMENTS + 1, 256)
+    assert one_program.fits(DECODE_MAX_ASSIGNMENTS, 256) and not one_program.fits(DECODE_MAX_ASSIGNMENTS + 1, 256)
     assert not one_program.fits(4096, 2 ** 20)
 
 
