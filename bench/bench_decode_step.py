@@ -1,7 +1,7 @@
 """A whole decode step of the mini preset (model/presets/mini.yaml: V4-Flash's layer shapes, 4 layers),
 eager vs captured in a CUDA graph, per step, at long context.
 
-    python bench/bench_decode_step.py [--contexts 32k,128k] [--batches 64,1] [--out DIR] [--budget 420]
+    python bench/bench_decode_step.py [--contexts 32k,128k] [--batches 64,1] [--out DIR] [--budget 420] [--profile]
     from bench_decode_step import main   # what `python -m dsv4_compile bench --ops decode_step` calls
 
 Per context C (at most the preset's max_seq_len): the model is built on the GPU with max_seq_len = C
@@ -20,7 +20,8 @@ ms per step (median), tokens/s = B / step, and the rel. RMS of each variant's lo
 The roofline of a step (`decode_step_bytes`: the weights it must read and every sequence's cache
 entries attention reads, over the copy bandwidth measured in the same run) gives each row's % of it.
 The compiled rows cost a compile each (about a minute); they are skipped past the time budget.
-Outputs: decode_step.csv, decode_step.png (ms per step vs context), decode_step.md.
+Outputs: decode_step.csv, decode_step.png (ms per step vs context), decode_step.md; with `--profile`,
+decode_step_profile.md (the fastest variant's largest kernels per context and batch, torch.profiler).
 """
 from __future__ import annotations
 
@@ -151,11 +152,37 @@ def aoti_decode_engine(model: nn.Module, max_batch: int, folder: str):
     return load_aoti_package(path, cuda=True, single_threaded=True, weights=ProgramConstants(exported.result.program))
 
 
+PROFILE_STEPS = 3   # calls of a step profiled
+PROFILE_TOP = 15    # kernels listed a (context, batch)
+
+
+def kernel_profile(fn, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> list[dict]:
+    """What `steps` launched calls of fn spend their time in (torch.profiler): on a GPU its kernels by
+    GPU time, on the CPU its ops by CPU time (self times); the `top` largest as dict(kernel, calls a
+    step, us a step, share of the step's total)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = DEVICE == "cuda"
+    fn()                                                           # compiled and cached before the window
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    spent = [(e.key, e.count, getattr(e, attr)) for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(t for _, _, t in spent) or 1.0
+    spent.sort(key=lambda e: -e[2])
+    return [dict(kernel=name[:90], calls_per_step=count / steps, us_per_step=t / steps, share=t / total)
+            for name, count, t in spent[:top]]
+
+
 @torch.no_grad()
 def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64, 1), compiled: bool = True,
-                    budget_s: float = 420.0, log=print, aoti: bool = False) -> list[dict]:
+                    budget_s: float = 420.0, log=print, aoti: bool = False, profile: list | None = None) -> list[dict]:
     """Every row: dict(config, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
-    bytes_per_step, roofline_ms, roofline_pct, note)."""
+    bytes_per_step, roofline_ms, roofline_pct, note). `profile`: a list to receive, per (context, batch),
+    the fastest variant's kernel_profile rows (with config, context, batch, impl)."""
     import shutil
     import tempfile
 
@@ -251,6 +278,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                 cache_tensors = [t for _, t in engine_cache.named_tensors()]
                 variants.append(("AOTI decode engine, CUDA graph",
                                  lambda: engine(tokens, positions, *cache_tensors)[0], True))
+            fastest = (float("inf"), None, None)
             for name, fn, graphed in variants:
                 try:
                     if graphed:
@@ -259,9 +287,16 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                     else:
                         (ms, _), out = time_ms(fn, graph=False), fn()
                     add(C, B, name, ms, rel_rms(eager, out))
+                    fastest = min(fastest, (ms, name, fn), key=lambda v: v[0])
                 except Exception as e:  # noqa: BLE001
                     add(C, B, name, float("nan"), note=f"FAILED: {_err(e)}")
                 graph = out = None
+            if profile is not None and fastest[2] is not None:  # its kernels, launched (not replayed)
+                try:
+                    profile += [dict(config=config, context=C, batch=B, impl=fastest[1], **k)
+                                for k in kernel_profile(fastest[2])]
+                except Exception as e:  # noqa: BLE001
+                    log(f"context {C}, batch {B}: profile of {fastest[1]} FAILED: {_err(e)}")
             if not cuda:
                 add(C, B, "eager, CUDA graph", float("nan"), note="no CUDA here")
             del step, cache, variants, comp
@@ -323,7 +358,20 @@ def plot(path: str, rows: list[dict], gpu: str) -> None:
                  f"whole decode step, {rows[0]['config'] if rows else ''} preset ({gpu})")
 
 
-def write_outputs(rows: list[dict], out: str) -> list[str]:
+def profile_markdown(env: dict, profile: list[dict]) -> str:
+    """Per (context, batch): the fastest variant's largest kernels (kernel_profile)."""
+    lines = [f"# Where a decode step's time goes, {profile[0]['config'] if profile else ''} preset, on {env['gpu']}",
+             "", f"torch {env['torch']}, triton {env['triton']}, {env['date']}; torch.profiler over "
+             f"{PROFILE_STEPS} launched calls of the fastest variant of each (context, batch) (a CUDA graph "
+             "replays the same kernels); self GPU time by kernel (on the CPU: by op, CPU time), its share of the total.", ""]
+    for C, B, impl in dict.fromkeys((p["context"], p["batch"], p["impl"]) for p in profile):
+        lines += [f"## context {C}, batch {B}: {impl}", ""]
+        lines += _table([{k: v for k, v in p.items() if k not in ("config", "context", "batch", "impl")}
+                         for p in profile if (p["context"], p["batch"], p["impl"]) == (C, B, impl)]) + [""]
+    return "\n".join(lines)
+
+
+def write_outputs(rows: list[dict], out: str, profile: list[dict] | None = None) -> list[str]:
     os.makedirs(out, exist_ok=True)
     env = environment()
     paths = [os.path.join(out, "decode_step.csv"), os.path.join(out, "decode_step.md"),
@@ -336,6 +384,10 @@ def write_outputs(rows: list[dict], out: str) -> list[str]:
     except Exception as e:  # noqa: BLE001  (no matplotlib: the CSV and markdown still stand)
         print(f"plot skipped: {_err(e)}")
         paths.pop()
+    if profile:
+        paths.append(os.path.join(out, "decode_step_profile.md"))
+        with open(paths[-1], "w") as f:
+            f.write(profile_markdown(env, profile))
     return paths
 
 
@@ -350,13 +402,17 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager and eager + CUDA graph only")
     parser.add_argument("--aoti", action="store_true", help="also the AOTInductor decode engine (one export + "
                         "AOTInductor compile per context; needs the LD_PRELOAD `dsv4_compile.load` names on the lent image)")
+    parser.add_argument("--profile", action="store_true", help="also decode_step_profile.md: the fastest variant's "
+                        "largest kernels per (context, batch), by torch.profiler")
     args = parser.parse_args(argv)
     if DEVICE != "cuda":
         print("bench_decode_step: needs a CUDA GPU (the CPU test runs run_decode_step on the tiny preset)")
         return 2
     batches = [int(b) for b in args.batches.split(",")]
+    profile = [] if args.profile else None
     return run_and_write(lambda: run_decode_step(args.config, parse_contexts(args.contexts), batches, not args.no_compile,
-                                                 args.budget, aoti=args.aoti), write_outputs, args.out, "decode_step.md")
+                                                 args.budget, aoti=args.aoti, profile=profile),
+                         lambda rows, out: write_outputs(rows, out, profile), args.out, "decode_step.md")
 
 
 if __name__ == "__main__":

@@ -60,14 +60,21 @@ def test_layers_matches_the_plain_ops():
 def test_decode_step_rows_and_outputs(tmp_path):
     import bench_decode_step
 
-    rows = bench_decode_step.run_decode_step("tiny", (128, 1024), (2,), compiled=False, log=lambda *_: None)
+    profile = []
+    rows = bench_decode_step.run_decode_step("tiny", (128, 1024), (2,), compiled=False, log=lambda *_: None,
+                                             profile=profile)
     eager = [r for r in rows if r["impl"] == "eager"]
     assert len(eager) == 1 and eager[0]["ms_per_step"] > 0 and eager[0]["rel_rms_vs_eager"] == 0
     assert eager[0]["bytes_per_step"] > 0 and 0 < eager[0]["roofline_pct"] == eager[0]["roofline_pct"]
     assert any("max_seq_len is 512" in r["note"] for r in rows if r["context"] == 1024)
-    bench_decode_step.write_outputs(rows, str(tmp_path))
+    # the profile of the fastest variant (the only one on the CPU): its largest ops, shares of one total
+    assert {(p["context"], p["batch"], p["impl"]) for p in profile} == {(128, 2, "eager")}
+    assert 0 < len(profile) <= bench_decode_step.PROFILE_TOP and 0 < sum(p["share"] for p in profile) <= 1 + 1e-9
+    assert all(p["us_per_step"] > 0 and p["calls_per_step"] > 0 for p in profile)
+    bench_decode_step.write_outputs(rows, str(tmp_path), profile)
     assert len(_rows(tmp_path / "decode_step.csv")) == len(rows)
     assert "Whole decode step, tiny preset" in (tmp_path / "decode_step.md").read_text()
+    assert "## context 128, batch 2: eager" in (tmp_path / "decode_step_profile.md").read_text()
 
 
 def test_decode_step_bytes_counts_what_a_step_must_read():
