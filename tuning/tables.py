@@ -212,7 +212,8 @@ def config_source(name: str, gpu: str, tables_dir: str | os.PathLike | None = No
         {"default": "<full config string>",              # the entry of the longest context (decode:
                                                          #   of the longest context, batch nearest 64)
          "by_context": {"8192": "<config string>", ...}, # prefill entries (batch 1 where there is one)
-         "entries": {bucket: {phase, context, batch, config}}}   # everything, for pick()
+         "entries": {bucket: {phase, context, batch, config, dims}}}  # everything, for pick() (dims: the
+                                                         #   tuned problem's sizes, where recorded)
 
     Config strings are the GPU's default config with the tuned fields (KernelConfig.to_str()).
     JSON-serialisable; the pass manager hashes it into its uuid, so a new table invalidates exactly
@@ -238,7 +239,7 @@ def config_source(name: str, gpu: str, tables_dir: str | os.PathLike | None = No
             continue
         strings[bucket] = cfg.to_str()
         entries[bucket] = {"phase": phase, "context": int(e.get("context", 0)), "batch": int(e.get("batch", 1)),
-                           "config": dict(e["config"])}
+                           "config": dict(e["config"]), "dims": dict(e.get("dims") or {})}
     if not entries:
         return None
     prefill = {b: e for b, e in entries.items() if e["phase"] == "prefill"}

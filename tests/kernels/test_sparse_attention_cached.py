@@ -185,6 +185,33 @@ def test_substitution():
     assert_close("substituted graph", fn(q, cache, sink, idx).cpu(), gm(q, cache, sink, idx).cpu(), TOL[torch.float32])
 
 
+def test_substitution_takes_the_entry_tuned_at_the_caches_size():
+    """A decode engine's cache holds window + context / ratio entries: the config is the tuned entry of the
+    smallest such size >= the node's (the H200 table's 8K / 32K / 128K entries, N 2176 / 8320 / 32896),
+    else the largest; before, every decode engine took the table's default (the 128K entry)."""
+    from types import SimpleNamespace
+
+    from dsv4_compile.kernels.sparse_attention.config import decode_default_config
+    from dsv4_compile.passes.kernel_substitutions.sparse_attention_cached import SUBSTITUTION
+    from dsv4_compile.tuning.tables import config_source
+
+    table = config_source("sparse_attention_cached.triton", "H200")
+    target = SimpleNamespace(gpu="H200", table=table)
+    q = torch.empty(64, 1, 64, 512, device=DEVICE)
+    gpu = "H200" if DEVICE == "cuda" else "interpreter"
+
+    def config(n_entries):
+        cache = torch.empty(64, n_entries, 584, dtype=torch.uint8, device="meta")   # its shape is what counts
+        return SUBSTITUTION.config(target, q, cache, None, None, 0.1, 64)["config"]
+
+    tuned = {c: decode_default_config(gpu).replace(**table["entries"][f"decode-{c}-b64"]["config"]).to_str()
+             for c in ("8k", "32k", "128k")}
+    assert len(set(tuned.values())) == 3, "the H200 table's decode entries are alike: the test could not fail"
+    assert config(2176) == tuned["8k"] and config(192) == tuned["8k"]       # CSA at 8K; HCA's few entries
+    assert config(8320) == tuned["32k"] and config(2177) == tuned["32k"]
+    assert config(32896) == config(10 ** 6) == tuned["128k"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("H", [64, 128], ids=["flash-H64", "pro-H128"])
 def test_gpu_decode_real_shapes(H):

@@ -6,7 +6,8 @@ shape for every kernel:
 
     {"default": "<KernelConfig.to_str()>",                 # the config without a context
      "by_context": {"8192": "<config string>", ...},      # optional: per prefill context
-     "entries": {...}}                                    # the raw entries (tuning.tables.pick)
+     "entries": {...}}                                    # the raw entries (tuning.tables.pick), each
+                                                          #   {phase, context, batch, config, dims}
 
 `config_string` reads it: the entry of the smallest context >= the node's context (else the largest)
 when the substitution passes a context and the table has "by_context"; else "default"; else the
@@ -68,6 +69,26 @@ def decode_entry_config(table, rows: int, default) -> str:
     fit = [c for b, c in decode if b >= rows] or [c for _, c in decode[-1:]]
     try:
         return (default.replace(**fit[0]) if fit else default).to_str()
+    except (TypeError, ValueError):
+        return default.to_str()
+
+
+def decode_entry_by_size(table, dim: str, size: int, default) -> str | None:
+    """The config string of the tuned decode entry whose problem's `dim` is the smallest >= `size`, else
+    the largest (its fields over `default`); None where no decode entry records `dim`. For a kernel whose
+    decode entries differ by a size the node shows (the cached attention's cache entries N, which its
+    context sets), where decode_entry_config's batch does not tell them apart."""
+    sized = [e for e in ((table or {}).get("entries") or {}).values()
+             if e.get("phase") == "decode" and dim in (e.get("dims") or {})]
+    if not sized:
+        return None
+    sizes = sorted({int(e["dims"][dim]) for e in sized})
+    chosen = next((n for n in sizes if n >= size), sizes[-1])
+    # among entries of that size, the batch nearest 64 (as the table's default: tuned where decode is busy)
+    entry = min((e for e in sized if int(e["dims"][dim]) == chosen),
+                key=lambda e: abs(math.log2(max(1, e.get("batch", 1)) / 64)))
+    try:
+        return default.replace(**entry["config"]).to_str()
     except (TypeError, ValueError):
         return default.to_str()
 

@@ -4,8 +4,10 @@
 "sparse_attention_cached.triton" applies to CUDA tensors (q bf16 / fp16 / fp32, uint8 cache whose last
 dim is the main-entry size for q's head dim and rope_dim, (D - rope_dim) a multiple of 64). CPU
 tensors: declined with the reason; `interpreter_substitution()` applies there under TRITON_INTERPRET
-(tests only, not registered). Config: a tuned table as for `sparse_attention`; untuned, the config
-string is "" = the GPU's decode default with num_splits chosen from the grid at run time.
+(tests only, not registered). Config: the tuned decode entry whose cache held the fewest entries at
+least the node's (tuned per context: a cache of window + context / ratio entries), else the largest;
+a table without entry sizes, as for `sparse_attention`; untuned, the config string is "" = the GPU's
+decode default with num_splits chosen from the grid at run time.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from ...kernels.sparse_attention.config import decode_default_config
 from ..registry import Substitution, register
-from ._common import KERNEL_PRIORITY, config_string, interpreter_twin, kernel_files, target_gpu
+from ._common import KERNEL_PRIORITY, config_string, decode_entry_by_size, interpreter_twin, kernel_files, target_gpu
 from .sparse_attention import check_args
 
 # The module (the package re-exports a function of the same name): registers torch.ops.dsv4_triton.*
@@ -47,7 +49,10 @@ def _config(target, q, cache, attn_sink, topk_idxs, softmax_scale, rope_dim):
     if not target.table:
         return {"config": ""}
     default = decode_default_config(target_gpu(target, q.device.type))
-    return {"config": config_string(target.table, q.shape[1], default)}
+    # the entry tuned at this cache's size (its entries N: the window plus the context over the ratio)
+    n_entries = cache.shape[1]
+    by_size = decode_entry_by_size(target.table, "N", n_entries, default) if isinstance(n_entries, int) else None
+    return {"config": by_size or config_string(target.table, q.shape[1], default)}
 
 
 _FILES = kernel_files("sparse_attention_cached/sparse_attention_cached.py", "sparse_attention/sparse_attention.py",
