@@ -185,31 +185,40 @@ def test_substitution():
     assert_close("substituted graph", fn(q, cache, sink, idx).cpu(), gm(q, cache, sink, idx).cpu(), TOL[torch.float32])
 
 
-def test_substitution_takes_the_entry_tuned_at_the_caches_size():
+def test_substitution_takes_the_entry_tuned_at_the_caches_size(tmp_path):
     """A decode engine's cache holds window + context / ratio entries: the config is the tuned entry of the
-    smallest such size >= the node's (the H200 table's 8K / 32K / 128K entries, N 2176 / 8320 / 32896),
-    else the largest; before, every decode engine took the table's default (the 128K entry)."""
+    smallest such size >= the node's (tuned like the H200 table: 8K / 32K / 128K at batch 64, N 2176 / 8320
+    / 32896, and a batch-1 entry beside the 32K one), else the largest; before, every decode engine took
+    the table's default (the 128K entry)."""
     from types import SimpleNamespace
 
     from dsv4_compile.kernels.sparse_attention.config import decode_default_config
     from dsv4_compile.passes.kernel_substitutions.sparse_attention_cached import SUBSTITUTION
-    from dsv4_compile.tuning.tables import config_source
+    from dsv4_compile.tuning.tables import config_source, write_entries
 
-    table = config_source("sparse_attention_cached.triton", "H200")
+    fields = {"8k": {"block_k": 64, "num_splits": 2}, "32k": {"block_k": 32, "num_splits": 4},
+              "128k": {"block_k": 16, "num_splits": 2}}
+    entries = [("sparse_attention_cached", f"decode-{c}-b64",
+                {"phase": "decode", "context": n, "batch": 64, "config": fields[c], "latency_ms": 0.1,
+                 "dims": {"B": 64, "S": 1, "N": 128 + n // 4}})
+               for c, n in (("8k", 8192), ("32k", 32768), ("128k", 131072))]
+    entries.append(("sparse_attention_cached", "decode-32k-b1",
+                    {"phase": "decode", "context": 32768, "batch": 1, "config": {"block_k": 16, "num_splits": 8},
+                     "latency_ms": 0.1, "dims": {"B": 1, "S": 1, "N": 8320}}))
+    write_entries("H200", entries, tmp_path)
+    table = config_source("sparse_attention_cached.triton", "H200", tmp_path)
     target = SimpleNamespace(gpu="H200", table=table)
     q = torch.empty(64, 1, 64, 512, device=DEVICE)
-    gpu = "H200" if DEVICE == "cuda" else "interpreter"
+    default = decode_default_config("H200" if DEVICE == "cuda" else "interpreter")
 
     def config(n_entries):
         cache = torch.empty(64, n_entries, 584, dtype=torch.uint8, device="meta")   # its shape is what counts
         return SUBSTITUTION.config(target, q, cache, None, None, 0.1, 64)["config"]
 
-    tuned = {c: decode_default_config(gpu).replace(**table["entries"][f"decode-{c}-b64"]["config"]).to_str()
-             for c in ("8k", "32k", "128k")}
-    assert len(set(tuned.values())) == 3, "the H200 table's decode entries are alike: the test could not fail"
-    assert config(2176) == tuned["8k"] and config(192) == tuned["8k"]       # CSA at 8K; HCA's few entries
-    assert config(8320) == tuned["32k"] and config(2177) == tuned["32k"]
-    assert config(32896) == config(10 ** 6) == tuned["128k"]
+    tuned = {c: default.replace(**f).to_str() for c, f in fields.items()}
+    assert config(2176) == tuned["8k"] and config(192) == tuned["8k"]        # CSA at 8K; HCA's few entries
+    assert config(8320) == tuned["32k"] and config(2177) == tuned["32k"]     # the batch-64 entry of that size
+    assert config(32896) == config(10 ** 6) == tuned["128k"] != tuned["8k"]
 
 
 @pytest.mark.gpu
