@@ -34,8 +34,8 @@ def _expert_blocks_kernel(p_ids, p_slot, p_block_expert, p_scratch, N, E, n_bloc
     # p_ids [N] int32/int64 (topk_ids flattened); p_slot [n_blocks * BLOCK] int64; p_block_expert
     # [n_blocks] int64; p_scratch [2 * EP] int32. NP >= N and EP > E powers of two.
     i = tl.arange(0, NP)
-    ids = tl.load(p_ids + i, mask=i < N, other=-1).to(tl.int32)
-    ids = tl.where((ids >= 0) & (ids < E), ids, E)                                     # [NP], E = none
+    ids = tl.load(p_ids + i, mask=i < N, other=-1)
+    ids = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)                       # [NP], E = none
     key = tl.sort(ids * NP + i)                                                        # by (expert, index)
     order = key % NP                                                                   # [NP] assignment
     expert = key // NP                                                                 # [NP] its expert
@@ -49,9 +49,9 @@ def _expert_blocks_kernel(p_ids, p_slot, p_block_expert, p_scratch, N, E, n_bloc
     for r0 in range(0, rows, NP):                                                      # every row padding
         r = r0 + i
         tl.store(p_slot + r, tl.full([NP], N, tl.int64), mask=r < rows)
+    ends = tl.where(e[None, :] < E, padded_end[None, :], rows + 1)                     # [1, EP]
     for b0 in range(0, n_blocks, BP):
         b = b0 + tl.arange(0, BP)
-        ends = tl.where(e[None, :] < E, padded_end[None, :], rows + 1)                 # [1, EP]
         used = tl.sum((ends <= (b * BLOCK)[:, None]).to(tl.int32), 1)                  # [BP]
         tl.store(p_block_expert + b, used.to(tl.int64), mask=b < n_blocks)
     tl.debug_barrier()  # the scratch and the padding stores before the reads and stores below

@@ -112,6 +112,10 @@ def test_one_program_layout_is_expert_blocks(T, k, E, kind, block):
     for dtype in (torch.int32, torch.int64):
         slot, block_expert = one_program.expert_blocks(ids.to(dtype).to(DEVICE), E, block)
         assert torch.equal(slot[0].cpu(), ref_slot) and torch.equal(block_expert[0].cpu(), ref_expert), dtype
+    if kind == "holes":  # int64 ids past int32 are no assignment too (not wrapped into a valid expert)
+        far = torch.where(ids < 0, torch.full_like(ids, 2 ** 32 + 2, dtype=torch.int64), ids.long())
+        slot, block_expert = one_program.expert_blocks(far.to(DEVICE), E, block)
+        assert torch.equal(slot[0].cpu(), ref_slot) and torch.equal(block_expert[0].cpu(), ref_expert)
 
 
 def test_one_program_layout_limits():
