@@ -3,7 +3,7 @@ Triton kernel (bf16, FP8 and MXFP4 weights; FP8 also W8A8, "fp8-w8a8": the moe_e
 launch, act="fp8", at its default config for T; MXFP4 also W4A8, "mxfp4-w4a8": the moe_experts_mxfp4_w4a8
 op's, as DeepSeek runs the releases' experts) vs the dense-masked plain MoE, a loop over experts of
 F.linear (DeepSeek's reference), torch._grouped_mm where this torch has it, and the plain op's own
-grouped form; the routing layout alone (the launcher's torch ops before its kernels); random and
+grouped form; the plain routing layout alone (the launcher's beyond decode sizes); random and
 skewed routing; TFLOP/s of the useful work (6 D I FLOPs per assignment) and
 GB/s over the bytes of the experts actually touched (weights + scales as stored, x and the fp32
 output), against the bf16 matmul peak and the copy bandwidth measured in the same run.
@@ -142,8 +142,8 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
                     deq = moe_experts(x, ids, w, *wq, limit, None, wf, scales, act)
                     err = float((deq - ref).norm() / ref.norm())
                     print(f"        {fmt} vs bf16 weights: relative error {err:.3e} (quantization)")
-            # the routing layout the launcher builds before its kernels (torch ops: a sort, scatter, cumsums,
-            # gathers): its share of a decode-sized call
+            # the plain routing layout (torch ops: a sort, scatter, cumsums, gathers), which the launcher runs
+            # beyond decode sizes (kernels/moe_experts/expert_blocks.py makes decode sizes' in one program)
             block_m = default_config(None, T * k).block_m
             add("routing layout", lambda: moe_ops.chunked_expert_blocks(ids, E, block_m, T, 1))
             if sweep and kind == "random":
@@ -192,9 +192,9 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
     lines += ["", "% roofline: the longer of the FLOPs at the bf16 peak and the bytes at the copy bandwidth, over the time.",
               "", "fp8 / bf16, fp8 w8a8 / bf16, mxfp4 / bf16 and mxfp4 w4a8 / bf16: speed-up of the quantized weights "
               "(higher is faster; fp8: W8A16, mxfp4: W4A16, w8a8 / w4a8: the activations in FP8 too, on FP8 tensor "
-              "cores); layout / ours: the routing layout's share of our bf16 call (model.moe_ops.chunked_expert_blocks, the "
-              "torch ops the launcher runs before its kernels); the others: their time over ours (higher: ours faster). "
-              "Every row is in moe.csv."]
+              "cores); layout / ours: the plain routing layout alone (model.moe_ops.chunked_expert_blocks, ~30 torch ops: "
+              "the launcher's layout beyond decode sizes, where one Triton program makes it) over our bf16 call; the "
+              "others: their time over ours (higher: ours faster). Every row is in moe.csv."]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
