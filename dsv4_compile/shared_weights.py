@@ -390,12 +390,9 @@ class AotiWeights:
         mapping = self._engines.get(rel)
         if mapping is None:
             raise ArtifactError(f"{self.path}: holds no weights for the engine {rel}; rebuild")
-        missing = [fqn for fqn in package.get_constant_fqns() if mapping.get(fqn) not in tensors]
-        if missing:
-            raise ArtifactError(f"{self.path}: no tensor for constant {missing[0]!r} of {rel}; rebuild")
-        constants = {fqn: tensors[mapping[fqn]] for fqn in package.get_constant_fqns()}
-        package.load_constants(constants, check_full_update=True, user_managed=True)
-        self.given[rel] = constants
+        by_fqn = {fqn: tensors[key] for fqn, key in mapping.items() if key in tensors}
+        self.given[rel] = give_constants(package, by_fqn,
+                                         lambda fqn: f"{self.path}: no tensor for constant {fqn!r} of {rel}; rebuild")
 
 
 class ProgramConstants:
@@ -407,8 +404,17 @@ class ProgramConstants:
         self.tensors = {**program.state_dict, **program.constants}
 
     def load_into(self, package, pt2_path: str) -> None:
-        missing = [fqn for fqn in package.get_constant_fqns() if fqn not in self.tensors]
-        if missing:
-            raise ArtifactError(f"{pt2_path}: constant {missing[0]!r} is not a tensor of the exported program")
-        package.load_constants({fqn: self.tensors[fqn] for fqn in package.get_constant_fqns()},
-                               check_full_update=True, user_managed=True)
+        give_constants(package, self.tensors,
+                       lambda fqn: f"{pt2_path}: constant {fqn!r} is not a tensor of the exported program")
+
+
+def give_constants(package, tensors: dict[str, torch.Tensor], missing) -> dict[str, torch.Tensor]:
+    """package.load_constants with `tensors` (by constant FQN) for every constant the package names, as
+    they are (no copy); ArtifactError `missing(fqn)` for the first one `tensors` lacks. Returns what it gave."""
+    fqns = package.get_constant_fqns()
+    absent = [fqn for fqn in fqns if fqn not in tensors]
+    if absent:
+        raise ArtifactError(missing(absent[0]))
+    constants = {fqn: tensors[fqn] for fqn in fqns}
+    package.load_constants(constants, check_full_update=True, user_managed=True)
+    return constants

@@ -60,17 +60,23 @@ def config_string(table, context, default) -> str:
     return str(table.get("default") or default.to_str())
 
 
+def fields_over(default, fields) -> str:
+    """`default` with a tuned entry's `fields` (None: none), as a config string; an entry from another
+    version of the config (unknown or invalid fields), `default`."""
+    try:
+        return (default.replace(**fields) if fields else default).to_str()
+    except (TypeError, ValueError):
+        return default.to_str()
+
+
 def decode_entry_config(table, rows: int, default) -> str:
     """The config string for a decode-sized call of `rows` rows: the tuned decode entry of the smallest
     batch >= rows, else the largest (decode entries are tuned at rows = their batch); a table with none
-    keeps `default` (never a prefill entry); an entry from another version of the config, `default`."""
-    decode = sorted((e["batch"], e["config"]) for e in ((table or {}).get("entries") or {}).values()
-                    if e.get("phase") == "decode")
+    keeps `default` (never a prefill entry)."""
+    decode = sorted(((e["batch"], e["config"]) for e in ((table or {}).get("entries") or {}).values()
+                     if e.get("phase") == "decode"), key=lambda entry: entry[0])
     fit = [c for b, c in decode if b >= rows] or [c for _, c in decode[-1:]]
-    try:
-        return (default.replace(**fit[0]) if fit else default).to_str()
-    except (TypeError, ValueError):
-        return default.to_str()
+    return fields_over(default, fit[0] if fit else None)
 
 
 def decode_entry_by_size(table, dim: str, size: int, default) -> str | None:
@@ -87,10 +93,7 @@ def decode_entry_by_size(table, dim: str, size: int, default) -> str | None:
     # among entries of that size, the batch nearest 64 (as the table's default: tuned where decode is busy)
     entry = min((e for e in sized if int(e["dims"][dim]) == chosen),
                 key=lambda e: abs(math.log2(max(1, e.get("batch", 1)) / 64)))
-    try:
-        return default.replace(**entry["config"]).to_str()
-    except (TypeError, ValueError):
-        return default.to_str()
+    return fields_over(default, entry["config"])
 
 
 def target_gpu(target, device_type: str) -> str:
