@@ -229,12 +229,18 @@ def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x") -> list[tu
         scales = tuple(_stand_in((e, r, c // 32), torch.float8_e8m0fnu) for e, r, c in shapes)
     calls = []
     # _check skipped: the stand-ins are one element expanded (not contiguous), their shapes right by construction;
-    # W8A8's x quantization (kernels/fp8_quantize) stood in by its outputs' shapes
-    quantized_x = (_stand_in((T, D), torch.float8_e4m3fn), _stand_in((T, D // 128), torch.float32))
+    # W8A8's and W4A8's roundings (kernels/fp8_quantize: x's, and the activation's with act_round "pass")
+    # stood in by their outputs' shapes
+    def quantized(t, *_):
+        return _stand_in(tuple(t.shape), torch.float8_e4m3fn), _stand_in((*t.shape[:-1], t.shape[-1] // 128), torch.float32)
+
+    def rounded(t, block, pow2, out_dtype=None):
+        return _stand_in(tuple(t.shape), out_dtype or t.dtype)
+
     record = lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))  # noqa: E731
     with mock.patch.object(module, "launch", record), mock.patch.object(module.one_program_layout, "launch", record), \
             mock.patch.object(module, "_check", lambda *_: (E, I, D)), \
-            mock.patch.object(module, "fp8_quantize", lambda *_: quantized_x):
+            mock.patch.object(module, "fp8_quantize", quantized), mock.patch.object(module, "fp8_round", rounded):
         module.moe_experts(x, ids, torch.ones(T, k), *ws, 10.0, cfg, weight_format, scales, act)
     return [c for c in calls if c[0].fn.__name__ != "_sum_slots_kernel"]
 

@@ -74,6 +74,20 @@ def e4m3_bits(y):
 
 
 @triton.jit
+def e4m3_value(c):
+    """float8_e4m3fn codes (int32 0..255) -> fp32, exact; 0x7F / 0xFF -> NaN (the bits decoded: the
+    interpreter's own float8 casts are not to be trusted)."""
+    sign = (c & 0x80) << 24
+    e = (c >> 3) & 0xF
+    m = c & 7
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125                                    # m * 2^-9
+    sub = tl.where(sign != 0, -sub, sub)
+    v = tl.where(e == 0, sub, normal)
+    return tl.where((c & 0x7F) == 0x7F, float("nan"), v)
+
+
+@triton.jit
 def round_bf16(x):
     """fp32 -> fp32 holding x rounded to bfloat16 precision, to nearest even (so that a following
     .to(tl.bfloat16) is exact everywhere; the interpreter's own cast truncates). NaN stays NaN."""

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .._common import FLOAT_DTYPES, check, check_tensor, kernel_op, launch, resolve_config
-from .._jit_utils import block_scale, divide_by_scale, e4m3_bits, round_bf16
+from .._jit_utils import block_scale, divide_by_scale, e4m3_bits, e4m3_value, round_bf16
 from ..fp4_quantize.fp4_quantize import FP4_AMAX_FLOOR, _e2m1_code, _e2m1_value
 from .config import CompressKVConfig, default_config, tiles
 
@@ -42,18 +42,6 @@ FP4_BLOCK = 32
 # ================================================================================================
 # Kernel
 # ================================================================================================
-
-@triton.jit
-def _e4m3_value(code):
-    """float8_e4m3fn bit pattern (int32 0..255) -> its fp32 value (0x7F / 0xFF -> NaN)."""
-    e = (code >> 3) & 15
-    m = code & 7
-    normal = ((e + 120) << 23) | (m << 20)
-    sub = (m.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)     # m * 2^-9, exact
-    mag = tl.where(e == 0, sub, normal)
-    mag = tl.where((code & 0x7F) == 0x7F, 0x7FC00000, mag)
-    return (mag | ((code & 0x80) << 24)).to(tl.float32, bitcast=True)
-
 
 @triton.jit
 def _pool_kernel(p_kv, p_score, p_ape, p_out, T, N,
@@ -153,7 +141,7 @@ def _epilogue_kernel(p_out, p_w, p_cos, p_sin, N, cos_stride_b, norm_eps, had_sc
         s8 = block_scale(yb, 448.0, 1e-4, True, RECIP)                         # [NB]
         q = divide_by_scale(yb, s8, True)
         q = tl.where(q > 448.0, 448.0, tl.where(q < -448.0, -448.0, q))
-        v = tl.reshape(_e4m3_value(e4m3_bits(q)) * s8[:, None], [BLOCK_D])
+        v = tl.reshape(e4m3_value(e4m3_bits(q)) * s8[:, None], [BLOCK_D])
         out = tl.where(nope, v, round_bf16(y))
     else:
         # Walsh-Hadamard butterflies (as the plain op: pair i with i + h inside each block of 2h),

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, resolve_config
-from .._jit_utils import ceil_pow2, divide_by_scale, e4m3_bits
+from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, placeholder, resolve_config
+from .._jit_utils import ceil_pow2, divide_by_scale, e4m3_bits, e4m3_value
 from .config import Fp8QuantConfig, default_config, launch_grid
 
 FP8_MAX = 448.0
@@ -50,9 +50,10 @@ def _block_scale_bits(b_x, POW2: tl.constexpr, RECIP: tl.constexpr):
 @triton.jit
 def _fp8_quantize_kernel(p_x, p_q, p_s, Q,
                          BS: tl.constexpr, POW2: tl.constexpr, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr,
-                         BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
+                         ROUNDED: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr):
     # The [..., D] tensors read as Q = numel / BS quantization blocks of BS elements:
-    # p_x [Q, BS] float; p_q [Q, BS] float8_e4m3fn; p_s [Q] float32; BLOCK_S = next_pow2(BS)
+    # p_x [Q, BS] float; p_q [Q, BS] float8_e4m3fn; p_s [Q] float32; BLOCK_S = next_pow2(BS).
+    # ROUNDED: p_q [Q, BS] float, each code times its scale (the dequantized values), p_s unused
     o_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)                # [BQ]
     o_j = tl.arange(0, BLOCK_S)                                             # [BS]
     offs = o_q[:, None].to(tl.int64) * BS + o_j[None, :]
@@ -67,8 +68,15 @@ def _fp8_quantize_kernel(p_x, p_q, p_s, Q,
     else:
         b_y = tl.where(b_y > 448.0, 448.0, tl.where(b_y < -448.0, -448.0, b_y))  # clamp, NaN kept
         b_q = e4m3_bits(b_y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    tl.store(p_q + offs, b_q, mask=mask)
-    tl.store(p_s + o_q, b_s, mask=o_q < Q)
+    if ROUNDED:
+        if NATIVE_CAST:
+            b_v = b_q.to(tl.float32)
+        else:
+            b_v = e4m3_value(b_q.to(tl.uint8, bitcast=True).to(tl.int32))
+        tl.store(p_q + offs, (b_v * b_s[:, None]).to(p_q.dtype.element_ty), mask=mask)
+    else:
+        tl.store(p_q + offs, b_q, mask=mask)
+        tl.store(p_s + o_q, b_s, mask=o_q < Q)
 
 
 @triton.jit
@@ -90,12 +98,14 @@ def _fp8_dequantize_kernel(p_q, p_s, p_o, Q, BS: tl.constexpr, BLOCK_Q: tl.const
 
 def _launch_quantize(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, block_size: int, pow2: bool,
                      cfg: Fp8QuantConfig) -> None:
+    """codes [..., D] e4m3 and scale [..., D / block_size] of x; codes of another dtype: the rounded
+    values themselves (fp8_round; scale unused)."""
     Q = x.numel() // block_size
     if Q == 0:
         return
     grid, meta = launch_grid(Q, block_size, cfg)
     launch(_fp8_quantize_kernel, grid, x, codes, scale, Q, POW2=pow2, RECIP=x.device.type == "cuda",
-           NATIVE_CAST=cfg.cast == "native" and not INTERPRET, **meta)
+           NATIVE_CAST=cfg.cast == "native" and not INTERPRET, ROUNDED=codes.dtype != torch.float8_e4m3fn, **meta)
 
 
 def _launch_dequantize(codes: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, block_size: int,
@@ -131,6 +141,28 @@ def fp8_quantize(x: torch.Tensor, block_size: int, pow2_scale: bool,
     scale = torch.empty((*x.shape[:-1], D // block_size), dtype=torch.float32, device=x.device)
     _launch_quantize(x, codes, scale, block_size, bool(pow2_scale), cfg)
     return codes, scale
+
+
+def fp8_round(x: torch.Tensor, block_size: int, pow2_scale: bool, out_dtype: torch.dtype | None = None,
+              config: Fp8QuantConfig | dict | str | None = None) -> torch.Tensor:
+    """x [..., D] as fp8_quantize takes it -> [..., D] in out_dtype (default x's): each value rounded to
+    FP8 as fp8_quantize rounds it, times its block's scale: fp8_dequantize(*fp8_quantize(x, ...)) in
+    one pass (the values W4A8 multiplies on bf16 tensor cores). Exact in float32, and in bfloat16 with
+    power-of-two scales (4 significant bits, exponents within bf16's); fp16's range does not hold them
+    all."""
+    check_tensor("fp8_round", "x", x, FLOAT_DTYPES, min_ndim=1)
+    check(block_size >= 1 and x.shape[-1] % block_size == 0,
+          f"fp8_round: last dim {x.shape[-1]} is not divisible by block_size {block_size}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    check(out_dtype in (torch.float32, torch.bfloat16),
+          f"fp8_round: out_dtype {out_dtype}; accepted: torch.float32, torch.bfloat16 (which hold every rounded value)")
+    check(out_dtype == torch.float32 or pow2_scale,
+          f"fp8_round: out_dtype {out_dtype} with pow2_scale False; bf16 holds the rounded values with power-of-two "
+          f"scales only: accepted pow2_scale True or out_dtype torch.float32")
+    cfg = resolve_config(Fp8QuantConfig, config, default_config, x.device)
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _launch_quantize(x, out, placeholder(x.device, torch.float32), block_size, bool(pow2_scale), cfg)
+    return out
 
 
 def fp8_dequantize(x_fp8: torch.Tensor, scale: torch.Tensor, block_size: int,

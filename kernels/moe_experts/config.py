@@ -31,13 +31,20 @@ class MoeExpertsConfig(KernelConfig):
     Dequantizing launches read FP8 / MXFP4 tiles; block_k and down_block_k must divide 128 for FP8
     (one scale per 128 x 128 tile) and be multiples of 32 for MXFP4 (one scale per 32 along K).
     Tiles only: whether the activations are quantized (W8A8) is the op's semantics, not a config's
-    choice (the launcher's `act`, set by which op runs). W8A8 and W4A8 need block_n a multiple of 128
-    (the gate/up epilogue quantizes whole 128-blocks of the activation): `w8a8_config`, `w4a8_config`,
-    and the launcher refuses less. w4a8_mma (W4A8 only): the tensor cores that multiply its FP8-rounded
+    choice (the launcher's `act`, set by which op runs). W8A8 and W4A8 rounding in the gate/up epilogue
+    (act_round, below) need block_n a multiple of 128: `w8a8_config`, `w4a8_config`, and the launcher
+    refuses less. w4a8_mma (W4A8 only): the tensor cores that multiply its FP8-rounded
     activations with the MXFP4 weights, the same exact products either way: "bf16" (the activations
     held as their bf16 values, the weights decoded to bf16 as W4A16 does) or "fp8" (e4m3 codes on the
     FP8 tensor cores, the weights decoded to e4m3). bf16 is the default: on the H200 the e4m3 decode's
     integer work bound the FP8 route below W4A16's speed at every T (bench/results/H200/moe.md).
+    act_round (W8A8 and W4A8): where the SwiGLU output is rounded to FP8, the same values either way:
+    "gate_up" in the gate/up epilogue, once per value (block_n a multiple of 128: the epilogue needs
+    whole activation scale blocks), or "pass" in a pass of its own between the launches (the epilogue
+    stores it in fp32; kernels/fp8_quantize: codes and scales for FP8 tensor cores, the rounded values
+    for bf16 ones; any block_n). "pass" costs a launch and the fp32 round trip, and frees the gate/up
+    column tile: at decode sizes 128-wide tiles leave SMs idle when few experts are in use (96 programs
+    for one token's 6 experts at I 2048), so it is W4A8's decode default.
     """
 
     block_m: int = 64
@@ -51,10 +58,11 @@ class MoeExpertsConfig(KernelConfig):
     down_num_warps: int = 4
     down_num_stages: int = 3
     w4a8_mma: str = "bf16"
+    act_round: str = "gate_up"
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "block_k", "num_warps", "down_block_n",
                                               "down_block_k", "down_num_warps")
-    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"w4a8_mma": ("bf16", "fp8")}
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"w4a8_mma": ("bf16", "fp8"), "act_round": ("gate_up", "pass")}
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,12 +82,15 @@ def w8a8_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:
     return cfg.replace(block_n=max(cfg.block_n, ACT_BLOCK), block_k=ACT_BLOCK, down_block_k=ACT_BLOCK)
 
 
-def w4a8_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:
-    """cfg's tiles made the W4A8 op's on bf16 tensor cores (w4a8_mma's default): the gate/up column tile
-    widened to an activation scale block where narrower; K tiles as W4A16's (its K loop is W4A16's: the
-    activations are FP8-rounded values in bf16, no per-128 promotions to save; 128-deep tiles spilled in
-    the sm_90a compile where W4A16's 64-deep ones do not). The W4A8 op's defaults (default_config(...,
-    "mxfp4", "fp8"))."""
+def w4a8_config(cfg: MoeExpertsConfig, n_assignments: int) -> MoeExpertsConfig:
+    """cfg's tiles made the W4A8 op's on bf16 tensor cores (w4a8_mma's default), K tiles as W4A16's (its
+    K loop is W4A16's: the activations are FP8-rounded values in bf16, no per-128 promotions to save;
+    128-deep tiles spilled in the sm_90a compile where W4A16's 64-deep ones do not). At decode sizes the
+    SwiGLU output rounded in a pass of its own (act_round "pass") under W4A16's column tiles; at prefill
+    rounded in the gate/up epilogue, its column tile widened to an activation scale block where narrower.
+    The W4A8 op's defaults (default_config(..., "mxfp4", "fp8"))."""
+    if regime(n_assignments) == "decode":
+        return cfg.replace(act_round="pass")
     return cfg.replace(block_n=max(cfg.block_n, ACT_BLOCK))
 
 
@@ -116,7 +127,7 @@ def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_f
     cfg = pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
     if act != "fp8":
         return cfg
-    return w4a8_config(cfg) if weight_format == "mxfp4" else w8a8_config(cfg)
+    return w4a8_config(cfg, n_assignments) if weight_format == "mxfp4" else w8a8_config(cfg)
 
 
 def decode_config(gpu_name: str | None = None, weight_format: str = "float", act: str = "x") -> MoeExpertsConfig:

@@ -67,8 +67,8 @@ import triton.language as tl
 from ...model.moe_ops import chunked_expert_blocks
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, largest_value,
                        launch, placeholder, split_chunks)
-from .._jit_utils import e4m3_bits, quantize_rows_e4m3, round_bf16
-from ..fp8_quantize import fp8_quantize
+from .._jit_utils import e4m3_bits, e4m3_value, quantize_rows_e4m3, round_bf16
+from ..fp8_quantize import fp8_quantize, fp8_round
 from . import expert_blocks as one_program_layout
 from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block
 
@@ -99,19 +99,6 @@ def _e8m0(u):
     v = (u << 23).to(tl.float32, bitcast=True)
     v = tl.where(u == 0, 5.877471754111438e-39, v)
     return tl.where(u == 255, float("nan"), v)
-
-
-@triton.jit
-def _e4m3(c):
-    """float8_e4m3fn codes (int32 0..255) -> fp32; 0x7F / 0xFF -> NaN."""
-    sign = (c & 0x80) << 24
-    e = (c >> 3) & 0xF
-    m = c & 7
-    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125                                    # m * 2^-9
-    sub = tl.where(sign != 0, -sub, sub)
-    v = tl.where(e == 0, sub, normal)
-    return tl.where((c & 0x7F) == 0x7F, float("nan"), v)
 
 
 @triton.jit
@@ -196,7 +183,7 @@ def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl
         if NATIVE_FP8:  # float8_e4m3fn loads converted by the hardware
             w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         else:  # the interpreter: uint8 codes decoded from their bits
-            w = _e4m3(tl.load(ptrs, mask=mask, other=0).to(tl.int32))
+            w = e4m3_value(tl.load(ptrs, mask=mask, other=0).to(tl.int32))
         s = _scale(p_s, _fp8_scale_index(e, offs_n, k0, R, C), offs_n < R, SCALE_F32)
         w = w * s[None, :]
     return w
@@ -418,15 +405,16 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
                     N, TOPK, D, I, E, n_blocks,
                     FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr,
-                    RECIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    ROUND_PASS: tl.constexpr, RECIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
     # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype.
     # ACT_FP8 (W8A8, W4A8): the weighted activation FP8-rounded here; p_weights [T * TOPK] float32. With
     # FP8_MMA, p_x [T, D] e4m3 codes with p_xs [T, D/128] float32 scales, p_act e4m3 codes with p_act_s
     # [n_blocks * BLOCK_M, I/128] float32 scales; without (W4A8 on bf16 tensor cores), p_x holds x's
-    # FP8-rounded values and p_act the activation's, in x's dtype (exact: 4 significant bits). p_xs,
-    # p_weights, p_act_s unused where not named.
+    # FP8-rounded values and p_act the activation's, in x's dtype (exact: 4 significant bits). ROUND_PASS
+    # (config act_round "pass"): p_act the weighted activation in fp32, rounded by a pass of its own.
+    # p_xs, p_weights, p_act_s unused where not named.
     limit = tl.cast(limit, tl.float32)  # float arguments are fp64 in AOTInductor's launch signature
     pid_m, pid_n = _tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
@@ -468,7 +456,10 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
     act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up                    # silu(gate) * up
     mask = offs_n[None, :] < I
-    if ACT_FP8:  # weighted and quantized here, once per value (BLOCK_N a multiple of 128): the fp32 act
+    if ACT_FP8 and ROUND_PASS:  # weighted here, rounded by the pass after this launch
+        act = act * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
+        tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], act, mask=mask)
+    elif ACT_FP8:  # weighted and quantized here, once per value (BLOCK_N a multiple of 128): the fp32 act
         act = act * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
         codes, s = quantize_rows_e4m3(tl.reshape(act, [BLOCK_M * (BLOCK_N // 128), 128]), RECIP, NATIVE_FP8)
         if FP8_MMA:
@@ -480,7 +471,7 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
             if NATIVE_FP8:
                 q = codes.to(tl.float32)
             else:  # the interpreter: decoded from the codes' bits
-                q = _e4m3(codes.to(tl.uint8, bitcast=True).to(tl.int32))
+                q = e4m3_value(codes.to(tl.uint8, bitcast=True).to(tl.int32))
             q = tl.reshape(q * s[:, None], [BLOCK_M, BLOCK_N])
             tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], q.to(p_act.dtype.element_ty), mask=mask)
     else:
@@ -645,10 +636,12 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     T, k = topk_ids.shape
     act_fp8 = act == "fp8"
     cfg = resolve(config, x.device, T * k, weight_format, act)
-    if act_fp8:
+    round_pass = act_fp8 and cfg.act_round == "pass"  # the SwiGLU output rounded by a pass of its own
+    if act_fp8 and not round_pass:
         check(cfg.block_n % ACT_BLOCK == 0,
-              f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; {_act_kind(weight_format)} needs a "
-              f"multiple of {ACT_BLOCK} (the gate/up epilogue quantizes whole activation blocks)")
+              f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; {_act_kind(weight_format)} rounding "
+              f"in the gate/up epilogue (act_round gate_up) needs a multiple of {ACT_BLOCK} (whole activation "
+              f"blocks); act_round=pass takes any")
     out = torch.empty((T, D), dtype=torch.float32, device=x.device)
     if isinstance(T, int) and T == 0:
         return out
@@ -656,7 +649,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     # W4A8's FP8-rounded values on bf16 tensor cores (config.w4a8_mma), but in fp16, whose range does not
     # hold every one (an fp16 x near 65504 rounds up past it)
     fp8_mma = act_fp8 and (weight_format == "fp8" or cfg.w4a8_mma == "fp8" or x.dtype == torch.float16)
-    act_bytes = 1 + 4 / ACT_BLOCK if fp8_mma else x.element_size()
+    act_bytes = (1 + 4 / ACT_BLOCK if fp8_mma else x.element_size()) + 4 * round_pass  # + the pass's fp32 input
     chunk, n_chunks = chunk_plan(T, k, D, I, E, bm, act_bytes)
     if n_chunks == 1 and one_program_layout.fits(T * k, E):  # decode sizes: one launch, not ~30 small ones
         slot, block_expert = one_program_layout.expert_blocks(topk_ids, E, bm)     # [1, n_blocks, bm], [1, n_blocks]
@@ -673,15 +666,19 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         # [rows, I/128], half the bf16 workspace and its traffic (quantizing in the down launch would
         # repeat it for each of its D / down_block_n column tiles).
         xq, xs = fp8_quantize(x, ACT_BLOCK, True)                                     # [T, D] e4m3, [T, D/128]
-        hidden = torch.empty((n_blocks * bm, I), dtype=torch.float8_e4m3fn, device=x.device)
-        hidden_scale = torch.empty((n_blocks * bm, I // ACT_BLOCK), dtype=torch.float32, device=x.device)
     else:
-        xq, xs = x, placeholder(x.device, torch.float32)                               # xs unused
-        if act_fp8:  # W4A8 on bf16 tensor cores: x's FP8-rounded values, in x's dtype (exact)
-            codes, scales_x = fp8_quantize(x, ACT_BLOCK, True)                        # [T, D] e4m3, [T, D/128]
-            xq = (codes.float().view(T, D // ACT_BLOCK, ACT_BLOCK) * scales_x[..., None]).view(T, D).to(x.dtype)
-        hidden = torch.empty((n_blocks * bm, I), dtype=x.dtype, device=x.device)
-        hidden_scale = placeholder(x.device, torch.float32)                            # unused
+        # W4A8 on bf16 tensor cores: x's FP8-rounded values, in x's dtype (exact), in one pass
+        xq = fp8_round(x, ACT_BLOCK, True) if act_fp8 else x                          # [T, D]
+        xs = placeholder(x.device, torch.float32)                                      # unused
+    rows = n_blocks * bm
+    hidden_scale = placeholder(x.device, torch.float32)                                # unused unless FP8 codes
+    if round_pass:  # the gate/up launch's weighted activation, rounded by a pass into each chunk's hidden
+        unrounded = torch.empty((rows, I), dtype=torch.float32, device=x.device)
+    elif fp8_mma:
+        hidden = torch.empty((rows, I), dtype=torch.float8_e4m3fn, device=x.device)
+        hidden_scale = torch.empty((rows, I // ACT_BLOCK), dtype=torch.float32, device=x.device)
+    else:
+        hidden = torch.empty((rows, I), dtype=x.dtype, device=x.device)
     fmt = _FMT[weight_format]
     if fmt:
         scale_f32 = scales[0].dtype == torch.float32
@@ -697,12 +694,17 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     for c in range(n_chunks):  # hidden and slots reused: each launch reads what the one before wrote
         first = c * chunk
         launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), xq, xs, slot[c], block_expert[c], w1, s1, w3, s3,
-               topk_weights, hidden, hidden_scale, float(swiglu_limit), T * k, k, D, I, E, n_blocks,
+               topk_weights, unrounded if round_pass else hidden, hidden_scale, float(swiglu_limit), T * k, k, D, I, E,
+               n_blocks,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
                ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, ACT_FP8=act_fp8, FP8_MMA=fp8_mma,
-               RECIP=x.device.type == "cuda",
+               ROUND_PASS=round_pass, RECIP=x.device.type == "cuda",
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if round_pass and fp8_mma:
+            hidden, hidden_scale = fp8_quantize(unrounded, ACT_BLOCK, True)           # [rows, I] e4m3, [rows, I/128]
+        elif round_pass:
+            hidden = fp8_round(unrounded, ACT_BLOCK, True, x.dtype)                   # [rows, I]
         launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), hidden, hidden_scale, slot[c], block_expert[c], w2, s2,
                topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
-from dsv4_compile.kernels.fp8_quantize import fp8_dequantize, fp8_quantize, naive  # noqa: E402
+from dsv4_compile.kernels.fp8_quantize import fp8_dequantize, fp8_quantize, fp8_round, naive  # noqa: E402
 from helpers import assert_bits_equal, sqnr_db  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,6 +106,42 @@ def test_nan_inf_blocks(dtype, pow2):
     assert_bits_equal("scale vs naive", nv_scale, scale.cpu())
 
 
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy: inf * 0
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=["to-fp32", "to-bf16"])
+@pytest.mark.parametrize("pow2", SCALES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,block_size", SHAPES[:4])
+def test_round_is_dequantize_of_quantize(shape, block_size, dtype, pow2, out_dtype):
+    """fp8_round in one pass = the plain dequantize of the plain quantize bit for bit, stored in fp32 or
+    (power-of-two scales) bf16: the rounded values hold 4 significant bits and exponents within bf16's,
+    exact there too; NaN and Inf blocks included; the values really are rounded (they differ from x)."""
+    if out_dtype == torch.bfloat16 and not pow2:
+        pytest.skip("bf16 holds the rounded values with power-of-two scales only (refused otherwise)")
+    x = make_input(shape, dtype, seed=3).float()
+    x.view(-1, block_size)[0, 1] = float("nan")
+    x.view(-1, block_size)[1, 0] = float("inf")
+    x = x.to(dtype)
+    ref = torch.ops.dsv4.fp8_dequantize(*torch.ops.dsv4.fp8_quantize(x, block_size, pow2), block_size)
+    out = fp8_round(x, block_size, pow2, out_dtype)
+    assert_bits_equal("fp8_round vs dequantize(quantize)", ref.to(out_dtype), out)
+    finite = torch.isfinite(ref)
+    assert (out.float()[finite] != x.float()[finite]).any(), "nothing was rounded"
+    if out_dtype == torch.bfloat16:  # no second rounding: the bf16 values are the fp32 ones
+        assert_bits_equal("fp8_round to bf16 vs to fp32", fp8_round(x, block_size, pow2, torch.float32), out.float())
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and pow2):
+        assert fp8_round(x, block_size, pow2).dtype == dtype                  # x's dtype by default
+
+
+def test_round_refuses_what_it_cannot_hold():
+    x = make_input((2, 64), torch.float32)
+    with pytest.raises(ValueError, match="fp8_round: out_dtype torch.float16; accepted: torch.float32, torch.bfloat16"):
+        fp8_round(x, 32, True, torch.float16)
+    with pytest.raises(ValueError, match="fp8_round: out_dtype torch.bfloat16 with pow2_scale False; bf16 holds"):
+        fp8_round(x, 32, False, torch.bfloat16)
+    with pytest.raises(ValueError, match="fp8_round: last dim 64 is not divisible by block_size 48"):
+        fp8_round(x, 48, True)
+
+
 def test_pow2_scale_just_above_a_power_of_two():
     """The documented exception: for scale = 2^k (1 + 4 ulp) the kernel (and the naive twin, via
     frexp) round up to 2^(k+1); the plain op's exp2(ceil(log2(s))) may give 2^k, then saturates."""
@@ -145,7 +181,7 @@ def test_cuda_scale_rule_path():
     scale = torch.empty((4, 3, 4), device=DEVICE)
     grid, meta = k.launch_grid(x.numel() // 32, 32, k.default_config(None))
     k.launch(k._fp8_quantize_kernel, grid, x, codes, scale, x.numel() // 32, POW2=False, RECIP=True,
-             NATIVE_CAST=False, **meta)
+             NATIVE_CAST=False, ROUNDED=False, **meta)
     blocks = x.float().cpu().reshape(4, 3, 4, 32)
     amax = blocks.abs().amax(-1).clamp_min(1e-4)
     ref_scale = amax * (torch.tensor(1.0) / torch.tensor(448.0))
@@ -207,6 +243,17 @@ def test_gpu_real_shape_bit_exact(pow2, cast):
     rc, rs = torch.ops.dsv4.fp8_quantize(y, 64, pow2)
     assert_bits_equal("scale b64", rs, s)
     assert_codes_equal("codes b64", rc, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cast", CASTS)
+def test_gpu_round_is_dequantize_of_quantize(cast):
+    """fp8_round compiled (either e4m3 conversion) at a decode-sized MoE activation, into bf16 and fp32."""
+    x = torch.randn(96, 2048, device="cuda") * torch.exp2(torch.randint(-20, 9, (96, 1), device="cuda").float())
+    ref = fp8_dequantize(*fp8_quantize(x, 128, True, config={"cast": cast}), 128)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        assert_bits_equal(f"fp8_round to {out_dtype}", ref.to(out_dtype),
+                          fp8_round(x, 128, True, out_dtype, config={"cast": cast}))
 
 
 @pytest.mark.gpu

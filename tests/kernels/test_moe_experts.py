@@ -43,10 +43,11 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import dsv4_compile.model  # noqa: E402,F401  (registers torch.ops.dsv4.*)
+from dsv4_compile.kernels._jit_utils import e4m3_value  # noqa: E402
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
 from dsv4_compile.kernels.moe_experts.config import default_config, w8a8_config  # noqa: E402
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
-    FOLD_MAX_SHIFT, _e4m3, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
+    FOLD_MAX_SHIFT, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close, exported_op_args, rel_rms  # noqa: E402
 
@@ -178,7 +179,7 @@ def test_float32_scales(fmt):
 def _decode_every_byte(p_in, p_e4m3, p_e8m0, p_e8m0_bf16):
     o = tl.arange(0, 256)
     b = tl.load(p_in + o).to(tl.int32)
-    tl.store(p_e4m3 + o, _e4m3(b))
+    tl.store(p_e4m3 + o, e4m3_value(b))
     tl.store(p_e8m0 + o, _e8m0(b))
     tl.store(p_e8m0_bf16 + o, _e8m0_bf16(b).to(tl.int16, bitcast=True))
 
@@ -369,7 +370,7 @@ def test_w8a8_float32_scales_and_chunks(monkeypatch):
 def test_w8a8_is_refused_where_it_cannot_run():
     """act="fp8" needs FP8 or MXFP4 weights (float refused, one line naming the value and what is
     accepted), D and I multiples of 128 (partial activation blocks are not DeepSeek's act_quant) and
-    gate/up column tiles of whole 128-blocks (the W8A8 defaults widen the decode ones); act takes "x"
+    gate/up column tiles of whole 128-blocks where the epilogue rounds (the W8A8 defaults widen the decode ones); act takes "x"
     or "fp8", and a config has no say in it."""
     ids, w = (t.to(DEVICE) for t in routing(4, 2, 3, "random", seed=0))
     dev = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
@@ -383,7 +384,8 @@ def test_w8a8_is_refused_where_it_cannot_run():
             moe_experts(torch.randn(4, 160, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, None, fmt, dev(*scales),
                         act="fp8")
     w1, w2, w3, scales = experts(3, 128, 128, torch.float32, "fp8")
-    with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: config block_n = 64; W8A8 needs a multiple of 128"):
+    with pytest.raises(ValueError, match="moe_experts_fp8_w8a8: config block_n = 64; W8A8 rounding in the gate/up "
+                                         "epilogue \\(act_round gate_up\\) needs a multiple of 128"):
         moe_experts(torch.randn(4, 128, device=DEVICE), ids, w, *dev(w1, w2, w3), LIMIT, "block_n=64", "fp8",
                     dev(*scales), act="fp8")
     with pytest.raises(ValueError, match="act 'int8'; accepted: x, fp8"):
@@ -427,17 +429,37 @@ def run_w4a8(T, k, E, kind, dtype, config, D, I, scales_as=None):
 # D = I = 128 but for one case at 384 (three K tiles, a partial last column tile of B); each tensor-core
 # route (config w4a8_mma) with both dtypes: the interpreter decodes every weight in numpy, so the cases
 # stay small (~1 s each, T = 300 ~4 s).
+# act_round "pass" (the SwiGLU output rounded by a pass between the launches) in config C's 32-wide gate/up
+# column tiles (no whole activation block), on bf16 tensor cores and on FP8 ones.
 W4A8_CASES = [(1, 6, 12, "random", "A", torch.bfloat16, 128, "fp8"), (7, 6, 5, "holes", "B", torch.float32, 384, "fp8"),
               (7, 1, 5, "one-expert", "A", torch.float32, 128, "bf16"), (300, 1, 5, "holes", "B", torch.bfloat16, 128, "bf16"),
-              (7, 6, 5, "holes", "B", torch.bfloat16, 384, "bf16")]
+              (7, 6, 5, "holes", "B", torch.bfloat16, 384, "bf16"), (1, 6, 12, "random", "C", torch.bfloat16, 128, "bf16"),
+              (7, 6, 5, "holes", "C", torch.float32, 384, "bf16"), (7, 1, 5, "one-expert", "C", torch.bfloat16, 256, "fp8")]
+W4A8_PASS = MoeExpertsConfig(block_m=16, block_n=32, block_k=64, down_block_n=64, down_block_k=32, act_round="pass")
 
 
 @pytest.mark.parametrize("T,k,E,kind,cfg,dtype,D,mma", W4A8_CASES,
                          ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-{c[4]}-{str(c[5])[6:]}-D{c[6]}-{c[7]}" for c in W4A8_CASES])
 def test_w4a8_against_its_naive_twin_and_w4a16(T, k, E, kind, cfg, dtype, D, mma):
     """The W4A8 result is really quantized: it differs from W4A16 by more than the bf16 tolerance."""
-    _, vs_w4a16 = run_w4a8(T, k, E, kind, dtype, W8A8_CONFIGS[cfg].replace(w4a8_mma=mma), D, D)
+    config = {**W8A8_CONFIGS, "C": W4A8_PASS}[cfg].replace(w4a8_mma=mma)
+    _, vs_w4a16 = run_w4a8(T, k, E, kind, dtype, config, D, D)
     assert vs_w4a16 > 2e-2, f"W4A8 within {vs_w4a16:.1e} of W4A16: the activations were not quantized"
+
+
+@pytest.mark.parametrize("fmt,mma,dtype", [("mxfp4", "bf16", torch.bfloat16), ("mxfp4", "bf16", torch.float32),
+                                           ("mxfp4", "fp8", torch.bfloat16), ("fp8", "bf16", torch.bfloat16)],
+                         ids=["w4a8-bf16", "w4a8-fp32", "w4a8-fp8mma", "w8a8"])
+def test_rounding_by_a_pass_is_rounding_in_the_epilogue_bit_for_bit(fmt, mma, dtype):
+    """act_round "pass" rounds the same values as "gate_up" (the fp32 weighted SwiGLU output, by
+    fp8_round / fp8_quantize between the launches instead of in the gate/up epilogue): with the same
+    tiles, the same bits, for W4A8 on either tensor cores and W8A8 (T = 7, D = I = 384, -1 ids and
+    experts without tokens)."""
+    config = W8A8_CONFIGS["B"].replace(w4a8_mma=mma)
+    run = run_w4a8 if fmt == "mxfp4" else run_w8a8
+    by_pass, _ = run(7, 6, 5, "holes", dtype, config.replace(act_round="pass"), 384, 384)
+    in_epilogue, _ = run(7, 6, 5, "holes", dtype, config, 384, 384)
+    assert torch.equal(by_pass, in_epilogue)
 
 
 def test_w4a8_float32_scales_fold_or_not():
@@ -453,26 +475,56 @@ def test_w4a8_float32_scales_fold_or_not():
 def test_w4a8_runs_on_bf16_tensor_cores_unless_told(monkeypatch):
     """W4A8's default route (w4a8_mma "bf16": the FP8-rounded activations in x's dtype, W4A16's K loop);
     "fp8" in the config, or fp16 x (whose range does not hold every rounded value), the FP8 tensor cores.
-    Both give the same numbers, so the launches' FP8_MMA is what shows the route."""
-    routes = []
+    x is rounded by one pass (fp8_round: bf16 tensor cores; fp8_quantize: FP8 ones), the SwiGLU output
+    in the gate/up epilogue (column tiles of whole activation blocks) or, with act_round "pass", by a
+    second pass of the same kind between the launches, under any column tile. The routes give the same
+    numbers, so the launches' flags, block_n and the passes show them."""
+    routes, passes = [], []
+    real = {name: getattr(KERNEL, name) for name in ("fp8_round", "fp8_quantize")}
 
     def recording_launch(kernel, grid, *args, **kwargs):
-        if "FP8_MMA" in kwargs:  # the gate/up and down launches (not x's quantization, not the slot sum)
-            routes.append(kwargs["FP8_MMA"])
+        if "FP8_MMA" in kwargs:  # the gate/up and down launches (not the passes, not the slot sum)
+            routes.append((kwargs["FP8_MMA"], kwargs.get("ROUND_PASS"), kwargs["BLOCK_N"]))
         launch(kernel, grid, *args, **kwargs)
 
+    def recording(name):
+        def call(t, *args, **kwargs):
+            passes.append((name, t.dtype))
+            return real[name](t, *args, **kwargs)
+        return call
+
     monkeypatch.setattr(KERNEL, "launch", recording_launch)
+    for name in real:
+        monkeypatch.setattr(KERNEL, name, recording(name))
     g = torch.Generator().manual_seed(3)
     (w1, s1), (w2, s2), (w3, s3) = (weight_formats.quantize_mxfp4(torch.randn(3, 128, 128, generator=g)) for _ in range(3))
     ids, w = routing(2, 2, 3, "random", seed=3)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    for dtype, config, fp8_mma in ((torch.bfloat16, None, False), (torch.bfloat16, "w4a8_mma=fp8", True),
-                                   (torch.float16, None, True)):
-        routes.clear()
+    bf16, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    epilogue, by_pass = "act_round=gate_up,block_n=128", "act_round=pass,block_n=32"
+    cases = ((bf16, epilogue, [(False, False, 128), (False, None, 64)], [("fp8_round", bf16)]),
+             (bf16, epilogue + ",w4a8_mma=fp8", [(True, False, 128), (True, None, 64)], [("fp8_quantize", bf16)]),
+             (f16, epilogue, [(True, False, 128), (True, None, 64)], [("fp8_quantize", f16)]),
+             (bf16, by_pass, [(False, True, 32), (False, None, 64)], [("fp8_round", bf16), ("fp8_round", f32)]),
+             (f16, by_pass, [(True, True, 32), (True, None, 64)], [("fp8_quantize", f16), ("fp8_quantize", f32)]))
+    for dtype, config, launches, rounded in cases:
+        routes.clear(), passes.clear()
         x = torch.randn(2, 128, generator=g).to(dtype)
         moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "mxfp4",
                     (dev(s1), dev(s2), dev(s3)), act="fp8")
-        assert routes == [fp8_mma, fp8_mma], (dtype, config)
+        assert (routes, passes) == (launches, rounded), (dtype, config)
+
+
+def test_w4a8_defaults_round_by_a_pass_at_decode_sizes():
+    """The W4A8 op's defaults: at decode sizes W4A16's tiles with the SwiGLU output rounded by a pass
+    (act_round "pass"); at prefill rounded in the gate/up epilogue, whose column tiles hold whole
+    activation blocks. W8A8 rounds in the epilogue at both."""
+    for gpu in ("H200", "H100", "generic"):
+        assert default_config(gpu, 6, "mxfp4", "fp8") == default_config(gpu, 6, "mxfp4").replace(act_round="pass"), gpu
+        prefill = default_config(gpu, 1 << 20, "mxfp4", "fp8")
+        assert (prefill.act_round, prefill.block_n) == ("gate_up", 128), gpu
+        for n in (6, 1 << 20):
+            assert default_config(gpu, n, "fp8", "fp8").act_round == "gate_up"
 
 
 @triton.jit
@@ -633,7 +685,7 @@ def _w4a8_op(x, ids, w, p1, p2, p3, t1, t2, t3):
 def test_substitution_replaces_the_w4a8_op():
     """The W4A8 op (D = I = 128) on a fake-traced graph: replaced by its own kernel op (counts before/after,
     the report), the numbers within W8A8_TOL of eager (the plain op), its untuned config the W8A8
-    defaults (H200 decode: block_n 64 widened to 128), and declined with the reason where D or I is not
+    defaults (H200 decode: W4A16's block_n 64, the activation rounded by a pass), and declined with the reason where D or I is not
     a multiple of 128 or the tensors are on the CPU."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -655,7 +707,8 @@ def test_substitution_replaces_the_w4a8_op():
     assert after["dsv4_triton.moe_experts_mxfp4_w4a8.default"] == 1
     assert manager.report.replaced("dsv4.moe_experts_mxfp4_w4a8") == 1
     assert_close("substituted moe_experts_mxfp4_w4a8", _w4a8_op(*args).cpu(), gm(*args).cpu(), W8A8_TOL)
-    assert MoeExpertsConfig.from_str(sub.MXFP4_W4A8.config(Target(gpu="H200"), *args, LIMIT)["config"]).block_n == 128
+    decode = MoeExpertsConfig.from_str(sub.MXFP4_W4A8.config(Target(gpu="H200"), *args, LIMIT)["config"])
+    assert (decode.block_n, decode.act_round) == (64, "pass")
     q1, q2, q3, q_scales = experts(5, 96, 128, torch.float32, "mxfp4")
     assert "W4A8 needs multiples of 128" in sub._mxfp4_w4a8_reason(*args[:3], q1, q2, q3, *q_scales, LIMIT,
                                                                     allow_cpu=True)

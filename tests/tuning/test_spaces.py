@@ -283,37 +283,44 @@ def test_moe_experts_problem_and_rules():
 def test_moe_experts_fp8_spaces_tile_each_op():
     """The FP8 ops' spaces: the bf16 space's problems with FP8 weights (fewer bytes of work) and no act
     among the choices (the op decides, not a config); the W8A8 space's problems say act fp8, its block_n
-    takes whole activation blocks (128, 256) and its default the prefill default's W8A8 tiles (K tiles of
-    128); W8A8's FP8 tiles counted at one byte (128 x 128 x 128 over 3 stages: 96 KB, as the sm_90a
-    compile), W8A16's at two."""
+    takes whole activation blocks (128, 256) where the gate/up epilogue rounds (act_round gate_up, its
+    default), any where a pass does, and its default the prefill default's W8A8 tiles (K tiles of 128);
+    W8A8's FP8 tiles counted at one byte (128 x 128 x 128 over 3 stages: 96 KB, as the sm_90a compile),
+    W8A16's at two."""
     w8a16, w8a8, bf16 = get_space("moe_experts_fp8"), get_space("moe_experts_fp8_w8a8"), get_space("moe_experts")
     h200 = gpu_spec("H200")
     pre, pre8, pre16 = (s.make_problem(FLASH, 8192, 1, "prefill") for s in (w8a16, w8a8, bf16))
     assert pre.dim("weights") == "fp8" and pre.work_bytes < pre16.work_bytes and pre.bucket == pre16.bucket
     assert pre8.dim("act") == "fp8" and "act" not in pre.dims
-    assert "act" not in w8a16.choices(pre, h200) and w8a8.choices(pre8, h200)["block_n"] == (128, 256)
+    assert "act" not in w8a16.choices(pre, h200) and "act_round" not in w8a16.choices(pre, h200)
+    assert w8a8.choices(pre8, h200)["act_round"] == ("gate_up", "pass")
     base = w8a8.default_params(pre8, h200)
-    assert (base["block_n"], base["block_k"], base["down_block_k"]) == (128, 128, 128)
+    assert (base["block_n"], base["block_k"], base["down_block_k"], base["act_round"]) == (128, 128, 128, "gate_up")
+    kind, reason = w8a8.check(w8a8.make_config({**base, "block_n": 64}, "H200"), pre8, h200)
+    assert kind == "hard" and "128-blocks" in reason
+    assert w8a8.check(w8a8.make_config({**base, "block_n": 64, "act_round": "pass"}, "H200"), pre8, h200) is None
     tiles = {**base, "block_m": 128, "block_n": 128, "block_k": 128, "num_warps": 8, "num_stages": 3}
     assert w8a8.check(w8a8.make_config(tiles, "H200"), pre8, h200) is None
     assert w8a8.check(w8a8.make_config({**tiles, "num_stages": 5}, "H200"), pre8, h200) is None  # 160 KB fits
     kind, reason = w8a16.check(w8a16.make_config({**tiles, "num_stages": 5}, "H200"), pre, h200)
     assert kind == "hard" and "shared memory" in reason                         # bf16 tiles: 480 KB
-    assert all(c["block_n"] >= 128 for c in w8a8.typical)
+    assert all(c["block_n"] >= 128 for c in w8a8.typical if c["act_round"] == "gate_up")
+    assert {c["act_round"] for c in w8a8.typical} == {"gate_up", "pass"}
 
 
 def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
-    """The W4A8 op's space: W8A8's params and rules (block_n of whole activation blocks) and which tensor
-    cores multiply (w4a8_mma, bf16 by default), its problems MXFP4 weights (half a byte a weight and a
-    scale per 32: fewer bytes of work than FP8) with act fp8. Shared memory counts the MXFP4 words and,
-    on bf16 tensor cores, bf16 activation tiles: 128 x 128 x 128 tiles in 3 stages, 3 x (32 + 2 x 8) KB,
-    fit an H100, in 5 stages not."""
+    """The W4A8 op's space: W8A8's params and rules (block_n of whole activation blocks where the gate/up
+    epilogue rounds) and which tensor cores multiply (w4a8_mma, bf16 by default), its problems MXFP4
+    weights (half a byte a weight and a scale per 32: fewer bytes of work than FP8) with act fp8. Shared
+    memory counts the MXFP4 words and, on bf16 tensor cores, bf16 activation tiles: 128 x 128 x 128 tiles
+    in 3 stages, 3 x (32 + 2 x 8) KB, fit an H100, in 5 stages not. Its decode default: W4A16's tiles,
+    the activation rounded by a pass."""
     w4a8, w8a8 = get_space("moe_experts_mxfp4_w4a8"), get_space("moe_experts_fp8_w8a8")
     h200 = gpu_spec("H200")
     pre4, pre8 = (s.make_problem(FLASH, 8192, 1, "prefill") for s in (w4a8, w8a8))
     assert (pre4.dim("weights"), pre4.dim("act")) == ("mxfp4", "fp8") and pre4.work_bytes < pre8.work_bytes
-    assert w4a8.choices(pre4, h200)["block_n"] == (128, 256)
-    # its defaults: W8A8's but K tiles as the regime's (W4A16's loop on bf16 tensor cores: no promotions)
+    assert w4a8.choices(pre4, h200)["block_n"] == w8a8.choices(pre8, h200)["block_n"] == (32, 64, 128, 256)
+    # its prefill defaults: W8A8's but K tiles as the regime's (W4A16's loop on bf16 tensor cores: no promotions)
     assert w4a8.default_params(pre4, h200) == {**w8a8.default_params(pre8, h200), "block_k": 64, "down_block_k": 64,
                                                "w4a8_mma": "bf16"}
     assert w4a8.choices(pre4, h200)["w4a8_mma"] == ("bf16", "fp8")
@@ -325,6 +332,10 @@ def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
     assert kind == "hard" and "shared memory" in reason                # 5 x 48 KB
     kind, reason = w4a8.check(w4a8.make_config({**w4a8.default_params(pre4, h200), "block_n": 64}, "H200"), pre4, h200)
     assert kind == "hard" and "128-blocks" in reason
+    dec4 = w4a8.make_problem(FLASH, 8192, 1, "decode")
+    decode = w4a8.make_config(w4a8.default_params(dec4, h200), "H200", "decode")
+    assert (decode.act_round, decode.block_n) == ("pass", 64)
+    assert w4a8.check(decode, dec4, h200, baseline=True) is None
 
 
 def test_decode_baseline_is_the_launchers_own_default():

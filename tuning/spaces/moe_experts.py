@@ -6,9 +6,9 @@ token per sequence of the batch, prefill = context x batch tokens. The substitut
 entries by token count and decode entries by batch (passes/kernel_substitutions/moe_experts.py); the
 decode problems of different contexts are the same problem (the experts do not see the cache).
 moe_experts_fp8 (W8A16) and moe_experts_fp8_w8a8 (W8A8, FP8 tensor cores): the same kernel over FP8
-expert weights, and moe_experts_mxfp4_w4a8 (W4A8, FP8 tensor cores) over MXFP4 ones, each op with its
-own space, table and problems; their tiles only (which activations the kernel multiplies is the op's
-semantics, not a choice here)."""
+expert weights, and moe_experts_mxfp4_w4a8 (W4A8) over MXFP4 ones, each op with its own space, table and
+problems; their tiles and routes only (which activations the kernel multiplies is the op's semantics, not
+a choice here)."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +26,9 @@ def moe_hard(cfg, problem, gpu) -> str | None:
     bm, bn, bk = cfg.block_m, _fit(cfg.block_n, I), cfg.block_k
     dbn, dbk = _fit(cfg.down_block_n, D), cfg.down_block_k
     w8a8 = problem.dims.get("act") == "fp8"
-    if w8a8 and bn % ACT_BLOCK:
-        return f"block_n {bn}: W8A8 quantizes whole {ACT_BLOCK}-blocks of the activation in the gate/up epilogue"
+    if w8a8 and cfg.act_round == "gate_up" and bn % ACT_BLOCK:
+        return (f"block_n {bn}: W8A8 quantizes whole {ACT_BLOCK}-blocks of the activation in the gate/up epilogue "
+                f"(act_round gate_up)")
     acc = 2 * bm * bn / threads(cfg.num_warps)                       # gate and up accumulators
     if acc > ACC_PER_THREAD:
         return f"gate/up accumulators 2 x {bm}x{bn} over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
@@ -107,24 +108,30 @@ MOE_EXPERTS = KernelSpace(
         "config (their tile decode is in the same K loop).")
 
 
-# The FP8 ops' spaces: moe_experts' params over FP8 weights; W8A8's gate/up column tiles of whole activation
-# blocks (block_n 128 or 256), its defaults the regime's widened (config.w8a8_config). Each trial's gate
-# compares with its op's reference (tuning/tasks.py: the plain W8A16 op, the W8A8 naive twin).
+# The FP8 ops' spaces: moe_experts' params over FP8 weights. W8A8 and W4A8 also choose where the SwiGLU
+# output is rounded (act_round: the gate/up epilogue, whose column tiles must hold whole activation
+# blocks, or a pass between the launches, under any column tile); their defaults the regime's made the
+# op's (config.w8a8_config, w4a8_config), their typical configs moe_experts' with 128-wide column tiles at
+# least in the epilogue and as they are by a pass. Each trial's gate compares with its op's reference
+# (tuning/tasks.py: the plain W8A16 op, the W8A8 / W4A8 naive twin).
+_ROUNDING = Param("act_round", ("gate_up", "pass"))
+_ROUNDED_TYPICAL = (*({**c, "block_n": max(c["block_n"], ACT_BLOCK), "act_round": "gate_up"} for c in MOE_EXPERTS.typical),
+                    *({**c, "act_round": "pass"} for c in MOE_EXPERTS.typical if c["block_n"] < ACT_BLOCK))
 MOE_EXPERTS_FP8 = dataclasses.replace(
     MOE_EXPERTS, name="moe_experts_fp8", problem=_moe_fp8_problem,
     doc="moe_experts' problems with w1/w3 [256, 2048, 4096], w2 [256, 4096, 2048] FP8 e4m3 (one e8m0 scale per "
         "128 x 128 tile), multiplied in x's dtype (W8A16).")
 MOE_EXPERTS_FP8_W8A8 = dataclasses.replace(
-    MOE_EXPERTS_FP8, name="moe_experts_fp8_w8a8",
-    params=tuple(Param("block_n", (128, 256)) if p.name == "block_n" else p for p in MOE_EXPERTS.params),
+    MOE_EXPERTS_FP8, name="moe_experts_fp8_w8a8", params=(*MOE_EXPERTS.params, _ROUNDING),
     problem=_moe_fp8_w8a8_problem, defaults={"prefill": "w8a8_prefill_config", "decode": "w8a8_decode_config"},
-    typical=tuple({**c, "block_n": max(c["block_n"], ACT_BLOCK)} for c in MOE_EXPERTS.typical),
+    typical=_ROUNDED_TYPICAL,
     doc="moe_experts_fp8's problems with x and the SwiGLU output quantized to FP8 per 128-block (W8A8, FP8 tensor "
-        "cores): block_n 128 or 256 (whole activation blocks).")
+        "cores), the latter in the gate/up epilogue (block_n 128 or 256: whole activation blocks) or by a pass "
+        "(act_round).")
 MOE_EXPERTS_MXFP4_W4A8 = dataclasses.replace(
     MOE_EXPERTS_FP8_W8A8, name="moe_experts_mxfp4_w4a8", problem=_moe_mxfp4_w4a8_problem,
     params=(*MOE_EXPERTS_FP8_W8A8.params, Param("w4a8_mma", ("bf16", "fp8"))),
     defaults={"prefill": "w4a8_prefill_config", "decode": "w4a8_decode_config"},
     doc="moe_experts' problems with w1/w3 [256, 2048, 2048], w2 [256, 4096, 1024] MXFP4 (two e2m1 a byte, an e8m0 "
         "scale per 1 x 32), x and the SwiGLU output quantized to FP8 per 128-block (W4A8): moe_experts_fp8_w8a8's "
-        "params and defaults (block_n 128 or 256), and which tensor cores multiply (w4a8_mma: bf16 or FP8).")
+        "params and rules, and which tensor cores multiply (w4a8_mma: bf16 or FP8).")
