@@ -42,12 +42,18 @@ quantized to e4m3 per row and 128-block with power-of-two scales (DeepSeek's act
 kernels/fp8_quantize, before the chunks; the gate/up launch runs one K loop per weight (_fp8_gemm) over
 the gathered codes, and its epilogue multiplies the fp32 SwiGLU output by the row's routing weight and
 quantizes it the same way (act: e4m3 codes + [rows, I/128] fp32 scales; DeepSeek's Expert weights the
-activation before w2's act_quant too); the down launch reads those. Each K tile's FP8 product (QGMMA on
+activation before w2's act_quant too); the down launch reads those (config act_round "pass": the
+epilogue stores the weighted activation in fp32 and a pass of its own, fp8_quantize, rounds it between
+the launches, so that the gate/up column tiles need not hold whole 128-blocks: W4A8's decode default,
+the same bits). Each K tile's FP8 product (QGMMA on
 sm_90) is promoted to the fp32 accumulator times the row's activation scale and the weight tile's
 scale, as fp8_linear does. W4A8 (`act="fp8"` with MXFP4 weights: the moe_experts_mxfp4_w4a8 op, as
 DeepSeek runs the releases' MXFP4 experts): the same launches and activation quantization, the weight
 tiles decoded from e2m1 to e4m3 (exact) for the same FP8 MMAs, their 1 x 32 scales folded into the
-values or applied per 32-run (_mxfp4_e4m3_dot; the W4A8 note below). Which of W8A16 / W4A16 and W8A8 /
+values or applied per 32-run (_mxfp4_e4m3_dot; the W4A8 note below); on bf16 tensor cores (config
+w4a8_mma, the default) W4A16's K loops over the rounded values themselves in x's dtype (exact: x's from
+one pass, kernels/fp8_quantize.fp8_round; the activation's rounded in the epilogue or, act_round
+"pass", by fp8_round between the launches). Which of W8A16 / W4A16 and W8A8 /
 W4A8 runs is the op's (the launcher's `act`), never a config's: they are different numbers (~5e-2
 relative RMS apart on Gaussian data).
 Numbers: W8A16 and the float ops, against the plain op, multiply the routing weight into the fp32
@@ -56,7 +62,8 @@ tolerance; fp32: equal up to summation order); W8A8 and W4A8 weight the activati
 does. Workspace: act [n_blocks * block_m, I] in x's dtype (on FP8 tensor cores, W8A8 and W4A8 with
 w4a8_mma "fp8": 1 + 4/128 bytes a value) and slots [chunk * k, D] float32 for one chunk of tokens (within
 WORKSPACE_BYTES), the routing layout of all T * k assignments (about 40 bytes each); W8A8 and W4A8 also
-x's codes and scales (T * D * 33/32 bytes), W4A8 on bf16 tensor cores x's rounded values too.
+x's codes and scales (T * D * 33/32 bytes), W4A8 on bf16 tensor cores x's rounded values too; with
+act_round "pass" the unrounded activation [n_blocks * block_m, I] float32 as well.
 """
 from __future__ import annotations
 
@@ -626,12 +633,13 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     [E, I, D/2], [E, D, I/2], [E, I, D/2] int8, each starting at a multiple of 4 bytes (read as 32-bit
     words), with scales [E, rows, cols/32]; scales e8m0 or fp32)
     -> [T, D] float32. act (ACTS): "x", the semantics of moe_experts / _fp8 / _mxfp4; "fp8" (FP8 or MXFP4
-    weights, D and I multiples of 128, config block_n a multiple of 128), moe_experts_fp8_w8a8's /
-    moe_experts_mxfp4_w4a8's.
+    weights, D and I multiples of 128, config block_n a multiple of 128 unless act_round "pass"),
+    moe_experts_fp8_w8a8's / moe_experts_mxfp4_w4a8's.
     Tokens go through in chunks (chunk_plan) with one config (that of all T * k assignments), so the
     result is the same bits whatever the chunking. Workspace: act and slots of one chunk
     (<= WORKSPACE_BYTES), the routing layout (about 40 bytes an assignment); W8A8 and W4A8: x's codes
-    and scales too (T * D * 33/32 bytes; W4A8 on bf16 tensor cores, x's rounded values as well)."""
+    and scales too (T * D * 33/32 bytes; W4A8 on bf16 tensor cores, x's rounded values as well; act_round
+    "pass", the unrounded activation in fp32)."""
     E, I, D = _check(x, topk_ids, topk_weights, w1, w2, w3, scales, weight_format, act)
     T, k = topk_ids.shape
     act_fp8 = act == "fp8"

@@ -15,7 +15,7 @@ default for the regime (the W8A8 and W4A8 ops': kernels/moe_experts/config.py, w
 w4a8_config). A symbolic T bounded within the decode regime (an exported decode engine's T = B <=
 max_batch) is configured as its bound; any other symbolic T takes the table's "default" or "" (the
 launcher's default for the prefill regime). Each op reads its own space's table (moe_experts_fp8,
-moe_experts_fp8_w8a8, moe_experts_mxfp4_w4a8): tiles only.
+moe_experts_fp8_w8a8, moe_experts_mxfp4_w4a8): tiles and routes only (the same numbers).
 `interpreter_substitutions()`: the same, on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
