@@ -915,6 +915,29 @@ def test_export_with_a_symbolic_token_count_plans_static_chunks(monkeypatch):
     assert torch.equal(ep.module()(xn, idn, wn), moe_experts(xn, idn, wn, w1, w2, w3, LIMIT, "block_m=16"))
 
 
+def test_w4a8_exports_with_a_symbolic_token_count():
+    """The W4A8 op at decode sizes (act_round "pass": x and the activation each rounded by a pass of
+    their own, shapes symbolic in T) exports with T dynamic up to 64 (a decode engine's B <= max_batch)
+    and runs at other T equal to eager bit for bit."""
+    k, E, D = 2, 3, 128
+    g = torch.Generator().manual_seed(7)
+    (w1, s1), (w2, s2), (w3, s3) = ([t.to(DEVICE) for t in weight_formats.quantize_mxfp4(torch.randn(E, D, D, generator=g))]
+                                    for _ in range(3))
+
+    class Experts(torch.nn.Module):
+        def forward(self, x, ids, w):
+            return torch.ops.dsv4_triton.moe_experts_mxfp4_w4a8(x, ids, w, w1, w2, w3, s1, s2, s3, LIMIT, "act_round=pass")
+
+    x = torch.randn(9, D, generator=g).to(DEVICE)
+    ids, w = (t.to(DEVICE) for t in routing(9, k, E, "holes", seed=9))
+    T = torch.export.Dim("T", min=2, max=64)
+    ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
+    for n in (3, 50):
+        xn = torch.randn(n, D, generator=g).to(DEVICE)
+        idn, wn = (t.to(DEVICE) for t in routing(n, k, E, "holes", seed=n))
+        assert torch.equal(ep.module()(xn, idn, wn), Experts()(xn, idn, wn))
+
+
 @pytest.mark.gpu
 @pytest.mark.xdist_group("gpu-large")
 def test_flash_shapes_chunked_equal_unchunked_within_the_bound(flash_experts, monkeypatch):
