@@ -53,14 +53,16 @@ for step in "$@"; do
     moe-w8a8)         # issue 15: the moe_experts_fp8_w8a8 op's kernel compiled: the odd shapes and the substitution, and at
       # T 4096 vs its naive twin, the plain W8A8 op and the W8A16 kernel (prints their distances)
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w8a8 or substitution" 2>&1 | tee "$OUT/tests_moe_w8a8.log" | tail -8 ;;
-    moe-w4a8)         # issue 15: the moe_experts_mxfp4_w4a8 op's kernel compiled (FP8 wgmma over e2m1 decoded to e4m3): the
-      # odd shapes, the fold limit and the substitution, and at T 4096 vs its naive twin, the plain W4A8 op and
-      # the W4A16 kernel (prints their distances); its timings: the moe step's "mxfp4 w4a8 / bf16" column
+    moe-w4a8)         # issue 15: the moe_experts_mxfp4_w4a8 op's kernel compiled (bf16 and FP8 tensor-core routes, the
+      # activation rounded in the epilogue or by a pass): the odd shapes, the fold limit and the substitution, and
+      # at T 4096 vs its naive twin, the plain W4A8 op and the W4A16 kernel (prints their distances); its
+      # timings: the moe step's "mxfp4 w4a8 / bf16" and "w4a8 epilogue / ours" columns
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w4a8" 2>&1 | tee "$OUT/tests_moe_w4a8.log" | tail -8 ;;
-    tune-moe)         # issue 15's table entries: the grouped-expert kernels (bf16 and W8A8) tuned at prefill sizes and
-      # decode batch 64, merged into a copy of tuning/tables (copy $OUT/tables/<GPU>.yaml back to commit it)
+    tune-moe)         # issue 15's table entries: the grouped-expert kernels (bf16, W8A8 and W4A8, the releases' MXFP4
+      # experts as run) tuned at prefill sizes and decode batch 64, merged into a copy of tuning/tables (copy
+      # $OUT/tables/<GPU>.yaml back to commit it)
       cp -r tuning/tables "$OUT/tables"
-      python3 -m dsv4_compile tune --gpu "$GPU" --kernels "${KERNELS:-moe_experts,moe_experts_fp8_w8a8}" \
+      python3 -m dsv4_compile tune --gpu "$GPU" --kernels "${KERNELS:-moe_experts,moe_experts_fp8_w8a8,moe_experts_mxfp4_w4a8}" \
         --context "${CONTEXTS:-4k,32k}" --trials "${TRIALS:-20}" --timeout "${TUNE_S:-420}" --tables-dir "$OUT/tables" \
         --storage "sqlite:///$OUT/moe_studies.db" --no-progress 2>&1 | tee "$OUT/tune_moe.log" | tail -40 ;;
     muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
