@@ -76,15 +76,15 @@ def e4m3_bits(y):
 @triton.jit
 def e4m3_value(c):
     """float8_e4m3fn codes (int32 0..255) -> fp32, exact; 0x7F / 0xFF -> NaN (the bits decoded: the
-    interpreter's own float8 casts are not to be trusted)."""
-    sign = (c & 0x80) << 24
-    e = (c >> 3) & 0xF
+    interpreter's own float8 casts are not to be trusted). The sign goes on as a bit, so -0 stays -0
+    (triton 3.6's interpreter negates by subtracting from +0)."""
+    e = (c >> 3) & 15
     m = c & 7
-    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * 0.001953125                                    # m * 2^-9
-    sub = tl.where(sign != 0, -sub, sub)
-    v = tl.where(e == 0, sub, normal)
-    return tl.where((c & 0x7F) == 0x7F, float("nan"), v)
+    normal = ((e + 120) << 23) | (m << 20)
+    sub = (m.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)     # m * 2^-9, exact
+    mag = tl.where(e == 0, sub, normal)
+    mag = tl.where((c & 0x7F) == 0x7F, 0x7FC00000, mag)
+    return (mag | ((c & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -74,17 +74,21 @@ def _in_bounds(interpreter):
             raise OutOfBounds(f"{state['kernel']}: {what} of bytes [{lo:#x}, {hi:#x}) outside every tensor "
                               f"argument{where}")
 
-    def masked_load(self, ptrs, mask, other, cache_policy, is_volatile, _load=builder.create_masked_load):
+    # The cache and eviction arguments after the mask pass through as given: their number differs between
+    # triton releases (3.6, torch 2.11's: cache_modifier and eviction_policy; 3.9: one cache_policy).
+    load, store, rmw = builder.create_masked_load, builder.create_masked_store, builder.create_atomic_rmw
+
+    def masked_load(self, ptrs, mask, other, *policies):
         check(ptrs, mask, np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize, "load")
-        return _load(self, ptrs, mask, other, cache_policy, is_volatile)
+        return load(self, ptrs, mask, other, *policies)
 
-    def masked_store(self, ptrs, value, mask, cache_policy, _store=builder.create_masked_store):
+    def masked_store(self, ptrs, value, mask, *policies):
         check(ptrs, mask, np.asarray(value.data).dtype.itemsize, "store")
-        return _store(self, ptrs, value, mask, cache_policy)
+        return store(self, ptrs, value, mask, *policies)
 
-    def atomic_rmw(self, rmw_op, ptr, val, mask, sem, scope, _rmw=builder.create_atomic_rmw):
+    def atomic_rmw(self, rmw_op, ptr, val, mask, *order):
         check(ptr, mask, np.asarray(val.data).dtype.itemsize, "atomic")
-        return _rmw(self, rmw_op, ptr, val, mask, sem, scope)
+        return rmw(self, rmw_op, ptr, val, mask, *order)
 
     return [(executor, "_init_args_hst", record), (builder, "create_masked_load", masked_load),
             (builder, "create_masked_store", masked_store), (builder, "create_atomic_rmw", atomic_rmw)]
