@@ -130,6 +130,11 @@ class ParallelLayout:
         return init_device_mesh(device_type, (self.ep, self.tp), mesh_dim_names=MESH_DIMS)
 
 
+# The functional all-gather along dim 0: all_gather_single since torch 2.13 (all_gather_tensor there is its
+# deprecated alias, a FutureWarning a call), all_gather_tensor alone in torch 2.11 (the GPU machines').
+_all_gather_dim0 = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
+
 def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """The sum of x over the ranks of a process group, on every rank (functional: x is unchanged)."""
     return funcol.wait_tensor(funcol.all_reduce(x, "sum", group_name))
@@ -138,7 +143,7 @@ def all_reduce_sum(x: torch.Tensor, group_name: str) -> torch.Tensor:
 def all_gather_last(x: torch.Tensor, ranks: int, group_name: str) -> torch.Tensor:
     """x [..., n] on each of the `ranks` ranks of a process group -> [..., ranks * n], the ranks' x
     side by side in rank order, on every rank."""
-    gathered = funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), 0, group_name))  # [ranks * x.shape[0], ...]
+    gathered = funcol.wait_tensor(_all_gather_dim0(x.contiguous(), 0, group_name))  # [ranks * x.shape[0], ...]
     return torch.cat(gathered.chunk(ranks, dim=0), dim=-1)
 
 
