@@ -12,10 +12,10 @@ clone of some dynamic views fails outright: pytorch issue 181735, kernels/_commo
 The analysis walks a store's address back through every op except loads; a `@triton.jit` helper
 call is one op, so a store address computed from a helper's result marks every argument of that
 call as written (the helper only loaded them). This report runs each op's own launcher on small CPU
-tensors with `launch` intercepted, asks torch's analysis (`identify_accessed_tensors`) about each
-launch for a Hopper target (TTIR only: no GPU, no ptxas), and lists per kernel the arguments counted
-as written that are the op's inputs (false positives: the op never writes its inputs) and those it
-writes (its outputs and scratch).
+tensors with `launch` intercepted, asks torch's analysis (`identify_accessed_tensors`; torch 2.11's
+`identify_mutated_tensors`) about each launch for a Hopper target (TTIR only: no GPU, no ptxas), and
+lists per kernel the arguments counted as written that are the op's inputs (false positives: the op
+never writes its inputs) and those it writes (its outputs and scratch).
 """
 from __future__ import annotations
 
@@ -100,10 +100,13 @@ def _cases() -> dict:
 
 
 def _written(kernel, kwargs: dict) -> list[str]:
-    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
 
-    accesses = identify_accessed_tensors(kernel, kwargs, {})
-    return sorted(d.name for d in accesses.read_writes.writes if isinstance(kwargs.get(d.name), torch.Tensor))
+    if hasattr(wrap, "identify_accessed_tensors"):   # torch 2.13: reads and writes
+        names = [d.name for d in wrap.identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes]
+    else:                                             # torch 2.11 (the GPU machines'): the written ones
+        names = wrap.identify_mutated_tensors(kernel, kwargs, {})
+    return sorted(n for n in names if isinstance(kwargs.get(n), torch.Tensor))
 
 
 def report() -> list[tuple[str, str, list[str], list[str]]]:
