@@ -196,8 +196,8 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
             lines.append(f"{kind} | {T} | {ours['ms']:.4f} | {ours['tflops']:.1f} ({ours['pct_peak']:.0f}%) | "
                          f"{ours['gbs']:.0f} ({ours['pct_copy']:.0f}%) | {ours['pct_roofline']:.0f}% | {speedup('fp8')} | "
                          f"{speedup('fp8-w8a8')} | {speedup('mxfp4')} | {speedup('mxfp4-w4a8')} | "
-                         f"{ratio('w4a8 epilogue rounding', 'mxfp4-w4a8')} | {ratio('routing layout')} | {ratio('dense masked (plain)')} | {ratio('loop F.linear')} | "
-                         f"{ratio('torch._grouped_mm')}")
+                         f"{ratio('w4a8 epilogue rounding', 'mxfp4-w4a8')} | {ratio('routing layout')} | "
+                         f"{ratio('dense masked (plain)')} | {ratio('loop F.linear')} | {ratio('torch._grouped_mm')}")
     lines += ["", "% roofline: the longer of the FLOPs at the bf16 peak and the bytes at the copy bandwidth, over the time.",
               "", "fp8 / bf16, fp8 w8a8 / bf16, mxfp4 / bf16 and mxfp4 w4a8 / bf16: speed-up of the quantized weights "
               "(higher is faster; fp8: W8A16, mxfp4: W4A16, w8a8 / w4a8: the activations in FP8 too, on FP8 tensor "

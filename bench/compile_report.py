@@ -232,7 +232,8 @@ def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x") -> list[tu
     # W8A8's and W4A8's roundings (kernels/fp8_quantize: x's, and the activation's with act_round "pass")
     # stood in by their outputs' shapes
     def quantized(t, *_):
-        return _stand_in(tuple(t.shape), torch.float8_e4m3fn), _stand_in((*t.shape[:-1], t.shape[-1] // 128), torch.float32)
+        codes = _stand_in(tuple(t.shape), torch.float8_e4m3fn)
+        return codes, _stand_in((*t.shape[:-1], t.shape[-1] // 128), torch.float32)
 
     def rounded(t, block, pow2, out_dtype=None):
         return _stand_in(tuple(t.shape), out_dtype or t.dtype)

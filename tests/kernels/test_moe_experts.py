@@ -103,17 +103,19 @@ LAYOUTS = [(1, 6, 256, "random", 16), (1, 1, 5, "holes", 16), (3, 3, 7, "one-exp
 @pytest.mark.parametrize("T,k,E,kind,block", LAYOUTS, ids=[f"T{c[0]}-k{c[1]}-E{c[2]}-{c[3]}-b{c[4]}" for c in LAYOUTS])
 def test_one_program_layout_is_expert_blocks(T, k, E, kind, block):
     """The decode-sized routing layout in one Triton program equals model.moe_ops.expert_blocks (the
-    launcher's reference layout) integer for integer, int32 and int64 ids."""
+    launcher's reference layout) integer for integer, int32 and int64 ids (the largest layout, 4092
+    assignments, with the model's int32 ids only: ~9 s an interpreted launch)."""
     from dsv4_compile.kernels.moe_experts import expert_blocks as one_program
     from dsv4_compile.model.moe_ops import expert_blocks
 
     ids, _ = routing(T, k, E, kind, seed=T + k + E)
     assert one_program.fits(T * k, E)
     ref_slot, ref_expert = expert_blocks(ids, E, block)
-    for dtype in (torch.int32, torch.int64):
+    largest = T * k > 2048
+    for dtype in (torch.int32,) if largest else (torch.int32, torch.int64):
         slot, block_expert = one_program.expert_blocks(ids.to(dtype).to(DEVICE), E, block)
         assert torch.equal(slot[0].cpu(), ref_slot) and torch.equal(block_expert[0].cpu(), ref_expert), dtype
-    if kind == "holes":  # int64 ids past int32 are no assignment too (not wrapped into a valid expert)
+    if kind == "holes" and not largest:  # int64 ids past int32 are no assignment too (not wrapped into an expert)
         far = torch.where(ids < 0, torch.full_like(ids, 2 ** 32 + 2, dtype=torch.int64), ids.long())
         slot, block_expert = one_program.expert_blocks(far.to(DEVICE), E, block)
         assert torch.equal(slot[0].cpu(), ref_slot) and torch.equal(block_expert[0].cpu(), ref_expert)
@@ -370,8 +372,8 @@ def test_w8a8_float32_scales_and_chunks(monkeypatch):
 def test_w8a8_is_refused_where_it_cannot_run():
     """act="fp8" needs FP8 or MXFP4 weights (float refused, one line naming the value and what is
     accepted), D and I multiples of 128 (partial activation blocks are not DeepSeek's act_quant) and
-    gate/up column tiles of whole 128-blocks where the epilogue rounds (the W8A8 defaults widen the decode ones); act takes "x"
-    or "fp8", and a config has no say in it."""
+    gate/up column tiles of whole 128-blocks where the epilogue rounds (the W8A8 defaults widen the decode
+    ones); act takes "x" or "fp8", and a config has no say in it."""
     ids, w = (t.to(DEVICE) for t in routing(4, 2, 3, "random", seed=0))
     dev = lambda *ts: [t.to(DEVICE) for t in ts]  # noqa: E731
     w1, w2, w3, _ = experts(3, 128, 128, torch.float32, "float")
@@ -432,9 +434,10 @@ def run_w4a8(T, k, E, kind, dtype, config, D, I, scales_as=None):
 # act_round "pass" (the SwiGLU output rounded by a pass between the launches) in config C's 32-wide gate/up
 # column tiles (no whole activation block), on bf16 tensor cores and on FP8 ones.
 W4A8_CASES = [(1, 6, 12, "random", "A", torch.bfloat16, 128, "fp8"), (7, 6, 5, "holes", "B", torch.float32, 384, "fp8"),
-              (7, 1, 5, "one-expert", "A", torch.float32, 128, "bf16"), (300, 1, 5, "holes", "B", torch.bfloat16, 128, "bf16"),
-              (7, 6, 5, "holes", "B", torch.bfloat16, 384, "bf16"), (1, 6, 12, "random", "C", torch.bfloat16, 128, "bf16"),
-              (7, 6, 5, "holes", "C", torch.float32, 384, "bf16"), (7, 1, 5, "one-expert", "C", torch.bfloat16, 256, "fp8")]
+              (7, 1, 5, "one-expert", "A", torch.float32, 128, "bf16"),
+              (300, 1, 5, "holes", "B", torch.bfloat16, 128, "bf16"), (7, 6, 5, "holes", "B", torch.bfloat16, 384, "bf16"),
+              (1, 6, 12, "random", "C", torch.bfloat16, 128, "bf16"), (7, 6, 5, "holes", "C", torch.float32, 256, "bf16"),
+              (7, 1, 5, "one-expert", "C", torch.bfloat16, 256, "fp8")]
 W4A8_PASS = MoeExpertsConfig(block_m=16, block_n=32, block_k=64, down_block_n=64, down_block_k=32, act_round="pass")
 
 
@@ -685,8 +688,8 @@ def _w4a8_op(x, ids, w, p1, p2, p3, t1, t2, t3):
 def test_substitution_replaces_the_w4a8_op():
     """The W4A8 op (D = I = 128) on a fake-traced graph: replaced by its own kernel op (counts before/after,
     the report), the numbers within W8A8_TOL of eager (the plain op), its untuned config the W8A8
-    defaults (H200 decode: W4A16's block_n 64, the activation rounded by a pass), and declined with the reason where D or I is not
-    a multiple of 128 or the tensors are on the CPU."""
+    defaults (H200 decode: W4A16's block_n 64, the activation rounded by a pass), and declined with the
+    reason where D or I is not a multiple of 128 or the tensors are on the CPU."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from dsv4_compile.passes import PassManager, Target
