@@ -812,24 +812,32 @@ def test_flash_shapes_fp8_activations(flash_experts, fmt):
 @pytest.mark.gpu
 @pytest.mark.xdist_group("gpu-large")
 @pytest.mark.parametrize("T", [1, 64])
-def test_flash_shapes_w4a8_decode_rounds_by_a_pass(flash_experts, T):
-    """W4A8 at decode sizes (k 6 of 256, D 4096, I 2048, bf16 x): its default (act_round "pass", W4A16's
-    column tiles) gives the bits of the epilogue route (128-wide column tiles) compiled, and holds to its
-    naive twin (W8A8_TOL: exact products on bf16 tensor cores, fp32 sums in another order)."""
+@pytest.mark.parametrize("fmt", ["mxfp4", "fp8"], ids=["w4a8", "w8a8"])
+def test_flash_shapes_decode_rounding_by_a_pass(flash_experts, fmt, T):
+    """Decode sizes (k 6 of 256, D 4096, I 2048, bf16 x), the activation rounded by a pass (act_round
+    "pass": W4A8's default there, with W4A16's column tiles; W8A8 at 64-wide tiles, its tuning choice):
+    the bits of the epilogue route (128-wide column tiles) compiled, and within W8A8_TOL of the naive
+    twin (W4A8: exact products on bf16 tensor cores, fp32 sums in another order) or W8A8_HOPPER_TOL
+    (W8A8: FP8 MMAs, per-128 promotion)."""
     g = torch.Generator(device="cuda").manual_seed(T)
     x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
     ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
     w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
-    ws, scales = flash_experts["mxfp4"]
-    default = default_config(None, T * 6, "mxfp4", "fp8")
-    assert default.act_round == "pass" and default.block_n < 128
-    out = moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales, act="fp8")
-    epilogue = moe_experts(x, ids, w, *ws, LIMIT, default.replace(act_round="gate_up", block_n=128), "mxfp4", scales,
+    ws, scales = flash_experts[fmt]
+    default = default_config(None, T * 6, fmt, "fp8")
+    if fmt == "mxfp4":
+        assert default.act_round == "pass" and default.block_n < 128
+        by_pass = default
+    else:
+        by_pass = default.replace(act_round="pass", block_n=64)
+    out = moe_experts(x, ids, w, *ws, LIMIT, by_pass, fmt, scales, act="fp8")
+    epilogue = moe_experts(x, ids, w, *ws, LIMIT, by_pass.replace(act_round="gate_up", block_n=128), fmt, scales,
                            act="fp8")
-    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales, act="fp8")
-    print(f"T = {T}: W4A8 by a pass vs its naive twin {rel_rms(twin, out):.3e} (relative RMS)")
+    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, None, fmt, scales, act="fp8")
+    print(f"T = {T}: {FP8_ACT[fmt][1]} by a pass vs its naive twin {rel_rms(twin, out):.3e} (relative RMS)")
     assert torch.equal(out, epilogue)
-    assert_close("W4A8 by a pass vs naive W4A8", twin, out, W8A8_TOL)
+    assert_close(f"{FP8_ACT[fmt][1]} by a pass vs its naive twin", twin, out,
+                 W8A8_TOL if fmt == "mxfp4" else W8A8_HOPPER_TOL)
 
 
 # ---- chunks of tokens: a bounded workspace, the same bits --------------------------------------------
