@@ -88,6 +88,18 @@ def e4m3_value(c):
 
 
 @triton.jit
+def e4m3_dequantized(codes, s, NATIVE_CAST: tl.constexpr):
+    """codes [BQ, BS] float8e4nv times their rows' scales s [BQ] -> fp32 [BQ, BS] (the FP8-rounded
+    values; exact). NATIVE_CAST: the hardware's e4m3 conversion, else the codes' bits decoded (the
+    interpreter)."""
+    if NATIVE_CAST:
+        v = codes.to(tl.float32)
+    else:
+        v = e4m3_value(codes.to(tl.uint8, bitcast=True).to(tl.int32))
+    return v * s[:, None]
+
+
+@triton.jit
 def round_bf16(x):
     """fp32 -> fp32 holding x rounded to bfloat16 precision, to nearest even (so that a following
     .to(tl.bfloat16) is exact everywhere; the interpreter's own cast truncates). NaN stays NaN."""

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, placeholder, resolve_config
-from .._jit_utils import ceil_pow2, divide_by_scale, e4m3_bits, e4m3_value
+from .._jit_utils import ceil_pow2, divide_by_scale, e4m3_bits, e4m3_dequantized
 from .config import Fp8QuantConfig, default_config, launch_grid
 
 FP8_MAX = 448.0
@@ -69,11 +69,7 @@ def _fp8_quantize_kernel(p_x, p_q, p_s, Q,
         b_y = tl.where(b_y > 448.0, 448.0, tl.where(b_y < -448.0, -448.0, b_y))  # clamp, NaN kept
         b_q = e4m3_bits(b_y).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     if ROUNDED:
-        if NATIVE_CAST:
-            b_v = b_q.to(tl.float32)
-        else:
-            b_v = e4m3_value(b_q.to(tl.uint8, bitcast=True).to(tl.int32))
-        tl.store(p_q + offs, (b_v * b_s[:, None]).to(p_q.dtype.element_ty), mask=mask)
+        tl.store(p_q + offs, e4m3_dequantized(b_q, b_s, NATIVE_CAST).to(p_q.dtype.element_ty), mask=mask)
     else:
         tl.store(p_q + offs, b_q, mask=mask)
         tl.store(p_s + o_q, b_s, mask=o_q < Q)

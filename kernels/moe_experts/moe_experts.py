@@ -74,7 +74,7 @@ import triton.language as tl
 from ...model.moe_ops import chunked_expert_blocks
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, largest_value,
                        launch, placeholder, split_chunks)
-from .._jit_utils import e4m3_bits, e4m3_value, quantize_rows_e4m3, round_bf16
+from .._jit_utils import e4m3_bits, e4m3_dequantized, e4m3_value, quantize_rows_e4m3, round_bf16
 from ..fp8_quantize import fp8_quantize, fp8_round
 from . import expert_blocks as one_program_layout
 from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block
@@ -463,11 +463,11 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
     act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up                    # silu(gate) * up
     mask = offs_n[None, :] < I
-    if ACT_FP8 and ROUND_PASS:  # weighted here, rounded by the pass after this launch
+    if ACT_FP8:  # weighted here (the fp32 act), then rounded once per value
         act = act * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
+    if ACT_FP8 and ROUND_PASS:  # by the pass after this launch
         tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], act, mask=mask)
-    elif ACT_FP8:  # weighted and quantized here, once per value (BLOCK_N a multiple of 128): the fp32 act
-        act = act * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
+    elif ACT_FP8:  # here (BLOCK_N a multiple of 128)
         codes, s = quantize_rows_e4m3(tl.reshape(act, [BLOCK_M * (BLOCK_N // 128), 128]), RECIP, NATIVE_FP8)
         if FP8_MMA:
             tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], tl.reshape(codes, [BLOCK_M, BLOCK_N]), mask=mask)
@@ -475,11 +475,7 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
             tl.store(p_act_s + offs_m[:, None] * (I // 128) + offs_b[None, :],
                      tl.reshape(s, [BLOCK_M, BLOCK_N // 128]), mask=offs_b[None, :] < I // 128)
         else:  # the rounded values themselves
-            if NATIVE_FP8:
-                q = codes.to(tl.float32)
-            else:  # the interpreter: decoded from the codes' bits
-                q = e4m3_value(codes.to(tl.uint8, bitcast=True).to(tl.int32))
-            q = tl.reshape(q * s[:, None], [BLOCK_M, BLOCK_N])
+            q = tl.reshape(e4m3_dequantized(codes, s, NATIVE_FP8), [BLOCK_M, BLOCK_N])
             tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], q.to(p_act.dtype.element_ty), mask=mask)
     else:
         if ROUND_BF16:  # the interpreter's bf16 cast truncates: round to nearest even first
