@@ -200,6 +200,7 @@ class ExportRun:
                                                models[bucket]))
             else:
                 results.extend(self.results)
+                self.close(finished=True)
         finally:
             self.close()
         order = {task: i for i, task in enumerate(self.tasks)}
@@ -209,11 +210,17 @@ class ExportRun:
             timings.setdefault(r.bucket, {}).update(r.timings)
         return [e for r in results for e in r.engines], timings
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Ends the processes: let them exit (`finished`: every task done), or kill them. An exiting worker
+        runs its own cleanup; a killed one leaves what it registered (tqdm's multiprocessing lock, made in
+        torch.export) to the resource tracker, which warns about it at the build's exit."""
         if self.pool is None:
             return
         pool, self.pool = self.pool, None
-        pool.terminate()
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
         pool.join()
         self.relayed.set()
         self.relay.join(timeout=2.0)  # a worker killed inside a put leaves a message that never completes
