@@ -28,9 +28,12 @@ dims ("ep", "tp"): rank = ep_rank * T + tp_rank, so a tensor-parallel group is T
 - Expert parallelism (MoE, every block): rank r of the "ep" group keeps routed experts
   [r E'/E, (r+1) E'/E) of E' (ExpertShard). Every rank routes all its tokens (the gate is replicated),
   runs the plain `torch.ops.dsv4.moe_experts` over its own experts with the other experts' ids mapped
-  to -1 (no contribution), and the partial outputs are all-reduced over the "ep" group: the simplest
-  correct dispatch/combine, with no all-to-all (that is for large token counts, not done here). The
-  shared expert is replicated. With T > 1 the T ranks of a tensor-parallel group hold the same experts.
+  to -1 (no contribution), and the partial outputs are all-reduced over the "ep" group. No all-to-all:
+  tensor-parallel attention leaves every token on every rank, so dispatch costs nothing, and the
+  combine (an all-reduce of [T, D]) moves 2 (E-1)/E T D values a rank, where an all-to-all dispatch and
+  combine of T/E tokens a rank with top-k routing, plus the all-gather that gives every rank its tokens
+  back, would move (2k/E + 1) (E-1)/E T D: more while E < 2k (12 ranks for V4's k = 6, past one node).
+  The shared expert is replicated. With T > 1 the T ranks of a tensor-parallel group hold the same experts.
 - Replicated, not split here: the mHC maps and norms, the final norm, the MTP blocks' projections
   (e_proj, h_proj) and norms, the MoE gate and shared expert.
 
@@ -48,8 +51,8 @@ a part that does not fall on whole tiles is refused in one line before anything 
 vocabulary and attention splits take float weights only (wo_a is always float: DeepSeek multiplies
 it in BF16; nn.Embedding, the head, the indexer's weights_proj).
 
-Inference only: the collectives have no backward here. Not done: all-to-all expert dispatch,
-splitting the compressors by channel. The sharded indexer loops over the op's query chunks in plain
+Inference only: the collectives have no backward here. Not done: data-parallel attention (tokens split
+over ranks, where all-to-all expert dispatch pays), splitting the compressors by channel. The sharded indexer loops over the op's query chunks in plain
 Python when the length is a number; a symbolic length (torch.export) takes all queries at once, as
 the decompose pass does for the op (tests/dsv4_compile/test_parallel_export.py).
 """
