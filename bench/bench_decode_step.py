@@ -1,11 +1,13 @@
 """A whole decode step of the mini preset (model/presets/mini.yaml: V4-Flash's layer shapes, 4 layers),
 eager vs captured in a CUDA graph, per step, at long context.
 
-    python bench/bench_decode_step.py [--contexts 32k,128k] [--batches 64,1] [--out DIR] [--budget 420] [--profile]
+    python bench/bench_decode_step.py [--contexts 32k,128k] [--batches 64,1] [--weights bf16|as-shipped] [--out DIR]
+                                      [--budget 420] [--profile]
     from bench_decode_step import main   # what `python -m dsv4_compile bench --ops decode_step` calls
 
 Per context C (at most the preset's max_seq_len): the model is built on the GPU with max_seq_len = C
-(seeded weights), a prompt of C - 1 random tokens is prefilled at batch 1 into a KVCache (eager, plain
+(seeded weights; `--weights as-shipped`: quantized as a release ships them, FP8 linears and MXFP4
+experts, as users decode V4: flash-slice's 68 GB of bf16 weights become 23 GB), a prompt of C - 1 random tokens is prefilled at batch 1 into a KVCache (eager, plain
 ops), and that cache is copied into every row of a batch-B cache. One step = `model.decode(tokens
 [B, 1], positions [B] = C - 1, cache)`: it writes the same cache slots every time, so a replay repeats
 the same work. Rows per (C, B):
@@ -21,7 +23,8 @@ The roofline of a step (`decode_step_bytes`: the weights it must read and every 
 entries attention reads, over the copy bandwidth measured in the same run) gives each row's % of it.
 The compiled rows cost a compile each (about a minute); they are skipped past the time budget.
 Outputs: decode_step.csv, decode_step.png (ms per step vs context), decode_step.md; with `--profile`,
-decode_step_profile.md (the fastest variant's largest kernels per context and batch, torch.profiler).
+decode_step_profile.md (the fastest variant's largest kernels per context and batch, torch.profiler);
+decode_step_as_shipped.* for `--weights as-shipped`.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _kernel_bench_util import DEVICE, copy_bandwidth_gbs, environment, fmt, log_log_plot, write_csv  # noqa: E402
 from bench_layers import _err, _table, run_and_write, time_ms  # noqa: E402
 
+WEIGHTS = ("bf16", "as-shipped")  # the preset's float weights, or as a release ships them (FP8 + MXFP4)
 COMPILE_RESERVE_S = 120.0   # a compiled variant starts only with this much of the budget left
 GRAPH_REPLAYS = 20          # replays per timed batch of a CUDA graph
 
@@ -179,17 +183,21 @@ def kernel_profile(fn, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> li
 
 @torch.no_grad()
 def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64, 1), compiled: bool = True,
-                    budget_s: float = 420.0, log=print, aoti: bool = False, profile: list | None = None) -> list[dict]:
-    """Every row: dict(config, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
-    bytes_per_step, roofline_ms, roofline_pct, note). `profile`: a list to receive, per (context, batch),
+                    budget_s: float = 420.0, log=print, aoti: bool = False, profile: list | None = None,
+                    weights: str = "bf16") -> list[dict]:
+    """Every row: dict(config, weights, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
+    bytes_per_step, roofline_ms, roofline_pct, note). weights: WEIGHTS. `profile`: a list to receive, per (context, batch),
     the fastest variant's kernel_profile rows (with config, context, batch, impl)."""
     import shutil
     import tempfile
 
     import dsv4_compile
     from dsv4_compile import KVCache, ModelConfig, Transformer
+    from dsv4_compile.checkpoint.shipped import quantize_as_shipped
     from dsv4_compile.metrics import rel_rms
 
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights {weights!r}; accepted: {', '.join(WEIGHTS)}")
     t0 = time.time()
     cuda = DEVICE == "cuda"
     for knob in ("cache_size_limit", "recompile_limit"):
@@ -203,7 +211,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
 
     def add(C, B, impl, ms, check=float("nan"), note=""):
         nbytes, floor_ms = roofline.get((C, B), (float("nan"), float("nan")))
-        rows.append(dict(config=config, context=C, batch=B, impl=impl, ms_per_step=ms,
+        rows.append(dict(config=config, weights=weights, context=C, batch=B, impl=impl, ms_per_step=ms,
                          tokens_per_s=B / ms * 1e3 if ms == ms else float("nan"), rel_rms_vs_eager=check,
                          bytes_per_step=nbytes, roofline_ms=floor_ms, roofline_pct=100 * floor_ms / ms, note=note))
         log(f"  C={C:7d} B={B:3d} {impl:32s} {fmt(ms):>9s} ms/step  rel RMS {fmt(check)}  "
@@ -219,6 +227,8 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
         try:
             with torch.device(DEVICE):
                 model = Transformer(cfg, seed=0).eval()
+            if weights == "as-shipped":
+                quantize_as_shipped(model)
             prompt = torch.randint(0, cfg.vocab_size, (1, C - 1), device=DEVICE,
                                    generator=torch.Generator(DEVICE).manual_seed(0))
             cache1 = KVCache(cfg, 1, C, device=DEVICE)
@@ -333,7 +343,8 @@ def speedup_rows(rows: list[dict]) -> list[dict]:
 
 def markdown(env: dict, rows: list[dict]) -> str:
     config = rows[0]["config"] if rows else "mini"
-    lines = [f"# Whole decode step, {config} preset, on {env['gpu']}", "",
+    weights = rows[0]["weights"] if rows else "bf16"
+    lines = [f"# Whole decode step, {config} preset ({weights} weights), on {env['gpu']}", "",
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}; "
              f"{env['date']}; one run. Produced by `bench/bench_decode_step.py`.", "",
              "One step = model.decode of one token per sequence at position context - 1 over a cache "
@@ -371,11 +382,16 @@ def profile_markdown(env: dict, profile: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def output_stem(weights: str) -> str:
+    """The outputs' file name before the extension: one set per weights kind, side by side."""
+    return "decode_step" if weights == "bf16" else "decode_step_as_shipped"
+
+
 def write_outputs(rows: list[dict], out: str, profile: list[dict] | None = None) -> list[str]:
     os.makedirs(out, exist_ok=True)
     env = environment()
-    paths = [os.path.join(out, "decode_step.csv"), os.path.join(out, "decode_step.md"),
-             os.path.join(out, "decode_step.png")]
+    stem = output_stem(rows[0]["weights"] if rows else "bf16")
+    paths = [os.path.join(out, f"{stem}.{ext}") for ext in ("csv", "md", "png")]
     write_csv(paths[0], rows)
     with open(paths[1], "w") as f:
         f.write(markdown(env, rows))
@@ -385,7 +401,7 @@ def write_outputs(rows: list[dict], out: str, profile: list[dict] | None = None)
         print(f"plot skipped: {_err(e)}")
         paths.pop()
     if profile:
-        paths.append(os.path.join(out, "decode_step_profile.md"))
+        paths.append(os.path.join(out, f"{stem}_profile.md"))
         with open(paths[-1], "w") as f:
             f.write(profile_markdown(env, profile))
     return paths
@@ -396,6 +412,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default="mini")
     parser.add_argument("--contexts", default="32k,128k")
     parser.add_argument("--batches", default="64,1")
+    parser.add_argument("--weights", default="bf16", choices=WEIGHTS, help="the preset's float weights, or "
+                        "quantized as a release ships them (FP8 linears, MXFP4 experts)")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<GPU>)")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; compiled variants start only "
                         f"with {COMPILE_RESERVE_S:.0f} s of it left")
@@ -411,8 +429,8 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     profile = [] if args.profile else None
     return run_and_write(lambda: run_decode_step(args.config, parse_contexts(args.contexts), batches, not args.no_compile,
-                                                 args.budget, aoti=args.aoti, profile=profile),
-                         lambda rows, out: write_outputs(rows, out, profile), args.out, "decode_step.md")
+                                                 args.budget, aoti=args.aoti, profile=profile, weights=args.weights),
+                         lambda rows, out: write_outputs(rows, out, profile), args.out, f"{output_stem(args.weights)}.md")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,23 @@ def test_decode_step_rows_and_outputs(tmp_path):
     assert "## context 128, batch 2: eager" in (tmp_path / "decode_step_profile.md").read_text()
 
 
+def test_decode_step_as_shipped_reads_fewer_bytes_and_writes_its_own_files(tmp_path):
+    """--weights as-shipped: the model quantized as a release ships it (tiny: MXFP4 experts; its linears
+    are narrower than an FP8 tile), the roofline counting those bytes, the outputs beside bf16's."""
+    import bench_decode_step
+
+    runs = {w: bench_decode_step.run_decode_step("tiny", (128,), (2,), compiled=False, log=lambda *_: None, weights=w)
+            for w in bench_decode_step.WEIGHTS}
+    (bf16,), (shipped,) = ([r for r in rows if r["impl"] == "eager"] for rows in runs.values())
+    assert (bf16["weights"], shipped["weights"]) == ("bf16", "as-shipped")
+    assert 0 < shipped["bytes_per_step"] < bf16["bytes_per_step"] and shipped["ms_per_step"] > 0
+    bench_decode_step.write_outputs(runs["as-shipped"], str(tmp_path))
+    assert "tiny preset (as-shipped weights)" in (tmp_path / "decode_step_as_shipped.md").read_text()
+    assert not (tmp_path / "decode_step.md").exists()
+    with pytest.raises(ValueError, match="weights 'fp8'; accepted: bf16, as-shipped"):
+        bench_decode_step.run_decode_step("tiny", (128,), (2,), weights="fp8")
+
+
 def test_decode_step_bytes_counts_what_a_step_must_read():
     """The roofline's bytes on tiny at context 128, batch 2, counted here by parameter names and by hand
     from the cache layout (window 8, ratios 0/4/128/4, top-4, 136-byte entries, 17-byte FP4 indexer keys)."""
