@@ -46,9 +46,9 @@ for step in "$@"; do
       python3 bench/bench_attention.py --contexts 8k,32k,128k --no-prefill --out "$OUT" --decode-configs \
         ";block_k=16,num_splits=4;block_k=32,num_splits=4,dequant=chunks;block_k=64,num_splits=4,dequant=chunks;block_k=32,num_splits=4,num_warps=4,split_d=2,dequant=chunks" \
         2>&1 | tail -30 ;;
-    decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped override)
+    decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override)
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
-        --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget 500 --out "$OUT" 2>&1 | tail -40 ;;
+        --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
     moe)              python3 bench/bench_moe.py --out "$OUT" 2>&1 | tail -30 ;;   # its "fp8 w8a8 / bf16", "mxfp4 w4a8 / bf16" columns: issue 15
     moe-w8a8)         # issue 15: the moe_experts_fp8_w8a8 op's kernel compiled: the odd shapes and the substitution, and at
       # T 4096 vs its naive twin, the plain W8A8 op and the W8A16 kernel (prints their distances)
