@@ -31,6 +31,7 @@ fails, `export_prefill` falls back to a static S = bucket and says so (the engin
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -171,18 +172,39 @@ def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None =
     left = leftover_custom_ops(result.program)
     if left:
         raise RuntimeError(f"cannot package: custom ops left in the graph ({', '.join(left)}); a .pt2 cannot run Python ops")
-    configs = {**aoti_options(runs_on_cuda(result.program)), **(inductor_configs or {})}
+    cuda = runs_on_cuda(result.program)
+    configs = {**aoti_options(cuda), **(inductor_configs or {})}
     if not with_constants:
         configs["aot_inductor.package_constants_in_so"] = False
-    try:
+    with contextlib.nullcontext() if cuda else cpu_wrapper_declares_float8():
         return torch._inductor.aoti_compile_and_package(result.program, package_path=path, inductor_configs=configs)
-    except Exception as err:
-        # Seen with torch 2.11 on the CPU (the FP8 KV cache engines); torch 2.13 compiles them.
-        if "Float8_e4m3fn" in str(err) and "not been declared" in str(err):
-            raise RuntimeError(f"AOTInductor of torch {torch.__version__} cannot compile this CPU program: its C++ "
-                               "wrapper does not declare at::Float8_e4m3fn (the FP8 KV cache); build with "
-                               "--format onnx, or with torch 2.13") from None
-        raise
+
+
+@contextlib.contextmanager
+def cpu_wrapper_declares_float8():
+    """AOTInductor's CPU wrapper (the .cpp that calls the kernels) with c10's Float8_e4m3fn header included.
+    It declares every kernel it calls, and a kernel writing the FP8 KV cache takes at::Float8_e4m3fn
+    pointers; torch 2.13's runtime headers happen to define that type, torch 2.11's do not, and the
+    wrapper failed to compile there ("'at::Float8_e4m3fn' has not been declared"). The include is
+    harmless where the type is defined already; a torch without the hook patched here is left as it is."""
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    original = getattr(CppWrapperCpu, "add_device_include", None)
+    if original is None:
+        yield
+        return
+
+    def add_device_include(self, device: str) -> None:
+        first = device not in getattr(self, "included_devices", ())
+        original(self, device)
+        if first and device == "cpu":
+            self.header.splice("#include <c10/util/Float8_e4m3fn.h>")
+
+    CppWrapperCpu.add_device_include = add_device_include
+    try:
+        yield
+    finally:
+        CppWrapperCpu.add_device_include = original
 
 
 # ---- ONNX -------------------------------------------------------------------------------------------
