@@ -52,9 +52,10 @@ vocabulary and attention splits take float weights only (wo_a is always float: D
 it in BF16; nn.Embedding, the head, the indexer's weights_proj).
 
 Inference only: the collectives have no backward here. Not done: data-parallel attention (tokens split
-over ranks, where all-to-all expert dispatch pays), splitting the compressors by channel. The sharded indexer loops over the op's query chunks in plain
-Python when the length is a number; a symbolic length (torch.export) takes all queries at once, as
-the decompose pass does for the op (tests/dsv4_compile/test_parallel_export.py).
+over ranks, where all-to-all expert dispatch pays), splitting the compressors by channel. The sharded
+indexer loops over the op's query chunks in plain Python when the length is a number; a symbolic
+length (torch.export) takes all queries at once, as the decompose pass does for the op
+(tests/dsv4_compile/test_parallel_export.py).
 """
 from __future__ import annotations
 
