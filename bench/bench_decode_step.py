@@ -7,8 +7,9 @@ eager vs captured in a CUDA graph, per step, at long context.
 
 Per context C (at most the preset's max_seq_len): the model is built on the GPU with max_seq_len = C
 (seeded weights; `--weights as-shipped`: quantized as a release ships them, FP8 linears and MXFP4
-experts, as users decode V4: flash-slice's 68 GB of bf16 weights become 23 GB), a prompt of C - 1 random tokens is prefilled at batch 1 into a KVCache (eager, plain
-ops), and that cache is copied into every row of a batch-B cache. One step = `model.decode(tokens
+experts, as users decode V4: flash-slice's 68 GB of bf16 weights become 23 GB), a prompt of C - 1
+random tokens is prefilled at batch 1 into a KVCache (eager, plain ops), and that cache is copied into
+every row of a batch-B cache. One step = `model.decode(tokens
 [B, 1], positions [B] = C - 1, cache)`: it writes the same cache slots every time, so a replay repeats
 the same work. Rows per (C, B):
   eager                       the plain ops, launched from Python
@@ -186,8 +187,8 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                     budget_s: float = 420.0, log=print, aoti: bool = False, profile: list | None = None,
                     weights: str = "bf16") -> list[dict]:
     """Every row: dict(config, weights, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
-    bytes_per_step, roofline_ms, roofline_pct, note). weights: WEIGHTS. `profile`: a list to receive, per (context, batch),
-    the fastest variant's kernel_profile rows (with config, context, batch, impl)."""
+    bytes_per_step, roofline_ms, roofline_pct, note). weights: one of WEIGHTS. `profile`: a list to receive,
+    per (context, batch), the fastest variant's kernel_profile rows (with config, context, batch, impl)."""
     import shutil
     import tempfile
 
