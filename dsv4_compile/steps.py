@@ -189,6 +189,7 @@ class ExportRun:
 
     def wait(self) -> tuple[list[EngineRecord], dict[int, dict]]:
         results: list[ExportTaskResult] = []
+        finished = False
         try:
             if self.pool is None:
                 models: dict[int, object] = {}
@@ -200,9 +201,9 @@ class ExportRun:
                                                models[bucket]))
             else:
                 results.extend(self.results)
-                self.close(finished=True)
+            finished = True
         finally:
-            self.close()
+            self.close(finished)
         order = {task: i for i, task in enumerate(self.tasks)}
         results.sort(key=lambda r: order[(r.bucket, r.kind, r.formats)])
         timings: dict[int, dict] = {}
