@@ -288,7 +288,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                 replicate(cache1, engine_cache)
                 cache_tensors = [t for _, t in engine_cache.named_tensors()]
                 variants.append(("AOTI decode engine, CUDA graph",
-                                 lambda: engine(tokens, positions, *cache_tensors)[0], True))
+                                 lambda: engine(tokens, positions, *cache_tensors), True))  # [B, V]: the cache in place
             fastest = (float("inf"), None, None)
             for name, fn, graphed in variants:
                 try:

@@ -33,8 +33,8 @@ for step in "$@"; do
     tests-export)     # compile / export / generate on the GPU
       $PYTEST -m gpu -n 3 --dist loadgroup tests/dsv4_compile/test_compile_gpu.py tests/dsv4_compile/test_export_gpu.py \
         tests/dsv4_compile/test_generate_gpu.py 2>&1 | tee "$OUT/tests_export.log" | tail -30 ;;
-    tests-kernels)    # every kernel, model, runtime and optimizer GPU test
-      $PYTEST -m gpu -n 4 tests/kernels tests/model tests/dsv4_compile/test_runtime.py tests/dsv4_compile/test_optim.py \
+    tests-kernels)    # every kernel, model, runtime and optimizer GPU test (loadgroup: the tens-of-GiB ones on one worker)
+      $PYTEST -m gpu -n 4 --dist loadgroup tests/kernels tests/model tests/dsv4_compile/test_runtime.py tests/dsv4_compile/test_optim.py \
         2>&1 | tee "$OUT/tests_kernels.log" | tail -30 ;;
     indexer-cached)   # decode's indexer over the packed key cache vs unpack + indexer_topk
       $PYTEST tests/kernels/test_indexer_topk_cached.py tests/kernels/test_indexer_topk.py \
