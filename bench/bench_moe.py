@@ -148,6 +148,9 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
                 epilogue = default_config(None, T * k, wf, act).replace(act_round="gate_up", block_n=ACT_BLOCK)
                 add("w4a8 epilogue rounding", lambda: moe_experts(x, ids, w, *wq, limit, epilogue, wf, scales, act),
                     "mxfp4-w4a8", epilogue.to_str())
+                # the model's buffers hold the scales as float32 (powers of two): the e8m0 route, checked per program
+                f32 = tuple(map(weight_formats.e8m0_to_float, scales))
+                add("w4a8 f32 scales", lambda: moe_experts(x, ids, w, *wq, limit, None, wf, f32, act), "mxfp4-w4a8")
             # the plain routing layout (torch ops: a sort, scatter, cumsums, gathers), which the launcher runs
             # beyond decode sizes (kernels/moe_experts/expert_blocks.py makes decode sizes' in one program)
             block_m = default_config(None, T * k).block_m
@@ -178,8 +181,8 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
              f"bf16 matmul peak {anchors['peak_tflops']:.0f} TFLOP/s, copy {anchors['copy_gbs']:.0f} GB/s (this run).", "",
              "Ratios of one run; 'ours' = the best of the default and the sweep for bf16.", "",
              "routing | T | ours bf16 ms | TFLOP/s (% peak) | GB/s (% copy) | % roofline | fp8 / bf16 | fp8 w8a8 / bf16 | mxfp4 / bf16 | "
-             "mxfp4 w4a8 / bf16 | w4a8 epilogue / ours | layout / ours | dense / ours | loop / ours | grouped_mm / ours",
-             "--- | " * 14 + "---"]
+             "mxfp4 w4a8 / bf16 | w4a8 epilogue / ours | w4a8 f32 scales / ours | layout / ours | dense / ours | loop / ours | grouped_mm / ours",
+             "--- | " * 15 + "---"]
     for kind in ("random", "skewed"):
         for T in sorted({r["tokens"] for r in rows}):
             ours = best.get((kind, T, "ours", "bf16"))
@@ -196,14 +199,16 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
             lines.append(f"{kind} | {T} | {ours['ms']:.4f} | {ours['tflops']:.1f} ({ours['pct_peak']:.0f}%) | "
                          f"{ours['gbs']:.0f} ({ours['pct_copy']:.0f}%) | {ours['pct_roofline']:.0f}% | {speedup('fp8')} | "
                          f"{speedup('fp8-w8a8')} | {speedup('mxfp4')} | {speedup('mxfp4-w4a8')} | "
-                         f"{ratio('w4a8 epilogue rounding', 'mxfp4-w4a8')} | {ratio('routing layout')} | "
+                         f"{ratio('w4a8 epilogue rounding', 'mxfp4-w4a8')} | {ratio('w4a8 f32 scales', 'mxfp4-w4a8')} | "
+                         f"{ratio('routing layout')} | "
                          f"{ratio('dense masked (plain)')} | {ratio('loop F.linear')} | {ratio('torch._grouped_mm')}")
     lines += ["", "% roofline: the longer of the FLOPs at the bf16 peak and the bytes at the copy bandwidth, over the time.",
               "", "fp8 / bf16, fp8 w8a8 / bf16, mxfp4 / bf16 and mxfp4 w4a8 / bf16: speed-up of the quantized weights "
               "(higher is faster; fp8: W8A16, mxfp4: W4A16, w8a8 / w4a8: the activations in FP8 too, on FP8 tensor "
               "cores); w4a8 epilogue / ours: at decode sizes, W4A8 with its activation rounded in the gate/up epilogue "
               "(128-wide column tiles) over its default (act_round pass: rounded by a pass of its own, W4A16's tiles; "
-              "> 1: the default faster); layout / ours: the plain routing layout alone (model.moe_ops.chunked_expert_blocks, ~30 torch ops: "
+              "> 1: the default faster); w4a8 f32 scales / ours: W4A8 at decode sizes with the same scales as float32 "
+              "(the model's buffers) over e8m0 ones; layout / ours: the plain routing layout alone (model.moe_ops.chunked_expert_blocks, ~30 torch ops: "
               "the launcher's layout beyond decode sizes, where one Triton program makes it) over our bf16 call; the "
               "others: their time over ours (higher: ours faster). Every row is in moe.csv."]
     with open(path, "w") as f:
@@ -232,11 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<GPU>, or $BENCH_OUT)")
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts T, comma-separated")
     args = parser.parse_args(argv)
+    try:
+        tokens = tuple(int(t) for t in args.tokens.split(","))
+        assert all(t > 0 for t in tokens)
+    except (ValueError, AssertionError):
+        parser.error(f"--tokens {args.tokens!r}; accepted: positive integers, comma-separated (e.g. 1,64)")
     if args.smoke:
         rows, anchors = run(D=128, I=128, E=9, k=3, tokens=(1, 20), sweep=False)   # 128: W8A8's / W4A8's whole blocks
     else:
-        rows, anchors = run()
+        rows, anchors = run(tokens=tokens)
     out = args.out or out_dir()
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "moe.csv"), rows)

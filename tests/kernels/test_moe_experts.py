@@ -47,7 +47,7 @@ from dsv4_compile.kernels._jit_utils import e4m3_value  # noqa: E402
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
 from dsv4_compile.kernels.moe_experts.config import default_config, w8a8_config  # noqa: E402
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
-    FOLD_MAX_SHIFT, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, launch, sum_slots)
+    FOLD_MAX_SHIFT, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_pow2, _mxfp4_tile, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close, exported_op_args, rel_rms  # noqa: E402
 
@@ -177,6 +177,47 @@ def test_float32_scales(fmt):
     run_all(7, 2, 5, 64, 64, torch.float32, fmt, "holes", scale_dtype=torch.float32)
 
 
+def test_mxfp4_float32_scales_of_any_value():
+    """MXFP4 float32 scales that are not all powers of two (expert 1's times 3/2, expert 3's one run 2^-130, a
+    subnormal) take the fp32 route in those experts' programs, the e8m0 route elsewhere (_mxfp4_pow2): each
+    against the twin, which multiplies the same values."""
+    T, k, E, D, I = 7, 2, 5, 64, 64
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ids, w = routing(T, k, E, "random", seed=1)
+    w1, w2, w3, scales = experts(E, I, D, torch.bfloat16, "mxfp4", torch.float32, seed=E)
+    scales = tuple(s.clone() for s in scales)
+    for s in scales:
+        s[1] *= 1.5
+        s[3, 0, 0] = 2.0 ** -130
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, None, "mxfp4",
+                      tuple(map(dev, scales))).cpu()
+    assert_close("kernel vs naive", naive.moe_experts(x, ids, w, w1, w2, w3, LIMIT, None, "mxfp4", scales), out,
+                 TOL[torch.bfloat16])
+
+
+@triton.jit
+def _pow2_of_each_column_tile(p_s, p_out, R, C, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert = tl.program_id(1)  # 0, as a tensor
+    tl.store(p_out + tl.program_id(0), _mxfp4_pow2(p_s, expert, offs_n, R, C, BLOCK_K, BLOCK_N).to(tl.int32))
+
+
+@pytest.mark.parametrize("value,pow2", [(2.0 ** -126, True), (2.0 ** 127, True), (1.0, True), (1.5, False),
+                                        (2.0 ** -127, False), (-2.0, False), (0.0, False), (float("inf"), False),
+                                        (float("nan"), False)])
+def test_mxfp4_pow2_is_every_scale_a_normal_power_of_two(value, pow2):
+    """_mxfp4_pow2 over a program's columns (rows 0..15, 16..24 of 25: the second tile partial, its
+    masked-out rows ignored) and every K tile (C 256, BLOCK_K 64): one scale set to `value` (in the last K
+    tile of the second column tile), the rest powers of two."""
+    R, C = 25, 256
+    scales = torch.exp2(torch.randint(-20, 20, (1, R, C // 32), generator=torch.Generator().manual_seed(0)).float())
+    scales[0, 24, C // 32 - 1] = value
+    out = torch.full((2,), 7, dtype=torch.int32, device=DEVICE)
+    _pow2_of_each_column_tile[(2, 1)](scales.to(DEVICE), out, R, C, BLOCK_K=64, BLOCK_N=16)
+    assert out.cpu().tolist() == [1, int(pow2)]
+
+
 @triton.jit
 def _decode_every_byte(p_in, p_e4m3, p_e8m0, p_e8m0_bf16):
     o = tl.arange(0, 256)
@@ -203,13 +244,13 @@ def test_decoders_match_weight_formats_on_every_byte():
 
 
 @triton.jit
-def _mxfp4_tile_in_k_order(p_w, p_s, p_e, p_out, R, C, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr,
-                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _mxfp4_tile_in_k_order(p_w, p_s, p_e, p_out, R, C, SCALE_F32: tl.constexpr, POW2: tl.constexpr,
+                           UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     # p_out [R, C] float32: the tile's rows stored at the positions _mxfp4_order gives the activations
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     e = tl.load(p_e)
     for k0 in range(0, C, BLOCK_K):
-        w = _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32, UPCAST, BLOCK_K, BLOCK_N)   # [BK, BN]
+        w = _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32, POW2, UPCAST, BLOCK_K, BLOCK_N)   # [BK, BN]
         k = tl.reshape(_mxfp4_order((k0 + tl.arange(0, BLOCK_K))[None, :], 1, BLOCK_K), [BLOCK_K])
         tl.store(p_out + offs_n[None, :] * C + k[:, None], w.to(tl.float32), mask=offs_n[None, :] < R)
 
@@ -221,31 +262,34 @@ EXTREME_SCALES = [0, 1, 2, 126, 127, 128, 129, 200, 253, 254, 255]
 
 
 @pytest.mark.parametrize("upcast", UPCASTS)
-@pytest.mark.parametrize("scale_f32", [False, True], ids=["e8m0", "f32"])
-def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32):
+@pytest.mark.parametrize("scale_f32,pow2", [(False, False), (True, False), (True, True)], ids=["e8m0", "f32", "f32-pow2"])
+def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32, pow2):
     """_mxfp4_tile (uint32 word loads, _e2m1_bf16x2's bit placement, _e2m1_scaled) with its rows put back
     at the positions _mxfp4_order gives the activations, against model/weight_formats bit for bit: every
     byte (both nibbles, -0 included) in every row, e8m0 scale bytes 0 (2^-127, subnormal products), 254
     (overflow to inf), 255 (NaN) and between, on expert 1 of 2; 9 rows (a partial column tile), 256
     columns (four K tiles of 64). Compiled (a GPU run) the e8m0 path multiplies in bf16, the interpreter
-    in fp32 (its bf16 arithmetic works on raw bits)."""
+    in fp32 (its bf16 arithmetic works on raw bits). float32 scales: any value (fp32 multiplies), or
+    (POW2) normal powers of two (bytes 1..254) read as e8m0 bytes from their exponent fields."""
     R, C = 9, 512
     g = torch.Generator().manual_seed(0)
     packed = torch.stack([torch.randperm(256, generator=g) for _ in range(2 * R)]).to(torch.uint8).view(2, R, C // 2)
     pick = torch.randint(0, len(EXTREME_SCALES), (2, R, C // 32), generator=g)
-    raw = torch.tensor(EXTREME_SCALES, dtype=torch.uint8)[pick]
+    extremes = [b for b in EXTREME_SCALES if 0 < b < 255] if pow2 else EXTREME_SCALES
+    raw = torch.tensor(extremes, dtype=torch.uint8)[pick % len(extremes)]
     scales = weight_formats.e8m0_to_float(raw) if scale_f32 else raw
     expected = weight_formats.dequantize_mxfp4(packed[1], scales[1])
     out = torch.full((R, C), 7.0, device=DEVICE)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     expert = torch.ones(1, dtype=torch.int64)
     _mxfp4_tile_in_k_order[(triton.cdiv(R, 16),)](dev(packed), dev(scales), dev(expert), out, R, C, SCALE_F32=scale_f32,
-                                                  UPCAST=upcast, BLOCK_K=64, BLOCK_N=16)
+                                                  POW2=pow2, UPCAST=upcast, BLOCK_K=64, BLOCK_N=16)
     out = out.cpu()
     same = (out == expected) | (out.isnan() & expected.isnan())
     assert same.all(), f"{(~same).sum().item()} of {same.numel()} differ, first at {(~same).nonzero()[0].tolist()}"
     assert torch.equal(out.signbit()[~out.isnan()], expected.signbit()[~out.isnan()])
-    assert expected.isnan().any() and expected.isinf().any() and (expected.abs() == 2.0 ** -128).any()
+    assert expected.isinf().any() and (expected.abs() == 2.0 ** -125).any()            # byte 254 overflows; byte 1
+    assert pow2 or (expected.isnan().any() and (expected.abs() == 2.0 ** -128).any())  # byte 255; byte 0
 
 
 def test_small_tiles_and_group_swizzle():
