@@ -37,9 +37,9 @@ of eight codes, each code's bits shifted into a bf16 (each integer operation on 
 times 2^126 and the scale as bf16 pairs, the K positions in the order the words decode into (a
 permutation within each run of 8) and the activations loaded in the same order (_mxfp4_order), so
 no weight moves between registers (bench/results/H200/moe_mxfp4_offline.md: the SASS per weight).
-float32 MXFP4 scales (the model's buffers) take that bf16 route too where a program's scales are all
-normal powers of two (_mxfp4_pow2, checked once before its K loop: their exponents are e8m0 bytes),
-else the fp32 one (any value, one multiply a weight).
+float32 MXFP4 scales (the model's buffers) take that bf16 route too, their exponent fields read as e8m0
+bytes, checking along the K loop that each is a normal power of two (_not_pow2); a program that meets
+one that is not runs its K loop again on the fp32 route (any value, one multiply a weight).
 W8A8 (`act="fp8"` with FP8 weights: the moe_experts_fp8_w8a8 op, D and I multiples of 128): x
 quantized to e4m3 per row and 128-block with power-of-two scales (DeepSeek's act_quant) once, by
 kernels/fp8_quantize, before the chunks; the gate/up launch runs one K loop per weight (_fp8_gemm) over
@@ -279,8 +279,8 @@ def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, POW2: tl
     low nibble the even element), scales [E, R, C/32]. Loaded as uint32 words (_mxfp4_words), decoded by
     _e2m1_bf16x2 in that order so that no value moves between registers (the caller loads the
     activations in the same order), scaled by _e2m1_scaled: bf16 (e8m0 scales, compiled) or fp32, the
-    same values. POW2 (float32 scales the caller found normal powers of two, _mxfp4_pow2): their
-    exponent fields as e8m0 bytes, the e8m0 route."""
+    same values. POW2: float32 scales taken for normal powers of two (the caller checks, _not_pow2),
+    their exponent fields as e8m0 bytes: the e8m0 route."""
     p0, p1, p2, p3 = _e2m1_bf16x2(_mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K))         # [BK/8, BN] each
     bits = tl.join(tl.join(_halves(p0), _halves(p1)), tl.join(_halves(p2), _halves(p3)))   # [r, n, h, p % 2, p // 2]
     bits = tl.reshape(tl.permute(bits, (0, 4, 3, 2, 1)), [BLOCK_K // 32, 32, BLOCK_N])  # [r, p // 2, p % 2, h, n]
@@ -293,14 +293,12 @@ def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, POW2: tl
 
 
 @triton.jit
-def _mxfp4_pow2(p_s, e, offs_n, R, C, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Whether every float32 scale of W[e][offs_n, :] is a positive normal power of two (masked-out ones
-    read 1.0): scalar bool, one pass over the program's scales before its K loop."""
-    bad = tl.zeros([BLOCK_K // 32, BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, C, BLOCK_K):
-        _, exact = _scale_exponent(_mxfp4_scales(p_s, e, offs_n, k0, R, C, True, BLOCK_K), True)
-        bad |= tl.where(exact, 0, 1)
-    return tl.max(tl.max(bad, axis=1), axis=0) == 0
+def _not_pow2(p_s, e, offs_n, k0, R, C, BLOCK_K: tl.constexpr):
+    """[BLOCK_N] int32: 1 where a float32 scale of W[e][offs_n, k0 : k0 + BLOCK_K] is not a positive normal
+    power of two (masked-out ones read 1.0). Checked along the K loop (the scales _mxfp4_tile loads, again
+    from L1): a pass over the scales before it would be a chain of dependent loads, tens of microseconds."""
+    _, exact = _scale_exponent(_mxfp4_scales(p_s, e, offs_n, k0, R, C, True, BLOCK_K), True)
+    return tl.max(tl.where(exact, 0, 1), axis=0)
 
 
 # ---- W4A8 with w4a8_mma "fp8": MXFP4 weights on the FP8 tensor cores -----------------------------------
@@ -426,9 +424,11 @@ def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, F
                   SCALE_F32: tl.constexpr, POW2: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(x[token] @ W1[e][offs_n]^T, x[token] @ W3[e][offs_n]^T) [BM, BN] fp32 each, in x's dtype on the
-    tensor cores (rows not row_ok: 0) for float, FP8 (dequantized) or MXFP4 (_mxfp4_tile) weights."""
+    tensor cores (rows not row_ok: 0) for float, FP8 (dequantized) or MXFP4 (_mxfp4_tile) weights, and
+    with POW2 whether a scale was not a normal power of two (the products then void)."""
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    miss = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, D, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D),
@@ -439,30 +439,35 @@ def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, F
             acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
             b3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, POW2, UPCAST, BLOCK_K, BLOCK_N)
             acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
+            if SCALE_F32 and POW2:
+                miss |= _not_pow2(p_s1, e, offs_n, k0, I, D, BLOCK_K) | _not_pow2(p_s3, e, offs_n, k0, I, D, BLOCK_K)
         else:
             b1 = _weight_tile(p_w1, p_s1, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
             b3 = _weight_tile(p_w3, p_s3, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
-    return acc_gate, acc_up
+    return acc_gate, acc_up, tl.max(miss, axis=0) > 0
 
 
 @triton.jit
 def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
                POW2: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[offs_m] @ W2[e][offs_n]^T [BM, BN] fp32, as _gate_up_loop's products."""
+    """act[offs_m] @ W2[e][offs_n]^T [BM, BN] fp32 and whether a scale missed, as _gate_up_loop's."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    miss = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
         if FMT == 2:
             b = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, POW2, UPCAST, BLOCK_K, BLOCK_N)
             acc = _dot(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
+            if SCALE_F32 and POW2:
+                miss |= _not_pow2(p_s2, e, offs_n, k0, D, I, BLOCK_K)
         else:
             b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc = _dot(a, b, acc, UPCAST, IEEE)
-    return acc
+    return acc, tl.max(miss, axis=0) > 0
 
 
 # ================================================================================================
@@ -503,17 +508,13 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         acc_up = _fp8_gemm(p_x, p_xs, token, row_ok, p_w3, p_s3, e, pid_n * BLOCK_N, I, D, FMT, SCALE_F32,
                            NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        # one K loop per way of scaling MXFP4 weights (as _fp8_gemm's), so that each compiles lean
-        if FMT == 2 and SCALE_F32:
-            if _mxfp4_pow2(p_s1, e, offs_n, I, D, BLOCK_K, BLOCK_N) & _mxfp4_pow2(p_s3, e, offs_n, I, D, BLOCK_K, BLOCK_N):
-                acc_gate, acc_up = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
-                                                 SCALE_F32, True, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-            else:
-                acc_gate, acc_up = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
-                                                 SCALE_F32, False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            acc_gate, acc_up = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
-                                             SCALE_F32, False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        # float32 MXFP4 scales: the e8m0 route, again on the fp32 one where a scale was no power of two
+        acc_gate, acc_up, missed = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
+                                                 SCALE_F32, FMT == 2, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N,
+                                                 BLOCK_K)
+        if SCALE_F32 and FMT == 2 and missed:
+            acc_gate, acc_up, _ = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
+                                                SCALE_F32, False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if limit > 0:
         acc_gate = tl.minimum(acc_gate, limit)
         acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
@@ -561,16 +562,11 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
         acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, FMT, SCALE_F32,
                         NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        if FMT == 2 and SCALE_F32:
-            if _mxfp4_pow2(p_s2, e, offs_n, D, I, BLOCK_K, BLOCK_N):
-                acc = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, True, NATIVE_FP8, UPCAST,
-                                 IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-            else:
-                acc = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, False, NATIVE_FP8,
+        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, FMT == 2, NATIVE_FP8,
                                  UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            acc = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, False, NATIVE_FP8, UPCAST,
-                             IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        if SCALE_F32 and FMT == 2 and missed:  # as the gate/up launch's
+            acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, False, NATIVE_FP8, UPCAST,
+                                IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if not ACT_FP8:  # W8A8's and W4A8's act holds its routing weight already
         acc = acc * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
     row = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)

@@ -47,7 +47,7 @@ from dsv4_compile.kernels._jit_utils import e4m3_value  # noqa: E402
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
 from dsv4_compile.kernels.moe_experts.config import default_config, w8a8_config  # noqa: E402
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
-    FOLD_MAX_SHIFT, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_pow2, _mxfp4_tile, launch, sum_slots)
+    FOLD_MAX_SHIFT, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, _not_pow2, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close, exported_op_args, rel_rms  # noqa: E402
 
@@ -179,7 +179,7 @@ def test_float32_scales(fmt):
 
 def test_mxfp4_float32_scales_of_any_value():
     """MXFP4 float32 scales that are not all powers of two (expert 1's times 3/2, expert 3's one run 2^-130, a
-    subnormal) take the fp32 route in those experts' programs, the e8m0 route elsewhere (_mxfp4_pow2): each
+    subnormal) take the fp32 route in those experts' programs, the e8m0 route elsewhere (_not_pow2): each
     against the twin, which multiplies the same values."""
     T, k, E, D, I = 7, 2, 5, 64, 64
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
@@ -199,15 +199,17 @@ def test_mxfp4_float32_scales_of_any_value():
 @triton.jit
 def _pow2_of_each_column_tile(p_s, p_out, R, C, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    expert = tl.program_id(1)  # 0, as a tensor
-    tl.store(p_out + tl.program_id(0), _mxfp4_pow2(p_s, expert, offs_n, R, C, BLOCK_K, BLOCK_N).to(tl.int32))
+    miss = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, C, BLOCK_K):
+        miss |= _not_pow2(p_s, tl.program_id(1), offs_n, k0, R, C, BLOCK_K)     # expert 0
+    tl.store(p_out + tl.program_id(0), tl.max(miss, axis=0))
 
 
 @pytest.mark.parametrize("value,pow2", [(2.0 ** -126, True), (2.0 ** 127, True), (1.0, True), (1.5, False),
                                         (2.0 ** -127, False), (-2.0, False), (0.0, False), (float("inf"), False),
                                         (float("nan"), False)])
-def test_mxfp4_pow2_is_every_scale_a_normal_power_of_two(value, pow2):
-    """_mxfp4_pow2 over a program's columns (rows 0..15, 16..24 of 25: the second tile partial, its
+def test_not_pow2_finds_each_scale_not_a_normal_power_of_two(value, pow2):
+    """_not_pow2 along a program's K loop over its columns (rows 0..15, 16..24 of 25: the second tile partial, its
     masked-out rows ignored) and every K tile (C 256, BLOCK_K 64): one scale set to `value` (in the last K
     tile of the second column tile), the rest powers of two."""
     R, C = 25, 256
@@ -215,7 +217,7 @@ def test_mxfp4_pow2_is_every_scale_a_normal_power_of_two(value, pow2):
     scales[0, 24, C // 32 - 1] = value
     out = torch.full((2,), 7, dtype=torch.int32, device=DEVICE)
     _pow2_of_each_column_tile[(2, 1)](scales.to(DEVICE), out, R, C, BLOCK_K=64, BLOCK_N=16)
-    assert out.cpu().tolist() == [1, int(pow2)]
+    assert out.cpu().tolist() == [0, int(not pow2)]
 
 
 @triton.jit
