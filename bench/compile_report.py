@@ -207,10 +207,13 @@ def launches(kernel_name: str, dims: dict, cfg) -> list[tuple]:
     return calls
 
 
-def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x") -> list[tuple]:
+SCALES = {"e8m0": torch.float8_e8m0fnu, "f32": torch.float32}  # quantized weights' scales: as shipped, as the model holds
+
+
+def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x", scales_dtype: str = "e8m0") -> list[tuple]:
     """The (kernel, grid, args, kwargs) launches of torch.ops.dsv4.moe_experts' kernels (at decode sizes the
     one-program routing layout, then gate/up and down; the slot sum has no loop worth reporting) for T =
-    dims["T"] tokens routed at random (a fixed seed)."""
+    dims["T"] tokens routed at random (a fixed seed), quantized weights' scales in SCALES[scales_dtype]."""
     module = importlib.import_module("dsv4_compile.kernels.moe_experts.moe_experts")
     T, k, E, D, I = (dims[n] for n in ("T", "k", "E", "D", "I"))
     if weight_format not in module.WEIGHT_FORMATS:
@@ -223,10 +226,10 @@ def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x") -> list[tu
         ws, scales = [_stand_in(s, x.dtype) for s in shapes], None
     elif weight_format == "fp8":
         ws = [_stand_in(s, torch.float8_e4m3fn) for s in shapes]
-        scales = tuple(_stand_in((e, -(-r // 128), -(-c // 128)), torch.float8_e8m0fnu) for e, r, c in shapes)
+        scales = tuple(_stand_in((e, -(-r // 128), -(-c // 128)), SCALES[scales_dtype]) for e, r, c in shapes)
     else:
         ws = [_stand_in((e, r, c // 2), torch.uint8) for e, r, c in shapes]
-        scales = tuple(_stand_in((e, r, c // 32), torch.float8_e8m0fnu) for e, r, c in shapes)
+        scales = tuple(_stand_in((e, r, c // 32), SCALES[scales_dtype]) for e, r, c in shapes)
     calls = []
     # _check skipped: the stand-ins are one element expanded (not contiguous), their shapes right by construction;
     # W8A8's and W4A8's roundings (kernels/fp8_quantize: x's, and the activation's with act_round "pass")
@@ -247,7 +250,8 @@ def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x") -> list[tu
 
 
 def report(kernel_name: str, configs: list[str], preset: str = "flash", context: int = 8192, batch: int | None = None,
-           gpu: str = "H200", combine: bool = False, weight_format: str = "mxfp4", act: str = "x", log=print) -> list[Row]:
+           gpu: str = "H200", combine: bool = False, weight_format: str = "mxfp4", act: str = "x", scales: str = "e8m0",
+           log=print) -> list[Row]:
     """Compile each config of `kernel_name` at the preset's shapes; one Row per compiled kernel (the
     main kernel; with `combine`, the split-K combine kernel too; moe_experts: its gate/up and down
     kernels in `weight_format` and `act` ("fp8": W8A8), at the decode regime's T = batch tokens)."""
@@ -272,7 +276,7 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     for text in configs:
         cfg = config_class.from_str(text, base)
         moe = kernel_name == "moe_experts"
-        calls = moe_launches(dims, cfg, weight_format, act) if moe else launches(kernel_name, dims, cfg)
+        calls = moe_launches(dims, cfg, weight_format, act, scales) if moe else launches(kernel_name, dims, cfg)
         for kernel, grid, args, kwargs in calls:
             name = kernel.fn.__name__
             if "combine" in name and not combine:
@@ -338,12 +342,14 @@ def main(argv=None) -> int:
     parser.add_argument("--weight-format", default="mxfp4", choices=WEIGHT_FORMATS, help="moe_experts' weights")
     parser.add_argument("--act", default="x", choices=ACTS,
                         help="moe_experts' activations: x (in x's dtype) or fp8 (W8A8 / W4A8: the moe_experts_fp8_w8a8 / _mxfp4_w4a8 op)")
+    parser.add_argument("--scales", default="e8m0", choices=list(SCALES),
+                        help="moe_experts' weight scales: e8m0 (as shipped) or f32 (the model's buffers)")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(";")] if args.configs else [""]
     print(HEADER)
     rows = report(args.kernel, configs, args.preset, parse_contexts(args.context)[0], args.batch, args.gpu,
-                  args.combine, args.weight_format, args.act)
+                  args.combine, args.weight_format, args.act, args.scales)
     if args.csv:
         write_csv(rows, args.csv)
     return 0 if len(rows) >= len(configs) else 1
