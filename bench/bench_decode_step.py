@@ -41,7 +41,7 @@ from torch import nn
 from dsv4_compile.model.context import parse_contexts
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _kernel_bench_util import DEVICE, copy_bandwidth_gbs, environment, fmt, log_log_plot, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, copy_bandwidth_gbs, environment, fmt, log_log_plot, out_dir, write_csv  # noqa: E402
 from bench_layers import _err, _table, run_and_write, time_ms  # noqa: E402
 
 WEIGHTS = ("bf16", "as-shipped")  # the preset's float weights, or as a release ships them (FP8 + MXFP4)
@@ -185,10 +185,11 @@ def kernel_profile(fn, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> li
 @torch.no_grad()
 def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64, 1), compiled: bool = True,
                     budget_s: float = 420.0, log=print, aoti: bool = False, profile: list | None = None,
-                    weights: str = "bf16") -> list[dict]:
+                    weights: str = "bf16", partial=None) -> list[dict]:
     """Every row: dict(config, weights, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
     bytes_per_step, roofline_ms, roofline_pct, note). weights: one of WEIGHTS. `profile`: a list to receive,
-    per (context, batch), the fastest variant's kernel_profile rows (with config, context, batch, impl)."""
+    per (context, batch), the fastest variant's kernel_profile rows (with config, context, batch, impl).
+    `partial(rows)`: called with the rows so far as each context ends (main writes the outputs)."""
     import shutil
     import tempfile
 
@@ -219,105 +220,110 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
             f"{fmt(100 * floor_ms / ms)} % of roofline  {note}")
 
     for C in contexts:
-        if C > base.max_seq_len:
-            for B in batches:
-                add(C, B, "(none run)", float("nan"), note=f"skipped: {config}'s max_seq_len is {base.max_seq_len}")
-            continue
-        cfg = base.replace(max_seq_len=C)
-        model = cache1 = None
         try:
-            with torch.device(DEVICE):
-                model = Transformer(cfg, seed=0).eval()
-            if weights == "as-shipped":
-                quantize_as_shipped(model)
-            prompt = torch.randint(0, cfg.vocab_size, (1, C - 1), device=DEVICE,
-                                   generator=torch.Generator(DEVICE).manual_seed(0))
-            cache1 = KVCache(cfg, 1, C, device=DEVICE)
-            t = time.time()
-            model.prefill(prompt, cache1)
-            if cuda:
-                torch.cuda.synchronize()
-            log(f"context {C}: prefill of {C - 1} tokens (eager, batch 1) {time.time() - t:.1f} s")
-        except Exception as e:  # noqa: BLE001  (e.g. out of memory at 128K: report, go on)
-            for B in batches:
-                add(C, B, "(none run)", float("nan"), note=f"prefill FAILED: {_err(e)}")
-            del model, cache1
-            if cuda:
-                torch.cuda.empty_cache()
-            continue
-        engine = folder = None
-        if aoti and cuda:
-            if budget_s - (time.time() - t0) > COMPILE_RESERVE_S:
-                folder = tempfile.mkdtemp(prefix="dsv4-decode-engine-")
-                t = time.time()
-                try:
-                    engine = aoti_decode_engine(model, max(batches), folder)
-                    log(f"context {C}: AOTI decode engine exported and compiled in {time.time() - t:.0f} s")
-                except Exception as e:  # noqa: BLE001
-                    for B in batches:
-                        add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note=f"export FAILED: {_err(e)}")
-            else:
+            if C > base.max_seq_len:
                 for B in batches:
-                    add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note="skipped: past the time budget")
-        for B in batches:
-            cache = KVCache(cfg, B, C, device=DEVICE)
-            replicate(cache1, cache)
-            nbytes = decode_step_bytes(model, cache, C, B)
-            total = nbytes["weights"] + nbytes["cache"]
-            roofline[C, B] = (total, total / (bandwidth_gbs * 1e9) * 1e3)
-            log(f"context {C}, batch {B}: a step reads >= {nbytes['weights'] / 1e9:.2f} GB of weights "
-                f"({nbytes['experts_hit']:.1f} experts a MoE layer) + {nbytes['cache'] / 1e9:.3f} GB of cache: "
-                f"roofline {roofline[C, B][1]:.3f} ms")
-            step = DecodeStep(model, cache)
-            tokens = torch.randint(0, cfg.vocab_size, (B, 1), device=DEVICE)
-            positions = torch.full((B,), C - 1, device=DEVICE)
-            eager = step(tokens, positions).clone()                                         # [B, V] fp32
-            variants = [("eager", lambda: step(tokens, positions), False)]
-            comp = None
-            if compiled and cuda:
-                if budget_s - (time.time() - t0) > COMPILE_RESERVE_S:
-                    comp = dsv4_compile.compile(step, gpu="auto", passes="all", dynamic=False)
-                    variants.append(("compiled (passes)", lambda: comp(tokens, positions), False))
-                else:
-                    add(C, B, "compiled (passes)", float("nan"), note="skipped: past the time budget")
-            for name, fn, _ in list(variants):
+                    add(C, B, "(none run)", float("nan"), note=f"skipped: {config}'s max_seq_len is {base.max_seq_len}")
+                continue
+            cfg = base.replace(max_seq_len=C)
+            model = cache1 = None
+            try:
+                with torch.device(DEVICE):
+                    model = Transformer(cfg, seed=0).eval()
+                if weights == "as-shipped":
+                    quantize_as_shipped(model)
+                prompt = torch.randint(0, cfg.vocab_size, (1, C - 1), device=DEVICE,
+                                       generator=torch.Generator(DEVICE).manual_seed(0))
+                cache1 = KVCache(cfg, 1, C, device=DEVICE)
+                t = time.time()
+                model.prefill(prompt, cache1)
                 if cuda:
-                    variants.append((f"{name}, CUDA graph", fn, True))
-            if engine is not None:
-                engine_cache = KVCache(cfg, B, C, device=DEVICE)  # its own copy: the engine updates it in place
-                replicate(cache1, engine_cache)
-                cache_tensors = [t for _, t in engine_cache.named_tensors()]
-                variants.append(("AOTI decode engine, CUDA graph",
-                                 lambda: engine(tokens, positions, *cache_tensors), True))  # [B, V]: the cache in place
-            fastest = (float("inf"), None, None)
-            for name, fn, graphed in variants:
-                try:
-                    if graphed:
-                        graph, out = capture(fn)
-                        ms = graph_step_ms(graph)
+                    torch.cuda.synchronize()
+                log(f"context {C}: prefill of {C - 1} tokens (eager, batch 1) {time.time() - t:.1f} s")
+            except Exception as e:  # noqa: BLE001  (e.g. out of memory at 128K: report, go on)
+                for B in batches:
+                    add(C, B, "(none run)", float("nan"), note=f"prefill FAILED: {_err(e)}")
+                del model, cache1
+                if cuda:
+                    torch.cuda.empty_cache()
+                continue
+            engine = folder = None
+            if aoti and cuda:
+                if budget_s - (time.time() - t0) > COMPILE_RESERVE_S:
+                    folder = tempfile.mkdtemp(prefix="dsv4-decode-engine-")
+                    t = time.time()
+                    try:
+                        engine = aoti_decode_engine(model, max(batches), folder)
+                        log(f"context {C}: AOTI decode engine exported and compiled in {time.time() - t:.0f} s")
+                    except Exception as e:  # noqa: BLE001
+                        for B in batches:
+                            add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note=f"export FAILED: {_err(e)}")
+                else:
+                    for B in batches:
+                        add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note="skipped: past the time budget")
+            for B in batches:
+                cache = KVCache(cfg, B, C, device=DEVICE)
+                replicate(cache1, cache)
+                nbytes = decode_step_bytes(model, cache, C, B)
+                total = nbytes["weights"] + nbytes["cache"]
+                roofline[C, B] = (total, total / (bandwidth_gbs * 1e9) * 1e3)
+                log(f"context {C}, batch {B}: a step reads >= {nbytes['weights'] / 1e9:.2f} GB of weights "
+                    f"({nbytes['experts_hit']:.1f} experts a MoE layer) + {nbytes['cache'] / 1e9:.3f} GB of cache: "
+                    f"roofline {roofline[C, B][1]:.3f} ms")
+                step = DecodeStep(model, cache)
+                tokens = torch.randint(0, cfg.vocab_size, (B, 1), device=DEVICE)
+                positions = torch.full((B,), C - 1, device=DEVICE)
+                eager = step(tokens, positions).clone()                                         # [B, V] fp32
+                variants = [("eager", lambda: step(tokens, positions), False)]
+                comp = None
+                if compiled and cuda:
+                    if budget_s - (time.time() - t0) > COMPILE_RESERVE_S:
+                        comp = dsv4_compile.compile(step, gpu="auto", passes="all", dynamic=False)
+                        variants.append(("compiled (passes)", lambda: comp(tokens, positions), False))
                     else:
-                        (ms, _), out = time_ms(fn, graph=False), fn()
-                    add(C, B, name, ms, rel_rms(eager, out))
-                    fastest = min(fastest, (ms, name, fn), key=lambda v: v[0])
-                except Exception as e:  # noqa: BLE001
-                    add(C, B, name, float("nan"), note=f"FAILED: {_err(e)}")
-                graph = out = None
-            if profile is not None and fastest[2] is not None:  # its kernels, launched (not replayed)
-                try:
-                    profile += [dict(config=config, context=C, batch=B, impl=fastest[1], **k)
-                                for k in kernel_profile(fastest[2])]
-                except Exception as e:  # noqa: BLE001
-                    log(f"context {C}, batch {B}: profile of {fastest[1]} FAILED: {_err(e)}")
-            if not cuda:
-                add(C, B, "eager, CUDA graph", float("nan"), note="no CUDA here")
-            del step, cache, variants, comp
+                        add(C, B, "compiled (passes)", float("nan"), note="skipped: past the time budget")
+                for name, fn, _ in list(variants):
+                    if cuda:
+                        variants.append((f"{name}, CUDA graph", fn, True))
+                if engine is not None:
+                    engine_cache = KVCache(cfg, B, C, device=DEVICE)  # its own copy: the engine updates it in place
+                    replicate(cache1, engine_cache)
+                    cache_tensors = [t for _, t in engine_cache.named_tensors()]
+                    variants.append(("AOTI decode engine, CUDA graph",
+                                     lambda: engine(tokens, positions, *cache_tensors), True))  # [B, V]: the cache in place
+                fastest = (float("inf"), None, None)
+                for name, fn, graphed in variants:
+                    try:
+                        if graphed:
+                            graph, out = capture(fn)
+                            ms = graph_step_ms(graph)
+                        else:
+                            (ms, _), out = time_ms(fn, graph=False), fn()
+                        add(C, B, name, ms, rel_rms(eager, out))
+                        fastest = min(fastest, (ms, name, fn), key=lambda v: v[0])
+                    except Exception as e:  # noqa: BLE001
+                        add(C, B, name, float("nan"), note=f"FAILED: {_err(e)}")
+                    graph = out = None
+                if profile is not None and fastest[2] is not None:  # its kernels, launched (not replayed)
+                    try:
+                        profile += [dict(config=config, context=C, batch=B, impl=fastest[1], **k)
+                                    for k in kernel_profile(fastest[2])]
+                    except Exception as e:  # noqa: BLE001
+                        log(f"context {C}, batch {B}: profile of {fastest[1]} FAILED: {_err(e)}")
+                if not cuda:
+                    add(C, B, "eager, CUDA graph", float("nan"), note="no CUDA here")
+                del step, cache, variants, comp
+                if cuda:
+                    torch.cuda.empty_cache()
+            del model, cache1, engine
+            if folder is not None:  # the package (hundreds of MB at mini's shapes)
+                shutil.rmtree(folder, ignore_errors=True)
             if cuda:
                 torch.cuda.empty_cache()
-        del model, cache1, engine
-        if folder is not None:  # the package (hundreds of MB at mini's shapes)
-            shutil.rmtree(folder, ignore_errors=True)
-        if cuda:
-            torch.cuda.empty_cache()
+        finally:  # each context's rows on disk as it ends: a run killed later keeps them
+            if partial is not None:
+                partial(rows)
+
     log(f"decode_step: {time.time() - t0:.0f} s")
     return rows
 
@@ -429,9 +435,11 @@ def main(argv=None) -> int:
         return 2
     batches = [int(b) for b in args.batches.split(",")]
     profile = [] if args.profile else None
+    out = args.out or out_dir()
     return run_and_write(lambda: run_decode_step(args.config, parse_contexts(args.contexts), batches, not args.no_compile,
-                                                 args.budget, aoti=args.aoti, profile=profile, weights=args.weights),
-                         lambda rows, out: write_outputs(rows, out, profile), args.out, f"{output_stem(args.weights)}.md")
+                                                 args.budget, aoti=args.aoti, profile=profile, weights=args.weights,
+                                                 partial=lambda rows: write_outputs(rows, out, profile)),
+                         lambda rows, out: write_outputs(rows, out, profile), out, f"{output_stem(args.weights)}.md")
 
 
 if __name__ == "__main__":

@@ -295,8 +295,9 @@ def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, POW2: tl
 @triton.jit
 def _not_pow2(p_s, e, offs_n, k0, R, C, BLOCK_K: tl.constexpr):
     """[BLOCK_N] int32: 1 where a float32 scale of W[e][offs_n, k0 : k0 + BLOCK_K] is not a positive normal
-    power of two (masked-out ones read 1.0). Checked along the K loop (the scales _mxfp4_tile loads, again
-    from L1): a pass over the scales before it would be a chain of dependent loads, tens of microseconds."""
+    power of two (masked-out ones read 1.0). Checked along the K loop, on the scales _mxfp4_tile loads (10
+    more SASS instructions an iteration at decode's tiles, bench/results/H200/moe_f32_scales_offline.md): a
+    pass over the scales before the loop is a chain of dependent loads, 2-2.7x the decode time."""
     _, exact = _scale_exponent(_mxfp4_scales(p_s, e, offs_n, k0, R, C, True, BLOCK_K), True)
     return tl.max(tl.where(exact, 0, 1), axis=0)
 

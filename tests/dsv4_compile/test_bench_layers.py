@@ -60,9 +60,10 @@ def test_layers_matches_the_plain_ops():
 def test_decode_step_rows_and_outputs(tmp_path):
     import bench_decode_step
 
-    profile = []
+    profile, partial = [], []
     rows = bench_decode_step.run_decode_step("tiny", (128, 1024), (2,), compiled=False, log=lambda *_: None,
-                                             profile=profile)
+                                             profile=profile, partial=lambda rows: partial.append(len(rows)))
+    assert partial == [len([r for r in rows if r["context"] == 128]), len(rows)]  # as each context ends
     eager = [r for r in rows if r["impl"] == "eager"]
     assert len(eager) == 1 and eager[0]["ms_per_step"] > 0 and eager[0]["rel_rms_vs_eager"] == 0
     assert eager[0]["bytes_per_step"] > 0 and 0 < eager[0]["roofline_pct"] == eager[0]["roofline_pct"]
