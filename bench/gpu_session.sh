@@ -50,6 +50,8 @@ for step in "$@"; do
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
     moe)              python3 bench/bench_moe.py --out "$OUT" 2>&1 | tail -30 ;;   # its "fp8 w8a8 / bf16", "mxfp4 w4a8 / bf16" columns: issue 15
+    moe-decode)       # decode sizes only (about a minute): the W4A8 routes and the model's float32 scales vs e8m0
+      python3 bench/bench_moe.py --tokens 1,8,64 --out "$OUT" 2>&1 | tail -3; head -14 "$OUT/moe.md" | tail -7 ;;
     moe-w8a8)         # issue 15: the moe_experts_fp8_w8a8 op's kernel compiled: the odd shapes and the substitution, and at
       # T 4096 vs its naive twin, the plain W8A8 op and the W8A16 kernel (prints their distances)
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w8a8 or substitution" 2>&1 | tee "$OUT/tests_moe_w8a8.log" | tail -8 ;;
@@ -68,7 +70,7 @@ for step in "$@"; do
     muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
     layers)           python3 bench/bench_layers.py --contexts "${CONTEXTS:-32k,128k}" --out "$OUT" 2>&1 | tail -30 ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention decode-step moe moe-w8a8 moe-w4a8 tune-moe muon layers"; exit 2 ;;
+            "decode-attention decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe muon layers"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
