@@ -250,7 +250,26 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         from torch.library import wrap_triton
         wrap_triton(kernel)[grid](*args, **kwargs)
     elif not _is_fake(args):
-        kernel[grid](*args, **kwargs)
+        try:
+            kernel[grid](*args, **kwargs)
+        except Exception as err:
+            named = _launch_error(kernel, kwargs, err)
+            if named is err:
+                raise
+            raise named from err
+
+
+def _launch_error(kernel, kwargs: Mapping[str, Any], err: Exception) -> Exception:
+    """A launch's failure: Triton's OutOfResources (a config whose tiles do not fit this GPU) as a
+    one-line ValueError naming the kernel, its tile sizes and stages; anything else unchanged."""
+    from triton.runtime.errors import OutOfResources
+
+    if not isinstance(err, OutOfResources):
+        return err
+    tiles = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k.startswith("BLOCK_") or k in ("num_warps", "num_stages"))
+    need, have = (f"{n / 1024:.0f} KB" if err.name == "shared memory" else str(n) for n in (err.required, err.limit))
+    return ValueError(f"{getattr(kernel, '__name__', kernel)}: {tiles} need {need} of {err.name}, this GPU has {have}; "
+                      f"accepted: smaller tiles or fewer stages (the config's block sizes, num_stages)")
 
 
 _REGISTERED: dict[str, Any] = {}

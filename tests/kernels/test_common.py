@@ -33,3 +33,33 @@ def test_a_bounded_size_gives_its_bound():
     b, s = _size(env, "b", 2, 8), _size(env, "s", 500, 8192)
     assert largest_value(7) == 7 and largest_value(s) == 8192 and largest_value(b * s) == 65536
     assert split_chunks(b * s, 30000) == (30000, 3) and split_chunks(s, 30000) == (s, 1)
+
+
+def test_a_launch_whose_tiles_do_not_fit_is_a_one_line_error_naming_them():
+    """Triton's OutOfResources (seen on an H100: 240 KB of shared memory asked of 227 KB) becomes a
+    ValueError naming the kernel, its tiles and stages; other failures pass through unchanged."""
+    import torch
+    from triton.runtime.errors import OutOfResources
+
+    from dsv4_compile.kernels._common import launch
+
+    class Kernel:
+        __name__ = "_gate_up_kernel"
+
+        def __init__(self, err):
+            self.err = err
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise self.err
+            return run
+
+    x = torch.zeros(2)
+    with pytest.raises(ValueError) as caught:
+        launch(Kernel(OutOfResources(245760, 232448, "shared memory")), (1,), x, BLOCK_M=32, BLOCK_N=256, FMT=2,
+               num_warps=4, num_stages=3)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("_gate_up_kernel: BLOCK_M=32, BLOCK_N=256, num_warps=4, num_stages=3")
+    assert "240 KB of shared memory, this GPU has 227 KB" in message and "FMT" not in message
+    with pytest.raises(RuntimeError, match="other"):
+        launch(Kernel(RuntimeError("other")), (1,), x, BLOCK_M=32)
