@@ -241,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         tokens = tuple(int(t) for t in args.tokens.split(","))
-        assert all(t > 0 for t in tokens)
-    except (ValueError, AssertionError):
+    except ValueError:
+        tokens = ()
+    if not tokens or min(tokens) < 1:
         parser.error(f"--tokens {args.tokens!r}; accepted: positive integers, comma-separated (e.g. 1,64)")
     if args.smoke:
         rows, anchors = run(D=128, I=128, E=9, k=3, tokens=(1, 20), sweep=False)   # 128: W8A8's / W4A8's whole blocks
