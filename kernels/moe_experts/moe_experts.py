@@ -511,8 +511,8 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
     else:
         # float32 MXFP4 scales: the e8m0 route, again on the fp32 one where a scale was no power of two
         acc_gate, acc_up, missed = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
-                                                 SCALE_F32, FMT == 2, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N,
-                                                 BLOCK_K)
+                                                 SCALE_F32, SCALE_F32 and FMT == 2, NATIVE_FP8, UPCAST, IEEE,
+                                                 BLOCK_M, BLOCK_N, BLOCK_K)
         if SCALE_F32 and FMT == 2 and missed:
             acc_gate, acc_up, _ = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
                                                 SCALE_F32, False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -563,8 +563,8 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
         acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, FMT, SCALE_F32,
                         NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, FMT == 2, NATIVE_FP8,
-                                 UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, SCALE_F32 and FMT == 2,
+                                 NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         if SCALE_F32 and FMT == 2 and missed:  # as the gate/up launch's
             acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, False, NATIVE_FP8, UPCAST,
                                 IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
