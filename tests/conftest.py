@@ -11,6 +11,7 @@ if _isa is not None:
         raise SystemExit(f"DSV4_TEST_CPU_ISA={_isa!r}: accepted: {', '.join(CPU_ISAS)}")
     os.environ["ATEN_CPU_CAPABILITY"] = _isa
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -40,6 +41,42 @@ import dsv4_compile  # noqa: E402
 if getattr(dsv4_compile, "__file__", None) is None:
     raise ImportError("dsv4_compile is not installed: pip install torch==2.13.0 '.[test]' (README, Set up)")
 sys.path.insert(0, _TESTS)  # tests/helpers.py
+
+
+def _ordered_dot(interpreter):
+    """The interpreter's tl.dot with every output element its own sum over K in K's order (float64, from
+    products exact there, rounded once to the accumulator's dtype): as a GPU's MMA, an element's value
+    depends on its row and column alone. numpy's matmul (BLAS) orders each sum by the matrix's shape and
+    the CPU's kernels, so tiles that split the same sums differently need not agree there."""
+    builder, dot = interpreter.InterpreterBuilder, interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *precision):
+        acc = np.asarray(d.data)
+        if not np.issubdtype(acc.dtype, np.floating):
+            return dot(self, a, b, d, *precision)
+        a_data, b_data = a.data, b.data
+        if (a.dtype.primitive_bitwidth == 8 and a.dtype.is_floating()) or \
+                (b.dtype.primitive_bitwidth == 8 and b.dtype.is_floating()):  # FP8 via fp16, as the interpreter does
+            a_data = interpreter._convert_float(a_data, a.dtype, interpreter.tl.float16, None).view(np.float16)
+            b_data = interpreter._convert_float(b_data, b.dtype, interpreter.tl.float16, None).view(np.float16)
+        a64, b64 = np.asarray(a_data, np.float64), np.asarray(b_data, np.float64)   # [M, K], [K, N]
+        total = np.zeros(a64.shape[:-1] + b64.shape[-1:])
+        for k in range(a64.shape[-1]):
+            total += a64[..., :, k, None] * b64[..., None, k, :]
+        return interpreter.TensorHandle(total.astype(acc.dtype) + acc, d.dtype.scalar)
+
+    return builder, "create_dot", create_dot
+
+
+@pytest.fixture(autouse=True)
+def interpreted_dots_are_ordered(monkeypatch):
+    """Under TRITON_INTERPRET, tl.dot as _ordered_dot: the kernel tests hold different tilings of the same
+    sums (token chunks, column splits, split K) to equal bits, on whatever CPU runs them."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from triton.runtime import interpreter
+
+        monkeypatch.setattr(*_ordered_dot(interpreter))
+    yield
 
 
 def pytest_collection_modifyitems(config, items):
