@@ -7,7 +7,7 @@ eager vs captured in a CUDA graph, per step, at long context.
 
 Per context C (at most the preset's max_seq_len): the model is built on the GPU with max_seq_len = C
 (seeded weights; `--weights as-shipped`: quantized as a release ships them, FP8 linears and MXFP4
-experts, as users decode V4: flash-slice's 68 GB of bf16 weights become 23 GB), a prompt of C - 1
+experts, as users decode V4: flash-slice's 68 GB of bf16 weights become 20 GB), a prompt of C - 1
 random tokens is prefilled at batch 1 into a KVCache (eager, plain ops), and that cache is copied into
 every row of a batch-B cache. One step = `model.decode(tokens
 [B, 1], positions [B] = C - 1, cache)`: it writes the same cache slots every time, so a replay repeats

@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a checkpoint's FP8/MXFP4 dequantized); as-shipped, the linears DeepSeek runs as FP8 GEMMs "
                              "in FP8 e4m3 with 128x128 scales and the routed experts in MXFP4, as a release ships them "
                              "(a checkpoint's kept; seeded weights or a weights file quantized so): about a quarter "
-                             "to a half of the bytes (V4-Flash ~188 GB instead of ~583 GB) (default: bf16)")
+                             "to a half of the bytes (V4-Flash ~162 GB instead of ~583 GB) (default: bf16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the deterministic weights (default: 0)")
     parser.add_argument("--passes", default="all", metavar="LIST",
                         help="substitution passes: all, none, or comma-separated names/families (default: all)")

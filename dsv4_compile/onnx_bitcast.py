@@ -1,5 +1,6 @@
 """ONNX translation of `aten.view.dtype` (a bitcast) for the KV cache's byte layout and the MXFP4
-experts' packed codes (int8 read as uint8), in opset-21 arithmetic.
+experts' packed codes (int8 read as uint8) and e8m0 scales (float32 bit patterns built as int32,
+model/weight_formats.py), in opset-21 arithmetic.
 
 ONNX has no bitcast before opset 26 (`BitCast`), and the engines keep the project's opset. The cache
 stores FP8 e4m3 codes, BF16 rope dims and (indexer "fp8") float32 scales as bytes
@@ -7,7 +8,8 @@ stores FP8 e4m3 codes, BF16 rope dims and (indexer "fp8") float32 scales as byte
 split into sign, exponent field and mantissa with exact float32 arithmetic (power-of-two scalings,
 the exponent from floor(log2) corrected by comparing with the power itself), and bytes are
 recombined the same way. Exact for every finite value of the source type, -0 included; NaN and
-infinity are not represented (the model never stores them).
+infinity are decoded from BF16 and float32 bits (an e8m0 scale byte 255 is NaN), not encoded (the
+model never stores them).
 """
 from __future__ import annotations
 
@@ -73,16 +75,21 @@ def _decode(bits, name: str):
     normal = op.Mul(op.Add(frac, _const(1.0)), _pow2(op.Sub(field, _const(float(bias)))))
     subnormal = op.Mul(frac, _const(2.0 ** (1 - bias)))
     value = op.Where(op.Equal(field, _const(0.0)), subnormal, normal)
+    if name != "FLOAT8E4M3FN":  # IEEE formats: the all-ones exponent field holds infinity and NaN
+        special = op.Where(op.Equal(mant, _const(0.0)), _const(float("inf")), _const(float("nan")))
+        value = op.Where(op.Equal(field, _const(float(2 ** ebits - 1))), special, value)
     sign = op.Sub(_const(1.0), op.Mul(_const(2.0), op.Cast(negative, to=1)))         # +-1: 0 * -1 = -0
     return op.Mul(value, sign)
 
 
 def onnx_view_dtype(self, dtype):
-    """aten.view.dtype for FP8 e4m3 / BF16 / float32 <-> uint8 (the bytes of the values, little endian)
-    and int8 <-> uint8 (two's complement: the same byte)."""
+    """aten.view.dtype for FP8 e4m3 / BF16 / float32 <-> uint8 (the bytes of the values, little endian),
+    int8 <-> uint8 (two's complement: the same byte), int32 -> float32 and any dtype as itself."""
     from onnxscript import opset21 as op
 
     source, target = self.dtype.name, dtype.name
+    if source == target:  # a view as its own dtype (e8m0 scales held as uint8, read as bytes)
+        return op.Identity(self)
     if target == "UINT8" and source in _FORMATS:
         nbytes = _FORMATS[source][2]
         bits = _encode(op.Cast(self, to=1), source)                           # [..., n] int64
@@ -100,10 +107,12 @@ def onnx_view_dtype(self, dtype):
             weights = _const([256 ** k for k in range(nbytes)], "int64")
             data = op.ReduceSum(op.Mul(op.Reshape(data, shape), weights), _const([-1], "int64"), keepdims=0)
         return op.Cast(_decode(data, target), to=dtype)
+    if source == "INT32" and target == "FLOAT":  # bit patterns built as integers (e8m0 scales' values)
+        return op.Cast(_decode(op.Mod(op.Cast(self, to=7), _const(2 ** 32, "int64")), "FLOAT"), to=dtype)
     if {source, target} == {"INT8", "UINT8"}:  # MXFP4 experts' packed codes: the same byte, read the other way
         data = op.Cast(self, to=7)                                                # int64
         return op.Cast(op.Mod(data, _const(256, "int64")) if target == "UINT8" else
                        op.Sub(data, op.Mul(op.Cast(op.GreaterOrEqual(data, _const(128, "int64")), to=7),
                                            _const(256, "int64"))), to=dtype)
-    raise NotImplementedError(f"view.dtype {source} -> {target}: only FP8 e4m3, BF16 and float32 <-> uint8 and int8 <-> "
-                              f"uint8 are translated")
+    raise NotImplementedError(f"view.dtype {source} -> {target}: only FP8 e4m3, BF16 and float32 <-> uint8, int8 <-> "
+                              f"uint8 and int32 -> float32 are translated")

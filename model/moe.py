@@ -67,8 +67,9 @@ class ShippedExperts(nn.Module):
 
 class MXFP4Experts(ShippedExperts):
     """The routed experts as the releases ship them (MXFP4, for inference): w1, w3 [E, inter, dim/2],
-    w2 [E, dim, inter/2] int8 (two e2m1 codes per byte) with float32 (power-of-two) scales per 1 x 32
-    along the reduction dim. forward is `torch.ops.dsv4.moe_experts_mxfp4_w4a8` (the activations
+    w2 [E, dim, inter/2] int8 (two e2m1 codes per byte) with e8m0 scales per 1 x 32 along the
+    reduction dim, held as the shipped bytes (uint8: a quarter of float32's bytes, and float8_e8m0fnu
+    has no ONNX type). forward is `torch.ops.dsv4.moe_experts_mxfp4_w4a8` (the activations
     quantized to FP8 per 128, as DeepSeek's inference runs the MXFP4 experts: W4A8), or
     `moe_experts_mxfp4` (W4A16: multiplied in x's dtype) with `quantize_input=False` (a model with
     `simulate_quantization=False`) and where dim or inter is not a multiple of 128 (small test models:
@@ -82,7 +83,7 @@ class MXFP4Experts(ShippedExperts):
         self.quantize_input = quantize_input and dim % FP8_LINEAR_BLOCK == 0 and inter_dim % FP8_LINEAR_BLOCK == 0
         for name, rows, cols in (("w1", inter_dim, dim), ("w2", dim, inter_dim), ("w3", inter_dim, dim)):
             self.register_buffer(name, torch.empty(n_experts, rows, cols // 2, dtype=torch.int8, device=device))
-            self.register_buffer(name + "_scale", torch.empty(n_experts, rows, cols // 32, dtype=torch.float32,
+            self.register_buffer(name + "_scale", torch.empty(n_experts, rows, cols // 32, dtype=torch.uint8,
                                                               device=device))
 
 

@@ -1,8 +1,8 @@
 """The weight formats DeepSeek-V4 ships, decoded and encoded in plain PyTorch (the one home of them).
 
 - e8m0 (UE8M0) scales: one unsigned byte u per scale, value 2^(u - 127); u = 255 is NaN. Stored as
-  `torch.float8_e8m0fnu` (or its raw bytes as uint8/int8). Base models ship float32 scales instead;
-  every decoder here accepts both.
+  `torch.float8_e8m0fnu` (or its raw bytes as uint8/int8: the model holds uint8, which every export
+  route carries). Base models ship float32 scales instead; every decoder here accepts both.
 - FP8 linears: weight [N, K] float8_e4m3fn and `.scale` [ceil(N/128), ceil(K/128)], one scale per
   128 x 128 tile (the last tile of a dimension may be partial). value = code * scale of its tile.
 - MXFP4 routed experts: weight [N, K/2] int8, two e2m1 codes per byte, element 2i in the low nibble
@@ -34,18 +34,30 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     """
     if scale.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         return scale.float()
-    if scale.dtype == torch.float8_e8m0fnu:
-        raw = scale.view(torch.uint8)
-    elif scale.dtype in (torch.uint8, torch.int8):
-        raw = scale.view(torch.uint8)
-    else:
+    if scale.dtype not in (torch.float8_e8m0fnu, torch.uint8, torch.int8):
         raise TypeError(f"e8m0_to_float: scale dtype {scale.dtype} is not a scale format; accepted: "
                         f"{', '.join(str(d) for d in SCALE_DTYPES)}")
-    u = raw.to(torch.int32)
-    return torch.where(u == 255, torch.full_like(u, _FLOAT32_NAN_BITS), _pow2_bits(u - E8M0_BIAS)).view(torch.float32)
+    # float32's bits: u in the exponent field; 0 -> the subnormal 2^-127. Multiplies, not shifts: the
+    # ONNX export has no translation of int32 shifts (the view is dsv4_compile/onnx_bitcast.py's).
+    u = scale.view(torch.uint8).to(torch.int32)
+    bits = torch.where(u == 0, _FLOAT32_2_POW_M127_BITS, torch.where(u == 255, _FLOAT32_NAN_BITS, u * (1 << 23)))
+    return bits.view(torch.float32)
+
+
+def scale_as(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Scales in any accepted format (e8m0 bytes, or float values) held as `dtype`: float32 values, or
+    e8m0 as uint8 bytes / float8_e8m0fnu. Floats become e8m0 only if they are powers of two in
+    [2^-127, 2^127] (ValueError naming the first that is not)."""
+    if dtype == torch.float32:
+        return e8m0_to_float(scale)
+    if dtype not in (torch.uint8, torch.float8_e8m0fnu):
+        raise ValueError(f"scale_as: dtype {dtype}; accepted: torch.float32, torch.uint8, torch.float8_e8m0fnu")
+    e8m0 = scale if scale.dtype in (torch.float8_e8m0fnu, torch.uint8, torch.int8) else float_to_e8m0(scale)
+    return e8m0.view(dtype)
 
 
 _FLOAT32_NAN_BITS = 0x7FC00000
+_FLOAT32_2_POW_M127_BITS = 0x00400000
 
 
 def _pow2_bits(exponent: torch.Tensor) -> torch.Tensor:
@@ -107,7 +119,7 @@ def quantize_fp8_weight(weight: torch.Tensor, block: int = FP8_WEIGHT_BLOCK, sca
     """weight [..., N, K] float -> (codes [..., N, K] float8_e4m3fn, scale [..., ceil(N/block), ceil(K/block)]).
 
     Per tile: scale = pow2_ceil(max(amax, 1e-4) / 448); codes = weight / scale, rounded to nearest even.
-    scale_dtype: float8_e8m0fnu (the instruct releases' UE8M0) or float32 (same power-of-two values).
+    scale_dtype: float8_e8m0fnu (the instruct releases' UE8M0), its bytes as uint8, or float32 (same values).
     """
     rows, cols = weight.shape[-2:]
     tile_rows, tile_cols = fp8_weight_scale_shape(rows, cols, block)
@@ -117,15 +129,7 @@ def quantize_fp8_weight(weight: torch.Tensor, block: int = FP8_WEIGHT_BLOCK, sca
     amax = tiles.abs().amax(dim=(-3, -1))  # [..., tr, tc]
     scale = pow2_ceil(amax.clamp_min(FP8_AMAX_FLOOR) / FP8_MAX)
     codes = (w / _expand_tiles(scale, rows, cols, block, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return codes, _scale_as(scale, scale_dtype)
-
-
-def _scale_as(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    if scale_dtype == torch.float8_e8m0fnu:
-        return float_to_e8m0(scale)
-    if scale_dtype == torch.float32:
-        return scale
-    raise ValueError(f"scale_dtype {scale_dtype}: accepted: torch.float8_e8m0fnu, torch.float32")
+    return codes, scale_as(scale, scale_dtype)
 
 
 # ---- MXFP4: e2m1 pairs in int8, e8m0 per 1 x 32 -----------------------------------------------------
@@ -169,7 +173,7 @@ def quantize_mxfp4(weight: torch.Tensor, block: int = MXFP4_BLOCK, scale_dtype: 
     blocks = weight.float().unflatten(-1, (k // block, block))
     scale = pow2_ceil(blocks.abs().amax(-1).clamp_min(FP4_AMAX_FLOOR) / FP4_MAX)
     codes = fp4_codes(blocks / scale.unsqueeze(-1)).flatten(-2)
-    return pack_fp4_codes(codes), _scale_as(scale, scale_dtype)
+    return pack_fp4_codes(codes), scale_as(scale, scale_dtype)
 
 
 def quantize_experts(quantize, weights: torch.Tensor, experts_at_once: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,7 +45,7 @@ from ..model.moe import FP8Experts, MXFP4Experts
 from ..model.ops import FP8_LINEAR_BLOCK
 from ..model.parallel import ParallelLayout, Part, local_parts, parallelize
 from ..model.weight_formats import (FP8_WEIGHT_BLOCK, MXFP4_BLOCK, dequantize_fp8_weight, dequantize_mxfp4,
-                                    e8m0_to_float, fp8_weight_scale_shape)
+                                    fp8_weight_scale_shape, scale_as)
 from . import names
 from .files import CheckpointError, CheckpointFiles, TensorEntry, TensorReader, discover
 
@@ -362,7 +362,7 @@ def _read(reader: TensorReader, entries: list[TensorEntry], dim: int | None, par
 @torch.no_grad()
 def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], parts: dict[str, Part], progress) -> None:
     """Copy every planned tensor into the materialized model: `as_shipped` weights (FP8Linear,
-    MXFP4Experts, FP8Experts buffers) as codes + float32 scales, the rest decoded into the parameter's
+    MXFP4Experts, FP8Experts buffers) as codes + scales in their buffers' dtypes, the rest decoded into the parameter's
     dtype; of a tensor in `parts` (a sharded model) only its part."""
     state = model.state_dict(keep_vars=True)
     reader = TensorReader()
@@ -374,12 +374,13 @@ def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], parts: dict[str
             if ours in as_shipped and names.is_stacked_experts(ours):  # MXFP4 / FP8 codes and scales, expert by expert
                 for e, src in enumerate(sources):
                     target[e].copy_(_read(reader, src.entries, src.split_dim).view(target.dtype))
-                    state[ours + "_scale"][e].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim)))
+                    scale = state[ours + "_scale"]
+                    scale[e].copy_(scale_as(_read(reader, src.scale, src.split_dim), scale.dtype))
                 continue
             if ours in as_shipped:  # FP8 codes and scales, of a split linear its part's (whole tiles)
                 src, scale = sources[0], ours[: -len(".weight")] + ".scale"
                 target.copy_(_read(reader, src.entries, src.split_dim, part))
-                state[scale].copy_(e8m0_to_float(_read(reader, src.scale, src.split_dim, parts.get(scale))))
+                state[scale].copy_(scale_as(_read(reader, src.scale, src.split_dim, parts.get(scale)), state[scale].dtype))
                 continue
             for e, src in enumerate(sources):
                 value = _decoded(reader, src, target.dtype, target.device, part)

@@ -11,9 +11,8 @@ quantizers, `write._shipped`; the loader's choice of modules):
 - routed experts become `MXFP4Experts`: two e2m1 codes per int8 byte + a scale per 1 x 32;
 - every other tensor is rounded to its shipped dtype (bf16, or fp32 for mHC, sinks, biases) and kept
   in the model's own.
-The bytes of the linears are halved (bf16 -> FP8) and those of the experts cut to 0.625 B/weight (the
-float32 scales the modules hold included): V4-Flash ~188 GB instead of ~583 GB in bf16 (the release,
-with 1-byte e8m0 scales, ~160 GB).
+The bytes of the linears are halved (bf16 -> FP8) and those of the experts cut to 0.53 B/weight (their
+e8m0 scale bytes included, held as a release ships them): V4-Flash ~162 GB instead of ~583 GB in bf16.
 
 `shipped_modules(model, state)` gives a plain model the modules of an as-shipped state_dict (one of
 the above, or of from_pretrained(weights="as-shipped"), whose FP8-shipped experts are `FP8Experts`), on
@@ -28,7 +27,7 @@ from ..model import Transformer
 from ..model.layers import FP8Linear
 from ..model.moe import FP8Experts, MXFP4Experts, RoutedExperts
 from ..model.ops import FP8_LINEAR_BLOCK
-from ..model.weight_formats import dequantize_fp8_weight, e8m0_to_float, quantize_fp8_weight, quantize_mxfp4
+from ..model.weight_formats import dequantize_fp8_weight, quantize_fp8_weight, quantize_mxfp4
 from . import names
 from .write import _shipped
 
@@ -75,9 +74,9 @@ def _fp8_linear(linear: nn.Linear, quantize_input: bool) -> FP8Linear:
     fp8 = FP8Linear(linear.in_features, linear.out_features, device=w.device, quantize_input=quantize_input)
     if w.is_meta:
         return fp8
-    codes, scale = quantize_fp8_weight(w)
+    codes, scale = quantize_fp8_weight(w, scale_dtype=fp8.scale.dtype)
     fp8.weight.copy_(codes)
-    fp8.scale.copy_(e8m0_to_float(scale))
+    fp8.scale.copy_(scale)
     return fp8
 
 
@@ -92,9 +91,9 @@ def _mxfp4_experts(experts: RoutedExperts, quantize_input: bool) -> MXFP4Experts
     for name in ("w1", "w2", "w3"):
         w, codes, scales = getattr(experts, name), getattr(out, name), getattr(out, name + "_scale")
         for i in range(e):
-            packed, scale = quantize_mxfp4(w[i])
+            packed, scale = quantize_mxfp4(w[i], scale_dtype=scales.dtype)
             codes[i].copy_(packed)
-            scales[i].copy_(e8m0_to_float(scale))
+            scales[i].copy_(scale)
     return out
 
 

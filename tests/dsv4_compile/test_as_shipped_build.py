@@ -86,9 +86,10 @@ def test_weight_sizes_count_the_shipped_bytes():
     assert weight_sizes(plain) == (n, dequantized, dequantized)  # as many weights; all float32 dequantized
     fp8 = [m for m in shipped.modules() if isinstance(m, FP8Linear)]
     experts = [m for m in shipped.modules() if isinstance(m, MXFP4Experts)]
-    # float32 (4 B) -> a 1-byte code + fp32 scales; two float32 (8 B) -> one MXFP4 byte + fp32 scales
+    # float32 (4 B) -> a 1-byte code + fp32 scales; two float32 (8 B) -> one MXFP4 byte + e8m0 byte scales
+    assert {getattr(m, w + "_scale").dtype for m in experts for w in ("w1", "w2", "w3")} == {torch.uint8}
     saved = sum(m.weight.numel() * 3 - m.scale.numel() * 4 for m in fp8)
-    saved += sum(getattr(m, w).numel() * 7 - getattr(m, w + "_scale").numel() * 4 for m in experts for w in ("w1", "w2", "w3"))
+    saved += sum(getattr(m, w).numel() * 7 - getattr(m, w + "_scale").numel() for m in experts for w in ("w1", "w2", "w3"))
     assert held == dequantized - saved
 
 
@@ -183,10 +184,12 @@ def test_the_engines_hold_the_shipped_formats_and_verify(shipped_build, shipped_
     with safe_open(str(path / "aoti/weights.safetensors"), "pt") as f:
         dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118
     assert dtypes["layers.1.attn.wq_a.weight"] == "F8_E4M3" and dtypes["layers.1.ffn.experts.w1"] == "I8"
+    assert dtypes["layers.1.ffn.experts.w1_scale"] == "U8"
     onnx_model = onnx.load(str(path / "onnx/prefill-128.onnx"), load_external_data=False)
     types = {t.name: t.data_type for t in onnx_model.graph.initializer}
     assert types["layers.1.attn.wq_a.weight"] == onnx.TensorProto.FLOAT8E4M3FN
     assert types["layers.1.ffn.experts.w1"] == onnx.TensorProto.INT8
+    assert types["layers.1.ffn.experts.w1_scale"] == onnx.TensorProto.UINT8
     # AOTInductor keeps every weight of the model as held, with its header's reserved room (4.55 MB; 4.31
     # held, 8.35 float32 dequantized), ONNX the ones its graphs use (not the MTP block's) and its
     # bf16-valued floats (all but the scales, as shipped) as bf16 (2.45 MB)

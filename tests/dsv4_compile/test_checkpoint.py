@@ -205,6 +205,9 @@ def test_as_shipped_mxfp4_experts_run_w4a8(tmp_path):
     w4a8 = d.from_pretrained(path, dtype="float32", weights="as-shipped")
     experts = w4a8.layers[2].ffn.experts
     assert isinstance(experts, MXFP4Experts) and experts.quantize_input and w4a8.checkpoint.mxfp4_experts > 0
+    shipped = {k: v for f in Path(path).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert experts.w3_scale.dtype == torch.uint8                                   # the e8m0 bytes as shipped
+    assert torch.equal(experts.w3_scale[1], shipped["layers.2.ffn.experts.1.w3.scale"].view(torch.uint8))
     assert quantize_as_shipped(d.Transformer(FP8_EXPERTS, seed=5)).layers[2].ffn.experts.quantize_input
     g = torch.Generator().manual_seed(2)
     x, ids = torch.randn(7, FP8_EXPERTS.dim, generator=g), torch.randint(0, FP8_EXPERTS.n_routed_experts, (7, 2), generator=g)

@@ -60,3 +60,30 @@ def test_int8_uint8_views_are_the_same_bytes_in_onnxruntime(tmp_path):
     for name, out, ref in zip(("uint8", "int8"), session.run(None, {session.get_inputs()[0].name: packed.numpy()}),
                               _ByteViews()(packed)):
         assert out.dtype == ref.numpy().dtype and np.array_equal(out, ref.numpy()), name
+
+
+class _E8M0Scales(torch.nn.Module):
+    """MXFP4Experts' scales as the model holds them: e8m0 bytes in a uint8 buffer, decoded by the plain ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(2, 128))
+
+    def forward(self, x):
+        from dsv4_compile.model.weight_formats import e8m0_to_float
+
+        return x * e8m0_to_float(self.scale)
+
+
+def test_e8m0_byte_scales_decode_exactly_in_onnxruntime(tmp_path):
+    """Every e8m0 byte (2^-127 subnormal, 2^127, 255 = NaN) decodes in onnxruntime to torch's value."""
+    import onnxruntime as ort
+
+    x = torch.ones(2, 128)
+    program = torch.export.export(_E8M0Scales(), (x,))
+    onnx_program = torch.onnx.export(program, (x,), dynamo=True, opset_version=ONNX_OPSET,
+                                     custom_translation_table={torch.ops.aten.view.dtype: onnx_view_dtype})
+    onnx_program.save(str(tmp_path / "e8m0.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "e8m0.onnx"), providers=["CPUExecutionProvider"])
+    (out,), ref = session.run(None, {session.get_inputs()[0].name: x.numpy()}), _E8M0Scales()(x).numpy()
+    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), f"{int((out.view(np.uint32) != ref.view(np.uint32)).sum())} differ"

@@ -514,7 +514,7 @@ def test_rounding_by_a_pass_is_rounding_in_the_epilogue_bit_for_bit(fmt, mma, dt
 
 
 def test_w4a8_float32_scales_fold_or_not():
-    """float32 scales: powers of two (the model's buffers) fold as e8m0 do, the same bits; scales times 3/2
+    """float32 scales: powers of two (as base models ship them) fold as e8m0 do, the same bits; scales times 3/2
     (no power of two) cannot fold: the per-run MMAs, against the twin (which multiplies the same values)."""
     cfg = W8A8_CONFIGS["A"].replace(w4a8_mma="fp8")
     e8m0, _ = run_w4a8(7, 6, 5, "holes", torch.float32, cfg, 128, 128)
@@ -829,7 +829,7 @@ def test_flash_shapes_fp8_activations(flash_experts, fmt):
     bench_moe's "fp8 w8a8" and "mxfp4 w4a8" columns run): against its naive twin on the GPU and its plain
     op (W8A8_HOPPER_TOL), the plain op against the
     twin (W8A8_TOL: both fp32), the same weights' kernel without FP8 activations (W8A8_VS_W8A16, and
-    beyond the bf16 tolerance: really quantized); float32 scales (the model's buffers) give the e8m0
+    beyond the bf16 tolerance: really quantized); float32 scales (as base models ship them) give the e8m0
     bits. The distances are printed."""
     T = 4096
     op, name, unquantized = FP8_ACT[fmt]

@@ -15,7 +15,7 @@ import torch
 
 from dsv4_compile.model.weight_formats import (FP4_AMAX_FLOOR, dequantize_fp8_weight, dequantize_mxfp4, e8m0_to_float,
                                                float_to_e8m0, pack_fp4_codes, pow2_ceil, quantize_fp8_weight,
-                                               quantize_mxfp4, unpack_fp4_codes)
+                                               quantize_mxfp4, scale_as, unpack_fp4_codes)
 
 
 def e4m3_ref(byte: int) -> float:
@@ -74,6 +74,22 @@ def test_float_scales_pass_through_and_bad_scales_refused():
         float_to_e8m0(torch.tensor([0.5, 3.0]))
     with pytest.raises(TypeError, match="not a scale format"):
         e8m0_to_float(torch.zeros(2, dtype=torch.int32))
+
+
+def test_scales_held_in_each_storage_dtype():
+    """scale_as: e8m0 bytes and power-of-two floats held as float32 values, uint8 bytes or float8_e8m0fnu,
+    every way round the same values; a float that is no power of two has no e8m0 byte."""
+    raw = torch.arange(255, dtype=torch.int32).to(torch.uint8)                   # every finite e8m0 byte
+    values = e8m0_to_float(raw)
+    for source in (raw, raw.view(torch.int8), raw.view(torch.float8_e8m0fnu), values):
+        assert torch.equal(scale_as(source, torch.float32), values)
+        for held in (torch.uint8, torch.float8_e8m0fnu):
+            out = scale_as(source, held)
+            assert out.dtype == held and torch.equal(out.view(torch.uint8), raw)
+    with pytest.raises(ValueError, match=r"1\.5 is not a power of two"):
+        scale_as(torch.tensor([1.5]), torch.uint8)
+    with pytest.raises(ValueError, match="scale_as: dtype torch.int32; accepted"):
+        scale_as(raw, torch.int32)
 
 
 def test_pow2_ceil_exact_at_and_around_powers_of_two():
