@@ -148,7 +148,8 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
                 epilogue = default_config(None, T * k, wf, act).replace(act_round="gate_up", block_n=ACT_BLOCK)
                 add("w4a8 epilogue rounding", lambda: moe_experts(x, ids, w, *wq, limit, epilogue, wf, scales, act),
                     "mxfp4-w4a8", epilogue.to_str())
-                # the same scales as float32 (powers of two, as base models ship them): the e8m0 route, checked per program
+                # the same scales as float32 (powers of two, as base models ship them): the e8m0 route,
+                # checked per program
                 f32 = tuple(map(weight_formats.e8m0_to_float, scales))
                 add("w4a8 f32 scales", lambda: moe_experts(x, ids, w, *wq, limit, None, wf, f32, act), "mxfp4-w4a8")
             # the plain routing layout (torch ops: a sort, scatter, cumsums, gathers), which the launcher runs
@@ -208,7 +209,8 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
               "cores); w4a8 epilogue / ours: at decode sizes, W4A8 with its activation rounded in the gate/up epilogue "
               "(128-wide column tiles) over its default (act_round pass: rounded by a pass of its own, W4A16's tiles; "
               "> 1: the default faster); w4a8 f32 scales / ours: W4A8 at decode sizes with the same scales as float32 "
-              "(as base models ship them; the model holds e8m0 bytes) over e8m0 ones; layout / ours: the plain routing layout alone (model.moe_ops.chunked_expert_blocks, ~30 torch ops: "
+              "(as base models ship them; the model holds e8m0 bytes) over e8m0 ones; layout / ours: the plain "
+              "routing layout alone (model.moe_ops.chunked_expert_blocks, ~30 torch ops: "
               "the launcher's layout beyond decode sizes, where one Triton program makes it) over our bf16 call; the "
               "others: their time over ours (higher: ours faster). Every row is in moe.csv."]
     with open(path, "w") as f:

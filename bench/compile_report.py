@@ -207,7 +207,8 @@ def launches(kernel_name: str, dims: dict, cfg) -> list[tuple]:
     return calls
 
 
-SCALES = {"e8m0": torch.float8_e8m0fnu, "f32": torch.float32}  # quantized weights' scales: as shipped (and the model holds), as base models ship
+# quantized weights' scales: as shipped (and as the model holds them), as base models ship them
+SCALES = {"e8m0": torch.float8_e8m0fnu, "f32": torch.float32}
 
 
 def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x", scales_dtype: str = "e8m0") -> list[tuple]:
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
     parser.add_argument("--act", default="x", choices=ACTS,
                         help="moe_experts' activations: x (in x's dtype) or fp8 (W8A8 / W4A8: the moe_experts_fp8_w8a8 / _mxfp4_w4a8 op)")
     parser.add_argument("--scales", default="e8m0", choices=list(SCALES),
-                        help="moe_experts' weight scales: e8m0 (as shipped, as the model holds them) or f32 (base models)")
+                        help="moe_experts' weight scales: e8m0 (as shipped and held) or f32 (base models)")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(";")] if args.configs else [""]

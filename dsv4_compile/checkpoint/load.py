@@ -362,8 +362,8 @@ def _read(reader: TensorReader, entries: list[TensorEntry], dim: int | None, par
 @torch.no_grad()
 def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], parts: dict[str, Part], progress) -> None:
     """Copy every planned tensor into the materialized model: `as_shipped` weights (FP8Linear,
-    MXFP4Experts, FP8Experts buffers) as codes + scales in their buffers' dtypes, the rest decoded into the parameter's
-    dtype; of a tensor in `parts` (a sharded model) only its part."""
+    MXFP4Experts, FP8Experts buffers) as codes + scales in their buffers' dtypes, the rest decoded into
+    the parameter's dtype; of a tensor in `parts` (a sharded model) only its part."""
     state = model.state_dict(keep_vars=True)
     reader = TensorReader()
     try:
@@ -380,7 +380,8 @@ def _fill(model: Transformer, plan: _Plan, as_shipped: set[str], parts: dict[str
             if ours in as_shipped:  # FP8 codes and scales, of a split linear its part's (whole tiles)
                 src, scale = sources[0], ours[: -len(".weight")] + ".scale"
                 target.copy_(_read(reader, src.entries, src.split_dim, part))
-                state[scale].copy_(scale_as(_read(reader, src.scale, src.split_dim, parts.get(scale)), state[scale].dtype))
+                scales = _read(reader, src.scale, src.split_dim, parts.get(scale))
+                state[scale].copy_(scale_as(scales, state[scale].dtype))
                 continue
             for e, src in enumerate(sources):
                 value = _decoded(reader, src, target.dtype, target.device, part)

@@ -37,9 +37,10 @@ of eight codes, each code's bits shifted into a bf16 (each integer operation on 
 times 2^126 and the scale as bf16 pairs, the K positions in the order the words decode into (a
 permutation within each run of 8) and the activations loaded in the same order (_mxfp4_order), so
 no weight moves between registers (bench/results/H200/moe_mxfp4_offline.md: the SASS per weight).
-float32 MXFP4 scales (base models' kind; the model holds e8m0 bytes) take that bf16 route too, their exponent fields read as e8m0
-bytes, checking along the K loop that each is a normal power of two (_not_pow2); a program that meets
-one that is not runs its K loop again on the fp32 route (any value, one multiply a weight).
+float32 MXFP4 scales (as base models ship scales; the model holds e8m0 bytes) take that bf16 route too,
+their exponent fields read as e8m0 bytes, checking along the K loop that each is a normal power of two
+(_not_pow2); a program that meets one that is not runs its K loop again on the fp32 route (any value,
+one multiply a weight).
 W8A8 (`act="fp8"` with FP8 weights: the moe_experts_fp8_w8a8 op, D and I multiples of 128): x
 quantized to e4m3 per row and 128-block with power-of-two scales (DeepSeek's act_quant) once, by
 kernels/fp8_quantize, before the chunks; the gate/up launch runs one K loop per weight (_fp8_gemm) over

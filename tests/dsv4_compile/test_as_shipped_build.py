@@ -89,7 +89,8 @@ def test_weight_sizes_count_the_shipped_bytes():
     # float32 (4 B) -> a 1-byte code + fp32 scales; two float32 (8 B) -> one MXFP4 byte + e8m0 byte scales
     assert {getattr(m, w + "_scale").dtype for m in experts for w in ("w1", "w2", "w3")} == {torch.uint8}
     saved = sum(m.weight.numel() * 3 - m.scale.numel() * 4 for m in fp8)
-    saved += sum(getattr(m, w).numel() * 7 - getattr(m, w + "_scale").numel() for m in experts for w in ("w1", "w2", "w3"))
+    saved += sum(getattr(m, w).numel() * 7 - getattr(m, w + "_scale").numel()
+                 for m in experts for w in ("w1", "w2", "w3"))
     assert held == dequantized - saved
 
 

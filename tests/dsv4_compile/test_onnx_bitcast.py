@@ -86,4 +86,5 @@ def test_e8m0_byte_scales_decode_exactly_in_onnxruntime(tmp_path):
     onnx_program.save(str(tmp_path / "e8m0.onnx"))
     session = ort.InferenceSession(str(tmp_path / "e8m0.onnx"), providers=["CPUExecutionProvider"])
     (out,), ref = session.run(None, {session.get_inputs()[0].name: x.numpy()}), _E8M0Scales()(x).numpy()
-    assert np.array_equal(out.view(np.uint32), ref.view(np.uint32)), f"{int((out.view(np.uint32) != ref.view(np.uint32)).sum())} differ"
+    got, want = out.view(np.uint32), ref.view(np.uint32)
+    assert np.array_equal(got, want), f"{int((got != want).sum())} of 256 differ"
