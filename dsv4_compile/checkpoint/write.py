@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..model import Transformer
+from ..model.layers import FP8Linear
+from ..model.moe import FP8Experts, MXFP4Experts
 from ..model.release_config import release_config_dict
 from ..model.weight_formats import MXFP4_BLOCK, fp8_weight_scale_shape, quantize_fp8_weight, quantize_mxfp4
 from . import names
@@ -32,7 +34,13 @@ FLOAT32_LEAVES = ("attn_sink", "ape", "bias")
 
 
 def shipped_tensors(model: Transformer, expert_format: str = "fp4") -> dict[str, torch.Tensor]:
-    """Our model's weights -> {release name: tensor in the shipped dtype} (CPU), scales included."""
+    """Our model's weights -> {release name: tensor in the shipped dtype} (CPU), scales included. The
+    model is a plain one (its weights in a float dtype, quantized here); one holding weights as shipped
+    is a ValueError."""
+    for name, module in model.named_modules():
+        if isinstance(module, (FP8Linear, FP8Experts, MXFP4Experts)):
+            raise ValueError(f"write_checkpoint: {name} is {type(module).__name__}, weights as shipped; accepted: a plain "
+                             f"model (from_pretrained(..., weights='bf16'), or a Transformer before quantize_as_shipped)")
     out: dict[str, torch.Tensor] = {}
     for ours, t in model.state_dict().items():
         out.update(_shipped(ours, t.detach().cpu(), model.config.n_routed_experts, expert_format))
@@ -151,10 +159,12 @@ def write_checkpoint(model: Transformer, path: str | Path, layout: str = "huggin
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: accepted: {', '.join(LAYOUTS)}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     if any(path.glob("*.safetensors")):
         raise ValueError(f"{path}: already holds a checkpoint; write into an empty folder")
+    # everything that can refuse the model before anything is written: a model refused leaves no folder
     tensors = shipped_tensors(model, expert_format)
+    ranks = _mp_split(tensors, mp, model.config.n_routed_experts) if layout == "inference" else []
+    path.mkdir(parents=True, exist_ok=True)
     if layout == "huggingface":
         names_sorted = sorted(tensors)
         n = max(1, min(shards, len(names_sorted)))
@@ -168,7 +178,7 @@ def write_checkpoint(model: Transformer, path: str | Path, layout: str = "huggin
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         _write_text(path / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     else:
-        for rank, part in enumerate(_mp_split(tensors, mp, model.config.n_routed_experts)):
+        for rank, part in enumerate(ranks):
             _save(path / f"model{rank}-mp{mp}.safetensors", part)
     if with_config:
         data = release_config_dict(model.config, "fp8", expert_format)

@@ -413,3 +413,15 @@ def test_build_refuses_a_bad_checkpoint_with_exit_2(case, written, tmp_path, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dsv4_compile build: error:" in err and re.search(BAD[case][1], err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_writer_refuses_models_as_shipped_and_bad_splits_before_writing(tmp_path):
+    """A model holding weights as shipped (its FP8 / MXFP4 codes would be quantized again as values) and an
+    mp that does not divide the experts are one-line ValueErrors, with no folder made."""
+    shipped = quantize_as_shipped(d.Transformer(CONFIG, seed=0))
+    with pytest.raises(ValueError, match=r"write_checkpoint: layers\.0\.attn\.\S+ is FP8Linear, weights as shipped; "
+                                         r"accepted: a plain model"):
+        write_checkpoint(shipped, tmp_path / "shipped")
+    with pytest.raises(ValueError, match=f"mp 3: must divide n_routed_experts \\({CONFIG.n_routed_experts}\\)"):
+        write_checkpoint(d.Transformer(CONFIG, seed=0), tmp_path / "mp3", layout="inference", mp=3)
+    assert list(tmp_path.iterdir()) == []
