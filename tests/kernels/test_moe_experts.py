@@ -295,9 +295,9 @@ def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32, pow2):
 
 
 def test_small_tiles_and_group_swizzle():
-    """16-row blocks, 16-wide column tiles (the decode search space's narrowest) and group_m 2 over many
-    blocks and column tiles, 32-deep K: float weights, MXFP4 (W4A16) and W4A8 with its activation
-    rounded by a pass (the decode route, whose column tile is free)."""
+    """16-row blocks, 16-wide column tiles (tl.dot's narrowest) and group_m 2 over many blocks and column
+    tiles, 32-deep K: float weights, MXFP4 (W4A16) and W4A8 with its activation rounded by a pass (the
+    decode route, whose column tile is free)."""
     cfg = MoeExpertsConfig(block_m=16, block_n=16, block_k=32, group_m=2, down_block_n=16, down_block_k=32)
     run_all(40, 3, 7, 72, 40, torch.float32, "float", "holes", config=cfg)
     run_all(7, 6, 5, 64, 96, torch.bfloat16, "mxfp4", "holes", config=cfg)

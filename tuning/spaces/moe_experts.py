@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...kernels.moe_experts.config import ACT_BLOCK, regime
+from ...kernels.moe_experts.config import ACT_BLOCK
 from .framework import ACC_PER_THREAD, KernelSpace, Param, rule_threads, smem_reason, threads
 
 
@@ -58,12 +58,6 @@ def moe_redundant(cfg, problem, gpu) -> str | None:
             return f"{name} {getattr(cfg, name)} > the matrix needs ({_fit(getattr(cfg, name), dim)}): clamped by the launcher"
     if cfg.block_m > 16 and problem.dim("T") * problem.dim("k") <= problem.dim("E"):
         return f"block_m {cfg.block_m}: at most one row per expert in use, 16 rows pad the least"
-    # 16-wide column tiles: at decode sizes, more programs for the few experts in use (one token's 6
-    # experts make 192 gate/up programs of 64 columns, under 6 warps an SM, too few to hide the MXFP4
-    # decode's latency: bench/results/H100/session21_gpu_runs.md); at prefill, tensor-core tiles 8x
-    # narrower than the row blocks.
-    if min(cfg.block_n, cfg.down_block_n) < 32 and regime(problem.dim("T") * problem.dim("k")) == "prefill":
-        return f"block_n {cfg.block_n}, down_block_n {cfg.down_block_n}: 16-wide column tiles only for decode sizes"
     return None
 
 
@@ -98,17 +92,16 @@ def _typical(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
 
 MOE_EXPERTS = KernelSpace(
     name="moe_experts", package="moe_experts", config_class="MoeExpertsConfig", function="moe_experts:moe_experts",
-    params=(Param("block_m", (16, 32, 64, 128)), Param("block_n", (16, 32, 64, 128, 256)),
-            Param("block_k", (32, 64, 128)), Param("group_m", (1, 4, 8, 16)), Param("num_warps", (4, 8)), Param("num_stages", (2, 3, 4, 5)),
-            Param("down_block_n", (16, 32, 64, 128, 256)), Param("down_block_k", (32, 64, 128)),
+    params=(Param("block_m", (16, 32, 64, 128)), Param("block_n", (32, 64, 128, 256)), Param("block_k", (32, 64, 128)),
+            Param("group_m", (1, 4, 8, 16)), Param("num_warps", (4, 8)), Param("num_stages", (2, 3, 4, 5)),
+            Param("down_block_n", (32, 64, 128, 256)), Param("down_block_k", (32, 64, 128)),
             Param("down_num_warps", (4, 8)), Param("down_num_stages", (2, 3, 4, 5))),
     problem=_moe_problem, phases=("prefill", "decode"),
     defaults={"prefill": "prefill_config", "decode": "decode_config"},
     hard=(rule_threads, moe_hard), redundant=(moe_redundant,),
-    # vLLM's fused_moe starting points (small-M and large-M), the matmul tutorial's common shapes, and
-    # decode's narrowest column tiles.
-    typical=tuple(_typical(*c) for c in ((16, 16, 128, 4, 4), (16, 32, 64, 4, 4), (16, 64, 128, 4, 3),
-                                         (32, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
+    # vLLM's fused_moe starting points (small-M and large-M) and the matmul tutorial's common shapes.
+    typical=tuple(_typical(*c) for c in ((16, 32, 64, 4, 4), (16, 64, 128, 4, 3), (32, 64, 64, 4, 4),
+                                         (64, 64, 32, 4, 4), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3),
                                          (128, 64, 64, 4, 4))),
     doc="x [T, 4096] bf16, ids [T, 6] of 256 experts (random), w1/w3 [256, 2048, 4096], w2 [256, 4096, 2048] "
         "bf16. Decode: T = batch; prefill: T = context x batch. Weight formats FP8 / MXFP4 share the "
