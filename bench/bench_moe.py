@@ -13,6 +13,7 @@ sees; the loop baseline syncs, so it is timed per call), larger ones with do_ben
 
     python bench/bench_moe.py               # writes bench/results/<GPU>/moe.{csv,md} and moe-*.png
     python bench/bench_moe.py --smoke       # tiny shapes on the CPU interpreter: checks the script runs
+    python bench/bench_moe.py --tokens 1,8,64 --decode-configs "block_n=32,down_block_n=32"   # other decode tiles
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def grouped_mm(x, ids, w, w1_t, w2_t, w3_t, limit):
     return torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, order // k, y.float())
 
 
-def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tuple[list[dict], dict]:
+def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True,
+        decode_configs: tuple[str, ...] = ()) -> tuple[list[dict], dict]:
     from dsv4_compile.kernels.moe_experts import default_config, moe_experts
     from dsv4_compile.kernels.moe_experts.config import ACT_BLOCK, regime
     from dsv4_compile.model import moe_ops, weight_formats
@@ -152,6 +154,11 @@ def run(D=4096, I=2048, E=256, k=6, tokens=TOKENS, limit=10.0, sweep=True) -> tu
                 # checked per program
                 f32 = tuple(map(weight_formats.e8m0_to_float, scales))
                 add("w4a8 f32 scales", lambda: moe_experts(x, ids, w, *wq, limit, None, wf, f32, act), "mxfp4-w4a8")
+                for fmt in ("mxfp4", "mxfp4-w4a8"):  # other tiles over the op's decode default (fields over it)
+                    wq, wf, scales, _, act = formats[fmt]
+                    for cfg in decode_configs:
+                        add("ours (decode config)", lambda wq=wq, wf=wf, scales=scales, act=act, cfg=cfg:
+                            moe_experts(x, ids, w, *wq, limit, cfg, wf, scales, act), fmt, cfg)
             # the plain routing layout (torch ops: a sort, scatter, cumsums, gathers), which the launcher runs
             # beyond decode sizes (kernels/moe_experts/expert_blocks.py makes decode sizes' in one program)
             block_m = default_config(None, T * k).block_m
@@ -203,6 +210,15 @@ def write_md(path: str, rows: list[dict], anchors: dict) -> None:
                          f"{ratio('w4a8 epilogue rounding', 'mxfp4-w4a8')} | {ratio('w4a8 f32 scales', 'mxfp4-w4a8')} | "
                          f"{ratio('routing layout')} | "
                          f"{ratio('dense masked (plain)')} | {ratio('loop F.linear')} | {ratio('torch._grouped_mm')}")
+    tried = [r for r in rows if r["impl"] == "ours (decode config)"]
+    if tried:
+        lines += ["", "Decode configs (--decode-configs: fields over the op's decode default), time over the default's:", "",
+                  "routing | T | format | config | ms | config / default", "--- | --- | --- | --- | --- | ---"]
+        for r in tried:
+            base = next((b for b in rows if (b["routing"], b["tokens"], b["impl"], b["format"]) ==
+                         (r["routing"], r["tokens"], "ours", r["format"])), None)
+            vs = f"{r['ms'] / base['ms']:.2f}x" if base else "-"
+            lines.append(f"{r['routing']} | {r['tokens']} | {r['format']} | {r['config']} | {r['ms']:.4f} | {vs}")
     lines += ["", "% roofline: the longer of the FLOPs at the bf16 peak and the bytes at the copy bandwidth, over the time.",
               "", "fp8 / bf16, fp8 w8a8 / bf16, mxfp4 / bf16 and mxfp4 w4a8 / bf16: speed-up of the quantized weights "
               "(higher is faster; fp8: W8A16, mxfp4: W4A16, w8a8 / w4a8: the activations in FP8 too, on FP8 tensor "
@@ -240,7 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter): checks the script runs")
     parser.add_argument("--out", default=None, help="output folder (default bench/results/<GPU>, or $BENCH_OUT)")
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts T, comma-separated")
+    parser.add_argument("--decode-configs", default="", metavar="CFGS",
+                        help="';'-separated config strings (fields over the op's decode default, e.g. "
+                             "'block_n=32,down_block_n=32') timed at decode sizes for MXFP4 W4A16 and W4A8")
     args = parser.parse_args(argv)
+    decode_configs = tuple(c.strip() for c in args.decode_configs.split(";") if c.strip())
+    from dsv4_compile.kernels.moe_experts import MoeExpertsConfig
+
+    for cfg in decode_configs:  # a bad field is the parser's one-line error, not a failed row at the end
+        try:
+            MoeExpertsConfig.from_str(cfg)
+        except ValueError as exc:
+            parser.error(f"--decode-configs {cfg!r}: {exc}")
     try:
         tokens = tuple(int(t) for t in args.tokens.split(","))
     except ValueError:
@@ -248,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     if not tokens or min(tokens) < 1:
         parser.error(f"--tokens {args.tokens!r}; accepted: positive integers, comma-separated (e.g. 1,64)")
     if args.smoke:
-        rows, anchors = run(D=128, I=128, E=9, k=3, tokens=(1, 20), sweep=False)   # 128: W8A8's / W4A8's whole blocks
+        rows, anchors = run(D=128, I=128, E=9, k=3, tokens=(1, 20), sweep=False,   # 128: W8A8's / W4A8's whole blocks
+                            decode_configs=decode_configs)
     else:
-        rows, anchors = run(tokens=tokens)
+        rows, anchors = run(tokens=tokens, decode_configs=decode_configs)
     out = args.out or out_dir()
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "moe.csv"), rows)

@@ -50,8 +50,10 @@ for step in "$@"; do
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
     moe)              python3 bench/bench_moe.py --out "$OUT" 2>&1 | tail -30 ;;   # its "fp8 w8a8 / bf16", "mxfp4 w4a8 / bf16" columns: issue 15
-    moe-decode)       # decode sizes only (about a minute): the W4A8 routes and float32 scales vs e8m0
-      python3 bench/bench_moe.py --tokens 1,8,64 --out "$OUT" 2>&1 | tail -3; head -14 "$OUT/moe.md" | tail -7 ;;
+    moe-decode)       # decode sizes only (about a minute): the W4A8 routes, float32 scales vs e8m0, and 32-wide
+      # column tiles (the H100's decode default; bench/results/H200/moe_decode_tiles_offline.md) vs the default
+      python3 bench/bench_moe.py --tokens 1,8,64 --decode-configs "${DECODE_CONFIGS:-block_n=32,down_block_n=32}" \
+        --out "$OUT" 2>&1 | tail -3; head -14 "$OUT/moe.md" | tail -7; grep -A16 "^Decode configs" "$OUT/moe.md" ;;
     moe-w8a8)         # issue 15: the moe_experts_fp8_w8a8 op's kernel compiled: the odd shapes and the substitution, and at
       # T 4096 vs its naive twin, the plain W8A8 op and the W8A16 kernel (prints their distances)
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w8a8 or substitution" 2>&1 | tee "$OUT/tests_moe_w8a8.log" | tail -8 ;;
