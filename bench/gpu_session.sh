@@ -69,10 +69,12 @@ for step in "$@"; do
       python3 -m dsv4_compile tune --gpu "$GPU" --kernels "${KERNELS:-moe_experts,moe_experts_fp8_w8a8,moe_experts_mxfp4_w4a8}" \
         --context "${CONTEXTS:-4k,32k}" --trials "${TRIALS:-20}" --timeout "${TUNE_S:-420}" --tables-dir "$OUT/tables" \
         --storage "sqlite:///$OUT/moe_studies.db" --no-progress 2>&1 | tee "$OUT/tune_moe.log" | tail -40 ;;
+    probe-sinkhorn)   # whether this torch's AOTInductor and torch.onnx take the Sinkhorn rounds as one while_loop
+      python3 bench/probe_sinkhorn_loop.py 2>&1 | grep -E "^(torch|unrolled|while_loop)" ;;
     muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
     layers)           python3 bench/bench_layers.py --contexts "${CONTEXTS:-32k,128k}" --out "$OUT" 2>&1 | tail -30 ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe muon layers"; exit 2 ;;
+            "decode-attention decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe probe-sinkhorn muon layers"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
