@@ -107,4 +107,3 @@ def kernel_accesses_stay_in_bounds(monkeypatch):
     for owner, name, patched in _in_bounds(interpreter):
         monkeypatch.setattr(owner, name, patched)
     yield
-
