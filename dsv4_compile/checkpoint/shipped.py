@@ -29,7 +29,7 @@ from ..model.moe import FP8Experts, MXFP4Experts, RoutedExperts
 from ..model.ops import FP8_LINEAR_BLOCK
 from ..model.weight_formats import dequantize_fp8_weight, quantize_fp8_weight, quantize_mxfp4
 from . import names
-from .write import _shipped
+from .write import AS_SHIPPED_MODULES, _shipped
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def quantize_as_shipped(model: Transformer) -> Transformer:
     for ours in list(model.state_dict()):
         owner_name, _, leaf = ours.rpartition(".")
         owner = model.get_submodule(owner_name)
-        if isinstance(owner, (FP8Linear, MXFP4Experts, FP8Experts)):  # as shipped already (or swapped with their w1)
+        if isinstance(owner, AS_SHIPPED_MODULES):  # as shipped already (or swapped with their w1)
             continue
         if isinstance(owner, RoutedExperts):
             _swap(model, owner_name, _mxfp4_experts(owner, c.simulate_quantization))

@@ -30,6 +30,8 @@ from . import names
 from .files import INDEX_FILE
 
 LAYOUTS = ("huggingface", "inference")
+# The modules that hold weights as a release ships them (codes and scales), not as values.
+AS_SHIPPED_MODULES = (FP8Linear, FP8Experts, MXFP4Experts)
 FLOAT32_LEAVES = ("attn_sink", "ape", "bias")
 
 
@@ -38,7 +40,7 @@ def shipped_tensors(model: Transformer, expert_format: str = "fp4") -> dict[str,
     model is a plain one (its weights in a float dtype, quantized here); one holding weights as shipped
     is a ValueError."""
     for name, module in model.named_modules():
-        if isinstance(module, (FP8Linear, FP8Experts, MXFP4Experts)):
+        if isinstance(module, AS_SHIPPED_MODULES):
             raise ValueError(f"write_checkpoint: {name} is {type(module).__name__}, weights as shipped; accepted: a plain "
                              f"model (from_pretrained(..., weights='bf16'), or a Transformer before quantize_as_shipped)")
     out: dict[str, torch.Tensor] = {}
