@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from math import nan
 import os
 import sys
 import time
@@ -95,6 +96,19 @@ def decode_step_bytes(model: nn.Module, cache, context: int, batch: int) -> dict
         elif ratio > 0:
             cache_bytes += visible // ratio * entry
     return {"weights": float(weights), "cache": float(batch * cache_bytes), "experts_hit": hit * n_experts}
+
+
+def step_row(config: str, weights: str, context: int, batch: int, impl: str, ms: float, check: float, bound: float,
+             nbytes: float, floor_ms: float, note: str = "") -> dict:
+    """One timed variant's row. A variant whose logits are further from eager's (`check`, rel RMS) than
+    `bound` (verify's flip bound for an engine over these weights) computes something else: its time is
+    no result, so it is marked wrong, with no share of the roofline (nor a speed-up: speedup_rows)."""
+    wrong = check > bound
+    if wrong:
+        note = f"WRONG: rel RMS {check:.3g} > {bound} (verify's bound for {weights} weights)"
+    return dict(config=config, weights=weights, context=context, batch=batch, impl=impl, ms_per_step=ms,
+                tokens_per_s=batch / ms * 1e3 if ms == ms else nan, rel_rms_vs_eager=check, bytes_per_step=nbytes,
+                roofline_ms=floor_ms, roofline_pct=nan if wrong else 100 * floor_ms / ms, wrong=wrong, note=note)
 
 
 def replicate(src, dst) -> None:
@@ -197,6 +211,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
     from dsv4_compile import KVCache, ModelConfig, Transformer
     from dsv4_compile.checkpoint.shipped import quantize_as_shipped
     from dsv4_compile.metrics import rel_rms
+    from dsv4_compile.verify import flip_bound
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights {weights!r}; accepted: {', '.join(WEIGHTS)}")
@@ -210,14 +225,14 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
     bandwidth_gbs = copy_bandwidth_gbs()
     log(f"copy bandwidth {bandwidth_gbs:.0f} GB/s (bytes read + written)")
     roofline = {}  # (C, B) -> (bytes, ms)
+    bound = flip_bound(base.dtype, {"format": weights})  # a variant further from eager is wrong (step_row)
 
     def add(C, B, impl, ms, check=float("nan"), note=""):
-        nbytes, floor_ms = roofline.get((C, B), (float("nan"), float("nan")))
-        rows.append(dict(config=config, weights=weights, context=C, batch=B, impl=impl, ms_per_step=ms,
-                         tokens_per_s=B / ms * 1e3 if ms == ms else float("nan"), rel_rms_vs_eager=check,
-                         bytes_per_step=nbytes, roofline_ms=floor_ms, roofline_pct=100 * floor_ms / ms, note=note))
+        """Records a row; False when the variant's logits are wrong (step_row)."""
+        rows.append(step_row(config, weights, C, B, impl, ms, check, bound, *roofline.get((C, B), (nan, nan)), note))
         log(f"  C={C:7d} B={B:3d} {impl:32s} {fmt(ms):>9s} ms/step  rel RMS {fmt(check)}  "
-            f"{fmt(100 * floor_ms / ms)} % of roofline  {note}")
+            f"{fmt(rows[-1]['roofline_pct'])} % of roofline  {rows[-1]['note']}")
+        return not rows[-1]["wrong"]
 
     for C in contexts:
         try:
@@ -299,8 +314,8 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                             ms = graph_step_ms(graph)
                         else:
                             (ms, _), out = time_ms(fn, graph=False), fn()
-                        add(C, B, name, ms, rel_rms(eager, out))
-                        fastest = min(fastest, (ms, name, fn), key=lambda v: v[0])
+                        if add(C, B, name, ms, rel_rms(eager, out)):
+                            fastest = min(fastest, (ms, name, fn), key=lambda v: v[0])
                     except Exception as e:  # noqa: BLE001
                         add(C, B, name, float("nan"), note=f"FAILED: {_err(e)}")
                     graph = out = None
@@ -342,7 +357,7 @@ def speedup_rows(rows: list[dict]) -> list[dict]:
         for r in rs:
             row[f"{r['impl']} ms"] = r["ms_per_step"]
             if r["impl"] != "eager":
-                row[f"{r['impl']} x"] = eager / r["ms_per_step"]
+                row[f"{r['impl']} x"] = float("nan") if r.get("wrong") else eager / r["ms_per_step"]
             row[f"{r['impl']} % roofline"] = r["roofline_pct"]
         out.append(row)
     return out

@@ -95,6 +95,23 @@ def test_decode_step_as_shipped_reads_fewer_bytes_and_writes_its_own_files(tmp_p
         bench_decode_step.run_decode_step("tiny", (128,), (2,), weights="fp8")
 
 
+def test_a_variant_off_eager_beyond_the_bound_is_no_result():
+    """A step whose logits are further from eager's than verify's bound (0.8 as shipped: an AOTI engine
+    at 1.12 on the H100, session 23) is marked wrong: no roofline share, no speed-up, a note saying why."""
+    import bench_decode_step
+
+    def row(impl, ms, check):
+        return bench_decode_step.step_row("flash-slice", "as-shipped", 8192, 64, impl, ms, check, 0.8, 1e10, 4.0)
+
+    rows = [row("eager", 1000.0, 0.0), row("compiled", 10.0, 0.13), row("AOTI", 8.0, 1.12)]
+    assert [r["wrong"] for r in rows] == [False, False, True]
+    assert rows[1]["roofline_pct"] == 40.0 and rows[2]["roofline_pct"] != rows[2]["roofline_pct"]
+    assert rows[2]["note"] == "WRONG: rel RMS 1.12 > 0.8 (verify's bound for as-shipped weights)"
+    (speedups,) = bench_decode_step.speedup_rows(rows)
+    assert speedups["compiled x"] == 100.0 and speedups["AOTI x"] != speedups["AOTI x"]
+    assert speedups["AOTI ms"] == 8.0  # the time itself stays on record
+
+
 def test_decode_step_bytes_counts_what_a_step_must_read():
     """The roofline's bytes on tiny at context 128, batch 2, counted here by parameter names and by hand
     from the cache layout (window 8, ratios 0/4/128/4, top-4, 136-byte entries, 17-byte FP4 indexer keys)."""
