@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, placeholder,
-                       resolve_config)
+from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, largest_value, launch,
+                       placeholder, resolve_config)
 from .._jit_utils import quantize_rows_e4m3
 from .config import SCALE_BLOCK, Fp8LinearConfig, default_config
 
@@ -129,7 +129,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    cfg = resolve_config(Fp8LinearConfig, config, lambda gpu: default_config(gpu, m, n, k), x.device)
+    # the default for the most rows m may be (a symbolic m, as under export: its bound; deciding on m itself
+    # would specialise the program to the example's rows: export.narrowed_sizes)
+    rows = largest_value(m)
+    cfg = resolve_config(Fp8LinearConfig, config, lambda gpu: default_config(gpu, rows, n, k), x.device)
     if m == 0 or n == 0:
         return x.new_empty((*lead, n))
     recip = x.device.type == "cuda"

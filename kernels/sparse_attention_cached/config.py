@@ -3,7 +3,7 @@ class and per-GPU defaults are sparse_attention's (SparseAttentionConfig, DECODE
 kernels/sparse_attention/config.py): the decode kernel reuses that launcher."""
 from __future__ import annotations
 
-from .._common import cdiv
+from .._common import cdiv, largest_value
 from ..sparse_attention.config import SparseAttentionConfig, block_sizes
 
 FP8_BLOCK = 64
@@ -29,6 +29,9 @@ def auto_config(B: int, S: int, H: int, K: int, cfg: SparseAttentionConfig, n_sm
     """Fill the GPU at decode by split-K (each split costs a write and a read of an fp32 [H, D]
     partial per token). Heads per program stay as configured: narrower head blocks lose wgmma (M < 64)
     and were slower on the H100 (see kernels/sparse_attention/config.py). The launcher's default and
-    the tuning baseline."""
+    the tuning baseline. A symbolic B * S (export) counts its bound, unbounded as a full GPU: deciding
+    on the size itself would specialise the program to the example's (export.narrowed_sizes)."""
     block_h = block_sizes(H, 16, cfg)[0]
-    return cfg.replace(num_splits=auto_splits(B * S * cdiv(H, block_h), K, cfg.block_k, n_sm))
+    tokens = largest_value(B * S)
+    n_programs = n_sm if tokens is None else tokens * cdiv(H, block_h)
+    return cfg.replace(num_splits=auto_splits(n_programs, K, cfg.block_k, n_sm))

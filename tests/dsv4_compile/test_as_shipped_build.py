@@ -35,10 +35,10 @@ from dsv4_compile.reference import build_reference, eager_model, float32_twin
 from dsv4_compile.runtime import EagerSteps
 from dsv4_compile.token_check import teacher_forced
 from dsv4_compile.verify import FLIP_BOUND, FLIP_BOUND_AS_SHIPPED, flip_bound
+from helpers import wide_tiny
 
 TINY = ModelConfig.load("tiny")
-WIDE = TINY.replace(dim=128, q_lora_rank=128, head_dim=128, rope_head_dim=64, o_lora_rank=128, index_head_dim=64,
-                    max_seq_len=128)
+WIDE = wide_tiny(max_seq_len=128)
 # The CSA layer's projections: FP8 GEMMs as shipped (K = 128), except wo_a, which DeepSeek runs in BF16.
 FP8_IN_WIDE = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "attn.indexer.wq_b", "ffn.shared.w1")
 

@@ -43,13 +43,13 @@ from dsv4_compile.checkpoint import from_pretrained, write_checkpoint
 from dsv4_compile.checkpoint.files import TensorReader, read_header
 from dsv4_compile.model import ModelConfig, Transformer
 from dsv4_compile.model.parallel import ParallelLayout, parallelize
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, wide_tiny
 from parallel_worlds import assert_parallel_logits, prompt_tokens, run_logits, spawn_world
 
 pytestmark = pytest.mark.xdist_group("parallel")  # as test_parallel.py: one xdist worker spawns the worlds
 
 TINY = ModelConfig.load("tiny").replace(simulate_quantization=False)
-WIDE = TINY.replace(dim=128, q_lora_rank=128, head_dim=128, rope_head_dim=64, o_lora_rank=128, index_head_dim=64)
+WIDE = wide_tiny(simulate_quantization=False)
 QUANTIZED = WIDE.replace(simulate_quantization=True)  # FP8Linear quantizes its input (torch.ops.dsv4.fp8_linear)
 FP8_EXPERTS = QUANTIZED.replace(moe_inter_dim=128)   # FP8Experts (W8A8: dim and inter whole 128-blocks)
 LAYOUTS = ("tp=2", "ep=2")

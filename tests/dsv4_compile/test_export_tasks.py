@@ -9,6 +9,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from dsv4_compile import build, steps
 from dsv4_compile.manifest import EngineRecord, Verification
@@ -262,3 +263,49 @@ def test_a_build_its_disk_cannot_hold_is_refused_before_anything_is_written(tmp_
                                          r"accepted: free space, fewer formats \(--format aoti\), --weights-format as-shipped"):
         _plan(tmp_path, "--format", formats)
     assert not (tmp_path / "out").exists()
+
+
+# A stand-in op and two substitutions for it: one launcher deciding on the symbolic row count itself (the
+# fault of session 23's H100 decode engine, through fp8_linear's `m > FEW_M`), one on its bound.
+@torch.library.custom_op("dsv4_test::rows_op", mutates_args=())
+def _rows_op(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+_rows_op.register_fake(lambda x: torch.empty_like(x))
+
+
+def _decides_on_the_size(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 if x.shape[0] > 16 else x + x  # a guard on the symbolic size: the example (2) decides
+
+
+def _decides_on_the_bound(x: torch.Tensor) -> torch.Tensor:
+    from dsv4_compile.kernels._common import largest_value
+
+    return x * 2 if largest_value(x.shape[0]) > 16 else x + x
+
+
+class _RowsModule(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.dsv4_test.rows_op(x) + 1
+
+
+@pytest.mark.parametrize("replacement", [_decides_on_the_size, _decides_on_the_bound], ids=["size", "bound"])
+def test_an_export_whose_substitution_narrows_a_dynamic_size_is_refused(replacement):
+    """run_decompositions retraces without torch.export's check of the declared ranges: a substitution that
+    branches on a symbolic size silently narrows the range the program holds for. _export says so, naming
+    the input, both ranges and the guard's site; a substitution deciding on the bound exports."""
+    from dsv4_compile import export
+
+    manager = types.SimpleNamespace(decomposition_table=lambda: {torch.ops.dsv4_test.rows_op.default: replacement})
+    spec = ({0: torch.export.Dim("B", min=1, max=64)},)
+    if replacement is _decides_on_the_bound:
+        program = export._export(_RowsModule(), (torch.ones(2, 3),), spec, manager)
+        assert export.narrowed_sizes(program) == []
+        assert torch.equal(program.module()(torch.ones(40, 3)), torch.full((40, 3), 3.0))
+        return
+    with pytest.raises(RuntimeError) as err:
+        export._export(_RowsModule(), (torch.ones(2, 3),), spec, manager)
+    message = str(err.value)
+    assert "narrowed x.shape[0] from [1, 64] to [2, 16] (guard" in message and "<= 16 at " in message
+    assert "tests/dsv4_compile/test_export_tasks.py:" in message  # where the launcher compared the size
