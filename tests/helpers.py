@@ -11,7 +11,7 @@ from dsv4_compile.metrics import REL_RMS_TOL, few_flips, mismatch, rel_rms, sqnr
 def wide_tiny(**changes):
     """The tiny preset with 128-wide projections (and `changes`): as shipped, its wq_a, wq_b, wkv, wo_b,
     indexer wq_b and shared experts are FP8 linears (K = 128, one scale block), which tiny's are not."""
-    from dsv4_compile import ModelConfig
+    from dsv4_compile.model import ModelConfig
 
     return ModelConfig.load("tiny").replace(dim=128, q_lora_rank=128, head_dim=128, rope_head_dim=64,
                                             o_lora_rank=128, index_head_dim=64, **changes)
