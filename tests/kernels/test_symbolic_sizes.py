@@ -91,16 +91,21 @@ def test_launchers_decide_on_the_bound_of_a_symbolic_size(named_gpu):
 @pytest.mark.parametrize("kind", ["decode", "prefill-cache"])
 def test_as_shipped_engines_export_for_every_batch_on_the_gpus_rules(kind, named_gpu):
     """The as-shipped engines (FP8 linears, MXFP4 experts, FP8 cache) traced through every kernel's
-    launcher under the GPU's name, B dynamic in [1, 64]: no launcher narrows B (or S)."""
+    launcher under the GPU's name and with its tuned tables, B dynamic in [1, 64]: no launcher narrows
+    B (or S)."""
     from dsv4_compile.engines import DecodeStep, PrefillIntoCache, example_inputs
     from dsv4_compile.export import MIN_SEQ, _export
     from dsv4_compile.passes import select
     from dsv4_compile.passes.manager import PassManager
+    from dsv4_compile.kernels.gpus import canonical_gpu
     from dsv4_compile.reference import eager_model
+    from dsv4_compile.tuning import config_source
 
     config = wide_tiny(max_seq_len=128)
     model = eager_model(config, seed=0, state=None, cuda=False, as_shipped=True)
-    manager = PassManager([*select("decompose"), *_interpreter_substitutions()], gpu="H100")
+    gpu = canonical_gpu(named_gpu)
+    manager = PassManager([*select("decompose"), *_interpreter_substitutions()], gpu=gpu, config_source=config_source)
+    assert manager.tables["sparse_attention_cached.triton_interpret"], "the GPU's tuned decode entries are traced too"
     b = Dim("B", min=1, max=MAX_BATCH)
     if kind == "decode":
         module, example = DecodeStep(model), example_inputs("decode", config, 2, 1, "cpu")
