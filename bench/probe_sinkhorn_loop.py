@@ -2,7 +2,7 @@
 nodes, AOTInductor compile time, ONNX export, and whether the loop gives the unrolled rounds' bits
 eagerly. The plain op unrolls its 20 rounds: about a quarter of the tiny decode engine's graph (9 hc_pre
 calls), which AOTInductor lowers one node at a time. A probe for whether this torch's export routes
-(AOTInductor, torch.onnx) take the loop; the model does not use it (while_loop has no autograd).
+(AOTInductor, torch.onnx) take the loop, which the CPU engines' export uses (passes/decompose.py).
 
     python bench/probe_sinkhorn_loop.py     # prints one line per form; run it under each torch in use
 
@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import torch
-from torch._higher_order_ops.while_loop import while_loop
 
 from dsv4_compile.model.ops import _sinkhorn_plain
 
@@ -23,18 +22,8 @@ ITERS, EPS, CALLS = 20, 1e-6, 9  # the tiny preset's rounds and hc_eps; hc_pre c
 
 
 def looped(logits: torch.Tensor, iters: int = ITERS, eps: float = EPS) -> torch.Tensor:
-    """_sinkhorn_plain with its iters - 1 row/column rounds as one while_loop."""
-    c = logits.float().softmax(-1) + eps
-    c = c / (c.sum(-2, keepdim=True) + eps)
-
-    def more(i, c):
-        return i < iters - 1
-
-    def round_(i, c):
-        c = c / (c.sum(-1, keepdim=True) + eps)
-        return i + 1, (c / (c.sum(-2, keepdim=True) + eps)).clone()
-
-    return while_loop(more, round_, (torch.zeros((), dtype=torch.int64), c))[1]
+    """_sinkhorn_plain with its iters - 1 row/column rounds as one while_loop (the CPU engines' form)."""
+    return _sinkhorn_plain(logits, iters, eps, as_loop=True)
 
 
 class Chain(torch.nn.Module):

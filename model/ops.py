@@ -361,13 +361,34 @@ def _(G, coefficients):
 # mHC: Sinkhorn-Knopp and the whole pre-mixing step
 # ================================================================================================
 
-def _sinkhorn_plain(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+def _sinkhorn_plain(logits: torch.Tensor, iters: int, eps: float, as_loop: bool = False) -> torch.Tensor:
+    """hc_sinkhorn's math. as_loop: its iters - 1 rounds as one while_loop node rather than unrolled (the
+    same bits; for exported engines, where the unrolled rounds were about a quarter of the tiny decode
+    graph's nodes: bench/results/cpu/sinkhorn_loop.md); no autograd, and a device loop would read its
+    counter on the host each round, so only the CPU engines' export takes it."""
     c = logits.float().softmax(-1) + eps
     c = c / (c.sum(-2, keepdim=True) + eps)
+    if as_loop:
+        from torch._higher_order_ops.while_loop import while_loop
+
+        # counts down from a tensor: the round count must not be a Python int the loop's functions close
+        # over, which torch traces as a dynamic input once a second count is seen (an export verifier error)
+        def more(left, c):
+            return left > 0
+
+        def one_round(left, c):
+            return left - 1, _sinkhorn_round(c, eps).clone()  # a loop body's outputs may not alias its inputs
+
+        left = torch.full((), iters - 1, dtype=torch.int64, device=c.device)
+        return while_loop(more, one_round, (left, c))[1]
     for _ in range(iters - 1):
-        c = c / (c.sum(-1, keepdim=True) + eps)
-        c = c / (c.sum(-2, keepdim=True) + eps)
+        c = _sinkhorn_round(c, eps)
     return c
+
+
+def _sinkhorn_round(c: torch.Tensor, eps: float) -> torch.Tensor:
+    c = c / (c.sum(-1, keepdim=True) + eps)
+    return c / (c.sum(-2, keepdim=True) + eps)
 
 
 @torch.library.custom_op(f"{LIB}::hc_sinkhorn", mutates_args=())
@@ -388,14 +409,14 @@ def _(logits, iters, eps):
 _plain_autograd(hc_sinkhorn, _sinkhorn_plain, 3, (0,))
 
 
-def _hc_pre_plain(x, fn, scale, base, iters: int, norm_eps: float, hc_eps: float):
+def _hc_pre_plain(x, fn, scale, base, iters: int, norm_eps: float, hc_eps: float, as_loop: bool = False):
     n = x.shape[-2]
     flat = x.flatten(-2).float()                                             # [B, S, n*D]
     mixes = (flat @ fn.float().T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps      # [B, S, n]
     post = 2 * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])  # [B, S, n]
     comb_logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).unflatten(-1, (n, n))
-    comb = _sinkhorn_plain(comb_logits, iters, hc_eps)                      # [B, S, n, n]
+    comb = _sinkhorn_plain(comb_logits, iters, hc_eps, as_loop)             # [B, S, n, n]
     y = (pre.unsqueeze(-1) * x.float()).sum(-2)                              # [B, S, D]
     return y.to(x.dtype), post, comb
 

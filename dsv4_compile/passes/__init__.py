@@ -27,11 +27,12 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def decomposition_table():
-    """{torch.ops.dsv4.<op>.default: plain function}: for ExportedProgram.run_decompositions."""
+def decomposition_table(loops: bool = False):
+    """{torch.ops.dsv4.<op>.default: plain function}: for ExportedProgram.run_decompositions (loops: the
+    CPU engines' Sinkhorn rounds as one while_loop node, decompose.decomposition_table)."""
     from .decompose import decomposition_table as table
 
-    return table()
+    return table(loops=loops)
 
 
 __all__ = ["ConfigSource", "NodeRecord", "PassManager", "PassSelectionError", "Substitution", "SubstitutionReport",

@@ -122,7 +122,7 @@ class PassManager(CustomGraphPass):
         `exported_kernels`: substitution name -> {"calls": n, "configs": [config dicts used]}."""
         from .decompose import decomposition_table as plain_table
 
-        return {op: self._route(op, plain) for op, plain in plain_table().items()}
+        return {op: self._route(op, plain) for op, plain in plain_table(loops=self.gpu == "cpu").items()}
 
     def _route(self, op: torch._ops.OpOverload, plain: Callable) -> Callable:
         def route(*args, **kwargs):

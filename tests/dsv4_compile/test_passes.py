@@ -448,14 +448,28 @@ class AllOps(torch.nn.Module):
         return tuple(outs)
 
 
-def test_export_run_decompositions_every_op():
-    """The export engineer's route: no dsv4 node survives run_decompositions, the numbers hold."""
+@pytest.mark.parametrize("loops", [False, True], ids=["unrolled", "loops"])
+def test_export_run_decompositions_every_op(loops):
+    """The export engineer's route: no dsv4 node survives run_decompositions, the numbers hold; with
+    loops (the CPU engines' table) hc_sinkhorn's and hc_pre's rounds are one while_loop node each."""
     module = AllOps()
     args = module.inputs()
-    ep = torch.export.export(module, args).run_decompositions(decomposition_table())
+    ep = torch.export.export(module, args).run_decompositions(decomposition_table(loops=loops))
     assert not [n.target for n in ep.graph.nodes if str(n.target).startswith("dsv4.")]
+    loop_nodes = [n for n in ep.graph.nodes if n.target is torch.ops.higher_order.while_loop]
+    assert len(loop_nodes) == (2 if loops else 0)
     for name, ref, out in zip(module.cases, module(*args), ep.module()(*args)):
         _assert_same(name, ref, out)
+
+
+@pytest.mark.parametrize("gpu", ["cpu", "H100"])
+def test_only_the_cpu_engines_export_loops(gpu):
+    """A GPU target's table keeps the rounds unrolled (where its kernels decline a call): a loop there
+    would read its counter on the host each round, a sync inside a CUDA-graphed step."""
+    table = PassManager(select("decompose"), gpu=gpu).decomposition_table()
+    ep = torch.export.export(AllOps(), AllOps().inputs()).run_decompositions(table)
+    loops = sum(n.target is torch.ops.higher_order.while_loop for n in ep.graph.nodes)
+    assert loops == (2 if gpu == "cpu" else 0)
 
 
 def test_export_run_decompositions_with_symbolic_length():

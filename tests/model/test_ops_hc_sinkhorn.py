@@ -47,6 +47,26 @@ def test_sinkhorn_matches_naive(shape, iters, dtype):
     assert err <= 1e-6, f"max abs error {err:.2e} > 1e-6"
 
 
+@pytest.mark.parametrize("shape,iters", SINKHORN_SHAPES)
+def test_sinkhorn_rounds_as_one_loop_give_the_unrolled_bits(shape, iters):
+    """The CPU engines' export runs the rounds as one while_loop node (passes/decompose.py): the same
+    ops in the same order, so the same bits, NaN matrices included; the decomposition of hc_pre too."""
+    from dsv4_compile.model.ops import _hc_pre_plain, _sinkhorn_plain
+
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 2
+    logits.view(-1)[0] = float("nan")
+    unrolled = _sinkhorn_plain(logits, iters, EPS)
+    assert torch.equal(_sinkhorn_plain(logits, iters, EPS, as_loop=True).nan_to_num(7.0), unrolled.nan_to_num(7.0))
+    assert unrolled.isnan().any()
+    n, d = 4, 8
+    gen = torch.Generator().manual_seed(1)
+    x, fn = torch.randn(2, 3, n, d, generator=gen), torch.randn((2 + n) * n, n * d, generator=gen)
+    scale, base = torch.rand(3, generator=gen), torch.randn((2 + n) * n, generator=gen)
+    for a, b in zip(_hc_pre_plain(x, fn, scale, base, iters, 1e-6, EPS),
+                    _hc_pre_plain(x, fn, scale, base, iters, 1e-6, EPS, as_loop=True)):
+        assert torch.equal(a, b)
+
+
 def test_sinkhorn_converges_on_100000_unit_variance_matrices():
     logits = torch.randn(100_000, 4, 4, generator=torch.Generator().manual_seed(1))
     out = dsv4.hc_sinkhorn(logits, 20, EPS)
