@@ -60,8 +60,9 @@ def export_manager(gpu: str = "cpu", passes="all", config_source=None):
 
 def _export(model, args: tuple, dynamic_shapes, manager) -> torch.export.ExportedProgram:
     ep = torch.export.export(model, args, dynamic_shapes=dynamic_shapes)
+    sizes = dynamic_sizes(ep)  # before the retrace, which may fix a size to a number
     decomposed = ep.run_decompositions(manager.decomposition_table())
-    narrowed = narrowed_sizes(decomposed)
+    narrowed = narrowed_sizes(ep, sizes)
     if narrowed:
         raise RuntimeError(f"export: the kernel substitutions narrowed {'; '.join(narrowed)}: the program would be "
                            f"wrong outside that range (a launcher decided on a symbolic size; it must decide on "
@@ -69,40 +70,43 @@ def _export(model, args: tuple, dynamic_shapes, manager) -> torch.export.Exporte
     return decomposed
 
 
-def narrowed_sizes(ep: torch.export.ExportedProgram) -> list[str]:
-    """The dynamic input sizes whose range the trace of `ep` assumed narrower than the export declared
-    (ep.range_constraints), each as "tokens.shape[0] from [1, 64] to [2, 16] (guard s0 <= 16 at file:line)".
+def dynamic_sizes(ep: torch.export.ExportedProgram) -> dict:
+    """{symbol: ("input.shape[d]", its shape env)} of the program's dynamic input sizes."""
+    sizes: dict = {}
+    for node in ep.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            for d, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    sizes.setdefault(size.node.expr, (f"{node.name}.shape[{d}]", size.node.shape_env))
+    return sizes
+
+
+def narrowed_sizes(ep: torch.export.ExportedProgram, sizes: dict) -> list[str]:
+    """Of `sizes` (dynamic_sizes(ep), taken right after the export), those whose range a later trace in
+    the export's shape environment (run_decompositions) assumed narrower than the export declared
+    (ep.range_constraints), or fixed to a number, each as "tokens.shape[0] from [1, 64] to [2, 16]
+    (guard s0 <= 16 at file:line)".
 
     torch.export refuses such a guard in its own trace, but `run_decompositions` retraces without that
     check: a substitution whose launcher compares a symbolic size (`if rows > 16`) records a guard there
     that decides the launch for the example's size and silently narrows the range the program holds
     for (its sizes, grids and configs are then wrong outside it; on the H100 an FP8 linear's
     `m > FEW_M` made the as-shipped decode engine lay out a third of its MoE assignments at B 64)."""
-    where: dict = {}  # symbol -> "input.shape[d]"
-    env = None
-    for node in ep.graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" else None
-        if not isinstance(val, torch.Tensor):
-            continue
-        for d, size in enumerate(val.shape):
-            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
-                where.setdefault(size.node.expr, f"{node.name}.shape[{d}]")
-                env = size.node.shape_env
-    if env is None:
-        return []
     out = []
     for symbol, declared in ep.range_constraints.items():
-        if symbol not in where:
+        if symbol not in sizes:
             continue
-        replaced = env.replacements.get(symbol)
-        held = env.var_to_range.get(symbol, declared) if replaced is None else None
-        if held is not None and held.upper >= declared.upper and held.lower <= max(declared.lower, 2):
+        name, env = sizes[symbol]
+        replaced = env.replacements.get(symbol)  # another size's expression, or a number (specialised)
+        held = env.var_to_range.get(symbol, declared) if replaced is None else env.bound_sympy(replaced)
+        if held.upper >= declared.upper and held.lower <= max(declared.lower, 2):
             continue  # backed sizes start at 2 in the trace (0/1 specialisation): not a narrowing
         sites = [(g.expr, _guard_site(g)) for g in env.guards if symbol in g.expr.free_symbols]
         ours = [(expr, site) for expr, site in sites if not site.startswith(" at torch/")]  # not export's own
         guards = [f"guard {expr}{site}" for expr, site in ours or sites]
-        now = f"= {replaced}" if replaced is not None else f"to [{held.lower}, {held.upper}]"
-        out.append(f"{where[symbol]} from [{declared.lower}, {declared.upper}] {now} ({', '.join(guards) or 'no guard recorded'})")
+        now = f"to [{held.lower}, {held.upper}]" + (f" (= {replaced})" if replaced is not None else "")
+        out.append(f"{name} from [{declared.lower}, {declared.upper}] {now} ({', '.join(guards) or 'no guard recorded'})")
     return out
 
 
