@@ -30,7 +30,8 @@ Format (schema_version 1), sorted-key JSON:
                                 "seconds": {"load": 3.1, "reference": 0.4, "engine": 1.2, "eager": 0.9}}}],
                   # + "kind": "prefill" (tokens -> logits; the default for older manifests), "prefill-cache" or
                   #   "decode" (engines.py: aoti/prefill-cache-512.pt2, ...), "cache_io": "in-place" | "returned"
-                  #   | null, and for those two "verified.tokens": {tokens_matched, tokens_compared, ...}
+                  #   | null, and for those two "verified.tokens": {tokens_matched, tokens_compared, ...,
+                  #   full_batch, full_batch_max_rel_rms (the largest batch's check; null at max_batch <= 3)}
       "shared_weights": {"aoti": "aoti/weights.safetensors", "onnx": "onnx/weights.data"},
                                        # each format's one copy of the weights, which all its engines use
                                        # (shared_weights.py; relative to the engine root; listed once in

@@ -21,6 +21,10 @@ cached, every later step of that sequence (verify.py's docstring has the measure
     with each other): their gap is at most eager's own gap (at least `PATH_TOLERANCE`) plus twice the
     format's tolerance, the triangle inequality over (a)'s bound on each path. The short prompt and
     its first greedy token: the prefill and decode step (a) holds to the tolerance.
+(d) the engine's largest batch, where it exceeds (a)'s: ragged prompts in every row, teacher-forced
+    over `TIGHT_STEPS` decode steps, every step of every sequence within verify.FLIP_BOUND. A fault
+    that shows only past some batch size (a launch sized for fewer rows: an H100 decode engine of
+    session 23 computed a third of its MoE assignments at B 64, garbage in the other rows) passes (a).
 """
 from __future__ import annotations
 
@@ -102,17 +106,29 @@ def check_engine_pair(engine_steps, eager_steps, bucket: int, tol: float, flip_b
     # (c): the engine's decode after its prefill vs its prefill of the longer prompt, bounded by eager's
     path = decode_vs_prefill(engine_steps, prompts[0], greedy[0][0], bucket)
     path_bound = max(PATH_TOLERANCE, decode_vs_prefill(eager_steps, prompts[0], greedy[0][0], bucket)) + 2 * tol
+    # (d): every row of the largest batch
+    full = min(engine_steps.max_batch, eager_steps.max_batch)
+    full_worst = None
+    if full > batch:
+        wide = _prompts(vocab, bucket, full, rng, TIGHT_STEPS)
+        forced = eager_steps.generate(wide, TIGHT_STEPS)
+        full_worst = max(rel_rms(r[t], o[t]) for r, o in zip(teacher_forced(eager_steps, wide, forced),
+                                                             teacher_forced(engine_steps, wide, forced))
+                         for t in range(len(r)))
     error = (f"short prompt: teacher-forced rel RMS {short:.2e} > {tol:.0e} over its prefill and first "
              f"{TIGHT_STEPS} decode steps" if short > tol
              else f"teacher-forced rel RMS {worst:.2e} > {flip_bound:.0e} (beyond quantization flips)" if worst > flip_bound
              else "greedy generation differs from eager where eager's top-2 logits are not a near tie" if not legit
              else f"decode after prefill vs prefill of the longer prompt: rel RMS {path:.2e} > {path_bound:.1e}"
-             if path > path_bound else None)
+             if path > path_bound
+             else f"at the largest batch ({full}): teacher-forced rel RMS {full_worst:.2e} > {flip_bound:.0e}"
+             if full_worst is not None and full_worst > flip_bound else None)
     return {"ok": error is None, "error": error, "rel_rms": short, "tolerance": tol, "max_rel_rms": worst,
             "flip_bound": flip_bound, "attempts": attempt + 1,
             "prompts": [len(p) for p in prompts], "steps": steps,
             "tokens_matched": sum(matched), "tokens_compared": sum(len(e) for e in greedy),
-            "decode_vs_prefill_rel_rms": path, "decode_vs_prefill_bound": path_bound}
+            "decode_vs_prefill_rel_rms": path, "decode_vs_prefill_bound": path_bound,
+            "full_batch": full if full_worst is not None else None, "full_batch_max_rel_rms": full_worst}
 
 
 def decode_vs_prefill(steps, prompt: list[int], token: int, bucket: int) -> float:

@@ -482,7 +482,8 @@ def _check_state_engines(engine, manifest, config, eager_cache: dict, seed: int,
             result = collectively(lambda: check_engine_pair(steps, eager, bucket, tol, bound, seed, tokens=tokens))
             result["tokens"] = {k: result[k] for k in ("tokens_matched", "tokens_compared", "prompts", "steps",
                                                        "attempts", "decode_vs_prefill_rel_rms",
-                                                       "decode_vs_prefill_bound")}
+                                                       "decode_vs_prefill_bound", "full_batch",
+                                                       "full_batch_max_rel_rms")}
         except Exception as exc:  # noqa: BLE001 (reported per engine)
             result = {"ok": False, "rel_rms": None, "tolerance": tol, "error": _one_line(exc)}
         result["seconds"] = {"check": round(time.perf_counter() - t0, 2)}
@@ -491,7 +492,9 @@ def _check_state_engines(engine, manifest, config, eager_cache: dict, seed: int,
                   + (f"{tokens['tokens_matched']}/{tokens['tokens_compared']} greedy tokens as eager, teacher-forced "
                      f"short {result['rel_rms']:.2e} (tolerance {tol:.0e}), max {result['max_rel_rms']:.2e}, "
                      f"decode vs prefill {tokens['decode_vs_prefill_rel_rms']:.2e} (bound "
-                     f"{tokens['decode_vs_prefill_bound']:.1e})" if tokens else "")
+                     f"{tokens['decode_vs_prefill_bound']:.1e})"
+                     + (f", every row of batch {tokens['full_batch']} <= {tokens['full_batch_max_rel_rms']:.2e}"
+                        if tokens["full_batch"] else "") if tokens else "")
                   + (f"; {result['error']}" if result.get("error") else ""))
         results += [{"format": fmt, "bucket": bucket, "kind": kind, **result} for kind in ("prefill-cache", "decode")]
     return results

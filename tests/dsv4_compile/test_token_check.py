@@ -88,3 +88,22 @@ def test_paths_that_each_round_within_the_tolerance_pass_c(eager):
     strict = check_engine_pair(_RoundsItsOwnWay(_model(), 3, 5e-3), eager, BUCKET, TOL, BOUND, seed=0, attempts=1,
                                tokens=6)
     assert not strict["ok"], strict
+
+
+class _WrongPastThreeRows(EagerSteps):
+    """Decode right for the first three rows only (a launch sized for fewer rows than the batch)."""
+
+    def _decode(self, tokens, positions, cache):
+        logits = super()._decode(tokens, positions, cache)
+        logits[3:] = logits[3:].flip(-1)
+        return logits
+
+
+@pytest.mark.parametrize("make, ok", [(lambda: EagerSteps(_model(), 5), True), (lambda: _WrongPastThreeRows(_model(), 5), False)],
+                         ids=["right", "wrong past three rows"])
+def test_the_largest_batch_is_checked_in_every_row(make, ok):
+    """(a)-(c) use at most three sequences; (d) runs the engine's largest batch (5 here), every row held to
+    the flip bound: an engine wrong only past three rows passes (a)-(c) and fails there."""
+    result = check_engine_pair(make(), EagerSteps(_model(), 5), BUCKET, TOL, BOUND, seed=0, attempts=1, tokens=6)
+    assert result["full_batch"] == 5 and result["ok"] is ok, result
+    assert (result["full_batch_max_rel_rms"] == 0.0) if ok else "at the largest batch (5)" in result["error"]
