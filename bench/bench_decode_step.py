@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from math import nan
 import os
 import sys
 import time
@@ -107,8 +106,9 @@ def step_row(config: str, weights: str, context: int, batch: int, impl: str, ms:
     if wrong:
         note = f"WRONG: rel RMS {check:.3g} > {bound} (verify's bound for {weights} weights)"
     return dict(config=config, weights=weights, context=context, batch=batch, impl=impl, ms_per_step=ms,
-                tokens_per_s=batch / ms * 1e3 if ms == ms else nan, rel_rms_vs_eager=check, bytes_per_step=nbytes,
-                roofline_ms=floor_ms, roofline_pct=nan if wrong else 100 * floor_ms / ms, wrong=wrong, note=note)
+                tokens_per_s=batch / ms * 1e3 if ms == ms else math.nan, rel_rms_vs_eager=check,
+                bytes_per_step=nbytes, roofline_ms=floor_ms, roofline_pct=math.nan if wrong else 100 * floor_ms / ms,
+                wrong=wrong, note=note)
 
 
 def replicate(src, dst) -> None:
@@ -227,9 +227,9 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
     roofline = {}  # (C, B) -> (bytes, ms)
     bound = flip_bound(base.dtype, {"format": weights})  # a variant further from eager is wrong (step_row)
 
-    def add(C, B, impl, ms, check=float("nan"), note=""):
+    def add(C, B, impl, ms, check=math.nan, note=""):
         """Records a row; False when the variant's logits are wrong (step_row)."""
-        rows.append(step_row(config, weights, C, B, impl, ms, check, bound, *roofline.get((C, B), (nan, nan)), note))
+        rows.append(step_row(config, weights, C, B, impl, ms, check, bound, *roofline.get((C, B), (math.nan,) * 2), note))
         log(f"  C={C:7d} B={B:3d} {impl:32s} {fmt(ms):>9s} ms/step  rel RMS {fmt(check)}  "
             f"{fmt(rows[-1]['roofline_pct'])} % of roofline  {rows[-1]['note']}")
         return not rows[-1]["wrong"]
@@ -357,7 +357,7 @@ def speedup_rows(rows: list[dict]) -> list[dict]:
         for r in rs:
             row[f"{r['impl']} ms"] = r["ms_per_step"]
             if r["impl"] != "eager":
-                row[f"{r['impl']} x"] = float("nan") if r.get("wrong") else eager / r["ms_per_step"]
+                row[f"{r['impl']} x"] = math.nan if r.get("wrong") else eager / r["ms_per_step"]
             row[f"{r['impl']} % roofline"] = r["roofline_pct"]
         out.append(row)
     return out
