@@ -142,20 +142,12 @@ _DECOMPOSITIONS = {
 }
 
 
-def sinkhorn_looped(logits, iters: int, eps: float):
-    """hc_sinkhorn's plain code with its rounds as one while_loop node (ops._sinkhorn_plain)."""
-    return ops._sinkhorn_plain(logits, iters, eps, as_loop=True)
-
-
-def hc_pre_looped(x, fn, scale, base, iters: int, norm_eps: float, hc_eps: float):
-    """hc_pre's plain code with the Sinkhorn rounds as one while_loop node (ops._hc_pre_plain)."""
-    return ops._hc_pre_plain(x, fn, scale, base, iters, norm_eps, hc_eps, as_loop=True)
-
-
-# The CPU engines' export takes these: the same bits, ~20x fewer nodes for the rounds (AOTInductor
-# lowers and compiles each node). Not on a GPU target, where a loop reads its counter on the host each
-# round (a sync, and no CUDA graph), nor in the graph pass (while_loop has no autograd).
-_LOOPED = {torch.ops.dsv4.hc_sinkhorn.default: sinkhorn_looped, torch.ops.dsv4.hc_pre.default: hc_pre_looped}
+# hc_sinkhorn's and hc_pre's plain code with the Sinkhorn rounds as one while_loop node, for the CPU
+# engines' export: the same bits, ~20x fewer nodes for the rounds (AOTInductor lowers and compiles each
+# node). Not on a GPU target, where a loop reads its counter on the host each round (a sync, and no CUDA
+# graph), nor in the graph pass (while_loop has no autograd).
+_LOOPED = {torch.ops.dsv4.hc_sinkhorn.default: functools.partial(ops._sinkhorn_plain, as_loop=True),
+           torch.ops.dsv4.hc_pre.default: functools.partial(ops._hc_pre_plain, as_loop=True)}
 
 
 def decomposition_table(loops: bool = False) -> dict[torch._ops.OpOverload, Callable]:

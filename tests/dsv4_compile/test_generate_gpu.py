@@ -23,21 +23,30 @@ pytestmark = pytest.mark.gpu
 BUCKET = 128
 
 
+def _aoti_decode_steps(model, max_batch: int, folder, export: bool = True):
+    """(EngineSteps over the model's AOTInductor decode engine in `folder`, B dynamic in [1, max_batch],
+    {kernel substitution traced in}); export=False: over the engine exported there already."""
+    config, kernels = model.config, {}
+    if export:
+        exported = export_engine(model, "decode", max_batch, functional=False, gpu=resolve_gpu("auto"))
+        export_aoti(exported.result, str(folder / f"decode-{BUCKET}.pt2"))
+        kernels = exported.result.kernels
+    entry = EngineRecord(format="aoti", bucket=BUCKET, files=(f"decode-{BUCKET}.pt2",), seq_range=(1, 1),
+                         batch_range=(1, max_batch), dynamic=True, compute_dtype=config.dtype, kernels={},
+                         verified=Verification("pending"), kind="decode", cache_io="in-place")
+    manifest = SimpleNamespace(device={"kind": "cuda"}, max_batch=max_batch, files={})  # what EngineSteps reads
+    return EngineSteps(str(folder), manifest, "aoti", config, [entry]), kernels
+
+
 def test_graphed_aoti_decode_equals_launched_and_eager(tmp_path, request):
     if rerun_with_libstdcxx_preload(request):
         return
     config = ModelConfig.load("tiny").replace(max_seq_len=BUCKET)
     model = eager_model(config, seed=0, state=None, cuda=True)
-    exported = export_engine(model, "decode", 4, functional=False, gpu=resolve_gpu("auto"))
-    assert "sparse_attention_cached.triton" in exported.result.kernels, exported.result.kernels
-    assert "indexer_topk_cached.triton" in exported.result.kernels, exported.result.kernels  # reads the packed keys
-    export_aoti(exported.result, str(tmp_path / "decode-128.pt2"))
-    entry = EngineRecord(format="aoti", bucket=BUCKET, files=("decode-128.pt2",), seq_range=(1, 1), batch_range=(1, 4),
-                         dynamic=True, compute_dtype=config.dtype, kernels={}, verified=Verification("pending"),
-                         kind="decode", cache_io="in-place")
-    manifest = SimpleNamespace(device={"kind": "cuda"}, max_batch=4, files={})  # what EngineSteps reads
-    graphed = EngineSteps(str(tmp_path), manifest, "aoti", config, [entry])
-    launched = EngineSteps(str(tmp_path), manifest, "aoti", config, [entry])
+    graphed, kernels = _aoti_decode_steps(model, 4, tmp_path)
+    assert "sparse_attention_cached.triton" in kernels, kernels
+    assert "indexer_topk_cached.triton" in kernels, kernels  # reads the packed keys
+    launched = _aoti_decode_steps(model, 4, tmp_path, export=False)[0]
     launched.graphs = False
     eager = EagerSteps(model, 4)
     assert graphed.graphs
@@ -65,14 +74,8 @@ def test_as_shipped_decode_engine_holds_at_every_batch(tmp_path, request):
         return
     config = wide_tiny(max_seq_len=BUCKET)
     model = eager_model(config, seed=0, state=None, cuda=True, as_shipped=True)
-    exported = export_engine(model, "decode", 64, functional=False, gpu=resolve_gpu("auto"))
-    assert {"fp8_linear.triton", "moe_experts_mxfp4.triton"} <= set(exported.result.kernels), exported.result.kernels
-    export_aoti(exported.result, str(tmp_path / "decode-128.pt2"))
-    entry = EngineRecord(format="aoti", bucket=BUCKET, files=("decode-128.pt2",), seq_range=(1, 1), batch_range=(1, 64),
-                         dynamic=True, compute_dtype=config.dtype, kernels={}, verified=Verification("pending"),
-                         kind="decode", cache_io="in-place")
-    manifest = SimpleNamespace(device={"kind": "cuda"}, max_batch=64, files={})
-    engine = EngineSteps(str(tmp_path), manifest, "aoti", config, [entry])
+    engine, kernels = _aoti_decode_steps(model, 64, tmp_path)
+    assert {"fp8_linear.triton", "moe_experts_mxfp4.triton"} <= set(kernels), kernels
     engine.graphs = False
     eager = EagerSteps(model, 64)
     gen = torch.Generator().manual_seed(0)
