@@ -58,30 +58,48 @@ def _load_kv_plain(p_kv, rows, valid, o_d, D):
 
 
 @triton.jit
-def _load_kv_fp8(p_cache, rows, valid, d0, D, NOPE: tl.constexpr, ENTRY: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    # p_cache [B*N, ENTRY] uint8 main entries: [NOPE e4m3 codes | (D-NOPE) bf16 | NOPE/64 e8m0 scales | pad]
-    # rows [BK] int64; columns d0 .. d0 + BD (d0 a multiple of 64) -> [BK, BD] dequantised to OUT_DTYPE
-    # (0 for holes and padded dims).
-    # Three gathers: the codes (contiguous bytes), one scale byte per 64 dims ([BK, BD/64], broadcast
-    # by a reshape, not re-loaded per element), the rope dims as bf16 through a bf16 view of the row.
+def _load_nope_fp8(p_cache, rows, valid, d0, NOPE: tl.constexpr, ROPE: tl.constexpr, ENTRY: tl.constexpr,
+                   OUT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # p_cache [B*N, ENTRY] uint8 main entries: [NOPE e4m3 codes | ROPE bf16 | NOPE/64 e8m0 scales | pad]
+    # rows [BK] int64; columns d0 .. d0 + BD (d0 a multiple of 64) of the FP8 dims -> [BK, BD] dequantised
+    # to OUT_DTYPE, 0 for holes and for the columns from NOPE on (the rope dims are _load_rope's).
+    # Two gathers: the codes (contiguous bytes) and one scale byte per 64 dims ([BK, BD/64], broadcast by
+    # a reshape, not re-loaded per element).
     o_d = d0 + tl.arange(0, BLOCK_D)                                        # [BD]
     base = rows[:, None] * ENTRY                                             # [BK, 1] byte offsets
-    is_fp8 = o_d[None, :] < NOPE                                             # [1, BD]
-    b_code = tl.load(p_cache + base + o_d[None, :], mask=valid[:, None] & is_fp8, other=0)
+    b_code = tl.load(p_cache + base + o_d[None, :], mask=valid[:, None] & (o_d[None, :] < NOPE), other=0)
     b_val = b_code.to(tl.float8e4nv, bitcast=True).to(tl.float32)           # [BK, BD]
     # e8m0 scale byte e -> 2^(e - 127) (the fp32 with exponent field e; byte 0 reads as 0)
     o_b = d0 // 64 + tl.arange(0, BLOCK_D // 64)                            # [NB] scale blocks
-    b_e = tl.load(p_cache + base + (NOPE + 2 * (D - NOPE)) + o_b[None, :],
+    b_e = tl.load(p_cache + base + (NOPE + 2 * ROPE) + o_b[None, :],
                   mask=valid[:, None] & (o_b[None, :] < NOPE // 64), other=0)  # [BK, NB]
     b_sc = (b_e.to(tl.int32) << 23).to(tl.float32, bitcast=True)
     b_val = tl.reshape(tl.reshape(b_val, [BLOCK_K, BLOCK_D // 64, 64]) * b_sc[:, :, None], [BLOCK_K, BLOCK_D])
-    # BF16 rope dims: element (NOPE + 2 j) / 2 of the row read as bf16 (ENTRY and NOPE are even)
+    return b_val.to(OUT_DTYPE)
+
+
+@triton.jit
+def _load_rope(p_cache, rows, valid, r0, NOPE: tl.constexpr, ROPE: tl.constexpr, ENTRY: tl.constexpr,
+               OUT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    # rope dims r0 .. r0 + BR of the rows (the bf16 values after the codes; r0 may be negative) -> [BK, BR]
+    # in OUT_DTYPE, 0 for holes and outside [0, ROPE). Element NOPE / 2 + r of the row read as bf16
+    # (ENTRY and NOPE are even); contiguous along the row, so the gather is vectorised.
+    o_r = r0 + tl.arange(0, BLOCK_R)                                        # [BR]
     p16 = p_cache.to(tl.pointer_type(tl.bfloat16))
-    o_r = tl.where(o_d >= NOPE, o_d - NOPE, 0) + NOPE // 2
-    b_rope = tl.load(p16 + rows[:, None] * (ENTRY // 2) + o_r[None, :],
-                     mask=valid[:, None] & (o_d[None, :] >= NOPE) & (o_d[None, :] < D), other=0.0)
-    return tl.where(is_fp8, b_val, b_rope.to(tl.float32)).to(OUT_DTYPE)
+    b_rope = tl.load(p16 + rows[:, None] * (ENTRY // 2) + (NOPE // 2) + o_r[None, :],
+                     mask=valid[:, None] & (o_r[None, :] >= 0) & (o_r[None, :] < ROPE), other=0.0)
+    return b_rope.to(tl.float32).to(OUT_DTYPE)
+
+
+@triton.jit
+def _load_kv_fp8(p_cache, rows, valid, d0, NOPE: tl.constexpr, ROPE: tl.constexpr, ENTRY: tl.constexpr,
+                 OUT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    # columns d0 .. d0 + BD of the whole head (FP8 dims, then rope dims) -> [BK, BD] in OUT_DTYPE (0 for
+    # holes and padded dims): the dequant="chunks" kernel's 64-column chunks
+    o_d = d0 + tl.arange(0, BLOCK_D)                                        # [BD]
+    b_nope = _load_nope_fp8(p_cache, rows, valid, d0, NOPE, ROPE, ENTRY, OUT_DTYPE, BLOCK_K, BLOCK_D)
+    b_rope = _load_rope(p_cache, rows, valid, d0 - NOPE, NOPE, ROPE, ENTRY, OUT_DTYPE, BLOCK_K, BLOCK_D)
+    return tl.where(o_d[None, :] < NOPE, b_nope, b_rope)
 
 
 @triton.jit
@@ -189,10 +207,10 @@ def _store_stats(p_wml, p_w, m_ml, m_i, l_i, count, BLOCK_H: tl.constexpr):
 @triton.jit
 def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
                             S, H, N, K, D, K_PER_SPLIT, qk_scale, N_HB,
-                            KV_FP8: tl.constexpr, NOPE: tl.constexpr, ENTRY: tl.constexpr,
+                            KV_FP8: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, ENTRY: tl.constexpr,
                             NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                            SPLIT_D: tl.constexpr):
+                            BLOCK_R: tl.constexpr, SPLIT_D: tl.constexpr):
     # p_q [B, S, H, D]; p_kv [B, N, D] (or [B, N, ENTRY] uint8 when KV_FP8); p_sink [H] fp32;
     # p_idx [B, S, K] int32; p_o [B, S, H, D]; workspace (NUM_SPLITS > 1): p_wacc [B*S, NUM_SPLITS, H, D]
     # fp32, p_wml [B*S, NUM_SPLITS, H, 3] fp32 (m, l, count). qk_scale = softmax_scale * log2(e).
@@ -200,6 +218,10 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
     # copies of the operands, IEEE dots, and the roundings to bf16 done to nearest even on the bits.
     # SPLIT_D programs own BLOCK_DV = BLOCK_D / SPLIT_D output columns each (d0 = their first column,
     # grid order: _program_coords).
+    # KV_FP8: the FP8 dims and the ROPE rope dims are two tiles, [BK, BD] (zeros from NOPE on) and [BK, BR],
+    # each gathered in its own vectorised layout (one merged tile costs a shared-memory shuffle of every
+    # byte on triton 3.6); the logits are the two dots' sum, and the rope columns of the output have their
+    # own accumulator acc_r [BH, BR], stored by the part whose columns hold them.
     # The program coordinates, the gathered rows and the split-K statistics are written out here as
     # _program_coords, _gather_rows and _store_stats compute them: as calls they shift this kernel's
     # register allocation (triton 3.9, sm_90a: up to 54 B more spill in the compile report's configs).
@@ -227,6 +249,17 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
     b_q = tl.load(p_q + p_row + o_d[None, :], mask=m_hd, other=0.0)         # [BH, BD]
     if UPCAST:
         b_q = b_q.to(tl.float32)
+    HAS_ROPE: tl.constexpr = KV_FP8 and ROPE > 0
+    if HAS_ROPE:
+        o_r = NOPE + tl.arange(0, BLOCK_R)                                  # [BR] the rope columns
+        m_hr = m_h[:, None] & (o_r[None, :] < NOPE + ROPE)
+        b_qr = tl.load(p_q + p_row + o_r[None, :], mask=m_hr, other=0.0)    # [BH, BR]
+        if UPCAST:
+            b_qr = b_qr.to(tl.float32)
+        acc_r = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
+        m_hr = m_hr & (o_r[None, :] >= d0) & (o_r[None, :] < d0 + BLOCK_DV)  # the part holding them stores
+    if KV_FP8:
+        m_hv = m_hv & (o_v[None, :] < NOPE)                                 # acc: the FP8 columns
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -240,26 +273,36 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
         valid = b_idx >= 0
         rows = b * N + tl.where(valid, b_idx, 0).to(tl.int64)               # holes read nothing
         if KV_FP8:
-            b_kv = _load_kv_fp8(p_kv, rows, valid, 0, D, NOPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_D)
+            b_kv = _load_nope_fp8(p_kv, rows, valid, 0, NOPE, ROPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_D)
         else:
             b_kv = _load_kv_plain(p_kv, rows, valid, o_d, D)                # [BK, BD]
         if SPLIT_D == 1:
             b_v = b_kv                                                      # [BK, BV] the values: the same rows
         elif KV_FP8:
-            b_v = _load_kv_fp8(p_kv, rows, valid, d0, D, NOPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_DV)
+            b_v = _load_nope_fp8(p_kv, rows, valid, d0, NOPE, ROPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_DV)
         else:
             b_v = _load_kv_plain(p_kv, rows, valid, o_v, D)
         b_s = _key_dot(tl.zeros([BLOCK_H, BLOCK_K], dtype=tl.float32), b_q, b_kv, IEEE, UPCAST)  # [BH, BK]
+        if HAS_ROPE:
+            b_kr = _load_rope(p_kv, rows, valid, 0, NOPE, ROPE, ENTRY, p_q.dtype.element_ty, BLOCK_K, BLOCK_R)
+            b_s = _key_dot(b_s, b_qr, b_kr, IEEE, UPCAST)
         b_p, alpha, m_i, l_i = _softmax_step(b_s, valid, m_i, l_i, qk_scale)
         acc = _value_dot(acc, alpha, b_p, b_v, IEEE, UPCAST)
+        if HAS_ROPE:
+            acc_r = _value_dot(acc_r, alpha, b_p, b_kr, IEEE, UPCAST)
         n_valid += valid.to(tl.int32)
     count = tl.sum(n_valid, axis=0)
 
     if NUM_SPLITS == 1:
-        _store_out(p_o, p_row, o_v, m_hv, acc, _out_scale(p_sink, o_h, m_h, m_i, l_i, count), count, UPCAST)
+        scale = _out_scale(p_sink, o_h, m_h, m_i, l_i, count)
+        _store_out(p_o, p_row, o_v, m_hv, acc, scale, count, UPCAST)
+        if HAS_ROPE:
+            _store_out(p_o, p_row, o_r, m_hr, acc_r, scale, count, UPCAST)
     else:
         p_w = ((pid_t * NUM_SPLITS + pid_k) * H + o_h)                      # [BH]
         tl.store(p_wacc + p_w[:, None] * D + o_v[None, :], acc, mask=m_hv)
+        if HAS_ROPE:
+            tl.store(p_wacc + p_w[:, None] * D + o_r[None, :], acc_r, mask=m_hr)
         # (m, l, count) are the same in every column part: the first one writes them
         if SPLIT_D == 1:
             m_ml = m_h
@@ -273,7 +316,7 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
 @triton.jit
 def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_wml,
                                    S, H, N, K, D, K_PER_SPLIT, qk_scale, N_HB,
-                                   NOPE: tl.constexpr, ENTRY: tl.constexpr,
+                                   NOPE: tl.constexpr, ROPE: tl.constexpr, ENTRY: tl.constexpr,
                                    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                                    SPLIT_D: tl.constexpr):
@@ -315,12 +358,12 @@ def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_w
             b_q = tl.load(p_q + p_row + c0 + o_c[None, :], mask=m_h[:, None] & (c0 + o_c[None, :] < D), other=0.0)
             if UPCAST:
                 b_q = b_q.to(tl.float32)
-            b_k = _load_kv_fp8(p_cache, rows, valid, c0, D, NOPE, ENTRY, dtype, BLOCK_K, CH)   # [BK, CH]
+            b_k = _load_kv_fp8(p_cache, rows, valid, c0, NOPE, ROPE, ENTRY, dtype, BLOCK_K, CH)   # [BK, CH]
             b_s = _key_dot(b_s, b_q, b_k, IEEE, UPCAST)
         b_p, alpha, m_i, l_i = _softmax_step(b_s, valid, m_i, l_i, qk_scale)
         new_accs = ()
         for c in tl.static_range(BLOCK_DV // CH):
-            b_v = _load_kv_fp8(p_cache, rows, valid, d0 + c * CH, D, NOPE, ENTRY, dtype, BLOCK_K, CH)
+            b_v = _load_kv_fp8(p_cache, rows, valid, d0 + c * CH, NOPE, ROPE, ENTRY, dtype, BLOCK_K, CH)
             new_accs = new_accs + (_value_dot(accs[c], alpha, b_p, b_v, IEEE, UPCAST),)
         accs = new_accs
         n_valid += valid.to(tl.int32)
@@ -405,13 +448,14 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
     else:
         wacc = torch.empty((T, splits, H, D), dtype=torch.float32, device=q.device)
         wml = torch.empty((T, splits, H, 3), dtype=torch.float32, device=q.device)
+    rope = D - nope if kv_fp8 else 0
     if cfg.dequant == "chunks":
         kernel, variant = _sparse_attn_fp8_chunks_kernel, {}
     else:
-        kernel, variant = _sparse_attn_fwd_kernel, {"KV_FP8": kv_fp8}
+        kernel, variant = _sparse_attn_fwd_kernel, {"KV_FP8": kv_fp8, "BLOCK_R": max(16, triton.next_power_of_2(rope))}
     launch(kernel, (T * n_h * split_d, splits), q, kv, attn_sink, topk_idxs, out, wacc, wml,
            S, H, N, K, D, k_per_split, qk_scale, n_h, **variant,
-           NOPE=nope, ENTRY=entry_bytes, NUM_SPLITS=splits, IEEE=ieee, UPCAST=INTERPRET,
+           NOPE=nope, ROPE=rope, ENTRY=entry_bytes, NUM_SPLITS=splits, IEEE=ieee, UPCAST=INTERPRET,
            BLOCK_H=block_h, BLOCK_K=cfg.block_k, BLOCK_D=block_d, SPLIT_D=split_d,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
