@@ -76,11 +76,12 @@ DEFAULT_CONFIGS: dict[str, SparseAttentionConfig] = {
 # Decode (the FP8 cache): few tokens; with config None / "" split-K fills the GPU (see
 # sparse_attention_cached.auto_config). Narrower head blocks (16/32, mma.sync instead of wgmma) were
 # slower on the H100 (2026-11-23): 0.45 / 0.28 ms against 0.15 ms for 64 heads with 2 splits.
-# block_k=16 with 4 splits was the fastest of 9 decode configs at B=64 (0.140 ms vs 0.151-0.206).
+# block_k=32 (2 stages, 2 splits at B=64) was the fastest of 11 decode configs on the H100 at 8K-128K
+# (2026-12-06: 64.8 us; block_k 16: 100-107 us; bench/results/H100/session24_gpu_runs.md).
 DECODE_DEFAULT_CONFIGS: dict[str, SparseAttentionConfig] = {
     "interpreter": SparseAttentionConfig(block_h=16, block_k=32, num_warps=4, num_stages=1),
-    "H100": SparseAttentionConfig(block_h=64, block_k=16, num_warps=8, num_stages=2),
-    "H200": SparseAttentionConfig(block_h=64, block_k=16, num_warps=8, num_stages=2),
+    "H100": SparseAttentionConfig(block_h=64, block_k=32, num_warps=8, num_stages=2),
+    "H200": SparseAttentionConfig(block_h=64, block_k=32, num_warps=8, num_stages=2),
     "generic": SparseAttentionConfig(block_h=32, block_k=32, num_warps=4, num_stages=2),
 }
 

@@ -17,11 +17,13 @@ def entry_layout(head_dim: int, rope_dim: int) -> tuple[int, int]:
 
 def auto_splits(n_programs: int, K: int, block_k: int, n_sm: int) -> int:
     """Under half a wave of programs: the largest power of two of splits that keeps the grid within
-    two waves of `n_sm` SMs, each split >= 2 steps of block_k. Otherwise 1. (H100, B=64, 64 heads:
-    4 splits of block_k=16 measured fastest, 2-8 within 25%.)"""
+    one wave of `n_sm` SMs (the kernel at 64 x 512 heads holds one program an SM: a second wave
+    doubles the time of the programs it holds), each split >= 2 steps of block_k. Otherwise 1.
+    (H100, B=64, 64 heads, block_k 32: 2 splits 64.8 us, 4 splits 78.5 us; bench/results/H100/
+    session24_gpu_runs.md.)"""
     if 2 * n_programs > n_sm:
         return 1
-    want = 1 << ((2 * n_sm) // max(n_programs, 1)).bit_length() - 1         # power of two <= 2 n_sm / n
+    want = 1 << (n_sm // max(n_programs, 1)).bit_length() - 1               # power of two <= n_sm / n
     return max(1, min(want, K // (2 * block_k)))
 
 

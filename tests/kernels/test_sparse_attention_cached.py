@@ -149,13 +149,13 @@ def test_dequant_chunks_is_exact(dtype):
 
 
 def test_auto_splits_and_checks():
-    assert auto_splits(n_programs=64, K=640, block_k=32, n_sm=132) == 4
+    assert auto_splits(n_programs=64, K=640, block_k=32, n_sm=132) == 2
     assert auto_splits(n_programs=200, K=640, block_k=32, n_sm=132) == 1
     assert auto_splits(n_programs=1, K=64, block_k=32, n_sm=132) == 1
     from dsv4_compile.kernels.sparse_attention import SparseAttentionConfig
     base = SparseAttentionConfig(block_h=64, block_k=32, num_warps=8)
-    # batch 64 x 64 heads: 64 programs -> 4 splits (256 programs, two waves on 132 SMs)
-    assert auto_config(64, 1, 64, 640, base, 132) == base.replace(num_splits=4)
+    # batch 64 x 64 heads: 64 programs -> 2 splits (128 programs, one wave on 132 SMs)
+    assert auto_config(64, 1, 64, 640, base, 132) == base.replace(num_splits=2)
     assert auto_config(64, 1, 128, 640, base, 132) == base.replace(num_splits=1)   # 128 programs: enough
     assert auto_config(1, 1, 64, 640, base, 132) == base.replace(num_splits=10)    # at most K / (2 block_k)
     assert auto_config(512, 1, 64, 640, base, 132) == base
