@@ -231,8 +231,38 @@ def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None =
     configs = {**aoti_options(cuda), **(inductor_configs or {})}
     if not with_constants:
         configs["aot_inductor.package_constants_in_so"] = False
-    with contextlib.nullcontext() if cuda else cpu_wrapper_declares_float8():
+    with wrapper_int_arrays_keyed_stably(), contextlib.nullcontext() if cuda else cpu_wrapper_declares_float8():
         return torch._inductor.aoti_compile_and_package(result.program, package_path=path, inductor_configs=configs)
+
+
+@contextlib.contextmanager
+def wrapper_int_arrays_keyed_stably():
+    """AOTInductor's C++ wrapper with its size / stride array declarations cached per output buffer, as
+    torch 2.13 does. torch 2.11 keys that cache on id(writeline), the transient id of a bound method: when
+    two buffers' methods get the same id (memory planning writes its code twice, the first draft
+    discarded), an array declared only in the discarded draft is reused and the wrapper fails to compile
+    at random ("'int_array_52' was not declared in this scope": the as-shipped decode engine on the H100,
+    torch 2.11, 2026-12-06, one of two identical exports). A torch whose method keys on the bound object
+    already (`__self__` among its names) is left as it is."""
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+
+    original = CppWrapperCpu.codegen_int_array_var
+    if "__self__" in original.__code__.co_names:
+        yield
+        return
+
+    def codegen_int_array_var(self, int_array: str, writeline, known_statically=False, graph=None) -> str:
+        key = (int_array, id(getattr(writeline, "__self__", writeline)), known_statically, id(graph) if graph else None)
+        if key not in self.codegen_int_array_var_cache:
+            self.codegen_int_array_var_cache[key] = self._codegen_int_array_var_impl(int_array, writeline,
+                                                                                     known_statically)
+        return self.codegen_int_array_var_cache[key]
+
+    CppWrapperCpu.codegen_int_array_var = codegen_int_array_var
+    try:
+        yield
+    finally:
+        CppWrapperCpu.codegen_int_array_var = original
 
 
 @contextlib.contextmanager

@@ -189,6 +189,32 @@ def test_cpu_packages_include_the_float8_header_before_the_wrapper_declares_a_fl
     assert 0 <= wrapper.find("#include <c10/util/Float8_e4m3fn.h>") < wrapper.find("at::Float8_e4m3fn*")
 
 
+def test_wrapper_declares_each_int_array_in_every_draft_that_uses_it():
+    """AOTInductor's wrapper writes its code twice (memory planning's first draft is discarded): each
+    draft must declare the size / stride arrays it uses. torch 2.11 cached the array names by the id of
+    the draft's bound writeline method, which the next draft's method takes over at once, so the second
+    draft used the first's undeclared name ("'int_array_52' was not declared", an H100 export);
+    export_aoti keys them on the draft itself (export.wrapper_int_arrays_keyed_stably), as torch 2.13 does."""
+    import functools
+    import itertools
+
+    from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
+    from torch._inductor.utils import IndentedBuffer
+    from torch.utils._ordered_set import OrderedSet
+
+    from dsv4_compile.export import wrapper_int_arrays_keyed_stably
+
+    wrapper = types.SimpleNamespace(codegen_int_array_var_cache={}, int_array_id=itertools.count(),
+                                    declared_int_array_vars=OrderedSet())
+    wrapper._codegen_int_array_var_impl = functools.partial(CppWrapperCpu._codegen_int_array_var_impl, wrapper)
+    drafts = [IndentedBuffer(), IndentedBuffer()]
+    with wrapper_int_arrays_keyed_stably():
+        names = [CppWrapperCpu.codegen_int_array_var(wrapper, "{4L, 128L}", draft.writeline) for draft in drafts]
+        assert CppWrapperCpu.codegen_int_array_var(wrapper, "{4L, 128L}", drafts[1].writeline) == names[1]
+    for name, draft in zip(names, drafts):
+        assert f"{name}[] = {{4L, 128L}};" in draft.getvalue(), (names, [d.getvalue() for d in drafts])
+
+
 def test_compile_check_says_when_the_substitution_count_misses_cached_graphs(monkeypatch):
     """A graph served by Inductor's FX graph cache without its substitution record is not counted: the
     build's line says so instead of reporting fewer (or 0) substituted nodes as if complete."""
