@@ -1,7 +1,7 @@
 """Side-by-side benchmark of the hybrid sparse attention kernels (prefill and FP8-cache decode).
 
     python bench/bench_attention.py [--contexts 8k,32k] [--out bench/results/H100] [--budget 300]
-    python bench/bench_attention.py --no-prefill --decode-configs "block_k=16,num_splits=4;..."  # decode rows only
+    python bench/bench_attention.py --no-prefill --decode-configs "block_k=32,num_splits=2;..."  # decode rows only
     from bench_attention import run, write_outputs   # what `python -m dsv4_compile bench --ops attention` calls
 
 Prefill, B = 1, bf16, V4-Flash heads (64 query heads x 512, one shared K=V head), per context S:
@@ -62,14 +62,13 @@ SWEEP_512 = ["block_h=64,block_k=64,num_warps=8,num_stages=2",
              "block_h=64,block_k=16,num_warps=4,num_stages=2,split_d=2"]
 SWEEP_128 = ["block_h=32,block_k=64,num_warps=4,num_stages=2",
              "block_h=32,block_k=128,num_warps=4,num_stages=2"]
-DECODE_CONFIGS = ["", "block_k=32,num_splits=2", "block_k=32,num_splits=4", "block_k=16,num_splits=4",
-                  "block_k=16,num_splits=8", "block_k=16,num_splits=4,split_d=2", "block_k=16,num_splits=2,split_d=2",
-                  "block_k=16,num_splits=4,num_warps=4,num_stages=1,split_d=2",
-                  # dequant=chunks: no spill on sm_90a (the compile report), unmeasured; the last two
-                  # 2 CTAs/SM by registers
-                  "block_k=32,num_splits=4,dequant=chunks", "block_k=64,num_splits=4,dequant=chunks",
-                  "block_k=16,num_splits=4,num_warps=4,split_d=2,dequant=chunks",
-                  "block_k=32,num_splits=4,num_warps=4,split_d=2,dequant=chunks"]
+# Decode over the FP8 cache: the default (auto splits) and the configs the sm_90a build of the tile kernel
+# (triton 3.6) compiles without spills or that fit 2 programs an SM, stages 1 vs 2, split_d, 4 warps, and the
+# chunks kernel (H100 2026-12-06: bench/results/H100/session24_gpu_runs.md)
+DECODE_CONFIGS = ["", "block_k=16,num_splits=4", "block_k=16,num_splits=4,num_stages=1", "block_k=16,num_splits=8",
+                  "block_k=32,num_splits=4", "block_k=32,num_splits=2,num_stages=1", "block_k=16,num_splits=4,split_d=2",
+                  "block_k=16,num_splits=2,split_d=2,num_warps=4", "block_k=16,num_splits=4,split_d=2,num_warps=4",
+                  "block_k=32,num_splits=4,split_d=2,num_stages=1", "block_k=64,num_splits=4,dequant=chunks"]
 # indexer_topk_cached at decode: the default (radix, block_n 64), the fused threshold kernel (one program a
 # sequence), and the other key tiles the sm_90a compile allows without spills (kernels/indexer_topk_cached/config.py)
 INDEXER_DECODE_CONFIGS = ["", "selection=threshold", "selection=threshold,block_n=128", "block_n=128",
@@ -110,6 +109,25 @@ def hca_indices(S: int, device) -> torch.Tensor:
     c = torch.arange(n_c, device=device)
     comp = torch.where(c[None, :] < ((t + 1) // HCA_RATIO)[:, None], c[None, :] + S, -1).to(torch.int32)
     return torch.cat([window_indices(S, device)[0], comp], dim=-1).unsqueeze(0).contiguous()
+
+
+def decode_inputs(S: int, B: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decode step of a CSA layer at context S over the FP8 cache: (q [B, 1, 64, 512] bf16, cache
+    [B, WINDOW + S / 4, 584] uint8, idx [B, 1, WINDOW + TOPK] int32: the window, then a random top-512 of the
+    compressed entries). Random bytes are valid e4m3 codes except the NaN pattern; scale bytes near 127."""
+    from dsv4_compile.model.kv_layout import main_entry_bytes
+
+    n_cache = WINDOW + S // CSA_RATIO
+    cache = torch.randint(0, 256, (B, n_cache, main_entry_bytes(HEAD_D, ROPE_D)), device=device, dtype=torch.uint8)
+    cache[..., :HEAD_D - ROPE_D] &= 0x77                                     # no NaN codes, moderate values
+    cache[..., HEAD_D - ROPE_D: HEAD_D + ROPE_D] = torch.randn(
+        B, n_cache, ROPE_D, device=device).bfloat16().view(torch.uint8).view(B, n_cache, -1)
+    cache[..., HEAD_D + ROPE_D:] = 120
+    win = torch.arange(WINDOW, device=device, dtype=torch.int32).expand(B, 1, WINDOW)
+    comp = torch.rand(B, S // CSA_RATIO, device=device).topk(TOPK, dim=-1).indices.to(torch.int32) + WINDOW
+    idx = torch.cat([win, comp.unsqueeze(1)], dim=-1).contiguous()
+    q = torch.randn(B, 1, FLASH_H, HEAD_D, device=device, dtype=torch.bfloat16)
+    return q, cache, idx
 
 
 def selection_table(idx: torch.Tensor, S: int, n_kv: int) -> torch.Tensor:
@@ -284,22 +302,9 @@ def run(contexts=(8192, 32768), budget_s: float = 300.0, sweep: bool = True, fle
             if left() < 25:
                 log(f"budget: skipping decode at S={S}")
                 break
-            n_cache = WINDOW + S // CSA_RATIO
             K = WINDOW + TOPK
-            sets = []
             n_rot = 6
-            for r in range(n_rot):
-                # Random bytes are valid e4m3 codes except the NaN pattern; scale bytes near 127.
-                cache = torch.randint(0, 256, (DECODE_B, n_cache, entry), device=device, dtype=torch.uint8)
-                cache[..., :HEAD_D - ROPE_D] &= 0x77                         # no NaN codes, moderate values
-                cache[..., HEAD_D - ROPE_D: HEAD_D + ROPE_D] = torch.randn(
-                    DECODE_B, n_cache, ROPE_D, device=device).bfloat16().view(torch.uint8).view(DECODE_B, n_cache, -1)
-                cache[..., HEAD_D + ROPE_D:] = 120
-                win = torch.arange(WINDOW, device=device, dtype=torch.int32).expand(DECODE_B, 1, WINDOW)
-                comp = torch.rand(DECODE_B, S // CSA_RATIO, device=device).topk(TOPK, dim=-1).indices.to(torch.int32) + WINDOW
-                idx = torch.cat([win, comp.unsqueeze(1)], dim=-1).contiguous()
-                q = torch.randn(DECODE_B, 1, FLASH_H, HEAD_D, device=device, dtype=torch.bfloat16)
-                sets.append((q, cache, idx))
+            sets = [decode_inputs(S, DECODE_B, device) for _ in range(n_rot)]
             sink = torch.randn(FLASH_H, device=device)
             q0, cache0, idx0 = sets[0]
             flops = 4 * FLASH_H * HEAD_D * DECODE_B * K

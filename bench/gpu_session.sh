@@ -30,6 +30,8 @@ for step in "$@"; do
       /usr/bin/time -v python3 -m dsv4_compile build --gpu "$GPU" --config flash-slice --context 8k --format aoti \
         --weights-format as-shipped --out /tmp/fs8k 2>&1 | grep --line-buffered -v "UserWarning\|warnings.warn" | tee "$OUT/build_flash_slice_8k.log"
       rm -rf /tmp/fs8k ;;
+    test-as-shipped)  # the as-shipped decode engine at B 1, 3 and 64 (export narrowing, session 23)
+      $PYTEST tests/dsv4_compile/test_generate_gpu.py -k as_shipped 2>&1 | tee "$OUT/test_as_shipped.log" | tail -5 ;;
     tests-export)     # compile / export / generate on the GPU
       $PYTEST -m gpu -n 3 --dist loadgroup tests/dsv4_compile/test_compile_gpu.py tests/dsv4_compile/test_export_gpu.py \
         tests/dsv4_compile/test_generate_gpu.py 2>&1 | tee "$OUT/tests_export.log" | tail -30 ;;
@@ -41,11 +43,27 @@ for step in "$@"; do
         tests/kernels/test_indexer_topk_fp8.py tests/kernels/test_indexer_topk_radix.py 2>&1 | tail -5
       python3 bench/bench_attention.py --contexts 32k,128k --no-prefill --no-decode --indexer-batches 1,64 \
         --budget 400 --out "$OUT" 2>&1 | tail -30 ;;
-    decode-attention) # FP8-cache decode attention: the tile kernel vs dequant=chunks
-      $PYTEST -m gpu tests/kernels/test_sparse_attention_cached.py -n 4 2>&1 | tail -5
-      python3 bench/bench_attention.py --contexts 8k,32k,128k --no-prefill --out "$OUT" --decode-configs \
-        ";block_k=16,num_splits=4;block_k=32,num_splits=4,dequant=chunks;block_k=64,num_splits=4,dequant=chunks;block_k=32,num_splits=4,num_warps=4,split_d=2,dequant=chunks" \
-        2>&1 | tail -30 ;;
+    decode-attention) # FP8-cache decode attention (issue 17): bench_attention's DECODE_CONFIGS (or DECODE_CONFIGS,
+      # ';'-separated); the indexer rows are indexer-cached's
+      $PYTEST -m gpu tests/kernels/test_sparse_attention_cached.py tests/kernels/test_sparse_attention.py -n 4 2>&1 | tail -5
+      python3 bench/bench_attention.py --contexts 8k,32k,128k --no-prefill --indexer-batches "" --out "$OUT" \
+        ${DECODE_CONFIGS:+--decode-configs "$DECODE_CONFIGS"} 2>&1 | tail -30 ;;
+    ncu-decode-attention) # issue 17: what bounds decode attention: ncu of one launch per config (NCU_CONFIGS,
+      # ';'-separated) beside the configs' CUDA-graph times of the same run; details + a summary of the SASS lines
+      cfgs=${NCU_CONFIGS:-";block_k=32,num_stages=1,num_splits=2;block_k=64,num_splits=4,dequant=chunks"}
+      python3 bench/profile_decode_attention.py --configs "$cfgs" 2>&1 | tee "$OUT/ncu_decode_attention.txt"
+      i=0; IFS=';' read -ra cfg_list <<< "$cfgs"; [ "${cfgs: -1}" = ";" ] && cfg_list+=("")
+      for cfg in "${cfg_list[@]}"; do
+        echo "==== ncu: config '$cfg'" >> "$OUT/ncu_decode_attention.txt"
+        ncu --clock-control none --set full -k 'regex:_sparse_attn_(fwd|fp8_chunks)_kernel' --launch-skip 2 \
+          --launch-count 1 -f -o /tmp/ncu_decode_$i python3 bench/profile_decode_attention.py --configs "$cfg" --no-time \
+          > /tmp/ncu_decode_$i.log 2>&1 || tail -5 /tmp/ncu_decode_$i.log
+        ncu -i /tmp/ncu_decode_$i.ncu-rep --page details >> "$OUT/ncu_decode_attention.txt" 2>&1
+        ncu -i /tmp/ncu_decode_$i.ncu-rep --page source --csv --print-source sass > /tmp/ncu_decode_sass_$i.csv 2>&1
+        (echo "## config '$cfg'"; python3 bench/ncu_sass_summary.py /tmp/ncu_decode_sass_$i.csv) >> "$OUT/ncu_decode_attention_sass.md"
+        i=$((i + 1))
+      done
+      grep -E "config|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Local" "$OUT/ncu_decode_attention.txt" ;;
     decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override)
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
@@ -62,19 +80,20 @@ for step in "$@"; do
       # at T 4096 vs its naive twin, the plain W4A8 op and the W4A16 kernel (prints their distances); its
       # timings: the moe step's "mxfp4 w4a8 / bf16" and "w4a8 epilogue / ours" columns
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w4a8" 2>&1 | tee "$OUT/tests_moe_w4a8.log" | tail -8 ;;
-    tune-moe)         # issue 15's table entries: the grouped-expert kernels (bf16, W8A8 and W4A8, the releases' MXFP4
-      # experts as run) tuned at prefill sizes and decode batch 64, merged into a copy of tuning/tables (copy
-      # $OUT/tables/<GPU>.yaml back to commit it)
+    tune-moe|tune)    # table entries, copied into $OUT/tables/<GPU>.yaml (copy it back to commit it). tune-moe: issue 15's
+      # grouped-expert kernels (bf16, W8A8 and W4A8, the releases' MXFP4 experts as run) at prefill sizes and decode
+      # batch 64; tune: the kernels in KERNELS (e.g. sparse_attention_cached at CONTEXTS=8k,32k,128k)
+      [ "$step" = tune-moe ] && KERNELS=${KERNELS:-moe_experts,moe_experts_fp8_w8a8,moe_experts_mxfp4_w4a8}
       cp -r tuning/tables "$OUT/tables"
-      python3 -m dsv4_compile tune --gpu "$GPU" --kernels "${KERNELS:-moe_experts,moe_experts_fp8_w8a8,moe_experts_mxfp4_w4a8}" \
+      python3 -m dsv4_compile tune --gpu "$GPU" --kernels "${KERNELS:?tune: set KERNELS}" \
         --context "${CONTEXTS:-4k,32k}" --trials "${TRIALS:-20}" --timeout "${TUNE_S:-420}" --tables-dir "$OUT/tables" \
-        --storage "sqlite:///$OUT/moe_studies.db" --no-progress 2>&1 | tee "$OUT/tune_moe.log" | tail -40 ;;
+        --storage "sqlite:///$OUT/studies.db" --no-progress 2>&1 | tee "$OUT/$step.log" | tail -40 ;;
     probe-sinkhorn)   # whether this torch's AOTInductor and torch.onnx take the Sinkhorn rounds as one while_loop
       python3 bench/probe_sinkhorn_loop.py 2>&1 | grep -E "^(torch|unrolled|while_loop)" ;;
     muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
     layers)           python3 bench/bench_layers.py --contexts "${CONTEXTS:-32k,128k}" --out "$OUT" 2>&1 | tail -30 ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe probe-sinkhorn muon layers"; exit 2 ;;
+            "decode-attention ncu-decode-attention test-as-shipped decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
