@@ -20,6 +20,10 @@ decode up to 4096 / k tokens, prefill beyond), from the preset given. moe_expert
 moe_experts_fp8_w8a8 op; configs over its default) quantizes x in kernels/fp8_quantize's pass first:
 not reported here (a memory-bound pass).
 
+Compile with the Triton the GPU runs (DEVICE_TRITON; a venv with its torch, e.g. torch 2.11 + triton 3.6):
+layouts differ between versions. Triton 3.9 laid out the FP8 decode tile well where 3.6, the devices',
+shuffled every byte through shared memory (bench/results/H200/attention_compile_report.md, triton 3.6).
+
 Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the longest
 backward branch whose body holds a tensor-core instruction (HMMA / HGMMA / QGMMA), one iteration of the K loop
 after Triton's software pipelining. loop_instr counts its SASS instructions; for moe_experts,
@@ -60,6 +64,7 @@ WARPS_PER_SM = 64
 CTAS_PER_SM = 32
 
 KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts")
+DEVICE_TRITON = "3.6"   # what our H100 / H200 runs use (torch 2.11): bench/results/H100/session24_gpu_runs.md
 
 
 @dataclasses.dataclass
@@ -348,6 +353,10 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(";")] if args.configs else [""]
+    import triton
+
+    print(f"triton {triton.__version__} (its own ptxas and nvdisasm), sm_90a; the GPU machines run triton "
+          f"{DEVICE_TRITON}{'' if triton.__version__.startswith(DEVICE_TRITON) else ': layouts can differ'}\n")
     print(HEADER)
     rows = report(args.kernel, configs, args.preset, parse_contexts(args.context)[0], args.batch, args.gpu,
                   args.combine, args.weight_format, args.act, args.scales)
