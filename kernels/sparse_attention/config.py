@@ -28,8 +28,9 @@ class SparseAttentionConfig(KernelConfig):
                 1 = the whole head dim in one program. Clamped by the launcher so each part keeps >= 16
                 columns (>= 64 over the FP8 cache: one scale block), see value_split.
     dequant:    FP8 cache only. "tile": each step gathers and dequantises the whole [block_k, BLOCK_D]
-                tile, which serves both dots. "chunks": 64-column chunks (one e8m0 scale block) in a loop,
-                the logits summed over them in column order, the accumulator kept as 64-column chunks, the
+                tile of FP8 dims and a [block_k, rope] tile of rope dims, which serve both dots.
+                "chunks": 64-column chunks (one e8m0 scale block) in a loop, the logits summed over them
+                in column order, the accumulator kept as 64-column chunks, the
                 value chunks gathered a second time (L1/L2): no [block_k, BLOCK_D] tile and fewer live
                 registers (no spills at V4's 64 x 512 decode up to block_k 64, sm_90a, bench/results/
                 H200/attention_compile_report.md). Same dequantised values; the logits' fp32 sum is cut

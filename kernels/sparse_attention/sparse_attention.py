@@ -12,10 +12,16 @@ Structure (MQA: all H query heads share the single K=V head):
   denominator, added once after the loop; a token with no valid index gives zeros;
 - split-K (num_splits > 1, decode): each split writes (acc, m, l, count) in fp32 to a workspace and
   `_sparse_attn_combine_kernel` merges the splits, adds the sink and normalises;
+- FP8 cache, dequant="tile" (KV_FP8): the FP8 dims and the rope dims as two gathered tiles (zeros past
+  the FP8 dims in the first), the logits the sum of their two dots, the rope columns' own accumulator;
+  each tile keeps the vectorised layout of its own load (merged, triton 3.6 shuffled every byte through
+  shared memory: bench/results/H200/attention_compile_report.md). The logits' fp32 sum is cut between
+  the FP8 and rope dims (last fp32 bits against one dot over the dequantised row);
 - FP8 cache, dequant="chunks" (`_sparse_attn_fp8_chunks_kernel`, config field `dequant`): the same
   programs, with the head dim in 64-column chunks: logits summed over q and kv chunks in a loop,
   the accumulator kept as 64-column chunks, the value chunks gathered a second time (L1/L2); no
-  [block_k, D] tile is live, so it does not spill at V4's decode shape (the tile kernel does). Same
+  [block_k, D] tile is live, so it does not spill at V4's decode shape (the tile kernel does at some
+  configs). Same
   values in both dots; the logits' fp32 sum is cut at the chunk boundaries (last fp32 bits);
 - head-dim split (split_d > 1): split_d programs per (token, head block, K split), adjacent in the
   grid, each owning BLOCK_D / split_d output columns: each computes the same full-width logits and

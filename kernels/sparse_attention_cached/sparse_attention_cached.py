@@ -3,9 +3,9 @@ semantics, see model/ops.py): the decode path.
 
 The kernel is `kernels/sparse_attention`'s with KV_FP8=True: each gathered cache row (kv_layout: D - R
 FP8 e4m3 codes | R BF16 rope values | (D - R) / 64 e8m0 scale bytes | pad) is dequantised in registers
-(code * 2^(byte - 127), the BF16 bytes reassembled into an fp32) and rounded to q's dtype, exactly the
-values `unpack_main_entries(...).to(q.dtype)` gives, then used by both dots. The cache is read once per
-program; nothing is unpacked to memory. Batches of sequences of different lengths are expressed by -1
+(code * 2^(byte - 127), the BF16 values read as such) and rounded to q's dtype, exactly the values
+`unpack_main_entries(...).to(q.dtype)` gives, as two tiles (the FP8 dims, the rope dims), each used by
+both dots. The cache is read once per program; nothing is unpacked to memory. Batches of sequences of different lengths are expressed by -1
 in the indices (a hole reads nothing).
 
 Split-K (flash-decoding): a decode step has B * S tokens, often fewer programs than SMs; with
