@@ -87,7 +87,11 @@ for step in "$@"; do
       cp -r tuning/tables "$OUT/tables"
       python3 -m dsv4_compile tune --gpu "$GPU" --kernels "${KERNELS:?tune: set KERNELS}" \
         --context "${CONTEXTS:-4k,32k}" --trials "${TRIALS:-20}" --timeout "${TUNE_S:-420}" --tables-dir "$OUT/tables" \
-        --storage "sqlite:///$OUT/studies.db" --no-progress 2>&1 | tee "$OUT/$step.log" | tail -40 ;;
+        --storage "sqlite:///$OUT/studies.db" --no-progress 2>&1 | tee "$OUT/$step.log" | tail -40
+      # what comes back is at most 8 files: this GPU's table, the log, the studies and 3 of the sweep plots
+      mkdir -p "$OUT/png"; mv "$OUT/tables/$GPU"/*.png "$OUT/png/" 2>/dev/null
+      ls "$OUT/png" | tail -n +4 | sed "s|^|$OUT/png/|" | xargs rm -f
+      find "$OUT/tables" -mindepth 1 ! -name "$GPU.yaml" -exec rm -rf {} + ;;
     probe-sinkhorn)   # whether this torch's AOTInductor and torch.onnx take the Sinkhorn rounds as one while_loop
       python3 bench/probe_sinkhorn_loop.py 2>&1 | grep -E "^(torch|unrolled|while_loop)" ;;
     muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
