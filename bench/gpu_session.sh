@@ -83,9 +83,9 @@ for step in "$@"; do
     tune-moe|tune)    # table entries, copied into $OUT/tables/<GPU>.yaml (copy it back to commit it). tune-moe: issue 15's
       # grouped-expert kernels (bf16, W8A8 and W4A8, the releases' MXFP4 experts as run) at prefill sizes and decode
       # batch 64; tune: the kernels in KERNELS (e.g. sparse_attention_cached at CONTEXTS=8k,32k,128k)
-      [ "$step" = tune-moe ] && KERNELS=${KERNELS:-moe_experts,moe_experts_fp8_w8a8,moe_experts_mxfp4_w4a8}
+      kernels=$KERNELS; [ "$step" = tune-moe ] && kernels=${KERNELS:-moe_experts,moe_experts_fp8_w8a8,moe_experts_mxfp4_w4a8}
       cp -r tuning/tables "$OUT/tables"
-      python3 -m dsv4_compile tune --gpu "$GPU" --kernels "${KERNELS:?tune: set KERNELS}" \
+      python3 -m dsv4_compile tune --gpu "$GPU" --kernels "${kernels:?tune: set KERNELS}" \
         --context "${CONTEXTS:-4k,32k}" --trials "${TRIALS:-20}" --timeout "${TUNE_S:-420}" --tables-dir "$OUT/tables" \
         --storage "sqlite:///$OUT/studies.db" --no-progress 2>&1 | tee "$OUT/$step.log" | tail -40
       # what comes back is at most 8 files: this GPU's table, the log, the studies and 3 of the sweep plots

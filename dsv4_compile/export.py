@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
@@ -235,8 +236,7 @@ def export_aoti(result: ExportResult, path: str, inductor_configs: dict | None =
         return torch._inductor.aoti_compile_and_package(result.program, package_path=path, inductor_configs=configs)
 
 
-@contextlib.contextmanager
-def wrapper_int_arrays_keyed_stably():
+def wrapper_int_arrays_keyed_stably() -> contextlib.AbstractContextManager:
     """AOTInductor's C++ wrapper with its size / stride array declarations cached per output buffer, as
     torch 2.13 does. torch 2.11 keys that cache on id(writeline), the transient id of a bound method: when
     two buffers' methods get the same id (memory planning writes its code twice, the first draft
@@ -246,10 +246,8 @@ def wrapper_int_arrays_keyed_stably():
     already (`__self__` among its names) is left as it is."""
     from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
 
-    original = CppWrapperCpu.codegen_int_array_var
-    if "__self__" in original.__code__.co_names:
-        yield
-        return
+    if "__self__" in CppWrapperCpu.codegen_int_array_var.__code__.co_names:
+        return contextlib.nullcontext()
 
     def codegen_int_array_var(self, int_array: str, writeline, known_statically=False, graph=None) -> str:
         key = (int_array, id(getattr(writeline, "__self__", writeline)), known_statically, id(graph) if graph else None)
@@ -258,15 +256,10 @@ def wrapper_int_arrays_keyed_stably():
                                                                                      known_statically)
         return self.codegen_int_array_var_cache[key]
 
-    CppWrapperCpu.codegen_int_array_var = codegen_int_array_var
-    try:
-        yield
-    finally:
-        CppWrapperCpu.codegen_int_array_var = original
+    return mock.patch.object(CppWrapperCpu, "codegen_int_array_var", codegen_int_array_var)
 
 
-@contextlib.contextmanager
-def cpu_wrapper_declares_float8():
+def cpu_wrapper_declares_float8() -> contextlib.AbstractContextManager:
     """AOTInductor's CPU wrapper (the .cpp that calls the kernels) with c10's Float8_e4m3fn header included.
     It declares every kernel it calls, and a kernel writing the FP8 KV cache takes at::Float8_e4m3fn
     pointers; torch 2.13's runtime headers happen to define that type, torch 2.11's do not, and the
@@ -276,8 +269,7 @@ def cpu_wrapper_declares_float8():
 
     original = getattr(CppWrapperCpu, "add_device_include", None)
     if original is None:
-        yield
-        return
+        return contextlib.nullcontext()
 
     def add_device_include(self, device: str) -> None:
         first = device not in getattr(self, "included_devices", ())
@@ -285,11 +277,7 @@ def cpu_wrapper_declares_float8():
         if first and device == "cpu":
             self.header.splice("#include <c10/util/Float8_e4m3fn.h>")
 
-    CppWrapperCpu.add_device_include = add_device_include
-    try:
-        yield
-    finally:
-        CppWrapperCpu.add_device_include = original
+    return mock.patch.object(CppWrapperCpu, "add_device_include", add_device_include)
 
 
 # ---- ONNX -------------------------------------------------------------------------------------------

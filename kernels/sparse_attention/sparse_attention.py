@@ -263,7 +263,7 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
         if UPCAST:
             b_qr = b_qr.to(tl.float32)
         acc_r = tl.zeros([BLOCK_H, BLOCK_R], dtype=tl.float32)
-        m_hr = m_hr & (o_r[None, :] >= d0) & (o_r[None, :] < d0 + BLOCK_DV)  # the part holding them stores
+        m_hr_out = m_hr & (o_r[None, :] >= d0) & (o_r[None, :] < d0 + BLOCK_DV)  # the part holding them stores
     if KV_FP8:
         m_hv = m_hv & (o_v[None, :] < NOPE)                                 # acc: the FP8 columns
 
@@ -303,12 +303,12 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
         scale = _out_scale(p_sink, o_h, m_h, m_i, l_i, count)
         _store_out(p_o, p_row, o_v, m_hv, acc, scale, count, UPCAST)
         if HAS_ROPE:
-            _store_out(p_o, p_row, o_r, m_hr, acc_r, scale, count, UPCAST)
+            _store_out(p_o, p_row, o_r, m_hr_out, acc_r, scale, count, UPCAST)
     else:
         p_w = ((pid_t * NUM_SPLITS + pid_k) * H + o_h)                      # [BH]
         tl.store(p_wacc + p_w[:, None] * D + o_v[None, :], acc, mask=m_hv)
         if HAS_ROPE:
-            tl.store(p_wacc + p_w[:, None] * D + o_r[None, :], acc_r, mask=m_hr)
+            tl.store(p_wacc + p_w[:, None] * D + o_r[None, :], acc_r, mask=m_hr_out)
         # (m, l, count) are the same in every column part: the first one writes them
         if SPLIT_D == 1:
             m_ml = m_h
