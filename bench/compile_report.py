@@ -24,9 +24,9 @@ Compile with the Triton the GPU runs (DEVICE_TRITON; a venv with its torch, e.g.
 layouts differ between versions. Triton 3.9 laid out the FP8 decode tile well where 3.6, the devices',
 shuffled every byte through shared memory (bench/results/H200/attention_compile_report.md, triton 3.6).
 
-Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the longest
+Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the first
 backward branch whose body holds a tensor-core instruction (HMMA / HGMMA / QGMMA), one iteration of the K loop
-after Triton's software pipelining. loop_instr counts its SASS instructions; for moe_experts,
+after Triton's software pipelining (later ones are fallbacks: moe_experts' for scales above 2). loop_instr counts its SASS instructions; for moe_experts,
 instr_per_weight divides them by the weight elements a thread takes in one iteration (block_k x block_n
 over the threads, twice for the gate/up launch: w1 and w3), the proxy of the dequantization's ALU cost
 when no GPU is at hand (it is not a timing). mma names the loop's tensor-core instructions with their
@@ -111,10 +111,11 @@ MMA_OPCODES = ("HMMA", "HGMMA", "QGMMA")   # QGMMA: Hopper's FP8 wgmma (E4M3 / E
 
 
 def main_loop(sass: str, modifiers: bool = False) -> list[str]:
-    """Opcodes of the longest backward-branch loop of nvdisasm output whose body holds a tensor-core
-    instruction (MMA_OPCODES); [] if there is none. Without modifiers ('HGMMA'), or with them
-    ('HGMMA.64x128x32.F32.E4M3.E4M3')."""
-    labels, ops, best = {}, [], []
+    """Opcodes of the first backward-branch loop (in code order) of nvdisasm output whose body holds a
+    tensor-core instruction (MMA_OPCODES); [] if there is none. The first is the hot one: a kernel's
+    later MMA loops are its fallbacks (moe_experts' route for scales its one-multiply route cannot
+    take). Without modifiers ('HGMMA'), or with them ('HGMMA.64x128x32.F32.E4M3.E4M3')."""
+    labels, ops = {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
         if label:
@@ -127,9 +128,9 @@ def main_loop(sass: str, modifiers: bool = False) -> list[str]:
         target = re.search(r"`\((\.L_x_\d+)\)", ins.group(2)) if ops[-1] == "BRA" else None
         if target and labels.get(target.group(1), len(ops)) < len(ops):
             body = ops[labels[target.group(1)]:]
-            if any(op.split(".")[0] in MMA_OPCODES for op in body) and len(body) > len(best):
-                best = body
-    return best if modifiers else [op.split(".")[0] for op in best]
+            if any(op.split(".")[0] in MMA_OPCODES for op in body):
+                return body if modifiers else [op.split(".")[0] for op in body]
+    return []
 
 
 def mma_summary(loop: list[str]) -> tuple[str, int]:

@@ -67,6 +67,8 @@ for step in "$@"; do
     decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override)
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
+    tests-moe)        # the MoE kernel's tests compiled (every one of tests/kernels/test_moe_experts.py) and the plain ops'
+      $PYTEST tests/kernels/test_moe_experts.py tests/model/test_ops_moe.py 2>&1 | tee "$OUT/tests_moe.log" | tail -8 ;;
     moe)              python3 bench/bench_moe.py --out "$OUT" 2>&1 | tail -30 ;;   # its "fp8 w8a8 / bf16", "mxfp4 w4a8 / bf16" columns: issue 15
     moe-decode)       # decode sizes only (about a minute): the W4A8 routes, float32 scales vs e8m0, and 32-wide
       # column tiles (the H100's decode default; bench/results/H200/moe_decode_tiles_offline.md) vs the default
@@ -96,8 +98,24 @@ for step in "$@"; do
       python3 bench/probe_sinkhorn_loop.py 2>&1 | grep -E "^(torch|unrolled|while_loop)" ;;
     muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
     layers)           python3 bench/bench_layers.py --contexts "${CONTEXTS:-32k,128k}" --out "$OUT" 2>&1 | tail -30 ;;
+    ab)               # a change measured against its absence in one call: AB_CMD (a bench command writing its
+      # results under $AB_OUT) run on a copy of this tree with the files under AB_BEFORE laid over it (the
+      # changed files as they were, e.g. `git show HEAD:F` into an ignored folder brought by `carry`), then on
+      # this tree; the .md files it wrote come back under $OUT/before and $OUT/after
+      rm -rf /tmp/ab-before /tmp/ab-site && cp -r . /tmp/ab-before && cp -r "$AB_BEFORE"/. /tmp/ab-before/ || exit 1
+      python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
+        --target /tmp/ab-site /tmp/ab-before >/dev/null || exit 1
+      for side in before after; do
+        rm -rf /tmp/ab-out && mkdir -p /tmp/ab-out "$OUT/$side"
+        if [ $side = before ]; then
+          (cd /tmp/ab-before && PYTHONPATH=/tmp/ab-site:/tmp/site:/tmp/ab-before AB_OUT=/tmp/ab-out bash -c "$AB_CMD")
+        else
+          AB_OUT=/tmp/ab-out bash -c "$AB_CMD"
+        fi
+        find /tmp/ab-out -name '*.md' -exec cp {} "$OUT/$side/" \;
+      done ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention ncu-decode-attention test-as-shipped decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers"; exit 2 ;;
+            "decode-attention ncu-decode-attention test-as-shipped decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"

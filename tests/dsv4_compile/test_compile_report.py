@@ -66,12 +66,16 @@ SASS = """
         /*0060*/              @!P1 BRA `(.L_x_1) ;
         /*0070*/                   BRA `(.L_x_2) ;
 .L_x_2:
-        /*0080*/                   EXIT ;
+        /*0080*/                   FMUL R4, R4, R5 ;
+        /*0090*/                   FMUL R6, R6, R5 ;
+        /*00a0*/                   HMMA.16816.F32.BF16 R12, R4, R8, R12 ;
+        /*00b0*/              @!P2 BRA `(.L_x_2) ;
+        /*00c0*/                   EXIT ;
 """
 
 
-def test_main_loop_is_the_longest_backward_branch_with_an_mma():
-    # .L_x_0 has no MMA, the forward branch to .L_x_2 is not a loop
+def test_main_loop_is_the_first_backward_branch_with_an_mma():
+    # .L_x_0 has no MMA, the forward branch to .L_x_2 is not a loop, the longer .L_x_2 loop comes after
     assert compile_report.main_loop(SASS) == ["LDS", "LOP3", "HMMA", "BRA"]
     assert compile_report.main_loop(SASS.replace("HMMA.16816.F32.BF16", "FFMA")) == []
 
