@@ -212,14 +212,17 @@ def _store_stats(p_wml, p_w, m_ml, m_i, l_i, count, BLOCK_H: tl.constexpr):
 
 @triton.jit
 def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
-                            S, H, N, K, D, K_PER_SPLIT, qk_scale, N_HB,
+                            S, H, N, K, D, K_PER_SPLIT, N_RUN, qk_scale, N_HB,
                             KV_FP8: tl.constexpr, NOPE: tl.constexpr, ROPE: tl.constexpr, ENTRY: tl.constexpr,
                             NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                             BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                             BLOCK_R: tl.constexpr, SPLIT_D: tl.constexpr):
     # p_q [B, S, H, D]; p_kv [B, N, D] (or [B, N, ENTRY] uint8 when KV_FP8); p_sink [H] fp32;
-    # p_idx [B, S, K] int32; p_o [B, S, H, D]; workspace (NUM_SPLITS > 1): p_wacc [B*S, NUM_SPLITS, H, D]
-    # fp32, p_wml [B*S, NUM_SPLITS, H, 3] fp32 (m, l, count). qk_scale = softmax_scale * log2(e).
+    # p_idx [B, S, K] int32; p_o [B, S, H, D]; workspace (NUM_SPLITS > 1): p_wacc [B*S, N_RUN, H, D]
+    # fp32, p_wml [B*S, N_RUN, H, 3] fp32 (m, l, count). qk_scale = softmax_scale * log2(e).
+    # NUM_SPLITS: the grid's split axis; N_RUN <= it: the splits this launch runs, each of K_PER_SPLIT
+    # indices (in an engine with a dynamic batch, values it computes from the batch at run time:
+    # sparse_attention_cached.config.split_count); the programs past them return at once.
     # UPCAST (the interpreter, whose bf16 tl.dot is wrong and whose bf16 casts truncate): exact fp32
     # copies of the operands, IEEE dots, and the roundings to bf16 done to nearest even on the bits.
     # SPLIT_D programs own BLOCK_DV = BLOCK_D / SPLIT_D output columns each (d0 = their first column,
@@ -244,6 +247,8 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
     pid_h = pid_hd % N_HB
     pid_t = (pid_hd // N_HB).to(tl.int64)                                   # token b * S + s
     pid_k = tl.program_id(1)
+    if pid_k >= N_RUN:
+        return
     b = pid_t // S
     o_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)                           # [BH]
     o_d = tl.arange(0, BLOCK_D)                                             # [BD]
@@ -305,7 +310,7 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
         if HAS_ROPE:
             _store_out(p_o, p_row, o_r, m_hr_out, acc_r, scale, count, UPCAST)
     else:
-        p_w = ((pid_t * NUM_SPLITS + pid_k) * H + o_h)                      # [BH]
+        p_w = ((pid_t * N_RUN + pid_k) * H + o_h)                           # [BH]
         tl.store(p_wacc + p_w[:, None] * D + o_v[None, :], acc, mask=m_hv)
         if HAS_ROPE:
             tl.store(p_wacc + p_w[:, None] * D + o_r[None, :], acc_r, mask=m_hr_out)
@@ -321,7 +326,7 @@ def _sparse_attn_fwd_kernel(p_q, p_kv, p_sink, p_idx, p_o, p_wacc, p_wml,
 
 @triton.jit
 def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_wml,
-                                   S, H, N, K, D, K_PER_SPLIT, qk_scale, N_HB,
+                                   S, H, N, K, D, K_PER_SPLIT, N_RUN, qk_scale, N_HB,
                                    NOPE: tl.constexpr, ROPE: tl.constexpr, ENTRY: tl.constexpr,
                                    NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                                    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -342,6 +347,8 @@ def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_w
     BLOCK_DV: tl.constexpr = BLOCK_D // SPLIT_D
     qk_scale = tl.cast(qk_scale, tl.float32)
     pid_t, pid_h, pid_k, d0 = _program_coords(N_HB, SPLIT_D, BLOCK_DV)
+    if pid_k >= N_RUN:
+        return
     b = pid_t // S
     o_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)                           # [BH]
     o_c = tl.arange(0, CH)                                                  # [CH]
@@ -381,7 +388,7 @@ def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_w
             o_v = d0 + c * CH + o_c                                         # [CH] the chunk's columns
             _store_out(p_o, p_row, o_v, m_h[:, None] & (o_v[None, :] < D), accs[c], scale, count, UPCAST)
     else:
-        p_w = ((pid_t * NUM_SPLITS + pid_k) * H + o_h)                      # [BH]
+        p_w = ((pid_t * N_RUN + pid_k) * H + o_h)                           # [BH]
         for c in tl.static_range(BLOCK_DV // CH):
             o_v = d0 + c * CH + o_c
             tl.store(p_wacc + p_w[:, None] * D + o_v[None, :], accs[c], mask=m_h[:, None] & (o_v[None, :] < D))
@@ -393,9 +400,9 @@ def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_w
 
 
 @triton.jit
-def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, UPCAST: tl.constexpr,
-                                NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    # p_wacc [T, NUM_SPLITS, H, D] fp32; p_wml [T, NUM_SPLITS, H, 3]; p_sink [H]; p_o [T, H, D]
+def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, N_RUN, UPCAST: tl.constexpr,
+                                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # p_wacc [T, N_RUN, H, D] fp32; p_wml [T, N_RUN, H, 3]; p_sink [H]; p_o [T, H, D]
     pid_t = tl.program_id(0).to(tl.int64)
     o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     o_d = tl.arange(0, BLOCK_D)
@@ -404,15 +411,15 @@ def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, UPCAST: tl.con
     sink = tl.load(p_sink + o_h, mask=m_h, other=0.0) * 1.4426950408889634
     m_f = sink
     count = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for sp in range(NUM_SPLITS):
-        p_w = (pid_t * NUM_SPLITS + sp) * H + o_h
+    for sp in range(N_RUN):
+        p_w = (pid_t * N_RUN + sp) * H + o_h
         m_f = tl.maximum(m_f, tl.load(p_wml + p_w * 3, mask=m_h, other=float("-inf")))
         count += tl.load(p_wml + p_w * 3 + 2, mask=m_h, other=0.0)
     m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
     denom = tl.exp2(sink - m_f)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for sp in range(NUM_SPLITS):
-        p_w = (pid_t * NUM_SPLITS + sp) * H + o_h
+    for sp in range(N_RUN):
+        p_w = (pid_t * N_RUN + sp) * H + o_h
         corr = tl.exp2(tl.load(p_wml + p_w * 3, mask=m_h, other=float("-inf")) - m_f)
         denom += tl.load(p_wml + p_w * 3 + 1, mask=m_h, other=0.0) * corr
         acc += tl.load(p_wacc + p_w[:, None] * D + o_d[None, :], mask=m_hd, other=0.0) * corr[:, None]
@@ -430,10 +437,12 @@ def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, UPCAST: tl.con
 
 def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
                             out: torch.Tensor, softmax_scale: float, cfg: SparseAttentionConfig, N: int,
-                            kv_fp8: bool = False, nope: int = 0, entry_bytes: int = 0) -> None:
+                            kv_fp8: bool = False, nope: int = 0, entry_bytes: int = 0, run_splits=None) -> None:
     """Launch the main kernel (and the combine kernel for num_splits > 1) into `out` [B, S, H, D].
 
-    kv: [B, N, D] in q's dtype, or with kv_fp8 the cache [B, N, entry_bytes] uint8 (`nope` FP8 dims)."""
+    kv: [B, N, D] in q's dtype, or with kv_fp8 the cache [B, N, entry_bytes] uint8 (`nope` FP8 dims).
+    run_splits (None: cfg.num_splits): the splits to run, at most cfg.num_splits (the grid's split axis),
+    an int or an expression of a symbolic size that an engine evaluates at run time."""
     B, S, H, D = q.shape
     K = topk_idxs.shape[-1]
     T = B * S  # a grid of 0 programs launches nothing (no branch on a possibly symbolic S)
@@ -445,29 +454,30 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
     split_d = value_split(D, cfg, kv_fp8)
     n_h = triton.cdiv(H, block_h)
     splits = max(1, min(cfg.num_splits, triton.cdiv(max(K, 1), cfg.block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), splits), cfg.block_k) * cfg.block_k
+    n_run = splits if run_splits is None else torch.sym_min(run_splits, splits)
+    k_per_split = triton.cdiv(triton.cdiv(max(K, 1), n_run), cfg.block_k) * cfg.block_k
     ieee = q.dtype == torch.float32
     qk_scale = float(softmax_scale) * LOG2E
     if splits == 1:
         # unused (NUM_SPLITS == 1 never touches them)
         wacc, wml = placeholder(q.device, torch.float32), placeholder(q.device, torch.float32)
     else:
-        wacc = torch.empty((T, splits, H, D), dtype=torch.float32, device=q.device)
-        wml = torch.empty((T, splits, H, 3), dtype=torch.float32, device=q.device)
+        wacc = torch.empty((T, n_run, H, D), dtype=torch.float32, device=q.device)
+        wml = torch.empty((T, n_run, H, 3), dtype=torch.float32, device=q.device)
     rope = D - nope if kv_fp8 else 0
     if cfg.dequant == "chunks":
         kernel, variant = _sparse_attn_fp8_chunks_kernel, {}
     else:
         kernel, variant = _sparse_attn_fwd_kernel, {"KV_FP8": kv_fp8, "BLOCK_R": max(16, triton.next_power_of_2(rope))}
     launch(kernel, (T * n_h * split_d, splits), q, kv, attn_sink, topk_idxs, out, wacc, wml,
-           S, H, N, K, D, k_per_split, qk_scale, n_h, **variant,
+           S, H, N, K, D, k_per_split, n_run, qk_scale, n_h, **variant,
            NOPE=nope, ROPE=rope, ENTRY=entry_bytes, NUM_SPLITS=splits, IEEE=ieee, UPCAST=INTERPRET,
            BLOCK_H=block_h, BLOCK_K=cfg.block_k, BLOCK_D=block_d, SPLIT_D=split_d,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
         comb_h = min(block_h, 16)
-        launch(_sparse_attn_combine_kernel, (T, triton.cdiv(H, comb_h)), wacc, wml, attn_sink, out, H, D, INTERPRET,
-               NUM_SPLITS=splits, BLOCK_H=comb_h, BLOCK_D=block_d, num_warps=4, num_stages=1)
+        launch(_sparse_attn_combine_kernel, (T, triton.cdiv(H, comb_h)), wacc, wml, attn_sink, out, H, D, n_run,
+               INTERPRET, BLOCK_H=comb_h, BLOCK_D=block_d, num_warps=4, num_stages=1)
 
 
 def check_common(op: str, q: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor) -> None:

@@ -11,7 +11,8 @@ in the indices (a hole reads nothing).
 Split-K (flash-decoding): a decode step has B * S tokens, often fewer programs than SMs; with
 num_splits > 1 each token's K indices are cut into ranges, each a program, merged by a combine kernel.
 The default config (config None / "") on a GPU picks the number of splits from the grid size
-(`auto_config`); an explicit config is used as given.
+(`auto_config`); an explicit config is used as given, but for its split count at a symbolic batch (an
+engine's: the count then follows the batch at run time, `split_count`).
 Bytes: K * entry_bytes per token (584 for V4: 0.37 MB per token at K = 640) + q and out.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from .._common import INTERPRET, check, check_tensor, kernel_op, resolve_config, sm_count
 from ..sparse_attention.config import SparseAttentionConfig, decode_default_config
 from ..sparse_attention.sparse_attention import check_common, launch_sparse_attention
-from .config import FP8_BLOCK, auto_config, entry_layout
+from .config import FP8_BLOCK, auto_config, entry_layout, split_count
 
 
 def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
@@ -47,11 +48,15 @@ def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: tor
           f"{op}: cache has shape {tuple(cache.shape)}; need [B, N, entry_bytes] = [{B}, N, {entry}] for "
           f"head_dim {D}, rope_dim {rope_dim}")
     cfg = resolve_config(SparseAttentionConfig, config, decode_default_config, q.device)
-    if (config is None or config == "") and not INTERPRET and q.device.type == "cuda":
-        cfg = auto_config(B, S, H, topk_idxs.shape[-1], cfg, sm_count(q.device))
+    run_splits = None
+    if (config is None or config == "" or not isinstance(B * S, int)) and not INTERPRET and q.device.type == "cuda":
+        # the default; and any config at a symbolic batch (an engine's): its num_splits was tuned at one
+        # batch size, the engine runs them all
+        K, n_sm = topk_idxs.shape[-1], sm_count(q.device)
+        cfg, run_splits = auto_config(B, S, H, K, cfg, n_sm), split_count(B, S, H, K, cfg, n_sm)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     launch_sparse_attention(q, cache, attn_sink, topk_idxs, out, softmax_scale, cfg, N=cache.shape[1],
-                            kv_fp8=True, nope=nope, entry_bytes=entry)
+                            kv_fp8=True, nope=nope, entry_bytes=entry, run_splits=run_splits)
     return out
 
 

@@ -150,6 +150,7 @@ def test_dequant_chunks_is_exact(dtype):
 
 def test_auto_splits_and_checks():
     assert auto_splits(n_programs=64, K=640, block_k=32, n_sm=132) == 2
+    assert auto_splits(n_programs=20, K=640, block_k=32, n_sm=132) == 6         # 120 programs: one wave
     assert auto_splits(n_programs=200, K=640, block_k=32, n_sm=132) == 1
     assert auto_splits(n_programs=1, K=64, block_k=32, n_sm=132) == 1
     from dsv4_compile.kernels.sparse_attention import SparseAttentionConfig
@@ -164,6 +165,59 @@ def test_auto_splits_and_checks():
         sparse_attention_cached(q, cache[..., :-8].contiguous(), sink, idx, 0.1, 64)
     with pytest.raises(ValueError, match="multiple of 64"):
         sparse_attention_cached(q, cache, sink, idx, 0.1, 32)
+
+
+@pytest.mark.parametrize("dequant", ["tile", "chunks"])
+@pytest.mark.parametrize("run", [1, 2, 3])
+def test_splits_run_below_the_grids_split_axis(run, dequant):
+    """A launch whose grid has 4 splits a token but runs `run` of them (an engine's dynamic batch: its
+    count known at run time, split_count) equals the launch with `run` splits in the grid, and the naive
+    twin: the programs past `run` return before writing anything, the workspace and the combine go by
+    `run`. Bit for bit where both go through the workspace (run >= 2); one split run through it is
+    normalised by the combine kernel instead of the main one (fp32 rounding apart)."""
+    from dsv4_compile.kernels.sparse_attention import SparseAttentionConfig
+    from dsv4_compile.kernels.sparse_attention.sparse_attention import launch_sparse_attention
+
+    B, S, H, D, R, N, K = 3, 1, 4, 128, 64, 13, 37
+    q, cache, sink, idx = make_inputs(B, S, H, D, R, N, K, torch.float32, seed=7)
+    nope, entry = entry_layout(D, R)
+
+    def launched(num_splits, run_splits):
+        cfg = SparseAttentionConfig(block_h=16, block_k=16, num_splits=num_splits, num_warps=4, num_stages=1,
+                                    dequant=dequant)
+        out = torch.full(q.shape, float("nan"), device=DEVICE)
+        launch_sparse_attention(q.to(DEVICE), cache.to(DEVICE), sink.to(DEVICE), idx.to(DEVICE), out, D ** -0.5,
+                                cfg, N=N, kv_fp8=True, nope=nope, entry_bytes=entry, run_splits=run_splits)
+        return out.cpu()
+
+    out = launched(4, run)
+    if run >= 2:
+        assert torch.equal(out, launched(run, None))
+    else:
+        assert_close("one split run through the workspace vs none", launched(1, None), out, TOL[torch.float32])
+    assert_close("run splits vs naive (float64)", reference(q, cache, sink, idx, D ** -0.5, R), out, TOL[torch.float32])
+
+
+def test_split_count_of_a_symbolic_batch_is_evaluated_at_run_time():
+    """At a symbolic batch B in [1, 64] (an engine's) the split count is an expression of B with no guard
+    on it (the range intact), equal at every B to the count of that batch as an int; the grid's split axis
+    (auto_config's num_splits) is one token's count, the most any batch takes."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from dsv4_compile.kernels.sparse_attention import SparseAttentionConfig
+    from dsv4_compile.kernels.sparse_attention_cached.config import split_count
+
+    base = SparseAttentionConfig(block_h=64, block_k=32, num_warps=8)
+    env = ShapeEnv()
+    b = env.create_unbacked_symint()
+    torch._check(b >= 1)
+    torch._check(b <= 64)
+    count = split_count(b, 1, 64, 640, base, 132)
+    assert not isinstance(count, int) and env.guards == []
+    assert auto_config(b, 1, 64, 640, base, 132) == base.replace(num_splits=10)
+    for batch in (1, 2, 13, 16, 20, 33, 64):
+        assert int(count.node.expr.xreplace({b.node.expr: batch})) == split_count(batch, 1, 64, 640, base, 132)
+    assert [split_count(batch, 1, 64, 640, base, 132) for batch in (1, 13, 20, 64)] == [10, 10, 6, 2]
 
 
 def test_substitution():

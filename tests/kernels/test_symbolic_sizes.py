@@ -70,8 +70,9 @@ def _symbolic_rows(env: ShapeEnv, example: int, most: int, width: int):
 
 
 def test_launchers_decide_on_the_bound_of_a_symbolic_size(named_gpu):
-    """fp8_linear's few-rows rules (cuBLAS past 16 rows, split-K) and the decode attention's split-K
-    take a symbolic size's bound: no guard, the range intact, and the config the bound itself gets."""
+    """fp8_linear's few-rows rules (cuBLAS past 16 rows, split-K) take a symbolic size's bound, the decode
+    attention's split-K one token's count as its grid's split axis (the count itself an expression,
+    test_split_count_of_a_symbolic_batch_is_evaluated_at_run_time): no guard, the range intact."""
     from dsv4_compile.kernels.fp8_linear import fp8_linear
     from dsv4_compile.kernels.sparse_attention.config import decode_default_config
     from dsv4_compile.kernels.sparse_attention_cached.config import auto_config
@@ -85,7 +86,7 @@ def test_launchers_decide_on_the_bound_of_a_symbolic_size(named_gpu):
         base = decode_default_config(named_gpu)
         attention = auto_config(x.shape[0], 1, 64, 640, base, 132)
         assert env.guards == [] and largest_value(x.shape[0]) == most and y.shape[0].node.expr == x.shape[0].node.expr
-        assert attention == auto_config(most, 1, 64, 640, base, 132)
+        assert attention == auto_config(1, 1, 64, 640, base, 132)
 
 
 @pytest.mark.parametrize("kind", ["decode", "prefill-cache"])
