@@ -68,7 +68,8 @@ for step in "$@"; do
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
     tests-moe)        # the MoE kernel's tests compiled (every one of tests/kernels/test_moe_experts.py) and the plain ops'
-      $PYTEST tests/kernels/test_moe_experts.py tests/model/test_ops_moe.py 2>&1 | tee "$OUT/tests_moe.log" | tail -8 ;;
+      # (one process took ~10 minutes, mostly compiling: 4 workers)
+      $PYTEST -n 4 --dist loadgroup tests/kernels/test_moe_experts.py tests/model/test_ops_moe.py 2>&1 | tee "$OUT/tests_moe.log" | tail -8 ;;
     moe)              python3 bench/bench_moe.py --out "$OUT" 2>&1 | tail -30 ;;   # its "fp8 w8a8 / bf16", "mxfp4 w4a8 / bf16" columns: issue 15
     moe-decode)       # decode sizes only (about a minute): the W4A8 routes, float32 scales vs e8m0, and 32-wide
       # column tiles (the H100's decode default; bench/results/H200/moe_decode_tiles_offline.md) vs the default
