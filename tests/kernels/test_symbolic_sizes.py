@@ -94,7 +94,8 @@ def test_as_shipped_engines_export_for_every_batch_on_the_gpus_rules(kind, named
     """The as-shipped engines (FP8 linears, MXFP4 experts, FP8 cache) traced through every kernel's
     launcher under the GPU's name and with its tuned tables, B dynamic in [1, 64]: no launcher narrows
     B (or S). The decode attention runs its tuned entries where the table has them (H100) and its
-    launcher's default, split-K from B's bound, where it has none (H200 since session 24)."""
+    launcher's default where it has none (H200 since session 24); on a GPU its split count follows B at
+    run time (the interpreter's launches keep their config's)."""
     from dsv4_compile.engines import DecodeStep, PrefillIntoCache, example_inputs
     from dsv4_compile.export import MIN_SEQ, _export
     from dsv4_compile.passes import select
