@@ -26,7 +26,8 @@ shuffled every byte through shared memory (bench/results/H200/attention_compile_
 
 Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the first
 backward branch whose body holds a tensor-core instruction (HMMA / HGMMA / QGMMA), one iteration of the K loop
-after Triton's software pipelining (later ones are fallbacks: moe_experts' for scales above 2). loop_instr counts its SASS instructions; for moe_experts,
+after Triton's software pipelining (later ones are fallbacks: moe_experts' fp32 route for float32 scales
+that are no powers of two). loop_instr counts its SASS instructions; for moe_experts,
 instr_per_weight divides them by the weight elements a thread takes in one iteration (block_k x block_n
 over the threads, twice for the gate/up launch: w1 and w3), the proxy of the dequantization's ALU cost
 when no GPU is at hand (it is not a timing). mma names the loop's tensor-core instructions with their
@@ -113,8 +114,8 @@ MMA_OPCODES = ("HMMA", "HGMMA", "QGMMA")   # QGMMA: Hopper's FP8 wgmma (E4M3 / E
 def main_loop(sass: str, modifiers: bool = False) -> list[str]:
     """Opcodes of the first backward-branch loop (in code order) of nvdisasm output whose body holds a
     tensor-core instruction (MMA_OPCODES); [] if there is none. The first is the hot one: a kernel's
-    later MMA loops are its fallbacks (moe_experts' route for scales its one-multiply route cannot
-    take). Without modifiers ('HGMMA'), or with them ('HGMMA.64x128x32.F32.E4M3.E4M3')."""
+    later MMA loops are its fallbacks (moe_experts' fp32 route for float32 scales that are no powers of
+    two). Without modifiers ('HGMMA'), or with them ('HGMMA.64x128x32.F32.E4M3.E4M3')."""
     labels, ops = {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
