@@ -64,6 +64,22 @@ for step in "$@"; do
         i=$((i + 1))
       done
       grep -E "config|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Local" "$OUT/ncu_decode_attention.txt" ;;
+    ncu-moe-decode)   # issues 15/16: what bounds the routed experts' decode kernels: ncu of one gate/up + down launch per
+      # config (NCU_CONFIGS, ';'-separated; FORMAT mxfp4 | fp8 | bf16; TOKENS) beside their CUDA-graph times
+      cfgs=${NCU_CONFIGS:-""}; fmt=${FORMAT:-mxfp4}; t=${TOKENS:-64}
+      python3 bench/profile_moe_decode.py --tokens "$t" --format "$fmt" --configs "$cfgs" 2>&1 | tee "$OUT/ncu_moe_decode.txt"
+      i=0; IFS=';' read -ra cfg_list <<< "$cfgs"; [ -z "$cfgs" ] || [ "${cfgs: -1}" = ";" ] && cfg_list+=("")
+      for cfg in "${cfg_list[@]}"; do
+        echo "==== ncu: config '$cfg'" >> "$OUT/ncu_moe_decode.txt"
+        ncu --clock-control none --set full -k 'regex:_(gate_up|down)_kernel' --launch-skip 2 --launch-count 2 \
+          -f -o /tmp/ncu_moe_$i python3 bench/profile_moe_decode.py --tokens "$t" --format "$fmt" --configs "$cfg" \
+          --no-time > /tmp/ncu_moe_$i.log 2>&1 || tail -5 /tmp/ncu_moe_$i.log
+        ncu -i /tmp/ncu_moe_$i.ncu-rep --page details >> "$OUT/ncu_moe_decode.txt" 2>&1
+        ncu -i /tmp/ncu_moe_$i.ncu-rep --page source --csv --print-source sass > /tmp/ncu_moe_sass_$i.csv 2>&1
+        (echo "## config '$cfg'"; python3 bench/ncu_sass_summary.py /tmp/ncu_moe_sass_$i.csv) >> "$OUT/ncu_moe_decode_sass.md"
+        i=$((i + 1))
+      done
+      grep -E "config|_kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Local" "$OUT/ncu_moe_decode.txt" ;;
     decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override)
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
@@ -116,7 +132,7 @@ for step in "$@"; do
         find /tmp/ab-out -name '*.md' -exec cp {} "$OUT/$side/" \;
       done ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention ncu-decode-attention test-as-shipped decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
+            "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
