@@ -2,6 +2,8 @@
 plain ops eager and torch.compile'd, in tokens/s (and GB/s for hc_pre: x read + y written).
 
     python bench/bench_hc.py               # writes bench/results/<GPU>/hc.csv
+    python bench/bench_hc.py --decode      # a decode step's hc_pre (x [B, 1, 4, 4096]) as CUDA graphs: its
+                                           # split counts, and 1 Sinkhorn round vs 20 (what the rounds cost)
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _kernel_bench_util import DEVICE, bench_ms, out_dir, print_table, try_compile, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, bench_ms, graph_time_ms, out_dir, print_table, try_compile, write_csv  # noqa: E402
 
 
 def run_hc_bench(tokens=(16384, 131072), pre_shapes=((4096, 4096), (4096, 7168)), compile: bool = True) -> list[dict]:
@@ -65,8 +67,42 @@ def run_hc_bench(tokens=(16384, 131072), pre_shapes=((4096, 4096), (4096, 7168))
     return rows
 
 
+def run_hc_decode_bench(batches=(1, 64), D=4096, splits=(1, 8, 16, 32, 64)) -> list[dict]:
+    """hc_pre at a decode step's shape, x [B, 1, 4, D] bf16, timed as CUDA-graph replays (GPU time, as a
+    graphed decode step sees it): the decode default, other split counts, and each with 1 Sinkhorn round
+    instead of 20 (the difference is what the serial rounds cost); hc_sinkhorn alone on B matrices."""
+    from dsv4_compile.kernels.hc_sinkhorn import hc_pre, hc_sinkhorn
+    from dsv4_compile.kernels.hc_sinkhorn.config import decode_config
+
+    n, W = 4, 24
+    rows = []
+    for B in batches:
+        sets = [(torch.randn(B, 1, n, D, device=DEVICE, dtype=torch.bfloat16),
+                 torch.randn(W, n * D, device=DEVICE) * (n * D) ** -0.5, torch.tensor([0.5, 0.7, 1.3], device=DEVICE),
+                 torch.randn(W, device=DEVICE) * 0.3) for _ in range(4)]
+        for num_splits in splits:
+            cfg = decode_config().replace(num_splits=num_splits)
+            for iters in (20, 1):
+                ms = graph_time_ms([lambda a=a: hc_pre(*a, iters, 1e-6, 1e-6, config=cfg) for a in sets])
+                rows.append(dict(case=f"hc_pre {B}x1x{n}x{D} bf16", impl=f"splits {num_splits}, {iters} rounds",
+                                 us=ms * 1e3, config=cfg.to_str()))
+                print(f"{rows[-1]['case']:28s} {rows[-1]['impl']:24s} {ms * 1e3:8.2f} us", flush=True)
+        logits = [torch.randn(B, n, n, device=DEVICE) * 3 for _ in range(4)]
+        ms = graph_time_ms([lambda lg=lg: hc_sinkhorn(lg, 20, 1e-6) for lg in logits])
+        rows.append(dict(case=f"hc_sinkhorn {B}x4x4", impl="20 rounds", us=ms * 1e3, config=""))
+        print(f"{rows[-1]['case']:28s} {rows[-1]['impl']:24s} {ms * 1e3:8.2f} us", flush=True)
+    return rows
+
+
 def main():
     smoke = "--smoke" in sys.argv                       # tiny sizes, no compile: checks the script runs
+    if "--decode" in sys.argv:
+        rows = run_hc_decode_bench()
+        path = os.path.join(out_dir(), "hc_decode.csv")
+        write_csv(path, rows)
+        print_table(rows, ["case", "impl", "us", "config"])
+        print(f"wrote {path}")
+        return
     rows = run_hc_bench((64,), ((32, 64),), compile=False) if smoke else run_hc_bench()
     path = os.path.join(out_dir(), "hc.csv")
     write_csv(path, rows)
