@@ -80,6 +80,11 @@ for step in "$@"; do
         i=$((i + 1))
       done
       grep -E "config|_kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Local" "$OUT/ncu_moe_decode.txt" ;;
+    tests-attention)  # both attention ops' GPU tests and the engines' symbolic sizes (decode attention's run-time splits)
+      $PYTEST -m gpu -n 4 tests/kernels/test_sparse_attention_cached.py tests/kernels/test_sparse_attention.py \
+        tests/kernels/test_symbolic_sizes.py 2>&1 | tee "$OUT/tests_attention.log" | tail -8 ;;
+    hc-decode)        # a decode step's hc_pre: split counts, and 1 Sinkhorn round vs 20 (what the rounds cost)
+      BENCH_OUT="$OUT" python3 bench/bench_hc.py --decode 2>&1 | tail -24 ;;
     decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override)
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
@@ -132,7 +137,7 @@ for step in "$@"; do
         find /tmp/ab-out -name '*.md' -exec cp {} "$OUT/$side/" \;
       done ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
+            "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped tests-attention hc-decode decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
