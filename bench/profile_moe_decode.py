@@ -24,7 +24,7 @@ FORMATS = ("bf16", "fp8", "mxfp4")
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=64, help="tokens T (a decode batch)")
+    parser.add_argument("--tokens", default="64", help="tokens T (a decode batch), comma-separated")
     parser.add_argument("--format", default="mxfp4", choices=FORMATS, help="expert weight format")
     parser.add_argument("--configs", default="", help="';'-separated config strings ('' = the op's default for T)")
     parser.add_argument("--launches", type=int, default=2, help="launches per config on one input set")
@@ -45,21 +45,22 @@ def main(argv=None) -> int:
         quantize = weight_formats.quantize_fp8_weight if args.format == "fp8" else weight_formats.quantize_mxfp4
         pairs = [weight_formats.quantize_experts(quantize, w) for w in ws]
         ws, scales, weight_format = [q for q, _ in pairs], tuple(s for _, s in pairs), args.format
-    T = args.tokens
-    sets = [(torch.randn(T, D, device=DEVICE, generator=g).to(torch.bfloat16), *routing(T, k, E, "random", seed))
-            for seed in range(1 if args.no_time else 4)]
-    x, ids, w = sets[0]
-    for cfg in args.configs.split(";"):
-        cfg = cfg.strip()
-        for _ in range(args.launches):
-            out = moe_experts(x, ids, w, *ws, limit, cfg or None, weight_format, scales)
-        torch.cuda.synchronize()
-        line = f"config {cfg or 'default'!r}: T {T}, {args.format}, |out| {out.norm().item():.4e}"
-        if not args.no_time:
-            ms = graph_time_ms([lambda x=x, i=i, w=w: moe_experts(x, i, w, *ws, limit, cfg or None, weight_format, scales)
-                                for x, i, w in sets])
-            line += f", {ms * 1e3:.1f} us (CUDA graph over {len(sets)} input sets)"
-        print(line, flush=True)
+    for T in (int(t) for t in args.tokens.split(",")):
+        sets = [(torch.randn(T, D, device=DEVICE, generator=g).to(torch.bfloat16), *routing(T, k, E, "random", seed))
+                for seed in range(1 if args.no_time else 4)]
+        x, ids, w = sets[0]
+        for cfg in args.configs.split(";"):
+            cfg = cfg.strip()
+            for _ in range(args.launches):
+                out = moe_experts(x, ids, w, *ws, limit, cfg or None, weight_format, scales)
+            torch.cuda.synchronize()
+            # the output's sum of squares to every bit: two runs of the same numbers print the same
+            line = f"config {cfg or 'default'!r}: T {T}, {args.format}, sum(out^2) {out.double().pow(2).sum().item()!r}"
+            if not args.no_time:
+                ms = graph_time_ms([lambda x=x, i=i, w=w: moe_experts(x, i, w, *ws, limit, cfg or None, weight_format,
+                                                                      scales) for x, i, w in sets])
+                line += f", {ms * 1e3:.1f} us (CUDA graph over {len(sets)} input sets)"
+            print(line, flush=True)
     return 0
 
 
