@@ -199,11 +199,13 @@ def kernel_profile(fn, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> li
 @torch.no_grad()
 def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64, 1), compiled: bool = True,
                     budget_s: float = 420.0, log=print, aoti: bool = False, profile: list | None = None,
-                    weights: str = "bf16", partial=None) -> list[dict]:
+                    weights: str = "bf16", partial=None, engine_max_batch: int | None = None) -> list[dict]:
     """Every row: dict(config, weights, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
     bytes_per_step, roofline_ms, roofline_pct, note). weights: one of WEIGHTS. `profile`: a list to receive,
     per (context, batch), the fastest variant's kernel_profile rows (with config, context, batch, impl).
-    `partial(rows)`: called with the rows so far as each context ends (main writes the outputs)."""
+    `partial(rows)`: called with the rows so far as each context ends (main writes the outputs).
+    engine_max_batch: the AOTI engine's batch bound (default: the largest of `batches`), e.g. B 1 on the
+    engine a server with up to 64 sequences runs."""
     import shutil
     import tempfile
 
@@ -268,7 +270,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                     folder = tempfile.mkdtemp(prefix="dsv4-decode-engine-")
                     t = time.time()
                     try:
-                        engine = aoti_decode_engine(model, max(batches), folder)
+                        engine = aoti_decode_engine(model, engine_max_batch or max(batches), folder)
                         log(f"context {C}: AOTI decode engine exported and compiled in {time.time() - t:.0f} s")
                     except Exception as e:  # noqa: BLE001
                         for B in batches:
@@ -442,6 +444,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager and eager + CUDA graph only")
     parser.add_argument("--aoti", action="store_true", help="also the AOTInductor decode engine (one export + "
                         "AOTInductor compile per context; needs the LD_PRELOAD `dsv4_compile.load` names on the lent image)")
+    parser.add_argument("--engine-max-batch", type=int, default=None, help="the AOTI engine's batch bound "
+                        "(default: the largest of --batches)")
     parser.add_argument("--profile", action="store_true", help="also decode_step_profile.md: the fastest variant's "
                         "largest kernels per (context, batch), by torch.profiler")
     args = parser.parse_args(argv)
@@ -453,7 +457,8 @@ def main(argv=None) -> int:
     out = args.out or out_dir()
     return run_and_write(lambda: run_decode_step(args.config, parse_contexts(args.contexts), batches, not args.no_compile,
                                                  args.budget, aoti=args.aoti, profile=profile, weights=args.weights,
-                                                 partial=lambda rows: write_outputs(rows, out, profile)),
+                                                 partial=lambda rows: write_outputs(rows, out, profile),
+                                                 engine_max_batch=args.engine_max_batch),
                          lambda rows, out: write_outputs(rows, out, profile), out, f"{output_stem(args.weights)}.md")
 
 

@@ -85,9 +85,11 @@ for step in "$@"; do
         tests/kernels/test_symbolic_sizes.py 2>&1 | tee "$OUT/tests_attention.log" | tail -8 ;;
     hc-decode)        # a decode step's hc_pre: split counts, and 1 Sinkhorn round vs 20 (what the rounds cost)
       BENCH_OUT="$OUT" python3 bench/bench_hc.py --decode 2>&1 | tail -24 ;;
-    decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override)
+    decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override;
+      # ENGINE_MAX_BATCH: the AOTI engine's bound, e.g. B 1 on a 64-sequence engine, the compiled rows skipped)
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
-        --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" --out "$OUT" 2>&1 | tail -40 ;;
+        --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" \
+        ${ENGINE_MAX_BATCH:+--engine-max-batch "$ENGINE_MAX_BATCH" --no-compile} --out "$OUT" 2>&1 | tail -40 ;;
     tests-moe)        # the MoE kernel's tests compiled (every one of tests/kernels/test_moe_experts.py) and the plain ops'
       # (one process took ~10 minutes, mostly compiling: 4 workers)
       $PYTEST -n 4 --dist loadgroup tests/kernels/test_moe_experts.py tests/model/test_ops_moe.py 2>&1 | tee "$OUT/tests_moe.log" | tail -8 ;;
