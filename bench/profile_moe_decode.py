@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="64", help="tokens T (a decode batch), comma-separated")
     parser.add_argument("--format", default="mxfp4", choices=FORMATS, help="expert weight format")
+    parser.add_argument("--act", default="x", choices=("x", "fp8"), help="activations: as given, or FP8 (W8A8 / W4A8)")
     parser.add_argument("--configs", default="", help="';'-separated config strings ('' = the op's default for T)")
     parser.add_argument("--launches", type=int, default=2, help="launches per config on one input set")
     parser.add_argument("--no-time", action="store_true", help="skip the CUDA-graph timing (under a profiler)")
@@ -52,13 +53,13 @@ def main(argv=None) -> int:
         for cfg in args.configs.split(";"):
             cfg = cfg.strip()
             for _ in range(args.launches):
-                out = moe_experts(x, ids, w, *ws, limit, cfg or None, weight_format, scales)
+                out = moe_experts(x, ids, w, *ws, limit, cfg or None, weight_format, scales, args.act)
             torch.cuda.synchronize()
             # the output's sum of squares to every bit: two runs of the same numbers print the same
-            line = f"config {cfg or 'default'!r}: T {T}, {args.format}, sum(out^2) {out.double().pow(2).sum().item()!r}"
+            line = f"config {cfg or 'default'!r}: T {T}, {args.format}, act {args.act}, sum(out^2) {out.double().pow(2).sum().item()!r}"
             if not args.no_time:
                 ms = graph_time_ms([lambda x=x, i=i, w=w: moe_experts(x, i, w, *ws, limit, cfg or None, weight_format,
-                                                                      scales) for x, i, w in sets])
+                                                                      scales, args.act) for x, i, w in sets])
                 line += f", {ms * 1e3:.1f} us (CUDA graph over {len(sets)} input sets)"
             print(line, flush=True)
     return 0
