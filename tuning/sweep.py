@@ -10,7 +10,8 @@ Studies
 One study per `Plan` (kernel x problem). Its name encodes kernel, GPU, bucket and code version
 (storage.study_name), so re-running the same request resumes the same studies (load_if_exists), and
 an edited kernel starts new ones. The parent creates every study and enqueues the GPU's default
-config as the first trial (the baseline, `skip_if_exists`), then the workers run.
+config as the first trial (the baseline, `skip_if_exists`), then the table's current entry for the
+bucket and the typical autotune configs (warm start), then the workers run.
 
 Budget: `trials` = configs MEASURED per study (timed after passing the gate). Trials pruned by the
 rules, duplicates and failures do not count; a study stops at the target (counted across all
@@ -52,6 +53,7 @@ from .objective import (STATUS_CONSTRAINT, STATUS_DUPLICATE, STATUS_ERROR, STATU
 from ..model.context import format_context
 from .spaces import SPACES, KernelSpace, Problem, canonical_gpu, get_space, gpu_spec
 from .storage import DEFAULT_STORAGE, dispose, make_storage, redact, study_name
+from .tables import load_table, write_entries
 
 TrialState = optuna.trial.TrialState
 
@@ -226,9 +228,12 @@ def _storage(request: TuneRequest, heartbeat: bool = True):
 
 
 def prepare_studies(request: TuneRequest, plans: Sequence[Plan], storage=None) -> None:
-    """Create (or load) every study; enqueue the GPU's default config as the baseline trial, then the
-    kernel's typical @triton.autotune configs (KernelSpace.typical) as a warm start."""
+    """Create (or load) every study; enqueue the GPU's default config as the baseline trial, then as a
+    warm start the config of the table's current entry for the study's bucket (a re-tune, e.g. after a
+    kernel changed, measures the config it would replace) and the kernel's typical @triton.autotune
+    configs (KernelSpace.typical)."""
     storage = storage or _storage(request)
+    current = load_table(request.gpu, request.tables_dir).get("kernels", {})
     for plan in plans:
         space = get_space(plan.kernel)
         study = optuna.create_study(study_name=plan.study, storage=storage, direction="minimize", load_if_exists=True)
@@ -242,7 +247,9 @@ def prepare_studies(request: TuneRequest, plans: Sequence[Plan], storage=None) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             study.enqueue_trial(default, user_attrs={"baseline": True}, skip_if_exists=True)
-            for params in space.warm_start_params(plan.problem, gpu_spec(plan.gpu)):
+            entry = current.get(plan.kernel, {}).get(plan.problem.bucket) or {}
+            first = [entry["config"]] if isinstance(entry.get("config"), dict) else []
+            for params in space.warm_start_params(plan.problem, gpu_spec(plan.gpu), first):
                 study.enqueue_trial(params, user_attrs={"warm_start": True}, skip_if_exists=True)
 
 
@@ -525,8 +532,6 @@ def tune(request: TuneRequest) -> TuneResult:
 
     table_path = None
     if request.write_table:
-        from .tables import write_entries
-
         device = _device_name(request)
         entries = [(p.kernel, s.bucket, table_entry(s, p, device)) for p, s in zip(plans, summaries) if s.best_ms is not None]
         if entries:

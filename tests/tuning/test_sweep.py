@@ -57,6 +57,34 @@ def test_end_to_end_resume_table_and_plots(sqlite_url, tmp_path):
     assert [p.study for p in more.plans] == [p.study for p in result.plans[:2]]
 
 
+def test_warm_start_measures_the_tables_current_entry_first(sqlite_url, tmp_path):
+    """A re-tune (e.g. after the kernel changed: new studies) measures the config the table holds for the
+    bucket right after the default, before the typical list, so its new entry is never a config slower
+    than the one it replaces under the new code; a table entry for another bucket is not enqueued."""
+    from dsv4_compile.tuning.spaces import get_space, gpu_spec
+    from dsv4_compile.tuning.tables import write_entries
+
+    space, gpu = get_space("fp8_quantize"), gpu_spec("H100")
+    req = sc.request(sqlite_url, tmp_path, contexts=[8192], kernels=["fp8_quantize"], trials=6)
+    (plan,), _ = plan_studies(req)
+    default = space.default_params(plan.problem, gpu)
+    listed = space.warm_start_params(plan.problem, gpu)
+    choices = space.choices(plan.problem, gpu)
+    held = next({**default, name: value} for name, values in choices.items() for value in values
+                if {**default, name: value} not in [default, *listed])
+    other = next({**default, name: value} for name, values in choices.items() for value in values
+                 if {**default, name: value} not in [default, held, *listed])
+    write_entries("H100", [("fp8_quantize", plan.problem.bucket, {"phase": "prefill", "context": 8192, "config": held}),
+                           ("fp8_quantize", "128k", {"phase": "prefill", "context": 131072, "config": other})],
+                  req.tables_dir)
+    result = tune(req)
+    trials = sc.load(req, result.plans[0]).get_trials(deepcopy=False)
+    assert trials[0].user_attrs["baseline"] and trials[0].params == default
+    assert trials[1].params == held and trials[1].user_attrs.get("warm_start")
+    assert [t.params for t in trials[2:2 + len(listed)]] == [p for p in listed if p != default][:len(trials) - 2]
+    assert all(t.params != other for t in trials if t.user_attrs.get("warm_start"))
+
+
 def test_a_problem_the_context_does_not_change_is_one_study(sqlite_url, tmp_path):
     """The MoE experts' decode problem (a batch of tokens: the experts do not see the cache) is the same
     at every context: one study (its bucket the first context's), the prefill problems one per context."""

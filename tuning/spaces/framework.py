@@ -254,13 +254,14 @@ class KernelSpace:
         params = {p.name: getattr(cfg, p.name) for p in self.active_params()}
         return self.baseline(params, problem, gpu) if self.baseline else params
 
-    def warm_start_params(self, problem: Problem, gpu: GpuSpec) -> list[dict]:
-        """`typical`'s configs as trial params: the default's values for the params a
-        config leaves out; configs with a value outside this problem's choices are left out."""
+    def warm_start_params(self, problem: Problem, gpu: GpuSpec, first: Sequence[Mapping] = ()) -> list[dict]:
+        """The configs of `first` (e.g. the table's current entry for this bucket), then `typical`'s,
+        as trial params: the default's values for the params a config leaves out; configs with a value
+        outside this problem's choices are left out."""
         choices = self.choices(problem, gpu)
         default = self.default_params(problem, gpu)
         out = []
-        for typical in self.typical:
+        for typical in (*first, *self.typical):
             params = {**default, **{k: v for k, v in typical.items() if k in choices}}
             if all(params[k] in values for k, values in choices.items()) and params not in out:
                 out.append(params)
