@@ -53,7 +53,7 @@ from .objective import (STATUS_CONSTRAINT, STATUS_DUPLICATE, STATUS_ERROR, STATU
 from ..model.context import format_context
 from .spaces import SPACES, KernelSpace, Problem, canonical_gpu, get_space, gpu_spec
 from .storage import DEFAULT_STORAGE, dispose, make_storage, redact, study_name
-from .tables import load_table, write_entries
+from .tables import TableError, load_table, write_entries
 
 TrialState = optuna.trial.TrialState
 
@@ -233,7 +233,10 @@ def prepare_studies(request: TuneRequest, plans: Sequence[Plan], storage=None) -
     kernel changed, measures the config it would replace) and the kernel's typical @triton.autotune
     configs (KernelSpace.typical)."""
     storage = storage or _storage(request)
-    current = load_table(request.gpu, request.tables_dir).get("kernels", {})
+    try:
+        current = load_table(request.gpu, request.tables_dir).get("kernels", {})
+    except TableError:  # an unreadable table holds no entry to start from (writing replaces it, write_entries)
+        current = {}
     for plan in plans:
         space = get_space(plan.kernel)
         study = optuna.create_study(study_name=plan.study, storage=storage, direction="minimize", load_if_exists=True)
