@@ -36,6 +36,19 @@ def bench_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -
     return sorted(times)[1]
 
 
+def parse_profile_args(parser, argv, script: str, configs_help: str, launches: int):
+    """The options every profile_* script takes (gpu_session.sh's ncu_each_config passes --configs and
+    --no-time) added to its parser, then parsed; None (after saying why) off a CUDA GPU."""
+    parser.add_argument("--configs", default="", help=f"';'-separated config strings ('' = {configs_help})")
+    parser.add_argument("--launches", type=int, default=launches, help="launches per config on one input set")
+    parser.add_argument("--no-time", action="store_true", help="skip the CUDA-graph timing (under a profiler)")
+    args = parser.parse_args(argv)
+    if DEVICE != "cuda":
+        print(f"{script}: needs a CUDA GPU")
+        return None
+    return args
+
+
 def graph_time_ms(fns, reps: int = 20) -> float:
     """Median per-call ms of a CUDA graph that calls each of `fns` once (rotating input sets): GPU time
     only. do_bench times each Python call, launch cost included, which is comparable to a kernel of

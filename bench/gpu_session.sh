@@ -17,6 +17,24 @@ export PYTHONPATH=/tmp/site:$PWD
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[12]00' | head -1)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+# ncu_each_config NAME KERNEL_REGEX KERNELS_A_LAUNCH CONFIGS SCRIPT [ARGS ...]: ncu (--set full) of one launch of each
+# config (CONFIGS ';'-separated, '' the default; the script's first launch, which compiles, skipped), details
+# appended to $OUT/NAME.txt and a summary of the SASS lines to $OUT/NAME_sass.md
+ncu_each_config() {
+  local name=$1 regex=$2 count=$3 cfgs=$4 i=0 cfg cfg_list
+  shift 4
+  IFS=';' read -ra cfg_list <<< "$cfgs"
+  if [ -z "$cfgs" ] || [ "${cfgs: -1}" = ";" ]; then cfg_list+=(""); fi
+  for cfg in "${cfg_list[@]}"; do
+    echo "==== ncu: config '$cfg'" >> "$OUT/$name.txt"
+    ncu --clock-control none --set full -k "regex:$regex" --launch-skip "$count" --launch-count "$count" -f \
+      -o "/tmp/${name}_$i" python3 "$@" --configs "$cfg" --no-time > "/tmp/${name}_$i.log" 2>&1 || tail -5 "/tmp/${name}_$i.log"
+    ncu -i "/tmp/${name}_$i.ncu-rep" --page details >> "$OUT/$name.txt" 2>&1
+    ncu -i "/tmp/${name}_$i.ncu-rep" --page source --csv --print-source sass > "/tmp/${name}_sass_$i.csv" 2>&1
+    (echo "## config '$cfg'"; python3 bench/ncu_sass_summary.py "/tmp/${name}_sass_$i.csv") >> "$OUT/${name}_sass.md"
+    i=$((i + 1))
+  done
+}
 PYTEST="python3 -m pytest -v -p no:cacheprovider -rs"  # -v: a run the call cuts short still names what passed
 for step in "$@"; do
   echo "== $step $(date -u +%H:%M:%S)"
@@ -52,33 +70,13 @@ for step in "$@"; do
       # ';'-separated) beside the configs' CUDA-graph times of the same run; details + a summary of the SASS lines
       cfgs=${NCU_CONFIGS:-";block_k=32,num_stages=1,num_splits=2;block_k=64,num_splits=4,dequant=chunks"}
       python3 bench/profile_decode_attention.py --configs "$cfgs" 2>&1 | tee "$OUT/ncu_decode_attention.txt"
-      i=0; IFS=';' read -ra cfg_list <<< "$cfgs"; [ "${cfgs: -1}" = ";" ] && cfg_list+=("")
-      for cfg in "${cfg_list[@]}"; do
-        echo "==== ncu: config '$cfg'" >> "$OUT/ncu_decode_attention.txt"
-        ncu --clock-control none --set full -k 'regex:_sparse_attn_(fwd|fp8_chunks)_kernel' --launch-skip 2 \
-          --launch-count 1 -f -o /tmp/ncu_decode_$i python3 bench/profile_decode_attention.py --configs "$cfg" --no-time \
-          > /tmp/ncu_decode_$i.log 2>&1 || tail -5 /tmp/ncu_decode_$i.log
-        ncu -i /tmp/ncu_decode_$i.ncu-rep --page details >> "$OUT/ncu_decode_attention.txt" 2>&1
-        ncu -i /tmp/ncu_decode_$i.ncu-rep --page source --csv --print-source sass > /tmp/ncu_decode_sass_$i.csv 2>&1
-        (echo "## config '$cfg'"; python3 bench/ncu_sass_summary.py /tmp/ncu_decode_sass_$i.csv) >> "$OUT/ncu_decode_attention_sass.md"
-        i=$((i + 1))
-      done
+      ncu_each_config ncu_decode_attention '_sparse_attn_(fwd|fp8_chunks)_kernel' 1 "$cfgs" bench/profile_decode_attention.py
       grep -E "config|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Local" "$OUT/ncu_decode_attention.txt" ;;
     ncu-moe-decode)   # issues 15/16: what bounds the routed experts' decode kernels: ncu of one gate/up + down launch per
       # config (NCU_CONFIGS, ';'-separated; FORMAT mxfp4 | fp8 | bf16; TOKENS) beside their CUDA-graph times
-      cfgs=${NCU_CONFIGS:-""}; fmt=${FORMAT:-mxfp4}; t=${TOKENS:-64}
-      python3 bench/profile_moe_decode.py --tokens "$t" --format "$fmt" --configs "$cfgs" 2>&1 | tee "$OUT/ncu_moe_decode.txt"
-      i=0; IFS=';' read -ra cfg_list <<< "$cfgs"; [ -z "$cfgs" ] || [ "${cfgs: -1}" = ";" ] && cfg_list+=("")
-      for cfg in "${cfg_list[@]}"; do
-        echo "==== ncu: config '$cfg'" >> "$OUT/ncu_moe_decode.txt"
-        ncu --clock-control none --set full -k 'regex:_(gate_up|down)_kernel' --launch-skip 2 --launch-count 2 \
-          -f -o /tmp/ncu_moe_$i python3 bench/profile_moe_decode.py --tokens "$t" --format "$fmt" --configs "$cfg" \
-          --no-time > /tmp/ncu_moe_$i.log 2>&1 || tail -5 /tmp/ncu_moe_$i.log
-        ncu -i /tmp/ncu_moe_$i.ncu-rep --page details >> "$OUT/ncu_moe_decode.txt" 2>&1
-        ncu -i /tmp/ncu_moe_$i.ncu-rep --page source --csv --print-source sass > /tmp/ncu_moe_sass_$i.csv 2>&1
-        (echo "## config '$cfg'"; python3 bench/ncu_sass_summary.py /tmp/ncu_moe_sass_$i.csv) >> "$OUT/ncu_moe_decode_sass.md"
-        i=$((i + 1))
-      done
+      cfgs=${NCU_CONFIGS:-""}; moe_args=(--tokens "${TOKENS:-64}" --format "${FORMAT:-mxfp4}")
+      python3 bench/profile_moe_decode.py "${moe_args[@]}" --configs "$cfgs" 2>&1 | tee "$OUT/ncu_moe_decode.txt"
+      ncu_each_config ncu_moe_decode '_(gate_up|down)_kernel' 2 "$cfgs" bench/profile_moe_decode.py "${moe_args[@]}"
       grep -E "config|_kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Local" "$OUT/ncu_moe_decode.txt" ;;
     tests-attention)  # both attention ops' GPU tests and the engines' symbolic sizes (decode attention's run-time splits)
       $PYTEST -m gpu -n 4 tests/kernels/test_sparse_attention_cached.py tests/kernels/test_sparse_attention.py \

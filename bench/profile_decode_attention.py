@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _kernel_bench_util import DEVICE, graph_time_ms  # noqa: E402
+from _kernel_bench_util import DEVICE, graph_time_ms, parse_profile_args  # noqa: E402
 from bench_attention import FLASH_H, HEAD_D, ROPE_D, decode_inputs  # noqa: E402
 from dsv4_compile.model.context import parse_contexts  # noqa: E402
 
@@ -25,12 +25,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", default="32k", help="context length (8k, 32k, 128k, ...)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--configs", default="", help="';'-separated config strings ('' = the default, auto splits)")
-    parser.add_argument("--launches", type=int, default=3, help="launches per config on one input set")
-    parser.add_argument("--no-time", action="store_true", help="skip the CUDA-graph timing (under a profiler)")
-    args = parser.parse_args(argv)
-    if DEVICE != "cuda":
-        print("profile_decode_attention: needs a CUDA GPU")
+    args = parse_profile_args(parser, argv, "profile_decode_attention", "the default, auto splits", launches=3)
+    if args is None:
         return 2
     from dsv4_compile.kernels.sparse_attention_cached import sparse_attention_cached
 

@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _kernel_bench_util import DEVICE, graph_time_ms  # noqa: E402
+from _kernel_bench_util import DEVICE, graph_time_ms, parse_profile_args  # noqa: E402
 from bench_moe import routing  # noqa: E402
 
 FORMATS = ("bf16", "fp8", "mxfp4")
@@ -27,12 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", default="64", help="tokens T (a decode batch), comma-separated")
     parser.add_argument("--format", default="mxfp4", choices=FORMATS, help="expert weight format")
     parser.add_argument("--act", default="x", choices=("x", "fp8"), help="activations: as given, or FP8 (W8A8 / W4A8)")
-    parser.add_argument("--configs", default="", help="';'-separated config strings ('' = the op's default for T)")
-    parser.add_argument("--launches", type=int, default=2, help="launches per config on one input set")
-    parser.add_argument("--no-time", action="store_true", help="skip the CUDA-graph timing (under a profiler)")
-    args = parser.parse_args(argv)
-    if DEVICE != "cuda":
-        print("profile_moe_decode: needs a CUDA GPU")
+    args = parse_profile_args(parser, argv, "profile_moe_decode", "the op's default for T", launches=2)
+    if args is None:
         return 2
     from dsv4_compile.kernels.moe_experts import moe_experts
     from dsv4_compile.model import weight_formats
