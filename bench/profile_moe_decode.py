@@ -52,7 +52,8 @@ def main(argv=None) -> int:
                 out = moe_experts(x, ids, w, *ws, limit, cfg or None, weight_format, scales, args.act)
             torch.cuda.synchronize()
             # the output's sum of squares to every bit: two runs of the same numbers print the same
-            line = f"config {cfg or 'default'!r}: T {T}, {args.format}, act {args.act}, sum(out^2) {out.double().pow(2).sum().item()!r}"
+            line = (f"config {cfg or 'default'!r}: T {T}, {args.format}, act {args.act}, "
+                    f"sum(out^2) {out.double().pow(2).sum().item()!r}")
             if not args.no_time:
                 ms = graph_time_ms([lambda x=x, i=i, w=w: moe_experts(x, i, w, *ws, limit, cfg or None, weight_format,
                                                                       scales, args.act) for x, i, w in sets])
