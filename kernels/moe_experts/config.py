@@ -124,7 +124,7 @@ DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
 # tiles spread that work better beyond one token: on the H100 gate/up 64 wide and down 128 took 1.24x / 1.19x
 # less time than 32 / 32 at T 64 / 8 (W4A16 and W4A8 alike) and 1.09x more at T 1, while FP8 and bf16
 # experts (bandwidth-bound) ran the same within 1-3% (bench/results/H100/session26_gpu_runs.md).
-MXFP4_DECODE_TILES: dict[str, dict[str, int]] = {"H100": {"block_n": 64, "down_block_n": 128}}
+MXFP4_DECODE_TILES: dict[str, dict[str, int]] = {"H100": {"block_n": 64, "down_block_n": 128}, "generic": {}}
 
 
 def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_format: str = "float",
@@ -134,7 +134,7 @@ def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_f
     regime's default) or the W4A8 op's (MXFP4: w4a8_config)."""
     cfg = pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
     if weight_format == "mxfp4" and regime(n_assignments) == "decode":
-        cfg = cfg.replace(**pick_default({**MXFP4_DECODE_TILES, "generic": {}}, gpu_name))
+        cfg = cfg.replace(**pick_default(MXFP4_DECODE_TILES, gpu_name))
     if act != "fp8":
         return cfg
     return w4a8_config(cfg, n_assignments) if weight_format == "mxfp4" else w8a8_config(cfg)

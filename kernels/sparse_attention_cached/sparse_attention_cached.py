@@ -53,7 +53,9 @@ def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: tor
         # the default; and any config at a symbolic batch (an engine's): its num_splits was tuned at one
         # batch size, the engine runs them all
         K, n_sm = topk_idxs.shape[-1], sm_count(q.device)
-        cfg, run_splits = auto_config(B, S, H, K, cfg, n_sm), split_count(B, S, H, K, cfg, n_sm)
+        cfg = auto_config(B, S, H, K, cfg, n_sm)
+        if not isinstance(B * S, int):  # the grid holds one token's splits; the launch runs the batch's
+            run_splits = split_count(B, S, H, K, cfg, n_sm)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     launch_sparse_attention(q, cache, attn_sink, topk_idxs, out, softmax_scale, cfg, N=cache.shape[1],
                             kv_fp8=True, nope=nope, entry_bytes=entry, run_splits=run_splits)
