@@ -183,7 +183,8 @@ PROFILE_TOP = 15    # kernels listed a (context, batch)
 def kernel_profile(fn, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> list[dict]:
     """What `steps` launched calls of fn spend their time in (torch.profiler): on a GPU its kernels by
     GPU time, on the CPU its ops by CPU time (self times); the `top` largest as dict(kernel, calls a
-    step, us a step, share of the step's total)."""
+    step, us a step, share of the step's total), then one row for all the others together and one for
+    the whole step (calls: launches a step, what a batch-1 step's fixed cost a launch multiplies)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = DEVICE == "cuda"
@@ -197,8 +198,14 @@ def kernel_profile(fn, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> li
     spent = [(e.key, e.count, getattr(e, attr)) for e in prof.key_averages() if getattr(e, attr) > 0]
     total = sum(t for _, _, t in spent) or 1.0
     spent.sort(key=lambda e: -e[2])
-    return [dict(kernel=name[:90], calls_per_step=count / steps, us_per_step=t / steps, share=t / total)
+    rows = [dict(kernel=name[:90], calls_per_step=count / steps, us_per_step=t / steps, share=t / total)
             for name, count, t in spent[:top]]
+    rest = spent[top:]
+    for name, part in ((f"(the other {len(rest)} kernels)", rest), ("(the whole step)", spent)):
+        t = sum(e[2] for e in part)
+        rows.append(dict(kernel=name, calls_per_step=sum(e[1] for e in part) / steps, us_per_step=t / steps,
+                         share=t / total))
+    return rows
 
 
 @torch.no_grad()

@@ -83,6 +83,12 @@ for step in "$@"; do
         tests/kernels/test_symbolic_sizes.py 2>&1 | tee "$OUT/tests_attention.log" | tail -8 ;;
     hc-decode)        # a decode step's hc_pre: split counts, and 1 Sinkhorn round vs 20 (what the rounds cost)
       BENCH_OUT="$OUT" python3 bench/bench_hc.py --decode 2>&1 | tail -24 ;;
+    ncu-hc-decode)    # issue 16: what bounds a decode step's hc_pre (BATCH, NCU_CONFIGS ';'-separated, '' the decode
+      # default): ncu of one launch of each config's kernels beside their CUDA-graph times
+      cfgs=${NCU_CONFIGS:-""}; hc_args=(--batch "${BATCH:-1}")
+      python3 bench/profile_hc_decode.py "${hc_args[@]}" --configs "$cfgs" 2>&1 | tee "$OUT/ncu_hc_decode.txt"
+      ncu_each_config ncu_hc_decode '_hc_' 2 "$cfgs" bench/profile_hc_decode.py "${hc_args[@]}"
+      grep -E "config|_kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Local" "$OUT/ncu_hc_decode.txt" ;;
     decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override;
       # ENGINE_MAX_BATCH: the AOTI engine's bound, e.g. B 1 on a 64-sequence engine, the compiled rows skipped)
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
@@ -137,7 +143,7 @@ for step in "$@"; do
         find /tmp/ab-out -name '*.md' -exec cp {} "$OUT/$side/" \;
       done ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped tests-attention hc-decode decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
+            "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped tests-attention hc-decode ncu-hc-decode decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"

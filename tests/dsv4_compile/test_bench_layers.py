@@ -68,10 +68,15 @@ def test_decode_step_rows_and_outputs(tmp_path):
     assert len(eager) == 1 and eager[0]["ms_per_step"] > 0 and eager[0]["rel_rms_vs_eager"] == 0
     assert eager[0]["bytes_per_step"] > 0 and 0 < eager[0]["roofline_pct"] == eager[0]["roofline_pct"]
     assert any("max_seq_len is 512" in r["note"] for r in rows if r["context"] == 1024)
-    # the profile of the fastest variant (the only one on the CPU): its largest ops, shares of one total
+    # the profile of the fastest variant (the only one on the CPU): its largest ops, shares of one total,
+    # then the others together and the whole step (their sums)
     assert {(p["context"], p["batch"], p["impl"]) for p in profile} == {(128, 2, "eager")}
-    assert 0 < len(profile) <= bench_decode_step.PROFILE_TOP and 0 < sum(p["share"] for p in profile) <= 1 + 1e-9
-    assert all(p["us_per_step"] > 0 and p["calls_per_step"] > 0 for p in profile)
+    *top, others, whole = profile
+    assert 0 < len(top) <= bench_decode_step.PROFILE_TOP and others["kernel"].startswith("(the other ")
+    assert whole["kernel"] == "(the whole step)" and whole["share"] == pytest.approx(1.0)
+    for key in ("share", "us_per_step", "calls_per_step"):
+        assert sum(p[key] for p in top) + others[key] == pytest.approx(whole[key])
+    assert all(p["us_per_step"] > 0 and p["calls_per_step"] > 0 for p in top)
     bench_decode_step.write_outputs(rows, str(tmp_path), profile)
     assert len(_rows(tmp_path / "decode_step.csv")) == len(rows)
     assert "Whole decode step, tiny preset" in (tmp_path / "decode_step.md").read_text()
