@@ -43,18 +43,25 @@ class HcConfig(KernelConfig):
 DEFAULT_CONFIGS: dict[str, HcConfig] = {
     "interpreter": HcConfig(block_t=16, block_k=1024, block_d=1024, sinkhorn_block_t=256),
     # tf32x3 (three tf32 tensor-core products, ~fp32 accuracy): 3.5x faster than 'ieee' FMA on the
-    # H100 (bench/results/H100, run 1), within the fp32 test tolerance of the plain op.
-    "H100": HcConfig(dot_precision="tf32x3"),
-    "H200": HcConfig(dot_precision="tf32x3"),
+    # H100 (bench/results/H100, run 1), within the fp32 test tolerance of the plain op. block_k 128:
+    # at 256 the mixes sweep spills (255 registers); 4 stages: 1.04x at 4096 tokens (session 27).
+    "H100": HcConfig(dot_precision="tf32x3", block_k=128, num_stages=4),
+    "H200": HcConfig(dot_precision="tf32x3", block_k=128, num_stages=4),
     "generic": HcConfig(),
 }
 
 
 # A decode step's hc_pre (tokens = batch <= a few block_t): split so that the first sweep, n D fp32
 # weights of fn (1.5 MB at V4's n 4, D 4096) plus x, spreads over most SMs (132 on the H100/H200:
-# 32 ranges x 1-4 token blocks), each range still >= 2 steps of block_k at D 4096. CPU interpreter:
-# 2, so the tests run the split path.
-DECODE_SPLITS: dict[str, int] = {"interpreter": 2, "H100": 32, "H200": 32, "generic": 16}
+# 32 ranges x 1-4 token blocks), each range still >= 2 steps of block_k at D 4096 (H100: 32 ranges of
+# 4 steps of 128 beat 16 or 64 ranges and 256-wide steps at B 1 and 64, session 27). CPU interpreter:
+# 2 ranges, so the tests run the split path.
+DECODE_CONFIGS: dict[str, HcConfig] = {
+    "interpreter": DEFAULT_CONFIGS["interpreter"].replace(num_splits=2),
+    "H100": HcConfig(dot_precision="tf32x3", block_k=128, num_splits=32),
+    "H200": HcConfig(dot_precision="tf32x3", block_k=128, num_splits=32),
+    "generic": HcConfig(num_splits=16),
+}
 
 
 def padded_n(n: int) -> int:
@@ -68,8 +75,8 @@ def default_config(gpu_name: str | None = None) -> HcConfig:
 
 
 def decode_config(gpu_name: str | None = None) -> HcConfig:
-    """The default for a decode step's hc_pre (one token per sequence): the GPU's default, split."""
-    return default_config(gpu_name).replace(num_splits=pick_default(DECODE_SPLITS, gpu_name))
+    """The default for a decode step's hc_pre (one token per sequence): split (DECODE_CONFIGS)."""
+    return pick_default(DECODE_CONFIGS, gpu_name)
 
 
 def hc_pre_splits(cfg: HcConfig, K: int) -> int:

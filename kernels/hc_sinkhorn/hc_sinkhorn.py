@@ -8,10 +8,13 @@ stream sum y = sum_i pre_i x_i in a second sweep over the block's x (hot in L2).
 once (plus the L2-hit re-read), y written once, fn read once per program (from L2 after the first).
 Decode (a few tokens: one program would stream all of fn alone) uses config num_splits > 1: a first
 launch sweeps ranges of K = n*D in parallel and writes fp32 partials, the second adds them in range
-order (so results do not depend on timing) and writes y by ranges of D.
+order (so results do not depend on timing) and writes y by ranges of D, while one more program of it
+runs the Sinkhorn rounds and stores post and comb.
 
-Precision: fp32 throughout with round-to-nearest divisions; results agree with the plain op to fp32
-rounding (summation order, exp), relative RMS <= 1e-5 for comb/post, and y to its own dtype.
+Precision: fp32 throughout; divisions round to nearest except in the Sinkhorn rounds, which divide by
+a fast reciprocal (within 2 ulp, no branches: the rounds are a serial chain a decode step waits on);
+results agree with the plain op to fp32 rounding (summation order, exp, those divisions), relative
+RMS <= 1e-5 for comb/post, and y to its own dtype.
 NaN: a NaN in a token's streams makes that token's y, post and comb NaN; a NaN logit makes its
 Sinkhorn matrix NaN (as the plain op: tl.max drops NaN, but exp(NaN) re-introduces it).
 """
@@ -36,7 +39,8 @@ from .config import HcConfig, default_config, hc_pre_splits, padded_n
 def _sinkhorn_tile(logits, valid, iters, eps):
     """logits [BT, NP, NP] fp32, valid [.., NP, NP] (the real n x n corner) -> comb [BT, NP, NP]
     (0 outside the corner): softmax over rows + eps, column-normalise, then iters - 1 rounds of
-    row- and column-normalisation, each dividing by (sum + eps)."""
+    row- and column-normalisation, each dividing by (sum + eps) (fast division: the sums are >= eps,
+    far from fdiv's inexact range)."""
     x = tl.where(valid, logits, float("-inf"))
     row_ok = tl.sum(valid.to(tl.int32), axis=2)[:, :, None] > 0             # padding rows: all False
     mx = tl.where(row_ok, tl.max(x, axis=2)[:, :, None], 0.0)               # NaN dropped here...
@@ -45,8 +49,8 @@ def _sinkhorn_tile(logits, valid, iters, eps):
     c = tl.where(valid, c, 0.0)
     c = tl.div_rn(c, tl.broadcast_to((tl.sum(c, axis=1) + eps)[:, None, :], c.shape))
     for _ in range(iters - 1):
-        c = tl.div_rn(c, tl.broadcast_to((tl.sum(c, axis=2) + eps)[:, :, None], c.shape))
-        c = tl.div_rn(c, tl.broadcast_to((tl.sum(c, axis=1) + eps)[:, None, :], c.shape))
+        c = tl.fdiv(c, tl.broadcast_to((tl.sum(c, axis=2) + eps)[:, :, None], c.shape))
+        c = tl.fdiv(c, tl.broadcast_to((tl.sum(c, axis=1) + eps)[:, None, :], c.shape))
     return c
 
 
@@ -125,16 +129,45 @@ def _hc_mixes_split_kernel(p_x, p_fn, p_part, p_ss, T, D, k_split, N: tl.constex
 
 
 @triton.jit
+def _sum_splits(p, offs, mask, stride, SPLITS: tl.constexpr):
+    """sum over s of p[s * stride + offs] in split order (the same sums on every run), fp32."""
+    acc = tl.load(p + offs, mask=mask, other=0.0)
+    for s in range(1, SPLITS):
+        acc += tl.load(p + s * stride + offs, mask=mask, other=0.0)
+    return acc
+
+
+@triton.jit
+def _norm_scale(ss, K, norm_eps):
+    """1 / sqrt(mean of squares + eps) from the sum of squares over K values (torch's mean: sum / numel)."""
+    mean_sq = tl.div_rn(ss, tl.zeros_like(ss) + K.to(tl.float32))
+    return tl.div_rn(tl.full(ss.shape, 1.0, tl.float32), tl.sqrt_rn(mean_sq + norm_eps))
+
+
+@triton.jit
+def _store_post_comb(p_post, p_comb, post_l, comb_l, o_t, m_t, iters, hc_eps, N: tl.constexpr, NP: tl.constexpr):
+    """post = 2 sigmoid(post logits) [BT, NP] and comb = Sinkhorn(comb logits) [BT, NP, NP], stored."""
+    o_i = tl.arange(0, NP)
+    valid = (o_i[None, :, None] < N) & (o_i[None, None, :] < N)
+    tl.store(p_post + o_t[:, None].to(tl.int64) * N + o_i[None, :], 2.0 * _sigmoid(post_l),
+             mask=m_t[:, None] & (o_i[None, :] < N))
+    offs_c = o_t[:, None, None].to(tl.int64) * (N * N) + o_i[None, :, None] * N + o_i[None, None, :]
+    tl.store(p_comb + offs_c, _sinkhorn_tile(comb_l, valid, iters, hc_eps), mask=m_t[:, None, None] & valid)
+
+
+@triton.jit
 def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, p_part, p_ss, T, D, d_split, iters,
                    norm_eps, hc_eps, N: tl.constexpr, NP: tl.constexpr, NW: tl.constexpr,
                    SPLITS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                    PRECISION: tl.constexpr):
     # p_x [T, N, D] float; p_fn [(2+N)N, N D] fp32; p_scale [3]; p_base [(2+N)N];
     # p_y [T, D] (x's dtype); p_post [T, N] fp32; p_comb [T, N, N] fp32.
-    # SPLITS == 1: program (t, 0) sweeps all of K itself. SPLITS > 1: p_part [SPLITS, T, NW] and
-    # p_ss [SPLITS, T] hold _hc_mixes_split_kernel's partials, added here in split order (the same
-    # sums on every run); program (t, s) then makes y's columns [s d_split, (s + 1) d_split) and
-    # program (t, 0) stores post and comb (the epilogue is a few hundred flops: each program redoes it).
+    # SPLITS == 1: program (t, 0) sweeps all of K itself, then stores post, comb and y. SPLITS > 1:
+    # p_part [SPLITS, T, NW] and p_ss [SPLITS, T] hold _hc_mixes_split_kernel's partials (columns as
+    # _mix_columns lays them out); program (t, s < SPLITS) adds up the pre columns and makes y's columns
+    # [s d_split, (s + 1) d_split), and program (t, SPLITS) alone adds up the post and comb columns and
+    # stores post and comb, so that the serial Sinkhorn rounds run beside the stream sum. Each loads only
+    # the columns it uses.
     # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
     norm_eps = tl.cast(norm_eps, tl.float32)
     hc_eps = tl.cast(hc_eps, tl.float32)
@@ -143,43 +176,45 @@ def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, p_part, p_ss
     split = tl.program_id(1)
     o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)                # [BT]
     m_t = o_t < T
-    row, valid_c, sc_idx = _mix_columns(N, NP, NW)
-    b_sc = tl.load(p_scale + sc_idx, mask=valid_c, other=0.0)
-    b_bs = tl.load(p_base + row, mask=valid_c, other=0.0)
+    o_i = tl.arange(0, NP)
+    m_s = m_t[:, None] & (o_i[None, :] < N)                                 # [BT, NP]
     p_xt = p_x + o_t[:, None].to(tl.int64) * K
 
-    # Sweep 1: mixes = x_flat @ fn^T and sum of squares, over K = N * D.
     if SPLITS == 1:
+        # Sweep 1: mixes = x_flat @ fn^T and sum of squares, over K = N * D.
+        row, valid_c, sc_idx = _mix_columns(N, NP, NW)
         acc, ss = _mixes_sweep(p_xt, p_fn, row, valid_c, m_t, 0, K, K, BLOCK_T, NW, BLOCK_K, PRECISION)
+        b_sc = tl.load(p_scale + sc_idx, mask=valid_c, other=0.0)
+        b_bs = tl.load(p_base + row, mask=valid_c, other=0.0)
+        z = acc * _norm_scale(ss, K, norm_eps)[:, None] * b_sc[None, :] + b_bs[None, :]   # [BT, NW] logits
+        # Split the columns: group 0 = comb [NP, NP], group 1 = rows (pre, post, padding) of NP.
+        z3 = tl.reshape(z, [BLOCK_T, NW // NN, NN])
+        h = tl.arange(0, NW // NN)[None, :, None]
+        comb_l = tl.reshape(tl.sum(tl.where(h == 0, z3, 0.0), axis=1), [BLOCK_T, NP, NP])
+        pp = tl.reshape(tl.sum(tl.where(h == 1, z3, 0.0), axis=1), [BLOCK_T, NP, NP])
+        pre_l = tl.sum(tl.where(o_i[None, :, None] == 0, pp, 0.0), axis=1)   # [BT, NP]
+        post_l = tl.sum(tl.where(o_i[None, :, None] == 1, pp, 0.0), axis=1)
+        _store_post_comb(p_post, p_comb, post_l, comb_l, o_t, m_t, iters, hc_eps, N, NP)
     else:
-        acc = tl.zeros([BLOCK_T, NW], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for s in range(SPLITS):
-            at = (s * T + o_t).to(tl.int64)
-            acc += tl.load(p_part + at[:, None] * NW + tl.arange(0, NW)[None, :], mask=m_t[:, None], other=0.0)
-            ss += tl.load(p_ss + at, mask=m_t, other=0.0)
-    mean_sq = tl.div_rn(ss, tl.zeros_like(ss) + K.to(tl.float32))         # torch's mean: sum / numel
-    rs = tl.div_rn(tl.full(ss.shape, 1.0, tl.float32), tl.sqrt_rn(mean_sq + norm_eps))
-    z = acc * rs[:, None] * b_sc[None, :] + b_bs[None, :]                   # [BT, NW] logits
+        rs = _norm_scale(_sum_splits(p_ss, o_t, m_t, T, SPLITS), K, norm_eps)  # [BT]
+        at = o_t[:, None].to(tl.int64) * NW                                  # [BT, 1]
+        if split == SPLITS:
+            post_l = (_sum_splits(p_part, at + NN + NP + o_i[None, :], m_s, T * NW, SPLITS) * rs[:, None]
+                      * tl.load(p_scale + 1) + tl.load(p_base + N + o_i, mask=o_i < N, other=0.0)[None, :])
+            # comb's columns as [BT, NP * NP], then reshaped: a thread holds a row, a warp whole matrices
+            o_c = tl.arange(0, NN)
+            valid = ((o_c // NP) < N) & ((o_c % NP) < N)                    # [NN]
+            comb_l = (_sum_splits(p_part, at + o_c[None, :], m_t[:, None] & valid[None, :], T * NW, SPLITS)
+                      * rs[:, None] * tl.load(p_scale + 2)
+                      + tl.load(p_base + 2 * N + (o_c // NP) * N + o_c % NP, mask=valid, other=0.0)[None, :])
+            comb_l = tl.reshape(comb_l, [BLOCK_T, NP, NP])
+            _store_post_comb(p_post, p_comb, post_l, comb_l, o_t, m_t, iters, hc_eps, N, NP)
+        pre_l = (_sum_splits(p_part, at + NN + o_i[None, :], m_s, T * NW, SPLITS) * rs[:, None] * tl.load(p_scale)
+                 + tl.load(p_base + o_i, mask=o_i < N, other=0.0)[None, :])
 
-    # Split the columns: group 0 = comb [NP, NP], group 1 = rows (pre, post, padding) of NP.
-    z3 = tl.reshape(z, [BLOCK_T, NW // NN, NN])
-    h = tl.arange(0, NW // NN)[None, :, None]
-    comb_l = tl.reshape(tl.sum(tl.where(h == 0, z3, 0.0), axis=1), [BLOCK_T, NP, NP])
-    pp = tl.reshape(tl.sum(tl.where(h == 1, z3, 0.0), axis=1), [BLOCK_T, NP, NP])
-    o_i = tl.arange(0, NP)
-    pre = _sigmoid(tl.sum(tl.where(o_i[None, :, None] == 0, pp, 0.0), axis=1)) + hc_eps       # [BT, NP]
-    m_s = m_t[:, None] & (o_i[None, :] < N)
-    if split == 0:
-        post = 2.0 * _sigmoid(tl.sum(tl.where(o_i[None, :, None] == 1, pp, 0.0), axis=1))    # [BT, NP]
-        valid = (o_i[None, :, None] < N) & (o_i[None, None, :] < N)
-        comb = _sinkhorn_tile(comb_l, valid, iters, hc_eps)                 # [BT, NP, NP]
-        tl.store(p_post + o_t[:, None].to(tl.int64) * N + o_i[None, :], post, mask=m_s)
-        offs_c = o_t[:, None, None].to(tl.int64) * (N * N) + o_i[None, :, None] * N + o_i[None, None, :]
-        tl.store(p_comb + offs_c, comb, mask=m_t[:, None, None] & valid)
-
-    # Sweep 2: y = sum_i pre_i x_i over this program's columns of D (this block's x again, from L2).
-    pre = tl.where(o_i[None, :] < N, pre, 0.0)
+    # Sweep 2: y = sum_i pre_i x_i over this program's columns of D (this block's x again, from L2);
+    # none for the post / comb program of a split launch.
+    pre = tl.where(o_i[None, :] < N, _sigmoid(pre_l) + hc_eps, 0.0)        # [BT, NP]
     o_d = tl.arange(0, BLOCK_D)
     d_hi = tl.minimum(split * d_split + d_split, D)
     for d in range(split * d_split, d_hi, BLOCK_D):
@@ -223,7 +258,8 @@ def _launch_hc_pre(x, fn, scale, base, y, post, comb, T: int, n: int, D: int, it
                BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k, PRECISION=cfg.dot_precision,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     d_split = triton.cdiv(triton.cdiv(D, splits), cfg.block_d) * cfg.block_d
-    launch(_hc_pre_kernel, (grid_t, splits), x, fn, scale, base, y, post, comb, part, ss, T, D, d_split,
+    programs = splits + 1 if splits > 1 else 1                              # + the post / comb program
+    launch(_hc_pre_kernel, (grid_t, programs), x, fn, scale, base, y, post, comb, part, ss, T, D, d_split,
            int(iters), float(norm_eps), float(hc_eps), N=n, NP=NP, NW=NW, SPLITS=splits, BLOCK_T=cfg.block_t,
            BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d, PRECISION=cfg.dot_precision,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -147,13 +147,13 @@ def test_hc_pre_split_matches_plain_and_naive(lead, n, D, splits, dtype):
 def test_hc_pre_split_count():
     """The launch cuts K into num_splits ranges, at most one per block_k step; the decode default is
     split on every GPU entry (the one-program-per-token-block grid is what it exists to avoid)."""
-    from dsv4_compile.kernels.hc_sinkhorn.config import DECODE_SPLITS, HcConfig, decode_config, hc_pre_splits
+    from dsv4_compile.kernels.hc_sinkhorn.config import DECODE_CONFIGS, HcConfig, decode_config, hc_pre_splits
 
     assert hc_pre_splits(HcConfig(num_splits=32, block_k=256), 4 * 4096) == 32
     assert hc_pre_splits(HcConfig(num_splits=32, block_k=256), 4 * 1024) == 16
     assert hc_pre_splits(HcConfig(), 4 * 4096) == 1
-    for gpu, splits in DECODE_SPLITS.items():
-        assert splits > 1 and decode_config(gpu).num_splits == splits
+    for gpu, cfg in DECODE_CONFIGS.items():
+        assert cfg.num_splits > 1 and decode_config(gpu) == cfg
     with pytest.raises(ValueError, match="num_splits = 0"):
         HcConfig(num_splits=0)
 
