@@ -77,7 +77,7 @@ def _hc_sinkhorn_kernel(p_l, p_o, T, iters, eps, N: tl.constexpr, NP: tl.constex
 def _mix_columns(N: tl.constexpr, NP: tl.constexpr, NW: tl.constexpr):
     """The columns of a mixes tile [BT, NW]: c < NP*NP -> comb (i, j) = (c // NP, c % NP); then NP pre
     columns, NP post columns, then padding (NW = max(2 NP^2, 16)). -> (row of fn / base, valid,
-    index into scale)."""
+    index into scale). _hc_pre_kernel's split path reads the partials at these columns."""
     NN: tl.constexpr = NP * NP
     o_c = tl.arange(0, NW)
     is_comb = o_c < NN
