@@ -24,8 +24,9 @@ The roofline of a step (`decode_step_bytes`: the weights it must read and every 
 entries attention reads, over the copy bandwidth measured in the same run) gives each row's % of it.
 The compiled rows cost a compile each (about a minute); they are skipped past the time budget.
 Outputs: decode_step.csv, decode_step.png (ms per step vs context), decode_step.md; with `--profile`,
-decode_step_profile.md (the fastest variant's largest kernels per context and batch, torch.profiler);
-decode_step_as_shipped.* for `--weights as-shipped`.
+decode_step_profile.md (the fastest variant's largest kernels per context and batch, the others and the
+whole step, torch.profiler) and decode_step_profile.csv (every kernel); decode_step_as_shipped.* for
+`--weights as-shipped`.
 """
 from __future__ import annotations
 
@@ -180,11 +181,10 @@ PROFILE_STEPS = 3   # calls of a step profiled
 PROFILE_TOP = 15    # kernels listed a (context, batch)
 
 
-def kernel_profile(fn, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> list[dict]:
+def kernel_profile(fn, steps: int = PROFILE_STEPS) -> list[dict]:
     """What `steps` launched calls of fn spend their time in (torch.profiler): on a GPU its kernels by
-    GPU time, on the CPU its ops by CPU time (self times); the `top` largest as dict(kernel, calls a
-    step, us a step, share of the step's total), then one row for all the others together and one for
-    the whole step (calls: launches a step, what a batch-1 step's fixed cost a launch multiplies)."""
+    GPU time, on the CPU its ops by CPU time (self times); every one, largest first, as dict(kernel,
+    calls a step, us a step, share of the step's total)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = DEVICE == "cuda"
@@ -198,13 +198,19 @@ def kernel_profile(fn, steps: int = PROFILE_STEPS, top: int = PROFILE_TOP) -> li
     spent = [(e.key, e.count, getattr(e, attr)) for e in prof.key_averages() if getattr(e, attr) > 0]
     total = sum(t for _, _, t in spent) or 1.0
     spent.sort(key=lambda e: -e[2])
-    rows = [dict(kernel=name[:90], calls_per_step=count / steps, us_per_step=t / steps, share=t / total)
-            for name, count, t in spent[:top]]
-    rest = spent[top:]
-    for name, part in ((f"(the other {len(rest)} kernels)", rest), ("(the whole step)", spent)):
-        t = sum(e[2] for e in part)
-        rows.append(dict(kernel=name, calls_per_step=sum(e[1] for e in part) / steps, us_per_step=t / steps,
-                         share=t / total))
+    return [dict(kernel=name[:90], calls_per_step=count / steps, us_per_step=t / steps, share=t / total)
+            for name, count, t in spent]
+
+
+def profile_summary(kernels: list[dict], top: int = PROFILE_TOP) -> list[dict]:
+    """kernel_profile's rows of one (context, batch): the `top` largest, then one row for all the others
+    together and one for the whole step (calls: launches a step, what a batch-1 step's fixed cost a
+    launch multiplies)."""
+    keys = ("calls_per_step", "us_per_step", "share")
+    rows = [{k: v for k, v in p.items() if k == "kernel" or k in keys} for p in kernels[:top]]
+    rest = kernels[top:]
+    for name, part in ((f"(the other {len(rest)} kernels)", rest), ("(the whole step)", kernels)):
+        rows.append(dict(kernel=name, **{k: sum(p[k] for p in part) for k in keys}))
     return rows
 
 
@@ -406,15 +412,16 @@ def plot(path: str, rows: list[dict], gpu: str) -> None:
 
 
 def profile_markdown(env: dict, profile: list[dict]) -> str:
-    """Per (context, batch): the fastest variant's largest kernels (kernel_profile)."""
+    """Per (context, batch): the fastest variant's largest kernels, the others and the whole step
+    (profile_summary)."""
     lines = [f"# Where a decode step's time goes, {profile[0]['config'] if profile else ''} preset, on {env['gpu']}",
              "", f"torch {env['torch']}, triton {env['triton']}, {env['date']}; torch.profiler over "
              f"{PROFILE_STEPS} launched calls of the fastest variant of each (context, batch) (a CUDA graph "
              "replays the same kernels); self GPU time by kernel (on the CPU: by op, CPU time), its share of the total.", ""]
     for C, B, impl in dict.fromkeys((p["context"], p["batch"], p["impl"]) for p in profile):
         lines += [f"## context {C}, batch {B}: {impl}", ""]
-        lines += _table([{k: v for k, v in p.items() if k not in ("config", "context", "batch", "impl")}
-                         for p in profile if (p["context"], p["batch"], p["impl"]) == (C, B, impl)]) + [""]
+        group = [p for p in profile if (p["context"], p["batch"], p["impl"]) == (C, B, impl)]
+        lines += _table(profile_summary(group)) + [""]
     return "\n".join(lines)
 
 
@@ -440,6 +447,8 @@ def write_outputs(rows: list[dict], out: str, profile: list[dict] | None = None)
         paths.append(os.path.join(out, f"{stem}_profile.md"))
         with open(paths[-1], "w") as f:
             f.write(profile_markdown(env, profile))
+        paths.append(os.path.join(out, f"{stem}_profile.csv"))   # every kernel, not only the largest
+        write_csv(paths[-1], profile)
     return paths
 
 

@@ -68,19 +68,26 @@ def test_decode_step_rows_and_outputs(tmp_path):
     assert len(eager) == 1 and eager[0]["ms_per_step"] > 0 and eager[0]["rel_rms_vs_eager"] == 0
     assert eager[0]["bytes_per_step"] > 0 and 0 < eager[0]["roofline_pct"] == eager[0]["roofline_pct"]
     assert any("max_seq_len is 512" in r["note"] for r in rows if r["context"] == 1024)
-    # the profile of the fastest variant (the only one on the CPU): its largest ops, shares of one total,
-    # then the others together and the whole step (their sums)
+    # the profile of the fastest variant (the only one on the CPU): every op, largest first, shares of one
+    # total; its summary: the largest, then the others together and the whole step (their sums)
     assert {(p["context"], p["batch"], p["impl"]) for p in profile} == {(128, 2, "eager")}
-    *top, others, whole = profile
-    assert 0 < len(top) <= bench_decode_step.PROFILE_TOP and others["kernel"].startswith("(the other ")
-    assert whole["kernel"] == "(the whole step)" and whole["share"] == pytest.approx(1.0)
+    assert len(profile) > bench_decode_step.PROFILE_TOP and sum(p["share"] for p in profile) == pytest.approx(1.0)
+    assert all(p["us_per_step"] > 0 and p["calls_per_step"] > 0 for p in profile)
+    assert [p["us_per_step"] for p in profile] == sorted((p["us_per_step"] for p in profile), reverse=True)
+    *top, others, whole = bench_decode_step.profile_summary(profile)
+    assert len(top) == bench_decode_step.PROFILE_TOP
+    assert [p["kernel"] for p in top] == [p["kernel"] for p in profile[:len(top)]]
+    assert others["kernel"] == f"(the other {len(profile) - len(top)} kernels)"
+    assert whole["kernel"] == "(the whole step)"
     for key in ("share", "us_per_step", "calls_per_step"):
         assert sum(p[key] for p in top) + others[key] == pytest.approx(whole[key])
-    assert all(p["us_per_step"] > 0 and p["calls_per_step"] > 0 for p in top)
+        assert whole[key] == pytest.approx(sum(p[key] for p in profile))
     bench_decode_step.write_outputs(rows, str(tmp_path), profile)
     assert len(_rows(tmp_path / "decode_step.csv")) == len(rows)
     assert "Whole decode step, tiny preset" in (tmp_path / "decode_step.md").read_text()
-    assert "## context 128, batch 2: eager" in (tmp_path / "decode_step_profile.md").read_text()
+    md = (tmp_path / "decode_step_profile.md").read_text()
+    assert "## context 128, batch 2: eager" in md and "| (the whole step) |" in md
+    assert len(_rows(tmp_path / "decode_step_profile.csv")) == len(profile)
 
 
 def test_decode_step_as_shipped_reads_fewer_bytes_and_writes_its_own_files(tmp_path):
