@@ -16,6 +16,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _kernel_bench_util import DEVICE, bench_ms, graph_time_ms, out_dir, print_table, try_compile, write_csv  # noqa: E402
 
 
+def hc_pre_inputs(shape: tuple, generator: torch.Generator | None = None) -> tuple:
+    """hc_pre's tensors for streams x of `shape` [..., n, D] bf16: (x, fn [(2+n) n, n D], scale [3], base
+    [(2+n) n]), fn scaled so the mixes are O(1)."""
+    n, D = shape[-2:]
+    W = (2 + n) * n
+    return (torch.randn(shape, device=DEVICE, generator=generator).to(torch.bfloat16),
+            torch.randn(W, n * D, device=DEVICE, generator=generator) * (n * D) ** -0.5,
+            torch.tensor([0.5, 0.7, 1.3], device=DEVICE), torch.randn(W, device=DEVICE, generator=generator) * 0.3)
+
+
 def run_hc_bench(tokens=(16384, 131072), pre_shapes=((4096, 4096), (4096, 7168)), compile: bool = True) -> list[dict]:
     from dsv4_compile.kernels.hc_sinkhorn import hc_pre, hc_sinkhorn
     from dsv4_compile.model import ops
@@ -46,11 +56,7 @@ def run_hc_bench(tokens=(16384, 131072), pre_shapes=((4096, 4096), (4096, 7168))
     n = 4
     for S, D in pre_shapes:
         W = (2 + n) * n
-        x = torch.randn(1, S, n, D, device=DEVICE, dtype=torch.bfloat16)
-        fn = torch.randn(W, n * D, device=DEVICE) * (n * D) ** -0.5
-        scale = torch.tensor([0.5, 0.7, 1.3], device=DEVICE)
-        base = torch.randn(W, device=DEVICE) * 0.3
-        args = (x, fn, scale, base, 20, 1e-6, 1e-6)
+        args = (*hc_pre_inputs((1, S, n, D)), 20, 1e-6, 1e-6)
         nbytes = S * n * D * 2 + S * D * 2 + W * n * D * 4
         case = f"hc_pre 1x{S}x{n}x{D} bf16"
         add(case, "triton (default config)", bench_ms(lambda: hc_pre(*args)), S, nbytes)
@@ -74,12 +80,10 @@ def run_hc_decode_bench(batches=(1, 64), D=4096, splits=(1, 8, 16, 32, 64)) -> l
     from dsv4_compile.kernels.hc_sinkhorn import hc_pre, hc_sinkhorn
     from dsv4_compile.kernels.hc_sinkhorn.config import decode_config
 
-    n, W = 4, 24
+    n = 4
     rows = []
     for B in batches:
-        sets = [(torch.randn(B, 1, n, D, device=DEVICE, dtype=torch.bfloat16),
-                 torch.randn(W, n * D, device=DEVICE) * (n * D) ** -0.5, torch.tensor([0.5, 0.7, 1.3], device=DEVICE),
-                 torch.randn(W, device=DEVICE) * 0.3) for _ in range(4)]
+        sets = [hc_pre_inputs((B, 1, n, D)) for _ in range(4)]
         for num_splits in splits:
             cfg = decode_config().replace(num_splits=num_splits)
             for iters in (20, 1):

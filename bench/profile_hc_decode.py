@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _kernel_bench_util import DEVICE, graph_time_ms, parse_profile_args  # noqa: E402
+from bench_hc import hc_pre_inputs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,14 +31,11 @@ def main(argv=None) -> int:
     from dsv4_compile.kernels.hc_sinkhorn import hc_pre
     from dsv4_compile.kernels.hc_sinkhorn.config import HcConfig, decode_config, default_config
 
-    n, D, W = 4, 4096, 24
+    n, D = 4, 4096
     g = torch.Generator(device=DEVICE).manual_seed(0)
     for B in (int(b) for b in args.batch.split(",")):
         shape = (1, B, n, D) if args.prefill else (B, 1, n, D)
-        sets = [(torch.randn(shape, device=DEVICE, generator=g).to(torch.bfloat16),
-                 torch.randn(W, n * D, device=DEVICE, generator=g) * (n * D) ** -0.5,
-                 torch.tensor([0.5, 0.7, 1.3], device=DEVICE), torch.randn(W, device=DEVICE, generator=g) * 0.3)
-                for _ in range(1 if args.no_time else 4)]
+        sets = [hc_pre_inputs(shape, g) for _ in range(1 if args.no_time else 4)]
         for cfg in args.configs.split(";"):
             cfg = cfg.strip()
             config = HcConfig.from_str(cfg, base=default_config() if args.prefill else decode_config())
