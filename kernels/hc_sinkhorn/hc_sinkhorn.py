@@ -209,7 +209,9 @@ def _hc_pre_kernel(p_x, p_fn, p_scale, p_base, p_y, p_post, p_comb, p_part, p_ss
                       + tl.load(p_base + 2 * N + (o_c // NP) * N + o_c % NP, mask=valid, other=0.0)[None, :])
             comb_l = tl.reshape(comb_l, [BLOCK_T, NP, NP])
             _store_post_comb(p_post, p_comb, post_l, comb_l, o_t, m_t, iters, hc_eps, N, NP)
-        pre_l = (_sum_splits(p_part, at + NN + o_i[None, :], m_s, T * NW, SPLITS) * rs[:, None] * tl.load(p_scale)
+        # the post / comb program makes no y: its pre loads are masked off (no memory wait on its path)
+        m_pre = m_s & ((o_i[None, :] * 0 + split) < SPLITS)
+        pre_l = (_sum_splits(p_part, at + NN + o_i[None, :], m_pre, T * NW, SPLITS) * rs[:, None] * tl.load(p_scale)
                  + tl.load(p_base + o_i, mask=o_i < N, other=0.0)[None, :])
 
     # Sweep 2: y = sum_i pre_i x_i over this program's columns of D (this block's x again, from L2);
