@@ -83,6 +83,10 @@ for step in "$@"; do
         tests/kernels/test_symbolic_sizes.py 2>&1 | tee "$OUT/tests_attention.log" | tail -8 ;;
     hc-decode)        # a decode step's hc_pre: split counts, and 1 Sinkhorn round vs 20 (what the rounds cost)
       BENCH_OUT="$OUT" python3 bench/bench_hc.py --decode 2>&1 | tail -24 ;;
+    tests-hc)         # the mHC kernels' GPU tests, then a decode step's hc_pre per config (HC_CONFIGS ';'-separated, ''
+      # the decode default) at B 1 and 64: CUDA-graph us per call and the outputs' sums (bit-exact across configs)
+      $PYTEST -m gpu tests/kernels/test_hc_sinkhorn.py 2>&1 | tee "$OUT/tests_hc.log" | tail -4
+      python3 bench/profile_hc_decode.py --batch 1,64 --configs "${HC_CONFIGS:-}" 2>&1 | tee "$OUT/hc_decode_configs.txt" ;;
     ncu-hc-decode)    # issue 16: what bounds a decode step's hc_pre (BATCH, NCU_CONFIGS ';'-separated, '' the decode
       # default): ncu of one launch of each config's kernels beside their CUDA-graph times
       cfgs=${NCU_CONFIGS:-""}; hc_args=(--batch "${BATCH:-1}")
@@ -102,6 +106,12 @@ for step in "$@"; do
       # column tiles (the H100's decode default; bench/results/H200/moe_decode_tiles_offline.md) vs the default
       python3 bench/bench_moe.py --tokens 1,8,64 --decode-configs "${DECODE_CONFIGS:-block_n=32,down_block_n=32}" \
         --out "$OUT" 2>&1 | tail -3; head -14 "$OUT/moe.md" | tail -7; grep -A16 "^Decode configs" "$OUT/moe.md" ;;
+    moe-decode-configs) # the routed experts at decode sizes per config (MOE_CONFIGS ';'-separated, '' the op's default;
+      # TOKENS, FORMAT, ACT: the as-shipped engines' W4A8 by default): CUDA-graph us and the output's sums
+      python3 bench/profile_moe_decode.py --tokens "${TOKENS:-1,8,64}" --format "${FORMAT:-mxfp4}" --act "${ACT:-fp8}" \
+        --configs "${MOE_CONFIGS:-}" 2>&1 | tee "$OUT/moe_decode_configs.txt" ;;
+    tests-moe-split)  # the split-K decode path's tests compiled (every format, T 1 and 7, the symbolic T export)
+      $PYTEST -n 4 tests/kernels/test_moe_experts.py -k "split" 2>&1 | tee "$OUT/tests_moe_split.log" | tail -6 ;;
     moe-w8a8)         # issue 15: the moe_experts_fp8_w8a8 op's kernel compiled: the odd shapes and the substitution, and at
       # T 4096 vs its naive twin, the plain W8A8 op and the W8A16 kernel (prints their distances)
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w8a8 or substitution" 2>&1 | tee "$OUT/tests_moe_w8a8.log" | tail -8 ;;

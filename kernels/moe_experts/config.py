@@ -7,6 +7,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
 
+import torch
+
 from ...model.ops import FP8_LINEAR_BLOCK
 from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_block: the launcher's tiles)
 
@@ -45,6 +47,15 @@ class MoeExpertsConfig(KernelConfig):
     for bf16 ones; any block_n). "pass" costs a launch and the fp32 round trip, and frees the gate/up
     column tile: at decode sizes 128-wide tiles leave SMs idle when few experts are in use (96 programs
     for one token's 6 experts at I 2048), so it is W4A8's decode default.
+    split_k / down_split_k (decode): the gate/up launch's reduction over D / the down launch's over I cut
+    into that many ranges of whole K tiles at one token, each range a program (`run_splits`: split_k // T
+    ranges at T tokens, at least 1, so the grid stays about one token's size; an engine's symbolic T
+    evaluates it at run time). One token's gate/up launch is otherwise 192 programs each walking
+    D = 4096 in 32 serial K steps (6 experts x 32 column tiles at I 2048): latency-bound, a few warps an
+    SM. gate/up ranges store fp32 partial sums; a pass of its own adds them in range order and applies
+    the clamped SwiGLU (W8A8 / W4A8: the routing weight and the rounding too, in place of act_round's
+    pass); down ranges store partial slots that the slot sum adds in range order. Deterministic; 1 = no
+    split. Only where the tokens fit one workspace chunk (decode sizes always do).
     """
 
     block_m: int = 64
@@ -59,6 +70,8 @@ class MoeExpertsConfig(KernelConfig):
     down_num_stages: int = 3
     w4a8_mma: str = "bf16"
     act_round: str = "gate_up"
+    split_k: int = 1
+    down_split_k: int = 1
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "block_k", "num_warps", "down_block_n",
                                               "down_block_k", "down_num_warps")
@@ -73,6 +86,15 @@ class MoeExpertsConfig(KernelConfig):
             if not 32 <= getattr(self, name) <= 128:
                 raise ValueError(f"MoeExpertsConfig.{name} = {getattr(self, name)}: must be 32, 64 or 128 "
                                  f"(a divisor of the FP8 tile 128 and a multiple of the MXFP4 block 32)")
+        for name in ("split_k", "down_split_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MoeExpertsConfig.{name} = {getattr(self, name)}: need >= 1 (1: no split)")
+
+
+def run_splits(split_k: int, T):
+    """The K ranges a launch runs at T tokens for a config's split count at one token: split_k // T, at
+    least 1 (an expression of a symbolic T, which the launch evaluates at run time: no guard on T)."""
+    return torch.sym_max(1, split_k // T) if split_k > 1 else 1
 
 
 def w8a8_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:

@@ -81,13 +81,14 @@ from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name
 from .._jit_utils import e4m3_bits, e4m3_dequantized, e4m3_value, quantize_rows_e4m3, round_bf16
 from ..fp8_quantize import fp8_quantize, fp8_round
 from . import expert_blocks as one_program_layout
-from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block
+from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block, run_splits
 
 WEIGHT_FORMATS = ("float", "fp8", "mxfp4")
 # How the activations meet the weights, a semantic of the op (not a tunable): "x" in x's dtype (the
 # quantized weights decoded to it: W8A16 / W4A16); "fp8" quantized to FP8 (W8A8 / W4A8, FP8 or MXFP4 weights).
 ACTS = ("x", "fp8")
 SUM_BLOCK_T, SUM_BLOCK_D = 8, 256   # the slot sum reads T * k * D * 4 bytes once: any tile near 2K elements
+SWIGLU_BLOCK_N = 128                # the split gate/up's SwiGLU pass: one activation scale block a program
 # The workspace of a call (act and slots of one chunk of tokens) stays within this many bytes (chunk_plan).
 # Each chunk reads every expert in use again (~2.7 ms for V4-Flash's 256 bf16 experts on an H200), so
 # small chunks cost time: T = 128K, D 4096, I 2048, k 6 took 76 ms unchunked (15 GiB of workspace),
@@ -201,9 +202,10 @@ def _weight_tile(p_w, p_s, e, offs_n, k0, R, C, FMT: tl.constexpr, SCALE_F32: tl
 
 
 @triton.jit
-def _fp8_gemm(p_a, p_as, rows, row_ok, p_w, p_s, e, n0, R, C, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
+def _fp8_gemm(p_a, p_as, rows, row_ok, p_w, p_s, e, n0, R, C, k_lo, k_hi, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
               NATIVE_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W8A8 / W4A8: [BLOCK_M, BLOCK_N] fp32 = A[rows] @ W[e][n0 : n0 + BLOCK_N]^T for activations A [*, C]
+    """W8A8 / W4A8: [BLOCK_M, BLOCK_N] fp32 = A[rows, k_lo:k_hi] @ W[e][n0 : n0 + BLOCK_N, k_lo:k_hi]^T (k_lo a
+    multiple of BLOCK_K) for activations A [*, C]
     e4m3 codes with scales [*, C/128] float32 (rows [BM] int64; rows not row_ok read as 0) and W [E, R, C]
     FP8 (FMT 1, scales as _weight_tile's) or MXFP4 (FMT 2: _mxfp4_e4m3_dot); C a multiple of 128.
     Per K tile (BLOCK_K divides 128: one activation scale per row and, for FP8, one weight scale per
@@ -215,18 +217,18 @@ def _fp8_gemm(p_a, p_as, rows, row_ok, p_w, p_s, e, n0, R, C, FMT: tl.constexpr,
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if FMT == 2:  # one K loop per way of applying the runs' scales, so that each compiles lean
         if _mxfp4_foldable(p_s, e, offs_n, R, C, SCALE_F32, BLOCK_K, BLOCK_N):
-            for k0 in range(0, C, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 a, s_a = _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K)
                 acc = _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, True, SCALE_F32, NATIVE_FP8,
                                       BLOCK_K, BLOCK_N)
         else:
-            for k0 in range(0, C, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 a, s_a = _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K)
                 acc = _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, False, SCALE_F32, NATIVE_FP8,
                                       BLOCK_K, BLOCK_N)
     else:
         p_w_tile = p_w + e.to(tl.int64) * R * C + offs_n[None, :] * C
-        for k0 in range(0, C, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             a, s_a = _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K)
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w = tl.load(p_w_tile + offs_k[:, None], mask=offs_n[None, :] < R, other=0.0)        # [BK, BN] e4m3
@@ -422,16 +424,17 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT: tl.constexpr,
+def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo, k_hi, FMT: tl.constexpr,
                   SCALE_F32: tl.constexpr, POW2: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(x[token] @ W1[e][offs_n]^T, x[token] @ W3[e][offs_n]^T) [BM, BN] fp32 each, in x's dtype on the
+    """(x[token] @ W1[e][offs_n]^T, x[token] @ W3[e][offs_n]^T) [BM, BN] fp32 each over K = k_lo .. k_hi
+    (k_lo a multiple of BLOCK_K), in x's dtype on the
     tensor cores (rows not row_ok: 0) for float, FP8 (dequantized) or MXFP4 (_mxfp4_tile) weights, and
     with POW2 whether a scale was not a normal power of two (the products then void)."""
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     miss = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D),
                     other=0.0)
@@ -452,13 +455,14 @@ def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, F
 
 
 @triton.jit
-def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
+def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
                POW2: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[offs_m] @ W2[e][offs_n]^T [BM, BN] fp32 and whether a scale missed, as _gate_up_loop's."""
+    """act[offs_m, k_lo:k_hi] @ W2[e][offs_n, k_lo:k_hi]^T [BM, BN] fp32 and whether a scale missed, as
+    _gate_up_loop's."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     miss = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for k0 in range(0, I, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
         if FMT == 2:
@@ -477,46 +481,24 @@ def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT: tl.constexpr, SC
 # ================================================================================================
 
 @triton.jit
-def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_weights, p_act, p_act_s, limit,
-                    N, TOPK, D, I, E, n_blocks,
-                    FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr,
-                    ROUND_PASS: tl.constexpr, RECIP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
-    # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype.
-    # ACT_FP8 (W8A8, W4A8): the weighted activation FP8-rounded here; p_weights [T * TOPK] float32. With
-    # FP8_MMA, p_x [T, D] e4m3 codes with p_xs [T, D/128] float32 scales, p_act e4m3 codes with p_act_s
-    # [n_blocks * BLOCK_M, I/128] float32 scales; without (W4A8 on bf16 tensor cores), p_x holds x's
-    # FP8-rounded values and p_act the activation's, in x's dtype (exact: 4 significant bits). ROUND_PASS
-    # (config act_round "pass"): p_act the weighted activation in fp32, rounded by a pass of its own.
-    # p_xs, p_weights, p_act_s unused where not named.
-    limit = tl.cast(limit, tl.float32)  # float arguments are fp64 in AOTInductor's launch signature
-    pid_m, pid_n = _tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
-    e = tl.load(p_block_expert + pid_m)
-    if e >= E:  # a spare block past the last expert in use
-        return
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(p_slot + offs_m)
-    row_ok = slot < N
-    token = tl.where(row_ok, slot // TOPK, 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if ACT_FP8 and FP8_MMA:
-        # One K loop per weight: in one loop both FP8 products of a step wait in registers for their
-        # promotion beside the two accumulators, and 128 x 128 tiles over 8 warps spilled (sm_90 compile,
-        # bench/results/H200/moe_w8a8_offline.md); x's codes are read twice instead (1 byte a value).
-        acc_gate = _fp8_gemm(p_x, p_xs, token, row_ok, p_w1, p_s1, e, pid_n * BLOCK_N, I, D, FMT, SCALE_F32,
-                             NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
-        acc_up = _fp8_gemm(p_x, p_xs, token, row_ok, p_w3, p_s3, e, pid_n * BLOCK_N, I, D, FMT, SCALE_F32,
-                           NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
-    else:
-        # float32 MXFP4 scales: the e8m0 route, again on the fp32 one where a scale was no power of two
-        acc_gate, acc_up, missed = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
-                                                 SCALE_F32, SCALE_F32 and FMT == 2, NATIVE_FP8, UPCAST, IEEE,
-                                                 BLOCK_M, BLOCK_N, BLOCK_K)
-        if SCALE_F32 and FMT == 2 and missed:
-            acc_gate, acc_up, _ = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, FMT,
-                                                SCALE_F32, False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+def _k_range(C, n_split, K_PER, SPLIT: tl.constexpr):
+    """This program's reduction range k_lo .. k_hi of C: all of it, or with SPLIT range program_id(1) of
+    n_split, K_PER (a multiple of the K tile) each; a program past n_split gets an empty range."""
+    if SPLIT:
+        k_lo = tl.program_id(1) * K_PER
+        return k_lo, tl.minimum(k_lo + K_PER, C)
+    return 0, C
+
+
+@triton.jit
+def _swiglu_store(acc_gate, acc_up, limit, slot, row_ok, offs_m, n0, p_weights, p_act, p_act_s, I,
+                  ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, ROUND_PASS: tl.constexpr, ROUND_BF16: tl.constexpr,
+                  RECIP: tl.constexpr, NATIVE_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """act[offs_m, n0 : n0 + BLOCK_N] = silu(clamp(gate)) * clamp(up) from the fp32 sums [BM, BN]
+    (_gate_up_kernel's p_act / p_act_s forms; ACT_FP8 weighted by the rows' routing weights, then rounded
+    here, or with ROUND_PASS stored in fp32 for a pass; ACT_FP8 rounding here needs BLOCK_N and n0
+    multiples of 128: whole activation blocks)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     if limit > 0:
         acc_gate = tl.minimum(acc_gate, limit)
         acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
@@ -530,7 +512,7 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         codes, s = quantize_rows_e4m3(tl.reshape(act, [BLOCK_M * (BLOCK_N // 128), 128]), RECIP, NATIVE_FP8)
         if FP8_MMA:
             tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], tl.reshape(codes, [BLOCK_M, BLOCK_N]), mask=mask)
-            offs_b = pid_n * (BLOCK_N // 128) + tl.arange(0, BLOCK_N // 128)
+            offs_b = n0 // 128 + tl.arange(0, BLOCK_N // 128)
             tl.store(p_act_s + offs_m[:, None] * (I // 128) + offs_b[None, :],
                      tl.reshape(s, [BLOCK_M, BLOCK_N // 128]), mask=offs_b[None, :] < I // 128)
         else:  # the rounded values themselves
@@ -543,51 +525,146 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
 
 
 @triton.jit
-def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
-                 N, first_slot, TOPK, D, I, E, n_blocks,
-                 FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                 IEEE: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # p_act [n_blocks * BLOCK_M, I] (FP8_MMA: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
-    # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
-    # p_weights [T * TOPK] float32 (unused with ACT_FP8: act holds it);
-    # p_out [chunk tokens * TOPK, D] float32: row t * TOPK + j - first_slot of assignment (t, j), written once
-    pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
+def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p_weights, p_act, p_act_s, limit,
+                    N, TOPK, D, I, E, n_blocks, first_slot, n_split, K_PER, rows_per_split,
+                    FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr,
+                    ROUND_PASS: tl.constexpr, RECIP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
+    # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype.
+    # ACT_FP8 (W8A8, W4A8): the weighted activation FP8-rounded here; p_weights [T * TOPK] float32. With
+    # FP8_MMA, p_x [T, D] e4m3 codes with p_xs [T, D/128] float32 scales, p_act e4m3 codes with p_act_s
+    # [n_blocks * BLOCK_M, I/128] float32 scales; without (W4A8 on bf16 tensor cores), p_x holds x's
+    # FP8-rounded values and p_act the activation's, in x's dtype (exact: 4 significant bits). ROUND_PASS
+    # (config act_round "pass"): p_act the weighted activation in fp32, rounded by a pass of its own.
+    # SPLIT (config split_k): program axis 1 is the range of D (of n_split, K_PER wide) this program sums;
+    # p_act the fp32 partial sums [n_split * rows_per_split, 2 * I] (gate, then up) at row
+    # range * rows_per_split + slot - first_slot, for _swiglu_splits_kernel.
+    # p_xs, p_weights, p_act_s unused where not named.
+    limit = tl.cast(limit, tl.float32)  # float arguments are fp64 in AOTInductor's launch signature
+    pid_m, pid_n = _tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
+    e = tl.load(p_block_expert + pid_m)
+    if e >= E or (SPLIT and tl.program_id(1) >= n_split):  # a spare block past the last expert in use; a spare range
+        return
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(p_slot + offs_m)
+    row_ok = slot < N
+    token = tl.where(row_ok, slot // TOPK, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo, k_hi = _k_range(D, n_split, K_PER, SPLIT)
+    if ACT_FP8 and FP8_MMA:
+        # One K loop per weight: in one loop both FP8 products of a step wait in registers for their
+        # promotion beside the two accumulators, and 128 x 128 tiles over 8 warps spilled (sm_90 compile,
+        # bench/results/H200/moe_w8a8_offline.md); x's codes are read twice instead (1 byte a value).
+        acc_gate = _fp8_gemm(p_x, p_xs, token, row_ok, p_w1, p_s1, e, pid_n * BLOCK_N, I, D, k_lo, k_hi, FMT,
+                             SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc_up = _fp8_gemm(p_x, p_xs, token, row_ok, p_w3, p_s3, e, pid_n * BLOCK_N, I, D, k_lo, k_hi, FMT,
+                           SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        # float32 MXFP4 scales: the e8m0 route, again on the fp32 one where a scale was no power of two
+        acc_gate, acc_up, missed = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo,
+                                                 k_hi, FMT, SCALE_F32, SCALE_F32 and FMT == 2, NATIVE_FP8, UPCAST,
+                                                 IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        if SCALE_F32 and FMT == 2 and missed:
+            acc_gate, acc_up, _ = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo,
+                                                k_hi, FMT, SCALE_F32, False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M,
+                                                BLOCK_N, BLOCK_K)
+    if SPLIT:  # the partial sums of this range, for the SwiGLU pass
+        row = tl.program_id(1) * rows_per_split + tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
+        p_row = p_act + row[:, None] * (2 * I) + offs_n[None, :]
+        mask = row_ok[:, None] & (offs_n[None, :] < I)
+        tl.store(p_row, acc_gate, mask=mask)
+        tl.store(p_row + I, acc_up, mask=mask)
+    else:
+        _swiglu_store(acc_gate, acc_up, limit, slot, row_ok, offs_m, pid_n * BLOCK_N, p_weights, p_act, p_act_s, I,
+                      ACT_FP8, FP8_MMA, ROUND_PASS, ROUND_BF16, RECIP, NATIVE_FP8, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _swiglu_splits_kernel(p_part, p_slot, p_block_expert, p_weights, p_act, p_act_s, limit, N, I, E, first_slot,
+                          n_split, rows_per_split, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr,
+                          ROUND_BF16: tl.constexpr, RECIP: tl.constexpr, NATIVE_FP8: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (block of rows, BLOCK_N columns of I; BLOCK_N a multiple of 128): the split gate/up
+    # launch's partial sums p_part [n_split * rows_per_split, 2 * I] fp32 added in range order, then
+    # _swiglu_store into p_act / p_act_s as the unsplit epilogue (rows not in use: zeros, as there).
+    limit = tl.cast(limit, tl.float32)
+    pid_m = tl.program_id(0)
     e = tl.load(p_block_expert + pid_m)
     if e >= E:
         return
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     slot = tl.load(p_slot + offs_m)
     row_ok = slot < N
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = row_ok[:, None] & (offs_n[None, :] < I)
+    p_row = p_part + tl.where(row_ok, slot - first_slot, 0).to(tl.int64)[:, None] * (2 * I) + offs_n[None, :]
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(n_split):
+        acc_gate += tl.load(p_row, mask=mask, other=0.0)
+        acc_up += tl.load(p_row + I, mask=mask, other=0.0)
+        p_row += rows_per_split * (2 * I)
+    _swiglu_store(acc_gate, acc_up, limit, slot, row_ok, offs_m, tl.program_id(1) * BLOCK_N, p_weights, p_act,
+                  p_act_s, I, ACT_FP8, FP8_MMA, False, ROUND_BF16, RECIP, NATIVE_FP8, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, p_out,
+                 N, first_slot, TOPK, D, I, E, n_blocks, n_split, K_PER, rows_per_split,
+                 FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
+                 IEEE: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # p_act [n_blocks * BLOCK_M, I] (FP8_MMA: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
+    # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
+    # p_weights [T * TOPK] float32 (unused with ACT_FP8: act holds it);
+    # p_out [n_split * rows_per_split, D] float32 (rows_per_split = chunk tokens * TOPK): row
+    # range * rows_per_split + t * TOPK + j - first_slot of assignment (t, j) over this program's range of
+    # I (SPLIT: program axis 1, of n_split, K_PER wide; else all of I), written once
+    pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
+    e = tl.load(p_block_expert + pid_m)
+    if e >= E or (SPLIT and tl.program_id(1) >= n_split):
+        return
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(p_slot + offs_m)
+    row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_lo, k_hi = _k_range(I, n_split, K_PER, SPLIT)
     if ACT_FP8 and FP8_MMA:
-        acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, FMT, SCALE_F32,
-                        NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, k_lo, k_hi, FMT,
+                        SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, SCALE_F32 and FMT == 2,
-                                 NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32,
+                                 SCALE_F32 and FMT == 2, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         if SCALE_F32 and FMT == 2 and missed:  # as the gate/up launch's
-            acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, FMT, SCALE_F32, False, NATIVE_FP8, UPCAST,
-                                IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, False,
+                                NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if not ACT_FP8:  # W8A8's and W4A8's act holds its routing weight already
         acc = acc * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
     row = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
+    if SPLIT:
+        row += tl.program_id(1) * rows_per_split
     tl.store(p_out + row[:, None] * D + offs_n[None, :], acc, mask=row_ok[:, None] & (offs_n[None, :] < D))
 
 
 @triton.jit
-def _sum_slots_kernel(p_slots, p_ids, p_out, first_token, end_token, TOPK, D,
+def _sum_slots_kernel(p_slots, p_ids, p_out, first_token, end_token, TOPK, D, n_split, rows_per_split,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # p_slots [chunk tokens * TOPK, D] float32: tokens first_token .. end_token - 1 (rows of -1 ids never
-    # written); p_ids [T, TOPK]; p_out [T, D] float32, those tokens' rows written
+    # p_slots [n_split * rows_per_split, D] float32, rows_per_split = chunk tokens * TOPK: tokens
+    # first_token .. end_token - 1, each assignment's row in every range (rows of -1 ids never written);
+    # p_ids [T, TOPK]; p_out [T, D] float32, those tokens' rows written
     offs_t = first_token + tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     t_ok, d_ok = offs_t < end_token, offs_d < D
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for j in range(TOPK):
         used = t_ok & (tl.load(p_ids + offs_t * TOPK + j, mask=t_ok, other=-1) >= 0)
-        acc += tl.load(p_slots + ((offs_t - first_token) * TOPK + j)[:, None] * D + offs_d[None, :],
-                       mask=used[:, None] & d_ok[None, :], other=0.0)
+        p_row = p_slots + ((offs_t - first_token) * TOPK + j)[:, None] * D + offs_d[None, :]
+        slot = tl.load(p_row, mask=used[:, None] & d_ok[None, :], other=0.0)
+        for s in range(1, n_split):  # an assignment's ranges first, in order: its whole product
+            slot += tl.load(p_row + s * rows_per_split * D, mask=used[:, None] & d_ok[None, :], other=0.0)
+        acc += slot
     tl.store(p_out + offs_t[:, None] * D + offs_d[None, :], acc, mask=t_ok[:, None] & d_ok[None, :])
 
 
@@ -694,27 +771,34 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     T, k = topk_ids.shape
     act_fp8 = act == "fp8"
     cfg = resolve(config, x.device, T * k, weight_format, act)
-    round_pass = act_fp8 and cfg.act_round == "pass"  # the SwiGLU output rounded by a pass of its own
-    if act_fp8 and not round_pass:
-        check(cfg.block_n % ACT_BLOCK == 0,
-              f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; {_act_kind(weight_format)} rounding "
-              f"in the gate/up epilogue (act_round gate_up) needs a multiple of {ACT_BLOCK} (whole activation "
-              f"blocks); act_round=pass takes any")
-    out = torch.empty((T, D), dtype=torch.float32, device=x.device)
-    if isinstance(T, int) and T == 0:
-        return out
     bm = cfg.block_m
     # W4A8's FP8-rounded values on bf16 tensor cores (config.w4a8_mma), but in fp16, whose range does not
     # hold every one (an fp16 x near 65504 rounds up past it)
     fp8_mma = act_fp8 and (weight_format == "fp8" or cfg.w4a8_mma == "fp8" or x.dtype == torch.float16)
-    act_bytes = (1 + 4 / ACT_BLOCK if fp8_mma else x.element_size()) + 4 * round_pass  # + the pass's fp32 input
+    act_round_pass = act_fp8 and cfg.act_round == "pass"
+    act_bytes = (1 + 4 / ACT_BLOCK if fp8_mma else x.element_size()) + 4 * act_round_pass  # + the pass's fp32 input
     chunk, n_chunks = chunk_plan(T, k, D, I, E, bm, act_bytes)
+    # split-K where the tokens fit one chunk (the partial sums then take at most split_k * k rows of 2 I
+    # and of D fp32 values: run_splits(split_k, T) * T <= split_k)
+    split, down_split = (cfg.split_k, cfg.down_split_k) if n_chunks == 1 else (1, 1)
+    n_split, n_down_split = run_splits(split, T), run_splits(down_split, T)
+    # the SwiGLU output rounded by a pass of its own (split: the pass that sums the gate/up ranges rounds it)
+    round_pass = act_round_pass and split == 1
+    if act_fp8 and not act_round_pass and split == 1:
+        check(cfg.block_n % ACT_BLOCK == 0,
+              f"{_op_name(weight_format, act)}: config block_n = {cfg.block_n}; {_act_kind(weight_format)} rounding "
+              f"in the gate/up epilogue (act_round gate_up) needs a multiple of {ACT_BLOCK} (whole activation "
+              f"blocks); act_round=pass or split_k > 1 take any")
+    out = torch.empty((T, D), dtype=torch.float32, device=x.device)
+    if isinstance(T, int) and T == 0:
+        return out
     if n_chunks == 1 and one_program_layout.fits(T * k, E):  # decode sizes: one launch, not ~30 small ones
         slot, block_expert = one_program_layout.expert_blocks(topk_ids, E, bm)     # [1, n_blocks, bm], [1, n_blocks]
     else:
         slot, block_expert = chunked_expert_blocks(topk_ids, E, bm, chunk, n_chunks)  # [C, n_blocks, bm], [C, n_blocks]
     n_blocks = block_expert.shape[1]
-    slots = torch.empty((torch.sym_min(chunk, T) * k, D), dtype=torch.float32, device=x.device)
+    chunk_rows = torch.sym_min(chunk, T) * k                                           # assignments of a chunk
+    slots = torch.empty((n_down_split * chunk_rows, D), dtype=torch.float32, device=x.device)
     if fp8_mma:
         # x quantized once, in its own pass, rather than in every gate/up program: there each of the
         # I / block_n column tiles of a row block would quantize its rows again (16 times at I 2048,
@@ -731,12 +815,16 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     rows = n_blocks * bm
     hidden_scale = placeholder(x.device, torch.float32)                                # unused unless FP8 codes
     if round_pass:  # the gate/up launch's weighted activation, rounded by a pass into each chunk's hidden
-        unrounded = torch.empty((rows, I), dtype=torch.float32, device=x.device)
+        gate_up_out = torch.empty((rows, I), dtype=torch.float32, device=x.device)
     elif fp8_mma:
         hidden = torch.empty((rows, I), dtype=torch.float8_e4m3fn, device=x.device)
         hidden_scale = torch.empty((rows, I // ACT_BLOCK), dtype=torch.float32, device=x.device)
     else:
         hidden = torch.empty((rows, I), dtype=x.dtype, device=x.device)
+    if split > 1:  # the gate/up ranges' partial sums (gate, up) of each assignment, summed by a pass into hidden
+        gate_up_out = torch.empty((n_split * chunk_rows, 2 * I), dtype=torch.float32, device=x.device)
+    elif not round_pass:  # the gate/up epilogue writes the activation itself
+        gate_up_out = hidden
     fmt = _FMT[weight_format]
     if fmt:
         scale_f32 = scales[0].dtype == torch.float32
@@ -749,38 +837,51 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     upcast = INTERPRET
     ieee = x.dtype == torch.float32
     bn, bn2 = fit_block(cfg.block_n, I), fit_block(cfg.down_block_n, D)
+    # each range whole K tiles (a range past the last K tile sums nothing: zeros)
+    k_per = triton.cdiv(triton.cdiv(D, cfg.block_k), n_split) * cfg.block_k
+    down_k_per = triton.cdiv(triton.cdiv(I, cfg.down_block_k), n_down_split) * cfg.down_block_k
+    native, recip, round_bf16 = not INTERPRET, x.device.type == "cuda", INTERPRET and x.dtype == torch.bfloat16
     for c in range(n_chunks):  # hidden and slots reused: each launch reads what the one before wrote
         first = c * chunk
-        launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn),), xq, xs, slot[c], block_expert[c], w1, s1, w3, s3,
-               topk_weights, unrounded if round_pass else hidden, hidden_scale, float(swiglu_limit), T * k, k, D, I, E,
-               n_blocks,
-               FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee,
-               ROUND_BF16=INTERPRET and x.dtype == torch.bfloat16, ACT_FP8=act_fp8, FP8_MMA=fp8_mma,
-               ROUND_PASS=round_pass, RECIP=x.device.type == "cuda",
+        launch(_gate_up_kernel, (n_blocks * triton.cdiv(I, bn), split), xq, xs, slot[c], block_expert[c], w1, s1, w3,
+               s3, topk_weights, gate_up_out, hidden_scale, float(swiglu_limit),
+               T * k, k, D, I, E, n_blocks, first * k, n_split, k_per, chunk_rows,
+               FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=native, UPCAST=upcast, IEEE=ieee, ROUND_BF16=round_bf16,
+               ACT_FP8=act_fp8, FP8_MMA=fp8_mma, ROUND_PASS=round_pass, RECIP=recip, SPLIT=split > 1,
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        if round_pass and fp8_mma:
-            hidden, hidden_scale = fp8_quantize(unrounded, ACT_BLOCK, True)           # [rows, I] e4m3, [rows, I/128]
+        if split > 1:
+            launch(_swiglu_splits_kernel, (n_blocks, triton.cdiv(I, SWIGLU_BLOCK_N)), gate_up_out, slot[c],
+                   block_expert[c], topk_weights, hidden, hidden_scale, float(swiglu_limit), T * k, I, E, first * k,
+                   n_split, chunk_rows, ACT_FP8=act_fp8, FP8_MMA=fp8_mma, ROUND_BF16=round_bf16, RECIP=recip,
+                   NATIVE_FP8=native, BLOCK_M=bm, BLOCK_N=SWIGLU_BLOCK_N, num_warps=4)
+        elif round_pass and fp8_mma:
+            hidden, hidden_scale = fp8_quantize(gate_up_out, ACT_BLOCK, True)         # [rows, I] e4m3, [rows, I/128]
         elif round_pass:
-            hidden = fp8_round(unrounded, ACT_BLOCK, True, x.dtype)                   # [rows, I]
-        launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2),), hidden, hidden_scale, slot[c], block_expert[c], w2, s2,
-               topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks,
-               FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=not INTERPRET, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,
-               FP8_MMA=fp8_mma, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m,
-               num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
-        sum_slots(slots, topk_ids, out, first, torch.sym_min(first + chunk, T))
+            hidden = fp8_round(gate_up_out, ACT_BLOCK, True, x.dtype)                 # [rows, I]
+        launch(_down_kernel, (n_blocks * triton.cdiv(D, bn2), down_split), hidden, hidden_scale, slot[c],
+               block_expert[c], w2, s2, topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks, n_down_split,
+               down_k_per, chunk_rows,
+               FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=native, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,
+               FP8_MMA=fp8_mma, SPLIT=down_split > 1, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k,
+               GROUP_M=cfg.group_m, num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
+        sum_slots(slots, topk_ids, out, first, torch.sym_min(first + chunk, T), n_down_split, chunk_rows)
     return out
 
 
-def sum_slots(slots: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, first_token=0, end_token=None) -> None:
-    """out[t] [D] float32 = the sum of token t's assignments' rows of slots [n * k, D] float32 (row
-    (t - first_token) * k + j), j = 0 .. k-1 in order, ids of -1 skipped (their rows are not read), for
-    t in first_token .. end_token - 1 (default: the n tokens from first_token); out [T, D]."""
+def sum_slots(slots: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor, first_token=0, end_token=None,
+              n_split=1, rows_per_split=None) -> None:
+    """out[t] [D] float32 = the sum of token t's assignments' rows of slots [n_split * n * k, D] float32
+    (row s * n * k + (t - first_token) * k + j: range s of the assignment's product; rows_per_split = n * k,
+    default all rows), each assignment's ranges added in order, then j = 0 .. k-1 in order, ids of -1
+    skipped (their rows are not read), for t in first_token .. end_token - 1 (default: the n tokens from
+    first_token); out [T, D]."""
     k = topk_ids.shape[1]
-    n, D = slots.shape[0] // k, out.shape[1]
+    rows_per_split = slots.shape[0] if rows_per_split is None else rows_per_split
+    n, D = rows_per_split // k, out.shape[1]
     end_token = first_token + n if end_token is None else end_token
     launch(_sum_slots_kernel, (triton.cdiv(n, SUM_BLOCK_T), triton.cdiv(D, SUM_BLOCK_D)), slots, topk_ids, out,
-           first_token, end_token, k, D, BLOCK_T=SUM_BLOCK_T, BLOCK_D=SUM_BLOCK_D)
+           first_token, end_token, k, D, n_split, rows_per_split, BLOCK_T=SUM_BLOCK_T, BLOCK_D=SUM_BLOCK_D)
 
 
 # ================================================================================================

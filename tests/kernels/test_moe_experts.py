@@ -304,6 +304,90 @@ def test_small_tiles_and_group_swizzle():
     run_w4a8(7, 6, 5, "holes", torch.bfloat16, cfg.replace(act_round="pass"), 128, 128)
 
 
+# ---- split-K at decode sizes (config split_k / down_split_k) ------------------------------------------
+
+# 32-deep K tiles. T = 1 with 4 gate/up and 2 down ranges: D = 64 is two K tiles (two ranges empty), FP8's
+# D = 160 five (ranges of 2, 2, 1 tiles, the last one partial, and one empty), I = 96 three (down ranges of
+# 2 and 1). T = 7 with split_k 16, down_split_k 24: 16 // 7 = 2 and 24 // 7 = 3 ranges (run_splits).
+SPLIT = MoeExpertsConfig(block_m=16, block_n=32, block_k=32, down_block_n=32, down_block_k=32, split_k=4,
+                         down_split_k=2)
+SPLIT_CASES = [(1, 6, 12, "random", SPLIT), (7, 6, 5, "holes", SPLIT.replace(split_k=16, down_split_k=24))]
+
+
+def _split_launches(monkeypatch, T, k, I, cfg, run):
+    """run() with the launches recorded, checking that the ranges ran: the gate/up grid has cfg.split_k
+    ranges on axis 1 of which the partial sums hold run_splits(split_k, T) a row, the SwiGLU pass sums
+    them, the down grid has down_split_k ranges, the slots run_splits(down_split_k, T) a row -> run()."""
+    calls = {}
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        calls[kernel] = (grid, args)
+        launch(kernel, grid, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(KERNEL, "launch", recording_launch)
+        out = run()
+    n_split, n_down = KERNEL.run_splits(cfg.split_k, T), KERNEL.run_splits(cfg.down_split_k, T)
+    assert n_split > 1 and n_down > 1, "the case runs no split: the test could not fail"
+    grid, args = calls[KERNEL._gate_up_kernel]
+    assert grid[1] == cfg.split_k and args[9].shape == (n_split * T * k, 2 * I)
+    assert calls[KERNEL._swiglu_splits_kernel][1][0] is args[9]
+    grid, args = calls[KERNEL._down_kernel]
+    assert grid[1] == cfg.down_split_k and args[7].shape[0] == n_down * T * k
+    return out
+
+
+@pytest.mark.parametrize("T,k,E,kind,cfg", SPLIT_CASES, ids=["T1", "T7"])
+@pytest.mark.parametrize("fmt,dtype", [("float", torch.float32), ("float", torch.bfloat16), ("fp8", torch.float32),
+                                       ("mxfp4", torch.bfloat16)], ids=["fp32", "bf16", "fp8", "mxfp4"])
+def test_split_k_against_naive_and_plain(T, k, E, kind, cfg, fmt, dtype, monkeypatch):
+    """Split gate/up and down reductions: the naive twin's and the plain op's numbers (the same products
+    summed range by range, in range order), -1 ids and experts without tokens included."""
+    D = 160 if fmt == "fp8" else 64
+    _split_launches(monkeypatch, T, k, 96, cfg, lambda: run_all(T, k, E, D, 96, dtype, fmt, kind, config=cfg))
+
+
+@pytest.mark.parametrize("T,k,E,kind,cfg", SPLIT_CASES, ids=["T1", "T7"])
+@pytest.mark.parametrize("fmt,mma", [("fp8", "fp8"), ("mxfp4", "bf16"), ("mxfp4", "fp8")], ids=["w8a8", "w4a8", "w4a8-fp8mma"])
+def test_split_k_fp8_activations(T, k, E, kind, cfg, fmt, mma, monkeypatch):
+    """W8A8 and W4A8 split: the SwiGLU pass weights and rounds the summed activation (in place of the
+    epilogue or act_round's pass; 32-wide gate/up tiles need no whole activation block), within the
+    W8A8 tolerance of the twins, at D = I = 256 (8 K tiles of 32: ranges of 2 or 4 tiles; W8A8's 128-deep
+    K tiles: 2, one range empty at T = 1)."""
+    config = (w8a8_config(cfg) if fmt == "fp8" else cfg).replace(w4a8_mma=mma)
+    run = run_w8a8 if fmt == "fp8" else run_w4a8
+    _split_launches(monkeypatch, T, k, 256, config, lambda: run(T, k, E, kind, torch.bfloat16, config, 256, 256))
+
+
+def test_split_k_exports_with_a_symbolic_token_count():
+    """An engine's T is symbolic: the ranges to run are split_k // T evaluated at run time (no guard on
+    T), so the exported program at T = 3 (2 ranges) and T = 50 (1) is eager's bits at those T."""
+    k, E, D, I = 2, 5, 64, 96
+    w1, w2, w3 = (t.to(DEVICE) for t in experts(E, I, D, torch.float32, "float")[:3])
+    config = SPLIT.replace(split_k=8, down_split_k=8).to_str()
+
+    class Experts(torch.nn.Module):
+        def forward(self, x, ids, w):
+            return torch.ops.dsv4_triton.moe_experts(x, ids, w, w1, w2, w3, LIMIT, config)
+
+    x = torch.randn(9, D, device=DEVICE)
+    ids, w = (t.to(DEVICE) for t in routing(9, k, E, "holes", seed=9))
+    T = torch.export.Dim("T", min=2, max=64)
+    ep = torch.export.export(Experts(), (x, ids, w), dynamic_shapes=({0: T}, {0: T}, {0: T}))
+    for n in (3, 50):
+        xn = torch.randn(n, D, device=DEVICE)
+        idn, wn = (t.to(DEVICE) for t in routing(n, k, E, "holes", seed=n))
+        assert torch.equal(ep.module()(xn, idn, wn), moe_experts(xn, idn, wn, w1, w2, w3, LIMIT, config))
+
+
+def test_run_splits():
+    """split_k // T ranges, at least 1; 1 for split_k 1 whatever T; refused below 1."""
+    assert [KERNEL.run_splits(8, t) for t in (1, 2, 3, 8, 9, 64)] == [8, 4, 2, 1, 1, 1]
+    assert KERNEL.run_splits(1, 1) == 1
+    with pytest.raises(ValueError, match="split_k = 0"):
+        MoeExpertsConfig(split_k=0)
+
+
 def test_slot_sum_adds_a_tokens_assignments_in_order():
     """out[t] = slots[t*k] + slots[t*k + 1] + ... in j order (fp32), -1 ids skipped unread. 1 + 2^24 - 2^24
     is 0 in that order and 1 in the experts' order (2, 1, 0: how atomics landing by expert would add);
