@@ -260,8 +260,8 @@ def test_indexer_topk_problem_and_rules():
 
 def test_moe_experts_problem_and_rules():
     """Decode: T = the batch; prefill: context x batch tokens; the two launches' accumulators and
-    shared memory are checked separately; a column tile wider than the matrix and 32-row blocks when
-    each expert gets at most one row are redundant."""
+    shared memory are checked separately; a column tile wider than the matrix, 32-row blocks when
+    each expert gets at most one row and split-K that runs one range are redundant."""
     space = get_space("moe_experts")
     h200 = gpu_spec("H200")
     dec = space.make_problem(FLASH, 32768, 64, "decode")
@@ -278,6 +278,13 @@ def test_moe_experts_problem_and_rules():
     cfg = space.make_config({**space.default_params(one_row, h200), "block_m": 32}, "H200", "decode")
     kind, reason = space.check(cfg, one_row, h200)
     assert kind == "redundant" and "one row per expert" in reason
+    # split-K ranges: split_k // T of them; where that is one (here T = 8), only the split path's cost is left
+    one_token = space.make_problem(FLASH, 8192, 1, "decode")
+    for name in ("split_k", "down_split_k"):
+        cfg = space.make_config({**space.default_params(one_row, h200), name: 8}, "H200", "decode")
+        kind, reason = space.check(cfg, one_row, h200)
+        assert kind == "redundant" and f"{name} 8 at T = 8: one range" in reason
+        assert space.check(cfg, one_token, h200) is None
 
 
 def test_moe_experts_fp8_spaces_tile_each_op():

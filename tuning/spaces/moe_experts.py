@@ -1,6 +1,7 @@
 """Search space of the grouped-expert MoE kernel (kernels/moe_experts): the row block (the routing
 layout's padding unit, shared by both launches), the gate/up launch's and the down launch's column
-and K tiles, warps and pipeline stages; column tiles clamped by the launcher's own `fit_block`.
+and K tiles, warps, pipeline stages and split-K ranges (decode: redundant where split_k // T is one
+range); column tiles clamped by the launcher's own `fit_block`.
 Tuned on V4-Flash's experts (D 4096, I 2048, E 256, top 6, bf16) with random routing: decode = one
 token per sequence of the batch, prefill = context x batch tokens. The substitution reads prefill
 entries by token count and decode entries by batch (passes/kernel_substitutions/moe_experts.py); the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...kernels.moe_experts.config import ACT_BLOCK
+from ...kernels.moe_experts.config import ACT_BLOCK, run_splits
 from .framework import ACC_PER_THREAD, KernelSpace, Param, rule_threads, smem_reason, threads
 
 
@@ -58,6 +59,10 @@ def moe_redundant(cfg, problem, gpu) -> str | None:
             return f"{name} {getattr(cfg, name)} > the matrix needs ({_fit(getattr(cfg, name), dim)}): clamped by the launcher"
     if cfg.block_m > 16 and problem.dim("T") * problem.dim("k") <= problem.dim("E"):
         return f"block_m {cfg.block_m}: at most one row per expert in use, 16 rows pad the least"
+    for name in ("split_k", "down_split_k"):
+        if getattr(cfg, name) > 1 and run_splits(getattr(cfg, name), problem.dim("T")) == 1:
+            return (f"{name} {getattr(cfg, name)} at T = {problem.dim('T')}: one range (split_k // T), the unsplit "
+                    f"work plus the split path's partial sums")
     return None
 
 
@@ -95,7 +100,8 @@ MOE_EXPERTS = KernelSpace(
     params=(Param("block_m", (16, 32, 64, 128)), Param("block_n", (32, 64, 128, 256)), Param("block_k", (32, 64, 128)),
             Param("group_m", (1, 4, 8, 16)), Param("num_warps", (4, 8)), Param("num_stages", (2, 3, 4, 5)),
             Param("down_block_n", (32, 64, 128, 256)), Param("down_block_k", (32, 64, 128)),
-            Param("down_num_warps", (4, 8)), Param("down_num_stages", (2, 3, 4, 5))),
+            Param("down_num_warps", (4, 8)), Param("down_num_stages", (2, 3, 4, 5)),
+            Param("split_k", (1, 2, 4, 8)), Param("down_split_k", (1, 2, 4, 8))),
     problem=_moe_problem, phases=("prefill", "decode"),
     defaults={"prefill": "prefill_config", "decode": "decode_config"},
     hard=(rule_threads, moe_hard), redundant=(moe_redundant,),
