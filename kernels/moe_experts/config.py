@@ -141,12 +141,15 @@ DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
 }
 
 
-# MXFP4 decode tiles where they differ from the GPU's decode default. MXFP4's decode kernels are bound by
-# the dequantization's instructions, not by bytes (ncu, H100, T 64: 55% of issue slots, DRAM 45%), and wider
+# MXFP4 decode config fields where they differ from the GPU's decode default. MXFP4's decode kernels are
+# bound by the dequantization's instructions, not by bytes (ncu, H100, T 64: 55% of issue slots, DRAM 45%), and wider
 # tiles spread that work better beyond one token: on the H100 gate/up 64 wide and down 128 took 1.24x / 1.19x
 # less time than 32 / 32 at T 64 / 8 (W4A16 and W4A8 alike) and 1.09x more at T 1, while FP8 and bf16
 # experts (bandwidth-bound) ran the same within 1-3% (bench/results/H100/session26_gpu_runs.md).
-MXFP4_DECODE_TILES: dict[str, dict[str, int]] = {"H100": {"block_n": 64, "down_block_n": 128}, "generic": {}}
+# One token's launches split K in two ranges on the H100 (split_k // T: one range from T 2 on): 1.31x at T 1
+# (104.4 -> 79.9 us, W4A8), and the split path's SwiGLU pass 1.03x at T 64 (session 28).
+MXFP4_DECODE_FIELDS: dict[str, dict[str, int]] = {
+    "H100": {"block_n": 64, "down_block_n": 128, "split_k": 2, "down_split_k": 2}, "generic": {}}
 
 
 def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_format: str = "float",
@@ -156,7 +159,7 @@ def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_f
     regime's default) or the W4A8 op's (MXFP4: w4a8_config)."""
     cfg = pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
     if weight_format == "mxfp4" and regime(n_assignments) == "decode":
-        cfg = cfg.replace(**pick_default(MXFP4_DECODE_TILES, gpu_name))
+        cfg = cfg.replace(**pick_default(MXFP4_DECODE_FIELDS, gpu_name))
     if act != "fp8":
         return cfg
     return w4a8_config(cfg, n_assignments) if weight_format == "mxfp4" else w8a8_config(cfg)

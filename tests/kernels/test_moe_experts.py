@@ -667,16 +667,17 @@ def test_w4a8_defaults_round_by_a_pass_at_decode_sizes():
             assert default_config(gpu, n, "fp8", "fp8").act_round == "gate_up"
 
 
-def test_mxfp4_decode_tiles_on_the_h100():
+def test_mxfp4_decode_config_on_the_h100():
     """MXFP4's decode kernels are instruction-bound: on the H100 its decode tiles are wider than the other
-    formats' (MXFP4_DECODE_TILES, measured); W4A16 and W4A8 alike, prefill and the other GPUs unchanged."""
+    formats' and one token splits K in two ranges (MXFP4_DECODE_FIELDS, measured); W4A16 and W4A8 alike,
+    prefill and the other GPUs unchanged."""
     float_decode = default_config("H100", 6)
-    assert (float_decode.block_n, float_decode.down_block_n) == (32, 32)
+    assert (float_decode.block_n, float_decode.down_block_n, float_decode.split_k) == (32, 32, 1)
     assert default_config("H100", 6, "fp8") == float_decode
     for act in ("x", "fp8"):
         cfg = default_config("H100", 6, "mxfp4", act)
-        assert (cfg.block_n, cfg.down_block_n) == (64, 128), act
-        assert cfg.replace(block_n=32, down_block_n=32, act_round="gate_up") == float_decode
+        assert (cfg.block_n, cfg.down_block_n, cfg.split_k, cfg.down_split_k) == (64, 128, 2, 2), act
+        assert cfg.replace(block_n=32, down_block_n=32, act_round="gate_up", split_k=1, down_split_k=1) == float_decode
     assert default_config("H100", 1 << 20, "mxfp4") == default_config("H100", 1 << 20)
     assert default_config("H200", 6, "mxfp4") == default_config("H200", 6)
 
