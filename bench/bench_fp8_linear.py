@@ -13,6 +13,7 @@ the weight is read from HBM, not from an L2 that kept it from the previous repla
 bench/results/<GPU>/fp8_linear.{csv,md,png} (or $BENCH_OUT).
 
     python bench/bench_fp8_linear.py [--tokens 1,64,4096,16384] [--no-sweep] [--budget-s 240]
+        [--shapes shared.w1,wq_b] [--configs "gemm=cublas;gemm=triton,split_k=16"]
 """
 from __future__ import annotations
 
@@ -115,12 +116,19 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", default="1,64,4096,16384")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--budget-s", type=float, default=float("inf"), help="stop sweeping after this many seconds")
+    parser.add_argument("--shapes", default="", help="linears to run, comma-separated names (default: all)")
+    parser.add_argument("--configs", default=None, help="';'-separated configs swept at every token count "
+                        "(default: the built-in small- and large-M sweeps)")
     args = parser.parse_args(argv)
     tokens = [int(t) for t in args.tokens.split(",")]
+    names = [s for s in args.shapes.split(",") if s]
+    unknown = sorted(set(names) - {name for name, _, _ in SHAPES})
+    if unknown:
+        parser.error(f"--shapes {','.join(unknown)}: accepted {', '.join(name for name, _, _ in SHAPES)}")
+    shapes = [shape for shape in SHAPES if not names or shape[0] in names]
     if DEVICE != "cuda":
-        tokens, shapes = [1, 32], [(name, n, 256) for name, n, _ in SHAPES[:2]]
-    else:
-        shapes = SHAPES
+        tokens, shapes = [1, 32], [(name, n, 256) for name, n, _ in shapes[:2]]
+    sweeps = None if args.configs is None else [c.strip() for c in args.configs.split(";") if c.strip()]
     env = environment()
     start = time.monotonic()
     rows, sweep_rows = [], []
@@ -144,7 +152,8 @@ def main(argv=None) -> int:
             default = default_config(None, m, n, k).to_str()
             best_ms, best = ours_ms, default
             swept = DEVICE == "cuda" and not args.no_sweep and time.monotonic() - start < args.budget_s
-            for cfg in (SWEEP_SMALL if m <= SMALL_TOKENS else SWEEP_LARGE) if swept else []:
+            sweep = sweeps if sweeps is not None else SWEEP_SMALL if m <= SMALL_TOKENS else SWEEP_LARGE
+            for cfg in sweep if swept else []:
                 try:
                     t = ours(cfg)
                 except Exception as exc:  # noqa: BLE001 (a config this GPU rejects)

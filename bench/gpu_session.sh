@@ -112,6 +112,10 @@ for step in "$@"; do
         --configs "${MOE_CONFIGS:-}" 2>&1 | tee "$OUT/moe_decode_configs.txt" ;;
     tests-moe-split)  # the split-K decode path's tests compiled (every format, T 1 and 7, the symbolic T export)
       $PYTEST -n 4 tests/kernels/test_moe_experts.py -k "split" 2>&1 | tee "$OUT/tests_moe_split.log" | tail -6 ;;
+    fp8-linear-configs) # FP8 linears at few rows per config (FP8_CONFIGS ';'-separated, over the default for the rows;
+      # TOKENS, SHAPES: bench_fp8_linear's names) beside bf16 and torch._scaled_mm: fp8_linear.md / _sweep.csv
+      BENCH_OUT="$OUT" python3 bench/bench_fp8_linear.py --tokens "${TOKENS:-1,64}" --shapes "${SHAPES:-}" \
+        --configs "${FP8_CONFIGS:?fp8-linear-configs: set FP8_CONFIGS}" 2>&1 | grep -v "^  " | tail -20 ;;
     moe-w8a8)         # issue 15: the moe_experts_fp8_w8a8 op's kernel compiled: the odd shapes and the substitution, and at
       # T 4096 vs its naive twin, the plain W8A8 op and the W8A16 kernel (prints their distances)
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w8a8 or substitution" 2>&1 | tee "$OUT/tests_moe_w8a8.log" | tail -8 ;;

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
+import torch
+
 from ...model.ops import FP8_LINEAR_BLOCK
 from .._common import KernelConfig, cdiv, device_name, pick_default
 from ..gpus import canonical_gpu
@@ -25,7 +27,10 @@ class Fp8LinearConfig(KernelConfig):
     bits ("bits": exact everywhere; the interpreter's own cast does not round to even).
     split_k: programs sharing one output tile, each over a contiguous part of K, adding into an fp32
     result with atomics (then cast): more programs for few rows and few output tiles (decode); the
-    fp32 sums' order then varies between runs (last-bit differences before the cast).
+    fp32 sums' order then varies between runs (last-bit differences before the cast). It counts the
+    parts at one block of block_m rows; M rows take split_k // cdiv(M, block_m) parts, at least 1
+    (`run_splits`: the programs stay about as many as one row block's; an engine's symbolic M evaluates
+    it at run time).
     swap_ab: "yes" computes each tile transposed (W_tile @ x_tile^T), so the weight rows fill the MMA's
     M side: for few rows of x, where a [block_m < 64, ...] tile wastes most of Hopper's wgmma.
     gemm: "triton" (this kernel) or "cublas": x quantized by our kernel, the FP8 product by cuBLAS's
@@ -96,6 +101,12 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
     while split < MAX_SPLIT_K and cdiv(n, cfg.block_n) * split < SPLIT_PROGRAMS and 4 * split <= k // SCALE_BLOCK:
         split *= 2
     return cfg.replace(split_k=split)
+
+
+def run_splits(split_k: int, m, block_m: int):
+    """The parts of K a launch over m rows runs for a config's split_k (its count at one row block): split_k
+    // cdiv(m, block_m), at least 1 (for a symbolic m, an expression the launch evaluates at run time)."""
+    return torch.sym_max(1, split_k // cdiv(m, block_m)) if split_k > 1 else 1
 
 
 def decode_config(gpu_name: str | None = None) -> Fp8LinearConfig:

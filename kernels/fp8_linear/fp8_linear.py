@@ -23,7 +23,7 @@ import triton.language as tl
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, largest_value, launch,
                        placeholder, resolve_config)
 from .._jit_utils import quantize_rows_e4m3
-from .config import SCALE_BLOCK, Fp8LinearConfig, default_config
+from .config import SCALE_BLOCK, Fp8LinearConfig, default_config, run_splits
 
 FP8_MAX = 448.0
 
@@ -44,14 +44,14 @@ def _quantize_kernel(p_x, p_q, p_s, M, K, stride_xm, stride_sm, stride_sk,
 
 
 @triton.jit
-def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am,
+def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am, n_split,
                        FUSED: tl.constexpr, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
                        SWAP_AB: tl.constexpr):
     # FUSED: p_a [M, K] float x (row stride stride_am), p_as unused; else p_a [M, K] float8 codes
     # (row stride stride_am) and p_as [M, K/128] float32 scales. p_w [N, K] float8; p_ws
     # [cdiv(N, 128), K/128] float32; p_y [M, N] (x's dtype; float32 added into when SPLIT_K > 1),
-    # contiguous. Program axis 1: the part of K (of SPLIT_K) this program sums.
+    # contiguous. Program axis 1: the part of K (of n_split <= SPLIT_K, a run-time count) this program sums.
     # SWAP_AB: the tile is computed transposed, [BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so that the
     # weight rows fill the MMA's M side (64 / 128 on Hopper's wgmma) when x has few rows.
     pid = tl.program_id(0)
@@ -80,7 +80,9 @@ def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am,
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    kb_per = tl.cdiv(KB, SPLIT_K)
+    if SPLIT_K > 1 and tl.program_id(1) >= n_split:  # a spare part: this call's M splits K less
+        return
+    kb_per = tl.cdiv(KB, n_split)
     kb_start = tl.program_id(1) * kb_per
     for kb in range(kb_start, tl.minimum(KB, kb_start + kb_per)):
         if FUSED:
@@ -145,10 +147,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if not fused:
         a, a_scale = _quantize(x2, native, m, row_major_scales=True)
         stride = k
-    split_k = min(cfg.split_k, k // SCALE_BLOCK)
+    split_k = min(cfg.split_k, k // SCALE_BLOCK)                  # the grid's parts of K: one row block's
+    n_split = run_splits(split_k, m, cfg.block_m)                 # this call's (at run time for a symbolic m)
     out = y if split_k == 1 else torch.zeros((m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split_k)
-    launch(_fp8_linear_kernel, grid, a, a_scale, weight, scale, out, m, n, k, stride,
+    launch(_fp8_linear_kernel, grid, a, a_scale, weight, scale, out, m, n, k, stride, n_split,
            FUSED=fused, RECIP=recip, NATIVE_CAST=native, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
            GROUP_M=cfg.group_m, SPLIT_K=split_k, SWAP_AB=cfg.swap_ab == "yes",
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)

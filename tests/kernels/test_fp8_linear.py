@@ -9,6 +9,7 @@ MMA keeps about 14 significant bits while it accumulates inside each 128-step (D
 promote every 128 to fp32, as the kernel does); bfloat16 / float16 outputs: tests/helpers.py's 1e-2 /
 2e-3 (one output rounding). The FP8 codes and scales themselves are the plain op's exactly.
 """
+import importlib
 import os
 
 import torch
@@ -79,6 +80,38 @@ def test_swapped_wide_and_cublas_configs(cfg):
     gemm=cublas, which on the CPU / interpreter (no cuBLAS) must fall back to the Triton GEMM."""
     x, w, s = make((7,), 640, 300, torch.float32, seed=3)
     assert_close(f"kernel {cfg}", torch.ops.dsv4.fp8_linear(x, w, s), fp8_linear(x, w, s, cfg), tol(torch.float32))
+
+
+def test_split_k_counts_parts_at_one_row_block(monkeypatch):
+    """split_k is the parts of K at one block of block_m rows: 40 rows (3 blocks of 16) with split_k 8 run
+    8 // 3 = 2 parts (the launch's n_split), 16 rows 8, and either way the plain op's numbers."""
+    module = importlib.import_module("dsv4_compile.kernels.fp8_linear.fp8_linear")  # (the package's is the function)
+    parts = []
+    launch = module.launch
+    monkeypatch.setattr(module, "launch", lambda kernel, grid, *a, **kw: (parts.append((grid[1], a[9])),
+                                                                         launch(kernel, grid, *a, **kw)))
+    cfg = "swap_ab=yes,quant=fused,block_m=16,block_n=32,split_k=8"
+    for rows, want in ((40, 2), (16, 8)):
+        x, w, s = make((rows,), 1024, 40, torch.float32, seed=rows)   # 8 K steps
+        parts.clear()
+        assert_close(f"{rows} rows", torch.ops.dsv4.fp8_linear(x, w, s), fp8_linear(x, w, s, cfg), tol(torch.float32))
+        assert parts == [(8, want)], parts
+
+
+def test_split_k_exports_with_a_symbolic_row_count():
+    """An engine's M is symbolic: its parts of K are split_k // cdiv(M, block_m), evaluated at run time (no
+    guard on M), so the exported program at M = 3 (4 parts) and M = 40 (1) is eager's bits at those M."""
+    x, w, s = make((9,), 512, 40, torch.float32, seed=4)
+    cfg = "swap_ab=yes,quant=fused,block_m=16,block_n=32,split_k=4"
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.dsv4_triton.fp8_linear(x, w, s, cfg)
+
+    ep = torch.export.export(Linear(), (x,), dynamic_shapes=({0: torch.export.Dim("M", min=2, max=64)},))
+    for rows in (3, 40):
+        xn = make((rows,), 512, 40, torch.float32, seed=rows)[0]
+        assert torch.equal(ep.module()(xn), fp8_linear(xn, w, s, cfg))
 
 
 def test_default_config_by_rows_and_shape():
