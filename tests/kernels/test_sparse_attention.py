@@ -43,6 +43,8 @@ SHAPES = [
     pytest.param((1, 1, 4, 32, 13, 6), id="B1-S1-H4-D32-N13-K6-decode"),
     pytest.param((3, 5, 1, 16, 4, 7), id="B3-S5-H1-D16-N4-K7-repeats"),
     pytest.param((1, 3, 20, 32, 30, 50), id="B1-S3-H20-D32-N30-K50-two-head-blocks"),
+    # split: the combine's head blocks of 4 (one partial) and column blocks of 128 (the last partial)
+    pytest.param((1, 1, 5, 320, 40, 60), id="B1-S1-H5-D320-N40-K60-wide-D"),
 ]
 CONFIGS = [pytest.param(None, id="default"),
            pytest.param("block_k=16,num_splits=3", id="bk16-split3")]
