@@ -157,7 +157,9 @@ for step in "$@"; do
         find /tmp/ab-out -name '*.md' -exec cp {} "$OUT/$side/" \;
       done ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
-            "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped tests-attention hc-decode ncu-hc-decode decode-step moe moe-decode moe-w8a8 moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
+            "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped tests-attention tests-hc hc-decode ncu-hc-decode" \
+            "decode-step moe moe-decode moe-decode-configs tests-moe-split fp8-linear-configs moe-w8a8 moe-w4a8 tune-moe" \
+            "tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
