@@ -77,13 +77,15 @@ SMALL_M_CONFIGS: dict[str, Fp8LinearConfig] = {
 
 # Shape rules for few rows on the H100 / H200 (bench/results/H200/fp8_linear.md, the sweep of 2026-12-03):
 # 17..64 rows with N >= CUBLAS_MIN_N go to cuBLAS's blockwise GEMM (its wide tiles read W once); else
-# the swapped Triton tile, K split until about SPLIT_PROGRAMS programs stream W (at most MAX_SPLIT_K
-# parts, each of at least two K steps).
+# the swapped Triton tile, K split until about SPLIT_PROGRAMS programs stream W at one row block (at most
+# MAX_SPLIT_K parts, each of at least one K step; more rows split less: run_splits). H100, session 28: K
+# in 32 one-step parts took wq_a (N 1024) 9.5 -> 8.3 us at 1 row and wkv (N 512) 9.3 -> 7.3 against 8
+# parts, and the same parts over 64 rows (8 each) 14.4 and 12.3 us, under cuBLAS's 16.4 and 15.8.
 SHAPE_RULE_GPUS = ("H100", "H200")
 FEW_M = 16
 CUBLAS_MIN_N = 2048
 SPLIT_PROGRAMS = 256
-MAX_SPLIT_K = 8
+MAX_SPLIT_K = 32
 
 
 def default_config(gpu_name: str | None = None, m: int | None = None, n: int | None = None,
@@ -98,7 +100,7 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
     if m > FEW_M and n >= CUBLAS_MIN_N:
         return cfg.replace(gemm="cublas")
     split = 1
-    while split < MAX_SPLIT_K and cdiv(n, cfg.block_n) * split < SPLIT_PROGRAMS and 4 * split <= k // SCALE_BLOCK:
+    while split < MAX_SPLIT_K and cdiv(n, cfg.block_n) * split < SPLIT_PROGRAMS and 2 * split <= k // SCALE_BLOCK:
         split *= 2
     return cfg.replace(split_k=split)
 

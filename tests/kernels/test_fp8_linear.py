@@ -116,16 +116,16 @@ def test_split_k_exports_with_a_symbolic_row_count():
 
 def test_default_config_by_rows_and_shape():
     """The H200's defaults: cuBLAS for many rows; for few rows the swapped Triton tile with K split until
-    about 256 programs stream W (at most 8 parts of >= 2 K steps), or cuBLAS for 17..64 rows of a wide W;
-    the interpreter's default ignores the shape."""
+    about 256 programs stream W at one row block (at most 32 parts of >= 1 K step), or cuBLAS for 17..64
+    rows of a wide W; the interpreter's default ignores the shape."""
     from dsv4_compile.kernels.fp8_linear import default_config
     cfg = lambda m, n, k: default_config("H200", m, n, k)  # noqa: E731
     assert cfg(4096, 1024, 4096).gemm == "cublas" and cfg(None, 1024, 4096).gemm == "cublas"
     assert (cfg(1, 32768, 1024).swap_ab, cfg(1, 32768, 1024).split_k, cfg(1, 32768, 1024).gemm) == ("yes", 1, "triton")
-    assert cfg(1, 4096, 8192).split_k == 8 and cfg(16, 512, 4096).split_k == 8 and cfg(1, 8192, 1024).split_k == 4
-    assert cfg(1, 1024, 256).split_k == 1  # 2 K steps: no split
+    assert cfg(1, 4096, 8192).split_k == 8 and cfg(16, 512, 4096).split_k == 32 and cfg(1, 8192, 1024).split_k == 4
+    assert cfg(1, 2048, 4096).split_k == 16 and cfg(1, 1024, 256).split_k == 2  # 2 K steps: a part each
     assert cfg(64, 2048, 4096).gemm == "cublas" and cfg(17, 4096, 2048).gemm == "cublas"
-    assert cfg(64, 1024, 4096).gemm == "triton" and cfg(64, 1024, 4096).split_k == 8
+    assert cfg(64, 1024, 4096).gemm == "triton" and cfg(64, 1024, 4096).split_k == 32   # 8 at 64 rows (run_splits)
     assert default_config("interpreter", 1, 4096, 8192) == default_config("interpreter", 1)
 
 

@@ -44,7 +44,7 @@ def _problem(mc, context, batch, phase):
 FP8_LINEAR = KernelSpace(
     name="fp8_linear", package="fp8_linear", config_class="Fp8LinearConfig", function="fp8_linear:fp8_linear",
     params=(Param("block_m", (16, 32, 64, 128)), Param("block_n", (32, 64, 128, 256)), Param("num_warps", (4, 8)),
-            Param("num_stages", (1, 2, 3, 4, 5)), Param("group_m", (1, 8)), Param("split_k", (1, 2, 4, 8)),
+            Param("num_stages", (1, 2, 3, 4, 5)), Param("group_m", (1, 8)), Param("split_k", (1, 2, 4, 8, 16, 32)),
             Param("quant", ("fused", "separate")), Param("cast", ("bits", "native")),
             Param("swap_ab", ("no", "yes")), Param("gemm", ("triton", "cublas"))),
     problem=_problem, phases=("prefill", "decode"),
