@@ -261,7 +261,7 @@ def test_indexer_topk_problem_and_rules():
 def test_moe_experts_problem_and_rules():
     """Decode: T = the batch; prefill: context x batch tokens; the two launches' accumulators and
     shared memory are checked separately; a column tile wider than the matrix, 32-row blocks when
-    each expert gets at most one row and split-K that runs one range are redundant."""
+    each expert gets at most one row and a split count that runs its half's ranges are redundant."""
     space = get_space("moe_experts")
     h200 = gpu_spec("H200")
     dec = space.make_problem(FLASH, 32768, 64, "decode")
@@ -278,13 +278,15 @@ def test_moe_experts_problem_and_rules():
     cfg = space.make_config({**space.default_params(one_row, h200), "block_m": 32}, "H200", "decode")
     kind, reason = space.check(cfg, one_row, h200)
     assert kind == "redundant" and "one row per expert" in reason
-    # split-K ranges: split_k // T of them; where that is one (here T = 8), only the split path's cost is left
+    # split-K ranges: split_k // T of them; at T = 8, split_k 8 runs one range as 4 does (2: the split path's
+    # one range, 1: the unsplit launches); at one token each count its own
     one_token = space.make_problem(FLASH, 8192, 1, "decode")
     for name in ("split_k", "down_split_k"):
         cfg = space.make_config({**space.default_params(one_row, h200), name: 8}, "H200", "decode")
         kind, reason = space.check(cfg, one_row, h200)
-        assert kind == "redundant" and f"{name} 8 at T = 8: one range" in reason
+        assert kind == "redundant" and f"{name} 8 at T = 8: 1 range(s) (split_k // T), as {name} 4" in reason
         assert space.check(cfg, one_token, h200) is None
+        assert space.check(cfg.replace(**{name: 2}), one_row, h200) is None
 
 
 def test_moe_experts_fp8_spaces_tile_each_op():

@@ -1,7 +1,7 @@
 """Search space of the grouped-expert MoE kernel (kernels/moe_experts): the row block (the routing
 layout's padding unit, shared by both launches), the gate/up launch's and the down launch's column
-and K tiles, warps, pipeline stages and split-K ranges (decode: redundant where split_k // T is one
-range); column tiles clamped by the launcher's own `fit_block`.
+and K tiles, warps, pipeline stages and split-K ranges (split_k // T at T tokens: a split count that
+runs as many ranges as its half is redundant); column tiles clamped by the launcher's own `fit_block`.
 Tuned on V4-Flash's experts (D 4096, I 2048, E 256, top 6, bf16) with random routing: decode = one
 token per sequence of the batch, prefill = context x batch tokens. The substitution reads prefill
 entries by token count and decode entries by batch (passes/kernel_substitutions/moe_experts.py); the
@@ -59,10 +59,10 @@ def moe_redundant(cfg, problem, gpu) -> str | None:
             return f"{name} {getattr(cfg, name)} > the matrix needs ({_fit(getattr(cfg, name), dim)}): clamped by the launcher"
     if cfg.block_m > 16 and problem.dim("T") * problem.dim("k") <= problem.dim("E"):
         return f"block_m {cfg.block_m}: at most one row per expert in use, 16 rows pad the least"
-    for name in ("split_k", "down_split_k"):
-        if getattr(cfg, name) > 1 and run_splits(getattr(cfg, name), problem.dim("T")) == 1:
-            return (f"{name} {getattr(cfg, name)} at T = {problem.dim('T')}: one range (split_k // T), the unsplit "
-                    f"work plus the split path's partial sums")
+    for name in ("split_k", "down_split_k"):   # 1: the unsplit launches; 2 and up: the split path
+        split, T = getattr(cfg, name), problem.dim("T")
+        if split > 2 and run_splits(split // 2, T) == run_splits(split, T):
+            return f"{name} {split} at T = {T}: {run_splits(split, T)} range(s) (split_k // T), as {name} {split // 2}"
     return None
 
 
