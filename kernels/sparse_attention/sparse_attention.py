@@ -401,35 +401,34 @@ def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_w
 
 @triton.jit
 def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, N_RUN, UPCAST: tl.constexpr,
-                                BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    # p_wacc [T, N_RUN, H, D] fp32; p_wml [T, N_RUN, H, 3]; p_sink [H]; p_o [T, H, D]. One program per
-    # (token, BLOCK_H heads, BLOCK_D columns), all of its N_RUN <= BLOCK_S partials loaded at once (one
-    # memory round trip, not one per split: at batch 1 the splits' serial loads bound this kernel).
+                                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    # p_wacc [T, N_RUN, H, D] fp32; p_wml [T, N_RUN, H, 3]; p_sink [H]; p_o [T, H, D]
     pid_t = tl.program_id(0).to(tl.int64)
-    o_s = tl.arange(0, BLOCK_S)                                             # [BS]
-    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)                # [BH]
-    o_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)                # [BD]
+    o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_d = tl.arange(0, BLOCK_D)
     m_h = o_h < H
-    m_sh = (o_s[:, None] < N_RUN) & m_h[None, :]                            # [BS, BH]
-    p_w = (pid_t * N_RUN + o_s[:, None]) * H + o_h[None, :]                 # [BS, BH]
-    m_s = tl.load(p_wml + p_w * 3, mask=m_sh, other=float("-inf"))
+    m_hd = m_h[:, None] & (o_d[None, :] < D)
     sink = tl.load(p_sink + o_h, mask=m_h, other=0.0) * 1.4426950408889634
-    m_f = tl.maximum(sink, tl.max(m_s, axis=0))                             # [BH]
-    count = tl.sum(tl.load(p_wml + p_w * 3 + 2, mask=m_sh, other=0.0), axis=0)
+    m_f = sink
+    count = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for sp in range(N_RUN):
+        p_w = (pid_t * N_RUN + sp) * H + o_h
+        m_f = tl.maximum(m_f, tl.load(p_wml + p_w * 3, mask=m_h, other=float("-inf")))
+        count += tl.load(p_wml + p_w * 3 + 2, mask=m_h, other=0.0)
     m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
-    corr = tl.exp2(m_s - m_f[None, :])                                      # [BS, BH] (0 for unused splits)
-    denom = tl.exp2(sink - m_f) + tl.sum(tl.load(p_wml + p_w * 3 + 1, mask=m_sh, other=0.0) * corr, axis=0)
-    m_d = o_d < D
-    acc = tl.load(p_wacc + p_w[:, :, None] * D + o_d[None, None, :], mask=m_sh[:, :, None] & m_d[None, None, :],
-                  other=0.0)                                                # [BS, BH, BD]
-    acc = tl.sum(acc * corr[:, :, None], axis=0)                            # [BH, BD]
+    denom = tl.exp2(sink - m_f)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for sp in range(N_RUN):
+        p_w = (pid_t * N_RUN + sp) * H + o_h
+        corr = tl.exp2(tl.load(p_wml + p_w * 3, mask=m_h, other=float("-inf")) - m_f)
+        denom += tl.load(p_wml + p_w * 3 + 1, mask=m_h, other=0.0) * corr
+        acc += tl.load(p_wacc + p_w[:, None] * D + o_d[None, :], mask=m_hd, other=0.0) * corr[:, None]
     denom = tl.where(count > 0, denom, 1.0)                                 # 0 only for empty rows
     b_o = tl.where(count[:, None] > 0, acc / denom[:, None], 0.0)
     if UPCAST:
         if p_o.dtype.element_ty == tl.bfloat16:
             b_o = round_bf16(b_o)
-    tl.store(p_o + (pid_t * H + o_h[:, None]) * D + o_d[None, :], b_o.to(p_o.dtype.element_ty),
-             mask=m_h[:, None] & m_d[None, :])
+    tl.store(p_o + (pid_t * H + o_h[:, None]) * D + o_d[None, :], b_o.to(p_o.dtype.element_ty), mask=m_hd)
 
 
 # ================================================================================================
@@ -476,23 +475,9 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
            BLOCK_H=block_h, BLOCK_K=cfg.block_k, BLOCK_D=block_d, SPLIT_D=split_d,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
-        comb_s, comb_h, comb_d = combine_blocks(splits, H, block_d)
-        launch(_sparse_attn_combine_kernel, (T, triton.cdiv(H, comb_h), triton.cdiv(D, comb_d)), wacc, wml, attn_sink,
-               out, H, D, n_run, INTERPRET, BLOCK_S=comb_s, BLOCK_H=comb_h, BLOCK_D=comb_d, num_warps=4, num_stages=1)
-
-
-# The combine kernel's tile [splits, heads, columns]: every split at once, about this many fp32 values
-# (64 a thread at 4 warps), heads and columns narrowed so that one token's combine still spreads over
-# tens of programs (64 heads x 512: 4 x 128 -> 64 programs).
-COMBINE_TILE = 8192
-
-
-def combine_blocks(splits: int, H: int, block_d: int) -> tuple[int, int, int]:
-    """(BLOCK_S, BLOCK_H, BLOCK_D) of the combine kernel for at most `splits` partials a token."""
-    block_s = triton.next_power_of_2(splits)
-    block_h = max(1, min(4, triton.next_power_of_2(H), COMBINE_TILE // (block_s * 16)))
-    block_d = max(16, min(block_d, 128, COMBINE_TILE // (block_s * block_h)))
-    return block_s, block_h, block_d
+        comb_h = min(block_h, 16)
+        launch(_sparse_attn_combine_kernel, (T, triton.cdiv(H, comb_h)), wacc, wml, attn_sink, out, H, D, n_run,
+               INTERPRET, BLOCK_H=comb_h, BLOCK_D=block_d, num_warps=4, num_stages=1)
 
 
 def check_common(op: str, q: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor) -> None:
