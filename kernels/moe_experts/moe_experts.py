@@ -20,6 +20,13 @@ max_expert_blocks(N, E, block_m), so the grids depend on the sizes only (CUDA gr
      out[t] summed the k contributions in arrival order, so two runs could differ in the last bit
      and a greedy token at a near tie with them), and it is the naive twin's order.
 The GEMMs sweep the column tiles of group_m row blocks before the next rows (L2 reuse of weight tiles).
+Split-K at decode sizes (config split_k / down_split_k, run_splits: split_k // T ranges of whole K tiles,
+at least 1, an expression of an engine's symbolic T): one token's gate/up launch is otherwise a few
+programs an SM each walking all of D. Each gate/up range stores its fp32 partial sums of gate and up
+([ranges * assignments, 2 I]); `_swiglu_splits_kernel` adds them in range order and applies the
+epilogue above (W8A8 / W4A8: the weight and the rounding, in place of act_round's pass); each down range
+stores its partial slot rows ([ranges * T * k, D]) and the slot sum adds an assignment's ranges in order
+before its j: deterministic, the same products summed in another order.
 Chunks: slots alone take T * k * D * 4 bytes (12 GiB at 128K tokens, D 4096, k 6) and act T * k * I
 more, so the three launches run once per chunk of tokens (chunk_plan: all T in one chunk where they fit
 WORKSPACE_BYTES, as at decode), act and slots sized for one chunk and reused, the layout of every
@@ -481,9 +488,9 @@ def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT: tl.c
 # ================================================================================================
 
 @triton.jit
-def _k_range(C, n_split, K_PER, SPLIT: tl.constexpr):
-    """This program's reduction range k_lo .. k_hi of C: all of it, or with SPLIT range program_id(1) of
-    n_split, K_PER (a multiple of the K tile) each; a program past n_split gets an empty range."""
+def _k_range(C, K_PER, SPLIT: tl.constexpr):
+    """This program's reduction range k_lo .. k_hi of C: all of it, or with SPLIT range program_id(1),
+    K_PER wide (a multiple of the K tile; past C: empty, its partial sums zeros)."""
     if SPLIT:
         k_lo = tl.program_id(1) * K_PER
         return k_lo, tl.minimum(k_lo + K_PER, C)
@@ -552,7 +559,7 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
     row_ok = slot < N
     token = tl.where(row_ok, slot // TOPK, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo, k_hi = _k_range(D, n_split, K_PER, SPLIT)
+    k_lo, k_hi = _k_range(D, K_PER, SPLIT)
     if ACT_FP8 and FP8_MMA:
         # One K loop per weight: in one loop both FP8 products of a step wait in registers for their
         # promotion beside the two accumulators, and 128 x 128 tiles over 8 warps spilled (sm_90 compile,
@@ -630,7 +637,7 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
     slot = tl.load(p_slot + offs_m)
     row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo, k_hi = _k_range(I, n_split, K_PER, SPLIT)
+    k_lo, k_hi = _k_range(I, K_PER, SPLIT)
     if ACT_FP8 and FP8_MMA:
         acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, k_lo, k_hi, FMT,
                         SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
