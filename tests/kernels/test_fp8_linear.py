@@ -100,7 +100,9 @@ def test_split_k_counts_parts_at_one_row_block(monkeypatch):
 
 def test_split_k_exports_with_a_symbolic_row_count():
     """An engine's M is symbolic: its parts of K are split_k // cdiv(M, block_m), evaluated at run time (no
-    guard on M), so the exported program at M = 3 (4 parts) and M = 40 (1) is eager's bits at those M."""
+    guard on M), so the exported program at M = 3 (4 parts) and M = 40 (1) is eager's numbers at those M:
+    its bits in the interpreter (one program at a time); on a GPU the parts' fp32 atomics land in any
+    order (last-bit differences, ~1e-7 relative: 1e-6 holds it, a wrong part count moves it by ~0.3)."""
     x, w, s = make((9,), 512, 40, torch.float32, seed=4)
     cfg = "swap_ab=yes,quant=fused,block_m=16,block_n=32,split_k=4"
 
@@ -111,7 +113,11 @@ def test_split_k_exports_with_a_symbolic_row_count():
     ep = torch.export.export(Linear(), (x,), dynamic_shapes=({0: torch.export.Dim("M", min=2, max=64)},))
     for rows in (3, 40):
         xn = make((rows,), 512, 40, torch.float32, seed=rows)[0]
-        assert torch.equal(ep.module()(xn), fp8_linear(xn, w, s, cfg))
+        got, want = ep.module()(xn), fp8_linear(xn, w, s, cfg)
+        if DEVICE == "cuda":
+            assert_close(f"exported at {rows} rows", want, got, 1e-6)
+        else:
+            assert torch.equal(got, want)
 
 
 def test_default_config_by_rows_and_shape():
