@@ -4,6 +4,7 @@ CUDA-graph time over 6 input sets is printed, so that an ncu capture of one laun
 read beside the times of the same run.
 
     python bench/profile_decode_attention.py --configs ";block_k=32,num_stages=1,num_splits=2"
+    python bench/profile_decode_attention.py --batch 64 --engine --configs ""   # as a [1, B] engine launches it
     ncu --clock-control none --set full -k regex:_sparse_attn_ --launch-skip 2 --launch-count 1 \\
         python bench/profile_decode_attention.py --configs "" --no-time
 """
@@ -25,10 +26,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", default="32k", help="context length (8k, 32k, 128k, ...)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--engine", action="store_true", help="launch as a decode engine does at this batch (its "
+                        "batch symbolic): the grid's split axis one token's, the batch's split count run")
     args = parse_profile_args(parser, argv, "profile_decode_attention", "the default, auto splits", launches=3)
     if args is None:
         return 2
     from dsv4_compile.kernels.sparse_attention_cached import sparse_attention_cached
+
+    def attention(q, cache, idx, cfg):
+        if not args.engine:
+            return sparse_attention_cached(q, cache, sink, idx, HEAD_D ** -0.5, ROPE_D, cfg)
+        return engine_attention(q, cache, sink, idx, cfg)
 
     S = parse_contexts(args.context)[0]
     torch.manual_seed(0)
@@ -39,16 +47,33 @@ def main(argv=None) -> int:
     for cfg in args.configs.split(";"):
         cfg = cfg.strip()
         for _ in range(args.launches):
-            out = sparse_attention_cached(q, cache, sink, idx, HEAD_D ** -0.5, ROPE_D, cfg)
+            out = attention(q, cache, idx, cfg)
         torch.cuda.synchronize()
         err = ((out.float() - ref).pow(2).mean() / ref.pow(2).mean()).sqrt().item()
         line = f"config {cfg or 'default(auto splits)'!r}: rel RMS vs plain fp32 {err:.2e}"
         if not args.no_time:
-            ms = graph_time_ms([lambda q=q, c=c, i=i: sparse_attention_cached(q, c, sink, i, HEAD_D ** -0.5, ROPE_D, cfg)
-                                for q, c, i in sets])
+            ms = graph_time_ms([lambda q=q, c=c, i=i: attention(q, c, i, cfg) for q, c, i in sets])
             line += f", {ms * 1e3:.1f} us (CUDA graph over {len(sets)} input sets)"
         print(line, flush=True)
     return 0
+
+
+def engine_attention(q, cache, sink, idx, cfg):
+    """sparse_attention_cached as an engine's launch at q's batch: split_launch with a symbolic batch."""
+    from dsv4_compile.kernels._common import resolve_config, sm_count
+    from dsv4_compile.kernels.sparse_attention.config import SparseAttentionConfig, decode_default_config
+    from dsv4_compile.kernels.sparse_attention.sparse_attention import launch_sparse_attention
+    from dsv4_compile.kernels.sparse_attention_cached.config import entry_layout
+    from dsv4_compile.kernels.sparse_attention_cached.sparse_attention_cached import split_launch
+
+    B, S, H, D = q.shape
+    base = resolve_config(SparseAttentionConfig, cfg, decode_default_config, q.device)
+    grid_cfg, run_splits = split_launch(B, S, H, idx.shape[-1], base, sm_count(q.device), True)
+    nope, entry = entry_layout(D, ROPE_D)
+    out = torch.empty_like(q)
+    launch_sparse_attention(q, cache, sink, idx, out, HEAD_D ** -0.5, grid_cfg, N=cache.shape[1], kv_fp8=True,
+                            nope=nope, entry_bytes=entry, run_splits=run_splits)
+    return out
 
 
 if __name__ == "__main__":

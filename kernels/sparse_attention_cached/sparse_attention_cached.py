@@ -52,14 +52,22 @@ def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: tor
     if (config is None or config == "" or not isinstance(B * S, int)) and not INTERPRET and q.device.type == "cuda":
         # the default; and any config at a symbolic batch (an engine's): its num_splits was tuned at one
         # batch size, the engine runs them all
-        K, n_sm = topk_idxs.shape[-1], sm_count(q.device)
-        cfg = auto_config(B, S, H, K, cfg, n_sm)
-        if not isinstance(B * S, int):  # the grid holds one token's splits; the launch runs the batch's
-            run_splits = split_count(B, S, H, K, cfg, n_sm)
+        cfg, run_splits = split_launch(B, S, H, topk_idxs.shape[-1], cfg, sm_count(q.device),
+                                       not isinstance(B * S, int))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     launch_sparse_attention(q, cache, attn_sink, topk_idxs, out, softmax_scale, cfg, N=cache.shape[1],
                             kv_fp8=True, nope=nope, entry_bytes=entry, run_splits=run_splits)
     return out
+
+
+def split_launch(B, S, H: int, K: int, cfg: SparseAttentionConfig, n_sm: int, symbolic_batch: bool):
+    """(config, run_splits) of a launch with automatic splits: auto_config's split count for B * S tokens
+    and run_splits None; with symbolic_batch (an engine's batch, whose B * S is symbolic) the grid's
+    split axis is auto_config's (one token's for a symbolic B * S) and run_splits the count for B * S
+    that the launch evaluates at run time. (Benchmarks pass symbolic_batch=True with a concrete B to
+    launch as an engine does at that batch.)"""
+    grid_cfg = auto_config(1 if symbolic_batch else B, 1 if symbolic_batch else S, H, K, cfg, n_sm)
+    return grid_cfg, split_count(B, S, H, K, grid_cfg, n_sm) if symbolic_batch else None
 
 
 def cache_bytes_read(topk_idxs: torch.Tensor, entry_bytes: int) -> int:

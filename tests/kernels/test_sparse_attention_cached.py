@@ -218,6 +218,12 @@ def test_split_count_of_a_symbolic_batch_is_evaluated_at_run_time():
     for batch in (1, 2, 13, 16, 20, 33, 64):
         assert int(count.node.expr.xreplace({b.node.expr: batch})) == split_count(batch, 1, 64, 640, base, 132)
     assert [split_count(batch, 1, 64, 640, base, 132) for batch in (1, 13, 20, 64)] == [10, 10, 6, 2]
+    # split_launch: the launcher's (config, run_splits); a concrete batch launched as an engine launches it
+    # (the benchmarks' --engine) takes the symbolic batch's grid and that batch's count
+    from dsv4_compile.kernels.sparse_attention_cached.sparse_attention_cached import split_launch
+    assert split_launch(b, 1, 64, 640, base, 132, True)[0] == base.replace(num_splits=10)
+    assert split_launch(64, 1, 64, 640, base, 132, True) == (base.replace(num_splits=10), 2)
+    assert split_launch(64, 1, 64, 640, base, 132, False) == (auto_config(64, 1, 64, 640, base, 132), None)
 
 
 def test_substitution():
