@@ -142,12 +142,13 @@ DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
 
 
 # MXFP4 decode config fields where they differ from the GPU's decode default. MXFP4's decode kernels are
-# bound by the dequantization's instructions, not by bytes (ncu, H100, T 64: 55% of issue slots, DRAM 45%), and wider
-# tiles spread that work better beyond one token: on the H100 gate/up 64 wide and down 128 took 1.24x / 1.19x
-# less time than 32 / 32 at T 64 / 8 (W4A16 and W4A8 alike) and 1.09x more at T 1, while FP8 and bf16
-# experts (bandwidth-bound) ran the same within 1-3% (bench/results/H100/session26_gpu_runs.md).
-# One token's launches split K in two ranges on the H100 (split_k // T: one range from T 2 on): 1.31x at T 1
-# (104.4 -> 79.9 us, W4A8), and the split path's SwiGLU pass 1.03x at T 64 (session 28).
+# bound by the dequantization's instructions, not by bytes (ncu, H100, T 64: 55% of issue slots, DRAM
+# 45%), and wider tiles spread that work better beyond one token: on the H100 gate/up 64 wide and down
+# 128 took 1.24x / 1.19x less time than 32 / 32 at T 64 / 8 (W4A16 and W4A8 alike) and 1.09x more at
+# T 1, while FP8 and bf16 experts (bandwidth-bound) ran the same within 1-3%
+# (bench/results/H100/session26_gpu_runs.md). One token's launches split K in two ranges on the H100
+# (split_k // T: one range from T 2 on): 1.31x at T 1 (104.4 -> 79.9 us, W4A8), and the split path's
+# SwiGLU pass 1.03x at T 64 (bench/results/H100/session28_gpu_runs.md).
 MXFP4_DECODE_FIELDS: dict[str, dict[str, int]] = {
     "H100": {"block_n": 64, "down_block_n": 128, "split_k": 2, "down_split_k": 2}, "generic": {}}
 

@@ -348,7 +348,8 @@ def test_split_k_against_naive_and_plain(T, k, E, kind, cfg, fmt, dtype, monkeyp
 
 
 @pytest.mark.parametrize("T,k,E,kind,cfg", SPLIT_CASES, ids=["T1", "T7"])
-@pytest.mark.parametrize("fmt,mma", [("fp8", "fp8"), ("mxfp4", "bf16"), ("mxfp4", "fp8")], ids=["w8a8", "w4a8", "w4a8-fp8mma"])
+@pytest.mark.parametrize("fmt,mma", [("fp8", "fp8"), ("mxfp4", "bf16"), ("mxfp4", "fp8")],
+                         ids=["w8a8", "w4a8", "w4a8-fp8mma"])
 def test_split_k_fp8_activations(T, k, E, kind, cfg, fmt, mma, monkeypatch):
     """W8A8 and W4A8 split: the SwiGLU pass weights and rounds the summed activation (in place of the
     epilogue or act_round's pass; 32-wide gate/up tiles need no whole activation block), within the
