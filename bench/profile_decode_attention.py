@@ -31,12 +31,10 @@ def main(argv=None) -> int:
     args = parse_profile_args(parser, argv, "profile_decode_attention", "the default, auto splits", launches=3)
     if args is None:
         return 2
-    from dsv4_compile.kernels.sparse_attention_cached import sparse_attention_cached
+    from dsv4_compile.kernels.sparse_attention_cached.sparse_attention_cached import launched_as
 
-    def attention(q, cache, idx, cfg):
-        if not args.engine:
-            return sparse_attention_cached(q, cache, sink, idx, HEAD_D ** -0.5, ROPE_D, cfg)
-        return engine_attention(q, cache, sink, idx, cfg)
+    def attention(q, cache, idx, cfg):  # the op, or as an engine launches it at this batch
+        return launched_as(q, cache, sink, idx, HEAD_D ** -0.5, ROPE_D, cfg, True if args.engine else None)
 
     S = parse_contexts(args.context)[0]
     torch.manual_seed(0)
@@ -56,24 +54,6 @@ def main(argv=None) -> int:
             line += f", {ms * 1e3:.1f} us (CUDA graph over {len(sets)} input sets)"
         print(line, flush=True)
     return 0
-
-
-def engine_attention(q, cache, sink, idx, cfg):
-    """sparse_attention_cached as an engine's launch at q's batch: split_launch with a symbolic batch."""
-    from dsv4_compile.kernels._common import resolve_config, sm_count
-    from dsv4_compile.kernels.sparse_attention.config import SparseAttentionConfig, decode_default_config
-    from dsv4_compile.kernels.sparse_attention.sparse_attention import launch_sparse_attention
-    from dsv4_compile.kernels.sparse_attention_cached.config import entry_layout
-    from dsv4_compile.kernels.sparse_attention_cached.sparse_attention_cached import split_launch
-
-    B, S, H, D = q.shape
-    base = resolve_config(SparseAttentionConfig, cfg, decode_default_config, q.device)
-    grid_cfg, run_splits = split_launch(B, S, H, idx.shape[-1], base, sm_count(q.device), True)
-    nope, entry = entry_layout(D, ROPE_D)
-    out = torch.empty_like(q)
-    launch_sparse_attention(q, cache, sink, idx, out, HEAD_D ** -0.5, grid_cfg, N=cache.shape[1], kv_fp8=True,
-                            nope=nope, entry_bytes=entry, run_splits=run_splits)
-    return out
 
 
 if __name__ == "__main__":

@@ -127,6 +127,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def split_for(split_k: int, units):
+    """The parts a launch runs for a split count given at one unit (a token, a row block) over `units`
+    of them: split_k // units, at least 1, so the programs stay about as many as one unit's; for a
+    symbolic `units` (an engine's batch) an expression the launch evaluates at run time (no guard)."""
+    return torch.sym_max(1, split_k // units) if split_k > 1 else 1
+
+
 # torch's own "no upper bound" for a size (besides int_oo): a dynamic size under torch.compile can be
 # given [2, sys.maxsize - 1], and a product of such sizes bounds far above it.
 UNBOUNDED = sys.maxsize - 1

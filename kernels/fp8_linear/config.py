@@ -4,10 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
-import torch
-
 from ...model.ops import FP8_LINEAR_BLOCK
-from .._common import KernelConfig, cdiv, device_name, pick_default
+from .._common import KernelConfig, cdiv, device_name, pick_default, split_for
 from ..gpus import canonical_gpu
 
 SCALE_BLOCK = FP8_LINEAR_BLOCK  # K block of the activation scales and edge of the weight's scale tiles
@@ -108,7 +106,7 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
 def run_splits(split_k: int, m, block_m: int):
     """The parts of K a launch over m rows runs for a config's split_k (its count at one row block): split_k
     // cdiv(m, block_m), at least 1 (for a symbolic m, an expression the launch evaluates at run time)."""
-    return torch.sym_max(1, split_k // cdiv(m, block_m)) if split_k > 1 else 1
+    return split_for(split_k, cdiv(m, block_m))
 
 
 def decode_config(gpu_name: str | None = None) -> Fp8LinearConfig:

@@ -7,10 +7,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import ClassVar
 
-import torch
-
 from ...model.ops import FP8_LINEAR_BLOCK
-from .._common import KernelConfig, fit_block, pick_default  # noqa: F401  (fit_block: the launcher's tiles)
+from .._common import KernelConfig, fit_block, pick_default, split_for  # noqa: F401  (fit_block: the launcher's tiles)
 
 # T * top_k at or below this is the decode regime: few rows per expert (<= 16 on average over 256
 # experts), so the smallest row block (16, tl.dot's minimum) wastes the least padding and the weight
@@ -94,7 +92,7 @@ class MoeExpertsConfig(KernelConfig):
 def run_splits(split_k: int, T):
     """The K ranges a launch runs at T tokens for a config's split count at one token: split_k // T, at
     least 1 (an expression of a symbolic T, which the launch evaluates at run time: no guard on T)."""
-    return torch.sym_max(1, split_k // T) if split_k > 1 else 1
+    return split_for(split_k, T)
 
 
 def w8a8_config(cfg: MoeExpertsConfig) -> MoeExpertsConfig:

@@ -37,6 +37,14 @@ def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: tor
     A scale byte of 0 (2^-127) reads as 0. config: as `sparse_attention`'s; None/"" on a GPU picks
     num_splits from the grid size (`auto_config`).
     """
+    return launched_as(q, cache, attn_sink, topk_idxs, softmax_scale, rope_dim, config, None)
+
+
+def launched_as(q: torch.Tensor, cache: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
+                softmax_scale: float, rope_dim: int, config, engine_batch: bool | None) -> torch.Tensor:
+    """sparse_attention_cached with its splits chosen as an engine's symbolic batch has them at q's batch
+    (engine_batch True: how benchmarks see an engine at a concrete batch), or as q's batch is (None:
+    the op)."""
     op = "sparse_attention_cached"
     check_common(op, q, attn_sink, topk_idxs)
     check_tensor(op, "cache", cache, (torch.uint8,), ndim=3, device=q.device)
@@ -49,11 +57,11 @@ def sparse_attention_cached(q: torch.Tensor, cache: torch.Tensor, attn_sink: tor
           f"head_dim {D}, rope_dim {rope_dim}")
     cfg = resolve_config(SparseAttentionConfig, config, decode_default_config, q.device)
     run_splits = None
-    if (config is None or config == "" or not isinstance(B * S, int)) and not INTERPRET and q.device.type == "cuda":
+    engine_batch = not isinstance(B * S, int) if engine_batch is None else engine_batch
+    if (config is None or config == "" or engine_batch) and not INTERPRET and q.device.type == "cuda":
         # the default; and any config at a symbolic batch (an engine's): its num_splits was tuned at one
         # batch size, the engine runs them all
-        cfg, run_splits = split_launch(B, S, H, topk_idxs.shape[-1], cfg, sm_count(q.device),
-                                       not isinstance(B * S, int))
+        cfg, run_splits = split_launch(B, S, H, topk_idxs.shape[-1], cfg, sm_count(q.device), engine_batch)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     launch_sparse_attention(q, cache, attn_sink, topk_idxs, out, softmax_scale, cfg, N=cache.shape[1],
                             kv_fp8=True, nope=nope, entry_bytes=entry, run_splits=run_splits)
@@ -64,8 +72,8 @@ def split_launch(B, S, H: int, K: int, cfg: SparseAttentionConfig, n_sm: int, sy
     """(config, run_splits) of a launch with automatic splits: auto_config's split count for B * S tokens
     and run_splits None; with symbolic_batch (an engine's batch, whose B * S is symbolic) the grid's
     split axis is auto_config's (one token's for a symbolic B * S) and run_splits the count for B * S
-    that the launch evaluates at run time. (Benchmarks pass symbolic_batch=True with a concrete B to
-    launch as an engine does at that batch.)"""
+    that the launch evaluates at run time (launched_as takes it at a concrete B too, as benchmarks see
+    an engine at that batch)."""
     grid_cfg = auto_config(1 if symbolic_batch else B, 1 if symbolic_batch else S, H, K, cfg, n_sm)
     return grid_cfg, split_count(B, S, H, K, grid_cfg, n_sm) if symbolic_batch else None
 
