@@ -400,12 +400,27 @@ def _sparse_attn_fp8_chunks_kernel(p_q, p_cache, p_sink, p_idx, p_o, p_wacc, p_w
 
 
 @triton.jit
+def _combine_part(p_wacc, p_wml, pid_t, sp, N_RUN, H, D, o_h, o_d, m_h, m_hd):
+    """Split sp's (m, l, acc [BH, BD]) partial of token pid_t; a split at or past N_RUN reads as
+    (-inf, 0, 0)."""
+    ok = m_h & (o_h * 0 + sp < N_RUN)                                       # [BH]
+    p_w = (pid_t * N_RUN + sp) * H + o_h
+    m = tl.load(p_wml + p_w * 3, mask=ok, other=float("-inf"))
+    l = tl.load(p_wml + p_w * 3 + 1, mask=ok, other=0.0)
+    acc = tl.load(p_wacc + p_w[:, None] * D + o_d[None, :], mask=m_hd & ok[:, None], other=0.0)
+    return m, l, acc
+
+
+@triton.jit
 def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, N_RUN, UPCAST: tl.constexpr,
                                 BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    # p_wacc [T, N_RUN, H, D] fp32; p_wml [T, N_RUN, H, 3]; p_sink [H]; p_o [T, H, D]
+    # p_wacc [T, N_RUN, H, D] fp32; p_wml [T, N_RUN, H, 3]; p_sink [H]; p_o [T, H, D]. One program per
+    # (token, BLOCK_H heads, BLOCK_D columns). The splits go four at a time, their loads issued together
+    # (one memory round trip for four, not one each: at batch 1 the splits' serial loads bound this
+    # kernel) and added in split order (the bits of one at a time; a split past N_RUN adds zeros).
     pid_t = tl.program_id(0).to(tl.int64)
     o_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    o_d = tl.arange(0, BLOCK_D)
+    o_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     m_h = o_h < H
     m_hd = m_h[:, None] & (o_d[None, :] < D)
     sink = tl.load(p_sink + o_h, mask=m_h, other=0.0) * 1.4426950408889634
@@ -418,11 +433,20 @@ def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, N_RUN, UPCAST:
     m_f = tl.where(m_f == float("-inf"), 0.0, m_f)
     denom = tl.exp2(sink - m_f)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for sp in range(N_RUN):
-        p_w = (pid_t * N_RUN + sp) * H + o_h
-        corr = tl.exp2(tl.load(p_wml + p_w * 3, mask=m_h, other=float("-inf")) - m_f)
-        denom += tl.load(p_wml + p_w * 3 + 1, mask=m_h, other=0.0) * corr
-        acc += tl.load(p_wacc + p_w[:, None] * D + o_d[None, :], mask=m_hd, other=0.0) * corr[:, None]
+    for s0 in range(0, N_RUN, 4):
+        m0, l0, a0 = _combine_part(p_wacc, p_wml, pid_t, s0, N_RUN, H, D, o_h, o_d, m_h, m_hd)
+        m1, l1, a1 = _combine_part(p_wacc, p_wml, pid_t, s0 + 1, N_RUN, H, D, o_h, o_d, m_h, m_hd)
+        m2, l2, a2 = _combine_part(p_wacc, p_wml, pid_t, s0 + 2, N_RUN, H, D, o_h, o_d, m_h, m_hd)
+        m3, l3, a3 = _combine_part(p_wacc, p_wml, pid_t, s0 + 3, N_RUN, H, D, o_h, o_d, m_h, m_hd)
+        c0, c1, c2, c3 = tl.exp2(m0 - m_f), tl.exp2(m1 - m_f), tl.exp2(m2 - m_f), tl.exp2(m3 - m_f)
+        denom += l0 * c0
+        acc += a0 * c0[:, None]
+        denom += l1 * c1
+        acc += a1 * c1[:, None]
+        denom += l2 * c2
+        acc += a2 * c2[:, None]
+        denom += l3 * c3
+        acc += a3 * c3[:, None]
     denom = tl.where(count > 0, denom, 1.0)                                 # 0 only for empty rows
     b_o = tl.where(count[:, None] > 0, acc / denom[:, None], 0.0)
     if UPCAST:
@@ -434,6 +458,10 @@ def _sparse_attn_combine_kernel(p_wacc, p_wml, p_sink, p_o, H, D, N_RUN, UPCAST:
 # ================================================================================================
 # Launcher (shared with the cached / FP8 variant)
 # ================================================================================================
+
+# The combine's column block: one token's 64 heads x 512 in 16 programs at batch 1 (4 at full width).
+COMBINE_BLOCK_D = 128
+
 
 def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor,
                             out: torch.Tensor, softmax_scale: float, cfg: SparseAttentionConfig, N: int,
@@ -475,9 +503,9 @@ def launch_sparse_attention(q: torch.Tensor, kv: torch.Tensor, attn_sink: torch.
            BLOCK_H=block_h, BLOCK_K=cfg.block_k, BLOCK_D=block_d, SPLIT_D=split_d,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits > 1:
-        comb_h = min(block_h, 16)
-        launch(_sparse_attn_combine_kernel, (T, triton.cdiv(H, comb_h)), wacc, wml, attn_sink, out, H, D, n_run,
-               INTERPRET, BLOCK_H=comb_h, BLOCK_D=block_d, num_warps=4, num_stages=1)
+        comb_h, comb_d = min(block_h, 16), min(block_d, COMBINE_BLOCK_D)
+        launch(_sparse_attn_combine_kernel, (T, triton.cdiv(H, comb_h), triton.cdiv(D, comb_d)), wacc, wml, attn_sink,
+               out, H, D, n_run, INTERPRET, BLOCK_H=comb_h, BLOCK_D=comb_d, num_warps=4, num_stages=1)
 
 
 def check_common(op: str, q: torch.Tensor, attn_sink: torch.Tensor, topk_idxs: torch.Tensor) -> None:
