@@ -15,7 +15,8 @@ Anchors (DESIGN.md section 4, lent H100): plain bf16 10-step NS on 4096x4096 7.1
 compiled; torch.optim.Muon step (5 NS steps, fp32 param) 4096x4096 3.46 ms, 4096x14336 9.51 ms;
 torch.optim.Muon over 32 V4-Flash experts x 3 (2048x4096) 89.9 ms per step.
 
-    python bench/bench_newton_schulz.py    # writes bench/results/<GPU>/newton_schulz.csv
+    python bench/bench_newton_schulz.py    # writes bench/results/<GPU>/newton_schulz.csv and .md
+    python bench/bench_newton_schulz.py --muon-steps    # only the eager Muon steps (newton_schulz_muon_steps.*)
 """
 from __future__ import annotations
 
@@ -89,6 +90,21 @@ def _muon_matrix_rows(add, rows: int, cols: int, peak: float) -> None:
     add(case, "torch.optim.Muon", bench_ms(torch.optim.Muon([theirs], **args).step), flops, "", peak)
 
 
+def _rows_with_peak():
+    """(rows, add, peak): the result rows, opened with the bf16 matmul peak measured now, and
+    add(case, impl, ms, flops, cfg="", peak=peak), which appends and prints one row."""
+    peak = matmul_peak_tflops()
+    rows = [dict(case="bf16 matmul peak", impl="torch.matmul 8192^3", ms=float("nan"), tflops=peak, pct_peak=100.0)]
+    print(f"bf16 matmul peak {peak:.1f} TFLOP/s", flush=True)
+
+    def add(case, impl, ms, flops, cfg="", peak=peak):
+        rows.append(dict(case=case, impl=impl, ms=ms, tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak,
+                         config=cfg))
+        print(f"{case:40s} {impl:30s} {ms:9.4f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+
+    return rows, add, peak
+
+
 def run_newton_schulz_bench(full: bool = True, shapes=((4096, 4096), (4096, 14336), (14336, 4096)),
                             batched=(96, 2048, 4096), compile: bool = True,
                             muon_layers=(("mini MoE layer", "mini", None), ("V4-Flash", "flash", 32))) -> list[dict]:
@@ -101,16 +117,7 @@ def run_newton_schulz_bench(full: bool = True, shapes=((4096, 4096), (4096, 1433
         from torch.optim._muon import _zeropower_via_newtonschulz as muon_ns
     except ImportError:  # pragma: no cover
         muon_ns = None
-    rows = []
-    peak = matmul_peak_tflops()
-    rows.append(dict(case="bf16 matmul peak", impl="torch.matmul 8192^3", ms=float("nan"), tflops=peak, pct_peak=100.0))
-    print(f"bf16 matmul peak {peak:.1f} TFLOP/s", flush=True)
-
-    def add(case, impl, ms, flops, cfg="", peak=peak):
-        rows.append(dict(case=case, impl=impl, ms=ms, tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak,
-                         config=cfg))
-        print(f"{case:40s} {impl:30s} {ms:9.4f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
-
+    rows, add, peak = _rows_with_peak()
     cases = [(shape, 1) for shape in shapes]
     if full:
         cases.append((shapes[0], 10))
@@ -155,15 +162,31 @@ def run_newton_schulz_bench(full: bool = True, shapes=((4096, 4096), (4096, 1433
     return rows
 
 
+def run_muon_steps_bench() -> list[dict]:
+    """Only the eager Muon steps (no compile): one 4096x4096 matrix and V4-Flash's 32 experts x 3."""
+    from dsv4_compile.model.config import ModelConfig
+
+    rows, add, peak = _rows_with_peak()
+    _muon_matrix_rows(add, 4096, 4096, peak)
+    mc = ModelConfig.from_preset("flash")
+    _muon_layer_rows(add, "V4-Flash", 32, mc.dim, mc.moe_inter_dim, False, peak)
+    return rows
+
+
 def main():
     smoke = "--smoke" in sys.argv                       # tiny sizes, no compile: checks the script runs
-    rows = (run_newton_schulz_bench(shapes=((64, 96), (96, 64)), batched=(2, 32, 64), compile=False,
-                                    muon_layers=(("tiny MoE layer", "tiny", None),)) if smoke
-            else run_newton_schulz_bench())
-    path = os.path.join(out_dir(), "newton_schulz.csv")
+    if "--muon-steps" in sys.argv:                      # the eager Muon steps only (an A/B of the optimizer)
+        rows, name = run_muon_steps_bench(), "newton_schulz_muon_steps"
+    else:
+        rows, name = (run_newton_schulz_bench(shapes=((64, 96), (96, 64)), batched=(2, 32, 64), compile=False,
+                                              muon_layers=(("tiny MoE layer", "tiny", None),)) if smoke
+                      else run_newton_schulz_bench()), "newton_schulz"
+    path = os.path.join(out_dir(), f"{name}.csv")
     write_csv(path, rows)
-    print_table(rows, ["case", "impl", "ms", "tflops", "pct_peak", "config"])
-    print(f"wrote {path}")
+    table = print_table(rows, ["case", "impl", "ms", "tflops", "pct_peak", "config"])
+    with open(os.path.join(out_dir(), f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"wrote {path} and {name}.md")
 
 
 if __name__ == "__main__":

@@ -215,12 +215,18 @@ class Muon(torch.optim.Optimizer):
                 params.append(p)
                 grads.append(p.grad)
                 bufs.append(state["momentum_buffer"])
-            lr = group["lr"]
-            muon_step(params, grads, bufs, lr=float(lr) if isinstance(lr, Tensor) else lr,
-                      weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
-                      ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
-                      adjust_lr_fn=group["adjust_lr_fn"], newton_schulz=self._newton_schulz)
+            self._step_group(params, grads, bufs, group)
         return loss
+
+    def _step_group(self, params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                    group: Mapping[str, Any]) -> None:
+        """`muon_step` of one group's parameters that have gradients, with the group's hyperparameters
+        (dsv4_compile.Muon fuses CUDA ones into the Newton-Schulz kernels)."""
+        lr = group["lr"]
+        muon_step(params, grads, momentum_buffers, lr=float(lr) if isinstance(lr, Tensor) else lr,
+                  weight_decay=group["weight_decay"], momentum=group["momentum"], nesterov=group["nesterov"],
+                  ns_coefficients=group["ns_coefficients"], ns_steps=group["ns_steps"],
+                  adjust_lr_fn=group["adjust_lr_fn"], newton_schulz=self._newton_schulz)
 
     def _newton_schulz(self, direction: Tensor, coefficients: list[float]) -> Tensor:
         """The Newton-Schulz of one update [..., rows, cols]: the plain op here (dsv4_compile.Muon

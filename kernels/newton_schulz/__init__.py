@@ -1,5 +1,5 @@
 """Newton-Schulz orthogonalisation (Muon) as batched Triton matmul kernels, and its naive twin."""
 from .config import DEFAULT_CONFIGS, NewtonSchulzConfig, default_config
-from .newton_schulz import newton_schulz
+from .newton_schulz import fused_muon_step, newton_schulz
 
-__all__ = ["DEFAULT_CONFIGS", "NewtonSchulzConfig", "default_config", "newton_schulz"]
+__all__ = ["DEFAULT_CONFIGS", "NewtonSchulzConfig", "default_config", "fused_muon_step", "newton_schulz"]

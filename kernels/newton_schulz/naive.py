@@ -1,6 +1,6 @@
 """Naive twin of the Newton-Schulz kernel: slow, float32 throughout (no bf16 rounding), one matrix at
 a time, and a different association from model/ops.py: X <- a X + b (A X) + c (A (A X)), never
-forming A A. Same signature as the kernel's public function (config ignored).
+forming A A. Same signatures as the kernel's public functions (config ignored).
 
 It is the exact-arithmetic target that both bf16 implementations approximate: compare them to it
 with bf16 tolerances, not bit for bit."""
@@ -28,3 +28,13 @@ def newton_schulz(G: torch.Tensor, coefficients: list[float], config=None) -> to
             X = a * X + b * AX + c * (A @ AX)
         out[idx] = X.T if M > N else X
     return out.reshape(G.shape).to(G.dtype)
+
+
+def fused_muon_step(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: torch.Tensor, coefficients: list[float],
+                    *, momentum: float, nesterov: bool, decay: float, alpha: float, config=None) -> None:
+    """Muon's step of `param` in place (the kernel's `fused_muon_step` signature), unfused, with the fp32
+    Newton-Schulz above: momentum_buffer <- lerp(buf, grad, 1 - momentum); U = lerp(grad, buf, momentum)
+    or buf; param <- param * decay + alpha * NS(U)."""
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    direction = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+    param.mul_(decay).add_(newton_schulz(direction, coefficients), alpha=alpha)

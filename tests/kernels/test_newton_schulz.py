@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import dsv4_compile.model.ops  # noqa: E402,F401  (registers torch.ops.dsv4.*)
-from dsv4_compile.kernels.newton_schulz import newton_schulz, naive  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from dsv4_compile.kernels.newton_schulz import fused_muon_step, naive, newton_schulz  # noqa: E402
+from helpers import assert_bits_equal, assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NS_TOL = 1e-2
@@ -114,6 +114,82 @@ def test_input_errors():
         newton_schulz(G.double(), CUBIC)
     with pytest.raises(ValueError, match="tl.dot"):
         newton_schulz(G, CUBIC, config={"block_k": 8})
+
+
+def _unfused_muon_step(param, grad, buf, coefficients, *, momentum, nesterov, decay, alpha):
+    """model/muon.py's step with this kernel's newton_schulz: what fused_muon_step fuses."""
+    buf.lerp_(grad, 1 - momentum)
+    direction = grad.lerp(buf, momentum) if nesterov else buf
+    param.mul_(decay).add_(newton_schulz(direction, coefficients), alpha=alpha)
+
+
+def _muon_state(shape, seed, dyadic=False):
+    """(param, grad, momentum buffer) float32. dyadic: multiples of 2^-8 below 2^-2, on which the
+    momentum's lerps at momentum 0.75 and the update at decay 0.5, alpha -0.25 are exact whatever the
+    rounding (with or without fused multiply-adds), and U is exactly a bf16 value."""
+    g = torch.Generator().manual_seed(seed)
+    if dyadic:
+        return [(torch.randint(-63, 64, shape, generator=g) / 256).to(DEVICE) for _ in range(3)]
+    return [(torch.randn(shape, generator=g) * scale).to(DEVICE) for scale in (0.02, 1.0, 0.5)]
+
+
+MUON_SHAPES = [pytest.param((37, 53), id="37x53-wide"), pytest.param((53, 37), id="53x37-tall"),
+               pytest.param((2, 24, 40), id="2x24x40-batched")]
+
+
+@pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain-momentum"])
+@pytest.mark.parametrize("shape", MUON_SHAPES)
+def test_fused_muon_step_is_the_unfused_step_bit_for_bit(shape, nesterov):
+    """On dyadic inputs every rounding outside Newton-Schulz is exact, so fusing the momentum into the
+    norm's pass and the update into the last product may change no bit of the buffer or the parameter."""
+    args = dict(momentum=0.75, nesterov=nesterov, decay=0.5, alpha=-0.25)
+    fused = _muon_state(shape, seed=6, dyadic=True)
+    unfused = [t.clone() for t in fused]
+    fused_muon_step(*fused, QUINTIC[:6], **args)
+    _unfused_muon_step(*unfused, QUINTIC[:6], **args)
+    assert_bits_equal("momentum buffer", unfused[2], fused[2])
+    assert_bits_equal("parameter", unfused[0], fused[0])
+    assert not torch.equal(fused[0], _muon_state(shape, seed=6, dyadic=True)[0])   # it did step
+
+
+@pytest.mark.parametrize("shape", MUON_SHAPES)
+def test_fused_muon_step_matches_naive(shape):
+    """Gaussian state at torch.optim.Muon's defaults: the buffer to float32 rounding (the same lerp,
+    fused multiply-adds or not: 1e-6 is a few float32 ulps), the parameter's change to bf16 accuracy."""
+    param, grad, buf = _muon_state(shape, seed=7)
+    args = dict(momentum=0.95, nesterov=True, decay=1 - 0.02 * 0.1, alpha=-0.02 * 0.2 * max(shape[-2:]) ** 0.5)
+    ref = [t.cpu().clone() for t in (param, grad, buf)]
+    start = param.cpu().clone()
+    fused_muon_step(param, grad, buf, DEEPSEEK_V4, **args)
+    naive.fused_muon_step(*ref, DEEPSEEK_V4, **args)
+    assert_close("momentum buffer", ref[2], buf.cpu(), 1e-6)
+    assert_close("parameter change", ref[0] - start, param.cpu() - start, NS_TOL)
+
+
+def test_fused_muon_step_input_errors():
+    param, grad, buf = _muon_state((20, 30), seed=8)
+    args = dict(momentum=0.95, nesterov=True, decay=1.0, alpha=-0.01)
+    with pytest.raises(ValueError, match=r"grad has shape \(30, 20\); need \(20, 30\)"):
+        fused_muon_step(param, grad.reshape(30, 20), buf, CUBIC, **args)
+    with pytest.raises(ValueError, match="param is torch.bfloat16; accepted: torch.float32"):
+        fused_muon_step(param.bfloat16(), grad, buf, CUBIC, **args)
+    with pytest.raises(ValueError, match="triple"):
+        fused_muon_step(param, grad, buf, [1.0], **args)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_muon_step_at_an_expert_stack():
+    """V4-Flash-like experts [8, 1024, 2048] against the unfused step: 1e-3 relative RMS of the change
+    (an ulp of a fused multiply-add can move an element of U to its other bf16 neighbour, a 2^-8
+    change of one element among millions; the rest is the same kernels on the same bits)."""
+    fused = _muon_state((8, 1024, 2048), seed=9)
+    unfused = [t.clone() for t in fused]
+    start = fused[0].clone()
+    args = dict(momentum=0.95, nesterov=True, decay=0.998, alpha=-0.2)
+    fused_muon_step(*fused, DEEPSEEK_V4, **args)
+    _unfused_muon_step(*unfused, DEEPSEEK_V4, **args)
+    assert_close("momentum buffer", unfused[2], fused[2], 1e-6)
+    assert_close("parameter change", unfused[0] - start, fused[0] - start, 1e-3)
 
 
 @pytest.mark.gpu
