@@ -177,9 +177,12 @@ def _quantize(x2: torch.Tensor, native: bool, rows: int, row_major_scales: bool)
 
 def _cublas_fp8_linear(x2, weight, scale, native):
     """x2 [M, K] -> [M, N] in x2's dtype: our quantization, then cuBLAS's blockwise-scaled FP8 GEMM.
-    M is padded to a multiple of 16 (cuBLAS's alignment for A and its M-major scales)."""
+    M is padded to a multiple of 16 (cuBLAS's alignment for A and its M-major scales), spelt so that for
+    an engine's symbolic M, y[:m] needs (m + 15) % 16 <= 15, which torch proves: m <= 16 * cdiv(m, 16)
+    became a guard that export's solver turned into a congruence on the batch ("Cannot create Dim with
+    inconsistent min=1, max=-4", torch 2.11 and 2.13)."""
     m = x2.shape[0]
-    codes, scales = _quantize(x2, native, -(-m // 16) * 16, row_major_scales=False)
+    codes, scales = _quantize(x2, native, m + 15 - (m + 15) % 16, row_major_scales=False)
     # weight [N, K] row-major is B^T: B = weight.t() column-major [K, N]; its 128x128 scales as [K/128, N/128]
     y = torch._scaled_mm(codes, weight.t(), scale_a=scales, scale_b=scale.t(), out_dtype=x2.dtype)
     return y[:m]

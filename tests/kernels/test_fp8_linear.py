@@ -120,6 +120,31 @@ def test_split_k_exports_with_a_symbolic_row_count():
             assert torch.equal(got, want)
 
 
+def test_cublas_route_exports_with_a_symbolic_row_count(monkeypatch):
+    """The cuBLAS route pads M to a multiple of 16 and slices back: for an engine's symbolic M that
+    slice must add no guard on M (one did: export's solver made it a congruence on the batch and failed,
+    'Cannot create Dim with inconsistent min=1, max=-4'). Traced on the CPU with the route forced (the
+    trace needs only _scaled_mm's shapes); run at 3 and 40 rows on a GPU."""
+    module = importlib.import_module("dsv4_compile.kernels.fp8_linear.fp8_linear")
+    if DEVICE != "cuda":
+        monkeypatch.setattr(module, "cublas_blockwise_ready", lambda *args: True)
+    elif not module.cublas_blockwise_ready(torch.empty(1, 512, device=DEVICE), 128, 512):
+        pytest.skip("this GPU's torch has no blockwise-scaled cuBLAS FP8 GEMM")
+    x, w, s = make((9,), 512, 128, torch.bfloat16, seed=5)
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.dsv4_triton.fp8_linear(x, w, s, "gemm=cublas")
+
+    ep = torch.export.export(Linear(), (x,), dynamic_shapes=({0: torch.export.Dim("M", min=1, max=64)},))
+    ranges = [(r.lower, r.upper) for r in ep.range_constraints.values()]
+    assert ranges == [(1, 64)], ranges
+    if DEVICE == "cuda":
+        for rows in (3, 40):
+            xn = make((rows,), 512, 128, torch.bfloat16, seed=rows)[0]
+            assert torch.equal(ep.module()(xn), fp8_linear(xn, w, s, "gemm=cublas"))
+
+
 def test_default_config_by_rows_and_shape():
     """The H200's defaults: cuBLAS for many rows; for few rows the swapped Triton tile with K split until
     about 256 programs stream W at one row block (at most 32 parts of >= 1 K step), or cuBLAS for 17..64
