@@ -6,8 +6,10 @@ weight float8_e4m3fn [N, K], scale float32 [cdiv(N, 128), K/128]. Otherwise the 
 plain op, with the reason. The config follows the row count M (x's leading dims): up to SMALL_M rows
 (decode, small batches; a symbolic M by its bound, as an exported decode engine's B <= max_batch) the
 tuned decode entry by batch, else the small-M default (fused input quantization), never a prefill
-entry; more rows (or a symbolic M without such a bound) the tuned prefill table by token count
-("by_context", as the other kernels' context tables), else the large-M default. On the H100 / H200
+entry; where a symbolic M's values span both few-rows regimes (FEW_M) and their configs differ, the
+engine gets a torch.cond on M between the config of FEW_M rows and that of the bound. More rows (or
+a symbolic M without such a bound): the tuned prefill table by token count ("by_context", as the
+other kernels' context tables), else the large-M default. On the H100 / H200
 the large-M default routes the product to cuBLAS's blockwise-scaled FP8 GEMM (gemm=cublas: our
 quantization kernel, then torch._scaled_mm with 1x128 / 128x128 scales) where the kernel's probe
 admits it, the Triton GEMM otherwise (kernels/fp8_linear; bench/results/H200/fp8_linear.md says why).
@@ -20,7 +22,7 @@ import math
 
 import torch
 
-from ...kernels.fp8_linear.config import SCALE_BLOCK, SMALL_M, default_config
+from ...kernels.fp8_linear.config import FEW_M, SCALE_BLOCK, SMALL_M, default_config
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
                       kernel_files, most_rows, target_gpu)
@@ -57,13 +59,27 @@ def _config(target, x, weight, scale) -> dict:
     gpu = target_gpu(target, x.device.type)
     most = most_rows(*x.shape[:-1])   # a symbolic M's bound: an exported decode engine's B <= max_batch
     if most is not None and most <= SMALL_M:
-        return {"config": decode_entry_config(target.table, most, default_config(gpu, most, n, k))}
+        config = {"config": decode_entry_config(target.table, most, default_config(gpu, most, n, k))}
+        if _rows(x) is None and most > FEW_M:
+            # the engine's batches span both few-rows regimes: up to FEW_M rows run their own config (a
+            # cond on M in the engine: one token's Triton tile where the bound's config is cuBLAS's GEMM)
+            few = decode_entry_config(target.table, FEW_M, default_config(gpu, FEW_M, n, k))
+            if few != config["config"]:
+                config.update(few_rows=FEW_M, few_rows_config=few)
+        return config
     m = _rows(x)
     return {"config": config_string(target.table, m, default_config(gpu, m, n, k))}
 
 
-def _replacement(x, weight, scale, config: str = ""):
-    return torch.ops.dsv4_triton.fp8_linear(x.contiguous(), weight.contiguous(), scale.contiguous(), config)
+def _replacement(x, weight, scale, config: str = "", few_rows: int = 0, few_rows_config: str = ""):
+    """The kernel op with `config`; with few_rows, a cond on x's row count M (symbolic: an engine's
+    batch) runs `few_rows_config` for M <= few_rows and `config` above."""
+    args = (x.contiguous(), weight.contiguous(), scale.contiguous())
+    if not few_rows:
+        return torch.ops.dsv4_triton.fp8_linear(*args, config)
+    return torch.cond(math.prod(x.shape[:-1]) <= few_rows,
+                      lambda x, w, s: torch.ops.dsv4_triton.fp8_linear(x, w, s, few_rows_config),
+                      lambda x, w, s: torch.ops.dsv4_triton.fp8_linear(x, w, s, config), args)
 
 
 SUBSTITUTION = register(Substitution(
