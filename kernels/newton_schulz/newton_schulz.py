@@ -3,14 +3,16 @@
 
 One launch sequence serves every matrix of a batch (grid axis 1 = matrix):
   1. `_ns_sumsq_kernel` + `_ns_den_kernel`: sums of squares of bf16(G) in blocks, then per matrix in a
-     fixed order (deterministic): den = bf16(||bf16(G)||_F + 1e-7);
+     fixed order (deterministic): den = bf16(||bf16(G)||_F + 1e-7); in `fused_muon_step` (Muon's
+     whole step) the first pass also advances the momentum buffer and G is its direction U;
   2. `_ns_normalize_kernel`: X = bf16(bf16(G) / den), transposed when M > N;
   then per step (a, b, c), with X [m, n], m = min(M, N):
   3. `_ns_sym_kernel` (X -> A = X X^T): upper-triangle tiles only, each stored twice (mirrored);
   4. `_ns_sym_kernel` (A -> B = b A + c A A): A is symmetric, so A A = A A^T: the same kernel, with
      `b A` fused into the epilogue; upper triangle only, mirrored;
   5. `_ns_gemm_kernel` (X <- a X + B X): `a X` fused into the epilogue; the last step writes the
-     output directly in G's layout (transposed back when M > N) and dtype.
+     output directly in G's layout (transposed back when M > N) and dtype, or (`fused_muon_step`)
+     updates the parameter with it.
 Operands bf16, accumulation fp32, every intermediate rounded once to bf16 (to nearest even) where the
 plain op rounds each of A, A A, b A + c A A, B X and a X + B X separately: results agree with the
 plain op to bf16 accuracy (relative RMS ~1e-2 after 10 steps), not bit for bit.
@@ -230,8 +232,8 @@ def _launch_gemm(B: torch.Tensor, X: torch.Tensor, out: torch.Tensor, a: float, 
     so_i, so_j, so_b = out_strides
     decay, alpha = update or (1.0, 1.0)
     launch(_ns_gemm_kernel, grid, B, X, out, float(a), m, n, so_i, so_j, so_b, float(decay), float(alpha),
-           UPDATE=update is not None, UPCAST=INTERPRET, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=fit_block(cfg.block_k, m), GROUP_M=cfg.group_m,
-           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+           UPDATE=update is not None, UPCAST=INTERPRET, BLOCK_M=block_m, BLOCK_N=block_n,
+           BLOCK_K=fit_block(cfg.block_k, m), GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # ================================================================================================
