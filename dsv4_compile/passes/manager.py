@@ -233,8 +233,8 @@ def _replace(graph: fx.Graph, node: fx.Node, args: list, values: list, sub: Subs
         for n in gm.graph.nodes:
             if n.op == "placeholder":
                 env[n] = next(placeholders)
-            elif n.op == "get_attr":  # a constant tensor the replacement built (e.g. a lookup table)
-                env[n] = graph.get_attr(_add_constant(owner, getattr(gm, n.target)))
+            elif n.op == "get_attr":  # a constant tensor (e.g. a lookup table) or a cond's branch
+                env[n] = graph.get_attr(_add_attribute(owner, getattr(gm, n.target)))
                 env[n].meta.update(n.meta)
                 new_nodes.append(env[n])
             elif n.op == "call_function":
@@ -265,12 +265,18 @@ def _replace(graph: fx.Graph, node: fx.Node, args: list, values: list, sub: Subs
     return new_nodes
 
 
-def _add_constant(owner: torch.nn.Module, value: torch.Tensor) -> str:
+def _add_attribute(owner: torch.nn.Module, value: torch.Tensor | fx.GraphModule) -> str:
+    """Give `owner` a traced replacement's attribute under a fresh name: a constant tensor as a buffer,
+    a subgraph (a torch.cond branch) as a submodule."""
+    prefix = "_dsv4_subgraph_" if isinstance(value, fx.GraphModule) else "_dsv4_const_"
     k = 0
-    while hasattr(owner, f"_dsv4_const_{k}"):
+    while hasattr(owner, f"{prefix}{k}"):
         k += 1
-    owner.register_buffer(f"_dsv4_const_{k}", value, persistent=False)
-    return f"_dsv4_const_{k}"
+    if isinstance(value, fx.GraphModule):
+        owner.add_submodule(f"{prefix}{k}", value)
+    else:
+        owner.register_buffer(f"{prefix}{k}", value, persistent=False)
+    return f"{prefix}{k}"
 
 
 def _check_outputs(sub: Substitution, node: fx.Node, outputs) -> None:

@@ -274,6 +274,31 @@ def test_priority_predicate_config_and_reasons():
     assert_outputs_match(fn(*args), gm(*args), ("sinkhorn 3d", "sinkhorn 4d"))
 
 
+def _sinkhorn_by_groups(logits, iters, eps):
+    """A stand-in 'kernel' that picks by a symbolic size, as an engine-wide batch choice does: a
+    torch.cond on G between the Sinkhorn of logits and of 2 logits."""
+    return torch.cond(logits.shape[0] > 2, lambda x: ops._sinkhorn_plain(2 * x, iters, eps),
+                      lambda x: ops._sinkhorn_plain(x, iters, eps), (logits,))
+
+
+def test_a_replacement_with_a_cond_is_inlined_with_its_branches():
+    """A replacement traced into a cond (its branches are subgraph attributes) lands in the graph with
+    them: each size runs its branch (to float32 rounding: the traced branches are decomposed aten ops;
+    the other branch would be 2e-1 away)."""
+    sub = Substitution(name="test_cond.hc_sinkhorn", op=torch.ops.dsv4.hc_sinkhorn.default,
+                       replacement=_sinkhorn_by_groups)
+    fn = lambda a: torch.ops.dsv4.hc_sinkhorn(a, 3, 1e-6)  # noqa: E731
+    gm = make_fx(fn, tracing_mode="symbolic")(torch.randn(2, 4, 4))
+    manager = PassManager([sub], gpu="cpu")
+    manager(gm.graph)
+    gm.recompile()
+    assert manager.report.replaced("dsv4.hc_sinkhorn") == 1
+    assert sum(n.target is torch.ops.higher_order.cond for n in gm.graph.nodes) == 1
+    for groups, scale in ((2, 1.0), (3, 2.0)):
+        logits = torch.randn(groups, 4, 4)
+        assert_close(f"{groups} groups", ops._sinkhorn_plain(scale * logits, 3, 1e-6), gm(logits), 1e-6)
+
+
 def test_bad_replacement_fails_loudly():
     wrong = Substitution(name="test_bad.hc_sinkhorn", op=torch.ops.dsv4.hc_sinkhorn.default,
                          replacement=lambda logits, iters, eps: logits.double())
