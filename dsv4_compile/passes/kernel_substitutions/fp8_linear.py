@@ -9,10 +9,10 @@ tuned decode entry by batch, else the small-M default (fused input quantization)
 entry; where a symbolic M's values span both few-rows regimes (FEW_M) and their configs differ, the
 engine gets a torch.cond on M between the config of FEW_M rows and that of the bound. More rows (or
 a symbolic M without such a bound): the tuned prefill table by token count ("by_context", as the
-other kernels' context tables), else the large-M default. On the H100 / H200
-the large-M default routes the product to cuBLAS's blockwise-scaled FP8 GEMM (gemm=cublas: our
-quantization kernel, then torch._scaled_mm with 1x128 / 128x128 scales) where the kernel's probe
-admits it, the Triton GEMM otherwise (kernels/fp8_linear; bench/results/H200/fp8_linear.md says why).
+other kernels' context tables), else the large-M default. On the H100 / H200 the large-M default
+routes the product to cuBLAS's blockwise-scaled FP8 GEMM (gemm=cublas: our quantization kernel, then
+torch._scaled_mm with 1x128 / 128x128 scales) where the kernel's probe admits it, the Triton GEMM
+otherwise (kernels/fp8_linear; bench/results/H200/fp8_linear.md says why).
 `interpreter_substitutions()`: the same on CPU tensors under TRITON_INTERPRET (tests only).
 """
 from __future__ import annotations
