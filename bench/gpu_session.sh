@@ -136,9 +136,6 @@ for step in "$@"; do
       mkdir -p "$OUT/png"; mv "$OUT/tables/$GPU"/*.png "$OUT/png/" 2>/dev/null
       ls "$OUT/png" | tail -n +4 | sed "s|^|$OUT/png/|" | xargs rm -f
       find "$OUT/tables" -mindepth 1 ! -name "$GPU.yaml" -exec rm -rf {} + ;;
-    probe-cond)       # whether this torch's export + AOTInductor run a size-predicated cond around our kernel ops
-      # (one engine, a config per batch range), each batch on its branch
-      python3 bench/probe_cond_dispatch.py 2>&1 | grep -E "^(torch|export|aoti|rows)" ;;
     probe-sinkhorn)   # whether this torch's AOTInductor and torch.onnx take the Sinkhorn rounds as one while_loop
       python3 bench/probe_sinkhorn_loop.py 2>&1 | grep -E "^(torch|unrolled|while_loop)" ;;
     muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
@@ -162,7 +159,7 @@ for step in "$@"; do
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
             "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped tests-attention tests-hc hc-decode ncu-hc-decode" \
             "decode-step moe moe-decode moe-decode-configs tests-moe-split fp8-linear-configs moe-w8a8 moe-w4a8 tune-moe" \
-            "tune probe-cond probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
+            "tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
