@@ -121,11 +121,10 @@ def _e8m0(u):
 
 
 @triton.jit
-def _e8m0_bf16(u):
-    """e8m0 bytes (int32 0..255) -> bf16 2^(u - 127) (the same values as _e8m0: 0 -> 2^-127, a bf16
-    subnormal; 255 -> NaN), from the byte's bits: u in the exponent field."""
-    bits = tl.where(u == 0, 0x0040, tl.where(u == 255, 0x7FC0, u << 7))
-    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+def _e8m0_bf16_bits(u):
+    """e8m0 bytes (int32 0..255) -> int32 bit patterns of bf16 2^(u - 127) (the same values as _e8m0:
+    0 -> 2^-127, a bf16 subnormal; 255 -> NaN): u in the exponent field."""
+    return tl.where(u == 0, 0x0040, tl.where(u == 255, 0x7FC0, u << 7))
 
 
 @triton.jit
@@ -148,20 +147,10 @@ def _halves(pair):
 
 
 @triton.jit
-def _e2m1_scaled(bits, u, SCALE_F32: tl.constexpr, UPCAST: tl.constexpr):
-    """bf16 bit patterns of _e2m1_bf16x2 (uint16: codes' values times 2^-126) times 2^126 and their
-    block's scale u (broadcast against bits: e8m0 bytes as int32, or float32 values) -> the weights.
-    e8m0 scales: two bf16 multiplies (two values an instruction), exact: a code times 2^(u - 127) has at
-    most two significant bits and lies within bf16's range (subnormals included) or overflows, as in
-    fp32. Float32 scales (any value, as the plain op multiplies them in fp32) and UPCAST (the
-    interpreter, whose bf16 arithmetic works on the raw bits): the bits as the upper half of an fp32
-    (the same value), multiplied in fp32. bf16 or fp32 out, the same values."""
-    if UPCAST or SCALE_F32:
-        w = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True) * 8.507059173023462e+37     # 2^126
-        w = w * (u if SCALE_F32 else _e8m0(u))
-    else:
-        w = bits.to(tl.bfloat16, bitcast=True) * 8.507059173023462e+37 * _e8m0_bf16(u)
-    return w
+def _mul_bf16x2(a, b):
+    """uint32 words of two bf16 each, multiplied half by half (round to nearest): one instruction."""
+    return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.uint32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
@@ -282,24 +271,58 @@ def _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
-def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, POW2: tl.constexpr, UPCAST: tl.constexpr,
+def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, FAST: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """W[e][offs_n, k0 : k0 + BLOCK_K]^T as a [BLOCK_K, BLOCK_N] tile with its rows in _mxfp4_order
     (row 8r + 2p + h holds position k0 + 8r + p + 4h; 0 outside), for MXFP4 W: bytes [E, R, C/2] (the
-    low nibble the even element), scales [E, R, C/32]. Loaded as uint32 words (_mxfp4_words), decoded by
+    low nibble the even element), scales [E, R, C/32]; and the scales' e8m0 exponents [BLOCK_K/32,
+    BLOCK_N] int32 (FAST; zeros otherwise). Loaded as uint32 words (_mxfp4_words), decoded by
     _e2m1_bf16x2 in that order so that no value moves between registers (the caller loads the
-    activations in the same order), scaled by _e2m1_scaled: bf16 (e8m0 scales, compiled) or fp32, the
-    same values. POW2: float32 scales taken for normal powers of two (the caller checks, _not_pow2),
-    their exponent fields as e8m0 bytes: the e8m0 route."""
+    activations in the same order): a code's value times 2^-126, then times 2^126 and its scale, exact
+    (a code times a power of two has at most two significant bits; bf16 holds it, subnormals included,
+    or it overflows as in fp32). Compiled with e8m0 scales (or FAST): bf16 multiplies on the words as
+    _e2m1_bf16x2 packs them (both codes of a word share a 32-run), two values an instruction; FAST folds
+    the two multipliers into one, 2^(u - 1) for the exponent u, which bf16 holds up to u = 128: float32
+    scales are taken for normal powers of two (their exponent fields as e8m0 bytes) and exponents above
+    128 clamped, and the caller checks both (_not_pow2, the exponents' max) and reruns without FAST where
+    either failed. Float32 scales without FAST (any value, as the plain op multiplies them in fp32) and
+    UPCAST (the interpreter, whose bf16 arithmetic works on the raw bits): fp32, the same values."""
+    G: tl.constexpr = BLOCK_K // 32
     p0, p1, p2, p3 = _e2m1_bf16x2(_mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K))         # [BK/8, BN] each
-    bits = tl.join(tl.join(_halves(p0), _halves(p1)), tl.join(_halves(p2), _halves(p3)))   # [r, n, h, p % 2, p // 2]
-    bits = tl.reshape(tl.permute(bits, (0, 4, 3, 2, 1)), [BLOCK_K // 32, 32, BLOCK_N])  # [r, p // 2, p % 2, h, n]
-    u = _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32, BLOCK_K)                      # [BK/32, BN]
-    if SCALE_F32 and POW2:
-        w = _e2m1_scaled(bits, ((u.to(tl.int32, bitcast=True) >> 23) & 0xFF)[:, None, :], False, UPCAST)
+    u = _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32, BLOCK_K)                      # [G, BN]
+    exp = tl.zeros([G, BLOCK_N], dtype=tl.int32)
+    if FAST:
+        if SCALE_F32:
+            exp = (u.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        else:
+            exp = u
+        mult = (tl.minimum(exp, 128) + 126) << 7                                          # bf16 bits of 2^(u - 1)
+    elif not SCALE_F32:
+        mult = _e8m0_bf16_bits(u)                                                         # bf16 bits of 2^(u - 127)
+    if UPCAST or (SCALE_F32 and not FAST):
+        w = (_mma_order(p0, p1, p2, p3, G, BLOCK_N).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        if FAST:
+            w = w * (mult << 16).to(tl.float32, bitcast=True)[:, None, :]
+        else:
+            w = w * 8.507059173023462e+37 * (u if SCALE_F32 else _e8m0(u))[:, None, :]        # 2^126, the scale
     else:
-        w = _e2m1_scaled(bits, u[:, None, :], SCALE_F32, UPCAST)
-    return tl.reshape(w, [BLOCK_K, BLOCK_N])
+        by_word = tl.reshape(tl.broadcast_to((mult * 0x10001).to(tl.uint32)[:, None, :], [G, 4, BLOCK_N]),
+                             [BLOCK_K // 8, BLOCK_N])                                      # both halves
+        if not FAST:  # 2^126 first
+            two_126 = tl.full([BLOCK_K // 8, BLOCK_N], 0x7E807E80, tl.uint32)
+            p0, p1, p2, p3 = _mul_bf16x2(p0, two_126), _mul_bf16x2(p1, two_126), _mul_bf16x2(p2, two_126), \
+                _mul_bf16x2(p3, two_126)
+        p0, p1, p2, p3 = _mul_bf16x2(p0, by_word), _mul_bf16x2(p1, by_word), _mul_bf16x2(p2, by_word), \
+            _mul_bf16x2(p3, by_word)
+        w = _mma_order(p0, p1, p2, p3, G, BLOCK_N).to(tl.bfloat16, bitcast=True)
+    return tl.reshape(w, [BLOCK_K, BLOCK_N]), exp
+
+
+@triton.jit
+def _mma_order(p0, p1, p2, p3, G: tl.constexpr, BLOCK_N: tl.constexpr):
+    """_e2m1_bf16x2's four words [BK/8, BN] -> their halves [G, 32, BN] uint16 in _mxfp4_order."""
+    bits = tl.join(tl.join(_halves(p0), _halves(p1)), tl.join(_halves(p2), _halves(p3)))   # [r, n, h, p % 2, p // 2]
+    return tl.reshape(tl.permute(bits, (0, 4, 3, 2, 1)), [G, 32, BLOCK_N])              # [r, p // 2, p % 2, h, n]
 
 
 @triton.jit
@@ -432,55 +455,61 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo, k_hi, FMT: tl.constexpr,
-                  SCALE_F32: tl.constexpr, POW2: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
+                  SCALE_F32: tl.constexpr, FAST: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(x[token] @ W1[e][offs_n]^T, x[token] @ W3[e][offs_n]^T) [BM, BN] fp32 each over K = k_lo .. k_hi
-    (k_lo a multiple of BLOCK_K), in x's dtype on the
-    tensor cores (rows not row_ok: 0) for float, FP8 (dequantized) or MXFP4 (_mxfp4_tile) weights, and
-    with POW2 whether a scale was not a normal power of two (the products then void)."""
+    (k_lo a multiple of BLOCK_K), in x's dtype on the tensor cores (rows not row_ok: 0) for float, FP8
+    (dequantized) or MXFP4 (_mxfp4_tile) weights, and with FAST whether _mxfp4_tile's fast route missed
+    (a float32 scale no normal power of two, or an exponent above 128: the products then void)."""
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     miss = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    top = tl.zeros([BLOCK_K // 32, BLOCK_N], dtype=tl.int32)     # the largest exponent seen (FAST)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=None if FAST else 1):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D),
                     other=0.0)
         if FMT == 2:
             a = _mxfp4_order(a, BLOCK_M, BLOCK_K)
-            b1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, POW2, UPCAST, BLOCK_K, BLOCK_N)
+            b1, exp1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, FAST, UPCAST, BLOCK_K, BLOCK_N)
             acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
-            b3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, POW2, UPCAST, BLOCK_K, BLOCK_N)
+            b3, exp3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, FAST, UPCAST, BLOCK_K, BLOCK_N)
             acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
-            if SCALE_F32 and POW2:
-                miss |= _not_pow2(p_s1, e, offs_n, k0, I, D, BLOCK_K) | _not_pow2(p_s3, e, offs_n, k0, I, D, BLOCK_K)
+            if FAST:
+                top = tl.maximum(top, tl.maximum(exp1, exp3))
+                if SCALE_F32:
+                    miss |= _not_pow2(p_s1, e, offs_n, k0, I, D, BLOCK_K) | _not_pow2(p_s3, e, offs_n, k0, I, D, BLOCK_K)
         else:
             b1 = _weight_tile(p_w1, p_s1, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
             b3 = _weight_tile(p_w3, p_s3, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
-    return acc_gate, acc_up, tl.max(miss, axis=0) > 0
+    return acc_gate, acc_up, (tl.max(miss, axis=0) > 0) | (tl.max(tl.max(top, axis=0), axis=0) > 128)
 
 
 @triton.jit
 def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
-               POW2: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+               FAST: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[offs_m, k_lo:k_hi] @ W2[e][offs_n, k_lo:k_hi]^T [BM, BN] fp32 and whether a scale missed, as
-    _gate_up_loop's."""
+    """act[offs_m, k_lo:k_hi] @ W2[e][offs_n, k_lo:k_hi]^T [BM, BN] fp32 and whether the fast route missed,
+    as _gate_up_loop's."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     miss = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    top = tl.zeros([BLOCK_K // 32, BLOCK_N], dtype=tl.int32)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=None if FAST else 1):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
         if FMT == 2:
-            b = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, POW2, UPCAST, BLOCK_K, BLOCK_N)
+            b, exp = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, FAST, UPCAST, BLOCK_K, BLOCK_N)
             acc = _dot(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
-            if SCALE_F32 and POW2:
-                miss |= _not_pow2(p_s2, e, offs_n, k0, D, I, BLOCK_K)
+            if FAST:
+                top = tl.maximum(top, exp)
+                if SCALE_F32:
+                    miss |= _not_pow2(p_s2, e, offs_n, k0, D, I, BLOCK_K)
         else:
             b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc = _dot(a, b, acc, UPCAST, IEEE)
-    return acc, tl.max(miss, axis=0) > 0
+    return acc, (tl.max(miss, axis=0) > 0) | (tl.max(tl.max(top, axis=0), axis=0) > 128)
 
 
 # ================================================================================================
@@ -506,9 +535,9 @@ def _swiglu_store(acc_gate, acc_up, limit, slot, row_ok, offs_m, n0, p_weights, 
     here, or with ROUND_PASS stored in fp32 for a pass; ACT_FP8 rounding here needs BLOCK_N and n0
     multiples of 128: whole activation blocks)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    if limit > 0:
-        acc_gate = tl.minimum(acc_gate, limit)
-        acc_up = tl.minimum(tl.maximum(acc_up, -limit), limit)
+    if limit > 0:  # NaN kept, as torch.clamp keeps it
+        acc_gate = tl.minimum(acc_gate, limit, propagate_nan=tl.PropagateNan.ALL)
+        acc_up = tl.clamp(acc_up, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
     act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up                    # silu(gate) * up
     mask = offs_n[None, :] < I
     if ACT_FP8:  # weighted here (the fp32 act), then rounded once per value
@@ -569,11 +598,12 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         acc_up = _fp8_gemm(p_x, p_xs, token, row_ok, p_w3, p_s3, e, pid_n * BLOCK_N, I, D, k_lo, k_hi, FMT,
                            SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        # float32 MXFP4 scales: the e8m0 route, again on the fp32 one where a scale was no power of two
+        # MXFP4: _mxfp4_tile's fast route, again on the exact one where it missed (a float32 scale no power
+        # of two, a scale above 2)
         acc_gate, acc_up, missed = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo,
-                                                 k_hi, FMT, SCALE_F32, SCALE_F32 and FMT == 2, NATIVE_FP8, UPCAST,
+                                                 k_hi, FMT, SCALE_F32, FMT == 2, NATIVE_FP8, UPCAST,
                                                  IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        if SCALE_F32 and FMT == 2 and missed:
+        if FMT == 2 and missed:
             acc_gate, acc_up, _ = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo,
                                                 k_hi, FMT, SCALE_F32, False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M,
                                                 BLOCK_N, BLOCK_K)
@@ -643,8 +673,8 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
                         SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32,
-                                 SCALE_F32 and FMT == 2, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        if SCALE_F32 and FMT == 2 and missed:  # as the gate/up launch's
+                                 FMT == 2, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        if FMT == 2 and missed:  # as the gate/up launch's
             acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, False,
                                 NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if not ACT_FP8:  # W8A8's and W4A8's act holds its routing weight already

@@ -47,7 +47,7 @@ from dsv4_compile.kernels._jit_utils import e4m3_value  # noqa: E402
 from dsv4_compile.kernels.moe_experts import MoeExpertsConfig, moe_experts, naive  # noqa: E402
 from dsv4_compile.kernels.moe_experts.config import default_config, w8a8_config  # noqa: E402
 from dsv4_compile.kernels.moe_experts.moe_experts import (  # noqa: E402
-    FOLD_MAX_SHIFT, _e8m0, _e8m0_bf16, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, _not_pow2, launch, sum_slots)
+    FOLD_MAX_SHIFT, _e8m0, _e8m0_bf16_bits, _mxfp4_foldable, _mxfp4_order, _mxfp4_tile, _not_pow2, launch, sum_slots)
 from dsv4_compile.model import weight_formats  # noqa: E402
 from helpers import assert_close, exported_op_args, rel_rms  # noqa: E402
 
@@ -226,7 +226,7 @@ def _decode_every_byte(p_in, p_e4m3, p_e8m0, p_e8m0_bf16):
     b = tl.load(p_in + o).to(tl.int32)
     tl.store(p_e4m3 + o, e4m3_value(b))
     tl.store(p_e8m0 + o, _e8m0(b))
-    tl.store(p_e8m0_bf16 + o, _e8m0_bf16(b).to(tl.int16, bitcast=True))
+    tl.store(p_e8m0_bf16 + o, _e8m0_bf16_bits(b).to(tl.int16))
 
 
 def test_decoders_match_weight_formats_on_every_byte():
@@ -246,15 +246,18 @@ def test_decoders_match_weight_formats_on_every_byte():
 
 
 @triton.jit
-def _mxfp4_tile_in_k_order(p_w, p_s, p_e, p_out, R, C, SCALE_F32: tl.constexpr, POW2: tl.constexpr,
+def _mxfp4_tile_in_k_order(p_w, p_s, p_e, p_out, p_exp, R, C, SCALE_F32: tl.constexpr, FAST: tl.constexpr,
                            UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    # p_out [R, C] float32: the tile's rows stored at the positions _mxfp4_order gives the activations
+    # p_out [R, C] float32: the tile's rows stored at the positions _mxfp4_order gives the activations;
+    # p_exp [R, C / 32] int32: the exponents the tile reports
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     e = tl.load(p_e)
     for k0 in range(0, C, BLOCK_K):
-        w = _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32, POW2, UPCAST, BLOCK_K, BLOCK_N)   # [BK, BN]
+        w, exp = _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32, FAST, UPCAST, BLOCK_K, BLOCK_N)  # [BK, BN]
         k = tl.reshape(_mxfp4_order((k0 + tl.arange(0, BLOCK_K))[None, :], 1, BLOCK_K), [BLOCK_K])
         tl.store(p_out + offs_n[None, :] * C + k[:, None], w.to(tl.float32), mask=offs_n[None, :] < R)
+        g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        tl.store(p_exp + offs_n[None, :] * (C // 32) + g[:, None], exp, mask=offs_n[None, :] < R)
 
 
 # bf16 multiplies only compiled (marked gpu: the GPU session's `-m gpu` runs them), the fp32 path everywhere
@@ -264,34 +267,72 @@ EXTREME_SCALES = [0, 1, 2, 126, 127, 128, 129, 200, 253, 254, 255]
 
 
 @pytest.mark.parametrize("upcast", UPCASTS)
-@pytest.mark.parametrize("scale_f32,pow2", [(False, False), (True, False), (True, True)], ids=["e8m0", "f32", "f32-pow2"])
-def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32, pow2):
-    """_mxfp4_tile (uint32 word loads, _e2m1_bf16x2's bit placement, _e2m1_scaled) with its rows put back
-    at the positions _mxfp4_order gives the activations, against model/weight_formats bit for bit: every
-    byte (both nibbles, -0 included) in every row, e8m0 scale bytes 0 (2^-127, subnormal products), 254
-    (overflow to inf), 255 (NaN) and between, on expert 1 of 2; 9 rows (a partial column tile), 256
-    columns (four K tiles of 64). Compiled (a GPU run) the e8m0 path multiplies in bf16, the interpreter
-    in fp32 (its bf16 arithmetic works on raw bits). float32 scales: any value (fp32 multiplies), or
-    (POW2) normal powers of two (bytes 1..254) read as e8m0 bytes from their exponent fields."""
+@pytest.mark.parametrize("scale_f32,fast", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["e8m0", "f32", "e8m0-fast", "f32-pow2-fast"])
+def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32, fast):
+    """_mxfp4_tile (uint32 word loads, _e2m1_bf16x2's bit placement, the scale multiplies) with its rows
+    put back at the positions _mxfp4_order gives the activations, against model/weight_formats bit for
+    bit: every byte (both nibbles, -0 included) in every row, e8m0 scale bytes 0 (2^-127, subnormal
+    products), 254 (overflow to inf), 255 (NaN) and between, on expert 1 of 2; 9 rows (a partial column
+    tile), 256 columns (four K tiles of 64). Compiled (a GPU run) the e8m0 path multiplies in bf16, the
+    interpreter in fp32 (its bf16 arithmetic works on raw bits). float32 scales: any value (fp32
+    multiplies). FAST (one multiply by 2^(u - 1)): scale exponents up to 128 (float32 scales: normal
+    powers of two, read from their exponent fields), the exponents reported; above 128 clamped (the
+    caller's rerun: test_mxfp4_scales_above_two_rerun_exactly), their reports still right."""
     R, C = 9, 512
     g = torch.Generator().manual_seed(0)
     packed = torch.stack([torch.randperm(256, generator=g) for _ in range(2 * R)]).to(torch.uint8).view(2, R, C // 2)
     pick = torch.randint(0, len(EXTREME_SCALES), (2, R, C // 32), generator=g)
-    extremes = [b for b in EXTREME_SCALES if 0 < b < 255] if pow2 else EXTREME_SCALES
-    raw = torch.tensor(extremes, dtype=torch.uint8)[pick % len(extremes)]
+    raw = torch.tensor(EXTREME_SCALES, dtype=torch.uint8)[pick]
+    if fast:  # the fast route's range; the bytes above it stay in expert 0 (reported, not checked for values)
+        extremes = torch.tensor([b for b in EXTREME_SCALES if 0 < b <= 128], dtype=torch.uint8)
+        raw[1] = extremes[pick[1] % len(extremes)]
+        raw[1, 0] = 0 if not scale_f32 else raw[1, 0]     # byte 0 (no float32 power of two) in the e8m0 range
     scales = weight_formats.e8m0_to_float(raw) if scale_f32 else raw
-    expected = weight_formats.dequantize_mxfp4(packed[1], scales[1])
-    out = torch.full((R, C), 7.0, device=DEVICE)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    expert = torch.ones(1, dtype=torch.int64)
-    _mxfp4_tile_in_k_order[(triton.cdiv(R, 16),)](dev(packed), dev(scales), dev(expert), out, R, C, SCALE_F32=scale_f32,
-                                                  POW2=pow2, UPCAST=upcast, BLOCK_K=64, BLOCK_N=16)
-    out = out.cpu()
-    same = (out == expected) | (out.isnan() & expected.isnan())
-    assert same.all(), f"{(~same).sum().item()} of {same.numel()} differ, first at {(~same).nonzero()[0].tolist()}"
-    assert torch.equal(out.signbit()[~out.isnan()], expected.signbit()[~out.isnan()])
-    assert expected.isinf().any() and (expected.abs() == 2.0 ** -125).any()            # byte 254 overflows; byte 1
-    assert pow2 or (expected.isnan().any() and (expected.abs() == 2.0 ** -128).any())  # byte 255; byte 0
+    for expert in (1, 0) if fast else (1,):
+        out = torch.full((R, C), 7.0, device=DEVICE)
+        exp = torch.full((R, C // 32), -1, dtype=torch.int32, device=DEVICE)
+        _mxfp4_tile_in_k_order[(triton.cdiv(R, 16),)](dev(packed), dev(scales), torch.tensor([expert], device=DEVICE),
+                                                      out, exp, R, C, SCALE_F32=scale_f32, FAST=fast, UPCAST=upcast,
+                                                      BLOCK_K=64, BLOCK_N=16)
+        if fast:
+            assert torch.equal(exp.cpu(), raw[expert].int()), "the exponents reported"
+        if expert == 0:
+            continue
+        out, expected = out.cpu(), weight_formats.dequantize_mxfp4(packed[1], scales[1])
+        same = (out == expected) | (out.isnan() & expected.isnan())
+        assert same.all(), f"{(~same).sum().item()} of {same.numel()} differ, first at {(~same).nonzero()[0].tolist()}"
+        assert torch.equal(out.signbit()[~out.isnan()], expected.signbit()[~out.isnan()])
+        if fast:
+            assert (expected.abs() == 2.0 ** -125).any() and (expected.abs() == 12.0).any()   # byte 1; 6 x byte 128
+        else:
+            assert expected.isinf().any() and (expected.abs() == 2.0 ** -125).any()        # byte 254 overflows; byte 1
+        assert scale_f32 or (expected.abs() == 2.0 ** -128).any()                          # byte 0
+        assert fast or scale_f32 or expected.isnan().any()                                 # byte 255
+
+
+def test_mxfp4_scales_above_two_rerun_exactly():
+    """e8m0 scales above 2 (bytes 129 .. 254, past the fast route's one bf16 multiplier) in some runs of
+    expert 1, and a NaN scale (255) in expert 3: those experts' programs rerun on the exact route (both
+    launches, W4A16 and W4A8's bf16 route), against the twin; NaN outputs where the twin has them."""
+    T, k, E, D, I = 7, 2, 5, 128, 128
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ids, w = routing(T, k, E, "random", seed=1)
+    w1, w2, w3, scales = experts(E, I, D, torch.bfloat16, "mxfp4", seed=E)
+    scales = tuple(s.view(torch.uint8).clone() for s in scales)
+    for s in scales:   # 4 .. 2^12 (the routing weights and the clamped SwiGLU keep the outputs finite)
+        s[1, :, 0] = torch.randint(129, 140, s[1, :, 0].shape, generator=torch.Generator().manual_seed(2),
+                                   dtype=torch.uint8)
+        s[3, 0, 1] = 255
+    scales = tuple(s.view(torch.float8_e8m0fnu) for s in scales)
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    for act in ("x", "fp8"):
+        out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, None, "mxfp4",
+                          tuple(map(dev, scales)), act).cpu()
+        ref = naive.moe_experts(x, ids, w, w1, w2, w3, LIMIT, None, "mxfp4", scales, act)
+        assert ref.isnan().any() and ref.isfinite().any(), "the case: a NaN scale's outputs beside finite ones"
+        assert_close(f"act {act}: kernel vs naive", ref, out, TOL[torch.bfloat16])
 
 
 def test_small_tiles_and_group_swizzle():
