@@ -148,9 +148,10 @@ def _halves(pair):
 
 @triton.jit
 def _mul_bf16x2(a, b):
-    """uint32 words of two bf16 each, multiplied half by half (round to nearest): one instruction."""
-    return tl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.uint32,
-                                     is_pure=True, pack=1)
+    """uint32 words of two bf16 each, multiplied half by half (round to nearest): one instruction, an FMA
+    adding -0 (the product's value and sign; sm_80 has bf16x2 FMAs, mul.bf16x2 needs sm_90)."""
+    return tl.inline_asm_elementwise("{ .reg .b32 z; mov.b32 z, 0x80008000; fma.rn.bf16x2 $0, $1, $2, z; }",
+                                     "=r,r,r", [a, b], dtype=tl.uint32, is_pure=True, pack=1)
 
 
 @triton.jit
