@@ -45,6 +45,12 @@ class MoeExpertsConfig(KernelConfig):
     for bf16 ones; any block_n). "pass" costs a launch and the fp32 round trip, and frees the gate/up
     column tile: at decode sizes 128-wide tiles leave SMs idle when few experts are in use (96 programs
     for one token's 6 experts at I 2048), so it is W4A8's decode default.
+    mxfp4_scaling (MXFP4 weights on bf16 tensor cores): how a decoded code meets its scale, the same
+    values either way: "two" multiplies (2^126, then the scale) or "one" (by their product, which bf16
+    holds for scales up to 2; a program that meets a larger scale runs its K loop again on "two"). "one"
+    is the decode default: 11-12% fewer instructions a K step where the dequantization bounds the time
+    (1.03x at T 1 and 64 on the H100); at prefill its 128 x 128 tiles' registers spilled and it ran 0.97x
+    (bench/results/H100/session30_gpu_runs.md).
     split_k / down_split_k (decode): the gate/up launch's reduction over D / the down launch's over I cut
     into that many ranges of whole K tiles at one token, each range a program (`run_splits`: split_k // T
     ranges at T tokens, at least 1, so the grid stays about one token's size; an engine's symbolic T
@@ -68,12 +74,14 @@ class MoeExpertsConfig(KernelConfig):
     down_num_stages: int = 3
     w4a8_mma: str = "bf16"
     act_round: str = "gate_up"
+    mxfp4_scaling: str = "two"
     split_k: int = 1
     down_split_k: int = 1
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "block_k", "num_warps", "down_block_n",
                                               "down_block_k", "down_num_warps")
-    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"w4a8_mma": ("bf16", "fp8"), "act_round": ("gate_up", "pass")}
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"w4a8_mma": ("bf16", "fp8"), "act_round": ("gate_up", "pass"),
+                                                        "mxfp4_scaling": ("two", "one")}
 
     def __post_init__(self):
         super().__post_init__()
@@ -158,7 +166,7 @@ def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_f
     regime's default) or the W4A8 op's (MXFP4: w4a8_config)."""
     cfg = pick_default({gpu: by_regime[regime(n_assignments)] for gpu, by_regime in DEFAULT_CONFIGS.items()}, gpu_name)
     if weight_format == "mxfp4" and regime(n_assignments) == "decode":
-        cfg = cfg.replace(**pick_default(MXFP4_DECODE_FIELDS, gpu_name))
+        cfg = cfg.replace(mxfp4_scaling="one", **pick_default(MXFP4_DECODE_FIELDS, gpu_name))
     if act != "fp8":
         return cfg
     return w4a8_config(cfg, n_assignments) if weight_format == "mxfp4" else w8a8_config(cfg)

@@ -273,51 +273,58 @@ def _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, BLOCK_K: tl
         return tl.load(ps, mask=mask, other=127).to(tl.int32)
 
 
+# MXFP4 scaling routes of _mxfp4_tile (ROUTE): EXACT (any scale; e8m0 bytes: 2^126, then the scale, two
+# bf16 multiplies; float32 scales: fp32 multiplies), POW2 (float32 scales read as e8m0 bytes from their
+# exponent fields, as EXACT's e8m0 route: the caller checks they are normal powers of two), ONE (one bf16
+# multiply by 2^126 * scale, which bf16 holds for exponents up to 128: the caller checks those, and POW2's
+# check for float32 scales). A program whose check fails runs its K loop again on EXACT.
+ROUTE_EXACT, ROUTE_POW2, ROUTE_ONE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
 @triton.jit
-def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, FAST: tl.constexpr, UPCAST: tl.constexpr,
+def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, ROUTE: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """W[e][offs_n, k0 : k0 + BLOCK_K]^T as a [BLOCK_K, BLOCK_N] tile with its rows in _mxfp4_order
     (row 8r + 2p + h holds position k0 + 8r + p + 4h; 0 outside), for MXFP4 W: bytes [E, R, C/2] (the
     low nibble the even element), scales [E, R, C/32]; and the scales' e8m0 exponents [BLOCK_K/32,
-    BLOCK_N] int32 (FAST; zeros otherwise). Loaded as uint32 words (_mxfp4_words), decoded by
-    _e2m1_bf16x2 in that order so that no value moves between registers (the caller loads the
-    activations in the same order): a code's value times 2^-126, then times 2^126 and its scale, exact
-    (a code times a power of two has at most two significant bits; bf16 holds it, subnormals included,
-    or it overflows as in fp32). Compiled with e8m0 scales (or FAST): bf16 multiplies on the words as
-    _e2m1_bf16x2 packs them (both codes of a word share a 32-run), two values an instruction; FAST folds
-    the two multipliers into one, 2^(u - 1) for the exponent u, which bf16 holds up to u = 128: float32
-    scales are taken for normal powers of two (their exponent fields as e8m0 bytes) and exponents above
-    128 clamped, and the caller checks both (_not_pow2, the exponents' max) and reruns without FAST where
-    either failed. Float32 scales without FAST (any value, as the plain op multiplies them in fp32) and
-    UPCAST (the interpreter, whose bf16 arithmetic works on the raw bits): fp32, the same values."""
+    BLOCK_N] int32 (ROUTE_ONE, for the caller's check; zeros otherwise). Loaded as uint32 words
+    (_mxfp4_words), decoded by _e2m1_bf16x2 in that order so that no value moves between registers (the
+    caller loads the activations in the same order): a code's value times 2^-126, then times 2^126 and
+    its scale (ROUTE, above), exact: a code times a power of two has at most two significant bits; bf16
+    holds it, subnormals included, or it overflows as in fp32. Compiled, the bf16 multiplies act on the
+    words as _e2m1_bf16x2 packs them (both codes of a word share a 32-run), two values an instruction;
+    UPCAST (the interpreter, whose bf16 arithmetic works on the raw bits) multiplies in fp32, the same
+    values."""
     G: tl.constexpr = BLOCK_K // 32
     p0, p1, p2, p3 = _e2m1_bf16x2(_mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K))         # [BK/8, BN] each
     u = _mxfp4_scales(p_s, e, offs_n, k0, R, C, SCALE_F32, BLOCK_K)                      # [G, BN]
-    exp = tl.zeros([G, BLOCK_N], dtype=tl.int32)
-    if FAST:
-        if SCALE_F32:
-            exp = (u.to(tl.int32, bitcast=True) >> 23) & 0xFF
-        else:
-            exp = u
+    FP32: tl.constexpr = SCALE_F32 and ROUTE == ROUTE_EXACT                              # any float32 scale
+    if SCALE_F32:
+        exp = (u.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    else:
+        exp = u
+    if ROUTE == ROUTE_ONE:
         mult = (tl.minimum(exp, 128) + 126) << 7                                          # bf16 bits of 2^(u - 1)
-    elif not SCALE_F32:
-        mult = _e8m0_bf16_bits(u)                                                         # bf16 bits of 2^(u - 127)
-    if UPCAST or (SCALE_F32 and not FAST):
+    else:
+        mult = _e8m0_bf16_bits(exp)                                                       # bf16 bits of 2^(u - 127)
+    if UPCAST or FP32:
         w = (_mma_order(p0, p1, p2, p3, G, BLOCK_N).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        if FAST:
+        if ROUTE == ROUTE_ONE:
             w = w * (mult << 16).to(tl.float32, bitcast=True)[:, None, :]
         else:
-            w = w * 8.507059173023462e+37 * (u if SCALE_F32 else _e8m0(u))[:, None, :]        # 2^126, the scale
+            w = w * 8.507059173023462e+37 * (u if FP32 else _e8m0(exp))[:, None, :]         # 2^126, the scale
     else:
         by_word = tl.reshape(tl.broadcast_to((mult * 0x10001).to(tl.uint32)[:, None, :], [G, 4, BLOCK_N]),
                              [BLOCK_K // 8, BLOCK_N])                                      # both halves
-        if not FAST:  # 2^126 first
+        if ROUTE != ROUTE_ONE:  # 2^126 first
             two_126 = tl.full([BLOCK_K // 8, BLOCK_N], 0x7E807E80, tl.uint32)
             p0, p1, p2, p3 = _mul_bf16x2(p0, two_126), _mul_bf16x2(p1, two_126), _mul_bf16x2(p2, two_126), \
                 _mul_bf16x2(p3, two_126)
         p0, p1, p2, p3 = _mul_bf16x2(p0, by_word), _mul_bf16x2(p1, by_word), _mul_bf16x2(p2, by_word), \
             _mul_bf16x2(p3, by_word)
         w = _mma_order(p0, p1, p2, p3, G, BLOCK_N).to(tl.bfloat16, bitcast=True)
+    if ROUTE != ROUTE_ONE:
+        exp = tl.zeros([G, BLOCK_N], dtype=tl.int32)
     return tl.reshape(w, [BLOCK_K, BLOCK_N]), exp
 
 
@@ -458,30 +465,32 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo, k_hi, FMT: tl.constexpr,
-                  SCALE_F32: tl.constexpr, FAST: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
-                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  SCALE_F32: tl.constexpr, ROUTE: tl.constexpr, RERUN: tl.constexpr, NATIVE_FP8: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """(x[token] @ W1[e][offs_n]^T, x[token] @ W3[e][offs_n]^T) [BM, BN] fp32 each over K = k_lo .. k_hi
     (k_lo a multiple of BLOCK_K), in x's dtype on the tensor cores (rows not row_ok: 0) for float, FP8
-    (dequantized) or MXFP4 (_mxfp4_tile) weights, and with FAST whether _mxfp4_tile's fast route missed
-    (a float32 scale no normal power of two, or an exponent above 128: the products then void)."""
+    (dequantized) or MXFP4 (_mxfp4_tile, on ROUTE) weights, and whether ROUTE's check failed (the products
+    then void). RERUN (a failed check's second pass, rare): not software-pipelined, so that this loop
+    compiled beside the first does not raise the kernel's registers."""
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     miss = tl.zeros([BLOCK_N], dtype=tl.int32)
-    top = tl.zeros([BLOCK_K // 32, BLOCK_N], dtype=tl.int32)     # the largest exponent seen (FAST)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=None if FAST else 1):
+    top = tl.zeros([BLOCK_K // 32, BLOCK_N], dtype=tl.int32)     # the largest exponent seen (ROUTE_ONE)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=1 if RERUN else None):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_x + token[:, None] * D + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < D),
                     other=0.0)
         if FMT == 2:
             a = _mxfp4_order(a, BLOCK_M, BLOCK_K)
-            b1, exp1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, FAST, UPCAST, BLOCK_K, BLOCK_N)
+            b1, exp1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, ROUTE, UPCAST, BLOCK_K, BLOCK_N)
             acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
-            b3, exp3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, FAST, UPCAST, BLOCK_K, BLOCK_N)
+            b3, exp3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, ROUTE, UPCAST, BLOCK_K, BLOCK_N)
             acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
-            if FAST:
+            if ROUTE == ROUTE_ONE:
                 top = tl.maximum(top, tl.maximum(exp1, exp3))
-                if SCALE_F32:
-                    miss |= _not_pow2(p_s1, e, offs_n, k0, I, D, BLOCK_K) | _not_pow2(p_s3, e, offs_n, k0, I, D, BLOCK_K)
+            if SCALE_F32 and ROUTE != ROUTE_EXACT:
+                miss |= _not_pow2(p_s1, e, offs_n, k0, I, D, BLOCK_K) | _not_pow2(p_s3, e, offs_n, k0, I, D, BLOCK_K)
         else:
             b1 = _weight_tile(p_w1, p_s1, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
@@ -492,23 +501,23 @@ def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k
 
 @triton.jit
 def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
-               FAST: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """act[offs_m, k_lo:k_hi] @ W2[e][offs_n, k_lo:k_hi]^T [BM, BN] fp32 and whether the fast route missed,
-    as _gate_up_loop's."""
+               ROUTE: tl.constexpr, RERUN: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
+               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act[offs_m, k_lo:k_hi] @ W2[e][offs_n, k_lo:k_hi]^T [BM, BN] fp32 and whether ROUTE's check failed, as
+    _gate_up_loop's."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     miss = tl.zeros([BLOCK_N], dtype=tl.int32)
     top = tl.zeros([BLOCK_K // 32, BLOCK_N], dtype=tl.int32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=None if FAST else 1):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=1 if RERUN else None):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
         if FMT == 2:
-            b, exp = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, FAST, UPCAST, BLOCK_K, BLOCK_N)
+            b, exp = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, ROUTE, UPCAST, BLOCK_K, BLOCK_N)
             acc = _dot(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
-            if FAST:
+            if ROUTE == ROUTE_ONE:
                 top = tl.maximum(top, exp)
-                if SCALE_F32:
-                    miss |= _not_pow2(p_s2, e, offs_n, k0, D, I, BLOCK_K)
+            if SCALE_F32 and ROUTE != ROUTE_EXACT:
+                miss |= _not_pow2(p_s2, e, offs_n, k0, D, I, BLOCK_K)
         else:
             b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
             acc = _dot(a, b, acc, UPCAST, IEEE)
@@ -568,8 +577,8 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
                     N, TOPK, D, I, E, n_blocks, first_slot, n_split, K_PER, rows_per_split,
                     FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr,
-                    ROUND_PASS: tl.constexpr, RECIP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    ROUND_PASS: tl.constexpr, RECIP: tl.constexpr, SPLIT: tl.constexpr, ROUTE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
     # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype.
     # ACT_FP8 (W8A8, W4A8): the weighted activation FP8-rounded here; p_weights [T * TOPK] float32. With
@@ -601,15 +610,14 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         acc_up = _fp8_gemm(p_x, p_xs, token, row_ok, p_w3, p_s3, e, pid_n * BLOCK_N, I, D, k_lo, k_hi, FMT,
                            SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        # MXFP4: _mxfp4_tile's fast route, again on the exact one where it missed (a float32 scale no power
-        # of two, a scale above 2)
+        # MXFP4 on ROUTE (_mxfp4_tile), again on the exact route where its check failed
         acc_gate, acc_up, missed = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo,
-                                                 k_hi, FMT, SCALE_F32, FMT == 2, NATIVE_FP8, UPCAST,
-                                                 IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        if FMT == 2 and missed:
+                                                 k_hi, FMT, SCALE_F32, ROUTE, False, NATIVE_FP8, UPCAST, IEEE,
+                                                 BLOCK_M, BLOCK_N, BLOCK_K)
+        if FMT == 2 and ROUTE != ROUTE_EXACT and missed:
             acc_gate, acc_up, _ = _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo,
-                                                k_hi, FMT, SCALE_F32, False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M,
-                                                BLOCK_N, BLOCK_K)
+                                                k_hi, FMT, SCALE_F32, ROUTE_EXACT, True, NATIVE_FP8, UPCAST, IEEE,
+                                                BLOCK_M, BLOCK_N, BLOCK_K)
     if SPLIT:  # the partial sums of this range, for the SwiGLU pass
         row = tl.program_id(1) * rows_per_split + tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
         p_row = p_act + row[:, None] * (2 * I) + offs_n[None, :]
@@ -655,7 +663,8 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
                  N, first_slot, TOPK, D, I, E, n_blocks, n_split, K_PER, rows_per_split,
                  FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                  IEEE: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SPLIT: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 ROUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
     # p_act [n_blocks * BLOCK_M, I] (FP8_MMA: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
     # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
     # p_weights [T * TOPK] float32 (unused with ACT_FP8: act holds it);
@@ -675,11 +684,11 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
         acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, k_lo, k_hi, FMT,
                         SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32,
-                                 FMT == 2, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
-        if FMT == 2 and missed:  # as the gate/up launch's
-            acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, False,
-                                NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE,
+                                 False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        if FMT == 2 and ROUTE != ROUTE_EXACT and missed:  # as the gate/up launch's
+            acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE_EXACT,
+                                True, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if not ACT_FP8:  # W8A8's and W4A8's act holds its routing weight already
         acc = acc * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
     row = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
@@ -876,6 +885,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         s1, s2, s3 = (placeholder(x.device, torch.float32) for _ in range(3))  # unused
     upcast = INTERPRET
     ieee = x.dtype == torch.float32
+    # MXFP4's scaling (_mxfp4_tile; config mxfp4_scaling): float32 scales on "two" first read as e8m0 bytes
+    route = ROUTE_ONE if cfg.mxfp4_scaling == "one" else ROUTE_POW2 if scale_f32 else ROUTE_EXACT
     bn, bn2 = fit_block(cfg.block_n, I), fit_block(cfg.down_block_n, D)
     # each range whole K tiles (a range past the last K tile sums nothing: zeros)
     k_per = triton.cdiv(triton.cdiv(D, cfg.block_k), n_split) * cfg.block_k
@@ -887,7 +898,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                s3, topk_weights, gate_up_out, hidden_scale, float(swiglu_limit),
                T * k, k, D, I, E, n_blocks, first * k, n_split, k_per, chunk_rows,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=native, UPCAST=upcast, IEEE=ieee, ROUND_BF16=round_bf16,
-               ACT_FP8=act_fp8, FP8_MMA=fp8_mma, ROUND_PASS=round_pass, RECIP=recip, SPLIT=split > 1,
+               ACT_FP8=act_fp8, FP8_MMA=fp8_mma, ROUND_PASS=round_pass, RECIP=recip, SPLIT=split > 1, ROUTE=route,
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split > 1:
@@ -903,7 +914,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                block_expert[c], w2, s2, topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks, n_down_split,
                down_k_per, chunk_rows,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=native, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,
-               FP8_MMA=fp8_mma, SPLIT=down_split > 1, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k,
+               FP8_MMA=fp8_mma, SPLIT=down_split > 1, ROUTE=route, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k,
                GROUP_M=cfg.group_m, num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
         sum_slots(slots, topk_ids, out, first, torch.sym_min(first + chunk, T), n_down_split, chunk_rows)
     return out

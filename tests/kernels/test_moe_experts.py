@@ -177,10 +177,11 @@ def test_float32_scales(fmt):
     run_all(7, 2, 5, 64, 64, torch.float32, fmt, "holes", scale_dtype=torch.float32)
 
 
-def test_mxfp4_float32_scales_of_any_value():
+@pytest.mark.parametrize("scaling", ["one", "two"])
+def test_mxfp4_float32_scales_of_any_value(scaling):
     """MXFP4 float32 scales that are not all powers of two (expert 1's times 3/2, expert 3's one run 2^-130, a
-    subnormal) take the fp32 route in those experts' programs, the e8m0 route elsewhere (_not_pow2): each
-    against the twin, which multiplies the same values."""
+    subnormal) take the fp32 route in those experts' programs, the e8m0 route elsewhere (_not_pow2), with
+    either mxfp4_scaling: each against the twin, which multiplies the same values."""
     T, k, E, D, I = 7, 2, 5, 64, 64
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     ids, w = routing(T, k, E, "random", seed=1)
@@ -190,7 +191,7 @@ def test_mxfp4_float32_scales_of_any_value():
         s[1] *= 1.5
         s[3, 0, 0] = 2.0 ** -130
     dev = lambda t: t.to(DEVICE)  # noqa: E731
-    out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, None, "mxfp4",
+    out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, f"mxfp4_scaling={scaling}", "mxfp4",
                       tuple(map(dev, scales))).cpu()
     assert_close("kernel vs naive", naive.moe_experts(x, ids, w, w1, w2, w3, LIMIT, None, "mxfp4", scales), out,
                  TOL[torch.bfloat16])
@@ -246,14 +247,14 @@ def test_decoders_match_weight_formats_on_every_byte():
 
 
 @triton.jit
-def _mxfp4_tile_in_k_order(p_w, p_s, p_e, p_out, p_exp, R, C, SCALE_F32: tl.constexpr, FAST: tl.constexpr,
+def _mxfp4_tile_in_k_order(p_w, p_s, p_e, p_out, p_exp, R, C, SCALE_F32: tl.constexpr, ROUTE: tl.constexpr,
                            UPCAST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     # p_out [R, C] float32: the tile's rows stored at the positions _mxfp4_order gives the activations;
     # p_exp [R, C / 32] int32: the exponents the tile reports
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     e = tl.load(p_e)
     for k0 in range(0, C, BLOCK_K):
-        w, exp = _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32, FAST, UPCAST, BLOCK_K, BLOCK_N)  # [BK, BN]
+        w, exp = _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32, ROUTE, UPCAST, BLOCK_K, BLOCK_N)  # [BK, BN]
         k = tl.reshape(_mxfp4_order((k0 + tl.arange(0, BLOCK_K))[None, :], 1, BLOCK_K), [BLOCK_K])
         tl.store(p_out + offs_n[None, :] * C + k[:, None], w.to(tl.float32), mask=offs_n[None, :] < R)
         g = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -267,34 +268,39 @@ EXTREME_SCALES = [0, 1, 2, 126, 127, 128, 129, 200, 253, 254, 255]
 
 
 @pytest.mark.parametrize("upcast", UPCASTS)
-@pytest.mark.parametrize("scale_f32,fast", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["e8m0", "f32", "e8m0-fast", "f32-pow2-fast"])
-def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32, fast):
+@pytest.mark.parametrize("scale_f32,route", [(False, 0), (True, 0), (True, 1), (False, 2), (True, 2)],
+                         ids=["e8m0-exact", "f32-exact", "f32-pow2", "e8m0-one", "f32-one"])
+def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32, route):
     """_mxfp4_tile (uint32 word loads, _e2m1_bf16x2's bit placement, the scale multiplies) with its rows
     put back at the positions _mxfp4_order gives the activations, against model/weight_formats bit for
     bit: every byte (both nibbles, -0 included) in every row, e8m0 scale bytes 0 (2^-127, subnormal
     products), 254 (overflow to inf), 255 (NaN) and between, on expert 1 of 2; 9 rows (a partial column
     tile), 256 columns (four K tiles of 64). Compiled (a GPU run) the e8m0 path multiplies in bf16, the
-    interpreter in fp32 (its bf16 arithmetic works on raw bits). float32 scales: any value (fp32
-    multiplies). FAST (one multiply by 2^(u - 1)): scale exponents up to 128 (float32 scales: normal
-    powers of two, read from their exponent fields), the exponents reported; above 128 clamped (the
-    caller's rerun: test_mxfp4_scales_above_two_rerun_exactly), their reports still right."""
+    interpreter in fp32 (its bf16 arithmetic works on raw bits). Routes (ROUTE_EXACT 0, ROUTE_POW2 1,
+    ROUTE_ONE 2): exact, float32 scales of any value (fp32 multiplies); POW2, float32 normal powers of
+    two (bytes 1..254) read as e8m0 bytes from their exponent fields; ONE (one multiply by 2^(u - 1)):
+    exponents up to 128 (float32 scales: normal powers of two), the exponents reported; above 128
+    clamped (the caller's rerun: test_mxfp4_scales_above_two_rerun_exactly), their reports still right."""
+    fast = route == 2
     R, C = 9, 512
     g = torch.Generator().manual_seed(0)
     packed = torch.stack([torch.randperm(256, generator=g) for _ in range(2 * R)]).to(torch.uint8).view(2, R, C // 2)
     pick = torch.randint(0, len(EXTREME_SCALES), (2, R, C // 32), generator=g)
     raw = torch.tensor(EXTREME_SCALES, dtype=torch.uint8)[pick]
-    if fast:  # the fast route's range; the bytes above it stay in expert 0 (reported, not checked for values)
+    if fast:  # the route's range; the bytes above it stay in expert 0 (reported, not checked for values)
         extremes = torch.tensor([b for b in EXTREME_SCALES if 0 < b <= 128], dtype=torch.uint8)
         raw[1] = extremes[pick[1] % len(extremes)]
         raw[1, 0] = 0 if not scale_f32 else raw[1, 0]     # byte 0 (no float32 power of two) in the e8m0 range
+    elif route == 1:  # float32 normal powers of two
+        extremes = torch.tensor([b for b in EXTREME_SCALES if 0 < b < 255], dtype=torch.uint8)
+        raw = extremes[pick % len(extremes)]
     scales = weight_formats.e8m0_to_float(raw) if scale_f32 else raw
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     for expert in (1, 0) if fast else (1,):
         out = torch.full((R, C), 7.0, device=DEVICE)
         exp = torch.full((R, C // 32), -1, dtype=torch.int32, device=DEVICE)
         _mxfp4_tile_in_k_order[(triton.cdiv(R, 16),)](dev(packed), dev(scales), torch.tensor([expert], device=DEVICE),
-                                                      out, exp, R, C, SCALE_F32=scale_f32, FAST=fast, UPCAST=upcast,
+                                                      out, exp, R, C, SCALE_F32=scale_f32, ROUTE=route, UPCAST=upcast,
                                                       BLOCK_K=64, BLOCK_N=16)
         if fast:
             assert torch.equal(exp.cpu(), raw[expert].int()), "the exponents reported"
@@ -309,13 +315,15 @@ def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32, fast):
         else:
             assert expected.isinf().any() and (expected.abs() == 2.0 ** -125).any()        # byte 254 overflows; byte 1
         assert scale_f32 or (expected.abs() == 2.0 ** -128).any()                          # byte 0
-        assert fast or scale_f32 or expected.isnan().any()                                 # byte 255
+        assert fast or route == 1 or expected.isnan().any()                               # byte 255
 
 
-def test_mxfp4_scales_above_two_rerun_exactly():
-    """e8m0 scales above 2 (bytes 129 .. 254, past the fast route's one bf16 multiplier) in some runs of
-    expert 1, and a NaN scale (255) in expert 3: those experts' programs rerun on the exact route (both
-    launches, W4A16 and W4A8's bf16 route), against the twin; NaN outputs where the twin has them."""
+@pytest.mark.parametrize("scaling", ["one", "two"])
+def test_mxfp4_scales_above_two_rerun_exactly(scaling):
+    """e8m0 scales above 2 (bytes 129 .. 254, past mxfp4_scaling "one"'s bf16 multiplier) in some runs of
+    expert 1, and a NaN scale (255) in expert 3: on "one" those experts' programs rerun on the exact route
+    (both launches, W4A16 and W4A8's bf16 route), "two" is exact at once; against the twin, NaN outputs
+    where the twin has them."""
     T, k, E, D, I = 7, 2, 5, 128, 128
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     ids, w = routing(T, k, E, "random", seed=1)
@@ -328,8 +336,8 @@ def test_mxfp4_scales_above_two_rerun_exactly():
     scales = tuple(s.view(torch.float8_e8m0fnu) for s in scales)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     for act in ("x", "fp8"):
-        out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, None, "mxfp4",
-                          tuple(map(dev, scales)), act).cpu()
+        out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, f"mxfp4_scaling={scaling}",
+                          "mxfp4", tuple(map(dev, scales)), act).cpu()
         ref = naive.moe_experts(x, ids, w, w1, w2, w3, LIMIT, None, "mxfp4", scales, act)
         assert ref.isnan().any() and ref.isfinite().any(), "the case: a NaN scale's outputs beside finite ones"
         assert_close(f"act {act}: kernel vs naive", ref, out, TOL[torch.bfloat16])
@@ -712,16 +720,20 @@ def test_w4a8_defaults_round_by_a_pass_at_decode_sizes():
 def test_mxfp4_decode_config_on_the_h100():
     """MXFP4's decode kernels are instruction-bound: on the H100 its decode tiles are wider than the other
     formats' and one token splits K in two ranges (MXFP4_DECODE_FIELDS, measured); W4A16 and W4A8 alike,
-    prefill and the other GPUs unchanged."""
+    prefill and the other GPUs unchanged. MXFP4 decodes scale with one multiply on every GPU, prefill
+    with two (mxfp4_scaling, measured)."""
     float_decode = default_config("H100", 6)
     assert (float_decode.block_n, float_decode.down_block_n, float_decode.split_k) == (32, 32, 1)
     assert default_config("H100", 6, "fp8") == float_decode
     for act in ("x", "fp8"):
         cfg = default_config("H100", 6, "mxfp4", act)
         assert (cfg.block_n, cfg.down_block_n, cfg.split_k, cfg.down_split_k) == (64, 128, 2, 2), act
-        assert cfg.replace(block_n=32, down_block_n=32, act_round="gate_up", split_k=1, down_split_k=1) == float_decode
+        assert cfg.replace(block_n=32, down_block_n=32, act_round="gate_up", split_k=1, down_split_k=1,
+                           mxfp4_scaling="two") == float_decode
     assert default_config("H100", 1 << 20, "mxfp4") == default_config("H100", 1 << 20)
-    assert default_config("H200", 6, "mxfp4") == default_config("H200", 6)
+    assert default_config("H200", 6, "mxfp4") == default_config("H200", 6).replace(mxfp4_scaling="one")
+    assert default_config("H100", 6, "mxfp4").mxfp4_scaling == default_config("generic", 6, "mxfp4").mxfp4_scaling == "one"
+    assert default_config("H100", 6, "fp8").mxfp4_scaling == default_config("H200", 1 << 20, "mxfp4").mxfp4_scaling == "two"
 
 
 @triton.jit

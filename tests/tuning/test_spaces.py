@@ -323,7 +323,8 @@ def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
     weights (half a byte a weight and a scale per 32: fewer bytes of work than FP8) with act fp8. Shared
     memory counts the MXFP4 words and, on bf16 tensor cores, bf16 activation tiles: 128 x 128 x 128 tiles
     in 3 stages, 3 x (32 + 2 x 8) KB, fit an H100, in 5 stages not. Its decode default: W4A16's tiles,
-    the activation rounded by a pass."""
+    the activation rounded by a pass, one multiply a weight (mxfp4_scaling; "one" with FP8 tensor cores is
+    redundant: their route ignores it)."""
     w4a8, w8a8 = get_space("moe_experts_mxfp4_w4a8"), get_space("moe_experts_fp8_w8a8")
     h200 = gpu_spec("H200")
     pre4, pre8 = (s.make_problem(FLASH, 8192, 1, "prefill") for s in (w4a8, w8a8))
@@ -331,7 +332,7 @@ def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
     assert w4a8.choices(pre4, h200)["block_n"] == w8a8.choices(pre8, h200)["block_n"] == (32, 64, 128, 256)
     # its prefill defaults: W8A8's but K tiles as the regime's (W4A16's loop on bf16 tensor cores: no promotions)
     assert w4a8.default_params(pre4, h200) == {**w8a8.default_params(pre8, h200), "block_k": 64, "down_block_k": 64,
-                                               "w4a8_mma": "bf16"}
+                                               "w4a8_mma": "bf16", "mxfp4_scaling": "two"}
     assert w4a8.choices(pre4, h200)["w4a8_mma"] == ("bf16", "fp8")
     default = w4a8.make_config(w4a8.default_params(pre4, h200), "H100")
     assert w4a8.check(default, pre4, gpu_spec("H100"), baseline=True) is None
@@ -343,8 +344,10 @@ def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
     assert kind == "hard" and "128-blocks" in reason
     dec4 = w4a8.make_problem(FLASH, 8192, 1, "decode")
     decode = w4a8.make_config(w4a8.default_params(dec4, h200), "H200", "decode")
-    assert (decode.act_round, decode.block_n) == ("pass", 64)
+    assert (decode.act_round, decode.block_n, decode.mxfp4_scaling) == ("pass", 64, "one")
     assert w4a8.check(decode, dec4, h200, baseline=True) is None
+    kind, reason = w4a8.check(decode.replace(w4a8_mma="fp8"), dec4, h200)
+    assert kind == "redundant" and "mxfp4_scaling" in reason
 
 
 def test_decode_baseline_is_the_launchers_own_default():

@@ -57,6 +57,8 @@ def moe_redundant(cfg, problem, gpu) -> str | None:
     for name, dim in (("block_n", problem.dim("I")), ("down_block_n", problem.dim("D"))):
         if getattr(cfg, name) > _fit(getattr(cfg, name), dim):
             return f"{name} {getattr(cfg, name)} > the matrix needs ({_fit(getattr(cfg, name), dim)}): clamped by the launcher"
+    if cfg.mxfp4_scaling == "one" and (problem.dims.get("weights") != "mxfp4" or cfg.w4a8_mma == "fp8"):
+        return "mxfp4_scaling one: MXFP4 weights on bf16 tensor cores only (elsewhere the same kernel as two)"
     if cfg.block_m > 16 and problem.dim("T") * problem.dim("k") <= problem.dim("E"):
         return f"block_m {cfg.block_m}: at most one row per expert in use, 16 rows pad the least"
     for name in ("split_k", "down_split_k"):   # 1: the unsplit launches; 2 and up: the split path
@@ -136,8 +138,9 @@ MOE_EXPERTS_FP8_W8A8 = dataclasses.replace(
         "(act_round).")
 MOE_EXPERTS_MXFP4_W4A8 = dataclasses.replace(
     MOE_EXPERTS_FP8_W8A8, name="moe_experts_mxfp4_w4a8", problem=_moe_mxfp4_w4a8_problem,
-    params=(*MOE_EXPERTS_FP8_W8A8.params, Param("w4a8_mma", ("bf16", "fp8"))),
+    params=(*MOE_EXPERTS_FP8_W8A8.params, Param("w4a8_mma", ("bf16", "fp8")), Param("mxfp4_scaling", ("two", "one"))),
     defaults={"prefill": "w4a8_prefill_config", "decode": "w4a8_decode_config"},
     doc="moe_experts' problems with w1/w3 [256, 2048, 2048], w2 [256, 4096, 1024] MXFP4 (two e2m1 a byte, an e8m0 "
         "scale per 1 x 32), x and the SwiGLU output quantized to FP8 per 128-block (W4A8): moe_experts_fp8_w8a8's "
-        "params and rules, and which tensor cores multiply (w4a8_mma: bf16 or FP8).")
+        "params and rules, which tensor cores multiply (w4a8_mma: bf16 or FP8) and how the bf16 route scales the "
+        "decoded weights (mxfp4_scaling: one multiply or two).")
