@@ -41,15 +41,16 @@ e8m0 bytes or float32. Quantized tiles are dequantized in registers and multipli
 fp32 accumulation (W8A16 / W4A16; exact: every code times a power-of-two scale is a bf16 value):
 FP8 codes converted by the hardware (the interpreter decodes their bits); MXFP4 loaded as 32-bit words
 of eight codes, each code's bits shifted into a bf16 (each integer operation on two codes: _e2m1_bf16x2),
-times 2^126 * scale in one bf16x2 multiply a word (bf16 holds that factor for scales up to 2), the K
-positions in the order the words decode into (a permutation within each run of 8) and the activations
-loaded in the same order (_mxfp4_order), so no weight moves between registers
-(bench/results/H200/moe_mxfp4_offline.md, bench/results/H100/session30_moe_one_multiply_offline.md:
-the SASS per weight). float32 MXFP4 scales (as base models ship scales; the model holds e8m0 bytes)
-take that route too, their exponent fields read as e8m0 bytes. Along the K loop each program checks
-that every scale is a normal power of two (_not_pow2, float32 scales) of at most 2; one that meets
-another runs its K loop again on the exact route: 2^126 and the scale as two bf16 multiplies (e8m0:
-any byte, NaN and overflow as in fp32) or fp32 multiplies (float32 scales of any value).
+times 2^126 and the scale as bf16x2 multiplies on the words (config mxfp4_scaling "two"), or times their
+product in one (bf16 holds it for scales up to 2: "one", the decode default), the K positions in the
+order the words decode into (a permutation within each run of 8) and the activations loaded in the same
+order (_mxfp4_order), so no weight moves between registers (bench/results/H200/moe_mxfp4_offline.md,
+bench/results/H100/session30_moe_one_multiply_offline.md: the SASS per weight). float32 MXFP4 scales
+(as base models ship scales; the model holds e8m0 bytes) take those routes too, their exponent fields
+read as e8m0 bytes. Along the K loop each program checks what its route assumes (float32 scales:
+normal powers of two, _not_pow2; "one": at most 2); one that fails runs its K loop again on the exact
+route: two bf16 multiplies (e8m0: any byte, NaN and overflow as in fp32) or fp32 multiplies (float32
+scales of any value).
 W8A8 (`act="fp8"` with FP8 weights: the moe_experts_fp8_w8a8 op, D and I multiples of 128): x
 quantized to e4m3 per row and 128-block with power-of-two scales (DeepSeek's act_quant) once, by
 kernels/fp8_quantize, before the chunks; the gate/up launch runs one K loop per weight (_fp8_gemm) over
