@@ -288,7 +288,7 @@ def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, ROUTE: t
     """W[e][offs_n, k0 : k0 + BLOCK_K]^T as a [BLOCK_K, BLOCK_N] tile with its rows in _mxfp4_order
     (row 8r + 2p + h holds position k0 + 8r + p + 4h; 0 outside), for MXFP4 W: bytes [E, R, C/2] (the
     low nibble the even element), scales [E, R, C/32]; and the scales' e8m0 exponents [BLOCK_K/32,
-    BLOCK_N] int32 (ROUTE_ONE, for the caller's check; zeros otherwise). Loaded as uint32 words
+    BLOCK_N] int32 (ROUTE_ONE's caller checks them). Loaded as uint32 words
     (_mxfp4_words), decoded by _e2m1_bf16x2 in that order so that no value moves between registers (the
     caller loads the activations in the same order): a code's value times 2^-126, then times 2^126 and
     its scale (ROUTE, above), exact: a code times a power of two has at most two significant bits; bf16
@@ -324,8 +324,6 @@ def _mxfp4_tile(p_w, p_s, e, offs_n, k0, R, C, SCALE_F32: tl.constexpr, ROUTE: t
         p0, p1, p2, p3 = _mul_bf16x2(p0, by_word), _mul_bf16x2(p1, by_word), _mul_bf16x2(p2, by_word), \
             _mul_bf16x2(p3, by_word)
         w = _mma_order(p0, p1, p2, p3, G, BLOCK_N).to(tl.bfloat16, bitcast=True)
-    if ROUTE != ROUTE_ONE:
-        exp = tl.zeros([G, BLOCK_N], dtype=tl.int32)
     return tl.reshape(w, [BLOCK_K, BLOCK_N]), exp
 
 
