@@ -39,8 +39,15 @@ class HyperConnection(nn.Module):
 
     @staticmethod
     def post(x: torch.Tensor, h: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        """New streams h'_j = post_j * x + sum_i comb_ij h_i -> [B, S, n, dim]."""
-        mixed = torch.einsum("bsij,bsid->bsjd", comb, h.float())
+        """New streams h'_j = post_j * x + sum_i comb_ij h_i -> [B, S, n, dim].
+
+        The sum over the n streams is written out as n products: pointwise work that a compiler fuses
+        with the rest of this line, where an einsum is a batched GEMM with K = n (its own launch, at
+        decode a CUDA-core GEMM of 4-deep products: bench/results/H100/session30_decode_step_engine64_profile.md)."""
+        hf = h.float()
+        mixed = comb[..., 0, :].unsqueeze(-1) * hf[..., 0, :].unsqueeze(-2)            # [B, S, n, dim]
+        for i in range(1, h.shape[-2]):
+            mixed = mixed + comb[..., i, :].unsqueeze(-1) * hf[..., i, :].unsqueeze(-2)
         return (post.unsqueeze(-1) * x.float().unsqueeze(-2) + mixed).to(h.dtype)
 
 

@@ -191,13 +191,16 @@ def decoded(model, tokens, tiny):
 def test_decode_from_empty_cache_matches_prefill_everywhere(decoded, full_logits):
     """Token by token from position 0 through the window, every CSA/HCA block boundary and the
     indexer. Per-token GEMMs round differently from the prefill's, which now and then flips an FP8
-    code or an indexer choice between near-equal scores, and a flipped cache entry stays: so the
-    median error <= 1e-5, 90% of positions within 1e-3, all within 0.1, and the predicted token
-    agrees at >= 97% of positions (observed: 92% within 1e-3, max 0.08)."""
+    code or an indexer choice between near-equal scores, and a flipped cache entry stays: where the
+    first flip falls (and so the error statistics) is chaotic in the tokens and the float32 rounding
+    (over token seeds 1-12 and two revisions of the mHC sum: median 6e-7 .. 1.2e-4, 87-100% of
+    positions within 1e-3, max error 0.001 .. 0.24, the predicted token the same at >= 99.67%). The
+    bounds sit outside that spread: a decode fault (a position, mask or block boundary wrong) gives
+    errors of order 1 at every position it touches."""
     logits, _ = decoded
     errors = _relative_errors(full_logits, logits)
-    assert errors.median() <= 1e-5, f"median relative error {errors.median():.2e}"
-    assert (errors < 1e-3).float().mean() >= 0.90 and errors.max() < 0.1
+    assert errors.median() <= 1e-3, f"median relative error {errors.median():.2e}"
+    assert (errors < 1e-3).float().mean() >= 0.80 and errors.max() < 0.5
     assert (logits.argmax(-1) == full_logits.argmax(-1)).float().mean() >= 0.97
 
 
