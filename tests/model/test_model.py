@@ -312,3 +312,21 @@ def test_released_shapes_have_the_published_parameter_counts(preset, low, high):
         model = Transformer(ModelConfig.from_preset(preset), seed=None)
     main = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.mtp.parameters())
     assert low <= main <= high, f"{preset}: {main / 1e9:.1f}B parameters"
+
+
+def test_hc_post_is_pointwise_work_for_the_compiler():
+    """The mHC post's sum over the n streams compiles into the kernel of the rest of its line (no
+    extern GEMM: a batched K = n GEMM is a launch of its own at decode), with eager's numbers (to the
+    bf16 output's tolerance: the compiled sums may contract into FMAs)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from dsv4_compile.model.transformer import HyperConnection
+    gen = torch.Generator().manual_seed(0)
+    B, S, n, D = 3, 2, 4, 40
+    x = torch.randn(B, S, D, generator=gen).bfloat16()
+    h = torch.randn(B, S, n, D, generator=gen).bfloat16()
+    post, comb = torch.rand(B, S, n, generator=gen), torch.rand(B, S, n, n, generator=gen)
+    out, (code,) = run_and_get_code(torch.compile(HyperConnection.post), x, h, post, comb)
+    wrapper = code[code.index("def call("):]
+    assert "extern_kernels." not in wrapper and wrapper.count("cpp_fused") == 1
+    assert_close("hc post", HyperConnection.post(x, h, post, comb), out)
