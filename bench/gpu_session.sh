@@ -116,6 +116,11 @@ for step in "$@"; do
       # TOKENS, SHAPES: bench_fp8_linear's names) beside bf16 and torch._scaled_mm: fp8_linear.md / _sweep.csv
       BENCH_OUT="$OUT" python3 bench/bench_fp8_linear.py --tokens "${TOKENS:-1,64}" --shapes "${SHAPES:-}" \
         --configs "${FP8_CONFIGS:?fp8-linear-configs: set FP8_CONFIGS}" 2>&1 | grep -v "^  " | tail -20 ;;
+    float32-linear)   # the float32 projections' kernel (compressors, issue 16): its GPU tests, then the bench against
+      # cuBLAS's float32 GEMM (TOKENS; F32_CONFIGS ';'-separated over the default, timed too): float32_linear.md / .png
+      $PYTEST -n 4 tests/kernels/test_float32_linear.py 2>&1 | tee "$OUT/tests_float32_linear.log" | tail -4
+      BENCH_OUT="$OUT" python3 bench/bench_float32_linear.py --tokens "${TOKENS:-1,64,4096,16384}" \
+        --configs "${F32_CONFIGS:-}" 2>&1 | grep -v "^  " | tail -16 ;;
     moe-w8a8)         # issue 15: the moe_experts_fp8_w8a8 op's kernel compiled: the odd shapes and the substitution, and at
       # T 4096 vs its naive twin, the plain W8A8 op and the W8A16 kernel (prints their distances)
       $PYTEST -s tests/kernels/test_moe_experts.py -k "w8a8 or substitution" 2>&1 | tee "$OUT/tests_moe_w8a8.log" | tail -8 ;;
@@ -158,8 +163,8 @@ for step in "$@"; do
       done ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
             "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped tests-attention tests-hc hc-decode ncu-hc-decode" \
-            "decode-step moe moe-decode moe-decode-configs tests-moe-split fp8-linear-configs moe-w8a8 moe-w4a8 tune-moe" \
-            "tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
+            "decode-step moe moe-decode moe-decode-configs tests-moe-split fp8-linear-configs float32-linear moe-w8a8 moe-w4a8" \
+            "tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"

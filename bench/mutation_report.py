@@ -40,6 +40,7 @@ RUN_ON = "H200"  # the launchers' defaults are the H200's (configs given explici
 
 def _cases() -> dict:
     """op name -> (function, args): small inputs that reach each launch of the op's GPU path."""
+    from dsv4_compile.kernels.float32_linear import float32_linear
     from dsv4_compile.kernels.fp8_linear import fp8_linear
     from dsv4_compile.kernels.hc_sinkhorn import hc_pre
     from dsv4_compile.kernels.indexer_topk import indexer_topk
@@ -95,6 +96,7 @@ def _cases() -> dict:
                                              10.0, "block_m=16,block_n=128", "mxfp4",
                                              tuple(torch.ones(E, 128, 4) for _ in range(3)), "fp8")),
         "fp8_linear": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2), "gemm=triton,quant=fused")),
+        "float32_linear (split-K)": (float32_linear, (r(4, 256), r(64, 256, dtype=torch.float32), "swap_ab=yes,split_k=2")),
     }
     return cases
 

@@ -134,6 +134,16 @@ def split_for(split_k: int, units):
     return torch.sym_max(1, split_k // units) if split_k > 1 else 1
 
 
+def split_to_fill(tiles: int, k_steps: int, programs: int, max_split: int) -> int:
+    """The power-of-two count of K parts that brings `tiles` output tiles to about `programs` programs
+    (tiles x parts >= programs), at most `max_split` parts and each part at least one of the `k_steps`
+    steps: a few-rows GEMM's split-K, where reading the weight at full bandwidth needs many programs."""
+    split = 1
+    while split < max_split and tiles * split < programs and 2 * split <= k_steps:
+        split *= 2
+    return split
+
+
 # torch's own "no upper bound" for a size (besides int_oo): a dynamic size under torch.compile can be
 # given [2, sys.maxsize - 1], and a product of such sizes bounds far above it.
 UNBOUNDED = sys.maxsize - 1

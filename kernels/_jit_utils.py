@@ -1,7 +1,8 @@
 """Small @triton.jit helpers shared by several kernels: exact bit-level roundings that behave the
 same compiled on a GPU and in the CPU interpreter (whose float8/bfloat16 casts do not round to
-nearest even), the NaN-aware block scale of the FP8/FP4 quantizers, and the per-row FP8 quantization
-of the W8A8 GEMMs' activations (fp8_linear, moe_experts)."""
+nearest even), the NaN-aware block scale of the FP8/FP4 quantizers, the per-row FP8 quantization
+of the W8A8 GEMMs' activations (fp8_linear, moe_experts) and a tl.dot that also holds in the
+interpreter (whose bf16 tl.dot is wrong)."""
 import triton
 import triton.language as tl
 
@@ -121,3 +122,15 @@ def quantize_rows_e4m3(b_x, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr):
     else:
         codes = e4m3_bits(q).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
     return codes, s
+
+
+@triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST (interpreter): exact fp32 copies (its bf16 tl.dot is
+    wrong); IEEE: fp32 operands without tf32; else a and b in a's dtype (tensor cores)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b.to(a.dtype), acc)

@@ -16,7 +16,7 @@ from torch import nn
 from .config import ModelConfig
 from .kv_cache import CompressorState, LayerKVCache
 from .kv_layout import pack_indexer_keys, pack_main_entries
-from .layers import RMSNorm, rope_angles, rope_inv_freq, visible_block_indices, window_indices
+from .layers import RMSNorm, float32_product, rope_angles, rope_inv_freq, visible_block_indices, window_indices
 from .ops import bf16_round, fp4_simulate, fp8_round, hadamard, rope_rotate
 
 CSA_RATIO = 4
@@ -58,8 +58,7 @@ class Compressor(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, dim] -> kv, score [B, T, C] float32."""
-        xf = x.float()
-        return self.wkv(xf), self.wgate(xf)
+        return float32_product(x, self.wkv.weight), float32_product(x, self.wgate.weight)
 
     def pool(self, kv, score, first_positions, inv_freq) -> torch.Tensor:
         """kv, score [B, T, C]; first_positions [N] or [B, N] -> entries [B, N, width] float32."""

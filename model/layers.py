@@ -47,16 +47,12 @@ class FP8Linear(nn.Module):
 
 
 def float32_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight [out, in]^T as float32 [..., out]: on CUDA the 16-bit GEMM writing its fp32
-    accumulator (aten::mm.dtype; no float32 copy of the weight per call, which at V4's shapes would
-    triple a decode step's weight traffic), elsewhere (the CPU has no such kernel, and its bf16 GEMMs
-    are slower than fp32 ones anyway) and where autograd records (mm.dtype has no derivative) on
-    float32 operands."""
-    records = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if x.is_cuda and x.dtype == weight.dtype and x.dtype != torch.float32 and not records \
-            and hasattr(torch.ops.aten.mm, "dtype"):
-        return torch.ops.aten.mm.dtype(x.reshape(-1, x.shape[-1]), weight.t(), torch.float32).reshape(*x.shape[:-1], -1)
-    return F.linear(x.float(), weight.float())
+    """x [..., in] @ weight [out, in]^T as float32 [..., out]: `torch.ops.dsv4.float32_linear` (inference;
+    on CUDA a 16-bit weight's GEMM writes its float32 accumulator, a float32 weight's is a kernel's to
+    take), or where autograd records (the op has no derivative) F.linear on the float32 operands."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return F.linear(x.float(), weight.float())
+    return torch.ops.dsv4.float32_linear(x, weight)
 
 
 class Head(nn.Linear):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .layers import float32_product
 from .moe_ops import swiglu
 from .ops import FP8_LINEAR_BLOCK
 
@@ -121,7 +122,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, dim], token_ids [T] -> (picked experts [T, k] int32, their weights [T, k] float32)."""
-        scores = torch.sqrt(F.softplus(x.float() @ self.weight.float().T))             # [T, E]
+        scores = torch.sqrt(F.softplus(float32_product(x, self.weight)))              # [T, E]
         if self.hashed:
             picked = self.tid2eid[token_ids].long()                                      # [T, k]
         else:

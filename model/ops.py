@@ -8,7 +8,7 @@ passes swap them for Triton kernels, which are separate ops this module knows no
 Public contract (names, argument order, semantics): `sparse_attention`, `fp8_quantize`,
 `fp8_dequantize`, `fp4_quantize`, `fp4_dequantize`, `newton_schulz`, `hc_sinkhorn`.
 Ours (documented below, stable within the project): `compress_kv`, `indexer_topk`, `hc_pre`,
-`sparse_attention_cached`, `indexer_topk_cached`, `fp8_linear`.
+`sparse_attention_cached`, `indexer_topk_cached`, `fp8_linear`, `float32_linear`.
 
 Long-context memory: `sparse_attention`, `sparse_attention_cached`, `indexer_topk` and
 `indexer_topk_cached` work in chunks of queries so that a 128K prefill never materialises [S, K, D] or
@@ -313,6 +313,42 @@ def _check_fp8_linear(x, weight, scale) -> None:
 def _(x, weight, scale):
     _check_fp8_linear(x, weight, scale)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# ================================================================================================
+# float32 linear (the float32 products of the compressors, the MoE gate and the head)
+# ================================================================================================
+
+@torch.library.custom_op(f"{LIB}::float32_linear", mutates_args=())
+def float32_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T in float32, whatever the operands' float dtypes: x [..., K], weight [N, K] -> [..., N]
+    float32 (DeepSeek's float32 projections: the compressors' wkv / wgate and the MoE gate over the
+    bf16 hidden state, the head's logits).
+
+    On CUDA with two 16-bit operands of one dtype, the 16-bit GEMM writing its float32 accumulator
+    (aten::mm.dtype: their products are exact in float32, and no float32 copy of the weight is made per
+    call, which at V4's head would triple a decode step's weight traffic); elsewhere (the CPU has no
+    such kernel, and its bf16 GEMMs are slower than float32 ones) a float32 GEMM of the upcast operands.
+    Inference only (mm.dtype has no derivative): `model.layers.float32_product` calls F.linear where
+    autograd records."""
+    _check_float32_linear(x, weight)
+    if x.is_cuda and x.dtype == weight.dtype and x.dtype != torch.float32 and hasattr(torch.ops.aten.mm, "dtype"):
+        return torch.ops.aten.mm.dtype(x.reshape(-1, x.shape[-1]), weight.t(), torch.float32).reshape(*x.shape[:-1], -1)
+    return F.linear(x.float(), weight.float())
+
+
+def _check_float32_linear(x, weight) -> None:
+    if not (x.is_floating_point() and weight.is_floating_point() and weight.dim() == 2 and x.dim() >= 1):
+        raise ValueError(f"float32_linear: x {x.dtype} {list(x.shape)} and weight {weight.dtype} {list(weight.shape)}; "
+                         "expected floating x [..., K] and weight [N, K]")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"float32_linear: x [..., {x.shape[-1]}] against weight {list(weight.shape)}: K must match")
+
+
+@float32_linear.register_fake
+def _(x, weight):
+    _check_float32_linear(x, weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
 
 
 # ================================================================================================

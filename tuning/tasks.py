@@ -37,6 +37,8 @@ Tolerances (relative RMS against the plain op, NaN positions must match):
   the e2m1 codes decode to e4m3 exactly and the 1 x 32 scales fold exactly, so the same reasons hold.
 - fp8_linear: 1e-2 (bf16 output, REL_RMS_TOL; the kernel and the plain op sum the same FP8 products
   in another order, in fp32).
+- float32_linear: 1e-5 (float32 output: the same exact products as the plain op's float32 GEMM,
+  summed in another order).
 - indexer_topk: exact. The inputs are small dyadic numbers (k / 4, |k| <= 12), so every score is exact
   in fp32 at the model's 64 heads x 128 dims and the selection, ties included, is fully determined.
 - indexer_topk_cached: exact, likewise (FP4 keys e2m1 x 1/2 against dyadic q and weights).
@@ -443,6 +445,20 @@ FP8_LINEAR = KernelTask(
     compare=lambda ref, out: close("y", ref, out, REL_RMS_TOL[torch.bfloat16]))
 
 
+def _float32_linear_inputs(problem, device, seed=0, small=False):
+    m, n, k = problem.dim("m"), problem.dim("n"), problem.dim("k")
+    if small:
+        m, n, k = min(m, 37), min(n, 96), min(k, 200)  # odd rows, a partial tile, K not a multiple of the step
+    return (_randn((m, k), device, seed, torch.bfloat16), _randn((n, k), device, seed + 1, scale=k ** -0.5))
+
+
+FLOAT32_LINEAR = KernelTask(
+    inputs=_float32_linear_inputs,
+    reference=lambda a: torch.ops.dsv4.float32_linear(*a),
+    call=lambda fn, a, cfg: fn(*a, config=cfg),
+    compare=lambda ref, out: close("y", ref, out, 1e-5))
+
+
 TASKS: dict[str, KernelTask] = {
     "fp8_quantize": FP8_QUANTIZE, "fp4_quantize": FP4_QUANTIZE, "newton_schulz": NEWTON_SCHULZ,
     "hc_pre": HC_PRE, "hc_sinkhorn": HC_SINKHORN, "sparse_attention": SPARSE_ATTENTION,
@@ -450,6 +466,7 @@ TASKS: dict[str, KernelTask] = {
     "indexer_topk_cached": INDEXER_TOPK_CACHED, "moe_experts": MOE_EXPERTS,
     "moe_experts_fp8": MOE_EXPERTS_FP8, "moe_experts_fp8_w8a8": MOE_EXPERTS_FP8_W8A8,
     "moe_experts_mxfp4_w4a8": MOE_EXPERTS_MXFP4_W4A8, "fp8_linear": FP8_LINEAR,
+    "float32_linear": FLOAT32_LINEAR,
 }
 
 

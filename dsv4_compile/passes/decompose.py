@@ -129,6 +129,7 @@ _DECOMPOSITIONS = {
     torch.ops.dsv4.hc_pre.default: (_implementation(ops.hc_pre), _always),
     torch.ops.dsv4.compress_kv.default: (_implementation(ops.compress_kv), _always),
     torch.ops.dsv4.fp8_linear.default: (_implementation(ops.fp8_linear), _always),
+    torch.ops.dsv4.float32_linear.default: (_implementation(ops.float32_linear), _always),
     torch.ops.dsv4.sparse_attention.default: (sparse_attention, _attention_fits),
     torch.ops.dsv4.sparse_attention_cached.default: (sparse_attention_cached, _attention_fits),
     torch.ops.dsv4.indexer_topk.default: (indexer_topk, _indexer_fits),

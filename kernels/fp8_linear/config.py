@@ -5,7 +5,7 @@ import dataclasses
 from typing import ClassVar, Mapping
 
 from ...model.ops import FP8_LINEAR_BLOCK
-from .._common import KernelConfig, cdiv, device_name, pick_default, split_for
+from .._common import KernelConfig, cdiv, device_name, pick_default, split_for, split_to_fill
 from ..gpus import canonical_gpu
 
 SCALE_BLOCK = FP8_LINEAR_BLOCK  # K block of the activation scales and edge of the weight's scale tiles
@@ -97,10 +97,7 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
         return cfg
     if m > FEW_M and n >= CUBLAS_MIN_N:
         return cfg.replace(gemm="cublas")
-    split = 1
-    while split < MAX_SPLIT_K and cdiv(n, cfg.block_n) * split < SPLIT_PROGRAMS and 2 * split <= k // SCALE_BLOCK:
-        split *= 2
-    return cfg.replace(split_k=split)
+    return cfg.replace(split_k=split_to_fill(cdiv(n, cfg.block_n), k // SCALE_BLOCK, SPLIT_PROGRAMS, MAX_SPLIT_K))
 
 
 def run_splits(split_k: int, m, block_m: int):

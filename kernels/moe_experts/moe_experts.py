@@ -88,7 +88,7 @@ import triton.language as tl
 from ...model.moe_ops import chunked_expert_blocks
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, largest_value,
                        launch, placeholder, split_chunks)
-from .._jit_utils import e4m3_bits, e4m3_dequantized, e4m3_value, quantize_rows_e4m3, round_bf16
+from .._jit_utils import dot_acc, e4m3_bits, e4m3_dequantized, e4m3_value, quantize_rows_e4m3, round_bf16
 from ..fp8_quantize import fp8_quantize, fp8_round
 from . import expert_blocks as one_program_layout
 from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block, run_splits
@@ -451,18 +451,6 @@ def _tile_ids(n_blocks, n_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """acc + a @ b with fp32 accumulation. UPCAST (interpreter): exact fp32 copies (its bf16 tl.dot is
-    wrong); IEEE: fp32 operands without tf32; else a and b in a's dtype (tensor cores)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif IEEE:
-        return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b.to(a.dtype), acc)
-
-
-@triton.jit
 def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo, k_hi, FMT: tl.constexpr,
                   SCALE_F32: tl.constexpr, ROUTE: tl.constexpr, RERUN: tl.constexpr, NATIVE_FP8: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -483,18 +471,18 @@ def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k
         if FMT == 2:
             a = _mxfp4_order(a, BLOCK_M, BLOCK_K)
             b1, exp1 = _mxfp4_tile(p_w1, p_s1, e, offs_n, k0, I, D, SCALE_F32, ROUTE, UPCAST, BLOCK_K, BLOCK_N)
-            acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
+            acc_gate = dot_acc(a, b1, acc_gate, UPCAST, IEEE)
             b3, exp3 = _mxfp4_tile(p_w3, p_s3, e, offs_n, k0, I, D, SCALE_F32, ROUTE, UPCAST, BLOCK_K, BLOCK_N)
-            acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
+            acc_up = dot_acc(a, b3, acc_up, UPCAST, IEEE)
             if ROUTE == ROUTE_ONE:
                 top = tl.maximum(top, tl.maximum(exp1, exp3))
             if SCALE_F32 and ROUTE != ROUTE_EXACT:
                 miss |= _not_pow2(p_s1, e, offs_n, k0, I, D, BLOCK_K) | _not_pow2(p_s3, e, offs_n, k0, I, D, BLOCK_K)
         else:
             b1 = _weight_tile(p_w1, p_s1, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
-            acc_gate = _dot(a, b1, acc_gate, UPCAST, IEEE)
+            acc_gate = dot_acc(a, b1, acc_gate, UPCAST, IEEE)
             b3 = _weight_tile(p_w3, p_s3, e, offs_n, k0, I, D, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
-            acc_up = _dot(a, b3, acc_up, UPCAST, IEEE)
+            acc_up = dot_acc(a, b3, acc_up, UPCAST, IEEE)
     return acc_gate, acc_up, (tl.max(miss, axis=0) > 0) | (tl.max(tl.max(top, axis=0), axis=0) > 128)
 
 
@@ -512,14 +500,14 @@ def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT: tl.c
         a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
         if FMT == 2:
             b, exp = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, ROUTE, UPCAST, BLOCK_K, BLOCK_N)
-            acc = _dot(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
+            acc = dot_acc(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
             if ROUTE == ROUTE_ONE:
                 top = tl.maximum(top, exp)
             if SCALE_F32 and ROUTE != ROUTE_EXACT:
                 miss |= _not_pow2(p_s2, e, offs_n, k0, D, I, BLOCK_K)
         else:
             b = _weight_tile(p_w2, p_s2, e, offs_n, k0, D, I, FMT, SCALE_F32, NATIVE_FP8, BLOCK_K)
-            acc = _dot(a, b, acc, UPCAST, IEEE)
+            acc = dot_acc(a, b, acc, UPCAST, IEEE)
     return acc, (tl.max(miss, axis=0) > 0) | (tl.max(tl.max(top, axis=0), axis=0) > 128)
 
 

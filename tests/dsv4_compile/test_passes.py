@@ -421,6 +421,7 @@ def _op_cases():
         "moe_experts_fp8_w8a8": (r(9, 128), moe_ids, r(9, 3).abs(), *fp8_128[::2], *fp8_128[1::2], 10.0),
         "moe_experts_mxfp4_w4a8": (r(9, 128), moe_ids, r(9, 3).abs(), *fp4_128[::2], *fp4_128[1::2], 10.0),
         "fp8_linear": (r(2, 3, 256), r(40, 256).to(torch.float8_e4m3fn), torch.rand(1, 2, generator=g)),
+        "float32_linear": (r(2, 3, 64).bfloat16(), r(40, 64)),
     }
 
 

@@ -109,6 +109,8 @@ def cases(noncontig: bool):
         ("fp8_linear", dsv4.fp8_linear.default,  # inference only: no autograd by design
          (t(2, 3, 256, seed=24), torch.randn(130, 256, generator=_g(25)).to(torch.float8_e4m3fn),
           torch.rand(2, 2, generator=_g(26)))),
+        ("float32_linear", dsv4.float32_linear.default,  # inference only: no autograd by design
+         (t(2, 3, 64, seed=33, dtype=torch.bfloat16), torch.randn(40, 64, generator=_g(34)))),
     ]
 
 

@@ -6,7 +6,8 @@ hc_pre, hc_sinkhorn, sparse_attention (prefill), sparse_attention_cached (decode
 compress_kv (the compressors of a CSA and an HCA layer), indexer_topk (the lightning indexer's
 selection), indexer_topk_cached (the same at decode, over the packed key cache), moe_experts (the
 grouped routed experts), moe_experts_fp8 and moe_experts_fp8_w8a8 (the same over FP8 expert weights,
-W8A16 and W8A8), moe_experts_mxfp4_w4a8 (over MXFP4 expert weights, W4A8) and fp8_linear (the block-scaled FP8 linear of as-shipped weights). A kernel
+W8A16 and W8A8), moe_experts_mxfp4_w4a8 (over MXFP4 expert weights, W4A8), fp8_linear (the block-scaled
+FP8 linear of as-shipped weights) and float32_linear (the float32 projections of the compressors). A kernel
 package that is not importable makes its space `unavailable()` (the sweep skips it with the reason).
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import inspect
 
 from .compress_kv import COMPRESS_KV
+from .float32_linear import FLOAT32_LINEAR
 from .fp4_quantize import FP4_QUANTIZE
 from .fp8_linear import FP8_LINEAR
 from .fp8_quantize import FP8_QUANTIZE
@@ -30,7 +32,7 @@ from .sparse_attention_cached import SPARSE_ATTENTION_CACHED
 SPACES: dict[str, KernelSpace] = {s.name: s for s in (
     FP8_QUANTIZE, FP4_QUANTIZE, NEWTON_SCHULZ, HC_PRE, HC_SINKHORN, SPARSE_ATTENTION, SPARSE_ATTENTION_CACHED,
     COMPRESS_KV, INDEXER_TOPK, INDEXER_TOPK_CACHED, MOE_EXPERTS, MOE_EXPERTS_FP8, MOE_EXPERTS_FP8_W8A8,
-    MOE_EXPERTS_MXFP4_W4A8, FP8_LINEAR)}
+    MOE_EXPERTS_MXFP4_W4A8, FP8_LINEAR, FLOAT32_LINEAR)}
 
 # kernel -> its typical @triton.autotune configs (KernelSpace.typical), for tuning/compare.py.
 TYPICAL: dict[str, list[dict]] = {s.name: [dict(c) for c in s.typical] for s in SPACES.values() if s.typical}
