@@ -17,7 +17,7 @@ from torch import nn
 from .attention import Attention, layer_inv_freq
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import Head, RMSNorm
+from .layers import Head, RMSNorm, float32_product
 from .moe import MoE
 
 
@@ -81,8 +81,9 @@ class HeadMerge(nn.Module):
         self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        flat = h.flatten(-2).float()
-        mixes = (flat @ self.fn.T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
+        flat = h.flatten(-2)                                                              # [B, S, n * dim]
+        rms = torch.rsqrt(flat.float().square().mean(-1, keepdim=True) + self.norm_eps)
+        mixes = float32_product(flat, self.fn) * rms
         weights = torch.sigmoid(mixes * self.scale + self.base) + self.hc_eps             # [B, S, n]
         return (weights.unsqueeze(-1) * h.float()).sum(-2).to(h.dtype)
 
