@@ -109,6 +109,26 @@ def test_gate_weights_and_hash_routing(tiny):
             torch.testing.assert_close(_combine(*gate(x, ids), tiny.n_routed_experts), weights / weights.sum(-1, keepdim=True) * tiny.route_scale)
 
 
+def test_top_indices_are_a_stable_descending_sort():
+    """The gate's pick: torch.topk's set and order, ties to the lowest index (a stable descending sort, which
+    torch.topk does not promise), NaN above everything; and under a compiler the k rounds fuse with the
+    scores into one kernel (no sort launch)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from dsv4_compile.model.moe import top_indices
+    g = torch.Generator().manual_seed(0)
+    key = torch.randn(9, 37, generator=g)
+    assert torch.equal(top_indices(key, 6), key.topk(6).indices)
+    key[:, 3] = key[:, 7] = key[:, 20] = 5.0
+    key[2, 11], key[2, 30], key[4, 0] = float("nan"), float("nan"), -float("inf")
+    assert torch.equal(top_indices(key, 6), torch.sort(key, stable=True, dim=-1, descending=True).indices[:, :6])
+    bias = torch.randn(37, generator=g)
+    picked, (code,) = run_and_get_code(torch.compile(lambda x: top_indices(torch.sqrt(F.softplus(x)) + bias, 6)), key)
+    wrapper = code[code.index("def call("):]
+    assert torch.equal(picked, top_indices(torch.sqrt(F.softplus(key)) + bias, 6))
+    assert wrapper.count("cpp_fused") == 1 and "extern_kernels." not in wrapper and "topk" not in wrapper
+
+
 def _relative_errors(ref: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return (out - ref).norm(dim=-1) / ref.norm(dim=-1)
 
