@@ -11,8 +11,10 @@ GEMMs of a one-token call (bench_moe's "layout / ours"). Here one program of the
      (cumsums of the counts and of the counts padded to `block` rows), kept in a small scratch so that
      each sorted position can read its expert's;
   3. slot: every row N (padding), then each assignment stored at its expert's first padded row plus
-     its rank among the expert's assignments; block_expert[b]: the number of experts whose padded rows
-     end at or before row b * block (E past the last block in use).
+     its rank among the expert's assignments; block_expert: E everywhere (past the last block in use),
+     then each assignment's expert stored at its row's block (every block in use holds one: an
+     expert's padding is shorter than a block), O(N) stores where comparing each block with every
+     expert's padded end was O(blocks x E).
 The same integers as expert_blocks, bit for bit (tests/kernels/test_moe_experts.py).
 """
 from __future__ import annotations
@@ -25,12 +27,9 @@ from ...model.moe_ops import max_expert_blocks
 from .._common import largest_value, launch
 from .config import DECODE_MAX_ASSIGNMENTS
 
-_BLOCKS_PER_STEP = 32      # block_expert rows compared with every expert's padded end per step
-
-
 @triton.jit
 def _expert_blocks_kernel(p_ids, p_slot, p_block_expert, p_scratch, N, E, n_blocks,
-                          BLOCK: tl.constexpr, NP: tl.constexpr, EP: tl.constexpr, BP: tl.constexpr):
+                          BLOCK: tl.constexpr, NP: tl.constexpr, EP: tl.constexpr):
     # p_ids [N] int32/int64 (topk_ids flattened); p_slot [n_blocks * BLOCK] int64; p_block_expert
     # [n_blocks] int64; p_scratch [2 * EP] int32. NP >= N and EP > E powers of two.
     i = tl.arange(0, NP)
@@ -49,17 +48,16 @@ def _expert_blocks_kernel(p_ids, p_slot, p_block_expert, p_scratch, N, E, n_bloc
     for r0 in range(0, rows, NP):                                                      # every row padding
         r = r0 + i
         tl.store(p_slot + r, tl.full([NP], N, tl.int64), mask=r < rows)
-    ends = tl.where(e[None, :] < E, padded_end[None, :], rows + 1)                     # [1, EP]
-    for b0 in range(0, n_blocks, BP):
-        b = b0 + tl.arange(0, BP)
-        used = tl.sum((ends <= (b * BLOCK)[:, None]).to(tl.int32), 1)                  # [BP]
-        tl.store(p_block_expert + b, used.to(tl.int64), mask=b < n_blocks)
+    for b0 in range(0, n_blocks, NP):                                                  # every block unused
+        b = b0 + i
+        tl.store(p_block_expert + b, tl.full([NP], E, tl.int64), mask=b < n_blocks)
     tl.debug_barrier()  # the scratch and the padding stores before the reads and stores below
     valid = expert < E
     mine = tl.minimum(expert, E - 1)
     rank = i - tl.load(p_scratch + mine, mask=valid, other=0)
     row = tl.load(p_scratch + EP + mine, mask=valid, other=0) + rank
     tl.store(p_slot + row, order.to(tl.int64), mask=valid)
+    tl.store(p_block_expert + row // BLOCK, mine.to(tl.int64), mask=valid)
 
 
 def fits(n_assignments, n_experts: int) -> bool:
@@ -83,5 +81,5 @@ def expert_blocks(topk_ids: torch.Tensor, n_experts: int, block: int) -> tuple[t
     ep2 = triton.next_power_of_2(E + 1)
     scratch = torch.empty(2 * ep2, dtype=torch.int32, device=topk_ids.device)
     launch(_expert_blocks_kernel, (1,), topk_ids.reshape(-1), slot, block_expert, scratch, N, E, n_blocks,
-           BLOCK=block, NP=np2, EP=ep2, BP=_BLOCKS_PER_STEP, num_warps=8 if np2 >= 1024 else 4)
+           BLOCK=block, NP=np2, EP=ep2, num_warps=8 if np2 >= 1024 else 4)
     return slot, block_expert
