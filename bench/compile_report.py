@@ -5,6 +5,7 @@ memory, and the main loop's SASS.
     python bench/compile_report.py --kernel sparse_attention_cached --context 32k --batch 64 [--csv out.csv]
     python bench/compile_report.py --kernel moe_experts --weight-format mxfp4 --batch 64 [--configs "block_n=128"]
     python bench/compile_report.py --kernel moe_experts --weight-format fp8 --act fp8 --batch 4096 --configs "block_k=128,down_block_k=128"
+    python bench/compile_report.py --kernel float32_linear --batch 1 [--configs "block_k=128"]   (M = batch rows)
 
 No GPU needed, and no timings: compile data only. Each config goes through the kernel's own launcher
 (`launch_sparse_attention`, its `launch` call intercepted), so the constexprs, grid arithmetic and
@@ -64,7 +65,7 @@ SMEM_RESERVED_PER_CTA = 1024
 WARPS_PER_SM = 64
 CTAS_PER_SM = 32
 
-KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts")
+KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts", "float32_linear")
 DEVICE_TRITON = "3.6"   # what our H100 / H200 runs use (torch 2.11): bench/results/H100/session24_gpu_runs.md
 
 
@@ -257,12 +258,25 @@ def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x", scales_dty
     return [c for c in calls if c[0].fn.__name__ != "_sum_slots_kernel"]
 
 
+def float32_linear_launches(dims: dict, cfg) -> list[tuple]:
+    """The (kernel, grid, args, kwargs) launch of kernels/float32_linear for x [m, k] bf16 against W [n, k]."""
+    module = importlib.import_module("dsv4_compile.kernels.float32_linear.float32_linear")
+    x, w = _stand_in((dims["m"], dims["k"]), torch.bfloat16), _stand_in((dims["n"], dims["k"]), torch.float32)
+    calls = []
+    # check_tensor skipped: the stand-ins are one element expanded (not contiguous)
+    with mock.patch.object(module, "launch", lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))), \
+            mock.patch.object(module, "check_tensor", lambda *a, **kw: None):
+        module.float32_linear(x, w, cfg)
+    return calls
+
+
 def report(kernel_name: str, configs: list[str], preset: str = "flash", context: int = 8192, batch: int | None = None,
            gpu: str = "H200", combine: bool = False, weight_format: str = "mxfp4", act: str = "x", scales: str = "e8m0",
            log=print) -> list[Row]:
     """Compile each config of `kernel_name` at the preset's shapes; one Row per compiled kernel (the
     main kernel; with `combine`, the split-K combine kernel too; moe_experts: its gate/up and down
-    kernels in `weight_format` and `act` ("fp8": W8A8), at the decode regime's T = batch tokens)."""
+    kernels in `weight_format` and `act` ("fp8": W8A8), at the decode regime's T = batch tokens; float32_linear:
+    M = batch rows against the CSA compressor's wkv, the tuning space's problem)."""
     from dsv4_compile.model.config import ModelConfig
     from dsv4_compile.tuning.spaces import get_space
 
@@ -272,7 +286,10 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     phase = "decode" if decode else "prefill"
     batch = batch if batch is not None else (64 if decode else 1)
     dims = get_space(kernel_name).make_problem(ModelConfig.load(preset), context, batch, phase).dims
-    if kernel_name == "moe_experts":
+    if kernel_name == "float32_linear":
+        from dsv4_compile.kernels.float32_linear.config import Float32LinearConfig, default_config as f32_default
+        config_class, base = Float32LinearConfig, f32_default(gpu, dims["m"], dims["n"], dims["k"])
+    elif kernel_name == "moe_experts":
         from dsv4_compile.kernels.moe_experts.config import MoeExpertsConfig, default_config as moe_default
         config_class, base = MoeExpertsConfig, moe_default(gpu, dims["T"] * dims["k"], weight_format, act)
     else:
@@ -283,8 +300,12 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     rows = []
     for text in configs:
         cfg = config_class.from_str(text, base)
-        moe = kernel_name == "moe_experts"
-        calls = moe_launches(dims, cfg, weight_format, act, scales) if moe else launches(kernel_name, dims, cfg)
+        if kernel_name == "moe_experts":
+            calls = moe_launches(dims, cfg, weight_format, act, scales)
+        elif kernel_name == "float32_linear":
+            calls = float32_linear_launches(dims, cfg)
+        else:
+            calls = launches(kernel_name, dims, cfg)
         for kernel, grid, args, kwargs in calls:
             name = kernel.fn.__name__
             if "combine" in name and not combine:
