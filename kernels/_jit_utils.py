@@ -1,8 +1,8 @@
 """Small @triton.jit helpers shared by several kernels: exact bit-level roundings that behave the
 same compiled on a GPU and in the CPU interpreter (whose float8/bfloat16 casts do not round to
 nearest even), the NaN-aware block scale of the FP8/FP4 quantizers, the per-row FP8 quantization
-of the W8A8 GEMMs' activations (fp8_linear, moe_experts) and a tl.dot that also holds in the
-interpreter (whose bf16 tl.dot is wrong)."""
+of the W8A8 GEMMs' activations (fp8_linear, moe_experts), a tl.dot that also holds in the
+interpreter (whose bf16 tl.dot is wrong) and the GEMMs' grouped tile order."""
 import triton
 import triton.language as tl
 
@@ -134,3 +134,17 @@ def dot_acc(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         return tl.dot(a, b.to(tl.float32), acc, input_precision="ieee")
     else:
         return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.jit
+def tile_ids(n_blocks, n_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column tile) of a GEMM over n_blocks row blocks and n_cols columns:
+    GROUP_M row blocks sweep all column tiles together (neighbouring programs share W tiles in L2)."""
+    pid = tl.program_id(0)
+    n_pid_n = tl.cdiv(n_cols, BLOCK_N)
+    group = GROUP_M * n_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(n_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    return pid_m, pid_n

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._common import INTERPRET, cdiv, check, check_tensor, kernel_op, largest_value, launch, resolve_config, split_for
-from .._jit_utils import dot_acc
+from .._jit_utils import dot_acc, tile_ids
 from .config import Float32LinearConfig, default_config
 
 
@@ -40,14 +40,7 @@ def _float32_linear_kernel(p_x, p_w, p_y, M, N, K, stride_xm, n_split,
     # contiguous (added into when SPLIT_K > 1). Program axis 1: the part of K (of n_split <= SPLIT_K, a
     # run-time count) this program sums. SWAP_AB: the tile is computed transposed, [BLOCK_N, BLOCK_M] =
     # W_tile @ x_tile^T, the W pieces (registers) on the MMA's M side. UPCAST: the interpreter (dot_acc).
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)                  # grouped order: neighbouring programs share W tiles in L2
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    pid_m, pid_n = tile_ids(tl.cdiv(M, BLOCK_M), N, BLOCK_N, GROUP_M)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_m = o_m < M

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, largest_value, launch,
                        placeholder, resolve_config)
-from .._jit_utils import quantize_rows_e4m3
+from .._jit_utils import quantize_rows_e4m3, tile_ids
 from .config import SCALE_BLOCK, Fp8LinearConfig, default_config, run_splits
 
 FP8_MAX = 448.0
@@ -54,14 +54,7 @@ def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am, n_split,
     # contiguous. Program axis 1: the part of K (of n_split <= SPLIT_K, a run-time count) this program sums.
     # SWAP_AB: the tile is computed transposed, [BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so that the
     # weight rows fill the MMA's M side (64 / 128 on Hopper's wgmma) when x has few rows.
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * n_n)                  # grouped order: neighbouring programs share W tiles in L2
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    pid_m, pid_n = tile_ids(tl.cdiv(M, BLOCK_M), N, BLOCK_N, GROUP_M)
     o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = tl.arange(0, 128)

@@ -88,7 +88,8 @@ import triton.language as tl
 from ...model.moe_ops import chunked_expert_blocks
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, device_name, kernel_op, largest_value,
                        launch, placeholder, split_chunks)
-from .._jit_utils import dot_acc, e4m3_bits, e4m3_dequantized, e4m3_value, quantize_rows_e4m3, round_bf16
+from .._jit_utils import (dot_acc, e4m3_bits, e4m3_dequantized, e4m3_value, quantize_rows_e4m3, round_bf16,
+                          tile_ids)
 from ..fp8_quantize import fp8_quantize, fp8_round
 from . import expert_blocks as one_program_layout
 from .config import ACT_BLOCK, MoeExpertsConfig, default_config, fit_block, run_splits
@@ -438,19 +439,6 @@ def _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, FOLD: tl.constex
 
 
 @triton.jit
-def _tile_ids(n_blocks, n_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (row block, column tile): group_m row blocks sweep all column tiles together."""
-    pid = tl.program_id(0)
-    n_pid_n = tl.cdiv(n_cols, BLOCK_N)
-    group = GROUP_M * n_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(n_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    return pid_m, pid_n
-
-
-@triton.jit
 def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo, k_hi, FMT: tl.constexpr,
                   SCALE_F32: tl.constexpr, ROUTE: tl.constexpr, RERUN: tl.constexpr, NATIVE_FP8: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -578,7 +566,7 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
     # range * rows_per_split + slot - first_slot, for _swiglu_splits_kernel.
     # p_xs, p_weights, p_act_s unused where not named.
     limit = tl.cast(limit, tl.float32)  # float arguments are fp64 in AOTInductor's launch signature
-    pid_m, pid_n = _tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(n_blocks, I, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
     if e >= E or (SPLIT and tl.program_id(1) >= n_split):  # a spare block past the last expert in use; a spare range
         return
@@ -658,7 +646,7 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
     # p_out [n_split * rows_per_split, D] float32 (rows_per_split = chunk tokens * TOPK): row
     # range * rows_per_split + t * TOPK + j - first_slot of assignment (t, j) over this program's range of
     # I (SPLIT: program axis 1, of n_split, K_PER wide; else all of I), written once
-    pid_m, pid_n = _tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(n_blocks, D, BLOCK_N, GROUP_M)
     e = tl.load(p_block_expert + pid_m)
     if e >= E or (SPLIT and tl.program_id(1) >= n_split):
         return
