@@ -49,6 +49,17 @@ def parse_profile_args(parser, argv, script: str, configs_help: str, launches: i
     return args
 
 
+# Bytes of weight copies a few-rows GEMM bench rotates over (> 2x the H200's 50 MB L2), so that W comes
+# from HBM as in a decode step's many layers, not from an L2 that kept it from the previous call.
+ROTATE_BYTES = 128 << 20
+
+
+def gpu_ms(fns) -> float:
+    """GPU milliseconds per call of `fns` (CUDA-graph replays, graph_time_ms, on a GPU; wall-clock runs of
+    the first on a CPU smoke test)."""
+    return graph_time_ms(fns) if DEVICE == "cuda" else bench_ms(fns[0])
+
+
 def graph_time_ms(fns, reps: int = 20) -> float:
     """Median per-call ms of a CUDA graph that calls each of `fns` once (rotating input sets): GPU time
     only. do_bench times each Python call, launch cost included, which is comparable to a kernel of

@@ -19,18 +19,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _kernel_bench_util import DEVICE, bench_ms, environment, graph_time_ms, out_dir, print_table, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, ROTATE_BYTES, environment, gpu_ms, out_dir, print_table, write_csv  # noqa: E402
 
 # V4-Flash's float32 projections (name, N, K): the CSA compressor's wkv / wgate (overlapping blocks: 2 x 512),
 # the HCA compressor's, the indexer compressor's (2 x 128)
 SHAPES = [("csa.compressor", 1024, 4096), ("hca.compressor", 512, 4096), ("indexer.compressor", 256, 4096)]
 SMALL_TOKENS = 64
-ROTATE_BYTES = 128 << 20  # > 2x the H200's 50 MB L2
-
-
-def gpu_ms(fns) -> float:
-    """GPU milliseconds per call (CUDA-graph replays on the GPU; wall-clock runs on a CPU smoke test)."""
-    return graph_time_ms(fns) if DEVICE == "cuda" else bench_ms(fns[0])
 
 
 def plot(path: str, rows: list[dict]) -> None:

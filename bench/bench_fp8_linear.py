@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _kernel_bench_util import DEVICE, bench_ms, environment, graph_time_ms, out_dir, print_table, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, ROTATE_BYTES, environment, gpu_ms, out_dir, print_table, write_csv  # noqa: E402
 
 # V4-Flash linears (name, N, K)
 SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_b", 4096, 8192),
@@ -44,12 +44,6 @@ SWEEP_LARGE = ["gemm=triton,block_m=128,block_n=128,num_warps=8,num_stages=4,qua
                "gemm=triton,block_m=64,block_n=128,num_warps=4,num_stages=4,quant=separate",
                "gemm=cublas"]
 SMALL_TOKENS = 64
-ROTATE_BYTES = 128 << 20  # > 2x the H200's 50 MB L2
-
-
-def gpu_ms(fns) -> float:
-    """GPU milliseconds per call (CUDA-graph replays on the GPU; wall-clock runs on a CPU smoke test)."""
-    return graph_time_ms(fns) if DEVICE == "cuda" else bench_ms(fns[0])
 
 
 def scaled_mm_fns(x, weights):
