@@ -2,7 +2,7 @@
 same compiled on a GPU and in the CPU interpreter (whose float8/bfloat16 casts do not round to
 nearest even), the NaN-aware block scale of the FP8/FP4 quantizers, the per-row FP8 quantization
 of the W8A8 GEMMs' activations (fp8_linear, moe_experts), a tl.dot that also holds in the
-interpreter (whose bf16 tl.dot is wrong) and the GEMMs' grouped tile order."""
+interpreter (whose bf16 tl.dot is wrong) and the GEMMs' grouped tile order and output tile store."""
 import triton
 import triton.language as tl
 
@@ -148,3 +148,19 @@ def tile_ids(n_blocks, n_cols, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def store_tile(p_y, acc, o_m, o_n, m_m, m_n, N, SWAP_AB: tl.constexpr, ADD: tl.constexpr):
+    """A GEMM's fp32 tile acc, [BM, BN] (SWAP_AB: [BN, BM], computed transposed), into y [M, N] row-major
+    at rows o_m and columns o_n (masks m_m, m_n): stored in y's dtype, or ADDed with fp32 atomics (split-K)."""
+    if SWAP_AB:
+        p_out = p_y + o_m[None, :].to(tl.int64) * N + o_n[:, None]
+        m_out = m_n[:, None] & m_m[None, :]
+    else:
+        p_out = p_y + o_m[:, None].to(tl.int64) * N + o_n[None, :]
+        m_out = m_m[:, None] & m_n[None, :]
+    if ADD:
+        tl.atomic_add(p_out, acc, mask=m_out)
+    else:
+        tl.store(p_out, acc.to(p_y.dtype.element_ty), mask=m_out)

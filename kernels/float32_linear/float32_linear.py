@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .._common import INTERPRET, cdiv, check, check_tensor, kernel_op, largest_value, launch, resolve_config, split_for
-from .._jit_utils import dot_acc, tile_ids
+from .._jit_utils import dot_acc, store_tile, tile_ids
 from .config import Float32LinearConfig, default_config
 
 
@@ -71,16 +71,7 @@ def _float32_linear_kernel(p_x, p_w, p_y, M, N, K, stride_xm, n_split,
             acc = dot_acc(x, tl.trans(hi), acc, UPCAST, False)                             # [BM, BN]
             acc = dot_acc(x, tl.trans(mid), acc, UPCAST, False)
             acc = dot_acc(x, tl.trans(lo), acc, UPCAST, False)
-    if SWAP_AB:
-        p_out = p_y + o_m[None, :].to(tl.int64) * N + o_n[:, None]
-        m_out = m_n[:, None] & m_m[None, :]
-    else:
-        p_out = p_y + o_m[:, None].to(tl.int64) * N + o_n[None, :]
-        m_out = m_m[:, None] & m_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(p_out, acc, mask=m_out)
-    else:
-        tl.atomic_add(p_out, acc, mask=m_out)
+    store_tile(p_y, acc, o_m, o_n, m_m, m_n, N, SWAP_AB, SPLIT_K > 1)
 
 
 def float32_linear(x: torch.Tensor, weight: torch.Tensor,

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, largest_value, launch,
                        placeholder, resolve_config)
-from .._jit_utils import quantize_rows_e4m3, tile_ids
+from .._jit_utils import quantize_rows_e4m3, store_tile, tile_ids
 from .config import SCALE_BLOCK, Fp8LinearConfig, default_config, run_splits
 
 FP8_MAX = 448.0
@@ -97,16 +97,7 @@ def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am, n_split,
                 acc += tl.dot(w, tl.trans(a)) * s_w[:, None] * s_a[None, :]
             else:
                 acc += tl.dot(a, tl.trans(w)) * s_a[:, None] * s_w[None, :]
-    if SWAP_AB:
-        p_out = p_y + o_m[None, :].to(tl.int64) * N + o_n[:, None]
-        m_out = m_n[:, None] & m_m[None, :]
-    else:
-        p_out = p_y + o_m[:, None].to(tl.int64) * N + o_n[None, :]
-        m_out = m_m[:, None] & m_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(p_out, acc.to(p_y.dtype.element_ty), mask=m_out)
-    else:
-        tl.atomic_add(p_out, acc, mask=m_out)
+    store_tile(p_y, acc, o_m, o_n, m_m, m_n, N, SWAP_AB, SPLIT_K > 1)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .._common import FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, launch, placeholder, resolve_config
-from .._jit_utils import round_bf16
+from .._jit_utils import round_bf16, tile_ids
 from .config import NewtonSchulzConfig, default_config, fit_block
 
 # ================================================================================================
@@ -148,15 +148,8 @@ def _ns_gemm_kernel(p_b, p_x, p_o, a, m, n, so_i, so_j, so_b, decay, alpha, UPDA
     # param.add_(O, alpha=alpha)).
     # float arguments are fp64 in AOTInductor's launch signature: keep the math in fp32
     a = tl.cast(a, tl.float32)
-    pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    n_pid_m = tl.cdiv(m, BLOCK_M)
-    n_pid_n = tl.cdiv(n, BLOCK_N)
-    group = GROUP_M * n_pid_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(n_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = tile_ids(tl.cdiv(m, BLOCK_M), n, BLOCK_N, GROUP_M)
     o_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = tl.arange(0, BLOCK_K)
