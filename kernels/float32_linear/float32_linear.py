@@ -6,8 +6,9 @@ bf16(w - hi), lo = w - hi - mid: 8 significant bits each, 24 in all; every subtr
 |w| < 2^-110 lo falls below bf16's subnormals, an error under 2^-133 absolute). A
 bf16 x times each piece is exact in float32, so the three bf16 MMAs with a float32 accumulator sum the
 products x * w exactly as a float32 GEMM does, in another order. The pieces are made in registers
-from the float32 tile as it arrives, so W is read once, as stored: where cuBLAS's float32 GEMM runs on
-CUDA cores (few output tiles at decode sizes, about 8x below the bf16 tensor cores' rate at prefill).
+from the float32 tile as it arrives, so W is read once, as stored, where cuBLAS's float32 GEMM runs on
+CUDA cores (with few output tiles at decode sizes; at prefill at the CUDA cores' float32 rate, well below
+three bf16 tensor-core MMAs').
 An infinite w is its hi alone (inf - inf would make the others NaN); a NaN w gives NaN, as the plain op.
 M, N and K are any size (masked tiles).
 """
