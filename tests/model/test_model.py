@@ -213,10 +213,10 @@ def test_decode_from_empty_cache_matches_prefill_everywhere(decoded, full_logits
     indexer. Per-token GEMMs round differently from the prefill's, which now and then flips an FP8
     code or an indexer choice between near-equal scores, and a flipped cache entry stays: where the
     first flip falls (and so the error statistics) is chaotic in the tokens and the float32 rounding
-    (over token seeds 1-12 and two revisions of the mHC sum: median 6e-7 .. 1.2e-4, 87-100% of
-    positions within 1e-3, max error 0.001 .. 0.24, the predicted token the same at >= 99.67%). The
-    bounds sit outside that spread: a decode fault (a position, mask or block boundary wrong) gives
-    errors of order 1 at every position it touches."""
+    (bench/results/cpu/decode_vs_prefill_seeds.md: over 12 token seeds and two revisions of the mHC sum,
+    median 6e-7 .. 1.2e-4, 87-100% of positions within 1e-3, max error 0.001 .. 0.24, the predicted token
+    the same at >= 99.67%). The bounds sit outside that spread: a decode fault (a position, mask or block
+    boundary wrong) gives errors of order 1 at every position it touches."""
     logits, _ = decoded
     errors = _relative_errors(full_logits, logits)
     assert errors.median() <= 1e-3, f"median relative error {errors.median():.2e}"
