@@ -48,6 +48,12 @@ def most_rows(*sizes) -> int | None:
     return largest_value(math.prod(sizes))
 
 
+def static_rows(x) -> int | None:
+    """A GEMM input x [..., K]'s row count M = the product of its leading dims; None when one is symbolic."""
+    dims = x.shape[:-1]
+    return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
+
+
 def config_string(table, context, default) -> str:
     """The config string for a node from a tuned table (see the module docstring): `context` is the
     node's query count (None: context-free), `default` the kernel's config for the GPU."""

@@ -13,14 +13,13 @@ the weight's shape; more rows the tuned prefill table by row count, else the lar
 from __future__ import annotations
 
 import importlib
-import math
 
 import torch
 
 from ...kernels.float32_linear.config import SMALL_M, default_config
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
-                      kernel_files, most_rows, target_gpu)
+                      kernel_files, most_rows, static_rows, target_gpu)
 
 # registers torch.ops.dsv4_triton.float32_linear
 _kernel = importlib.import_module("...kernels.float32_linear.float32_linear", __package__)
@@ -44,8 +43,7 @@ def _config(target, x, weight) -> dict:
     most = most_rows(*x.shape[:-1])   # a symbolic M's bound: an exported decode engine's B <= max_batch
     if most is not None and most <= SMALL_M:
         return {"config": decode_entry_config(target.table, most, default_config(gpu, most, n, k))}
-    dims = x.shape[:-1]
-    m = math.prod(dims) if all(isinstance(d, int) for d in dims) else None
+    m = static_rows(x)
     return {"config": config_string(target.table, m, default_config(gpu, m, n, k))}
 
 

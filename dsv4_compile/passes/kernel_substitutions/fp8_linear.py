@@ -25,7 +25,7 @@ import torch
 from ...kernels.fp8_linear.config import FEW_M, SCALE_BLOCK, SMALL_M, default_config
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
-                      kernel_files, most_rows, target_gpu)
+                      kernel_files, most_rows, static_rows, target_gpu)
 
 # registers torch.ops.dsv4_triton.fp8_linear
 _kernel = importlib.import_module("...kernels.fp8_linear.fp8_linear", __package__)
@@ -47,12 +47,6 @@ def _reason(x, weight, scale, allow_cpu=False):
     return None
 
 
-def _rows(x) -> int | None:
-    """M = the product of x's leading dims, None when one is symbolic."""
-    dims = x.shape[:-1]
-    return math.prod(dims) if all(isinstance(d, int) for d in dims) else None
-
-
 def _config(target, x, weight, scale) -> dict:
     n, k = weight.shape
     n = n if isinstance(n, int) else None
@@ -60,14 +54,14 @@ def _config(target, x, weight, scale) -> dict:
     most = most_rows(*x.shape[:-1])   # a symbolic M's bound: an exported decode engine's B <= max_batch
     if most is not None and most <= SMALL_M:
         config = {"config": decode_entry_config(target.table, most, default_config(gpu, most, n, k))}
-        if _rows(x) is None and most > FEW_M:
+        if static_rows(x) is None and most > FEW_M:
             # the engine's batches span both few-rows regimes: up to FEW_M rows run their own config (a
             # cond on M in the engine: one token's Triton tile where the bound's config is cuBLAS's GEMM)
             few = decode_entry_config(target.table, FEW_M, default_config(gpu, FEW_M, n, k))
             if few != config["config"]:
                 config.update(few_rows=FEW_M, few_rows_config=few)
         return config
-    m = _rows(x)
+    m = static_rows(x)
     return {"config": config_string(target.table, m, default_config(gpu, m, n, k))}
 
 
