@@ -106,7 +106,8 @@ def _kill_and_resume(req: TuneRequest, tmp_path) -> None:
         assert (a.state, a.value, a.params, a.user_attrs.get("status")) == (
             t.state, t.value, t.params, t.user_attrs.get("status")), f"trial {number} changed on resume"
     k = after[killed_number]
-    assert k.state == TrialState.FAIL and k.user_attrs.get("status") != STATUS_ERROR, "killed trial not failed by heartbeat"
+    assert k.state == TrialState.FAIL and k.user_attrs.get("status") != STATUS_ERROR, (
+        f"killed trial {killed_number} not failed by heartbeat: {k.state.name}, status {k.user_attrs.get('status')}")
     retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == killed_number]
     assert len(retries) == 1, f"expected one retry of trial {killed_number}, got {[t.number for t in retries]}"
     assert retries[0].state == TrialState.COMPLETE and retries[0].params == k.params
@@ -130,8 +131,10 @@ def _start_and_kill(code: str, req: TuneRequest, plan) -> None:
                 continue
             measured = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("status") == STATUS_MEASURED]
             # A trial that has just entered its 0.6 s of "timing" (no outcome yet): it cannot finish before the kill.
+            # Its heartbeat row must exist: Optuna's heartbeat thread writes it beside the objective, and a trial
+            # killed before that write is never stale (fail_stale_trials skips trials without one).
             running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("stage") == "timing"
-                       and "status" not in t.user_attrs]
+                       and "status" not in t.user_attrs and _has_heartbeat(req, t)]
             if len(measured) >= 3 and running:
                 os.kill(child.pid, signal.SIGKILL)
                 child.wait(timeout=30)
@@ -144,6 +147,16 @@ def _start_and_kill(code: str, req: TuneRequest, plan) -> None:
             child.kill()
             child.wait()
         child.stdout.close()
+
+
+def _has_heartbeat(req: TuneRequest, trial) -> bool:
+    """Whether Optuna's heartbeat table holds a row for `trial` (no public reader for it)."""
+    import sqlalchemy
+
+    with _STORAGES[req.storage].engine.connect() as connection:
+        row = connection.execute(sqlalchemy.text("SELECT 1 FROM trial_heartbeats WHERE trial_id = :id"),
+                                 {"id": trial._trial_id}).first()
+    return row is not None
 
 
 def dataclass_replace(req: TuneRequest, **changes) -> TuneRequest:
