@@ -9,18 +9,24 @@
     failed by the next worker that starts a trial, and `RetryHeartbeatStaleTrialCallback` (Optuna 5's
     name for `failed_trial_callback=RetryFailedTrialCallback`, which it deprecates) enqueues it again
     with the same params, up to `max_retry` times.
+- `fail_stale_trials(study, storage)`: Optuna's, plus the RUNNING trials that never wrote a heartbeat and
+  started more than the grace period ago (a worker killed between creating its trial and its heartbeat
+  thread's first write: Optuna skips trials without a heartbeat row, so they would stay RUNNING forever).
 - `study_name(...)`: '<prefix>:<kernel>:<gpu>:<bucket>:<code version>' (the code version hashes the
   kernel's sources, the space and the problem's shapes: spaces.KernelSpace.code_version).
 - `DEFAULT_STORAGE`: tuning/studies.db beside the tables (git-ignored by tuning/.gitignore).
 """
 from __future__ import annotations
 
+import copy
+import datetime
 import os
 import sqlite3
 import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from sqlalchemy.engine import make_url
 
 DEFAULT_DB = Path(__file__).resolve().parent / "studies.db"
@@ -82,6 +88,34 @@ def _heartbeat_kwargs(heartbeat_interval: int, grace_period: int | None, max_ret
     else:  # Optuna < 4.9 has only the older name
         kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)
     return kwargs
+
+
+def fail_stale_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
+    """See the module docstring; `storage` is the study's, made with heartbeats."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+        interval = storage.get_heartbeat_interval()
+        if interval is None:
+            return
+        started_before = datetime.datetime.now() - datetime.timedelta(seconds=storage.grace_period or 2 * interval)
+        running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+                   if t.datetime_start is not None and t.datetime_start < started_before]
+        if not running:
+            return
+        with storage.engine.connect() as connection:  # Optuna has no public reader of the heartbeat table
+            beating = set(connection.execute(sqlalchemy.text("SELECT trial_id FROM trial_heartbeats")).scalars())
+        get_callback = getattr(storage, "get_heartbeat_stale_trial_callback", None) or storage.get_failed_trial_callback
+        callback = get_callback()
+        for trial in running:
+            if trial._trial_id in beating:
+                continue
+            try:
+                failed = storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed or finished it first
+                continue
+            if failed and callback is not None:
+                callback(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
 
 
 def dispose(storage) -> None:

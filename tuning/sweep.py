@@ -52,7 +52,7 @@ from .objective import (STATUS_CONSTRAINT, STATUS_DUPLICATE, STATUS_ERROR, STATU
                         STATUS_WRONG, DeviceError, KernelFailure, Objective, make_runner)
 from ..model.context import format_context
 from .spaces import SPACES, KernelSpace, Problem, canonical_gpu, get_space, gpu_spec
-from .storage import DEFAULT_STORAGE, dispose, make_storage, redact, study_name
+from .storage import DEFAULT_STORAGE, dispose, fail_stale_trials, make_storage, redact, study_name
 from .tables import TableError, load_table, write_entries
 
 TrialState = optuna.trial.TrialState
@@ -306,9 +306,7 @@ def run_worker(request: TuneRequest, plans: Sequence[Plan], worker: int = 0, bar
             space = get_space(plan.kernel)
             gpu = gpu_spec(plan.gpu)
             study = optuna.load_study(study_name=plan.study, storage=storage, sampler=_sampler(request, plan, worker))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
+            fail_stale_trials(study, storage)
             budget = _Budget(plan, (lambda t, p=plan: on_trial(p, t)) if on_trial else None)
             if budget.done(study):
                 ran[plan.study] = []

@@ -53,5 +53,9 @@ def test_kill_and_resume_postgres(pg_url, tmp_path):
     sc.kill_and_resume(pg_url, tmp_path)
 
 
+def test_trial_without_heartbeat_failed_and_retried_postgres(pg_url, tmp_path):
+    sc.trial_without_heartbeat(pg_url, tmp_path)
+
+
 def test_three_workers_one_postgres_study(pg_url, tmp_path):
     sc.three_workers(pg_url, tmp_path)

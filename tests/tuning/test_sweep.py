@@ -124,6 +124,10 @@ def test_kill_and_resume_sqlite(sqlite_url, tmp_path):
     sc.kill_and_resume(sqlite_url, tmp_path)
 
 
+def test_trial_without_heartbeat_failed_and_retried_sqlite(sqlite_url, tmp_path):
+    sc.trial_without_heartbeat(sqlite_url, tmp_path)
+
+
 def test_three_workers_one_sqlite_study(sqlite_url, tmp_path):
     sc.three_workers(sqlite_url, tmp_path)
 
