@@ -323,8 +323,9 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             mma, n_mma = mma_summary(body)
             per_weight = 0.0
             if name in ("_gate_up_kernel", "_down_kernel"):  # BLOCK_K x BLOCK_N weights an iteration (w1 and w3
-                # for gate/up, but a loop each on the FP8 tensor cores: W8A8, W4A8 with w4a8_mma "fp8")
-                both = name == "_gate_up_kernel" and not (kwargs.get("ACT_FP8") and kwargs.get("FP8_MMA"))
+                # for gate/up, but a loop each on the FP8 tensor cores: W8A8, W4A8 with w4a8_mma "fp8"; not "fp8_swap")
+                both = name == "_gate_up_kernel" and not (kwargs.get("ACT_FP8") and kwargs.get("FP8_MMA")
+                                                          and not kwargs.get("SWAP"))
                 weights = kwargs["BLOCK_K"] * kwargs["BLOCK_N"] * (2 if both else 1)
                 per_weight = loop / (weights / (32 * warps))
             converts = compiled.asm["ttgir"].count("ttg.convert_layout")

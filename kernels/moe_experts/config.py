@@ -36,8 +36,13 @@ class MoeExpertsConfig(KernelConfig):
     refuses less. w4a8_mma (W4A8 only): the tensor cores that multiply its FP8-rounded
     activations with the MXFP4 weights, the same exact products either way: "bf16" (the activations
     held as their bf16 values, the weights decoded to bf16 as W4A16 does) or "fp8" (e4m3 codes on the
-    FP8 tensor cores, the weights decoded to e4m3). bf16 is the default: on the H200 the e4m3 decode's
-    integer work bound the FP8 route below W4A16's speed at every T (bench/results/H200/moe.md).
+    FP8 tensor cores, the weights decoded to e4m3) or "fp8_swap" (the same e4m3 products with the
+    operands swapped: the weight rows the MMA's first operand, read from registers and decoded from words
+    each thread loads itself, one MMA per 32-run; block_n a multiple of 64 makes it a wgmma). bf16 is the
+    default: on the H200 the e4m3 decode's integer work bound the FP8 route below W4A16's speed at every T
+    (bench/results/H200/moe.md). "fp8_swap" with 128-wide tiles takes 31% fewer instructions a weight
+    than bf16 in the gate/up loop at decode, at two CTAs an SM instead of three (sm_90a compile,
+    bench/results/H100/session32_moe_fp8_swap_offline.md); not yet timed.
     act_round (W8A8 and W4A8): where the SwiGLU output is rounded to FP8, the same values either way:
     "gate_up" in the gate/up epilogue, once per value (block_n a multiple of 128: the epilogue needs
     whole activation scale blocks), or "pass" in a pass of its own between the launches (the epilogue
@@ -80,7 +85,8 @@ class MoeExpertsConfig(KernelConfig):
 
     POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "block_k", "num_warps", "down_block_n",
                                               "down_block_k", "down_num_warps")
-    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"w4a8_mma": ("bf16", "fp8"), "act_round": ("gate_up", "pass"),
+    CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"w4a8_mma": ("bf16", "fp8", "fp8_swap"),
+                                                        "act_round": ("gate_up", "pass"),
                                                         "mxfp4_scaling": ("two", "one")}
 
     def __post_init__(self):

@@ -64,7 +64,8 @@ sm_90) is promoted to the fp32 accumulator times the row's activation scale and 
 scale, as fp8_linear does. W4A8 (`act="fp8"` with MXFP4 weights: the moe_experts_mxfp4_w4a8 op, as
 DeepSeek runs the releases' MXFP4 experts): the same launches and activation quantization, the weight
 tiles decoded from e2m1 to e4m3 (exact) for the same FP8 MMAs, their 1 x 32 scales folded into the
-values or applied per 32-run (_mxfp4_e4m3_dot; the W4A8 note below); on bf16 tensor cores (config
+values or applied per 32-run (_mxfp4_e4m3_dot; the W4A8 note below), or with the operands swapped, the
+weight rows the MMA's first operand (w4a8_mma "fp8_swap", _mxfp4_e4m3_swapped); on bf16 tensor cores (config
 w4a8_mma, the default) W4A16's K loops over the rounded values themselves in x's dtype (exact: x's from
 one pass, kernels/fp8_quantize.fp8_round; the activation's rounded in the epilogue or, act_round
 "pass", by fp8_round between the launches). Which of W8A16 / W4A16 and W8A8 /
@@ -439,6 +440,81 @@ def _mxfp4_e4m3_dot(acc, a, s_a, p_w, p_s, e, offs_n, k0, R, C, FOLD: tl.constex
 
 
 @triton.jit
+def _run_scale(p, mask, SCALE_F32: tl.constexpr, EXACT: tl.constexpr):
+    """(the 32-runs' scales at p (masked: 1) times 2^6 [..] float32, their e8m0 bytes (float32 scales: 0)).
+    From an e8m0 byte u, 2^(u - 121) by its bits: u 0 the subnormal 2^-127 times 2^6; u from 249 on wraps
+    unless EXACT, which makes 2^128 inf, as 2^(u - 127) * 2^6 does, and 255 NaN (the caller reruns EXACT
+    where a byte above 248 came)."""
+    if SCALE_F32:
+        return tl.load(p, mask=mask, other=1.0) * 64.0, tl.zeros(mask.shape, dtype=tl.int32)
+    else:
+        u = tl.load(p, mask=mask, other=127).to(tl.int32)
+        if EXACT:
+            f = ((tl.minimum(u, 249) + 6) << 23).to(tl.float32, bitcast=True)
+            return tl.where(u == 255, float("nan"), f), u
+        return ((u + 6) << 23).to(tl.float32, bitcast=True), u
+
+
+@triton.jit
+def _e4m3_operand(p_words, k, n_ok, BLOCK_N: tl.constexpr):
+    """The 32-run at K position k of MXFP4 rows (p_words: [BN, 1] pointers to the rows' uint32 words) as the
+    first operand of an FP8 MMA, [BN, 32] e4m3 (each code's value times 2^-6) with slot 16 h + 4q + t
+    holding position 8q + 2t + h (_mxfp4_e4m3_swapped)."""
+    lo, hi = _e2m1_e4m3x4(tl.load(p_words + k // 8 + tl.arange(0, 4)[None, :], mask=n_ok[:, None], other=0))
+    w = tl.join(_bytes(lo), _bytes(hi))                                 # [n, q, i, c, h]: position 8q + 4i + 2c + h
+    return tl.reshape(tl.permute(w, (0, 4, 1, 2, 3)), [BLOCK_N, 32]).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_e4m3_swapped(p_a, p_as, rows, row_ok, p_w, p_s, p_w3, p_s3, e, offs_n, R, C, k_lo, k_hi,
+                        SCALE_F32: tl.constexpr, PAIR: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W4A8 on the FP8 tensor cores with the operands swapped (w4a8_mma "fp8_swap"): [BM, BN] fp32 =
+    (A * s_a)[rows, k_lo:k_hi] @ W[e][offs_n, k_lo:k_hi]^T (A e4m3 codes [*, C] with scales [*, C/128], W
+    MXFP4 [E, R, C/2] with scales [E, R, C/32]), and with PAIR the same for W3 beside it (the gate/up
+    launch: both share each activation tile; else zeros, unused), and whether an e8m0 scale above 248
+    came (_run_scale: the caller then runs this again with EXACT, unpipelined, so that the rerun's loop
+    does not raise the kernel's registers). Computed as the transpose: W's rows the MMA's first operand
+    and the rows of A its second (on sm_90 a wgmma of 64 weight rows by BM tokens, its first operand read
+    from registers), one MMA per 32-run promoted times the run's scale (route (a) of the W4A8 note: no
+    fold check, no fp16 round trip). Each run's K positions are permuted into MMA slots so that the
+    thread that holds an operand register decodes it from one word it loaded itself: the first operand
+    gives thread q of a row the slots 4q .. 4q + 3 and 16 + 4q .. 16 + 4q + 3, and _e2m1_e4m3x4 makes the
+    even and the odd codes of word q; so slot 16 h + 4q + t holds position 8q + 2t + h, and A's run is
+    loaded in position order and permuted the same way (in registers). Exact products, summed in another
+    order than route (a)'s."""
+    G: tl.constexpr = BLOCK_K // 32
+    n_ok = offs_n < R
+    p_words = p_w.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * (C // 8) + offs_n[:, None] * (C // 8)
+    p_words3 = p_w3.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * (C // 8) + offs_n[:, None] * (C // 8)
+    p_scales = p_s + e.to(tl.int64) * R * (C // 32) + offs_n * (C // 32)                   # [BN]
+    p_scales3 = p_s3 + e.to(tl.int64) * R * (C // 32) + offs_n * (C // 32)
+    offs_p = tl.arange(0, 32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)                                    # the products transposed
+    acc3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    top = tl.zeros([BLOCK_N], dtype=tl.int32)                                               # the largest e8m0 byte
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=1 if EXACT else None):
+        tile = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        tile3 = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for g in tl.static_range(G):
+            k = k0 + 32 * g
+            a = tl.load(p_a + rows[:, None] * C + (k + offs_p)[None, :], mask=row_ok[:, None], other=0.0)  # [BM, 32]
+            a = tl.reshape(tl.permute(tl.reshape(a, [BLOCK_M, 4, 2, 2, 2]), (4, 1, 2, 3, 0)), [32, BLOCK_M])
+            s, u = _run_scale(p_scales + k // 32, n_ok, SCALE_F32, EXACT)
+            tile += tl.dot(_e4m3_operand(p_words, k, n_ok, BLOCK_N), a) * s[:, None]
+            top = tl.maximum(top, u)
+            if PAIR:
+                s3, u3 = _run_scale(p_scales3 + k // 32, n_ok, SCALE_F32, EXACT)
+                tile3 += tl.dot(_e4m3_operand(p_words3, k, n_ok, BLOCK_N), a) * s3[:, None]
+                top = tl.maximum(top, u3)
+        s_a = tl.load(p_as + rows * (C // 128) + k0 // 128, mask=row_ok, other=0.0)[None, :]   # (BLOCK_K divides 128)
+        acc += tile * s_a
+        if PAIR:
+            acc3 += tile3 * s_a
+    return tl.trans(acc), tl.trans(acc3), tl.max(top, axis=0) > 248
+
+
+@triton.jit
 def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k_lo, k_hi, FMT: tl.constexpr,
                   SCALE_F32: tl.constexpr, ROUTE: tl.constexpr, RERUN: tl.constexpr, NATIVE_FP8: tl.constexpr,
                   UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -553,7 +629,8 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
                     FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr, ROUND_BF16: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr,
                     ROUND_PASS: tl.constexpr, RECIP: tl.constexpr, SPLIT: tl.constexpr, ROUTE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                    SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    GROUP_M: tl.constexpr):
     # p_x [T, D]; p_slot [n_blocks, BLOCK_M] int64; p_block_expert [n_blocks] int64;
     # p_w1, p_w3 [E, I, D] (or packed, see _weight_tile); p_act [n_blocks * BLOCK_M, I] in x's dtype.
     # ACT_FP8 (W8A8, W4A8): the weighted activation FP8-rounded here; p_weights [T * TOPK] float32. With
@@ -576,7 +653,14 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
     token = tl.where(row_ok, slot // TOPK, 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo, k_hi = _k_range(D, K_PER, SPLIT)
-    if ACT_FP8 and FP8_MMA:
+    if ACT_FP8 and FP8_MMA and SWAP:  # MXFP4 (the launcher's): both weights in one K loop
+        acc_gate, acc_up, wraps = _mxfp4_e4m3_swapped(p_x, p_xs, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I,
+                                                      D, k_lo, k_hi, SCALE_F32, True, False, BLOCK_M, BLOCK_N, BLOCK_K)
+        if wraps:
+            acc_gate, acc_up, wraps = _mxfp4_e4m3_swapped(p_x, p_xs, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n,
+                                                          I, D, k_lo, k_hi, SCALE_F32, True, True, BLOCK_M, BLOCK_N,
+                                                          BLOCK_K)
+    elif ACT_FP8 and FP8_MMA:
         # One K loop per weight: in one loop both FP8 products of a step wait in registers for their
         # promotion beside the two accumulators, and 128 x 128 tiles over 8 warps spilled (sm_90 compile,
         # bench/results/H200/moe_w8a8_offline.md); x's codes are read twice instead (1 byte a value).
@@ -638,8 +722,8 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
                  N, first_slot, TOPK, D, I, E, n_blocks, n_split, K_PER, rows_per_split,
                  FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                  IEEE: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SPLIT: tl.constexpr,
-                 ROUTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+                 ROUTE: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_act [n_blocks * BLOCK_M, I] (FP8_MMA: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
     # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
     # p_weights [T * TOPK] float32 (unused with ACT_FP8: act holds it);
@@ -655,7 +739,14 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
     row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo, k_hi = _k_range(I, K_PER, SPLIT)
-    if ACT_FP8 and FP8_MMA:
+    if ACT_FP8 and FP8_MMA and SWAP:
+        acc, unused, wraps = _mxfp4_e4m3_swapped(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, p_w2, p_s2, e, offs_n, D,
+                                                 I, k_lo, k_hi, SCALE_F32, False, False, BLOCK_M, BLOCK_N, BLOCK_K)
+        if wraps:  # as the gate/up launch's
+            acc, unused, wraps = _mxfp4_e4m3_swapped(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, p_w2, p_s2, e, offs_n,
+                                                     D, I, k_lo, k_hi, SCALE_F32, False, True, BLOCK_M, BLOCK_N,
+                                                     BLOCK_K)
+    elif ACT_FP8 and FP8_MMA:
         acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, k_lo, k_hi, FMT,
                         SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
@@ -798,7 +889,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     bm = cfg.block_m
     # W4A8's FP8-rounded values on bf16 tensor cores (config.w4a8_mma), but in fp16, whose range does not
     # hold every one (an fp16 x near 65504 rounds up past it)
-    fp8_mma = act_fp8 and (weight_format == "fp8" or cfg.w4a8_mma == "fp8" or x.dtype == torch.float16)
+    fp8_mma = act_fp8 and (weight_format == "fp8" or cfg.w4a8_mma != "bf16" or x.dtype == torch.float16)
+    swap = fp8_mma and weight_format == "mxfp4" and cfg.w4a8_mma == "fp8_swap"
     act_round_pass = act_fp8 and cfg.act_round == "pass"
     act_bytes = (1 + 4 / ACT_BLOCK if fp8_mma else x.element_size()) + 4 * act_round_pass  # + the pass's fp32 input
     chunk, n_chunks = chunk_plan(T, k, D, I, E, bm, act_bytes)
@@ -874,7 +966,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                T * k, k, D, I, E, n_blocks, first * k, n_split, k_per, chunk_rows,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=native, UPCAST=upcast, IEEE=ieee, ROUND_BF16=round_bf16,
                ACT_FP8=act_fp8, FP8_MMA=fp8_mma, ROUND_PASS=round_pass, RECIP=recip, SPLIT=split > 1, ROUTE=route,
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+               SWAP=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split > 1:
             launch(_swiglu_splits_kernel, (n_blocks, triton.cdiv(I, SWIGLU_BLOCK_N)), gate_up_out, slot[c],
@@ -889,8 +981,9 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                block_expert[c], w2, s2, topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks, n_down_split,
                down_k_per, chunk_rows,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=native, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,
-               FP8_MMA=fp8_mma, SPLIT=down_split > 1, ROUTE=route, BLOCK_M=bm, BLOCK_N=bn2, BLOCK_K=cfg.down_block_k,
-               GROUP_M=cfg.group_m, num_warps=cfg.down_num_warps, num_stages=cfg.down_num_stages)
+               FP8_MMA=fp8_mma, SPLIT=down_split > 1, ROUTE=route, SWAP=swap, BLOCK_M=bm, BLOCK_N=bn2,
+               BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m, num_warps=cfg.down_num_warps,
+               num_stages=cfg.down_num_stages)
         sum_slots(slots, topk_ids, out, first, torch.sym_min(first + chunk, T), n_down_split, chunk_rows)
     return out
 

@@ -318,12 +318,13 @@ def test_mxfp4_tile_is_dequantize_mxfp4_on_every_code(upcast, scale_f32, route):
         assert fast or route == 1 or expected.isnan().any()                               # byte 255
 
 
-@pytest.mark.parametrize("scaling", ["one", "two"])
-def test_mxfp4_scales_above_two_rerun_exactly(scaling):
+@pytest.mark.parametrize("config", ["mxfp4_scaling=one", "mxfp4_scaling=two", "w4a8_mma=fp8_swap"])
+def test_mxfp4_scales_above_two_rerun_exactly(config):
     """e8m0 scales above 2 (bytes 129 .. 254, past mxfp4_scaling "one"'s bf16 multiplier) in some runs of
     expert 1, and a NaN scale (255) in expert 3: on "one" those experts' programs rerun on the exact route
-    (both launches, W4A16 and W4A8's bf16 route), "two" is exact at once; against the twin, NaN outputs
-    where the twin has them."""
+    (both launches, W4A16 and W4A8's bf16 route), "two" is exact at once; W4A8's "fp8_swap" makes its
+    scales from the bytes' bits up to 248 and reruns exactly past them (255 here); against the twin, NaN
+    outputs where the twin has them."""
     T, k, E, D, I = 7, 2, 5, 128, 128
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     ids, w = routing(T, k, E, "random", seed=1)
@@ -336,8 +337,8 @@ def test_mxfp4_scales_above_two_rerun_exactly(scaling):
     scales = tuple(s.view(torch.float8_e8m0fnu) for s in scales)
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     for act in ("x", "fp8"):
-        out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, f"mxfp4_scaling={scaling}",
-                          "mxfp4", tuple(map(dev, scales)), act).cpu()
+        out = moe_experts(dev(x), dev(ids), dev(w), dev(w1), dev(w2), dev(w3), LIMIT, config, "mxfp4",
+                          tuple(map(dev, scales)), act).cpu()
         ref = naive.moe_experts(x, ids, w, w1, w2, w3, LIMIT, None, "mxfp4", scales, act)
         assert ref.isnan().any() and ref.isfinite().any(), "the case: a NaN scale's outputs beside finite ones"
         assert_close(f"act {act}: kernel vs naive", ref, out, TOL[torch.bfloat16])
@@ -397,8 +398,8 @@ def test_split_k_against_naive_and_plain(T, k, E, kind, cfg, fmt, dtype, monkeyp
 
 
 @pytest.mark.parametrize("T,k,E,kind,cfg", SPLIT_CASES, ids=["T1", "T7"])
-@pytest.mark.parametrize("fmt,mma", [("fp8", "fp8"), ("mxfp4", "bf16"), ("mxfp4", "fp8")],
-                         ids=["w8a8", "w4a8", "w4a8-fp8mma"])
+@pytest.mark.parametrize("fmt,mma", [("fp8", "fp8"), ("mxfp4", "bf16"), ("mxfp4", "fp8"), ("mxfp4", "fp8_swap")],
+                         ids=["w8a8", "w4a8", "w4a8-fp8mma", "w4a8-fp8swap"])
 def test_split_k_fp8_activations(T, k, E, kind, cfg, fmt, mma, monkeypatch):
     """W8A8 and W4A8 split: the SwiGLU pass weights and rounds the summed activation (in place of the
     epilogue or act_round's pass; 32-wide gate/up tiles need no whole activation block), within the
@@ -613,15 +614,19 @@ def run_w4a8(T, k, E, kind, dtype, config, D, I, scales_as=None):
 # T = 1, 7, 300; E = 5, 12; k = 1 and 6; -1 ids and experts without tokens ("holes"); configs A and B
 # (K tiles of 64 and 32 in a 128-block: two and one runs folded a step; 256-wide tiles, 128-deep);
 # D = I = 128 but for one case at 384 (three K tiles, a partial last column tile of B); each tensor-core
-# route (config w4a8_mma) with both dtypes: the interpreter decodes every weight in numpy, so the cases
-# stay small (~1 s each, T = 300 ~4 s).
+# route (config w4a8_mma; "fp8_swap" over one and two 32-runs a K tile) with both dtypes: the interpreter
+# decodes every weight in numpy, so the cases stay small (~1 s each, T = 300 ~4 s).
 # act_round "pass" (the SwiGLU output rounded by a pass between the launches) in config C's 32-wide gate/up
 # column tiles (no whole activation block), on bf16 tensor cores and on FP8 ones.
 W4A8_CASES = [(1, 6, 12, "random", "A", torch.bfloat16, 128, "fp8"), (7, 6, 5, "holes", "B", torch.float32, 384, "fp8"),
               (7, 1, 5, "one-expert", "A", torch.float32, 128, "bf16"),
               (300, 1, 5, "holes", "B", torch.bfloat16, 128, "bf16"), (7, 6, 5, "holes", "B", torch.bfloat16, 384, "bf16"),
               (1, 6, 12, "random", "C", torch.bfloat16, 128, "bf16"), (7, 6, 5, "holes", "C", torch.float32, 256, "bf16"),
-              (7, 1, 5, "one-expert", "C", torch.bfloat16, 256, "fp8")]
+              (7, 1, 5, "one-expert", "C", torch.bfloat16, 256, "fp8"),
+              (1, 6, 12, "random", "A", torch.bfloat16, 128, "fp8_swap"),
+              (7, 6, 5, "holes", "B", torch.float32, 384, "fp8_swap"),
+              (300, 1, 5, "holes", "A", torch.bfloat16, 128, "fp8_swap"),
+              (7, 1, 5, "one-expert", "C", torch.bfloat16, 256, "fp8_swap")]
 W4A8_PASS = MoeExpertsConfig(block_m=16, block_n=32, block_k=64, down_block_n=64, down_block_k=32, act_round="pass")
 
 
@@ -635,8 +640,9 @@ def test_w4a8_against_its_naive_twin_and_w4a16(T, k, E, kind, cfg, dtype, D, mma
 
 
 @pytest.mark.parametrize("fmt,mma,dtype", [("mxfp4", "bf16", torch.bfloat16), ("mxfp4", "bf16", torch.float32),
-                                           ("mxfp4", "fp8", torch.bfloat16), ("fp8", "bf16", torch.bfloat16)],
-                         ids=["w4a8-bf16", "w4a8-fp32", "w4a8-fp8mma", "w8a8"])
+                                           ("mxfp4", "fp8", torch.bfloat16), ("mxfp4", "fp8_swap", torch.bfloat16),
+                                           ("fp8", "bf16", torch.bfloat16)],
+                         ids=["w4a8-bf16", "w4a8-fp32", "w4a8-fp8mma", "w4a8-fp8swap", "w8a8"])
 def test_rounding_by_a_pass_is_rounding_in_the_epilogue_bit_for_bit(fmt, mma, dtype):
     """act_round "pass" rounds the same values as "gate_up" (the fp32 weighted SwiGLU output, by
     fp8_round / fp8_quantize between the launches instead of in the gate/up epilogue): with the same
@@ -1013,6 +1019,30 @@ def test_flash_shapes_fp8_activations(flash_experts, fmt):
                                 fmt, scales, act="fp8")
         print(f"W4A8 on FP8 tensor cores vs its naive twin {rel_rms(twin, fp8_route):.3e}")
         assert_close("W4A8 on FP8 tensor cores vs naive W4A8", twin, fp8_route, W8A8_HOPPER_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.xdist_group("gpu-large")
+@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("block_n", [64, 128])
+def test_flash_shapes_w4a8_swapped_operands_at_decode(flash_experts, block_n, T):
+    """W4A8 at decode sizes (k 6 of 256, D 4096, I 2048, bf16 x) on w4a8_mma "fp8_swap" (the MXFP4 rows the
+    wgmma's register operand, one MMA per 32-run) under the decode default's other fields: within
+    W8A8_HOPPER_TOL (FP8 MMAs) of the naive twin and of the default bf16 route."""
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, 4096, device="cuda", generator=g, dtype=torch.bfloat16)
+    ids = torch.multinomial(torch.ones(T, 256, device="cuda"), 6, generator=g).to(torch.int32)
+    w = torch.rand(T, 6, device="cuda", generator=g) + 0.1
+    ws, scales = flash_experts["mxfp4"]
+    default = default_config(None, T * 6, "mxfp4", "fp8")
+    out = moe_experts(x, ids, w, *ws, LIMIT, default.replace(w4a8_mma="fp8_swap", block_n=block_n), "mxfp4", scales,
+                      act="fp8")
+    bf16_route = moe_experts(x, ids, w, *ws, LIMIT, default, "mxfp4", scales, act="fp8")
+    twin = naive.moe_experts(x, ids, w, *ws, LIMIT, None, "mxfp4", scales, act="fp8")
+    print(f"T = {T}, block_n {block_n}: fp8_swap vs its naive twin {rel_rms(twin, out):.3e}, vs the bf16 route "
+          f"{rel_rms(bf16_route, out):.3e} (relative RMS)")
+    assert_close("fp8_swap vs naive W4A8", twin, out, W8A8_HOPPER_TOL)
+    assert_close("fp8_swap vs the bf16 route", bf16_route, out, W8A8_HOPPER_TOL)
 
 
 @pytest.mark.gpu

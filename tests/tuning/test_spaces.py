@@ -333,7 +333,7 @@ def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
     # its prefill defaults: W8A8's but K tiles as the regime's (W4A16's loop on bf16 tensor cores: no promotions)
     assert w4a8.default_params(pre4, h200) == {**w8a8.default_params(pre8, h200), "block_k": 64, "down_block_k": 64,
                                                "w4a8_mma": "bf16", "mxfp4_scaling": "two"}
-    assert w4a8.choices(pre4, h200)["w4a8_mma"] == ("bf16", "fp8")
+    assert w4a8.choices(pre4, h200)["w4a8_mma"] == ("bf16", "fp8", "fp8_swap")
     default = w4a8.make_config(w4a8.default_params(pre4, h200), "H100")
     assert w4a8.check(default, pre4, gpu_spec("H100"), baseline=True) is None
     deep = default.replace(block_k=128, down_block_k=128)
@@ -348,6 +348,10 @@ def test_moe_experts_mxfp4_w4a8_space_is_w8a8s_over_mxfp4():
     assert w4a8.check(decode, dec4, h200, baseline=True) is None
     kind, reason = w4a8.check(decode.replace(w4a8_mma="fp8"), dec4, h200)
     assert kind == "redundant" and "mxfp4_scaling" in reason
+    swap = decode.replace(w4a8_mma="fp8_swap", mxfp4_scaling="two", block_n=128)
+    assert w4a8.check(swap, dec4, h200) is None                        # the swapped route at decode's 16-row blocks
+    kind, reason = w4a8.check(default.replace(w4a8_mma="fp8_swap"), pre4, h200)
+    assert kind == "hard" and "16-row blocks" in reason                # not at prefill's 128-row ones
 
 
 def test_decode_baseline_is_the_launchers_own_default():

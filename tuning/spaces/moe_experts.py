@@ -30,6 +30,9 @@ def moe_hard(cfg, problem, gpu) -> str | None:
     if w8a8 and cfg.act_round == "gate_up" and bn % ACT_BLOCK:
         return (f"block_n {bn}: W8A8 quantizes whole {ACT_BLOCK}-blocks of the activation in the gate/up epilogue "
                 f"(act_round gate_up)")
+    if cfg.w4a8_mma == "fp8_swap" and bm > 16:   # the per-run tiles and the sums, transposed, of both weights
+        return (f"w4a8_mma fp8_swap with block_m {bm}: decode's 16-row blocks only (128-row ones spilled 4 KB a "
+                f"thread in the sm_90a compile)")
     acc = 2 * bm * bn / threads(cfg.num_warps)                       # gate and up accumulators
     if acc > ACC_PER_THREAD:
         return f"gate/up accumulators 2 x {bm}x{bn} over {cfg.num_warps} warps = {acc:g} fp32 a thread > {ACC_PER_THREAD}"
@@ -41,7 +44,7 @@ def moe_hard(cfg, problem, gpu) -> str | None:
     # w4a8_mma fp8), which also take one weight per gate/up K loop (the sm_90a compile's shared memory
     # exactly, bench/results/H200/moe_w8a8_offline.md); weights bf16, FP8 codes or MXFP4 words (half a
     # byte a weight, decoded in registers).
-    fp8_tiles = w8a8 and (problem.dims.get("weights") == "fp8" or cfg.w4a8_mma == "fp8")
+    fp8_tiles = w8a8 and (problem.dims.get("weights") == "fp8" or cfg.w4a8_mma != "bf16")
     act_size = 1 if fp8_tiles else 2
     weight_size = {"fp8": 1, "mxfp4": 0.5}.get(problem.dims.get("weights"), 2)
     gate_up_weights = 1 if fp8_tiles else 2
@@ -57,7 +60,7 @@ def moe_redundant(cfg, problem, gpu) -> str | None:
     for name, dim in (("block_n", problem.dim("I")), ("down_block_n", problem.dim("D"))):
         if getattr(cfg, name) > _fit(getattr(cfg, name), dim):
             return f"{name} {getattr(cfg, name)} > the matrix needs ({_fit(getattr(cfg, name), dim)}): clamped by the launcher"
-    if cfg.mxfp4_scaling == "one" and (problem.dims.get("weights") != "mxfp4" or cfg.w4a8_mma == "fp8"):
+    if cfg.mxfp4_scaling == "one" and (problem.dims.get("weights") != "mxfp4" or cfg.w4a8_mma != "bf16"):
         return "mxfp4_scaling one: MXFP4 weights on bf16 tensor cores only (elsewhere the same kernel as two)"
     if cfg.block_m > 16 and problem.dim("T") * problem.dim("k") <= problem.dim("E"):
         return f"block_m {cfg.block_m}: at most one row per expert in use, 16 rows pad the least"
@@ -138,9 +141,10 @@ MOE_EXPERTS_FP8_W8A8 = dataclasses.replace(
         "(act_round).")
 MOE_EXPERTS_MXFP4_W4A8 = dataclasses.replace(
     MOE_EXPERTS_FP8_W8A8, name="moe_experts_mxfp4_w4a8", problem=_moe_mxfp4_w4a8_problem,
-    params=(*MOE_EXPERTS_FP8_W8A8.params, Param("w4a8_mma", ("bf16", "fp8")), Param("mxfp4_scaling", ("two", "one"))),
+    params=(*MOE_EXPERTS_FP8_W8A8.params, Param("w4a8_mma", ("bf16", "fp8", "fp8_swap")),
+            Param("mxfp4_scaling", ("two", "one"))),
     defaults={"prefill": "w4a8_prefill_config", "decode": "w4a8_decode_config"},
     doc="moe_experts' problems with w1/w3 [256, 2048, 2048], w2 [256, 4096, 1024] MXFP4 (two e2m1 a byte, an e8m0 "
         "scale per 1 x 32), x and the SwiGLU output quantized to FP8 per 128-block (W4A8): moe_experts_fp8_w8a8's "
-        "params and rules, which tensor cores multiply (w4a8_mma: bf16 or FP8) and how the bf16 route scales the "
-        "decoded weights (mxfp4_scaling: one multiply or two).")
+        "params and rules, which tensor cores multiply (w4a8_mma: bf16, FP8, or FP8 with the weights as the first "
+        "operand) and how the bf16 route scales the decoded weights (mxfp4_scaling: one multiply or two).")
