@@ -9,9 +9,11 @@ from .._common import KernelConfig, cdiv, next_pow2, pick_default
 
 @dataclasses.dataclass(frozen=True)
 class HcConfig(KernelConfig):
-    """hc_pre: one program per `block_t` tokens (>= 16, a tl.dot dimension); the mixes GEMV walks
-    n*D in `block_k` steps with `dot_precision` for its fp32 product ('ieee' = fp32 FMA, 'tf32x3' ~
-    fp32 on tensor cores, 'tf32' ~1e-3 relative); the stream sum walks D in `block_d` steps.
+    """hc_pre: one program per `block_t` tokens; the mixes GEMV walks n*D in `block_k` steps with
+    `dot_precision` for its fp32 product ('ieee' = fp32 FMA, 'tf32x3' ~ fp32 on tensor cores, 'tf32'
+    ~1e-3 relative) where block_t >= 16 (a tl.dot dimension), and in fp32 FMAs on the CUDA cores where
+    block_t < 16 (a decode step's few tokens: dot_precision unused); the stream sum walks D in
+    `block_d` steps.
     `num_splits` > 1 (decode: a few tokens, one program per token block would leave all but a few
     SMs idle) cuts both sweeps in that many ranges, each a program: a first launch writes fp32 partial
     mixes per range, the second adds them in range order and makes y's columns of its range.
@@ -33,9 +35,8 @@ class HcConfig(KernelConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("block_t", "block_k"):
-            if getattr(self, name) < 16:
-                raise ValueError(f"HcConfig.{name} = {getattr(self, name)}: tl.dot needs >= 16")
+        if self.block_k < 16:
+            raise ValueError(f"HcConfig.block_k = {self.block_k}: tl.dot needs >= 16")
         if self.num_splits < 1:
             raise ValueError(f"HcConfig.num_splits = {self.num_splits}: need >= 1")
 

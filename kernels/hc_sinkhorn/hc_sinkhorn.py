@@ -94,7 +94,9 @@ def _mix_columns(N: tl.constexpr, NP: tl.constexpr, NW: tl.constexpr):
 def _mixes_sweep(p_xt, p_fn, row, valid_c, m_t, k_lo, k_hi, K, BLOCK_T: tl.constexpr, NW: tl.constexpr,
                  BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """x_flat[:, k_lo:k_hi] @ fn[row, k_lo:k_hi]^T [BT, NW] and the sum of squares of x over the same
-    range [BT], fp32 (p_xt: the block's token rows of x, K = N * D apart)."""
+    range [BT], fp32 (p_xt: the block's token rows of x, K = N * D apart). BLOCK_T < 16 (a decode step's
+    few tokens): fp32 FMAs on the CUDA cores, each token's products summed over the step (tl.dot needs
+    16 rows; the padding rows' products, and tf32x3's operand splits, cost more than these)."""
     acc = tl.zeros([BLOCK_T, NW], dtype=tl.float32)
     ss = tl.zeros([BLOCK_T], dtype=tl.float32)
     o_k = tl.arange(0, BLOCK_K)
@@ -103,7 +105,10 @@ def _mixes_sweep(p_xt, p_fn, row, valid_c, m_t, k_lo, k_hi, K, BLOCK_T: tl.const
         b_x = tl.load(p_xt + (k + o_k)[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         b_w = tl.load(p_fn + row[None, :].to(tl.int64) * K + (k + o_k)[:, None],
                       mask=valid_c[None, :] & m_k[:, None], other=0.0)     # [BK, NW]
-        acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
+        if BLOCK_T < 16:
+            acc += tl.sum(b_x[:, :, None] * b_w[None, :, :], axis=1)
+        else:
+            acc = tl.dot(b_x, b_w, acc, input_precision=PRECISION)
         ss += tl.sum(b_x * b_x, axis=1)
     return acc, ss
 

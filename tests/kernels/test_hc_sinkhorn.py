@@ -144,6 +144,21 @@ def test_hc_pre_split_matches_plain_and_naive(lead, n, D, splits, dtype):
     assert all(torch.equal(a, b) for a, b in zip((y, post, comb), again)), "split sums must not depend on timing"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_t,splits", [(1, 3), (2, 1), (4, 4), (8, 2)],
+                         ids=["bt1-3splits", "bt2-unsplit", "bt4-4splits", "bt8-2splits"])
+def test_hc_pre_few_token_blocks_match_plain_and_naive(block_t, splits, dtype):
+    """block_t < 16 (decode's few tokens): the mixes as fp32 FMAs on the CUDA cores instead of tl.dot,
+    split and unsplit, over token blocks of which the last is partial (5 tokens), against the plain op
+    and the naive twin, and the same sums on every run."""
+    args = make_hc_inputs((5, 1), 4, 72, dtype, seed=7)
+    cfg = {"block_t": block_t, "num_splits": splits, "block_k": 32, "block_d": 16}
+    y, post, comb = hc_pre(*args, 20, 1e-6, 1e-6, config=cfg)
+    check_hc_pre(args, (y, post, comb))
+    again = hc_pre(*args, 20, 1e-6, 1e-6, config=cfg)
+    assert all(torch.equal(a, b) for a, b in zip((y, post, comb), again))
+
+
 def test_hc_pre_split_count():
     """The launch cuts K into num_splits ranges, at most one per block_k step; the decode default is
     split on every GPU entry (the one-program-per-token-block grid is what it exists to avoid)."""

@@ -138,9 +138,23 @@ def test_a_space_out_of_date_with_its_kernel_is_reported_not_run():
 def test_invalid_values_are_refused_by_the_dataclass():
     hc = get_space("hc_pre")
     with pytest.raises(ValueError):
-        hc.make_config({"block_t": 8}, "H100")                # tl.dot needs >= 16
+        hc.make_config({"block_k": 8}, "H100")                # tl.dot needs >= 16
     with pytest.raises(ValueError, match="no field"):
         hc.make_config({"not_a_field": 1}, "H100")
+
+
+def test_hc_pre_few_token_blocks_rules():
+    """block_t below 16 (the mixes as fp32 FMAs at decode): valid at a decode step's tokens; its products tile
+    bounded like the others; dot_precision then unused (redundant but for ieee)."""
+    hc, h100 = get_space("hc_pre"), gpu_spec("H100")
+    b1 = hc.make_problem(FLASH, 8192, 1, "decode")
+    base = hc.default_params(b1, h100)
+    assert hc.check(hc.make_config({**base, "block_t": 1, "dot_precision": "ieee"}, "H100", "decode"), b1, h100) is None
+    kind, reason = hc.check(hc.make_config({**base, "block_t": 8, "block_k": 256, "dot_precision": "ieee"}, "H100",
+                                           "decode"), b1, h100)
+    assert kind == "hard" and "products 8x256x32" in reason
+    kind, reason = hc.check(hc.make_config({**base, "block_t": 1, "dot_precision": "tf32x3"}, "H100", "decode"), b1, h100)
+    assert kind == "redundant" and "fp32 FMAs" in reason
 
 
 def test_code_version_is_stable_and_tracks_problem_and_choices():

@@ -13,6 +13,9 @@ def hc_pre_hard(cfg, problem, gpu) -> str | None:
         return f"x tile {cfg.block_t}x{cfg.block_k} = {cfg.block_t * cfg.block_k / n_threads:g} fp32 a thread > {2 * ELEMS_PER_THREAD}"
     if cfg.block_k * nw / n_threads > ELEMS_PER_THREAD * 2:
         return f"fn tile {cfg.block_k}x{nw} = {cfg.block_k * nw / n_threads:g} fp32 a thread > {2 * ELEMS_PER_THREAD}"
+    if cfg.block_t < 16 and cfg.block_t * cfg.block_k * nw / n_threads > ELEMS_PER_THREAD * 4:   # the FMA products
+        return (f"products {cfg.block_t}x{cfg.block_k}x{nw} = {cfg.block_t * cfg.block_k * nw / n_threads:g} fp32 a "
+                f"thread > {4 * ELEMS_PER_THREAD}")
     if cfg.block_t * np_ * cfg.block_d / n_threads > ACC_PER_THREAD:
         return (f"stream tile {cfg.block_t}x{np_}x{cfg.block_d} = {cfg.block_t * np_ * cfg.block_d / n_threads:g} "
                 f"fp32 a thread > {ACC_PER_THREAD}")
@@ -29,6 +32,8 @@ def hc_pre_redundant(cfg, problem, gpu) -> str | None:
         return f"num_splits {cfg.num_splits} with {-(-T // cfg.block_t)} token blocks: the grid fills the GPU unsplit"
     if cfg.block_t > max(16, next_pow2(T)):
         return f"block_t {cfg.block_t} > tokens {T}"
+    if cfg.block_t < 16 and cfg.dot_precision != "ieee":
+        return f"dot_precision {cfg.dot_precision} with block_t {cfg.block_t}: fp32 FMAs below 16 tokens (as ieee)"
     if cfg.block_k > next_pow2(n * D):
         return f"block_k {cfg.block_k} > n*D = {n * D}"
     if cfg.block_d > next_pow2(D):
@@ -46,7 +51,7 @@ def _hc_pre_problem(mc, context, batch, phase):
 
 HC_PRE = KernelSpace(
     name="hc_pre", package="hc_sinkhorn", config_class="HcConfig", function="hc_sinkhorn:hc_pre",
-    params=(Param("block_t", (16, 32, 64, 128)), Param("block_k", (32, 64, 128, 256, 512, 1024)),
+    params=(Param("block_t", (1, 2, 4, 8, 16, 32, 64, 128)), Param("block_k", (32, 64, 128, 256, 512, 1024)),
             Param("block_d", (64, 128, 256, 512, 1024)), Param("num_warps", (2, 4, 8)),
             Param("num_stages", (1, 2, 3, 4)), Param("dot_precision", ("ieee", "tf32x3", "tf32")),
             Param("num_splits", (1, 2, 4, 8, 16, 32, 64))),
@@ -54,5 +59,6 @@ HC_PRE = KernelSpace(
     defaults={"prefill": "default_config", "decode": "decode_config"},
     hard=(rule_threads, hc_pre_hard), redundant=(hc_pre_redundant,),
     doc="x [batch * context (decode: batch), hc_mult, dim] in the model dtype, fn [(2+n) n, n dim] fp32: the "
-        "mHC pre-mix of one layer. num_splits cuts n dim into ranges (decode's few tokens). dot_precision is tuned too: the correctness gate decides whether tf32 is "
+        "mHC pre-mix of one layer. num_splits cuts n dim into ranges (decode's few tokens); block_t below 16 makes "
+        "the mixes fp32 FMAs (decode). dot_precision is tuned too: the correctness gate decides whether tf32 is "
         "accurate enough (it prunes the configs that are not).")
