@@ -1,11 +1,12 @@
-"""Offline compile report of the sparse attention and MoE kernels for Hopper: registers, spills, shared
-memory, and the main loop's SASS.
+"""Offline compile report of the sparse attention, MoE, float32 linear and mHC pre kernels for Hopper:
+registers, spills, shared memory, and the main loop's SASS.
 
     python bench/compile_report.py --kernel sparse_attention [--configs "block_k=64;block_k=64,split_d=2"]
     python bench/compile_report.py --kernel sparse_attention_cached --context 32k --batch 64 [--csv out.csv]
     python bench/compile_report.py --kernel moe_experts --weight-format mxfp4 --batch 64 [--configs "block_n=128"]
     python bench/compile_report.py --kernel moe_experts --weight-format fp8 --act fp8 --batch 4096 --configs "block_k=128,down_block_k=128"
     python bench/compile_report.py --kernel float32_linear --batch 1 [--configs "block_k=128"]   (M = batch rows)
+    python bench/compile_report.py --kernel hc_pre --batch 1 --configs ";block_t=1,dot_precision=ieee"   (decode tokens)
 
 No GPU needed, and no timings: compile data only. Each config goes through the kernel's own launcher
 (`launch_sparse_attention`, its `launch` call intercepted), so the constexprs, grid arithmetic and
@@ -65,7 +66,7 @@ SMEM_RESERVED_PER_CTA = 1024
 WARPS_PER_SM = 64
 CTAS_PER_SM = 32
 
-KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts", "float32_linear")
+KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts", "float32_linear", "hc_pre")
 DEVICE_TRITON = "3.6"   # what our H100 / H200 runs use (torch 2.11): bench/results/H100/session24_gpu_runs.md
 
 
@@ -112,11 +113,12 @@ def parse_ptxas(log: str) -> tuple[int, int, int]:
 MMA_OPCODES = ("HMMA", "HGMMA", "QGMMA")   # QGMMA: Hopper's FP8 wgmma (E4M3 / E5M2 operands)
 
 
-def main_loop(sass: str, modifiers: bool = False) -> list[str]:
+def main_loop(sass: str, modifiers: bool = False, markers: tuple[str, ...] = MMA_OPCODES) -> list[str]:
     """Opcodes of the first backward-branch loop (in code order) of nvdisasm output whose body holds a
-    tensor-core instruction (MMA_OPCODES); [] if there is none. The first is the hot one: a kernel's
-    later MMA loops are its fallbacks (moe_experts' fp32 route for float32 scales that are no powers of
-    two). Without modifiers ('HGMMA'), or with them ('HGMMA.64x128x32.F32.E4M3.E4M3')."""
+    tensor-core instruction (MMA_OPCODES; or any of `markers`: hc_pre's few-token sweep is FFMAs); []
+    if there is none. The first is the hot one: a kernel's later MMA loops are its fallbacks
+    (moe_experts' fp32 route for float32 scales that are no powers of two). Without modifiers
+    ('HGMMA'), or with them ('HGMMA.64x128x32.F32.E4M3.E4M3')."""
     labels, ops = {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*(\.L_x_\d+):", line)
@@ -130,7 +132,7 @@ def main_loop(sass: str, modifiers: bool = False) -> list[str]:
         target = re.search(r"`\((\.L_x_\d+)\)", ins.group(2)) if ops[-1] == "BRA" else None
         if target and labels.get(target.group(1), len(ops)) < len(ops):
             body = ops[labels[target.group(1)]:]
-            if any(op.split(".")[0] in MMA_OPCODES for op in body):
+            if any(op.split(".")[0] in markers for op in body):
                 return body if modifiers else [op.split(".")[0] for op in body]
     return []
 
@@ -258,6 +260,21 @@ def moe_launches(dims: dict, cfg, weight_format: str, act: str = "x", scales_dty
     return [c for c in calls if c[0].fn.__name__ != "_sum_slots_kernel"]
 
 
+def hc_pre_launches(dims: dict, cfg) -> list[tuple]:
+    """The (kernel, grid, args, kwargs) launches of kernels/hc_sinkhorn's hc_pre for x [tokens, n, D] (split:
+    the mixes sweep, then the sums / Sinkhorn / stream sum; else the one kernel)."""
+    module = importlib.import_module("dsv4_compile.kernels.hc_sinkhorn.hc_sinkhorn")
+    T, n, D = dims["tokens"], dims["n"], dims["D"]
+    x = _stand_in((T, n, D), getattr(torch, dims["dtype"]))
+    fn, scale, base = (_stand_in(s, torch.float32) for s in (((2 + n) * n, n * D), (3,), ((2 + n) * n,)))
+    calls = []
+    # check_tensor skipped: the stand-ins are one element expanded (not contiguous)
+    with mock.patch.object(module, "launch", lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))), \
+            mock.patch.object(module, "check_tensor", lambda *a, **kw: None):
+        module.hc_pre(x, fn, scale, base, dims["iters"], 1e-6, 1e-6, cfg)
+    return calls
+
+
 def float32_linear_launches(dims: dict, cfg) -> list[tuple]:
     """The (kernel, grid, args, kwargs) launch of kernels/float32_linear for x [m, k] bf16 against W [n, k]."""
     module = importlib.import_module("dsv4_compile.kernels.float32_linear.float32_linear")
@@ -276,7 +293,8 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     """Compile each config of `kernel_name` at the preset's shapes; one Row per compiled kernel (the
     main kernel; with `combine`, the split-K combine kernel too; moe_experts: its gate/up and down
     kernels in `weight_format` and `act` ("fp8": W8A8), at the decode regime's T = batch tokens; float32_linear:
-    M = batch rows against the CSA compressor's wkv, the tuning space's problem)."""
+    M = batch rows against the CSA compressor's wkv, the tuning space's problem; hc_pre: a decode step's batch tokens
+    over its decode default)."""
     from dsv4_compile.model.config import ModelConfig
     from dsv4_compile.tuning.spaces import get_space
 
@@ -289,6 +307,9 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     if kernel_name == "float32_linear":
         from dsv4_compile.kernels.float32_linear.config import Float32LinearConfig, default_config as f32_default
         config_class, base = Float32LinearConfig, f32_default(gpu, dims["m"], dims["n"], dims["k"])
+    elif kernel_name == "hc_pre":
+        from dsv4_compile.kernels.hc_sinkhorn.config import HcConfig, decode_config as hc_decode_default
+        config_class, base = HcConfig, hc_decode_default(gpu)
     elif kernel_name == "moe_experts":
         from dsv4_compile.kernels.moe_experts.config import MoeExpertsConfig, default_config as moe_default
         config_class, base = MoeExpertsConfig, moe_default(gpu, dims["T"] * dims["k"], weight_format, act)
@@ -304,6 +325,8 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             calls = moe_launches(dims, cfg, weight_format, act, scales)
         elif kernel_name == "float32_linear":
             calls = float32_linear_launches(dims, cfg)
+        elif kernel_name == "hc_pre":
+            calls = hc_pre_launches(dims, cfg)
         else:
             calls = launches(kernel_name, dims, cfg)
         for kernel, grid, args, kwargs in calls:
@@ -318,7 +341,8 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             regs, spill_st, spill_ld = parse_ptxas(ptxas_log)
             warps, smem = compiled.metadata.num_warps, compiled.metadata.shared
             n_cta, limit = ctas_per_sm(regs, warps, smem)
-            body = main_loop(disassemble(compiled.asm["cubin"]), modifiers=True)
+            body = main_loop(disassemble(compiled.asm["cubin"]), modifiers=True,
+                             markers=(*MMA_OPCODES, "FFMA") if kernel_name == "hc_pre" else MMA_OPCODES)
             loop = len(body)
             mma, n_mma = mma_summary(body)
             per_weight = 0.0

@@ -80,6 +80,28 @@ def test_main_loop_is_the_first_backward_branch_with_an_mma():
     assert compile_report.main_loop(SASS.replace("HMMA.16816.F32.BF16", "FFMA")) == []
 
 
+def test_main_loop_markers():
+    """hc_pre's few-token sweep is FFMAs: with FFMA among the markers its loop is found."""
+    assert compile_report.main_loop(SASS.replace("HMMA.16816.F32.BF16", "FFMA"), markers=("FFMA",)) == [
+        "LDS", "LOP3", "FFMA", "BRA"]
+
+
+def test_offline_sm90_compile_of_hc_pre_few_tokens(tmp_path):
+    """hc_pre at one decode token (tiny preset): the default's mixes sweep pads the token to 16 rows on tf32x3
+    tensor cores; block_t 1 sums fp32 FMAs, no MMA, in fewer loop instructions and registers
+    (bench/results/H100/session32_hc_pre_few_tokens_offline.md)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "hc.csv"
+    subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", "hc_pre", "--preset", "tiny",
+                    "--batch", "1", "--gpu", "H100", "--configs", ";block_t=1,dot_precision=ieee", "--csv", str(out)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    rows = list(csv.DictReader(open(out)))
+    assert [r["function"] for r in rows] == ["_hc_mixes_split_kernel", "_hc_pre_kernel"] * 2
+    tf32x3, fma = rows[0], rows[2]
+    assert "TF32" in tf32x3["mma"] and fma["mma"] == "" and "FFMA" in fma["opcodes"], (tf32x3, fma)
+    assert 0 < int(fma["loop_instr"]) < int(tf32x3["loop_instr"]) and int(fma["regs"]) < int(tf32x3["regs"])
+
+
 def test_offline_sm90_compile_of_the_moe_kernels(tmp_path):
     """The MXFP4 gate/up and down kernels at the tiny preset (decode, 4 tokens), the H200 decode default,
     and the routing layout's one program before them: all compile, the GEMMs with a main loop, and decode a weight in under 8 SASS instructions of the loop (the
@@ -117,3 +139,20 @@ def test_offline_sm90_compile_of_the_moe_w8a8_kernels(tmp_path):
         assert "F2FP" not in r["opcodes"], r
     for r in rows[2:]:
         assert r["mma"].startswith("HGMMA.64x128x16.F32.BF16 x ") and "F2FP" in r["opcodes"], r
+
+
+def test_offline_sm90_compile_of_the_w4a8_swapped_route(tmp_path):
+    """W4A8 on w4a8_mma "fp8_swap" at a V4-Flash decode batch (T 64): both launches multiply on FP8 wgmma with
+    the 64 weight rows as the first operand and the 16-row block of tokens as the second (QGMMA.64x16x32
+    ... E4M3.E4M3), without spills and without converting the weights to another float type (no F2FP:
+    e2m1 is placed into e4m3 bits) (bench/results/H100/session32_moe_fp8_swap_offline.md)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "swap.csv"
+    subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", "moe_experts", "--batch", "64",
+                    "--gpu", "H100", "--weight-format", "mxfp4", "--act", "fp8", "--configs", "w4a8_mma=fp8_swap",
+                    "--csv", str(out)], check=True, env=env, capture_output=True, timeout=300)
+    rows = [r for r in csv.DictReader(open(out)) if r["function"] in ("_gate_up_kernel", "_down_kernel")]
+    assert [r["function"] for r in rows] == ["_gate_up_kernel", "_down_kernel"]
+    for r in rows:
+        assert r["mma"].startswith("QGMMA.64x16x32.F32.E4M3.E4M3 x ") and int(r["spill_stores"]) == 0, r
+        assert "F2FP" not in r["opcodes"], r
