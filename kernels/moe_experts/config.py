@@ -37,8 +37,8 @@ class MoeExpertsConfig(KernelConfig):
     activations with the MXFP4 weights, the same exact products either way: "bf16" (the activations
     held as their bf16 values, the weights decoded to bf16 as W4A16 does) or "fp8" (e4m3 codes on the
     FP8 tensor cores, the weights decoded to e4m3) or "fp8_swap" (the same e4m3 products with the
-    operands swapped: the weight rows the MMA's first operand, read from registers and decoded from words
-    each thread loads itself, one MMA per 32-run; block_n a multiple of 64 makes it a wgmma). bf16 is the
+    operands swapped: the weight rows the MMA's first operand, decoded into registers as the MMA reads
+    them, one MMA per 32-run; block_n a multiple of 64 makes it a wgmma). bf16 is the
     default: on the H200 the e4m3 decode's integer work bound the FP8 route below W4A16's speed at every T
     (bench/results/H200/moe.md). "fp8_swap" with 128-wide tiles takes 31% fewer instructions a weight
     than bf16 in the gate/up loop at decode, at two CTAs an SM instead of three (sm_90a compile,

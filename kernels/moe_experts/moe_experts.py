@@ -477,12 +477,14 @@ def _mxfp4_e4m3_swapped(p_a, p_as, rows, row_ok, p_w, p_s, p_w3, p_s3, e, offs_n
     does not raise the kernel's registers). Computed as the transpose: W's rows the MMA's first operand
     and the rows of A its second (on sm_90 a wgmma of 64 weight rows by BM tokens, its first operand read
     from registers), one MMA per 32-run promoted times the run's scale (route (a) of the W4A8 note: no
-    fold check, no fp16 round trip). Each run's K positions are permuted into MMA slots so that the
-    thread that holds an operand register decodes it from one word it loaded itself: the first operand
-    gives thread q of a row the slots 4q .. 4q + 3 and 16 + 4q .. 16 + 4q + 3, and _e2m1_e4m3x4 makes the
-    even and the odd codes of word q; so slot 16 h + 4q + t holds position 8q + 2t + h, and A's run is
-    loaded in position order and permuted the same way (in registers). Exact products, summed in another
-    order than route (a)'s."""
+    fold check, no fp16 round trip). Each run's K positions are permuted into MMA slots so that each
+    operand register is one _e2m1_e4m3x4 output as it stands (no byte moves between registers): the
+    first operand gives thread q of a row the slots 4q .. 4q + 3 and 16 + 4q .. 16 + 4q + 3, and
+    _e2m1_e4m3x4 makes the even and the odd codes of word q; so slot 16 h + 4q + t holds position
+    8q + 2t + h (the words themselves may still reach their thread through shared memory: Triton 3.6 loads
+    them coalesced, bench/results/H100/session32_moe_fp8_swap_offline.md), and A's run is loaded in
+    position order and permuted the same way (in registers). Exact products, summed in another order than
+    route (a)'s."""
     G: tl.constexpr = BLOCK_K // 32
     n_ok = offs_n < R
     p_words = p_w.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * (C // 8) + offs_n[:, None] * (C // 8)
