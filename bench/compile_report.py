@@ -294,7 +294,7 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     main kernel; with `combine`, the split-K combine kernel too; moe_experts: its gate/up and down
     kernels in `weight_format` and `act` ("fp8": W8A8), at the decode regime's T = batch tokens; float32_linear:
     M = batch rows against the CSA compressor's wkv, the tuning space's problem; hc_pre: a decode step's batch tokens
-    over its decode default)."""
+    over its decode default; its loop the MMA one, else, below 16 tokens a block, the FMA one)."""
     from dsv4_compile.model.config import ModelConfig
     from dsv4_compile.tuning.spaces import get_space
 
@@ -341,8 +341,10 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             regs, spill_st, spill_ld = parse_ptxas(ptxas_log)
             warps, smem = compiled.metadata.num_warps, compiled.metadata.shared
             n_cta, limit = ctas_per_sm(regs, warps, smem)
-            body = main_loop(disassemble(compiled.asm["cubin"]), modifiers=True,
-                             markers=(*MMA_OPCODES, "FFMA") if kernel_name == "hc_pre" else MMA_OPCODES)
+            sass = disassemble(compiled.asm["cubin"])
+            body = main_loop(sass, modifiers=True)
+            if not body and kernel_name == "hc_pre":  # block_t < 16: the mixes sweep is FFMAs
+                body = main_loop(sass, modifiers=True, markers=("FFMA",))
             loop = len(body)
             mma, n_mma = mma_summary(body)
             per_weight = 0.0

@@ -9,7 +9,9 @@ once (plus the L2-hit re-read), y written once, fn read once per program (from L
 Decode (a few tokens: one program would stream all of fn alone) uses config num_splits > 1: a first
 launch sweeps ranges of K = n*D in parallel and writes fp32 partials, the second adds them in range
 order (so results do not depend on timing) and writes y by ranges of D, while one more program of it
-runs the Sinkhorn rounds and stores post and comb.
+runs the Sinkhorn rounds and stores post and comb. The first launch's token blocks of fewer than 16
+tokens (config block_t < 16, and any block holding one token: a batch of one) sum the mixes with fp32
+FMAs instead of tl.dot, whose 16 rows would be mostly padding.
 
 Precision: fp32 throughout; divisions round to nearest except in the Sinkhorn rounds, which divide by
 a fast reciprocal (within 2 ulp, no branches: the rounds are a serial chain a decode step waits on);
@@ -120,17 +122,29 @@ def _hc_mixes_split_kernel(p_x, p_fn, p_part, p_ss, T, D, k_split, N: tl.constex
     # Split-K of hc_pre's first sweep (decode: a few tokens cannot fill the GPU with one program per
     # token block). Program (t, s) -> p_part[s, t-block, :] [BT, NW] and p_ss[s, t-block] [BT], the
     # partial mixes and sum of squares over K range [s k_split, (s + 1) k_split) of K = N * D.
+    # A block of one token (a batch of one; a last block's lone token) takes the few-token FMA sweep
+    # whatever BLOCK_T (its padding rows through tl.dot cost ~4x the instructions a step).
     K = N * D
     split = tl.program_id(1)
-    o_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
+    t0 = tl.program_id(0) * BLOCK_T
     row, valid_c, _ = _mix_columns(N, NP, NW)
     k_lo = split * k_split
-    acc, ss = _mixes_sweep(p_x + o_t[:, None].to(tl.int64) * K, p_fn, row, valid_c, m_t, k_lo,
-                           tl.minimum(k_lo + k_split, K), K, BLOCK_T, NW, BLOCK_K, PRECISION)
-    at = (split * T + o_t).to(tl.int64)
-    tl.store(p_part + at[:, None] * NW + tl.arange(0, NW)[None, :], acc, mask=m_t[:, None])
-    tl.store(p_ss + at, ss, mask=m_t)
+    k_hi = tl.minimum(k_lo + k_split, K)
+    if BLOCK_T > 1 and T - t0 == 1:
+        o_1 = t0 + tl.arange(0, 1)
+        acc1, ss1 = _mixes_sweep(p_x + o_1[:, None].to(tl.int64) * K, p_fn, row, valid_c, o_1 < T, k_lo, k_hi, K,
+                                 1, NW, BLOCK_K, PRECISION)
+        at1 = (split * T + o_1).to(tl.int64)
+        tl.store(p_part + at1[:, None] * NW + tl.arange(0, NW)[None, :], acc1)
+        tl.store(p_ss + at1, ss1)
+    else:
+        o_t = t0 + tl.arange(0, BLOCK_T)
+        m_t = o_t < T
+        acc, ss = _mixes_sweep(p_x + o_t[:, None].to(tl.int64) * K, p_fn, row, valid_c, m_t, k_lo, k_hi, K,
+                               BLOCK_T, NW, BLOCK_K, PRECISION)
+        at = (split * T + o_t).to(tl.int64)
+        tl.store(p_part + at[:, None] * NW + tl.arange(0, NW)[None, :], acc, mask=m_t[:, None])
+        tl.store(p_ss + at, ss, mask=m_t)
 
 
 @triton.jit

@@ -127,6 +127,7 @@ SPLIT_SHAPES = [
     pytest.param((5, 1), 3, 40, 4, id="B5-n3-D40-4splits"),
     pytest.param((2, 17), 4, 72, 2, id="B2xS17-n4-D72-2splits-two-token-blocks"),
     pytest.param((3, 1), 4, 24, 8, id="B3-n4-D24-splits-clamped-to-K-steps"),
+    pytest.param((17, 1), 4, 40, 2, id="B17-n4-D40-a-lone-token-in-the-last-block"),
 ]
 
 
@@ -134,7 +135,8 @@ SPLIT_SHAPES = [
 @pytest.mark.parametrize("lead,n,D,splits", SPLIT_SHAPES)
 def test_hc_pre_split_matches_plain_and_naive(lead, n, D, splits, dtype):
     """num_splits > 1 (the decode config): partial mixes per K range, added in range order, y made by
-    ranges of D; block_k / block_d 16 so that every range spans several steps and D is cut unevenly."""
+    ranges of D; block_k / block_d 16 so that every range spans several steps and D is cut unevenly. A
+    block of one token (B 1; the 17th of B 17) sweeps with fp32 FMAs, the others with tl.dot."""
     args = make_hc_inputs(lead, n, D, dtype, seed=5)
     cfg = {"num_splits": splits, "block_k": 16, "block_d": 16}
     y, post, comb = hc_pre(*args, 20, 1e-6, 1e-6, config=cfg)
