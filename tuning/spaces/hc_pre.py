@@ -32,8 +32,9 @@ def hc_pre_redundant(cfg, problem, gpu) -> str | None:
         return f"num_splits {cfg.num_splits} with {-(-T // cfg.block_t)} token blocks: the grid fills the GPU unsplit"
     if cfg.block_t > max(16, next_pow2(T)):
         return f"block_t {cfg.block_t} > tokens {T}"
-    if cfg.block_t < 16 and cfg.dot_precision != "ieee":
-        return f"dot_precision {cfg.dot_precision} with block_t {cfg.block_t}: fp32 FMAs below 16 tokens (as ieee)"
+    if cfg.dot_precision != "ieee" and (cfg.block_t < 16 or T == 1):   # the few-token sweep (one token: any block_t)
+        return (f"dot_precision {cfg.dot_precision} with block_t {cfg.block_t} at {T} token(s): fp32 FMAs (as "
+                f"ieee)")
     if cfg.block_k > next_pow2(n * D):
         return f"block_k {cfg.block_k} > n*D = {n * D}"
     if cfg.block_d > next_pow2(D):
