@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import torch
 from torch import nn
@@ -291,6 +292,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                         engine = aoti_decode_engine(model, engine_max_batch or max(batches), folder)
                         log(f"context {C}: AOTI decode engine exported and compiled in {time.time() - t:.0f} s")
                     except Exception as e:  # noqa: BLE001
+                        log(f"context {C}: AOTI decode engine export FAILED:\n{traceback.format_exc()}")
                         for B in batches:
                             add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note=f"export FAILED: {_err(e)}")
                 else:

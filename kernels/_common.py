@@ -262,8 +262,14 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     something traces the call (so that the trace records the kernel), else straight: wrap_triton's
     eager HOP dispatch costs Python time per launch, comparable to a sub-millisecond kernel (a direct
     eager call, as the benchmarks make; the op's own eager backend already bypasses it). Fake tensors
-    under the interpreter launch nothing."""
-    if USE_TRITON_OP and is_traced((*args, *kwargs.values())):
+    under the interpreter launch nothing. Where a trace may record the call (and always under the
+    interpreter, so that CPU tests see it), a `tl.constexpr` object among the arguments is refused: the
+    kernel itself takes it, but Inductor writes a recorded launch's constants by repr, and
+    `constexpr[2]` fails the compile of every engine that holds the kernel."""
+    traced = USE_TRITON_OP and is_traced((*args, *kwargs.values()))
+    if traced or INTERPRET:
+        _refuse_constexpr_objects(kernel, args, kwargs)
+    if traced:
         from torch.library import wrap_triton
         wrap_triton(kernel)[grid](*args, **kwargs)
     elif not _is_fake(args):
@@ -274,6 +280,16 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             if named is err:
                 raise
             raise named from err
+
+
+def _refuse_constexpr_objects(kernel, args: tuple, kwargs: Mapping[str, Any]) -> None:
+    import triton.language as tl
+
+    named = [*(f"argument {i}" for i, a in enumerate(args) if isinstance(a, tl.constexpr)),
+             *(name for name, a in kwargs.items() if isinstance(a, tl.constexpr))]
+    if named:
+        raise TypeError(f"{getattr(kernel, '__name__', kernel)}: {', '.join(named)} passed as tl.constexpr "
+                        "objects; pass their .value (a plain int, float or bool)")
 
 
 def _launch_error(kernel, kwargs: Mapping[str, Any], err: Exception) -> Exception:

@@ -40,9 +40,8 @@ class MoeExpertsConfig(KernelConfig):
     operands swapped: the weight rows the MMA's first operand, decoded into registers as the MMA reads
     them, one MMA per 32-run; block_n a multiple of 64 makes it a wgmma). bf16 is the
     default: on the H200 the e4m3 decode's integer work bound the FP8 route below W4A16's speed at every T
-    (bench/results/H200/moe.md). "fp8_swap" with 128-wide tiles takes 31% fewer instructions a weight
-    than bf16 in the gate/up loop at decode, at two CTAs an SM instead of three (sm_90a compile,
-    bench/results/H100/session32_moe_fp8_swap_offline.md); not yet timed.
+    (bench/results/H200/moe.md). "fp8_swap" compiles to fewer instructions a weight than bf16 at decode
+    but ran about half as fast on the H100 at T 1, 8 and 64 (bench/results/H100/session33_gpu_runs.md).
     act_round (W8A8 and W4A8): where the SwiGLU output is rounded to FP8, the same values either way:
     "gate_up" in the gate/up epilogue, once per value (block_n a multiple of 128: the epilogue needs
     whole activation scale blocks), or "pass" in a pass of its own between the launches (the epilogue

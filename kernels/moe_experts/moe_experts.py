@@ -955,7 +955,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     upcast = INTERPRET
     ieee = x.dtype == torch.float32
     # MXFP4's scaling (_mxfp4_tile; config mxfp4_scaling): float32 scales on "two" first read as e8m0 bytes
-    route = ROUTE_ONE if cfg.mxfp4_scaling == "one" else ROUTE_POW2 if scale_f32 else ROUTE_EXACT
+    route = (ROUTE_ONE if cfg.mxfp4_scaling == "one" else ROUTE_POW2 if scale_f32 else ROUTE_EXACT).value
     bn, bn2 = fit_block(cfg.block_n, I), fit_block(cfg.down_block_n, D)
     # each range whole K tiles (a range past the last K tile sums nothing: zeros)
     k_per = triton.cdiv(triton.cdiv(D, cfg.block_k), n_split) * cfg.block_k

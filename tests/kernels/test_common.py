@@ -63,3 +63,28 @@ def test_a_launch_whose_tiles_do_not_fit_is_a_one_line_error_naming_them():
     assert "240 KB of shared memory, this GPU has 227 KB" in message and "FMT" not in message
     with pytest.raises(RuntimeError, match="other"):
         launch(Kernel(RuntimeError("other")), (1,), x, BLOCK_M=32)
+
+
+def test_a_launch_given_a_constexpr_object_is_refused_naming_it():
+    """A tl.constexpr object reaches the kernel as its value, but Inductor writes a recorded launch's
+    constants by repr (`'ROUTE': constexpr[2]`), and every engine holding the kernel failed to compile
+    on the GPU; refused under the interpreter too, so that CPU tests see it."""
+    import torch
+    import triton.language as tl
+
+    from dsv4_compile.kernels._common import launch
+
+    launched = []
+
+    class Kernel:
+        __name__ = "_down_kernel"
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(kwargs)
+
+    x = torch.zeros(2)
+    with pytest.raises(TypeError, match=r"^_down_kernel: ROUTE passed as tl.constexpr objects; pass their .value"):
+        launch(Kernel(), (1,), x, ROUTE=tl.constexpr(2), BLOCK_M=16)
+    assert not launched
+    launch(Kernel(), (1,), x, ROUTE=2, BLOCK_M=16)
+    assert launched == [dict(ROUTE=2, BLOCK_M=16)]
