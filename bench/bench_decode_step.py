@@ -31,11 +31,14 @@ whole step, torch.profiler) and decode_step_profile.csv (every kernel); decode_s
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import math
 import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -161,11 +164,37 @@ def graph_step_ms(graph, reps: int = 5) -> float:
     return times[len(times) // 2]
 
 
-def aoti_decode_engine(model: nn.Module, max_batch: int, folder: str):
+def engine_variant_name(inductor_configs: dict) -> str:
+    """A decode engine's row name: the Inductor options it was exported with, if any."""
+    options = ", ".join(f"{k}={v}" for k, v in inductor_configs.items())
+    return "AOTI decode engine, CUDA graph" + (f" [{options}]" if options else "")
+
+
+def parse_inductor_configs(text: str) -> list[dict]:
+    """'combo_kernels=True;' -> [dict(combo_kernels=True), {}]: ';'-separated variants ('' the build's own
+    options), each ','-separated key=value with Python literal values."""
+    variants = []
+    for variant in text.split(";"):
+        options = {}
+        for item in filter(None, (i.strip() for i in variant.split(","))):
+            key, sep, value = item.partition("=")
+            try:
+                if not sep or not key.strip():
+                    raise ValueError
+                options[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                raise ValueError(f"inductor option {item!r}: accepted is key=value with a Python literal value "
+                                 "(True, 4, 'name')") from None
+        variants.append(options)
+    return variants
+
+
+def aoti_decode_engine(model: nn.Module, max_batch: int, folder: str, inductor_configs: dict | None = None):
     """The build's decode engine of `model` (its max_seq_len the bucket): torch.export with the Triton
     kernels, AOTInductor-packaged into `folder` as code only (a build's engines get their weights from
     its shared file: here the model's own tensors on the GPU, as flash-slice's weights would not fit
-    the device's disk a second time), loaded as the runtime loads it."""
+    the device's disk a second time), loaded as the runtime loads it. `inductor_configs`: Inductor options
+    over the build's (aoti_options), e.g. dict(combo_kernels=True)."""
     from dsv4_compile.compile import resolve_gpu
     from dsv4_compile.engines import export_engine
     from dsv4_compile.export import export_aoti
@@ -174,7 +203,7 @@ def aoti_decode_engine(model: nn.Module, max_batch: int, folder: str):
 
     exported = export_engine(model, "decode", max_batch, functional=False, gpu=resolve_gpu("auto"))
     path = export_aoti(exported.result, os.path.join(folder, f"decode-{model.config.max_seq_len}.pt2"),
-                       with_constants=False)
+                       inductor_configs=inductor_configs, with_constants=False)
     return load_aoti_package(path, cuda=True, single_threaded=True, weights=ProgramConstants(exported.result.program))
 
 
@@ -218,13 +247,15 @@ def profile_summary(kernels: list[dict], top: int = PROFILE_TOP) -> list[dict]:
 @torch.no_grad()
 def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64, 1), compiled: bool = True,
                     budget_s: float = 420.0, log=print, aoti: bool = False, profile: list | None = None,
-                    weights: str = "bf16", partial=None, engine_max_batch: int | None = None) -> list[dict]:
+                    weights: str = "bf16", partial=None, engine_max_batch: int | None = None,
+                    engine_inductor_configs: Sequence[dict] = ({},)) -> list[dict]:
     """Every row: dict(config, weights, context, batch, impl, ms_per_step, tokens_per_s, rel_rms_vs_eager,
     bytes_per_step, roofline_ms, roofline_pct, note). weights: one of WEIGHTS. `profile`: a list to receive,
     per (context, batch), the fastest variant's kernel_profile rows (with config, context, batch, impl).
     `partial(rows)`: called with the rows so far as each context ends (main writes the outputs).
     engine_max_batch: the AOTI engine's batch bound (default: the largest of `batches`), e.g. B 1 on the
-    engine a server with up to 64 sequences runs."""
+    engine a server with up to 64 sequences runs. engine_inductor_configs: one AOTI engine per entry, each
+    exported with those Inductor options over the build's ({} the build's own), timed side by side."""
     import shutil
     import tempfile
 
@@ -283,21 +314,23 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                 if cuda:
                     torch.cuda.empty_cache()
                 continue
-            engine = folder = None
-            if aoti and cuda:
-                if budget_s - (time.time() - t0) > COMPILE_RESERVE_S:
-                    folder = tempfile.mkdtemp(prefix="dsv4-decode-engine-")
-                    t = time.time()
-                    try:
-                        engine = aoti_decode_engine(model, engine_max_batch or max(batches), folder)
-                        log(f"context {C}: AOTI decode engine exported and compiled in {time.time() - t:.0f} s")
-                    except Exception as e:  # noqa: BLE001
-                        log(f"context {C}: AOTI decode engine export FAILED:\n{traceback.format_exc()}")
-                        for B in batches:
-                            add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note=f"export FAILED: {_err(e)}")
-                else:
+            engines = {}  # variant name -> the loaded engine
+            folder = tempfile.mkdtemp(prefix="dsv4-decode-engine-") if aoti and cuda else None
+            for options in engine_inductor_configs if folder is not None else ():
+                name = engine_variant_name(options)
+                if budget_s - (time.time() - t0) <= COMPILE_RESERVE_S:
                     for B in batches:
-                        add(C, B, "AOTI decode engine, CUDA graph", float("nan"), note="skipped: past the time budget")
+                        add(C, B, name, float("nan"), note="skipped: past the time budget")
+                    continue
+                t = time.time()
+                try:
+                    engines[name] = aoti_decode_engine(model, engine_max_batch or max(batches),
+                                                       tempfile.mkdtemp(dir=folder), options)
+                    log(f"context {C}: {name} exported and compiled in {time.time() - t:.0f} s")
+                except Exception as e:  # noqa: BLE001
+                    log(f"context {C}: {name} export FAILED:\n{traceback.format_exc()}")
+                    for B in batches:
+                        add(C, B, name, float("nan"), note=f"export FAILED: {_err(e)}")
             for B in batches:
                 cache = KVCache(cfg, B, C, device=DEVICE)
                 replicate(cache1, cache)
@@ -322,12 +355,11 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                 for name, fn, _ in list(variants):
                     if cuda:
                         variants.append((f"{name}, CUDA graph", fn, True))
-                if engine is not None:
+                for name, engine in engines.items():
                     engine_cache = KVCache(cfg, B, C, device=DEVICE)  # its own copy: the engine updates it in place
                     replicate(cache1, engine_cache)
                     cache_tensors = [t for _, t in engine_cache.named_tensors()]
-                    variants.append(("AOTI decode engine, CUDA graph",
-                                     lambda: engine(tokens, positions, *cache_tensors), True))  # [B, V]: the cache in place
+                    variants.append((name, functools.partial(engine, tokens, positions, *cache_tensors), True))  # [B, V]
                 fastest = (float("inf"), None, None)
                 for name, fn, graphed in variants:
                     try:
@@ -352,7 +384,7 @@ def run_decode_step(config: str = "mini", contexts=(32768, 131072), batches=(64,
                 del step, cache, variants, comp
                 if cuda:
                     torch.cuda.empty_cache()
-            del model, cache1, engine
+            del model, cache1, engines
             if folder is not None:  # the package (hundreds of MB at mini's shapes)
                 shutil.rmtree(folder, ignore_errors=True)
             if cuda:
@@ -469,6 +501,9 @@ def main(argv=None) -> int:
                         "AOTInductor compile per context; needs the LD_PRELOAD `dsv4_compile.load` names on the lent image)")
     parser.add_argument("--engine-max-batch", type=int, default=None, help="the AOTI engine's batch bound "
                         "(default: the largest of --batches)")
+    parser.add_argument("--engine-inductor-configs", default="", help="AOTI engines timed side by side, "
+                        "';'-separated, each ','-separated Inductor options over the build's (key=value; '' the "
+                        "build's own), e.g. ';combo_kernels=True'")
     parser.add_argument("--profile", action="store_true", help="also decode_step_profile.md: the fastest variant's "
                         "largest kernels per (context, batch), by torch.profiler")
     args = parser.parse_args(argv)
@@ -481,7 +516,8 @@ def main(argv=None) -> int:
     return run_and_write(lambda: run_decode_step(args.config, parse_contexts(args.contexts), batches, not args.no_compile,
                                                  args.budget, aoti=args.aoti, profile=profile, weights=args.weights,
                                                  partial=lambda rows: write_outputs(rows, out, profile),
-                                                 engine_max_batch=args.engine_max_batch),
+                                                 engine_max_batch=args.engine_max_batch,
+                                                 engine_inductor_configs=parse_inductor_configs(args.engine_inductor_configs)),
                          lambda rows, out: write_outputs(rows, out, profile), out, f"{output_stem(args.weights)}.md")
 
 

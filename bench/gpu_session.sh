@@ -94,10 +94,12 @@ for step in "$@"; do
       ncu_each_config ncu_hc_decode '_hc_' 2 "$cfgs" bench/profile_hc_decode.py "${hc_args[@]}"
       grep -E "config|_kernel|Duration|Throughput|Registers|Achieved Occupancy|Warp Cycles Per Issued|Local" "$OUT/ncu_hc_decode.txt" ;;
     decode-step)      # issue 16's decode roofline, flash-slice (CONTEXTS, BATCHES, WEIGHTS=as-shipped, BUDGET override;
-      # ENGINE_MAX_BATCH: the AOTI engine's bound, e.g. B 1 on a 64-sequence engine, the compiled rows skipped)
+      # ENGINE_MAX_BATCH: the AOTI engine's bound, e.g. B 1 on a 64-sequence engine, the compiled rows skipped;
+      # ENGINE_CONFIGS: AOTI engines side by side, ';'-separated Inductor options, e.g. ";combo_kernels=True")
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" \
-        ${ENGINE_MAX_BATCH:+--engine-max-batch "$ENGINE_MAX_BATCH" --no-compile} --out "$OUT" 2>&1 | tail -40 ;;
+        ${ENGINE_MAX_BATCH:+--engine-max-batch "$ENGINE_MAX_BATCH" --no-compile} \
+        ${ENGINE_CONFIGS:+--engine-inductor-configs "$ENGINE_CONFIGS"} --out "$OUT" 2>&1 | tail -40 ;;
     tests-moe)        # the MoE kernel's tests compiled (every one of tests/kernels/test_moe_experts.py) and the plain ops'
       # (one process took ~10 minutes, mostly compiling: 4 workers)
       $PYTEST -n 4 --dist loadgroup tests/kernels/test_moe_experts.py tests/model/test_ops_moe.py 2>&1 | tee "$OUT/tests_moe.log" | tail -8 ;;

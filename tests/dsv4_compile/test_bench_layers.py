@@ -156,3 +156,19 @@ def test_run_and_write_prints_the_summary_and_reports_a_failed_run(tmp_path, cap
     assert "# summary 2" in printed and "| detail |" not in printed
     assert bench_layers.run_and_write(lambda: 1 / 0, write, str(tmp_path), "x.md") == 1
     assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_decode_step_engine_variants_parse_into_inductor_options():
+    """--engine-inductor-configs: ';'-separated engines, '' the build's own options; a bad item is a
+    one-line error naming it."""
+    import bench_decode_step
+
+    assert bench_decode_step.parse_inductor_configs(";combo_kernels=True, max_autotune=False") == [
+        {}, dict(combo_kernels=True, max_autotune=False)]
+    assert bench_decode_step.parse_inductor_configs("") == [{}]
+    assert bench_decode_step.engine_variant_name({}) == "AOTI decode engine, CUDA graph"
+    assert bench_decode_step.engine_variant_name(dict(combo_kernels=True)) == \
+        "AOTI decode engine, CUDA graph [combo_kernels=True]"
+    for bad in ("combo_kernels", "=True", "combo_kernels=yes please"):
+        with pytest.raises(ValueError, match=f"^inductor option {bad!r}: accepted is key=value"):
+            bench_decode_step.parse_inductor_configs(bad)
