@@ -99,7 +99,8 @@ for step in "$@"; do
       python3 bench/bench_decode_step.py --config flash-slice --contexts "${CONTEXTS:-8k,32k}" \
         --batches "${BATCHES:-64,8,1}" --weights "${WEIGHTS:-bf16}" --aoti --profile --budget "${BUDGET:-500}" \
         ${ENGINE_MAX_BATCH:+--engine-max-batch "$ENGINE_MAX_BATCH" --no-compile} \
-        ${ENGINE_CONFIGS:+--engine-inductor-configs "$ENGINE_CONFIGS"} --out "$OUT" 2>&1 | tail -40 ;;
+        ${ENGINE_CONFIGS:+--engine-inductor-configs "$ENGINE_CONFIGS"} --out "$OUT" 2>&1 | tee "$OUT/decode_step.log" \
+        | grep -v "Warning\|warn\|return cls" | tail -40 ;;   # the log comes back from a call cut short
     tests-moe)        # the MoE kernel's tests compiled (every one of tests/kernels/test_moe_experts.py) and the plain ops'
       # (one process took ~10 minutes, mostly compiling: 4 workers)
       $PYTEST -n 4 --dist loadgroup tests/kernels/test_moe_experts.py tests/model/test_ops_moe.py 2>&1 | tee "$OUT/tests_moe.log" | tail -8 ;;
