@@ -159,9 +159,12 @@ DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
 # T 1, while FP8 and bf16 experts (bandwidth-bound) ran the same within 1-3%
 # (bench/results/H100/session26_gpu_runs.md). One token's launches split K in two ranges on the H100
 # (split_k // T: one range from T 2 on): 1.31x at T 1 (104.4 -> 79.9 us, W4A8), and the split path's
-# SwiGLU pass 1.03x at T 64 (bench/results/H100/session28_gpu_runs.md).
+# SwiGLU pass 1.03x at T 64 (bench/results/H100/session28_gpu_runs.md). The H200 has the H100's SMs and
+# more bandwidth, so its MXFP4 decodes are as instruction-bound: the same fields (without them its experts
+# ran slower than the H100's with them at B 1 and 64: bench/results/H200/session33_gpu_runs.md).
 MXFP4_DECODE_FIELDS: dict[str, dict[str, int]] = {
-    "H100": {"block_n": 64, "down_block_n": 128, "split_k": 2, "down_split_k": 2}, "generic": {}}
+    gpu: {"block_n": 64, "down_block_n": 128, "split_k": 2, "down_split_k": 2} for gpu in ("H100", "H200")}
+MXFP4_DECODE_FIELDS["generic"] = {}
 
 
 def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_format: str = "float",

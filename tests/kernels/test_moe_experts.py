@@ -723,21 +723,22 @@ def test_w4a8_defaults_round_by_a_pass_at_decode_sizes():
             assert default_config(gpu, n, "fp8", "fp8").act_round == "gate_up"
 
 
-def test_mxfp4_decode_config_on_the_h100():
-    """MXFP4's decode kernels are instruction-bound: on the H100 its decode tiles are wider than the other
-    formats' and one token splits K in two ranges (MXFP4_DECODE_FIELDS, measured); W4A16 and W4A8 alike,
-    prefill and the other GPUs unchanged. MXFP4 decodes scale with one multiply on every GPU, prefill
-    with two (mxfp4_scaling, measured)."""
-    float_decode = default_config("H100", 6)
-    assert (float_decode.block_n, float_decode.down_block_n, float_decode.split_k) == (32, 32, 1)
-    assert default_config("H100", 6, "fp8") == float_decode
-    for act in ("x", "fp8"):
-        cfg = default_config("H100", 6, "mxfp4", act)
-        assert (cfg.block_n, cfg.down_block_n, cfg.split_k, cfg.down_split_k) == (64, 128, 2, 2), act
-        assert cfg.replace(block_n=32, down_block_n=32, act_round="gate_up", split_k=1, down_split_k=1,
-                           mxfp4_scaling="two") == float_decode
-    assert default_config("H100", 1 << 20, "mxfp4") == default_config("H100", 1 << 20)
-    assert default_config("H200", 6, "mxfp4") == default_config("H200", 6).replace(mxfp4_scaling="one")
+def test_mxfp4_decode_config_on_the_hoppers():
+    """MXFP4's decode kernels are instruction-bound: on the H100 and H200 its decode tiles are at least as
+    wide as the other formats' and one token splits K in two ranges (MXFP4_DECODE_FIELDS); W4A16 and W4A8
+    alike, prefill and the generic defaults unchanged. MXFP4 decodes scale with one multiply on every
+    GPU, prefill with two (mxfp4_scaling, measured)."""
+    for gpu, float_tiles in (("H100", (32, 32)), ("H200", (64, 64))):
+        float_decode = default_config(gpu, 6)
+        assert (float_decode.block_n, float_decode.down_block_n, float_decode.split_k) == (*float_tiles, 1)
+        assert default_config(gpu, 6, "fp8") == float_decode
+        for act in ("x", "fp8"):
+            cfg = default_config(gpu, 6, "mxfp4", act)
+            assert (cfg.block_n, cfg.down_block_n, cfg.split_k, cfg.down_split_k) == (64, 128, 2, 2), (gpu, act)
+            assert cfg.replace(block_n=float_tiles[0], down_block_n=float_tiles[1], act_round="gate_up", split_k=1,
+                               down_split_k=1, mxfp4_scaling="two") == float_decode
+        assert default_config(gpu, 1 << 20, "mxfp4") == default_config(gpu, 1 << 20)
+    assert default_config("generic", 6, "mxfp4") == default_config("generic", 6).replace(mxfp4_scaling="one")
     assert default_config("H100", 6, "mxfp4").mxfp4_scaling == default_config("generic", 6, "mxfp4").mxfp4_scaling == "one"
     assert default_config("H100", 6, "fp8").mxfp4_scaling == default_config("H200", 1 << 20, "mxfp4").mxfp4_scaling == "two"
 
