@@ -263,12 +263,13 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     eager HOP dispatch costs Python time per launch, comparable to a sub-millisecond kernel (a direct
     eager call, as the benchmarks make; the op's own eager backend already bypasses it). Fake tensors
     under the interpreter launch nothing. Where a trace may record the call (and always under the
-    interpreter, so that CPU tests see it), a `tl.constexpr` object among the arguments is refused: the
-    kernel itself takes it, but Inductor writes a recorded launch's constants by repr, and
-    `constexpr[2]` fails the compile of every engine that holds the kernel."""
+    interpreter, so that CPU tests see it), a non-tensor argument other than a plain scalar
+    (LAUNCH_SCALARS) is refused: the kernel itself may take it (a `tl.constexpr`), but Inductor writes a
+    recorded launch's constants by repr, and `constexpr[2]` failed the compile of every engine that
+    held the kernel."""
     traced = USE_TRITON_OP and is_traced((*args, *kwargs.values()))
     if traced or INTERPRET:
-        _refuse_constexpr_objects(kernel, args, kwargs)
+        _refuse_unwritable_constants(kernel, args, kwargs)
     if traced:
         from torch.library import wrap_triton
         wrap_triton(kernel)[grid](*args, **kwargs)
@@ -282,14 +283,18 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             raise named from err
 
 
-def _refuse_constexpr_objects(kernel, args: tuple, kwargs: Mapping[str, Any]) -> None:
-    import triton.language as tl
+# What a launch's non-tensor arguments may be: Inductor writes a recorded launch's constants into
+# generated Python by repr, which only these survive.
+LAUNCH_SCALARS = (bool, int, float, str, type(None), torch.SymInt, torch.SymFloat, torch.SymBool)
 
-    named = [*(f"argument {i}" for i, a in enumerate(args) if isinstance(a, tl.constexpr)),
-             *(name for name, a in kwargs.items() if isinstance(a, tl.constexpr))]
+
+def _refuse_unwritable_constants(kernel, args: tuple, kwargs: Mapping[str, Any]) -> None:
+    named = [f"{name} ({type(a).__module__}.{type(a).__qualname__})"
+             for name, a in (*((f"argument {i}", a) for i, a in enumerate(args)), *kwargs.items())
+             if not isinstance(a, (torch.Tensor, *LAUNCH_SCALARS))]
     if named:
-        raise TypeError(f"{getattr(kernel, '__name__', kernel)}: {', '.join(named)} passed as tl.constexpr "
-                        "objects; pass their .value (a plain int, float or bool)")
+        raise TypeError(f"{getattr(kernel, '__name__', kernel)}: {', '.join(named)} not a plain value; pass an "
+                        "int, float, bool or str (e.g. a tl.constexpr's .value)")
 
 
 def _launch_error(kernel, kwargs: Mapping[str, Any], err: Exception) -> Exception:

@@ -12,9 +12,14 @@ projection (of the MoE) and the all-reduce adds the partials, where the plain mo
   weights are scaled by 1 + 1.2e-7 N(0, 1) (3 of 4 seeds above 1e-5): the decode steps take the
   criteria below, in both modes.
 - With it (`quantized`) a perturbation of an ulp moves a value across an FP8 rounding boundary now and
-  then, and a flipped window row of the cache stays for `window` positions (as a flipped top-k choice
-  does): as test_model's decode-vs-prefill check, the median position within 1e-4, 90% of positions
-  within 1e-3 and the predicted token equal at 97% (`flips`).
+  then; a flipped window row of the cache stays for `window` positions, a flipped compressed entry or
+  top-k choice for the rest of its sequence, so how many positions a flip moves past 1e-3 depends on
+  where the first one falls, which is chaotic in the rounding (on an AVX512 CPU tp=2 put 72.4% of the
+  positions within 1e-3 where an AVX2 one put 97.1%: the same model, other vector widths in the fp32
+  sums). The `flips` criteria bound what a sharding fault moves and flips do not: the median position
+  within 1e-3 (flip cascades: up to 5.7e-5 in these tests on both CPUs, 1.2e-4 over test_model's 12
+  decode-vs-prefill seeds; a fault moves every position: a dropped all-reduce, median 0.67) and the
+  predicted token equal at 97% (flips: 99.67% or more; a dropped all-reduce: 25%).
 """
 from __future__ import annotations
 
@@ -63,11 +68,10 @@ def run_logits(model: Transformer, tokens: torch.Tensor) -> dict[str, torch.Tens
     return {"prefill": prefill, "decode": decode, "mtp": mtp}
 
 
-def assert_parallel_logits(name: str, ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor], flips: bool,
-                           within_share: float = 0.9) -> None:
+def assert_parallel_logits(name: str, ref: dict[str, torch.Tensor], out: dict[str, torch.Tensor], flips: bool) -> None:
     """A rank's `run_logits` against the single process's, by the criteria of the module docstring:
-    flips=False: `exact`'s (the decode steps excepted); True: the one allowing a few flipped roundings or
-    top-k choices, with `within_share` of the positions within 1e-3 (a caller that lowers it says why)."""
+    flips=False: `exact`'s (the decode steps excepted); True: the one allowing flipped roundings or top-k
+    choices."""
     if not flips:
         for key in ref.keys() - {"decode"}:
             assert_close(f"{name} exact {key}", ref[key], out[key])
@@ -76,5 +80,5 @@ def assert_parallel_logits(name: str, ref: dict[str, torch.Tensor], out: dict[st
     errors = (out - ref).norm(dim=-1) / ref.norm(dim=-1)                                # [B, positions]
     median, within, agree = float(errors.median()), float((errors < 1e-3).float().mean()), \
         float((out.argmax(-1) == ref.argmax(-1)).float().mean())
-    assert median <= 1e-4 and within >= within_share and agree >= 0.97, \
+    assert median <= 1e-3 and agree >= 0.97, \
         f"{name} with flips: median {median:.2e}, {within:.1%} within 1e-3, {agree:.1%} tokens agree"

@@ -275,8 +275,7 @@ def test_tensor_parallel_reads_only_the_parts(world2, checkpoints, name):
 def test_as_shipped_tensor_parallel_with_activation_quantization(world2, checkpoints):
     """The wider model as shipped with the FP8/FP4 activation simulation: its FP8 wo_b's partial products
     quantize their input in the plain model's 128-wide blocks (the split falls on them), so tp=2 stays
-    within the flip-aware criteria of the full load, but for the share of positions within 1e-3: 85%,
-    not 90%. Observed: sequence 0, the MTP logits and ep=2 exact (the next FP8Linear's input
+    within the flip-aware criteria of the full load. Observed: sequence 0, the MTP logits and ep=2 exact (the next FP8Linear's input
     quantization absorbs the reassociated sums' ulps); in sequence 1 one FP8 rounding flips at
     position 23 and its compressed CSA entry, visible to every later query that picks it, moves later
     positions by up to 1e-2: 33 of the 308 positions over 1e-3, all in sequence 1 after it (median 0,
@@ -287,8 +286,7 @@ def test_as_shipped_tensor_parallel_with_activation_quantization(world2, checkpo
     for rank, results in enumerate(world2):
         got = results["quantized"]
         assert got["kinds"] == AS_SHIPPED["wide", "tp=2"] and got["quantize_input"]
-        assert_parallel_logits(f"inference mp=2 tp=2 as-shipped quantized rank {rank}", reference, got["logits"], flips=True,
-                               within_share=0.85)
+        assert_parallel_logits(f"inference mp=2 tp=2 as-shipped quantized rank {rank}", reference, got["logits"], flips=True)
 
 
 def test_fp8_experts_split_by_whole_experts(world2, fp8_experts):

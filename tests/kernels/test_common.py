@@ -65,12 +65,15 @@ def test_a_launch_whose_tiles_do_not_fit_is_a_one_line_error_naming_them():
         launch(Kernel(RuntimeError("other")), (1,), x, BLOCK_M=32)
 
 
-def test_a_launch_given_a_constexpr_object_is_refused_naming_it():
+def test_a_launch_given_a_constant_inductor_cannot_write_is_refused_naming_it():
     """A tl.constexpr object reaches the kernel as its value, but Inductor writes a recorded launch's
     constants by repr (`'ROUTE': constexpr[2]`), and every engine holding the kernel failed to compile
-    on the GPU; refused under the interpreter too, so that CPU tests see it."""
+    on the GPU; refused under the interpreter too, so that CPU tests see it. Tensors and plain scalars
+    (symbolic sizes included) pass."""
+    import numpy as np
     import torch
     import triton.language as tl
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     from dsv4_compile.kernels._common import launch
 
@@ -83,8 +86,12 @@ def test_a_launch_given_a_constexpr_object_is_refused_naming_it():
             return lambda *args, **kwargs: launched.append(kwargs)
 
     x = torch.zeros(2)
-    with pytest.raises(TypeError, match=r"^_down_kernel: ROUTE passed as tl.constexpr objects; pass their .value"):
+    with pytest.raises(TypeError, match=r"^_down_kernel: ROUTE \(triton\.language\.core\.constexpr\) not a plain "
+                                        r"value; pass an int, float, bool or str \(e\.g\. a tl\.constexpr's \.value\)$"):
         launch(Kernel(), (1,), x, ROUTE=tl.constexpr(2), BLOCK_M=16)
+    with pytest.raises(TypeError, match=r"^_down_kernel: argument 1 \(numpy\.int64\) not a plain value"):
+        launch(Kernel(), (1,), x, np.int64(3), BLOCK_M=16)
     assert not launched
-    launch(Kernel(), (1,), x, ROUTE=2, BLOCK_M=16)
-    assert launched == [dict(ROUTE=2, BLOCK_M=16)]
+    size = ShapeEnv().create_unbacked_symint()
+    launch(Kernel(), (1,), x, size, 0.5, None, ROUTE=2, FMT="e4m3", SPLIT=True)
+    assert launched == [dict(ROUTE=2, FMT="e4m3", SPLIT=True)]
