@@ -162,9 +162,9 @@ DEFAULT_CONFIGS: dict[str, dict[str, MoeExpertsConfig]] = {
 # SwiGLU pass 1.03x at T 64 (bench/results/H100/session28_gpu_runs.md). The H200 has the H100's SMs and
 # more bandwidth, so its MXFP4 decodes are as instruction-bound: the same fields (without them its experts
 # ran slower than the H100's with them at B 1 and 64: bench/results/H200/session33_gpu_runs.md).
+_HOPPER_MXFP4_DECODE_FIELDS = {"block_n": 64, "down_block_n": 128, "split_k": 2, "down_split_k": 2}
 MXFP4_DECODE_FIELDS: dict[str, dict[str, int]] = {
-    gpu: {"block_n": 64, "down_block_n": 128, "split_k": 2, "down_split_k": 2} for gpu in ("H100", "H200")}
-MXFP4_DECODE_FIELDS["generic"] = {}
+    "H100": _HOPPER_MXFP4_DECODE_FIELDS, "H200": _HOPPER_MXFP4_DECODE_FIELDS, "generic": {}}
 
 
 def default_config(gpu_name: str | None = None, n_assignments: int = 1, weight_format: str = "float",
