@@ -116,6 +116,20 @@ def _mixes_sweep(p_xt, p_fn, row, valid_c, m_t, k_lo, k_hi, K, BLOCK_T: tl.const
 
 
 @triton.jit
+def _partial_mixes(p_x, p_fn, p_part, p_ss, T, t0, split, row, valid_c, k_lo, k_hi, K, NW: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Tokens [t0, t0 + BLOCK_T) of _hc_mixes_split_kernel's program: their partial mixes [BT, NW] into
+    p_part[split] and sums of squares [BT] into p_ss[split] over K range [k_lo, k_hi)."""
+    o_t = t0 + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    acc, ss = _mixes_sweep(p_x + o_t[:, None].to(tl.int64) * K, p_fn, row, valid_c, m_t, k_lo, k_hi, K,
+                           BLOCK_T, NW, BLOCK_K, PRECISION)
+    at = (split * T + o_t).to(tl.int64)
+    tl.store(p_part + at[:, None] * NW + tl.arange(0, NW)[None, :], acc, mask=m_t[:, None])
+    tl.store(p_ss + at, ss, mask=m_t)
+
+
+@triton.jit
 def _hc_mixes_split_kernel(p_x, p_fn, p_part, p_ss, T, D, k_split, N: tl.constexpr, NP: tl.constexpr,
                            NW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                            PRECISION: tl.constexpr):
@@ -131,20 +145,10 @@ def _hc_mixes_split_kernel(p_x, p_fn, p_part, p_ss, T, D, k_split, N: tl.constex
     k_lo = split * k_split
     k_hi = tl.minimum(k_lo + k_split, K)
     if BLOCK_T > 1 and T - t0 == 1:
-        o_1 = t0 + tl.arange(0, 1)
-        acc1, ss1 = _mixes_sweep(p_x + o_1[:, None].to(tl.int64) * K, p_fn, row, valid_c, o_1 < T, k_lo, k_hi, K,
-                                 1, NW, BLOCK_K, PRECISION)
-        at1 = (split * T + o_1).to(tl.int64)
-        tl.store(p_part + at1[:, None] * NW + tl.arange(0, NW)[None, :], acc1)
-        tl.store(p_ss + at1, ss1)
+        _partial_mixes(p_x, p_fn, p_part, p_ss, T, t0, split, row, valid_c, k_lo, k_hi, K, NW, 1, BLOCK_K, PRECISION)
     else:
-        o_t = t0 + tl.arange(0, BLOCK_T)
-        m_t = o_t < T
-        acc, ss = _mixes_sweep(p_x + o_t[:, None].to(tl.int64) * K, p_fn, row, valid_c, m_t, k_lo, k_hi, K,
-                               BLOCK_T, NW, BLOCK_K, PRECISION)
-        at = (split * T + o_t).to(tl.int64)
-        tl.store(p_part + at[:, None] * NW + tl.arange(0, NW)[None, :], acc, mask=m_t[:, None])
-        tl.store(p_ss + at, ss, mask=m_t)
+        _partial_mixes(p_x, p_fn, p_part, p_ss, T, t0, split, row, valid_c, k_lo, k_hi, K, NW, BLOCK_T, BLOCK_K,
+                       PRECISION)
 
 
 @triton.jit
