@@ -213,10 +213,14 @@ def aoti_options(cuda: bool) -> dict:
     (random floats, zero integers), and a kernel that indexes memory through values computed from
     those inputs faults (pytorch issue 194018; seen as an illegal memory access in the mini prefill-
     cache engine with torch 2.11). Two passes run the graph once on the export's real example inputs
-    instead, every kernel on the values it will see."""
+    instead, every kernel on the values it will see. And on CUDA, combo_kernels: independent small
+    kernels launched as one (a decode step's norms, rotary and casts are latency, not bytes; the H200's
+    flash-slice decode engine at 8K ran 1.048x at batch 1 and 1.011x at 64 with the same logits,
+    bench/results/H200/session33_gpu_runs.md)."""
     options = inductor_options()
     if cuda:
         options["triton.autotune_at_compile_time"] = False
+        options["combo_kernels"] = True
     return options
 
 
