@@ -38,7 +38,13 @@ SWEEP_SMALL = ["gemm=triton,swap_ab=yes,block_m=16,block_n=64,num_warps=4,num_st
                "gemm=triton,swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8",
                "gemm=triton,swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=16",
                "gemm=triton,swap_ab=yes,block_m=32,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8",
-               "gemm=cublas"]
+               "gemm=cublas",
+               # the CUDA-core GEMV (one program per block_n rows of W and row of x, no split-K); offline
+               # sm_90a: 4.4 SASS instructions a weight at 16 x 512 / 32 x 256, 6.0 at 8 x 512
+               # (bench/results/H100/session34_fp8_gemv_offline.md)
+               "gemm=gemv,block_n=8,block_k=512,num_warps=4",
+               "gemm=gemv,block_n=16,block_k=512,num_warps=4",
+               "gemm=gemv,block_n=32,block_k=256,num_warps=4"]
 SWEEP_LARGE = ["gemm=triton,block_m=128,block_n=128,num_warps=8,num_stages=4,quant=separate",
                "gemm=triton,block_m=128,block_n=256,num_warps=8,num_stages=3,quant=separate",
                "gemm=triton,block_m=64,block_n=128,num_warps=4,num_stages=4,quant=separate",
@@ -105,6 +111,7 @@ def main(argv=None) -> int:
     from dsv4_compile.kernels.fp8_linear import default_config, fp8_linear
     from dsv4_compile.kernels.fp8_linear.fp8_linear import cublas_blockwise_ready
     from dsv4_compile.model.weight_formats import e8m0_to_float, quantize_fp8_weight
+    from dsv4_compile.tuning.spaces.fp8_linear import GEMV_MAX_ROWS
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", default="1,64,4096,16384")
@@ -148,6 +155,8 @@ def main(argv=None) -> int:
             swept = DEVICE == "cuda" and not args.no_sweep and time.monotonic() - start < args.budget_s
             sweep = sweeps if sweeps is not None else SWEEP_SMALL if m <= SMALL_TOKENS else SWEEP_LARGE
             for cfg in sweep if swept else []:
+                if "gemm=gemv" in cfg and m > GEMV_MAX_ROWS:
+                    continue
                 try:
                     t = ours(cfg)
                 except Exception as exc:  # noqa: BLE001 (a config this GPU rejects)

@@ -6,6 +6,7 @@ registers, spills, shared memory, and the main loop's SASS.
     python bench/compile_report.py --kernel moe_experts --weight-format mxfp4 --batch 64 [--configs "block_n=128"]
     python bench/compile_report.py --kernel moe_experts --weight-format fp8 --act fp8 --batch 4096 --configs "block_k=128,down_block_k=128"
     python bench/compile_report.py --kernel float32_linear --batch 1 [--configs "block_k=128"]   (M = batch rows)
+    python bench/compile_report.py --kernel fp8_linear --batch 1 --configs ";gemm=gemv,block_n=16,block_k=512"   (wo_b)
     python bench/compile_report.py --kernel hc_pre --batch 1 --configs ";block_t=1,dot_precision=ieee"   (decode tokens)
 
 No GPU needed, and no timings: compile data only. Each config goes through the kernel's own launcher
@@ -29,7 +30,7 @@ shuffled every byte through shared memory (bench/results/H200/attention_compile_
 Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the first
 backward branch whose body holds a tensor-core instruction (HMMA / HGMMA / QGMMA), one iteration of the K loop
 after Triton's software pipelining (later ones are fallbacks: moe_experts' fp32 route for float32 scales
-that are no powers of two). loop_instr counts its SASS instructions; for moe_experts,
+that are no powers of two). loop_instr counts its SASS instructions; for moe_experts and fp8_linear,
 instr_per_weight divides them by the weight elements a thread takes in one iteration (block_k x block_n
 over the threads, twice for the gate/up launch: w1 and w3), the proxy of the dequantization's ALU cost
 when no GPU is at hand (it is not a timing). mma names the loop's tensor-core instructions with their
@@ -66,7 +67,7 @@ SMEM_RESERVED_PER_CTA = 1024
 WARPS_PER_SM = 64
 CTAS_PER_SM = 32
 
-KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts", "float32_linear", "hc_pre")
+KERNELS = ("sparse_attention", "sparse_attention_cached", "moe_experts", "float32_linear", "fp8_linear", "hc_pre")
 DEVICE_TRITON = "3.6"   # what our H100 / H200 runs use (torch 2.11): bench/results/H100/session24_gpu_runs.md
 
 
@@ -84,7 +85,7 @@ class Row:
     ctas_per_sm: int
     limit: str                # what bounds ctas_per_sm
     loop_instr: int = 0       # SASS instructions of one main-loop iteration (main_loop)
-    instr_per_weight: float = 0.0   # moe_experts: loop_instr over the weight elements a thread takes an iteration
+    instr_per_weight: float = 0.0   # moe_experts, fp8_linear: loop_instr / weights a thread takes an iteration
     convert_layouts: int = 0  # ttg.convert_layout ops in the TTGIR
     mma: str = ""             # the main loop's tensor-core instructions, with modifiers, and their counts
     instr_per_mma: float = 0.0      # loop_instr over the number of tensor-core instructions in the loop
@@ -287,6 +288,21 @@ def float32_linear_launches(dims: dict, cfg) -> list[tuple]:
     return calls
 
 
+def fp8_linear_launches(dims: dict, cfg) -> list[tuple]:
+    """The launches of kernels/fp8_linear for x [m, k] bf16 against FP8 W [n, k] (the tuning space's wo_b):
+    the activation quantization pass (quant "separate"), then the GEMM, the tensor-core tile or the GEMV."""
+    module = importlib.import_module("dsv4_compile.kernels.fp8_linear.fp8_linear")
+    m, n, k = dims["m"], dims["n"], dims["k"]
+    x, w = _stand_in((m, k), torch.bfloat16), _stand_in((n, k), torch.float8_e4m3fn)
+    scale = _stand_in((-(-n // 128), k // 128), torch.float32)
+    calls = []
+    # check_tensor skipped: the stand-ins are one element expanded (not contiguous)
+    with mock.patch.object(module, "launch", lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw))), \
+            mock.patch.object(module, "check_tensor", lambda *a, **kw: None):
+        module.fp8_linear(x, w, scale, cfg)
+    return calls
+
+
 def report(kernel_name: str, configs: list[str], preset: str = "flash", context: int = 8192, batch: int | None = None,
            gpu: str = "H200", combine: bool = False, weight_format: str = "mxfp4", act: str = "x", scales: str = "e8m0",
            log=print) -> list[Row]:
@@ -307,6 +323,9 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
     if kernel_name == "float32_linear":
         from dsv4_compile.kernels.float32_linear.config import Float32LinearConfig, default_config as f32_default
         config_class, base = Float32LinearConfig, f32_default(gpu, dims["m"], dims["n"], dims["k"])
+    elif kernel_name == "fp8_linear":
+        from dsv4_compile.kernels.fp8_linear.config import Fp8LinearConfig, default_config as fp8_default
+        config_class, base = Fp8LinearConfig, fp8_default(gpu, dims["m"], dims["n"], dims["k"])
     elif kernel_name == "hc_pre":
         from dsv4_compile.kernels.hc_sinkhorn.config import HcConfig, decode_config as hc_decode_default
         config_class, base = HcConfig, hc_decode_default(gpu)
@@ -325,6 +344,8 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             calls = moe_launches(dims, cfg, weight_format, act, scales)
         elif kernel_name == "float32_linear":
             calls = float32_linear_launches(dims, cfg)
+        elif kernel_name == "fp8_linear":
+            calls = [c for c in fp8_linear_launches(dims, cfg) if c[0].fn.__name__ != "_quantize_kernel"]
         elif kernel_name == "hc_pre":
             calls = hc_pre_launches(dims, cfg)
         else:
@@ -343,8 +364,8 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             n_cta, limit = ctas_per_sm(regs, warps, smem)
             sass = disassemble(compiled.asm["cubin"])
             body = main_loop(sass, modifiers=True)
-            if not body and kernel_name == "hc_pre":  # block_t < 16: the mixes sweep is FFMAs
-                body = main_loop(sass, modifiers=True, markers=("FFMA",))
+            if not body and kernel_name in ("hc_pre", "fp8_linear"):  # FFMA loops: hc_pre's sweep below 16
+                body = main_loop(sass, modifiers=True, markers=("FFMA",))    # tokens a block, fp8_linear's GEMV
             loop = len(body)
             mma, n_mma = mma_summary(body)
             per_weight = 0.0
@@ -354,6 +375,8 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
                                                           and not kwargs.get("SWAP"))
                 weights = kwargs["BLOCK_K"] * kwargs["BLOCK_N"] * (2 if both else 1)
                 per_weight = loop / (weights / (32 * warps))
+            elif name in ("_fp8_linear_kernel", "_fp8_gemv_kernel"):  # W's [BLOCK_N, 128 or BLOCK_K] an iteration
+                per_weight = loop / (kwargs["BLOCK_N"] * kwargs.get("BLOCK_K", 128) / (32 * warps))
             converts = compiled.asm["ttgir"].count("ttg.convert_layout")
             rows.append(Row(kernel_name, name, cfg.to_str(), "x".join(map(str, grid)), warps, regs, spill_st, spill_ld,
                             smem, n_cta, limit, loop, round(per_weight, 2), converts, mma,

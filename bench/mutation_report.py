@@ -96,6 +96,7 @@ def _cases() -> dict:
                                              10.0, "block_m=16,block_n=128", "mxfp4",
                                              tuple(torch.ones(E, 128, 4) for _ in range(3)), "fp8")),
         "fp8_linear": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2), "gemm=triton,quant=fused")),
+        "fp8_linear (GEMV)": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2), "gemm=gemv,block_n=16,block_k=256")),
         "float32_linear (split-K)": (float32_linear, (r(4, 256), r(64, 256, dtype=torch.float32), "swap_ab=yes,split_k=2")),
     }
     return cases

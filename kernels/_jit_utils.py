@@ -89,15 +89,20 @@ def e4m3_value(c):
 
 
 @triton.jit
+def e4m3_float(codes, NATIVE_CAST: tl.constexpr):
+    """float8e4nv codes [...] -> their fp32 values (exact). NATIVE_CAST: the hardware's e4m3 conversion,
+    else the codes' bits decoded (the interpreter)."""
+    if NATIVE_CAST:
+        return codes.to(tl.float32)
+    else:
+        return e4m3_value(codes.to(tl.uint8, bitcast=True).to(tl.int32))
+
+
+@triton.jit
 def e4m3_dequantized(codes, s, NATIVE_CAST: tl.constexpr):
     """codes [BQ, BS] float8e4nv times their rows' scales s [BQ] -> fp32 [BQ, BS] (the FP8-rounded
-    values; exact). NATIVE_CAST: the hardware's e4m3 conversion, else the codes' bits decoded (the
-    interpreter)."""
-    if NATIVE_CAST:
-        v = codes.to(tl.float32)
-    else:
-        v = e4m3_value(codes.to(tl.uint8, bitcast=True).to(tl.int32))
-    return v * s[:, None]
+    values; exact)."""
+    return e4m3_float(codes, NATIVE_CAST) * s[:, None]
 
 
 @triton.jit

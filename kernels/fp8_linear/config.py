@@ -33,7 +33,11 @@ class Fp8LinearConfig(KernelConfig):
     M side: for few rows of x, where a [block_m < 64, ...] tile wastes most of Hopper's wgmma.
     gemm: "triton" (this kernel) or "cublas": x quantized by our kernel, the FP8 product by cuBLAS's
     blockwise-scaled GEMM (torch._scaled_mm, 1x128 x 128x128 scales) where a probe shows this torch and
-    GPU offer it with the op's numbers; elsewhere the Triton GEMM with the other fields.
+    GPU offer it with the op's numbers; elsewhere the Triton GEMM with the other fields. "gemv": for a
+    few rows, the CUDA cores instead of the tensor cores (which pad the rows to 16 or 64), one program
+    per block_n weight rows (at most 128) and row of x over the whole of K, block_k of it an iteration,
+    x quantized in the kernel: one launch writing y in x's dtype (each further row reads W again, from
+    L2 at best: block_m, split_k, quant, swap_ab and group_m unused).
     """
 
     block_m: int = 64
@@ -46,10 +50,11 @@ class Fp8LinearConfig(KernelConfig):
     cast: str = "bits"
     swap_ab: str = "no"
     gemm: str = "triton"
+    block_k: int = 128
 
-    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "num_warps")
+    POW2_FIELDS: ClassVar[tuple[str, ...]] = ("block_m", "block_n", "num_warps", "block_k")
     CHOICES: ClassVar[Mapping[str, tuple[str, ...]]] = {"quant": ("fused", "separate"), "cast": ("bits", "native"),
-                                                        "swap_ab": ("no", "yes"), "gemm": ("triton", "cublas")}
+                                                        "swap_ab": ("no", "yes"), "gemm": ("triton", "cublas", "gemv")}
 
 
 DEFAULT_CONFIGS: dict[str, Fp8LinearConfig] = {

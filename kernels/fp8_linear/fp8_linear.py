@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .._common import (FLOAT_DTYPES, INTERPRET, check, check_tensor, kernel_op, largest_value, launch,
                        placeholder, resolve_config)
-from .._jit_utils import quantize_rows_e4m3, store_tile, tile_ids
+from .._jit_utils import e4m3_dequantized, e4m3_float, quantize_rows_e4m3, store_tile, tile_ids
 from .config import SCALE_BLOCK, Fp8LinearConfig, default_config, run_splits
 
 FP8_MAX = 448.0
@@ -100,6 +100,39 @@ def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am, n_split,
     store_tile(p_y, acc, o_m, o_n, m_m, m_n, N, SWAP_AB, SPLIT_K > 1)
 
 
+@triton.jit
+def _fp8_gemv_kernel(p_x, p_w, p_ws, p_y, N, K, stride_xm, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # gemm="gemv": p_x [M, K] float (row stride stride_xm), p_w [N, K] float8, p_ws [cdiv(N, 128), K/128]
+    # float32, p_y [M, N] in x's dtype, contiguous. One program per (BLOCK_N rows of W, one row of x), the
+    # whole of K, on the CUDA cores: the products summed elementwise along K ([BN, BK] fp32, the weight
+    # tile's own layout: no shuffles in the loop) and reduced once at the end, so no split-K partials,
+    # atomics or zeroed fp32 output. BLOCK_N divides 128: a program's rows share one row of weight-scale
+    # tiles, whose scale for each 128-block is folded with the activation's into its values (code * s_a *
+    # s_w: powers of two, exact), so each product is exact as on the tensor cores, summed in fp32 in
+    # another order.
+    G: tl.constexpr = BLOCK_K // 128
+    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = tl.arange(0, BLOCK_K)
+    o_g = tl.arange(0, G)
+    m_n = o_n < N
+    KB = K // 128
+    p_x_row = p_x + tl.program_id(1).to(tl.int64) * stride_xm + o_k
+    p_ws_row = p_ws + ((tl.program_id(0) * BLOCK_N) // 128).to(tl.int64) * KB
+    p_w_rows = p_w + o_n[:, None].to(tl.int64) * K + o_k[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        m_k = k0 + o_k < K
+        b_x = tl.load(p_x_row + k0, mask=m_k, other=0.0).to(tl.float32)                          # [BK]
+        codes, s_a = quantize_rows_e4m3(tl.reshape(b_x, [G, 128]), RECIP, NATIVE_CAST)           # per 128-block
+        s_w = tl.load(p_ws_row + k0 // 128 + o_g, mask=k0 // 128 + o_g < KB, other=0.0)          # [G]
+        a = tl.reshape(e4m3_dequantized(codes, s_a * s_w, NATIVE_CAST), [BLOCK_K])
+        w = e4m3_float(tl.load(p_w_rows + k0, mask=m_n[:, None] & m_k[None, :], other=0.0), NATIVE_CAST)  # [BN, BK]
+        acc += w * a[None, :]
+    y = tl.sum(acc, axis=1)                                                                      # [BN]
+    tl.store(p_y + tl.program_id(1).to(tl.int64) * N + o_n, y.to(p_y.dtype.element_ty), mask=m_n)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                config: Fp8LinearConfig | dict | str | None = None) -> torch.Tensor:
     """x [..., K] float32 / bfloat16 / float16, weight [N, K] float8_e4m3fn and scale [cdiv(N, 128), K/128]
@@ -126,6 +159,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if cfg.gemm == "cublas" and cublas_blockwise_ready(x, n, k):
         return _cublas_fp8_linear(x2, weight, scale, native).reshape(*lead, n)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if cfg.gemm == "gemv":
+        check(cfg.block_n <= SCALE_BLOCK and cfg.block_k >= SCALE_BLOCK,
+              f"fp8_linear: gemm=gemv takes block_n <= {SCALE_BLOCK} (a program's rows in one row of weight-scale "
+              f"tiles) and block_k >= {SCALE_BLOCK}; got block_n={cfg.block_n}, block_k={cfg.block_k}")
+        launch(_fp8_gemv_kernel, (triton.cdiv(n, cfg.block_n), m), x2, weight, scale, y, n, k, x2.stride(0),
+               RECIP=recip, NATIVE_CAST=native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+               num_stages=cfg.num_stages)
+        return y.reshape(*lead, n)
     fused = cfg.quant == "fused"
     a, a_scale, stride = x2, placeholder(x.device, torch.float32), x2.stride(0)  # p_as unused when fused
     if not fused:

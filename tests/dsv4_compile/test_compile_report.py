@@ -102,6 +102,22 @@ def test_offline_sm90_compile_of_hc_pre_few_tokens(tmp_path):
     assert 0 < int(fma["loop_instr"]) < int(tf32x3["loop_instr"]) and int(fma["regs"]) < int(tf32x3["regs"])
 
 
+def test_offline_sm90_compile_of_the_fp8_gemv(tmp_path):
+    """fp8_linear at one decode row (V4-Flash's wo_b: N 4096, K 8192): the default swapped FP8 tile (QGMMA) and the
+    CUDA-core GEMV, whose loop is FFMAs on the weight tile's own layout: one program per 16 rows of W,
+    no split-K (bench/results/H100/session34_fp8_gemv_offline.md)."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "fp8.csv"
+    subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", "fp8_linear", "--preset", "flash",
+                    "--batch", "1", "--gpu", "H100", "--configs", ";gemm=gemv,block_n=16,block_k=256",
+                    "--csv", str(out)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    tile, gemv = list(csv.DictReader(open(out)))
+    assert (tile["function"], gemv["function"]) == ("_fp8_linear_kernel", "_fp8_gemv_kernel")
+    assert "E4M3" in tile["mma"] and gemv["mma"] == "" and "FFMA" in gemv["opcodes"], (tile, gemv)
+    assert gemv["grid"].endswith("x1") and float(gemv["instr_per_weight"]) > 0, gemv
+
+
 def test_offline_sm90_compile_of_the_moe_kernels(tmp_path):
     """The MXFP4 gate/up and down kernels at the tiny preset (decode, 4 tokens), the H200 decode default
     (K split in two: the split path's SwiGLU pass between them), and the routing layout's one program

@@ -82,6 +82,44 @@ def test_swapped_wide_and_cublas_configs(cfg):
     assert_close(f"kernel {cfg}", torch.ops.dsv4.fp8_linear(x, w, s), fp8_linear(x, w, s, cfg), tol(torch.float32))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m_shape,k,n,cfg", [
+    ((1,), 640, 300, "gemm=gemv,block_n=8,block_k=256"),     # K 5 blocks: the last iteration half-masked
+    ((3,), 384, 200, "gemm=gemv,block_n=32,block_k=512"),    # one iteration past K
+    ((2, 3), 128, 33, "gemm=gemv,block_n=128,block_k=128"),  # one weight-scale row tile, N partial
+], ids=["1x640x300", "3x384x200", "2x3x128x33"])
+def test_gemv_route(m_shape, k, n, cfg, dtype):
+    """gemm=gemv (the CUDA cores for a few rows, no split-K): partial row and column blocks, K not a
+    multiple of block_k, every input dtype; the same products as the tensor-core tile, summed in fp32
+    in another order."""
+    x, w, s = make(m_shape, k, n, dtype, seed=k + n)
+    y = fp8_linear(x, w, s, cfg)
+    assert y.shape == (*m_shape, n) and y.dtype == dtype
+    assert_close(f"kernel {cfg}", torch.ops.dsv4.fp8_linear(x, w, s).float(), y.float(), tol(dtype))
+
+
+def test_gemv_exports_with_a_symbolic_row_count():
+    """The GEMV's grid has one program row per row of x: an engine's symbolic M sizes it at run time, and
+    each output is summed in one program in a fixed order, so the exported program is eager's bits."""
+    x, w, s = make((5,), 384, 72, torch.float32, seed=5)
+    cfg = "gemm=gemv,block_n=16,block_k=256"
+
+    class Linear(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.dsv4_triton.fp8_linear(x, w, s, cfg)
+
+    ep = torch.export.export(Linear(), (x,), dynamic_shapes=({0: torch.export.Dim("M", min=1, max=16)},))
+    for rows in (1, 7):
+        xn = make((rows,), 384, 72, torch.float32, seed=rows)[0]
+        assert torch.equal(ep.module()(xn), fp8_linear(xn, w, s, cfg)), rows
+
+
+def test_gemv_refuses_rows_past_one_scale_tile():
+    x, w, s = make((1,), 256, 300, torch.float32)
+    with pytest.raises(ValueError, match="gemm=gemv takes block_n <= 128 .* got block_n=256, block_k=128"):
+        fp8_linear(x, w, s, "gemm=gemv,block_n=256")
+
+
 def test_split_k_counts_parts_at_one_row_block(monkeypatch):
     """split_k is the parts of K at one block of block_m rows: 40 rows (3 blocks of 16) with split_k 8 run
     8 // 3 = 2 parts (the launch's n_split), 16 rows 8, and either way the plain op's numbers."""
@@ -191,10 +229,12 @@ def test_gpu_flash_shapes(n, k, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 37, 4096])
-@pytest.mark.parametrize("cfg", ["gemm=cublas", "gemm=triton,swap_ab=yes,block_m=16,block_n=64,split_k=4,quant=fused"])
+@pytest.mark.parametrize("cfg", ["gemm=cublas", "gemm=triton,swap_ab=yes,block_m=16,block_n=64,split_k=4,quant=fused",
+                                 "gemm=gemv,block_n=8,block_k=512,num_stages=3"])
 def test_gpu_cublas_and_small_m_paths(cfg, m, dtype):
-    """cuBLAS's blockwise GEMM (where the probe admits it; the Triton GEMM otherwise) and the swapped
-    split-K Triton tile, against the plain op at a V4-Flash shape (wq_a: N 1024, K 4096)."""
+    """cuBLAS's blockwise GEMM (where the probe admits it; the Triton GEMM otherwise), the swapped
+    split-K Triton tile and the CUDA-core GEMV, against the plain op at a V4-Flash shape (wq_a: N 1024,
+    K 4096)."""
     from dsv4_compile.kernels.fp8_linear.fp8_linear import cublas_blockwise_ready
     x, w, s = make((m,), 4096, 1024, dtype, seed=m)
     y = fp8_linear(x, w, s, cfg)

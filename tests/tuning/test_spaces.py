@@ -381,3 +381,28 @@ def test_decode_baseline_is_the_launchers_own_default():
     launcher = auto_config(64, 1, FLASH.n_heads, problem.dim("K"), space.default_config("H100", "decode"), h100.n_sms)
     assert params["num_splits"] == launcher.num_splits == 2
     assert params["num_splits"] in space.choices(problem, h100)["num_splits"]
+
+
+def test_fp8_linear_gemv_choices_and_rules():
+    """gemm=gemv (the CUDA-core few-rows kernel) is tried at a decode batch of 1 with its own fields
+    (block_n 8..128, block_k), pruned where it cannot run (rows past one weight-scale tile) or would repeat
+    a trial (its unused fields off their first choice; more rows than the tensor-core tile's 16), and its
+    fields stay off the tensor-core tile's trials."""
+    space = get_space("fp8_linear")
+    h200 = gpu_spec("H200")
+    one, many = space.make_problem(FLASH, 8192, 1, "decode"), space.make_problem(FLASH, 8192, 64, "decode")
+    gemv = space.make_config({"gemm": "gemv", "block_n": 16, "block_k": 512, "block_m": 16, "split_k": 1,
+                              "quant": "fused", "swap_ab": "no", "group_m": 1}, "H200", "decode")
+    assert space.check(gemv, one, h200) is None
+    assert "gemv" in space.choices(one, h200)["gemm"] and 1024 in space.choices(one, h200)["block_k"]
+    kind, reason = space.check(gemv, many, h200)
+    assert kind == "redundant" and "64 rows > 16" in reason
+    kind, reason = space.check(gemv.replace(block_n=256), one, h200)
+    assert kind == "hard" and "block_n 256 > 128" in reason
+    kind, reason = space.check(gemv.replace(split_k=4), one, h200)
+    assert kind == "redundant" and "ignores" in reason
+    tile = space.make_config({"gemm": "triton", "block_m": 16, "block_n": 128, "swap_ab": "yes"}, "H200", "decode")
+    assert space.check(tile, one, h200) is None
+    for bad in (tile.replace(block_k=256), tile.replace(block_n=16)):
+        kind, reason = space.check(bad, one, h200)
+        assert kind == "redundant" and "gemm=gemv's" in reason
