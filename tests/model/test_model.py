@@ -216,11 +216,13 @@ def test_decode_from_empty_cache_matches_prefill_everywhere(decoded, full_logits
     (bench/results/cpu/decode_vs_prefill_seeds.md: over 12 token seeds and two revisions of the mHC sum,
     median 6e-7 .. 1.2e-4, 87-100% of positions within 1e-3, max error 0.001 .. 0.24, the predicted token
     the same at >= 99.67%). The bounds sit outside that spread: a decode fault (a position, mask or block
-    boundary wrong) gives errors of order 1 at every position it touches."""
+    boundary wrong) gives errors of order 1 at every position it touches. No bound on the share of
+    positions within 1e-3: it follows where the first flip falls, which moves with the CPU's vector
+    width (tests/parallel_worlds.py: 97.1% on an AVX2 CPU, 72.4% on an AVX512 one, same tokens)."""
     logits, _ = decoded
     errors = _relative_errors(full_logits, logits)
     assert errors.median() <= 1e-3, f"median relative error {errors.median():.2e}"
-    assert (errors < 1e-3).float().mean() >= 0.80 and errors.max() < 0.5
+    assert errors.max() < 0.5, f"max relative error {errors.max():.2e}"
     assert (logits.argmax(-1) == full_logits.argmax(-1)).float().mean() >= 0.97
 
 
