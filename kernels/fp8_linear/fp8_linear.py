@@ -101,24 +101,25 @@ def _fp8_linear_kernel(p_a, p_as, p_w, p_ws, p_y, M, N, K, stride_am, n_split,
 
 
 @triton.jit
-def _fp8_gemv_kernel(p_x, p_w, p_ws, p_y, N, K, stride_xm, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr,
+def _fp8_gemv_kernel(p_x, p_w, p_ws, p_y, M, N, K, stride_xm, RECIP: tl.constexpr, NATIVE_CAST: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # gemm="gemv": p_x [M, K] float (row stride stride_xm), p_w [N, K] float8, p_ws [cdiv(N, 128), K/128]
     # float32, p_y [M, N] in x's dtype, contiguous. One program per (BLOCK_N rows of W, one row of x), the
-    # whole of K, on the CUDA cores: the products summed elementwise along K ([BN, BK] fp32, the weight
+    # rows of x of one W tile adjacent in the grid (its re-reads from L2), the whole of K, on the CUDA cores: the products summed elementwise along K ([BN, BK] fp32, the weight
     # tile's own layout: no shuffles in the loop) and reduced once at the end, so no split-K partials,
     # atomics or zeroed fp32 output. BLOCK_N divides 128: a program's rows share one row of weight-scale
     # tiles, whose scale for each 128-block is folded with the activation's into its values (code * s_a *
     # s_w: powers of two, exact), so each product is exact as on the tensor cores, summed in fp32 in
     # another order.
     G: tl.constexpr = BLOCK_K // 128
-    o_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile, row = tl.program_id(0) // M, tl.program_id(0) % M
+    o_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = tl.arange(0, BLOCK_K)
     o_g = tl.arange(0, G)
     m_n = o_n < N
     KB = K // 128
-    p_x_row = p_x + tl.program_id(1).to(tl.int64) * stride_xm + o_k
-    p_ws_row = p_ws + ((tl.program_id(0) * BLOCK_N) // 128).to(tl.int64) * KB
+    p_x_row = p_x + row.to(tl.int64) * stride_xm + o_k
+    p_ws_row = p_ws + ((tile * BLOCK_N) // 128).to(tl.int64) * KB
     p_w_rows = p_w + o_n[:, None].to(tl.int64) * K + o_k[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -130,7 +131,7 @@ def _fp8_gemv_kernel(p_x, p_w, p_ws, p_y, N, K, stride_xm, RECIP: tl.constexpr, 
         w = e4m3_float(tl.load(p_w_rows + k0, mask=m_n[:, None] & m_k[None, :], other=0.0), NATIVE_CAST)  # [BN, BK]
         acc += w * a[None, :]
     y = tl.sum(acc, axis=1)                                                                      # [BN]
-    tl.store(p_y + tl.program_id(1).to(tl.int64) * N + o_n, y.to(p_y.dtype.element_ty), mask=m_n)
+    tl.store(p_y + row.to(tl.int64) * N + o_n, y.to(p_y.dtype.element_ty), mask=m_n)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -163,7 +164,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         check(cfg.block_n <= SCALE_BLOCK and cfg.block_k >= SCALE_BLOCK,
               f"fp8_linear: gemm=gemv takes block_n <= {SCALE_BLOCK} (a program's rows in one row of weight-scale "
               f"tiles) and block_k >= {SCALE_BLOCK}; got block_n={cfg.block_n}, block_k={cfg.block_k}")
-        launch(_fp8_gemv_kernel, (triton.cdiv(n, cfg.block_n), m), x2, weight, scale, y, n, k, x2.stride(0),
+        launch(_fp8_gemv_kernel, (triton.cdiv(n, cfg.block_n) * m,), x2, weight, scale, y, m, n, k, x2.stride(0),
                RECIP=recip, NATIVE_CAST=native, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
                num_stages=cfg.num_stages)
         return y.reshape(*lead, n)

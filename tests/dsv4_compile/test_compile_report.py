@@ -115,7 +115,7 @@ def test_offline_sm90_compile_of_the_fp8_gemv(tmp_path):
     tile, gemv = list(csv.DictReader(open(out)))
     assert (tile["function"], gemv["function"]) == ("_fp8_linear_kernel", "_fp8_gemv_kernel")
     assert "E4M3" in tile["mma"] and gemv["mma"] == "" and "FFMA" in gemv["opcodes"], (tile, gemv)
-    assert gemv["grid"].endswith("x1") and float(gemv["instr_per_weight"]) > 0, gemv
+    assert gemv["grid"] == "256" and float(gemv["instr_per_weight"]) > 0, gemv     # 4096 rows of W / 16
 
 
 def test_offline_sm90_compile_of_the_moe_kernels(tmp_path):
