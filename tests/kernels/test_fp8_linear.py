@@ -98,17 +98,21 @@ def test_gemv_route(m_shape, k, n, cfg, dtype):
     assert_close(f"kernel {cfg}", torch.ops.dsv4.fp8_linear(x, w, s).float(), y.float(), tol(dtype))
 
 
-def test_gemv_exports_with_a_symbolic_row_count():
-    """The GEMV's grid has one program row per row of x: an engine's symbolic M sizes it at run time, and
-    each output is summed in one program in a fixed order, so the exported program is eager's bits."""
-    x, w, s = make((5,), 384, 72, torch.float32, seed=5)
-    cfg = "gemm=gemv,block_n=16,block_k=256"
-
+def _exported(x, w, s, cfg: str, min_rows: int, max_rows: int):
+    """The kernel's op over weight w, scales s and config cfg, exported with a symbolic row count of x."""
     class Linear(torch.nn.Module):
         def forward(self, x):
             return torch.ops.dsv4_triton.fp8_linear(x, w, s, cfg)
 
-    ep = torch.export.export(Linear(), (x,), dynamic_shapes=({0: torch.export.Dim("M", min=1, max=16)},))
+    return torch.export.export(Linear(), (x,), dynamic_shapes=({0: torch.export.Dim("M", min=min_rows, max=max_rows)},))
+
+
+def test_gemv_exports_with_a_symbolic_row_count():
+    """The GEMV's grid is M programs a W tile: an engine's symbolic M sizes it at run time, and each
+    output is summed in one program in a fixed order, so the exported program is eager's bits."""
+    x, w, s = make((5,), 384, 72, torch.float32, seed=5)
+    cfg = "gemm=gemv,block_n=16,block_k=256"
+    ep = _exported(x, w, s, cfg, 1, 16)
     for rows in (1, 7):
         xn = make((rows,), 384, 72, torch.float32, seed=rows)[0]
         assert torch.equal(ep.module()(xn), fp8_linear(xn, w, s, cfg)), rows
@@ -143,12 +147,7 @@ def test_split_k_exports_with_a_symbolic_row_count():
     order (last-bit differences, ~1e-7 relative: 1e-6 holds it, a wrong part count moves it by ~0.3)."""
     x, w, s = make((9,), 512, 40, torch.float32, seed=4)
     cfg = "swap_ab=yes,quant=fused,block_m=16,block_n=32,split_k=4"
-
-    class Linear(torch.nn.Module):
-        def forward(self, x):
-            return torch.ops.dsv4_triton.fp8_linear(x, w, s, cfg)
-
-    ep = torch.export.export(Linear(), (x,), dynamic_shapes=({0: torch.export.Dim("M", min=2, max=64)},))
+    ep = _exported(x, w, s, cfg, 2, 64)
     for rows in (3, 40):
         xn = make((rows,), 512, 40, torch.float32, seed=rows)[0]
         got, want = ep.module()(xn), fp8_linear(xn, w, s, cfg)
@@ -169,12 +168,7 @@ def test_cublas_route_exports_with_a_symbolic_row_count(monkeypatch):
     elif not module.cublas_blockwise_ready(torch.empty(1, 512, device=DEVICE), 128, 512):
         pytest.skip("this GPU's torch has no blockwise-scaled cuBLAS FP8 GEMM")
     x, w, s = make((9,), 512, 128, torch.bfloat16, seed=5)
-
-    class Linear(torch.nn.Module):
-        def forward(self, x):
-            return torch.ops.dsv4_triton.fp8_linear(x, w, s, "gemm=cublas")
-
-    ep = torch.export.export(Linear(), (x,), dynamic_shapes=({0: torch.export.Dim("M", min=1, max=64)},))
+    ep = _exported(x, w, s, "gemm=cublas", 1, 64)
     ranges = [(r.lower, r.upper) for r in ep.range_constraints.values()]
     assert ranges == [(1, 64)], ranges
     if DEVICE == "cuda":
