@@ -47,6 +47,8 @@ def fp8_linear_redundant(cfg, problem, gpu) -> str | None:
             return "gemm=gemv ignores block_m, group_m, split_k, quant and swap_ab (tried at their first choices)"
         if cfg.block_k > next_pow2(k):
             return f"block_k {cfg.block_k} > the {k} of K"
+        if cfg.block_n > next_pow2(n):
+            return f"block_n {cfg.block_n} > the {n} columns need"
         return None
     if cfg.block_m > max(16, next_pow2(m)):
         return f"block_m {cfg.block_m} > the {m} rows need (tl.dot's minimum 16 aside)"
