@@ -105,12 +105,12 @@ def _fp8_gemv_kernel(p_x, p_w, p_ws, p_y, M, N, K, stride_xm, RECIP: tl.constexp
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # gemm="gemv": p_x [M, K] float (row stride stride_xm), p_w [N, K] float8, p_ws [cdiv(N, 128), K/128]
     # float32, p_y [M, N] in x's dtype, contiguous. One program per (BLOCK_N rows of W, one row of x), the
-    # rows of x of one W tile adjacent in the grid (its re-reads from L2), the whole of K, on the CUDA cores: the products summed elementwise along K ([BN, BK] fp32, the weight
-    # tile's own layout: no shuffles in the loop) and reduced once at the end, so no split-K partials,
-    # atomics or zeroed fp32 output. BLOCK_N divides 128: a program's rows share one row of weight-scale
-    # tiles, whose scale for each 128-block is folded with the activation's into its values (code * s_a *
-    # s_w: powers of two, exact), so each product is exact as on the tensor cores, summed in fp32 in
-    # another order.
+    # rows of x of one W tile adjacent in the grid (its re-reads from L2), the whole of K, on the CUDA
+    # cores: the products summed elementwise along K ([BN, BK] fp32, the weight tile's own layout: no
+    # shuffles in the loop) and reduced once at the end, so no split-K partials, atomics or zeroed fp32
+    # output. BLOCK_N divides 128: a program's rows share one row of weight-scale tiles, whose scale for
+    # each 128-block is folded with the activation's into its values (code * s_a * s_w: powers of two,
+    # exact), so each product is exact as on the tensor cores, summed in fp32 in another order.
     G: tl.constexpr = BLOCK_K // 128
     tile, row = tl.program_id(0) // M, tl.program_id(0) % M
     o_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
