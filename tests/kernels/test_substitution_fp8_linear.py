@@ -51,6 +51,25 @@ def test_nodes_replaced_and_numbers_as_eager():
     assert_close("substituted vs eager", two_linears(*args), gm(*args), 1e-2 if DEVICE == "cuda" else 1e-5)
 
 
+def test_a_tuned_gemv_entry_reaches_the_kernel():
+    """A decode table entry naming gemm=gemv (what the tuning space may pick for one row) is the config
+    the substituted node carries, and the graph runs the GEMV with eager's numbers (fp32 sums in another
+    order)."""
+    args = inputs(m=1)
+    x = args[0][:, :1]                                                     # [1, 1, 128]: one row
+    gm = make_fx(two_linears, tracing_mode="fake")(x, *args[1:])
+    gemv = {"gemm": "gemv", "block_n": 16, "block_k": 256}
+    table = {"entries": {"a": {"phase": "decode", "batch": 1, "config": gemv}}}
+    subs = sub.interpreter_substitutions() if DEVICE == "cpu" else [sub.SUBSTITUTION]
+    manager = passes.PassManager(subs, gpu="H200", config_source=lambda name, gpu: table)
+    manager(gm.graph)
+    gm.recompile()
+    configs = [n.args[3] for n in gm.graph.nodes if n.target is torch.ops.dsv4_triton.fp8_linear.default]
+    assert len(configs) == 2 and all("gemm=gemv,block_k=256" in c and "block_n=16" in c for c in configs), configs
+    assert_close("GEMV substituted vs eager", two_linears(x, *args[1:]), gm(x, *args[1:]),
+                 1e-2 if DEVICE == "cuda" else 1e-5)
+
+
 def test_config_follows_rows_and_refusals_say_why():
     target = passes.Target(gpu="H200")
     e = lambda *shape, dtype=torch.float32: torch.empty(*shape, device=DEVICE, dtype=dtype)  # noqa: E731
