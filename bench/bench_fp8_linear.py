@@ -39,9 +39,8 @@ SWEEP_SMALL = ["gemm=triton,swap_ab=yes,block_m=16,block_n=64,num_warps=4,num_st
                "gemm=triton,swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=16",
                "gemm=triton,swap_ab=yes,block_m=32,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8",
                "gemm=cublas",
-               # the CUDA-core GEMV (one program per block_n rows of W and row of x, no split-K); offline
-               # sm_90a: 4.4 SASS instructions a weight at 16 x 512 / 32 x 256, 6.0 at 8 x 512
-               # (bench/results/H100/session34_fp8_gemv_offline.md)
+               # the CUDA-core GEMV (one program per block_n rows of W and row of x, no split-K; its offline
+               # compile: bench/results/H100/session34_fp8_gemv_offline.md)
                "gemm=gemv,block_n=8,block_k=512,num_warps=4",
                "gemm=gemv,block_n=16,block_k=512,num_warps=4",
                "gemm=gemv,block_n=32,block_k=256,num_warps=4"]
