@@ -146,7 +146,9 @@ for step in "$@"; do
       find "$OUT/tables" -mindepth 1 ! -name "$GPU.yaml" -exec rm -rf {} + ;;
     probe-sinkhorn)   # whether this torch's AOTInductor and torch.onnx take the Sinkhorn rounds as one while_loop
       python3 bench/probe_sinkhorn_loop.py 2>&1 | grep -E "^(torch|unrolled|while_loop)" ;;
-    muon)             python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null ;;
+    muon)             # issue 17's Muon targets, then where a Newton-Schulz step goes (the symmetric products' % of peak)
+      python3 bench/bench_newton_schulz.py 2>&1 | tail -30; cp bench/results/"$GPU"/newton_schulz* "$OUT"/ 2>/dev/null
+      BENCH_OUT="$OUT" python3 bench/profile_newton_schulz.py 2>&1 | tail -60 ;;
     layers)           python3 bench/bench_layers.py --contexts "${CONTEXTS:-32k,128k}" --out "$OUT" 2>&1 | tail -30 ;;
     ab)               # a change measured against its absence in one call: AB_CMD (a bench command writing its
       # results under $AB_OUT) run on a copy of this tree with the files under AB_BEFORE laid over it (the

@@ -1,5 +1,7 @@
 """Per-kernel times of one Newton-Schulz step (normalise, A = X X^T, B = b A + c A A, X <- a X + B X)
-for a few shapes and configs: where the time of `newton_schulz` goes.
+for a few shapes and configs: where the time of `newton_schulz` goes. TFLOP/s count the FLOPs each kernel
+does (a symmetric product: its upper triangle of tiles, half the dense count), and "% peak" sets them
+against the bf16 matmul peak measured in the same run (issue 17: the symmetric products >= 75%).
 
     python bench/profile_newton_schulz.py  # prints a table, writes ns_breakdown.csv
 """
@@ -11,10 +13,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _kernel_bench_util import DEVICE, bench_ms, out_dir, print_table, write_csv  # noqa: E402
+from _kernel_bench_util import DEVICE, bench_ms, matmul_peak_tflops, out_dir, print_table, write_csv  # noqa: E402
 
 
-def run_breakdown(shapes=((1, 4096, 4096), (1, 4096, 14336), (8, 2048, 4096)), configs=None) -> list[dict]:
+def run_breakdown(shapes=((1, 4096, 4096), (1, 4096, 14336), (8, 2048, 4096), (32, 2048, 4096)), configs=None,
+                  peak: float | None = None) -> list[dict]:
     from dsv4_compile.kernels.newton_schulz import default_config
     from dsv4_compile.kernels.newton_schulz import newton_schulz as ns_mod
     nsm = sys.modules["dsv4_compile.kernels.newton_schulz.newton_schulz"]
@@ -34,8 +37,8 @@ def run_breakdown(shapes=((1, 4096, 4096), (1, 4096, 14336), (8, 2048, 4096)), c
         for name, cfg in configs.items():
             t = {
                 "normalize": bench_ms(lambda: nsm._launch_normalize(G, X2, Bt, M, N, cfg)),
-                "sym A=XX^T": bench_ms(lambda: nsm._launch_sym(X, None, A, 0.0, 1.0, Bt, m, n, cfg)),
-                "sym B=bA+cAA": bench_ms(lambda: nsm._launch_sym(A, A, B, -4.775, 2.0315, Bt, m, m, cfg)),
+                "sym A=XX^T": bench_ms(lambda: nsm._launch_sym(X, A, 0.0, 1.0, Bt, m, n, cfg, add_x=False)),
+                "sym B=bA+cAA": bench_ms(lambda: nsm._launch_sym(A, B, -4.775, 2.0315, Bt, m, m, cfg, add_x=True)),
                 "gemm aX+BX": bench_ms(lambda: nsm._launch_gemm(B, X, X2, 3.4445, Bt, m, n, (n, 1, m * n), cfg)),
             }
             flops = {"sym A=XX^T": Bt * m * m * n, "sym B=bA+cAA": Bt * m ** 3, "gemm aX+BX": 2 * Bt * m * m * n}
@@ -43,6 +46,8 @@ def run_breakdown(shapes=((1, 4096, 4096), (1, 4096, 14336), (8, 2048, 4096)), c
                 row = dict(shape=f"{Bt}x{M}x{N}", config=name, part=part, ms=ms)
                 if part in flops:
                     row["tflops"] = flops[part] / ms / 1e9
+                    if peak:
+                        row["% peak"] = 100 * row["tflops"] / peak
                 rows.append(row)
             full = bench_ms(lambda: ns_mod(G, [3.4445, -4.775, 2.0315], config=cfg))
             rows.append(dict(shape=f"{Bt}x{M}x{N}", config=name, part="newton_schulz 1 step", ms=full,
@@ -53,10 +58,13 @@ def run_breakdown(shapes=((1, 4096, 4096), (1, 4096, 14336), (8, 2048, 4096)), c
 
 def main():
     smoke = "--smoke" in sys.argv
-    rows = run_breakdown(shapes=((1, 64, 96),)) if smoke else run_breakdown()
+    peak = None if smoke else matmul_peak_tflops()
+    if peak:
+        print(f"bf16 matmul peak this run: {peak:.0f} TFLOP/s", flush=True)
+    rows = run_breakdown(shapes=((1, 64, 96),)) if smoke else run_breakdown(peak=peak)
     path = os.path.join(out_dir(), "ns_breakdown.csv")
     write_csv(path, rows)
-    print_table(rows, ["shape", "config", "part", "ms", "tflops"])
+    print_table(rows, ["shape", "config", "part", "ms", "tflops", "% peak"])
 
 
 if __name__ == "__main__":
