@@ -39,11 +39,12 @@ SWEEP_SMALL = ["gemm=triton,swap_ab=yes,block_m=16,block_n=64,num_warps=4,num_st
                "gemm=triton,swap_ab=yes,block_m=16,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=16",
                "gemm=triton,swap_ab=yes,block_m=32,block_n=128,num_warps=4,num_stages=3,quant=fused,split_k=8",
                "gemm=cublas",
-               # the CUDA-core GEMV (one program per block_n rows of W and row of x, no split-K; its offline
-               # compile: bench/results/H100/session34_fp8_gemv_offline.md)
+               # the CUDA-core GEMV (one program per block_n rows of W and row of x, no split-K): around the
+               # one- and two-row default (block_n 8, block_k 1024; bench/results/H100/session35_gpu_runs.md)
                "gemm=gemv,block_n=8,block_k=512,num_warps=4",
-               "gemm=gemv,block_n=16,block_k=512,num_warps=4",
-               "gemm=gemv,block_n=32,block_k=256,num_warps=4"]
+               "gemm=gemv,block_n=4,block_k=1024,num_warps=4",
+               "gemm=gemv,block_n=8,block_k=2048,num_warps=8",
+               "gemm=gemv,block_n=16,block_k=1024,num_warps=8"]
 SWEEP_LARGE = ["gemm=triton,block_m=128,block_n=128,num_warps=8,num_stages=4,quant=separate",
                "gemm=triton,block_m=128,block_n=256,num_warps=8,num_stages=3,quant=separate",
                "gemm=triton,block_m=64,block_n=128,num_warps=4,num_stages=4,quant=separate",

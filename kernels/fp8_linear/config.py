@@ -5,7 +5,7 @@ import dataclasses
 from typing import ClassVar, Mapping
 
 from ...model.ops import FP8_LINEAR_BLOCK
-from .._common import KernelConfig, cdiv, device_name, pick_default, split_for, split_to_fill
+from .._common import KernelConfig, cdiv, device_name, next_pow2, pick_default, split_for, split_to_fill
 from ..gpus import canonical_gpu
 
 SCALE_BLOCK = FP8_LINEAR_BLOCK  # K block of the activation scales and edge of the weight's scale tiles
@@ -89,6 +89,16 @@ FEW_M = 16
 CUBLAS_MIN_N = 2048
 SPLIT_PROGRAMS = 256
 MAX_SPLIT_K = 32
+# One or two rows: the CUDA-core GEMV (gemm="gemv", 8 weight rows a program, 1024 of K an iteration: the
+# bytes in flight an SM needs to stream W) while the row-weight products M * N * K stay within
+# GEMV_MAX_WORK; past it the GEMV's per-row dequantization work outgrows the swapped tile's
+# (bench/results/H100/session35_gpu_runs.md: 1.2-2.1x over the tile at V4-Flash's linears at one row).
+GEMV_ROWS = 2
+GEMV_MAX_WORK = 1 << 25
+GEMV_BLOCK_N = 8
+GEMV_BLOCK_K = 1024
+# An engine's symbolic row count crosses these bounds between its configs (a cond on M a bound).
+ROW_TIERS = (GEMV_ROWS, FEW_M)
 
 
 def default_config(gpu_name: str | None = None, m: int | None = None, n: int | None = None,
@@ -102,6 +112,8 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
         return cfg
     if m > FEW_M and n >= CUBLAS_MIN_N:
         return cfg.replace(gemm="cublas")
+    if m <= GEMV_ROWS and m * n * k <= GEMV_MAX_WORK:
+        return cfg.replace(gemm="gemv", block_n=GEMV_BLOCK_N, block_k=min(GEMV_BLOCK_K, next_pow2(k)))
     return cfg.replace(split_k=split_to_fill(cdiv(n, cfg.block_n), k // SCALE_BLOCK, SPLIT_PROGRAMS, MAX_SPLIT_K))
 
 

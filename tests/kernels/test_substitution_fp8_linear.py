@@ -122,14 +122,26 @@ def test_a_decode_engines_symbolic_rows_get_the_small_m_config():
     assert sub.SUBSTITUTION.config(tuned, *large)["config"] == "block_m=32,block_n=64"
 
 
-def test_an_engine_spanning_both_few_rows_regimes_runs_each_batchs_config(monkeypatch):
-    """A [1, 64] engine's M covers one token (the Triton few-rows tile) and 17..64 rows (cuBLAS's GEMM
-    at N >= 2048 on the H100 / H200): the export holds a cond on M whose branches carry the two configs,
-    and each batch runs its own (the H100's rules on CPU tensors here; under the interpreter both
-    configs run the Triton GEMM, so each branch's numbers are its config's, bit for bit)."""
+def _branch_configs(gm) -> list:
+    """The fp8_linear configs of a graph, each cond as [true branch's, false branch's] (nested)."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.dsv4_triton.fp8_linear.default:
+            found.append(node.args[3])
+        elif node.target is torch.ops.higher_order.cond:
+            found.append([_branch_configs(getattr(gm, a.target)) for a in node.args[1:3]])
+    return found
+
+
+def test_an_engine_spanning_the_few_rows_regimes_runs_each_batchs_config(monkeypatch):
+    """A [1, 64] engine's M covers one or two tokens (the GEMV), up to FEW_M (the Triton few-rows tile)
+    and 17..64 rows (cuBLAS's GEMM at N >= 2048 on the H100 / H200): the export holds a cond on M at
+    each bound, its branches carrying the configs, and each batch runs its own (the H100's rules on CPU
+    tensors here; under the interpreter cuBLAS's config runs the Triton GEMM, so each branch's numbers
+    are its config's, bit for bit)."""
     from dsv4_compile.export import _export
     from dsv4_compile.kernels.fp8_linear import fp8_linear
-    from dsv4_compile.kernels.fp8_linear.config import FEW_M
+    from dsv4_compile.kernels.fp8_linear.config import FEW_M, GEMV_ROWS
 
     if DEVICE == "cpu":
         monkeypatch.setattr(sub, "target_gpu", lambda target, device_type: target.gpu)
@@ -145,16 +157,14 @@ def test_an_engine_spanning_both_few_rows_regimes_runs_each_batchs_config(monkey
     manager = passes.PassManager(subs, gpu="H100")
     x = torch.randn(3, 1, 256, generator=g).to(DEVICE)
     ep = _export(Linear(), (x,), ({0: torch.export.Dim("B", min=1, max=64)},), manager)
-    conds = [n for n in ep.graph.nodes if n.target is torch.ops.higher_order.cond]
-    assert len(conds) == 1, ep.graph
-    branch_configs = [[n.args[3] for n in getattr(ep.graph_module, a.target).graph.nodes
-                       if n.target is torch.ops.dsv4_triton.fp8_linear.default] for a in conds[0].args[1:3]]
-    few, many = default_config("H100", FEW_M, 2048, 256).to_str(), default_config("H100", 64, 2048, 256).to_str()
-    assert branch_configs == [[few], [many]] and "gemm=cublas" in many and "gemm=cublas" not in few
-    for rows, config in ((1, few), (FEW_M, few), (FEW_M + 1, many), (40, many)):
+    gemv, few, many = (default_config("H100", rows, 2048, 256).to_str() for rows in (GEMV_ROWS, FEW_M, 64))
+    assert "gemm=gemv" in gemv and "gemm=triton" in few and "gemm=cublas" in many
+    assert _branch_configs(ep.graph_module) == [[[gemv], [[[few], [many]]]]], ep.graph
+    for rows, config in ((1, gemv), (GEMV_ROWS, gemv), (GEMV_ROWS + 1, few), (FEW_M, few), (FEW_M + 1, many),
+                         (40, many)):
         xr = torch.randn(rows, 1, 256, generator=g).to(DEVICE)
         got, want = ep.module()(xr), fp8_linear(xr, w, s, config)
         assert torch.equal(got, want) if DEVICE == "cpu" else torch.allclose(got, want, rtol=1e-6, atol=0), rows
     # an engine within one regime keeps one call, no cond
-    few_only = _export(Linear(), (x,), ({0: torch.export.Dim("B", min=1, max=FEW_M)},), manager)
-    assert not any(n.target is torch.ops.higher_order.cond for n in few_only.graph.nodes)
+    one_regime = _export(Linear(), (x[:GEMV_ROWS],), ({0: torch.export.Dim("B", min=1, max=GEMV_ROWS)},), manager)
+    assert _branch_configs(one_regime.graph_module) == [gemv]

@@ -386,7 +386,7 @@ def test_decode_baseline_is_the_launchers_own_default():
 def test_fp8_linear_gemv_choices_and_rules():
     """gemm=gemv (the CUDA-core few-rows kernel) is tried at a decode batch of 1 with its own fields
     (block_n 8..128, block_k), pruned where it cannot run (rows past one weight-scale tile) or would repeat
-    a trial (its unused fields off their first choice; more rows than the tensor-core tile's 16), and its
+    a trial (its unused fields off their first choice; more than GEMV_MAX_ROWS rows), and its
     fields stay off the tensor-core tile's trials."""
     space = get_space("fp8_linear")
     h200 = gpu_spec("H200")
@@ -396,7 +396,7 @@ def test_fp8_linear_gemv_choices_and_rules():
     assert space.check(gemv, one, h200) is None
     assert "gemv" in space.choices(one, h200)["gemm"] and 1024 in space.choices(one, h200)["block_k"]
     kind, reason = space.check(gemv, many, h200)
-    assert kind == "redundant" and "64 rows > 16" in reason
+    assert kind == "redundant" and "64 rows > 4" in reason
     kind, reason = space.check(gemv.replace(block_n=256), one, h200)
     assert kind == "hard" and "block_n 256 > 128" in reason
     kind, reason = space.check(gemv.replace(split_k=4), one, h200)

@@ -5,9 +5,10 @@ Applies to CUDA tensors: x float32 / bfloat16 / float16 with a static K that is 
 weight float8_e4m3fn [N, K], scale float32 [cdiv(N, 128), K/128]. Otherwise the node is left to the
 plain op, with the reason. The config follows the row count M (x's leading dims): up to SMALL_M rows
 (decode, small batches; a symbolic M by its bound, as an exported decode engine's B <= max_batch) the
-tuned decode entry by batch, else the small-M default (fused input quantization), never a prefill
-entry; where a symbolic M's values span both few-rows regimes (FEW_M) and their configs differ, the
-engine gets a torch.cond on M between the config of FEW_M rows and that of the bound. More rows (or
+tuned decode entry by batch, else the small-M default (one or two rows: the CUDA-core GEMV where the
+work is small; else the swapped tile with fused input quantization), never a prefill entry; where a
+symbolic M's values span several few-rows regimes (ROW_TIERS: GEMV_ROWS, FEW_M) whose configs differ,
+the engine gets a torch.cond on M at each such bound (M <= bound: that bound's config). More rows (or
 a symbolic M without such a bound): the tuned prefill table by token count ("by_context", as the
 other kernels' context tables), else the large-M default. On the H100 / H200 the large-M default
 routes the product to cuBLAS's blockwise-scaled FP8 GEMM (gemm=cublas: our quantization kernel, then
@@ -22,7 +23,7 @@ import math
 
 import torch
 
-from ...kernels.fp8_linear.config import FEW_M, SCALE_BLOCK, SMALL_M, default_config
+from ...kernels.fp8_linear.config import ROW_TIERS, SCALE_BLOCK, SMALL_M, default_config
 from ..registry import Substitution, register
 from ._common import (KERNEL_PRIORITY, config_string, decode_entry_config, device_reason, interpreter_twin,
                       kernel_files, most_rows, static_rows, target_gpu)
@@ -52,33 +53,44 @@ def _config(target, x, weight, scale) -> dict:
     n = n if isinstance(n, int) else None
     gpu = target_gpu(target, x.device.type)
     most = most_rows(*x.shape[:-1])   # a symbolic M's bound: an exported decode engine's B <= max_batch
-    if most is not None and most <= SMALL_M:
-        config = {"config": decode_entry_config(target.table, most, default_config(gpu, most, n, k))}
-        if static_rows(x) is None and most > FEW_M:
-            # the engine's batches span both few-rows regimes: up to FEW_M rows run their own config (a
-            # cond on M in the engine: one token's Triton tile where the bound's config is cuBLAS's GEMM)
-            few = decode_entry_config(target.table, FEW_M, default_config(gpu, FEW_M, n, k))
-            if few != config["config"]:
-                config.update(few_rows=FEW_M, few_rows_config=few)
-        return config
-    m = static_rows(x)
-    return {"config": config_string(target.table, m, default_config(gpu, m, n, k))}
+    if most is None or most > SMALL_M:
+        m = static_rows(x)
+        return {"config": config_string(target.table, m, default_config(gpu, m, n, k))}
+
+    def at(rows):
+        return decode_entry_config(target.table, rows, default_config(gpu, rows, n, k))
+
+    config = {"config": at(most)}
+    if static_rows(x) is None:
+        # the engine's batches span several few-rows regimes: each bound below the engine's whose config
+        # differs from the next regime's up becomes a cond on M (one token's GEMV, a few tokens' Triton
+        # tile, the bound's cuBLAS GEMM)
+        tiers, above = [], config["config"]
+        for rows in sorted((r for r in ROW_TIERS if r < most), reverse=True):
+            here = at(rows)
+            if here != above:
+                tiers.insert(0, [rows, here])
+            above = here
+        if tiers:
+            config["row_tiers"] = tiers
+    return config
 
 
-def _replacement(x, weight, scale, config: str = "", few_rows: int = 0, few_rows_config: str = ""):
-    """The kernel op with `config`; with few_rows, a cond on x's row count M (symbolic: an engine's
-    batch) runs `few_rows_config` for M <= few_rows and `config` above."""
+def _replacement(x, weight, scale, config: str = "", row_tiers=()):
+    """The kernel op with `config`; with row_tiers ([[rows, config], ...], rows ascending), conds on x's
+    row count M (symbolic: an engine's batch) run the first tier whose rows >= M, `config` above them."""
     args = (x.contiguous(), weight.contiguous(), scale.contiguous())
-    if not few_rows:
+    if not row_tiers:
         return torch.ops.dsv4_triton.fp8_linear(*args, config)
-    return torch.cond(math.prod(x.shape[:-1]) <= few_rows,
-                      lambda x, w, s: torch.ops.dsv4_triton.fp8_linear(x, w, s, few_rows_config),
-                      lambda x, w, s: torch.ops.dsv4_triton.fp8_linear(x, w, s, config), args)
+    (rows, tier_config), higher = row_tiers[0], row_tiers[1:]
+    return torch.cond(math.prod(x.shape[:-1]) <= rows,
+                      lambda x, w, s: torch.ops.dsv4_triton.fp8_linear(x, w, s, tier_config),
+                      lambda x, w, s: _replacement(x, w, s, config, higher), args)
 
 
 SUBSTITUTION = register(Substitution(
     name="fp8_linear.triton", op=torch.ops.dsv4.fp8_linear.default, replacement=_replacement,
-    applies=lambda target, *args: _reason(*args), config=_config, version="1", priority=KERNEL_PRIORITY,
+    applies=lambda target, *args: _reason(*args), config=_config, version="2", priority=KERNEL_PRIORITY,
     source_files=_FILES))
 
 
