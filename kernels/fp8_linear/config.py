@@ -93,10 +93,12 @@ MAX_SPLIT_K = 32
 # bytes in flight an SM needs to stream W) while the row-weight products M * N * K stay within
 # GEMV_MAX_WORK; past it the GEMV's per-row dequantization work outgrows the swapped tile's
 # (bench/results/H100/session35_gpu_runs.md: 1.2-2.1x over the tile at V4-Flash's linears at one row).
+# W of at most GEMV_NARROW_N rows is too few programs at that step: 4 rows a program and 2048 of K an
+# iteration over 8 warps (wq_a 5.2 -> 4.4 us, wkv 4.7 -> 3.7 us at one row on the H100).
 GEMV_ROWS = 2
 GEMV_MAX_WORK = 1 << 25
-GEMV_BLOCK_N = 8
-GEMV_BLOCK_K = 1024
+GEMV_BLOCK_N, GEMV_BLOCK_K = 8, 1024
+GEMV_NARROW_N = 1024
 # An engine's symbolic row count crosses these bounds between its configs (a cond on M a bound).
 ROW_TIERS = (GEMV_ROWS, FEW_M)
 
@@ -113,6 +115,9 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
     if m > FEW_M and n >= CUBLAS_MIN_N:
         return cfg.replace(gemm="cublas")
     if m <= GEMV_ROWS and m * n * k <= GEMV_MAX_WORK:
+        if n <= GEMV_NARROW_N:
+            return cfg.replace(gemm="gemv", block_n=GEMV_BLOCK_N // 2, block_k=min(2 * GEMV_BLOCK_K, next_pow2(k)),
+                               num_warps=2 * cfg.num_warps)
         return cfg.replace(gemm="gemv", block_n=GEMV_BLOCK_N, block_k=min(GEMV_BLOCK_K, next_pow2(k)))
     return cfg.replace(split_k=split_to_fill(cdiv(n, cfg.block_n), k // SCALE_BLOCK, SPLIT_PROGRAMS, MAX_SPLIT_K))
 

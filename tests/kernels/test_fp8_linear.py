@@ -179,16 +179,18 @@ def test_cublas_route_exports_with_a_symbolic_row_count(monkeypatch):
 
 def test_default_config_by_rows_and_shape():
     """The H200's defaults: cuBLAS for many rows; for one or two rows the CUDA-core GEMV while M * N * K
-    <= GEMV_MAX_WORK (block_k at most K's power of two); else for few rows the swapped Triton tile with K
-    split until about 256 programs stream W at one row block (at most 32 parts of >= 1 K step), or
-    cuBLAS for 17..64 rows of a wide W; the interpreter's default ignores the shape."""
+    <= GEMV_MAX_WORK (a narrow W: fewer rows a program, more of K; block_k at most K's power of two);
+    else for few rows the swapped Triton tile with K split until about 256 programs stream W at one row
+    block (at most 32 parts of >= 1 K step), or cuBLAS for 17..64 rows of a wide W; the interpreter's
+    default ignores the shape."""
     from dsv4_compile.kernels.fp8_linear import default_config
     from dsv4_compile.kernels.fp8_linear.config import GEMV_MAX_WORK
     cfg = lambda m, n, k: default_config("H200", m, n, k)  # noqa: E731
     assert cfg(4096, 1024, 4096).gemm == "cublas" and cfg(None, 1024, 4096).gemm == "cublas"
     gemv = lambda m, n, k: (cfg(m, n, k).gemm, cfg(m, n, k).block_n, cfg(m, n, k).block_k)  # noqa: E731
     assert gemv(1, 32768, 1024) == gemv(1, 4096, 8192) == gemv(2, 2048, 4096) == ("gemv", 8, 1024)
-    assert gemv(1, 1024, 256) == ("gemv", 8, 256) and 2 * 4096 * 8192 > GEMV_MAX_WORK
+    assert gemv(1, 1024, 4096) == gemv(2, 512, 4096) == ("gemv", 4, 2048) and cfg(1, 512, 4096).num_warps == 8
+    assert gemv(1, 1024, 256) == ("gemv", 4, 256) and 2 * 4096 * 8192 > GEMV_MAX_WORK
     assert (cfg(2, 4096, 8192).swap_ab, cfg(2, 4096, 8192).split_k, cfg(2, 4096, 8192).gemm) == ("yes", 8, "triton")
     assert (cfg(3, 32768, 1024).split_k, cfg(3, 32768, 1024).gemm) == (1, "triton") and cfg(16, 512, 4096).split_k == 32
     assert cfg(3, 8192, 1024).split_k == 4 and cfg(3, 2048, 4096).split_k == 16 and cfg(3, 1024, 256).split_k == 2
