@@ -99,8 +99,9 @@ GEMV_ROWS = 2
 GEMV_MAX_WORK = 1 << 25
 GEMV_BLOCK_N, GEMV_BLOCK_K = 8, 1024
 GEMV_NARROW_N = 1024
-# An engine's symbolic row count crosses these bounds between its configs (a cond on M a bound).
-ROW_TIERS = (GEMV_ROWS, FEW_M)
+# An engine's symbolic row count crosses these bounds between its configs (a cond on M a bound where the
+# configs on its two sides differ; one row alone: the GEMV where two rows exceed GEMV_MAX_WORK).
+ROW_TIERS = (1, GEMV_ROWS, FEW_M)
 
 
 def default_config(gpu_name: str | None = None, m: int | None = None, n: int | None = None,

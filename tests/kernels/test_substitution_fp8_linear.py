@@ -141,6 +141,7 @@ def test_an_engine_spanning_the_few_rows_regimes_runs_each_batchs_config(monkeyp
     are its config's, bit for bit)."""
     from dsv4_compile.export import _export
     from dsv4_compile.kernels.fp8_linear import fp8_linear
+    from dsv4_compile.kernels.fp8_linear import config as config_module
     from dsv4_compile.kernels.fp8_linear.config import FEW_M, GEMV_ROWS
 
     if DEVICE == "cpu":
@@ -165,6 +166,18 @@ def test_an_engine_spanning_the_few_rows_regimes_runs_each_batchs_config(monkeyp
         xr = torch.randn(rows, 1, 256, generator=g).to(DEVICE)
         got, want = ep.module()(xr), fp8_linear(xr, w, s, config)
         assert torch.equal(got, want) if DEVICE == "cpu" else torch.allclose(got, want, rtol=1e-6, atol=0), rows
+    # a W whose two rows exceed GEMV_MAX_WORK: one row alone takes the GEMV, two the tile
+    work = config_module.GEMV_MAX_WORK
+    monkeypatch.setattr(config_module, "GEMV_MAX_WORK", 2048 * 256)
+    one_gemv = default_config("H100", 1, 2048, 256).to_str()
+    wide = _export(Linear(), (x,), ({0: torch.export.Dim("B", min=1, max=64)},), manager)
+    assert "gemm=gemv" in one_gemv and "gemm=triton" in default_config("H100", GEMV_ROWS, 2048, 256).to_str()
+    assert _branch_configs(wide.graph_module) == [[[one_gemv], [[[few], [many]]]]], wide.graph
+    for rows, config in ((1, one_gemv), (2, few)):
+        xr = torch.randn(rows, 1, 256, generator=g).to(DEVICE)
+        got, want = wide.module()(xr), fp8_linear(xr, w, s, config)
+        assert torch.equal(got, want) if DEVICE == "cpu" else torch.allclose(got, want, rtol=1e-6, atol=0), rows
+    monkeypatch.setattr(config_module, "GEMV_MAX_WORK", work)
     # an engine within one regime keeps one call, no cond
     one_regime = _export(Linear(), (x[:GEMV_ROWS],), ({0: torch.export.Dim("B", min=1, max=GEMV_ROWS)},), manager)
     assert _branch_configs(one_regime.graph_module) == [gemv]

@@ -7,7 +7,7 @@ plain op, with the reason. The config follows the row count M (x's leading dims)
 (decode, small batches; a symbolic M by its bound, as an exported decode engine's B <= max_batch) the
 tuned decode entry by batch, else the small-M default (one or two rows: the CUDA-core GEMV where the
 work is small; else the swapped tile with fused input quantization), never a prefill entry; where a
-symbolic M's values span several few-rows regimes (ROW_TIERS: GEMV_ROWS, FEW_M) whose configs differ,
+symbolic M's values span several few-rows regimes (ROW_TIERS: 1, GEMV_ROWS, FEW_M) whose configs differ,
 the engine gets a torch.cond on M at each such bound (M <= bound: that bound's config). More rows (or
 a symbolic M without such a bound): the tuned prefill table by token count ("by_context", as the
 other kernels' context tables), else the large-M default. On the H100 / H200 the large-M default
