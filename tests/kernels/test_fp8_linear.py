@@ -87,7 +87,8 @@ def test_swapped_wide_and_cublas_configs(cfg):
     ((1,), 640, 300, "gemm=gemv,block_n=8,block_k=256"),     # K 5 blocks: the last iteration half-masked
     ((3,), 384, 200, "gemm=gemv,block_n=32,block_k=512"),    # one iteration past K
     ((2, 3), 128, 33, "gemm=gemv,block_n=128,block_k=128"),  # one weight-scale row tile, N partial
-], ids=["1x640x300", "3x384x200", "2x3x128x33"])
+    ((2,), 1152, 90, "gemm=gemv,block_n=4,block_k=1024,num_warps=8"),  # the narrow default's shape of tile
+], ids=["1x640x300", "3x384x200", "2x3x128x33", "2x1152x90"])
 def test_gemv_route(m_shape, k, n, cfg, dtype):
     """gemm=gemv (the CUDA cores for a few rows, no split-K): partial row and column blocks, K not a
     multiple of block_k, every input dtype; the same products as the tensor-core tile, summed in fp32
@@ -231,7 +232,8 @@ def test_gpu_flash_shapes(n, k, m):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 37, 4096])
 @pytest.mark.parametrize("cfg", ["gemm=cublas", "gemm=triton,swap_ab=yes,block_m=16,block_n=64,split_k=4,quant=fused",
-                                 "gemm=gemv,block_n=8,block_k=512,num_stages=3"])
+                                 "gemm=gemv,block_n=8,block_k=1024,num_stages=3",
+                                 "gemm=gemv,block_n=4,block_k=2048,num_warps=8"])
 def test_gpu_cublas_and_small_m_paths(cfg, m, dtype):
     """cuBLAS's blockwise GEMM (where the probe admits it; the Triton GEMM otherwise), the swapped
     split-K Triton tile and the CUDA-core GEMV, against the plain op at a V4-Flash shape (wq_a: N 1024,
