@@ -90,7 +90,7 @@ def _replacement(x, weight, scale, config: str = "", row_tiers=()):
 
 SUBSTITUTION = register(Substitution(
     name="fp8_linear.triton", op=torch.ops.dsv4.fp8_linear.default, replacement=_replacement,
-    applies=lambda target, *args: _reason(*args), config=_config, version="2", priority=KERNEL_PRIORITY,
+    applies=lambda target, *args: _reason(*args), config=_config, version="1", priority=KERNEL_PRIORITY,
     source_files=_FILES))
 
 
