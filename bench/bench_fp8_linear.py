@@ -50,6 +50,10 @@ SWEEP_LARGE = ["gemm=triton,block_m=128,block_n=128,num_warps=8,num_stages=4,qua
                "gemm=triton,block_m=64,block_n=128,num_warps=4,num_stages=4,quant=separate",
                "gemm=cublas"]
 SMALL_TOKENS = 64
+# A config's output against the plain op's (relative RMS): the FP8 products are exact on either side, so
+# what differs is the bf16 output's rounding (2^-9) and the fp32 sums' order; past this the config is
+# wrong (marked, never the best).
+WRONG_REL_RMS = 1e-2
 
 
 def scaled_mm_fns(x, weights):
@@ -110,6 +114,7 @@ def plot(path: str, rows: list[dict]) -> None:
 def main(argv=None) -> int:
     from dsv4_compile.kernels.fp8_linear import default_config, fp8_linear
     from dsv4_compile.kernels.fp8_linear.fp8_linear import cublas_blockwise_ready
+    from dsv4_compile.metrics import rel_rms
     from dsv4_compile.model.weight_formats import e8m0_to_float, quantize_fp8_weight
     from dsv4_compile.tuning.spaces.fp8_linear import GEMV_MAX_ROWS
 
@@ -149,7 +154,12 @@ def main(argv=None) -> int:
             def ours(cfg=None):
                 return gpu_ms([lambda w=w, s=s: fp8_linear(x, w, s, cfg) for w, s in weights])
 
-            ours_ms = ours()
+            ref = torch.ops.dsv4.fp8_linear(x.float(), *weights[0])
+
+            def error(cfg=None) -> float:
+                return rel_rms(ref, fp8_linear(x, *weights[0], cfg).float())
+
+            ours_ms, ours_err = ours(), error()
             default = default_config(None, m, n, k).to_str()
             best_ms, best = ours_ms, default
             swept = DEVICE == "cuda" and not args.no_sweep and time.monotonic() - start < args.budget_s
@@ -158,13 +168,15 @@ def main(argv=None) -> int:
                 if "gemm=gemv" in cfg and m > GEMV_MAX_ROWS:
                     continue
                 try:
-                    t = ours(cfg)
+                    t, err = ours(cfg), error(cfg)
                 except Exception as exc:  # noqa: BLE001 (a config this GPU rejects)
                     print(f"  {name} M={m} {cfg}: {type(exc).__name__}")
                     continue
                 sweep_rows.append({"linear": name, "N": n, "K": k, "tokens": m, "config": cfg, "ms": t,
-                                   "x_vs_bf16": bf16_ms / t})
-                if t < best_ms:
+                                   "x_vs_bf16": bf16_ms / t, "rel_rms": err, "wrong": err > WRONG_REL_RMS})
+                if err > WRONG_REL_RMS:
+                    print(f"  {name} M={m} {cfg}: WRONG, relative RMS {err:.3g} against the plain op", flush=True)
+                elif t < best_ms:
                     best_ms, best = t, cfg
             sm = scaled_mm_fns(x, weights) if DEVICE == "cuda" else {}
             row_ms = gpu_ms(sm["rowwise"]) if "rowwise" in sm else float("nan")
@@ -175,7 +187,8 @@ def main(argv=None) -> int:
                          "scaled_mm_row_ms": row_ms, "scaled_mm_row_x_vs_bf16": bf16_ms / row_ms,
                          "scaled_mm_block_ms": block_ms, "scaled_mm_block_x_vs_bf16": bf16_ms / block_ms,
                          "ours_tflops": flops / ours_ms / 1e9, "ours_weight_tbs": w8.numel() / ours_ms / 1e9,
-                         "weight_copies": copies, "default_config": default, "best_config": best})
+                         "weight_copies": copies, "default_config": default, "best_config": best,
+                         "rel_rms": ours_err, "wrong": ours_err > WRONG_REL_RMS})
             print(f"{name} M={m}: bf16 {bf16_ms:.4f} ms, ours {ours_ms:.4f} ({bf16_ms / ours_ms:.2f}x; best "
                   f"{best_ms:.4f} = {bf16_ms / best_ms:.2f}x {best}), _scaled_mm row {row_ms:.4f} block {block_ms:.4f}",
                   flush=True)
@@ -184,7 +197,8 @@ def main(argv=None) -> int:
     write_csv(os.path.join(path, "fp8_linear.csv"), rows)
     write_csv(os.path.join(path, "fp8_linear_sweep.csv"), sweep_rows)
     keys = ["linear", "N", "K", "tokens", "bf16_mm_ms", "ours_ms", "x_vs_bf16", "best_x_vs_bf16",
-            "scaled_mm_row_x_vs_bf16", "scaled_mm_block_x_vs_bf16", "ours_tflops", "ours_weight_tbs"]
+            "scaled_mm_row_x_vs_bf16", "scaled_mm_block_x_vs_bf16", "ours_tflops", "ours_weight_tbs", "rel_rms",
+            "wrong"]
     table = print_table(rows, keys)
     env["cublas_blockwise_bf16"] = (cublas_blockwise_ready(torch.empty(1, 512, device=DEVICE, dtype=torch.bfloat16),
                                                            1024, 512) if DEVICE == "cuda" else False)
@@ -194,8 +208,9 @@ def main(argv=None) -> int:
                 f"x_vs_bf16: bf16 time / ours (> 1: ours faster); ours includes the activation quantization, "
                 f"_scaled_mm (scaled_mm_row: rowwise scales; scaled_mm_block: 1x128 / 128x128, the op's "
                 f"semantics) does not. best_*: the best of the config sweep (fp8_linear_sweep.csv). "
-                f"ours_weight_tbs: FP8 weight bytes per second (the bound for few tokens). Configs in "
-                f"fp8_linear.csv.\n\n{table}\n")
+                f"ours_weight_tbs: FP8 weight bytes per second (the bound for few tokens). rel_rms: the "
+                f"default's output against the plain op's (wrong past {WRONG_REL_RMS:g}; the sweep's in "
+                f"fp8_linear_sweep.csv). Configs in fp8_linear.csv.\n\n{table}\n")
     if DEVICE == "cuda":
         plot(os.path.join(path, "fp8_linear.png"), rows)
     return 0
