@@ -103,19 +103,19 @@ def test_offline_sm90_compile_of_hc_pre_few_tokens(tmp_path):
 
 
 def test_offline_sm90_compile_of_the_fp8_gemv(tmp_path):
-    """fp8_linear at one decode row (V4-Flash's wo_b: N 4096, K 8192): the default swapped FP8 tile (QGMMA) and the
-    CUDA-core GEMV, whose loop is FFMAs on the weight tile's own layout: one program per 16 rows of W,
-    no split-K (bench/results/H100/session34_fp8_gemv_offline.md)."""
+    """fp8_linear at one decode row (V4-Flash's wo_b: N 4096, K 8192): the default there, the CUDA-core
+    GEMV, whose loop is FFMAs on the weight tile's own layout (one program per 8 rows of W, no split-K),
+    and the swapped FP8 tile it replaced (QGMMA; bench/results/H100/session34_fp8_gemv_offline.md)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
     out = tmp_path / "fp8.csv"
+    tile_config = "gemm=triton,swap_ab=yes,block_m=16,block_n=128,block_k=128,split_k=8"
     subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", "fp8_linear", "--preset", "flash",
-                    "--batch", "1", "--gpu", "H100", "--configs", ";gemm=gemv,block_n=16,block_k=256",
-                    "--csv", str(out)],
+                    "--batch", "1", "--gpu", "H100", "--configs", f";{tile_config}", "--csv", str(out)],
                    check=True, env=env, capture_output=True, timeout=300)
-    tile, gemv = list(csv.DictReader(open(out)))
-    assert (tile["function"], gemv["function"]) == ("_fp8_linear_kernel", "_fp8_gemv_kernel")
+    gemv, tile = list(csv.DictReader(open(out)))
+    assert (gemv["function"], tile["function"]) == ("_fp8_gemv_kernel", "_fp8_linear_kernel")
     assert "E4M3" in tile["mma"] and gemv["mma"] == "" and "FFMA" in gemv["opcodes"], (tile, gemv)
-    assert gemv["grid"] == "256" and float(gemv["instr_per_weight"]) > 0, gemv     # 4096 rows of W / 16
+    assert gemv["grid"] == "512" and float(gemv["instr_per_weight"]) > 0, gemv     # 4096 rows of W / 8
 
 
 def test_offline_sm90_compile_of_the_moe_kernels(tmp_path):
