@@ -89,16 +89,16 @@ FEW_M = 16
 CUBLAS_MIN_N = 2048
 SPLIT_PROGRAMS = 256
 MAX_SPLIT_K = 32
-# One or two rows: the CUDA-core GEMV (gemm="gemv", 8 weight rows a program, 1024 of K an iteration: the
-# bytes in flight an SM needs to stream W) while the row-weight products M * N * K stay within
-# GEMV_MAX_WORK; past it the GEMV's per-row dequantization work outgrows the swapped tile's
-# (bench/results/H100/session35_gpu_runs.md: 1.2-2.1x over the tile at V4-Flash's linears at one row).
-# W of at most GEMV_NARROW_N rows is too few programs at that step: 4 rows a program and 2048 of K an
-# iteration over 8 warps (wq_a 5.2 -> 4.4 us, wkv 4.7 -> 3.7 us at one row on the H100).
+# One or two rows: the CUDA-core GEMV (gemm="gemv"; 1024 of K an iteration: the bytes in flight an SM
+# needs to stream W) while the row-weight products M * N * K stay within GEMV_MAX_WORK; past it the
+# GEMV's per-row dequantization outgrows the swapped tile's (bench/results/H100/session35_gpu_runs.md: up
+# to 2.1x over the tile at V4-Flash's linears at one row, wq_b's 32768 x 1024 at 0.97x). A W of at most
+# GEMV_NARROW_N rows is too few programs at 8 rows a program: 4, with 2048 of K over 8 warps.
 GEMV_ROWS = 2
 GEMV_MAX_WORK = 1 << 25
-GEMV_BLOCK_N, GEMV_BLOCK_K = 8, 1024
 GEMV_NARROW_N = 1024
+GEMV_TILE = {"block_n": 8, "block_k": 1024}
+GEMV_NARROW_TILE = {"block_n": 4, "block_k": 2048, "num_warps": 8}
 # An engine's symbolic row count crosses these bounds between its configs (a cond on M a bound where the
 # configs on its two sides differ; one row alone: the GEMV where two rows exceed GEMV_MAX_WORK).
 ROW_TIERS = (1, GEMV_ROWS, FEW_M)
@@ -116,10 +116,8 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
     if m > FEW_M and n >= CUBLAS_MIN_N:
         return cfg.replace(gemm="cublas")
     if m <= GEMV_ROWS and m * n * k <= GEMV_MAX_WORK:
-        if n <= GEMV_NARROW_N:
-            return cfg.replace(gemm="gemv", block_n=GEMV_BLOCK_N // 2, block_k=min(2 * GEMV_BLOCK_K, next_pow2(k)),
-                               num_warps=2 * cfg.num_warps)
-        return cfg.replace(gemm="gemv", block_n=GEMV_BLOCK_N, block_k=min(GEMV_BLOCK_K, next_pow2(k)))
+        tile = GEMV_NARROW_TILE if n <= GEMV_NARROW_N else GEMV_TILE
+        return cfg.replace(gemm="gemv", **{**tile, "block_k": min(tile["block_k"], next_pow2(k))})
     return cfg.replace(split_k=split_to_fill(cdiv(n, cfg.block_n), k // SCALE_BLOCK, SPLIT_PROGRAMS, MAX_SPLIT_K))
 
 
