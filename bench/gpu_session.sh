@@ -115,6 +115,10 @@ for step in "$@"; do
         --configs "${MOE_CONFIGS:-}" 2>&1 | tee "$OUT/moe_decode_configs.txt" ;;
     tests-moe-split)  # the split-K decode path's tests compiled (every format, T 1 and 7, the symbolic T export)
       $PYTEST -n 4 tests/kernels/test_moe_experts.py -k "split" 2>&1 | tee "$OUT/tests_moe_split.log" | tail -6 ;;
+    tests-fp8)        # the FP8 linear's GPU tests (every route: cuBLAS, the swapped tile, the GEMV defaults) and its
+      # substitution's (the engine's row tiers)
+      $PYTEST -m gpu tests/kernels/test_fp8_linear.py tests/kernels/test_substitution_fp8_linear.py 2>&1 \
+        | tee "$OUT/tests_fp8.log" | tail -6 ;;
     fp8-linear-configs) # FP8 linears at few rows per config (FP8_CONFIGS ';'-separated, over the default for the rows;
       # TOKENS, SHAPES: bench_fp8_linear's names) beside bf16 and torch._scaled_mm: fp8_linear.md / _sweep.csv
       BENCH_OUT="$OUT" python3 bench/bench_fp8_linear.py --tokens "${TOKENS:-1,64}" --shapes "${SHAPES:-}" \
@@ -168,8 +172,8 @@ for step in "$@"; do
       done ;;
     *) echo "unknown step $step; steps: build-mini build-flash-slice tests-export tests-kernels indexer-cached" \
             "decode-attention ncu-decode-attention ncu-moe-decode test-as-shipped tests-attention tests-hc hc-decode ncu-hc-decode" \
-            "decode-step moe moe-decode moe-decode-configs tests-moe-split fp8-linear-configs float32-linear moe-w8a8 moe-w4a8" \
-            "tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
+            "decode-step moe moe-decode moe-decode-configs tests-moe-split tests-fp8 fp8-linear-configs float32-linear moe-w8a8" \
+            "moe-w4a8 tune-moe tune probe-sinkhorn muon layers tests-moe ab"; exit 2 ;;
   esac
 done
 echo "== done $(date -u +%H:%M:%S)"
