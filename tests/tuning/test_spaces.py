@@ -385,7 +385,7 @@ def test_decode_baseline_is_the_launchers_own_default():
 
 def test_fp8_linear_gemv_choices_and_rules():
     """gemm=gemv (the CUDA-core few-rows kernel) is tried at a decode batch of 1 with its own fields
-    (block_n 8..128, block_k), pruned where it cannot run (rows past one weight-scale tile) or would repeat
+    (block_n 4..128, block_k), pruned where it cannot run (rows past one weight-scale tile) or would repeat
     a trial (its unused fields off their first choice; more than GEMV_MAX_ROWS rows), and its
     fields stay off the tensor-core tile's trials."""
     space = get_space("fp8_linear")
@@ -394,7 +394,8 @@ def test_fp8_linear_gemv_choices_and_rules():
     gemv = space.make_config({"gemm": "gemv", "block_n": 16, "block_k": 512, "block_m": 16, "split_k": 1,
                               "quant": "fused", "swap_ab": "no", "group_m": 1}, "H200", "decode")
     assert space.check(gemv, one, h200) is None
-    assert "gemv" in space.choices(one, h200)["gemm"] and 1024 in space.choices(one, h200)["block_k"]
+    assert "gemv" in space.choices(one, h200)["gemm"] and 2048 in space.choices(one, h200)["block_k"]
+    assert 4 in space.choices(one, h200)["block_n"]                   # the narrow-W default's GEMV tile
     kind, reason = space.check(gemv, many, h200)
     assert kind == "redundant" and "64 rows > 4" in reason
     kind, reason = space.check(gemv.replace(block_n=256), one, h200)

@@ -68,16 +68,17 @@ def _problem(mc, context, batch, phase):
 
 FP8_LINEAR = KernelSpace(
     name="fp8_linear", package="fp8_linear", config_class="Fp8LinearConfig", function="fp8_linear:fp8_linear",
-    params=(Param("block_m", (16, 32, 64, 128)), Param("block_n", (8, 16, 32, 64, 128, 256)),
+    params=(Param("block_m", (16, 32, 64, 128)), Param("block_n", (4, 8, 16, 32, 64, 128, 256)),
             Param("num_warps", (4, 8)),
             Param("num_stages", (1, 2, 3, 4, 5)), Param("group_m", (1, 8)), Param("split_k", (1, 2, 4, 8, 16, 32)),
             Param("quant", ("fused", "separate")), Param("cast", ("bits", "native")),
             Param("swap_ab", ("no", "yes")), Param("gemm", ("triton", "cublas", "gemv")),
-            Param("block_k", (128, 256, 512, 1024))),
+            Param("block_k", (128, 256, 512, 1024, 2048))),
     problem=_problem, phases=("prefill", "decode"),
     defaults={"prefill": "default_config", "decode": "decode_config"},
     hard=(rule_threads, fp8_linear_hard), redundant=(fp8_linear_redundant,),
     doc="x [M, K] bf16 @ W [N, K]^T FP8 with 128x128 scales: V4's wo_b (N = dim, K = o_groups x "
         "o_lora_rank); M = the prefill's tokens or the decode batch. The substitution reads the prefill "
         "table by row count for M > SMALL_M and keeps the small-M default below (kernel_substitutions). "
-        "gemm=gemv (CUDA cores, no split-K) is a decode choice up to 16 rows, with block_n 8..128 and block_k.")
+        "gemm=gemv (CUDA cores, no split-K) is a decode choice up to GEMV_MAX_ROWS rows, with block_n 4..128 "
+        "and block_k.")
