@@ -11,7 +11,7 @@ CUBLAS_TRIAL = {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1, "
                 "quant": "fused", "swap_ab": "no", "block_k": STEP}
 # gemm=gemv (the CUDA-core kernel: a program per block_n weight rows and row of x) leaves these unused
 GEMV_UNUSED = {"block_m": 16, "group_m": 1, "split_k": 1, "quant": "fused", "swap_ab": "no"}
-GEMV_MAX_ROWS = 4    # it reads W once a row of x: at 8 rows 1.5-3x the tile's time on the H100 (session 35)
+GEMV_MAX_ROWS = 4    # it reads W once a row of x: at 8 rows 1.4-4.9x the tile's time on the H100 (session 35)
 TRITON_MIN_BLOCK_N = 32
 
 
