@@ -161,11 +161,15 @@ def test_an_engine_spanning_the_few_rows_regimes_runs_each_batchs_config(monkeyp
     gemv, few, many = (default_config("H100", rows, 2048, 256).to_str() for rows in (GEMV_ROWS, FEW_M, 64))
     assert "gemm=gemv" in gemv and "gemm=triton" in few and "gemm=cublas" in many
     assert _branch_configs(ep.graph_module) == [[[gemv], [[[few], [many]]]]], ep.graph
-    for rows, config in ((1, gemv), (GEMV_ROWS, gemv), (GEMV_ROWS + 1, few), (FEW_M, few), (FEW_M + 1, many),
-                         (40, many)):
-        xr = torch.randn(rows, 1, 256, generator=g).to(DEVICE)
-        got, want = ep.module()(xr), fp8_linear(xr, w, s, config)
-        assert torch.equal(got, want) if DEVICE == "cpu" else torch.allclose(got, want, rtol=1e-6, atol=0), rows
+
+    def runs_each_batchs_config(program, batches):
+        for rows, config in batches:
+            xr = torch.randn(rows, 1, 256, generator=g).to(DEVICE)
+            got, want = program.module()(xr), fp8_linear(xr, w, s, config)
+            assert torch.equal(got, want) if DEVICE == "cpu" else torch.allclose(got, want, rtol=1e-6, atol=0), rows
+
+    runs_each_batchs_config(ep, ((1, gemv), (GEMV_ROWS, gemv), (GEMV_ROWS + 1, few), (FEW_M, few), (FEW_M + 1, many),
+                                 (40, many)))
     # a W whose two rows exceed GEMV_MAX_WORK: one row alone takes the GEMV, two the tile
     work = config_module.GEMV_MAX_WORK
     monkeypatch.setattr(config_module, "GEMV_MAX_WORK", 2048 * 256)
@@ -173,10 +177,7 @@ def test_an_engine_spanning_the_few_rows_regimes_runs_each_batchs_config(monkeyp
     wide = _export(Linear(), (x,), ({0: torch.export.Dim("B", min=1, max=64)},), manager)
     assert "gemm=gemv" in one_gemv and "gemm=triton" in default_config("H100", GEMV_ROWS, 2048, 256).to_str()
     assert _branch_configs(wide.graph_module) == [[[one_gemv], [[[few], [many]]]]], wide.graph
-    for rows, config in ((1, one_gemv), (2, few)):
-        xr = torch.randn(rows, 1, 256, generator=g).to(DEVICE)
-        got, want = wide.module()(xr), fp8_linear(xr, w, s, config)
-        assert torch.equal(got, want) if DEVICE == "cpu" else torch.allclose(got, want, rtol=1e-6, atol=0), rows
+    runs_each_batchs_config(wide, ((1, one_gemv), (2, few)))
     monkeypatch.setattr(config_module, "GEMV_MAX_WORK", work)
     # an engine within one regime keeps one call, no cond
     one_regime = _export(Linear(), (x[:GEMV_ROWS],), ({0: torch.export.Dim("B", min=1, max=GEMV_ROWS)},), manager)

@@ -66,7 +66,7 @@ def _config(target, x, weight, scale) -> dict:
         # differs from the next regime's up becomes a cond on M (one token's GEMV, a few tokens' Triton
         # tile, the bound's cuBLAS GEMM)
         tiers, above = [], config["config"]
-        for rows in sorted((r for r in ROW_TIERS if r < most), reverse=True):
+        for rows in sorted({r for r in ROW_TIERS if r < most}, reverse=True):
             here = at(rows)
             if here != above:
                 tiers.insert(0, [rows, here])
