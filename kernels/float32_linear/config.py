@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
-from .._common import KernelConfig, cdiv, pick_default, split_to_fill
+from .._common import KernelConfig, cdiv, device_name, pick_default, split_to_fill
+from ..gpus import canonical_gpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,13 @@ SMALL_M_CONFIGS: dict[str, Float32LinearConfig] = {
 }
 SPLIT_PROGRAMS = 256
 MAX_SPLIT_K = 32
+# Past FEW_M rows (up to SMALL_M) on the H100 / H200: 32-row blocks, K split for twice the programs (16-row
+# blocks re-read and re-split W once a block). An engine whose batch bound passes FEW_M runs this config
+# at every batch: at V4's compressor shapes on the H100, 1.16-1.55x at 64 rows and 0.93-0.97x at one
+# (bench/results/H100/session36_gpu_runs.md).
+FEW_M = 16
+FEW_M_BLOCK_M = 32
+FEW_M_GPUS = ("H100", "H200")
 
 
 def default_config(gpu_name: str | None = None, m: int | None = None, n: int | None = None,
@@ -66,7 +74,10 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
     cfg = pick_default(SMALL_M_CONFIGS, gpu_name)
     if n is None or k is None:
         return cfg
-    return cfg.replace(split_k=split_to_fill(cdiv(n, cfg.block_n), cdiv(k, cfg.block_k), SPLIT_PROGRAMS, MAX_SPLIT_K))
+    programs = SPLIT_PROGRAMS
+    if m > FEW_M and canonical_gpu(device_name() if gpu_name is None else gpu_name) in FEW_M_GPUS:
+        cfg, programs = cfg.replace(block_m=FEW_M_BLOCK_M), 2 * SPLIT_PROGRAMS
+    return cfg.replace(split_k=split_to_fill(cdiv(n, cfg.block_n), cdiv(k, cfg.block_k), programs, MAX_SPLIT_K))
 
 
 def decode_config(gpu_name: str | None = None) -> Float32LinearConfig:

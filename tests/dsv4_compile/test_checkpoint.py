@@ -93,7 +93,7 @@ def test_as_shipped_keeps_fp8_linears(written):
     # w1/w3 (K = dim) in 5 blocks, e_proj/h_proj; wo_a stays BF16 (DeepSeek multiplies it in BF16)
     assert "layers.1.attn.wq_a" in kept and "mtp.0.e_proj" in kept and "layers.1.attn.indexer.wq_b" in kept
     assert not any(k.endswith("wo_a") or k.endswith("shared.w2") for k in kept)
-    assert fp8.checkpoint.fp8_linears == len(kept) == 5 * 4 + 2 + 5 * 2 + 2
+    assert fp8.checkpoint.fp8_linears == len(kept) == 4 * 4 + 1 + 4 * 2 + 2
     for name in kept:
         got = fp8.get_submodule(name).weight
         assert torch.equal(got.view(torch.uint8), shipped[names.release_name(name + ".weight")].view(torch.uint8)), name
@@ -345,7 +345,7 @@ def test_inspect_reads_headers_only(written, tmp_path, capsys):
     assert (hf["layout"], hf["shards"], inf["layout"], inf["model_parallel"]) == ("huggingface", 3, "inference", 2)
     assert hf["hash_routed_layers"] == list(range(CONFIG.n_hash_layers)) and hf["mtp_weights"]
     assert set(hf["dtypes"]) == {"BF16", "F32", "F8_E4M3", "F8_E8M0", "I64", "I8"}
-    assert hf["config"]["attention"] == {"window": 1, "CSA": 2, "HCA": 1}
+    assert hf["config"]["attention"] == {"window": 1, "CSA": 1, "HCA": 1}
     assert hf["bytes"] == sum(f.stat().st_size for f in Path(written["hf"]).glob("*.safetensors")) - sum(
         8 + int.from_bytes(f.read_bytes()[:8], "little") for f in Path(written["hf"]).glob("*.safetensors"))
     # headers only: scrambling every tensor's bytes changes nothing in the summary

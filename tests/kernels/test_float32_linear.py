@@ -114,12 +114,17 @@ def test_split_k_counts_parts_at_one_row_block(monkeypatch):
 
 def test_default_config_by_rows_and_shape():
     """Many rows: the prefill tile; few rows: the swapped tile with K split until about 256 programs
-    stream W (at most 32 parts, each at least one K step)."""
+    stream W (at most 32 parts, each at least one K step); past 16 rows on the H100 / H200, 32-row blocks
+    and about 512 programs."""
     cfg = lambda m, n, k: default_config("H200", m, n, k)  # noqa: E731
     assert cfg(4096, 1024, 4096) == DEFAULT_CONFIGS["H200"] == cfg(None, 1024, 4096)
     assert (cfg(1, 1024, 4096).swap_ab, cfg(1, 1024, 4096).split_k) == ("yes", 16)   # 16 tiles of 64 columns
     assert cfg(64, 256, 4096).split_k == 32 and cfg(1, 512, 4096).split_k == 32 and cfg(1, 16384, 4096).split_k == 1
     assert cfg(1, 256, 128).split_k == 2                                              # 2 K steps: a part each
+    assert (cfg(16, 1024, 4096).block_m, cfg(16, 1024, 4096).split_k) == (16, 16)
+    assert (cfg(17, 1024, 4096).block_m, cfg(17, 1024, 4096).split_k) == (32, 32)    # 16 tiles x 32 parts
+    assert cfg(64, 512, 4096) == default_config("H100", 64, 512, 4096) == cfg(17, 512, 4096)
+    assert default_config("NVIDIA A100-SXM4-80GB", 64, 1024, 4096).block_m == 16       # other GPUs keep 16
 
 
 def test_input_errors():

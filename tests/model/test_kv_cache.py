@@ -66,12 +66,12 @@ def test_meta_device_allocates_nothing(pro):
 
 
 def test_tiny_shapes_on_cpu():
-    config = ModelConfig.from_preset("tiny")  # ratios 0, 4, 128, 4 + MTP; window 8; head_dim 96 (32 rope)
+    config = ModelConfig.from_preset("tiny")  # ratios 0, 4, 128 + MTP; window 8; head_dim 96 (32 rope)
     cache = KVCache(config, 2, 256)
-    assert [layer.ratio for layer in cache.layers] == [0, 4, 128, 4, 0]
+    assert [layer.ratio for layer in cache.layers] == [0, 4, 128, 0]
     entry = 136  # 64 FP8 + 32 x 2 BF16 + 1 scale + 7 pad
     assert [tuple(layer.main.shape) for layer in cache.layers] == [
-        (2, 8, entry), (2, 8 + 64, entry), (2, 8 + 2, entry), (2, 8 + 64, entry), (2, 8, entry)]
+        (2, 8, entry), (2, 8 + 64, entry), (2, 8 + 2, entry), (2, 8, entry)]
     csa, hca = cache.layers[1], cache.layers[2]
     assert csa.index.shape == (2, 64, 16 + 1) and csa.index.dtype == torch.uint8  # 32 dims FP4: 16 B + 1 scale
     assert csa.compressor.kv.shape == (2, 8, 192) and csa.index_compressor.kv.shape == (2, 8, 64)
