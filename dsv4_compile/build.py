@@ -161,17 +161,29 @@ def remove_stale_partials(out: str) -> list[str]:
 
 @contextlib.contextmanager
 def _sigterm_exits():
-    """SIGTERM raises SystemExit(143) (like SIGINT's KeyboardInterrupt), so that cleanup runs."""
+    """SIGTERM raises SystemExit(143) (like SIGINT's KeyboardInterrupt), so that cleanup runs. Raised at
+    any point, that SystemExit can be replaced on its way out by an exception of the code it interrupts
+    (a library's cleanup failing on its half-done state): once the signal came, the build still ends
+    as terminated, 143, saying what replaced it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def terminate(signum, frame):
+        received.append(signum)
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
+    except Exception as err:
+        if not received:
+            raise
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        print(f"dsv4_compile build: terminated (signal {received[0]}); while stopping: {type(err).__name__}: "
+              f"{first_line}", file=sys.stderr)
+        raise SystemExit(128 + received[0]) from err
     finally:
         signal.signal(signal.SIGTERM, previous)
 

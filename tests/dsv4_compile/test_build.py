@@ -429,10 +429,10 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _interrupt_build(cwd, name: str, step: str, sig: int, settle_s: float = 0.0) -> tuple[int, list[str], list[int]]:
+def _interrupt_build(cwd, name: str, step: str, sig: int, settle_s: float = 0.0) -> tuple[int, list[str], list[int], str]:
     """Run `python -m dsv4_compile build --out <cwd>/<name>`, send `sig` once step `step` has started
     (and `settle_s` more seconds); (exit status, what `cwd` held just before the signal, the build's
-    child processes then)."""
+    child processes then, what it printed after)."""
     proc = subprocess.Popen([sys.executable, "-m", "dsv4_compile", "build", "--out", str(cwd / name)], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 900
@@ -444,11 +444,11 @@ def _interrupt_build(cwd, name: str, step: str, sig: int, settle_s: float = 0.0)
         before = sorted(p.name for p in cwd.iterdir())
         children = _children(proc.pid)
         proc.send_signal(sig)
-        proc.wait(timeout=300)
+        after, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
-    return proc.returncode, before, children
+    return proc.returncode, before, children, after
 
 
 def _assert_all_gone(pids: list[int], within_s: float = 20.0) -> None:
@@ -462,8 +462,8 @@ def test_killed_build_leaves_nothing_loadable(built, tmp_path):
     """SIGKILL inside the export step (its worker processes started): nothing loadable is left, and the
     export workers die with the build (they would otherwise go on writing into the partial folder)."""
     out = tmp_path / "killed"
-    code, _, children = _interrupt_build(tmp_path, "killed", "[4/6] export", signal.SIGKILL, settle_s=5)
-    assert code == -signal.SIGKILL
+    code, _, children, after = _interrupt_build(tmp_path, "killed", "[4/6] export", signal.SIGKILL, settle_s=5)
+    assert code == -signal.SIGKILL, after
     assert children, "no export worker processes were running"
     _assert_all_gone(children)
     assert not out.exists()
@@ -479,12 +479,37 @@ def test_sigterm_removes_the_partial_folder(built, tmp_path):
     """SIGTERM is handled like SIGINT, here inside the compile step, while the export workers already
     run beside the check (steps.ExportRun): the workers are ended, the temporary folder goes, the exit
     code is 128 + 15."""
-    code, before, children = _interrupt_build(tmp_path, "terminated", "[3/6] compile", signal.SIGTERM, settle_s=5)
+    code, before, children, after = _interrupt_build(tmp_path, "terminated", "[3/6] compile", signal.SIGTERM,
+                                                     settle_s=5)
     assert [name for name in before if name.startswith(".terminated.partial-")], before
-    assert code == 128 + signal.SIGTERM
+    assert code == 128 + signal.SIGTERM, after
     assert children, "no export worker processes were running"
     _assert_all_gone(children)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_sigterm_replaced_by_the_interrupted_codes_exception_still_ends_as_terminated():
+    """The SystemExit that SIGTERM raises can be replaced on its way out by the interrupted code's own
+    exception (a library's cleanup failing): the build still exits 128 + 15 and says what replaced it; an
+    exception with no signal passes unchanged. In a process of its own (the handler needs the main thread)."""
+    script = """
+import os, signal, sys, time
+from dsv4_compile.build import _sigterm_exits
+try:
+    with _sigterm_exits():
+        raise ValueError("no signal")
+except ValueError:
+    print("unchanged")
+with _sigterm_exits():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+    except SystemExit:
+        raise RuntimeError("cleanup failed")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and proc.stdout.strip() == "unchanged", (proc.stdout, proc.stderr)
+    assert "terminated (signal 15); while stopping: RuntimeError: cleanup failed" in proc.stderr, proc.stderr
 
 
 def test_stale_partial_folders_of_dead_builds_are_removed(tmp_path):
