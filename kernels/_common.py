@@ -170,10 +170,15 @@ def split_chunks(total, chunk: int | None) -> tuple:
     return chunk, cdiv(largest, chunk)
 
 
+def gpu_key(gpu_name: str | None) -> str:
+    """The defaults tables' key of `gpu_name` (gpus.canonical_gpu: 'NVIDIA H100 80GB HBM3' -> 'H100');
+    None means the current device ('interpreter' under TRITON_INTERPRET)."""
+    return canonical_gpu(device_name() if gpu_name is None else gpu_name)
+
+
 def pick_default(table: Mapping[str, KernelConfig], gpu_name: str | None) -> KernelConfig:
-    """The entry of `table` for `gpu_name` (gpus.canonical_gpu: 'NVIDIA H100 80GB HBM3' -> 'H100'), else
-    'generic'. gpu_name None means the current device ('interpreter' under TRITON_INTERPRET)."""
-    return table.get(canonical_gpu(device_name() if gpu_name is None else gpu_name), table["generic"])
+    """The entry of `table` for `gpu_name` (gpu_key), else 'generic'."""
+    return table.get(gpu_key(gpu_name), table["generic"])
 
 
 def resolve_config(cls, config, default_config: Callable[[str | None], KernelConfig], device) -> KernelConfig:

@@ -4,8 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar, Mapping
 
-from .._common import KernelConfig, cdiv, device_name, pick_default, split_to_fill
-from ..gpus import canonical_gpu
+from .._common import KernelConfig, cdiv, gpu_key, pick_default, split_to_fill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +74,7 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
     if n is None or k is None:
         return cfg
     programs = SPLIT_PROGRAMS
-    if m > FEW_M and canonical_gpu(device_name() if gpu_name is None else gpu_name) in FEW_M_GPUS:
+    if m > FEW_M and gpu_key(gpu_name) in FEW_M_GPUS:
         cfg, programs = cfg.replace(block_m=FEW_M_BLOCK_M), 2 * SPLIT_PROGRAMS
     return cfg.replace(split_k=split_to_fill(cdiv(n, cfg.block_n), cdiv(k, cfg.block_k), programs, MAX_SPLIT_K))
 

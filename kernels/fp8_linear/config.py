@@ -5,8 +5,7 @@ import dataclasses
 from typing import ClassVar, Mapping
 
 from ...model.ops import FP8_LINEAR_BLOCK
-from .._common import KernelConfig, cdiv, device_name, next_pow2, pick_default, split_for, split_to_fill
-from ..gpus import canonical_gpu
+from .._common import KernelConfig, cdiv, gpu_key, next_pow2, pick_default, split_for, split_to_fill
 
 SCALE_BLOCK = FP8_LINEAR_BLOCK  # K block of the activation scales and edge of the weight's scale tiles
 
@@ -111,7 +110,7 @@ def default_config(gpu_name: str | None = None, m: int | None = None, n: int | N
     if m is None or m > SMALL_M:
         return pick_default(DEFAULT_CONFIGS, gpu_name)
     cfg = pick_default(SMALL_M_CONFIGS, gpu_name)
-    if n is None or k is None or canonical_gpu(device_name() if gpu_name is None else gpu_name) not in SHAPE_RULE_GPUS:
+    if n is None or k is None or gpu_key(gpu_name) not in SHAPE_RULE_GPUS:
         return cfg
     if m > FEW_M and n >= CUBLAS_MIN_N:
         return cfg.replace(gemm="cublas")
