@@ -6,7 +6,8 @@ GPU: the mini preset whole (4 layers + MTP, bf16, ~2.8B parameters: ~35 GB with 
 and the saved copies; one model, stepped eagerly then compiled from the same start), through
 `dsv4_compile.compile(opt.step, passes="all")`. CPU: the tiny preset (fp32) with the kernel's
 interpreter twin installed as the post-grad pass (the registered substitution declines CPU tensors),
-one CSA layer only (~1 min on 2 cores; all four layers took ~4.5 min).
+one CSA layer only and two Newton-Schulz steps (~45 s on 2 cores; all four layers and ten steps took
+~4.5 min).
 
 Tolerances, on each parameter's total change (relative RMS), since the change is what the optimizer
 computes (the parameters themselves would hide it):
@@ -31,7 +32,7 @@ import pytest  # noqa: E402
 
 import dsv4_compile  # noqa: E402
 from dsv4_compile import ModelConfig, Transformer  # noqa: E402
-from dsv4_compile.model.muon import deepseek_v4_optimizer, split_params  # noqa: E402
+from dsv4_compile.model.muon import DSV4_NS_COEFFICIENTS, deepseek_v4_optimizer, split_params  # noqa: E402
 from helpers import assert_close  # noqa: E402
 
 # Two steps: the first creates the optimizer state (one compiled graph), the second runs the
@@ -40,14 +41,15 @@ STEPS = 2
 LR = 0.02
 
 
-def run_steps(model, start, make_step) -> list[torch.Tensor]:
-    """Reset the parameters to `start`, build a fresh DeepSeek-V4 optimizer, take STEPS steps of
-    make_step(opt) with seeded random gradients; returns each parameter's change (float32)."""
+def run_steps(model, start, make_step, **optimizer_options) -> list[torch.Tensor]:
+    """Reset the parameters to `start`, build a fresh DeepSeek-V4 optimizer (optimizer_options: its
+    keywords), take STEPS steps of make_step(opt) with seeded random gradients; returns each
+    parameter's change (float32)."""
     params = list(model.parameters())
     with torch.no_grad():
         for p, p0 in zip(params, start):
             p.copy_(p0)
-    opt = deepseek_v4_optimizer(model, lr=LR)
+    opt = deepseek_v4_optimizer(model, lr=LR, **optimizer_options)
     step = make_step(opt)
     for k in range(STEPS):
         gen = torch.Generator(params[0].device).manual_seed(1000 + k)
@@ -83,10 +85,14 @@ def test_compiled_step_matches_eager_tiny_cpu_interpreter(tmp_path, monkeypatch)
                                  n_mtp_layers=0)
     model = Transformer(config, seed=0)
     start = [p.detach().clone() for p in model.parameters()]
-    eager = run_steps(model, start, lambda opt: opt.step)
+    # Two Newton-Schulz steps, DeepSeek's first and last kinds: the coefficients are the node's
+    # arguments, so the graph and its substitution are the ten steps' (the interpreter runs each step's
+    # three launches in Python: ten steps took half the test's time).
+    steps = dict(ns_coefficients=(DSV4_NS_COEFFICIENTS[0], DSV4_NS_COEFFICIENTS[-1]))
+    eager = run_steps(model, start, lambda opt: opt.step, **steps)
     manager = PassManager(ns.interpreter_substitutions(), gpu="cpu")
     compiled = run_steps(model, start, lambda opt: torch.compile(
-        opt.step, options={"post_grad_custom_post_pass": manager, "emulate_precision_casts": True}))
+        opt.step, options={"post_grad_custom_post_pass": manager, "emulate_precision_casts": True}), **steps)
     torch._dynamo.reset()
     n_muon = check(model, eager, compiled, muon_tol=3e-2, adamw_tol=1e-4)
     report = manager.report
