@@ -553,19 +553,17 @@ def _gate_up_loop(p_x, token, row_ok, p_w1, p_s1, p_w3, p_s3, e, offs_n, I, D, k
 
 
 @triton.jit
-def _down_loop(p_act, offs_m, row_ok, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT: tl.constexpr,
-               SCALE_F32: tl.constexpr, ROUTE: tl.constexpr, RERUN: tl.constexpr, NATIVE_FP8: tl.constexpr,
-               UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    """act[offs_m, k_lo:k_hi] @ W2[e][offs_n, k_lo:k_hi]^T [BM, BN] fp32 (rows not row_ok: zeros, their act
-    rows not read) and whether ROUTE's check failed, as _gate_up_loop's."""
+def _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT: tl.constexpr, SCALE_F32: tl.constexpr,
+               ROUTE: tl.constexpr, RERUN: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
+               IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """act[offs_m, k_lo:k_hi] @ W2[e][offs_n, k_lo:k_hi]^T [BM, BN] fp32 and whether ROUTE's check failed, as
+    _gate_up_loop's."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     miss = tl.zeros([BLOCK_N], dtype=tl.int32)
     top = tl.zeros([BLOCK_K // 32, BLOCK_N], dtype=tl.int32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=1 if RERUN else None):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < I),
-                    other=0.0)
+        a = tl.load(p_act + offs_m[:, None] * I + offs_k[None, :], mask=offs_k[None, :] < I, other=0.0)
         if FMT == 2:
             b, exp = _mxfp4_tile(p_w2, p_s2, e, offs_n, k0, D, I, SCALE_F32, ROUTE, UPCAST, BLOCK_K, BLOCK_N)
             acc = dot_acc(_mxfp4_order(a, BLOCK_M, BLOCK_K), b, acc, UPCAST, IEEE)
@@ -596,24 +594,17 @@ def _k_range(C, K_PER, SPLIT: tl.constexpr):
 @triton.jit
 def _swiglu_store(acc_gate, acc_up, limit, slot, row_ok, offs_m, n0, p_weights, p_act, p_act_s, I,
                   ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, ROUND_PASS: tl.constexpr, ROUND_BF16: tl.constexpr,
-                  RECIP: tl.constexpr, NATIVE_FP8: tl.constexpr, USED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  RECIP: tl.constexpr, NATIVE_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """act[offs_m, n0 : n0 + BLOCK_N] = silu(clamp(gate)) * clamp(up) from the fp32 sums [BM, BN]
     (_gate_up_kernel's p_act / p_act_s forms; ACT_FP8 weighted by the rows' routing weights, then rounded
     here, or with ROUND_PASS stored in fp32 for a pass; ACT_FP8 rounding here needs BLOCK_N and n0
-    multiples of 128: whole activation blocks). USED_ROWS: the row_ok rows only (the down launch reads no
-    other; a decode block of 16 rows holds one or two in use, so the rest would be most of the bytes);
-    else every row (the padding rows' sums are zeros), for a rounding pass that reads them all."""
+    multiples of 128: whole activation blocks)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if limit > 0:  # NaN kept, as torch.clamp keeps it
         acc_gate = tl.minimum(acc_gate, limit, propagate_nan=tl.PropagateNan.ALL)
         acc_up = tl.clamp(acc_up, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
     act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up                    # silu(gate) * up
-    if USED_ROWS:
-        stored = row_ok
-    else:
-        stored = offs_m >= 0                                                # [BM] every row
-    mask = stored[:, None] & (offs_n[None, :] < I)
+    mask = offs_n[None, :] < I
     if ACT_FP8:  # weighted here (the fp32 act), then rounded once per value
         act = act * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
     if ACT_FP8 and ROUND_PASS:  # by the pass after this launch
@@ -624,7 +615,7 @@ def _swiglu_store(acc_gate, acc_up, limit, slot, row_ok, offs_m, n0, p_weights, 
             tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], tl.reshape(codes, [BLOCK_M, BLOCK_N]), mask=mask)
             offs_b = n0 // 128 + tl.arange(0, BLOCK_N // 128)
             tl.store(p_act_s + offs_m[:, None] * (I // 128) + offs_b[None, :],
-                     tl.reshape(s, [BLOCK_M, BLOCK_N // 128]), mask=stored[:, None] & (offs_b[None, :] < I // 128))
+                     tl.reshape(s, [BLOCK_M, BLOCK_N // 128]), mask=offs_b[None, :] < I // 128)
         else:  # the rounded values themselves
             q = tl.reshape(e4m3_dequantized(codes, s, NATIVE_FP8), [BLOCK_M, BLOCK_N])
             tl.store(p_act + offs_m[:, None] * I + offs_n[None, :], q.to(p_act.dtype.element_ty), mask=mask)
@@ -696,7 +687,7 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
         tl.store(p_row + I, acc_up, mask=mask)
     else:
         _swiglu_store(acc_gate, acc_up, limit, slot, row_ok, offs_m, pid_n * BLOCK_N, p_weights, p_act, p_act_s, I,
-                      ACT_FP8, FP8_MMA, ROUND_PASS, ROUND_BF16, RECIP, NATIVE_FP8, False, BLOCK_M, BLOCK_N)
+                      ACT_FP8, FP8_MMA, ROUND_PASS, ROUND_BF16, RECIP, NATIVE_FP8, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -706,7 +697,7 @@ def _swiglu_splits_kernel(p_part, p_slot, p_block_expert, p_weights, p_act, p_ac
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program per (block of rows, BLOCK_N columns of I; BLOCK_N a multiple of 128): the split gate/up
     # launch's partial sums p_part [n_split * rows_per_split, 2 * I] fp32 added in range order, then
-    # _swiglu_store into p_act / p_act_s as the unsplit epilogue, the rows in use only.
+    # _swiglu_store into p_act / p_act_s as the unsplit epilogue (rows not in use: zeros, as there).
     limit = tl.cast(limit, tl.float32)
     pid_m = tl.program_id(0)
     e = tl.load(p_block_expert + pid_m)
@@ -725,7 +716,7 @@ def _swiglu_splits_kernel(p_part, p_slot, p_block_expert, p_weights, p_act, p_ac
         acc_up += tl.load(p_row + I, mask=mask, other=0.0)
         p_row += rows_per_split * (2 * I)
     _swiglu_store(acc_gate, acc_up, limit, slot, row_ok, offs_m, tl.program_id(1) * BLOCK_N, p_weights, p_act,
-                  p_act_s, I, ACT_FP8, FP8_MMA, False, ROUND_BF16, RECIP, NATIVE_FP8, True, BLOCK_M, BLOCK_N)
+                  p_act_s, I, ACT_FP8, FP8_MMA, False, ROUND_BF16, RECIP, NATIVE_FP8, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -736,7 +727,7 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
                  ROUTE: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_act [n_blocks * BLOCK_M, I] (FP8_MMA: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
-    # scales; only the rows in use are read: the split SwiGLU pass writes no others); p_w2 [E, D, I] (or packed);
+    # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
     # p_weights [T * TOPK] float32 (unused with ACT_FP8: act holds it);
     # p_out [n_split * rows_per_split, D] float32 (rows_per_split = chunk tokens * TOPK): row
     # range * rows_per_split + t * TOPK + j - first_slot of assignment (t, j) over this program's range of
@@ -761,11 +752,11 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
         acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, k_lo, k_hi, FMT,
                         SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc, missed = _down_loop(p_act, offs_m, row_ok, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE,
+        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE,
                                  False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         if FMT == 2 and ROUTE != ROUTE_EXACT and missed:  # as the gate/up launch's
-            acc, _ = _down_loop(p_act, offs_m, row_ok, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32,
-                                ROUTE_EXACT, True, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+            acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE_EXACT,
+                                True, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if not ACT_FP8:  # W8A8's and W4A8's act holds its routing weight already
         acc = acc * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
     row = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
