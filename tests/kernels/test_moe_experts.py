@@ -406,11 +406,12 @@ def test_split_k_against_naive_and_plain(T, k, E, kind, cfg, fmt, dtype, monkeyp
 def test_split_k_fp8_activations(T, k, E, kind, cfg, fmt, mma, monkeypatch):
     """W8A8 and W4A8 split: the SwiGLU pass weights and rounds the summed activation (in place of the
     epilogue or act_round's pass; 32-wide gate/up tiles need no whole activation block), within the
-    W8A8 tolerance of the twins, at D = I = 256 (8 K tiles of 32: ranges of 2 or 4 tiles; W8A8's 128-deep
-    K tiles: 2, one range empty at T = 1)."""
+    W8A8 tolerance of the twins. W8A8 at D = I = 256 (128-deep K tiles: 2, one range empty at T = 1);
+    W4A8 at D = I = 128 (4 K tiles of 32: ranges of 1 or 2 tiles, one of the 3 down ranges empty at
+    T = 7; the interpreter decodes each MXFP4 weight in numpy)."""
     config = (w8a8_config(cfg) if fmt == "fp8" else cfg).replace(w4a8_mma=mma)
-    run = run_w8a8 if fmt == "fp8" else run_w4a8
-    _split_launches(monkeypatch, T, k, 256, config, lambda: run(T, k, E, kind, torch.bfloat16, config, 256, 256))
+    run, D = (run_w8a8, 256) if fmt == "fp8" else (run_w4a8, 128)
+    _split_launches(monkeypatch, T, k, D, config, lambda: run(T, k, E, kind, torch.bfloat16, config, D, D))
 
 
 def test_split_k_exports_with_a_symbolic_token_count():
