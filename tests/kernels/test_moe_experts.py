@@ -493,9 +493,9 @@ def test_bad_input_is_one_line():
 W8A8_CONFIGS = {"A": MoeExpertsConfig(block_m=16, block_n=128, block_k=64, down_block_n=64, down_block_k=32),
                 "B": MoeExpertsConfig(block_m=32, block_n=256, block_k=128, down_block_n=256, down_block_k=128)}
 # Each case in fp32 and bf16 activations, but the T = 300 ones in the interpreter in one each (~14 s a case).
-W8A8_CASES = [(*case, dtype) for case in [(1, 6, 12, "random", "A"), (7, 1, 5, "random", "B"), (7, 6, 5, "one-expert", "A"),
-                                          (300, 6, 12, "holes", "B"), (300, 1, 5, "random", "A")]
-              for dtype in (torch.float32, torch.bfloat16)
+W8A8_SHAPES = [(1, 6, 12, "random", "A"), (7, 1, 5, "random", "B"), (7, 6, 5, "one-expert", "A"),
+               (300, 6, 12, "holes", "B"), (300, 1, 5, "random", "A")]
+W8A8_CASES = [(*case, dtype) for case in W8A8_SHAPES for dtype in (torch.float32, torch.bfloat16)
               if DEVICE == "cuda" or case[0] < 300 or (case[4] == "B") == (dtype == torch.float32)]
 
 
