@@ -88,11 +88,11 @@ def test_compiled_step_matches_eager_tiny_cpu_interpreter(tmp_path, monkeypatch)
     # Two Newton-Schulz steps, DeepSeek's first and last kinds: the coefficients are the node's
     # arguments, so the graph and its substitution are the ten steps' (the interpreter runs each step's
     # three launches in Python: ten steps took half the test's time).
-    steps = dict(ns_coefficients=(DSV4_NS_COEFFICIENTS[0], DSV4_NS_COEFFICIENTS[-1]))
-    eager = run_steps(model, start, lambda opt: opt.step, **steps)
+    two_ns_steps = dict(ns_coefficients=(DSV4_NS_COEFFICIENTS[0], DSV4_NS_COEFFICIENTS[-1]))
+    eager = run_steps(model, start, lambda opt: opt.step, **two_ns_steps)
     manager = PassManager(ns.interpreter_substitutions(), gpu="cpu")
     compiled = run_steps(model, start, lambda opt: torch.compile(
-        opt.step, options={"post_grad_custom_post_pass": manager, "emulate_precision_casts": True}), **steps)
+        opt.step, options={"post_grad_custom_post_pass": manager, "emulate_precision_casts": True}), **two_ns_steps)
     torch._dynamo.reset()
     n_muon = check(model, eager, compiled, muon_tol=3e-2, adamw_tol=1e-4)
     report = manager.report
