@@ -429,7 +429,8 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _interrupt_build(cwd, name: str, step: str, sig: int, settle_s: float = 0.0) -> tuple[int, list[str], list[int], str]:
+def _interrupt_build(cwd, name: str, step: str, sig: int,
+                     settle_s: float = 0.0) -> tuple[int, list[str], list[int], str]:
     """Run `python -m dsv4_compile build --out <cwd>/<name>`, send `sig` once step `step` has started
     (and `settle_s` more seconds); (exit status, what `cwd` held just before the signal, the build's
     child processes then, what it printed after)."""

@@ -148,13 +148,12 @@ def test_an_engine_spanning_the_few_rows_regimes_runs_each_batchs_config(monkeyp
     from dsv4_compile.kernels.fp8_linear.config import FEW_M, GEMV_ROWS
 
     kernel = sys.modules["dsv4_compile.kernels.fp8_linear.fp8_linear"]  # the op calls its fp8_linear
-    ran = []
+    run_fp8_linear, ran = kernel.fp8_linear, []
 
     def recording_fp8_linear(x, weight, scale, config=None):
         ran.append(config)
         return run_fp8_linear(x, weight, scale, config)
 
-    run_fp8_linear = kernel.fp8_linear
     monkeypatch.setattr(kernel, "fp8_linear", recording_fp8_linear)
 
     if DEVICE == "cpu":
