@@ -55,7 +55,7 @@ Inference only: the collectives have no backward here. Not done: data-parallel a
 over ranks, where all-to-all expert dispatch pays), splitting the compressors by channel. The sharded
 indexer loops over the op's query chunks in plain Python when the length is a number; a symbolic
 length (torch.export) takes all queries at once, as the decompose pass does for the op
-(tests/dsv4_compile/test_parallel_export.py).
+(tests/dsv4_compile/test_parallel_build.py).
 """
 from __future__ import annotations
 

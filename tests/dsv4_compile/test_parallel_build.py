@@ -5,7 +5,10 @@ The model is the tiny preset cut to one CSA layer (its compressor and indexer), 
 (`CUT`), and the build exports the two engines `generate` runs (prefill-cache and decode;
 `BUILD_SCRIPT` leaves out the logits engine, which only `Engine.run` uses: each engine is an
 AOTInductor C++ compile per rank, the cost of this file).
-Tensor parallelism, whose engines run an all-reduce per sublayer and the vocabulary's all-gather:
+Each rank's engines are torch.export'ed with the prompt length dynamic (the example's S is the bucket's
+half; verify and generate prefill other lengths) and checked against that rank's eager shard by the
+build's verify step. Tensor parallelism, whose engines run an all-reduce per sublayer and the
+vocabulary's all-gather:
 `generate` calls them NEW_TOKENS times in a row on each rank, as fast as they return (outside
 torch.inference_mode these calls deadlocked in gloo: docs/DESIGN.md, traps).
 Generation across ranks is compared with the plain model's own greedy generation (EagerSteps, one
@@ -166,6 +169,8 @@ def test_parallel_build_has_one_engine_per_rank_and_the_mesh(parallel_build):
     kinds = sorted(f"{e['kind']}-{e['bucket']}" for e in manifest["engines"])
     assert kinds == ["decode-128", "prefill-cache-128"]
     assert all(e["verified"]["status"] == "verified" for e in manifest["engines"]), manifest["engines"]
+    # the prompt length stays dynamic through the sharded model's export (the indexer's symbolic-length path)
+    assert {e["kind"]: e["seq_range"] for e in manifest["engines"]} == {"prefill-cache": [2, 128], "decode": [1, 1]}
     engines = sorted(f"aoti/{k}.pt2" for k in kinds)
     # the engines' one group (tp spans the world), the same on both ranks, not the default group "0"
     (group,) = mesh["ranks"][0]["groups"]
