@@ -7,7 +7,8 @@
     engine.generate([[1, 2, 3], [4, 5]], max_new_tokens=16)             # -> new tokens per prompt
 
 `generate` runs the prompts as one right-padded batch: one prefill, then one decode step per new token
-for every sequence at its own position. Greedy at temperature 0; otherwise softmax(logits / T)
+for every sequence at its own position (more prompts than the build's max_batch: batches of max_batch
+in order, each in the smallest context bucket that holds it). Greedy at temperature 0; otherwise softmax(logits / T)
 restricted to the top_k tokens (0: all) and the smallest set holding top_p of the probability,
 sampled from a generator seeded with `seed` (the same seed, prompts and build give the same tokens).
 A sequence stops after a stop token (included in its output) or its budget of new tokens.
@@ -109,8 +110,8 @@ class Steps:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop_tokens: Sequence[int] = (), timings: dict | None = None) -> list[list[int]]:
-        """New tokens for each prompt (ragged, one batch); see the module docstring. `timings`: a dict
-        that receives the seconds of the prefill and of the decode steps (synchronising after each)."""
+        """New tokens for each prompt (ragged; batches of max_batch); see the module docstring. `timings`: a
+        dict that receives the seconds of the prefills and of the decode steps (synchronising after each)."""
         return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         seed=seed, stop_tokens=stop_tokens, timings=timings)
 
@@ -287,8 +288,6 @@ class _OnnxStateRunner:
 def _check_prompts(steps: Steps, prompts, max_new_tokens) -> tuple[list[list[int]], list[int]]:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts: expected a non-empty list of token-id lists")
-    if len(prompts) > steps.max_batch:
-        raise ValueError(f"prompts: {len(prompts)} in one batch, this build's max_batch is {steps.max_batch}")
     out = []
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
@@ -307,13 +306,18 @@ def plan_batch(steps: Steps, prompts, max_new_tokens) -> tuple[list[list[int]], 
     """Checked prompts, per-prompt budgets and the smallest context bucket that holds every prompt
     and its new tokens (the last new token is sampled, never fed: len + budget - 1 positions)."""
     prompts, budgets = _check_prompts(steps, prompts, max_new_tokens)
+    return prompts, budgets, _bucket_for(steps, prompts, budgets)
+
+
+def _bucket_for(steps: Steps, prompts: list[list[int]], budgets: list[int]) -> int:
+    """plan_batch's bucket of checked prompts (ValueError, naming the longest, where none holds them)."""
     need = max(len(p) + b - 1 for p, b in zip(prompts, budgets))
     bucket = next((b for b in sorted(steps.buckets) if b >= max(need, 2)), None)
     if bucket is None:
         longest = max(range(len(prompts)), key=lambda i: len(prompts[i]) + budgets[i])
         raise ValueError(f"prompt {longest} of {len(prompts[longest])} tokens + {budgets[longest]} new tokens needs a "
                          f"context of {need} tokens; this build's context buckets: {steps.buckets}")
-    return prompts, budgets, bucket
+    return bucket
 
 
 def _check_sampling(temperature, top_k, top_p) -> None:
@@ -345,11 +349,30 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 
 def generate(steps: Steps, prompts, max_new_tokens, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, stop_tokens: Sequence[int] = (), timings: dict | None = None) -> list[list[int]]:
-    prompts, budgets, bucket = plan_batch(steps, prompts, max_new_tokens)
+    """Every input checked before any engine runs; then the prompts in batches of steps.max_batch, in
+    order, one sampling generator across them (a seed gives the same tokens for the same prompts)."""
+    prompts, budgets, _ = plan_batch(steps, prompts, max_new_tokens)
     _check_sampling(temperature, top_k, top_p)
     stops = list(stop_tokens)
     if not all(isinstance(t, int) and 0 <= t < steps.config.vocab_size for t in stops):
         raise ValueError(f"stop_tokens {stops!r}: token ids in [0, {steps.config.vocab_size})")
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(steps.device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    result = []
+    for first in range(0, len(prompts), steps.max_batch):
+        part = slice(first, first + steps.max_batch)
+        result += _generate_batch(steps, prompts[part], budgets[part], temperature, top_k, top_p, generator, stops,
+                                  timings)
+    return result
+
+
+def _generate_batch(steps: Steps, prompts: list[list[int]], budgets: list[int], temperature: float, top_k: int,
+                    top_p: float, generator: torch.Generator | None, stops: list[int],
+                    timings: dict | None) -> list[list[int]]:
+    """generate's one batch (at most max_batch checked prompts) in the smallest bucket that holds it."""
+    bucket = _bucket_for(steps, prompts, budgets)
     n = len(prompts)
     batch = next(b for b in batch_buckets(steps.max_batch) if b >= n) if steps.graphs else n
     cache = _pooled_cache(steps, batch, bucket)
@@ -360,10 +383,6 @@ def generate(steps: Steps, prompts, max_new_tokens, *, temperature: float = 0.0,
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = torch.tensor(p)
         lengths[i] = len(p)
-    generator = None
-    if temperature > 0:
-        generator = torch.Generator(device)
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
     budget = torch.tensor(budgets + [1] * (batch - n), device=device)
     stop = torch.tensor(stops, dtype=torch.int64, device=device)
     most = max(budgets)
@@ -394,7 +413,8 @@ def generate(steps: Steps, prompts, max_new_tokens, *, temperature: float = 0.0,
 
 
 class _Clock:
-    """Wall time between laps, the device synchronised first; does nothing without a device."""
+    """Wall time between laps added to timings[key], the device synchronised first; does nothing without
+    a device."""
 
     def __init__(self, device):
         self.device, self.t0 = device, time.perf_counter()
@@ -405,7 +425,7 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        timings[key] = now - self.t0
+        timings[key] = timings.get(key, 0.0) + now - self.t0
         self.t0 = now
 
 

@@ -81,8 +81,8 @@ def test_prefill_and_decode_engines_match_eager_on_a_ragged_batch(engines, eager
 def test_generate_greedy_equals_eager(engines, eager, fmt):
     """Token for token, up to a difference only a near tie explains: there eager's top-2 logits are
     closer than twice the engine's own logit error at that step (the same history up to it). On the
-    CI machine every token matches."""
-    prompts = _prompts(1, (5, 2))
+    CI machine every token matches. Three prompts on a build of max_batch 2: two batches, in order."""
+    prompts = _prompts(1, (5, 2, 9))
     got, ref = engines[fmt].generate(prompts, 24), eager.generate(prompts, 24)
     for prompt, g, r in zip(prompts, got, ref):
         k = next((t for t in range(len(r)) if g[t] != r[t]), None)
@@ -106,7 +106,7 @@ def test_sampling_reproducible_and_stop_tokens(engines, fmt):
 
 @pytest.mark.parametrize("call, message", [
     (lambda e: e.generate([[1] * 500], 20), "needs a context of 519 tokens"),
-    (lambda e: e.generate([[1]] * 3, 2), "max_batch is 2"),
+    (lambda e: e.generate([[1]] * 2 + [[1, 999]], 2), "prompt 2: token id 999"),  # in the second batch
     (lambda e: e.generate([[1, 999]], 2), "token id 999 out of the vocabulary"),
     (lambda e: e.decode(torch.tensor([[1]]), torch.tensor([512]), e.new_cache(1)), "positions: 512 out of range"),
     (lambda e: e.new_cache(3), "batch 3: accepted 1 to max_batch 2"),
