@@ -6,9 +6,9 @@
 
 Prompts: `--tokens` (comma-separated ids), `--prompt` (text, with `--tokenizer`: a folder holding the
 release's tokenizer.json, read by the `tokenizers` library) or `--batch-file` (JSON lines, each
-{"tokens": [...]} or {"prompt": "..."}; all prompts run as one batch). Prints the new tokens (and
-their text with a tokenizer) and the prefill and decode tokens/s; `--json` prints one JSON object.
-Exit 2 with one line for a bad build folder or bad input (token ids, lengths, batch size).
+{"tokens": [...]} or {"prompt": "..."}; run in batches of the build's max_batch, in order). Prints the
+new tokens (and their text with a tokenizer) and the prefill and decode tokens/s; `--json` prints one
+JSON object. Exit 2 with one line for a bad build folder or bad input (token ids, lengths).
 
 A parallel build (`build --parallel tp=T,ep=E`) generates as T * E processes, each rank running its
 own engines in step with the others; rank 0 prints:
@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--tokens", default=None, metavar="IDS", help="prompt token ids, comma-separated (e.g. 1,2,3)")
     source.add_argument("--prompt", default=None, metavar="TEXT", help="prompt text (needs --tokenizer)")
     source.add_argument("--batch-file", default=None, metavar="FILE",
-                        help='JSON lines, one prompt each: {"tokens": [1, 2]} or {"prompt": "text"}; one batch')
+                        help='JSON lines, one prompt each: {"tokens": [1, 2]} or {"prompt": "text"}; batches of the '
+                             "build's max_batch, in order")
     parser.add_argument("--tokenizer", default=None, metavar="DIR", help="folder with tokenizer.json (or the file itself)")
     parser.add_argument("--max-new-tokens", type=positive_int_arg, default=32, metavar="N", help="per prompt (default: 32)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default: 0)")
