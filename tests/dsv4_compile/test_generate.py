@@ -144,10 +144,10 @@ def test_generate_command(built, eager, tmp_path, capsys):
     assert report["new_tokens"] == eager.generate([[1, 2, 3]], 8)
     assert report["prefill_tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0
     batch = tmp_path / "prompts.jsonl"
-    batch.write_text('{"tokens": [4, 5]}\n{"tokens": [6, 7, 8, 9]}\n')
+    batch.write_text('{"tokens": [4, 5]}\n{"tokens": [6, 7, 8, 9]}\n{"tokens": [10]}\n')  # 2 batches of max_batch 2
     assert cli_main(["generate", path, "--batch-file", str(batch), "--max-new-tokens", "4", "--format", "onnx"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    expected = eager.generate([[4, 5], [6, 7, 8, 9]], 4)
+    expected = eager.generate([[4, 5], [6, 7, 8, 9], [10]], 4)
     assert lines == [f"[{i}] {','.join(map(str, row))}" for i, row in enumerate(expected)]
 
 
