@@ -8,9 +8,10 @@
 
 `generate` runs the prompts as one right-padded batch: one prefill, then one decode step per new token
 for every sequence at its own position (more prompts than the build's max_batch: batches of max_batch
-in order, each in the smallest context bucket that holds it). Greedy at temperature 0; otherwise softmax(logits / T)
-restricted to the top_k tokens (0: all) and the smallest set holding top_p of the probability,
-sampled from a generator seeded with `seed` (the same seed, prompts and build give the same tokens).
+in order, each in the smallest context bucket that holds it). Greedy at temperature 0; otherwise
+softmax(logits / T) restricted to the top_k tokens (0: all) and the smallest set holding top_p of the
+probability, sampled from one generator seeded with `seed` (the same seed, prompts and build give the
+same tokens).
 A sequence stops after a stop token (included in its output) or its budget of new tokens.
 
 The loop keeps its state on the device (next tokens, positions, finished flags, the output), so a
