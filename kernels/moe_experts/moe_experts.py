@@ -24,9 +24,11 @@ Split-K at decode sizes (config split_k / down_split_k, run_splits: split_k // T
 at least 1, an expression of an engine's symbolic T): one token's gate/up launch is otherwise a few
 programs an SM each walking all of D. Each gate/up range stores its fp32 partial sums of gate and up
 ([ranges * assignments, 2 I]); `_swiglu_splits_kernel` adds them in range order and applies the
-epilogue above (W8A8 / W4A8: the weight and the rounding, in place of act_round's pass); each down range
-stores its partial slot rows ([ranges * T * k, D]) and the slot sum adds an assignment's ranges in order
-before its j: deterministic, the same products summed in another order.
+epilogue above (W8A8 / W4A8: the weight and the rounding, in place of act_round's pass) over a grid of
+the assignments, into an activation of a row per assignment that the down launch reads by slot (a
+decode block of 16 rows holds one or two assignments: a grid of blocks ran mostly empty rows); each
+down range stores its partial slot rows ([ranges * T * k, D]) and the slot sum adds an assignment's
+ranges in order before its j: deterministic, the same products summed in another order.
 Chunks: slots alone take T * k * D * 4 bytes (12 GiB at 128K tokens, D 4096, k 6) and act T * k * I
 more, so the three launches run once per chunk of tokens (chunk_plan: all T in one chunk where they fit
 WORKSPACE_BYTES, as at decode), act and slots sized for one chunk and reused, the layout of every
@@ -74,8 +76,9 @@ relative RMS apart on Gaussian data).
 Numbers: W8A16 and the float ops, against the plain op, multiply the routing weight into the fp32
 product of w2 instead of the activation before its rounding to x's dtype (bf16: within the bf16
 tolerance; fp32: equal up to summation order); W8A8 and W4A8 weight the activation where the plain op
-does. Workspace: act [n_blocks * block_m, I] in x's dtype (on FP8 tensor cores, W8A8 and W4A8 with
-w4a8_mma "fp8": 1 + 4/128 bytes a value) and slots [chunk * k, D] float32 for one chunk of tokens (within
+does. Workspace: act [n_blocks * block_m, I] (split gate/up: a row per assignment) in x's dtype (on
+FP8 tensor cores, W8A8 and W4A8 with w4a8_mma "fp8": 1 + 4/128 bytes a value) and slots [chunk * k, D]
+float32 for one chunk of tokens (within
 WORKSPACE_BYTES), the routing layout of all T * k assignments (about 40 bytes each); W8A8 and W4A8 also
 x's codes and scales (T * D * 33/32 bytes), W4A8 on bf16 tensor cores x's rounded values too; with
 act_round "pass" the unrounded activation [n_blocks * block_m, I] float32 as well.
@@ -691,24 +694,23 @@ def _gate_up_kernel(p_x, p_xs, p_slot, p_block_expert, p_w1, p_s1, p_w3, p_s3, p
 
 
 @triton.jit
-def _swiglu_splits_kernel(p_part, p_slot, p_block_expert, p_weights, p_act, p_act_s, limit, N, I, E, first_slot,
-                          n_split, rows_per_split, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr,
-                          ROUND_BF16: tl.constexpr, RECIP: tl.constexpr, NATIVE_FP8: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program per (block of rows, BLOCK_N columns of I; BLOCK_N a multiple of 128): the split gate/up
-    # launch's partial sums p_part [n_split * rows_per_split, 2 * I] fp32 added in range order, then
-    # _swiglu_store into p_act / p_act_s as the unsplit epilogue (rows not in use: zeros, as there).
+def _swiglu_splits_kernel(p_part, p_ids, p_weights, p_act, p_act_s, limit, I, first_slot, n_split, rows_per_split,
+                          ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, ROUND_BF16: tl.constexpr, RECIP: tl.constexpr,
+                          NATIVE_FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program per (BLOCK_M assignments of the chunk, BLOCK_N columns of I; BLOCK_N a multiple of 128):
+    # the split gate/up launch's partial sums p_part [n_split * rows_per_split, 2 * I] fp32 added in range
+    # order, then _swiglu_store into p_act / p_act_s as the unsplit epilogue, at the assignment's own row
+    # (slot - first_slot: p_act [BLOCK_M * cdiv(rows_per_split, BLOCK_M), I], _down_kernel's ACT_BY_SLOT).
+    # Over assignments, not routing blocks: at decode a 16-row block holds one or two of them. Rows of a -1
+    # id (p_ids [T * TOPK]; no partial sums) and past the chunk: zeros.
     limit = tl.cast(limit, tl.float32)
-    pid_m = tl.program_id(0)
-    e = tl.load(p_block_expert + pid_m)
-    if e >= E:
-        return
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(p_slot + offs_m)
-    row_ok = slot < N
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = first_slot + offs_m
+    row_ok = offs_m < rows_per_split
+    row_ok &= tl.load(p_ids + slot, mask=row_ok, other=-1) >= 0
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = row_ok[:, None] & (offs_n[None, :] < I)
-    p_row = p_part + tl.where(row_ok, slot - first_slot, 0).to(tl.int64)[:, None] * (2 * I) + offs_n[None, :]
+    p_row = p_part + offs_m[:, None] * (2 * I) + offs_n[None, :]
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(n_split):
@@ -724,10 +726,11 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
                  N, first_slot, TOPK, D, I, E, n_blocks, n_split, K_PER, rows_per_split,
                  FMT: tl.constexpr, SCALE_F32: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST: tl.constexpr,
                  IEEE: tl.constexpr, ACT_FP8: tl.constexpr, FP8_MMA: tl.constexpr, SPLIT: tl.constexpr,
-                 ROUTE: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 ACT_BY_SLOT: tl.constexpr, ROUTE: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # p_act [n_blocks * BLOCK_M, I] (FP8_MMA: e4m3 codes, p_act_s [n_blocks * BLOCK_M, I/128] float32
-    # scales; every row of a used block written by the gate/up launch); p_w2 [E, D, I] (or packed);
+    # scales; every row of a used block written by the gate/up launch), or with ACT_BY_SLOT (split gate/up:
+    # _swiglu_splits_kernel) one row per assignment of the chunk, at slot - first_slot; p_w2 [E, D, I] (or packed);
     # p_weights [T * TOPK] float32 (unused with ACT_FP8: act holds it);
     # p_out [n_split * rows_per_split, D] float32 (rows_per_split = chunk tokens * TOPK): row
     # range * rows_per_split + t * TOPK + j - first_slot of assignment (t, j) over this program's range of
@@ -741,21 +744,25 @@ def _down_kernel(p_act, p_act_s, p_slot, p_block_expert, p_w2, p_s2, p_weights, 
     row_ok = slot < N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     k_lo, k_hi = _k_range(I, K_PER, SPLIT)
+    if ACT_BY_SLOT:  # rows not in use read the chunk's first (their products are not stored)
+        act_rows = tl.where(row_ok, slot - first_slot, 0).to(tl.int64)
+    else:
+        act_rows = offs_m
     if ACT_FP8 and FP8_MMA and SWAP:
-        acc, unused, wraps = _mxfp4_e4m3_swapped(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, p_w2, p_s2, e, offs_n, D,
-                                                 I, k_lo, k_hi, SCALE_F32, False, False, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc, unused, wraps = _mxfp4_e4m3_swapped(p_act, p_act_s, act_rows, row_ok, p_w2, p_s2, p_w2, p_s2, e, offs_n,
+                                                 D, I, k_lo, k_hi, SCALE_F32, False, False, BLOCK_M, BLOCK_N, BLOCK_K)
         if wraps:  # as the gate/up launch's
-            acc, unused, wraps = _mxfp4_e4m3_swapped(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, p_w2, p_s2, e, offs_n,
-                                                     D, I, k_lo, k_hi, SCALE_F32, False, True, BLOCK_M, BLOCK_N,
+            acc, unused, wraps = _mxfp4_e4m3_swapped(p_act, p_act_s, act_rows, row_ok, p_w2, p_s2, p_w2, p_s2, e,
+                                                     offs_n, D, I, k_lo, k_hi, SCALE_F32, False, True, BLOCK_M, BLOCK_N,
                                                      BLOCK_K)
     elif ACT_FP8 and FP8_MMA:
-        acc = _fp8_gemm(p_act, p_act_s, offs_m, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, k_lo, k_hi, FMT,
+        acc = _fp8_gemm(p_act, p_act_s, act_rows, row_ok, p_w2, p_s2, e, pid_n * BLOCK_N, D, I, k_lo, k_hi, FMT,
                         SCALE_F32, NATIVE_FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc, missed = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE,
+        acc, missed = _down_loop(p_act, act_rows, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE,
                                  False, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
         if FMT == 2 and ROUTE != ROUTE_EXACT and missed:  # as the gate/up launch's
-            acc, _ = _down_loop(p_act, offs_m, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE_EXACT,
+            acc, _ = _down_loop(p_act, act_rows, p_w2, p_s2, e, offs_n, D, I, k_lo, k_hi, FMT, SCALE_F32, ROUTE_EXACT,
                                 True, NATIVE_FP8, UPCAST, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
     if not ACT_FP8:  # W8A8's and W4A8's act holds its routing weight already
         acc = acc * tl.load(p_weights + slot, mask=row_ok, other=0.0)[:, None]
@@ -930,7 +937,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         # W4A8 on bf16 tensor cores: x's FP8-rounded values, in x's dtype (exact), in one pass
         xq = fp8_round(x, ACT_BLOCK, True) if act_fp8 else x                          # [T, D]
         xs = placeholder(x.device, torch.float32)                                      # unused
-    rows = n_blocks * bm
+    # the activation: a row per routing block row, or (split gate/up) a row per assignment of the chunk
+    rows = bm * triton.cdiv(chunk_rows, bm) if split > 1 else n_blocks * bm
     hidden_scale = placeholder(x.device, torch.float32)                                # unused unless FP8 codes
     if round_pass:  # the gate/up launch's weighted activation, rounded by a pass into each chunk's hidden
         gate_up_out = torch.empty((rows, I), dtype=torch.float32, device=x.device)
@@ -971,10 +979,10 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                SWAP=swap, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split > 1:
-            launch(_swiglu_splits_kernel, (n_blocks, triton.cdiv(I, SWIGLU_BLOCK_N)), gate_up_out, slot[c],
-                   block_expert[c], topk_weights, hidden, hidden_scale, float(swiglu_limit), T * k, I, E, first * k,
-                   n_split, chunk_rows, ACT_FP8=act_fp8, FP8_MMA=fp8_mma, ROUND_BF16=round_bf16, RECIP=recip,
-                   NATIVE_FP8=native, BLOCK_M=bm, BLOCK_N=SWIGLU_BLOCK_N, num_warps=4)
+            launch(_swiglu_splits_kernel, (rows // bm, triton.cdiv(I, SWIGLU_BLOCK_N)), gate_up_out, topk_ids,
+                   topk_weights, hidden, hidden_scale, float(swiglu_limit), I, first * k, n_split, chunk_rows,
+                   ACT_FP8=act_fp8, FP8_MMA=fp8_mma, ROUND_BF16=round_bf16, RECIP=recip, NATIVE_FP8=native,
+                   BLOCK_M=bm, BLOCK_N=SWIGLU_BLOCK_N, num_warps=4)
         elif round_pass and fp8_mma:
             hidden, hidden_scale = fp8_quantize(gate_up_out, ACT_BLOCK, True)         # [rows, I] e4m3, [rows, I/128]
         elif round_pass:
@@ -983,7 +991,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                block_expert[c], w2, s2, topk_weights, slots, T * k, first * k, k, D, I, E, n_blocks, n_down_split,
                down_k_per, chunk_rows,
                FMT=fmt, SCALE_F32=scale_f32, NATIVE_FP8=native, UPCAST=upcast, IEEE=ieee, ACT_FP8=act_fp8,
-               FP8_MMA=fp8_mma, SPLIT=down_split > 1, ROUTE=route, SWAP=swap, BLOCK_M=bm, BLOCK_N=bn2,
+               FP8_MMA=fp8_mma, SPLIT=down_split > 1, ACT_BY_SLOT=split > 1, ROUTE=route, SWAP=swap, BLOCK_M=bm,
+               BLOCK_N=bn2,
                BLOCK_K=cfg.down_block_k, GROUP_M=cfg.group_m, num_warps=cfg.down_num_warps,
                num_stages=cfg.down_num_stages)
         sum_slots(slots, topk_ids, out, first, torch.sym_min(first + chunk, T), n_down_split, chunk_rows)

@@ -367,11 +367,13 @@ SPLIT_CASES = [(1, 6, 12, "random", SPLIT), (7, 6, 5, "holes", SPLIT.replace(spl
 def _split_launches(monkeypatch, T, k, I, cfg, run):
     """run() with the launches recorded, checking that the ranges ran: the gate/up grid has cfg.split_k
     ranges on axis 1 of which the partial sums hold run_splits(split_k, T) a row, the SwiGLU pass sums
-    them, the down grid has down_split_k ranges, the slots run_splits(down_split_k, T) a row -> run()."""
+    them over a grid of the assignments (not the routing blocks) into an activation of a row each, which
+    the down launch reads by slot; the down grid has down_split_k ranges, the slots run_splits(down_split_k,
+    T) a row -> run()."""
     calls = {}
 
     def recording_launch(kernel, grid, *args, **kwargs):
-        calls[kernel] = (grid, args)
+        calls[kernel] = (grid, args, kwargs)
         launch(kernel, grid, *args, **kwargs)
 
     with monkeypatch.context() as patch:
@@ -379,10 +381,14 @@ def _split_launches(monkeypatch, T, k, I, cfg, run):
         out = run()
     n_split, n_down = KERNEL.run_splits(cfg.split_k, T), KERNEL.run_splits(cfg.down_split_k, T)
     assert n_split > 1 and n_down > 1, "the case runs no split: the test could not fail"
-    grid, args = calls[KERNEL._gate_up_kernel]
+    grid, args, _ = calls[KERNEL._gate_up_kernel]
     assert grid[1] == cfg.split_k and args[9].shape == (n_split * T * k, 2 * I)
-    assert calls[KERNEL._swiglu_splits_kernel][1][0] is args[9]
-    grid, args = calls[KERNEL._down_kernel]
+    swiglu_grid, swiglu_args, _ = calls[KERNEL._swiglu_splits_kernel]
+    act = swiglu_args[3]
+    assert swiglu_args[0] is args[9] and swiglu_grid[0] == triton.cdiv(T * k, cfg.block_m)
+    assert act.shape[0] == swiglu_grid[0] * cfg.block_m
+    grid, args, kwargs = calls[KERNEL._down_kernel]
+    assert args[0] is act and kwargs["ACT_BY_SLOT"]
     assert grid[1] == cfg.down_split_k and args[7].shape[0] == n_down * T * k
     return out
 
