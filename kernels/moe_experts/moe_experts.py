@@ -78,10 +78,10 @@ product of w2 instead of the activation before its rounding to x's dtype (bf16: 
 tolerance; fp32: equal up to summation order); W8A8 and W4A8 weight the activation where the plain op
 does. Workspace: act [n_blocks * block_m, I] (split gate/up: a row per assignment) in x's dtype (on
 FP8 tensor cores, W8A8 and W4A8 with w4a8_mma "fp8": 1 + 4/128 bytes a value) and slots [chunk * k, D]
-float32 for one chunk of tokens (within
-WORKSPACE_BYTES), the routing layout of all T * k assignments (about 40 bytes each); W8A8 and W4A8 also
-x's codes and scales (T * D * 33/32 bytes), W4A8 on bf16 tensor cores x's rounded values too; with
-act_round "pass" the unrounded activation [n_blocks * block_m, I] float32 as well.
+float32 for one chunk of tokens (within WORKSPACE_BYTES), the routing layout of all T * k assignments
+(about 40 bytes each); W8A8 and W4A8 also x's codes and scales (T * D * 33/32 bytes), W4A8 on bf16
+tensor cores x's rounded values too; with act_round "pass" the unrounded activation
+[n_blocks * block_m, I] float32 as well.
 """
 from __future__ import annotations
 
