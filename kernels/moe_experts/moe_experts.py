@@ -25,8 +25,8 @@ at least 1, an expression of an engine's symbolic T): one token's gate/up launch
 programs an SM each walking all of D. Each gate/up range stores its fp32 partial sums of gate and up
 ([ranges * assignments, 2 I]); `_swiglu_splits_kernel` adds them in range order and applies the
 epilogue above (W8A8 / W4A8: the weight and the rounding, in place of act_round's pass) over a grid of
-the assignments, into an activation of a row per assignment that the down launch reads by slot (a
-decode block of 16 rows holds one or two assignments: a grid of blocks ran mostly empty rows); each
+the assignments, into an activation of a row per assignment that the down launch reads by slot (not
+over routing blocks: a decode block of 16 rows holds one or two assignments); each
 down range stores its partial slot rows ([ranges * T * k, D]) and the slot sum adds an assignment's
 ranges in order before its j: deterministic, the same products summed in another order.
 Chunks: slots alone take T * k * D * 4 bytes (12 GiB at 128K tokens, D 4096, k 6) and act T * k * I
