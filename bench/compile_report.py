@@ -92,6 +92,7 @@ class Row:
     mma: str = ""             # the main loop's tensor-core instructions, with modifiers, and their counts
     instr_per_mma: float = 0.0      # loop_instr over the number of tensor-core instructions in the loop
     opcodes: str = ""         # the loop's most frequent opcodes (without modifiers) and their counts
+    loop_copies: str = ""     # the loop's asynchronous global -> shared copies by width (LDGSTS: loop_copies)
 
 
 def ctas_per_sm(regs: int, warps: int, smem: int) -> tuple[int, str]:
@@ -144,6 +145,18 @@ def mma_summary(loop: list[str]) -> tuple[str, int]:
     """('HGMMA.64x128x32.F32.E4M3.E4M3 x 8, ...', total) of a main_loop(..., modifiers=True)."""
     counts = collections.Counter(op for op in loop if op.split(".")[0] in MMA_OPCODES)
     return ", ".join(f"{op} x {n}" for op, n in sorted(counts.items())), sum(counts.values())
+
+
+def loop_copies(loop: list[str]) -> str:
+    """'128-bit x 4, 64-bit x 2': the loop's asynchronous copies (LDGSTS, what Triton's software pipeline
+    issues stages ahead) by the bytes each thread moves. A narrower copy than the tile allows means
+    Triton could not prove the addresses aligned (e.g. a row stride known only as a multiple of 2)."""
+    widths = collections.Counter()
+    for op in loop:
+        if op.split(".")[0] == "LDGSTS":
+            bits = [int(m) for m in op.split(".")[1:] if m.isdigit()]
+            widths[bits[0] if bits else 32] += 1
+    return ", ".join(f"{bits}-bit x {n}" for bits, n in sorted(widths.items(), reverse=True))
 
 
 def opcode_mix(loop: list[str], top: int = 12) -> str:
@@ -382,20 +395,20 @@ def report(kernel_name: str, configs: list[str], preset: str = "flash", context:
             converts = compiled.asm["ttgir"].count("ttg.convert_layout")
             rows.append(Row(kernel_name, name, cfg.to_str(), "x".join(map(str, grid)), warps, regs, spill_st, spill_ld,
                             smem, n_cta, limit, loop, round(per_weight, 2), converts, mma,
-                            round(loop / n_mma, 2) if n_mma else 0.0, opcode_mix(body)))
+                            round(loop / n_mma, 2) if n_mma else 0.0, opcode_mix(body), loop_copies(body)))
             log(format_row(rows[-1]))
     return rows
 
 
 HEADER = ("| config | kernel | grid | warps | regs/thread | spill st / ld (B) | shared (KB) | CTAs/SM (bound) "
-          "| loop instr | instr / weight | convert_layout | loop MMAs | instr / MMA |"
-          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| loop instr | instr / weight | convert_layout | loop MMAs | instr / MMA | loop copies |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def format_row(r: Row) -> str:
     return (f"| {r.config} | {r.function} | {r.grid} | {r.warps} | {r.regs} | {r.spill_stores} / {r.spill_loads} | "
             f"{r.smem / 1024:.1f} | {r.ctas_per_sm} ({r.limit}) | {r.loop_instr} | {r.instr_per_weight or '-'} | "
-            f"{r.convert_layouts} | {r.mma or '-'} | {r.instr_per_mma or '-'} |")
+            f"{r.convert_layouts} | {r.mma or '-'} | {r.instr_per_mma or '-'} | {r.loop_copies or '-'} |")
 
 
 def write_csv(rows: list[Row], path: str) -> None:

@@ -258,12 +258,15 @@ def _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K: tl.constexpr):
 @triton.jit
 def _mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K: tl.constexpr):
     """MXFP4 W[e][offs_n, k0 : k0 + BLOCK_K] as uint32 words [BLOCK_K/8, BLOCK_N] (eight codes each, byte j
-    the positions 8r + 2j (low nibble) and 8r + 2j + 1; 0 outside) of bytes [E, R, C/2]: C/2 is a multiple
-    of 16, so words never straddle rows."""
-    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    p_words = p_w.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * (C // 8)
-    return tl.load(p_words + offs_n[None, :] * (C // 8) + offs_w[:, None],
-                   mask=(offs_w[:, None] < C // 8) & (offs_n[None, :] < R), other=0)
+    the positions 8r + 2j (low nibble) and 8r + 2j + 1; 0 outside) of bytes [E, R, C/2]. C is a multiple
+    of 32 (the launcher's check) and k0 of the K tile, so each row's words start at a multiple of 4 and
+    never straddle rows; the hints tell Triton so (it knows C only as a multiple of 16), and the words
+    come in 16-byte copies, not 8-byte ones (fewer registers and copies a K step)."""
+    row_words = tl.multiple_of(C // 8, 4)
+    offs_w = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BLOCK_K // 8), 4), BLOCK_K // 8)
+    p_words = p_w.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * row_words
+    return tl.load(p_words + offs_n[None, :] * row_words + offs_w[:, None],
+                   mask=(offs_w[:, None] < row_words) & (offs_n[None, :] < R), other=0)
 
 
 @triton.jit

@@ -121,9 +121,11 @@ def test_offline_sm90_compile_of_the_fp8_gemv(tmp_path):
 def test_offline_sm90_compile_of_the_moe_kernels(tmp_path):
     """The MXFP4 gate/up and down kernels at the tiny preset (decode, 4 tokens), the H200 decode default
     (K split in two: the split path's SwiGLU pass between them), and the routing layout's one program
-    before them: all compile, the GEMMs with a main loop, and decode a weight in under 8 SASS
+    before them: all compile, the GEMMs with a main loop, decode a weight in under 8 SASS
     instructions of the loop (the nibble-per-fp16 decode took ~11, bench/results/H200/moe_mxfp4_offline.md;
-    the word decode ~6.2)."""
+    the word decode ~6.2), and copy every tile, the packed weights' included, 16 bytes a thread at a time
+    (without the alignment hints of _mxfp4_words the words came 8 bytes at a time: more registers,
+    bench/results/H100/session40_moe_word_alignment_offline.md)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
     out = tmp_path / "moe.csv"
     subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", "moe_experts", "--preset", "tiny",
@@ -137,6 +139,7 @@ def test_offline_sm90_compile_of_the_moe_kernels(tmp_path):
     for r in (rows[1], rows[3]):
         assert int(r["loop_instr"]) > 0 and int(r["spill_stores"]) == 0, r
         assert 0 < float(r["instr_per_weight"]) < 8, r
+        assert r["loop_copies"].startswith("128-bit x ") and "," not in r["loop_copies"], r
 
 
 def test_offline_sm90_compile_of_the_moe_w8a8_kernels(tmp_path):
