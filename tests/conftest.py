@@ -11,6 +11,14 @@ if _isa is not None:
         raise SystemExit(f"DSV4_TEST_CPU_ISA={_isa!r}: accepted: {', '.join(CPU_ISAS)}")
     os.environ["ATEN_CPU_CAPABILITY"] = _isa
 
+# On a box of few cores (CI's 2) every test process and subprocess that compiles (a build, its export
+# workers, torchrun's ranks) would start Inductor's pool of compile workers, each importing torch, for
+# little parallelism on cores that are busy anyway: one AOTInductor export of tiny took 10 CPU-s more
+# with the pool (97 vs 87 s user, cold cache). Set before torch is imported (Inductor reads it then)
+# and inherited by the subprocesses.
+if (os.cpu_count() or 1) <= 4:
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
