@@ -13,9 +13,9 @@ if _isa is not None:
 
 # On a box of few cores (CI's 2) every test process and subprocess that compiles (a build, its export
 # workers, torchrun's ranks) would start Inductor's pool of compile workers, each importing torch, for
-# little parallelism on cores that are busy anyway: one AOTInductor export of tiny took 10 CPU-s more
-# with the pool (97 vs 87 s user, cold cache). Set before torch is imported (Inductor reads it then)
-# and inherited by the subprocesses.
+# little parallelism on cores that are busy anyway (CI's whole run: 21:54 with the pools, 18:42 without,
+# bench/results/cpu/session40_ci_time.md). Set before torch is imported (Inductor reads it then) and
+# inherited by the subprocesses.
 if (os.cpu_count() or 1) <= 4:
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
