@@ -92,7 +92,7 @@ class Row:
     mma: str = ""             # the main loop's tensor-core instructions, with modifiers, and their counts
     instr_per_mma: float = 0.0      # loop_instr over the number of tensor-core instructions in the loop
     opcodes: str = ""         # the loop's most frequent opcodes (without modifiers) and their counts
-    loop_copies: str = ""     # the loop's asynchronous global -> shared copies by width (LDGSTS: loop_copies)
+    loop_copies: str = ""     # the loop's asynchronous global -> shared copies (LDGSTS) by width (loop_copies)
 
 
 def ctas_per_sm(regs: int, warps: int, smem: int) -> tuple[int, str]:
@@ -149,7 +149,7 @@ def mma_summary(loop: list[str]) -> tuple[str, int]:
 
 def loop_copies(loop: list[str]) -> str:
     """'128-bit x 4, 64-bit x 2': the loop's asynchronous copies (LDGSTS, what Triton's software pipeline
-    issues stages ahead) by the bytes each thread moves. A narrower copy than the tile allows means
+    issues stages ahead) by the bits each thread moves. A narrower copy than the tile allows means
     Triton could not prove the addresses aligned (e.g. a row stride known only as a multiple of 2)."""
     widths = collections.Counter()
     for op in loop:
