@@ -25,9 +25,9 @@ not reported here (a memory-bound pass).
 
 Compile with the Triton the GPU runs (DEVICE_TRITON): layouts differ between versions. A venv of
 `pip install torch==2.13.0 triton==3.6.0 pyyaml safetensors` and this package (`pip install --no-deps
--e .`) does: the CPU torch wheel needs no triton of its own. Triton 3.9 laid out the FP8 decode tile well where 3.6,
-the devices', shuffled every byte through shared memory (bench/results/H200/attention_compile_report.md,
-triton 3.6).
+-e .`) does: the CPU torch wheel needs no triton of its own. Triton 3.9 laid out the FP8 decode tile
+well where 3.6, the devices', shuffled every byte through shared memory
+(bench/results/H200/attention_compile_report.md, triton 3.6).
 
 Main loop: the cubin disassembled by the nvdisasm in the triton wheel; the loop is the first
 backward branch whose body holds a tensor-core instruction (HMMA / HGMMA / QGMMA), one iteration of the K loop

@@ -256,13 +256,21 @@ def _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _mxfp4_row_words(C):
+    """uint32 words a row of MXFP4 bytes [E, R, C/2] holds: C / 8, a multiple of 4 as C is one of 32 (the
+    launcher's check). The hint tells Triton so (it knows C only as a multiple of 16): with K positions
+    that are multiples of 32 too, a run's four words are one 16-byte copy, not two 8-byte ones (fewer
+    registers and copies a K step)."""
+    return tl.multiple_of(C // 8, 4)
+
+
+@triton.jit
 def _mxfp4_words(p_w, e, offs_n, k0, R, C, BLOCK_K: tl.constexpr):
     """MXFP4 W[e][offs_n, k0 : k0 + BLOCK_K] as uint32 words [BLOCK_K/8, BLOCK_N] (eight codes each, byte j
-    the positions 8r + 2j (low nibble) and 8r + 2j + 1; 0 outside) of bytes [E, R, C/2]. C is a multiple
-    of 32 (the launcher's check) and k0 of the K tile, so each row's words start at a multiple of 4 and
-    never straddle rows; the hints tell Triton so (it knows C only as a multiple of 16), and the words
-    come in 16-byte copies, not 8-byte ones (fewer registers and copies a K step)."""
-    row_words = tl.multiple_of(C // 8, 4)
+    the positions 8r + 2j (low nibble) and 8r + 2j + 1; 0 outside) of bytes [E, R, C/2]: rows of
+    _mxfp4_row_words words, k0 a multiple of the K tile, so words never straddle rows and come 16 bytes
+    a copy."""
+    row_words = _mxfp4_row_words(C)
     offs_w = tl.max_contiguous(tl.multiple_of(k0 // 8 + tl.arange(0, BLOCK_K // 8), 4), BLOCK_K // 8)
     p_words = p_w.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * row_words
     return tl.load(p_words + offs_n[None, :] * row_words + offs_w[:, None],
@@ -493,8 +501,9 @@ def _mxfp4_e4m3_swapped(p_a, p_as, rows, row_ok, p_w, p_s, p_w3, p_s3, e, offs_n
     route (a)'s."""
     G: tl.constexpr = BLOCK_K // 32
     n_ok = offs_n < R
-    p_words = p_w.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * (C // 8) + offs_n[:, None] * (C // 8)
-    p_words3 = p_w3.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * (C // 8) + offs_n[:, None] * (C // 8)
+    row_words = _mxfp4_row_words(C)
+    p_words = p_w.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * row_words + offs_n[:, None] * row_words
+    p_words3 = p_w3.to(tl.pointer_type(tl.uint32)) + e.to(tl.int64) * R * row_words + offs_n[:, None] * row_words
     p_scales = p_s + e.to(tl.int64) * R * (C // 32) + offs_n * (C // 32)                   # [BN]
     p_scales3 = p_s3 + e.to(tl.int64) * R * (C // 32) + offs_n * (C // 32)
     offs_p = tl.arange(0, 32)
