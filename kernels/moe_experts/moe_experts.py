@@ -257,11 +257,14 @@ def _act_tile(p_a, p_as, rows, row_ok, k0, C, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _mxfp4_row_words(C):
-    """uint32 words a row of MXFP4 bytes [E, R, C/2] holds: C / 8, a multiple of 4 as C is one of 32 (the
-    launcher's check). The hint tells Triton so (it knows C only as a multiple of 16): with K positions
-    that are multiples of 32 too, a run's four words are one 16-byte copy, not two 8-byte ones (fewer
-    registers and copies a K step)."""
-    return tl.multiple_of(C // 8, 4)
+    """uint32 words a row of MXFP4 bytes [E, R, C/2] holds: C / 8, written (C // 32) * 4 (C is a multiple of
+    32: the launcher's check) so that Triton's divisibility analysis knows it as a multiple of 4 (of C it
+    knows 16 at most): with K positions that are multiples of 32 too, a run's four words are one 16-byte
+    copy, not two 8-byte ones (fewer registers and copies a K step). Plain arithmetic, not tl.multiple_of:
+    torch 2.11's mutation analysis builds a kernel with its integer arguments as constants, where a hint on
+    a constant does not compile, and the analysis then counts every argument as written (export would
+    copy the expert weights every call)."""
+    return C // 32 * 4
 
 
 @triton.jit
