@@ -32,7 +32,8 @@ def test_no_kernel_counts_an_op_input_as_written_beyond_the_known():
     for op, kernel, inputs, _, built in rows:
         # torch 2.11 builds the TTIR with integer arguments as constants: a kernel that fails so counts as
         # writing every argument there (CI's torch 2.13 would not show it)
-        assert built.strip() == "ok", f"{op.strip()}: {kernel.strip()} does not build as torch 2.11's analysis builds it: {built}"
+        assert built.strip() == "ok", \
+            f"{op.strip()}: {kernel.strip()} does not build as torch 2.11's analysis builds it: {built}"
         kernel = kernel.strip().strip("`")
         counted = {n.strip() for n in inputs.split(",")} - {"-"}
         known = KNOWN.get(kernel, set()) - (CACHE if op.strip().startswith("indexer_topk_cached") else set())
