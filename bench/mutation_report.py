@@ -47,7 +47,11 @@ RUN_ON = "H200"  # the launchers' defaults are the H200's (configs given explici
 
 def _cases() -> dict:
     """op name -> (function, args): small inputs that reach each launch of the op's GPU path."""
+    from dsv4_compile.kernels.compress_kv import compress_kv
     from dsv4_compile.kernels.float32_linear import float32_linear
+    from dsv4_compile.kernels.fp4_quantize import fp4_dequantize, fp4_quantize
+    from dsv4_compile.kernels.fp8_quantize import fp8_dequantize, fp8_quantize, fp8_round
+    from dsv4_compile.kernels.newton_schulz import newton_schulz
     from dsv4_compile.kernels.fp8_linear import fp8_linear
     from dsv4_compile.kernels.hc_sinkhorn import hc_pre
     from dsv4_compile.kernels.indexer_topk import indexer_topk
@@ -108,8 +112,27 @@ def _cases() -> dict:
                                              10.0, "block_m=16,block_n=128", "mxfp4",
                                              tuple(torch.ones(E, 128, 4) for _ in range(3)), "fp8")),
         "fp8_linear": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2), "gemm=triton,quant=fused")),
+        "fp8_linear (separate quantization)": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2),
+                                                            "gemm=triton,quant=separate")),
         "fp8_linear (GEMV)": (fp8_linear, (r(4, 256), w8, torch.ones(2, 2), "gemm=gemv,block_n=16,block_k=256")),
         "float32_linear (split-K)": (float32_linear, (r(4, 256), r(64, 256, dtype=torch.float32), "swap_ab=yes,split_k=2")),
+        "compress_kv (overlap, fp8)": (compress_kv, (r(B, 16, 256, dtype=torch.float32),
+                                                     r(B, 16, 256, dtype=torch.float32),
+                                                     r(4, 256, dtype=torch.float32), r(128, dtype=torch.float32),
+                                                     r(4, 32, dtype=torch.float32), r(4, 32, dtype=torch.float32),
+                                                     4, True, 1e-6, "fp8")),
+        "compress_kv (hadamard_fp4)": (compress_kv, (r(B, 16, 128, dtype=torch.float32),
+                                                     r(B, 16, 128, dtype=torch.float32),
+                                                     r(4, 128, dtype=torch.float32), r(128, dtype=torch.float32),
+                                                     r(4, 32, dtype=torch.float32), r(4, 32, dtype=torch.float32),
+                                                     4, False, 1e-6, "hadamard_fp4")),
+        "fp8_quantize": (fp8_quantize, (r(4, 256), 128, True)),
+        "fp8_round": (fp8_round, (r(4, 256), 128, True)),
+        "fp8_dequantize": (fp8_dequantize, (w8[:4], torch.ones(4, 2), 128)),
+        "fp4_quantize": (fp4_quantize, (r(4, 256), 32, True)),
+        "fp4_dequantize": (fp4_dequantize, (torch.randint(0, 255, (4, 128), generator=g, dtype=torch.uint8),
+                                            torch.ones(4, 8), 32)),
+        "newton_schulz": (newton_schulz, (r(2, 64, 128, dtype=torch.float32), [3.4445, -4.7750, 2.0315])),
     }
     return cases
 

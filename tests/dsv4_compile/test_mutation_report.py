@@ -26,7 +26,9 @@ def test_no_kernel_counts_an_op_input_as_written_beyond_the_known():
     kernels = {cells[1].strip().strip("`") for cells in rows}
     assert {"_indexer_topk_kernel", "_indexer_scores_kernel", "_sparse_attn_fwd_kernel", "_sparse_attn_fp8_chunks_kernel",
             "_sparse_attn_combine_kernel", "_hc_mixes_split_kernel", "_hc_pre_kernel",
-            "_gate_up_kernel", "_down_kernel", "_fp8_linear_kernel", "_float32_linear_kernel"} <= kernels, kernels
+            "_gate_up_kernel", "_down_kernel", "_fp8_linear_kernel", "_quantize_kernel", "_float32_linear_kernel",
+            "_pool_kernel", "_epilogue_kernel", "_fp8_quantize_kernel", "_fp4_quantize_kernel", "_ns_sym_kernel",
+            "_ns_gemm_kernel"} <= kernels, kernels
     assert {"indexer_topk_cached (threshold, fp4)", "indexer_topk_cached (radix, fp8)"} <= {c[0].strip() for c in rows}
     assert "moe_experts (MXFP4)" in {c[0].strip() for c in rows}
     for op, kernel, inputs, _, built in rows:
