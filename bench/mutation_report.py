@@ -50,14 +50,14 @@ def _cases() -> dict:
     from dsv4_compile.kernels.compress_kv import compress_kv
     from dsv4_compile.kernels.float32_linear import float32_linear
     from dsv4_compile.kernels.fp4_quantize import fp4_dequantize, fp4_quantize
-    from dsv4_compile.kernels.fp8_quantize import fp8_dequantize, fp8_quantize, fp8_round
-    from dsv4_compile.kernels.newton_schulz import newton_schulz
     from dsv4_compile.kernels.fp8_linear import fp8_linear
+    from dsv4_compile.kernels.fp8_quantize import fp8_dequantize, fp8_quantize, fp8_round
     from dsv4_compile.kernels.hc_sinkhorn import hc_pre
     from dsv4_compile.kernels.indexer_topk import indexer_topk
     from dsv4_compile.kernels.indexer_topk_cached import indexer_topk_cached
     from dsv4_compile.model.kv_layout import indexer_entry_bytes
     from dsv4_compile.kernels.moe_experts import moe_experts
+    from dsv4_compile.kernels.newton_schulz import newton_schulz
     from dsv4_compile.kernels.sparse_attention import sparse_attention
     from dsv4_compile.kernels.sparse_attention_cached import sparse_attention_cached
     from dsv4_compile.kernels.sparse_attention_cached.config import entry_layout

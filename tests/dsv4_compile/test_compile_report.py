@@ -124,8 +124,8 @@ def test_offline_sm90_compile_of_the_moe_kernels(tmp_path):
     before them: all compile, the GEMMs with a main loop, decode a weight in under 8 SASS
     instructions of the loop (the nibble-per-fp16 decode took ~11, bench/results/H200/moe_mxfp4_offline.md;
     the word decode ~6.2), and copy every tile, the packed weights' included, 16 bytes a thread at a time
-    (without the alignment hints of _mxfp4_words the words came 8 bytes at a time: more registers,
-    bench/results/H100/session40_moe_word_alignment_offline.md)."""
+    (with a row stride Triton knew only as a multiple of 2 the words came 8 bytes at a time: more
+    registers, bench/results/H100/session40_moe_word_alignment_offline.md)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path / "cache")}
     out = tmp_path / "moe.csv"
     subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--kernel", "moe_experts", "--preset", "tiny",
